@@ -1,0 +1,353 @@
+"""The `shoal` command line.
+
+Owns: parsing arguments, talking to the local agent's unix-socket API, and printing
+tables or JSON. `shoal agent` starts the agent process itself. A user's mistake prints
+one line (`Error: ...`) and exits non-zero, never a traceback. Must not touch: cluster
+logic — every decision is the agent's; this module only asks and shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
+
+
+class CliError(Exception):
+    """A message for the user; exit status 1."""
+
+
+# ----------------------------------------------------------------------------- transport
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+class Client:
+    def __init__(self, host: str, timeout: float = 60.0) -> None:
+        if not host.startswith("unix://"):
+            raise CliError(f"unsupported host {host!r}: use unix:///path/to/shoal.sock")
+        self.path = host[len("unix://"):]
+        self.host = host
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise CliError(f"cannot connect to the shoal agent at {self.host}: is it running? "
+                           "(start it with `shoal agent --advertise-addr IP`)") from None
+        except PermissionError:
+            raise CliError(f"permission denied on {self.path}: the agent's socket is for "
+                           "root only") from None
+        except TimeoutError:
+            raise CliError(f"the agent at {self.host} did not answer in {self.timeout:g}s") \
+                from None
+        except OSError as exc:
+            raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            out = json.loads(raw) if raw else None
+        except ValueError:
+            raise CliError(f"the agent sent a malformed reply (HTTP {resp.status})") from None
+        if resp.status >= 400:
+            err = (out or {}).get("error", {}) if isinstance(out, dict) else {}
+            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
+        return out
+
+
+# ----------------------------------------------------------------------------- output
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    cols = [headers, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(headers))]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cols]
+    return "\n".join(lines)
+
+
+def ago(ts: float | None) -> str:
+    if not ts:
+        return ""
+    d = max(0.0, time.time() - ts)
+    if d < 60:
+        return f"{int(d)} seconds ago"
+    if d < 3600:
+        return f"{int(d // 60)} minutes ago"
+    if d < 86400:
+        return f"{int(d // 3600)} hours ago"
+    return f"{int(d // 86400)} days ago"
+
+
+def emit(data: Any, fmt: str, render: Any) -> None:
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(render(data))
+
+
+def render_nodes(nodes: list[dict[str, Any]]) -> str:
+    rows = [[n["id"][:12], n["hostname"], n["addr"], n["state"].capitalize(),
+             n["availability"].capitalize(), n["manager_status"].capitalize(),
+             str(n["tasks"])] for n in nodes]
+    return table(rows, ["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY",
+                        "MANAGER STATUS", "TASKS"])
+
+
+def render_services(svcs: list[dict[str, Any]]) -> str:
+    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
+             " ".join(s["command"])[:40]] for s in svcs]
+    return table(rows, ["ID", "NAME", "MODE", "REPLICAS", "COMMAND"])
+
+
+def render_tasks(tasks: list[dict[str, Any]]) -> str:
+    rows = []
+    for t in tasks:
+        state = f"{t['state'].capitalize()} {ago(t['state_since'])}"
+        err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
+                                                             "pending") else "")
+        rows.append([t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
+                     state, err[:50]])
+    return table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"])
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_agent(args: argparse.Namespace) -> None:
+    import logging
+    from pathlib import Path
+
+    from shoal.node.agent import run_agent
+    from shoal.node.config import AgentConfig
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = AgentConfig(data_dir=Path(args.data_dir), advertise_addr=args.advertise_addr,
+                      listen_addr=args.listen_addr, api_port=args.api_port,
+                      raft_port=args.raft_port)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if os.geteuid() != 0:
+        raise CliError("the agent must run as root (it creates namespaces and cgroups)")
+    try:
+        run_agent(cfg, args.hostname)
+    except OSError as exc:
+        raise CliError(f"agent failed to start: {exc}") from None
+
+
+def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.cmd == "agent":
+        cmd_agent(args)
+        return
+    c = Client(args.host)
+    fmt = getattr(args, "format", "table")
+    if args.cmd == "init":
+        r = c.call("POST", "/v1/swarm/init")
+        print(f"Cluster initialised: this node ({r['node_id'][:12]}) is now a manager and the "
+              "leader.")
+        wt = c.call("GET", "/v1/swarm/join-token/worker")["token"]
+        print("To add a worker, run on it:\n")
+        print(f"    shoal join --token {wt} {_addr(c)}\n")
+        print("To add a manager, run `shoal join-token manager` and follow the instructions.")
+    elif args.cmd == "join":
+        r = c.call("POST", "/v1/swarm/join", {"token": args.token, "remote": args.remote})
+        print(f"This node joined the cluster as a {r['role']} ({r['node_id'][:12]}).")
+    elif args.cmd == "join-token":
+        method = "POST" if args.rotate else "GET"
+        tok = c.call(method, f"/v1/swarm/join-token/{args.role}")["token"]
+        if args.quiet:
+            print(tok)
+        else:
+            if args.rotate:
+                print(f"Rotated the {args.role} join token: the old one no longer works.")
+            print(f"To add a {args.role} to this cluster, run on it:\n")
+            print(f"    shoal join --token {tok} {_addr(c)}\n")
+    elif args.cmd == "leave":
+        c.call("POST", "/v1/swarm/leave", {"force": args.force})
+        print("This node left the cluster.")
+    elif args.cmd == "info":
+        print(json.dumps(c.call("GET", "/v1/info"), indent=2))
+    elif args.cmd == "node":
+        run_node(c, args, fmt)
+    elif args.cmd == "service":
+        run_service(c, args, fmt)
+
+
+def _addr(c: Client) -> str:
+    info = c.call("GET", "/v1/info")
+    return f"{info['addr']}:{info['api_port']}"
+
+
+def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    if args.node_cmd == "ls":
+        emit(c.call("GET", "/v1/nodes"), fmt, render_nodes)
+    elif args.node_cmd == "inspect":
+        out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
+        print(json.dumps(out, indent=2))
+    elif args.node_cmd == "rm":
+        for n in args.nodes:
+            c.call("DELETE", f"/v1/nodes/{_q(n)}" + ("?force=1" if args.force else ""))
+            print(n)
+
+
+def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    sc = args.service_cmd
+    if sc == "create":
+        command = list(args.command)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            raise CliError("service create needs a command: shoal service create --name NAME "
+                           "-- CMD [ARGS...]")
+        spec: dict[str, Any] = {"name": args.name, "replicas": args.replicas,
+                                "command": command, "env": parse_kv(args.env, "--env"),
+                                "workdir": args.workdir,
+                                "stop_grace_period": args.stop_grace_period}
+        r = c.call("POST", "/v1/services", {"spec": spec})
+        print(r["id"])
+    elif sc == "ls":
+        emit(c.call("GET", "/v1/services"), fmt, render_services)
+    elif sc == "ps":
+        emit(c.call("GET", f"/v1/services/{_q(args.service)}/tasks"), fmt, render_tasks)
+    elif sc == "inspect":
+        out = [c.call("GET", f"/v1/services/{_q(s)}") for s in args.services]
+        print(json.dumps(out, indent=2))
+    elif sc == "scale":
+        for item in args.pairs:
+            name, sep, n = item.partition("=")
+            if not sep or not name:
+                raise CliError(f"scale expects SERVICE=REPLICAS, got {item!r}")
+            if not n.strip().isdigit():
+                raise CliError(f"invalid replica count {n!r} for {name}: must be a whole "
+                               "number >= 0")
+            c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": int(n)})
+            print(f"{name} scaled to {int(n)}")
+    elif sc == "rm":
+        for s in args.services:
+            c.call("DELETE", f"/v1/services/{_q(s)}")
+            print(s)
+
+
+def _q(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+# ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"Error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="shoal", description="shoal: a peer-to-peer container orchestrator")
+    p.add_argument("-H", "--host", default=os.environ.get("SHOAL_HOST", DEFAULT_HOST),
+                   help=f"agent socket (env SHOAL_HOST, default {DEFAULT_HOST})")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("agent", help="run the node agent (long-running, as root)")
+    a.add_argument("--data-dir", default="/var/lib/shoal")
+    a.add_argument("--advertise-addr", required=True, help="this host's IP for other nodes")
+    a.add_argument("--listen-addr", default="", help="bind address (default: advertise addr)")
+    a.add_argument("--api-port", type=int, default=2377)
+    a.add_argument("--raft-port", type=int, default=2378)
+    a.add_argument("--hostname", default=None, help="node name shown in `node ls`")
+    a.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+    sub.add_parser("init", help="create a cluster; this node becomes its first manager")
+    j = sub.add_parser("join", help="join a cluster")
+    j.add_argument("--token", required=True)
+    j.add_argument("remote", metavar="MANAGER_ADDR:PORT")
+    jt = sub.add_parser("join-token", help="show (or rotate) a join token")
+    jt.add_argument("role", choices=["worker", "manager"])
+    jt.add_argument("-q", "--quiet", action="store_true", help="print only the token")
+    jt.add_argument("--rotate", action="store_true", help="replace the token")
+    lv = sub.add_parser("leave", help="leave the cluster")
+    lv.add_argument("-f", "--force", action="store_true")
+    sub.add_parser("info", help="show this node's agent and cluster status")
+
+    n = sub.add_parser("node", help="manage nodes")
+    nsub = n.add_subparsers(dest="node_cmd", required=True, parser_class=_Parser)
+    nls = nsub.add_parser("ls", help="list nodes")
+    nls.add_argument("--format", choices=["table", "json"], default="table")
+    ni = nsub.add_parser("inspect", help="show node details (JSON)")
+    ni.add_argument("nodes", nargs="+")
+    ni.add_argument("--format", choices=["json"], default="json")
+    nr = nsub.add_parser("rm", help="remove nodes from the cluster")
+    nr.add_argument("nodes", nargs="+")
+    nr.add_argument("-f", "--force", action="store_true")
+
+    s = sub.add_parser("service", help="manage services")
+    ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
+    sc = ssub.add_parser("create", help="create a service")
+    sc.add_argument("--name", required=True)
+    sc.add_argument("--replicas", type=int, default=1)
+    sc.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    sc.add_argument("-w", "--workdir", default="")
+    sc.add_argument("--stop-grace-period", type=float, default=10.0, metavar="SECONDS")
+    sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    sls = ssub.add_parser("ls", help="list services")
+    sls.add_argument("--format", choices=["table", "json"], default="table")
+    sps = ssub.add_parser("ps", help="list a service's tasks")
+    sps.add_argument("service")
+    sps.add_argument("--format", choices=["table", "json"], default="table")
+    si = ssub.add_parser("inspect", help="show service details (JSON)")
+    si.add_argument("services", nargs="+")
+    si.add_argument("--format", choices=["json"], default="json")
+    ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
+    ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
+    srm = ssub.add_parser("rm", help="remove services")
+    srm.add_argument("services", nargs="+")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except CliError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""The agent: the one long-running process every node runs.
+
+Owns: wiring the components of a node and its membership lifecycle —
+uninitialised → (init | join) → member → (leave) → uninitialised. As a member it runs:
+
+* the RaftStore (a voter on managers, a read-only replica on workers),
+* a leadership watcher that starts/stops the LeaderLoop (orchestrator + scheduler),
+* the heartbeat sender (to every manager) and, on managers, the heartbeat table,
+* the Worker reconciler over the runtime Controller,
+* the API (shoal.node.api): a unix socket for the CLI, TCP for other nodes.
+
+Must not touch: policy (orchestrator/scheduler/state machine own it) or the runtime's
+internals. Everything here is glue, so it reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from shoal.node import views
+from shoal.node.config import AgentConfig, NodeIdentity
+from shoal.node.errors import (
+    AlreadyInCluster,
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    NotInCluster,
+    NotManager,
+    Unavailable,
+    from_store_error,
+)
+from shoal.node.leader import LeaderLoop
+from shoal.node.tokens import (
+    TokenError,
+    cluster_digest,
+    make_token,
+    new_secret,
+    parse_token,
+    role_for,
+)
+from shoal.node.worker import Worker
+from shoal.raft.errors import StoreError
+from shoal.raft.models import Node, NodeRole, NodeState, Service, to_dict
+from shoal.raft.state import Snapshot
+from shoal.raft.store import RaftStore
+from shoal.raft.validate import validate_replicas, validate_spec
+from shoal.runtime.controller import ProcessController, RuntimeConfig
+
+log = logging.getLogger("shoal.agent")
+
+
+def new_id() -> str:
+    return secrets.token_hex(10)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, hostname: str | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.hostname = hostname or socket.gethostname()
+        self.data_dir = config.data_dir
+        self.identity: NodeIdentity | None = None
+        self.store: RaftStore | None = None
+        self.runtime = ProcessController(RuntimeConfig(data_dir=self.data_dir))
+        self.heartbeats: dict[str, float] = {}
+        self._leader_wakeup = asyncio.Event()
+        self._worker_wakeup = asyncio.Event()
+        self._member_tasks: list[asyncio.Task[Any]] = []
+        self._leader_task: asyncio.Task[None] | None = None
+        self._worker: Worker | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()  # serialises init/join/leave and membership changes
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ================================================================== lifecycle
+    async def run(self) -> None:
+        from shoal.node.api import ApiServer
+
+        self._loop = asyncio.get_running_loop()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        await self.runtime.recover()
+        api = ApiServer(self)
+        await api.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        identity = NodeIdentity.load(self.data_dir)
+        if identity is not None:
+            log.info("rejoining cluster %s as %s %s", identity.cluster_id[:12], identity.role,
+                     identity.node_id)
+            self._start_member(identity)
+        log.info("agent ready: api unix://%s and %s:%d", self.config.socket_path,
+                 self.config.bind_addr, self.config.api_port)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("agent stopping (tasks keep running)")
+            await self._stop_member()
+            await api.stop()
+            await self.runtime.close()
+            await self._http.close()
+
+    def _start_member(self, identity: NodeIdentity) -> None:
+        self.identity = identity
+        manager = identity.role == NodeRole.MANAGER
+        self_addr = f"{self.config.advertise_addr}:{self.config.raft_port}" if manager else None
+        self.store = RaftStore(
+            self_addr=self_addr,
+            peers=identity.voters,
+            data_dir=self.data_dir / "raft",
+            password=identity.raft_password,
+            config=self.config.raft,
+            bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}" if manager else None,
+            persist=manager,
+        )
+        self.store.add_listener(self._on_apply)
+        self._worker = Worker(identity.node_id, self.store, self.runtime, self._worker_wakeup,
+                              self.config.reconcile_interval)
+        self._member_tasks = [
+            asyncio.create_task(self._worker.run(), name="worker"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        if manager:
+            self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
+
+    async def _stop_member(self) -> None:
+        if self._worker:
+            self._worker.close()
+        for t in self._member_tasks:
+            t.cancel()
+        if self._leader_task:
+            self._leader_task.cancel()
+        for t in [*self._member_tasks, *([self._leader_task] if self._leader_task else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._member_tasks = []
+        self._leader_task = None
+        if self.store:
+            store, self.store = self.store, None
+            await asyncio.to_thread(store.close)
+
+    def _on_apply(self, _index: int) -> None:
+        """Runs on pysyncobj's tick thread after each applied command."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._leader_wakeup.set()
+        self._worker_wakeup.set()
+
+    async def _leadership_loop(self) -> None:
+        assert self.store is not None
+        last_voters: list[str] = []
+        while True:
+            store = self.store
+            if store is None:
+                return
+            if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
+                loop = LeaderLoop(store, self.heartbeats, self.config.orchestrator,
+                                  self._leader_wakeup)
+                self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
+            voters = store.voters()
+            if voters != last_voters and self.identity and store.is_ready():
+                last_voters = voters
+                if voters != self.identity.voters:
+                    self.identity.voters = voters
+                    self.identity.save(self.data_dir)
+            await asyncio.sleep(0.05)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.identity is not None and self._http is not None
+        node_id = self.identity.node_id
+        while True:
+            store = self.store
+            if store is not None and store.is_ready():
+                managers = [n for n in store.snapshot().nodes.values()
+                            if n.role is NodeRole.MANAGER]
+                await asyncio.gather(*(self._send_heartbeat(m, node_id) for m in managers))
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _send_heartbeat(self, manager: Node, node_id: str) -> None:
+        assert self._http is not None
+        if manager.id == node_id:
+            self.heartbeats[node_id] = time.monotonic()
+            return
+        url = f"http://{manager.api_addr}/v1/cluster/heartbeat"
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            async with self._http.post(url, json={"node_id": node_id},
+                                       timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                await resp.read()
+
+    def record_heartbeat(self, node_id: str) -> None:
+        if self.identity is None or self.identity.role != NodeRole.MANAGER:
+            raise NotManager("heartbeats go to managers")
+        self.heartbeats[node_id] = time.monotonic()
+        if self.store and self.store.is_leader():
+            node = self.store.snapshot().nodes.get(node_id)
+            if node is not None and node.state is not NodeState.READY:
+                self._leader_wakeup.set()
+
+    # ================================================================== helpers
+    def require_member(self) -> RaftStore:
+        if self.store is None or self.identity is None:
+            raise NotInCluster("this node is not part of a cluster: run `shoal init` or "
+                               "`shoal join` first")
+        return self.store
+
+    def require_manager(self) -> RaftStore:
+        store = self.require_member()
+        assert self.identity is not None
+        if self.identity.role != NodeRole.MANAGER:
+            raise NotManager("this node is a worker: cluster state can only be viewed or "
+                             "changed on a manager")
+        if not store.is_ready():
+            raise Unavailable("this manager has not caught up with the cluster yet; retry")
+        return store
+
+    async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        store = self.require_member()
+        try:
+            return await store.propose(cmd, timeout)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+
+    async def _wait_for(self, pred: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise Unavailable(f"timed out after {timeout:g}s waiting for {what}")
+            await asyncio.sleep(0.02)
+
+    def _self_node(self, node_id: str, role: str) -> dict[str, Any]:
+        return to_dict(Node(id=node_id, hostname=self.hostname, addr=self.config.advertise_addr,
+                            api_port=self.config.api_port, raft_port=self.config.raft_port,
+                            role=NodeRole(role)))
+
+    # ================================================================== init / join / leave
+    async def init(self) -> dict[str, Any]:
+        async with self._lock:
+            if self.identity is not None:
+                raise AlreadyInCluster("this node is already part of a cluster "
+                                       "(`shoal leave` first)")
+            node_id, cluster_id = new_id(), secrets.token_hex(16)
+            identity = NodeIdentity(node_id=node_id, cluster_id=cluster_id, role="manager",
+                                    raft_password=secrets.token_urlsafe(32),
+                                    voters=[f"{self.config.advertise_addr}:"
+                                            f"{self.config.raft_port}"])
+            self._start_member(identity)
+            store = self.require_member()
+            try:
+                await self._wait_for(store.is_leader, 15.0, "this node to become leader")
+                now = time.time()
+                await self.propose({"op": "cluster_init", "cluster_id": cluster_id, "now": now,
+                                    "worker_secret": new_secret(),
+                                    "manager_secret": new_secret(),
+                                    "digest": cluster_digest(cluster_id)})
+                await self.propose({"op": "node_add", "now": now,
+                                    "node": self._self_node(node_id, "manager")})
+            except ApiError:
+                await self._abandon_membership()
+                raise
+            identity.save(self.data_dir)
+            log.info("initialised cluster %s; this node %s is the leader", cluster_id[:12],
+                     node_id)
+            return {"node_id": node_id, "cluster_id": cluster_id}
+
+    async def _abandon_membership(self) -> None:
+        await self._stop_member()
+        self.identity = None
+        NodeIdentity.remove(self.data_dir)
+        for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
+            (self.data_dir / "raft" / name).unlink(missing_ok=True)
+
+    async def join(self, token: str, remote: str) -> dict[str, Any]:
+        async with self._lock:
+            if self.identity is not None:
+                raise AlreadyInCluster("this node is already part of a cluster "
+                                       "(`shoal leave` first)")
+            try:
+                parse_token(token)
+            except TokenError as exc:
+                raise BadRequest(str(exc), "token") from None
+            if ":" not in remote:
+                remote = f"{remote}:{self.config.api_port}"
+            node_id = new_id()
+            assert self._http is not None
+            body = {"token": token, "node": self._self_node(node_id, "worker")}
+            try:
+                async with self._http.post(f"http://{remote}/v1/cluster/join", json=body,
+                                           timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    data = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                raise Unavailable(f"cannot reach manager at {remote}: {exc}") from None
+            if "error" in data:
+                e = data["error"]
+                err = ApiError(e.get("message", "join refused"), e.get("field", ""),
+                               code=e.get("code"))
+                err.status = resp.status
+                raise err
+            identity = NodeIdentity(node_id=node_id, cluster_id=data["cluster_id"],
+                                    role=data["role"], raft_password=data["raft_password"],
+                                    voters=list(data["voters"]))
+            self._start_member(identity)
+            store = self.require_member()
+            try:
+                await self._wait_for(
+                    lambda: store.is_ready() and node_id in store.snapshot().nodes,
+                    self.config.join_timeout, "this node's replica to catch up")
+            except ApiError:
+                await self._abandon_membership()
+                raise
+            identity.save(self.data_dir)
+            log.info("joined cluster %s as %s %s", identity.cluster_id[:12], identity.role,
+                     node_id)
+            return {"node_id": node_id, "cluster_id": identity.cluster_id, "role": identity.role}
+
+    async def accept_join(self, token: Any, node: Any) -> dict[str, Any]:
+        """A manager admits a new node (called over TCP by the joining node's agent)."""
+        store = self.require_manager()
+        if not isinstance(token, str) or not isinstance(node, dict):
+            raise BadRequest("join request needs a token and a node", "token")
+        snap = store.snapshot()
+        c = snap.cluster
+        role = role_for(token, c.digest, c.worker_secret, c.manager_secret)
+        if role is None:
+            raise Forbidden("invalid join token: it does not belong to this cluster or was "
+                            "rotated", "token")
+        node = dict(node, role=role)
+        raft_addr = f"{node.get('addr')}:{node.get('raft_port')}"
+        async with self._lock:
+            if role == "manager" and raft_addr not in store.voters():
+                try:
+                    await store.add_voter(raft_addr)
+                except StoreError as exc:
+                    raise from_store_error(exc) from exc
+            await self.propose({"op": "node_add", "now": time.time(), "node": node})
+        assert self.identity is not None
+        voters = store.voters()
+        if role == "manager" and raft_addr not in voters:
+            voters.append(raft_addr)
+        return {"cluster_id": c.cluster_id, "role": role,
+                "raft_password": self.identity.raft_password, "voters": voters}
+
+    async def leave(self, force: bool) -> dict[str, Any]:
+        async with self._lock:
+            store = self.require_member()
+            assert self.identity is not None and self._worker is not None
+            identity = self.identity
+            if identity.role == NodeRole.MANAGER:
+                if not force:
+                    raise BadRequest("this node is a manager: leaving can cost the cluster its "
+                                     "quorum; use `shoal leave --force` (demote it first)",
+                                     "force")
+                with contextlib.suppress(StoreError):
+                    if len(store.voters()) > 1:
+                        await store.remove_voter(f"{self.config.advertise_addr}:"
+                                                 f"{self.config.raft_port}")
+            with contextlib.suppress(ApiError):
+                await self.propose({"op": "node_remove", "id": identity.node_id,
+                                    "now": time.time(), "force": True}, timeout=3.0)
+            await self._worker.stop_all()
+            await self._abandon_membership()
+            return {"node_id": identity.node_id, "left": True}
+
+    # ================================================================== queries and changes
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
+                               "api_port": self.config.api_port, "member": False}
+        if self.identity and self.store:
+            out.update(member=True, node_id=self.identity.node_id,
+                       cluster_id=self.identity.cluster_id, role=self.identity.role,
+                       is_leader=self.store.is_leader(), leader=self.store.leader_addr(),
+                       ready=self.store.is_ready(), term=self.store.term(),
+                       voters=self.store.voters(), index=self.store.index)
+        return out
+
+    def join_token(self, role: str) -> str:
+        store = self.require_manager()
+        if role not in ("worker", "manager"):
+            raise BadRequest("role must be 'worker' or 'manager'", "role")
+        c = store.snapshot().cluster
+        return make_token(c.digest, c.worker_secret if role == "worker" else c.manager_secret)
+
+    async def rotate_token(self, role: str) -> str:
+        self.require_manager()
+        if role not in ("worker", "manager"):
+            raise BadRequest("role must be 'worker' or 'manager'", "role")
+        await self.propose({"op": "rotate_secret", "role": role, "secret": new_secret()})
+        return self.join_token(role)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        store = self.require_manager()
+        snap = store.snapshot()
+        return [views.node_view(n, snap, store) for n in
+                sorted(snap.nodes.values(), key=lambda n: (n.hostname, n.id))]
+
+    def find_node(self, snap: Snapshot, ref: str) -> Node:
+        if ref in snap.nodes:
+            return snap.nodes[ref]
+        matches = [n for n in snap.nodes.values() if n.hostname == ref] or \
+                  [n for n in snap.nodes.values() if n.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(f"no such node: {ref}", "node")
+        raise BadRequest(f"node {ref!r} is ambiguous: {len(matches)} nodes match", "node")
+
+    def node(self, ref: str) -> dict[str, Any]:
+        store = self.require_manager()
+        snap = store.snapshot()
+        n = self.find_node(snap, ref)
+        return views.node_view(n, snap, store, detail=True)
+
+    async def remove_node(self, ref: str, force: bool) -> dict[str, Any]:
+        store = self.require_manager()
+        n = self.find_node(store.snapshot(), ref)
+        if self.identity and n.id == self.identity.node_id:
+            raise BadRequest("cannot remove the node you are on; use `shoal leave`", "node")
+        if n.role is NodeRole.MANAGER:
+            if n.state is NodeState.READY and not force:
+                raise BadRequest(f"node {n.hostname} is a ready manager: stop it first or use "
+                                 "--force", "node")
+            async with self._lock:
+                if n.raft_addr in store.voters():
+                    try:
+                        await store.remove_voter(n.raft_addr)
+                    except StoreError as exc:
+                        raise from_store_error(exc) from exc
+        await self.propose({"op": "node_remove", "id": n.id, "now": time.time(),
+                            "force": force})
+        return {"id": n.id, "removed": True}
+
+    def find_service(self, snap: Snapshot, ref: str) -> Service:
+        svc = snap.service_by_name(ref) or snap.services.get(ref)
+        if svc is None:
+            matches = [s for s in snap.services.values() if s.id.startswith(ref)] if len(
+                ref) >= 4 else []
+            if len(matches) == 1:
+                return matches[0]
+            raise NotFound(f"no such service: {ref}", "service")
+        return svc
+
+    def services(self) -> list[dict[str, Any]]:
+        snap = self.require_manager().snapshot()
+        return [views.service_view(s, snap) for s in
+                sorted(snap.services.values(), key=lambda s: s.spec.name)]
+
+    def service(self, ref: str) -> dict[str, Any]:
+        snap = self.require_manager().snapshot()
+        return views.service_view(self.find_service(snap, ref), snap, detail=True)
+
+    def tasks(self, ref: str) -> list[dict[str, Any]]:
+        snap = self.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        return views.task_views(snap.tasks_of(svc.id), snap)
+
+    async def create_service(self, spec: Any) -> dict[str, Any]:
+        snap = self.require_manager().snapshot()
+        try:
+            parsed = validate_spec(spec)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        if snap.service_by_name(parsed.name):
+            raise Conflict(f"a service named {parsed.name!r} already exists", "name",
+                           code="exists")
+        sid = new_id()
+        await self.propose({"op": "service_create", "id": sid, "now": time.time(),
+                            "spec": to_dict(parsed)})
+        return {"id": sid, "name": parsed.name}
+
+    async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
+        snap = self.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        try:
+            n = validate_replicas(replicas)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        res = await self.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                  "replicas": n})
+        return {"id": svc.id, "name": svc.spec.name, "replicas": n,
+                "version": res.get("version")}
+
+    async def remove_service(self, ref: str) -> dict[str, Any]:
+        snap = self.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        await self.propose({"op": "service_remove", "id": svc.id, "now": time.time()})
+        return {"id": svc.id, "name": svc.spec.name, "removed": True}
+
+
+def run_agent(config: AgentConfig, hostname: str | None = None) -> None:
+    import uvloop
+
+    async def main() -> None:
+        await Agent(config, hostname).run()
+
+    uvloop.run(main())
+
+
+__all__ = ["Agent", "Path", "run_agent"]

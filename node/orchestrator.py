@@ -1,0 +1,183 @@
+"""The orchestrator: decides *how many* tasks each service has. Pure functions.
+
+Owns: the replicated-service policy — one live task per slot 1..replicas, replacing
+tasks that failed (after a restart delay), whose node went down or was removed,
+shutting down extra slots on scale-down, deleting tasks of removed services once they
+have stopped, and trimming task history. Also the node-liveness policy (heartbeats →
+READY/DOWN). Must not touch: the store or the network; ``shoal.node.leader`` runs
+these functions on the leader and proposes what they return as one fenced batch.
+
+Ops are the tuples understood by ClusterState's ``leader`` command:
+("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
+("delete", task_id) ("assign", task_id, node_id) ("unschedulable", task_id, reason)
+("node_state", node_id, state, message).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.raft.models import (
+    NodeState,
+    Service,
+    Task,
+    TaskState,
+    TaskStatus,
+    to_dict,
+)
+from shoal.raft.state import Snapshot
+
+Op = tuple[Any, ...]
+
+
+@dataclass
+class OrchestratorConfig:
+    """Policy knobs of the leader's control loops."""
+
+    # Seconds to wait after a task failed before its replacement is created. Avoids a
+    # hot crash loop filling the Raft log; 0 replaces at once. (Swarm: 5 s.)
+    restart_delay: float = 1.0
+    # Ended tasks kept per slot for `service ps` history; older ones are deleted.
+    task_history: int = 3
+    # A node whose agent has not sent a heartbeat for this long is marked DOWN and its
+    # tasks are replaced elsewhere, seconds. Lower = faster healing, more false alarms
+    # on a stalled machine. Gossip will take over detection.
+    node_down_timeout: float = 4.0
+    # After gaining leadership, wait this long for heartbeats before marking anyone down.
+    leadership_grace: float = 3.0
+    # How often the leader re-runs the loops when nothing changes, seconds.
+    interval: float = 0.5
+
+    def validate(self) -> None:
+        if self.restart_delay < 0 or self.task_history < 0:
+            raise ValueError("restart_delay and task_history must be >= 0")
+        if self.node_down_timeout <= 0 or self.interval <= 0:
+            raise ValueError("node_down_timeout and interval must be > 0")
+
+
+def node_liveness(
+    snapshot: Snapshot, last_seen: dict[str, float], now: float, timeout: float
+) -> list[Op]:
+    """READY/DOWN transitions from heartbeat ages (``now`` and ``last_seen`` monotonic)."""
+    ops: list[Op] = []
+    for node in sorted(snapshot.nodes.values(), key=lambda n: n.id):
+        seen = last_seen.get(node.id)
+        alive = seen is not None and now - seen <= timeout
+        if alive and node.state is not NodeState.READY:
+            ops.append(("node_state", node.id, NodeState.READY.value, ""))
+        elif not alive and node.state is NodeState.READY:
+            age = "never" if seen is None else f"{now - seen:.1f}s ago"
+            ops.append(("node_state", node.id, NodeState.DOWN.value,
+                        f"heartbeat failure (last heard {age})"))
+    return ops
+
+
+def reconcile_services(
+    snapshot: Snapshot,
+    now: float,
+    new_id: Callable[[], str],
+    config: OrchestratorConfig,
+) -> tuple[list[Op], float | None]:
+    """Ops that move every service towards its spec, and when to look again.
+
+    Returns ``(ops, wake_at)``; ``wake_at`` (wall-clock seconds) is the earliest time a
+    waiting decision (a restart delay) becomes due, or None.
+    """
+    ops: list[Op] = []
+    wake_at: float | None = None
+    down_nodes = {n.id for n in snapshot.nodes.values() if n.state is NodeState.DOWN}
+
+    by_service: dict[str, list[Task]] = defaultdict(list)
+    for t in snapshot.tasks.values():
+        by_service[t.service_id].append(t)
+
+    # tasks on nodes that are down or gone: orphan them so their slots get replaced
+    for t in snapshot.tasks.values():
+        if t.node_id and not t.status.state.terminal and (
+            t.node_id in down_nodes or t.node_id not in snapshot.nodes
+        ):
+            reason = "node down" if t.node_id in down_nodes else "node removed"
+            ops.append(("orphan", t.id, f"{reason}: task replaced elsewhere"))
+
+    orphaned = {op[1] for op in ops}
+
+    def alive(t: Task) -> bool:
+        return t.alive and t.id not in orphaned
+
+    # tasks whose service is gone (desired REMOVE): delete once they stopped or cannot stop
+    for sid, tasks in by_service.items():
+        if sid in snapshot.services:
+            continue
+        for t in tasks:
+            gone = not t.node_id or t.node_id in down_nodes or t.node_id not in snapshot.nodes
+            if t.status.state.terminal or t.id in orphaned or gone:
+                ops.append(("delete", t.id))
+            elif t.desired_state < TaskState.REMOVE:
+                ops.append(("desired", t.id, int(TaskState.REMOVE)))
+
+    for svc in sorted(snapshot.services.values(), key=lambda s: s.spec.name):
+        svc_ops, svc_wake = _reconcile_service(svc, by_service.get(svc.id, []), alive, now,
+                                               new_id, config)
+        ops.extend(svc_ops)
+        if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
+            wake_at = svc_wake
+    return ops, wake_at
+
+
+def _reconcile_service(
+    svc: Service,
+    tasks: list[Task],
+    alive: Callable[[Task], bool],
+    now: float,
+    new_id: Callable[[], str],
+    config: OrchestratorConfig,
+) -> tuple[list[Op], float | None]:
+    ops: list[Op] = []
+    wake_at: float | None = None
+    slots: dict[int, list[Task]] = defaultdict(list)
+    for t in tasks:
+        slots[t.slot].append(t)
+    replicas = svc.spec.replicas
+
+    for slot in range(1, max(replicas, max(slots, default=0)) + 1):
+        slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
+        live = [t for t in slot_tasks if alive(t)]
+        if slot > replicas:
+            for t in live:
+                ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+            # an emptied slot keeps no history
+            for t in slot_tasks:
+                if t.status.state.terminal and t.desired_state >= TaskState.SHUTDOWN:
+                    ops.append(("delete", t.id))
+            continue
+        if len(live) > 1:
+            # keep the most advanced (running beats pending), then the newest
+            keep = max(live, key=lambda t: (t.status.state, t.created_at, t.id))
+            for t in live:
+                if t is not keep:
+                    ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+        elif not live:
+            ended = [t for t in slot_tasks if t.status.state.terminal]
+            last = max(ended, key=lambda t: t.status.timestamp, default=None)
+            if (last is not None and last.status.state is TaskState.FAILED
+                    and now - last.status.timestamp < config.restart_delay):
+                due = last.status.timestamp + config.restart_delay
+                wake_at = due if wake_at is None else min(wake_at, due)
+            else:
+                task = Task(
+                    id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
+                    spec=svc.spec, service_version=svc.version,
+                    desired_state=TaskState.RUNNING,
+                    status=TaskStatus(state=TaskState.NEW, timestamp=now, message="created"),
+                    created_at=now, updated_at=now,
+                )
+                ops.append(("create", to_dict(task)))
+        # trim history: dead tasks beyond the newest `task_history`
+        dead = [t for t in slot_tasks if not alive(t) and t.status.state.terminal]
+        dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
+        for t in dead[config.task_history:]:
+            ops.append(("delete", t.id))
+    return ops, wake_at

@@ -1,0 +1,97 @@
+"""JSON views of cluster objects: the stable field names of the API and `--format json`.
+
+Owns: the shape users and scripts see (documented in docs/api.md). Changing a field
+name here is a breaking change. Must not touch: the store (it gets snapshots).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from shoal.raft.models import Node, NodeRole, Service, Task, TaskState, to_dict
+from shoal.raft.state import Snapshot
+
+
+class RaftView(Protocol):
+    def leader_addr(self) -> str | None: ...
+    def peer_connected(self, addr: str) -> bool: ...
+    @property
+    def self_addr(self) -> str | None: ...
+
+
+def manager_status(node: Node, store: RaftView) -> str:
+    if node.role is not NodeRole.MANAGER:
+        return ""
+    if node.raft_addr == store.leader_addr():
+        return "leader"
+    if node.raft_addr == store.self_addr or store.peer_connected(node.raft_addr):
+        return "reachable"
+    return "unreachable"
+
+
+def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False) -> dict[str, Any]:
+    running = sum(1 for t in snap.tasks.values()
+                  if t.node_id == node.id and t.status.state is TaskState.RUNNING)
+    out: dict[str, Any] = {
+        "id": node.id,
+        "hostname": node.hostname,
+        "addr": node.addr,
+        "role": node.role.value,
+        "state": node.state.value,
+        "availability": node.availability.value,
+        "manager_status": manager_status(node, store),
+        "message": node.message,
+        "tasks": running,
+    }
+    if detail:
+        out.update(api_port=node.api_port, raft_port=node.raft_port, labels=dict(node.labels),
+                   created_at=node.created_at, updated_at=node.updated_at)
+    return out
+
+
+def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str, Any]:
+    tasks = snap.tasks_of(svc.id)
+    out: dict[str, Any] = {
+        "id": svc.id,
+        "name": svc.spec.name,
+        "mode": "replicated",
+        "replicas": svc.spec.replicas,
+        "running": sum(1 for t in tasks if t.status.state is TaskState.RUNNING
+                       and t.desired_state <= TaskState.RUNNING),
+        "command": list(svc.spec.command),
+        "version": svc.version,
+        "created_at": svc.created_at,
+        "updated_at": svc.updated_at,
+    }
+    if detail:
+        out["spec"] = to_dict(svc.spec)
+        out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None
+    return out
+
+
+def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
+    node = snap.nodes.get(t.node_id)
+    return {
+        "id": t.id,
+        "name": t.name,
+        "service": t.service_name,
+        "service_id": t.service_id,
+        "slot": t.slot,
+        "node_id": t.node_id,
+        "node": node.hostname if node else "",
+        "desired_state": t.desired_state.lower(),
+        "state": t.status.state.lower(),
+        "message": t.status.message,
+        "error": t.status.err,
+        "exit_code": t.status.exit_code,
+        "pid": t.status.pid,
+        "service_version": t.service_version,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "state_since": t.status.timestamp,
+    }
+
+
+def task_views(tasks: list[Task], snap: Snapshot) -> list[dict[str, Any]]:
+    order = sorted(tasks, key=lambda t: (t.slot, -t.created_at, t.id))
+    return [task_view(t, snap) for t in order]

@@ -1,0 +1,176 @@
+"""The agent-side reconciler: makes this node run exactly the tasks assigned to it.
+
+Owns: comparing the tasks the replicated state assigns to this node with what the
+runtime Controller runs, advancing each task one step (start, report, stop, forget),
+and reporting observed status back through the store. It is level-triggered: every
+pass recomputes from scratch, so a lost report or a restart of the agent is repaired
+by the next pass. Must not touch: desired state or placement (the leader's), or
+namespaces/cgroups directly (the runtime's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from shoal.raft.errors import CommandRejected, StoreError
+from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
+from shoal.raft.store import RaftStore
+from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.errors import StartError
+
+log = logging.getLogger("shoal.worker")
+
+
+def observed_status(rt: RuntimeStatus) -> TaskStatus:
+    """What the runtime saw, as a task status."""
+    if rt.state is RunState.RUNNING:
+        return TaskStatus(state=TaskState.RUNNING, timestamp=rt.started_at,
+                          message="running", pid=rt.pid)
+    if rt.stopped:
+        state = TaskState.SHUTDOWN
+    elif rt.exit_code == 0:
+        state = TaskState.COMPLETE
+    else:
+        state = TaskState.FAILED
+    return TaskStatus(state=state, timestamp=rt.finished_at or time.time(),
+                      message=rt.message, exit_code=rt.exit_code,
+                      err="" if state is not TaskState.FAILED else rt.message)
+
+
+class Worker:
+    def __init__(self, node_id: str, store: RaftStore, runtime: Controller,
+                 wakeup: asyncio.Event, interval: float = 1.0) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.runtime = runtime
+        self.wakeup = wakeup
+        self.interval = interval
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[str] = set()
+        self._closed = False
+
+    async def run(self) -> None:
+        self.runtime.set_listener(lambda _tid: self.wakeup.set())
+        while not self._closed:
+            self.wakeup.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.interval)
+
+    def close(self) -> None:
+        self._closed = True
+        self.wakeup.set()
+
+    async def reconcile(self) -> None:
+        if not self.store.is_ready():
+            return
+        snap = self.store.snapshot()
+        mine = {t.id: t for t in snap.tasks.values() if t.node_id == self.node_id}
+        running = self.runtime.tasks()
+        reports: list[tuple[Task, TaskStatus]] = []
+
+        for task in mine.values():
+            rt = running.get(task.id)
+            wants_run = task.desired_state <= TaskState.RUNNING
+            if rt is None:
+                if task.id in self._starting:
+                    continue
+                if wants_run and task.status.state < TaskState.RUNNING:
+                    reports.append((task, await self._start(task)))
+                elif wants_run and not task.status.state.terminal:
+                    # it ran here before but the runtime has no trace of it (host reboot?)
+                    reports.append((task, TaskStatus(
+                        state=TaskState.FAILED, timestamp=time.time(),
+                        message="task lost: not found in the runtime after agent restart",
+                        err="task lost")))
+                elif not wants_run and not task.status.state.terminal:
+                    reports.append((task, TaskStatus(
+                        state=TaskState.SHUTDOWN, timestamp=time.time(),
+                        message="shut down before it started")))
+                continue
+            if not wants_run and rt.state is RunState.RUNNING:
+                self._stop(task.id, task.spec.stop_grace_period)
+                continue
+            seen = observed_status(rt)
+            if seen.state > task.status.state or (
+                    seen.state == task.status.state and seen.pid != task.status.pid
+                    and seen.state is TaskState.RUNNING):
+                reports.append((task, seen))
+            if rt.state is RunState.EXITED and task.status.state.terminal and \
+                    task.desired_state >= TaskState.SHUTDOWN:
+                await self.runtime.remove(task.id)
+
+        # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
+        for tid, rt in running.items():
+            if tid in mine:
+                continue
+            if rt.state is RunState.RUNNING:
+                self._stop(tid, 10.0)
+            elif tid not in self._stopping:
+                await self.runtime.remove(tid)
+
+        if reports:
+            await asyncio.gather(*(self._report(t, s) for t, s in reports))
+
+    async def _start(self, task: Task) -> TaskStatus:
+        cfg = TaskConfig(
+            task_id=task.id,
+            hostname=f"{task.service_name}-{task.slot}",
+            command=tuple(task.spec.command),
+            env=dict(task.spec.env),
+            workdir=task.spec.workdir,
+        )
+        self._starting.add(task.id)
+        try:
+            rt = await self.runtime.start(cfg)
+        except StartError as exc:
+            log.warning("task %s (%s) failed to start: %s", task.id, task.name, exc)
+            return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
+                              message=str(exc), err=str(exc))
+        finally:
+            self._starting.discard(task.id)
+        log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
+        return observed_status(rt)
+
+    def _stop(self, task_id: str, grace: float) -> None:
+        if task_id in self._stopping:
+            return
+
+        async def stop() -> None:
+            try:
+                await self.runtime.stop(task_id, grace)
+                log.info("stopped task %s", task_id)
+            except Exception:
+                log.exception("stopping task %s failed", task_id)
+            finally:
+                self._stopping.pop(task_id, None)
+                self.wakeup.set()
+
+        self._stopping[task_id] = asyncio.create_task(stop())
+
+    async def _report(self, task: Task, status: TaskStatus) -> None:
+        cmd: dict[str, Any] = {"op": "task_status", "task_id": task.id, "node_id": self.node_id,
+                               "now": time.time(), "status": to_dict(status)}
+        try:
+            await self.store.propose(cmd)
+        except CommandRejected as exc:
+            log.debug("status report for %s refused: %s", task.id, exc)
+        except StoreError as exc:
+            log.warning("status report for %s not committed (will retry): %s", task.id, exc)
+
+    async def stop_all(self, grace: float = 10.0) -> None:
+        """Stop every task (used by `shoal leave`)."""
+        for tid, rt in self.runtime.tasks().items():
+            if rt.state is RunState.RUNNING:
+                self._stop(tid, grace)
+        if self._stopping:
+            await asyncio.gather(*self._stopping.values(), return_exceptions=True)
+        for tid in list(self.runtime.tasks()):
+            await self.runtime.remove(tid)

@@ -1,0 +1,226 @@
+"""The cluster's objects: plain typed records replicated by Raft.
+
+Owns: Node, Service (with its versioned ServiceSpec) and Task records, the ordered
+task-state model, and their msgpack-friendly dict forms. Must not touch: I/O, Raft,
+the clock (timestamps are passed in by whoever makes the record).
+
+Every record is a frozen dataclass; "changing" one means `dataclasses.replace`.
+On a task, three things are kept apart (as in swarmkit):
+
+* ``spec``          what the user asked for (copied from the service version; never edited)
+* ``desired_state`` what the leader wants (written only by the leader's controllers)
+* ``status``        what the node observed (written only by the agent that runs it)
+
+Task states are ordered integers spaced like swarmkit's, so that two observations
+can be merged by keeping the greater and a transition never moves backwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TaskState(enum.IntEnum):
+    """Ordered task lifecycle. Only append; the numbers are stored in the Raft log."""
+
+    NEW = 0
+    PENDING = 64  # waiting for the scheduler
+    ASSIGNED = 192  # placed on a node by the scheduler
+    ACCEPTED = 256  # the node saw the assignment
+    PREPARING = 320
+    STARTING = 384
+    RUNNING = 512
+    COMPLETE = 576  # exited 0
+    SHUTDOWN = 640  # stopped because desired state said so
+    FAILED = 704  # exited non-zero / could not start
+    REJECTED = 768  # the node refused it (e.g. bad command)
+    REMOVE = 800  # desired-only: stop and then delete the record
+    ORPHANED = 832  # its node went down; state unknown
+
+    @property
+    def terminal(self) -> bool:
+        return self >= TaskState.COMPLETE
+
+    def lower(self) -> str:
+        return self.name.lower()
+
+
+class NodeRole(enum.StrEnum):
+    MANAGER = "manager"
+    WORKER = "worker"
+
+
+class NodeState(enum.StrEnum):
+    """Liveness as seen by the leader."""
+
+    UNKNOWN = "unknown"
+    READY = "ready"
+    DOWN = "down"
+
+
+class NodeAvailability(enum.StrEnum):
+    ACTIVE = "active"  # may receive tasks
+    PAUSE = "pause"  # keeps its tasks, gets no new ones
+    DRAIN = "drain"  # its tasks are moved elsewhere
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    hostname: str
+    addr: str  # advertise address (IP)
+    api_port: int  # node-to-node TCP API
+    raft_port: int
+    role: NodeRole
+    state: NodeState = NodeState.UNKNOWN
+    availability: NodeAvailability = NodeAvailability.ACTIVE
+    message: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def raft_addr(self) -> str:
+        return f"{self.addr}:{self.raft_port}"
+
+    @property
+    def api_addr(self) -> str:
+        return f"{self.addr}:{self.api_port}"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What the user asked for. Validated by shoal.raft.validate before it is proposed."""
+
+    name: str
+    command: tuple[str, ...]
+    replicas: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    stop_grace_period: float = 10.0  # seconds between SIGTERM and SIGKILL
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Service:
+    id: str
+    spec: ServiceSpec
+    version: int = 1  # bumped on every spec change (scale included)
+    previous_spec: ServiceSpec | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """Observed by the node that runs the task (or ORPHANED by the leader)."""
+
+    state: TaskState = TaskState.NEW
+    timestamp: float = 0.0
+    message: str = ""
+    exit_code: int | None = None
+    pid: int | None = None
+    err: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    service_id: str
+    service_name: str
+    slot: int
+    spec: ServiceSpec
+    service_version: int
+    desired_state: TaskState = TaskState.RUNNING
+    node_id: str = ""  # empty until scheduled
+    status: TaskStatus = field(default_factory=TaskStatus)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    # scheduler's explanation when it cannot place the task
+    sched_message: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.service_name}.{self.slot}"
+
+    @property
+    def alive(self) -> bool:
+        """Counts towards the service's replicas: wanted running and not yet ended."""
+        return self.desired_state <= TaskState.RUNNING and not self.status.state.terminal
+
+
+# --------------------------------------------------------------------------- msgpack forms
+
+def to_dict(obj: Any) -> Any:
+    """A record → plain dicts/lists/ints/strs for msgpack and JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.IntEnum):
+        return int(obj)
+    if isinstance(obj, enum.StrEnum):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
+    return ServiceSpec(
+        name=d["name"],
+        command=tuple(d["command"]),
+        replicas=int(d.get("replicas", 1)),
+        env=dict(d.get("env", {})),
+        workdir=d.get("workdir", ""),
+        stop_grace_period=float(d.get("stop_grace_period", 10.0)),
+        labels=dict(d.get("labels", {})),
+    )
+
+
+def status_from_dict(d: dict[str, Any]) -> TaskStatus:
+    return TaskStatus(
+        state=TaskState(d["state"]),
+        timestamp=float(d.get("timestamp", 0.0)),
+        message=d.get("message", ""),
+        exit_code=d.get("exit_code"),
+        pid=d.get("pid"),
+        err=d.get("err", ""),
+    )
+
+
+def node_from_dict(d: dict[str, Any]) -> Node:
+    return Node(
+        id=d["id"],
+        hostname=d["hostname"],
+        addr=d["addr"],
+        api_port=int(d["api_port"]),
+        raft_port=int(d["raft_port"]),
+        role=NodeRole(d["role"]),
+        state=NodeState(d.get("state", "unknown")),
+        availability=NodeAvailability(d.get("availability", "active")),
+        message=d.get("message", ""),
+        created_at=float(d.get("created_at", 0.0)),
+        updated_at=float(d.get("updated_at", 0.0)),
+        labels=dict(d.get("labels", {})),
+    )
+
+
+def task_from_dict(d: dict[str, Any]) -> Task:
+    return Task(
+        id=d["id"],
+        service_id=d["service_id"],
+        service_name=d["service_name"],
+        slot=int(d["slot"]),
+        spec=spec_from_dict(d["spec"]),
+        service_version=int(d["service_version"]),
+        desired_state=TaskState(d["desired_state"]),
+        node_id=d.get("node_id", ""),
+        status=status_from_dict(d["status"]),
+        created_at=float(d.get("created_at", 0.0)),
+        updated_at=float(d.get("updated_at", 0.0)),
+        sched_message=d.get("sched_message", ""),
+    )
