@@ -82,6 +82,7 @@ class Agent:
         self._worker: Worker | None = None
         self._http: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()  # serialises init/join/leave and membership changes
+        self._pending_membership: asyncio.Future[int] | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -345,12 +346,19 @@ class Agent:
         node = dict(node, role=role)
         raft_addr = f"{node.get('addr')}:{node.get('raft_port')}"
         async with self._lock:
-            if role == "manager" and raft_addr not in store.voters():
+            # Raft membership changes go one at a time: wait for the previous one
+            pending = self._pending_membership
+            if pending is not None and not pending.done():
                 try:
-                    await store.add_voter(raft_addr)
-                except StoreError as exc:
-                    raise from_store_error(exc) from exc
+                    await asyncio.wait_for(asyncio.shield(pending), self.config.join_timeout)
+                except TimeoutError:
+                    raise Unavailable("a previous manager join has not completed yet (is that "
+                                      "node running?); retry later") from None
+            # record first (commits with the current quorum), then add the voter: that
+            # change commits only once the new manager runs, after we answer it
             await self.propose({"op": "node_add", "now": time.time(), "node": node})
+            if role == "manager" and raft_addr not in store.voters():
+                self._pending_membership = store.start_add_voter(raft_addr)
         assert self.identity is not None
         voters = store.voters()
         if role == "manager" and raft_addr not in voters:

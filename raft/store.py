@@ -235,7 +235,7 @@ class RaftStore:
                                   e.get("field", ""))
         return result
 
-    async def _membership(self, fn: Callable[..., None], addr: str, timeout: float) -> None:
+    def _membership_start(self, fn: Callable[..., None], addr: str) -> asyncio.Future[int]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
@@ -243,6 +243,19 @@ class RaftStore:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
 
         fn(addr, callback=done)
+        return fut
+
+    def start_add_voter(self, addr: str) -> asyncio.Future[int]:
+        """Begin adding a voter; the future gets the pysyncobj fail reason (0 = success).
+
+        The change commits only once the new member runs and acknowledges (the new
+        configuration counts it), so callers must not wait for it before the new node
+        has been told to start.
+        """
+        return self._membership_start(self._sync.addNodeToCluster, addr)
+
+    async def _membership(self, fn: Callable[..., None], addr: str, timeout: float) -> None:
+        fut = self._membership_start(fn, addr)
         try:
             err = await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -1,0 +1,950 @@
+"""A multi-host lab on one machine: N "hosts" as network namespaces on a private bridge.
+
+Owns: the lab's network namespaces, veth pairs and bridge, the processes it starts in them
+(shoal agents, helper processes), the task processes those agents record under their data dirs,
+and the data dirs themselves. Used by the pytest fixtures (``tests/conftest.py``) and by
+``demo/demo.py``.
+
+Must not touch: anything it did not create. Traffic stays inside the lab: the bridge lives in its
+own "switch" namespace and nothing in the root namespace gets an address on the lab subnet.
+
+Layout of a lab with run id ``RID`` (6 hex digits)::
+
+    netns shoal-lab-RID-sw : bridge slRIDbr, ports slRIDh1s, slRIDh2s, ...
+    netns shoal-lab-RID-h1 : lo, slRIDh1 (10.77.0.11/24)  <-veth->  slRIDh1s
+    netns shoal-lab-RID-h2 : lo, slRIDh2 (10.77.0.12/24)  <-veth->  slRIDh2s
+    data dirs BASE/shoal-lab-RID/h1, .../h2, ...      state file STATE_DIR/RID.json
+
+The state file records the owning process (pid + start time) and everything the lab made, so
+that ``sweep()`` can remove what a crashed run left (owner dead) without touching a live lab
+(owner alive).
+
+Errors::
+
+    LabError            setup or teardown failed (message says what and why)
+     └─ CommandError    a command run in a host failed (carries argv, rc, stdout, stderr)
+    AssertionError      wait_until() gave up (names what it waited for and the last value)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
+# Where state files live (and the default base dir for data dirs): short, so unix socket paths fit.
+STATE_DIR = Path(os.environ.get("SHOAL_LAB_STATE_DIR", "/tmp/shoal-lab"))
+NETNS_PREFIX = "shoal-lab-"
+IF_PREFIX = "sl"
+ENV_MARKER = "SHOAL_LAB"
+STATE_VERSION = 1
+_RID_RE = re.compile(r"^[0-9a-f]{6}$")
+_NETNS_RE = re.compile(r"^shoal-lab-([0-9a-f]{6})-(sw|h\d+)$")
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class LabError(Exception):
+    """Setting up, using or tearing down the lab failed."""
+
+
+class CommandError(LabError):
+    """A command run inside a lab host exited non-zero (or timed out)."""
+
+    def __init__(self, argv: Sequence[str], rc: int | None, stdout: str, stderr: str,
+                 note: str = "") -> None:
+        self.argv = list(argv)
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr
+        status = f"timed out ({note})" if rc is None else f"exited {rc}"
+        super().__init__(
+            f"command {status}: {' '.join(self.argv)}\n"
+            f"--- stdout ---\n{stdout.rstrip()}\n--- stderr ---\n{stderr.rstrip()}"
+        )
+
+
+def shoal_bin() -> Path:
+    """The ``shoal`` executable the lab runs: $SHOAL_BIN, the repo's venv, or the one on PATH."""
+    env = os.environ.get("SHOAL_BIN")
+    if env:
+        return Path(env)
+    venv = REPO / ".venv" / "bin" / "shoal"
+    if venv.exists():
+        return venv
+    found = shutil.which("shoal")
+    if found:
+        return Path(found)
+    return Path(sys.executable).parent / "shoal"
+
+
+def wait_until(pred: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.2,
+               what: str = "condition") -> T:
+    """Call ``pred`` until it returns something truthy and return that; raise AssertionError
+    naming ``what`` and the last value (or exception) after ``timeout`` seconds.
+
+    Exceptions from ``pred`` count as "not yet" (e.g. a CLI call while the cluster is electing).
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = pred()
+        except Exception as exc:  # retried; reported below
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; "
+                                 f"last value: {last!r}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc helpers
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    tty: int  # controlling terminal (0: none)
+    state: str
+    start: int  # clock ticks since boot (/proc/PID/stat field 22)
+    comm: str
+
+
+def _proc_info(pid: int) -> ProcInfo | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    lpar, rpar = raw.find("("), raw.rfind(")")
+    rest = raw[rpar + 2:].split()
+    try:
+        return ProcInfo(pid=pid, ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]),
+                        tty=int(rest[4]), state=rest[0], start=int(rest[19]),
+                        comm=raw[lpar + 1:rpar])
+    except (IndexError, ValueError):
+        return None
+
+
+def _all_procs() -> dict[int, ProcInfo]:
+    out: dict[int, ProcInfo] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _proc_info(int(entry))
+            if info is not None:
+                out[info.pid] = info
+    return out
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, started at ``start``."""
+    info = _proc_info(pid)
+    if info is None or info.state in ("Z", "X"):
+        return False
+    return start is None or info.start == start
+
+
+def _now_ticks() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * _CLK_TCK)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def _ancestors(pid: int, procs: dict[int, ProcInfo]) -> set[int]:
+    out: set[int] = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        info = procs.get(pid)
+        if info is None:
+            break
+        pid = info.ppid
+    return out
+
+
+def _mountpoints() -> list[str]:
+    points: list[str] = []
+    for line in _read_bytes("/proc/self/mountinfo").decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) > 4:
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4]))
+    return points
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _run(argv: Sequence[str], check: bool = False, timeout: float = 20.0
+         ) -> subprocess.CompletedProcess[str]:
+    """Run a short setup/teardown command (never a daemon: output is captured)."""
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(argv, None, "", "", f"{timeout}s") from exc
+    if check and res.returncode != 0:
+        raise CommandError(argv, res.returncode, res.stdout, res.stderr)
+    return res
+
+
+def list_netns() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    res = _run(["ip", "netns", "list"])
+    return [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+
+
+def netns_pids(netns: str) -> list[int]:
+    """Processes whose network namespace is ``netns`` (``ip netns pids``)."""
+    res = _run(["ip", "netns", "pids", netns])
+    return [int(tok) for tok in res.stdout.split() if tok.isdigit()]
+
+
+def _root_links(prefix: str) -> list[str]:
+    res = _run(["ip", "-o", "link", "show"])
+    names = []
+    for line in res.stdout.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            name = parts[1].strip().split("@")[0]
+            if name.startswith(prefix):
+                names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# State file and teardown (shared by Lab.close() and sweep())
+
+
+@dataclass
+class _State:
+    runid: str
+    owner_pid: int
+    owner_start: int
+    created_ticks: int
+    root: str  # BASE/shoal-lab-RID: every data dir is below it
+    switch_netns: str
+    hosts: list[dict[str, str]] = field(default_factory=list)  # name, ip, netns, data_dir, port
+    procs: list[dict[str, int]] = field(default_factory=list)  # pid, start
+    keep_data: bool = False
+
+    @property
+    def netns(self) -> list[str]:
+        return [h["netns"] for h in self.hosts] + [self.switch_netns]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": STATE_VERSION, **self.__dict__}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> _State:
+        data: dict[str, Any] = json.loads(text)
+        if data.pop("version", None) != STATE_VERSION:
+            raise ValueError("unknown state file version")
+        return cls(**data)
+
+
+def _state_path(runid: str) -> Path:
+    return STATE_DIR / f"{runid}.json"
+
+
+def _write_state(state: _State, exclusive: bool = False) -> None:
+    """Write atomically: a reader sees the old or the new file, never a partial one.
+    ``exclusive`` fails with FileExistsError if the run id is taken."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    final = _state_path(state.runid)
+    tmp = final.with_name(f".{state.runid}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(state.to_json())
+    try:
+        if exclusive:
+            os.link(tmp, final)
+        else:
+            os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _task_shims(state: _State) -> list[int]:
+    """Shim pids recorded by agents under DATA_DIR/tasks/<task_id>/shim.pid that still run and
+    started after the lab was created (a guard against pid reuse)."""
+    pids: list[int] = []
+    for host in state.hosts:
+        for pidfile in Path(host["data_dir"]).glob("tasks/*/shim.pid"):
+            try:
+                pid = int(pidfile.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            info = _proc_info(pid)
+            if info is not None and info.state != "Z" and info.start >= state.created_ticks:
+                pids.append(pid)
+    return pids
+
+
+def _task_ids(state: _State) -> set[str]:
+    ids: set[str] = set()
+    for host in state.hosts:
+        tasks = Path(host["data_dir"]) / "tasks"
+        with contextlib.suppress(OSError):
+            ids.update(p.name for p in tasks.iterdir() if p.is_dir() and len(p.name) >= 8)
+    return ids
+
+
+def _lab_targets(state: _State, existing_netns: Iterable[str] | None = None) -> dict[int, str]:
+    """Every live process that belongs to the lab, with the reason it was picked.
+
+    Roots: recorded processes (pid + start time), processes in the lab's netns, task shims
+    (shim.pid), processes with SHOAL_LAB=<runid> in their environment, and processes without a
+    terminal whose cmdline or cwd points into the lab dir. Closure: descendants of any of them,
+    and members of the session or process group of all but the path-matched ones (catches task
+    processes in their own netns and pid namespace, never a user's whole terminal session).
+    """
+    procs = _all_procs()
+    protected = _ancestors(os.getpid(), procs)
+    roots: dict[int, str] = {}
+    for rec in state.procs:
+        if _alive(rec["pid"], rec["start"]):
+            roots[rec["pid"]] = "started by the lab"
+    names = set(list_netns() if existing_netns is None else existing_netns)
+    for ns in state.netns:
+        if ns in names:
+            for pid in netns_pids(ns):
+                roots.setdefault(pid, f"in netns {ns}")
+    for pid in _task_shims(state):
+        roots.setdefault(pid, "task shim (shim.pid)")
+    root_b = state.root.rstrip("/").encode()
+    marker = f"{ENV_MARKER}={state.runid}".encode()
+    loose: dict[int, str] = {}  # matched by path only: closure over children, not sessions
+    for pid, info in procs.items():
+        if pid in roots or pid in protected or info.state == "Z":
+            continue
+        if marker in _read_bytes(f"/proc/{pid}/environ").split(b"\0"):
+            roots[pid] = f"environment has {ENV_MARKER}={state.runid}"
+            continue
+        if info.tty:  # someone's terminal (a shell or `less` looking at the logs): spare it
+            continue
+        if root_b in _read_bytes(f"/proc/{pid}/cmdline"):
+            loose[pid] = "cmdline mentions the lab dir"
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = ""
+        if cwd and _under(cwd, state.root):
+            loose[pid] = "cwd in the lab dir"
+    # Closure: children of any target; members of a strong target's session or process group
+    # (a task shim is a session leader, its task processes stay in that session).
+    targets = {**loose, **roots}
+    strong = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for pid, info in procs.items():
+            if pid in targets or pid in protected or info.state == "Z":
+                continue
+            for rel, how in ((info.ppid, "child"), (info.sid, "session"), (info.pgid, "group")):
+                if rel in targets and rel != pid and (how == "child" or rel in strong):
+                    targets[pid] = f"{how} of {rel}"
+                    if rel in strong:
+                        strong.add(pid)
+                    changed = True
+                    break
+    return {pid: why for pid, why in targets.items() if pid not in protected}
+
+
+def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[int]],
+              timeout: float = 10.0) -> None:
+    """SIGKILL every lab process until none is left (re-scanning catches late forks), then reap
+    the zombies this process adopted as subreaper (all but ``keep()``: pids its Popen objects
+    will reap themselves)."""
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while True:
+        reap()
+        targets = _lab_targets(state)
+        seen.update(targets)
+        if not targets or time.monotonic() > deadline:
+            break
+        # Group kills first: a task shim is a session leader, tini/unshare sit in its group.
+        for pid in targets:
+            info = _proc_info(pid)
+            if info is not None and info.pgid == pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    _reap_adopted(seen - keep())
+
+
+def _reap_adopted(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are zombie children of this process."""
+    me = os.getpid()
+    for pid in pids:
+        info = _proc_info(pid)
+        if info is not None and info.ppid == me and info.state == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _become_subreaper() -> None:
+    """Make orphans of processes we start (task shims whose agent died, tini after unshare)
+    reparent to this process instead of PID 1, so teardown can reap them: on machines whose
+    PID 1 does not reap, they would stay zombies for good."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _cgroup_dirs(task_ids: set[str]) -> list[Path]:
+    """Cgroup directories named after one of the lab's task ids (best effort, depth <= 4)."""
+    if not task_ids:
+        return []
+    found: list[Path] = []
+    base = Path("/sys/fs/cgroup")
+    for dirpath, dirnames, _files in os.walk(base):
+        depth = len(Path(dirpath).relative_to(base).parts)
+        if depth >= 4:
+            dirnames[:] = []
+        for d in dirnames:
+            if any(tid in d for tid in task_ids):
+                found.append(Path(dirpath) / d)
+    return found
+
+
+def _remove_cgroups(dirs: list[Path]) -> None:
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        for sub in sorted((p for p in d.rglob("*") if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _safe_rmtree(top: str) -> None:
+    """Remove ``top`` without ever descending into a mount point or following a symlink."""
+    mounts = set(_mountpoints())
+    try:
+        top_dev = os.lstat(top).st_dev
+    except FileNotFoundError:
+        return
+
+    def rm(path: str) -> None:
+        with os.scandir(path) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.path in mounts or entry.stat(follow_symlinks=False).st_dev != top_dev:
+                    raise LabError(f"refusing to delete across mount point {entry.path}")
+                rm(entry.path)
+                os.rmdir(entry.path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+    if top in mounts:
+        raise LabError(f"refusing to delete mount point {top}")
+    rm(top)
+    os.rmdir(top)
+
+
+def _teardown(state: _State, reap: Callable[[], None] = lambda: None,
+              keep: Callable[[], set[int]] = set) -> list[str]:
+    """Remove everything ``state`` describes, in the order MACHINE-NOTES asks for: processes,
+    then veths, then namespaces, then mounts and data dirs. Returns problems (empty = clean)."""
+    problems: list[str] = []
+    task_ids = _task_ids(state)
+    _kill_all(state, reap, keep)
+    _remove_cgroups(_cgroup_dirs(task_ids))
+    existing = set(list_netns())
+    if state.switch_netns in existing:
+        for host in state.hosts:
+            _run(["ip", "-n", state.switch_netns, "link", "del", host["port"]])
+    for ns in state.netns:
+        if ns in existing:
+            res = _run(["ip", "netns", "del", ns])
+            if res.returncode != 0:
+                problems.append(f"ip netns del {ns}: {res.stderr.strip()}")
+    for link in _root_links(f"{IF_PREFIX}{state.runid}"):
+        _run(["ip", "link", "del", link])
+    for mnt in sorted((m for m in _mountpoints() if _under(m, state.root)),
+                      key=len, reverse=True):
+        res = _run(["umount", "-l", mnt])
+        if res.returncode != 0:
+            problems.append(f"umount {mnt}: {res.stderr.strip()}")
+    if not state.keep_data:
+        try:
+            _safe_rmtree(state.root)
+        except (OSError, LabError) as exc:
+            problems.append(f"removing {state.root}: {exc}")
+    return problems
+
+
+def _leftovers(state: _State, task_ids: set[str] | None = None) -> list[str]:
+    out: list[str] = []
+    task_ids = _task_ids(state) | (task_ids or set())
+    existing = list_netns()
+    for pid, why in sorted(_lab_targets(state, existing).items()):
+        info = _proc_info(pid)
+        comm = info.comm if info else "?"
+        out.append(f"process {pid} ({comm}): {why}")
+    out += [f"netns {ns}" for ns in state.netns if ns in existing]
+    out += [f"link {name}" for name in _root_links(f"{IF_PREFIX}{state.runid}")]
+    out += [f"mount {m}" for m in _mountpoints() if _under(m, state.root)]
+    out += [f"cgroup {d}" for d in _cgroup_dirs(task_ids)]
+    if not state.keep_data and os.path.lexists(state.root):
+        out.append(f"data dir {state.root}")
+    return out
+
+
+def sweep(verbose: bool = False) -> list[str]:
+    """Remove leftovers of earlier labs whose owning process is dead; never touch a live lab.
+
+    A lab is identified by its state file STATE_DIR/<runid>.json (owner pid + start time); a
+    netns named shoal-lab-<runid>-* whose run id has no state file at all is an orphan and is
+    removed too. Returns a description of what was removed.
+    """
+    removed: list[str] = []
+    if not shutil.which("ip"):
+        return removed
+    # List namespaces before reading state files: a live lab writes its state file before it
+    # creates any namespace, so every namespace seen here has a state file visible below.
+    netns_by_rid: dict[str, list[str]] = {}
+    for ns in list_netns():
+        m = _NETNS_RE.match(ns)
+        if m:
+            netns_by_rid.setdefault(m.group(1), []).append(ns)
+    known: set[str] = set()
+    for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+        rid = path.stem
+        if not _RID_RE.match(rid):
+            continue
+        known.add(rid)
+        try:
+            state = _State.from_json(path.read_text())
+        except (OSError, ValueError, TypeError) as exc:
+            if verbose:
+                print(f"sweep: skipping unreadable {path}: {exc}", file=sys.stderr)
+            continue
+        if _alive(state.owner_pid, state.owner_start):
+            continue
+        what = _leftovers(state)
+        problems = _teardown(state)
+        if not problems:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed += [f"lab {rid}: {w}" for w in what] or [f"lab {rid}: state file"]
+        removed += [f"lab {rid}: could not remove: {p}" for p in problems]
+    for rid, names in netns_by_rid.items():
+        if rid in known:
+            continue
+        killed: list[int] = []
+        for ns in names:
+            for pid in netns_pids(ns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in killed) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _reap_adopted(killed)
+        for ns in sorted(names, key=lambda n: n.endswith("-sw")):
+            _run(["ip", "netns", "del", ns])
+            removed.append(f"orphan netns {ns}")
+    if verbose:
+        for line in removed:
+            print(f"sweep: removed {line}", file=sys.stderr)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Hosts and labs
+
+
+class Host:
+    """One lab host: a network namespace with one address, a data dir and (maybe) an agent."""
+
+    def __init__(self, lab: Lab, index: int, ip: str) -> None:
+        self.lab = lab
+        self.name = f"h{index}"
+        self.ip = ip
+        self.netns = f"{NETNS_PREFIX}{lab.runid}-{self.name}"
+        self.ifname = f"{IF_PREFIX}{lab.runid}{self.name}"  # host end of the veth
+        self.port = f"{self.ifname}s"  # switch end (bridge port)
+        self.data_dir = lab.root / self.name
+        self.sock = self.data_dir / "shoal.sock"
+        self.agent_log = self.data_dir / "agent.log"
+        self._agent: subprocess.Popen[bytes] | None = None
+        self._spawned: list[subprocess.Popen[bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"<Host {self.name} {self.ip} {self.netns}>"
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, ENV_MARKER: self.lab.runid, "PYTHONUNBUFFERED": "1"}
+
+    def spawn(self, *argv: str, log_name: str = "spawn", hostname: bool = False,
+              cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start a long-running process in this host's netns (own session, stdin /dev/null,
+        stdout+stderr appended to DATA_DIR/<log_name>.log). The lab kills it on close.
+        ``hostname=True`` runs it in its own UTS namespace with the host's name as hostname."""
+        cmd = ["ip", "netns", "exec", self.netns]
+        if hostname:
+            cmd += ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
+        cmd += list(argv)
+        log = self.data_dir / f"{log_name}.log"
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh,
+                                    cwd=cwd or self.data_dir, env=self._env(),
+                                    start_new_session=True)
+        self._spawned.append(proc)
+        info = _proc_info(proc.pid)
+        self.lab._record_proc(proc.pid, info.start if info else 0)
+        return proc
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30.0
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion inside this host's netns and capture its output."""
+        cmd = ["ip", "netns", "exec", self.netns, *argv]
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=self._env(),
+                              start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    out, err = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:  # a grandchild left the group, holds the pipe
+                    out, err = "", ""
+                raise CommandError(cmd, None, out, err, f"{timeout}s") from None
+            except BaseException:  # Ctrl-C / SIGTERM handler: do not leave the command running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        if check and proc.returncode != 0:
+            raise CommandError(cmd, proc.returncode, out, err)
+        return res
+
+    def pids(self) -> list[int]:
+        """Processes in this host's network namespace (tasks have their own netns: not here)."""
+        return netns_pids(self.netns)
+
+    # -- the shoal agent ------------------------------------------------------------------
+
+    def start_agent(self, *extra: str, timeout: float = 30.0) -> None:
+        """Start ``shoal agent`` in this host and wait until its unix socket accepts."""
+        if self.agent_alive():
+            raise LabError(f"{self.name}: agent already running (pid {self.agent_pid})")
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()  # a stale socket from a killed agent would look ready
+        self._agent = self.spawn(
+            str(self.lab.shoal), "agent", "--data-dir", str(self.data_dir),
+            "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._agent.poll() is not None:
+                raise LabError(f"{self.name}: agent exited with {self._agent.returncode} "
+                               f"before serving {self.sock}\n{self.log_tail()}")
+            if self.sock.exists():
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    with contextlib.suppress(OSError):
+                        s.connect(str(self.sock))
+                        return
+            if time.monotonic() > deadline:
+                self.kill_agent()
+                raise LabError(f"{self.name}: agent did not accept on {self.sock} within "
+                               f"{timeout}s\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    @property
+    def agent_pid(self) -> int | None:
+        return self._agent.pid if self._agent is not None else None
+
+    def agent_alive(self) -> bool:
+        return self._agent is not None and self._agent.poll() is None
+
+    def kill_agent(self, sig: int = signal.SIGKILL, timeout: float = 15.0) -> int | None:
+        """Send ``sig`` to the agent (by pid only: its tasks keep running) and wait for it to
+        exit. Returns its exit status, or None if no agent ran."""
+        proc = self._agent
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc is not None else None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{self.name}: agent pid {proc.pid} still running {timeout}s after "
+                           f"signal {sig}") from exc
+
+    def restart_agent(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
+        self.kill_agent(sig)
+        self.start_agent(timeout=timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.agent_log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            return f"(no agent log: {exc})"
+        return f"--- {self.agent_log} (last {len(text)} lines) ---\n" + "\n".join(text)
+
+    # -- the CLI --------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0
+            ) -> subprocess.CompletedProcess[str]:
+        """``shoal -H unix://SOCK ARGS`` inside this host; CommandError on failure if check."""
+        return self.run(str(self.lab.shoal), "-H", f"unix://{self.sock}", *args,
+                        check=check, timeout=timeout)
+
+    def cli_json(self, *args: str, timeout: float = 30.0) -> Any:
+        res = self.cli(*args, "--format", "json", timeout=timeout)
+        try:
+            return json.loads(res.stdout)
+        except json.JSONDecodeError as exc:
+            raise CommandError(list(res.args), res.returncode, res.stdout,
+                               f"{res.stderr}\n(stdout is not JSON: {exc})") from exc
+
+    # -- the network ----------------------------------------------------------------------
+
+    def cut_link(self) -> None:
+        """Unplug this host: its bridge port goes down, packets to and from it are dropped
+        (peers see timeouts, like a pulled cable). Loopback and the unix socket keep working."""
+        _run(["ip", "-n", self.lab.switch_netns, "link", "set", self.port, "down"], check=True)
+
+    def restore_link(self) -> None:
+        _run(["ip", "-n", self.lab.switch_netns, "link", "set", self.port, "up"], check=True)
+
+    def _reap(self) -> None:
+        for proc in self._spawned:
+            proc.poll()
+        self._spawned = [p for p in self._spawned if p.returncode is None]
+
+
+class Lab:
+    """N hosts (network namespaces) on one bridge that lives in its own "switch" namespace.
+
+    ``Lab(3)`` builds h1..h3 with 10.77.0.11..13/24. Use as a context manager or call close();
+    close() removes everything the lab made, also after a failure.
+    """
+
+    def __init__(self, n_hosts: int, base_dir: Path | str | None = None, *,
+                 subnet: str = "10.77.0.0/24", first_host: int = 11,
+                 shoal: Path | None = None, keep_data: bool = False) -> None:
+        if not 1 <= n_hosts <= 99:
+            raise LabError(f"n_hosts must be 1..99, got {n_hosts}")
+        net = ipaddress.ip_network(subnet)
+        addrs = [net.network_address + first_host + i for i in range(n_hosts)]
+        if any(a not in net or a == net.broadcast_address for a in addrs):
+            raise LabError(f"{n_hosts} hosts from .{first_host} do not fit in {subnet}")
+        self.shoal = shoal or shoal_bin()
+        _become_subreaper()
+        self.subnet = net
+        self.closed = False
+        self._task_ids: set[str] = set()  # seen under tasks/: their cgroups are ours too
+        base = Path(base_dir) if base_dir is not None else STATE_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            self.runid = secrets.token_hex(3)
+            self.root = base.resolve() / f"{NETNS_PREFIX}{self.runid}"
+            if self.root.exists():
+                continue
+            self.switch_netns = f"{NETNS_PREFIX}{self.runid}-sw"
+            self.bridge = f"{IF_PREFIX}{self.runid}br"
+            self.hosts = [Host(self, i + 1, str(a)) for i, a in enumerate(addrs)]
+            self._state = _State(
+                runid=self.runid, owner_pid=os.getpid(), owner_start=self._own_start(),
+                created_ticks=_now_ticks(), root=str(self.root),
+                switch_netns=self.switch_netns, keep_data=keep_data,
+                hosts=[{"name": h.name, "ip": h.ip, "netns": h.netns, "port": h.port,
+                        "data_dir": str(h.data_dir)} for h in self.hosts])
+            try:
+                _write_state(self._state, exclusive=True)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise LabError("could not pick a free lab run id")
+        sock_len = len(str(self.hosts[0].sock).encode())
+        try:
+            if sock_len > _SUN_PATH_MAX:
+                raise LabError(f"unix socket path {self.hosts[0].sock} is {sock_len} bytes "
+                               f"(max {_SUN_PATH_MAX}): use a shorter base_dir")
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _own_start() -> int:
+        info = _proc_info(os.getpid())
+        assert info is not None
+        return info.start
+
+    def _build(self) -> None:
+        self.root.mkdir()
+        sw = self.switch_netns
+        _run(["ip", "netns", "add", sw], check=True)
+        _run(["ip", "-n", sw, "link", "set", "lo", "up"], check=True)
+        _run(["ip", "-n", sw, "link", "add", self.bridge, "type", "bridge"], check=True)
+        _run(["ip", "-n", sw, "link", "set", self.bridge, "up"], check=True)
+        prefix = self.subnet.prefixlen
+        for h in self.hosts:
+            h.data_dir.mkdir()
+            _run(["ip", "netns", "add", h.netns], check=True)
+            # Both ends are created directly in their namespaces: nothing touches the root netns.
+            _run(["ip", "-n", sw, "link", "add", h.port, "type", "veth", "peer", "name",
+                  h.ifname, "netns", h.netns], check=True)
+            _run(["ip", "-n", sw, "link", "set", h.port, "master", self.bridge, "up"],
+                 check=True)
+            _run(["ip", "-n", h.netns, "addr", "add", f"{h.ip}/{prefix}", "dev", h.ifname],
+                 check=True)
+            _run(["ip", "-n", h.netns, "link", "set", h.ifname, "up"], check=True)
+            _run(["ip", "-n", h.netns, "link", "set", "lo", "up"], check=True)
+
+    def _record_proc(self, pid: int, start: int) -> None:
+        self._state.procs.append({"pid": pid, "start": start})
+        _write_state(self._state)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Host]:
+        return iter(self.hosts)
+
+    def host(self, name_or_ip: str) -> Host:
+        """The host named ``h2`` or addressed ``10.77.0.12`` (``IP:PORT`` accepted)."""
+        key = name_or_ip.rsplit(":", 1)[0] if name_or_ip.count(":") == 1 else name_or_ip
+        for h in self.hosts:
+            if key in (h.name, h.ip):
+                return h
+        raise LabError(f"no lab host {name_or_ip!r}")
+
+    # -- cluster helpers (need the shoal agent) ----------------------------------------------
+
+    def form_cluster(self, managers: int = 3, workers: int = 0, timeout: float = 60.0,
+                     api_port: int = 2377) -> list[dict[str, Any]]:
+        """Start agents on the first managers+workers hosts, ``init`` on h1, join the next
+        managers-1 hosts as managers and the rest as workers; wait until ``node ls`` on h1 shows
+        them all ready. Returns that node list."""
+        n = managers + workers
+        if managers < 1 or n > len(self.hosts):
+            raise LabError(f"cannot form {managers} managers + {workers} workers "
+                           f"from {len(self.hosts)} hosts")
+        members = self.hosts[:n]
+        for h in members:
+            if not h.agent_alive():
+                h.start_agent()
+        first = members[0]
+        first.cli("init")
+        tokens = {role: first.cli("join-token", role, "-q").stdout.strip()
+                  for role in ("manager", "worker")}
+        for i, h in enumerate(members[1:], start=1):
+            role = "manager" if i < managers else "worker"
+            h.cli("join", "--token", tokens[role], f"{first.ip}:{api_port}", timeout=timeout)
+
+        def all_ready() -> list[dict[str, Any]] | None:
+            nodes: list[dict[str, Any]] = first.cli_json("node", "ls")
+            ready = [x for x in nodes if x.get("state") == "ready"]
+            return nodes if len(nodes) == n and len(ready) == n else None
+
+        return wait_until(all_ready, timeout=timeout, interval=0.3,
+                          what=f"{n} nodes ready in `node ls` on {first.name}")
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        for h in self.hosts:
+            h._reap()
+
+    def _popen_pids(self) -> set[int]:
+        return {p.pid for h in self.hosts for p in h._spawned}
+
+    def leftovers(self) -> list[str]:
+        """Everything of this lab still present: processes, netns, links, mounts, cgroups
+        named after its tasks, data dir."""
+        self._task_ids |= _task_ids(self._state)
+        return _leftovers(self._state, self._task_ids)
+
+    def close(self) -> list[str]:
+        """Tear everything down (idempotent). SIGINT/SIGTERM are held back meanwhile so a second
+        Ctrl-C cannot leave half a lab. Returns what could not be removed (empty = clean)."""
+        if self.closed:
+            return self.leftovers()
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._task_ids |= _task_ids(self._state)
+            problems = _teardown(self._state, self._reap, self._popen_pids)
+            for h in self.hosts:
+                for proc in h._spawned:  # all killed above: reap so no zombie/ResourceWarning
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=5)
+                h._spawned = []
+            left = self.leftovers()
+            if not left and not problems:
+                with contextlib.suppress(FileNotFoundError):
+                    _state_path(self.runid).unlink()
+            self.closed = True
+            return problems + left
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tests/netlab.py sweep``: remove leftovers of dead labs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("command", choices=["sweep"])
+    parser.parse_args(argv)
+    removed = sweep(verbose=True)
+    print(f"sweep: {len(removed)} item(s) removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

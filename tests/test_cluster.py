@@ -1,0 +1,204 @@
+"""The walking skeleton end to end: real agents on netns hosts, driven by the real CLI.
+
+Each test names the user-visible property it checks. Tasks are `sleep` processes (or
+`python3 -m http.server`) started by the real runtime in their own namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from netlab import Host, Lab, wait_until
+
+pytestmark = pytest.mark.netns
+
+SLEEP = ["--", "sleep", "100000"]
+
+
+def running(host: Host, service: str) -> list[dict[str, Any]]:
+    return [t for t in host.cli_json("service", "ps", service)
+            if t["state"] == "running" and t["desired_state"] == "running"]
+
+
+def wait_running(host: Host, service: str, n: int, timeout: float = 30.0
+                 ) -> list[dict[str, Any]]:
+    def check() -> list[dict[str, Any]] | None:
+        tasks = running(host, service)
+        everything = host.cli_json("service", "ps", service)
+        extra = [t for t in everything if t["state"] == "running"
+                 and t["desired_state"] != "running"]
+        return tasks if len(tasks) == n and not extra else None
+    return wait_until(check, timeout=timeout, interval=0.3,
+                      what=f"exactly {n} running tasks of {service} on {host.name}")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def leader_host(lab: Lab, ask: Host) -> Host:
+    nodes = ask.cli_json("node", "ls")
+    leader = next(n for n in nodes if n["manager_status"] == "leader")
+    return lab.host(leader["addr"])
+
+
+@pytest.fixture
+def cluster5(lab_factory: Callable[..., Lab]) -> Lab:
+    lab = lab_factory(5)
+    lab.form_cluster(managers=3, workers=2)
+    return lab
+
+
+def test_replicas_spread_scale_and_rm_leaves_no_process(cluster5: Lab) -> None:
+    """3 managers + 2 workers: 6 replicas spread ≤2 per host; scale 10 then 2 converge; rm
+    stops every task process."""
+    h1 = cluster5.hosts[0]
+    h1.cli("service", "create", "--name", "sleeper", "--replicas", "6", *SLEEP)
+    tasks = wait_running(h1, "sleeper", 6)
+    per_node = Counter(t["node"] for t in tasks)
+    assert len(per_node) == 5 and max(per_node.values()) <= 2, per_node
+    assert all(pid_alive(t["pid"]) for t in tasks)
+
+    h1.cli("service", "scale", "sleeper=10")
+    tasks = wait_running(h1, "sleeper", 10)
+    assert sorted(t["slot"] for t in tasks) == list(range(1, 11))
+    assert max(Counter(t["node"] for t in tasks).values()) == 2
+
+    h1.cli("service", "scale", "sleeper=2")
+    tasks = wait_running(h1, "sleeper", 2)
+    assert sorted(t["slot"] for t in tasks) == [1, 2]
+    ls = h1.cli_json("service", "ls")
+    assert [(s["name"], s["replicas"], s["running"]) for s in ls] == [("sleeper", 2, 2)]
+
+    pids = [t["pid"] for t in tasks]
+    h1.cli("service", "rm", "sleeper")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=20,
+               what="task processes gone after rm")
+    assert h1.cli_json("service", "ls") == []
+    # every host's runtime forgot its tasks (no task dirs, no shims)
+    wait_until(lambda: all(not list((h.data_dir / "tasks").glob("*"))
+                           for h in cluster5.hosts), timeout=20, what="task dirs removed")
+
+
+def test_leader_killed_new_leader_and_old_one_catches_up(cluster5: Lab) -> None:
+    """kill -9 the leader: a new one is elected, writes succeed within seconds, nothing is
+    lost; the old leader restarted rejoins as a follower and catches up."""
+    h1 = cluster5.hosts[0]
+    h1.cli("service", "create", "--name", "keep", "--replicas", "4", *SLEEP)
+    before = wait_running(h1, "keep", 4)
+    old = leader_host(cluster5, h1)
+    survivor = next(h for h in cluster5.hosts[:3] if h is not old)
+    old.kill_agent()
+
+    # a write is accepted within a few seconds of the leader's death
+    def scaled() -> bool:
+        res = survivor.cli("service", "scale", "keep=5", check=False, timeout=15)
+        return res.returncode == 0
+    wait_until(scaled, timeout=15, interval=0.2, what="scale accepted after leader loss")
+    new = leader_host(cluster5, survivor)
+    assert new is not old
+    after = wait_running(survivor, "keep", 5, timeout=40)
+    # tasks not on the dead node are the same tasks as before (no record lost)
+    kept = {t["id"] for t in before if t["node"] != old.name}
+    assert kept <= {t["id"] for t in after}
+
+    old.start_agent()
+
+    def caught_up() -> bool:
+        mine = old.cli_json("service", "ps", "keep")
+        theirs = survivor.cli_json("service", "ps", "keep")
+        info = old.cli_json("node", "ls")
+        me = next(n for n in info if n["addr"] == old.ip)
+        return (me["state"] == "ready" and me["manager_status"] == "reachable"
+                and {t["id"] for t in mine} == {t["id"] for t in theirs})
+    wait_until(caught_up, timeout=30, what="old leader rejoined as follower with same tasks")
+    assert leader_host(cluster5, old) is not old
+    wait_running(old, "keep", 5, timeout=40)
+
+
+def test_worker_killed_tasks_replaced_and_stale_ones_stopped(cluster5: Lab) -> None:
+    """kill -9 a worker's agent: its tasks run elsewhere; when it comes back its stale tasks
+    are stopped, so there are never more replicas than asked once it has settled."""
+    h1, worker = cluster5.hosts[0], cluster5.hosts[4]
+    h1.cli("service", "create", "--name", "busy", "--replicas", "5", *SLEEP)
+    tasks = wait_running(h1, "busy", 5)
+    stale = [t for t in tasks if t["node"] == worker.name]
+    assert stale, "the scheduler put a task on every node"
+    worker.kill_agent()
+    # the tasks themselves keep running while the agent is dead...
+    assert all(pid_alive(t["pid"]) for t in stale)
+
+    def replaced() -> list[dict[str, Any]] | None:
+        nodes = {n["hostname"]: n["state"] for n in h1.cli_json("node", "ls")}
+        r = running(h1, "busy")
+        ok = nodes[worker.name] == "down" and len(r) == 5 and all(
+            t["node"] != worker.name for t in r)
+        return r if ok else None
+    wait_until(replaced, timeout=30, what="worker down and its tasks replaced elsewhere")
+
+    worker.start_agent()
+    wait_until(lambda: not any(pid_alive(t["pid"]) for t in stale), timeout=30,
+               what="stale tasks stopped after the worker came back")
+    wait_until(lambda: {n["hostname"]: n["state"] for n in h1.cli_json("node", "ls")}[
+        worker.name] == "ready", timeout=20, what="worker ready again")
+    final = wait_running(h1, "busy", 5)
+    assert len(final) == 5
+
+
+def test_bad_inputs_give_one_clear_line(lab_factory: Callable[..., Lab]) -> None:
+    """User mistakes: one line on stderr, non-zero exit, no traceback."""
+    lab = lab_factory(3)
+    h1, h2, h3 = lab.hosts
+    for h in lab.hosts:
+        h.start_agent()
+
+    def err(host: Host, *args: str) -> str:
+        res = host.cli(*args, check=False)
+        assert res.returncode != 0, (args, res.stdout)
+        assert "Traceback" not in res.stderr, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("Error: "), res.stderr
+        return lines[-1]
+
+    assert "not part of a cluster" in err(h1, "service", "ls")
+    h1.cli("init")
+    assert "already part of a cluster" in err(h1, "init")
+    assert "no such service: nope" in err(h1, "service", "ps", "nope")
+    assert "no such service" in err(h1, "service", "scale", "nope=3")
+    assert "replica" in err(h1, "service", "scale", "x=-1")
+    assert "replicas" in err(h1, "service", "create", "--name", "a", "--replicas", "-2", *SLEEP)
+    assert "name" in err(h1, "service", "create", "--name", "Bad_Name", *SLEEP)
+    assert "needs a command" in err(h1, "service", "create", "--name", "a")
+    assert "--env" in err(h1, "service", "create", "--name", "a", "--env", "NOEQUALS", *SLEEP)
+    h1.cli("service", "create", "--name", "dup", *SLEEP)
+    assert "already exists" in err(h1, "service", "create", "--name", "dup", *SLEEP)
+    assert "no such node" in err(h1, "node", "inspect", "ghost")
+
+    # wrong tokens are refused, right ones distinguish worker from manager
+    good = h1.cli("join-token", "worker", "-q").stdout.strip()
+    wrong = good[:-4] + ("0000" if not good.endswith("0000") else "1111")
+    assert "invalid join token" in err(h2, "join", "--token", wrong, f"{h1.ip}:2377")
+    assert "invalid join token format" in err(h2, "join", "--token", "hello", f"{h1.ip}:2377")
+    h2.cli("join", "--token", good, f"{h1.ip}:2377")
+    assert "worker" in err(h2, "service", "ls")
+    # a rotated token stops working; joined nodes are unaffected
+    h1.cli("join-token", "worker", "--rotate")
+    assert "invalid join token" in err(h3, "join", "--token", good, f"{h1.ip}:2377")
+    new = h1.cli("join-token", "worker", "-q").stdout.strip()
+    h3.cli("join", "--token", new, f"{h1.ip}:2377")
+
+    # agent not running
+    h3.kill_agent()
+    assert "is it running" in err(h3, "node", "ls")
+    res = h1.cli("service", "ps", "dup", "--format", "json")
+    assert res.returncode == 0
