@@ -90,13 +90,12 @@ def ago(ts: float | None) -> str:
     if not ts:
         return ""
     d = max(0.0, time.time() - ts)
-    if d < 60:
-        return f"{int(d)} seconds ago"
-    if d < 3600:
-        return f"{int(d // 60)} minutes ago"
-    if d < 86400:
-        return f"{int(d // 3600)} hours ago"
-    return f"{int(d // 86400)} days ago"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if d >= size or unit == "second":
+            n = int(d // size)
+            return "less than a second ago" if unit == "second" and n == 0 else \
+                f"{n} {unit}{'' if n == 1 else 's'} ago"
+    return ""
 
 
 def emit(data: Any, fmt: str, render: Any) -> None:
@@ -215,6 +214,16 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
     elif args.node_cmd == "inspect":
         out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
         print(json.dumps(out, indent=2))
+    elif args.node_cmd == "update":
+        body: dict[str, Any] = {}
+        if args.availability:
+            body["availability"] = args.availability
+        if args.label_add:
+            body["label_add"] = parse_kv(args.label_add, "--label-add")
+        if args.label_rm:
+            body["label_rm"] = list(args.label_rm)
+        c.call("POST", f"/v1/nodes/{_q(args.node)}", body)
+        print(args.node)
     elif args.node_cmd == "rm":
         for n in args.nodes:
             c.call("DELETE", f"/v1/nodes/{_q(n)}" + ("?force=1" if args.force else ""))
@@ -307,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", choices=["json"], default="json")
+    nu = nsub.add_parser("update", help="change a node's availability or labels")
+    nu.add_argument("node")
+    nu.add_argument("--availability", choices=["active", "pause", "drain"])
+    nu.add_argument("--label-add", action="append", default=[], metavar="KEY=VALUE")
+    nu.add_argument("--label-rm", action="append", default=[], metavar="KEY")
     nr = nsub.add_parser("rm", help="remove nodes from the cluster")
     nr.add_argument("nodes", nargs="+")
     nr.add_argument("-f", "--force", action="store_true")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from shoal.node import views
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.errors import (
@@ -435,6 +436,27 @@ class Agent:
         snap = store.snapshot()
         n = self.find_node(snap, ref)
         return views.node_view(n, snap, store, detail=True)
+
+    async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+        store = self.require_manager()
+        n = self.find_node(store.snapshot(), ref)
+        cmd: dict[str, Any] = {"op": "node_update", "id": n.id, "now": time.time()}
+        if "availability" in body:
+            if body["availability"] not in ("active", "pause", "drain"):
+                raise BadRequest("availability must be active, pause or drain",
+                                 "availability")
+            cmd["availability"] = body["availability"]
+        labels = dict(n.labels)
+        add, rm = body.get("label_add", {}), body.get("label_rm", [])
+        if not isinstance(add, dict) or not isinstance(rm, list):
+            raise BadRequest("label_add must be a map and label_rm a list", "labels")
+        labels.update({str(k): str(v) for k, v in add.items()})
+        for k in rm:
+            labels.pop(str(k), None)
+        if labels != n.labels:
+            cmd["labels"] = labels
+        await self.propose(cmd)
+        return self.node(n.id)
 
     async def remove_node(self, ref: str, force: bool) -> dict[str, Any]:
         store = self.require_manager()

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from shoal.node.errors import ApiError, BadRequest
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class ApiServer:
         async def node_rm(req: web.Request) -> Any:
             return await a.remove_node(req.match_info["ref"], req.query.get("force") == "1")
 
+        async def node_update(req: web.Request) -> Any:
+            return await a.update_node(req.match_info["ref"], await _body(req))
+
         async def services(_: web.Request) -> Any:
             return a.services()
 
@@ -140,6 +144,7 @@ class ApiServer:
         r.add_get("/v1/nodes", nodes)
         r.add_get("/v1/nodes/{ref}", node)
         r.add_delete("/v1/nodes/{ref}", node_rm)
+        r.add_post("/v1/nodes/{ref}", node_update)
         r.add_get("/v1/services", services)
         r.add_post("/v1/services", service_create)
         r.add_get("/v1/services/{ref}", service)

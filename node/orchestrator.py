@@ -1,7 +1,7 @@
 """The orchestrator: decides *how many* tasks each service has. Pure functions.
 
 Owns: the replicated-service policy — one live task per slot 1..replicas, replacing
-tasks that failed (after a restart delay), whose node went down or was removed,
+tasks that failed (after a restart delay), whose node went down, was removed or drained,
 shutting down extra slots on scale-down, deleting tasks of removed services once they
 have stopped, and trimming task history. Also the node-liveness policy (heartbeats →
 READY/DOWN). Must not touch: the store or the network; ``shoal.node.leader`` runs
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.raft.models import (
+    NodeAvailability,
     NodeState,
     Service,
     Task,
@@ -103,6 +104,14 @@ def reconcile_services(
             ops.append(("orphan", t.id, f"{reason}: task replaced elsewhere"))
 
     orphaned = {op[1] for op in ops}
+
+    # tasks on drained nodes: shut them down (they stop cleanly) so their slots move
+    drained = {n.id for n in snapshot.nodes.values()
+               if n.availability is NodeAvailability.DRAIN}
+    for t in snapshot.tasks.values():
+        if t.node_id in drained and t.alive and t.id not in orphaned:
+            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+            orphaned.add(t.id)
 
     def alive(t: Task) -> bool:
         return t.alive and t.id not in orphaned

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
 from shoal.raft.state import ClusterState, Snapshot
 
@@ -239,8 +240,12 @@ class RaftStore:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
+        def settle(err: int) -> None:
+            if not fut.done():
+                fut.set_result(err)
+
         def done(_result: Any, err: int) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
+            loop.call_soon_threadsafe(settle, err)
 
         fn(addr, callback=done)
         return fut

@@ -14,8 +14,9 @@ from collections.abc import Callable, Generator, Iterator
 from types import FrameType
 from typing import Any
 
-import netlab
 import pytest
+
+import netlab
 
 _LABS = pytest.StashKey[list[netlab.Lab]]()
 

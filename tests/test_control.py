@@ -228,8 +228,19 @@ def test_node_liveness_marks_down_and_ready() -> None:
     cfg = OrchestratorConfig(node_down_timeout=4.0)
     seen = {"n1": 100.0, "n2": 90.0}
     ops, _ = plan_pass(st.snapshot(), seen, 101.0, 101.0, cfg)
-    assert ("node_state", "n2", "down") == ops[0][:3]
+    assert ops[0][:3] == ("node_state", "n2", "down")
     st.apply({"op": "leader", "term": 1, "now": 101.0, "ops": ops})
     seen["n2"] = 101.0
     ops, _ = plan_pass(st.snapshot(), seen, 102.0, 102.0, cfg)
     assert ("node_state", "n2", "ready", "") in ops
+
+
+def test_drained_node_tasks_move_elsewhere() -> None:
+    st = cluster(3, dict(SPEC, replicas=3))
+    converge(st)
+    run_all(st)
+    on_n1 = [t.id for t in live(st) if t.node_id == "n1"]
+    st.apply({"op": "node_update", "id": "n1", "now": 20.0, "availability": "drain"})
+    converge(st, now=20.0)
+    assert len(live(st)) == 3 and all(t.node_id != "n1" for t in live(st))
+    assert all(st.tasks[t].desired_state == TaskState.SHUTDOWN for t in on_n1)

@@ -1,0 +1,54 @@
+# shoal developer entry points. Works as root on a fresh Debian 12 machine.
+#   make venv   .venv with shoal (editable) + test tools, and the Debian tools the runtime needs
+#   make test   lint + type check + the whole test suite (what CI runs through .ci/run)
+#   make demo   the 3-host failover demo (needs root)
+#   make lint   ruff + mypy only
+#   make sweep  remove leftovers of crashed test/demo labs (namespaces, processes, data dirs)
+#   make clean  sweep, then remove the venv and caches
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the runtime and the lab use: ip (iproute2), unshare/setsid/nsenter
+# (util-linux), tini (init inside each task), ps/pgrep (procps).
+DEB_PKGS := iproute2 util-linux tini procps
+# Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
+HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py
+
+.PHONY: venv test lint demo sweep clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; \
+	for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv; ensurepip.version()' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	MYPYPATH=tests $(BIN)/mypy $(HARNESS)
+
+test: lint
+	$(BIN)/pytest -q
+
+demo: venv
+	$(BIN)/python demo/demo.py
+
+sweep:
+	@if [ -x $(BIN)/python ]; then py=$(BIN)/python; else py=$(PYTHON); fi; \
+	$$py tests/netlab.py sweep
+
+clean: sweep
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

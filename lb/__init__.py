@@ -1,0 +1,1 @@
+"""shoal.lb: the routing-mesh data path (userspace L4 load balancer)."""
