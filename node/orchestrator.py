@@ -24,6 +24,7 @@ from shoal.raft.models import (
     NodeAvailability,
     NodeState,
     Service,
+    ServiceSpec,
     Task,
     TaskState,
     TaskStatus,
@@ -38,9 +39,6 @@ Op = tuple[Any, ...]
 class OrchestratorConfig:
     """Policy knobs of the leader's control loops."""
 
-    # Seconds to wait after a task failed before its replacement is created. Avoids a
-    # hot crash loop filling the Raft log; 0 replaces at once. (Swarm: 5 s.)
-    restart_delay: float = 1.0
     # Ended tasks kept per slot for `service ps` history; older ones are deleted.
     task_history: int = 3
     # A node whose agent has not sent a heartbeat for this long is marked DOWN and its
@@ -53,8 +51,8 @@ class OrchestratorConfig:
     interval: float = 0.5
 
     def validate(self) -> None:
-        if self.restart_delay < 0 or self.task_history < 0:
-            raise ValueError("restart_delay and task_history must be >= 0")
+        if self.task_history < 0:
+            raise ValueError("task_history must be >= 0")
         if self.node_down_timeout <= 0 or self.interval <= 0:
             raise ValueError("node_down_timeout and interval must be > 0")
 
@@ -170,10 +168,10 @@ def _reconcile_service(
                     ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
         elif not live:
             ended = [t for t in slot_tasks if t.status.state.terminal]
-            last = max(ended, key=lambda t: t.status.timestamp, default=None)
-            if (last is not None and last.status.state is TaskState.FAILED
-                    and now - last.status.timestamp < config.restart_delay):
-                due = last.status.timestamp + config.restart_delay
+            restart, due = restart_decision(svc.spec, ended, now)
+            if not restart:
+                pass
+            elif due > now:
                 wake_at = due if wake_at is None else min(wake_at, due)
             else:
                 task = Task(
@@ -184,9 +182,40 @@ def _reconcile_service(
                     created_at=now, updated_at=now,
                 )
                 ops.append(("create", to_dict(task)))
-        # trim history: dead tasks beyond the newest `task_history`
+        # trim history: dead tasks beyond the newest `task_history` (but keep enough to
+        # count restart attempts and to remember that a slot is not to be restarted)
+        keep = max(config.task_history, svc.spec.restart_max_attempts + 1, 1)
         dead = [t for t in slot_tasks if not alive(t) and t.status.state.terminal]
         dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
-        for t in dead[config.task_history:]:
+        for t in dead[keep:]:
             ops.append(("delete", t.id))
     return ops, wake_at
+
+
+def self_ended(t: Task) -> bool:
+    """Ended on its own (exit, failure, refusal), not stopped by the orchestrator or lost."""
+    return t.desired_state <= TaskState.RUNNING and t.status.state in (
+        TaskState.COMPLETE, TaskState.FAILED, TaskState.REJECTED)
+
+
+def restart_decision(spec: ServiceSpec, ended: list[Task], now: float) -> tuple[bool, float]:
+    """Should an empty slot get a new task, and from when? ``(restart, due)``.
+
+    A slot emptied by the orchestrator (scale, drain) or by a lost node is refilled at
+    once. A task that ended on its own is replaced according to the restart policy:
+    ``none`` never, ``on-failure`` only after a failure, ``any`` always; after
+    ``restart_delay``; at most ``restart_max_attempts`` times within ``restart_window``.
+    """
+    last = max(ended, key=lambda t: (t.status.timestamp, t.created_at), default=None)
+    if last is None or not self_ended(last):
+        return True, now
+    cond = spec.restart_condition
+    if cond == "none" or (cond == "on-failure" and last.status.state is TaskState.COMPLETE):
+        return False, now
+    if spec.restart_max_attempts:
+        window = spec.restart_window
+        runs = [t for t in ended if self_ended(t)
+                and (not window or now - t.status.timestamp <= window)]
+        if len(runs) - 1 >= spec.restart_max_attempts:
+            return False, now
+    return True, last.status.timestamp + spec.restart_delay

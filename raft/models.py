@@ -92,6 +92,17 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
+
+    type: str  # "bind" (host path), "volume" (named, kept per node), "tmpfs"
+    target: str  # absolute path inside the task
+    source: str = ""  # host path (bind) or volume name (volume); "" for tmpfs
+    readonly: bool = False
+    tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """What the user asked for. Validated by shoal.raft.validate before it is proposed."""
 
@@ -100,8 +111,23 @@ class ServiceSpec:
     replicas: int = 1
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
-    stop_grace_period: float = 10.0  # seconds between SIGTERM and SIGKILL
+    stop_grace_period: float = 10.0  # seconds between the stop signal and SIGKILL
     labels: dict[str, str] = field(default_factory=dict)
+    # --- runtime (see shoal.runtime)
+    image: str = ""  # "" = the host's read-only /usr, /etc, libraries (default image)
+    user: str = ""  # "uid[:gid]" or a user name; "" = root inside the task
+    stop_signal: str = "SIGTERM"
+    limit_memory: int = 0  # bytes, 0 = unlimited (swap is always off)
+    limit_cpu: float = 0.0  # CPUs (0.5 = half a core), 0 = unlimited
+    limit_pids: int = 0  # max processes, 0 = unlimited
+    reserve_memory: int = 0  # bytes the scheduler keeps free for the task
+    reserve_cpu: float = 0.0  # CPUs the scheduler keeps free for the task
+    mounts: tuple[Mount, ...] = ()
+    # --- restart policy (Swarm's): when a task ends, is its slot refilled?
+    restart_condition: str = "any"  # "none" | "on-failure" | "any"
+    restart_delay: float = 1.0  # seconds between a task ending and its replacement
+    restart_max_attempts: int = 0  # restarts allowed per slot (within the window); 0 = no limit
+    restart_window: float = 0.0  # seconds over which attempts are counted; 0 = forever
 
 
 @dataclass(frozen=True)
@@ -169,7 +195,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def mount_from_dict(d: dict[str, Any]) -> Mount:
+    return Mount(type=d["type"], target=d["target"], source=d.get("source", ""),
+                 readonly=bool(d.get("readonly", False)), tmpfs_size=int(d.get("tmpfs_size", 0)))
+
+
 def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
+    """A spec dict (already validated, or from the log) → ServiceSpec. Missing fields take
+    their defaults, so records written by older versions still load."""
+    defaults = ServiceSpec(name="", command=())
     return ServiceSpec(
         name=d["name"],
         command=tuple(d["command"]),
@@ -178,6 +212,19 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         workdir=d.get("workdir", ""),
         stop_grace_period=float(d.get("stop_grace_period", 10.0)),
         labels=dict(d.get("labels", {})),
+        image=d.get("image", ""),
+        user=d.get("user", ""),
+        stop_signal=d.get("stop_signal", "SIGTERM"),
+        limit_memory=int(d.get("limit_memory", 0)),
+        limit_cpu=float(d.get("limit_cpu", 0.0)),
+        limit_pids=int(d.get("limit_pids", 0)),
+        reserve_memory=int(d.get("reserve_memory", 0)),
+        reserve_cpu=float(d.get("reserve_cpu", 0.0)),
+        mounts=tuple(mount_from_dict(m) for m in d.get("mounts", ())),
+        restart_condition=d.get("restart_condition", defaults.restart_condition),
+        restart_delay=float(d.get("restart_delay", defaults.restart_delay)),
+        restart_max_attempts=int(d.get("restart_max_attempts", 0)),
+        restart_window=float(d.get("restart_window", 0.0)),
     )
 
 

@@ -12,10 +12,14 @@ import re
 from typing import Any
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.models import ServiceSpec
+from shoal.raft.models import Mount, ServiceSpec
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")
+_USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
+USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
+SIGNALS = {"SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH"}
 MAX_REPLICAS = 10_000
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_ENV = 1000
@@ -49,7 +53,10 @@ def validate_spec(d: Any) -> ServiceSpec:
     """Untrusted dict → ServiceSpec, or ValidationError naming the field."""
     if not isinstance(d, dict):
         raise ValidationError("service spec must be an object", "spec")
-    known = {"name", "command", "replicas", "env", "workdir", "stop_grace_period", "labels"}
+    known = {"name", "command", "replicas", "env", "workdir", "stop_grace_period", "labels",
+             "image", "user", "stop_signal", "limit_memory", "limit_cpu", "limit_pids",
+             "reserve_memory", "reserve_cpu", "mounts", "restart_condition", "restart_delay",
+             "restart_max_attempts", "restart_window"}
     for key in d:
         if key not in known:
             raise ValidationError(f"unknown field {key!r}", str(key))
@@ -88,6 +95,19 @@ def validate_spec(d: Any) -> ServiceSpec:
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):
         raise ValidationError("labels must be a map of strings", "labels")
+    image = d.get("image", "") or ""
+    if not isinstance(image, str) or (image and not IMAGE_RE.match(image)):
+        raise ValidationError(f"image {image!r} is invalid (NAME[:TAG], lower-case)", "image")
+    user = d.get("user", "") or ""
+    if not isinstance(user, str) or (user and not USER_RE.match(user)):
+        raise ValidationError(f"user {user!r} is invalid (NAME, UID or UID:GID)", "user")
+    stop_signal = d.get("stop_signal", "SIGTERM") or "SIGTERM"
+    if not isinstance(stop_signal, str) or stop_signal.upper() not in SIGNALS:
+        raise ValidationError(f"stop_signal {stop_signal!r} is not a known signal", "stop_signal")
+    restart_condition = d.get("restart_condition", "any") or "any"
+    if restart_condition not in ("none", "on-failure", "any"):
+        raise ValidationError("restart_condition must be none, on-failure or any",
+                              "restart_condition")
     return ServiceSpec(
         name=name,
         command=tuple(command),
@@ -96,4 +116,76 @@ def validate_spec(d: Any) -> ServiceSpec:
         workdir=workdir,
         stop_grace_period=float(grace),
         labels=dict(labels),
+        image=image,
+        user=user,
+        stop_signal=stop_signal.upper(),
+        limit_memory=_int(d, "limit_memory", 0, 1 << 50),
+        limit_cpu=_num(d, "limit_cpu", 0.0, 1024.0),
+        limit_pids=_int(d, "limit_pids", 0, 1 << 22),
+        reserve_memory=_int(d, "reserve_memory", 0, 1 << 50),
+        reserve_cpu=_num(d, "reserve_cpu", 0.0, 1024.0),
+        mounts=tuple(_mount(m, i) for i, m in enumerate(_list(d, "mounts"))),
+        restart_condition=restart_condition,
+        restart_delay=_num(d, "restart_delay", 0.0, 86400.0, default=1.0),
+        restart_max_attempts=_int(d, "restart_max_attempts", 0, 1_000_000),
+        restart_window=_num(d, "restart_window", 0.0, 86400.0 * 365),
     )
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int, default: int = 0) -> int:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValidationError(f"{key} must be a whole number between {lo} and {hi}, got {v!r}",
+                              key)
+    return v
+
+
+def _num(d: dict[str, Any], key: str, lo: float, hi: float, default: float = 0.0) -> float:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise ValidationError(f"{key} must be a number between {lo:g} and {hi:g}, got {v!r}",
+                              key)
+    return float(v)
+
+
+def _list(d: dict[str, Any], key: str) -> list[Any]:
+    v = d.get(key) or []
+    if not isinstance(v, (list, tuple)):
+        raise ValidationError(f"{key} must be a list", key)
+    return list(v)
+
+
+def _mount(m: Any, i: int) -> Mount:
+    field = f"mounts[{i}]"
+    if not isinstance(m, dict):
+        raise ValidationError(f"{field} must be an object", field)
+    kind = m.get("type")
+    if kind not in ("bind", "volume", "tmpfs"):
+        raise ValidationError(f"{field}.type must be bind, volume or tmpfs, got {kind!r}",
+                              f"{field}.type")
+    target = m.get("target")
+    if not isinstance(target, str) or not target.startswith("/") or "\0" in target or \
+            ".." in target.split("/"):
+        raise ValidationError(f"{field}.target must be an absolute path inside the task",
+                              f"{field}.target")
+    source = m.get("source", "") or ""
+    if not isinstance(source, str):
+        raise ValidationError(f"{field}.source must be a string", f"{field}.source")
+    if kind == "bind" and (not source.startswith("/") or ".." in source.split("/")):
+        raise ValidationError(f"{field}.source of a bind mount must be an absolute host path",
+                              f"{field}.source")
+    if kind == "volume" and not NAME_RE.match(source):
+        raise ValidationError(f"{field}.source must name a volume (lower-case letters, digits, "
+                              "'-')", f"{field}.source")
+    if kind == "tmpfs" and source:
+        raise ValidationError(f"{field}: a tmpfs mount takes no source", f"{field}.source")
+    size = m.get("tmpfs_size", 0) or 0
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValidationError(f"{field}.tmpfs_size must be a byte count >= 0",
+                              f"{field}.tmpfs_size")
+    return Mount(type=kind, target=target, source=source, readonly=bool(m.get("readonly")),
+                 tmpfs_size=size)

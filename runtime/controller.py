@@ -6,7 +6,9 @@ Must not touch: cluster state (the agent's reconciler decides what runs; this mo
 networking beyond bringing the task's own ``lo`` up, cgroups, and anything outside data_dir.
 
 The agent is never forked to launch a task: a small setsid'ed shell shim is exec'ed per task
-(``subprocess`` uses vfork here, so the cost does not grow with the agent's memory). The shim stays
+(``subprocess`` uses vfork: 0.13 ms at small RSS, 2.7 ms at 1 GB, where fork costs ~65 ms; and
+unlike ``os.posix_spawn`` it leaves no signal ignored in the child: glibc's posix_spawn leaves
+its internal signals 32/33 at SIG_IGN, which the task would inherit). The shim stays
 outside the task, waits for it and writes its exit code to ``TASKDIR/exit``, so tasks survive an
 agent restart and a restarted agent learns how they ended (:meth:`ProcessController.recover`).
 
@@ -97,6 +99,8 @@ class TaskConfig:
         if not self.command[0] or "=" in self.command[0]:
             # `env -i NAME=VALUE... CMD` would take a '=' in CMD for another variable.
             raise InvalidTaskConfig("command", f"bad program name: {self.command[0]!r}")
+        if not isinstance(self.env, dict):
+            raise InvalidTaskConfig("env", "must be a dict of str to str")
         for key, value in self.env.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidTaskConfig("env", "names and values must be strings")
@@ -330,8 +334,8 @@ class _ProcRef:
             os.close(fd)
             return None
         if select.select([fd], [], [], 0)[0]:  # a pidfd is readable once the process exited
+            _reap(self.pid, fd)
             os.close(fd)
-            _reap(self.pid)
             return None
         return fd
 
@@ -362,7 +366,12 @@ class _Notes:
             return cls()
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, json.dumps(dataclasses.asdict(self)))
+        """Best effort: a full disk must not stop a stop(); only the message after a restart
+        would suffer."""
+        try:
+            _atomic_write(path, json.dumps(dataclasses.asdict(self)))
+        except OSError as exc:
+            log.warning("runtime: cannot write %s: %s", path, exc)
 
 
 def _exited(
@@ -397,10 +406,16 @@ def _exited(
 _UNREAPED: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, pidfd: int) -> None:
+    """Reap an exited process if it is our child: one we spawned (through its Popen), or one
+    that became ours (a shim of an earlier agent, when the agent is a child subreaper)."""
     proc = _UNREAPED.pop(pid, None)
-    if proc is not None and proc.poll() is None:
-        _UNREAPED[pid] = proc  # pidfd said it exited; should not happen, keep it for later
+    if proc is not None:
+        if proc.poll() is None:
+            _UNREAPED[pid] = proc  # pidfd said it exited; should not happen, keep it for later
+        return
+    with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps it
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
 
 
 # ------------------------------------------------------------------------- the real controller
@@ -616,10 +631,9 @@ class ProcessController:
             shim=_ProcRef.of(proc.pid),
         )
         shim_fd = task.shim.open() if task.shim is not None else None
-        if shim_fd is None:  # cannot happen while it waits for "go"; reap it if it did
+        if shim_fd is None:  # cannot happen while it waits for "go"
             os.close(go_w)
             os.close(ready_r)
-            _reap(proc.pid)
             raise LaunchFailed(f"task {cfg.task_id}: the shim died right after spawn")
         self._watch(task, shim_fd, shim=True)
         try:
@@ -655,8 +669,9 @@ class ProcessController:
         else:  # EOF: the launcher failed; the shim has exited (it held the pipe)
             await self._wait_done(task)
             self._unwatch(task)
-            reason = _tail(taskdir / "shim.log") or _tail(taskdir / "stderr.log")
-            raise LaunchFailed(f"task {cfg.task_id}: launcher failed: {reason or 'no message'}")
+            code, _ = self._read_exit(taskdir)
+            reason = _tail(taskdir / "shim.log") or _tail(taskdir / "stderr.log") or "no message"
+            raise LaunchFailed(f"task {cfg.task_id}: launcher failed (exit {code}): {reason}")
         task.registered = True
         self._tasks[cfg.task_id] = task
         return task.status
@@ -765,10 +780,10 @@ class ProcessController:
         assert self._loop is not None and task.watch_fd is not None
         fd, was_shim = task.watch_fd, task.watching_shim
         self._loop.remove_reader(fd)
+        if was_shim and task.shim is not None:
+            _reap(task.shim.pid, fd)
         os.close(fd)
         task.watch_fd = None
-        if was_shim and task.shim is not None:
-            _reap(task.shim.pid)
         code, _ = self._read_exit(task.dir)
         if was_shim and code is None and task.init is not None:
             init_fd = task.init.open()
@@ -971,11 +986,9 @@ class FakeController:
         self.closed = True
 
 
-def _check_protocols() -> None:  # static check only: both classes satisfy Controller
-    def _use(c: Controller) -> None: ...
-
-    _use(ProcessController.__new__(ProcessController))
-    _use(FakeController())
+def _conforms(real: ProcessController, fake: FakeController) -> tuple[Controller, Controller]:
+    """Never called: makes mypy check that both classes satisfy the Controller protocol."""
+    return real, fake
 
 
 __all__ = [

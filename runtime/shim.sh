@@ -79,8 +79,14 @@ holder)
     hostname=$2
     shift 3
     (
-        printf '%s' "$hostname" >/proc/sys/kernel/hostname || exit 125
-        "$SHOAL_IP" link set lo up || exit 125
+        if ! printf '%s' "$hostname" >/proc/sys/kernel/hostname; then
+            echo "shoal shim: cannot set the hostname" >&2
+            exit 125
+        fi
+        if ! "$SHOAL_IP" link set lo up; then
+            echo "shoal shim: cannot bring lo up ($SHOAL_IP link set lo up)" >&2
+            exit 125
+        fi
         exec "$SHOAL_UNSHARE" --mount --mount-proc -- \
             "$SHOAL_TINI" -p SIGKILL -- "$SHOAL_SH" "$0" exec "$taskdir" "$@"
     )

@@ -45,7 +45,7 @@ def ids() -> Any:
 
 def converge(st: ClusterState, now: float = 10.0, rounds: int = 5,
              config: OrchestratorConfig | None = None) -> None:
-    cfg = config or OrchestratorConfig(restart_delay=0)
+    cfg = config or OrchestratorConfig()
     seen = {nid: now for nid in st.nodes}
     for _ in range(rounds):
         ops, _ = plan_pass(st.snapshot(), seen, now, now, cfg, liveness=False)
@@ -194,8 +194,8 @@ def test_down_node_tasks_are_replaced_and_stale_ones_stopped() -> None:
 
 
 def test_failed_task_replaced_after_restart_delay() -> None:
-    st = cluster(1, dict(SPEC, replicas=1))
-    cfg = OrchestratorConfig(restart_delay=2.0)
+    st = cluster(1, dict(SPEC, replicas=1, restart_delay=2.0))
+    cfg = OrchestratorConfig()
     converge(st, config=cfg)
     run_all(st)
     t = live(st)[0]
@@ -244,3 +244,56 @@ def test_drained_node_tasks_move_elsewhere() -> None:
     converge(st, now=20.0)
     assert len(live(st)) == 3 and all(t.node_id != "n1" for t in live(st))
     assert all(st.tasks[t].desired_state == TaskState.SHUTDOWN for t in on_n1)
+
+
+def _fail_slot(st: ClusterState, now: float, state: TaskState = TaskState.FAILED) -> None:
+    for t in live(st):
+        st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id, "now": now,
+                  "status": {"state": int(state), "timestamp": now,
+                             "exit_code": 0 if state == TaskState.COMPLETE else 1}})
+
+
+@pytest.mark.parametrize(("condition", "ending", "restarted"), [
+    ("any", TaskState.COMPLETE, True),
+    ("any", TaskState.FAILED, True),
+    ("on-failure", TaskState.COMPLETE, False),
+    ("on-failure", TaskState.FAILED, True),
+    ("none", TaskState.FAILED, False),
+])
+def test_restart_condition(condition: str, ending: TaskState, restarted: bool) -> None:
+    st = cluster(1, dict(SPEC, replicas=1, restart_condition=condition, restart_delay=0))
+    converge(st)
+    run_all(st)
+    _fail_slot(st, 11.0, ending)
+    converge(st, now=12.0)
+    assert (len(live(st)) == 1) is restarted
+
+
+def test_restart_max_attempts_then_gives_up_and_history_is_kept() -> None:
+    st = cluster(1, dict(SPEC, replicas=1, restart_max_attempts=4, restart_delay=0))
+    now = 10.0
+    converge(st, now=now)
+    for _ in range(5):  # the first run and 4 restarts all fail
+        run_all(st, now)
+        now += 1
+        _fail_slot(st, now)
+        converge(st, now=now)
+    assert not live(st)
+    assert len(st.tasks) == 5  # history kept so the attempts stay counted
+    converge(st, now=now + 100)
+    assert not live(st)
+
+
+def test_restart_window_forgets_old_attempts() -> None:
+    st = cluster(1, dict(SPEC, replicas=1, restart_max_attempts=1, restart_window=10.0,
+                         restart_delay=0))
+    converge(st, now=10.0)
+    run_all(st, 10.0)
+    _fail_slot(st, 11.0)
+    converge(st, now=11.0)
+    run_all(st, 11.0)
+    _fail_slot(st, 12.0)
+    converge(st, now=12.0)
+    assert not live(st)  # 1 restart used within the window
+    converge(st, now=30.0)  # both failures are now outside the window
+    assert len(live(st)) == 1

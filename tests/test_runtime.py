@@ -1,0 +1,852 @@
+"""shoal.runtime: real processes in real namespaces (root), plus the FakeController.
+
+Every test's tasks live under its own tmp data dir; the autouse ``reaper`` fixture kills whatever
+they left running (by the pids recorded in each task dir, then by a sweep for any process whose
+command line names the data dir), also when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from shoal.runtime import controller as ctl_mod
+from shoal.runtime.controller import (
+    DEFAULT_PATH,
+    FakeController,
+    ProcessController,
+    RunState,
+    RuntimeConfig,
+    RuntimeStatus,
+    TaskConfig,
+)
+from shoal.runtime.errors import (
+    InvalidTaskConfig,
+    LaunchFailed,
+    StartError,
+    TaskExists,
+    TaskNotFound,
+)
+
+_TOOLS = ("/usr/bin/tini", "/usr/bin/unshare", "/usr/sbin/ip")
+_MISSING = [t for t in _TOOLS if not os.path.exists(t)]
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or bool(_MISSING),
+    reason=f"needs root and {_MISSING or 'tini, unshare, ip'} (namespaces)",
+)
+
+
+# ---------------------------------------------------------------------------- helpers/fixtures
+
+
+def _ticks(pid: int) -> int | None:
+    return ctl_mod._start_ticks(pid)
+
+
+def _alive(pid: int, ticks: int) -> bool:
+    """The process (pid, start ticks) exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    return rest[0] != b"Z" and int(rest[19]) == ticks
+
+
+def ns_members(init_pid: int) -> list[tuple[int, int]]:
+    """(pid, start ticks) of every live process in init_pid's pid namespace (host pids)."""
+    target = os.readlink(f"/proc/{init_pid}/ns/pid")
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") != target:
+                    continue
+            except OSError:
+                continue
+            ticks = _ticks(int(entry))
+            if ticks is not None and _alive(int(entry), ticks):
+                members.append((int(entry), ticks))
+    return members
+
+
+def _kill_leftovers(data_dir: Path) -> list[str]:
+    """SIGKILL everything started under data_dir; return what was still alive."""
+    left: list[str] = []
+    for pids_file in data_dir.glob("tasks/*/pids.json"):
+        try:
+            pids = json.loads(pids_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for role in ("init", "shim"):
+            ref = pids.get(role)
+            if ref and _alive(ref[0], ref[1]):
+                left.append(f"{pids_file.parent.name} {role} {ref[0]}")
+                with contextlib.suppress(ProcessLookupError):
+                    if role == "init":
+                        os.kill(ref[0], signal.SIGKILL)  # kills the whole pid namespace
+                    else:
+                        os.killpg(ref[0], signal.SIGKILL)
+    # Sweep: shim, holder and tini carry the task dir on their command line.
+    needle = str(data_dir).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline:
+                left.append(f"sweep {entry} {cmdline[:80]!r}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+    # Reap the shims this process spawned for this data dir.
+    for pid, proc in list(ctl_mod._UNREAPED.items()):
+        if needle in b" ".join(a.encode() for a in proc.args):
+            try:
+                proc.wait(timeout=5)
+            finally:
+                ctl_mod._UNREAPED.pop(pid, None)
+    return left
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "shoal-rt"
+
+
+@pytest.fixture(autouse=True)
+def reaper(data_dir: Path) -> Iterator[None]:
+    yield
+    _kill_leftovers(data_dir)
+
+
+@pytest.fixture
+def config(data_dir: Path) -> RuntimeConfig:
+    return RuntimeConfig(data_dir=data_dir, start_timeout=5.0, kill_timeout=5.0)
+
+
+@pytest.fixture
+async def ctl(config: RuntimeConfig) -> AsyncIterator[ProcessController]:
+    c = ProcessController(config)
+    yield c
+    await c.close()
+
+
+def task(
+    task_id: str,
+    *command: str,
+    env: dict[str, str] | None = None,
+    hostname: str = "",
+    workdir: str = "",
+) -> TaskConfig:
+    return TaskConfig(task_id, hostname or f"host-{task_id}", command, env or {}, workdir)
+
+
+async def wait_exited(c: ProcessController, task_id: str, timeout: float = 5.0) -> RuntimeStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = c.status(task_id)
+        assert st is not None
+        if st.state is RunState.EXITED:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{task_id} still running after {timeout}s: {st}")
+        await asyncio.sleep(0.01)
+
+
+async def run_to_end(c: ProcessController, cfg: TaskConfig) -> tuple[RuntimeStatus, str, str]:
+    await c.start(cfg)
+    st = await wait_exited(c, cfg.task_id)
+    out, err = c.logs_path(cfg.task_id)
+    return st, out.read_text(), err.read_text()
+
+
+# Ignores SIGTERM (and says so once it does).
+DEAF = "trap '' TERM; echo deaf; sleep 1000; sleep 1000"
+
+
+async def wait_for_output(c: ProcessController, task_id: str, text: str) -> None:
+    stdout = c.logs_path(task_id)[0]
+    deadline = time.monotonic() + 5
+    while text not in stdout.read_text():
+        assert time.monotonic() < deadline, f"{task_id} did not print {text!r}"
+        await asyncio.sleep(0.005)
+
+
+async def wait_for_members(init_pid: int, n: int, timeout: float = 5.0) -> list[tuple[int, int]]:
+    deadline = time.monotonic() + timeout
+    while len(members := ns_members(init_pid)) < n:
+        assert time.monotonic() < deadline, f"only {members} in the task"
+        await asyncio.sleep(0.01)
+    return members
+
+
+def open_fifo_writer(path: Path, timeout: float = 5.0) -> int:
+    """Open a FIFO for writing once the task has opened it for reading."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------ isolation
+
+
+async def test_task_runs_in_its_own_pid_namespace_and_cannot_see_host_processes(
+    ctl: ProcessController,
+) -> None:
+    st, out, _ = await run_to_end(
+        ctl, task("pidns", "sh", "-c", "echo ppid=$PPID; cat /proc/1/comm; ls /proc")
+    )
+    assert st.exit_code == 0, st
+    lines = out.split()
+    assert lines[0] == "ppid=1"  # the command is the child of the namespace's init
+    assert lines[1] == "tini"
+    visible = sorted(int(x) for x in lines[2:] if x.isdigit())
+    assert visible[0] == 1 and visible[-1] < 10, visible  # only tini, sh and ls: no host pids
+
+
+async def test_task_has_its_own_hostname_and_namespaces_with_lo_up(
+    ctl: ProcessController,
+) -> None:
+    gate = ctl._cfg.data_dir / "gate"
+    os.mkfifo(gate)
+    cfg = task(
+        "ns",
+        "sh",
+        "-c",
+        f"hostname; ip -o link show; read x < {gate}",
+        hostname="web-1.example",
+    )
+    st = await ctl.start(cfg)
+    assert st.state is RunState.RUNNING and st.pid is not None
+    assert Path(f"/proc/{st.pid}/comm").read_text().strip() == "tini"
+    for ns in ("pid", "mnt", "uts", "ipc", "net"):
+        assert os.readlink(f"/proc/{st.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    os.close(open_fifo_writer(gate))
+    st = await wait_exited(ctl, "ns")
+    out = ctl.logs_path("ns")[0].read_text().splitlines()
+    assert out[0] == "web-1.example"
+    links = out[1:]
+    assert len(links) == 1 and links[0].startswith("1: lo: "), links  # loopback only
+    assert "UP" in links[0].split("<")[1].split(">")[0].split(","), links  # and up
+    assert os.uname().nodename != "web-1.example"
+
+
+async def test_task_starts_with_no_ignored_or_blocked_signals(ctl: ProcessController) -> None:
+    st, out, _ = await run_to_end(ctl, task("sigs", "grep", "^Sig[IB]", "/proc/self/status"))
+    assert st.exit_code == 0
+    assert sorted(out.split()) == sorted(
+        ["SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]
+    )
+
+
+async def test_orphans_are_reaped_by_the_tasks_init(ctl: ProcessController) -> None:
+    gate = ctl._cfg.data_dir / "gate"
+    os.mkfifo(gate)
+    # The subshell exits at once; its sleep is orphaned to tini, exits, and must be reaped.
+    st = await ctl.start(task("zomb", "sh", "-c", f"(sleep 0.01 &); read x < {gate}"))
+    assert st.pid is not None
+    await asyncio.sleep(0.2)
+    zombies = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and Path(f"/proc/{pid}").exists()
+        and _same_ns(int(pid), st.pid)
+        and _state(int(pid)) == "Z"
+    ]
+    assert zombies == []
+    os.close(open_fifo_writer(gate))
+    await wait_exited(ctl, "zomb")
+
+
+def _same_ns(pid: int, init_pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return False
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return "?"
+    return stat[stat.rfind(b")") + 2 :][:1].decode()
+
+
+# ------------------------------------------------------------------ exit codes, env, workdir
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "message"),
+    [
+        (("true",), 0, "exit 0"),
+        (("sh", "-c", "exit 3"), 3, "exit 3"),
+        (("sh", "-c", "kill -TERM $$"), 143, "exit 143 (SIGTERM)"),
+        (("no-such-command-xyz", "arg"), 127, "command not found: no-such-command-xyz"),
+        (("/no/such/path",), 127, "command not found: /no/such/path"),
+    ],
+)
+async def test_exit_codes_and_messages(
+    ctl: ProcessController, command: tuple[str, ...], code: int, message: str
+) -> None:
+    st, _, err = await run_to_end(ctl, task("codes", *command))
+    assert (st.exit_code, st.message, st.stopped) == (code, message, False)
+    assert st.finished_at is not None and st.finished_at >= st.started_at
+    assert st.pid is None
+    if code == 127:
+        assert message in err  # also visible in the task's logs
+
+
+async def test_command_not_found_is_reported_by_start_without_a_hang(
+    ctl: ProcessController,
+) -> None:
+    t0 = time.monotonic()
+    st = await ctl.start(task("nf", "definitely-missing"))
+    assert time.monotonic() - t0 < 2.0
+    assert st.state is RunState.EXITED and st.exit_code == 127
+    assert st.message == "command not found: definitely-missing"
+
+
+async def test_env_is_exactly_the_tasks_plus_default_path(ctl: ProcessController) -> None:
+    env = {"FOO": "bar baz", "TRICKY": 'it\'s "q" $HOME `x` \\ \n next', "EMPTY": "", "A.B": "1"}
+    st, out, _ = await run_to_end(ctl, task("env", "env", "-0", env=env))
+    assert st.exit_code == 0
+    seen = dict(item.split("=", 1) for item in out.split("\0") if item)
+    assert seen == {**env, "PATH": DEFAULT_PATH}
+
+
+async def test_env_path_is_used_for_the_command_lookup(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "hello").write_text("#!/bin/sh\necho hello from $0\n")
+    (bindir / "hello").chmod(0o755)
+    st, out, _ = await run_to_end(
+        ctl, task("lookup", "hello", env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    )
+    assert (st.exit_code, out.strip()) == (0, f"hello from {bindir}/hello")
+
+
+async def test_workdir_is_applied_and_relative_commands_resolve_from_it(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    (tmp_path / "run.sh").write_text("#!/bin/sh\npwd\n")
+    (tmp_path / "run.sh").chmod(0o755)
+    st, out, _ = await run_to_end(ctl, task("wd", "./run.sh", workdir=str(tmp_path)))
+    assert (st.exit_code, out.strip()) == (0, str(tmp_path))
+    st, out, _ = await run_to_end(ctl, task("wdroot", "pwd"))
+    assert (st.exit_code, out.strip()) == (0, "/")
+
+
+async def test_logs_land_in_files_and_survive_the_task(ctl: ProcessController) -> None:
+    st, out, err = await run_to_end(
+        ctl, task("logs", "sh", "-c", "echo out1; echo err1 >&2; echo out2")
+    )
+    assert st.exit_code == 0
+    assert (out, err) == ("out1\nout2\n", "err1\n")
+    stdout, stderr = ctl.logs_path("logs")
+    assert stdout.name == "stdout.log" and stderr.name == "stderr.log"
+    with pytest.raises(TaskNotFound):
+        ctl.logs_path("nosuch")
+
+
+# -------------------------------------------------------------------------------- stopping
+
+
+async def test_stop_sigterm_honoured_exits_143(ctl: ProcessController) -> None:
+    await ctl.start(task("term", "sleep", "1000"))
+    t0 = time.monotonic()
+    st = await ctl.stop("term", grace=5.0)
+    assert time.monotonic() - t0 < 1.0  # did not wait for the grace period
+    assert (st.state, st.exit_code, st.stopped) == (RunState.EXITED, 143, True)
+    assert st.message == "exit 143 (SIGTERM)"
+    assert await ctl.stop("term", grace=5.0) == st  # idempotent
+
+
+async def test_stop_sigterm_ignored_is_killed_after_grace(ctl: ProcessController) -> None:
+    st = await ctl.start(task("deaf", "sh", "-c", DEAF))
+    assert st.pid is not None
+    await wait_for_output(ctl, "deaf", "deaf\n")  # the trap is set (RUNNING came before it)
+    members = await wait_for_members(st.pid, 3)  # tini, sh, sleep
+    t0 = time.monotonic()
+    st = await ctl.stop("deaf", grace=0.3)
+    elapsed = time.monotonic() - t0
+    assert 0.3 <= elapsed < 2.0
+    assert (st.exit_code, st.stopped) == (137, True)
+    assert st.message == "killed (SIGKILL after grace period)"
+    assert not [m for m in members if _alive(*m)]
+
+
+async def test_stop_kills_daemons_and_double_forked_children(ctl: ProcessController) -> None:
+    st = await ctl.start(
+        task(
+            "daemons",
+            "sh",
+            "-c",
+            "sleep 1000 & setsid sleep 1000 & (sleep 1000 &); exec sleep 1000",
+        )
+    )
+    assert st.pid is not None
+    members = await wait_for_members(st.pid, 5)  # tini + 4 sleeps
+    stopped = await ctl.stop("daemons", grace=0.5)
+    assert stopped.stopped and stopped.exit_code in (143, 137)
+    assert [m for m in members if _alive(*m)] == []
+
+
+async def test_daemons_die_when_the_main_process_exits(ctl: ProcessController) -> None:
+    st = await ctl.start(task("bg", "sh", "-c", "setsid sleep 1000 & sleep 1000 & sleep 0.3"))
+    assert st.pid is not None
+    members = await wait_for_members(st.pid, 4)
+    st = await wait_exited(ctl, "bg")
+    assert (st.exit_code, st.stopped) == (0, False)
+    assert [m for m in members if _alive(*m)] == []
+
+
+async def test_stop_unknown_task_raises(ctl: ProcessController) -> None:
+    with pytest.raises(TaskNotFound):
+        await ctl.stop("nosuch", grace=1.0)
+
+
+async def test_remove_stops_and_forgets_and_deletes_the_dir(ctl: ProcessController) -> None:
+    st = await ctl.start(task("rm", "sleep", "1000"))
+    assert st.pid is not None
+    taskdir = ctl.logs_path("rm")[0].parent
+    members = ns_members(st.pid)
+    await ctl.remove("rm")
+    assert ctl.status("rm") is None and "rm" not in ctl.tasks()
+    assert not taskdir.exists()
+    assert [m for m in members if _alive(*m)] == []
+    await ctl.remove("rm")  # unknown: no-op
+
+
+# ------------------------------------------------------------------------- start failures
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        (TaskConfig("Bad_Id", "h", ("true",), {}), "task_id"),
+        (TaskConfig("../x", "h", ("true",), {}), "task_id"),
+        (TaskConfig("ok", "-bad-", ("true",), {}), "hostname"),
+        (TaskConfig("ok", "h" * 65, ("true",), {}), "hostname"),
+        (TaskConfig("ok", "h", (), {}), "command"),
+        (TaskConfig("ok", "h", ("a=b",), {}), "command"),
+        (TaskConfig("ok", "h", ("true",), {"A=B": "1"}), "env"),
+        (TaskConfig("ok", "h", ("true",), {"A": "x\0y"}), "env"),
+        (TaskConfig("ok", "h", ("true",), {}, workdir="relative"), "workdir"),
+    ],
+)
+async def test_invalid_task_config_is_rejected_before_anything_runs(
+    ctl: ProcessController, data_dir: Path, cfg: TaskConfig, field: str
+) -> None:
+    with pytest.raises(InvalidTaskConfig) as info:
+        await ctl.start(cfg)
+    assert info.value.field == field
+    assert isinstance(info.value, StartError)
+    assert list((data_dir / "tasks").iterdir()) == []
+
+
+async def test_duplicate_task_id_is_rejected(ctl: ProcessController) -> None:
+    await ctl.start(task("dup", "sleep", "1000"))
+    with pytest.raises(TaskExists):
+        await ctl.start(task("dup", "true"))
+    await ctl.stop("dup", 0)
+
+
+async def test_missing_workdir_fails_the_start_and_leaves_nothing(
+    ctl: ProcessController, data_dir: Path
+) -> None:
+    with pytest.raises(LaunchFailed, match="workdir not found: /no/such/dir"):
+        await ctl.start(task("nowd", "true", workdir="/no/such/dir"))
+    assert ctl.status("nowd") is None
+    assert list((data_dir / "tasks").iterdir()) == []
+    assert _kill_leftovers(data_dir) == []
+
+
+async def test_broken_launcher_fails_the_start_with_its_message(data_dir: Path) -> None:
+    c = ProcessController(RuntimeConfig(data_dir=data_dir, ip_path="/bin/false"))
+    try:
+        with pytest.raises(LaunchFailed):
+            await c.start(task("noip", "true"))
+        assert c.tasks() == {}
+    finally:
+        await c.close()
+
+
+# ----------------------------------------------------------------------- events, listener
+
+
+async def test_listener_is_called_once_on_the_loop_thread_when_a_task_exits(
+    ctl: ProcessController, data_dir: Path
+) -> None:
+    calls: list[tuple[str, int]] = []
+    ctl.set_listener(lambda tid: calls.append((tid, threading.get_ident())))
+    gate = data_dir / "gate"
+    os.mkfifo(gate)
+    await ctl.start(task("ev", "sh", "-c", f"read x < {gate}; exit 4"))
+    fd = open_fifo_writer(gate)
+    t0 = time.monotonic()
+    os.write(fd, b"go\n")
+    os.close(fd)
+    while not calls and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.001)
+    latency = time.monotonic() - t0
+    print(f"\nexit detection latency: {latency * 1000:.1f} ms")
+    assert latency < 1.0
+    await asyncio.sleep(0.05)
+    assert calls == [("ev", threading.get_ident())]
+    st = ctl.status("ev")
+    assert st is not None and st.exit_code == 4
+
+
+# -------------------------------------------------------------------------------- recovery
+
+
+async def test_recover_adopts_a_running_task_and_then_sees_its_exit(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    gate = data_dir / "gate"
+    first = ProcessController(config)
+    os.mkfifo(gate)
+    started = await first.start(task("adopt", "sh", "-c", f"read x < {gate}; exit 7"))
+    await first.close()  # the agent goes away; the task must not
+    assert started.pid is not None and _ticks(started.pid) is not None
+
+    second = ProcessController(config)
+    events: list[str] = []
+    second.set_listener(events.append)
+    try:
+        await second.recover()
+        st = second.status("adopt")
+        assert st is not None
+        assert (st.state, st.pid, st.started_at) == (
+            RunState.RUNNING,
+            started.pid,
+            started.started_at,
+        )
+        fd = open_fifo_writer(gate)
+        os.write(fd, b"x\n")
+        os.close(fd)
+        st = await wait_exited(second, "adopt")
+        assert (st.exit_code, st.message) == (7, "exit 7")
+        assert events == ["adopt"]
+    finally:
+        await second.close()
+
+
+async def test_recover_stop_of_an_adopted_task_kills_its_tree(
+    config: RuntimeConfig,
+) -> None:
+    first = ProcessController(config)
+    st = await first.start(task("adoptstop", "sh", "-c", "setsid sleep 1000 & exec sleep 1000"))
+    assert st.pid is not None
+    members = await wait_for_members(st.pid, 3)
+    await first.close()
+    second = ProcessController(config)
+    try:
+        await second.recover()
+        st = await second.stop("adoptstop", grace=2.0)
+        assert (st.exit_code, st.stopped) == (143, True)
+        assert [m for m in members if _alive(*m)] == []
+    finally:
+        await second.close()
+
+
+async def test_recover_learns_the_exit_code_of_a_task_that_ended_while_no_agent_ran(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    gate = data_dir / "gate"
+    first = ProcessController(config)
+    os.mkfifo(gate)
+    await first.start(task("away", "sh", "-c", f"read x < {gate}; exit 5"))
+    await first.start(task("awaystop", "sleep", "1000"))
+    stopped = await first.stop("awaystop", 1.0)
+    await first.close()
+
+    fd = open_fifo_writer(gate)
+    os.write(fd, b"x\n")
+    os.close(fd)
+    exit_file = data_dir / "tasks" / "away" / "exit"
+    deadline = time.monotonic() + 5
+    while not exit_file.exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+    second = ProcessController(config)
+    try:
+        await second.recover()
+        st = second.status("away")
+        assert st is not None
+        assert (st.state, st.exit_code, st.message, st.stopped) == (
+            RunState.EXITED,
+            5,
+            "exit 5",
+            False,
+        )
+        assert st.finished_at is not None and st.finished_at >= st.started_at
+        # What only the agent knew (stop() was called) survives the restart too.
+        again = second.status("awaystop")
+        assert again is not None
+        assert (again.exit_code, again.stopped) == (stopped.exit_code, True)
+        assert set(second.tasks()) == {"away", "awaystop"}
+    finally:
+        await second.close()
+
+
+async def test_recover_does_not_adopt_a_reused_pid_or_another_boot(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    me = _ticks(os.getpid())
+    assert me is not None
+    cases = {
+        "reused": {"boot_id": boot, "shim": [os.getpid(), me + 1], "init": None},
+        "reboot": {"boot_id": "another-boot", "shim": [os.getpid(), me], "init": None},
+    }
+    for tid, pids in cases.items():
+        d = data_dir / "tasks" / tid
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(task(tid, "true").to_json())
+        (d / "pids.json").write_text(json.dumps({**pids, "started_at": time.time()}))
+    never = data_dir / "tasks" / "never"
+    never.mkdir()
+    (never / "config.json").write_text(task("never", "true").to_json())
+    (data_dir / "tasks" / "garbage").mkdir()
+
+    c = ProcessController(config)
+    try:
+        await c.recover()
+        sts = c.tasks()
+        assert set(sts) == {"reused", "reboot", "never"}
+        assert all(s.state is RunState.EXITED and s.exit_code is None for s in sts.values())
+        assert "rebooted" in sts["reboot"].message
+        assert "never started" in sts["never"].message
+    finally:
+        await c.close()
+
+
+async def test_close_does_not_stop_tasks(config: RuntimeConfig) -> None:
+    first = ProcessController(config)
+    st = await first.start(task("survive", "sleep", "1000"))
+    assert st.pid is not None
+    ticks = _ticks(st.pid)
+    assert ticks is not None
+    await first.close()
+    await asyncio.sleep(0.05)
+    assert _alive(st.pid, ticks)
+    second = ProcessController(config)
+    try:
+        await second.recover()
+        await second.remove("survive")
+        assert not _alive(st.pid, ticks)
+    finally:
+        await second.close()
+
+
+# -------------------------------------------------------------------- uvloop, latency figures
+
+
+def test_lifecycle_under_uvloop_like_the_agent(config: RuntimeConfig) -> None:
+    async def scenario() -> None:
+        c = ProcessController(config)
+        events: list[str] = []
+        c.set_listener(events.append)
+        try:
+            st, out, _ = await run_to_end(c, task("u1", "sh", "-c", "echo hi; exit 2"))
+            assert (st.exit_code, out) == (2, "hi\n")
+            assert (await c.start(task("u2", "missing-cmd"))).exit_code == 127
+            await c.start(task("u3", "sh", "-c", DEAF))
+            await wait_for_output(c, "u3", "deaf\n")
+            st = await c.stop("u3", 0.2)
+            assert st.message == "killed (SIGKILL after grace period)"
+            await c.start(task("u4", "sleep", "1000"))
+            await c.close()
+            c = ProcessController(config)
+            c.set_listener(events.append)
+            await c.recover()
+            assert (await c.stop("u4", 2.0)).exit_code == 143
+            assert sorted(events) == ["u1", "u3", "u4"]
+        finally:
+            await c.close()
+
+    uvloop.run(scenario())
+
+
+async def test_measure_start_latency(ctl: ProcessController) -> None:
+    """Prints start() -> RUNNING latency (figures, not a pass/fail)."""
+    samples = []
+    for i in range(15):
+        t0 = time.perf_counter()
+        st = await ctl.start(task(f"lat{i}", "sleep", "1000"))
+        samples.append((time.perf_counter() - t0) * 1000)
+        assert st.state is RunState.RUNNING
+    for i in range(15):
+        await ctl.stop(f"lat{i}", 0)
+    samples.sort()
+    print(
+        f"\nstart() -> RUNNING: median {statistics.median(samples):.1f} ms, "
+        f"p90 {samples[int(len(samples) * 0.9)]:.1f} ms, max {samples[-1]:.1f} ms "
+        f"(n={len(samples)})"
+    )
+
+
+# ------------------------------------------------------------------------- FakeController
+
+
+async def test_fake_controller_behaves_like_the_interface() -> None:
+    now = [100.0]
+    fake = FakeController(
+        clock=lambda: now[0],
+        missing_commands=frozenset({"nope"}),
+        ignores_term=frozenset({"deaf"}),
+    )
+    events: list[str] = []
+    fake.set_listener(events.append)
+    await fake.recover()
+
+    st = await fake.start(TaskConfig("a", "h", ("sleep", "1"), {}))
+    assert (st.state, st.started_at) == (RunState.RUNNING, 100.0) and st.pid is not None
+    with pytest.raises(TaskExists):
+        await fake.start(TaskConfig("a", "h", ("true",), {}))
+    with pytest.raises(InvalidTaskConfig):
+        await fake.start(TaskConfig("B!", "h", ("true",), {}))
+
+    now[0] = 105.0
+    fake.exit("a", 3)
+    await asyncio.sleep(0)
+    assert events == ["a"]
+    st2 = fake.status("a")
+    assert st2 is not None
+    assert (st2.state, st2.exit_code, st2.message, st2.finished_at) == (
+        RunState.EXITED,
+        3,
+        "exit 3",
+        105.0,
+    )
+
+    nf = await fake.start(TaskConfig("b", "h", ("nope",), {}))
+    assert (nf.exit_code, nf.message) == (127, "command not found: nope")
+
+    await fake.start(TaskConfig("c", "h", ("sleep", "1"), {}))
+    st3 = await fake.stop("c", 1.0)
+    assert (st3.exit_code, st3.stopped) == (143, True)
+    await fake.start(TaskConfig("d", "h", ("deaf",), {}))
+    st4 = await fake.stop("d", 1.0)
+    assert (st4.exit_code, st4.message) == (137, "killed (SIGKILL after grace period)")
+    await asyncio.sleep(0)
+    assert events == ["a", "c", "d"]
+
+    fake.start_error = LaunchFailed("boom")
+    with pytest.raises(LaunchFailed):
+        await fake.start(TaskConfig("e", "h", ("true",), {}))
+
+    assert set(fake.tasks()) == {"a", "b", "c", "d"}
+    await fake.remove("a")
+    await fake.remove("a")
+    assert fake.status("a") is None
+    with pytest.raises(TaskNotFound):
+        await fake.stop("a", 1.0)
+    with pytest.raises(TaskNotFound):
+        fake.logs_path("a")
+    await fake.close()
+
+
+def test_runtime_config_validate_rejects_missing_tools(tmp_path: Path) -> None:
+    from shoal.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tini_path"):
+        ProcessController(RuntimeConfig(data_dir=tmp_path, tini_path="/no/tini"))
+    with pytest.raises(ConfigError):
+        RuntimeConfig(data_dir=tmp_path, start_timeout=0).validate()
+    assert shutil.which("tini") is not None
+
+
+async def test_task_inherits_only_stdio_with_stdin_empty(ctl: ProcessController) -> None:
+    # No agent socket, pipe or log fd may leak into a task; stdin is /dev/null.
+    st, out, _ = await run_to_end(
+        ctl, task("fds", "sh", "-c", "ls /proc/$$/fd; readlink /proc/$$/fd/0; cat")
+    )
+    assert st.exit_code == 0
+    lines = out.split()
+    assert lines[:-1] == ["0", "1", "2"] and lines[-1] == "/dev/null"
+
+
+_AGENT = """
+import asyncio, json, sys
+from pathlib import Path
+from shoal.runtime.controller import ProcessController, RuntimeConfig, TaskConfig
+
+async def main() -> None:
+    c = ProcessController(RuntimeConfig(data_dir=Path(sys.argv[1])))
+    st = await c.start(TaskConfig("victim", "v", ("sleep", "1000"), {}))
+    print(json.dumps({"pid": st.pid, "started_at": st.started_at}), flush=True)
+    await asyncio.sleep(1000)
+
+asyncio.run(main())
+"""
+
+
+def _set_child_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+async def test_a_killed_agent_process_leaves_its_task_running_for_the_next_one(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    # This test process stands in for the host's init (which must reap orphaned shims; on some
+    # machines PID 1 does not): the killed agent's shim becomes our child and must be reaped.
+    _set_child_subreaper(True)
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _AGENT, str(data_dir), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert agent.stdout is not None
+        line = await asyncio.wait_for(agent.stdout.readline(), 20)
+    finally:
+        agent.kill()  # SIGKILL: no cleanup at all
+        await agent.wait()
+        _set_child_subreaper(False)
+    first = json.loads(line)
+    shim_pid = json.loads((data_dir / "tasks" / "victim" / "pids.json").read_text())["shim"][0]
+    stat = Path(f"/proc/{shim_pid}/stat").read_bytes()
+    assert int(stat[stat.rfind(b")") + 2 :].split()[1]) == os.getpid()  # the shim is ours now
+    c = ProcessController(config)
+    try:
+        await c.recover()
+        st = c.status("victim")
+        assert st is not None
+        assert (st.state, st.pid, st.started_at) == (
+            RunState.RUNNING,
+            first["pid"],
+            first["started_at"],
+        )
+        st = await c.stop("victim", 2.0)
+        assert (st.exit_code, st.stopped) == (143, True)
+        assert not Path(f"/proc/{shim_pid}").exists()  # reaped, not a zombie
+    finally:
+        await c.close()
