@@ -165,6 +165,50 @@ def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+              "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+
+
+def parse_size(text: str | None, flag: str) -> int:
+    """'64M' → 67108864 (binary units, as Docker)."""
+    if not text:
+        return 0
+    t = text.strip().lower()
+    num = t.rstrip("bkmgti")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if value < 0 or unit not in SIZE_UNITS:
+        raise CliError(f"{flag}: invalid size {text!r} (use e.g. 512K, 64M, 1G)")
+    return int(value * SIZE_UNITS[unit])
+
+
+def parse_mount(text: str) -> dict[str, Any]:
+    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
+    out: dict[str, Any] = {"type": "volume"}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
+            out["readonly"] = True
+        elif key == "type":
+            out["type"] = value
+        elif key in ("src", "source"):
+            out["source"] = value
+        elif key in ("dst", "destination", "target"):
+            out["target"] = value
+        elif key == "tmpfs-size":
+            out["tmpfs_size"] = parse_size(value, "--mount tmpfs-size")
+        else:
+            raise CliError(f"--mount: unknown option {part!r} in {text!r} (expected "
+                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly])")
+    if "target" not in out:
+        raise CliError(f"--mount {text!r}: dst=PATH is required")
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     if args.cmd == "agent":
         cmd_agent(args)
@@ -239,10 +283,22 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         if not command:
             raise CliError("service create needs a command: shoal service create --name NAME "
                            "-- CMD [ARGS...]")
-        spec: dict[str, Any] = {"name": args.name, "replicas": args.replicas,
-                                "command": command, "env": parse_kv(args.env, "--env"),
-                                "workdir": args.workdir,
-                                "stop_grace_period": args.stop_grace_period}
+        spec: dict[str, Any] = {
+            "name": args.name, "replicas": args.replicas, "command": command,
+            "env": parse_kv(args.env, "--env"), "workdir": args.workdir,
+            "stop_grace_period": args.stop_grace_period, "stop_signal": args.stop_signal,
+            "image": args.image, "user": args.user,
+            "labels": parse_kv(args.label, "--label"),
+            "limit_memory": parse_size(args.limit_memory, "--limit-memory"),
+            "limit_cpu": args.limit_cpu, "limit_pids": args.limit_pids,
+            "reserve_memory": parse_size(args.reserve_memory, "--reserve-memory"),
+            "reserve_cpu": args.reserve_cpu,
+            "mounts": [parse_mount(m) for m in args.mount],
+            "restart_condition": args.restart_condition,
+            "restart_delay": args.restart_delay,
+            "restart_max_attempts": args.restart_max_attempts,
+            "restart_window": args.restart_window,
+        }
         r = c.call("POST", "/v1/services", {"spec": spec})
         print(r["id"])
     elif sc == "ls":
@@ -333,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     sc.add_argument("-w", "--workdir", default="")
     sc.add_argument("--stop-grace-period", type=float, default=10.0, metavar="SECONDS")
+    sc.add_argument("--stop-signal", default="SIGTERM")
+    sc.add_argument("--image", default="", help="image NAME[:TAG] (default: the host's /usr)")
+    sc.add_argument("-u", "--user", default="", help="NAME, UID or UID:GID")
+    sc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
+    sc.add_argument("--limit-memory", default="", metavar="SIZE", help="e.g. 64M")
+    sc.add_argument("--limit-cpu", type=float, default=0.0, metavar="CPUS")
+    sc.add_argument("--limit-pids", type=int, default=0, metavar="N")
+    sc.add_argument("--reserve-memory", default="", metavar="SIZE")
+    sc.add_argument("--reserve-cpu", type=float, default=0.0, metavar="CPUS")
+    sc.add_argument("--mount", action="append", default=[],
+                    metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]")
+    sc.add_argument("--restart-condition", default="any", choices=["none", "on-failure", "any"])
+    sc.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS")
+    sc.add_argument("--restart-max-attempts", type=int, default=0, metavar="N")
+    sc.add_argument("--restart-window", type=float, default=0.0, metavar="SECONDS")
     sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")

@@ -66,6 +66,14 @@ def new_id() -> str:
     return secrets.token_hex(10)
 
 
+def _total_memory() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Agent:
     def __init__(self, config: AgentConfig, hostname: str | None = None) -> None:
         config.validate()
@@ -251,7 +259,8 @@ class Agent:
     def _self_node(self, node_id: str, role: str) -> dict[str, Any]:
         return to_dict(Node(id=node_id, hostname=self.hostname, addr=self.config.advertise_addr,
                             api_port=self.config.api_port, raft_port=self.config.raft_port,
-                            role=NodeRole(role)))
+                            role=NodeRole(role), memory_bytes=_total_memory(),
+                            cpus=float(len(os.sched_getaffinity(0)))))
 
     # ================================================================== init / join / leave
     async def init(self) -> dict[str, Any]:

@@ -81,6 +81,8 @@ class Node:
     created_at: float = 0.0
     updated_at: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    memory_bytes: int = 0  # total memory the node reported at join (0 = unknown)
+    cpus: float = 0.0  # CPUs the node reported at join (0 = unknown)
 
     @property
     def raft_addr(self) -> str:
@@ -253,6 +255,8 @@ def node_from_dict(d: dict[str, Any]) -> Node:
         created_at=float(d.get("created_at", 0.0)),
         updated_at=float(d.get("updated_at", 0.0)),
         labels=dict(d.get("labels", {})),
+        memory_bytes=int(d.get("memory_bytes", 0)),
+        cpus=float(d.get("cpus", 0.0)),
     )
 
 

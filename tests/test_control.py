@@ -297,3 +297,21 @@ def test_restart_window_forgets_old_attempts() -> None:
     assert not live(st)  # 1 restart used within the window
     converge(st, now=30.0)  # both failures are now outside the window
     assert len(live(st)) == 1
+
+
+def test_reservations_filter_nodes_and_explain() -> None:
+    st = ClusterState()
+    for i, mem in ((1, 1 << 30), (2, 4 << 30)):
+        n = Node(id=f"n{i}", hostname=f"h{i}", addr=f"10.0.0.{i}", api_port=1, raft_port=2,
+                 role=NodeRole.WORKER, memory_bytes=mem, cpus=2.0)
+        st.apply({"op": "node_add", "now": 1.0, "node": to_dict(n)})
+    st.apply({"op": "service_create", "id": "s1", "now": 1.0,
+              "spec": dict(SPEC, replicas=3, reserve_memory=(1 << 30) + 1)})
+    converge(st)
+    placed = [t for t in st.tasks.values() if t.node_id]
+    assert len(placed) == 3 and {t.node_id for t in placed} == {"n2"}
+    st.apply({"op": "service_update", "id": "s1", "now": 2.0, "replicas": 4})
+    converge(st, now=2.0)
+    stuck = [t for t in st.tasks.values() if not t.node_id]
+    assert len(stuck) == 1
+    assert "insufficient memory 2/2" in stuck[0].status.message
