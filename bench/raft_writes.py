@@ -30,8 +30,10 @@ def follower(index: int, data_dir: str) -> None:
 
     store = RaftStore(ADDRS[index], ADDRS, Path(data_dir), PASSWORD)
     try:
-        while True:
-            time.sleep(1)
+        while True:  # the load generator runs in the first process: hand leadership to it
+            if store.is_leader():
+                store.transfer_leadership(ADDRS[0])
+            time.sleep(0.2)
     finally:
         store.close()
 
@@ -42,7 +44,7 @@ async def leader(writes: int, window: int, data_dir: str) -> None:
 
     store = RaftStore(ADDRS[0], ADDRS, Path(data_dir), PASSWORD)
     t0 = time.monotonic()
-    # this store starts first, so its election timer fires first once a peer is up
+    # the followers hand leadership to this process if they win the election
     while not store.is_leader():
         await asyncio.sleep(0.01)
         if time.monotonic() - t0 > 30:

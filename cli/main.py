@@ -298,6 +298,8 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             "restart_delay": args.restart_delay,
             "restart_max_attempts": args.restart_max_attempts,
             "restart_window": args.restart_window,
+            "update_parallelism": args.update_parallelism,
+            "update_delay": args.update_delay,
         }
         r = c.call("POST", "/v1/services", {"spec": spec})
         print(r["id"])
@@ -318,6 +320,44 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
                                "number >= 0")
             c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": int(n)})
             print(f"{name} scaled to {int(n)}")
+    elif sc == "update":
+        current = c.call("GET", f"/v1/services/{_q(args.service)}")
+        spec = dict(current["spec"])
+        for flag, key in (("replicas", "replicas"), ("workdir", "workdir"), ("user", "user"),
+                          ("image", "image"), ("stop_grace_period", "stop_grace_period"),
+                          ("stop_signal", "stop_signal"), ("limit_cpu", "limit_cpu"),
+                          ("limit_pids", "limit_pids"), ("reserve_cpu", "reserve_cpu"),
+                          ("restart_condition", "restart_condition"),
+                          ("restart_delay", "restart_delay"),
+                          ("restart_max_attempts", "restart_max_attempts"),
+                          ("restart_window", "restart_window"),
+                          ("update_parallelism", "update_parallelism"),
+                          ("update_delay", "update_delay")):
+            value = getattr(args, flag)
+            if value is not None:
+                spec[key] = value
+        for flag in ("limit_memory", "reserve_memory"):
+            if getattr(args, flag) is not None:
+                spec[flag] = parse_size(getattr(args, flag), "--" + flag.replace("_", "-"))
+        env = dict(spec.get("env", {}))
+        env.update(parse_kv(args.env_add, "--env-add"))
+        for k in args.env_rm:
+            env.pop(k, None)
+        spec["env"] = env
+        if args.command:
+            command = [a for a in args.command]
+            if command[0] == "--":
+                command = command[1:]
+            if command:
+                spec["command"] = command
+        if args.force:
+            spec["force_update"] = int(spec.get("force_update", 0)) + 1
+        r = c.call("POST", f"/v1/services/{_q(args.service)}/update",
+                   {"spec": spec, "version": current["version"]})
+        print(r["name"])
+    elif sc == "rollback":
+        r = c.call("POST", f"/v1/services/{_q(args.service)}/rollback")
+        print(r["name"])
     elif sc == "rm":
         for s in args.services:
             c.call("DELETE", f"/v1/services/{_q(s)}")
@@ -404,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS")
     sc.add_argument("--restart-max-attempts", type=int, default=0, metavar="N")
     sc.add_argument("--restart-window", type=float, default=0.0, metavar="SECONDS")
+    sc.add_argument("--update-parallelism", type=int, default=1, metavar="N")
+    sc.add_argument("--update-delay", type=float, default=0.0, metavar="SECONDS")
     sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")
@@ -415,6 +457,31 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--format", choices=["json"], default="json")
     ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
     ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
+    su = ssub.add_parser("update", help="change a service; tasks are replaced one by one")
+    su.add_argument("service")
+    su.add_argument("--replicas", type=int)
+    su.add_argument("--image")
+    su.add_argument("--env-add", action="append", default=[], metavar="KEY=VALUE")
+    su.add_argument("--env-rm", action="append", default=[], metavar="KEY")
+    su.add_argument("-w", "--workdir")
+    su.add_argument("-u", "--user")
+    su.add_argument("--stop-grace-period", type=float, metavar="SECONDS")
+    su.add_argument("--stop-signal")
+    su.add_argument("--limit-memory", metavar="SIZE")
+    su.add_argument("--limit-cpu", type=float, metavar="CPUS")
+    su.add_argument("--limit-pids", type=int, metavar="N")
+    su.add_argument("--reserve-memory", metavar="SIZE")
+    su.add_argument("--reserve-cpu", type=float, metavar="CPUS")
+    su.add_argument("--restart-condition", choices=["none", "on-failure", "any"])
+    su.add_argument("--restart-delay", type=float, metavar="SECONDS")
+    su.add_argument("--restart-max-attempts", type=int, metavar="N")
+    su.add_argument("--restart-window", type=float, metavar="SECONDS")
+    su.add_argument("--update-parallelism", type=int, metavar="N")
+    su.add_argument("--update-delay", type=float, metavar="SECONDS")
+    su.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
+    su.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    srb = ssub.add_parser("rollback", help="go back to the previous spec")
+    srb.add_argument("service")
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
     return p

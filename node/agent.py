@@ -536,6 +536,30 @@ class Agent:
         return {"id": svc.id, "name": svc.spec.name, "replicas": n,
                 "version": res.get("version")}
 
+    async def update_service(self, ref: str, spec: Any, version: Any) -> dict[str, Any]:
+        """Replace a service's spec; running tasks are replaced by a rolling update."""
+        snap = self.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        try:
+            parsed = validate_spec(spec)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        if version is not None and not isinstance(version, int):
+            raise BadRequest("version must be an integer", "version")
+        res = await self.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                  "spec": to_dict(parsed), "version": version})
+        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
+
+    async def rollback_service(self, ref: str) -> dict[str, Any]:
+        snap = self.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        if svc.previous_spec is None:
+            raise BadRequest(f"service {svc.spec.name} has no previous spec to roll back to",
+                             "service")
+        res = await self.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                  "spec": to_dict(svc.previous_spec), "version": svc.version})
+        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
+
     async def remove_service(self, ref: str) -> dict[str, Any]:
         snap = self.require_manager().snapshot()
         svc = self.find_service(snap, ref)

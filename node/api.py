@@ -132,6 +132,16 @@ class ApiServer:
                 raise BadRequest("replicas is required", "replicas")
             return await a.scale_service(req.match_info["ref"], body["replicas"])
 
+        async def service_update(req: web.Request) -> Any:
+            body = await _body(req)
+            if "spec" not in body:
+                raise BadRequest("spec is required", "spec")
+            return await a.update_service(req.match_info["ref"], body["spec"],
+                                          body.get("version"))
+
+        async def service_rollback(req: web.Request) -> Any:
+            return await a.rollback_service(req.match_info["ref"])
+
         async def service_rm(req: web.Request) -> Any:
             return await a.remove_service(req.match_info["ref"])
 
@@ -150,6 +160,8 @@ class ApiServer:
         r.add_get("/v1/services/{ref}", service)
         r.add_get("/v1/services/{ref}/tasks", service_tasks)
         r.add_post("/v1/services/{ref}/scale", service_scale)
+        r.add_post("/v1/services/{ref}/update", service_update)
+        r.add_post("/v1/services/{ref}/rollback", service_rollback)
         r.add_delete("/v1/services/{ref}", service_rm)
         return app
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shoal.raft.models import (
@@ -148,6 +148,7 @@ def _reconcile_service(
     for t in tasks:
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
+    ops += rolling_update(svc, tasks, alive, now)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
@@ -190,6 +191,35 @@ def _reconcile_service(
         for t in dead[keep:]:
             ops.append(("delete", t.id))
     return ops, wake_at
+
+
+def outdated(t: Task, spec: ServiceSpec) -> bool:
+    """The task runs another spec than the service's (a scale alone does not count)."""
+    return replace(t.spec, replicas=0) != replace(spec, replicas=0)
+
+
+def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
+                   now: float) -> list[Op]:
+    """Stop-first rolling update: shut down up to ``update_parallelism`` outdated tasks at a
+    time; their slots are then refilled with the current spec by the slot loop. The next
+    batch starts once every updated slot runs and ``update_delay`` has passed since."""
+    spec = svc.spec
+    live = [t for t in tasks if alive(t) and t.slot <= spec.replicas]
+    old = sorted((t for t in live if outdated(t, spec)), key=lambda t: (t.slot, t.id))
+    if not old:
+        return []
+    fresh = [t for t in live if not outdated(t, spec)]
+    in_flight = [t for t in fresh if t.status.state < TaskState.RUNNING]
+    # a slot whose old task is stopping and whose new task is not yet created counts too
+    stopping = [t for t in tasks if outdated(t, spec) and not alive(t)
+                and not t.status.state.terminal and t.slot <= spec.replicas]
+    busy = len(in_flight) + len(stopping)
+    if fresh and busy == 0 and spec.update_delay:
+        last_up = max(t.status.timestamp for t in fresh)
+        if now - last_up < spec.update_delay:
+            return []
+    room = (spec.update_parallelism or len(old)) - busy
+    return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:max(room, 0)]]
 
 
 def self_ended(t: Task) -> bool:

@@ -130,6 +130,10 @@ class ServiceSpec:
     restart_delay: float = 1.0  # seconds between a task ending and its replacement
     restart_max_attempts: int = 0  # restarts allowed per slot (within the window); 0 = no limit
     restart_window: float = 0.0  # seconds over which attempts are counted; 0 = forever
+    # --- rolling update (Swarm's stop-first): how a changed spec replaces running tasks
+    update_parallelism: int = 1  # tasks replaced at a time; 0 = all at once
+    update_delay: float = 0.0  # seconds between one batch running and the next starting
+    force_update: int = 0  # bump to redeploy every task with an unchanged spec
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         restart_delay=float(d.get("restart_delay", defaults.restart_delay)),
         restart_max_attempts=int(d.get("restart_max_attempts", 0)),
         restart_window=float(d.get("restart_window", 0.0)),
+        update_parallelism=int(d.get("update_parallelism", 1)),
+        update_delay=float(d.get("update_delay", 0.0)),
+        force_update=int(d.get("force_update", 0)),
     )
 
 

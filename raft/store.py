@@ -275,8 +275,9 @@ class RaftStore:
     async def remove_voter(self, addr: str, timeout: float = 10.0) -> None:
         await self._membership(self._sync.removeNodeFromCluster, addr, timeout)
 
-    def transfer_leadership(self) -> None:
-        self._sync.transferLeadership()
+    def transfer_leadership(self, target: str | None = None) -> None:
+        """Hand leadership to ``target`` (or the most caught-up follower); leader only."""
+        self._sync.transferLeadership(target)
 
     def close(self) -> None:
         self._sync.destroy()

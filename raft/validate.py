@@ -56,7 +56,8 @@ def validate_spec(d: Any) -> ServiceSpec:
     known = {"name", "command", "replicas", "env", "workdir", "stop_grace_period", "labels",
              "image", "user", "stop_signal", "limit_memory", "limit_cpu", "limit_pids",
              "reserve_memory", "reserve_cpu", "mounts", "restart_condition", "restart_delay",
-             "restart_max_attempts", "restart_window"}
+             "restart_max_attempts", "restart_window", "update_parallelism", "update_delay",
+             "force_update"}
     for key in d:
         if key not in known:
             raise ValidationError(f"unknown field {key!r}", str(key))
@@ -129,6 +130,9 @@ def validate_spec(d: Any) -> ServiceSpec:
         restart_delay=_num(d, "restart_delay", 0.0, 86400.0, default=1.0),
         restart_max_attempts=_int(d, "restart_max_attempts", 0, 1_000_000),
         restart_window=_num(d, "restart_window", 0.0, 86400.0 * 365),
+        update_parallelism=_int(d, "update_parallelism", 0, MAX_REPLICAS, default=1),
+        update_delay=_num(d, "update_delay", 0.0, 86400.0),
+        force_update=_int(d, "force_update", 0, 1 << 31),
     )
 
 

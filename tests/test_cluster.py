@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from netlab import Host, Lab, wait_until
+from shoal.cli.main import Client, CliError
 
 pytestmark = pytest.mark.netns
 
@@ -226,3 +227,31 @@ def test_managers_restarted_after_kill_keep_their_state(lab_factory: Callable[..
     # and it still takes writes
     h1.cli("service", "scale", "durable=4")
     wait_running(h1, "durable", 4, timeout=30)
+
+
+def test_rolling_update_and_rollback(lab_factory: Callable[..., Lab]) -> None:
+    """`service update` replaces tasks one at a time with the new spec; `rollback` returns
+    to the previous one; a stale version is refused."""
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    h1 = lab.hosts[0]
+    h1.cli("service", "create", "--name", "roll", "--replicas", "3", "--env", "V=1", *SLEEP)
+    v1 = {t["id"] for t in wait_running(h1, "roll", 3)}
+    h1.cli("service", "update", "--env-add", "V=2", "roll")
+
+    def updated() -> list[dict[str, Any]] | None:
+        tasks = running(h1, "roll")
+        ids = {t["id"] for t in tasks}
+        return tasks if len(tasks) == 3 and not ids & v1 else None
+    wait_until(updated, timeout=40, what="all 3 tasks replaced by the update")
+    spec = h1.cli_json("service", "inspect", "roll")[0]
+    assert spec["spec"]["env"] == {"V": "2"} and spec["previous_spec"]["env"] == {"V": "1"}
+    v2 = {t["id"] for t in running(h1, "roll")}
+    h1.cli("service", "rollback", "roll")
+    wait_until(lambda: len(running(h1, "roll")) == 3 and not {
+        t["id"] for t in running(h1, "roll")} & v2, timeout=40, what="rolled back")
+    assert h1.cli_json("service", "inspect", "roll")[0]["spec"]["env"] == {"V": "1"}
+    stale = Client(f"unix://{h1.sock}")
+    with pytest.raises(CliError, match="changed meanwhile"):
+        stale.call("POST", "/v1/services/roll/update",
+                   {"spec": spec["spec"], "version": spec["version"]})

@@ -315,3 +315,37 @@ def test_reservations_filter_nodes_and_explain() -> None:
     stuck = [t for t in st.tasks.values() if not t.node_id]
     assert len(stuck) == 1
     assert "insufficient memory 2/2" in stuck[0].status.message
+
+
+def _finish_stopping(st: ClusterState, now: float) -> None:
+    """Agents report SHUTDOWN for tasks told to stop."""
+    for t in list(st.tasks.values()):
+        if t.desired_state >= TaskState.SHUTDOWN and not t.status.state.terminal and t.node_id:
+            st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id, "now": now,
+                      "status": {"state": int(TaskState.SHUTDOWN), "timestamp": now}})
+
+
+def test_rolling_update_replaces_one_at_a_time_and_scale_does_not_redeploy() -> None:
+    st = cluster(3, dict(SPEC, replicas=3))
+    converge(st)
+    run_all(st)
+    first = {t.id for t in live(st)}
+    st.apply({"op": "service_update", "id": "s1", "now": 5.0, "replicas": 4})
+    converge(st, now=5.0)
+    run_all(st, 5.0)
+    assert first < {t.id for t in live(st)}  # scaling kept the old tasks
+    new_spec = dict(SPEC, replicas=4, env={"V": "2"})
+    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 6.0, "spec": new_spec})
+    now = 6.0
+    for _ in range(10):
+        converge(st, now=now, rounds=1)
+        stopping = [t for t in st.tasks.values()
+                    if t.desired_state == TaskState.SHUTDOWN and not t.status.state.terminal]
+        assert len(stopping) <= 1  # parallelism 1
+        _finish_stopping(st, now)
+        converge(st, now=now, rounds=2)
+        run_all(st, now)
+        now += 1
+    assert len(live(st)) == 4
+    assert all(t.spec.env == {"V": "2"} for t in live(st))
+
