@@ -1,7 +1,9 @@
 """Leader-only control loop: node liveness, orchestration and scheduling.
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
-the leader and proposing their decisions as one term-fenced ``leader`` batch per pass.
+the leader and proposing their decisions as one term-fenced ``leader`` batch per pass. Node
+liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
+for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the RaftStore. Heartbeats arrive from the API (every agent
 sends them to every manager, so a new leader already knows who is alive).
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoal.node.orchestrator import (
@@ -44,6 +47,7 @@ def plan_pass(
     wall_now: float,
     config: OrchestratorConfig,
     liveness: bool = True,
+    gossip: dict[str, str] | None = None,
 ) -> tuple[list[Op], float | None]:
     """One leader pass as a pure function: liveness, then orchestration, then placement.
 
@@ -52,7 +56,7 @@ def plan_pass(
     """
     ops: list[Op] = []
     if liveness:
-        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout)
+        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip)
     scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
                            tasks=dict(snap.tasks))
     if ops:
@@ -76,8 +80,10 @@ class LeaderLoop:
     """Runs while this node leads. ``run()`` returns when leadership is lost."""
 
     def __init__(self, store: RaftStore, heartbeats: dict[str, float],
-                 config: OrchestratorConfig, wakeup: asyncio.Event) -> None:
+                 config: OrchestratorConfig, wakeup: asyncio.Event,
+                 gossip: Callable[[], dict[str, str]] | None = None) -> None:
         self.store = store
+        self.gossip = gossip  # node id → gossip state, from this node's member list
         self.heartbeats = heartbeats  # node id → time.monotonic() of last heartbeat
         self.config = config
         self.wakeup = wakeup
@@ -111,7 +117,8 @@ class LeaderLoop:
         snap = self.store.snapshot()
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
-                                 self.config, liveness=liveness)
+                                 self.config, liveness=liveness,
+                                 gossip=self.gossip() if self.gossip else None)
         self.passes += 1
         if ops:
             cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}

@@ -58,19 +58,33 @@ class OrchestratorConfig:
 
 
 def node_liveness(
-    snapshot: Snapshot, last_seen: dict[str, float], now: float, timeout: float
+    snapshot: Snapshot, last_seen: dict[str, float], now: float, timeout: float,
+    gossip: dict[str, str] | None = None,
 ) -> list[Op]:
-    """READY/DOWN transitions from heartbeat ages (``now`` and ``last_seen`` monotonic)."""
+    """READY/DOWN transitions for every node.
+
+    Gossip decides for the nodes it knows: "dead" or "left" → DOWN, "alive" or "suspect"
+    → READY (a suspicion is not a death: SWIM/Lifeguard confirm it first, so one missed
+    ack never takes a node down). Nodes gossip has not heard of yet fall back to heartbeat
+    age (``now`` and ``last_seen`` monotonic).
+    """
     ops: list[Op] = []
     for node in sorted(snapshot.nodes.values(), key=lambda n: n.id):
-        seen = last_seen.get(node.id)
-        alive = seen is not None and now - seen <= timeout
+        g = (gossip or {}).get(node.id)
+        if g in ("alive", "suspect"):
+            alive, reason = True, ""
+        elif g in ("dead", "left"):
+            alive, reason = False, "gossip: node left the cluster" if g == "left" else \
+                "gossip: node failed (no answer to direct and indirect probes)"
+        else:
+            seen = last_seen.get(node.id)
+            alive = seen is not None and now - seen <= timeout
+            age = "never" if seen is None else f"{now - seen:.1f}s ago"
+            reason = f"heartbeat failure (last heard {age})"
         if alive and node.state is not NodeState.READY:
             ops.append(("node_state", node.id, NodeState.READY.value, ""))
         elif not alive and node.state is NodeState.READY:
-            age = "never" if seen is None else f"{now - seen:.1f}s ago"
-            ops.append(("node_state", node.id, NodeState.DOWN.value,
-                        f"heartbeat failure (last heard {age})"))
+            ops.append(("node_state", node.id, NodeState.DOWN.value, reason))
     return ops
 
 

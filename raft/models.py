@@ -81,6 +81,7 @@ class Node:
     created_at: float = 0.0
     updated_at: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    gossip_port: int = 7946  # UDP+TCP port of its gossip member
     memory_bytes: int = 0  # total memory the node reported at join (0 = unknown)
     cpus: float = 0.0  # CPUs the node reported at join (0 = unknown)
 
@@ -102,6 +103,46 @@ class Mount:
     source: str = ""  # host path (bind) or volume name (volume); "" for tmpfs
     readonly: bool = False
     tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A service's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): each
+    task sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
+
+    name: str  # the secret's (config's) name
+    target: str = ""  # file name in the task's /run/secrets (/run/configs); "" = name
+    mode: int = 0o444  # file mode inside the task
+
+    @property
+    def file_name(self) -> str:
+        return self.target or self.name
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value (``shoal secret create``). ``data`` is *sealed* (AES-256-GCM under the
+    managers' key, shoal.node.sealing): the replicated state — every worker's replica, the
+    Raft files on disk — never holds the value in the clear. Immutable, like Swarm's."""
+
+    id: str
+    name: str
+    data: bytes  # sealed
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A configuration file (``shoal config create``): like a secret, but not sealed."""
+
+    id: str
+    name: str
+    data: bytes  # in the clear
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +175,9 @@ class ServiceSpec:
     update_parallelism: int = 1  # tasks replaced at a time; 0 = all at once
     update_delay: float = 0.0  # seconds between one batch running and the next starting
     force_update: int = 0  # bump to redeploy every task with an unchanged spec
+    # --- secrets and configs: files each task sees (shoal.node.secrets fetches them)
+    secrets: tuple[FileRef, ...] = ()
+    configs: tuple[FileRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,7 +278,13 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         update_parallelism=int(d.get("update_parallelism", 1)),
         update_delay=float(d.get("update_delay", 0.0)),
         force_update=int(d.get("force_update", 0)),
+        secrets=tuple(file_ref_from_dict(r) for r in d.get("secrets", ())),
+        configs=tuple(file_ref_from_dict(r) for r in d.get("configs", ())),
     )
+
+
+def file_ref_from_dict(d: dict[str, Any]) -> FileRef:
+    return FileRef(name=d["name"], target=d.get("target", ""), mode=int(d.get("mode", 0o444)))
 
 
 def status_from_dict(d: dict[str, Any]) -> TaskStatus:
@@ -262,6 +312,7 @@ def node_from_dict(d: dict[str, Any]) -> Node:
         created_at=float(d.get("created_at", 0.0)),
         updated_at=float(d.get("updated_at", 0.0)),
         labels=dict(d.get("labels", {})),
+        gossip_port=int(d.get("gossip_port", 7946)),
         memory_bytes=int(d.get("memory_bytes", 0)),
         cpus=float(d.get("cpus", 0.0)),
     )

@@ -349,3 +349,16 @@ def test_rolling_update_replaces_one_at_a_time_and_scale_does_not_redeploy() -> 
     assert len(live(st)) == 4
     assert all(t.spec.env == {"V": "2"} for t in live(st))
 
+
+
+def test_gossip_decides_liveness_and_suspicion_is_not_death() -> None:
+    st = cluster(3)
+    cfg = OrchestratorConfig(node_down_timeout=4.0)
+    stale = {"n1": 0.0, "n2": 0.0, "n3": 0.0}  # heartbeats long gone
+    gossip = {"n1": "alive", "n2": "suspect", "n3": "dead"}
+    ops, _ = plan_pass(st.snapshot(), stale, 100.0, 100.0, cfg, gossip=gossip)
+    downs = {o[1] for o in ops if o[0] == "node_state" and o[2] == "down"}
+    assert downs == {"n3"}
+    st.apply({"op": "leader", "term": 1, "now": 100.0, "ops": ops})
+    ops, _ = plan_pass(st.snapshot(), stale, 101.0, 101.0, cfg, gossip={"n3": "alive"})
+    assert ("node_state", "n3", "ready", "") in ops

@@ -1,0 +1,289 @@
+"""Configuration of a gossip member: one dataclass, two presets, one validator.
+
+Owns the meaning, units and defaults of every gossip tunable. It must not open sockets, read
+files or hold runtime state. Defaults equal ``Config.lan()`` (memberlist's DefaultLANConfig
+timings); ``Config.local()`` overrides only what differs, for loopback / network-namespace tests.
+Durations are seconds (float), sizes bytes.
+
+The default Config requires a cluster key: set ``secret_key`` (16, 24 or 32 bytes, AES-128/192/256
+GCM). Only tests may set ``insecure_plaintext=True`` to run without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+
+from . import timing
+from .errors import ConfigError
+
+_KEY_SIZES = (16, 24, 32)
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass(slots=True)
+class Config:
+    """Every tunable of a gossip member. See the module docstring for units."""
+
+    # --- identity and addresses -------------------------------------------------------------
+    # Unique member name (the node id); travels in every membership message. Required, 1-128
+    # characters. Two live members with the same name conflict: the second is ignored.
+    name: str = ""
+    # Address the UDP and TCP sockets bind to. Default "0.0.0.0" (all IPv4 interfaces), which
+    # then requires advertise_addr. "::" for IPv6.
+    bind_addr: str = "0.0.0.0"
+    # Port for both UDP (packets) and TCP (streams). Default 7946. 0 = let the OS pick a free
+    # port (tests); the chosen port is then advertised.
+    bind_port: int = 7946
+    # Address other members use to reach us. Default "" = bind_addr, which must then not be a
+    # wildcard. Set it behind NAT or when binding to 0.0.0.0.
+    advertise_addr: str = ""
+    # Port other members use to reach us. Default 0 = the bound port.
+    advertise_port: int = 0
+    # Cluster label, authenticated (AES-GCM associated data) but not secret: members with a
+    # different label drop each other's traffic even if they share a key. Default "" (none).
+    label: str = ""
+
+    # --- encryption -------------------------------------------------------------------------
+    # Primary cluster key: encrypts everything we send; 16/24/32 bytes (AES-128/192/256-GCM).
+    # Required unless insecure_plaintext. Rotate with Memberlist.keyring (install/use/remove).
+    secret_key: bytes | None = None
+    # Extra keys accepted for decryption only (rotation in progress). Default () (none).
+    extra_keys: tuple[bytes, ...] = ()
+    # Tests only: run with no key, sending plain msgpack. Default False. A keyed member drops
+    # plaintext packets and a plaintext member drops encrypted ones (counted, never crashes).
+    insecure_plaintext: bool = False
+
+    # --- failure detection (SWIM + Lifeguard) -----------------------------------------------
+    # Time between two probes of (round-robin, shuffled) members. Default 1.0 s. Lower detects
+    # failures sooner but costs more packets (2 packets per member per interval when healthy).
+    # Must be > 0. Scaled up by the local health score (see awareness_max_multiplier).
+    probe_interval: float = 1.0
+    # How long to wait for the direct ack before asking indirect_checks other members to probe
+    # for us. Default 0.5 s. Should exceed the network's 99th percentile RTT. Must be > 0 and
+    # ≤ probe_interval / 2 so the indirect probes and their nacks fit in the probe period.
+    probe_timeout: float = 0.5
+    # How many members are asked to probe a target that missed its direct ack (ping-req).
+    # Default 3. More = fewer false suspicions under loss, more packets. 0 = no indirect
+    # probes (a single lost ping or ack starts a suspicion).
+    indirect_checks: int = 3
+    # Suspicion timeout multiplier: a suspect is declared dead after at least
+    # suspicion_mult * max(1, log10(n)) * probe_interval (the minimum, reached with enough
+    # independent confirmations). Default 4. Higher = fewer false deaths, slower detection.
+    # Must be ≥ 1.
+    suspicion_mult: int = 4
+    # The suspicion timeout starts at this many times the minimum and shrinks towards the
+    # minimum as other members confirm the suspicion (Lifeguard). Default 6. 1 = no dynamic
+    # suspicion (always the minimum). Must be ≥ 1.
+    suspicion_max_timeout_mult: int = 6
+    # Lifeguard local health awareness: a member that misses acks or nacks, or has to refute a
+    # suspicion about itself, raises a score up to this value - 1 and multiplies its own probe
+    # interval and timeout by (score + 1). Default 8. 1 = disabled. Must be ≥ 1.
+    awareness_max_multiplier: int = 8
+
+    # --- dissemination -------------------------------------------------------------------------
+    # Each membership change is piggybacked retransmit_mult * ceil(log10(n + 1)) times by every
+    # member that learns it. Default 4. Higher = more robust spread under loss, more bytes.
+    # Must be ≥ 1.
+    retransmit_mult: int = 4
+    # Period of the dedicated gossip round that sends queued broadcasts to gossip_nodes random
+    # members (changes also ride on every probe packet). Default 0.2 s. 0 = no gossip rounds,
+    # changes spread only by piggybacking on probes and by push-pull (slower).
+    gossip_interval: float = 0.2
+    # Members contacted per gossip round. Default 3. Must be ≥ 1 when gossip_interval > 0.
+    gossip_nodes: int = 3
+    # Dead or left members still receive gossip for this long after their death, so a member
+    # wrongly declared dead learns it and can refute. Default 30 s. 0 = never gossip to the dead.
+    gossip_to_the_dead_time: float = 30.0
+    # Period of the full-state push-pull sync over TCP with one random live member (anti-
+    # entropy). Default 30 s, scaled up above 32 members. 0 = disabled (join still syncs).
+    push_pull_interval: float = 30.0
+    # Period of an attempt to push-pull with one random dead (not left) member, so that the
+    # two sides of a healed partition find each other again. Default 30 s. 0 = disabled
+    # (a partition then heals only through an explicit join()).
+    reconnect_interval: float = 30.0
+    # Dead and left members stay in members() this long, then are forgotten (event "reaped").
+    # Default 3600 s. Must be ≥ gossip_to_the_dead_time. 0 = forget at the next probe round.
+    dead_retention: float = 3600.0
+    # A member name that is dead or left may be taken by a different address after this long.
+    # Default 0 = never (the same name must come back on the same address, or wait for
+    # dead_retention). Useful when nodes get new IPs on restart.
+    dead_node_reclaim_time: float = 0.0
+
+    # --- sizes and limits ---------------------------------------------------------------------
+    # Largest UDP payload we send, encryption overhead included. Default 1400 bytes (fits a
+    # 1500-byte Ethernet MTU). Broadcasts are packed until this is reached. Must be ≥ 512.
+    packet_size: int = 1400
+    # Inbound packets larger than this are dropped ("oversize"). Default 65507 (max UDP).
+    max_packet_in: int = 65507
+    # Largest stream frame (one push-pull state) accepted or sent. Default 4 MiB, enough for
+    # ~15 000 members with small metadata. Must be ≥ 64 KiB.
+    max_stream_frame: int = 4 * 1024 * 1024
+    # Largest encoded metadata dict per member. Default 512 bytes; metadata rides on alive
+    # messages, so it must fit a packet with room to spare (≤ packet_size / 2).
+    meta_max_bytes: int = 512
+    # Timeout for connecting, reading and writing a push-pull stream. Default 10 s.
+    tcp_timeout: float = 10.0
+    # Inbound packets waiting for the receive loop; more are dropped by the transport
+    # (counted). Default 4096.
+    packet_queue_size: int = 4096
+    # Events buffered per subscriber of Memberlist.events(); more are dropped (counted, and the
+    # subscriber is flagged overflowed). Default 4096.
+    event_queue_size: int = 4096
+    # How long leave() waits for its announcement to be retransmitted before returning.
+    # Default 5 s. 0 = announce and return at once.
+    leave_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.extra_keys, list):
+            self.extra_keys = tuple(self.extra_keys)
+
+    # --- presets -------------------------------------------------------------------------------
+    @classmethod
+    def lan(cls, **overrides: object) -> Config:
+        """Datacenter LAN timings (the defaults; memberlist DefaultLANConfig)."""
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def local(cls, **overrides: object) -> Config:
+        """Fast timings for loopback and network-namespace tests (sub-millisecond RTT).
+
+        Detection in a 10-member cluster takes about 1-3 s. Do not use across real networks:
+        a 100 ms probe timeout is below many WAN RTTs.
+        """
+        base: dict[str, object] = {
+            "bind_addr": "127.0.0.1",
+            "bind_port": 0,
+            "probe_interval": 0.2,
+            "probe_timeout": 0.1,
+            "suspicion_mult": 4,
+            "retransmit_mult": 3,
+            "gossip_interval": 0.05,
+            "gossip_to_the_dead_time": 5.0,
+            "push_pull_interval": 5.0,
+            "reconnect_interval": 2.0,
+            "dead_retention": 600.0,
+            "tcp_timeout": 2.0,
+            "leave_timeout": 1.0,
+        }
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> Config:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    # --- derived values ------------------------------------------------------------------------
+    def suspicion_timeouts(self, n: int) -> tuple[float, float]:
+        """(minimum, maximum) suspicion timeout for a cluster of ``n`` live members."""
+        low = timing.suspicion_timeout(self.suspicion_mult, n, self.probe_interval)
+        return low, low * self.suspicion_max_timeout_mult
+
+    def detection_bound(self, n: int, first_probe_periods: int = 10) -> float:
+        """Bound on crash → dead everywhere for ``n`` members (see timing.detection_bound)."""
+        return timing.detection_bound(
+            probe_interval=self.probe_interval,
+            suspicion_mult=self.suspicion_mult,
+            suspicion_max_timeout_mult=self.suspicion_max_timeout_mult,
+            retransmit_mult=self.retransmit_mult,
+            gossip_interval=self.gossip_interval or self.probe_interval,
+            n=n,
+            first_probe_periods=first_probe_periods,
+        )
+
+    def all_keys(self) -> list[bytes]:
+        """Primary key first, then the extra keys (empty without encryption)."""
+        keys = [self.secret_key] if self.secret_key is not None else []
+        return keys + [k for k in self.extra_keys if k not in keys]
+
+    # --- validation ---------------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Check every field and the cross-field invariants; raise ConfigError or return self."""
+        if not isinstance(self.name, str) or not 1 <= len(self.name) <= 128:
+            raise ConfigError("name", "must be a string of 1-128 characters")
+        if not 0 <= self.bind_port <= 65535:
+            raise ConfigError("bind_port", "must be 0-65535")
+        if not 0 <= self.advertise_port <= 65535:
+            raise ConfigError("advertise_port", "must be 0-65535")
+        if not self.advertise_addr and self.bind_addr in _WILDCARDS:
+            raise ConfigError(
+                "advertise_addr",
+                "required when bind_addr is a wildcard (other members must reach us)",
+            )
+        if self.advertise_addr:
+            try:
+                ipaddress.ip_address(self.advertise_addr)
+            except ValueError:
+                # Names are allowed (in-memory networks use them); only reject the unusable.
+                if self.advertise_addr in _WILDCARDS or " " in self.advertise_addr:
+                    raise ConfigError("advertise_addr", "not a usable address") from None
+        self._validate_keys()
+        positive = ("probe_interval", "probe_timeout", "tcp_timeout")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, "must be > 0")
+        if self.probe_timeout * 2 > self.probe_interval:
+            raise ConfigError(
+                "probe_timeout", "must be ≤ probe_interval / 2 (indirect probes need the rest)"
+            )
+        non_negative = (
+            "gossip_interval",
+            "gossip_to_the_dead_time",
+            "push_pull_interval",
+            "reconnect_interval",
+            "dead_retention",
+            "dead_node_reclaim_time",
+            "leave_timeout",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be ≥ 0")
+        if self.indirect_checks < 0:
+            raise ConfigError("indirect_checks", "must be ≥ 0")
+        for name in (
+            "suspicion_mult",
+            "suspicion_max_timeout_mult",
+            "awareness_max_multiplier",
+            "retransmit_mult",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be ≥ 1")
+        if self.gossip_interval > 0 and self.gossip_nodes < 1:
+            raise ConfigError("gossip_nodes", "must be ≥ 1 when gossip_interval > 0")
+        if self.dead_retention < self.gossip_to_the_dead_time:
+            raise ConfigError("dead_retention", "must be ≥ gossip_to_the_dead_time")
+        if self.packet_size < 512:
+            raise ConfigError("packet_size", "must be ≥ 512")
+        if self.max_packet_in < self.packet_size:
+            raise ConfigError("max_packet_in", "must be ≥ packet_size")
+        if self.max_stream_frame < 64 * 1024:
+            raise ConfigError("max_stream_frame", "must be ≥ 65536")
+        if not 0 < self.meta_max_bytes <= self.packet_size // 2:
+            raise ConfigError("meta_max_bytes", "must be 1 .. packet_size / 2")
+        if self.packet_queue_size < 1:
+            raise ConfigError("packet_queue_size", "must be ≥ 1")
+        if self.event_queue_size < 1:
+            raise ConfigError("event_queue_size", "must be ≥ 1")
+        return self
+
+    def _validate_keys(self) -> None:
+        if self.secret_key is None:
+            if self.extra_keys:
+                raise ConfigError("extra_keys", "needs a secret_key (the primary) as well")
+            if not self.insecure_plaintext:
+                raise ConfigError(
+                    "secret_key", "a cluster key is required (insecure_plaintext is for tests only)"
+                )
+            return
+        if self.insecure_plaintext:
+            raise ConfigError("insecure_plaintext", "cannot be combined with secret_key")
+        for name, key in [("secret_key", self.secret_key)] + [
+            ("extra_keys", k) for k in self.extra_keys
+        ]:
+            if not isinstance(key, bytes) or len(key) not in _KEY_SIZES:
+                raise ConfigError(name, "keys must be 16, 24 or 32 bytes")
+
+
+# Kept for symmetry with other components' configs: the field list, for docs and the CLI.
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))

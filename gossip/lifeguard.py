@@ -1,0 +1,107 @@
+"""Lifeguard's stateful pieces: the suspicion timer and the local health (awareness) score.
+
+Owns the timer of one suspicion (with its independent confirmations) and the local health
+score; the arithmetic lives in timing.py, the decisions in memberlist.py. Timers use the
+running event loop's clock, so they follow a VirtualTimeLoop in simulations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from . import timing
+
+
+class Suspicion:
+    """Timer that declares a suspect dead, shortened by independent confirmations.
+
+    Starts at ``max_timeout`` (or ``min_timeout`` when ``k == 0``); every new confirmer
+    recomputes the remaining time with ``timing.remaining_suspicion_time``. ``on_timeout`` is
+    called at most once, with the number of confirmations received.
+    """
+
+    __slots__ = (
+        "_confirmers",
+        "_fired",
+        "_handle",
+        "_loop",
+        "_on_timeout",
+        "confirmations",
+        "k",
+        "max_timeout",
+        "min_timeout",
+        "start",
+    )
+
+    def __init__(
+        self,
+        sender: str,
+        k: int,
+        min_timeout: float,
+        max_timeout: float,
+        on_timeout: Callable[[int], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self.k = k
+        self.min_timeout = min_timeout
+        self.max_timeout = max_timeout
+        self.confirmations = 0
+        self._confirmers = {sender}
+        self._on_timeout = on_timeout
+        self._fired = False
+        self.start = self._loop.time()
+        timeout = max_timeout if k >= 1 else min_timeout
+        self._handle: asyncio.TimerHandle | asyncio.Handle = self._loop.call_later(
+            timeout, self._fire
+        )
+
+    @property
+    def deadline(self) -> float:
+        """Loop time at which the suspicion will fire (as currently scheduled)."""
+        handle = self._handle
+        return handle.when() if isinstance(handle, asyncio.TimerHandle) else self._loop.time()
+
+    def confirm(self, sender: str) -> bool:
+        """Count ``sender`` as an independent confirmation; True if it was new information."""
+        if self._fired or self.confirmations >= self.k or sender in self._confirmers:
+            return False
+        self._confirmers.add(sender)
+        self.confirmations += 1
+        elapsed = self._loop.time() - self.start
+        remaining = timing.remaining_suspicion_time(
+            self.confirmations, self.k, elapsed, self.min_timeout, self.max_timeout
+        )
+        self._handle.cancel()
+        if remaining > 0:
+            self._handle = self._loop.call_later(remaining, self._fire)
+        else:
+            self._handle = self._loop.call_soon(self._fire)
+        return True
+
+    def cancel(self) -> None:
+        self._fired = True
+        self._handle.cancel()
+
+    def _fire(self) -> None:
+        if self._fired:
+            return
+        self._fired = True
+        self._on_timeout(self.confirmations)
+
+
+class Awareness:
+    """Local health score (Lifeguard LHA): 0 is healthy, up to ``max_multiplier - 1``."""
+
+    __slots__ = ("max_multiplier", "score")
+
+    def __init__(self, max_multiplier: int) -> None:
+        self.max_multiplier = max_multiplier
+        self.score = 0
+
+    def apply_delta(self, delta: int) -> None:
+        self.score = timing.apply_health_delta(self.score, delta, self.max_multiplier)
+
+    def scale(self, duration: float) -> float:
+        return timing.scale_by_health(duration, self.score)

@@ -1,0 +1,1165 @@
+"""The gossip member: SWIM failure detection with Lifeguard, dissemination and anti-entropy.
+
+Owns one member's view of the cluster (the node table, suspicion timers, broadcast queue, local
+health) and the protocol loops that keep it current: probe, gossip, push-pull, reconnect,
+receive and accept. It talks to the network only through a ``Transport`` and to the agent only
+through ``Member`` snapshots, ``MemberEvent``s and ``stats``. It must not touch the raft store,
+the runtime or anything outside this package; the agent decides what membership means.
+
+Protocol (one period of ``probe_interval * (health + 1)``)::
+
+    ping target ──(probe_timeout * (health+1))──> no ack?
+        ping-req to indirect_checks live members (they ping it, relay ack, or nack at 80 %)
+        ──(rest of the period)──> no ack? → suspect(target), health += missing nacks
+    suspect  → gossiped; every member starts a Suspicion timer (max → min as independent
+               confirmations arrive); the suspect refutes with a higher incarnation
+    timeout  → last-chance probe; no answer → dead(target), gossiped; dead members are no
+               longer probed
+    leave()  → dead(self, from=self) = "left", gossiped; never reported as dead
+
+Every membership change is queued in a transmit-limited broadcast queue and piggybacked on all
+outgoing packets (and on gossip rounds) retransmit_mult * ceil(log10(n+1)) times. A periodic
+push-pull over a stream exchanges full state with one random member; ``join`` is a push-pull
+with seeds; ``reconnect_interval`` push-pulls with a dead member so healed partitions merge.
+
+Additions to memberlist's protocol, each aimed at "a live member is never declared dead":
+
+* last-chance probe: an expired suspicion is executed only if the suspect also fails one more
+  probe (it carries the suspicion, so a live suspect answers with its newest alive message);
+  otherwise it is re-armed. Costs one probe period on a real failure.
+* stale accusations are answered: a member that receives a suspicion or death about itself
+  older than its incarnation sends its alive message straight back (and re-gossips it after a
+  stale death), so members that missed the refutation catch up.
+* a member that notices it woke up far past its own probe deadline (SIGSTOP, overload) does
+  not accuse the member it was probing; it only lowers its own health score.
+* reconnect: dead (not left) members are periodically tried with a push-pull, so the two
+  sides of a healed partition merge without an explicit join (serf does this above memberlist).
+* a member known dead that is later announced as left is reported ``left``.
+
+Concurrency: everything runs on one asyncio event loop; no locks. Handlers are synchronous and
+never await, so state changes are atomic between awaits. Nothing raised while handling inbound
+traffic escapes a loop: wire errors are counted as ``drop.<reason>``, anything unexpected as
+``drop.internal`` (and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from . import timing, wire
+from .broadcast import BroadcastQueue
+from .config import Config
+from .errors import (
+    ConfigError,
+    FrameTooLarge,
+    GossipError,
+    JoinError,
+    StateError,
+    TransportError,
+    WireError,
+)
+from .events import EventKind, EventStream, Member, MemberEvent
+from .keyring import Keyring
+from .lifeguard import Awareness, Suspicion
+from .transport import Address, Packet, Stream, Transport
+from .wire import (
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberState,
+    Nack,
+    NodeRecord,
+    Ping,
+    PushPull,
+    Suspect,
+)
+
+log = logging.getLogger("shoal.gossip")
+
+ALIVE = MemberState.ALIVE
+SUSPECT = MemberState.SUSPECT
+DEAD = MemberState.DEAD
+LEFT = MemberState.LEFT
+_GONE = (DEAD, LEFT)
+_RECV_BATCH = 64  # packets handled before yielding to other tasks
+_MAX_INBOUND_STREAMS = 64  # push-pulls served at once; more are closed at once (counted)
+
+
+def parse_address(value: Address | str, default_port: int = 7946) -> Address:
+    """``("host", port)``, ``"host:port"``, ``"[v6]:port"`` or ``"host"`` → (host, port)."""
+    if isinstance(value, tuple):
+        host, port = value
+        return (str(host), int(port))
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+        return (host, port)
+    if text.count(":") == 1:
+        host, _, port_s = text.partition(":")
+        return (host, int(port_s))
+    return (text, default_port)
+
+
+class _Node:
+    """Mutable per-member state inside a Memberlist (never handed out: see Member)."""
+
+    __slots__ = (
+        "addr",
+        "incarnation",
+        "meta",
+        "meta_obj",
+        "name",
+        "port",
+        "state",
+        "state_change",
+        "vsn",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        port: int,
+        meta: bytes,
+        incarnation: int,
+        state: MemberState,
+        state_change: float,
+        vsn: wire.Version,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.port = port
+        self.meta = meta
+        self.meta_obj: dict[str, Any] = wire.decode_meta(meta)
+        self.incarnation = incarnation
+        self.state = state
+        self.state_change = state_change
+        self.vsn = vsn
+
+    @property
+    def address(self) -> Address:
+        return (self.addr, self.port)
+
+    def set_meta(self, meta: bytes) -> None:
+        if meta != self.meta:
+            self.meta = meta
+            self.meta_obj = wire.decode_meta(meta)
+
+    def snapshot(self) -> Member:
+        return Member(
+            name=self.name,
+            addr=self.addr,
+            port=self.port,
+            meta=MappingProxyType(self.meta_obj),
+            incarnation=self.incarnation,
+            state=self.state,
+            state_since=self.state_change,
+            protocol=self.vsn,
+        )
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(
+            self.name, self.addr, self.port, self.meta, self.incarnation, self.state, self.vsn
+        )
+
+
+class _AckWaiter:
+    """An outstanding probe (future) or relay (callback) waiting for an ack; counts nacks."""
+
+    __slots__ = ("future", "nacks", "on_ack")
+
+    def __init__(
+        self,
+        future: asyncio.Future[None] | None = None,
+        on_ack: Callable[[], None] | None = None,
+    ) -> None:
+        self.future = future
+        self.on_ack = on_ack
+        self.nacks = 0
+
+    def ack(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+        if self.on_ack is not None:
+            self.on_ack()
+
+
+class _ProbeResult(NamedTuple):
+    acked: bool
+    relays: int  # members asked to probe indirectly
+    nacks: int  # nacks they sent back
+    late: float  # how late we woke up past our own deadlines (our own slowness)
+
+
+class Memberlist:
+    """One gossip member. Create, ``await start()``, ``await join(seeds)``, read ``members()``.
+
+    ``transport`` defaults to a UDPTransport on (bind_addr, bind_port). ``meta`` is a small
+    msgpack-able dict (≤ Config.meta_max_bytes encoded) that travels with membership.
+    ``rng`` makes probe order and peer choice reproducible (simulations).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Transport | None = None,
+        meta: dict[str, Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self._name = config.name
+        if transport is None:
+            from .udp import UDPTransport
+
+            transport = UDPTransport(
+                config.bind_addr, config.bind_port, queue_size=config.packet_queue_size
+            )
+        self._transport = transport
+        self._keyring: Keyring | None = (
+            Keyring(config.secret_key, config.extra_keys) if config.secret_key is not None else None
+        )
+        self._rng = rng if rng is not None else random.Random()
+        self._meta = self._encode_meta(meta or {})
+        self._packet_aad = wire.aad_for(wire.PACKET_AAD_KIND, config.label)
+        self._stream_aad = wire.aad_for(wire.STREAM_AAD_KIND, config.label)
+
+        self._nodes: dict[str, _Node] = {}
+        self._num_live = 0  # alive + suspect, ourselves included
+        self._probe_list: list[str] = []
+        self._probe_index = 0
+        self._suspicions: dict[str, Suspicion] = {}
+        self._broadcasts = BroadcastQueue()
+        self._acks: dict[int, _AckWaiter] = {}
+        self._seq = self._rng.randrange(2**32)
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._stats: Counter[str] = Counter()
+        self._streams: list[EventStream] = []
+        self._callbacks: list[Callable[[MemberEvent], None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gossip_wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._local: _Node | None = None
+        self._lifecycle = "new"  # new → running → (left) → shutdown
+        self._inbound_streams = 0
+        self._leaving = False
+
+    # =========================================================================== public API
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def address(self) -> Address:
+        """The advertised (addr, port) other members reach us at."""
+        return self._require_local().address
+
+    @property
+    def local_member(self) -> Member:
+        return self._require_local().snapshot()
+
+    @property
+    def keyring(self) -> Keyring | None:
+        """The cluster keyring (install_key / use_key / remove_key); None without encryption."""
+        return self._keyring
+
+    @property
+    def health_score(self) -> int:
+        """Lifeguard local health: 0 healthy … awareness_max_multiplier - 1 degraded."""
+        return self._awareness.score
+
+    @property
+    def running(self) -> bool:
+        return self._lifecycle in ("running", "left")
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: traffic, probes, suspicions, refutes, and ``drop.<reason>`` per dropped
+        packet or frame (see errors.DropReason; ``drop.internal`` would be a bug)."""
+        out: dict[str, int] = dict(self._stats)
+        for key, value in self._transport.stats.items():
+            out[f"transport.{key}"] = value
+        out["health_score"] = self._awareness.score
+        out["members_live"] = self._num_live
+        return out
+
+    def members(self, *, include_gone: bool = True) -> list[Member]:
+        """Every known member (ourselves included), sorted by name.
+
+        ``include_gone=False`` leaves out dead and left members.
+        """
+        return [
+            n.snapshot()
+            for n in sorted(self._nodes.values(), key=lambda n: n.name)
+            if include_gone or n.state not in _GONE
+        ]
+
+    def member(self, name: str) -> Member | None:
+        node = self._nodes.get(name)
+        return node.snapshot() if node is not None else None
+
+    def num_live(self) -> int:
+        """Alive + suspect members, ourselves included."""
+        return self._num_live
+
+    def events(self, maxsize: int | None = None) -> EventStream:
+        """Subscribe to membership events (async iterator). Subscribe before start() to also
+        see the local member's own join."""
+        stream = EventStream(maxsize or self.config.event_queue_size)
+        if self._lifecycle == "shutdown":
+            stream.close()
+        self._streams.append(stream)
+        return stream
+
+    def subscribe(self, callback: Callable[[MemberEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` synchronously on every event; returns an unsubscribe
+        function. The callback must not block; exceptions are logged and counted."""
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    async def start(self) -> Address:
+        """Bind the transport, become alive (alone) and start the protocol loops."""
+        if self._lifecycle != "new":
+            raise StateError(f"start: member is {self._lifecycle}")
+        self._loop = asyncio.get_running_loop()
+        self._gossip_wakeup = asyncio.Event()
+        try:
+            bound = await self._transport.start()
+        except TransportError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"cannot start transport: {exc}") from exc
+        cfg = self.config
+        addr = cfg.advertise_addr or bound[0]
+        port = cfg.advertise_port or bound[1]
+        if addr in ("0.0.0.0", "::"):
+            raise ConfigError("advertise_addr", "required when bound to a wildcard address")
+        now = self._loop.time()
+        self._local = _Node(cfg.name, addr, port, self._meta, 1, ALIVE, now, wire.LOCAL_VERSION)
+        self._nodes[cfg.name] = self._local
+        self._num_live = 1
+        self._lifecycle = "running"
+        self._emit(EventKind.JOIN, self._local, None)
+        # Push mode: packets are handled in the transport's delivery callback, no task switch.
+        self._transport.packet_handler = self._on_packet_safe
+        self._spawn_loop(self._recv_loop, "recv")
+        self._spawn_loop(self._accept_loop, "accept")
+        self._spawn_loop(self._probe_loop, "probe")
+        if cfg.gossip_interval > 0:
+            self._spawn_loop(self._gossip_loop, "gossip")
+        if cfg.push_pull_interval > 0:
+            pp = cfg.push_pull_interval
+            self._spawn_loop(lambda: self._periodic(pp, self._push_pull_round), "push-pull")
+        if cfg.reconnect_interval > 0:
+            rc = cfg.reconnect_interval
+            self._spawn_loop(lambda: self._periodic(rc, self._reconnect_round), "reconnect")
+        log.debug("%s: started on %s:%d", cfg.name, addr, port)
+        return (addr, port)
+
+    async def join(self, seeds: Iterable[Address | str]) -> int:
+        """Push-pull with every seed concurrently; return how many answered.
+
+        Raises JoinError if seeds were given and none answered. Our own address is skipped.
+        """
+        self._require_running("join")
+        addrs = []
+        for seed in seeds:
+            addr = parse_address(seed)
+            if addr != self.address and addr not in addrs:
+                addrs.append(addr)
+        if not addrs:
+            return 0
+        results = await asyncio.gather(
+            *(self._push_pull(a, join=True) for a in addrs), return_exceptions=True
+        )
+        causes: dict[Address, BaseException] = {}
+        ok = 0
+        for addr, result in zip(addrs, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, GossipError | OSError | TimeoutError):
+                    raise result
+                causes[addr] = result
+            else:
+                ok += 1
+        if ok == 0:
+            raise JoinError(causes)
+        return ok
+
+    def update_meta(self, meta: dict[str, Any]) -> None:
+        """Replace our metadata and re-broadcast it with a higher incarnation."""
+        local = self._require_running("update_meta")
+        encoded = self._encode_meta(meta)
+        self._meta = encoded
+        local.incarnation += 1
+        local.set_meta(encoded)
+        self._broadcast_alive(local)
+        self._emit(EventKind.UPDATE, local, ALIVE)
+
+    async def leave(self, timeout: float | None = None) -> None:
+        """Announce a graceful leave (others mark us "left", not dead) and wait until the
+        announcement has been retransmitted, at most ``timeout`` (default Config.leave_timeout).
+        Call ``shutdown()`` afterwards."""
+        local = self._require_running("leave")
+        if self._leaving:
+            return
+        self._leaving = True
+        self._lifecycle = "left"
+        loop = self._require_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        others = self._num_live > 1
+        msg = Dead(local.incarnation, local.name, local.name)
+        self._broadcasts.queue(local.name, wire.encode_message(msg), finished)
+        self._wake_gossip()
+        self._set_state(local, LEFT)
+        self._emit(EventKind.LEFT, local, ALIVE)
+        wait = self.config.leave_timeout if timeout is None else timeout
+        if others and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await done
+
+    async def shutdown(self) -> None:
+        """Stop every loop and close the transport, without announcing anything (to others
+        this looks like a crash unless leave() ran first). Idempotent."""
+        if self._lifecycle == "shutdown":
+            return
+        self._lifecycle = "shutdown"
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for suspicion in self._suspicions.values():
+            suspicion.cancel()
+        self._suspicions.clear()
+        for waiter in self._acks.values():
+            if waiter.future is not None and not waiter.future.done():
+                waiter.future.cancel()
+        self._acks.clear()
+        self._broadcasts.reset()
+        self._transport.packet_handler = None
+        await self._transport.close()
+        for stream in self._streams:
+            stream.close()
+
+    async def __aenter__(self) -> Memberlist:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # ======================================================================= helpers
+    def _encode_meta(self, meta: dict[str, Any]) -> bytes:
+        try:
+            encoded = wire.encode_meta(meta)
+        except TypeError as exc:
+            raise ConfigError("meta", str(exc)) from exc
+        if len(encoded) > self.config.meta_max_bytes:
+            raise ConfigError(
+                "meta",
+                f"{len(encoded)} bytes encoded > meta_max_bytes {self.config.meta_max_bytes}",
+            )
+        return encoded
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise StateError("member not started")
+        return self._loop
+
+    def _require_local(self) -> _Node:
+        if self._local is None:
+            raise StateError("member not started")
+        return self._local
+
+    def _require_running(self, what: str) -> _Node:
+        if self._lifecycle not in ("running", "left"):
+            raise StateError(f"{what}: member is {self._lifecycle}")
+        return self._require_local()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, coro: Awaitable[None], what: str) -> bool:
+        """Await ``coro``; True if it returned, False if it crashed (counted and logged)."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._stats["internal_errors"] += 1
+            log.exception("%s: %s failed", self._name, what)
+            return False
+        return True
+
+    def _spawn_loop(self, factory: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Run a protocol loop for the member's lifetime; a loop that crashes (a bug: counted
+        in ``internal_errors`` and logged) is restarted after a second instead of leaving a
+        member that answers nothing."""
+
+        async def forever() -> None:
+            while not await self._guard(factory(), f"{what} loop"):
+                await asyncio.sleep(1.0)
+
+        self._spawn(forever(), what)
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % 2**32
+        return self._seq
+
+    def _set_state(self, node: _Node, state: MemberState) -> None:
+        was_live = node.state not in _GONE
+        is_live = state not in _GONE
+        node.state = state
+        node.state_change = self._require_loop().time()
+        self._num_live += int(is_live) - int(was_live)
+
+    def _retransmit_limit(self) -> int:
+        return max(1, timing.retransmit_limit(self.config.retransmit_mult, self._num_live))
+
+    def _emit(self, kind: EventKind, node: _Node, previous: MemberState | None) -> None:
+        self._stats[f"event.{kind.value}"] += 1
+        if not self._streams and not self._callbacks:
+            return
+        event = MemberEvent(kind, node.snapshot(), previous, self._require_loop().time())
+        if any(stream.closed for stream in self._streams):
+            self._streams = [stream for stream in self._streams if not stream.closed]
+        for stream in self._streams:
+            stream._push(event)
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception:
+                self._stats["event_callback_errors"] += 1
+                log.exception("%s: event callback failed", self._name)
+
+    def _random_nodes(self, k: int, accept: Callable[[_Node], bool]) -> list[_Node]:
+        """Up to ``k`` distinct random members (never ourselves) that ``accept`` approves.
+
+        memberlist's kRandomNodes: up to 3n random draws, so it is cheap when k << n and
+        still exhaustive enough when n is small.
+        """
+        nodes = list(self._nodes.values())
+        n = len(nodes)
+        picked: list[_Node] = []
+        if k <= 0 or n <= 1:
+            return picked
+        rng = self._rng
+        local = self._local
+        for _ in range(3 * n):
+            node = nodes[int(rng.random() * n)]
+            if node is local or node in picked or not accept(node):
+                continue
+            picked.append(node)
+            if len(picked) >= k:
+                break
+        return picked
+
+    # =========================================================================== sending
+    def _send(self, addr: Address, msgs: list[bytes]) -> None:
+        """Send ``msgs`` plus as many piggybacked broadcasts as fit in one packet."""
+        used = sum(len(m) for m in msgs) + wire.SEAL_OVERHEAD + 4
+        space = self.config.packet_size - used
+        extra = self._broadcasts.take(space, self._retransmit_limit())
+        if not msgs and not extra:
+            return
+        payload = wire.build_payload(msgs + extra if extra else msgs)
+        data = wire.seal(payload, self._keyring, self._packet_aad)
+        self._stats["packets_out"] += 1
+        self._stats["bytes_out"] += len(data)
+        if extra:
+            self._stats["broadcasts_out"] += len(extra)
+        self._transport.send_packet(addr, data)
+
+    def _queue_broadcast(self, name: str, msg: Alive | Suspect | Dead) -> None:
+        self._broadcasts.queue(name, wire.encode_message(msg))
+        self._wake_gossip()
+
+    def _wake_gossip(self) -> None:
+        if self._gossip_wakeup is not None:
+            self._gossip_wakeup.set()
+
+    def _broadcast_alive(self, node: _Node) -> None:
+        self._queue_broadcast(
+            node.name,
+            Alive(node.incarnation, node.name, node.addr, node.port, node.meta, node.vsn),
+        )
+
+    # =========================================================================== receiving
+    async def _recv_loop(self) -> None:
+        transport = self._transport
+        handled = 0
+        while True:
+            try:
+                packet = await transport.recv_packet()
+            except TransportError:
+                return
+            self._on_packet(packet)
+            handled += 1
+            if handled % _RECV_BATCH == 0:
+                await asyncio.sleep(0)
+
+    def _on_packet_safe(self, packet: Packet) -> None:
+        try:
+            self._on_packet(packet)
+        except Exception:
+            self._stats["drop.internal"] += 1
+            log.exception("%s: handling a packet from %s failed", self._name, packet.source)
+
+    def _on_packet(self, packet: Packet) -> None:
+        try:
+            msgs = wire.open_packet(
+                packet.data, self._keyring, self._packet_aad, self.config.max_packet_in
+            )
+        except WireError as exc:
+            self._stats[f"drop.{exc.reason.value}"] += 1
+            return
+        except Exception:
+            self._stats["drop.internal"] += 1
+            log.exception("%s: decoding a packet from %s failed", self._name, packet.source)
+            return
+        self._stats["packets_in"] += 1
+        self._stats["bytes_in"] += len(packet.data)
+        if self._lifecycle == "shutdown":
+            return
+        for msg in msgs:
+            try:
+                self._handle(msg, packet.source)
+            except WireError as exc:
+                self._stats[f"drop.{exc.reason.value}"] += 1
+            except Exception:
+                self._stats["drop.internal"] += 1
+                log.exception("%s: handling %r failed", self._name, msg)
+
+    def _handle(self, msg: wire.Message, source: Address) -> None:
+        match msg:
+            case Ping():
+                if msg.target != self._name:
+                    self._stats["drop.unexpected"] += 1
+                    return
+                self._send(source, [wire.encode_message(Ack(msg.seq))])
+            case IndirectPing():
+                self._relay(msg, source)
+            case Ack():
+                waiter = self._acks.get(msg.seq)
+                if waiter is None:
+                    self._stats["stale_acks"] += 1
+                else:
+                    waiter.ack()
+            case Nack():
+                waiter = self._acks.get(msg.seq)
+                if waiter is not None:
+                    waiter.nacks += 1
+            case Alive():
+                self._on_alive(msg)
+            case Suspect():
+                self._on_suspect(msg, source)
+            case Dead():
+                self._on_dead(msg, source)
+            case _:
+                self._stats["drop.unexpected"] += 1
+
+    def _relay(self, req: IndirectPing, requester: Address) -> None:
+        """Probe ``req.target`` for ``requester``: relay its ack, or nack at 80 % of the timeout."""
+        loop = self._require_loop()
+        self._stats["relays"] += 1
+        local_seq = self._next_seq()
+        done = False
+
+        def on_ack() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._send(requester, [wire.encode_message(Ack(req.seq))])
+
+        def on_nack_timer() -> None:
+            if not done:
+                self._send(requester, [wire.encode_message(Nack(req.seq))])
+
+        def expire() -> None:
+            self._acks.pop(local_seq, None)
+
+        self._acks[local_seq] = _AckWaiter(on_ack=on_ack)
+        timeout = self.config.probe_timeout
+        if req.nack:
+            loop.call_later(timing.nack_timeout(timeout), on_nack_timer)
+        loop.call_later(timeout, expire)
+        self._send((req.addr, req.port), [wire.encode_message(Ping(local_seq, req.target))])
+
+    # =========================================================================== state machine
+    def _on_alive(self, a: Alive, *, from_state_sync: bool = False) -> None:
+        lo, hi, _cur = a.vsn
+        if lo > wire.PROTOCOL_VERSION_MAX or hi < wire.PROTOCOL_VERSION_MIN:
+            self._stats["drop.incompatible"] += 1
+            return
+        now = self._require_loop().time()
+        node = self._nodes.get(a.node)
+        is_local = a.node == self._name
+        if node is None:
+            node = _Node(a.node, a.addr, a.port, a.meta, a.incarnation, ALIVE, now, a.vsn)
+            self._nodes[a.node] = node
+            self._num_live += 1
+            self._insert_probe_target(a.node)
+            self._queue_broadcast(a.node, a)
+            self._emit(EventKind.JOIN, node, None)
+            return
+        updates_node = False
+        if (a.addr, a.port) != node.address and not is_local:
+            reclaim = self.config.dead_node_reclaim_time
+            can_reclaim = reclaim > 0 and now - node.state_change > reclaim
+            if node.state == LEFT or (node.state == DEAD and can_reclaim):
+                updates_node = True
+            else:
+                self._stats["name_conflicts"] += 1
+                log.warning(
+                    "%s: name conflict: %s claimed by %s:%d, known at %s:%d",
+                    self._name, a.node, a.addr, a.port, node.addr, node.port,
+                )
+                return
+        if is_local:
+            if a.incarnation < node.incarnation:
+                return
+            if (
+                a.incarnation == node.incarnation
+                and a.meta == node.meta
+                and (a.addr, a.port) == node.address
+                and a.vsn == node.vsn
+            ):
+                return
+            self._refute(node, a.incarnation)
+            return
+        if a.incarnation <= node.incarnation and not updates_node:
+            return
+        suspicion = self._suspicions.pop(a.node, None)
+        if suspicion is not None:
+            suspicion.cancel()
+        old_state = node.state
+        old_meta = node.meta
+        old_addr = node.address
+        self._queue_broadcast(a.node, a)
+        node.incarnation = a.incarnation
+        node.set_meta(a.meta)
+        node.addr, node.port = a.addr, a.port
+        node.vsn = a.vsn
+        if old_state != ALIVE:
+            self._set_state(node, ALIVE)
+        if old_state == LEFT:
+            self._emit(EventKind.JOIN, node, old_state)
+        elif old_state in (DEAD, SUSPECT):
+            self._emit(EventKind.ALIVE_AGAIN, node, old_state)
+        elif old_meta != node.meta or old_addr != node.address:
+            self._emit(EventKind.UPDATE, node, old_state)
+
+    def _on_suspect(self, s: Suspect, source: Address | None = None) -> None:
+        node = self._nodes.get(s.node)
+        if node is None:
+            return
+        if s.incarnation < node.incarnation:
+            if node is self._local and source is not None:
+                self._answer_stale_accusation(source, again=False)
+            return
+        suspicion = self._suspicions.get(s.node)
+        if suspicion is not None:
+            if suspicion.confirm(s.sender):
+                self._stats["suspicion_confirmations"] += 1
+                self._queue_broadcast(s.node, s)
+            return
+        if node.state != ALIVE:
+            return
+        if s.node == self._name:
+            self._refute(node, s.incarnation)
+            return
+        self._queue_broadcast(s.node, s)
+        node.incarnation = s.incarnation
+        self._set_state(node, SUSPECT)
+        self._stats["suspicions"] += 1
+        n = self._num_live
+        k = timing.suspicion_confirmations(self.config.suspicion_mult, n)
+        low, high = self.config.suspicion_timeouts(n)
+        self._arm_suspicion(node, s.sender, k, low, high)
+        self._emit(EventKind.SUSPECT, node, ALIVE)
+
+    def _arm_suspicion(self, node: _Node, sender: str, k: int, low: float, high: float) -> None:
+        change = node.state_change
+        name = node.name
+
+        def on_timeout(confirmations: int) -> None:
+            if self._suspicions.get(name) is suspicion:
+                del self._suspicions[name]
+            current = self._nodes.get(name)
+            if current is not None and current.state == SUSPECT and current.state_change == change:
+                self._spawn(self._last_chance(name, change), "last-chance probe")
+
+        suspicion = Suspicion(sender, k, low, high, on_timeout)
+        old = self._suspicions.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._suspicions[name] = suspicion
+
+    def _on_dead(self, d: Dead, source: Address | None = None) -> None:
+        node = self._nodes.get(d.node)
+        if node is None:
+            return
+        if d.incarnation < node.incarnation:
+            if node is self._local and source is not None and not self._leaving:
+                self._answer_stale_accusation(source, again=True)
+            return
+        suspicion = self._suspicions.pop(d.node, None)
+        if suspicion is not None:
+            suspicion.cancel()
+        left = d.sender == d.node
+        if node.state in _GONE:
+            # shoal: a member we saw die that then turns out to have left is reported left.
+            if node.state == DEAD and left:
+                self._queue_broadcast(d.node, d)
+                node.incarnation = d.incarnation
+                self._set_state(node, LEFT)
+                self._emit(EventKind.LEFT, node, DEAD)
+            return
+        if d.node == self._name:
+            if not self._leaving:
+                self._refute(node, d.incarnation)
+            return
+        self._queue_broadcast(d.node, d)
+        old_state = node.state
+        node.incarnation = d.incarnation
+        self._set_state(node, LEFT if left else DEAD)
+        self._emit(EventKind.LEFT if left else EventKind.DEAD, node, old_state)
+
+    def _answer_stale_accusation(self, source: Address, *, again: bool) -> None:
+        """shoal addition: an accusation older than our incarnation means its sender missed our
+        refutation. Tell it directly (and, for a death, re-gossip our alive message: whoever
+        believed the death missed the refutation too)."""
+        local = self._require_local()
+        self._stats["stale_accusations_answered"] += 1
+        alive = Alive(local.incarnation, local.name, local.addr, local.port, local.meta, local.vsn)
+        self._send(source, [wire.encode_message(alive)])
+        if again:
+            self._broadcast_alive(local)
+
+    def _refute(self, local: _Node, accused: int) -> None:
+        """We were suspected or declared dead: outbid the accusation with a higher incarnation."""
+        inc = local.incarnation + 1
+        if accused >= inc:
+            inc = accused + 1
+        local.incarnation = inc
+        self._awareness.apply_delta(1)
+        self._stats["refutes"] += 1
+        self._broadcast_alive(local)
+
+    def _merge(self, records: tuple[NodeRecord, ...]) -> None:
+        """Fold a remote full state into ours (memberlist mergeState): remote dead is only a
+        suspicion here, so a wrongly-dead member still gets its chance to refute."""
+        for r in records:
+            if r.state == ALIVE:
+                self._on_alive(Alive(r.incarnation, r.name, r.addr, r.port, r.meta, r.vsn))
+            elif r.state == LEFT:
+                self._on_dead(Dead(r.incarnation, r.name, r.name))
+            else:
+                self._on_suspect(Suspect(r.incarnation, r.name, self._name))
+
+    # =========================================================================== probing
+    def _insert_probe_target(self, name: str) -> None:
+        index = self._rng.randint(0, len(self._probe_list))
+        self._probe_list.insert(index, name)
+        if index < self._probe_index:
+            self._probe_index += 1
+
+    def _reset_probe_list(self) -> None:
+        """Start a new round: forget members gone for longer than dead_retention, reshuffle."""
+        now = self._require_loop().time()
+        retention = self.config.dead_retention
+        for node in list(self._nodes.values()):
+            expired = node.state in _GONE and now - node.state_change > retention
+            if expired and node is not self._local:
+                del self._nodes[node.name]
+                self._stats["reaped"] += 1
+                self._emit(EventKind.REAPED, node, node.state)
+        self._probe_list = [name for name in self._nodes if name != self._name]
+        self._rng.shuffle(self._probe_list)
+        self._probe_index = 0
+
+    def _next_probe_target(self) -> _Node | None:
+        for _ in range(len(self._probe_list) + 2):
+            if self._probe_index >= len(self._probe_list):
+                self._reset_probe_list()
+                if not self._probe_list:
+                    return None
+            name = self._probe_list[self._probe_index]
+            self._probe_index += 1
+            node = self._nodes.get(name)
+            if node is not None and node.state not in _GONE and name != self._name:
+                return node
+        return None
+
+    async def _probe_loop(self) -> None:
+        loop = self._require_loop()
+        await asyncio.sleep(self._rng.uniform(0, self.config.probe_interval))
+        while True:
+            start = loop.time()
+            period = self._awareness.scale(self.config.probe_interval)
+            node = self._next_probe_target()
+            if node is not None and not self._leaving:
+                await self._probe(node, period)
+            delay = start + period - loop.time()
+            await asyncio.sleep(max(delay, 0.0))
+
+    async def _wait_ack(self, future: asyncio.Future[None], timeout: float) -> float:
+        """Wait up to ``timeout`` for ``future``; return -1.0 if it completed, else how late
+        (seconds past the deadline) this task woke up: a measure of our own slowness."""
+        loop = self._require_loop()
+        if future.done():
+            return -1.0
+        deadline = loop.time() + timeout
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def wakeup(_: object = None) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        handle = loop.call_at(deadline, wakeup)
+        future.add_done_callback(wakeup)
+        try:
+            await wake
+        finally:
+            handle.cancel()
+            future.remove_done_callback(wakeup)
+        if not future.done():
+            # Let the receive loop handle what arrived while we slept (an ack may be queued).
+            await asyncio.sleep(0)
+        return -1.0 if future.done() else max(0.0, loop.time() - deadline)
+
+    async def _probe_round(self, node: _Node, period: float, timeout: float) -> _ProbeResult:
+        """One SWIM probe of ``node``: ping, then ping-req through indirect_checks members.
+
+        A suspect is pinged together with the suspicion (Lifeguard's buddy system) so that it
+        learns at once and can refute.
+        """
+        loop = self._require_loop()
+        seq = self._next_seq()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = _AckWaiter(future=future)
+        self._acks[seq] = waiter
+        try:
+            msgs = [wire.encode_message(Ping(seq, node.name))]
+            if node.state != ALIVE:
+                msgs.append(wire.encode_message(Suspect(node.incarnation, node.name, self._name)))
+            sent = loop.time()
+            self._stats["probes"] += 1
+            self._send(node.address, msgs)
+            late = await self._wait_ack(future, timeout)
+            if late < 0:
+                return _ProbeResult(True, 0, 0, 0.0)
+            relays = self._random_nodes(
+                self.config.indirect_checks, lambda n: n.state == ALIVE and n.name != node.name
+            )
+            if relays:
+                req = wire.encode_message(IndirectPing(seq, node.name, node.addr, node.port, True))
+                for relay in relays:
+                    self._send(relay.address, [req])
+            self._stats["probes_indirect"] += 1
+            window = max(sent + period - loop.time(), timeout)
+            late_indirect = await self._wait_ack(future, window)
+            if late_indirect < 0:
+                self._stats["probes_indirect_ok"] += 1
+                return _ProbeResult(True, len(relays), waiter.nacks, 0.0)
+            return _ProbeResult(False, len(relays), waiter.nacks, max(late, late_indirect))
+        finally:
+            self._acks.pop(seq, None)
+
+    async def _probe(self, node: _Node, period: float) -> None:
+        """A periodic probe: on failure suspect ``node``; always update our health score."""
+        timeout = self._awareness.scale(self.config.probe_timeout)
+        incarnation = node.incarnation
+        delta = -1
+        try:
+            result = await self._probe_round(node, period, timeout)
+            if result.acked:
+                return
+            # Lifeguard: missing nacks mean *we* may be the problem.
+            relays = result.relays
+            delta = max(0, relays - result.nacks) if relays else 1
+            if result.late > timeout:
+                # We woke up far too late to trust the silence (paused, overloaded): do not
+                # accuse anybody, just count ourselves less healthy.
+                self._stats["probes_skipped_self_slow"] += 1
+                delta = max(delta, 1)
+                return
+            self._stats["probes_failed"] += 1
+            current = self._nodes.get(node.name)
+            if current is not None and current.state not in _GONE:
+                self._on_suspect(Suspect(incarnation, node.name, self._name))
+        finally:
+            self._awareness.apply_delta(delta)
+
+    async def _last_chance(self, name: str, change: float) -> None:
+        """shoal addition: before executing an expired suspicion, probe the suspect once more.
+
+        Dissemination is probabilistic: under heavy loss a member can miss the refutation of
+        a suspicion (and the next push-pull). A suspect that still answers a probe is alive by
+        SWIM's own definition, so its suspicion is re-armed (minimum timeout) instead of
+        executed; the ping carries the suspicion, so the suspect answers with its current
+        alive message and the suspicion ends. A really dead member costs one probe period more.
+        """
+        node = self._nodes.get(name)
+        if node is None or node.state != SUSPECT or node.state_change != change:
+            return
+        period = self._awareness.scale(self.config.probe_interval)
+        timeout = self._awareness.scale(self.config.probe_timeout)
+        result = await self._probe_round(node, period, timeout)
+        node = self._nodes.get(name)
+        if node is None or node.state != SUSPECT or node.state_change != change:
+            return  # refuted (or settled) while we were probing
+        if result.acked or result.late > timeout:
+            self._stats["suspicions_rearmed"] += 1
+            low, _ = self.config.suspicion_timeouts(self._num_live)
+            self._arm_suspicion(node, self._name, 0, low, low)
+            return
+        self._stats["suspicion_timeouts"] += 1
+        self._on_dead(Dead(node.incarnation, name, self._name))
+
+    # =========================================================================== gossip
+    def _gossip_targets(self) -> list[_Node]:
+        now = self._require_loop().time()
+        to_the_dead = self.config.gossip_to_the_dead_time
+
+        def eligible(n: _Node) -> bool:
+            if n.state in _GONE:
+                return now - n.state_change <= to_the_dead
+            return True
+
+        return self._random_nodes(self.config.gossip_nodes, eligible)
+
+    def _gossip_round(self) -> None:
+        for node in self._gossip_targets():
+            if not self._broadcasts:
+                break
+            self._send(node.address, [])
+
+    async def _gossip_loop(self) -> None:
+        wakeup = self._gossip_wakeup
+        assert wakeup is not None
+        interval = self.config.gossip_interval
+        await asyncio.sleep(self._rng.uniform(0, interval))
+        while True:
+            if not self._broadcasts:
+                wakeup.clear()
+                await wakeup.wait()
+            self._gossip_round()
+            await asyncio.sleep(interval)
+
+    # =========================================================================== push-pull
+    async def _periodic(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+        await asyncio.sleep(self._rng.uniform(0, interval))
+        while True:
+            await action()
+            await asyncio.sleep(timing.push_pull_scale(interval, self._num_live))
+
+    async def _push_pull_round(self) -> None:
+        peers = self._random_nodes(1, lambda n: n.state == ALIVE)
+        if peers:
+            await self._sync_with(peers[0].address)
+
+    async def _reconnect_round(self) -> None:
+        now = self._require_loop().time()
+        retention = self.config.dead_retention
+        peers = self._random_nodes(
+            1, lambda n: n.state == DEAD and now - n.state_change <= retention
+        )
+        if peers:
+            self._stats["reconnect_attempts"] += 1
+            await self._sync_with(peers[0].address)
+
+    async def _sync_with(self, addr: Address) -> None:
+        try:
+            await self._push_pull(addr, join=False)
+        except (GossipError, OSError, TimeoutError) as exc:
+            self._stats["push_pull_failures"] += 1
+            log.debug("%s: push-pull with %s:%d failed: %s", self._name, addr[0], addr[1], exc)
+
+    def _state_frame(self, join: bool) -> bytes:
+        records = tuple(n.record() for n in self._nodes.values())
+        payload = wire.build_payload([wire.encode_message(PushPull(join, records))])
+        return wire.seal(payload, self._keyring, self._stream_aad)
+
+    def _open_frame(self, frame: bytes) -> PushPull:
+        try:
+            return wire.open_frame(frame, self._keyring, self._stream_aad)
+        except WireError as exc:
+            self._stats[f"drop.{exc.reason.value}"] += 1
+            self._stats["drop.stream_frames"] += 1
+            raise
+
+    async def _push_pull(self, addr: Address, *, join: bool) -> None:
+        """Exchange full state with ``addr`` over a stream and merge the answer."""
+        cfg = self.config
+        self._stats["push_pulls"] += 1
+        stream = await self._transport.open_stream(addr, cfg.tcp_timeout)
+        try:
+            async with asyncio.timeout(cfg.tcp_timeout):
+                await stream.send(self._state_frame(join))
+                frame = await stream.recv(cfg.max_stream_frame)
+        except TimeoutError as exc:
+            raise TransportError(f"push-pull with {addr[0]}:{addr[1]} timed out") from exc
+        except FrameTooLarge:
+            self._stats["drop.oversize"] += 1
+            raise
+        finally:
+            await stream.close()
+        remote = self._open_frame(frame)
+        if self._lifecycle != "shutdown":
+            self._merge(remote.nodes)
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                stream = await self._transport.accept_stream()
+            except TransportError:
+                return
+            if self._inbound_streams >= _MAX_INBOUND_STREAMS:
+                self._stats["streams_refused"] += 1
+                await stream.close()
+                continue
+            self._spawn(self._serve_stream(stream), "stream")
+
+    async def _serve_stream(self, stream: Stream) -> None:
+        cfg = self.config
+        self._inbound_streams += 1
+        try:
+            async with asyncio.timeout(cfg.tcp_timeout):
+                frame = await stream.recv(cfg.max_stream_frame)
+                remote = self._open_frame(frame)
+                await stream.send(self._state_frame(False))
+            self._stats["push_pulls_served"] += 1
+            self._merge(remote.nodes)
+        except WireError:
+            pass  # counted in _open_frame
+        except FrameTooLarge:
+            self._stats["drop.oversize"] += 1
+        except (TransportError, TimeoutError, OSError):
+            self._stats["stream_errors"] += 1
+        finally:
+            self._inbound_streams -= 1
+            await stream.close()
