@@ -9,13 +9,16 @@ logic — every decision is the agent's; this module only asks and shows.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
@@ -38,16 +41,51 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+def _tls_context(tls_dir: str) -> ssl.SSLContext:
+    """Client side of the remote API: DIR/{ca,cert,key}.pem from `shoal ca issue-client`.
+    The server must hold a certificate of the same cluster CA (any of its nodes)."""
+    d = Path(tls_dir)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the cluster CA is the trust anchor, not a DNS name
+    try:
+        ctx.load_verify_locations(str(d / "ca.pem"))
+        ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"--tls-dir {tls_dir} must hold ca.pem, cert.pem and key.pem (from "
+                       f"`shoal ca issue-client NAME --out DIR`): {exc}") from None
+    return ctx
+
+
 class Client:
-    def __init__(self, host: str, timeout: float = 60.0) -> None:
-        if not host.startswith("unix://"):
-            raise CliError(f"unsupported host {host!r}: use unix:///path/to/shoal.sock")
-        self.path = host[len("unix://"):]
+    def __init__(self, host: str, timeout: float = 60.0, tls_dir: str = "") -> None:
         self.host = host
         self.timeout = timeout
+        self.path = ""
+        self._tls: ssl.SSLContext | None = None
+        if host.startswith("unix://"):
+            self.path = host[len("unix://"):]
+        elif host.startswith("tcp://"):
+            addr = host[len("tcp://"):].rstrip("/")
+            name, sep, port = addr.rpartition(":")
+            if not sep or not port.isdigit():
+                raise CliError(f"{host!r}: use tcp://ADDR:PORT (the agent's --remote-api-port)")
+            self._addr = (name, int(port))
+            if not tls_dir:
+                raise CliError("a tcp:// host needs --tls-dir DIR (or SHOAL_TLS_DIR) with a "
+                               "client certificate from `shoal ca issue-client`")
+            self._tls = _tls_context(tls_dir)
+        else:
+            raise CliError(f"unsupported host {host!r}: use unix:///path/to/shoal.sock or "
+                           "tcp://ADDR:PORT")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is None:
+            return _UnixConnection(self.path, self.timeout)
+        return http.client.HTTPSConnection(self._addr[0], self._addr[1], timeout=self.timeout,
+                                           context=self._tls)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        conn = _UnixConnection(self.path, self.timeout)
+        conn = self._connection()
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -63,6 +101,13 @@ class Client:
         except TimeoutError:
             raise CliError(f"the agent at {self.host} did not answer in {self.timeout:g}s") \
                 from None
+        except ssl.SSLCertVerificationError as exc:
+            raise CliError(f"the server at {self.host} is not a node of the cluster in "
+                           f"--tls-dir: {exc.verify_message}") from None
+        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected):
+            raise CliError(f"the agent at {self.host} refused the TLS connection: is its "
+                           "remote API on, and the client certificate this cluster's and "
+                           "not expired?") from None
         except OSError as exc:
             raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
         finally:
@@ -108,9 +153,9 @@ def emit(data: Any, fmt: str, render: Any) -> None:
 def render_nodes(nodes: list[dict[str, Any]]) -> str:
     rows = [[n["id"][:12], n["hostname"], n["addr"], n["state"].capitalize(),
              n["availability"].capitalize(), n["manager_status"].capitalize(),
-             str(n["tasks"])] for n in nodes]
+             n.get("membership", "").capitalize(), str(n["tasks"])] for n in nodes]
     return table(rows, ["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY",
-                        "MANAGER STATUS", "TASKS"])
+                        "MANAGER STATUS", "MEMBERSHIP", "TASKS"])
 
 
 def render_services(svcs: list[dict[str, Any]]) -> str:
@@ -142,7 +187,10 @@ def cmd_agent(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = AgentConfig(data_dir=Path(args.data_dir), advertise_addr=args.advertise_addr,
                       listen_addr=args.listen_addr, api_port=args.api_port,
-                      raft_port=args.raft_port)
+                      raft_port=args.raft_port, remote_api_port=args.remote_api_port,
+                      gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
+                      cert_lifetime=args.cert_lifetime,
+                      cert_renew_fraction=args.cert_renew_fraction)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -185,6 +233,21 @@ def parse_size(text: str | None, flag: str) -> int:
     return int(value * SIZE_UNITS[unit])
 
 
+def parse_publish(text: str) -> dict[str, Any]:
+    """--publish PUBLISHED:TARGET[/tcp|udp] (or published=..,target=..,protocol=..)."""
+    spec, _, proto = text.partition("/")
+    if "=" in text:
+        kv = parse_kv(text.split(","), "--publish")
+        spec, proto = f"{kv.get('published', '')}:{kv.get('target', '')}", \
+            kv.get("protocol", "tcp")
+    published, sep, target = spec.partition(":")
+    if not sep:
+        target = published
+    if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
+        raise CliError(f"--publish expects PUBLISHED:TARGET[/tcp|udp], got {text!r}")
+    return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
+
+
 def parse_mount(text: str) -> dict[str, Any]:
     """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
     out: dict[str, Any] = {"type": "volume"}
@@ -213,10 +276,10 @@ def run(args: argparse.Namespace) -> None:
     if args.cmd == "agent":
         cmd_agent(args)
         return
-    c = Client(args.host)
+    c = Client(args.host, tls_dir=args.tls_dir)
     fmt = getattr(args, "format", "table")
     if args.cmd == "init":
-        r = c.call("POST", "/v1/swarm/init")
+        r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr})
         print(f"Cluster initialised: this node ({r['node_id'][:12]}) is now a manager and the "
               "leader.")
         wt = c.call("GET", "/v1/swarm/join-token/worker")["token"]
@@ -245,6 +308,10 @@ def run(args: argparse.Namespace) -> None:
         run_node(c, args, fmt)
     elif args.cmd == "service":
         run_service(c, args, fmt)
+    elif args.cmd in ("secret", "config"):
+        run_secret(c, args, fmt)
+    elif args.cmd == "ca":
+        run_ca(c, args)
 
 
 def _addr(c: Client) -> str:
@@ -294,12 +361,16 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             "reserve_memory": parse_size(args.reserve_memory, "--reserve-memory"),
             "reserve_cpu": args.reserve_cpu,
             "mounts": [parse_mount(m) for m in args.mount],
+            "ports": [parse_publish(p) for p in args.publish],
+            "lb_algorithm": args.lb,
             "restart_condition": args.restart_condition,
             "restart_delay": args.restart_delay,
             "restart_max_attempts": args.restart_max_attempts,
             "restart_window": args.restart_window,
             "update_parallelism": args.update_parallelism,
             "update_delay": args.update_delay,
+            "secrets": [parse_file_ref(x, "--secret") for x in args.secret],
+            "configs": [parse_file_ref(x, "--config") for x in args.config],
         }
         r = c.call("POST", "/v1/services", {"spec": spec})
         print(r["id"])
@@ -364,6 +435,94 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             print(s)
 
 
+def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
+    """--secret NAME[,target=FILE][,mode=0400] (also source=NAME, as Docker)."""
+    out: dict[str, Any] = {}
+    for i, part in enumerate(text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep and i == 0:
+            out["name"] = key
+        elif key in ("source", "src", "name") and sep:
+            out["name"] = value
+        elif key == "target" and sep:
+            out["target"] = value
+        elif key == "mode" and sep:
+            try:
+                out["mode"] = int(value, 8)
+            except ValueError:
+                raise CliError(f"{flag}: mode must be octal (e.g. 0400), got {value!r}") \
+                    from None
+        else:
+            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
+                           "NAME[,target=FILE][,mode=0400])")
+    if not out.get("name"):
+        raise CliError(f"{flag} {text!r}: a name is required")
+    return out
+
+
+def render_secrets(objs: list[dict[str, Any]]) -> str:
+    rows = [[o["id"][:12], o["name"], ago(o["created_at"]), ago(o["updated_at"])]
+            for o in objs]
+    return table(rows, ["ID", "NAME", "CREATED", "UPDATED"])
+
+
+def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    """`shoal secret|config create|ls|inspect|rm`. Values are read from a file or stdin and
+    sent base64-encoded; they are never printed (a secret's value is never returned)."""
+    kind = args.cmd
+    sub = getattr(args, f"{kind}_cmd")
+    if sub == "create":
+        try:
+            if args.file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.file, "rb") as f:
+                    data = f.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+        r = c.call("POST", f"/v1/{kind}s", {"name": args.name, "labels": parse_kv(
+            args.label, "--label"), "data": base64.b64encode(data).decode()})
+        print(r["id"])
+    elif sub == "ls":
+        emit(c.call("GET", f"/v1/{kind}s"), fmt, render_secrets)
+    elif sub == "inspect":
+        out = [c.call("GET", f"/v1/{kind}s/{_q(n)}") for n in args.names]
+        print(json.dumps(out, indent=2))
+    elif sub == "rm":
+        for n in args.names:
+            c.call("DELETE", f"/v1/{kind}s/{_q(n)}")
+            print(n)
+
+
+def run_ca(c: Client, args: argparse.Namespace) -> None:
+    """`shoal ca info|issue-client|revoke-client`. The client's key is made here and never
+    leaves this machine; the manager signs a request for it."""
+    if args.ca_cmd == "info":
+        print(json.dumps(c.call("GET", "/v1/ca"), indent=2))
+    elif args.ca_cmd == "issue-client":
+        from shoal.node import pki
+
+        out = Path(args.out)
+        key = pki.new_key()
+        body: dict[str, Any] = {"name": args.name, "csr": pki.make_csr(key).decode()}
+        if args.days:
+            body["lifetime"] = args.days * 86400.0
+        r = c.call("POST", "/v1/ca/clients", body)
+        try:
+            out.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pki.write_private(out / "key.pem", pki.key_pem(key))
+            pki.write_private(out / "cert.pem", r["cert"].encode(), 0o644)
+            pki.write_private(out / "ca.pem", r["ca_cert"].encode(), 0o644)
+        except OSError as exc:
+            raise CliError(f"cannot write to {out}: {exc.strerror}") from None
+        print(f"Client certificate {args.name!r} written to {out}/ (cert.pem, key.pem, "
+              f"ca.pem); valid until {time.strftime('%Y-%m-%d', time.localtime(r['not_after']))}"
+              f". Use: shoal -H tcp://MANAGER:PORT --tls-dir {out} ...")
+    elif args.ca_cmd == "revoke-client":
+        c.call("DELETE", f"/v1/ca/clients/{_q(args.name)}")
+        print(f"Client certificate {args.name!r} revoked.")
+
+
 def _q(s: str) -> str:
     from urllib.parse import quote
 
@@ -380,7 +539,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="shoal", description="shoal: a peer-to-peer container orchestrator")
     p.add_argument("-H", "--host", default=os.environ.get("SHOAL_HOST", DEFAULT_HOST),
-                   help=f"agent socket (env SHOAL_HOST, default {DEFAULT_HOST})")
+                   help=f"agent socket, or tcp://ADDR:PORT for a remote API (env SHOAL_HOST, "
+                   f"default {DEFAULT_HOST})")
+    p.add_argument("--tls-dir", default=os.environ.get("SHOAL_TLS_DIR", ""), metavar="DIR",
+                   help="client certificate for a tcp:// host: DIR/{ca,cert,key}.pem from "
+                   "`shoal ca issue-client` (env SHOAL_TLS_DIR)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     a = sub.add_parser("agent", help="run the node agent (long-running, as root)")
@@ -389,11 +552,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--listen-addr", default="", help="bind address (default: advertise addr)")
     a.add_argument("--api-port", type=int, default=2377)
     a.add_argument("--raft-port", type=int, default=2378)
+    a.add_argument("--gossip-port", type=int, default=7946)
+    a.add_argument("--gossip-preset", choices=["lan", "local"], default="lan",
+                   help="failure-detection timings (local: test hosts only)")
     a.add_argument("--hostname", default=None, help="node name shown in `node ls`")
     a.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
+                   help="also serve the CLI's API on TCP PORT over mutual TLS (client "
+                   "certificates from `shoal ca issue-client`); default off")
+    # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
+    # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
+    a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)
+    a.add_argument("--cert-renew-fraction", type=float, default=0.5, help=argparse.SUPPRESS)
 
-    sub.add_parser("init", help="create a cluster; this node becomes its first manager")
+    ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")
+    ini.add_argument("--cluster-cidr", default="",
+                     help="task address pool, cut into a /24 per node (default 10.99.0.0/16)")
     j = sub.add_parser("join", help="join a cluster")
     j.add_argument("--token", required=True)
     j.add_argument("remote", metavar="MANAGER_ADDR:PORT")
@@ -444,8 +619,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS")
     sc.add_argument("--restart-max-attempts", type=int, default=0, metavar="N")
     sc.add_argument("--restart-window", type=float, default=0.0, metavar="SECONDS")
+    sc.add_argument("-p", "--publish", action="append", default=[],
+                    metavar="PUBLISHED:TARGET[/tcp|udp]",
+                    help="serve TARGET of the tasks on PUBLISHED of every node")
+    sc.add_argument("--lb", choices=["round-robin", "least-conn"], default="round-robin",
+                    help="how the routing mesh picks a task")
     sc.add_argument("--update-parallelism", type=int, default=1, metavar="N")
     sc.add_argument("--update-delay", type=float, default=0.0, metavar="SECONDS")
+    sc.add_argument("--secret", action="append", default=[],
+                    metavar="NAME[,target=FILE][,mode=0400]",
+                    help="give each task the secret as /run/secrets/FILE")
+    sc.add_argument("--config", action="append", default=[],
+                    metavar="NAME[,target=FILE][,mode=0444]",
+                    help="give each task the config as /run/configs/FILE")
     sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")
@@ -484,6 +670,33 @@ def build_parser() -> argparse.ArgumentParser:
     srb.add_argument("service")
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
+    ca = sub.add_parser("ca", help="the cluster CA: info and client certificates")
+    casub = ca.add_subparsers(dest="ca_cmd", required=True, parser_class=_Parser)
+    casub.add_parser("info", help="CA digest, client names, this node's certificate (JSON)")
+    ci = casub.add_parser("issue-client", help="a client certificate for the remote API")
+    ci.add_argument("name")
+    ci.add_argument("--out", required=True, metavar="DIR",
+                    help="write DIR/cert.pem, DIR/key.pem (0600), DIR/ca.pem")
+    ci.add_argument("--days", type=float, default=0, help="lifetime (default: the cluster's)")
+    cr = casub.add_parser("revoke-client", help="revoke a client certificate")
+    cr.add_argument("name")
+    for kind, what in (("secret", "secrets (sealed in the cluster state, files in "
+                                  "/run/secrets of tasks)"),
+                       ("config", "configs (files in /run/configs of tasks)")):
+        k = sub.add_parser(kind, help=f"manage {what}")
+        ksub = k.add_subparsers(dest=f"{kind}_cmd", required=True, parser_class=_Parser)
+        kc = ksub.add_parser("create", help=f"create a {kind} from a file (- = stdin)")
+        kc.add_argument("name")
+        kc.add_argument("file", metavar="FILE|-")
+        kc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
+        kl = ksub.add_parser("ls", help=f"list {kind}s")
+        kl.add_argument("--format", choices=["table", "json"], default="table")
+        ki = ksub.add_parser("inspect", help=f"show {kind} details (JSON)" +
+                             (" without its value" if kind == "secret" else ""))
+        ki.add_argument("names", nargs="+")
+        ki.add_argument("--format", choices=["json"], default="json")
+        kr = ksub.add_parser("rm", help=f"remove {kind}s (not while a service uses them)")
+        kr.add_argument("names", nargs="+")
     return p
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from shoal.node import views
+from shoal.gossip import Config as GossipConfig
+from shoal.node import pki, sealing, views
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.errors import (
     AlreadyInCluster,
@@ -39,13 +40,16 @@ from shoal.node.errors import (
     NotFound,
     NotInCluster,
     NotManager,
+    Unauthenticated,
     Unavailable,
     from_store_error,
 )
 from shoal.node.leader import LeaderLoop
+from shoal.node.membership import Membership, derive_gossip_key
+from shoal.node.secrets import SecretsApi
+from shoal.node.security import Security
 from shoal.node.tokens import (
     TokenError,
-    cluster_digest,
     make_token,
     new_secret,
     parse_token,
@@ -53,7 +57,7 @@ from shoal.node.tokens import (
 )
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
-from shoal.raft.models import Node, NodeRole, NodeState, Service, to_dict
+from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict, to_dict
 from shoal.raft.state import Snapshot
 from shoal.raft.store import RaftStore
 from shoal.raft.validate import validate_replicas, validate_spec
@@ -94,6 +98,11 @@ class Agent:
         self._pending_membership: asyncio.Future[int] | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.membership: Membership | None = None
+        self._leaving = False
+        self.security = Security(self)  # TLS identity, peer checks, CA (node/security.py)
+        self.secrets = SecretsApi(self)  # secrets/configs and task files (node/secrets.py)
+        self._refused_logged = 0.0
 
     # ================================================================== lifecycle
     async def run(self) -> None:
@@ -126,6 +135,11 @@ class Agent:
 
     def _start_member(self, identity: NodeIdentity) -> None:
         self.identity = identity
+        try:
+            self.security.load()
+        except (OSError, pki.PkiError) as exc:
+            log.error("no usable TLS identity in %s (%s): this node cannot talk to other "
+                      "nodes; `shoal leave` and join again", self.security.files.dir, exc)
         manager = identity.role == NodeRole.MANAGER
         self_addr = f"{self.config.advertise_addr}:{self.config.raft_port}" if manager else None
         self.store = RaftStore(
@@ -140,9 +154,12 @@ class Agent:
         self.store.add_listener(self._on_apply)
         self._worker = Worker(identity.node_id, self.store, self.runtime, self._worker_wakeup,
                               self.config.reconcile_interval)
+        self.membership = self._make_membership(identity)
         self._member_tasks = [
+            asyncio.create_task(self._start_gossip(self.membership), name="gossip-start"),
             asyncio.create_task(self._worker.run(), name="worker"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self.security.renew_loop(), name="cert-renew"),
         ]
         if manager:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
@@ -159,9 +176,40 @@ class Agent:
                 await t
         self._member_tasks = []
         self._leader_task = None
+        if self.membership is not None:
+            membership, self.membership = self.membership, None
+            with contextlib.suppress(Exception):
+                await membership.close(leave=self._leaving)
         if self.store:
             store, self.store = self.store, None
             await asyncio.to_thread(store.close)
+
+    # ------------------------------------------------------------------ gossip
+    def _make_membership(self, identity: NodeIdentity) -> Membership:
+        key = getattr(identity, "gossip_key", b"") or derive_gossip_key(identity.raft_password)
+        preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
+            GossipConfig.lan()
+        meta = {"role": identity.role, "hostname": self.hostname,
+                "api": f"{self.config.advertise_addr}:{self.config.api_port}"}
+        return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
+                          key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set())
+
+    async def _start_gossip(self, membership: Membership) -> None:
+        def seeds() -> list[str]:
+            store = self.store
+            if store is None or self.identity is None:
+                return []
+            return [f"{n.addr}:{n.gossip_port}" for n in store.snapshot().nodes.values()
+                    if n.id != self.identity.node_id]
+        try:
+            await membership.start(seeds)
+        except OSError as exc:
+            log.error("gossip could not start on %s:%d: %s (failure detection falls back "
+                      "to heartbeats)", self.config.advertise_addr, self.config.gossip_port, exc)
+
+    def gossip_view(self) -> dict[str, str]:
+        m = self.membership
+        return m.view() if m is not None and m.list.running else {}
 
     def _on_apply(self, _index: int) -> None:
         """Runs on pysyncobj's tick thread after each applied command."""
@@ -184,7 +232,7 @@ class Agent:
                 return
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.heartbeats, self.config.orchestrator,
-                                  self._leader_wakeup)
+                                  self._leader_wakeup, gossip=self.gossip_view)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():
@@ -210,13 +258,20 @@ class Agent:
         if manager.id == node_id:
             self.heartbeats[node_id] = time.monotonic()
             return
-        url = f"http://{manager.api_addr}/v1/cluster/heartbeat"
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-            async with self._http.post(url, json={"node_id": node_id},
-                                       timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                await resp.read()
+        # mTLS: TLS checks the receiver holds a manager certificate of this cluster
+        try:
+            await self.security.call(manager.api_addr, "/v1/cluster/heartbeat",
+                                     {"node_id": node_id}, timeout=1.0)
+        except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
+            now = time.monotonic()
+            if now - self._refused_logged > 60:
+                self._refused_logged = now
+                log.warning("manager %s refuses this node: %s", manager.hostname, exc.message)
+        except ApiError:
+            pass
 
     def record_heartbeat(self, node_id: str) -> None:
+        """A heartbeat from ``node_id``; the API has checked it is the caller's own id."""
         if self.identity is None or self.identity.role != NodeRole.MANAGER:
             raise NotManager("heartbeats go to managers")
         self.heartbeats[node_id] = time.monotonic()
@@ -259,29 +314,47 @@ class Agent:
     def _self_node(self, node_id: str, role: str) -> dict[str, Any]:
         return to_dict(Node(id=node_id, hostname=self.hostname, addr=self.config.advertise_addr,
                             api_port=self.config.api_port, raft_port=self.config.raft_port,
-                            role=NodeRole(role), memory_bytes=_total_memory(),
+                            role=NodeRole(role), gossip_port=self.config.gossip_port,
+                            memory_bytes=_total_memory(),
                             cpus=float(len(os.sched_getaffinity(0)))))
 
     # ================================================================== init / join / leave
-    async def init(self) -> dict[str, Any]:
+    async def init(self, cluster_cidr: str = "") -> dict[str, Any]:
         async with self._lock:
             if self.identity is not None:
                 raise AlreadyInCluster("this node is already part of a cluster "
                                        "(`shoal leave` first)")
             node_id, cluster_id = new_id(), secrets.token_hex(16)
+            # the cluster CA and this node's certificate; the keys only managers get
+            now = time.time()
+            ca_pem, ca_key = pki.create_ca(cluster_id, now)
+            ca = pki.CertificateAuthority(ca_pem, ca_key)
+            key = pki.new_key()
+            cert = ca.issue(pki.make_csr(key), node_id, pki.ROLE_MANAGER, cluster_id, now,
+                            self.config.cert_lifetime, self.config.advertise_addr)
+            self.security.files.save(ca_pem, cert, pki.key_pem(key))
+            manager_key = sealing.new_key()
             identity = NodeIdentity(node_id=node_id, cluster_id=cluster_id, role="manager",
                                     raft_password=secrets.token_urlsafe(32),
                                     voters=[f"{self.config.advertise_addr}:"
-                                            f"{self.config.raft_port}"])
+                                            f"{self.config.raft_port}"],
+                                    gossip_key=secrets.token_bytes(32), manager_key=manager_key)
             self._start_member(identity)
             store = self.require_member()
             try:
                 await self._wait_for(store.is_leader, 15.0, "this node to become leader")
                 now = time.time()
+                sec = self.security
                 await self.propose({"op": "cluster_init", "cluster_id": cluster_id, "now": now,
-                                    "worker_secret": new_secret(),
-                                    "manager_secret": new_secret(),
-                                    "digest": cluster_digest(cluster_id)})
+                                    "cluster_cidr": cluster_cidr,
+                                    "worker_secret": sec.seal_token_secret("worker",
+                                                                           new_secret()),
+                                    "manager_secret": sec.seal_token_secret("manager",
+                                                                            new_secret()),
+                                    "digest": ca.digest})
+                await self.propose({"op": "ca_init", "ca_cert": ca_pem.decode(),
+                                    "ca_key": sealing.seal(manager_key, ca_key,
+                                                           sealing.AAD_CA_KEY)})
                 await self.propose({"op": "node_add", "now": now,
                                     "node": self._self_node(node_id, "manager")})
             except ApiError:
@@ -296,38 +369,62 @@ class Agent:
         await self._stop_member()
         self.identity = None
         NodeIdentity.remove(self.data_dir)
+        self.security.clear(remove_files=True)
         for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
             (self.data_dir / "raft" / name).unlink(missing_ok=True)
 
     async def join(self, token: str, remote: str) -> dict[str, Any]:
+        """Join with a token: pin the manager's CA by the token's digest, get a certificate
+        for a key made here, then fetch the cluster's keys over mTLS with it."""
         async with self._lock:
             if self.identity is not None:
                 raise AlreadyInCluster("this node is already part of a cluster "
                                        "(`shoal leave` first)")
+            token = token.strip()
             try:
-                parse_token(token)
+                digest, _secret = parse_token(token)
             except TokenError as exc:
                 raise BadRequest(str(exc), "token") from None
             if ":" not in remote:
                 remote = f"{remote}:{self.config.api_port}"
-            node_id = new_id()
-            assert self._http is not None
-            body = {"token": token, "node": self._self_node(node_id, "worker")}
+            sec = self.security
+            ca_pem = await sec.fetch_ca(remote, digest)  # CaMismatch unless pinned digest
+            key = pki.new_key()
+            body = {"token": token, "csr": pki.make_csr(key).decode(),
+                    "node": self._self_node("", "worker")}
+            # server-authenticated TLS (pinned CA, manager certificate): we have no cert yet
+            data = await sec.call(remote, "/v1/cluster/join", body,
+                                  ctx=pki.client_context(ca_pem), timeout=30)
             try:
-                async with self._http.post(f"http://{remote}/v1/cluster/join", json=body,
-                                           timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    data = await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                raise Unavailable(f"cannot reach manager at {remote}: {exc}") from None
-            if "error" in data:
-                e = data["error"]
-                err = ApiError(e.get("message", "join refused"), e.get("field", ""),
-                               code=e.get("code"))
-                err.status = resp.status
-                raise err
-            identity = NodeIdentity(node_id=node_id, cluster_id=data["cluster_id"],
-                                    role=data["role"], raft_password=data["raft_password"],
-                                    voters=list(data["voters"]))
+                node_id, role, cert = str(data["node_id"]), str(data["role"]), \
+                    str(data["cert"]).encode()
+                info = pki.verify_issued(cert, ca_pem, key)
+            except (KeyError, pki.PkiError) as exc:
+                raise Unavailable(f"the manager at {remote} sent no usable certificate: "
+                                  f"{exc}") from None
+            if (info.subject_id, info.role) != (node_id, role):
+                raise Unavailable(f"the manager at {remote} sent a certificate for "
+                                  f"{info.role} {info.subject_id}, not {role} {node_id}")
+            sec.files.save(ca_pem, cert, pki.key_pem(key))
+            try:
+                sec.load()
+                # the Raft secret, gossip key (and manager key) travel over mTLS only
+                keys = await sec.call(remote, "/v1/cluster/keys", {})
+                manager_key = b""
+                if role == "manager":
+                    mk = await sec.call(remote, "/v1/cluster/manager-keys", {})
+                    manager_key = bytes.fromhex(str(mk["manager_key"]))
+                identity = NodeIdentity(node_id=node_id, cluster_id=info.cluster_id, role=role,
+                                        raft_password=str(keys["raft_password"]),
+                                        voters=[str(v) for v in keys["voters"]],
+                                        gossip_key=bytes.fromhex(str(keys["gossip_key"])),
+                                        manager_key=manager_key)
+            except (ApiError, KeyError, ValueError, TypeError) as exc:
+                sec.clear(remove_files=True)
+                if isinstance(exc, ApiError):
+                    raise
+                raise Unavailable(f"the manager at {remote} sent malformed keys: {exc!r}"
+                                  ) from None
             self._start_member(identity)
             store = self.require_member()
             try:
@@ -342,18 +439,29 @@ class Agent:
                      node_id)
             return {"node_id": node_id, "cluster_id": identity.cluster_id, "role": identity.role}
 
-    async def accept_join(self, token: Any, node: Any) -> dict[str, Any]:
-        """A manager admits a new node (called over TCP by the joining node's agent)."""
+    async def accept_join(self, token: Any, node: Any, csr: Any = None) -> dict[str, Any]:
+        """A manager admits a new node (called over TLS by the joining node's agent, which has
+        no certificate yet: the token authenticates it). Nothing is written unless the token
+        is valid. The manager picks the node id and signs the node's key for it."""
         store = self.require_manager()
-        if not isinstance(token, str) or not isinstance(node, dict):
-            raise BadRequest("join request needs a token and a node", "token")
+        if not isinstance(token, str) or not isinstance(node, dict) or \
+                not isinstance(csr, str):
+            raise BadRequest("join request needs a token, a certificate request and a node",
+                             "token")
         snap = store.snapshot()
         c = snap.cluster
-        role = role_for(token, c.digest, c.worker_secret, c.manager_secret)
+        worker_secret, manager_secret = self.security.token_secrets(snap)
+        role = role_for(token, c.digest, worker_secret, manager_secret)
         if role is None:
             raise Forbidden("invalid join token: it does not belong to this cluster or was "
                             "rotated", "token")
-        node = dict(node, role=role)
+        node_id = new_id()
+        node = dict(node, id=node_id, role=role)
+        try:
+            node_from_dict(node)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"malformed node record: {exc!r}", "node") from None
+        cert = self.security.issue(snap, csr, node_id, role, str(node.get("addr", "")))
         raft_addr = f"{node.get('addr')}:{node.get('raft_port')}"
         async with self._lock:
             # Raft membership changes go one at a time: wait for the previous one
@@ -365,16 +473,36 @@ class Agent:
                     raise Unavailable("a previous manager join has not completed yet (is that "
                                       "node running?); retry later") from None
             # record first (commits with the current quorum), then add the voter: that
-            # change commits only once the new manager runs, after we answer it
+            # change commits only once the new manager runs, after it fetched its keys
             await self.propose({"op": "node_add", "now": time.time(), "node": node})
             if role == "manager" and raft_addr not in store.voters():
                 self._pending_membership = store.start_add_voter(raft_addr)
+        return {"cluster_id": c.cluster_id, "node_id": node_id, "role": role,
+                "cert": cert.decode()}
+
+    def member_keys(self, peer: pki.CertInfo | None) -> dict[str, Any]:
+        """What every member needs (Raft secret, voters, gossip key); mTLS members only."""
+        store = self.require_manager()
+        node = self.security.authorize(peer)
         assert self.identity is not None
         voters = store.voters()
-        if role == "manager" and raft_addr not in voters:
-            voters.append(raft_addr)
-        return {"cluster_id": c.cluster_id, "role": role,
-                "raft_password": self.identity.raft_password, "voters": voters}
+        if node.role is NodeRole.MANAGER and node.raft_addr not in voters:
+            voters.append(node.raft_addr)  # its voter change is pending until it runs
+        return {"raft_password": self.identity.raft_password, "voters": voters,
+                "gossip_key": self.identity.gossip_key.hex()}
+
+    def manager_keys(self, peer: pki.CertInfo | None) -> dict[str, Any]:
+        """The managers' sealing key: manager certificates of current managers only."""
+        self.require_manager()
+        self.security.authorize(peer, manager=True)
+        return {"manager_key": self.security.manager_key().hex()}
+
+    def renew_certificate(self, peer: pki.CertInfo | None, csr: Any) -> dict[str, Any]:
+        """Sign a new certificate for a current member, with its *current* role."""
+        store = self.require_manager()
+        node = self.security.authorize(peer)
+        cert = self.security.issue(store.snapshot(), csr, node.id, node.role.value, node.addr)
+        return {"cert": cert.decode()}
 
     async def leave(self, force: bool) -> dict[str, Any]:
         async with self._lock:
@@ -394,7 +522,11 @@ class Agent:
                 await self.propose({"op": "node_remove", "id": identity.node_id,
                                     "now": time.time(), "force": True}, timeout=3.0)
             await self._worker.stop_all()
-            await self._abandon_membership()
+            self._leaving = True  # announce a graceful leave on gossip
+            try:
+                await self._abandon_membership()
+            finally:
+                self._leaving = False
             return {"node_id": identity.node_id, "left": True}
 
     # ================================================================== queries and changes
@@ -413,20 +545,26 @@ class Agent:
         store = self.require_manager()
         if role not in ("worker", "manager"):
             raise BadRequest("role must be 'worker' or 'manager'", "role")
-        c = store.snapshot().cluster
-        return make_token(c.digest, c.worker_secret if role == "worker" else c.manager_secret)
+        snap = store.snapshot()
+        worker_secret, manager_secret = self.security.token_secrets(snap)
+        return make_token(snap.cluster.digest,
+                          worker_secret if role == "worker" else manager_secret)
 
     async def rotate_token(self, role: str) -> str:
+        """New secret for ``role`` (sealed in the state): the old token stops working; joined
+        nodes are unaffected (they authenticate with their certificates)."""
         self.require_manager()
         if role not in ("worker", "manager"):
             raise BadRequest("role must be 'worker' or 'manager'", "role")
-        await self.propose({"op": "rotate_secret", "role": role, "secret": new_secret()})
+        await self.propose({"op": "rotate_secret", "role": role,
+                            "secret": self.security.seal_token_secret(role, new_secret())})
         return self.join_token(role)
 
     def nodes(self) -> list[dict[str, Any]]:
         store = self.require_manager()
         snap = store.snapshot()
-        return [views.node_view(n, snap, store) for n in
+        gossip = self.gossip_view()
+        return [views.node_view(n, snap, store, gossip=gossip) for n in
                 sorted(snap.nodes.values(), key=lambda n: (n.hostname, n.id))]
 
     def find_node(self, snap: Snapshot, ref: str) -> Node:
@@ -444,7 +582,7 @@ class Agent:
         store = self.require_manager()
         snap = store.snapshot()
         n = self.find_node(snap, ref)
-        return views.node_view(n, snap, store, detail=True)
+        return views.node_view(n, snap, store, detail=True, gossip=self.gossip_view())
 
     async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
         store = self.require_manager()
@@ -468,6 +606,9 @@ class Agent:
         return self.node(n.id)
 
     async def remove_node(self, ref: str, force: bool) -> dict[str, Any]:
+        """Remove a node. This also revokes its certificate: every node-to-node route accepts
+        only certificates of current members (Security.authorize), so the removed agent is
+        refused from the next request on and needs a (new) token to come back."""
         store = self.require_manager()
         n = self.find_node(store.snapshot(), ref)
         if self.identity and n.id == self.identity.node_id:
@@ -519,6 +660,7 @@ class Agent:
         if snap.service_by_name(parsed.name):
             raise Conflict(f"a service named {parsed.name!r} already exists", "name",
                            code="exists")
+        self.secrets.check_refs(snap, parsed)
         sid = new_id()
         await self.propose({"op": "service_create", "id": sid, "now": time.time(),
                             "spec": to_dict(parsed)})
@@ -546,6 +688,7 @@ class Agent:
             raise from_store_error(exc) from exc
         if version is not None and not isinstance(version, int):
             raise BadRequest("version must be an integer", "version")
+        self.secrets.check_refs(snap, parsed)
         res = await self.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                   "spec": to_dict(parsed), "version": version})
         return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}

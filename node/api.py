@@ -1,11 +1,15 @@
 """The agent's HTTP/JSON API.
 
-Owns: routes and the error contract. Two listeners:
+Owns: routes and the error contract. Its listeners:
 
 * a unix socket ``DATA_DIR/shoal.sock`` (mode 0600, root only) for the CLI: every
   user-facing route;
-* TCP ``ADVERTISE_ADDR:API_PORT`` for other nodes: only ``/v1/cluster/*`` (join,
-  heartbeat). (mTLS arrives with the security issue.)
+* optionally (``--remote-api-port``) the same routes on TCP over mutual TLS, for client
+  certificates of the cluster (``shoal ca issue-client``) that were not revoked;
+* TCP ``ADVERTISE_ADDR:API_PORT`` for other nodes: only ``/v1/cluster/*``, over TLS
+  with the cluster's certificates. The CA fetch and join work without a client
+  certificate (the join token authenticates); every other route requires the client
+  certificate of a current member (mutual TLS), and some a manager's.
 
 Every error is ``{"error": {"code", "message", "field"}}`` with a fitting status; a
 request body that is not a JSON object is a 400, never a crash. Must not touch: policy —
@@ -17,12 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shoal.node.errors import ApiError, BadRequest
+from shoal.node.errors import ApiError, BadRequest, Forbidden
+from shoal.node.pki import CertInfo, peer_info
 
 if TYPE_CHECKING:
     from shoal.node.agent import Agent
@@ -66,21 +72,64 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return _json(result)
 
 
+def peer_of(request: web.Request) -> CertInfo | None:
+    """The identity in the client certificate TLS verified on this connection, if any."""
+    transport = request.transport
+    return None if transport is None else peer_info(transport.get_extra_info("peercert"))
+
+
+def tls_listener(current: Callable[[], ssl.SSLContext | None], require_client_cert: bool
+                 ) -> ssl.SSLContext:
+    """A listening context that hands every new connection to the node's *current* context
+    (``current()``): None before init/join (the handshake fails: nothing to serve), a fresh
+    one after a certificate renewal or a rejoin (other CA) — without restarting the listener
+    or touching open connections."""
+    base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    base.minimum_version = ssl.TLSVersion.TLSv1_2
+    # OpenSSL keeps the verify mode of the context a connection started with
+    base.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+
+    def pick(conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext
+             ) -> int | None:
+        ctx = current()
+        if ctx is None:
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+        conn.context = ctx
+        return None
+
+    base.sni_callback = pick
+    return base
+
+
 class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._runners: list[web.AppRunner] = []
 
-    def local_app(self) -> web.Application:
+    def local_app(self, remote: bool = False) -> web.Application:
+        """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
+        where every request needs a current client certificate of the cluster."""
         a = self.agent
-        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        middlewares: list[Any] = [error_middleware]
+        if remote:
+            @web.middleware
+            async def client_auth(request: web.Request, handler: Handler) -> Any:
+                a.security.authorize_client(peer_of(request))
+                return await handler(request)
+            middlewares.append(client_auth)
+        app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
         r = app.router
 
         async def info(_: web.Request) -> Any:
             return a.info()
 
-        async def init(_: web.Request) -> Any:
-            return await a.init()
+        async def init(req: web.Request) -> Any:
+            body = await _body(req)
+            cidr = body.get("cluster_cidr", "") or ""
+            if not isinstance(cidr, str):
+                raise BadRequest("cluster_cidr must be a string like 10.99.0.0/16",
+                                 "cluster_cidr")
+            return await a.init(cidr)
 
         async def join(req: web.Request) -> Any:
             body = await _body(req)
@@ -163,26 +212,100 @@ class ApiServer:
         r.add_post("/v1/services/{ref}/update", service_update)
         r.add_post("/v1/services/{ref}/rollback", service_rollback)
         r.add_delete("/v1/services/{ref}", service_rm)
+        self._add_secret_routes(app)
+        self._add_ca_routes(app)
         return app
+
+    def _add_ca_routes(self, app: web.Application) -> None:
+        """/v1/ca: CA digest and clients; client certificates for the remote API."""
+        sec = self.agent.security
+
+        async def ca(_: web.Request) -> Any:
+            return sec.ca_info()
+
+        async def issue_client(req: web.Request) -> Any:
+            body = await _body(req)
+            return await sec.issue_client(body.get("name"), body.get("csr"),
+                                          body.get("lifetime"))
+
+        async def revoke_client(req: web.Request) -> Any:
+            return await sec.revoke_client(req.match_info["name"])
+
+        app.router.add_get("/v1/ca", ca)
+        app.router.add_post("/v1/ca/clients", issue_client)
+        app.router.add_delete("/v1/ca/clients/{name}", revoke_client)
+
+    def _add_secret_routes(self, app: web.Application) -> None:
+        """/v1/secrets and /v1/configs: create, ls, inspect (never a secret's value), rm."""
+        objs = self.agent.secrets
+
+        for kind in ("secret", "config"):
+            async def ls(_: web.Request, kind: str = kind) -> Any:
+                return objs.ls(kind)
+
+            async def create(req: web.Request, kind: str = kind) -> Any:
+                return await objs.create(kind, await _body(req))
+
+            async def inspect(req: web.Request, kind: str = kind) -> Any:
+                return objs.inspect(kind, req.match_info["ref"])
+
+            async def rm(req: web.Request, kind: str = kind) -> Any:
+                return await objs.remove(kind, req.match_info["ref"])
+
+            app.router.add_get(f"/v1/{kind}s", ls)
+            app.router.add_post(f"/v1/{kind}s", create)
+            app.router.add_get(f"/v1/{kind}s/{{ref}}", inspect)
+            app.router.add_delete(f"/v1/{kind}s/{{ref}}", rm)
 
     def peer_app(self) -> web.Application:
         a = self.agent
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
 
+        # Served over TLS only (see start). ca and join need no client certificate (the
+        # joining node has none yet: the token authenticates it); every other route calls
+        # a.security.authorize(peer), which wants a certificate of a *current* member.
+
+        async def ca(_: web.Request) -> Any:
+            a.require_member()
+            return {"ca_cert": a.security.files.ca_pem().decode()}
+
         async def join(req: web.Request) -> Any:
             body = await _body(req)
-            return await a.accept_join(body.get("token"), body.get("node"))
+            return await a.accept_join(body.get("token"), body.get("node"), body.get("csr"))
+
+        async def keys(req: web.Request) -> Any:
+            return a.member_keys(peer_of(req))
+
+        async def manager_keys(req: web.Request) -> Any:
+            return a.manager_keys(peer_of(req))
+
+        async def renew(req: web.Request) -> Any:
+            body = await _body(req)
+            return a.renew_certificate(peer_of(req), body.get("csr"))
+
+        async def task_files(req: web.Request) -> Any:
+            body = await _body(req)
+            return a.secrets.task_files(peer_of(req), body.get("task_id"))
 
         async def heartbeat(req: web.Request) -> Any:
             body = await _body(req)
+            node = a.security.authorize(peer_of(req))
             node_id = body.get("node_id")
             if not isinstance(node_id, str):
                 raise BadRequest("node_id is required", "node_id")
+            if node_id != node.id:
+                raise Forbidden(f"node {node.id} cannot send heartbeats for {node_id}",
+                                "node_id")
             a.record_heartbeat(node_id)
             return {"ok": True}
 
+        app.router.add_get("/v1/cluster/ca", ca)
         app.router.add_post("/v1/cluster/join", join)
+        app.router.add_post("/v1/cluster/keys", keys)
+        app.router.add_post("/v1/cluster/manager-keys", manager_keys)
+        app.router.add_post("/v1/cluster/renew", renew)
         app.router.add_post("/v1/cluster/heartbeat", heartbeat)
+        app.router.add_post("/v1/cluster/task-files", task_files)
         return app
 
     async def start(self) -> None:
@@ -199,8 +322,16 @@ class ApiServer:
         os.chmod(sock, 0o600)
         peer = web.AppRunner(self.peer_app(), access_log=None)
         await peer.setup()
-        await web.TCPSite(peer, cfg.bind_addr, cfg.api_port, reuse_address=True).start()
+        sec = self.agent.security
+        await web.TCPSite(peer, cfg.bind_addr, cfg.api_port, reuse_address=True,
+                          ssl_context=tls_listener(lambda: sec.server_ctx, False)).start()
         self._runners = [local, peer]
+        if cfg.remote_api_port:
+            remote = web.AppRunner(self.local_app(remote=True), access_log=None)
+            await remote.setup()
+            await web.TCPSite(remote, cfg.bind_addr, cfg.remote_api_port, reuse_address=True,
+                              ssl_context=tls_listener(lambda: sec.remote_ctx, True)).start()
+            self._runners.append(remote)
 
     async def stop(self) -> None:
         for r in self._runners:

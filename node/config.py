@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shoal.node.orchestrator import OrchestratorConfig
+from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal")
 DEFAULT_API_PORT = 2377  # node-to-node API (join, heartbeats), like Swarm's 2377
 DEFAULT_RAFT_PORT = 2378  # Raft traffic between managers
+DEFAULT_GOSSIP_PORT = 7946  # gossip (UDP + TCP), like Swarm's 7946
 
 
 @dataclass
@@ -32,6 +34,11 @@ class AgentConfig:
     api_port: int = DEFAULT_API_PORT
     # TCP port of Raft (managers only listen on it).
     raft_port: int = DEFAULT_RAFT_PORT
+    # UDP+TCP port of the gossip member (SWIM failure detection), like Swarm's 7946.
+    gossip_port: int = DEFAULT_GOSSIP_PORT
+    # Gossip timing preset: "lan" (shoal.gossip.Config.lan) or "local" (loopback/netns
+    # test hosts: faster probes, not for real networks).
+    gossip_preset: str = "lan"
     # Seconds between heartbeats an agent sends to every manager. Must be well below
     # orchestrator.node_down_timeout.
     heartbeat_interval: float = 1.0
@@ -39,6 +46,16 @@ class AgentConfig:
     reconcile_interval: float = 1.0
     # Seconds to wait for a new node's replica to catch up during `join`.
     join_timeout: float = 20.0
+    # Lifetime of the node and client certificates this node signs as a manager, seconds.
+    # Default 90 days. Shorter limits how long a stolen key works; a node that stays down
+    # longer than its certificate's lifetime must rejoin with a token.
+    cert_lifetime: float = DEFAULT_CERT_LIFETIME
+    # A node renews its certificate (over mTLS, no token) once this fraction of its lifetime
+    # has passed. 0.5 = halfway, leaving the other half for retries while managers are away.
+    cert_renew_fraction: float = 0.5
+    # TCP port of the remote API (the CLI's routes over mTLS; only client certificates from
+    # `shoal ca issue-client` are accepted). 0 = off (the default: unix socket only).
+    remote_api_port: int = 0
     raft: RaftConfig = field(default_factory=RaftConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
@@ -53,10 +70,22 @@ class AgentConfig:
     def validate(self) -> None:
         if not self.advertise_addr:
             raise ValueError("--advertise-addr is required (this host's IP address)")
-        for name in ("api_port", "raft_port"):
+        if self.gossip_preset not in ("lan", "local"):
+            raise ValueError("gossip_preset must be 'lan' or 'local'")
+        if self.gossip_port in (self.api_port, self.raft_port):
+            raise ValueError("gossip_port must differ from api_port and raft_port")
+        for name in ("api_port", "raft_port", "gossip_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise ValueError(f"{name} must be between 1 and 65535, got {port}")
+        if not 10.0 <= self.cert_lifetime <= 20 * 365 * 86400.0:
+            raise ValueError("cert_lifetime must be between 10 s and 20 years")
+        if not 0.1 <= self.cert_renew_fraction <= 0.9:
+            raise ValueError("cert_renew_fraction must be between 0.1 and 0.9")
+        if self.remote_api_port and (not 1 <= self.remote_api_port <= 65535 or
+                                     self.remote_api_port in (self.api_port, self.raft_port,
+                                                              self.gossip_port)):
+            raise ValueError("remote_api_port must be a free port between 1 and 65535")
         if self.api_port == self.raft_port:
             raise ValueError("api_port and raft_port must differ")
         if self.heartbeat_interval * 2 >= self.orchestrator.node_down_timeout:
@@ -67,13 +96,24 @@ class AgentConfig:
 
 @dataclass
 class NodeIdentity:
-    """Which cluster this node is in. Secret (holds the Raft password): mode 0600."""
+    """Which cluster this node is in. Secret (holds the Raft password and keys): mode 0600.
+
+    The keys are bytes here and hex in the file; files written before they existed load
+    with empty keys. The node's certificate and private key live in DATA_DIR/tls (see
+    shoal.node.pki.TlsFiles).
+    """
 
     node_id: str
     cluster_id: str
     role: str  # "manager" | "worker"
     raft_password: str
     voters: list[str]  # Raft addresses of the managers, as last known
+    # AES-256-GCM key of the gossip layer (32 bytes), the same on every node; made at init,
+    # delivered to joining nodes over mTLS. b"" in files older than the security issue.
+    gossip_key: bytes = b""
+    # Managers only: the key that seals the CA private key, join-token secrets and secret
+    # values in the replicated state (shoal.node.sealing). b"" on workers.
+    manager_key: bytes = b""
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -86,14 +126,18 @@ class NodeIdentity:
             return None
         d = json.loads(p.read_text())
         return cls(node_id=d["node_id"], cluster_id=d["cluster_id"], role=d["role"],
-                   raft_password=d["raft_password"], voters=list(d["voters"]))
+                   raft_password=d["raft_password"], voters=list(d["voters"]),
+                   gossip_key=bytes.fromhex(d.get("gossip_key", "")),
+                   manager_key=bytes.fromhex(d.get("manager_key", "")))
 
     def save(self, data_dir: Path) -> None:
         p = self.path(data_dir)
         tmp = p.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
+            data = asdict(self)
+            data.update(gossip_key=self.gossip_key.hex(), manager_key=self.manager_key.hex())
+            json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

@@ -6,7 +6,10 @@
     ├── NotManager       403 cluster commands must run on a manager
     ├── NotFound         404 unknown service / node / task
     ├── BadRequest       400 invalid input (names the field)
-    ├── Forbidden        403 wrong join token
+    ├── Forbidden        403 wrong join token; a certificate whose role may not do this
+    │   └── CaMismatch   403 the manager's CA is not the one the join token pins
+    ├── Unauthenticated  401 no client certificate of this cluster, or one of a node that
+    │                        is no longer a member (removed: that is how revocation works)
     └── Unavailable      503 no leader / no quorum / timed out
 
 Store errors (shoal.raft.errors) are translated by :func:`from_store_error`. The API
@@ -61,8 +64,29 @@ class Forbidden(ApiError):
     status, code = 403, "forbidden"
 
 
+class CaMismatch(Forbidden):
+    code = "ca_mismatch"
+
+
+class Unauthenticated(ApiError):
+    status, code = 401, "unauthenticated"
+
+
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+def from_reply(status: int, error: object) -> ApiError:
+    """The typed error for another node's ``{"error": {...}}`` reply (code → class)."""
+    e = error if isinstance(error, dict) else {}
+    code = str(e.get("code", "internal"))
+    classes: dict[str, type[ApiError]] = {
+        c.code: c for c in (NotInCluster, AlreadyInCluster, NotManager, NotFound, BadRequest,
+                            Conflict, Forbidden, CaMismatch, Unauthenticated, Unavailable)}
+    err = classes.get(code, ApiError)(str(e.get("message", "refused")), str(e.get("field", "")),
+                                      code=code)
+    err.status = status
+    return err
 
 
 def from_store_error(exc: StoreError) -> ApiError:

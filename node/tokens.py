@@ -1,15 +1,16 @@
-"""Join tokens: ``SHOAL-1-<cluster digest>-<secret>``.
+"""Join tokens: ``SHOAL-1-<CA digest>-<secret>``.
 
-Owns: making, parsing and checking join tokens. The digest names the cluster (today the
-SHA-256 of the cluster id; with the security issue it becomes the CA certificate's
-digest, which a joining node pins). The secret (128 random bits, hex) differs between
-the worker and the manager token, which is how a manager tells the role apart.
-Comparison is constant-time. Must not touch: the network or the store.
+Owns: making, parsing and checking join tokens. The digest is the SHA-256 of the cluster
+CA certificate (shoal.node.pki.ca_digest): a joining node pins it, refusing a manager
+whose CA does not match (no trust on first use). The secret (128 random bits, hex)
+differs between the worker and the manager token, which is how a manager tells the role
+apart; both are kept sealed in the replicated state (shoal.node.sealing), so a worker's
+replica cannot mint a manager token. Comparison is constant-time. Must not touch: the
+network or the store.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -19,10 +20,6 @@ TOKEN_RE = re.compile(r"^SHOAL-1-([0-9a-f]{64})-([0-9a-f]{32})$")
 
 class TokenError(ValueError):
     pass
-
-
-def cluster_digest(cluster_id: str) -> str:
-    return hashlib.sha256(cluster_id.encode()).hexdigest()
 
 
 def new_secret() -> str:

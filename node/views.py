@@ -29,7 +29,8 @@ def manager_status(node: Node, store: RaftView) -> str:
     return "unreachable"
 
 
-def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False) -> dict[str, Any]:
+def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
+              gossip: dict[str, str] | None = None) -> dict[str, Any]:
     running = sum(1 for t in snap.tasks.values()
                   if t.node_id == node.id and t.status.state is TaskState.RUNNING)
     out: dict[str, Any] = {
@@ -42,9 +43,11 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False)
         "manager_status": manager_status(node, store),
         "message": node.message,
         "tasks": running,
+        "membership": (gossip or {}).get(node.id, "unknown"),
     }
     if detail:
-        out.update(api_port=node.api_port, raft_port=node.raft_port, labels=dict(node.labels),
+        out.update(api_port=node.api_port, raft_port=node.raft_port,
+                   gossip_port=node.gossip_port, labels=dict(node.labels),
                    created_at=node.created_at, updated_at=node.updated_at)
     return out
 

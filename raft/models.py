@@ -82,6 +82,7 @@ class Node:
     updated_at: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
     gossip_port: int = 7946  # UDP+TCP port of its gossip member
+    subnet: str = ""  # its task subnet (CIDR), allocated from the cluster CIDR at join
     memory_bytes: int = 0  # total memory the node reported at join (0 = unknown)
     cpus: float = 0.0  # CPUs the node reported at join (0 = unknown)
 
@@ -146,6 +147,16 @@ class Config:
 
 
 @dataclass(frozen=True)
+class PortSpec:
+    """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
+    forwards to a task's ``target`` port (the routing mesh)."""
+
+    published: int
+    target: int
+    protocol: str = "tcp"  # "tcp" | "udp"
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """What the user asked for. Validated by shoal.raft.validate before it is proposed."""
 
@@ -166,6 +177,9 @@ class ServiceSpec:
     reserve_memory: int = 0  # bytes the scheduler keeps free for the task
     reserve_cpu: float = 0.0  # CPUs the scheduler keeps free for the task
     mounts: tuple[Mount, ...] = ()
+    # --- networking
+    ports: tuple[PortSpec, ...] = ()
+    lb_algorithm: str = "round-robin"  # "round-robin" | "least-conn"
     # --- restart policy (Swarm's): when a task ends, is its slot refilled?
     restart_condition: str = "any"  # "none" | "on-failure" | "any"
     restart_delay: float = 1.0  # seconds between a task ending and its replacement
@@ -185,6 +199,7 @@ class Service:
     id: str
     spec: ServiceSpec
     version: int = 1  # bumped on every spec change (scale included)
+    vip: str = ""  # stable virtual IP served by every node's balancer
     previous_spec: ServiceSpec | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -200,6 +215,7 @@ class TaskStatus:
     exit_code: int | None = None
     pid: int | None = None
     err: str = ""
+    addr: str = ""  # the task's IP address on its node's task subnet ("" = none yet)
 
 
 @dataclass(frozen=True)
@@ -271,6 +287,9 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         reserve_memory=int(d.get("reserve_memory", 0)),
         reserve_cpu=float(d.get("reserve_cpu", 0.0)),
         mounts=tuple(mount_from_dict(m) for m in d.get("mounts", ())),
+        ports=tuple(PortSpec(published=int(p["published"]), target=int(p["target"]),
+                             protocol=p.get("protocol", "tcp")) for p in d.get("ports", ())),
+        lb_algorithm=d.get("lb_algorithm", "round-robin"),
         restart_condition=d.get("restart_condition", defaults.restart_condition),
         restart_delay=float(d.get("restart_delay", defaults.restart_delay)),
         restart_max_attempts=int(d.get("restart_max_attempts", 0)),
@@ -295,6 +314,7 @@ def status_from_dict(d: dict[str, Any]) -> TaskStatus:
         exit_code=d.get("exit_code"),
         pid=d.get("pid"),
         err=d.get("err", ""),
+        addr=d.get("addr", ""),
     )
 
 
@@ -313,6 +333,7 @@ def node_from_dict(d: dict[str, Any]) -> Node:
         updated_at=float(d.get("updated_at", 0.0)),
         labels=dict(d.get("labels", {})),
         gossip_port=int(d.get("gossip_port", 7946)),
+        subnet=d.get("subnet", ""),
         memory_bytes=int(d.get("memory_bytes", 0)),
         cpus=float(d.get("cpus", 0.0)),
     )

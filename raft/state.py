@@ -22,18 +22,23 @@ Who may write what (swarmkit's split):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shoal.raft import ipam
 from shoal.raft.errors import StoreError, ValidationError
 from shoal.raft.models import (
+    Config,
     Node,
     NodeAvailability,
     NodeRole,
     NodeState,
+    Secret,
     Service,
+    ServiceSpec,
     Task,
     TaskState,
     node_from_dict,
@@ -41,12 +46,14 @@ from shoal.raft.models import (
     status_from_dict,
     task_from_dict,
 )
-from shoal.raft.validate import validate_replicas, validate_spec
+from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
 
 NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
 # Bound on tasks created/changed by one leader batch; keeps log entries small.
 MAX_BATCH_OPS = 5000
+# Largest secret or config value (Docker's limit); sealing adds 29 bytes.
+MAX_FILE_BYTES = 500 * 1024
 
 
 class Rejected(StoreError):
@@ -59,11 +66,24 @@ class Rejected(StoreError):
 class ClusterInfo:
     cluster_id: str = ""
     created_at: float = 0.0
-    # join-token secrets per role; tokens are compared in constant time by the API
+    # join-token secrets per role, sealed under the managers' key (shoal.node.sealing):
+    # workers replicate this state too. Tokens are compared in constant time by the API.
     worker_secret: str = ""
     manager_secret: str = ""
-    # digest embedded in tokens (cluster id hash now, CA digest with the security issue)
+    # digest embedded in tokens: SHA-256 of the CA certificate, which joining nodes pin
     digest: str = ""
+    # task addresses: each node gets a /node_prefix of cluster_cidr; services get a
+    # virtual IP from vip_cidr (shoal.raft.ipam)
+    cluster_cidr: str = ipam.DEFAULT_CLUSTER_CIDR
+    vip_cidr: str = ipam.DEFAULT_VIP_CIDR
+    node_prefix: int = ipam.DEFAULT_NODE_PREFIX
+    # the cluster CA: certificate (PEM, public) and private key (PEM sealed under the
+    # managers' key: only managers can sign); set once by ``ca_init``
+    ca_cert: str = ""
+    ca_key: bytes = b""
+    # client certificates (remote API) that are valid: name -> serial (hex) of the current
+    # one; issuing again replaces it, ``ca revoke-client`` removes it. Replaced, never mutated.
+    clients: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +95,8 @@ class Snapshot:
     nodes: dict[str, Node]
     services: dict[str, Service]
     tasks: dict[str, Task]
+    secrets: dict[str, Secret] = field(default_factory=dict)  # values sealed
+    configs: dict[str, Config] = field(default_factory=dict)
 
     def service_by_name(self, name: str) -> Service | None:
         for s in self.services.values():
@@ -94,6 +116,8 @@ class ClusterState:
     nodes: dict[str, Node] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     tasks: dict[str, Task] = field(default_factory=dict)
+    secrets: dict[str, Secret] = field(default_factory=dict)  # by id; values sealed
+    configs: dict[str, Config] = field(default_factory=dict)  # by id
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -103,6 +127,8 @@ class ClusterState:
             nodes=dict(self.nodes),
             services=dict(self.services),
             tasks=dict(self.tasks),
+            secrets=dict(self.secrets),
+            configs=dict(self.configs),
         )
 
     # ------------------------------------------------------------------ writing
@@ -136,7 +162,23 @@ class ClusterState:
             worker_secret=str(cmd["worker_secret"]),
             manager_secret=str(cmd["manager_secret"]),
             digest=str(cmd["digest"]),
+            **self._networks(cmd),
         )
+
+    @staticmethod
+    def _networks(cmd: dict[str, Any]) -> dict[str, Any]:
+        try:
+            cluster = ipam.validate_cidr(str(cmd.get("cluster_cidr") or
+                                             ipam.DEFAULT_CLUSTER_CIDR), "cluster_cidr", 8, 22)
+            vip = ipam.validate_cidr(str(cmd.get("vip_cidr") or ipam.DEFAULT_VIP_CIDR),
+                                     "vip_cidr", 8, 28)
+        except ipam.IpamError as exc:
+            raise Rejected("invalid", str(exc), "cluster_cidr") from None
+        a, b = ipaddress.ip_network(cluster), ipaddress.ip_network(vip)
+        if a.overlaps(b):
+            raise Rejected("invalid", f"cluster_cidr {cluster} overlaps vip_cidr {vip}",
+                           "cluster_cidr")
+        return {"cluster_cidr": cluster, "vip_cidr": vip}
 
     def _rotate_secret(self, cmd: dict[str, Any]) -> None:
         role = NodeRole(cmd["role"])
@@ -159,8 +201,15 @@ class ClusterState:
                     "addr")
         old = self.nodes.get(node.id)
         created = old.created_at if old else now
+        subnet = old.subnet if old and old.subnet else ""
+        if not subnet:
+            try:
+                subnet = ipam.allocate_subnet(self.cluster.cluster_cidr, self.cluster.node_prefix,
+                                              (n.subnet for n in self.nodes.values()))
+            except ipam.IpamError as exc:
+                raise Rejected("exhausted", str(exc), "subnet") from None
         self.nodes[node.id] = replace(node, created_at=created, updated_at=now,
-                                      state=NodeState.READY)
+                                      state=NodeState.READY, subnet=subnet)
 
     def _node_update(self, cmd: dict[str, Any]) -> None:
         node = self._node(cmd["id"])
@@ -204,9 +253,27 @@ class ClusterState:
         for s in self.services.values():
             if s.spec.name == spec.name:
                 raise Rejected("exists", f"a service named {spec.name!r} already exists", "name")
+        self._check_ports(spec, sid)
+        try:
+            vip = ipam.allocate_address(self.cluster.vip_cidr,
+                                        (s.vip for s in self.services.values()))
+        except ipam.IpamError as exc:
+            raise Rejected("exhausted", str(exc), "vip") from None
         now = float(cmd["now"])
-        self.services[sid] = Service(id=sid, spec=spec, version=1, created_at=now, updated_at=now)
-        return {"id": sid}
+        self.services[sid] = Service(id=sid, spec=spec, version=1, created_at=now, updated_at=now,
+                                     vip=vip)
+        return {"id": sid, "vip": vip}
+
+    def _check_ports(self, spec: ServiceSpec, sid: str) -> None:
+        """A published port belongs to one service cluster-wide (every node listens on it)."""
+        for other in self.services.values():
+            if other.id == sid:
+                continue
+            mine = {(p.published, p.protocol) for p in spec.ports}
+            for p in other.spec.ports:
+                if (p.published, p.protocol) in mine:
+                    raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
+                                   f"published by service {other.spec.name}", "ports")
 
     def _service_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
         svc = self._service(cmd["id"])
@@ -218,6 +285,7 @@ class ClusterState:
             spec = validate_spec(cmd["spec"])
             if spec.name != svc.spec.name:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
+            self._check_ports(spec, svc.id)
         else:
             spec = replace(svc.spec, replicas=validate_replicas(cmd["replicas"]))
         if spec == svc.spec:
@@ -322,6 +390,80 @@ class ClusterState:
         self.tasks[t.id] = replace(t, status=status, updated_at=float(cmd["now"]))
         return {"changed": True}
 
+    # --- security (shoal.node.security): values arrive sealed; the state never sees a key
+    def _ca_init(self, cmd: dict[str, Any]) -> None:
+        if self.cluster.ca_cert:
+            raise Rejected("exists", "the cluster CA is already set", "ca_cert")
+        ca_cert, ca_key = cmd["ca_cert"], cmd["ca_key"]
+        if not isinstance(ca_cert, str) or not isinstance(ca_key, bytes):
+            raise Rejected("invalid", "ca_cert must be PEM text and ca_key sealed bytes",
+                           "ca_cert")
+        self.cluster = replace(self.cluster, ca_cert=ca_cert, ca_key=ca_key)
+
+    def _file_object(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]
+                     ) -> tuple[str, str, bytes, dict[str, str], float]:
+        oid, name, data = str(cmd["id"]), validate_object_name(cmd["name"], kind), cmd["data"]
+        if not NODE_ID_RE.match(oid) or oid in existing:
+            raise Rejected("invalid", f"bad or duplicate {kind} id {oid!r}", "id")
+        if not isinstance(data, bytes) or len(data) > MAX_FILE_BYTES + 64:
+            raise Rejected("invalid", f"{kind} data must be at most {MAX_FILE_BYTES // 1024} "
+                           "KiB", "data")
+        if any(o.name == name for o in existing.values()):
+            raise Rejected("exists", f"a {kind} named {name!r} already exists", "name")
+        labels = cmd.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise Rejected("invalid", "labels must be a map of strings", "labels")
+        return oid, name, data, dict(labels), float(cmd["now"])
+
+    def _client_cert_add(self, cmd: dict[str, Any]) -> None:
+        name, serial = validate_object_name(cmd["name"], "client"), cmd["serial"]
+        if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-f]{1,40}", serial):
+            raise Rejected("invalid", "serial must be hex", "serial")
+        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial})
+
+    def _client_cert_remove(self, cmd: dict[str, Any]) -> None:
+        name = cmd["name"]
+        if name not in self.cluster.clients:
+            raise Rejected("not_found", f"no client certificate named {name}", "name")
+        self.cluster = replace(self.cluster, clients={
+            k: v for k, v in self.cluster.clients.items() if k != name})
+
+    def _secret_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``data`` arrives sealed by the proposing manager (shoal.node.secrets)."""
+        oid, name, data, labels, now = self._file_object(cmd, "secret", self.secrets)
+        self.secrets[oid] = Secret(id=oid, name=name, data=data, labels=labels,
+                                   created_at=now, updated_at=now)
+        return {"id": oid}
+
+    def _config_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        oid, name, data, labels, now = self._file_object(cmd, "config", self.configs)
+        self.configs[oid] = Config(id=oid, name=name, data=data, labels=labels,
+                                   created_at=now, updated_at=now)
+        return {"id": oid}
+
+    def _users_of(self, kind: str, name: str) -> list[str]:
+        """Services whose spec uses the secret/config ``name`` (a removal would break them)."""
+        return sorted(s.spec.name for s in self.services.values()
+                      if any(r.name == name for r in getattr(s.spec, kind)))
+
+    def _file_remove(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]) -> None:
+        oid = cmd["id"]
+        obj = existing.get(oid) if isinstance(oid, str) else None
+        if obj is None:
+            raise Rejected("not_found", f"no such {kind}: {oid}", "id")
+        users = self._users_of(f"{kind}s", obj.name)
+        if users:
+            raise Rejected("in_use", f"{kind} {obj.name} is in use by service(s) "
+                           f"{', '.join(users)}: remove it from them first", "name")
+        del existing[oid]
+
+    def _secret_remove(self, cmd: dict[str, Any]) -> None:
+        self._file_remove(cmd, "secret", self.secrets)
+
+    def _config_remove(self, cmd: dict[str, Any]) -> None:
+        self._file_remove(cmd, "config", self.configs)
+
 
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {
     "cluster_init": ClusterState._cluster_init,
@@ -334,6 +476,13 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "service_remove": ClusterState._service_remove,
     "leader": ClusterState._leader,
     "task_status": ClusterState._task_status,
+    "ca_init": ClusterState._ca_init,
+    "secret_create": ClusterState._secret_create,
+    "secret_remove": ClusterState._secret_remove,
+    "config_create": ClusterState._config_create,
+    "config_remove": ClusterState._config_remove,
+    "client_cert_add": ClusterState._client_cert_add,
+    "client_cert_remove": ClusterState._client_cert_remove,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot", "spec_from_dict"]

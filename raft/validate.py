@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.models import Mount, ServiceSpec
+from shoal.raft.models import FileRef, Mount, PortSpec, ServiceSpec
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -24,6 +24,10 @@ MAX_REPLICAS = 10_000
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_ENV = 1000
 MAX_GRACE = 3600.0
+# secret and config names (Docker's rule) and the file names they appear under in a task
+OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+MAX_FILE_REFS = 100
 
 
 def validate_name(name: Any, field: str = "name") -> str:
@@ -57,7 +61,7 @@ def validate_spec(d: Any) -> ServiceSpec:
              "image", "user", "stop_signal", "limit_memory", "limit_cpu", "limit_pids",
              "reserve_memory", "reserve_cpu", "mounts", "restart_condition", "restart_delay",
              "restart_max_attempts", "restart_window", "update_parallelism", "update_delay",
-             "force_update"}
+             "force_update", "secrets", "configs", "ports", "lb_algorithm"}
     for key in d:
         if key not in known:
             raise ValidationError(f"unknown field {key!r}", str(key))
@@ -133,6 +137,10 @@ def validate_spec(d: Any) -> ServiceSpec:
         update_parallelism=_int(d, "update_parallelism", 0, MAX_REPLICAS, default=1),
         update_delay=_num(d, "update_delay", 0.0, 86400.0),
         force_update=_int(d, "force_update", 0, 1 << 31),
+        ports=_ports(_list(d, "ports")),
+        lb_algorithm=_choice(d, "lb_algorithm", ("round-robin", "least-conn"), "round-robin"),
+        secrets=validate_file_refs(d.get("secrets"), "secrets"),
+        configs=validate_file_refs(d.get("configs"), "configs"),
     )
 
 
@@ -154,6 +162,46 @@ def _num(d: dict[str, Any], key: str, lo: float, hi: float, default: float = 0.0
         raise ValidationError(f"{key} must be a number between {lo:g} and {hi:g}, got {v!r}",
                               key)
     return float(v)
+
+
+RESERVED_PORTS = {2377: "the node API", 2378: "Raft", 7946: "gossip"}
+
+
+def _ports(items: list[Any]) -> tuple[PortSpec, ...]:
+    out: list[PortSpec] = []
+    seen: set[tuple[int, str]] = set()
+    for i, p in enumerate(items):
+        field = f"ports[{i}]"
+        if not isinstance(p, dict):
+            raise ValidationError(f"{field} must be an object", field)
+        proto = p.get("protocol", "tcp") or "tcp"
+        if proto not in ("tcp", "udp"):
+            raise ValidationError(f"{field}.protocol must be tcp or udp, got {proto!r}",
+                                  f"{field}.protocol")
+        ports = []
+        for key in ("published", "target"):
+            v = p.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+                raise ValidationError(f"{field}.{key} must be a port between 1 and 65535, "
+                                      f"got {v!r}", f"{field}.{key}")
+            ports.append(v)
+        published, target = ports
+        if published in RESERVED_PORTS:
+            raise ValidationError(f"port {published} is used by shoal itself "
+                                  f"({RESERVED_PORTS[published]})", f"{field}.published")
+        if (published, proto) in seen:
+            raise ValidationError(f"port {published}/{proto} is published twice",
+                                  f"{field}.published")
+        seen.add((published, proto))
+        out.append(PortSpec(published=published, target=target, protocol=proto))
+    return tuple(out)
+
+
+def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    v = d.get(key, default) or default
+    if v not in allowed:
+        raise ValidationError(f"{key} must be one of {', '.join(allowed)}, got {v!r}", key)
+    return str(v)
 
 
 def _list(d: dict[str, Any], key: str) -> list[Any]:
@@ -193,3 +241,42 @@ def _mount(m: Any, i: int) -> Mount:
                               f"{field}.tmpfs_size")
     return Mount(type=kind, target=target, source=source, readonly=bool(m.get("readonly")),
                  tmpfs_size=size)
+
+
+def validate_object_name(name: Any, kind: str) -> str:
+    """Name of a secret or config: 1-64 letters, digits, '.', '_' or '-'."""
+    if not isinstance(name, str) or not OBJECT_NAME_RE.match(name):
+        raise ValidationError(f"{kind} name {name!r} is invalid: use 1-64 letters, digits, "
+                              "'.', '_' and '-', starting and ending with a letter or digit",
+                              "name")
+    return name
+
+
+def validate_file_refs(refs: Any, field: str) -> tuple[FileRef, ...]:
+    """``secrets``/``configs`` of a spec: ``[{name, target, mode}]``; targets are plain file
+    names (the task sees /run/secrets/<target>), unique per kind; mode 0-0o777."""
+    if refs is None:
+        return ()
+    if not isinstance(refs, (list, tuple)) or len(refs) > MAX_FILE_REFS:
+        raise ValidationError(f"{field} must be a list of at most {MAX_FILE_REFS} references",
+                              field)
+    out: list[FileRef] = []
+    for i, r in enumerate(refs):
+        where = f"{field}[{i}]"
+        if not isinstance(r, dict) or set(r) - {"name", "target", "mode"}:
+            raise ValidationError(f"{where} must be an object with name, target, mode", where)
+        name = validate_object_name(r.get("name"), field.rstrip("s"))
+        target = r.get("target") or ""
+        if not isinstance(target, str) or (target and (
+                not FILE_NAME_RE.match(target) or target in (".", ".."))):
+            raise ValidationError(f"{where}.target must be a file name (no '/'), got "
+                                  f"{target!r}", f"{where}.target")
+        mode = r.get("mode", 0o444)
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValidationError(f"{where}.mode must be a file mode between 0 and 0777",
+                                  f"{where}.mode")
+        out.append(FileRef(name=name, target=target, mode=mode))
+    files = [r.file_name for r in out]
+    if len(set(files)) != len(files):
+        raise ValidationError(f"two {field} use the same target file name", field)
+    return tuple(out)

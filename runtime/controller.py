@@ -1,27 +1,34 @@
-"""The per-node task controller: runs each task as real processes in their own namespaces.
+"""The per-node task controller: runs each task as a container (namespaces, cgroups, its own root
+filesystem, reduced capabilities), in the manner of runc / Nomad's exec driver.
 
-Owns: ``RuntimeConfig.data_dir / "tasks"`` (one directory per task) and the processes started from
-it: one shim per task (runtime/shim.sh, see its header for the process tree) and the task under it.
+Owns: ``RuntimeConfig.data_dir`` / ``tasks`` (one directory per task), ``images`` (the image
+store, runtime/images.py), ``volumes`` (named volumes) and ``bin`` (the compiled launcher), the
+task cgroups (runtime/cgroups.py), and the processes started from them: one launcher/shim per task
+(runtime/launcher.c, see its header for the process tree) and the task under it.
 Must not touch: cluster state (the agent's reconciler decides what runs; this module only does it),
-networking beyond bringing the task's own ``lo`` up, cgroups, and anything outside data_dir.
+networking beyond bringing the task's own ``lo`` up, and anything outside data_dir except the
+task's own cgroups.
 
-The agent is never forked to launch a task: a small setsid'ed shell shim is exec'ed per task
-(``subprocess`` uses vfork: 0.13 ms at small RSS, 2.7 ms at 1 GB, where fork costs ~65 ms; and
-unlike ``os.posix_spawn`` it leaves no signal ignored in the child: glibc's posix_spawn leaves
-its internal signals 32/33 at SIG_IGN, which the task would inherit). The shim stays
-outside the task, waits for it and writes its exit code to ``TASKDIR/exit``, so tasks survive an
-agent restart and a restarted agent learns how they ended (:meth:`ProcessController.recover`).
+The agent is never forked to launch a task: the compiled launcher is exec'ed per task
+(``subprocess`` uses vfork: 0.13 ms at small RSS where fork costs ~65 ms at 1 GB; and unlike
+``os.posix_spawn`` it leaves no signal ignored in the child). The launcher stays outside the task
+as its shim: it pumps the task's output into rotated log files, waits for it and writes its exit
+code to ``TASKDIR/exit``, so tasks survive an agent restart and a restarted agent learns how they
+ended (:meth:`ProcessController.recover`).
 
 Task directory (``data_dir/tasks/<task_id>/``)::
 
-    config.json   the TaskConfig                          (agent, before launch)
-    env           the environment, shell-quoted, 0600     (agent, before launch)
-    pids.json     boot id, start time, shim + init pid    (agent: after spawn, again after ready)
-                  and /proc start time, to re-identify them safely after pid reuse
+    config.json   the TaskConfig (file contents elided)     (agent, before launch)
+    runtime.json  cgroup dirs, image id, volumes             (agent, before launch)
+    pids.json     boot id, start time, shim + init pid and /proc start time, to re-identify them
+                  safely after pid reuse                     (agent: after spawn, again after ready)
     notes.json    what only the agent knows: stop requested, SIGKILL sent, command not found
-    exit          the exit code                           (shim, atomically, when the task ended)
-    stdout.log    stderr.log    the task's output (O_APPEND; the agent never holds them open)
+    exit          the exit code                              (shim, atomically, when the task ended)
+    stdout.log[.N] stderr.log[.N]  timestamped, size-rotated (shim; see runtime/logs.py)
     shim.log      the launcher's own messages
+    rootfs/ files/  mount points used only inside the task's mount namespace (empty on the host)
+    init/etc/     hosts, hostname, resolv.conf (the task's init layer)
+    upper/ work/  the task's writable overlay layer (image tasks)
 
 Exit detection uses a pidfd per watched process (``os.pidfd_open`` + ``loop.add_reader``), which
 works for adopted shims that are not our children; nothing polls.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import json
@@ -38,23 +46,46 @@ import logging
 import os
 import re
 import select
-import shlex
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from shoal.runtime import cgroups as cg_mod
+from shoal.runtime import logs as logs_mod
+from shoal.runtime.cgroups import CgroupLayout, Limits, TaskCgroups, TaskUsage
 from shoal.runtime.errors import (
+    CgroupError,
     ConfigError,
+    ImageNotFound,
+    ImageUnavailable,
     InvalidTaskConfig,
     LaunchFailed,
     StopFailed,
     TaskExists,
     TaskNotFound,
+    VolumeInUse,
+)
+from shoal.runtime.images import ImageStore
+from shoal.runtime.launcher import Spec, ensure_launcher
+from shoal.runtime.logs import LogLine
+from shoal.runtime.rootfs import (
+    INIT_IN_TASK,
+    MountSpec,
+    RootfsPlan,
+    build_plan,
+    cap_name,
+    capability_mask,
+    check_task_path,
+    hosts_file,
+    read_rootfs_file,
+    resolv_conf,
+    resolve_user,
+    valid_volume_name,
 )
 
 log = logging.getLogger(__name__)
@@ -62,15 +93,30 @@ log = logging.getLogger(__name__)
 #: PATH given to a task whose env has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-#: The shim shipped with this package (package data ``*.sh``).
-SHIM_PATH = str(Path(__file__).with_name("shim.sh"))
-
 _TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}")
 # RFC 1123 host name; the kernel takes at most 64 bytes.
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*")
+_USER_RE = re.compile(r"[^:\s\0]+(:[^:\s\0]+)?")
+_IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
 _LOG_TAIL_BYTES = 2000
-_LAUNCHER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_MAX_FILES_BYTES = 4 << 20
+_MIN_MEMORY = 4 << 20
+_FORBIDDEN_FILE_DIRS = ("/proc", "/sys", "/dev")
+
+
+def parse_signal(value: str) -> signal.Signals:
+    """A signal from "SIGTERM", "TERM", "term" or "15". Raise ValueError if unknown."""
+    text = value.strip()
+    if text.isdigit():
+        return signal.Signals(int(text))
+    name = text.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal: {value!r}") from None
 
 
 # --------------------------------------------------------------------------------------- records
@@ -78,13 +124,31 @@ _LAUNCHER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What to run. Immutable; stored as TASKDIR/config.json."""
+    """What to run. Immutable; stored as TASKDIR/config.json (without the files' contents)."""
 
-    task_id: str  # unique, [a-z0-9]{1,64}: used as a directory name
+    task_id: str  # unique, [a-z0-9]{1,64}: directory and cgroup name
     hostname: str  # set in the task's UTS namespace (RFC 1123, <= 64 bytes)
-    command: tuple[str, ...]  # argv; command[0] is looked up in the task's PATH, from workdir
+    command: tuple[str, ...]  # argv; command[0] is looked up in the task's PATH, from workdir,
+    #                           inside the task's root filesystem, as the task's user
     env: dict[str, str]  # the task's whole environment; PATH=DEFAULT_PATH is added if absent
     workdir: str = ""  # absolute cwd inside the task; "" = "/"
+    # --- since the "tasks as real containers" issue; all optional
+    image: str = ""  # image reference in this node's store ("name[:tag]", "sha256:<id>", id
+    #                  prefix); "" = the default image (read-only host /usr, /etc, /lib*...)
+    user: str = ""  # "name", "uid", "name:group" or "uid:gid", resolved against the task's own
+    #                 /etc/passwd and /etc/group; "" = root (uid 0) inside the task
+    stop_signal: str = "SIGTERM"  # sent by stop() before the grace period ("SIGQUIT", "15"...)
+    memory_limit: int = 0  # bytes (>= 4 MiB), 0 = unlimited; swap is always off
+    cpu_limit: float = 0.0  # CPUs (0.5 = half a core, CFS quota), 0 = unlimited
+    pids_limit: int = 0  # max processes + threads, 0 = unlimited
+    cap_add: tuple[str, ...] = ()  # capabilities added to Docker's default set ("NET_ADMIN",
+    #                                "ALL"); cap_drop is applied first
+    cap_drop: tuple[str, ...] = ()  # capabilities removed from the default set ("ALL" = all)
+    mounts: tuple[MountSpec, ...] = ()  # bind / volume / tmpfs, see rootfs.MountSpec
+    files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)  # target path ->
+    #   (content, mode), written into a tmpfs inside the task (never to disk), read-only, owned
+    #   by the task's user: secrets (/run/secrets/NAME, 0o400) and configs
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -97,7 +161,8 @@ class TaskConfig:
         if any("\0" in a for a in self.command):
             raise InvalidTaskConfig("command", "must not contain NUL bytes")
         if not self.command[0] or "=" in self.command[0]:
-            # `env -i NAME=VALUE... CMD` would take a '=' in CMD for another variable.
+            # Kept from the env(1)-based launcher: a '=' in a program name is almost surely a
+            # misplaced variable.
             raise InvalidTaskConfig("command", f"bad program name: {self.command[0]!r}")
         if not isinstance(self.env, dict):
             raise InvalidTaskConfig("env", "must be a dict of str to str")
@@ -110,16 +175,93 @@ class TaskConfig:
             not self.workdir.startswith("/") or re.search(r"[\0\n]", self.workdir)
         ):
             raise InvalidTaskConfig("workdir", f"must be an absolute path: {self.workdir!r}")
+        if self.image and not _IMAGE_REF_RE.fullmatch(self.image):
+            raise InvalidTaskConfig("image", f"not an image reference: {self.image!r}")
+        if self.user and not _USER_RE.fullmatch(self.user):
+            raise InvalidTaskConfig("user", f"expected user, uid, user:group or uid:gid: "
+                                    f"{self.user!r}")  # fmt: skip
+        try:
+            parse_signal(self.stop_signal)
+        except ValueError as exc:
+            raise InvalidTaskConfig("stop_signal", str(exc)) from None
+        self._validate_limits()
+        for name in ("cap_add", "cap_drop"):
+            for cap in getattr(self, name):
+                try:
+                    cap_name(cap)
+                except (ValueError, AttributeError) as exc:
+                    raise InvalidTaskConfig(name, str(exc)) from None
+        self._validate_mounts_and_files()
+
+    def _validate_limits(self) -> None:
+        if not isinstance(self.memory_limit, int) or self.memory_limit < 0 or (
+            0 < self.memory_limit < _MIN_MEMORY
+        ):
+            raise InvalidTaskConfig("memory_limit", f"must be 0 or >= {_MIN_MEMORY} bytes")
+        if not isinstance(self.cpu_limit, int | float) or not 0 <= self.cpu_limit <= 4096:
+            raise InvalidTaskConfig("cpu_limit", "must be a number of CPUs >= 0")
+        if not isinstance(self.pids_limit, int) or self.pids_limit < 0:
+            raise InvalidTaskConfig("pids_limit", "must be an integer >= 0")
+
+    def _validate_mounts_and_files(self) -> None:
+        targets: set[str] = set()
+        for m in self.mounts:
+            if not isinstance(m, MountSpec):
+                raise InvalidTaskConfig("mounts", f"not a MountSpec: {m!r}")
+            problem = m.problem()
+            if problem:
+                raise InvalidTaskConfig("mounts", problem)
+            if m.target in targets:
+                raise InvalidTaskConfig("mounts", f"two mounts on {m.target}")
+            targets.add(m.target)
+        total = 0
+        for target, value in self.files.items():
+            bad = check_task_path(target)
+            if bad or target == "/" or any(
+                target == d or target.startswith(d + "/") for d in _FORBIDDEN_FILE_DIRS
+            ):
+                raise InvalidTaskConfig("files", bad or f"not a file target: {target!r}")
+            if target in targets:
+                raise InvalidTaskConfig("files", f"{target} is also a mount target")
+            if (
+                not isinstance(value, tuple)
+                or len(value) != 2
+                or not isinstance(value[0], bytes)
+                or not isinstance(value[1], int)
+                or not 0 <= value[1] <= 0o7777
+            ):
+                raise InvalidTaskConfig("files", f"{target}: expected (bytes, mode)")
+            total += len(value[0])
+        if total > _MAX_FILES_BYTES:
+            raise InvalidTaskConfig("files", f"more than {_MAX_FILES_BYTES} bytes in all")
+        for pair in self.extra_hosts:
+            if (
+                not isinstance(pair, tuple)
+                or len(pair) != 2
+                or not _HOSTNAME_RE.fullmatch(pair[0])
+                or not re.fullmatch(r"[0-9A-Fa-f:.]{2,45}", pair[1])
+            ):
+                raise InvalidTaskConfig("extra_hosts", f"expected (hostname, ip): {pair!r}")
 
     def full_env(self) -> dict[str, str]:
         """The environment the command gets: ``env`` plus the default PATH if it has none."""
         return self.env if "PATH" in self.env else {**self.env, "PATH": DEFAULT_PATH}
 
+    def limits(self) -> Limits:
+        return Limits(self.memory_limit, float(self.cpu_limit), self.pids_limit)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        raw = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "files"
+        }
+        raw["mounts"] = [dataclasses.asdict(m) for m in self.mounts]
+        # Never the contents: they may be secrets. What was there is enough for inspection.
+        raw["files"] = {t: {"mode": m, "size": len(d)} for t, (d, m) in self.files.items()}
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TaskConfig:
+        """The config as stored; ``files`` come back empty (their contents are never stored)."""
         raw = json.loads(text)
         return cls(
             task_id=str(raw["task_id"]),
@@ -127,6 +269,16 @@ class TaskConfig:
             command=tuple(str(a) for a in raw["command"]),
             env={str(k): str(v) for k, v in raw["env"].items()},
             workdir=str(raw.get("workdir", "")),
+            image=str(raw.get("image", "")),
+            user=str(raw.get("user", "")),
+            stop_signal=str(raw.get("stop_signal", "SIGTERM")),
+            memory_limit=int(raw.get("memory_limit", 0)),
+            cpu_limit=float(raw.get("cpu_limit", 0.0)),
+            pids_limit=int(raw.get("pids_limit", 0)),
+            cap_add=tuple(raw.get("cap_add", ())),
+            cap_drop=tuple(raw.get("cap_drop", ())),
+            mounts=tuple(MountSpec(**m) for m in raw.get("mounts", ())),
+            extra_hosts=tuple((str(a), str(b)) for a, b in raw.get("extra_hosts", ())),
         )
 
 
@@ -144,7 +296,8 @@ class RuntimeStatus:
     started_at: float  # time.time() when the launch began
     exit_code: int | None = None  # when EXITED; None if it could not be learned (see message)
     finished_at: float | None = None  # time.time() when it ended (exit file mtime)
-    message: str = ""  # "exit 0", "exit 143 (SIGTERM)", "killed (SIGKILL after grace period)"...
+    message: str = ""  # "exit 0", "exit 143 (SIGTERM)", "killed (SIGKILL after grace period)",
+    #                    "OOM killed"...
     stopped: bool = False  # it ended because stop() (or remove()) was called
 
 
@@ -152,60 +305,89 @@ class RuntimeStatus:
 class RuntimeConfig:
     """Settings of the task runtime. Paths must be absolute; times are seconds."""
 
-    # Root of the runtime's state. Tasks live in data_dir / "tasks" / task_id /. Must be on a
-    # local filesystem that survives an agent restart (not a tmpfs the agent unmounts). No default.
+    # Root of the runtime's state: tasks/, images/, volumes/, bin/ live below it. Must be on a
+    # local filesystem that survives an agent restart and supports overlayfs upper dirs (ext4,
+    # xfs, tmpfs; not NFS). No default.
     data_dir: Path
-    # tini (Debian package `tini`): the task's pid 1. Reaps zombies, forwards signals, returns the
-    # command's exit code (128+N for signal N).
-    tini_path: str = "/usr/bin/tini"
-    # util-linux unshare (>= 2.36): creates the namespaces and mounts the task's /proc.
-    unshare_path: str = "/usr/bin/unshare"
-    # iproute2 `ip`: brings the task's loopback up in its network namespace.
-    ip_path: str = "/usr/sbin/ip"
-    # POSIX shell that runs the shim (dash on Debian). It must not add variables on exec: the task
-    # environment is applied by `env -i` anyway, so any POSIX sh works.
-    sh_path: str = "/bin/sh"
-    # coreutils `env`: the last hop; sets exactly the task's environment and execs the command.
-    env_path: str = "/usr/bin/env"
-    # The shim script; default: the one shipped in this package.
-    shim_path: str = SHIM_PATH
-    # How long start() waits for the launcher to report ready (namespaces + /proc + tini + lookup)
-    # before killing it and raising LaunchFailed. Normal: a few ms; raise it on very slow hosts.
+    # A *static* tini (Debian package `tini` ships /usr/bin/tini-static): bind-mounted read-only
+    # at /dev/init in every task as its pid 1 (reaps zombies, forwards signals, returns the
+    # command's exit code, 128+N for signal N). Static, so it runs in any image.
+    tini_path: str = "/usr/bin/tini-static"
+    # The compiled launcher (runtime/launcher.c). "" = build it with `cc_path` into
+    # data_dir/bin on first use (~0.5 s once per source version; needs gcc + libc6-dev).
+    launcher_path: str = ""
+    # C compiler used when launcher_path is "".
+    cc_path: str = "cc"
+    # How long start() waits for the launcher to report ready (cgroups + namespaces + mounts +
+    # lookup) before killing it and raising LaunchFailed. Normal: a few ms.
     start_timeout: float = 10.0
     # How long stop() waits for the task to be gone after SIGKILL before raising StopFailed
     # (a process in uninterruptible sleep, e.g. hung NFS, can outlive SIGKILL for a while).
     kill_timeout: float = 10.0
-    # Grace period remove() gives a task that is still running (SIGTERM, then SIGKILL).
+    # Grace period remove() gives a task that is still running (stop signal, then SIGKILL).
     # 0 = SIGKILL at once, like `docker rm -f`.
     remove_grace: float = 0.0
+    # "auto": put every task in its own cgroups (limits, usage, OOM evidence, cgroup kill) using
+    # whatever the host offers (v2, v1, hybrid; see runtime/cgroups.py); "off": no cgroups
+    # (rootless hosts), and tasks with limits are refused.
+    cgroups: str = "auto"
+    # Parent of the task groups in each hierarchy: <mount>/<cgroup_parent>/<task_id>.
+    cgroup_parent: str = "shoal"
+    # Log rotation: a stream's file is rotated before it would exceed log_max_bytes; at most
+    # log_max_files files per stream are kept (the active one included; 1 = truncate in place).
+    # Trade-off: disk per task = 2 streams x bytes x files (default 60 MiB at most).
+    log_max_bytes: int = 10 << 20
+    log_max_files: int = 3
+    # The default image (tasks without an image): host paths bound read-only into the task.
+    # Symlinks (Debian's /bin -> usr/bin) are recreated as symlinks; missing ones are skipped.
+    default_rootfs: tuple[str, ...] = (
+        "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    )  # fmt: skip
+    # Host paths hidden inside default-image tasks (/etc is shared with the host otherwise).
+    default_masked: tuple[str, ...] = (
+        "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/ssh",
+    )  # fmt: skip
+    # Copied (without loopback name servers) as each task's /etc/resolv.conf.
+    resolv_conf: str = "/etc/resolv.conf"
+    # Size of each task's /dev/shm tmpfs (bytes; counts against its memory limit when used).
+    dev_shm_size: int = 64 << 20
 
     @property
     def tasks_dir(self) -> Path:
         return Path(self.data_dir) / "tasks"
 
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.data_dir) / "images"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return Path(self.data_dir) / "volumes"
+
     def validate(self) -> None:
-        """Raise ConfigError unless every tool exists and every timeout is sane."""
-        tools = {
-            "tini_path": self.tini_path,
-            "unshare_path": self.unshare_path,
-            "ip_path": self.ip_path,
-            "sh_path": self.sh_path,
-            "env_path": self.env_path,
-        }
-        for name, path in tools.items():
-            if not os.path.isabs(path) or not os.access(path, os.X_OK):
-                raise ConfigError(f"{name}: not an executable absolute path: {path!r}")
-        if not os.path.isabs(self.shim_path) or not os.path.isfile(self.shim_path):
-            raise ConfigError(f"shim_path: no such file: {self.shim_path!r}")
+        """Raise ConfigError unless tini exists and every value is sane."""
+        if not os.path.isabs(self.tini_path) or not os.access(self.tini_path, os.X_OK):
+            raise ConfigError(f"tini_path: not an executable absolute path: {self.tini_path!r}"
+                              " (Debian: apt install tini)")  # fmt: skip
+        if self.launcher_path and not os.access(self.launcher_path, os.X_OK):
+            raise ConfigError(f"launcher_path: not executable: {self.launcher_path!r}")
         if self.start_timeout <= 0 or self.kill_timeout <= 0 or self.remove_grace < 0:
             raise ConfigError("start_timeout and kill_timeout must be > 0, remove_grace >= 0")
+        if self.cgroups not in ("auto", "off"):
+            raise ConfigError(f"cgroups: must be 'auto' or 'off': {self.cgroups!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.cgroup_parent):
+            raise ConfigError(f"cgroup_parent: one path component please: {self.cgroup_parent!r}")
+        if self.log_max_bytes < 4096 or self.log_max_files < 1:
+            raise ConfigError("log_max_bytes must be >= 4096 and log_max_files >= 1")
+        if self.dev_shm_size <= 0:
+            raise ConfigError("dev_shm_size must be > 0")
 
 
 Listener = Callable[[str], None]
 
 
 class Controller(Protocol):
-    """What the agent's reconciler uses. ProcessController is real, FakeController in memory."""
+    """What the agent uses. ProcessController is real, FakeController in memory."""
 
     async def recover(self) -> None:
         """After an agent restart: adopt tasks still running, learn how the others ended."""
@@ -215,8 +397,8 @@ class Controller(Protocol):
         not found). Raise StartError if it could not be started at all."""
 
     async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
-        """SIGTERM the task's init, SIGKILL after `grace` s; the whole tree dies. Return the
-        final EXITED status. Idempotent. Raise TaskNotFound for an unknown id."""
+        """Send the task's stop signal to its init, SIGKILL after `grace` s; the whole tree (and
+        cgroup) dies. Return the final EXITED status. Idempotent. TaskNotFound if unknown."""
 
     def status(self, task_id: str) -> RuntimeStatus | None: ...
 
@@ -224,13 +406,35 @@ class Controller(Protocol):
         """Every task known (running or exited, not yet removed)."""
 
     async def remove(self, task_id: str) -> None:
-        """Stop (remove_grace) if running, delete its directory, forget it. Unknown id: no-op."""
+        """Stop (remove_grace) if running, delete its cgroups and directory (its writable layer
+        included), forget it. Unknown id: no-op."""
 
     def set_listener(self, cb: Listener | None) -> None:
         """cb(task_id) is called on the event loop whenever a task this controller watches exits."""
 
     def logs_path(self, task_id: str) -> tuple[Path, Path]:
-        """(stdout, stderr) log files. Raise TaskNotFound for an unknown id."""
+        """(stdout, stderr) active log files (record format: runtime/logs.py). TaskNotFound."""
+
+    def usage(self, task_id: str) -> TaskUsage | None:
+        """Memory (current, peak) and CPU time of a task; None if unknown or no cgroups."""
+
+    def read_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> list[LogLine]:
+        """The task's output lines (both streams, time order). TaskNotFound if unknown."""
+
+    def follow_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[LogLine]:
+        """read_logs, then new lines as they come, until the task has ended."""
 
     async def close(self) -> None:
         """Stop watching. Does NOT stop tasks: they survive the agent."""
@@ -380,6 +584,7 @@ def _exited(
     finished_at: float | None,
     notes: _Notes,
     unknown: str = "",
+    oom: bool = False,
 ) -> RuntimeStatus:
     if code is None:
         message = unknown
@@ -387,6 +592,10 @@ def _exited(
         message = f"command not found: {notes.not_found}"
     elif notes.killed and code == 128 + signal.SIGKILL:
         message = "killed (SIGKILL after grace period)"
+    elif oom and code == 128 + signal.SIGKILL:
+        message = "OOM killed"
+    elif oom:
+        message = f"{describe_exit(code)}; the OOM killer killed one of its processes"
     else:
         message = describe_exit(code)
     return RuntimeStatus(
@@ -435,12 +644,49 @@ class _Task:
     watching_shim: bool = True
     init_fd: int | None = None  # pidfd used to signal init
     registered: bool = False  # visible in tasks() (False while start() is still deciding)
+    cgroups: TaskCgroups | None = None
+    image_id: str = ""
+    volumes: tuple[str, ...] = ()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MNT_DETACH = 2
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in the agent's namespace (there should be none: task
+    mounts live in the task's own namespace). Checked before deleting a task directory."""
+    prefix = str(path)
+    found = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if len(parts) > 4:
+            mp = cg_mod._unescape(parts[4])
+            if mp == prefix or mp.startswith(prefix + "/"):
+                found.append(mp)
+    return found
+
+
+def _safe_rmtree(path: Path) -> None:
+    """Delete a task directory, first detaching anything mounted below it (defensive: a bug
+    must never make rmtree walk into a bind of the host's /usr)."""
+    for mp in sorted(_mounts_under(path), key=len, reverse=True):
+        if _libc.umount2(mp.encode(), _MNT_DETACH) != 0:
+            log.error("runtime: cannot detach %s: errno %d; not deleting %s",
+                      mp, ctypes.get_errno(), path)  # fmt: skip
+            return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class ProcessController:
-    """Runs tasks as real processes in namespaces. See the module docstring.
+    """Runs tasks as containers. See the module docstring.
 
     All methods must be called from one event loop thread (the agent's), like the listener.
+    ImageStore methods (``self.images``) block: call them from a thread.
     """
 
     def __init__(self, config: RuntimeConfig) -> None:
@@ -451,7 +697,23 @@ class ProcessController:
         self._listener: Listener | None = None
         self._boot_id = _boot_id()
         self._loop: asyncio.AbstractEventLoop | None = None
-        config.tasks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            config.tasks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            config.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {config.data_dir}: {exc}") from exc
+        self._launcher = config.launcher_path or str(
+            ensure_launcher(Path(config.data_dir) / "bin", config.cc_path)
+        )
+        self.cgroup_layout: CgroupLayout = (
+            cg_mod.detect() if config.cgroups == "auto" else CgroupLayout("none")
+        )
+        #: This node's image store (blocking methods: call them from a thread).
+        self.images = ImageStore(config.images_dir, in_use=self._images_in_use)
+        try:
+            self._resolv = resolv_conf(Path(config.resolv_conf).read_text())
+        except OSError:
+            self._resolv = ""
 
     # -- Controller interface
 
@@ -465,11 +727,61 @@ class ProcessController:
     def tasks(self) -> dict[str, RuntimeStatus]:
         return {tid: t.status for tid, t in self._tasks.items()}
 
-    def logs_path(self, task_id: str) -> tuple[Path, Path]:
+    def _task(self, task_id: str) -> _Task:
         task = self._tasks.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
+        return task
+
+    def logs_path(self, task_id: str) -> tuple[Path, Path]:
+        task = self._task(task_id)
         return task.dir / "stdout.log", task.dir / "stderr.log"
+
+    def usage(self, task_id: str) -> TaskUsage | None:
+        task = self._tasks.get(task_id)
+        if task is None or task.cgroups is None or not task.cgroups.dirs:
+            return None
+        return task.cgroups.usage()
+
+    def read_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> list[LogLine]:
+        return logs_mod.read_logs(self._task(task_id).dir, tail, since, timestamps)
+
+    def follow_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[LogLine]:
+        task = self._task(task_id)
+        return logs_mod.follow_logs(
+            task.dir, lambda: task.status.state is RunState.RUNNING, tail, since, timestamps
+        )
+
+    def volumes(self) -> list[str]:
+        """Named volumes on this node."""
+        try:
+            return sorted(p.name for p in self._cfg.volumes_dir.iterdir() if p.is_dir())
+        except OSError:
+            return []
+
+    def remove_volume(self, name: str) -> None:
+        """Delete a named volume and its data. VolumeInUse if a known task mounts it."""
+        if not valid_volume_name(name):
+            raise InvalidTaskConfig("mounts", f"not a volume name: {name!r}")
+        users = [tid for tid, t in self._tasks.items() if name in t.volumes]
+        if users:
+            raise VolumeInUse(f"volume {name} is used by task(s) {', '.join(sorted(users))}")
+        _safe_rmtree(self._cfg.volumes_dir / name)
+
+    def _images_in_use(self) -> set[str]:
+        return {t.image_id for t in self._tasks.values() if t.image_id}
 
     async def start(self, cfg: TaskConfig) -> RuntimeStatus:
         cfg.validate()
@@ -478,6 +790,7 @@ class ProcessController:
         loop = self._bind_loop()
         taskdir = self._cfg.tasks_dir / cfg.task_id
         self._starting.add(cfg.task_id)
+        cgroups: TaskCgroups | None = None
         try:
             try:
                 taskdir.mkdir(mode=0o700)
@@ -486,23 +799,24 @@ class ProcessController:
             except OSError as exc:
                 raise LaunchFailed(f"cannot create {taskdir}: {exc}") from exc
             try:
-                return await self._launch(loop, cfg, taskdir)
+                spec, cgroups, image_id = self._prepare(cfg, taskdir)
+                return await self._launch(loop, cfg, taskdir, spec, cgroups, image_id)
             except BaseException:
-                shutil.rmtree(taskdir, ignore_errors=True)
+                if cgroups is not None:
+                    await self._remove_cgroups(cgroups)
+                _safe_rmtree(taskdir)
                 raise
         finally:
             self._starting.discard(cfg.task_id)
 
     async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise TaskNotFound(task_id)
+        task = self._task(task_id)
         if task.status.state is RunState.EXITED:
             return task.status
         if not task.notes.stop_requested:
             task.notes.stop_requested = True
             task.notes.save(task.dir / "notes.json")
-        self._signal_init(task, signal.SIGTERM)
+        self._signal_init(task, parse_signal(task.cfg.stop_signal))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task.done), timeout=max(grace, 0.0))
         if not task.done.done():
@@ -510,6 +824,8 @@ class ProcessController:
                 task.notes.killed = True
                 task.notes.save(task.dir / "notes.json")
             self._signal_init(task, signal.SIGKILL)
+            if task.cgroups is not None:
+                task.cgroups.kill()  # the final step: nothing of the task escapes
             try:
                 await asyncio.wait_for(asyncio.shield(task.done), timeout=self._cfg.kill_timeout)
             except TimeoutError as exc:
@@ -524,7 +840,27 @@ class ProcessController:
             await self.stop(task_id, self._cfg.remove_grace)
         self._unwatch(task)
         del self._tasks[task_id]
-        shutil.rmtree(task.dir, ignore_errors=True)
+        if task.cgroups is not None:
+            await self._remove_cgroups(task.cgroups)
+        _safe_rmtree(task.dir)
+
+    async def _remove_cgroups(self, cgroups: TaskCgroups) -> None:
+        """Kill what is left in the groups and rmdir them (a group is busy for a moment after
+        its last process died)."""
+        deadline = time.monotonic() + self._cfg.kill_timeout
+        while True:
+            try:
+                left = cgroups.remove_now()
+            except CgroupError as exc:
+                log.warning("runtime: %s", exc)
+                return
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                log.warning("runtime: cgroups still busy, left behind: %s", left)
+                return
+            cgroups.kill()
+            await asyncio.sleep(0.01)
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -562,64 +898,146 @@ class ProcessController:
             raise RuntimeError("ProcessController used from two event loops")
         return loop
 
-    def _launcher_env(self, cfg: TaskConfig) -> dict[str, str]:
-        c = self._cfg
-        return {
-            "PATH": _LAUNCHER_PATH,
-            "LC_ALL": "C",
-            "SHOAL_UNSHARE": c.unshare_path,
-            "SHOAL_SH": c.sh_path,
-            "SHOAL_IP": c.ip_path,
-            "SHOAL_TINI": c.tini_path,
-            "SHOAL_ENV": c.env_path,
-            "SHOAL_WORKDIR": cfg.workdir or "/",
-            "SHOAL_TASK_PATH": cfg.full_env()["PATH"],
-        }
+    def _prepare(
+        self, cfg: TaskConfig, taskdir: Path
+    ) -> tuple[bytearray, TaskCgroups | None, str]:
+        """Everything before the launch: image, user, directories, cgroups, the launch spec."""
+        layers: list[Path] | None = None
+        image_id = ""
+        if cfg.image:
+            try:
+                info = self.images.resolve(cfg.image)
+            except ImageNotFound as exc:
+                raise ImageUnavailable(f"image {cfg.image!r} is not on this node") from exc
+            layers = self.images.layer_dirs(info)
+            image_id = info.id
+            passwd = read_rootfs_file(layers, "etc/passwd")
+            group = read_rootfs_file(layers, "etc/group")
+        else:
+            passwd = _read_host("/etc/passwd")
+            group = _read_host("/etc/group")
+        try:
+            user = resolve_user(cfg.user, passwd, group)
+        except ValueError as exc:
+            raise InvalidTaskConfig("user", str(exc)) from None
+        volumes = []
+        for m in cfg.mounts:
+            if m.type == "bind" and not os.path.exists(m.source):
+                raise InvalidTaskConfig("mounts", f"bind source does not exist: {m.source}")
+            if m.type == "volume":
+                volumes.append(m.source)
+        try:
+            for sub in ("rootfs", "init/etc"):
+                (taskdir / sub).mkdir(parents=True)
+            if cfg.files:
+                (taskdir / "files").mkdir()
+            if layers is not None:
+                (taskdir / "upper").mkdir()
+                (taskdir / "work").mkdir()
+            etc = taskdir / "init" / "etc"
+            (etc / "hostname").write_text(cfg.hostname + "\n")
+            (etc / "hosts").write_text(hosts_file(cfg.hostname, cfg.extra_hosts))
+            (etc / "resolv.conf").write_text(self._resolv)
+            for name in volumes:
+                (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
+            _atomic_write(taskdir / "config.json", cfg.to_json())
+        except OSError as exc:
+            raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
+        cgroups = None
+        if self.cgroup_layout.mode != "none":
+            cgroups = TaskCgroups.create(
+                self.cgroup_layout, self._cfg.cgroup_parent, cfg.task_id, cfg.limits()
+            )
+        elif cfg.limits().any:
+            raise CgroupError("resource limits need cgroups, which are off on this node")
+        try:
+            _atomic_write(
+                taskdir / "runtime.json",
+                json.dumps(
+                    {
+                        "cgroups": cgroups.to_json() if cgroups else None,
+                        "image_id": image_id,
+                        "volumes": volumes,
+                    }
+                ),
+            )
+        except OSError as exc:
+            if cgroups is not None:
+                cgroups.remove_now()
+            raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
+
+        env = cfg.full_env()
+        spec = Spec()
+        spec.add("H", cfg.hostname)
+        spec.add("W", cfg.workdir or "/")
+        spec.add("P", env["PATH"])
+        spec.add("I", INIT_IN_TASK)
+        spec.add("R", str(taskdir / "rootfs"))
+        spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
+        spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
+        spec.fields("L", self._cfg.log_max_bytes, self._cfg.log_max_files)
+        for path in cgroups.procs_files() if cgroups else ():
+            spec.add("C", path)
+        for arg in cfg.command:
+            spec.add("A", arg)
+        for key, value in env.items():
+            spec.add("V", f"{key}={value}")
+        build_plan(
+            spec,
+            RootfsPlan(
+                rootdir=taskdir / "rootfs",
+                taskdir=taskdir,
+                init_layer=taskdir / "init",
+                tini=self._cfg.tini_path,
+                layers=layers,
+                default_binds=self._cfg.default_rootfs,
+                default_masked=self._cfg.default_masked,
+                volumes_dir=self._cfg.volumes_dir,
+                dev_shm_size=self._cfg.dev_shm_size,
+            ),
+            cfg.mounts,
+            cfg.files,
+            user,
+        )
+        return bytearray(spec.encode()), cgroups, image_id
 
     async def _launch(
-        self, loop: asyncio.AbstractEventLoop, cfg: TaskConfig, taskdir: Path
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cfg: TaskConfig,
+        taskdir: Path,
+        spec: bytearray,
+        cgroups: TaskCgroups | None,
+        image_id: str,
     ) -> RuntimeStatus:
-        env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in cfg.full_env().items())
         try:
-            _atomic_write(taskdir / "config.json", cfg.to_json())
-            _atomic_write(taskdir / "env", f'set -- {env_words} "$@"\n', mode=0o600)
-            for name in ("stdout.log", "stderr.log"):
-                (taskdir / name).touch(mode=0o640)
             shim_log = os.open(
                 taskdir / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
             )
         except OSError as exc:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
-        go_r, go_w = os.pipe()
+        spec_r, spec_w = os.pipe()
         ready_r, ready_w = os.pipe()
         started_at = time.time()
         try:
             proc = subprocess.Popen(
-                [
-                    self._cfg.sh_path,
-                    self._cfg.shim_path,
-                    "shim",
-                    str(taskdir),
-                    cfg.hostname,
-                    "--",
-                    *cfg.command,
-                ],
-                stdin=go_r,
+                [self._launcher, "shim", str(taskdir)],
+                stdin=spec_r,
                 stdout=ready_w,
                 stderr=shim_log,
-                env=self._launcher_env(cfg),
+                env={},
                 cwd="/",
                 close_fds=True,
                 start_new_session=True,
                 restore_signals=True,
             )
         except OSError as exc:
-            for fd in (go_r, go_w, ready_r, ready_w):
+            for fd in (spec_r, spec_w, ready_r, ready_w):
                 os.close(fd)
-            raise LaunchFailed(f"cannot spawn the shim: {exc}") from exc
+            raise LaunchFailed(f"cannot spawn the launcher: {exc}") from exc
         finally:
             os.close(shim_log)
-        os.close(go_r)
+        os.close(spec_r)
         os.close(ready_w)
         _UNREAPED[proc.pid] = proc
         task = _Task(
@@ -629,22 +1047,27 @@ class ProcessController:
             status=RuntimeStatus(RunState.RUNNING, pid=None, started_at=started_at),
             done=loop.create_future(),
             shim=_ProcRef.of(proc.pid),
+            cgroups=cgroups,
+            image_id=image_id,
+            volumes=tuple(m.source for m in cfg.mounts if m.type == "volume"),
         )
         shim_fd = task.shim.open() if task.shim is not None else None
-        if shim_fd is None:  # cannot happen while it waits for "go"
-            os.close(go_w)
+        if shim_fd is None:  # cannot happen while it waits for its spec
+            os.close(spec_w)
             os.close(ready_r)
-            raise LaunchFailed(f"task {cfg.task_id}: the shim died right after spawn")
+            raise LaunchFailed(f"task {cfg.task_id}: the launcher died right after spawn")
         self._watch(task, shim_fd, shim=True)
         try:
             self._write_pids(task)
-            os.write(go_w, b"g\n")  # the shim may start the task now: it is recorded
+            # The complete spec is the "go": the launcher may start the task now, it is recorded.
+            await self._send(loop, spec_w, spec)
         except OSError as exc:
             os.close(ready_r)
-            await self._abandon(task)  # EOF instead of "g": the shim starts nothing
-            raise LaunchFailed(f"cannot record task {cfg.task_id}: {exc}") from exc
+            await self._abandon(task)  # a truncated spec: the launcher starts nothing
+            raise LaunchFailed(f"cannot start task {cfg.task_id}: {exc}") from exc
         finally:
-            os.close(go_w)
+            spec[:] = bytes(len(spec))  # it may hold secrets
+            os.close(spec_w)
         try:
             ready = await asyncio.wait_for(self._read_byte(loop, ready_r), self._cfg.start_timeout)
         except TimeoutError:
@@ -666,15 +1089,37 @@ class ProcessController:
             if task.status.state is RunState.EXITED:  # may have been seen before the notes
                 st = task.status
                 task.status = _exited(st.started_at, st.exit_code, st.finished_at, task.notes)
-        else:  # EOF: the launcher failed; the shim has exited (it held the pipe)
+        else:  # EOF: the launcher failed; it has exited or is about to
             await self._wait_done(task)
             self._unwatch(task)
             code, _ = self._read_exit(taskdir)
-            reason = _tail(taskdir / "shim.log") or _tail(taskdir / "stderr.log") or "no message"
+            reason = _tail(taskdir / "shim.log") or "no message"
             raise LaunchFailed(f"task {cfg.task_id}: launcher failed (exit {code}): {reason}")
         task.registered = True
         self._tasks[cfg.task_id] = task
         return task.status
+
+    @staticmethod
+    async def _send(loop: asyncio.AbstractEventLoop, fd: int, data: bytearray) -> None:
+        """Write all of ``data`` to a pipe without blocking the loop (a spec with large files
+        can exceed the pipe's buffer)."""
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                    continue
+                except BlockingIOError:
+                    pass
+                fut: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(fd, _resolve_future, fut)
+                try:
+                    await fut
+                finally:
+                    loop.remove_writer(fd)
+        finally:
+            view.release()
 
     @staticmethod
     async def _read_byte(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
@@ -700,22 +1145,23 @@ class ProcessController:
             await asyncio.wait_for(asyncio.shield(task.done), self._cfg.kill_timeout)
 
     async def _abandon(self, task: _Task) -> None:
-        """Kill a launch that failed half-way (its whole session: shim, holder, init; the task
-        cannot have left it yet) and wait until the watched shim is reaped."""
+        """Kill a launch that failed half-way (its whole session: shim and init; the task cannot
+        have left it yet) and wait until the watched shim is reaped."""
         if not task.done.done() and task.shim is not None:
             # Safe: the shim is our unreaped child until _on_exit resolves `done`.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(task.shim.pid, signal.SIGKILL)
         self._signal_init(task, signal.SIGKILL)
+        if task.cgroups is not None:
+            task.cgroups.kill()
         await self._wait_done(task)
         self._unwatch(task)
 
     def _find_init(self, task: _Task) -> None:
-        """shim -> holder -> init (the task's pid 1), recorded once the launcher reported ready."""
+        """The shim's only child is the task's init (its pid 1), recorded once ready."""
         if task.shim is None or task.init is not None:
             return
-        holders = _children(task.shim.pid)
-        inits = _children(holders[0]) if len(holders) == 1 else []
+        inits = _children(task.shim.pid)
         if len(inits) != 1:
             return  # already gone (a very short task): its exit is on its way
         task.init = _ProcRef.of(inits[0])
@@ -796,7 +1242,10 @@ class ProcessController:
             if task.init is not None
             else "exit status unknown: the launcher died before recording it"
         )
-        self._finish(task, _exited(task.started_at, code, time.time(), task.notes, lost))
+        self._finish(
+            task,
+            _exited(task.started_at, code, time.time(), task.notes, lost, _oom(task.cgroups)),
+        )
 
     def _finish(self, task: _Task, status: RuntimeStatus) -> None:
         task.status = status
@@ -828,20 +1277,32 @@ class ProcessController:
         notes = _Notes.load(taskdir / "notes.json")
         done: asyncio.Future[None] = self._loop.create_future()
         try:
+            rt = json.loads((taskdir / "runtime.json").read_text())
+            cgroups: TaskCgroups | None = (
+                TaskCgroups.from_json(rt["cgroups"]) if rt.get("cgroups") else None
+            )
+            image_id = str(rt.get("image_id", ""))
+            volumes = tuple(str(v) for v in rt.get("volumes", ()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            cgroups, image_id, volumes = None, "", ()
+        extra: dict[str, Any] = {"cgroups": cgroups, "image_id": image_id, "volumes": volumes}
+        try:
             pids = json.loads((taskdir / "pids.json").read_text())
             started_at = float(pids["started_at"])
             same_boot = pids.get("boot_id") == self._boot_id
             shim = _ProcRef.from_json(pids.get("shim"))
             init = _ProcRef.from_json(pids.get("init"))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
-            # The agent died before recording the shim, so the shim never got "go".
+            # The agent died before recording the shim, so the shim never got its spec.
             started_at = (taskdir / "config.json").stat().st_mtime
             status = _exited(started_at, None, started_at, notes, "never started: agent died")
             done.set_result(None)
-            self._register(_Task(cfg, taskdir, started_at, status, done, None, notes=notes))
+            self._register(
+                _Task(cfg, taskdir, started_at, status, done, None, notes=notes, **extra)
+            )
             return
         running = RuntimeStatus(RunState.RUNNING, pid=None, started_at=started_at)
-        task = _Task(cfg, taskdir, started_at, running, done, shim, init, notes)
+        task = _Task(cfg, taskdir, started_at, running, done, shim, init, notes, **extra)
         shim_fd = shim.open() if shim is not None and same_boot else None
         if shim_fd is not None:  # still running: watch the shim, it records the exit code
             task.init_fd = init.open() if init is not None else None
@@ -867,13 +1328,29 @@ class ProcessController:
                 if same_boot
                 else "exit status unknown: the host rebooted"
             )
-            task.status = _exited(started_at, code, finished_at, notes, reason)
+            task.status = _exited(started_at, code, finished_at, notes, reason, _oom(cgroups))
             done.set_result(None)
         self._register(task)
 
     def _register(self, task: _Task) -> None:
         task.registered = True
         self._tasks[task.cfg.task_id] = task
+
+
+def _resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _read_host(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _oom(cgroups: TaskCgroups | None) -> bool:
+    return cgroups is not None and bool(cgroups.dirs) and cgroups.oom_kills() > 0
 
 
 # ------------------------------------------------------------------------- the fake controller
@@ -905,6 +1382,11 @@ class FakeController:
         self._next_pid = 10_000
         self.start_error: Exception | None = None  # raised (once) by the next start()
         self.closed = False
+        #: Lines read_logs/follow_logs return, per task (tests append to it).
+        self.logs: dict[str, list[LogLine]] = {}
+        #: What usage() returns for a running task (tests may replace it).
+        self.fake_usage = TaskUsage(memory_bytes=1 << 20, memory_peak_bytes=1 << 20,
+                                    cpu_seconds=0.0, pids=2)  # fmt: skip
 
     def set_listener(self, cb: Listener | None) -> None:
         self._listener = cb
@@ -923,6 +1405,35 @@ class FakeController:
         if task_id not in self._status:
             raise TaskNotFound(task_id)
         return self._log_dir / task_id / "stdout.log", self._log_dir / task_id / "stderr.log"
+
+    def usage(self, task_id: str) -> TaskUsage | None:
+        return self.fake_usage if task_id in self._status else None
+
+    def read_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> list[LogLine]:
+        if task_id not in self._status:
+            raise TaskNotFound(task_id)
+        lines = [x for x in self.logs.get(task_id, []) if since is None or x.ts >= since]
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        if timestamps:
+            lines = [x._replace(line=f"{_rfc3339(x.ts)} {x.line}") for x in lines]
+        return lines
+
+    async def follow_logs(
+        self,
+        task_id: str,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[LogLine]:
+        for line in self.read_logs(task_id, tail, since, timestamps):
+            yield line
 
     async def recover(self) -> None:
         return None
@@ -986,6 +1497,12 @@ class FakeController:
         self.closed = True
 
 
+def _rfc3339(ts: float) -> str:
+    whole = int(ts)
+    frac = int((ts - whole) * 1e9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{frac:09d}Z"
+
+
 def _conforms(real: ProcessController, fake: FakeController) -> tuple[Controller, Controller]:
     """Never called: makes mypy check that both classes satisfy the Controller protocol."""
     return real, fake
@@ -995,10 +1512,14 @@ __all__ = [
     "DEFAULT_PATH",
     "Controller",
     "FakeController",
+    "LogLine",
+    "MountSpec",
     "ProcessController",
     "RunState",
     "RuntimeConfig",
     "RuntimeStatus",
     "TaskConfig",
+    "TaskUsage",
     "describe_exit",
+    "parse_signal",
 ]

@@ -1,21 +1,31 @@
 """Errors raised by shoal.runtime.
 
 Owns the runtime's error types and nothing else. Lower-layer failures (OSError from spawning,
-reading /proc or writing the task directory) are translated at the boundary (``raise ... from``).
+reading /proc, writing cgroup files or the task directory, tarfile errors) are translated at the
+boundary (``raise ... from``).
 
 The tree::
 
     RuntimeError_                 anything the runtime raises on purpose
-    ├── ConfigError               RuntimeConfig is unusable (missing tini/unshare, bad timeouts)
+    ├── ConfigError               RuntimeConfig is unusable (missing tini, no compiler, bad values)
     ├── StartError                the task could not be started at all (nothing is left running)
-    │   ├── InvalidTaskConfig     the TaskConfig is malformed (id, hostname, command, env, workdir)
+    │   ├── InvalidTaskConfig     the TaskConfig is malformed (``field`` names which field)
     │   ├── TaskExists            a task with this id is already known (or its directory exists)
-    │   └── LaunchFailed          the launcher failed or timed out (message carries its log tail)
+    │   ├── LaunchFailed          the launcher failed or timed out (message carries its log tail)
+    │   ├── CgroupError           the task's cgroups cannot be made, or a limit cannot be enforced
+    │   └── ImageUnavailable      the task's image is not in the store (pull it first)
     ├── TaskNotFound              no task with this id is known
-    └── StopFailed                the task's processes outlived SIGKILL + kill_timeout
+    ├── StopFailed                the task's processes outlived SIGKILL + kill_timeout
+    ├── VolumeInUse               a volume to remove is mounted by a task this node knows
+    └── ImageError                the image store refused an operation
+        ├── ImageNotFound         no image matches the reference (also a KeyError)
+        ├── InvalidImage          a tarball/layout is malformed or unsafe (absolute path, "..",
+        │                         link out of the root, unknown compression, bad manifest)
+        ├── DigestMismatch        a blob's content does not match its sha256 digest
+        └── ImageInUse            rm of an image a task on this node still uses
 
-A task whose *command* fails (exit 3, command not found, killed) is not an error: it is a task that
-ran and ended, reported as a RuntimeStatus.
+A task whose *command* fails (exit 3, command not found, OOM killed) is not an error: it is a
+task that ran and ended, reported as a RuntimeStatus.
 """
 
 from __future__ import annotations
@@ -49,6 +59,14 @@ class LaunchFailed(StartError):
     """The namespace launcher failed or did not report ready in time."""
 
 
+class CgroupError(StartError):
+    """The task's cgroups could not be created, or a requested limit cannot be enforced here."""
+
+
+class ImageUnavailable(StartError):
+    """The task's image is not in this node's image store."""
+
+
 class TaskNotFound(RuntimeError_, KeyError):
     """No task with this id is known to the runtime."""
 
@@ -58,3 +76,30 @@ class TaskNotFound(RuntimeError_, KeyError):
 
 class StopFailed(RuntimeError_):
     """The task's init did not die within kill_timeout after SIGKILL."""
+
+
+class VolumeInUse(RuntimeError_):
+    """The volume is mounted by a task this node still knows (remove the task first)."""
+
+
+class ImageError(RuntimeError_):
+    """The image store refused an operation."""
+
+
+class ImageNotFound(ImageError, KeyError):
+    """No image matches the reference."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "image not found"
+
+
+class InvalidImage(ImageError):
+    """A rootfs tarball, docker-save archive or OCI layout is malformed or unsafe."""
+
+
+class DigestMismatch(ImageError):
+    """A blob's content does not hash to the digest it was announced with."""
+
+
+class ImageInUse(ImageError):
+    """The image is used by a task this node still knows."""

@@ -362,3 +362,46 @@ def test_gossip_decides_liveness_and_suspicion_is_not_death() -> None:
     st.apply({"op": "leader", "term": 1, "now": 100.0, "ops": ops})
     ops, _ = plan_pass(st.snapshot(), stale, 101.0, 101.0, cfg, gossip={"n3": "alive"})
     assert ("node_state", "n3", "ready", "") in ops
+
+
+def test_node_subnets_never_overlap_and_are_reused_after_removal() -> None:
+    st = cluster(3)
+    subnets = [st.nodes[f"n{i}"].subnet for i in (1, 2, 3)]
+    assert subnets == ["10.99.0.0/24", "10.99.1.0/24", "10.99.2.0/24"]
+    st.apply({"op": "node_remove", "id": "n2", "now": 2.0, "force": True})
+    n4 = Node(id="n4", hostname="h4", addr="10.0.0.4", api_port=2377, raft_port=2378,
+              role=NodeRole.WORKER)
+    st.apply({"op": "node_add", "now": 3.0, "node": to_dict(n4)})
+    assert st.nodes["n4"].subnet == "10.99.1.0/24"  # released, then reused
+    st.apply({"op": "node_add", "now": 4.0, "node": to_dict(n4)})  # re-add keeps it
+    assert st.nodes["n4"].subnet == "10.99.1.0/24"
+
+
+def test_service_vips_unique_and_published_ports_conflict_named() -> None:
+    st = cluster(1, dict(SPEC, ports=[{"published": 8080, "target": 80}]))
+    vip1 = st.services["s1"].vip
+    res = st.apply({"op": "service_create", "id": "s2", "now": 1.0,
+                    "spec": dict(SPEC, name="other",
+                                 ports=[{"published": 8080, "target": 81}])})
+    assert res["error"]["field"] == "ports" and "already published by service web" in \
+        res["error"]["message"]
+    res = st.apply({"op": "service_create", "id": "s2", "now": 1.0,
+                    "spec": dict(SPEC, name="other",
+                                 ports=[{"published": 8080, "target": 81, "protocol": "udp"}])})
+    assert "ok" in res and res["vip"] != vip1
+    for bad, field in ((0, "ports[0].published"), (70000, "ports[0].published"),
+                       (2377, "ports[0].published")):
+        res = st.apply({"op": "service_create", "id": "s3", "now": 1.0,
+                        "spec": dict(SPEC, name="third",
+                                     ports=[{"published": bad, "target": 80}])})
+        assert res["error"]["field"] == field, res
+
+
+def test_cluster_cidr_validated_at_init() -> None:
+    st = ClusterState()
+    res = st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "",
+                    "manager_secret": "", "digest": "", "cluster_cidr": "10.0.0.0/33"})
+    assert res["error"]["field"] == "cluster_cidr"
+    res = st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "",
+                    "manager_secret": "", "digest": "", "cluster_cidr": "172.20.0.0/16"})
+    assert "ok" in res and st.cluster.cluster_cidr == "172.20.0.0/16"

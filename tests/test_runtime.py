@@ -1,29 +1,39 @@
-"""shoal.runtime: real processes in real namespaces (root), plus the FakeController.
+"""shoal.runtime: the task lifecycle with real processes in real namespaces (root): exit codes,
+env, workdir, stop, remove, start failures, events, recovery; plus the FakeController.
 
-Every test's tasks live under its own tmp data dir; the autouse ``reaper`` fixture kills whatever
-they left running (by the pids recorded in each task dir, then by a sweep for any process whose
-command line names the data dir), also when the test fails.
+Fixtures and helpers: tests/test_runtime_support.py (per-test data dir, per-run cgroup parent, a
+reaper that kills and removes whatever a test left, also when it fails).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import ctypes
-import errno
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
+from test_runtime_support import (
+    CGROUP_PARENT,
+    alive,
+    kill_leftovers,
+    needs_root,
+    ns_members,
+    open_fifo_writer,
+    run_to_end,
+    task,
+    wait_exited,
+    wait_for_members,
+    wait_for_output,
+)
 
 from shoal.runtime import controller as ctl_mod
 from shoal.runtime.controller import (
@@ -32,7 +42,6 @@ from shoal.runtime.controller import (
     ProcessController,
     RunState,
     RuntimeConfig,
-    RuntimeStatus,
     TaskConfig,
 )
 from shoal.runtime.errors import (
@@ -42,170 +51,20 @@ from shoal.runtime.errors import (
     TaskExists,
     TaskNotFound,
 )
+from shoal.runtime.rootfs import MountSpec
 
-_TOOLS = ("/usr/bin/tini", "/usr/bin/unshare", "/usr/sbin/ip")
-_MISSING = [t for t in _TOOLS if not os.path.exists(t)]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=f"needs root and {_MISSING or 'tini, unshare, ip'} (namespaces)",
-)
+pytestmark = needs_root
+pytest_plugins = ("test_runtime_support",)  # its fixtures
 
-
-# ---------------------------------------------------------------------------- helpers/fixtures
+# Ignores SIGTERM (and says so once it does).
+DEAF = "trap '' TERM; echo deaf; sleep 1000; sleep 1000"
 
 
 def _ticks(pid: int) -> int | None:
     return ctl_mod._start_ticks(pid)
 
 
-def _alive(pid: int, ticks: int) -> bool:
-    """The process (pid, start ticks) exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    return rest[0] != b"Z" and int(rest[19]) == ticks
-
-
-def ns_members(init_pid: int) -> list[tuple[int, int]]:
-    """(pid, start ticks) of every live process in init_pid's pid namespace (host pids)."""
-    target = os.readlink(f"/proc/{init_pid}/ns/pid")
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/pid") != target:
-                    continue
-            except OSError:
-                continue
-            ticks = _ticks(int(entry))
-            if ticks is not None and _alive(int(entry), ticks):
-                members.append((int(entry), ticks))
-    return members
-
-
-def _kill_leftovers(data_dir: Path) -> list[str]:
-    """SIGKILL everything started under data_dir; return what was still alive."""
-    left: list[str] = []
-    for pids_file in data_dir.glob("tasks/*/pids.json"):
-        try:
-            pids = json.loads(pids_file.read_text())
-        except (OSError, ValueError):
-            continue
-        for role in ("init", "shim"):
-            ref = pids.get(role)
-            if ref and _alive(ref[0], ref[1]):
-                left.append(f"{pids_file.parent.name} {role} {ref[0]}")
-                with contextlib.suppress(ProcessLookupError):
-                    if role == "init":
-                        os.kill(ref[0], signal.SIGKILL)  # kills the whole pid namespace
-                    else:
-                        os.killpg(ref[0], signal.SIGKILL)
-    # Sweep: shim, holder and tini carry the task dir on their command line.
-    needle = str(data_dir).encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmdline:
-                left.append(f"sweep {entry} {cmdline[:80]!r}")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry), signal.SIGKILL)
-    # Reap the shims this process spawned for this data dir.
-    for pid, proc in list(ctl_mod._UNREAPED.items()):
-        if needle in b" ".join(a.encode() for a in proc.args):
-            try:
-                proc.wait(timeout=5)
-            finally:
-                ctl_mod._UNREAPED.pop(pid, None)
-    return left
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "shoal-rt"
-
-
-@pytest.fixture(autouse=True)
-def reaper(data_dir: Path) -> Iterator[None]:
-    yield
-    _kill_leftovers(data_dir)
-
-
-@pytest.fixture
-def config(data_dir: Path) -> RuntimeConfig:
-    return RuntimeConfig(data_dir=data_dir, start_timeout=5.0, kill_timeout=5.0)
-
-
-@pytest.fixture
-async def ctl(config: RuntimeConfig) -> AsyncIterator[ProcessController]:
-    c = ProcessController(config)
-    yield c
-    await c.close()
-
-
-def task(
-    task_id: str,
-    *command: str,
-    env: dict[str, str] | None = None,
-    hostname: str = "",
-    workdir: str = "",
-) -> TaskConfig:
-    return TaskConfig(task_id, hostname or f"host-{task_id}", command, env or {}, workdir)
-
-
-async def wait_exited(c: ProcessController, task_id: str, timeout: float = 5.0) -> RuntimeStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = c.status(task_id)
-        assert st is not None
-        if st.state is RunState.EXITED:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{task_id} still running after {timeout}s: {st}")
-        await asyncio.sleep(0.01)
-
-
-async def run_to_end(c: ProcessController, cfg: TaskConfig) -> tuple[RuntimeStatus, str, str]:
-    await c.start(cfg)
-    st = await wait_exited(c, cfg.task_id)
-    out, err = c.logs_path(cfg.task_id)
-    return st, out.read_text(), err.read_text()
-
-
-# Ignores SIGTERM (and says so once it does).
-DEAF = "trap '' TERM; echo deaf; sleep 1000; sleep 1000"
-
-
-async def wait_for_output(c: ProcessController, task_id: str, text: str) -> None:
-    stdout = c.logs_path(task_id)[0]
-    deadline = time.monotonic() + 5
-    while text not in stdout.read_text():
-        assert time.monotonic() < deadline, f"{task_id} did not print {text!r}"
-        await asyncio.sleep(0.005)
-
-
-async def wait_for_members(init_pid: int, n: int, timeout: float = 5.0) -> list[tuple[int, int]]:
-    deadline = time.monotonic() + timeout
-    while len(members := ns_members(init_pid)) < n:
-        assert time.monotonic() < deadline, f"only {members} in the task"
-        await asyncio.sleep(0.01)
-    return members
-
-
-def open_fifo_writer(path: Path, timeout: float = 5.0) -> int:
-    """Open a FIFO for writing once the task has opened it for reading."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
+_alive = alive
 
 
 # ------------------------------------------------------------------------------ isolation
@@ -220,15 +79,15 @@ async def test_task_runs_in_its_own_pid_namespace_and_cannot_see_host_processes(
     assert st.exit_code == 0, st
     lines = out.split()
     assert lines[0] == "ppid=1"  # the command is the child of the namespace's init
-    assert lines[1] == "tini"
+    assert lines[1] == "init"  # tini, bind-mounted at /dev/init
     visible = sorted(int(x) for x in lines[2:] if x.isdigit())
     assert visible[0] == 1 and visible[-1] < 10, visible  # only tini, sh and ls: no host pids
 
 
 async def test_task_has_its_own_hostname_and_namespaces_with_lo_up(
-    ctl: ProcessController,
+    ctl: ProcessController, shared: Path
 ) -> None:
-    gate = ctl._cfg.data_dir / "gate"
+    gate = shared / "gate"
     os.mkfifo(gate)
     cfg = task(
         "ns",
@@ -236,15 +95,17 @@ async def test_task_has_its_own_hostname_and_namespaces_with_lo_up(
         "-c",
         f"hostname; ip -o link show; read x < {gate}",
         hostname="web-1.example",
+        share=shared,
     )
     st = await ctl.start(cfg)
     assert st.state is RunState.RUNNING and st.pid is not None
-    assert Path(f"/proc/{st.pid}/comm").read_text().strip() == "tini"
+    assert Path(f"/proc/{st.pid}/comm").read_text().strip() == "init"
+    assert Path(f"/proc/{st.pid}/cmdline").read_bytes().split(b"\0")[0] == b"tini"
     for ns in ("pid", "mnt", "uts", "ipc", "net"):
         assert os.readlink(f"/proc/{st.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     os.close(open_fifo_writer(gate))
     st = await wait_exited(ctl, "ns")
-    out = ctl.logs_path("ns")[0].read_text().splitlines()
+    out = [line.line for line in ctl.read_logs("ns")]
     assert out[0] == "web-1.example"
     links = out[1:]
     assert len(links) == 1 and links[0].startswith("1: lo: "), links  # loopback only
@@ -260,11 +121,13 @@ async def test_task_starts_with_no_ignored_or_blocked_signals(ctl: ProcessContro
     )
 
 
-async def test_orphans_are_reaped_by_the_tasks_init(ctl: ProcessController) -> None:
-    gate = ctl._cfg.data_dir / "gate"
+async def test_orphans_are_reaped_by_the_tasks_init(ctl: ProcessController, shared: Path) -> None:
+    gate = shared / "gate"
     os.mkfifo(gate)
     # The subshell exits at once; its sleep is orphaned to tini, exits, and must be reaped.
-    st = await ctl.start(task("zomb", "sh", "-c", f"(sleep 0.01 &); read x < {gate}"))
+    st = await ctl.start(
+        task("zomb", "sh", "-c", f"(sleep 0.01 &); read x < {gate}", share=shared)
+    )
     assert st.pid is not None
     await asyncio.sleep(0.2)
     zombies = [
@@ -331,32 +194,34 @@ async def test_command_not_found_is_reported_by_start_without_a_hang(
 
 async def test_env_is_exactly_the_tasks_plus_default_path(ctl: ProcessController) -> None:
     env = {"FOO": "bar baz", "TRICKY": 'it\'s "q" $HOME `x` \\ \n next', "EMPTY": "", "A.B": "1"}
-    st, out, _ = await run_to_end(ctl, task("env", "env", "-0", env=env))
+    # /proc/PID/environ is exactly what execve() got; base64 keeps it on one log line.
+    st, out, _ = await run_to_end(ctl, task("env", "base64", "-w0", "/proc/self/environ", env=env))
     assert st.exit_code == 0
-    seen = dict(item.split("=", 1) for item in out.split("\0") if item)
+    raw = base64.b64decode(out.strip()).decode()
+    seen = dict(item.split("=", 1) for item in raw.split("\0") if item)
     assert seen == {**env, "PATH": DEFAULT_PATH}
 
 
 async def test_env_path_is_used_for_the_command_lookup(
-    ctl: ProcessController, tmp_path: Path
+    ctl: ProcessController, shared: Path
 ) -> None:
-    bindir = tmp_path / "bin"
+    bindir = shared / "bin"
     bindir.mkdir()
     (bindir / "hello").write_text("#!/bin/sh\necho hello from $0\n")
     (bindir / "hello").chmod(0o755)
     st, out, _ = await run_to_end(
-        ctl, task("lookup", "hello", env={"PATH": f"{bindir}:/usr/bin:/bin"})
+        ctl, task("lookup", "hello", env={"PATH": f"{bindir}:/usr/bin:/bin"}, share=shared)
     )
     assert (st.exit_code, out.strip()) == (0, f"hello from {bindir}/hello")
 
 
 async def test_workdir_is_applied_and_relative_commands_resolve_from_it(
-    ctl: ProcessController, tmp_path: Path
+    ctl: ProcessController, shared: Path
 ) -> None:
-    (tmp_path / "run.sh").write_text("#!/bin/sh\npwd\n")
-    (tmp_path / "run.sh").chmod(0o755)
-    st, out, _ = await run_to_end(ctl, task("wd", "./run.sh", workdir=str(tmp_path)))
-    assert (st.exit_code, out.strip()) == (0, str(tmp_path))
+    (shared / "run.sh").write_text("#!/bin/sh\npwd\n")
+    (shared / "run.sh").chmod(0o755)
+    st, out, _ = await run_to_end(ctl, task("wd", "./run.sh", workdir=str(shared), share=shared))
+    assert (st.exit_code, out.strip()) == (0, str(shared))
     st, out, _ = await run_to_end(ctl, task("wdroot", "pwd"))
     assert (st.exit_code, out.strip()) == (0, "/")
 
@@ -483,30 +348,31 @@ async def test_missing_workdir_fails_the_start_and_leaves_nothing(
         await ctl.start(task("nowd", "true", workdir="/no/such/dir"))
     assert ctl.status("nowd") is None
     assert list((data_dir / "tasks").iterdir()) == []
-    assert _kill_leftovers(data_dir) == []
+    assert kill_leftovers(data_dir) == []
 
 
-async def test_broken_launcher_fails_the_start_with_its_message(data_dir: Path) -> None:
-    c = ProcessController(RuntimeConfig(data_dir=data_dir, ip_path="/bin/false"))
-    try:
-        with pytest.raises(LaunchFailed):
-            await c.start(task("noip", "true"))
-        assert c.tasks() == {}
-    finally:
-        await c.close()
+async def test_a_failing_mount_fails_the_start_with_its_message(
+    ctl: ProcessController, data_dir: Path
+) -> None:
+    # /usr is a read-only bind in the default image: no mount point can be made in it.
+    bad = task("badmnt", "true", mounts=(MountSpec("tmpfs", "/usr/shoal-new"),))
+    with pytest.raises(LaunchFailed, match="cannot create mount point /usr/shoal-new"):
+        await ctl.start(bad)
+    assert ctl.tasks() == {}
+    assert list((data_dir / "tasks").iterdir()) == []
 
 
 # ----------------------------------------------------------------------- events, listener
 
 
 async def test_listener_is_called_once_on_the_loop_thread_when_a_task_exits(
-    ctl: ProcessController, data_dir: Path
+    ctl: ProcessController, shared: Path
 ) -> None:
     calls: list[tuple[str, int]] = []
     ctl.set_listener(lambda tid: calls.append((tid, threading.get_ident())))
-    gate = data_dir / "gate"
+    gate = shared / "gate"
     os.mkfifo(gate)
-    await ctl.start(task("ev", "sh", "-c", f"read x < {gate}; exit 4"))
+    await ctl.start(task("ev", "sh", "-c", f"read x < {gate}; exit 4", share=shared))
     fd = open_fifo_writer(gate)
     t0 = time.monotonic()
     os.write(fd, b"go\n")
@@ -526,12 +392,14 @@ async def test_listener_is_called_once_on_the_loop_thread_when_a_task_exits(
 
 
 async def test_recover_adopts_a_running_task_and_then_sees_its_exit(
-    config: RuntimeConfig, data_dir: Path
+    config: RuntimeConfig, shared: Path
 ) -> None:
-    gate = data_dir / "gate"
+    gate = shared / "gate"
     first = ProcessController(config)
     os.mkfifo(gate)
-    started = await first.start(task("adopt", "sh", "-c", f"read x < {gate}; exit 7"))
+    started = await first.start(
+        task("adopt", "sh", "-c", f"read x < {gate}; exit 7", share=shared)
+    )
     await first.close()  # the agent goes away; the task must not
     assert started.pid is not None and _ticks(started.pid) is not None
 
@@ -576,12 +444,12 @@ async def test_recover_stop_of_an_adopted_task_kills_its_tree(
 
 
 async def test_recover_learns_the_exit_code_of_a_task_that_ended_while_no_agent_ran(
-    config: RuntimeConfig, data_dir: Path
+    config: RuntimeConfig, data_dir: Path, shared: Path
 ) -> None:
-    gate = data_dir / "gate"
+    gate = shared / "gate"
     first = ProcessController(config)
     os.mkfifo(gate)
-    await first.start(task("away", "sh", "-c", f"read x < {gate}; exit 5"))
+    await first.start(task("away", "sh", "-c", f"read x < {gate}; exit 5", share=shared))
     await first.start(task("awaystop", "sleep", "1000"))
     stopped = await first.stop("awaystop", 1.0)
     await first.close()
@@ -779,9 +647,13 @@ def test_runtime_config_validate_rejects_missing_tools(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="tini_path"):
         ProcessController(RuntimeConfig(data_dir=tmp_path, tini_path="/no/tini"))
-    with pytest.raises(ConfigError):
-        RuntimeConfig(data_dir=tmp_path, start_timeout=0).validate()
-    assert shutil.which("tini") is not None
+    with pytest.raises(ConfigError, match=r"cc_path|compiler"):
+        ProcessController(RuntimeConfig(data_dir=tmp_path, cc_path="/no/cc"))
+    for bad in ({"start_timeout": 0}, {"cgroups": "maybe"}, {"log_max_files": 0},
+                {"cgroup_parent": "a/b"}):
+        with pytest.raises(ConfigError):
+            RuntimeConfig(data_dir=tmp_path, **bad).validate()
+    assert shutil.which("tini-static") is not None
 
 
 async def test_task_inherits_only_stdio_with_stdin_empty(ctl: ProcessController) -> None:
@@ -800,7 +672,8 @@ from pathlib import Path
 from shoal.runtime.controller import ProcessController, RuntimeConfig, TaskConfig
 
 async def main() -> None:
-    c = ProcessController(RuntimeConfig(data_dir=Path(sys.argv[1])))
+    c = ProcessController(RuntimeConfig(data_dir=Path(sys.argv[1]), launcher_path=sys.argv[2],
+                                        cgroup_parent=sys.argv[3]))
     st = await c.start(TaskConfig("victim", "v", ("sleep", "1000"), {}))
     print(json.dumps({"pid": st.pid, "started_at": st.started_at}), flush=True)
     await asyncio.sleep(1000)
@@ -822,7 +695,8 @@ async def test_a_killed_agent_process_leaves_its_task_running_for_the_next_one(
     # machines PID 1 does not): the killed agent's shim becomes our child and must be reaped.
     _set_child_subreaper(True)
     agent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _AGENT, str(data_dir), stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", _AGENT, str(data_dir), config.launcher_path, CGROUP_PARENT,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert agent.stdout is not None

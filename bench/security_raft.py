@@ -1,0 +1,255 @@
+"""Cost of Raft encryption: writes/s and leader failover with pysyncobj's ``password=``
+(Fernet: AES-128-CBC + HMAC-SHA256 on every Raft message) on vs off, side by side.
+
+    .venv/bin/python bench/security_raft.py [--rounds 3] [--writes 20000] [--window 2000]
+                                            [--failovers 4]
+
+Each round starts, for each mode in turn (encrypted, then plaintext, so both see the same
+machine noise), a fresh group of 3 Raft stores (shoal's RaftStore, RaftConfig defaults) in
+3 processes on loopback (127.0.0.1:24201-24203), then:
+
+* throughput — the bench/raft_writes.py workload run inside the leader's process:
+  ``task_status`` writes through RaftStore.propose with at most ``--window`` in flight,
+  plus the median latency of 50 sequential writes;
+* failover — ``--failovers`` times: 2 s idle, SIGKILL the leader's process, and have both
+  survivors propose a write every 10 ms until one commits; the time from the kill to the
+  first committed write. The killed store is restarted and catches up before the next run.
+
+Prints per-round figures and, per mode, the median over all rounds, and the relative cost
+of encryption. The 2 cores are shared by the 3 processes (and anything else running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ADDRS = ["127.0.0.1:24201", "127.0.0.1:24202", "127.0.0.1:24203"]
+PASSWORD = "bench-" + "0123456789abcdef" * 2
+
+
+# ----------------------------------------------------------------------------- node process
+
+async def node_main(index: int, data_dir: str, encrypted: bool) -> None:
+    """One store; JSON commands on stdin, one JSON answer per line on stdout."""
+    from shoal.raft.errors import CommandRejected, StoreError
+    from shoal.raft.store import RaftStore
+
+    password: Any = PASSWORD if encrypted else None  # None: pysyncobj sends plaintext
+    store = RaftStore(ADDRS[index], ADDRS, Path(data_dir), password)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def say(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    async def committed(cmd: dict[str, Any], timeout: float) -> bool:
+        try:
+            await store.propose(cmd, timeout)
+        except CommandRejected:
+            return True  # refused by the state machine = committed and applied
+        except StoreError:
+            return False
+        return True
+
+    while line := await reader.readline():
+        req = json.loads(line)
+        if req["cmd"] == "status":
+            say({"leader": store.is_leader(), "index": store.index, "ready": store.is_ready()})
+        elif req["cmd"] == "bench":
+            say(await throughput(store, req["writes"], req["window"]))
+        elif req["cmd"] == "race":
+            say({"after": await race(float(req["t0"]), committed)})
+    store.close()
+
+
+async def race(t0: float, committed: Any) -> float | None:
+    """Propose a write every 10 ms until one commits; seconds from ``t0`` to that commit."""
+    done = asyncio.Event()
+    first: list[float] = []
+
+    async def one() -> None:
+        if await committed({"op": "node_update", "id": "nobody", "now": 0.0}, 10.0) \
+                and not first:
+            first.append(time.time() - t0)
+            done.set()
+    tasks = []
+    while not done.is_set() and time.time() - t0 < 20:
+        tasks.append(asyncio.create_task(one()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.01)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return first[0] if first else None
+
+
+async def throughput(store: Any, writes: int, window: int) -> dict[str, Any]:
+    from shoal.node.leader import plan_pass
+    from shoal.node.orchestrator import OrchestratorConfig
+    from shoal.raft.models import Node, NodeRole, TaskState, to_dict
+
+    now = time.time()
+    node = Node(id="n1", hostname="h1", addr="127.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER)
+    await store.propose({"op": "node_add", "now": now, "node": to_dict(node)})
+    await store.propose({"op": "service_create", "id": "s1", "now": now,
+                         "spec": {"name": "web", "command": ["true"], "replicas": 1}})
+    ops, _ = plan_pass(store.snapshot(), {"n1": 0.0}, 0.0, now, OrchestratorConfig(),
+                       liveness=False)
+    await store.propose({"op": "leader", "term": store.term(), "now": now, "ops": ops})
+    task_id = next(iter(store.snapshot().tasks))
+
+    def cmd(i: int) -> dict[str, Any]:
+        return {"op": "task_status", "task_id": task_id, "node_id": "n1", "now": time.time(),
+                "status": {"state": int(TaskState.RUNNING), "timestamp": float(i),
+                           "message": f"report {i}"}}
+    lat = []
+    for i in range(50):
+        s = time.perf_counter()
+        await store.propose(cmd(i))
+        lat.append(time.perf_counter() - s)
+    sem, errors = asyncio.Semaphore(window), 0
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        async with sem:
+            try:
+                await store.propose(cmd(i), timeout=30)
+            except Exception:
+                errors += 1
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(writes)))
+    took = time.perf_counter() - start
+    return {"wps": writes / took, "lat": statistics.median(lat), "errors": errors}
+
+
+# ----------------------------------------------------------------------------- driver
+
+class Node:
+    def __init__(self, index: int, data_dir: str, encrypted: bool) -> None:
+        self.index, self.data_dir, self.encrypted = index, data_dir, encrypted
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--node", str(self.index), "--data-dir", self.data_dir,
+            *([] if self.encrypted else ["--plain"]), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
+
+    async def ask(self, req: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+        assert self.proc and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    async def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+async def wait_leader(nodes: list[Node], timeout: float = 30.0) -> Node:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for n in nodes:
+            if n.proc and n.proc.returncode is None and (await n.ask({"cmd": "status"}))[
+                    "leader"]:
+                return n
+        await asyncio.sleep(0.05)
+    raise SystemExit("no leader within 30 s")
+
+
+async def run_mode(encrypted: bool, writes: int, window: int, failovers: int
+                   ) -> tuple[dict[str, Any], list[float]]:
+    with tempfile.TemporaryDirectory(prefix="shoal-secbench-") as tmp:
+        nodes = [Node(i, f"{tmp}/n{i}", encrypted) for i in range(3)]
+        try:
+            for n in nodes:
+                await n.start()
+            leader = await wait_leader(nodes)
+            await asyncio.sleep(1.0)
+            tp = await leader.ask({"cmd": "bench", "writes": writes, "window": window})
+            times: list[float] = []
+            for _ in range(failovers):
+                await asyncio.sleep(2.0)
+                leader = await wait_leader(nodes)
+                survivors = [n for n in nodes if n is not leader]
+                await leader.kill()
+                t0 = time.time()
+                res = await asyncio.gather(*(s.ask({"cmd": "race", "t0": t0})
+                                             for s in survivors))
+                times.append(min(r["after"] for r in res if r["after"] is not None))
+                await leader.start()
+                new = await wait_leader(survivors)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    a, b = await leader.ask({"cmd": "status"}), await new.ask({"cmd": "status"})
+                    if a["ready"] and a["index"] >= b["index"]:
+                        break
+                    await asyncio.sleep(0.1)
+            return tp, times
+        finally:
+            for n in nodes:
+                await n.kill()
+
+
+async def driver(args: argparse.Namespace) -> None:
+    results: dict[bool, dict[str, list[float]]] = {
+        m: {"wps": [], "lat": [], "failover": []} for m in (True, False)}
+    for r in range(args.rounds):
+        for encrypted in (True, False):
+            tp, fo = await run_mode(encrypted, args.writes, args.window, args.failovers)
+            res = results[encrypted]
+            res["wps"].append(tp["wps"])
+            res["lat"].append(tp["lat"])
+            res["failover"] += fo
+            print(f"round {r + 1} {'encrypted' if encrypted else 'plaintext'}: "
+                  f"{tp['wps']:,.0f} writes/s (errors {tp['errors']}), sequential "
+                  f"{tp['lat'] * 1000:.0f} ms, failover "
+                  f"{', '.join(f'{t * 1000:.0f}' for t in fo)} ms", flush=True)
+    med = {m: {k: statistics.median(v) for k, v in results[m].items()} for m in results}
+    print()
+    print(f"| Raft transport | writes/s (window {args.window}) | sequential write | "
+          f"failover median (n={args.rounds * args.failovers}) |")
+    print("|---|---|---|---|")
+    for m, name in ((True, "encrypted (password=)"), (False, "plaintext")):
+        print(f"| {name} | {med[m]['wps']:,.0f} | {med[m]['lat'] * 1000:.0f} ms | "
+              f"{med[m]['failover'] * 1000:.0f} ms |")
+    cost = 1 - med[True]["wps"] / med[False]["wps"]
+    print(f"\nencryption costs {cost * 100:.0f} % of write throughput; failover "
+          f"{(med[True]['failover'] - med[False]['failover']) * 1000:+.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--writes", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=2000)
+    ap.add_argument("--failovers", type=int, default=4)
+    ap.add_argument("--node", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.node >= 0:
+        asyncio.run(node_main(args.node, args.data_dir, not args.plain))
+    else:
+        asyncio.run(driver(args))
+
+
+if __name__ == "__main__":
+    main()

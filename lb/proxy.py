@@ -1,0 +1,440 @@
+"""The data path of a worker: proxied TCP connections and UDP flows.
+
+Owns: the protocol objects of every proxied TCP connection (client side and backend side),
+the UDP frontends with their per-flow table, and the per-connection accounting on
+``EndpointState``. Must not touch: the tables' contents (``ServiceTable.update`` owns those)
+or the control channel.
+
+TCP: a client connection is accepted with reading paused; the worker connects to an endpoint
+picked from the table (a refused/unreachable/slow endpoint is put in back-off and the next one
+is tried, up to ``connect_attempts``), then bytes flow both ways through asyncio protocols
+(``data_received`` -> ``write`` of the other transport; no streams, no per-chunk task), with
+flow control (a full write buffer on one side pauses reading on the other) and half-close
+(EOF is forwarded; the pair closes once both directions ended).
+
+UDP: one frontend socket; each client address:port is a flow with its own connected socket to
+the backend picked when the flow starts (so replies come back to the right client, and a flow
+sticks to its backend). A flow ends after ``udp_idle_timeout`` without traffic either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, Any, cast
+
+from .table import EndpointState, ServiceTable
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+_UDP_BATCH = 64  # datagrams read per readiness callback before yielding to the loop
+
+
+def _sock_opts(transport: asyncio.BaseTransport, sndbuf: int, rcvbuf: int) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+
+class TcpClient(asyncio.Protocol):
+    """The client-facing half of a proxied TCP connection (owns the pair's life cycle)."""
+
+    __slots__ = (
+        "backend",
+        "closed",
+        "early",
+        "eof",
+        "ep",
+        "peer",
+        "table",
+        "task",
+        "transport",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, table: ServiceTable) -> None:
+        self.worker = worker
+        self.table = table
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None  # the backend transport, once connected
+        self.backend: TcpBackend | None = None
+        self.ep: EndpointState | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.early: list[bytes] = []  # bytes the client sent before the backend connected
+        self.eof = False
+        self.closed = False
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        # Stock asyncio honours this; uvloop starts reading after connection_made anyway, so
+        # data_received also pauses (and keeps what came) until the backend is connected.
+        self.transport.pause_reading()  # nothing to forward to until a backend is connected
+        self.table.connections += 1
+        self.worker.conns.add(self)
+        self.task = self.worker.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        worker, table, cfg = self.worker, self.table, self.worker.cfg
+        loop = worker.loop
+        attempts = cfg.connect_attempts or max(1, len(table.eligible))
+        tried: list[EndpointState] = []
+        for _ in range(attempts):
+            ep = table.pick(loop.time(), tried)
+            if ep is None:
+                break
+            tried.append(ep)
+            backend = TcpBackend(self)
+            try:
+                async with asyncio.timeout(cfg.connect_timeout):
+                    if cfg.sndbuf or cfg.rcvbuf:
+                        transport, _ = await self._connect_tuned(ep, backend)
+                    else:
+                        transport, _ = await loop.create_connection(
+                            lambda b=backend: b, ep.addr, ep.port)  # type: ignore[misc]
+            except (OSError, TimeoutError):
+                ep.failed += 1
+                if cfg.fail_backoff:
+                    ep.down_until = loop.time() + cfg.fail_backoff
+                table.retries += 1
+                continue
+            self._attach(ep, backend, cast(asyncio.Transport, transport))
+            return
+        table.failed += 1
+        if self.transport is not None:
+            self.transport.abort()  # every try failed: the client sees a reset
+
+    async def _connect_tuned(self, ep: EndpointState, backend: TcpBackend
+                             ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+        cfg, loop = self.worker.cfg, self.worker.loop
+        family = socket.AF_INET6 if ":" in ep.addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if cfg.sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.sndbuf)
+            if cfg.rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.rcvbuf)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (ep.addr, ep.port))
+            return await loop.create_connection(lambda: backend, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _attach(self, ep: EndpointState, backend: TcpBackend,
+                transport: asyncio.Transport) -> None:
+        cfg = self.worker.cfg
+        if self.closed or self.transport is None:  # the client left meanwhile (released)
+            transport.abort()
+            return
+        self.ep, self.backend, self.peer = ep, backend, transport
+        ep.active += 1
+        ep.total += 1
+        ep.conns.add(self)
+        if ep.gone:  # its drain ended while we connected: connection_lost releases it
+            self.cut()
+            return
+        transport.set_write_buffer_limits(high=cfg.write_buffer_high)
+        self.transport.set_write_buffer_limits(high=cfg.write_buffer_high)
+        if cfg.sndbuf or cfg.rcvbuf:
+            _sock_opts(self.transport, cfg.sndbuf, cfg.rcvbuf)
+        if self.early:
+            transport.writelines(self.early)
+            self.early = []
+        if self.eof:
+            transport.write_eof()
+        else:
+            self.transport.resume_reading()
+
+    # -- data path (hot) -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:  # not connected yet (uvloop): keep it, stop reading
+            self.early.append(data)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        peer.write(data)
+
+    def pause_writing(self) -> None:  # the client is slow: stop reading the backend
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()
+
+    # -- endings -------------------------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and not peer.is_closing() and peer.can_write_eof():
+            peer.write_eof()
+        if self.backend is not None and self.backend.eof:
+            self._finish()
+        return True  # keep the transport open: the other direction may still be flowing
+
+    def _finish(self) -> None:
+        """Both directions ended: close both sides (buffered data is still flushed)."""
+        if self.transport is not None:
+            self.transport.close()
+        if self.peer is not None:
+            self.peer.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            if exc is None:
+                peer.close()
+            else:
+                peer.abort()
+        self._release()
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if exc is None:
+                transport.close()  # flush what the backend sent, then FIN
+            else:
+                transport.abort()
+
+    def cut(self) -> None:
+        """Drop the connection now (drain deadline passed, or shutdown): RST both ways."""
+        if self.peer is not None:
+            self.peer.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _release(self) -> None:
+        self.worker.conns.discard(self)
+        ep = self.ep
+        if ep is not None:
+            self.ep = None
+            ep.active -= 1
+            ep.conns.discard(self)
+            self.table.release(ep)
+
+
+class TcpBackend(asyncio.Protocol):
+    """The backend-facing half of a proxied TCP connection."""
+
+    __slots__ = ("client", "down", "eof", "transport")
+
+    def __init__(self, client: TcpClient) -> None:
+        self.client = client
+        self.down = client.transport
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.down.write(data)  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:  # the backend is slow: stop reading the client
+        self.down.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        down = self.down
+        if down is not None and not down.is_closing():
+            down.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        down = self.down
+        if down is not None and not down.is_closing() and down.can_write_eof():
+            down.write_eof()
+        if self.client.eof:
+            self.client._finish()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# UDP
+
+
+class UdpFlow:
+    """One client address:port and the connected socket towards its backend."""
+
+    __slots__ = ("client", "ep", "frontend", "last", "sock")
+
+    def __init__(self, frontend: UdpFrontend, client: Any, ep: EndpointState,
+                 sock: socket.socket, now: float) -> None:
+        self.frontend = frontend
+        self.client = client
+        self.ep = ep
+        self.sock = sock
+        self.last = now
+        frontend.worker.loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, data: bytes) -> bool:
+        """Forward one datagram to the backend; False if the backend refuses (ICMP)."""
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            self.frontend.table.udp_dropped += 1
+        except OSError:  # ECONNREFUSED from an earlier ICMP port unreachable, and the like
+            return False
+        return True
+
+    def _readable(self) -> None:
+        fe = self.frontend
+        out, client, size = fe.sock, self.client, fe.worker.cfg.udp_max_datagram
+        for _ in range(_UDP_BATCH):
+            try:
+                data = self.sock.recv(size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # the backend is gone (ICMP port unreachable)
+                self.ep.failed += 1
+                self.ep.down_until = fe.worker.loop.time() + fe.worker.cfg.fail_backoff
+                self.close()
+                return
+            try:
+                out.sendto(data, client)
+            except OSError:
+                fe.table.udp_dropped += 1
+        self.last = fe.worker.loop.time()
+
+    def cut(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fe = self.frontend
+        if fe.flows.get(self.client) is not self:
+            return
+        del fe.flows[self.client]
+        fe.worker.udp_flows -= 1
+        with contextlib.suppress(ValueError, OSError):
+            fe.worker.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        ep = self.ep
+        ep.active -= 1
+        ep.conns.discard(self)
+        fe.table.release(ep)
+
+
+class UdpFrontend:
+    """A UDP listener of one service: demultiplexes datagrams into flows."""
+
+    def __init__(self, worker: Worker, table: ServiceTable, sock: socket.socket) -> None:
+        self.worker = worker
+        self.table = table
+        self.sock = sock
+        self.flows: dict[Any, UdpFlow] = {}
+        self.closed = True
+        self._sweeper: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        self.closed = False
+        self.worker.loop.add_reader(self.sock.fileno(), self._readable)
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        period = min(1.0, self.worker.cfg.udp_idle_timeout / 4)
+        self._sweeper = self.worker.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        cutoff = self.worker.loop.time() - self.worker.cfg.udp_idle_timeout
+        for flow in [f for f in self.flows.values() if f.last < cutoff]:
+            flow.close()
+        if not self.closed:
+            self._schedule_sweep()
+
+    def _readable(self) -> None:
+        sock, flows, size = self.sock, self.flows, self.worker.cfg.udp_max_datagram
+        now = self.worker.loop.time()
+        for _ in range(_UDP_BATCH):
+            try:
+                data, client = sock.recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            flow = flows.get(client)
+            if flow is None:
+                self.table.connections += 1
+                flow = self._new_flow(client, now, data)
+                continue
+            flow.last = now
+            if not flow.send(data):
+                self._refused(flow)
+                self._new_flow(client, now, data)
+
+    def _refused(self, flow: UdpFlow) -> None:
+        flow.ep.failed += 1
+        flow.ep.down_until = self.worker.loop.time() + self.worker.cfg.fail_backoff
+        flow.close()
+
+    def _new_flow(self, client: Any, now: float, first: bytes) -> UdpFlow | None:
+        worker, table = self.worker, self.table
+        if worker.udp_flows >= worker.cfg.udp_max_flows:
+            table.udp_dropped += 1
+            return None
+        attempts = worker.cfg.connect_attempts or max(1, len(table.eligible))
+        tried: list[EndpointState] = []
+        for _ in range(attempts):
+            ep = table.pick(now, tried)
+            if ep is None:
+                break
+            tried.append(ep)
+            family = socket.AF_INET6 if ":" in ep.addr else socket.AF_INET
+            bsock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                bsock.setblocking(False)
+                bsock.connect((ep.addr, ep.port))
+            except OSError:
+                bsock.close()
+                ep.failed += 1
+                table.retries += 1
+                continue
+            flow = UdpFlow(self, client, ep, bsock, now)
+            self.flows[client] = flow
+            worker.udp_flows += 1
+            ep.active += 1
+            ep.total += 1
+            ep.conns.add(flow)
+            if ep.gone:
+                flow.close()
+                break
+            if flow.send(first):
+                return flow
+            self._refused(flow)
+            table.retries += 1
+        table.failed += 1
+        table.udp_dropped += 1
+        return None
+
+    def close(self) -> None:
+        """Stop listening and end every flow (replies leave through this socket, so UDP
+        flows cannot outlive their frontend; flows to a draining endpoint do, while the
+        frontend stays)."""
+        self.close_flows()
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(ValueError, OSError):
+                self.worker.loop.remove_reader(self.sock.fileno())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.sock.close()
+
+    def close_flows(self) -> None:
+        for flow in list(self.flows.values()):
+            flow.close()

@@ -1,0 +1,230 @@
+"""Secrets and configs: the user API, the managers' fetch route, and the files a task gets.
+
+Owns (one ``SecretsApi`` per agent):
+
+* ``secret create/ls/inspect/rm`` and ``config ...`` on managers. A secret value is sealed
+  (shoal.node.sealing, AES-256-GCM under the managers' key) by the manager that receives
+  it *before* it is proposed, so the Raft log, the Raft files and every worker's replica
+  hold only ciphertext. Views never include a secret's value (configs show theirs). A
+  secret or config used by a service cannot be removed (the state machine refuses);
+* ``task_files`` (manager side of ``POST /v1/cluster/task-files``): a node gets the
+  plaintext of the secrets of a task only over mTLS, only for a task assigned to *that*
+  node (its certificate says which node it is) that is still meant to run;
+* ``resolve_task_files(task)`` (node side): ``{path in the task: (bytes, mode)}`` for a
+  task about to start. Configs come from the local replica; secrets are unsealed locally
+  on a manager, fetched from a manager on a worker. The bytes stay in memory: shoal
+  never writes them to disk or logs them (the runtime mounts them on a tmpfs).
+
+Must not touch: the runtime (it gets bytes), Raft internals, the network beyond
+Security.call.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from shoal.node import pki
+from shoal.node.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unavailable,
+    from_store_error,
+)
+from shoal.node.sealing import SealError, seal, secret_aad, unseal
+from shoal.raft.errors import StoreError
+from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState
+from shoal.raft.state import MAX_FILE_BYTES, Snapshot
+from shoal.raft.validate import validate_object_name
+
+if TYPE_CHECKING:
+    from shoal.node.agent import Agent
+
+log = logging.getLogger("shoal.secrets")
+
+SECRETS_DIR = "/run/secrets"
+CONFIGS_DIR = "/run/configs"
+
+TaskFiles = dict[str, tuple[bytes, int]]  # absolute path in the task -> (content, mode)
+
+
+def secret_path(ref: FileRef) -> str:
+    return f"{SECRETS_DIR}/{ref.file_name}"
+
+
+def config_path(ref: FileRef) -> str:
+    return f"{CONFIGS_DIR}/{ref.file_name}"
+
+
+def _view(obj: Secret | Config, kind: str, detail: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": obj.id, "name": obj.name, "labels": dict(obj.labels),
+                           "created_at": obj.created_at, "updated_at": obj.updated_at}
+    if kind == "config" and detail:
+        out["data"] = base64.b64encode(obj.data).decode()
+    return out
+
+
+def _find(objs: dict[str, Any], ref: str, kind: str) -> Any:
+    if ref in objs:
+        return objs[ref]
+    by_name = [o for o in objs.values() if o.name == ref]
+    if not by_name and len(ref) >= 4:
+        by_name = [o for o in objs.values() if o.id.startswith(ref)]
+    if len(by_name) == 1:
+        return by_name[0]
+    if not by_name:
+        raise NotFound(f"no such {kind}: {ref}", kind)
+    raise BadRequest(f"{kind} {ref!r} is ambiguous", kind)
+
+
+def _by_name(objs: dict[str, Any], name: str) -> Any:
+    return next((o for o in objs.values() if o.name == name), None)
+
+
+class SecretsApi:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    # ================================================================== user API (managers)
+    def _objs(self, kind: str) -> dict[str, Any]:
+        snap = self.agent.require_manager().snapshot()
+        return snap.secrets if kind == "secret" else snap.configs
+
+    def ls(self, kind: str) -> list[dict[str, Any]]:
+        return [_view(o, kind, False) for o in
+                sorted(self._objs(kind).values(), key=lambda o: o.name)]
+
+    def inspect(self, kind: str, ref: str) -> dict[str, Any]:
+        return _view(_find(self._objs(kind), ref, kind), kind, True)
+
+    async def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        from shoal.node.agent import new_id
+
+        store = self.agent.require_manager()
+        try:
+            name = validate_object_name(body.get("name"), kind)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        raw = body.get("data")
+        try:
+            data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if data is None:
+            raise BadRequest("data must be the value, base64-encoded", "data")
+        if len(data) > MAX_FILE_BYTES:
+            raise BadRequest(f"a {kind} holds at most {MAX_FILE_BYTES // 1024} KiB", "data")
+        labels = body.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise BadRequest("labels must be a map of strings", "labels")
+        objs = store.snapshot().secrets if kind == "secret" else store.snapshot().configs
+        if _by_name(objs, name) is not None:
+            raise Conflict(f"a {kind} named {name!r} already exists", "name", code="exists")
+        oid = new_id()
+        if kind == "secret":
+            data = seal(self.agent.security.manager_key(), data, secret_aad(oid))
+        await self.agent.propose({"op": f"{kind}_create", "id": oid, "name": name,
+                                  "data": data, "labels": labels, "now": time.time()})
+        return {"id": oid, "name": name}
+
+    async def remove(self, kind: str, ref: str) -> dict[str, Any]:
+        obj = _find(self._objs(kind), ref, kind)
+        await self.agent.propose({"op": f"{kind}_remove", "id": obj.id})
+        return {"id": obj.id, "name": obj.name, "removed": True}
+
+    def check_refs(self, snap: Snapshot, spec: ServiceSpec) -> None:
+        """A service may only use secrets and configs that exist (checked before proposing)."""
+        for kind, refs, objs in (("secret", spec.secrets, snap.secrets),
+                                 ("config", spec.configs, snap.configs)):
+            for r in refs:
+                if _by_name(objs, r.name) is None:
+                    raise NotFound(f"no such {kind}: {r.name} (create it with `shoal {kind} "
+                                   "create`)", f"{kind}s")
+
+    # ================================================================== files of a task
+    def _secret_files(self, snap: Snapshot, task: Task) -> TaskFiles:
+        """Unseal a task's secrets (managers only: needs the managers' key)."""
+        key = self.agent.security.manager_key()
+        out: TaskFiles = {}
+        for ref in task.spec.secrets:
+            sec = _by_name(snap.secrets, ref.name)
+            if sec is None:
+                raise NotFound(f"no such secret: {ref.name}", "secrets")
+            try:
+                out[secret_path(ref)] = (unseal(key, sec.data, secret_aad(sec.id)), ref.mode)
+            except SealError as exc:
+                raise Unavailable(f"cannot unseal secret {ref.name}: {exc}") from exc
+        return out
+
+    def task_files(self, peer: pki.CertInfo | None, task_id: Any) -> dict[str, Any]:
+        """Manager side of the fetch: the secrets of ``task_id`` for the node running it."""
+        store = self.agent.require_manager()
+        node = self.agent.security.authorize(peer)
+        if not isinstance(task_id, str):
+            raise BadRequest("task_id is required", "task_id")
+        snap = store.snapshot()
+        task = snap.tasks.get(task_id)
+        if task is None or task.node_id != node.id:
+            raise Forbidden(f"task {task_id} is not assigned to node {node.id}", "task_id")
+        if task.desired_state > TaskState.RUNNING:
+            raise Forbidden(f"task {task_id} is being stopped", "task_id")
+        files = self._secret_files(snap, task)
+        return {"files": [{"path": p, "mode": m, "data": base64.b64encode(d).decode()}
+                          for p, (d, m) in files.items()]}
+
+    async def resolve_task_files(self, task: Task) -> TaskFiles:
+        """The files a task must see, ``{absolute path in the task: (content, mode)}``, e.g.
+        ``{"/run/secrets/db": (b"...", 0o400)}``; {} when it uses none.
+
+        Raises NotFound (a referenced secret/config does not exist: the task cannot run) or
+        Unavailable (no manager reachable or none has seen the assignment yet: retry)."""
+        if not task.spec.secrets and not task.spec.configs:
+            return {}
+        store = self.agent.require_member()
+        snap = store.snapshot()
+        files: TaskFiles = {}
+        for ref in task.spec.configs:
+            cfg = _by_name(snap.configs, ref.name)
+            if cfg is None:
+                raise NotFound(f"no such config: {ref.name}", "configs")
+            files[config_path(ref)] = (cfg.data, ref.mode)
+        if not task.spec.secrets:
+            return files
+        ident = self.agent.identity
+        if ident is not None and ident.role == NodeRole.MANAGER and ident.manager_key:
+            files.update(self._secret_files(snap, task))
+            return files
+        files.update(await self._fetch_secrets(snap, task))
+        return files
+
+    async def _fetch_secrets(self, snap: Snapshot, task: Task) -> TaskFiles:
+        leader = (self.agent.store.leader_addr() if self.agent.store else None) or ""
+        managers = sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER),
+                          key=lambda n: (n.raft_addr != leader, n.id))
+        errors: list[str] = []
+        for m in managers:
+            try:
+                reply = await self.agent.security.call(
+                    m.api_addr, "/v1/cluster/task-files", {"task_id": task.id}, timeout=5.0)
+            except NotFound:
+                raise
+            except ApiError as exc:
+                errors.append(f"{m.hostname}: {exc.message}")
+                continue
+            try:
+                return {str(f["path"]): (base64.b64decode(f["data"]), int(f["mode"]))
+                        for f in reply["files"]}
+            except (KeyError, TypeError, ValueError, binascii.Error):
+                errors.append(f"{m.hostname}: malformed reply")
+        raise Unavailable(f"cannot fetch the secrets of task {task.id}: "
+                          + ("; ".join(errors) or "no manager known"))
+
+
+__all__ = ["CONFIGS_DIR", "SECRETS_DIR", "SecretsApi", "TaskFiles", "config_path",
+           "secret_path"]

@@ -1,0 +1,60 @@
+"""Address management in the replicated state: node subnets and service virtual IPs.
+
+Owns: the deterministic allocation rules the state machine applies — each node gets the
+lowest free /``node_prefix`` subnet of the cluster CIDR when it is added (released when it
+is removed), each service the lowest free address of the VIP range when it is created
+(released when it is removed). Task addresses are allocated by each node inside its own
+subnet (shoal's runtime) and reported in the task status, so they are unique across the
+cluster because node subnets never overlap. Must not touch: I/O, clocks, randomness.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+# Defaults chosen away from the ranges home/office LANs and Docker use most (192.168/16,
+# 10.0/16, 10.1/16, 172.17-31/16): a /16 for tasks, cut into /24 per node (254 tasks per
+# node, 256 nodes), and a /16 for service virtual IPs.
+DEFAULT_CLUSTER_CIDR = "10.99.0.0/16"
+DEFAULT_VIP_CIDR = "10.98.0.0/16"
+DEFAULT_NODE_PREFIX = 24
+
+
+class IpamError(ValueError):
+    pass
+
+
+def validate_cidr(text: str, field: str, min_prefix: int = 8, max_prefix: int = 28) -> str:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise IpamError(f"{field} {text!r} is not a network in CIDR form ({exc})") from None
+    if net.version != 4:
+        raise IpamError(f"{field} must be an IPv4 network")
+    if not min_prefix <= net.prefixlen <= max_prefix:
+        raise IpamError(f"{field} prefix must be between /{min_prefix} and /{max_prefix}")
+    return str(net)
+
+
+def allocate_subnet(cluster_cidr: str, prefix: int, used: Iterable[str]) -> str:
+    """The lowest /prefix subnet of ``cluster_cidr`` that is not in ``used``."""
+    net = ipaddress.ip_network(cluster_cidr)
+    taken = {ipaddress.ip_network(u) for u in used if u}
+    for sub in net.subnets(new_prefix=prefix):
+        if not any(sub.overlaps(t) for t in taken):
+            return str(sub)
+    raise IpamError(f"the cluster network {cluster_cidr} has no free /{prefix} left for "
+                    "another node")
+
+
+def allocate_address(cidr: str, used: Iterable[str], skip_first: int = 0) -> str:
+    """The lowest host address of ``cidr`` not in ``used`` (after ``skip_first`` hosts)."""
+    net = ipaddress.ip_network(cidr)
+    taken = {u for u in used if u}
+    for i, host in enumerate(net.hosts()):
+        if i < skip_first:
+            continue
+        if str(host) not in taken:
+            return str(host)
+    raise IpamError(f"no free address left in {cidr}")

@@ -1,0 +1,738 @@
+"""This node's image store: content-addressed layers, rootfs imports, docker-save and OCI loads.
+
+Owns: ``DATA_DIR/images``::
+
+    blobs/sha256/<hex>   blobs named by the sha256 of their bytes: layer tarballs exactly as
+                         given (tar, tar.gz, tar.zst) and image manifests (JSON, see below)
+    manifests/<hex>      an empty marker per committed (usable) image
+    layers/<hex>/        the layer tarball <hex> unpacked, whiteouts in overlayfs form
+    repositories.json    tags: {"name:tag": "sha256:<manifest digest>"}
+    tmp/                 work in progress (renamed into place when complete)
+
+Must not touch: anything outside it; task directories (the controller mounts the layers
+read-only as overlayfs lower dirs inside each task's own mount namespace).
+
+An image is its **manifest**, a canonical JSON blob
+``{"schemaVersion": 1, "layers": [{"digest", "size"}...] (bottom first), "config": {Entrypoint,
+Cmd, Env, WorkingDir, User}}``; the image id is the manifest's digest, so the same content
+imported twice is the same image, and a peer can fetch an image blob by blob:
+``blobs_needed(id)`` -> ``import_blob(digest, stream)`` for each (verified) -> ``commit(id, tags)``.
+
+Layers are unpacked in order, each into its own directory; ``.wh.NAME`` becomes an overlayfs
+whiteout (a 0/0 character device) and ``.wh..wh..opq`` an opaque directory
+(``trusted.overlay.opaque=y``), so the kernel applies them when the layers are stacked. Extraction
+is safe: member names must be relative without ``..``, no path is created through a symlink,
+hard links must point inside the same layer, device nodes are skipped, symlinks are created as
+they are and never followed (they resolve inside the task's root at run time).
+
+Compression: gzip (Python's), zstd through the ``zstd`` command (Debian package ``zstd``; a
+separate process, streaming), plain tar. Detected from the content, not the file name.
+
+All methods block (disk I/O, hashing, decompression): call them from a thread. They are safe to
+call from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import posixpath
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from shoal.runtime.errors import (
+    DigestMismatch,
+    ImageError,
+    ImageInUse,
+    ImageNotFound,
+    InvalidImage,
+)
+
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
+_REF_RE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
+_CHUNK = 1 << 20
+_GZIP = b"\x1f\x8b"
+_ZSTD = b"\x28\xb5\x2f\xfd"
+_OPAQUE = ".wh..wh..opq"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What an image says about how to run it (Docker's config: Entrypoint, Cmd...)."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    user: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "Entrypoint": list(self.entrypoint),
+            "Cmd": list(self.cmd),
+            "Env": [f"{k}={v}" for k, v in self.env.items()],
+            "WorkingDir": self.workdir,
+            "User": self.user,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ImageConfig:
+        raw = raw if isinstance(raw, dict) else {}
+        env: dict[str, str] = {}
+        for item in raw.get("Env") or ():
+            key, sep, value = str(item).partition("=")
+            if sep:
+                env[key] = value
+        return cls(
+            entrypoint=tuple(str(a) for a in raw.get("Entrypoint") or ()),
+            cmd=tuple(str(a) for a in raw.get("Cmd") or ()),
+            env=env,
+            workdir=str(raw.get("WorkingDir") or ""),
+            user=str(raw.get("User") or ""),
+        )
+
+    def apply(
+        self,
+        command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+        user: str = "",
+        entrypoint: Sequence[str] | None = None,
+    ) -> tuple[tuple[str, ...], dict[str, str], str, str]:
+        """Docker's rules for a service spec over this image: (command, env, workdir, user).
+        The command is ENTRYPOINT + (the spec's command, or CMD if it has none); overriding the
+        entrypoint drops CMD. Env: the image's, then the spec's on top. Workdir and user: the
+        spec's if set, else the image's. An empty command means the task has none to run."""
+        ep = tuple(entrypoint) if entrypoint is not None else self.entrypoint
+        args = tuple(command) if command else (self.cmd if entrypoint is None else ())
+        return ep + args, {**self.env, **(env or {})}, workdir or self.workdir, user or self.user
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str  # "sha256:<hex>" of the manifest
+    tags: tuple[str, ...]
+    layers: tuple[str, ...]  # layer blob digests, bottom first
+    size: int  # bytes of the layer blobs (as stored, compressed if they were)
+    config: ImageConfig
+
+
+def _digest_hex(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or not _HEX_RE.fullmatch(hexpart):
+        raise ImageError(f"not a sha256 digest: {digest!r}")
+    return hexpart
+
+
+def normalize_ref(ref: str) -> str:
+    """"name" -> "name:latest"; a tag is what follows a ':' after the last '/'."""
+    if not _REF_RE.fullmatch(ref):
+        raise ImageError(f"not an image name: {ref!r} (lowercase name[:tag])")
+    name = ref.rsplit("/", 1)[-1]
+    return ref if ":" in name else f"{ref}:latest"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads through to ``raw``, hashing what passes, optionally copying it to ``sink``."""
+
+    def __init__(self, raw: IO[bytes], sink: IO[bytes] | None = None) -> None:
+        self.raw, self.sink = raw, sink
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha.update(data)
+        self.size += n
+        if self.sink is not None:
+            self.sink.write(data)
+        return n
+
+
+class ImageStore:
+    """See the module docstring."""
+
+    def __init__(self, root: Path, in_use: Callable[[], set[str]] = set,
+                 zstd_path: str = "zstd") -> None:  # fmt: skip
+        self.root = Path(root)
+        self._in_use = in_use
+        self._zstd = zstd_path
+        self._lock = threading.RLock()
+        self._blobs = self.root / "blobs" / "sha256"
+        self._layers = self.root / "layers"
+        self._tmp = self.root / "tmp"
+        self._manifests = self.root / "manifests"  # one empty marker per committed image
+        for d in (self._blobs, self._layers, self._tmp, self._manifests):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ------------------------------------------------------------------------------ queries
+
+    def _repos(self) -> dict[str, str]:
+        try:
+            raw = json.loads((self.root / "repositories.json").read_text())
+            return {str(k): str(v) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ImageError(f"unreadable repositories.json: {exc}") from exc
+
+    def _save_repos(self, repos: Mapping[str, str]) -> None:
+        tmp = self.root / "repositories.json.tmp"
+        tmp.write_text(json.dumps(dict(sorted(repos.items())), indent=1))
+        os.replace(tmp, self.root / "repositories.json")
+
+    def _manifest(self, image_id: str) -> dict[str, Any]:
+        try:
+            raw = json.loads((self._blobs / _digest_hex(image_id)).read_bytes())
+        except FileNotFoundError:
+            raise ImageNotFound(f"no image {image_id}") from None
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"unreadable manifest {image_id}: {exc}") from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("layers"), list):
+            raise InvalidImage(f"blob {image_id} is not an image manifest")
+        return raw
+
+    def _info(self, image_id: str, repos: Mapping[str, str]) -> ImageInfo:
+        man = self._manifest(image_id)
+        layers = tuple(str(layer["digest"]) for layer in man["layers"])
+        return ImageInfo(
+            id=image_id,
+            tags=tuple(sorted(t for t, i in repos.items() if i == image_id)),
+            layers=layers,
+            size=sum(int(layer.get("size", 0)) for layer in man["layers"]),
+            config=ImageConfig.from_json(man.get("config")),
+        )
+
+    def _images(self) -> set[str]:
+        """Ids of every committed image (tagged or not): manifests/<hex> markers."""
+        return {f"sha256:{p.name}" for p in self._manifests.iterdir() if _HEX_RE.fullmatch(p.name)}
+
+    def ls(self) -> list[ImageInfo]:
+        """Every image on this node (tagged ones and ones pulled by id)."""
+        with self._lock:
+            repos = self._repos()
+            return sorted((self._info(i, repos) for i in self._images()),
+                          key=lambda info: (info.tags, info.id))  # fmt: skip
+
+    def inspect(self, ref: str) -> ImageInfo:
+        """The image a reference names: "name[:tag]", "sha256:<hex>" or an id prefix (>= 4
+        hex digits, unique). Raise ImageNotFound."""
+        with self._lock:
+            repos = self._repos()
+            return self._info(self._resolve_id(ref, repos), repos)
+
+    resolve = inspect
+
+    def _resolve_id(self, ref: str, repos: Mapping[str, str]) -> str:
+        if ref.startswith("sha256:"):
+            if (self._manifests / _digest_hex(ref)).exists():
+                return ref
+            raise ImageNotFound(f"no image {ref}")
+        with contextlib.suppress(ImageError):
+            tag = normalize_ref(ref)
+            if tag in repos:
+                return repos[tag]
+        if re.fullmatch(r"[0-9a-f]{4,64}", ref):
+            matches = [i for i in self._images() if i[7:].startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise ImageNotFound(f"ambiguous image id prefix {ref}")
+        raise ImageNotFound(f"no image {ref}")
+
+    def layer_dirs(self, info: ImageInfo) -> list[Path]:
+        """The unpacked layers of an image, top first (overlayfs lowerdir order)."""
+        dirs = [self._layers / _digest_hex(d) for d in reversed(info.layers)]
+        for d in dirs:
+            if not d.is_dir():
+                raise ImageNotFound(f"layer {d.name} of {info.id} is not unpacked")
+        return dirs
+
+    # -------------------------------------------------------------------------------- blobs
+
+    def has_blob(self, digest: str) -> bool:
+        return (self._blobs / _digest_hex(digest)).is_file()
+
+    def export_blob(self, digest: str) -> BinaryIO:
+        """An open binary file with the blob's content (the caller closes it)."""
+        try:
+            return (self._blobs / _digest_hex(digest)).open("rb")
+        except FileNotFoundError:
+            raise ImageNotFound(f"no blob {digest}") from None
+
+    def import_blob(self, digest: str, stream: IO[bytes]) -> int:
+        """Store a blob read from ``stream``, verifying it hashes to ``digest``; return its
+        size. Raise DigestMismatch (nothing stored) if it does not."""
+        hexpart = _digest_hex(digest)
+        if self.has_blob(digest):
+            return (self._blobs / hexpart).stat().st_size
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(_CHUNK):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            if sha.hexdigest() != hexpart:
+                raise DigestMismatch(f"blob announced as {digest} is sha256:{sha.hexdigest()}")
+            os.replace(tmp, self._blobs / hexpart)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return size
+
+    def _store_file(self, path: Path | IO[bytes], expect: str | None = None) -> tuple[str, int]:
+        """Copy a file into the blob store; return (digest, size)."""
+        if isinstance(path, Path):
+            with path.open("rb") as fh:
+                return self._store_file(fh, expect)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                reader = _HashingReader(path, out)
+                while reader.read(_CHUNK):
+                    pass
+            digest = f"sha256:{reader.sha.hexdigest()}"
+            if expect is not None and digest != expect:
+                raise DigestMismatch(f"layer announced as {expect} is {digest}")
+            os.replace(tmp, self._blobs / digest[7:])
+            return digest, reader.size
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _store_bytes(self, data: bytes) -> str:
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        path = self._blobs / digest[7:]
+        if not path.exists():
+            tmp = self._tmp / f"m-{digest[7:]}-{threading.get_ident()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return digest
+
+    def blobs_needed(self, image_id: str) -> list[str]:
+        """What this store lacks to commit ``image_id``: the manifest itself if missing, else
+        the missing layer blobs (empty: ready to commit)."""
+        if not self.has_blob(image_id):
+            return [image_id]
+        man = self._manifest(image_id)
+        return [str(layer["digest"]) for layer in man["layers"]
+                if not self.has_blob(str(layer["digest"]))]  # fmt: skip
+
+    def commit(self, image_id: str, tags: Sequence[str] = ()) -> ImageInfo:
+        """Make an image whose blobs are all here usable: unpack its layers, tag it."""
+        missing = self.blobs_needed(image_id)
+        if missing:
+            raise ImageNotFound(f"image {image_id} lacks blobs: {', '.join(missing)}")
+        man = self._manifest(image_id)
+        for layer in man["layers"]:
+            self._unpack(str(layer["digest"]))
+        (self._manifests / _digest_hex(image_id)).touch()
+        with self._lock:
+            repos = self._repos()
+            for tag in tags:
+                repos[normalize_ref(tag)] = image_id
+            self._save_repos(repos)
+            return self._info(image_id, repos)
+
+    # ------------------------------------------------------------------------------ imports
+
+    def _new_image(
+        self, layers: list[tuple[str, int]], config: ImageConfig, tags: Sequence[str]
+    ) -> ImageInfo:
+        manifest = {
+            "schemaVersion": 1,
+            "layers": [{"digest": d, "size": s} for d, s in layers],
+            "config": config.to_json(),
+        }
+        image_id = self._store_bytes(_canonical(manifest))
+        return self.commit(image_id, tags)
+
+    def import_rootfs(self, ref: str, path: str | Path) -> ImageInfo:
+        """An image of one layer from a root filesystem: a directory, or a tarball (.tar,
+        .tar.gz, .tar.zst; compression detected from the content). No config (the service
+        spec gives the command)."""
+        tag = normalize_ref(ref)
+        src = Path(path)
+        if src.is_dir():
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="rootfs-", suffix=".tar")
+            os.close(fd)
+            try:
+                with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                    for entry in sorted(src.iterdir()):
+                        tar.add(entry, arcname=entry.name, recursive=True)
+                layer = self._store_file(Path(tmp))
+            except OSError as exc:
+                raise InvalidImage(f"cannot archive {src}: {exc}") from exc
+            finally:
+                os.unlink(tmp)
+        elif src.is_file():
+            layer = self._store_file(src)
+        else:
+            raise InvalidImage(f"no such file or directory: {src}")
+        return self._new_image([layer], ImageConfig(), [tag])
+
+    def load(self, path: str | Path) -> list[ImageInfo]:
+        """Images from a ``docker save`` tarball or an OCI image-layout tarball, with their
+        tags and configs (Entrypoint, Cmd, Env, WorkingDir, User). Layer digests are verified
+        where the archive states them."""
+        try:
+            with tarfile.open(path, "r:*") as outer:
+                names = {m.name.removeprefix("./"): m for m in outer.getmembers()}
+                if "manifest.json" in names:
+                    return self._load_docker(outer, names)
+                if "index.json" in names:
+                    return self._load_oci(outer, names)
+        except (tarfile.TarError, OSError) as exc:
+            raise InvalidImage(f"cannot read {path}: {exc}") from exc
+        raise InvalidImage(f"{path}: neither a docker-save archive nor an OCI image layout")
+
+    @staticmethod
+    def _member(outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo], name: str
+                ) -> IO[bytes]:  # fmt: skip
+        member = names.get(posixpath.normpath(name).removeprefix("./"))
+        fh = outer.extractfile(member) if member is not None and member.isfile() else None
+        if fh is None:
+            raise InvalidImage(f"the archive lacks {name}")
+        return fh
+
+    def _json_member(self, outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo],
+                     name: str) -> Any:  # fmt: skip
+        try:
+            return json.loads(self._member(outer, names, name).read(16 << 20))
+        except ValueError as exc:
+            raise InvalidImage(f"{name}: not JSON: {exc}") from exc
+
+    def _load_docker(self, outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo]
+                     ) -> list[ImageInfo]:  # fmt: skip
+        manifest = self._json_member(outer, names, "manifest.json")
+        if not isinstance(manifest, list):
+            raise InvalidImage("manifest.json: expected a list")
+        out = []
+        for entry in manifest:
+            try:
+                config = self._json_member(outer, names, str(entry["Config"]))
+                layer_paths = [str(p) for p in entry["Layers"]]
+                tags = [str(t) for t in entry.get("RepoTags") or ()]
+                diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise InvalidImage(f"manifest.json: malformed entry: {exc}") from exc
+            layers = []
+            for i, lp in enumerate(layer_paths):
+                # The path names the digest in OCI-style archives (blobs/sha256/<hex>); legacy
+                # ones (<id>/layer.tar) are uncompressed, so the config's diff_id is theirs.
+                m = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", lp)
+                expect = f"sha256:{m.group(1)}" if m else None
+                fh = self._member(outer, names, lp)
+                digest, size = self._store_file(fh, expect)
+                if expect is None and i < len(diff_ids) and diff_ids[i] != digest:
+                    head = self.export_blob(digest).read(4)
+                    if not head.startswith((_GZIP, _ZSTD)):
+                        raise DigestMismatch(f"layer {lp} is {digest}, config says {diff_ids[i]}")
+                layers.append((digest, size))
+            out.append(self._new_image(layers, ImageConfig.from_json(config.get("config")), tags))
+        return out
+
+    def _load_oci(self, outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo]
+                  ) -> list[ImageInfo]:  # fmt: skip
+        index = self._json_member(outer, names, "index.json")
+        out = []
+        for desc in index.get("manifests", []) if isinstance(index, dict) else []:
+            man_desc = self._pick_platform(outer, names, desc)
+            annotations = desc.get("annotations") or {}
+            name = annotations.get("io.containerd.image.name") or annotations.get(
+                "org.opencontainers.image.ref.name", ""
+            )
+            tags = [name] if name and _REF_RE.fullmatch(name) else []
+            man = self._verified_json(outer, names, str(man_desc["digest"]))
+            config = self._verified_json(outer, names, str(man["config"]["digest"]))
+            layers = []
+            for layer in man.get("layers", []):
+                digest = str(layer["digest"])
+                fh = self._member(outer, names, f"blobs/sha256/{_digest_hex(digest)}")
+                layers.append(self._store_file(fh, digest))
+            out.append(self._new_image(layers, ImageConfig.from_json(config.get("config")), tags))
+        if not out:
+            raise InvalidImage("index.json lists no image")
+        return out
+
+    def _verified_json(self, outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo],
+                       digest: str) -> Any:  # fmt: skip
+        data = self._member(outer, names, f"blobs/sha256/{_digest_hex(digest)}").read(16 << 20)
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise DigestMismatch(f"blob {digest} does not match its digest")
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise InvalidImage(f"blob {digest}: not JSON") from exc
+
+    def _pick_platform(self, outer: tarfile.TarFile, names: Mapping[str, tarfile.TarInfo],
+                       desc: Any) -> Any:  # fmt: skip
+        """Follow nested indexes (multi-platform images) to this host's linux/<arch>."""
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        for _ in range(4):
+            if "index" not in str(desc.get("mediaType", "")) and "list" not in str(
+                desc.get("mediaType", "")
+            ):
+                return desc
+            nested = self._verified_json(outer, names, str(desc["digest"]))
+            candidates = nested.get("manifests", [])
+            chosen = [m for m in candidates
+                      if (m.get("platform") or {}).get("architecture") == arch]  # fmt: skip
+            if not chosen:
+                raise InvalidImage(f"no linux/{arch} image in the index")
+            desc = chosen[0]
+        raise InvalidImage("index nesting too deep")
+
+    # --------------------------------------------------------------------------- removal
+
+    def rm(self, ref: str) -> None:
+        """Untag ``ref`` (a tag) or remove the image (an id: all its tags). An image left with no
+        tag is deleted with its layers and blobs no other image uses. ImageInUse if a task on this
+        node uses it (nothing changes), ImageNotFound if unknown."""
+        with self._lock:
+            repos = self._repos()
+            image_id = self._resolve_id(ref, repos)
+            is_tag = not ref.startswith("sha256:") and normalize_ref_safe(ref) in repos
+            drop = [normalize_ref(ref)] if is_tag else [t for t, i in repos.items()
+                                                        if i == image_id]  # fmt: skip
+            remaining = [t for t, i in repos.items() if i == image_id and t not in drop]
+            if not remaining and image_id in self._in_use():
+                raise ImageInUse(f"image {ref} is used by a task on this node")
+            for t in drop:
+                del repos[t]
+            self._save_repos(repos)
+            if remaining:
+                return
+            keep: set[str] = set()
+            for other in self._images() - {image_id}:
+                keep.update(str(layer["digest"]) for layer in self._manifest(other)["layers"])
+            for layer in self._manifest(image_id)["layers"]:
+                digest = str(layer["digest"])
+                if digest in keep:
+                    continue
+                hexpart = _digest_hex(digest)
+                _rmtree(self._layers / hexpart)
+                with contextlib.suppress(FileNotFoundError):
+                    (self._blobs / hexpart).unlink()
+            for path in (self._manifests, self._blobs):
+                with contextlib.suppress(FileNotFoundError):
+                    (path / _digest_hex(image_id)).unlink()
+
+    # ---------------------------------------------------------------------------- unpacking
+
+    def _unpack(self, digest: str) -> Path:
+        hexpart = _digest_hex(digest)
+        final = self._layers / hexpart
+        if final.is_dir():
+            return final
+        work = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"layer-{hexpart[:12]}-"))
+        try:
+            with self._open_layer(self._blobs / hexpart) as stream:
+                extract_layer(stream, work)
+            work.chmod(0o755)
+            try:
+                os.rename(work, final)
+            except OSError:
+                if not final.is_dir():  # otherwise: another thread unpacked it first
+                    raise
+        finally:
+            if work.exists():
+                _rmtree(work)
+        return final
+
+    @contextlib.contextmanager
+    def _open_layer(self, blob: Path) -> Iterator[IO[bytes]]:
+        with blob.open("rb") as fh:
+            head = os.pread(fh.fileno(), 4, 0)  # leaves the offset at 0 for zstd's stdin
+            if head.startswith(_GZIP):
+                import gzip
+
+                with gzip.open(fh, "rb") as gz:
+                    yield gz  # type: ignore[misc]
+                return
+            if head.startswith(_ZSTD):
+                try:
+                    proc = subprocess.Popen([self._zstd, "-dcq"], stdin=fh,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                except OSError as exc:  # fmt: skip
+                    raise InvalidImage(
+                        f"a zstd layer needs the zstd command (Debian: apt install zstd): {exc}"
+                    ) from exc
+                assert proc.stdout is not None and proc.stderr is not None
+                try:
+                    yield proc.stdout
+                    proc.stdout.read()
+                finally:
+                    proc.stdout.close()
+                    err = proc.stderr.read().decode(errors="replace").strip()
+                    proc.stderr.close()
+                    if proc.wait() != 0:
+                        raise InvalidImage(f"zstd failed: {err}")
+                return
+            yield fh
+
+
+def normalize_ref_safe(ref: str) -> str:
+    try:
+        return normalize_ref(ref)
+    except ImageError:
+        return ""
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------- safe extraction
+
+
+def _clean_name(name: str) -> str:
+    """A member name as a safe relative path ("" for the root itself). InvalidImage if it is
+    absolute or has a '..' component."""
+    if name.startswith("/"):
+        raise InvalidImage(f"absolute path in layer: {name!r}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidImage(f"'..' in layer path: {name!r}")
+    if any("\0" in p for p in parts):
+        raise InvalidImage(f"NUL in layer path: {name!r}")
+    return "/".join(parts)
+
+
+def extract_layer(stream: IO[bytes], dest: Path) -> None:
+    """Unpack one layer tarball (a stream) into the empty directory ``dest``, safely, with
+    whiteouts converted to overlayfs form. See the module docstring."""
+    real_dirs: set[str] = {""}
+    dir_meta: list[tuple[str, tarfile.TarInfo]] = []
+
+    def parent_dir(rel: str) -> str:
+        """Make sure every parent of rel is a real directory of this layer; return its path."""
+        parent = posixpath.dirname(rel)
+        if parent in real_dirs:
+            return parent
+        walked = ""
+        for part in parent.split("/"):
+            walked = f"{walked}/{part}" if walked else part
+            if walked in real_dirs:
+                continue
+            full = dest / walked
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                os.mkdir(full, 0o755)
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise InvalidImage(f"layer path {rel!r} goes through a non-directory")
+            real_dirs.add(walked)
+        return parent
+
+    def clear(full: Path) -> None:
+        """Remove what is at full (a later entry replaces an earlier one), unless a directory."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidImage(f"layer replaces directory {full.name!r} with a non-directory")
+            os.unlink(full)
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (the with below closes it)
+    except tarfile.TarError as exc:
+        raise InvalidImage(f"not a tar archive: {exc}") from exc
+    with tar:
+        try:
+            for member in tar:
+                rel = _clean_name(member.name)
+                if not rel:
+                    continue
+                parent = parent_dir(rel)
+                base = posixpath.basename(rel)
+                full = dest / rel
+                if base == _OPAQUE:
+                    os.setxattr(dest / parent if parent else dest, "trusted.overlay.opaque",
+                                b"y")  # fmt: skip
+                    continue
+                if base.startswith(".wh."):
+                    target = dest / parent / base[4:] if parent else dest / base[4:]
+                    if os.path.lexists(target):
+                        if os.path.isdir(target) and not os.path.islink(target):
+                            shutil.rmtree(target)
+                        else:
+                            os.unlink(target)
+                    os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+                    continue
+                if member.isdir():
+                    if rel not in real_dirs:
+                        try:
+                            st = os.lstat(full)
+                            if not stat.S_ISDIR(st.st_mode):
+                                os.unlink(full)
+                                os.mkdir(full, 0o755)
+                        except FileNotFoundError:
+                            os.mkdir(full, 0o755)
+                        real_dirs.add(rel)
+                    dir_meta.append((rel, member))
+                    continue
+                clear(full)
+                if member.isreg():
+                    src = tar.extractfile(member)
+                    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600)  # fmt: skip
+                    with os.fdopen(fd, "wb") as out:
+                        if src is not None:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                elif member.issym():
+                    os.symlink(member.linkname, full)
+                elif member.islnk():
+                    target_rel = _clean_name(member.linkname)
+                    parent_dir(target_rel)
+                    target = dest / target_rel
+                    if not os.path.lexists(target) or (
+                        os.path.isdir(target) and not os.path.islink(target)
+                    ):
+                        raise InvalidImage(f"hard link {rel!r} to a missing or directory entry")
+                    os.link(target, full, follow_symlinks=False)
+                    continue  # shares the target's inode: its owner and mode already
+                elif member.isfifo():
+                    os.mkfifo(full, 0o600)
+                else:
+                    continue  # device nodes (and anything else): never created
+                _apply_meta(full, member)
+        except (tarfile.TarError, EOFError) as exc:
+            raise InvalidImage(f"corrupt layer: {exc}") from exc
+        except OSError as exc:
+            raise InvalidImage(f"cannot unpack layer: {exc}") from exc
+    for rel, member in reversed(dir_meta):  # deepest last-seen first: children are done
+        _apply_meta(dest / rel, member)
+
+
+def _apply_meta(path: Path, member: tarfile.TarInfo) -> None:
+    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)
+    with contextlib.suppress(OSError):
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)

@@ -1,0 +1,777 @@
+/*
+ * shoal task launcher and shim: one process per task, started by shoal.runtime.controller.
+ *
+ * Owns: the processes of one task, and TASKDIR/{exit, stdout.log*, stderr.log*} (rotated logs).
+ * Must not touch: anything else under TASKDIR (the agent writes config.json, runtime.json,
+ * pids.json, notes.json) and anything outside the task's own namespaces and cgroups.
+ *
+ * Usage (only by the agent):  shoal-launcher shim TASKDIR
+ *   stdin  = the spec pipe: the whole launch spec (records, see below) then EOF; a spec without
+ *            its end record means the agent died before "go": start nothing, exit 0.
+ *   stdout = the ready pipe: one byte, "R" = about to exec the init, "N" = command not found
+ *            (then exit 127); EOF without a byte = the launcher failed (reason in stderr).
+ *   stderr = TASKDIR/shim.log (the launcher's own messages).
+ *
+ * Process tree (host view):
+ *   shim  (this process, host namespaces, outside the task's cgroups). Reads the spec, clones
+ *         the init with new pid, mount, uts, ipc and net namespaces, then copies the task's
+ *         stdout/stderr pipes into size-rotated log files with a timestamp per line, waits for
+ *         the init and writes its exit code to TASKDIR/exit atomically. Survives the agent.
+ *   init  (ns pid 1, this program's clone): joins the task's cgroups (writes 0 to cgroup.procs:
+ *         the task is accounted before anything runs), sets the hostname, brings lo up, makes
+ *         every mount private, runs the mount plan (root filesystem, /proc, /dev, /sys, user
+ *         mounts, files written into a tmpfs), pivot_root()s into the new root and detaches
+ *         the old one, drops the capability bounding set, switches to the task's user, sets
+ *         no_new_privs, chdir()s to the workdir, looks the command up in the task's PATH, reports
+ *         ready and execs tini (bind-mounted at /dev/init), which runs the command.
+ *
+ * Exit code in TASKDIR/exit: the command's (tini passes it on; 128+N if it died of signal N),
+ * 128+N if the init itself died of signal N (137: SIGKILL or OOM), 125 if the launcher failed
+ * (message in shim.log), 127 command not found.
+ *
+ * Spec records: TAG (1 byte), LEN (u32 little endian), DATA[LEN]. Multi-field records separate
+ * fields with NUL; the last field of a "write" op is raw bytes (may contain NUL).
+ *   H hostname   W workdir   A argv item (repeated)   V env "K=V" (repeated)   P the task's PATH
+ *   C a cgroup.procs path (repeated)   R the root mount point (host path)   I init path in task
+ *   U uid NUL gid NUL groups(comma-separated)   K capability mask to keep (decimal)
+ *   L log max bytes NUL log max files   O mount-plan op (repeated, in order)   E end
+ * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
+ * with RESOLVE_IN_ROOT, missing components created) or "host" (absolute host path):
+ *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
+ *   remount WHERE TARGET FLAGS DATA
+ *   mkdir   WHERE TARGET MODE
+ *   symlink TARGET VALUE
+ *   mknod   TARGET MODE MAJOR MINOR
+ *   write   WHERE TARGET MODE UID GID DATA
+ *   pivot                       (afterwards "root" paths resolve in the new "/")
+ *
+ * Log files: one record per line, "<RFC 3339 UTC time with ns> <F|P> <text>\n"; F = the line
+ * ended with a newline, P = a partial line (longer than 16 KiB, or unterminated at exit). Files
+ * are renamed NAME.log -> NAME.log.1 -> ... when the next record would pass the size limit.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/openat2.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+
+#define MAX_LINE 16384
+#define MAX_ITEMS 4096
+
+static const char *taskdir;
+
+/* ------------------------------------------------------------------------------ messages */
+
+static void say(const char *fmt, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    ssize_t w = write(2, buf, (size_t)n);
+    (void)w;
+}
+
+static void die(int code, const char *fmt, ...) {
+    char buf[1800];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    say("shoal launcher: %s", buf);
+    _exit(code);
+}
+
+/* ---------------------------------------------------------------------------------- spec */
+
+struct rec {
+    char tag;
+    uint32_t len;
+    char *data;
+};
+
+static char *spec_buf;
+static size_t spec_len;
+static struct rec recs[MAX_ITEMS];
+static int nrecs;
+
+static int read_spec(void) {
+    size_t cap = 65536;
+    spec_buf = malloc(cap);
+    if (!spec_buf) return -1;
+    for (;;) {
+        if (spec_len == cap) {
+            cap *= 2;
+            char *n = realloc(spec_buf, cap);
+            if (!n) return -1;
+            spec_buf = n;
+        }
+        ssize_t r = read(0, spec_buf + spec_len, cap - spec_len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        spec_len += (size_t)r;
+    }
+    size_t off = 0;
+    while (off + 5 <= spec_len) {
+        if (nrecs == MAX_ITEMS) return -1;
+        struct rec *rc = &recs[nrecs++];
+        rc->tag = spec_buf[off];
+        memcpy(&rc->len, spec_buf + off + 1, 4);
+        off += 5;
+        if (rc->len > spec_len - off) return -1;
+        rc->data = spec_buf + off;
+        off += rc->len;
+        if (rc->tag == 'E') return 0;
+    }
+    return -1; /* no end record: the agent died mid-way */
+}
+
+/* Split a record into NUL-separated fields; the last field takes the rest. */
+static int fields(struct rec *rc, char **out, size_t *outlen, int n) {
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        if (off > rc->len) return -1;
+        out[i] = rc->data + off;
+        if (i == n - 1) {
+            if (outlen) *outlen = rc->len - off;
+            return 0;
+        }
+        char *z = memchr(rc->data + off, '\0', rc->len - off);
+        if (!z) return -1;
+        off = (size_t)(z - rc->data) + 1;
+    }
+    return 0;
+}
+
+/* A record's data as a C string (records are followed by the next tag byte: copy). */
+static char *str(struct rec *rc) {
+    char *s = malloc(rc->len + 1);
+    if (!s) die(125, "out of memory");
+    memcpy(s, rc->data, rc->len);
+    s[rc->len] = '\0';
+    return s;
+}
+
+/* ------------------------------------------------------------------------ init (ns pid 1) */
+
+static int rootfd = -1;
+static const char *rootdir;
+
+static long num(const char *s) { return strtol(s, NULL, 0); }
+
+static int open_in_root(const char *path, int flags) {
+    struct open_how how = {0};
+    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+    while (*path == '/') path++;
+    if (!*path) path = ".";
+    return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+}
+
+/* Resolve TARGET (WHERE = root|host) to an O_PATH fd, creating it (KIND dir|file) and any
+ * missing parent directories inside the root. Never follows a symlink out of the root. */
+static int resolve(const char *where, const char *target, const char *kind) {
+    if (strcmp(where, "host") == 0) return open(target, O_PATH | O_CLOEXEC);
+    int fd = open_in_root(target, O_PATH);
+    if (fd >= 0 || errno != ENOENT || strcmp(kind, "none") == 0) return fd;
+    char path[4096];
+    if (strlen(target) >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(path, target);
+    char *p = path;
+    while (*p == '/') p++;
+    for (;;) {
+        char *slash = strchr(p, '/');
+        int last = slash == NULL;
+        if (slash) *slash = '\0';
+        fd = open_in_root(path, O_PATH);
+        if (fd < 0 && errno == ENOENT) {
+            char *base = strrchr(path, '/');
+            const char *name = base ? base + 1 : path;
+            int parent;
+            if (base) {
+                *base = '\0';
+                parent = open_in_root(*path ? path : "/", O_PATH | O_DIRECTORY);
+                *base = '/';
+            } else {
+                parent = open_in_root("/", O_PATH | O_DIRECTORY);
+            }
+            if (parent < 0) return -1;
+            int r;
+            if (last && strcmp(kind, "file") == 0) {
+                r = openat(parent, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
+                           0644);
+                if (r >= 0) close(r);
+            } else {
+                r = mkdirat(parent, name, 0755);
+            }
+            int e = errno;
+            close(parent);
+            if (r < 0 && e != EEXIST) {
+                errno = e;
+                return -1;
+            }
+            fd = open_in_root(path, O_PATH);
+        }
+        if (fd < 0) return -1;
+        if (last) return fd;
+        close(fd);
+        *slash = '/';
+        p = slash + 1;
+    }
+}
+
+static void fdpath(char *buf, size_t n, int fd) { snprintf(buf, n, "/proc/self/fd/%d", fd); }
+
+/* A target as the user wrote it: "usr/x" in the root is shown as "/usr/x". */
+static const char *shown(const char *where, const char *target) {
+    static char buf[4096];
+    if (strcmp(where, "root") != 0 || target[0] == '/') return target;
+    snprintf(buf, sizeof buf, "/%s", target);
+    return buf;
+}
+
+static void op_mount(char **f) {
+    /* WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND REMOUNT_FLAGS OPTIONAL */
+    const char *where = f[0], *target = f[1], *fstype = f[2], *source = f[3], *data = f[5];
+    const char *kind = f[6];
+    unsigned long flags = (unsigned long)num(f[4]), reflags = (unsigned long)num(f[7]);
+    int optional = f[8][0] == '1';
+    if (optional && (flags & MS_BIND) && access(source, F_OK) != 0) return;
+    int fd = resolve(where, target, kind);
+    if (fd < 0) {
+        if (optional && errno == ENOENT) return;
+        die(125, "cannot create mount point %s: %s", shown(where, target), strerror(errno));
+    }
+    char p[64];
+    fdpath(p, sizeof p, fd);
+    if (mount(*source ? source : NULL, p, *fstype ? fstype : NULL, flags, *data ? data : NULL)) {
+        int e = errno;
+        if (optional && (e == ENOENT || e == ENODEV)) {
+            close(fd);
+            return;
+        }
+        die(125, "cannot mount %s on %s: %s", *source ? source : fstype, shown(where, target),
+            strerror(e));
+    }
+    close(fd);
+    if (reflags) {
+        /* A bind mount's flags (ro, nosuid...) need a remount of the new mount itself. */
+        fd = resolve(where, target, "none");
+        if (fd < 0) die(125, "cannot reopen %s: %s", target, strerror(errno));
+        fdpath(p, sizeof p, fd);
+        if (mount(NULL, p, NULL, MS_REMOUNT | MS_BIND | reflags, NULL))
+            die(125, "cannot remount %s: %s", target, strerror(errno));
+        close(fd);
+    }
+}
+
+static void op_remount(char **f) {
+    /* WHERE TARGET FLAGS DATA */
+    int fd = resolve(f[0], f[1], "none");
+    if (fd < 0) die(125, "cannot open %s: %s", f[1], strerror(errno));
+    char p[64];
+    fdpath(p, sizeof p, fd);
+    if (mount(NULL, p, NULL, MS_REMOUNT | (unsigned long)num(f[2]), *f[3] ? f[3] : NULL))
+        die(125, "cannot remount %s: %s", f[1], strerror(errno));
+    close(fd);
+}
+
+static void op_write(char **f, size_t datalen) {
+    /* WHERE TARGET MODE UID GID DATA (written through an fd: never a path race) */
+    int dfd;
+    char *slash = strrchr(f[1], '/');
+    if (!slash) die(125, "bad file target %s", f[1]);
+    *slash = '\0';
+    dfd = resolve(f[0], *f[1] ? f[1] : "/", "dir");
+    if (dfd < 0) die(125, "cannot open %s: %s", f[1], strerror(errno));
+    char p[64];
+    fdpath(p, sizeof p, dfd);
+    int dir = open(p, O_DIRECTORY | O_RDONLY | O_CLOEXEC);
+    close(dfd);
+    if (dir < 0) die(125, "cannot open %s: %s", f[1], strerror(errno));
+    *slash = '/';
+    mode_t mode = (mode_t)num(f[2]);
+    int fd = openat(dir, slash + 1, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0600);
+    close(dir);
+    if (fd < 0) die(125, "cannot create %s: %s", f[1], strerror(errno));
+    const char *data = f[5];
+    while (datalen > 0) {
+        ssize_t w = write(fd, data, datalen);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) die(125, "cannot write %s: %s", f[1], strerror(errno));
+        data += w;
+        datalen -= (size_t)w;
+    }
+    if (fchown(fd, (uid_t)num(f[3]), (gid_t)num(f[4])) || fchmod(fd, mode))
+        die(125, "cannot set the owner/mode of %s: %s", f[1], strerror(errno));
+    close(fd);
+}
+
+static void op_pivot(void) {
+    if (chdir(rootdir)) die(125, "cannot enter %s: %s", rootdir, strerror(errno));
+    if (syscall(SYS_pivot_root, ".", ".")) die(125, "pivot_root: %s", strerror(errno));
+    /* The old root is now stacked on "."; detach it and everything below it. */
+    if (umount2(".", MNT_DETACH)) die(125, "cannot detach the old root: %s", strerror(errno));
+    if (chdir("/")) die(125, "chdir /: %s", strerror(errno));
+    close(rootfd);
+    rootfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) die(125, "open /: %s", strerror(errno));
+}
+
+static void run_plan(void) {
+    for (int i = 0; i < nrecs; i++) {
+        struct rec *rc = &recs[i];
+        if (rc->tag != 'O') continue;
+        char *f[10];
+        size_t datalen = 0;
+        char *op = rc->data;
+        /* the agent NUL-terminates every field except write's data */
+        if (strcmp(op, "mount") == 0) {
+            if (fields(rc, f, NULL, 10)) die(125, "bad mount op");
+            op_mount(f + 1);
+        } else if (strcmp(op, "remount") == 0) {
+            if (fields(rc, f, NULL, 5)) die(125, "bad remount op");
+            op_remount(f + 1);
+        } else if (strcmp(op, "mkdir") == 0) {
+            if (fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
+            int fd = resolve(f[1], f[2], "dir");
+            if (fd < 0) die(125, "cannot create %s: %s", f[2], strerror(errno));
+            char p[64];
+            fdpath(p, sizeof p, fd);
+            if (chmod(p, (mode_t)num(f[3]))) die(125, "chmod %s: %s", f[2], strerror(errno));
+            close(fd);
+        } else if (strcmp(op, "symlink") == 0) {
+            if (fields(rc, f, NULL, 3)) die(125, "bad symlink op");
+            while (*f[1] == '/') f[1]++;
+            if (symlinkat(f[2], rootfd, f[1]) && errno != EEXIST)
+                die(125, "symlink %s: %s", f[1], strerror(errno));
+        } else if (strcmp(op, "mknod") == 0) {
+            if (fields(rc, f, NULL, 5)) die(125, "bad mknod op");
+            while (*f[1] == '/') f[1]++;
+            if (mknodat(rootfd, f[1], (mode_t)num(f[2]),
+                        makedev((unsigned)num(f[3]), (unsigned)num(f[4]))))
+                die(125, "mknod %s: %s", f[1], strerror(errno));
+        } else if (strcmp(op, "write") == 0) {
+            if (fields(rc, f, &datalen, 7)) die(125, "bad write op");
+            op_write(f + 1, datalen);
+            explicit_bzero(f[6], datalen);
+        } else if (strcmp(op, "pivot") == 0) {
+            op_pivot();
+        } else {
+            die(125, "unknown op %s", op);
+        }
+    }
+}
+
+static void lo_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr)) die(125, "cannot bring lo up: %s", strerror(errno));
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr)) die(125, "cannot bring lo up: %s", strerror(errno));
+    close(s);
+}
+
+/* execvp's search: a name with '/' is used as is; otherwise each PATH entry ("" = "."). */
+static int found(const char *name, const char *path, char *out, size_t n) {
+    struct stat st;
+    if (strchr(name, '/')) {
+        snprintf(out, n, "%s", name);
+        return stat(out, &st) == 0 && S_ISREG(st.st_mode) && access(out, X_OK) == 0;
+    }
+    const char *p = path;
+    for (;;) {
+        const char *colon = strchr(p, ':');
+        size_t len = colon ? (size_t)(colon - p) : strlen(p);
+        if (len == 0)
+            snprintf(out, n, "./%s", name);
+        else
+            snprintf(out, n, "%.*s/%s", (int)len, p, name);
+        if (stat(out, &st) == 0 && S_ISREG(st.st_mode) && access(out, X_OK) == 0) return 1;
+        if (!colon) return 0;
+        p = colon + 1;
+    }
+}
+
+static void write_all(int fd, const char *s, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, s, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static int init_main(int out_w, int err_w, int devnull) {
+    const char *hostname = "", *workdir = "/", *path = "", *init = "";
+    char *argv[MAX_ITEMS + 4], *envp[MAX_ITEMS + 1];
+    int argc = 0, envc = 0, ngroups = 0;
+    uid_t uid = 0;
+    gid_t gid = 0, groups[256];
+    uint64_t keep = ~0ULL;
+    int have_user = 0;
+
+    signal(SIGPIPE, SIG_IGN);
+    umask(0);
+    /* cgroups first: everything from here on (mounts, the command) is accounted and limited */
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag != 'C') continue;
+        char *p = str(&recs[i]);
+        int fd = open(p, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) die(125, "cannot join cgroup %s: %s", p, strerror(errno));
+        close(fd);
+        free(p);
+    }
+    argv[argc++] = "tini";
+    argv[argc++] = "--";
+    for (int i = 0; i < nrecs; i++) {
+        struct rec *rc = &recs[i];
+        switch (rc->tag) {
+        case 'H': hostname = str(rc); break;
+        case 'W': workdir = str(rc); break;
+        case 'P': path = str(rc); break;
+        case 'I': init = str(rc); break;
+        case 'R': rootdir = str(rc); break;
+        case 'A': if (argc < MAX_ITEMS) argv[argc++] = str(rc); break;
+        case 'V': if (envc < MAX_ITEMS) envp[envc++] = str(rc); break;
+        case 'K': { char *s = str(rc); keep = strtoull(s, NULL, 10); free(s); break; }
+        case 'U': {
+            char *f[3];
+            if (fields(rc, f, NULL, 3)) die(125, "bad user record");
+            char *g = str(rc) + (f[2] - rc->data); /* the groups field, NUL-terminated copy */
+            uid = (uid_t)num(f[0]);
+            gid = (gid_t)num(f[1]);
+            for (char *t = strtok(g, ","); t && ngroups < 256; t = strtok(NULL, ","))
+                groups[ngroups++] = (gid_t)num(t);
+            have_user = 1;
+            break;
+        }
+        default: break;
+        }
+    }
+    argv[argc] = NULL;
+    envp[envc] = NULL;
+    if (argc < 3 || !*init || !rootdir) die(125, "incomplete spec");
+
+    if (sethostname(hostname, strlen(hostname))) die(125, "cannot set the hostname: %s", strerror(errno));
+    lo_up();
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+        die(125, "cannot make mounts private: %s", strerror(errno));
+    rootfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC); /* replaced once the root is mounted */
+    /* The root mount is the first op; "root" paths resolve under rootdir from then on. */
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag == 'O') {
+            char *f[10];
+            if (fields(&recs[i], f, NULL, 10) || strcmp(f[0], "mount") || strcmp(f[1], "host"))
+                die(125, "the plan must start by mounting the root");
+            op_mount(f + 1);
+            recs[i].tag = 'o'; /* done */
+            break;
+        }
+    }
+    close(rootfd);
+    rootfd = open(rootdir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) die(125, "cannot open %s: %s", rootdir, strerror(errno));
+    run_plan();
+
+    /* capabilities: bounding set first (needs CAP_SETPCAP), then the user, then the sets */
+    for (int c = 0; c < 64; c++) {
+        if (keep & (1ULL << c)) continue;
+        if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) && errno == EINVAL) break;
+    }
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    if (have_user) {
+        if (setgroups((size_t)ngroups, groups)) die(125, "setgroups: %s", strerror(errno));
+        if (setresgid(gid, gid, gid)) die(125, "setgid %u: %s", gid, strerror(errno));
+        if (setresuid(uid, uid, uid)) die(125, "setuid %u: %s", uid, strerror(errno));
+    }
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (uid == 0) {
+        data[0].effective = data[0].permitted = (uint32_t)keep;
+        data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+    }
+    if (syscall(SYS_capset, &hdr, data)) die(125, "capset: %s", strerror(errno));
+
+    if (chdir(workdir)) die(125, "workdir not found: %s", workdir);
+    char resolved[4096];
+    if (!found(argv[2], path, resolved, sizeof resolved)) {
+        write_all(1, "N", 1);
+        char msg[4200];
+        int n = snprintf(msg, sizeof msg, "command not found: %s\n", argv[2]);
+        if (n > 0) write_all(err_w, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+        _exit(127);
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) die(125, "no_new_privs: %s", strerror(errno));
+    int errfd = fcntl(2, F_DUPFD_CLOEXEC, 3);
+    write_all(1, "R", 1);
+    if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) _exit(125);
+    /* tini starts with default dispositions and an empty mask; it sets up its own */
+    sigset_t all;
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+    syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
+    execve(init, argv, envp);
+    int e = errno;
+    if (errfd >= 0) dup2(errfd, 2);
+    die(125, "cannot exec the init %s: %s", init, strerror(e));
+    return 125;
+}
+
+/* --------------------------------------------------------------------- shim: logs, exit */
+
+struct stream {
+    const char *name; /* "stdout" */
+    int in;           /* read end of the task's pipe; -1 at EOF */
+    int out;          /* current log file */
+    off_t size;
+    size_t len;
+    char buf[MAX_LINE];
+};
+
+static long long log_max = 10 * 1024 * 1024;
+static int log_files = 3;
+
+static int open_log(struct stream *s, int trunc) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s.log", taskdir, s->name);
+    s->out = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (trunc ? O_TRUNC : 0), 0640);
+    if (s->out < 0) return -1;
+    struct stat st;
+    s->size = fstat(s->out, &st) == 0 ? st.st_size : 0;
+    return 0;
+}
+
+static void rotate(struct stream *s) {
+    char from[4096], to[4096];
+    close(s->out);
+    for (int i = log_files - 1; i >= 1; i--) {
+        if (i == 1)
+            snprintf(from, sizeof from, "%s/%s.log", taskdir, s->name);
+        else
+            snprintf(from, sizeof from, "%s/%s.log.%d", taskdir, s->name, i - 1);
+        snprintf(to, sizeof to, "%s/%s.log.%d", taskdir, s->name, i);
+        rename(from, to);
+    }
+    if (open_log(s, 1)) {
+        say("shoal shim: cannot reopen %s.log: %s", s->name, strerror(errno));
+        s->out = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    }
+}
+
+static char outbuf[4 * MAX_LINE];
+static size_t outlen;
+
+static void flush_out(struct stream *s) {
+    size_t off = 0;
+    while (off < outlen) {
+        ssize_t w = write(s->out, outbuf + off, outlen - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break; /* disk full: the lines are lost, the task goes on */
+        off += (size_t)w;
+    }
+    s->size += (off_t)outlen;
+    outlen = 0;
+}
+
+static void emit(struct stream *s, const char *ts, char flag, const char *line, size_t n) {
+    size_t reclen = 30 + 3 + n + 1;
+    if (outlen + reclen > sizeof outbuf) flush_out(s);
+    if (s->size + (off_t)outlen + (off_t)reclen > log_max && s->size + (off_t)outlen > 0) {
+        flush_out(s);
+        rotate(s);
+    }
+    memcpy(outbuf + outlen, ts, 30);
+    outbuf[outlen + 30] = ' ';
+    outbuf[outlen + 31] = flag;
+    outbuf[outlen + 32] = ' ';
+    memcpy(outbuf + outlen + 33, line, n);
+    outbuf[outlen + 33 + n] = '\n';
+    outlen += reclen;
+}
+
+static void stamp(char *ts) {
+    struct timespec now;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &now);
+    gmtime_r(&now.tv_sec, &tm);
+    strftime(ts, 20, "%Y-%m-%dT%H:%M:%S", &tm); /* 19 characters */
+    unsigned long ns = (unsigned long)now.tv_nsec;
+    ts[19] = '.';
+    for (int i = 28; i >= 20; i--, ns /= 10) ts[i] = (char)('0' + ns % 10);
+    ts[29] = 'Z';
+    ts[30] = '\0';
+}
+
+/* Read what is available; returns 0 at EOF. */
+static int pump(struct stream *s) {
+    ssize_t r = read(s->in, s->buf + s->len, sizeof s->buf - s->len);
+    if (r < 0 && (errno == EINTR || errno == EAGAIN)) return 1;
+    char ts[31];
+    stamp(ts);
+    if (r <= 0) {
+        if (s->len) emit(s, ts, 'P', s->buf, s->len);
+        s->len = 0;
+        flush_out(s);
+        close(s->in);
+        s->in = -1;
+        return 0;
+    }
+    s->len += (size_t)r;
+    size_t start = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        if (s->buf[i] == '\n') {
+            emit(s, ts, 'F', s->buf + start, i - start);
+            start = i + 1;
+        }
+    }
+    if (start == 0 && s->len == sizeof s->buf) { /* a line longer than the buffer */
+        emit(s, ts, 'P', s->buf, s->len);
+        start = s->len;
+    }
+    memmove(s->buf, s->buf + start, s->len - start);
+    s->len -= start;
+    flush_out(s);
+    return 1;
+}
+
+static int shim_main(void) {
+    if (read_spec()) return 0; /* no complete spec: the agent died before "go" */
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag == 'L') {
+            char *f[2];
+            if (fields(&recs[i], f, NULL, 2) == 0) {
+                char *s = str(&recs[i]);
+                log_max = strtoll(s, NULL, 10);
+                log_files = (int)strtol(s + (f[1] - recs[i].data), NULL, 10);
+                free(s);
+            }
+        }
+    }
+    if (log_max < 4096) log_max = 4096;
+    if (log_files < 1) log_files = 1;
+    struct stream out = {.name = "stdout"}, err = {.name = "stderr"};
+    int op[2], ep[2];
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull >= 0 && devnull < 3) { /* keep 0-2 for stdio: dup2 onto them must copy */
+        int high = fcntl(devnull, F_DUPFD_CLOEXEC, 3);
+        close(devnull);
+        devnull = high;
+    }
+    if (devnull >= 0) dup2(devnull, 0); /* the spec pipe is done with */
+    if (devnull < 0 || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC))
+        die(125, "cannot create pipes: %s", strerror(errno));
+    if (open_log(&out, 0) || open_log(&err, 0)) die(125, "cannot open the logs: %s", strerror(errno));
+    out.in = op[0];
+    err.in = ep[0];
+    fflush(NULL);
+    pid_t child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS |
+                                                CLONE_NEWIPC | CLONE_NEWNET | SIGCHLD,
+                                 NULL, NULL, NULL, NULL);
+    if (child < 0) die(125, "clone: %s", strerror(errno));
+    if (child == 0) {
+        close(op[0]);
+        close(ep[0]);
+        _exit(init_main(op[1], ep[1], devnull));
+    }
+    /* The shim keeps no copy of the spec (it may hold secrets) nor of the ready pipe. */
+    explicit_bzero(spec_buf, spec_len);
+    close(op[1]);
+    close(ep[1]);
+    dup2(devnull, 1);
+    int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
+    int status = 0, reaped = 0;
+    struct timespec deadline = {0, 0};
+    while (out.in >= 0 || err.in >= 0) {
+        struct pollfd p[3];
+        int n = 0, io = -1, ie = -1, ip = -1;
+        if (out.in >= 0) { io = n; p[n++] = (struct pollfd){out.in, POLLIN, 0}; }
+        if (err.in >= 0) { ie = n; p[n++] = (struct pollfd){err.in, POLLIN, 0}; }
+        if (!reaped && pidfd >= 0) { ip = n; p[n++] = (struct pollfd){pidfd, POLLIN, 0}; }
+        int timeout = -1;
+        if (reaped) {
+            /* The pid namespace is gone; its processes die with it, and so do the writers.
+             * Bound the wait in case a write end leaked out of the task. */
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long ms = (deadline.tv_sec - now.tv_sec) * 1000 + (deadline.tv_nsec - now.tv_nsec) / 1000000;
+            if (ms <= 0) break;
+            timeout = (int)ms;
+        }
+        int r = poll(p, (nfds_t)n, timeout);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) break;
+        if (io >= 0 && p[io].revents) pump(&out);
+        if (ie >= 0 && p[ie].revents) pump(&err);
+        if (ip >= 0 && p[ip].revents) {
+            if (waitpid(child, &status, 0) == child) reaped = 1;
+            clock_gettime(CLOCK_MONOTONIC, &deadline);
+            deadline.tv_sec += 5;
+        }
+    }
+    if (!reaped) {
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    }
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    char tmp[4096], fin[4096], txt[16];
+    snprintf(tmp, sizeof tmp, "%s/exit.tmp", taskdir);
+    snprintf(fin, sizeof fin, "%s/exit", taskdir);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int n = snprintf(txt, sizeof txt, "%d\n", code);
+    if (fd < 0 || write(fd, txt, (size_t)n) != n || close(fd) || rename(tmp, fin))
+        say("shoal shim: cannot write %s: %s", fin, strerror(errno));
+    return code;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3 || strcmp(argv[1], "shim") != 0) {
+        say("usage: %s shim TASKDIR (started by the shoal agent only)", argv[0]);
+        return 125;
+    }
+    taskdir = argv[2];
+    return shim_main();
+}

@@ -1,0 +1,425 @@
+"""What a task sees: its root filesystem, /proc, /dev, /sys, mounts and files, its user and its
+capabilities, as a mount plan the launcher executes inside the task's mount namespace.
+
+Owns: the plan (pure: computed from the task's config and host facts, no side effects), user
+resolution against a rootfs' /etc/passwd and /etc/group, capability names and masks, and the
+mount/file types of TaskConfig. Must not touch: the host's mounts (every mount of the plan
+happens inside the task's private mount namespace and dies with it; nothing is ever mounted in the
+agent's namespace, so nothing can be left in the host's /proc/mounts).
+
+The root filesystem (runc / Nomad exec driver style):
+
+* default image (no image): a small tmpfs root, read-only once built, with read-only binds of the
+  host's /usr, /etc, /bin, /sbin, /lib* (symlinks like /bin -> usr/bin are recreated as symlinks),
+  private writable tmpfs /tmp, /var/tmp and /run; /etc/hosts, /etc/hostname and /etc/resolv.conf
+  are the task's own (bind-mounted from TASKDIR/init), host secrets (/etc/shadow...) are masked.
+* image: overlayfs, lowerdir = the task's init layer (etc/hosts, etc/hostname, etc/resolv.conf)
+  over the image's layers, upperdir = TASKDIR/upper (the task's writable layer).
+
+Then, as Docker does: /proc (with /proc/sys, /proc/sysrq-trigger... read-only and /proc/kcore,
+/proc/keys... masked), /dev as a tmpfs with null, zero, full, random, urandom, tty, a private
+devpts (/dev/pts, /dev/ptmx), /dev/shm and /dev/mqueue, and read-only afterwards; /sys read-only;
+the user's mounts (bind, volume, tmpfs, in path order); files (secrets) written into a tmpfs and
+bind-mounted read-only onto their targets; finally pivot_root. Every writable filesystem is
+nodev, so a task with CAP_MKNOD cannot use a device node it creates.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.runtime.launcher import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    Spec,
+)
+
+# ---------------------------------------------------------------------------- capabilities
+
+#: Linux capability numbers (linux/capability.h).
+CAPABILITIES: dict[str, int] = {
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+    "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "LINUX_IMMUTABLE": 9, "NET_BIND_SERVICE": 10,
+    "NET_BROADCAST": 11, "NET_ADMIN": 12, "NET_RAW": 13, "IPC_LOCK": 14, "IPC_OWNER": 15,
+    "SYS_MODULE": 16, "SYS_RAWIO": 17, "SYS_CHROOT": 18, "SYS_PTRACE": 19, "SYS_PACCT": 20,
+    "SYS_ADMIN": 21, "SYS_BOOT": 22, "SYS_NICE": 23, "SYS_RESOURCE": 24, "SYS_TIME": 25,
+    "SYS_TTY_CONFIG": 26, "MKNOD": 27, "LEASE": 28, "AUDIT_WRITE": 29, "AUDIT_CONTROL": 30,
+    "SETFCAP": 31, "MAC_OVERRIDE": 32, "MAC_ADMIN": 33, "SYSLOG": 34, "WAKE_ALARM": 35,
+    "BLOCK_SUSPEND": 36, "AUDIT_READ": 37, "PERFMON": 38, "BPF": 39, "CHECKPOINT_RESTORE": 40,
+}  # fmt: skip
+
+#: Docker's default set: what a task keeps unless cap_add/cap_drop say otherwise.
+DEFAULT_CAPABILITIES: tuple[str, ...] = (
+    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+    "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+)  # fmt: skip
+
+
+def cap_name(name: str) -> str:
+    """Canonical capability name ("net_admin", "CAP_NET_ADMIN" -> "NET_ADMIN"; "ALL").
+    Raise ValueError for an unknown one."""
+    upper = name.strip().upper()
+    upper = upper.removeprefix("CAP_")
+    if upper != "ALL" and upper not in CAPABILITIES:
+        raise ValueError(f"unknown capability: {name!r}")
+    return upper
+
+
+def capability_mask(cap_add: Iterable[str] = (), cap_drop: Iterable[str] = ()) -> int:
+    """The capability bits a task keeps: Docker's default set, minus cap_drop, plus cap_add
+    ("ALL" allowed in both; drop is applied first, as in Docker)."""
+    add = {cap_name(c) for c in cap_add}
+    drop = {cap_name(c) for c in cap_drop}
+    keep = set() if "ALL" in drop else set(DEFAULT_CAPABILITIES) - drop
+    keep |= set(CAPABILITIES) if "ALL" in add else add
+    mask = 0
+    for name in keep:
+        mask |= 1 << CAPABILITIES[name]
+    return mask
+
+
+# ----------------------------------------------------------------------------------- users
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?")
+
+
+@dataclass(frozen=True)
+class User:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary groups (the primary one included)
+    home: str = "/"
+
+
+def _table(text: str, width: int) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            parts = line.split(":")
+            if len(parts) >= width:
+                rows.append(parts)
+    return rows
+
+
+def resolve_user(spec: str, passwd: str, group: str) -> User:
+    """Resolve ``user``, ``uid``, ``user:group`` or ``uid:gid`` against passwd/group texts (the
+    task's rootfs' files), as Docker does: a numeric uid not in passwd runs with gid 0;
+    supplementary groups come from /etc/group membership. Raise ValueError if a *name* is unknown
+    (a number never needs to exist)."""
+    users = _table(passwd, 7)
+    groups = _table(group, 4)
+    if not spec:
+        spec = "0"
+    name, _, grp = spec.partition(":")
+    if not name or (":" in grp):
+        raise ValueError(f"bad user {spec!r}: expected user, uid, user:group or uid:gid")
+    entry: list[str] | None = None
+    if name.isdigit():
+        uid = int(name)
+        entry = next((u for u in users if u[2] == name), None)
+    else:
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"bad user name {name!r}")
+        entry = next((u for u in users if u[0] == name), None)
+        if entry is None:
+            raise ValueError(f"no user {name!r} in the task's /etc/passwd")
+        uid = int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    home = entry[5] if entry is not None and entry[5] else "/"
+    if grp:
+        if grp.isdigit():
+            gid = int(grp)
+        else:
+            g = next((row for row in groups if row[0] == grp), None)
+            if g is None:
+                raise ValueError(f"no group {grp!r} in the task's /etc/group")
+            gid = int(g[2])
+    extra = [gid]
+    if entry is not None and not grp:
+        for row in groups:
+            if entry[0] in row[3].split(",") and row[2].isdigit():
+                extra.append(int(row[2]))
+    return User(uid, gid, tuple(dict.fromkeys(extra)), home)
+
+
+def read_rootfs_file(layers: list[Path], rel: str) -> str:
+    """A text file of a layered rootfs (top layer first), without following symlinks out of it;
+    "" if absent. Used for etc/passwd and etc/group of images."""
+    for layer in layers:
+        path = layer / rel
+        try:
+            parent_ok = all(not (layer / p).is_symlink() for p in _prefixes(rel))
+            if not parent_ok:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISCHR(st.st_mode):
+                return ""  # a whiteout: deleted in this layer
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read(4 << 20).decode(errors="replace")
+        finally:
+            os.close(fd)
+    return ""
+
+
+def _prefixes(rel: str) -> list[str]:
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+# ------------------------------------------------------------------------ mounts and files
+
+MOUNT_TYPES = ("bind", "volume", "tmpfs")
+_VOLUME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev")
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """A filesystem mounted into the task (same fields as raft.models.Mount)."""
+
+    type: str  # "bind" (host path), "volume" (named, DATA_DIR/volumes/NAME), "tmpfs"
+    target: str  # absolute path inside the task
+    source: str = ""  # host path (bind) or volume name (volume); "" for tmpfs
+    readonly: bool = False
+    tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
+
+    def problem(self) -> str | None:
+        """Why this mount is malformed, or None."""
+        if self.type not in MOUNT_TYPES:
+            return f"type must be one of {', '.join(MOUNT_TYPES)}: {self.type!r}"
+        bad = check_task_path(self.target)
+        if bad:
+            return f"target {bad}"
+        if self.target == "/" or any(
+            self.target == f or self.target.startswith(f + "/") for f in _FORBIDDEN_TARGETS
+        ):
+            return f"target cannot be / or under /proc, /sys, /dev: {self.target!r}"
+        if self.type == "bind" and (not self.source.startswith("/") or "\0" in self.source):
+            return f"bind source must be an absolute host path: {self.source!r}"
+        if self.type == "volume" and not _VOLUME_RE.fullmatch(self.source):
+            return f"volume name must match [A-Za-z0-9][A-Za-z0-9_.-]*: {self.source!r}"
+        if self.type == "tmpfs" and (self.source or self.tmpfs_size < 0):
+            return "tmpfs takes no source and a size >= 0"
+        return None
+
+
+def check_task_path(path: str) -> str | None:
+    """Why ``path`` is not a clean absolute path inside a task, or None."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        return f"must be an absolute path: {path!r}"
+    if "\0" in path or "\n" in path:
+        return f"must not contain NUL or newline: {path!r}"
+    if posixpath.normpath(path) != path or path.startswith("//"):
+        return f"must be normalised (no '..', '.', '//' or trailing '/'): {path!r}"
+    return None
+
+
+def valid_volume_name(name: str) -> bool:
+    return bool(_VOLUME_RE.fullmatch(name))
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+#: Read-only inside every task (Docker's readonlyPaths).
+READONLY_PROC = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+#: Hidden inside every task (Docker's maskedPaths).
+MASKED = (
+    "proc/acpi", "proc/kcore", "proc/keys", "proc/latency_stats", "proc/timer_list",
+    "proc/timer_stats", "proc/sched_debug", "proc/scsi", "sys/firmware",
+)  # fmt: skip
+
+_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+            ("urandom", 1, 9), ("tty", 5, 0))  # fmt: skip
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+              ("ptmx", "pts/ptmx"))  # fmt: skip
+
+#: Where tini appears inside every task.
+INIT_IN_TASK = "/dev/init"
+
+
+@dataclass(frozen=True)
+class RootfsPlan:
+    """Inputs of the plan that are not in the TaskConfig."""
+
+    rootdir: Path  # mount point of the task's root (TASKDIR/rootfs, empty on the host)
+    taskdir: Path
+    init_layer: Path  # TASKDIR/init: etc/hosts, etc/hostname, etc/resolv.conf
+    tini: str  # host path of a static tini
+    layers: list[Path] | None  # image layers, top first; None = the default image
+    default_binds: tuple[str, ...]  # host dirs of the default image
+    default_masked: tuple[str, ...]  # host paths hidden in the default image
+    volumes_dir: Path
+    dev_shm_size: int  # bytes
+
+
+def build_plan(
+    spec: Spec,
+    plan: RootfsPlan,
+    mounts: Iterable[MountSpec],
+    files: Mapping[str, tuple[bytes, int]],
+    user: User,
+) -> None:
+    """Append the mount plan for one task to ``spec``."""
+    root = str(plan.rootdir)
+    nosuid_nodev = MS_NOSUID | MS_NODEV
+    # 1. the root
+    if plan.layers is None:
+        spec.mount("host", root, "tmpfs", "shoal-root", nosuid_nodev, "mode=755,size=1m", "none")
+        for host in plan.default_binds:
+            rel = host.lstrip("/")
+            try:
+                st = os.lstat(host)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                spec.symlink(rel, os.readlink(host))
+            elif stat.S_ISDIR(st.st_mode):
+                spec.bind(host, rel, kind="dir", flags=MS_RDONLY | nosuid_nodev)
+        for host in plan.default_masked:
+            _mask(spec, host, host.lstrip("/"))
+        for name in ("tmp", "var/tmp"):
+            spec.mount("root", name, "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")
+        spec.mount("root", "run", "tmpfs", "tmpfs", nosuid_nodev, "mode=755")
+        for name in ("hosts", "hostname", "resolv.conf"):
+            spec.bind(
+                str(plan.init_layer / "etc" / name), f"etc/{name}", kind="none",
+                flags=nosuid_nodev | MS_NOEXEC, optional=True,
+            )  # fmt: skip
+    else:
+        lower = ":".join(str(p) for p in [plan.init_layer, *plan.layers])
+        options = (
+            f"lowerdir={lower},upperdir={plan.taskdir / 'upper'},workdir={plan.taskdir / 'work'}"
+        )
+        spec.mount("host", root, "overlay", "overlay", nosuid_nodev, options, "none")
+    # 2. /proc
+    spec.mount("root", "proc", "proc", "proc", nosuid_nodev | MS_NOEXEC)
+    for rel in READONLY_PROC:
+        spec.bind(
+            f"{root}/{rel}", rel, kind="none", flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC,
+            optional=True,
+        )  # fmt: skip
+    # 3. /dev
+    dev_flags = MS_NOSUID | MS_NOEXEC
+    spec.mount("root", "dev", "tmpfs", "tmpfs", dev_flags, "mode=755,size=64k")
+    for name, major, minor in _DEVICES:
+        spec.mknod(f"dev/{name}", stat.S_IFCHR | 0o666, major, minor)
+    for name, value in _DEV_LINKS:
+        spec.symlink(f"dev/{name}", value)
+    spec.mount(
+        "root", "dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )  # fmt: skip
+    spec.mount(
+        "root", "dev/shm", "tmpfs", "shm", nosuid_nodev | MS_NOEXEC,
+        f"mode=1777,size={plan.dev_shm_size}",
+    )  # fmt: skip
+    spec.mount("root", "dev/mqueue", "mqueue", "mqueue", nosuid_nodev | MS_NOEXEC, optional=True)
+    spec.bind(plan.tini, INIT_IN_TASK.lstrip("/"), kind="file", flags=MS_RDONLY | nosuid_nodev)
+    spec.remount("root", "dev", MS_RDONLY | dev_flags, "mode=755,size=64k")
+    # 4. /sys (read-only; this net namespace's view)
+    spec.mount("root", "sys", "sysfs", "sysfs", MS_RDONLY | nosuid_nodev | MS_NOEXEC,
+               optional=True)  # fmt: skip
+    for rel in MASKED:
+        _mask(spec, "/" + rel, rel)
+    # 5. the user's mounts, parents before children
+    for m in sorted(mounts, key=lambda m: m.target.count("/")):
+        rel = m.target.lstrip("/")
+        ro = MS_RDONLY if m.readonly else 0
+        if m.type == "tmpfs":
+            data = "mode=1777" + (f",size={m.tmpfs_size}" if m.tmpfs_size else "")
+            spec.mount("root", rel, "tmpfs", "tmpfs", nosuid_nodev | ro, data)
+        else:
+            source = m.source if m.type == "bind" else str(plan.volumes_dir / m.source)
+            kind = "dir" if m.type == "volume" or os.path.isdir(source) else "file"
+            spec.bind(source, rel, kind=kind, flags=nosuid_nodev | ro)
+    # 6. files: into a tmpfs staged at TASKDIR/files (visible only in the task's namespace and
+    #    detached with the old root), then each bound read-only onto its target
+    if files:
+        stage = str(plan.taskdir / "files")
+        size = sum(len(content) + 4096 for content, _ in files.values()) + 4096
+        spec.mount("host", stage, "tmpfs", "shoal-files", nosuid_nodev | MS_NOEXEC,
+                   f"mode=755,size={size}", "none")  # fmt: skip
+        for i, (target, (content, mode)) in enumerate(sorted(files.items())):
+            spec.write("host", f"{stage}/{i}", mode, user.uid, user.gid, content)
+            spec.bind(f"{stage}/{i}", target.lstrip("/"), kind="file",
+                      flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC)  # fmt: skip
+    # 7. a read-only root for the default image, then pivot
+    if plan.layers is None:
+        spec.remount("host", root, MS_RDONLY | nosuid_nodev, "mode=755,size=1m")
+    spec.pivot()
+
+
+def _mask(spec: Spec, host: str, rel: str) -> None:
+    """Hide a path: /dev/null over a file, an empty read-only tmpfs over a directory."""
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        spec.mount("root", rel, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "size=0", "none", optional=True)  # fmt: skip
+    elif not stat.S_ISLNK(st.st_mode):
+        spec.mount("root", rel, "", "/dev/null", MS_BIND, "", "none",
+                   MS_RDONLY | MS_NOSUID | MS_NOEXEC, optional=True)  # fmt: skip
+
+
+def hosts_file(hostname: str, extra: Iterable[tuple[str, str]] = ()) -> str:
+    lines = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"127.0.1.1\t{hostname}",
+    ]
+    lines += [f"{ip}\t{name}" for name, ip in extra]
+    return "\n".join(lines) + "\n"
+
+
+def resolv_conf(host_text: str) -> str:
+    """The host's resolv.conf without loopback name servers (unreachable from the task's own
+    network namespace), like Docker."""
+    out = []
+    for line in host_text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and (
+            words[1].startswith("127.") or words[1] == "::1"
+        ):
+            continue
+        out.append(line)
+    return "\n".join(out) + ("\n" if out else "")
+
+
+__all__ = [
+    "CAPABILITIES",
+    "DEFAULT_CAPABILITIES",
+    "INIT_IN_TASK",
+    "MS_BIND",
+    "MS_REC",
+    "MountSpec",
+    "RootfsPlan",
+    "User",
+    "build_plan",
+    "cap_name",
+    "capability_mask",
+    "check_task_path",
+    "hosts_file",
+    "read_rootfs_file",
+    "resolv_conf",
+    "resolve_user",
+    "valid_volume_name",
+]

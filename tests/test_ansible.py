@@ -1,0 +1,434 @@
+"""ansible/ end to end: the real ``ansible-playbook`` over SSH turns netns hosts into a cluster.
+
+Hosts h1..h4 of a netlab Lab each run their own sshd (openssh-server, key-only, host keys and a
+client key made by the test) in their own network namespace and hostname; h5 is the Ansible
+controller (the lab's bridge is reachable only from inside the lab). The hosts share this
+machine's filesystem, so the inventory gives each one its own data dir, venv, config dir and
+pid file, all under the lab's root dir: ``Lab.close()`` then finds and removes everything
+(sshd and agents live in the hosts' namespaces; task shims are recorded under the data dirs).
+The role starts agents with ``shoal_service_manager: direct`` (no systemd here) and still
+renders and ``systemd-analyze verify``-s the unit.
+
+Owns: the lab's ssh keys, sshd configs, inventory, ansible.cfg and wheelhouse (all under the
+lab dir). Must not touch: the machine's own ssh configuration, ~/.ansible or ~/.ssh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netlab import REPO, Host, Lab, wait_until
+
+pytestmark = pytest.mark.netns
+
+ANSIBLE_DIR = REPO / "ansible"
+BIN = Path(sys.executable).parent
+SSHD = Path("/usr/sbin/sshd")
+PLAYBOOK_TIMEOUT = 240.0
+_RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
+                       r"failed=(\d+)", re.MULTILINE)
+
+
+def _missing_tools() -> str | None:
+    if not SSHD.exists():
+        return "needs sshd (Debian package openssh-server; `make venv` installs it)"
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (Debian package openssh-client)"
+    for tool in ("ansible-playbook", "ansible-lint"):
+        if not (BIN / tool).exists():
+            return f"needs {tool} (pip install -e '.[test]')"
+    return None
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    output: str
+    recap: dict[str, dict[str, int]]  # host -> ok/changed/unreachable/failed
+
+    def changed(self, host: str) -> int:
+        return self.recap[host]["changed"]
+
+    def changed_tasks(self) -> list[str]:
+        """``TASK [name]: changed: [host]`` lines, to explain a changed count."""
+        out, task = [], ""
+        for line in self.output.splitlines():
+            if line.startswith("TASK ["):
+                task = line.split("]")[0] + "]"
+            elif line.startswith("changed:"):
+                out.append(f"{task} {line}")
+        return out
+
+
+class Fleet:
+    """The lab's hosts as an Ansible fleet: sshd per host, a controller host, an inventory."""
+
+    def __init__(self, lab: Lab, n_targets: int) -> None:
+        self.lab = lab
+        self.targets = lab.hosts[:n_targets]
+        self.controller = lab.hosts[n_targets]
+        self.work = lab.root / "ansible"
+        self.work.mkdir(mode=0o700)
+        for sub in ("cp", "home", "tmp", "wheelhouse"):
+            (self.work / sub).mkdir(mode=0o700)
+        self.key = self.work / "id_ed25519"
+        self.inventory = self.work / "inventory.yml"
+        self.cfg = self.work / "ansible.cfg"
+        self.runs = 0
+        self.made_run_sshd = False
+
+    # -- setup -------------------------------------------------------------------------
+
+    def sysroot(self, host: Host) -> Path:
+        """Where this host's "system" files go (its /opt, /etc, /run): beside its data dir."""
+        return self.lab.root / f"sys-{host.name}"
+
+    def start_sshd(self) -> None:
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shoal-test", "-f",
+              str(self.key)])
+        (self.work / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
+        if not Path("/run/sshd").exists():  # sshd's privilege separation dir
+            Path("/run/sshd").mkdir(mode=0o755)
+            self.made_run_sshd = True
+        known = []
+        for h in self.targets:
+            d = self.work / h.name
+            d.mkdir(mode=0o700)
+            hostkey = d / "ssh_host_ed25519_key"
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", h.name, "-f",
+                  str(hostkey)])
+            known.append(f"{h.ip} {hostkey.with_suffix('.pub').read_text().strip()}")
+            cfg = d / "sshd_config"
+            cfg.write_text("\n".join([
+                f"ListenAddress {h.ip}:22",
+                f"HostKey {hostkey}",
+                "PidFile none",
+                f"AuthorizedKeysFile {self.work / 'authorized_keys'}",
+                "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",  # keys live under /tmp
+                "UseDNS no",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]))
+            h.spawn(str(SSHD), "-D", "-e", "-f", str(cfg), log_name="sshd", hostname=True)
+        (self.work / "known_hosts").write_text("\n".join(known) + "\n")
+        for h in self.targets:
+            log = h.data_dir / "sshd.log"
+            wait_until(lambda log=log: "Server listening" in log.read_text(), timeout=10,
+                       interval=0.05, what=f"sshd listening in {h.name}")
+
+    def write_config(self) -> None:
+        w = self.work
+        ssh_args = " ".join([
+            "-F /dev/null", "-o ControlMaster=auto", "-o ControlPersist=300s",
+            f"-o UserKnownHostsFile={w / 'known_hosts'}", "-o GlobalKnownHostsFile=/dev/null",
+            "-o StrictHostKeyChecking=yes", "-o BatchMode=yes", "-o IdentitiesOnly=yes",
+            "-o ConnectTimeout=10",
+        ])
+        self.cfg.write_text("\n".join([
+            "[defaults]",
+            f"home = {w / 'home'}",
+            f"local_tmp = {w / 'tmp'}",
+            "interpreter_python = /usr/bin/python3",
+            "host_key_checking = True",
+            "retry_files_enabled = False",
+            "forks = 10",
+            "timeout = 20",
+            "nocows = True",
+            "",
+            "[ssh_connection]",
+            "pipelining = True",
+            f"ssh_args = {ssh_args}",
+            f"control_path_dir = {w / 'cp'}",
+            "control_path = %(directory)s/%%C",
+            "",
+        ]))
+
+    def copy_source(self) -> Path:
+        """A copy of the repo's package sources to build from (no build/ dir in the work tree,
+        and a version can be bumped without touching the repo)."""
+        src = self.work / "src"
+        shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+            ".venv", ".git", ".*_cache", ".hypothesis", ".demo", "build", "dist",
+            "*.egg-info", "__pycache__", "tests", "bench", "demo", "docs", "ansible"))
+        return src
+
+    def build_wheels(self) -> tuple[Path, Path]:
+        """Two shoal wheels, the repo's version and the same code as version ``X.post1`` (what
+        upgrade.yml rolls out), and a wheelhouse of the dependencies pinned to this venv's
+        versions, so that the hosts, which have no network, install offline
+        (``--no-index --find-links``)."""
+        src = self.copy_source()
+        pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check"]
+        wheels = []
+        for i in (1, 2):
+            if i == 2:
+                pyproject = src / "pyproject.toml"
+                text, n = re.subn(r'(?m)^version = "([^"]+)"$', r'version = "\1.post1"',
+                                  pyproject.read_text())
+                assert n == 1, "pyproject.toml: no version line to bump"
+                pyproject.write_text(text)
+            dist = self.work / f"dist{i}"
+            _run([*pip, "wheel", "-q", "--no-deps", "-w", str(dist), str(src)], timeout=180)
+            wheels.append(next(dist.glob("shoal-*.whl")))
+        constraints = self.work / "constraints.txt"
+        constraints.write_text(_run([*pip, "freeze", "--exclude-editable"]).stdout)
+        _run([*pip, "wheel", "-q", "-w", str(self.work / "wheelhouse"), "-c",
+              str(constraints), str(wheels[0])], timeout=300)
+        for extra in (self.work / "wheelhouse").glob("shoal-*.whl"):
+            extra.unlink()  # the role installs shoal from the wheel it copies
+        shutil.rmtree(src)
+        return wheels[0], wheels[1]
+
+    def write_inventory(self, wheel: Path, managers: list[Host], workers: list[Host]) -> None:
+        def host_vars(h: Host) -> dict[str, Any]:
+            root = self.sysroot(h)
+            return {
+                "ansible_host": h.ip,
+                "ansible_remote_tmp": str(root / "tmp"),
+                "shoal_advertise_addr": h.ip,
+                "shoal_data_dir": str(h.data_dir),
+                "shoal_install_dir": str(root / "opt"),
+                "shoal_venv_dir": str(root / "opt" / "venv"),
+                "shoal_config_dir": str(root / "etc"),
+                "shoal_systemd_unit_dir": str(root / "systemd"),
+                "shoal_pid_file": str(root / "run" / "shoal-agent.pid"),
+                "shoal_log_file": str(h.agent_log),  # conftest shows it when a test fails
+            }
+
+        inventory = {"all": {
+            "vars": {
+                "ansible_user": "root",
+                "ansible_become": False,  # we log in as root; the hosts have no sudo
+                "ansible_ssh_private_key_file": str(self.key),
+                "shoal_service_manager": "direct",
+                "shoal_apt_update_cache": False,  # no network in the hosts; packages are here
+                "shoal_cli_link": "",  # one shared /usr/local/bin: no symlink
+                "shoal_package_source": "wheel",
+                "shoal_wheel_src": str(wheel),
+                "shoal_pip_find_links": [str(self.work / "wheelhouse")],
+                "shoal_pip_no_index": True,
+                "shoal_ready_timeout": int(os.environ.get("SHOAL_TEST_READY", "60")),
+            },
+            "children": {
+                "shoal_managers": {"hosts": {h.name: host_vars(h) for h in managers}},
+                "shoal_workers": {"hosts": {h.name: host_vars(h) for h in workers}},
+            },
+        }}
+        # JSON is YAML: no PyYAML needed here.
+        self.inventory.write_text(json.dumps(inventory, indent=1))
+
+    # -- running Ansible ---------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        env.update(ANSIBLE_CONFIG=str(self.cfg), LC_ALL="C.UTF-8", LANG="C.UTF-8",
+                   ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PYTHONUNBUFFERED="1")
+        return env
+
+    def playbook(self, name: str, *extra: str, timeout: float = PLAYBOOK_TIMEOUT) -> PlaybookRun:
+        """Run ``ansible-playbook -i INVENTORY ansible/NAME`` on the controller host. Output
+        goes to a file, not a pipe: ssh's ControlPersist masters outlive the run."""
+        self.runs += 1
+        log = self.work / f"run{self.runs}-{Path(name).stem}.log"
+        argv = ["ip", "netns", "exec", self.controller.netns, str(BIN / "ansible-playbook"),
+                "-i", str(self.inventory), str(ANSIBLE_DIR / name), *extra]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh,
+                                    stderr=subprocess.STDOUT, env=self.env(), cwd=self.work,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+        output = log.read_text(errors="replace")
+        recap = {m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]),
+                        "failed": int(m[4])} for m in _RECAP_RE.findall(output)}
+        return PlaybookRun(rc, output, recap)
+
+    def close_masters(self) -> None:
+        """``ssh -O exit`` every ControlMaster the runs left."""
+        for h in self.targets:
+            with contextlib.suppress(Exception):
+                self.controller.run(
+                    "ssh", "-F", "/dev/null", "-o", f"ControlPath={self.work / 'cp'}/%C",
+                    "-O", "exit", f"root@{h.ip}", check=False, timeout=10)
+
+    def cleanup(self) -> None:
+        self.close_masters()
+        if self.made_run_sshd:
+            with contextlib.suppress(OSError):
+                Path("/run/sshd").rmdir()
+
+
+def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL, check=False)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {res.returncode}:\n{res.stdout}\n"
+                             f"{res.stderr}")
+    return res
+
+
+def ok(run: PlaybookRun) -> PlaybookRun:
+    """Assert the run succeeded everywhere; show the end of its output otherwise."""
+    failed = {h: r for h, r in run.recap.items() if r["failed"] or r["unreachable"]}
+    if run.rc != 0 or failed or not run.recap:
+        tail = "\n".join(run.output.splitlines()[-80:])
+        raise AssertionError(f"ansible-playbook exited {run.rc}, failed: {failed}\n{tail}")
+    return run
+
+
+def nodes_by_host(h: Host) -> dict[str, dict[str, Any]]:
+    return {n["hostname"]: n for n in h.cli_json("node", "ls")}
+
+
+def running_tasks(h: Host, service: str) -> list[dict[str, Any]]:
+    return [t for t in h.cli_json("service", "ps", service)
+            if t["state"] == "running" and t["desired_state"] == "running"]
+
+
+def wait_running(h: Host, service: str, n: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    return wait_until(lambda: (lambda ts: ts if len(ts) == n else None)(
+        running_tasks(h, service)), timeout=timeout, interval=0.3,
+        what=f"{n} running tasks of {service}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def fleet(lab_factory: Callable[..., Lab]) -> Iterator[Fleet]:
+    why = _missing_tools()
+    if why:
+        pytest.skip(why)
+    lab = lab_factory(5)
+    f = Fleet(lab, n_targets=4)
+    try:
+        f.start_sshd()
+        f.write_config()
+        yield f
+    finally:
+        f.cleanup()
+
+
+def installed_version(fleet: Fleet, h: Host) -> str:
+    python = fleet.sysroot(h) / "opt" / "venv" / "bin" / "python"
+    return _run([str(python), "-c", "import importlib.metadata as m; print(m.version('shoal'))"]
+                ).stdout.strip()
+
+
+def agent_pid(fleet: Fleet, h: Host) -> int:
+    return int((fleet.sysroot(h) / "run" / "shoal-agent.pid").read_text())
+
+
+def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
+    """site.yml on three bare hosts forms a 3-manager cluster that runs a service; a re-run
+    changes nothing; a host added to the inventory (and only it) joins on the next run;
+    remove.yml drains that node (its task moves) and takes it out of `node ls`; upgrade.yml
+    installs a new version host by host and restarts the agents without restarting tasks."""
+    h1, h2, h3, h4 = fleet.targets
+    managers = [h1, h2, h3]
+    t0 = time.monotonic()
+    wheel, newer = fleet.build_wheels()
+    fleet.write_inventory(wheel, managers=managers, workers=[])
+    timings = {"wheels": time.monotonic() - t0}
+
+    # 1. First run: the cluster forms, every node is ready, a service runs on all of them.
+    t = time.monotonic()
+    first = ok(fleet.playbook("site.yml"))
+    timings["first run"] = time.monotonic() - t
+    assert all(first.changed(h.name) > 0 for h in managers), first.recap
+    nodes = nodes_by_host(h1)
+    assert sorted(nodes) == ["h1", "h2", "h3"], nodes
+    assert all(n["state"] == "ready" and n["role"] == "manager" for n in nodes.values()), nodes
+    assert [n["manager_status"] for n in nodes.values()].count("leader") == 1, nodes
+    for h in managers:  # the unit is always rendered (and the role verified it)
+        unit = (fleet.sysroot(h) / "systemd" / "shoal-agent.service").read_text()
+        assert "KillMode=process" in unit and "Restart=on-failure" in unit
+    h1.cli("service", "create", "--name", "web", "--replicas", "3", "--", "sleep", "100000")
+    tasks = wait_running(h1, "web", 3)
+    assert sorted(t["node"] for t in tasks) == ["h1", "h2", "h3"], tasks
+
+    # 2. Second run: nothing changes.
+    t = time.monotonic()
+    second = ok(fleet.playbook("site.yml"))
+    timings["second run"] = time.monotonic() - t
+    assert {h: r["changed"] for h, r in second.recap.items()} == \
+        {"h1": 0, "h2": 0, "h3": 0}, second.changed_tasks()
+
+    # 3. A host added to the inventory joins (as a worker) on the next run; nobody else changes.
+    fleet.write_inventory(wheel, managers=managers, workers=[h4])
+    t = time.monotonic()
+    third = ok(fleet.playbook("site.yml"))
+    timings["add host"] = time.monotonic() - t
+    assert third.changed("h4") > 0, third.recap
+    assert all(third.changed(h.name) == 0 for h in managers), third.changed_tasks()
+    nodes = nodes_by_host(h2)
+    assert sorted(nodes) == ["h1", "h2", "h3", "h4"], nodes
+    assert nodes["h4"]["role"] == "worker" and nodes["h4"]["state"] == "ready", nodes
+    h1.cli("service", "scale", "web=4")
+    tasks = wait_running(h1, "web", 4)
+    (on_h4,) = [t for t in tasks if t["node"] == "h4"]
+    assert pid_alive(on_h4["pid"])
+
+    # 4. remove.yml: h4 is drained (its task stops and runs elsewhere), leaves `node ls`, and
+    #    its agent is stopped.
+    t = time.monotonic()
+    removed = ok(fleet.playbook("remove.yml", "-e", "shoal_remove_hosts=h4"))
+    timings["remove"] = time.monotonic() - t
+    assert removed.changed("h4") > 0, removed.recap
+    assert sorted(nodes_by_host(h1)) == ["h1", "h2", "h3"]
+    tasks = wait_running(h1, "web", 4)
+    assert {t["node"] for t in tasks} == {"h1", "h2", "h3"}, tasks
+    wait_until(lambda: not pid_alive(on_h4["pid"]), timeout=15,
+               what=f"h4's task (pid {on_h4['pid']}) to stop")
+    assert not (fleet.sysroot(h4) / "run" / "shoal-agent.pid").exists(), \
+        "remove.yml should stop h4's agent"
+
+    # 5. upgrade.yml with a newer wheel: one manager at a time gets the new version and a new
+    #    agent process; the tasks keep running (same pids), every node is ready again.
+    fleet.write_inventory(newer, managers=managers, workers=[])
+    before = {h.name: agent_pid(fleet, h) for h in managers}
+    task_pids = {t["id"]: t["pid"] for t in tasks}
+    t = time.monotonic()
+    upgraded = ok(fleet.playbook("upgrade.yml"))
+    timings["upgrade"] = time.monotonic() - t
+    assert all(upgraded.changed(h.name) > 0 for h in managers), upgraded.recap
+    old_version, new_version = (w.name.split("-")[1] for w in (wheel, newer))
+    for h in managers:
+        assert installed_version(fleet, h) == new_version != old_version
+        assert agent_pid(fleet, h) != before[h.name], f"{h.name}'s agent was not restarted"
+    nodes = nodes_by_host(h3)
+    assert sorted(nodes) == ["h1", "h2", "h3"], nodes
+    assert all(n["state"] == "ready" for n in nodes.values()), nodes
+    tasks = wait_running(h1, "web", 4)
+    assert {t["id"]: t["pid"] for t in tasks} == task_pids, "upgrade restarted tasks"
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
