@@ -1,0 +1,87 @@
+"""The node's DNS server, over real UDP on loopback (forwarding to a fake upstream that is
+itself a real DNS server on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+from shoal.node.dns import DnsConfig, serve
+
+NAMES = {"web": ["10.98.0.1"], "tasks.web": ["10.99.0.2", "10.99.1.2"]}
+
+
+async def ask(port: int, name: str, raw: bytes | None = None) -> dns.message.Message | None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+
+    class C(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            fut.set_result(data)
+
+    t, _ = await loop.create_datagram_endpoint(C, remote_addr=("127.0.0.1", port))
+    try:
+        t.sendto(raw if raw is not None else
+                 dns.message.make_query(name, dns.rdatatype.A).to_wire())
+        try:
+            return dns.message.from_wire(await asyncio.wait_for(fut, 2.0))
+        except TimeoutError:
+            return None
+    finally:
+        t.close()
+
+
+def ips(reply: dns.message.Message | None) -> list[str]:
+    assert reply is not None
+    return sorted(r.address for rrset in reply.answer for r in rrset)
+
+
+async def test_service_names_resolve_and_others_are_forwarded() -> None:
+    class Upstream(asyncio.DatagramProtocol):  # a resolver that knows example.org
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            q = dns.message.from_wire(data)
+            r = dns.message.make_response(q)
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 5, "IN", "A", "192.0.2.7"))
+            self.t.sendto(r.to_wire(), addr)  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    upstream_t, _ = await loop.create_datagram_endpoint(Upstream,
+                                                        local_addr=("127.0.0.1", 0))
+    up_port = upstream_t.get_extra_info("sockname")[1]
+    t, server = await serve(NAMES.get, "127.0.0.1", 0, DnsConfig(upstreams=[]))
+    port = t.get_extra_info("sockname")[1]
+    try:
+        assert ips(await ask(port, "web")) == ["10.98.0.1"]
+        assert ips(await ask(port, "web.shoal")) == ["10.98.0.1"]
+        assert ips(await ask(port, "tasks.web.shoal")) == ["10.99.0.2", "10.99.1.2"]
+        r = await ask(port, "nope.shoal")
+        assert r is not None and r.rcode() == dns.rcode.NXDOMAIN
+        # malformed packets are dropped and counted, the server keeps answering
+        assert await ask(port, "", raw=b"\x00\x01garbage") is None
+        assert server.stats["malformed"] == 1
+        assert ips(await ask(port, "web")) == ["10.98.0.1"]
+        # other names go to the upstream (a second server on loopback)
+        server.upstreams = [f"127.0.0.1:{up_port}"]
+        assert ips(await ask(port, "example.org")) == ["192.0.2.7"]
+        assert server.stats["forwarded"] == 1
+    finally:
+        t.close()
+        upstream_t.close()
+
+
+async def test_unreachable_upstream_gives_servfail() -> None:
+    t, _ = await serve(NAMES.get, "127.0.0.1", 0,
+                       DnsConfig(upstreams=["127.0.0.1:9"], upstream_timeout=0.3))
+    port = t.get_extra_info("sockname")[1]
+    try:
+        r = await ask(port, "example.org")  # nothing listens on 127.0.0.1:53
+        assert r is not None and r.rcode() == dns.rcode.SERVFAIL
+    finally:
+        t.close()
