@@ -1,0 +1,236 @@
+"""Task networking on one node: a bridge, a veth per task, routes to the other nodes.
+
+Owns: the node's task bridge (``shoal0``, gateway = first address of the node's subnet),
+the local address allocation inside the node's subnet (persisted in
+DATA_DIR/network.json so a restarted agent keeps its tasks' addresses), one veth pair per
+task (host end on the bridge, the other end moved into the task's network namespace as
+``eth0`` with the task's address and a default route via the gateway), host-gateway routes
+to every other node's task subnet via that node's address, and masquerading of task
+traffic leaving the cluster network when iptables is available. Netlink work is done by
+pyroute2 in a worker thread (it does not work on uvloop's loop), entering the task's
+network namespace with setns(2) on that thread only.
+
+Limits (host-gateway style, like flannel's host-gw): nodes must share an L2 segment (or
+have routes between them); a VXLAN overlay can come later. Must not touch: the store, the
+runtime's namespaces other than the task's net namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from shoal.raft.ipam import allocate_address
+
+log = logging.getLogger("shoal.network")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_ns_lock = threading.Lock()  # one setns dance at a time
+
+
+class NetworkError(Exception):
+    pass
+
+
+@dataclass
+class NetworkConfig:
+    # Name of the node's task bridge.
+    bridge: str = "shoal0"
+    # MTU of the bridge and the task veths.
+    mtu: int = 1500
+    # Add an iptables MASQUERADE rule so tasks reach addresses outside the cluster network
+    # through the node (needs the iptables command; skipped with a warning if absent).
+    masquerade: bool = True
+
+
+def veth_name(task_id: str) -> str:
+    return f"sv{task_id[:12]}"  # <= 15 characters, recognisable
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetworkError(f"setns failed: {os.strerror(err)}")
+
+
+class NodeNetwork:
+    def __init__(self, data_dir: Path, subnet: str, cluster_cidr: str,
+                 config: NetworkConfig | None = None) -> None:
+        self.config = config or NetworkConfig()
+        self.subnet = ipaddress.ip_network(subnet)
+        self.cluster_cidr = cluster_cidr
+        self.gateway = str(next(self.subnet.hosts()))
+        self.state_file = data_dir / "network.json"
+        self.addrs: dict[str, str] = {}  # task id → address
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.state_file.read_text())
+            if data.get("subnet") == subnet:
+                self.addrs = dict(data.get("addrs", {}))
+        self._routes: dict[str, str] = {}
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"subnet": str(self.subnet), "addrs": self.addrs}))
+        os.replace(tmp, self.state_file)
+
+    # ------------------------------------------------------------------ node
+    async def setup(self) -> None:
+        await asyncio.to_thread(self._setup)
+
+    def _setup(self) -> None:
+        cfg = self.config
+        with IPRoute() as ip:
+            if not ip.link_lookup(ifname=cfg.bridge):
+                ip.link("add", ifname=cfg.bridge, kind="bridge")
+            idx = ip.link_lookup(ifname=cfg.bridge)[0]
+            ip.link("set", index=idx, mtu=cfg.mtu, state="up")
+            have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
+            if self.gateway not in have:
+                ip.addr("add", index=idx, address=self.gateway,
+                        prefixlen=self.subnet.prefixlen)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        if self.config.masquerade:
+            self._masquerade(add=True)
+
+    def _masquerade(self, add: bool) -> None:
+        ipt = shutil.which("iptables")
+        if ipt is None:
+            log.warning("iptables not found: tasks cannot reach outside the cluster network "
+                        "(install the iptables package)")
+            return
+        rule = ["-t", "nat", "POSTROUTING", "-s", str(self.subnet), "!", "-d",
+                self.cluster_cidr, "-j", "MASQUERADE", "-m", "comment", "--comment", "shoal"]
+        exists = subprocess.run([ipt, "-t", "nat", "-C", *rule[2:]], capture_output=True)
+        if add and exists.returncode != 0:
+            subprocess.run([ipt, "-t", "nat", "-A", *rule[2:]], capture_output=True)
+        elif not add and exists.returncode == 0:
+            subprocess.run([ipt, "-t", "nat", "-D", *rule[2:]], capture_output=True)
+
+    async def sync_routes(self, peers: Iterable[tuple[str, str]]) -> None:
+        """Routes to other nodes' subnets: ``peers`` = (subnet, node address)."""
+        want = {s: a for s, a in peers if s and s != str(self.subnet)}
+        if want != self._routes:
+            await asyncio.to_thread(self._sync_routes, want)
+
+    def _sync_routes(self, want: dict[str, str]) -> None:
+        with IPRoute() as ip:
+            for subnet, gw in want.items():
+                try:
+                    ip.route("replace", dst=subnet, gateway=gw)
+                except NetlinkError as exc:
+                    log.warning("route to %s via %s failed: %s", subnet, gw, exc)
+                    continue
+            for subnet in set(self._routes) - set(want):
+                with contextlib.suppress(NetlinkError):
+                    ip.route("del", dst=subnet)
+        self._routes = dict(want)
+
+    async def teardown(self) -> None:
+        def down() -> None:
+            with IPRoute() as ip:
+                for subnet in self._routes:
+                    with contextlib.suppress(NetlinkError):
+                        ip.route("del", dst=subnet)
+                idx = ip.link_lookup(ifname=self.config.bridge)
+                if idx:
+                    ip.link("del", index=idx[0])
+            if self.config.masquerade:
+                self._masquerade(add=False)
+        await asyncio.to_thread(down)
+        self.addrs.clear()
+        self.state_file.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ tasks
+    def address_of(self, task_id: str) -> str:
+        return self.addrs.get(task_id, "")
+
+    async def attach(self, task_id: str, pid: int) -> str:
+        """Give the task (whose namespace holds ``pid``) its address; return it."""
+        addr = self.addrs.get(task_id) or allocate_address(
+            str(self.subnet), self.addrs.values(), skip_first=1)
+        self.addrs[task_id] = addr
+        self._save()
+        try:
+            await asyncio.to_thread(self._attach, task_id, pid, addr)
+        except (NetlinkError, OSError, NetworkError) as exc:
+            raise NetworkError(f"cannot attach task {task_id} to the network: {exc}") from exc
+        return addr
+
+    def _attach(self, task_id: str, pid: int, addr: str) -> None:
+        host_end, peer = veth_name(task_id), f"sp{task_id[:12]}"
+        with IPRoute() as ip:
+            for name in (host_end, peer):
+                for idx in ip.link_lookup(ifname=name):
+                    ip.link("del", index=idx)
+            ip.link("add", ifname=host_end, kind="veth", peer=peer)
+            br = ip.link_lookup(ifname=self.config.bridge)[0]
+            h = ip.link_lookup(ifname=host_end)[0]
+            ip.link("set", index=h, master=br, mtu=self.config.mtu, state="up")
+            p = ip.link_lookup(ifname=peer)[0]
+            ip.link("set", index=p, net_ns_pid=pid)
+        self._configure_inside(pid, peer, addr)
+
+    def _configure_inside(self, pid: int, peer: str, addr: str) -> None:
+        with _ns_lock:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                _setns(target)
+                try:
+                    with IPRoute() as ip:
+                        idx = ip.link_lookup(ifname=peer)[0]
+                        ip.link("set", index=idx, ifname="eth0", mtu=self.config.mtu)
+                        ip.addr("add", index=idx, address=addr,
+                                prefixlen=self.subnet.prefixlen)
+                        ip.link("set", index=idx, state="up")
+                        lo = ip.link_lookup(ifname="lo")
+                        if lo:
+                            ip.link("set", index=lo[0], state="up")
+                        ip.route("add", dst="0.0.0.0/0", gateway=self.gateway)
+                finally:
+                    _setns(own)
+            finally:
+                os.close(own)
+                os.close(target)
+
+    async def detach(self, task_id: str) -> None:
+        if task_id not in self.addrs:
+            return
+
+        def drop() -> None:
+            with IPRoute() as ip:
+                for idx in ip.link_lookup(ifname=veth_name(task_id)):
+                    with contextlib.suppress(NetlinkError):
+                        ip.link("del", index=idx)
+        await asyncio.to_thread(drop)
+        self.addrs.pop(task_id, None)
+        self._save()
+
+    def forget_except(self, live: Iterable[str]) -> None:
+        """Release addresses of tasks the runtime no longer knows (after a restart)."""
+        keep = set(live)
+        gone = [t for t in self.addrs if t not in keep]
+        for t in gone:
+            self.addrs.pop(t, None)
+        if gone:
+            self._save()
+
+    def describe(self) -> dict[str, Any]:
+        return {"bridge": self.config.bridge, "subnet": str(self.subnet),
+                "gateway": self.gateway, "tasks": dict(self.addrs),
+                "routes": dict(self._routes)}
