@@ -312,6 +312,19 @@ def run(args: argparse.Namespace) -> None:
         run_secret(c, args, fmt)
     elif args.cmd == "ca":
         run_ca(c, args)
+    elif args.cmd == "gossip":
+        run_gossip(c, args, fmt)
+
+
+def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    """`shoal gossip rotate-key`: the manager rolls a new key through every ready node."""
+    if args.gossip_cmd == "rotate-key":
+        r = c.call("POST", "/v1/gossip/rotate-key")
+        emit(r, fmt, lambda r: (
+            f"Gossip key rotated to {r['key']} on {len(r['nodes'])} nodes in {r['seconds']} s "
+            f"(retired: {', '.join(r['old_keys']) or '-'})." +
+            (f"\nSkipped (down): {', '.join(r['skipped'])}; they fetch the new key from a "
+             "manager when they come back." if r["skipped"] else "")))
 
 
 def _addr(c: Client) -> str:
@@ -670,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     srb.add_argument("service")
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
+    g = sub.add_parser("gossip", help="gossip membership: key rotation")
+    gsub = g.add_subparsers(dest="gossip_cmd", required=True, parser_class=_Parser)
+    grk = gsub.add_parser("rotate-key", help="roll a new gossip key through the cluster "
+                          "without downtime (install, use, retire the old one)")
+    grk.add_argument("--format", choices=["table", "json"], default="table")
+
     ca = sub.add_parser("ca", help="the cluster CA: info and client certificates")
     casub = ca.add_subparsers(dest="ca_cmd", required=True, parser_class=_Parser)
     casub.add_parser("info", help="CA digest, client names, this node's certificate (JSON)")

@@ -1,9 +1,28 @@
 """Configuration of a gossip member: one dataclass, two presets, one validator.
 
 Owns the meaning, units and defaults of every gossip tunable. It must not open sockets, read
-files or hold runtime state. Defaults equal ``Config.lan()`` (memberlist's DefaultLANConfig
-timings); ``Config.local()`` overrides only what differs, for loopback / network-namespace tests.
-Durations are seconds (float), sizes bytes.
+files or hold runtime state. Defaults equal ``Config.lan()``; ``Config.local()`` overrides only
+what differs, for loopback / network-namespace tests. Durations are seconds (float), sizes bytes.
+
+The LAN defaults are shoal's, not memberlist's. memberlist's DefaultLANConfig (probe every 1 s,
+500 ms timeout, gossip every 200 ms) takes ~5-6 s from a crash to "dead everywhere", Swarm ~15 s.
+shoal targets a median of ≤ 2 s at 10 nodes and ≤ 3 s at 100, with no false failure under 5 %
+packet loss or on a CPU-starved node, on a real LAN (sub-millisecond to few-millisecond RTT).
+Detection time is, roughly (see timing.detection_bound for the bound)::
+
+    first probe of the dead member   ~ probe_interval        (someone probes it each period)
+  + that probe failing                 probe_interval
+  + minimum suspicion timeout          suspicion_mult * max(1, log10 n) * probe_interval
+  + last-chance probe                  probe_interval
+  + spreading the death                ~ log(n) * gossip_interval
+
+so it scales with probe_interval: ≈ 7 periods at 10 nodes, ≈ 11 at 100. probe_interval 0.2 s
+gives ~1.3 s / ~2.3 s (in-memory simulation; measured figures with real processes are in
+docs/benchmarks.md). The suspicion timeout keeps its memberlist multiplier (4): the rule
+"declared dead only after ≥ 4 periods without a refutation, confirmed by independent members"
+is unchanged, only the period is shorter. Robustness against a slow member comes from
+Lifeguard (a member that misses acks or nacks slows itself down instead of accusing others)
+and shoal's last-chance probe, not from long timeouts.
 
 The default Config requires a cluster key: set ``secret_key`` (16, 24 or 32 bytes, AES-128/192/256
 GCM). Only tests may set ``insecure_plaintext=True`` to run without one.
@@ -56,22 +75,30 @@ class Config:
     insecure_plaintext: bool = False
 
     # --- failure detection (SWIM + Lifeguard) -----------------------------------------------
-    # Time between two probes of (round-robin, shuffled) members. Default 1.0 s. Lower detects
-    # failures sooner but costs more packets (2 packets per member per interval when healthy).
-    # Must be > 0. Scaled up by the local health score (see awareness_max_multiplier).
-    probe_interval: float = 1.0
+    # Time between two probes of (round-robin, shuffled) members. Default 0.2 s (memberlist:
+    # 1 s). Every phase of detection is counted in probe periods (about 7 at 10 members, 11 at
+    # 100: see the module docstring), so 0.2 s is what meets the ≤ 2 s / ≤ 3 s targets. Cost:
+    # 5 pings + 5 acks per second sent and received by each member, ~1 KB/s, independent of
+    # the cluster size. Lower detects sooner but costs more packets and CPU. Must be > 0.
+    # Scaled up by the local health score (see awareness_max_multiplier).
+    probe_interval: float = 0.2
     # How long to wait for the direct ack before asking indirect_checks other members to probe
-    # for us. Default 0.5 s. Should exceed the network's 99th percentile RTT. Must be > 0 and
+    # for us. Default 0.1 s (memberlist: 0.5 s). Must exceed the network's 99th percentile RTT
+    # *plus* the target's reaction time: a LAN RTT is 0.1-5 ms, so 100 ms leaves ~95 ms for a
+    # busy Python agent to get scheduled and answer; a late ack only costs an indirect probe,
+    # and a missed indirect probe only a suspicion (which the member refutes). Must be > 0 and
     # ≤ probe_interval / 2 so the indirect probes and their nacks fit in the probe period.
-    probe_timeout: float = 0.5
+    probe_timeout: float = 0.1
     # How many members are asked to probe a target that missed its direct ack (ping-req).
     # Default 3. More = fewer false suspicions under loss, more packets. 0 = no indirect
     # probes (a single lost ping or ack starts a suspicion).
     indirect_checks: int = 3
     # Suspicion timeout multiplier: a suspect is declared dead after at least
     # suspicion_mult * max(1, log10(n)) * probe_interval (the minimum, reached with enough
-    # independent confirmations). Default 4. Higher = fewer false deaths, slower detection.
-    # Must be ≥ 1.
+    # independent confirmations). Default 4 (memberlist's): 0.8 s at ≤ 10 members, 1.6 s at
+    # 100 with the default probe_interval. This is how long a member may be unresponsive
+    # (paused, starved) and still refute in time. Higher = fewer false deaths, slower
+    # detection (each step adds one probe period per log10(n)). Must be ≥ 1.
     suspicion_mult: int = 4
     # The suspicion timeout starts at this many times the minimum and shrinks towards the
     # minimum as other members confirm the suspicion (Lifeguard). Default 6. 1 = no dynamic
@@ -88,9 +115,12 @@ class Config:
     # Must be ≥ 1.
     retransmit_mult: int = 4
     # Period of the dedicated gossip round that sends queued broadcasts to gossip_nodes random
-    # members (changes also ride on every probe packet). Default 0.2 s. 0 = no gossip rounds,
-    # changes spread only by piggybacking on probes and by push-pull (slower).
-    gossip_interval: float = 0.2
+    # members (changes also ride on every probe packet). Default 0.1 s (memberlist: 0.2 s):
+    # a suspicion and then a death each need ~log(n) rounds to reach everyone, so this halves
+    # the spreading part of detection (~0.3 s instead of ~0.6 s at 100 members). Free at idle:
+    # rounds run only while broadcasts are queued. 0 = no gossip rounds, changes spread only
+    # by piggybacking on probes and by push-pull (slower).
+    gossip_interval: float = 0.1
     # Members contacted per gossip round. Default 3. Must be ≥ 1 when gossip_interval > 0.
     gossip_nodes: int = 3
     # Dead or left members still receive gossip for this long after their death, so a member
@@ -100,9 +130,12 @@ class Config:
     # entropy). Default 30 s, scaled up above 32 members. 0 = disabled (join still syncs).
     push_pull_interval: float = 30.0
     # Period of an attempt to push-pull with one random dead (not left) member, so that the
-    # two sides of a healed partition find each other again. Default 30 s. 0 = disabled
-    # (a partition then heals only through an explicit join()).
-    reconnect_interval: float = 30.0
+    # two sides of a healed partition find each other again. Default 10 s (serf: 30 s): a node
+    # whose link comes back is seen alive again (and its node READY) within ~10 s / (number
+    # of members trying) instead of ~30 s. Cost: one TCP connect per period while some member
+    # is dead, a refused or timed-out connect when it is really gone. 0 = disabled (a
+    # partition then heals only through an explicit join()).
+    reconnect_interval: float = 10.0
     # Dead and left members stay in members() this long, then are forgotten (event "reaped").
     # Default 3600 s. Must be ≥ gossip_to_the_dead_time. 0 = forget at the next probe round.
     dead_retention: float = 3600.0
@@ -142,22 +175,21 @@ class Config:
     # --- presets -------------------------------------------------------------------------------
     @classmethod
     def lan(cls, **overrides: object) -> Config:
-        """Datacenter LAN timings (the defaults; memberlist DefaultLANConfig)."""
+        """Datacenter LAN timings (the defaults): crash → dead everywhere in ~1.5 s at 10
+        members, ~2.5 s at 100 (see the module docstring and docs/benchmarks.md)."""
         return cls(**overrides)  # type: ignore[arg-type]
 
     @classmethod
     def local(cls, **overrides: object) -> Config:
-        """Fast timings for loopback and network-namespace tests (sub-millisecond RTT).
-
-        Detection in a 10-member cluster takes about 1-3 s. Do not use across real networks:
-        a 100 ms probe timeout is below many WAN RTTs.
+        """Loopback and network-namespace tests: binds 127.0.0.1 on any port, and makes the
+        slow background timers (push-pull, reconnect, retention, leave) short so tests do not
+        wait for them. Failure detection uses the LAN timings (already sized for sub-ms RTT),
+        with gossip rounds twice as frequent. Never for real networks: anti-entropy every 5 s
+        costs O(n) bytes per member.
         """
         base: dict[str, object] = {
             "bind_addr": "127.0.0.1",
             "bind_port": 0,
-            "probe_interval": 0.2,
-            "probe_timeout": 0.1,
-            "suspicion_mult": 4,
             "retransmit_mult": 3,
             "gossip_interval": 0.05,
             "gossip_to_the_dead_time": 5.0,

@@ -13,6 +13,7 @@ that (e.g. through the replicated store). Nonces are 96-bit random values from o
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +24,11 @@ from .errors import DropReason, KeyringError, WireError
 NONCE_SIZE = 12
 TAG_SIZE = 16
 KEY_SIZES = (16, 24, 32)
+
+
+def fingerprint(key: bytes) -> str:
+    """A short public name for a key (16 hex digits of its SHA-256), safe to print and log."""
+    return hashlib.sha256(b"shoal gossip key\0" + key).hexdigest()[:16]
 
 
 def _check_key(key: bytes) -> bytes:
@@ -78,6 +84,25 @@ class Keyring:
             raise KeyringError("remove_key: cannot remove the primary key (use_key another first)")
         self._keys.remove(key)
         del self._ciphers[key]
+
+    def set_keys(self, keys: list[bytes]) -> bool:
+        """Make the keyring exactly ``keys``, the first one primary (install, use, remove in
+        the order that never leaves it without a primary); True if anything changed."""
+        if not keys:
+            raise KeyringError("set_keys: at least one key (the primary) is required")
+        wanted = [_check_key(k) for k in keys]
+        before = list(self._keys)
+        for key in wanted:
+            self._add(key)
+        self.use_key(wanted[0])
+        for key in list(self._keys):
+            if key not in wanted:
+                self.remove_key(key)
+        return self._keys[0] != before[0] or set(self._keys) != set(before)
+
+    def fingerprints(self) -> list[str]:
+        """``fingerprint`` of every installed key, primary first."""
+        return [fingerprint(k) for k in self._keys]
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         """``nonce ‖ ciphertext ‖ tag`` under the primary key."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ class Proc:
         self.name = name
         self.popen = popen
         self.port = 0
+        self.killed_wall = 0.0  # time.time() of the last kill(), to compare with events' "t"
 
     @property
     def pid(self) -> int:
@@ -52,6 +54,7 @@ class ProcessCluster:
         self.key_file.write_text(os.urandom(32).hex())
         self.procs: dict[str, Proc] = {}
         self.events: list[dict[str, Any]] = []
+        self._views: dict[str, dict[str, str]] = {}  # observer -> member -> state (live)
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self._all_popens: list[subprocess.Popen[str]] = []
@@ -63,9 +66,13 @@ class ProcessCluster:
         self.cleanup()
 
     # --- processes ------------------------------------------------------------------------
-    def spawn(self, name: str, seeds: list[str], *, port: int = 0) -> Proc:
+    def spawn(
+        self, name: str, seeds: list[str], *, port: int = 0, wrapper: list[str] | None = None
+    ) -> Proc:
+        """Start member ``name`` joining through ``seeds``. ``wrapper`` prefixes the command
+        (e.g. ``["taskset", "-c", "1"]``)."""
         cmd = [
-            sys.executable, "-m", "shoal.gossip", "--name", name,
+            *(wrapper or []), sys.executable, "-m", "shoal.gossip", "--name", name,
             "--bind", f"127.0.0.1:{port}", "--key-file", str(self.key_file),
             "--preset", self.preset, "--loop", "uvloop", *self.extra_args,
         ]
@@ -76,6 +83,8 @@ class ProcessCluster:
                 cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
             )
         self._all_popens.append(popen)
+        with self.lock:
+            self._views.pop(name, None)  # a restarted member starts with an empty view
         proc = Proc(name, popen)
         self.procs[name] = proc
         thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
@@ -83,12 +92,35 @@ class ProcessCluster:
         self.threads.append(thread)
         return proc
 
-    def start(self, n: int, *, timeout: float = 30.0) -> None:
-        """Start p0, then p1..p(n-1) seeded with p0, and wait until all see all."""
+    def start(
+        self, n: int, *, timeout: float = 30.0, batch: int = 0, pause: float = 0.0
+    ) -> None:
+        """Start p0, then p1..p(n-1), and wait until all see all.
+
+        ``batch`` = 0 starts them all at once seeded with p0. ``batch`` = k staggers the starts
+        (large clusters on a small machine): k processes at a time, each seeded with up to
+        three random members already running, waiting until the batch is ready and then
+        ``pause`` seconds before the next one.
+        """
         first = self.spawn("p0", [])
         self.wait_for(lambda: first.port != 0, timeout, "p0 to be ready")
-        for i in range(1, n):
-            self.spawn(f"p{i}", [first.address])
+        if batch <= 0:
+            for i in range(1, n):
+                self.spawn(f"p{i}", [first.address])
+        else:
+            rng = random.Random(n)
+            for lo in range(1, n, batch):
+                ready = [p.address for p in self.procs.values() if p.port]
+                started = [
+                    self.spawn(f"p{i}", rng.sample(ready, min(3, len(ready))))
+                    for i in range(lo, min(lo + batch, n))
+                ]
+
+                def batch_ready(batch_procs: list[Proc] = started) -> bool:
+                    return all(p.port for p in batch_procs)
+
+                self.wait_for(batch_ready, timeout, f"p{lo}.. to be ready")
+                time.sleep(pause)
         self.wait_for(self.converged, timeout, f"{n} processes to converge")
 
     def _read(self, proc: Proc) -> None:
@@ -102,8 +134,15 @@ class ProcessCluster:
                 continue
             event["_at"] = time.monotonic()
             with self.lock:
-                if event.get("event") == "ready":
+                kind = event.get("event")
+                if kind == "ready":
                     proc.port = int(event["port"])
+                elif "name" in event and kind not in ("stats", "exit", "error"):
+                    view = self._views.setdefault(str(event["node"]), {})
+                    if kind == "reaped":
+                        view.pop(event["name"], None)
+                    else:
+                        view[event["name"]] = event["state"]
                 self.events.append(event)
 
     def signal(self, name: str, sig: int) -> None:
@@ -113,6 +152,7 @@ class ProcessCluster:
         """SIGKILL ``name`` and reap it; returns the monotonic time of the kill."""
         proc = self.procs[name]
         at = time.monotonic()
+        proc.killed_wall = time.time()
         os.kill(proc.pid, signal.SIGKILL)
         proc.popen.wait(timeout=10)
         return at
@@ -143,17 +183,8 @@ class ProcessCluster:
 
     def views(self) -> dict[str, dict[str, str]]:
         """observer -> member -> state, from the latest event each observer printed."""
-        out: dict[str, dict[str, str]] = {}
         with self.lock:
-            for ev in self.events:
-                if "name" not in ev or ev.get("event") in ("ready", "stats", "exit", "error"):
-                    continue
-                view = out.setdefault(ev["node"], {})
-                if ev["event"] == "reaped":
-                    view.pop(ev["name"], None)
-                else:
-                    view[ev["name"]] = ev["state"]
-        return out
+            return {observer: dict(view) for observer, view in self._views.items()}
 
     def running(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.popen.poll() is None]

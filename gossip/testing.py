@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Config
+from .errors import JoinError
 from .events import MemberEvent
 from .memberlist import Memberlist
 from .memnet import MemoryNetwork
@@ -125,9 +126,24 @@ class SimCluster:
         start = loop.time()
         if join and self.n > 1:
             seed = self.address(names[0])
-            await asyncio.gather(*(self.members[nm].join([seed]) for nm in names[1:]))
+            await asyncio.gather(*(self.join(nm, [seed]) for nm in names[1:]))
             await self.wait_until(self.converged, converge_timeout)
         return loop.time() - start
+
+    async def join(self, name: str, seeds: list[Address], attempts: int = 20) -> int:
+        """Join ``name`` through ``seeds``, retrying after a seeded random backoff: in a join
+        storm the seed refuses push-pulls beyond its concurrent-stream limit, as a real one
+        would, so joiners retry like the agent's join loop does."""
+        member = self.members[name]
+        rng = random.Random(f"{self.seed}/join/{name}")
+        for attempt in range(1, attempts + 1):
+            try:
+                return await member.join(seeds)
+            except JoinError:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(rng.uniform(0.05, 0.25) * attempt)
+        return 0
 
     def live(self) -> list[Memberlist]:
         return [m for name, m in self.members.items() if name not in self.crashed and m.running]

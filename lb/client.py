@@ -338,11 +338,13 @@ class Balancer:
                     starting=True)
                 for name in list(self._services):
                     await self._push(slot, name, starting=True)
-            except _Gone as exc:
+            except BaseException as exc:  # leave no half-started worker behind
                 self._kill(slot)
                 await self._reap(slot, 2.0)
-                raise BalancerUnavailable(f"balancer worker {slot.index} did not start "
-                                          f"(exit code {proc.returncode})") from exc
+                if isinstance(exc, _Gone):
+                    raise BalancerUnavailable(f"balancer worker {slot.index} did not start "
+                                              f"(exit code {proc.returncode})") from exc
+                raise
             slot.ready = True
         log.info("balancer worker %d running (pid %d)", slot.index, proc.pid)
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -33,7 +34,7 @@ from .channel import Channel
 from .config import WORKER_FIELDS, Config
 from .errors import ConfigError, DropReason, InvalidService, WireError
 from .model import Listener, Proto, ServiceLB
-from .proxy import TcpClient, UdpFrontend
+from .proxy import RawTcpListener, SpliceConn, TcpClient, UdpFrontend
 from .table import EndpointState, ServiceTable
 from .wire import (
     PROTOCOL_VERSION,
@@ -54,7 +55,7 @@ _QUEUE_MAX = 10_000  # control messages waiting to be handled; beyond: rejected
 @dataclass
 class _Service:
     table: ServiceTable
-    tcp: dict[Listener, asyncio.AbstractServer] = field(default_factory=dict)
+    tcp: dict[Listener, asyncio.AbstractServer | RawTcpListener] = field(default_factory=dict)
     udp: dict[Listener, UdpFrontend] = field(default_factory=dict)
 
     def listeners(self) -> list[str]:
@@ -69,7 +70,7 @@ class Worker:
         self.index = 0
         self.started = time.monotonic()
         self.services: dict[str, _Service] = {}
-        self.conns: set[TcpClient] = set()
+        self.conns: set[TcpClient | SpliceConn] = set()
         self.udp_flows = 0
         self.handled = 0
         self.rejected: Counter[str] = Counter()
@@ -204,9 +205,13 @@ class Worker:
             if key not in WORKER_FIELDS:
                 raise WireError(DropReason.INVALID, f"unknown setting {key!r}", "config")
             default = getattr(cfg, key)
-            ok = (isinstance(value, int | float) if isinstance(default, float)
-                  else isinstance(value, type(default)))
-            if not ok or isinstance(value, bool):
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, type(default)) and not isinstance(value, bool)
+            if not ok:
                 raise WireError(DropReason.INVALID, f"setting {key} has the wrong type", key)
             setattr(cfg, key, value)
         cfg.validate()
@@ -234,7 +239,7 @@ class Worker:
         state = self.services.get(svc.name)
         if state is None:
             state = _Service(ServiceTable(svc.name))
-        new_tcp: dict[Listener, asyncio.AbstractServer] = {}
+        new_tcp: dict[Listener, asyncio.AbstractServer | RawTcpListener] = {}
         new_udp: dict[Listener, UdpFrontend] = {}
         table = state.table
         try:
@@ -242,7 +247,10 @@ class Worker:
                 if lst in state.tcp or lst in state.udp:
                     continue  # already serving it (the received fd is a duplicate)
                 sock = _adopt(fd, lst)
-                if lst.proto is Proto.TCP:
+                if lst.proto is Proto.TCP and self.cfg.splice:
+                    sock.listen(self.cfg.backlog)
+                    new_tcp[lst] = RawTcpListener(self, table, sock)
+                elif lst.proto is Proto.TCP:
                     new_tcp[lst] = await self.loop.create_server(
                         lambda t=table: TcpClient(self, t),  # type: ignore[misc]
                         sock=sock, backlog=self.cfg.backlog, start_serving=False)
@@ -268,7 +276,10 @@ class Worker:
         for fe in new_udp.values():
             fe.start()
         for server in new_tcp.values():
-            await server.start_serving()
+            if isinstance(server, RawTcpListener):
+                server.start()
+            else:
+                await server.start_serving()
         return {"listeners": state.listeners()}
 
     def _remove_service(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -350,6 +361,10 @@ def _close_fds(fds: list[int]) -> None:
 
 async def serve(control_fd: int) -> int:
     """Run a worker on the inherited control descriptor until it is told (or made) to stop."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # each spliced connection holds 6 descriptors
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sock = socket.socket(fileno=control_fd)
     worker = Worker(sock)
     return await worker.run()

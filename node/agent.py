@@ -45,7 +45,8 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.leader import LeaderLoop
-from shoal.node.membership import Membership, derive_gossip_key
+from shoal.node.membership import GossipControl, Membership, derive_gossip_key
+from shoal.node.mesh import Mesh
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.tokens import (
@@ -99,9 +100,11 @@ class Agent:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.membership: Membership | None = None
+        self.mesh: Mesh | None = None  # task network, routing mesh, DNS (node/mesh.py)
         self._leaving = False
         self.security = Security(self)  # TLS identity, peer checks, CA (node/security.py)
         self.secrets = SecretsApi(self)  # secrets/configs and task files (node/secrets.py)
+        self.gossip = GossipControl(self)  # gossip info, keyring, rotation (membership.py)
         self._refused_logged = 0.0
 
     # ================================================================== lifecycle
@@ -152,12 +155,17 @@ class Agent:
             persist=manager,
         )
         self.store.add_listener(self._on_apply)
+        store = self.store
+        self.mesh = Mesh(self.data_dir, identity.node_id, self.config.advertise_addr,
+                         snapshot=store.snapshot, is_ready=store.is_ready,
+                         live_tasks=lambda: self.runtime.tasks().keys())
         self._worker = Worker(identity.node_id, self.store, self.runtime, self._worker_wakeup,
-                              self.config.reconcile_interval)
+                              self.config.reconcile_interval, mesh=self.mesh)
         self.membership = self._make_membership(identity)
         self._member_tasks = [
             asyncio.create_task(self._start_gossip(self.membership), name="gossip-start"),
             asyncio.create_task(self._worker.run(), name="worker"),
+            asyncio.create_task(self.mesh.run(), name="mesh"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.security.renew_loop(), name="cert-renew"),
         ]
@@ -176,6 +184,10 @@ class Agent:
                 await t
         self._member_tasks = []
         self._leader_task = None
+        if self.mesh is not None:  # on leave: tasks are gone, remove bridge/routes/NAT too
+            mesh, self.mesh = self.mesh, None
+            with contextlib.suppress(Exception):
+                await mesh.close(teardown=self._leaving)
         if self.membership is not None:
             membership, self.membership = self.membership, None
             with contextlib.suppress(Exception):
@@ -192,7 +204,9 @@ class Agent:
         meta = {"role": identity.role, "hostname": self.hostname,
                 "api": f"{self.config.advertise_addr}:{self.config.api_port}"}
         return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
-                          key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set())
+                          key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set(),
+                          extra_keys=identity.gossip_extra_keys,
+                          refresh_keys=self.gossip.refresh_keys)
 
     async def _start_gossip(self, membership: Membership) -> None:
         def seeds() -> list[str]:
@@ -222,6 +236,8 @@ class Agent:
     def _wake(self) -> None:
         self._leader_wakeup.set()
         self._worker_wakeup.set()
+        if self.mesh is not None:
+            self.mesh.wake()
 
     async def _leadership_loop(self) -> None:
         assert self.store is not None
@@ -489,7 +505,8 @@ class Agent:
         if node.role is NodeRole.MANAGER and node.raft_addr not in voters:
             voters.append(node.raft_addr)  # its voter change is pending until it runs
         return {"raft_password": self.identity.raft_password, "voters": voters,
-                "gossip_key": self.identity.gossip_key.hex()}
+                "gossip_key": self.identity.gossip_key.hex(),
+                "gossip_keys": self.gossip.member_keys()}  # whole keyring, primary first
 
     def manager_keys(self, peer: pki.CertInfo | None) -> dict[str, Any]:
         """The managers' sealing key: manager certificates of current managers only."""
@@ -538,7 +555,9 @@ class Agent:
                        cluster_id=self.identity.cluster_id, role=self.identity.role,
                        is_leader=self.store.is_leader(), leader=self.store.leader_addr(),
                        ready=self.store.is_ready(), term=self.store.term(),
-                       voters=self.store.voters(), index=self.store.index)
+                       voters=self.store.voters(), index=self.store.index,
+                       gossip=self.gossip.info(),
+                       network=self.mesh.describe() if self.mesh is not None else None)
         return out
 
     def join_token(self, role: str) -> str:
@@ -582,7 +601,9 @@ class Agent:
         store = self.require_manager()
         snap = store.snapshot()
         n = self.find_node(snap, ref)
-        return views.node_view(n, snap, store, detail=True, gossip=self.gossip_view())
+        out = views.node_view(n, snap, store, detail=True, gossip=self.gossip_view())
+        out["gossip"] = self.gossip.member_detail(n.id)  # state, incarnation, state_since
+        return out
 
     async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
         store = self.require_manager()

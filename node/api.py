@@ -213,8 +213,18 @@ class ApiServer:
         r.add_post("/v1/services/{ref}/rollback", service_rollback)
         r.add_delete("/v1/services/{ref}", service_rm)
         self._add_secret_routes(app)
+        self._add_gossip_routes(app)
         self._add_ca_routes(app)
         return app
+
+    def _add_gossip_routes(self, app: web.Application) -> None:
+        """/v1/gossip: key rotation (managers; see shoal.node.membership)."""
+        gossip = self.agent.gossip
+
+        async def rotate_key(_: web.Request) -> Any:
+            return await gossip.rotate_key()
+
+        app.router.add_post("/v1/gossip/rotate-key", rotate_key)
 
     def _add_ca_routes(self, app: web.Application) -> None:
         """/v1/ca: CA digest and clients; client certificates for the remote API."""
@@ -283,6 +293,9 @@ class ApiServer:
             body = await _body(req)
             return a.renew_certificate(peer_of(req), body.get("csr"))
 
+        async def gossip_keys(req: web.Request) -> Any:  # a manager's rotation step
+            return a.gossip.apply_key_op(peer_of(req), await _body(req))
+
         async def task_files(req: web.Request) -> Any:
             body = await _body(req)
             return a.secrets.task_files(peer_of(req), body.get("task_id"))
@@ -306,6 +319,7 @@ class ApiServer:
         app.router.add_post("/v1/cluster/renew", renew)
         app.router.add_post("/v1/cluster/heartbeat", heartbeat)
         app.router.add_post("/v1/cluster/task-files", task_files)
+        app.router.add_post("/v1/cluster/gossip-keys", gossip_keys)
         return app
 
     async def start(self) -> None:

@@ -114,6 +114,9 @@ class NodeIdentity:
     # Managers only: the key that seals the CA private key, join-token secrets and secret
     # values in the replicated state (shoal.node.sealing). b"" on workers.
     manager_key: bytes = b""
+    # Other gossip keys this node accepts (decrypt only) while `shoal gossip rotate-key` is
+    # in progress; gossip_key is the primary. [] outside a rotation (shoal.node.membership).
+    gossip_extra_keys: list[bytes] = field(default_factory=list)
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -128,7 +131,8 @@ class NodeIdentity:
         return cls(node_id=d["node_id"], cluster_id=d["cluster_id"], role=d["role"],
                    raft_password=d["raft_password"], voters=list(d["voters"]),
                    gossip_key=bytes.fromhex(d.get("gossip_key", "")),
-                   manager_key=bytes.fromhex(d.get("manager_key", "")))
+                   manager_key=bytes.fromhex(d.get("manager_key", "")),
+                   gossip_extra_keys=[bytes.fromhex(k) for k in d.get("gossip_extra_keys", [])])
 
     def save(self, data_dir: Path) -> None:
         p = self.path(data_dir)
@@ -136,7 +140,8 @@ class NodeIdentity:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             data = asdict(self)
-            data.update(gossip_key=self.gossip_key.hex(), manager_key=self.manager_key.hex())
+            data.update(gossip_key=self.gossip_key.hex(), manager_key=self.manager_key.hex(),
+                        gossip_extra_keys=[k.hex() for k in self.gossip_extra_keys])
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())

@@ -1,12 +1,44 @@
-"""Gossip membership of a node: runs the SWIM member and tells the leader who is alive.
+"""Gossip membership of a node: runs the SWIM member, tells the leader who is alive, and
+rotates the cluster's gossip key.
 
-Owns: the agent's shoal.gossip Memberlist (name = node id, meta = role, hostname and API
-address), choosing its seeds from the replicated node list, and the liveness view the
-leader uses (`view()`: node id → "alive" | "suspect" | "dead" | "left"). Must not touch:
-the store (the leader's orchestrator turns the view into READY/DOWN), the runtime.
+Owns:
+
+* ``Membership``: the agent's shoal.gossip Memberlist (name = node id, meta = role, hostname
+  and API address), joining from seeds taken from the replicated node list, the liveness view
+  the leader uses (``view()``: node id → "alive" | "suspect" | "dead" | "left"), and this
+  node's gossip keyring at run time (``set_keys``; a watchdog that asks for the current keys
+  when traffic arrives under a key this node does not hold);
+* ``GossipControl``: the agent's gossip facade — the ``gossip`` section of ``shoal info``, the
+  member detail of ``node inspect``, persisting the keyring in node.json
+  (``NodeIdentity.gossip_key`` = primary, ``gossip_extra_keys`` = the others), and the
+  three-phase key rotation behind ``shoal gossip rotate-key``.
+
+Must not touch: the store (the leader's orchestrator turns the view into READY/DOWN; gossip keys
+never go through Raft), the runtime, TLS (calls go through ``Security.call``).
 
 Flapping protection comes from the protocol itself: a node is declared dead only after a
 suspicion period confirmed by independent members (Lifeguard), never on one missed ack.
+
+Key rotation (``GossipControl.rotate_key``, run by the manager that receives the command)::
+
+    new = 32 random bytes, made on the manager
+    1. install  every READY node adds ``new`` as a decrypt-only key     (all must succeed,
+                                                                          else rolled back)
+    2. use      every READY node encrypts with ``new``; still reads the old key
+    3. retire   after a short grace, every READY node drops every key but ``new``
+
+Each phase is one mTLS call per node to ``POST /v1/cluster/gossip-keys`` (``Security.call``
+with the node's own certificate name, so TLS proves it is that node); the receiving agent
+accepts it only from a current manager's certificate, applies it to its running keyring and
+saves node.json before answering. A phase starts only when every node acknowledged the
+previous one, so at every instant every node can read what every other node sends: no
+packet is dropped, nobody is suspected. A failure stops the rotation in a safe state
+(phase 1 is rolled back; after a failed phase 2 or 3 every node still reads both keys) and
+``rotate-key`` can simply be run again. Nodes that are DOWN are skipped and catch up when
+they return: their traffic (or ours, to them) fails to decrypt, and the watchdog of the node
+that sees ``drop.decrypt`` rise asks a manager for the current keys over mTLS
+(``/v1/cluster/keys``, which returns the whole keyring), at most once per backoff period
+(2 s doubling to 60 s while nothing changes, so junk packets cannot turn it into a flood).
 """
 
 from __future__ import annotations
@@ -15,13 +47,39 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from shoal.gossip import Config, JoinError, Memberlist, MemberState
-from shoal.gossip.events import MemberEvent
+from shoal.gossip import Config, JoinError, KeyringError, Memberlist, MemberState
+from shoal.gossip.events import Member, MemberEvent
+from shoal.gossip.keyring import fingerprint
+from shoal.node import pki
+from shoal.node.errors import ApiError, BadRequest, NotInCluster, Unavailable
+from shoal.raft.models import Node, NodeRole, NodeState
+
+if TYPE_CHECKING:
+    from shoal.node.agent import Agent
 
 log = logging.getLogger("shoal.membership")
+
+KEY_OPS = ("install", "use", "retire", "uninstall")
+# How long the rotation waits between "use" and "retire": packets and push-pull frames sealed
+# under the old key just before a node switched may still be queued at a receiver.
+RETIRE_GRACE = 1.0
+# Key refresh after decrypt failures: first wait, and the cap of its exponential backoff.
+REFRESH_MIN_BACKOFF = 2.0
+REFRESH_MAX_BACKOFF = 60.0
+# Failed join attempts after which the join loop asks a manager for the current keys.
+JOIN_FAILURES_BEFORE_REFRESH = 2
+
+
+class KeyRotationFailed(Unavailable):
+    """A rotation phase did not complete on every node (the cluster is left in a safe state)."""
+
+    code = "key_rotation_failed"
 
 
 def derive_gossip_key(raft_password: str) -> bytes:
@@ -30,18 +88,28 @@ def derive_gossip_key(raft_password: str) -> bytes:
 
 
 class Membership:
+    """One node's gossip member and its join loop and key watchdog."""
+
     def __init__(self, node_id: str, addr: str, port: int, key: bytes, meta: dict[str, Any],
                  config: Config | None = None,
-                 on_change: Callable[[MemberEvent], None] | None = None) -> None:
+                 on_change: Callable[[MemberEvent], None] | None = None, *,
+                 extra_keys: Iterable[bytes] = (),
+                 refresh_keys: Callable[[], Awaitable[bool]] | None = None) -> None:
         base = config or Config.lan()
         self.config = base.replace(name=node_id, bind_addr=addr, bind_port=port,
-                                   advertise_addr=addr, secret_key=key)
+                                   advertise_addr=addr, secret_key=key,
+                                   extra_keys=tuple(k for k in extra_keys if k != key))
         self.node_id = node_id
         self.port = port
         self.list = Memberlist(self.config, meta=meta)
         self._on_change = on_change
+        self._refresh_keys = refresh_keys
         self._unsubscribe: Callable[[], None] | None = None
-        self._join_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refresh_lock = asyncio.Lock()
+        self._next_refresh = 0.0
+        self._refresh_backoff = REFRESH_MIN_BACKOFF
+        self.refreshes = 0  # key refreshes that changed the keyring
 
     async def start(self, seeds: Callable[[], Iterable[str]]) -> None:
         """Bind and start; join the cluster in the background (retrying) from ``seeds()``,
@@ -49,10 +117,12 @@ class Membership:
         await self.list.start()
         if self._on_change is not None:
             self._unsubscribe = self.list.subscribe(self._on_change)
-        self._join_task = asyncio.create_task(self._join_loop(seeds), name="gossip-join")
+        self._tasks = [asyncio.create_task(self._join_loop(seeds), name="gossip-join"),
+                       asyncio.create_task(self._key_watchdog(), name="gossip-keys")]
 
     async def _join_loop(self, seeds: Callable[[], Iterable[str]]) -> None:
         delay = 0.2
+        failures = 0
         while True:
             candidates = [s for s in seeds() if s]
             if candidates:
@@ -61,27 +131,102 @@ class Membership:
                     log.info("gossip: joined through %d of %d seeds", n, len(candidates))
                     return
                 except JoinError as exc:
+                    failures += 1
                     log.debug("gossip join failed (%s); retrying", exc)
+                    if failures >= JOIN_FAILURES_BEFORE_REFRESH:
+                        # maybe the cluster rotated its key while this node was away
+                        await self.maybe_refresh_keys()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def _key_watchdog(self) -> None:
+        """Ask for the current keys when packets or frames fail to decrypt here."""
+        handled = self.list.stats.get("drop.decrypt", 0)
+        while True:
+            await asyncio.sleep(1.0)
+            drops = self.list.stats.get("drop.decrypt", 0)
+            if drops > handled and (self._refresh_keys is None
+                                    or await self.maybe_refresh_keys()):
+                handled = drops
+
+    async def maybe_refresh_keys(self) -> bool:
+        """Refresh the keyring through the agent's callback unless one ran recently; True if
+        a refresh ran (whether or not it changed anything)."""
+        refresh = self._refresh_keys
+        loop = asyncio.get_running_loop()
+        if refresh is None or loop.time() < self._next_refresh or self._refresh_lock.locked():
+            return False
+        async with self._refresh_lock:
+            try:
+                changed = await refresh()
+            except (ApiError, OSError, KeyringError) as exc:
+                log.debug("gossip key refresh failed: %s", exc)
+                changed = False
+            if changed:
+                self.refreshes += 1
+                self._refresh_backoff = REFRESH_MIN_BACKOFF
+            else:
+                self._refresh_backoff = min(self._refresh_backoff * 2, REFRESH_MAX_BACKOFF)
+            self._next_refresh = loop.time() + self._refresh_backoff
+        return True
+
+    # ---------------------------------------------------------------- keys
+    def installed_keys(self) -> list[bytes]:
+        """Installed gossip keys, primary first."""
+        ring = self.list.keyring
+        return ring.keys() if ring is not None else []
+
+    def set_keys(self, keys: list[bytes]) -> bool:
+        """Make the running keyring exactly ``keys`` (first = primary); True if it changed."""
+        ring = self.list.keyring
+        if ring is None:
+            raise KeyringError("this member runs without encryption")
+        return ring.set_keys(keys)
+
+    def apply_key_op(self, op: str, key: bytes) -> None:
+        """One rotation step on the running keyring (see the module docstring)."""
+        ring = self.list.keyring
+        if ring is None:
+            raise KeyringError("this member runs without encryption")
+        if op == "install":
+            ring.install_key(key)
+        elif op == "use":
+            ring.install_key(key)  # idempotent; a node that missed "install" still works
+            ring.use_key(key)
+        elif op == "retire":
+            ring.set_keys([key])
+        elif op == "uninstall":  # roll back an install; never the key in use
+            if ring.primary != key:
+                with contextlib.suppress(KeyringError):
+                    ring.remove_key(key)
+        else:
+            raise KeyringError(f"unknown key operation {op!r}")
+
+    # ---------------------------------------------------------------- views
     def view(self) -> dict[str, str]:
         """Node id → gossip state of every member this node has heard of."""
-        return {m.name: _STATE_NAMES[m.state] for m in self.list.members(include_gone=True)}
+        return {m.name: STATE_NAMES[m.state] for m in self.list.members(include_gone=True)}
 
     def state_of(self, node_id: str) -> str | None:
         m = self.list.member(node_id)
-        return None if m is None else _STATE_NAMES[m.state]
+        return None if m is None else STATE_NAMES[m.state]
+
+    def member_detail(self, node_id: str) -> dict[str, Any] | None:
+        """What this node's member list says about ``node_id`` (None if never heard of)."""
+        m = self.list.member(node_id)
+        return None if m is None else member_dict(m)
 
     def update_meta(self, meta: dict[str, Any]) -> None:
         self.list.update_meta(meta)
 
     async def close(self, leave: bool) -> None:
         """Stop gossiping; ``leave`` announces a graceful leave first (not a failure)."""
-        if self._join_task is not None:
-            self._join_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._join_task
+                await task
+        self._tasks = []
         if self._unsubscribe is not None:
             self._unsubscribe()
         if leave:
@@ -90,9 +235,211 @@ class Membership:
         await self.list.shutdown()
 
 
-_STATE_NAMES = {
+STATE_NAMES = {
     MemberState.ALIVE: "alive",
     MemberState.SUSPECT: "suspect",
     MemberState.DEAD: "dead",
     MemberState.LEFT: "left",
 }
+
+
+def member_dict(m: Member) -> dict[str, Any]:
+    """JSON view of one member; ``state_since`` converted from loop time to Unix time."""
+    since = m.state_since
+    with contextlib.suppress(RuntimeError):
+        since = time.time() - (asyncio.get_running_loop().time() - m.state_since)
+    return {"state": STATE_NAMES[m.state], "incarnation": m.incarnation,
+            "state_since": round(since, 3), "addr": f"{m.addr}:{m.port}"}
+
+
+class GossipControl:
+    """The agent's gossip facade: info, member detail, keyring persistence and rotation."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._rotation = asyncio.Lock()
+        self.rotations = 0
+
+    def _membership(self) -> Membership:
+        m = self.agent.membership
+        if m is None or not m.list.running:
+            raise Unavailable("gossip is not running on this node (not in a cluster, or it "
+                              "could not bind its port: see the agent log)")
+        return m
+
+    # ---------------------------------------------------------------- read-only views
+    def info(self) -> dict[str, Any] | None:
+        """The ``gossip`` section of ``shoal info``: membership counts, health, keys, stats."""
+        m = self.agent.membership
+        if m is None or not m.list.running:
+            return None
+        members = m.list.members(include_gone=True)
+        states = Counter(STATE_NAMES[x.state] for x in members)
+        ring = m.list.keyring
+        return {
+            "addr": f"{m.config.advertise_addr}:{m.port}",
+            "preset": self.agent.config.gossip_preset,
+            "probe_interval": m.config.probe_interval,
+            "health_score": m.list.health_score,
+            "members": {s: states.get(s, 0) for s in STATE_NAMES.values()},
+            "view": {x.name: STATE_NAMES[x.state] for x in members},
+            "keys": {"primary": ring.fingerprints()[0] if ring else None,
+                     "installed": ring.fingerprints() if ring else [],
+                     "refreshes": m.refreshes, "rotations": self.rotations},
+            "stats": dict(sorted(m.list.stats.items())),
+        }
+
+    def member_detail(self, node_id: str) -> dict[str, Any] | None:
+        m = self.agent.membership
+        return m.member_detail(node_id) if m is not None and m.list.running else None
+
+    # ---------------------------------------------------------------- keyring persistence
+    def _persist(self, m: Membership) -> None:
+        ident = self.agent.identity
+        keys = m.installed_keys()
+        if ident is None or not keys:
+            return
+        ident.gossip_key, ident.gossip_extra_keys = keys[0], keys[1:]
+        ident.save(self.agent.data_dir)
+
+    def member_keys(self) -> list[str]:
+        """The whole keyring (hex, primary first) for ``/v1/cluster/keys`` (mTLS members)."""
+        m = self.agent.membership
+        ident = self.agent.identity
+        if m is not None and m.installed_keys():
+            return [k.hex() for k in m.installed_keys()]
+        if ident is None:
+            return []
+        return [k.hex() for k in [ident.gossip_key, *ident.gossip_extra_keys] if k]
+
+    def apply_key_op(self, peer: pki.CertInfo | None, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/cluster/gossip-keys`` from a manager: one rotation step, persisted."""
+        self.agent.security.authorize(peer, manager=True)
+        op, key = parse_key_op(body)
+        m = self._membership()
+        try:
+            m.apply_key_op(op, key)
+        except KeyringError as exc:
+            raise BadRequest(str(exc), "op") from exc
+        self._persist(m)
+        log.info("gossip key %s: %s (keys now %s)", op, fingerprint(key),
+                 ", ".join(fingerprint(k) for k in m.installed_keys()))
+        return {"op": op, "key": fingerprint(key),
+                "keys": [fingerprint(k) for k in m.installed_keys()]}
+
+    async def refresh_keys(self) -> bool:
+        """Fetch the cluster's keyring from a manager over mTLS (leader first) and adopt it;
+        True if this node's keyring changed."""
+        agent, m = self.agent, self.agent.membership
+        ident, store = agent.identity, agent.store
+        if m is None or ident is None or store is None or agent.security.client_ctx is None:
+            return False
+        leader = (store.leader_addr() or "").split(":")[0]
+        managers = sorted((n for n in store.snapshot().nodes.values()
+                           if n.role is NodeRole.MANAGER and n.id != ident.node_id),
+                          key=lambda n: (n.addr != leader, n.id))
+        for node in managers:
+            try:
+                reply = await agent.security.call(node.api_addr, "/v1/cluster/keys", {},
+                                                  timeout=5.0)
+                raw = reply.get("gossip_keys") or [reply["gossip_key"]]
+                keys = [bytes.fromhex(str(k)) for k in raw]
+            except (ApiError, KeyError, ValueError, TypeError) as exc:
+                log.debug("gossip key refresh from %s failed: %s", node.hostname, exc)
+                continue
+            if not m.set_keys(keys):
+                return False
+            self._persist(m)
+            log.warning("gossip keys refreshed from %s (a rotation happened while this node "
+                        "was away): keys now %s", node.hostname,
+                        ", ".join(fingerprint(k) for k in keys))
+            return True
+        return False
+
+    # ---------------------------------------------------------------- rotation
+    async def rotate_key(self) -> dict[str, Any]:
+        """Roll a new gossip key through the cluster: install → use → retire (module doc)."""
+        store = self.agent.require_manager()
+        m = self._membership()
+        if self._rotation.locked():
+            raise KeyRotationFailed("a key rotation is already running on this manager")
+        async with self._rotation:
+            nodes = sorted(store.snapshot().nodes.values(), key=lambda n: (n.hostname, n.id))
+            targets = [n for n in nodes if n.state is NodeState.READY]
+            skipped = [n for n in nodes if n.state is not NodeState.READY]
+            old = [fingerprint(k) for k in m.installed_keys()]
+            new = secrets.token_bytes(32)
+            started = time.monotonic()
+            failed = await self._push_all(targets, "install", new)
+            if failed:
+                await self._push_all([n for n in targets if n.id not in failed], "uninstall",
+                                     new)
+                raise KeyRotationFailed(
+                    f"key rotation stopped at phase 1 (install): {_names(failed)}; it was "
+                    "rolled back, nothing changed. Retry when those nodes are reachable "
+                    "(or remove them).")
+            failed = await self._push_all(targets, "use", new)
+            if failed:
+                raise KeyRotationFailed(
+                    f"key rotation stopped at phase 2 (use): {_names(failed)}; every node "
+                    "still accepts the old key, so gossip is unaffected. Run `shoal gossip "
+                    "rotate-key` again once they are reachable.")
+            await asyncio.sleep(max(RETIRE_GRACE, 2 * m.config.probe_interval))
+            failed = await self._push_all(targets, "retire", new)
+            if failed:
+                raise KeyRotationFailed(
+                    f"key rotation stopped at phase 3 (retire): {_names(failed)} still accept "
+                    "the old key (everyone else uses the new one). Run `shoal gossip "
+                    "rotate-key` again to clean up.")
+            self.rotations += 1
+            log.info("gossip key rotated to %s on %d nodes in %.2f s (skipped %d down)",
+                     fingerprint(new), len(targets), time.monotonic() - started, len(skipped))
+            return {"key": fingerprint(new), "old_keys": [k for k in old
+                                                          if k != fingerprint(new)],
+                    "nodes": [n.hostname for n in targets],
+                    "skipped": [n.hostname for n in skipped],
+                    "seconds": round(time.monotonic() - started, 3)}
+
+    async def _push_all(self, nodes: list[Node], op: str, key: bytes) -> dict[str, str]:
+        """Apply ``op`` on every node concurrently; node id → error for those that failed."""
+        results = await asyncio.gather(*(self._push(n, op, key) for n in nodes),
+                                       return_exceptions=True)
+        failed: dict[str, str] = {}
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, BaseException):
+                msg = result.message if isinstance(result, ApiError) else repr(result)
+                failed[node.id] = f"{node.hostname}: {msg}"
+        return failed
+
+    async def _push(self, node: Node, op: str, key: bytes) -> None:
+        agent = self.agent
+        ident = agent.identity
+        if ident is None:
+            raise NotInCluster("this node is not part of a cluster")
+        if node.id == ident.node_id:
+            m = self._membership()
+            m.apply_key_op(op, key)
+            self._persist(m)
+            return
+        # TLS checks the server's certificate names *this* node, not just any member
+        await agent.security.call(node.api_addr, "/v1/cluster/gossip-keys",
+                                  {"op": op, "key": key.hex()},
+                                  server_hostname=pki.node_hostname(node.id), timeout=5.0)
+
+
+def parse_key_op(body: dict[str, Any]) -> tuple[str, bytes]:
+    """Validate ``{"op": ..., "key": hex}`` (BadRequest naming the field)."""
+    op = body.get("op")
+    if op not in KEY_OPS:
+        raise BadRequest(f"op must be one of {', '.join(KEY_OPS)}", "op")
+    try:
+        key = bytes.fromhex(str(body.get("key", "")))
+    except ValueError:
+        raise BadRequest("key must be hex", "key") from None
+    if len(key) not in (16, 24, 32):
+        raise BadRequest("key must be 16, 24 or 32 bytes", "key")
+    return str(op), key
+
+
+def _names(failed: dict[str, str]) -> str:
+    return "; ".join(failed.values())

@@ -10,13 +10,21 @@ traffic leaving the cluster network when iptables is available. Netlink work is 
 pyroute2 in a worker thread (it does not work on uvloop's loop), entering the task's
 network namespace with setns(2) on that thread only.
 
+The service VIP range is made local to the node with one route (``local VIP_CIDR dev lo``
+in the ``local`` table, "AnyIP"): the balancer can bind any VIP and traffic from tasks to a
+VIP is delivered to it, with no per-service address to add or remove.
+
 Limits (host-gateway style, like flannel's host-gw): nodes must share an L2 segment (or
 have routes between them); a VXLAN overlay can come later. Must not touch: the store, the
 runtime's namespaces other than the task's net namespace.
+
+Errors: ``NetworkError`` (netlink, setns, or no free address in the node's subnet; the
+lower-level error is chained).
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import ctypes
@@ -25,7 +33,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,16 +45,31 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shoal.raft.ipam import allocate_address
+from shoal.raft.ipam import IpamError, allocate_address
 
 log = logging.getLogger("shoal.network")
+
+
+def _restore_inet_ntop() -> None:
+    """pysyncobj 0.3.17 (win_inet_pton.py) replaces ``socket.inet_ntop`` on every platform with
+    a Windows-only version that raises, and pyroute2 binds ``inet_ntop`` at import: every
+    address pyroute2 decodes would come back None. Put the C function back everywhere."""
+    real = _socket.inet_ntop
+    if socket.inet_ntop is not real:
+        socket.inet_ntop = real
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("pyroute2") and getattr(mod, "inet_ntop", real) is not real:
+            mod.inet_ntop = real  # type: ignore[attr-defined]
+
+
+_restore_inet_ntop()
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _ns_lock = threading.Lock()  # one setns dance at a time
 
 
 class NetworkError(Exception):
-    pass
+    """The node's task network could not be set up or changed."""
 
 
 @dataclass
@@ -70,8 +95,10 @@ def _setns(fd: int) -> None:
 
 class NodeNetwork:
     def __init__(self, data_dir: Path, subnet: str, cluster_cidr: str,
-                 config: NetworkConfig | None = None) -> None:
+                 config: NetworkConfig | None = None, vip_cidr: str = "") -> None:
+        _restore_inet_ntop()  # pysyncobj may have been imported after this module
         self.config = config or NetworkConfig()
+        self.vip_cidr = vip_cidr  # routed locally (to lo) when set
         self.subnet = ipaddress.ip_network(subnet)
         self.cluster_cidr = cluster_cidr
         self.gateway = str(next(self.subnet.hosts()))
@@ -90,7 +117,12 @@ class NodeNetwork:
 
     # ------------------------------------------------------------------ node
     async def setup(self) -> None:
-        await asyncio.to_thread(self._setup)
+        """Bridge + gateway address, local VIP route, forwarding, NAT (idempotent)."""
+        try:
+            await asyncio.to_thread(self._setup)
+        except (NetlinkError, OSError, IndexError) as exc:
+            raise NetworkError(f"cannot set up the task bridge {self.config.bridge} "
+                               f"({self.subnet}): {exc}") from exc
 
     def _setup(self) -> None:
         cfg = self.config
@@ -103,6 +135,12 @@ class NodeNetwork:
             if self.gateway not in have:
                 ip.addr("add", index=idx, address=self.gateway,
                         prefixlen=self.subnet.prefixlen)
+            if self.vip_cidr:
+                lo = ip.link_lookup(ifname="lo")[0]
+                ip.link("set", index=lo, state="up")
+                net = ipaddress.ip_network(self.vip_cidr)
+                ip.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
+                         type="local", table=255, scope=254, oif=lo)
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         if self.config.masquerade:
             self._masquerade(add=True)
@@ -146,6 +184,11 @@ class NodeNetwork:
                 for subnet in self._routes:
                     with contextlib.suppress(NetlinkError):
                         ip.route("del", dst=subnet)
+                if self.vip_cidr:
+                    net = ipaddress.ip_network(self.vip_cidr)
+                    with contextlib.suppress(NetlinkError):
+                        ip.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
+                                 type="local", table=255)
                 idx = ip.link_lookup(ifname=self.config.bridge)
                 if idx:
                     ip.link("del", index=idx[0])
@@ -161,8 +204,11 @@ class NodeNetwork:
 
     async def attach(self, task_id: str, pid: int) -> str:
         """Give the task (whose namespace holds ``pid``) its address; return it."""
-        addr = self.addrs.get(task_id) or allocate_address(
-            str(self.subnet), self.addrs.values(), skip_first=1)
+        try:
+            addr = self.addrs.get(task_id) or allocate_address(
+                str(self.subnet), self.addrs.values(), skip_first=1)
+        except IpamError as exc:
+            raise NetworkError(f"cannot attach task {task_id}: {exc}") from exc
         self.addrs[task_id] = addr
         self._save()
         try:

@@ -63,6 +63,9 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
                        and t.desired_state <= TaskState.RUNNING),
         "command": list(svc.spec.command),
         "version": svc.version,
+        "vip": svc.vip,
+        "ports": [{"published": p.published, "target": p.target, "protocol": p.protocol}
+                  for p in svc.spec.ports],
         "created_at": svc.created_at,
         "updated_at": svc.updated_at,
     }
@@ -88,6 +91,7 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "error": t.status.err,
         "exit_code": t.status.exit_code,
         "pid": t.status.pid,
+        "addr": t.status.addr,
         "service_version": t.service_version,
         "created_at": t.created_at,
         "updated_at": t.updated_at,

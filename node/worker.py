@@ -14,13 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.store import RaftStore
 from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
 from shoal.runtime.errors import StartError
+
+if TYPE_CHECKING:
+    from shoal.node.mesh import Mesh
 
 log = logging.getLogger("shoal.worker")
 
@@ -43,8 +47,10 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
 
 class Worker:
     def __init__(self, node_id: str, store: RaftStore, runtime: Controller,
-                 wakeup: asyncio.Event, interval: float = 1.0) -> None:
+                 wakeup: asyncio.Event, interval: float = 1.0,
+                 mesh: Mesh | None = None) -> None:
         self.node_id = node_id
+        self.mesh = mesh  # task networking: attach after start, detach on removal
         self.store = store
         self.runtime = runtime
         self.wakeup = wakeup
@@ -99,13 +105,16 @@ class Worker:
                 self._stop(task.id, task.spec.stop_grace_period)
                 continue
             seen = observed_status(rt)
+            if seen.state is TaskState.RUNNING:  # (re)attach, e.g. after an agent restart
+                addr = await self._attach(task.id, rt.pid) or task.status.addr
+                seen = replace(seen, addr=addr)
             if seen.state > task.status.state or (
-                    seen.state == task.status.state and seen.pid != task.status.pid
-                    and seen.state is TaskState.RUNNING):
+                    seen.state == task.status.state and seen.state is TaskState.RUNNING
+                    and (seen.pid, seen.addr) != (task.status.pid, task.status.addr)):
                 reports.append((task, seen))
             if rt.state is RunState.EXITED and task.status.state.terminal and \
                     task.desired_state >= TaskState.SHUTDOWN:
-                await self.runtime.remove(task.id)
+                await self._remove(task.id)
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
@@ -114,7 +123,7 @@ class Worker:
             if rt.state is RunState.RUNNING:
                 self._stop(tid, 10.0)
             elif tid not in self._stopping:
-                await self.runtime.remove(tid)
+                await self._remove(tid)
 
         if reports:
             await asyncio.gather(*(self._report(t, s) for t, s in reports))
@@ -126,6 +135,7 @@ class Worker:
             command=tuple(task.spec.command),
             env=dict(task.spec.env),
             workdir=task.spec.workdir,
+            files=self.mesh.task_files() if self.mesh is not None else {},
         )
         self._starting.add(task.id)
         try:
@@ -137,7 +147,36 @@ class Worker:
         finally:
             self._starting.discard(task.id)
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
-        return observed_status(rt)
+        seen = observed_status(rt)
+        if seen.state is TaskState.RUNNING:
+            seen = replace(seen, addr=await self._attach(task.id, rt.pid))
+        return seen
+
+    async def _attach(self, task_id: str, pid: int | None) -> str:
+        """The task's address, attaching it to the node's network if it has none yet ("" while
+        the mesh is not up: the next pass retries)."""
+        mesh = self.mesh
+        if mesh is None or not mesh.ready or not pid:
+            return ""
+        addr = mesh.address_of(task_id)
+        if addr:
+            return addr
+        try:
+            addr = await mesh.attach(task_id, pid)
+        except Exception as exc:  # NetworkError, or the task died meanwhile
+            log.warning("task %s: no network: %s", task_id, exc)
+            return ""
+        log.info("task %s attached with address %s", task_id, addr)
+        return addr
+
+    async def _remove(self, task_id: str) -> None:
+        """Forget an ended task in the runtime, then release its address."""
+        await self.runtime.remove(task_id)
+        if self.mesh is not None:
+            try:
+                await self.mesh.detach(task_id)
+            except Exception as exc:
+                log.warning("task %s: releasing its address failed: %s", task_id, exc)
 
     def _stop(self, task_id: str, grace: float) -> None:
         if task_id in self._stopping:
@@ -173,4 +212,4 @@ class Worker:
         if self._stopping:
             await asyncio.gather(*self._stopping.values(), return_exceptions=True)
         for tid in list(self.runtime.tasks()):
-            await self.runtime.remove(tid)
+            await self._remove(tid)

@@ -17,8 +17,11 @@ so a malformed entry is recorded as a rejection instead of wedging every replica
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +33,11 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
 from shoal.raft.state import ClusterState, Snapshot
+from shoal.raft.transport import AdmissionTransport, AeadEncryptor
+
+# pysyncobj 0.3.17 (win_inet_pton.py) replaces socket.inet_ntop on every platform with a
+# Windows-only version; put the C function back for everything else in the process.
+socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger("shoal.raft")
 
@@ -127,7 +135,7 @@ class RaftStore:
         self_addr: str | None,
         peers: list[str],
         data_dir: Path,
-        password: str,
+        password: str | None,  # Raft secret; None = plaintext (benchmarks only)
         config: RaftConfig | None = None,
         bind_addr: str | None = None,
         persist: bool = True,
@@ -138,7 +146,7 @@ class RaftStore:
         self.consumer = ReplicatedState()
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
-            password=password,
+            password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
             dynamicMembershipChange=True,
             raftMinTimeout=self.config.raft_min_timeout,
@@ -153,8 +161,20 @@ class RaftStore:
             journalFile=str(data_dir / "raft.journal") if persist else None,
             fullDumpFile=str(data_dir / "raft.dump") if persist else None,
         )
+        # Raft messages sealed with AES-256-GCM under the password (pysyncobj's own Fernet
+        # is several times slower), incoming connections only from members' addresses:
+        # see shoal.raft.transport
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
-                             consumers=[self.consumer])
+                             consumers=[self.consumer],
+                             transportClass=functools.partial(
+                                 AdmissionTransport, admit=self._admit,
+                                 encryptor=AeadEncryptor(password) if password else None))
+
+    def _admit(self, ip: str) -> bool:
+        """Is ``ip`` the address of a member node? (tick thread; no nodes yet: bootstrap)"""
+        with self.consumer._lock:
+            nodes = self.consumer.state.nodes
+            return not nodes or any(n.addr == ip for n in nodes.values())
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:

@@ -182,6 +182,10 @@ def _read_keyed(path: Path, key: str) -> int | None:
     return None
 
 
+# Parent groups made (and, on v2, given their controllers) by this process: done once.
+_READY_PARENTS: set[Path] = set()
+
+
 @dataclass
 class TaskCgroups:
     """The cgroup directories of one task, by role: v1 controller names and/or "unified"."""
@@ -237,12 +241,18 @@ class TaskCgroups:
         try:
             for role, mount in roots.items():
                 base = mount / parent
-                if role == "unified" and layout.limits_version == "v2":
-                    cls._enable_v2_controllers(mount, base, layout.v2_controllers)
-                base.mkdir(exist_ok=True)
+                if base not in _READY_PARENTS:
+                    if role == "unified" and layout.limits_version == "v2":
+                        cls._enable_v2_controllers(mount, base, layout.v2_controllers)
+                    base.mkdir(exist_ok=True)
+                    _READY_PARENTS.add(base)
                 path = base / task_id
                 try:
-                    path.mkdir()
+                    try:
+                        path.mkdir()
+                    except FileNotFoundError:  # the parent was removed since (a sweep)
+                        base.mkdir(exist_ok=True)
+                        path.mkdir()
                 except FileExistsError:
                     # A leftover of a crashed agent is reused only when empty.
                     if (path / "cgroup.procs").read_text().strip():

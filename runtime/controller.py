@@ -70,7 +70,7 @@ from shoal.runtime.errors import (
     TaskNotFound,
     VolumeInUse,
 )
-from shoal.runtime.images import ImageStore
+from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.launcher import Spec, ensure_launcher
 from shoal.runtime.logs import LogLine
 from shoal.runtime.rootfs import (
@@ -436,6 +436,10 @@ class Controller(Protocol):
     ) -> AsyncIterator[LogLine]:
         """read_logs, then new lines as they come, until the task has ended."""
 
+    def image_config(self, ref: str) -> ImageConfig:
+        """The config (Entrypoint, Cmd, Env, WorkingDir, User) of an image on this node, for
+        ImageConfig.apply(); ImageUnavailable (a StartError) if it is not here."""
+
     async def close(self) -> None:
         """Stop watching. Does NOT stop tasks: they survive the agent."""
 
@@ -651,6 +655,8 @@ class _Task:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MNT_DETACH = 2
+# SigIgn bits of SIGTTIN and SIGTTOU: tini ignores them once its signal handling is set up.
+_TINI_READY = 1 << (signal.SIGTTIN - 1) | 1 << (signal.SIGTTOU - 1)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -694,6 +700,7 @@ class ProcessController:
         self._cfg = config
         self._tasks: dict[str, _Task] = {}
         self._starting: set[str] = set()
+        self._starting_images: dict[str, str] = {}  # task id -> image id, while starting
         self._listener: Listener | None = None
         self._boot_id = _boot_id()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -708,6 +715,14 @@ class ProcessController:
         self.cgroup_layout: CgroupLayout = (
             cg_mod.detect() if config.cgroups == "auto" else CgroupLayout("none")
         )
+        layout = self.cgroup_layout
+        if layout.mode == "none":
+            # e.g. an agent started with `ip netns exec`, which remounts /sys without cgroups
+            log.warning("runtime: no cgroups (%s): tasks run without limits or usage",
+                        "turned off" if config.cgroups == "off" else "none mounted")
+        else:
+            log.info("runtime: cgroups %s (limits: %s, cgroup2 at %s)", layout.mode,
+                     layout.limits_version or "none", layout.unified)
         #: This node's image store (blocking methods: call them from a thread).
         self.images = ImageStore(config.images_dir, in_use=self._images_in_use)
         try:
@@ -764,6 +779,12 @@ class ProcessController:
             task.dir, lambda: task.status.state is RunState.RUNNING, tail, since, timestamps
         )
 
+    def image_config(self, ref: str) -> ImageConfig:
+        try:
+            return self.images.inspect(ref).config
+        except ImageNotFound as exc:
+            raise ImageUnavailable(f"image {ref!r} is not on this node") from exc
+
     def volumes(self) -> list[str]:
         """Named volumes on this node."""
         try:
@@ -781,7 +802,8 @@ class ProcessController:
         _safe_rmtree(self._cfg.volumes_dir / name)
 
     def _images_in_use(self) -> set[str]:
-        return {t.image_id for t in self._tasks.values() if t.image_id}
+        used = {t.image_id for t in self._tasks.values() if t.image_id}
+        return used | set(self._starting_images.values())
 
     async def start(self, cfg: TaskConfig) -> RuntimeStatus:
         cfg.validate()
@@ -800,6 +822,7 @@ class ProcessController:
                 raise LaunchFailed(f"cannot create {taskdir}: {exc}") from exc
             try:
                 spec, cgroups, image_id = self._prepare(cfg, taskdir)
+                self._starting_images[cfg.task_id] = image_id
                 return await self._launch(loop, cfg, taskdir, spec, cgroups, image_id)
             except BaseException:
                 if cgroups is not None:
@@ -808,6 +831,7 @@ class ProcessController:
                 raise
         finally:
             self._starting.discard(cfg.task_id)
+            self._starting_images.pop(cfg.task_id, None)
 
     async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
         task = self._task(task_id)
@@ -816,6 +840,7 @@ class ProcessController:
         if not task.notes.stop_requested:
             task.notes.stop_requested = True
             task.notes.save(task.dir / "notes.json")
+        await self._init_ready(task)  # a stop right after start must not lose its signal
         self._signal_init(task, parse_signal(task.cfg.stop_signal))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task.done), timeout=max(grace, 0.0))
@@ -935,9 +960,9 @@ class ProcessController:
                 (taskdir / "upper").mkdir()
                 (taskdir / "work").mkdir()
             etc = taskdir / "init" / "etc"
-            (etc / "hostname").write_text(cfg.hostname + "\n")
-            (etc / "hosts").write_text(hosts_file(cfg.hostname, cfg.extra_hosts))
-            (etc / "resolv.conf").write_text(self._resolv)
+            _write_new(etc / "hostname", cfg.hostname + "\n")
+            _write_new(etc / "hosts", hosts_file(cfg.hostname, cfg.extra_hosts))
+            _write_new(etc / "resolv.conf", self._resolv)
             for name in volumes:
                 (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
             _atomic_write(taskdir / "config.json", cfg.to_json())
@@ -1123,15 +1148,22 @@ class ProcessController:
 
     @staticmethod
     async def _read_byte(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
-        """One byte from a pipe (b"" on EOF) without blocking the loop. Closes fd."""
+        """The launcher's ready byte, returned once the pipe is at EOF (for "R": once tini was
+        exec'ed, the pipe being close-on-exec), without blocking the loop. Closes fd."""
         fut: asyncio.Future[bytes] = loop.create_future()
+        got: list[bytes] = []
 
         def readable() -> None:
             if not fut.done():
                 try:
-                    fut.set_result(os.read(fd, 1))
+                    chunk = os.read(fd, 16)
                 except OSError as exc:
                     fut.set_exception(exc)
+                    return
+                if chunk:
+                    got.append(chunk)
+                else:
+                    fut.set_result(b"".join(got)[:1])
 
         loop.add_reader(fd, readable)
         try:
@@ -1156,6 +1188,26 @@ class ProcessController:
             task.cgroups.kill()
         await self._wait_done(task)
         self._unwatch(task)
+
+    async def _init_ready(self, task: _Task) -> None:
+        """Wait (briefly: well under a millisecond after start, not at all later) until tini has
+        set up its signal handling. Before that, a namespace init drops any signal it has no
+        handler for: a stop() right after start() would lose its SIGTERM."""
+        if task.init is None:
+            return
+        deadline = time.monotonic() + min(1.0, self._cfg.start_timeout)
+        path = f"/proc/{task.init.pid}/status"
+        while time.monotonic() < deadline:
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                return
+            # tini blocks what it forwards, then ignores SIGTTIN and SIGTTOU (it starts with
+            # none ignored); while it waits in sigtimedwait() SigBlk reads 0, so look at SigIgn.
+            ignored = next((ln for ln in text.splitlines() if ln.startswith("SigIgn:")), "")
+            if ignored and int(ignored.split()[1], 16) & _TINI_READY == _TINI_READY:
+                return
+            await asyncio.sleep(0.0005)
 
     def _find_init(self, task: _Task) -> None:
         """The shim's only child is the task's init (its pid 1), recorded once ready."""
@@ -1337,6 +1389,14 @@ class ProcessController:
         self._tasks[task.cfg.task_id] = task
 
 
+def _write_new(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def _resolve_future(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -1362,7 +1422,9 @@ class FakeController:
     Behaves like ProcessController: start() validates and returns RUNNING (or EXITED 127 for a
     program listed in ``missing_commands``); stop() ends the task with 143 (or, for a task started
     with a program in ``ignores_term``, 137 "killed (SIGKILL after grace period)"); the listener is
-    called via loop.call_soon when a task exits. Tests drive exits with :meth:`exit`.
+    called via loop.call_soon when a task exits. Tests drive exits with :meth:`exit`, logs with
+    ``logs[task_id]``, images with ``image_configs[ref]`` (a task with another image is refused
+    with ImageUnavailable, like a node that lacks it).
     """
 
     def __init__(
@@ -1384,6 +1446,8 @@ class FakeController:
         self.closed = False
         #: Lines read_logs/follow_logs return, per task (tests append to it).
         self.logs: dict[str, list[LogLine]] = {}
+        #: Images this fake node has: reference -> config (tests fill it).
+        self.image_configs: dict[str, ImageConfig] = {}
         #: What usage() returns for a running task (tests may replace it).
         self.fake_usage = TaskUsage(memory_bytes=1 << 20, memory_peak_bytes=1 << 20,
                                     cpu_seconds=0.0, pids=2)  # fmt: skip
@@ -1408,6 +1472,11 @@ class FakeController:
 
     def usage(self, task_id: str) -> TaskUsage | None:
         return self.fake_usage if task_id in self._status else None
+
+    def image_config(self, ref: str) -> ImageConfig:
+        if ref not in self.image_configs:
+            raise ImageUnavailable(f"image {ref!r} is not on this node")
+        return self.image_configs[ref]
 
     def read_logs(
         self,
@@ -1445,6 +1514,8 @@ class FakeController:
             raise err
         if cfg.task_id in self._status:
             raise TaskExists(f"task {cfg.task_id} is already known")
+        if cfg.image:
+            self.image_config(cfg.image)
         now = self._clock()
         self._configs[cfg.task_id] = cfg
         if cfg.command[0] in self.missing_commands:
@@ -1512,6 +1583,7 @@ __all__ = [
     "DEFAULT_PATH",
     "Controller",
     "FakeController",
+    "ImageConfig",
     "LogLine",
     "MountSpec",
     "ProcessController",

@@ -8,8 +8,9 @@
  * Usage (only by the agent):  shoal-launcher shim TASKDIR
  *   stdin  = the spec pipe: the whole launch spec (records, see below) then EOF; a spec without
  *            its end record means the agent died before "go": start nothing, exit 0.
- *   stdout = the ready pipe: one byte, "R" = about to exec the init, "N" = command not found
- *            (then exit 127); EOF without a byte = the launcher failed (reason in stderr).
+ *   stdout = the ready pipe: one byte, "R" = the init is being exec'ed (the pipe is
+ *            close-on-exec: EOF follows once it runs), "N" = command not found (then exit
+ *            127); EOF without a byte = the launcher failed (reason in stderr).
  *   stderr = TASKDIR/shim.log (the launcher's own messages).
  *
  * Process tree (host view):
@@ -455,6 +456,9 @@ static int init_main(int out_w, int err_w, int devnull) {
 
     signal(SIGPIPE, SIG_IGN);
     umask(0);
+    /* The ready pipe moves to a close-on-exec fd: the agent sees EOF once tini is exec'ed. */
+    int ready = fcntl(1, F_DUPFD_CLOEXEC, 3);
+    if (ready < 0) die(125, "dup: %s", strerror(errno));
     /* cgroups first: everything from here on (mounts, the command) is accounted and limited */
     for (int i = 0; i < nrecs; i++) {
         if (recs[i].tag != 'C') continue;
@@ -539,7 +543,7 @@ static int init_main(int out_w, int err_w, int devnull) {
     if (chdir(workdir)) die(125, "workdir not found: %s", workdir);
     char resolved[4096];
     if (!found(argv[2], path, resolved, sizeof resolved)) {
-        write_all(1, "N", 1);
+        write_all(ready, "N", 1);
         char msg[4200];
         int n = snprintf(msg, sizeof msg, "command not found: %s\n", argv[2]);
         if (n > 0) write_all(err_w, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
@@ -547,7 +551,7 @@ static int init_main(int out_w, int err_w, int devnull) {
     }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) die(125, "no_new_privs: %s", strerror(errno));
     int errfd = fcntl(2, F_DUPFD_CLOEXEC, 3);
-    write_all(1, "R", 1);
+    write_all(ready, "R", 1);
     if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) _exit(125);
     /* tini starts with default dispositions and an empty mask; it sets up its own */
     sigset_t all;

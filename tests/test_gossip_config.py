@@ -70,15 +70,34 @@ def test_validate_names_the_offending_field(field: str, value: object) -> None:
     assert info.value.field == field
 
 
-def test_presets_are_valid_and_local_is_faster() -> None:
+def test_presets_are_valid_and_local_only_shortens_background_timers() -> None:
     lan = Config.lan(name="n", bind_addr="127.0.0.1", secret_key=KEY).validate()
     local = Config.local(name="n", secret_key=KEY).validate()
     assert lan == Config(name="n", bind_addr="127.0.0.1", secret_key=KEY)
-    assert local.probe_interval < lan.probe_interval
-    assert local.detection_bound(10) < lan.detection_bound(10)
+    # failure detection is the LAN's (what the agent ships is what tests exercise)...
+    assert (local.probe_interval, local.probe_timeout, local.suspicion_mult) == (
+        lan.probe_interval, lan.probe_timeout, lan.suspicion_mult)
+    assert local.detection_bound(10) <= lan.detection_bound(10)
+    # ...only the slow background timers are shorter
+    assert local.push_pull_interval < lan.push_pull_interval
+    assert local.reconnect_interval < lan.reconnect_interval
+    assert local.leave_timeout < lan.leave_timeout
     # local() overrides only what differs; untouched fields keep the LAN default
     assert local.indirect_checks == lan.indirect_checks
     assert Config.local(probe_interval=0.5).probe_interval == 0.5
+
+
+def test_lan_defaults_are_sized_for_the_detection_targets() -> None:
+    """The defaults meet "median ≤ 2 s at 10 nodes, ≤ 3 s at 100" on paper: the expected
+    time (first probe + failed probe + minimum suspicion + last-chance probe, in probe periods)
+    leaves room for spreading, and a member may stay silent ≥ 0.8 s and still refute."""
+    cfg = Config.lan()
+    for n, target in ((10, 2.0), (100, 3.0)):
+        low, _high = cfg.suspicion_timeouts(n)
+        expected = 3 * cfg.probe_interval + low
+        assert expected <= 0.8 * target, (n, expected)
+    assert cfg.suspicion_timeouts(4)[0] >= 0.8
+    assert cfg.probe_timeout >= 0.05  # well above a LAN RTT plus scheduling delay
 
 
 def test_every_config_field_has_a_comment() -> None:

@@ -93,7 +93,7 @@ def test_detection_bound_adds_probe_suspicion_and_spread_phases() -> None:
     cfg = Config.lan()
     n = 50
     low, high = cfg.suspicion_timeouts(n)
-    assert low == pytest.approx(4 * 1.698)
+    assert low == pytest.approx(4 * 1.698 * cfg.probe_interval)
     assert high == pytest.approx(6 * low)
     spread = timing.retransmit_limit(cfg.retransmit_mult, n) * cfg.gossip_interval
     assert cfg.detection_bound(n) == pytest.approx(12 * cfg.probe_interval + high + 2 * spread)

@@ -150,9 +150,10 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 5.0,
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
-@pytest.fixture
-async def lb() -> AsyncIterator[Balancer]:
-    balancer = Balancer(Config.local())
+@pytest.fixture(params=[False, True], ids=["protocols", "splice"])
+async def lb(request: pytest.FixtureRequest) -> AsyncIterator[Balancer]:
+    """A started Balancer; each test runs with both TCP engines (asyncio protocols, splice)."""
+    balancer = Balancer(Config.local().replace(splice=request.param))
     await balancer.start()
     try:
         yield balancer
@@ -493,7 +494,7 @@ def test_worker_runs_with_several_processes_sharing_a_port() -> None:
 
     async def scenario() -> None:
         b = await Backend("b0").start()
-        balancer = Balancer(Config.local().replace(workers=2))
+        balancer = Balancer(Config.local().replace(workers=2, splice=False))
         await balancer.start()
         try:
             port = free_port()

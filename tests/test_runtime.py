@@ -45,12 +45,15 @@ from shoal.runtime.controller import (
     TaskConfig,
 )
 from shoal.runtime.errors import (
+    ImageUnavailable,
     InvalidTaskConfig,
     LaunchFailed,
     StartError,
     TaskExists,
     TaskNotFound,
 )
+from shoal.runtime.images import ImageConfig
+from shoal.runtime.logs import LogLine
 from shoal.runtime.rootfs import MountSpec
 
 pytestmark = needs_root
@@ -632,6 +635,18 @@ async def test_fake_controller_behaves_like_the_interface() -> None:
         await fake.start(TaskConfig("e", "h", ("true",), {}))
 
     assert set(fake.tasks()) == {"a", "b", "c", "d"}
+    fake.logs["a"] = [LogLine(1.5, "stdout", "x"), LogLine(2.0, "stderr", "y")]
+    assert fake.read_logs("a", tail=1) == [LogLine(2.0, "stderr", "y")]
+    assert fake.read_logs("a", since=1.6) == [LogLine(2.0, "stderr", "y")]
+    assert fake.read_logs("a", timestamps=True)[0].line == "1970-01-01T00:00:01.500000000Z x"
+    assert [x async for x in fake.follow_logs("a")] == fake.logs["a"]
+    assert fake.usage("a") is not None and fake.usage("zz") is None
+    with pytest.raises(ImageUnavailable):
+        await fake.start(TaskConfig("f", "h", ("true",), {}, image="web:1"))
+    fake.image_configs["web:1"] = ImageConfig(cmd=("serve",))
+    assert fake.image_config("web:1").apply()[0] == ("serve",)
+    await fake.start(TaskConfig("f", "h", ("serve",), {}, image="web:1"))
+    await fake.remove("f")
     await fake.remove("a")
     await fake.remove("a")
     assert fake.status("a") is None

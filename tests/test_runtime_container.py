@@ -23,6 +23,7 @@ from test_runtime_support import (
     task,
     task_cgroups,
     wait_for_members,
+    wait_for_output,
 )
 
 from shoal.runtime.controller import ProcessController, RunState, RuntimeConfig
@@ -380,3 +381,14 @@ async def test_nothing_is_left_behind(ctl: ProcessController, data_dir: Path) ->
     assert "cv" in ctl.volumes()
     ctl.remove_volume("cv")
     assert ctl.volumes() == []
+
+
+async def test_stop_sends_the_tasks_stop_signal(ctl: ProcessController) -> None:
+    cfg = task("usr1", "sh", "-c", "trap 'exit 42' USR1; echo ready; while :; do sleep 0.05; done",
+               stop_signal="SIGUSR1")
+    await ctl.start(cfg)
+    await wait_for_output(ctl, "usr1", "ready\n")
+    st = await ctl.stop("usr1", grace=5)
+    assert (st.exit_code, st.stopped) == (42, True)
+    with pytest.raises(InvalidTaskConfig):
+        await ctl.start(task("badsig", "true", stop_signal="SIGNOPE"))

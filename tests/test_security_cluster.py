@@ -7,6 +7,7 @@ is a separate process in a lab host speaking HTTPS with whatever certificate it 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import sys
 import time
@@ -173,7 +174,7 @@ def test_removed_node_is_cut_off_and_cannot_rejoin_without_a_token(
     certificate and a rotated token do not work — as a new node."""
     lab = lab_factory(3)
     lab.form_cluster(managers=1, workers=2)
-    h1, _h2, h3 = lab.hosts
+    h1, h2, h3 = lab.hosts
     old_token = h1.cli("join-token", "worker", "-q").stdout.strip()
     old_id = info(h3)["node_id"]
     assert probe(h3, h1, "/v1/cluster/keys", cert=node_pem(h3))["status"] == 200
@@ -185,6 +186,14 @@ def test_removed_node_is_cut_off_and_cannot_rejoin_without_a_token(
     wait_until(lambda: "refuses this node" in h3.log_tail(200), timeout=20,
                what="h3's agent sees its heartbeats refused")
     assert old_id not in {n["id"] for n in h1.cli_json("node", "ls")}
+    # its Raft replica is cut off too: the cluster's writes no longer reach it
+    wait_until(lambda: "no longer a member" in h1.log_tail(200), timeout=10,
+               what="h1 drops h3's Raft connection")
+    frozen = info(h3)["index"]
+    h1.cli("service", "create", "--name", "after", "--replicas", "0", "--", "sleep", "1")
+    wait_until(lambda: info(h2)["index"] > frozen, timeout=10, what="h2 sees the write")
+    time.sleep(1.5)
+    assert info(h3)["index"] == frozen
 
     h1.cli("join-token", "worker", "--rotate")
     h3.cli("leave")
@@ -366,3 +375,46 @@ def test_remote_api_needs_a_current_client_certificate(lab_factory: Callable[...
     res = rcli("node", "ls", check=False)
     assert res.returncode == 1 and "revoked" in res.stderr
     assert json.loads(h1.cli("ca", "info").stdout)["clients"] == []
+
+
+def _worker_passes_files() -> bool:
+    """Whether the agent hands resolve_task_files' result to the runtime (lead's wiring)."""
+    src = (REPO / "node" / "worker.py").read_text() + (REPO / "node" / "agent.py").read_text()
+    return "resolve_task_files" in src.replace("def resolve_task_files", "")
+
+
+@pytest.mark.skipif(not _worker_passes_files(), reason="the worker does not pass "
+                    "SecretsApi.resolve_task_files to TaskConfig.files yet")
+def test_secret_is_a_0400_file_in_the_task_and_nowhere_on_the_workers_disk(
+        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+    """Inside every task the secret is /run/secrets/NAME with mode 0400 and the right
+    content (the task checks a hash and prints a marker, never the value), the config is in
+    /run/configs; no file under any node's data dir holds the value."""
+    lab = lab_factory(2)
+    lab.form_cluster(managers=1, workers=1)
+    h1 = lab.hosts[0]
+    value = f"in-task-{time.time_ns():x}".encode()
+    src = tmp_path / "v"
+    src.write_bytes(value)
+    h1.cli("secret", "create", "token", str(src))
+    (tmp_path / "c").write_bytes(b"a=1\n")
+    h1.cli("config", "create", "conf", str(tmp_path / "c"))
+    digest = hashlib.sha256(value).hexdigest()
+    script = (f'test "$(sha256sum < /run/secrets/token)" = "{digest}  -" && '
+              'echo "MARK $(stat -c %a /run/secrets/token) $(cat /run/configs/conf)"; '
+              'sleep 100000')
+    h1.cli("service", "create", "--name", "s", "--replicas", "2", "--secret",
+           "token,mode=0400", "--config", "conf", "--", "sh", "-c", script)
+
+    def marks() -> list[str] | None:
+        found = []
+        for h in lab.hosts:
+            for log in h.data_dir.glob("tasks/*/stdout.log*"):
+                found += [line for line in log.read_text(errors="replace").splitlines()
+                          if "MARK" in line]
+        return found if len(found) == 2 else None
+    found = wait_until(marks, timeout=40, what="both tasks report their secret file")
+    assert all("MARK 400 a=1" in line for line in found), found
+    needles = [value, base64.b64encode(value)]
+    for h in lab.hosts:
+        assert _files_containing(h.data_dir, needles) == [], h.name

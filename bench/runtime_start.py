@@ -1,0 +1,109 @@
+"""Runtime-only task start benchmark (needs root): prints figures, never passes or fails.
+
+Measures, in one run on this machine:
+
+1. start latency: ``ProcessController.start()`` -> RUNNING for a ``sleep`` task in the default
+   image (namespaces, cgroups, read-only host rootfs, /proc, /dev, caps, tini), interleaved
+   with a raw ``unshare --fork --pid --mount-proc --uts --ipc --net true`` exec (start to exit);
+2. throughput: tasks started per second with ``--concurrency`` starts in flight;
+3. the controller process's RSS with ``--tasks`` tasks running (the agent-side cost).
+
+    .venv/bin/python bench/runtime_start.py [--samples 50] [--tasks 100] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from shoal.runtime.controller import ProcessController, RunState, RuntimeConfig, TaskConfig
+
+RAW = ["unshare", "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", "true"]
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _summary(name: str, ms: list[float]) -> str:
+    ms = sorted(ms)
+    return (f"{name:<34} median {statistics.median(ms):6.2f} ms   p90 "
+            f"{ms[int(len(ms) * 0.9)]:6.2f} ms   min {ms[0]:6.2f} ms   (n={len(ms)})")
+
+
+def _cfg(i: int, prefix: str) -> TaskConfig:
+    return TaskConfig(f"{prefix}{i}", f"bench-{i}", ("sleep", "100000"), {})
+
+
+async def main(args: argparse.Namespace) -> None:
+    data = Path(tempfile.mkdtemp(prefix="shoal-bench-rt-"))
+    rss0 = _rss_mb()
+    ctl = ProcessController(RuntimeConfig(data_dir=data, cgroup_parent="shoal-bench"))
+    rss_ctl = _rss_mb()
+    try:
+        # warm-up (page cache, the launcher binary, cgroup parents)
+        for i in range(3):
+            await ctl.start(_cfg(i, "warm"))
+            subprocess.run(RAW, check=True)
+        for i in range(3):
+            await ctl.remove(f"warm{i}")
+
+        runtime_ms, raw_ms = [], []
+        for i in range(args.samples):
+            t0 = time.perf_counter()
+            subprocess.run(RAW, check=True)
+            raw_ms.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            st = await ctl.start(_cfg(i, "lat"))
+            runtime_ms.append((time.perf_counter() - t0) * 1000)
+            assert st.state is RunState.RUNNING, st
+            await ctl.remove(f"lat{i}")
+        ratio = statistics.median(runtime_ms) / statistics.median(raw_ms)
+        print(_summary("raw unshare exec (start to exit)", raw_ms))
+        print(_summary("runtime start() -> RUNNING", runtime_ms))
+        print(f"{'ratio runtime / raw (medians)':<34} {ratio:.2f}x")
+
+        sem = asyncio.Semaphore(args.concurrency)
+
+        async def one(i: int) -> None:
+            async with sem:
+                st = await ctl.start(_cfg(i, "tp"))
+                assert st.state is RunState.RUNNING, st
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.tasks)))
+        elapsed = time.perf_counter() - t0
+        print(f"{'throughput':<34} {args.tasks / elapsed:6.1f} starts/s "
+              f"({args.tasks} tasks, {args.concurrency} in flight, {elapsed:.2f} s)")
+        await asyncio.sleep(0.5)
+        rss = _rss_mb()
+        print(f"{'controller RSS':<34} {rss:6.1f} MB with {len(ctl.tasks())} tasks running "
+              f"(interpreter alone {rss0:.1f} MB, controller idle {rss_ctl:.1f} MB, peak "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB)")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(ctl.remove(f"tp{i}") for i in range(args.tasks)))
+        print(f"{'remove (stop + cgroups + dir)':<34} "
+              f"{(time.perf_counter() - t0) * 1000 / args.tasks:6.2f} ms per task (concurrent)")
+    finally:
+        for tid in list(ctl.tasks()):
+            await ctl.remove(tid)
+        await ctl.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=16)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,308 @@
+"""The node's share of the cluster network: task networking, the routing mesh, service DNS.
+
+Owns: driving three building blocks from the replicated state, on every member node —
+
+* ``NodeNetwork`` (node/network.py): the bridge from this node's ``Node.subnet``, host-gateway
+  routes to every other node's subnet via that node's address, the VIP range routed locally
+  (``local VIP_CIDR dev lo``: any VIP can be bound and is delivered to this node's balancer),
+  one veth per task (``attach``/``detach``, called by the Worker);
+* the ``Balancer`` (shoal.lb: worker processes, the agent only sends tables): one
+  ``ServiceLB`` per (service, target port) — frontends on every published port, a frontend on
+  ``VIP:target`` for the same protocols, endpoints = tasks whose status is RUNNING with an
+  address, on any node; a task whose desired state went past RUNNING stays in the table
+  *draining* (no new connections, open ones cut at first-seen + ``stop_grace_period``);
+* the ``DnsServer`` (node/dns.py) on the bridge gateway, port 53: ``SERVICE[.shoal]`` → the
+  VIP for services with published ports, the task addresses otherwise; ``tasks.SERVICE`` →
+  task addresses. Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
+  (``task_files()``, passed to the runtime through ``TaskConfig.files``).
+
+``plan_tables`` and ``lookup`` are pure (snapshot in, records out) and unit-tested; ``run()``
+re-plans on every state change (``wake()``) and every ``resync`` seconds, and sends only the
+tables that changed. Errors::
+
+    NetworkError (node/network.py)
+     └─ MeshError           mesh not started / no subnet for this node yet
+
+Must not touch: the store (read-only snapshots), the runtime (the Worker calls ``attach``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.lb import Balancer
+from shoal.lb.config import Config as LBConfig
+from shoal.lb.errors import LBError
+from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
+from shoal.node import dns
+from shoal.node.network import NetworkConfig, NetworkError, NodeNetwork
+from shoal.raft.models import Service, TaskState
+from shoal.raft.state import Snapshot
+
+log = logging.getLogger("shoal.mesh")
+
+_ALGORITHMS = {"round-robin": Algorithm.ROUND_ROBIN, "least-conn": Algorithm.LEAST_CONNECTIONS}
+
+
+class MeshError(NetworkError):
+    """The mesh cannot do that yet (not started, or this node has no subnet)."""
+
+
+@dataclass
+class MeshConfig:
+    # UDP port of the node's DNS server on the bridge gateway address. 53: tasks' resolvers
+    # cannot be told another port. 0 = no DNS server (tasks keep the host's resolv.conf).
+    dns_port: int = 53
+    # Seconds between two full re-plans when nothing wakes the mesh (draining deadlines and
+    # missed wake-ups are caught here). Lower = faster repair, more snapshot copies.
+    resync: float = 0.5
+    # Seconds ``attach`` waits for the mesh to be up (bridge made) before giving up.
+    ready_timeout: float = 15.0
+    # The balancer's settings; ``listen_addrs`` is replaced by the node's advertise address,
+    # 127.0.0.1 and the bridge gateway (published ports listen on those, VIPs on themselves).
+    lb: LBConfig | None = None
+    # The bridge, MTU and masquerade settings.
+    network: NetworkConfig | None = None
+
+
+def lb_name(service: str, target: int) -> str:
+    """The balancer table name of one (service, target port)."""
+    return f"{service}.{target}"
+
+
+def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, ServiceLB]:
+    """The balancer tables the state asks for: one per (service, target port) of every service
+    with published ports. ``drain_since``: task id → wall-clock time its stop was first seen
+    (its connections are cut at that time + the task's ``stop_grace_period``)."""
+    out: dict[str, ServiceLB] = {}
+    for svc in snap.services.values():
+        if not svc.spec.ports:
+            continue
+        endpoints: list[Endpoint] = []
+        for task in snap.tasks_of(svc.id):
+            st = task.status
+            if st.state is not TaskState.RUNNING or not st.addr:
+                continue
+            deadline = None
+            if task.desired_state > TaskState.RUNNING:
+                deadline = drain_since.get(task.id, 0.0) + task.spec.stop_grace_period
+            endpoints.append(Endpoint(st.addr, task.id, None, deadline))
+        endpoints.sort(key=lambda e: e.task_id)
+        by_target: dict[int, list[Frontend]] = {}
+        for p in svc.spec.ports:
+            by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
+        for target, frontends in sorted(by_target.items()):
+            name = lb_name(svc.spec.name, target)
+            out[name] = ServiceLB(
+                name=name, target_port=target, frontends=tuple(frontends),
+                endpoints=tuple(endpoints), vip=svc.vip or None,
+                algorithm=_ALGORITHMS.get(svc.spec.lb_algorithm, Algorithm.ROUND_ROBIN))
+    return out
+
+
+def stopping_tasks(snap: Snapshot) -> set[str]:
+    """Tasks still RUNNING whose desired state moved past RUNNING (they are being stopped)."""
+    return {t.id for t in snap.tasks.values()
+            if t.status.state is TaskState.RUNNING and t.desired_state > TaskState.RUNNING}
+
+
+def lookup(snap: Snapshot, name: str) -> list[str] | None:
+    """DNS: ``SERVICE`` → [VIP] (services with published ports) or its task addresses;
+    ``tasks.SERVICE`` → its task addresses; None = not a shoal name."""
+    tasks_only = name.startswith("tasks.")
+    svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
+    if svc is None:
+        return None
+    if not tasks_only and svc.vip and svc.spec.ports:
+        return [svc.vip]
+    return sorted(t.status.addr for t in snap.tasks_of(svc.id)
+                  if t.status.state is TaskState.RUNNING and t.status.addr
+                  and t.desired_state <= TaskState.RUNNING)
+
+
+def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:
+    """(subnet, via address) of every other node."""
+    return sorted((n.subnet, n.addr) for n in snap.nodes.values() if n.id != node_id and n.subnet)
+
+
+class Mesh:
+    """One per member agent; every method runs on the agent's event loop."""
+
+    def __init__(self, data_dir: Path, node_id: str, advertise_addr: str,
+                 snapshot: Callable[[], Snapshot | None], is_ready: Callable[[], bool],
+                 live_tasks: Callable[[], Iterable[str]],
+                 config: MeshConfig | None = None) -> None:
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.advertise_addr = advertise_addr
+        self.config = config or MeshConfig()
+        self._snapshot = snapshot
+        self._is_ready = is_ready
+        self._live_tasks = live_tasks
+        self.network: NodeNetwork | None = None
+        self.balancer: Balancer | None = None
+        self._dns: asyncio.DatagramTransport | None = None
+        self._dns_server: dns.DnsServer | None = None
+        self._snap: Snapshot | None = None
+        self._pushed: dict[str, ServiceLB] = {}
+        self._drain_since: dict[str, float] = {}
+        self._wakeup = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self.errors: dict[str, str] = {}  # table name → why the balancer refused it
+
+    # ------------------------------------------------------------------ lifecycle
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def run(self) -> None:
+        """Set the node up once its subnet is in the state, then follow the state."""
+        while not self._closed and not self.ready:
+            snap = self._snapshot() if self._is_ready() else None
+            node = snap.nodes.get(self.node_id) if snap is not None else None
+            if snap is not None and node is not None and node.subnet:
+                try:
+                    await self._start(snap, node.subnet)
+                except (NetworkError, LBError, OSError) as exc:
+                    log.error("cluster network could not start (retrying): %s", exc)
+                    await self._close_parts()
+            if not self.ready:
+                await self._sleep(1.0)
+        while not self._closed:
+            self._wakeup.clear()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("mesh sync failed; retrying")
+            await self._sleep(self.config.resync)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+
+    async def _start(self, snap: Snapshot, subnet: str) -> None:
+        cluster = snap.cluster
+        net = NodeNetwork(self.data_dir, subnet, cluster.cluster_cidr, self.config.network,
+                          vip_cidr=cluster.vip_cidr)
+        self.network = net
+        await net.setup()
+        net.forget_except(self._live_tasks())
+        lb_cfg = (self.config.lb or LBConfig()).replace(
+            listen_addrs=tuple(dict.fromkeys((self.advertise_addr, "127.0.0.1", net.gateway))))
+        self.balancer = Balancer(lb_cfg)
+        await self.balancer.start()
+        if self.config.dns_port:
+            self._dns, self._dns_server = await dns.serve(
+                self._dns_lookup, net.gateway, self.config.dns_port)
+        self._ready.set()
+        log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
+                 net.gateway, self.balancer.pids)
+
+    async def close(self, teardown: bool = False) -> None:
+        """Stop the balancer and DNS; with ``teardown`` also remove the bridge, routes and
+        NAT rule (leaving the cluster). Running tasks keep their addresses otherwise."""
+        self._closed = True
+        self._wakeup.set()
+        net = self.network
+        await self._close_parts()
+        if teardown and net is not None:
+            with contextlib.suppress(NetworkError, OSError):
+                await net.teardown()
+
+    async def _close_parts(self) -> None:
+        self._ready.clear()
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
+        if self.balancer is not None:
+            balancer, self.balancer = self.balancer, None
+            with contextlib.suppress(LBError, OSError):
+                await balancer.close()
+        self._pushed.clear()
+
+    # ------------------------------------------------------------------ tasks
+    async def attach(self, task_id: str, pid: int) -> str:
+        """Give a started task (its init is ``pid``) its veth and address; return the address.
+        Raises MeshError if the mesh is not up within ``ready_timeout``, NetworkError."""
+        if not self.ready:
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.config.ready_timeout)
+            except TimeoutError:
+                raise MeshError("the node's network is not set up yet (no subnet assigned?)"
+                                ) from None
+        assert self.network is not None
+        return await self.network.attach(task_id, pid)
+
+    def address_of(self, task_id: str) -> str:
+        return self.network.address_of(task_id) if self.network is not None else ""
+
+    async def detach(self, task_id: str) -> None:
+        if self.network is not None:
+            await self.network.detach(task_id)
+
+    def task_files(self) -> dict[str, tuple[bytes, int]]:
+        """Files every task gets: /etc/resolv.conf naming this node's DNS server."""
+        if not self.config.dns_port or self.network is None:
+            return {}
+        text = f"nameserver {self.network.gateway}\nsearch {dns.DOMAIN}\noptions ndots:1\n"
+        return {"/etc/resolv.conf": (text.encode(), 0o644)}
+
+    # ------------------------------------------------------------------ state → tables
+    def _dns_lookup(self, name: str) -> list[str] | None:
+        snap = self._snap
+        return lookup(snap, name) if snap is not None else None
+
+    async def sync(self) -> None:
+        """One pass: routes, then every balancer table that changed."""
+        if not self._is_ready():
+            return
+        snap = self._snapshot()
+        if snap is None or self.network is None or self.balancer is None:
+            return
+        self._snap = snap
+        await self.network.sync_routes(peer_routes(snap, self.node_id))
+        now = time.time()
+        stopping = stopping_tasks(snap)
+        for tid in stopping:
+            self._drain_since.setdefault(tid, now)
+        for tid in set(self._drain_since) - stopping:
+            del self._drain_since[tid]
+        want = plan_tables(snap, self._drain_since)
+        for name, table in want.items():
+            if self._pushed.get(name) == table:
+                continue
+            try:
+                await self.balancer.set_service(table)
+            except LBError as exc:
+                if self.errors.get(name) != str(exc):
+                    log.warning("balancer refused %s: %s", name, exc)
+                self.errors[name] = str(exc)
+                continue
+            self.errors.pop(name, None)
+            self._pushed[name] = table
+        for name in set(self._pushed) - set(want):
+            with contextlib.suppress(LBError):
+                await self.balancer.remove_service(name)
+            self._pushed.pop(name, None)
+            self.errors.pop(name, None)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``shoal info``: subnet, gateway, task addresses, routes, tables, errors."""
+        out: dict[str, Any] = {"ready": self.ready, "errors": dict(self.errors),
+                               "services": sorted(self._pushed)}
+        if self.network is not None:
+            out.update(self.network.describe())
+        if self._dns_server is not None:
+            out["dns"] = dict(self._dns_server.stats)
+        return out
