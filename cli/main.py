@@ -17,7 +17,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -120,6 +120,32 @@ class Client:
             err = (out or {}).get("error", {}) if isinstance(out, dict) else {}
             raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
         return out
+
+
+    def stream(self, path: str) -> Iterator[dict[str, Any]]:
+        """GET a streaming JSON-lines route; yields records as they arrive."""
+        conn = self._connection()
+        conn.timeout = None
+        try:
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
+                               "running?") from None
+            except OSError as exc:
+                raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
+            if resp.status >= 400:
+                try:
+                    err = json.loads(resp.read()).get("error", {})
+                except ValueError:
+                    err = {}
+                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
+            for raw in resp:
+                if raw.strip():
+                    yield json.loads(raw)
+        finally:
+            conn.close()
 
 
 # ----------------------------------------------------------------------------- output
@@ -308,6 +334,8 @@ def run(args: argparse.Namespace) -> None:
         run_node(c, args, fmt)
     elif args.cmd == "service":
         run_service(c, args, fmt)
+    elif args.cmd == "image":
+        run_image(c, args, fmt)
     elif args.cmd in ("secret", "config"):
         run_secret(c, args, fmt)
     elif args.cmd == "ca":
@@ -354,13 +382,34 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
             print(n)
 
 
+def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    if args.image_cmd in ("load", "import"):
+        path = os.path.abspath(args.file)
+        if not os.path.exists(path):
+            raise CliError(f"no such file: {args.file}")
+        body: dict[str, Any] = {"path": path}
+        if args.image_cmd == "import":
+            body["ref"] = args.ref
+        for img in c.call("POST", "/v1/images", body):
+            print(f"Loaded image {', '.join(img['tags']) or img['id']} ({img['id'][:19]})")
+    elif args.image_cmd == "ls":
+        emit(c.call("GET", "/v1/images"), fmt, lambda imgs: table(
+            [[", ".join(i["tags"]) or "<none>", i["id"][7:19], str(i["layers"]),
+              f"{i['size'] / 1e6:.1f} MB"] for i in imgs],
+            ["IMAGE", "ID", "LAYERS", "SIZE"]))
+    elif args.image_cmd == "rm":
+        for ref in args.refs:
+            c.call("DELETE", f"/v1/images/{_q(ref)}")
+            print(ref)
+
+
 def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
     sc = args.service_cmd
     if sc == "create":
         command = list(args.command)
         if command and command[0] == "--":
             command = command[1:]
-        if not command:
+        if not command and not args.image:
             raise CliError("service create needs a command: shoal service create --name NAME "
                            "-- CMD [ARGS...]")
         spec: dict[str, Any] = {
@@ -439,6 +488,14 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         r = c.call("POST", f"/v1/services/{_q(args.service)}/update",
                    {"spec": spec, "version": current["version"]})
         print(r["name"])
+    elif sc == "logs":
+        q = f"?tail={args.tail}&follow={int(args.follow)}&timestamps={int(args.timestamps)}"
+        width = 0
+        for rec in c.stream(f"/v1/services/{_q(args.service)}/logs{q}"):
+            prefix = f"{rec['name']}.{rec['task'][:12]}@{rec['node']}"
+            width = max(width, len(prefix))
+            sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
+            print(f"{prefix.ljust(width)} | {rec['line']}", file=sink, flush=True)
     elif sc == "rollback":
         r = c.call("POST", f"/v1/services/{_q(args.service)}/rollback")
         print(r["name"])
@@ -679,6 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--update-delay", type=float, metavar="SECONDS")
     su.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
     su.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes")
+    slg.add_argument("service")
+    slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")
+    slg.add_argument("-n", "--tail", default="all", help="lines per task (default all)")
+    slg.add_argument("-t", "--timestamps", action="store_true")
     srb = ssub.add_parser("rollback", help="go back to the previous spec")
     srb.add_argument("service")
     srm = ssub.add_parser("rm", help="remove services")
@@ -716,6 +778,17 @@ def build_parser() -> argparse.ArgumentParser:
         ki.add_argument("--format", choices=["json"], default="json")
         kr = ksub.add_parser("rm", help=f"remove {kind}s (not while a service uses them)")
         kr.add_argument("names", nargs="+")
+    im = sub.add_parser("image", help="manage this node's images")
+    isub = im.add_subparsers(dest="image_cmd", required=True, parser_class=_Parser)
+    il = isub.add_parser("load", help="load a docker-save or OCI image-layout tarball")
+    il.add_argument("file")
+    ii = isub.add_parser("import", help="import a rootfs directory or tarball as NAME[:TAG]")
+    ii.add_argument("ref", metavar="NAME[:TAG]")
+    ii.add_argument("file")
+    ils = isub.add_parser("ls", help="list this node's images")
+    ils.add_argument("--format", choices=["table", "json"], default="table")
+    irm = isub.add_parser("rm", help="remove images from this node")
+    irm.add_argument("refs", nargs="+")
     return p
 
 

@@ -45,6 +45,7 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.leader import LeaderLoop
+from shoal.node.transfer import Transfer
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.secrets import SecretsApi
@@ -104,6 +105,7 @@ class Agent:
         self._leaving = False
         self.security = Security(self)  # TLS identity, peer checks, CA (node/security.py)
         self.secrets = SecretsApi(self)  # secrets/configs and task files (node/secrets.py)
+        self.transfer = Transfer(self)  # image pulls and task logs between nodes
         self.gossip = GossipControl(self)  # gossip info, keyring, rotation (membership.py)
         self._refused_logged = 0.0
 
@@ -160,7 +162,9 @@ class Agent:
                          snapshot=store.snapshot, is_ready=store.is_ready,
                          live_tasks=lambda: self.runtime.tasks().keys())
         self._worker = Worker(identity.node_id, self.store, self.runtime, self._worker_wakeup,
-                              self.config.reconcile_interval, mesh=self.mesh)
+                              self.config.reconcile_interval, mesh=self.mesh,
+                              task_files=self.secrets.resolve_task_files,
+                              pull_image=self.transfer.pull_image)
         self.membership = self._make_membership(identity)
         self._member_tasks = [
             asyncio.create_task(self._start_gossip(self.membership), name="gossip-start"),

@@ -18,16 +18,20 @@ handlers call Agent methods and serialise what they return.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 
-from shoal.node.errors import ApiError, BadRequest, Forbidden
+from shoal.node import transfer
+from shoal.node.errors import ApiError, BadRequest, Forbidden, NotFound
 from shoal.node.pki import CertInfo, peer_info
 
 if TYPE_CHECKING:
@@ -99,6 +103,38 @@ def tls_listener(current: Callable[[], ssl.SSLContext | None], require_client_ce
 
     base.sni_callback = pick
     return base
+
+
+async def stream_ndjson(req: web.Request,
+                       records: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+    """Stream records as JSON lines; an ApiError before the first record is a normal error
+    reply, one after it ends the stream."""
+    it = aiter(records)
+    try:
+        first = await anext(it)
+    except StopAsyncIteration:
+        first = None
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(req)
+    try:
+        if first is not None:
+            await resp.write((json.dumps(first) + "\n").encode())
+            async for rec in it:
+                await resp.write((json.dumps(rec) + "\n").encode())
+    except (ConnectionResetError, aiohttp.ClientError, ApiError):
+        return resp  # the client went away, or the source failed mid-stream
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+        await resp.write_eof()
+    return resp
+
+
+def image_view(info: Any) -> dict[str, Any]:
+    return {"id": info.id, "tags": list(info.tags), "layers": len(info.layers),
+            "size": info.size}
+
+
+def image_views(agent: Agent) -> list[dict[str, Any]]:
+    return [image_view(i) for i in agent.runtime.images.ls()]
 
 
 class ApiServer:
@@ -191,6 +227,44 @@ class ApiServer:
         async def service_rollback(req: web.Request) -> Any:
             return await a.rollback_service(req.match_info["ref"])
 
+        async def service_logs(req: web.Request) -> web.StreamResponse:
+            q = req.query
+            try:
+                tail = int(q["tail"]) if q.get("tail") not in (None, "", "all") else None
+                since = float(q["since"]) if q.get("since") else None
+            except ValueError:
+                raise BadRequest("tail must be a whole number and since a time in seconds",
+                                 "tail") from None
+            follow = q.get("follow") == "1"
+            records = transfer.service_logs(a, req.match_info["ref"], tail, since,
+                                            q.get("timestamps") == "1", follow)
+            return await stream_ndjson(req, records)
+
+        async def images(_: web.Request) -> Any:
+            return await asyncio.to_thread(image_views, a)
+
+        async def image_load(req: web.Request) -> Any:
+            body = await _body(req)
+            path = body.get("path")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise BadRequest("path must be an absolute path to the tarball", "path")
+            ref = body.get("ref")
+            store = a.runtime.images
+            try:
+                if ref:
+                    info = await asyncio.to_thread(store.import_rootfs, str(ref), path)
+                    return [image_view(info)]
+                return [image_view(i) for i in await asyncio.to_thread(store.load, path)]
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise BadRequest(f"cannot load {path}: {exc}", "path") from None
+
+        async def image_rm(req: web.Request) -> Any:
+            try:
+                await asyncio.to_thread(a.runtime.images.rm, req.match_info["ref"])
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise BadRequest(str(exc), "image") from None
+            return {"removed": req.match_info["ref"]}
+
         async def service_rm(req: web.Request) -> Any:
             return await a.remove_service(req.match_info["ref"])
 
@@ -211,6 +285,10 @@ class ApiServer:
         r.add_post("/v1/services/{ref}/scale", service_scale)
         r.add_post("/v1/services/{ref}/update", service_update)
         r.add_post("/v1/services/{ref}/rollback", service_rollback)
+        r.add_get("/v1/services/{ref}/logs", service_logs)
+        r.add_get("/v1/images", images)
+        r.add_post("/v1/images", image_load)
+        r.add_delete("/v1/images/{ref}", image_rm)
         r.add_delete("/v1/services/{ref}", service_rm)
         self._add_secret_routes(app)
         self._add_gossip_routes(app)
@@ -312,6 +390,44 @@ class ApiServer:
             a.record_heartbeat(node_id)
             return {"ok": True}
 
+        async def image_resolve(req: web.Request) -> Any:
+            a.security.authorize(peer_of(req))
+            body = await _body(req)
+            return await asyncio.to_thread(a.transfer.resolve_image, body.get("ref"))
+
+        async def image_blob(req: web.Request) -> web.StreamResponse:
+            a.security.authorize(peer_of(req))
+            digest = req.match_info["digest"]
+            try:
+                f = await asyncio.to_thread(a.runtime.images.export_blob, digest)
+            except Exception as exc:
+                raise NotFound(f"no blob {digest}: {exc}", "digest") from None
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await resp.prepare(req)
+            try:
+                while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                    await resp.write(chunk)
+            finally:
+                f.close()
+            await resp.write_eof()
+            return resp
+
+        async def task_logs(req: web.Request) -> web.StreamResponse:
+            a.security.authorize(peer_of(req))
+            body = await _body(req)
+            task_id = body.get("task_id")
+            if not isinstance(task_id, str):
+                raise BadRequest("task_id is required", "task_id")
+            tail, since = body.get("tail"), body.get("since")
+            records = transfer.local_logs(
+                a, task_id, tail if isinstance(tail, int) else None,
+                float(since) if isinstance(since, (int, float)) else None,
+                bool(body.get("timestamps")), bool(body.get("follow")))
+            return await stream_ndjson(req, records)
+
+        app.router.add_post("/v1/cluster/images/resolve", image_resolve)
+        app.router.add_get("/v1/cluster/images/blobs/{digest}", image_blob)
+        app.router.add_post("/v1/cluster/logs", task_logs)
         app.router.add_get("/v1/cluster/ca", ca)
         app.router.add_post("/v1/cluster/join", join)
         app.router.add_post("/v1/cluster/keys", keys)

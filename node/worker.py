@@ -15,12 +15,16 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.store import RaftStore
+from shoal.node.errors import ApiError
 from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.images import ImageConfig
+from shoal.runtime.rootfs import MountSpec
 from shoal.runtime.errors import StartError
 
 if TYPE_CHECKING:
@@ -48,9 +52,16 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
 class Worker:
     def __init__(self, node_id: str, store: RaftStore, runtime: Controller,
                  wakeup: asyncio.Event, interval: float = 1.0,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None,
+                 task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None
+                 = None,
+                 pull_image: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.node_id = node_id
         self.mesh = mesh  # task networking: attach after start, detach on removal
+        # files a task must see besides resolv.conf (secrets/configs), fetched per task
+        self.task_files = task_files
+        # fetch an image this node lacks from a peer (raises ApiError if none has it)
+        self.pull_image = pull_image
         self.store = store
         self.runtime = runtime
         self.wakeup = wakeup
@@ -128,18 +139,50 @@ class Worker:
         if reports:
             await asyncio.gather(*(self._report(t, s) for t, s in reports))
 
-    async def _start(self, task: Task) -> TaskStatus:
-        cfg = TaskConfig(
+    async def task_config(self, task: Task) -> TaskConfig:
+        """The runtime's view of a task: its spec, with the image's config applied (Docker's
+        rules) and the files it must see (resolv.conf naming the node's DNS, secrets)."""
+        s = task.spec
+        cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
+        if s.image:
+            image = await self._ensure_image(s.image)
+            cmd, env, wd, user = image.apply(cmd, env, wd, user)
+            if not cmd:
+                raise StartError(f"image {s.image} has no command and the service gives none")
+        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
+            if self.mesh is not None else {}
+        if self.task_files is not None:
+            files.update(await self.task_files(task))
+        return TaskConfig(
             task_id=task.id,
             hostname=f"{task.service_name}-{task.slot}",
-            command=tuple(task.spec.command),
-            env=dict(task.spec.env),
-            workdir=task.spec.workdir,
-            files=self.mesh.task_files() if self.mesh is not None else {},
+            command=cmd, env=env, workdir=wd, user=user,
+            image=s.image, stop_signal=s.stop_signal,
+            memory_limit=s.limit_memory, cpu_limit=s.limit_cpu, pids_limit=s.limit_pids,
+            mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size)
+                         for m in s.mounts),
+            files=files,
         )
+
+    async def _ensure_image(self, ref: str) -> ImageConfig:
+        """The image's config; fetched from a peer first if this node lacks it."""
+        try:
+            return self.runtime.image_config(ref)
+        except StartError:
+            if self.pull_image is None:
+                raise
+        await self.pull_image(ref)
+        return self.runtime.image_config(ref)
+
+    async def _start(self, task: Task) -> TaskStatus:
         self._starting.add(task.id)
         try:
+            cfg = await self.task_config(task)
             rt = await self.runtime.start(cfg)
+        except ApiError as exc:  # a secret missing, no manager reachable, no peer has the image
+            log.warning("task %s (%s) cannot start yet: %s", task.id, task.name, exc.message)
+            return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
+                              message=exc.message, err=exc.message)
         except StartError as exc:
             log.warning("task %s (%s) failed to start: %s", task.id, task.name, exc)
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),

@@ -67,12 +67,14 @@ def validate_spec(d: Any) -> ServiceSpec:
             raise ValidationError(f"unknown field {key!r}", str(key))
     name = validate_name(d.get("name"))
     command = d.get("command")
-    if not isinstance(command, (list, tuple)) or not command:
+    if command is None and d.get("image"):
+        command = []  # the image's ENTRYPOINT/CMD
+    if not isinstance(command, (list, tuple)) or (not command and not d.get("image")):
         raise ValidationError("command is required (the program to run and its arguments)",
                               "command")
     if not all(isinstance(a, str) for a in command):
         raise ValidationError("command must be a list of strings", "command")
-    if not command[0]:
+    if command and not command[0]:
         raise ValidationError("command must not start with an empty string", "command")
     if sum(len(a) for a in command) > MAX_COMMAND_BYTES:
         raise ValidationError("command is too long", "command")

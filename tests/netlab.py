@@ -623,8 +623,10 @@ class Host:
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start a long-running process in this host's netns (own session, stdin /dev/null,
         stdout+stderr appended to DATA_DIR/<log_name>.log). The lab kills it on close.
-        ``hostname=True`` runs it in its own UTS namespace with the host's name as hostname."""
-        cmd = ["ip", "netns", "exec", self.netns]
+        ``hostname=True`` runs it in its own UTS namespace with the host's name as hostname.
+        Entered with ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys
+        in a private mount namespace, hiding the cgroup hierarchies the runtime needs."""
+        cmd = ["nsenter", f"--net=/var/run/netns/{self.netns}", "--"]
         if hostname:
             cmd += ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
         cmd += list(argv)

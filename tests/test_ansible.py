@@ -9,8 +9,10 @@ pid file, all under the lab's root dir: ``Lab.close()`` then finds and removes e
 The role starts agents with ``shoal_service_manager: direct`` (no systemd here) and still
 renders and ``systemd-analyze verify``-s the unit.
 
-Owns: the lab's ssh keys, sshd configs, inventory, ansible.cfg and wheelhouse (all under the
-lab dir). Must not touch: the machine's own ssh configuration, ~/.ansible or ~/.ssh.
+Owns: the lab's ssh keys, sshd configs, inventory, ansible.cfg, wheels and wheelhouse (all under
+the lab dir, removed with it; ssh ControlMasters are closed with ``ssh -O exit``). It creates
+/run/sshd (sshd's empty privilege-separation dir) if missing and leaves it: another sshd may use
+it. Must not touch: the machine's own ssh configuration, ~/.ansible or ~/.ssh.
 """
 
 from __future__ import annotations
@@ -40,22 +42,6 @@ PLAYBOOK_TIMEOUT = 240.0
 CLUSTER_CIDR = "10.96.0.0/16"  # not shoal's default (10.99/16; VIPs 10.98/16): the role passes it
 _RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
                        r"failed=(\d+)", re.MULTILINE)
-
-
-def test_ansible_lint_passes(tmp_path: Path) -> None:
-    """The role and playbooks pass ansible-lint's `production` profile with no exceptions
-    (ansible/.ansible-lint)."""
-    lint = BIN / "ansible-lint"
-    if not lint.exists():
-        pytest.skip("needs ansible-lint (pip install -e '.[test]')")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", LC_ALL="C.UTF-8", NO_COLOR="1",
-               ANSIBLE_HOME=str(tmp_path / "ansible"), ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
-               XDG_CACHE_HOME=str(tmp_path / "cache"))
-    res = subprocess.run([str(lint), "--nocolor"], cwd=ANSIBLE_DIR, env=env, text=True,
-                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
-                         check=False)
-    assert res.returncode == 0, f"ansible-lint failed:\n{res.stdout}\n{res.stderr}"
 
 
 def _missing_tools() -> str | None:
@@ -452,3 +438,19 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     tasks = wait_running(h1, "web", 4)
     assert {t["id"]: t["pid"] for t in tasks} == task_pids, "upgrade restarted tasks"
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+def test_ansible_lint_passes(tmp_path: Path) -> None:
+    """The role and playbooks pass ansible-lint's `production` profile with no exceptions
+    (ansible/.ansible-lint)."""
+    lint = BIN / "ansible-lint"
+    if not lint.exists():
+        pytest.skip("needs ansible-lint (pip install -e '.[test]')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", LC_ALL="C.UTF-8", NO_COLOR="1",
+               ANSIBLE_HOME=str(tmp_path / "ansible"), ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    res = subprocess.run([str(lint), "--nocolor"], cwd=ANSIBLE_DIR, env=env, text=True,
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+                         check=False)
+    assert res.returncode == 0, f"ansible-lint failed:\n{res.stdout}\n{res.stderr}"

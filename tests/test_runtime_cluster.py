@@ -1,0 +1,177 @@
+"""Tasks as real containers, end to end on netns hosts through the CLI (issue 3 must-shows):
+isolation, limits, images moved between peers, restart policy, adoption, merged logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_runtime_images import busybox_rootfs, docker_save
+
+from netlab import Host, Lab, wait_until
+
+pytestmark = pytest.mark.netns
+
+
+def tasks(h: Host, svc: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = h.cli_json("service", "ps", svc)
+    return out
+
+
+def running(h: Host, svc: str, n: int, timeout: float = 40) -> list[dict[str, Any]]:
+    def check() -> list[dict[str, Any]] | None:
+        r = [t for t in tasks(h, svc) if t["state"] == "running"
+             and t["desired_state"] == "running"]
+        return r if len(r) == n else None
+    return wait_until(check, timeout=timeout, interval=0.3, what=f"{n} running {svc}")
+
+
+def logs(h: Host, svc: str) -> str:
+    return h.cli("service", "logs", svc).stdout
+
+
+def logs_with(h: Host, svc: str, needle: str, count: int = 1) -> str | None:
+    out = logs(h, svc)
+    return out if out.count(needle) >= count else None
+
+
+@pytest.fixture
+def lab3(lab_factory: Callable[..., Lab]) -> Lab:
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    return lab
+
+
+def test_isolation_limits_and_restart_policy(lab3: Lab) -> None:
+    h1 = lab3.hosts[0]
+    probe = ("echo init=$(cat /proc/1/comm) host=$(hostname) procs=$(ls /proc | grep -c "
+             "'^[0-9]') user=$(id -u); touch /usr/x 2>/dev/null && echo usr-writable; "
+             "mount -o remount,rw /usr 2>/dev/null && echo remounted; echo probe-done; "
+             "sleep 100000")
+    h1.cli("service", "create", "--name", "probe", "--", "sh", "-c", probe)
+    running(h1, "probe", 1)
+    out = wait_until(lambda: logs_with(h1, "probe", "probe-done"), timeout=20,
+                     what="probe output")
+    assert "init=init" in out and "host=probe-1" in out, out
+    procs = int(out.split("procs=")[1].split()[0])
+    assert procs < 10, out  # init, sh, a subshell, ls, grep: host processes are invisible
+    assert "usr-writable" not in out and "remounted" not in out, out
+
+    # memory limit → OOM killed, reported FAILED with the reason; no restart (policy none)
+    h1.cli("service", "create", "--name", "hog", "--limit-memory", "32M",
+           "--restart-condition", "none", "--", "python3", "-c",
+           "b = []\nwhile True: b.append(bytearray(8 << 20))")
+    failed = wait_until(lambda: [t for t in tasks(h1, "hog") if t["state"] == "failed"]
+                        or None, timeout=40, what="hog failed")
+    assert "OOM" in (failed[0]["error"] + failed[0]["message"]), failed
+    assert failed[0]["exit_code"] == 137
+    time.sleep(2)
+    assert len(tasks(h1, "hog")) == 1  # restart condition none: not replaced
+
+    # pids limit caps a fork bomb; the node stays healthy
+    bomb = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+            "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(1000)\n"
+            "        os._exit(0)\n    n += 1\nprint('spawned', n, flush=True)\n"
+            "time.sleep(100000)\n")
+    h1.cli("service", "create", "--name", "forks", "--limit-pids", "20", "--",
+           "python3", "-c", bomb)
+    out = wait_until(lambda: logs_with(h1, "forks", "spawned"), timeout=30,
+                     what="fork loop done")
+    spawned = int(out.split("spawned")[1].split()[0])
+    assert spawned < 20, out  # capped by the pids limit, not 200
+    assert h1.cli_json("node", "ls")  # the node (and its agent) stay healthy
+
+    # restart policy: on-failure, at most 2 restarts → 3 failed tasks, then it gives up
+    h1.cli("service", "create", "--name", "crash", "--restart-condition", "on-failure",
+           "--restart-max-attempts", "2", "--restart-delay", "0.2", "--", "sh", "-c", "exit 3")
+    wait_until(lambda: len([t for t in tasks(h1, "crash") if t["state"] == "failed"]) == 3,
+               timeout=40, what="3 failed attempts")
+    time.sleep(2)
+    ts = tasks(h1, "crash")
+    assert len(ts) == 3 and all(t["exit_code"] == 3 for t in ts), ts
+
+    # stop grace period: a task ignoring SIGTERM is killed after it
+    h1.cli("service", "create", "--name", "stubborn", "--stop-grace-period", "1", "--",
+           "sh", "-c", "trap '' TERM; sleep 100000 & wait; sleep 100000")
+    pid = running(h1, "stubborn", 1)[0]["pid"]
+    t0 = time.monotonic()
+    h1.cli("service", "rm", "stubborn")
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=20, what="stubborn gone")
+    took = time.monotonic() - t0
+    assert 0.8 <= took <= 10, took
+
+
+def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> None:
+    h1 = lab3.hosts[0]
+    root = busybox_rootfs(tmp_path / "bb")
+    tarball = tmp_path / "busybox.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(root, arcname=".")
+    h1.cli("image", "import", "busybox:1", str(tarball))
+    assert "busybox:1" in h1.cli("image", "ls").stdout
+    # three replicas on three nodes: the two without the image fetch it from h1
+    h1.cli("service", "create", "--name", "bb", "--replicas", "3", "--image", "busybox:1",
+           "--", "sh", "-c", "echo hello from $(hostname); while true; do echo tick; "
+           "sleep 0.5; done")
+    ts = running(h1, "bb", 3, timeout=60)
+    assert len({t["node"] for t in ts}) == 3
+    for h in lab3.hosts[1:]:
+        assert "busybox:1" in h.cli("image", "ls").stdout
+    out = wait_until(lambda: logs_with(h1, "bb", "hello from", 3), timeout=20,
+                     what="3 greetings in merged logs")
+    assert {line.split("|")[0].split("@")[1].strip() for line in out.splitlines()
+            if "hello" in line} == {"h1", "h2", "h3"}
+
+    # `logs -f` streams new lines from every node
+    proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{h1.netns}", "--",
+                             str(lab3.shoal), "-H", f"unix://{h1.sock}", "service", "logs",
+                             "-f", "--tail", "0", "bb"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 20
+        assert proc.stdout is not None
+        while len(seen) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "tick" in line:
+                seen.add(line.split("|")[0].split("@")[1].strip())
+        assert seen == {"h1", "h2", "h3"}, seen
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    # a docker-save image with two layers and a config (Entrypoint/Env/WorkingDir)
+    save = docker_save(tmp_path)
+    h1.cli("image", "load", str(save))
+    h1.cli("service", "create", "--name", "saved", "--image", "demo:v1")
+    wait_until(lambda: [t for t in tasks(h1, "saved") if t["state"] in
+                        ("running", "complete")] or None, timeout=60, what="saved ran")
+
+
+def test_agent_restart_adopts_tasks_and_reports_exits(lab_factory: Callable[..., Lab]
+                                                      ) -> None:
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    h1 = lab.hosts[0]
+    h1.cli("service", "create", "--name", "five", "--replicas", "5", "--", "sleep", "100000")
+    h1.cli("service", "create", "--name", "short", "--restart-condition", "none", "--",
+           "sh", "-c", "read x < /dev/null; sleep 3; exit 7")
+    before = {t["id"]: t["pid"] for t in running(h1, "five", 5)}
+    running(h1, "short", 1)
+    h1.kill_agent()
+    time.sleep(4)  # `short` exits while the agent is down
+    h1.start_agent()
+    after = {t["id"]: t["pid"] for t in running(h1, "five", 5)}
+    assert after == before  # the same processes, adopted
+    done = wait_until(lambda: [t for t in tasks(h1, "short") if t["state"] == "failed"]
+                      or None, timeout=30, what="exit code of the task that ended meanwhile")
+    assert done[0]["exit_code"] == 7
