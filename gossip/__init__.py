@@ -17,7 +17,7 @@ Quick tour::
         print(ev.kind, ev.member.name, ev.member.state)
 
 ``Config.lan()`` (the defaults) probes every 0.2 s and declares a crashed member dead everywhere
-in ~1.3 s at 10 members, ~2.3 s at 100 (docs/benchmarks.md); ``Config.local()`` keeps those
+in a median 1.3 s at 10 members, 2.2 s at 100 (docs/benchmarks.md); ``Config.local()`` keeps those
 timings and shortens the background timers for tests. Keys rotate without downtime through
 ``Memberlist.keyring`` (install → use → remove on every member; ``Keyring.set_keys``).
 

@@ -175,8 +175,9 @@ class Config:
     # --- presets -------------------------------------------------------------------------------
     @classmethod
     def lan(cls, **overrides: object) -> Config:
-        """Datacenter LAN timings (the defaults): crash → dead everywhere in ~1.5 s at 10
-        members, ~2.5 s at 100 (see the module docstring and docs/benchmarks.md)."""
+        """Datacenter LAN timings (the defaults): crash → dead everywhere in a median 1.3 s
+        at 10 members, 2.2 s at 100 (real processes; see the module docstring and
+        docs/benchmarks.md)."""
         return cls(**overrides)  # type: ignore[arg-type]
 
     @classmethod

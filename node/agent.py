@@ -45,7 +45,6 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.leader import LeaderLoop
-from shoal.node.transfer import Transfer
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.secrets import SecretsApi
@@ -57,6 +56,7 @@ from shoal.node.tokens import (
     parse_token,
     role_for,
 )
+from shoal.node.transfer import Transfer
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict, to_dict
@@ -183,9 +183,13 @@ class Agent:
             t.cancel()
         if self._leader_task:
             self._leader_task.cancel()
-        for t in [*self._member_tasks, *([self._leader_task] if self._leader_task else [])]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self.mesh is not None:
+            self.mesh._closed = True  # its loop must not start another pass
+        pending = [*self._member_tasks, *([self._leader_task] if self._leader_task else [])]
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=10)
+            for t in stuck:
+                log.error("member task %s did not stop within 10 s", t.get_name())
         self._member_tasks = []
         self._leader_task = None
         if self.mesh is not None:  # on leave: tasks are gone, remove bridge/routes/NAT too

@@ -110,7 +110,8 @@ class LeaderLoop:
             except Exception:
                 log.exception("leader pass crashed; retrying")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):  # (wait_for can swallow a cancel)
+                    await self.wakeup.wait()
         log.info("no longer leading (term %d): orchestrator and scheduler stopped", term)
 
     async def _pass(self, term: int, led_for: float) -> float | None:

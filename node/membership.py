@@ -162,6 +162,9 @@ class Membership:
             except (ApiError, OSError, KeyringError) as exc:
                 log.debug("gossip key refresh failed: %s", exc)
                 changed = False
+            except Exception:  # a bug must not end the watchdog or the join loop
+                log.exception("gossip key refresh failed")
+                changed = False
             if changed:
                 self.refreshes += 1
                 self._refresh_backoff = REFRESH_MIN_BACKOFF

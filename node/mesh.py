@@ -188,8 +188,11 @@ class Mesh:
             await self._sleep(self.config.resync)
 
     async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)  # Event.wait() on a set event does not yield
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            async with asyncio.timeout(seconds):  # (wait_for can swallow a cancel)
+                await self._wakeup.wait()
+        self._wakeup.clear()
 
     async def _start(self, snap: Snapshot, subnet: str) -> None:
         cluster = snap.cluster

@@ -14,18 +14,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from shoal.node.errors import ApiError, Unavailable
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.store import RaftStore
-from shoal.node.errors import ApiError
 from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.errors import StartError
 from shoal.runtime.images import ImageConfig
 from shoal.runtime.rootfs import MountSpec
-from shoal.runtime.errors import StartError
 
 if TYPE_CHECKING:
     from shoal.node.mesh import Mesh
@@ -79,7 +79,8 @@ class Worker:
             except Exception:
                 log.exception("reconcile pass failed; retrying")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.interval)
+                async with asyncio.timeout(self.interval):  # (wait_for can swallow a cancel)
+                    await self.wakeup.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -179,7 +180,11 @@ class Worker:
         try:
             cfg = await self.task_config(task)
             rt = await self.runtime.start(cfg)
-        except ApiError as exc:  # a secret missing, no manager reachable, no peer has the image
+        except Unavailable as exc:  # no manager/peer reachable yet: retried on the next pass
+            log.info("task %s (%s) waits: %s", task.id, task.name, exc.message)
+            return TaskStatus(state=TaskState.PREPARING, timestamp=time.time(),
+                              message=f"waiting: {exc.message}")
+        except ApiError as exc:  # a secret missing, or no peer has the image
             log.warning("task %s (%s) cannot start yet: %s", task.id, task.name, exc.message)
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
                               message=exc.message, err=exc.message)

@@ -254,8 +254,9 @@ class Fleet:
         goes to a file, not a pipe: ssh's ControlPersist masters outlive the run."""
         self.runs += 1
         log = self.work / f"run{self.runs}-{Path(name).stem}.log"
-        argv = ["ip", "netns", "exec", self.controller.netns, str(BIN / "ansible-playbook"),
-                "-i", str(self.inventory), str(ANSIBLE_DIR / name), *extra]
+        argv = ["nsenter", f"--net=/var/run/netns/{self.controller.netns}", "--",
+                str(BIN / "ansible-playbook"), "-i", str(self.inventory), str(ANSIBLE_DIR / name),
+                *extra]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh,
                                     stderr=subprocess.STDOUT, env=self.env(), cwd=self.work,
