@@ -196,9 +196,13 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
         state = f"{t['state'].capitalize()} {ago(t['state_since'])}"
         err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
                                                              "pending") else "")
+        u = t.get("usage") or {}
+        mem = f"{u['memory_bytes'] / 2**20:.1f}MiB" if u.get("memory_bytes") is not None else ""
+        cpu = f"{u['cpu_seconds']:.2f}s" if u.get("cpu_seconds") is not None else ""
         rows.append([t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
-                     state, err[:50]])
-    return table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"])
+                     state, mem, cpu, err[:50]])
+    return table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "MEM", "CPU",
+                        "ERROR"])
 
 
 # ----------------------------------------------------------------------------- commands

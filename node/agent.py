@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from shoal.gossip import Config as GossipConfig
-from shoal.node import pki, sealing, views
+from shoal.node import pki, sealing, transfer, views
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.errors import (
     AlreadyInCluster,
@@ -675,10 +675,19 @@ class Agent:
         snap = self.require_manager().snapshot()
         return views.service_view(self.find_service(snap, ref), snap, detail=True)
 
-    def tasks(self, ref: str) -> list[dict[str, Any]]:
+    async def tasks(self, ref: str) -> list[dict[str, Any]]:
+        """`service ps`: the service's tasks, with live resource use of the running ones."""
         snap = self.require_manager().snapshot()
         svc = self.find_service(snap, ref)
-        return views.task_views(snap.tasks_of(svc.id), snap)
+        out = views.task_views(snap.tasks_of(svc.id), snap)
+        by_node: dict[str, list[str]] = {}
+        for t in out:
+            if t["state"] == "running" and t["node_id"]:
+                by_node.setdefault(t["node_id"], []).append(t["id"])
+        usage = await transfer.cluster_usage(self, by_node)
+        for t in out:
+            t["usage"] = usage.get(t["id"])
+        return out
 
     async def create_service(self, spec: Any) -> dict[str, Any]:
         snap = self.require_manager().snapshot()

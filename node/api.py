@@ -209,7 +209,7 @@ class ApiServer:
             return a.service(req.match_info["ref"])
 
         async def service_tasks(req: web.Request) -> Any:
-            return a.tasks(req.match_info["ref"])
+            return await a.tasks(req.match_info["ref"])
 
         async def service_scale(req: web.Request) -> Any:
             body = await _body(req)
@@ -427,6 +427,15 @@ class ApiServer:
 
         app.router.add_post("/v1/cluster/images/resolve", image_resolve)
         app.router.add_get("/v1/cluster/images/blobs/{digest}", image_blob)
+        async def task_usage(req: web.Request) -> Any:
+            a.security.authorize(peer_of(req))
+            body = await _body(req)
+            ids = body.get("task_ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise BadRequest("task_ids must be a list of task ids", "task_ids")
+            return transfer.local_usage(a, ids[:10000])
+
+        app.router.add_post("/v1/cluster/usage", task_usage)
         app.router.add_post("/v1/cluster/logs", task_logs)
         app.router.add_get("/v1/cluster/ca", ca)
         app.router.add_post("/v1/cluster/join", join)

@@ -240,3 +240,44 @@ async def service_logs(agent: Agent, ref: str, tail: int | None, since: float | 
     finally:
         for w in workers:
             w.cancel()
+
+
+# ---------------------------------------------------------------------------- task usage
+def local_usage(agent: Agent, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Resource use of tasks running on this node (from their cgroups)."""
+    out: dict[str, dict[str, Any]] = {}
+    for tid in task_ids:
+        u = agent.runtime.usage(tid)
+        if u is not None:
+            out[tid] = {"memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
+                        "cpu_seconds": u.cpu_seconds, "pids": u.pids}
+    return out
+
+
+async def cluster_usage(agent: Agent, by_node: dict[str, list[str]],
+                        timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Usage of running tasks on every node, asked concurrently; a node that does not answer
+    within ``timeout`` contributes nothing (the listing must not hang on a dead node)."""
+    store, me = agent.store, agent.identity
+    if store is None or me is None:
+        return {}
+    snap = store.snapshot()
+    out: dict[str, dict[str, Any]] = {}
+
+    async def ask(node_id: str, ids: list[str]) -> None:
+        if node_id == me.node_id:
+            out.update(local_usage(agent, ids))
+            return
+        node = snap.nodes.get(node_id)
+        if node is None:
+            return
+        with contextlib.suppress(ApiError, TimeoutError, ValueError, aiohttp.ClientError):
+            async with asyncio.timeout(timeout):
+                resp = await agent.transfer._request(node, "POST", "/v1/cluster/usage",
+                                                     {"task_ids": ids}, timeout=timeout)
+                data = await resp.json()
+                resp.release()
+                if isinstance(data, dict):
+                    out.update({k: v for k, v in data.items() if k in ids})
+    await asyncio.gather(*(ask(n, ids) for n, ids in by_node.items()))
+    return out

@@ -64,6 +64,21 @@ def test_isolation_limits_and_restart_policy(lab3: Lab) -> None:
     assert procs < 10, out  # init, sh, a subshell, ls, grep: host processes are invisible
     assert "usr-writable" not in out and "remounted" not in out, out
 
+    # per-task usage reaches `service ps`; a CPU spinner limited to 0.2 CPU uses about that
+    h1.cli("service", "create", "--name", "spin", "--limit-cpu", "0.2", "--", "python3", "-c",
+           "while True: pass")
+    running(h1, "spin", 1)
+
+    def cpu() -> float | None:
+        u = running(h1, "spin", 1)[0].get("usage") or {}
+        return u.get("cpu_seconds")
+    c0 = wait_until(cpu, timeout=10, what="usage of spin")
+    t0 = time.monotonic()
+    time.sleep(3)
+    rate = (float(cpu() or 0) - c0) / (time.monotonic() - t0)
+    assert 0.03 < rate < 0.35, rate
+    assert (running(h1, "probe", 1)[0]["usage"] or {}).get("memory_bytes")
+
     # memory limit → OOM killed, reported FAILED with the reason; no restart (policy none)
     h1.cli("service", "create", "--name", "hog", "--limit-memory", "32M",
            "--restart-condition", "none", "--", "python3", "-c",
