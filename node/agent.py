@@ -60,7 +60,7 @@ from shoal.node.transfer import Transfer
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict, to_dict
-from shoal.raft.state import Snapshot
+from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.store import RaftStore
 from shoal.raft.validate import validate_replicas, validate_spec
 from shoal.runtime.controller import ProcessController, RuntimeConfig
@@ -348,6 +348,11 @@ class Agent:
             if self.identity is not None:
                 raise AlreadyInCluster("this node is already part of a cluster "
                                        "(`shoal leave` first)")
+            if cluster_cidr:  # refuse a bad network before anything is created
+                try:
+                    ClusterState._networks({"cluster_cidr": cluster_cidr})
+                except StoreError as exc:
+                    raise BadRequest(exc.message, "cluster_cidr") from None
             node_id, cluster_id = new_id(), secrets.token_hex(16)
             # the cluster CA and this node's certificate; the keys only managers get
             now = time.time()

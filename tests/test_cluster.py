@@ -173,6 +173,8 @@ def test_bad_inputs_give_one_clear_line(lab_factory: Callable[..., Lab]) -> None
         return lines[-1]
 
     assert "not part of a cluster" in err(h1, "service", "ls")
+    assert "overlaps" in err(h1, "init", "--cluster-cidr", "10.98.0.0/16")
+    assert "CIDR" in err(h1, "init", "--cluster-cidr", "banana")
     h1.cli("init")
     assert "already part of a cluster" in err(h1, "init")
     assert "no such service: nope" in err(h1, "service", "ps", "nope")
