@@ -558,6 +558,13 @@ static int init_main(int out_w, int err_w, int devnull) {
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+    /* glibc's signal() refuses its internal real-time signals (32, 33), so an ignored one
+       inherited from whoever started the agent would survive exec: reset them with the raw
+       syscall (an all-zero kernel sigaction is SIG_DFL, no flags, empty mask on every ABI) */
+    for (int s = 32; s < 34; s++) {
+        unsigned long ksa[4] = {0, 0, 0, 0};
+        syscall(SYS_rt_sigaction, s, ksa, NULL, sizeof(unsigned long));
+    }
     syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
     execve(init, argv, envp);
     int e = errno;
