@@ -377,14 +377,6 @@ def test_remote_api_needs_a_current_client_certificate(lab_factory: Callable[...
     assert json.loads(h1.cli("ca", "info").stdout)["clients"] == []
 
 
-def _worker_passes_files() -> bool:
-    """Whether the agent hands resolve_task_files' result to the runtime (lead's wiring)."""
-    src = (REPO / "node" / "worker.py").read_text() + (REPO / "node" / "agent.py").read_text()
-    return "resolve_task_files" in src.replace("def resolve_task_files", "")
-
-
-@pytest.mark.skipif(not _worker_passes_files(), reason="the worker does not pass "
-                    "SecretsApi.resolve_task_files to TaskConfig.files yet")
 def test_secret_is_a_0400_file_in_the_task_and_nowhere_on_the_workers_disk(
         lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
     """Inside every task the secret is /run/secrets/NAME with mode 0400 and the right
