@@ -445,14 +445,35 @@ def _cgroup_dirs(task_ids: set[str]) -> list[Path]:
     return found
 
 
-def _remove_cgroups(dirs: list[Path]) -> None:
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        for sub in sorted((p for p in d.rglob("*") if p.is_dir()),
-                          key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                sub.rmdir()
-        with contextlib.suppress(OSError):
-            d.rmdir()
+def _remove_cgroups(dirs: list[Path], timeout: float = 5.0) -> None:
+    """Kill what is left in each cgroup (cgroup.kill where the kernel has it, else SIGKILL to
+    every listed pid) and remove it, retrying while the dying processes drain out (a task
+    with many processes, e.g. a capped fork bomb, takes a moment after its init died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            if not d.exists():
+                continue
+            kill = d / "cgroup.kill"
+            if kill.exists():
+                with contextlib.suppress(OSError):
+                    kill.write_text("1")
+            with contextlib.suppress(OSError, ValueError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()),
+                              key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            try:
+                d.rmdir()
+            except OSError:
+                left.append(d)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _safe_rmtree(top: str) -> None:
