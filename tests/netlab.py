@@ -168,6 +168,17 @@ def _alive(pid: int, start: int | None = None) -> bool:
     return start is None or info.start == start
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists (for tests checking that tasks died)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _now_ticks() -> int:
     return int(float(Path("/proc/uptime").read_text().split()[0]) * _CLK_TCK)
 

@@ -6,14 +6,13 @@ Each test names the user-visible property it checks. Tasks are `sleep` processes
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from netlab import Host, Lab, wait_until
+from netlab import Host, Lab, pid_alive, wait_until
 from shoal.cli.main import Client, CliError
 
 pytestmark = pytest.mark.netns
@@ -36,16 +35,6 @@ def wait_running(host: Host, service: str, n: int, timeout: float = 30.0
         return tasks if len(tasks) == n and not extra else None
     return wait_until(check, timeout=timeout, interval=0.3,
                       what=f"exactly {n} running tasks of {service} on {host.name}")
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def leader_host(lab: Lab, ask: Host) -> Host:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from netlab import CommandError, Host, Lab, wait_until
+from netlab import CommandError, Host, Lab, pid_alive, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -70,16 +70,6 @@ def wait_running(host: Host, service: str, n: int, timeout: float = 40.0,
     return wait_until(check, timeout=timeout, interval=0.2,
                       what=f"exactly {n} running tasks of {service}" +
                       (f" none on {avoid}" if avoid else ""))
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @contextmanager
