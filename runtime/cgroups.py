@@ -182,6 +182,20 @@ def _read_keyed(path: Path, key: str) -> int | None:
     return None
 
 
+def check_limits(layout: CgroupLayout, limits: Limits) -> None:
+    """Raise CgroupError if this host cannot enforce one of ``limits``."""
+    for what, wanted in (
+        ("memory", limits.memory_bytes),
+        ("cpu", limits.cpus),
+        ("pids", limits.pids),
+    ):
+        if wanted and not layout.can_limit(what):
+            raise CgroupError(
+                f"cannot enforce a {what} limit: no {what} cgroup controller on this host "
+                f"(cgroup layout: {layout.mode})"
+            )
+
+
 # Parent groups made (and, on v2, given their controllers) by this process: done once.
 _READY_PARENTS: set[Path] = set()
 
@@ -215,16 +229,7 @@ class TaskCgroups:
     ) -> TaskCgroups:
         """Make the task's groups and write its limits. Raise CgroupError (nothing left behind)
         if a limit cannot be enforced here or the groups cannot be made."""
-        for what, wanted in (
-            ("memory", limits.memory_bytes),
-            ("cpu", limits.cpus),
-            ("pids", limits.pids),
-        ):
-            if wanted and not layout.can_limit(what):
-                raise CgroupError(
-                    f"cannot enforce a {what} limit: no {what} cgroup controller on this host "
-                    f"(cgroup layout: {layout.mode})"
-                )
+        check_limits(layout, limits)
         roots: dict[str, Path] = {}
         if layout.unified is not None:
             roots["unified"] = layout.unified

@@ -16,6 +16,13 @@ as its shim: it pumps the task's output into rotated log files, waits for it and
 code to ``TASKDIR/exit``, so tasks survive an agent restart and a restarted agent learns how they
 ended (:meth:`ProcessController.recover`).
 
+Start order (what overlaps what): check what the user can get wrong (image, user, limits), make
+the task directory, spawn the launcher (it clones the task's namespaces and waits for its spec
+meanwhile), prepare the task (files, config.json, cgroups, runtime.json, the spec), record the
+shim in pids.json, send the spec (the "go"), wait for the ready pipe's EOF (tini exec'ed; the
+shim reports the init's pid on the same pipe), record the init. A failure before the go closes
+the spec pipe unfinished: the launcher starts nothing and is killed and reaped.
+
 Task directory (``data_dir/tasks/<task_id>/``)::
 
     config.json   the TaskConfig (file contents elided)     (agent, before launch)
@@ -77,6 +84,7 @@ from shoal.runtime.rootfs import (
     INIT_IN_TASK,
     MountSpec,
     RootfsPlan,
+    User,
     build_plan,
     cap_name,
     capability_mask,
@@ -464,14 +472,21 @@ def _boot_id() -> str:
 
 def _start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks since boot), None if gone."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat is not None else None
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks since boot) from /proc/PID/stat; None if gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        with open(f"/proc/{pid}/stat", "rb", buffering=0) as fh:
+            raw = fh.read(4096)
     except OSError:
         return None
     # comm (field 2) may contain spaces and parentheses: split after its last ')'.
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return int(fields[19])
+        return int(fields[1]), int(fields[19])
     except (IndexError, ValueError):
         return None
 
@@ -546,6 +561,27 @@ class _ProcRef:
             os.close(fd)
             return None
         return fd
+
+    @classmethod
+    def open_pid(cls, pid: int, parent: int | None = None) -> tuple[_ProcRef, int] | None:
+        """A reference to the process now at ``pid`` and a pidfd for it (one /proc read instead
+        of :meth:`of` + :meth:`open`); None if it is gone, has exited, or (``parent`` given) is
+        not that process's child, i.e. the pid was reused."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        # Read after opening: what the fd pins is what we describe.
+        stat = _proc_stat(pid)
+        if stat is None or (parent is not None and stat[0] != parent):
+            os.close(fd)
+            return None
+        ref = cls(pid, stat[1])
+        if select.select([fd], [], [], 0)[0]:  # exited already (see open())
+            _reap(pid, fd)
+            os.close(fd)
+            return None
+        return ref, fd
 
     def to_json(self) -> list[int]:
         return [self.pid, self.ticks]
@@ -634,6 +670,16 @@ def _reap(pid: int, pidfd: int) -> None:
 # ------------------------------------------------------------------------- the real controller
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What start() resolved before making anything (see ProcessController._resolve)."""
+
+    layers: list[Path] | None  # image layers, top first; None = the default image
+    image_id: str
+    user: User
+    volumes: tuple[str, ...]  # named volumes the task mounts
+
+
 @dataclass
 class _Task:
     cfg: TaskConfig
@@ -654,6 +700,8 @@ class _Task:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The shim's report of the init's host pid on the ready pipe (runtime/launcher.c).
+_PID_RECORD = re.compile(rb"P([0-9]+)\n")
 _MNT_DETACH = 2
 # SigIgn bits of SIGTTIN and SIGTTOU: tini ignores them once its signal handling is set up.
 _TINI_READY = 1 << (signal.SIGTTIN - 1) | 1 << (signal.SIGTTOU - 1)
@@ -812,21 +860,32 @@ class ProcessController:
         loop = self._bind_loop()
         taskdir = self._cfg.tasks_dir / cfg.task_id
         self._starting.add(cfg.task_id)
-        cgroups: TaskCgroups | None = None
         try:
+            plan = self._resolve(cfg)  # what the user can get wrong, before anything is made
+            self._starting_images[cfg.task_id] = plan.image_id
             try:
                 taskdir.mkdir(mode=0o700)
             except FileExistsError as exc:
                 raise TaskExists(f"task directory exists: {taskdir} (call recover()?)") from exc
             except OSError as exc:
                 raise LaunchFailed(f"cannot create {taskdir}: {exc}") from exc
+            task: _Task | None = None
             try:
-                spec, cgroups, image_id = self._prepare(cfg, taskdir)
-                self._starting_images[cfg.task_id] = image_id
-                return await self._launch(loop, cfg, taskdir, spec, cgroups, image_id)
+                # The launcher first: its exec and the clone of the namespaces overlap the
+                # preparation below (it waits for the spec, and starts nothing without it).
+                task, spec_w, ready_r = self._spawn(loop, cfg, taskdir, plan)
+                try:
+                    spec = self._prepare(cfg, taskdir, plan, task)
+                except BaseException:
+                    os.close(spec_w)  # an incomplete spec: the launcher starts nothing
+                    os.close(ready_r)
+                    raise
+                return await self._launch(loop, task, spec_w, ready_r, spec)
             except BaseException:
-                if cgroups is not None:
-                    await self._remove_cgroups(cgroups)
+                if task is not None:
+                    await self._abandon(task)  # no-op if the launch already did
+                    if task.cgroups is not None:
+                        await self._remove_cgroups(task.cgroups)
                 _safe_rmtree(taskdir)
                 raise
         finally:
@@ -923,10 +982,9 @@ class ProcessController:
             raise RuntimeError("ProcessController used from two event loops")
         return loop
 
-    def _prepare(
-        self, cfg: TaskConfig, taskdir: Path
-    ) -> tuple[bytearray, TaskCgroups | None, str]:
-        """Everything before the launch: image, user, directories, cgroups, the launch spec."""
+    def _resolve(self, cfg: TaskConfig) -> _Plan:
+        """What start() checks before it makes anything: the image, the user, bind sources,
+        whether the limits can be enforced here. Raises the user's errors; no side effects."""
         layers: list[Path] | None = None
         image_id = ""
         if cfg.image:
@@ -951,6 +1009,16 @@ class ProcessController:
                 raise InvalidTaskConfig("mounts", f"bind source does not exist: {m.source}")
             if m.type == "volume":
                 volumes.append(m.source)
+        if self.cgroup_layout.mode != "none":
+            cg_mod.check_limits(self.cgroup_layout, cfg.limits())
+        elif cfg.limits().any:
+            raise CgroupError("resource limits need cgroups, which are off on this node")
+        return _Plan(layers, image_id, user, tuple(volumes))
+
+    def _prepare(self, cfg: TaskConfig, taskdir: Path, plan: _Plan, task: _Task) -> bytearray:
+        """Everything the launcher needs before the "go": directories, files, config.json, the
+        cgroups (set on ``task`` as soon as they exist) and runtime.json, the launch spec."""
+        layers, user = plan.layers, plan.user
         try:
             for sub in ("rootfs", "init/etc"):
                 (taskdir / sub).mkdir(parents=True)
@@ -963,7 +1031,7 @@ class ProcessController:
             _write_new(etc / "hostname", cfg.hostname + "\n")
             _write_new(etc / "hosts", hosts_file(cfg.hostname, cfg.extra_hosts))
             _write_new(etc / "resolv.conf", self._resolv)
-            for name in volumes:
+            for name in plan.volumes:
                 (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
             _atomic_write(taskdir / "config.json", cfg.to_json())
         except OSError as exc:
@@ -973,22 +1041,19 @@ class ProcessController:
             cgroups = TaskCgroups.create(
                 self.cgroup_layout, self._cfg.cgroup_parent, cfg.task_id, cfg.limits()
             )
-        elif cfg.limits().any:
-            raise CgroupError("resource limits need cgroups, which are off on this node")
+            task.cgroups = cgroups  # removed by start() if anything below fails
         try:
             _atomic_write(
                 taskdir / "runtime.json",
                 json.dumps(
                     {
                         "cgroups": cgroups.to_json() if cgroups else None,
-                        "image_id": image_id,
-                        "volumes": volumes,
+                        "image_id": plan.image_id,
+                        "volumes": list(plan.volumes),
                     }
                 ),
             )
         except OSError as exc:
-            if cgroups is not None:
-                cgroups.remove_now()
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
 
         env = cfg.full_env()
@@ -1000,7 +1065,6 @@ class ProcessController:
         spec.add("R", str(taskdir / "rootfs"))
         spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
         spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
-        spec.fields("L", self._cfg.log_max_bytes, self._cfg.log_max_files)
         for path in cgroups.procs_files() if cgroups else ():
             spec.add("C", path)
         for arg in cfg.command:
@@ -1024,17 +1088,13 @@ class ProcessController:
             cfg.files,
             user,
         )
-        return bytearray(spec.encode()), cgroups, image_id
+        return bytearray(spec.encode())
 
-    async def _launch(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        cfg: TaskConfig,
-        taskdir: Path,
-        spec: bytearray,
-        cgroups: TaskCgroups | None,
-        image_id: str,
-    ) -> RuntimeStatus:
+    def _spawn(
+        self, loop: asyncio.AbstractEventLoop, cfg: TaskConfig, taskdir: Path, plan: _Plan
+    ) -> tuple[_Task, int, int]:
+        """Start the launcher (it clones the task's init, which waits for the spec); return the
+        task record watching it, the spec pipe's write end and the ready pipe's read end."""
         try:
             shim_log = os.open(
                 taskdir / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
@@ -1043,10 +1103,11 @@ class ProcessController:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
         spec_r, spec_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        logs = (str(self._cfg.log_max_bytes), str(self._cfg.log_max_files))
         started_at = time.time()
         try:
             proc = subprocess.Popen(
-                [self._launcher, "shim", str(taskdir)],
+                [self._launcher, "shim", str(taskdir), *logs],
                 stdin=spec_r,
                 stdout=ready_w,
                 stderr=shim_log,
@@ -1065,23 +1126,39 @@ class ProcessController:
         os.close(spec_r)
         os.close(ready_w)
         _UNREAPED[proc.pid] = proc
+        opened = _ProcRef.open_pid(proc.pid)
         task = _Task(
             cfg=cfg,
             dir=taskdir,
             started_at=started_at,
             status=RuntimeStatus(RunState.RUNNING, pid=None, started_at=started_at),
             done=loop.create_future(),
-            shim=_ProcRef.of(proc.pid),
-            cgroups=cgroups,
-            image_id=image_id,
-            volumes=tuple(m.source for m in cfg.mounts if m.type == "volume"),
+            shim=opened[0] if opened else None,
+            image_id=plan.image_id,
+            volumes=plan.volumes,
         )
-        shim_fd = task.shim.open() if task.shim is not None else None
-        if shim_fd is None:  # cannot happen while it waits for its spec
+        if opened is None:  # cannot happen while it waits for its spec
             os.close(spec_w)
             os.close(ready_r)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            _UNREAPED.pop(proc.pid, None)
             raise LaunchFailed(f"task {cfg.task_id}: the launcher died right after spawn")
-        self._watch(task, shim_fd, shim=True)
+        self._watch(task, opened[1], shim=True)
+        return task, spec_w, ready_r
+
+    async def _launch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: _Task,
+        spec_w: int,
+        ready_r: int,
+        spec: bytearray,
+    ) -> RuntimeStatus:
+        """Record the shim, give the launcher the spec (the "go") and wait until the task's init
+        is exec'ed (RUNNING), or has failed."""
+        cfg, taskdir = task.cfg, task.dir
         try:
             self._write_pids(task)
             # The complete spec is the "go": the launcher may start the task now, it is recorded.
@@ -1089,12 +1166,15 @@ class ProcessController:
         except OSError as exc:
             os.close(ready_r)
             await self._abandon(task)  # a truncated spec: the launcher starts nothing
-            raise LaunchFailed(f"cannot start task {cfg.task_id}: {exc}") from exc
+            raise LaunchFailed(f"cannot start task {cfg.task_id}: {exc}; "
+                               f"shim.log: {_tail(taskdir / 'shim.log')!r}") from exc
         finally:
             spec[:] = bytes(len(spec))  # it may hold secrets
             os.close(spec_w)
         try:
-            ready = await asyncio.wait_for(self._read_byte(loop, ready_r), self._cfg.start_timeout)
+            ready, init_pid = await asyncio.wait_for(
+                self._read_ready(loop, ready_r), self._cfg.start_timeout
+            )
         except TimeoutError:
             await self._abandon(task)
             raise LaunchFailed(
@@ -1106,7 +1186,7 @@ class ProcessController:
             raise
         if ready == b"R":
             if task.status.state is RunState.RUNNING:
-                self._find_init(task)
+                self._find_init(task, init_pid)
         elif ready == b"N":
             task.notes.not_found = cfg.command[0]
             task.notes.save(taskdir / "notes.json")
@@ -1147,23 +1227,28 @@ class ProcessController:
             view.release()
 
     @staticmethod
-    async def _read_byte(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
-        """The launcher's ready byte, returned once the pipe is at EOF (for "R": once tini was
-        exec'ed, the pipe being close-on-exec), without blocking the loop. Closes fd."""
-        fut: asyncio.Future[bytes] = loop.create_future()
+    async def _read_ready(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[bytes, int | None]:
+        """The init's ready byte (b"" if none) and its host pid as the shim reported it (None if
+        not), returned once the pipe is at EOF (for "R": once tini was exec'ed, the pipe being
+        close-on-exec), without blocking the loop. Closes fd."""
+        fut: asyncio.Future[tuple[bytes, int | None]] = loop.create_future()
         got: list[bytes] = []
 
         def readable() -> None:
             if not fut.done():
                 try:
-                    chunk = os.read(fd, 16)
+                    chunk = os.read(fd, 64)
                 except OSError as exc:
                     fut.set_exception(exc)
                     return
                 if chunk:
                     got.append(chunk)
                 else:
-                    fut.set_result(b"".join(got)[:1])
+                    data = b"".join(got)
+                    m = _PID_RECORD.search(data)
+                    if m is not None:
+                        data = data[: m.start()] + data[m.end() :]
+                    fut.set_result((data[:1], int(m.group(1)) if m else None))
 
         loop.add_reader(fd, readable)
         try:
@@ -1209,20 +1294,20 @@ class ProcessController:
                 return
             await asyncio.sleep(0.0005)
 
-    def _find_init(self, task: _Task) -> None:
-        """The shim's only child is the task's init (its pid 1), recorded once ready."""
+    def _find_init(self, task: _Task, pid: int | None = None) -> None:
+        """The shim's only child is the task's init (its pid 1), recorded once ready. ``pid``:
+        as the shim reported it; else looked up."""
         if task.shim is None or task.init is not None:
             return
-        inits = _children(task.shim.pid)
-        if len(inits) != 1:
+        if pid is None:
+            inits = _children(task.shim.pid)
+            if len(inits) != 1:
+                return  # already gone (a very short task): its exit is on its way
+            pid = inits[0]
+        opened = _ProcRef.open_pid(pid, parent=task.shim.pid)
+        if opened is None:
             return  # already gone (a very short task): its exit is on its way
-        task.init = _ProcRef.of(inits[0])
-        if task.init is None:
-            return
-        task.init_fd = task.init.open()
-        if task.init_fd is None:
-            task.init = None
-            return
+        task.init, task.init_fd = opened
         try:
             self._write_pids(task)
         except OSError as exc:

@@ -5,22 +5,32 @@
  * Must not touch: anything else under TASKDIR (the agent writes config.json, runtime.json,
  * pids.json, notes.json) and anything outside the task's own namespaces and cgroups.
  *
- * Usage (only by the agent):  shoal-launcher shim TASKDIR
+ * Usage (only by the agent):  shoal-launcher shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES
  *   stdin  = the spec pipe: the whole launch spec (records, see below) then EOF; a spec without
- *            its end record means the agent died before "go": start nothing, exit 0.
- *   stdout = the ready pipe: one byte, "R" = the init is being exec'ed (the pipe is
- *            close-on-exec: EOF follows once it runs), "N" = command not found (then exit
- *            127); EOF without a byte = the launcher failed (reason in stderr).
+ *            its end record means the agent died (or gave up) before "go": start nothing, write
+ *            no exit file, exit 0.
+ *   stdout = the ready pipe: "P<init host pid>\n" from the shim right after the clone, then one
+ *            byte from the init: "R" = it is being exec'ed (the pipe is close-on-exec: EOF
+ *            follows once it runs), "N" = command not found (then exit 127); EOF without "R"
+ *            or "N" = the launcher failed (reason in stderr).
  *   stderr = TASKDIR/shim.log (the launcher's own messages).
  *
+ * The agent spawns the launcher *before* it prepares the task (directories, cgroups, the spec),
+ * so the launcher's exec and the clone of the namespaces (the costliest step, ~0.7 ms) overlap
+ * that work: the init is cloned at once and waits for the spec inside its new, still empty
+ * namespaces. Nothing of the task runs before the complete spec (the "go") arrives.
+ *
  * Process tree (host view):
- *   shim  (this process, host namespaces, outside the task's cgroups). Reads the spec, clones
- *         the init with new pid, mount, uts, ipc and net namespaces, then copies the task's
+ *   shim  (this process, host namespaces, outside the task's cgroups). Clones the init with
+ *         new pid, mount, uts, ipc and net namespaces, reports its pid, then copies the task's
  *         stdout/stderr pipes into size-rotated log files with a timestamp per line, waits for
  *         the init and writes its exit code to TASKDIR/exit atomically. Survives the agent.
- *   init  (ns pid 1, this program's clone): joins the task's cgroups (writes 0 to cgroup.procs:
- *         the task is accounted before anything runs), sets the hostname, brings lo up, makes
- *         every mount private, runs the mount plan (root filesystem, /proc, /dev, /sys, user
+ *         It never reads the spec (which may hold secrets).
+ *   init  (ns pid 1, this program's clone): brings lo up and makes every mount private (both
+ *         inside its own new namespaces), reads the spec, tells the shim it got a complete one,
+ *         joins the task's cgroups (writes 0 to cgroup.procs: the task is accounted before
+ *         anything of it runs), sets the hostname, runs the mount plan (root filesystem, /proc,
+ *         /dev, /sys, user
  *         mounts, files written into a tmpfs), pivot_root()s into the new root and detaches
  *         the old one, drops the capability bounding set, switches to the task's user, sets
  *         no_new_privs, chdir()s to the workdir, looks the command up in the task's PATH, reports
@@ -35,7 +45,7 @@
  *   H hostname   W workdir   A argv item (repeated)   V env "K=V" (repeated)   P the task's PATH
  *   C a cgroup.procs path (repeated)   R the root mount point (host path)   I init path in task
  *   U uid NUL gid NUL groups(comma-separated)   K capability mask to keep (decimal)
- *   L log max bytes NUL log max files   O mount-plan op (repeated, in order)   E end
+ *   O mount-plan op (repeated, in order)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
  * with RESOLVE_IN_ROOT, missing components created) or "host" (absolute host path):
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
@@ -445,7 +455,7 @@ static void write_all(int fd, const char *s, size_t n) {
     }
 }
 
-static int init_main(int out_w, int err_w, int devnull) {
+static int init_main(int out_w, int err_w, int go_w, int devnull) {
     const char *hostname = "", *workdir = "/", *path = "", *init = "";
     char *argv[MAX_ITEMS + 4], *envp[MAX_ITEMS + 1];
     int argc = 0, envc = 0, ngroups = 0;
@@ -459,6 +469,14 @@ static int init_main(int out_w, int err_w, int devnull) {
     /* The ready pipe moves to a close-on-exec fd: the agent sees EOF once tini is exec'ed. */
     int ready = fcntl(1, F_DUPFD_CLOEXEC, 3);
     if (ready < 0) die(125, "dup: %s", strerror(errno));
+    /* What needs no spec, done while the agent still prepares the task: both only touch the
+     * new namespaces, and use no resources worth accounting. */
+    lo_up();
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+        die(125, "cannot make mounts private: %s", strerror(errno));
+    if (read_spec()) return 0; /* no complete spec: the agent died (or gave up) before "go" */
+    write_all(go_w, "G", 1);   /* the shim records an exit code from now on */
+    close(go_w);
     /* cgroups first: everything from here on (mounts, the command) is accounted and limited */
     for (int i = 0; i < nrecs; i++) {
         if (recs[i].tag != 'C') continue;
@@ -500,9 +518,6 @@ static int init_main(int out_w, int err_w, int devnull) {
     if (argc < 3 || !*init || !rootdir) die(125, "incomplete spec");
 
     if (sethostname(hostname, strlen(hostname))) die(125, "cannot set the hostname: %s", strerror(errno));
-    lo_up();
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
-        die(125, "cannot make mounts private: %s", strerror(errno));
     rootfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC); /* replaced once the root is mounted */
     /* The root mount is the first op; "root" paths resolve under rootdir from then on. */
     for (int i = 0; i < nrecs; i++) {
@@ -691,35 +706,16 @@ static int pump(struct stream *s) {
 }
 
 static int shim_main(void) {
-    if (read_spec()) return 0; /* no complete spec: the agent died before "go" */
-    for (int i = 0; i < nrecs; i++) {
-        if (recs[i].tag == 'L') {
-            char *f[2];
-            if (fields(&recs[i], f, NULL, 2) == 0) {
-                char *s = str(&recs[i]);
-                log_max = strtoll(s, NULL, 10);
-                log_files = (int)strtol(s + (f[1] - recs[i].data), NULL, 10);
-                free(s);
-            }
-        }
-    }
-    if (log_max < 4096) log_max = 4096;
-    if (log_files < 1) log_files = 1;
     struct stream out = {.name = "stdout"}, err = {.name = "stderr"};
-    int op[2], ep[2];
+    int op[2], ep[2], gp[2];
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (devnull >= 0 && devnull < 3) { /* keep 0-2 for stdio: dup2 onto them must copy */
         int high = fcntl(devnull, F_DUPFD_CLOEXEC, 3);
         close(devnull);
         devnull = high;
     }
-    if (devnull >= 0) dup2(devnull, 0); /* the spec pipe is done with */
-    if (devnull < 0 || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC))
+    if (devnull < 0 || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) || pipe2(gp, O_CLOEXEC))
         die(125, "cannot create pipes: %s", strerror(errno));
-    if (open_log(&out, 0) || open_log(&err, 0)) die(125, "cannot open the logs: %s", strerror(errno));
-    out.in = op[0];
-    err.in = ep[0];
-    fflush(NULL);
     pid_t child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS |
                                                 CLONE_NEWIPC | CLONE_NEWNET | SIGCHLD,
                                  NULL, NULL, NULL, NULL);
@@ -727,13 +723,26 @@ static int shim_main(void) {
     if (child == 0) {
         close(op[0]);
         close(ep[0]);
-        _exit(init_main(op[1], ep[1], devnull));
+        close(gp[0]);
+        _exit(init_main(op[1], ep[1], gp[1], devnull));
     }
-    /* The shim keeps no copy of the spec (it may hold secrets) nor of the ready pipe. */
-    explicit_bzero(spec_buf, spec_len);
+    /* The spec and the ready pipe are the init's: report its pid, keep neither (the agent's
+     * writes must fail, not block, if the init dies; the agent waits for the init's EOF). */
+    char msg[32];
+    int len = snprintf(msg, sizeof msg, "P%d\n", (int)child);
+    write_all(1, msg, (size_t)len);
+    dup2(devnull, 0);
+    dup2(devnull, 1);
     close(op[1]);
     close(ep[1]);
-    dup2(devnull, 1);
+    close(gp[1]);
+    int failed = open_log(&out, 0) || open_log(&err, 0);
+    if (failed) {
+        say("shoal launcher: cannot open the logs: %s", strerror(errno));
+        kill(child, SIGKILL);
+    }
+    out.in = op[0];
+    err.in = ep[0];
     int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
     int status = 0, reaped = 0;
     struct timespec deadline = {0, 0};
@@ -767,7 +776,9 @@ static int shim_main(void) {
     if (!reaped) {
         while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
     }
-    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    char go = 0;
+    if (read(gp[0], &go, 1) != 1) return 0; /* the init never got a complete spec: no task */
+    int code = failed ? 125 : WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     char tmp[4096], fin[4096], txt[16];
     snprintf(tmp, sizeof tmp, "%s/exit.tmp", taskdir);
     snprintf(fin, sizeof fin, "%s/exit", taskdir);
@@ -779,10 +790,15 @@ static int shim_main(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || strcmp(argv[1], "shim") != 0) {
-        say("usage: %s shim TASKDIR (started by the shoal agent only)", argv[0]);
+    if (argc != 5 || strcmp(argv[1], "shim") != 0) {
+        say("usage: %s shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES (started by the shoal agent "
+            "only)", argv[0]);
         return 125;
     }
     taskdir = argv[2];
+    log_max = strtoll(argv[3], NULL, 10);
+    log_files = (int)strtol(argv[4], NULL, 10);
+    if (log_max < 4096) log_max = 4096;
+    if (log_files < 1) log_files = 1;
     return shim_main();
 }

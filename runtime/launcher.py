@@ -8,7 +8,9 @@ Why a compiled launcher: every step between "start" and the command (cgroup join
 two; doing them with util-linux tools costs one exec (1-2 ms) each, a Python launcher ~10 ms of
 interpreter start. One small C program (like runc's nsexec / crun) does it all in ~1 ms and also
 serves as the per-task shim (a ~1 MB process) that outlives the agent. It is built once per
-source version with the host's C compiler (Debian: gcc + libc6-dev) and cached.
+source version with the host's C compiler (Debian: gcc + libc6-dev) and cached; statically
+linked where the host has a static libc (Debian's libc6-dev does): its exec then skips the
+dynamic loader, ~0.13 ms of every start.
 
 The spec is a list of records ``TAG LEN(u32 LE) DATA`` written by the agent on the launcher's
 stdin, ending with an ``E`` record (see the header of launcher.c for the tags and ops).
@@ -58,13 +60,16 @@ def ensure_launcher(cache_dir: Path, cc: str = "cc") -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot create {cache_dir}: {exc}") from exc
     try:
-        res = subprocess.run(
-            [cc, "-O2", "-Wall", "-o", tmp, str(SOURCE)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        for link in (["-static"], []):  # dynamic if the host has no static libc
+            res = subprocess.run(
+                [cc, "-O2", "-Wall", *link, "-o", tmp, str(SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if res.returncode == 0:
+                break
     except (OSError, subprocess.TimeoutExpired) as exc:
         os.unlink(tmp)
         raise ConfigError(

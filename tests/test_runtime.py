@@ -30,6 +30,7 @@ from test_runtime_support import (
     open_fifo_writer,
     run_to_end,
     task,
+    task_cgroups,
     wait_exited,
     wait_for_members,
     wait_for_output,
@@ -363,6 +364,25 @@ async def test_a_failing_mount_fails_the_start_with_its_message(
         await ctl.start(bad)
     assert ctl.tasks() == {}
     assert list((data_dir / "tasks").iterdir()) == []
+
+
+async def test_a_start_failing_while_the_launcher_waits_for_its_spec_leaves_nothing(
+    ctl: ProcessController, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launcher is spawned before the task is prepared (its namespaces are cloned meanwhile);
+    # a failure after the cgroups were made must still leave no process, cgroup or directory.
+    def broken_plan(*args: object, **kwargs: object) -> None:
+        raise LaunchFailed("injected failure")
+
+    monkeypatch.setattr(ctl_mod, "build_plan", broken_plan)
+    with pytest.raises(LaunchFailed, match="injected failure"):
+        await ctl.start(task("prepfail", "true"))
+    assert ctl.tasks() == {}
+    assert list((data_dir / "tasks").iterdir()) == []
+    assert not any(str(data_dir) in " ".join(map(str, p.args))
+                   for p in ctl_mod._UNREAPED.values())  # fmt: skip
+    assert task_cgroups(["prepfail"]) == []
+    assert kill_leftovers(data_dir) == []  # no launcher left running
 
 
 # ----------------------------------------------------------------------- events, listener
