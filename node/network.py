@@ -3,7 +3,7 @@
 Owns: the node's task bridge (``shoal0``, gateway = first address of the node's subnet),
 the local address allocation inside the node's subnet (persisted in
 DATA_DIR/network.json so a restarted agent keeps its tasks' addresses), one veth pair per
-task (host end on the bridge, the other end moved into the task's network namespace as
+task (host end on the bridge, the other end created inside the task's network namespace as
 ``eth0`` with the task's address and a default route via the gateway), host-gateway routes
 to every other node's task subnet via that node's address, and masquerading of task
 traffic leaving the cluster network when iptables is available. Netlink work is done by
@@ -218,41 +218,37 @@ class NodeNetwork:
         return addr
 
     def _attach(self, task_id: str, pid: int, addr: str) -> None:
-        host_end, peer = veth_name(task_id), f"sp{task_id[:12]}"
+        host_end = veth_name(task_id)
         with IPRoute() as ip:
-            for name in (host_end, peer):
-                for idx in ip.link_lookup(ifname=name):
-                    ip.link("del", index=idx)
-            ip.link("add", ifname=host_end, kind="veth", peer=peer)
+            for idx in ip.link_lookup(ifname=host_end):  # a half-done earlier attempt
+                ip.link("del", index=idx)
             br = ip.link_lookup(ifname=self.config.bridge)[0]
-            h = ip.link_lookup(ifname=host_end)[0]
-            ip.link("set", index=h, master=br, mtu=self.config.mtu, state="up")
-            p = ip.link_lookup(ifname=peer)[0]
-            ip.link("set", index=p, net_ns_pid=pid)
-        self._configure_inside(pid, peer, addr)
+            # the peer is created inside the task's namespace as eth0: moving an existing
+            # device between namespaces waits for an RCU grace period (~15 ms), this does not
+            ip.link("add", ifname=host_end, kind="veth", mtu=self.config.mtu, master=br,
+                    peer={"ifname": "eth0", "net_ns_pid": pid, "mtu": self.config.mtu})
+            ip.link("set", index=ip.link_lookup(ifname=host_end)[0], state="up")
+        self._configure_inside(pid, addr)
 
-    def _configure_inside(self, pid: int, peer: str, addr: str) -> None:
+    def _configure_inside(self, pid: int, addr: str) -> None:
         with _ns_lock:
             own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
             try:
                 _setns(target)
                 try:
-                    with IPRoute() as ip:
-                        idx = ip.link_lookup(ifname=peer)[0]
-                        ip.link("set", index=idx, ifname="eth0", mtu=self.config.mtu)
-                        ip.addr("add", index=idx, address=addr,
-                                prefixlen=self.subnet.prefixlen)
-                        ip.link("set", index=idx, state="up")
-                        lo = ip.link_lookup(ifname="lo")
-                        if lo:
-                            ip.link("set", index=lo[0], state="up")
-                        ip.route("add", dst="0.0.0.0/0", gateway=self.gateway)
+                    ip = IPRoute()  # its netlink socket stays in the task's namespace
                 finally:
                     _setns(own)
             finally:
                 os.close(own)
                 os.close(target)
+        with ip:
+            idx = ip.link_lookup(ifname="eth0")[0]
+            ip.addr("add", index=idx, address=addr, prefixlen=self.subnet.prefixlen)
+            ip.link("set", index=idx, state="up")
+            ip.link("set", index=1, state="up")  # lo is always ifindex 1 in a namespace
+            ip.route("add", dst="0.0.0.0/0", gateway=self.gateway)
 
     async def detach(self, task_id: str) -> None:
         if task_id not in self.addrs:

@@ -31,6 +31,7 @@ from typing import Any
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
+from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
@@ -169,6 +170,8 @@ class RaftStore:
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit,
                                  encryptor=AeadEncryptor(password) if password else None))
+        # wake the tick thread on propose, ship entries/commits at the end of their tick
+        self._eager = EagerReplication(self._sync)
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a member node? (tick thread; no nodes yet: bootstrap)"""
@@ -236,6 +239,7 @@ class RaftStore:
 
         blob = msgpack.packb(cmd, use_bin_type=True)
         self.consumer.apply(blob, callback=done)
+        self._eager.wake()
         wait = timeout if timeout is not None else self.config.write_timeout
         try:
             result, err = await asyncio.wait_for(fut, wait)
@@ -268,6 +272,7 @@ class RaftStore:
             loop.call_soon_threadsafe(settle, err)
 
         fn(addr, callback=done)
+        self._eager.wake()
         return fut
 
     def start_add_voter(self, addr: str) -> asyncio.Future[int]:
@@ -301,3 +306,9 @@ class RaftStore:
 
     def close(self) -> None:
         self._sync.destroy()
+        # the wake-up pipe may be closed only once the tick thread (which polls it) is gone
+        thread = getattr(self._sync, "_SyncObj__thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+        if thread is None or not thread.is_alive():
+            self._eager.close()

@@ -1,0 +1,107 @@
+"""Low-latency commits on top of pysyncobj's batching: wake on propose, send at tick end.
+
+Owns: waking pysyncobj's tick thread when a write is proposed and, on the leader,
+sending append-entries as soon as a tick has added entries or advanced the commit index.
+Must not touch: what is replicated, elections, membership (all pysyncobj's).
+
+Why: with ``appendEntriesUseBatch=True`` (kept: it is what gives ~10k writes/s) pysyncobj
+notices a queued write only when its poller next wakes (up to one tick period) and ships
+new entries — and, later, the new commit index — only at the next append-entries period.
+A chain of dependent writes (service → leader batch → task RUNNING) then costs ~50 ms per
+link. pysyncobj's own answer, ``appendEntriesUseBatch=False``, sends one append-entries
+per command; with several in flight a stale acknowledgement moves a follower's next index
+back, entries are re-sent and followers log "truncating already-applied log entries"
+CRITICAL lines (see shared LIBRARY-NOTES).
+
+So here: a pipe registered with pysyncobj's poller is written on every propose (the tick
+thread wakes at once), and an on-tick callback on the leader calls pysyncobj's
+append-entries sender when the log or commit index moved — but only while every
+responsive peer has acknowledged everything sent so far. With something still in flight
+it leaves the batch to the periodic sender, so under load nothing changes and the
+re-send / truncation path is never provoked.
+
+This reaches into pysyncobj 0.3.x private state (name-mangled ``_SyncObj__*``). If an
+attribute is missing (another version) the hook turns itself off with one warning and
+pysyncobj's periodic behaviour remains: slower, still correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+from pysyncobj.monotonic import monotonic as monotonic_time
+from pysyncobj.poller import POLL_EVENT_TYPE
+
+log = logging.getLogger("shoal.raft")
+
+
+class EagerReplication:
+    """Installed on one SyncObj; ``wake()`` may be called from any thread."""
+
+    def __init__(self, sync: Any) -> None:
+        self._sync = sync
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._subscribed = False
+        self._enabled = True
+        self._last: tuple[int, int] = (-1, -1)  # (last log index, commit index) last sent
+        self.eager_sends = 0  # append-entries rounds sent early (for tests / status)
+        sync.addOnTickCallback(self._on_tick)
+
+    # ------------------------------------------------------------------ any thread
+    def wake(self) -> None:
+        """Make the tick thread run a tick now (a write was queued)."""
+        with contextlib.suppress(BlockingIOError, OSError):  # full pipe = already woken
+            os.write(self._write_fd, b"w")
+
+    def close(self) -> None:
+        """After the SyncObj is destroyed."""
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ------------------------------------------------------------------ tick thread
+    def _drain(self, _fd: int, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    def _on_tick(self) -> None:
+        if not self._enabled:
+            return
+        try:
+            if not self._subscribed:
+                # subscribe from the tick thread: the poller is not shared across threads
+                self._sync._poller.subscribe(self._read_fd, self._drain, POLL_EVENT_TYPE.READ)
+                self._subscribed = True
+            self._push()
+        except AttributeError as exc:
+            self._enabled = False
+            log.warning("pysyncobj internals changed (%s): commits fall back to its "
+                        "periodic batching (higher write latency)", exc)
+
+    def _push(self) -> None:
+        s = self._sync
+        if not s._isLeader():
+            self._last = (-1, -1)
+            return
+        index = s._SyncObj__getCurrentLogIndex()
+        commit = s._SyncObj__raftCommitIndex
+        if (index, commit) == self._last:
+            return
+        voters = s._SyncObj__otherNodes
+        if not voters and index > commit:
+            # nobody to wait for: the next tick commits, let it run now
+            self.wake()
+        match, nxt = s._SyncObj__raftMatchIndex, s._SyncObj__raftNextIndex
+        responded, connected = s._SyncObj__lastResponseTime, s._SyncObj__connectedNodes
+        recent = monotonic_time() - s._SyncObj__conf.leaderFallbackTimeout
+        for node in voters | s._SyncObj__readonlyNodes:
+            if (node in connected and responded.get(node, 0.0) > recent
+                    and match.get(node, 0) < nxt.get(node, 0) - 1):
+                return  # an append-entries is in flight: leave it to the periodic sender
+        self._last = (index, commit)
+        self.eager_sends += 1
+        s._SyncObj__sendAppendEntries()

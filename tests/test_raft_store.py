@@ -1,0 +1,113 @@
+"""RaftStore over real pysyncobj on loopback: commits do not wait for pysyncobj's periods.
+
+The Raft timings here are deliberately huge (1.5 s ticks and append-entries periods): with
+pysyncobj's own batching every sequential write would wait for them, several seconds for
+the chain below. The eager replication hook (shoal.raft.eager) must make each commit
+follow its messages instead. The bounds asserted are many times the expected figure and
+far below what batching alone could do, so load on the machine cannot flip them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.raft.eager import EagerReplication
+from shoal.raft.store import RaftConfig, RaftStore
+
+SLOW = RaftConfig(raft_min_timeout=5.0, raft_max_timeout=6.0, append_entries_period=1.5,
+                  tick_period=1.5, leader_fallback_timeout=10.0, write_timeout=20.0)
+NODE = {"id": "n1", "hostname": "h1", "addr": "127.0.0.1", "api_port": 2377, "raft_port": 0,
+        "role": "manager", "state": "ready"}
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+async def _wait(cond: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def _service(i: int) -> dict[str, Any]:
+    return {"op": "service_create", "id": f"s{i}", "now": 1.0,
+            "spec": {"name": f"svc{i}", "command": ["true"]}}
+
+
+async def test_sequential_writes_do_not_wait_for_ticks_or_periods(tmp_path: Path) -> None:
+    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=SLOW, persist=False)
+              for i, a in enumerate(addrs)]
+    try:
+        await _wait(lambda: any(s.is_leader() for s in stores) and all(
+            s.is_ready() for s in stores), 30.0)
+        leader = next(s for s in stores if s.is_leader())
+        follower = next(s for s in stores if not s.is_leader())
+        # a chain of dependent writes alternating between the leader and a follower (the
+        # follower forwards to the leader and learns of the commit from it)
+        t0 = time.monotonic()
+        for i in range(6):
+            result = await (leader if i % 2 == 0 else follower).propose(_service(i))
+            assert "ok" in result
+        chain = time.monotonic() - t0
+        # with batching alone: >= one tick or period per write, ~9 s or more
+        assert chain < 3.0, f"6 sequential commits took {chain:.2f}s"
+        # every replica applies the last write without waiting for a heartbeat period
+        await _wait(lambda: all(len(s.snapshot().services) == 6 for s in stores), 1.0)
+        assert sum(s._eager.eager_sends for s in stores) > 0
+    finally:
+        for s in stores:
+            s.close()
+
+
+async def test_single_node_commits_without_waiting_for_a_tick(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{_ports(1)[0]}"
+    store = RaftStore(addr, [addr], tmp_path, "secret", config=SLOW, persist=False)
+    try:
+        await _wait(store.is_leader, 30.0)
+        t0 = time.monotonic()
+        for i in range(5):
+            assert "ok" in await store.propose(_service(i))
+        assert time.monotonic() - t0 < 2.0  # batching alone: one 1.5 s tick per write
+    finally:
+        store.close()
+
+
+class _OtherVersion:
+    """A SyncObj without the private state the hook reads (another pysyncobj version)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+        self._poller = None
+
+    def addOnTickCallback(self, cb: Any) -> None:
+        self.callbacks.append(cb)
+
+
+def test_hook_turns_itself_off_on_an_unknown_pysyncobj(caplog: pytest.LogCaptureFixture) -> None:
+    sync = _OtherVersion()
+    hook = EagerReplication(sync)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shoal.raft"):
+            sync.callbacks[0]()  # the tick thread would call this
+            sync.callbacks[0]()
+        assert [r.message for r in caplog.records].count(
+            next(r.message for r in caplog.records if "pysyncobj internals" in r.message)) == 1
+        hook.wake()  # still harmless
+    finally:
+        hook.close()
