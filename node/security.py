@@ -154,6 +154,11 @@ class Security:
             raise Unauthenticated("this certificate is not a node certificate of this cluster")
         node = store.snapshot().nodes.get(peer.subject_id)
         if node is None:
+            if not store.is_ready():
+                # a restarted or newly joined manager that has not caught up may simply not
+                # know the caller yet: retryable, unlike a removal
+                raise Unavailable(f"this manager is still catching up with the cluster and "
+                                  f"does not know node {peer.subject_id} yet; retry")
             raise Unauthenticated(f"node {peer.subject_id} is not a member of this cluster "
                                   "(removed?): its certificate is no longer accepted")
         is_manager = peer.role == pki.ROLE_MANAGER and node.role is NodeRole.MANAGER

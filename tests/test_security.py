@@ -21,7 +21,7 @@ from aiohttp import web
 
 from shoal.node import pki
 from shoal.node.api import peer_of, tls_listener
-from shoal.node.errors import Forbidden, NotManager, Unauthenticated
+from shoal.node.errors import Forbidden, NotManager, Unauthenticated, Unavailable
 from shoal.node.sealing import (
     AAD_CA_KEY,
     SealError,
@@ -177,6 +177,10 @@ def test_state_holds_only_sealed_token_secrets_and_ca_key() -> None:
 class _Store:
     def __init__(self, st: ClusterState) -> None:
         self.st = st
+        self.ready = True
+
+    def is_ready(self) -> bool:
+        return self.ready
 
     def snapshot(self) -> Any:
         return self.st.snapshot()
@@ -218,6 +222,20 @@ def test_only_current_members_pass_and_manager_routes_need_two_manager_facts(
         sec.authorize(_peer("w1", "worker"), manager=True)
     with pytest.raises(Forbidden, match="only a manager"):
         sec.authorize(_peer("demoted", "manager"), manager=True)
+
+
+def test_a_replica_still_catching_up_refuses_unknown_nodes_as_retryable(
+        tmp_path: Path) -> None:
+    """A restarted manager whose replica is not ready yet must not call a member "removed":
+    the caller gets a retryable Unavailable, and Unauthenticated once the replica is ready."""
+    sec = _security(tmp_path, {"m1": NodeRole.MANAGER})
+    sec.agent.store.ready = False
+    with pytest.raises(Unavailable, match="catching up"):
+        sec.authorize(_peer("w9", "worker"))
+    assert sec.authorize(_peer("m1", "manager")).id == "m1"  # known: fine even while catching up
+    sec.agent.store.ready = True
+    with pytest.raises(Unauthenticated, match="not a member"):
+        sec.authorize(_peer("w9", "worker"))
 
 
 # ------------------------------------------------------------------------------------ TLS
