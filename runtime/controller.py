@@ -25,10 +25,12 @@ the spec pipe unfinished: the launcher starts nothing and is killed and reaped.
 
 Task directory (``data_dir/tasks/<task_id>/``)::
 
-    config.json   the TaskConfig (file contents elided)     (agent, before launch)
-    runtime.json  cgroup dirs, image id, volumes             (agent, before launch)
-    pids.json     boot id, start time, shim + init pid and /proc start time, to re-identify them
-                  safely after pid reuse                     (agent: after spawn, again after ready)
+    config.json   the TaskConfig (file contents elided)     (agent, before the go)
+    runtime.json  cgroup dirs, image id, volumes             (agent, before the go)
+    pids.json     boot id, start time, shim pid and /proc start time, to re-identify it safely
+                  after pid reuse (agent, before the go; rewritten, atomically, with the init's
+                  pid too if adoption had to look the init up)
+    init.pid      the init's pid and /proc start time        (shim, atomically, after the clone)
     notes.json    what only the agent knows: stop requested, SIGKILL sent, command not found
     exit          the exit code                              (shim, atomically, when the task ended)
     stdout.log[.N] stderr.log[.N]  timestamped, size-rotated (shim; see runtime/logs.py)
@@ -36,6 +38,11 @@ Task directory (``data_dir/tasks/<task_id>/``)::
     rootfs/ files/  mount points used only inside the task's mount namespace (empty on the host)
     init/etc/     hosts, hostname, resolv.conf (the task's init layer)
     upper/ work/  the task's writable overlay layer (image tasks)
+
+config.json, runtime.json and pids.json are each written once, with one write(2), into the new
+task directory before the go (O_EXCL, no temporary file and rename): an agent that dies before
+or while writing one leaves it missing or unparseable, which adoption treats the same way (the
+launcher starts nothing without the go, sent only after all three).
 
 Exit detection uses a pidfd per watched process (``os.pidfd_open`` + ``loop.add_reader``), which
 works for adopted shims that are not our children; nothing polls.
@@ -48,6 +55,7 @@ import contextlib
 import ctypes
 import dataclasses
 import enum
+import errno
 import json
 import logging
 import os
@@ -587,6 +595,15 @@ class _ProcRef:
         return [self.pid, self.ticks]
 
     @classmethod
+    def read(cls, path: Path) -> _ProcRef | None:
+        """The "PID TICKS" the shim records in TASKDIR/init.pid; None if absent or unreadable."""
+        try:
+            pid, ticks = path.read_text().split()
+            return cls(int(pid), int(ticks))
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
     def from_json(cls, raw: Any) -> _ProcRef | None:
         if raw is None:
             return None
@@ -1033,7 +1050,7 @@ class ProcessController:
             _write_new(etc / "resolv.conf", self._resolv)
             for name in plan.volumes:
                 (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
-            _atomic_write(taskdir / "config.json", cfg.to_json())
+            _write_new(taskdir / "config.json", cfg.to_json())
         except OSError as exc:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
         cgroups = None
@@ -1043,7 +1060,7 @@ class ProcessController:
             )
             task.cgroups = cgroups  # removed by start() if anything below fails
         try:
-            _atomic_write(
+            _write_new(
                 taskdir / "runtime.json",
                 json.dumps(
                     {
@@ -1095,12 +1112,6 @@ class ProcessController:
     ) -> tuple[_Task, int, int]:
         """Start the launcher (it clones the task's init, which waits for the spec); return the
         task record watching it, the spec pipe's write end and the ready pipe's read end."""
-        try:
-            shim_log = os.open(
-                taskdir / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-            )
-        except OSError as exc:
-            raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
         spec_r, spec_w = os.pipe()
         ready_r, ready_w = os.pipe()
         logs = (str(self._cfg.log_max_bytes), str(self._cfg.log_max_files))
@@ -1109,8 +1120,7 @@ class ProcessController:
             proc = subprocess.Popen(
                 [self._launcher, "shim", str(taskdir), *logs],
                 stdin=spec_r,
-                stdout=ready_w,
-                stderr=shim_log,
+                stdout=ready_w,  # its stderr: TASKDIR/shim.log, which it opens itself
                 env={},
                 cwd="/",
                 close_fds=True,
@@ -1121,8 +1131,6 @@ class ProcessController:
             for fd in (spec_r, spec_w, ready_r, ready_w):
                 os.close(fd)
             raise LaunchFailed(f"cannot spawn the launcher: {exc}") from exc
-        finally:
-            os.close(shim_log)
         os.close(spec_r)
         os.close(ready_w)
         _UNREAPED[proc.pid] = proc
@@ -1160,7 +1168,7 @@ class ProcessController:
         is exec'ed (RUNNING), or has failed."""
         cfg, taskdir = task.cfg, task.dir
         try:
-            self._write_pids(task)
+            self._write_pids(task, new=True)
             # The complete spec is the "go": the launcher may start the task now, it is recorded.
             await self._send(loop, spec_w, spec)
         except OSError as exc:
@@ -1295,10 +1303,11 @@ class ProcessController:
             await asyncio.sleep(0.0005)
 
     def _find_init(self, task: _Task, pid: int | None = None) -> None:
-        """The shim's only child is the task's init (its pid 1), recorded once ready. ``pid``:
-        as the shim reported it; else looked up."""
+        """The shim's only child is the task's init (its pid 1). ``pid``: as the shim reported
+        it (the shim also recorded it in init.pid); None: look it up, record it in pids.json."""
         if task.shim is None or task.init is not None:
             return
+        reported = pid is not None
         if pid is None:
             inits = _children(task.shim.pid)
             if len(inits) != 1:
@@ -1308,14 +1317,16 @@ class ProcessController:
         if opened is None:
             return  # already gone (a very short task): its exit is on its way
         task.init, task.init_fd = opened
-        try:
-            self._write_pids(task)
-        except OSError as exc:
-            log.warning("runtime: cannot record init pid of %s: %s", task.cfg.task_id, exc)
+        if not reported:
+            try:
+                self._write_pids(task)
+            except OSError as exc:
+                log.warning("runtime: cannot record init pid of %s: %s", task.cfg.task_id, exc)
         task.status = dataclasses.replace(task.status, pid=task.init.pid)
 
-    def _write_pids(self, task: _Task) -> None:
-        _atomic_write(
+    def _write_pids(self, task: _Task, new: bool = False) -> None:
+        """pids.json: created (``new``, before the go) or replaced atomically."""
+        (_write_new if new else _atomic_write)(
             task.dir / "pids.json",
             json.dumps(
                 {
@@ -1428,7 +1439,7 @@ class ProcessController:
             started_at = float(pids["started_at"])
             same_boot = pids.get("boot_id") == self._boot_id
             shim = _ProcRef.from_json(pids.get("shim"))
-            init = _ProcRef.from_json(pids.get("init"))
+            init = _ProcRef.from_json(pids.get("init")) or _ProcRef.read(taskdir / "init.pid")
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             # The agent died before recording the shim, so the shim never got its spec.
             started_at = (taskdir / "config.json").stat().st_mtime
@@ -1475,9 +1486,12 @@ class ProcessController:
 
 
 def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (it must not exist) with ``text``, in one write."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, text.encode())
+        data = text.encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, f"short write to {path}")
     finally:
         os.close(fd)
 

@@ -1,7 +1,8 @@
 /*
  * shoal task launcher and shim: one process per task, started by shoal.runtime.controller.
  *
- * Owns: the processes of one task, and TASKDIR/{exit, stdout.log*, stderr.log*} (rotated logs).
+ * Owns: the processes of one task, and TASKDIR/{shim.log, init.pid, exit, stdout.log*,
+ * stderr.log*} (its messages, the init's identity, the exit code, rotated logs).
  * Must not touch: anything else under TASKDIR (the agent writes config.json, runtime.json,
  * pids.json, notes.json) and anything outside the task's own namespaces and cgroups.
  *
@@ -13,7 +14,8 @@
  *            byte from the init: "R" = it is being exec'ed (the pipe is close-on-exec: EOF
  *            follows once it runs), "N" = command not found (then exit 127); EOF without "R"
  *            or "N" = the launcher failed (reason in stderr).
- *   stderr = TASKDIR/shim.log (the launcher's own messages).
+ *   stderr = where to complain if TASKDIR/shim.log (the launcher's own messages, opened first
+ *            thing) cannot be opened.
  *
  * The agent spawns the launcher *before* it prepares the task (directories, cgroups, the spec),
  * so the launcher's exec and the clone of the namespaces (the costliest step, ~0.7 ms) overlap
@@ -22,7 +24,9 @@
  *
  * Process tree (host view):
  *   shim  (this process, host namespaces, outside the task's cgroups). Clones the init with
- *         new pid, mount, uts, ipc and net namespaces, reports its pid, then copies the task's
+ *         new pid, mount, uts, ipc and net namespaces, reports its pid on the ready pipe and
+ *         records it with its start time in TASKDIR/init.pid ("PID TICKS\n", atomically; /proc
+ *         stat field 22: it re-identifies the init after pid reuse), then copies the task's
  *         stdout/stderr pipes into size-rotated log files with a timestamp per line, waits for
  *         the init and writes its exit code to TASKDIR/exit atomically. Survives the agent.
  *         It never reads the spec (which may hold secrets).
@@ -705,6 +709,30 @@ static int pump(struct stream *s) {
     return 1;
 }
 
+/* TASKDIR/init.pid: the init's host pid and start time, for an agent adopting the task (even
+ * after this shim died). Written while the init sets itself up. */
+static void record_init(pid_t child) {
+    char path[4096], tmp[4096], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)child);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0) close(fd);
+    char *p = n > 0 ? (buf[n] = '\0', strrchr(buf, ')')) : NULL;
+    /* after "comm)": state is field 3, the start time field 22 */
+    for (int field = 2; p && field < 22; field++) p = strchr(p + 1, ' ');
+    if (!p) {
+        say("shoal shim: cannot read %s", path);
+        return;
+    }
+    unsigned long long ticks = strtoull(p + 1, NULL, 10);
+    snprintf(tmp, sizeof tmp, "%s/init.pid.tmp", taskdir);
+    snprintf(path, sizeof path, "%s/init.pid", taskdir);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int len = snprintf(buf, sizeof buf, "%d %llu\n", (int)child, ticks);
+    if (fd < 0 || write(fd, buf, (size_t)len) != len || close(fd) || rename(tmp, path))
+        say("shoal shim: cannot write %s: %s", path, strerror(errno));
+}
+
 static int shim_main(void) {
     struct stream out = {.name = "stdout"}, err = {.name = "stderr"};
     int op[2], ep[2], gp[2];
@@ -736,6 +764,7 @@ static int shim_main(void) {
     close(op[1]);
     close(ep[1]);
     close(gp[1]);
+    record_init(child);
     int failed = open_log(&out, 0) || open_log(&err, 0);
     if (failed) {
         say("shoal launcher: cannot open the logs: %s", strerror(errno));
@@ -796,6 +825,16 @@ int main(int argc, char **argv) {
         return 125;
     }
     taskdir = argv[2];
+    char path[4096];
+    snprintf(path, sizeof path, "%s/shim.log", taskdir);
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0) die(125, "cannot open %s: %s", path, strerror(errno));
+    if (fd != 2) {
+        if (dup2(fd, 2) < 0) die(125, "cannot use %s: %s", path, strerror(errno));
+        close(fd);
+    } else {
+        fcntl(2, F_SETFD, 0);
+    }
     log_max = strtoll(argv[3], NULL, 10);
     log_files = (int)strtol(argv[4], NULL, 10);
     if (log_max < 4096) log_max = 4096;

@@ -557,6 +557,32 @@ async def test_close_does_not_stop_tasks(config: RuntimeConfig) -> None:
         await second.close()
 
 
+async def test_a_task_whose_shim_died_is_adopted_through_the_init_the_shim_recorded(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    first = ProcessController(config)
+    st = await first.start(task("orphan", "sleep", "1000"))
+    assert st.pid is not None
+    ticks = _ticks(st.pid)
+    await first.close()
+    taskdir = data_dir / "tasks" / "orphan"
+    assert (taskdir / "init.pid").read_text().split() == [str(st.pid), str(ticks)]
+    shim_pid = json.loads((taskdir / "pids.json").read_text())["shim"][0]
+    os.kill(shim_pid, 9)  # the task runs on without its shim
+    second = ProcessController(config)
+    try:
+        await second.recover()
+        adopted = second.status("orphan")
+        assert adopted is not None
+        assert (adopted.state, adopted.pid) == (RunState.RUNNING, st.pid)
+        stopped = await second.stop("orphan", 2.0)
+        assert stopped.state is RunState.EXITED and stopped.exit_code is None
+        assert "shim died" in stopped.message
+        assert ticks is not None and not _alive(st.pid, ticks)
+    finally:
+        await second.close()
+
+
 # -------------------------------------------------------------------- uvloop, latency figures
 
 

@@ -100,6 +100,9 @@ def kill_leftovers(data_dir: Path) -> list[str]:
             pids = json.loads(pids_file.read_text())
         except (OSError, ValueError):
             continue
+        if not pids.get("init"):  # recorded by the shim
+            with contextlib.suppress(OSError, ValueError):
+                pids["init"] = [int(x) for x in (pids_file.parent / "init.pid").read_text().split()]
         for role in ("init", "shim"):
             ref = pids.get(role)
             if ref and alive(ref[0], ref[1]):
