@@ -2,9 +2,11 @@
 filesystem, reduced capabilities), in the manner of runc / Nomad's exec driver.
 
 Owns: ``RuntimeConfig.data_dir`` / ``tasks`` (one directory per task), ``images`` (the image
-store, runtime/images.py), ``volumes`` (named volumes) and ``bin`` (the compiled launcher), the
-task cgroups (runtime/cgroups.py), and the processes started from them: one launcher/shim per task
-(runtime/launcher.c, see its header for the process tree) and the task under it.
+store, runtime/images.py), ``volumes`` (named volumes), ``bin`` (the compiled launcher) and
+``mnt`` (an empty directory: each task's staging tmpfs is mounted there, in the task's own mount
+namespace; see runtime/rootfs.py), the task cgroups (runtime/cgroups.py), and the processes
+started from them: one launcher/shim per task (runtime/launcher.c, see its header for the
+process tree) and the task under it.
 Must not touch: cluster state (the agent's reconciler decides what runs; this module only does it),
 networking beyond bringing the task's own ``lo`` up, and anything outside data_dir except the
 task's own cgroups.
@@ -30,13 +32,11 @@ Task directory (``data_dir/tasks/<task_id>/``)::
     pids.json     boot id, start time, shim pid and /proc start time, to re-identify it safely
                   after pid reuse (agent, before the go; rewritten, atomically, with the init's
                   pid too if adoption had to look the init up)
-    init.pid      the init's pid and /proc start time        (shim, atomically, after the clone)
+    init.pid      the init's pid and /proc start time        (shim, one write, after the clone)
     notes.json    what only the agent knows: stop requested, SIGKILL sent, command not found
     exit          the exit code                              (shim, atomically, when the task ended)
     stdout.log[.N] stderr.log[.N]  timestamped, size-rotated (shim; see runtime/logs.py)
     shim.log      the launcher's own messages
-    rootfs/ files/  mount points used only inside the task's mount namespace (empty on the host)
-    init/etc/     hosts, hostname, resolv.conf (the task's init layer)
     upper/ work/  the task's writable overlay layer (image tasks)
 
 config.json, runtime.json and pids.json are each written once, with one write(2), into the new
@@ -101,6 +101,7 @@ from shoal.runtime.rootfs import (
     read_rootfs_file,
     resolv_conf,
     resolve_user,
+    root_dir,
     valid_volume_name,
 )
 
@@ -379,6 +380,12 @@ class RuntimeConfig:
     @property
     def volumes_dir(self) -> Path:
         return Path(self.data_dir) / "volumes"
+
+    @property
+    def mnt_dir(self) -> Path:
+        """Empty on the host: each task's launcher mounts its staging tmpfs here, in the task's
+        own mount namespace (see runtime/rootfs.py)."""
+        return Path(self.data_dir) / "mnt"
 
     def validate(self) -> None:
         """Raise ConfigError unless tini exists and every value is sane."""
@@ -772,6 +779,7 @@ class ProcessController:
         try:
             config.tasks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             config.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            config.mnt_dir.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create {config.data_dir}: {exc}") from exc
         self._launcher = config.launcher_path or str(
@@ -1037,17 +1045,9 @@ class ProcessController:
         cgroups (set on ``task`` as soon as they exist) and runtime.json, the launch spec."""
         layers, user = plan.layers, plan.user
         try:
-            for sub in ("rootfs", "init/etc"):
-                (taskdir / sub).mkdir(parents=True)
-            if cfg.files:
-                (taskdir / "files").mkdir()
-            if layers is not None:
-                (taskdir / "upper").mkdir()
-                (taskdir / "work").mkdir()
-            etc = taskdir / "init" / "etc"
-            _write_new(etc / "hostname", cfg.hostname + "\n")
-            _write_new(etc / "hosts", hosts_file(cfg.hostname, cfg.extra_hosts))
-            _write_new(etc / "resolv.conf", self._resolv)
+            if layers is not None:  # the task's writable overlay layer
+                os.mkdir(taskdir / "upper")
+                os.mkdir(taskdir / "work")
             for name in plan.volumes:
                 (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
             _write_new(taskdir / "config.json", cfg.to_json())
@@ -1079,7 +1079,7 @@ class ProcessController:
         spec.add("W", cfg.workdir or "/")
         spec.add("P", env["PATH"])
         spec.add("I", INIT_IN_TASK)
-        spec.add("R", str(taskdir / "rootfs"))
+        spec.add("R", root_dir(self._cfg.mnt_dir))
         spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
         spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
         for path in cgroups.procs_files() if cgroups else ():
@@ -1091,9 +1091,13 @@ class ProcessController:
         build_plan(
             spec,
             RootfsPlan(
-                rootdir=taskdir / "rootfs",
+                stage=self._cfg.mnt_dir,
                 taskdir=taskdir,
-                init_layer=taskdir / "init",
+                init_files=(
+                    ("hostname", cfg.hostname + "\n"),
+                    ("hosts", hosts_file(cfg.hostname, cfg.extra_hosts)),
+                    ("resolv.conf", self._resolv),
+                ),
                 tini=self._cfg.tini_path,
                 layers=layers,
                 default_binds=self._cfg.default_rootfs,

@@ -25,7 +25,7 @@
  * Process tree (host view):
  *   shim  (this process, host namespaces, outside the task's cgroups). Clones the init with
  *         new pid, mount, uts, ipc and net namespaces, reports its pid on the ready pipe and
- *         records it with its start time in TASKDIR/init.pid ("PID TICKS\n", atomically; /proc
+ *         records it with its start time in TASKDIR/init.pid ("PID TICKS\n", one write; /proc
  *         stat field 22: it re-identifies the init after pid reuse), then copies the task's
  *         stdout/stderr pipes into size-rotated log files with a timestamp per line, waits for
  *         the init and writes its exit code to TASKDIR/exit atomically. Survives the agent.
@@ -51,7 +51,9 @@
  *   U uid NUL gid NUL groups(comma-separated)   K capability mask to keep (decimal)
  *   O mount-plan op (repeated, in order)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
- * with RESOLVE_IN_ROOT, missing components created) or "host" (absolute host path):
+ * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
+ * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
+ * last component is made by mkdir):
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
  *   mkdir   WHERE TARGET MODE
@@ -211,6 +213,7 @@ static const char *rootdir;
 static long num(const char *s) { return strtol(s, NULL, 0); }
 
 static int open_in_root(const char *path, int flags) {
+    if (rootfd < 0) die(125, "the plan uses the root before mounting it");
     struct open_how how = {0};
     how.flags = (uint64_t)(flags | O_CLOEXEC);
     how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
@@ -222,7 +225,10 @@ static int open_in_root(const char *path, int flags) {
 /* Resolve TARGET (WHERE = root|host) to an O_PATH fd, creating it (KIND dir|file) and any
  * missing parent directories inside the root. Never follows a symlink out of the root. */
 static int resolve(const char *where, const char *target, const char *kind) {
-    if (strcmp(where, "host") == 0) return open(target, O_PATH | O_CLOEXEC);
+    if (strcmp(where, "host") == 0) {
+        if (strcmp(kind, "dir") == 0 && mkdir(target, 0755) && errno != EEXIST) return -1;
+        return open(target, O_PATH | O_CLOEXEC);
+    }
     int fd = open_in_root(target, O_PATH);
     if (fd >= 0 || errno != ENOENT || strcmp(kind, "none") == 0) return fd;
     char path[4096];
@@ -308,6 +314,12 @@ static void op_mount(char **f) {
             strerror(e));
     }
     close(fd);
+    if (strcmp(where, "host") == 0 && strcmp(target, rootdir) == 0) {
+        /* the root is mounted: "root" paths resolve under it from now on */
+        if (rootfd >= 0) close(rootfd);
+        rootfd = open(rootdir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (rootfd < 0) die(125, "cannot open %s: %s", rootdir, strerror(errno));
+    }
     if (reflags) {
         /* A bind mount's flags (ro, nosuid...) need a remount of the new mount itself. */
         fd = resolve(where, target, "none");
@@ -397,11 +409,13 @@ static void run_plan(void) {
         } else if (strcmp(op, "symlink") == 0) {
             if (fields(rc, f, NULL, 3)) die(125, "bad symlink op");
             while (*f[1] == '/') f[1]++;
+            if (rootfd < 0) die(125, "the plan uses the root before mounting it");
             if (symlinkat(f[2], rootfd, f[1]) && errno != EEXIST)
                 die(125, "symlink %s: %s", f[1], strerror(errno));
         } else if (strcmp(op, "mknod") == 0) {
             if (fields(rc, f, NULL, 5)) die(125, "bad mknod op");
             while (*f[1] == '/') f[1]++;
+            if (rootfd < 0) die(125, "the plan uses the root before mounting it");
             if (mknodat(rootfd, f[1], (mode_t)num(f[2]),
                         makedev((unsigned)num(f[3]), (unsigned)num(f[4]))))
                 die(125, "mknod %s: %s", f[1], strerror(errno));
@@ -478,6 +492,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     lo_up();
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
         die(125, "cannot make mounts private: %s", strerror(errno));
+    write_all(go_w, "W", 1);   /* waiting for the spec: the shim may have the CPU now */
     if (read_spec()) return 0; /* no complete spec: the agent died (or gave up) before "go" */
     write_all(go_w, "G", 1);   /* the shim records an exit code from now on */
     close(go_w);
@@ -522,22 +537,8 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     if (argc < 3 || !*init || !rootdir) die(125, "incomplete spec");
 
     if (sethostname(hostname, strlen(hostname))) die(125, "cannot set the hostname: %s", strerror(errno));
-    rootfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC); /* replaced once the root is mounted */
-    /* The root mount is the first op; "root" paths resolve under rootdir from then on. */
-    for (int i = 0; i < nrecs; i++) {
-        if (recs[i].tag == 'O') {
-            char *f[10];
-            if (fields(&recs[i], f, NULL, 10) || strcmp(f[0], "mount") || strcmp(f[1], "host"))
-                die(125, "the plan must start by mounting the root");
-            op_mount(f + 1);
-            recs[i].tag = 'o'; /* done */
-            break;
-        }
-    }
-    close(rootfd);
-    rootfd = open(rootdir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (rootfd < 0) die(125, "cannot open %s: %s", rootdir, strerror(errno));
     run_plan();
+    if (rootfd < 0) die(125, "the plan never mounts the root");
 
     /* capabilities: bounding set first (needs CAP_SETPCAP), then the user, then the sets */
     for (int c = 0; c < 64; c++) {
@@ -712,7 +713,7 @@ static int pump(struct stream *s) {
 /* TASKDIR/init.pid: the init's host pid and start time, for an agent adopting the task (even
  * after this shim died). Written while the init sets itself up. */
 static void record_init(pid_t child) {
-    char path[4096], tmp[4096], buf[1024];
+    char path[4096], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)child);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
@@ -725,11 +726,12 @@ static void record_init(pid_t child) {
         return;
     }
     unsigned long long ticks = strtoull(p + 1, NULL, 10);
-    snprintf(tmp, sizeof tmp, "%s/init.pid.tmp", taskdir);
+    /* One small write into a new file: a reader sees it whole, or empty (then it looks the
+     * init up as the shim's child), never half of it. */
     snprintf(path, sizeof path, "%s/init.pid", taskdir);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     int len = snprintf(buf, sizeof buf, "%d %llu\n", (int)child, ticks);
-    if (fd < 0 || write(fd, buf, (size_t)len) != len || close(fd) || rename(tmp, path))
+    if (fd < 0 || write(fd, buf, (size_t)len) != len || close(fd))
         say("shoal shim: cannot write %s: %s", path, strerror(errno));
 }
 
@@ -764,6 +766,10 @@ static int shim_main(void) {
     close(op[1]);
     close(ep[1]);
     close(gp[1]);
+    /* The init usually runs on this CPU (the agent is busy on the other one, preparing the
+     * task): let it get ready for the spec first, our own files can wait that long. */
+    char go = 0;
+    if (read(gp[0], &go, 1) < 0) go = 0;
     record_init(child);
     int failed = open_log(&out, 0) || open_log(&err, 0);
     if (failed) {
@@ -805,8 +811,7 @@ static int shim_main(void) {
     if (!reaped) {
         while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
     }
-    char go = 0;
-    if (read(gp[0], &go, 1) != 1) return 0; /* the init never got a complete spec: no task */
+    if (read(gp[0], &go, 1) != 1 || go != 'G') return 0; /* no complete spec: no task */
     int code = failed ? 125 : WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     char tmp[4096], fin[4096], txt[16];
     snprintf(tmp, sizeof tmp, "%s/exit.tmp", taskdir);

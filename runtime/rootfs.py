@@ -9,18 +9,24 @@ agent's namespace, so nothing can be left in the host's /proc/mounts).
 
 The root filesystem (runc / Nomad exec driver style):
 
+* first a staging tmpfs, mounted on DATA_DIR/mnt inside the task's mount namespace only (on the
+  host that directory stays empty; every task has its own tmpfs there): the root's mount point,
+  the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf) and the task's files
+  (secrets), written by the launcher. Nothing of it touches the disk, and the task directory
+  needs no mount points.
 * default image (no image): a small tmpfs root, read-only once built, with read-only binds of the
   host's /usr, /etc, /bin, /sbin, /lib* (symlinks like /bin -> usr/bin are recreated as symlinks),
   private writable tmpfs /tmp, /var/tmp and /run; /etc/hosts, /etc/hostname and /etc/resolv.conf
-  are the task's own (bind-mounted from TASKDIR/init), host secrets (/etc/shadow...) are masked.
-* image: overlayfs, lowerdir = the task's init layer (etc/hosts, etc/hostname, etc/resolv.conf)
-  over the image's layers, upperdir = TASKDIR/upper (the task's writable layer).
+  are the task's own (bound from the init layer), host secrets (/etc/shadow...) are masked.
+* image: overlayfs, lowerdir = the init layer over the image's layers, upperdir = TASKDIR/upper
+  (the task's writable layer).
 
 Then, as Docker does: /proc (with /proc/sys, /proc/sysrq-trigger... read-only and /proc/kcore,
 /proc/keys... masked), /dev as a tmpfs with null, zero, full, random, urandom, tty, a private
 devpts (/dev/pts, /dev/ptmx), /dev/shm and /dev/mqueue, and read-only afterwards; /sys read-only;
-the user's mounts (bind, volume, tmpfs, in path order); files (secrets) written into a tmpfs and
-bind-mounted read-only onto their targets; finally pivot_root. Every writable filesystem is
+the user's mounts (bind, volume, tmpfs, in path order); files (secrets) bound read-only from
+the staging tmpfs onto their targets; finally pivot_root (which detaches the staging tmpfs with
+the old root: the task reaches only what was bound or layered from it). Every writable filesystem is
 nodev, so a task with CAP_MKNOD cannot use a device node it creates.
 """
 
@@ -258,9 +264,9 @@ INIT_IN_TASK = "/dev/init"
 class RootfsPlan:
     """Inputs of the plan that are not in the TaskConfig."""
 
-    rootdir: Path  # mount point of the task's root (TASKDIR/rootfs, empty on the host)
-    taskdir: Path
-    init_layer: Path  # TASKDIR/init: etc/hosts, etc/hostname, etc/resolv.conf
+    stage: Path  # where the staging tmpfs is mounted (DATA_DIR/mnt, an empty dir on the host)
+    taskdir: Path  # holds upper/ and work/, the overlay's writable layer (image tasks)
+    init_files: tuple[tuple[str, str], ...]  # (name, text) of the init layer's etc/: "hosts"...
     tini: str  # host path of a static tini
     layers: list[Path] | None  # image layers, top first; None = the default image
     default_binds: tuple[str, ...]  # host dirs of the default image
@@ -277,8 +283,20 @@ def build_plan(
     user: User,
 ) -> None:
     """Append the mount plan for one task to ``spec``."""
-    root = str(plan.rootdir)
+    root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
+    # 0. the staging tmpfs: the root's mount point, the init layer, the files
+    texts = [(name, text.encode()) for name, text in plan.init_files]
+    size = sum(len(raw) + 4096 for raw in [*(t for _, t in texts), *(c for c, _ in files.values())])
+    spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
+               f"mode=755,size={size + 8192}", "none")  # fmt: skip
+    for path in (root, init, f"{init}/etc", *([stage] if files else [])):
+        spec.mkdir("host", path, 0o755)
+    for name, raw in texts:
+        spec.write("host", f"{init}/etc/{name}", 0o644, 0, 0, raw)
+    staged = sorted(files.items())
+    for i, (_, (content, mode)) in enumerate(staged):
+        spec.write("host", f"{stage}/{i}", mode, user.uid, user.gid, content)
     # 1. the root
     if plan.layers is None:
         spec.mount("host", root, "tmpfs", "shoal-root", nosuid_nodev, "mode=755,size=1m", "none")
@@ -297,13 +315,13 @@ def build_plan(
         for name in ("tmp", "var/tmp"):
             spec.mount("root", name, "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")
         spec.mount("root", "run", "tmpfs", "tmpfs", nosuid_nodev, "mode=755")
-        for name in ("hosts", "hostname", "resolv.conf"):
+        for name, _ in plan.init_files:
             spec.bind(
-                str(plan.init_layer / "etc" / name), f"etc/{name}", kind="none",
+                f"{init}/etc/{name}", f"etc/{name}", kind="none",
                 flags=nosuid_nodev | MS_NOEXEC, optional=True,
             )  # fmt: skip
     else:
-        lower = ":".join(str(p) for p in [plan.init_layer, *plan.layers])
+        lower = ":".join(str(p) for p in [init, *plan.layers])
         options = (
             f"lowerdir={lower},upperdir={plan.taskdir / 'upper'},workdir={plan.taskdir / 'work'}"
         )
@@ -349,21 +367,19 @@ def build_plan(
             source = m.source if m.type == "bind" else str(plan.volumes_dir / m.source)
             kind = "dir" if m.type == "volume" or os.path.isdir(source) else "file"
             spec.bind(source, rel, kind=kind, flags=nosuid_nodev | ro)
-    # 6. files: into a tmpfs staged at TASKDIR/files (visible only in the task's namespace and
-    #    detached with the old root), then each bound read-only onto its target
-    if files:
-        stage = str(plan.taskdir / "files")
-        size = sum(len(content) + 4096 for content, _ in files.values()) + 4096
-        spec.mount("host", stage, "tmpfs", "shoal-files", nosuid_nodev | MS_NOEXEC,
-                   f"mode=755,size={size}", "none")  # fmt: skip
-        for i, (target, (content, mode)) in enumerate(sorted(files.items())):
-            spec.write("host", f"{stage}/{i}", mode, user.uid, user.gid, content)
-            spec.bind(f"{stage}/{i}", target.lstrip("/"), kind="file",
-                      flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC)  # fmt: skip
+    # 6. files: each bound read-only from the staging tmpfs onto its target
+    for i, (target, _) in enumerate(staged):
+        spec.bind(f"{stage}/{i}", target.lstrip("/"), kind="file",
+                  flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC)  # fmt: skip
     # 7. a read-only root for the default image, then pivot
     if plan.layers is None:
         spec.remount("host", root, MS_RDONLY | nosuid_nodev, "mode=755,size=1m")
     spec.pivot()
+
+
+def root_dir(stage: Path) -> str:
+    """The mount point of the task's root inside the staging tmpfs (the launcher's R record)."""
+    return f"{stage}/rootfs"
 
 
 def _mask(spec: Spec, host: str, rel: str) -> None:
@@ -421,5 +437,6 @@ __all__ = [
     "read_rootfs_file",
     "resolv_conf",
     "resolve_user",
+    "root_dir",
     "valid_volume_name",
 ]
