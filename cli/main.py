@@ -437,6 +437,7 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             "update_delay": args.update_delay,
             "secrets": [parse_file_ref(x, "--secret") for x in args.secret],
             "configs": [parse_file_ref(x, "--config") for x in args.config],
+            "constraints": list(args.constraint),
         }
         r = c.call("POST", "/v1/services", {"spec": spec})
         print(r["id"])
@@ -481,6 +482,9 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         for k in args.env_rm:
             env.pop(k, None)
         spec["env"] = env
+        if args.constraint_add or args.constraint_rm:
+            spec["constraints"] = update_constraints(spec.get("constraints") or [],
+                                                     args.constraint_add, args.constraint_rm)
         if args.command:
             command = [a for a in args.command]
             if command[0] == "--":
@@ -507,6 +511,27 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         for s in args.services:
             c.call("DELETE", f"/v1/services/{_q(s)}")
             print(s)
+
+
+def update_constraints(current: list[str], add: list[str], rm: list[str]) -> list[str]:
+    """`service update --constraint-add/--constraint-rm`, as Docker: added, then removed (a
+    removal wins); expressions are compared in their canonical form, so `node.role ==
+    manager` removes `node.role==manager`. The agent validates what is sent."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.validate import parse_constraint
+
+    def canonical(expr: str) -> str:
+        try:
+            return str(parse_constraint(expr))
+        except ValidationError:
+            return expr.strip()  # sent as is: the agent's error names it
+
+    gone = {canonical(x) for x in rm}
+    out: list[str] = []
+    for expr in [*current, *add]:
+        if canonical(expr) not in gone and expr not in out:
+            out.append(expr)
+    return out
 
 
 def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
@@ -706,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", action="append", default=[],
                     metavar="NAME[,target=FILE][,mode=0444]",
                     help="give each task the config as /run/configs/FILE")
+    sc.add_argument("--constraint", action="append", default=[], metavar="EXPR",
+                    help="placement constraint, repeatable: node.labels.KEY==VALUE, "
+                    "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR")
     sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")
@@ -738,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--restart-window", type=float, metavar="SECONDS")
     su.add_argument("--update-parallelism", type=int, metavar="N")
     su.add_argument("--update-delay", type=float, metavar="SECONDS")
+    su.add_argument("--constraint-add", action="append", default=[], metavar="EXPR",
+                    help="add a placement constraint (tasks on nodes that do not satisfy it "
+                    "are moved by the rolling update)")
+    su.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR",
+                    help="remove a placement constraint")
     su.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
     su.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes")

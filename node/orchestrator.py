@@ -2,10 +2,11 @@
 
 Owns: the replicated-service policy — one live task per slot 1..replicas, replacing
 tasks that failed (after a restart delay), whose node went down, was removed or drained,
-shutting down extra slots on scale-down, deleting tasks of removed services once they
-have stopped, and trimming task history. Also the node-liveness policy (heartbeats →
-READY/DOWN). Must not touch: the store or the network; ``shoal.node.leader`` runs
-these functions on the leader and proposes what they return as one fenced batch.
+or stopped satisfying the task's placement constraints, shutting down extra slots on
+scale-down, deleting tasks of removed services once they have stopped, and trimming
+task history. Also the node-liveness policy (heartbeats → READY/DOWN). Must not touch:
+the store or the network; ``shoal.node.leader`` runs these functions on the leader and
+proposes what they return as one fenced batch.
 
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
@@ -16,11 +17,13 @@ Ops are the tuples understood by ClusterState's ``leader`` command:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from shoal.node.scheduler import unsatisfied
 from shoal.raft.models import (
+    Node,
     NodeAvailability,
     NodeState,
     Service,
@@ -125,6 +128,28 @@ def reconcile_services(
             ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             orphaned.add(t.id)
 
+    # tasks on nodes that no longer satisfy their placement constraints (a label removed, a
+    # role changed): shut them down so their slots move to a node that does, or wait
+    # pending (Swarm's constraint enforcer). Only when the node fails both the task's own
+    # constraints and the service's current ones: a task the current spec still allows
+    # stays, and one only the current spec forbids is the rolling update's to replace.
+    for t in snapshot.tasks.values():
+        node = snapshot.nodes.get(t.node_id)
+        svc = snapshot.services.get(t.service_id)
+        if node is not None and svc is not None and t.alive and t.id not in orphaned and \
+                unsatisfied(node, t.spec.constraints) is not None and \
+                unsatisfied(node, svc.spec.constraints) is not None:
+            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+            orphaned.add(t.id)
+
+    # tasks told to stop before they were ever placed (an update or a scale-down while they
+    # waited for a node a constraint or a reservation allows): nothing runs and no agent
+    # will ever report them, so forget them (swarmkit's task reaper does the same)
+    for t in snapshot.tasks.values():
+        if not t.node_id and t.desired_state >= TaskState.SHUTDOWN and \
+                t.service_id in snapshot.services:
+            ops.append(("delete", t.id))
+
     def alive(t: Task) -> bool:
         return t.alive and t.id not in orphaned
 
@@ -141,7 +166,7 @@ def reconcile_services(
 
     for svc in sorted(snapshot.services.values(), key=lambda s: s.spec.name):
         svc_ops, svc_wake = _reconcile_service(svc, by_service.get(svc.id, []), alive, now,
-                                               new_id, config)
+                                               new_id, config, snapshot.nodes)
         ops.extend(svc_ops)
         if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
             wake_at = svc_wake
@@ -155,6 +180,7 @@ def _reconcile_service(
     now: float,
     new_id: Callable[[], str],
     config: OrchestratorConfig,
+    nodes: Mapping[str, Node],
 ) -> tuple[list[Op], float | None]:
     ops: list[Op] = []
     wake_at: float | None = None
@@ -162,7 +188,7 @@ def _reconcile_service(
     for t in tasks:
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
-    ops += rolling_update(svc, tasks, alive, now)
+    ops += rolling_update(svc, tasks, alive, now, nodes)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
@@ -207,25 +233,40 @@ def _reconcile_service(
     return ops, wake_at
 
 
-def outdated(t: Task, spec: ServiceSpec) -> bool:
-    """The task runs another spec than the service's (a scale alone does not count)."""
-    return replace(t.spec, replicas=0) != replace(spec, replicas=0)
+def outdated(t: Task, spec: ServiceSpec, node: Node | None = None) -> bool:
+    """The task runs another spec than the service's (a scale alone does not count).
+
+    When only the placement constraints differ, a task whose ``node`` satisfies the new
+    ones is kept (swarmkit's IsTaskDirtyPlacementConstraintsOnly): `--constraint-add` moves
+    only the tasks that must move, `--constraint-rm` moves none."""
+    mine, want = replace(t.spec, replicas=0), replace(spec, replicas=0)
+    if mine == want:
+        return False
+    if replace(mine, constraints=()) == replace(want, constraints=()):
+        return node is None or unsatisfied(node, spec.constraints) is not None
+    return True
 
 
 def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
-                   now: float) -> list[Op]:
+                   now: float, nodes: Mapping[str, Node] | None = None) -> list[Op]:
     """Stop-first rolling update: shut down up to ``update_parallelism`` outdated tasks at a
     time; their slots are then refilled with the current spec by the slot loop. The next
-    batch starts once every updated slot runs and ``update_delay`` has passed since."""
+    batch starts once every updated slot runs and ``update_delay`` has passed since.
+    ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it."""
     spec = svc.spec
+
+    def old_spec(t: Task) -> bool:
+        return outdated(t, spec, (nodes or {}).get(t.node_id))
+
     live = [t for t in tasks if alive(t) and t.slot <= spec.replicas]
-    old = sorted((t for t in live if outdated(t, spec)), key=lambda t: (t.slot, t.id))
+    old = sorted((t for t in live if old_spec(t)), key=lambda t: (t.slot, t.id))
     if not old:
         return []
-    fresh = [t for t in live if not outdated(t, spec)]
+    fresh = [t for t in live if not old_spec(t)]
     in_flight = [t for t in fresh if t.status.state < TaskState.RUNNING]
     # a slot whose old task is stopping and whose new task is not yet created counts too
-    stopping = [t for t in tasks if outdated(t, spec) and not alive(t)
+    # (a task that was never placed has nothing to stop)
+    stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
                 and not t.status.state.terminal and t.slot <= spec.replicas]
     busy = len(in_flight) + len(stopping)
     if fresh and busy == 0 and spec.update_delay:

@@ -7,20 +7,26 @@ network, clocks or randomness — tests run it with hand-made snapshots and a
 deterministic node order.
 
 Pipeline (swarmkit's shape): filters drop nodes that cannot take the task, then
-rankers order the rest. Filters: node ready, availability active, enough unreserved
-memory and CPU for the task's reservations (against what the node reported at join).
-Ranking: fewest tasks of the same service on the node (spread), then fewest tasks in
-total, then node id (deterministic).
+rankers order the rest. Filters: node ready, availability active, the task's placement
+constraints (``node.labels.zone==b``; see ``satisfies``), enough unreserved memory and
+CPU for the task's reservations (against what the node reported at join). Ranking:
+fewest tasks of the same service on the node (spread), then fewest tasks in total, then
+node id (deterministic). The orchestrator uses ``unsatisfied`` too, to move tasks off
+nodes that stopped satisfying their constraints.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from shoal.raft.models import Node, NodeAvailability, NodeState, Task
+from shoal.raft.errors import ValidationError
+from shoal.raft.models import Constraint, Node, NodeAvailability, NodeState, Task
 from shoal.raft.state import Snapshot
+from shoal.raft.validate import parse_constraint
 
 
 @dataclass
@@ -31,7 +37,63 @@ class Reserved:
     cpu: float = 0.0
 
 
-NodeFilter = Callable[[Node, Task, Reserved], bool]
+# A filter returns None when the node can take the task, else the rejection's name as
+# users see it, counted over nodes: "not ready" → "no suitable node (not ready 2/5)".
+NodeFilter = Callable[[Node, Task, Reserved], str | None]
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_constraints(texts: tuple[str, ...]) -> tuple[Constraint, ...]:
+    """A spec's stored constraint texts → Constraints. Specs were validated before they
+    were replicated; a text this version cannot parse (written by a newer one) becomes a
+    constraint no node satisfies, so its tasks wait instead of running anywhere."""
+    out: list[Constraint] = []
+    for text in texts:
+        try:
+            out.append(parse_constraint(text))
+        except ValidationError:
+            out.append(Constraint(key=text, op="", value=""))  # unknown key: never holds
+    return tuple(out)
+
+
+def satisfies(node: Node, c: Constraint) -> bool:
+    """Swarm's matching: values compare case-insensitively; a missing label is the empty
+    value (so ``node.labels.zone!=b`` holds on a node without the label); ``node.ip``
+    matches the node's address against an address or a CIDR; an unknown key never holds."""
+    if c.key == "node.ip":
+        try:
+            match = ipaddress.ip_address(node.addr) in ipaddress.ip_network(c.value,
+                                                                            strict=False)
+        except ValueError:
+            return False
+    else:
+        if c.key.startswith("node.labels."):
+            actual = node.labels.get(c.key[len("node.labels."):], "")
+        elif c.key == "node.id":
+            actual = node.id
+        elif c.key == "node.hostname":
+            actual = node.hostname
+        elif c.key == "node.role":
+            actual = node.role.value
+        elif c.key == "node.platform.os":
+            actual = "linux"  # the runtime (namespaces, cgroups) runs on Linux only
+        else:
+            return False
+        match = actual.casefold() == c.value.casefold()
+    return match if c.op == "==" else not match
+
+
+def unsatisfied(node: Node, constraints: tuple[str, ...]) -> Constraint | None:
+    """The first of ``constraints`` that ``node`` does not satisfy, or None."""
+    for c in parse_constraints(constraints):
+        if not satisfies(node, c):
+            return c
+    return None
+
+
+def _constraints(n: Node, t: Task, r: Reserved) -> str | None:
+    c = unsatisfied(n, t.spec.constraints)
+    return None if c is None else f"constraint {c}"
 
 
 def _fits_memory(n: Node, t: Task, r: Reserved) -> bool:
@@ -44,17 +106,16 @@ def _fits_cpu(n: Node, t: Task, r: Reserved) -> bool:
     return not need or (n.cpus > 0 and r.cpu + need <= n.cpus + 1e-9)
 
 
-@dataclass(frozen=True)
-class Filter:
-    name: str  # shown to users: "not ready 2/5"
-    accepts: NodeFilter
+def _only(name: str, accepts: Callable[[Node, Task, Reserved], bool]) -> NodeFilter:
+    return lambda n, t, r: None if accepts(n, t, r) else name
 
 
-FILTERS: tuple[Filter, ...] = (
-    Filter("not ready", lambda n, t, r: n.state is NodeState.READY),
-    Filter("not active", lambda n, t, r: n.availability is NodeAvailability.ACTIVE),
-    Filter("insufficient memory", _fits_memory),
-    Filter("insufficient cpu", _fits_cpu),
+FILTERS: tuple[NodeFilter, ...] = (
+    _only("not ready", lambda n, t, r: n.state is NodeState.READY),
+    _only("not active", lambda n, t, r: n.availability is NodeAvailability.ACTIVE),
+    _constraints,
+    _only("insufficient memory", _fits_memory),
+    _only("insufficient cpu", _fits_cpu),
 )
 
 
@@ -88,16 +149,14 @@ def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
         candidates: list[Node] = []
         for node in nodes:
             for f in FILTERS:
-                if not f.accepts(node, task, reserved[node.id]):
-                    rejected[f.name] += 1
+                why = f(node, task, reserved[node.id])
+                if why is not None:
+                    rejected[why] += 1
                     break
             else:
                 candidates.append(node)
         if not candidates:
-            total = len(nodes)
-            detail = ", ".join(f"{name} {n}/{total}" for name, n in sorted(rejected.items()))
-            reason = f"no suitable node ({detail})" if total else "no suitable node (no nodes)"
-            plan.unschedulable.append((task.id, reason))
+            plan.unschedulable.append((task.id, _explain(task, rejected, len(nodes))))
             continue
         best = min(
             candidates,
@@ -109,3 +168,18 @@ def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
         reserved[best.id].memory += task.spec.reserve_memory
         reserved[best.id].cpu += task.spec.reserve_cpu
     return plan
+
+
+def _explain(task: Task, rejected: Counter[str], total: int) -> str:
+    """Why ``task`` fits nowhere. When only its constraints stand in the way, say which:
+    "no node satisfies node.labels.zone==b"; otherwise count every rejection:
+    "no suitable node (constraint node.labels.zone==b 2/3, not ready 1/3)"."""
+    if not total:
+        return "no suitable node (no nodes)"
+    detail = ", ".join(f"{name} {n}/{total}" for name, n in sorted(rejected.items()))
+    failed = [str(c) for c in parse_constraints(task.spec.constraints)
+              if rejected[f"constraint {c}"]]
+    if failed and sum(rejected[f"constraint {c}"] for c in failed) == total:
+        reason = "no node satisfies " + " and ".join(failed)
+        return reason if len(failed) == 1 else f"{reason} ({detail})"
+    return f"no suitable node ({detail})"

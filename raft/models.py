@@ -192,6 +192,26 @@ class ServiceSpec:
     # --- secrets and configs: files each task sees (shoal.node.secrets fetches them)
     secrets: tuple[FileRef, ...] = ()
     configs: tuple[FileRef, ...] = ()
+    # --- placement (Swarm's --constraint): every expression must hold on a task's node.
+    # Stored in the canonical text form shoal.raft.validate.parse_constraint gives
+    # ("node.labels.zone==b"), as Swarm's Placement.Constraints; () = any node.
+    constraints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One parsed placement constraint: ``node.<attribute> == | != value``.
+
+    ``key`` is lower-case (``node.id``, ``node.hostname``, ``node.role``, ``node.ip``,
+    ``node.platform.os``) or ``node.labels.<NAME>`` with NAME as the user wrote it (label
+    names are case-sensitive). Values are compared case-insensitively, as Swarm does."""
+
+    key: str
+    op: str  # "==" | "!="
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
 
 
 @dataclass(frozen=True)
@@ -299,6 +319,7 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         force_update=int(d.get("force_update", 0)),
         secrets=tuple(file_ref_from_dict(r) for r in d.get("secrets", ())),
         configs=tuple(file_ref_from_dict(r) for r in d.get("configs", ())),
+        constraints=tuple(str(c) for c in d.get("constraints", ())),
     )
 
 

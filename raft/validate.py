@@ -1,18 +1,20 @@
 """Deterministic validation of user input (service specs, names, replica counts).
 
 Owns: turning untrusted dicts (from the API) into ServiceSpec records, with a
-ValidationError that names the offending field. Used twice: by the API before a
-command is proposed (so the user gets a clear error) and inside the state machine
-(so a bad command can never wedge Raft). Must not touch: I/O, clocks, randomness.
+ValidationError that names the offending field (``constraints[1]``), and parsing placement
+constraints (``parse_constraint``; the scheduler matches them against nodes). Used twice:
+by the API before a command is proposed (so the user gets a clear error) and inside the
+state machine (so a bad command can never wedge Raft). Must not touch: I/O, clocks, randomness.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.models import FileRef, Mount, PortSpec, ServiceSpec
+from shoal.raft.models import Constraint, FileRef, Mount, PortSpec, ServiceSpec
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -28,6 +30,13 @@ MAX_GRACE = 3600.0
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_FILE_REFS = 100
+# placement constraints (Swarm's syntax and character sets)
+CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os")
+LABEL_PREFIX = "node.labels."
+CONSTRAINT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]+$")
+CONSTRAINT_VALUE_RE = re.compile(r"^[A-Za-z0-9:_\s.*()?+\[\]\\^$|/-]+$")
+MAX_CONSTRAINTS = 64
+MAX_CONSTRAINT_LEN = 512
 
 
 def validate_name(name: Any, field: str = "name") -> str:
@@ -61,7 +70,7 @@ def validate_spec(d: Any) -> ServiceSpec:
              "image", "user", "stop_signal", "limit_memory", "limit_cpu", "limit_pids",
              "reserve_memory", "reserve_cpu", "mounts", "restart_condition", "restart_delay",
              "restart_max_attempts", "restart_window", "update_parallelism", "update_delay",
-             "force_update", "secrets", "configs", "ports", "lb_algorithm"}
+             "force_update", "secrets", "configs", "ports", "lb_algorithm", "constraints"}
     for key in d:
         if key not in known:
             raise ValidationError(f"unknown field {key!r}", str(key))
@@ -143,6 +152,7 @@ def validate_spec(d: Any) -> ServiceSpec:
         lb_algorithm=_choice(d, "lb_algorithm", ("round-robin", "least-conn"), "round-robin"),
         secrets=validate_file_refs(d.get("secrets"), "secrets"),
         configs=validate_file_refs(d.get("configs"), "configs"),
+        constraints=validate_constraints(d.get("constraints")),
     )
 
 
@@ -281,4 +291,75 @@ def validate_file_refs(refs: Any, field: str) -> tuple[FileRef, ...]:
     files = [r.file_name for r in out]
     if len(set(files)) != len(files):
         raise ValidationError(f"two {field} use the same target file name", field)
+    return tuple(out)
+
+
+def parse_constraint(expr: Any, field: str = "constraint") -> Constraint:
+    """``"node.labels.zone == b"`` → Constraint, or ValidationError naming ``field``.
+
+    Swarm's syntax: ``KEY==VALUE`` or ``KEY!=VALUE`` (spaces around the operator allowed),
+    KEY one of node.id, node.hostname, node.role (manager|worker), node.ip (an address or a
+    CIDR), node.platform.os, node.labels.NAME. Keys other than the label name are
+    case-insensitive. node.platform.arch and engine.labels are refused: shoal nodes do not
+    report them, and a constraint that can never match must not pass silently."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValidationError(f"{field}: a constraint must be a non-empty string such as "
+                              "node.labels.zone==b", field)
+    if len(expr) > MAX_CONSTRAINT_LEN:
+        raise ValidationError(f"{field}: constraint is longer than {MAX_CONSTRAINT_LEN} "
+                              "characters", field)
+    found = [(i, op) for op in ("==", "!=") if (i := expr.find(op)) >= 0]
+    if not found:
+        raise ValidationError(f"{field}: {expr!r} has no operator: use KEY==VALUE or "
+                              "KEY!=VALUE (e.g. node.labels.zone==b)", field)
+    at, op = min(found)
+    key, value = expr[:at].strip(), expr[at + 2:].strip()
+    if not key or not CONSTRAINT_KEY_RE.match(key):
+        raise ValidationError(f"{field}: {expr!r}: invalid key {key!r}", field)
+    lowered = key.lower()
+    if lowered.startswith(LABEL_PREFIX) and len(key) > len(LABEL_PREFIX):
+        key = LABEL_PREFIX + key[len(LABEL_PREFIX):]
+    elif lowered in CONSTRAINT_KEYS:
+        key = lowered
+    else:
+        why = ""
+        if lowered.rstrip(".") == "node.labels":
+            why = " (name the label: node.labels.NAME)"
+        elif lowered == "node.platform.arch":
+            why = " (shoal nodes do not report their architecture)"
+        elif lowered.startswith("engine.labels"):
+            why = " (shoal has no engine labels: use node labels, `shoal node update " \
+                  "--label-add`)"
+        raise ValidationError(f"{field}: {expr!r}: unsupported key {key!r}{why}: use "
+                              f"{', '.join(CONSTRAINT_KEYS)} or node.labels.NAME", field)
+    if not value or not CONSTRAINT_VALUE_RE.match(value):
+        raise ValidationError(f"{field}: {expr!r}: invalid value {value!r} (letters, digits "
+                              "and : _ . - / are allowed; no '=' or '!')", field)
+    if key == "node.role":
+        value = value.lower()
+        if value not in ("manager", "worker"):
+            raise ValidationError(f"{field}: {expr!r}: node.role is manager or worker", field)
+    if key == "node.ip":
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValidationError(f"{field}: {expr!r}: node.ip takes an address or a CIDR "
+                                  "(e.g. 10.0.0.0/24)", field) from None
+    return Constraint(key=key, op=op, value=value)
+
+
+def validate_constraints(items: Any, field: str = "constraints") -> tuple[str, ...]:
+    """A spec's ``constraints``: a list of expressions → their canonical texts
+    (``node.labels.zone==b``), duplicates dropped, order kept. Errors name the entry
+    (``constraints[1]``)."""
+    if items is None:
+        return ()
+    if not isinstance(items, (list, tuple)) or len(items) > MAX_CONSTRAINTS:
+        raise ValidationError(f"{field} must be a list of at most {MAX_CONSTRAINTS} "
+                              "expressions such as node.labels.zone==b", field)
+    out: list[str] = []
+    for i, expr in enumerate(items):
+        text = str(parse_constraint(expr, f"{field}[{i}]"))
+        if text not in out:
+            out.append(text)
     return tuple(out)
