@@ -3,7 +3,8 @@
 Owns: wiring the components of a node and its membership lifecycle —
 uninitialised → (init | join) → member → (leave) → uninitialised. As a member it runs:
 
-* the RaftStore (a voter on managers, a read-only replica on workers),
+* the cluster state: the RaftStore on managers (a voter); on workers a StateFeed fed by
+  the managers over mTLS (shoal.node.feed) — workers hold no Raft secret,
 * a leadership watcher that starts/stops the LeaderLoop (orchestrator + scheduler),
 * the heartbeat sender (to every manager) and, on managers, the heartbeat table,
 * the Worker reconciler over the runtime Controller,
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 
 from shoal.gossip import Config as GossipConfig
 from shoal.node import pki, sealing, transfer, views
@@ -44,6 +46,7 @@ from shoal.node.errors import (
     Unavailable,
     from_store_error,
 )
+from shoal.node.feed import StateFeed
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
@@ -58,7 +61,7 @@ from shoal.node.tokens import (
 )
 from shoal.node.transfer import Transfer
 from shoal.node.worker import Worker
-from shoal.raft.errors import StoreError
+from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict, to_dict
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.store import RaftStore
@@ -87,7 +90,9 @@ class Agent:
         self.hostname = hostname or socket.gethostname()
         self.data_dir = config.data_dir
         self.identity: NodeIdentity | None = None
-        self.store: RaftStore | None = None
+        self.store: RaftStore | StateFeed | None = None
+        # set (and replaced) after every applied command: wakes workers' state polls
+        self._applied = asyncio.Event()
         self.runtime = ProcessController(RuntimeConfig(data_dir=self.data_dir))
         self.heartbeats: dict[str, float] = {}
         self._leader_wakeup = asyncio.Event()
@@ -146,18 +151,29 @@ class Agent:
             log.error("no usable TLS identity in %s (%s): this node cannot talk to other "
                       "nodes; `shoal leave` and join again", self.security.files.dir, exc)
         manager = identity.role == NodeRole.MANAGER
-        self_addr = f"{self.config.advertise_addr}:{self.config.raft_port}" if manager else None
-        self.store = RaftStore(
-            self_addr=self_addr,
-            peers=identity.voters,
-            data_dir=self.data_dir / "raft",
-            password=identity.raft_password,
-            config=self.config.raft,
-            bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}" if manager else None,
-            persist=manager,
-        )
-        self.store.add_listener(self._on_apply)
-        store = self.store
+        store: RaftStore | StateFeed
+        if manager:
+            store = RaftStore(
+                self_addr=f"{self.config.advertise_addr}:{self.config.raft_port}",
+                peers=identity.voters,
+                data_dir=self.data_dir / "raft",
+                password=identity.raft_password,
+                config=self.config.raft,
+                bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}",
+            )
+        else:
+            # (identities written before workers were fed over mTLS know only Raft addresses)
+            seeds = identity.managers or [f"{v.rsplit(':', 1)[0]}:{self.config.api_port}"
+                                          for v in identity.voters]
+            store = StateFeed(
+                identity.node_id, seeds,
+                call_bytes=lambda addr, path, body, timeout: self.security.call_bytes(
+                    addr, path, body, timeout=timeout),
+                call_json=lambda addr, path, body, timeout: self.security.call(
+                    addr, path, body, timeout=timeout),
+                config=self.config.feed, on_managers=self._managers_changed)
+        self.store = store
+        store.add_listener(self._on_apply)
         self.mesh = Mesh(self.data_dir, identity.node_id, self.config.advertise_addr,
                          snapshot=store.snapshot, is_ready=store.is_ready,
                          live_tasks=lambda: self.runtime.tasks().keys())
@@ -175,6 +191,17 @@ class Agent:
         ]
         if manager:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
+        else:
+            assert isinstance(store, StateFeed)
+            self._member_tasks.append(asyncio.create_task(store.run(), name="state-feed"))
+
+    def _managers_changed(self, managers: list[str]) -> None:
+        """A worker's list of manager API addresses changed: keep it for the next start."""
+        ident = self.identity
+        if ident is not None and ident.role == NodeRole.WORKER and ident.managers != managers:
+            ident.managers = list(managers)
+            with contextlib.suppress(OSError):
+                ident.save(self.data_dir)
 
     async def _stop_member(self) -> None:
         if self._worker:
@@ -234,7 +261,8 @@ class Agent:
         return m.view() if m is not None and m.list.running else {}
 
     def _on_apply(self, _index: int) -> None:
-        """Runs on pysyncobj's tick thread after each applied command."""
+        """Runs after each applied command: on pysyncobj's tick thread (managers) or on the
+        event loop (a worker's StateFeed)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -244,6 +272,8 @@ class Agent:
     def _wake(self) -> None:
         self._leader_wakeup.set()
         self._worker_wakeup.set()
+        applied, self._applied = self._applied, asyncio.Event()
+        applied.set()
         if self.mesh is not None:
             self.mesh.wake()
 
@@ -305,7 +335,7 @@ class Agent:
                 self._leader_wakeup.set()
 
     # ================================================================== helpers
-    def require_member(self) -> RaftStore:
+    def require_member(self) -> RaftStore | StateFeed:
         if self.store is None or self.identity is None:
             raise NotInCluster("this node is not part of a cluster: run `shoal init` or "
                                "`shoal join` first")
@@ -314,7 +344,7 @@ class Agent:
     def require_manager(self) -> RaftStore:
         store = self.require_member()
         assert self.identity is not None
-        if self.identity.role != NodeRole.MANAGER:
+        if self.identity.role != NodeRole.MANAGER or not isinstance(store, RaftStore):
             raise NotManager("this node is a worker: cluster state can only be viewed or "
                              "changed on a manager")
         if not store.is_ready():
@@ -446,6 +476,8 @@ class Agent:
                 identity = NodeIdentity(node_id=node_id, cluster_id=info.cluster_id, role=role,
                                         raft_password=str(keys["raft_password"]),
                                         voters=[str(v) for v in keys["voters"]],
+                                        managers=[str(m) for m in keys.get("managers", [])]
+                                        or [remote],
                                         gossip_key=bytes.fromhex(str(keys["gossip_key"])),
                                         manager_key=manager_key)
             except (ApiError, KeyError, ValueError, TypeError) as exc:
@@ -510,14 +542,19 @@ class Agent:
                 "cert": cert.decode()}
 
     def member_keys(self, peer: pki.CertInfo | None) -> dict[str, Any]:
-        """What every member needs (Raft secret, voters, gossip key); mTLS members only."""
+        """What a member needs (voters, manager addresses, gossip key; the Raft secret if it
+        is a manager); mTLS members only."""
         store = self.require_manager()
         node = self.security.authorize(peer)
         assert self.identity is not None
         voters = store.voters()
         if node.role is NodeRole.MANAGER and node.raft_addr not in voters:
             voters.append(node.raft_addr)  # its voter change is pending until it runs
-        return {"raft_password": self.identity.raft_password, "voters": voters,
+        # the Raft secret goes to managers only: workers are fed over mTLS (node/feed.py)
+        secret = self.identity.raft_password if node.role is NodeRole.MANAGER else ""
+        return {"raft_password": secret, "voters": voters,
+                "managers": [n.api_addr for n in store.snapshot().nodes.values()
+                             if n.role is NodeRole.MANAGER],
                 "gossip_key": self.identity.gossip_key.hex(),
                 "gossip_keys": self.gossip.member_keys()}  # whole keyring, primary first
 
@@ -526,6 +563,61 @@ class Agent:
         self.require_manager()
         self.security.authorize(peer, manager=True)
         return {"manager_key": self.security.manager_key().hex()}
+
+    # ------------------------------------------------------------------ feeding workers
+    async def state_since(self, peer: pki.CertInfo | None, after: Any, wait: Any) -> bytes:
+        """A worker's state poll (shoal.node.feed): the commands applied after index
+        ``after`` — waiting up to ``wait`` seconds for one — or the whole state when they are
+        no longer kept (or ``after`` is -1). msgpack bytes."""
+        self.security.authorize(peer)
+        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
+            raise BadRequest("after must be an index (an integer >= -1)", "after")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
+            raise BadRequest("wait must be a number of seconds between 0 and 60", "wait")
+        store = self.require_manager()
+        if not store.is_ready():
+            raise Unavailable("this manager has not caught up with the cluster yet; retry")
+        deadline = time.monotonic() + float(wait)
+        while after >= 0 and store.index <= after and self.store is store:
+            applied = self._applied
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await applied.wait()
+        self.security.authorize(peer)  # still a member after the wait (node rm revokes)
+        msg: dict[str, Any] = {"leader": store.leader_addr()}
+        changes = store.changes_since(after) if after >= 0 else None
+        if changes is None:
+            msg["index"], msg["state"] = await asyncio.to_thread(store.full_state)
+        else:
+            msg["index"], msg["commands"] = changes
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    async def worker_report(self, peer: pki.CertInfo | None, cmd: Any) -> dict[str, Any]:
+        """A write from a worker, proposed on its behalf: only status reports for tasks on
+        the calling node and the node's own removal (leaving) are accepted."""
+        node = self.security.authorize(peer)
+        self.require_manager()
+        if not isinstance(cmd, dict):
+            raise BadRequest("cmd must be a command object", "cmd")
+        op = cmd.get("op")
+        if op == "task_status":
+            if cmd.get("node_id") != node.id:
+                raise Forbidden(f"node {node.id} may only report its own tasks", "node_id")
+        elif op == "node_remove":
+            if cmd.get("id") != node.id:
+                raise Forbidden(f"node {node.id} may only remove itself", "id")
+        else:
+            raise Forbidden(f"a node may not write {op!r} through the worker channel", "op")
+        try:
+            return {"result": await self.require_manager().propose(cmd)}
+        except CommandRejected as exc:
+            return {"result": {"error": {"code": exc.code, "message": exc.message,
+                                         "field": exc.field}}}
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
 
     def renew_certificate(self, peer: pki.CertInfo | None, csr: Any) -> dict[str, Any]:
         """Sign a new certificate for a current member, with its *current* role."""

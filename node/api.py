@@ -378,6 +378,15 @@ class ApiServer:
             body = await _body(req)
             return a.secrets.task_files(peer_of(req), body.get("task_id"))
 
+        async def state(req: web.Request) -> Any:  # a worker's state feed (node/feed.py)
+            body = await _body(req)
+            data = await a.state_since(peer_of(req), body.get("after"), body.get("wait", 0))
+            return web.Response(body=data, content_type="application/msgpack")
+
+        async def report(req: web.Request) -> Any:  # a worker's own writes
+            body = await _body(req)
+            return await a.worker_report(peer_of(req), body.get("cmd"))
+
         async def heartbeat(req: web.Request) -> Any:
             body = await _body(req)
             node = a.security.authorize(peer_of(req))
@@ -443,6 +452,8 @@ class ApiServer:
         app.router.add_post("/v1/cluster/manager-keys", manager_keys)
         app.router.add_post("/v1/cluster/renew", renew)
         app.router.add_post("/v1/cluster/heartbeat", heartbeat)
+        app.router.add_post("/v1/cluster/state", state)
+        app.router.add_post("/v1/cluster/report", report)
         app.router.add_post("/v1/cluster/task-files", task_files)
         app.router.add_post("/v1/cluster/gossip-keys", gossip_keys)
         return app

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shoal.node.feed import FeedConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -57,6 +58,7 @@ class AgentConfig:
     # `shoal ca issue-client` are accepted). 0 = off (the default: unix socket only).
     remote_api_port: int = 0
     raft: RaftConfig = field(default_factory=RaftConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
     @property
@@ -96,7 +98,8 @@ class AgentConfig:
 
 @dataclass
 class NodeIdentity:
-    """Which cluster this node is in. Secret (holds the Raft password and keys): mode 0600.
+    """Which cluster this node is in. Secret (holds keys; managers also the Raft password):
+    mode 0600.
 
     The keys are bytes here and hex in the file; files written before they existed load
     with empty keys. The node's certificate and private key live in DATA_DIR/tls (see
@@ -117,6 +120,9 @@ class NodeIdentity:
     # Other gossip keys this node accepts (decrypt only) while `shoal gossip rotate-key` is
     # in progress; gossip_key is the primary. [] outside a rotation (shoal.node.membership).
     gossip_extra_keys: list[bytes] = field(default_factory=list)
+    # Workers: API addresses ("ip:port") of the managers, as last known — where the state
+    # feed starts after a restart (shoal.node.feed). [] on managers and in older files.
+    managers: list[str] = field(default_factory=list)
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -132,7 +138,8 @@ class NodeIdentity:
                    raft_password=d["raft_password"], voters=list(d["voters"]),
                    gossip_key=bytes.fromhex(d.get("gossip_key", "")),
                    manager_key=bytes.fromhex(d.get("manager_key", "")),
-                   gossip_extra_keys=[bytes.fromhex(k) for k in d.get("gossip_extra_keys", [])])
+                   gossip_extra_keys=[bytes.fromhex(k) for k in d.get("gossip_extra_keys", [])],
+                   managers=[str(m) for m in d.get("managers", [])])
 
     def save(self, data_dir: Path) -> None:
         p = self.path(data_dir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import ssl
@@ -227,6 +228,24 @@ class Security:
         """POST ``body`` to ``https://addr{path}`` over mTLS; TLS checks that the server holds
         a certificate of this cluster for ``server_role`` (or ``server_hostname``).
         Returns the JSON reply or raises the ApiError the server sent / Unavailable."""
+        status, _ctype, raw = await self._post(addr, path, body, server_role, ctx,
+                                               server_hostname, timeout)
+        return self._json_reply(addr, status, raw)
+
+    async def call_bytes(self, addr: str, path: str, body: dict[str, Any], *,
+                         timeout: float = 10.0) -> bytes:
+        """Like :meth:`call` to a manager, for routes that answer with bytes
+        (``application/msgpack``); errors still come as JSON."""
+        status, ctype, raw = await self._post(addr, path, body, pki.ROLE_MANAGER, None, None,
+                                              timeout)
+        if status == 200 and ctype == "application/msgpack":
+            return raw
+        self._json_reply(addr, status, raw)  # raises the error the server sent
+        raise Unavailable(f"{addr} answered {path} without data (HTTP {status})")
+
+    async def _post(self, addr: str, path: str, body: dict[str, Any], server_role: str,
+                    ctx: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+                    ) -> tuple[int, str, bytes]:
         http = self.agent._http
         assert http is not None
         context = ctx or self.require_client()
@@ -235,8 +254,7 @@ class Security:
             async with http.post(f"https://{addr}{path}", json=body, ssl=context,
                                  server_hostname=hostname,
                                  timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                data = await resp.json(content_type=None)
-                status = resp.status
+                return resp.status, resp.content_type, await resp.read()
         except aiohttp.ClientConnectorCertificateError as exc:
             raise Unauthenticated(
                 f"the node at {addr} has no {hostname.split('.')[0]} certificate of this "
@@ -245,6 +263,13 @@ class Security:
             raise Unavailable(f"cannot reach {addr}: {exc or type(exc).__name__} (if this "
                               "persists, this node's certificate may have expired or been "
                               "revoked)") from None
+
+    @staticmethod
+    def _json_reply(addr: str, status: int, raw: bytes) -> dict[str, Any]:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            data = None
         if not isinstance(data, dict):
             raise Unavailable(f"{addr} sent a malformed reply (HTTP {status})")
         if "error" in data:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from shoal.node.errors import ApiError, Unavailable
+from shoal.node.feed import StateFeed
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.store import RaftStore
@@ -50,7 +51,7 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
 
 
 class Worker:
-    def __init__(self, node_id: str, store: RaftStore, runtime: Controller,
+    def __init__(self, node_id: str, store: RaftStore | StateFeed, runtime: Controller,
                  wakeup: asyncio.Event, interval: float = 1.0,
                  mesh: Mesh | None = None,
                  task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None

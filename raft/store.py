@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import collections
 import functools
 import logging
 import socket
@@ -33,8 +34,10 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
+from shoal.raft.models import NodeRole
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
+from shoal.raft.wire import state_to_bytes
 
 # pysyncobj 0.3.17 (win_inet_pton.py) replaces socket.inet_ntop on every platform with a
 # Windows-only version; put the C function back for everything else in the process.
@@ -91,10 +94,13 @@ class RaftConfig:
 class ReplicatedState(SyncObjConsumer):
     """pysyncobj consumer holding the ClusterState. Only ``apply`` is replicated."""
 
-    def __init__(self) -> None:
+    def __init__(self, recent: int = 4096) -> None:
         # attributes set before super().__init__() are excluded from snapshots
         self._lock = threading.RLock()
         self._listeners: list[Callable[[int], None]] = []
+        # the last applied commands as (index after applying, blob): what workers fetch to
+        # catch up (shoal.node.feed); emptied when a snapshot replaces the state
+        self._recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=recent)
         super().__init__()
         self.state = ClusterState()
 
@@ -105,11 +111,13 @@ class ReplicatedState(SyncObjConsumer):
         except Exception as exc:
             with self._lock:
                 self.state.index += 1
+                self._recent.append((self.state.index, blob))
             return {"error": {"code": "invalid", "message": f"undecodable command: {exc}",
                               "field": ""}}
         with self._lock:
             result = self.state.apply(cmd)
             index = self.state.index
+            self._recent.append((index, blob))
         for cb in list(self._listeners):
             try:
                 cb(index)
@@ -120,6 +128,7 @@ class ReplicatedState(SyncObjConsumer):
     def _deserialize(self, data: dict[str, Any]) -> None:
         with self._lock:
             super()._deserialize(data)
+            self._recent.clear()
         for cb in list(self._listeners):
             cb(self.state.index)
 
@@ -127,8 +136,9 @@ class ReplicatedState(SyncObjConsumer):
 class RaftStore:
     """A node's handle on the replicated state: propose writes, read snapshots.
 
-    ``self_addr`` None makes a read-only replica (a worker): it receives the log, never
-    votes and does not count for quorum; its writes are forwarded to the leader.
+    ``self_addr`` None makes a read-only replica: it receives the log, never votes and does
+    not count for quorum; its writes are forwarded to the leader. (The agent does not use
+    this: workers hold no Raft secret and are fed over mTLS, see shoal.node.feed.)
     """
 
     def __init__(
@@ -174,10 +184,12 @@ class RaftStore:
         self._eager = EagerReplication(self._sync)
 
     def _admit(self, ip: str) -> bool:
-        """Is ``ip`` the address of a member node? (tick thread; no nodes yet: bootstrap)"""
+        """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
+        Workers hold no Raft secret and never connect (shoal.node.feed)."""
         with self.consumer._lock:
             nodes = self.consumer.state.nodes
-            return not nodes or any(n.addr == ip for n in nodes.values())
+            return not nodes or any(n.addr == ip and n.role is NodeRole.MANAGER
+                                    for n in nodes.values())
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -187,6 +199,23 @@ class RaftStore:
     @property
     def index(self) -> int:
         return self.consumer.state.index
+
+    def changes_since(self, after: int) -> tuple[int, list[bytes]] | None:
+        """The applied commands after index ``after`` (and the index they lead to), in order;
+        None when they are no longer all kept (the caller then needs :meth:`full_state`)."""
+        c = self.consumer
+        with c._lock:
+            index = c.state.index
+            if after >= index:
+                return index, []
+            if not c._recent or c._recent[0][0] > after + 1:
+                return None
+            return index, [blob for i, blob in c._recent if i > after]
+
+    def full_state(self) -> tuple[int, bytes]:
+        """The whole state as bytes (shoal.raft.wire) and its index."""
+        with self.consumer._lock:
+            return self.consumer.state.index, state_to_bytes(self.consumer.state)
 
     def add_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(index)`` runs on the tick thread after every applied command."""

@@ -141,7 +141,7 @@ def test_node_api_needs_a_member_certificate_and_managers_ops_a_manager_one(
     # a worker's certificate: a member, but not a manager
     r = probe(h3, h1, "/v1/cluster/keys", cert=node_pem(h3), ca=ca_pem(h3),
               hostname="manager.shoal")
-    assert r["status"] == 200 and "raft_password" in r["body"]
+    assert r["status"] == 200 and r["body"]["raft_password"] == ""  # managers only
     r = probe(h3, h1, "/v1/cluster/manager-keys", cert=node_pem(h3))
     assert r["status"] == 403 and r["body"]["error"]["code"] == "forbidden"
     assert "manager_key" not in json.dumps(r)
@@ -167,6 +167,66 @@ def test_node_api_needs_a_member_certificate_and_managers_ops_a_manager_one(
     assert r["status"] == 200 and len(r["body"]["manager_key"]) == 64
 
 
+def test_workers_hold_no_raft_secret_and_write_only_their_own_reports(
+        lab_factory: Callable[..., Lab]) -> None:
+    """Workers follow the cluster state over mTLS (node/feed.py), not Raft: no Raft secret on
+    their disk, yet they run tasks; the worker channel needs a member certificate and takes
+    only status reports for the caller's own tasks and its own removal."""
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    h1, h2, h3 = lab.hosts
+    ids = {n["hostname"]: n["id"] for n in h1.cli_json("node", "ls")}
+    secret = json.loads((h1.data_dir / "node.json").read_text())["raft_password"]
+    assert len(secret) >= 32
+    for w in (h2, h3):
+        ident = json.loads((w.data_dir / "node.json").read_text())
+        assert ident["raft_password"] == "" and ident["managers"] == [f"{h1.ip}:2377"]
+        for p in w.data_dir.rglob("*"):
+            if p.is_file() and p.stat().st_size < 50 << 20:
+                assert secret.encode() not in p.read_bytes(), p
+        assert info(w)["ready"] and info(w)["index"] > 0
+
+    # the workers still learn of their tasks and report them RUNNING
+    h1.cli("node", "update", "--availability", "drain", ids["h1"])
+    h1.cli("service", "create", "--name", "fed", "--replicas", "2", "--", "sleep", "1000")
+    deadline = time.monotonic() + 60
+    while True:
+        tasks = h1.cli_json("service", "ps", "fed")
+        if sum(t["state"] == "running" for t in tasks) == 2:
+            break
+        assert time.monotonic() < deadline, tasks
+        time.sleep(0.2)
+    assert {t["node_id"] for t in tasks} == {ids["h2"], ids["h3"]}
+    theirs = next(t for t in tasks if t["node_id"] == ids["h2"])
+
+    def report(cmd: dict[str, Any], cert: Path | None) -> dict[str, Any]:
+        return probe(h3, h1, "/v1/cluster/report", {"cmd": cmd}, cert=cert)
+
+    status = {"state": "failed", "timestamp": time.time(), "message": "forged", "err": "x"}
+    # no certificate: nothing
+    r = report({"op": "task_status", "task_id": theirs["id"], "node_id": ids["h3"],
+                "now": time.time(), "status": status}, None)
+    assert r["status"] == 401
+    r = probe(h3, h1, "/v1/cluster/state", {"after": -1})
+    assert r["status"] == 401
+    # a worker's certificate cannot speak for another node, nor write anything else
+    r = report({"op": "task_status", "task_id": theirs["id"], "node_id": ids["h2"],
+                "now": time.time(), "status": status}, node_pem(h3))
+    assert r["status"] == 403 and r["body"]["error"]["field"] == "node_id", r
+    r = report({"op": "node_remove", "id": ids["h2"], "now": time.time()}, node_pem(h3))
+    assert r["status"] == 403 and r["body"]["error"]["field"] == "id", r
+    r = report({"op": "service_create", "id": "evil", "now": time.time(),
+                "spec": {"name": "evil", "command": ["true"]}}, node_pem(h3))
+    assert r["status"] == 403 and r["body"]["error"]["field"] == "op", r
+    # its own name on another node's task: the state machine refuses it, nothing changes
+    r = report({"op": "task_status", "task_id": theirs["id"], "node_id": ids["h3"],
+                "now": time.time(), "status": status}, node_pem(h3))
+    assert r["status"] == 200 and "error" in r["body"]["result"], r
+    assert "evil" not in h1.cli("service", "ls").stdout
+    after = {t["id"]: t["state"] for t in h1.cli_json("service", "ps", "fed")}
+    assert after[theirs["id"]] == "running"
+
+
 def test_removed_node_is_cut_off_and_cannot_rejoin_without_a_token(
         lab_factory: Callable[..., Lab]) -> None:
     """`node rm` revokes: the removed agent's certificate is refused on every route (its
@@ -186,9 +246,12 @@ def test_removed_node_is_cut_off_and_cannot_rejoin_without_a_token(
     wait_until(lambda: "refuses this node" in h3.log_tail(200), timeout=20,
                what="h3's agent sees its heartbeats refused")
     assert old_id not in {n["id"] for n in h1.cli_json("node", "ls")}
-    # its Raft replica is cut off too: the cluster's writes no longer reach it
-    wait_until(lambda: "no longer a member" in h1.log_tail(200), timeout=10,
-               what="h1 drops h3's Raft connection")
+    # its state feed is cut off too (workers have no Raft connection): writes no longer
+    # reach it
+    r = probe(h3, h1, "/v1/cluster/state", {"after": -1}, cert=node_pem(h3))
+    assert r["status"] == 401 and "not a member" in r["body"]["error"]["message"], r
+    wait_until(lambda: "state feed from" in h3.log_tail(200) and "interrupted" in
+               h3.log_tail(200), timeout=30, what="h3's state feed refused")
     frozen = info(h3)["index"]
     h1.cli("service", "create", "--name", "after", "--replicas", "0", "--", "sleep", "1")
     wait_until(lambda: info(h2)["index"] > frozen, timeout=10, what="h2 sees the write")

@@ -1,0 +1,260 @@
+"""A worker's copy of the cluster state, fed by the managers over mTLS — no Raft on workers.
+
+Owns: the worker's ``ClusterState`` replica, keeping it current by long-polling a manager
+for the commands applied since its index (or, when it is too far behind, the whole state),
+failing over between managers, and sending the worker's own few writes (task status reports,
+leaving) to a manager. Must not touch: Raft, the runtime.
+
+Why not a read-only pysyncobj replica: every holder of the Raft secret is trusted by
+pysyncobj — its messages are unpickled, it can claim leadership, and any command it forwards
+is applied. A compromised worker would own the cluster. As in Swarm (workers talk to the
+managers' dispatcher, never to Raft), workers here hold no Raft secret: managers admit only
+managers on the Raft port, and the manager side of this feed (``Agent.state_since``,
+``Agent.worker_report``) accepts from a worker only status reports for its own tasks and its
+own removal.
+
+The replica applies exactly the commands the managers applied, in order, with the same
+deterministic ``ClusterState.apply``, so its index and content match theirs. Listeners get
+``cb(index)`` after each batch, on the event loop (RaftStore calls them on its tick thread;
+the agent's listener works from both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from shoal.node.errors import ApiError
+from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
+from shoal.raft.models import NodeRole
+from shoal.raft.state import ClusterState, Snapshot
+from shoal.raft.wire import WireError, state_from_bytes
+
+log = logging.getLogger("shoal.feed")
+
+# (addr, path, body, timeout) → reply
+CallBytes = Callable[[str, str, dict[str, Any], float], Awaitable[bytes]]
+CallJson = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class FeedConfig:
+    """How a worker follows the managers."""
+
+    # How long a manager may hold a poll open when nothing changes, seconds. Longer = fewer
+    # idle requests; a dead manager is noticed through the connection, not this.
+    wait: float = 20.0
+    # Pause before asking the next manager after a failure, seconds.
+    retry: float = 0.3
+    # Deadline of one status report, seconds (tried on every known manager in turn).
+    write_timeout: float = 5.0
+
+
+class FeedError(Exception):
+    """A manager's reply that is not a well-formed feed message."""
+
+
+class StateFeed:
+    """The store interface the agent, worker, mesh and API use (like RaftStore), fed over
+    mTLS. ``managers`` are API addresses ("ip:port") to start from; the replica's own manager
+    list takes over once it has one."""
+
+    self_addr: str | None = None  # not a Raft member
+
+    def __init__(self, node_id: str, managers: list[str], call_bytes: CallBytes,
+                 call_json: CallJson, config: FeedConfig | None = None,
+                 on_managers: Callable[[list[str]], None] | None = None) -> None:
+        self.node_id = node_id
+        self.config = config or FeedConfig()
+        self._call_bytes, self._call_json = call_bytes, call_json
+        self._seed = list(managers)
+        self._on_managers = on_managers
+        self._known: list[str] = []
+        self.state = ClusterState()
+        self._ready = False
+        self._resync = False
+        self._listeners: list[Callable[[int], None]] = []
+        self._source: str | None = None  # the manager currently feeding us
+        self._leader: str | None = None  # the Raft leader's address, as that manager knows it
+        self._synced_at = 0.0
+        self._errors: dict[str, str] = {}
+        self.resyncs = 0  # times the replica diverged and was replaced by a manager's state
+
+    # ------------------------------------------------------------------ reading
+    def snapshot(self) -> Snapshot:
+        return self.state.snapshot()
+
+    @property
+    def index(self) -> int:
+        return self.state.index
+
+    def add_listener(self, cb: Callable[[int], None]) -> None:
+        self._listeners.append(cb)
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def is_leader(self) -> bool:
+        return False
+
+    def term(self) -> int:
+        return 0
+
+    def leader_addr(self) -> str | None:
+        return self._leader
+
+    def voters(self) -> list[str]:
+        return sorted(n.raft_addr for n in self.state.nodes.values()
+                      if n.role is NodeRole.MANAGER)
+
+    def peer_connected(self, addr: str) -> bool:
+        return False
+
+    def status(self) -> dict[str, Any]:
+        return {"feed_source": self._source, "ready": self._ready, "index": self.index,
+                "synced_ago": round(time.monotonic() - self._synced_at, 3)
+                if self._synced_at else None, "errors": dict(self._errors),
+                "resyncs": self.resyncs}
+
+    def managers(self) -> list[str]:
+        """API addresses to ask, the one that last answered first."""
+        known = [n.api_addr for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
+                 if n.role is NodeRole.MANAGER] or self._seed
+        if known != self._known:
+            self._known = known
+            if self._on_managers is not None and self.state.nodes:
+                self._on_managers(list(known))
+        source = self._source
+        if source is not None and source in known:
+            return [source, *(m for m in known if m != source)]
+        return list(known)
+
+    # ------------------------------------------------------------------ following
+    async def run(self) -> None:
+        """Follow the managers until cancelled."""
+        while True:
+            progressed = False
+            for addr in self.managers():
+                try:
+                    while True:  # stay with a manager that answers
+                        await self._poll(addr)
+                        progressed = True
+                except (ApiError, FeedError, WireError) as exc:
+                    self._failed(addr, str(exc))
+                    await asyncio.sleep(self.config.retry)
+                except Exception as exc:  # never let the feed die: a worker would go stale
+                    log.exception("state feed from %s failed", addr)
+                    self._failed(addr, repr(exc))
+                    await asyncio.sleep(self.config.retry)
+            if not progressed:
+                await asyncio.sleep(self.config.retry)
+
+    def _failed(self, addr: str, why: str) -> None:
+        self._errors[addr] = why[:200]
+        if self._source == addr:
+            log.info("state feed from %s interrupted: %s", addr, why)
+            self._source = None
+
+    async def _poll(self, addr: str) -> None:
+        after = -1 if self._resync or not self._ready else self.index
+        raw = await self._call_bytes(addr, "/v1/cluster/state",
+                                     {"after": after, "wait": self.config.wait},
+                                     self.config.wait + 10.0)
+        self._apply(raw)
+        if self._source != addr:
+            log.info("state feed from manager %s (index %d)", addr, self.index)
+        self._source = addr
+        self._errors.pop(addr, None)
+        self._synced_at = time.monotonic()
+
+    def _apply(self, raw: bytes) -> None:
+        try:
+            msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise FeedError(f"undecodable feed message: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("index"), int):
+            raise FeedError("feed message without an index")
+        leader = msg.get("leader")
+        self._leader = leader if isinstance(leader, str) else None
+        if "state" in msg:
+            if not isinstance(msg["state"], bytes):
+                raise FeedError("feed state is not bytes")
+            state = state_from_bytes(msg["state"])
+            if state.index != msg["index"]:
+                raise FeedError(f"feed state has index {state.index}, not {msg['index']}")
+            self.state, self._resync = state, False
+        else:
+            commands = msg.get("commands")
+            if not isinstance(commands, list) or not all(isinstance(c, bytes) for c in commands):
+                raise FeedError("feed commands are not a list of bytes")
+            if not commands:
+                return  # nothing new (or that manager is behind us)
+            for blob in commands:
+                self._apply_one(blob)
+            if self.state.index != msg["index"]:
+                # not the sequence the manager has: distrust the replica (readers see it
+                # as not ready) and start over from the manager's whole state
+                self._resync, self._ready = True, False
+                self.resyncs += 1
+                raise FeedError(f"replica diverged: index {self.state.index} after the "
+                                f"commands, the manager is at {msg['index']}")
+        self._ready = True
+        self.managers()  # refresh (and persist) the manager list
+        for cb in list(self._listeners):
+            try:
+                cb(self.state.index)
+            except Exception:
+                log.exception("state listener failed")
+
+    def _apply_one(self, blob: bytes) -> None:
+        """As ReplicatedState.apply does on the managers (same index accounting)."""
+        try:
+            cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        except Exception:
+            self.state.index += 1
+            return
+        self.state.apply(cmd)
+
+    # ------------------------------------------------------------------ writing
+    async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one of this worker's writes to a manager, which proposes it to Raft.
+
+        Raises CommandRejected (the state machine or the manager said no), WriteTimeout (no
+        manager took it in time; it may still apply) or NotReady (no manager known)."""
+        deadline = time.monotonic() + (timeout or self.config.write_timeout)
+        errors: list[str] = []
+        for addr in self.managers():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                reply = await self._call_json(addr, "/v1/cluster/report", {"cmd": cmd}, left)
+            except ApiError as exc:
+                if exc.code in ("invalid", "forbidden"):  # the manager refused the write itself
+                    raise CommandRejected(exc.code, exc.message, exc.field) from None
+                errors.append(f"{addr}: {exc.message}")
+                continue
+            result = reply.get("result")
+            if not isinstance(result, dict):
+                errors.append(f"{addr}: malformed reply")
+                continue
+            if "error" in result:
+                e = result["error"]
+                raise CommandRejected(e.get("code", "rejected"), e.get("message", "rejected"),
+                                      e.get("field", ""))
+            return result
+        if not errors:
+            raise NotReady("no manager known to send the write to")
+        raise WriteTimeout("no manager took the write: " + "; ".join(errors))
+
+    def close(self) -> None:
+        """Nothing to release (the agent cancels :meth:`run`)."""
+        with contextlib.suppress(Exception):
+            self._listeners.clear()

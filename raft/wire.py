@@ -1,0 +1,104 @@
+"""The whole cluster state as bytes, and back: what a manager sends a worker that is too far
+behind to catch up command by command (shoal.node.feed).
+
+Owns: encoding a ``ClusterState`` as msgpack of plain values (``to_dict``) and rebuilding it,
+typed, from the dataclass field annotations — so a field added to a record travels without
+touching this module, and a field missing in the bytes takes its default. Never pickle: the
+bytes cross the network. Must not touch: how the state is fed or stored.
+
+Errors: ``WireError`` (a ValueError) for bytes that are not a well-formed state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from typing import Any
+
+import msgpack
+
+from shoal.raft.models import to_dict
+from shoal.raft.state import ClusterState
+
+MAX_STATE_BYTES = 256 << 20
+
+
+class WireError(ValueError):
+    pass
+
+
+def state_to_bytes(state: ClusterState) -> bytes:
+    return bytes(msgpack.packb(to_dict(state), use_bin_type=True))
+
+
+def state_from_bytes(data: bytes) -> ClusterState:
+    if len(data) > MAX_STATE_BYTES:
+        raise WireError(f"state of {len(data)} bytes is larger than {MAX_STATE_BYTES}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"undecodable state: {exc}") from None
+    try:
+        state = _build(ClusterState, raw, "state")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed state: {exc}") from None
+    assert isinstance(state, ClusterState)
+    return state
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (plain msgpack data) as an instance of the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _build(option, value, where)
+            except (KeyError, TypeError, ValueError):
+                continue
+        raise TypeError(f"{where}: {value!r} fits none of {tp}")
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        _expect(value, dict, where)
+        return {_build(key_tp, k, where): _build(val_tp, v, f"{where}[{k!r}]")
+                for k, v in value.items()}
+    if origin in (tuple, list):
+        _expect(value, list, where)
+        item_tp = typing.get_args(tp)[0]
+        items = [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        _expect(value, dict, where)
+        hints = _hints(tp)
+        kwargs = {f.name: _build(hints[f.name], value[f.name], f"{where}.{f.name}")
+                  for f in dataclasses.fields(tp) if f.name in value}
+        return tp(**kwargs)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp in (int, str, bytes, bool):
+        _expect(value, tp, where)
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"{where}: cannot decode type {tp}")
+
+
+def _expect(value: Any, tp: type, where: str) -> None:
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise TypeError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
