@@ -1505,11 +1505,24 @@ def _resolve_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+# Host files read per start (/etc/passwd, /etc/group): path -> (identity when read, text).
+_HOST_FILES: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
 def _read_host(path: str) -> str:
+    """A host text file, "" if unreadable; re-read only when its inode, size, mtime or ctime
+    changed (every start resolves the task's user against the host's /etc/passwd)."""
     try:
-        return Path(path).read_text(errors="replace")
+        st = os.stat(path)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = _HOST_FILES.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        text = Path(path).read_text(errors="replace")
     except OSError:
         return ""
+    _HOST_FILES[path] = (key, text)
+    return text
 
 
 def _oom(cgroups: TaskCgroups | None) -> bool:
