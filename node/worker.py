@@ -178,9 +178,26 @@ class Worker:
 
     async def _start(self, task: Task) -> TaskStatus:
         self._starting.add(task.id)
+        addr = ""
+
+        async def network(pid: int) -> None:
+            """The task's veth, address and routes, before anything of it runs (as Docker
+            and CNI do): its command may use the network from its first instruction."""
+            nonlocal addr
+            assert self.mesh is not None
+            try:
+                addr = await self.mesh.attach(task.id, pid)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.mesh.detach(task.id)  # release the address, drop the veth
+                raise
+            log.info("task %s attached with address %s", task.id, addr)
+
         try:
             cfg = await self.task_config(task)
-            rt = await self.runtime.start(cfg)
+            # (a mesh not up yet: the task starts without a network, a later pass attaches it)
+            early = self.mesh is not None and self.mesh.ready
+            rt = await self.runtime.start(cfg, before_start=network if early else None)
         except Unavailable as exc:  # no manager/peer reachable yet: retried on the next pass
             log.info("task %s (%s) waits: %s", task.id, task.name, exc.message)
             return TaskStatus(state=TaskState.PREPARING, timestamp=time.time(),
@@ -198,7 +215,7 @@ class Worker:
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING:
-            seen = replace(seen, addr=await self._attach(task.id, rt.pid))
+            seen = replace(seen, addr=addr or await self._attach(task.id, rt.pid))
         return seen
 
     async def _attach(self, task_id: str, pid: int | None) -> str:

@@ -65,7 +65,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -407,6 +407,9 @@ class RuntimeConfig:
 
 
 Listener = Callable[[str], None]
+# start()'s hook: called with the host pid of the task's init once its namespaces exist and
+# before anything of the task runs (the agent attaches the task's network there)
+BeforeStart = Callable[[int], Awaitable[None]]
 
 
 class Controller(Protocol):
@@ -415,9 +418,13 @@ class Controller(Protocol):
     async def recover(self) -> None:
         """After an agent restart: adopt tasks still running, learn how the others ended."""
 
-    async def start(self, cfg: TaskConfig) -> RuntimeStatus:
+    async def start(self, cfg: TaskConfig, before_start: BeforeStart | None = None
+                    ) -> RuntimeStatus:
         """Launch a task; return its status (RUNNING, or EXITED if it already ended, e.g. command
-        not found). Raise StartError if it could not be started at all."""
+        not found). Raise StartError if it could not be started at all. ``before_start(pid)``
+        runs once the task's namespaces exist (``pid``: its init, as the host sees it) and
+        before its command or mounts; if it raises, nothing of the task runs and start raises
+        LaunchFailed."""
 
     async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
         """Send the task's stop signal to its init, SIGKILL after `grace` s; the whole tree (and
@@ -878,7 +885,8 @@ class ProcessController:
         used = {t.image_id for t in self._tasks.values() if t.image_id}
         return used | set(self._starting_images.values())
 
-    async def start(self, cfg: TaskConfig) -> RuntimeStatus:
+    async def start(self, cfg: TaskConfig, before_start: BeforeStart | None = None
+                    ) -> RuntimeStatus:
         cfg.validate()
         if cfg.task_id in self._tasks or cfg.task_id in self._starting:
             raise TaskExists(f"task {cfg.task_id} is already known")
@@ -905,7 +913,7 @@ class ProcessController:
                     os.close(spec_w)  # an incomplete spec: the launcher starts nothing
                     os.close(ready_r)
                     raise
-                return await self._launch(loop, task, spec_w, ready_r, spec)
+                return await self._launch(loop, task, spec_w, ready_r, spec, before_start)
             except BaseException:
                 if task is not None:
                     await self._abandon(task)  # no-op if the launch already did
@@ -1167,10 +1175,27 @@ class ProcessController:
         spec_w: int,
         ready_r: int,
         spec: bytearray,
+        before_start: BeforeStart | None = None,
     ) -> RuntimeStatus:
-        """Record the shim, give the launcher the spec (the "go") and wait until the task's init
-        is exec'ed (RUNNING), or has failed."""
+        """Record the shim, run ``before_start`` on the waiting init, give the launcher the spec
+        (the "go") and wait until the task's init is exec'ed (RUNNING), or has failed."""
         cfg, taskdir = task.cfg, task.dir
+        prefix = b""
+        if before_start is not None:
+            try:
+                prefix, pid = await asyncio.wait_for(self._read_pid(loop, ready_r),
+                                                     self._cfg.start_timeout)
+                if pid is not None:  # (None: the launcher failed; the ready pipe tells why)
+                    await before_start(pid)
+            except BaseException as exc:
+                spec[:] = bytes(len(spec))
+                os.close(spec_w)  # no spec: the init starts nothing
+                os.close(ready_r)
+                await self._abandon(task)
+                if isinstance(exc, Exception):
+                    raise LaunchFailed(f"cannot start task {cfg.task_id}: preparing its "
+                                       f"namespaces failed: {exc}") from exc
+                raise
         try:
             self._write_pids(task, new=True)
             # The complete spec is the "go": the launcher may start the task now, it is recorded.
@@ -1185,7 +1210,7 @@ class ProcessController:
             os.close(spec_w)
         try:
             ready, init_pid = await asyncio.wait_for(
-                self._read_ready(loop, ready_r), self._cfg.start_timeout
+                self._read_ready(loop, ready_r, prefix), self._cfg.start_timeout
             )
         except TimeoutError:
             await self._abandon(task)
@@ -1239,12 +1264,40 @@ class ProcessController:
             view.release()
 
     @staticmethod
-    async def _read_ready(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[bytes, int | None]:
+    async def _read_pid(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[bytes, int | None]:
+        """What the ready pipe holds up to the shim's "P<pid>\n" (sent right after the clone,
+        before the init can write anything) and that pid; (data, None) at EOF without one."""
+        fut: asyncio.Future[tuple[bytes, int | None]] = loop.create_future()
+        got = bytearray()
+
+        def readable() -> None:
+            if fut.done():
+                return
+            try:
+                chunk = os.read(fd, 64)
+            except OSError as exc:
+                fut.set_exception(exc)
+                return
+            got.extend(chunk)
+            m = _PID_RECORD.search(got)
+            if m is not None or not chunk:
+                fut.set_result((bytes(got), int(m.group(1)) if m else None))
+
+        loop.add_reader(fd, readable)
+        try:
+            return await fut
+        finally:
+            loop.remove_reader(fd)
+
+    @staticmethod
+    async def _read_ready(loop: asyncio.AbstractEventLoop, fd: int, prefix: bytes = b""
+                          ) -> tuple[bytes, int | None]:
         """The init's ready byte (b"" if none) and its host pid as the shim reported it (None if
         not), returned once the pipe is at EOF (for "R": once tini was exec'ed, the pipe being
-        close-on-exec), without blocking the loop. Closes fd."""
+        close-on-exec), without blocking the loop. ``prefix``: what was read from the pipe
+        already. Closes fd."""
         fut: asyncio.Future[tuple[bytes, int | None]] = loop.create_future()
-        got: list[bytes] = []
+        got: list[bytes] = [prefix] if prefix else []
 
         def readable() -> None:
             if not fut.done():
@@ -1623,7 +1676,8 @@ class FakeController:
     async def recover(self) -> None:
         return None
 
-    async def start(self, cfg: TaskConfig) -> RuntimeStatus:
+    async def start(self, cfg: TaskConfig, before_start: BeforeStart | None = None
+                    ) -> RuntimeStatus:
         cfg.validate()
         if self.start_error is not None:
             err, self.start_error = self.start_error, None
@@ -1641,6 +1695,13 @@ class FakeController:
         else:
             self._next_pid += 1
             status = RuntimeStatus(RunState.RUNNING, self._next_pid, now)
+            if before_start is not None:
+                try:
+                    await before_start(self._next_pid)
+                except Exception as exc:
+                    del self._configs[cfg.task_id]
+                    raise LaunchFailed(f"cannot start task {cfg.task_id}: preparing its "
+                                       f"namespaces failed: {exc}") from exc
         self._status[cfg.task_id] = status
         return status
 

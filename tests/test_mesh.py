@@ -269,6 +269,18 @@ def test_task_reaches_another_service_by_name_and_vip(cluster3: Lab) -> None:
     addrs = {a for h in cluster3.hosts for a in network_info(h)["tasks"].values()}
     assert set(task_ips.split(",")) <= addrs and len(task_ips.split(",")) == 2, line
 
+    # the network is there before the task's first instruction (attached between the clone of
+    # its namespaces and its exec): a one-shot client, no retries, succeeds
+    h1.cli("service", "create", "--name", "first", "--replicas", "3", "--restart-condition",
+           "none", "--", "bash", "-c", "exec 3<>/dev/tcp/b/8000")  # (bash: starts in ~1 ms)
+
+    def ended() -> list[dict[str, Any]] | None:
+        tasks = h1.cli_json("service", "ps", "first")
+        done = [t for t in tasks if t["state"] in ("complete", "failed", "rejected")]
+        return tasks if len(done) == 3 else None
+    tasks = wait_until(ended, timeout=60, interval=0.3, what="the one-shot tasks to end")
+    assert {t["state"] for t in tasks} == {"complete"}, tasks
+
 
 # A UDP responder (argv[1] = port): answers each datagram with "HOSTNAME:payload".
 UDP_ECHO = r"""

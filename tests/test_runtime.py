@@ -385,6 +385,45 @@ async def test_a_start_failing_while_the_launcher_waits_for_its_spec_leaves_noth
     assert kill_leftovers(data_dir) == []  # no launcher left running
 
 
+async def test_before_start_runs_in_the_tasks_namespaces_before_its_command(
+    ctl: ProcessController,
+) -> None:
+    # The agent attaches the task's network in this hook: what it sets up in the task's net
+    # namespace must be there when the command's first instruction runs.
+    seen: list[int] = []
+
+    async def hook(pid: int) -> None:
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter", "-t", str(pid), "-n", "ip", "link", "add", "early0", "type", "veth",
+            "peer", "name", "early1")
+        assert await proc.wait() == 0
+        seen.append(pid)
+
+    cfg = task("hook", "sh", "-c", "ip -o link show early0")
+    await ctl.start(cfg, before_start=hook)
+    st = await wait_exited(ctl, cfg.task_id, 10.0)
+    out = "".join(line.line for line in ctl.read_logs(cfg.task_id))
+    assert seen and st.exit_code == 0 and "early0" in out
+
+
+async def test_a_failing_before_start_runs_nothing_and_leaves_nothing(
+    ctl: ProcessController, data_dir: Path, shared: Path
+) -> None:
+    async def hook(pid: int) -> None:
+        raise OSError("no veth for you")
+
+    with pytest.raises(LaunchFailed, match="preparing its namespaces failed: no veth for you"):
+        await ctl.start(task("hookfail", "sh", "-c", f"touch {shared}/ran", share=shared),
+                        before_start=hook)
+    await asyncio.sleep(0.2)
+    assert not (shared / "ran").exists()
+    assert ctl.tasks() == {}
+    assert list((data_dir / "tasks").iterdir()) == []
+    assert task_cgroups(["hookfail"]) == []
+    assert kill_leftovers(data_dir) == []
+
+
 # ----------------------------------------------------------------------- events, listener
 
 
