@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +135,9 @@ class StateFeed:
         source = self._source
         if source is not None and source in known:
             return [source, *(m for m in known if m != source)]
-        return list(known)
+        # spread the workers over the managers: each starts at its own place in the list
+        start = zlib.crc32(self.node_id.encode()) % len(known) if known else 0
+        return known[start:] + known[:start]
 
     # ------------------------------------------------------------------ following
     async def run(self) -> None:
