@@ -378,8 +378,19 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
             body["label_add"] = parse_kv(args.label_add, "--label-add")
         if args.label_rm:
             body["label_rm"] = list(args.label_rm)
+        if args.role:
+            body["role"] = args.role
         c.call("POST", f"/v1/nodes/{_q(args.node)}", body)
         print(args.node)
+    elif args.node_cmd in ("promote", "demote"):
+        for n in args.nodes:
+            r = c.call("POST", f"/v1/nodes/{_q(n)}/{args.node_cmd}")
+            if fmt == "json":
+                print(json.dumps(r, indent=2))
+            else:
+                print(r["message"])
+            if r.get("warning"):
+                print(f"Warning: {r['warning']}", file=sys.stderr)
     elif args.node_cmd == "rm":
         for n in args.nodes:
             c.call("DELETE", f"/v1/nodes/{_q(n)}" + ("?force=1" if args.force else ""))
@@ -691,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
     nu.add_argument("--label-add", action="append", default=[], metavar="KEY=VALUE")
     nu.add_argument("--label-rm", action="append", default=[], metavar="KEY")
+    nu.add_argument("--role", choices=["manager", "worker"],
+                    help="promote or demote the node (as `node promote|demote`)")
+    for verb, what in (("promote", "make workers managers (Raft voters)"),
+                       ("demote", "make managers workers (tasks keep running)")):
+        npd = nsub.add_parser(verb, help=what)
+        npd.add_argument("nodes", nargs="+")
+        npd.add_argument("--format", choices=["table", "json"], default="table")
     nr = nsub.add_parser("rm", help="remove nodes from the cluster")
     nr.add_argument("nodes", nargs="+")
     nr.add_argument("-f", "--force", action="store_true")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -113,6 +114,11 @@ class Agent:
         self.transfer = Transfer(self)  # image pulls and task logs between nodes
         self.gossip = GossipControl(self)  # gossip info, keyring, rotation (membership.py)
         self._refused_logged = 0.0
+        # promotion/demotion of this node (see _switch_role): one switch at a time
+        self._role_lock = asyncio.Lock()
+        self._role_task: asyncio.Task[str | None] | None = None
+        self._role_wakeup = asyncio.Event()
+        self._role_retry_at = 0.0
 
     # ================================================================== lifecycle
     async def run(self) -> None:
@@ -151,31 +157,12 @@ class Agent:
             log.error("no usable TLS identity in %s (%s): this node cannot talk to other "
                       "nodes; `shoal leave` and join again", self.security.files.dir, exc)
         manager = identity.role == NodeRole.MANAGER
-        store: RaftStore | StateFeed
-        if manager:
-            store = RaftStore(
-                self_addr=f"{self.config.advertise_addr}:{self.config.raft_port}",
-                peers=identity.voters,
-                data_dir=self.data_dir / "raft",
-                password=identity.raft_password,
-                config=self.config.raft,
-                bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}",
-            )
-        else:
-            # (identities written before workers were fed over mTLS know only Raft addresses)
-            seeds = identity.managers or [f"{v.rsplit(':', 1)[0]}:{self.config.api_port}"
-                                          for v in identity.voters]
-            store = StateFeed(
-                identity.node_id, seeds,
-                call_bytes=lambda addr, path, body, timeout: self.security.call_bytes(
-                    addr, path, body, timeout=timeout),
-                call_json=lambda addr, path, body, timeout: self.security.call(
-                    addr, path, body, timeout=timeout),
-                config=self.config.feed, on_managers=self._managers_changed)
+        store = self._make_store(identity)
         self.store = store
         store.add_listener(self._on_apply)
+        # the mesh reads whichever store is current: promotion/demotion swaps it in place
         self.mesh = Mesh(self.data_dir, identity.node_id, self.config.advertise_addr,
-                         snapshot=store.snapshot, is_ready=store.is_ready,
+                         snapshot=self._current_snapshot, is_ready=self._current_ready,
                          live_tasks=lambda: self.runtime.tasks().keys())
         self._worker = Worker(identity.node_id, self.store, self.runtime, self._worker_wakeup,
                               self.config.reconcile_interval, mesh=self.mesh,
@@ -188,12 +175,49 @@ class Agent:
             asyncio.create_task(self.mesh.run(), name="mesh"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.security.renew_loop(), name="cert-renew"),
+            asyncio.create_task(self._role_watch(), name="role-watch"),
         ]
         if manager:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
         else:
             assert isinstance(store, StateFeed)
             self._member_tasks.append(asyncio.create_task(store.run(), name="state-feed"))
+
+    def _make_store(self, identity: NodeIdentity) -> RaftStore | StateFeed:
+        """A manager's Raft voter or a worker's state feed (not started: the caller runs
+        the feed's ``run``). Built on the event loop's thread, the main thread: pysyncobj's
+        tick thread dies with the thread that created it."""
+        if identity.role == NodeRole.MANAGER:
+            return RaftStore(
+                self_addr=self._raft_self,
+                peers=identity.voters,
+                data_dir=self.data_dir / "raft",
+                password=identity.raft_password,
+                config=self.config.raft,
+                bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}",
+            )
+        # (identities written before workers were fed over mTLS know only Raft addresses)
+        seeds = identity.managers or [f"{v.rsplit(':', 1)[0]}:{self.config.api_port}"
+                                      for v in identity.voters]
+        return StateFeed(
+            identity.node_id, seeds,
+            call_bytes=lambda addr, path, body, timeout: self.security.call_bytes(
+                addr, path, body, timeout=timeout),
+            call_json=lambda addr, path, body, timeout: self.security.call(
+                addr, path, body, timeout=timeout),
+            config=self.config.feed, on_managers=self._managers_changed)
+
+    @property
+    def _raft_self(self) -> str:
+        return f"{self.config.advertise_addr}:{self.config.raft_port}"
+
+    def _current_snapshot(self) -> Snapshot | None:
+        store = self.store
+        return store.snapshot() if store is not None else None
+
+    def _current_ready(self) -> bool:
+        store = self.store
+        return store is not None and store.is_ready()
 
     def _managers_changed(self, managers: list[str]) -> None:
         """A worker's list of manager API addresses changed: keep it for the next start."""
@@ -204,6 +228,11 @@ class Agent:
                 ident.save(self.data_dir)
 
     async def _stop_member(self) -> None:
+        if self._role_task is not None and not self._role_task.done():
+            self._role_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._role_task
+        self._role_task = None
         if self._worker:
             self._worker.close()
         for t in self._member_tasks:
@@ -272,6 +301,7 @@ class Agent:
     def _wake(self) -> None:
         self._leader_wakeup.set()
         self._worker_wakeup.set()
+        self._role_wakeup.set()
         applied, self._applied = self._applied, asyncio.Event()
         applied.set()
         if self.mesh is not None:
@@ -429,8 +459,7 @@ class Agent:
         self.identity = None
         NodeIdentity.remove(self.data_dir)
         self.security.clear(remove_files=True)
-        for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
-            (self.data_dir / "raft" / name).unlink(missing_ok=True)
+        self._remove_raft_files()
 
     async def join(self, token: str, remote: str) -> dict[str, Any]:
         """Join with a token: pin the manager's CA by the token's digest, get a certificate
@@ -552,7 +581,10 @@ class Agent:
             voters.append(node.raft_addr)  # its voter change is pending until it runs
         # the Raft secret goes to managers only: workers are fed over mTLS (node/feed.py)
         secret = self.identity.raft_password if node.role is NodeRole.MANAGER else ""
+        # voter: whether the answering manager's Raft configuration already has it (a
+        # promoted node starts its voter only once the leader has added it, see promote)
         return {"raft_password": secret, "voters": voters,
+                "voter": node.raft_addr in store.voters(),
                 "managers": [n.api_addr for n in store.snapshot().nodes.values()
                              if n.role is NodeRole.MANAGER],
                 "gossip_key": self.identity.gossip_key.hex(),
@@ -752,6 +784,425 @@ class Agent:
         await self.propose({"op": "node_remove", "id": n.id, "now": time.time(),
                             "force": force})
         return {"id": n.id, "removed": True}
+
+    # ================================================================== promote / demote
+    # The cluster side runs on the leader (a follower forwards the request over mTLS, as
+    # swarmkit proxies its control API to the leader): it serialises Raft membership
+    # changes with joins and can hand leadership over before demoting itself. The node
+    # side (_switch_role) runs on the node whose role changes.
+
+    async def set_role(self, ref: str, role: Any) -> dict[str, Any]:
+        """`shoal node promote|demote NODE`: on any manager."""
+        store = self.require_manager()
+        if role not in ("manager", "worker"):
+            raise BadRequest("role must be 'manager' or 'worker'", "role")
+        n = self.find_node(store.snapshot(), ref)
+        return await self._role_on_leader(store, n.id, str(role))
+
+    async def _role_on_leader(self, store: RaftStore, node_id: str, role: str
+                              ) -> dict[str, Any]:
+        if store.is_leader():
+            return await self._leader_set_role(store, node_id, role)
+        leader = self._leader_node(store)
+        if leader is None:
+            raise Unavailable("no leader (election in progress or quorum lost); retry")
+        return await self.security.call(leader.api_addr, "/v1/cluster/node-role",
+                                        {"node_id": node_id, "role": role},
+                                        timeout=self.config.join_timeout + 20)
+
+    def _leader_node(self, store: RaftStore) -> Node | None:
+        addr = store.leader_addr()
+        return next((n for n in store.snapshot().nodes.values()
+                     if n.raft_addr == addr and n.role is NodeRole.MANAGER), None)
+
+    async def node_role_request(self, peer: pki.CertInfo | None, node_id: Any, role: Any
+                                ) -> dict[str, Any]:
+        """A manager forwards a promote/demote to the leader (mTLS, manager certificate)."""
+        self.security.authorize(peer, manager=True)
+        store = self.require_manager()
+        if not isinstance(node_id, str) or not node_id:
+            raise BadRequest("node_id is required", "node_id")
+        if role not in ("manager", "worker"):
+            raise BadRequest("role must be 'manager' or 'worker'", "role")
+        if not store.is_leader():
+            raise Unavailable("this manager is no longer the leader; retry")
+        return await self._leader_set_role(store, node_id, str(role))
+
+    async def _leader_set_role(self, store: RaftStore, node_id: str, role: str
+                               ) -> dict[str, Any]:
+        n = store.snapshot().nodes.get(node_id)
+        if n is None:
+            raise NotFound(f"no such node: {node_id}", "node")
+        if role == "manager":
+            return await self._promote(store, n)
+        return await self._demote(store, n)
+
+    @staticmethod
+    def _role_result(n: Node, role: str, changed: bool, message: str,
+                     warning: str = "") -> dict[str, Any]:
+        return {"id": n.id, "hostname": n.hostname, "role": role, "changed": changed,
+                "message": message, "warning": warning}
+
+    async def _wait_membership_change(self) -> None:
+        """Raft membership changes go one at a time (pysyncobj's own guard is dead code):
+        wait for the previous one. Call with self._lock held."""
+        pending = self._pending_membership
+        if pending is not None and not pending.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), self.config.join_timeout)
+            except TimeoutError:
+                raise Unavailable("a previous manager join or promotion has not completed "
+                                  "yet (is that node running?); retry later") from None
+
+    async def _promote(self, store: RaftStore, n: Node) -> dict[str, Any]:
+        if n.role is NodeRole.MANAGER and n.raft_addr in store.voters():
+            return self._role_result(n, "manager", False,
+                                     f"Node {n.hostname} is already a manager.")
+        if n.state is not NodeState.READY:
+            raise BadRequest(f"node {n.hostname} is {n.state.value}: only a running node can "
+                             "be promoted (its Raft voter would count for quorum before it "
+                             "runs)", "node")
+        async with self._lock:
+            await self._wait_membership_change()
+            if n.role is not NodeRole.MANAGER:
+                # first the record: the node sees it in its state feed and switches
+                # (renewal then issues a manager certificate, /v1/cluster/keys the Raft
+                # secret); the Raft port admits its address only from now on
+                await self.propose({"op": "node_update", "id": n.id, "now": time.time(),
+                                    "role": "manager"})
+            fut: asyncio.Future[int] | None = None
+            if n.raft_addr not in store.voters():
+                # commits only once the node runs its voter (the new configuration counts it)
+                fut = self._pending_membership = store.start_add_voter(n.raft_addr)
+        if fut is not None:
+            timeout = self.config.join_timeout
+            try:
+                err = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except TimeoutError:
+                raise Unavailable(f"node {n.hostname} is now a manager in the cluster state "
+                                  f"but has not started its Raft voter within {timeout:g}s "
+                                  "(it switches as soon as it can; see its agent log)") from None
+            if err != 0:
+                raise Unavailable(f"adding node {n.hostname} as a Raft voter failed "
+                                  f"(pysyncobj reason {err}); retry")
+        return self._role_result(n, "manager", True,
+                                 f"Node {n.hostname} promoted to a manager in the cluster.",
+                                 self._even_managers_warning(len(store.voters())))
+
+    @staticmethod
+    def _even_managers_warning(managers: int) -> str:
+        if managers == 0 or managers % 2:
+            return ""
+        return (f"the cluster now has {managers} managers, which tolerate no more failures "
+                f"than {managers - 1} would; run an odd number of managers (1, 3 or 5)")
+
+    async def _demote(self, store: RaftStore, n: Node) -> dict[str, Any]:
+        voters = store.voters()
+        if n.role is NodeRole.WORKER and n.raft_addr not in voters:
+            return self._role_result(n, "worker", False,
+                                     f"Node {n.hostname} is already a worker.")
+        snap = store.snapshot()
+        managers = [m for m in snap.nodes.values() if m.role is NodeRole.MANAGER]
+        if n.role is NodeRole.MANAGER and len(managers) <= 1:
+            raise BadRequest(f"can't demote the last manager of the cluster ({n.hostname}): "
+                             "promote another node first", "node")
+        if n.state is not NodeState.READY:
+            raise BadRequest(f"node {n.hostname} is {n.state.value}: it cannot be told to "
+                             "stop its Raft voter; remove it with `shoal node rm --force`",
+                             "node")
+        # swarmkit's rule: the managers left must still have a reachable majority
+        rest = [v for v in voters if v != n.raft_addr]
+        reachable = [v for v in rest if v == store.self_addr or store.peer_connected(v)]
+        need = len(rest) // 2 + 1
+        if len(reachable) < need:
+            raise Conflict(f"demoting {n.hostname} would cost the cluster its quorum: "
+                           f"{len(reachable)} of the {len(rest)} other managers are "
+                           f"reachable, {need} needed", "node")
+        if n.raft_addr == store.self_addr:
+            # the leader demotes itself: hand leadership over, then the new leader does it
+            new = await self._hand_over_leadership(store)
+            return await self.security.call(new.api_addr, "/v1/cluster/node-role",
+                                            {"node_id": n.id, "role": "worker"},
+                                            timeout=self.config.join_timeout + 20)
+        async with self._lock:
+            await self._wait_membership_change()
+            if n.role is NodeRole.MANAGER:
+                # the record first, while the node still votes: its replica sees it too
+                await self.propose({"op": "node_update", "id": n.id, "now": time.time(),
+                                    "role": "worker"})
+            if n.raft_addr in store.voters():
+                try:
+                    await store.remove_voter(n.raft_addr)
+                except StoreError as exc:
+                    raise from_store_error(exc) from exc
+        warning = self._even_managers_warning(len(rest))
+        try:  # tell the node now (a removed voter hears nothing more from Raft)
+            reply = await self.security.call(
+                n.api_addr, "/v1/cluster/role-changed", {"role": "worker"},
+                server_hostname=pki.node_hostname(n.id), timeout=self.config.join_timeout + 5)
+            problem = str(reply.get("error_message") or "")
+        except ApiError as exc:
+            problem = exc.message
+        if problem:
+            warning = "; ".join(x for x in (warning, f"node {n.hostname} has not switched to "
+                                            f"a worker yet: {problem}") if x)
+        return self._role_result(n, "worker", True,
+                                 f"Manager {n.hostname} demoted in the cluster.", warning)
+
+    async def _hand_over_leadership(self, store: RaftStore) -> Node:
+        """Make another manager the leader (Raft TimeoutNow); its node record."""
+        deadline = time.monotonic() + 5.0
+        asked = 0.0
+        while time.monotonic() < deadline:
+            addr = store.leader_addr()
+            if not store.is_leader() and addr and addr != store.self_addr:
+                leader = self._leader_node(store)
+                if leader is not None:
+                    log.info("handed leadership over to %s", leader.hostname)
+                    return leader
+            elif store.is_leader() and time.monotonic() - asked > 0.5:
+                asked = time.monotonic()
+                store.transfer_leadership()
+            await asyncio.sleep(0.05)
+        raise Unavailable("could not hand the leadership over to another manager within 5 s "
+                          "(are they caught up?); retry")
+
+    # ------------------------------------------------------------------ this node's side
+    async def role_changed(self, peer: pki.CertInfo | None, role: Any) -> dict[str, Any]:
+        """A manager tells this node its role changed (mTLS, a manager's certificate):
+        switch now. Used for demotion, which a removed Raft voter cannot learn from Raft."""
+        self.security.authorize(peer, manager=True)
+        ident = self.identity
+        if ident is None:
+            raise NotInCluster("this node is not part of a cluster")
+        if role not in ("manager", "worker"):
+            raise BadRequest("role must be 'manager' or 'worker'", "role")
+        task = self._request_role(str(role))
+        problem = await asyncio.wait_for(asyncio.shield(task), self.config.join_timeout + 2)
+        return {"node_id": ident.node_id, "role": self.identity.role if self.identity else "",
+                "error_message": problem or ""}
+
+    async def _role_watch(self) -> None:
+        """Level-triggered: whenever this node's own record has another role than the one it
+        runs as (seen in its state feed or Raft replica, also after a restart), switch."""
+        unready_since: float | None = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._role_wakeup.wait()
+            self._role_wakeup.clear()
+            ident, store = self.identity, self.store
+            if ident is None or store is None or self._leaving:
+                continue
+            if time.monotonic() < self._role_retry_at or (
+                    self._role_task is not None and not self._role_task.done()):
+                continue
+            if not store.is_ready():
+                # a manager demoted while it was unreachable is no Raft member any more and
+                # never catches up: ask the other managers what this node is
+                now = time.monotonic()
+                unready_since = unready_since or now
+                if ident.role == NodeRole.MANAGER and now - unready_since > 10.0:
+                    unready_since = now
+                    if await self._demoted_while_away(ident, store):
+                        log.info("the managers say this node is a worker now: switching")
+                        self._request_role(NodeRole.WORKER.value)
+                continue
+            unready_since = None
+            me = store.snapshot().nodes.get(ident.node_id)
+            if me is not None and me.role.value != ident.role:
+                log.info("this node's record says %s, it runs as %s: switching",
+                         me.role.value, ident.role)
+                self._request_role(me.role.value)
+            await asyncio.sleep(0.1)
+
+    async def _demoted_while_away(self, ident: NodeIdentity, store: RaftStore | StateFeed
+                                  ) -> bool:
+        """True if a caught-up manager hands this node no Raft secret (its record says
+        worker there)."""
+        for n in store.snapshot().nodes.values():
+            if n.role is NodeRole.MANAGER and n.id != ident.node_id:
+                with contextlib.suppress(ApiError):
+                    keys = await self.security.call(n.api_addr, "/v1/cluster/keys", {},
+                                                    timeout=2.0)
+                    return keys.get("raft_password") == ""
+        return False
+
+    def _request_role(self, role: str) -> asyncio.Task[str | None]:
+        task = self._role_task
+        if task is None or task.done():
+            task = self._role_task = asyncio.create_task(self._switch_role(role),
+                                                         name=f"become-{role}")
+        return task
+
+    async def _switch_role(self, role: str) -> str | None:
+        """Become ``role`` without stopping tasks: the worker, mesh, gossip and heartbeats
+        keep running, only the state source is swapped (feed ⇄ Raft voter) once the new one
+        has caught up. None on success, else why not (retried later by the watcher)."""
+        async with self._role_lock:
+            ident = self.identity
+            if ident is None or self.store is None or ident.role == role:
+                return None
+            try:
+                if role == NodeRole.MANAGER:
+                    await self._become_manager(ident)
+                else:
+                    await self._become_worker(ident)
+            except ApiError as exc:
+                self._role_retry_at = time.monotonic() + 5.0
+                log.warning("could not switch this node to %s: %s (retrying in 5 s)", role,
+                            exc.message)
+                return exc.message
+            except Exception as exc:
+                self._role_retry_at = time.monotonic() + 5.0
+                log.exception("could not switch this node to %s", role)
+                return repr(exc)
+            return None
+
+    async def _become_manager(self, ident: NodeIdentity) -> None:
+        feed = self.store
+        assert isinstance(feed, StateFeed)
+        deadline = time.monotonic() + self.config.join_timeout
+        # 1. a manager certificate: renewal issues the role of the node's current record
+        why = ""
+        while self.security.cert is None or self.security.cert.role != pki.ROLE_MANAGER:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"no manager certificate for this node: {why}")
+            try:
+                await self.security.renew()
+                why = "a manager still issued a worker certificate"
+            except ApiError as exc:
+                why = exc.message
+            if self.security.cert is not None and self.security.cert.role != pki.ROLE_MANAGER:
+                await asyncio.sleep(0.3)
+        # 2. the Raft secret, voters and the managers' key, once the leader added the voter
+        keys, manager_key = await self._fetch_manager_keys(feed, ident, deadline)
+        new = dataclasses.replace(
+            ident, role="manager", raft_password=str(keys["raft_password"]),
+            voters=sorted({str(v) for v in keys["voters"]} | {self._raft_self}),
+            manager_key=manager_key, managers=[])
+        # 3. a Raft voter, started from a clean journal, fed by the leader
+        self._remove_raft_files()
+        raft = self._make_store(new)
+        assert isinstance(raft, RaftStore)
+        try:
+            await self._wait_for(
+                lambda: raft.is_ready() and raft.index >= feed.index and
+                (me := raft.snapshot().nodes.get(ident.node_id)) is not None and
+                me.role is NodeRole.MANAGER,
+                self.config.join_timeout, "this node's Raft replica to catch up")
+        except BaseException:  # (also when cancelled: the voter must not keep running)
+            raft.close()
+            self._remove_raft_files()
+            raise
+        # 4. swap the state source under the running worker, mesh and gossip
+        self.identity, self.store = new, raft
+        raft.add_listener(self._on_apply)
+        if self._worker is not None:
+            self._worker.store = raft
+        self._cancel_member_task("state-feed")
+        feed.close()
+        self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
+        new.save(self.data_dir)
+        self._update_gossip_role(new)
+        self._wake()
+        log.info("this node is now a manager (Raft voter %s)", self._raft_self)
+
+    async def _fetch_manager_keys(self, feed: StateFeed, ident: NodeIdentity, deadline: float
+                                  ) -> tuple[dict[str, Any], bytes]:
+        why = "no manager known"
+        while time.monotonic() < deadline:
+            snap = feed.snapshot()
+            leader = feed.leader_addr()
+            managers = sorted((n for n in snap.nodes.values()
+                               if n.role is NodeRole.MANAGER and n.id != ident.node_id),
+                              key=lambda n: n.raft_addr != leader)
+            for m in managers:
+                try:
+                    keys = await self.security.call(m.api_addr, "/v1/cluster/keys", {})
+                    if not keys.get("raft_password"):
+                        why = f"{m.hostname} does not see this node as a manager yet"
+                        continue
+                    if not keys.get("voter"):
+                        why = f"{m.hostname} has not added this node's Raft voter yet"
+                        continue
+                    mk = await self.security.call(m.api_addr, "/v1/cluster/manager-keys", {})
+                    return keys, bytes.fromhex(str(mk["manager_key"]))
+                except ApiError as exc:
+                    why = f"{m.hostname}: {exc.message}"
+                except (KeyError, ValueError, TypeError) as exc:
+                    why = f"{m.hostname} sent malformed keys: {exc!r}"
+            await asyncio.sleep(0.2)
+        raise Unavailable(f"could not fetch the managers' keys: {why}")
+
+    async def _become_worker(self, ident: NodeIdentity) -> None:
+        raft = self.store
+        assert isinstance(raft, RaftStore)
+        if raft.is_leader():  # (the leader hands over before demoting itself)
+            await self._hand_over_leadership(raft)
+        snap = raft.snapshot()
+        me = snap.nodes.get(ident.node_id)
+        # 1. a worker certificate, signed here while this node still holds the managers' key
+        key = pki.new_key()
+        cert = self.security.issue(snap, pki.make_csr(key).decode(), ident.node_id,
+                                   pki.ROLE_WORKER, me.addr if me else
+                                   self.config.advertise_addr)
+        ca_pem = self.security.files.ca_pem()
+        try:
+            pki.verify_issued(cert, ca_pem, key)
+        except pki.PkiError as exc:
+            raise Unavailable(f"the worker certificate is not valid: {exc}") from exc
+        managers = [n.api_addr for n in sorted(snap.nodes.values(), key=lambda n: n.id)
+                    if n.role is NodeRole.MANAGER and n.id != ident.node_id]
+        new = dataclasses.replace(
+            ident, role="worker", raft_password="", manager_key=b"", managers=managers,
+            voters=[v for v in raft.voters() if v != self._raft_self])
+        self.security.files.save(ca_pem, cert, pki.key_pem(key))
+        self.security.clear()  # forgets the unsealed CA key too
+        self.security.load()
+        # 2. a state feed, caught up before it replaces the Raft replica
+        feed = self._make_store(new)
+        assert isinstance(feed, StateFeed)
+        run = asyncio.create_task(feed.run(), name="state-feed")
+        try:
+            await self._wait_for(feed.is_ready, self.config.join_timeout,
+                                 "this node's state feed to catch up")
+        except BaseException:
+            run.cancel()
+            raise
+        # 3. swap, forget the Raft secret, the managers' key and the Raft log
+        self.identity, self.store = new, feed
+        feed.add_listener(self._on_apply)
+        if self._worker is not None:
+            self._worker.store = feed
+        self._cancel_member_task("lead")
+        if self._leader_task is not None:
+            self._leader_task.cancel()
+            self._leader_task = None
+        self._member_tasks.append(run)
+        new.save(self.data_dir)
+        self.heartbeats.clear()
+        self._update_gossip_role(new)
+        self._wake()
+        await asyncio.to_thread(raft.close)
+        self._remove_raft_files()
+        log.info("this node is now a worker (Raft secret, managers' key and Raft log removed)")
+
+    def _cancel_member_task(self, name: str) -> None:
+        for t in [t for t in self._member_tasks if t.get_name() == name]:
+            t.cancel()
+            self._member_tasks.remove(t)
+
+    def _remove_raft_files(self) -> None:
+        for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
+            (self.data_dir / "raft" / name).unlink(missing_ok=True)
+
+    def _update_gossip_role(self, identity: NodeIdentity) -> None:
+        if self.membership is not None:
+            with contextlib.suppress(Exception):
+                self.membership.update_meta(
+                    {"role": identity.role, "hostname": self.hostname,
+                     "api": f"{self.config.advertise_addr}:{self.config.api_port}"})
 
     def find_service(self, snap: Snapshot, ref: str) -> Service:
         svc = snap.service_by_name(ref) or snap.services.get(ref)

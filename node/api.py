@@ -196,7 +196,18 @@ class ApiServer:
             return await a.remove_node(req.match_info["ref"], req.query.get("force") == "1")
 
         async def node_update(req: web.Request) -> Any:
-            return await a.update_node(req.match_info["ref"], await _body(req))
+            body = await _body(req)
+            if "role" in body:  # `node update --role` is promote/demote
+                await a.set_role(req.match_info["ref"], body.pop("role"))
+                if not body:
+                    return a.node(req.match_info["ref"])
+            return await a.update_node(req.match_info["ref"], body)
+
+        async def node_promote(req: web.Request) -> Any:
+            return await a.set_role(req.match_info["ref"], "manager")
+
+        async def node_demote(req: web.Request) -> Any:
+            return await a.set_role(req.match_info["ref"], "worker")
 
         async def services(_: web.Request) -> Any:
             return a.services()
@@ -278,6 +289,8 @@ class ApiServer:
         r.add_get("/v1/nodes/{ref}", node)
         r.add_delete("/v1/nodes/{ref}", node_rm)
         r.add_post("/v1/nodes/{ref}", node_update)
+        r.add_post("/v1/nodes/{ref}/promote", node_promote)
+        r.add_post("/v1/nodes/{ref}/demote", node_demote)
         r.add_get("/v1/services", services)
         r.add_post("/v1/services", service_create)
         r.add_get("/v1/services/{ref}", service)
@@ -371,6 +384,15 @@ class ApiServer:
             body = await _body(req)
             return a.renew_certificate(peer_of(req), body.get("csr"))
 
+        async def node_role(req: web.Request) -> Any:  # promote/demote, run by the leader
+            body = await _body(req)
+            return await a.node_role_request(peer_of(req), body.get("node_id"),
+                                             body.get("role"))
+
+        async def role_changed(req: web.Request) -> Any:  # a manager: "you are now ROLE"
+            body = await _body(req)
+            return await a.role_changed(peer_of(req), body.get("role"))
+
         async def gossip_keys(req: web.Request) -> Any:  # a manager's rotation step
             return a.gossip.apply_key_op(peer_of(req), await _body(req))
 
@@ -456,6 +478,8 @@ class ApiServer:
         app.router.add_post("/v1/cluster/report", report)
         app.router.add_post("/v1/cluster/task-files", task_files)
         app.router.add_post("/v1/cluster/gossip-keys", gossip_keys)
+        app.router.add_post("/v1/cluster/node-role", node_role)
+        app.router.add_post("/v1/cluster/role-changed", role_changed)
         return app
 
     async def start(self) -> None:
