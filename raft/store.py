@@ -20,17 +20,25 @@ from __future__ import annotations
 import _socket
 import asyncio
 import collections
+import contextlib
+import fcntl
 import functools
+import gzip
 import logging
+import os
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
 
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
@@ -79,6 +87,9 @@ class RaftConfig:
     # Compact the log after this many entries (snapshot to the dump file in a fork).
     log_compaction_min_entries: int = 5000
     log_compaction_min_time: float = 60.0
+    # How long a starting store waits for its data directory's lock (held by another live
+    # store, or by a log compaction a killed predecessor forked), seconds.
+    data_dir_lock_timeout: float = 30.0
 
     def validate(self) -> None:
         if not self.raft_min_timeout > 3 * self.append_entries_period:
@@ -89,6 +100,152 @@ class RaftConfig:
             raise ValueError("leader_fallback_timeout must be > append_entries_period")
         if self.write_timeout <= 0 or self.tick_period <= 0:
             raise ValueError("write_timeout and tick_period must be > 0")
+
+
+class PersistenceError(RuntimeError):
+    """The Raft data directory cannot be used safely (raised before pysyncobj starts)."""
+
+
+def _lock_data_dir(data_dir: Path, timeout: float) -> int:
+    """Take ``raft.lock`` (flock) for this store's lifetime and return its fd.
+
+    pysyncobj compacts in a forked child that writes ``raft.dump.tmp`` and renames it over
+    ``raft.dump``; a kill -9 of the store does not kill that child. The child inherits this
+    lock (flock locks belong to the open file, which fork shares; O_CLOEXEC drops it only
+    from exec'd programs), so waiting for the lock waits for a predecessor's leftover
+    compaction to finish before this store reads the dump — and refuses a second live store
+    on the same directory."""
+    fd = os.open(data_dir / "raft.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise PersistenceError(
+                    f"{data_dir} is in use: another Raft store, or a log compaction left "
+                    f"by a killed one, still holds {data_dir / 'raft.lock'} after "
+                    f"{timeout:g}s") from None
+            time.sleep(0.05)
+
+
+def _set_aside(path: Path) -> None:
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".unusable"))
+
+
+def _check_persistence(data_dir: Path, can_refetch: bool) -> None:
+    """Make ``raft.journal`` + ``raft.dump`` a pair pysyncobj restores correctly (under the
+    data-dir lock, before pysyncobj opens them).
+
+    pysyncobj's compaction is: the child renames the new dump in, then the parent drops
+    the journal entries the dump covers (FileJournal.deleteEntriesTo: clear, then re-add
+    every kept entry). A kill -9 between the two leaves a journal that still starts before
+    the dump; pysyncobj then replaces the whole journal by the dump's last two entries,
+    losing every entry after the dump this voter had already acknowledged. So:
+
+    * journal holds the dump's last two entries further in: finish the interrupted
+      truncation (atomically: a new journal renamed over the old) — nothing is lost;
+    * dump unreadable, or no dump but a journal that does not start at index 1: pysyncobj
+      would keep the journal with an empty state machine that never applies anything
+      again. With other voters to fetch from (``can_refetch``) both files are set aside
+      (``*.unusable``) and the node starts empty: the leader sends it a snapshot. Alone,
+      refuse to start (PersistenceError) rather than silently dropping committed data.
+      A dump alone is kept when the journal is complete (starts at index 1)."""
+    journal_path, dump_path = data_dir / "raft.journal", data_dir / "raft.dump"
+    for tmp in (data_dir / "raft.dump.tmp", data_dir / "raft.dump.1.tmp",
+                data_dir / "raft.journal.repair"):
+        tmp.unlink(missing_ok=True)  # half-written by a killed store (we hold the lock)
+    entries = _read_journal(journal_path)
+    dump: Any = None
+    dump_error = ""
+    if dump_path.exists():
+        try:
+            with gzip.open(dump_path, "rb") as f:
+                dump = pysyncobj_pickle.load(f)
+            if not all(isinstance(dump[i], tuple) and len(dump[i]) == 3 for i in (1, 2)):
+                raise ValueError("no log entries in it")
+        except Exception as exc:
+            dump, dump_error = None, f"unreadable dump ({exc!r})"
+    first = entries[0][1] if entries else 1
+    if dump is None and first > 1:
+        problem = dump_error or f"no dump, and the journal starts at index {first}"
+    elif dump is None:
+        if dump_error:  # the journal alone is complete
+            log.warning("Raft: %s in %s; the journal is complete, restoring from it",
+                        dump_error, data_dir)
+            _set_aside(dump_path)
+        return
+    else:
+        keys = [(e[1], e[2]) for e in entries]
+        prev, last = (dump[2][1], dump[2][2]), (dump[1][1], dump[1][2])
+        if keys[:2] == [prev, last] or prev not in keys:
+            return  # restored as is (or pysyncobj restarts the log at the dump: consistent)
+        k = keys.index(prev)
+        if k + 1 >= len(keys) or keys[k + 1] != last:
+            return
+        _rewrite_journal(journal_path, entries[k:])
+        log.warning("Raft: finished a log compaction interrupted by a crash in %s (dropped "
+                    "%d journal entries covered by the dump, kept %d)", data_dir, k,
+                    len(entries) - k)
+        return
+    if not can_refetch:
+        raise PersistenceError(
+            f"Raft data in {data_dir} cannot be restored: {problem}. This is the only voter, "
+            "so starting empty would lose committed state; restore raft.journal/raft.dump "
+            "from a backup (or move them away to start a new, empty cluster)")
+    log.error("Raft: %s in %s; setting raft.journal and raft.dump aside (*.unusable) and "
+              "starting empty: the leader will send a snapshot", problem, data_dir)
+    _set_aside(journal_path)
+    _set_aside(dump_path)
+    meta_path = journal_path.with_name(journal_path.name + ".meta")
+    if meta_path.exists():  # the term and vote must survive; the commit index must not
+        kept = pysyncobj_pickle.loads(meta_path.read_bytes())
+        kept.pop("raftCommitIndex", None)
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        tmp.write_bytes(pysyncobj_pickle.dumps(kept))
+        os.replace(tmp, meta_path)
+
+
+def _read_journal(path: Path) -> list[tuple[bytes, int, int]]:
+    """pysyncobj's FileJournal records, read-only: (command, index, term) in order."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if len(raw) < FIRST_RECORD_OFFSET:
+        return []
+    end = min(struct.unpack_from("<I", raw, LAST_RECORD_OFFSET_OFFSET)[0], len(raw))
+    entries, offset = [], FIRST_RECORD_OFFSET
+    while offset + 4 <= end:
+        size = struct.unpack_from("<I", raw, offset)[0]
+        record = raw[offset + 4:offset + 4 + size]
+        if size < 16 or len(record) < size:
+            break
+        idx, term = struct.unpack_from("<QQ", record)
+        entries.append((record[16:], idx, term))
+        offset += size + 8
+    return entries
+
+
+def _rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
+    tmp = path.with_name("raft.journal.repair")
+    journal = FileJournal(str(tmp))
+    try:
+        for command, idx, term in entries:
+            journal.add(command, idx, term)
+        journal.flush()
+    finally:
+        journal._destroy()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class ReplicatedState(SyncObjConsumer):
@@ -156,6 +313,15 @@ class RaftStore:
         self.self_addr = self_addr
         self.consumer = ReplicatedState()
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        if persist:
+            self._lock_fd = _lock_data_dir(data_dir, self.config.data_dir_lock_timeout)
+            try:
+                _check_persistence(data_dir, can_refetch=self_addr is None or bool(
+                    set(peers) - {self_addr}))
+            except BaseException:
+                os.close(self._lock_fd)
+                raise
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -341,3 +507,7 @@ class RaftStore:
             thread.join(timeout=2.0)
         if thread is None or not thread.is_alive():
             self._eager.close()
+            if self._lock_fd is not None:  # (a compaction child may hold it a bit longer)
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)
+                self._lock_fd = None
