@@ -978,7 +978,10 @@ class Agent:
         if role not in ("manager", "worker"):
             raise BadRequest("role must be 'manager' or 'worker'", "role")
         task = self._request_role(str(role))
-        problem = await asyncio.wait_for(asyncio.shield(task), self.config.join_timeout + 2)
+        try:
+            problem = await asyncio.wait_for(asyncio.shield(task), self.config.join_timeout + 2)
+        except TimeoutError:
+            problem = "still switching"
         return {"node_id": ident.node_id, "role": self.identity.role if self.identity else "",
                 "error_message": problem or ""}
 

@@ -31,9 +31,10 @@ def plain_json(host: Host, *args: str) -> Any:
     return json.loads(host.cli(*args).stdout)
 
 
-def raft_files(host: Host) -> list[str]:
+def raft_log_files(host: Host) -> list[str]:
+    """The Raft journal (and its meta) and dump: the replicated log kept on disk."""
     d = host.data_dir / "raft"
-    return sorted(p.name for p in d.glob("raft.*")) if d.exists() else []
+    return sorted(p.name for p in [*d.glob("raft.journal*"), *d.glob("raft.dump*")])
 
 
 def tasks_on(host: Host, ask: Host, service: str) -> dict[str, int]:
@@ -86,6 +87,7 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     ident = node_json(h2)
     assert ident["raft_password"] == node_json(h1)["raft_password"] != ""
     assert ident["manager_key"] == node_json(h1)["manager_key"] != ""
+    assert "raft.journal" in raft_log_files(h2)
     info = plain_json(h2, "info")
     assert info["role"] == "manager" and len(info["voters"]) == 2, info
     assert h2.cli_json("service", "ls")[0]["name"] == "keep"  # a manager's API now
@@ -119,7 +121,7 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     ident = node_json(new)
     assert ident["role"] == "worker" and ident["raft_password"] == "" \
         and ident["manager_key"] == "", ident
-    assert raft_files(new) == []
+    assert raft_log_files(new) == []
     assert plain_json(new, "ca", "info")["node_certificate"]["role"] == "worker"
     assert "worker" in error_line(new, "service", "ls")
     other = h3 if new is h2 else h2
@@ -146,6 +148,8 @@ def test_demote_and_promote_refusals(lab_factory: Callable[..., Lab]) -> None:
     assert "no such node: nope" in error_line(h1, "node", "promote", "nope")
     assert "no such node: nope" in error_line(h1, "node", "demote", "nope")
     assert "worker" in error_line(h2, "node", "promote", "h2")
+    assert "can't demote the last manager" in error_line(h1, "node", "update", "--role",
+                                                         "worker", "h1")
     assert "Node h1 is already a manager." in h1.cli("node", "promote", "h1").stdout
     assert "Node h2 is already a worker." in h1.cli("node", "demote", "h2").stdout
     assert len(plain_json(h1, "info")["voters"]) == 1
