@@ -348,6 +348,7 @@ class RaftStore:
                                  encryptor=AeadEncryptor(password) if password else None))
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
+        self._trusted = False  # see is_ready
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
@@ -399,7 +400,30 @@ class RaftStore:
         return None if leader is None else str(leader.id if hasattr(leader, "id") else leader)
 
     def is_ready(self) -> bool:
-        return bool(self._sync.isReady())
+        """Has this replica caught up with the cluster, so acting on it is safe?
+
+        pysyncobj's own ``isReady`` means "applied up to the commit index the leader sent".
+        After every manager restarted, a new leader only knows the commit index it persisted
+        (pysyncobj saves it about once a second, so up to a second old) until it commits an
+        entry of its own term: replicas "ready" at that index lack the newest commands — a
+        worker would stop tasks it does not see yet. So also wait, once per store, until an
+        entry of the current term is applied (the new leader's no-op): everything committed
+        before is then applied too (Raft's leader completeness)."""
+        if self._trusted:
+            return True
+        sync = self._sync
+        if not sync.isReady():
+            return False
+        try:  # (read from the event loop while the tick thread appends: may race, retried)
+            applied = sync._SyncObj__raftLastApplied
+            entries = sync._SyncObj__getEntries(applied, 1)
+            current = bool(entries) and entries[0][2] == sync._getTerm()
+        except AttributeError:  # another pysyncobj version: its own readiness
+            current = True
+        except (IndexError, KeyError, TypeError, ValueError):
+            return False
+        self._trusted = current
+        return current
 
     def status(self) -> dict[str, Any]:
         return dict(self._sync.getStatus())
