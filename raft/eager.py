@@ -1,7 +1,8 @@
 """Low-latency commits on top of pysyncobj's batching: wake on propose, send at tick end.
 
 Owns: waking pysyncobj's tick thread when a write is proposed and, on the leader,
-sending append-entries as soon as a tick has added entries or advanced the commit index.
+sending append-entries as soon as a tick has added entries or advanced the commit index;
+running other calls into pysyncobj on its tick thread (``call_soon``).
 Must not touch: what is replicated, elections, membership (all pysyncobj's).
 
 Why: with ``appendEntriesUseBatch=True`` (kept: it is what gives ~10k writes/s) pysyncobj
@@ -27,9 +28,11 @@ pysyncobj's periodic behaviour remains: slower, still correct.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.monotonic import monotonic as monotonic_time
@@ -48,6 +51,7 @@ class EagerReplication:
         self._enabled = True
         self._last: tuple[int, int] = (-1, -1)  # (last log index, commit index) last sent
         self.eager_sends = 0  # append-entries rounds sent early (for tests / status)
+        self._calls: collections.deque[Callable[[], object]] = collections.deque()
         sync.addOnTickCallback(self._on_tick)
 
     # ------------------------------------------------------------------ any thread
@@ -55,6 +59,12 @@ class EagerReplication:
         """Make the tick thread run a tick now (a write was queued)."""
         with contextlib.suppress(BlockingIOError, OSError):  # full pipe = already woken
             os.write(self._write_fd, b"w")
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the tick thread at the end of the next tick (now: it is woken).
+        pysyncobj's methods that send (e.g. transferLeadership) must not race its thread."""
+        self._calls.append(fn)
+        self.wake()
 
     def close(self) -> None:
         """After the SyncObj is destroyed."""
@@ -69,6 +79,12 @@ class EagerReplication:
                 pass
 
     def _on_tick(self) -> None:
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("call on the Raft tick thread failed")
         if not self._enabled:
             return
         try:

@@ -521,7 +521,8 @@ class RaftStore:
 
     def transfer_leadership(self, target: str | None = None) -> None:
         """Hand leadership to ``target`` (or the most caught-up follower); leader only."""
-        self._sync.transferLeadership(target)
+        # on pysyncobj's tick thread: it sends on connections that thread also uses
+        self._eager.call_soon(lambda: self._sync.transferLeadership(target))
 
     def close(self) -> None:
         self._sync.destroy()
