@@ -22,7 +22,6 @@ the agent's listener works from both).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import zlib
@@ -258,6 +257,5 @@ class StateFeed:
         raise WriteTimeout("no manager took the write: " + "; ".join(errors))
 
     def close(self) -> None:
-        """Nothing to release (the agent cancels :meth:`run`)."""
-        with contextlib.suppress(Exception):
-            self._listeners.clear()
+        """Forget the listeners; nothing else to release (the agent cancels :meth:`run`)."""
+        self._listeners.clear()

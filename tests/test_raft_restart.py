@@ -16,10 +16,10 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pysyncobj.journal import FileJournal, MetaStorer
+from test_raft_store import _service, _wait
 
 from shoal.raft import store as store_mod
 from shoal.raft.store import PersistenceError, RaftConfig, RaftStore
@@ -36,18 +36,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def _wait(cond: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-def _service(i: int) -> dict[str, Any]:
-    return {"op": "service_create", "id": f"s{i}", "now": 1.0,
-            "spec": {"name": f"svc{i}", "command": ["true"]}}
 
 
 def _entries(path: Path) -> list[tuple[bytes, int, int]]:
