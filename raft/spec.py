@@ -1,0 +1,548 @@
+"""The service spec: what a user asks for, declared once per field.
+
+Owns: the nested ``ServiceSpec`` (Swarm's shape) and every field's declaration — type,
+default, bounds, unit, help text and CLI flag — as msgspec ``Struct`` fields annotated with
+``decl(...)``. From these declarations come the API's validation (``msgspec.convert`` with
+strict types: errors carry the field's path), the JSON Schema / OpenAPI description
+(``msgspec.json.schema``), the CLI's create/update flags (``shoal.cli.specflags``) and the
+spec reference in docs/api.md (``reference_markdown``). Cross-field rules that a type cannot
+say live in each Struct's ``__post_init__`` and name their sub-field. Must not touch: I/O,
+clocks, randomness; the records that carry a spec (``shoal.raft.models``).
+
+Why msgspec (issue 11): one typed declaration gives strict decoding from JSON and msgpack
+with error paths (``$.task.container.command``), JSON Schema for OpenAPI, and frozen,
+hashable, comparable values — the hand-written ``spec_from_dict``/``validate_spec`` pair and
+the CLI's copy of every field and default (six edits per field) are gone.
+
+The layout follows swarmkit's ``ServiceSpec``::
+
+    ServiceSpec
+     ├─ name, labels
+     ├─ task: TaskSpec               the template copied into every task (only a change
+     │   ├─ container: ContainerSpec  here replaces tasks)
+     │   ├─ resources: Resources {limits, reservations}
+     │   ├─ restart: RestartPolicy
+     │   ├─ placement: Placement
+     │   └─ force_update
+     ├─ mode: ServiceMode {replicas}
+     ├─ update: UpdateConfig          how a changed template rolls out
+     ├─ rollback: UpdateConfig        how `service rollback` rolls back
+     └─ endpoint: EndpointSpec {ports, lb_algorithm}
+
+A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
+``flag`` (long option, create and update), ``short``, ``cli`` (how the CLI parses it:
+``str int float bytes duration choice map list command bool``), ``item`` (the list item
+parser: ``mount port secret config constraint``), ``unit`` and ``metavar``. A field without
+``flag`` is set only through the API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")
+_USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
+USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH")
+MAX_REPLICAS = 10_000
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ENV = 1000
+MAX_GRACE = 3600.0
+DAY = 86400.0
+# secret and config names (Docker's rule) and the file names they appear under in a task
+OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+MAX_FILE_REFS = 100
+# placement constraints (Swarm's syntax and character sets)
+CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os")
+LABEL_PREFIX = "node.labels."
+CONSTRAINT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]+$")
+CONSTRAINT_VALUE_RE = re.compile(r"^[A-Za-z0-9:_\s.*()?+\[\]\\^$|/-]+$")
+MAX_CONSTRAINTS = 64
+MAX_CONSTRAINT_LEN = 512
+# ports the node itself uses: never published by a service
+RESERVED_PORTS = {2377: "the node API", 2378: "Raft", 7946: "gossip"}
+
+
+class SpecError(ValueError):
+    """A rule in ``__post_init__`` failed; ``field`` is relative to the Struct raising it.
+    (msgspec turns it into a ValidationError at the Struct's path; shoal.raft.validate
+    joins both into one dotted field name.)"""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+
+
+def decl(help: str, *, flag: str | None = None, short: str | None = None,
+         cli: str | None = None, item: str | None = None, unit: str | None = None,
+         metavar: str | None = None, ge: float | None = None, le: float | None = None,
+         pattern: str | None = None, max_length: int | None = None,
+         title: str | None = None) -> msgspec.Meta:
+    """One field's declaration: validation bounds for msgspec, the rest for the CLI/docs."""
+    extra = {k: v for k, v in (("flag", flag), ("short", short), ("cli", cli),
+                               ("item", item), ("unit", unit), ("metavar", metavar))
+             if v is not None}
+    return msgspec.Meta(description=help, ge=ge, le=le, pattern=pattern,
+                        max_length=max_length, title=title, extra=extra)
+
+
+class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every spec record: immutable, unknown fields refused."""
+
+
+# --------------------------------------------------------------------------- container
+
+class Mount(_Spec):
+    """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
+
+    type: Annotated[Literal["bind", "volume", "tmpfs"], decl(
+        "bind: a host path; volume: a named volume kept per node; tmpfs: memory")]
+    target: Annotated[str, decl("absolute path inside the task")]
+    source: Annotated[str, decl("host path (bind) or volume name (volume); none for tmpfs")] = ""
+    readonly: Annotated[bool, decl("mount read-only")] = False
+    tmpfs_size: Annotated[int, decl("tmpfs size; 0 = the kernel's default (half of RAM)",
+                                    unit="bytes", ge=0)] = 0
+
+    def __post_init__(self) -> None:
+        t = self.target
+        if not t.startswith("/") or "\0" in t or ".." in t.split("/"):
+            raise SpecError("target", "must be an absolute path inside the task")
+        if self.type == "bind" and (not self.source.startswith("/")
+                                    or ".." in self.source.split("/")):
+            raise SpecError("source", "a bind mount's source must be an absolute host path")
+        if self.type == "volume" and not NAME_RE.match(self.source):
+            raise SpecError("source", "must name a volume (lower-case letters, digits, '-')")
+        if self.type == "tmpfs" and self.source:
+            raise SpecError("source", "a tmpfs mount takes no source")
+
+    @property
+    def key(self) -> str:
+        """What ``--mount-rm`` names: the target path."""
+        return self.target
+
+
+class FileRef(_Spec):
+    """A task's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): the task
+    sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
+
+    name: Annotated[str, decl("the secret's (config's) name", pattern=OBJECT_NAME_RE.pattern)]
+    target: Annotated[str, decl("file name in the task's /run/secrets (/run/configs); "
+                                "empty = the name")] = ""
+    mode: Annotated[int, decl("file mode inside the task", ge=0, le=0o777)] = 0o444
+
+    def __post_init__(self) -> None:
+        if self.target and (not FILE_NAME_RE.match(self.target) or self.target in (".", "..")):
+            raise SpecError("target", f"must be a file name (no '/'), got {self.target!r}")
+
+    @property
+    def file_name(self) -> str:
+        return self.target or self.name
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+def _unique_files(refs: tuple[FileRef, ...], what: str) -> None:
+    files = [r.file_name for r in refs]
+    if len(set(files)) != len(files):
+        raise SpecError(what, f"two {what} use the same target file name")
+
+
+Command = Annotated[tuple[str, ...], decl(
+    "the program to run and its arguments; empty = the image's ENTRYPOINT/CMD",
+    cli="command", max_length=4096)]
+
+
+class ContainerSpec(_Spec):
+    """What runs: the process, its environment and the files it sees."""
+
+    image: Annotated[str, decl("image NAME[:TAG]; empty = the host's read-only /usr and /etc",
+                               flag="--image", cli="str", metavar="NAME[:TAG]",
+                               pattern=IMAGE_RE.pattern)] = ""
+    command: Command = ()
+    env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
+                                        cli="map", metavar="KEY=VALUE")] = {}
+    workdir: Annotated[str, decl("working directory (absolute path)", flag="--workdir",
+                                 short="-w", cli="str", metavar="PATH")] = ""
+    user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
+                              flag="--user", short="-u", cli="str", metavar="USER",
+                              pattern=USER_RE.pattern)] = ""
+    stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
+        "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
+    stop_grace_period: Annotated[float, decl(
+        "time between the stop signal and SIGKILL", flag="--stop-grace-period",
+        cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
+    mounts: Annotated[tuple[Mount, ...], decl(
+        "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
+        metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
+    secrets: Annotated[tuple[FileRef, ...], decl(
+        "secrets the task sees as /run/secrets/FILE", flag="--secret", cli="list",
+        item="secret", metavar="NAME[,target=FILE][,mode=0400]", max_length=MAX_FILE_REFS)] = ()
+    configs: Annotated[tuple[FileRef, ...], decl(
+        "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
+        item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
+
+    def __post_init__(self) -> None:
+        if self.command and not self.command[0]:
+            raise SpecError("command", "must not start with an empty string")
+        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
+            raise SpecError("command", "is too long")
+        if len(self.env) > MAX_ENV:
+            raise SpecError("env", f"at most {MAX_ENV} variables")
+        for k, v in self.env.items():
+            if not ENV_KEY_RE.match(k):
+                raise SpecError("env", f"name {k!r} is invalid (letters, digits, '_')")
+            if "\0" in v:
+                raise SpecError("env", f"value of {k} must not contain NUL")
+        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
+            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
+        _unique_files(self.secrets, "secrets")
+        _unique_files(self.configs, "configs")
+        targets = [m.target for m in self.mounts]
+        if len(set(targets)) != len(targets):
+            raise SpecError("mounts", "two mounts use the same target")
+
+
+# --------------------------------------------------------------------------- resources
+
+class Limits(_Spec):
+    memory: Annotated[int, decl("memory limit (swap is always off); 0 = unlimited",
+                                flag="--limit-memory", cli="bytes", unit="bytes",
+                                metavar="SIZE", ge=0, le=1 << 50)] = 0
+    cpu: Annotated[float, decl("CPU limit (0.5 = half a core); 0 = unlimited",
+                               flag="--limit-cpu", cli="float", unit="CPUs", metavar="CPUS",
+                               ge=0, le=1024)] = 0.0
+    pids: Annotated[int, decl("maximum number of processes; 0 = unlimited",
+                              flag="--limit-pids", cli="int", metavar="N", ge=0,
+                              le=1 << 22)] = 0
+
+
+class Reservations(_Spec):
+    memory: Annotated[int, decl("memory the scheduler keeps free for the task",
+                                flag="--reserve-memory", cli="bytes", unit="bytes",
+                                metavar="SIZE", ge=0, le=1 << 50)] = 0
+    cpu: Annotated[float, decl("CPUs the scheduler keeps free for the task",
+                               flag="--reserve-cpu", cli="float", unit="CPUs", metavar="CPUS",
+                               ge=0, le=1024)] = 0.0
+
+
+class Resources(_Spec):
+    limits: Limits = Limits()
+    reservations: Reservations = Reservations()
+
+
+class RestartPolicy(_Spec):
+    """Swarm's restart policy: when a task ends by itself, is its slot refilled?"""
+
+    condition: Annotated[Literal["none", "on-failure", "any"], decl(
+        "restart a task that ended: never, only after a failure, or always",
+        flag="--restart-condition", cli="choice")] = "any"
+    delay: Annotated[float, decl("wait between a task ending and its replacement",
+                                 flag="--restart-delay", cli="duration", unit="seconds",
+                                 ge=0, le=DAY)] = 1.0
+    max_attempts: Annotated[int, decl("restarts allowed per slot within the window; "
+                                      "0 = no limit", flag="--restart-max-attempts",
+                                      cli="int", metavar="N", ge=0, le=1_000_000)] = 0
+    window: Annotated[float, decl("period over which restart attempts are counted; "
+                                  "0 = forever", flag="--restart-window", cli="duration",
+                                  unit="seconds", ge=0, le=DAY * 365)] = 0.0
+
+
+class Placement(_Spec):
+    constraints: Annotated[tuple[str, ...], decl(
+        "expressions every node of a task must satisfy: node.labels.KEY==VALUE, "
+        "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR, "
+        "node.platform.os==linux", flag="--constraint", cli="list", item="constraint",
+        metavar="EXPR", max_length=MAX_CONSTRAINTS)] = ()
+
+    def __post_init__(self) -> None:
+        canonical: list[str] = []
+        for i, expr in enumerate(self.constraints):
+            text = str(parse_constraint(expr, f"constraints[{i}]"))
+            if text not in canonical:
+                canonical.append(text)
+        if tuple(canonical) != self.constraints:  # stored in canonical form
+            msgspec.structs.force_setattr(self, "constraints", tuple(canonical))
+
+
+class TaskSpec(_Spec):
+    """The task template: copied into every task. Changing it replaces the tasks (a rolling
+    update); changing anything else in the service spec does not."""
+
+    container: ContainerSpec = ContainerSpec()
+    resources: Resources = Resources()
+    restart: RestartPolicy = RestartPolicy()
+    placement: Placement = Placement()
+    force_update: Annotated[int, decl("bumped by `service update --force` to redeploy every "
+                                      "task with an unchanged spec", ge=0,
+                                      le=(1 << 31))] = 0
+
+
+# --------------------------------------------------------------------------- service
+
+class ServiceMode(_Spec):
+    replicas: Annotated[int, decl("number of tasks", flag="--replicas", cli="int",
+                                  metavar="N", ge=0, le=MAX_REPLICAS)] = 1
+
+
+class UpdateConfig(_Spec):
+    """How a changed task template rolls out (``update``) or back (``rollback``): stop-first,
+    ``parallelism`` tasks at a time, the next batch once the previous one runs and ``delay``
+    has passed. A replacement that fails pauses the update (``service inspect`` says why)."""
+
+    parallelism: Annotated[int, decl("tasks replaced at a time; 0 = all at once",
+                                     flag="--update-parallelism", cli="int", metavar="N",
+                                     ge=0, le=MAX_REPLICAS)] = 1
+    delay: Annotated[float, decl("wait between one batch running and the next starting",
+                                 flag="--update-delay", cli="duration", unit="seconds",
+                                 ge=0, le=DAY)] = 0.0
+
+
+class RollbackConfig(_Spec):
+    """Like UpdateConfig, for `service rollback` (Swarm's RollbackConfig)."""
+
+    parallelism: Annotated[int, decl("tasks rolled back at a time; 0 = all at once",
+                                     flag="--rollback-parallelism", cli="int", metavar="N",
+                                     ge=0, le=MAX_REPLICAS)] = 1
+    delay: Annotated[float, decl("wait between rolled-back batches",
+                                 flag="--rollback-delay", cli="duration", unit="seconds",
+                                 ge=0, le=DAY)] = 0.0
+
+
+class PortSpec(_Spec):
+    """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
+    forwards to a task's ``target`` port (the routing mesh)."""
+
+    published: Annotated[int, decl("port every node listens on", ge=1, le=65535)]
+    target: Annotated[int, decl("port of the task", ge=1, le=65535)]
+    protocol: Annotated[Literal["tcp", "udp"], decl("transport protocol")] = "tcp"
+
+    def __post_init__(self) -> None:
+        if self.published in RESERVED_PORTS:
+            raise SpecError("published", f"port {self.published} is used by shoal itself "
+                            f"({RESERVED_PORTS[self.published]})")
+
+    @property
+    def key(self) -> str:
+        """What ``--publish-rm`` names: ``PUBLISHED/PROTOCOL``."""
+        return f"{self.published}/{self.protocol}"
+
+
+class EndpointSpec(_Spec):
+    ports: Annotated[tuple[PortSpec, ...], decl(
+        "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
+        flag="--publish", short="-p", cli="list", item="port",
+        metavar="PUBLISHED:TARGET[/tcp|udp]", max_length=256)] = ()
+    lb_algorithm: Annotated[Literal["round-robin", "least-conn"], decl(
+        "how the routing mesh picks a task", flag="--lb", cli="choice")] = "round-robin"
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[int, str]] = set()
+        for i, p in enumerate(self.ports):
+            if (p.published, p.protocol) in seen:
+                raise SpecError(f"ports[{i}].published",
+                                f"port {p.published}/{p.protocol} is published twice")
+            seen.add((p.published, p.protocol))
+
+
+class ServiceSpec(_Spec):
+    """What the user asked for. Validated (``shoal.raft.validate.validate_spec``) before it is
+    proposed and again inside the state machine."""
+
+    name: Annotated[str, decl("service name: 1-63 lower-case letters, digits and '-'",
+                              flag="--name", cli="str", pattern=NAME_RE.pattern)]
+    labels: Annotated[dict[str, str], decl("service labels", flag="--label", short="-l",
+                                           cli="map", metavar="KEY=VALUE")] = {}
+    task: TaskSpec = TaskSpec()
+    mode: ServiceMode = ServiceMode()
+    update: UpdateConfig = UpdateConfig()
+    rollback: RollbackConfig = RollbackConfig()
+    endpoint: EndpointSpec = EndpointSpec()
+
+    def __post_init__(self) -> None:
+        c = self.task.container
+        if not c.command and not c.image:
+            raise SpecError("task.container.command",
+                            "is required (the program to run and its arguments) when the "
+                            "service names no image")
+
+    @property
+    def replicas(self) -> int:
+        return self.mode.replicas
+
+
+# --------------------------------------------------------------------------- constraints
+
+class Constraint(msgspec.Struct, frozen=True):
+    """One parsed placement constraint: ``node.<attribute> == | != value``.
+
+    ``key`` is lower-case (``node.id``, ``node.hostname``, ``node.role``, ``node.ip``,
+    ``node.platform.os``) or ``node.labels.<NAME>`` with NAME as the user wrote it (label
+    names are case-sensitive). Values are compared case-insensitively, as Swarm does."""
+
+    key: str
+    op: str  # "==" | "!="
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
+
+
+def parse_constraint(expr: Any, field: str = "constraint") -> Constraint:
+    """``"node.labels.zone == b"`` → Constraint, or SpecError naming ``field``.
+
+    Swarm's syntax: ``KEY==VALUE`` or ``KEY!=VALUE`` (spaces around the operator allowed),
+    KEY one of node.id, node.hostname, node.role (manager|worker), node.ip (an address or a
+    CIDR), node.platform.os, node.labels.NAME. Keys other than the label name are
+    case-insensitive. node.platform.arch and engine.labels are refused: shoal nodes do not
+    report them, and a constraint that can never match must not pass silently."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise SpecError(field, "a constraint must be a non-empty string such as "
+                        "node.labels.zone==b")
+    if len(expr) > MAX_CONSTRAINT_LEN:
+        raise SpecError(field, f"constraint is longer than {MAX_CONSTRAINT_LEN} characters")
+    found = [(i, op) for op in ("==", "!=") if (i := expr.find(op)) >= 0]
+    if not found:
+        raise SpecError(field, f"{expr!r} has no operator: use KEY==VALUE or KEY!=VALUE "
+                        "(e.g. node.labels.zone==b)")
+    at, op = min(found)
+    key, value = expr[:at].strip(), expr[at + 2:].strip()
+    if not key or not CONSTRAINT_KEY_RE.match(key):
+        raise SpecError(field, f"{expr!r}: invalid key {key!r}")
+    lowered = key.lower()
+    if lowered.startswith(LABEL_PREFIX) and len(key) > len(LABEL_PREFIX):
+        key = LABEL_PREFIX + key[len(LABEL_PREFIX):]
+    elif lowered in CONSTRAINT_KEYS:
+        key = lowered
+    else:
+        why = ""
+        if lowered.rstrip(".") == "node.labels":
+            why = " (name the label: node.labels.NAME)"
+        elif lowered == "node.platform.arch":
+            why = " (shoal nodes do not report their architecture)"
+        elif lowered.startswith("engine.labels"):
+            why = " (shoal has no engine labels: use node labels, `shoal node update " \
+                  "--label-add`)"
+        raise SpecError(field, f"{expr!r}: unsupported key {key!r}{why}: use "
+                        f"{', '.join(CONSTRAINT_KEYS)} or node.labels.NAME")
+    if not value or not CONSTRAINT_VALUE_RE.match(value):
+        raise SpecError(field, f"{expr!r}: invalid value {value!r} (letters, digits and "
+                        ": _ . - / are allowed; no '=' or '!')")
+    if key == "node.role":
+        value = value.lower()
+        if value not in ("manager", "worker"):
+            raise SpecError(field, f"{expr!r}: node.role is manager or worker")
+    if key == "node.ip":
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise SpecError(field, f"{expr!r}: node.ip takes an address or a CIDR "
+                            "(e.g. 10.0.0.0/24)") from None
+    return Constraint(key=key, op=op, value=value)
+
+
+# --------------------------------------------------------------------------- declarations
+
+class FieldDecl(msgspec.Struct, frozen=True):
+    """A leaf field of ServiceSpec as the CLI and the docs see it."""
+
+    path: str  # dotted path in the spec: "task.resources.limits.memory"
+    type: Any  # the annotation without Annotated (int, tuple[Mount, ...], Literal[...])
+    default: Any
+    help: str
+    flag: str  # "" = API only
+    short: str
+    cli: str
+    item: str
+    unit: str
+    metavar: str
+    choices: tuple[str, ...]  # for Literal types
+
+
+def _unwrap(tp: Any) -> tuple[Any, msgspec.Meta | None]:
+    import typing
+    if typing.get_origin(tp) is Annotated:
+        base, *metas = typing.get_args(tp)
+        meta = next((m for m in metas if isinstance(m, msgspec.Meta)), None)
+        return base, meta
+    return tp, None
+
+
+def fields(cls: type[msgspec.Struct] = ServiceSpec, prefix: str = "") -> Iterator[FieldDecl]:
+    """Every leaf field of ``cls`` in declaration order (nested Structs are walked; a tuple of
+    Structs such as ``mounts`` is one leaf)."""
+    import typing
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in msgspec.structs.fields(cls):
+        base, meta = _unwrap(hints[f.name])
+        path = f"{prefix}{f.name}"
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            yield from fields(base, path + ".")
+            continue
+        extra = dict(meta.extra or {}) if meta is not None else {}
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(base) is Literal:
+            choices = tuple(str(a) for a in typing.get_args(base))
+        default = f.default if f.default is not msgspec.NODEFAULT else (
+            f.default_factory() if f.default_factory is not msgspec.NODEFAULT else None)
+        yield FieldDecl(path=path, type=base, default=default,
+                        help=(meta.description or "") if meta is not None else "",
+                        flag=str(extra.get("flag", "")), short=str(extra.get("short", "")),
+                        cli=str(extra.get("cli", "")), item=str(extra.get("item", "")),
+                        unit=str(extra.get("unit", "")), metavar=str(extra.get("metavar", "")),
+                        choices=choices)
+
+
+def by_path() -> dict[str, FieldDecl]:
+    return {f.path: f for f in fields()}
+
+
+def flag_for(path: str) -> str:
+    """The CLI flag of a field path from a validation error (``task.container.env`` →
+    ``--env``); list indexes and sub-fields are ignored. "" when the field has no flag."""
+    base = re.sub(r"\[\d+\].*$", "", path)
+    decls = by_path()
+    while base:
+        d = decls.get(base)
+        if d is not None:
+            return d.flag
+        base = base.rpartition(".")[0]
+    return ""
+
+
+def reference_markdown() -> str:
+    """The spec reference table for docs/api.md, made from the declarations."""
+    rows = ["| field | type | default | CLI flag | meaning |", "|---|---|---|---|---|"]
+    for f in fields():
+        tname = _type_name(f.type)
+        unit = f" ({f.unit})" if f.unit else ""
+        default = "" if f.default is None else repr(f.default).replace("|", "\\|")
+        flag = f"`{f.flag}`" if f.flag else ("`-- CMD ARGS`" if f.cli == "command" else "")
+        rows.append(f"| `{f.path}` | {tname} | `{default}` | {flag} | "
+                    f"{f.help.replace('|', '/')}{unit} |")
+    return "\n".join(rows) + "\n"
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        return f"list of {_type_name(inner)}"
+    if origin is dict:
+        return "map of string"
+    if isinstance(tp, type):
+        return {"str": "string", "int": "integer", "float": "number",
+                "bool": "boolean"}.get(tp.__name__, tp.__name__)
+    return str(tp)
