@@ -245,6 +245,11 @@ class Worker:
         await self.pull_image(ref)
         return self.runtime.image_config(ref)
 
+    async def wait_started(self) -> None:
+        """Wait until the starts in flight have reported (or failed)."""
+        while self._starting:
+            await asyncio.gather(*self._starting.values(), return_exceptions=True)
+
     def _begin_start(self, task: Task) -> None:
         """Start ``task`` in the background and report the outcome when it is known; the
         pass goes on with the other tasks meanwhile."""
