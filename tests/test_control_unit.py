@@ -20,11 +20,14 @@ import pytest
 
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext
+from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.control.roles import even_managers_warning, quorum_after_removal
 from shoal.node.control.services import Services
-from shoal.node.errors import Conflict, NotManager
+from shoal.node.errors import Conflict, Forbidden, NotManager
+from shoal.node.feed import FeedConfig, StateFeed
 from shoal.node.leader import LeaderLoop
 from shoal.node.orchestrator import OrchestratorConfig
+from shoal.node.pki import CertInfo
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore, StateSource
 from shoal.node.transfer import Transfer
@@ -275,3 +278,53 @@ def test_quorum_after_removal(voters: list[str], removed: str, reachable: set[st
                                                  (3, False), (4, True), (5, False)])
 def test_even_manager_counts_warn(managers: int, warns: bool) -> None:
     assert bool(even_managers_warning(managers)) is warns
+
+
+# ------------------------------------------------------------------------------------ dispatcher
+
+async def test_a_workers_feed_follows_the_dispatcher_and_reports_only_its_own_tasks(
+        tmp_path: Path) -> None:
+    """A worker's StateFeed, served in-process by a manager's dispatcher (the code behind
+    /v1/cluster/state and /v1/cluster/report), catches up with the manager's state; the
+    worker may report its own tasks' status but not another node's."""
+    c = Cluster(tmp_path)
+    await c.boot()
+    await c.ctx.propose({"op": "node_add", "now": 1.0, "node": to_dict(Node(
+        id="w1", hostname="w1", addr="10.0.0.2", api_port=2377, raft_port=2378,
+        role=NodeRole.WORKER))})
+    dispatcher = Dispatcher(c.ctx, Security(c.ctx), lambda: None)
+    c.store.add_listener(lambda _i: dispatcher.applied())
+    peer = CertInfo("w1", "worker", "c1", 1, 0.0, 4e9)
+
+    async def call_bytes(addr: str, path: str, body: dict[str, Any], timeout: float) -> bytes:
+        return await dispatcher.state_since(peer, body["after"], body["wait"])
+
+    async def call_json(addr: str, path: str, body: dict[str, Any], timeout: float
+                        ) -> dict[str, Any]:
+        return await dispatcher.worker_report(peer, body["cmd"])
+
+    feed = StateFeed("w1", ["10.0.0.1:2377"], call_bytes, call_json,
+                     FeedConfig(wait=0.2, retry=0.01, write_timeout=1.0))
+    run = asyncio.create_task(feed.run())
+    try:
+        await c.services.create_service({"name": "web", "command": ["sleep", "9"],
+                                         "replicas": 2})
+        await c.leader.one_pass()
+        for _ in range(200):
+            if feed.is_ready() and feed.index == c.store.index:
+                break
+            await asyncio.sleep(0.01)
+        assert feed.index == c.store.index
+        assert feed.snapshot().tasks.keys() == c.store.snapshot().tasks.keys()
+        tid = next(iter(c.store.snapshot().tasks))  # on n1, the manager
+        with pytest.raises(Forbidden, match="only report its own"):
+            await dispatcher.worker_report(peer, {
+                "op": "task_status", "task_id": tid, "node_id": "n1", "now": 2.0,
+                "status": {"state": int(TaskState.RUNNING)}})
+        # its own removal goes through
+        await feed.propose({"op": "node_remove", "id": "w1", "now": 3.0, "force": True})
+        assert "w1" not in c.store.snapshot().nodes
+    finally:
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
