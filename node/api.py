@@ -13,7 +13,9 @@ Owns: routes and the error contract. Its listeners:
 
 Every error is ``{"error": {"code", "message", "field"}}`` with a fitting status; a
 request body that is not a JSON object is a 400, never a crash. Must not touch: policy —
-handlers call Agent methods and serialise what they return.
+routes only: handlers take the request apart, call the command modules (shoal.node.control),
+the components listed in ``Controls`` or this node's ``Lifecycle`` (init/join/leave, the
+role switch: the agent, which it never imports), and serialise what they return.
 """
 
 from __future__ import annotations
@@ -25,17 +27,27 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from shoal.node import transfer
-from shoal.node.errors import ApiError, BadRequest, Forbidden, NotFound
+from shoal.node.config import AgentConfig
+from shoal.node.control.admission import Admission
+from shoal.node.control.dispatcher import Dispatcher
+from shoal.node.control.nodes import Nodes
+from shoal.node.control.roles import Roles
+from shoal.node.control.services import Services
+from shoal.node.errors import ApiError, BadRequest, NotFound
+from shoal.node.membership import GossipControl
 from shoal.node.pki import CertInfo, peer_info
-
-if TYPE_CHECKING:
-    from shoal.node.agent import Agent
+from shoal.node.secrets import SecretsApi
+from shoal.node.security import Security
+from shoal.node.transfer import Transfer
+from shoal.runtime.controller import Controller
+from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.api")
 Handler = Callable[[web.Request], Awaitable[Any]]
@@ -133,24 +145,54 @@ def image_view(info: Any) -> dict[str, Any]:
             "size": info.size}
 
 
-def image_views(agent: Agent) -> list[dict[str, Any]]:
-    return [image_view(i) for i in agent.runtime.images.ls()]
+def image_views(images: ImageStore) -> list[dict[str, Any]]:
+    return [image_view(i) for i in images.ls()]
+
+
+class Lifecycle(Protocol):
+    """This node's own membership (the agent implements it)."""
+
+    def info(self) -> dict[str, Any]: ...
+    async def init(self, cluster_cidr: str = "") -> dict[str, Any]: ...
+    async def join(self, token: str, remote: str) -> dict[str, Any]: ...
+    async def leave(self, force: bool) -> dict[str, Any]: ...
+    async def role_changed(self, peer: CertInfo | None, role: Any) -> dict[str, Any]: ...
+
+
+@dataclass
+class Controls:
+    """What the routes call: this node's lifecycle, the command modules, the components."""
+
+    lifecycle: Lifecycle
+    services: Services
+    nodes: Nodes
+    roles: Roles
+    admission: Admission
+    dispatcher: Dispatcher
+    security: Security
+    secrets: SecretsApi
+    gossip: GossipControl
+    transfer: Transfer
+    runtime: Controller
+    images: ImageStore
 
 
 class ApiServer:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, config: AgentConfig, controls: Controls) -> None:
+        self.config = config
+        self.c = controls
         self._runners: list[web.AppRunner] = []
 
     def local_app(self, remote: bool = False) -> web.Application:
         """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
         where every request needs a current client certificate of the cluster."""
-        a = self.agent
+        c = self.c
+        a = c.lifecycle
         middlewares: list[Any] = [error_middleware]
         if remote:
             @web.middleware
             async def client_auth(request: web.Request, handler: Handler) -> Any:
-                a.security.authorize_client(peer_of(request))
+                c.security.authorize_client(peer_of(request))
                 return await handler(request)
             middlewares.append(client_auth)
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
@@ -179,64 +221,67 @@ class ApiServer:
         async def join_token(req: web.Request) -> Any:
             role = req.match_info["role"]
             if req.method == "POST":
-                return {"role": role, "token": await a.rotate_token(role)}
-            return {"role": role, "token": a.join_token(role)}
+                return {"role": role, "token": await c.admission.rotate_token(role)}
+            return {"role": role, "token": c.admission.join_token(role)}
 
         async def leave(req: web.Request) -> Any:
             body = await _body(req)
             return await a.leave(bool(body.get("force", False)))
 
+        nodes_, roles, svcs = c.nodes, c.roles, c.services
+
         async def nodes(_: web.Request) -> Any:
-            return a.nodes()
+            return nodes_.nodes()
 
         async def node(req: web.Request) -> Any:
-            return a.node(req.match_info["ref"])
+            return nodes_.node(req.match_info["ref"])
 
         async def node_rm(req: web.Request) -> Any:
-            return await a.remove_node(req.match_info["ref"], req.query.get("force") == "1")
+            return await nodes_.remove_node(req.match_info["ref"],
+                                            req.query.get("force") == "1")
 
         async def node_update(req: web.Request) -> Any:
             body = await _body(req)
             if "role" in body:  # `node update --role` is promote/demote
-                await a.set_role(req.match_info["ref"], body.pop("role"))
+                await roles.set_role(req.match_info["ref"], body.pop("role"))
                 if not body:
-                    return a.node(req.match_info["ref"])
-            return await a.update_node(req.match_info["ref"], body)
+                    return nodes_.node(req.match_info["ref"])
+            return await nodes_.update_node(req.match_info["ref"], body)
 
         async def node_promote(req: web.Request) -> Any:
-            return await a.set_role(req.match_info["ref"], "manager")
+            return await roles.set_role(req.match_info["ref"], "manager")
 
         async def node_demote(req: web.Request) -> Any:
-            return await a.set_role(req.match_info["ref"], "worker")
+            return await roles.set_role(req.match_info["ref"], "worker")
 
         async def services(_: web.Request) -> Any:
-            return a.services()
+            return svcs.services()
 
         async def service_create(req: web.Request) -> Any:
             body = await _body(req)
-            return await a.create_service(body.get("spec", body))
+            return await svcs.create_service(body.get("spec", body))
 
         async def service(req: web.Request) -> Any:
-            return a.service(req.match_info["ref"])
+            return svcs.service(req.match_info["ref"])
 
         async def service_tasks(req: web.Request) -> Any:
-            return await a.tasks(req.match_info["ref"])
+            return await svcs.tasks(req.match_info["ref"])
 
         async def service_scale(req: web.Request) -> Any:
             body = await _body(req)
             if "replicas" not in body:
                 raise BadRequest("replicas is required", "replicas")
-            return await a.scale_service(req.match_info["ref"], body["replicas"])
+            return await svcs.scale_service(req.match_info["ref"], body["replicas"])
 
         async def service_update(req: web.Request) -> Any:
             body = await _body(req)
             if "spec" not in body:
                 raise BadRequest("spec is required", "spec")
-            return await a.update_service(req.match_info["ref"], body["spec"],
-                                          body.get("version"))
+            return await svcs.update_service(req.match_info["ref"], body["spec"],
+                                             body.get("version"))
 
         async def service_rollback(req: web.Request) -> Any:
-            return await a.rollback_service(req.match_info["ref"])
+            return await svcs.rollback_service(req.match_info["ref"])
 
         async def service_logs(req: web.Request) -> web.StreamResponse:
             q = req.query
@@ -247,12 +292,12 @@ class ApiServer:
                 raise BadRequest("tail must be a whole number and since a time in seconds",
                                  "tail") from None
             follow = q.get("follow") == "1"
-            records = transfer.service_logs(a, req.match_info["ref"], tail, since,
-                                            q.get("timestamps") == "1", follow)
+            records = svcs.logs(req.match_info["ref"], tail, since,
+                                q.get("timestamps") == "1", follow)
             return await stream_ndjson(req, records)
 
         async def images(_: web.Request) -> Any:
-            return await asyncio.to_thread(image_views, a)
+            return await asyncio.to_thread(image_views, c.images)
 
         async def image_load(req: web.Request) -> Any:
             body = await _body(req)
@@ -260,7 +305,7 @@ class ApiServer:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise BadRequest("path must be an absolute path to the tarball", "path")
             ref = body.get("ref")
-            store = a.runtime.images
+            store = c.images
             try:
                 if ref:
                     info = await asyncio.to_thread(store.import_rootfs, str(ref), path)
@@ -271,13 +316,13 @@ class ApiServer:
 
         async def image_rm(req: web.Request) -> Any:
             try:
-                await asyncio.to_thread(a.runtime.images.rm, req.match_info["ref"])
+                await asyncio.to_thread(c.images.rm, req.match_info["ref"])
             except (OSError, ValueError, RuntimeError) as exc:
                 raise BadRequest(str(exc), "image") from None
             return {"removed": req.match_info["ref"]}
 
         async def service_rm(req: web.Request) -> Any:
-            return await a.remove_service(req.match_info["ref"])
+            return await svcs.remove_service(req.match_info["ref"])
 
         r.add_get("/v1/info", info)
         r.add_post("/v1/swarm/init", init)
@@ -310,7 +355,7 @@ class ApiServer:
 
     def _add_gossip_routes(self, app: web.Application) -> None:
         """/v1/gossip: key rotation (managers; see shoal.node.membership)."""
-        gossip = self.agent.gossip
+        gossip = self.c.gossip
 
         async def rotate_key(_: web.Request) -> Any:
             return await gossip.rotate_key()
@@ -319,7 +364,7 @@ class ApiServer:
 
     def _add_ca_routes(self, app: web.Application) -> None:
         """/v1/ca: CA digest and clients; client certificates for the remote API."""
-        sec = self.agent.security
+        sec = self.c.security
 
         async def ca(_: web.Request) -> Any:
             return sec.ca_info()
@@ -338,7 +383,7 @@ class ApiServer:
 
     def _add_secret_routes(self, app: web.Application) -> None:
         """/v1/secrets and /v1/configs: create, ls, inspect (never a secret's value), rm."""
-        objs = self.agent.secrets
+        objs = self.c.secrets
 
         for kind in ("secret", "config"):
             async def ls(_: web.Request, kind: str = kind) -> Any:
@@ -359,78 +404,70 @@ class ApiServer:
             app.router.add_delete(f"/v1/{kind}s/{{ref}}", rm)
 
     def peer_app(self) -> web.Application:
-        a = self.agent
+        c = self.c
+        adm, disp, sec = c.admission, c.dispatcher, c.security
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
 
         # Served over TLS only (see start). ca and join need no client certificate (the
         # joining node has none yet: the token authenticates it); every other route calls
-        # a.security.authorize(peer), which wants a certificate of a *current* member.
+        # sec.authorize(peer), which wants a certificate of a *current* member.
 
         async def ca(_: web.Request) -> Any:
-            a.require_member()
-            return {"ca_cert": a.security.files.ca_pem().decode()}
+            return adm.ca_cert()
 
         async def join(req: web.Request) -> Any:
             body = await _body(req)
-            return await a.accept_join(body.get("token"), body.get("node"), body.get("csr"))
+            return await adm.accept_join(body.get("token"), body.get("node"), body.get("csr"))
 
         async def keys(req: web.Request) -> Any:
-            return a.member_keys(peer_of(req))
+            return adm.member_keys(peer_of(req))
 
         async def manager_keys(req: web.Request) -> Any:
-            return a.manager_keys(peer_of(req))
+            return adm.manager_keys(peer_of(req))
 
         async def renew(req: web.Request) -> Any:
             body = await _body(req)
-            return a.renew_certificate(peer_of(req), body.get("csr"))
+            return adm.renew_certificate(peer_of(req), body.get("csr"))
 
         async def node_role(req: web.Request) -> Any:  # promote/demote, run by the leader
             body = await _body(req)
-            return await a.node_role_request(peer_of(req), body.get("node_id"),
-                                             body.get("role"))
+            return await c.roles.node_role_request(peer_of(req), body.get("node_id"),
+                                                   body.get("role"))
 
         async def role_changed(req: web.Request) -> Any:  # a manager: "you are now ROLE"
             body = await _body(req)
-            return await a.role_changed(peer_of(req), body.get("role"))
+            return await c.lifecycle.role_changed(peer_of(req), body.get("role"))
 
         async def gossip_keys(req: web.Request) -> Any:  # a manager's rotation step
-            return a.gossip.apply_key_op(peer_of(req), await _body(req))
+            return c.gossip.apply_key_op(peer_of(req), await _body(req))
 
         async def task_files(req: web.Request) -> Any:
             body = await _body(req)
-            return a.secrets.task_files(peer_of(req), body.get("task_id"))
+            return c.secrets.task_files(peer_of(req), body.get("task_id"))
 
         async def state(req: web.Request) -> Any:  # a worker's state feed (node/feed.py)
             body = await _body(req)
-            data = await a.state_since(peer_of(req), body.get("after"), body.get("wait", 0))
+            data = await disp.state_since(peer_of(req), body.get("after"), body.get("wait", 0))
             return web.Response(body=data, content_type="application/msgpack")
 
         async def report(req: web.Request) -> Any:  # a worker's own writes
             body = await _body(req)
-            return await a.worker_report(peer_of(req), body.get("cmd"))
+            return await disp.worker_report(peer_of(req), body.get("cmd"))
 
         async def heartbeat(req: web.Request) -> Any:
             body = await _body(req)
-            node = a.security.authorize(peer_of(req))
-            node_id = body.get("node_id")
-            if not isinstance(node_id, str):
-                raise BadRequest("node_id is required", "node_id")
-            if node_id != node.id:
-                raise Forbidden(f"node {node.id} cannot send heartbeats for {node_id}",
-                                "node_id")
-            a.record_heartbeat(node_id)
-            return {"ok": True}
+            return disp.heartbeat(peer_of(req), body.get("node_id"))
 
         async def image_resolve(req: web.Request) -> Any:
-            a.security.authorize(peer_of(req))
+            sec.authorize(peer_of(req))
             body = await _body(req)
-            return await asyncio.to_thread(a.transfer.resolve_image, body.get("ref"))
+            return await asyncio.to_thread(c.transfer.resolve_image, body.get("ref"))
 
         async def image_blob(req: web.Request) -> web.StreamResponse:
-            a.security.authorize(peer_of(req))
+            sec.authorize(peer_of(req))
             digest = req.match_info["digest"]
             try:
-                f = await asyncio.to_thread(a.runtime.images.export_blob, digest)
+                f = await asyncio.to_thread(c.images.export_blob, digest)
             except Exception as exc:
                 raise NotFound(f"no blob {digest}: {exc}", "digest") from None
             resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -444,14 +481,14 @@ class ApiServer:
             return resp
 
         async def task_logs(req: web.Request) -> web.StreamResponse:
-            a.security.authorize(peer_of(req))
+            sec.authorize(peer_of(req))
             body = await _body(req)
             task_id = body.get("task_id")
             if not isinstance(task_id, str):
                 raise BadRequest("task_id is required", "task_id")
             tail, since = body.get("tail"), body.get("since")
             records = transfer.local_logs(
-                a, task_id, tail if isinstance(tail, int) else None,
+                c.runtime, task_id, tail if isinstance(tail, int) else None,
                 float(since) if isinstance(since, (int, float)) else None,
                 bool(body.get("timestamps")), bool(body.get("follow")))
             return await stream_ndjson(req, records)
@@ -459,12 +496,12 @@ class ApiServer:
         app.router.add_post("/v1/cluster/images/resolve", image_resolve)
         app.router.add_get("/v1/cluster/images/blobs/{digest}", image_blob)
         async def task_usage(req: web.Request) -> Any:
-            a.security.authorize(peer_of(req))
+            sec.authorize(peer_of(req))
             body = await _body(req)
             ids = body.get("task_ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise BadRequest("task_ids must be a list of task ids", "task_ids")
-            return transfer.local_usage(a, ids[:10000])
+            return transfer.local_usage(c.runtime, ids[:10000])
 
         app.router.add_post("/v1/cluster/usage", task_usage)
         app.router.add_post("/v1/cluster/logs", task_logs)
@@ -483,7 +520,7 @@ class ApiServer:
         return app
 
     async def start(self) -> None:
-        cfg = self.agent.config
+        cfg = self.config
         sock = cfg.socket_path
         sock.unlink(missing_ok=True)
         local = web.AppRunner(self.local_app(), access_log=None)
@@ -496,7 +533,7 @@ class ApiServer:
         os.chmod(sock, 0o600)
         peer = web.AppRunner(self.peer_app(), access_log=None)
         await peer.setup()
-        sec = self.agent.security
+        sec = self.c.security
         await web.TCPSite(peer, cfg.bind_addr, cfg.api_port, reuse_address=True,
                           ssl_context=tls_listener(lambda: sec.server_ctx, False)).start()
         self._runners = [local, peer]
@@ -510,4 +547,4 @@ class ApiServer:
     async def stop(self) -> None:
         for r in self._runners:
             await r.cleanup()
-        self.agent.config.socket_path.unlink(missing_ok=True)
+        self.config.socket_path.unlink(missing_ok=True)

@@ -9,9 +9,9 @@ Why not a read-only pysyncobj replica: every holder of the Raft secret is truste
 pysyncobj — its messages are unpickled, it can claim leadership, and any command it forwards
 is applied. A compromised worker would own the cluster. As in Swarm (workers talk to the
 managers' dispatcher, never to Raft), workers here hold no Raft secret: managers admit only
-managers on the Raft port, and the manager side of this feed (``Agent.state_since``,
-``Agent.worker_report``) accepts from a worker only status reports for its own tasks and its
-own removal.
+managers on the Raft port, and the manager side of this feed (shoal.node.control.dispatcher:
+``state_since``, ``worker_report``) accepts from a worker only status reports for its own
+tasks and its own removal.
 
 The replica applies exactly the commands the managers applied, in order, with the same
 deterministic ``ClusterState.apply``, so its index and content match theirs. Listeners get
@@ -62,9 +62,9 @@ class FeedError(Exception):
 
 
 class StateFeed:
-    """The store interface the agent, worker, mesh and API use (like RaftStore), fed over
-    mTLS. ``managers`` are API addresses ("ip:port") to start from; the replica's own manager
-    list takes over once it has one."""
+    """A worker's ``StateSource`` (shoal.node.source), fed over mTLS. ``managers`` are API
+    addresses ("ip:port") to start from; the replica's own manager list takes over once it
+    has one."""
 
     self_addr: str | None = None  # not a Raft member
 

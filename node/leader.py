@@ -5,7 +5,8 @@ the leader and proposing their decisions as one term-fenced ``leader`` batch per
 liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
 for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
-and writes only through the RaftStore. Heartbeats arrive from the API (every agent
+and writes only through the state source (shoal.node.source.StateSource: the RaftStore in
+the agent, the in-memory store in unit tests). Heartbeats arrive from the API (every agent
 sends them to every manager, so a new leader already knows who is alive).
 
 Must not touch: the runtime, the CLI, anything outside the store.
@@ -28,10 +29,10 @@ from shoal.node.orchestrator import (
     reconcile_services,
 )
 from shoal.node.scheduler import schedule
+from shoal.node.source import StateSource
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Task, task_from_dict
 from shoal.raft.state import ClusterState, Snapshot
-from shoal.raft.store import RaftStore
 
 log = logging.getLogger("shoal.leader")
 
@@ -79,7 +80,7 @@ def plan_pass(
 class LeaderLoop:
     """Runs while this node leads. ``run()`` returns when leadership is lost."""
 
-    def __init__(self, store: RaftStore, heartbeats: dict[str, float],
+    def __init__(self, store: StateSource, heartbeats: dict[str, float],
                  config: OrchestratorConfig, wakeup: asyncio.Event,
                  gossip: Callable[[], dict[str, str]] | None = None) -> None:
         self.store = store
@@ -113,6 +114,11 @@ class LeaderLoop:
                 async with asyncio.timeout(timeout):  # (wait_for can swallow a cancel)
                     await self.wakeup.wait()
         log.info("no longer leading (term %d): orchestrator and scheduler stopped", term)
+
+    async def one_pass(self, led_for: float = 0.0) -> float | None:
+        """One pass now, in the current term (liveness is judged once ``led_for`` reaches
+        the leadership grace); when to wake for the next one (wall clock), if sooner."""
+        return await self._pass(self.store.term(), led_for)
 
     async def _pass(self, term: int, led_for: float) -> float | None:
         snap = self.store.snapshot()

@@ -51,17 +51,16 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shoal.gossip import Config, JoinError, KeyringError, Memberlist, MemberState
 from shoal.gossip.events import Member, MemberEvent
 from shoal.gossip.keyring import fingerprint
 from shoal.node import pki
+from shoal.node.context import NodeContext
 from shoal.node.errors import ApiError, BadRequest, NotInCluster, Unavailable
+from shoal.node.security import Security
 from shoal.raft.models import Node, NodeRole, NodeState
-
-if TYPE_CHECKING:
-    from shoal.node.agent import Agent
 
 log = logging.getLogger("shoal.membership")
 
@@ -258,13 +257,16 @@ def member_dict(m: Member) -> dict[str, Any]:
 class GossipControl:
     """The agent's gossip facade: info, member detail, keyring persistence and rotation."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, ctx: NodeContext, security: Security,
+                 membership: Callable[[], Membership | None]) -> None:
+        self.ctx = ctx  # identity, config, the state source (shoal.node.context)
+        self.security = security
+        self._current = membership  # this node's running Membership, if any
         self._rotation = asyncio.Lock()
         self.rotations = 0
 
     def _membership(self) -> Membership:
-        m = self.agent.membership
+        m = self._current()
         if m is None or not m.list.running:
             raise Unavailable("gossip is not running on this node (not in a cluster, or it "
                               "could not bind its port: see the agent log)")
@@ -273,7 +275,7 @@ class GossipControl:
     # ---------------------------------------------------------------- read-only views
     def info(self) -> dict[str, Any] | None:
         """The ``gossip`` section of ``shoal info``: membership counts, health, keys, stats."""
-        m = self.agent.membership
+        m = self._current()
         if m is None or not m.list.running:
             return None
         members = m.list.members(include_gone=True)
@@ -281,7 +283,7 @@ class GossipControl:
         ring = m.list.keyring
         return {
             "addr": f"{m.config.advertise_addr}:{m.port}",
-            "preset": self.agent.config.gossip_preset,
+            "preset": self.ctx.config.gossip_preset,
             "probe_interval": m.config.probe_interval,
             "health_score": m.list.health_score,
             "members": {s: states.get(s, 0) for s in STATE_NAMES.values()},
@@ -293,22 +295,27 @@ class GossipControl:
         }
 
     def member_detail(self, node_id: str) -> dict[str, Any] | None:
-        m = self.agent.membership
+        m = self._current()
         return m.member_detail(node_id) if m is not None and m.list.running else None
+
+    def view(self) -> dict[str, str]:
+        """node id → gossip state, from this node's member list ({} while gossip is down)."""
+        m = self._current()
+        return m.view() if m is not None and m.list.running else {}
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:
-        ident = self.agent.identity
+        ident = self.ctx.identity
         keys = m.installed_keys()
         if ident is None or not keys:
             return
         ident.gossip_key, ident.gossip_extra_keys = keys[0], keys[1:]
-        ident.save(self.agent.data_dir)
+        ident.save(self.ctx.data_dir)
 
     def member_keys(self) -> list[str]:
         """The whole keyring (hex, primary first) for ``/v1/cluster/keys`` (mTLS members)."""
-        m = self.agent.membership
-        ident = self.agent.identity
+        m = self._current()
+        ident = self.ctx.identity
         if m is not None and m.installed_keys():
             return [k.hex() for k in m.installed_keys()]
         if ident is None:
@@ -317,7 +324,7 @@ class GossipControl:
 
     def apply_key_op(self, peer: pki.CertInfo | None, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/cluster/gossip-keys`` from a manager: one rotation step, persisted."""
-        self.agent.security.authorize(peer, manager=True)
+        self.security.authorize(peer, manager=True)
         op, key = parse_key_op(body)
         m = self._membership()
         try:
@@ -333,9 +340,9 @@ class GossipControl:
     async def refresh_keys(self) -> bool:
         """Fetch the cluster's keyring from a manager over mTLS (leader first) and adopt it;
         True if this node's keyring changed."""
-        agent, m = self.agent, self.agent.membership
-        ident, store = agent.identity, agent.store
-        if m is None or ident is None or store is None or agent.security.client_ctx is None:
+        m = self._current()
+        ident, store = self.ctx.identity, self.ctx.store
+        if m is None or ident is None or store is None or self.security.client_ctx is None:
             return False
         leader = (store.leader_addr() or "").split(":")[0]
         managers = sorted((n for n in store.snapshot().nodes.values()
@@ -343,8 +350,8 @@ class GossipControl:
                           key=lambda n: (n.addr != leader, n.id))
         for node in managers:
             try:
-                reply = await agent.security.call(node.api_addr, "/v1/cluster/keys", {},
-                                                  timeout=5.0)
+                reply = await self.security.call(node.api_addr, "/v1/cluster/keys", {},
+                                                 timeout=5.0)
                 raw = reply.get("gossip_keys") or [reply["gossip_key"]]
                 keys = [bytes.fromhex(str(k)) for k in raw]
             except (ApiError, KeyError, ValueError, TypeError) as exc:
@@ -362,7 +369,7 @@ class GossipControl:
     # ---------------------------------------------------------------- rotation
     async def rotate_key(self) -> dict[str, Any]:
         """Roll a new gossip key through the cluster: install → use → retire (module doc)."""
-        store = self.agent.require_manager()
+        store = self.ctx.require_manager()
         m = self._membership()
         if self._rotation.locked():
             raise KeyRotationFailed("a key rotation is already running on this manager")
@@ -415,8 +422,7 @@ class GossipControl:
         return failed
 
     async def _push(self, node: Node, op: str, key: bytes) -> None:
-        agent = self.agent
-        ident = agent.identity
+        ident = self.ctx.identity
         if ident is None:
             raise NotInCluster("this node is not part of a cluster")
         if node.id == ident.node_id:
@@ -425,9 +431,9 @@ class GossipControl:
             self._persist(m)
             return
         # TLS checks the server's certificate names *this* node, not just any member
-        await agent.security.call(node.api_addr, "/v1/cluster/gossip-keys",
-                                  {"op": op, "key": key.hex()},
-                                  server_hostname=pki.node_hostname(node.id), timeout=5.0)
+        await self.security.call(node.api_addr, "/v1/cluster/gossip-keys",
+                                 {"op": op, "key": key.hex()},
+                                 server_hostname=pki.node_hostname(node.id), timeout=5.0)
 
 
 def parse_key_op(body: dict[str, Any]) -> tuple[str, bytes]:

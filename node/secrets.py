@@ -25,9 +25,10 @@ import base64
 import binascii
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shoal.node import pki
+from shoal.node.context import NodeContext, new_id
 from shoal.node.errors import (
     ApiError,
     BadRequest,
@@ -38,13 +39,11 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.sealing import SealError, seal, secret_aad, unseal
+from shoal.node.security import Security
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState
 from shoal.raft.state import MAX_FILE_BYTES, Snapshot
 from shoal.raft.validate import validate_object_name
-
-if TYPE_CHECKING:
-    from shoal.node.agent import Agent
 
 log = logging.getLogger("shoal.secrets")
 
@@ -87,13 +86,24 @@ def _by_name(objs: dict[str, Any], name: str) -> Any:
     return next((o for o in objs.values() if o.name == name), None)
 
 
+def check_refs(snap: Snapshot, spec: ServiceSpec) -> None:
+    """A service may only use secrets and configs that exist (checked before proposing)."""
+    for kind, refs, objs in (("secret", spec.secrets, snap.secrets),
+                             ("config", spec.configs, snap.configs)):
+        for r in refs:
+            if _by_name(objs, r.name) is None:
+                raise NotFound(f"no such {kind}: {r.name} (create it with `shoal {kind} "
+                               "create`)", f"{kind}s")
+
+
 class SecretsApi:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, ctx: NodeContext, security: Security) -> None:
+        self.ctx = ctx  # identity, the state source, propose (shoal.node.context)
+        self.security = security
 
     # ================================================================== user API (managers)
     def _objs(self, kind: str) -> dict[str, Any]:
-        snap = self.agent.require_manager().snapshot()
+        snap = self.ctx.require_manager().snapshot()
         return snap.secrets if kind == "secret" else snap.configs
 
     def ls(self, kind: str) -> list[dict[str, Any]]:
@@ -104,9 +114,7 @@ class SecretsApi:
         return _view(_find(self._objs(kind), ref, kind), kind, True)
 
     async def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        from shoal.node.agent import new_id
-
-        store = self.agent.require_manager()
+        store = self.ctx.require_manager()
         try:
             name = validate_object_name(body.get("name"), kind)
         except StoreError as exc:
@@ -128,29 +136,23 @@ class SecretsApi:
             raise Conflict(f"a {kind} named {name!r} already exists", "name", code="exists")
         oid = new_id()
         if kind == "secret":
-            data = seal(self.agent.security.manager_key(), data, secret_aad(oid))
-        await self.agent.propose({"op": f"{kind}_create", "id": oid, "name": name,
+            data = seal(self.security.manager_key(), data, secret_aad(oid))
+        await self.ctx.propose({"op": f"{kind}_create", "id": oid, "name": name,
                                   "data": data, "labels": labels, "now": time.time()})
         return {"id": oid, "name": name}
 
     async def remove(self, kind: str, ref: str) -> dict[str, Any]:
         obj = _find(self._objs(kind), ref, kind)
-        await self.agent.propose({"op": f"{kind}_remove", "id": obj.id})
+        await self.ctx.propose({"op": f"{kind}_remove", "id": obj.id})
         return {"id": obj.id, "name": obj.name, "removed": True}
 
     def check_refs(self, snap: Snapshot, spec: ServiceSpec) -> None:
-        """A service may only use secrets and configs that exist (checked before proposing)."""
-        for kind, refs, objs in (("secret", spec.secrets, snap.secrets),
-                                 ("config", spec.configs, snap.configs)):
-            for r in refs:
-                if _by_name(objs, r.name) is None:
-                    raise NotFound(f"no such {kind}: {r.name} (create it with `shoal {kind} "
-                                   "create`)", f"{kind}s")
+        check_refs(snap, spec)
 
     # ================================================================== files of a task
     def _secret_files(self, snap: Snapshot, task: Task) -> TaskFiles:
         """Unseal a task's secrets (managers only: needs the managers' key)."""
-        key = self.agent.security.manager_key()
+        key = self.security.manager_key()
         out: TaskFiles = {}
         for ref in task.spec.secrets:
             sec = _by_name(snap.secrets, ref.name)
@@ -164,8 +166,8 @@ class SecretsApi:
 
     def task_files(self, peer: pki.CertInfo | None, task_id: Any) -> dict[str, Any]:
         """Manager side of the fetch: the secrets of ``task_id`` for the node running it."""
-        store = self.agent.require_manager()
-        node = self.agent.security.authorize(peer)
+        store = self.ctx.require_manager()
+        node = self.security.authorize(peer)
         if not isinstance(task_id, str):
             raise BadRequest("task_id is required", "task_id")
         snap = store.snapshot()
@@ -186,7 +188,7 @@ class SecretsApi:
         Unavailable (no manager reachable or none has seen the assignment yet: retry)."""
         if not task.spec.secrets and not task.spec.configs:
             return {}
-        store = self.agent.require_member()
+        store = self.ctx.require_member()
         snap = store.snapshot()
         files: TaskFiles = {}
         for ref in task.spec.configs:
@@ -196,7 +198,7 @@ class SecretsApi:
             files[config_path(ref)] = (cfg.data, ref.mode)
         if not task.spec.secrets:
             return files
-        ident = self.agent.identity
+        ident = self.ctx.identity
         if ident is not None and ident.role == NodeRole.MANAGER and ident.manager_key:
             files.update(self._secret_files(snap, task))
             return files
@@ -204,13 +206,13 @@ class SecretsApi:
         return files
 
     async def _fetch_secrets(self, snap: Snapshot, task: Task) -> TaskFiles:
-        leader = (self.agent.store.leader_addr() if self.agent.store else None) or ""
+        leader = (self.ctx.store.leader_addr() if self.ctx.store else None) or ""
         managers = sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER),
                           key=lambda n: (n.raft_addr != leader, n.id))
         errors: list[str] = []
         for m in managers:
             try:
-                reply = await self.agent.security.call(
+                reply = await self.security.call(
                     m.api_addr, "/v1/cluster/task-files", {"task_id": task.id}, timeout=5.0)
             except NotFound:
                 raise
@@ -226,5 +228,5 @@ class SecretsApi:
                           + ("; ".join(errors) or "no manager known"))
 
 
-__all__ = ["CONFIGS_DIR", "SECRETS_DIR", "SecretsApi", "TaskFiles", "config_path",
-           "secret_path"]
+__all__ = ["CONFIGS_DIR", "SECRETS_DIR", "SecretsApi", "TaskFiles", "check_refs",
+           "config_path", "secret_path"]

@@ -17,7 +17,8 @@ Owns (one ``Security`` per agent, created with it):
 * the renewal loop of the node's own certificate;
 * ``call``: an mTLS request to another node with the role of the server checked by TLS.
 
-Must not touch: membership decisions (the agent's), Raft, the runtime.
+Must not touch: membership decisions (the agent's), Raft, the runtime. It gets the node's
+narrow context (shoal.node.context.NodeContext), never the agent.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import logging
 import re
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from shoal.node import pki
+from shoal.node.context import NodeContext
 from shoal.node.errors import (
     ApiError,
     BadRequest,
@@ -49,17 +51,14 @@ from shoal.node.sealing import AAD_CA_KEY, SealError, seal_text, token_aad, unse
 from shoal.raft.models import Node, NodeRole
 from shoal.raft.state import Snapshot
 
-if TYPE_CHECKING:
-    from shoal.node.agent import Agent
-
 log = logging.getLogger("shoal.security")
 _CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 
 
 class Security:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.files = pki.TlsFiles(agent.data_dir / "tls")
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx  # identity, config, the state source (shoal.node.context)
+        self.files = pki.TlsFiles(ctx.data_dir / "tls")
         # peer API on :2377: client certificate optional (join and the CA fetch come
         # before a node has one); every other route checks it (authorize)
         self.server_ctx: ssl.SSLContext | None = None
@@ -98,7 +97,7 @@ class Security:
 
     # ================================================================== manager secrets
     def manager_key(self) -> bytes:
-        ident = self.agent.identity
+        ident = self.ctx.identity
         if ident is None or ident.role != NodeRole.MANAGER or not ident.manager_key:
             raise NotManager("only a manager holds the cluster's keys")
         return ident.manager_key
@@ -137,7 +136,7 @@ class Security:
         ca = self.ca(snap)
         try:
             return ca.issue(csr, subject_id, role, snap.cluster.cluster_id, time.time(),
-                            lifetime or self.agent.config.cert_lifetime, addr)
+                            lifetime or self.ctx.config.cert_lifetime, addr)
         except pki.PkiError as exc:
             raise BadRequest(str(exc), "csr") from exc
 
@@ -145,7 +144,7 @@ class Security:
     def authorize(self, peer: pki.CertInfo | None, manager: bool = False) -> Node:
         """The member node behind a verified client certificate, or Unauthenticated /
         Forbidden. ``manager``: only a manager may do this."""
-        ident, store = self.agent.identity, self.agent.store
+        ident, store = self.ctx.identity, self.ctx.store
         if ident is None or store is None:
             raise NotInCluster("this node is not part of a cluster")
         if peer is None:
@@ -171,7 +170,7 @@ class Security:
     def authorize_client(self, peer: pki.CertInfo | None) -> str:
         """The remote API's check: a client certificate of this cluster that is the current
         one for its name (``ca issue-client``; ``ca revoke-client`` removes it)."""
-        ident, store = self.agent.identity, self.agent.store
+        ident, store = self.ctx.identity, self.ctx.store
         if ident is None or store is None:
             raise NotInCluster("this node is not part of a cluster")
         if peer is None or peer.cluster_id != ident.cluster_id or \
@@ -185,7 +184,7 @@ class Security:
 
     # ================================================================== the CA, for users
     def ca_info(self) -> dict[str, Any]:
-        store = self.agent.require_member()
+        store = self.ctx.require_member()
         c = store.snapshot().cluster
         ca = pki.cert_info(c.ca_cert) if c.ca_cert else None
         return {"digest": c.digest, "not_after": ca.not_after if ca else None,
@@ -197,7 +196,7 @@ class Security:
 
     async def issue_client(self, name: Any, csr: Any, lifetime: Any = None) -> dict[str, Any]:
         """A certificate for the remote API; replaces (revokes) an older one of that name."""
-        store = self.agent.require_manager()
+        store = self.ctx.require_manager()
         if not isinstance(name, str) or not _CLIENT_NAME_RE.match(name):
             raise BadRequest("client name must be 1-64 letters, digits, '.', '_' or '-'",
                              "name")
@@ -210,14 +209,14 @@ class Security:
         cert = self.issue(snap, csr, name, pki.ROLE_CLIENT,
                           lifetime=float(lifetime) if lifetime else None)
         info = pki.cert_info(cert)
-        await self.agent.propose({"op": "client_cert_add", "name": name,
+        await self.ctx.propose({"op": "client_cert_add", "name": name,
                                   "serial": f"{info.serial:x}", "now": time.time()})
         return {"name": name, "cert": cert.decode(), "ca_cert": snap.cluster.ca_cert,
                 "not_after": info.not_after}
 
     async def revoke_client(self, name: str) -> dict[str, Any]:
-        self.agent.require_manager()
-        await self.agent.propose({"op": "client_cert_remove", "name": name})
+        self.ctx.require_manager()
+        await self.ctx.propose({"op": "client_cert_remove", "name": name})
         return {"name": name, "revoked": True}
 
     # ================================================================== calls to peers
@@ -246,7 +245,7 @@ class Security:
     async def _post(self, addr: str, path: str, body: dict[str, Any], server_role: str,
                     ctx: ssl.SSLContext | None, server_hostname: str | None, timeout: float
                     ) -> tuple[int, str, bytes]:
-        http = self.agent._http
+        http = self.ctx.http
         assert http is not None
         context = ctx or self.require_client()
         hostname = server_hostname or pki.role_hostname(server_role)
@@ -279,7 +278,7 @@ class Security:
     async def fetch_ca(self, addr: str, digest: str) -> bytes:
         """The CA certificate of the manager at ``addr``, accepted only if its digest is the
         one the join token pins (no trust on first use)."""
-        http = self.agent._http
+        http = self.ctx.http
         assert http is not None
         try:
             async with http.get(f"https://{addr}/v1/cluster/ca",
@@ -307,7 +306,7 @@ class Security:
     # ================================================================== renewal
     async def renew(self) -> pki.CertInfo:
         """Get a new certificate for a new key, authenticated by the current certificate."""
-        ident, store = self.agent.identity, self.agent.store
+        ident, store = self.ctx.identity, self.ctx.store
         if ident is None or store is None or self.cert is None:
             raise NotInCluster("this node is not part of a cluster")
         key = pki.new_key()
@@ -351,7 +350,7 @@ class Security:
     async def renew_loop(self) -> None:
         """Renew once ``cert_renew_fraction`` of the certificate's lifetime has passed; retry
         every few seconds (at most 30 s) while no manager answers."""
-        fraction = self.agent.config.cert_renew_fraction
+        fraction = self.ctx.config.cert_renew_fraction
         while True:
             cert = self.cert
             if cert is None:

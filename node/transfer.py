@@ -19,28 +19,33 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from shoal.node import pki
+from shoal.node.context import NodeContext
 from shoal.node.errors import ApiError, NotFound, Unavailable
+from shoal.node.security import Security
 from shoal.raft.models import Node, NodeState
-
-if TYPE_CHECKING:
-    from shoal.node.agent import Agent
+from shoal.runtime.controller import Controller
+from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.transfer")
 
 
 class Transfer:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, ctx: NodeContext, security: Security, runtime: Controller,
+                 images: ImageStore) -> None:
+        self.ctx = ctx  # identity, the state source, the HTTP session (shoal.node.context)
+        self.security = security
+        self.runtime = runtime
+        self.images = images
         self._pulls: dict[str, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------------ plumbing
     def _peers(self) -> list[Node]:
-        store, me = self.agent.store, self.agent.identity
+        store, me = self.ctx.store, self.ctx.identity
         if store is None or me is None:
             return []
         return sorted((n for n in store.snapshot().nodes.values()
@@ -49,9 +54,9 @@ class Transfer:
 
     async def _request(self, node: Node, method: str, path: str, body: Any = None,
                        timeout: float = 30.0) -> aiohttp.ClientResponse:
-        http = self.agent._http
+        http = self.ctx.http
         assert http is not None
-        ctx = self.agent.security.require_client()
+        ctx = self.security.require_client()
         try:
             resp = await http.request(method, f"https://{node.api_addr}{path}", json=body,
                                       ssl=ctx, server_hostname=pki.node_hostname(node.id),
@@ -90,7 +95,7 @@ class Transfer:
             self._pulls.pop(ref, None)
 
     async def _pull(self, ref: str) -> None:
-        store = self.agent.runtime.images
+        store = self.images
         last: ApiError = NotFound(f"image {ref} is not on this node and no peer has it "
                                   "(`shoal image load` it on one node)", "image")
         for node in self._peers():
@@ -117,10 +122,10 @@ class Transfer:
         raise last
 
     async def _fetch_blob(self, node: Node, digest: str) -> None:
-        store = self.agent.runtime.images
+        store = self.images
         resp = await self._request(node, "GET", f"/v1/cluster/images/blobs/{digest}",
                                    timeout=60)
-        fd, tmp = tempfile.mkstemp(prefix="shoal-blob-", dir=str(self.agent.data_dir))
+        fd, tmp = tempfile.mkstemp(prefix="shoal-blob-", dir=str(self.ctx.data_dir))
         try:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in resp.content.iter_chunked(1 << 20):
@@ -140,7 +145,7 @@ class Transfer:
         if not isinstance(ref, str) or not ref:
             raise NotFound("ref is required", "ref")
         try:
-            info = self.agent.runtime.images.inspect(ref)
+            info = self.images.inspect(ref)
         except Exception as exc:
             raise NotFound(f"no image {ref} here: {exc}", "ref") from None
         return {"id": info.id, "tags": list(info.tags)}
@@ -162,9 +167,8 @@ class Transfer:
 
 
 # ---------------------------------------------------------------------------- service logs
-async def local_logs(agent: Agent, task_id: str, tail: int | None, since: float | None,
+async def local_logs(rt: Controller, task_id: str, tail: int | None, since: float | None,
                      timestamps: bool, follow: bool) -> AsyncIterator[dict[str, Any]]:
-    rt = agent.runtime
     if rt.status(task_id) is None:
         raise NotFound(f"task {task_id} has no logs on this node", "task_id")
     if follow:
@@ -177,14 +181,14 @@ async def local_logs(agent: Agent, task_id: str, tail: int | None, since: float 
             yield {"ts": line.ts, "stream": line.stream, "line": line.line}
 
 
-async def service_logs(agent: Agent, ref: str, tail: int | None, since: float | None,
-                       timestamps: bool, follow: bool) -> AsyncIterator[dict[str, Any]]:
-    """Logs of every task of a service across the cluster, merged: records
+async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
+                       since: float | None, timestamps: bool, follow: bool
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """Logs of every task of service ``service_id`` across the cluster, merged: records
     {task, name, node, ts, stream, line}. Without ``follow`` they are sorted by time; with
     it, they stream as they arrive (new tasks started meanwhile are picked up)."""
-    snap = agent.require_manager().snapshot()
-    svc = agent.find_service(snap, ref)
-    me = agent.identity.node_id if agent.identity else ""
+    ctx = transfer.ctx
+    me = ctx.node_id
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10000)
     started: set[str] = set()
     workers: list[asyncio.Task[None]] = []
@@ -192,9 +196,9 @@ async def service_logs(agent: Agent, ref: str, tail: int | None, since: float | 
     async def pump(task_id: str, name: str, node: Node | None) -> None:
         try:
             if node is None or node.id == me:
-                src = local_logs(agent, task_id, tail, since, timestamps, follow)
+                src = local_logs(transfer.runtime, task_id, tail, since, timestamps, follow)
             else:
-                src = agent.transfer.remote_logs(node, task_id, tail, since, timestamps,
+                src = transfer.remote_logs(node, task_id, tail, since, timestamps,
                                                  follow)
             async for rec in src:
                 await queue.put({"task": task_id, "name": name,
@@ -205,9 +209,9 @@ async def service_logs(agent: Agent, ref: str, tail: int | None, since: float | 
             await queue.put(None)
 
     def start_new() -> int:
-        s = agent.require_manager().snapshot()
+        s = ctx.require_manager().snapshot()
         n = 0
-        for t in s.tasks_of(svc.id):
+        for t in s.tasks_of(service_id):
             if t.id in started or not t.node_id:
                 continue
             started.add(t.id)
@@ -243,22 +247,22 @@ async def service_logs(agent: Agent, ref: str, tail: int | None, since: float | 
 
 
 # ---------------------------------------------------------------------------- task usage
-def local_usage(agent: Agent, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Resource use of tasks running on this node (from their cgroups)."""
     out: dict[str, dict[str, Any]] = {}
     for tid in task_ids:
-        u = agent.runtime.usage(tid)
+        u = runtime.usage(tid)
         if u is not None:
             out[tid] = {"memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
                         "cpu_seconds": u.cpu_seconds, "pids": u.pids}
     return out
 
 
-async def cluster_usage(agent: Agent, by_node: dict[str, list[str]],
+async def cluster_usage(transfer: Transfer, by_node: dict[str, list[str]],
                         timeout: float = 1.0) -> dict[str, dict[str, Any]]:
     """Usage of running tasks on every node, asked concurrently; a node that does not answer
     within ``timeout`` contributes nothing (the listing must not hang on a dead node)."""
-    store, me = agent.store, agent.identity
+    store, me = transfer.ctx.store, transfer.ctx.identity
     if store is None or me is None:
         return {}
     snap = store.snapshot()
@@ -266,14 +270,14 @@ async def cluster_usage(agent: Agent, by_node: dict[str, list[str]],
 
     async def ask(node_id: str, ids: list[str]) -> None:
         if node_id == me.node_id:
-            out.update(local_usage(agent, ids))
+            out.update(local_usage(transfer.runtime, ids))
             return
         node = snap.nodes.get(node_id)
         if node is None:
             return
         with contextlib.suppress(ApiError, TimeoutError, ValueError, aiohttp.ClientError):
             async with asyncio.timeout(timeout):
-                resp = await agent.transfer._request(node, "POST", "/v1/cluster/usage",
+                resp = await transfer._request(node, "POST", "/v1/cluster/usage",
                                                      {"task_ids": ids}, timeout=timeout)
                 data = await resp.json()
                 resp.release()

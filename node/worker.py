@@ -2,27 +2,35 @@
 
 Owns: comparing the tasks the replicated state assigns to this node with what the
 runtime Controller runs, advancing each task one step (start, report, stop, forget),
-and reporting observed status back through the store. It is level-triggered: every
-pass recomputes from scratch, so a lost report or a restart of the agent is repaired
-by the next pass. Must not touch: desired state or placement (the leader's), or
-namespaces/cgroups directly (the runtime's).
+and reporting observed status back through the state source. The decision is a pure
+function, ``next_step(task, observation)`` (swarmkit's ``exec.Do``): it never moves a
+status backwards (that would be a bug: ``BackwardsTransition``). The I/O is around it:
+observing (the runtime's status, the task's address), then doing the step. Starts run
+concurrently, each reporting its own outcome: one slow image pull does not hold back the
+other tasks' starts and reports. It is level-triggered: every pass recomputes from
+scratch, so a lost report or a restart of the agent is repaired by the next pass.
+
+It reads and writes through a ``StateSource`` (shoal.node.source: a manager's Raft
+replica, a worker's feed, or the in-memory store of the unit tests) and acts through the
+runtime ``Controller`` (the real one, or FakeController in tests). Must not touch: desired
+state or placement (the leader's), or namespaces/cgroups directly (the runtime's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shoal.node.errors import ApiError, Unavailable
-from shoal.node.feed import StateFeed
+from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
-from shoal.raft.store import RaftStore
 from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
 from shoal.runtime.errors import StartError
 from shoal.runtime.images import ImageConfig
@@ -50,8 +58,74 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
                       err="" if state is not TaskState.FAILED else rt.message)
 
 
+# ---------------------------------------------------------------------------- the decision
+class Action(enum.Enum):
+    NONE = "none"
+    START = "start"  # prepare (image, files, network) and start; report what happened
+    STOP = "stop"  # signal it, SIGKILL after ``grace``
+    REMOVE = "remove"  # forget an ended task in the runtime, release its address
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do with one task now, and the status to report (None: nothing new)."""
+
+    action: Action = Action.NONE
+    report: TaskStatus | None = None
+    grace: float = 0.0  # STOP: seconds between the stop signal and SIGKILL
+
+
+class BackwardsTransition(AssertionError):
+    """A step would report a status older than the task's: a bug in ``next_step``."""
+
+
+def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
+              now: float = 0.0) -> Step:
+    """The next step for ``task`` (as the cluster state has it) given what the runtime
+    observed: ``seen`` is the runtime's status as a task status (``observed_status``, with
+    the task's address filled in), None when the runtime has no trace of the task; ``busy``:
+    a start of it is in flight. Pure: no I/O, the clock comes in ``now``."""
+    if busy:
+        return Step()
+    wants_run = task.desired_state <= TaskState.RUNNING
+    current = task.status.state
+    if seen is None:
+        if wants_run and current < TaskState.RUNNING:
+            return Step(Action.START)
+        if wants_run and not current.terminal:
+            # it ran here before but the runtime has no trace of it (host reboot?)
+            return _forward(task, Step(report=TaskStatus(
+                state=TaskState.FAILED, timestamp=now,
+                message="task lost: not found in the runtime after agent restart",
+                err="task lost")))
+        if not wants_run and not current.terminal:
+            return _forward(task, Step(report=TaskStatus(
+                state=TaskState.SHUTDOWN, timestamp=now,
+                message="shut down before it started")))
+        return Step()
+    if not wants_run and seen.state is TaskState.RUNNING:
+        return Step(Action.STOP, grace=task.spec.stop_grace_period)
+    report: TaskStatus | None = None
+    if seen.state > current or (
+            seen.state == current and seen.state is TaskState.RUNNING
+            and (seen.pid, seen.addr) != (task.status.pid, task.status.addr)):
+        report = seen
+    ended = seen.state is not TaskState.RUNNING
+    action = Action.REMOVE if ended and current.terminal and \
+        task.desired_state >= TaskState.SHUTDOWN else Action.NONE
+    return _forward(task, Step(action, report))
+
+
+def _forward(task: Task, step: Step) -> Step:
+    if step.report is not None and step.report.state < task.status.state:
+        raise BackwardsTransition(f"task {task.id}: {task.status.state.name} → "
+                                  f"{step.report.state.name}")
+    return step
+
+
+# ---------------------------------------------------------------------------- the I/O
 class Worker:
-    def __init__(self, node_id: str, store: RaftStore | StateFeed, runtime: Controller,
+    def __init__(self, node_id: str, store: StateSource, runtime: Controller,
                  wakeup: asyncio.Event, interval: float = 1.0,
                  mesh: Mesh | None = None,
                  task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None
@@ -63,12 +137,12 @@ class Worker:
         self.task_files = task_files
         # fetch an image this node lacks from a peer (raises ApiError if none has it)
         self.pull_image = pull_image
-        self.store = store
+        self.store = store  # swapped by the agent when this node changes role
         self.runtime = runtime
         self.wakeup = wakeup
         self.interval = interval
         self._stopping: dict[str, asyncio.Task[None]] = {}
-        self._starting: set[str] = set()
+        self._starting: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
     async def run(self) -> None:
@@ -86,8 +160,12 @@ class Worker:
     def close(self) -> None:
         self._closed = True
         self.wakeup.set()
+        for t in self._starting.values():
+            t.cancel()
 
     async def reconcile(self) -> None:
+        """One pass: observe every task of this node, decide its step, do it. Starts are
+        launched in the background (see ``_begin_start``); reports go out together."""
         if not self.store.is_ready():
             return
         snap = self.store.snapshot()
@@ -96,42 +174,21 @@ class Worker:
         reports: list[tuple[Task, TaskStatus]] = []
 
         for task in mine.values():
-            rt = running.get(task.id)
-            wants_run = task.desired_state <= TaskState.RUNNING
-            if rt is None:
-                if task.id in self._starting:
-                    continue
-                if wants_run and task.status.state < TaskState.RUNNING:
-                    reports.append((task, await self._start(task)))
-                elif wants_run and not task.status.state.terminal:
-                    # it ran here before but the runtime has no trace of it (host reboot?)
-                    reports.append((task, TaskStatus(
-                        state=TaskState.FAILED, timestamp=time.time(),
-                        message="task lost: not found in the runtime after agent restart",
-                        err="task lost")))
-                elif not wants_run and not task.status.state.terminal:
-                    reports.append((task, TaskStatus(
-                        state=TaskState.SHUTDOWN, timestamp=time.time(),
-                        message="shut down before it started")))
-                continue
-            if not wants_run and rt.state is RunState.RUNNING:
-                self._stop(task.id, task.spec.stop_grace_period)
-                continue
-            seen = observed_status(rt)
-            if seen.state is TaskState.RUNNING:  # (re)attach, e.g. after an agent restart
-                addr = await self._attach(task.id, rt.pid) or task.status.addr
-                seen = replace(seen, addr=addr)
-            if seen.state > task.status.state or (
-                    seen.state == task.status.state and seen.state is TaskState.RUNNING
-                    and (seen.pid, seen.addr) != (task.status.pid, task.status.addr)):
-                reports.append((task, seen))
-            if rt.state is RunState.EXITED and task.status.state.terminal and \
-                    task.desired_state >= TaskState.SHUTDOWN:
+            busy = task.id in self._starting
+            seen = None if busy else await self._observe(task, running.get(task.id))
+            step = next_step(task, seen, busy=busy, now=time.time())
+            if step.action is Action.START:
+                self._begin_start(task)
+            elif step.action is Action.STOP:
+                self._stop(task.id, step.grace)
+            if step.report is not None:
+                reports.append((task, step.report))
+            if step.action is Action.REMOVE:
                 await self._remove(task.id)
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
-            if tid in mine:
+            if tid in mine or tid in self._starting:
                 continue
             if rt.state is RunState.RUNNING:
                 self._stop(tid, 10.0)
@@ -140,6 +197,18 @@ class Worker:
 
         if reports:
             await asyncio.gather(*(self._report(t, s) for t, s in reports))
+
+    async def _observe(self, task: Task, rt: RuntimeStatus | None) -> TaskStatus | None:
+        """The runtime's view of ``task`` as a task status (None: it has no trace of it); a
+        running task that should run is (re)attached to the network first (e.g. after an
+        agent restart), so its address is part of what was observed."""
+        if rt is None:
+            return None
+        seen = observed_status(rt)
+        if seen.state is TaskState.RUNNING and task.desired_state <= TaskState.RUNNING:
+            addr = await self._attach(task.id, rt.pid) or task.status.addr
+            seen = replace(seen, addr=addr)
+        return seen
 
     async def task_config(self, task: Task) -> TaskConfig:
         """The runtime's view of a task: its spec, with the image's config applied (Docker's
@@ -176,8 +245,25 @@ class Worker:
         await self.pull_image(ref)
         return self.runtime.image_config(ref)
 
+    async def wait_started(self) -> None:
+        """Wait until the starts in flight have reported (or failed)."""
+        while self._starting:
+            await asyncio.gather(*self._starting.values(), return_exceptions=True)
+
+    def _begin_start(self, task: Task) -> None:
+        """Start ``task`` in the background and report the outcome when it is known; the
+        pass goes on with the other tasks meanwhile."""
+        async def start() -> None:
+            try:
+                status = await self._start(task)
+                await self._report(task, status)
+            finally:
+                self._starting.pop(task.id, None)
+                self.wakeup.set()
+
+        self._starting[task.id] = asyncio.create_task(start(), name=f"start-{task.id}")
+
     async def _start(self, task: Task) -> TaskStatus:
-        self._starting.add(task.id)
         addr = ""
 
         async def network(pid: int) -> None:
@@ -210,8 +296,6 @@ class Worker:
             log.warning("task %s (%s) failed to start: %s", task.id, task.name, exc)
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
                               message=str(exc), err=str(exc))
-        finally:
-            self._starting.discard(task.id)
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING:
@@ -272,6 +356,11 @@ class Worker:
 
     async def stop_all(self, grace: float = 10.0) -> None:
         """Stop every task (used by `shoal leave`)."""
+        starting = list(self._starting.values())
+        for t in starting:
+            t.cancel()
+        if starting:
+            await asyncio.gather(*starting, return_exceptions=True)
         for tid, rt in self.runtime.tasks().items():
             if rt.state is RunState.RUNNING:
                 self._stop(tid, grace)

@@ -1,8 +1,9 @@
 """The worker's state feed (node/feed.py) and the state's wire form (raft/wire.py).
 
 The managers here are in-process stand-ins that answer the feed's calls the way
-``Agent.state_since`` / ``Agent.worker_report`` do; the real ones are exercised through the
-netns cluster tests (test_cluster.py, test_security_cluster.py).
+the manager's dispatcher (node/control/dispatcher.py) does; the real one is exercised in
+process by test_control_unit.py and over mTLS by the netns cluster tests (test_cluster.py,
+test_security_cluster.py).
 """
 
 from __future__ import annotations

@@ -192,10 +192,10 @@ def _security(tmp_path: Path, nodes: dict[str, NodeRole]) -> Security:
         n = Node(id=nid, hostname=nid, addr=f"10.0.0.{i + 1}", api_port=2377, raft_port=2378,
                  role=role)
         assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(n)})
-    agent: Any = SimpleNamespace(
+    ctx: Any = SimpleNamespace(
         data_dir=tmp_path, store=_Store(st), config=SimpleNamespace(cert_lifetime=60.0),
         identity=SimpleNamespace(cluster_id=CLUSTER, role="manager", manager_key=new_key()))
-    return Security(agent)
+    return Security(ctx)
 
 
 def _peer(subject: str, role: str, cluster: str = CLUSTER) -> pki.CertInfo:
@@ -229,11 +229,11 @@ def test_a_replica_still_catching_up_refuses_unknown_nodes_as_retryable(
     """A restarted manager whose replica is not ready yet must not call a member "removed":
     the caller gets a retryable Unavailable, and Unauthenticated once the replica is ready."""
     sec = _security(tmp_path, {"m1": NodeRole.MANAGER})
-    sec.agent.store.ready = False
+    sec.ctx.store.ready = False
     with pytest.raises(Unavailable, match="catching up"):
         sec.authorize(_peer("w9", "worker"))
     assert sec.authorize(_peer("m1", "manager")).id == "m1"  # known: fine even while catching up
-    sec.agent.store.ready = True
+    sec.ctx.store.ready = True
     with pytest.raises(Unauthenticated, match="not a member"):
         sec.authorize(_peer("w9", "worker"))
 
@@ -336,10 +336,11 @@ def test_secret_in_use_cannot_be_removed_and_state_holds_it_sealed() -> None:
 
 
 class _Security:
-    """Security for the fakes: the manager key, authorize, and call() routed in-process."""
+    """Security for the fakes: the manager key, authorize, and call() routed in-process
+    (``ctx``: the node context it reads)."""
 
     def __init__(self, agent: Any, manager_key: bytes, route: Any = None) -> None:
-        self.agent, self.key, self.route = agent, manager_key, route
+        self.ctx, self.key, self.route = agent, manager_key, route
 
     def manager_key(self) -> bytes:
         if not self.key:
@@ -386,7 +387,7 @@ async def test_task_files_reach_only_the_node_running_the_task(tmp_path: Path) -
 
     manager = agent("m1", "manager", key)
     manager.security = _Security(manager, key)
-    manager.secrets = SecretsApi(manager)
+    manager.secrets = SecretsApi(manager, manager.security)
     calls: list[str] = []
 
     def route_as(node_id: str) -> Any:
@@ -397,7 +398,7 @@ async def test_task_files_reach_only_the_node_running_the_task(tmp_path: Path) -
 
     worker = agent("w1", "worker", b"")
     worker.security = _Security(worker, b"", route_as("w1"))
-    files = await SecretsApi(worker).resolve_task_files(task)
+    files = await SecretsApi(worker, worker.security).resolve_task_files(task)
     assert files == {"/run/secrets/db.txt": (b"pa55", 0o400),
                      "/run/configs/conf": (b"x=1", 0o444)}
     assert calls == ["w1"]

@@ -1,0 +1,169 @@
+"""The dispatcher: what workers talk to on a manager, and every node's heartbeats.
+
+Owns (Swarm's dispatcher, over the node API's mTLS):
+
+* ``state_since`` — the manager side of a worker's state feed (shoal.node.feed): the
+  commands applied after an index, long-polled, or the whole state when they are no longer
+  kept;
+* ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
+  tasks on the calling node and the node's own removal;
+* heartbeats: the table the leader's liveness check reads (node id → monotonic time of the
+  last heartbeat), ``heartbeat`` (a node's heartbeat arriving on a manager) and
+  ``heartbeat_loop`` (this node sending its own to every manager).
+
+Must not touch: Raft internals (it reads the ManagerSource), this node's lifecycle, HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from shoal.node import pki
+from shoal.node.context import NodeContext
+from shoal.node.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    NotManager,
+    Unauthenticated,
+    Unavailable,
+    from_store_error,
+)
+from shoal.node.security import Security
+from shoal.raft.errors import CommandRejected, StoreError
+from shoal.raft.models import Node, NodeRole, NodeState
+
+log = logging.getLogger("shoal.dispatcher")
+
+
+class Dispatcher:
+    def __init__(self, ctx: NodeContext, security: Security,
+                 wake_leader: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.security = security
+        self.wake_leader = wake_leader  # a node not READY was heard from: re-judge liveness
+        # node id → time.monotonic() of its last heartbeat (read by the LeaderLoop)
+        self.heartbeats: dict[str, float] = {}
+        # set (and replaced) after every applied command: wakes workers' state polls
+        self._applied = asyncio.Event()
+        self._refused_logged = 0.0
+
+    def applied(self) -> None:
+        """A command was applied (on the event loop): answer the waiting polls."""
+        applied, self._applied = self._applied, asyncio.Event()
+        applied.set()
+
+    # ------------------------------------------------------------------ feeding workers
+    async def state_since(self, peer: pki.CertInfo | None, after: Any, wait: Any) -> bytes:
+        """A worker's state poll (shoal.node.feed): the commands applied after index
+        ``after`` — waiting up to ``wait`` seconds for one — or the whole state when they are
+        no longer kept (or ``after`` is -1). msgpack bytes."""
+        self.security.authorize(peer)
+        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
+            raise BadRequest("after must be an index (an integer >= -1)", "after")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
+            raise BadRequest("wait must be a number of seconds between 0 and 60", "wait")
+        store = self.ctx.require_manager()
+        if not store.is_ready():
+            raise Unavailable("this manager has not caught up with the cluster yet; retry")
+        deadline = time.monotonic() + float(wait)
+        while after >= 0 and store.index <= after and self.ctx.store is store:
+            applied = self._applied
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await applied.wait()
+        self.security.authorize(peer)  # still a member after the wait (node rm revokes)
+        msg: dict[str, Any] = {"leader": store.leader_addr()}
+        changes = store.changes_since(after) if after >= 0 else None
+        if changes is None:
+            msg["index"], msg["state"] = await asyncio.to_thread(store.full_state)
+        else:
+            msg["index"], msg["commands"] = changes
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    async def worker_report(self, peer: pki.CertInfo | None, cmd: Any) -> dict[str, Any]:
+        """A write from a worker, proposed on its behalf: only status reports for tasks on
+        the calling node and the node's own removal (leaving) are accepted."""
+        node = self.security.authorize(peer)
+        self.ctx.require_manager()
+        if not isinstance(cmd, dict):
+            raise BadRequest("cmd must be a command object", "cmd")
+        op = cmd.get("op")
+        if op == "task_status":
+            if cmd.get("node_id") != node.id:
+                raise Forbidden(f"node {node.id} may only report its own tasks", "node_id")
+        elif op == "node_remove":
+            if cmd.get("id") != node.id:
+                raise Forbidden(f"node {node.id} may only remove itself", "id")
+        else:
+            raise Forbidden(f"a node may not write {op!r} through the worker channel", "op")
+        try:
+            return {"result": await self.ctx.require_manager().propose(cmd)}
+        except CommandRejected as exc:
+            return {"result": {"error": {"code": exc.code, "message": exc.message,
+                                         "field": exc.field}}}
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+
+    # ------------------------------------------------------------------ heartbeats
+    def heartbeat(self, peer: pki.CertInfo | None, node_id: Any) -> dict[str, Any]:
+        """``POST /v1/cluster/heartbeat``: a member's heartbeat, for its own id only."""
+        node = self.security.authorize(peer)
+        if not isinstance(node_id, str):
+            raise BadRequest("node_id is required", "node_id")
+        if node_id != node.id:
+            raise Forbidden(f"node {node.id} cannot send heartbeats for {node_id}", "node_id")
+        self.record_heartbeat(node_id)
+        return {"ok": True}
+
+    def record_heartbeat(self, node_id: str) -> None:
+        """A heartbeat from ``node_id``; the caller has checked it is the sender's own id."""
+        ident, store = self.ctx.identity, self.ctx.store
+        if ident is None or ident.role != NodeRole.MANAGER:
+            raise NotManager("heartbeats go to managers")
+        self.heartbeats[node_id] = time.monotonic()
+        if store and store.is_leader():
+            node = store.snapshot().nodes.get(node_id)
+            if node is not None and node.state is not NodeState.READY:
+                self.wake_leader()
+
+    async def heartbeat_loop(self) -> None:
+        """Send this node's heartbeat to every manager, every ``heartbeat_interval``."""
+        assert self.ctx.identity is not None
+        node_id = self.ctx.identity.node_id
+        while True:
+            store = self.ctx.store
+            if store is not None and store.is_ready():
+                managers = [n for n in store.snapshot().nodes.values()
+                            if n.role is NodeRole.MANAGER]
+                await asyncio.gather(*(self._send_heartbeat(m, node_id) for m in managers))
+            await asyncio.sleep(self.ctx.config.heartbeat_interval)
+
+    async def _send_heartbeat(self, manager: Node, node_id: str) -> None:
+        if manager.id == node_id:
+            self.heartbeats[node_id] = time.monotonic()
+            return
+        # mTLS: TLS checks the receiver holds a manager certificate of this cluster
+        try:
+            await self.security.call(manager.api_addr, "/v1/cluster/heartbeat",
+                                     {"node_id": node_id}, timeout=1.0)
+        except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
+            now = time.monotonic()
+            if now - self._refused_logged > 60:
+                self._refused_logged = now
+                log.warning("manager %s refuses this node: %s", manager.hostname, exc.message)
+        except ApiError:
+            pass
+
+
+__all__ = ["Dispatcher"]

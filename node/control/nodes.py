@@ -1,0 +1,103 @@
+"""Node commands: `node ls`, `node inspect`, `node update`, `node rm`.
+
+Owns: the views of the cluster's nodes (with the manager status from the Raft replica and
+the membership seen by gossip) and the user's changes to a node record (availability,
+labels) and its removal — which also revokes its certificate, since every node-to-node
+route accepts only certificates of current members (Security.authorize). Managers only.
+Promotion/demotion: shoal.node.control.roles. Must not touch: this node's own lifecycle,
+HTTP, the runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from shoal.node import views
+from shoal.node.context import NodeContext, VoterChanges
+from shoal.node.errors import BadRequest, NotFound, from_store_error
+from shoal.node.membership import GossipControl
+from shoal.raft.errors import StoreError
+from shoal.raft.models import Node, NodeRole, NodeState
+from shoal.raft.state import Snapshot
+
+
+def find_node(snap: Snapshot, ref: str) -> Node:
+    """A node by id, hostname or unique id prefix."""
+    if ref in snap.nodes:
+        return snap.nodes[ref]
+    matches = [n for n in snap.nodes.values() if n.hostname == ref] or \
+              [n for n in snap.nodes.values() if n.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NotFound(f"no such node: {ref}", "node")
+    raise BadRequest(f"node {ref!r} is ambiguous: {len(matches)} nodes match", "node")
+
+
+class Nodes:
+    def __init__(self, ctx: NodeContext, gossip: GossipControl, voters: VoterChanges) -> None:
+        self.ctx = ctx
+        self.gossip = gossip  # membership view and member detail
+        self.voters = voters  # Raft membership changes, one at a time
+
+    def nodes(self) -> list[dict[str, Any]]:
+        store = self.ctx.require_manager()
+        snap = store.snapshot()
+        gossip = self.gossip.view()
+        return [views.node_view(n, snap, store, gossip=gossip) for n in
+                sorted(snap.nodes.values(), key=lambda n: (n.hostname, n.id))]
+
+    def node(self, ref: str) -> dict[str, Any]:
+        store = self.ctx.require_manager()
+        snap = store.snapshot()
+        n = find_node(snap, ref)
+        out = views.node_view(n, snap, store, detail=True, gossip=self.gossip.view())
+        out["gossip"] = self.gossip.member_detail(n.id)  # state, incarnation, state_since
+        return out
+
+    async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+        store = self.ctx.require_manager()
+        n = find_node(store.snapshot(), ref)
+        cmd: dict[str, Any] = {"op": "node_update", "id": n.id, "now": time.time()}
+        if "availability" in body:
+            if body["availability"] not in ("active", "pause", "drain"):
+                raise BadRequest("availability must be active, pause or drain",
+                                 "availability")
+            cmd["availability"] = body["availability"]
+        labels = dict(n.labels)
+        add, rm = body.get("label_add", {}), body.get("label_rm", [])
+        if not isinstance(add, dict) or not isinstance(rm, list):
+            raise BadRequest("label_add must be a map and label_rm a list", "labels")
+        labels.update({str(k): str(v) for k, v in add.items()})
+        for k in rm:
+            labels.pop(str(k), None)
+        if labels != n.labels:
+            cmd["labels"] = labels
+        await self.ctx.propose(cmd)
+        return self.node(n.id)
+
+    async def remove_node(self, ref: str, force: bool) -> dict[str, Any]:
+        """Remove a node. This also revokes its certificate: every node-to-node route accepts
+        only certificates of current members (Security.authorize), so the removed agent is
+        refused from the next request on and needs a (new) token to come back."""
+        store = self.ctx.require_manager()
+        n = find_node(store.snapshot(), ref)
+        if n.id == self.ctx.node_id:
+            raise BadRequest("cannot remove the node you are on; use `shoal leave`", "node")
+        if n.role is NodeRole.MANAGER:
+            if n.state is NodeState.READY and not force:
+                raise BadRequest(f"node {n.hostname} is a ready manager: stop it first or use "
+                                 "--force", "node")
+            async with self.voters.lock:
+                if n.raft_addr in store.voters():
+                    try:
+                        await store.remove_voter(n.raft_addr)
+                    except StoreError as exc:
+                        raise from_store_error(exc) from exc
+        await self.ctx.propose({"op": "node_remove", "id": n.id, "now": time.time(),
+                                "force": force})
+        return {"id": n.id, "removed": True}
+
+
+__all__ = ["Nodes", "find_node"]

@@ -1,0 +1,137 @@
+"""Service commands: create, update, scale, rollback, remove, and the ls/inspect/ps/logs views.
+
+Owns: turning a user's service request into a validated command proposed to the cluster
+state (the leader's orchestrator and scheduler act on it from there, node/leader.py), and
+the JSON views of services and their tasks. Managers only (``require_manager``).
+Must not touch: placement or task lifecycle (the leader's and the workers'), the runtime
+(live usage and logs come through shoal.node.transfer), HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shoal.node import transfer, views
+from shoal.node.context import NodeContext, new_id
+from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
+from shoal.node.secrets import check_refs
+from shoal.node.transfer import Transfer
+from shoal.raft.errors import StoreError
+from shoal.raft.models import Service, to_dict
+from shoal.raft.state import Snapshot
+from shoal.raft.validate import validate_replicas, validate_spec
+
+
+def find_service(snap: Snapshot, ref: str) -> Service:
+    """A service by name, id, or unique id prefix (4+ characters)."""
+    svc = snap.service_by_name(ref) or snap.services.get(ref)
+    if svc is None:
+        matches = [s for s in snap.services.values() if s.id.startswith(ref)] if len(
+            ref) >= 4 else []
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"no such service: {ref}", "service")
+    return svc
+
+
+class Services:
+    def __init__(self, ctx: NodeContext, transfer: Transfer) -> None:
+        self.ctx = ctx
+        self.transfer = transfer  # live usage (ps) and logs of tasks on every node
+
+    def find_service(self, snap: Snapshot, ref: str) -> Service:
+        return find_service(snap, ref)
+
+    def services(self) -> list[dict[str, Any]]:
+        snap = self.ctx.require_manager().snapshot()
+        return [views.service_view(s, snap) for s in
+                sorted(snap.services.values(), key=lambda s: s.spec.name)]
+
+    def service(self, ref: str) -> dict[str, Any]:
+        snap = self.ctx.require_manager().snapshot()
+        return views.service_view(self.find_service(snap, ref), snap, detail=True)
+
+    async def tasks(self, ref: str) -> list[dict[str, Any]]:
+        """`service ps`: the service's tasks, with live resource use of the running ones."""
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        out = views.task_views(snap.tasks_of(svc.id), snap)
+        by_node: dict[str, list[str]] = {}
+        for t in out:
+            if t["state"] == "running" and t["node_id"]:
+                by_node.setdefault(t["node_id"], []).append(t["id"])
+        usage = await transfer.cluster_usage(self.transfer, by_node)
+        for t in out:
+            t["usage"] = usage.get(t["id"])
+        return out
+
+    def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,
+             follow: bool) -> AsyncIterator[dict[str, Any]]:
+        """`service logs`: the merged logs of the service's tasks on every node."""
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        return transfer.service_logs(self.transfer, svc.id, tail, since, timestamps, follow)
+
+    async def create_service(self, spec: Any) -> dict[str, Any]:
+        snap = self.ctx.require_manager().snapshot()
+        try:
+            parsed = validate_spec(spec)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        if snap.service_by_name(parsed.name):
+            raise Conflict(f"a service named {parsed.name!r} already exists", "name",
+                           code="exists")
+        check_refs(snap, parsed)
+        sid = new_id()
+        await self.ctx.propose({"op": "service_create", "id": sid, "now": time.time(),
+                                "spec": to_dict(parsed)})
+        return {"id": sid, "name": parsed.name}
+
+    async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        try:
+            n = validate_replicas(replicas)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                      "replicas": n})
+        return {"id": svc.id, "name": svc.spec.name, "replicas": n,
+                "version": res.get("version")}
+
+    async def update_service(self, ref: str, spec: Any, version: Any) -> dict[str, Any]:
+        """Replace a service's spec; running tasks are replaced by a rolling update."""
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        try:
+            parsed = validate_spec(spec)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+        if version is not None and not isinstance(version, int):
+            raise BadRequest("version must be an integer", "version")
+        check_refs(snap, parsed)
+        res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                      "spec": to_dict(parsed), "version": version})
+        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
+
+    async def rollback_service(self, ref: str) -> dict[str, Any]:
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        if svc.previous_spec is None:
+            raise BadRequest(f"service {svc.spec.name} has no previous spec to roll back to",
+                             "service")
+        res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
+                                      "spec": to_dict(svc.previous_spec),
+                                      "version": svc.version})
+        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
+
+    async def remove_service(self, ref: str) -> dict[str, Any]:
+        snap = self.ctx.require_manager().snapshot()
+        svc = self.find_service(snap, ref)
+        await self.ctx.propose({"op": "service_remove", "id": svc.id, "now": time.time()})
+        return {"id": svc.id, "name": svc.spec.name, "removed": True}
+
+
+__all__ = ["Services", "find_service"]
