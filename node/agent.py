@@ -64,6 +64,7 @@ from shoal.node.transfer import Transfer
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, NodeRole, to_dict
+from shoal.raft.schema import SCHEMA
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.store import RaftStore
 from shoal.runtime.controller import ProcessController, RuntimeConfig
@@ -398,7 +399,7 @@ class Agent:
                                                                            new_secret()),
                                     "manager_secret": sec.seal_token_secret("manager",
                                                                             new_secret()),
-                                    "digest": ca.digest})
+                                    "digest": ca.digest, "schema": SCHEMA})
                 await self.propose({"op": "ca_init", "ca_cert": ca_pem.decode(),
                                     "ca_key": sealing.seal(manager_key, ca_key,
                                                            sealing.AAD_CA_KEY)})

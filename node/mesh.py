@@ -83,7 +83,7 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, S
     (its connections are cut at that time + the task's ``stop_grace_period``)."""
     out: dict[str, ServiceLB] = {}
     for svc in snap.services.values():
-        if not svc.spec.ports:
+        if not svc.spec.endpoint.ports:
             continue
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
@@ -92,18 +92,18 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, S
                 continue
             deadline = None
             if task.desired_state > TaskState.RUNNING:
-                deadline = drain_since.get(task.id, 0.0) + task.spec.stop_grace_period
+                deadline = drain_since.get(task.id, 0.0) + task.spec.container.stop_grace_period
             endpoints.append(Endpoint(st.addr, task.id, None, deadline))
         endpoints.sort(key=lambda e: e.task_id)
         by_target: dict[int, list[Frontend]] = {}
-        for p in svc.spec.ports:
+        for p in svc.spec.endpoint.ports:
             by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
         for target, frontends in sorted(by_target.items()):
             name = lb_name(svc.spec.name, target)
             out[name] = ServiceLB(
                 name=name, target_port=target, frontends=tuple(frontends),
                 endpoints=tuple(endpoints), vip=svc.vip or None,
-                algorithm=_ALGORITHMS.get(svc.spec.lb_algorithm, Algorithm.ROUND_ROBIN))
+                algorithm=_ALGORITHMS.get(svc.spec.endpoint.lb_algorithm, Algorithm.ROUND_ROBIN))
     return out
 
 
@@ -120,7 +120,7 @@ def lookup(snap: Snapshot, name: str) -> list[str] | None:
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
     if svc is None:
         return None
-    if not tasks_only and svc.vip and svc.spec.ports:
+    if not tasks_only and svc.vip and svc.spec.endpoint.ports:
         return [svc.vip]
     return sorted(t.status.addr for t in snap.tasks_of(svc.id)
                   if t.status.state is TaskState.RUNNING and t.status.addr

@@ -11,15 +11,17 @@ proposes what they return as one fenced batch.
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
 ("delete", task_id) ("assign", task_id, node_id) ("unschedulable", task_id, reason)
-("node_state", node_id, state, message).
+("node_state", node_id, state, message) ("update_status", service_id, state, message).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
+
+from msgspec import structs
 
 from shoal.node.scheduler import unsatisfied
 from shoal.raft.models import (
@@ -27,12 +29,12 @@ from shoal.raft.models import (
     NodeAvailability,
     NodeState,
     Service,
-    ServiceSpec,
     Task,
     TaskState,
     TaskStatus,
     to_dict,
 )
+from shoal.raft.spec import Placement, RestartPolicy, TaskSpec
 from shoal.raft.state import Snapshot
 
 Op = tuple[Any, ...]
@@ -137,8 +139,8 @@ def reconcile_services(
         node = snapshot.nodes.get(t.node_id)
         svc = snapshot.services.get(t.service_id)
         if node is not None and svc is not None and t.alive and t.id not in orphaned and \
-                unsatisfied(node, t.spec.constraints) is not None and \
-                unsatisfied(node, svc.spec.constraints) is not None:
+                unsatisfied(node, t.spec.placement.constraints) is not None and \
+                unsatisfied(node, svc.spec.task.placement.constraints) is not None:
             ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             orphaned.add(t.id)
 
@@ -209,7 +211,7 @@ def _reconcile_service(
                     ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
         elif not live:
             ended = [t for t in slot_tasks if t.status.state.terminal]
-            restart, due = restart_decision(svc.spec, ended, now)
+            restart, due = restart_decision(svc.spec.task.restart, ended, now)
             if not restart:
                 pass
             elif due > now:
@@ -217,7 +219,7 @@ def _reconcile_service(
             else:
                 task = Task(
                     id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
-                    spec=svc.spec, service_version=svc.version,
+                    spec=svc.spec.task, service_version=svc.version,
                     desired_state=TaskState.RUNNING,
                     status=TaskStatus(state=TaskState.NEW, timestamp=now, message="created"),
                     created_at=now, updated_at=now,
@@ -225,7 +227,7 @@ def _reconcile_service(
                 ops.append(("create", to_dict(task)))
         # trim history: dead tasks beyond the newest `task_history` (but keep enough to
         # count restart attempts and to remember that a slot is not to be restarted)
-        keep = max(config.task_history, svc.spec.restart_max_attempts + 1, 1)
+        keep = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
         dead = [t for t in slot_tasks if not alive(t) and t.status.state.terminal]
         dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
         for t in dead[keep:]:
@@ -233,47 +235,75 @@ def _reconcile_service(
     return ops, wake_at
 
 
-def outdated(t: Task, spec: ServiceSpec, node: Node | None = None) -> bool:
-    """The task runs another spec than the service's (a scale alone does not count).
+def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
+    """The task runs another task template than the service's. Only the template counts:
+    a change of replicas, update/rollback settings, ports or labels replaces no task
+    (swarmkit copies only TaskSpec into tasks, too).
 
     When only the placement constraints differ, a task whose ``node`` satisfies the new
     ones is kept (swarmkit's IsTaskDirtyPlacementConstraintsOnly): `--constraint-add` moves
     only the tasks that must move, `--constraint-rm` moves none."""
-    mine, want = replace(t.spec, replicas=0), replace(spec, replicas=0)
-    if mine == want:
+    if t.spec == spec:
         return False
-    if replace(mine, constraints=()) == replace(want, constraints=()):
-        return node is None or unsatisfied(node, spec.constraints) is not None
+    nowhere = Placement()
+    if structs.replace(t.spec, placement=nowhere) == structs.replace(spec, placement=nowhere):
+        return node is None or unsatisfied(node, spec.placement.constraints) is not None
     return True
 
 
 def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                    now: float, nodes: Mapping[str, Node] | None = None) -> list[Op]:
-    """Stop-first rolling update: shut down up to ``update_parallelism`` outdated tasks at a
-    time; their slots are then refilled with the current spec by the slot loop. The next
-    batch starts once every updated slot runs and ``update_delay`` has passed since.
+    """Stop-first rolling update: shut down up to ``parallelism`` outdated tasks at a time;
+    their slots are then refilled with the current template by the slot loop. The next batch
+    starts once every updated slot runs and ``delay`` has passed since. The rollout follows
+    the service's ``update`` config, or its ``rollback`` config while rolling back.
+
+    A replacement that fails (exits, is refused, never runs) pauses the rollout, as Swarm's
+    default failure action does: no further task is replaced until the next `service update`
+    (or `service rollback`); ``update_status`` says which task failed and why. When every
+    task runs the current template, the status becomes ``completed``.
     ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it."""
-    spec = svc.spec
+    spec, status = svc.spec, svc.update_status
+    cfg = spec.rollback if status.rollback else spec.update
+    rolling = status.state in ("updating", "rollback_started")
 
     def old_spec(t: Task) -> bool:
-        return outdated(t, spec, (nodes or {}).get(t.node_id))
+        return outdated(t, spec.task, (nodes or {}).get(t.node_id))
 
     live = [t for t in tasks if alive(t) and t.slot <= spec.replicas]
     old = sorted((t for t in live if old_spec(t)), key=lambda t: (t.slot, t.id))
-    if not old:
-        return []
     fresh = [t for t in live if not old_spec(t)]
+    stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
+                and not t.status.state.terminal and t.slot <= spec.replicas]
+    if not old:
+        if rolling and not stopping and len(fresh) >= spec.replicas and \
+                all(t.status.state is TaskState.RUNNING for t in fresh):
+            done = "rollback_completed" if status.rollback else "completed"
+            return [("update_status", svc.id, done,
+                     "rollback completed" if status.rollback else "update completed")]
+        return []
+    if status.paused:
+        return []
+    failed = sorted((t for t in tasks if not old_spec(t) and self_ended(t)
+                     and t.created_at >= status.started_at),
+                    key=lambda t: (t.status.timestamp, t.id))
+    if rolling and failed:
+        t = failed[0]
+        why = t.status.err or t.status.message or t.status.state.lower()
+        state = "rollback_paused" if status.rollback else "paused"
+        what = "rollback" if status.rollback else "update"
+        return [("update_status", svc.id, state,
+                 f"{what} paused due to failure or early termination of task {t.name} "
+                 f"({t.id[:12]}): {why}")]
     in_flight = [t for t in fresh if t.status.state < TaskState.RUNNING]
     # a slot whose old task is stopping and whose new task is not yet created counts too
     # (a task that was never placed has nothing to stop)
-    stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
-                and not t.status.state.terminal and t.slot <= spec.replicas]
     busy = len(in_flight) + len(stopping)
-    if fresh and busy == 0 and spec.update_delay:
+    if fresh and busy == 0 and cfg.delay:
         last_up = max(t.status.timestamp for t in fresh)
-        if now - last_up < spec.update_delay:
+        if now - last_up < cfg.delay:
             return []
-    room = (spec.update_parallelism or len(old)) - busy
+    room = (cfg.parallelism or len(old)) - busy
     return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:max(room, 0)]]
 
 
@@ -283,24 +313,25 @@ def self_ended(t: Task) -> bool:
         TaskState.COMPLETE, TaskState.FAILED, TaskState.REJECTED)
 
 
-def restart_decision(spec: ServiceSpec, ended: list[Task], now: float) -> tuple[bool, float]:
+def restart_decision(policy: RestartPolicy, ended: list[Task], now: float
+                     ) -> tuple[bool, float]:
     """Should an empty slot get a new task, and from when? ``(restart, due)``.
 
     A slot emptied by the orchestrator (scale, drain) or by a lost node is refilled at
     once. A task that ended on its own is replaced according to the restart policy:
     ``none`` never, ``on-failure`` only after a failure, ``any`` always; after
-    ``restart_delay``; at most ``restart_max_attempts`` times within ``restart_window``.
+    ``delay``; at most ``max_attempts`` times within ``window``.
     """
     last = max(ended, key=lambda t: (t.status.timestamp, t.created_at), default=None)
     if last is None or not self_ended(last):
         return True, now
-    cond = spec.restart_condition
+    cond = policy.condition
     if cond == "none" or (cond == "on-failure" and last.status.state is TaskState.COMPLETE):
         return False, now
-    if spec.restart_max_attempts:
-        window = spec.restart_window
+    if policy.max_attempts:
+        window = policy.window
         runs = [t for t in ended if self_ended(t)
                 and (not window or now - t.status.timestamp <= window)]
-        if len(runs) - 1 >= spec.restart_max_attempts:
+        if len(runs) - 1 >= policy.max_attempts:
             return False, now
-    return True, last.status.timestamp + spec.restart_delay
+    return True, last.status.timestamp + policy.delay

@@ -92,17 +92,17 @@ def unsatisfied(node: Node, constraints: tuple[str, ...]) -> Constraint | None:
 
 
 def _constraints(n: Node, t: Task, r: Reserved) -> str | None:
-    c = unsatisfied(n, t.spec.constraints)
+    c = unsatisfied(n, t.spec.placement.constraints)
     return None if c is None else f"constraint {c}"
 
 
 def _fits_memory(n: Node, t: Task, r: Reserved) -> bool:
-    need = t.spec.reserve_memory
+    need = t.spec.resources.reservations.memory
     return not need or (n.memory_bytes > 0 and r.memory + need <= n.memory_bytes)
 
 
 def _fits_cpu(n: Node, t: Task, r: Reserved) -> bool:
-    need = t.spec.reserve_cpu
+    need = t.spec.resources.reservations.cpu
     return not need or (n.cpus > 0 and r.cpu + need <= n.cpus + 1e-9)
 
 
@@ -134,8 +134,8 @@ def _counts(tasks: Iterable[Task]
         if t.node_id and t.alive:
             per_node[t.node_id] += 1
             per_service[(t.node_id, t.service_id)] += 1
-            reserved[t.node_id].memory += t.spec.reserve_memory
-            reserved[t.node_id].cpu += t.spec.reserve_cpu
+            reserved[t.node_id].memory += t.spec.resources.reservations.memory
+            reserved[t.node_id].cpu += t.spec.resources.reservations.cpu
     return per_node, per_service, reserved
 
 
@@ -165,8 +165,8 @@ def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
         plan.assignments.append((task.id, best.id))
         per_node[best.id] += 1
         per_service[(best.id, task.service_id)] += 1
-        reserved[best.id].memory += task.spec.reserve_memory
-        reserved[best.id].cpu += task.spec.reserve_cpu
+        reserved[best.id].memory += task.spec.resources.reservations.memory
+        reserved[best.id].cpu += task.spec.resources.reservations.cpu
     return plan
 
 
@@ -177,7 +177,7 @@ def _explain(task: Task, rejected: Counter[str], total: int) -> str:
     if not total:
         return "no suitable node (no nodes)"
     detail = ", ".join(f"{name} {n}/{total}" for name, n in sorted(rejected.items()))
-    failed = [str(c) for c in parse_constraints(task.spec.constraints)
+    failed = [str(c) for c in parse_constraints(task.spec.placement.constraints)
               if rejected[f"constraint {c}"]]
     if failed and sum(rejected[f"constraint {c}"] for c in failed) == total:
         reason = "no node satisfies " + " and ".join(failed)

@@ -88,8 +88,8 @@ def _by_name(objs: dict[str, Any], name: str) -> Any:
 
 def check_refs(snap: Snapshot, spec: ServiceSpec) -> None:
     """A service may only use secrets and configs that exist (checked before proposing)."""
-    for kind, refs, objs in (("secret", spec.secrets, snap.secrets),
-                             ("config", spec.configs, snap.configs)):
+    for kind, refs, objs in (("secret", spec.task.container.secrets, snap.secrets),
+                             ("config", spec.task.container.configs, snap.configs)):
         for r in refs:
             if _by_name(objs, r.name) is None:
                 raise NotFound(f"no such {kind}: {r.name} (create it with `shoal {kind} "
@@ -154,7 +154,7 @@ class SecretsApi:
         """Unseal a task's secrets (managers only: needs the managers' key)."""
         key = self.security.manager_key()
         out: TaskFiles = {}
-        for ref in task.spec.secrets:
+        for ref in task.spec.container.secrets:
             sec = _by_name(snap.secrets, ref.name)
             if sec is None:
                 raise NotFound(f"no such secret: {ref.name}", "secrets")
@@ -186,17 +186,17 @@ class SecretsApi:
 
         Raises NotFound (a referenced secret/config does not exist: the task cannot run) or
         Unavailable (no manager reachable or none has seen the assignment yet: retry)."""
-        if not task.spec.secrets and not task.spec.configs:
+        if not task.spec.container.secrets and not task.spec.container.configs:
             return {}
         store = self.ctx.require_member()
         snap = store.snapshot()
         files: TaskFiles = {}
-        for ref in task.spec.configs:
+        for ref in task.spec.container.configs:
             cfg = _by_name(snap.configs, ref.name)
             if cfg is None:
                 raise NotFound(f"no such config: {ref.name}", "configs")
             files[config_path(ref)] = (cfg.data, ref.mode)
-        if not task.spec.secrets:
+        if not task.spec.container.secrets:
             return files
         ident = self.ctx.identity
         if ident is not None and ident.role == NodeRole.MANAGER and ident.manager_key:

@@ -61,13 +61,14 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "replicas": svc.spec.replicas,
         "running": sum(1 for t in tasks if t.status.state is TaskState.RUNNING
                        and t.desired_state <= TaskState.RUNNING),
-        "command": list(svc.spec.command),
+        "command": list(svc.spec.task.container.command),
         "version": svc.version,
         "vip": svc.vip,
         "ports": [{"published": p.published, "target": p.target, "protocol": p.protocol}
-                  for p in svc.spec.ports],
+                  for p in svc.spec.endpoint.ports],
         "created_at": svc.created_at,
         "updated_at": svc.updated_at,
+        "update_status": to_dict(svc.update_status),
     }
     if detail:
         out["spec"] = to_dict(svc.spec)

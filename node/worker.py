@@ -104,7 +104,7 @@ def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
                 message="shut down before it started")))
         return Step()
     if not wants_run and seen.state is TaskState.RUNNING:
-        return Step(Action.STOP, grace=task.spec.stop_grace_period)
+        return Step(Action.STOP, grace=task.spec.container.stop_grace_period)
     report: TaskStatus | None = None
     if seen.state > current or (
             seen.state == current and seen.state is TaskState.RUNNING
@@ -213,7 +213,8 @@ class Worker:
     async def task_config(self, task: Task) -> TaskConfig:
         """The runtime's view of a task: its spec, with the image's config applied (Docker's
         rules) and the files it must see (resolv.conf naming the node's DNS, secrets)."""
-        s = task.spec
+        s = task.spec.container
+        limits = task.spec.resources.limits
         cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
         if s.image:
             image = await self._ensure_image(s.image)
@@ -229,7 +230,7 @@ class Worker:
             hostname=f"{task.service_name}-{task.slot}",
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=s.stop_signal,
-            memory_limit=s.limit_memory, cpu_limit=s.limit_cpu, pids_limit=s.limit_pids,
+            memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
             mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size)
                          for m in s.mounts),
             files=files,

@@ -22,6 +22,20 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
+from shoal.raft import schema
+from shoal.raft.spec import (
+    Constraint,
+    FileRef,
+    Mount,
+    PortSpec,
+    ServiceSpec,
+    TaskSpec,
+)
+
+__all__ = ["Constraint", "FileRef", "Mount", "PortSpec", "ServiceSpec", "TaskSpec"]
+
 
 class TaskState(enum.IntEnum):
     """Ordered task lifecycle. Only append; the numbers are stored in the Raft log."""
@@ -96,31 +110,6 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Mount:
-    """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
-
-    type: str  # "bind" (host path), "volume" (named, kept per node), "tmpfs"
-    target: str  # absolute path inside the task
-    source: str = ""  # host path (bind) or volume name (volume); "" for tmpfs
-    readonly: bool = False
-    tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A service's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): each
-    task sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
-
-    name: str  # the secret's (config's) name
-    target: str = ""  # file name in the task's /run/secrets (/run/configs); "" = name
-    mode: int = 0o444  # file mode inside the task
-
-    @property
-    def file_name(self) -> str:
-        return self.target or self.name
-
-
-@dataclass(frozen=True)
 class Secret:
     """A secret value (``shoal secret create``). ``data`` is *sealed* (AES-256-GCM under the
     managers' key, shoal.node.sealing): the replicated state — every worker's replica, the
@@ -147,71 +136,23 @@ class Config:
 
 
 @dataclass(frozen=True)
-class PortSpec:
-    """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
-    forwards to a task's ``target`` port (the routing mesh)."""
+class UpdateStatus:
+    """Progress of the latest rolling update (or rollback) of a service, written by the leader
+    (Swarm's UpdateStatus). ``state`` "" = no update since the service was created."""
 
-    published: int
-    target: int
-    protocol: str = "tcp"  # "tcp" | "udp"
+    state: str = ""  # "updating" | "paused" | "completed" | "rollback_started" |
+    #                  "rollback_paused" | "rollback_completed"
+    message: str = ""
+    started_at: float = 0.0
+    completed_at: float = 0.0
 
+    @property
+    def paused(self) -> bool:
+        return self.state in ("paused", "rollback_paused")
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    """What the user asked for. Validated by shoal.raft.validate before it is proposed."""
-
-    name: str
-    command: tuple[str, ...]
-    replicas: int = 1
-    env: dict[str, str] = field(default_factory=dict)
-    workdir: str = ""
-    stop_grace_period: float = 10.0  # seconds between the stop signal and SIGKILL
-    labels: dict[str, str] = field(default_factory=dict)
-    # --- runtime (see shoal.runtime)
-    image: str = ""  # "" = the host's read-only /usr, /etc, libraries (default image)
-    user: str = ""  # "uid[:gid]" or a user name; "" = root inside the task
-    stop_signal: str = "SIGTERM"
-    limit_memory: int = 0  # bytes, 0 = unlimited (swap is always off)
-    limit_cpu: float = 0.0  # CPUs (0.5 = half a core), 0 = unlimited
-    limit_pids: int = 0  # max processes, 0 = unlimited
-    reserve_memory: int = 0  # bytes the scheduler keeps free for the task
-    reserve_cpu: float = 0.0  # CPUs the scheduler keeps free for the task
-    mounts: tuple[Mount, ...] = ()
-    # --- networking
-    ports: tuple[PortSpec, ...] = ()
-    lb_algorithm: str = "round-robin"  # "round-robin" | "least-conn"
-    # --- restart policy (Swarm's): when a task ends, is its slot refilled?
-    restart_condition: str = "any"  # "none" | "on-failure" | "any"
-    restart_delay: float = 1.0  # seconds between a task ending and its replacement
-    restart_max_attempts: int = 0  # restarts allowed per slot (within the window); 0 = no limit
-    restart_window: float = 0.0  # seconds over which attempts are counted; 0 = forever
-    # --- rolling update (Swarm's stop-first): how a changed spec replaces running tasks
-    update_parallelism: int = 1  # tasks replaced at a time; 0 = all at once
-    update_delay: float = 0.0  # seconds between one batch running and the next starting
-    force_update: int = 0  # bump to redeploy every task with an unchanged spec
-    # --- secrets and configs: files each task sees (shoal.node.secrets fetches them)
-    secrets: tuple[FileRef, ...] = ()
-    configs: tuple[FileRef, ...] = ()
-    # --- placement (Swarm's --constraint): every expression must hold on a task's node.
-    # Stored in the canonical text form shoal.raft.validate.parse_constraint gives
-    # ("node.labels.zone==b"), as Swarm's Placement.Constraints; () = any node.
-    constraints: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """One parsed placement constraint: ``node.<attribute> == | != value``.
-
-    ``key`` is lower-case (``node.id``, ``node.hostname``, ``node.role``, ``node.ip``,
-    ``node.platform.os``) or ``node.labels.<NAME>`` with NAME as the user wrote it (label
-    names are case-sensitive). Values are compared case-insensitively, as Swarm does."""
-
-    key: str
-    op: str  # "==" | "!="
-    value: str
-
-    def __str__(self) -> str:
-        return f"{self.key}{self.op}{self.value}"
+    @property
+    def rollback(self) -> bool:
+        return self.state.startswith("rollback")
 
 
 @dataclass(frozen=True)
@@ -223,6 +164,7 @@ class Service:
     previous_spec: ServiceSpec | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    update_status: UpdateStatus = field(default_factory=UpdateStatus)
 
 
 @dataclass(frozen=True)
@@ -244,7 +186,7 @@ class Task:
     service_id: str
     service_name: str
     slot: int
-    spec: ServiceSpec
+    spec: TaskSpec  # the service's task template when the task was made (never edited)
     service_version: int
     desired_state: TaskState = TaskState.RUNNING
     node_id: str = ""  # empty until scheduled
@@ -270,6 +212,8 @@ def to_dict(obj: Any) -> Any:
     """A record → plain dicts/lists/ints/strs for msgpack and JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, msgspec.Struct):
+        return {name: to_dict(getattr(obj, name)) for name in obj.__struct_fields__}
     if isinstance(obj, enum.IntEnum):
         return int(obj)
     if isinstance(obj, enum.StrEnum):
@@ -281,50 +225,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def mount_from_dict(d: dict[str, Any]) -> Mount:
-    return Mount(type=d["type"], target=d["target"], source=d.get("source", ""),
-                 readonly=bool(d.get("readonly", False)), tmpfs_size=int(d.get("tmpfs_size", 0)))
-
-
 def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
-    """A spec dict (already validated, or from the log) → ServiceSpec. Missing fields take
-    their defaults, so records written by older versions still load."""
-    defaults = ServiceSpec(name="", command=())
-    return ServiceSpec(
-        name=d["name"],
-        command=tuple(d["command"]),
-        replicas=int(d.get("replicas", 1)),
-        env=dict(d.get("env", {})),
-        workdir=d.get("workdir", ""),
-        stop_grace_period=float(d.get("stop_grace_period", 10.0)),
-        labels=dict(d.get("labels", {})),
-        image=d.get("image", ""),
-        user=d.get("user", ""),
-        stop_signal=d.get("stop_signal", "SIGTERM"),
-        limit_memory=int(d.get("limit_memory", 0)),
-        limit_cpu=float(d.get("limit_cpu", 0.0)),
-        limit_pids=int(d.get("limit_pids", 0)),
-        reserve_memory=int(d.get("reserve_memory", 0)),
-        reserve_cpu=float(d.get("reserve_cpu", 0.0)),
-        mounts=tuple(mount_from_dict(m) for m in d.get("mounts", ())),
-        ports=tuple(PortSpec(published=int(p["published"]), target=int(p["target"]),
-                             protocol=p.get("protocol", "tcp")) for p in d.get("ports", ())),
-        lb_algorithm=d.get("lb_algorithm", "round-robin"),
-        restart_condition=d.get("restart_condition", defaults.restart_condition),
-        restart_delay=float(d.get("restart_delay", defaults.restart_delay)),
-        restart_max_attempts=int(d.get("restart_max_attempts", 0)),
-        restart_window=float(d.get("restart_window", 0.0)),
-        update_parallelism=int(d.get("update_parallelism", 1)),
-        update_delay=float(d.get("update_delay", 0.0)),
-        force_update=int(d.get("force_update", 0)),
-        secrets=tuple(file_ref_from_dict(r) for r in d.get("secrets", ())),
-        configs=tuple(file_ref_from_dict(r) for r in d.get("configs", ())),
-        constraints=tuple(str(c) for c in d.get("constraints", ())),
-    )
+    """A service spec from the log or the state (validated before it was proposed): today's
+    nested form, or schema 1's flat one (upgraded). Missing fields take their defaults."""
+    if schema.is_legacy_spec(d):
+        d = schema.upgrade_spec(d)
+    return msgspec.convert(d, ServiceSpec)
 
 
-def file_ref_from_dict(d: dict[str, Any]) -> FileRef:
-    return FileRef(name=d["name"], target=d.get("target", ""), mode=int(d.get("mode", 0o444)))
+def task_spec_from_dict(d: dict[str, Any]) -> TaskSpec:
+    """A task's spec: the task template, or the whole flat service spec schema 1 stored."""
+    if schema.is_legacy_task_spec(d):
+        d = schema.upgrade_task_spec(d)
+    return msgspec.convert(d, TaskSpec)
 
 
 def status_from_dict(d: dict[str, Any]) -> TaskStatus:
@@ -366,7 +279,7 @@ def task_from_dict(d: dict[str, Any]) -> Task:
         service_id=d["service_id"],
         service_name=d["service_name"],
         slot=int(d["slot"]),
-        spec=spec_from_dict(d["spec"]),
+        spec=task_spec_from_dict(d["spec"]),
         service_version=int(d["service_version"]),
         desired_state=TaskState(d["desired_state"]),
         node_id=d.get("node_id", ""),

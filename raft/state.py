@@ -28,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
+
 from shoal.raft import ipam
+from shoal.raft import schema as schema_mod
 from shoal.raft.errors import StoreError, ValidationError
 from shoal.raft.models import (
     Config,
@@ -41,8 +44,8 @@ from shoal.raft.models import (
     ServiceSpec,
     Task,
     TaskState,
+    UpdateStatus,
     node_from_dict,
-    spec_from_dict,
     status_from_dict,
     task_from_dict,
 )
@@ -84,6 +87,10 @@ class ClusterInfo:
     # client certificates (remote API) that are valid: name -> serial (hex) of the current
     # one; issuing again replaces it, ``ca revoke-client`` removes it. Replaced, never mutated.
     clients: dict[str, str] = field(default_factory=dict)
+    # the data schema every node can read (shoal.raft.schema): commands are written in it.
+    # 1 for clusters made by shoal 0.1; raised by the leader's ``cluster_schema`` command
+    # once every node announces a newer one.
+    schema: int = schema_mod.LEGACY
 
 
 @dataclass
@@ -162,8 +169,19 @@ class ClusterState:
             worker_secret=str(cmd["worker_secret"]),
             manager_secret=str(cmd["manager_secret"]),
             digest=str(cmd["digest"]),
+            schema=int(cmd.get("schema", schema_mod.LEGACY)),
             **self._networks(cmd),
         )
+
+    def _cluster_schema(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        want = cmd["schema"]
+        if isinstance(want, bool) or not isinstance(want, int) or want > schema_mod.SCHEMA:
+            raise Rejected("invalid", f"schema must be a whole number <= {schema_mod.SCHEMA}",
+                           "schema")
+        if want <= self.cluster.schema:
+            return {"changed": False, "schema": self.cluster.schema}
+        self.cluster = replace(self.cluster, schema=want)
+        return {"changed": True, "schema": want}
 
     @staticmethod
     def _networks(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -269,8 +287,8 @@ class ClusterState:
         for other in self.services.values():
             if other.id == sid:
                 continue
-            mine = {(p.published, p.protocol) for p in spec.ports}
-            for p in other.spec.ports:
+            mine = {(p.published, p.protocol) for p in spec.endpoint.ports}
+            for p in other.spec.endpoint.ports:
                 if (p.published, p.protocol) in mine:
                     raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
                                    f"published by service {other.spec.name}", "ports")
@@ -287,11 +305,21 @@ class ClusterState:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
             self._check_ports(spec, svc.id)
         else:
-            spec = replace(svc.spec, replicas=validate_replicas(cmd["replicas"]))
+            replicas = validate_replicas(cmd["replicas"])
+            spec = msgspec.structs.replace(
+                svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
         if spec == svc.spec:
             return {"id": svc.id, "version": svc.version}
+        now = float(cmd["now"])
+        status = svc.update_status
+        if spec.task != svc.spec.task:  # a new rollout (or rollback) starts
+            state = "rollback_started" if cmd.get("rollback") else "updating"
+            status = UpdateStatus(state=state, started_at=now,
+                                  message="rollback started" if cmd.get("rollback") else
+                                  "update in progress")
         self.services[svc.id] = replace(svc, spec=spec, version=svc.version + 1,
-                                        previous_spec=svc.spec, updated_at=float(cmd["now"]))
+                                        previous_spec=svc.spec, updated_at=now,
+                                        update_status=status)
         return {"id": svc.id, "version": svc.version + 1}
 
     def _service_remove(self, cmd: dict[str, Any]) -> None:
@@ -363,6 +391,14 @@ class ClusterState:
                                    message=str(op[2])))
             elif kind == "delete":
                 self.tasks.pop(op[1], None)
+            elif kind == "update_status":  # ("update_status", service_id, state, message)
+                svc = self.services.get(op[1])
+                if svc is None:
+                    continue
+                done = now if str(op[2]).endswith("completed") else 0.0
+                self.services[svc.id] = replace(svc, update_status=replace(
+                    svc.update_status, state=str(op[2]), message=str(op[3]),
+                    completed_at=done))
             elif kind == "node_state":
                 n = self.nodes.get(op[1])
                 if n is None:
@@ -475,6 +511,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "service_update": ClusterState._service_update,
     "service_remove": ClusterState._service_remove,
     "leader": ClusterState._leader,
+    "cluster_schema": ClusterState._cluster_schema,
     "task_status": ClusterState._task_status,
     "ca_init": ClusterState._ca_init,
     "secret_create": ClusterState._secret_create,
@@ -485,4 +522,4 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "client_cert_remove": ClusterState._client_cert_remove,
 }
 
-__all__ = ["ClusterInfo", "ClusterState", "Snapshot", "spec_from_dict"]
+__all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

@@ -40,12 +40,13 @@ import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
 
+from shoal.raft import schema
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
-from shoal.raft.models import NodeRole
+from shoal.raft.models import NodeRole, to_dict
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
-from shoal.raft.wire import state_to_bytes
+from shoal.raft.wire import state_from_bytes, state_to_bytes
 
 # pysyncobj 0.3.17 (win_inet_pton.py) replaces socket.inet_ntop on every platform with a
 # Windows-only version; put the C function back for everything else in the process.
@@ -282,9 +283,19 @@ class ReplicatedState(SyncObjConsumer):
                 log.exception("state listener failed")
         return result
 
+    def _serialize(self) -> dict[str, Any]:
+        """What a snapshot (dump file, snapshot sent to a follower) holds: the state as
+        msgpack of plain values (shoal.raft.wire), never a pickle of our classes, so a later
+        model reads it (schema 2; shoal.raft.schema migrates schema 1's pickled dumps)."""
+        with self._lock:
+            return {"state_v2": state_to_bytes(self.state)}
+
     def _deserialize(self, data: dict[str, Any]) -> None:
         with self._lock:
-            super()._deserialize(data)
+            if "state_v2" in data:
+                self.state = state_from_bytes(data["state_v2"])
+            else:  # a schema-1 snapshot from a shoal 0.1 leader (pickled ClusterState)
+                self.state = schema.upgrade_state(data["state"])
             self._recent.clear()
         for cb in list(self._listeners):
             cb(self.state.index)
@@ -317,6 +328,9 @@ class RaftStore:
         if persist:
             self._lock_fd = _lock_data_dir(data_dir, self.config.data_dir_lock_timeout)
             try:
+                if schema.migrate_dump(data_dir / "raft.dump"):
+                    log.warning("Raft: migrated the schema-1 dump in %s (original kept as "
+                                "raft.dump.schema1)", data_dir)
                 _check_persistence(data_dir, can_refetch=self_addr is None or bool(
                     set(peers) - {self_addr}))
             except BaseException:
@@ -380,9 +394,11 @@ class RaftStore:
             return index, [blob for i, blob in c._recent if i > after]
 
     def full_state(self) -> tuple[int, bytes]:
-        """The whole state as bytes (shoal.raft.wire) and its index."""
+        """The whole state as bytes (shoal.raft.wire) and its index; in schema 1's shape while
+        the cluster's schema is 1 (a worker may still run shoal 0.1)."""
         with self.consumer._lock:
-            return self.consumer.state.index, state_to_bytes(self.consumer.state)
+            state = self.consumer.state
+            return state.index, state_to_bytes(state, legacy=state.cluster.schema < 2)
 
     def add_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(index)`` runs on the tick thread after every applied command."""
@@ -441,6 +457,16 @@ class RaftStore:
         return False
 
     # ------------------------------------------------------------------ writing
+    def _encode(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``cmd`` as every replica can apply it: in schema 1 while the cluster is at schema 1
+        (shoal.raft.schema; raises ValidationError for what schema 1 cannot express)."""
+        with self.consumer._lock:
+            state = self.consumer.state
+            if state.cluster.schema >= 2 or cmd.get("op") == "cluster_init":
+                return cmd
+            specs = {sid: to_dict(svc.spec) for sid, svc in state.services.items()}
+        return schema.encode_command(cmd, specs)
+
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Replicate ``cmd``; return the state machine's result or raise.
 
@@ -456,7 +482,7 @@ class RaftStore:
                     fut.set_result((result, err))
             loop.call_soon_threadsafe(settle)
 
-        blob = msgpack.packb(cmd, use_bin_type=True)
+        blob = msgpack.packb(self._encode(cmd), use_bin_type=True)
         self.consumer.apply(blob, callback=done)
         self._eager.wake()
         wait = timeout if timeout is not None else self.config.write_timeout

@@ -19,8 +19,16 @@ import typing
 from typing import Any
 
 import msgpack
+import msgspec
 
-from shoal.raft.models import to_dict
+from shoal.raft import schema
+from shoal.raft.models import (
+    ServiceSpec,
+    TaskSpec,
+    spec_from_dict,
+    task_spec_from_dict,
+    to_dict,
+)
 from shoal.raft.state import ClusterState
 
 MAX_STATE_BYTES = 256 << 20
@@ -30,8 +38,42 @@ class WireError(ValueError):
     pass
 
 
-def state_to_bytes(state: ClusterState) -> bytes:
-    return bytes(msgpack.packb(to_dict(state), use_bin_type=True))
+def state_to_bytes(state: ClusterState, legacy: bool = False) -> bytes:
+    """The state as msgpack; ``legacy`` writes specs as schema 1 (shoal 0.1) reads them, for a
+    cluster whose schema is still 1 (shoal.raft.schema)."""
+    raw = to_dict(state)
+    if legacy:
+        raw = _downgrade(raw)
+    return bytes(msgpack.packb(raw, use_bin_type=True))
+
+
+def _downgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    services = raw.get("services", {})
+    for svc in services.values():
+        full = svc["spec"]
+        if svc.get("previous_spec"):
+            svc["previous_spec"] = schema.downgrade_spec(svc["previous_spec"])
+        svc["spec"] = schema.downgrade_spec(full)
+        svc["_full"] = full
+    for task in raw.get("tasks", {}).values():
+        svc = services.get(task["service_id"])
+        base = svc["_full"] if svc else {"name": task["service_name"]}
+        task["spec"] = schema.downgrade_spec(_complete({**base, "task": task["spec"]}))
+    for svc in services.values():
+        svc.pop("_full", None)
+    return raw
+
+
+def _complete(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict with every field (defaults filled in)."""
+    return to_dict(spec_from_dict(spec)) if "mode" not in spec else spec
+
+
+def state_from_plain(raw: Any) -> ClusterState:
+    """Plain values (as ``to_dict`` makes them, schema 1 or 2) → a ClusterState."""
+    state = _build(ClusterState, raw, "state")
+    assert isinstance(state, ClusterState)
+    return state
 
 
 def state_from_bytes(data: bytes) -> ClusterState:
@@ -85,6 +127,14 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         kwargs = {f.name: _build(hints[f.name], value[f.name], f"{where}.{f.name}")
                   for f in dataclasses.fields(tp) if f.name in value}
         return tp(**kwargs)
+    if tp is ServiceSpec:
+        _expect(value, dict, where)
+        return spec_from_dict(value)
+    if tp is TaskSpec:
+        _expect(value, dict, where)
+        return task_spec_from_dict(value)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return msgspec.convert(value, tp)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(value)
     if tp is float:

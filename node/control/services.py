@@ -124,7 +124,7 @@ class Services:
                              "service")
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                       "spec": to_dict(svc.previous_spec),
-                                      "version": svc.version})
+                                      "version": svc.version, "rollback": True})
         return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
 
     async def remove_service(self, ref: str) -> dict[str, Any]:
