@@ -67,7 +67,8 @@ from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.store import RaftStore
 from shoal.raft.validate import validate_replicas, validate_spec
-from shoal.runtime.controller import ProcessController, RuntimeConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RuntimeConfig
 
 log = logging.getLogger("shoal.agent")
 

@@ -23,9 +23,10 @@ from shoal.node.feed import StateFeed
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.store import RaftStore
-from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError
 from shoal.runtime.images import ImageConfig
+from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig
 from shoal.runtime.rootfs import MountSpec
 
 if TYPE_CHECKING:
