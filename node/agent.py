@@ -43,6 +43,7 @@ from shoal.node.errors import (
     NotFound,
     NotInCluster,
     NotManager,
+    TokenError,
     Unauthenticated,
     Unavailable,
     from_store_error,
@@ -54,7 +55,6 @@ from shoal.node.mesh import Mesh
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.tokens import (
-    TokenError,
     make_token,
     new_secret,
     parse_token,

@@ -41,7 +41,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
 
 from shoal.raft.eager import EagerReplication
-from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
+from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, WriteTimeout
 from shoal.raft.models import NodeRole
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
@@ -100,10 +100,6 @@ class RaftConfig:
             raise ValueError("leader_fallback_timeout must be > append_entries_period")
         if self.write_timeout <= 0 or self.tick_period <= 0:
             raise ValueError("write_timeout and tick_period must be > 0")
-
-
-class PersistenceError(RuntimeError):
-    """The Raft data directory cannot be used safely (raised before pysyncobj starts)."""
 
 
 def _lock_data_dir(data_dir: Path, timeout: float) -> int:

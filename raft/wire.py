@@ -20,14 +20,11 @@ from typing import Any
 
 import msgpack
 
+from shoal.raft.errors import WireError
 from shoal.raft.models import to_dict
 from shoal.raft.state import ClusterState
 
 MAX_STATE_BYTES = 256 << 20
-
-
-class WireError(ValueError):
-    pass
 
 
 def state_to_bytes(state: ClusterState) -> bytes:
