@@ -25,7 +25,10 @@ shim in pids.json, send the spec (the "go"), wait for the ready pipe's EOF (tini
 shim reports the init's pid on the same pipe), record the init. A failure before the go closes
 the spec pipe unfinished: the launcher starts nothing and is killed and reaped.
 
-The task directory and its files: runtime/taskdir.py.
+This module drives; the pieces it uses live apart (see runtime/controller.py for the map): the
+task directory's files (runtime/taskdir.py), the launcher's pipes (runtime/launcher.py), process
+identity from /proc (runtime/procfs.py), adoption after a restart (runtime/adoption.py), and the
+cgroup, volume and image pass-throughs (runtime/resources.py).
 
 Exit detection uses a pidfd per watched process (``os.pidfd_open`` + ``loop.add_reader``), which
 works for adopted shims that are not our children; nothing polls.
