@@ -109,7 +109,6 @@ class _Plan:
     volumes: tuple[str, ...]  # named volumes the task mounts
 
 
-
 class ProcessController:
     """Runs tasks as containers. See the module docstring.
 

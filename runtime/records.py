@@ -53,7 +53,6 @@ def parse_signal(value: str) -> signal.Signals:
         raise ValueError(f"unknown signal: {value!r}") from None
 
 
-
 @dataclass(frozen=True)
 class TaskConfig:
     """What to run. Immutable; stored as TASKDIR/config.json (without the files' contents)."""

@@ -152,6 +152,8 @@ def read_exit(taskdir: Path) -> tuple[int | None, float | None]:
 
 @dataclass
 class TaskRecord:
+    """What the controller knows about one task while it watches it (in memory only)."""
+
     cfg: TaskConfig
     dir: Path
     started_at: float
