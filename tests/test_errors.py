@@ -18,7 +18,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-import shoal
 from shoal.gossip.errors import DropReason as GossipDrop
 from shoal.gossip.errors import WireError as GossipWireError
 from shoal.lb.errors import DropReason as LBDrop
@@ -29,9 +28,14 @@ from shoal.node.errors import (
     INTERNAL,
     ApiError,
     BadRequest,
+    NotFound,
     PeerError,
+    TaskInputError,
+    TaskInputUnavailable,
     Unavailable,
     http_error,
+    peer_call,
+    task_input,
 )
 from shoal.raft.errors import ValidationError
 from shoal.runtime.errors import (
@@ -177,6 +181,35 @@ async def test_the_api_answers_with_the_mapping() -> None:
     assert json.loads(resp.text)["error"]["code"] == "internal"
 
 
-def test_shoal_is_one_namespace() -> None:
-    # The walk relies on shoal.* being importable as one package (pyproject package-dir).
-    assert shoal.__name__ == "shoal"
+async def test_a_tasks_missing_input_rejects_it_and_an_unreachable_one_waits() -> None:
+    # The worker sees its inputs' providers (secrets, image pulls) through task_input: a
+    # missing secret is TaskInputError (the task is rejected), no manager reachable is
+    # TaskInputUnavailable (it waits), with the provider's message and field.
+    async def missing(ref: str) -> None:
+        raise NotFound(f"no such secret: {ref}", "secrets")
+
+    async def unreachable(ref: str) -> None:
+        raise Unavailable("cannot fetch the secrets of task t1: no manager known")
+
+    async def fine(ref: str) -> str:
+        return ref
+
+    with pytest.raises(TaskInputError) as info:
+        await task_input(missing)("db")
+    assert type(info.value) is TaskInputError
+    assert (info.value.message, info.value.field) == ("no such secret: db", "secrets")
+    with pytest.raises(TaskInputUnavailable, match="no manager known"):
+        await task_input(unreachable)("db")
+    assert await task_input(fine)("db") == "db"
+
+
+async def test_a_peers_refusal_keeps_its_status_code_and_field() -> None:
+    async def refuse(addr: str) -> None:
+        raise BadRequest("report for a task of another node", "task_id")
+
+    with pytest.raises(PeerError) as info:
+        await peer_call(refuse)("10.0.0.1:2377")
+    err = info.value
+    assert (err.status, err.code, err.message, err.field) == (
+        400, "invalid", "report for a task of another node", "task_id")
+
