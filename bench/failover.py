@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Host, Lab, wait_until
-from shoal.cli.main import Client, CliError
+from shoal.cli.errors import CliError
+from shoal.cli.main import Client
 
 
 def client(h: Host, timeout: float = 10.0) -> Client:

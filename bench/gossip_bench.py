@@ -361,7 +361,8 @@ def starved(mode: str, minutes: float, n: int = 10) -> None:
 def netns_cluster(runs: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from netlab import Host, Lab, wait_until
-    from shoal.cli.main import Client, CliError
+    from shoal.cli.errors import CliError
+    from shoal.cli.main import Client
 
     replicas = 6
 

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shoal.runtime.controller import ProcessController, RunState, RuntimeConfig, TaskConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RunState, RuntimeConfig, TaskConfig
 
 RAW = ["unshare", "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", "true"]
 

@@ -21,11 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from shoal.cli.errors import CliError
+
 DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
-
-
-class CliError(Exception):
-    """A message for the user; exit status 1."""
 
 
 # ----------------------------------------------------------------------------- transport

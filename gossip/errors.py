@@ -11,8 +11,10 @@ cryptography's InvalidTag, msgpack's decoding errors) are translated at the boun
     ├── TransportError                the network layer failed (bind, connect, closed stream)
     │   └── FrameTooLarge             a stream frame exceeded the configured limit
     ├── JoinError                     no seed could be reached (.causes: per-seed errors)
-    └── StateError                    call not allowed in the member's lifecycle state
-                                      (not started, already started, shut down)
+    ├── StateError                    call not allowed in the member's lifecycle state
+    │                                 (not started, already started, shut down)
+    └── SimulationStalled             test tool (gossip/simloop.py): nothing is scheduled any
+                                      more, yet the awaited coroutine has not finished
 
 WireError never escapes the receive loop: the member catches it, counts ``drop.<reason>`` in
 ``Memberlist.stats`` and goes on. It is public so that tools (fuzzers, a packet inspector) can call
@@ -83,3 +85,7 @@ class JoinError(GossipError):
 
 class StateError(GossipError, RuntimeError):
     """The call is not allowed in the member's current lifecycle state."""
+
+
+class SimulationStalled(GossipError, RuntimeError):
+    """Nothing is scheduled any more, yet the awaited coroutine has not finished."""

@@ -26,11 +26,9 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from .errors import SimulationStalled
+
 T = TypeVar("T")
-
-
-class SimulationStalled(RuntimeError):
-    """Nothing is scheduled any more, yet the awaited coroutine has not finished."""
 
 
 class _VirtualSelector:

@@ -48,6 +48,7 @@ from .errors import (
     PortPermissionDenied,
     ProtocolError,
     WireError,
+    WorkerGone,
 )
 from .model import Listener, Listeners, Proto, ServiceLB
 from .wire import PROTOCOL_VERSION, Message, MessageType, decode, encode
@@ -93,10 +94,6 @@ class Stats(TypedDict):
     control_rejected: dict[str, int]  # by DropReason, summed over workers
     workers: list[WorkerStats]
     services: dict[str, ServiceStats]  # summed over workers
-
-
-class _Gone(Exception):
-    """The worker died (or was killed for not answering) while we talked to it."""
 
 
 class _Slot:
@@ -254,7 +251,7 @@ class Balancer:
 
         async def stop(slot: _Slot) -> None:
             if slot.ready:
-                with contextlib.suppress(_Gone, LBError):
+                with contextlib.suppress(WorkerGone, LBError):
                     await self._request(slot, MessageType.SHUTDOWN, {"grace": grace})
             else:  # half-started (close() interrupted a restart): nothing to drain
                 self._kill(slot)
@@ -341,7 +338,7 @@ class Balancer:
             except BaseException as exc:  # leave no half-started worker behind
                 self._kill(slot)
                 await self._reap(slot, 2.0)
-                if isinstance(exc, _Gone):
+                if isinstance(exc, WorkerGone):
                     raise BalancerUnavailable(f"balancer worker {slot.index} did not start "
                                               f"(exit code {proc.returncode})") from exc
                 raise
@@ -383,7 +380,7 @@ class Balancer:
         async def one(slot: _Slot) -> None:
             async with slot.lock:
                 if slot.ready:
-                    with contextlib.suppress(_Gone):
+                    with contextlib.suppress(WorkerGone):
                         await self._push(slot, name)
 
         await asyncio.gather(*(one(s) for s in self._slots))
@@ -409,7 +406,7 @@ class Balancer:
                 return None
             try:
                 return await self._request(slot, MessageType.STATS, {})
-            except _Gone:
+            except WorkerGone:
                 return None
 
     async def _request(self, slot: _Slot, mtype: MessageType, body: dict[str, Any],
@@ -417,7 +414,7 @@ class Balancer:
                        starting: bool = False) -> dict[str, Any]:
         chan = slot.chan
         if chan is None or chan.closed or not (slot.ready or starting):
-            raise _Gone
+            raise WorkerGone
         msg_id = slot.next_id()
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         slot.pending[msg_id] = fut
@@ -428,9 +425,9 @@ class Balancer:
             log.error("balancer worker %d did not answer %s in time: killing it", slot.index,
                       mtype.name)
             self._kill(slot)
-            raise _Gone from None
+            raise WorkerGone from None
         except BalancerUnavailable:
-            raise _Gone from None
+            raise WorkerGone from None
         finally:
             slot.pending.pop(msg_id, None)
         if not reply.ok:
@@ -458,7 +455,7 @@ class Balancer:
         slot.ready = False
         for fut in slot.pending.values():
             if not fut.done():
-                fut.set_exception(_Gone())
+                fut.set_exception(WorkerGone())
         slot.pending.clear()
         slot.gone.set()
 

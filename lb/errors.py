@@ -18,6 +18,11 @@ The tree::
     ├── BalancerUnavailable        not started, closed, or the worker could not be started
     └── ProtocolError              a worker refused or garbled a control message (a bug)
           └── WireError            a control message failed validation (reason: DropReason)
+
+    WorkerGone                     control flow inside lb/client.py: the worker died (or was
+                                   killed for not answering) while the client talked to it.
+                                   Not an LBError on purpose, so that no ``except LBError``
+                                   swallows it on its way to the code that restarts workers.
 """
 
 from __future__ import annotations
@@ -116,3 +121,7 @@ class WireError(ProtocolError):
     def __init__(self, reason: DropReason, message: str, field: str | None = None) -> None:
         super().__init__(message, field)
         self.reason = reason
+
+
+class WorkerGone(Exception):
+    """The worker died (or was killed for not answering) while we talked to it."""

@@ -30,14 +30,23 @@ import fcntl
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
+from .config import Config
 from .table import EndpointState, ServiceTable
 
-if TYPE_CHECKING:
-    from .worker import Worker
-
 _UDP_BATCH = 64  # datagrams read per readiness callback before yielding to the loop
+
+
+class WorkerContext(Protocol):
+    """What the data path uses of its worker (lb/worker.py's ``Worker`` is the one
+    implementation). A protocol, so that this module does not import the worker that imports
+    it."""
+
+    loop: asyncio.AbstractEventLoop  # the worker's event loop
+    cfg: Config  # the worker's settings (from HELLO)
+    conns: set[TcpClient | SpliceConn]  # open TCP connections, for draining at shutdown
+    udp_flows: int  # live UDP flows, against cfg.udp_max_flows
 
 
 def _sock_opts(transport: asyncio.BaseTransport, sndbuf: int, rcvbuf: int) -> None:
@@ -67,7 +76,7 @@ class TcpClient(asyncio.Protocol):
         "worker",
     )
 
-    def __init__(self, worker: Worker, table: ServiceTable) -> None:
+    def __init__(self, worker: WorkerContext, table: ServiceTable) -> None:
         self.worker = worker
         self.table = table
         self.transport: asyncio.Transport | None = None
@@ -341,7 +350,7 @@ class UdpFlow:
 class UdpFrontend:
     """A UDP listener of one service: demultiplexes datagrams into flows."""
 
-    def __init__(self, worker: Worker, table: ServiceTable, sock: socket.socket) -> None:
+    def __init__(self, worker: WorkerContext, table: ServiceTable, sock: socket.socket) -> None:
         self.worker = worker
         self.table = table
         self.sock = sock
@@ -460,7 +469,7 @@ class RawTcpListener:
     """A TCP frontend in splice mode: accepts by itself (a uvloop server would own the client
     sockets, and a transport's fd cannot be spliced)."""
 
-    def __init__(self, worker: Worker, table: ServiceTable, sock: socket.socket) -> None:
+    def __init__(self, worker: WorkerContext, table: ServiceTable, sock: socket.socket) -> None:
         self.worker = worker
         self.table = table
         self.sock = sock
@@ -497,7 +506,7 @@ class SpliceConn:
 
     __slots__ = ("backend", "client", "closed", "dirs", "ep", "table", "task", "worker")
 
-    def __init__(self, worker: Worker, table: ServiceTable, client: socket.socket) -> None:
+    def __init__(self, worker: WorkerContext, table: ServiceTable, client: socket.socket) -> None:
         self.worker = worker
         self.table = table
         self.client = client

@@ -50,6 +50,7 @@ from shoal.node.errors import (
     ApiError,
     BadRequest,
     NotInCluster,
+    TokenError,
     Unavailable,
 )
 from shoal.node.feed import StateFeed
@@ -59,7 +60,10 @@ from shoal.node.mesh import Mesh
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
-from shoal.node.tokens import TokenError, new_secret, parse_token
+from shoal.node.tokens import (
+    new_secret,
+    parse_token,
+)
 from shoal.node.transfer import Transfer
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
@@ -67,7 +71,8 @@ from shoal.raft.models import Node, NodeRole, to_dict
 from shoal.raft.schema import SCHEMA
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.store import RaftStore
-from shoal.runtime.controller import ProcessController, RuntimeConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RuntimeConfig
 
 log = logging.getLogger("shoal.agent")
 

@@ -40,7 +40,7 @@ from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
-from shoal.node.errors import ApiError, BadRequest, NotFound
+from shoal.node.errors import ApiError, BadRequest, NotFound, http_error
 from shoal.node.membership import GossipControl
 from shoal.node.pki import CertInfo, peer_info
 from shoal.node.secrets import SecretsApi
@@ -74,15 +74,14 @@ async def _body(request: web.Request) -> dict[str, Any]:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         result = await handler(request)
-    except ApiError as exc:
-        return _json(exc.to_json(), exc.status)
     except web.HTTPException as exc:
         return _json({"error": {"code": "http", "message": exc.reason, "field": ""}},
                      exc.status)
     except Exception as exc:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return _json({"error": {"code": "internal", "message": f"internal error: {exc}",
-                                "field": ""}}, 500)
+        status, code, message, field = http_error(exc)  # the one mapping: node/errors.py
+        if status >= 500 and status != 503:
+            log.exception("internal error on %s %s", request.method, request.path)
+        return _json({"error": {"code": code, "message": message, "field": field}}, status)
     if isinstance(result, web.StreamResponse):
         return result
     return _json(result)

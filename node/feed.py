@@ -31,11 +31,11 @@ from typing import Any
 
 import msgpack
 
-from shoal.node.errors import ApiError
-from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
+from shoal.node.errors import FeedError, PeerError, peer_call
+from shoal.raft.errors import CommandRejected, NotReady, WireError, WriteTimeout
 from shoal.raft.models import NodeRole
 from shoal.raft.state import ClusterState, Snapshot
-from shoal.raft.wire import WireError, state_from_bytes
+from shoal.raft.wire import state_from_bytes
 
 log = logging.getLogger("shoal.feed")
 
@@ -57,10 +57,6 @@ class FeedConfig:
     write_timeout: float = 5.0
 
 
-class FeedError(Exception):
-    """A manager's reply that is not a well-formed feed message."""
-
-
 class StateFeed:
     """A worker's ``StateSource`` (shoal.node.source), fed over mTLS. ``managers`` are API
     addresses ("ip:port") to start from; the replica's own manager list takes over once it
@@ -73,7 +69,7 @@ class StateFeed:
                  on_managers: Callable[[list[str]], None] | None = None) -> None:
         self.node_id = node_id
         self.config = config or FeedConfig()
-        self._call_bytes, self._call_json = call_bytes, call_json
+        self._call_bytes, self._call_json = peer_call(call_bytes), peer_call(call_json)
         self._seed = list(managers)
         self._on_managers = on_managers
         self._known: list[str] = []
@@ -148,7 +144,7 @@ class StateFeed:
                     while True:  # stay with a manager that answers
                         await self._poll(addr)
                         progressed = True
-                except (ApiError, FeedError, WireError) as exc:
+                except (PeerError, FeedError, WireError) as exc:
                     self._failed(addr, str(exc))
                     await asyncio.sleep(self.config.retry)
                 except Exception as exc:  # never let the feed die: a worker would go stale
@@ -238,7 +234,7 @@ class StateFeed:
                 break
             try:
                 reply = await self._call_json(addr, "/v1/cluster/report", {"cmd": cmd}, left)
-            except ApiError as exc:
+            except PeerError as exc:
                 if exc.code in ("invalid", "forbidden"):  # the manager refused the write itself
                     raise CommandRejected(exc.code, exc.message, exc.field) from None
                 errors.append(f"{addr}: {exc.message}")

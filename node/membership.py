@@ -58,7 +58,7 @@ from shoal.gossip.events import Member, MemberEvent
 from shoal.gossip.keyring import fingerprint
 from shoal.node import pki
 from shoal.node.context import NodeContext
-from shoal.node.errors import ApiError, BadRequest, NotInCluster, Unavailable
+from shoal.node.errors import ApiError, BadRequest, KeyRotationFailed, NotInCluster, Unavailable
 from shoal.node.security import Security
 from shoal.raft.models import Node, NodeRole, NodeState
 
@@ -73,12 +73,6 @@ REFRESH_MIN_BACKOFF = 2.0
 REFRESH_MAX_BACKOFF = 60.0
 # Failed join attempts after which the join loop asks a manager for the current keys.
 JOIN_FAILURES_BEFORE_REFRESH = 2
-
-
-class KeyRotationFailed(Unavailable):
-    """A rotation phase did not complete on every node (the cluster is left in a safe state)."""
-
-    code = "key_rotation_failed"
 
 
 def derive_gossip_key(raft_password: str) -> bytes:

@@ -20,7 +20,7 @@ Owns: driving three building blocks from the replicated state, on every member n
 re-plans on every state change (``wake()``) and every ``resync`` seconds, and sends only the
 tables that changed. Errors::
 
-    NetworkError (node/network.py)
+    NetworkError (node/errors.py)
      └─ MeshError           mesh not started / no subnet for this node yet
 
 Must not touch: the store (read-only snapshots), the runtime (the Worker calls ``attach``).
@@ -42,17 +42,14 @@ from shoal.lb.config import Config as LBConfig
 from shoal.lb.errors import LBError
 from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
-from shoal.node.network import NetworkConfig, NetworkError, NodeNetwork
+from shoal.node.errors import MeshError, NetworkError
+from shoal.node.network import NetworkConfig, NodeNetwork
 from shoal.raft.models import Service, TaskState
 from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
 
 _ALGORITHMS = {"round-robin": Algorithm.ROUND_ROBIN, "least-conn": Algorithm.LEAST_CONNECTIONS}
-
-
-class MeshError(NetworkError):
-    """The mesh cannot do that yet (not started, or this node has no subnet)."""
 
 
 @dataclass

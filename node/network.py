@@ -18,8 +18,8 @@ Limits (host-gateway style, like flannel's host-gw): nodes must share an L2 segm
 have routes between them); a VXLAN overlay can come later. Must not touch: the store, the
 runtime's namespaces other than the task's net namespace.
 
-Errors: ``NetworkError`` (netlink, setns, or no free address in the node's subnet; the
-lower-level error is chained).
+Errors: ``NetworkError`` (node/errors.py: netlink, setns, or no free address in the node's
+subnet; the lower-level error is chained).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shoal.raft.ipam import IpamError, allocate_address
+from shoal.node.errors import NetworkError
+from shoal.raft.errors import IpamError
+from shoal.raft.ipam import allocate_address
 
 log = logging.getLogger("shoal.network")
 
@@ -66,10 +68,6 @@ _restore_inet_ntop()
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _ns_lock = threading.Lock()  # one setns dance at a time
-
-
-class NetworkError(Exception):
-    """The node's task network could not be set up or changed."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ certificate followed by its private key, 0600; the key never leaves the node).
 Errors::
 
     PkiError            a certificate, key or request is malformed or does not verify
+                        (node/errors.py)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shoal.node.errors import PkiError
+
 ROLE_MANAGER = "manager"
 ROLE_WORKER = "worker"
 ROLE_CLIENT = "client"
@@ -52,10 +55,6 @@ CLOCK_SKEW = 60.0
 CA_LIFETIME = 20 * 365 * 86400.0  # seconds; CA rotation is not implemented (see docs)
 DEFAULT_CERT_LIFETIME = 90 * 86400.0  # seconds
 MAX_CSR_BYTES = 16 * 1024
-
-
-class PkiError(ValueError):
-    """A certificate, key or request is malformed or does not verify."""
 
 
 def role_hostname(role: str) -> str:

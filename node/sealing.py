@@ -15,6 +15,7 @@ slot of the state does not unseal there.
 Errors::
 
     SealError    the blob is malformed, or was sealed under another key or for another slot
+                 (node/errors.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shoal.node.errors import SealError
 
 VERSION = b"\x01"
 KEY_BYTES = 32
@@ -39,10 +42,6 @@ def token_aad(role: str) -> bytes:
 
 def secret_aad(secret_id: str) -> bytes:
     return b"shoal/secret/" + secret_id.encode()
-
-
-class SealError(ValueError):
-    """Malformed blob, wrong key, or sealed for another slot."""
 
 
 def new_key() -> bytes:

@@ -35,10 +35,11 @@ from shoal.node.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    SealError,
     Unavailable,
     from_store_error,
 )
-from shoal.node.sealing import SealError, seal, secret_aad, unseal
+from shoal.node.sealing import seal, secret_aad, unseal
 from shoal.node.security import Security
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState

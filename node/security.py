@@ -43,11 +43,12 @@ from shoal.node.errors import (
     Forbidden,
     NotInCluster,
     NotManager,
+    SealError,
     Unauthenticated,
     Unavailable,
     from_reply,
 )
-from shoal.node.sealing import AAD_CA_KEY, SealError, seal_text, token_aad, unseal, unseal_text
+from shoal.node.sealing import AAD_CA_KEY, seal_text, token_aad, unseal, unseal_text
 from shoal.raft.models import Node, NodeRole
 from shoal.raft.state import Snapshot
 

@@ -15,11 +15,9 @@ import hmac
 import re
 import secrets
 
+from shoal.node.errors import TokenError
+
 TOKEN_RE = re.compile(r"^SHOAL-1-([0-9a-f]{64})-([0-9a-f]{32})$")
-
-
-class TokenError(ValueError):
-    pass
 
 
 def new_secret() -> str:

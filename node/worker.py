@@ -27,13 +27,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from shoal.node.errors import ApiError, Unavailable
+from shoal.node.errors import (
+    TaskInputError,
+    TaskInputUnavailable,
+    task_input,
+)
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
-from shoal.runtime.controller import Controller, RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError
 from shoal.runtime.images import ImageConfig
+from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig
 from shoal.runtime.rootfs import MountSpec
 
 if TYPE_CHECKING:
@@ -134,9 +139,9 @@ class Worker:
         self.node_id = node_id
         self.mesh = mesh  # task networking: attach after start, detach on removal
         # files a task must see besides resolv.conf (secrets/configs), fetched per task
-        self.task_files = task_files
-        # fetch an image this node lacks from a peer (raises ApiError if none has it)
-        self.pull_image = pull_image
+        self.task_files = task_input(task_files) if task_files is not None else None
+        # fetch an image this node lacks from a peer (raises TaskInputError if none has it)
+        self.pull_image = task_input(pull_image) if pull_image is not None else None
         self.store = store  # swapped by the agent when this node changes role
         self.runtime = runtime
         self.wakeup = wakeup
@@ -285,11 +290,11 @@ class Worker:
             # (a mesh not up yet: the task starts without a network, a later pass attaches it)
             early = self.mesh is not None and self.mesh.ready
             rt = await self.runtime.start(cfg, before_start=network if early else None)
-        except Unavailable as exc:  # no manager/peer reachable yet: retried on the next pass
+        except TaskInputUnavailable as exc:  # no manager/peer reachable yet: retried later
             log.info("task %s (%s) waits: %s", task.id, task.name, exc.message)
             return TaskStatus(state=TaskState.PREPARING, timestamp=time.time(),
                               message=f"waiting: {exc.message}")
-        except ApiError as exc:  # a secret missing, or no peer has the image
+        except TaskInputError as exc:  # a secret missing, or no peer has the image
             log.warning("task %s (%s) cannot start yet: %s", task.id, task.name, exc.message)
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
                               message=exc.message, err=exc.message)

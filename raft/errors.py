@@ -1,11 +1,20 @@
 """Errors of the replicated store.
 
-    StoreError
-    ├── ValidationError      a command or spec is malformed (names the field)
-    ├── CommandRejected      the state machine refused a well-formed command
-    │                        (duplicate name, unknown service, stale leader term, ...)
-    ├── WriteTimeout         no commit within the deadline (it may still apply later)
-    └── NotReady             this node has no replicated state yet / is not in a cluster
+Owns: the raft package's error tree; nothing else. Must not touch: anything (no imports).
+
+    RaftError                base of everything shoal.raft raises on purpose
+    ├── StoreError           a store operation failed (``message``, ``field``)
+    │   ├── ValidationError      a command or spec is malformed (names the field)
+    │   ├── CommandRejected      the state machine refused a well-formed command
+    │   │                        (duplicate name, unknown service, stale leader term, ...)
+    │   ├── WriteTimeout         no commit within the deadline (it may still apply later)
+    │   ├── NotReady             this node has no replicated state yet / is not in a cluster
+    │   └── Rejected             inside ClusterState.apply only: a command is refused (recorded
+    │                            as the command's result, never raised out of apply)
+    ├── IpamError (ValueError)   a CIDR is malformed, or no free subnet/address is left
+    ├── WireError (ValueError)   a serialised state is malformed or too large
+    └── PersistenceError (RuntimeError)  the Raft data directory cannot be used safely
+                                          (raised before pysyncobj starts)
 
 pysyncobj fail reasons are translated into these at the boundary (shoal.raft.store).
 """
@@ -13,8 +22,12 @@ pysyncobj fail reasons are translated into these at the boundary (shoal.raft.sto
 from __future__ import annotations
 
 
-class StoreError(Exception):
+class RaftError(Exception):
     """Base of every error raised by shoal.raft."""
+
+
+class StoreError(RaftError):
+    """A store operation failed."""
 
     code = "store_error"
 
@@ -42,3 +55,23 @@ class WriteTimeout(StoreError):
 
 class NotReady(StoreError):
     code = "not_ready"
+
+
+class Rejected(StoreError):
+    """ClusterState.apply refuses a command (``code`` says why); recorded as its result."""
+
+    def __init__(self, code: str, message: str, field: str = "") -> None:
+        super().__init__(message, field)
+        self.code = code
+
+
+class IpamError(RaftError, ValueError):
+    """A CIDR is malformed, or no free subnet or address is left."""
+
+
+class WireError(RaftError, ValueError):
+    """A serialised cluster state is malformed or too large."""
+
+
+class PersistenceError(RaftError, RuntimeError):
+    """The Raft data directory cannot be used safely (raised before pysyncobj starts)."""

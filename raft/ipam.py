@@ -13,16 +13,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from shoal.raft.errors import IpamError
+
 # Defaults chosen away from the ranges home/office LANs and Docker use most (192.168/16,
 # 10.0/16, 10.1/16, 172.17-31/16): a /16 for tasks, cut into /24 per node (254 tasks per
 # node, 256 nodes), and a /16 for service virtual IPs.
 DEFAULT_CLUSTER_CIDR = "10.99.0.0/16"
 DEFAULT_VIP_CIDR = "10.98.0.0/16"
 DEFAULT_NODE_PREFIX = 24
-
-
-class IpamError(ValueError):
-    pass
 
 
 def validate_cidr(text: str, field: str, min_prefix: int = 8, max_prefix: int = 28) -> str:

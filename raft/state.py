@@ -32,7 +32,7 @@ import msgspec
 
 from shoal.raft import ipam
 from shoal.raft import schema as schema_mod
-from shoal.raft.errors import StoreError, ValidationError
+from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
     Config,
     Node,
@@ -57,12 +57,6 @@ NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 MAX_BATCH_OPS = 5000
 # Largest secret or config value (Docker's limit); sealing adds 29 bytes.
 MAX_FILE_BYTES = 500 * 1024
-
-
-class Rejected(StoreError):
-    def __init__(self, code: str, message: str, field: str = "") -> None:
-        super().__init__(message, field)
-        self.code = code
 
 
 @dataclass
@@ -190,7 +184,7 @@ class ClusterState:
                                              ipam.DEFAULT_CLUSTER_CIDR), "cluster_cidr", 8, 22)
             vip = ipam.validate_cidr(str(cmd.get("vip_cidr") or ipam.DEFAULT_VIP_CIDR),
                                      "vip_cidr", 8, 28)
-        except ipam.IpamError as exc:
+        except IpamError as exc:
             raise Rejected("invalid", str(exc), "cluster_cidr") from None
         a, b = ipaddress.ip_network(cluster), ipaddress.ip_network(vip)
         if a.overlaps(b):
@@ -224,7 +218,7 @@ class ClusterState:
             try:
                 subnet = ipam.allocate_subnet(self.cluster.cluster_cidr, self.cluster.node_prefix,
                                               (n.subnet for n in self.nodes.values()))
-            except ipam.IpamError as exc:
+            except IpamError as exc:
                 raise Rejected("exhausted", str(exc), "subnet") from None
         self.nodes[node.id] = replace(node, created_at=created, updated_at=now,
                                       state=NodeState.READY, subnet=subnet)
@@ -275,7 +269,7 @@ class ClusterState:
         try:
             vip = ipam.allocate_address(self.cluster.vip_cidr,
                                         (s.vip for s in self.services.values()))
-        except ipam.IpamError as exc:
+        except IpamError as exc:
             raise Rejected("exhausted", str(exc), "vip") from None
         now = float(cmd["now"])
         self.services[sid] = Service(id=sid, spec=spec, version=1, created_at=now, updated_at=now,

@@ -42,7 +42,7 @@ from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, Fi
 
 from shoal.raft import schema
 from shoal.raft.eager import EagerReplication
-from shoal.raft.errors import CommandRejected, NotReady, WriteTimeout
+from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, WriteTimeout
 from shoal.raft.models import NodeRole, to_dict
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
@@ -101,10 +101,6 @@ class RaftConfig:
             raise ValueError("leader_fallback_timeout must be > append_entries_period")
         if self.write_timeout <= 0 or self.tick_period <= 0:
             raise ValueError("write_timeout and tick_period must be > 0")
-
-
-class PersistenceError(RuntimeError):
-    """The Raft data directory cannot be used safely (raised before pysyncobj starts)."""
 
 
 def _lock_data_dir(data_dir: Path, timeout: float) -> int:

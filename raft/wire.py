@@ -22,6 +22,7 @@ import msgpack
 import msgspec
 
 from shoal.raft import schema
+from shoal.raft.errors import WireError
 from shoal.raft.models import (
     ServiceSpec,
     TaskSpec,
@@ -32,10 +33,6 @@ from shoal.raft.models import (
 from shoal.raft.state import ClusterState
 
 MAX_STATE_BYTES = 256 << 20
-
-
-class WireError(ValueError):
-    pass
 
 
 def state_to_bytes(state: ClusterState, legacy: bool = False) -> bytes:

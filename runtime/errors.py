@@ -24,6 +24,12 @@ The tree::
         ├── DigestMismatch        a blob's content does not match its sha256 digest
         └── ImageInUse            rm of an image a task on this node still uses
 
+How the API answers each (the mapping lives in node/errors.py, ``http_error``): the user's
+mistakes are 4xx (InvalidTaskConfig 400 naming the field, ImageUnavailable/ImageNotFound/
+TaskNotFound 404, InvalidImage/DigestMismatch 400, CgroupError 400), conflicts with what this
+node holds 409 (TaskExists, VolumeInUse, ImageInUse), what a retry may fix 503 (LaunchFailed,
+StopFailed); only RuntimeError_ itself and ConfigError (the agent's own settings) are 500.
+
 A task whose *command* fails (exit 3, command not found, OOM killed) is not an error: it is a
 task that ran and ended, reported as a RuntimeStatus.
 """

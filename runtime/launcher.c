@@ -1,5 +1,5 @@
 /*
- * shoal task launcher and shim: one process per task, started by shoal.runtime.controller.
+ * shoal task launcher and shim: one process per task, started by shoal.runtime.process.
  *
  * Owns: the processes of one task, and TASKDIR/{shim.log, init.pid, exit, stdout.log*,
  * stderr.log*} (its messages, the init's identity, the exit code, rotated logs).

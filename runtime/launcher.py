@@ -1,7 +1,11 @@
-"""The compiled task launcher: building it, and encoding the launch spec it reads.
+"""The compiled task launcher: building it, and the agent's side of its two pipes (the launch
+spec it reads, the ready pipe it answers on).
 
 Owns: ``launcher.c`` (shipped as package data) and the binaries built from it in a cache
-directory (``shoal-launcher-<source digest>``). Must not touch: anything else in that directory.
+directory (``shoal-launcher-<source digest>``); the encoding of the spec pipe (:class:`Spec`,
+:func:`send_spec`) and the decoding of the ready pipe (:func:`read_pid`, :func:`read_ready`).
+Must not touch: anything else in that directory; processes and task state (runtime/process.py
+spawns the launcher and decides what a ready byte means for the task).
 
 Why a compiled launcher: every step between "start" and the command (cgroup join, namespaces,
 ~30 mount operations, pivot_root, capabilities, user, no_new_privs, the log pump) is a syscall or
@@ -14,12 +18,18 @@ dynamic loader, ~0.13 ms of every start.
 
 The spec is a list of records ``TAG LEN(u32 LE) DATA`` written by the agent on the launcher's
 stdin, ending with an ``E`` record (see the header of launcher.c for the tags and ops).
+
+The ready pipe (launcher → agent): the shim writes ``P<init host pid>\\n`` right after the clone,
+then the init writes one byte — ``R`` (tini is about to be exec'ed; the pipe is close-on-exec,
+so EOF follows), ``N`` (command not found) — or nothing (the launcher failed; EOF).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import re
 import struct
 import subprocess
 import tempfile
@@ -156,3 +166,91 @@ class Spec:
 
     def encode(self) -> bytes:
         return b"".join(self._parts) + b"E" + struct.pack("<I", 0)
+
+
+# The shim's report of the init's host pid on the ready pipe (runtime/launcher.c).
+PID_RECORD = re.compile(rb"P([0-9]+)\n")
+
+
+async def send_spec(loop: asyncio.AbstractEventLoop, fd: int, data: bytearray) -> None:
+    """Write all of ``data`` to a pipe without blocking the loop (a spec with large files
+    can exceed the pipe's buffer)."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _resolve_future, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(fd)
+    finally:
+        view.release()
+
+async def read_pid(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[bytes, int | None]:
+    """What the ready pipe holds up to the shim's "P<pid>\n" (sent right after the clone,
+    before the init can write anything) and that pid; (data, None) at EOF without one."""
+    fut: asyncio.Future[tuple[bytes, int | None]] = loop.create_future()
+    got = bytearray()
+
+    def readable() -> None:
+        if fut.done():
+            return
+        try:
+            chunk = os.read(fd, 64)
+        except OSError as exc:
+            fut.set_exception(exc)
+            return
+        got.extend(chunk)
+        m = PID_RECORD.search(got)
+        if m is not None or not chunk:
+            fut.set_result((bytes(got), int(m.group(1)) if m else None))
+
+    loop.add_reader(fd, readable)
+    try:
+        return await fut
+    finally:
+        loop.remove_reader(fd)
+
+async def read_ready(loop: asyncio.AbstractEventLoop, fd: int, prefix: bytes = b""
+                      ) -> tuple[bytes, int | None]:
+    """The init's ready byte (b"" if none) and its host pid as the shim reported it (None if
+    not), returned once the pipe is at EOF (for "R": once tini was exec'ed, the pipe being
+    close-on-exec), without blocking the loop. ``prefix``: what was read from the pipe
+    already. Closes fd."""
+    fut: asyncio.Future[tuple[bytes, int | None]] = loop.create_future()
+    got: list[bytes] = [prefix] if prefix else []
+
+    def readable() -> None:
+        if not fut.done():
+            try:
+                chunk = os.read(fd, 64)
+            except OSError as exc:
+                fut.set_exception(exc)
+                return
+            if chunk:
+                got.append(chunk)
+            else:
+                data = b"".join(got)
+                m = PID_RECORD.search(data)
+                if m is not None:
+                    data = data[: m.start()] + data[m.end() :]
+                fut.set_result((data[:1], int(m.group(1)) if m else None))
+
+    loop.add_reader(fd, readable)
+    try:
+        return await fut
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def _resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

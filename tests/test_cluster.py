@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from netlab import Host, Lab, pid_alive, wait_until
-from shoal.cli.main import Client, CliError
+from shoal.cli.errors import CliError
+from shoal.cli.main import Client
 
 pytestmark = pytest.mark.netns
 

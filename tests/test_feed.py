@@ -17,10 +17,10 @@ import pytest
 
 from shoal.node.errors import Forbidden, Unavailable
 from shoal.node.feed import FeedConfig, StateFeed
-from shoal.raft.errors import CommandRejected, WriteTimeout
+from shoal.raft.errors import CommandRejected, WireError, WriteTimeout
 from shoal.raft.models import Node, NodeRole, to_dict
 from shoal.raft.state import ClusterState
-from shoal.raft.wire import WireError, state_from_bytes, state_to_bytes
+from shoal.raft.wire import state_from_bytes, state_to_bytes
 
 FAST = FeedConfig(wait=0.05, retry=0.01, write_timeout=1.0)
 

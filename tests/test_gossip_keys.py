@@ -28,8 +28,8 @@ import pytest
 from shoal.gossip import Config, Keyring, KeyringError, MemberState
 from shoal.gossip.events import EventKind, MemberEvent
 from shoal.gossip.keyring import fingerprint
-from shoal.node.errors import BadRequest, Unavailable
-from shoal.node.membership import GossipControl, KeyRotationFailed, Membership, parse_key_op
+from shoal.node.errors import BadRequest, KeyRotationFailed, Unavailable
+from shoal.node.membership import GossipControl, Membership, parse_key_op
 from shoal.raft.models import Node, NodeRole, NodeState
 
 K1, K2, K3 = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))

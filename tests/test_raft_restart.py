@@ -22,7 +22,8 @@ from pysyncobj.journal import FileJournal, MetaStorer
 from test_raft_store import _service, _wait
 
 from shoal.raft import store as store_mod
-from shoal.raft.store import PersistenceError, RaftConfig, RaftStore
+from shoal.raft.errors import PersistenceError
+from shoal.raft.store import RaftConfig, RaftStore
 
 # pysyncobj's MetaStorer.getMeta leaves the journal's .meta file open (its bug, once per start)
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),

@@ -36,15 +36,8 @@ from test_runtime_support import (
     wait_for_output,
 )
 
-from shoal.runtime import controller as ctl_mod
-from shoal.runtime.controller import (
-    DEFAULT_PATH,
-    FakeController,
-    ProcessController,
-    RunState,
-    RuntimeConfig,
-    TaskConfig,
-)
+from shoal.runtime import process as process_mod
+from shoal.runtime import procfs
 from shoal.runtime.errors import (
     ImageUnavailable,
     InvalidTaskConfig,
@@ -55,7 +48,10 @@ from shoal.runtime.errors import (
 )
 from shoal.runtime.images import ImageConfig
 from shoal.runtime.logs import LogLine
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import DEFAULT_PATH, RunState, RuntimeConfig, TaskConfig
 from shoal.runtime.rootfs import MountSpec
+from shoal.runtime.testing import FakeController
 
 pytestmark = needs_root
 pytest_plugins = ("test_runtime_support",)  # its fixtures
@@ -65,7 +61,7 @@ DEAF = "trap '' TERM; echo deaf; sleep 1000; sleep 1000"
 
 
 def _ticks(pid: int) -> int | None:
-    return ctl_mod._start_ticks(pid)
+    return procfs.start_ticks(pid)
 
 
 _alive = alive
@@ -374,13 +370,13 @@ async def test_a_start_failing_while_the_launcher_waits_for_its_spec_leaves_noth
     def broken_plan(*args: object, **kwargs: object) -> None:
         raise LaunchFailed("injected failure")
 
-    monkeypatch.setattr(ctl_mod, "build_plan", broken_plan)
+    monkeypatch.setattr(process_mod, "build_plan", broken_plan)
     with pytest.raises(LaunchFailed, match="injected failure"):
         await ctl.start(task("prepfail", "true"))
     assert ctl.tasks() == {}
     assert list((data_dir / "tasks").iterdir()) == []
     assert not any(str(data_dir) in " ".join(map(str, p.args))
-                   for p in ctl_mod._UNREAPED.values())  # fmt: skip
+                   for p in procfs.UNREAPED.values())  # fmt: skip
     assert task_cgroups(["prepfail"]) == []
     assert kill_leftovers(data_dir) == []  # no launcher left running
 
@@ -769,7 +765,8 @@ async def test_task_inherits_only_stdio_with_stdin_empty(ctl: ProcessController)
 _AGENT = """
 import asyncio, json, sys
 from pathlib import Path
-from shoal.runtime.controller import ProcessController, RuntimeConfig, TaskConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RuntimeConfig, TaskConfig
 
 async def main() -> None:
     c = ProcessController(RuntimeConfig(data_dir=Path(sys.argv[1]), launcher_path=sys.argv[2],

@@ -26,8 +26,9 @@ from test_runtime_support import (
     wait_for_output,
 )
 
-from shoal.runtime.controller import ProcessController, RunState, RuntimeConfig
 from shoal.runtime.errors import InvalidTaskConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RunState, RuntimeConfig
 from shoal.runtime.rootfs import CAPABILITIES, DEFAULT_CAPABILITIES, MountSpec, capability_mask
 
 pytestmark = needs_root

@@ -24,7 +24,6 @@ from test_runtime_support import (
     task,
 )
 
-from shoal.runtime.controller import ProcessController
 from shoal.runtime.errors import (
     DigestMismatch,
     ImageInUse,
@@ -33,6 +32,7 @@ from shoal.runtime.errors import (
     InvalidImage,
 )
 from shoal.runtime.images import ImageConfig, ImageStore
+from shoal.runtime.process import ProcessController
 
 BUSYBOX = "/bin/busybox"
 pytest_plugins = ("test_runtime_support",)  # its fixtures

@@ -18,7 +18,8 @@ from test_runtime_support import (
     wait_exited,
 )
 
-from shoal.runtime.controller import ProcessController, RunState, RuntimeConfig
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RunState, RuntimeConfig
 
 pytestmark = needs_root
 pytest_plugins = ("test_runtime_support",)  # its fixtures

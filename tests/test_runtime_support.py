@@ -24,15 +24,10 @@ from pathlib import Path
 import pytest
 
 from shoal.runtime import cgroups as cg_mod
-from shoal.runtime import controller as ctl_mod
-from shoal.runtime.controller import (
-    ProcessController,
-    RunState,
-    RuntimeConfig,
-    RuntimeStatus,
-    TaskConfig,
-)
+from shoal.runtime import procfs
 from shoal.runtime.launcher import ensure_launcher
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RunState, RuntimeConfig, RuntimeStatus, TaskConfig
 from shoal.runtime.rootfs import MountSpec
 
 _TOOLS = ("/usr/bin/tini-static", "/usr/bin/unshare")
@@ -50,7 +45,7 @@ LAYOUT = cg_mod.detect()
 
 
 def _ticks(pid: int) -> int | None:
-    return ctl_mod._start_ticks(pid)
+    return procfs.start_ticks(pid)
 
 
 def alive(pid: int, ticks: int) -> bool:
@@ -136,12 +131,12 @@ def kill_leftovers(data_dir: Path) -> list[str]:
                 group.rmdir()
             except OSError:
                 time.sleep(0.01)
-    for pid, proc in list(ctl_mod._UNREAPED.items()):
+    for pid, proc in list(procfs.UNREAPED.items()):
         if needle in b" ".join(str(a).encode() for a in proc.args):
             try:
                 proc.wait(timeout=5)
             finally:
-                ctl_mod._UNREAPED.pop(pid, None)
+                procfs.UNREAPED.pop(pid, None)
     return left
 
 

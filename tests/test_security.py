@@ -21,10 +21,9 @@ from aiohttp import web
 
 from shoal.node import pki
 from shoal.node.api import peer_of, tls_listener
-from shoal.node.errors import Forbidden, NotManager, Unauthenticated, Unavailable
+from shoal.node.errors import Forbidden, NotManager, SealError, Unauthenticated, Unavailable
 from shoal.node.sealing import (
     AAD_CA_KEY,
-    SealError,
     new_key,
     seal,
     seal_text,

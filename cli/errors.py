@@ -1,0 +1,15 @@
+"""Errors of the `shoal` command line.
+
+Owns: the CLI's error tree; nothing else. Must not touch: anything (no imports).
+
+    CliError        a message for the user: printed as one line (``Error: ...``), exit status 1
+
+The agent's errors reach the CLI as ``{"error": {"code", "message", "field"}}`` replies and
+become CliErrors there (cli/main.py); the CLI never raises or imports the node's classes.
+"""
+
+from __future__ import annotations
+
+
+class CliError(Exception):
+    """A message for the user; exit status 1."""
