@@ -12,4 +12,9 @@ from __future__ import annotations
 
 
 class CliError(Exception):
-    """A message for the user; exit status 1."""
+    """A message for the user; exit status 1. ``field``: the spec field an agent's error
+    named (the CLI adds the flag that sets it)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field

@@ -21,7 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from shoal.cli import specflags
 from shoal.cli.errors import CliError
+from shoal.cli.specflags import parse_kv
 
 DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
 
@@ -116,7 +118,8 @@ class Client:
             raise CliError(f"the agent sent a malformed reply (HTTP {resp.status})") from None
         if resp.status >= 400:
             err = (out or {}).get("error", {}) if isinstance(out, dict) else {}
-            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
+            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
+                           str(err.get("field") or ""))
         return out
 
 
@@ -229,75 +232,6 @@ def cmd_agent(args: argparse.Namespace) -> None:
         run_agent(cfg, args.hostname)
     except OSError as exc:
         raise CliError(f"agent failed to start: {exc}") from None
-
-
-def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-              "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
-
-
-def parse_size(text: str | None, flag: str) -> int:
-    """'64M' → 67108864 (binary units, as Docker)."""
-    if not text:
-        return 0
-    t = text.strip().lower()
-    num = t.rstrip("bkmgti")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if value < 0 or unit not in SIZE_UNITS:
-        raise CliError(f"{flag}: invalid size {text!r} (use e.g. 512K, 64M, 1G)")
-    return int(value * SIZE_UNITS[unit])
-
-
-def parse_publish(text: str) -> dict[str, Any]:
-    """--publish PUBLISHED:TARGET[/tcp|udp] (or published=..,target=..,protocol=..)."""
-    spec, _, proto = text.partition("/")
-    if "=" in text:
-        kv = parse_kv(text.split(","), "--publish")
-        spec, proto = f"{kv.get('published', '')}:{kv.get('target', '')}", \
-            kv.get("protocol", "tcp")
-    published, sep, target = spec.partition(":")
-    if not sep:
-        target = published
-    if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
-        raise CliError(f"--publish expects PUBLISHED:TARGET[/tcp|udp], got {text!r}")
-    return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
-
-
-def parse_mount(text: str) -> dict[str, Any]:
-    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
-    out: dict[str, Any] = {"type": "volume"}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
-            out["readonly"] = True
-        elif key == "type":
-            out["type"] = value
-        elif key in ("src", "source"):
-            out["source"] = value
-        elif key in ("dst", "destination", "target"):
-            out["target"] = value
-        elif key == "tmpfs-size":
-            out["tmpfs_size"] = parse_size(value, "--mount tmpfs-size")
-        else:
-            raise CliError(f"--mount: unknown option {part!r} in {text!r} (expected "
-                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly])")
-    if "target" not in out:
-        raise CliError(f"--mount {text!r}: dst=PATH is required")
-    return out
 
 
 def run(args: argparse.Namespace) -> None:
@@ -419,36 +353,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
 def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
     sc = args.service_cmd
     if sc == "create":
-        command = list(args.command)
-        if command and command[0] == "--":
-            command = command[1:]
-        if not command and not args.image:
-            raise CliError("service create needs a command: shoal service create --name NAME "
-                           "-- CMD [ARGS...]")
-        spec: dict[str, Any] = {
-            "name": args.name, "replicas": args.replicas, "command": command,
-            "env": parse_kv(args.env, "--env"), "workdir": args.workdir,
-            "stop_grace_period": args.stop_grace_period, "stop_signal": args.stop_signal,
-            "image": args.image, "user": args.user,
-            "labels": parse_kv(args.label, "--label"),
-            "limit_memory": parse_size(args.limit_memory, "--limit-memory"),
-            "limit_cpu": args.limit_cpu, "limit_pids": args.limit_pids,
-            "reserve_memory": parse_size(args.reserve_memory, "--reserve-memory"),
-            "reserve_cpu": args.reserve_cpu,
-            "mounts": [parse_mount(m) for m in args.mount],
-            "ports": [parse_publish(p) for p in args.publish],
-            "lb_algorithm": args.lb,
-            "restart_condition": args.restart_condition,
-            "restart_delay": args.restart_delay,
-            "restart_max_attempts": args.restart_max_attempts,
-            "restart_window": args.restart_window,
-            "update_parallelism": args.update_parallelism,
-            "update_delay": args.update_delay,
-            "secrets": [parse_file_ref(x, "--secret") for x in args.secret],
-            "configs": [parse_file_ref(x, "--config") for x in args.config],
-            "constraints": list(args.constraint),
-        }
-        r = c.call("POST", "/v1/services", {"spec": spec})
+        spec = specflags.spec_from_create_args(args)
+        r = _spec_call(c, "POST", "/v1/services", {"spec": spec})
         print(r["id"])
     elif sc == "ls":
         emit(c.call("GET", "/v1/services"), fmt, render_services)
@@ -469,41 +375,9 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             print(f"{name} scaled to {int(n)}")
     elif sc == "update":
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
-        spec = dict(current["spec"])
-        for flag, key in (("replicas", "replicas"), ("workdir", "workdir"), ("user", "user"),
-                          ("image", "image"), ("stop_grace_period", "stop_grace_period"),
-                          ("stop_signal", "stop_signal"), ("limit_cpu", "limit_cpu"),
-                          ("limit_pids", "limit_pids"), ("reserve_cpu", "reserve_cpu"),
-                          ("restart_condition", "restart_condition"),
-                          ("restart_delay", "restart_delay"),
-                          ("restart_max_attempts", "restart_max_attempts"),
-                          ("restart_window", "restart_window"),
-                          ("update_parallelism", "update_parallelism"),
-                          ("update_delay", "update_delay")):
-            value = getattr(args, flag)
-            if value is not None:
-                spec[key] = value
-        for flag in ("limit_memory", "reserve_memory"):
-            if getattr(args, flag) is not None:
-                spec[flag] = parse_size(getattr(args, flag), "--" + flag.replace("_", "-"))
-        env = dict(spec.get("env", {}))
-        env.update(parse_kv(args.env_add, "--env-add"))
-        for k in args.env_rm:
-            env.pop(k, None)
-        spec["env"] = env
-        if args.constraint_add or args.constraint_rm:
-            spec["constraints"] = update_constraints(spec.get("constraints") or [],
-                                                     args.constraint_add, args.constraint_rm)
-        if args.command:
-            command = [a for a in args.command]
-            if command[0] == "--":
-                command = command[1:]
-            if command:
-                spec["command"] = command
-        if args.force:
-            spec["force_update"] = int(spec.get("force_update", 0)) + 1
-        r = c.call("POST", f"/v1/services/{_q(args.service)}/update",
-                   {"spec": spec, "version": current["version"]})
+        spec = specflags.apply_update_args(current["spec"], args)
+        r = _spec_call(c, "POST", f"/v1/services/{_q(args.service)}/update",
+                       {"spec": spec, "version": current["version"]})
         print(r["name"])
     elif sc == "logs":
         q = f"?tail={args.tail}&follow={int(args.follow)}&timestamps={int(args.timestamps)}"
@@ -522,50 +396,15 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             print(s)
 
 
-def update_constraints(current: list[str], add: list[str], rm: list[str]) -> list[str]:
-    """`service update --constraint-add/--constraint-rm`, as Docker: added, then removed (a
-    removal wins); expressions are compared in their canonical form, so `node.role ==
-    manager` removes `node.role==manager`. The agent validates what is sent."""
-    from shoal.raft.errors import ValidationError
-    from shoal.raft.validate import parse_constraint
-
-    def canonical(expr: str) -> str:
-        try:
-            return str(parse_constraint(expr))
-        except ValidationError:
-            return expr.strip()  # sent as is: the agent's error names it
-
-    gone = {canonical(x) for x in rm}
-    out: list[str] = []
-    for expr in [*current, *add]:
-        if canonical(expr) not in gone and expr not in out:
-            out.append(expr)
-    return out
-
-
-def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
-    """--secret NAME[,target=FILE][,mode=0400] (also source=NAME, as Docker)."""
-    out: dict[str, Any] = {}
-    for i, part in enumerate(text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep and i == 0:
-            out["name"] = key
-        elif key in ("source", "src", "name") and sep:
-            out["name"] = value
-        elif key == "target" and sep:
-            out["target"] = value
-        elif key == "mode" and sep:
-            try:
-                out["mode"] = int(value, 8)
-            except ValueError:
-                raise CliError(f"{flag}: mode must be octal (e.g. 0400), got {value!r}") \
-                    from None
-        else:
-            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "NAME[,target=FILE][,mode=0400])")
-    if not out.get("name"):
-        raise CliError(f"{flag} {text!r}: a name is required")
-    return out
+def _spec_call(c: Client, method: str, path: str, body: dict[str, Any]) -> Any:
+    """A create/update call whose errors about a spec field also name the flag that sets it."""
+    try:
+        return c.call(method, path, body)
+    except CliError as exc:
+        flag = specflags.flag_of_field(exc.field) if exc.field else ""
+        if flag and flag not in str(exc):
+            raise CliError(f"{exc} ({flag})", exc.field) from None
+        raise
 
 
 def render_secrets(objs: list[dict[str, Any]]) -> str:
@@ -714,43 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("service", help="manage services")
     ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
     sc = ssub.add_parser("create", help="create a service")
-    sc.add_argument("--name", required=True)
-    sc.add_argument("--replicas", type=int, default=1)
-    sc.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
-    sc.add_argument("-w", "--workdir", default="")
-    sc.add_argument("--stop-grace-period", type=float, default=10.0, metavar="SECONDS")
-    sc.add_argument("--stop-signal", default="SIGTERM")
-    sc.add_argument("--image", default="", help="image NAME[:TAG] (default: the host's /usr)")
-    sc.add_argument("-u", "--user", default="", help="NAME, UID or UID:GID")
-    sc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
-    sc.add_argument("--limit-memory", default="", metavar="SIZE", help="e.g. 64M")
-    sc.add_argument("--limit-cpu", type=float, default=0.0, metavar="CPUS")
-    sc.add_argument("--limit-pids", type=int, default=0, metavar="N")
-    sc.add_argument("--reserve-memory", default="", metavar="SIZE")
-    sc.add_argument("--reserve-cpu", type=float, default=0.0, metavar="CPUS")
-    sc.add_argument("--mount", action="append", default=[],
-                    metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]")
-    sc.add_argument("--restart-condition", default="any", choices=["none", "on-failure", "any"])
-    sc.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS")
-    sc.add_argument("--restart-max-attempts", type=int, default=0, metavar="N")
-    sc.add_argument("--restart-window", type=float, default=0.0, metavar="SECONDS")
-    sc.add_argument("-p", "--publish", action="append", default=[],
-                    metavar="PUBLISHED:TARGET[/tcp|udp]",
-                    help="serve TARGET of the tasks on PUBLISHED of every node")
-    sc.add_argument("--lb", choices=["round-robin", "least-conn"], default="round-robin",
-                    help="how the routing mesh picks a task")
-    sc.add_argument("--update-parallelism", type=int, default=1, metavar="N")
-    sc.add_argument("--update-delay", type=float, default=0.0, metavar="SECONDS")
-    sc.add_argument("--secret", action="append", default=[],
-                    metavar="NAME[,target=FILE][,mode=0400]",
-                    help="give each task the secret as /run/secrets/FILE")
-    sc.add_argument("--config", action="append", default=[],
-                    metavar="NAME[,target=FILE][,mode=0444]",
-                    help="give each task the config as /run/configs/FILE")
-    sc.add_argument("--constraint", action="append", default=[], metavar="EXPR",
-                    help="placement constraint, repeatable: node.labels.KEY==VALUE, "
-                    "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR")
-    sc.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    specflags.add_create_flags(sc)
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")
     sps = ssub.add_parser("ps", help="list a service's tasks")
@@ -761,34 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--format", choices=["json"], default="json")
     ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
     ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
-    su = ssub.add_parser("update", help="change a service; tasks are replaced one by one")
+    su = ssub.add_parser("update", help="change a service; only a change of the task "
+                         "template replaces tasks (a rolling update)")
     su.add_argument("service")
-    su.add_argument("--replicas", type=int)
-    su.add_argument("--image")
-    su.add_argument("--env-add", action="append", default=[], metavar="KEY=VALUE")
-    su.add_argument("--env-rm", action="append", default=[], metavar="KEY")
-    su.add_argument("-w", "--workdir")
-    su.add_argument("-u", "--user")
-    su.add_argument("--stop-grace-period", type=float, metavar="SECONDS")
-    su.add_argument("--stop-signal")
-    su.add_argument("--limit-memory", metavar="SIZE")
-    su.add_argument("--limit-cpu", type=float, metavar="CPUS")
-    su.add_argument("--limit-pids", type=int, metavar="N")
-    su.add_argument("--reserve-memory", metavar="SIZE")
-    su.add_argument("--reserve-cpu", type=float, metavar="CPUS")
-    su.add_argument("--restart-condition", choices=["none", "on-failure", "any"])
-    su.add_argument("--restart-delay", type=float, metavar="SECONDS")
-    su.add_argument("--restart-max-attempts", type=int, metavar="N")
-    su.add_argument("--restart-window", type=float, metavar="SECONDS")
-    su.add_argument("--update-parallelism", type=int, metavar="N")
-    su.add_argument("--update-delay", type=float, metavar="SECONDS")
-    su.add_argument("--constraint-add", action="append", default=[], metavar="EXPR",
-                    help="add a placement constraint (tasks on nodes that do not satisfy it "
-                    "are moved by the rolling update)")
-    su.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR",
-                    help="remove a placement constraint")
-    su.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
-    su.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    specflags.add_update_flags(su)
     slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes")
     slg.add_argument("service")
     slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")

@@ -30,6 +30,8 @@ The tree (HTTP status where the API answers with it)::
     ├── NetworkError         503 the task network could not be set up (netlink, setns, no
     │   │                        free address); the lower-level error is chained
     │   └── MeshError        503 the mesh is not started / this node has no subnet yet
+    ├── BackwardsTransition (AssertionError)  500 the worker's step function would report an
+    │                        older status than the task's: a bug (never reaches the API)
     ├── PkiError (ValueError)    400 a certificate, key or request is malformed or does not verify
     ├── TokenError (ValueError)  400 a join token is malformed
     └── SealError (ValueError)   500 a sealed blob is malformed, or was sealed under another key
@@ -56,6 +58,10 @@ from shoal.runtime import errors as _r
 
 class NodeError(Exception):
     """Base of every error shoal.node raises on purpose."""
+
+
+class BackwardsTransition(NodeError, AssertionError):
+    """A worker step would report a status older than the task's: a bug in ``next_step``."""
 
 
 class ApiError(NodeError):
@@ -243,6 +249,7 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     # raft (StoreError and its subclasses go through from_store_error)
     StoreError: (503, "unavailable"),
     ValidationError: (400, "invalid"),
+    raft_errors.SpecError: (400, "invalid"),
     CommandRejected: (409, "conflict"),
     WriteTimeout: (503, "unavailable"),
     raft_errors.NotReady: (503, "unavailable"),
@@ -282,7 +289,7 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
 #: translated before a request could see it, the agent's own configuration, a test tool):
 #: 500 on purpose.
 INTERNAL: frozenset[type[BaseException]] = frozenset({
-    NodeError, ApiError, SealError,
+    NodeError, ApiError, SealError, BackwardsTransition,
     raft_errors.RaftError, raft_errors.PersistenceError, raft_errors.Rejected,
     _r.RuntimeError_, _r.ConfigError,
     _g.GossipError, _g.ConfigError, _g.WireError, _g.StateError, _g.SimulationStalled,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shoal.node.errors import (
+    BackwardsTransition,
     TaskInputError,
     TaskInputUnavailable,
     task_input,
@@ -78,10 +79,6 @@ class Step:
     action: Action = Action.NONE
     report: TaskStatus | None = None
     grace: float = 0.0  # STOP: seconds between the stop signal and SIGKILL
-
-
-class BackwardsTransition(AssertionError):
-    """A step would report a status older than the task's: a bug in ``next_step``."""
 
 
 def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,

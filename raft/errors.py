@@ -5,6 +5,8 @@ Owns: the raft package's error tree; nothing else. Must not touch: anything (no 
     RaftError                base of everything shoal.raft raises on purpose
     ├── StoreError           a store operation failed (``message``, ``field``)
     │   ├── ValidationError      a command or spec is malformed (names the field)
+    │   │   └── SpecError (ValueError)  a rule of a spec Struct failed (shoal.raft.spec);
+    │   │                               msgspec wraps it, validate_spec unwraps the field
     │   ├── CommandRejected      the state machine refused a well-formed command
     │   │                        (duplicate name, unknown service, stale leader term, ...)
     │   ├── WriteTimeout         no commit within the deadline (it may still apply later)
@@ -75,3 +77,13 @@ class WireError(RaftError, ValueError):
 
 class PersistenceError(RaftError, RuntimeError):
     """The Raft data directory cannot be used safely (raised before pysyncobj starts)."""
+
+
+class SpecError(ValidationError, ValueError):
+    """A rule in a spec Struct's ``__post_init__`` failed (shoal.raft.spec); ``field`` is
+    relative to the Struct raising it. A ValueError, so msgspec turns it into its own
+    ValidationError at the Struct's path; shoal.raft.validate joins both into one dotted
+    field name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field)

@@ -24,14 +24,12 @@ schema 2 in its gossip metadata.
 
 from __future__ import annotations
 
-import gzip
-import io
-import os
-import pickle
-from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from shoal.raft.errors import ValidationError
+from shoal.raft.spec import ServiceSpec, fields
 
 SCHEMA = 2  # what this code writes once the whole cluster runs it
 LEGACY = 1
@@ -111,7 +109,6 @@ def _get(d: dict[str, Any], path: str) -> Any:
 def downgrade_spec(nested: dict[str, Any]) -> dict[str, Any]:
     """Today's spec (as plain values, complete) → a schema-1 flat dict. Raises ValidationError
     naming the field when the spec uses something schema 1 cannot express."""
-    from shoal.raft.spec import fields
     flat = {key: _get(nested, path) for key, path in V1_PATHS.items()}
     expressible = set(V1_PATHS.values())
     for f in fields():
@@ -136,108 +133,29 @@ def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any]) -> dict[s
     plain values (for tasks). Commands without specs are returned unchanged."""
     op = cmd.get("op")
     if op in ("service_create", "service_update") and isinstance(cmd.get("spec"), dict):
-        return {**cmd, "spec": downgrade_spec(cmd["spec"])}
+        full = _complete(cmd["spec"])
+        return cmd if full is None else {**cmd, "spec": downgrade_spec(full)}
     if op == "leader" and isinstance(cmd.get("ops"), list):
         ops = []
         for o in cmd["ops"]:
             if isinstance(o, (list, tuple)) and o and o[0] == "create":
                 task = dict(o[1])
                 svc = service_specs.get(task["service_id"])
-                if svc is not None:
-                    task["spec"] = downgrade_spec({**svc, "task": task["spec"]})
+                full = None if svc is None else _complete({**svc, "task": task["spec"]})
+                if full is not None:
+                    task["spec"] = downgrade_spec(full)
                 o = ("create", task)
             ops.append(o)
         return {**cmd, "ops": ops}
     return cmd
 
 
-# --------------------------------------------------------------------------- dump migration
-
-class _LegacyRecord:
-    """Stands in for a schema-1 spec class while a schema-1 dump is unpickled: keeps the
-    record's fields as a dict."""
-
-    def __init__(self, *args: Any) -> None:
-        self.fields: dict[str, Any] = {}
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.fields = dict(state)
-
-
-_LEGACY_CLASSES = {"ServiceSpec", "Mount", "PortSpec", "FileRef"}
-
-
-class _LegacyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "shoal.raft.models" and name in _LEGACY_CLASSES:
-            return _LegacyRecord
-        return super().find_class(module, name)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, _LegacyRecord):
-        return {k: _plain(v) for k, v in value.fields.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def migrate_dump(path: Path) -> bool:
-    """Rewrite a pysyncobj dump whose state was pickled by schema 1 in today's format (the
-    state as msgpack bytes, see ReplicatedState), before pysyncobj reads it. The original is
-    kept as ``raft.dump.schema1``. Returns True if it migrated something. A dump that is not
-    schema 1 (or unreadable: the store's persistence check deals with that) is left alone."""
-    if not path.exists():
-        return False
+def _complete(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """A spec dict with every field (defaults filled in), or None if it is not a valid spec
+    (then every replica, old or new, refuses the command alike)."""
+    if is_legacy_spec(spec):
+        spec = upgrade_spec(spec)
     try:
-        with gzip.open(path, "rb") as f:
-            dump = _LegacyUnpickler(f).load()
-        consumers = dump[0]
-        data = consumers[1]
-        old = data["state"]
-    except Exception:
-        return False
-    from shoal.raft.wire import state_to_bytes
-    state = upgrade_state(old)
-    consumers[1] = {"state_v2": state_to_bytes(state)}
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb") as g:
-        pickle.dump(dump, g, protocol=2)
-    backup = path.with_name(path.name + ".schema1")
-    tmp = path.with_name(path.name + ".migrating")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    if not backup.exists():
-        os.link(path, backup)
-    os.replace(tmp, path)
-    return True
-
-
-def upgrade_state(old: Any) -> Any:
-    """A ClusterState unpickled from a schema-1 dump (spec records as _LegacyRecord) → a
-    ClusterState of today's model, through plain values."""
-    import dataclasses
-
-    from shoal.raft.models import to_dict
-    from shoal.raft.wire import state_from_plain
-
-    def plain(obj: Any) -> Any:
-        if isinstance(obj, _LegacyRecord):
-            return _plain(obj)
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if hasattr(obj, f.name)}
-        if isinstance(obj, dict):
-            return {k: plain(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [plain(v) for v in obj]
-        return to_dict(obj)
-
-    raw = plain(old)
-    return state_from_plain(raw)
+        return _norm(msgspec.to_builtins(msgspec.convert(spec, ServiceSpec)))  # type: ignore[no-any-return]
+    except msgspec.ValidationError:
+        return None

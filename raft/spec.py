@@ -45,6 +45,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shoal.raft.errors import SpecError
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")
@@ -70,15 +72,6 @@ MAX_CONSTRAINTS = 64
 MAX_CONSTRAINT_LEN = 512
 # ports the node itself uses: never published by a service
 RESERVED_PORTS = {2377: "the node API", 2378: "Raft", 7946: "gossip"}
-
-
-class SpecError(ValueError):
-    """A rule in ``__post_init__`` failed; ``field`` is relative to the Struct raising it.
-    (msgspec turns it into a ValidationError at the Struct's path; shoal.raft.validate
-    joins both into one dotted field name.)"""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
 
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
@@ -167,7 +160,7 @@ class ContainerSpec(_Spec):
 
     image: Annotated[str, decl("image NAME[:TAG]; empty = the host's read-only /usr and /etc",
                                flag="--image", cli="str", metavar="NAME[:TAG]",
-                               pattern=IMAGE_RE.pattern)] = ""
+                               pattern=f"^$|{IMAGE_RE.pattern}")] = ""
     command: Command = ()
     env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
                                         cli="map", metavar="KEY=VALUE")] = {}
@@ -175,7 +168,7 @@ class ContainerSpec(_Spec):
                                  short="-w", cli="str", metavar="PATH")] = ""
     user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
                               flag="--user", short="-u", cli="str", metavar="USER",
-                              pattern=USER_RE.pattern)] = ""
+                              pattern=f"^$|{USER_RE.pattern}")] = ""
     stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
         "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
     stop_grace_period: Annotated[float, decl(

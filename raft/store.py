@@ -40,7 +40,7 @@ import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
 
-from shoal.raft import schema
+from shoal.raft import migrate, schema
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, WriteTimeout
 from shoal.raft.models import NodeRole, to_dict
@@ -291,7 +291,7 @@ class ReplicatedState(SyncObjConsumer):
             if "state_v2" in data:
                 self.state = state_from_bytes(data["state_v2"])
             else:  # a schema-1 snapshot from a shoal 0.1 leader (pickled ClusterState)
-                self.state = schema.upgrade_state(data["state"])
+                self.state = migrate.upgrade_state(data["state"])
             self._recent.clear()
         for cb in list(self._listeners):
             cb(self.state.index)
@@ -324,7 +324,7 @@ class RaftStore:
         if persist:
             self._lock_fd = _lock_data_dir(data_dir, self.config.data_dir_lock_timeout)
             try:
-                if schema.migrate_dump(data_dir / "raft.dump"):
+                if migrate.migrate_dump(data_dir / "raft.dump"):
                     log.warning("Raft: migrated the schema-1 dump in %s (original kept as "
                                 "raft.dump.schema1)", data_dir)
                 _check_persistence(data_dir, can_refetch=self_addr is None or bool(

@@ -8,7 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from shoal.cli.main import build_parser, update_constraints
+from shoal.cli import specflags
+from shoal.cli.main import build_parser
 from shoal.node.leader import plan_pass
 from shoal.node.orchestrator import OrchestratorConfig, outdated
 from shoal.node.scheduler import schedule, unsatisfied

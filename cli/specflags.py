@@ -1,0 +1,328 @@
+"""`service create` and `service update` flags, made from the spec's declarations.
+
+Owns: turning each declared field of ``shoal.raft.spec.ServiceSpec`` (its ``flag``, ``cli``
+kind, ``item`` parser, help, unit) into argparse options — ``--X`` on create; on update the
+same ``--X`` for single values and ``--X-add``/``--X-rm`` for lists and maps — and the flag
+values back into a nested spec dict. The text parsers of flag values (sizes, Go durations,
+``--mount``, ``--publish``, ``--secret``) live here too. Adding a spec field with a ``flag``
+adds its CLI flags; nothing here names a field. Must not touch: the API client, output.
+
+Errors: ``CliError`` (shoal.cli.errors) naming the flag, for a value the CLI can judge;
+the API judges the rest and names the field (``service_error`` maps it back to the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shoal.cli.errors import CliError
+from shoal.raft.spec import FieldDecl, fields, flag_for
+
+# ----------------------------------------------------------------------------- value parsers
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+              "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
+
+
+def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def parse_size(text: str | None, flag: str) -> int:
+    """'64M' → 67108864 (binary units, as Docker)."""
+    if not text:
+        return 0
+    t = text.strip().lower()
+    num = t.rstrip("bkmgti")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if value < 0 or unit not in SIZE_UNITS:
+        raise CliError(f"{flag}: invalid size {text!r} (use e.g. 512K, 64M, 1G)")
+    return int(value * SIZE_UNITS[unit])
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Go's duration syntax (``10s``, ``1m30s``, ``500ms``, ``1h``) or plain seconds → seconds."""
+    t = text.strip()
+    try:
+        value = float(t)
+    except ValueError:
+        pos, value = 0, 0.0
+        for m in _DURATION_RE.finditer(t):
+            if m.start() != pos:
+                break
+            value += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(t) or not t:
+            raise CliError(f"{flag}: invalid duration {text!r} (use e.g. 10s, 1m30s, 500ms, "
+                           "or a number of seconds)") from None
+    if value < 0:
+        raise CliError(f"{flag}: a duration cannot be negative, got {text!r}")
+    return value
+
+
+def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
+    """--publish PUBLISHED:TARGET[/tcp|udp] (or published=..,target=..,protocol=..)."""
+    spec, _, proto = text.partition("/")
+    if "=" in text:
+        kv = parse_kv(text.split(","), flag)
+        spec, proto = f"{kv.get('published', '')}:{kv.get('target', '')}", \
+            kv.get("protocol", "tcp")
+    published, sep, target = spec.partition(":")
+    if not sep:
+        target = published
+    if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
+        raise CliError(f"{flag} expects PUBLISHED:TARGET[/tcp|udp], got {text!r}")
+    return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
+
+
+def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
+    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
+    out: dict[str, Any] = {"type": "volume"}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
+            out["readonly"] = True
+        elif key == "type":
+            out["type"] = value
+        elif key in ("src", "source"):
+            out["source"] = value
+        elif key in ("dst", "destination", "target"):
+            out["target"] = value
+        elif key == "tmpfs-size":
+            out["tmpfs_size"] = parse_size(value, f"{flag} tmpfs-size")
+        else:
+            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
+                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly])")
+    if "target" not in out:
+        raise CliError(f"{flag} {text!r}: dst=PATH is required")
+    return out
+
+
+def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
+    """--secret NAME[,target=FILE][,mode=0400] (also source=NAME, as Docker)."""
+    out: dict[str, Any] = {}
+    for i, part in enumerate(text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep and i == 0:
+            out["name"] = key
+        elif key in ("source", "src", "name") and sep:
+            out["name"] = value
+        elif key == "target" and sep:
+            out["target"] = value
+        elif key == "mode" and sep:
+            try:
+                out["mode"] = int(value, 8)
+            except ValueError:
+                raise CliError(f"{flag}: mode must be octal (e.g. 0400), got {value!r}") \
+                    from None
+        else:
+            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
+                           "NAME[,target=FILE][,mode=0400])")
+    if not out.get("name"):
+        raise CliError(f"{flag} {text!r}: a name is required")
+    return out
+
+
+def parse_constraint(text: str, flag: str) -> str:
+    """A placement constraint in its canonical form (``node.labels.zone==b``)."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.validate import parse_constraint as parse
+
+    try:
+        return str(parse(text, flag))
+    except ValidationError as exc:
+        raise CliError(exc.message) from None
+
+
+# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
+ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
+                       Callable[[str, str], str]]] = {
+    "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
+    "port": (parse_publish, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
+             lambda t, f: t if "/" in t else f"{t.split(':')[0]}/tcp"),
+    "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
+    "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
+    "constraint": (parse_constraint, str, parse_constraint),
+}
+
+
+def _scalar(d: FieldDecl, text: str, flag: str) -> Any:
+    kind = d.cli
+    if kind == "str" or kind == "choice":
+        return text
+    if kind == "bytes":
+        return parse_size(text, flag)
+    if kind == "duration":
+        return parse_duration(text, flag)
+    try:
+        return int(text) if kind == "int" else float(text)
+    except ValueError:
+        what = "a whole number" if kind == "int" else "a number"
+        raise CliError(f"{flag}: expected {what}, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- argparse
+
+def _dest(d: FieldDecl, suffix: str = "") -> str:
+    return "spec_" + d.path.replace(".", "__") + suffix
+
+
+def _help(d: FieldDecl) -> str:
+    unit = f" ({d.unit})" if d.unit and d.cli != "duration" else ""
+    extra = " (e.g. 10s, 1m30s)" if d.cli == "duration" else ""
+    default = f" [default {d.default}]" if d.default not in (None, "", (), {}, 0, 0.0) else ""
+    return f"{d.help}{unit}{extra}{default}".replace("%", "%%")
+
+
+def _metavar(d: FieldDecl) -> str | None:
+    return d.metavar or {"duration": "DURATION", "int": "N", "float": "NUMBER"}.get(d.cli)
+
+
+def _flag_decls() -> list[FieldDecl]:
+    return [d for d in fields() if d.flag]
+
+
+def add_create_flags(parser: argparse.ArgumentParser) -> None:
+    """One option per declared flag (``--name`` required), plus ``-- CMD [ARGS...]``."""
+    for d in _flag_decls():
+        names = [d.flag] + ([d.short] if d.short else [])
+        kw: dict[str, Any] = {"dest": _dest(d), "help": _help(d)}
+        if _metavar(d) and d.cli != "choice":
+            kw["metavar"] = _metavar(d)
+        if d.cli in ("map", "list"):
+            parser.add_argument(*names, action="append", default=[], **kw)
+        elif d.cli == "choice":
+            parser.add_argument(*names, choices=d.choices, **kw)
+        else:
+            parser.add_argument(*names, required=d.path == "name", **kw)
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+
+def add_update_flags(parser: argparse.ArgumentParser) -> None:
+    """Single values: ``--X``; lists and maps: ``--X-add`` and ``--X-rm``. The name, which
+    cannot change, has no flag."""
+    for d in _flag_decls():
+        if d.path == "name":
+            continue
+        kw: dict[str, Any] = {"help": _help(d)}
+        if d.cli in ("map", "list"):
+            parser.add_argument(d.flag + "-add", action="append", default=[],
+                                dest=_dest(d, "_add"), metavar=d.metavar or "VALUE",
+                                help=f"add to: {kw['help']}")
+            key = "KEY" if d.cli == "map" else "ITEM"
+            parser.add_argument(d.flag + "-rm", action="append", default=[],
+                                dest=_dest(d, "_rm"), metavar=key,
+                                help=f"remove from: {d.help}".replace("%", "%%"))
+        elif d.cli == "choice":
+            parser.add_argument(d.flag, choices=d.choices, dest=_dest(d), **kw)
+        else:
+            parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
+    parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+
+def _set(spec: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = spec
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _get(spec: dict[str, Any], path: str, default: Any) -> Any:
+    node: Any = spec
+    for p in path.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return default
+        node = node[p]
+    return node
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return command
+
+
+def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The nested spec dict a `service create` asks for (only what was given; the agent fills
+    in the declared defaults)."""
+    spec: dict[str, Any] = {}
+    for d in _flag_decls():
+        value = getattr(args, _dest(d))
+        if d.cli == "map":
+            if value:
+                _set(spec, d.path, parse_kv(value, d.flag))
+        elif d.cli == "list":
+            if value:
+                parse = ITEMS[d.item][0]
+                _set(spec, d.path, [parse(v, d.flag) for v in value])
+        elif value is not None:
+            _set(spec, d.path, _scalar(d, value, d.flag))
+    command = _command(args)
+    if command:
+        _set(spec, "task.container.command", command)
+    elif not _get(spec, "task.container.image", ""):
+        raise CliError("service create needs a command or an image: shoal service create "
+                       "--name NAME -- CMD [ARGS...]")
+    return spec
+
+
+def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``current`` (the service's spec as `service inspect` shows it) with the update flags
+    applied: single values replaced; on lists and maps ``--X-add`` (an item with the same key
+    is replaced), then ``--X-rm`` (a removal wins, as in Docker)."""
+    spec = copy.deepcopy(current)
+    for d in _flag_decls():
+        if d.path == "name":
+            continue
+        if d.cli == "map":
+            value = dict(_get(spec, d.path, {}) or {})
+            value.update(parse_kv(getattr(args, _dest(d, "_add")), d.flag + "-add"))
+            for key in getattr(args, _dest(d, "_rm")):
+                value.pop(key, None)
+            _set(spec, d.path, value)
+        elif d.cli == "list":
+            parse, key_of, parse_rm = ITEMS[d.item]
+            items = list(_get(spec, d.path, []) or [])
+            for text in getattr(args, _dest(d, "_add")):
+                new = parse(text, d.flag + "-add")
+                items = [i for i in items if key_of(i) != key_of(new)] + [new]
+            gone = {parse_rm(t, d.flag + "-rm") for t in getattr(args, _dest(d, "_rm"))}
+            _set(spec, d.path, [i for i in items if key_of(i) not in gone])
+        else:
+            value = getattr(args, _dest(d))
+            if value is not None:
+                _set(spec, d.path, _scalar(d, value, d.flag))
+    command = _command(args)
+    if command:
+        _set(spec, "task.container.command", command)
+    if args.force:
+        _set(spec, "task.force_update", int(_get(spec, "task.force_update", 0)) + 1)
+    return spec
+
+
+def flag_of_field(field: str) -> str:
+    """The flag to name in an error about spec field ``field`` ("" if none)."""
+    if field.startswith("task.container.command"):
+        return "-- CMD"
+    return flag_for(field)
