@@ -285,7 +285,8 @@ class ClusterState:
             for p in other.spec.endpoint.ports:
                 if (p.published, p.protocol) in mine:
                     raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
-                                   f"published by service {other.spec.name}", "ports")
+                                   f"published by service {other.spec.name}",
+                                   "endpoint.ports")
 
     def _service_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
         svc = self._service(cmd["id"])
@@ -475,7 +476,7 @@ class ClusterState:
     def _users_of(self, kind: str, name: str) -> list[str]:
         """Services whose spec uses the secret/config ``name`` (a removal would break them)."""
         return sorted(s.spec.name for s in self.services.values()
-                      if any(r.name == name for r in getattr(s.spec, kind)))
+                      if any(r.name == name for r in getattr(s.spec.task.container, kind)))
 
     def _file_remove(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]) -> None:
         oid = cmd["id"]

@@ -82,10 +82,10 @@ def test_spec_errors_name_the_field() -> None:
     st = ClusterState()
     res = st.apply({"op": "service_create", "id": "s", "now": 1,
                     "spec": {"name": "web", "command": ["x"], "replicas": -1}})
-    assert res["error"]["field"] == "replicas"
+    assert res["error"]["field"] == "mode.replicas"
     res = st.apply({"op": "service_create", "id": "s", "now": 1,
                     "spec": {"name": "web", "command": []}})
-    assert res["error"]["field"] == "command"
+    assert res["error"]["field"] == "task.container.command"
 
 
 def test_duplicate_service_name_refused() -> None:
@@ -347,7 +347,7 @@ def test_rolling_update_replaces_one_at_a_time_and_scale_does_not_redeploy() -> 
         run_all(st, now)
         now += 1
     assert len(live(st)) == 4
-    assert all(t.spec.env == {"V": "2"} for t in live(st))
+    assert all(t.spec.container.env == {"V": "2"} for t in live(st))
 
 
 
@@ -383,14 +383,14 @@ def test_service_vips_unique_and_published_ports_conflict_named() -> None:
     res = st.apply({"op": "service_create", "id": "s2", "now": 1.0,
                     "spec": dict(SPEC, name="other",
                                  ports=[{"published": 8080, "target": 81}])})
-    assert res["error"]["field"] == "ports" and "already published by service web" in \
+    assert res["error"]["field"] == "endpoint.ports" and "already published by service web" in \
         res["error"]["message"]
     res = st.apply({"op": "service_create", "id": "s2", "now": 1.0,
                     "spec": dict(SPEC, name="other",
                                  ports=[{"published": 8080, "target": 81, "protocol": "udp"}])})
     assert "ok" in res and res["vip"] != vip1
-    for bad, field in ((0, "ports[0].published"), (70000, "ports[0].published"),
-                       (2377, "ports[0].published")):
+    field = "endpoint.ports[0].published"
+    for bad in (0, 70000, 2377):
         res = st.apply({"op": "service_create", "id": "s3", "now": 1.0,
                         "spec": dict(SPEC, name="third",
                                      ports=[{"published": bad, "target": 80}])})

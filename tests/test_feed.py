@@ -123,7 +123,7 @@ def test_state_round_trips_through_the_wire_form() -> None:
     for cmd in _commands():
         m.apply(cmd)
     again = state_from_bytes(state_to_bytes(m.state))
-    assert again == m.state and again.index == 6 and again.services["s1"].spec.mounts
+    assert again == m.state and again.index == 6 and again.services["s1"].spec.task.container.mounts
 
 
 @pytest.mark.parametrize("data", [

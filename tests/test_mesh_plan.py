@@ -10,20 +10,22 @@ from shoal.raft.models import (
     NodeRole,
     PortSpec,
     Service,
-    ServiceSpec,
     Task,
     TaskState,
     TaskStatus,
+    to_dict,
 )
 from shoal.raft.state import ClusterInfo, Snapshot
+from shoal.raft.validate import validate_spec
 
 
 def snap(*tasks: Task, ports: tuple[PortSpec, ...] = (PortSpec(8080, 8000),),
          algorithm: str = "round-robin") -> Snapshot:
-    spec = ServiceSpec(name="web", command=("x",), ports=ports, lb_algorithm=algorithm,
-                       stop_grace_period=7.0)
+    spec = validate_spec({"name": "web", "command": ["x"], "ports": [to_dict(p) for p in ports],
+                          "lb_algorithm": algorithm, "stop_grace_period": 7.0})
     svc = Service(id="s1", spec=spec, vip="10.98.0.2")
-    bare = Service(id="s2", spec=ServiceSpec(name="db", command=("x",)), vip="10.98.0.3")
+    bare = Service(id="s2", spec=validate_spec({"name": "db", "command": ["x"]}),
+                   vip="10.98.0.3")
     nodes = {f"n{i}": Node(id=f"n{i}", hostname=f"h{i}", addr=f"10.77.0.1{i}", api_port=2377,
                            raft_port=2378, role=NodeRole.MANAGER, subnet=f"10.99.{i}.0/24")
              for i in (1, 2, 3)}
@@ -33,9 +35,9 @@ def snap(*tasks: Task, ports: tuple[PortSpec, ...] = (PortSpec(8080, 8000),),
 
 def task(tid: str, state: TaskState = TaskState.RUNNING, addr: str = "10.99.1.2",
          desired: TaskState = TaskState.RUNNING, service: str = "s1") -> Task:
-    spec = ServiceSpec(name="web" if service == "s1" else "db", command=("x",),
-                       stop_grace_period=7.0)
-    return Task(id=tid, service_id=service, service_name=spec.name, slot=1, spec=spec,
+    spec = validate_spec({"name": "web" if service == "s1" else "db", "command": ["x"],
+                          "stop_grace_period": 7.0})
+    return Task(id=tid, service_id=service, service_name=spec.name, slot=1, spec=spec.task,
                 service_version=1, desired_state=desired, node_id="n1",
                 status=TaskStatus(state=state, addr=addr))
 

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 
 from shoal.cli import specflags
+from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
 from shoal.node.leader import plan_pass
 from shoal.node.orchestrator import OrchestratorConfig, outdated
@@ -88,11 +89,12 @@ def test_constraints_are_validated_with_the_entry_named() -> None:
         res = st.apply({"op": "service_create", "id": "s", "now": 1.0,
                         "spec": dict(SPEC, constraints=["node.role==manager", bad])})
         err = res["error"]
-        assert err["code"] == "invalid" and err["field"] == "constraints[1]", err
-        assert err["message"].startswith("constraints[1]: ") and words in err["message"], err
+        field = "task.placement.constraints[1]"
+        assert err["code"] == "invalid" and err["field"] == field, err
+        assert err["message"].startswith(f"{field}: ") and words in err["message"], err
     res = st.apply({"op": "service_create", "id": "s", "now": 1.0,
                     "spec": dict(SPEC, constraints="node.role==manager")})
-    assert res["error"]["field"] == "constraints"
+    assert res["error"]["field"] == "task.placement.constraints"
     assert not st.services
 
 
@@ -100,21 +102,21 @@ def test_constraints_are_stored_canonical_and_without_duplicates() -> None:
     spec = validate_spec(dict(SPEC, constraints=[
         " Node.Labels.Zone == b", "node.ROLE!=Worker", "node.labels.Zone==b",
         "node.ip==10.0.0.0/24", "node.hostname==h1", "node.id==n1", "node.platform.os==linux"]))
-    assert spec.constraints == ("node.labels.Zone==b", "node.role!=worker",
+    assert spec.task.placement.constraints == ("node.labels.Zone==b", "node.role!=worker",
                                 "node.ip==10.0.0.0/24", "node.hostname==h1", "node.id==n1",
                                 "node.platform.os==linux")
 
 
 def test_old_specs_without_constraints_still_load_and_new_ones_survive_msgpack() -> None:
     old = {"name": "web", "command": ["x"], "replicas": 2}  # written before constraints
-    assert spec_from_dict(old).constraints == ()
+    assert spec_from_dict(old).task.placement.constraints == ()
     spec = validate_spec(dict(SPEC, constraints=["node.labels.zone==b"]))
     blob = msgpack.packb(to_dict(spec))
     assert spec_from_dict(msgpack.unpackb(blob, raw=False)) == spec
     task = Task(id="t1", service_id="s1", service_name="web", slot=1, spec=spec,
                 service_version=1)
     back = msgpack.unpackb(msgpack.packb(to_dict(task)), raw=False)
-    assert task_from_dict(back).spec.constraints == ("node.labels.zone==b",)
+    assert task_from_dict(back).spec.placement.constraints == ("node.labels.zone==b",)
 
 
 # ------------------------------------------------------------------ matching
@@ -134,7 +136,7 @@ def test_old_specs_without_constraints_still_load_and_new_ones_survive_msgpack()
 ])
 def test_constraint_matching(expr: str, matching: set[str]) -> None:
     nodes = [node(1, NodeRole.MANAGER, zone="a"), node(2, zone="b"), node(3)]
-    constraints = validate_spec(dict(SPEC, constraints=[expr])).constraints
+    constraints = validate_spec(dict(SPEC, constraints=[expr])).task.placement.constraints
     assert {n.id for n in nodes if unsatisfied(n, constraints) is None} == matching
 
 
@@ -291,7 +293,7 @@ def test_a_task_kept_by_a_constraint_change_is_held_to_the_current_constraints()
     settle(st, 22.0)
     (moved,) = live(st)
     assert moved.id != t.id and moved.node_id == "n2"
-    assert moved.spec.constraints == ("node.labels.disk==ssd",)
+    assert moved.spec.placement.constraints == ("node.labels.disk==ssd",)
 
 
 def test_update_of_tasks_still_waiting_for_a_node_does_not_stall() -> None:
@@ -309,20 +311,20 @@ def test_update_of_tasks_still_waiting_for_a_node_does_not_stall() -> None:
         settle(st, now)
         now += 1
     tasks = live(st)
-    assert len(tasks) == 3 and all(t.node_id and t.spec.constraints == () for t in tasks)
+    assert len(tasks) == 3 and all(t.node_id and t.spec.placement.constraints == () for t in tasks)
     assert len(st.tasks) == 3  # the never-placed ones are gone
 
 
 def test_outdated_forgives_constraint_only_changes_on_satisfying_nodes() -> None:
     base = validate_spec(dict(SPEC, constraints=["node.role==worker"]))
-    task = Task(id="t", service_id="s1", service_name="web", slot=1, spec=base,
+    task = Task(id="t", service_id="s1", service_name="web", slot=1, spec=base.task,
                 service_version=1, node_id="n1")
     zoned = validate_spec(dict(SPEC, constraints=["node.labels.zone==b"]))
-    assert not outdated(task, zoned, node(1, zone="b"))
-    assert outdated(task, zoned, node(1))
-    assert outdated(task, zoned)  # unknown node: replace it
+    assert not outdated(task, zoned.task, node(1, zone="b"))
+    assert outdated(task, zoned.task, node(1))
+    assert outdated(task, zoned.task)  # unknown node: replace it
     other = validate_spec(dict(SPEC, env={"V": "2"}, constraints=["node.labels.zone==b"]))
-    assert outdated(task, other, node(1, zone="b"))  # any other change redeploys
+    assert outdated(task, other.task, node(1, zone="b"))  # any other change redeploys
 
 
 # ------------------------------------------------------------------ CLI
@@ -330,20 +332,28 @@ def test_cli_constraint_flags() -> None:
     args = build_parser().parse_args([
         "service", "create", "--name", "web", "--constraint", "node.labels.zone==b",
         "--constraint", "node.role!=manager", "--", "sleep", "1"])
-    assert args.constraint == ["node.labels.zone==b", "node.role!=manager"]
-    args = build_parser().parse_args([
-        "service", "update", "--constraint-add", "node.labels.disk==ssd",
-        "--constraint-rm", "node.role != manager", "web"])
-    assert args.constraint_add == ["node.labels.disk==ssd"]
-    assert update_constraints(["node.labels.zone==b", "node.role!=manager"],
-                              args.constraint_add, args.constraint_rm) == \
-        ["node.labels.zone==b", "node.labels.disk==ssd"]
+    spec = specflags.spec_from_create_args(args)
+    assert spec["task"]["placement"]["constraints"] == ["node.labels.zone==b",
+                                                        "node.role!=manager"]
+    current = to_dict(validate_spec(spec))
+
+    def update(*flags: str) -> list[str]:
+        args = build_parser().parse_args(["service", "update", *flags, "web"])
+        new = specflags.apply_update_args(current, args)
+        return list(new["task"]["placement"]["constraints"])
+
+    assert update("--constraint-add", "node.labels.disk==ssd", "--constraint-rm",
+                  "node.role != manager") == ["node.labels.zone==b", "node.labels.disk==ssd"]
     # a removal wins over an addition of the same constraint; unknown removals are ignored
-    assert update_constraints([], ["node.id==x"], ["node.id == x", "node.id==y"]) == []
+    assert update("--constraint-add", "node.id==x", "--constraint-rm", "node.id == x",
+                  "--constraint-rm", "node.id==y") == ["node.labels.zone==b",
+                                                       "node.role!=manager"]
+    with pytest.raises(CliError, match="--constraint-add: 'zone' has no operator"):
+        update("--constraint-add", "zone")
 
 
 def test_validation_error_type_names_field() -> None:
     with pytest.raises(ValidationError) as exc:
         validate_spec(dict(SPEC, constraints=["node.labels.zone==b", 3]))
-    assert exc.value.field == "constraints[1]"
+    assert exc.value.field == "task.placement.constraints[1]"
 
