@@ -111,7 +111,9 @@ class FakeAgent:
         self.config = SimpleNamespace(gossip_preset="local")
         self.data_dir = Path("/nonexistent")
         self.membership: Membership | None = None
-        self.gossip = GossipControl(cast(Any, self))
+        # this fake is the NodeContext too (config, identity, data_dir, store, require_manager)
+        self.gossip = GossipControl(cast(Any, self), cast(Any, self.security),
+                                    lambda: self.membership)
 
     @property
     def store(self) -> Any:
