@@ -18,8 +18,12 @@ STAMP  := $(VENV)/.installed
 DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
 HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py
+# mypy sees the package as shoal.* through this symlink tree (shoal/node -> ../../../node, ...),
+# made from pyproject's package-dir on every lint: mypy cannot follow the editable install's
+# import hook. It is git-ignored and only type checking reads it.
+MYPY_TREE := build/mypy
 
-.PHONY: venv test lint demo sweep clean
+.PHONY: venv test lint mypy-tree demo sweep clean
 
 venv: $(STAMP)
 
@@ -37,10 +41,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-lint: venv
+lint: venv mypy-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	MYPYPATH=tests $(BIN)/mypy $(HARNESS)
+
+mypy-tree: venv
+	@rm -rf $(MYPY_TREE)
+	@$(BIN)/python -c 'import pathlib, tomllib; \
+	  dirs = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]; \
+	  root = pathlib.Path("$(MYPY_TREE)/shoal"); root.mkdir(parents=True); \
+	  assert all(n.count(".") == 1 and n.startswith("shoal.") for n in dirs), dirs; \
+	  [(root / n.split(".")[1]).symlink_to(pathlib.Path("../../..", d)) for n, d in dirs.items()]'
 
 test: lint
 	$(BIN)/pytest -q
