@@ -227,10 +227,10 @@ def _reconcile_service(
                 ops.append(("create", to_dict(task)))
         # trim history: dead tasks beyond the newest `task_history` (but keep enough to
         # count restart attempts and to remember that a slot is not to be restarted)
-        keep = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
+        history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
         dead = [t for t in slot_tasks if not alive(t) and t.status.state.terminal]
         dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
-        for t in dead[keep:]:
+        for t in dead[history:]:
             ops.append(("delete", t.id))
     return ops, wake_at
 

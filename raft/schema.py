@@ -156,6 +156,6 @@ def _complete(spec: dict[str, Any]) -> dict[str, Any] | None:
     if is_legacy_spec(spec):
         spec = upgrade_spec(spec)
     try:
-        return _norm(msgspec.to_builtins(msgspec.convert(spec, ServiceSpec)))  # type: ignore[no-any-return]
+        return _norm(msgspec.to_builtins(msgspec.convert(spec, ServiceSpec)))
     except msgspec.ValidationError:
         return None

@@ -83,8 +83,10 @@ def decl(help: str, *, flag: str | None = None, short: str | None = None,
     extra = {k: v for k, v in (("flag", flag), ("short", short), ("cli", cli),
                                ("item", item), ("unit", unit), ("metavar", metavar))
              if v is not None}
-    return msgspec.Meta(description=help, ge=ge, le=le, pattern=pattern,
-                        max_length=max_length, title=title, extra=extra)
+    bounds = {k: v for k, v in (("ge", ge), ("le", le), ("pattern", pattern),
+                                ("max_length", max_length), ("title", title)) if v is not None}
+    meta: Any = msgspec.Meta  # (its overloads are too many for mypy to combine)
+    return meta(description=help, extra=extra, **bounds)
 
 
 class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -93,7 +95,7 @@ class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
 # --------------------------------------------------------------------------- container
 
-class Mount(_Spec):
+class Mount(_Spec, frozen=True):
     """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
 
     type: Annotated[Literal["bind", "volume", "tmpfs"], decl(
@@ -122,7 +124,7 @@ class Mount(_Spec):
         return self.target
 
 
-class FileRef(_Spec):
+class FileRef(_Spec, frozen=True):
     """A task's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): the task
     sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
 
@@ -155,7 +157,7 @@ Command = Annotated[tuple[str, ...], decl(
     cli="command", max_length=4096)]
 
 
-class ContainerSpec(_Spec):
+class ContainerSpec(_Spec, frozen=True):
     """What runs: the process, its environment and the files it sees."""
 
     image: Annotated[str, decl("image NAME[:TAG]; empty = the host's read-only /usr and /etc",
@@ -207,7 +209,7 @@ class ContainerSpec(_Spec):
 
 # --------------------------------------------------------------------------- resources
 
-class Limits(_Spec):
+class Limits(_Spec, frozen=True):
     memory: Annotated[int, decl("memory limit (swap is always off); 0 = unlimited",
                                 flag="--limit-memory", cli="bytes", unit="bytes",
                                 metavar="SIZE", ge=0, le=1 << 50)] = 0
@@ -219,7 +221,7 @@ class Limits(_Spec):
                               le=1 << 22)] = 0
 
 
-class Reservations(_Spec):
+class Reservations(_Spec, frozen=True):
     memory: Annotated[int, decl("memory the scheduler keeps free for the task",
                                 flag="--reserve-memory", cli="bytes", unit="bytes",
                                 metavar="SIZE", ge=0, le=1 << 50)] = 0
@@ -228,12 +230,12 @@ class Reservations(_Spec):
                                ge=0, le=1024)] = 0.0
 
 
-class Resources(_Spec):
+class Resources(_Spec, frozen=True):
     limits: Limits = Limits()
     reservations: Reservations = Reservations()
 
 
-class RestartPolicy(_Spec):
+class RestartPolicy(_Spec, frozen=True):
     """Swarm's restart policy: when a task ends by itself, is its slot refilled?"""
 
     condition: Annotated[Literal["none", "on-failure", "any"], decl(
@@ -250,7 +252,7 @@ class RestartPolicy(_Spec):
                                   unit="seconds", ge=0, le=DAY * 365)] = 0.0
 
 
-class Placement(_Spec):
+class Placement(_Spec, frozen=True):
     constraints: Annotated[tuple[str, ...], decl(
         "expressions every node of a task must satisfy: node.labels.KEY==VALUE, "
         "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR, "
@@ -267,7 +269,7 @@ class Placement(_Spec):
             msgspec.structs.force_setattr(self, "constraints", tuple(canonical))
 
 
-class TaskSpec(_Spec):
+class TaskSpec(_Spec, frozen=True):
     """The task template: copied into every task. Changing it replaces the tasks (a rolling
     update); changing anything else in the service spec does not."""
 
@@ -282,12 +284,12 @@ class TaskSpec(_Spec):
 
 # --------------------------------------------------------------------------- service
 
-class ServiceMode(_Spec):
+class ServiceMode(_Spec, frozen=True):
     replicas: Annotated[int, decl("number of tasks", flag="--replicas", cli="int",
                                   metavar="N", ge=0, le=MAX_REPLICAS)] = 1
 
 
-class UpdateConfig(_Spec):
+class UpdateConfig(_Spec, frozen=True):
     """How a changed task template rolls out (``update``) or back (``rollback``): stop-first,
     ``parallelism`` tasks at a time, the next batch once the previous one runs and ``delay``
     has passed. A replacement that fails pauses the update (``service inspect`` says why)."""
@@ -300,7 +302,7 @@ class UpdateConfig(_Spec):
                                  ge=0, le=DAY)] = 0.0
 
 
-class RollbackConfig(_Spec):
+class RollbackConfig(_Spec, frozen=True):
     """Like UpdateConfig, for `service rollback` (Swarm's RollbackConfig)."""
 
     parallelism: Annotated[int, decl("tasks rolled back at a time; 0 = all at once",
@@ -311,7 +313,7 @@ class RollbackConfig(_Spec):
                                  ge=0, le=DAY)] = 0.0
 
 
-class PortSpec(_Spec):
+class PortSpec(_Spec, frozen=True):
     """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
     forwards to a task's ``target`` port (the routing mesh)."""
 
@@ -330,7 +332,7 @@ class PortSpec(_Spec):
         return f"{self.published}/{self.protocol}"
 
 
-class EndpointSpec(_Spec):
+class EndpointSpec(_Spec, frozen=True):
     ports: Annotated[tuple[PortSpec, ...], decl(
         "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
         flag="--publish", short="-p", cli="list", item="port",
@@ -347,7 +349,7 @@ class EndpointSpec(_Spec):
             seen.add((p.published, p.protocol))
 
 
-class ServiceSpec(_Spec):
+class ServiceSpec(_Spec, frozen=True):
     """What the user asked for. Validated (``shoal.raft.validate.validate_spec``) before it is
     proposed and again inside the state machine."""
 

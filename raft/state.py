@@ -346,6 +346,7 @@ class ClusterState:
                            f"{MAX_BATCH_OPS} operations", "ops")
         now = float(cmd["now"])
         applied = 0
+        t: Task | None
         for op in ops:
             kind = op[0]
             if kind == "create":
