@@ -238,15 +238,17 @@ def _reconcile_service(
 def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
     """The task runs another task template than the service's. Only the template counts:
     a change of replicas, update/rollback settings, ports or labels replaces no task
-    (swarmkit copies only TaskSpec into tasks, too).
+    (swarmkit copies only TaskSpec into tasks, too); nor does a change of the restart policy,
+    which only the leader reads (for the task's successors).
 
     When only the placement constraints differ, a task whose ``node`` satisfies the new
     ones is kept (swarmkit's IsTaskDirtyPlacementConstraintsOnly): `--constraint-add` moves
     only the tasks that must move, `--constraint-rm` moves none."""
-    if t.spec == spec:
-        return False
+    if structs.replace(t.spec, restart=spec.restart) == spec:
+        return False  # the restart policy is the leader's business: applies without redeploy
     nowhere = Placement()
-    if structs.replace(t.spec, placement=nowhere) == structs.replace(spec, placement=nowhere):
+    mine = structs.replace(t.spec, restart=spec.restart, placement=nowhere)
+    if mine == structs.replace(spec, placement=nowhere):
         return node is None or unsatisfied(node, spec.placement.constraints) is not None
     return True
 

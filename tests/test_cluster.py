@@ -237,13 +237,77 @@ def test_rolling_update_and_rollback(lab_factory: Callable[..., Lab]) -> None:
         return tasks if len(tasks) == 3 and not ids & v1 else None
     wait_until(updated, timeout=40, what="all 3 tasks replaced by the update")
     spec = h1.cli_json("service", "inspect", "roll")[0]
-    assert spec["spec"]["env"] == {"V": "2"} and spec["previous_spec"]["env"] == {"V": "1"}
+    env = spec["spec"]["task"]["container"]["env"]
+    assert env == {"V": "2"} and spec["previous_spec"]["task"]["container"]["env"] == {"V": "1"}
     v2 = {t["id"] for t in running(h1, "roll")}
     h1.cli("service", "rollback", "roll")
     wait_until(lambda: len(running(h1, "roll")) == 3 and not {
         t["id"] for t in running(h1, "roll")} & v2, timeout=40, what="rolled back")
-    assert h1.cli_json("service", "inspect", "roll")[0]["spec"]["env"] == {"V": "1"}
+    back = h1.cli_json("service", "inspect", "roll")[0]
+    assert back["spec"]["task"]["container"]["env"] == {"V": "1"}
+    wait_until(lambda: h1.cli_json("service", "inspect", "roll")[0]["update_status"]["state"]
+               == "rollback_completed", timeout=20, what="rollback_completed")
     stale = Client(f"unix://{h1.sock}")
     with pytest.raises(CliError, match="changed meanwhile"):
         stale.call("POST", "/v1/services/roll/update",
                    {"spec": spec["spec"], "version": spec["version"]})
+
+
+def test_only_task_template_changes_replace_tasks(lab_factory: Callable[..., Lab]) -> None:
+    """Changing update/rollback settings, the restart policy, the balancer or labels of a
+    running 3-replica service restarts nothing (same tasks, same pids); changing its env
+    replaces all three, one at a time (never fewer than 2 running), and the update status
+    ends ``completed``."""
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    h1 = lab.hosts[0]
+    h1.cli("service", "create", "--name", "tmpl", "--replicas", "3", "-p", "8080:8000", *SLEEP)
+    before = {t["id"]: t["pid"] for t in wait_running(h1, "tmpl", 3)}
+    h1.cli("service", "update", "--update-parallelism", "1", "--update-delay", "1s",
+           "--rollback-parallelism", "3", "--restart-delay", "2s", "--restart-max-attempts", "5",
+           "--lb", "least-conn", "--label-add", "team=a", "tmpl")
+    svc = h1.cli_json("service", "inspect", "tmpl")[0]
+    assert svc["version"] == 2 and svc["spec"]["update"]["delay"] == 1.0
+    assert svc["spec"]["endpoint"]["lb_algorithm"] == "least-conn"
+    for _ in range(10):  # the leader has had several passes to (wrongly) replace something
+        assert {t["id"]: t["pid"] for t in running(h1, "tmpl")} == before
+    h1.cli("service", "update", "--env-add", "V=2", "tmpl")
+    fewest = 3
+
+    def replaced() -> bool:
+        nonlocal fewest
+        tasks = running(h1, "tmpl")
+        fewest = min(fewest, len(tasks))
+        return len(tasks) == 3 and not {t["id"] for t in tasks} & set(before)
+    wait_until(replaced, timeout=60, interval=0.1, what="all 3 tasks replaced")
+    assert fewest >= 2, f"{3 - fewest} tasks were down at once with update parallelism 1"
+    wait_until(lambda: h1.cli_json("service", "inspect", "tmpl")[0]["update_status"]["state"]
+               == "completed", timeout=20, what="update status completed")
+
+
+def test_a_failing_update_pauses_after_the_first_task(lab_factory: Callable[..., Lab]) -> None:
+    """Swarm's default failure action: an update whose first replacement fails stops there —
+    at most one task replaced, two old tasks still running, ``service inspect`` says why —
+    and `service rollback` restores the service."""
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    h1 = lab.hosts[0]
+    h1.cli("service", "create", "--name", "frail", "--replicas", "3", "--update-delay", "10s",
+           "--restart-delay", "0.2s", *SLEEP)
+    v1 = {t["id"] for t in wait_running(h1, "frail", 3)}
+    h1.cli("service", "update", "frail", "--", "sh", "-c", "exit 3")
+
+    def paused() -> dict[str, Any] | None:
+        svc = h1.cli_json("service", "inspect", "frail")[0]
+        return svc if svc["update_status"]["state"] == "paused" else None
+    svc = wait_until(paused, timeout=30, what="the update paused")
+    assert "exit" in svc["update_status"]["message"] or "3" in svc["update_status"]["message"]
+    for _ in range(15):  # several restart delays later: still only one slot replaced
+        old = {t["id"] for t in running(h1, "frail")} & v1
+        assert len(old) == 2, f"old tasks still running: {len(old)}"
+    h1.cli("service", "rollback", "frail")
+    wait_until(lambda: len(running(h1, "frail")) == 3 and
+               h1.cli_json("service", "inspect", "frail")[0]["update_status"]["state"] ==
+               "rollback_completed", timeout=40, what="rolled back")
+    # the two tasks that were never replaced run the rolled-back spec already: kept
+    assert len({t["id"] for t in running(h1, "frail")} & v1) == 2

@@ -54,7 +54,7 @@ def test_constraint_waits_for_a_labelled_node_and_follows_the_label(
     reason = "no node satisfies node.labels.zone==b"
     wait_pending(h1, "zoned", reason)
     (svc,) = h1.cli_json("service", "inspect", "zoned")
-    assert svc["spec"]["constraints"] == ["node.labels.zone==b"]
+    assert svc["spec"]["task"]["placement"]["constraints"] == ["node.labels.zone==b"]
 
     h1.cli("node", "update", "--label-add", "zone=b", h3.name)
     first = wait_running_on(h1, "zoned", h3.name)
@@ -74,4 +74,5 @@ def test_constraint_waits_for_a_labelled_node_and_follows_the_label(
     h1.cli("service", "update", "--constraint-rm", "node.labels.zone==b", "zoned")
     wait_until(lambda: [t["state"] for t in tasks(h1, "zoned")] == ["running"], timeout=30,
                what="zoned running once its constraint is removed")
-    assert h1.cli_json("service", "inspect", "zoned")[0]["spec"]["constraints"] == []
+    assert h1.cli_json("service", "inspect", "zoned")[0]["spec"]["task"]["placement"][
+        "constraints"] == []
