@@ -39,6 +39,7 @@ parser: ``mount port secret config constraint``), ``unit`` and ``metavar``. A fi
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
@@ -520,11 +521,16 @@ def reference_markdown() -> str:
     for f in fields():
         tname = _type_name(f.type)
         unit = f" ({f.unit})" if f.unit else ""
-        default = "" if f.default is None else repr(f.default).replace("|", "\\|")
+        default = "required" if f.default is None else \
+            f"`{json.dumps(_plain(f.default))}`".replace("|", "\\|")
         flag = f"`{f.flag}`" if f.flag else ("`-- CMD ARGS`" if f.cli == "command" else "")
-        rows.append(f"| `{f.path}` | {tname} | `{default}` | {flag} | "
+        rows.append(f"| `{f.path}` | {tname} | {default} | {flag} | "
                     f"{f.help.replace('|', '/')}{unit} |")
     return "\n".join(rows) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _type_name(tp: Any) -> str:

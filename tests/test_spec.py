@@ -1,0 +1,235 @@
+"""One declaration per spec field: validation, CLI flags, JSON Schema and docs all come from
+shoal.raft.spec, and only the task template redeploys tasks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from shoal.cli import specflags
+from shoal.cli.errors import CliError
+from shoal.cli.main import build_parser
+from shoal.node.orchestrator import OrchestratorConfig, outdated, reconcile_services
+from shoal.raft.errors import ValidationError
+from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
+from shoal.raft.spec import ServiceSpec, fields
+from shoal.raft.state import ClusterState
+from shoal.raft.validate import validate_spec
+
+BASE: dict[str, Any] = {"name": "web", "task": {"container": {"command": ["sleep", "9"]}}}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _subparser(verb: str) -> argparse.ArgumentParser:
+    service = next(a for a in build_parser()._subparsers._group_actions  # type: ignore[union-attr]
+                   if isinstance(a, argparse._SubParsersAction)).choices["service"]
+    sub = next(a for a in service._subparsers._group_actions  # type: ignore[union-attr]
+               if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[verb]  # type: ignore[no-any-return]
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings}
+
+
+def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
+    create, update = _options(_subparser("create")), _options(_subparser("update"))
+    for f in fields():
+        if not f.flag:
+            continue
+        assert f.flag in create, f.path
+        if f.path == "name":
+            assert f.flag not in update  # a service cannot be renamed
+        elif f.cli in ("list", "map"):
+            assert {f.flag + "-add", f.flag + "-rm"} <= update, f.path
+        else:
+            assert f.flag in update, f.path
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"mode": {"replicas": -1}}, "mode.replicas"),
+    ({"mode": {"replicas": "3"}}, "mode.replicas"),
+    ({"task": {"container": {"command": ["x"], "env": {"1A": "x"}}}}, "task.container.env"),
+    ({"task": {"container": {"command": []}}}, "task.container.command"),
+    ({"task": {"container": {"command": ["x"], "workdir": "rel"}}}, "task.container.workdir"),
+    ({"task": {"container": {"command": ["x"], "mounts": [{"type": "bind", "target": "/x",
+                                                          "source": "rel"}]}}},
+     "task.container.mounts[0].source"),
+    ({"task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": -1}}}},
+     "task.resources.limits.cpu"),
+    ({"task": {"container": {"command": ["x"]}, "placement": {"constraints": ["a", "b"]}}},
+     "task.placement.constraints[0]"),
+    ({"endpoint": {"ports": [{"published": 7946, "target": 1}]}}, "endpoint.ports[0].published"),
+    ({"update": {"parallelism": 1, "bogus": 2}}, "update.bogus"),
+    ({"name": "Web"}, "name"),
+])
+def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: str) -> None:
+    spec = {**BASE, **change}
+    with pytest.raises(ValidationError) as exc:
+        validate_spec(spec)
+    assert exc.value.field == field
+    assert exc.value.message.startswith(field) or field in exc.value.message
+    # the same check inside the state machine: recorded, never raised
+    res = ClusterState().apply({"op": "service_create", "id": "s", "now": 1.0, "spec": spec})
+    assert res["error"]["field"] == field
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--limit-memory", "12X"], "--limit-memory"),
+    (["--stop-grace-period", "5q"], "--stop-grace-period"),
+    (["--update-delay=-1s"], "--update-delay"),
+    (["--replicas", "many"], "--replicas"),
+    (["--publish", "80:x"], "--publish"),
+    (["--mount", "dst=/x,color=red"], "--mount"),
+    (["--constraint", "zone"], "--constraint"),
+])
+def test_bad_flag_values_name_the_flag(argv: list[str], flag: str) -> None:
+    args = build_parser().parse_args(["service", "create", "--name", "w", *argv, "--", "x"])
+    with pytest.raises(CliError, match=f"^{flag}"):
+        specflags.spec_from_create_args(args)
+
+
+def test_agent_errors_about_a_field_name_its_flag() -> None:
+    assert specflags.flag_of_field("task.container.env") == "--env"
+    assert specflags.flag_of_field("task.container.mounts[1].source") == "--mount"
+    assert specflags.flag_of_field("endpoint.ports[0].published") == "--publish"
+    assert specflags.flag_of_field("mode.replicas") == "--replicas"
+    assert specflags.flag_of_field("task.force_update") == ""
+
+
+def test_go_durations() -> None:
+    assert specflags.parse_duration("1m30s", "--x") == 90.0
+    assert specflags.parse_duration("500ms", "--x") == 0.5
+    assert specflags.parse_duration("1h2m", "--x") == 3720.0
+    assert specflags.parse_duration("2.5", "--x") == 2.5
+    for bad in ("", "10", "s", "1x", "1s2"):
+        if bad == "10":
+            continue
+        with pytest.raises(CliError):
+            specflags.parse_duration(bad, "--x")
+
+
+def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:
+    p = build_parser()
+    args = p.parse_args(["service", "create", "--name", "web", "--replicas", "3", "-e", "A=1",
+                         "--limit-memory", "64M", "--stop-grace-period", "1m", "-p", "8080:80",
+                         "--mount", "type=tmpfs,dst=/tmp", "--secret", "db,target=pw",
+                         "--update-delay", "10s", "--", "sleep", "9"])
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    assert spec.mode.replicas == 3 and spec.task.container.env == {"A": "1"}
+    assert spec.task.resources.limits.memory == 64 << 20
+    assert spec.task.container.stop_grace_period == 60.0 and spec.update.delay == 10.0
+    args = p.parse_args(["service", "update", "--env-add", "B=2", "--env-rm", "A",
+                         "--publish-rm", "8080", "--publish-add", "9090:90/udp",
+                         "--mount-rm", "/tmp", "--secret-rm", "db", "--update-parallelism",
+                         "2", "--force", "web"])
+    new = validate_spec(specflags.apply_update_args(to_dict(spec), args))
+    assert new.task.container.env == {"B": "2"} and not new.task.container.mounts
+    assert [(x.published, x.protocol) for x in new.endpoint.ports] == [(9090, "udp")]
+    assert not new.task.container.secrets and new.update.parallelism == 2
+    assert new.task.force_update == 1 and new.mode.replicas == 3
+
+
+def test_the_json_schema_comes_from_the_declarations() -> None:
+    (schema,), components = msgspec.json.schema_components([ServiceSpec])
+    limits = components["Limits"]["properties"]["memory"]
+    decl = next(f for f in fields() if f.path == "task.resources.limits.memory")
+    assert limits["description"] == decl.help and limits["minimum"] == 0
+    assert components["ServiceSpec"]["required"] == ["name"]
+
+
+def test_docs_api_md_spec_reference_is_current() -> None:
+    spec = importlib.util.spec_from_file_location("gen", DOCS / "gen_spec_reference.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (DOCS / "api.md").read_text()
+    assert gen.render(text) == text, "docs/api.md is out of date: run `make docs`"
+    for f in fields():
+        assert f"`{f.path}`" in text
+
+
+# ------------------------------------------------------------------ what redeploys
+def _cluster(spec: dict[str, Any]) -> ClusterState:
+    st = ClusterState()
+    st.apply({"op": "node_add", "now": 1.0, "node": {
+        "id": "n1", "hostname": "h1", "addr": "10.0.0.1", "api_port": 2377, "raft_port": 2378,
+        "role": "manager"}})
+    assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
+    return st
+
+
+def _converge(st: ClusterState, now: float) -> None:
+    ids = iter(f"t{i}" for i in range(10_000))
+    for _ in range(4):
+        ops, _ = reconcile_services(st.snapshot(), now, lambda: next(ids) + str(now),
+                                    OrchestratorConfig())
+        if ops:
+            st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
+        for t in list(st.tasks.values()):
+            if not t.node_id and t.alive:
+                st.apply({"op": "leader", "term": 1, "now": now, "ops": [("assign", t.id, "n1")]})
+        for t in list(st.tasks.values()):
+            want = TaskState.RUNNING if t.desired_state <= TaskState.RUNNING else \
+                TaskState.SHUTDOWN
+            if t.node_id and t.status.state < want:
+                st.apply({"op": "task_status", "task_id": t.id, "node_id": "n1", "now": now,
+                          "status": to_dict(TaskStatus(state=want, timestamp=now))})
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": {"replicas": 3}, "update": {"parallelism": 3, "delay": 5.0}},
+    {"mode": {"replicas": 3}, "rollback": {"parallelism": 2}},
+    {"mode": {"replicas": 3}, "endpoint": {"lb_algorithm": "least-conn",
+                                           "ports": [{"published": 80, "target": 8}]}},
+    {"mode": {"replicas": 3}, "labels": {"team": "a"}},
+    {"mode": {"replicas": 3}, "task": {"container": {"command": ["sleep", "9"]},
+                                       "restart": {"delay": 9.0, "max_attempts": 4}}},
+])
+def test_changes_outside_the_task_template_replace_no_task(change: dict[str, Any]) -> None:
+    st = _cluster({**BASE, "mode": {"replicas": 3}})
+    _converge(st, 2.0)
+    before = set(st.tasks)
+    assert len(before) == 3
+    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 3.0,
+                             "spec": {**BASE, **change}})
+    _converge(st, 4.0)
+    assert set(st.tasks) == before
+
+
+def test_a_template_change_replaces_tasks_one_at_a_time() -> None:
+    st = _cluster({**BASE, "mode": {"replicas": 3}})
+    _converge(st, 2.0)
+    old = set(st.tasks)
+    new_spec = {**BASE, "mode": {"replicas": 3},
+                "task": {"container": {"command": ["sleep", "9"], "env": {"V": "2"}}}}
+    st.apply({"op": "service_update", "id": "s1", "now": 3.0, "spec": new_spec})
+    now = 4.0
+    while {t.id for t in st.tasks.values() if t.alive} & old:
+        ops, _ = reconcile_services(st.snapshot(), now, lambda: f"n{now}", OrchestratorConfig())
+        stopping = [op for op in ops if op[0] == "desired"]
+        assert len(stopping) <= 1  # parallelism 1
+        _converge(st, now)
+        now += 1.0
+        assert now < 30
+    svc = st.services["s1"]
+    assert all(t.spec == svc.spec.task for t in st.tasks.values() if t.alive)
+    _converge(st, now)
+    assert st.services["s1"].update_status.state == "completed"
+
+
+def test_outdated_compares_only_the_template() -> None:
+    spec = validate_spec({**BASE, "mode": {"replicas": 2}})
+    task = Task(id="t", service_id="s", service_name="web", slot=1, spec=spec.task,
+                service_version=1)
+    changed = msgspec.structs.replace(spec, update=msgspec.structs.replace(spec.update,
+                                                                           parallelism=4))
+    assert not outdated(task, changed.task)
+    env = validate_spec({**BASE, "task": {"container": {"command": ["sleep", "9"],
+                                                        "env": {"A": "b"}}}})
+    assert outdated(task, env.task)
