@@ -136,7 +136,7 @@ def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:
 
 
 def test_the_json_schema_comes_from_the_declarations() -> None:
-    (schema,), components = msgspec.json.schema_components([ServiceSpec])
+    (_schema,), components = msgspec.json.schema_components([ServiceSpec])
     limits = components["Limits"]["properties"]["memory"]
     decl = next(f for f in fields() if f.path == "task.resources.limits.memory")
     assert limits["description"] == decl.help and limits["minimum"] == 0
@@ -211,7 +211,8 @@ def test_a_template_change_replaces_tasks_one_at_a_time() -> None:
     st.apply({"op": "service_update", "id": "s1", "now": 3.0, "spec": new_spec})
     now = 4.0
     while {t.id for t in st.tasks.values() if t.alive} & old:
-        ops, _ = reconcile_services(st.snapshot(), now, lambda: f"n{now}", OrchestratorConfig())
+        ops, _ = reconcile_services(st.snapshot(), now, lambda n=now: f"n{n}",
+                                    OrchestratorConfig())
         stopping = [op for op in ops if op[0] == "desired"]
         assert len(stopping) <= 1  # parallelism 1
         _converge(st, now)
