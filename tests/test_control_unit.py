@@ -33,6 +33,7 @@ from shoal.node.source import MemoryStore, StateSource
 from shoal.node.transfer import Transfer
 from shoal.node.worker import Action, BackwardsTransition, Step, Worker, _forward, next_step
 from shoal.raft.models import Node, NodeRole, TaskState, TaskStatus, task_from_dict, to_dict
+from shoal.raft.schema import SCHEMA
 from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.testing import FakeController
 
@@ -64,7 +65,8 @@ class Cluster:
 
     async def boot(self) -> None:
         await self.ctx.propose({"op": "cluster_init", "cluster_id": "c1", "now": 1.0,
-                                "worker_secret": "", "manager_secret": "", "digest": ""})
+                                "worker_secret": "", "manager_secret": "", "digest": "",
+                                "schema": SCHEMA})
         await self.ctx.propose({"op": "node_add", "now": 1.0, "node": to_dict(Node(
             id="n1", hostname="h1", addr=ADDR, api_port=2377, raft_port=2378,
             role=NodeRole.MANAGER, memory_bytes=1 << 33, cpus=4.0))})
@@ -82,8 +84,9 @@ async def test_service_create_reaches_running_and_service_ps_through_the_agents_
     reported RUNNING and shown by `service ps` with its pid and live usage."""
     c = Cluster(tmp_path)
     await c.boot()
-    out = await c.services.create_service({"name": "web", "command": ["sleep", "100"],
-                                           "replicas": 2})
+    out = await c.services.create_service({
+        "name": "web", "mode": {"replicas": 2},
+        "task": {"container": {"command": ["sleep", "100"]}}})
     assert out["name"] == "web"
     assert c.states("web") == []
 
