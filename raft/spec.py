@@ -172,6 +172,9 @@ class ContainerSpec(_Spec, frozen=True):
     user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
                               flag="--user", short="-u", cli="str", metavar="USER",
                               pattern=f"^$|{USER_RE.pattern}")] = ""
+    hostname: Annotated[str, decl("host name inside the task; empty = SERVICE-SLOT",
+                                  flag="--hostname", cli="str", metavar="NAME",
+                                  pattern=f"^$|{HOSTNAME_RE.pattern}")] = ""
     stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
         "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
     stop_grace_period: Annotated[float, decl(

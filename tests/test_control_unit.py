@@ -86,7 +86,7 @@ async def test_service_create_reaches_running_and_service_ps_through_the_agents_
     await c.boot()
     out = await c.services.create_service({
         "name": "web", "mode": {"replicas": 2},
-        "task": {"container": {"command": ["sleep", "100"]}}})
+        "task": {"container": {"command": ["sleep", "100"], "hostname": "webhost"}}})
     assert out["name"] == "web"
     assert c.states("web") == []
 
@@ -101,6 +101,7 @@ async def test_service_create_reaches_running_and_service_ps_through_the_agents_
     running = c.runtime.tasks()
     assert sorted(running) == sorted(snap.tasks)
     assert all(c.runtime.config(tid).command == ("sleep", "100") for tid in running)
+    assert all(c.runtime.config(tid).hostname == "webhost" for tid in running)
 
     ps = await c.services.tasks("web")
     assert [t["state"] for t in ps] == ["running", "running"]

@@ -67,6 +67,8 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
     ({"endpoint": {"ports": [{"published": 7946, "target": 1}]}}, "endpoint.ports[0].published"),
     ({"update": {"parallelism": 1, "bogus": 2}}, "update.bogus"),
     ({"name": "Web"}, "name"),
+    ({"task": {"container": {"command": ["x"], "hostname": "-bad"}}},
+     "task.container.hostname"),
 ])
 def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: str) -> None:
     spec = {**BASE, **change}
