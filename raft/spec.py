@@ -167,7 +167,7 @@ class ContainerSpec(_Spec):
 
     image: Annotated[str, decl("image NAME[:TAG]; empty = the host's read-only /usr and /etc",
                                flag="--image", cli="str", metavar="NAME[:TAG]",
-                               pattern=IMAGE_RE.pattern)] = ""
+                               pattern=f"^$|{IMAGE_RE.pattern}")] = ""
     command: Command = ()
     env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
                                         cli="map", metavar="KEY=VALUE")] = {}
@@ -175,7 +175,7 @@ class ContainerSpec(_Spec):
                                  short="-w", cli="str", metavar="PATH")] = ""
     user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
                               flag="--user", short="-u", cli="str", metavar="USER",
-                              pattern=USER_RE.pattern)] = ""
+                              pattern=f"^$|{USER_RE.pattern}")] = ""
     stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
         "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
     stop_grace_period: Annotated[float, decl(
