@@ -241,7 +241,8 @@ REPLIES: dict[str, Schema] = {
     },
     "Info": _obj("this agent; the cluster fields only when it is a member",
                  hostname=STR, addr=STR, api_port=INT, member=BOOL, node_id=STR,
-                 cluster_id=STR, role=STR, is_leader=BOOL, leader=STR, ready=BOOL, term=INT, voters=_list(STR), index=INT,
+                 cluster_id=STR, role=STR, is_leader=BOOL, leader=STR, ready=BOOL, term=INT,
+                 voters=_list(STR), index=INT,
                  gossip=_nullable({"type": "object"})),
     "NodeIds": _obj("the node's identity in the cluster", node_id=STR, cluster_id=STR, role=STR),
     "Node": _obj("a node (`node ls`; `node inspect` adds details)",
@@ -278,8 +279,11 @@ REPLIES: dict[str, Schema] = {
     "ObjectMeta": _obj("a secret or config (a config adds data, base64; a secret's value is "
                        "never returned)", id=STR, name=STR, labels={"type": "object"},
                        created_at=TIME, updated_at=TIME, data=STR, removed=BOOL),
-    "CaInfo": _obj("the cluster CA and this node's certificate", digest=STR, not_after=TIME,
-                   clients=_list({"type": "object"}), node_certificate={"type": "object"}),
+    "CaInfo": _obj("the cluster CA and this node's certificate", digest=STR,
+                   not_after=_nullable(TIME), clients=_list(STR),
+                   node_certificate=_nullable(_obj(
+                       "", node_id=STR, role=STR, serial=STR, not_before=TIME,
+                       not_after=TIME, renewals=INT))),
     "ClientCert": _obj("a client certificate for the remote API", name=STR, cert=STR,
                        ca_cert=STR, not_after=TIME),
     "KeyRotation": _obj("a finished gossip key rotation (key fingerprints, hostnames)",
@@ -317,6 +321,7 @@ class Route:
     errors: tuple[int, ...] = ()  # besides 500 (a bug), and 400/404 added from body/params
     auth: str = ""  # peer routes: which client certificate ("" = none needed)
     description: str = ""
+    reply_fields: str = ""  # docs: the reply's fields when the schema does not list them
 
 
 PATH_PARAMS: dict[str, tuple[Schema, str]] = {
@@ -337,14 +342,15 @@ def _object_routes() -> list[Route]:
         p, tag = f"/v1/{kind}s", f"{kind}s"
         out += [
             Route("GET", p, f"{kind}_ls", f"list {kind}s", tag,
-                  reply=_list(_ref("ObjectMeta")), errors=CLUSTER),
+                  reply=_list(_ref("ObjectMeta")), errors=CLUSTER,
+                  description="`{id, name, labels, created_at, updated_at}` each"),
             Route("POST", p, f"{kind}_create", f"create a {kind}", tag,
                   body=ObjectCreateRequest, reply=_ref("ObjectMeta"), errors=CLUSTER,
                   description="`{id, name}`; 409 `exists` if the name is taken"),
             Route("GET", p + "/{ref}", f"{kind}_inspect", f"inspect a {kind}", tag,
                   reply=_ref("ObjectMeta"), errors=CLUSTER,
-                  description="a config adds `data` (base64); a secret's value is never "
-                  "returned"),
+                  description="with `data` (base64)" if kind == "config" else
+                  "never with its value"),
             Route("DELETE", p + "/{ref}", f"{kind}_rm", f"remove a {kind}", tag,
                   reply=_ref("ObjectMeta"), errors=CLUSTER,
                   description="`{id, name, removed}`; 409 `in_use` while a service uses it"),
@@ -451,15 +457,19 @@ ROUTES: tuple[Route, ...] = (
           "certificate", "ca", reply=_obj("", name=STR, revoked=BOOL), errors=CLUSTER),
     # ---- node to node (TCP ADVERTISE_ADDR:API_PORT, TLS with the cluster's certificates)
     Route("GET", "/v1/cluster/ca", "cluster_ca", "the CA certificate (public; the joiner "
-          "checks its digest)", "internal", "peer", reply=_ref("Object")),
+          "checks its digest)", "internal", "peer", reply=_obj("", ca_cert=STR),
+          errors=(409,)),
     Route("POST", "/v1/cluster/join", "cluster_join", "admit a joining node (the token "
           "authenticates it)", "internal", "peer", body=AdmissionRequest,
           reply=_obj("", cluster_id=STR, node_id=STR, role=STR, cert=STR), errors=CLUSTER,
           auth="none (the token authenticates)"),
     Route("POST", "/v1/cluster/keys", "cluster_keys", "the keys a member needs", "internal",
           "peer", reply=_ref("Object"), errors=(401, 403, 409), auth=MEMBER,
-          description="`{raft_password, voters, voter, managers, gossip_key, gossip_keys}` "
-          "(`raft_password` is empty unless the caller is a manager)"),
+          description="`raft_password` is empty unless the caller's record is a manager; "
+          "`voter`: whether the answering manager's Raft configuration has the caller's voter "
+          "yet; `managers`: the managers' API addresses; `gossip_keys`: the whole gossip "
+          "keyring, hex, primary first",
+          reply_fields="raft_password, voters, voter, managers, gossip_key, gossip_keys"),
     Route("POST", "/v1/cluster/manager-keys", "cluster_manager_keys", "the managers' "
           "sealing key", "internal", "peer", reply=_obj("", manager_key=STR),
           errors=(401, 403, 409), auth=MANAGER),
@@ -475,7 +485,10 @@ ROUTES: tuple[Route, ...] = (
                  "description": "msgpack {index, leader, commands: [bytes]} (commands "
                  "applied after `after`) or {index, leader, state: bytes} (the whole state) "
                  "when `after` is -1 or too old"},
-          errors=(401, 403, 409, 503), auth=MEMBER + " (managers answer)"),
+          errors=(401, 403, 409, 503), auth=MEMBER + " (managers answer)",
+          description="held open up to `wait` s until a command is applied after `after`; "
+          "the whole state (raft/wire.py) when `after` is -1 or too old",
+          reply_fields="index, leader, commands: [bytes] | state: bytes"),
     Route("POST", "/v1/cluster/report", "cluster_report", "a worker's write, proposed for "
           "it", "internal", "peer", body=ReportRequest, reply=_obj("", result=_ref("Object")),
           errors=(401, 403, 409, 503), auth=MEMBER + " (managers answer)",
@@ -488,15 +501,20 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/cluster/gossip-keys", "cluster_gossip_keys", "one gossip key "
           "rotation step", "internal", "peer", body=GossipKeyRequest,
           reply=_obj("", op=STR, key=STR, keys=_list(STR)), errors=(401, 403, 409),
-          auth=MANAGER + " (server checked as <node id>.node.shoal)"),
+          auth=MANAGER + " (server checked as `<node id>.node.shoal`)",
+          description="`keys`: the installed keys' fingerprints"),
     Route("POST", "/v1/cluster/node-role", "cluster_node_role", "a promote/demote "
           "forwarded to the leader", "internal", "peer", body=NodeRoleRequest,
           reply=_ref("RoleChange"), errors=(401, 403, 409, 503),
-          auth=MANAGER + " (the leader answers)"),
+          auth=MANAGER + " (the leader answers)",
+          description="replies as POST /v1/nodes/{ref}/promote; 503 `unavailable` if it no "
+          "longer leads"),
     Route("POST", "/v1/cluster/role-changed", "cluster_role_changed", "\"your role "
           "changed\": switch this node's role", "internal", "peer", body=RoleChangedRequest,
           reply=_obj("", node_id=STR, role=STR, error_message=STR), errors=(401, 403, 409),
-          auth=MANAGER + " (server checked as <node id>.node.shoal)"),
+          auth=MANAGER + " (server checked as `<node id>.node.shoal`)",
+          description="answered once the node has switched (`error_message` empty) or failed "
+          "to (it retries)"),
     Route("POST", "/v1/cluster/images/resolve", "cluster_image_resolve", "an image's id and "
           "tags on this node (image transfer)", "internal", "peer", body=ImageResolveRequest,
           reply=_obj("", id=STR, tags=_list(STR)), errors=(401, 404), auth=MEMBER),
@@ -688,30 +706,58 @@ def _body_fields(shape: Shape | None) -> str:
     return "`{spec}` or the spec" if "anyOf" in shape else "JSON"
 
 
+def _returns(r: Route) -> str:
+    """The reply in one cell: `{fields}`, `[Name]`, Name (a component) or the media type."""
+    if r.reply_fields:
+        media = "" if r.content == "application/json" else f" (`{r.content}`)"
+        return "`{" + r.reply_fields.replace("|", "\\|") + "}`" + media
+    if r.reply is None:
+        return ""
+    if isinstance(r.reply, type):
+        return f"`{r.reply.__name__}`"
+
+    def one(schema: Schema) -> str:
+        if "$ref" in schema:
+            return str(schema["$ref"]).rsplit("/", 1)[1]
+        if schema.get("type") == "array":
+            return f"[{one(schema['items'])}]"
+        if schema.get("properties"):
+            return "{" + ", ".join(schema["properties"]) + "}"
+        if "additionalProperties" in schema:
+            return "{ID: " + one(schema["additionalProperties"]) + "}"
+        return str(schema.get("contentMediaType", "object"))
+
+    text = one(r.reply)
+    if r.content == "application/x-ndjson":
+        text = f"lines of {text}"
+    return f"`{text}`"
+
+
 def _what(r: Route) -> str:
     text = r.summary
     if r.description:
         text += f"; {r.description}"
-    if r.content != "application/json":
-        text += f" (`{r.content}`)"
+    if r.content == "application/x-ndjson":
+        text += " (`application/x-ndjson`)"
     return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _route_cell(r: Route) -> str:
-    query = "?" + "&".join(f"{q.name}=" for q in r.query) if r.query else ""
+    query = "?" + "&".join(f"{q.name}=…" for q in r.query) if r.query else ""
     return f"`{r.method} {r.path}{query}`"
 
 
 def routes_markdown(listener: Listener) -> str:
     """The route table of one listener for docs/api.md."""
     if listener == "local":
-        rows = ["| route | body | what |", "|---|---|---|"]
-        rows += [f"| {_route_cell(r)} | {_body_fields(r.body)} | {_what(r)} |"
+        rows = ["| route | body | returns | what |", "|---|---|---|---|"]
+        rows += [f"| {_route_cell(r)} | {_body_fields(r.body)} | {_returns(r)} | {_what(r)} |"
                  for r in routes("local")]
     else:
-        rows = ["| route | client certificate | body | what |", "|---|---|---|---|"]
+        rows = ["| route | client certificate | body | returns | what |",
+                "|---|---|---|---|---|"]
         rows += [f"| {_route_cell(r)} | {r.auth or 'none'} | {_body_fields(r.body)} | "
-                 f"{_what(r)} |" for r in routes("peer")]
+                 f"{_returns(r)} | {_what(r)} |" for r in routes("peer")]
     return "\n".join(rows) + "\n"
 
 

@@ -33,8 +33,8 @@ from shoal.node.source import MemoryStore, StateSource
 from shoal.node.transfer import Transfer
 from shoal.node.worker import Action, BackwardsTransition, Step, Worker, _forward, next_step
 from shoal.raft.models import Node, NodeRole, TaskState, TaskStatus, task_from_dict, to_dict
-from shoal.runtime.testing import FakeController
 from shoal.runtime.images import ImageConfig, ImageStore
+from shoal.runtime.testing import FakeController
 
 ADDR = "10.0.0.1"
 
