@@ -11,6 +11,11 @@ Owns: routes and the error contract. Its listeners:
   certificate (the join token authenticates); every other route requires the client
   certificate of a current member (mutual TLS), and some a manager's.
 
+Which routes each listener serves is declared once, in shoal.node.openapi's route table:
+``register`` adds them with the handlers below (by operation id) and refuses to start on a
+mismatch, and ``GET /v1/openapi.json`` (every listener of the CLI's routes) serves the
+OpenAPI 3.1 description made from the same table.
+
 Every error is ``{"error": {"code", "message", "field"}}`` with a fitting status; a
 request body that is not a JSON object is a 400, never a crash. Must not touch: policy —
 routes only: handlers take the request apart, call the command modules (shoal.node.control),
