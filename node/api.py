@@ -11,6 +11,11 @@ Owns: routes and the error contract. Its listeners:
   certificate (the join token authenticates); every other route requires the client
   certificate of a current member (mutual TLS), and some a manager's.
 
+Which routes each listener serves is declared once, in shoal.node.openapi's route table:
+``register`` adds them with the handlers below (by operation id) and refuses to start on a
+mismatch, and ``GET /v1/openapi.json`` (every listener of the CLI's routes) serves the
+OpenAPI 3.1 description made from the same table.
+
 Every error is ``{"error": {"code", "message", "field"}}`` with a fitting status; a
 request body that is not a JSON object is a 400, never a crash. Must not touch: policy —
 routes only: handlers take the request apart, call the command modules (shoal.node.control),
@@ -26,14 +31,14 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
-from shoal.node import transfer
+from shoal.node import openapi, transfer
 from shoal.node.config import AgentConfig
 from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
@@ -85,6 +90,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if isinstance(result, web.StreamResponse):
         return result
     return _json(result)
+
+
+def register(app: web.Application, listener: openapi.Listener,
+             handlers: Mapping[str, Handler]) -> None:
+    """Add ``listener``'s routes of the one route table (shoal.node.openapi.ROUTES), each
+    with the handler named by its ``op``. A route without a handler or a handler without a
+    route is refused here, at startup: what is served is what /v1/openapi.json describes."""
+    table = openapi.routes(listener)
+    ops = {r.op for r in table}
+    missing, unrouted = sorted(ops - handlers.keys()), sorted(handlers.keys() - ops)
+    if missing or unrouted:
+        raise RuntimeError(f"{listener} API: no handler for {missing}, no route for {unrouted}")
+    for r in table:
+        if r.method == "GET":  # with HEAD, as aiohttp's add_get does
+            app.router.add_get(r.path, handlers[r.op])
+        else:
+            app.router.add_route(r.method, r.path, handlers[r.op])
 
 
 def peer_of(request: web.Request) -> CertInfo | None:
@@ -195,7 +217,6 @@ class ApiServer:
                 return await handler(request)
             middlewares.append(client_auth)
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
-        r = app.router
 
         async def info(_: web.Request) -> Any:
             return a.info()
@@ -323,45 +344,35 @@ class ApiServer:
         async def service_rm(req: web.Request) -> Any:
             return await svcs.remove_service(req.match_info["ref"])
 
-        r.add_get("/v1/info", info)
-        r.add_post("/v1/swarm/init", init)
-        r.add_post("/v1/swarm/join", join)
-        r.add_get("/v1/swarm/join-token/{role}", join_token)
-        r.add_post("/v1/swarm/join-token/{role}", join_token)
-        r.add_post("/v1/swarm/leave", leave)
-        r.add_get("/v1/nodes", nodes)
-        r.add_get("/v1/nodes/{ref}", node)
-        r.add_delete("/v1/nodes/{ref}", node_rm)
-        r.add_post("/v1/nodes/{ref}", node_update)
-        r.add_post("/v1/nodes/{ref}/promote", node_promote)
-        r.add_post("/v1/nodes/{ref}/demote", node_demote)
-        r.add_get("/v1/services", services)
-        r.add_post("/v1/services", service_create)
-        r.add_get("/v1/services/{ref}", service)
-        r.add_get("/v1/services/{ref}/tasks", service_tasks)
-        r.add_post("/v1/services/{ref}/scale", service_scale)
-        r.add_post("/v1/services/{ref}/update", service_update)
-        r.add_post("/v1/services/{ref}/rollback", service_rollback)
-        r.add_get("/v1/services/{ref}/logs", service_logs)
-        r.add_get("/v1/images", images)
-        r.add_post("/v1/images", image_load)
-        r.add_delete("/v1/images/{ref}", image_rm)
-        r.add_delete("/v1/services/{ref}", service_rm)
-        self._add_secret_routes(app)
-        self._add_gossip_routes(app)
-        self._add_ca_routes(app)
+        async def openapi_doc(_: web.Request) -> Any:
+            return web.Response(text=openapi.openapi_json(), content_type="application/json")
+
+        register(app, "local", {
+            "openapi": openapi_doc, "info": info, "swarm_init": init, "swarm_join": join,
+            "swarm_join_token": join_token, "swarm_join_token_rotate": join_token,
+            "swarm_leave": leave,
+            "node_ls": nodes, "node_inspect": node, "node_rm": node_rm,
+            "node_update": node_update, "node_promote": node_promote,
+            "node_demote": node_demote,
+            "service_ls": services, "service_create": service_create,
+            "service_inspect": service, "service_ps": service_tasks,
+            "service_scale": service_scale, "service_update": service_update,
+            "service_rollback": service_rollback, "service_logs": service_logs,
+            "service_rm": service_rm,
+            "image_ls": images, "image_load": image_load, "image_rm": image_rm,
+            **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()})
         return app
 
-    def _add_gossip_routes(self, app: web.Application) -> None:
+    def _gossip_handlers(self) -> dict[str, Handler]:
         """/v1/gossip: key rotation (managers; see shoal.node.membership)."""
         gossip = self.c.gossip
 
         async def rotate_key(_: web.Request) -> Any:
             return await gossip.rotate_key()
 
-        app.router.add_post("/v1/gossip/rotate-key", rotate_key)
+        return {"gossip_rotate_key": rotate_key}
 
-    def _add_ca_routes(self, app: web.Application) -> None:
+    def _ca_handlers(self) -> dict[str, Handler]:
         """/v1/ca: CA digest and clients; client certificates for the remote API."""
         sec = self.c.security
 
@@ -376,14 +387,13 @@ class ApiServer:
         async def revoke_client(req: web.Request) -> Any:
             return await sec.revoke_client(req.match_info["name"])
 
-        app.router.add_get("/v1/ca", ca)
-        app.router.add_post("/v1/ca/clients", issue_client)
-        app.router.add_delete("/v1/ca/clients/{name}", revoke_client)
+        return {"ca_info": ca, "ca_issue_client": issue_client,
+                "ca_revoke_client": revoke_client}
 
-    def _add_secret_routes(self, app: web.Application) -> None:
+    def _secret_handlers(self) -> dict[str, Handler]:
         """/v1/secrets and /v1/configs: create, ls, inspect (never a secret's value), rm."""
         objs = self.c.secrets
-
+        out: dict[str, Handler] = {}
         for kind in ("secret", "config"):
             async def ls(_: web.Request, kind: str = kind) -> Any:
                 return objs.ls(kind)
@@ -397,10 +407,9 @@ class ApiServer:
             async def rm(req: web.Request, kind: str = kind) -> Any:
                 return await objs.remove(kind, req.match_info["ref"])
 
-            app.router.add_get(f"/v1/{kind}s", ls)
-            app.router.add_post(f"/v1/{kind}s", create)
-            app.router.add_get(f"/v1/{kind}s/{{ref}}", inspect)
-            app.router.add_delete(f"/v1/{kind}s/{{ref}}", rm)
+            out.update({f"{kind}_ls": ls, f"{kind}_create": create,
+                        f"{kind}_inspect": inspect, f"{kind}_rm": rm})
+        return out
 
     def peer_app(self) -> web.Application:
         c = self.c
@@ -492,8 +501,6 @@ class ApiServer:
                 bool(body.get("timestamps")), bool(body.get("follow")))
             return await stream_ndjson(req, records)
 
-        app.router.add_post("/v1/cluster/images/resolve", image_resolve)
-        app.router.add_get("/v1/cluster/images/blobs/{digest}", image_blob)
         async def task_usage(req: web.Request) -> Any:
             sec.authorize(peer_of(req))
             body = await _body(req)
@@ -502,20 +509,14 @@ class ApiServer:
                 raise BadRequest("task_ids must be a list of task ids", "task_ids")
             return transfer.local_usage(c.runtime, ids[:10000])
 
-        app.router.add_post("/v1/cluster/usage", task_usage)
-        app.router.add_post("/v1/cluster/logs", task_logs)
-        app.router.add_get("/v1/cluster/ca", ca)
-        app.router.add_post("/v1/cluster/join", join)
-        app.router.add_post("/v1/cluster/keys", keys)
-        app.router.add_post("/v1/cluster/manager-keys", manager_keys)
-        app.router.add_post("/v1/cluster/renew", renew)
-        app.router.add_post("/v1/cluster/heartbeat", heartbeat)
-        app.router.add_post("/v1/cluster/state", state)
-        app.router.add_post("/v1/cluster/report", report)
-        app.router.add_post("/v1/cluster/task-files", task_files)
-        app.router.add_post("/v1/cluster/gossip-keys", gossip_keys)
-        app.router.add_post("/v1/cluster/node-role", node_role)
-        app.router.add_post("/v1/cluster/role-changed", role_changed)
+        register(app, "peer", {
+            "cluster_ca": ca, "cluster_join": join, "cluster_keys": keys,
+            "cluster_manager_keys": manager_keys, "cluster_renew": renew,
+            "cluster_heartbeat": heartbeat, "cluster_state": state, "cluster_report": report,
+            "cluster_task_files": task_files, "cluster_gossip_keys": gossip_keys,
+            "cluster_node_role": node_role, "cluster_role_changed": role_changed,
+            "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
+            "cluster_logs": task_logs, "cluster_usage": task_usage})
         return app
 
     async def start(self) -> None:
