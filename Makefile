@@ -3,7 +3,7 @@
 #   make test   lint + type check + the whole test suite (what CI runs through .ci/run)
 #   make demo   the 3-host failover demo (needs root)
 #   make lint   ruff + mypy only
-#   make docs   regenerate the generated parts of docs/ (spec reference in docs/api.md)
+#   make docs   regenerate the generated parts of docs/api.md (spec reference, route tables)
 #   make sweep  remove leftovers of crashed test/demo labs (namespaces, processes, data dirs)
 #   make clean  sweep, then remove the venv and caches
 
@@ -61,6 +61,7 @@ test: lint
 # regenerate the generated parts of docs/ (the spec reference in docs/api.md)
 docs: venv
 	$(BIN)/python docs/gen_spec_reference.py
+	$(BIN)/python -m shoal.node.openapi --docs docs/api.md
 
 demo: venv
 	$(BIN)/python demo/demo.py
