@@ -57,7 +57,8 @@ def main() -> None:
         lab.form_cluster(managers=3)
         h1 = lab.hosts[0]
         client(h1).call("POST", "/v1/services", {"spec": {
-            "name": "probe", "command": ["sleep", "100000"], "replicas": 0}})
+            "name": "probe", "task": {"container": {"command": ["sleep", "100000"]}},
+            "mode": {"replicas": 0}}})
         failover: list[float] = []
         for run in range(args.runs):
             time.sleep(2.0)

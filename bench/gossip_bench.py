@@ -392,7 +392,8 @@ def netns_cluster(runs: int) -> None:
         lab.form_cluster(managers=1, workers=3)
         h1 = lab.hosts[0]
         api(h1).call("POST", "/v1/services", {"spec": {
-            "name": "bench", "command": ["sleep", "100000"], "replicas": replicas}})
+            "name": "bench", "task": {"container": {"command": ["sleep", "100000"]}},
+            "mode": {"replicas": replicas}}})
         wait_until(lambda: settled(h1), timeout=60, what="service running")
         for run in range(runs):
             kind = "kill -9 agent" if run % 2 == 0 else "cut link"

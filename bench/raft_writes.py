@@ -55,7 +55,7 @@ async def leader(writes: int, window: int, data_dir: str) -> None:
                 role=NodeRole.MANAGER)
     await store.propose({"op": "node_add", "now": now, "node": to_dict(node)})
     await store.propose({"op": "service_create", "id": "s1", "now": now,
-                         "spec": {"name": "web", "command": ["true"], "replicas": 1}})
+                         "spec": {"name": "web", "task": {"container": {"command": ["true"]}}}})
     from shoal.node.leader import plan_pass
     from shoal.node.orchestrator import OrchestratorConfig
 

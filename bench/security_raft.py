@@ -115,7 +115,7 @@ async def throughput(store: Any, writes: int, window: int) -> dict[str, Any]:
                 role=NodeRole.MANAGER)
     await store.propose({"op": "node_add", "now": now, "node": to_dict(node)})
     await store.propose({"op": "service_create", "id": "s1", "now": now,
-                         "spec": {"name": "web", "command": ["true"], "replicas": 1}})
+                         "spec": {"name": "web", "task": {"container": {"command": ["true"]}}}})
     ops, _ = plan_pass(store.snapshot(), {"n1": 0.0}, 0.0, now, OrchestratorConfig(),
                        liveness=False)
     await store.propose({"op": "leader", "term": store.term(), "now": now, "ops": ops})

@@ -59,8 +59,8 @@ def main() -> None:
         for i in range(args.runs):
             name = f"s{i}"
             t0 = time.perf_counter()
-            c.call("POST", "/v1/services", {"spec": {"name": name, "command":
-                                                     ["sleep", "100000"]}})
+            c.call("POST", "/v1/services", {"spec": {"name": name, "task": {
+                "container": {"command": ["sleep", "100000"]}}}})
             while True:
                 ts = c.call("GET", f"/v1/services/{name}/tasks")
                 if ts and ts[0]["state"] == "running":
