@@ -66,4 +66,5 @@ def schema_to_raise(snapshot: Snapshot, gossip_meta_by_node: Mapping[str, Mappin
     return target if target > cluster_schema(snapshot) else None
 
 
-__all__ = ["LEGACY", "META_KEY", "SCHEMA", "announced_schema", "cluster_schema", "gossip_meta", "schema_to_raise"]
+__all__ = ["LEGACY", "META_KEY", "SCHEMA", "announced_schema", "cluster_schema", "gossip_meta",
+           "schema_to_raise"]

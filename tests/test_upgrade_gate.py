@@ -27,7 +27,6 @@ from shoal.node.upgrade import (
 from shoal.raft.models import Node, NodeRole, NodeState, to_dict
 from shoal.raft.state import ClusterInfo, Snapshot
 
-
 _ADDRS = {"m1": "10.0.0.1", "m2": "10.0.0.2", "w1": "10.0.0.3"}
 
 
