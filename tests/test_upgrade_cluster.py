@@ -4,13 +4,13 @@ cluster stays writable, tasks keep running, and the data schema rises only at th
 Three managers and a worker start on the previous release (tests/oldrelease.py: commit
 e37643f, flat ServiceSpec, schema 1); a 3-replica service is created with that release's CLI.
 Then each node in turn — the followers, then the leader, then the worker — gets SIGTERM and
-is started with today's code on the same data dir. After each step a write is accepted
-(through a restarted manager's CLI), every manager (old and new CLIs alike) converges on the
-same service list, every service runs its replicas, and tasks on nodes not restarted yet
-keep their pids; while any node runs 0.1 the cluster schema stays 1. At the end today's CLI
-shows every service with its replicas, every agent announces schema 2, the leader has raised
-the cluster schema to 2 (``cluster_schema`` in ``shoal info``, shoal.node.upgrade) and the
-cluster still takes writes.
+is started with today's code on the same data dir. A write is accepted while the node is
+away, and another after it is back (through a restarted manager's CLI); every manager (old
+and new CLIs alike) converges on the same service list, every service runs its replicas,
+tasks on nodes not restarted yet keep their pids, and while any node runs 0.1 the cluster
+schema stays 1. At the end today's CLI shows every service with its replicas, every agent
+announces schema 2, the leader has raised the cluster schema to 2 (``cluster_schema`` in
+``shoal info``, shoal.node.upgrade) and the cluster still takes writes.
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
     for step, h in enumerate(order, start=1):
         rc = h.kill_agent(signal.SIGTERM, timeout=30)
         assert rc is not None, f"{h}: no agent to stop"
+        # writable while the node is away (through a restarted manager if any, else 0.1's CLI)
+        up = [m for m in managers if m.agent_alive()]
+        via = next((m for m in reversed(restarted) if m in up), up[0])
+        create(via, f"down{step}")
+        expected[f"down{step}"] = 1
         h.use_shoal()  # today's code, same data dir
         h.start_agent(timeout=60)
         restarted.append(h)
@@ -137,11 +142,17 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
     for name, n in expected.items():
         running(h1, name, n)
 
-    def raised() -> dict[str, Any] | None:
-        views = {h.name: (info(h).get("schema"), info(h).get("cluster_schema")) for h in lab}
-        return views if all(v == (2, 2) for v in views.values()) else None
-    wait_until(raised, timeout=30, interval=0.5,
-               what="every node announcing schema 2 and seeing cluster schema 2")
+    views: dict[str, tuple[Any, Any]] = {}
+
+    def raised() -> bool:
+        views.update({h.name: (info(h).get("schema"), info(h).get("cluster_schema"))
+                      for h in lab})
+        return all(v == (2, 2) for v in views.values())
+    try:
+        wait_until(raised, timeout=30, interval=0.5,
+                   what="every node announcing schema 2 and seeing cluster schema 2")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (schema, cluster_schema) per host: {views}") from None
     # and the cluster still takes writes at schema 2
     create(h1, "after")
     running(h1, "after", 1)
