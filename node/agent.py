@@ -437,7 +437,7 @@ class Agent:
             ca_pem = await sec.fetch_ca(remote, digest)  # CaMismatch unless pinned digest
             key = pki.new_key()
             body = {"token": token, "csr": pki.make_csr(key).decode(),
-                    "node": self._self_node("", "worker")}
+                    "node": self._self_node("", "worker"), "schema": upgrade.SCHEMA}
             # server-authenticated TLS (pinned CA, manager certificate): we have no cert yet
             data = await sec.call(remote, "/v1/cluster/join", body,
                                   ctx=pki.client_context(ca_pem), timeout=30)
@@ -767,6 +767,7 @@ class Agent:
     def _gossip_meta(self, identity: NodeIdentity) -> dict[str, Any]:
         return upgrade.gossip_meta(identity.role, self.hostname,
                                    f"{self.config.advertise_addr}:{self.config.api_port}")
+
 
 def run_agent(config: AgentConfig, hostname: str | None = None) -> None:
     import uvloop

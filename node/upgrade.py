@@ -6,6 +6,9 @@ metadata, ``shoal.raft.schema.SCHEMA`` of the code it runs) and the pure decisio
 ``{"op": "cluster_schema", "schema": N}``, or None. Must not touch: the store, the network,
 gossip itself (callers pass the metadata in), clocks.
 
+Joins follow the same rule the other way: a node whose join request announces a schema below
+the cluster's (``join_refusal``) is refused, so no 0.1 agent enters after the raise.
+
 The rule: the cluster may write schema N only once EVERY node of the cluster (in the
 snapshot: managers and workers, down ones included) has announced that it runs code that
 reads schema >= N. A node that announced nothing (shoal 0.1 announces no ``schema``), that
@@ -50,6 +53,18 @@ def cluster_schema(snapshot: Snapshot) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else LEGACY
 
 
+def join_refusal(snapshot: Snapshot, schema: Any) -> str | None:
+    """Why a node whose join request says it runs ``schema`` (None: it said nothing, as
+    shoal 0.1 does) may not join a cluster that writes ``cluster_schema(snapshot)``, or None.
+    After the raise an older agent could not read the state it would replicate."""
+    runs = announced_schema({META_KEY: schema})
+    writes = cluster_schema(snapshot)
+    if runs >= writes:
+        return None
+    return (f"this node's shoal runs data schema {runs} but the cluster writes schema "
+            f"{writes}: upgrade shoal on this node, then join")
+
+
 def schema_to_raise(snapshot: Snapshot, gossip_meta_by_node: Mapping[str, Mapping[str, Any]],
                     own: int = SCHEMA) -> int | None:
     """The schema to propose now, or None.
@@ -67,4 +82,4 @@ def schema_to_raise(snapshot: Snapshot, gossip_meta_by_node: Mapping[str, Mappin
 
 
 __all__ = ["LEGACY", "META_KEY", "SCHEMA", "announced_schema", "cluster_schema", "gossip_meta",
-           "schema_to_raise"]
+           "join_refusal", "schema_to_raise"]

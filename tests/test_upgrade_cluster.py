@@ -10,7 +10,8 @@ and new CLIs alike) converges on the same service list, every service runs its r
 tasks on nodes not restarted yet keep their pids, and while any node runs 0.1 the cluster
 schema stays 1. At the end today's CLI shows every service with its replicas, every agent
 announces schema 2, the leader has raised the cluster schema to 2 (``cluster_schema`` in
-``shoal info``, shoal.node.upgrade) and the cluster still takes writes.
+``shoal info``, shoal.node.upgrade), the cluster still takes writes, and a 0.1 agent that
+tries to join now is refused.
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ def converged(managers: list[Host], expected: dict[str, int]) -> None:
 
 def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_schema_last(
         lab_factory: Callable[..., Lab], old_release: oldrelease.Release) -> None:
-    lab = lab_factory(4)
+    lab = lab_factory(5)  # h5: a 0.1 node that tries to join after the upgrade
     for h in lab:
         h.use_shoal(old_release.argv, old_release.env)
     lab.form_cluster(managers=3, workers=1, timeout=90)
-    managers, worker = lab.hosts[:3], lab.hosts[3]
-    node_of = {h.name: info(h)["node_id"] for h in lab}
-    assert all("schema" not in info(h) for h in lab)  # really 0.1: its info has no schema
+    managers, worker, late = lab.hosts[:3], lab.hosts[3], lab.hosts[4]
+    members = lab.hosts[:4]
+    node_of = {h.name: info(h)["node_id"] for h in members}
+    assert all("schema" not in info(h) for h in members)  # really 0.1: no schema in info
 
     h1 = lab.hosts[0]
     h1.cli("service", "create", "--name", "web", "--replicas", "3", *SLEEP)  # the old CLI
@@ -146,7 +148,7 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
 
     def raised() -> bool:
         views.update({h.name: (info(h).get("schema"), info(h).get("cluster_schema"))
-                      for h in lab})
+                      for h in members})
         return all(v == (2, 2) for v in views.values())
     try:
         wait_until(raised, timeout=30, interval=0.5,
@@ -156,3 +158,11 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
     # and the cluster still takes writes at schema 2
     create(h1, "after")
     running(h1, "after", 1)
+
+    # a 0.1 agent can no longer join: it could not read what the cluster now writes
+    late.start_agent()
+    token = h1.cli("join-token", "worker", "-q").stdout.strip()
+    res = late.cli("join", "--token", token, f"{h1.ip}:2377", check=False)
+    assert res.returncode != 0, res.stdout
+    assert "upgrade shoal on this node" in res.stdout + res.stderr, (res.stdout, res.stderr)
+    assert len(h1.cli_json("node", "ls")) == 4

@@ -22,6 +22,7 @@ from shoal.node.upgrade import (
     announced_schema,
     cluster_schema,
     gossip_meta,
+    join_refusal,
     schema_to_raise,
 )
 from shoal.raft.models import Node, NodeRole, NodeState, to_dict
@@ -151,3 +152,20 @@ async def test_a_leader_without_gossip_metadata_never_proposes_a_schema() -> Non
     await c.boot()
     await c.leader.one_pass()
     assert c.schema_commands() == []
+
+
+@pytest.mark.parametrize(("cluster", "joiner", "refused"), [
+    (None, None, False),  # a 0.1 cluster takes a 0.1 node
+    (None, 2, False),  # and a node on today's code
+    (2, 2, False),
+    (2, 3, False),  # a newer agent joins an older cluster (it reads the older schema)
+    (2, None, True),  # after the raise, a 0.1 agent (its request says nothing) is refused
+    (2, 1, True),
+    (2, "2", True),  # a malformed mark counts as schema 1
+])
+def test_a_node_whose_code_cannot_read_the_cluster_schema_is_refused_at_join(
+        cluster: int | None, joiner: Any, refused: bool) -> None:
+    problem = join_refusal(_snap(cluster), joiner)
+    assert (problem is not None) == refused, problem
+    if problem is not None:
+        assert "upgrade shoal on this node" in problem
