@@ -96,7 +96,7 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
     order = [h for h in managers if h is not leader] + [leader, worker]
     restarted: list[Host] = []
     for step, h in enumerate(order, start=1):
-        rc = h.kill_agent(signal.SIGTERM, timeout=30)
+        rc = h.kill_agent(signal.SIGTERM, timeout=60)  # 0.1 managers take ~20 s
         assert rc is not None, f"{h}: no agent to stop"
         # writable while the node is away (through a restarted manager if any, else 0.1's CLI)
         up = [m for m in managers if m.agent_alive()]
