@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 
 from shoal.gossip import Config as GossipConfig
-from shoal.node import pki, sealing
+from shoal.node import pki, sealing, upgrade
 from shoal.node.api import ApiServer, Controls
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
@@ -289,8 +289,7 @@ class Agent:
         key = getattr(identity, "gossip_key", b"") or derive_gossip_key(identity.raft_password)
         preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
             GossipConfig.lan()
-        meta = {"role": identity.role, "hostname": self.hostname,
-                "api": f"{self.config.advertise_addr}:{self.config.api_port}"}
+        meta = self._gossip_meta(identity)
         return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
                           key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set(),
                           extra_keys=identity.gossip_extra_keys,
@@ -335,7 +334,8 @@ class Agent:
                 return
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
-                                  self._leader_wakeup, gossip=self.gossip.view)
+                                  self._leader_wakeup, gossip=self.gossip.view,
+                                  gossip_meta=self.gossip.metas)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():
@@ -443,7 +443,7 @@ class Agent:
             ca_pem = await sec.fetch_ca(remote, digest)  # CaMismatch unless pinned digest
             key = pki.new_key()
             body = {"token": token, "csr": pki.make_csr(key).decode(),
-                    "node": self._self_node("", "worker")}
+                    "node": self._self_node("", "worker"), "schema": upgrade.SCHEMA}
             # server-authenticated TLS (pinned CA, manager certificate): we have no cert yet
             data = await sec.call(remote, "/v1/cluster/join", body,
                                   ctx=pki.client_context(ca_pem), timeout=30)
@@ -530,6 +530,8 @@ class Agent:
                        ready=self.store.is_ready(), term=self.store.term(),
                        voters=self.store.voters(), index=self.store.index,
                        gossip=self.gossip.info(),
+                       schema=upgrade.SCHEMA,
+                       cluster_schema=upgrade.cluster_schema(self.store.snapshot()),
                        network=self.mesh.describe() if self.mesh is not None else None)
         return out
 
@@ -766,9 +768,12 @@ class Agent:
     def _update_gossip_role(self, identity: NodeIdentity) -> None:
         if self.membership is not None:
             with contextlib.suppress(Exception):
-                self.membership.update_meta(
-                    {"role": identity.role, "hostname": self.hostname,
-                     "api": f"{self.config.advertise_addr}:{self.config.api_port}"})
+                self.membership.update_meta(self._gossip_meta(identity))
+
+    def _gossip_meta(self, identity: NodeIdentity) -> dict[str, Any]:
+        return upgrade.gossip_meta(identity.role, self.hostname,
+                                   f"{self.config.advertise_addr}:{self.config.api_port}")
+
 
 def run_agent(config: AgentConfig, hostname: str | None = None) -> None:
     import uvloop

@@ -425,7 +425,8 @@ class ApiServer:
 
         async def join(req: web.Request) -> Any:
             body = await _body(req)
-            return await adm.accept_join(body.get("token"), body.get("node"), body.get("csr"))
+            return await adm.accept_join(body.get("token"), body.get("node"), body.get("csr"),
+                                         body.get("schema"))
 
         async def keys(req: web.Request) -> Any:
             return adm.member_keys(peer_of(req))

@@ -1,7 +1,9 @@
 """Leader-only control loop: node liveness, orchestration and scheduling.
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
-the leader and proposing their decisions as one term-fenced ``leader`` batch per pass. Node
+the leader and proposing their decisions as one term-fenced ``leader`` batch per pass; raising
+the cluster's data schema (``cluster_schema``) once every node announces it can run it, as
+decided by shoal.node.upgrade.schema_to_raise over the gossip metadata. Node
 liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
 for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
@@ -19,7 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shoal.node.orchestrator import (
@@ -30,7 +32,8 @@ from shoal.node.orchestrator import (
 )
 from shoal.node.scheduler import schedule
 from shoal.node.source import StateSource
-from shoal.raft.errors import StoreError
+from shoal.node.upgrade import schema_to_raise
+from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, task_from_dict
 from shoal.raft.state import ClusterState, Snapshot
 
@@ -82,9 +85,14 @@ class LeaderLoop:
 
     def __init__(self, store: StateSource, heartbeats: dict[str, float],
                  config: OrchestratorConfig, wakeup: asyncio.Event,
-                 gossip: Callable[[], dict[str, str]] | None = None) -> None:
+                 gossip: Callable[[], dict[str, str]] | None = None,
+                 gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+                 ) -> None:
         self.store = store
         self.gossip = gossip  # node id → gossip state, from this node's member list
+        # node id → its announced gossip metadata (the schema gate); None: never raise
+        self.gossip_meta = gossip_meta
+        self._schema_refused: int | None = None  # a schema the state machine refused
         self.heartbeats = heartbeats  # node id → time.monotonic() of last heartbeat
         self.config = config
         self.wakeup = wakeup
@@ -131,7 +139,26 @@ class LeaderLoop:
             cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}
             await self.store.propose(cmd)
             log.debug("leader pass proposed %d ops", len(ops))
+        await self._raise_schema(snap)
         return wake_at
+
+    async def _raise_schema(self, snap: Snapshot) -> None:
+        """Propose ``cluster_schema`` when every node announces the next schema (see
+        shoal.node.upgrade). A refusal (a state machine that does not know the op, or a
+        schema it will not take) is logged once and not retried in this term; a timeout is
+        retried on the next pass."""
+        if self.gossip_meta is None:
+            return
+        target = schema_to_raise(snap, self.gossip_meta())
+        if target is None or target == self._schema_refused:
+            return
+        try:
+            await self.store.propose({"op": "cluster_schema", "schema": target})
+        except CommandRejected as exc:
+            self._schema_refused = target
+            log.warning("raising the cluster schema to %d was refused: %s", target, exc)
+            return
+        log.info("cluster schema raised to %d: every node announces it", target)
 
 
 __all__ = ["LeaderLoop", "new_task_id", "plan_pass", "task_from_dict"]

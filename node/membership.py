@@ -203,6 +203,11 @@ class Membership:
         """Node id → gossip state of every member this node has heard of."""
         return {m.name: STATE_NAMES[m.state] for m in self.list.members(include_gone=True)}
 
+    def metas(self) -> dict[str, dict[str, Any]]:
+        """Node id → the gossip metadata it last announced, for every member this node has
+        heard of (gone ones included: a down node's last word still counts)."""
+        return {m.name: dict(m.meta) for m in self.list.members(include_gone=True)}
+
     def state_of(self, node_id: str) -> str | None:
         m = self.list.member(node_id)
         return None if m is None else STATE_NAMES[m.state]
@@ -296,6 +301,11 @@ class GossipControl:
         """node id → gossip state, from this node's member list ({} while gossip is down)."""
         m = self._current()
         return m.view() if m is not None and m.list.running else {}
+
+    def metas(self) -> dict[str, dict[str, Any]]:
+        """node id → its last announced gossip metadata ({} while gossip is down)."""
+        m = self._current()
+        return m.metas() if m is not None and m.list.running else {}
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:

@@ -372,7 +372,9 @@ ROUTES: tuple[Route, ...] = (
           reply={"type": "object", "description": "an OpenAPI 3.1 document"}),
     Route("GET", "/v1/info", "info", "this agent", "cluster", reply=_ref("Info"),
           description="`hostname, addr, api_port, member`, and when a member `node_id, "
-          "cluster_id, role, is_leader, leader, ready, term, voters, index, gossip`"),
+          "cluster_id, role, is_leader, leader, ready, term, voters, index, gossip`; `schema` "
+          "(the data schema this agent's code runs) and `cluster_schema` (the one the cluster "
+          "writes: it rises once every node announces it)"),
     Route("POST", "/v1/swarm/init", "swarm_init", "create a cluster with this node as its "
           "first manager", "cluster", body=InitRequest, reply=_ref("NodeIds"), errors=(409,)),
     Route("POST", "/v1/swarm/join", "swarm_join", "join a cluster with a token", "cluster",

@@ -2,7 +2,9 @@
 
 Owns: lab lifetimes inside tests. Every lab a test makes is closed after the test, also when it
 fails, and a lab that does not close cleanly fails the test's teardown. Tests marked ``netns``
-are skipped when not root or when iproute2 is missing.
+are skipped when not root or when iproute2 is missing. ``old_release``: the previous release
+(tests/oldrelease.py) materialised once per session and removed at its end; a clone without
+that commit fails the tests that need it (never skips them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 import netlab
+import oldrelease
 
 _LABS = pytest.StashKey[list[netlab.Lab]]()
 
@@ -101,3 +104,17 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., netlab
             failures += [f"lab {lab.runid}: {item}" for item in left]
         if failures:
             pytest.fail("lab teardown left things behind:\n  " + "\n  ".join(failures))
+
+
+@pytest.fixture(scope="session")
+def old_release() -> Iterator[oldrelease.Release]:
+    """shoal 0.1 (``oldrelease.OLD_RELEASE``) runnable with this venv: ``host.use_shoal(
+    rel.argv, rel.env)`` runs it on a lab host."""
+    try:
+        release = oldrelease.materialise()
+    except oldrelease.OldReleaseError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield release
+    finally:
+        release.close()

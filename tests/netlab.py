@@ -642,6 +642,9 @@ class Host:
         self.agent_log = self.data_dir / "agent.log"
         self._agent: subprocess.Popen[bytes] | None = None
         self._spawned: list[subprocess.Popen[bytes]] = []
+        # how this host runs shoal (agent and CLI): None = the lab's executable; see use_shoal()
+        self._shoal_argv: list[str] | None = None
+        self._shoal_env: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.ip} {self.netns}>"
@@ -649,7 +652,21 @@ class Host:
     # -- processes ------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, ENV_MARKER: self.lab.runid, "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **self._shoal_env, ENV_MARKER: self.lab.runid,
+                "PYTHONUNBUFFERED": "1"}
+
+    def use_shoal(self, argv: Sequence[str] | None = None,
+                  env: dict[str, str] | None = None) -> None:
+        """Run shoal on this host (agents started from now on, and the CLI) as ``argv`` with
+        ``env`` added to the environment, e.g. another release (tests/oldrelease.py);
+        ``use_shoal()`` goes back to the lab's executable. A running agent is not touched."""
+        self._shoal_argv = list(argv) if argv is not None else None
+        self._shoal_env = dict(env or {})
+
+    @property
+    def shoal_argv(self) -> list[str]:
+        """The command that runs shoal on this host."""
+        return list(self._shoal_argv) if self._shoal_argv else [str(self.lab.shoal)]
 
     def spawn(self, *argv: str, log_name: str = "spawn", hostname: bool = False,
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -711,7 +728,7 @@ class Host:
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()  # a stale socket from a killed agent would look ready
         self._agent = self.spawn(
-            str(self.lab.shoal), "agent", "--data-dir", str(self.data_dir),
+            *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
             "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
         deadline = time.monotonic() + timeout
         while True:
@@ -767,7 +784,7 @@ class Host:
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0
             ) -> subprocess.CompletedProcess[str]:
         """``shoal -H unix://SOCK ARGS`` inside this host; CommandError on failure if check."""
-        return self.run(str(self.lab.shoal), "-H", f"unix://{self.sock}", *args,
+        return self.run(*self.shoal_argv, "-H", f"unix://{self.sock}", *args,
                         check=check, timeout=timeout)
 
     def cli_json(self, *args: str, timeout: float = 30.0) -> Any:

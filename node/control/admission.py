@@ -16,10 +16,11 @@ from typing import Any
 
 from shoal.node import pki
 from shoal.node.context import NodeContext, VoterChanges, new_id
-from shoal.node.errors import BadRequest, Forbidden
+from shoal.node.errors import BadRequest, Conflict, Forbidden
 from shoal.node.membership import GossipControl
 from shoal.node.security import Security
 from shoal.node.tokens import make_token, new_secret, role_for
+from shoal.node.upgrade import join_refusal
 from shoal.raft.models import NodeRole, node_from_dict
 
 
@@ -36,10 +37,13 @@ class Admission:
         self.ctx.require_member()
         return {"ca_cert": self.security.files.ca_pem().decode()}
 
-    async def accept_join(self, token: Any, node: Any, csr: Any = None) -> dict[str, Any]:
+    async def accept_join(self, token: Any, node: Any, csr: Any = None,
+                          schema: Any = None) -> dict[str, Any]:
         """A manager admits a new node (called over TLS by the joining node's agent, which has
         no certificate yet: the token authenticates it). Nothing is written unless the token
-        is valid. The manager picks the node id and signs the node's key for it."""
+        is valid and the node runs the cluster's data schema (``schema``: what its request
+        announces; None from shoal 0.1). The manager picks the node id and signs the node's
+        key for it."""
         store = self.ctx.require_manager()
         if not isinstance(token, str) or not isinstance(node, dict) or \
                 not isinstance(csr, str):
@@ -52,6 +56,9 @@ class Admission:
         if role is None:
             raise Forbidden("invalid join token: it does not belong to this cluster or was "
                             "rotated", "token")
+        problem = join_refusal(snap, schema)
+        if problem is not None:
+            raise Conflict(problem, "schema")
         node_id = new_id()
         node = dict(node, id=node_id, role=role)
         try:
