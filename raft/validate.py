@@ -66,7 +66,28 @@ def validate_spec(d: Any) -> ServiceSpec:
     try:
         return msgspec.convert(d, ServiceSpec, strict=True)
     except msgspec.ValidationError as exc:
-        raise spec_error(exc) from None
+        err = spec_error(exc)
+        found, value = _value_at(d, err.field)
+        if found and "expected" in err.message and not isinstance(value, (dict, list)):
+            msg, n = re.subn(r"got `[\w ]+`", f"got {value!r}", err.message)
+            err = ValidationError(msg if n else f"{msg}, got {value!r}", err.field)
+        raise err from None
+
+
+def _value_at(d: Any, path: str) -> tuple[bool, Any]:
+    """The value at ``task.container.mounts[1].source`` in ``d``, if there is one."""
+    node = d
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            i = int(part[1:-1])
+            if not isinstance(node, list) or i >= len(node):
+                return False, None
+            node = node[i]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False, None
+    return True, node
 
 
 def spec_error(exc: msgspec.ValidationError) -> ValidationError:
