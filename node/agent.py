@@ -32,7 +32,7 @@ import aiohttp
 import msgpack
 
 from shoal.gossip import Config as GossipConfig
-from shoal.node import pki, sealing, transfer, views
+from shoal.node import pki, sealing, shutdown, transfer, views
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.errors import (
     AlreadyInCluster,
@@ -61,6 +61,7 @@ from shoal.node.tokens import (
     role_for,
 )
 from shoal.node.transfer import Transfer
+from shoal.node.version import version
 from shoal.node.worker import Worker
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Node, NodeRole, NodeState, Service, node_from_dict, to_dict
@@ -144,10 +145,18 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent stopping (tasks keep running)")
+            stopping = time.monotonic()
+            self._stop.set()
+            self._wake()  # held state polls answer "stopping" now (state_since)
+            if self.identity is not None:  # a planned restart: see node/shutdown.py
+                await shutdown.prepare_restart(
+                    self.store if isinstance(self.store, RaftStore) else None,
+                    self.membership, self.config.restart_grace, self.config.stop_step_timeout)
             await self._stop_member()
             await api.stop()
             await self.runtime.close()
             await self._http.close()
+            log.info("agent stopped in %.2f s", time.monotonic() - stopping)
 
     def _start_member(self, identity: NodeIdentity) -> None:
         self.identity = identity
@@ -266,7 +275,8 @@ class Agent:
         preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
             GossipConfig.lan()
         meta = {"role": identity.role, "hostname": self.hostname,
-                "api": f"{self.config.advertise_addr}:{self.config.api_port}"}
+                "api": f"{self.config.advertise_addr}:{self.config.api_port}",
+                "version": version()}
         return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
                           key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set(),
                           extra_keys=identity.gossip_extra_keys,
@@ -316,7 +326,8 @@ class Agent:
                 return
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.heartbeats, self.config.orchestrator,
-                                  self._leader_wakeup, gossip=self.gossip_view)
+                                  self._leader_wakeup, gossip=self.gossip_view,
+                                  restarts=self.gossip.restarts)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():
@@ -611,6 +622,8 @@ class Agent:
             raise Unavailable("this manager has not caught up with the cluster yet; retry")
         deadline = time.monotonic() + float(wait)
         while after >= 0 and store.index <= after and self.store is store:
+            if self._stop.is_set():  # (woken by run's shutdown) the worker asks another one
+                raise Unavailable("this manager is stopping")
             applied = self._applied
             left = deadline - time.monotonic()
             if left <= 0:
@@ -686,7 +699,8 @@ class Agent:
     # ================================================================== queries and changes
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
-                               "api_port": self.config.api_port, "member": False}
+                               "api_port": self.config.api_port, "member": False,
+                               "version": version()}
         if self.identity and self.store:
             out.update(member=True, node_id=self.identity.node_id,
                        cluster_id=self.identity.cluster_id, role=self.identity.role,
@@ -1205,7 +1219,8 @@ class Agent:
             with contextlib.suppress(Exception):
                 self.membership.update_meta(
                     {"role": identity.role, "hostname": self.hostname,
-                     "api": f"{self.config.advertise_addr}:{self.config.api_port}"})
+                     "api": f"{self.config.advertise_addr}:{self.config.api_port}",
+                     "version": version()})
 
     def find_service(self, snap: Snapshot, ref: str) -> Service:
         svc = snap.service_by_name(ref) or snap.services.get(ref)

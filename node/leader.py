@@ -2,8 +2,8 @@
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
 the leader and proposing their decisions as one term-fenced ``leader`` batch per pass. Node
-liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
-for nodes gossip has not heard of yet.
+liveness comes from gossip (this node's SWIM member list, and the planned restarts members
+announced on it) with heartbeats as a fallback for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the RaftStore. Heartbeats arrive from the API (every agent
 sends them to every manager, so a new leader already knows who is alive).
@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shoal.node.orchestrator import (
@@ -48,6 +48,7 @@ def plan_pass(
     config: OrchestratorConfig,
     liveness: bool = True,
     gossip: dict[str, str] | None = None,
+    restarts: Mapping[str, float] | None = None,
 ) -> tuple[list[Op], float | None]:
     """One leader pass as a pure function: liveness, then orchestration, then placement.
 
@@ -56,7 +57,8 @@ def plan_pass(
     """
     ops: list[Op] = []
     if liveness:
-        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip)
+        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip,
+                             restarts)
     scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
                            tasks=dict(snap.tasks))
     if ops:
@@ -81,9 +83,11 @@ class LeaderLoop:
 
     def __init__(self, store: RaftStore, heartbeats: dict[str, float],
                  config: OrchestratorConfig, wakeup: asyncio.Event,
-                 gossip: Callable[[], dict[str, str]] | None = None) -> None:
+                 gossip: Callable[[], dict[str, str]] | None = None,
+                 restarts: Callable[[], Mapping[str, float]] | None = None) -> None:
         self.store = store
         self.gossip = gossip  # node id → gossip state, from this node's member list
+        self.restarts = restarts  # node id → deadline of an announced planned restart
         self.heartbeats = heartbeats  # node id → time.monotonic() of last heartbeat
         self.config = config
         self.wakeup = wakeup
@@ -119,7 +123,8 @@ class LeaderLoop:
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,
-                                 gossip=self.gossip() if self.gossip else None)
+                                 gossip=self.gossip() if self.gossip else None,
+                                 restarts=self.restarts() if self.restarts else None)
         self.passes += 1
         if ops:
             cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}
