@@ -3,13 +3,13 @@
     .venv/bin/python bench/agent_stop.py [--runs 3] [--writers 4] [--settle 3]
 
 Builds 5 netns hosts (tests/netlab.py), forms 3 managers + 2 workers and runs a 5-replica
-`sleep` service. Then, for each case (worker, follower manager, leader manager; idle, then
-under load), `--runs` times: sends SIGTERM to the agent (a planned restart: upgrade,
-`systemctl restart`), times until the process has exited, starts it again, waits until the
-cluster sees it ready and caught up, and checks that every task kept its pid and none was
-orphaned. The load is `--writers` threads each sending `node update --label-add` writes
-back to back to a manager that is not being stopped (each write is a Raft commit that also
-reaches the workers' state feeds).
+`sleep` service. Then, for each case (worker, follower manager, leader manager, or each
+manager in turn; idle, then under load), `--runs` times: sends SIGTERM to the agent (a
+planned restart: upgrade, `systemctl restart`), times until the process has exited, starts
+it again, waits until the cluster sees it ready and caught up, and checks that every task
+kept its pid and none was orphaned. The load is `--writers` threads each sending `node
+update --label-add` writes back to back to a manager that is not being stopped (each write is
+a Raft commit that also reaches the workers' state feeds).
 
 Prints one line per stop and a summary per case (median/max seconds). Talks to the agents'
 unix sockets directly (no CLI process start-up in the figures).
@@ -126,7 +126,10 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--settle", type=float, default=3.0,
                     help="seconds to wait after each restart before checking tasks")
-    ap.add_argument("--cases", default="worker,follower,leader")
+    ap.add_argument("--cases", default="worker,follower,leader",
+                    help="comma-separated: worker, follower, leader, manager (h1, h2, h3 in "
+                    "turn)")
+    ap.add_argument("--idle-only", action="store_true", help="skip the loaded runs")
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
     problems: list[str] = []
@@ -136,7 +139,7 @@ def main() -> None:
         call(h1, "POST", "/v1/services", {"spec": {
             "name": "five", "command": ["sleep", "100000"], "replicas": 5}})
         wait_until(lambda: len(task_pids(h1)) == 5, timeout=60, what="5 running tasks")
-        for load in (False, True):
+        for load in (False,) if args.idle_only else (False, True):
             for case in args.cases.split(","):
                 key = f"{case} {'loaded' if load else 'idle'}"
                 for run in range(args.runs):
@@ -145,6 +148,8 @@ def main() -> None:
                     managers = lab.hosts[:3]
                     if case == "worker":
                         victim = lab.hosts[3 + run % 2]
+                    elif case == "manager":  # each manager in turn, whatever its Raft role
+                        victim = managers[run % 3]
                     elif case == "leader":
                         victim = leader
                     else:
