@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from shoal.cli import specflags
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
+from shoal.node.version import version
 
 DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
 
@@ -221,7 +222,8 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       raft_port=args.raft_port, remote_api_port=args.remote_api_port,
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
                       cert_lifetime=args.cert_lifetime,
-                      cert_renew_fraction=args.cert_renew_fraction)
+                      cert_renew_fraction=args.cert_renew_fraction,
+                      restart_grace=args.restart_grace)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir", default=os.environ.get("SHOAL_TLS_DIR", ""), metavar="DIR",
                    help="client certificate for a tcp:// host: DIR/{ca,cert,key}.pem from "
                    "`shoal ca issue-client` (env SHOAL_TLS_DIR)")
+    p.add_argument("--version", action="version", version=f"shoal {version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     a = sub.add_parser("agent", help="run the node agent (long-running, as root)")
@@ -508,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
                    help="also serve the CLI's API on TCP PORT over mutual TLS (client "
                    "certificates from `shoal ca issue-client`); default off")
+    a.add_argument("--restart-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM (upgrade, restart) ask the leader to wait this long for "
+                   "the next agent before replacing this node's tasks (0-300, 0 = treat a "
+                   "stop like a crash; default 30)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
     a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)

@@ -410,30 +410,50 @@ class Memberlist:
         self._broadcast_alive(local)
         self._emit(EventKind.UPDATE, local, ALIVE)
 
-    async def leave(self, timeout: float | None = None) -> None:
+    async def leave(self, timeout: float | None = None, *,
+                    meta: dict[str, Any] | None = None) -> None:
         """Announce a graceful leave (others mark us "left", not dead) and wait until the
         announcement has been retransmitted, at most ``timeout`` (default Config.leave_timeout).
-        Call ``shutdown()`` afterwards."""
+        Call ``shutdown()`` afterwards.
+
+        ``meta``: metadata to announce just before leaving (e.g. "restarting, back soon"); the
+        others keep a left member's last metadata. It goes out as an alive update and gets up
+        to half of ``timeout`` to be retransmitted first: the leave replaces any broadcast
+        about this member still queued, so sending both at once could lose the update."""
         local = self._require_running("leave")
         if self._leaving:
             return
+        wait = self.config.leave_timeout if timeout is None else timeout
+        others = self._num_live > 1
+        if meta is not None:
+            encoded = self._encode_meta(meta)
+            self._meta = encoded
+            local.incarnation += 1
+            local.set_meta(encoded)
+            alive = Alive(local.incarnation, local.name, local.addr, local.port, local.meta,
+                          local.vsn)
+            self._emit(EventKind.UPDATE, local, ALIVE)
+            await self._broadcast_and_wait(local.name, alive, wait / 2 if others else 0.0)
         self._leaving = True
         self._lifecycle = "left"
-        loop = self._require_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        self._set_state(local, LEFT)
+        self._emit(EventKind.LEFT, local, ALIVE)
+        msg = Dead(local.incarnation, local.name, local.name)
+        await self._broadcast_and_wait(local.name, msg, wait / 2 if meta is not None and others
+                                       else wait if others else 0.0)
+
+    async def _broadcast_and_wait(self, name: str, msg: Alive | Dead, wait: float) -> None:
+        """Queue ``msg`` about ``name`` and wait (at most ``wait`` s) until it was retransmitted
+        as often as the queue's limit (or replaced by a newer broadcast)."""
+        done: asyncio.Future[None] = self._require_loop().create_future()
 
         def finished() -> None:
             if not done.done():
                 done.set_result(None)
 
-        others = self._num_live > 1
-        msg = Dead(local.incarnation, local.name, local.name)
-        self._broadcasts.queue(local.name, wire.encode_message(msg), finished)
+        self._broadcasts.queue(name, wire.encode_message(msg), finished)
         self._wake_gossip()
-        self._set_state(local, LEFT)
-        self._emit(EventKind.LEFT, local, ALIVE)
-        wait = self.config.leave_timeout if timeout is None else timeout
-        if others and wait > 0:
+        if wait > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await done

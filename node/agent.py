@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 
 from shoal.gossip import Config as GossipConfig
-from shoal.node import pki, sealing, upgrade
+from shoal.node import pki, sealing, shutdown, upgrade
 from shoal.node.api import ApiServer, Controls
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
@@ -65,6 +65,7 @@ from shoal.node.tokens import (
     parse_token,
 )
 from shoal.node.transfer import Transfer
+from shoal.node.version import version
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, NodeRole, to_dict
@@ -161,10 +162,19 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent stopping (tasks keep running)")
+            stopping = time.monotonic()
+            self._stop.set()
+            self.dispatcher.stopping = True
+            self._wake()  # held state polls answer "stopping" now (Dispatcher.state_since)
+            if self.identity is not None:  # a planned restart: see node/shutdown.py
+                await shutdown.prepare_restart(
+                    self.ctx.raft,
+                    self.membership, self.config.restart_grace, self.config.stop_step_timeout)
             await self._stop_member()
             await api.stop()
             await self.runtime.close()
             await self._http.close()
+            log.info("agent stopped in %.2f s", time.monotonic() - stopping)
 
     def _start_member(self, identity: NodeIdentity) -> None:
         self.ctx.identity = identity
@@ -335,7 +345,8 @@ class Agent:
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
                                   self._leader_wakeup, gossip=self.gossip.view,
-                                  gossip_meta=self.gossip.metas)
+                                  gossip_meta=self.gossip.metas,
+                                  restarts=self.gossip.restarts)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():
@@ -522,7 +533,8 @@ class Agent:
     # ================================================================== queries and changes
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
-                               "api_port": self.config.api_port, "member": False}
+                               "api_port": self.config.api_port, "member": False,
+                               "version": version()}
         if self.identity and self.store:
             out.update(member=True, node_id=self.identity.node_id,
                        cluster_id=self.identity.cluster_id, role=self.identity.role,
@@ -771,8 +783,9 @@ class Agent:
                 self.membership.update_meta(self._gossip_meta(identity))
 
     def _gossip_meta(self, identity: NodeIdentity) -> dict[str, Any]:
-        return upgrade.gossip_meta(identity.role, self.hostname,
-                                   f"{self.config.advertise_addr}:{self.config.api_port}")
+        return {**upgrade.gossip_meta(identity.role, self.hostname,
+                                      f"{self.config.advertise_addr}:{self.config.api_port}"),
+                "version": version()}
 
 
 def run_agent(config: AgentConfig, hostname: str | None = None) -> None:

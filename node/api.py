@@ -57,6 +57,10 @@ from shoal.runtime.images import ImageStore
 log = logging.getLogger("shoal.api")
 Handler = Callable[[web.Request], Awaitable[Any]]
 MAX_BODY = 1 << 20
+# On stop, how long requests still in progress (a followed log, a worker's held state poll)
+# may take before they are cancelled, seconds. aiohttp's default is 60 s; an agent stopping
+# for a restart must be quick (shoal.node.shutdown).
+STOP_GRACE = 0.5
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -524,7 +528,7 @@ class ApiServer:
         cfg = self.config
         sock = cfg.socket_path
         sock.unlink(missing_ok=True)
-        local = web.AppRunner(self.local_app(), access_log=None)
+        local = web.AppRunner(self.local_app(), access_log=None, shutdown_timeout=STOP_GRACE)
         await local.setup()
         old = os.umask(0o177)
         try:
@@ -532,20 +536,20 @@ class ApiServer:
         finally:
             os.umask(old)
         os.chmod(sock, 0o600)
-        peer = web.AppRunner(self.peer_app(), access_log=None)
+        peer = web.AppRunner(self.peer_app(), access_log=None, shutdown_timeout=STOP_GRACE)
         await peer.setup()
         sec = self.c.security
         await web.TCPSite(peer, cfg.bind_addr, cfg.api_port, reuse_address=True,
                           ssl_context=tls_listener(lambda: sec.server_ctx, False)).start()
         self._runners = [local, peer]
         if cfg.remote_api_port:
-            remote = web.AppRunner(self.local_app(remote=True), access_log=None)
+            remote = web.AppRunner(self.local_app(remote=True), access_log=None,
+                                   shutdown_timeout=STOP_GRACE)
             await remote.setup()
             await web.TCPSite(remote, cfg.bind_addr, cfg.remote_api_port, reuse_address=True,
                               ssl_context=tls_listener(lambda: sec.remote_ctx, True)).start()
             self._runners.append(remote)
 
     async def stop(self) -> None:
-        for r in self._runners:
-            await r.cleanup()
+        await asyncio.gather(*(r.cleanup() for r in self._runners))
         self.config.socket_path.unlink(missing_ok=True)

@@ -57,6 +57,19 @@ class AgentConfig:
     # TCP port of the remote API (the CLI's routes over mTLS; only client certificates from
     # `shoal ca issue-client` are accepted). 0 = off (the default: unix socket only).
     remote_api_port: int = 0
+    # A planned stop (SIGTERM: upgrade, `systemctl restart`) announces on gossip that this
+    # agent restarts within this many seconds: meanwhile the leader keeps the node READY and
+    # its tasks (which run on without the agent) are not replaced; if no agent is back by
+    # then, the node goes DOWN and its tasks are replaced, as after a crash. Seconds, default
+    # 30, at most 300 (shoal.node.membership.MAX_RESTART_GRACE). Longer = slower upgrades
+    # tolerated, but a host that never comes back keeps its tasks unreplaced that long.
+    # 0 = announce nothing: a stopped agent is treated like a crashed one (detected by
+    # gossip in ~1.5 s). A crash (kill -9, power loss) announces nothing in any case.
+    restart_grace: float = 30.0
+    # Bound of each step of a planned stop (handing Raft leadership over, the gossip
+    # announcement), seconds; the steps run concurrently, so the agent exits within about
+    # this plus the time to close its sockets and Raft.
+    stop_step_timeout: float = 1.0
     raft: RaftConfig = field(default_factory=RaftConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
@@ -90,6 +103,10 @@ class AgentConfig:
             raise ValueError("remote_api_port must be a free port between 1 and 65535")
         if self.api_port == self.raft_port:
             raise ValueError("api_port and raft_port must differ")
+        if not 0 <= self.restart_grace <= 300:
+            raise ValueError("restart_grace must be between 0 and 300 seconds")
+        if not 0 < self.stop_step_timeout <= 10:
+            raise ValueError("stop_step_timeout must be > 0 and <= 10 seconds")
         if self.heartbeat_interval * 2 >= self.orchestrator.node_down_timeout:
             raise ValueError("heartbeat_interval must be < node_down_timeout / 2")
         self.raft.validate()

@@ -3,9 +3,9 @@
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
 the leader and proposing their decisions as one term-fenced ``leader`` batch per pass; raising
 the cluster's data schema (``cluster_schema``) once every node announces it can run it, as
-decided by shoal.node.upgrade.schema_to_raise over the gossip metadata. Node
-liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
-for nodes gossip has not heard of yet.
+decided by shoal.node.upgrade.schema_to_raise over the gossip metadata. Node liveness comes
+from gossip (this node's SWIM member list, and the planned restarts members announced on it)
+with heartbeats as a fallback for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the state source (shoal.node.source.StateSource: the RaftStore in
 the agent, the in-memory store in unit tests). Heartbeats arrive from the API (every agent
@@ -52,6 +52,7 @@ def plan_pass(
     config: OrchestratorConfig,
     liveness: bool = True,
     gossip: dict[str, str] | None = None,
+    restarts: Mapping[str, float] | None = None,
 ) -> tuple[list[Op], float | None]:
     """One leader pass as a pure function: liveness, then orchestration, then placement.
 
@@ -60,7 +61,8 @@ def plan_pass(
     """
     ops: list[Op] = []
     if liveness:
-        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip)
+        ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip,
+                             restarts)
     scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
                            tasks=dict(snap.tasks))
     if ops:
@@ -86,13 +88,14 @@ class LeaderLoop:
     def __init__(self, store: StateSource, heartbeats: dict[str, float],
                  config: OrchestratorConfig, wakeup: asyncio.Event,
                  gossip: Callable[[], dict[str, str]] | None = None,
-                 gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
-                 ) -> None:
+                 gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+                 restarts: Callable[[], Mapping[str, float]] | None = None) -> None:
         self.store = store
         self.gossip = gossip  # node id → gossip state, from this node's member list
         # node id → its announced gossip metadata (the schema gate); None: never raise
         self.gossip_meta = gossip_meta
         self._schema_refused: int | None = None  # a schema the state machine refused
+        self.restarts = restarts  # node id → deadline of an announced planned restart
         self.heartbeats = heartbeats  # node id → time.monotonic() of last heartbeat
         self.config = config
         self.wakeup = wakeup
@@ -133,7 +136,8 @@ class LeaderLoop:
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,
-                                 gossip=self.gossip() if self.gossip else None)
+                                 gossip=self.gossip() if self.gossip else None,
+                                 restarts=self.restarts() if self.restarts else None)
         self.passes += 1
         if ops:
             cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}

@@ -3,11 +3,13 @@ rotates the cluster's gossip key.
 
 Owns:
 
-* ``Membership``: the agent's shoal.gossip Memberlist (name = node id, meta = role, hostname
-  and API address), joining from seeds taken from the replicated node list, the liveness view
-  the leader uses (``view()``: node id → "alive" | "suspect" | "dead" | "left"), and this
-  node's gossip keyring at run time (``set_keys``; a watchdog that asks for the current keys
-  when traffic arrives under a key this node does not hold);
+* ``Membership``: the agent's shoal.gossip Memberlist (name = node id, meta = role, hostname,
+  API address and agent version), joining from seeds taken from the replicated node list, the
+  liveness view the leader uses (``view()``: node id → "alive" | "suspect" | "dead" | "left";
+  ``restarts()``: node id → deadline of a planned restart the node announced), a planned
+  restart's announcement (``leave_for_restart``), and this node's gossip keyring at run time
+  (``set_keys``; a watchdog that asks for the current keys when traffic arrives under a key
+  this node does not hold);
 * ``GossipControl``: the agent's gossip facade — the ``gossip`` section of ``shoal info``, the
   member detail of ``node inspect``, persisting the keyring in node.json
   (``NodeIdentity.gossip_key`` = primary, ``gossip_extra_keys`` = the others), and the
@@ -73,6 +75,12 @@ REFRESH_MIN_BACKOFF = 2.0
 REFRESH_MAX_BACKOFF = 60.0
 # Failed join attempts after which the join loop asks a manager for the current keys.
 JOIN_FAILURES_BEFORE_REFRESH = 2
+# Gossip metadata key of a planned restart: the seconds the stopping agent asks the others to
+# wait for it (its AgentConfig.restart_grace), sent with its leave (``leave_for_restart``).
+RESTART_META = "restart"
+# Cap on an announced restart grace, seconds: a node cannot keep its tasks unowned for longer,
+# whatever it announces.
+MAX_RESTART_GRACE = 300.0
 
 
 def derive_gossip_key(raft_password: str) -> bytes:
@@ -217,8 +225,32 @@ class Membership:
         m = self.list.member(node_id)
         return None if m is None else member_dict(m)
 
+    def restarts(self) -> dict[str, float]:
+        """Node id → deadline (``time.monotonic()``) of the planned restart of every member
+        that announced one (``leave_for_restart``) and is gone (dead or left) since: the
+        moment this node saw it go plus the announced grace (at most MAX_RESTART_GRACE)."""
+        loop_now = asyncio.get_running_loop().time()
+        mono = time.monotonic()
+        out: dict[str, float] = {}
+        for m in self.list.members(include_gone=True):
+            grace = m.meta.get(RESTART_META)
+            if m.state in (MemberState.DEAD, MemberState.LEFT) and not isinstance(
+                    grace, bool) and isinstance(grace, (int, float)) and grace > 0:
+                out[m.name] = mono - (loop_now - m.state_since) + min(float(grace),
+                                                                      MAX_RESTART_GRACE)
+        return out
+
     def update_meta(self, meta: dict[str, Any]) -> None:
         self.list.update_meta(meta)
+
+    async def leave_for_restart(self, grace: float, timeout: float) -> None:
+        """Announce a planned restart: this node's metadata gains ``restart: grace`` and it
+        leaves (the others see it "left", not dead, and keep that metadata), within
+        ``timeout`` seconds. ``close(leave=False)`` afterwards."""
+        if not self.list.running:
+            return
+        meta = dict(self.list.local_member.meta, **{RESTART_META: float(grace)})
+        await self.list.leave(timeout=timeout, meta=meta)
 
     async def close(self, leave: bool) -> None:
         """Stop gossiping; ``leave`` announces a graceful leave first (not a failure)."""
@@ -306,6 +338,11 @@ class GossipControl:
         """node id → its last announced gossip metadata ({} while gossip is down)."""
         m = self._current()
         return m.metas() if m is not None and m.list.running else {}
+
+    def restarts(self) -> dict[str, float]:
+        """Planned restarts in progress, for the leader's liveness (``Membership.restarts``)."""
+        m = self._current()
+        return m.restarts() if m is not None and m.list.running else {}
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:

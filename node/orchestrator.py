@@ -64,7 +64,7 @@ class OrchestratorConfig:
 
 def node_liveness(
     snapshot: Snapshot, last_seen: dict[str, float], now: float, timeout: float,
-    gossip: dict[str, str] | None = None,
+    gossip: dict[str, str] | None = None, restarts: Mapping[str, float] | None = None,
 ) -> list[Op]:
     """READY/DOWN transitions for every node.
 
@@ -72,12 +72,24 @@ def node_liveness(
     → READY (a suspicion is not a death: SWIM/Lifeguard confirm it first, so one missed
     ack never takes a node down). Nodes gossip has not heard of yet fall back to heartbeat
     age (``now`` and ``last_seen`` monotonic).
+
+    ``restarts``: node id → deadline (monotonic, like ``now``) of a planned restart the node
+    announced before its agent stopped (upgrade, ``systemctl restart``). Until then a node
+    gossip sees dead or left keeps its state — its tasks keep running without their agent —
+    and the new agent is expected back; past the deadline it goes DOWN like a crash. A
+    crash announces nothing, so it is still detected as fast as gossip can.
     """
     ops: list[Op] = []
     for node in sorted(snapshot.nodes.values(), key=lambda n: n.id):
         g = (gossip or {}).get(node.id)
+        back_by = (restarts or {}).get(node.id)
         if g in ("alive", "suspect"):
             alive, reason = True, ""
+        elif g in ("dead", "left") and back_by is not None:
+            if now < back_by:
+                continue  # a planned restart in progress: neither up nor down yet
+            alive, reason = False, "gossip: the agent announced a restart but did not " \
+                "come back within the restart grace period"
         elif g in ("dead", "left"):
             alive, reason = False, "gossip: node left the cluster" if g == "left" else \
                 "gossip: node failed (no answer to direct and indirect probes)"

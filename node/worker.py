@@ -37,7 +37,7 @@ from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.runtime.controller import Controller
-from shoal.runtime.errors import StartError
+from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
 from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig
 from shoal.runtime.rootfs import MountSpec
@@ -339,6 +339,8 @@ class Worker:
             try:
                 await self.runtime.stop(task_id, grace)
                 log.info("stopped task %s", task_id)
+            except TaskNotFound:  # it ended and was removed meanwhile: nothing left to stop
+                log.info("task %s already stopped and removed", task_id)
             except Exception:
                 log.exception("stopping task %s failed", task_id)
             finally:

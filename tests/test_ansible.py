@@ -355,9 +355,12 @@ def agent_pid(fleet: Fleet, h: Host) -> int:
 @pytest.mark.netns
 def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     """site.yml on three bare hosts forms a 3-manager cluster that runs a service; a re-run
-    changes nothing; a host added to the inventory (and only it) joins on the next run;
-    remove.yml drains that node (its task moves) and takes it out of `node ls`; upgrade.yml
-    installs a new version host by host and restarts the agents without restarting tasks."""
+    changes nothing, nor does `--check --diff`; a host added to the inventory (and only it)
+    joins on the next run; swapping a manager and a worker in the inventory is shown by
+    `--check` and done (promotion first) by the next run, tasks running on; remove.yml drains
+    a node (its task moves) and takes it out of `node ls`; upgrade.yml with the installed
+    version changes nothing, and with a newer wheel installs it host by host and restarts the
+    agents without restarting or orphaning tasks."""
     h1, h2, h3, h4 = fleet.targets
     managers = [h1, h2, h3]
     t0 = time.monotonic()
@@ -384,12 +387,17 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     tasks = wait_running(h1, "web", 3)
     assert sorted(t["node"] for t in tasks) == ["h1", "h2", "h3"], tasks
 
-    # 2. Second run: nothing changes.
+    # 2. Second run: nothing changes; --check --diff runs its read-only commands and agrees.
     t = time.monotonic()
     second = ok(fleet.playbook("site.yml"))
     timings["second run"] = time.monotonic() - t
     assert {h: r["changed"] for h, r in second.recap.items()} == \
         {"h1": 0, "h2": 0, "h3": 0}, second.changed_tasks()
+    t = time.monotonic()
+    check = ok(fleet.playbook("site.yml", "--check", "--diff"))
+    timings["check"] = time.monotonic() - t
+    assert {h: r["changed"] for h, r in check.recap.items()} == \
+        {"h1": 0, "h2": 0, "h3": 0}, check.changed_tasks()
 
     # 3. A host added to the inventory joins (as a worker) on the next run; nobody else changes.
     fleet.write_inventory(wheel, managers=managers, workers=[h4])
@@ -403,27 +411,59 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     assert nodes["h4"]["role"] == "worker" and nodes["h4"]["state"] == "ready", nodes
     h1.cli("service", "scale", "web=4")
     tasks = wait_running(h1, "web", 4)
-    (on_h4,) = [t for t in tasks if t["node"] == "h4"]
-    assert pid_alive(on_h4["pid"])
+    task_pids = {t["id"]: t["pid"] for t in tasks}
+    (on_h3,) = [t for t in tasks if t["node"] == "h3"]
 
-    # 4. remove.yml: h4 is drained (its task stops and runs elsewhere), leaves `node ls`, and
-    #    its agent is stopped.
+    # 4. h4 moves to the managers and h3 to the workers: --check shows both changes and makes
+    #    neither; the real run promotes h4, then demotes h3; tasks keep running.
+    fleet.write_inventory(wheel, managers=[h1, h2, h4], workers=[h3])
+    check = ok(fleet.playbook("site.yml", "--check", "--diff"))
+    assert "promote h4" in check.output and "demote h3" in check.output, check.output[-3000:]
+    assert sum(r["changed"] for r in check.recap.values()) > 0, check.recap
+    assert {n: x["role"] for n, x in nodes_by_host(h1).items()} == \
+        {"h1": "manager", "h2": "manager", "h3": "manager", "h4": "worker"}
     t = time.monotonic()
-    removed = ok(fleet.playbook("remove.yml", "-e", "shoal_remove_hosts=h4"))
-    timings["remove"] = time.monotonic() - t
-    assert removed.changed("h4") > 0, removed.recap
-    assert sorted(nodes_by_host(h1)) == ["h1", "h2", "h3"]
-    tasks = wait_running(h1, "web", 4)
-    assert {t["node"] for t in tasks} == {"h1", "h2", "h3"}, tasks
-    wait_until(lambda: not pid_alive(on_h4["pid"]), timeout=15,
-               what=f"h4's task (pid {on_h4['pid']}) to stop")
-    assert not (fleet.sysroot(h4) / "run" / "shoal-agent.pid").exists(), \
-        "remove.yml should stop h4's agent"
+    swap = ok(fleet.playbook("site.yml"))
+    timings["swap roles"] = time.monotonic() - t
+    assert swap.output.index("h4 to manager") < swap.output.index("h3 to worker"), \
+        "promotion first"
+    nodes = nodes_by_host(h1)
+    assert {n: x["role"] for n, x in nodes.items()} == \
+        {"h1": "manager", "h2": "manager", "h3": "worker", "h4": "manager"}, nodes
+    assert all(n["state"] == "ready" for n in nodes.values()), nodes
+    assert json.loads(h4.cli("info").stdout)["role"] == "manager"
+    assert json.loads(h3.cli("info").stdout)["role"] == "worker"
+    assert {t["id"]: t["pid"] for t in wait_running(h1, "web", 4)} == task_pids
+    again = ok(fleet.playbook("site.yml", "--check", "--diff"))
+    assert sum(r["changed"] for r in again.recap.values()) == 0, again.changed_tasks()
 
-    # 5. upgrade.yml with a newer wheel: one manager at a time gets the new version and a new
-    #    agent process; the tasks keep running (same pids), every node is ready again.
-    fleet.write_inventory(newer, managers=managers, workers=[])
+    # 5. remove.yml: h3 (now a worker) is drained (its task stops and runs elsewhere), leaves
+    #    `node ls`, and its agent is stopped.
+    managers = [h1, h2, h4]
+    t = time.monotonic()
+    removed = ok(fleet.playbook("remove.yml", "-e", "shoal_remove_hosts=h3"))
+    timings["remove"] = time.monotonic() - t
+    assert removed.changed("h3") > 0, removed.recap
+    assert sorted(nodes_by_host(h1)) == ["h1", "h2", "h4"]
+    tasks = wait_running(h1, "web", 4)
+    assert {t["node"] for t in tasks} == {"h1", "h2", "h4"}, tasks
+    wait_until(lambda: not pid_alive(on_h3["pid"]), timeout=15,
+               what=f"h3's task (pid {on_h3['pid']}) to stop")
+    assert not (fleet.sysroot(h3) / "run" / "shoal-agent.pid").exists(), \
+        "remove.yml should stop h3's agent"
+
+    # 6. upgrade.yml with the version already installed: nothing to do, said so.
+    fleet.write_inventory(wheel, managers=managers, workers=[])
     before = {h.name: agent_pid(fleet, h) for h in managers}
+    same = ok(fleet.playbook("upgrade.yml"))
+    assert all(same.changed(h.name) == 0 for h in managers), same.changed_tasks()
+    assert "is already installed" in same.output
+    assert {h.name: agent_pid(fleet, h) for h in managers} == before
+
+    # 7. upgrade.yml with a newer wheel: one manager at a time gets the new version and a new
+    #    agent process; the tasks keep running (same pids, none orphaned), every node is ready
+    #    again, and `shoal --version` / `shoal info` say the new version.
+    fleet.write_inventory(newer, managers=managers, workers=[])
     task_pids = {t["id"]: t["pid"] for t in tasks}
     t = time.monotonic()
     upgraded = ok(fleet.playbook("upgrade.yml"))
@@ -433,11 +473,16 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     for h in managers:
         assert installed_version(fleet, h) == new_version != old_version
         assert agent_pid(fleet, h) != before[h.name], f"{h.name}'s agent was not restarted"
-    nodes = nodes_by_host(h3)
-    assert sorted(nodes) == ["h1", "h2", "h3"], nodes
+        assert json.loads(h.cli("info").stdout)["version"] == new_version
+        cli = fleet.sysroot(h) / "opt" / "venv" / "bin" / "shoal"
+        assert _run([str(cli), "--version"]).stdout.strip() == f"shoal {new_version}"
+    nodes = nodes_by_host(h4)
+    assert sorted(nodes) == ["h1", "h2", "h4"], nodes
     assert all(n["state"] == "ready" for n in nodes.values()), nodes
     tasks = wait_running(h1, "web", 4)
     assert {t["id"]: t["pid"] for t in tasks} == task_pids, "upgrade restarted tasks"
+    orphaned = [t for t in h1.cli_json("service", "ps", "web") if t["state"] == "orphaned"]
+    assert orphaned == [], orphaned
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
 

@@ -186,6 +186,37 @@ def test_left_member_is_reported_left_and_never_dead() -> None:
     run_simulation(scenario())
 
 
+def test_a_leave_with_metadata_leaves_every_member_with_that_metadata() -> None:
+    """leave(meta=...) (a planned restart): every other member sees the member left — never
+    dead or suspect — and keeps the announced metadata, within the leave timeout."""
+    n = 20
+    cfg = Config.lan()
+    _, high = cfg.suspicion_timeouts(n)
+
+    async def scenario() -> None:
+        cluster = SimCluster(n, cfg, seed=16)
+        for i in range(n):
+            cluster.add(cluster.name_of(i), meta={"role": "manager"})
+        await cluster.start()
+        leaver = cluster.members["m04"]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await leaver.leave(timeout=1.0, meta={"role": "manager", "restart": 30.0})
+        assert loop.time() - start <= 1.0 + 1e-6
+        await leaver.shutdown()
+        cluster.crashed.add("m04")
+        await cluster.wait_until(lambda: cluster.all_see("m04", LEFT), timeout=2)
+        for member in cluster.live():
+            seen = member.member("m04")
+            assert seen is not None and seen.meta == {"role": "manager", "restart": 30.0}
+        await cluster.run_for(2 * high)
+        assert cluster.events_about("m04", "dead", since=start) == []
+        assert cluster.events_about("m04", "suspect", since=start) == []
+        await cluster.shutdown()
+
+    run_simulation(scenario())
+
+
 def test_metadata_travels_and_updates_reach_everyone() -> None:
     async def scenario() -> None:
         cluster = SimCluster(12, Config.lan(), seed=7)

@@ -54,6 +54,9 @@ class Dispatcher:
         # set (and replaced) after every applied command: wakes workers' state polls
         self._applied = asyncio.Event()
         self._refused_logged = 0.0
+        # set when this agent stops: held polls answer "stopping" at once, so the API closes
+        # without waiting for them (shoal.node.shutdown); the worker asks another manager
+        self.stopping = False
 
     def applied(self) -> None:
         """A command was applied (on the event loop): answer the waiting polls."""
@@ -75,6 +78,8 @@ class Dispatcher:
             raise Unavailable("this manager has not caught up with the cluster yet; retry")
         deadline = time.monotonic() + float(wait)
         while after >= 0 and store.index <= after and self.ctx.store is store:
+            if self.stopping:
+                raise Unavailable("this manager is stopping")
             applied = self._applied
             left = deadline - time.monotonic()
             if left <= 0:
