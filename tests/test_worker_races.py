@@ -10,7 +10,7 @@ import pytest
 
 from shoal.node.feed import StateFeed
 from shoal.node.worker import Worker
-from shoal.runtime.controller import FakeController
+from shoal.runtime.testing import FakeController
 
 
 async def _no_call(*_args: object) -> bytes:
