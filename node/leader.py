@@ -1,7 +1,8 @@
 """Leader-only control loop: node liveness, orchestration and scheduling.
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
-the leader and proposing their decisions as one term-fenced ``leader`` batch per pass. Node
+the leader and proposing their decisions as term-fenced ``leader`` batches (one per pass, split by
+``batches`` when a pass changes more than one Raft entry should carry). Node
 liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
 for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
@@ -19,8 +20,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import msgpack
 
 from shoal.node.orchestrator import (
     Op,
@@ -32,13 +35,21 @@ from shoal.node.scheduler import schedule
 from shoal.node.source import StateSource
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Task, task_from_dict
-from shoal.raft.state import ClusterState, Snapshot
+from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 
 log = logging.getLogger("shoal.leader")
 
 
 def new_task_id() -> str:
     return secrets.token_hex(10)
+
+
+def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:
+    """Apply ``ops`` to the scratch state as the replicas will (in batches the state machine
+    accepts: one batch of more than MAX_BATCH_OPS would be refused as a whole)."""
+    for start in range(0, len(ops), MAX_BATCH_OPS):
+        scratch.apply({"op": "leader", "term": 0, "now": now,
+                       "ops": ops[start:start + MAX_BATCH_OPS]})
 
 
 def plan_pass(
@@ -60,12 +71,10 @@ def plan_pass(
         ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip)
     scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
                            tasks=dict(snap.tasks))
-    if ops:
-        scratch.apply({"op": "leader", "term": 0, "now": wall_now, "ops": ops})
+    _apply(scratch, ops, wall_now)
     orch_ops, wake_at = reconcile_services(scratch.snapshot(), wall_now, new_task_id, config)
     ops += orch_ops
-    if orch_ops:
-        scratch.apply({"op": "leader", "term": 0, "now": wall_now, "ops": orch_ops})
+    _apply(scratch, orch_ops, wall_now)
     projected = scratch.snapshot()
     pending: list[Task] = [t for t in projected.tasks.values() if not t.node_id and t.alive]
     plan = schedule(projected, pending)
@@ -75,6 +84,30 @@ def plan_pass(
         if t.sched_message != reason:
             ops.append(("unschedulable", tid, reason))
     return ops, wake_at
+
+
+# msgpack overhead of the batch around its ops: {"op": "leader", "term", "now", "ops": [...]}
+_BATCH_HEADER_BYTES = 64
+
+
+def batches(ops: Sequence[Op], max_ops: int = MAX_BATCH_OPS,
+            max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[Op]]:
+    """``ops`` split, in order, into batches of at most ``max_ops`` ops and about
+    ``max_bytes`` msgpack bytes (an op larger than that alone goes out alone). Order matters
+    (a task's ``assign`` follows its ``create``): the batches are proposed one after another,
+    and a pass cut short by a lost leadership leaves a consistent state the next leader's
+    pass continues from (every op is level-triggered)."""
+    batch: list[Op] = []
+    size = _BATCH_HEADER_BYTES
+    for op in ops:
+        op_bytes = len(msgpack.packb(op, use_bin_type=True))
+        if batch and (len(batch) >= max_ops or size + op_bytes > max_bytes):
+            yield batch
+            batch, size = [], _BATCH_HEADER_BYTES
+        batch.append(op)
+        size += op_bytes
+    if batch:
+        yield batch
 
 
 class LeaderLoop:
@@ -128,10 +161,14 @@ class LeaderLoop:
                                  gossip=self.gossip() if self.gossip else None)
         self.passes += 1
         if ops:
-            cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}
-            await self.store.propose(cmd)
-            log.debug("leader pass proposed %d ops", len(ops))
+            now = time.time()
+            entries = 0
+            for batch in batches(ops):
+                cmd: dict[str, Any] = {"op": "leader", "term": term, "now": now, "ops": batch}
+                await self.store.propose(cmd)
+                entries += 1
+            log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)
         return wake_at
 
 
-__all__ = ["LeaderLoop", "new_task_id", "plan_pass", "task_from_dict"]
+__all__ = ["LeaderLoop", "batches", "new_task_id", "plan_pass", "task_from_dict"]

@@ -190,6 +190,7 @@ def _reconcile_service(
     for t in tasks:
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
+    created: dict[str, Any] | None = None  # the first task this pass creates, as plain values
     ops += rolling_update(svc, tasks, alive, now, nodes)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
@@ -216,7 +217,7 @@ def _reconcile_service(
                 pass
             elif due > now:
                 wake_at = due if wake_at is None else min(wake_at, due)
-            else:
+            elif created is None:
                 task = Task(
                     id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
                     spec=svc.spec.task, service_version=svc.version,
@@ -224,7 +225,13 @@ def _reconcile_service(
                     status=TaskStatus(state=TaskState.NEW, timestamp=now, message="created"),
                     created_at=now, updated_at=now,
                 )
-                ops.append(("create", to_dict(task)))
+                created = to_dict(task)
+                ops.append(("create", created))
+            else:
+                # the tasks a pass creates for a service differ only by id and slot: the
+                # first one's plain form is converted once (a 10,000-task scale converts
+                # one, not 10,000); the shared parts are only read (packed, or applied)
+                ops.append(("create", {**created, "id": new_id(), "slot": slot}))
         # trim history: dead tasks beyond the newest `task_history` (but keep enough to
         # count restart attempts and to remember that a slot is not to be restarted)
         history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)

@@ -18,6 +18,7 @@ nodes that stopped satisfying their constraints.
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -127,50 +128,119 @@ class Plan:
 
 def _counts(tasks: Iterable[Task]
             ) -> tuple[Counter[str], Counter[tuple[str, str]], defaultdict[str, Reserved]]:
+    """Per node: live tasks, live tasks per service, reserved resources. One pass over the
+    task table, done only when something is pending."""
     per_node: Counter[str] = Counter()
     per_service: Counter[tuple[str, str]] = Counter()
     reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
     for t in tasks:
         if t.node_id and t.alive:
-            per_node[t.node_id] += 1
-            per_service[(t.node_id, t.service_id)] += 1
-            reserved[t.node_id].memory += t.spec.resources.reservations.memory
-            reserved[t.node_id].cpu += t.spec.resources.reservations.cpu
+            nid = t.node_id
+            per_node[nid] += 1
+            per_service[(nid, t.service_id)] += 1
+            need = t.spec.resources.reservations
+            if need.memory or need.cpu:
+                r = reserved[nid]
+                r.memory += need.memory
+                r.cpu += need.cpu
     return per_node, per_service, reserved
 
 
+# The filters that depend only on the node and the task's spec (not on what is reserved):
+# decided once per node for a group of like tasks. The resource filters are checked when
+# a node comes up as the best candidate.
+_STATIC_FILTERS = FILTERS[:3]
+_RESOURCE_FILTERS = FILTERS[3:]
+
+
+class _Group:
+    """Tasks of one service with the same constraints and reservations: they accept the
+    same nodes, so one heap of candidates keyed by the ranking serves them all.
+
+    The heap holds at most one entry per node, keyed by (tasks of the service on the node,
+    tasks on the node, node id) as it was when pushed. Placing only adds tasks, so a key
+    can only grow: an entry whose key is out of date is a lower bound, re-pushed with its
+    current key when it surfaces; the first entry that surfaces up to date is the minimum.
+    A node that stops fitting the group's reservations never fits again in this pass."""
+
+    __slots__ = ("heap",)
+
+    def __init__(self, heap: list[tuple[int, int, str]]) -> None:
+        self.heap = heap
+
+
 def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
-    """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``."""
+    """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``.
+
+    Same result as running every filter on every node for every task and taking the
+    minimum of the ranking, at O(nodes) per group of like tasks plus O(log nodes) per
+    placement (tests/sched_reference.py is that plain version; tests compare the two)."""
     plan = Plan()
+    if not pending:
+        return plan
     nodes = sorted(snapshot.nodes.values(), key=lambda n: n.id)
     per_node, per_service, reserved = _counts(snapshot.tasks.values())
+    groups: dict[tuple[object, ...], _Group] = {}
+    # why tasks of a group fit nowhere: valid until the next placement changes reservations
+    explained: dict[tuple[object, ...], str] = {}
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
-        rejected: Counter[str] = Counter()
-        candidates: list[Node] = []
-        for node in nodes:
-            for f in FILTERS:
-                why = f(node, task, reserved[node.id])
-                if why is not None:
-                    rejected[why] += 1
-                    break
-            else:
-                candidates.append(node)
-        if not candidates:
-            plan.unschedulable.append((task.id, _explain(task, rejected, len(nodes))))
+        sid = task.service_id
+        need = task.spec.resources.reservations
+        key = (sid, task.spec.placement.constraints, need.memory, need.cpu)
+        group = groups.get(key)
+        if group is None:
+            heap = [(per_service[(n.id, sid)], per_node[n.id], n.id) for n in nodes
+                    if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
+            heapq.heapify(heap)
+            group = groups[key] = _Group(heap)
+        heap = group.heap
+        best: str | None = None
+        while heap:
+            entry = heap[0]
+            nid = entry[2]
+            current = (per_service[(nid, sid)], per_node[nid], nid)
+            if current != entry:
+                heapq.heapreplace(heap, current)
+                continue
+            node = snapshot.nodes[nid]
+            r = reserved[nid]
+            if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
+                heapq.heappop(heap)  # reservations only grow: it never fits this group again
+                continue
+            best = nid
+            break
+        if best is None:
+            reason = explained.get(key)
+            if reason is None:
+                reason = explained[key] = _explain_by_filters(task, nodes, reserved)
+            plan.unschedulable.append((task.id, reason))
             continue
-        best = min(
-            candidates,
-            key=lambda n: (per_service[(n.id, task.service_id)], per_node[n.id], n.id),
-        )
-        plan.assignments.append((task.id, best.id))
-        per_node[best.id] += 1
-        per_service[(best.id, task.service_id)] += 1
-        reserved[best.id].memory += task.spec.resources.reservations.memory
-        reserved[best.id].cpu += task.spec.resources.reservations.cpu
+        plan.assignments.append((task.id, best))
+        per_node[best] += 1
+        per_service[(best, sid)] += 1
+        r = reserved[best]
+        r.memory += need.memory
+        r.cpu += need.cpu
+        heapq.heapreplace(heap, (per_service[(best, sid)], per_node[best], best))
+        explained.clear()
     return plan
 
 
-def _explain(task: Task, rejected: Counter[str], total: int) -> str:
+def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved]
+                        ) -> str:
+    """Run the filters in order on every node, counting each node's first rejection."""
+    rejected: Counter[str] = Counter()
+    for node in nodes:
+        r = reserved[node.id]
+        for f in FILTERS:
+            why = f(node, task, r)
+            if why is not None:
+                rejected[why] += 1
+                break
+    return explain(task, rejected, len(nodes))
+
+
+def explain(task: Task, rejected: Counter[str], total: int) -> str:
     """Why ``task`` fits nowhere. When only its constraints stand in the way, say which:
     "no node satisfies node.labels.zone==b"; otherwise count every rejection:
     "no suitable node (constraint node.labels.zone==b 2/3, not ready 1/3)"."""

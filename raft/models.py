@@ -273,13 +273,14 @@ def node_from_dict(d: dict[str, Any]) -> Node:
     )
 
 
-def task_from_dict(d: dict[str, Any]) -> Task:
+def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
+    """``spec``: ``d["spec"]`` already converted (a batch of creates sharing one template)."""
     return Task(
         id=d["id"],
         service_id=d["service_id"],
         service_name=d["service_name"],
         slot=int(d["slot"]),
-        spec=task_spec_from_dict(d["spec"]),
+        spec=spec if spec is not None else task_spec_from_dict(d["spec"]),
         service_version=int(d["service_version"]),
         desired_state=TaskState(d["desired_state"]),
         node_id=d.get("node_id", ""),
