@@ -12,7 +12,9 @@ in memory and timing, in this one process pinned to one core (``--cpu``):
   creates N tasks, the scheduler places them; pass time, ops, and how the ops split into
   Raft entries (``shoal.node.leader.batches``: count and msgpack bytes of the largest);
 * ``steady``     — ``plan_pass`` with nothing to do over 100,000 running tasks (100 services)
-  on N nodes: the cost a leader pays every 0.5 s on a quiet cluster.
+  on N nodes: the cost a leader pays every 0.5 s on a quiet cluster, as a whole pass and
+  with the leader's PassIndex (what it does from its second pass on); then with the index
+  after 100 tasks of 10 services failed (the pass replaces them).
 
 Figures are the best of ``--repeat`` runs (least disturbed by the other processes sharing
 the machine). Must not touch: the network, Raft, the runtime; it never writes anything.
@@ -21,10 +23,12 @@ the machine). Must not touch: the network, Raft, the runtime; it never writes an
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -138,12 +142,44 @@ def bench_steady(n: int, repeat: int, tasks: int = 100_000, services: int = 100)
     snap = snapshot(nodes, svcs, all_tasks)
     seen = dict.fromkeys(nodes, NOW)
 
-    def one() -> list[Any]:
+    def whole() -> list[Any]:
         ops, _ = plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), liveness=True)
         return ops
 
-    secs, ops = best_of(repeat, one)
-    print(f"steady     nodes={n:>6} tasks={tasks:>6} {'plan_pass idle':<17} "
+    secs, ops = best_of(repeat, whole)
+    print(f"steady     nodes={n:>6} tasks={tasks:>6} {'whole pass':<17} "
+          f"{secs * 1000:9.1f} ms  ops={len(ops)}")
+    index_cls = getattr(leader, "PassIndex", None)
+    if index_cls is None:
+        return
+    index = index_cls()
+    plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), index=index)  # the first: whole
+
+    def incremental() -> list[Any]:
+        ops, _ = plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), index=index)
+        return ops
+
+    secs, ops = best_of(repeat, incremental)
+    print(f"steady     nodes={n:>6} tasks={tasks:>6} {'indexed pass':<17} "
+          f"{secs * 1000:9.1f} ms  ops={len(ops)}")
+    # 100 tasks of 10 services fail: the pass replaces them (create + assign)
+    st = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
+                      tasks=dict(snap.tasks))
+    for t in all_tasks[:10 * per:per // 10]:
+        st.tasks[t.id] = replace(t, status=replace(t.status, state=TaskState.FAILED))
+    changed = st.snapshot()
+
+    def after_failures() -> list[Any]:
+        idx = copy.deepcopy(index)
+        t0 = time.perf_counter()
+        ops, _ = plan_pass(changed, seen, NOW, NOW, OrchestratorConfig(), index=idx)
+        timings.append(time.perf_counter() - t0)
+        return ops
+
+    timings: list[float] = []
+    _, ops = best_of(repeat, after_failures)
+    secs = min(timings)
+    print(f"steady     nodes={n:>6} tasks={tasks:>6} {'indexed, 100 fail':<17} "
           f"{secs * 1000:9.1f} ms  ops={len(ops)}")
 
 

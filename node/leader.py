@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -34,7 +34,7 @@ from shoal.node.orchestrator import (
 from shoal.node.scheduler import schedule
 from shoal.node.source import StateSource
 from shoal.raft.errors import StoreError
-from shoal.raft.models import Task, task_from_dict
+from shoal.raft.models import Node, Service, Task, task_from_dict
 from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 
 log = logging.getLogger("shoal.leader")
@@ -52,6 +52,81 @@ def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:
                        "ops": ops[start:start + MAX_BATCH_OPS]})
 
 
+class PassIndex:
+    """What the leader's previous passes learnt, so a pass costs what changed, not the cluster.
+
+    Kept by the LeaderLoop between passes (a cache: dropping it only costs one full pass).
+    ``update`` compares the state a pass sees with the one the previous pass saw, by object
+    identity (records are immutable and replaced on every change, so a dict lookup and an
+    ``is`` per task find what changed), and keeps the tasks grouped by service. The services
+    to reconcile are those that changed or were not ``settled`` last time; every service
+    when a node changed (liveness, drain, labels) or on the first pass. A settled service
+    whose tasks, spec and nodes did not change is settled still, and has no pending task.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.services: dict[str, Service] = {}
+        self.tasks: dict[str, Task] = {}
+        self.by_service: dict[str, dict[str, Task]] = {}
+        self.quiet: set[str] = set()  # settled, every task placed, as last seen
+        self.primed = False
+
+    def update(self, snap: Snapshot) -> set[str] | None:
+        """Take in ``snap``; the ids of the services to reconcile, or None for all."""
+        dirty: set[str] = set()
+        prev = self.tasks
+        by_service = self.by_service
+        added = 0
+        # (dict equality runs in C and takes identical records as equal without comparing
+        # them: a quiet cluster's table is compared at C speed; a record replaced by an
+        # equal one is no change either)
+        for tid, t in () if snap.tasks == prev else snap.tasks.items():
+            old = prev.get(tid)
+            if old is not t:
+                if old is None:
+                    added += 1
+                elif old.service_id != t.service_id:
+                    by_service[old.service_id].pop(tid, None)
+                    dirty.add(old.service_id)
+                by_service.setdefault(t.service_id, {})[tid] = t
+                dirty.add(t.service_id)
+        if len(prev) + added != len(snap.tasks):  # some were deleted
+            for tid in prev.keys() - snap.tasks.keys():
+                sid = prev[tid].service_id
+                by_service[sid].pop(tid, None)
+                dirty.add(sid)
+        for sid in [sid for sid, tasks in by_service.items() if not tasks]:
+            del by_service[sid]
+        self.tasks = dict(snap.tasks)
+        old_services, self.services = self.services, dict(snap.services)
+        for sid in old_services.keys() | self.services.keys():
+            if old_services.get(sid) is not self.services.get(sid):
+                dirty.add(sid)
+        nodes_changed = len(snap.nodes) != len(self.nodes) or any(
+            self.nodes.get(nid) is not n for nid, n in snap.nodes.items())
+        self.nodes = dict(snap.nodes)
+        if nodes_changed or not self.primed:
+            self.primed = True
+            self.quiet.clear()
+            return None
+        everything = self.services.keys() | by_service.keys()
+        return (everything - self.quiet) | dirty
+
+    def tasks_of(self, sids: set[str]) -> dict[str, Task]:
+        return {tid: t for sid in sids for tid, t in self.by_service.get(sid, {}).items()}
+
+    def settle(self, looked_at: set[str] | None, settled: set[str]) -> None:
+        """After reconciling ``looked_at`` (None: all): remember which are quiet now."""
+        for sid in (self.services.keys() | self.by_service.keys()) if looked_at is None \
+                else looked_at:
+            tasks = self.by_service.get(sid, {})
+            if sid in settled and all(t.node_id for t in tasks.values()):
+                self.quiet.add(sid)
+            else:
+                self.quiet.discard(sid)
+
+
 def plan_pass(
     snap: Snapshot,
     last_seen: dict[str, float],
@@ -60,11 +135,16 @@ def plan_pass(
     config: OrchestratorConfig,
     liveness: bool = True,
     gossip: dict[str, str] | None = None,
+    index: PassIndex | None = None,
+    new_id: Callable[[], str] = new_task_id,
 ) -> tuple[list[Op], float | None]:
     """One leader pass as a pure function: liveness, then orchestration, then placement.
 
     The orchestration ops are applied to a scratch copy of the state so tasks created
-    in this pass are placed in the same batch.
+    in this pass are placed in the same batch. With an ``index`` (kept from the previous
+    passes), only the services that changed or were not settled are reconciled and only
+    their tasks are candidates for placement: the same ops (tests/test_scheduler_scale.py
+    compares the two), at the cost of the change.
     """
     ops: list[Op] = []
     if liveness:
@@ -72,11 +152,33 @@ def plan_pass(
     scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
                            tasks=dict(snap.tasks))
     _apply(scratch, ops, wall_now)
-    orch_ops, wake_at = reconcile_services(scratch.snapshot(), wall_now, new_task_id, config)
+    view = scratch.snapshot()
+    active = index.update(view) if index is not None else None
+    settled: set[str] = set()
+    if active is None:
+        orch_ops, wake_at = reconcile_services(view, wall_now, new_id, config,
+                                               settled_out=settled)
+    else:
+        assert index is not None
+        part = Snapshot(index=view.index, cluster=view.cluster, nodes=view.nodes,
+                        services=view.services, tasks=index.tasks_of(active))
+        orch_ops, wake_at = reconcile_services(part, wall_now, new_id, config, only=active,
+                                               settled_out=settled)
+    if index is not None:
+        index.settle(active, settled)
     ops += orch_ops
     _apply(scratch, orch_ops, wall_now)
     projected = scratch.snapshot()
-    pending: list[Task] = [t for t in projected.tasks.values() if not t.node_id and t.alive]
+    if active is None:
+        candidates: Iterable[Task] = projected.tasks.values()
+    else:
+        assert index is not None
+        # only services looked at can have unplaced tasks (a quiet one has none), and the
+        # tasks created now belong to them
+        ids = [tid for sid in active for tid in index.by_service.get(sid, {})]
+        ids += [op[1]["id"] for op in orch_ops if op[0] == "create"]
+        candidates = (t for tid in ids if (t := projected.tasks.get(tid)) is not None)
+    pending: list[Task] = [t for t in candidates if not t.node_id and t.alive]
     plan = schedule(projected, pending)
     ops += [("assign", tid, nid) for tid, nid in plan.assignments]
     for tid, reason in plan.unschedulable:
@@ -122,10 +224,12 @@ class LeaderLoop:
         self.config = config
         self.wakeup = wakeup
         self.passes = 0
+        self.index = PassIndex()  # what earlier passes learnt (a cache: see PassIndex)
 
     async def run(self) -> None:
         started = time.monotonic()
         term = self.store.term()
+        self.index = PassIndex()
         log.info("leading (term %d): orchestrator and scheduler started", term)
         # give every agent a chance to reach us before judging liveness
         for node_id in self.store.snapshot().nodes:
@@ -158,7 +262,8 @@ class LeaderLoop:
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,
-                                 gossip=self.gossip() if self.gossip else None)
+                                 gossip=self.gossip() if self.gossip else None,
+                                 index=self.index)
         self.passes += 1
         if ops:
             now = time.time()
@@ -171,4 +276,4 @@ class LeaderLoop:
         return wake_at
 
 
-__all__ = ["LeaderLoop", "batches", "new_task_id", "plan_pass", "task_from_dict"]
+__all__ = ["LeaderLoop", "PassIndex", "batches", "new_task_id", "plan_pass", "task_from_dict"]

@@ -56,10 +56,16 @@ class TaskState(enum.IntEnum):
 
     @property
     def terminal(self) -> bool:
-        return self >= TaskState.COMPLETE
+        return self >= _COMPLETE
 
     def lower(self) -> str:
         return self.name.lower()
+
+
+# Plain ints for the hot comparisons: looking a member up on the enum class costs ~0.5 µs on
+# Python 3.11, and a leader pass makes a few per task (100,000 tasks → tenths of a second).
+_RUNNING = int(TaskState.RUNNING)
+_COMPLETE = int(TaskState.COMPLETE)
 
 
 class NodeRole(enum.StrEnum):
@@ -203,7 +209,7 @@ class Task:
     @property
     def alive(self) -> bool:
         """Counts towards the service's replicas: wanted running and not yet ended."""
-        return self.desired_state <= TaskState.RUNNING and not self.status.state.terminal
+        return self.desired_state <= _RUNNING and self.status.state < _COMPLETE
 
 
 # --------------------------------------------------------------------------- msgpack forms

@@ -211,3 +211,111 @@ def test_creates_of_one_pass_share_the_template_but_apply_as_separate_tasks() ->
     assert {t.id: t.slot for t in st.tasks.values()} == {c["id"]: c["slot"] for c in creates}
     assert all(to_dict(t)["status"]["state"] == int(TaskState.ASSIGNED)
                for t in st.tasks.values())
+
+
+# ------------------------------------------------------------------ incremental passes
+def _step(st: ClusterState, rng: random.Random, now: float) -> None:
+    """One random thing happening to the cluster between two leader passes."""
+    placed = [t for t in st.tasks.values() if t.node_id and not t.status.state.terminal]
+    roll = rng.random()
+    if roll < 0.45 and placed:
+        for t in rng.sample(placed, min(len(placed), rng.randrange(1, 6))):
+            state = rng.choice([TaskState.RUNNING] * 4 + [TaskState.FAILED, TaskState.COMPLETE,
+                                                          TaskState.SHUTDOWN])
+            if t.desired_state >= TaskState.SHUTDOWN:
+                state = TaskState.SHUTDOWN
+            st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id, "now": now,
+                      "status": {"state": int(state), "timestamp": now}})
+    elif roll < 0.55:
+        nid = rng.choice(sorted(st.nodes))
+        change: dict[str, Any] = rng.choice([
+            {"availability": rng.choice(["active", "drain", "pause"])},
+            {"labels": {"zone": rng.choice("ab")}}])
+        st.apply({"op": "node_update", "id": nid, "now": now, **change})
+    elif roll < 0.62:
+        nid = rng.choice(sorted(st.nodes))
+        state = rng.choice(["ready", "down"])
+        st.apply({"op": "leader", "term": 1, "now": now,
+                  "ops": [("node_state", nid, state, "")]})
+    elif roll < 0.75 and st.services:
+        sid = rng.choice(sorted(st.services))
+        st.apply({"op": "service_update", "id": sid, "now": now,
+                  "replicas": rng.randrange(0, 12)})
+    elif roll < 0.82 and st.services:
+        svc = st.services[rng.choice(sorted(st.services))]
+        spec = to_dict(svc.spec)
+        spec["task"]["container"]["command"] = ["sleep", str(rng.randrange(3))]
+        spec["task"]["placement"]["constraints"] = rng.choice(CONSTRAINTS[:5])
+        st.apply({"op": "service_update", "id": svc.id, "now": now, "spec": spec})
+    elif roll < 0.86 and st.services:
+        st.apply({"op": "service_remove", "id": rng.choice(sorted(st.services)), "now": now})
+    elif roll < 0.92:
+        k = rng.randrange(10 ** 6)
+        st.apply({"op": "service_create", "id": f"s{k}", "now": now,
+                  "spec": {"name": f"svc{k}", "command": ["sleep", "1"],
+                           "replicas": rng.randrange(0, 10),
+                           "constraints": rng.choice(CONSTRAINTS),
+                           "restart_delay": rng.choice([0.0, 2.0])}})
+    # else: nothing happened (a quiet pass)
+
+
+def _ids(prefix: str) -> Any:
+    counter = iter(range(10 ** 9))
+    return lambda: f"{prefix}{next(counter):08d}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_an_incremental_pass_decides_what_a_whole_pass_decides(seed: int) -> None:
+    """Over random histories (tasks failing, nodes drained, relabelled, down, services
+    scaled, updated, removed, created), a pass with the PassIndex proposes the same ops as a
+    pass over the whole state, and a quiet cluster gives both nothing to do."""
+    from shoal.node.leader import PassIndex
+
+    rng = random.Random(seed)
+    st = ClusterState()
+    for i in range(rng.randrange(1, 12)):
+        node = Node(id=f"n{i}", hostname=f"h{i}", addr=f"10.3.0.{i + 1}", api_port=1,
+                    raft_port=2, role=rng.choice([NodeRole.WORKER, NodeRole.MANAGER]),
+                    labels={"zone": rng.choice("abc")}, memory_bytes=4 * GiB, cpus=4.0)
+        assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    index = PassIndex()
+    now = 10.0
+    quiet_passes = 0
+    for step in range(120):
+        now += rng.choice([0.1, 0.5, 3.0])
+        _step(st, rng, now)
+        snap = st.snapshot()
+        cfg = OrchestratorConfig()
+        whole, wake_whole = plan_pass(snap, {}, 0.0, now, cfg, liveness=False,
+                                      new_id=_ids(f"t{step}-"))
+        part, wake_part = plan_pass(snap, {}, 0.0, now, cfg, liveness=False, index=index,
+                                    new_id=_ids(f"t{step}-"))
+        assert sorted(map(repr, part)) == sorted(map(repr, whole)), step
+        assert wake_part == wake_whole
+        quiet_passes += not whole
+        for start in range(0, len(whole), MAX_BATCH_OPS):
+            res = st.apply({"op": "leader", "term": 1, "now": now,
+                            "ops": whole[start:start + MAX_BATCH_OPS]})
+            assert "ok" in res, res
+    assert quiet_passes > 5
+
+
+def test_a_quiet_pass_looks_only_at_what_changed() -> None:
+    from shoal.node.leader import PassIndex
+
+    st = _scaled(20, 200)
+    index = PassIndex()
+    ops, _ = plan_pass(st.snapshot(), {}, 0.0, 2.0, OrchestratorConfig(), liveness=False,
+                       index=index)
+    assert len(ops) == 400  # created and placed
+    assert "ok" in st.apply({"op": "leader", "term": 1, "now": 2.0, "ops": ops})
+    ops, _ = plan_pass(st.snapshot(), {}, 0.0, 3.0, OrchestratorConfig(), liveness=False,
+                       index=index)
+    assert ops == [] and index.quiet == {"s1"}
+    assert index.update(st.snapshot()) == set()  # nothing changed: nothing to look at
+    t = next(iter(st.tasks.values()))
+    st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id, "now": 4.0,
+              "status": {"state": int(TaskState.FAILED), "timestamp": 4.0}})
+    assert index.update(st.snapshot()) == {"s1"}
+    st.apply({"op": "node_update", "id": t.node_id, "now": 5.0, "availability": "drain"})
+    assert index.update(st.snapshot()) is None  # a node changed: every service
