@@ -365,9 +365,13 @@ class ClusterState:
                 t = task_from_dict(op[1], templates.get(id(raw)))
                 if isinstance(raw, dict):
                     templates[id(raw)] = t.spec
-                if t.id in self.tasks or t.service_id not in self.services:
+                svc = self.services.get(t.service_id)
+                if t.id in self.tasks or svc is None:
                     continue
-                self.tasks[t.id] = replace(t, created_at=now, updated_at=now)
+                # the service's current template (the usual case) is shared, not copied per
+                # task: less memory, and the leader compares templates by identity first
+                spec = svc.spec.task if t.spec == svc.spec.task else t.spec
+                self.tasks[t.id] = replace(t, spec=spec, created_at=now, updated_at=now)
             elif kind == "desired":
                 t = self.tasks.get(op[1])
                 if t is None:
