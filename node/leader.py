@@ -44,6 +44,11 @@ def new_task_id() -> str:
     return secrets.token_hex(10)
 
 
+def _scratch(snap: Snapshot) -> ClusterState:
+    return ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
+                        tasks=dict(snap.tasks))
+
+
 def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:
     """Apply ``ops`` to the scratch state as the replicas will (in batches the state machine
     accepts: one batch of more than MAX_BATCH_OPS would be refused as a whole)."""
@@ -98,14 +103,16 @@ class PassIndex:
                 dirty.add(sid)
         for sid in [sid for sid, tasks in by_service.items() if not tasks]:
             del by_service[sid]
-        self.tasks = dict(snap.tasks)
-        old_services, self.services = self.services, dict(snap.services)
-        for sid in old_services.keys() | self.services.keys():
-            if old_services.get(sid) is not self.services.get(sid):
-                dirty.add(sid)
-        nodes_changed = len(snap.nodes) != len(self.nodes) or any(
-            self.nodes.get(nid) is not n for nid, n in snap.nodes.items())
-        self.nodes = dict(snap.nodes)
+        if added or dirty or len(prev) != len(snap.tasks):
+            self.tasks = dict(snap.tasks)
+        if snap.services != self.services:
+            old_services, self.services = self.services, dict(snap.services)
+            for sid in old_services.keys() | self.services.keys():
+                if old_services.get(sid) is not self.services.get(sid):
+                    dirty.add(sid)
+        nodes_changed = snap.nodes != self.nodes
+        if nodes_changed:
+            self.nodes = dict(snap.nodes)
         if nodes_changed or not self.primed:
             self.primed = True
             self.quiet.clear()
@@ -149,10 +156,12 @@ def plan_pass(
     ops: list[Op] = []
     if liveness:
         ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip)
-    scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
-                           tasks=dict(snap.tasks))
-    _apply(scratch, ops, wall_now)
-    view = scratch.snapshot()
+    scratch: ClusterState | None = None  # made only when ops must be applied (copies)
+    view = snap
+    if ops:
+        scratch = _scratch(snap)
+        _apply(scratch, ops, wall_now)
+        view = scratch.snapshot()
     active = index.update(view) if index is not None else None
     settled: set[str] = set()
     if active is None:
@@ -167,8 +176,12 @@ def plan_pass(
     if index is not None:
         index.settle(active, settled)
     ops += orch_ops
-    _apply(scratch, orch_ops, wall_now)
-    projected = scratch.snapshot()
+    projected = view
+    if orch_ops:
+        if scratch is None:
+            scratch = _scratch(view)
+        _apply(scratch, orch_ops, wall_now)
+        projected = scratch.snapshot()
     if active is None:
         candidates: Iterable[Task] = projected.tasks.values()
     else:

@@ -127,17 +127,18 @@ class Plan:
 
 
 def _counts(tasks: Iterable[Task]
-            ) -> tuple[Counter[str], Counter[tuple[str, str]], defaultdict[str, Reserved]]:
-    """Per node: live tasks, live tasks per service, reserved resources. One pass over the
-    task table, done only when something is pending."""
+            ) -> tuple[Counter[str], defaultdict[str, Counter[str]], defaultdict[str, Reserved]]:
+    """Live tasks per node, live tasks per service per node (service id → node id → n), and
+    reserved resources per node. One pass over the task table, only when something is
+    pending."""
     per_node: Counter[str] = Counter()
-    per_service: Counter[tuple[str, str]] = Counter()
+    per_service: defaultdict[str, Counter[str]] = defaultdict(Counter)
     reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
     for t in tasks:
         if t.node_id and t.alive:
             nid = t.node_id
             per_node[nid] += 1
-            per_service[(nid, t.service_id)] += 1
+            per_service[t.service_id][nid] += 1
             need = t.spec.resources.reservations
             if need.memory or need.cpu:
                 r = reserved[nid]
@@ -183,30 +184,33 @@ def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
     groups: dict[tuple[object, ...], _Group] = {}
     # why tasks of a group fit nowhere: valid until the next placement changes reservations
     explained: dict[tuple[object, ...], str] = {}
+    heapreplace = heapq.heapreplace
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
         sid = task.service_id
         need = task.spec.resources.reservations
         key = (sid, task.spec.placement.constraints, need.memory, need.cpu)
+        of_service = per_service[sid]
         group = groups.get(key)
         if group is None:
-            heap = [(per_service[(n.id, sid)], per_node[n.id], n.id) for n in nodes
+            heap = [(of_service[n.id], per_node[n.id], n.id) for n in nodes
                     if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
             heapq.heapify(heap)
             group = groups[key] = _Group(heap)
         heap = group.heap
+        needs = need.memory or need.cpu
         best: str | None = None
         while heap:
             entry = heap[0]
             nid = entry[2]
-            current = (per_service[(nid, sid)], per_node[nid], nid)
+            current = (of_service[nid], per_node[nid], nid)
             if current != entry:
-                heapq.heapreplace(heap, current)
+                heapreplace(heap, current)
                 continue
-            node = snapshot.nodes[nid]
-            r = reserved[nid]
-            if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
-                heapq.heappop(heap)  # reservations only grow: it never fits this group again
-                continue
+            if needs:  # (the resource filters accept any node for a task that needs nothing)
+                node, r = snapshot.nodes[nid], reserved[nid]
+                if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
+                    heapq.heappop(heap)  # reservations only grow: never fits this group again
+                    continue
             best = nid
             break
         if best is None:
@@ -217,12 +221,13 @@ def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
             continue
         plan.assignments.append((task.id, best))
         per_node[best] += 1
-        per_service[(best, sid)] += 1
-        r = reserved[best]
-        r.memory += need.memory
-        r.cpu += need.cpu
-        heapq.heapreplace(heap, (per_service[(best, sid)], per_node[best], best))
-        explained.clear()
+        of_service[best] += 1
+        heapreplace(heap, (of_service[best], per_node[best], best))
+        if needs:
+            r = reserved[best]
+            r.memory += need.memory
+            r.cpu += need.cpu
+            explained.clear()  # (only reservations change what the filters say)
     return plan
 
 

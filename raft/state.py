@@ -49,6 +49,7 @@ from shoal.raft.models import (
     node_from_dict,
     status_from_dict,
     task_from_dict,
+    task_spec_from_dict,
 )
 from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
 
@@ -362,16 +363,20 @@ class ClusterState:
             kind = op[0]
             if kind == "create":
                 raw = op[1]["spec"]
-                t = task_from_dict(op[1], templates.get(id(raw)))
-                if isinstance(raw, dict):
-                    templates[id(raw)] = t.spec
-                svc = self.services.get(t.service_id)
-                if t.id in self.tasks or svc is None:
+                spec = templates.get(id(raw))
+                if spec is None:
+                    spec = task_spec_from_dict(raw)
+                    svc = self.services.get(op[1]["service_id"])
+                    # the service's current template (the usual case) is shared, not copied
+                    # per task: less memory, and the leader compares templates by identity
+                    if svc is not None and spec == svc.spec.task:
+                        spec = svc.spec.task
+                    if isinstance(raw, dict):
+                        templates[id(raw)] = spec
+                t = task_from_dict({**op[1], "created_at": now, "updated_at": now}, spec)
+                if t.id in self.tasks or t.service_id not in self.services:
                     continue
-                # the service's current template (the usual case) is shared, not copied per
-                # task: less memory, and the leader compares templates by identity first
-                spec = svc.spec.task if t.spec == svc.spec.task else t.spec
-                self.tasks[t.id] = replace(t, spec=spec, created_at=now, updated_at=now)
+                self.tasks[t.id] = t
             elif kind == "desired":
                 t = self.tasks.get(op[1])
                 if t is None:

@@ -234,9 +234,8 @@ def _step(st: ClusterState, rng: random.Random, now: float) -> None:
         st.apply({"op": "node_update", "id": nid, "now": now, **change})
     elif roll < 0.62:
         nid = rng.choice(sorted(st.nodes))
-        state = rng.choice(["ready", "down"])
         st.apply({"op": "leader", "term": 1, "now": now,
-                  "ops": [("node_state", nid, state, "")]})
+                  "ops": [("node_state", nid, rng.choice(["ready", "down"]), "")]})
     elif roll < 0.75 and st.services:
         sid = rng.choice(sorted(st.services))
         st.apply({"op": "service_update", "id": sid, "now": now,
