@@ -31,7 +31,7 @@ from shoal.node.orchestrator import (
     node_liveness,
     reconcile_services,
 )
-from shoal.node.scheduler import schedule
+from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, Service, Task, task_from_dict
@@ -75,6 +75,7 @@ class PassIndex:
         self.tasks: dict[str, Task] = {}
         self.by_service: dict[str, dict[str, Task]] = {}
         self.quiet: set[str] = set()  # settled, every task placed, as last seen
+        self.load = Load()  # what the live placed tasks hold per node, for the scheduler
         self.primed = False
 
     def update(self, snap: Snapshot) -> set[str] | None:
@@ -82,6 +83,7 @@ class PassIndex:
         dirty: set[str] = set()
         prev = self.tasks
         by_service = self.by_service
+        load = self.load
         added = 0
         # (dict equality runs in C and takes identical records as equal without comparing
         # them: a quiet cluster's table is compared at C speed; a record replaced by an
@@ -89,15 +91,21 @@ class PassIndex:
         for tid, t in () if snap.tasks == prev else snap.tasks.items():
             old = prev.get(tid)
             if old is not t:
+                load.add(t)
                 if old is None:
                     added += 1
-                elif old.service_id != t.service_id:
+                    by_service.setdefault(t.service_id, {})[tid] = t
+                    dirty.add(t.service_id)
+                    continue
+                load.remove(old)
+                if old.service_id != t.service_id:
                     by_service[old.service_id].pop(tid, None)
                     dirty.add(old.service_id)
                 by_service.setdefault(t.service_id, {})[tid] = t
                 dirty.add(t.service_id)
         if len(prev) + added != len(snap.tasks):  # some were deleted
             for tid in prev.keys() - snap.tasks.keys():
+                load.remove(prev[tid])
                 sid = prev[tid].service_id
                 by_service[sid].pop(tid, None)
                 dirty.add(sid)
@@ -192,7 +200,20 @@ def plan_pass(
         ids += [op[1]["id"] for op in orch_ops if op[0] == "create"]
         candidates = (t for tid in ids if (t := projected.tasks.get(tid)) is not None)
     pending: list[Task] = [t for t in candidates if not t.node_id and t.alive]
-    plan = schedule(projected, pending)
+    load = None
+    if index is not None and pending:
+        # the index's load is the view's: account for what the orchestration changed
+        touched = list(dict.fromkeys(op[1] for op in orch_ops
+                                     if op[0] in ("desired", "orphan", "delete")))
+        sids = {t.service_id for t in pending}
+        sids.update(t.service_id for tid in touched if (t := view.tasks.get(tid)))
+        load = index.load.working_copy(sids)
+        for tid in touched:
+            if (before := view.tasks.get(tid)) is not None:
+                load.remove(before)
+            if (after := projected.tasks.get(tid)) is not None:
+                load.add(after)
+    plan = schedule(projected, pending, load)
     ops += [("assign", tid, nid) for tid, nid in plan.assignments]
     for tid, reason in plan.unschedulable:
         t = projected.tasks[tid]

@@ -126,25 +126,50 @@ class Plan:
     unschedulable: list[tuple[str, str]] = field(default_factory=list)  # (task id, reason)
 
 
-def _counts(tasks: Iterable[Task]
-            ) -> tuple[Counter[str], defaultdict[str, Counter[str]], defaultdict[str, Reserved]]:
-    """Live tasks per node, live tasks per service per node (service id → node id → n), and
-    reserved resources per node. One pass over the task table, only when something is
-    pending."""
-    per_node: Counter[str] = Counter()
-    per_service: defaultdict[str, Counter[str]] = defaultdict(Counter)
-    reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
-    for t in tasks:
+class Load:
+    """What the live, placed tasks hold per node: how many (``per_node``), how many of each
+    service (``per_service``: service id → node id → n) and the resources they reserve.
+    ``schedule`` counts it over the snapshot's tasks, or takes one kept up to date by the
+    leader's PassIndex (``add``/``remove`` per changed task), which it does not modify."""
+
+    __slots__ = ("per_node", "per_service", "reserved")
+
+    def __init__(self) -> None:
+        self.per_node: Counter[str] = Counter()
+        self.per_service: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
+
+    @classmethod
+    def of(cls, tasks: Iterable[Task]) -> Load:
+        load = cls()
+        for t in tasks:
+            load.add(t)
+        return load
+
+    def add(self, t: Task, sign: int = 1) -> None:
         if t.node_id and t.alive:
             nid = t.node_id
-            per_node[nid] += 1
-            per_service[t.service_id][nid] += 1
+            self.per_node[nid] += sign
+            self.per_service[t.service_id][nid] += sign
             need = t.spec.resources.reservations
             if need.memory or need.cpu:
-                r = reserved[nid]
-                r.memory += need.memory
-                r.cpu += need.cpu
-    return per_node, per_service, reserved
+                r = self.reserved[nid]
+                r.memory += sign * need.memory
+                r.cpu += sign * need.cpu
+
+    def remove(self, t: Task) -> None:
+        self.add(t, -1)
+
+    def working_copy(self, services: Iterable[str]) -> Load:
+        """A copy ``schedule`` may change: per-node figures and the named services'."""
+        out = Load()
+        out.per_node = Counter(self.per_node)
+        for sid in services:
+            if sid in self.per_service:
+                out.per_service[sid] = Counter(self.per_service[sid])
+        for nid, r in self.reserved.items():
+            out.reserved[nid] = Reserved(r.memory, r.cpu)
+        return out
 
 
 # The filters that depend only on the node and the task's spec (not on what is reserved):
@@ -170,17 +195,23 @@ class _Group:
         self.heap = heap
 
 
-def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
+def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
     """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``.
 
     Same result as running every filter on every node for every task and taking the
     minimum of the ranking, at O(nodes) per group of like tasks plus O(log nodes) per
-    placement (tests/sched_reference.py is that plain version; tests compare the two)."""
+    placement (tests/sched_reference.py is that plain version; tests compare the two).
+    ``load``: what the snapshot's tasks hold, if the caller keeps it (else counted here,
+    one walk over the task table); it is not modified."""
     plan = Plan()
     if not pending:
         return plan
     nodes = sorted(snapshot.nodes.values(), key=lambda n: n.id)
-    per_node, per_service, reserved = _counts(snapshot.tasks.values())
+    if load is None:
+        work = Load.of(snapshot.tasks.values())
+    else:
+        work = load.working_copy({t.service_id for t in pending})
+    per_node, per_service, reserved = work.per_node, work.per_service, work.reserved
     groups: dict[tuple[object, ...], _Group] = {}
     # why tasks of a group fit nowhere: valid until the next placement changes reservations
     explained: dict[tuple[object, ...], str] = {}

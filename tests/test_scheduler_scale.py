@@ -254,6 +254,8 @@ def _step(st: ClusterState, rng: random.Random, now: float) -> None:
                   "spec": {"name": f"svc{k}", "command": ["sleep", "1"],
                            "replicas": rng.randrange(0, 10),
                            "constraints": rng.choice(CONSTRAINTS),
+                           "reserve_memory": rng.choice([0, 1 << 30, 3 << 30]),
+                           "reserve_cpu": rng.choice([0.0, 0.5, 1.5]),
                            "restart_delay": rng.choice([0.0, 2.0])}})
     # else: nothing happened (a quiet pass)
 
