@@ -1,8 +1,9 @@
 """Leader-only control loop: node liveness, orchestration and scheduling.
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
-the leader and proposing their decisions as term-fenced ``leader`` batches (one per pass, split by
-``batches`` when a pass changes more than one Raft entry should carry). Node
+the leader and proposing their decisions as term-fenced ``leader`` batches (one per pass,
+split by ``batches`` when a pass changes more than one Raft entry should carry), and the
+PassIndex that lets a pass look only at what changed since the previous one. Node
 liveness comes from gossip (this node's SWIM member list) with heartbeats as a fallback
 for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads

@@ -6,7 +6,7 @@ or stopped satisfying the task's placement constraints, shutting down extra slot
 scale-down, deleting tasks of removed services once they have stopped, and trimming
 task history. Also the node-liveness policy (heartbeats → READY/DOWN). Must not touch:
 the store or the network; ``shoal.node.leader`` runs these functions on the leader and
-proposes what they return as one fenced batch.
+proposes what they return as fenced batches.
 
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)

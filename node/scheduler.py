@@ -13,6 +13,11 @@ CPU for the task's reservations (against what the node reported at join). Rankin
 fewest tasks of the same service on the node (spread), then fewest tasks in total, then
 node id (deterministic). The orchestrator uses ``unsatisfied`` too, to move tasks off
 nodes that stopped satisfying their constraints.
+
+Cost: like tasks (one service, same constraints and reservations) share one heap of
+candidate nodes keyed by the ranking, so a pass costs O(nodes) per group plus O(log nodes)
+per placement, not O(tasks * nodes); tests/sched_reference.py is the plain loop the
+result must equal.
 """
 
 from __future__ import annotations
