@@ -1,11 +1,13 @@
 """Leader-only control loop: node liveness, orchestration and scheduling.
 
 Owns: running the pure policies of shoal.node.orchestrator and shoal.node.scheduler on
-the leader and proposing their decisions as one term-fenced ``leader`` batch per pass; raising
-the cluster's data schema (``cluster_schema``) once every node announces it can run it, as
-decided by shoal.node.upgrade.schema_to_raise over the gossip metadata. Node liveness comes
-from gossip (this node's SWIM member list, and the planned restarts members announced on it)
-with heartbeats as a fallback for nodes gossip has not heard of yet.
+the leader and proposing their decisions as term-fenced ``leader`` batches (one per pass,
+split by ``batches`` when a pass changes more than one Raft entry should carry), and the
+PassIndex that lets a pass look only at what changed since the previous one; raising the
+cluster's data schema (``cluster_schema``) once every node announces it can run it, as decided
+by shoal.node.upgrade.schema_to_raise over the gossip metadata. Node liveness comes from
+gossip (this node's SWIM member list, and the planned restarts members announced on it) with
+heartbeats as a fallback for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the state source (shoal.node.source.StateSource: the RaftStore in
 the agent, the in-memory store in unit tests). Heartbeats arrive from the API (every agent
@@ -21,8 +23,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import msgpack
 
 from shoal.node.orchestrator import (
     Op,
@@ -30,18 +34,116 @@ from shoal.node.orchestrator import (
     node_liveness,
     reconcile_services,
 )
-from shoal.node.scheduler import schedule
+from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
 from shoal.node.upgrade import schema_to_raise
 from shoal.raft.errors import CommandRejected, StoreError
-from shoal.raft.models import Task, task_from_dict
-from shoal.raft.state import ClusterState, Snapshot
+from shoal.raft.models import Node, Service, Task, task_from_dict
+from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 
 log = logging.getLogger("shoal.leader")
 
 
 def new_task_id() -> str:
     return secrets.token_hex(10)
+
+
+def _scratch(snap: Snapshot) -> ClusterState:
+    return ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
+                        tasks=dict(snap.tasks))
+
+
+def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:
+    """Apply ``ops`` to the scratch state as the replicas will (in batches the state machine
+    accepts: one batch of more than MAX_BATCH_OPS would be refused as a whole)."""
+    for start in range(0, len(ops), MAX_BATCH_OPS):
+        scratch.apply({"op": "leader", "term": 0, "now": now,
+                       "ops": ops[start:start + MAX_BATCH_OPS]})
+
+
+class PassIndex:
+    """What the leader's previous passes learnt, so a pass costs what changed, not the cluster.
+
+    Kept by the LeaderLoop between passes (a cache: dropping it only costs one full pass).
+    ``update`` compares the state a pass sees with the one the previous pass saw, by object
+    identity (records are immutable and replaced on every change, so a dict lookup and an
+    ``is`` per task find what changed), and keeps the tasks grouped by service. The services
+    to reconcile are those that changed or were not ``settled`` last time; every service
+    when a node changed (liveness, drain, labels) or on the first pass. A settled service
+    whose tasks, spec and nodes did not change is settled still, and has no pending task.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.services: dict[str, Service] = {}
+        self.tasks: dict[str, Task] = {}
+        self.by_service: dict[str, dict[str, Task]] = {}
+        self.quiet: set[str] = set()  # settled, every task placed, as last seen
+        self.load = Load()  # what the live placed tasks hold per node, for the scheduler
+        self.primed = False
+
+    def update(self, snap: Snapshot) -> set[str] | None:
+        """Take in ``snap``; the ids of the services to reconcile, or None for all."""
+        dirty: set[str] = set()
+        prev = self.tasks
+        by_service = self.by_service
+        load = self.load
+        added = 0
+        # (dict equality runs in C and takes identical records as equal without comparing
+        # them: a quiet cluster's table is compared at C speed; a record replaced by an
+        # equal one is no change either)
+        for tid, t in () if snap.tasks == prev else snap.tasks.items():
+            old = prev.get(tid)
+            if old is not t:
+                load.add(t)
+                if old is None:
+                    added += 1
+                    by_service.setdefault(t.service_id, {})[tid] = t
+                    dirty.add(t.service_id)
+                    continue
+                load.remove(old)
+                if old.service_id != t.service_id:
+                    by_service[old.service_id].pop(tid, None)
+                    dirty.add(old.service_id)
+                by_service.setdefault(t.service_id, {})[tid] = t
+                dirty.add(t.service_id)
+        if len(prev) + added != len(snap.tasks):  # some were deleted
+            for tid in prev.keys() - snap.tasks.keys():
+                load.remove(prev[tid])
+                sid = prev[tid].service_id
+                by_service[sid].pop(tid, None)
+                dirty.add(sid)
+        for sid in [sid for sid, tasks in by_service.items() if not tasks]:
+            del by_service[sid]
+        if added or dirty or len(prev) != len(snap.tasks):
+            self.tasks = dict(snap.tasks)
+        if snap.services != self.services:
+            old_services, self.services = self.services, dict(snap.services)
+            for sid in old_services.keys() | self.services.keys():
+                if old_services.get(sid) is not self.services.get(sid):
+                    dirty.add(sid)
+        nodes_changed = snap.nodes != self.nodes
+        if nodes_changed:
+            self.nodes = dict(snap.nodes)
+        if nodes_changed or not self.primed:
+            self.primed = True
+            self.quiet.clear()
+            return None
+        everything = self.services.keys() | by_service.keys()
+        return (everything - self.quiet) | dirty
+
+    def tasks_of(self, sids: set[str]) -> dict[str, Task]:
+        return {tid: t for sid in sids for tid, t in self.by_service.get(sid, {}).items()}
+
+    def settle(self, looked_at: set[str] | None, settled: set[str]) -> None:
+        """After reconciling ``looked_at`` (None: all): remember which are quiet now."""
+        for sid in (self.services.keys() | self.by_service.keys()) if looked_at is None \
+                else looked_at:
+            tasks = self.by_service.get(sid, {})
+            if sid in settled and all(t.node_id for t in tasks.values()):
+                self.quiet.add(sid)
+            else:
+                self.quiet.discard(sid)
 
 
 def plan_pass(
@@ -53,33 +155,101 @@ def plan_pass(
     liveness: bool = True,
     gossip: dict[str, str] | None = None,
     restarts: Mapping[str, float] | None = None,
+    index: PassIndex | None = None,
+    new_id: Callable[[], str] = new_task_id,
 ) -> tuple[list[Op], float | None]:
     """One leader pass as a pure function: liveness, then orchestration, then placement.
 
     The orchestration ops are applied to a scratch copy of the state so tasks created
-    in this pass are placed in the same batch.
+    in this pass are placed in the same batch. With an ``index`` (kept from the previous
+    passes), only the services that changed or were not settled are reconciled and only
+    their tasks are candidates for placement: the same ops (tests/test_scheduler_scale.py
+    compares the two), at the cost of the change.
     """
     ops: list[Op] = []
     if liveness:
         ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip,
                              restarts)
-    scratch = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
-                           tasks=dict(snap.tasks))
+    scratch: ClusterState | None = None  # made only when ops must be applied (copies)
+    view = snap
     if ops:
-        scratch.apply({"op": "leader", "term": 0, "now": wall_now, "ops": ops})
-    orch_ops, wake_at = reconcile_services(scratch.snapshot(), wall_now, new_task_id, config)
+        scratch = _scratch(snap)
+        _apply(scratch, ops, wall_now)
+        view = scratch.snapshot()
+    active = index.update(view) if index is not None else None
+    settled: set[str] = set()
+    if active is None:
+        orch_ops, wake_at = reconcile_services(view, wall_now, new_id, config,
+                                               settled_out=settled)
+    else:
+        assert index is not None
+        part = Snapshot(index=view.index, cluster=view.cluster, nodes=view.nodes,
+                        services=view.services, tasks=index.tasks_of(active))
+        orch_ops, wake_at = reconcile_services(part, wall_now, new_id, config, only=active,
+                                               settled_out=settled)
+    if index is not None:
+        index.settle(active, settled)
     ops += orch_ops
+    projected = view
     if orch_ops:
-        scratch.apply({"op": "leader", "term": 0, "now": wall_now, "ops": orch_ops})
-    projected = scratch.snapshot()
-    pending: list[Task] = [t for t in projected.tasks.values() if not t.node_id and t.alive]
-    plan = schedule(projected, pending)
+        if scratch is None:
+            scratch = _scratch(view)
+        _apply(scratch, orch_ops, wall_now)
+        projected = scratch.snapshot()
+    if active is None:
+        candidates: Iterable[Task] = projected.tasks.values()
+    else:
+        assert index is not None
+        # only services looked at can have unplaced tasks (a quiet one has none), and the
+        # tasks created now belong to them
+        ids = [tid for sid in active for tid in index.by_service.get(sid, {})]
+        ids += [op[1]["id"] for op in orch_ops if op[0] == "create"]
+        candidates = (t for tid in ids if (t := projected.tasks.get(tid)) is not None)
+    pending: list[Task] = [t for t in candidates if not t.node_id and t.alive]
+    load = None
+    if index is not None and pending:
+        # the index's load is the view's: account for what the orchestration changed
+        touched = list(dict.fromkeys(op[1] for op in orch_ops
+                                     if op[0] in ("desired", "orphan", "delete")))
+        sids = {t.service_id for t in pending}
+        sids.update(t.service_id for tid in touched if (t := view.tasks.get(tid)))
+        load = index.load.working_copy(sids)
+        for tid in touched:
+            if (before := view.tasks.get(tid)) is not None:
+                load.remove(before)
+            if (after := projected.tasks.get(tid)) is not None:
+                load.add(after)
+    plan = schedule(projected, pending, load)
     ops += [("assign", tid, nid) for tid, nid in plan.assignments]
     for tid, reason in plan.unschedulable:
         t = projected.tasks[tid]
         if t.sched_message != reason:
             ops.append(("unschedulable", tid, reason))
     return ops, wake_at
+
+
+# msgpack overhead of the batch around its ops: {"op": "leader", "term", "now", "ops": [...]}
+_BATCH_HEADER_BYTES = 64
+
+
+def batches(ops: Sequence[Op], max_ops: int = MAX_BATCH_OPS,
+            max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[Op]]:
+    """``ops`` split, in order, into batches of at most ``max_ops`` ops and about
+    ``max_bytes`` msgpack bytes (an op larger than that alone goes out alone). Order matters
+    (a task's ``assign`` follows its ``create``): the batches are proposed one after another,
+    and a pass cut short by a lost leadership leaves a consistent state the next leader's
+    pass continues from (every op is level-triggered)."""
+    batch: list[Op] = []
+    size = _BATCH_HEADER_BYTES
+    for op in ops:
+        op_bytes = len(msgpack.packb(op, use_bin_type=True))
+        if batch and (len(batch) >= max_ops or size + op_bytes > max_bytes):
+            yield batch
+            batch, size = [], _BATCH_HEADER_BYTES
+        batch.append(op)
+        size += op_bytes
+    if batch:
+        yield batch
 
 
 class LeaderLoop:
@@ -100,10 +270,12 @@ class LeaderLoop:
         self.config = config
         self.wakeup = wakeup
         self.passes = 0
+        self.index = PassIndex()  # what earlier passes learnt (a cache: see PassIndex)
 
     async def run(self) -> None:
         started = time.monotonic()
         term = self.store.term()
+        self.index = PassIndex()
         log.info("leading (term %d): orchestrator and scheduler started", term)
         # give every agent a chance to reach us before judging liveness
         for node_id in self.store.snapshot().nodes:
@@ -137,12 +309,17 @@ class LeaderLoop:
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,
                                  gossip=self.gossip() if self.gossip else None,
-                                 restarts=self.restarts() if self.restarts else None)
+                                 restarts=self.restarts() if self.restarts else None,
+                                 index=self.index)
         self.passes += 1
         if ops:
-            cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}
-            await self.store.propose(cmd)
-            log.debug("leader pass proposed %d ops", len(ops))
+            now = time.time()
+            entries = 0
+            for batch in batches(ops):
+                cmd: dict[str, Any] = {"op": "leader", "term": term, "now": now, "ops": batch}
+                await self.store.propose(cmd)
+                entries += 1
+            log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)
         await self._raise_schema(snap)
         return wake_at
 
@@ -165,4 +342,4 @@ class LeaderLoop:
         log.info("cluster schema raised to %d: every node announces it", target)
 
 
-__all__ = ["LeaderLoop", "new_task_id", "plan_pass", "task_from_dict"]
+__all__ = ["LeaderLoop", "PassIndex", "batches", "new_task_id", "plan_pass", "task_from_dict"]

@@ -6,7 +6,7 @@ or stopped satisfying the task's placement constraints, shutting down extra slot
 scale-down, deleting tasks of removed services once they have stopped, and trimming
 task history. Also the node-liveness policy (heartbeats → READY/DOWN). Must not touch:
 the store or the network; ``shoal.node.leader`` runs these functions on the leader and
-proposes what they return as one fenced batch.
+proposes what they return as fenced batches.
 
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
@@ -17,7 +17,7 @@ Ops are the tuples understood by ClusterState's ``leader`` command:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,59 +110,72 @@ def reconcile_services(
     now: float,
     new_id: Callable[[], str],
     config: OrchestratorConfig,
+    only: Collection[str] | None = None,
+    settled_out: set[str] | None = None,
 ) -> tuple[list[Op], float | None]:
     """Ops that move every service towards its spec, and when to look again.
 
     Returns ``(ops, wake_at)``; ``wake_at`` (wall-clock seconds) is the earliest time a
     waiting decision (a restart delay) becomes due, or None.
+
+    ``only``: reconcile just these service ids; ``snapshot.tasks`` then needs to hold only
+    (but all) the tasks of these services, its nodes and services stay whole. Every rule is
+    per task (with its node and service) or per service, so this gives the ops the whole
+    run gives for those services (the leader's PassIndex uses it to skip settled services).
+    ``settled_out`` collects the ids of the services found ``settled``.
     """
     ops: list[Op] = []
     wake_at: float | None = None
-    down_nodes = {n.id for n in snapshot.nodes.values() if n.state is NodeState.DOWN}
+    nodes, services = snapshot.nodes, snapshot.services
+    down_nodes = {n.id for n in nodes.values() if n.state is NodeState.DOWN}
+    drained = {n.id for n in nodes.values() if n.availability is NodeAvailability.DRAIN}
 
+    # One walk over the task table (the rules below are per task; their ops are emitted in
+    # the order of the rules, each in task order):
     by_service: dict[str, list[Task]] = defaultdict(list)
+    orphans: list[Op] = []
+    drains: list[Op] = []
+    misplaced: list[Op] = []
+    unplaced: list[Op] = []
+    orphaned: set[str] = set()
     for t in snapshot.tasks.values():
         by_service[t.service_id].append(t)
-
-    # tasks on nodes that are down or gone: orphan them so their slots get replaced
-    for t in snapshot.tasks.values():
-        if t.node_id and not t.status.state.terminal and (
-            t.node_id in down_nodes or t.node_id not in snapshot.nodes
-        ):
-            reason = "node down" if t.node_id in down_nodes else "node removed"
-            ops.append(("orphan", t.id, f"{reason}: task replaced elsewhere"))
-
-    orphaned = {op[1] for op in ops}
-
-    # tasks on drained nodes: shut them down (they stop cleanly) so their slots move
-    drained = {n.id for n in snapshot.nodes.values()
-               if n.availability is NodeAvailability.DRAIN}
-    for t in snapshot.tasks.values():
-        if t.node_id in drained and t.alive and t.id not in orphaned:
-            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+        nid = t.node_id
+        if not nid:
+            # tasks told to stop before they were ever placed (an update or a scale-down
+            # while they waited for a node a constraint or a reservation allows): nothing
+            # runs and no agent will ever report them, so forget them (swarmkit's task
+            # reaper does the same)
+            if t.desired_state >= TaskState.SHUTDOWN and t.service_id in services:
+                unplaced.append(("delete", t.id))
+            continue
+        node = nodes.get(nid)
+        if node is None or nid in down_nodes:
+            # tasks on nodes that are down or gone: orphan them so their slots get replaced
+            if not t.status.state.terminal:
+                reason = "node down" if nid in down_nodes else "node removed"
+                orphans.append(("orphan", t.id, f"{reason}: task replaced elsewhere"))
+                orphaned.add(t.id)
+            continue
+        if not t.alive:
+            continue
+        if nid in drained:
+            # tasks on drained nodes: shut them down (they stop cleanly) so their slots move
+            drains.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             orphaned.add(t.id)
-
-    # tasks on nodes that no longer satisfy their placement constraints (a label removed, a
-    # role changed): shut them down so their slots move to a node that does, or wait
-    # pending (Swarm's constraint enforcer). Only when the node fails both the task's own
-    # constraints and the service's current ones: a task the current spec still allows
-    # stays, and one only the current spec forbids is the rolling update's to replace.
-    for t in snapshot.tasks.values():
-        node = snapshot.nodes.get(t.node_id)
-        svc = snapshot.services.get(t.service_id)
-        if node is not None and svc is not None and t.alive and t.id not in orphaned and \
-                unsatisfied(node, t.spec.placement.constraints) is not None and \
-                unsatisfied(node, svc.spec.task.placement.constraints) is not None:
-            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+            continue
+        # tasks on nodes that no longer satisfy their placement constraints (a label
+        # removed, a role changed): shut them down so their slots move to a node that does,
+        # or wait pending (Swarm's constraint enforcer). Only when the node fails both the
+        # task's own constraints and the service's current ones: a task the current spec
+        # still allows stays, and one only the current spec forbids is the rolling update's
+        # to replace.
+        svc = services.get(t.service_id)
+        if svc is not None and unsatisfied(node, t.spec.placement.constraints) is not None \
+                and unsatisfied(node, svc.spec.task.placement.constraints) is not None:
+            misplaced.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             orphaned.add(t.id)
-
-    # tasks told to stop before they were ever placed (an update or a scale-down while they
-    # waited for a node a constraint or a reservation allows): nothing runs and no agent
-    # will ever report them, so forget them (swarmkit's task reaper does the same)
-    for t in snapshot.tasks.values():
-        if not t.node_id and t.desired_state >= TaskState.SHUTDOWN and \
-                t.service_id in snapshot.services:
-            ops.append(("delete", t.id))
+    ops += orphans + drains + misplaced + unplaced
 
     def alive(t: Task) -> bool:
         return t.alive and t.id not in orphaned
@@ -179,12 +192,40 @@ def reconcile_services(
                 ops.append(("desired", t.id, int(TaskState.REMOVE)))
 
     for svc in sorted(snapshot.services.values(), key=lambda s: s.spec.name):
-        svc_ops, svc_wake = _reconcile_service(svc, by_service.get(svc.id, []), alive, now,
-                                               new_id, config, snapshot.nodes)
+        if only is not None and svc.id not in only:
+            continue
+        tasks = by_service.get(svc.id, [])
+        if settled(svc, tasks, orphaned):
+            if settled_out is not None:
+                settled_out.add(svc.id)
+            continue  # (what _reconcile_service finds for it: nothing to do, nothing to wait)
+        svc_ops, svc_wake = _reconcile_service(svc, tasks, alive, now, new_id, config,
+                                               snapshot.nodes)
         ops.extend(svc_ops)
         if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
             wake_at = svc_wake
     return ops, wake_at
+
+
+def settled(svc: Service, tasks: list[Task], orphaned: set[str]) -> bool:
+    """The service is where its spec wants it, so ``_reconcile_service`` has nothing to do:
+    no rollout in progress, exactly one live task per slot 1..replicas, each of the
+    current template, and no ended task kept as history. A quick check, so that a leader
+    pass over a quiet cluster costs one look at each task instead of the whole policy
+    (tests/test_scheduler_scale.py checks the verdict against ``_reconcile_service``)."""
+    if svc.update_status.state in ("updating", "rollback_started"):
+        return False
+    replicas = svc.spec.replicas
+    if len(tasks) != replicas:
+        return False
+    spec = svc.spec.task
+    slots = set()
+    for t in tasks:
+        if not (t.spec is spec or t.spec == spec) or not t.alive or t.id in orphaned or \
+                not 1 <= t.slot <= replicas:
+            return False
+        slots.add(t.slot)
+    return len(slots) == replicas
 
 
 def _reconcile_service(
@@ -202,6 +243,7 @@ def _reconcile_service(
     for t in tasks:
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
+    created: dict[str, Any] | None = None  # the first task this pass creates, as plain values
     ops += rolling_update(svc, tasks, alive, now, nodes)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
@@ -228,7 +270,7 @@ def _reconcile_service(
                 pass
             elif due > now:
                 wake_at = due if wake_at is None else min(wake_at, due)
-            else:
+            elif created is None:
                 task = Task(
                     id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
                     spec=svc.spec.task, service_version=svc.version,
@@ -236,7 +278,13 @@ def _reconcile_service(
                     status=TaskStatus(state=TaskState.NEW, timestamp=now, message="created"),
                     created_at=now, updated_at=now,
                 )
-                ops.append(("create", to_dict(task)))
+                created = to_dict(task)
+                ops.append(("create", created))
+            else:
+                # the tasks a pass creates for a service differ only by id and slot: the
+                # first one's plain form is converted once (a 10,000-task scale converts
+                # one, not 10,000); the shared parts are only read (packed, or applied)
+                ops.append(("create", {**created, "id": new_id(), "slot": slot}))
         # trim history: dead tasks beyond the newest `task_history` (but keep enough to
         # count restart attempts and to remember that a slot is not to be restarted)
         history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
@@ -256,6 +304,8 @@ def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
     When only the placement constraints differ, a task whose ``node`` satisfies the new
     ones is kept (swarmkit's IsTaskDirtyPlacementConstraintsOnly): `--constraint-add` moves
     only the tasks that must move, `--constraint-rm` moves none."""
+    if t.spec is spec or t.spec == spec:
+        return False  # (the common case, without building a copy)
     if structs.replace(t.spec, restart=spec.restart) == spec:
         return False  # the restart policy is the leader's business: applies without redeploy
     nowhere = Placement()

@@ -13,11 +13,17 @@ CPU for the task's reservations (against what the node reported at join). Rankin
 fewest tasks of the same service on the node (spread), then fewest tasks in total, then
 node id (deterministic). The orchestrator uses ``unsatisfied`` too, to move tasks off
 nodes that stopped satisfying their constraints.
+
+Cost: like tasks (one service, same constraints and reservations) share one heap of
+candidate nodes keyed by the ranking, so a pass costs O(nodes) per group plus O(log nodes)
+per placement, not O(tasks * nodes); tests/sched_reference.py is the plain loop the
+result must equal.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -125,52 +131,166 @@ class Plan:
     unschedulable: list[tuple[str, str]] = field(default_factory=list)  # (task id, reason)
 
 
-def _counts(tasks: Iterable[Task]
-            ) -> tuple[Counter[str], Counter[tuple[str, str]], defaultdict[str, Reserved]]:
-    per_node: Counter[str] = Counter()
-    per_service: Counter[tuple[str, str]] = Counter()
-    reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
-    for t in tasks:
+class Load:
+    """What the live, placed tasks hold per node: how many (``per_node``), how many of each
+    service (``per_service``: service id → node id → n) and the resources they reserve.
+    ``schedule`` counts it over the snapshot's tasks, or takes one kept up to date by the
+    leader's PassIndex (``add``/``remove`` per changed task), which it does not modify."""
+
+    __slots__ = ("per_node", "per_service", "reserved")
+
+    def __init__(self) -> None:
+        self.per_node: Counter[str] = Counter()
+        self.per_service: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
+
+    @classmethod
+    def of(cls, tasks: Iterable[Task]) -> Load:
+        load = cls()
+        for t in tasks:
+            load.add(t)
+        return load
+
+    def add(self, t: Task, sign: int = 1) -> None:
         if t.node_id and t.alive:
-            per_node[t.node_id] += 1
-            per_service[(t.node_id, t.service_id)] += 1
-            reserved[t.node_id].memory += t.spec.resources.reservations.memory
-            reserved[t.node_id].cpu += t.spec.resources.reservations.cpu
-    return per_node, per_service, reserved
+            nid = t.node_id
+            self.per_node[nid] += sign
+            self.per_service[t.service_id][nid] += sign
+            need = t.spec.resources.reservations
+            if need.memory or need.cpu:
+                r = self.reserved[nid]
+                r.memory += sign * need.memory
+                r.cpu += sign * need.cpu
+
+    def remove(self, t: Task) -> None:
+        self.add(t, -1)
+
+    def working_copy(self, services: Iterable[str]) -> Load:
+        """A copy ``schedule`` may change: per-node figures and the named services'."""
+        out = Load()
+        out.per_node = Counter(self.per_node)
+        for sid in services:
+            if sid in self.per_service:
+                out.per_service[sid] = Counter(self.per_service[sid])
+        for nid, r in self.reserved.items():
+            out.reserved[nid] = Reserved(r.memory, r.cpu)
+        return out
 
 
-def schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
-    """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``."""
+# The filters that depend only on the node and the task's placement constraints (not on
+# what is reserved): decided once per node for all tasks with the same constraints in a
+# pass. The resource filters are checked when a node comes up as the best candidate. (A new
+# filter goes in the right half; tests/test_scheduler_scale.py compares with the reference.)
+_STATIC_FILTERS = FILTERS[:3]
+_RESOURCE_FILTERS = FILTERS[3:]
+
+
+class _Group:
+    """Tasks of one service with the same constraints and reservations: they accept the
+    same nodes, so one heap of candidates keyed by the ranking serves them all.
+
+    The heap holds at most one entry per node, keyed by (tasks of the service on the node,
+    tasks on the node, node id) as it was when pushed. Placing only adds tasks, so a key
+    can only grow: an entry whose key is out of date is a lower bound, re-pushed with its
+    current key when it surfaces; the first entry that surfaces up to date is the minimum.
+    A node that stops fitting the group's reservations never fits again in this pass."""
+
+    __slots__ = ("heap",)
+
+    def __init__(self, heap: list[tuple[int, int, str]]) -> None:
+        self.heap = heap
+
+
+def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
+    """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``.
+
+    Same result as running every filter on every node for every task and taking the
+    minimum of the ranking, at O(nodes) per group of like tasks plus O(log nodes) per
+    placement (tests/sched_reference.py is that plain version; tests compare the two).
+    ``load``: what the snapshot's tasks hold, if the caller keeps it (else counted here,
+    one walk over the task table); it is not modified."""
     plan = Plan()
+    if not pending:
+        return plan
     nodes = sorted(snapshot.nodes.values(), key=lambda n: n.id)
-    per_node, per_service, reserved = _counts(snapshot.tasks.values())
+    if load is None:
+        work = Load.of(snapshot.tasks.values())
+    else:
+        work = load.working_copy({t.service_id for t in pending})
+    per_node, per_service, reserved = work.per_node, work.per_service, work.reserved
+    groups: dict[tuple[object, ...], _Group] = {}
+    eligible: dict[tuple[str, ...], list[str]] = {}  # constraints → nodes the static filters pass
+    # why tasks of a group fit nowhere: valid until the next placement changes reservations
+    explained: dict[tuple[object, ...], str] = {}
+    heapreplace = heapq.heapreplace
+    node_get = per_node.get
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
-        rejected: Counter[str] = Counter()
-        candidates: list[Node] = []
-        for node in nodes:
-            for f in FILTERS:
-                why = f(node, task, reserved[node.id])
-                if why is not None:
-                    rejected[why] += 1
-                    break
-            else:
-                candidates.append(node)
-        if not candidates:
-            plan.unschedulable.append((task.id, _explain(task, rejected, len(nodes))))
+        sid = task.service_id
+        need = task.spec.resources.reservations
+        key = (sid, task.spec.placement.constraints, need.memory, need.cpu)
+        of_service = per_service[sid]
+        svc_get = of_service.get  # (.get: a Counter's missing key costs a Python call)
+        group = groups.get(key)
+        if group is None:
+            constraints = task.spec.placement.constraints
+            ids = eligible.get(constraints)
+            if ids is None:  # the static filters depend on the node and the constraints only
+                ids = eligible[constraints] = [
+                    n.id for n in nodes
+                    if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
+            heap = [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids]
+            heapq.heapify(heap)
+            group = groups[key] = _Group(heap)
+        heap = group.heap
+        needs = need.memory or need.cpu
+        best: str | None = None
+        while heap:
+            entry = heap[0]
+            nid = entry[2]
+            current = (svc_get(nid, 0), node_get(nid, 0), nid)
+            if current != entry:
+                heapreplace(heap, current)
+                continue
+            if needs:  # (the resource filters accept any node for a task that needs nothing)
+                node, r = snapshot.nodes[nid], reserved[nid]
+                if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
+                    heapq.heappop(heap)  # reservations only grow: never fits this group again
+                    continue
+            best = nid
+            break
+        if best is None:
+            reason = explained.get(key)
+            if reason is None:
+                reason = explained[key] = _explain_by_filters(task, nodes, reserved)
+            plan.unschedulable.append((task.id, reason))
             continue
-        best = min(
-            candidates,
-            key=lambda n: (per_service[(n.id, task.service_id)], per_node[n.id], n.id),
-        )
-        plan.assignments.append((task.id, best.id))
-        per_node[best.id] += 1
-        per_service[(best.id, task.service_id)] += 1
-        reserved[best.id].memory += task.spec.resources.reservations.memory
-        reserved[best.id].cpu += task.spec.resources.reservations.cpu
+        plan.assignments.append((task.id, best))
+        per_node[best] += 1
+        of_service[best] += 1
+        heapreplace(heap, (of_service[best], per_node[best], best))
+        if needs:
+            r = reserved[best]
+            r.memory += need.memory
+            r.cpu += need.cpu
+            explained.clear()  # (only reservations change what the filters say)
     return plan
 
 
-def _explain(task: Task, rejected: Counter[str], total: int) -> str:
+def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved]
+                        ) -> str:
+    """Run the filters in order on every node, counting each node's first rejection."""
+    rejected: Counter[str] = Counter()
+    for node in nodes:
+        r = reserved[node.id]
+        for f in FILTERS:
+            why = f(node, task, r)
+            if why is not None:
+                rejected[why] += 1
+                break
+    return explain(task, rejected, len(nodes))
+
+
+def explain(task: Task, rejected: Counter[str], total: int) -> str:
     """Why ``task`` fits nowhere. When only its constraints stand in the way, say which:
     "no node satisfies node.labels.zone==b"; otherwise count every rejection:
     "no suitable node (constraint node.labels.zone==b 2/3, not ready 1/3)"."""

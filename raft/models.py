@@ -56,10 +56,16 @@ class TaskState(enum.IntEnum):
 
     @property
     def terminal(self) -> bool:
-        return self >= TaskState.COMPLETE
+        return self >= _COMPLETE
 
     def lower(self) -> str:
         return self.name.lower()
+
+
+# Plain ints for the hot comparisons: looking a member up on the enum class costs ~0.5 µs on
+# Python 3.11, and a leader pass makes a few per task (100,000 tasks → tenths of a second).
+_RUNNING = int(TaskState.RUNNING)
+_COMPLETE = int(TaskState.COMPLETE)
 
 
 class NodeRole(enum.StrEnum):
@@ -203,7 +209,7 @@ class Task:
     @property
     def alive(self) -> bool:
         """Counts towards the service's replicas: wanted running and not yet ended."""
-        return self.desired_state <= TaskState.RUNNING and not self.status.state.terminal
+        return self.desired_state <= _RUNNING and self.status.state < _COMPLETE
 
 
 # --------------------------------------------------------------------------- msgpack forms
@@ -273,13 +279,14 @@ def node_from_dict(d: dict[str, Any]) -> Node:
     )
 
 
-def task_from_dict(d: dict[str, Any]) -> Task:
+def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
+    """``spec``: ``d["spec"]`` already converted (a batch of creates sharing one template)."""
     return Task(
         id=d["id"],
         service_id=d["service_id"],
         service_name=d["service_name"],
         slot=int(d["slot"]),
-        spec=task_spec_from_dict(d["spec"]),
+        spec=spec if spec is not None else task_spec_from_dict(d["spec"]),
         service_version=int(d["service_version"]),
         desired_state=TaskState(d["desired_state"]),
         node_id=d.get("node_id", ""),

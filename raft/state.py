@@ -43,18 +43,27 @@ from shoal.raft.models import (
     Service,
     ServiceSpec,
     Task,
+    TaskSpec,
     TaskState,
     UpdateStatus,
     node_from_dict,
     status_from_dict,
     task_from_dict,
+    task_spec_from_dict,
 )
 from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
 
 NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
-# Bound on tasks created/changed by one leader batch; keeps log entries small.
+# Bound on tasks created/changed by one leader batch; keeps log entries small. The state
+# machine refuses a longer batch; the leader splits a pass's ops into batches of at most this
+# many (shoal.node.leader.batches).
 MAX_BATCH_OPS = 5000
+# Bound on the msgpack size of one leader batch, bytes (the leader splits by it; a create op
+# carries the task's whole template, ~0.5-2 KiB): every follower receives and applies the
+# entry in one piece, so a 10,000-task scale goes out as several ~1 MiB entries instead of
+# one of ~10 MiB. Larger = fewer entries per pass; smaller = shorter replication stalls.
+MAX_BATCH_BYTES = 1 << 20
 # Largest secret or config value (Docker's limit); sealing adds 29 bytes.
 MAX_FILE_BYTES = 500 * 1024
 
@@ -347,13 +356,27 @@ class ClusterState:
         now = float(cmd["now"])
         applied = 0
         t: Task | None
+        # creates whose template is one shared dict (the leader's scratch state applies its
+        # own ops unpacked) convert it once; after msgpack every create has its own
+        templates: dict[int, TaskSpec] = {}
         for op in ops:
             kind = op[0]
             if kind == "create":
-                t = task_from_dict(op[1])
+                raw = op[1]["spec"]
+                spec = templates.get(id(raw))
+                if spec is None:
+                    spec = task_spec_from_dict(raw)
+                    svc = self.services.get(op[1]["service_id"])
+                    # the service's current template (the usual case) is shared, not copied
+                    # per task: less memory, and the leader compares templates by identity
+                    if svc is not None and spec == svc.spec.task:
+                        spec = svc.spec.task
+                    if isinstance(raw, dict):
+                        templates[id(raw)] = spec
+                t = task_from_dict({**op[1], "created_at": now, "updated_at": now}, spec)
                 if t.id in self.tasks or t.service_id not in self.services:
                     continue
-                self.tasks[t.id] = replace(t, created_at=now, updated_at=now)
+                self.tasks[t.id] = t
             elif kind == "desired":
                 t = self.tasks.get(op[1])
                 if t is None:
