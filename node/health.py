@@ -1,0 +1,415 @@
+"""Task health checks on this node: probing, and the health state of each running task.
+
+Owns: resolving a task's check (its spec's ``task.container.healthcheck`` over the image's
+HEALTHCHECK, Docker's rules), running the probes of every task with a check that runs on
+this node, and each task's health — ``starting`` → ``healthy`` / ``unhealthy`` — with its last
+results (``HealthMonitor``). The decision is a pure function, ``advance(state, check,
+result)``; the Worker (node/worker.py) puts the health into the task's status, stops an
+unhealthy task (and reports it FAILED), and the mesh keeps every task that is not healthy out
+of the balancer and DNS. Must not touch: the store, the runtime's records; it only reads
+/proc of the task's init and joins the task's cgroup from a child process.
+
+Probes, all run by the agent (nothing needed in the image but what the check itself runs):
+
+* ``exec`` (``--health-cmd CMD`` = ``/bin/sh -c CMD``, or the image's ``CMD``/``CMD-SHELL``):
+  as ``docker exec`` does — a small host shell writes its pid into every cgroup of the task
+  (so the task's limits bound the check), then execs ``nsenter`` into the init's mount, uts,
+  ipc, net and pid namespaces with its root, working directory, uid and gid, and the task's
+  environment (read from /proc/PID/environ). Bounded by the timeout (its session is killed),
+  output kept (first ``output_limit`` bytes).
+* ``http`` / ``tcp``: a socket made inside the task's network namespace (``setns`` on a probe
+  thread, then back: a socket stays in the namespace it was made in), then used from the
+  event loop — no process per probe.
+
+Errors: none escape: a probe that cannot run is a failed result (exit code -1) with the reason
+as its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from shoal.raft.models import Health, HealthResult
+from shoal.raft.spec import HealthCheck, parse_http_check
+from shoal.runtime.cgroups import CgroupLayout, detect
+from shoal.runtime.images import ImageHealthcheck
+
+log = logging.getLogger("shoal.health")
+
+CLONE_NEWNET = 0x40000000
+DEFAULT_INTERVAL = 30.0  # Docker's defaults, for what neither the spec nor the image sets
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 3
+# the host shell that joins the task's cgroups, then execs nsenter: sh -c SCRIPT sh N PROCS...
+_JOIN = ('n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 126; shift; '
+         'n=$((n-1)); done; exec "$@"')
+
+
+@dataclass
+class HealthConfig:
+    """How this node probes its tasks."""
+
+    # Results kept per task (Docker keeps 5); the newest are in the task's status.
+    log_size: int = 5
+    # Bytes of a probe's output kept per result. More = fuller `service inspect`, bigger
+    # status reports in the Raft log.
+    output_limit: int = 4096
+    # Seconds between probes during a check's start period (Docker's --health-start-interval):
+    # failures there do not count, so a task can become healthy sooner than one interval.
+    start_interval: float = 1.0
+    # Seconds after which the health log of a task whose health did not change is written to
+    # the replicated status again (a change of health or of the failing streak is written at
+    # once). Lower = fresher `service ps` output, more Raft writes (one per task per period).
+    # 0 = write every probe.
+    log_refresh: float = 30.0
+    # The nsenter binary for exec checks (util-linux); resolved on PATH.
+    nsenter: str = "nsenter"
+
+    def validate(self) -> None:
+        if self.log_size < 1 or self.output_limit < 0:
+            raise ValueError("log_size must be >= 1 and output_limit >= 0")
+        if self.start_interval <= 0 or self.log_refresh < 0:
+            raise ValueError("start_interval must be > 0 and log_refresh >= 0")
+
+
+@dataclass(frozen=True)
+class Check:
+    """A resolved check: what to probe and when (every field set)."""
+
+    kind: str  # "exec" | "http" | "tcp"
+    argv: tuple[str, ...] = ()  # exec: the program and arguments inside the task
+    host: str = "127.0.0.1"  # http/tcp: address inside the task's network namespace
+    port: int = 0
+    path: str = "/"
+    interval: float = DEFAULT_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    start_period: float = 0.0
+
+    def describe(self) -> str:
+        if self.kind == "exec":
+            return " ".join(self.argv)
+        return f"{self.kind} {self.host}:{self.port}{self.path if self.kind == 'http' else ''}"
+
+
+def resolve(spec: HealthCheck, image: ImageHealthcheck | None = None) -> Check | None:
+    """The check a task runs, or None (no check, or ``--no-healthcheck``, or the image says
+    NONE). The spec's test wins; a zero interval/timeout/retries/start period takes the
+    image's value, then Docker's default (as Docker merges a service's and an image's
+    HEALTHCHECK)."""
+    if spec.disable:
+        return None
+    img = image or ImageHealthcheck()
+    argv: tuple[str, ...] = ()
+    kind, host, port, path = "", "127.0.0.1", 0, "/"
+    if spec.command:
+        kind, argv = "exec", ("/bin/sh", "-c", spec.command)
+    elif spec.http:
+        kind = "http"
+        host, port, path = parse_http_check(spec.http)
+    elif spec.tcp:
+        kind, port = "tcp", spec.tcp
+    elif img.test and img.test[0] == "CMD-SHELL" and len(img.test) > 1:
+        kind, argv = "exec", ("/bin/sh", "-c", img.test[1])
+    elif img.test and img.test[0] == "CMD" and len(img.test) > 1:
+        kind, argv = "exec", tuple(img.test[1:])
+    if not kind:
+        return None  # nothing given, the image has none (or "NONE")
+    return Check(kind=kind, argv=argv, host=host, port=port, path=path,
+                 interval=spec.interval or img.interval or DEFAULT_INTERVAL,
+                 timeout=spec.timeout or img.timeout or DEFAULT_TIMEOUT,
+                 retries=spec.retries or img.retries or DEFAULT_RETRIES,
+                 start_period=spec.start_period or img.start_period)
+
+
+# ---------------------------------------------------------------------------- the decision
+@dataclass(frozen=True)
+class HealthState:
+    """A task's health as this node's monitor sees it."""
+
+    health: Health = Health.STARTING
+    failing_streak: int = 0
+    log: tuple[HealthResult, ...] = ()
+
+
+def advance(state: HealthState, check: Check, result: HealthResult, started_at: float,
+            log_size: int = 5) -> HealthState:
+    """The health after one more probe result (Docker's rules). One success: healthy and the
+    streak cleared. A failure while still starting and within ``start_period`` of
+    ``started_at`` does not count; otherwise it extends the streak, and ``retries``
+    consecutive ones make the task unhealthy — for good (the Worker then stops it)."""
+    entries = (*state.log, result)[-log_size:]
+    if state.health is Health.UNHEALTHY:
+        return replace(state, log=entries)
+    if result.exit_code == 0:
+        return HealthState(Health.HEALTHY, 0, entries)
+    if state.health is Health.STARTING and result.start < started_at + check.start_period:
+        return replace(state, log=entries)
+    streak = state.failing_streak + 1
+    health = Health.UNHEALTHY if streak >= check.retries else state.health
+    return HealthState(health, streak, entries)
+
+
+def next_delay(state: HealthState, check: Check, started_at: float, now: float,
+               start_interval: float) -> float:
+    """Seconds until the next probe: ``start_interval`` while starting within the start
+    period (those failures do not count), else ``interval``."""
+    if state.health is Health.STARTING and now < started_at + check.start_period:
+        return min(check.interval, start_interval)
+    return check.interval
+
+
+# ---------------------------------------------------------------------------- probes
+Prober = Callable[[Check, int], Awaitable[HealthResult]]
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_probe_threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-netns")
+_thread_ns = threading.local()
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns: {os.strerror(ctypes.get_errno())}")
+
+
+def _socket_in(pid: int) -> socket.socket:
+    """A non-blocking TCP socket in the network namespace of ``pid`` (run on the probe
+    thread: it enters the namespace, makes the socket and comes back)."""
+    own = getattr(_thread_ns, "fd", None)
+    if own is None:
+        own = _thread_ns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            _setns(own)  # (a failure here would leave the probe thread in the task's netns)
+    finally:
+        os.close(target)
+    sock.setblocking(False)
+    return sock
+
+
+async def socket_in_netns(pid: int) -> socket.socket:
+    return await asyncio.get_running_loop().run_in_executor(_probe_threads, _socket_in, pid)
+
+
+def cgroup_procs(pid: int, layout: CgroupLayout) -> list[str]:
+    """Every cgroup.procs file of the cgroups ``pid`` is in (v1 hierarchies and the
+    unified one), from /proc/PID/cgroup."""
+    out: list[str] = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if not ctrls:
+            mount = layout.unified
+        else:
+            mount = next((layout.v1[c] for c in ctrls.split(",") if c in layout.v1), None)
+        if mount is not None:
+            procs = str(mount / path.lstrip("/") / "cgroup.procs")
+            if procs not in out:
+                out.append(procs)
+    return out
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    uid = gid = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            uid = int(line.split()[1])
+        elif line.startswith("Gid:"):
+            gid = int(line.split()[1])
+    return uid, gid
+
+
+def _environ(pid: int) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+class Probes:
+    """The real probes (exec through nsenter, HTTP/TCP from inside the netns)."""
+
+    def __init__(self, config: HealthConfig) -> None:
+        self.config = config
+        self.nsenter = shutil.which(config.nsenter) or config.nsenter
+        self._layout: CgroupLayout | None = None
+
+    async def __call__(self, check: Check, pid: int) -> HealthResult:
+        start = time.time()
+        try:
+            async with asyncio.timeout(check.timeout):
+                if check.kind == "exec":
+                    code, out = await self._exec(check, pid)
+                else:
+                    code, out = await self._net(check, pid)
+        except TimeoutError:
+            code, out = -1, f"health check exceeded its timeout ({check.timeout:g}s)"
+        except OSError as exc:
+            code, out = -1, f"health check could not run: {exc}"
+        return HealthResult(start=start, end=time.time(), exit_code=code,
+                            output=out[:self.config.output_limit])
+
+    def exec_argv(self, check: Check, pid: int) -> tuple[list[str], dict[str, str]]:
+        """The host command line and environment of one exec probe."""
+        if self._layout is None:
+            self._layout = detect()
+        procs = cgroup_procs(pid, self._layout)
+        uid, gid = _ids(pid)
+        argv = ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
+                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w",
+                "-S", str(uid), "-G", str(gid), "--", *check.argv]
+        return argv, _environ(pid)
+
+    async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
+        argv, env = self.exec_argv(check, pid)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            out = await proc.stdout.read(self.config.output_limit)
+            code = await proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its session: nsenter and the check
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(proc.wait())
+            raise
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the check left behind
+        return code, out.decode(errors="replace")
+
+    async def _net(self, check: Check, pid: int) -> tuple[int, str]:
+        loop = asyncio.get_running_loop()
+        sock = await socket_in_netns(pid)
+        try:
+            try:
+                await loop.sock_connect(sock, (check.host, check.port))
+            except OSError as exc:
+                return 1, f"connect {check.host}:{check.port}: {exc.strerror or exc}"
+            if check.kind == "tcp":
+                return 0, f"connected to {check.host}:{check.port}"
+            request = (f"GET {check.path} HTTP/1.0\r\nHost: {check.host}:{check.port}\r\n"
+                       "User-Agent: shoal-health\r\nConnection: close\r\n\r\n").encode()
+            await loop.sock_sendall(sock, request)
+            data = b""
+            while b"\r\n" not in data and len(data) < 4096:
+                chunk = await loop.sock_recv(sock, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+            parts = line.split()
+            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+                return 1, f"GET {check.path}: not an HTTP answer: {line[:200]!r}"
+            status = int(parts[1])
+            return (0 if 200 <= status < 400 else 1), f"GET {check.path}: {line}"
+        finally:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------- the monitor
+@dataclass
+class _Probe:
+    check: Check
+    pid: int
+    started_at: float
+    state: HealthState
+    published: HealthState  # what the Worker reports (see HealthConfig.log_refresh)
+    published_at: float
+    runner: asyncio.Task[None] | None = None
+
+
+class HealthMonitor:
+    """Probes every task with a check on this node; one coroutine per task. ``on_change``
+    is called (on the event loop) when a task's published health changes."""
+
+    def __init__(self, config: HealthConfig | None = None, prober: Prober | None = None,
+                 on_change: Callable[[str], None] | None = None) -> None:
+        self.config = config or HealthConfig()
+        self.config.validate()
+        self.prober: Prober = prober or Probes(self.config)
+        self.on_change = on_change
+        self._tasks: dict[str, _Probe] = {}
+
+    def watch(self, task_id: str, check: Check, pid: int, started_at: float,
+              initial: Health = Health.STARTING) -> None:
+        """Start probing ``task_id`` (its init is ``pid``), unless it is already watched.
+        ``initial``: the health it had (an agent restart adopts a healthy task as healthy)."""
+        if task_id in self._tasks:
+            return
+        state = HealthState(health=initial if initial is not Health.NONE else Health.STARTING)
+        p = _Probe(check, pid, started_at, state, state, time.monotonic())
+        self._tasks[task_id] = p
+        p.runner = asyncio.create_task(self._run(task_id, p), name=f"health-{task_id}")
+
+    def watching(self, task_id: str) -> bool:
+        return task_id in self._tasks
+
+    def status(self, task_id: str) -> HealthState | None:
+        """The published health of ``task_id`` (None: not watched)."""
+        p = self._tasks.get(task_id)
+        return p.published if p is not None else None
+
+    def stop(self, task_id: str) -> None:
+        """Stop probing ``task_id`` (it ended) but keep its last health (the Worker reports
+        an unhealthy task that it stopped as FAILED)."""
+        p = self._tasks.get(task_id)
+        if p is not None and p.runner is not None:
+            p.runner.cancel()
+            p.runner = None
+
+    def forget(self, task_id: str) -> None:
+        p = self._tasks.pop(task_id, None)
+        if p is not None and p.runner is not None:
+            p.runner.cancel()
+
+    def close(self) -> None:
+        for tid in list(self._tasks):
+            self.forget(tid)
+
+    async def _run(self, task_id: str, p: _Probe) -> None:
+        cfg = self.config
+        try:
+            while p.state.health is not Health.UNHEALTHY:
+                await asyncio.sleep(next_delay(p.state, p.check, p.started_at, time.time(),
+                                               cfg.start_interval))
+                result = await self.prober(p.check, p.pid)
+                p.state = advance(p.state, p.check, result, p.started_at, cfg.log_size)
+                if result.exit_code != 0:
+                    log.info("task %s: health check failed (%d/%d): %s", task_id,
+                             p.state.failing_streak, p.check.retries, result.output[:200])
+                self._publish(task_id, p)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task %s: health monitor failed", task_id)
+
+    def _publish(self, task_id: str, p: _Probe) -> None:
+        now = time.monotonic()
+        old, new = p.published, p.state
+        changed = (new.health, new.failing_streak) != (old.health, old.failing_streak)
+        if changed or now - p.published_at >= self.config.log_refresh:
+            p.published, p.published_at = new, now
+            if changed and new.health is not old.health:
+                log.info("task %s is %s", task_id, new.health.value)
+            if self.on_change is not None:
+                self.on_change(task_id)
