@@ -285,7 +285,9 @@ class Probes:
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         try:
             assert proc.stdout is not None
-            out = await proc.stdout.read(self.config.output_limit)
+            out = b""
+            while chunk := await proc.stdout.read(65536):  # to EOF; keep the first bytes
+                out += chunk[:max(self.config.output_limit - len(out), 0)]
             code = await proc.wait()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
