@@ -30,6 +30,7 @@ from shoal.node.health import (
 )
 from shoal.node.mesh import lookup, plan_tables
 from shoal.node.orchestrator import rolling_update
+from shoal.node.worker import Worker
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import (
     Health,
@@ -45,6 +46,7 @@ from shoal.raft.models import (
 from shoal.raft.spec import HealthCheck
 from shoal.raft.state import ClusterState
 from shoal.raft.validate import validate_spec
+from shoal.raft.wire import state_from_bytes, state_to_bytes
 from shoal.runtime.images import ImageConfig, ImageHealthcheck
 
 
@@ -354,3 +356,45 @@ async def test_worker_reports_starting_then_healthy_then_stops_an_unhealthy_task
     live = [t for t in c.store.snapshot().tasks.values() if t.alive]
     assert len(live) == 1 and live[0].id != task.id  # replaced
     c.worker.close()
+
+
+async def test_after_an_agent_restart_an_adopted_task_keeps_its_health_and_is_probed_again(
+        tmp_path: Path) -> None:
+    """A new Worker (the agent restarted; the runtime adopted the task) probes the running
+    task again from its recorded health: a healthy task stays healthy (no report moves it
+    back to starting) until its check fails."""
+    c = Cluster(tmp_path)
+    c.worker.health = HealthMonitor(HealthConfig(), prober=ScriptedProber([0]))
+    await c.boot()
+    await c.services.create_service({"name": "web", "task": {"container": {
+        "command": ["sleep", "100"], "healthcheck": {"tcp": 80, "interval": 0.1}}}})
+    await _settle(c)
+    (tid,) = c.store.snapshot().tasks
+
+    async def until(worker: Worker, pred: Any) -> None:
+        async with asyncio.timeout(5):
+            while not pred():
+                await asyncio.sleep(0.05)
+                await worker.reconcile()
+    await until(c.worker, lambda: c.store.snapshot().tasks[tid].status.health is Health.HEALTHY)
+    c.worker.close()
+
+    prober = ScriptedProber([1])
+    again = Worker("n1", c.store, c.runtime, asyncio.Event(),
+                   health=HealthMonitor(HealthConfig(log_refresh=0.0), prober=prober))
+    await again.reconcile()
+    assert again.health.status(tid) == HealthState(Health.HEALTHY)
+    index = c.store.index
+    await again.reconcile()
+    assert c.store.index == index  # nothing new to say yet
+    await until(again, lambda: c.store.snapshot().tasks[tid].status.state.terminal)
+    assert c.store.snapshot().tasks[tid].status.err.startswith("unhealthy: 3 health checks")
+    again.close()
+
+
+def test_health_survives_the_workers_state_transfer() -> None:
+    """The full state a manager sends to a worker (raft/wire.py) carries the health."""
+    st = _state_with_task()
+    _report(st, Health.HEALTHY, streak=1)
+    back = state_from_bytes(state_to_bytes(st))
+    assert back.tasks["t1"].status == st.tasks["t1"].status
