@@ -73,6 +73,12 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
     if detail:
         out["spec"] = to_dict(svc.spec)
         out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None
+        # the health of its running tasks that have a check, with their last results
+        out["health"] = [{"task": t.id, "name": t.name, "health": str(t.status.health),
+                          "failing_streak": t.status.failing_streak,
+                          "log": [to_dict(r) for r in t.status.health_log]}
+                         for t in sorted(tasks, key=lambda t: (t.slot, t.id))
+                         if t.status.state is TaskState.RUNNING and t.status.health]
     return out
 
 

@@ -347,6 +347,8 @@ async def test_worker_reports_starting_then_healthy_then_stops_an_unhealthy_task
     await until(lambda: c.store.snapshot().tasks[task.id].status.health is Health.HEALTHY)
     assert prober.calls[0] == (Check(kind="tcp", port=80, interval=0.1, retries=2),
                                task.status.pid)
+    (shown,) = c.services.service("web")["health"]  # `service inspect`
+    assert shown["health"] == "healthy" and shown["log"][-1]["output"] == "code 0"
     await until(lambda: c.store.snapshot().tasks[task.id].status.state.terminal)
     ended = c.store.snapshot().tasks[task.id]
     assert ended.status.state is TaskState.FAILED

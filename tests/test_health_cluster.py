@@ -132,6 +132,8 @@ def test_exec_check_runs_inside_the_tasks_namespaces_and_cgroup(cluster2: Lab) -
     out = t["health_log"][-1]["output"]
     assert out.splitlines()[0] == "ex-1", out  # the task's hostname (its uts namespace)
     assert t["id"] in out, out  # it ran in the task's cgroup
+    (inspect,) = h1.cli_json("service", "inspect", "ex")
+    assert [(x["task"], x["health"]) for x in inspect["health"]] == [(t["id"], "healthy")]
     Path(f"/proc/{t['pid']}/root/tmp/ok").unlink()
 
     def failed() -> dict[str, Any] | None:
