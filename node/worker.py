@@ -235,7 +235,8 @@ class Worker:
         return self._with_health(task, seen)
 
     def _with_health(self, task: Task, seen: TaskStatus) -> TaskStatus:
-        """``seen`` with the task's health; a task stopped for being unhealthy is FAILED."""
+        """``seen`` with the task's health; a task this node stopped for being unhealthy is
+        FAILED (so it is replaced, and a rolling update counts it as failed)."""
         hs = self.health.status(task.id)
         if hs is None:
             return seen
@@ -243,7 +244,10 @@ class Worker:
             return replace(seen, health=hs.health, failing_streak=hs.failing_streak,
                            health_log=hs.log)
         self.health.stop(task.id)
-        if hs.health is not Health.UNHEALTHY:
+        if hs.health is not Health.UNHEALTHY or seen.state is not TaskState.SHUTDOWN or \
+                task.desired_state > TaskState.RUNNING:
+            # one that ended by itself keeps its own exit, whatever a late probe saw; one the
+            # leader stopped is SHUTDOWN
             return seen
         last = hs.log[-1].output.strip() if hs.log else ""
         why = f"unhealthy: {hs.failing_streak} health checks failed" + \
