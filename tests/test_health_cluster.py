@@ -6,6 +6,7 @@ values get one clear error naming the flag. Requests come from lab hosts (``pyth
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -166,3 +167,48 @@ def test_bad_health_flags_get_one_clear_error_naming_the_flag(
         assert len(lines) == 1 and lines[0].startswith("Error:") and flag in lines[0], \
             (argv, res.stderr)
     assert h1.cli_json("service", "ls") == []
+
+
+async def test_probes_run_inside_the_tasks_network_namespace(tmp_path: Path) -> None:
+    """The real probes against a process in its own network namespace (its loopback is not
+    the host's): HTTP status decides, TCP connects, exec runs inside it, and a check longer
+    than its timeout is killed and fails."""
+    import subprocess
+
+    from shoal.node.health import Check, HealthConfig, Probes
+
+    (tmp_path / "health").write_text("ok\n")
+    server = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c",
+         f"ip link set lo up && cd {tmp_path} && exec python3 -m http.server 8765 "
+         "--bind 127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probes = Probes(HealthConfig())
+        pid = server.pid
+
+        async def probe(check: Check) -> tuple[int, str]:
+            r = await probes(check, pid)
+            return r.exit_code, r.output
+
+        async def up() -> None:
+            for _ in range(100):
+                if (await probe(Check(kind="tcp", port=8765, timeout=1)))[0] == 0:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("server did not start")
+        await up()
+        assert await probe(Check(kind="http", port=8765, path="/health", timeout=2)) == \
+            (0, "GET /health: HTTP/1.0 200 OK")
+        code, out = await probe(Check(kind="http", port=8765, path="/nope", timeout=2))
+        assert code == 1 and "404" in out
+        code, out = await probe(Check(kind="tcp", port=8766, timeout=2))
+        assert code == 1 and "refused" in out
+        code, out = await probe(Check(kind="exec", timeout=5, argv=(
+            "/bin/sh", "-c", "ip -o link | wc -l; echo to-stderr >&2; exit 3")))
+        assert code == 3 and out.split() == ["1", "to-stderr"]  # only lo: the task's netns
+        start = time.monotonic()
+        code, out = await probe(Check(kind="exec", argv=("sleep", "30"), timeout=0.3))
+        assert code == -1 and "timeout" in out and time.monotonic() - start < 2
+    finally:
+        server.kill()
+        server.wait()
