@@ -14,8 +14,10 @@ Probes, all run by the agent (nothing needed in the image but what the check its
 * ``exec`` (``--health-cmd CMD`` = ``/bin/sh -c CMD``, or the image's ``CMD``/``CMD-SHELL``):
   as ``docker exec`` does — a small host shell writes its pid into every cgroup of the task
   (so the task's limits bound the check), then execs ``nsenter`` into the init's mount, uts,
-  ipc, net and pid namespaces with its root, working directory, uid and gid, and the task's
-  environment (read from /proc/PID/environ). Bounded by the timeout (its session is killed),
+  ipc, net and pid namespaces with its root and working directory, which execs
+  ``shoal-execdrop`` (runtime/execdrop.c, from an inherited fd) to take the init's uid, gids
+  and capability set before the check runs, with the task's environment (from
+  /proc/PID/environ). Bounded by the timeout (its session is killed),
   output kept (first ``output_limit`` bytes).
 * ``http`` / ``tcp``: a socket made inside the task's network namespace (``setns`` there and
   back on the event loop's thread: a socket stays in the namespace it was made in), then
@@ -37,6 +39,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -46,6 +49,7 @@ from shoal.raft.models import Health, HealthResult
 from shoal.raft.spec import HealthCheck, parse_http_check
 from shoal.runtime.cgroups import CgroupLayout, detect
 from shoal.runtime.images import ImageHealthcheck
+from shoal.runtime.launcher import ensure_execdrop
 
 log = logging.getLogger("shoal.health")
 
@@ -81,6 +85,11 @@ class HealthConfig:
     tick: float = 0.1
     # The nsenter binary for exec checks (util-linux); resolved on PATH.
     nsenter: str = "nsenter"
+    # Where the exec checks' helper (runtime/execdrop.c: takes the task's uid, gids and
+    # capabilities before running the check) is compiled and cached, with the C compiler
+    # ``cc``. None = a private temporary directory (built again by each agent process).
+    helper_dir: Path | None = None
+    cc: str = "cc"
 
     def validate(self) -> None:
         if self.log_size < 1 or self.output_limit < 0:
@@ -236,14 +245,21 @@ def cgroup_procs(pid: int, layout: CgroupLayout) -> list[str]:
     return out
 
 
-def _ids(pid: int) -> tuple[int, int]:
+def _credentials(pid: int) -> tuple[int, int, str, str]:
+    """uid, gid, supplementary gids ("1,2") and capability bounding set (hex) of ``pid``."""
     uid = gid = 0
+    groups, caps = "", "0"
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            uid = int(line.split()[1])
-        elif line.startswith("Gid:"):
-            gid = int(line.split()[1])
-    return uid, gid
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uid = int(value.split()[0])
+        elif key == "Gid":
+            gid = int(value.split()[0])
+        elif key == "Groups":
+            groups = ",".join(value.split())
+        elif key == "CapBnd":
+            caps = value.strip()
+    return uid, gid, groups, caps
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -262,6 +278,7 @@ class Probes:
         self.config = config
         self.nsenter = shutil.which(config.nsenter) or config.nsenter
         self._layout: CgroupLayout | None = None
+        self._helper_fd: int | None = None
 
     async def __call__(self, check: Check, pid: int) -> HealthResult:
         start = time.time()
@@ -279,21 +296,35 @@ class Probes:
                             output=out[:self.config.output_limit])
 
     def exec_argv(self, check: Check, pid: int) -> tuple[list[str], dict[str, str]]:
-        """The host command line and environment of one exec probe."""
+        """The host command line and environment of one exec probe: join the task's cgroups,
+        enter its namespaces and root (nsenter), take its credentials (shoal-execdrop, run
+        from the fd ``helper_fd`` the probe inherits), run the check."""
         if self._layout is None:
             self._layout = detect()
+        assert self._helper_fd is not None
         procs = cgroup_procs(pid, self._layout)
-        uid, gid = _ids(pid)
+        uid, gid, groups, caps = _credentials(pid)
         argv = ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
-                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w",
-                "-S", str(uid), "-G", str(gid), "--", *check.argv]
+                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w", "--",
+                f"/proc/self/fd/{self._helper_fd}", str(uid), str(gid), groups, caps,
+                *check.argv]
         return argv, _environ(pid)
 
+    async def _helper(self) -> int:
+        """An fd of the compiled shoal-execdrop (built on first use, in a thread)."""
+        if self._helper_fd is None:
+            cfg = self.config
+            where = cfg.helper_dir or Path(tempfile.mkdtemp(prefix="shoal-health-"))
+            path = await asyncio.to_thread(ensure_execdrop, where, cfg.cc)
+            self._helper_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return self._helper_fd
+
     async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
+        fd = await self._helper()
         argv, env = self.exec_argv(check, pid)
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=(fd,))
         try:
             assert proc.stdout is not None
             out = b""

@@ -116,11 +116,12 @@ def test_http_check_gates_traffic_and_an_unhealthy_task_is_cut_off_and_replaced(
 
 def test_exec_check_runs_inside_the_tasks_namespaces_and_cgroup(cluster2: Lab) -> None:
     """--health-cmd runs through /bin/sh -c in the task: its hostname, its files (/tmp is the
-    task's own), its cgroup; the output is kept in the health log; when it fails, the task is
-    replaced."""
+    task's own), its cgroup, its credentials and capabilities; the output is kept in the
+    health log; when it fails, the task is replaced."""
     h1 = cluster2.hosts[0]
     h1.cli("service", "create", "--name", "ex", "--constraint", "node.role==manager",
-           "--health-cmd", "test -f /tmp/ok && hostname && cat /proc/self/cgroup",
+           "--health-cmd", "test -f /tmp/ok && hostname && grep -E '^(Cap|Uid)' "
+           "/proc/self/status && cat /proc/self/cgroup",
            "--health-interval", "0.5s", "--health-retries", "1",
            "--", "sh", "-c", "touch /tmp/ok; exec sleep 1000")
     (t,) = wait_until(lambda: running(h1, "ex", "healthy", 1), timeout=60,
@@ -133,6 +134,11 @@ def test_exec_check_runs_inside_the_tasks_namespaces_and_cgroup(cluster2: Lab) -
     out = t["health_log"][-1]["output"]
     assert out.splitlines()[0] == "ex-1", out  # the task's hostname (its uts namespace)
     assert t["id"] in out, out  # it ran in the task's cgroup
+    # with the task's credentials and capabilities, not the agent's (root, every capability)
+    task_status = Path(f"/proc/{t['pid']}/status").read_text().splitlines()
+    for key in ("CapEff", "CapBnd", "Uid"):
+        mine = next(ln for ln in task_status if ln.startswith(key + ":"))
+        assert mine in out.splitlines(), (key, mine, out)
     (inspect,) = h1.cli_json("service", "inspect", "ex")
     assert [(x["task"], x["health"]) for x in inspect["health"]] == [(t["id"], "healthy")]
     Path(f"/proc/{t['pid']}/root/tmp/ok").unlink()
