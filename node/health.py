@@ -48,6 +48,7 @@ from pathlib import Path
 from shoal.raft.models import Health, HealthResult
 from shoal.raft.spec import HealthCheck, parse_http_check
 from shoal.runtime.cgroups import CgroupLayout, detect
+from shoal.runtime.errors import ConfigError
 from shoal.runtime.images import ImageHealthcheck
 from shoal.runtime.launcher import ensure_execdrop
 
@@ -87,7 +88,8 @@ class HealthConfig:
     nsenter: str = "nsenter"
     # Where the exec checks' helper (runtime/execdrop.c: takes the task's uid, gids and
     # capabilities before running the check) is compiled and cached, with the C compiler
-    # ``cc``. None = a private temporary directory (built again by each agent process).
+    # ``cc``. None = a private temporary directory, removed once the helper is open (built
+    # again by each process).
     helper_dir: Path | None = None
     cc: str = "cc"
 
@@ -279,6 +281,7 @@ class Probes:
         self.nsenter = shutil.which(config.nsenter) or config.nsenter
         self._layout: CgroupLayout | None = None
         self._helper_fd: int | None = None
+        self._helper_lock = asyncio.Lock()
 
     async def __call__(self, check: Check, pid: int) -> HealthResult:
         start = time.time()
@@ -290,7 +293,7 @@ class Probes:
                     code, out = await self._net(check, pid)
         except TimeoutError:
             code, out = -1, f"health check exceeded its timeout ({check.timeout:g}s)"
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:  # (ConfigError: no C compiler for the helper)
             code, out = -1, f"health check could not run: {exc}"
         return HealthResult(start=start, end=time.time(), exit_code=code,
                             output=out[:self.config.output_limit])
@@ -311,13 +314,22 @@ class Probes:
         return argv, _environ(pid)
 
     async def _helper(self) -> int:
-        """An fd of the compiled shoal-execdrop (built on first use, in a thread)."""
+        """An fd of the compiled shoal-execdrop (built on first use, in a thread; the probes
+        that come meanwhile wait for that one build)."""
+        async with self._helper_lock:
+            if self._helper_fd is None:
+                await self._build_helper()
+        assert self._helper_fd is not None
+        return self._helper_fd
+
+    async def _build_helper(self) -> None:
         if self._helper_fd is None:
             cfg = self.config
             where = cfg.helper_dir or Path(tempfile.mkdtemp(prefix="shoal-health-"))
             path = await asyncio.to_thread(ensure_execdrop, where, cfg.cc)
             self._helper_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        return self._helper_fd
+            if cfg.helper_dir is None:  # the open fd keeps it: leave nothing behind
+                shutil.rmtree(where, ignore_errors=True)
 
     async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
         fd = await self._helper()
