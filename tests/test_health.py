@@ -400,3 +400,23 @@ def test_health_survives_the_workers_state_transfer() -> None:
     _report(st, Health.HEALTHY, streak=1)
     back = state_from_bytes(state_to_bytes(st))
     assert back.tasks["t1"].status == st.tasks["t1"].status
+
+
+def test_a_schema1_cluster_refuses_a_health_check_naming_it_and_accepts_specs_without() -> None:
+    """0.1 cannot express a health check: while a node still runs it, the field is refused
+    (raft/schema.py, from the declarations); specs without one still downgrade."""
+    from shoal.raft import schema
+
+    plain = msgspec_builtins({"name": "web", "task": {"container": {"command": ["x"]}}})
+    assert list(schema.downgrade_spec(plain)["command"]) == ["x"]
+    checked = msgspec_builtins({"name": "web", "task": {"container": {
+        "command": ["x"], "healthcheck": {"command": "true"}}}})
+    with pytest.raises(ValidationError) as exc:
+        schema.downgrade_spec(checked)
+    assert exc.value.field == "task.container.healthcheck.command"
+
+
+def msgspec_builtins(spec: dict[str, Any]) -> dict[str, Any]:
+    import msgspec
+    out: dict[str, Any] = msgspec.to_builtins(validate_spec(spec))
+    return out
