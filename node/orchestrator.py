@@ -306,7 +306,7 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     # (a task that was never placed has nothing to stop)
     busy = len(in_flight) + len(stopping)
     if fresh and busy == 0 and cfg.delay:
-        last_up = max(t.status.timestamp for t in fresh)
+        last_up = max(up_since(t) for t in fresh)
         if now - last_up < cfg.delay:
             return []
     room = (cfg.parallelism or len(old)) - busy
@@ -318,6 +318,18 @@ def up(t: Task) -> bool:
     the rollout moves on."""
     return t.status.state is TaskState.RUNNING and t.status.health in (Health.NONE,
                                                                        Health.HEALTHY)
+
+
+def up_since(t: Task) -> float:
+    """When ``t`` came up: it started, or — with a health check — its current run of passing
+    probes began (from its health log; the update delay counts from there)."""
+    since = t.status.timestamp
+    if t.status.health is Health.HEALTHY:
+        for r in reversed(t.status.health_log):
+            if r.exit_code != 0:
+                break
+            since = max(t.status.timestamp, r.end)
+    return since
 
 
 def self_ended(t: Task) -> bool:

@@ -420,3 +420,20 @@ def msgspec_builtins(spec: dict[str, Any]) -> dict[str, Any]:
     import msgspec
     out: dict[str, Any] = msgspec.to_builtins(validate_spec(spec))
     return out
+
+
+def test_the_update_delay_counts_from_when_the_new_task_became_healthy() -> None:
+    svc = _svc("2")
+    svc = replace(svc, spec=msgspec_replace_delay(svc, 10.0))
+    old = _t("old2", 2, svc, Health.HEALTHY, spec_env="1")
+    new = _t("new1", 1, svc, Health.HEALTHY)  # started at 6.0
+    new = replace(new, status=replace(new.status, health_log=(bad(7.0), ok(20.0))))
+    assert rolling_update(svc, [new, old], lambda t: t.alive, now=25.0) == []  # 20 + 10 > 25
+    assert rolling_update(svc, [new, old], lambda t: t.alive, now=30.5) == \
+        [("desired", "old2", int(TaskState.SHUTDOWN))]
+
+
+def msgspec_replace_delay(svc: Service, delay: float) -> Any:
+    import msgspec
+    return msgspec.structs.replace(svc.spec, update=msgspec.structs.replace(
+        svc.spec.update, delay=delay))
