@@ -338,6 +338,7 @@ async def test_worker_reports_starting_then_healthy_then_stops_an_unhealthy_task
     assert task.status.state is TaskState.RUNNING and task.status.health is Health.STARTING
     ps = await c.services.tasks("web")
     assert ps[0]["health"] == "starting"
+    assert c.services.services()[0]["running"] == 0  # `service ls`: not up yet (Swarm)
 
     async def until(pred: Any) -> None:
         async with asyncio.timeout(5):
@@ -347,6 +348,7 @@ async def test_worker_reports_starting_then_healthy_then_stops_an_unhealthy_task
     await until(lambda: c.store.snapshot().tasks[task.id].status.health is Health.HEALTHY)
     assert prober.calls[0] == (Check(kind="tcp", port=80, interval=0.1, retries=2),
                                task.status.pid)
+    assert c.services.services()[0]["running"] == 1
     (shown,) = c.services.service("web")["health"]  # `service inspect`
     assert shown["health"] == "healthy" and shown["log"][-1]["output"] == "code 0"
     await until(lambda: c.store.snapshot().tasks[task.id].status.state.terminal)
