@@ -45,7 +45,7 @@ from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
 from shoal.node.network import NetworkConfig, NodeNetwork
-from shoal.raft.models import Health, Service, Task, TaskState
+from shoal.raft.models import Service, Task, TaskState
 from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
@@ -78,9 +78,7 @@ def lb_name(service: str, target: int) -> str:
 def serving(task: Task) -> bool:
     """May ``task`` receive new connections (and be a DNS answer)? RUNNING with an address,
     and healthy if it has a health check: a task still starting or unhealthy gets none."""
-    st = task.status
-    return st.state is TaskState.RUNNING and bool(st.addr) and \
-        st.health in (Health.NONE, Health.HEALTHY)
+    return task.status.up and bool(task.status.addr)
 
 
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, ServiceLB]:

@@ -316,8 +316,7 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
 def up(t: Task) -> bool:
     """Running, and healthy if it has a health check: what an updated task must reach before
     the rollout moves on."""
-    return t.status.state is TaskState.RUNNING and t.status.health in (Health.NONE,
-                                                                       Health.HEALTHY)
+    return t.status.up
 
 
 def up_since(t: Task) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shoal.raft.models import Health, Node, NodeRole, Service, Task, TaskState, to_dict
+from shoal.raft.models import Node, NodeRole, Service, Task, TaskState, to_dict
 from shoal.raft.state import Snapshot
 
 
@@ -61,9 +61,7 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "replicas": svc.spec.replicas,
         # (as Swarm's REPLICAS: a task still starting its health check, or unhealthy, is not
         # counted)
-        "running": sum(1 for t in tasks if t.status.state is TaskState.RUNNING
-                       and t.status.health in (Health.NONE, Health.HEALTHY)
-                       and t.desired_state <= TaskState.RUNNING),
+        "running": sum(1 for t in tasks if t.status.up and t.desired_state <= TaskState.RUNNING),
         "command": list(svc.spec.task.container.command),
         "version": svc.version,
         "vip": svc.vip,

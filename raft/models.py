@@ -209,6 +209,12 @@ class TaskStatus:
     failing_streak: int = 0  # consecutive failed probes (counted after the start period)
     health_log: tuple[HealthResult, ...] = ()  # the last probes, oldest first (at most 5)
 
+    @property
+    def up(self) -> bool:
+        """Running, and healthy if it has a health check: it may receive connections, counts
+        as a running replica, and lets a rolling update move on."""
+        return self.state is TaskState.RUNNING and self.health in (Health.NONE, Health.HEALTHY)
+
     def merges_over(self, old: TaskStatus) -> bool:
         """Is this report newer than ``old``? States only grow; within RUNNING, health only
         grows too (a late "starting" cannot hide "healthy" or "unhealthy")."""
