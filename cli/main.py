@@ -196,6 +196,8 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
     rows = []
     for t in tasks:
         state = f"{t['state'].capitalize()} {ago(t['state_since'])}"
+        if t.get("health") and t["state"] == "running":
+            state += f" ({t['health']})"
         err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
                                                              "pending") else "")
         u = t.get("usage") or {}

@@ -164,8 +164,10 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
 }
 
 
-def _scalar(d: FieldDecl, text: str, flag: str) -> Any:
+def _scalar(d: FieldDecl, text: Any, flag: str) -> Any:
     kind = d.cli
+    if kind == "flag":
+        return bool(text)
     if kind == "str" or kind == "choice":
         return text
     if kind == "bytes":
@@ -211,6 +213,9 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, action="append", default=[], **kw)
         elif d.cli == "choice":
             parser.add_argument(*names, choices=d.choices, **kw)
+        elif d.cli == "flag":
+            kw.pop("metavar", None)
+            parser.add_argument(*names, action="store_true", default=None, **kw)
         else:
             parser.add_argument(*names, required=d.path == "name", **kw)
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -233,6 +238,8 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"remove from: {d.help}".replace("%", "%%"))
         elif d.cli == "choice":
             parser.add_argument(d.flag, choices=d.choices, dest=_dest(d), **kw)
+        elif d.cli == "flag":
+            parser.add_argument(d.flag, action="store_true", default=None, dest=_dest(d), **kw)
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
@@ -292,6 +299,7 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
     applied: single values replaced; on lists and maps ``--X-add`` (an item with the same key
     is replaced), then ``--X-rm`` (a removal wins, as in Docker)."""
     spec = copy.deepcopy(current)
+    given: set[str] = set()  # the Structs (parent paths) a flag of this update sets
     for d in _flag_decls():
         if d.path == "name":
             continue
@@ -313,6 +321,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             value = getattr(args, _dest(d))
             if value is not None:
                 _set(spec, d.path, _scalar(d, value, d.flag))
+                if d.cli != "flag":
+                    given.add(d.path.rpartition(".")[0])
+    # a switch (``--no-healthcheck``) is turned off by any other flag of its Struct
+    # (``--health-cmd`` on update re-enables the check, as in Docker)
+    for d in _flag_decls():
+        if d.cli == "flag" and getattr(args, _dest(d)) is None and \
+                d.path.rpartition(".")[0] in given:
+            _set(spec, d.path, False)
     command = _command(args)
     if command:
         _set(spec, "task.container.command", command)

@@ -54,6 +54,7 @@ from shoal.node.errors import (
     Unavailable,
 )
 from shoal.node.feed import StateFeed
+from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
@@ -200,7 +201,9 @@ class Agent:
         self._worker = Worker(identity.node_id, store, self.runtime, self._worker_wakeup,
                               self.config.reconcile_interval, mesh=self.mesh,
                               task_files=self.secrets.resolve_task_files,
-                              pull_image=self.transfer.pull_image)
+                              pull_image=self.transfer.pull_image,
+                              health=HealthMonitor(HealthConfig(
+                                  helper_dir=self.data_dir / "bin")))
         self.membership = self._make_membership(identity)
         self._member_tasks = [
             asyncio.create_task(self._start_gossip(self.membership), name="gossip-start"),

@@ -9,8 +9,9 @@ Owns: driving three building blocks from the replicated state, on every member n
 * the ``Balancer`` (shoal.lb: worker processes, the agent only sends tables): one
   ``ServiceLB`` per (service, target port) — frontends on every published port, a frontend on
   ``VIP:target`` for the same protocols, endpoints = tasks whose status is RUNNING with an
-  address, on any node; a task whose desired state went past RUNNING stays in the table
-  *draining* (no new connections, open ones cut at first-seen + ``stop_grace_period``);
+  address and healthy (or without a health check), on any node (``serving``); a task whose
+  desired state went past RUNNING stays in the table *draining* (no new connections, open
+  ones cut at first-seen + ``stop_grace_period``);
 * the ``DnsServer`` (node/dns.py) on the bridge gateway, port 53: ``SERVICE[.shoal]`` → the
   VIP for services with published ports, the task addresses otherwise; ``tasks.SERVICE`` →
   task addresses. Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
@@ -44,7 +45,7 @@ from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
 from shoal.node.network import NetworkConfig, NodeNetwork
-from shoal.raft.models import Service, TaskState
+from shoal.raft.models import Service, Task, TaskState
 from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
@@ -74,6 +75,12 @@ def lb_name(service: str, target: int) -> str:
     return f"{service}.{target}"
 
 
+def serving(task: Task) -> bool:
+    """May ``task`` receive new connections (and be a DNS answer)? RUNNING with an address,
+    and healthy if it has a health check: a task still starting or unhealthy gets none."""
+    return task.status.up and bool(task.status.addr)
+
+
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, ServiceLB]:
     """The balancer tables the state asks for: one per (service, target port) of every service
     with published ports. ``drain_since``: task id → wall-clock time its stop was first seen
@@ -85,7 +92,7 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, S
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
             st = task.status
-            if st.state is not TaskState.RUNNING or not st.addr:
+            if not serving(task):
                 continue
             deadline = None
             if task.desired_state > TaskState.RUNNING:
@@ -120,8 +127,7 @@ def lookup(snap: Snapshot, name: str) -> list[str] | None:
     if not tasks_only and svc.vip and svc.spec.endpoint.ports:
         return [svc.vip]
     return sorted(t.status.addr for t in snap.tasks_of(svc.id)
-                  if t.status.state is TaskState.RUNNING and t.status.addr
-                  and t.desired_state <= TaskState.RUNNING)
+                  if serving(t) and t.desired_state <= TaskState.RUNNING)
 
 
 def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from msgspec import structs
 
 from shoal.node.scheduler import unsatisfied
 from shoal.raft.models import (
+    Health,
     Node,
     NodeAvailability,
     NodeState,
@@ -319,10 +320,11 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
                    now: float, nodes: Mapping[str, Node] | None = None) -> list[Op]:
     """Stop-first rolling update: shut down up to ``parallelism`` outdated tasks at a time;
     their slots are then refilled with the current template by the slot loop. The next batch
-    starts once every updated slot runs and ``delay`` has passed since. The rollout follows
-    the service's ``update`` config, or its ``rollback`` config while rolling back.
+    starts once every updated slot runs (and is healthy) and ``delay`` has passed since. The
+    rollout follows the service's ``update`` config, or its ``rollback`` config while rolling back.
 
-    A replacement that fails (exits, is refused, never runs) pauses the rollout, as Swarm's
+    A task with a health check counts as up only once healthy; a replacement that fails
+    (exits, is refused, never runs, turns unhealthy) pauses the rollout, as Swarm's
     default failure action does: no further task is replaced until the next `service update`
     (or `service rollback`); ``update_status`` says which task failed and why. When every
     task runs the current template, the status becomes ``completed``.
@@ -341,34 +343,54 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
                 and not t.status.state.terminal and t.slot <= spec.replicas]
     if not old:
         if rolling and not stopping and len(fresh) >= spec.replicas and \
-                all(t.status.state is TaskState.RUNNING for t in fresh):
+                all(up(t) for t in fresh):
             done = "rollback_completed" if status.rollback else "completed"
             return [("update_status", svc.id, done,
                      "rollback completed" if status.rollback else "update completed")]
         return []
     if status.paused:
         return []
-    failed = sorted((t for t in tasks if not old_spec(t) and self_ended(t)
+    failed = sorted((t for t in tasks if not old_spec(t)
+                     and (self_ended(t) or t.status.health is Health.UNHEALTHY)
                      and t.created_at >= status.started_at),
                     key=lambda t: (t.status.timestamp, t.id))
     if rolling and failed:
         t = failed[0]
-        why = t.status.err or t.status.message or t.status.state.lower()
+        why = t.status.err or ("unhealthy" if t.status.health is Health.UNHEALTHY else "") \
+            or t.status.message or t.status.state.lower()
         state = "rollback_paused" if status.rollback else "paused"
         what = "rollback" if status.rollback else "update"
         return [("update_status", svc.id, state,
                  f"{what} paused due to failure or early termination of task {t.name} "
                  f"({t.id[:12]}): {why}")]
-    in_flight = [t for t in fresh if t.status.state < TaskState.RUNNING]
+    in_flight = [t for t in fresh if not up(t)]
     # a slot whose old task is stopping and whose new task is not yet created counts too
     # (a task that was never placed has nothing to stop)
     busy = len(in_flight) + len(stopping)
     if fresh and busy == 0 and cfg.delay:
-        last_up = max(t.status.timestamp for t in fresh)
+        last_up = max(up_since(t) for t in fresh)
         if now - last_up < cfg.delay:
             return []
     room = (cfg.parallelism or len(old)) - busy
     return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:max(room, 0)]]
+
+
+def up(t: Task) -> bool:
+    """Running, and healthy if it has a health check: what an updated task must reach before
+    the rollout moves on."""
+    return t.status.up
+
+
+def up_since(t: Task) -> float:
+    """When ``t`` came up: it started, or — with a health check — its current run of passing
+    probes began (from its health log; the update delay counts from there)."""
+    since = t.status.timestamp
+    if t.status.health is Health.HEALTHY:
+        for r in reversed(t.status.health_log):
+            if r.exit_code != 0:
+                break
+            since = max(t.status.timestamp, r.end)
+    return since
 
 
 def self_ended(t: Task) -> bool:

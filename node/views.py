@@ -59,8 +59,9 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "name": svc.spec.name,
         "mode": "replicated",
         "replicas": svc.spec.replicas,
-        "running": sum(1 for t in tasks if t.status.state is TaskState.RUNNING
-                       and t.desired_state <= TaskState.RUNNING),
+        # (as Swarm's REPLICAS: a task still starting its health check, or unhealthy, is not
+        # counted)
+        "running": sum(1 for t in tasks if t.status.up and t.desired_state <= TaskState.RUNNING),
         "command": list(svc.spec.task.container.command),
         "version": svc.version,
         "vip": svc.vip,
@@ -73,6 +74,12 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
     if detail:
         out["spec"] = to_dict(svc.spec)
         out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None
+        # the health of its running tasks that have a check, with their last results
+        out["health"] = [{"task": t.id, "name": t.name, "health": str(t.status.health),
+                          "failing_streak": t.status.failing_streak,
+                          "log": [to_dict(r) for r in t.status.health_log]}
+                         for t in sorted(tasks, key=lambda t: (t.slot, t.id))
+                         if t.status.state is TaskState.RUNNING and t.status.health]
     return out
 
 
@@ -93,6 +100,9 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "exit_code": t.status.exit_code,
         "pid": t.status.pid,
         "addr": t.status.addr,
+        "health": str(t.status.health),
+        "failing_streak": t.status.failing_streak,
+        "health_log": [to_dict(r) for r in t.status.health_log],
         "service_version": t.service_version,
         "created_at": t.created_at,
         "updated_at": t.updated_at,

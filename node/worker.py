@@ -33,9 +33,10 @@ from shoal.node.errors import (
     TaskInputUnavailable,
     task_input,
 )
+from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
-from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
+from shoal.raft.models import Health, Task, TaskState, TaskStatus, to_dict
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
@@ -110,12 +111,22 @@ def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
     report: TaskStatus | None = None
     if seen.state > current or (
             seen.state == current and seen.state is TaskState.RUNNING
-            and (seen.pid, seen.addr) != (task.status.pid, task.status.addr)):
+            and _running_view(seen) != _running_view(task.status)
+            and seen.merges_over(task.status)):
         report = seen
+    if seen.state is TaskState.RUNNING and seen.health is Health.UNHEALTHY:
+        # Swarm: an unhealthy task is stopped (and reported FAILED once it ended: replaced)
+        return _forward(task, Step(Action.STOP, report,
+                                   grace=task.spec.container.stop_grace_period))
     ended = seen.state is not TaskState.RUNNING
     action = Action.REMOVE if ended and current.terminal and \
         task.desired_state >= TaskState.SHUTDOWN else Action.NONE
     return _forward(task, Step(action, report))
+
+
+def _running_view(s: TaskStatus) -> tuple[object, ...]:
+    """What a RUNNING report can change: the init, the address, the health."""
+    return (s.pid, s.addr, s.health, s.failing_streak, s.health_log)
 
 
 def _forward(task: Task, step: Step) -> Step:
@@ -132,8 +143,13 @@ class Worker:
                  mesh: Mesh | None = None,
                  task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None
                  = None,
-                 pull_image: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 pull_image: Callable[[str], Awaitable[None]] | None = None,
+                 health: HealthMonitor | None = None) -> None:
         self.node_id = node_id
+        # health checks of the tasks running here (node/health.py)
+        self.health = health or HealthMonitor()
+        self.health.on_change = lambda _tid: wakeup.set()
+        self._checks: dict[str, Check | None] = {}  # task id → its resolved check
         self.mesh = mesh  # task networking: attach after start, detach on removal
         # files a task must see besides resolv.conf (secrets/configs), fetched per task
         self.task_files = task_input(task_files) if task_files is not None else None
@@ -161,6 +177,7 @@ class Worker:
 
     def close(self) -> None:
         self._closed = True
+        self.health.close()
         self.wakeup.set()
         for t in self._starting.values():
             t.cancel()
@@ -210,7 +227,46 @@ class Worker:
         if seen.state is TaskState.RUNNING and task.desired_state <= TaskState.RUNNING:
             addr = await self._attach(task.id, rt.pid) or task.status.addr
             seen = replace(seen, addr=addr)
-        return seen
+            if rt.pid and not self.health.watching(task.id):  # e.g. adopted after a restart
+                check = self._check_of(task)
+                if check is not None:
+                    self.health.watch(task.id, check, rt.pid, rt.started_at,
+                                      initial=task.status.health)
+        return self._with_health(task, seen)
+
+    def _with_health(self, task: Task, seen: TaskStatus) -> TaskStatus:
+        """``seen`` with the task's health; a task this node stopped for being unhealthy is
+        FAILED (so it is replaced, and a rolling update counts it as failed)."""
+        hs = self.health.status(task.id)
+        if hs is None:
+            return seen
+        if seen.state is TaskState.RUNNING:
+            return replace(seen, health=hs.health, failing_streak=hs.failing_streak,
+                           health_log=hs.log)
+        self.health.stop(task.id)
+        if hs.health is not Health.UNHEALTHY or seen.state is not TaskState.SHUTDOWN or \
+                task.desired_state > TaskState.RUNNING:
+            # one that ended by itself keeps its own exit, whatever a late probe saw; one the
+            # leader stopped is SHUTDOWN
+            return seen
+        last = hs.log[-1].output.strip() if hs.log else ""
+        why = f"unhealthy: {hs.failing_streak} health checks failed" + \
+            (f" (last: {last[:200]})" if last else "")
+        return replace(seen, state=TaskState.FAILED, message=why, err=why,
+                       health=hs.health, failing_streak=hs.failing_streak, health_log=hs.log)
+
+    def _check_of(self, task: Task) -> Check | None:
+        """The task's health check: its spec's over its image's HEALTHCHECK (cached)."""
+        if task.id not in self._checks:
+            image = None
+            ref = task.spec.container.image
+            if ref:
+                try:
+                    image = self.runtime.image_config(ref).healthcheck
+                except StartError:
+                    image = None
+            self._checks[task.id] = resolve(task.spec.container.healthcheck, image)
+        return self._checks[task.id]
 
     async def task_config(self, task: Task) -> TaskConfig:
         """The runtime's view of a task: its spec, with the image's config applied (Docker's
@@ -303,6 +359,11 @@ class Worker:
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING:
             seen = replace(seen, addr=addr or await self._attach(task.id, rt.pid))
+            check = self._check_of(task)
+            if check is not None and rt.pid:
+                # starting until a probe passes: no connections reach it before (node/mesh.py)
+                self.health.watch(task.id, check, rt.pid, rt.started_at)
+                seen = replace(seen, health=Health.STARTING)
         return seen
 
     async def _attach(self, task_id: str, pid: int | None) -> str:
@@ -324,6 +385,8 @@ class Worker:
 
     async def _remove(self, task_id: str) -> None:
         """Forget an ended task in the runtime, then release its address."""
+        self.health.forget(task_id)
+        self._checks.pop(task_id, None)
         await self.runtime.remove(task_id)
         if self.mesh is not None:
             try:

@@ -173,6 +173,33 @@ class Service:
     update_status: UpdateStatus = field(default_factory=UpdateStatus)
 
 
+class Health(enum.StrEnum):
+    """A running task's health (Docker's), ordered: ``rank`` only grows (an unhealthy task is
+    stopped, never healthy again), so two RUNNING reports merge by keeping the greater."""
+
+    NONE = ""  # the task has no health check
+    STARTING = "starting"  # checked, not yet healthy
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # `retries` consecutive failures: it is stopped and replaced
+
+    @property
+    def rank(self) -> int:
+        return _HEALTH_RANK[self]
+
+
+_HEALTH_RANK = {Health.NONE: 0, Health.STARTING: 1, Health.HEALTHY: 2, Health.UNHEALTHY: 3}
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """One health probe (Docker's health log entry)."""
+
+    start: float  # wall-clock seconds
+    end: float
+    exit_code: int  # 0 = passed, 1 = failed, -1 = timed out / could not run
+    output: str = ""  # the command's output (first 4 KiB) or the probe's answer/error
+
+
 @dataclass(frozen=True)
 class TaskStatus:
     """Observed by the node that runs the task (or ORPHANED by the leader)."""
@@ -184,6 +211,24 @@ class TaskStatus:
     pid: int | None = None
     err: str = ""
     addr: str = ""  # the task's IP address on its node's task subnet ("" = none yet)
+    health: Health = Health.NONE  # RUNNING tasks with a health check (node/health.py)
+    failing_streak: int = 0  # consecutive failed probes (counted after the start period)
+    health_log: tuple[HealthResult, ...] = ()  # the last probes, oldest first (at most 5)
+
+    @property
+    def up(self) -> bool:
+        """Running, and healthy if it has a health check: it may receive connections, counts
+        as a running replica, and lets a rolling update move on."""
+        return self.state is TaskState.RUNNING and self.health in (Health.NONE, Health.HEALTHY)
+
+    def merges_over(self, old: TaskStatus) -> bool:
+        """Is this report newer than ``old``? States only grow; within RUNNING, health only
+        grows too (a late "starting" cannot hide "healthy" or "unhealthy")."""
+        if self.state != old.state:
+            return self.state > old.state
+        if self.state is TaskState.RUNNING and self.health.rank < old.health.rank:
+            return False
+        return self != old
 
 
 @dataclass(frozen=True)
@@ -255,6 +300,12 @@ def status_from_dict(d: dict[str, Any]) -> TaskStatus:
         pid=d.get("pid"),
         err=d.get("err", ""),
         addr=d.get("addr", ""),
+        health=Health(d.get("health", "")),
+        failing_streak=int(d.get("failing_streak", 0)),
+        health_log=tuple(HealthResult(start=float(r["start"]), end=float(r["end"]),
+                                      exit_code=int(r["exit_code"]),
+                                      output=str(r.get("output", "")))
+                         for r in d.get("health_log", ())[-5:]),
     )
 
 

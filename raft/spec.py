@@ -20,6 +20,7 @@ The layout follows swarmkit's ``ServiceSpec``::
      ├─ name, labels
      ├─ task: TaskSpec               the template copied into every task (only a change
      │   ├─ container: ContainerSpec  here replaces tasks)
+     │   │   └─ healthcheck: HealthCheck
      │   ├─ resources: Resources {limits, reservations}
      │   ├─ restart: RestartPolicy
      │   ├─ placement: Placement
@@ -31,7 +32,9 @@ The layout follows swarmkit's ``ServiceSpec``::
 
 A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
 ``flag`` (long option, create and update), ``short``, ``cli`` (how the CLI parses it:
-``str int float bytes duration choice map list command bool``), ``item`` (the list item
+``str int float bytes duration choice map list command flag``; ``flag``: a switch
+without a value that sets a bool, and that giving any other flag of its Struct on
+`service update` turns off), ``item`` (the list item
 parser: ``mount port secret config constraint``), ``unit`` and ``metavar``. A field without
 ``flag`` is set only through the API.
 """
@@ -153,6 +156,74 @@ def _unique_files(refs: tuple[FileRef, ...], what: str) -> None:
         raise SpecError(what, f"two {what} use the same target file name")
 
 
+HTTP_CHECK_RE = re.compile(
+    r"^(?:(?P<host>[A-Za-z0-9.-]*):)?(?P<port>[0-9]{1,5})(?P<path>/[^\s]*)?$")
+MIN_HEALTH_INTERVAL = 0.1
+
+
+def parse_http_check(text: str) -> tuple[str, int, str]:
+    """``[HOST]:PORT/PATH`` → (host, port, path); host "" = 127.0.0.1 (the task's own
+    loopback, probed inside its network namespace), path "" = "/". ValueError if malformed."""
+    m = HTTP_CHECK_RE.match(text)
+    if m is None or not 1 <= int(m.group("port")) <= 65535:
+        raise ValueError(f"expected [HOST]:PORT/PATH (e.g. :8080/healthz), got {text!r}")
+    return m.group("host") or "127.0.0.1", int(m.group("port")), m.group("path") or "/"
+
+
+class HealthCheck(_Spec, frozen=True):
+    """Is the task healthy? (Docker's HEALTHCHECK, plus HTTP and TCP probes.) At most one of
+    ``command``, ``http``, ``tcp``; none = the image's HEALTHCHECK, if it has one. A zero
+    interval/timeout/retries takes the image's value, else Docker's default (30 s, 30 s, 3).
+    Probed by the node's agent: the command inside the task's namespaces and cgroup, HTTP and
+    TCP from inside its network namespace. A task is healthy after one success, unhealthy
+    after ``retries`` consecutive failures (not counting those within ``start_period``), and
+    an unhealthy task is stopped and replaced; only healthy tasks receive connections."""
+
+    command: Annotated[str, decl(
+        "command run with /bin/sh -c inside the task; exit 0 = healthy",
+        flag="--health-cmd", cli="str", metavar="CMD", max_length=4096)] = ""
+    http: Annotated[str, decl(
+        "HTTP GET from inside the task's network; a 2xx or 3xx answer = healthy",
+        flag="--health-http", cli="str", metavar="[HOST]:PORT/PATH", max_length=1024)] = ""
+    tcp: Annotated[int, decl("TCP connect to this port from inside the task's network",
+                             flag="--health-tcp", cli="int", metavar="PORT", ge=0,
+                             le=65535)] = 0
+    interval: Annotated[float, decl("time between two checks; 0 = the image's, else 30s",
+                                    flag="--health-interval", cli="duration",
+                                    unit="seconds", ge=0, le=DAY)] = 0.0
+    timeout: Annotated[float, decl("a check taking longer fails; 0 = the image's, else 30s",
+                                   flag="--health-timeout", cli="duration", unit="seconds",
+                                   ge=0, le=DAY)] = 0.0
+    retries: Annotated[int, decl("consecutive failures that make the task unhealthy; "
+                                 "0 = the image's, else 3", flag="--health-retries",
+                                 cli="int", metavar="N", ge=0, le=1000)] = 0
+    start_period: Annotated[float, decl(
+        "failures in this time after the start do not count", flag="--health-start-period",
+        cli="duration", unit="seconds", ge=0, le=DAY)] = 0.0
+    disable: Annotated[bool, decl("no health check, not even the image's",
+                                  flag="--no-healthcheck", cli="flag")] = False
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("command", self.command), ("http", self.http),
+                                ("tcp", self.tcp)) if v]
+        if len(given) > 1:
+            raise SpecError(given[1], f"give one check: {given[0]} and {given[1]} are both set")
+        if self.disable and given:
+            raise SpecError("disable", f"no health check, yet {given[0]} is set")
+        if self.http:
+            try:
+                parse_http_check(self.http)
+            except ValueError as exc:
+                raise SpecError("http", str(exc)) from None
+        if "\0" in self.command:
+            raise SpecError("command", "must not contain NUL")
+        for name in ("interval", "timeout"):
+            value = getattr(self, name)
+            if 0 < value < MIN_HEALTH_INTERVAL:
+                raise SpecError(name, f"must be 0 (default) or at least "
+                                f"{MIN_HEALTH_INTERVAL}s, got {value}s")
+
+
 Command = Annotated[tuple[str, ...], decl(
     "the program to run and its arguments; empty = the image's ENTRYPOINT/CMD",
     cli="command", max_length=4096)]
@@ -189,6 +260,7 @@ class ContainerSpec(_Spec, frozen=True):
     configs: Annotated[tuple[FileRef, ...], decl(
         "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
         item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
+    healthcheck: HealthCheck = HealthCheck()
 
     def __post_init__(self) -> None:
         if self.command and not self.command[0]:

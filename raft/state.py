@@ -438,9 +438,8 @@ class ClusterState:
             raise Rejected("forbidden", f"task {t.id} is not assigned to node {cmd['node_id']}",
                            "node_id")
         status = status_from_dict(cmd["status"])
-        if status.state < t.status.state:
-            return {"changed": False}  # older observation: keep the greater (ordered states)
-        if status.state == t.status.state and status == t.status:
+        if not status.merges_over(t.status):
+            # older observation: keep the greater (ordered states, then ordered health)
             return {"changed": False}
         self.tasks[t.id] = replace(t, status=status, updated_at=float(cmd["now"]))
         return {"changed": True}

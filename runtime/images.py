@@ -14,8 +14,8 @@ read-only as overlayfs lower dirs inside each task's own mount namespace).
 
 An image is its **manifest**, a canonical JSON blob
 ``{"schemaVersion": 1, "layers": [{"digest", "size"}...] (bottom first), "config": {Entrypoint,
-Cmd, Env, WorkingDir, User}}``; the image id is the manifest's digest, so the same content
-imported twice is the same image, and a peer can fetch an image blob by blob:
+Cmd, Env, WorkingDir, User[, Healthcheck]}}``; the image id is the manifest's digest, so the
+same content imported twice is the same image, and a peer can fetch an image blob by blob:
 ``blobs_needed(id)`` -> ``import_blob(digest, stream)`` for each (verified) -> ``commit(id, tags)``.
 
 Layers are unpacked in order, each into its own directory; ``.wh.NAME`` becomes an overlayfs
@@ -69,6 +69,42 @@ _ZSTD = b"\x28\xb5\x2f\xfd"
 _OPAQUE = ".wh..wh..opq"
 
 
+_NS = 1e-9
+
+
+@dataclass(frozen=True)
+class ImageHealthcheck:
+    """An image's HEALTHCHECK (Docker's config ``Healthcheck``: ``Test`` is ``["CMD-SHELL",
+    cmd]``, ``["CMD", arg...]`` or ``["NONE"]``; durations in nanoseconds, 0 = unset)."""
+
+    test: tuple[str, ...] = ()
+    interval: float = 0.0  # seconds
+    timeout: float = 0.0
+    retries: int = 0
+    start_period: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Test": list(self.test), "Interval": round(self.interval / _NS),
+                "Timeout": round(self.timeout / _NS), "Retries": self.retries,
+                "StartPeriod": round(self.start_period / _NS)}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ImageHealthcheck | None:
+        """None when the config has no (usable) Healthcheck."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("Test"), list):
+            return None
+
+        def seconds(key: str) -> float:
+            value = raw.get(key)
+            return max(float(value), 0.0) * _NS if isinstance(value, (int, float)) else 0.0
+
+        retries = raw.get("Retries")
+        return cls(test=tuple(str(a) for a in raw["Test"]), interval=seconds("Interval"),
+                   timeout=seconds("Timeout"),
+                   retries=max(int(retries), 0) if isinstance(retries, int) else 0,
+                   start_period=seconds("StartPeriod"))
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """What an image says about how to run it (Docker's config: Entrypoint, Cmd...)."""
@@ -78,15 +114,19 @@ class ImageConfig:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
     user: str = ""
+    healthcheck: ImageHealthcheck | None = None  # the image's HEALTHCHECK, if any
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "Entrypoint": list(self.entrypoint),
             "Cmd": list(self.cmd),
             "Env": [f"{k}={v}" for k, v in self.env.items()],
             "WorkingDir": self.workdir,
             "User": self.user,
         }
+        if self.healthcheck is not None:  # (only then: images without one keep their id)
+            out["Healthcheck"] = self.healthcheck.to_json()
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> ImageConfig:
@@ -102,6 +142,7 @@ class ImageConfig:
             env=env,
             workdir=str(raw.get("WorkingDir") or ""),
             user=str(raw.get("User") or ""),
+            healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
         )
 
     def apply(

@@ -1,9 +1,10 @@
 """The compiled task launcher: building it, and the agent's side of its two pipes (the launch
 spec it reads, the ready pipe it answers on).
 
-Owns: ``launcher.c`` (shipped as package data) and the binaries built from it in a cache
-directory (``shoal-launcher-<source digest>``); the encoding of the spec pipe (:class:`Spec`,
-:func:`send_spec`) and the decoding of the ready pipe (:func:`read_pid`, :func:`read_ready`).
+Owns: ``launcher.c`` and ``execdrop.c`` (shipped as package data) and the binaries built
+from them in a cache directory (``shoal-launcher-<source digest>``,
+``shoal-execdrop-<digest>``); the encoding of the spec pipe (:class:`Spec`, :func:`send_spec`)
+and the decoding of the ready pipe (:func:`read_pid`, :func:`read_ready`).
 Must not touch: anything else in that directory; processes and task state (runtime/process.py
 spawns the launcher and decides what a ready byte means for the task).
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from shoal.runtime.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("launcher.c")
+EXECDROP = Path(__file__).with_name("execdrop.c")
 
 # mount(2) flags used by the plan.
 MS_RDONLY = 0x1
@@ -56,13 +58,54 @@ def source_digest() -> str:
 def ensure_launcher(cache_dir: Path, cc: str = "cc") -> Path:
     """The launcher binary for the current source, compiled into ``cache_dir`` if missing.
     Raise ConfigError if it cannot be built (no compiler, no libc headers)."""
+    return build(SOURCE, "shoal-launcher", "task launcher", cache_dir, cc)
+
+
+def ensure_execdrop(cache_dir: Path, cc: str = "cc") -> Path:
+    """``shoal-execdrop`` (execdrop.c: run a command with a task's credentials and
+    capabilities; the exec health checks use it), compiled into ``cache_dir`` if missing."""
+    return build(EXECDROP, "shoal-execdrop", "exec helper", cache_dir, cc)
+
+
+def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc") -> Path:
+    """``cache_dir/NAME-<source digest>``, compiled from ``source`` (statically where the host
+    has a static libc) if missing. ConfigError if it cannot be built."""
     try:
-        digest = source_digest()
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     except OSError as exc:
-        raise ConfigError(f"launcher source missing: {SOURCE}: {exc}") from exc
-    target = cache_dir / f"shoal-launcher-{digest}"
+        raise ConfigError(f"{what} source missing: {source}: {exc}") from exc
+    target = cache_dir / f"{name}-{digest}"
     if os.access(target, os.X_OK):
         return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", dir=cache_dir)
+        os.close(fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {cache_dir}: {exc}") from exc
+    try:
+        for link in (["-static"], []):  # dynamic if the host has no static libc
+            res = subprocess.run(
+                [cc, "-O2", "-Wall", *link, "-o", tmp, str(source)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if res.returncode == 0:
+                break
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        os.unlink(tmp)
+        raise ConfigError(
+            f"cannot build the {what} with {cc!r} ({exc}); install a C compiler "
+            "(Debian: gcc libc6-dev) or set RuntimeConfig.launcher_path"
+        ) from exc
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise ConfigError(f"building the {what} failed: {res.stderr.strip()[-2000:]}")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=".build-", dir=cache_dir)

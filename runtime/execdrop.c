@@ -1,0 +1,70 @@
+/*
+ * shoal-execdrop: run a command with a task's credentials and capabilities, nothing more.
+ *
+ * Owns: nothing but its own process. Used by the agent's exec health checks (node/health.py):
+ * nsenter (util-linux) enters the task's namespaces and root as root with every capability,
+ * then execs this program (passed as an inherited fd, /proc/self/fd/N: it need not exist in the
+ * task's image; statically linked, so no loader is looked up there), which takes the
+ * task's credentials as its init has them — the launcher (launcher.c) drops the same way —
+ * before it execs the check. Without it a check of a task running as root would run with
+ * every capability of the host's root, where the task itself runs with its reduced set.
+ *
+ * Usage: shoal-execdrop UID GID GROUPS CAPMASK PROG [ARGS...]
+ *   GROUPS  supplementary gids, comma-separated ("" = none)
+ *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
+ *           hexadecimal as /proc/PID/status CapBnd shows it
+ * Exit: PROG's; 125 if a step failed, 127 if PROG was not found (message on stderr).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+static int fail(const char *what) {
+    fprintf(stderr, "shoal-execdrop: %s: %s\n", what, strerror(errno));
+    return 125;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 6) {
+        fprintf(stderr, "usage: %s UID GID GROUPS CAPMASK PROG [ARGS...]\n", argv[0]);
+        return 125;
+    }
+    uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
+    gid_t gid = (gid_t)strtoul(argv[2], NULL, 10);
+    gid_t groups[64];
+    size_t ngroups = 0;
+    for (char *p = argv[3]; *p && ngroups < 64;) {
+        groups[ngroups++] = (gid_t)strtoul(p, &p, 10);
+        if (*p == ',') p++;
+        else break;
+    }
+    uint64_t keep = strtoull(argv[4], NULL, 16);
+    for (int c = 0; c < 64; c++) {
+        if (keep & (1ULL << c)) continue;
+        if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) && errno == EINVAL) break;
+    }
+    if (setgroups(ngroups, groups)) return fail("setgroups");
+    if (setresgid(gid, gid, gid)) return fail("setgid");
+    if (setresuid(uid, uid, uid)) return fail("setuid");
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (uid == 0) {
+        data[0].effective = data[0].permitted = (uint32_t)keep;
+        data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+    }
+    if (syscall(SYS_capset, &hdr, data)) return fail("capset");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return fail("no_new_privs");
+    execvp(argv[5], argv + 5);
+    fprintf(stderr, "shoal-execdrop: %s: %s\n", argv[5], strerror(errno));
+    return errno == ENOENT ? 127 : 126;
+}
