@@ -510,7 +510,8 @@ class Agent:
                                                 f"{self.config.raft_port}")
             with contextlib.suppress(ApiError):
                 await self.propose({"op": "node_remove", "id": identity.node_id,
-                                    "now": time.time(), "force": True}, timeout=3.0)
+                                    "now": time.time(), "force": True, "leave": True},
+                                   timeout=3.0)
             await self._worker.stop_all()
             self._leaving = True  # announce a graceful leave on gossip
             try:

@@ -97,6 +97,11 @@ class LeaderLoop:
         # give every agent a chance to reach us before judging liveness
         for node_id in self.store.snapshot().nodes:
             self.heartbeats.setdefault(node_id, started)
+        # announce the new term at once (an empty fenced batch): fences older leaders now,
+        # and the event stream shows the leader change even when there is nothing to do
+        with contextlib.suppress(StoreError):
+            await self.store.propose({"op": "leader", "term": term, "now": time.time(),
+                                      "ops": [], "by": self.store.self_addr})
         while self.store.is_leader() and self.store.term() == term:
             self.wakeup.clear()
             timeout = self.config.interval
@@ -128,7 +133,8 @@ class LeaderLoop:
                                  gossip=self.gossip() if self.gossip else None)
         self.passes += 1
         if ops:
-            cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops}
+            cmd: dict[str, Any] = {"op": "leader", "term": term, "now": time.time(), "ops": ops,
+                                   "by": self.store.self_addr}
             await self.store.propose(cmd)
             log.debug("leader pass proposed %d ops", len(ops))
         return wake_at
