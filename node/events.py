@@ -67,8 +67,8 @@ Key = tuple[int, int]
 class EventsConfig:
     """How many events a manager keeps and how it streams them."""
 
-    # Events kept in memory (the ring), most recent first to go... last. A client that
-    # reconnects with a cursor older than the oldest kept event is told about the gap.
+    # Events kept in memory (the ring; the oldest go first). A client that reconnects with
+    # a cursor older than the oldest kept event is told about the gap.
     # Each event is ~300 bytes: 10,000 ≈ 3 MB. 0 keeps none (only live streaming).
     retained: int = 10_000
     # Server-sent events: a comment line every this many seconds while idle, so proxies
@@ -199,7 +199,9 @@ def _task_attrs(t: Task, nodes: Mapping[str, Node]) -> dict[str, Any]:
 
 def _task_events(before: Snapshot, after: Snapshot) -> list[_E]:
     out: list[_E] = []
-    for tid in sorted(after.tasks.keys() | before.tasks.keys()):
+    # tasks that existed first (ended, orphaned, …), then new ones (their replacements)
+    old = sorted(before.tasks.keys())
+    for tid in [*old, *sorted(after.tasks.keys() - before.tasks.keys())]:
         b, a = before.tasks.get(tid), after.tasks.get(tid)
         if a is b:
             continue
@@ -254,7 +256,8 @@ def _leader_events(before: Snapshot, cmd: Mapping[str, Any], after: Snapshot) ->
 def derive(before: Snapshot, cmd: Mapping[str, Any], after: Snapshot, index: int
            ) -> list[Event]:
     """The events of one applied command, in a fixed order: leader change, nodes, services,
-    tasks, secrets and configs; within each, by id. Pure: the same inputs give the same
+    tasks (those that existed before first, then new ones), secrets and configs; within
+    each, by id. Pure: the same inputs give the same
     events on every manager. A refused command changes nothing and gives none."""
     now = cmd.get("now")
     when = float(now) if isinstance(now, (int, float)) else 0.0
@@ -480,6 +483,9 @@ class EventLog:
             lost = self._floor if key < self._floor else None
             return self._events[start:], lost
 
+    def __len__(self) -> int:
+        return len(self._events)
+
     def retained(self) -> list[Event]:
         return self.after((-1, -1))[0]
 
@@ -500,7 +506,7 @@ class EventLog:
             changed = self._changed
             events, lost = self.after(pos)
             if first and lost is not None and since is not None and (
-                    since.key is not None or not events or events[0].time > since.time):
+                    since.time is None or not events or events[0].time > since.time):
                 yield gap_record(lost)
             first = False
             for ev in events:
@@ -537,5 +543,5 @@ def gap_record(floor: Key) -> dict[str, Any]:
                            f"the stream resumes after {cursor}"}}
 
 
-__all__ = ["Bound", "Event", "EventLog", "EventsConfig", "derive", "gap_record", "matches", "parse_bound",
-           "parse_filters"]
+__all__ = ["Bound", "Event", "EventLog", "EventsConfig", "derive", "gap_record", "matches",
+           "parse_bound", "parse_filters"]
