@@ -164,11 +164,12 @@ async def stream_ndjson(req: web.Request,
 
 
 async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]],
-                        keepalive: float) -> web.StreamResponse:
+                        keepalive: float, stopping: asyncio.Event) -> web.StreamResponse:
     """Stream event records as JSON lines, or as server-sent events when the client asks
     (``Accept: text/event-stream``: ``id:`` = the cursor, ``event:`` = the type, a comment
     every ``keepalive`` seconds while idle). Headers go out at once: a live stream may stay
-    quiet for long."""
+    quiet for long. Ends when the records end, the client goes away (checked every second
+    while idle) or the server stops (``stopping``)."""
     sse = "text/event-stream" in req.headers.get("Accept", "")
     resp = web.StreamResponse(headers={
         "Content-Type": "text/event-stream" if sse else "application/x-ndjson",
@@ -176,17 +177,27 @@ async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]]
     await resp.prepare(req)
     it = aiter(records)
     nxt: asyncio.Future[dict[str, Any]] | None = None
+    stop = asyncio.ensure_future(stopping.wait())
+    idle = 0.0
     try:
-        while True:
+        while not stopping.is_set():
             if nxt is None:
                 nxt = asyncio.ensure_future(anext(it))
-            done, _ = await asyncio.wait({nxt}, timeout=keepalive if sse else None)
-            if not done:
-                await resp.write(b": keepalive\n\n")
+            done, _ = await asyncio.wait({nxt, stop}, timeout=1.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                if req.transport is None or req.transport.is_closing():
+                    break  # the client went away
+                idle += 1.0
+                if sse and idle >= keepalive:
+                    idle = 0.0
+                    await resp.write(b": keepalive\n\n")
                 continue
+            idle = 0.0
             try:
                 rec = nxt.result()
             except StopAsyncIteration:
+                nxt = None
                 break
             nxt = None
             if sse:
@@ -199,8 +210,11 @@ async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]]
     except (ConnectionResetError, aiohttp.ClientError):
         pass  # the client went away
     finally:
+        stop.cancel()
         if nxt is not None and not nxt.done():
             nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
         with contextlib.suppress(Exception):
             await it.aclose()  # type: ignore[attr-defined]
     return resp
@@ -250,6 +264,7 @@ class ApiServer:
         self.config = config
         self.c = controls
         self._runners: list[web.AppRunner] = []
+        self._stopping = asyncio.Event()  # ends open event streams when the server stops
 
     def local_app(self, remote: bool = False) -> web.Application:
         """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
@@ -398,7 +413,8 @@ class ApiServer:
             q = req.query
             since = q.get("since") or req.headers.get("Last-Event-ID") or None
             records = c.events.stream(since, q.get("until") or None, q.getall("filter", []))
-            return await stream_events(req, records, c.events.log.config.keepalive)
+            return await stream_events(req, records, c.events.log.config.keepalive,
+                                       self._stopping)
 
         async def metrics(req: web.Request) -> web.StreamResponse:
             return await serve_metrics(c.metrics, req)
@@ -632,6 +648,7 @@ class ApiServer:
         self._runners.append(runner)
 
     async def stop(self) -> None:
+        self._stopping.set()
         for r in self._runners:
             await r.cleanup()
         self.config.socket_path.unlink(missing_ok=True)
