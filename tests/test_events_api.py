@@ -51,7 +51,7 @@ async def read_lines(resp: aiohttp.ClientResponse, n: int) -> list[dict[str, Any
 async def test_ndjson_stream_resumes_from_a_cursor_and_filters(tmp_path: Path) -> None:
     """A client that reads some events, disconnects and reconnects with its last cursor gets
     exactly the rest; filters select by type and service; `until` ends the stream."""
-    server, store, ctx = make_server(tmp_path)
+    server, _store, ctx = make_server(tmp_path)
     await boot(ctx)
     await server.start()
     try:
@@ -89,7 +89,7 @@ async def test_ndjson_stream_resumes_from_a_cursor_and_filters(tmp_path: Path) -
 
 async def test_server_sent_events_carry_the_cursor_as_id_and_last_event_id_resumes(
         tmp_path: Path) -> None:
-    server, store, ctx = make_server(tmp_path)
+    server, _store, ctx = make_server(tmp_path)
     await boot(ctx)
     await server.start()
     try:
@@ -115,7 +115,7 @@ async def test_server_sent_events_carry_the_cursor_as_id_and_last_event_id_resum
 
 
 async def test_a_live_stream_sees_a_service_created_after_it_opened(tmp_path: Path) -> None:
-    server, store, ctx = make_server(tmp_path)
+    server, _store, ctx = make_server(tmp_path)
     await boot(ctx)
     await server.start()
     try:
