@@ -176,8 +176,8 @@ async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]]
         "Cache-Control": "no-cache"})
     await resp.prepare(req)
     it = aiter(records)
-    nxt: asyncio.Future[dict[str, Any]] | None = None
-    stop = asyncio.ensure_future(stopping.wait())
+    nxt: asyncio.Future[Any] | None = None
+    stop: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
     idle = 0.0
     try:
         while not stopping.is_set():
