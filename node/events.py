@@ -183,6 +183,53 @@ def _service_events(before: Snapshot, after: Snapshot) -> list[_E]:
     return out
 
 
+# commands that never touch a task (an op not listed here, or node_remove/service_remove,
+# makes the derivation compare every task)
+_NO_TASKS = frozenset({"cluster_init", "cluster_schema", "rotate_secret", "node_add",
+                       "node_update", "service_create", "service_update", "ca_init",
+                       "secret_create", "secret_remove", "config_create", "config_remove",
+                       "client_cert_add", "client_cert_remove"})
+_TASK_OPS = frozenset({"desired", "assign", "unschedulable", "orphan", "delete"})
+
+
+def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
+    """The task ids ``cmd`` can change, or None when it may change any (then all are
+    compared). Keeps the derivation O(changes), not O(tasks), for the common commands."""
+    op = cmd.get("op")
+    if op in _NO_TASKS:
+        return set()
+    if op == "task_status":
+        return {str(cmd.get("task_id"))}
+    if op == "leader":
+        ids: set[str] = set()
+        for o in cmd.get("ops") or ():
+            if not isinstance(o, (list, tuple)) or not o:
+                return None
+            if o[0] == "create" and isinstance(o[1], Mapping):
+                ids.add(str(o[1].get("id")))
+            elif o[0] in _TASK_OPS:
+                ids.add(str(o[1]))
+            elif o[0] not in ("update_status", "node_state"):
+                return None
+        return ids
+    return None
+
+
+def _changed(before: Mapping[str, Any], after: Mapping[str, Any], among: set[str] | None
+             ) -> tuple[list[str], list[str]]:
+    """Ids (of ``among``, or all) whose record was replaced or removed, and new ids, each
+    sorted. Records are frozen and replaced on change, so an identity test finds them."""
+    keys: Iterable[str] = (after.keys() | before.keys()) if among is None else among
+    changed: list[str] = []
+    new: list[str] = []
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        if a is b:
+            continue
+        (new if b is None else changed).append(k)
+    return sorted(changed), sorted(new)
+
+
 def _task_attrs(t: Task, nodes: Mapping[str, Node]) -> dict[str, Any]:
     node = nodes.get(t.node_id)
     attrs: dict[str, Any] = {
@@ -197,14 +244,12 @@ def _task_attrs(t: Task, nodes: Mapping[str, Node]) -> dict[str, Any]:
     return attrs
 
 
-def _task_events(before: Snapshot, after: Snapshot) -> list[_E]:
+def _task_events(before: Snapshot, after: Snapshot, cmd: Mapping[str, Any]) -> list[_E]:
     out: list[_E] = []
+    changed, new = _changed(before.tasks, after.tasks, _touched_tasks(cmd))
     # tasks that existed first (ended, orphaned, …), then new ones (their replacements)
-    old = sorted(before.tasks.keys())
-    for tid in [*old, *sorted(after.tasks.keys() - before.tasks.keys())]:
+    for tid in [*changed, *new]:
         b, a = before.tasks.get(tid), after.tasks.get(tid)
-        if a is b:
-            continue
         if a is None:
             assert b is not None
             out.append(("task", "remove", tid, b.name, _task_attrs(b, before.nodes)))
@@ -262,7 +307,7 @@ def derive(before: Snapshot, cmd: Mapping[str, Any], after: Snapshot, index: int
     now = cmd.get("now")
     when = float(now) if isinstance(now, (int, float)) else 0.0
     found = [*_leader_events(before, cmd, after), *_node_events(before, after, cmd),
-             *_service_events(before, after), *_task_events(before, after),
+             *_service_events(before, after), *_task_events(before, after, cmd),
              *_object_events(before, after)]
     return [Event(index=index, seq=i, time=when, type=t, action=action, id=oid, name=name,
                   attributes=attrs)
@@ -345,7 +390,7 @@ class EventSource(Protocol):
 
     def snapshot(self) -> Snapshot: ...
 
-    def changes_since(self, after: int) -> tuple[int, list[bytes]] | None: ...
+    def command_at(self, index: int) -> bytes | None: ...
 
     def add_listener(self, cb: Callable[[int], None]) -> None: ...
 
@@ -409,13 +454,13 @@ class EventLog:
             if prev is None or index != prev.index + 1:
                 self._baseline(source.snapshot())
                 return
-            got = source.changes_since(index - 1)
+            blob = source.command_at(index)
             after = source.snapshot()
-            if got is None or got[0] != index or len(got[1]) != 1 or after.index != index:
+            if blob is None or after.index != index:
                 self._baseline(after)
                 return
             try:
-                cmd = msgpack.unpackb(got[1][0], raw=False, strict_map_key=False)
+                cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
                 events = derive(prev, cmd, after, index) if isinstance(cmd, dict) else []
             except Exception:  # a bug here must not break the apply thread
                 log.exception("deriving the events of command %d failed", index)

@@ -364,3 +364,38 @@ def test_since_and_until_accept_cursors_times_and_durations() -> None:
     assert parse_bound("2026-12-04T14:00:00Z", "since").time == 1796392800.0
     with pytest.raises(BadRequest):
         parse_bound("yesterday", "since")
+
+
+def test_comparing_only_the_tasks_a_command_names_misses_no_task_change() -> None:
+    """The derivation compares only the tasks a command can touch (speed with thousands of
+    tasks); across create, scale, reports, a node death, scale down and removal it finds
+    exactly what comparing every task finds."""
+    from shoal.node.events import _changed, _touched_tasks
+
+    log = booted()
+    seen = 0
+    original = log.apply
+
+    def checked(cmd: dict[str, Any]) -> list[Any]:
+        nonlocal seen
+        before = log.state.snapshot()
+        out = original(cmd)
+        after = log.state.snapshot()
+        assert _changed(before.tasks, after.tasks, _touched_tasks(cmd)) == \
+            _changed(before.tasks, after.tasks, None), cmd["op"]
+        seen += len(_changed(before.tasks, after.tasks, None)[0])
+        return out
+
+    log.apply = checked  # type: ignore[method-assign]
+    log.apply({"op": "service_create", "id": "s1", "now": 5.0, "spec": spec(replicas=4)})
+    log.leader_pass()
+    for t in list(log.state.tasks.values()):
+        log.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id, "now": 11.0,
+                   "status": {"state": int(TaskState.RUNNING), "timestamp": 11.0}})
+    log.leader_pass(now=20.0, gossip={"n1": "dead", "n2": "alive"})
+    log.apply({"op": "service_update", "id": "s1", "now": 21.0, "replicas": 1})
+    log.leader_pass(now=22.0, gossip={"n1": "dead", "n2": "alive"})
+    log.apply({"op": "node_remove", "id": "n1", "now": 23.0, "force": True})
+    log.apply({"op": "service_remove", "id": "s1", "now": 24.0})
+    log.leader_pass(now=25.0, gossip={"n2": "alive"})
+    assert seen > 10
