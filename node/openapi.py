@@ -460,7 +460,8 @@ ROUTES: tuple[Route, ...] = (
           "resumes) when the request's Accept asks for it. A `since` older than what this "
           "manager retains starts the stream with one `gap` record. Managers only"),
     Route("GET", "/metrics", "metrics", "this node's Prometheus metrics", "meta",
-          reply={"type": "string", "description": "Prometheus text format 0.0.4"},
+          reply={"type": "string", "contentMediaType": "text/plain; version=0.0.4",
+                 "description": "Prometheus text format 0.0.4"},
           content="text/plain",
           description="also on the agent's `--metrics-addr` if set (see docs/"
           "architecture.md#events-and-metrics)"),

@@ -213,6 +213,9 @@ def test_metrics_during_a_scale_up_show_the_new_tasks_and_start_latency(cluster:
     assert after["shoal_raft_apply_lag"].samples[0].value >= 0
     members = {s.labels["state"]: s.value for s in after["shoal_gossip_members"].samples}
     assert members["alive"] == 5
+    rtt = next(x.value for x in after["shoal_gossip_probe_rtt_seconds"].samples
+               if x.name.endswith("_count"))
+    assert rtt > 0  # acked probes were timed
     # per-task CPU and memory of the tasks running on the leader's node, from cgroups
     mine = [t for t in running(h1, "app") if t["node"] == leader.name]
     if mine:
