@@ -227,3 +227,36 @@ def test_metrics_during_a_scale_up_show_the_new_tasks_and_start_latency(cluster:
                      ".decode())")
     fams = {f.name: f for f in text_string_to_metric_families(res.stdout)}
     assert tasks_running(fams) == 8
+
+
+FETCH = """
+import ssl, sys, urllib.request
+url, tls = sys.argv[1], sys.argv[2]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_verify_locations(tls + "/ca.pem")
+if sys.argv[3] == "cert":
+    ctx.load_cert_chain(tls + "/cert.pem", tls + "/key.pem")
+try:
+    sys.stdout.write(urllib.request.urlopen(url, context=ctx, timeout=10).read().decode())
+except Exception as exc:
+    sys.stdout.write("REFUSED " + type(exc).__name__)
+"""
+
+
+def test_metrics_addr_with_mtls_needs_a_client_certificate(lab_factory: Callable[..., Lab],
+                                                          tmp_path: Path) -> None:
+    """`--metrics-addr ... --metrics-mtls`: /metrics answers a client certificate from
+    `shoal ca issue-client` and refuses a connection without one."""
+    lab = lab_factory(1)
+    h1 = lab.hosts[0]
+    h1.start_agent("--metrics-addr", f"{h1.ip}:9110", "--metrics-mtls")
+    lab.form_cluster(managers=1)
+    tls = tmp_path / "prom"
+    h1.cli("ca", "issue-client", "prometheus", "--out", str(tls))
+    url = f"https://{h1.ip}:9110/metrics"
+    ok = h1.run(sys.executable, "-c", FETCH, url, str(tls), "cert").stdout
+    fams = {f.name: f for f in text_string_to_metric_families(ok)}
+    assert fams["shoal_raft_leader"].samples[0].value == 1
+    refused = h1.run(sys.executable, "-c", FETCH, url, str(tls), "none").stdout
+    assert refused.startswith("REFUSED"), refused[:200]
