@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -216,6 +219,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
 
     from shoal.node.agent import run_agent
     from shoal.node.config import AgentConfig
+    from shoal.node.events import EventsConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -225,7 +229,9 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
                       cert_lifetime=args.cert_lifetime,
                       cert_renew_fraction=args.cert_renew_fraction,
-                      restart_grace=args.restart_grace)
+                      restart_grace=args.restart_grace,
+                      metrics_addr=args.metrics_addr, metrics_mtls=args.metrics_mtls,
+                      events=EventsConfig(retained=args.events_retained))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -280,6 +286,8 @@ def run(args: argparse.Namespace) -> None:
         run_secret(c, args, fmt)
     elif args.cmd == "ca":
         run_ca(c, args)
+    elif args.cmd == "events":
+        run_events(c, args)
     elif args.cmd == "gossip":
         run_gossip(c, args, fmt)
 
@@ -474,6 +482,61 @@ def run_ca(c: Client, args: argparse.Namespace) -> None:
         print(f"Client certificate {args.name!r} revoked.")
 
 
+_TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
+
+
+def render_template(template: str, rec: dict[str, Any]) -> str:
+    """docker-style ``--format``: ``{{.Field}}``, ``{{.Attributes.key}}``, ``{{json .}}``,
+    ``{{json .Attributes}}``; field names match case-insensitively (``.ID`` = ``id``)."""
+    def field(m: re.Match[str]) -> str:
+        value: Any = rec
+        for part in [p for p in m.group(2).split(".") if p]:
+            if not isinstance(value, dict):
+                value = None
+                break
+            key = next((k for k in value if k.lower() == part.lower()), None)
+            value = value.get(key) if key is not None else None
+        if m.group(1):
+            return json.dumps(value)
+        if value is None:
+            return "<no value>"
+        return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return _TEMPLATE_RE.sub(field, template.replace("\\n", "\n").replace("\\t", "\t"))
+
+
+def event_line(rec: dict[str, Any]) -> str:
+    """``TIME TYPE ACTION ID (name=…, key=value, …)``, as `docker events` prints."""
+    when = datetime.datetime.fromtimestamp(float(rec.get("time") or 0), datetime.UTC)
+    attrs = {"name": rec.get("name", ""), **rec.get("attributes", {})}
+    if rec.get("local"):
+        attrs["local"] = True
+    inner = ", ".join(f"{k}={v}" for k, v in attrs.items() if v not in ("", None))
+    return (f"{when.strftime('%Y-%m-%dT%H:%M:%S.%f')}Z {rec['type']} {rec['action']} "
+            f"{rec.get('id') or '-'} ({inner})")
+
+
+def run_events(c: Client, args: argparse.Namespace) -> None:
+    query: list[tuple[str, str]] = []
+    if args.since:
+        query.append(("since", args.since))
+    if args.until:
+        query.append(("until", args.until))
+    query += [("filter", f) for f in args.filter]
+    path = "/v1/events" + ("?" + urllib.parse.urlencode(query) if query else "")
+    for rec in c.stream(path):
+        if rec.get("type") == "gap":
+            print(f"Warning: {rec['attributes']['message']}", file=sys.stderr, flush=True)
+            if args.format != "json":
+                continue
+        if args.format == "json":
+            out = json.dumps(rec)
+        elif args.format:
+            out = render_template(args.format, rec)
+        else:
+            out = event_line(rec)
+        print(out, flush=True)
+
+
 def _q(s: str) -> str:
     from urllib.parse import quote
 
@@ -517,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM (upgrade, restart) ask the leader to wait this long for "
                    "the next agent before replacing this node's tasks (0-300, 0 = treat a "
                    "stop like a crash; default 30)")
+    a.add_argument("--metrics-addr", default="", metavar="ADDR:PORT",
+                   help="also serve GET /metrics (Prometheus) on ADDR:PORT; default: only on "
+                   "the unix socket and the remote API")
+    a.add_argument("--metrics-mtls", action="store_true",
+                   help="require a client certificate (`shoal ca issue-client`) on "
+                   "--metrics-addr, as the remote API does")
+    a.add_argument("--events-retained", type=int, default=10_000, metavar="N",
+                   help="events a manager keeps for `shoal events --since` (default 10000)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
     a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)
@@ -586,6 +657,19 @@ def build_parser() -> argparse.ArgumentParser:
     srb.add_argument("service")
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
+    ev = sub.add_parser("events", help="stream the cluster's events (like `docker events`)")
+    ev.add_argument("--since", default="", metavar="T|CURSOR",
+                    help="start after an event's cursor (INDEX-SEQ) or at a time (Unix "
+                    "seconds, ISO 8601, or a duration before now such as 10m); default: "
+                    "only new events")
+    ev.add_argument("--until", default="", metavar="T|CURSOR",
+                    help="stop after this cursor or time; default: keep streaming")
+    ev.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                    help="type=service|task|node|secret|config, service=NAME, node=NAME, "
+                    "event=ACTION (repeatable; one key's values are alternatives)")
+    ev.add_argument("--format", default="", metavar="json|TEMPLATE",
+                    help="json: one JSON object per line; or a template such as "
+                    "'{{.Type}} {{.Action}} {{.Name}}' or '{{json .}}'")
     g = sub.add_parser("gossip", help="gossip membership: key rotation")
     gsub = g.add_subparsers(dest="gossip_cmd", required=True, parser_class=_Parser)
     grk = gsub.add_parser("rotate-key", help="roll a new gossip key through the cluster "

@@ -45,6 +45,7 @@ traffic escapes a loop: wire errors are counted as ``drop.<reason>``, anything u
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -241,6 +242,9 @@ class Memberlist:
         self._suspicions: dict[str, Suspicion] = {}
         self._broadcasts = BroadcastQueue()
         self._acks: dict[int, _AckWaiter] = {}
+        # round-trip times (s) of the latest direct probes that were acked, oldest first:
+        # read and emptied by ``take_probe_rtts`` (the agent's /metrics)
+        self._probe_rtts: collections.deque[float] = collections.deque(maxlen=1024)
         self._seq = self._rng.randrange(2**32)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._stats: Counter[str] = Counter()
@@ -277,6 +281,12 @@ class Memberlist:
     def health_score(self) -> int:
         """Lifeguard local health: 0 healthy … awareness_max_multiplier - 1 degraded."""
         return self._awareness.score
+
+    def take_probe_rtts(self) -> list[float]:
+        """Round-trip times (seconds) of direct probes acked since the last call."""
+        out = list(self._probe_rtts)
+        self._probe_rtts.clear()
+        return out
 
     @property
     def running(self) -> bool:
@@ -991,6 +1001,7 @@ class Memberlist:
             self._send(node.address, msgs)
             late = await self._wait_ack(future, timeout)
             if late < 0:
+                self._probe_rtts.append(loop.time() - sent)
                 return _ProbeResult(True, 0, 0, 0.0)
             relays = self._random_nodes(
                 self.config.indirect_checks, lambda n: n.state == ALIVE and n.name != node.name

@@ -36,12 +36,14 @@ from typing import Any
 import aiohttp
 
 from shoal.gossip import Config as GossipConfig
+from shoal.gossip import EventKind, MemberEvent
 from shoal.node import pki, sealing, shutdown, upgrade
 from shoal.node.api import ApiServer, Controls
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
 from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
+from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles, hand_over_leadership
 from shoal.node.control.services import Services
@@ -53,11 +55,13 @@ from shoal.node.errors import (
     TokenError,
     Unavailable,
 )
+from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
+from shoal.node.metrics import Metrics, Sources
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
@@ -122,6 +126,14 @@ class Agent:
         self.nodes = Nodes(ctx, self.gossip, self.voters)
         self.roles = Roles(ctx, self.security, self.voters)
         self.admission = Admission(ctx, self.security, self.gossip, self.voters)
+        # the event stream (managers: derived from their Raft replica) and /metrics
+        self.event_log = EventLog(config.events)
+        self.events = Events(ctx, self.event_log)
+        self.metrics = Metrics(Sources(
+            store=lambda: self.ctx.store, runtime=self.runtime,
+            gossip=lambda: self.membership,
+            balancer=lambda: self.mesh.balancer if self.mesh is not None else None,
+            events=self.event_log))
         # promotion/demotion of this node (see _switch_role): one switch at a time
         self._role_lock = asyncio.Lock()
         self._role_task: asyncio.Task[str | None] | None = None
@@ -148,7 +160,8 @@ class Agent:
             lifecycle=self, services=self.services, nodes=self.nodes, roles=self.roles,
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
-            runtime=self.runtime, images=self.runtime.images))
+            runtime=self.runtime, images=self.runtime.images, events=self.events,
+            metrics=self.metrics))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
@@ -190,6 +203,7 @@ class Agent:
         if manager:
             store = raft = self._make_raft(identity)
             self.ctx.use(identity, raft, raft)
+            self.event_log.attach(raft)
         else:
             store = feed = self._make_feed(identity)
             self.ctx.use(identity, feed, None)
@@ -292,6 +306,7 @@ class Agent:
             membership, self.membership = self.membership, None
             with contextlib.suppress(Exception):
                 await membership.close(leave=self._leaving)
+        self.event_log.attach(None)
         if self.store:
             store = self.store
             self.ctx.forget()
@@ -304,7 +319,7 @@ class Agent:
             GossipConfig.lan()
         meta = self._gossip_meta(identity)
         return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
-                          key, meta, preset, on_change=lambda _ev: self._leader_wakeup.set(),
+                          key, meta, preset, on_change=self._gossip_changed,
                           extra_keys=identity.gossip_extra_keys,
                           refresh_keys=self.gossip.refresh_keys)
 
@@ -320,6 +335,21 @@ class Agent:
         except OSError as exc:
             log.error("gossip could not start on %s:%d: %s (failure detection falls back "
                       "to heartbeats)", self.config.advertise_addr, self.config.gossip_port, exc)
+
+    _GOSSIP_EVENTS = {EventKind.SUSPECT: "suspect", EventKind.ALIVE_AGAIN: "alive-again",
+                      EventKind.DEAD: "dead", EventKind.LEFT: "left"}
+
+    def _gossip_changed(self, ev: MemberEvent) -> None:
+        """A change in this node's gossip member list: wake the leader; on a manager, a
+        local event (not from the log: see shoal.node.events)."""
+        self._leader_wakeup.set()
+        action = self._GOSSIP_EVENTS.get(ev.kind)
+        if action is None or self.ctx.raft is None:
+            return
+        self.event_log.add_local(
+            "node", f"gossip-{action}", ev.member.name, str(ev.member.meta.get("hostname", "")),
+            {"source": "gossip", "incarnation": ev.member.incarnation,
+             "previous": ev.previous.name.lower() if ev.previous is not None else ""})
 
     def _on_apply(self, _index: int) -> None:
         """Runs after each applied command: on pysyncobj's tick thread (managers) or on the
@@ -524,7 +554,8 @@ class Agent:
                                                 f"{self.config.raft_port}")
             with contextlib.suppress(ApiError):
                 await self.propose({"op": "node_remove", "id": identity.node_id,
-                                    "now": time.time(), "force": True}, timeout=3.0)
+                                    "now": time.time(), "force": True, "leave": True},
+                                   timeout=3.0)
             await self._worker.stop_all()
             self._leaving = True  # announce a graceful leave on gossip
             try:
@@ -680,6 +711,7 @@ class Agent:
             raise
         # 4. swap the state source under the running worker, mesh and gossip
         self.ctx.use(new, raft, raft)
+        self.event_log.attach(raft)
         raft.add_listener(self._on_apply)
         if self._worker is not None:
             self._worker.store = raft
@@ -755,6 +787,7 @@ class Agent:
             raise
         # 3. swap, forget the Raft secret, the managers' key and the Raft log
         self.ctx.use(new, feed, None)
+        self.event_log.attach(None)
         feed.add_listener(self._on_apply)
         if self._worker is not None:
             self._worker.store = feed

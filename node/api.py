@@ -42,11 +42,13 @@ from shoal.node import openapi, transfer
 from shoal.node.config import AgentConfig
 from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
+from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
 from shoal.node.errors import ApiError, BadRequest, NotFound, http_error
 from shoal.node.membership import GossipControl
+from shoal.node.metrics import Metrics, serve_metrics
 from shoal.node.pki import CertInfo, peer_info
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
@@ -165,6 +167,63 @@ async def stream_ndjson(req: web.Request,
     return resp
 
 
+async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]],
+                        keepalive: float, stopping: asyncio.Event) -> web.StreamResponse:
+    """Stream event records as JSON lines, or as server-sent events when the client asks
+    (``Accept: text/event-stream``: ``id:`` = the cursor, ``event:`` = the type, a comment
+    every ``keepalive`` seconds while idle). Headers go out at once: a live stream may stay
+    quiet for long. Ends when the records end, the client goes away (checked every second
+    while idle) or the server stops (``stopping``)."""
+    sse = "text/event-stream" in req.headers.get("Accept", "")
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream" if sse else "application/x-ndjson",
+        "Cache-Control": "no-cache"})
+    await resp.prepare(req)
+    it = aiter(records)
+    nxt: asyncio.Future[Any] | None = None
+    stop: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
+    idle = 0.0
+    try:
+        while not stopping.is_set():
+            if nxt is None:
+                nxt = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait({nxt, stop}, timeout=1.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                if req.transport is None or req.transport.is_closing():
+                    break  # the client went away
+                idle += 1.0
+                if sse and idle >= keepalive:
+                    idle = 0.0
+                    await resp.write(b": keepalive\n\n")
+                continue
+            idle = 0.0
+            try:
+                rec = nxt.result()
+            except StopAsyncIteration:
+                nxt = None
+                break
+            nxt = None
+            if sse:
+                await resp.write(f"id: {rec['cursor']}\nevent: {rec['type']}\ndata: "
+                                 f"{json.dumps(rec)}\n\n".encode())
+            else:
+                await resp.write((json.dumps(rec) + "\n").encode())
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+            await resp.write_eof()
+    except (ConnectionResetError, aiohttp.ClientError):
+        pass  # the client went away
+    finally:
+        stop.cancel()
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+        with contextlib.suppress(Exception):
+            await it.aclose()  # type: ignore[attr-defined]
+    return resp
+
+
 def image_view(info: Any) -> dict[str, Any]:
     return {"id": info.id, "tags": list(info.tags), "layers": len(info.layers),
             "size": info.size}
@@ -200,6 +259,8 @@ class Controls:
     transfer: Transfer
     runtime: Controller
     images: ImageStore
+    events: Events
+    metrics: Metrics
 
 
 class ApiServer:
@@ -207,13 +268,14 @@ class ApiServer:
         self.config = config
         self.c = controls
         self._runners: list[web.AppRunner] = []
+        self._stopping = asyncio.Event()  # ends open event streams when the server stops
 
     def local_app(self, remote: bool = False) -> web.Application:
         """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
         where every request needs a current client certificate of the cluster."""
         c = self.c
         a = c.lifecycle
-        middlewares: list[Any] = [error_middleware]
+        middlewares: list[Any] = [c.metrics.middleware(), error_middleware]
         if remote:
             @web.middleware
             async def client_auth(request: web.Request, handler: Handler) -> Any:
@@ -351,6 +413,16 @@ class ApiServer:
         async def openapi_doc(_: web.Request) -> Any:
             return web.Response(text=openapi.openapi_json(), content_type="application/json")
 
+        async def events(req: web.Request) -> web.StreamResponse:
+            q = req.query
+            since = q.get("since") or req.headers.get("Last-Event-ID") or None
+            records = c.events.stream(since, q.get("until") or None, q.getall("filter", []))
+            return await stream_events(req, records, c.events.log.config.keepalive,
+                                       self._stopping)
+
+        async def metrics(req: web.Request) -> web.StreamResponse:
+            return await serve_metrics(c.metrics, req)
+
         register(app, "local", {
             "openapi": openapi_doc, "info": info, "swarm_init": init, "swarm_join": join,
             "swarm_join_token": join_token, "swarm_join_token_rotate": join_token,
@@ -362,7 +434,7 @@ class ApiServer:
             "service_inspect": service, "service_ps": service_tasks,
             "service_scale": service_scale, "service_update": service_update,
             "service_rollback": service_rollback, "service_logs": service_logs,
-            "service_rm": service_rm,
+            "service_rm": service_rm, "events": events, "metrics": metrics,
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()})
         return app
@@ -549,7 +621,39 @@ class ApiServer:
             await web.TCPSite(remote, cfg.bind_addr, cfg.remote_api_port, reuse_address=True,
                               ssl_context=tls_listener(lambda: sec.remote_ctx, True)).start()
             self._runners.append(remote)
+        if cfg.metrics_addr:
+            await self._start_metrics(cfg.metrics_addr, cfg.metrics_mtls)
+
+    def metrics_app(self, mtls: bool) -> web.Application:
+        """Only ``GET /metrics`` (the route table's handler), for ``--metrics-addr``; with
+        ``mtls`` every request needs a current client certificate, as on the remote API."""
+        c = self.c
+        middlewares: list[Any] = [error_middleware]
+        if mtls:
+            @web.middleware
+            async def client_auth(request: web.Request, handler: Handler) -> Any:
+                c.security.authorize_client(peer_of(request))
+                return await handler(request)
+            middlewares.append(client_auth)
+        app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+
+        async def metrics(req: web.Request) -> web.StreamResponse:
+            return await serve_metrics(c.metrics, req)
+        route = next(r for r in openapi.ROUTES if r.op == "metrics")
+        app.router.add_get(route.path, metrics)
+        return app
+
+    async def _start_metrics(self, addr: str, mtls: bool) -> None:
+        host, _, port = addr.rpartition(":")
+        runner = web.AppRunner(self.metrics_app(mtls), access_log=None)
+        await runner.setup()
+        sec = self.c.security
+        ssl_ctx = tls_listener(lambda: sec.remote_ctx, True) if mtls else None
+        await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True,
+                          ssl_context=ssl_ctx).start()
+        self._runners.append(runner)
 
     async def stop(self) -> None:
+        self._stopping.set()
         await asyncio.gather(*(r.cleanup() for r in self._runners))
         self.config.socket_path.unlink(missing_ok=True)

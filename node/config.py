@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
@@ -70,9 +71,16 @@ class AgentConfig:
     # announcement), seconds; the steps run concurrently, so the agent exits within about
     # this plus the time to close its sockets and Raft.
     stop_step_timeout: float = 1.0
+    # Also serve GET /metrics (Prometheus) on this ADDR:PORT, plain HTTP, or with
+    # ``metrics_mtls`` over TLS requiring a client certificate of the cluster as the remote
+    # API does. "" = off: /metrics is then only on the unix socket (and the remote API).
+    metrics_addr: str = ""
+    # Require a current client certificate (`shoal ca issue-client`) on metrics_addr.
+    metrics_mtls: bool = False
     raft: RaftConfig = field(default_factory=RaftConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)  # the managers' event ring
 
     @property
     def socket_path(self) -> Path:
@@ -109,8 +117,13 @@ class AgentConfig:
             raise ValueError("stop_step_timeout must be > 0 and <= 10 seconds")
         if self.heartbeat_interval * 2 >= self.orchestrator.node_down_timeout:
             raise ValueError("heartbeat_interval must be < node_down_timeout / 2")
+        if self.metrics_addr:
+            host, _, port = self.metrics_addr.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError("metrics_addr must be ADDR:PORT")
         self.raft.validate()
         self.orchestrator.validate()
+        self.events.validate()
 
 
 @dataclass

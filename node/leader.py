@@ -280,6 +280,11 @@ class LeaderLoop:
         # give every agent a chance to reach us before judging liveness
         for node_id in self.store.snapshot().nodes:
             self.heartbeats.setdefault(node_id, started)
+        # announce the new term at once (an empty fenced batch): fences older leaders now,
+        # and the event stream shows the leader change even when there is nothing to do
+        with contextlib.suppress(StoreError):
+            await self.store.propose({"op": "leader", "term": term, "now": time.time(),
+                                      "ops": [], "by": self.store.self_addr})
         while self.store.is_leader() and self.store.term() == term:
             self.wakeup.clear()
             timeout = self.config.interval
@@ -316,7 +321,8 @@ class LeaderLoop:
             now = time.time()
             entries = 0
             for batch in batches(ops):
-                cmd: dict[str, Any] = {"op": "leader", "term": term, "now": now, "ops": batch}
+                cmd: dict[str, Any] = {"op": "leader", "term": term, "now": now, "ops": batch,
+                                       "by": self.store.self_addr}
                 await self.store.propose(cmd)
                 entries += 1
             log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)

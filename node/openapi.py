@@ -282,6 +282,11 @@ REPLIES: dict[str, Schema] = {
     "LogRecord": _obj("one log line (a JSON line of application/x-ndjson)",
                       ts=_nullable(NUM), stream={"enum": ["stdout", "stderr"]}, line=STR,
                       task=STR),
+    "Event": _obj("one change of the cluster (a JSON line of application/x-ndjson, or the "
+                  "data of a server-sent event)",
+                  cursor=STR, index=INT, time=TIME,
+                  type={"enum": ["service", "task", "node", "secret", "config", "gap"]},
+                  action=STR, id=STR, name=STR, attributes={"type": "object"}, local=BOOL),
     "Image": _obj("an image in the node's store", id=STR, tags=_list(STR), layers=INT, size=INT),
     "ObjectMeta": _obj("a secret or config (a config adds data, base64; a secret's value is "
                        "never returned)", id=STR, name=STR, labels={"type": "object"},
@@ -374,6 +379,18 @@ _LOG_QUERY = (
     Param("follow", {"enum": ["0", "1"]}, "`1`: keep the stream open and send new lines"),
 )
 
+_EVENT_QUERY = (
+    Param("since", STR, "start after this cursor (INDEX-SEQ, from an event's `cursor`) or "
+          "at this time (Unix seconds, ISO 8601, or a duration before now such as 10m); "
+          "absent = only new events"),
+    Param("until", STR, "end after this cursor or time (same forms); absent = keep "
+          "streaming"),
+    Param("filter", {"type": "array", "items": {"type": "string"}},
+          "KEY=VALUE, repeatable: type=service|task|node|secret|config, service=NAME|ID, "
+          "node=HOSTNAME|ID, event=ACTION; values of one key are alternatives, different "
+          "keys must all match"),
+)
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/openapi.json", "openapi", "this API's OpenAPI 3.1 description", "meta",
           reply={"type": "object", "description": "an OpenAPI 3.1 document"}),
@@ -444,6 +461,19 @@ ROUTES: tuple[Route, ...] = (
           "tasks on every node", "services", reply=_ref("LogRecord"),
           content="application/x-ndjson", query=_LOG_QUERY, errors=(*CLUSTER, 400),
           description="JSON lines; an error after the first line ends the stream"),
+    Route("GET", "/v1/events", "events", "the cluster's event stream (`shoal events`)",
+          "events", reply=_ref("Event"), content="application/x-ndjson", query=_EVENT_QUERY,
+          errors=(*CLUSTER, 400),
+          description="JSON lines in commit order, each with a resumable `cursor`; "
+          "`text/event-stream` (server-sent events, `id:` = cursor, `Last-Event-ID` "
+          "resumes) when the request's Accept asks for it. A `since` older than what this "
+          "manager retains starts the stream with one `gap` record. Managers only"),
+    Route("GET", "/metrics", "metrics", "this node's Prometheus metrics", "meta",
+          reply={"type": "string", "contentMediaType": "text/plain; version=0.0.4",
+                 "description": "Prometheus text format 0.0.4"},
+          content="text/plain",
+          description="also on the agent's `--metrics-addr` if set (see docs/"
+          "architecture.md#events-and-metrics)"),
     Route("GET", "/v1/images", "image_ls", "the images in this node's store", "images",
           reply=_list(_ref("Image"))),
     Route("POST", "/v1/images", "image_load", "load an image tarball into this node's store",

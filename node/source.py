@@ -92,6 +92,10 @@ class ManagerSource(StateSource, Protocol):
         when they are no longer all kept (then :meth:`full_state`)."""
         ...
 
+    def command_at(self, index: int) -> bytes | None:
+        """The command that led to ``index`` if it is the latest applied one, else None."""
+        ...
+
     def full_state(self) -> tuple[int, bytes]: ...
 
     def start_add_voter(self, addr: str) -> asyncio.Future[int]:
@@ -159,6 +163,11 @@ class MemoryStore:
         if not self._recent or self._recent[0][0] > after + 1:
             return None
         return index, [blob for i, blob in self._recent if i > after]
+
+    def command_at(self, index: int) -> bytes | None:
+        if self._recent and self._recent[-1][0] == index:
+            return self._recent[-1][1]
+        return None
 
     def full_state(self) -> tuple[int, bytes]:
         return self.state.index, state_to_bytes(self.state)

@@ -107,6 +107,7 @@ class Snapshot:
     tasks: dict[str, Task]
     secrets: dict[str, Secret] = field(default_factory=dict)  # values sealed
     configs: dict[str, Config] = field(default_factory=dict)
+    fence_term: int = 0  # highest Raft term seen on a leader batch (a new term = new leader)
 
     def service_by_name(self, name: str) -> Service | None:
         for s in self.services.values():
@@ -139,6 +140,7 @@ class ClusterState:
             tasks=dict(self.tasks),
             secrets=dict(self.secrets),
             configs=dict(self.configs),
+            fence_term=self.fence_term,
         )
 
     # ------------------------------------------------------------------ writing

@@ -389,6 +389,15 @@ class RaftStore:
                 return None
             return index, [blob for i, blob in c._recent if i > after]
 
+    def command_at(self, index: int) -> bytes | None:
+        """The applied command that led to ``index`` if it is the latest one kept (the event
+        log's fast path, called right after each apply); None otherwise."""
+        c = self.consumer
+        with c._lock:
+            if c._recent and c._recent[-1][0] == index:
+                return c._recent[-1][1]
+            return None
+
     def full_state(self) -> tuple[int, bytes]:
         """The whole state as bytes (shoal.raft.wire) and its index; in schema 1's shape while
         the cluster's schema is 1 (a worker may still run shoal 0.1)."""
