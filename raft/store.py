@@ -465,11 +465,18 @@ class RaftStore:
     def _encode(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """``cmd`` as every replica can apply it: in schema 1 while the cluster is at schema 1
         (shoal.raft.schema; raises ValidationError for what schema 1 cannot express)."""
+        op = cmd.get("op")
+        if op not in ("service_create", "service_update", "leader"):
+            return cmd  # carries no spec: the same in both schemas
         with self.consumer._lock:
             state = self.consumer.state
-            if state.cluster.schema >= 2 or cmd.get("op") == "cluster_init":
+            if state.cluster.schema >= 2:
                 return cmd
-            specs = {sid: to_dict(svc.spec) for sid, svc in state.services.items()}
+            creates = op == "leader" and any(
+                isinstance(o, (list, tuple)) and o and o[0] == "create"
+                for o in cmd.get("ops") or ())
+            specs = {sid: to_dict(svc.spec) for sid, svc in state.services.items()} \
+                if creates else {}
         return schema.encode_command(cmd, specs)
 
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
