@@ -184,9 +184,10 @@ def emit(data: Any, fmt: str, render: Any) -> None:
 def render_nodes(nodes: list[dict[str, Any]]) -> str:
     rows = [[n["id"][:12], n["hostname"], n["addr"], n["state"].capitalize(),
              n["availability"].capitalize(), n["manager_status"].capitalize(),
-             n.get("membership", "").capitalize(), str(n["tasks"])] for n in nodes]
+             n.get("membership", "").capitalize(), str(n["tasks"]), n.get("version", "")]
+            for n in nodes]
     return table(rows, ["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY",
-                        "MANAGER STATUS", "MEMBERSHIP", "TASKS"])
+                        "MANAGER STATUS", "MEMBERSHIP", "TASKS", "VERSION"])
 
 
 def render_services(svcs: list[dict[str, Any]]) -> str:

@@ -6,6 +6,7 @@ name here is a breaking change. Must not touch: the store (it gets snapshots).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from shoal.raft.models import Node, NodeRole, Service, Task, TaskState, to_dict
@@ -30,7 +31,11 @@ def manager_status(node: Node, store: RaftView) -> str:
 
 
 def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
-              gossip: dict[str, str] | None = None) -> dict[str, Any]:
+              gossip: dict[str, str] | None = None,
+              metas: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """``metas``: node id → its gossip metadata, where each agent announces its version
+    (shoal.node.version); "unknown" for a node gossip has not heard of, or one of shoal 0.1,
+    which announced none."""
     running = sum(1 for t in snap.tasks.values()
                   if t.node_id == node.id and t.status.state is TaskState.RUNNING)
     out: dict[str, Any] = {
@@ -44,6 +49,7 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
         "message": node.message,
         "tasks": running,
         "membership": (gossip or {}).get(node.id, "unknown"),
+        "version": str((metas or {}).get(node.id, {}).get("version") or "unknown"),
     }
     if detail:
         out.update(api_port=node.api_port, raft_port=node.raft_port,

@@ -15,6 +15,7 @@ import pytest
 from netlab import Host, Lab, pid_alive, wait_until
 from shoal.cli.errors import CliError
 from shoal.cli.main import Client
+from shoal.node.version import version
 
 pytestmark = pytest.mark.netns
 
@@ -55,6 +56,10 @@ def test_replicas_spread_scale_and_rm_leaves_no_process(cluster5: Lab) -> None:
     """3 managers + 2 workers: 6 replicas spread ≤2 per host; scale 10 then 2 converge; rm
     stops every task process."""
     h1 = cluster5.hosts[0]
+    # every node announces its agent's version on gossip: `node ls` shows it (issue 18)
+    wait_until(lambda: {n["version"] for n in h1.cli_json("node", "ls")} == {version()},
+               timeout=20, what="every node's version in node ls")
+    assert "VERSION" in h1.cli("node", "ls").stdout.splitlines()[0]
     h1.cli("service", "create", "--name", "sleeper", "--replicas", "6", *SLEEP)
     tasks = wait_running(h1, "sleeper", 6)
     per_node = Counter(t["node"] for t in tasks)

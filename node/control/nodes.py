@@ -44,15 +44,16 @@ class Nodes:
     def nodes(self) -> list[dict[str, Any]]:
         store = self.ctx.require_manager()
         snap = store.snapshot()
-        gossip = self.gossip.view()
-        return [views.node_view(n, snap, store, gossip=gossip) for n in
+        gossip, metas = self.gossip.view(), self.gossip.metas()
+        return [views.node_view(n, snap, store, gossip=gossip, metas=metas) for n in
                 sorted(snap.nodes.values(), key=lambda n: (n.hostname, n.id))]
 
     def node(self, ref: str) -> dict[str, Any]:
         store = self.ctx.require_manager()
         snap = store.snapshot()
         n = find_node(snap, ref)
-        out = views.node_view(n, snap, store, detail=True, gossip=self.gossip.view())
+        out = views.node_view(n, snap, store, detail=True, gossip=self.gossip.view(),
+                              metas=self.gossip.metas())
         out["gossip"] = self.gossip.member_detail(n.id)  # state, incarnation, state_since
         return out
 
