@@ -3,8 +3,9 @@
 
 Builds three "hosts" (network namespaces on a private bridge, see tests/netlab.py), starts a
 shoal agent on each, forms a cluster of three managers, deploys a 3-replica web service, scales
-it to 5, kills the leader's agent with SIGKILL and shows the survivors electing a new leader and
-replacing the lost tasks. Everything is torn down at the end, also on failure, Ctrl-C or SIGTERM.
+it to 5, changes its update settings (no task restarts: only the task template redeploys), rolls
+out a new environment two tasks at a time, kills the leader's agent with SIGKILL and shows the
+survivors electing a new leader and replacing the lost tasks. Everything is torn down at the end, also on failure, Ctrl-C or SIGTERM.
 
 Needs root (network namespaces). Run it with `make demo`.
 """
@@ -163,6 +164,27 @@ def run_demo(lab: Lab, timeout: float) -> None:
     with step("scaling the service"):
         show(h1.cli("service", "scale", f"{SERVICE}=5").stdout)
         wait_running(h1, 5, timeout)
+        show(h1.cli("service", "ps", SERVICE).stdout)
+
+    say(f"Changing {SERVICE}'s update settings: only a change of the task template replaces "
+        "tasks, so nothing restarts...")
+    with step("changing the update settings"):
+        def live_ids() -> set[str]:
+            return {t["id"] for t in h1.cli_json("service", "ps", SERVICE)
+                    if t["state"] == "running" and t["desired_state"] == "running"}
+        before = live_ids()
+        show(h1.cli("service", "update", "--update-parallelism", "2", "--update-delay", "1s",
+                    SERVICE).stdout)
+        time.sleep(2)  # several leader passes
+        print(f"    {len(before & live_ids())}/{len(before)} tasks untouched")
+
+    say(f"Rolling update of {SERVICE} (a new environment variable), 2 tasks at a time...")
+    with step("rolling update"):
+        show(h1.cli("service", "update", "--env-add", "GREETING=hello", SERVICE).stdout)
+        wait_until(lambda: h1.cli_json("service", "inspect", SERVICE)[0]["update_status"][
+            "state"] == "completed", timeout=timeout, interval=0.5, what="update completed")
+        wait_running(h1, 5, timeout)
+        print(f"    update completed; {len(before & live_ids())} of the old tasks left")
         show(h1.cli("service", "ps", SERVICE).stdout)
 
     say("Finding the leader...")

@@ -21,7 +21,8 @@ def test_demo_runs_to_the_end_and_leaves_nothing() -> None:
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for step in ("shoal init", "Joining h2 and h3", "Scaling web to 5", "SIGKILL",
+    for step in ("shoal init", "Joining h2 and h3", "Scaling web to 5",
+                 "5/5 tasks untouched", "update completed; 0 of the old tasks left", "SIGKILL",
                  "new leader:", "5/5 tasks running again", "nothing left behind"):
         assert step in out, f"demo output lacks {step!r}:\n{out[-3000:]}"
     m = re.search(r"netns (shoal-lab-[0-9a-f]+)-h1", out)
