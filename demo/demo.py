@@ -5,7 +5,8 @@ Builds three "hosts" (network namespaces on a private bridge, see tests/netlab.p
 shoal agent on each, forms a cluster of three managers, deploys a 3-replica web service, scales
 it to 5, changes its update settings (no task restarts: only the task template redeploys), rolls
 out a new environment two tasks at a time, kills the leader's agent with SIGKILL and shows the
-survivors electing a new leader and replacing the lost tasks. Everything is torn down at the end, also on failure, Ctrl-C or SIGTERM.
+survivors electing a new leader and replacing the lost tasks. Everything is torn down at the
+end, also on failure, Ctrl-C or SIGTERM.
 
 Needs root (network namespaces). Run it with `make demo`.
 """
