@@ -479,9 +479,17 @@ FAKE_CLUSTER = textwrap.dedent("""\
         state["replicas"] = int(args[2].split("=")[1])
         save()
         print(args[2])
+    elif cmd == ["service", "update"]:
+        if "--env-add" in args:  # a task-template change: new tasks (ids)
+            state["generation"] = state.get("generation", 0) + 1
+            save()
+        print(args[-1])
+    elif cmd == ["service", "inspect"]:
+        print(json.dumps([{"name": args[2], "update_status": {"state": "completed"}}]))
     elif cmd == ["service", "ps"]:
         up = node_list()[1]
-        rows = [{"id": f"t{i}", "name": f"web.{i}", "service": "web", "slot": i,
+        gen = state.get("generation", 0)
+        rows = [{"id": f"t{gen}-{i}", "name": f"web.{i}", "service": "web", "slot": i,
                  "node_id": up[(i - 1) % len(up)]["id"],
                  "node": up[(i - 1) % len(up)]["hostname"], "desired_state": "running",
                  "state": "running", "message": "", "exit_code": None, "pid": 0}
