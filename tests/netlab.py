@@ -483,8 +483,13 @@ def _remove_cgroups(dirs: list[Path], timeout: float = 5.0) -> None:
             except OSError:
                 left.append(d)
         if not left or time.monotonic() > deadline:
-            return
+            break
         time.sleep(0.05)
+    # the runtime's parent cgroup ("shoal" under each hierarchy) once no task is left in it;
+    # another lab (or a real agent) still using it keeps it (rmdir of a non-empty one fails)
+    for parent in {d.parent for d in dirs if d.parent.name == "shoal"}:
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def _safe_rmtree(top: str) -> None:
