@@ -168,7 +168,7 @@ class Dispatcher:
                 self._refused_logged = now
                 log.warning("manager %s refuses this node: %s", manager.hostname, exc.message)
         except ApiError:
-            pass
+            pass  # unreachable or busy manager: expected, the next beat (1 s) tries again
 
 
 __all__ = ["Dispatcher"]
