@@ -189,11 +189,15 @@ class Worker:
             return
         snap = self.store.snapshot()
         mine = {t.id: t for t in snap.tasks.values() if t.node_id == self.node_id}
+        # The starts in flight and the runtime's tasks, read together (no await between): a
+        # start that ends later in this pass is still "busy" here, never "unseen" (which
+        # would start it a second time).
+        starting = set(self._starting)
         running = self.runtime.tasks()
         reports: list[tuple[Task, TaskStatus]] = []
 
         for task in mine.values():
-            busy = task.id in self._starting
+            busy = task.id in starting
             seen = None if busy else await self._observe(task, running.get(task.id))
             step = next_step(task, seen, busy=busy, now=time.time())
             if step.action is Action.START:
@@ -207,7 +211,7 @@ class Worker:
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
-            if tid in mine or tid in self._starting:
+            if tid in mine or tid in starting:
                 continue
             if rt.state is RunState.RUNNING:
                 self._stop(tid, 10.0)

@@ -161,6 +161,38 @@ async def test_a_slow_image_pull_does_not_hold_back_other_tasks(tmp_path: Path) 
     assert c.states("slow") == [TaskState.RUNNING]
 
 
+async def test_a_start_that_ends_during_a_pass_is_not_started_again(tmp_path: Path) -> None:
+    """A start that finishes while a pass is under way (after the pass looked at the runtime,
+    before it reaches that task) is not taken for a task the runtime has never seen: the task is
+    not started a second time (the runtime would refuse: "already known") and stays RUNNING."""
+    c = Cluster(tmp_path)
+    await c.boot()
+    await c.services.create_service({"name": "a", "command": ["sleep", "100"], "replicas": 1})
+    await c.services.create_service({"name": "b", "image": "slow:1",
+                                     "command": ["sleep", "100"], "replicas": 1})
+    await c.leader.one_pass()
+    await c.worker.reconcile()  # a starts; b waits for its image
+    for _ in range(100):
+        if c.states("a") == [TaskState.RUNNING]:
+            break
+        await asyncio.sleep(0.01)
+    assert c.states("a") == [TaskState.RUNNING] and len(c.worker._starting) == 1
+    (b_start,) = c.worker._starting.values()
+    observe = c.worker._observe
+
+    async def observe_while_b_finishes(task: Any, rt: Any) -> Any:
+        if task.service_name == "a":  # the pass has read the runtime; now b's start ends
+            c.pulls["slow:1"].set()
+            await asyncio.wait({b_start})
+        return await observe(task, rt)
+
+    c.worker._observe = observe_while_b_finishes  # type: ignore[method-assign]
+    await c.worker.reconcile()
+    await c.worker.wait_started()
+    assert c.states("b") == [TaskState.RUNNING]
+    assert len(c.runtime.tasks()) == 2
+
+
 async def test_service_commands_need_a_ready_manager(tmp_path: Path) -> None:
     """A worker refuses service commands; a duplicate name is a conflict, not a write."""
     c = Cluster(tmp_path)
