@@ -46,7 +46,8 @@ from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
-from shoal.node.errors import ApiError, BadRequest, NotFound, http_error
+from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, http_error
+from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
 from shoal.node.pki import CertInfo, peer_info
@@ -86,13 +87,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         result = await handler(request)
     except web.HTTPException as exc:
-        return _json({"error": {"code": "http", "message": exc.reason, "field": ""}},
-                     exc.status)
+        reply = _json({"error": {"code": "http", "message": exc.reason, "field": ""}},
+                      exc.status)
+        if exc.status == 413:
+            # A body over MAX_BODY: answer, then hang up instead of reading the rest to
+            # throw it away (aiohttp would, for up to 10 s: a 1 GiB upload costs a core).
+            reply.force_close()
+            await reply.prepare(request)
+            await reply.write_eof()
+            if request.protocol is not None:
+                request.protocol.force_close()
+        return reply
     except Exception as exc:
         status, code, message, field = http_error(exc)  # the one mapping: node/errors.py
         if status >= 500 and status != 503:
             log.exception("internal error on %s %s", request.method, request.path)
-        return _json({"error": {"code": code, "message": message, "field": field}}, status)
+        reply = _json({"error": {"code": code, "message": message, "field": field}}, status)
+        if isinstance(exc, TooManyRequests):
+            reply.headers["Retry-After"] = str(exc.retry_after)
+        return reply
     if isinstance(result, web.StreamResponse):
         return result
     return _json(result)
@@ -269,13 +282,17 @@ class ApiServer:
         self.c = controls
         self._runners: list[web.AppRunner] = []
         self._stopping = asyncio.Event()  # ends open event streams when the server stops
+        # per-client request limits of each listener (shoal.node.limits): a flood gets 429s
+        self.limits = {name: ClientLimits(config.api_limits)
+                       for name in ("local", "remote", "peer", "metrics")}
 
     def local_app(self, remote: bool = False) -> web.Application:
         """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
         where every request needs a current client certificate of the cluster."""
         c = self.c
         a = c.lifecycle
-        middlewares: list[Any] = [c.metrics.middleware(), error_middleware]
+        middlewares: list[Any] = [c.metrics.middleware(), error_middleware,
+                                  self.limits["remote" if remote else "local"].middleware()]
         if remote:
             @web.middleware
             async def client_auth(request: web.Request, handler: Handler) -> Any:
@@ -490,7 +507,8 @@ class ApiServer:
     def peer_app(self) -> web.Application:
         c = self.c
         adm, disp, sec = c.admission, c.dispatcher, c.security
-        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[error_middleware, self.limits["peer"].middleware()],
+                              client_max_size=MAX_BODY)
 
         # Served over TLS only (see start). ca and join need no client certificate (the
         # joining node has none yet: the token authenticates it); every other route calls
@@ -628,7 +646,7 @@ class ApiServer:
         """Only ``GET /metrics`` (the route table's handler), for ``--metrics-addr``; with
         ``mtls`` every request needs a current client certificate, as on the remote API."""
         c = self.c
-        middlewares: list[Any] = [error_middleware]
+        middlewares: list[Any] = [error_middleware, self.limits["metrics"].middleware()]
         if mtls:
             @web.middleware
             async def client_auth(request: web.Request, handler: Handler) -> Any:

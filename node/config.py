@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
+from shoal.node.limits import LimitsConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -77,6 +78,9 @@ class AgentConfig:
     metrics_addr: str = ""
     # Require a current client certificate (`shoal ca issue-client`) on metrics_addr.
     metrics_mtls: bool = False
+    # Per-client request limits of every API listener (in flight, rate, burst): over them a
+    # client gets 429 with Retry-After (shoal.node.limits).
+    api_limits: LimitsConfig = field(default_factory=LimitsConfig)
     raft: RaftConfig = field(default_factory=RaftConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)

@@ -18,6 +18,8 @@ The tree (HTTP status where the API answers with it)::
     │   │   └── CaMismatch   403 the manager's CA is not the one the join token pins
     │   ├── Unauthenticated  401 no client certificate of this cluster, or one of a node that
     │   │                        is no longer a member (removed: that is how revocation works)
+    │   ├── TooManyRequests  429 a client over its request limits (shoal.node.limits); the
+    │   │                        reply says when to retry (Retry-After)
     │   └── Unavailable      503 no leader / no quorum / timed out
     │       └── KeyRotationFailed 503 a gossip key rotation phase did not complete on every
     │                             node (the cluster is left in a safe state; retry)
@@ -113,6 +115,16 @@ class CaMismatch(Forbidden):
 
 class Unauthenticated(ApiError):
     status, code = 401, "unauthenticated"
+
+
+class TooManyRequests(ApiError):
+    """A client over its in-flight or rate limit; ``retry_after``: seconds to wait."""
+
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(ApiError):

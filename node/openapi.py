@@ -597,7 +597,8 @@ def _schema(shape: Shape) -> Schema:
 # status → response component; the codes come from shoal.node.errors (its tree and the
 # HTTP_STATUS mapping of the other packages' errors), plus the store's rejection codes
 _ERROR_NAMES = {400: "Invalid", 401: "Unauthenticated", 403: "Forbidden", 404: "NotFound",
-                409: "Conflict", 503: "Unavailable", 500: "Internal"}
+                409: "Conflict", 429: "TooManyRequests", 503: "Unavailable",
+                500: "Internal"}
 _STORE_CODES = {409: ("exists", "in_use")}
 
 
@@ -653,7 +654,7 @@ def _operation(r: Route) -> dict[str, Any]:
     if r.reply is not None:
         ok["content"] = {r.content: {"schema": _schema(r.reply)}}
     responses: dict[str, Any] = {"200": ok}
-    statuses = set(r.errors) | {500}
+    statuses = set(r.errors) | {429, 500}  # 429: every listener limits each client
     if r.body is not None or r.query:
         statuses.add(400)
     if "{" in r.path:

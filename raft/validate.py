@@ -69,9 +69,17 @@ def validate_spec(d: Any) -> ServiceSpec:
         err = spec_error(exc)
         found, value = _value_at(d, err.field)
         if found and "expected" in err.message and not isinstance(value, (dict, list)):
-            msg, n = re.subn(r"got `[\w ]+`", f"got {value!r}", err.message)
-            err = ValidationError(msg if n else f"{msg}, got {value!r}", err.field)
+            got = f"got {_shown(value)}"
+            # (a function as the replacement: the value is user input, never a template)
+            msg, n = re.subn(r"got `[\w ]+`", lambda _m: got, err.message)
+            err = ValidationError(msg if n else f"{msg}, {got}", err.field)
         raise err from None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``value`` as an error message shows it: its repr, cut at ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _value_at(d: Any, path: str) -> tuple[bool, Any]:

@@ -236,3 +236,15 @@ def test_outdated_compares_only_the_template() -> None:
     env = validate_spec({**BASE, "task": {"container": {"command": ["sleep", "9"],
                                                         "env": {"A": "b"}}}})
     assert outdated(task, env.task)
+
+
+def test_an_error_quotes_the_bad_value_verbatim_and_short() -> None:
+    """The value in "got VALUE" is user input, not a regex template (a backslash in it once
+    crashed validation with a 500: found by tests/test_api_fuzz.py), and a long value is cut."""
+    with pytest.raises(ValidationError) as info:
+        validate_spec({"name": "w", "task": {"resources": {"reservations": "\\u\\1 x"}}})
+    assert info.value.field == "task.resources.reservations"
+    assert "got '\\\\u\\\\1 x'" in info.value.message
+    with pytest.raises(ValidationError) as info:
+        validate_spec({"name": "w", "task": {"resources": {"limits": "y" * 1000}}})
+    assert len(info.value.message) < 200 and info.value.message.endswith("...")
