@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -34,8 +36,12 @@ from shoal.raft.models import to_dict
 from shoal.raft.spec import ServiceSpec
 from shoal.raft.validate import validate_spec
 
-if TYPE_CHECKING:
-    from shoal.cli.main import Client
+
+class Client(Protocol):
+    """What the stack commands need of shoal.cli.main.Client (not imported: main imports
+    this module)."""
+
+    def call(self, method: str, path: str, body: Any = None) -> Any: ...
 
 
 # ----------------------------------------------------------------------------- planning
@@ -231,9 +237,39 @@ def add_parser(sub: Any) -> None:
     rm.add_argument("names", nargs="+", metavar="STACK")
 
 
-def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
-    from shoal.cli.main import emit, render_services, render_tasks, table
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [headers, *rows])
 
+
+def _emit(data: Any, fmt: str, render: Any) -> None:
+    print(json.dumps(data, indent=2) if fmt == "json" else render(data))
+
+
+def render_services(svcs: list[dict[str, Any]]) -> str:
+    """`stack services`: as `docker stack services` (with the image and published ports)."""
+    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
+             s.get("image") or "-",
+             ", ".join(f"*:{p['published']}->{p['target']}/{p['protocol']}"
+                       for p in s.get("ports", []))] for s in svcs]
+    return _table(rows, ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"])
+
+
+def render_tasks(tasks: list[dict[str, Any]]) -> str:
+    """`stack ps`: as `docker stack ps`."""
+    def since(ts: float | None) -> str:
+        d = int(max(0.0, time.time() - (ts or time.time())))
+        return f"{d // 3600}h ago" if d >= 3600 else f"{d // 60}m ago" if d >= 60 \
+            else f"{d}s ago"
+    rows = [[t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
+             f"{t['state'].capitalize()} {since(t.get('state_since'))}"
+             + (f" ({t['health']})" if t.get("health") and t["state"] == "running" else ""),
+             (t.get("error") or "")[:50]] for t in tasks]
+    return _table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"])
+
+
+def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
     cmd = args.stack_cmd
     if cmd == "deploy":
         deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
@@ -245,18 +281,20 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
             if ns:
                 counts[ns] = counts.get(ns, 0) + 1
         rows = [{"name": n, "services": k} for n, k in sorted(counts.items())]
-        emit(rows, fmt, lambda rs: table([[r["name"], str(r["services"])] for r in rs],
-                                         ["NAME", "SERVICES"]))
+        _emit(rows, fmt, lambda rs: _table([[r["name"], str(r["services"])] for r in rs],
+                                           ["NAME", "SERVICES"]))
     elif cmd in ("ps", "services"):
         svcs = sorted(stack_services(c, args.name), key=lambda s: s["name"])
         if not svcs:
             raise CliError(f"nothing found in stack: {args.name}")
         if cmd == "services":
-            emit([{k: v for k, v in s.items() if k not in ("spec", "previous_spec", "health")}
-                  for s in svcs], fmt, render_services)
+            _emit([{**{k: v for k, v in s.items()
+                       if k not in ("spec", "previous_spec", "health")},
+                    "image": s["spec"]["task"]["container"]["image"]} for s in svcs],
+                  fmt, render_services)
         else:
             tasks = [t for s in svcs for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")]
-            emit(tasks, fmt, render_tasks)
+            _emit(tasks, fmt, render_tasks)
     elif cmd == "rm":
         missing = [n for n in args.names if not remove(c, n)]
         if missing:
