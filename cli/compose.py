@@ -21,12 +21,9 @@ Names, as Swarm's: services ``STACK_SERVICE``, secrets/configs/volumes declared 
 ``STACK_KEY`` (unless ``external`` or ``name:``); everything carries the label
 ``com.docker.stack.namespace=STACK``.
 
-Errors::
-
-    CliError (shoal.cli.errors)
-     └─ ComposeError   the file cannot be read, parsed, interpolated or translated; the message
-                       starts with the path of the offending value
-                       (``services.web.deploy.replicas: expected an integer, got 'three'``)
+Errors (drawn in shoal.cli.errors): ``ComposeError`` (a CliError) when the file cannot be read,
+parsed, interpolated or translated; the message starts with the path of the offending value
+(``services.web.deploy.replicas: expected an integer, got 'three'``).
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from shoal.cli.errors import CliError
+from shoal.cli.errors import CliError, ComposeError
 from shoal.cli.specflags import parse_duration, parse_size
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec
@@ -56,14 +53,6 @@ STACK_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 IGNORED = "ignored: it does not apply to a stack (Swarm ignores it too)"
 NOT_YET = "not supported yet"
-
-
-class ComposeError(CliError):
-    """A Compose file shoal refuses; ``path`` is where in the file (``services.web.ports[1]``)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
 
 
 # ----------------------------------------------------------------------------- results
@@ -291,14 +280,14 @@ def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
     """Compose's override rules, simplified: maps merge recursively, ``environment`` and
     ``labels`` merge as maps, ports/secrets/configs/volumes/... lists are concatenated
     without duplicates, anything else is replaced."""
-    if depth == 2 and key in _MAPPED_LISTS:  # (services.NAME.environment)
+    if depth == 3 and key in _MAPPED_LISTS:  # (services.NAME.environment)
         base, over = _as_map(base), _as_map(over)
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
             out[k] = merge(base[k], v, str(k), depth + 1) if k in base else v
         return out
-    if depth == 2 and key in _MERGED_LISTS and isinstance(base, list) \
+    if depth == 3 and key in _MERGED_LISTS and isinstance(base, list) \
             and isinstance(over, list):
         return base + [v for v in over if v not in base]
     return over
