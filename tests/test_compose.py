@@ -422,7 +422,7 @@ def test_conflicts_are_found_before_any_write(tmp_path: Path) -> None:
         plan_deploy(st, [port_owner], objects, prune=False)
     changed = {"id": "c1", "name": "app_conf", "labels": {STACK_LABEL: "app"},
                "data": base64.b64encode(b"v0").decode()}
-    with pytest.raises(CliError, match="configs.conf: config app_conf changed"):
+    with pytest.raises(CliError, match=r"configs\.conf: config app_conf changed"):
         plan_deploy(st, [], {"secret": [], "config": [changed]}, prune=False)
     ext = deploy(tmp_path, "services:\n  w: {command: x, secrets: [k]}\n"
                  "secrets:\n  k: {external: true}\n")
