@@ -456,6 +456,7 @@ class _Service:
     entrypoint: list[str] | None = None
     health_test_given: bool = False
     mounts: list[dict[str, Any]] = field(default_factory=list)
+    mount_paths: list[str] = field(default_factory=list)  # where each mount was written
     spec_paths: dict[str, str] = field(default_factory=dict)  # spec path → compose path
 
     def set(self, spec_path: str, value: Any, compose_path: str) -> None:
@@ -690,6 +691,7 @@ def _volumes(svc: _Service, v: Any, path: str) -> None:
             mount = _short_volume(svc, as_str(item, where), where)
         if mount is not None:
             svc.mounts.append(mount)
+            svc.mount_paths.append(where)
             svc.spec_paths["task.container.mounts"] = path
 
 
@@ -772,6 +774,7 @@ def _tmpfs(svc: _Service, v: Any, path: str) -> None:
             if key == "size":
                 size = as_size(value, where)
         svc.mounts.append({"type": "tmpfs", "target": dst, "tmpfs_size": size})
+        svc.mount_paths.append(where)
         svc.spec_paths["task.container.mounts"] = path
 
 
@@ -975,8 +978,10 @@ def _compose_path(svc: _Service, field_path: str) -> str:
         return svc.path
     compose = svc.spec_paths.get(best) or f"{svc.path}.{_SPEC_TO_COMPOSE[best]}".rstrip(".")
     rest = field_path[len(best):]
-    if rest.startswith("[") and best in ("task.container.mounts",):
-        rest = ""  # (the tmpfs key and volumes share the mounts list: no index to show)
+    m = re.match(r"\[(\d+)\]", rest)
+    if best == "task.container.mounts" and m and int(m.group(1)) < len(svc.mount_paths):
+        # (volumes and tmpfs share the mounts list: name the entry that made the mount)
+        return svc.mount_paths[int(m.group(1))]
     return compose + rest
 
 
