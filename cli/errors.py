@@ -3,6 +3,8 @@
 Owns: the CLI's error tree; nothing else. Must not touch: anything (no imports).
 
     CliError        a message for the user: printed as one line (``Error: ...``), exit status 1
+     └─ ComposeError   a Compose file `stack deploy` refuses; the message starts with the
+                       path of the offending value (``services.web.deploy.replicas: ...``)
 
 The agent's errors reach the CLI as ``{"error": {"code", "message", "field"}}`` replies and
 become CliErrors there (cli/main.py); the CLI never raises or imports the node's classes.
@@ -18,3 +20,12 @@ class CliError(Exception):
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
         self.field = field
+
+
+class ComposeError(CliError):
+    """A Compose file shoal refuses (shoal.cli.compose); ``path`` is where in the file
+    (``services.web.ports[1]``), "" for the file as a whole."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path

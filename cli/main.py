@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shoal.cli import specflags
+from shoal.cli import specflags, stack
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
 from shoal.node.version import version
@@ -291,6 +291,8 @@ def run(args: argparse.Namespace) -> None:
         run_events(c, args)
     elif args.cmd == "gossip":
         run_gossip(c, args, fmt)
+    elif args.cmd == "stack":
+        stack.run(c, args, fmt)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -715,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     ils.add_argument("--format", choices=["table", "json"], default="table")
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
+    stack.add_parser(sub)
     return p
 
 

@@ -3,8 +3,10 @@
 Owns: answering tasks' DNS queries on the node's task bridge address. ``SERVICE`` and
 ``SERVICE.shoal`` resolve to the service's virtual IP (served by the node's balancer,
 stable across task restarts); ``tasks.SERVICE[.shoal]`` resolves to the addresses of its
-running tasks (Swarm's ``tasks.`` name). Other names are forwarded to the host's upstream
-resolvers (from /etc/resolv.conf), so tasks reach the outside by name too. Wire format by
+running tasks (Swarm's ``tasks.`` name); a task of a stack also resolves the stack's other
+services by their short names (``web`` for ``STACK_web``, before any service named ``web``).
+Other names are forwarded to the host's upstream resolvers (from /etc/resolv.conf), so tasks
+reach the outside by name too. Wire format by
 dnspython; a malformed query is dropped and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
@@ -32,6 +34,9 @@ log = logging.getLogger("shoal.dns")
 
 DOMAIN = "shoal"
 Lookup = Callable[[str], list[str] | None]  # name (lower-case, no trailing dot) → IPs
+# (name, the asking task's address) → IPs: names that depend on who asks (a stack's short
+# service names, node/mesh.py ``stack_lookup``); None = not such a name, ask ``Lookup``.
+ScopedLookup = Callable[[str, str], list[str] | None]
 
 
 @dataclass
@@ -57,8 +62,10 @@ def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    def __init__(self, lookup: Lookup, config: DnsConfig | None = None) -> None:
+    def __init__(self, lookup: Lookup, config: DnsConfig | None = None,
+                 scoped: ScopedLookup | None = None) -> None:
         self.lookup = lookup
+        self.scoped = scoped
         self.config = config or DnsConfig()
         self.upstreams = (self.config.upstreams if self.config.upstreams is not None
                           else host_upstreams())
@@ -81,7 +88,7 @@ class DnsServer(asyncio.DatagramProtocol):
         if not query.question:
             self._count("malformed")
             return
-        reply = self.answer(query)
+        reply = self.answer(query, addr[0])
         if reply is not None:
             self._send(reply.to_wire(), addr)
         else:
@@ -93,12 +100,17 @@ class DnsServer(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.sendto(data, addr)
 
-    def answer(self, query: dns.message.Message) -> dns.message.Message | None:
-        """The reply for names shoal owns, or None to forward upstream."""
+    def answer(self, query: dns.message.Message,
+               client: str = "") -> dns.message.Message | None:
+        """The reply for names shoal owns, or None to forward upstream. ``client``: the
+        asking task's address (for names that depend on who asks, e.g. a stack's ``web``)."""
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
-        ips = self.lookup(short) if "." not in short or short.startswith("tasks.") else None
+        ours = "." not in short or short.startswith("tasks.")
+        ips = self.scoped(short, client) if ours and client and self.scoped else None
+        if ips is None:
+            ips = self.lookup(short) if ours else None
         owned = name.endswith("." + DOMAIN) or name == DOMAIN
         if ips is None and not owned:
             return None
@@ -152,8 +164,9 @@ class _Reply(asyncio.DatagramProtocol):
 
 
 async def serve(lookup: Lookup, host: str, port: int = 53,
-                config: DnsConfig | None = None) -> tuple[asyncio.DatagramTransport, DnsServer]:
+                config: DnsConfig | None = None, scoped: ScopedLookup | None = None
+                ) -> tuple[asyncio.DatagramTransport, DnsServer]:
     loop = asyncio.get_running_loop()
-    server = DnsServer(lookup, config)
+    server = DnsServer(lookup, config, scoped)
     transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
     return transport, server

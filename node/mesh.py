@@ -130,6 +130,27 @@ def lookup(snap: Snapshot, name: str) -> list[str] | None:
                   if serving(t) and t.desired_state <= TaskState.RUNNING)
 
 
+# --- a stack's short names (issue 13) ------------------------------------------------------
+# Swarm gives each service of a stack the alias SERVICE on the stack's network, so a task of
+# stack X finds X_web as "web". Here: the asking task's address → its service's stack label
+# → X_<name>. The label is the one shoal.cli.compose writes (tests check they agree).
+STACK_LABEL = "com.docker.stack.namespace"
+
+
+def stack_lookup(snap: Snapshot, name: str, client: str) -> list[str] | None:
+    """``web`` / ``tasks.web`` asked by a task of stack X → ``lookup`` of ``X_web``;
+    None when the asker is in no stack or X has no such service."""
+    asker = next((t for t in snap.tasks.values() if t.status.addr == client
+                  and t.desired_state <= TaskState.RUNNING), None) if client else None
+    svc = snap.services.get(asker.service_id) if asker is not None else None
+    stack = svc.spec.labels.get(STACK_LABEL, "") if svc is not None else ""
+    if not stack:
+        return None
+    prefix = "tasks." if name.startswith("tasks.") else ""
+    return lookup(snap, f"{prefix}{stack}_{name[len(prefix):]}")
+# ------------------------------------------------------------------------------------------
+
+
 def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:
     """(subnet, via address) of every other node."""
     return sorted((n.subnet, n.addr) for n in snap.nodes.values() if n.id != node_id and n.subnet)
@@ -210,7 +231,8 @@ class Mesh:
         await self.balancer.start()
         if self.config.dns_port:
             self._dns, self._dns_server = await dns.serve(
-                self._dns_lookup, net.gateway, self.config.dns_port)
+                self._dns_lookup, net.gateway, self.config.dns_port,
+                scoped=self._dns_stack_lookup)
         self._ready.set()
         log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
                  net.gateway, self.balancer.pids)
@@ -268,6 +290,10 @@ class Mesh:
     def _dns_lookup(self, name: str) -> list[str] | None:
         snap = self._snap
         return lookup(snap, name) if snap is not None else None
+
+    def _dns_stack_lookup(self, name: str, client: str) -> list[str] | None:
+        snap = self._snap
+        return stack_lookup(snap, name, client) if snap is not None else None
 
     async def sync(self) -> None:
         """One pass: routes, then every balancer table that changed."""

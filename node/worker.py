@@ -289,7 +289,7 @@ class Worker:
             files.update(await self.task_files(task))
         return TaskConfig(
             task_id=task.id,
-            hostname=s.hostname or f"{task.service_name}-{task.slot}",
+            hostname=s.hostname or f"{task.service_name}-{task.slot}".replace("_", "-"),
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=s.stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,

@@ -51,7 +51,7 @@ import msgspec
 
 from shoal.raft.errors import SpecError
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")
 _USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
@@ -118,7 +118,7 @@ class Mount(_Spec, frozen=True):
                                     or ".." in self.source.split("/")):
             raise SpecError("source", "a bind mount's source must be an absolute host path")
         if self.type == "volume" and not NAME_RE.match(self.source):
-            raise SpecError("source", "must name a volume (lower-case letters, digits, '-')")
+            raise SpecError("source", "must name a volume (lower-case letters, digits, '-', '_')")
         if self.type == "tmpfs" and self.source:
             raise SpecError("source", "a tmpfs mount takes no source")
 
@@ -429,7 +429,7 @@ class ServiceSpec(_Spec, frozen=True):
     """What the user asked for. Validated (``shoal.raft.validate.validate_spec``) before it is
     proposed and again inside the state machine."""
 
-    name: Annotated[str, decl("service name: 1-63 lower-case letters, digits and '-'",
+    name: Annotated[str, decl("service name: 1-63 lower-case letters, digits, '-' and '_'",
                               flag="--name", cli="str", pattern=NAME_RE.pattern)]
     labels: Annotated[dict[str, str], decl("service labels", flag="--label", short="-l",
                                            cli="map", metavar="KEY=VALUE")] = {}

@@ -38,7 +38,7 @@ def validate_name(name: Any, field: str = "name") -> str:
         raise ValidationError(f"{field} is required", field)
     if not NAME_RE.match(name):
         raise ValidationError(
-            f"{field} {name!r} is invalid: use 1-63 lower-case letters, digits and '-', "
+            f"{field} {name!r} is invalid: use 1-63 lower-case letters, digits, '-' and '_', "
             "starting and ending with a letter or digit",
             field,
         )

@@ -1,0 +1,304 @@
+"""`shoal stack deploy|ls|ps|services|rm`: applications from Compose files.
+
+Owns: the stack commands. A deploy is done by the CLI over the existing API (service
+create/update/rm, secret/config create), as `docker stack deploy` does: the Compose file is read
+and translated here (shoal.cli.compose), every service spec is validated by the API's own code
+before the first write, and the cluster's current objects are read to plan the deploy
+(``plan_deploy``, a pure function): create what is new, update only the services whose spec
+changed (the update rolls out per the service's update config), keep the rest, and with
+``--prune`` remove the stack's services the file no longer has. Why client-side and not a
+server endpoint: it needs no new API surface or replicated state (a stack is only a label on
+services, secrets and configs, ``com.docker.stack.namespace``), works unchanged against any
+manager over the remote API, and the files it reads (secrets, env files, ``.env``) are on the
+user's machine, not the manager's. The cost — a deploy is a sequence of writes, not one
+transaction — is bounded by checking everything that can be checked (specs, names owned by
+another stack or by no stack, external secrets, published-port conflicts, changed configs)
+before the first write. Must not touch: the spec translation (shoal.cli.compose), cluster logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from shoal.cli.compose import STACK_LABEL, FileObject, Stack, label_of, load_stack
+from shoal.cli.errors import CliError
+from shoal.raft.errors import ValidationError
+from shoal.raft.models import to_dict
+from shoal.raft.spec import ServiceSpec
+from shoal.raft.validate import validate_spec
+
+
+class Client(Protocol):
+    """What the stack commands need of shoal.cli.main.Client (not imported: main imports
+    this module)."""
+
+    def call(self, method: str, path: str, body: Any = None) -> Any: ...
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class Plan:
+    """What a deploy writes, in order: prune, objects, creates, updates."""
+
+    remove: list[str] = field(default_factory=list)  # services (--prune)
+    objects: list[FileObject] = field(default_factory=list)  # secrets/configs to create
+    create: list[ServiceSpec] = field(default_factory=list)
+    update: list[tuple[ServiceSpec, int]] = field(default_factory=list)  # (spec, version)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
+    """Does deploying ``new`` change nothing? (``force_update`` is the cluster's counter, not
+    the file's: it is carried over.)"""
+    carried = msgspec.structs.replace(
+        new, task=msgspec.structs.replace(new.task, force_update=current.task.force_update))
+    return carried == current
+
+
+def plan_deploy(stack: Stack, services: list[dict[str, Any]],
+                objects: dict[str, list[dict[str, Any]]], prune: bool) -> Plan:
+    """The writes that make the cluster hold ``stack``, or a CliError before any write.
+
+    ``services``: every service of the cluster as `service inspect` shows it; ``objects``:
+    ``{"secret": [...], "config": [...]}`` as `secret ls` / `config inspect` show them
+    (configs with their ``data``)."""
+    plan = Plan()
+    by_name = {s["name"]: s for s in services}
+    wanted = {s.name for s in stack.services}
+    for s in services:
+        if label_of(s) == stack.name and s["name"] not in wanted and prune:
+            plan.remove.append(s["name"])
+    for kind, declared in (("secret", stack.secrets), ("config", stack.configs)):
+        have = {o["name"]: o for o in objects[kind]}
+        for obj in declared:
+            cur = have.get(obj.name)
+            if obj.external:
+                if cur is None:
+                    raise CliError(f"{kind}s.{obj.key}: external {kind} {obj.name!r} not "
+                                   f"found (create it with `shoal {kind} create`)")
+                continue
+            if cur is None:
+                plan.objects.append(obj)
+            elif label_of(cur) != stack.name:
+                raise CliError(f"{kind}s.{obj.key}: a {kind} named {obj.name!r} exists and "
+                               f"is not part of stack {stack.name}")
+            elif kind == "config" and "data" in cur and \
+                    base64.b64decode(cur["data"]) != obj.data:
+                raise CliError(f"configs.{obj.key}: config {obj.name} changed, and a config "
+                               "cannot be changed: give it a new name (e.g. name: "
+                               f"{obj.name}_v2) and redeploy")
+    ports: dict[tuple[int, str], str] = {}
+    for s in services:
+        if s["name"] in wanted or s["name"] in plan.remove:
+            continue
+        for p in (s.get("spec") or {}).get("endpoint", {}).get("ports", []):
+            ports[(int(p["published"]), p.get("protocol", "tcp"))] = s["name"]
+    for spec in stack.services:
+        for p in spec.endpoint.ports:
+            other = ports.setdefault((p.published, p.protocol), spec.name)
+            if other != spec.name:
+                raise CliError(f"services.{spec.name[len(stack.name) + 1:]}.ports: port "
+                               f"{p.published}/{p.protocol} is already published by service "
+                               f"{other}")
+        cur = by_name.get(spec.name)
+        if cur is None:
+            plan.create.append(spec)
+            continue
+        if label_of(cur) != stack.name:
+            owner = label_of(cur)
+            raise CliError(f"service {spec.name} exists and is not part of stack "
+                           f"{stack.name}" + (f" (it is in stack {owner})" if owner else ""))
+        try:
+            current = validate_spec(cur["spec"])
+        except ValidationError:
+            current = None  # (a spec this client cannot read: replace it)
+        if current is not None and same_spec(current, spec):
+            plan.unchanged.append(spec.name)
+        else:
+            plan.update.append((spec, int(cur["version"])))
+    return plan
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+def _q(s: str) -> str:
+    from urllib.parse import quote
+    return quote(s, safe="")
+
+
+def cluster_services(c: Client) -> list[dict[str, Any]]:
+    """Every service with its spec (labels): one `service inspect` per service."""
+    out = []
+    for s in c.call("GET", "/v1/services"):
+        try:
+            out.append(c.call("GET", f"/v1/services/{_q(s['id'])}"))
+        except CliError:
+            continue  # (removed meanwhile)
+    return out
+
+
+def stack_services(c: Client, name: str) -> list[dict[str, Any]]:
+    return [s for s in cluster_services(c) if label_of(s) == name]
+
+
+def _objects(c: Client, kind: str, stack: str = "") -> list[dict[str, Any]]:
+    objs: list[dict[str, Any]] = c.call("GET", f"/v1/{kind}s")
+    if kind == "config":  # (their data, to see whether a redeploy changes one)
+        objs = [c.call("GET", f"/v1/configs/{_q(o['id'])}") if label_of(o) == stack else o
+                for o in objs]
+    return objs
+
+
+def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: str,
+           out: Any = sys.stdout, err: Any = sys.stderr) -> Plan:
+    stack = load_stack(name, paths)
+    for w in stack.warnings:
+        print(f"Warning: {w}", file=err)
+    plan = plan_deploy(stack, cluster_services(c),
+                       {k: _objects(c, k, name) for k in ("secret", "config")}, prune)
+    for svc in plan.remove:
+        print(f"Removing service {svc}", file=out)
+        c.call("DELETE", f"/v1/services/{_q(svc)}")
+    for obj in plan.objects:
+        print(f"Creating {obj.kind} {obj.name}", file=out)
+        c.call("POST", f"/v1/{obj.kind}s", {"name": obj.name, "labels": obj.labels,
+                                            "data": base64.b64encode(obj.data or b"").decode()})
+    for spec in plan.create:
+        print(f"Creating service {spec.name}", file=out)
+        _spec_call(c, "POST", "/v1/services",
+                   {"spec": to_dict(spec), "resolve_image": resolve_image})
+    for spec, version in plan.update:
+        print(f"Updating service {spec.name}", file=out)
+        _spec_call(c, "POST", f"/v1/services/{_q(spec.name)}/update",
+                   {"spec": to_dict(spec), "version": version, "resolve_image": resolve_image})
+    for svc in plan.unchanged:
+        print(f"Service {svc} unchanged", file=out)
+    return plan
+
+
+def _spec_call(c: Client, method: str, path: str, body: dict[str, Any]) -> Any:
+    try:
+        return c.call(method, path, body)
+    except CliError as exc:
+        raise CliError(f"{body['spec']['name']}: {exc} (the stack is partly deployed: fix "
+                       "and deploy again)") from None
+
+
+def remove(c: Client, name: str, out: Any = sys.stdout) -> int:
+    """`stack rm`: the stack's services, then its secrets and configs; nothing else."""
+    found = 0
+    for s in sorted(stack_services(c, name), key=lambda s: s["name"]):
+        print(f"Removing service {s['name']}", file=out)
+        c.call("DELETE", f"/v1/services/{_q(s['id'])}")
+        found += 1
+    for kind in ("secret", "config"):
+        for o in sorted(c.call("GET", f"/v1/{kind}s"), key=lambda o: o["name"]):
+            if label_of(o) == name:
+                print(f"Removing {kind} {o['name']}", file=out)
+                c.call("DELETE", f"/v1/{kind}s/{_q(o['id'])}")
+                found += 1
+    return found
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_parser(sub: Any) -> None:
+    """`shoal stack ...` under the top-level subparsers ``sub``."""
+    st = sub.add_parser("stack", help="deploy applications from Compose files")
+    ssub = st.add_subparsers(dest="stack_cmd", required=True, parser_class=type(st))
+    d = ssub.add_parser("deploy", help="deploy or update a stack from Compose files")
+    d.add_argument("-c", "--compose-file", action="append", required=True, metavar="FILE",
+                   dest="compose_files", help="Compose file; repeat to apply override files "
+                   "in order (variables from the environment and FILE's directory's .env)")
+    d.add_argument("--prune", action="store_true",
+                   help="remove the stack's services that the files no longer define")
+    d.add_argument("--resolve-image", choices=["always", "changed", "never"],
+                   default="always", help="resolve image tags to digests on the manager "
+                   "(passed to service create/update)")
+    d.add_argument("name", metavar="STACK")
+    ls = ssub.add_parser("ls", help="list stacks")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    for verb, what in (("ps", "list the tasks of a stack"),
+                       ("services", "list the services of a stack")):
+        p = ssub.add_parser(verb, help=what)
+        p.add_argument("name", metavar="STACK")
+        p.add_argument("--format", choices=["table", "json"], default="table")
+    rm = ssub.add_parser("rm", help="remove stacks: their services, secrets and configs")
+    rm.add_argument("names", nargs="+", metavar="STACK")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [headers, *rows])
+
+
+def _emit(data: Any, fmt: str, render: Any) -> None:
+    print(json.dumps(data, indent=2) if fmt == "json" else render(data))
+
+
+def render_services(svcs: list[dict[str, Any]]) -> str:
+    """`stack services`: as `docker stack services` (with the image and published ports)."""
+    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
+             s.get("image") or "-",
+             ", ".join(f"*:{p['published']}->{p['target']}/{p['protocol']}"
+                       for p in s.get("ports", []))] for s in svcs]
+    return _table(rows, ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"])
+
+
+def render_tasks(tasks: list[dict[str, Any]]) -> str:
+    """`stack ps`: as `docker stack ps`."""
+    def since(ts: float | None) -> str:
+        d = int(max(0.0, time.time() - (ts or time.time())))
+        return f"{d // 3600}h ago" if d >= 3600 else f"{d // 60}m ago" if d >= 60 \
+            else f"{d}s ago"
+    rows = [[t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
+             f"{t['state'].capitalize()} {since(t.get('state_since'))}"
+             + (f" ({t['health']})" if t.get("health") and t["state"] == "running" else ""),
+             (t.get("error") or "")[:50]] for t in tasks]
+    return _table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"])
+
+
+def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    cmd = args.stack_cmd
+    if cmd == "deploy":
+        deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
+               args.resolve_image)
+    elif cmd == "ls":
+        counts: dict[str, int] = {}
+        for s in cluster_services(c):
+            ns = label_of(s)
+            if ns:
+                counts[ns] = counts.get(ns, 0) + 1
+        rows = [{"name": n, "services": k} for n, k in sorted(counts.items())]
+        _emit(rows, fmt, lambda rs: _table([[r["name"], str(r["services"])] for r in rs],
+                                           ["NAME", "SERVICES"]))
+    elif cmd in ("ps", "services"):
+        svcs = sorted(stack_services(c, args.name), key=lambda s: s["name"])
+        if not svcs:
+            raise CliError(f"nothing found in stack: {args.name}")
+        if cmd == "services":
+            _emit([{**{k: v for k, v in s.items()
+                       if k not in ("spec", "previous_spec", "health")},
+                    "image": s["spec"]["task"]["container"]["image"]} for s in svcs],
+                  fmt, render_services)
+        else:
+            tasks = [t for s in svcs for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")]
+            _emit(tasks, fmt, render_tasks)
+    elif cmd == "rm":
+        missing = [n for n in args.names if not remove(c, n)]
+        if missing:
+            raise CliError(f"nothing found in stack: {', '.join(missing)}")
+
+
+__all__ = ["STACK_LABEL", "Plan", "add_parser", "deploy", "plan_deploy", "remove", "run"]

@@ -1,0 +1,438 @@
+"""Compose files → service specs (shoal.cli.compose) and the deploy plan (shoal.cli.stack),
+without a cluster: interpolation, both port syntaxes, env lists and maps, durations, errors that
+name the path, warnings that name the key once; redeploys that change only what changed."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.cli import compose
+from shoal.cli.compose import STACK_LABEL, ComposeError, load_stack
+from shoal.cli.errors import CliError
+from shoal.cli.stack import plan_deploy
+from shoal.raft.models import to_dict
+from shoal.raft.spec import ServiceSpec
+
+
+def write(tmp_path: Path, text: str, name: str = "compose.yml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def deploy(tmp_path: Path, text: str, env: dict[str, str] | None = None,
+           stack: str = "app") -> compose.Stack:
+    return load_stack(stack, [write(tmp_path, text)], env or {})
+
+
+def svc(stack: compose.Stack, key: str) -> ServiceSpec:
+    return next(s for s in stack.services if s.name == f"{stack.name}_{key}")
+
+
+def error(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ComposeError) as exc:
+        deploy(tmp_path, text, env)
+    return str(exc.value)
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+def test_interpolation_defaults_errors_and_dollar_escapes(tmp_path: Path) -> None:
+    env = {"TAG": "1.2", "EMPTY": "", "WHO": "world"}
+    text = """
+services:
+  web:
+    image: "busybox:${TAG}"
+    command: ["echo", "$$HOME", "${EMPTY:-dflt}", "${EMPTY-kept}", "${NOPE:-${WHO}}",
+              "${WHO:+alt}", "$WHO"]
+"""
+    s = svc(deploy(tmp_path, text, env), "web")
+    assert s.task.container.image == "busybox:1.2"
+    assert s.task.container.command == ("echo", "$HOME", "dflt", "", "world", "alt", "world")
+
+
+def test_a_required_variable_names_its_path_and_message(tmp_path: Path) -> None:
+    text = "services:\n  web:\n    image: ${IMG:?set IMG to the image}\n"
+    assert error(tmp_path, text) == \
+        "services.web.image: required variable IMG is missing a value: set IMG to the image"
+    assert "required variable IMG is empty" in error(tmp_path, text, {"IMG": ""})
+
+
+def test_an_unset_variable_is_empty_with_a_warning(tmp_path: Path) -> None:
+    st = deploy(tmp_path, "services:\n  web:\n    command: echo x${NOPE}y\n")
+    assert svc(st, "web").task.container.command == ("echo", "xy")
+    assert any("NOPE variable is not set" in w and "services.web.command" in w
+               for w in st.warnings)
+
+
+def test_dotenv_beside_the_file_gives_variables_the_environment_overrides(
+        tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("# comment\nA=from-dotenv\nexport B='quoted # not a "
+                                   "comment'\nC=plain # a comment\n")
+    text = "services:\n  web:\n    command: [echo, '${A}', '${B}', '${C}']\n"
+    assert svc(deploy(tmp_path, text), "web").task.container.command == \
+        ("echo", "from-dotenv", "quoted # not a comment", "plain")
+    assert svc(deploy(tmp_path, text, {"A": "from-env"}), "web").task.container.command[1] \
+        == "from-env"
+
+
+def test_bad_interpolation_is_refused_with_its_path(tmp_path: Path) -> None:
+    assert error(tmp_path, "services:\n  web:\n    command: echo ${A\n").startswith(
+        "services.web.command: ")
+
+
+# ----------------------------------------------------------------------------- YAML
+
+def test_yaml_1_2_scalars_a_port_mapping_is_not_a_base_60_number(tmp_path: Path) -> None:
+    text = """
+services:
+  web:
+    command: [sleep, "1"]
+    ports:
+      - 80:80
+    environment:
+      ANSWER: yes
+      ON: true
+"""
+    s = svc(deploy(tmp_path, text), "web")
+    assert [(p.published, p.target) for p in s.endpoint.ports] == [(80, 80)]
+    assert s.task.container.env == {"ANSWER": "yes", "ON": "true"}
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    msg = error(tmp_path, "services:\n  web:\n    image: [unclosed\n")
+    assert msg.startswith(str(tmp_path / "compose.yml")) and "line" in msg
+
+
+# ----------------------------------------------------------------------------- keys
+
+def test_ports_short_and_long_syntax(tmp_path: Path) -> None:
+    text = """
+services:
+  web:
+    command: [sleep, "1"]
+    ports:
+      - "8080:80"
+      - "53:5353/udp"
+      - "9000-9001:7000-7001"
+      - target: 443
+        published: 8443
+      - target: 6000
+        published: "6001"
+        protocol: udp
+        mode: host
+      - "5000"
+"""
+    st = deploy(tmp_path, text)
+    ports = [(p.published, p.target, p.protocol) for p in svc(st, "web").endpoint.ports]
+    assert ports == [(8080, 80, "tcp"), (53, 5353, "udp"), (9000, 7000, "tcp"),
+                     (9001, 7001, "tcp"), (8443, 443, "tcp"), (6001, 6000, "udp")]
+    assert any(w.startswith("ports.mode: host: not supported yet") for w in st.warnings)
+    assert any(w.startswith("ports (no published port): not supported yet")
+               for w in st.warnings)
+
+
+def test_environment_as_list_and_map_over_env_files(tmp_path: Path) -> None:
+    (tmp_path / "app.env").write_text("A=file\nB=file\n")
+    text = """
+services:
+  lst:
+    command: [sleep, "1"]
+    env_file: app.env
+    environment: ["B=list", "FROM_SHELL", "UNSET_ONE", "EQ=a=b"]
+  map:
+    command: [sleep, "1"]
+    env_file: [{path: app.env}, {path: missing.env, required: false}]
+    environment: {B: map, N: 3, FROM_SHELL: null, NONE: null}
+"""
+    st = deploy(tmp_path, text, {"FROM_SHELL": "shell"})
+    assert svc(st, "lst").task.container.env == {"A": "file", "B": "list", "FROM_SHELL": "shell",
+                                                 "EQ": "a=b"}
+    assert svc(st, "map").task.container.env == {"A": "file", "B": "map", "N": "3",
+                                                 "FROM_SHELL": "shell"}
+
+
+def test_deploy_healthcheck_and_durations(tmp_path: Path) -> None:
+    text = """
+services:
+  web:
+    command: python3 -m http.server 8000
+    user: "1000:1000"
+    working_dir: /tmp
+    hostname: front
+    stop_signal: INT
+    stop_grace_period: 1m30s
+    healthcheck:
+      test: ["CMD", "wget", "-q", "http://127.0.0.1:8000/"]
+      interval: 500ms
+      timeout: 2s
+      retries: 4
+      start_period: 1h
+    deploy:
+      replicas: 3
+      labels: [tier=front]
+      resources:
+        limits: {cpus: "0.5", memory: 64M, pids: 100}
+        reservations: {cpus: 0.25, memory: 1g}
+      restart_policy: {condition: on-failure, delay: 5s, max_attempts: 3, window: 2m}
+      update_config: {parallelism: 2, delay: 10s, order: stop-first, failure_action: pause}
+      rollback_config: {parallelism: 0, delay: 1s}
+      placement: {constraints: ["node.labels.zone == b"]}
+  api:
+    command: sleep 1
+    healthcheck: {x-http: ":8000/health", interval: 1s}
+  job:
+    command: sleep 1
+    healthcheck: {test: ["NONE"]}
+"""
+    st = deploy(tmp_path, text)
+    web = svc(st, "web")
+    c = web.task.container
+    assert c.command == ("python3", "-m", "http.server", "8000")
+    assert (c.user, c.workdir, c.hostname, c.stop_signal, c.stop_grace_period) == \
+        ("1000:1000", "/tmp", "front", "SIGINT", 90.0)
+    h = c.healthcheck
+    assert (h.command, h.interval, h.timeout, h.retries, h.start_period) == \
+        ("wget -q http://127.0.0.1:8000/", 0.5, 2.0, 4, 3600.0)
+    assert web.replicas == 3 and web.labels == {"tier": "front", STACK_LABEL: "app"}
+    r = web.task.resources
+    assert (r.limits.cpu, r.limits.memory, r.limits.pids) == (0.5, 64 << 20, 100)
+    assert (r.reservations.cpu, r.reservations.memory) == (0.25, 1 << 30)
+    rp = web.task.restart
+    assert (rp.condition, rp.delay, rp.max_attempts, rp.window) == ("on-failure", 5.0, 3, 120.0)
+    assert (web.update.parallelism, web.update.delay) == (2, 10.0)
+    assert (web.rollback.parallelism, web.rollback.delay) == (0, 1.0)
+    assert web.task.placement.constraints == ("node.labels.zone==b",)
+    assert svc(st, "api").task.container.healthcheck.http == ":8000/health"
+    assert svc(st, "job").task.container.healthcheck.disable
+    assert st.warnings == []  # every key above is one shoal holds
+
+
+def test_secrets_configs_and_volumes_are_named_after_the_stack(tmp_path: Path) -> None:
+    (tmp_path / "db.txt").write_text("s3cret")
+    (tmp_path / "site.conf").write_text("listen 80")
+    text = """
+services:
+  web:
+    command: sleep 1
+    secrets: [db, {source: ext, target: other, mode: 0400}]
+    configs: [{source: site, target: /run/configs/nginx.conf}, inline]
+    volumes: ["data:/data", "./static:/static:ro", {type: tmpfs, target: /cache,
+              tmpfs: {size: 1M}}, {type: volume, source: shared, target: /shared}]
+secrets:
+  db: {file: ./db.txt}
+  ext: {external: true}
+configs:
+  site: {file: site.conf, labels: {role: web}}
+  inline: {content: "x=${X:-1}"}
+volumes:
+  data:
+  shared: {external: true, name: team-shared}
+"""
+    st = deploy(tmp_path, text)
+    c = svc(st, "web").task.container
+    assert [(r.name, r.target, r.mode) for r in c.secrets] == \
+        [("app_db", "db", 0o444), ("ext", "other", 0o400)]
+    assert [(r.name, r.file_name) for r in c.configs] == \
+        [("app_site", "nginx.conf"), ("app_inline", "inline")]
+    assert [(m.type, m.source, m.target, m.readonly) for m in c.mounts] == [
+        ("volume", "app_data", "/data", False),
+        ("bind", str(tmp_path / "static"), "/static", True),
+        ("tmpfs", "", "/cache", False),
+        ("volume", "team-shared", "/shared", False)]
+    assert c.mounts[2].tmpfs_size == 1 << 20
+    secrets = {o.key: o for o in st.secrets}
+    assert secrets["db"].data == b"s3cret" and secrets["db"].labels == {STACK_LABEL: "app"}
+    assert secrets["ext"].external and secrets["ext"].name == "ext"
+    configs = {o.key: o for o in st.configs}
+    assert configs["inline"].data == b"x=1"
+    assert configs["site"].labels == {"role": "web", STACK_LABEL: "app"}
+
+
+def test_override_files_merge_maps_and_lists(tmp_path: Path) -> None:
+    base = write(tmp_path, """
+services:
+  web:
+    command: sleep 1
+    environment: [A=1, B=1]
+    ports: ["80:8000"]
+    deploy: {replicas: 2, resources: {limits: {memory: 64M}}}
+""")
+    over = write(tmp_path, """
+services:
+  web:
+    environment: {B: "2"}
+    ports: ["80:8000", "443:8443"]
+    deploy: {replicas: 5}
+  api:
+    command: sleep 2
+""", "override.yml")
+    st = load_stack("app", [base, over], {})
+    web = svc(st, "web")
+    assert web.task.container.env == {"A": "1", "B": "2"}
+    assert [p.published for p in web.endpoint.ports] == [80, 443]
+    assert web.replicas == 5 and web.task.resources.limits.memory == 64 << 20
+    assert svc(st, "api").task.container.command == ("sleep", "2")
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("deploy: {replicas: three}",
+     "services.web.deploy.replicas: expected an integer, got 'three'"),
+    ("deploy: {replicas: -1}", "services.web.deploy.replicas: expected `int` >= 0"),
+    ("stop_grace_period: soon", "services.web.stop_grace_period: invalid duration 'soon'"),
+    ("deploy: {resources: {limits: {memory: lots}}}",
+     "services.web.deploy.resources.limits.memory: invalid size 'lots'"),
+    ("ports: ['80:x']", "services.web.ports[0]: expected [[IP:]PUBLISHED:]TARGET"),
+    ("ports: ['2377:80']", "services.web.ports[0].published: port 2377 is used by shoal"),
+    ("user: 'not a user'", "services.web.user: invalid value"),
+    ("secrets: [nope]", "services.web.secrets[0]: undefined secret 'nope'"),
+    ("volumes: ['data:/data']", "services.web.volumes[0]: undefined volume 'data'"),
+    ("volumes: ['/x:relative']", "services.web.volumes[0]: must be an absolute path"),
+    ("healthcheck: {test: 'true', x-http: ':80/'}",
+     "services.web.healthcheck.x-http: give one check"),
+    ("deploy: {placement: {constraints: ['node.colour==red']}}",
+     "services.web.deploy.placement.constraints[0]: 'node.colour==red': unsupported key"),
+    ("deploy: {mode: sideways}", "services.web.deploy.mode: expected replicated, global"),
+    ("colour: red", "services.web.colour: unknown key (not in the Compose Specification)"),
+    ("deploy: {replica: 2}", "services.web.deploy.replica: unknown key"),
+    ("healthcheck: {test: [CMD]}", "services.web.healthcheck.test: expected"),
+])
+def test_an_invalid_file_is_refused_with_the_path_of_the_error(
+        tmp_path: Path, body: str, expected: str) -> None:
+    msg = error(tmp_path, f"services:\n  web:\n    command: sleep 1\n    {body}\n")
+    assert msg.startswith(expected), msg
+
+
+def test_file_level_errors_name_their_key(tmp_path: Path) -> None:
+    assert error(tmp_path, "servics: {}\n").startswith("servics: unknown top-level key")
+    assert error(tmp_path, "services: {}\n").startswith("services: the file defines no")
+    assert error(tmp_path, "services:\n  w: {command: x}\nsecrets:\n  s: {file: ./gone}\n") \
+        .startswith("secrets.s.file: cannot read")
+    assert error(tmp_path, "services:\n  Web: {command: x}\n").startswith("services.Web: ")
+    with pytest.raises(ComposeError, match="stack name 'Bad_Name' is invalid"):
+        load_stack("Bad_Name", [write(tmp_path, "services:\n  w: {command: x}\n")], {})
+
+
+# ----------------------------------------------------------------------------- warnings
+
+def test_unsupported_keys_are_warned_once_naming_the_key_and_services(tmp_path: Path) -> None:
+    text = """
+services:
+  web:
+    build: .
+    container_name: w
+    command: sleep 1
+    cap_add: [NET_ADMIN]
+    networks: [back]
+    deploy:
+      mode: global
+      endpoint_mode: dnsrr
+      placement: {preferences: [{spread: node.labels.zone}], max_replicas_per_node: 1}
+      update_config: {order: start-first}
+    x-note: extension keys are skipped
+  api:
+    build: ./api
+    depends_on: [web]
+    command: sleep 1
+networks:
+  back: {}
+x-common: &common {}
+"""
+    st = deploy(tmp_path, text)
+    assert len(st.services) == 2
+    w = st.warnings
+    assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
+        "(services web, api)" in w
+    assert sum(x.startswith("build:") for x in w) == 1
+    for key in ("container_name", "depends_on", "cap_add", "networks", "deploy.mode: global",
+                "deploy.endpoint_mode", "deploy.placement.preferences",
+                "deploy.placement.max_replicas_per_node", "deploy.update_config.order"):
+        assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
+    assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
+
+
+def test_every_key_rule_is_a_handler_a_section_or_a_reason() -> None:
+    for key, rule in compose.KEYS.items():
+        assert (rule.handle is not None) + rule.section + bool(rule.why) == 1, key
+        parent = key.rpartition(".")[0]
+        assert not parent or compose.KEYS[parent].section, key
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def cluster_service(spec: ServiceSpec, version: int = 3) -> dict[str, Any]:
+    return {"id": spec.name + "-id", "name": spec.name, "version": version,
+            "spec": to_dict(spec)}
+
+
+STACK = """
+services:
+  web: {command: sleep 1, ports: ["8080:8000"]}
+  api: {command: sleep 2}
+configs:
+  conf: {content: "v1"}
+"""
+
+
+def test_a_redeploy_updates_only_the_changed_services(tmp_path: Path) -> None:
+    first = deploy(tmp_path, STACK)
+    cluster = [cluster_service(s) for s in first.services]
+    # the cluster bumped web's force_update counter: that is not a change of the file
+    cluster[0]["spec"]["task"]["force_update"] = 2
+    conf = {"id": "c1", "name": "app_conf", "labels": {STACK_LABEL: "app"},
+            "data": base64.b64encode(b"v1").decode()}
+    plan = plan_deploy(first, cluster, {"secret": [], "config": [conf]}, prune=False)
+    assert plan.create == [] and plan.update == [] and plan.objects == []
+    assert sorted(plan.unchanged) == ["app_api", "app_web"]
+
+    second = deploy(tmp_path, STACK.replace("sleep 2", "sleep 3"))
+    plan = plan_deploy(second, cluster, {"secret": [], "config": [conf]}, prune=False)
+    assert [(s.name, v) for s, v in plan.update] == [("app_api", 3)]
+    assert plan.unchanged == ["app_web"]
+
+
+def test_prune_removes_only_the_stacks_services_missing_from_the_file(tmp_path: Path) -> None:
+    st = deploy(tmp_path, STACK)
+    gone = cluster_service(deploy(tmp_path, "services:\n  old: {command: x}\n").services[0])
+    other = cluster_service(deploy(tmp_path, "services:\n  old: {command: x}\n",
+                                   stack="other").services[0])
+    plain = {"id": "p", "name": "plain", "version": 1,
+             "spec": {"name": "plain", "labels": {}, "task": {"container": {"command": ["x"]}}}}
+    objects: dict[str, list[dict[str, Any]]] = {"secret": [], "config": []}
+    assert plan_deploy(st, [gone, other, plain], objects, prune=False).remove == []
+    plan = plan_deploy(st, [gone, other, plain], objects, prune=True)
+    assert plan.remove == ["app_old"]
+    assert sorted(s.name for s in plan.create) == ["app_api", "app_web"]
+    assert [o.name for o in plan.objects] == ["app_conf"]
+
+
+def test_conflicts_are_found_before_any_write(tmp_path: Path) -> None:
+    st = deploy(tmp_path, STACK)
+    objects: dict[str, list[dict[str, Any]]] = {"secret": [], "config": []}
+    outsider = {"id": "x", "name": "app_web", "version": 1,
+                "spec": {"name": "app_web", "labels": {}}}
+    with pytest.raises(CliError, match="service app_web exists and is not part of stack app"):
+        plan_deploy(st, [outsider], objects, prune=False)
+    port_owner = {"id": "y", "name": "front", "version": 1, "spec": {
+        "name": "front", "endpoint": {"ports": [{"published": 8080, "target": 80}]}}}
+    with pytest.raises(CliError, match="port 8080/tcp is already published by service front"):
+        plan_deploy(st, [port_owner], objects, prune=False)
+    changed = {"id": "c1", "name": "app_conf", "labels": {STACK_LABEL: "app"},
+               "data": base64.b64encode(b"v0").decode()}
+    with pytest.raises(CliError, match=r"configs\.conf: config app_conf changed"):
+        plan_deploy(st, [], {"secret": [], "config": [changed]}, prune=False)
+    ext = deploy(tmp_path, "services:\n  w: {command: x, secrets: [k]}\n"
+                 "secrets:\n  k: {external: true}\n")
+    with pytest.raises(CliError, match="external secret 'k' not found"):
+        plan_deploy(ext, [], objects, prune=False)
+
+
+def test_the_stack_label_is_the_one_dns_reads() -> None:
+    from shoal.node import mesh
+    assert mesh.STACK_LABEL == STACK_LABEL == "com.docker.stack.namespace"

@@ -1,0 +1,218 @@
+"""`shoal stack deploy` end to end (issue 13, must-show 3 and 4): real agents on netns hosts,
+driven by the CLI, one lab for the whole story. A file with invalid values is refused with the
+path of the error and nothing is deployed; a multi-service file (a web tier with a published
+port and an HTTP health check, an API it reaches by its short name, a worker, a secret and a
+config from files, a named volume, variables from ``.env``, keys shoal does not hold) deploys
+with warnings and answers through the published port on another node; a changed file rolls
+only the changed service and ``--prune`` drops the one it no longer has; `stack rm` removes the
+stack's services, secrets and configs and nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netlab import Host, Lab, pid_alive, wait_until
+
+pytestmark = pytest.mark.netns
+
+# One program for web and api (a config of the stack, run from /run/configs/app.py).
+APP = r"""
+import http.server, os, socket, urllib.request
+ROLE, PORT = os.environ["ROLE"], int(os.environ["PORT"])
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health" or ROLE == "api":
+            body = f"{ROLE} {os.environ.get('VERSION', '')}".strip()
+        elif self.path == "/greeting":
+            body = os.environ.get("GREETING", "")
+        elif self.path == "/secret":
+            body = open("/run/secrets/token").read().strip()
+        elif self.path == "/api":  # the stack's api by its short name (the stack's DNS)
+            body = urllib.request.urlopen("http://api:9000/", timeout=5).read().decode()
+        elif self.path == "/volume":
+            open("/data/written-by-web", "w").write("x")
+            body = " ".join(sorted(os.listdir("/data")))
+        else:
+            self.send_error(404)
+            return
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
+"""
+
+COMPOSE = """
+version: "3.8"
+services:
+  web:
+    command: [python3, /run/configs/app.py]
+    environment:
+      ROLE: web
+      PORT: "8000"
+      GREETING: ${GREETING}
+    ports: ["${WEB_PORT:-8080}:8000"]
+    healthcheck:
+      x-http: ":8000/health"
+      interval: 500ms
+      retries: 3
+    configs: [app.py]
+    secrets: [token]
+    volumes: ["data:/data"]
+    deploy:
+      replicas: 1
+      update_config: {parallelism: 1, delay: 0s}
+    depends_on: [api]
+    networks: [back]
+  api:
+    command: [python3, /run/configs/app.py]
+    environment: [ROLE=api, PORT=9000, VERSION=1]
+    configs: [{source: app.py, mode: 0444}]
+    build: ./api
+    cap_add: [NET_ADMIN]
+  worker:
+    command: [sleep, "1000"]
+    stop_grace_period: 1s
+configs:
+  app.py: {file: ./app.py}
+secrets:
+  token: {file: ./token.txt}
+volumes:
+  data: {}
+networks:
+  back: {}
+"""
+
+# GET each URL (argv[1:]); print one JSON list of [status or error, body].
+FETCH = r"""
+import json, sys, urllib.request
+out = []
+for url in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen(url, timeout=8) as r:
+            out.append([r.status, r.read().decode().strip()])
+    except Exception as exc:
+        out.append([type(exc).__name__, str(exc)])
+print(json.dumps(out))
+"""
+
+
+def get(host: Host, url: str) -> tuple[Any, str]:
+    res = host.run("python3", "-c", FETCH, url, timeout=30)
+    status, body = json.loads(res.stdout)[0]
+    return status, body
+
+
+def tasks(host: Host, stack: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = host.cli_json("stack", "ps", stack)
+    return out
+
+
+def serving(host: Host, stack: str) -> dict[str, dict[str, Any]] | None:
+    """service name → its one running task, once web is healthy and api and worker run."""
+    live = [t for t in tasks(host, stack) if t["desired_state"] == "running"]
+    by = {t["service"]: t for t in live if t["state"] == "running"}
+    if len(live) != 3 or len(by) != 3 or by["st_web"]["health"] != "healthy":
+        return None
+    return by
+
+
+def names_of(host: Host) -> tuple[list[str], ...]:
+    """The names of the cluster's services, secrets and configs."""
+    return tuple(sorted(o["name"] for o in host.cli_json(kind, "ls"))
+                 for kind in ("service", "secret", "config"))
+
+
+@pytest.fixture
+def cluster2(lab_factory: Callable[..., Lab]) -> Lab:
+    lab = lab_factory(2)
+    lab.form_cluster(managers=1, workers=1)
+    return lab
+
+
+def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
+        cluster2: Lab, tmp_path: Path) -> None:
+    h1, h2 = cluster2.hosts
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "token.txt").write_text("t0ps3cret\n")
+    (tmp_path / ".env").write_text("GREETING=hello-from-dotenv\n")
+    compose = tmp_path / "compose.yml"
+    # not the stack's: must survive `stack rm`
+    (tmp_path / "keep").write_text("keep")
+    h1.cli("secret", "create", "keep", str(tmp_path / "keep"))
+    h1.cli("config", "create", "keep", str(tmp_path / "keep"))
+
+    # -- an invalid file: refused with the path of the error, nothing deployed
+    compose.write_text(COMPOSE.replace("replicas: 1", "replicas: one"))
+    res = h1.cli("stack", "deploy", "-c", str(compose), "st", check=False)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1] == \
+        "Error: services.web.deploy.replicas: expected an integer, got 'one'", res.stderr
+    assert names_of(h1) == ([], ["keep"], ["keep"])
+
+    # -- the file: deployed with warnings naming the keys shoal does not hold
+    compose.write_text(COMPOSE)
+    res = h1.cli("stack", "deploy", "-c", str(compose), "st")
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("Warning: ")]
+    for key in ("build:", "depends_on:", "cap_add:", "networks:"):
+        assert sum(w.startswith(f"Warning: {key}") for w in warnings) == 1, (key, res.stderr)
+    assert "Creating service st_web" in res.stdout and "Creating secret st_token" in res.stdout
+    assert "Creating config st_app.py" in res.stdout
+    first = wait_until(lambda: serving(h1, "st"), timeout=90, what="the stack running")
+    assert h1.cli_json("stack", "ls") == [{"name": "st", "services": 3}]
+    assert sorted(s["name"] for s in h1.cli_json("stack", "services", "st")) == \
+        ["st_api", "st_web", "st_worker"]
+
+    url = f"http://{h2.ip}:8080"  # the routing mesh on the other node too
+    assert wait_until(lambda: (r := get(h2, f"{url}/greeting"))[0] == 200 and r,
+                      timeout=20, what="web through the published port") == \
+        (200, "hello-from-dotenv")
+    assert get(h2, f"{url}/secret") == (200, "t0ps3cret")
+    assert wait_until(lambda: (r := get(h2, f"{url}/api"))[0] == 200 and r, timeout=20,
+                      what="api by its short name") == (200, "api 1")
+    assert get(h2, f"{url}/volume") == (200, "written-by-web")
+    web_node = cluster2.host(first["st_web"]["node"])
+    assert (web_node.data_dir / "volumes" / "st_data" / "written-by-web").exists()
+
+    # -- a changed file: only the changed service rolls; --prune drops the one it lost
+    changed = COMPOSE.replace("VERSION=1", "VERSION=2")
+    changed = changed[:changed.index("  worker:")] + changed[changed.index("configs:\n  app"):]
+    compose.write_text(changed)
+    res = h1.cli("stack", "deploy", "--prune", "-c", str(compose), "st")
+    assert "Updating service st_api" in res.stdout, res.stdout
+    assert "Service st_web unchanged" in res.stdout and "Removing service st_worker" in \
+        res.stdout
+    assert "Updating service st_web" not in res.stdout
+
+    def rolled() -> dict[str, dict[str, Any]] | None:
+        ts = tasks(h1, "st")
+        live = {t["service"]: t for t in ts if t["desired_state"] == "running"
+                and t["state"] == "running"}
+        return live if set(live) == {"st_web", "st_api"} and \
+            live["st_api"]["id"] != first["st_api"]["id"] else None
+    after = wait_until(rolled, timeout=60, what="api replaced, worker gone")
+    assert after["st_web"]["id"] == first["st_web"]["id"]  # web's task never restarted
+    assert wait_until(lambda: (r := get(h2, f"{url}/api"))[1] == "api 2" and r, timeout=20,
+                      what="the new api") == (200, "api 2")
+
+    # -- stack rm: the stack's services, secrets and configs, nothing else
+    res = h1.cli("stack", "rm", "st")
+    assert "Removing service st_web" in res.stdout and "Removing secret st_token" in res.stdout
+    assert names_of(h1) == ([], ["keep"], ["keep"])
+    assert h1.cli_json("stack", "ls") == []
+    res = h1.cli("stack", "ps", "st", check=False)
+    assert res.returncode == 1 and "nothing found in stack: st" in res.stderr
+    pids = {t["pid"] for t in [*first.values(), *after.values()] if t["pid"]}
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30,
+               what="every task of the stack stopped")
