@@ -18,6 +18,13 @@ Owns:
 Must not touch: the store (the leader's orchestrator turns the view into READY/DOWN; gossip keys
 never go through Raft), the runtime, TLS (calls go through ``Security.call``).
 
+Threads: the Memberlist runs on an event loop of its own, on a thread of its own
+(``GossipThread``), so its probes and acks keep their timing whatever the agent's loop is
+busy with (an API flood, a large state apply, a burst of task starts): a node that is slow
+to answer its clients is not a node that is dead. Everything here that touches the member
+list hops to that loop (``_in_gossip``: coroutines; ``_sync``: short calls that return a
+copy); membership events hop back to the agent's loop. Only this module knows.
+
 Flapping protection comes from the protocol itself: a node is declared dead only after a
 suspicion period confirmed by independent members (Lifeguard), never on one missed ack.
 
@@ -46,14 +53,18 @@ that sees ``drop.decrypt`` rise asks a manager for the current keys over mTLS
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import secrets
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import uvloop
 
 from shoal.gossip import Config, JoinError, KeyringError, Memberlist, MemberState
 from shoal.gossip.events import Member, MemberEvent
@@ -83,6 +94,62 @@ RESTART_META = "restart"
 MAX_RESTART_GRACE = 300.0
 
 
+T = TypeVar("T")
+# How long a call from the agent's loop waits for the gossip thread to run a short step
+# (a view, a keyring change), seconds: it is microseconds of work; the bound only keeps a
+# wedged gossip thread from hanging the agent.
+SYNC_TIMEOUT = 5.0
+
+
+class GossipThread:
+    """An event loop (uvloop) on a daemon thread of its own, for one Memberlist."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the gossip loop; await its result from the caller's loop."""
+        if not self.running:
+            coro.close()
+            raise RuntimeError("the gossip thread is not running")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the short function ``fn(*args)`` on the gossip loop and return its result
+        (directly when already there, or before the thread started)."""
+        if not self.running or threading.current_thread() is self.thread:
+            return fn(*args)
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def step() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller
+                fut.set_exception(exc)
+        self.loop.call_soon_threadsafe(step)
+        return fut.result(SYNC_TIMEOUT)
+
+    def stop(self) -> None:
+        if self.running:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(SYNC_TIMEOUT)
+
+
 def derive_gossip_key(raft_password: str) -> bytes:
     """A 32-byte gossip key for identities written before keys were delivered on join."""
     return hashlib.sha256(b"shoal gossip key\0" + raft_password.encode()).digest()
@@ -102,7 +169,8 @@ class Membership:
                                    extra_keys=tuple(k for k in extra_keys if k != key))
         self.node_id = node_id
         self.port = port
-        self.list = Memberlist(self.config, meta=meta)
+        self.list = Memberlist(self.config, meta=meta)  # touched on its own thread only
+        self.thread = GossipThread(f"gossip-{node_id[:8]}")
         self._on_change = on_change
         self._refresh_keys = refresh_keys
         self._unsubscribe: Callable[[], None] | None = None
@@ -115,9 +183,19 @@ class Membership:
     async def start(self, seeds: Callable[[], Iterable[str]]) -> None:
         """Bind and start; join the cluster in the background (retrying) from ``seeds()``,
         a function returning "addr:port" of other nodes as currently known."""
-        await self.list.start()
-        if self._on_change is not None:
-            self._unsubscribe = self.list.subscribe(self._on_change)
+        agent_loop = asyncio.get_running_loop()
+        self.thread.start()
+        try:
+            await self.thread.run(self.list.start())
+        except BaseException:
+            self.thread.stop()
+            raise
+        on_change = self._on_change
+        if on_change is not None:
+            def hop(ev: MemberEvent) -> None:  # on the gossip thread → the agent's loop
+                with contextlib.suppress(RuntimeError):  # the agent's loop is closed
+                    agent_loop.call_soon_threadsafe(on_change, ev)
+            self._unsubscribe = self.thread.call(self.list.subscribe, hop)
         self._tasks = [asyncio.create_task(self._join_loop(seeds), name="gossip-join"),
                        asyncio.create_task(self._key_watchdog(), name="gossip-keys")]
 
@@ -128,7 +206,7 @@ class Membership:
             candidates = [s for s in seeds() if s]
             if candidates:
                 try:
-                    n = await self.list.join(candidates)
+                    n = await self.thread.run(self.list.join(candidates))
                     log.info("gossip: joined through %d of %d seeds", n, len(candidates))
                     return
                 except JoinError as exc:
@@ -142,10 +220,10 @@ class Membership:
 
     async def _key_watchdog(self) -> None:
         """Ask for the current keys when packets or frames fail to decrypt here."""
-        handled = self.list.stats.get("drop.decrypt", 0)
+        handled = self.stats().get("drop.decrypt", 0)
         while True:
             await asyncio.sleep(1.0)
-            drops = self.list.stats.get("drop.decrypt", 0)
+            drops = self.stats().get("drop.decrypt", 0)
             if drops > handled and (self._refresh_keys is None
                                     or await self.maybe_refresh_keys()):
                 handled = drops
@@ -177,11 +255,22 @@ class Membership:
     # ---------------------------------------------------------------- keys
     def installed_keys(self) -> list[bytes]:
         """Installed gossip keys, primary first."""
-        ring = self.list.keyring
-        return ring.keys() if ring is not None else []
+        def keys() -> list[bytes]:
+            ring = self.list.keyring
+            return ring.keys() if ring is not None else []
+        return self.thread.call(keys)
+
+    def fingerprints(self) -> list[str]:
+        def fps() -> list[str]:
+            ring = self.list.keyring
+            return ring.fingerprints() if ring is not None else []
+        return self.thread.call(fps)
 
     def set_keys(self, keys: list[bytes]) -> bool:
         """Make the running keyring exactly ``keys`` (first = primary); True if it changed."""
+        return self.thread.call(self._set_keys, keys)
+
+    def _set_keys(self, keys: list[bytes]) -> bool:
         ring = self.list.keyring
         if ring is None:
             raise KeyringError("this member runs without encryption")
@@ -189,6 +278,9 @@ class Membership:
 
     def apply_key_op(self, op: str, key: bytes) -> None:
         """One rotation step on the running keyring (see the module docstring)."""
+        self.thread.call(self._apply_key_op, op, key)
+
+    def _apply_key_op(self, op: str, key: bytes) -> None:
         ring = self.list.keyring
         if ring is None:
             raise KeyringError("this member runs without encryption")
@@ -207,28 +299,51 @@ class Membership:
             raise KeyringError(f"unknown key operation {op!r}")
 
     # ---------------------------------------------------------------- views
+    @property
+    def running(self) -> bool:
+        return self.thread.call(lambda: self.list.running)
+
+    def stats(self) -> dict[str, int]:
+        """A copy of the member list's counters (shoal.gossip's ``stats``)."""
+        return self.thread.call(lambda: dict(self.list.stats))
+
+    def health_score(self) -> int:
+        return self.thread.call(lambda: self.list.health_score)
+
+    def take_probe_rtts(self) -> list[float]:
+        return self.thread.call(lambda: list(self.list.take_probe_rtts()))
+
     def view(self) -> dict[str, str]:
         """Node id → gossip state of every member this node has heard of."""
-        return {m.name: STATE_NAMES[m.state] for m in self.list.members(include_gone=True)}
+        return self.thread.call(lambda: {m.name: STATE_NAMES[m.state]
+                                         for m in self.list.members(include_gone=True)})
 
     def metas(self) -> dict[str, dict[str, Any]]:
         """Node id → the gossip metadata it last announced, for every member this node has
         heard of (gone ones included: a down node's last word still counts)."""
-        return {m.name: dict(m.meta) for m in self.list.members(include_gone=True)}
+        return self.thread.call(lambda: {m.name: dict(m.meta)
+                                         for m in self.list.members(include_gone=True)})
 
     def state_of(self, node_id: str) -> str | None:
-        m = self.list.member(node_id)
-        return None if m is None else STATE_NAMES[m.state]
+        def state() -> str | None:
+            m = self.list.member(node_id)
+            return None if m is None else STATE_NAMES[m.state]
+        return self.thread.call(state)
 
     def member_detail(self, node_id: str) -> dict[str, Any] | None:
         """What this node's member list says about ``node_id`` (None if never heard of)."""
-        m = self.list.member(node_id)
-        return None if m is None else member_dict(m)
+        def detail() -> dict[str, Any] | None:
+            m = self.list.member(node_id)
+            return None if m is None else member_dict(m)
+        return self.thread.call(detail)
 
     def restarts(self) -> dict[str, float]:
         """Node id → deadline (``time.monotonic()``) of the planned restart of every member
         that announced one (``leave_for_restart``) and is gone (dead or left) since: the
         moment this node saw it go plus the announced grace (at most MAX_RESTART_GRACE)."""
+        return self.thread.call(self._restarts)
+
+    def _restarts(self) -> dict[str, float]:
         loop_now = asyncio.get_running_loop().time()
         mono = time.monotonic()
         out: dict[str, float] = {}
@@ -241,16 +356,17 @@ class Membership:
         return out
 
     def update_meta(self, meta: dict[str, Any]) -> None:
-        self.list.update_meta(meta)
+        self.thread.call(self.list.update_meta, meta)
 
     async def leave_for_restart(self, grace: float, timeout: float) -> None:
         """Announce a planned restart: this node's metadata gains ``restart: grace`` and it
         leaves (the others see it "left", not dead, and keep that metadata), within
         ``timeout`` seconds. ``close(leave=False)`` afterwards."""
-        if not self.list.running:
+        if not self.thread.running or not self.running:
             return
-        meta = dict(self.list.local_member.meta, **{RESTART_META: float(grace)})
-        await self.list.leave(timeout=timeout, meta=meta)
+        meta = self.thread.call(lambda: dict(self.list.local_member.meta,
+                                             **{RESTART_META: float(grace)}))
+        await self.thread.run(self.list.leave(timeout=timeout, meta=meta))
 
     async def close(self, leave: bool) -> None:
         """Stop gossiping; ``leave`` announces a graceful leave first (not a failure)."""
@@ -261,11 +377,18 @@ class Membership:
                 await task
         self._tasks = []
         if self._unsubscribe is not None:
-            self._unsubscribe()
-        if leave:
             with contextlib.suppress(Exception):
-                await self.list.leave(timeout=1.0)
-        await self.list.shutdown()
+                self.thread.call(self._unsubscribe)
+            self._unsubscribe = None
+        if not self.thread.running:
+            return
+        try:
+            if leave:
+                with contextlib.suppress(Exception):
+                    await self.thread.run(self.list.leave(timeout=1.0))
+            await self.thread.run(self.list.shutdown())
+        finally:
+            self.thread.stop()
 
 
 STATE_NAMES = {
@@ -298,7 +421,7 @@ class GossipControl:
 
     def _membership(self) -> Membership:
         m = self._current()
-        if m is None or not m.list.running:
+        if m is None or not m.running:
             raise Unavailable("gossip is not running on this node (not in a cluster, or it "
                               "could not bind its port: see the agent log)")
         return m
@@ -307,42 +430,41 @@ class GossipControl:
     def info(self) -> dict[str, Any] | None:
         """The ``gossip`` section of ``shoal info``: membership counts, health, keys, stats."""
         m = self._current()
-        if m is None or not m.list.running:
+        if m is None or not m.running:
             return None
-        members = m.list.members(include_gone=True)
-        states = Counter(STATE_NAMES[x.state] for x in members)
-        ring = m.list.keyring
+        view = m.view()
+        states = Counter(view.values())
+        fps = m.fingerprints()
         return {
             "addr": f"{m.config.advertise_addr}:{m.port}",
             "preset": self.ctx.config.gossip_preset,
             "probe_interval": m.config.probe_interval,
-            "health_score": m.list.health_score,
+            "health_score": m.health_score(),
             "members": {s: states.get(s, 0) for s in STATE_NAMES.values()},
-            "view": {x.name: STATE_NAMES[x.state] for x in members},
-            "keys": {"primary": ring.fingerprints()[0] if ring else None,
-                     "installed": ring.fingerprints() if ring else [],
+            "view": view,
+            "keys": {"primary": fps[0] if fps else None, "installed": fps,
                      "refreshes": m.refreshes, "rotations": self.rotations},
-            "stats": dict(sorted(m.list.stats.items())),
+            "stats": dict(sorted(m.stats().items())),
         }
 
     def member_detail(self, node_id: str) -> dict[str, Any] | None:
         m = self._current()
-        return m.member_detail(node_id) if m is not None and m.list.running else None
+        return m.member_detail(node_id) if m is not None and m.running else None
 
     def view(self) -> dict[str, str]:
         """node id → gossip state, from this node's member list ({} while gossip is down)."""
         m = self._current()
-        return m.view() if m is not None and m.list.running else {}
+        return m.view() if m is not None and m.running else {}
 
     def metas(self) -> dict[str, dict[str, Any]]:
         """node id → its last announced gossip metadata ({} while gossip is down)."""
         m = self._current()
-        return m.metas() if m is not None and m.list.running else {}
+        return m.metas() if m is not None and m.running else {}
 
     def restarts(self) -> dict[str, float]:
         """Planned restarts in progress, for the leader's liveness (``Membership.restarts``)."""
         m = self._current()
-        return m.restarts() if m is not None and m.list.running else {}
+        return m.restarts() if m is not None and m.running else {}
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:

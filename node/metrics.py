@@ -124,7 +124,7 @@ class Metrics:
         gossip = self.sources.gossip()
         if gossip is not None:
             with contextlib.suppress(Exception):
-                for rtt in gossip.list.take_probe_rtts():
+                for rtt in gossip.take_probe_rtts():
                     self.probe_rtt.observe(rtt)
         return await asyncio.to_thread(generate_latest, self.registry)
 
@@ -210,7 +210,7 @@ class _StateCollector(Collector):
         for state, n in sorted(counts.items()):
             g.add_metric([state], n)
         yield g
-        stats = membership.list.stats
+        stats = membership.stats()
         yield _gauge("shoal_gossip_health_score", "Lifeguard local health (0 = healthy)",
                      stats.get("health_score", 0))
         c = CounterMetricFamily("shoal_gossip_dropped", "Gossip packets or frames dropped, "

@@ -121,6 +121,10 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with Served(tmp_path_factory.mktemp("fuzz")) as s:
         yield s
+    total = sum(sum(c.values()) for c in COUNTS.values())
+    print(f"\nAPI fuzz: {total} requests over {len(COUNTS)} route/mode pairs")
+    for label, counts in sorted(COUNTS.items()):
+        print(f"  {label}: {sum(counts.values())} cases, statuses {dict(sorted(counts.items()))}")
 
 
 SCHEMA = schemathesis.openapi.from_dict(openapi.openapi())

@@ -56,17 +56,14 @@ def test_a_flood_of_api_requests_starves_neither_gossip_nor_raft(
     assert set(statuses) <= {200, 429}, statuses
     assert statuses[200] > 0 and statuses[429] > 0, statuses
 
-    # nobody took the flooded node for dead, and it kept its leadership (no election). A
-    # SWIM suspicion it refutes (suspect → alive-again) can happen when the machine is
-    # loaded: its acks wait behind the requests on its event loop; they are printed.
+    # nobody suspected the flooded node (its gossip runs on a thread of its own: acks do not
+    # wait behind the requests on the agent's loop) and it kept its leadership
     for h in lab.hosts:
         res = h.cli("events", "--format", "json", "--since", since,
                     "--until", f"{time.time():.6f}")
         evs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-        print(h.name, "gossip events:", dict(collections.Counter(
-            (e["action"], e["name"]) for e in evs if e["action"].startswith("gossip-"))))
-        dead = [e for e in evs if e["action"] in ("gossip-dead", "down")]
-        assert dead == [], (h.name, dead)
+        gossip = [(e["action"], e["name"]) for e in evs if e["action"].startswith("gossip-")]
+        assert gossip == [], (h.name, collections.Counter(gossip))
     nodes = wait_until(lambda: h2.cli_json("node", "ls"), timeout=10, what="node ls")
     assert {n["state"] for n in nodes} == {"ready"}
     assert next(n for n in nodes if n["manager_status"] == "leader")["addr"] == target.ip

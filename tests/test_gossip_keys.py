@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import pytest
 
-from shoal.gossip import Config, Keyring, KeyringError, MemberState
+from shoal.gossip import Config, Keyring, KeyringError
 from shoal.gossip.events import EventKind, MemberEvent
 from shoal.gossip.keyring import fingerprint
 from shoal.node.errors import BadRequest, KeyRotationFailed, Unavailable
@@ -159,8 +159,7 @@ class FakeCluster:
 
     def all_alive(self) -> bool:
         ms = self.members()
-        return all(m.list.num_live() == len(ms) and all(
-            x.state == MemberState.ALIVE for x in m.list.members()) for m in ms)
+        return all(list(m.view().values()) == ["alive"] * len(ms) for m in ms)
 
     def kinds(self, *kinds: EventKind) -> list[tuple[str, str]]:
         return [(me, ev.member.name) for me, ev in self.events if ev.kind in kinds]
@@ -201,7 +200,7 @@ async def test_rotation_ends_with_only_the_new_key_everywhere_and_no_suspicion()
             assert [fingerprint(k) for k in agent.membership.installed_keys()] == [new]
             assert fingerprint(agent.identity.gossip_key) == new  # persisted
             assert agent.identity.gossip_extra_keys == [] and agent.identity.saves >= 3
-            assert agent.membership.list.stats.get("drop.decrypt", 0) == 0
+            assert agent.membership.stats().get("drop.decrypt", 0) == 0
         assert cluster.kinds(EventKind.SUSPECT, EventKind.DEAD) == []
         assert cluster.all_alive()
         info = manager.gossip.info()
