@@ -270,6 +270,9 @@ class ContainerSpec(_Spec, frozen=True):
         "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
         item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
     healthcheck: HealthCheck = HealthCheck()
+    registry_auth: Annotated[bool, decl(
+        "nodes pull the image with the cluster's stored credentials for its registry "
+        "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
 
     def __post_init__(self) -> None:
         if self.command and not self.command[0]:

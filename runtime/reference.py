@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shoal.runtime.errors import ImageError
+from shoal.runtime.errors import InvalidReference
 
 DOCKER_HUB = "docker.io"
 _HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -37,10 +37,6 @@ REFERENCE_RE = re.compile(
     rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$"
 )
 MAX_NAME = 255
-
-
-class InvalidReference(ImageError):
-    """A string is not an image reference (the message says why)."""
 
 
 @dataclass(frozen=True)

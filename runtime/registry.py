@@ -19,7 +19,7 @@ client fed to it needs no queue between an event loop and a thread, resuming a b
 plain loop around ``read``, and the agent's event loop never sees a byte of a layer. The
 agent runs each pull with ``asyncio.to_thread``.
 
-Errors (all are ``ImageError``\\ s, so the API maps them like other image errors)::
+Errors (declared in shoal.runtime.errors, all ``ImageError``\\ s)::
 
     RegistryError               a registry refused or failed a pull
     ├── RegistryUnreachable     cannot connect, TLS failure, timeout, 5xx after retries
@@ -46,9 +46,16 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
-from shoal.runtime.errors import DigestMismatch, ImageError
+from shoal.runtime.errors import (
+    DigestMismatch,
+    ManifestUnknown,
+    RegistryAuthError,
+    RegistryError,
+    RegistryUnreachable,
+    UnsupportedImage,
+)
 from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
 from shoal.runtime.reference import DOCKER_HUB, Reference, parse_reference
 
@@ -74,26 +81,6 @@ LAYER_TYPES = (
 )
 _HEX = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1 << 20
-
-
-class RegistryError(ImageError):
-    """A registry refused or failed a pull."""
-
-
-class RegistryUnreachable(RegistryError):
-    """The registry (or its token realm) cannot be reached, or keeps failing (5xx)."""
-
-
-class RegistryAuthError(RegistryError):
-    """The registry wants credentials it was not given, or refused the ones it was given."""
-
-
-class ManifestUnknown(RegistryError):
-    """The registry has no such tag, digest or repository."""
-
-
-class UnsupportedImage(RegistryError):
-    """The image exists but shoal cannot run it (format, media type, platform)."""
 
 
 @dataclass(frozen=True)
@@ -270,15 +257,18 @@ class RegistryClient:
         raise RegistryUnreachable(f"too many redirects from {url}")
 
     # ---------------------------------------------------------------------- auth
-    def _token(self, ref: Reference, params: Mapping[str, str], creds: tuple[str, str] | None
-               ) -> str:
+    def _token(self, ref: Reference, params: Mapping[str, str], creds: tuple[str, str] | None,
+               scoped: bool = True) -> str:
         realm = params.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise RegistryAuthError(f"registry {ref.registry} gave an unusable token realm")
         if realm.startswith("http://") and ref.registry not in self.config.insecure:
             raise RegistryAuthError(f"registry {ref.registry} sends credentials to a plain-HTTP "
                                     "token realm (list it as insecure to allow that)")
-        query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"}
+        query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"} \
+            if scoped else {}
+        if creds is not None and not scoped:
+            query["account"] = creds[0]
         if params.get("service"):
             query["service"] = params["service"]
         headers = {}
@@ -325,9 +315,6 @@ class RegistryClient:
             if creds is None:
                 raise RegistryAuthError(f"registry {ref.registry} wants credentials "
                                         "(log in: shoal registry login)")
-            if not self._base(ref.registry).startswith("https://") and not (
-                    ref.registry in self.config.insecure):
-                raise RegistryAuthError("refusing to send credentials over plain HTTP")
             auth = _basic(creds)
         else:
             raise RegistryAuthError(f"registry {ref.registry} wants an authentication scheme "
@@ -341,6 +328,35 @@ class RegistryClient:
                                     "(log in: shoal registry login)")
         self._tokens[(ref.registry, scope)] = auth
         return resp
+
+    def check_login(self, registry: str) -> None:
+        """Whether this client's credentials open ``registry`` (``GET /v2/`` and its
+        challenge, as ``docker login`` does). RegistryAuthError if refused."""
+        creds = self.credentials(registry)
+        url = f"{self._base(registry)}/v2/"
+        resp = self._open("GET", url, {})
+        if resp.status == 401:
+            challenge = resp.headers.get("WWW-Authenticate") or ""
+            resp.close()
+            challenges = dict(parse_challenges(challenge))
+            if creds is None:
+                raise RegistryAuthError(f"registry {registry} wants credentials")
+            if "bearer" in challenges:
+                probe = Reference(registry, "x")
+                params = {k: v for k, v in challenges["bearer"].items() if k != "scope"}
+                # (no scope: the token service only checks who we are, as docker login)
+                auth = "Bearer " + self._token(probe, {**params, "scope": ""}, creds,
+                                               scoped=False)
+            else:
+                auth = _basic(creds)
+            resp = self._open("GET", url, {"Authorization": auth})
+            if resp.status == 401:
+                resp.close()
+                raise RegistryAuthError(f"registry {registry} refused the credentials")
+        status = resp.status
+        resp.close()
+        if status >= 300:
+            raise RegistryError(f"registry {registry} answered {status} to /v2/")
 
     def _check(self, resp: _Response, ref: Reference, what: str) -> None:
         if resp.status < 300:
@@ -478,7 +494,7 @@ class RegistryClient:
             return 0
         body = _ResumingBody(self, ref, digest)
         try:
-            store.import_blob(digest, body)
+            store.import_blob(digest, cast(IO[bytes], body))  # (it only calls read)
         finally:
             body.close()
             self.bytes_fetched += body.received

@@ -120,7 +120,7 @@ class TokenIssuer:
             def log_message(self, *_a: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 from urllib.parse import parse_qs, urlsplit
                 q = parse_qs(urlsplit(self.path).query)
                 user = ""
@@ -265,7 +265,7 @@ class Registry:
         text = self.log.read_text(errors="replace")
         n = 0
         for line in text.splitlines():
-            if f'"GET /v2/' in line and f"/blobs/{digest} " in line and (
+            if '"GET /v2/' in line and f"/blobs/{digest} " in line and (
                     '" 200 ' in line or '" 206 ' in line):
                 n += 1
         return n

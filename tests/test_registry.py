@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import registryd
+
 from shoal.runtime.errors import DigestMismatch
 from shoal.runtime.images import ImageStore
-from shoal.runtime.reference import parse_reference
 from shoal.runtime.registry import (
     ManifestUnknown,
     RegistryAuthError,
@@ -225,7 +224,7 @@ class _CuttingProxy:
                 self.close_connection = True
                 conn.close()
 
-            do_GET = do_HEAD = _forward  # noqa: N815
+            do_GET = do_HEAD = _forward
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.addr = f"127.0.0.1:{self.server.server_address[1]}"

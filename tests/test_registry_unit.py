@@ -61,8 +61,8 @@ def test_reference_grammar_refuses_malformed(text: str) -> None:
 
 
 def test_names_over_255_characters_are_refused_by_client_and_spec() -> None:
-    from shoal.raft.validate import validate_spec
     from shoal.raft.errors import ValidationError
+    from shoal.raft.validate import validate_spec
     long = "reg:5000/" + "b" * 260 + ":1"
     with pytest.raises(InvalidReference, match="255"):
         parse_reference(long)
