@@ -204,7 +204,7 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
         if t.get("health") and t["state"] == "running":
             state += f" ({t['health']})"
         err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
-                                                             "pending") else "")
+                                                             "pending", "preparing") else "")
         u = t.get("usage") or {}
         mem = f"{u['memory_bytes'] / 2**20:.1f}MiB" if u.get("memory_bytes") is not None else ""
         cpu = f"{u['cpu_seconds']:.2f}s" if u.get("cpu_seconds") is not None else ""

@@ -76,16 +76,17 @@ def secret_name(host: str) -> str:
 
 def translate(exc: Exception, ref: str) -> ApiError:
     """A registry failure as the API error a user (and `service ps`) sees."""
+    # (the cause first: `service ps` shows the start of the message)
     if isinstance(exc, RegistryUnreachable):
-        return Unavailable(str(exc), "image")
+        return Unavailable(f"registry unreachable: {exc}", "image")
     if isinstance(exc, RegistryAuthError):
-        return Forbidden(str(exc), "image")
+        return Forbidden(f"registry auth: {exc}", "image")
     if isinstance(exc, ManifestUnknown):
-        return NotFound(str(exc), "image")
+        return NotFound(f"image not found: {exc}", "image")
     if isinstance(exc, DigestMismatch):
-        return BadRequest(f"{ref}: digest mismatch, refused: {exc}", "image")
+        return BadRequest(f"digest mismatch (refused, nothing kept): {exc}", "image")
     if isinstance(exc, (UnsupportedImage, InvalidReference, ImageError)):
-        return BadRequest(str(exc), "image")
+        return BadRequest(f"unusable image: {exc}", "image")
     return Unavailable(f"pull of {ref} failed: {exc}", "image")
 
 

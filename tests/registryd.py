@@ -183,10 +183,11 @@ class Registry:
 
     def __init__(self, dest: Path, host: str, port: int, *, users: dict[str, str],
                  auth: str = "basic", extra_ips: Sequence[str] = (),
-                 spawn: Any = None) -> None:
+                 spawn: Any = None, netns: str = "") -> None:
         self.dest, self.host, self.port = dest, host, port
         self.addr = f"{host}:{port}"
         self.users = users
+        self.netns = netns  # pushes run in this network namespace (the registry's lab host)
         dest.mkdir(parents=True, exist_ok=True)
         self.ca, self.cert, self.key = make_ca(dest / "tls", [host, "127.0.0.1", *extra_ips])
         self.token: TokenIssuer | None = None
@@ -223,14 +224,15 @@ class Registry:
                                              start_new_session=True)
 
     def wait_ready(self, probe: Any = None, timeout: float = 20.0) -> None:
-        """Wait until the registry answers /v2/ (``probe()`` -> bool checks it elsewhere)."""
+        """Wait until the registry accepts connections (in a lab host: until it logs that it
+        listens)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"registry exited {self.proc.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
-            if probe is not None:
-                if probe():
+            if probe is not None or self.netns:
+                if "listening on" in self.log.read_text(errors="replace"):
                     return
             else:
                 with contextlib.suppress(OSError):
@@ -243,7 +245,8 @@ class Registry:
              ) -> None:
         """skopeo copy oci:LAYOUT:TAG docker://ADDR/REF."""
         user, pw = next(iter(self.users.items()))
-        argv = [SKOPEO, "copy", "--quiet", "--dest-creds", f"{user}:{pw}",
+        argv = ["nsenter", f"--net=/var/run/netns/{self.netns}", "--"] if self.netns else []
+        argv += [SKOPEO, "copy", "--quiet", "--dest-creds", f"{user}:{pw}",
                 "--dest-tls-verify=false"]
         if fmt:
             argv += ["--format", fmt]
