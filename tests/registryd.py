@@ -313,10 +313,11 @@ def _blob(layout: Path, data: bytes) -> tuple[str, int]:
 
 
 def build_layout(layout: Path, tag: str, *, marker: str, extra_mib: int = 0,
-                 zstd_layer: bool = False, arches: Sequence[str] = ()) -> dict[str, Any]:
+                 zstd_layer: bool = False, arches: Sequence[str] = (),
+                 extra_layers: int = 1) -> dict[str, Any]:
     """An OCI image layout at ``layout`` with image ``tag``: a busybox-static layer (gzip), a
     layer with /etc/marker = ``marker`` (zstd if asked, else gzip) and optionally
-    ``extra_mib`` MiB of incompressible data in a third layer. With ``arches`` the tag
+    ``extra_mib`` MiB of incompressible data in each of ``extra_layers`` more layers. With ``arches`` the tag
     names an index of one image per architecture (each with its own marker). Returns
     {"layers": [digests], "config": digest, "manifest": digest}."""
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
@@ -336,9 +337,9 @@ def build_layout(layout: Path, tag: str, *, marker: str, extra_mib: int = 0,
         else:
             layers.append((_blob(layout, gzip.compress(second, mtime=0)),
                            "application/vnd.oci.image.layer.v1.tar+gzip"))
-        if extra_mib:
+        for i in range(extra_layers if extra_mib else 0):
             rnd = os.urandom(extra_mib << 20)
-            third = _tar([("data", None, 0o755, ""), ("data/blob", rnd, 0o644, "")])
+            third = _tar([("data", None, 0o755, ""), (f"data/blob{i}", rnd, 0o644, "")])
             layers.append((_blob(layout, gzip.compress(third, compresslevel=1, mtime=0)),
                            "application/vnd.oci.image.layer.v1.tar+gzip"))
         diff_ids = []
