@@ -191,7 +191,10 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         self.ca, self.cert, self.key = make_ca(dest / "tls", [host, "127.0.0.1", *extra_ips])
         self.token: TokenIssuer | None = None
-        if auth == "basic":
+        auth_cfg: dict[str, Any] = {}
+        if auth == "none":
+            pass
+        elif auth == "basic":
             htpasswd = dest / "htpasswd"
             htpasswd.write_text("")
             for user, pw in users.items():
@@ -209,7 +212,7 @@ class Registry:
                            "delete": {"enabled": True}},
                "http": {"addr": self.addr, "tls": {"certificate": str(self.cert),
                                                    "key": str(self.key)}},
-               "auth": auth_cfg}
+               **({"auth": auth_cfg} if auth_cfg else {})}
         self.config = dest / "config.yml"
         self.config.write_text(json.dumps(cfg))  # JSON is YAML
         self.log = dest / "registry.log"
@@ -244,10 +247,11 @@ class Registry:
     def push(self, layout: Path, tag: str, ref: str, *, fmt: str = "", all_: bool = False
              ) -> None:
         """skopeo copy oci:LAYOUT:TAG docker://ADDR/REF."""
-        user, pw = next(iter(self.users.items()))
         argv = ["nsenter", f"--net=/var/run/netns/{self.netns}", "--"] if self.netns else []
-        argv += [SKOPEO, "copy", "--quiet", "--dest-creds", f"{user}:{pw}",
-                "--dest-tls-verify=false"]
+        argv += [SKOPEO, "copy", "--quiet", "--dest-tls-verify=false"]
+        if self.users:
+            user, pw = next(iter(self.users.items()))
+            argv += ["--dest-creds", f"{user}:{pw}"]
         if fmt:
             argv += ["--format", fmt]
         if all_:

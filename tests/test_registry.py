@@ -281,3 +281,50 @@ def test_pull_asks_elsewhere_first_and_the_registry_only_for_the_rest(env: Env,
     assert c2.bytes_fetched < man.layers[0][1]  # the big base layer did not come from it
     assert info.id == first.inspect(ref).id  # same bytes, same image id on every node
     shutil.rmtree(tmp_path / "first")
+
+
+def test_the_manager_pins_tags_per_resolve_mode(env: Env, tmp_path: Path) -> None:
+    """``--resolve-image``: always pins (again), changed pins only an unpinned image, never
+    leaves it; an unreachable registry leaves the tag with a warning; bare names are never
+    sent to a registry."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from shoal.node.registries import Registries
+    from shoal.raft.validate import validate_spec
+
+    reg = registryd.Registry(tmp_path / "open", "127.0.0.1", registryd.free_port(), users={},
+                             auth="none")
+    try:
+        reg.wait_ready()
+        reg.push(env.layout, "1", "team/app:1")
+        reg.push(env.layout, "2", "team/app:2")
+        one = env.client(reg).resolve(f"{reg.addr}/team/app:1")
+        two = env.client(reg).resolve(f"{reg.addr}/team/app:2")
+        ctx = SimpleNamespace(store=None, identity=None)
+        # (only what resolve_spec uses: no stored credentials here, so anonymous)
+        regs = Registries(ctx, None, None, RegistryConfig(ca_file=str(reg.ca)),  # type: ignore
+                          ImageStore(tmp_path / "img"), None)  # type: ignore
+
+        def spec(image: str) -> Any:
+            return validate_spec({"name": "s", "task": {"container": {"image": image}}})
+
+        def resolve(image: str, mode: str | None, previous: Any = None) -> tuple[str, list[str]]:
+            out, warnings = asyncio.run(regs.resolve_spec(spec(image), mode, previous))
+            return out.task.container.image, warnings
+
+        tag = f"{reg.addr}/team/app:1"
+        assert resolve(tag, None) == (f"{tag}@{one}", [])  # create: always
+        assert resolve(tag, "never") == (tag, [])
+        assert resolve(f"{tag}@{two}", "changed", spec(tag)) == (f"{tag}@{two}", [])
+        assert resolve(f"{tag}@{two}", "always") == (f"{tag}@{one}", [])  # the tag, again
+        assert resolve(f"{reg.addr}/team/app@{two}", "always") == (
+            f"{reg.addr}/team/app@{two}", [])  # pinned by the user without a tag: kept
+        assert resolve("app:1", "always") == ("app:1", [])  # a local image name
+        gone = f"127.0.0.1:{registryd.free_port()}/team/app:1"
+        image, warnings = resolve(gone, "always")
+        assert image == gone and "could not be resolved" in warnings[0]
+        with pytest.raises(Exception, match="resolve_image"):
+            resolve(tag, "sometimes")
+    finally:
+        reg.close()
