@@ -321,9 +321,9 @@ def build_layout(layout: Path, tag: str, *, marker: str, extra_mib: int = 0,
                  extra_layers: int = 1) -> dict[str, Any]:
     """An OCI image layout at ``layout`` with image ``tag``: a busybox-static layer (gzip), a
     layer with /etc/marker = ``marker`` (zstd if asked, else gzip) and optionally
-    ``extra_mib`` MiB of incompressible data in each of ``extra_layers`` more layers. With ``arches`` the tag
-    names an index of one image per architecture (each with its own marker). Returns
-    {"layers": [digests], "config": digest, "manifest": digest}."""
+    ``extra_mib`` MiB of incompressible data in each of ``extra_layers`` more layers. With
+    ``arches`` the tag names an index of one image per architecture (each with its own
+    marker). Returns {"manifest": digest of what the tag names}."""
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     busybox = Path(BUSYBOX).read_bytes()
