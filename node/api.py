@@ -418,7 +418,7 @@ class ApiServer:
             ref = (await _body(req)).get("ref")
             if not isinstance(ref, str) or not c.registries.pullable(ref):
                 raise BadRequest("ref must name its registry: HOST[:PORT]/PATH[:TAG]", "ref")
-            return image_view(await c.registries.pull(ref))
+            return image_view(await c.registries.pull(ref, stored_creds=True))
 
         async def registry_login(req: web.Request) -> Any:
             return await c.registries.login(await _body(req))

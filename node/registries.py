@@ -247,16 +247,19 @@ class Registries:
     def pullable(self, image: str) -> bool:
         return has_registry_host(image)
 
-    async def pull(self, image: str) -> ImageInfo:
+    async def pull(self, image: str, stored_creds: bool = False) -> ImageInfo:
         """Pull ``image`` from its registry into this node's store, layers from peers
-        first (one pull per reference at a time). Raises ApiErrors (see ``translate``)."""
-        running = self._pulls.get(image)
+        first (one pull per reference at a time). Credentials: those of a task here that
+        asked for them; with ``stored_creds`` (`shoal image pull` on a manager) the
+        cluster's. Raises ApiErrors (see ``translate``)."""
+        key = f"{image}\0{stored_creds}"
+        running = self._pulls.get(key)
         if running is not None:
             return await asyncio.shield(running)
         fut: asyncio.Future[ImageInfo] = asyncio.get_running_loop().create_future()
-        self._pulls[image] = fut
+        self._pulls[key] = fut
         try:
-            info = await self._pull(image)
+            info = await self._pull(image, stored_creds)
             fut.set_result(info)
             return info
         except BaseException as exc:
@@ -264,14 +267,15 @@ class Registries:
             fut.exception()
             raise
         finally:
-            self._pulls.pop(image, None)
+            self._pulls.pop(key, None)
 
-    async def _pull(self, image: str) -> ImageInfo:
+    async def _pull(self, image: str, stored_creds: bool) -> ImageInfo:
         try:
             ref = _parse(image)
         except InvalidReference as exc:
             raise BadRequest(str(exc), "image") from None
-        creds = await self._creds_for(image)
+        creds = self._stored(ref.registry) if stored_creds else None
+        creds = creds or await self._creds_for(image)
         client = self._client(creds)
         loop = asyncio.get_running_loop()
         started = time.monotonic()

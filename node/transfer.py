@@ -168,6 +168,12 @@ class Transfer:
                  image, owner.hostname)
         while time.monotonic() < deadline:
             await asyncio.sleep(0.3)
+            # the choice again: the chosen node's task may have failed (then another, or
+            # this node, takes over), or nodes may have come or gone
+            again = self._fetcher(digest, image, {n.id for n in self._peers()} | {me})
+            if again is None or again.id == me:
+                return False
+            owner = again
             try:
                 await self._fetch_blob(owner, digest)
                 return True
@@ -188,7 +194,8 @@ class Transfer:
         snap = store.snapshot()
         needing = {t.node_id for t in snap.tasks.values()
                    if t.spec.container.image == image and t.node_id in ready
-                   and t.desired_state <= TaskState.RUNNING}
+                   and t.desired_state <= TaskState.RUNNING
+                   and t.status.state <= TaskState.RUNNING}  # (not one that failed)
         if not needing:
             return None
         best = max(needing, key=lambda n: hashlib.sha256(f"{digest}/{n}".encode()).digest())

@@ -131,6 +131,13 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     after = running(h1, "app", 3, timeout=60)
     assert not before & {t["id"] for t in after}, "the update replaced every task"
 
+    # ---- `image pull`: on a manager with the cluster's credentials; a worker has none
+    reg.push(layout, "2", "team/app:2")
+    assert "Pulled" in h1.cli("image", "pull", f"{reg.addr}/team/app:2").stdout
+    assert f"{reg.addr}/team/app:2" in image_tags(h1)
+    denied = h2.cli("image", "pull", f"{reg.addr}/team/app:2", check=False)
+    assert denied.returncode != 0 and "wants credentials" in denied.stderr
+
     # ---- errors, each clear in `service ps`
     v3 = registryd.build_layout(layout, "3", marker="three", extra_mib=1)
     reg.push(layout, "3", "team/app:3")
