@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -71,7 +72,12 @@ Creds = tuple[str, str]
 
 
 def secret_name(host: str) -> str:
-    return SECRET_PREFIX + host.replace(":", "-").replace("[", "").replace("]", "")
+    """The cluster secret holding ``host``'s credentials (a secret name has at most 64
+    characters: a longer host is named by its hash)."""
+    name = SECRET_PREFIX + host.replace(":", "-").replace("[", "").replace("]", "")
+    if len(name) <= 64:
+        return name
+    return SECRET_PREFIX + hashlib.sha256(host.encode()).hexdigest()[:32]
 
 
 def translate(exc: Exception, ref: str) -> ApiError:

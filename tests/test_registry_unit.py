@@ -135,3 +135,14 @@ def test_image_config_reads_stop_signal_and_exposed_ports() -> None:
     # absent keys leave the stored form (and so image ids) as before
     assert "StopSignal" not in ImageConfig.from_json({"Cmd": ["x"]}).to_json()
     assert ImageConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_registry_secret_names_are_valid_secret_names() -> None:
+    from shoal.node.registries import secret_name
+    from shoal.raft.validate import validate_object_name
+    for host in ("10.77.0.14:5000", "reg.example.com", "localhost:5000", "[::1]:5000",
+                 "a-very-long-registry-host-name.internal.example.corporation.com:443"):
+        name = secret_name(host)
+        assert validate_object_name(name, "secret") == name
+        assert name.startswith("registry-auth.")
+    assert secret_name("10.77.0.14:5000") == "registry-auth.10.77.0.14-5000"
