@@ -294,7 +294,11 @@ class Registries:
         try:
             info = await asyncio.to_thread(client.pull, ref, self.images, from_peers)
         except (ImageError, OSError) as exc:
-            raise translate(exc, image) from None
+            err = translate(exc, image)
+            if isinstance(exc, RegistryAuthError) and creds is None:
+                err.message += ("; this node pulls anonymously: create the service with "
+                                "--with-registry-auth after `shoal registry login`")
+            raise err from None
         log.info("pulled %s (%s): %d bytes from the registry in %.2fs", image, info.id[:19],
                  client.bytes_fetched, time.monotonic() - started)
         return info
