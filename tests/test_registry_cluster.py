@@ -13,6 +13,7 @@ of h1 (manager) + h2, h3 (workers).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
 
     # ---- create: pinned to the digest, the same image on every node, layers fetched once
     h1.cli("service", "create", "--name", "app", "--replicas", "3", "--with-registry-auth",
-           "--image", image)
+           "--update-parallelism", "0", "--image", image)  # (updates: all tasks at once)
     ts = running(h1, "app", 3, timeout=90)
     assert len({t["node"] for t in ts}) == 3
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
@@ -115,21 +116,25 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     assert all(n == 1 for n in gets.values()), f"layer GETs from the registry: {gets}"
 
     # ---- moving the tag changes nothing running; `service update --image` rolls it out
+    before = {t["id"] for t in running(h1, "app", 3)}
     v2 = registryd.build_layout(layout, "2", marker="two")
     reg.push(layout, "2", "team/app:1")
-    before = {t["id"] for t in running(h1, "app", 3)}
-    h1.cli("service", "update", "--env-add", "X=1", "app")  # a change that keeps the pin
+    time.sleep(2)
+    assert {t["id"] for t in running(h1, "app", 3)} == before
+    # a template change replaces every task, and the new ones still run the pinned bytes
+    h1.cli("service", "update", "--env-add", "X=1", "app")
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
         "image"]
     assert spec_image.endswith(v1["manifest"])
+    wait_until(lambda: not before & {t["id"] for t in running(h1, "app", 3)} or None,
+               timeout=90, what="the --env-add rollout replaced every task")
+    assert "started two" not in h1.cli("service", "logs", "app").stdout
     h1.cli("service", "update", "--image", image, "app")
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
         "image"]
     assert spec_image == f"{image}@{v2['manifest']}"
     wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started two") == 3
                or None, timeout=90, what="3 tasks started from image two")
-    after = running(h1, "app", 3, timeout=60)
-    assert not before & {t["id"] for t in after}, "the update replaced every task"
 
     # ---- `image pull`: on a manager with the cluster's credentials; a worker has none
     reg.push(layout, "2", "team/app:2")
