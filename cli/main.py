@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from shoal.cli import registry as registry_cli
 from shoal.cli import specflags, stack
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
@@ -203,7 +204,7 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
         if t.get("health") and t["state"] == "running":
             state += f" ({t['health']})"
         err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
-                                                             "pending") else "")
+                                                             "pending", "preparing") else "")
         u = t.get("usage") or {}
         mem = f"{u['memory_bytes'] / 2**20:.1f}MiB" if u.get("memory_bytes") is not None else ""
         cpu = f"{u['cpu_seconds']:.2f}s" if u.get("cpu_seconds") is not None else ""
@@ -221,6 +222,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.agent import run_agent
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
+    from shoal.runtime.registry import RegistryConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,7 +234,9 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       cert_renew_fraction=args.cert_renew_fraction,
                       restart_grace=args.restart_grace,
                       metrics_addr=args.metrics_addr, metrics_mtls=args.metrics_mtls,
-                      events=EventsConfig(retained=args.events_retained))
+                      events=EventsConfig(retained=args.events_retained),
+                      registry=RegistryConfig(ca_file=args.registry_ca,
+                                              insecure=tuple(args.insecure_registry)))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -293,6 +297,8 @@ def run(args: argparse.Namespace) -> None:
         run_gossip(c, args, fmt)
     elif args.cmd == "stack":
         stack.run(c, args, fmt)
+    elif args.cmd == "registry":
+        registry_cli.run(c, args, fmt)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -359,6 +365,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
             [[", ".join(i["tags"]) or "<none>", i["id"][7:19], str(i["layers"]),
               f"{i['size'] / 1e6:.1f} MB"] for i in imgs],
             ["IMAGE", "ID", "LAYERS", "SIZE"]))
+    elif args.image_cmd == "pull":
+        registry_cli.run_pull(c, args, fmt)
     elif args.image_cmd == "rm":
         for ref in args.refs:
             c.call("DELETE", f"/v1/images/{_q(ref)}")
@@ -369,7 +377,9 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
     sc = args.service_cmd
     if sc == "create":
         spec = specflags.spec_from_create_args(args)
-        r = _spec_call(c, "POST", "/v1/services", {"spec": spec})
+        r = _spec_call(c, "POST", "/v1/services",
+                       registry_cli.service_body({"spec": spec}, args))
+        registry_cli.print_warnings(r)
         print(r["id"])
     elif sc == "ls":
         emit(c.call("GET", "/v1/services"), fmt, render_services)
@@ -392,7 +402,9 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
         spec = specflags.apply_update_args(current["spec"], args)
         r = _spec_call(c, "POST", f"/v1/services/{_q(args.service)}/update",
-                       {"spec": spec, "version": current["version"]})
+                       registry_cli.service_body({"spec": spec, "version": current["version"]},
+                                                 args))
+        registry_cli.print_warnings(r)
         print(r["name"])
     elif sc == "logs":
         q = f"?tail={args.tail}&follow={int(args.follow)}&timestamps={int(args.timestamps)}"
@@ -591,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--metrics-addr, as the remote API does")
     a.add_argument("--events-retained", type=int, default=10_000, metavar="N",
                    help="events a manager keeps for `shoal events --since` (default 10000)")
+    a.add_argument("--registry-ca", default="", metavar="FILE",
+                   help="PEM CA certificates trusted for registries besides the system's")
+    a.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                   help="a registry reached over plain HTTP (repeatable; never by default)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
     a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)
@@ -637,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
     sc = ssub.add_parser("create", help="create a service")
     specflags.add_create_flags(sc)
+    registry_cli.add_service_flags(sc, update=False)
     sls = ssub.add_parser("ls", help="list services")
     sls.add_argument("--format", choices=["table", "json"], default="table")
     sps = ssub.add_parser("ps", help="list a service's tasks")
@@ -651,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "template replaces tasks (a rolling update)")
     su.add_argument("service")
     specflags.add_update_flags(su)
+    registry_cli.add_service_flags(su, update=True)
     slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes")
     slg.add_argument("service")
     slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")
@@ -717,6 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     ils.add_argument("--format", choices=["table", "json"], default="table")
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
+    registry_cli.add_image_pull(isub)
+    registry_cli.add_parser(sub)
     stack.add_parser(sub)
     return p
 

@@ -62,6 +62,7 @@ from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
+from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
@@ -123,6 +124,12 @@ class Agent:
         # the commands (node/control/*)
         self.dispatcher = Dispatcher(ctx, self.security, self._leader_wakeup.set)
         self.services = Services(ctx, self.transfer)
+        # registry login, tag → digest at service create/update, registry pulls
+        self.registries = Registries(ctx, self.security, self.secrets, config.registry,
+                                     self.runtime.images, self.transfer)
+        self.services.resolve_image = self.registries.resolve_spec
+        self.transfer.registry_pull = self.registries.pull
+        self.transfer.registry_pullable = self.registries.pullable
         self.nodes = Nodes(ctx, self.gossip, self.voters)
         self.roles = Roles(ctx, self.security, self.voters)
         self.admission = Admission(ctx, self.security, self.gossip, self.voters)
@@ -161,7 +168,7 @@ class Agent:
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
             runtime=self.runtime, images=self.runtime.images, events=self.events,
-            metrics=self.metrics))
+            metrics=self.metrics, registries=self.registries))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)

@@ -51,6 +51,7 @@ from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
 from shoal.node.pki import CertInfo, peer_info
+from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
@@ -274,6 +275,7 @@ class Controls:
     images: ImageStore
     events: Events
     metrics: Metrics
+    registries: Registries  # registry login, image pull, resolve (node/registries.py)
 
 
 class ApiServer:
@@ -362,7 +364,9 @@ class ApiServer:
 
         async def service_create(req: web.Request) -> Any:
             body = await _body(req)
-            return await svcs.create_service(body.get("spec", body))
+            return await svcs.create_service(body.get("spec", body),
+                                             body.get("resolve_image") if "spec" in body
+                                             else None)
 
         async def service(req: web.Request) -> Any:
             return svcs.service(req.match_info["ref"])
@@ -381,7 +385,7 @@ class ApiServer:
             if "spec" not in body:
                 raise BadRequest("spec is required", "spec")
             return await svcs.update_service(req.match_info["ref"], body["spec"],
-                                             body.get("version"))
+                                             body.get("version"), body.get("resolve_image"))
 
         async def service_rollback(req: web.Request) -> Any:
             return await svcs.rollback_service(req.match_info["ref"])
@@ -427,6 +431,18 @@ class ApiServer:
         async def service_rm(req: web.Request) -> Any:
             return await svcs.remove_service(req.match_info["ref"])
 
+        async def image_pull(req: web.Request) -> Any:  # (shoal.node.registries)
+            ref = (await _body(req)).get("ref")
+            if not isinstance(ref, str) or not c.registries.pullable(ref):
+                raise BadRequest("ref must name its registry: HOST[:PORT]/PATH[:TAG]", "ref")
+            return image_view(await c.registries.pull(ref, stored_creds=True))
+
+        async def registry_login(req: web.Request) -> Any:
+            return await c.registries.login(await _body(req))
+
+        async def registry_logout(req: web.Request) -> Any:
+            return await c.registries.logout(req.match_info["ref"])
+
         async def openapi_doc(_: web.Request) -> Any:
             return web.Response(text=openapi.openapi_json(), content_type="application/json")
 
@@ -453,6 +469,8 @@ class ApiServer:
             "service_rollback": service_rollback, "service_logs": service_logs,
             "service_rm": service_rm, "events": events, "metrics": metrics,
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
+            "image_pull": image_pull, "registry_login": registry_login,
+            "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()})
         return app
 
@@ -548,6 +566,10 @@ class ApiServer:
             body = await _body(req)
             return c.secrets.task_files(peer_of(req), body.get("task_id"))
 
+        async def registry_auth(req: web.Request) -> Any:
+            body = await _body(req)
+            return c.registries.task_auth(peer_of(req), body.get("task_id"))
+
         async def state(req: web.Request) -> Any:  # a worker's state feed (node/feed.py)
             body = await _body(req)
             data = await disp.state_since(peer_of(req), body.get("after"), body.get("wait", 0))
@@ -608,7 +630,8 @@ class ApiServer:
             "cluster_ca": ca, "cluster_join": join, "cluster_keys": keys,
             "cluster_manager_keys": manager_keys, "cluster_renew": renew,
             "cluster_heartbeat": heartbeat, "cluster_state": state, "cluster_report": report,
-            "cluster_task_files": task_files, "cluster_gossip_keys": gossip_keys,
+            "cluster_task_files": task_files, "cluster_registry_auth": registry_auth,
+            "cluster_gossip_keys": gossip_keys,
             "cluster_node_role": node_role, "cluster_role_changed": role_changed,
             "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
             "cluster_logs": task_logs, "cluster_usage": task_usage})

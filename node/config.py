@@ -18,6 +18,7 @@ from shoal.node.limits import LimitsConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
+from shoal.runtime.registry import RegistryConfig
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal")
 DEFAULT_API_PORT = 2377  # node-to-node API (join, heartbeats), like Swarm's 2377
@@ -85,6 +86,8 @@ class AgentConfig:
     feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     events: EventsConfig = field(default_factory=EventsConfig)  # the managers' event ring
+    # how this node talks to image registries: CA file, insecure (plain-HTTP) registries
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def socket_path(self) -> Path:

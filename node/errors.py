@@ -281,6 +281,12 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     _r.ImageNotFound: (404, "image_not_found"),
     _r.InvalidImage: (400, "invalid_image"),
     _r.DigestMismatch: (400, "digest_mismatch"),
+    _r.InvalidReference: (400, "invalid_reference"),
+    _r.RegistryError: (400, "registry"),  # (an answer the registry gave: 4xx of its own)
+    _r.RegistryUnreachable: (503, "registry_unreachable"),
+    _r.RegistryAuthError: (403, "registry_auth"),
+    _r.ManifestUnknown: (404, "manifest_unknown"),
+    _r.UnsupportedImage: (400, "unsupported_image"),
     _r.ImageInUse: (409, "in_use"),
     # gossip
     _g.KeyringError: (400, "invalid_key"),

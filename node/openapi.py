@@ -88,8 +88,15 @@ class NodeUpdateRequest(_Body):
                                      "routes do)")] = msgspec.UNSET
 
 
+ResolveImage = Literal["always", "changed", "never"]
+_RESOLVE = _d("pin the image's tag to the registry's digest now (Swarm's --resolve-image): "
+              "always; changed = only an image given without a digest; never. Only for "
+              "images that name their registry. Default: always on create, changed on update")
+
+
 class ServiceCreateRequest(_Body):
     spec: ServiceSpec
+    resolve_image: Annotated[ResolveImage | None, _RESOLVE] = None
 
 
 class ServiceScaleRequest(_Body):
@@ -101,6 +108,19 @@ class ServiceUpdateRequest(_Body):
     version: Annotated[int | None, _d(
         "the service version the spec was read at: refused (409 conflict) if the service "
         "changed since; null = no check")] = None
+    resolve_image: Annotated[ResolveImage | None, _RESOLVE] = None
+
+
+class RegistryLoginRequest(_Body):
+    server: Annotated[str, _d("the registry, HOST[:PORT] as in image references")]
+    username: str
+    password: Annotated[str, _d("checked against the registry, then kept sealed as the "
+                                "cluster secret registry-auth.HOST; never shown again")]
+
+
+class ImagePullRequest(_Body):
+    ref: Annotated[str, _d("image reference naming its registry, "
+                           "HOST[:PORT]/PATH[:TAG][@sha256:DIGEST]")]
 
 
 class ImageLoadRequest(_Body):
@@ -266,7 +286,7 @@ REPLIES: dict[str, Schema] = {
                                       task=STR, name=STR, health=STR, failing_streak=INT,
                                       log=_list({"type": "object"})))),
     "ServiceRef": _obj("the service a command acted on", id=STR, name=STR, version=INT,
-                       replicas=INT, removed=BOOL),
+                       replicas=INT, removed=BOOL, image=STR, warnings=_list(STR)),
     "Usage": _obj("live resource use read from the task's cgroups", memory_bytes=INT,
                   memory_peak_bytes=INT, cpu_seconds=NUM, pids=INT),
     "Task": _obj("a task (`service ps`)",
@@ -480,6 +500,19 @@ ROUTES: tuple[Route, ...] = (
           "images", body=ImageLoadRequest, reply=_list(_ref("Image"))),
     Route("DELETE", "/v1/images/{ref}", "image_rm", "remove an image from this node's store",
           "images", reply=_obj("", removed=STR), errors=(400,)),
+    Route("POST", "/v1/images/pull", "image_pull", "pull an image from its registry into "
+          "this node's store (layers from peers first)", "images", body=ImagePullRequest,
+          reply=_ref("Image"), errors=(400, 403, 404, 503),
+          description="403 wrong or missing credentials, 404 unknown tag or repository, 503 "
+          "registry unreachable, 400 digest mismatch or an unsupported image"),
+    Route("POST", "/v1/registry/login", "registry_login", "check and keep credentials for "
+          "a registry (`registry login`)", "registry", body=RegistryLoginRequest,
+          reply=_obj("", server=STR, username=STR, stored=BOOL), errors=CLUSTER,
+          description="the password is never shown again; `--with-registry-auth` services "
+          "pull with it"),
+    Route("DELETE", "/v1/registry/login/{ref}", "registry_logout", "forget a registry's "
+          "credentials (`registry logout`)", "registry",
+          reply=_obj("", server=STR, removed=BOOL), errors=CLUSTER),
     *_object_routes(),
     Route("POST", "/v1/gossip/rotate-key", "gossip_rotate_key", "roll a new gossip key "
           "through every ready node (`gossip rotate-key`)", "gossip",
@@ -537,6 +570,10 @@ ROUTES: tuple[Route, ...] = (
           "configs", "internal", "peer", body=TaskFilesRequest,
           reply=_obj("", files=_list(_obj("", path=STR, mode=INT, data=STR))),
           errors=(401, 403, 404, 409), auth="the node the task is assigned to"),
+    Route("POST", "/v1/cluster/registry-auth", "cluster_registry_auth", "the registry "
+          "credentials for a task's image", "internal", "peer", body=TaskFilesRequest,
+          reply=_obj("", username=STR, password=STR), errors=(401, 403, 409),
+          auth="the node the task is assigned to, for a --with-registry-auth service"),
     Route("POST", "/v1/cluster/gossip-keys", "cluster_gossip_keys", "one gossip key "
           "rotation step", "internal", "peer", body=GossipKeyRequest,
           reply=_obj("", op=STR, key=STR, keys=_list(STR)), errors=(401, 403, 409),

@@ -1,7 +1,12 @@
 """Node-to-node data transfer over mTLS: image blobs and task logs.
 
 Owns: pulling an image this node lacks from a peer that has it (content-addressed blobs,
-each verified by digest on import, then the image committed locally), and fetching or
+each verified by digest on import, then the image committed locally) — or, for an image
+that names its registry and that no peer holds, from the registry through
+``registry_pull`` (shoal.node.registries), which asks ``blob_from_peers`` for each layer
+first (a peer that has it, or the one peer that fetches it from the registry for all: a
+rendezvous hash of the layer digest over the nodes assigned a task of the image, so the
+registry serves each layer about once however many nodes start it) — and fetching or
 following the logs of a task that runs on another node (for `shoal service logs`). Both
 ride the cluster's node API (TCP, mutual TLS with the cluster CA; the server is pinned to
 the node id it must be, and only cluster members are served). Must not touch: the store
@@ -13,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -27,7 +33,7 @@ from shoal.node import pki
 from shoal.node.context import NodeContext
 from shoal.node.errors import ApiError, NotFound, Unavailable
 from shoal.node.security import Security
-from shoal.raft.models import Node, NodeState
+from shoal.raft.models import Node, NodeState, TaskState
 from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
 
@@ -42,6 +48,14 @@ class Transfer:
         self.runtime = runtime
         self.images = images
         self._pulls: dict[str, asyncio.Future[None]] = {}
+        # pull an image from its registry (shoal.node.registries.Registries.pull), used
+        # when no peer has the image; None = peers only. ``registry_pullable(ref)`` says
+        # whether a reference names a registry at all.
+        self.registry_pull: Callable[[str], Awaitable[Any]] | None = None
+        self.registry_pullable: Callable[[str], bool] = lambda _ref: False
+        # how long a node waits for the peer chosen to fetch a layer from the registry
+        # before fetching it itself (seconds)
+        self.peer_wait = 120.0
 
     # ------------------------------------------------------------------ plumbing
     def _peers(self) -> list[Node]:
@@ -107,6 +121,8 @@ class Transfer:
                 if not isinstance(exc, NotFound):
                     last = exc
                 continue
+            if not self._same_image(ref, info):
+                continue
             image_id, tags = str(info["id"]), [str(t) for t in info.get("tags", [])]
             started = time.monotonic()
             for _ in range(1000):  # manifest first, then its layers
@@ -119,7 +135,71 @@ class Transfer:
             log.info("pulled image %s (%s) from %s in %.2fs", ref, image_id[:19],
                      node.hostname, time.monotonic() - started)
             return
+        if self.registry_pull is not None and self.registry_pullable(ref):
+            await self.registry_pull(ref)
+            return
         raise last
+
+    @staticmethod
+    def _same_image(ref: str, info: Any) -> bool:
+        """A peer's answer for a registry reference pinned to a digest is only taken if the
+        peer's image carries that digest's tag (a tag alone may name other bytes there)."""
+        if "@sha256:" not in ref:
+            return True
+        digest = ref.rsplit("@", 1)[1]
+        return any(str(t).endswith(f"@{digest}") for t in info.get("tags", []))
+
+    async def blob_from_peers(self, digest: str, image: str) -> bool:
+        """Put blob ``digest`` into the store from a peer: one that has it now, or else the
+        peer chosen (rendezvous hash) among the nodes assigned a task of ``image`` to fetch
+        it from the registry, waited for up to ``peer_wait``. False: this node is the chosen
+        one, or the chosen one did not deliver: fetch it from the registry."""
+        peers = self._peers()
+        for node in peers:
+            with contextlib.suppress(ApiError, OSError, aiohttp.ClientError):
+                await self._fetch_blob(node, digest)
+                return True
+        me = self.ctx.identity.node_id if self.ctx.identity is not None else ""
+        owner = self._fetcher(digest, image, {n.id for n in peers} | {me})
+        if owner is None or owner.id == me:
+            return False
+        deadline = time.monotonic() + self.peer_wait
+        log.info("layer %s of %s: waiting for %s to fetch it from the registry", digest[:19],
+                 image, owner.hostname)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            # the choice again: the chosen node's task may have failed (then another, or
+            # this node, takes over), or nodes may have come or gone
+            again = self._fetcher(digest, image, {n.id for n in self._peers()} | {me})
+            if again is None or again.id == me:
+                return False
+            owner = again
+            try:
+                await self._fetch_blob(owner, digest)
+                return True
+            except NotFound:
+                continue
+            except (ApiError, OSError, aiohttp.ClientError) as exc:
+                log.info("layer %s: %s cannot serve it (%s); fetching it here", digest[:19],
+                         owner.hostname, exc)
+                return False
+        return False
+
+    def _fetcher(self, digest: str, image: str, ready: set[str]) -> Node | None:
+        """The node that fetches ``digest`` from the registry for every node assigned a task
+        of ``image`` (highest rendezvous hash among those that are ready)."""
+        store = self.ctx.store
+        if store is None:
+            return None
+        snap = store.snapshot()
+        needing = {t.node_id for t in snap.tasks.values()
+                   if t.spec.container.image == image and t.node_id in ready
+                   and t.desired_state <= TaskState.RUNNING
+                   and t.status.state <= TaskState.RUNNING}  # (not one that failed)
+        if not needing:
+            return None
+        best = max(needing, key=lambda n: hashlib.sha256(f"{digest}/{n}".encode()).digest())
+        return snap.nodes.get(best)
 
     async def _fetch_blob(self, node: Node, digest: str) -> None:
         store = self.images

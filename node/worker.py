@@ -37,6 +37,7 @@ from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Health, Task, TaskState, TaskStatus, to_dict
+from shoal.raft.spec import SIGNALS
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
@@ -278,9 +279,12 @@ class Worker:
         s = task.spec.container
         limits = task.spec.resources.limits
         cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
+        stop_signal = s.stop_signal
         if s.image:
             image = await self._ensure_image(s.image)
             cmd, env, wd, user = image.apply(cmd, env, wd, user)
+            if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:  # (the default)
+                stop_signal = image.stop_signal  # the image's STOPSIGNAL
             if not cmd:
                 raise StartError(f"image {s.image} has no command and the service gives none")
         files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
@@ -291,7 +295,7 @@ class Worker:
             task_id=task.id,
             hostname=s.hostname or f"{task.service_name}-{task.slot}".replace("_", "-"),
             command=cmd, env=env, workdir=wd, user=user,
-            image=s.image, stop_signal=s.stop_signal,
+            image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
             mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size)
                          for m in s.mounts),

@@ -53,7 +53,15 @@ from shoal.raft.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,128})?$")
+# an image reference, Docker's grammar ([HOST[:PORT]/]PATH[:TAG][@sha256:HEX]); the same as
+# shoal.runtime.reference.REFERENCE_RE (tests/test_registry_unit.py checks they agree)
+_IMG_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMG_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+IMAGE_RE = re.compile(
+    rf"^(?=.{{1,400}}$)(?:(?:{_IMG_DOMAIN_PART}(?:\.{_IMG_DOMAIN_PART})*|\[[0-9A-Fa-f:]+\])"
+    rf"(?::[0-9]{{1,5}})?/)?{_IMG_COMPONENT}(?:/{_IMG_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
 _USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
 USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
@@ -232,8 +240,9 @@ Command = Annotated[tuple[str, ...], decl(
 class ContainerSpec(_Spec, frozen=True):
     """What runs: the process, its environment and the files it sees."""
 
-    image: Annotated[str, decl("image NAME[:TAG]; empty = the host's read-only /usr and /etc",
-                               flag="--image", cli="str", metavar="NAME[:TAG]",
+    image: Annotated[str, decl("image [HOST[:PORT]/]NAME[:TAG][@DIGEST]; empty = the host's "
+                               "read-only /usr and /etc", flag="--image", cli="str",
+                               metavar="[HOST[:PORT]/]NAME[:TAG][@DIGEST]",
                                pattern=f"^$|{IMAGE_RE.pattern}")] = ""
     command: Command = ()
     env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
@@ -261,6 +270,9 @@ class ContainerSpec(_Spec, frozen=True):
         "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
         item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
     healthcheck: HealthCheck = HealthCheck()
+    registry_auth: Annotated[bool, decl(
+        "nodes pull the image with the cluster's stored credentials for its registry "
+        "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
 
     def __post_init__(self) -> None:
         if self.command and not self.command[0]:
@@ -274,6 +286,11 @@ class ContainerSpec(_Spec, frozen=True):
                 raise SpecError("env", f"name {k!r} is invalid (letters, digits, '_')")
             if "\0" in v:
                 raise SpecError("env", f"value of {k} must not contain NUL")
+        name = self.image.split("@", 1)[0]
+        if ":" in name.rsplit("/", 1)[-1]:
+            name = name.rsplit(":", 1)[0]
+        if len(name) > 255:
+            raise SpecError("image", "the image name is longer than 255 characters")
         if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
             raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
         _unique_files(self.secrets, "secrets")

@@ -22,11 +22,19 @@ The tree::
         ├── InvalidImage          a tarball/layout is malformed or unsafe (absolute path, "..",
         │                         link out of the root, unknown compression, bad manifest)
         ├── DigestMismatch        a blob's content does not match its sha256 digest
-        └── ImageInUse            rm of an image a task on this node still uses
+        ├── ImageInUse            rm of an image a task on this node still uses
+        ├── InvalidReference      not an image reference (shoal.runtime.reference's grammar)
+        └── RegistryError         a registry refused or failed a pull (shoal.runtime.registry)
+            ├── RegistryUnreachable   cannot connect, TLS failure, timeout, 5xx
+            ├── RegistryAuthError     401/403: no or wrong credentials
+            ├── ManifestUnknown       no such tag, digest or repository (404)
+            └── UnsupportedImage      schema-1, unknown media type, no image for this platform
 
 How the API answers each (the mapping lives in node/errors.py, ``http_error``): the user's
 mistakes are 4xx (InvalidTaskConfig 400 naming the field, ImageUnavailable/ImageNotFound/
-TaskNotFound 404, InvalidImage/DigestMismatch 400, CgroupError 400), conflicts with what this
+TaskNotFound 404, InvalidImage/DigestMismatch 400, CgroupError 400; registries: ManifestUnknown
+404, RegistryAuthError 403, RegistryUnreachable 503, InvalidReference/UnsupportedImage 400),
+conflicts with what this
 node holds 409 (TaskExists, VolumeInUse, ImageInUse), what a retry may fix 503 (LaunchFailed,
 StopFailed); only RuntimeError_ itself and ConfigError (the agent's own settings) are 500.
 
@@ -109,3 +117,27 @@ class DigestMismatch(ImageError):
 
 class ImageInUse(ImageError):
     """The image is used by a task this node still knows."""
+
+
+class InvalidReference(ImageError):
+    """A string is not an image reference (the message says why)."""
+
+
+class RegistryError(ImageError):
+    """A registry refused or failed a pull."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry (or its token realm) cannot be reached, or keeps failing (5xx)."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry wants credentials it was not given, or refused the ones it was given."""
+
+
+class ManifestUnknown(RegistryError):
+    """The registry has no such tag, digest or repository."""
+
+
+class UnsupportedImage(RegistryError):
+    """The image exists but shoal cannot run it (format, media type, platform)."""

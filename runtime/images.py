@@ -60,9 +60,9 @@ from shoal.runtime.errors import (
     ImageNotFound,
     InvalidImage,
 )
+from shoal.runtime.reference import REFERENCE_RE, InvalidReference, parse_reference
 
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
-_REF_RE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
 _CHUNK = 1 << 20
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
@@ -115,6 +115,8 @@ class ImageConfig:
     workdir: str = ""
     user: str = ""
     healthcheck: ImageHealthcheck | None = None  # the image's HEALTHCHECK, if any
+    stop_signal: str = ""  # the image's STOPSIGNAL ("SIGQUIT", "15"); "" = unset
+    exposed_ports: tuple[str, ...] = ()  # EXPOSE: "80/tcp"... (informational)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -124,8 +126,13 @@ class ImageConfig:
             "WorkingDir": self.workdir,
             "User": self.user,
         }
-        if self.healthcheck is not None:  # (only then: images without one keep their id)
+        # (the optional keys only when set: images without them keep their id)
+        if self.healthcheck is not None:
             out["Healthcheck"] = self.healthcheck.to_json()
+        if self.stop_signal:
+            out["StopSignal"] = self.stop_signal
+        if self.exposed_ports:
+            out["ExposedPorts"] = {p: {} for p in self.exposed_ports}
         return out
 
     @classmethod
@@ -143,6 +150,9 @@ class ImageConfig:
             workdir=str(raw.get("WorkingDir") or ""),
             user=str(raw.get("User") or ""),
             healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
+            stop_signal=_signal_name(raw.get("StopSignal")),
+            exposed_ports=tuple(sorted(str(p) for p in raw.get("ExposedPorts") or {}
+                                       if isinstance(raw.get("ExposedPorts"), dict))),
         )
 
     def apply(
@@ -178,12 +188,29 @@ def _digest_hex(digest: str) -> str:
     return hexpart
 
 
+_SIGNALS = {"1": "SIGHUP", "2": "SIGINT", "3": "SIGQUIT", "9": "SIGKILL", "10": "SIGUSR1",
+            "12": "SIGUSR2", "15": "SIGTERM", "28": "SIGWINCH"}
+
+
+def _signal_name(raw: Any) -> str:
+    """An image's StopSignal as a name ("SIGQUIT"); numbers and "QUIT" are accepted."""
+    if not isinstance(raw, str) or not raw:
+        return ""
+    name = _SIGNALS.get(raw.strip(), raw.strip().upper())
+    return name if name.startswith("SIG") else f"SIG{name}"
+
+
 def normalize_ref(ref: str) -> str:
-    """"name" -> "name:latest"; a tag is what follows a ':' after the last '/'."""
-    if not _REF_RE.fullmatch(ref):
-        raise ImageError(f"not an image name: {ref!r} (lowercase name[:tag])")
-    name = ref.rsplit("/", 1)[-1]
-    return ref if ":" in name else f"{ref}:latest"
+    """The store's tag for a reference (Docker's grammar, shoal.runtime.reference), in the
+    familiar form: "name" -> "name:latest", "docker.io/library/x:1" -> "x:1",
+    "reg:5000/app:1@sha256:..." -> "reg:5000/app@sha256:..." (a digest wins over a tag)."""
+    try:
+        r = parse_reference(ref)
+    except InvalidReference as exc:
+        raise ImageError(f"not an image name: {ref!r} ({exc})") from None
+    if r.digest:
+        return f"{r.familiar_name}@{r.digest}"
+    return f"{r.familiar_name}:{r.tag}"
 
 
 def _canonical(obj: Any) -> bytes:
@@ -402,6 +429,16 @@ class ImageStore:
 
     # ------------------------------------------------------------------------------ imports
 
+    def add_image(self, layers: Sequence[tuple[str, int]], config: ImageConfig,
+                  tags: Sequence[str] = ()) -> ImageInfo:
+        """An image from layer blobs already in the store (``import_blob``), bottom first,
+        and its config (a registry pull): written as one manifest, committed, tagged. The
+        same layers and config give the same image id on every node."""
+        missing = [d for d, _ in layers if not self.has_blob(d)]
+        if missing:
+            raise ImageNotFound(f"layers not in the store: {', '.join(missing)}")
+        return self._new_image([(d, int(s)) for d, s in layers], config, tags)
+
     def _new_image(
         self, layers: list[tuple[str, int]], config: ImageConfig, tags: Sequence[str]
     ) -> ImageInfo:
@@ -508,7 +545,7 @@ class ImageStore:
             name = annotations.get("io.containerd.image.name") or annotations.get(
                 "org.opencontainers.image.ref.name", ""
             )
-            tags = [name] if name and _REF_RE.fullmatch(name) else []
+            tags = [name] if name and REFERENCE_RE.fullmatch(name) else []
             man = self._verified_json(outer, names, str(man_desc["digest"]))
             config = self._verified_json(outer, names, str(man["config"]["digest"]))
             layers = []

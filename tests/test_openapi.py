@@ -33,6 +33,7 @@ from shoal.node.events import EventLog
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.pki import CertInfo
+from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore
@@ -40,6 +41,7 @@ from shoal.node.transfer import Transfer
 from shoal.raft import spec
 from shoal.raft.models import Node, NodeRole, to_dict
 from shoal.runtime.images import ImageStore
+from shoal.runtime.registry import RegistryConfig
 from shoal.runtime.testing import FakeController
 
 ADDR = "127.0.0.1"
@@ -89,7 +91,9 @@ def make_server(tmp_path: Path) -> tuple[ApiServer, MemoryStore, NodeContext]:
         admission=Admission(ctx, security, gossip, voters),
         dispatcher=Dispatcher(ctx, security, lambda: None), security=security,
         secrets=SecretsApi(ctx, security), gossip=gossip, transfer=transfer, runtime=runtime,
-        images=images, events=Events(ctx, event_log), metrics=metrics)
+        images=images, events=Events(ctx, event_log), metrics=metrics,
+        registries=Registries(ctx, security, SecretsApi(ctx, security), RegistryConfig(),
+                              images, transfer))
     return ApiServer(config, controls), store, ctx
 
 

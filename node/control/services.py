@@ -10,7 +10,7 @@ Must not touch: placement or task lifecycle (the leader's and the workers'), the
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shoal.node import transfer, views
@@ -19,7 +19,7 @@ from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
 from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
 from shoal.raft.errors import StoreError
-from shoal.raft.models import Service, to_dict
+from shoal.raft.models import Service, ServiceSpec, to_dict
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -40,6 +40,15 @@ class Services:
     def __init__(self, ctx: NodeContext, transfer: Transfer) -> None:
         self.ctx = ctx
         self.transfer = transfer  # live usage (ps) and logs of tasks on every node
+        # pins a spec's image tag to its registry digest (shoal.node.registries); None = off
+        self.resolve_image: Callable[[ServiceSpec, Any, ServiceSpec | None],
+                                     Awaitable[tuple[ServiceSpec, list[str]]]] | None = None
+
+    async def _resolve(self, spec: ServiceSpec, mode: Any, previous: ServiceSpec | None
+                       ) -> tuple[ServiceSpec, list[str]]:
+        if self.resolve_image is None:
+            return spec, []
+        return await self.resolve_image(spec, mode, previous)
 
     def find_service(self, snap: Snapshot, ref: str) -> Service:
         return find_service(snap, ref)
@@ -74,7 +83,7 @@ class Services:
         svc = self.find_service(snap, ref)
         return transfer.service_logs(self.transfer, svc.id, tail, since, timestamps, follow)
 
-    async def create_service(self, spec: Any) -> dict[str, Any]:
+    async def create_service(self, spec: Any, resolve_image: Any = None) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
         try:
             parsed = validate_spec(spec)
@@ -84,10 +93,12 @@ class Services:
             raise Conflict(f"a service named {parsed.name!r} already exists", "name",
                            code="exists")
         check_refs(snap, parsed)
+        parsed, warnings = await self._resolve(parsed, resolve_image, None)
         sid = new_id()
         await self.ctx.propose({"op": "service_create", "id": sid, "now": time.time(),
                                 "spec": to_dict(parsed)})
-        return {"id": sid, "name": parsed.name}
+        return {"id": sid, "name": parsed.name, "image": parsed.task.container.image,
+                **({"warnings": warnings} if warnings else {})}
 
     async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
@@ -101,7 +112,8 @@ class Services:
         return {"id": svc.id, "name": svc.spec.name, "replicas": n,
                 "version": res.get("version")}
 
-    async def update_service(self, ref: str, spec: Any, version: Any) -> dict[str, Any]:
+    async def update_service(self, ref: str, spec: Any, version: Any,
+                             resolve_image: Any = None) -> dict[str, Any]:
         """Replace a service's spec; running tasks are replaced by a rolling update."""
         snap = self.ctx.require_manager().snapshot()
         svc = self.find_service(snap, ref)
@@ -112,9 +124,12 @@ class Services:
         if version is not None and not isinstance(version, int):
             raise BadRequest("version must be an integer", "version")
         check_refs(snap, parsed)
+        parsed, warnings = await self._resolve(parsed, resolve_image, svc.spec)
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                       "spec": to_dict(parsed), "version": version})
-        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
+        return {"id": svc.id, "name": svc.spec.name, "version": res.get("version"),
+                "image": parsed.task.container.image,
+                **({"warnings": warnings} if warnings else {})}
 
     async def rollback_service(self, ref: str) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()

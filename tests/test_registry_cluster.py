@@ -1,0 +1,180 @@
+"""Services from a real registry on netns hosts (issue 13, registry must-shows): a registry
+(Debian's docker-registry, TLS from a test CA, htpasswd Basic auth) on lab host h4, a cluster
+of h1 (manager) + h2, h3 (workers).
+
+* `service create` of REGISTRY:5000/team/app:1 with --with-registry-auth: the manager pins
+  the tag to its digest, every node runs the same image, and the registry's access log shows
+  each layer fetched once (the other nodes got it from a peer);
+* moving the tag changes no running task until `service update --image`;
+* wrong credentials, no credentials, an unknown tag, an unreachable registry and a tampered
+  blob each show as a clear error in `service ps`, with nothing half-written in any image
+  store."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import registryd
+
+from netlab import Host, Lab, wait_until
+
+pytestmark = pytest.mark.netns
+
+USER, PASSWORD = "alice", "s3cret"
+
+
+def tasks(h: Host, svc: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = h.cli_json("service", "ps", svc)
+    return out
+
+
+def running(h: Host, svc: str, n: int, timeout: float = 60) -> list[dict[str, Any]]:
+    def check() -> list[dict[str, Any]] | None:
+        r = [t for t in tasks(h, svc) if t["state"] == "running"
+             and t["desired_state"] == "running"]
+        return r if len(r) == n else None
+    return wait_until(check, timeout=timeout, interval=0.3, what=f"{n} running {svc}")
+
+
+def task_error(h: Host, svc: str, needle: str, timeout: float = 40) -> str:
+    """The message of a task of ``svc`` that contains ``needle`` (as `service ps` shows it)."""
+    def check() -> str | None:
+        for t in tasks(h, svc):
+            text = t["error"] or t["message"]
+            if needle in text:
+                return str(text)
+        return None
+    return wait_until(check, timeout=timeout, interval=0.3, what=f"{svc}: {needle!r}")
+
+
+def image_tags(h: Host) -> dict[str, str]:
+    return {tag: img["id"] for img in h.cli_json("image", "ls") for tag in img["tags"]}
+
+
+def store_tmp(h: Host) -> list[str]:
+    tmp = h.data_dir / "images" / "tmp"
+    return sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+
+
+def login(h: Host, server: str, password: str, check: bool = True) -> Any:
+    shoal = " ".join(h.shoal_argv)
+    return h.run("sh", "-c", f"printf %s '{password}' | {shoal} -H unix://{h.sock} registry "
+                 f"login -u {USER} --password-stdin {server}", check=check)
+
+
+def test_services_from_a_registry(lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = lab_factory(4)
+    h4 = lab.hosts[3]
+    reg = registryd.Registry(tmp_path / "reg", h4.ip, 5000, users={USER: PASSWORD},
+                             spawn=h4.spawn, netns=h4.netns)
+    try:
+        run_scenario(lab, reg, tmp_path)
+    finally:
+        reg.close()
+
+
+def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
+    h1, h2, h3, _h4 = lab.hosts
+    for h in (h1, h2, h3):
+        h.start_agent("--registry-ca", str(reg.ca))
+    lab.form_cluster(managers=1, workers=2)
+    reg.wait_ready()
+    layout = tmp_path / "layout"
+    v1 = registryd.build_layout(layout, "1", marker="one", extra_mib=8)
+    reg.push(layout, "1", "team/app:1")
+    image = f"{reg.addr}/team/app:1"
+
+    # ---- login: wrong credentials are refused at once; right ones are kept, never shown
+    bad = login(h1, reg.addr, "wrong", check=False)
+    assert bad.returncode != 0 and "refused the credentials" in bad.stderr
+    login(h1, reg.addr, PASSWORD)
+    secrets = h1.cli_json("secret", "ls")
+    assert [s["name"] for s in secrets] == [f"registry-auth.{reg.host}-5000"]
+    assert PASSWORD not in json.dumps(h1.cli_json("secret", "inspect", secrets[0]["name"]))
+    assert PASSWORD not in "".join(h.agent_log.read_text() for h in (h1, h2, h3))
+
+    # ---- create: pinned to the digest, the same image on every node, layers fetched once
+    h1.cli("service", "create", "--name", "app", "--replicas", "3", "--with-registry-auth",
+           "--update-parallelism", "0", "--image", image)  # (updates: all tasks at once)
+    ts = running(h1, "app", 3, timeout=90)
+    assert len({t["node"] for t in ts}) == 3
+    spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
+        "image"]
+    assert spec_image == f"{image}@{v1['manifest']}"  # `service inspect` shows tag and digest
+    pinned = f"{reg.addr}/team/app@{v1['manifest']}"
+    ids = {h.name: image_tags(h).get(pinned) for h in (h1, h2, h3)}
+    assert None not in ids.values() and len(set(ids.values())) == 1, ids
+    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started one") == 3
+               or None, timeout=20, what="3 tasks started from image one")
+    layers = json.loads(reg.blob_path(v1["manifest"]).read_text())["layers"]
+    gets = {layer["digest"][:19]: reg.blob_gets(layer["digest"]) for layer in layers}
+    assert all(n == 1 for n in gets.values()), f"layer GETs from the registry: {gets}"
+
+    # ---- moving the tag changes nothing running; `service update --image` rolls it out
+    before = {t["id"] for t in running(h1, "app", 3)}
+    v2 = registryd.build_layout(layout, "2", marker="two")
+    reg.push(layout, "2", "team/app:1")
+    time.sleep(2)
+    assert {t["id"] for t in running(h1, "app", 3)} == before
+    # a template change replaces every task, and the new ones still run the pinned bytes
+    h1.cli("service", "update", "--env-add", "X=1", "app")
+    spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
+        "image"]
+    assert spec_image.endswith(v1["manifest"])
+    wait_until(lambda: not before & {t["id"] for t in running(h1, "app", 3)} or None,
+               timeout=90, what="the --env-add rollout replaced every task")
+    assert "started two" not in h1.cli("service", "logs", "app").stdout
+    h1.cli("service", "update", "--image", image, "app")
+    spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
+        "image"]
+    assert spec_image == f"{image}@{v2['manifest']}"
+    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started two") == 3
+               or None, timeout=90, what="3 tasks started from image two")
+
+    # ---- `image pull`: on a manager with the cluster's credentials; a worker has none
+    reg.push(layout, "2", "team/app:2")
+    assert "Pulled" in h1.cli("image", "pull", f"{reg.addr}/team/app:2").stdout
+    assert f"{reg.addr}/team/app:2" in image_tags(h1)
+    denied = h2.cli("image", "pull", f"{reg.addr}/team/app:2", check=False)
+    assert denied.returncode != 0 and "wants credentials" in denied.stderr
+
+    # ---- errors, each clear in `service ps`
+    v3 = registryd.build_layout(layout, "3", marker="three", extra_mib=1)
+    reg.push(layout, "3", "team/app:3")
+    h1.cli("service", "create", "--name", "anon",  # no --with-registry-auth
+           "--image", f"{reg.addr}/team/app:3")
+    assert "registry auth" in task_error(h1, "anon", "wants credentials")
+    h1.cli("service", "create", "--name", "nosuch", "--with-registry-auth",
+           "--image", f"{reg.addr}/team/app:nope")
+    assert task_error(h1, "nosuch", "not found").startswith("image not found")
+    h1.cli("service", "create", "--name", "unreach", "--image", f"{reg.host}:5999/team/app:1")
+    assert task_error(h1, "unreach", "registry unreachable")
+    # a tampered blob: refused by digest, nothing of it kept
+    big = json.loads(reg.blob_path(v3["manifest"]).read_text())["layers"][-1]["digest"]
+    blob = reg.blob_path(big)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    h1.cli("service", "create", "--name", "tampered", "--with-registry-auth",
+           "--image", f"{reg.addr}/team/app:3")
+    assert "digest mismatch" in task_error(h1, "tampered", "digest mismatch")
+    # wrong stored credentials (written as the secret login would keep, bypassing its check)
+    h1.cli("registry", "logout", reg.addr)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"username": USER, "password": "nope"}))
+    h1.cli("secret", "create", f"registry-auth.{reg.host}-5000", str(wrong))
+    h1.cli("service", "create", "--name", "badcreds", "--with-registry-auth",
+           "--image", f"{reg.addr}/team/app:3")
+    assert "refused the credentials" in task_error(h1, "badcreds", "refused the credentials")
+    for svc in ("anon", "nosuch", "unreach", "tampered", "badcreds"):
+        h1.cli("service", "rm", svc)
+    for h in (h1, h2, h3):
+        tags = image_tags(h)
+        assert not [t for t in tags if "app:3" in t or "app:nope" in t], tags
+        assert store_tmp(h) == [], f"{h.name}: half-written files in the image store"
+        assert not (h.data_dir / "images" / "blobs" / "sha256" / big[7:]).exists()
