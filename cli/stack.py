@@ -60,8 +60,15 @@ class Plan:
 def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
     """Does deploying ``new`` change nothing? (``force_update`` is the cluster's counter, not
     the file's: it is carried over.)"""
-    carried = msgspec.structs.replace(
-        new, task=msgspec.structs.replace(new.task, force_update=current.task.force_update))
+    image = new.task.container.image
+    pinned = current.task.container.image
+    if image and "@" not in image and pinned.startswith(image + "@sha256:"):
+        # the managers pinned the file's tag to a digest (--resolve-image): the same image
+        # as far as the file says; a moved tag is taken by `service update --image`
+        image = pinned
+    container = msgspec.structs.replace(new.task.container, image=image)
+    carried = msgspec.structs.replace(new, task=msgspec.structs.replace(
+        new.task, container=container, force_update=current.task.force_update))
     return carried == current
 
 

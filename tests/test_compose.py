@@ -436,3 +436,18 @@ def test_conflicts_are_found_before_any_write(tmp_path: Path) -> None:
 def test_the_stack_label_is_the_one_dns_reads() -> None:
     from shoal.node import mesh
     assert mesh.STACK_LABEL == STACK_LABEL == "com.docker.stack.namespace"
+
+
+def test_an_image_the_managers_pinned_to_a_digest_is_not_a_change(tmp_path: Path) -> None:
+    """The managers resolve a registry tag to its digest (`--resolve-image`): the cluster
+    holds `reg:5000/app:1@sha256:…` for the file's `reg:5000/app:1`, which is no change; an
+    edited tag in the file is one."""
+    text = "services:\n  web: {image: 'reg:5000/app:1', command: sleep 1}\n"
+    first = deploy(tmp_path, text)
+    cluster = [cluster_service(s) for s in first.services]
+    cluster[0]["spec"]["task"]["container"]["image"] = "reg:5000/app:1@sha256:" + "a" * 64
+    plan = plan_deploy(first, cluster, {"secret": [], "config": []}, prune=False)
+    assert plan.update == [] and plan.unchanged == ["app_web"]
+    second = deploy(tmp_path, text.replace("app:1", "app:2"))
+    plan = plan_deploy(second, cluster, {"secret": [], "config": []}, prune=False)
+    assert [s.name for s, _ in plan.update] == ["app_web"]
