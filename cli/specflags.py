@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -203,7 +204,8 @@ def _flag_decls() -> list[FieldDecl]:
 
 
 def add_create_flags(parser: argparse.ArgumentParser) -> None:
-    """One option per declared flag (``--name`` required), plus ``-- CMD [ARGS...]``."""
+    """One option per declared flag, then Docker's ``IMAGE [COMMAND [ARG...]]`` or shoal's
+    ``-- CMD [ARGS...]`` (a command on the host's filesystem, or for ``--image``)."""
     for d in _flag_decls():
         names = [d.flag] + ([d.short] if d.short else [])
         kw: dict[str, Any] = {"dest": _dest(d), "help": _help(d)}
@@ -217,8 +219,9 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
             kw.pop("metavar", None)
             parser.add_argument(*names, action="store_true", default=None, **kw)
         else:
-            parser.add_argument(*names, required=d.path == "name", **kw)
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+            parser.add_argument(*names, **kw)
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        metavar="IMAGE [COMMAND [ARG...]] | -- CMD [ARGS...]")
 
 
 def add_update_flags(parser: argparse.ArgumentParser) -> None:
@@ -285,13 +288,31 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
                 _set(spec, d.path, [parse(v, d.flag) for v in value])
         elif value is not None:
             _set(spec, d.path, _scalar(d, value, d.flag))
-    command = _command(args)
+    raw = list(args.command)
+    if raw and raw[0] == "--":  # shoal's form: a command (host filesystem, or --image's)
+        command = raw[1:]
+    elif raw and not _get(spec, "task.container.image", ""):  # Docker's IMAGE [COMMAND...]
+        _set(spec, "task.container.image", raw[0])
+        command = raw[1:]
+    else:  # --image given: what follows is its command
+        command = raw
     if command:
         _set(spec, "task.container.command", command)
     elif not _get(spec, "task.container.image", ""):
         raise CliError("service create needs a command or an image: shoal service create "
-                       "--name NAME -- CMD [ARGS...]")
+                       "[--name NAME] IMAGE [COMMAND...], or ... -- CMD [ARGS...] to run a "
+                       "command of the host's filesystem")
+    if not spec.get("name"):
+        spec["name"] = generated_name(_get(spec, "task.container.image", "") or command[0])
     return spec
+
+
+def generated_name(what: str) -> str:
+    """A service name for a create without ``--name`` (Docker picks a random one): the
+    image's (or command's) base name and 5 random hex digits, e.g. ``nginx-3fa9c``."""
+    base = what.rsplit("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+    base = re.sub(r"[^A-Za-z0-9-]+", "-", base).strip("-")[:40] or "service"
+    return f"{base}-{secrets.token_hex(3)[:5]}"
 
 
 def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

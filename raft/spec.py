@@ -615,7 +615,8 @@ def reference_markdown() -> str:
         unit = f" ({f.unit})" if f.unit else ""
         default = "required" if f.default is None else \
             f"`{json.dumps(_plain(f.default))}`".replace("|", "\\|")
-        flag = f"`{f.flag}`" if f.flag else ("`-- CMD ARGS`" if f.cli == "command" else "")
+        flag = f"`{f.flag}`" if f.flag else (
+            "`IMAGE CMD ARGS` or `-- CMD ARGS`" if f.cli == "command" else "")
         rows.append(f"| `{f.path}` | {tname} | {default} | {flag} | "
                     f"{f.help.replace('|', '/')}{unit} |")
     return "\n".join(rows) + "\n"

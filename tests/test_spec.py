@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,30 @@ def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:
     assert [(x.published, x.protocol) for x in new.endpoint.ports] == [(9090, "udp")]
     assert not new.task.container.secrets and new.update.parallelism == 2
     assert new.task.force_update == 1 and new.mode.replicas == 3
+
+
+def test_create_takes_dockers_image_command_shape_and_a_name_is_optional() -> None:
+    """`service create [--name N] IMAGE [COMMAND [ARG...]]` as Docker's: the first word is
+    the image; `-- CMD` is a command on the host's filesystem (shoal's form); with `--image`
+    the words are its command; without --name a name is made from the image's base name."""
+    p = build_parser()
+
+    def spec(*argv: str) -> dict[str, Any]:
+        return specflags.spec_from_create_args(p.parse_args(["service", "create", *argv]))
+
+    s = spec("--name", "w", "reg:5000/team/app:1.2", "sh", "-c", "echo hi")
+    assert s["task"]["container"] == {"image": "reg:5000/team/app:1.2",
+                                      "command": ["sh", "-c", "echo hi"]}
+    assert "command" not in spec("nginx:alpine")["task"]["container"]
+    host = spec("--name", "w", "--", "sleep", "9")["task"]["container"]
+    assert host == {"command": ["sleep", "9"]}
+    assert spec("--name", "w", "--image", "busybox:1", "sleep", "9")["task"]["container"] == \
+        {"image": "busybox:1", "command": ["sleep", "9"]}
+    named = spec("registry.example:5000/team/web-app:2@sha256:" + "a" * 64)["name"]
+    assert re.fullmatch(r"web-app-[0-9a-f]{5}", named), named
+    assert validate_spec(spec("nginx:alpine")).name.startswith("nginx-")
+    with pytest.raises(CliError, match="needs a command or an image"):
+        spec("--name", "a")
 
 
 def test_the_json_schema_comes_from_the_declarations() -> None:
