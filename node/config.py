@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
+from shoal.node.mqtt import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -81,6 +82,8 @@ class AgentConfig:
     feed: FeedConfig = field(default_factory=FeedConfig)  # workers following the managers
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     events: EventsConfig = field(default_factory=EventsConfig)  # the managers' event ring
+    # the optional MQTT bridge (shoal.node.mqtt; --mqtt-*); url "" = off
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -124,6 +127,7 @@ class AgentConfig:
         self.raft.validate()
         self.orchestrator.validate()
         self.events.validate()
+        self.mqtt.validate()
 
 
 @dataclass
