@@ -91,17 +91,21 @@ def free_port() -> int:
 
 
 class Broker:
-    """A mosquitto on 127.0.0.1: ``port`` (TLS + password), ``cert_port`` (TLS + client
-    certificate as the user name). ``stop()``/``start()`` keep the ports and persistence."""
+    """A mosquitto on ``ip`` (127.0.0.1, or a lab host's address when ``spawn`` starts it in
+    that host's netns): ``port`` (TLS + password), ``cert_port`` (TLS + client certificate
+    as the user name). ``stop()``/``start()`` keep the ports and the persistence file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ip: str = "127.0.0.1",
+                 spawn: Callable[[list[str]], subprocess.Popen[bytes]] | None = None) -> None:
         self.dir = root
+        self.ip = ip
+        self._spawn = spawn
         root.mkdir(parents=True, exist_ok=True)
         ca_key, ca = _key_and_cert("shoal test CA", None, ca=True)
         _write(root / "ca", ca_key, ca)
-        for name, ip in (("server", "127.0.0.1"), ("certnode", None), ("stranger", None)):
+        for name, san in (("server", ip), ("certnode", None), ("stranger", None)):
             issuer = (ca_key, ca.subject) if name != "stranger" else None
-            k, c = _key_and_cert(name, issuer, ip=ip)
+            k, c = _key_and_cert(name, issuer, ip=san)
             _write(root / name, k, c)
         passwd = root / "passwd"
         passwd.write_text("")
@@ -109,7 +113,8 @@ class Broker:
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, pw], check=True,
                            capture_output=True)
         (root / "acl").write_text(ACL)
-        self.port, self.cert_port = free_port(), free_port()
+        self.port, self.cert_port = (free_port(), free_port()) if spawn is None else \
+            (8883, 8884)
         tls = textwrap.dedent(f"""\
             cafile {root}/ca.crt
             certfile {root}/server.crt
@@ -121,8 +126,8 @@ class Broker:
             f"persistence true\npersistence_location {root}/\nautosave_interval 1\n"
             f"log_dest file {root}/mosquitto.log\nlog_type error\nlog_type warning\n"
             f"log_type notice\nlog_type information\n"
-            f"listener {self.port} 127.0.0.1\n{tls}"
-            f"listener {self.cert_port} 127.0.0.1\n{tls}"
+            f"listener {self.port} {ip}\n{tls}"
+            f"listener {self.cert_port} {ip}\n{tls}"
             "require_certificate true\nuse_identity_as_username true\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -131,14 +136,16 @@ class Broker:
         return str(self.dir / "ca.crt")
 
     def start(self) -> None:
+        """Start it and wait until it says it runs (its log, so this works from any netns)."""
         assert self.proc is None
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.dir / "mosquitto.conf")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        starts = self.log().count(" running")
+        argv = ["mosquitto", "-c", str(self.dir / "mosquitto.conf")]
+        self.proc = self._spawn(argv) if self._spawn is not None else subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.2):
+            if self.log().count(" running") > starts:
                 return
             if self.proc.poll() is not None:
                 break
@@ -168,12 +175,12 @@ class Broker:
 
     def client(self, user: str = "admin", **kw: Any) -> aiomqtt.Client:
         ctx = ssl.create_default_context(cafile=self.ca)
-        return aiomqtt.Client("127.0.0.1", self.port, username=user,
+        return aiomqtt.Client(self.ip, self.port, username=user,
                               password=PASSWORDS[user], tls_context=ctx, timeout=5, **kw)
 
     def bridge_config(self, user: str = "node1", **kw: Any) -> MqttConfig:
         base: dict[str, Any] = dict(
-            url=f"mqtts://{user}@127.0.0.1:{self.port}", password_file=self.password_file(user),
+            url=f"mqtts://{user}@{self.ip}:{self.port}", password_file=self.password_file(user),
             ca_file=self.ca, topic_prefix=PREFIX, backoff_min=0.05, backoff_max=0.3,
             cursor_interval=0.1, state_interval=0.05)
         base.update(kw)
