@@ -401,6 +401,8 @@ class MqttBridge:
             host, port, username=user or None, password=password,
             identifier=f"shoal-{node_id}", clean_session=True, keepalive=self.config.keepalive,
             timeout=self.config.timeout, tls_context=context,
+            # (paho leaves Nagle on: small QoS 1 messages would wait for delayed ACKs)
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             will=aiomqtt.Will(self.topic("node", node_id, "availability"), b"offline", qos=1,
                               retain=True))
 
@@ -421,13 +423,12 @@ class MqttBridge:
             retained: dict[str, bytes] | None = None
             resume = True  # on (again) leading: where do events resume, what is stale?
             next_state = next_cursor = 0.0
-            state_dirty = False
             while True:
                 self._wake.clear()
                 self._follow_store()
                 raft = self.ctx.raft
                 leader = raft is not None and raft.is_leader()
-                now = time.monotonic()
+                deadlines = [time.monotonic() + 1.0]  # (leadership is polled every second)
                 if not leader:
                     resume = True
                 else:
@@ -436,21 +437,25 @@ class MqttBridge:
                         self._resume_from(retained)
                         await self._clear_stale(client, retained)
                         resume = False
+                    # events first (latency), then the periodic writes
                     await self._publish_events(client)
+                    if self._pending_events():
+                        continue
                     now = time.monotonic()
-                    if self._acked != self._cursor_written and (
-                            now >= next_cursor or not self._pending_events()):
-                        await self._write_cursor(client)
-                        next_cursor = now + self.config.cursor_interval
+                    if self._acked != self._cursor_written:
+                        if now >= next_cursor:
+                            await self._write_cursor(client)
+                            next_cursor = now + self.config.cursor_interval
+                        else:
+                            deadlines.append(next_cursor)
                     if now >= next_state:
                         await self._publish_state(client)
                         next_state = time.monotonic() + self.config.state_interval
-                        state_dirty = False
                     else:
-                        state_dirty = True
+                        deadlines.append(next_state)  # woken meanwhile: the state may change
                     if self._pending_events():
                         continue
-                await self._wait(max(0.0, next_state - now) if state_dirty else 1.0)
+                await self._wait(max(0.0, min(deadlines) - time.monotonic()))
         except asyncio.CancelledError:
             # a clean stop: say so (the last will is only for unclean ends)
             with contextlib.suppress(Exception):

@@ -122,6 +122,7 @@ class Broker:
             """)
         (root / "mosquitto.conf").write_text(
             f"user root\nper_listener_settings false\nallow_anonymous false\n"
+            "set_tcp_nodelay true\n"
             f"password_file {passwd}\nacl_file {root}/acl\n"
             f"persistence true\npersistence_location {root}/\nautosave_interval 1\n"
             f"log_dest file {root}/mosquitto.log\nlog_type error\nlog_type warning\n"
