@@ -238,7 +238,8 @@ def cmd_agent(args: argparse.Namespace) -> None:
                                       ca_file=args.mqtt_ca, cert_file=args.mqtt_cert,
                                       key_file=args.mqtt_key,
                                       topic_prefix=args.mqtt_topic_prefix,
-                                      keepalive=args.mqtt_keepalive))
+                                      keepalive=args.mqtt_keepalive,
+                                      command_key_file=args.mqtt_command_key_file))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -608,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topic prefix (default shoal/ + the cluster id's first 12 characters)")
     m.add_argument("--mqtt-keepalive", type=int, default=10, metavar="SECONDS",
                    help="MQTT keepalive; a dead node is announced offline after 1.5x this")
+    m.add_argument("--mqtt-command-key-file", default="", metavar="FILE",
+                   help="accept scale commands signed (HMAC-SHA256) with this key (managers)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
     a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)

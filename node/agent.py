@@ -136,8 +136,8 @@ class Agent:
             balancer=lambda: self.mesh.balancer if self.mesh is not None else None,
             events=self.event_log))
         # the optional MQTT bridge (node/mqtt.py): runs while this node is a member
-        self.mqtt = MqttBridge(ctx, config.mqtt, self.event_log, self.metrics.registry) \
-            if config.mqtt.enabled else None
+        self.mqtt = MqttBridge(ctx, config.mqtt, self.event_log, self.metrics.registry,
+                               self.services.update_service) if config.mqtt.enabled else None
         # promotion/demotion of this node (see _switch_role): one switch at a time
         self._role_lock = asyncio.Lock()
         self._role_task: asyncio.Task[str | None] | None = None

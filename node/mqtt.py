@@ -22,6 +22,9 @@ characters of the cluster id)::
                                  leader. TYPE: service task node secret config, or ``gap``
     PREFIX/bridge/cursor         retained, QoS 1: the last event cursor the broker acknowledged
                                  (the leader's bridge writes it; a new leader resumes after it)
+    PREFIX/cmd/service/NAME/scale  in: {"replicas", "request_id", "hmac"} (opt-in, see below)
+    PREFIX/cmd/result/REQUEST_ID   out: {"request_id", "ok", "duplicate", "service",
+                                 "replicas", "version" | "error": {code, message, field}}
 
 State payloads carry ``term`` and ``index`` (the Raft term of the publishing leader and the
 applied index of the snapshot): a subscriber keeps the message with the greater (term, index)
@@ -57,23 +60,35 @@ once per kind of failure (not at every retry) with a reason — ``refused`` (not
 ``dns``, ``lost`` (the connection dropped), ``error`` — and counted by reason in /metrics.
 ``MqttConfigError`` (a ValueError) names the flag of a bad setting at agent start.
 
+Commands (opt-in with ``--mqtt-command-key-file``; the leader subscribes): a scale command is
+authorised twice — by the broker's ACL (only the operators' user may write ``PREFIX/cmd/#``;
+MQTT 3.1.1 brokers drop denied messages silently) and by an HMAC-SHA256 over
+``scale\nNAME\nREPLICAS\nREQUEST_ID`` with the key in that file (``sign_scale``; the same
+file on every manager). Applied exactly once even when QoS 1 delivers it twice or a new leader
+sees it again: the request id is written into the service's labels
+(``shoal.mqtt.requests``, the last 16) in the same Raft write as the new replica count, with
+the expected service version (a concurrent change makes it re-check); a request id already
+there is answered as a duplicate without a write.
+
 Not done (issue 14): the cluster-wide setting ``shoal mqtt set`` (stored as a secret; here
-the bridge is configured per agent by flags) and commands over MQTT (``…/cmd/service/NAME/
-scale`` with an HMAC and request ids recorded in Raft).
+the bridge and its command key are configured per agent by flags).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,17 +98,27 @@ import aiomqtt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shoal.node.errors import ApiError
 from shoal.node.events import CURSOR_RE, EventLog, Key, gap_record
-from shoal.raft.models import Health, TaskState
+from shoal.raft.models import Health, TaskState, to_dict
 from shoal.raft.state import Snapshot
 
 if TYPE_CHECKING:  # (config.py imports this module; context.py imports config.py)
     from shoal.node.context import NodeContext
 
+# (ref, spec as a dict, expected version) → {"id", "name", "version"}; raises ApiError
+UpdateService = Callable[[str, Any, Any], Awaitable[dict[str, Any]]]
+
 log = logging.getLogger("shoal.mqtt")
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 EVENT_TYPES = ("service", "task", "node", "secret", "config", "gap")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# service label where the leader records the last applied command request ids (in Raft, so
+# a duplicate is recognised after a leader change too): the last REQUESTS_KEPT of them
+REQUESTS_LABEL = "shoal.mqtt.requests"
+REQUESTS_KEPT = 16
+COMMAND_OUTCOMES = ("applied", "duplicate", "refused", "invalid", "failed")
 _TOP = 999_999  # a seq after every event of an index (as in shoal.node.events)
 REASONS = ("refused", "tls", "bad_credentials", "not_authorized", "timeout", "dns", "lost",
            "acl", "error")
@@ -135,6 +160,9 @@ class MqttConfig:
     # Seconds a publish, subscribe or connect may take before the connection is dropped
     # and made again.
     timeout: float = 5.0
+    # Opt-in commands over MQTT: a file holding the HMAC-SHA256 key (its bytes, at least 16)
+    # a command must be signed with. "" = no commands (the leader subscribes to nothing).
+    command_key_file: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -171,7 +199,8 @@ class MqttConfig:
             raise MqttConfigError("--mqtt-ca/--mqtt-cert need an mqtts:// --mqtt-url")
         if bool(self.cert_file) != bool(self.key_file):
             raise MqttConfigError("--mqtt-cert and --mqtt-key go together")
-        for flag, path in (("--mqtt-password-file", self.password_file),
+        for flag, path in (("--mqtt-command-key-file", self.command_key_file),
+                           ("--mqtt-password-file", self.password_file),
                            ("--mqtt-ca", self.ca_file), ("--mqtt-cert", self.cert_file),
                            ("--mqtt-key", self.key_file)):
             if path and not os.access(path, os.R_OK):
@@ -181,6 +210,8 @@ class MqttConfig:
                        or prefix.endswith("/")):
             raise MqttConfigError("--mqtt-topic-prefix must be a topic without +, # or a "
                                   "leading/trailing /")
+        if self.command_key_file and len(read_key(self.command_key_file)) < 16:
+            raise MqttConfigError("--mqtt-command-key-file must hold at least 16 bytes")
         if not 1 <= self.keepalive <= 3600:
             raise MqttConfigError("--mqtt-keepalive must be between 1 and 3600 seconds")
         if not 0 < self.backoff_min <= self.backoff_max:
@@ -241,6 +272,18 @@ _HINTS = {
 }
 
 
+def read_key(path: str) -> bytes:
+    """A command key file's bytes, without a trailing newline."""
+    return Path(path).read_bytes().rstrip(b"\r\n")
+
+
+def sign_scale(key: bytes, service: str, replicas: int, request_id: str) -> str:
+    """The HMAC a scale command carries: HMAC-SHA256(key, "scale\\nNAME\\nN\\nREQUEST_ID"),
+    hex. What a client computes too (e.g. ``openssl dgst -sha256 -hmac``)."""
+    msg = f"scale\n{service}\n{replicas}\n{request_id}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
 def parse_cursor(text: str) -> Key | None:
     m = CURSOR_RE.match(text.strip())
     return (int(m.group(1)), int(m.group(2))) if m else None
@@ -289,8 +332,12 @@ class MqttBridge:
     """
 
     def __init__(self, ctx: NodeContext, config: MqttConfig, ring: EventLog,
-                 registry: Any = None) -> None:
+                 registry: Any = None, update_service: UpdateService | None = None) -> None:
         config.validate()
+        # scale commands go through this (shoal.node.control.services.Services.update_service)
+        self._update_service = update_service
+        self._commands: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(maxsize=1000)
+        self.command_results: dict[str, int] = dict.fromkeys(COMMAND_OUTCOMES, 0)
         self.ctx = ctx
         self.config = config
         self.ring = ring
@@ -421,6 +468,7 @@ class MqttBridge:
             await self._publish(client, self.topic("node", node_id, "availability"),
                                 b"online", retain=True, kind="availability")
             retained: dict[str, bytes] | None = None
+            key = b""
             resume = True  # on (again) leading: where do events resume, what is stale?
             next_state = next_cursor = 0.0
             while True:
@@ -430,13 +478,21 @@ class MqttBridge:
                 leader = raft is not None and raft.is_leader()
                 deadlines = [time.monotonic() + 1.0]  # (leadership is polled every second)
                 if not leader:
+                    if not resume and self.config.command_key_file:
+                        with contextlib.suppress(aiomqtt.MqttError):
+                            await client.unsubscribe(self._command_filter(), timeout=1.0)
                     resume = True
                 else:
                     if resume:
                         retained = await self._retained(client)
                         self._resume_from(retained)
                         await self._clear_stale(client, retained)
+                        if self.config.command_key_file:
+                            key = read_key(self.config.command_key_file)
+                            await client.subscribe(self._command_filter(), qos=1)
                         resume = False
+                    while key and not self._commands.empty():
+                        await self._command(client, self._commands.get_nowait(), key)
                     # events first (latency), then the periodic writes
                     await self._publish_events(client)
                     if self._pending_events():
@@ -471,8 +527,16 @@ class MqttBridge:
     async def _read(self, client: aiomqtt.Client) -> None:
         """Reads incoming messages (only the retained ones asked for after a connect); ends
         with MqttError when the connection drops, which wakes the session to reconnect."""
+        cmd = self.topic("cmd", "service", "+", "scale")
         async for msg in client.messages:
-            self._inbox.put_nowait(msg)
+            if msg.topic.matches(cmd):
+                try:
+                    self._commands.put_nowait(msg)
+                except asyncio.QueueFull:
+                    self.command_results["failed"] += 1  # (bounded: a flood is dropped)
+                self._wake.set()
+            else:
+                self._inbox.put_nowait(msg)
 
     async def _wait(self, seconds: float) -> None:
         """Until woken, ``seconds`` pass, or the connection drops (then MqttError)."""
@@ -546,14 +610,15 @@ class MqttBridge:
         """Where events resume: after the broker's retained cursor or this process's own
         acknowledged one, whichever is later; neither: from the oldest retained event."""
         theirs = None
+        cluster = self.ctx.identity.cluster_id if self.ctx.identity else ""
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             doc = json.loads(retained.get(self.topic("bridge", "cursor"), b"{}"))
-            theirs = parse_cursor(str(doc.get("cursor", ""))) if isinstance(doc, dict) \
-                else None
+            if isinstance(doc, dict) and doc.get("cluster", cluster) == cluster:
+                theirs = parse_cursor(str(doc.get("cursor", "")))
         present = self.ring.retained()
         last = present[-1].key if present else (self.ring_index(), _TOP)
         if theirs is not None and theirs > last:
-            theirs = None  # from another life of the cluster (or this manager is behind)
+            theirs = None  # this manager is behind (or the cursor is from elsewhere)
         best = max((k for k in (self._acked, theirs) if k is not None), default=None)
         if best is None:  # the first publisher: from the oldest event still here, no gap
             best = (present[0].index, present[0].seq - 1) if present else last
@@ -595,7 +660,9 @@ class MqttBridge:
         key = self._acked
         if key is None:
             return
+        ident = self.ctx.identity
         payload = json.dumps({"cursor": f"{key[0]}-{key[1]}", "node": self.ctx.node_id,
+                              "cluster": ident.cluster_id if ident else "",
                               "time": time.time()}).encode()
         await self._publish(client, self.topic("bridge", "cursor"), payload, retain=True,
                             kind="cursor")
@@ -626,6 +693,83 @@ class MqttBridge:
                 self._published.pop(topic, None)
             else:
                 self._published[topic] = body
+
+    # ------------------------------------------------------------------ commands
+    def _command_filter(self) -> str:
+        return self.topic("cmd", "service", "+", "scale")
+
+    async def _command(self, client: aiomqtt.Client, msg: aiomqtt.Message, key: bytes
+                       ) -> None:
+        """One scale command (the leader): checked, applied once, answered on
+        ``cmd/result/REQUEST_ID``. Never raises for a bad command (counted, answered)."""
+        service = str(msg.topic).split("/")[-2]
+        try:
+            doc = json.loads(msg.payload if isinstance(msg.payload, bytes | bytearray)
+                             else b"")
+        except ValueError:
+            doc = None
+        rid = doc.get("request_id") if isinstance(doc, dict) else None
+        if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
+            self.command_results["invalid"] += 1  # nowhere to answer
+            log.warning("mqtt: ignored a command on %s without a valid request_id",
+                        msg.topic)
+            return
+        assert isinstance(doc, dict)
+        replicas, mac = doc.get("replicas"), doc.get("hmac")
+        result: dict[str, Any] = {"request_id": rid, "service": service}
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or \
+                not isinstance(mac, str):
+            outcome, result["error"] = "invalid", {
+                "code": "invalid", "field": "replicas" if not isinstance(replicas, int)
+                else "hmac", "message": "a scale command is {replicas: int, request_id, hmac}"}
+        elif not hmac.compare_digest(mac, sign_scale(key, service, replicas, rid)):
+            outcome, result["error"] = "refused", {
+                "code": "unauthorized", "field": "hmac",
+                "message": "the command's HMAC does not match the cluster's command key"}
+            log.warning("mqtt: refused a scale command for %s (request %s): bad HMAC",
+                        service, rid)
+        else:
+            outcome, extra = await self._scale_once(service, replicas, rid)
+            result.update(extra)
+        self.command_results[outcome] += 1
+        result["ok"] = outcome in ("applied", "duplicate")
+        result["duplicate"] = outcome == "duplicate"
+        await self._publish(client, self.topic("cmd", "result", rid),
+                            json.dumps(result).encode(), kind="state")
+
+    async def _scale_once(self, service: str, replicas: int, rid: str
+                          ) -> tuple[str, dict[str, Any]]:
+        """Scale ``service`` unless ``rid`` was applied already. The request id goes into
+        the service's labels in the same write (expected version: a concurrent change makes
+        it retry), so a duplicate is recognised on any manager, after a leader change too."""
+        raft = self.ctx.raft
+        if raft is None or self._update_service is None:
+            return "failed", {"error": {"code": "unavailable", "field": "",
+                                        "message": "commands are not wired on this node"}}
+        for _ in range(5):
+            svc = raft.snapshot().service_by_name(service)
+            if svc is None:
+                return "failed", {"error": {"code": "not_found", "field": "service",
+                                            "message": f"no service {service!r}"}}
+            done = [r for r in svc.spec.labels.get(REQUESTS_LABEL, "").split(",") if r]
+            if rid in done:
+                return "duplicate", {"replicas": svc.spec.mode.replicas,
+                                     "version": svc.version}
+            spec = to_dict(svc.spec)
+            spec["mode"]["replicas"] = replicas
+            spec["labels"] = {**spec["labels"],
+                              REQUESTS_LABEL: ",".join([*done, rid][-REQUESTS_KEPT:])}
+            try:
+                res = await self._update_service(svc.id, spec, svc.version)
+            except ApiError as exc:
+                if exc.code == "conflict":
+                    continue  # changed meanwhile: look again
+                return "failed", {"error": {"code": exc.code, "field": exc.field,
+                                            "message": exc.message}}
+            log.info("mqtt: scaled %s to %d (request %s)", service, replicas, rid)
+            return "applied", {"replicas": replicas, "version": res.get("version")}
+        return "failed", {"error": {"code": "conflict", "field": "version",
+                                    "message": "the service kept changing; retry"}}
 
     async def _clear_stale(self, client: aiomqtt.Client, retained: dict[str, bytes]) -> None:
         """Retained node/service state on the broker for objects that no longer exist (a
@@ -669,6 +813,11 @@ class MqttCollector(Collector):
                                 "was away")
         g.add_metric([], b.gaps)
         yield g
+        c = CounterMetricFamily("shoal_mqtt_commands", "Commands received over MQTT, by "
+                                "outcome", labels=["outcome"])
+        for outcome, n in sorted(b.command_results.items()):
+            c.add_metric([outcome], n)
+        yield c
         pending = 0
         if b._acked is not None:
             pending = len(b.ring.after(b._acked)[0])
@@ -678,4 +827,4 @@ class MqttCollector(Collector):
 
 
 __all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "MqttConfigError", "backoff",
-           "classify", "node_states", "service_states"]
+           "classify", "node_states", "read_key", "service_states", "sign_scale"]

@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shoal.node.events import EventLog, EventsConfig
-from shoal.node.mqtt import MqttBridge, MqttConfig
+from shoal.node.mqtt import MqttBridge, MqttConfig, sign_scale
 
 PREFIX = "shoal/c1"
-PASSWORDS = {"admin": "admin-pw", "node1": "node1-secret-pw", "reader": "reader-pw"}
+PASSWORDS = {"admin": "admin-pw", "node1": "node1-secret-pw", "reader": "reader-pw",
+             "operator": "operator-pw"}
 ACL = """\
 user admin
 topic readwrite #
@@ -49,6 +50,10 @@ topic readwrite shoal/c1/#
 
 user reader
 topic read shoal/c1/#
+
+user operator
+topic write shoal/c1/cmd/#
+topic read shoal/c1/cmd/result/#
 
 user certnode
 topic readwrite shoal/c1/#
@@ -219,7 +224,8 @@ class Node:
         from test_events_api import boot
         await boot(self.ctx)
         await self.server.start()
-        self.bridge = MqttBridge(self.ctx, config, self.ring)
+        self.bridge = MqttBridge(self.ctx, config, self.ring,
+                                 update_service=self.server.c.services.update_service)
         self.task = asyncio.create_task(self.bridge.run())
         return self.bridge
 
@@ -229,6 +235,11 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         await self.server.stop()
+
+    def service(self, name: str) -> Any:
+        svc = self.store.snapshot().service_by_name(name)
+        assert svc is not None
+        return svc
 
     async def create(self, name: str, replicas: int = 1) -> None:
         conn = aiohttp.UnixConnector(path=str(self.server.config.socket_path))
@@ -459,7 +470,7 @@ import asyncio, sys
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext
 from shoal.node.events import EventLog
-from shoal.node.mqtt import MqttBridge, MqttConfig
+from shoal.node.mqtt import MqttBridge, MqttConfig, sign_scale
 from shoal.node.source import MemoryStore
 
 async def main():
@@ -503,3 +514,49 @@ async def test_a_killed_node_is_announced_offline_by_its_last_will(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_signed_scale_command_applies_once_and_others_change_nothing(
+        tmp_path: Path, broker: Broker) -> None:
+    """Opt-in commands: the operator's signed scale, delivered twice, scales once (the second
+    is answered as a duplicate, also after another change in between); a wrong HMAC is
+    answered `unauthorized` and changes nothing; the read-only user's command never reaches
+    the bridge (the broker's ACL drops it)."""
+    key = b"k" * 32
+    key_file = broker.dir / "cmd.key"
+    key_file.write_bytes(key + b"\n")
+    cfg = broker.bridge_config(command_key_file=str(key_file))
+    async with node(tmp_path, cfg) as n, broker.client("operator") as op:
+        b = n.bridge
+        assert b is not None
+        await n.create("web", replicas=1)
+        await op.subscribe(f"{PREFIX}/cmd/result/#", qos=1)
+        await until(lambda: b.published["state"] >= 2, what="the bridge leading")
+
+        async def command(rid: str, replicas: int, mac: str | None = None) -> dict[str, Any]:
+            body = {"replicas": replicas, "request_id": rid,
+                    "hmac": mac or sign_scale(key, "web", replicas, rid)}
+            await op.publish(f"{PREFIX}/cmd/service/web/scale", json.dumps(body), qos=1)
+            seen = await gather(op, lambda s: f"{PREFIX}/cmd/result/{rid}" in s)
+            result: dict[str, Any] = seen[f"{PREFIX}/cmd/result/{rid}"]
+            return result
+
+        first = await command("req-1", 3)
+        assert first["ok"] and not first["duplicate"] and first["replicas"] == 3
+        version = n.service("web").version
+        again = await command("req-1", 3)  # QoS 1 redelivery
+        assert again["ok"] and again["duplicate"]
+        assert n.service("web").version == version
+        await command("req-2", 5)
+        late = await command("req-1", 3)  # a stale duplicate after another change
+        assert late["duplicate"] and n.service("web").spec.mode.replicas == 5
+        forged = await command("req-3", 9, mac="0" * 64)
+        assert not forged["ok"] and forged["error"]["code"] == "unauthorized"
+        async with broker.client("reader") as reader:
+            await reader.publish(f"{PREFIX}/cmd/service/web/scale", json.dumps(
+                {"replicas": 7, "request_id": "req-4",
+                 "hmac": sign_scale(key, "web", 7, "req-4")}), qos=1)
+        await command("req-5", 5)  # answered after anything the reader's could have done
+        assert n.service("web").spec.mode.replicas == 5
+        assert b.command_results == {"applied": 3, "duplicate": 2, "refused": 1,
+                                     "invalid": 0, "failed": 0}
