@@ -355,7 +355,7 @@ class MqttBridge:
         self.connects = 0
         self.failures: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.published: dict[str, int] = {"event": 0, "state": 0, "availability": 0,
-                                          "cursor": 0}
+                                          "cursor": 0, "command": 0}
         self.gaps = 0
         self.last_error = ""
         ring.on_event.append(lambda _ev: self._wake_threadsafe())
@@ -735,7 +735,7 @@ class MqttBridge:
         result["ok"] = outcome in ("applied", "duplicate")
         result["duplicate"] = outcome == "duplicate"
         await self._publish(client, self.topic("cmd", "result", rid),
-                            json.dumps(result).encode(), kind="state")
+                            json.dumps(result).encode(), kind="command")
 
     async def _scale_once(self, service: str, replicas: int, rid: str
                           ) -> tuple[str, dict[str, Any]]:

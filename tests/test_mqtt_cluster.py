@@ -17,6 +17,8 @@ import pytest
 from test_events_cluster import scrape
 from test_mqtt import PASSWORDS, Broker
 
+from shoal.node.mqtt import sign_scale
+
 from netlab import Lab, wait_until
 
 pytestmark = [pytest.mark.netns,
@@ -54,12 +56,16 @@ def test_agents_publish_once_the_broker_appears_and_a_killed_agent_goes_offline(
     and count refused connects in /metrics; once mosquitto starts they connect by
     themselves: a late subscriber gets every node's retained `online`, the service's
     retained state (desired/running replicas, term, index) and the event cursor, then live
-    events; kill -9 of the worker's agent → the broker announces it `offline` (its will)."""
+    events; the operator's signed scale command scales the service; kill -9 of the worker's
+    agent → the broker announces it `offline` (its will)."""
     lab = lab_factory(2)
     h1, h2 = lab.hosts
     broker = Broker(tmp_path / "broker", ip=h1.ip,
                     spawn=lambda argv: h1.spawn(*argv, log_name="mosquitto"))
-    flags = ["--mqtt-url", f"mqtts://node1@{h1.ip}:{broker.port}",
+    key_file = tmp_path / "cmd.key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
+    flags = ["--mqtt-command-key-file", str(key_file),
+             "--mqtt-url", f"mqtts://node1@{h1.ip}:{broker.port}",
              "--mqtt-password-file", broker.password_file("node1"), "--mqtt-ca", broker.ca,
              "--mqtt-topic-prefix", PREFIX, "--mqtt-keepalive", "2"]
     for h in (h1, h2):
@@ -104,6 +110,15 @@ def test_agents_publish_once_the_broker_appears_and_a_killed_agent_goes_offline(
     fams = scrape(h1)
     assert sample(fams, "shoal_mqtt_connected") == 1
     assert sample(fams, "shoal_mqtt_published", kind="event") >= 1
+
+    # a signed scale command from the operator, through the real agent's wiring
+    body = json.dumps({"replicas": 3, "request_id": "r1", "hmac": sign_scale(
+        b"0123456789abcdef0123456789abcdef", "web", 3, "r1")})
+    h2.run("mosquitto_pub", "-h", h1.ip, "-p", str(broker.port), "--cafile", broker.ca,
+           "-u", "operator", "-P", PASSWORDS["operator"], "-q", "1",
+           "-t", f"{PREFIX}/cmd/service/web/scale", "-m", body)
+    wait_until(lambda: h1.cli_json("service", "inspect", "web")[0]["spec"]["mode"]["replicas"]
+               == 3 or None, timeout=15, what="web scaled to 3 by the MQTT command")
 
     h2.kill_agent(signal.SIGKILL)
     wait_until(lambda: dict(received(sub_log)).get(
