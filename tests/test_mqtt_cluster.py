@@ -17,9 +17,8 @@ import pytest
 from test_events_cluster import scrape
 from test_mqtt import PASSWORDS, Broker
 
-from shoal.node.mqtt import sign_scale
-
 from netlab import Lab, wait_until
+from shoal.node.mqtt import sign_scale
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(shutil.which("mosquitto") is None,
