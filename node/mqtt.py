@@ -12,9 +12,10 @@ Topics, under ``PREFIX`` (``--mqtt-topic-prefix``, default ``shoal/CLUSTER``: th
 characters of the cluster id)::
 
     PREFIX/node/ID/availability  "online" | "offline"  retained, QoS 1; every node, for itself.
-                                 "offline" is also its last will: a node that dies (kill -9,
-                                 power loss, network cut) is announced by the broker after
-                                 1.5 x keepalive; a clean stop publishes it before leaving.
+                                 "offline" is also its last will: a node that dies is
+                                 announced by the broker — at once after kill -9 (the kernel
+                                 closes the socket), after 1.5 x keepalive after a power loss
+                                 or a network cut; a clean stop publishes it before leaving.
     PREFIX/node/ID/state         JSON, retained, QoS 1; the leader, for every node
     PREFIX/service/NAME/state    JSON, retained, QoS 1; the leader, for every service (an
                                  empty retained message clears a removed service)
