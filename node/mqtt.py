@@ -59,7 +59,8 @@ Errors: none escapes ``MqttBridge.run`` except cancellation. Connection failures
 once per kind of failure (not at every retry) with a reason — ``refused`` (nothing listens),
 ``tls`` (certificate or handshake), ``bad_credentials``, ``not_authorized``, ``timeout``,
 ``dns``, ``lost`` (the connection dropped), ``error`` — and counted by reason in /metrics.
-``MqttConfigError`` (a ValueError) names the flag of a bad setting at agent start.
+A bad ``--mqtt-*`` setting is a ValueError naming the flag, at agent start (as every
+AgentConfig check).
 
 Commands (opt-in with ``--mqtt-command-key-file``; the leader subscribes): a scale command is
 authorised twice — by the broker's ACL (only the operators' user may write ``PREFIX/cmd/#``;
@@ -125,10 +126,6 @@ REASONS = ("refused", "tls", "bad_credentials", "not_authorized", "timeout", "dn
            "acl", "error")
 
 
-class MqttConfigError(ValueError):
-    """A bad ``--mqtt-*`` setting; the message names the flag."""
-
-
 @dataclass
 class MqttConfig:
     """The bridge's settings (agent flags ``--mqtt-*``)."""
@@ -170,21 +167,21 @@ class MqttConfig:
         return bool(self.url)
 
     def broker(self) -> tuple[bool, str, int, str]:
-        """(tls, host, port, user) from ``url``; MqttConfigError naming --mqtt-url."""
+        """(tls, host, port, user) from ``url``; ValueError naming --mqtt-url."""
         try:
             parts = urlsplit(self.url)
             port = parts.port
         except ValueError as exc:
-            raise MqttConfigError(f"--mqtt-url: {exc}") from None
+            raise ValueError(f"--mqtt-url: {exc}") from None
         if parts.scheme not in DEFAULT_PORTS:
-            raise MqttConfigError("--mqtt-url must start with mqtt:// or mqtts://")
+            raise ValueError("--mqtt-url must start with mqtt:// or mqtts://")
         if not parts.hostname:
-            raise MqttConfigError("--mqtt-url has no broker host (mqtt[s]://[USER@]HOST[:PORT])")
+            raise ValueError("--mqtt-url has no broker host (mqtt[s]://[USER@]HOST[:PORT])")
         if parts.password is not None:
-            raise MqttConfigError("--mqtt-url must not contain a password: use "
+            raise ValueError("--mqtt-url must not contain a password: use "
                                   "--mqtt-password-file")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise MqttConfigError("--mqtt-url takes no path: set the topics with "
+            raise ValueError("--mqtt-url takes no path: set the topics with "
                                   "--mqtt-topic-prefix")
         return (parts.scheme == "mqtts", parts.hostname,
                 port or DEFAULT_PORTS[parts.scheme], parts.username or "")
@@ -194,31 +191,31 @@ class MqttConfig:
             return
         tls, _host, _port, user = self.broker()
         if self.password_file and not user:
-            raise MqttConfigError("--mqtt-password-file needs a user in --mqtt-url "
+            raise ValueError("--mqtt-password-file needs a user in --mqtt-url "
                                   "(mqtts://USER@HOST)")
         if (self.ca_file or self.cert_file) and not tls:
-            raise MqttConfigError("--mqtt-ca/--mqtt-cert need an mqtts:// --mqtt-url")
+            raise ValueError("--mqtt-ca/--mqtt-cert need an mqtts:// --mqtt-url")
         if bool(self.cert_file) != bool(self.key_file):
-            raise MqttConfigError("--mqtt-cert and --mqtt-key go together")
+            raise ValueError("--mqtt-cert and --mqtt-key go together")
         for flag, path in (("--mqtt-command-key-file", self.command_key_file),
                            ("--mqtt-password-file", self.password_file),
                            ("--mqtt-ca", self.ca_file), ("--mqtt-cert", self.cert_file),
                            ("--mqtt-key", self.key_file)):
             if path and not os.access(path, os.R_OK):
-                raise MqttConfigError(f"{flag}: cannot read {path}")
+                raise ValueError(f"{flag}: cannot read {path}")
         prefix = self.topic_prefix
         if prefix and (any(c in prefix for c in "+#\0") or prefix.startswith("/")
                        or prefix.endswith("/")):
-            raise MqttConfigError("--mqtt-topic-prefix must be a topic without +, # or a "
+            raise ValueError("--mqtt-topic-prefix must be a topic without +, # or a "
                                   "leading/trailing /")
         if self.command_key_file and len(read_key(self.command_key_file)) < 16:
-            raise MqttConfigError("--mqtt-command-key-file must hold at least 16 bytes")
+            raise ValueError("--mqtt-command-key-file must hold at least 16 bytes")
         if not 1 <= self.keepalive <= 3600:
-            raise MqttConfigError("--mqtt-keepalive must be between 1 and 3600 seconds")
+            raise ValueError("--mqtt-keepalive must be between 1 and 3600 seconds")
         if not 0 < self.backoff_min <= self.backoff_max:
-            raise MqttConfigError("mqtt backoff_min must be > 0 and <= backoff_max")
+            raise ValueError("mqtt backoff_min must be > 0 and <= backoff_max")
         if self.cursor_interval <= 0 or self.state_interval <= 0 or self.timeout <= 0:
-            raise MqttConfigError("mqtt cursor_interval, state_interval and timeout must "
+            raise ValueError("mqtt cursor_interval, state_interval and timeout must "
                                   "be > 0")
 
 
@@ -827,5 +824,5 @@ class MqttCollector(Collector):
                                 value=pending)
 
 
-__all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "MqttConfigError", "backoff",
+__all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "backoff",
            "classify", "node_states", "read_key", "service_states", "sign_scale"]
