@@ -93,7 +93,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -102,11 +102,33 @@ from prometheus_client.registry import Collector
 
 from shoal.node.errors import ApiError
 from shoal.node.events import CURSOR_RE, EventLog, Key, gap_record
+from shoal.node.source import ManagerSource, StateSource
 from shoal.raft.models import Health, TaskState, to_dict
 from shoal.raft.state import Snapshot
 
-if TYPE_CHECKING:  # (config.py imports this module; context.py imports config.py)
-    from shoal.node.context import NodeContext
+
+class Identity(Protocol):
+    """Who this node is (shoal.node.config.NodeIdentity has it)."""
+
+    node_id: str
+    cluster_id: str
+
+
+class BridgeContext(Protocol):
+    """What the bridge reads (shoal.node.context.NodeContext has it; not imported here:
+    config.py imports this module and context.py imports config.py)."""
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    @property
+    def store(self) -> StateSource | None: ...
+
+    @property
+    def raft(self) -> ManagerSource | None: ...
+
+    @property
+    def node_id(self) -> str: ...
 
 # (ref, spec as a dict, expected version) → {"id", "name", "version"}; raises ApiError
 UpdateService = Callable[[str, Any, Any], Awaitable[dict[str, Any]]]
@@ -329,7 +351,7 @@ class MqttBridge:
     manager's event ``ring``; ``registry``, if given, gets the ``shoal_mqtt_*`` collector.
     """
 
-    def __init__(self, ctx: NodeContext, config: MqttConfig, ring: EventLog,
+    def __init__(self, ctx: BridgeContext, config: MqttConfig, ring: EventLog,
                  registry: Any = None, update_service: UpdateService | None = None) -> None:
         config.validate()
         # scale commands go through this (shoal.node.control.services.Services.update_service)
