@@ -21,8 +21,9 @@ from netlab import Lab, wait_until
 from shoal.node.mqtt import sign_scale
 
 pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(shutil.which("mosquitto") is None,
-                                 reason="Debian package mosquitto (Makefile DEB_PKGS)")]
+              pytest.mark.skipif(shutil.which("mosquitto_sub") is None,
+                                 reason="Debian packages mosquitto, mosquitto-clients "
+                                 "(Makefile DEB_PKGS)")]
 
 PREFIX = "shoal/c1"
 
