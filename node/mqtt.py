@@ -533,9 +533,12 @@ class MqttBridge:
                         continue
                 await self._wait(max(0.0, min(deadlines) - time.monotonic()))
         except asyncio.CancelledError:
-            # a clean stop: say so (the last will is only for unclean ends)
+            # a clean stop: leave the cursor for the next leader, say offline (the last will
+            # is only for unclean ends)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
+                    if self._acked is not None and self._acked != self._cursor_written:
+                        await self._write_cursor(client)
                     await client.publish(self.topic("node", self.ctx.node_id, "availability"),
                                          b"offline", qos=1, retain=True)
             raise

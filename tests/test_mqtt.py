@@ -560,3 +560,61 @@ async def test_a_signed_scale_command_applies_once_and_others_change_nothing(
         assert n.service("web").spec.mode.replicas == 5
         assert b.command_results == {"applied": 3, "duplicate": 2, "refused": 1,
                                      "invalid": 0, "failed": 0}
+
+
+async def test_a_new_leader_resumes_after_the_retained_cursor_and_clears_stale_state(
+        tmp_path: Path, broker: Broker) -> None:
+    """Manager A's bridge publishes and stops; meanwhile two services are created and one is
+    removed; manager B's bridge (the same replicated log: the same cursors) resumes after the
+    cursor A left on the broker — the subscriber gets only the new events, none again — and
+    clears the removed service's retained state."""
+    from shoal.node.config import NodeIdentity
+    from shoal.node.context import NodeContext
+
+    async with broker.client() as sub:
+        await sub.subscribe(f"{PREFIX}/#", qos=1)
+        n = Node(tmp_path)
+        ring_b = EventLog()  # manager B's ring follows the same log from the start
+        ring_b.attach(n.store)
+        await n.start(broker.bridge_config())
+        try:
+            await n.create("gone")
+            await n.create("kept")
+            last = n.ring.retained()[-1].cursor
+            await gather(sub, lambda s: s.get(f"{PREFIX}/bridge/cursor", {}).get("cursor")
+                         == last and f"{PREFIX}/service/gone/state" in s)
+            assert n.task is not None
+            n.task.cancel()  # manager A stops (a planned restart or a lost leadership)
+            await asyncio.gather(n.task, return_exceptions=True)
+            n.task = None
+            await n.create("new1")
+            await n.create("new2")
+            conn = aiohttp.UnixConnector(path=str(n.server.config.socket_path))
+            async with aiohttp.ClientSession(connector=conn) as http, \
+                    http.delete("http://shoal/v1/services/gone") as r:
+                assert r.status == 200, await r.text()
+            ctx_b = NodeContext(n.ctx.config, "h2")  # manager B: another node, same log
+            ctx_b.use(NodeIdentity("n2", "c1", "manager", "", []), n.store, n.store)
+            b = MqttBridge(ctx_b, broker.bridge_config(), ring_b)
+            task_b = asyncio.create_task(b.run())
+            try:
+                events: list[dict[str, Any]] = []
+                cleared = False
+                async with asyncio.timeout(10):
+                    async for msg in sub.messages:
+                        topic = str(msg.topic)
+                        if topic.startswith(f"{PREFIX}/events/"):
+                            assert isinstance(msg.payload, bytes)
+                            events.append(json.loads(msg.payload))
+                        if topic == f"{PREFIX}/service/gone/state" and not msg.payload:
+                            cleared = True
+                        if cleared and any(e["action"] == "remove" for e in events):
+                            break
+                assert [(e["type"], e["action"], e["name"]) for e in events] == [
+                    ("service", "create", "new1"), ("service", "create", "new2"),
+                    ("service", "remove", "gone")]
+            finally:
+                task_b.cancel()
+                await asyncio.gather(task_b, return_exceptions=True)
+        finally:
+            await n.stop()
