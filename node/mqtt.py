@@ -93,10 +93,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import aiomqtt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -132,6 +131,9 @@ class BridgeContext(Protocol):
 
 # (ref, spec as a dict, expected version) → {"id", "name", "version"}; raises ApiError
 UpdateService = Callable[[str, Any, Any], Awaitable[dict[str, Any]]]
+
+if TYPE_CHECKING:  # (imported where used: only an agent with --mqtt-url pays for paho)
+    import aiomqtt
 
 log = logging.getLogger("shoal.mqtt")
 
@@ -416,6 +418,7 @@ class MqttBridge:
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         """Connect, publish, reconnect with back-off; until cancelled."""
+        import aiomqtt  # (lazy: see the top)
         self._loop = asyncio.get_running_loop()
         attempt = 0
         last_reason = ""
@@ -453,6 +456,7 @@ class MqttBridge:
                                         self.config.backoff_max))
 
     def _client(self) -> aiomqtt.Client:
+        import aiomqtt  # (lazy: see the top)
         tls, host, port, user = self.config.broker()
         password = None
         if self.config.password_file:
@@ -474,6 +478,7 @@ class MqttBridge:
                               retain=True))
 
     async def _session(self) -> None:
+        import aiomqtt  # (lazy: see the top)
         client = self._client()
         async with asyncio.timeout(self.config.timeout):
             await client.__aenter__()
@@ -563,6 +568,7 @@ class MqttBridge:
 
     async def _wait(self, seconds: float) -> None:
         """Until woken, ``seconds`` pass, or the connection drops (then MqttError)."""
+        import aiomqtt  # (lazy: see the top)
         reader = self._reader
         assert reader is not None
         woken = asyncio.ensure_future(self._wake.wait())
@@ -579,6 +585,7 @@ class MqttBridge:
                        retain: bool = False, kind: str = "state") -> None:
         """QoS 1: returns once the broker acknowledged it; MqttError if the connection drops
         (not after the full timeout: the reader notices first)."""
+        import aiomqtt  # (lazy: see the top)
         reader = self._reader
         assert reader is not None
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
@@ -596,6 +603,7 @@ class MqttBridge:
         """The retained cursor and state topics now on the broker (topic → payload), to
         resume events and clear what no longer exists (the leader, when it starts leading
         or connects)."""
+        import aiomqtt  # (lazy: see the top)
         filters = [self.topic("bridge", "cursor"), self.topic("service", "+", "state"),
                    self.topic("node", "+", "state")]
         marker = self.topic("bridge", "sync", self.ctx.node_id)
