@@ -509,6 +509,7 @@ class MqttBridge:
                     resume = True
                 else:
                     if resume:
+                        self._published = {}  # another leader may have written since
                         retained = await self._retained(client)
                         self._resume_from(retained)
                         await self._clear_stale(client, retained)
@@ -542,7 +543,9 @@ class MqttBridge:
             # is only for unclean ends)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    if self._acked is not None and self._acked != self._cursor_written:
+                    raft = self.ctx.raft
+                    if raft is not None and raft.is_leader() and self._acked is not None \
+                            and self._acked != self._cursor_written:
                         await self._write_cursor(client)
                     await client.publish(self.topic("node", self.ctx.node_id, "availability"),
                                          b"offline", qos=1, retain=True)
