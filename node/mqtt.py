@@ -306,6 +306,16 @@ def sign_scale(key: bytes, service: str, replicas: int, request_id: str) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+def _cancel_pending() -> None:
+    """Raise CancelledError if this task was asked to stop. Python 3.11's ``asyncio.wait_for``
+    (inside aiomqtt's publish/subscribe) can swallow a cancellation that arrives as the
+    awaited reply does (CPython gh-86296, fixed in 3.12); the request stays counted in
+    ``Task.cancelling()``, so the loop checks it rather than idling on forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def parse_cursor(text: str) -> Key | None:
     m = CURSOR_RE.match(text.strip())
     return (int(m.group(1)), int(m.group(2))) if m else None
@@ -449,6 +459,7 @@ class MqttBridge:
                 if self._reader is not None:
                     self._reader.cancel()
                     self._reader = None
+            _cancel_pending()
             if time.monotonic() - started > 10:
                 attempt = 0  # it worked for a while: start the back-off again
             attempt += 1
@@ -497,6 +508,7 @@ class MqttBridge:
             resume = True  # on (again) leading: where do events resume, what is stale?
             next_state = next_cursor = 0.0
             while True:
+                _cancel_pending()
                 self._wake.clear()
                 self._follow_store()
                 raft = self.ctx.raft
@@ -572,6 +584,7 @@ class MqttBridge:
     async def _wait(self, seconds: float) -> None:
         """Until woken, ``seconds`` pass, or the connection drops (then MqttError)."""
         import aiomqtt  # (lazy: see the top)
+        _cancel_pending()
         reader = self._reader
         assert reader is not None
         woken = asyncio.ensure_future(self._wake.wait())
