@@ -605,7 +605,11 @@ class MqttBridge:
         reader = self._reader
         assert reader is not None
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
-        done, _ = await asyncio.wait({pub, reader}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({pub, reader}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: do not leave the publish behind
+            pub.cancel()
+            raise
         if pub not in done:
             pub.cancel()
             with contextlib.suppress(BaseException):

@@ -618,4 +618,3 @@ async def test_a_new_leader_resumes_after_the_retained_cursor_and_clears_stale_s
                 await asyncio.gather(task_b, return_exceptions=True)
         finally:
             await n.stop()
-
