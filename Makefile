@@ -16,7 +16,9 @@ STAMP  := $(VENV)/.installed
 # tests/test_ansible.py: sshd per lab host (openssh-server); its hosts have no network, so what
 # the Ansible role installs must already be here: iptables, gcc + libc6-dev (the task launcher
 # is compiled on each host).
-DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static docker-registry skopeo apache2-utils
+# tests/test_mqtt*.py, bench/mqtt_latency.py: a real MQTT broker (mosquitto) and its clients.
+DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static \
+	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
 HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py
 # mypy sees the package as shoal.* through this symlink tree (shoal/node -> ../../../node, ...),

@@ -223,6 +223,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
     from shoal.runtime.registry import RegistryConfig
+    from shoal.node.mqtt import MqttConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -236,7 +237,13 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       metrics_addr=args.metrics_addr, metrics_mtls=args.metrics_mtls,
                       events=EventsConfig(retained=args.events_retained),
                       registry=RegistryConfig(ca_file=args.registry_ca,
-                                              insecure=tuple(args.insecure_registry)))
+                                              insecure=tuple(args.insecure_registry)),
+                      mqtt=MqttConfig(url=args.mqtt_url, password_file=args.mqtt_password_file,
+                                      ca_file=args.mqtt_ca, cert_file=args.mqtt_cert,
+                                      key_file=args.mqtt_key,
+                                      topic_prefix=args.mqtt_topic_prefix,
+                                      keepalive=args.mqtt_keepalive,
+                                      command_key_file=args.mqtt_command_key_file))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -607,6 +614,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEM CA certificates trusted for registries besides the system's")
     a.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="a registry reached over plain HTTP (repeatable; never by default)")
+    m = a.add_argument_group("MQTT bridge (node availability, cluster state and events)")
+    m.add_argument("--mqtt-url", default="", metavar="mqtt[s]://[USER@]HOST[:PORT]",
+                   help="publish to this MQTT broker (default: no bridge)")
+    m.add_argument("--mqtt-password-file", default="", metavar="FILE",
+                   help="file holding USER's password (first line)")
+    m.add_argument("--mqtt-ca", default="", metavar="FILE",
+                   help="CA certificate(s) that signed the broker's (default: system CAs)")
+    m.add_argument("--mqtt-cert", default="", metavar="FILE", help="client certificate")
+    m.add_argument("--mqtt-key", default="", metavar="FILE", help="client certificate's key")
+    m.add_argument("--mqtt-topic-prefix", default="", metavar="TOPIC",
+                   help="topic prefix (default shoal/ + the cluster id's first 12 characters)")
+    m.add_argument("--mqtt-keepalive", type=int, default=10, metavar="SECONDS",
+                   help="MQTT keepalive; a dead node is announced offline after 1.5x this")
+    m.add_argument("--mqtt-command-key-file", default="", metavar="FILE",
+                   help="accept scale commands signed (HMAC-SHA256) with this key (managers)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
     a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)

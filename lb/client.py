@@ -65,6 +65,8 @@ class EndpointStats(TypedDict):
     active: int  # connections/flows open now
     total: int  # connections/flows opened since the worker(s) started
     failed: int  # connect attempts that failed (refused, unreachable, timeout)
+    bytes_in: int  # bytes forwarded from clients to it
+    bytes_out: int  # bytes forwarded from it to clients
     draining: bool
 
 
@@ -74,6 +76,8 @@ class ServiceStats(TypedDict):
     retries: int  # connect attempts that moved on to another endpoint
     failed: int  # connections/flows that found no working endpoint (client saw a reset)
     udp_dropped: int
+    bytes_in: int  # bytes forwarded client → backend (TCP payload, UDP datagrams)
+    bytes_out: int  # bytes forwarded backend → client
     listeners: list[str]
     endpoints: dict[str, EndpointStats]  # by task id
 
@@ -502,22 +506,27 @@ def _merge_service(out: dict[str, ServiceStats], name: str, svc: dict[str, Any])
         out[name] = ServiceStats(
             connections=svc["connections"], active=svc["active"], retries=svc["retries"],
             failed=svc["failed"], udp_dropped=svc["udp_dropped"],
+            bytes_in=svc.get("bytes_in", 0), bytes_out=svc.get("bytes_out", 0),
             listeners=list(svc["listeners"]),
             endpoints={k: _ep_stats(v) for k, v in svc["endpoints"].items()})
         return
     for key in ("connections", "active", "retries", "failed", "udp_dropped"):
         cur[key] += svc[key]
+    for key in ("bytes_in", "bytes_out"):
+        cur[key] += svc.get(key, 0)  # type: ignore[literal-required]
     cur["listeners"] = sorted(set(cur["listeners"]) | set(svc["listeners"]))
     for task_id, ep in svc["endpoints"].items():
         mine = cur["endpoints"].get(task_id)
         if mine is None:
             cur["endpoints"][task_id] = _ep_stats(ep)
         else:
-            for key in ("active", "total", "failed"):
-                mine[key] += ep[key]  # type: ignore[literal-required]
+            for key in ("active", "total", "failed", "bytes_in", "bytes_out"):
+                mine[key] += ep.get(key, 0)  # type: ignore[literal-required]
             mine["draining"] = mine["draining"] and ep["draining"]
 
 
 def _ep_stats(ep: dict[str, Any]) -> EndpointStats:
     return EndpointStats(addr=ep["addr"], port=ep["port"], active=ep["active"],
-                         total=ep["total"], failed=ep["failed"], draining=ep["draining"])
+                         total=ep["total"], failed=ep["failed"],
+                         bytes_in=ep.get("bytes_in", 0), bytes_out=ep.get("bytes_out", 0),
+                         draining=ep["draining"])

@@ -164,6 +164,9 @@ class TcpClient(asyncio.Protocol):
         if cfg.sndbuf or cfg.rcvbuf:
             _sock_opts(self.transport, cfg.sndbuf, cfg.rcvbuf)
         if self.early:
+            n = sum(len(b) for b in self.early)
+            ep.bytes_in += n
+            self.table.bytes_in += n
             transport.writelines(self.early)
             self.early = []
         if self.eof:
@@ -179,6 +182,11 @@ class TcpClient(asyncio.Protocol):
             self.early.append(data)
             self.transport.pause_reading()  # type: ignore[union-attr]
             return
+        n = len(data)
+        self.table.bytes_in += n
+        ep = self.ep
+        if ep is not None:
+            ep.bytes_in += n
         peer.write(data)
 
     def pause_writing(self) -> None:  # the client is slow: stop reading the backend
@@ -259,6 +267,12 @@ class TcpBackend(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        client = self.client
+        n = len(data)
+        client.table.bytes_out += n
+        ep = client.ep
+        if ep is not None:
+            ep.bytes_out += n
         self.down.write(data)  # type: ignore[union-attr]
 
     def pause_writing(self) -> None:  # the backend is slow: stop reading the client
@@ -308,6 +322,9 @@ class UdpFlow:
             self.frontend.table.udp_dropped += 1
         except OSError:  # ECONNREFUSED from an earlier ICMP port unreachable, and the like
             return False
+        else:
+            self.ep.bytes_in += len(data)
+            self.frontend.table.bytes_in += len(data)
         return True
 
     def _readable(self) -> None:
@@ -327,6 +344,9 @@ class UdpFlow:
                 out.sendto(data, client)
             except OSError:
                 fe.table.udp_dropped += 1
+            else:
+                self.ep.bytes_out += len(data)
+                fe.table.bytes_out += len(data)
         self.last = fe.worker.loop.time()
 
     def cut(self) -> None:
@@ -565,9 +585,22 @@ class SpliceConn:
             self.cut()
             return
         try:
-            self.dirs = [_SpliceDir(self, self.client, sock), _SpliceDir(self, sock, self.client)]
+            self.dirs = [_SpliceDir(self, self.client, sock),
+                         _SpliceDir(self, sock, self.client, up=False)]
         except OSError:  # out of descriptors for the pipes
             self.cut()
+
+    def count(self, n: int, up: bool) -> None:
+        """``n`` bytes moved (up: client → backend)."""
+        ep = self.ep
+        if up:
+            self.table.bytes_in += n
+            if ep is not None:
+                ep.bytes_in += n
+        else:
+            self.table.bytes_out += n
+            if ep is not None:
+                ep.bytes_out += n
 
     def dir_done(self) -> None:
         if all(d.done for d in self.dirs):
@@ -603,11 +636,13 @@ class SpliceConn:
 class _SpliceDir:
     """One direction of a SpliceConn: src socket -> pipe -> dst socket."""
 
-    __slots__ = ("conn", "done", "dst", "dst_sock", "eof", "loop", "queued", "r", "src", "w",
-                 "waiting")
+    __slots__ = ("conn", "done", "dst", "dst_sock", "eof", "loop", "queued", "r", "src", "up",
+                 "w", "waiting")
 
-    def __init__(self, conn: SpliceConn, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: SpliceConn, src: socket.socket, dst: socket.socket,
+                 up: bool = True) -> None:
         self.conn = conn
+        self.up = up  # client → backend (counted as bytes_in), else backend → client
         self.loop = conn.worker.loop
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
@@ -651,6 +686,7 @@ class _SpliceDir:
                 self.conn.cut()
                 return
             self.queued -= n
+            self.conn.count(n, self.up)
         if self.waiting:
             self.waiting = False
             self.loop.remove_writer(self.dst)

@@ -29,8 +29,8 @@ class Cuttable(Protocol):
 class EndpointState:
     """One endpoint as a worker sees it: counters, and the connections it holds."""
 
-    __slots__ = ("active", "addr", "conns", "deadline", "down_until", "failed", "gone", "key",
-                 "port", "task_id", "timer", "total")
+    __slots__ = ("active", "addr", "bytes_in", "bytes_out", "conns", "deadline", "down_until",
+                 "failed", "gone", "key", "port", "task_id", "timer", "total")
 
     def __init__(self, addr: str, port: int, task_id: str) -> None:
         self.addr = addr
@@ -40,6 +40,8 @@ class EndpointState:
         self.active = 0  # connections/flows open now (this worker)
         self.total = 0  # connections/flows ever opened (this worker)
         self.failed = 0  # connect attempts that failed (refused, unreachable, timeout)
+        self.bytes_in = 0  # bytes forwarded from clients to it (TCP payload, UDP datagrams)
+        self.bytes_out = 0  # bytes forwarded from it to clients
         self.down_until = 0.0  # loop time until which new connections skip it
         self.deadline: float | None = None  # loop time: drain ends, connections cut
         self.gone = False  # its drain deadline passed: any connection to it is cut at once
@@ -48,7 +50,8 @@ class EndpointState:
 
     def stats(self) -> dict[str, Any]:
         return {"addr": self.addr, "port": self.port, "active": self.active,
-                "total": self.total, "failed": self.failed}
+                "total": self.total, "failed": self.failed, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out}
 
 
 class ServiceTable:
@@ -67,6 +70,8 @@ class ServiceTable:
         self.retries = 0  # connect attempts moved on to another endpoint
         self.failed = 0  # connections/flows that found no endpoint at all (client saw it)
         self.udp_dropped = 0  # datagrams dropped (no endpoint, flow limit, buffers full)
+        self.bytes_in = 0  # bytes forwarded client → backend (kept when endpoints go)
+        self.bytes_out = 0  # bytes forwarded backend → client
 
     # -- selection -----------------------------------------------------------------------------
 
@@ -194,4 +199,5 @@ class ServiceTable:
             endpoints[ep.task_id] = {**ep.stats(), "draining": True}
         return {"connections": self.connections, "active": self.active(),
                 "retries": self.retries, "failed": self.failed,
-                "udp_dropped": self.udp_dropped, "endpoints": endpoints}
+                "udp_dropped": self.udp_dropped, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "endpoints": endpoints}

@@ -15,6 +15,7 @@ from pathlib import Path
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
 from shoal.node.limits import LimitsConfig
+from shoal.node.mqtt import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -88,6 +89,8 @@ class AgentConfig:
     events: EventsConfig = field(default_factory=EventsConfig)  # the managers' event ring
     # how this node talks to image registries: CA file, insecure (plain-HTTP) registries
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # the optional MQTT bridge (shoal.node.mqtt; --mqtt-*); url "" = off
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -131,6 +134,7 @@ class AgentConfig:
         self.raft.validate()
         self.orchestrator.validate()
         self.events.validate()
+        self.mqtt.validate()
 
 
 @dataclass

@@ -28,7 +28,9 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
   ``shoal_lb_active_connections{service}``, ``shoal_lb_retries_total``,
   ``shoal_lb_failed_total``, ``shoal_lb_udp_dropped_total``, and per backend
   ``shoal_lb_backend_connections_total{service,task}``, ``…_active_connections``,
-  ``…_failed_total``. The balancer counts connections, not bytes: there is no bytes metric.
+  ``…_failed_total``; bytes forwarded ``shoal_lb_bytes_total{service,direction}`` and
+  ``shoal_lb_backend_bytes_total{service,task,direction}`` (direction ``in``: client →
+  backend, ``out``: backend → client; TCP payload and UDP datagrams, both TCP engines).
 * Events (managers): ``shoal_events_total{type}``, ``shoal_events_retained``,
   ``shoal_events_gaps_total``.
 * API: ``shoal_api_request_duration_seconds{route,method,status}`` (histogram; route is
@@ -291,8 +293,20 @@ class _StateCollector(Collector):
             for task, ep in sorted(svc.get("endpoints", {}).items()):
                 for key, fam in be.items():
                     fam.add_metric([name, task], ep.get(key, 0))
+        nbytes = CounterMetricFamily("shoal_lb_bytes", "Bytes forwarded by this node's "
+                                     "balancer (in: client → backend, out: backend → client)",
+                                     labels=["service", "direction"])
+        be_bytes = CounterMetricFamily("shoal_lb_backend_bytes", "Bytes forwarded to (in) and "
+                                       "from (out) a backend task",
+                                       labels=["service", "task", "direction"])
+        for name, svc in sorted(services.items()):
+            for direction in ("in", "out"):
+                nbytes.add_metric([name, direction], svc.get(f"bytes_{direction}", 0))
+                for task, ep in sorted(svc.get("endpoints", {}).items()):
+                    be_bytes.add_metric([name, task, direction], ep.get(f"bytes_{direction}", 0))
         yield from per.values()
         yield from be.values()
+        yield from (nbytes, be_bytes)
         yield _gauge("shoal_lb_worker_restarts", "Balancer worker restarts",
                      stats.get("restarts", 0))
 

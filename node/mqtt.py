@@ -1,0 +1,881 @@
+"""The MQTT bridge: this node's part of the cluster, published to an MQTT broker (aiomqtt 2.x).
+
+Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags), ``MqttBridge`` — one connection per node
+to the broker, reconnected with exponential back-off, publishing the topics below — and its
+Prometheus collector (``shoal_mqtt_*``). Must not touch: the cluster state (it only reads
+snapshots and the event ring; it never proposes), the event ring's filling, the API. The
+broker is never on the critical path: nothing here runs on Raft's apply thread except a
+``call_soon_threadsafe`` wake-up, and every publish happens on the event loop in this
+bridge's own task; a slow or absent broker only delays the bridge.
+
+Topics, under ``PREFIX`` (``--mqtt-topic-prefix``, default ``shoal/CLUSTER``: the first 12
+characters of the cluster id)::
+
+    PREFIX/node/ID/availability  "online" | "offline"  retained, QoS 1; every node, for itself.
+                                 "offline" is also its last will: a node that dies is
+                                 announced by the broker — at once after kill -9 (the kernel
+                                 closes the socket), after 1.5 x keepalive after a power loss
+                                 or a network cut; a clean stop publishes it before leaving.
+    PREFIX/node/ID/state         JSON, retained, QoS 1; the leader, for every node
+    PREFIX/service/NAME/state    JSON, retained, QoS 1; the leader, for every service (an
+                                 empty retained message clears a removed service)
+    PREFIX/events/TYPE           JSON event (as GET /v1/events), QoS 1, not retained; the
+                                 leader. TYPE: service task node secret config, or ``gap``
+    PREFIX/bridge/cursor         retained, QoS 1: the last event cursor the broker acknowledged
+                                 (the leader's bridge writes it; a new leader resumes after it)
+    PREFIX/cmd/service/NAME/scale  in: {"replicas", "request_id", "hmac"} (opt-in, see below)
+    PREFIX/cmd/result/REQUEST_ID   out: {"request_id", "ok", "duplicate", "service",
+                                 "replicas", "version" | "error": {code, message, field}}
+
+State payloads carry ``term`` and ``index`` (the Raft term of the publishing leader and the
+applied index of the snapshot): a subscriber keeps the message with the greater (term, index)
+and so drops a stale update that a deposed leader sent late.
+
+Why these QoS/retain choices: state and availability are *current values* — retained, so a
+late subscriber (Home Assistant, Node-RED, Grafana) gets them at once; QoS 1 so the broker
+confirms them. Events are a *stream* — never retained (a retained event would be replayed as
+if new), QoS 1 (at least once; QoS 2 costs two more round trips per event and still cannot
+give exactly-once across a leader change or a reconnect).
+
+Delivery of events: at least once, in cursor order, resumable. The bridge reads the
+manager's event ring (shoal.node.events.EventLog) from the last cursor the broker
+acknowledged (PUBACK). The ring *is* the bounded buffer: while the broker is away the events
+stay there (``--events-retained``, 10,000 by default); if the ring rolls past the bridge's
+cursor, the bridge publishes one ``PREFIX/events/gap`` record (the GET /v1/events gap record),
+counts it (``shoal_mqtt_event_gaps_total``) and resumes with the oldest retained event; the
+retained state topics are republished on every connect, so subscribers resync from them.
+Duplicates: an event whose PUBACK was lost with the connection is published again after the
+reconnect; a new leader resumes after the retained cursor, written every
+``cursor_interval`` seconds, so it may repeat up to that much. Subscribers drop duplicates by
+the event's ``cursor`` (INDEX-SEQ, ordered). Events reach subscribers that were disconnected
+only through their own persistent session (clean_session false, QoS 1) on the broker.
+
+Credentials: the password comes from ``--mqtt-password-file`` (read at each connect; never in
+the URL, the command line or a log line). TLS: ``mqtts://`` verifies the broker against
+``--mqtt-ca`` (else the system's CAs) and its host name; ``--mqtt-cert``/``--mqtt-key`` present
+a client certificate to brokers that require one.
+
+Errors: none escapes ``MqttBridge.run`` except cancellation. Connection failures are logged
+once per kind of failure (not at every retry) with a reason — ``refused`` (nothing listens),
+``tls`` (certificate or handshake), ``bad_credentials``, ``not_authorized``, ``timeout``,
+``dns``, ``lost`` (the connection dropped), ``error`` — and counted by reason in /metrics.
+A bad ``--mqtt-*`` setting is a ValueError naming the flag, at agent start (as every
+AgentConfig check).
+
+Commands (opt-in with ``--mqtt-command-key-file``; the leader subscribes): a scale command is
+authorised twice — by the broker's ACL (only the operators' user may write ``PREFIX/cmd/#``;
+MQTT 3.1.1 brokers drop denied messages silently) and by an HMAC-SHA256 over
+``scale\nNAME\nREPLICAS\nREQUEST_ID`` with the key in that file (``sign_scale``; the same
+file on every manager). Applied exactly once even when QoS 1 delivers it twice or a new leader
+sees it again: the request id is written into the service's labels
+(``shoal.mqtt.requests``, the last 16) in the same Raft write as the new replica count, with
+the expected service version (a concurrent change makes it re-check); a request id already
+there is answered as a duplicate without a write.
+
+Not done (issue 14): the cluster-wide setting ``shoal mqtt set`` (stored as a secret; here
+the bridge and its command key are configured per agent by flags).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shoal.node.errors import ApiError
+from shoal.node.events import CURSOR_RE, EventLog, Key, gap_record
+from shoal.node.source import ManagerSource, StateSource
+from shoal.raft.models import Health, TaskState, to_dict
+from shoal.raft.state import Snapshot
+
+
+class Identity(Protocol):
+    """Who this node is (shoal.node.config.NodeIdentity has it)."""
+
+    node_id: str
+    cluster_id: str
+
+
+class BridgeContext(Protocol):
+    """What the bridge reads (shoal.node.context.NodeContext has it; not imported here:
+    config.py imports this module and context.py imports config.py)."""
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    @property
+    def store(self) -> StateSource | None: ...
+
+    @property
+    def raft(self) -> ManagerSource | None: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+# (ref, spec as a dict, expected version) → {"id", "name", "version"}; raises ApiError
+UpdateService = Callable[[str, Any, Any], Awaitable[dict[str, Any]]]
+
+if TYPE_CHECKING:  # (imported where used: only an agent with --mqtt-url pays for paho)
+    import aiomqtt
+
+log = logging.getLogger("shoal.mqtt")
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+EVENT_TYPES = ("service", "task", "node", "secret", "config", "gap")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# service label where the leader records the last applied command request ids (in Raft, so
+# a duplicate is recognised after a leader change too): the last REQUESTS_KEPT of them
+REQUESTS_LABEL = "shoal.mqtt.requests"
+REQUESTS_KEPT = 16
+COMMAND_OUTCOMES = ("applied", "duplicate", "refused", "invalid", "failed")
+_TOP = 999_999  # a seq after every event of an index (as in shoal.node.events)
+REASONS = ("refused", "tls", "bad_credentials", "not_authorized", "timeout", "dns", "lost",
+           "acl", "error")
+
+
+@dataclass
+class MqttConfig:
+    """The bridge's settings (agent flags ``--mqtt-*``)."""
+
+    # Broker URL: mqtt://[USER@]HOST[:PORT] (plain, port 1883) or mqtts://… (TLS, 8883).
+    # "" = no bridge (the default). A password in the URL is refused: use password_file.
+    url: str = ""
+    # File whose first line is USER's password (read at each connect, so it can be rotated).
+    # "" = connect without a password.
+    password_file: str = ""
+    # PEM file of the CA(s) that signed the broker's certificate (mqtts); "" = system CAs.
+    ca_file: str = ""
+    # Client certificate and its key (PEM) for brokers that require one (mqtts only).
+    cert_file: str = ""
+    key_file: str = ""
+    # Topic prefix; "" = shoal/ + the first 12 characters of the cluster id.
+    topic_prefix: str = ""
+    # MQTT keepalive, seconds (1-3600). The broker announces a dead node ("offline", its
+    # last will) after 1.5 x this; lower = faster announcement, more idle pings.
+    keepalive: int = 10
+    # Reconnect back-off: the first retry after this many seconds, doubling (with ±20 %
+    # jitter) up to backoff_max. A successful connect resets it.
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+    # Seconds between writes of the retained event cursor while events flow (and once when
+    # they stop). Lower = fewer repeats after a leader change, more broker writes.
+    cursor_interval: float = 0.5
+    # Least seconds between two scans of the cluster state for changed retained topics.
+    state_interval: float = 0.2
+    # Seconds a publish, subscribe or connect may take before the connection is dropped
+    # and made again.
+    timeout: float = 5.0
+    # Opt-in commands over MQTT: a file holding the HMAC-SHA256 key (its bytes, at least 16)
+    # a command must be signed with. "" = no commands (the leader subscribes to nothing).
+    command_key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def broker(self) -> tuple[bool, str, int, str]:
+        """(tls, host, port, user) from ``url``; ValueError naming --mqtt-url."""
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"--mqtt-url: {exc}") from None
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ValueError("--mqtt-url must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError("--mqtt-url has no broker host (mqtt[s]://[USER@]HOST[:PORT])")
+        if parts.password is not None:
+            raise ValueError("--mqtt-url must not contain a password: use "
+                                  "--mqtt-password-file")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("--mqtt-url takes no path: set the topics with "
+                                  "--mqtt-topic-prefix")
+        return (parts.scheme == "mqtts", parts.hostname,
+                port or DEFAULT_PORTS[parts.scheme], parts.username or "")
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        tls, _host, _port, user = self.broker()
+        if self.password_file and not user:
+            raise ValueError("--mqtt-password-file needs a user in --mqtt-url "
+                                  "(mqtts://USER@HOST)")
+        if (self.ca_file or self.cert_file) and not tls:
+            raise ValueError("--mqtt-ca/--mqtt-cert need an mqtts:// --mqtt-url")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("--mqtt-cert and --mqtt-key go together")
+        for flag, path in (("--mqtt-command-key-file", self.command_key_file),
+                           ("--mqtt-password-file", self.password_file),
+                           ("--mqtt-ca", self.ca_file), ("--mqtt-cert", self.cert_file),
+                           ("--mqtt-key", self.key_file)):
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{flag}: cannot read {path}")
+        prefix = self.topic_prefix
+        if prefix and (any(c in prefix for c in "+#\0") or prefix.startswith("/")
+                       or prefix.endswith("/")):
+            raise ValueError("--mqtt-topic-prefix must be a topic without +, # or a "
+                                  "leading/trailing /")
+        if self.command_key_file and len(read_key(self.command_key_file)) < 16:
+            raise ValueError("--mqtt-command-key-file must hold at least 16 bytes")
+        if not 1 <= self.keepalive <= 3600:
+            raise ValueError("--mqtt-keepalive must be between 1 and 3600 seconds")
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ValueError("mqtt backoff_min must be > 0 and <= backoff_max")
+        if self.cursor_interval <= 0 or self.state_interval <= 0 or self.timeout <= 0:
+            raise ValueError("mqtt cursor_interval, state_interval and timeout must "
+                                  "be > 0")
+
+
+def backoff(attempt: int, lo: float, hi: float, rand: Callable[[], float] = random.random
+            ) -> float:
+    """Seconds to wait before reconnect ``attempt`` (1, 2, …): lo·2^(attempt-1), at most hi,
+    ±20 % jitter (so a cluster's nodes do not all reconnect at once after a broker restart)."""
+    base = min(hi, lo * 2 ** max(0, min(attempt - 1, 30)))
+    return float(base * (0.8 + 0.4 * rand()))
+
+
+def classify(exc: BaseException) -> str:
+    """One of REASONS for a failed or lost connection."""
+    rc = getattr(exc, "rc", None)
+    if rc is not None:
+        value = getattr(rc, "value", rc)
+        if value in (4, 134):
+            return "bad_credentials"
+        if value in (5, 135):
+            return "not_authorized"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+            return "tls"
+        if isinstance(cause, ConnectionRefusedError):
+            return "refused"
+        if isinstance(cause, socket.gaierror):
+            return "dns"
+        if isinstance(cause, TimeoutError):
+            return "timeout"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).lower()
+    for needle, reason in (("refused", "refused"), ("certificate", "tls"), ("ssl", "tls"),
+                           ("timed out", "timeout"), ("name or service", "dns"),
+                           ("not authori", "not_authorized"), ("password", "bad_credentials")):
+        if needle in text:
+            return reason
+    return "error"
+
+
+_HINTS = {
+    "refused": "nothing listens there (is the broker running?)",
+    "tls": "check --mqtt-ca and the broker's certificate (its name must match the URL host)",
+    "bad_credentials": "check the user in --mqtt-url and --mqtt-password-file",
+    "not_authorized": "the broker refused this user: check the user name, its password "
+                      "(--mqtt-password-file) and the broker's password file",
+    "timeout": "the broker did not answer in time",
+    "dns": "the broker's host name does not resolve",
+    "lost": "the connection dropped",
+    "acl": "the broker's ACL denies this user the topic prefix",
+    "error": "",
+}
+
+
+def read_key(path: str) -> bytes:
+    """A command key file's bytes, without a trailing newline."""
+    return Path(path).read_bytes().rstrip(b"\r\n")
+
+
+def sign_scale(key: bytes, service: str, replicas: int, request_id: str) -> str:
+    """The HMAC a scale command carries: HMAC-SHA256(key, "scale\\nNAME\\nN\\nREQUEST_ID"),
+    hex. What a client computes too (e.g. ``openssl dgst -sha256 -hmac``)."""
+    msg = f"scale\n{service}\n{replicas}\n{request_id}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _cancel_pending() -> None:
+    """Raise CancelledError if this task was asked to stop. Python 3.11's ``asyncio.wait_for``
+    (inside aiomqtt's publish/subscribe) can swallow a cancellation that arrives as the
+    awaited reply does (CPython gh-86296, fixed in 3.12); the request stays counted in
+    ``Task.cancelling()``, so the loop checks it rather than idling on forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def parse_cursor(text: str) -> Key | None:
+    m = CURSOR_RE.match(text.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def node_states(snap: Snapshot, leader_addr: str | None) -> dict[str, dict[str, Any]]:
+    """node id → its retained state (without term/index)."""
+    running: dict[str, int] = {}
+    for t in snap.tasks.values():
+        if t.status.state is TaskState.RUNNING:
+            running[t.node_id] = running.get(t.node_id, 0) + 1
+    return {n.id: {"id": n.id, "hostname": n.hostname, "addr": n.addr, "role": str(n.role),
+                   "state": str(n.state), "availability": str(n.availability),
+                   "leader": bool(leader_addr) and n.raft_addr == leader_addr,
+                   "labels": dict(n.labels), "tasks_running": running.get(n.id, 0)}
+            for n in snap.nodes.values()}
+
+
+def service_states(snap: Snapshot) -> dict[str, dict[str, Any]]:
+    """service name → its retained state (without term/index): desired, running and healthy
+    replicas of the current version, image, update state."""
+    counts: dict[str, list[int]] = {sid: [0, 0] for sid in snap.services}
+    for t in snap.tasks.values():
+        c = counts.get(t.service_id)
+        if c is None or t.status.state is not TaskState.RUNNING:
+            continue
+        c[0] += 1
+        if t.status.health in (Health.NONE, Health.HEALTHY):
+            c[1] += 1
+    out = {}
+    for sid, s in snap.services.items():
+        running, healthy = counts[sid]
+        out[s.spec.name] = {
+            "id": s.id, "name": s.spec.name, "image": s.spec.task.container.image,
+            "version": s.version, "desired": s.spec.mode.replicas, "running": running,
+            "healthy": healthy, "update_state": s.update_status.state,
+            "update_message": s.update_status.message}
+    return out
+
+
+class MqttBridge:
+    """This node's connection to the broker; ``run()`` until cancelled (never raises).
+
+    Reads ``ctx`` (identity, the current state source, the Raft replica on a manager) and the
+    manager's event ``ring``; ``registry``, if given, gets the ``shoal_mqtt_*`` collector.
+    """
+
+    def __init__(self, ctx: BridgeContext, config: MqttConfig, ring: EventLog,
+                 registry: Any = None, update_service: UpdateService | None = None) -> None:
+        config.validate()
+        # scale commands go through this (shoal.node.control.services.Services.update_service)
+        self._update_service = update_service
+        self._commands: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(maxsize=1000)
+        self.command_results: dict[str, int] = dict.fromkeys(COMMAND_OUTCOMES, 0)
+        self.ctx = ctx
+        self.config = config
+        self.ring = ring
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listening: set[int] = set()  # ids of the state sources we listen to
+        # the last event the broker acknowledged (None: not publishing events yet)
+        self._acked: Key | None = None
+        self._cursor_written: Key | None = None
+        self._published: dict[str, str] = {}  # retained topic → payload, this connection
+        self._reader: asyncio.Task[None] | None = None
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        # figures for /metrics and tests
+        self.connected = False
+        self.connects = 0
+        self.failures: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.published: dict[str, int] = {"event": 0, "state": 0, "availability": 0,
+                                          "cursor": 0, "command": 0}
+        self.gaps = 0
+        self.last_error = ""
+        ring.on_event.append(lambda _ev: self._wake_threadsafe())
+        if registry is not None:
+            registry.register(MqttCollector(self))
+
+    # ------------------------------------------------------------------ topics
+    @property
+    def prefix(self) -> str:
+        if self.config.topic_prefix:
+            return self.config.topic_prefix
+        ident = self.ctx.identity
+        return f"shoal/{ident.cluster_id[:12] if ident else 'none'}"
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    @property
+    def broker_label(self) -> str:
+        """The broker as logged: scheme://user@host:port, never the password."""
+        tls, host, port, user = self.config.broker()
+        return f"{'mqtts' if tls else 'mqtt'}://{user + '@' if user else ''}{host}:{port}"
+
+    # ------------------------------------------------------------------ wake-ups
+    def _wake_threadsafe(self) -> None:
+        """From Raft's apply thread (or the loop): wake the bridge. Never blocks."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def _follow_store(self) -> None:
+        store = self.ctx.store
+        if store is not None and id(store) not in self._listening:
+            self._listening.add(id(store))
+            store.add_listener(lambda _i: self._wake_threadsafe())
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        """Connect, publish, reconnect with back-off; until cancelled."""
+        import aiomqtt  # (lazy: see the top)
+        self._loop = asyncio.get_running_loop()
+        attempt = 0
+        last_reason = ""
+        while True:
+            while self.ctx.identity is None:  # not (or no longer) in a cluster
+                await asyncio.sleep(0.5)
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # aiomqtt.MqttError, OSError, a bug: never fatal
+                reason = classify(exc) if not self.connected else "lost"
+                self.failures[reason] = self.failures.get(reason, 0) + 1
+                self.last_error = f"{reason}: {exc}"
+                level = logging.WARNING if reason != last_reason else logging.DEBUG
+                if not isinstance(exc, aiomqtt.MqttError | OSError):
+                    log.exception("mqtt: bridge to %s failed", self.broker_label)
+                else:
+                    hint = _HINTS.get(reason, "")
+                    log.log(level, "mqtt: %s %s (%s)%s; retrying with back-off",
+                            self.broker_label,
+                            "connection lost" if reason == "lost" else "connection failed",
+                            str(exc) or type(exc).__name__, f": {hint}" if hint else "")
+                last_reason = reason
+            finally:
+                self.connected = False
+                if self._reader is not None:
+                    self._reader.cancel()
+                    self._reader = None
+            _cancel_pending()
+            if time.monotonic() - started > 10:
+                attempt = 0  # it worked for a while: start the back-off again
+            attempt += 1
+            await asyncio.sleep(backoff(attempt, self.config.backoff_min,
+                                        self.config.backoff_max))
+
+    def _client(self) -> aiomqtt.Client:
+        import aiomqtt  # (lazy: see the top)
+        tls, host, port, user = self.config.broker()
+        password = None
+        if self.config.password_file:
+            lines = Path(self.config.password_file).read_text().splitlines()
+            password = lines[0] if lines else ""
+        context = None
+        if tls:
+            context = ssl.create_default_context(cafile=self.config.ca_file or None)
+            if self.config.cert_file:
+                context.load_cert_chain(self.config.cert_file, self.config.key_file)
+        node_id = self.ctx.node_id
+        return aiomqtt.Client(
+            host, port, username=user or None, password=password,
+            identifier=f"shoal-{node_id}", clean_session=True, keepalive=self.config.keepalive,
+            timeout=self.config.timeout, tls_context=context,
+            # (paho leaves Nagle on: small QoS 1 messages would wait for delayed ACKs)
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            will=aiomqtt.Will(self.topic("node", node_id, "availability"), b"offline", qos=1,
+                              retain=True))
+
+    async def _session(self) -> None:
+        import aiomqtt  # (lazy: see the top)
+        client = self._client()
+        async with asyncio.timeout(self.config.timeout):
+            await client.__aenter__()
+        try:
+            self.connected = True
+            self.connects += 1
+            self._published = {}
+            self._inbox = asyncio.Queue()
+            self._reader = asyncio.create_task(self._read(client), name="mqtt-reader")
+            log.info("mqtt: connected to %s, topics under %s/", self.broker_label, self.prefix)
+            node_id = self.ctx.node_id
+            await self._publish(client, self.topic("node", node_id, "availability"),
+                                b"online", retain=True, kind="availability")
+            retained: dict[str, bytes] | None = None
+            key = b""
+            resume = True  # on (again) leading: where do events resume, what is stale?
+            next_state = next_cursor = 0.0
+            while True:
+                _cancel_pending()
+                self._wake.clear()
+                self._follow_store()
+                raft = self.ctx.raft
+                leader = raft is not None and raft.is_leader()
+                deadlines = [time.monotonic() + 1.0]  # (leadership is polled every second)
+                if not leader:
+                    if not resume and self.config.command_key_file:
+                        with contextlib.suppress(aiomqtt.MqttError):
+                            await client.unsubscribe(self._command_filter(), timeout=1.0)
+                    resume = True
+                else:
+                    if resume:
+                        self._published = {}  # another leader may have written since
+                        retained = await self._retained(client)
+                        self._resume_from(retained)
+                        await self._clear_stale(client, retained)
+                        if self.config.command_key_file:
+                            key = read_key(self.config.command_key_file)
+                            await client.subscribe(self._command_filter(), qos=1)
+                        resume = False
+                    while key and not self._commands.empty():
+                        await self._command(client, self._commands.get_nowait(), key)
+                    # events first (latency), then the periodic writes
+                    await self._publish_events(client)
+                    if self._pending_events():
+                        continue
+                    now = time.monotonic()
+                    if self._acked != self._cursor_written:
+                        if now >= next_cursor:
+                            await self._write_cursor(client)
+                            next_cursor = now + self.config.cursor_interval
+                        else:
+                            deadlines.append(next_cursor)
+                    if now >= next_state:
+                        await self._publish_state(client)
+                        next_state = time.monotonic() + self.config.state_interval
+                    else:
+                        deadlines.append(next_state)  # woken meanwhile: the state may change
+                    if self._pending_events():
+                        continue
+                await self._wait(max(0.0, min(deadlines) - time.monotonic()))
+        except asyncio.CancelledError:
+            # a clean stop: leave the cursor for the next leader, say offline (the last will
+            # is only for unclean ends)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    raft = self.ctx.raft
+                    if raft is not None and raft.is_leader() and self._acked is not None \
+                            and self._acked != self._cursor_written:
+                        await self._write_cursor(client)
+                    await client.publish(self.topic("node", self.ctx.node_id, "availability"),
+                                         b"offline", qos=1, retain=True)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await client.__aexit__(None, None, None)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        """Reads incoming messages (only the retained ones asked for after a connect); ends
+        with MqttError when the connection drops, which wakes the session to reconnect."""
+        cmd = self.topic("cmd", "service", "+", "scale")
+        async for msg in client.messages:
+            if msg.topic.matches(cmd):
+                try:
+                    self._commands.put_nowait(msg)
+                except asyncio.QueueFull:
+                    self.command_results["failed"] += 1  # (bounded: a flood is dropped)
+                self._wake.set()
+            else:
+                self._inbox.put_nowait(msg)
+
+    async def _wait(self, seconds: float) -> None:
+        """Until woken, ``seconds`` pass, or the connection drops (then MqttError)."""
+        import aiomqtt  # (lazy: see the top)
+        _cancel_pending()
+        reader = self._reader
+        assert reader is not None
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({woken, reader}, timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+        if reader.done():
+            reader.result()  # raises the MqttError
+            raise aiomqtt.MqttError("the connection ended")
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes,
+                       retain: bool = False, kind: str = "state") -> None:
+        """QoS 1: returns once the broker acknowledged it; MqttError if the connection drops
+        (not after the full timeout: the reader notices first)."""
+        import aiomqtt  # (lazy: see the top)
+        reader = self._reader
+        assert reader is not None
+        pub = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+        try:
+            done, _ = await asyncio.wait({pub, reader}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: do not leave the publish behind
+            pub.cancel()
+            raise
+        if pub not in done:
+            pub.cancel()
+            with contextlib.suppress(BaseException):
+                await pub
+            reader.result()
+            raise aiomqtt.MqttError("the connection ended")
+        pub.result()
+        self.published[kind] += 1
+
+    async def _retained(self, client: aiomqtt.Client) -> dict[str, bytes]:
+        """The retained cursor and state topics now on the broker (topic → payload), to
+        resume events and clear what no longer exists (the leader, when it starts leading
+        or connects)."""
+        import aiomqtt  # (lazy: see the top)
+        filters = [self.topic("bridge", "cursor"), self.topic("service", "+", "state"),
+                   self.topic("node", "+", "state")]
+        marker = self.topic("bridge", "sync", self.ctx.node_id)
+        found: dict[str, bytes] = {}
+        for f in [*filters, marker]:
+            await client.subscribe(f, qos=1)
+        token = os.urandom(8).hex().encode()
+        await self._publish(client, marker, token, kind="cursor")
+        # the broker sends the retained messages of a subscription before anything published
+        # after it: once our marker is back, we have them all
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                while True:
+                    msg = await self._inbox.get()
+                    topic = str(msg.topic)
+                    if topic == marker and msg.payload == token:
+                        break
+                    if msg.retain and isinstance(msg.payload, bytes | bytearray):
+                        found[topic] = bytes(msg.payload)
+        except TimeoutError:
+            # MQTT 3.1.1 brokers drop what an ACL denies without telling the publisher: our
+            # own marker not coming back is the only sign
+            self.failures["acl"] += 1
+            level = logging.WARNING if self.failures["acl"] == 1 else logging.DEBUG
+            log.log(level, "mqtt: the broker does not deliver this node's messages under "
+                    "%s/ back to it: its ACL must let user %r read and write %s/# "
+                    "(publishing anyway; events resume from this node's own cursor)",
+                    self.prefix, self.config.broker()[3], self.prefix)
+        # (a broker may not answer an unsubscribe its ACL denies: don't wait for it)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe([*filters, marker], timeout=1.0)
+        return found
+
+    def _resume_from(self, retained: dict[str, bytes]) -> None:
+        """Where events resume: after the broker's retained cursor or this process's own
+        acknowledged one, whichever is later; neither: from the oldest retained event."""
+        theirs = None
+        cluster = self.ctx.identity.cluster_id if self.ctx.identity else ""
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            doc = json.loads(retained.get(self.topic("bridge", "cursor"), b"{}"))
+            if isinstance(doc, dict) and doc.get("cluster", cluster) == cluster:
+                theirs = parse_cursor(str(doc.get("cursor", "")))
+        present = self.ring.retained()
+        last = present[-1].key if present else (self.ring_index(), _TOP)
+        if theirs is not None and theirs > last:
+            theirs = None  # this manager is behind (or the cursor is from elsewhere)
+        best = max((k for k in (self._acked, theirs) if k is not None), default=None)
+        if best is None:  # the first publisher: from the oldest event still here, no gap
+            best = (present[0].index, present[0].seq - 1) if present else last
+        self._acked = best
+        self._cursor_written = theirs
+
+    def ring_index(self) -> int:
+        store = self.ctx.store
+        return store.index if store is not None else 0
+
+    def _pending_events(self) -> bool:
+        if self._acked is None:
+            return False
+        events, lost = self.ring.after(self._acked)
+        return bool(events) or lost is not None
+
+    async def _publish_events(self, client: aiomqtt.Client) -> None:
+        assert self._acked is not None
+        events, lost = self.ring.after(self._acked)
+        if lost is not None:
+            self.gaps += 1
+            log.warning("mqtt: events after %d-%d are no longer in this manager's ring "
+                        "(broker away too long, or events.retained too small): publishing "
+                        "a gap record", self._acked[0], self._acked[1])
+            rec = gap_record(lost)
+            await self._publish(client, self.topic("events", "gap"),
+                                json.dumps(rec).encode(), kind="event")
+            self._acked = lost
+            events, _ = self.ring.after(self._acked)
+        raft = self.ctx.raft
+        for n, ev in enumerate(events):
+            if n % 64 == 0 and (raft is None or not raft.is_leader()):
+                return
+            await self._publish(client, self.topic("events", ev.type),
+                                json.dumps(ev.to_dict(), default=str).encode(), kind="event")
+            self._acked = ev.key
+
+    async def _write_cursor(self, client: aiomqtt.Client) -> None:
+        key = self._acked
+        if key is None:
+            return
+        ident = self.ctx.identity
+        payload = json.dumps({"cursor": f"{key[0]}-{key[1]}", "node": self.ctx.node_id,
+                              "cluster": ident.cluster_id if ident else "",
+                              "time": time.time()}).encode()
+        await self._publish(client, self.topic("bridge", "cursor"), payload, retain=True,
+                            kind="cursor")
+        self._cursor_written = key
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        """Retained node and service state that changed since the last publish on this
+        connection (all of it after a connect)."""
+        raft = self.ctx.raft
+        if raft is None:
+            return
+        snap = raft.snapshot()
+        stamp = {"term": raft.term(), "index": snap.index}
+        topics: dict[str, dict[str, Any] | None] = {}
+        for nid, doc in node_states(snap, raft.leader_addr()).items():
+            topics[self.topic("node", nid, "state")] = doc
+        for name, doc in service_states(snap).items():
+            topics[self.topic("service", name, "state")] = doc
+        for topic in [t for t in self._published if t not in topics]:
+            topics[topic] = None  # removed since: clear the retained message
+        for topic, state in topics.items():
+            body = "" if state is None else json.dumps(state, sort_keys=True)
+            if self._published.get(topic) == body:
+                continue
+            payload = b"" if state is None else json.dumps({**state, **stamp}).encode()
+            await self._publish(client, topic, payload, retain=True, kind="state")
+            if state is None:
+                self._published.pop(topic, None)
+            else:
+                self._published[topic] = body
+
+    # ------------------------------------------------------------------ commands
+    def _command_filter(self) -> str:
+        return self.topic("cmd", "service", "+", "scale")
+
+    async def _command(self, client: aiomqtt.Client, msg: aiomqtt.Message, key: bytes
+                       ) -> None:
+        """One scale command (the leader): checked, applied once, answered on
+        ``cmd/result/REQUEST_ID``. Never raises for a bad command (counted, answered)."""
+        service = str(msg.topic).split("/")[-2]
+        try:
+            doc = json.loads(msg.payload if isinstance(msg.payload, bytes | bytearray)
+                             else b"")
+        except ValueError:
+            doc = None
+        rid = doc.get("request_id") if isinstance(doc, dict) else None
+        if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
+            self.command_results["invalid"] += 1  # nowhere to answer
+            log.warning("mqtt: ignored a command on %s without a valid request_id",
+                        msg.topic)
+            return
+        assert isinstance(doc, dict)
+        replicas, mac = doc.get("replicas"), doc.get("hmac")
+        result: dict[str, Any] = {"request_id": rid, "service": service}
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or \
+                not isinstance(mac, str):
+            outcome, result["error"] = "invalid", {
+                "code": "invalid", "field": "replicas" if not isinstance(replicas, int)
+                else "hmac", "message": "a scale command is {replicas: int, request_id, hmac}"}
+        elif not hmac.compare_digest(mac, sign_scale(key, service, replicas, rid)):
+            outcome, result["error"] = "refused", {
+                "code": "unauthorized", "field": "hmac",
+                "message": "the command's HMAC does not match the cluster's command key"}
+            log.warning("mqtt: refused a scale command for %s (request %s): bad HMAC",
+                        service, rid)
+        else:
+            outcome, extra = await self._scale_once(service, replicas, rid)
+            result.update(extra)
+        self.command_results[outcome] += 1
+        result["ok"] = outcome in ("applied", "duplicate")
+        result["duplicate"] = outcome == "duplicate"
+        await self._publish(client, self.topic("cmd", "result", rid),
+                            json.dumps(result).encode(), kind="command")
+
+    async def _scale_once(self, service: str, replicas: int, rid: str
+                          ) -> tuple[str, dict[str, Any]]:
+        """Scale ``service`` unless ``rid`` was applied already. The request id goes into
+        the service's labels in the same write (expected version: a concurrent change makes
+        it retry), so a duplicate is recognised on any manager, after a leader change too."""
+        raft = self.ctx.raft
+        if raft is None or self._update_service is None:
+            return "failed", {"error": {"code": "unavailable", "field": "",
+                                        "message": "commands are not wired on this node"}}
+        for _ in range(5):
+            svc = raft.snapshot().service_by_name(service)
+            if svc is None:
+                return "failed", {"error": {"code": "not_found", "field": "service",
+                                            "message": f"no service {service!r}"}}
+            done = [r for r in svc.spec.labels.get(REQUESTS_LABEL, "").split(",") if r]
+            if rid in done:
+                return "duplicate", {"replicas": svc.spec.mode.replicas,
+                                     "version": svc.version}
+            spec = to_dict(svc.spec)
+            spec["mode"]["replicas"] = replicas
+            spec["labels"] = {**spec["labels"],
+                              REQUESTS_LABEL: ",".join([*done, rid][-REQUESTS_KEPT:])}
+            try:
+                res = await self._update_service(svc.id, spec, svc.version)
+            except ApiError as exc:
+                if exc.code == "conflict":
+                    continue  # changed meanwhile: look again
+                return "failed", {"error": {"code": exc.code, "field": exc.field,
+                                            "message": exc.message}}
+            log.info("mqtt: scaled %s to %d (request %s)", service, replicas, rid)
+            return "applied", {"replicas": replicas, "version": res.get("version")}
+        return "failed", {"error": {"code": "conflict", "field": "version",
+                                    "message": "the service kept changing; retry"}}
+
+    async def _clear_stale(self, client: aiomqtt.Client, retained: dict[str, bytes]) -> None:
+        """Retained node/service state on the broker for objects that no longer exist (a
+        service removed while no bridge was connected): cleared with an empty message."""
+        raft = self.ctx.raft
+        if raft is None:
+            return
+        snap = raft.snapshot()
+        live = {self.topic("node", nid, "state") for nid in snap.nodes}
+        live |= {self.topic("service", s.spec.name, "state") for s in snap.services.values()}
+        for topic, payload in retained.items():
+            if topic.endswith("/state") and payload and topic not in live:
+                await self._publish(client, topic, b"", retain=True, kind="state")
+
+
+class MqttCollector(Collector):
+    """``shoal_mqtt_*`` for /metrics."""
+
+    def __init__(self, bridge: MqttBridge) -> None:
+        self.b = bridge
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.b
+        yield GaugeMetricFamily("shoal_mqtt_connected", "1 while the MQTT bridge is connected",
+                                value=1.0 if b.connected else 0.0)
+        c = CounterMetricFamily("shoal_mqtt_connects", "Successful MQTT connects")
+        c.add_metric([], b.connects)
+        yield c
+        f = CounterMetricFamily("shoal_mqtt_connect_failures", "Failed or lost MQTT "
+                                "connections, by reason", labels=["reason"])
+        for reason, n in sorted(b.failures.items()):
+            f.add_metric([reason], n)
+        yield f
+        p = CounterMetricFamily("shoal_mqtt_published", "Messages the broker acknowledged, "
+                                "by kind", labels=["kind"])
+        for kind, n in sorted(b.published.items()):
+            p.add_metric([kind], n)
+        yield p
+        g = CounterMetricFamily("shoal_mqtt_event_gaps", "Times events were dropped: the "
+                                "event ring rolled past the bridge's cursor while the broker "
+                                "was away")
+        g.add_metric([], b.gaps)
+        yield g
+        c = CounterMetricFamily("shoal_mqtt_commands", "Commands received over MQTT, by "
+                                "outcome", labels=["outcome"])
+        for outcome, n in sorted(b.command_results.items()):
+            c.add_metric([outcome], n)
+        yield c
+        pending = 0
+        if b._acked is not None:
+            pending = len(b.ring.after(b._acked)[0])
+        yield GaugeMetricFamily("shoal_mqtt_events_pending", "Events in the ring not yet "
+                                "acknowledged by the broker (the bounded buffer)",
+                                value=pending)
+
+
+__all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "backoff",
+           "classify", "node_states", "read_key", "service_states", "sign_scale"]
