@@ -222,8 +222,8 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.agent import run_agent
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
-    from shoal.runtime.registry import RegistryConfig
     from shoal.node.mqtt import MqttConfig
+    from shoal.runtime.registry import RegistryConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -62,8 +62,8 @@ from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
-from shoal.node.registries import Registries
 from shoal.node.mqtt import MqttBridge
+from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
