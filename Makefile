@@ -16,6 +16,7 @@ STAMP  := $(VENV)/.installed
 # tests/test_ansible.py: sshd per lab host (openssh-server); its hosts have no network, so what
 # the Ansible role installs must already be here: iptables, gcc + libc6-dev (the task launcher
 # is compiled on each host).
+# tests/test_registry*.py: a real registry (docker-registry), pushes with skopeo, htpasswd (apache2-utils).
 # tests/test_mqtt*.py, bench/mqtt_latency.py: a real MQTT broker (mosquitto) and its clients.
 DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static \
 	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients
