@@ -7,12 +7,17 @@ network, clocks or randomness — tests run it with hand-made snapshots and a
 deterministic node order.
 
 Pipeline (swarmkit's shape): filters drop nodes that cannot take the task, then
-rankers order the rest. Filters: node ready, availability active, the task's placement
-constraints (``node.labels.zone==b``; see ``satisfies``), enough unreserved memory and
-CPU for the task's reservations (against what the node reported at join). Ranking:
-fewest tasks of the same service on the node (spread), then fewest tasks in total, then
-node id (deterministic). The orchestrator uses ``unsatisfied`` too, to move tasks off
-nodes that stopped satisfying their constraints.
+rankers order the rest. Filters (``rejection``): node ready, availability active, the
+task's placement constraints (``node.labels.zone==b``; see ``satisfies``), fewer tasks of
+the service on the node than ``placement.max_replicas``, enough unreserved memory and CPU
+for the task's reservations (against what the node reported at join). Ranking
+(``rank``): for each placement preference ``spread=node.labels.KEY`` in turn, fewest tasks
+of the service among the eligible nodes with the same label value(s) (nodes without the
+label form one group) — so tasks spread over zones first, then over nodes; then fewest
+tasks of the same service on the node, then fewest tasks in total, then node id
+(deterministic). "Eligible" for the spread groups: the nodes the static filters (ready,
+active, constraints) accept. The orchestrator uses ``unsatisfied`` too, to move tasks off
+nodes that stopped satisfying their constraints, and ``rejection`` to place global tasks.
 
 Cost: like tasks (one service, same constraints and reservations) share one heap of
 candidate nodes keyed by the ranking, so a pass costs O(nodes) per group plus O(log nodes)
@@ -112,6 +117,12 @@ def _fits_cpu(n: Node, t: Task, r: Reserved) -> bool:
     return not need or (n.cpus > 0 and r.cpu + need <= n.cpus + 1e-9)
 
 
+def max_replicas_reached(t: Task, on_node: int) -> str | None:
+    """The max-replicas filter: ``on_node`` tasks of the service already on the node."""
+    limit = t.spec.placement.max_replicas
+    return f"max replicas per node ({limit})" if limit and on_node >= limit else None
+
+
 def _only(name: str, accepts: Callable[[Node, Task, Reserved], bool]) -> NodeFilter:
     return lambda n, t, r: None if accepts(n, t, r) else name
 
@@ -185,6 +196,31 @@ _STATIC_FILTERS = FILTERS[:3]
 _RESOURCE_FILTERS = FILTERS[3:]
 
 
+def rejection(node: Node, task: Task, reserved: Reserved, on_node: int) -> str | None:
+    """The first filter that refuses ``task`` on ``node`` (None: it fits), in the order
+    users see them counted: static filters, max replicas per node, resources. ``on_node``:
+    tasks of the task's service already on the node."""
+    for f in _STATIC_FILTERS:
+        why = f(node, task, reserved)
+        if why is not None:
+            return why
+    why = max_replicas_reached(task, on_node)
+    if why is not None:
+        return why
+    for f in _RESOURCE_FILTERS:
+        why = f(node, task, reserved)
+        if why is not None:
+            return why
+    return None
+
+
+def spread_path(node: Node, labels: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """A node's group at each level of spread preferences: ``(("a",), ("a", "ssd"))`` for
+    spread over zone then disk; a missing label is the value "" (its own group)."""
+    values = tuple(node.labels.get(label, "") for label in labels)
+    return tuple(values[:i + 1] for i in range(len(labels)))
+
+
 class _Group:
     """Tasks of one service with the same constraints and reservations: they accept the
     same nodes, so one heap of candidates keyed by the ranking serves them all.
@@ -195,10 +231,16 @@ class _Group:
     current key when it surfaces; the first entry that surfaces up to date is the minimum.
     A node that stops fitting the group's reservations never fits again in this pass."""
 
-    __slots__ = ("heap",)
+    __slots__ = ("heap", "paths", "spread")
 
-    def __init__(self, heap: list[tuple[int, int, str]]) -> None:
+    def __init__(self, heap: list[tuple[object, ...]],
+                 paths: dict[str, tuple[tuple[str, ...], ...]] | None = None,
+                 spread: Counter[tuple[str, ...]] | None = None) -> None:
         self.heap = heap
+        # with spread preferences: node id → its group at each level, and tasks of the
+        # service per group (the ranking's first keys)
+        self.paths = paths
+        self.spread = spread
 
 
 def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
@@ -223,33 +265,53 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
     # why tasks of a group fit nowhere: valid until the next placement changes reservations
     explained: dict[tuple[object, ...], str] = {}
     heapreplace = heapq.heapreplace
+    # the groups with spread preferences, by service: a placement counts in each of them
+    spreading: dict[str, list[_Group]] = {}
     node_get = per_node.get
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
         sid = task.service_id
         need = task.spec.resources.reservations
-        key = (sid, task.spec.placement.constraints, need.memory, need.cpu)
+        place = task.spec.placement
+        key = (sid, place.constraints, need.memory, need.cpu, place.max_replicas,
+               place.preferences)
         of_service = per_service[sid]
         svc_get = of_service.get  # (.get: a Counter's missing key costs a Python call)
         group = groups.get(key)
         if group is None:
-            constraints = task.spec.placement.constraints
+            constraints = place.constraints
             ids = eligible.get(constraints)
             if ids is None:  # the static filters depend on the node and the constraints only
                 ids = eligible[constraints] = [
                     n.id for n in nodes
                     if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
-            heap = [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids]
-            heapq.heapify(heap)
-            group = groups[key] = _Group(heap)
+            if place.preferences:
+                labels = tuple(p.label for p in place.preferences)
+                paths = {nid: spread_path(snapshot.nodes[nid], labels) for nid in ids}
+                spread: Counter[tuple[str, ...]] = Counter()
+                for nid in ids:
+                    for g in paths[nid]:
+                        spread[g] += svc_get(nid, 0)
+                group = groups[key] = _Group([], paths, spread)
+                spreading.setdefault(sid, []).append(group)
+                group.heap = [_spread_key(group, nid, svc_get, node_get) for nid in ids]
+            else:
+                group = groups[key] = _Group(
+                    [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids])
+            heapq.heapify(group.heap)
         heap = group.heap
         needs = need.memory or need.cpu
+        limit = place.max_replicas
         best: str | None = None
         while heap:
             entry = heap[0]
-            nid = entry[2]
-            current = (svc_get(nid, 0), node_get(nid, 0), nid)
+            nid = entry[-1]  # type: ignore[assignment]
+            current = (svc_get(nid, 0), node_get(nid, 0), nid) if group.paths is None else \
+                _spread_key(group, nid, svc_get, node_get)
             if current != entry:
                 heapreplace(heap, current)
+                continue
+            if limit and svc_get(nid, 0) >= limit:
+                heapq.heappop(heap)  # tasks of the service only grow: never fits again
                 continue
             if needs:  # (the resource filters accept any node for a task that needs nothing)
                 node, r = snapshot.nodes[nid], reserved[nid]
@@ -261,32 +323,48 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
         if best is None:
             reason = explained.get(key)
             if reason is None:
-                reason = explained[key] = _explain_by_filters(task, nodes, reserved)
+                reason = explained[key] = _explain_by_filters(task, nodes, reserved,
+                                                              of_service)
             plan.unschedulable.append((task.id, reason))
             continue
         plan.assignments.append((task.id, best))
         per_node[best] += 1
         of_service[best] += 1
-        heapreplace(heap, (of_service[best], per_node[best], best))
+        for other in spreading.get(sid, ()):  # (any placement of the service counts there)
+            assert other.paths is not None and other.spread is not None
+            for g in other.paths.get(best, ()):
+                other.spread[g] += 1
+        if group.paths is None:
+            heapreplace(heap, (of_service[best], per_node[best], best))
+        else:
+            heapreplace(heap, _spread_key(group, best, svc_get, node_get))
         if needs:
             r = reserved[best]
             r.memory += need.memory
             r.cpu += need.cpu
-            explained.clear()  # (only reservations change what the filters say)
+        # (reservations and max-replicas counts change what the filters say)
+        if needs or limit:
+            explained.clear()
     return plan
 
 
-def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved]
-                        ) -> str:
+def _spread_key(group: _Group, nid: str, svc_get: Callable[[str, int], int],
+                node_get: Callable[[str, int], int]) -> tuple[object, ...]:
+    """The ranking of ``nid`` with spread preferences: tasks of the service in its group at
+    each level, then on the node, then on the node in total, then the id."""
+    assert group.paths is not None and group.spread is not None
+    spread = group.spread
+    return (*(spread[g] for g in group.paths[nid]), svc_get(nid, 0), node_get(nid, 0), nid)
+
+
+def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved],
+                        of_service: Counter[str]) -> str:
     """Run the filters in order on every node, counting each node's first rejection."""
     rejected: Counter[str] = Counter()
     for node in nodes:
-        r = reserved[node.id]
-        for f in FILTERS:
-            why = f(node, task, r)
-            if why is not None:
-                rejected[why] += 1
-                break
+        why = rejection(node, task, reserved[node.id], of_service.get(node.id, 0))
+        if why is not None:
+            rejected[why] += 1
     return explain(task, rejected, len(nodes))
 
 
