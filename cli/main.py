@@ -190,8 +190,15 @@ def render_nodes(nodes: list[dict[str, Any]]) -> str:
                         "MANAGER STATUS", "MEMBERSHIP", "TASKS", "VERSION"])
 
 
+def _replicas(s: dict[str, Any]) -> str:
+    """REPLICAS: running/wanted; a job: completed/total (and how many run now)."""
+    if "completed" in s:
+        return f"{s['completed']}/{s['replicas']} ({s['running']} running)"
+    return f"{s['running']}/{s['replicas']}"
+
+
 def render_services(svcs: list[dict[str, Any]]) -> str:
-    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
+    rows = [[s["id"][:12], s["name"], s["mode"], _replicas(s),
              " ".join(s["command"])[:40]] for s in svcs]
     return table(rows, ["ID", "NAME", "MODE", "REPLICAS", "COMMAND"])
 

@@ -259,13 +259,22 @@ def _step(st: ClusterState, rng: random.Random, now: float) -> None:
         st.apply({"op": "service_remove", "id": rng.choice(sorted(st.services)), "now": now})
     elif roll < 0.92:
         k = rng.randrange(10 ** 6)
-        st.apply({"op": "service_create", "id": f"s{k}", "now": now,
-                  "spec": {"name": f"svc{k}", "command": ["sleep", "1"],
-                           "replicas": rng.randrange(0, 10),
-                           "constraints": rng.choice(CONSTRAINTS),
-                           "reserve_memory": rng.choice([0, 1 << 30, 3 << 30]),
-                           "reserve_cpu": rng.choice([0.0, 0.5, 1.5]),
-                           "restart_delay": rng.choice([0.0, 2.0])}})
+        spec = upgrade_spec({"name": f"svc{k}", "command": ["sleep", "1"],
+                             "replicas": rng.randrange(0, 10),
+                             "constraints": rng.choice(CONSTRAINTS),
+                             "reserve_memory": rng.choice([0, 1 << 30, 3 << 30]),
+                             "reserve_cpu": rng.choice([0.0, 0.5, 1.5]),
+                             "restart_delay": rng.choice([0.0, 2.0])})
+        # every service mode, and placement limits and preferences
+        spec["mode"]["type"] = rng.choice(["replicated"] * 3 + ["global", "replicated-job",
+                                                                 "global-job"])
+        if spec["mode"]["type"] == "replicated-job":
+            spec["mode"]["max_concurrent"] = rng.randrange(0, 4)
+        if rng.random() < 0.3:
+            spec["task"]["placement"]["max_replicas"] = rng.randrange(1, 3)
+        if rng.random() < 0.3:
+            spec["task"]["placement"]["preferences"] = [{"spread": "node.labels.zone"}]
+        st.apply({"op": "service_create", "id": f"s{k}", "now": now, "spec": spec})
     # else: nothing happened (a quiet pass)
 
 

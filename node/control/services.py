@@ -92,6 +92,9 @@ class Services:
     async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
         svc = self.find_service(snap, ref)
+        if svc.spec.mode.per_node:
+            raise BadRequest(f"service {svc.spec.name} is {svc.spec.mode.type}: scale works "
+                             "only with the replicated and replicated-job modes", "replicas")
         try:
             n = validate_replicas(replicas)
         except StoreError as exc:
@@ -111,6 +114,10 @@ class Services:
             raise from_store_error(exc) from exc
         if version is not None and not isinstance(version, int):
             raise BadRequest("version must be an integer", "version")
+        if parsed.mode.type != svc.spec.mode.type:  # (as Swarm: remove and create it again)
+            raise BadRequest(f"the mode of service {svc.spec.name} cannot change "
+                             f"({svc.spec.mode.type} to {parsed.mode.type}): remove the "
+                             "service and create it again", "mode.type")
         check_refs(snap, parsed)
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                       "spec": to_dict(parsed), "version": version})
