@@ -319,6 +319,9 @@ def _addr(c: Client) -> str:
 def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
     if args.node_cmd == "ls":
         emit(c.call("GET", "/v1/nodes"), fmt, render_nodes)
+    elif args.node_cmd == "ps":
+        emit([t for n in args.nodes or ["self"]
+              for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], fmt, render_tasks)
     elif args.node_cmd == "inspect":
         out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
         print(json.dumps(out, indent=2))
@@ -619,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     nsub = n.add_subparsers(dest="node_cmd", required=True, parser_class=_Parser)
     nls = nsub.add_parser("ls", help="list nodes")
     nls.add_argument("--format", choices=["table", "json"], default="table")
+    nps = nsub.add_parser("ps", help="list the tasks on nodes (default: this node)")
+    nps.add_argument("nodes", nargs="*", metavar="NODE")
+    nps.add_argument("--format", choices=["table", "json"], default="table")
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", choices=["json"], default="json")

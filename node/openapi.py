@@ -432,6 +432,9 @@ ROUTES: tuple[Route, ...] = (
           "nodes", reply=_ref("RoleChange"), errors=CLUSTER,
           description="refused: the last manager (`invalid`), a node not ready (`invalid`), "
           "a demotion leaving no reachable majority (`conflict`)"),
+    Route("GET", "/v1/nodes/{ref}/tasks", "node_ps", "the tasks on a node with live "
+          "resource use (`node ps`)", "nodes", reply=_list(_ref("Task")), errors=CLUSTER,
+          description="`self` names the answering node"),
     Route("GET", "/v1/services", "service_ls", "list services (`service ls`)", "services",
           reply=_list(_ref("Service")), errors=CLUSTER),
     Route("POST", "/v1/services", "service_create", "create a service", "services",

@@ -7,6 +7,7 @@ the in-memory store. No root, no network, no Raft. Each test names the property 
 from __future__ import annotations
 
 import asyncio
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +352,34 @@ def test_the_worker_does_not_start_a_task_waiting_on_its_node() -> None:
     assert next_step(t, None).action is Action.NONE
     assigned = Task(**{**t.__dict__, "status": TaskStatus(state=TaskState.ASSIGNED)})
     assert next_step(assigned, None).action is Action.START
+
+
+def test_the_mode_and_placement_flags_come_from_the_spec_declarations() -> None:
+    """`--mode`, `--replicas`, `--max-concurrent`, `--max-replicas-per-node` and
+    `--placement-pref` make the nested spec; `--placement-pref-add/-rm` edit it on update;
+    a malformed preference names its flag."""
+    from shoal.cli import specflags
+    from shoal.cli.errors import CliError
+    from shoal.cli.main import build_parser
+    from shoal.raft.validate import validate_spec
+
+    def parse(line: str) -> Any:
+        return build_parser().parse_args(shlex.split(line))
+
+    args = parse(
+        "service create --name j --mode replicated-job --replicas 6 --max-concurrent 2 "
+        "--max-replicas-per-node 2 --placement-pref spread=node.labels.zone -- true")
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    assert (spec.mode.type, spec.mode.replicas, spec.mode.concurrency) == \
+        ("replicated-job", 6, 2)
+    assert spec.task.placement.max_replicas == 2
+    assert [p.label for p in spec.task.placement.preferences] == ["zone"]
+    update = parse(
+        "service update --placement-pref-rm spread=node.labels.zone "
+        "--placement-pref-add spread=node.labels.rack j")
+    changed = specflags.apply_update_args(to_dict(spec), update)
+    assert changed["task"]["placement"]["preferences"] == [{"spread": "node.labels.rack"}]
+    with pytest.raises(CliError, match=r"--placement-pref expects spread=node\.labels\.KEY"):
+        specflags.spec_from_create_args(parse(
+            "service create --name j --placement-pref zone -- true"))
+    assert specflags.flag_of_field("mode.max_concurrent") == "--max-concurrent"

@@ -67,6 +67,22 @@ class Services:
             t["usage"] = usage.get(t["id"])
         return out
 
+    async def node_tasks(self, ref: str) -> list[dict[str, Any]]:
+        """`node ps`: the tasks on a node (``self``: this one), every service's, newest
+        first per slot, with live resource use of the running ones."""
+        from shoal.node.control.nodes import find_node
+        snap = self.ctx.require_manager().snapshot()
+        node = find_node(snap, self.ctx.node_id if ref == "self" else ref)
+        tasks = [t for t in snap.tasks.values() if t.node_id == node.id]
+        tasks.sort(key=lambda t: (t.service_name, t.slot, -t.created_at, t.id))
+        out = [views.task_view(t, snap) for t in tasks]
+        running = [t["id"] for t in out if t["state"] == "running"]
+        usage = await transfer.cluster_usage(self.transfer, {node.id: running} if running
+                                             else {})
+        for t in out:
+            t["usage"] = usage.get(t["id"])
+        return out
+
     def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,
              follow: bool) -> AsyncIterator[dict[str, Any]]:
         """`service logs`: the merged logs of the service's tasks on every node."""
