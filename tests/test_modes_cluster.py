@@ -36,7 +36,7 @@ def test_a_global_service_follows_nodes_and_a_replicated_job_completes(
     h3.start_agent()
     token = h1.cli("join-token", "worker", "-q").stdout.strip()
     h3.cli("join", "--token", token, f"{h1.ip}:2377", timeout=60)
-    on = wait_until(lambda: (r := running(h1, "agents")) and len(r) == 3 and r or None,
+    on = wait_until(lambda: ((r := running(h1, "agents")) and len(r) == 3 and r) or None,
                     timeout=40, interval=0.3, what="a global task on the joined h3")
     assert sorted(on) == sorted([h1.name, h2.name, h3.name])
 
