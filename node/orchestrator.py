@@ -491,6 +491,13 @@ def _reconcile_service(
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
     created: dict[str, Any] | None = None  # the first task this pass creates, as plain values
+    excess = _over_max_replicas(svc, tasks, alive)
+    if excess:
+        ops += [("desired", t.id, int(TaskState.SHUTDOWN)) for t in excess]
+        was_alive, gone = alive, {t.id for t in excess}
+
+        def alive(t: Task) -> bool:
+            return was_alive(t) and t.id not in gone
     ops += rolling_update(svc, tasks, alive, now, nodes)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
@@ -526,6 +533,27 @@ def _reconcile_service(
         history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
         ops += _trim(slot_tasks, alive, history)
     return ops, wake_at
+
+
+def _over_max_replicas(svc: Service, tasks: list[Task], alive: Callable[[Task], bool]
+                       ) -> list[Task]:
+    """Live tasks beyond ``placement.max_replicas`` on a node (the limit was lowered): the
+    newest, least advanced ones, to be shut down and placed again (Swarm's constraint
+    enforcer does the same)."""
+    limit = svc.spec.task.placement.max_replicas
+    if not limit:
+        return []
+    on_node: dict[str, list[Task]] = defaultdict(list)
+    for t in tasks:
+        if t.node_id and alive(t):
+            on_node[t.node_id].append(t)
+    excess: list[Task] = []
+    for nid in sorted(on_node):
+        live = on_node[nid]
+        if len(live) > limit:
+            live.sort(key=lambda t: (-t.status.state, t.created_at, t.id))
+            excess += live[limit:]
+    return excess
 
 
 def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:

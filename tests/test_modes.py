@@ -383,3 +383,65 @@ def test_the_mode_and_placement_flags_come_from_the_spec_declarations() -> None:
         specflags.spec_from_create_args(parse(
             "service create --name j --placement-pref zone -- true"))
     assert specflags.flag_of_field("mode.max_concurrent") == "--max-concurrent"
+
+
+async def test_lowering_max_replicas_moves_the_extra_tasks(tmp_path: Path) -> None:
+    """4 tasks on 2 nodes, then `--max-replicas-per-node 1` on 3 nodes: one task per node
+    stays, the extras move to the free node or wait pending, saying why."""
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.services.create_service({"name": "web", "mode": {"replicas": 4},
+                                       "task": {"container": {"command": ["web"]}}})
+    await lab.settle()
+    await lab.add_node("n3")
+    spec = lab.view("web")["spec"]
+    spec["task"]["placement"]["max_replicas"] = 1
+    await lab.services.update_service("web", spec, None)
+    await lab.settle()
+    live = lab.live("web")
+    assert sorted(t.node_id for t in live if t.node_id) == ["n1", "n2", "n3"]
+    assert [t.status.message for t in live if not t.node_id] == \
+        ["no suitable node (max replicas per node (1) 3/3)"]
+    assert lab.running_on("web") == ["n1", "n2", "n3"]
+
+
+async def test_a_global_service_rolls_out_an_update_node_by_node(tmp_path: Path) -> None:
+    """A changed template replaces the global tasks `--update-parallelism` at a time, each
+    on its own node, and the update completes."""
+    lab = Lab(tmp_path)
+    await lab.boot(3)
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    await lab.services.update_service("g", spec, None)
+    seen_down = []
+    for _ in range(12):
+        await lab.settle(1)
+        seen_down.append(3 - len(lab.running_on("g")))
+        if lab.view("g")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("g")["update_status"]["state"] == "completed"
+    assert max(seen_down) == 1  # one node at a time (parallelism 1, stop-first)
+    for nid in ("n1", "n2", "n3"):
+        (t,) = [t for t in lab.live("g") if t.node_id == nid]
+        assert t.spec.container.command == ("v2",)
+        assert lab.runtimes[nid].config(t.id).command == ("v2",)
+
+
+def test_a_schema_1_cluster_refuses_the_new_mode_and_placement_fields() -> None:
+    """While a node may still run shoal 0.1 (cluster schema 1), a global service or a
+    spread preference is refused, naming the field; a plain replicated one still goes."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    base = {"name": "a", "task": {"container": {"command": ["x"]}}}
+    assert encode_command({"op": "service_create", "spec": base}, {})["spec"]["replicas"] == 1
+    for spec, field in (({**base, "mode": {"type": "global"}}, "mode.type"),
+                        ({**base, "task": {"container": {"command": ["x"]}, "placement": {
+                            "preferences": [{"spread": "node.labels.z"}]}}},
+                         "task.placement.preferences")):
+        with pytest.raises(ValidationError) as err:
+            encode_command({"op": "service_create", "spec": spec}, {})
+        assert err.value.field == field
