@@ -259,6 +259,7 @@ REPLIES: dict[str, Schema] = {
     "Service": _obj("a service (`service ls`; `service inspect` adds spec and "
                     "previous_spec)",
                     id=STR, name=STR, mode=STR, replicas=INT, running=INT,
+                    completed=INT, failed=INT, max_concurrent=INT,
                     command=_list(STR), version=INT,
                     vip=STR, ports=_list({"type": "object"}), created_at=TIME, updated_at=TIME,
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
