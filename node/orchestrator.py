@@ -47,6 +47,7 @@ from shoal.raft.models import (
     Task,
     TaskState,
     TaskStatus,
+    task_from_dict,
     to_dict,
 )
 from shoal.raft.spec import Placement, RestartPolicy, TaskSpec
@@ -428,6 +429,7 @@ def _reconcile_per_node(
     history = max(config.task_history, policy.max_attempts + 1, 1)
     need = svc.spec.task.resources.reservations
     probe: Task | None = None  # the template as a task, for the resource filters
+    placed: dict[str, Any] | None = None  # the first placed task this pass makes, plain
     for nid in sorted(by_node.keys() | set(eligible)):
         node_tasks = sorted(by_node.get(nid, []), key=lambda t: (t.created_at, t.id))
         mine = [t for t in node_tasks if not mode.job or t.service_version == svc.version]
@@ -468,10 +470,15 @@ def _reconcile_per_node(
             if why is not None:
                 continue
             ops.append(("delete", waiting[0].id))
-        task = _new_task(svc, 0, now, new_id, node_id=nid, pending=why or "")
-        ops.append(("create", to_dict(task)))
+        if why is None and placed is not None:  # (one conversion of the template per pass)
+            ops.append(("create", {**placed, "id": new_id(), "node_id": nid}))
+        else:
+            task = _new_task(svc, 0, now, new_id, node_id=nid, pending=why or "")
+            ops.append(("create", to_dict(task)))
+            if why is None:
+                placed = ops[-1][1]
         if why is None and (need.memory or need.cpu):
-            placing().add(task)
+            placing().add(task_from_dict(ops[-1][1], svc.spec.task))
     return ops, wake_at
 
 

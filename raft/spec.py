@@ -435,6 +435,9 @@ class ServiceMode(_Spec, frozen=True):
         flag="--max-concurrent", cli="int", metavar="N", ge=0, le=MAX_REPLICAS)] = 0
 
     def __post_init__(self) -> None:
+        if self.per_node and self.replicas != 1:  # (1: the default, i.e. not given)
+            raise SpecError("replicas", f"a {self.type} service runs one task per eligible "
+                            "node: replicas is for the replicated modes")
         if self.max_concurrent and self.type != "replicated-job":
             raise SpecError("max_concurrent", f"is for replicated-job services only, not "
                             f"{self.type}")

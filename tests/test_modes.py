@@ -342,6 +342,13 @@ async def test_scale_and_mode_changes_are_refused_where_swarm_refuses_them(
     with pytest.raises(BadRequest, match="cannot change") as err:
         await lab.services.update_service("g", spec, None)
     assert err.value.field == "mode.type"
+    for bad, field in (({"type": "global", "replicas": 3}, "mode.replicas"),
+                       ({"type": "replicated", "max_concurrent": 2}, "mode.max_concurrent"),
+                       ({"type": "cron"}, "mode.type")):
+        with pytest.raises(BadRequest) as err:
+            await lab.services.create_service({"name": "x", "mode": bad,
+                                               "task": {"container": {"command": ["x"]}}})
+        assert err.value.field == field
 
 
 def test_the_worker_does_not_start_a_task_waiting_on_its_node() -> None:

@@ -268,6 +268,8 @@ def _step(st: ClusterState, rng: random.Random, now: float) -> None:
         # every service mode, and placement limits and preferences
         spec["mode"]["type"] = rng.choice(["replicated"] * 3 + ["global", "replicated-job",
                                                                  "global-job"])
+        if spec["mode"]["type"].startswith("global"):
+            spec["mode"]["replicas"] = 1
         if spec["mode"]["type"] == "replicated-job":
             spec["mode"]["max_concurrent"] = rng.randrange(0, 4)
         if rng.random() < 0.3:
