@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,8 @@ def test_a_global_service_follows_nodes_and_a_replicated_job_completes(
     """`--mode global` runs one task on every node, starts one on a node that joins and
     stops the one of a drained node (`node ps` shows it); `--mode replicated-job` with 4
     completions, 2 at a time, runs to completion and is not restarted; `service ls` shows
-    both modes and the job's progress."""
+    both modes and the job's progress; `--max-replicas-per-node` and `--placement-pref
+    spread=...` place as asked and a task that fits nowhere says why."""
     lab = lab_factory(3)
     lab.form_cluster(managers=1, workers=1)
     h1, h2, h3 = lab.hosts
@@ -66,3 +68,30 @@ def test_a_global_service_follows_nodes_and_a_replicated_job_completes(
     assert "global" in table and "2/2" in table
     assert "replicated-job" in table and "4/4 (0 running)" in table
     assert [t["service"] for t in h1.cli_json("node", "ps")].count("agents") == 1
+
+    # h2 active again: the global task is back; spread over zones (h2 has none: a group of
+    # its own) with at most 2 tasks a node; a task beyond that waits, saying why
+    h1.cli("node", "update", "--availability", "active", h2.name)
+    wait_until(lambda: len(running(h1, "agents")) == 3 or None, timeout=30, interval=0.3,
+               what="the global task back on the reactivated h2")
+    h1.cli("node", "update", "--label-add", "zone=a", h1.name)
+    h1.cli("node", "update", "--label-add", "zone=b", h3.name)
+    h1.cli("service", "create", "--name", "web", "--replicas", "5",
+           "--max-replicas-per-node", "2", "--placement-pref", "spread=node.labels.zone",
+           "--", "sleep", "100000")
+
+    def per_node() -> list[int] | None:
+        ps = [t for t in h1.cli_json("service", "ps", "web") if t["state"] == "running"]
+        return sorted(Counter(t["node"] for t in ps).values()) if len(ps) == 5 else None
+
+    assert wait_until(per_node, timeout=30, interval=0.3, what="web's 5 tasks") == [1, 2, 2]
+    h1.cli("service", "scale", "web=7")
+
+    def waiting() -> str | None:
+        ps = h1.cli_json("service", "ps", "web")
+        pending = [t for t in ps if t["state"] == "pending"]
+        return pending[0]["message"] if len(pending) == 1 and \
+            sum(t["state"] == "running" for t in ps) == 6 else None
+
+    assert wait_until(waiting, timeout=30, interval=0.3, what="one task of 7 pending") == \
+        "no suitable node (max replicas per node (2) 3/3)"
