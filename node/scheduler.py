@@ -20,9 +20,9 @@ active, constraints) accept. The orchestrator uses ``unsatisfied`` too, to move 
 nodes that stopped satisfying their constraints, and ``rejection`` to place global tasks.
 
 Cost: like tasks (one service, same constraints and reservations) share one heap of
-candidate nodes keyed by the ranking, so a pass costs O(nodes) per group plus O(log nodes)
-per placement, not O(tasks * nodes); tests/sched_reference.py is the plain loop the
-result must equal.
+candidate nodes keyed by the ranking (with spread preferences: a tree of heaps, one per
+label group), so a pass costs O(nodes) per group plus O(log nodes) per placement, not
+O(tasks * nodes); tests/sched_reference.py is the plain loop the result must equal.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import functools
 import heapq
 import ipaddress
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.raft.errors import ValidationError
@@ -214,13 +214,6 @@ def rejection(node: Node, task: Task, reserved: Reserved, on_node: int) -> str |
     return None
 
 
-def spread_path(node: Node, labels: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
-    """A node's group at each level of spread preferences: ``(("a",), ("a", "ssd"))`` for
-    spread over zone then disk; a missing label is the value "" (its own group)."""
-    values = tuple(node.labels.get(label, "") for label in labels)
-    return tuple(values[:i + 1] for i in range(len(labels)))
-
-
 class _Group:
     """Tasks of one service with the same constraints and reservations: they accept the
     same nodes, so one heap of candidates keyed by the ranking serves them all.
@@ -229,18 +222,104 @@ class _Group:
     tasks on the node, node id) as it was when pushed. Placing only adds tasks, so a key
     can only grow: an entry whose key is out of date is a lower bound, re-pushed with its
     current key when it surfaces; the first entry that surfaces up to date is the minimum.
-    A node that stops fitting the group's reservations never fits again in this pass."""
+    A node that stops fitting the group's reservations never fits again in this pass.
+    With spread preferences the candidates are a ``_Spread`` tree instead."""
 
-    __slots__ = ("heap", "paths", "spread")
+    __slots__ = ("heap", "spread")
 
-    def __init__(self, heap: list[tuple[object, ...]],
-                 paths: dict[str, tuple[tuple[str, ...], ...]] | None = None,
-                 spread: Counter[tuple[str, ...]] | None = None) -> None:
+    def __init__(self, heap: list[tuple[int, int, str]], spread: _Spread | None = None
+                 ) -> None:
         self.heap = heap
-        # with spread preferences: node id → its group at each level, and tasks of the
-        # service per group (the ranking's first keys)
-        self.paths = paths
         self.spread = spread
+
+
+class _Level:
+    """One label group of a spread tree: tasks of the service on its (eligible) nodes, its
+    sub-groups by the next label's value, and a heap of its candidates — of its sub-groups
+    keyed by (their count, their best key) inside, or of its nodes at the last level."""
+
+    __slots__ = ("children", "count", "heap")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.children: dict[str, _Level] = {}
+        self.heap: list[tuple[object, ...]] = []
+
+
+class _Spread:
+    """The candidates of a group with spread preferences: a tree of label groups, each
+    with a lazy heap like ``_Group``'s (counts only grow in a pass, so out-of-date entries
+    are lower bounds, fixed when they surface). The best node is the minimum of (tasks of
+    the service in its group at each level, then on the node, on the node in total, id);
+    a placement makes only the entries on its path out of date, so it costs O(levels *
+    log) instead of re-ranking every node of its group."""
+
+    __slots__ = ("labels", "paths", "root")
+
+    def __init__(self, labels: tuple[str, ...], nodes: list[Node],
+                 svc_get: Callable[[str, int], int], node_get: Callable[[str, int], int]
+                 ) -> None:
+        self.labels = labels
+        # node id → its label values, one per level ("" for a node without the label)
+        self.paths = {n.id: tuple(n.labels.get(label, "") for label in labels) for n in nodes}
+        self.root = _Level()
+        for nid, path in self.paths.items():
+            level = self.root
+            for value in path:
+                level = level.children.setdefault(value, _Level())
+                level.count += svc_get(nid, 0)
+            level.heap.append((svc_get(nid, 0), node_get(nid, 0), nid))
+        self._build(self.root, 0)
+
+    def _build(self, level: _Level, depth: int) -> None:
+        if depth == len(self.labels):
+            heapq.heapify(level.heap)
+            return
+        for child in level.children.values():
+            self._build(child, depth + 1)
+            top = child.heap[0] if child.heap else None
+            if top is not None:  # (every leaf has a node: lower bounds from the heaps)
+                level.heap.append((child.count, *top))
+        heapq.heapify(level.heap)
+
+    def placed(self, nid: str) -> None:
+        """A task of the service went to ``nid``: count it in the groups on its path."""
+        path = self.paths.get(nid)
+        if path is not None:
+            level = self.root
+            for value in path:
+                level = level.children[value]
+                level.count += 1
+
+    def best(self, node_key: Callable[[str], tuple[object, ...]],
+             fits: Callable[[str], bool]) -> tuple[object, ...] | None:
+        """The best candidate's full key (its id last), dropping nodes that no longer fit."""
+        return self._best(self.root, 0, node_key, fits)
+
+    def _best(self, level: _Level, depth: int, node_key: Callable[[str], tuple[object, ...]],
+              fits: Callable[[str], bool]) -> tuple[object, ...] | None:
+        heap = level.heap
+        leaf = depth == len(self.labels)
+        while heap:
+            entry = heap[0]
+            nid = str(entry[-1])
+            if leaf:
+                current = node_key(nid)
+                if current == entry and not fits(nid):
+                    heapq.heappop(heap)  # counts and reservations only grow: never again
+                    continue
+            else:
+                child = level.children[self.paths[nid][depth]]
+                sub = self._best(child, depth + 1, node_key, fits)
+                if sub is None:
+                    heapq.heappop(heap)
+                    continue
+                current = (child.count, *sub)
+            if current != entry:
+                heapq.heapreplace(heap, current)
+                continue
+            return entry
+        return None
 
 
 def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
@@ -266,7 +345,7 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
     explained: dict[tuple[object, ...], str] = {}
     heapreplace = heapq.heapreplace
     # the groups with spread preferences, by service: a placement counts in each of them
-    spreading: dict[str, list[_Group]] = {}
+    spreading: dict[str, list[_Spread]] = {}
     node_get = per_node.get
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
         sid = task.service_id
@@ -286,38 +365,34 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
                     if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
             if place.preferences:
                 labels = tuple(p.label for p in place.preferences)
-                paths = {nid: spread_path(snapshot.nodes[nid], labels) for nid in ids}
-                spread: Counter[tuple[str, ...]] = Counter()
-                for nid in ids:
-                    for g in paths[nid]:
-                        spread[g] += svc_get(nid, 0)
-                group = groups[key] = _Group([], paths, spread)
-                spreading.setdefault(sid, []).append(group)
-                group.heap = [_spread_key(group, nid, svc_get, node_get) for nid in ids]
+                tree = _Spread(labels, [snapshot.nodes[nid] for nid in ids], svc_get, node_get)
+                group = groups[key] = _Group([], tree)
+                spreading.setdefault(sid, []).append(tree)
             else:
                 group = groups[key] = _Group(
                     [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids])
-            heapq.heapify(group.heap)
+                heapq.heapify(group.heap)
         heap = group.heap
         needs = need.memory or need.cpu
         limit = place.max_replicas
+
+        fits = functools.partial(_fits, task=task, nodes=snapshot.nodes, reserved=reserved,
+                                 on_node=svc_get)
         best: str | None = None
-        while heap:
+        if group.spread is not None:
+            found = group.spread.best(
+                functools.partial(_node_key, svc_get=svc_get, node_get=node_get), fits)
+            best = None if found is None else str(found[-1])
+        while group.spread is None and heap:
             entry = heap[0]
-            nid = entry[-1]  # type: ignore[assignment]
-            current = (svc_get(nid, 0), node_get(nid, 0), nid) if group.paths is None else \
-                _spread_key(group, nid, svc_get, node_get)
+            nid = entry[2]
+            current = (svc_get(nid, 0), node_get(nid, 0), nid)
             if current != entry:
                 heapreplace(heap, current)
                 continue
-            if limit and svc_get(nid, 0) >= limit:
-                heapq.heappop(heap)  # tasks of the service only grow: never fits again
+            if (limit or needs) and not fits(nid):
+                heapq.heappop(heap)  # counts and reservations only grow: never fits again
                 continue
-            if needs:  # (the resource filters accept any node for a task that needs nothing)
-                node, r = snapshot.nodes[nid], reserved[nid]
-                if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
-                    heapq.heappop(heap)  # reservations only grow: never fits this group again
-                    continue
             best = nid
             break
         if best is None:
@@ -330,14 +405,10 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
         plan.assignments.append((task.id, best))
         per_node[best] += 1
         of_service[best] += 1
-        for other in spreading.get(sid, ()):  # (any placement of the service counts there)
-            assert other.paths is not None and other.spread is not None
-            for g in other.paths.get(best, ()):
-                other.spread[g] += 1
-        if group.paths is None:
+        for tree in spreading.get(sid, ()):  # (any placement of the service counts there)
+            tree.placed(best)
+        if group.spread is None:
             heapreplace(heap, (of_service[best], per_node[best], best))
-        else:
-            heapreplace(heap, _spread_key(group, best, svc_get, node_get))
         if needs:
             r = reserved[best]
             r.memory += need.memory
@@ -348,13 +419,21 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
     return plan
 
 
-def _spread_key(group: _Group, nid: str, svc_get: Callable[[str, int], int],
-                node_get: Callable[[str, int], int]) -> tuple[object, ...]:
-    """The ranking of ``nid`` with spread preferences: tasks of the service in its group at
-    each level, then on the node, then on the node in total, then the id."""
-    assert group.paths is not None and group.spread is not None
-    spread = group.spread
-    return (*(spread[g] for g in group.paths[nid]), svc_get(nid, 0), node_get(nid, 0), nid)
+def _fits(nid: str, task: Task, nodes: Mapping[str, Node], reserved: defaultdict[str, Reserved],
+          on_node: Callable[[str, int], int]) -> bool:
+    """The dynamic filters: max replicas per node, then resources."""
+    if max_replicas_reached(task, on_node(nid, 0)) is not None:
+        return False
+    need = task.spec.resources.reservations
+    if need.memory or need.cpu:  # (the resource filters accept any node for such a task)
+        node, r = nodes[nid], reserved[nid]
+        return all(f(node, task, r) is None for f in _RESOURCE_FILTERS)
+    return True
+
+
+def _node_key(nid: str, svc_get: Callable[[str, int], int],
+              node_get: Callable[[str, int], int]) -> tuple[object, ...]:
+    return (svc_get(nid, 0), node_get(nid, 0), nid)
 
 
 def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved],
