@@ -191,8 +191,15 @@ def render_nodes(nodes: list[dict[str, Any]]) -> str:
                         "MANAGER STATUS", "MEMBERSHIP", "TASKS", "VERSION"])
 
 
+def _replicas(s: dict[str, Any]) -> str:
+    """REPLICAS: running/wanted; a job: completed/total (and how many run now)."""
+    if "completed" in s:
+        return f"{s['completed']}/{s['replicas']} ({s['running']} running)"
+    return f"{s['running']}/{s['replicas']}"
+
+
 def render_services(svcs: list[dict[str, Any]]) -> str:
-    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
+    rows = [[s["id"][:12], s["name"], s["mode"], _replicas(s),
              " ".join(s["command"])[:40]] for s in svcs]
     return table(rows, ["ID", "NAME", "MODE", "REPLICAS", "COMMAND"])
 
@@ -327,6 +334,9 @@ def _addr(c: Client) -> str:
 def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
     if args.node_cmd == "ls":
         emit(c.call("GET", "/v1/nodes"), fmt, render_nodes)
+    elif args.node_cmd == "ps":
+        emit([t for n in args.nodes or ["self"]
+              for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], fmt, render_tasks)
     elif args.node_cmd == "inspect":
         out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
         print(json.dumps(out, indent=2))
@@ -652,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     nsub = n.add_subparsers(dest="node_cmd", required=True, parser_class=_Parser)
     nls = nsub.add_parser("ls", help="list nodes")
     nls.add_argument("--format", choices=["table", "json"], default="table")
+    nps = nsub.add_parser("ps", help="list the tasks on nodes (default: this node)")
+    nps.add_argument("nodes", nargs="*", metavar="NODE")
+    nps.add_argument("--format", choices=["table", "json"], default="table")
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", choices=["json"], default="json")

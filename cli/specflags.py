@@ -153,6 +153,14 @@ def parse_constraint(text: str, flag: str) -> str:
         raise CliError(exc.message) from None
 
 
+def parse_preference(text: str, flag: str) -> dict[str, Any]:
+    """--placement-pref spread=node.labels.KEY (Docker's syntax; the API checks the label)."""
+    kind, sep, value = text.partition("=")
+    if not sep or kind.strip().lower() != "spread" or not value.strip():
+        raise CliError(f"{flag} expects spread=node.labels.KEY, got {text!r}")
+    return {"spread": value.strip()}
+
+
 # item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
 ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
                        Callable[[str, str], str]]] = {
@@ -162,6 +170,8 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "constraint": (parse_constraint, str, parse_constraint),
+    "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
+                   lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
 }
 
 

@@ -186,7 +186,7 @@ def plan_pass(
         part = Snapshot(index=view.index, cluster=view.cluster, nodes=view.nodes,
                         services=view.services, tasks=index.tasks_of(active))
         orch_ops, wake_at = reconcile_services(part, wall_now, new_id, config, only=active,
-                                               settled_out=settled)
+                                               settled_out=settled, load=index.load)
     if index is not None:
         index.settle(active, settled)
     ops += orch_ops
@@ -211,6 +211,8 @@ def plan_pass(
         # the index's load is the view's: account for what the orchestration changed
         touched = list(dict.fromkeys(op[1] for op in orch_ops
                                      if op[0] in ("desired", "orphan", "delete")))
+        # (global tasks are created on their node: they hold resources there already)
+        touched += [op[1]["id"] for op in orch_ops if op[0] == "create" and op[1]["node_id"]]
         sids = {t.service_id for t in pending}
         sids.update(t.service_id for tid in touched if (t := view.tasks.get(tid)))
         load = index.load.working_copy(sids)

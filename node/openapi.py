@@ -279,6 +279,7 @@ REPLIES: dict[str, Schema] = {
     "Service": _obj("a service (`service ls`; `service inspect` adds spec and "
                     "previous_spec)",
                     id=STR, name=STR, mode=STR, replicas=INT, running=INT,
+                    completed=INT, failed=INT, max_concurrent=INT,
                     command=_list(STR), version=INT,
                     vip=STR, ports=_list({"type": "object"}), created_at=TIME, updated_at=TIME,
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
@@ -452,6 +453,9 @@ ROUTES: tuple[Route, ...] = (
           "nodes", reply=_ref("RoleChange"), errors=CLUSTER,
           description="refused: the last manager (`invalid`), a node not ready (`invalid`), "
           "a demotion leaving no reachable majority (`conflict`)"),
+    Route("GET", "/v1/nodes/{ref}/tasks", "node_ps", "the tasks on a node with live "
+          "resource use (`node ps`)", "nodes", reply=_list(_ref("Task")), errors=CLUSTER,
+          description="`self` names the answering node"),
     Route("GET", "/v1/services", "service_ls", "list services (`service ls`)", "services",
           reply=_list(_ref("Service")), errors=CLUSTER),
     Route("POST", "/v1/services", "service_create", "create a service", "services",

@@ -1,10 +1,24 @@
 """The orchestrator: decides *how many* tasks each service has. Pure functions.
 
-Owns: the replicated-service policy — one live task per slot 1..replicas, replacing
-tasks that failed (after a restart delay), whose node went down, was removed or drained,
-or stopped satisfying the task's placement constraints, shutting down extra slots on
-scale-down, deleting tasks of removed services once they have stopped, and trimming
-task history. Also the node-liveness policy (heartbeats → READY/DOWN). Must not touch:
+Owns: the service-mode policies (swarmkit's replicated, global and job orchestrators):
+
+* replicated — one live task per slot 1..replicas, replacing tasks that failed (after a
+  restart delay), whose node went down, was removed or drained, or stopped satisfying the
+  task's placement constraints, shutting down extra slots on scale-down;
+* global — one live task per eligible node (``eligible_nodes``: ready, active, satisfying
+  the constraints), created already placed on its node (slot 0; ASSIGNED, or PENDING with
+  the reason when the node lacks the reserved resources), following nodes joining, leaving,
+  drained and relabelled; rolled out like a replicated service;
+* replicated-job — slots 1..replicas each run until one task of the current job
+  iteration (the service version: any update re-runs the job, as Swarm's JobIteration)
+  exits 0 (COMPLETE, never restarted), at most ``max_concurrent`` tasks at a time; a failed
+  task is retried per the restart policy (``any`` acts as ``on-failure``); tasks of an
+  older iteration are shut down;
+* global-job — the same per eligible node, nodes joining later included.
+
+Also deleting tasks of removed services once they have stopped, trimming task history (a
+job's completions are kept: they are its progress), and the node-liveness policy
+(heartbeats → READY/DOWN). Must not touch:
 the store or the network; ``shoal.node.leader`` runs these functions on the leader and
 proposes what they return as fenced batches.
 
@@ -23,7 +37,7 @@ from typing import Any
 
 from msgspec import structs
 
-from shoal.node.scheduler import unsatisfied
+from shoal.node.scheduler import Load, Reserved, rejection, unsatisfied
 from shoal.raft.models import (
     Health,
     Node,
@@ -33,6 +47,7 @@ from shoal.raft.models import (
     Task,
     TaskState,
     TaskStatus,
+    task_from_dict,
     to_dict,
 )
 from shoal.raft.spec import Placement, RestartPolicy, TaskSpec
@@ -113,6 +128,7 @@ def reconcile_services(
     config: OrchestratorConfig,
     only: Collection[str] | None = None,
     settled_out: set[str] | None = None,
+    load: Load | None = None,
 ) -> tuple[list[Op], float | None]:
     """Ops that move every service towards its spec, and when to look again.
 
@@ -123,7 +139,10 @@ def reconcile_services(
     (but all) the tasks of these services, its nodes and services stay whole. Every rule is
     per task (with its node and service) or per service, so this gives the ops the whole
     run gives for those services (the leader's PassIndex uses it to skip settled services).
-    ``settled_out`` collects the ids of the services found ``settled``.
+    ``settled_out`` collects the ids of the services found ``settled``. ``load``: what the
+    whole state's live tasks hold per node (for the reservations of global tasks; counted
+    from ``snapshot.tasks`` when needed and not given, so give it with ``only``); not
+    modified.
     """
     ops: list[Op] = []
     wake_at: float | None = None
@@ -192,33 +211,72 @@ def reconcile_services(
             elif t.desired_state < TaskState.REMOVE:
                 ops.append(("desired", t.id, int(TaskState.REMOVE)))
 
+    work: list[Load] = []  # the load as global tasks are placed (made when first needed)
+
+    def placing() -> Load:
+        if not work:
+            base = load if load is not None else Load.of(snapshot.tasks.values())
+            work.append(base.working_copy(()))
+        return work[0]
+
     for svc in sorted(snapshot.services.values(), key=lambda s: s.spec.name):
         if only is not None and svc.id not in only:
             continue
         tasks = by_service.get(svc.id, [])
-        if settled(svc, tasks, orphaned):
+        if settled(svc, tasks, orphaned, nodes):
             if settled_out is not None:
                 settled_out.add(svc.id)
             continue  # (what _reconcile_service finds for it: nothing to do, nothing to wait)
-        svc_ops, svc_wake = _reconcile_service(svc, tasks, alive, now, new_id, config,
-                                               snapshot.nodes)
+        if svc.spec.mode.per_node:
+            svc_ops, svc_wake = _reconcile_per_node(svc, tasks, alive, now, new_id, config,
+                                                    nodes, placing)
+        elif svc.spec.mode.job:
+            svc_ops, svc_wake = _reconcile_replicated_job(svc, tasks, alive, now, new_id,
+                                                          config)
+        else:
+            svc_ops, svc_wake = _reconcile_service(svc, tasks, alive, now, new_id, config,
+                                                   snapshot.nodes)
         ops.extend(svc_ops)
         if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
             wake_at = svc_wake
     return ops, wake_at
 
 
-def settled(svc: Service, tasks: list[Task], orphaned: set[str]) -> bool:
-    """The service is where its spec wants it, so ``_reconcile_service`` has nothing to do:
-    no rollout in progress, exactly one live task per slot 1..replicas, each of the
-    current template, and no ended task kept as history. A quick check, so that a leader
-    pass over a quiet cluster costs one look at each task instead of the whole policy
-    (tests/test_scheduler_scale.py checks the verdict against ``_reconcile_service``)."""
+def settled(svc: Service, tasks: list[Task], orphaned: set[str],
+            nodes: Mapping[str, Node] | None = None) -> bool:
+    """The service is where its spec wants it, so its reconciler has nothing to do: no
+    rollout in progress, exactly one live task per slot 1..replicas (global: per eligible
+    node, placed), each of the current template, and no ended task kept as history; a job:
+    one completion of the current iteration per slot (node) and nothing else. A quick check,
+    so that a leader pass over a quiet cluster costs one look at each task instead of the
+    whole policy (tests/test_scheduler_scale.py checks the verdict against the reconcilers).
+    ``nodes``: needed for the global modes (without it they are never settled)."""
     if svc.update_status.state in ("updating", "rollback_started"):
         return False
+    mode = svc.spec.mode
+    if mode.per_node:
+        if nodes is None:
+            return False
+        eligible = set(eligible_nodes(svc, nodes))
+        if len(tasks) < len(eligible):
+            return False
+        where: set[str] = set()
+        for t in tasks:
+            if mode.job:
+                if t.status.state is not TaskState.COMPLETE or \
+                        t.service_version != svc.version:
+                    return False
+            elif not (t.spec is svc.spec.task or t.spec == svc.spec.task) or not t.alive \
+                    or t.id in orphaned or t.status.state < TaskState.ASSIGNED:
+                return False
+            where.add(t.node_id)
+        return len(where) == len(tasks) and eligible <= where
     replicas = svc.spec.replicas
     if len(tasks) != replicas:
         return False
+    if mode.job:
+        return all(t.status.state is TaskState.COMPLETE and t.service_version == svc.version
+                   for t in tasks) and {t.slot for t in tasks} == set(range(1, replicas + 1))
     spec = svc.spec.task
     slots = set()
     for t in tasks:
@@ -227,6 +285,201 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str]) -> bool:
             return False
         slots.add(t.slot)
     return len(slots) == replicas
+
+
+def eligible_nodes(svc: Service, nodes: Mapping[str, Node]) -> list[str]:
+    """The nodes a global service runs a task on (sorted ids): ready, active (a paused node
+    keeps its task but gets no new one; a drained one loses it), satisfying the service's
+    placement constraints. Reservations are checked when the task is made (it then waits,
+    PENDING, on its node)."""
+    constraints = svc.spec.task.placement.constraints
+    return sorted(n.id for n in nodes.values()
+                  if n.state is NodeState.READY and n.availability is NodeAvailability.ACTIVE
+                  and unsatisfied(n, constraints) is None)
+
+
+def _new_task(svc: Service, slot: int, now: float, new_id: Callable[[], str],
+              node_id: str = "", pending: str = "") -> Task:
+    """A task of the service's current template (and version: the job iteration). With
+    ``node_id`` (global modes) it is made placed: ASSIGNED, or PENDING on that node with
+    the scheduler's reason ``pending`` when the node lacks the reserved resources."""
+    if node_id and not pending:
+        status = TaskStatus(state=TaskState.ASSIGNED, timestamp=now, message="scheduled")
+    elif node_id:
+        status = TaskStatus(state=TaskState.PENDING, timestamp=now, message=pending)
+    else:
+        status = TaskStatus(state=TaskState.NEW, timestamp=now, message="created")
+    return Task(id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
+                spec=svc.spec.task, service_version=svc.version, node_id=node_id,
+                desired_state=TaskState.RUNNING, status=status, created_at=now,
+                updated_at=now, sched_message=pending)
+
+
+def _keep_one(live: list[Task]) -> list[Op]:
+    """Several live tasks in one slot (or on one node): keep the most advanced (running
+    beats pending), then the newest; shut the others down."""
+    if len(live) < 2:
+        return []
+    keep = max(live, key=lambda t: (t.status.state, t.created_at, t.id))
+    return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in live if t is not keep]
+
+
+def _trim(tasks: list[Task], alive: Callable[[Task], bool], keep: int,
+          svc: Service | None = None) -> list[Op]:
+    """Delete the ended tasks of one slot (node) beyond the newest ``keep``; with ``svc`` (a
+    job) its completions of the current iteration are kept whatever their age."""
+    dead = [t for t in tasks if not alive(t) and t.status.state.terminal]
+    dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
+    return [("delete", t.id) for t in dead[keep:]
+            if svc is None or not _completed(t, svc)]
+
+
+def _completed(t: Task, svc: Service) -> bool:
+    """A completion of the job's current iteration."""
+    return t.status.state is TaskState.COMPLETE and t.service_version == svc.version
+
+
+def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool]
+                   ) -> list[Op]:
+    """A job's update: tasks of older iterations (service versions) still running are shut
+    down (the new iteration runs from scratch), and an update or rollback in progress is
+    done at once (a job has no rolling update)."""
+    ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
+                     if alive(t) and t.service_version != svc.version]
+    status = svc.update_status
+    if status.state in ("updating", "rollback_started"):
+        done = "rollback_completed" if status.rollback else "completed"
+        ops.append(("update_status", svc.id, done, "job re-run with the " +
+                    ("previous spec" if status.rollback else "new spec")))
+    return ops
+
+
+def _reconcile_replicated_job(
+    svc: Service,
+    tasks: list[Task],
+    alive: Callable[[Task], bool],
+    now: float,
+    new_id: Callable[[], str],
+    config: OrchestratorConfig,
+) -> tuple[list[Op], float | None]:
+    """Slots 1..replicas, each until a task of this iteration completes; at most
+    ``max_concurrent`` live at once (lowest slots first)."""
+    ops = _job_iteration(svc, tasks, alive)
+    wake_at: float | None = None
+    mode, policy = svc.spec.mode, svc.spec.task.restart
+    slots: dict[int, list[Task]] = defaultdict(list)
+    for t in tasks:
+        slots[t.slot].append(t)
+    current = [t for t in tasks if t.service_version == svc.version]
+    running = sum(1 for t in current if alive(t))
+    room = mode.concurrency - running
+    history = max(config.task_history, policy.max_attempts + 1, 1)
+    created: dict[str, Any] | None = None
+    for slot in range(1, max(mode.replicas, max(slots, default=0)) + 1):
+        slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
+        mine = [t for t in slot_tasks if t.service_version == svc.version]
+        if slot > mode.replicas:  # (an older iteration's): no history kept
+            ops += [("delete", t.id) for t in slot_tasks
+                    if t.status.state.terminal and not alive(t)]
+            continue
+        ops += _trim(slot_tasks, alive, history, svc)
+        live = [t for t in mine if alive(t)]
+        ops += _keep_one(live)
+        if live or any(_completed(t, svc) for t in mine):
+            continue
+        restart, due = restart_decision(policy, [t for t in mine if t.status.state.terminal],
+                                        now, job=True)
+        if not restart or room <= 0:
+            continue
+        if due > now:
+            wake_at = due if wake_at is None else min(wake_at, due)
+            continue
+        room -= 1
+        if created is None:
+            created = to_dict(_new_task(svc, slot, now, new_id))
+            ops.append(("create", created))
+        else:
+            ops.append(("create", {**created, "id": new_id(), "slot": slot}))
+    return ops, wake_at
+
+
+def _reconcile_per_node(
+    svc: Service,
+    tasks: list[Task],
+    alive: Callable[[Task], bool],
+    now: float,
+    new_id: Callable[[], str],
+    config: OrchestratorConfig,
+    nodes: Mapping[str, Node],
+    placing: Callable[[], Load],
+) -> tuple[list[Op], float | None]:
+    """global and global-job: one task per eligible node (one completion, for a job),
+    created on its node (slot 0). ``placing()``: the load to check and add reservations to."""
+    mode, policy = svc.spec.mode, svc.spec.task.restart
+    eligible = eligible_nodes(svc, nodes)
+    ops: list[Op] = []
+    wake_at: float | None = None
+    if mode.job:
+        ops += _job_iteration(svc, tasks, alive)
+    else:
+        ops += rolling_update(svc, tasks, alive, now, nodes, wanted=len(eligible))
+    by_node: dict[str, list[Task]] = defaultdict(list)
+    for t in tasks:
+        by_node[t.node_id].append(t)
+    history = max(config.task_history, policy.max_attempts + 1, 1)
+    need = svc.spec.task.resources.reservations
+    probe: Task | None = None  # the template as a task, for the resource filters
+    placed: dict[str, Any] | None = None  # the first placed task this pass makes, plain
+    for nid in sorted(by_node.keys() | set(eligible)):
+        node_tasks = sorted(by_node.get(nid, []), key=lambda t: (t.created_at, t.id))
+        mine = [t for t in node_tasks if not mode.job or t.service_version == svc.version]
+        node = nodes.get(nid)
+        if node is None:  # a removed node: its tasks were orphaned; keep no history
+            ops += [("delete", t.id) for t in node_tasks
+                    if not alive(t) and t.status.state.terminal]
+            continue
+        ops += _trim(node_tasks, alive, history, svc if mode.job else None)
+        live = [t for t in mine if alive(t)]
+        ops += _keep_one(live)
+        if nid not in eligible:
+            continue
+        waiting = [t for t in live if t.status.state < TaskState.ASSIGNED]
+        if live and not waiting:
+            continue
+        if mode.job and any(_completed(t, svc) for t in mine):
+            continue
+        if not live:
+            restart, due = restart_decision(
+                policy, [t for t in mine if t.status.state.terminal], now, job=mode.job)
+            if not restart:
+                continue
+            if due > now:
+                wake_at = due if wake_at is None else min(wake_at, due)
+                continue
+        why = None
+        if need.memory or need.cpu:
+            if probe is None:
+                probe = _new_task(svc, 0, now, lambda: "")
+            r = placing().reserved[nid]
+            if waiting:  # (what the waiting task would reserve is counted there already)
+                r = Reserved(r.memory - need.memory, r.cpu - need.cpu)
+            why = rejection(node, probe, r, 0)
+        if waiting:
+            # a task waiting for resources on its node: replaced by a placed one once they
+            # are there (it never ran: nothing to stop)
+            if why is not None:
+                continue
+            ops.append(("delete", waiting[0].id))
+        if why is None and placed is not None:  # (one conversion of the template per pass)
+            ops.append(("create", {**placed, "id": new_id(), "node_id": nid}))
+        else:
+            task = _new_task(svc, 0, now, new_id, node_id=nid, pending=why or "")
+            ops.append(("create", to_dict(task)))
+            if why is None:
+                placed = ops[-1][1]
+        if why is None and (need.memory or need.cpu):
+            placing().add(task_from_dict(ops[-1][1], svc.spec.task))
+    return ops, wake_at
 
 
 def _reconcile_service(
@@ -245,6 +498,13 @@ def _reconcile_service(
         slots[t.slot].append(t)
     replicas = svc.spec.replicas
     created: dict[str, Any] | None = None  # the first task this pass creates, as plain values
+    excess = _over_max_replicas(svc, tasks, alive)
+    if excess:
+        ops += [("desired", t.id, int(TaskState.SHUTDOWN)) for t in excess]
+        was_alive, gone = alive, {t.id for t in excess}
+
+        def alive(t: Task) -> bool:
+            return was_alive(t) and t.id not in gone
     ops += rolling_update(svc, tasks, alive, now, nodes)
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
@@ -259,11 +519,7 @@ def _reconcile_service(
                     ops.append(("delete", t.id))
             continue
         if len(live) > 1:
-            # keep the most advanced (running beats pending), then the newest
-            keep = max(live, key=lambda t: (t.status.state, t.created_at, t.id))
-            for t in live:
-                if t is not keep:
-                    ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+            ops += _keep_one(live)
         elif not live:
             ended = [t for t in slot_tasks if t.status.state.terminal]
             restart, due = restart_decision(svc.spec.task.restart, ended, now)
@@ -272,14 +528,7 @@ def _reconcile_service(
             elif due > now:
                 wake_at = due if wake_at is None else min(wake_at, due)
             elif created is None:
-                task = Task(
-                    id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
-                    spec=svc.spec.task, service_version=svc.version,
-                    desired_state=TaskState.RUNNING,
-                    status=TaskStatus(state=TaskState.NEW, timestamp=now, message="created"),
-                    created_at=now, updated_at=now,
-                )
-                created = to_dict(task)
+                created = to_dict(_new_task(svc, slot, now, new_id))
                 ops.append(("create", created))
             else:
                 # the tasks a pass creates for a service differ only by id and slot: the
@@ -289,11 +538,29 @@ def _reconcile_service(
         # trim history: dead tasks beyond the newest `task_history` (but keep enough to
         # count restart attempts and to remember that a slot is not to be restarted)
         history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
-        dead = [t for t in slot_tasks if not alive(t) and t.status.state.terminal]
-        dead.sort(key=lambda t: (t.status.timestamp, t.id), reverse=True)
-        for t in dead[history:]:
-            ops.append(("delete", t.id))
+        ops += _trim(slot_tasks, alive, history)
     return ops, wake_at
+
+
+def _over_max_replicas(svc: Service, tasks: list[Task], alive: Callable[[Task], bool]
+                       ) -> list[Task]:
+    """Live tasks beyond ``placement.max_replicas`` on a node (the limit was lowered): the
+    newest, least advanced ones, to be shut down and placed again (Swarm's constraint
+    enforcer does the same)."""
+    limit = svc.spec.task.placement.max_replicas
+    if not limit:
+        return []
+    on_node: dict[str, list[Task]] = defaultdict(list)
+    for t in tasks:
+        if t.node_id and alive(t):
+            on_node[t.node_id].append(t)
+    excess: list[Task] = []
+    for nid in sorted(on_node):
+        live = on_node[nid]
+        if len(live) > limit:
+            live.sort(key=lambda t: (-t.status.state, t.created_at, t.id))
+            excess += live[limit:]
+    return excess
 
 
 def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
@@ -317,7 +584,8 @@ def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
 
 
 def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
-                   now: float, nodes: Mapping[str, Node] | None = None) -> list[Op]:
+                   now: float, nodes: Mapping[str, Node] | None = None,
+                   wanted: int | None = None) -> list[Op]:
     """Stop-first rolling update: shut down up to ``parallelism`` outdated tasks at a time;
     their slots are then refilled with the current template by the slot loop. The next batch
     starts once every updated slot runs (and is healthy) and ``delay`` has passed since. The
@@ -328,21 +596,26 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     default failure action does: no further task is replaced until the next `service update`
     (or `service rollback`); ``update_status`` says which task failed and why. When every
     task runs the current template, the status becomes ``completed``.
-    ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it."""
+    ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it.
+    ``wanted``: the tasks the service should have (global: its eligible nodes; default:
+    replicas, whose slots 1..replicas are the ones rolled)."""
     spec, status = svc.spec, svc.update_status
+    per_node = wanted is not None
+    want = spec.replicas if wanted is None else wanted
     cfg = spec.rollback if status.rollback else spec.update
     rolling = status.state in ("updating", "rollback_started")
 
     def old_spec(t: Task) -> bool:
         return outdated(t, spec.task, (nodes or {}).get(t.node_id))
 
-    live = [t for t in tasks if alive(t) and t.slot <= spec.replicas]
-    old = sorted((t for t in live if old_spec(t)), key=lambda t: (t.slot, t.id))
+    live = [t for t in tasks if alive(t) and (per_node or t.slot <= want)]
+    old = sorted((t for t in live if old_spec(t)),
+                 key=lambda t: (t.node_id, t.id) if per_node else (t.slot, t.id))
     fresh = [t for t in live if not old_spec(t)]
     stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
-                and not t.status.state.terminal and t.slot <= spec.replicas]
+                and not t.status.state.terminal and (per_node or t.slot <= want)]
     if not old:
-        if rolling and not stopping and len(fresh) >= spec.replicas and \
+        if rolling and not stopping and len(fresh) >= want and \
                 all(up(t) for t in fresh):
             done = "rollback_completed" if status.rollback else "completed"
             return [("update_status", svc.id, done,
@@ -399,20 +672,22 @@ def self_ended(t: Task) -> bool:
         TaskState.COMPLETE, TaskState.FAILED, TaskState.REJECTED)
 
 
-def restart_decision(policy: RestartPolicy, ended: list[Task], now: float
-                     ) -> tuple[bool, float]:
+def restart_decision(policy: RestartPolicy, ended: list[Task], now: float,
+                     job: bool = False) -> tuple[bool, float]:
     """Should an empty slot get a new task, and from when? ``(restart, due)``.
 
     A slot emptied by the orchestrator (scale, drain) or by a lost node is refilled at
     once. A task that ended on its own is replaced according to the restart policy:
     ``none`` never, ``on-failure`` only after a failure, ``any`` always; after
-    ``delay``; at most ``max_attempts`` times within ``window``.
+    ``delay``; at most ``max_attempts`` times within ``window``. For a ``job``, ``any``
+    means ``on-failure``: a completed job task is never run again.
     """
     last = max(ended, key=lambda t: (t.status.timestamp, t.created_at), default=None)
     if last is None or not self_ended(last):
         return True, now
     cond = policy.condition
-    if cond == "none" or (cond == "on-failure" and last.status.state is TaskState.COMPLETE):
+    if cond == "none" or ((cond == "on-failure" or job)
+                          and last.status.state is TaskState.COMPLETE):
         return False, now
     if policy.max_attempts:
         window = policy.window

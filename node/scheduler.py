@@ -7,17 +7,22 @@ network, clocks or randomness — tests run it with hand-made snapshots and a
 deterministic node order.
 
 Pipeline (swarmkit's shape): filters drop nodes that cannot take the task, then
-rankers order the rest. Filters: node ready, availability active, the task's placement
-constraints (``node.labels.zone==b``; see ``satisfies``), enough unreserved memory and
-CPU for the task's reservations (against what the node reported at join). Ranking:
-fewest tasks of the same service on the node (spread), then fewest tasks in total, then
-node id (deterministic). The orchestrator uses ``unsatisfied`` too, to move tasks off
-nodes that stopped satisfying their constraints.
+rankers order the rest. Filters (``rejection``): node ready, availability active, the
+task's placement constraints (``node.labels.zone==b``; see ``satisfies``), fewer tasks of
+the service on the node than ``placement.max_replicas``, enough unreserved memory and CPU
+for the task's reservations (against what the node reported at join). Ranking
+(``rank``): for each placement preference ``spread=node.labels.KEY`` in turn, fewest tasks
+of the service among the eligible nodes with the same label value(s) (nodes without the
+label form one group) — so tasks spread over zones first, then over nodes; then fewest
+tasks of the same service on the node, then fewest tasks in total, then node id
+(deterministic). "Eligible" for the spread groups: the nodes the static filters (ready,
+active, constraints) accept. The orchestrator uses ``unsatisfied`` too, to move tasks off
+nodes that stopped satisfying their constraints, and ``rejection`` to place global tasks.
 
 Cost: like tasks (one service, same constraints and reservations) share one heap of
-candidate nodes keyed by the ranking, so a pass costs O(nodes) per group plus O(log nodes)
-per placement, not O(tasks * nodes); tests/sched_reference.py is the plain loop the
-result must equal.
+candidate nodes keyed by the ranking (with spread preferences: a tree of heaps, one per
+label group), so a pass costs O(nodes) per group plus O(log nodes) per placement, not
+O(tasks * nodes); tests/sched_reference.py is the plain loop the result must equal.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import functools
 import heapq
 import ipaddress
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.raft.errors import ValidationError
@@ -112,6 +117,12 @@ def _fits_cpu(n: Node, t: Task, r: Reserved) -> bool:
     return not need or (n.cpus > 0 and r.cpu + need <= n.cpus + 1e-9)
 
 
+def max_replicas_reached(t: Task, on_node: int) -> str | None:
+    """The max-replicas filter: ``on_node`` tasks of the service already on the node."""
+    limit = t.spec.placement.max_replicas
+    return f"max replicas per node ({limit})" if limit and on_node >= limit else None
+
+
 def _only(name: str, accepts: Callable[[Node, Task, Reserved], bool]) -> NodeFilter:
     return lambda n, t, r: None if accepts(n, t, r) else name
 
@@ -185,6 +196,24 @@ _STATIC_FILTERS = FILTERS[:3]
 _RESOURCE_FILTERS = FILTERS[3:]
 
 
+def rejection(node: Node, task: Task, reserved: Reserved, on_node: int) -> str | None:
+    """The first filter that refuses ``task`` on ``node`` (None: it fits), in the order
+    users see them counted: static filters, max replicas per node, resources. ``on_node``:
+    tasks of the task's service already on the node."""
+    for f in _STATIC_FILTERS:
+        why = f(node, task, reserved)
+        if why is not None:
+            return why
+    why = max_replicas_reached(task, on_node)
+    if why is not None:
+        return why
+    for f in _RESOURCE_FILTERS:
+        why = f(node, task, reserved)
+        if why is not None:
+            return why
+    return None
+
+
 class _Group:
     """Tasks of one service with the same constraints and reservations: they accept the
     same nodes, so one heap of candidates keyed by the ranking serves them all.
@@ -193,12 +222,104 @@ class _Group:
     tasks on the node, node id) as it was when pushed. Placing only adds tasks, so a key
     can only grow: an entry whose key is out of date is a lower bound, re-pushed with its
     current key when it surfaces; the first entry that surfaces up to date is the minimum.
-    A node that stops fitting the group's reservations never fits again in this pass."""
+    A node that stops fitting the group's reservations never fits again in this pass.
+    With spread preferences the candidates are a ``_Spread`` tree instead."""
 
-    __slots__ = ("heap",)
+    __slots__ = ("heap", "spread")
 
-    def __init__(self, heap: list[tuple[int, int, str]]) -> None:
+    def __init__(self, heap: list[tuple[int, int, str]], spread: _Spread | None = None
+                 ) -> None:
         self.heap = heap
+        self.spread = spread
+
+
+class _Level:
+    """One label group of a spread tree: tasks of the service on its (eligible) nodes, its
+    sub-groups by the next label's value, and a heap of its candidates — of its sub-groups
+    keyed by (their count, their best key) inside, or of its nodes at the last level."""
+
+    __slots__ = ("children", "count", "heap")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.children: dict[str, _Level] = {}
+        self.heap: list[tuple[object, ...]] = []
+
+
+class _Spread:
+    """The candidates of a group with spread preferences: a tree of label groups, each
+    with a lazy heap like ``_Group``'s (counts only grow in a pass, so out-of-date entries
+    are lower bounds, fixed when they surface). The best node is the minimum of (tasks of
+    the service in its group at each level, then on the node, on the node in total, id);
+    a placement makes only the entries on its path out of date, so it costs O(levels *
+    log) instead of re-ranking every node of its group."""
+
+    __slots__ = ("labels", "paths", "root")
+
+    def __init__(self, labels: tuple[str, ...], nodes: list[Node],
+                 svc_get: Callable[[str, int], int], node_get: Callable[[str, int], int]
+                 ) -> None:
+        self.labels = labels
+        # node id → its label values, one per level ("" for a node without the label)
+        self.paths = {n.id: tuple(n.labels.get(label, "") for label in labels) for n in nodes}
+        self.root = _Level()
+        for nid, path in self.paths.items():
+            level = self.root
+            for value in path:
+                level = level.children.setdefault(value, _Level())
+                level.count += svc_get(nid, 0)
+            level.heap.append((svc_get(nid, 0), node_get(nid, 0), nid))
+        self._build(self.root, 0)
+
+    def _build(self, level: _Level, depth: int) -> None:
+        if depth == len(self.labels):
+            heapq.heapify(level.heap)
+            return
+        for child in level.children.values():
+            self._build(child, depth + 1)
+            top = child.heap[0] if child.heap else None
+            if top is not None:  # (every leaf has a node: lower bounds from the heaps)
+                level.heap.append((child.count, *top))
+        heapq.heapify(level.heap)
+
+    def placed(self, nid: str) -> None:
+        """A task of the service went to ``nid``: count it in the groups on its path."""
+        path = self.paths.get(nid)
+        if path is not None:
+            level = self.root
+            for value in path:
+                level = level.children[value]
+                level.count += 1
+
+    def best(self, node_key: Callable[[str], tuple[object, ...]],
+             fits: Callable[[str], bool]) -> tuple[object, ...] | None:
+        """The best candidate's full key (its id last), dropping nodes that no longer fit."""
+        return self._best(self.root, 0, node_key, fits)
+
+    def _best(self, level: _Level, depth: int, node_key: Callable[[str], tuple[object, ...]],
+              fits: Callable[[str], bool]) -> tuple[object, ...] | None:
+        heap = level.heap
+        leaf = depth == len(self.labels)
+        while heap:
+            entry = heap[0]
+            nid = str(entry[-1])
+            if leaf:
+                current = node_key(nid)
+                if current == entry and not fits(nid):
+                    heapq.heappop(heap)  # counts and reservations only grow: never again
+                    continue
+            else:
+                child = level.children[self.paths[nid][depth]]
+                sub = self._best(child, depth + 1, node_key, fits)
+                if sub is None:
+                    heapq.heappop(heap)
+                    continue
+                current = (child.count, *sub)
+            if current != entry:
+                heapq.heapreplace(heap, current)
+                continue
+            return entry
+        return None
 
 
 def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
@@ -223,70 +344,106 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
     # why tasks of a group fit nowhere: valid until the next placement changes reservations
     explained: dict[tuple[object, ...], str] = {}
     heapreplace = heapq.heapreplace
+    # the groups with spread preferences, by service: a placement counts in each of them
+    spreading: dict[str, list[_Spread]] = {}
     node_get = per_node.get
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
         sid = task.service_id
         need = task.spec.resources.reservations
-        key = (sid, task.spec.placement.constraints, need.memory, need.cpu)
+        place = task.spec.placement
+        key = (sid, place.constraints, need.memory, need.cpu, place.max_replicas,
+               place.preferences)
         of_service = per_service[sid]
         svc_get = of_service.get  # (.get: a Counter's missing key costs a Python call)
         group = groups.get(key)
         if group is None:
-            constraints = task.spec.placement.constraints
+            constraints = place.constraints
             ids = eligible.get(constraints)
             if ids is None:  # the static filters depend on the node and the constraints only
                 ids = eligible[constraints] = [
                     n.id for n in nodes
                     if all(f(n, task, reserved[n.id]) is None for f in _STATIC_FILTERS)]
-            heap = [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids]
-            heapq.heapify(heap)
-            group = groups[key] = _Group(heap)
+            if place.preferences:
+                labels = tuple(p.label for p in place.preferences)
+                tree = _Spread(labels, [snapshot.nodes[nid] for nid in ids], svc_get, node_get)
+                group = groups[key] = _Group([], tree)
+                spreading.setdefault(sid, []).append(tree)
+            else:
+                group = groups[key] = _Group(
+                    [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids])
+                heapq.heapify(group.heap)
         heap = group.heap
         needs = need.memory or need.cpu
+        limit = place.max_replicas
+
+        fits = functools.partial(_fits, task=task, nodes=snapshot.nodes, reserved=reserved,
+                                 on_node=svc_get)
         best: str | None = None
-        while heap:
+        if group.spread is not None:
+            found = group.spread.best(
+                functools.partial(_node_key, svc_get=svc_get, node_get=node_get), fits)
+            best = None if found is None else str(found[-1])
+        while group.spread is None and heap:
             entry = heap[0]
             nid = entry[2]
             current = (svc_get(nid, 0), node_get(nid, 0), nid)
             if current != entry:
                 heapreplace(heap, current)
                 continue
-            if needs:  # (the resource filters accept any node for a task that needs nothing)
-                node, r = snapshot.nodes[nid], reserved[nid]
-                if any(f(node, task, r) is not None for f in _RESOURCE_FILTERS):
-                    heapq.heappop(heap)  # reservations only grow: never fits this group again
-                    continue
+            if (limit or needs) and not fits(nid):
+                heapq.heappop(heap)  # counts and reservations only grow: never fits again
+                continue
             best = nid
             break
         if best is None:
             reason = explained.get(key)
             if reason is None:
-                reason = explained[key] = _explain_by_filters(task, nodes, reserved)
+                reason = explained[key] = _explain_by_filters(task, nodes, reserved,
+                                                              of_service)
             plan.unschedulable.append((task.id, reason))
             continue
         plan.assignments.append((task.id, best))
         per_node[best] += 1
         of_service[best] += 1
-        heapreplace(heap, (of_service[best], per_node[best], best))
+        for tree in spreading.get(sid, ()):  # (any placement of the service counts there)
+            tree.placed(best)
+        if group.spread is None:
+            heapreplace(heap, (of_service[best], per_node[best], best))
         if needs:
             r = reserved[best]
             r.memory += need.memory
             r.cpu += need.cpu
-            explained.clear()  # (only reservations change what the filters say)
+        # (reservations and max-replicas counts change what the filters say)
+        if needs or limit:
+            explained.clear()
     return plan
 
 
-def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved]
-                        ) -> str:
+def _fits(nid: str, task: Task, nodes: Mapping[str, Node], reserved: defaultdict[str, Reserved],
+          on_node: Callable[[str, int], int]) -> bool:
+    """The dynamic filters: max replicas per node, then resources."""
+    if max_replicas_reached(task, on_node(nid, 0)) is not None:
+        return False
+    need = task.spec.resources.reservations
+    if need.memory or need.cpu:  # (the resource filters accept any node for such a task)
+        node, r = nodes[nid], reserved[nid]
+        return all(f(node, task, r) is None for f in _RESOURCE_FILTERS)
+    return True
+
+
+def _node_key(nid: str, svc_get: Callable[[str, int], int],
+              node_get: Callable[[str, int], int]) -> tuple[object, ...]:
+    return (svc_get(nid, 0), node_get(nid, 0), nid)
+
+
+def _explain_by_filters(task: Task, nodes: list[Node], reserved: defaultdict[str, Reserved],
+                        of_service: Counter[str]) -> str:
     """Run the filters in order on every node, counting each node's first rejection."""
     rejected: Counter[str] = Counter()
     for node in nodes:
-        r = reserved[node.id]
-        for f in FILTERS:
-            why = f(node, task, r)
-            if why is not None:
-                rejected[why] += 1
-                break
+        why = rejection(node, task, reserved[node.id], of_service.get(node.id, 0))
+        if why is not None:
+            rejected[why] += 1
     return explain(task, rejected, len(nodes))
 
 

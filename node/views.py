@@ -59,12 +59,25 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
 
 
 def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str, Any]:
+    """``replicas``: the tasks wanted (global: the eligible nodes; jobs: the completions to
+    reach); ``running``: those up; jobs add ``completed`` and ``failed`` (tasks of the
+    current run that exited 0 / failed)."""
     tasks = snap.tasks_of(svc.id)
+    mode = svc.spec.mode
+    if mode.per_node:
+        from shoal.node.orchestrator import eligible_nodes
+        where = set(eligible_nodes(svc, snap.nodes))
+        if mode.job:  # a node that completed its task and left the eligible set counts too
+            where |= {t.node_id for t in tasks if t.status.state is TaskState.COMPLETE
+                      and t.service_version == svc.version}
+        wanted = len(where)
+    else:
+        wanted = svc.spec.replicas
     out: dict[str, Any] = {
         "id": svc.id,
         "name": svc.spec.name,
-        "mode": "replicated",
-        "replicas": svc.spec.replicas,
+        "mode": mode.type,
+        "replicas": wanted,
         # (as Swarm's REPLICAS: a task still starting its health check, or unhealthy, is not
         # counted)
         "running": sum(1 for t in tasks if t.status.up and t.desired_state <= TaskState.RUNNING),
@@ -77,6 +90,12 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "updated_at": svc.updated_at,
         "update_status": to_dict(svc.update_status),
     }
+    if mode.job:
+        current = [t for t in tasks if t.service_version == svc.version]
+        out["completed"] = sum(1 for t in current if t.status.state is TaskState.COMPLETE)
+        out["failed"] = sum(1 for t in current if t.status.state in (TaskState.FAILED,
+                                                                     TaskState.REJECTED))
+        out["max_concurrent"] = mode.concurrency if not mode.per_node else 0
     if detail:
         out["spec"] = to_dict(svc.spec)
         out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None

@@ -94,6 +94,8 @@ def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
     wants_run = task.desired_state <= TaskState.RUNNING
     current = task.status.state
     if seen is None:
+        if wants_run and current is TaskState.PENDING:
+            return Step()  # a global task waiting on this node for its reserved resources
         if wants_run and current < TaskState.RUNNING:
             return Step(Action.START)
         if wants_run and not current.terminal:
@@ -293,7 +295,7 @@ class Worker:
             files.update(await self.task_files(task))
         return TaskConfig(
             task_id=task.id,
-            hostname=s.hostname or f"{task.service_name}-{task.slot}".replace("_", "-"),
+            hostname=s.hostname or task.name.replace(".", "-").replace("_", "-")[:63],
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,

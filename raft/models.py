@@ -249,6 +249,9 @@ class Task:
 
     @property
     def name(self) -> str:
+        """``web.3``; a global task (slot 0) is named after its node, as in Swarm."""
+        if self.slot == 0 and self.node_id:
+            return f"{self.service_name}.{self.node_id[:12]}"
         return f"{self.service_name}.{self.slot}"
 
     @property

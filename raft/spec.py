@@ -23,9 +23,9 @@ The layout follows swarmkit's ``ServiceSpec``::
      │   │   └─ healthcheck: HealthCheck
      │   ├─ resources: Resources {limits, reservations}
      │   ├─ restart: RestartPolicy
-     │   ├─ placement: Placement
+     │   ├─ placement: Placement {constraints, max_replicas, preferences}
      │   └─ force_update
-     ├─ mode: ServiceMode {replicas}
+     ├─ mode: ServiceMode {type, replicas, max_concurrent}
      ├─ update: UpdateConfig          how a changed template rolls out
      ├─ rollback: UpdateConfig        how `service rollback` rolls back
      └─ endpoint: EndpointSpec {ports, lb_algorithm}
@@ -345,12 +345,54 @@ class RestartPolicy(_Spec, frozen=True):
                                   unit="seconds", ge=0, le=DAY * 365)] = 0.0
 
 
+SPREAD_RE = re.compile(r"^node\.labels\.[A-Za-z0-9_.-]+$", re.I)
+MAX_PREFERENCES = 8
+
+
+class PlacementPreference(_Spec, frozen=True):
+    """``--placement-pref spread=node.labels.zone`` (Swarm's ``{Spread: {SpreadDescriptor}}``):
+    spread the service's tasks evenly over the values of a node label (nodes without the
+    label form one more group), then over the nodes of each value."""
+
+    spread: Annotated[str, decl("the node label to spread over: node.labels.KEY")]
+
+    def __post_init__(self) -> None:
+        if not SPREAD_RE.match(self.spread):
+            raise SpecError("spread", f"{self.spread!r}: spread over a node label, "
+                            "node.labels.KEY (e.g. node.labels.zone)")
+        canonical = LABEL_PREFIX + self.spread[len(LABEL_PREFIX):]
+        if canonical != self.spread:
+            msgspec.structs.force_setattr(self, "spread", canonical)
+
+    @property
+    def label(self) -> str:
+        return self.spread[len(LABEL_PREFIX):]
+
+    @property
+    def key(self) -> str:
+        """What ``--placement-pref-rm`` names: ``spread=node.labels.KEY``."""
+        return f"spread={self.spread}"
+
+
 class Placement(_Spec, frozen=True):
+    """Where the scheduler may put the tasks (Swarm's Placement): nodes that satisfy every
+    constraint, at most ``max_replicas`` tasks of the service per node, spread as the
+    preferences say (each one within the groups of the previous), then over the nodes."""
+
     constraints: Annotated[tuple[str, ...], decl(
         "expressions every node of a task must satisfy: node.labels.KEY==VALUE, "
         "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR, "
         "node.platform.os==linux", flag="--constraint", cli="list", item="constraint",
         metavar="EXPR", max_length=MAX_CONSTRAINTS)] = ()
+    max_replicas: Annotated[int, decl(
+        "tasks of the service one node runs at most (replicated modes); 0 = no limit",
+        flag="--max-replicas-per-node", cli="int", metavar="N", ge=0,
+        le=MAX_REPLICAS)] = 0
+    preferences: Annotated[tuple[PlacementPreference, ...], decl(
+        "spread the tasks evenly over the values of a node label, then over nodes; "
+        "several: each spreads within the groups of the previous", flag="--placement-pref",
+        cli="list", item="preference", metavar="spread=node.labels.KEY",
+        max_length=MAX_PREFERENCES)] = ()
 
     def __post_init__(self) -> None:
         canonical: list[str] = []
@@ -360,6 +402,9 @@ class Placement(_Spec, frozen=True):
                 canonical.append(text)
         if tuple(canonical) != self.constraints:  # stored in canonical form
             msgspec.structs.force_setattr(self, "constraints", tuple(canonical))
+        spreads = [p.spread for p in self.preferences]
+        if len(set(spreads)) != len(spreads):
+            raise SpecError("preferences", "the same label is given twice")
 
 
 class TaskSpec(_Spec, frozen=True):
@@ -377,9 +422,57 @@ class TaskSpec(_Spec, frozen=True):
 
 # --------------------------------------------------------------------------- service
 
+MODES = ("replicated", "global", "replicated-job", "global-job")
+
+
 class ServiceMode(_Spec, frozen=True):
-    replicas: Annotated[int, decl("number of tasks", flag="--replicas", cli="int",
-                                  metavar="N", ge=0, le=MAX_REPLICAS)] = 1
+    """How many tasks the service runs (Swarm's service modes; Swarm's API nests one object
+    per mode, ``{Replicated: {Replicas}}``, ``{ReplicatedJob: {MaxConcurrent,
+    TotalCompletions}}``…; here one record: ``type`` says which, and ``replicas`` is
+    Replicas or TotalCompletions, as the CLI's ``--replicas`` is in Docker).
+
+    * replicated: ``replicas`` tasks, kept running; placed by the scheduler.
+    * global: one task on every eligible node (ready, not drained or paused, satisfying the
+      constraints and reservations), following nodes joining, leaving and being drained.
+    * replicated-job: run until ``replicas`` tasks exited 0, at most ``max_concurrent`` at a
+      time; a task that exits 0 is COMPLETE and not restarted, a failed one is retried as the
+      restart policy says (``any`` means ``on-failure`` for a job). Any update re-runs it.
+    * global-job: one task exiting 0 on every eligible node, nodes joining later included.
+    """
+
+    type: Annotated[Literal[MODES], decl(  # type: ignore[valid-type]
+        "replicated: `replicas` tasks; global: one task per eligible node; replicated-job: "
+        "run `replicas` completions, `max_concurrent` at a time; global-job: one completion "
+        "per eligible node", flag="--mode", cli="choice")] = "replicated"
+    replicas: Annotated[int, decl("number of tasks (replicated-job: completions to reach; "
+                                  "not used by the global modes)", flag="--replicas",
+                                  cli="int", metavar="N", ge=0, le=MAX_REPLICAS)] = 1
+    max_concurrent: Annotated[int, decl(
+        "replicated-job: tasks running at once at most; 0 = replicas",
+        flag="--max-concurrent", cli="int", metavar="N", ge=0, le=MAX_REPLICAS)] = 0
+
+    def __post_init__(self) -> None:
+        if self.per_node and self.replicas != 1:  # (1: the default, i.e. not given)
+            raise SpecError("replicas", f"a {self.type} service runs one task per eligible "
+                            "node: replicas is for the replicated modes")
+        if self.max_concurrent and self.type != "replicated-job":
+            raise SpecError("max_concurrent", f"is for replicated-job services only, not "
+                            f"{self.type}")
+
+    @property
+    def job(self) -> bool:
+        """Runs to completion (replicated-job, global-job)."""
+        return self.type.endswith("-job")
+
+    @property
+    def per_node(self) -> bool:
+        """One task per eligible node (global, global-job)."""
+        return self.type.startswith("global")
+
+    @property
+    def concurrency(self) -> int:
+        """replicated-job: tasks running at once at most."""
+        return self.max_concurrent or self.replicas
 
 
 class UpdateConfig(_Spec, frozen=True):

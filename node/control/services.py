@@ -76,6 +76,22 @@ class Services:
             t["usage"] = usage.get(t["id"])
         return out
 
+    async def node_tasks(self, ref: str) -> list[dict[str, Any]]:
+        """`node ps`: the tasks on a node (``self``: this one), every service's, newest
+        first per slot, with live resource use of the running ones."""
+        from shoal.node.control.nodes import find_node
+        snap = self.ctx.require_manager().snapshot()
+        node = find_node(snap, self.ctx.node_id if ref == "self" else ref)
+        tasks = [t for t in snap.tasks.values() if t.node_id == node.id]
+        tasks.sort(key=lambda t: (t.service_name, t.slot, -t.created_at, t.id))
+        out = [views.task_view(t, snap) for t in tasks]
+        running = [t["id"] for t in out if t["state"] == "running"]
+        usage = await transfer.cluster_usage(self.transfer, {node.id: running} if running
+                                             else {})
+        for t in out:
+            t["usage"] = usage.get(t["id"])
+        return out
+
     def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,
              follow: bool) -> AsyncIterator[dict[str, Any]]:
         """`service logs`: the merged logs of the service's tasks on every node."""
@@ -103,6 +119,9 @@ class Services:
     async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
         svc = self.find_service(snap, ref)
+        if svc.spec.mode.per_node:
+            raise BadRequest(f"service {svc.spec.name} is {svc.spec.mode.type}: scale works "
+                             "only with the replicated and replicated-job modes", "replicas")
         try:
             n = validate_replicas(replicas)
         except StoreError as exc:
@@ -123,6 +142,10 @@ class Services:
             raise from_store_error(exc) from exc
         if version is not None and not isinstance(version, int):
             raise BadRequest("version must be an integer", "version")
+        if parsed.mode.type != svc.spec.mode.type:  # (as Swarm: remove and create it again)
+            raise BadRequest(f"the mode of service {svc.spec.name} cannot change "
+                             f"({svc.spec.mode.type} to {parsed.mode.type}): remove the "
+                             "service and create it again", "mode.type")
         check_refs(snap, parsed)
         parsed, warnings = await self._resolve(parsed, resolve_image, svc.spec)
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
