@@ -803,9 +803,20 @@ def _deploy_mode(svc: _Service, v: Any, path: str) -> None:
     if mode not in ("replicated", "global", "replicated-job", "global-job"):
         raise ComposeError(path, "expected replicated, global, replicated-job or "
                            f"global-job, got {mode!r}")
-    if mode != "replicated":
-        svc.warn(f"deploy.mode: {mode}", f"{NOT_YET}: deployed as a replicated service "
-                 "(deploy.replicas tasks)")
+    svc.set("mode.type", mode, path)
+
+
+def _preferences(svc: _Service, v: Any, path: str) -> None:
+    """``[{spread: node.labels.zone}, ...]`` → the spec's placement preferences."""
+    if not isinstance(v, list):
+        raise ComposeError(path, f"expected a list of {{spread: node.labels.KEY}}, got {v!r}")
+    prefs = []
+    for i, p in enumerate(v):
+        if not isinstance(p, dict) or set(p) != {"spread"}:
+            raise ComposeError(f"{path}[{i}]", f"expected {{spread: node.labels.KEY}}, "
+                               f"got {p!r}")
+        prefs.append({"spread": as_str(p["spread"], f"{path}[{i}].spread")})
+    svc.set("task.placement.preferences", prefs, path)
 
 
 def _init(svc: _Service, v: Any, path: str) -> None:
@@ -903,8 +914,8 @@ KEYS: dict[str, Rule] = {
     **_update_rules("deploy.rollback_config", "rollback"),
     "deploy.placement": SECTION,
     "deploy.placement.constraints": _to("task.placement.constraints", as_str_list),
-    "deploy.placement.preferences": LATER,
-    "deploy.placement.max_replicas_per_node": LATER,
+    "deploy.placement.preferences": Rule(_preferences),
+    "deploy.placement.max_replicas_per_node": _to("task.placement.max_replicas", as_int),
     # Swarm reads these; shoal's spec has no field for them yet
     "labels": Rule(why=f"{NOT_YET} (container labels; deploy.labels sets the service's)"),
     "networks": Rule(why=f"{NOT_YET}: every service is on the one cluster network"),

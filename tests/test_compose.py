@@ -350,11 +350,13 @@ x-common: &common {}
     assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
-    for key in ("container_name", "depends_on", "cap_add", "networks", "deploy.mode: global",
-                "deploy.endpoint_mode", "deploy.placement.preferences",
-                "deploy.placement.max_replicas_per_node", "deploy.update_config.order"):
+    for key in ("container_name", "depends_on", "cap_add", "networks",
+                "deploy.endpoint_mode", "deploy.update_config.order"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
+    web = st.services[0]
+    assert (web.mode.type, web.task.placement.max_replicas) == ("global", 1)
+    assert [p.spread for p in web.task.placement.preferences] == ["node.labels.zone"]
 
 
 def test_every_key_rule_is_a_handler_a_section_or_a_reason() -> None:
