@@ -1,8 +1,13 @@
-"""Migration of a Raft dump file written by schema 1 (shoal 0.1), before pysyncobj reads it.
+"""Migration of a Raft dump written by schema 1 (shoal 0.1): on disk before pysyncobj reads
+it, and as a snapshot a 0.1 leader sends.
 
 Owns: reading a schema-1 dump (the ClusterState pickled with 0.1's flat spec classes) without
-those classes, and rewriting it in today's format. Must not touch: the journal (its commands
-are msgpack and are upgraded when applied, shoal.raft.schema), the network.
+those classes, and rewriting it in today's format; ``read_legacy_snapshots()``, which makes
+pysyncobj read the snapshots it receives the same way (a 0.1 leader sends the pickled state:
+unpickled as is, 0.1's ServiceSpec records would meet today's msgspec classes, which cannot be
+built by pickle, and the follower could never install the snapshot). Must not touch: the
+journal (its commands are msgpack and are upgraded when applied, shoal.raft.schema), the
+network.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import os
 import pickle
 from pathlib import Path
 from typing import Any
+
+import pysyncobj.pickle as pysyncobj_pickle
+import pysyncobj.serializer
 
 from shoal.raft.models import to_dict
 from shoal.raft.state import ClusterState
@@ -41,6 +49,25 @@ class _LegacyUnpickler(pickle.Unpickler):
         if module == "shoal.raft.models" and name in _LEGACY_CLASSES:
             return _LegacyRecord
         return super().find_class(module, name)
+
+
+class _SnapshotPickle:
+    """What pysyncobj's Serializer uses as its ``pickle`` module: its own, except that a load
+    reads schema-1 spec records as ``_LegacyRecord`` (the store's ``_deserialize`` then
+    upgrades the state). Today's snapshots hold no class of ours, so they load the same."""
+
+    dump = staticmethod(pysyncobj_pickle.dump)
+    to_bytes = staticmethod(pysyncobj_pickle.to_bytes)
+
+    @staticmethod
+    def load(file: Any) -> Any:
+        return _LegacyUnpickler(file).load()
+
+
+def read_legacy_snapshots() -> None:
+    """Make pysyncobj read received snapshots (and dumps) with ``_SnapshotPickle`` (once per
+    process; RaftStore calls it before starting pysyncobj)."""
+    pysyncobj.serializer.pickle = _SnapshotPickle
 
 
 def _plain(value: Any) -> Any:

@@ -319,6 +319,7 @@ class RaftStore:
         self.config.validate()
         self.self_addr = self_addr
         self.consumer = ReplicatedState()
+        migrate.read_legacy_snapshots()  # a snapshot from a 0.1 leader must load too
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
         if persist:
