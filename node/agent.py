@@ -211,7 +211,9 @@ class Agent:
         # the mesh reads whichever store is current: promotion/demotion swaps it in place
         self.mesh = Mesh(self.data_dir, identity.node_id, self.config.advertise_addr,
                          snapshot=self._current_snapshot, is_ready=self._current_ready,
-                         live_tasks=lambda: self.runtime.tasks().keys())
+                         live_tasks=lambda: self.runtime.tasks().keys(),
+                         image_ports=lambda ref: self.runtime.images.inspect(
+                             ref).config.exposed_ports)
         self._worker = Worker(identity.node_id, store, self.runtime, self._worker_wakeup,
                               self.config.reconcile_interval, mesh=self.mesh,
                               task_files=self.secrets.resolve_task_files,

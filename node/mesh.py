@@ -7,14 +7,16 @@ Owns: driving three building blocks from the replicated state, on every member n
   (``local VIP_CIDR dev lo``: any VIP can be bound and is delivered to this node's balancer),
   one veth per task (``attach``/``detach``, called by the Worker);
 * the ``Balancer`` (shoal.lb: worker processes, the agent only sends tables): one
-  ``ServiceLB`` per (service, target port) — frontends on every published port, a frontend on
-  ``VIP:target`` for the same protocols, endpoints = tasks whose status is RUNNING with an
-  address and healthy (or without a health check), on any node (``serving``); a task whose
-  desired state went past RUNNING stays in the table *draining* (no new connections, open
-  ones cut at first-seen + ``stop_grace_period``);
+  ``ServiceLB`` per (service, target port) — frontends on every published port, and in
+  endpoint mode ``vip`` a frontend on ``VIP:port`` for every port the service declares
+  (published targets, ``--expose``, the image's ExposedPorts), endpoints = tasks whose
+  status is RUNNING with an address and healthy (or without a health check), on any node
+  (``serving``); a task whose desired state went past RUNNING stays in the table *draining*
+  (no new connections, open ones cut at first-seen + ``stop_grace_period``);
 * the ``DnsServer`` (node/dns.py) on the bridge gateway, port 53: ``SERVICE[.shoal]`` → the
-  VIP for services with published ports, the task addresses otherwise; ``tasks.SERVICE`` →
-  task addresses. Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
+  VIP (endpoint mode ``vip``, when the service declares a port), the task addresses
+  shuffled per query otherwise (``dnsrr``); ``tasks.SERVICE`` → task addresses, shuffled.
+  Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
   (``task_files()``, passed to the runtime through ``TaskConfig.files``).
 
 ``plan_tables`` and ``lookup`` are pure (snapshot in, records out) and unit-tested; ``run()``
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +53,8 @@ from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
 
+# seconds an image's ExposedPorts are cached (an image loaded later is seen this much later)
+IMAGE_PORTS_TTL = 5.0
 _ALGORITHMS = {"round-robin": Algorithm.ROUND_ROBIN, "least-conn": Algorithm.LEAST_CONNECTIONS}
 
 
@@ -81,13 +86,26 @@ def serving(task: Task) -> bool:
     return task.status.up and bool(task.status.addr)
 
 
-def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, ServiceLB]:
-    """The balancer tables the state asks for: one per (service, target port) of every service
-    with published ports. ``drain_since``: task id → wall-clock time its stop was first seen
-    (its connections are cut at that time + the task's ``stop_grace_period``)."""
+ImagePorts = Callable[[str], tuple[tuple[int, str], ...]]
+
+
+def _no_image_ports(_image: str) -> tuple[tuple[int, str], ...]:
+    return ()
+
+
+def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
+                image_ports: ImagePorts = _no_image_ports) -> dict[str, ServiceLB]:
+    """The balancer tables the state asks for: one per (service, target port) — every port a
+    service publishes (listening on every node) and, in endpoint mode ``vip``, every port its
+    VIP serves (published targets, ``expose``, the image's ExposedPorts from
+    ``image_ports(image)``). ``drain_since``: task id → wall-clock time its stop was first
+    seen (its connections are cut at that time + the task's ``stop_grace_period``)."""
     out: dict[str, ServiceLB] = {}
     for svc in snap.services.values():
-        if not svc.spec.endpoint.ports:
+        ep = svc.spec.endpoint
+        image = svc.spec.task.container.image
+        vip_ports = ep.vip_ports(image_ports(image) if image else ()) if svc.vip else ()
+        if not ep.ports and not vip_ports:
             continue
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
@@ -100,14 +118,18 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, S
             endpoints.append(Endpoint(st.addr, task.id, None, deadline))
         endpoints.sort(key=lambda e: e.task_id)
         by_target: dict[int, list[Frontend]] = {}
-        for p in svc.spec.endpoint.ports:
+        for p in ep.ports:
             by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
+        for port, proto in vip_ports:  # the VIP's listeners that publishing does not imply
+            published = {f.proto for f in by_target.get(port, ())}
+            if Proto(proto) not in published:
+                by_target.setdefault(port, []).append(Frontend(port, Proto(proto), svc.vip))
         for target, frontends in sorted(by_target.items()):
             name = lb_name(svc.spec.name, target)
             out[name] = ServiceLB(
                 name=name, target_port=target, frontends=tuple(frontends),
-                endpoints=tuple(endpoints), vip=svc.vip or None,
-                algorithm=_ALGORITHMS.get(svc.spec.endpoint.lb_algorithm, Algorithm.ROUND_ROBIN))
+                endpoints=tuple(endpoints), vip=svc.vip if vip_ports else None,
+                algorithm=_ALGORITHMS.get(ep.lb_algorithm, Algorithm.ROUND_ROBIN))
     return out
 
 
@@ -117,17 +139,27 @@ def stopping_tasks(snap: Snapshot) -> set[str]:
             if t.status.state is TaskState.RUNNING and t.desired_state > TaskState.RUNNING}
 
 
-def lookup(snap: Snapshot, name: str) -> list[str] | None:
-    """DNS: ``SERVICE`` → [VIP] (services with published ports) or its task addresses;
-    ``tasks.SERVICE`` → its task addresses; None = not a shoal name."""
+def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
+           shuffle: Callable[[list[str]], None] | None = None) -> list[str] | None:
+    """DNS: ``SERVICE`` → [VIP] in endpoint mode ``vip`` when the VIP serves a port (a
+    service that declares none answers on its task addresses: a VIP would refuse every
+    connection); in ``dnsrr`` mode its task addresses, passed through ``shuffle`` (each
+    query gets another order, so resolvers do not pin one task). ``tasks.SERVICE`` → its
+    task addresses (shuffled likewise); None = not a shoal name."""
     tasks_only = name.startswith("tasks.")
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
     if svc is None:
         return None
-    if not tasks_only and svc.vip and svc.spec.endpoint.ports:
-        return [svc.vip]
-    return sorted(t.status.addr for t in snap.tasks_of(svc.id)
-                  if serving(t) and t.desired_state <= TaskState.RUNNING)
+    ep = svc.spec.endpoint
+    if not tasks_only and svc.vip and ep.mode == "vip":
+        image = svc.spec.task.container.image
+        if ep.vip_ports(image_ports(image) if image else ()):
+            return [svc.vip]
+    addrs = sorted(t.status.addr for t in snap.tasks_of(svc.id)
+                   if serving(t) and t.desired_state <= TaskState.RUNNING)
+    if shuffle is not None:
+        shuffle(addrs)
+    return addrs
 
 
 def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:
@@ -141,7 +173,8 @@ class Mesh:
     def __init__(self, data_dir: Path, node_id: str, advertise_addr: str,
                  snapshot: Callable[[], Snapshot | None], is_ready: Callable[[], bool],
                  live_tasks: Callable[[], Iterable[str]],
-                 config: MeshConfig | None = None) -> None:
+                 config: MeshConfig | None = None,
+                 image_ports: ImagePorts | None = None) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.advertise_addr = advertise_addr
@@ -149,6 +182,10 @@ class Mesh:
         self._snapshot = snapshot
         self._is_ready = is_ready
         self._live_tasks = live_tasks
+        # image ref → its ExposedPorts, read from this node's image store (blocking: called
+        # in a thread, cached for IMAGE_PORTS_TTL seconds)
+        self._read_image_ports = image_ports
+        self._image_ports: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
         self.network: NodeNetwork | None = None
         self.balancer: Balancer | None = None
         self._dns: asyncio.DatagramTransport | None = None
@@ -267,7 +304,28 @@ class Mesh:
     # ------------------------------------------------------------------ state → tables
     def _dns_lookup(self, name: str) -> list[str] | None:
         snap = self._snap
-        return lookup(snap, name) if snap is not None else None
+        return lookup(snap, name, self._cached_image_ports, random.shuffle) \
+            if snap is not None else None
+
+    def _cached_image_ports(self, image: str) -> tuple[tuple[int, str], ...]:
+        hit = self._image_ports.get(image)
+        return hit[1] if hit is not None else ()
+
+    async def _refresh_image_ports(self, snap: Snapshot, now: float) -> None:
+        read = self._read_image_ports
+        if read is None:
+            return
+        refs = {s.spec.task.container.image for s in snap.services.values()} - {""}
+        for ref in refs:
+            hit = self._image_ports.get(ref)
+            if hit is None or now - hit[0] > IMAGE_PORTS_TTL:
+                try:
+                    ports = await asyncio.to_thread(read, ref)
+                except Exception:  # (an image not on this node yet, a race with `image rm`)
+                    ports = ()
+                self._image_ports[ref] = (now, ports)
+        for ref in set(self._image_ports) - refs:
+            del self._image_ports[ref]
 
     async def sync(self) -> None:
         """One pass: routes, then every balancer table that changed."""
@@ -284,7 +342,8 @@ class Mesh:
             self._drain_since.setdefault(tid, now)
         for tid in set(self._drain_since) - stopping:
             del self._drain_since[tid]
-        want = plan_tables(snap, self._drain_since)
+        await self._refresh_image_ports(snap, now)
+        want = plan_tables(snap, self._drain_since, self._cached_image_ports)
         for name, table in want.items():
             if self._pushed.get(name) == table:
                 continue

@@ -105,6 +105,18 @@ class ImageHealthcheck:
                    start_period=seconds("StartPeriod"))
 
 
+def _exposed_ports(raw: Any) -> tuple[tuple[int, str], ...]:
+    """Docker's ``ExposedPorts`` ({"8000/tcp": {}, "53/udp": {}}) → ((8000, "tcp"), ...);
+    entries that are not PORT[/tcp|udp] are ignored."""
+    out: list[tuple[int, str]] = []
+    for key in raw if isinstance(raw, dict) else ():
+        port, _, proto = str(key).partition("/")
+        proto = proto.lower() or "tcp"
+        if port.isdigit() and 1 <= int(port) <= 65535 and proto in ("tcp", "udp"):
+            out.append((int(port), proto))
+    return tuple(sorted(set(out)))
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """What an image says about how to run it (Docker's config: Entrypoint, Cmd...)."""
@@ -115,6 +127,8 @@ class ImageConfig:
     workdir: str = ""
     user: str = ""
     healthcheck: ImageHealthcheck | None = None  # the image's HEALTHCHECK, if any
+    # the image's EXPOSE ports as (port, "tcp"|"udp"): the service's VIP serves them too
+    exposed_ports: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -126,6 +140,8 @@ class ImageConfig:
         }
         if self.healthcheck is not None:  # (only then: images without one keep their id)
             out["Healthcheck"] = self.healthcheck.to_json()
+        if self.exposed_ports:  # (likewise)
+            out["ExposedPorts"] = {f"{p}/{proto}": {} for p, proto in self.exposed_ports}
         return out
 
     @classmethod
@@ -143,6 +159,7 @@ class ImageConfig:
             workdir=str(raw.get("WorkingDir") or ""),
             user=str(raw.get("User") or ""),
             healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
+            exposed_ports=_exposed_ports(raw.get("ExposedPorts")),
         )
 
     def apply(
