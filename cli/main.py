@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shoal.cli import specflags
+from shoal.cli import network, specflags
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
 from shoal.node.version import version
@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> None:
     c = Client(args.host, tls_dir=args.tls_dir)
     fmt = getattr(args, "format", "table")
     if args.cmd == "init":
-        r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr})
+        r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr,
+                                              "default_addr_pool": args.default_addr_pool})
         print(f"Cluster initialised: this node ({r['node_id'][:12]}) is now a manager and the "
               "leader.")
         wt = c.call("GET", "/v1/swarm/join-token/worker")["token"]
@@ -291,6 +292,8 @@ def run(args: argparse.Namespace) -> None:
         run_events(c, args)
     elif args.cmd == "gossip":
         run_gossip(c, args, fmt)
+    elif args.cmd == "network":
+        network.run(c, args, fmt, emit, table)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -597,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")
     ini.add_argument("--cluster-cidr", default="",
                      help="task address pool, cut into a /24 per node (default 10.99.0.0/16)")
+    ini.add_argument("--default-addr-pool", default="", metavar="CIDR",
+                     help="pool of user-defined networks' /24 subnets (default 10.96.0.0/15)")
     j = sub.add_parser("join", help="join a cluster")
     j.add_argument("--token", required=True)
     j.add_argument("remote", metavar="MANAGER_ADDR:PORT")
@@ -715,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     ils.add_argument("--format", choices=["table", "json"], default="table")
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
+    network.add_parser(sub)
     return p
 
 

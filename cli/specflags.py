@@ -171,6 +171,7 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "constraint": (parse_constraint, str, parse_constraint),
+    "network": (lambda t, f: t, str, lambda t, f: t),
 }
 
 

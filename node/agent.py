@@ -62,6 +62,7 @@ from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
+from shoal.node.netapi import NetworksApi
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
@@ -161,7 +162,7 @@ class Agent:
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
             runtime=self.runtime, images=self.runtime.images, events=self.events,
-            metrics=self.metrics))
+            metrics=self.metrics, networks=NetworksApi(self.ctx)))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
@@ -413,16 +414,18 @@ class Agent:
                             cpus=float(len(os.sched_getaffinity(0)))))
 
     # ================================================================== init / join / leave
-    async def init(self, cluster_cidr: str = "") -> dict[str, Any]:
+    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
+                   ) -> dict[str, Any]:
         async with self._lock:
             if self.identity is not None:
                 raise AlreadyInCluster("this node is already part of a cluster "
                                        "(`shoal leave` first)")
-            if cluster_cidr:  # refuse a bad network before anything is created
+            if cluster_cidr or default_addr_pool:  # refuse a bad network before anything
                 try:
-                    ClusterState._networks({"cluster_cidr": cluster_cidr})
+                    ClusterState._networks({"cluster_cidr": cluster_cidr,
+                                            "default_addr_pool": default_addr_pool})
                 except StoreError as exc:
-                    raise BadRequest(exc.message, "cluster_cidr") from None
+                    raise BadRequest(exc.message, exc.field or "cluster_cidr") from None
             node_id, cluster_id = new_id(), secrets.token_hex(16)
             # the cluster CA and this node's certificate; the keys only managers get
             now = time.time()
@@ -446,6 +449,7 @@ class Agent:
                 sec = self.security
                 await self.propose({"op": "cluster_init", "cluster_id": cluster_id, "now": now,
                                     "cluster_cidr": cluster_cidr,
+                                    "default_addr_pool": default_addr_pool,
                                     "worker_secret": sec.seal_token_secret("worker",
                                                                            new_secret()),
                                     "manager_secret": sec.seal_token_secret("manager",

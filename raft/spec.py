@@ -24,7 +24,8 @@ The layout follows swarmkit's ``ServiceSpec``::
      │   ├─ resources: Resources {limits, reservations}
      │   ├─ restart: RestartPolicy
      │   ├─ placement: Placement
-     │   └─ force_update
+     │   ├─ force_update
+     │   └─ networks                  user-defined networks the tasks join
      ├─ mode: ServiceMode {replicas}
      ├─ update: UpdateConfig          how a changed template rolls out
      ├─ rollback: UpdateConfig        how `service rollback` rolls back
@@ -356,6 +357,18 @@ class TaskSpec(_Spec, frozen=True):
     force_update: Annotated[int, decl("bumped by `service update --force` to redeploy every "
                                       "task with an unchanged spec", ge=0,
                                       le=(1 << 31))] = 0
+    networks: Annotated[tuple[str, ...], decl(
+        "user-defined networks (`shoal network create`) the tasks join, one interface each; "
+        "the first is the task's primary address; none = the cluster's default network",
+        flag="--network", cli="list", item="network", metavar="NETWORK",
+        max_length=16)] = ()
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.networks):
+            if not OBJECT_NAME_RE.match(name):
+                raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
+            if name in self.networks[:i]:
+                raise SpecError(f"networks[{i}]", f"network {name} is listed twice")
 
 
 # --------------------------------------------------------------------------- service

@@ -32,6 +32,7 @@ from shoal.node.control.services import Services
 from shoal.node.events import EventLog
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, Sources
+from shoal.node.netapi import NetworksApi
 from shoal.node.pki import CertInfo
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
@@ -89,7 +90,8 @@ def make_server(tmp_path: Path) -> tuple[ApiServer, MemoryStore, NodeContext]:
         admission=Admission(ctx, security, gossip, voters),
         dispatcher=Dispatcher(ctx, security, lambda: None), security=security,
         secrets=SecretsApi(ctx, security), gossip=gossip, transfer=transfer, runtime=runtime,
-        images=images, events=Events(ctx, event_log), metrics=metrics)
+        images=images, events=Events(ctx, event_log), metrics=metrics,
+        networks=NetworksApi(ctx))
     return ApiServer(config, controls), store, ctx
 
 
