@@ -3,8 +3,10 @@
 Owns: answering tasks' DNS queries on the node's task bridge address. ``SERVICE`` and
 ``SERVICE.shoal`` resolve to the service's virtual IP (served by the node's balancer,
 stable across task restarts); ``tasks.SERVICE[.shoal]`` resolves to the addresses of its
-running tasks (Swarm's ``tasks.`` name). Other names are forwarded to the host's upstream
-resolvers (from /etc/resolv.conf), so tasks reach the outside by name too. Wire format by
+running tasks (Swarm's ``tasks.`` name); with ``lookup_from`` the answer may depend on the
+asking task (service names resolve only on networks it shares with the service). Other
+names are forwarded to the host's upstream resolvers (from /etc/resolv.conf), so tasks
+reach the outside by name too. Wire format by
 dnspython; a malformed query is dropped and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
@@ -32,6 +34,9 @@ log = logging.getLogger("shoal.dns")
 
 DOMAIN = "shoal"
 Lookup = Callable[[str], list[str] | None]  # name (lower-case, no trailing dot) → IPs
+# (name, the asking client's IP) → IPs: answers that depend on who asks (the networks a
+# task shares with a service, node/mesh.py)
+LookupFrom = Callable[[str, str], list[str] | None]
 
 
 @dataclass
@@ -57,8 +62,10 @@ def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    def __init__(self, lookup: Lookup, config: DnsConfig | None = None) -> None:
+    def __init__(self, lookup: Lookup, config: DnsConfig | None = None,
+                 lookup_from: LookupFrom | None = None) -> None:
         self.lookup = lookup
+        self.lookup_from = lookup_from  # used instead of ``lookup`` when set
         self.config = config or DnsConfig()
         self.upstreams = (self.config.upstreams if self.config.upstreams is not None
                           else host_upstreams())
@@ -81,7 +88,7 @@ class DnsServer(asyncio.DatagramProtocol):
         if not query.question:
             self._count("malformed")
             return
-        reply = self.answer(query)
+        reply = self.answer(query, addr[0])
         if reply is not None:
             self._send(reply.to_wire(), addr)
         else:
@@ -93,12 +100,16 @@ class DnsServer(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.sendto(data, addr)
 
-    def answer(self, query: dns.message.Message) -> dns.message.Message | None:
+    def answer(self, query: dns.message.Message, client: str = ""
+               ) -> dns.message.Message | None:
         """The reply for names shoal owns, or None to forward upstream."""
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
-        ips = self.lookup(short) if "." not in short or short.startswith("tasks.") else None
+        ips = None
+        if "." not in short or short.startswith("tasks."):
+            ips = self.lookup_from(short, client) if self.lookup_from is not None else \
+                self.lookup(short)
         owned = name.endswith("." + DOMAIN) or name == DOMAIN
         if ips is None and not owned:
             return None
@@ -152,8 +163,9 @@ class _Reply(asyncio.DatagramProtocol):
 
 
 async def serve(lookup: Lookup, host: str, port: int = 53,
-                config: DnsConfig | None = None) -> tuple[asyncio.DatagramTransport, DnsServer]:
+                config: DnsConfig | None = None, lookup_from: LookupFrom | None = None
+                ) -> tuple[asyncio.DatagramTransport, DnsServer]:
     loop = asyncio.get_running_loop()
-    server = DnsServer(lookup, config)
+    server = DnsServer(lookup, config, lookup_from)
     transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
     return transport, server

@@ -48,6 +48,7 @@ from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
 from shoal.node.network import NetworkConfig, NodeNetwork
+from shoal.node.overlay import Overlay, OverlayConfig
 from shoal.raft.models import Service, Task, TaskState
 from shoal.raft.state import Snapshot
 
@@ -73,6 +74,8 @@ class MeshConfig:
     lb: LBConfig | None = None
     # The bridge, MTU and masquerade settings.
     network: NetworkConfig | None = None
+    # User-defined networks: VXLAN port, MTU, isolation rules (node/overlay.py).
+    overlay: OverlayConfig | None = None
 
 
 def lb_name(service: str, target: int) -> str:
@@ -139,24 +142,54 @@ def stopping_tasks(snap: Snapshot) -> set[str]:
             if t.status.state is TaskState.RUNNING and t.desired_state > TaskState.RUNNING}
 
 
+def service_networks(svc: Service) -> tuple[str, ...]:
+    """The networks a service's tasks are on ("" = the cluster's default network)."""
+    return svc.spec.task.networks or ("",)
+
+
+def networks_of_addr(snap: Snapshot, addr: str) -> set[str] | None:
+    """The networks of the task that has ``addr`` ("" = the default network); None when no
+    live task has it (the node itself, a client outside the cluster)."""
+    for t in snap.tasks.values():
+        if t.status.state.terminal:
+            continue
+        if t.net_addrs and addr in t.net_addrs.values():
+            return set(t.net_addrs)
+        if t.status.addr == addr and not t.spec.networks:
+            return {""}
+    return None
+
+
 def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
-           shuffle: Callable[[list[str]], None] | None = None) -> list[str] | None:
+           shuffle: Callable[[list[str]], None] | None = None,
+           asker: str = "") -> list[str] | None:
     """DNS: ``SERVICE`` → [VIP] in endpoint mode ``vip`` when the VIP serves a port (a
     service that declares none answers on its task addresses: a VIP would refuse every
     connection); in ``dnsrr`` mode its task addresses, passed through ``shuffle`` (each
     query gets another order, so resolvers do not pin one task). ``tasks.SERVICE`` → its
-    task addresses (shuffled likewise); None = not a shoal name."""
+    task addresses (shuffled likewise); None = not a shoal name. ``asker``: the client's
+    address — a task sees only services on a network it is on (no addresses otherwise),
+    and task addresses on that shared network."""
     tasks_only = name.startswith("tasks.")
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
     if svc is None:
         return None
+    net = ""
+    mine = networks_of_addr(snap, asker) if asker else None
+    if mine is not None:
+        shared = [n for n in service_networks(svc) if n in mine]
+        if not shared:
+            return []
+        net = shared[0]
     ep = svc.spec.endpoint
     if not tasks_only and svc.vip and ep.mode == "vip":
         image = svc.spec.task.container.image
         if ep.vip_ports(image_ports(image) if image else ()):
             return [svc.vip]
-    addrs = sorted(t.status.addr for t in snap.tasks_of(svc.id)
+    addrs = sorted((t.net_addrs.get(net, "") if net else t.status.addr)
+                   for t in snap.tasks_of(svc.id)
                    if serving(t) and t.desired_state <= TaskState.RUNNING)
+    addrs = [a for a in addrs if a]
     if shuffle is not None:
         shuffle(addrs)
     return addrs
@@ -187,6 +220,7 @@ class Mesh:
         self._read_image_ports = image_ports
         self._image_ports: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
         self.network: NodeNetwork | None = None
+        self.overlay: Overlay | None = None
         self.balancer: Balancer | None = None
         self._dns: asyncio.DatagramTransport | None = None
         self._dns_server: dns.DnsServer | None = None
@@ -240,14 +274,22 @@ class Mesh:
                           vip_cidr=cluster.vip_cidr)
         self.network = net
         await net.setup()
-        net.forget_except(self._live_tasks())
+        live = set(self._live_tasks())
+        net.forget_except(live)
+        self.overlay = Overlay(self.node_id, self.advertise_addr, net.config.bridge,
+                               self.config.overlay)
+        for tid in live:  # tasks that survived an agent restart keep their interfaces
+            task = snap.tasks.get(tid)
+            if task is not None and task.spec.networks:
+                self.overlay.adopt(task)
         lb_cfg = (self.config.lb or LBConfig()).replace(
             listen_addrs=tuple(dict.fromkeys((self.advertise_addr, "127.0.0.1", net.gateway))))
         self.balancer = Balancer(lb_cfg)
         await self.balancer.start()
         if self.config.dns_port:
             self._dns, self._dns_server = await dns.serve(
-                self._dns_lookup, net.gateway, self.config.dns_port)
+                self._dns_lookup, net.gateway, self.config.dns_port,
+                lookup_from=self._dns_lookup_from)
         self._ready.set()
         log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
                  net.gateway, self.balancer.pids)
@@ -259,6 +301,9 @@ class Mesh:
         self._wakeup.set()
         net = self.network
         await self._close_parts()
+        if teardown and self.overlay is not None:
+            with contextlib.suppress(NetworkError, OSError):
+                await self.overlay.teardown()
         if teardown and net is not None:
             with contextlib.suppress(NetworkError, OSError):
                 await net.teardown()
@@ -285,12 +330,21 @@ class Mesh:
                 raise MeshError("the node's network is not set up yet (no subnet assigned?)"
                                 ) from None
         assert self.network is not None
+        snap = self._snapshot() if self._is_ready() else None
+        task = snap.tasks.get(task_id) if snap is not None else None
+        if task is not None and task.spec.networks:  # user-defined networks only
+            assert snap is not None and self.overlay is not None
+            return await self.overlay.attach(task, pid, snap, self.network.gateway)
         return await self.network.attach(task_id, pid)
 
     def address_of(self, task_id: str) -> str:
+        if self.overlay is not None and self.overlay.address_of(task_id):
+            return self.overlay.address_of(task_id)
         return self.network.address_of(task_id) if self.network is not None else ""
 
     async def detach(self, task_id: str) -> None:
+        if self.overlay is not None:
+            await self.overlay.detach(task_id)
         if self.network is not None:
             await self.network.detach(task_id)
 
@@ -305,6 +359,11 @@ class Mesh:
     def _dns_lookup(self, name: str) -> list[str] | None:
         snap = self._snap
         return lookup(snap, name, self._cached_image_ports, random.shuffle) \
+            if snap is not None else None
+
+    def _dns_lookup_from(self, name: str, client: str) -> list[str] | None:
+        snap = self._snap
+        return lookup(snap, name, self._cached_image_ports, random.shuffle, client) \
             if snap is not None else None
 
     def _cached_image_ports(self, image: str) -> tuple[tuple[int, str], ...]:
@@ -336,6 +395,11 @@ class Mesh:
             return
         self._snap = snap
         await self.network.sync_routes(peer_routes(snap, self.node_id))
+        if self.overlay is not None:
+            try:
+                await self.overlay.sync(snap)
+            except (NetworkError, OSError) as exc:
+                log.warning("overlay networks: %s", exc)
         now = time.time()
         stopping = stopping_tasks(snap)
         for tid in stopping:
@@ -368,6 +432,8 @@ class Mesh:
                                "services": sorted(self._pushed)}
         if self.network is not None:
             out.update(self.network.describe())
+        if self.overlay is not None:
+            out["overlay"] = self.overlay.describe()
         if self._dns_server is not None:
             out["dns"] = dict(self._dns_server.stats)
         return out

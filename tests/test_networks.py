@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_mesh import RESPONDER, network_info, task_log, wait_running
+from test_mesh import RESPONDER, fetch, network_info, task_log, wait_running
 
 from netlab import Lab, wait_until
 
@@ -77,3 +77,128 @@ def test_unpublished_service_vip_balances_from_every_node_and_dnsrr_shuffles(
         assert all(set(o) <= rr_addrs and len(o) == 3 for o in res["orders"]), res
         assert len({tuple(o) for o in res["orders"]}) > 1, res["orders"]
     assert not any(info["errors"] for info in map(network_info, lab.hosts))
+
+
+# Runs as a task on networks front and back: reaches every task of "web" by its own address
+# (tasks.web: across the overlay, both subnets), web by name (its VIP) and db (on back) by
+# name; prints one "OK {json}" line (retries until all worked).
+PROBE = r"""
+import json, socket, time, urllib.request
+def get(url):
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+for _ in range(240):
+    try:
+        ips = sorted(socket.gethostbyname_ex("tasks.web")[2])
+        if len(ips) != 4:
+            raise RuntimeError(f"tasks.web is {ips}")
+        direct = {ip: get(f"http://{ip}:8000/") for ip in ips}
+        vip = [get("http://web:8000/") for _ in range(12)]
+        print("OK " + json.dumps({"direct": direct, "vip": vip, "db": get("http://db:8000/")}),
+              flush=True)
+        break
+    except Exception as exc:
+        print("retry", repr(exc), flush=True)
+        time.sleep(0.5)
+time.sleep(100000)
+"""
+
+# Runs as a task of service argv[4] on a network without web: once DNS answers for its own
+# service, tries db by name, web by name, at its task address (argv[1]) and its VIP
+# (argv[2]), and a node's API outside the overlays (argv[3]); prints "OK {json}" with what
+# failed (True) or the answer.
+ISOLATED = r"""
+import json, socket, sys, time, urllib.request
+def get(url):
+    return urllib.request.urlopen(url, timeout=3).read().decode()
+def attempt(fn):
+    try:
+        return fn() or False
+    except Exception:
+        return True
+for _ in range(240):
+    try:
+        socket.gethostbyname(f"tasks.{sys.argv[4]}")
+    except Exception as exc:
+        print("retry", repr(exc), flush=True)
+        time.sleep(0.5)
+        continue
+    out = {"db": attempt(lambda: get("http://db:8000/")),
+           "web_name": attempt(lambda: socket.gethostbyname("web") and False),
+           "web_task": attempt(lambda: get(f"http://{sys.argv[1]}:8000/")),
+           "web_vip": attempt(lambda: get(f"http://{sys.argv[2]}:8000/")),
+           "outside": attempt(lambda: socket.create_connection((sys.argv[3], 2377), 3)
+                              .close())}
+    print("OK " + json.dumps(out), flush=True)
+    break
+time.sleep(100000)
+"""
+
+
+def ok_line(lab: Lab, task: dict[str, Any]) -> dict[str, Any] | None:
+    line = next((x for x in task_log(lab, task) if x.startswith("OK ")), None)
+    return json.loads(line[3:]) if line is not None else None
+
+
+def test_overlay_spans_routed_subnets_with_isolation_between_networks(
+        lab_factory: Callable[..., Lab]) -> None:
+    """Must-show 1, 2 and 4: hosts on two bridges joined only by a router (two routed subnets,
+    no shared L2): tasks of a service on an overlay reach each other by name and address
+    across it, and its published port answers on every node; a task on an --internal second
+    network reaches its own network's service but not the first network's (by name, task
+    address or VIP) nor anything outside; a network in use cannot be removed."""
+    lab = lab_factory(4, routed=("10.78.0.0/24", 2))
+    lab.form_cluster(managers=3, workers=1)
+    h1 = lab.hosts[0]
+    h1.cli("network", "create", "front")
+    h1.cli("network", "create", "--internal", "--label", "tier=db", "back")
+    nets = {n["name"]: n for n in h1.cli_json("network", "ls")}
+    assert nets["back"]["internal"] and nets["front"]["vni"] != nets["back"]["vni"]
+    h1.cli("service", "create", "--name", "web", "--replicas", "4", "--network", "front",
+           "--publish", "8080:8000", "--", "python3", "-c", RESPONDER, "8000")
+    h1.cli("service", "create", "--name", "db", "--network", "back", "--expose", "8000",
+           "--", "python3", "-c", RESPONDER, "8000")
+    web = wait_running(h1, "web", 4)
+    assert len({t["node"] for t in web}) == 4  # tasks on both sides of the router
+    wait_running(h1, "db", 1)
+    h1.cli("service", "create", "--name", "probe", "--network", "front", "--network", "back",
+           "--", "python3", "-c", PROBE)
+    (probe,) = wait_running(h1, "probe", 1)
+    res = wait_until(lambda: ok_line(lab, probe), timeout=90, interval=0.5,
+                     what="the probe's OK line")
+    front = h1.cli_json("network", "inspect", "front")[0]
+    web_addrs = sorted(a for tid, a in front["tasks"].items()
+                       if tid in {t["id"] for t in web})
+    assert sorted(res["direct"]) == web_addrs, res
+    assert set(res["direct"].values()) == {f"web-{i}" for i in range(1, 5)}, res
+    assert set(res["vip"]) <= {f"web-{i}" for i in range(1, 5)} and len(set(res["vip"])) > 1
+    assert res["db"] == "db-1"
+    # the routing mesh reaches overlay tasks from every node, on both subnets
+    urls = [f"http://{h.ip}:8080/" for h in lab.hosts for _ in range(3)]
+    answers = fetch(h1, *urls)
+    assert all(status == 200 for status, _ in answers), answers
+    assert len({body for _, body in answers}) > 1, answers
+
+    # isolation: a task on the internal network back reaches db there and nothing of front
+    # nor outside; a task on a third, ordinary network reaches outside but nothing of front
+    # or back
+    (web_svc,) = h1.cli_json("service", "inspect", "web")
+    h1.cli("network", "create", "side")
+    for name, net in (("iso", "back"), ("side", "side")):
+        h1.cli("service", "create", "--name", name, "--network", net, "--", "python3", "-c",
+               ISOLATED, web_addrs[0], web_svc["vip"], h1.ip, name)
+    for name, want in (("iso", {"db": "db-1", "web_name": True, "web_task": True,
+                                "web_vip": True, "outside": True}),
+                       ("side", {"db": True, "web_name": True, "web_task": True,
+                                 "web_vip": True, "outside": False})):
+        (task,) = wait_running(h1, name, 1)
+        res = wait_until(lambda t=task: ok_line(lab, t), timeout=90, interval=0.5,
+                         what=f"{name}'s OK line")
+        assert res == want, (name, res)
+
+    # a network in use cannot be removed; once its services are gone it can
+    rm = h1.cli("network", "rm", "back", check=False)
+    assert rm.returncode != 0 and "in use" in rm.stderr and "Traceback" not in rm.stderr
+    h1.cli("service", "rm", "db", "iso", "probe", "side")
+    wait_until(lambda: h1.cli("network", "rm", "back", check=False).returncode == 0,
+               timeout=60, interval=0.5, what="network back removable")
+    assert [n["name"] for n in h1.cli_json("network", "ls")] == ["front", "side"]
