@@ -395,9 +395,12 @@ class ClusterState:
             net = next((n for n in self.networks.values() if n.name == name), None)
             if net is None:
                 continue
+            # (an ORPHANED task may still run on a node cut off from the cluster: its
+            # address is not reused while its record exists)
             taken = used.setdefault(name, {
                 x.net_addrs[name] for x in self.tasks.values()
-                if name in x.net_addrs and not x.status.state.terminal})
+                if name in x.net_addrs and (not x.status.state.terminal
+                                            or x.status.state is TaskState.ORPHANED)})
             try:
                 addr = netalloc.pick_task_address(net.subnet, net.gateway, taken)
             except IpamError:

@@ -195,6 +195,17 @@ def test_overlay_spans_routed_subnets_with_isolation_between_networks(
                          what=f"{name}'s OK line")
         assert res == want, (name, res)
 
+    # an agent restart keeps its tasks' overlay addresses and their reachability
+    h3 = lab.hosts[2]
+    h3.restart_agent()
+    wait_until(lambda: h3.cli("info", check=False).returncode == 0, timeout=30,
+               what="h3's agent back")
+    after = h1.cli_json("network", "inspect", "front")[0]["tasks"]
+    assert all(after[t] == a for t, a in front["tasks"].items() if t in after), after
+    assert len(set(after.values())) == len(after)  # (a task moved meanwhile: a new address)
+    answers = fetch(h1, *[f"http://{h3.ip}:8080/" for _ in range(8)])
+    assert all(status == 200 for status, _ in answers), answers
+
     # a network in use cannot be removed; once its services are gone it can
     rm = h1.cli("network", "rm", "back", check=False)
     assert rm.returncode != 0 and "in use" in rm.stderr and "Traceback" not in rm.stderr

@@ -113,6 +113,10 @@ def test_tasks_get_an_address_per_network_and_removal_is_refused_while_in_use() 
            status={"state": int(TaskState.SHUTDOWN)})
     task(st, "s1", "t3")
     assert st.tasks["t3"].net_addrs == {"back": "10.96.1.2"}  # t1's, released
+    # an orphaned task (its node unreachable: it may still run) keeps its address
+    ok(st, op="leader", term=1, ops=[("orphan", "t3", "node down")])
+    task(st, "s1", "t4")
+    assert st.tasks["t4"].net_addrs == {"back": "10.96.1.3"}
     ok(st, op="network_remove", id="na")
     assert "na" not in st.networks
 
