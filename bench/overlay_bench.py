@@ -45,7 +45,7 @@ import socket, subprocess, threading
 subprocess.Popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("", %d))
+srv.bind(("", ECHO_PORT))
 srv.listen(16)
 def serve(c):
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -56,11 +56,11 @@ def serve(c):
         c.sendall(d)
 while True:
     threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
-""" % ECHO_PORT
+""".replace("ECHO_PORT", str(ECHO_PORT))
 
 RR = r"""
 import json, socket, sys, time
-s = socket.create_connection((sys.argv[1], %d), 5)
+s = socket.create_connection((sys.argv[1], ECHO_PORT), 5)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 msg, rtts, end = b"x" * 64, [], time.perf_counter() + float(sys.argv[2])
 while True:
@@ -76,7 +76,7 @@ rtts.sort()
 print(json.dumps({"n": len(rtts), "seconds": float(sys.argv[2]),
                   "p50_us": rtts[len(rtts) // 2] * 1e6,
                   "p99_us": rtts[int(len(rtts) * 0.99)] * 1e6}))
-""" % ECHO_PORT
+""".replace("ECHO_PORT", str(ECHO_PORT))
 
 
 def run(argv: list[str], timeout: float = 120.0) -> str:
