@@ -306,8 +306,16 @@ class Overlay:
         self._entries[vx] = dict(want)
 
     def _firewall(self, snap: Snapshot) -> None:
+        if not snap.networks and self._rules is None:
+            return  # (no chains on a node until the cluster has a network)
         rules = firewall_rules(snap, self.default_bridge)
-        if rules == self._rules or shutil.which("iptables-restore") is None:
+        if rules == self._rules:
+            return
+        if shutil.which("iptables-restore") is None:
+            if "firewall" not in self.errors:
+                log.warning("iptables-restore not found: overlay networks are NOT isolated "
+                            "from each other (install the iptables package)")
+            self.errors["firewall"] = "iptables-restore not found: networks not isolated"
             return
         fwd, inp, nat = rules
         text = ["*filter", ":SHOAL-NET - [0:0]", ":SHOAL-NET-VIP - [0:0]", *fwd, *inp,
