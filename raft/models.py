@@ -1,6 +1,6 @@
 """The cluster's objects: plain typed records replicated by Raft.
 
-Owns: Node, Service (with its versioned ServiceSpec) and Task records, the ordered
+Owns: Node, Service (with its versioned ServiceSpec), Task and Network records, the ordered
 task-state model, and their msgpack-friendly dict forms. Must not touch: I/O, Raft,
 the clock (timestamps are passed in by whoever makes the record).
 

@@ -11,7 +11,9 @@ replicated method raises), a good one ``{"ok": True, ...}``.
 
 Who may write what (swarmkit's split):
 
-* users (via any manager's API): cluster_init, node_add/update/remove, service_*
+* users (via any manager's API): cluster_init, node_add/update/remove, service_*,
+  network_create/remove (allocation rules: shoal.raft.networks; a task's addresses on its
+  networks are allocated when the leader's batch assigns it)
 * the leader's controllers: ``leader`` batches of task_create / task_desired /
   task_assign / task_delete / node_state, fenced by Raft term: a batch whose term is
   lower than the highest term already seen is refused, so a deposed leader that still
