@@ -24,8 +24,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from shoal.cli import network, specflags, stack
 from shoal.cli import registry as registry_cli
-from shoal.cli import specflags, stack
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
 from shoal.node.version import version
@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> None:
     c = Client(args.host, tls_dir=args.tls_dir)
     fmt = getattr(args, "format", "table")
     if args.cmd == "init":
-        r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr})
+        r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr,
+                                              "default_addr_pool": args.default_addr_pool})
         print(f"Cluster initialised: this node ({r['node_id'][:12]}) is now a manager and the "
               "leader.")
         wt = c.call("GET", "/v1/swarm/join-token/worker")["token"]
@@ -313,6 +314,8 @@ def run(args: argparse.Namespace) -> None:
         stack.run(c, args, fmt)
     elif args.cmd == "registry":
         registry_cli.run(c, args, fmt)
+    elif args.cmd == "network":
+        network.run(c, args, fmt, emit, table)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -647,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")
     ini.add_argument("--cluster-cidr", default="",
                      help="task address pool, cut into a /24 per node (default 10.99.0.0/16)")
+    ini.add_argument("--default-addr-pool", default="", metavar="CIDR",
+                     help="pool of user-defined networks' /24 subnets (default 10.96.0.0/15)")
     j = sub.add_parser("join", help="join a cluster")
     j.add_argument("--token", required=True)
     j.add_argument("remote", metavar="MANAGER_ADDR:PORT")
@@ -773,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_image_pull(isub)
     registry_cli.add_parser(sub)
     stack.add_parser(sub)
+    network.add_parser(sub)
     return p
 
 

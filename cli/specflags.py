@@ -93,6 +93,14 @@ def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
     return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
 
 
+def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
+    """--expose PORT[/tcp|udp]."""
+    port, _, proto = text.partition("/")
+    if not port.isdigit() or proto not in ("", "tcp", "udp"):
+        raise CliError(f"{flag} expects PORT[/tcp|udp], got {text!r}")
+    return {"port": int(port), "protocol": proto or "tcp"}
+
+
 def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
     """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
     out: dict[str, Any] = {"type": "volume"}
@@ -167,11 +175,14 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
     "port": (parse_publish, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
              lambda t, f: t if "/" in t else f"{t.split(':')[0]}/tcp"),
+    "expose": (parse_expose, lambda e: f"{e['port']}/{e.get('protocol', 'tcp')}",
+               lambda t, f: t if "/" in t else f"{t}/tcp"),
     "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "constraint": (parse_constraint, str, parse_constraint),
     "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
                    lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
+    "network": (lambda t, f: t, str, lambda t, f: t),
 }
 
 

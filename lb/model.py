@@ -70,7 +70,9 @@ class ServiceLB:
     """Everything the balancer knows about one service.
 
     ``vip``: the service's virtual IP; when set the balancer also listens on
-    ``vip:target_port`` for each protocol among ``frontends`` (TCP if there are none).
+    ``vip:target_port`` for each protocol among the published (address-less) ``frontends``
+    (TCP if there are no frontends at all). Frontends with an explicit address -- e.g. the
+    VIP on a port that is only exposed, not published -- are served as given.
     """
 
     name: str
@@ -84,8 +86,11 @@ class ServiceLB:
         """The explicit frontends plus the VIP ones."""
         if self.vip is None:
             return self.frontends
-        protos = sorted({f.proto for f in self.frontends}) or [Proto.TCP]
-        return self.frontends + tuple(Frontend(self.target_port, p, self.vip) for p in protos)
+        protos = sorted({f.proto for f in self.frontends if f.addr is None})
+        if not self.frontends:
+            protos = [Proto.TCP]
+        implied = (Frontend(self.target_port, p, self.vip) for p in protos)
+        return self.frontends + tuple(f for f in implied if f not in self.frontends)
 
     # -- validation ----------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.mqtt import MqttBridge
+from shoal.node.netapi import NetworksApi
 from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
@@ -172,7 +173,8 @@ class Agent:
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
             runtime=self.runtime, images=self.runtime.images, events=self.events,
-            metrics=self.metrics, registries=self.registries))
+            metrics=self.metrics, registries=self.registries,
+            networks=NetworksApi(self.ctx)))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
@@ -222,7 +224,9 @@ class Agent:
         # the mesh reads whichever store is current: promotion/demotion swaps it in place
         self.mesh = Mesh(self.data_dir, identity.node_id, self.config.advertise_addr,
                          snapshot=self._current_snapshot, is_ready=self._current_ready,
-                         live_tasks=lambda: self.runtime.tasks().keys())
+                         live_tasks=lambda: self.runtime.tasks().keys(),
+                         image_ports=lambda ref: self.runtime.images.inspect(
+                             ref).config.exposed_ports)
         self._worker = Worker(identity.node_id, store, self.runtime, self._worker_wakeup,
                               self.config.reconcile_interval, mesh=self.mesh,
                               task_files=self.secrets.resolve_task_files,
@@ -423,16 +427,18 @@ class Agent:
                             cpus=float(len(os.sched_getaffinity(0)))))
 
     # ================================================================== init / join / leave
-    async def init(self, cluster_cidr: str = "") -> dict[str, Any]:
+    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
+                   ) -> dict[str, Any]:
         async with self._lock:
             if self.identity is not None:
                 raise AlreadyInCluster("this node is already part of a cluster "
                                        "(`shoal leave` first)")
-            if cluster_cidr:  # refuse a bad network before anything is created
+            if cluster_cidr or default_addr_pool:  # refuse a bad network before anything
                 try:
-                    ClusterState._networks({"cluster_cidr": cluster_cidr})
+                    ClusterState._networks({"cluster_cidr": cluster_cidr,
+                                            "default_addr_pool": default_addr_pool})
                 except StoreError as exc:
-                    raise BadRequest(exc.message, "cluster_cidr") from None
+                    raise BadRequest(exc.message, exc.field or "cluster_cidr") from None
             node_id, cluster_id = new_id(), secrets.token_hex(16)
             # the cluster CA and this node's certificate; the keys only managers get
             now = time.time()
@@ -456,6 +462,7 @@ class Agent:
                 sec = self.security
                 await self.propose({"op": "cluster_init", "cluster_id": cluster_id, "now": now,
                                     "cluster_cidr": cluster_cidr,
+                                    "default_addr_pool": default_addr_pool,
                                     "worker_secret": sec.seal_token_secret("worker",
                                                                            new_secret()),
                                     "manager_secret": sec.seal_token_secret("manager",

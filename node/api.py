@@ -50,6 +50,7 @@ from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, h
 from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
+from shoal.node.netapi import NetworksApi
 from shoal.node.pki import CertInfo, peer_info
 from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
@@ -251,7 +252,8 @@ class Lifecycle(Protocol):
     """This node's own membership (the agent implements it)."""
 
     def info(self) -> dict[str, Any]: ...
-    async def init(self, cluster_cidr: str = "") -> dict[str, Any]: ...
+    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
+                   ) -> dict[str, Any]: ...
     async def join(self, token: str, remote: str) -> dict[str, Any]: ...
     async def leave(self, force: bool) -> dict[str, Any]: ...
     async def role_changed(self, peer: CertInfo | None, role: Any) -> dict[str, Any]: ...
@@ -276,6 +278,7 @@ class Controls:
     events: Events
     metrics: Metrics
     registries: Registries  # registry login, image pull, resolve (node/registries.py)
+    networks: NetworksApi
 
 
 class ApiServer:
@@ -312,7 +315,11 @@ class ApiServer:
             if not isinstance(cidr, str):
                 raise BadRequest("cluster_cidr must be a string like 10.99.0.0/16",
                                  "cluster_cidr")
-            return await a.init(cidr)
+            pool = body.get("default_addr_pool", "") or ""
+            if not isinstance(pool, str):
+                raise BadRequest("default_addr_pool must be a string like 10.96.0.0/15",
+                                 "default_addr_pool")
+            return await a.init(cidr, pool)
 
         async def join(req: web.Request) -> Any:
             body = await _body(req)
@@ -474,7 +481,8 @@ class ApiServer:
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
             "image_pull": image_pull, "registry_login": registry_login,
             "registry_logout": registry_logout,
-            **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()})
+            **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
+            **self._network_handlers()})
         return app
 
     def _gossip_handlers(self) -> dict[str, Handler]:
@@ -503,6 +511,25 @@ class ApiServer:
 
         return {"ca_info": ca, "ca_issue_client": issue_client,
                 "ca_revoke_client": revoke_client}
+
+    def _network_handlers(self) -> dict[str, Handler]:
+        """/v1/networks: create, ls, inspect, rm (shoal.node.netapi)."""
+        nets = self.c.networks
+
+        async def ls(_: web.Request) -> Any:
+            return nets.ls()
+
+        async def create(req: web.Request) -> Any:
+            return await nets.create(await _body(req))
+
+        async def inspect(req: web.Request) -> Any:
+            return nets.inspect(req.match_info["ref"])
+
+        async def rm(req: web.Request) -> Any:
+            return await nets.remove(req.match_info["ref"])
+
+        return {"network_ls": ls, "network_create": create, "network_inspect": inspect,
+                "network_rm": rm}
 
     def _secret_handlers(self) -> dict[str, Handler]:
         """/v1/secrets and /v1/configs: create, ls, inspect (never a secret's value), rm."""

@@ -4,8 +4,10 @@ Owns: answering tasks' DNS queries on the node's task bridge address. ``SERVICE`
 ``SERVICE.shoal`` resolve to the service's virtual IP (served by the node's balancer,
 stable across task restarts); ``tasks.SERVICE[.shoal]`` resolves to the addresses of its
 running tasks (Swarm's ``tasks.`` name); a task of a stack also resolves the stack's other
-services by their short names (``web`` for ``STACK_web``, before any service named ``web``).
-Other names are forwarded to the host's upstream resolvers (from /etc/resolv.conf), so tasks
+services by their short names (``web`` for ``STACK_web``, before any service named ``web``);
+with ``lookup_from`` the answer may depend on the asking task (service names resolve only on
+networks it shares with the service). Other names are forwarded to the host's upstream
+resolvers (from /etc/resolv.conf), so tasks
 reach the outside by name too. Wire format by
 dnspython; a malformed query is dropped and counted, never raised.
 
@@ -37,6 +39,9 @@ Lookup = Callable[[str], list[str] | None]  # name (lower-case, no trailing dot)
 # (name, the asking task's address) → IPs: names that depend on who asks (a stack's short
 # service names, node/mesh.py ``stack_lookup``); None = not such a name, ask ``Lookup``.
 ScopedLookup = Callable[[str, str], list[str] | None]
+# (name, the asking client's IP) → IPs: answers that depend on who asks (the networks a
+# task shares with a service, node/mesh.py)
+LookupFrom = Callable[[str, str], list[str] | None]
 
 
 @dataclass
@@ -63,9 +68,11 @@ def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
 
 class DnsServer(asyncio.DatagramProtocol):
     def __init__(self, lookup: Lookup, config: DnsConfig | None = None,
-                 scoped: ScopedLookup | None = None) -> None:
+                 scoped: ScopedLookup | None = None,
+                 lookup_from: LookupFrom | None = None) -> None:
         self.lookup = lookup
         self.scoped = scoped
+        self.lookup_from = lookup_from  # used instead of ``lookup`` when set
         self.config = config or DnsConfig()
         self.upstreams = (self.config.upstreams if self.config.upstreams is not None
                           else host_upstreams())
@@ -103,14 +110,16 @@ class DnsServer(asyncio.DatagramProtocol):
     def answer(self, query: dns.message.Message,
                client: str = "") -> dns.message.Message | None:
         """The reply for names shoal owns, or None to forward upstream. ``client``: the
-        asking task's address (for names that depend on who asks, e.g. a stack's ``web``)."""
+        asking task's address (for names that depend on who asks: a stack's ``web``, the
+        networks it shares with a service)."""
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
         ours = "." not in short or short.startswith("tasks.")
         ips = self.scoped(short, client) if ours and client and self.scoped else None
-        if ips is None:
-            ips = self.lookup(short) if ours else None
+        if ips is None and ours:
+            ips = self.lookup_from(short, client) if self.lookup_from is not None else \
+                self.lookup(short)
         owned = name.endswith("." + DOMAIN) or name == DOMAIN
         if ips is None and not owned:
             return None
@@ -164,9 +173,10 @@ class _Reply(asyncio.DatagramProtocol):
 
 
 async def serve(lookup: Lookup, host: str, port: int = 53,
-                config: DnsConfig | None = None, scoped: ScopedLookup | None = None
+                config: DnsConfig | None = None, scoped: ScopedLookup | None = None,
+                lookup_from: LookupFrom | None = None
                 ) -> tuple[asyncio.DatagramTransport, DnsServer]:
     loop = asyncio.get_running_loop()
-    server = DnsServer(lookup, config, scoped)
+    server = DnsServer(lookup, config, scoped, lookup_from)
     transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
     return transport, server

@@ -7,14 +7,16 @@ Owns: driving three building blocks from the replicated state, on every member n
   (``local VIP_CIDR dev lo``: any VIP can be bound and is delivered to this node's balancer),
   one veth per task (``attach``/``detach``, called by the Worker);
 * the ``Balancer`` (shoal.lb: worker processes, the agent only sends tables): one
-  ``ServiceLB`` per (service, target port) — frontends on every published port, a frontend on
-  ``VIP:target`` for the same protocols, endpoints = tasks whose status is RUNNING with an
-  address and healthy (or without a health check), on any node (``serving``); a task whose
-  desired state went past RUNNING stays in the table *draining* (no new connections, open
-  ones cut at first-seen + ``stop_grace_period``);
+  ``ServiceLB`` per (service, target port) — frontends on every published port, and in
+  endpoint mode ``vip`` a frontend on ``VIP:port`` for every port the service declares
+  (published targets, ``--expose``, the image's ExposedPorts), endpoints = tasks whose
+  status is RUNNING with an address and healthy (or without a health check), on any node
+  (``serving``); a task whose desired state went past RUNNING stays in the table *draining*
+  (no new connections, open ones cut at first-seen + ``stop_grace_period``);
 * the ``DnsServer`` (node/dns.py) on the bridge gateway, port 53: ``SERVICE[.shoal]`` → the
-  VIP for services with published ports, the task addresses otherwise; ``tasks.SERVICE`` →
-  task addresses. Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
+  VIP (endpoint mode ``vip``, when the service declares a port), the task addresses
+  shuffled per query otherwise (``dnsrr``); ``tasks.SERVICE`` → task addresses, shuffled.
+  Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
   (``task_files()``, passed to the runtime through ``TaskConfig.files``).
 
 ``plan_tables`` and ``lookup`` are pure (snapshot in, records out) and unit-tested; ``run()``
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,11 +48,14 @@ from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
 from shoal.node.network import NetworkConfig, NodeNetwork
+from shoal.node.overlay import Overlay, OverlayConfig
 from shoal.raft.models import Service, Task, TaskState
 from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
 
+# seconds an image's ExposedPorts are cached (an image loaded later is seen this much later)
+IMAGE_PORTS_TTL = 5.0
 _ALGORITHMS = {"round-robin": Algorithm.ROUND_ROBIN, "least-conn": Algorithm.LEAST_CONNECTIONS}
 
 
@@ -68,6 +74,8 @@ class MeshConfig:
     lb: LBConfig | None = None
     # The bridge, MTU and masquerade settings.
     network: NetworkConfig | None = None
+    # User-defined networks: VXLAN port, MTU, isolation rules (node/overlay.py).
+    overlay: OverlayConfig | None = None
 
 
 def lb_name(service: str, target: int) -> str:
@@ -81,13 +89,26 @@ def serving(task: Task) -> bool:
     return task.status.up and bool(task.status.addr)
 
 
-def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, ServiceLB]:
-    """The balancer tables the state asks for: one per (service, target port) of every service
-    with published ports. ``drain_since``: task id → wall-clock time its stop was first seen
-    (its connections are cut at that time + the task's ``stop_grace_period``)."""
+ImagePorts = Callable[[str], tuple[tuple[int, str], ...]]
+
+
+def _no_image_ports(_image: str) -> tuple[tuple[int, str], ...]:
+    return ()
+
+
+def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
+                image_ports: ImagePorts = _no_image_ports) -> dict[str, ServiceLB]:
+    """The balancer tables the state asks for: one per (service, target port) — every port a
+    service publishes (listening on every node) and, in endpoint mode ``vip``, every port its
+    VIP serves (published targets, ``expose``, the image's ExposedPorts from
+    ``image_ports(image)``). ``drain_since``: task id → wall-clock time its stop was first
+    seen (its connections are cut at that time + the task's ``stop_grace_period``)."""
     out: dict[str, ServiceLB] = {}
     for svc in snap.services.values():
-        if not svc.spec.endpoint.ports:
+        ep = svc.spec.endpoint
+        image = svc.spec.task.container.image
+        vip_ports = ep.vip_ports(image_ports(image) if image else ()) if svc.vip else ()
+        if not ep.ports and not vip_ports:
             continue
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
@@ -100,14 +121,18 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float]) -> dict[str, S
             endpoints.append(Endpoint(st.addr, task.id, None, deadline))
         endpoints.sort(key=lambda e: e.task_id)
         by_target: dict[int, list[Frontend]] = {}
-        for p in svc.spec.endpoint.ports:
+        for p in ep.ports:
             by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
+        for port, proto in vip_ports:  # the VIP's listeners that publishing does not imply
+            published = {f.proto for f in by_target.get(port, ())}
+            if Proto(proto) not in published:
+                by_target.setdefault(port, []).append(Frontend(port, Proto(proto), svc.vip))
         for target, frontends in sorted(by_target.items()):
             name = lb_name(svc.spec.name, target)
             out[name] = ServiceLB(
                 name=name, target_port=target, frontends=tuple(frontends),
-                endpoints=tuple(endpoints), vip=svc.vip or None,
-                algorithm=_ALGORITHMS.get(svc.spec.endpoint.lb_algorithm, Algorithm.ROUND_ROBIN))
+                endpoints=tuple(endpoints), vip=svc.vip if vip_ports else None,
+                algorithm=_ALGORITHMS.get(ep.lb_algorithm, Algorithm.ROUND_ROBIN))
     return out
 
 
@@ -117,17 +142,57 @@ def stopping_tasks(snap: Snapshot) -> set[str]:
             if t.status.state is TaskState.RUNNING and t.desired_state > TaskState.RUNNING}
 
 
-def lookup(snap: Snapshot, name: str) -> list[str] | None:
-    """DNS: ``SERVICE`` → [VIP] (services with published ports) or its task addresses;
-    ``tasks.SERVICE`` → its task addresses; None = not a shoal name."""
+def service_networks(svc: Service) -> tuple[str, ...]:
+    """The networks a service's tasks are on ("" = the cluster's default network)."""
+    return svc.spec.task.networks or ("",)
+
+
+def networks_of_addr(snap: Snapshot, addr: str) -> set[str] | None:
+    """The networks of the task that has ``addr`` ("" = the default network); None when no
+    live task has it (the node itself, a client outside the cluster)."""
+    for t in snap.tasks.values():
+        if t.status.state.terminal:
+            continue
+        if t.net_addrs and addr in t.net_addrs.values():
+            return set(t.net_addrs)
+        if t.status.addr == addr and not t.spec.networks:
+            return {""}
+    return None
+
+
+def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
+           shuffle: Callable[[list[str]], None] | None = None,
+           asker: str = "") -> list[str] | None:
+    """DNS: ``SERVICE`` → [VIP] in endpoint mode ``vip`` when the VIP serves a port (a
+    service that declares none answers on its task addresses: a VIP would refuse every
+    connection); in ``dnsrr`` mode its task addresses, passed through ``shuffle`` (each
+    query gets another order, so resolvers do not pin one task). ``tasks.SERVICE`` → its
+    task addresses (shuffled likewise); None = not a shoal name. ``asker``: the client's
+    address — a task sees only services on a network it is on (no addresses otherwise),
+    and task addresses on that shared network."""
     tasks_only = name.startswith("tasks.")
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
     if svc is None:
         return None
-    if not tasks_only and svc.vip and svc.spec.endpoint.ports:
-        return [svc.vip]
-    return sorted(t.status.addr for t in snap.tasks_of(svc.id)
-                  if serving(t) and t.desired_state <= TaskState.RUNNING)
+    net = ""
+    mine = networks_of_addr(snap, asker) if asker else None
+    if mine is not None:
+        shared = [n for n in service_networks(svc) if n in mine]
+        if not shared:
+            return []
+        net = shared[0]
+    ep = svc.spec.endpoint
+    if not tasks_only and svc.vip and ep.mode == "vip":
+        image = svc.spec.task.container.image
+        if ep.vip_ports(image_ports(image) if image else ()):
+            return [svc.vip]
+    addrs = sorted((t.net_addrs.get(net, "") if net else t.status.addr)
+                   for t in snap.tasks_of(svc.id)
+                   if serving(t) and t.desired_state <= TaskState.RUNNING)
+    addrs = [a for a in addrs if a]
+    if shuffle is not None:
+        shuffle(addrs)
+    return addrs
 
 
 # --- a stack's short names (issue 13) ------------------------------------------------------
@@ -162,7 +227,8 @@ class Mesh:
     def __init__(self, data_dir: Path, node_id: str, advertise_addr: str,
                  snapshot: Callable[[], Snapshot | None], is_ready: Callable[[], bool],
                  live_tasks: Callable[[], Iterable[str]],
-                 config: MeshConfig | None = None) -> None:
+                 config: MeshConfig | None = None,
+                 image_ports: ImagePorts | None = None) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.advertise_addr = advertise_addr
@@ -170,7 +236,12 @@ class Mesh:
         self._snapshot = snapshot
         self._is_ready = is_ready
         self._live_tasks = live_tasks
+        # image ref → its ExposedPorts, read from this node's image store (blocking: called
+        # in a thread, cached for IMAGE_PORTS_TTL seconds)
+        self._read_image_ports = image_ports
+        self._image_ports: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
         self.network: NodeNetwork | None = None
+        self.overlay: Overlay | None = None
         self.balancer: Balancer | None = None
         self._dns: asyncio.DatagramTransport | None = None
         self._dns_server: dns.DnsServer | None = None
@@ -224,7 +295,14 @@ class Mesh:
                           vip_cidr=cluster.vip_cidr)
         self.network = net
         await net.setup()
-        net.forget_except(self._live_tasks())
+        live = set(self._live_tasks())
+        net.forget_except(live)
+        self.overlay = Overlay(self.node_id, self.advertise_addr, net.config.bridge,
+                               self.config.overlay)
+        for tid in live:  # tasks that survived an agent restart keep their interfaces
+            task = snap.tasks.get(tid)
+            if task is not None and task.spec.networks:
+                self.overlay.adopt(task)
         lb_cfg = (self.config.lb or LBConfig()).replace(
             listen_addrs=tuple(dict.fromkeys((self.advertise_addr, "127.0.0.1", net.gateway))))
         self.balancer = Balancer(lb_cfg)
@@ -232,7 +310,7 @@ class Mesh:
         if self.config.dns_port:
             self._dns, self._dns_server = await dns.serve(
                 self._dns_lookup, net.gateway, self.config.dns_port,
-                scoped=self._dns_stack_lookup)
+                scoped=self._dns_stack_lookup, lookup_from=self._dns_lookup_from)
         self._ready.set()
         log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
                  net.gateway, self.balancer.pids)
@@ -244,6 +322,9 @@ class Mesh:
         self._wakeup.set()
         net = self.network
         await self._close_parts()
+        if teardown and self.overlay is not None:
+            with contextlib.suppress(NetworkError, OSError):
+                await self.overlay.teardown()
         if teardown and net is not None:
             with contextlib.suppress(NetworkError, OSError):
                 await net.teardown()
@@ -270,12 +351,21 @@ class Mesh:
                 raise MeshError("the node's network is not set up yet (no subnet assigned?)"
                                 ) from None
         assert self.network is not None
+        snap = self._snapshot() if self._is_ready() else None
+        task = snap.tasks.get(task_id) if snap is not None else None
+        if task is not None and task.spec.networks:  # user-defined networks only
+            assert snap is not None and self.overlay is not None
+            return await self.overlay.attach(task, pid, snap, self.network.gateway)
         return await self.network.attach(task_id, pid)
 
     def address_of(self, task_id: str) -> str:
+        if self.overlay is not None and self.overlay.address_of(task_id):
+            return self.overlay.address_of(task_id)
         return self.network.address_of(task_id) if self.network is not None else ""
 
     async def detach(self, task_id: str) -> None:
+        if self.overlay is not None:
+            await self.overlay.detach(task_id)
         if self.network is not None:
             await self.network.detach(task_id)
 
@@ -289,7 +379,33 @@ class Mesh:
     # ------------------------------------------------------------------ state → tables
     def _dns_lookup(self, name: str) -> list[str] | None:
         snap = self._snap
-        return lookup(snap, name) if snap is not None else None
+        return lookup(snap, name, self._cached_image_ports, random.shuffle) \
+            if snap is not None else None
+
+    def _dns_lookup_from(self, name: str, client: str) -> list[str] | None:
+        snap = self._snap
+        return lookup(snap, name, self._cached_image_ports, random.shuffle, client) \
+            if snap is not None else None
+
+    def _cached_image_ports(self, image: str) -> tuple[tuple[int, str], ...]:
+        hit = self._image_ports.get(image)
+        return hit[1] if hit is not None else ()
+
+    async def _refresh_image_ports(self, snap: Snapshot, now: float) -> None:
+        read = self._read_image_ports
+        if read is None:
+            return
+        refs = {s.spec.task.container.image for s in snap.services.values()} - {""}
+        for ref in refs:
+            hit = self._image_ports.get(ref)
+            if hit is None or now - hit[0] > IMAGE_PORTS_TTL:
+                try:
+                    ports = await asyncio.to_thread(read, ref)
+                except Exception:  # (an image not on this node yet, a race with `image rm`)
+                    ports = ()
+                self._image_ports[ref] = (now, ports)
+        for ref in set(self._image_ports) - refs:
+            del self._image_ports[ref]
 
     def _dns_stack_lookup(self, name: str, client: str) -> list[str] | None:
         snap = self._snap
@@ -304,13 +420,19 @@ class Mesh:
             return
         self._snap = snap
         await self.network.sync_routes(peer_routes(snap, self.node_id))
+        if self.overlay is not None:
+            try:
+                await self.overlay.sync(snap)
+            except (NetworkError, OSError) as exc:
+                log.warning("overlay networks: %s", exc)
         now = time.time()
         stopping = stopping_tasks(snap)
         for tid in stopping:
             self._drain_since.setdefault(tid, now)
         for tid in set(self._drain_since) - stopping:
             del self._drain_since[tid]
-        want = plan_tables(snap, self._drain_since)
+        await self._refresh_image_ports(snap, now)
+        want = plan_tables(snap, self._drain_since, self._cached_image_ports)
         for name, table in want.items():
             if self._pushed.get(name) == table:
                 continue
@@ -335,6 +457,8 @@ class Mesh:
                                "services": sorted(self._pushed)}
         if self.network is not None:
             out.update(self.network.describe())
+        if self.overlay is not None:
+            out["overlay"] = self.overlay.describe()
         if self._dns_server is not None:
             out["dns"] = dict(self._dns_server.stats)
         return out

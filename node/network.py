@@ -15,7 +15,8 @@ in the ``local`` table, "AnyIP"): the balancer can bind any VIP and traffic from
 VIP is delivered to it, with no per-service address to add or remove.
 
 Limits (host-gateway style, like flannel's host-gw): nodes must share an L2 segment (or
-have routes between them); a VXLAN overlay can come later. Must not touch: the store, the
+have routes between them); user-defined VXLAN networks (node/overlay.py) do not. This is the
+default network of tasks whose service names no ``--network``. Must not touch: the store, the
 runtime's namespaces other than the task's net namespace.
 
 Errors: ``NetworkError`` (node/errors.py: netlink, setns, or no free address in the node's

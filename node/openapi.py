@@ -65,6 +65,8 @@ class _Body(msgspec.Struct, kw_only=True):
 class InitRequest(_Body):
     cluster_cidr: Annotated[str, _d("the task network's CIDR (e.g. 10.99.0.0/16); empty = "
                                     "the default")] = ""
+    default_addr_pool: Annotated[str, _d("the pool user-defined networks take their /24 "
+                                         "subnets from; empty = 10.96.0.0/15")] = ""
 
 
 class JoinRequest(_Body):
@@ -135,6 +137,16 @@ class ObjectCreateRequest(_Body):
                             pattern=OBJECT_NAME_RE.pattern)]
     data: Annotated[str, _d("the value, base64-encoded (at most 500 KiB decoded)",
                             extra_json_schema={"contentEncoding": "base64"})]
+    labels: Annotated[dict[str, str], _d("labels")] = {}
+
+
+class NetworkCreateRequest(_Body):
+    name: Annotated[str, _d("1-63 letters, digits, '.', '_', '-'")]
+    driver: Annotated[Literal["overlay"], _d("overlay: VXLAN across every node")] = "overlay"
+    subnet: Annotated[str, _d("CIDR; empty = the next /24 of the default address pool")] = ""
+    gateway: Annotated[str, _d("gateway address in the subnet; empty = its first")] = ""
+    internal: Annotated[bool, _d("no route out of the network")] = False
+    attachable: Annotated[bool, _d("recorded (Swarm parity)")] = False
     labels: Annotated[dict[str, str], _d("labels")] = {}
 
 
@@ -213,9 +225,9 @@ class TaskUsageRequest(_Body):
 BODIES: tuple[type[msgspec.Struct], ...] = (
     InitRequest, JoinRequest, LeaveRequest, NodeUpdateRequest, ServiceCreateRequest,
     ServiceScaleRequest, ServiceUpdateRequest, ImageLoadRequest, ObjectCreateRequest,
-    IssueClientRequest, AdmissionRequest, RenewRequest, NodeRoleRequest, RoleChangedRequest,
-    GossipKeyRequest, TaskFilesRequest, StateRequest, ReportRequest, HeartbeatRequest,
-    ImageResolveRequest, TaskLogsRequest, TaskUsageRequest)
+    NetworkCreateRequest, IssueClientRequest, AdmissionRequest, RenewRequest, NodeRoleRequest,
+    RoleChangedRequest, GossipKeyRequest, TaskFilesRequest, StateRequest, ReportRequest,
+    HeartbeatRequest, ImageResolveRequest, TaskLogsRequest, TaskUsageRequest)
 
 
 # --------------------------------------------------------------------------- replies
@@ -312,6 +324,10 @@ REPLIES: dict[str, Schema] = {
     "ObjectMeta": _obj("a secret or config (a config adds data, base64; a secret's value is "
                        "never returned)", id=STR, name=STR, labels={"type": "object"},
                        created_at=TIME, updated_at=TIME, data=STR, removed=BOOL),
+    "Network": _obj("a user-defined network", id=STR, name=STR, driver=STR, scope=STR,
+                    subnet=STR, gateway=STR, vni=INT, internal=BOOL, attachable=BOOL,
+                    labels={"type": "object"}, created_at=TIME, services=_list(STR),
+                    tasks={"type": "object"}, removed=BOOL),
     "CaInfo": _obj("the cluster CA and this node's certificate", digest=STR,
                    not_after=_nullable(TIME), clients=_list(STR),
                    node_certificate=_nullable(_obj(
@@ -518,6 +534,17 @@ ROUTES: tuple[Route, ...] = (
           "credentials (`registry logout`)", "registry",
           reply=_obj("", server=STR, removed=BOOL), errors=CLUSTER),
     *_object_routes(),
+    Route("GET", "/v1/networks", "network_ls", "list user-defined networks", "networks",
+          reply=_list(_ref("Network")), errors=CLUSTER),
+    Route("POST", "/v1/networks", "network_create", "create a network", "networks",
+          body=NetworkCreateRequest, reply=_ref("Network"), errors=CLUSTER,
+          description="`{id, name, subnet, vni}`; 409 `exists` if the name is taken"),
+    Route("GET", "/v1/networks/{ref}", "network_inspect", "inspect a network", "networks",
+          reply=_ref("Network"), errors=CLUSTER,
+          description="with the services using it and each task's address on it"),
+    Route("DELETE", "/v1/networks/{ref}", "network_rm", "remove a network", "networks",
+          reply=_ref("Network"), errors=CLUSTER,
+          description="`{id, name, removed}`; 409 `in_use` while a service or task uses it"),
     Route("POST", "/v1/gossip/rotate-key", "gossip_rotate_key", "roll a new gossip key "
           "through every ready node (`gossip rotate-key`)", "gossip",
           reply=_ref("KeyRotation"), errors=CLUSTER,

@@ -1,6 +1,6 @@
 """The cluster's objects: plain typed records replicated by Raft.
 
-Owns: Node, Service (with its versioned ServiceSpec) and Task records, the ordered
+Owns: Node, Service (with its versioned ServiceSpec), Task and Network records, the ordered
 task-state model, and their msgpack-friendly dict forms. Must not touch: I/O, Raft,
 the clock (timestamps are passed in by whoever makes the record).
 
@@ -142,6 +142,24 @@ class Config:
 
 
 @dataclass(frozen=True)
+class Network:
+    """A user-defined network (``shoal network create``): a VXLAN overlay spanning every
+    node, with its own subnet and VNI (allocated by the state, shoal.raft.networks).
+    Immutable; removed only while no service uses it."""
+
+    id: str
+    name: str
+    driver: str = "overlay"
+    subnet: str = ""
+    gateway: str = ""
+    vni: int = 0
+    internal: bool = False  # no route out of the network (only its own members and VIPs)
+    attachable: bool = False  # recorded for Compose/Swarm parity (no standalone containers)
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class UpdateStatus:
     """Progress of the latest rolling update (or rollback) of a service, written by the leader
     (Swarm's UpdateStatus). ``state`` "" = no update since the service was created."""
@@ -246,6 +264,9 @@ class Task:
     updated_at: float = 0.0
     # scheduler's explanation when it cannot place the task
     sched_message: str = ""
+    # network name → the task's address on it, for each of ``spec.networks`` (allocated by
+    # the state when the task is assigned; released once the task has ended)
+    net_addrs: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -348,4 +369,5 @@ def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
         created_at=float(d.get("created_at", 0.0)),
         updated_at=float(d.get("updated_at", 0.0)),
         sched_message=d.get("sched_message", ""),
+        net_addrs=dict(d.get("net_addrs") or {}),
     )

@@ -24,11 +24,12 @@ The layout follows swarmkit's ``ServiceSpec``::
      │   ├─ resources: Resources {limits, reservations}
      │   ├─ restart: RestartPolicy
      │   ├─ placement: Placement {constraints, max_replicas, preferences}
-     │   └─ force_update
+     │   ├─ force_update
+     │   └─ networks                  user-defined networks the tasks join
      ├─ mode: ServiceMode {type, replicas, max_concurrent}
      ├─ update: UpdateConfig          how a changed template rolls out
      ├─ rollback: UpdateConfig        how `service rollback` rolls back
-     └─ endpoint: EndpointSpec {ports, lb_algorithm}
+     └─ endpoint: EndpointSpec {mode, ports, expose, lb_algorithm}
 
 A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
 ``flag`` (long option, create and update), ``short``, ``cli`` (how the CLI parses it:
@@ -418,6 +419,18 @@ class TaskSpec(_Spec, frozen=True):
     force_update: Annotated[int, decl("bumped by `service update --force` to redeploy every "
                                       "task with an unchanged spec", ge=0,
                                       le=(1 << 31))] = 0
+    networks: Annotated[tuple[str, ...], decl(
+        "user-defined networks (`shoal network create`) the tasks join, one interface each; "
+        "the first is the task's primary address; none = the cluster's default network",
+        flag="--network", cli="list", item="network", metavar="NETWORK",
+        max_length=16)] = ()
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.networks):
+            if not OBJECT_NAME_RE.match(name):
+                raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
+            if name in self.networks[:i]:
+                raise SpecError(f"networks[{i}]", f"network {name} is listed twice")
 
 
 # --------------------------------------------------------------------------- service
@@ -518,11 +531,36 @@ class PortSpec(_Spec, frozen=True):
         return f"{self.published}/{self.protocol}"
 
 
+class ExposeSpec(_Spec, frozen=True):
+    """``--expose PORT[/PROTOCOL]``: a port the tasks serve on, reachable from other tasks at
+    the service's VIP (Docker's EXPOSE / Compose ``expose:``; not published on the nodes)."""
+
+    port: Annotated[int, decl("port of the task", ge=1, le=65535)]
+    protocol: Annotated[Literal["tcp", "udp"], decl("transport protocol")] = "tcp"
+
+    @property
+    def key(self) -> str:
+        """What ``--expose-rm`` names: ``PORT/PROTOCOL``."""
+        return f"{self.port}/{self.protocol}"
+
+
 class EndpointSpec(_Spec, frozen=True):
+    """How other tasks and clients reach the service. ``vip``: the service name resolves to
+    the service's virtual IP, balanced by every node over the tasks on each port the service
+    declares (published targets, ``expose``, the image's ExposedPorts); ``dnsrr``: the name
+    resolves to the tasks' own addresses, shuffled per query, and there is no VIP."""
+
+    mode: Annotated[Literal["vip", "dnsrr"], decl(
+        "service discovery: vip (one balanced virtual IP) or dnsrr (DNS round robin over "
+        "the task addresses)", flag="--endpoint-mode", cli="choice")] = "vip"
     ports: Annotated[tuple[PortSpec, ...], decl(
         "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
         flag="--publish", short="-p", cli="list", item="port",
         metavar="PUBLISHED:TARGET[/tcp|udp]", max_length=256)] = ()
+    expose: Annotated[tuple[ExposeSpec, ...], decl(
+        "a port of the tasks reachable at the service's VIP from other tasks",
+        flag="--expose", cli="list", item="expose", metavar="PORT[/tcp|udp]",
+        max_length=256)] = ()
     lb_algorithm: Annotated[Literal["round-robin", "least-conn"], decl(
         "how the routing mesh picks a task", flag="--lb", cli="choice")] = "round-robin"
 
@@ -533,6 +571,23 @@ class EndpointSpec(_Spec, frozen=True):
                 raise SpecError(f"ports[{i}].published",
                                 f"port {p.published}/{p.protocol} is published twice")
             seen.add((p.published, p.protocol))
+        if self.mode == "dnsrr" and self.ports:
+            raise SpecError("mode", "dnsrr has no VIP for the routing mesh to balance: "
+                            "published ports need endpoint mode vip")
+        keys = [e.key for e in self.expose]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise SpecError(f"expose[{keys.index(dup)}]", f"port {dup} is exposed twice")
+
+    def vip_ports(self, image_ports: tuple[tuple[int, str], ...] = ()
+                  ) -> tuple[tuple[int, str], ...]:
+        """(port, protocol) the VIP serves: published targets, ``expose``, then the image's
+        ExposedPorts; none in dnsrr mode."""
+        if self.mode != "vip":
+            return ()
+        found = [(p.target, p.protocol) for p in self.ports]
+        found += [(e.port, e.protocol) for e in self.expose]
+        return tuple(dict.fromkeys(found + list(image_ports)))
 
 
 class ServiceSpec(_Spec, frozen=True):

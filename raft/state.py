@@ -11,7 +11,9 @@ replicated method raises), a good one ``{"ok": True, ...}``.
 
 Who may write what (swarmkit's split):
 
-* users (via any manager's API): cluster_init, node_add/update/remove, service_*
+* users (via any manager's API): cluster_init, node_add/update/remove, service_*,
+  network_create/remove (allocation rules: shoal.raft.networks; a task's addresses on its
+  networks are allocated when the leader's batch assigns it)
 * the leader's controllers: ``leader`` batches of task_create / task_desired /
   task_assign / task_delete / node_state, fenced by Raft term: a batch whose term is
   lower than the highest term already seen is refused, so a deposed leader that still
@@ -31,10 +33,12 @@ from typing import Any
 import msgspec
 
 from shoal.raft import ipam
+from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
     Config,
+    Network,
     Node,
     NodeAvailability,
     NodeRole,
@@ -94,6 +98,10 @@ class ClusterInfo:
     # 1 for clusters made by shoal 0.1; raised by the leader's ``cluster_schema`` command
     # once every node announces a newer one.
     schema: int = schema_mod.LEGACY
+    # user-defined networks (shoal.raft.networks): each gets a /network_prefix of this pool
+    # unless it names its own subnet (`shoal init --default-addr-pool`)
+    default_addr_pool: str = netalloc.DEFAULT_ADDR_POOL
+    network_prefix: int = netalloc.DEFAULT_POOL_SIZE
 
 
 @dataclass
@@ -108,6 +116,10 @@ class Snapshot:
     secrets: dict[str, Secret] = field(default_factory=dict)  # values sealed
     configs: dict[str, Config] = field(default_factory=dict)
     fence_term: int = 0  # highest Raft term seen on a leader batch (a new term = new leader)
+    networks: dict[str, Network] = field(default_factory=dict)  # user-defined, by id
+
+    def network_by_name(self, name: str) -> Network | None:
+        return next((n for n in self.networks.values() if n.name == name), None)
 
     def service_by_name(self, name: str) -> Service | None:
         for s in self.services.values():
@@ -129,6 +141,7 @@ class ClusterState:
     tasks: dict[str, Task] = field(default_factory=dict)
     secrets: dict[str, Secret] = field(default_factory=dict)  # by id; values sealed
     configs: dict[str, Config] = field(default_factory=dict)  # by id
+    networks: dict[str, Network] = field(default_factory=dict)  # user-defined, by id
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -141,6 +154,7 @@ class ClusterState:
             secrets=dict(self.secrets),
             configs=dict(self.configs),
             fence_term=self.fence_term,
+            networks=dict(self.networks),
         )
 
     # ------------------------------------------------------------------ writing
@@ -201,7 +215,19 @@ class ClusterState:
         if a.overlaps(b):
             raise Rejected("invalid", f"cluster_cidr {cluster} overlaps vip_cidr {vip}",
                            "cluster_cidr")
-        return {"cluster_cidr": cluster, "vip_cidr": vip}
+        out = {"cluster_cidr": cluster, "vip_cidr": vip}
+        if cmd.get("default_addr_pool"):
+            try:
+                pool = ipam.validate_cidr(str(cmd["default_addr_pool"]), "default_addr_pool",
+                                          8, netalloc.DEFAULT_POOL_SIZE)
+            except IpamError as exc:
+                raise Rejected("invalid", str(exc), "default_addr_pool") from None
+            c = ipaddress.ip_network(pool)
+            if c.overlaps(a) or c.overlaps(b):
+                raise Rejected("invalid", f"default_addr_pool {pool} overlaps the cluster "
+                               f"network {cluster} or the VIP range {vip}", "default_addr_pool")
+            out["default_addr_pool"] = pool
+        return out  # (networks never take a subnet overlapping cluster_cidr or vip_cidr)
 
     def _rotate_secret(self, cmd: dict[str, Any]) -> None:
         role = NodeRole(cmd["role"])
@@ -277,6 +303,7 @@ class ClusterState:
             if s.spec.name == spec.name:
                 raise Rejected("exists", f"a service named {spec.name!r} already exists", "name")
         self._check_ports(spec, sid)
+        self._check_networks(spec)
         try:
             vip = ipam.allocate_address(self.cluster.vip_cidr,
                                         (s.vip for s in self.services.values()))
@@ -299,6 +326,91 @@ class ClusterState:
                                    f"published by service {other.spec.name}",
                                    "endpoint.ports")
 
+    def _check_networks(self, spec: ServiceSpec) -> None:
+        names = {n.name for n in self.networks.values()}
+        for i, name in enumerate(spec.task.networks):
+            if name not in names:
+                raise Rejected("not_found", f"no such network: {name} (create it with "
+                               "`shoal network create`)", f"task.networks[{i}]")
+
+    # --- networks
+    def _network_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.cluster.schema < schema_mod.SCHEMA:
+            raise Rejected("invalid", "networks need every node of the cluster on shoal "
+                           ">= 0.2 (cluster schema 2)", "name")
+        nid = str(cmd["id"])
+        if not NODE_ID_RE.match(nid) or nid in self.networks:
+            raise Rejected("invalid", f"bad or duplicate network id {nid!r}", "id")
+        try:
+            name = netalloc.validate_name(cmd["name"])
+        except IpamError as exc:
+            raise Rejected("invalid", str(exc), "name") from None
+        if any(n.name == name for n in self.networks.values()):
+            raise Rejected("exists", f"a network named {name!r} already exists", "name")
+        driver = cmd.get("driver") or "overlay"
+        if driver not in netalloc.DRIVERS:
+            raise Rejected("invalid", f"driver {driver!r} is not supported (use "
+                           f"{', '.join(netalloc.DRIVERS)})", "driver")
+        labels = cmd.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise Rejected("invalid", "labels must be a map of strings", "labels")
+        c = self.cluster
+        try:
+            subnet = netalloc.pick_subnet(
+                c.default_addr_pool, c.network_prefix,
+                (n.subnet for n in self.networks.values()), str(cmd.get("subnet") or ""),
+                avoid=(c.cluster_cidr, c.vip_cidr))
+        except IpamError as exc:
+            raise Rejected("invalid" if cmd.get("subnet") else "exhausted", str(exc),
+                           "subnet") from None
+        try:
+            gateway = netalloc.pick_gateway(subnet, str(cmd.get("gateway") or ""))
+        except IpamError as exc:
+            raise Rejected("invalid", str(exc), "gateway") from None
+        vni = netalloc.pick_vni(n.vni for n in self.networks.values())
+        self.networks[nid] = Network(
+            id=nid, name=name, driver=str(driver), subnet=subnet, gateway=gateway, vni=vni,
+            internal=bool(cmd.get("internal")), attachable=bool(cmd.get("attachable")),
+            labels=dict(labels), created_at=float(cmd["now"]))
+        return {"id": nid, "subnet": subnet, "vni": vni}
+
+    def _network_remove(self, cmd: dict[str, Any]) -> None:
+        nid = cmd["id"]
+        net = self.networks.get(nid) if isinstance(nid, str) else None
+        if net is None:
+            raise Rejected("not_found", f"no such network: {nid}", "id")
+        users = sorted(s.spec.name for s in self.services.values()
+                       if net.name in s.spec.task.networks)
+        users += sorted({t.service_name for t in self.tasks.values()
+                         if net.name in t.net_addrs and not t.status.state.terminal}
+                        - set(users))
+        if users:
+            raise Rejected("in_use", f"network {net.name} is in use by service(s) "
+                           f"{', '.join(users)}: remove it from them first", "name")
+        del self.networks[net.id]
+
+    def _net_addresses(self, t: Task, used: dict[str, set[str]]) -> dict[str, str]:
+        """``t``'s address on each of its networks (deterministic: lowest free)."""
+        out: dict[str, str] = {}
+        for name in t.spec.networks:
+            net = next((n for n in self.networks.values() if n.name == name), None)
+            if net is None:
+                continue
+            # (an ORPHANED task may still run on a node cut off from the cluster: its
+            # address is not reused while its record exists)
+            taken = used.setdefault(name, {
+                x.net_addrs[name] for x in self.tasks.values()
+                if name in x.net_addrs and (not x.status.state.terminal
+                                            or x.status.state is TaskState.ORPHANED)})
+            try:
+                addr = netalloc.pick_task_address(net.subnet, net.gateway, taken)
+            except IpamError:
+                continue  # the task starts without it and says so (node/mesh.py)
+            taken.add(addr)
+            out[name] = addr
+        return out
+
     def _service_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
         svc = self._service(cmd["id"])
         expected = cmd.get("version")
@@ -310,6 +422,7 @@ class ClusterState:
             if spec.name != svc.spec.name:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
             self._check_ports(spec, svc.id)
+            self._check_networks(spec)
         else:
             replicas = validate_replicas(cmd["replicas"])
             spec = msgspec.structs.replace(
@@ -361,6 +474,7 @@ class ClusterState:
         # creates whose template is one shared dict (the leader's scratch state applies its
         # own ops unpacked) convert it once; after msgpack every create has its own
         templates: dict[int, TaskSpec] = {}
+        net_used: dict[str, set[str]] = {}  # network name → addresses taken (filled lazily)
         for op in ops:
             kind = op[0]
             if kind == "create":
@@ -393,7 +507,8 @@ class ClusterState:
                 self.tasks[t.id] = replace(
                     t, node_id=op[2], sched_message="", updated_at=now,
                     status=replace(t.status, state=TaskState.ASSIGNED, timestamp=now,
-                                   message="scheduled"))
+                                   message="scheduled"),
+                    net_addrs=self._net_addresses(t, net_used) if t.spec.networks else {})
             elif kind == "unschedulable":
                 t = self.tasks.get(op[1])
                 if t is None or t.node_id:
@@ -540,6 +655,8 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "config_remove": ClusterState._config_remove,
     "client_cert_add": ClusterState._client_cert_add,
     "client_cert_remove": ClusterState._client_cert_remove,
+    "network_create": ClusterState._network_create,
+    "network_remove": ClusterState._network_remove,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

@@ -105,6 +105,18 @@ class ImageHealthcheck:
                    start_period=seconds("StartPeriod"))
 
 
+def _exposed_ports(raw: Any) -> tuple[tuple[int, str], ...]:
+    """Docker's ``ExposedPorts`` ({"8000/tcp": {}, "53/udp": {}}) → ((8000, "tcp"), ...);
+    entries that are not PORT[/tcp|udp] are ignored."""
+    out: list[tuple[int, str]] = []
+    for key in raw if isinstance(raw, dict) else ():
+        port, _, proto = str(key).partition("/")
+        proto = proto.lower() or "tcp"
+        if port.isdigit() and 1 <= int(port) <= 65535 and proto in ("tcp", "udp"):
+            out.append((int(port), proto))
+    return tuple(sorted(set(out)))
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """What an image says about how to run it (Docker's config: Entrypoint, Cmd...)."""
@@ -116,7 +128,8 @@ class ImageConfig:
     user: str = ""
     healthcheck: ImageHealthcheck | None = None  # the image's HEALTHCHECK, if any
     stop_signal: str = ""  # the image's STOPSIGNAL ("SIGQUIT", "15"); "" = unset
-    exposed_ports: tuple[str, ...] = ()  # EXPOSE: "80/tcp"... (informational)
+    # the image's EXPOSE ports as (port, "tcp"|"udp"): the service's VIP serves them too
+    exposed_ports: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -131,8 +144,8 @@ class ImageConfig:
             out["Healthcheck"] = self.healthcheck.to_json()
         if self.stop_signal:
             out["StopSignal"] = self.stop_signal
-        if self.exposed_ports:
-            out["ExposedPorts"] = {p: {} for p in self.exposed_ports}
+        if self.exposed_ports:  # (likewise)
+            out["ExposedPorts"] = {f"{p}/{proto}": {} for p, proto in self.exposed_ports}
         return out
 
     @classmethod
@@ -151,8 +164,7 @@ class ImageConfig:
             user=str(raw.get("User") or ""),
             healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
             stop_signal=_signal_name(raw.get("StopSignal")),
-            exposed_ports=tuple(sorted(str(p) for p in raw.get("ExposedPorts") or {}
-                                       if isinstance(raw.get("ExposedPorts"), dict))),
+            exposed_ports=_exposed_ports(raw.get("ExposedPorts")),
         )
 
     def apply(

@@ -821,17 +821,28 @@ class Lab:
 
     ``Lab(3)`` builds h1..h3 with 10.77.0.11..13/24. Use as a context manager or call close();
     close() removes everything the lab made, also after a failure.
+
+    ``routed=("10.78.0.0/24", K)``: hosts from the K-th (0-based) on sit on a second bridge
+    with addresses from that subnet, and the switch namespace routes between the two bridges
+    (router .1 on each): two routed subnets, no shared L2 segment.
     """
 
     def __init__(self, n_hosts: int, base_dir: Path | str | None = None, *,
                  subnet: str = "10.77.0.0/24", first_host: int = 11,
-                 shoal: Path | None = None, keep_data: bool = False) -> None:
+                 shoal: Path | None = None, keep_data: bool = False,
+                 routed: tuple[str, int] | None = None) -> None:
         if not 1 <= n_hosts <= 99:
             raise LabError(f"n_hosts must be 1..99, got {n_hosts}")
         net = ipaddress.ip_network(subnet)
-        addrs = [net.network_address + first_host + i for i in range(n_hosts)]
-        if any(a not in net or a == net.broadcast_address for a in addrs):
+        split = routed[1] if routed is not None else n_hosts
+        net2 = ipaddress.ip_network(routed[0]) if routed is not None else net
+        addrs = [net.network_address + first_host + i if i < split else
+                 net2.network_address + first_host + i - split for i in range(n_hosts)]
+        if any((a not in net and a not in net2) or a in (net.broadcast_address,
+                                                         net2.broadcast_address)
+               for a in addrs):
             raise LabError(f"{n_hosts} hosts from .{first_host} do not fit in {subnet}")
+        self.routed = (net2, split) if routed is not None else None
         self.shoal = shoal or shoal_bin()
         _become_subreaper()
         self.subnet = net
@@ -884,18 +895,38 @@ class Lab:
         _run(["ip", "-n", sw, "link", "add", self.bridge, "type", "bridge"], check=True)
         _run(["ip", "-n", sw, "link", "set", self.bridge, "up"], check=True)
         prefix = self.subnet.prefixlen
-        for h in self.hosts:
+        bridge_of = {h.name: self.bridge for h in self.hosts}
+        if self.routed is not None:  # a second bridge, the switch routing between them
+            net2, split = self.routed
+            bridge2 = self.bridge[:-2] + "b2"
+            _run(["ip", "-n", sw, "link", "add", bridge2, "type", "bridge"], check=True)
+            _run(["ip", "-n", sw, "link", "set", bridge2, "up"], check=True)
+            for br, net in ((self.bridge, self.subnet), (bridge2, net2)):
+                _run(["ip", "-n", sw, "addr", "add", f"{net.network_address + 1}/"
+                      f"{net.prefixlen}", "dev", br], check=True)
+            _run(["ip", "netns", "exec", sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                 check=True)  # (the switch namespace's own setting)
+            for h in self.hosts[split:]:
+                bridge_of[h.name] = bridge2
+        for i, h in enumerate(self.hosts):
             h.data_dir.mkdir()
             _run(["ip", "netns", "add", h.netns], check=True)
             # Both ends are created directly in their namespaces: nothing touches the root netns.
             _run(["ip", "-n", sw, "link", "add", h.port, "type", "veth", "peer", "name",
                   h.ifname, "netns", h.netns], check=True)
-            _run(["ip", "-n", sw, "link", "set", h.port, "master", self.bridge, "up"],
+            _run(["ip", "-n", sw, "link", "set", h.port, "master", bridge_of[h.name], "up"],
                  check=True)
+            if self.routed is not None and i >= self.routed[1]:
+                prefix = self.routed[0].prefixlen
             _run(["ip", "-n", h.netns, "addr", "add", f"{h.ip}/{prefix}", "dev", h.ifname],
                  check=True)
             _run(["ip", "-n", h.netns, "link", "set", h.ifname, "up"], check=True)
             _run(["ip", "-n", h.netns, "link", "set", "lo", "up"], check=True)
+            if self.routed is not None:  # (a route to the other subnet only: no default)
+                mine, other = (self.subnet, self.routed[0]) if i < self.routed[1] else \
+                    (self.routed[0], self.subnet)
+                _run(["ip", "-n", h.netns, "route", "add", str(other), "via",
+                      str(mine.network_address + 1)], check=True)
 
     def _record_proc(self, pid: int, start: int) -> None:
         self._state.procs.append({"pid": pid, "start": start})

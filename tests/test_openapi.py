@@ -32,6 +32,7 @@ from shoal.node.control.services import Services
 from shoal.node.events import EventLog
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, Sources
+from shoal.node.netapi import NetworksApi
 from shoal.node.pki import CertInfo
 from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
@@ -93,7 +94,8 @@ def make_server(tmp_path: Path) -> tuple[ApiServer, MemoryStore, NodeContext]:
         secrets=SecretsApi(ctx, security), gossip=gossip, transfer=transfer, runtime=runtime,
         images=images, events=Events(ctx, event_log), metrics=metrics,
         registries=Registries(ctx, security, SecretsApi(ctx, security), RegistryConfig(),
-                              images, transfer))
+                              images, transfer),
+        networks=NetworksApi(ctx))
     return ApiServer(config, controls), store, ctx
 
 

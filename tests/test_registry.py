@@ -90,7 +90,7 @@ def test_pull_by_tag_with_basic_auth_verifies_and_honours_the_config(env: Env,
     cfg = info.config
     assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.workdir == "/etc"
     assert cfg.env["MARKER"] == "one" and cfg.stop_signal == "SIGINT"
-    assert cfg.exposed_ports == ("8080/tcp",)
+    assert cfg.exposed_ports == ((8080, "tcp"),)
     top = store.layer_dirs(info)[0]  # the zstd layer, unpacked
     assert (top / "etc" / "marker").read_text() == "one\n"
     assert not list((store.root / "tmp").iterdir())

@@ -130,7 +130,7 @@ def test_image_config_reads_stop_signal_and_exposed_ports() -> None:
     cfg = ImageConfig.from_json({"Entrypoint": ["/bin/sh"], "StopSignal": "3",
                                  "ExposedPorts": {"80/tcp": {}, "53/udp": {}}})
     assert cfg.stop_signal == "SIGQUIT"
-    assert cfg.exposed_ports == ("53/udp", "80/tcp")
+    assert sorted(cfg.exposed_ports) == [(53, "udp"), (80, "tcp")]
     assert ImageConfig.from_json({"StopSignal": "usr1"}).stop_signal == "SIGUSR1"
     # absent keys leave the stored form (and so image ids) as before
     assert "StopSignal" not in ImageConfig.from_json({"Cmd": ["x"]}).to_json()
