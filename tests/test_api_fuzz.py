@@ -50,7 +50,8 @@ class Membership:
     def info(self) -> dict[str, Any]:
         return {"hostname": "h1", "addr": "127.0.0.1", "member": True}
 
-    async def init(self, cluster_cidr: str = "") -> dict[str, Any]:
+    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
+                   ) -> dict[str, Any]:
         raise Conflict("this node is already part of a cluster", code="already_member")
 
     async def join(self, token: str, remote: str) -> dict[str, Any]:
