@@ -11,6 +11,11 @@ kept its pid and none was orphaned. The load is `--writers` threads each sending
 update --label-add` writes back to back to a manager that is not being stopped (each write is
 a Raft commit that also reaches the workers' state feeds).
 
+Under load, one more client (tests/write_load.py) writes `node update --label-add` back to
+back to whichever manager answers (it moves to the next manager after a failure) and the
+longest interval between two of its acknowledged writes around the stop is reported: the
+cluster's write unavailability as a client sees it (issue 18: ≤ 2 s per manager).
+
 Prints one line per stop and a summary per case (median/max seconds). Talks to the agents'
 unix sockets directly (no CLI process start-up in the figures).
 """
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Host, Lab, wait_until
 from shoal.cli.main import Client, CliError
+from write_load import WriteLoad
 
 
 def client(h: Host, timeout: float = 10.0) -> Client:
@@ -132,6 +138,7 @@ def main() -> None:
     ap.add_argument("--idle-only", action="store_true", help="skip the loaded runs")
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
+    write_gaps: dict[str, list[float]] = {}
     problems: list[str] = []
     with Lab(5) as lab:
         lab.form_cluster(managers=3, workers=2)
@@ -160,10 +167,17 @@ def main() -> None:
                     before = task_pids(ask)
                     time.sleep(1.0)
                     if load:
-                        with Load(target, args.writers) as ld:
+                        writer = WriteLoad([(h.name, h.sock) for h in managers],
+                                           node=lab.hosts[3].name)
+                        with Load(target, args.writers) as ld, writer:
                             time.sleep(2.0)  # the load is running before the stop
                             took = stop_once(lab, victim, ask)
-                        writes = f", {ld.done} writes ({ld.failed} failed)"
+                            time.sleep(1.0)  # writes after the restart close the last gap
+                        gap = max(g.length for g in writer.gaps())
+                        write_gaps.setdefault(key, []).append(gap)
+                        writes = (f", {ld.done} writes ({ld.failed} failed); one client: "
+                                  f"longest write gap {gap:.2f} s, "
+                                  f"{sum(not w.ok for w in writer.writes)} failed")
                     else:
                         took = stop_once(lab, victim, ask)
                         writes = ""
@@ -181,9 +195,13 @@ def main() -> None:
                     if orph:  # start the next run from a clean slate
                         call(ask, "POST", "/v1/services/five/scale", {"replicas": 5})
         print()
-        print(f"{'case':<18} {'runs':>4} {'median s':>9} {'max s':>7}")
+        print(f"{'case':<18} {'runs':>4} {'median s':>9} {'max s':>7} "
+              f"{'write gap median s':>19} {'max s':>7}")
         for key, xs in results.items():
-            print(f"{key:<18} {len(xs):>4} {statistics.median(xs):>9.2f} {max(xs):>7.2f}")
+            gaps = write_gaps.get(key)
+            wg = (f"{statistics.median(gaps):>19.2f} {max(gaps):>7.2f}" if gaps
+                  else f"{'-':>19} {'-':>7}")
+            print(f"{key:<18} {len(xs):>4} {statistics.median(xs):>9.2f} {max(xs):>7.2f} {wg}")
         print()
         print("tasks restarted or orphaned: " + ("none" if not problems else
                                                  f"{len(problems)} stop(s)"))
