@@ -136,6 +136,7 @@ def main() -> None:
                     help="comma-separated: worker, follower, leader, manager (h1, h2, h3 in "
                     "turn)")
     ap.add_argument("--idle-only", action="store_true", help="skip the loaded runs")
+    ap.add_argument("--loaded-only", action="store_true", help="skip the idle runs")
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
     write_gaps: dict[str, list[float]] = {}
@@ -146,7 +147,8 @@ def main() -> None:
         call(h1, "POST", "/v1/services", {"spec": {
             "name": "five", "command": ["sleep", "100000"], "replicas": 5}})
         wait_until(lambda: len(task_pids(h1)) == 5, timeout=60, what="5 running tasks")
-        for load in (False,) if args.idle_only else (False, True):
+        for load in ((False,) if args.idle_only else (True,) if args.loaded_only
+                     else (False, True)):
             for case in args.cases.split(","):
                 key = f"{case} {'loaded' if load else 'idle'}"
                 for run in range(args.runs):
@@ -175,9 +177,12 @@ def main() -> None:
                             time.sleep(1.0)  # writes after the restart close the last gap
                         gap = max(g.length for g in writer.gaps())
                         write_gaps.setdefault(key, []).append(gap)
+                        failed = [f"{w.manager} after {w.ended - w.started:.2f} s: "
+                                  f"{w.outcome} {w.error}"
+                                  for w in writer.writes if not w.ok]
                         writes = (f", {ld.done} writes ({ld.failed} failed); one client: "
-                                  f"longest write gap {gap:.2f} s, "
-                                  f"{sum(not w.ok for w in writer.writes)} failed")
+                                  f"longest write gap {gap:.2f} s, {len(failed)} failed"
+                                  + "".join(f"\n    failed on {f}" for f in failed))
                     else:
                         took = stop_once(lab, victim, ask)
                         writes = ""

@@ -20,16 +20,24 @@ anything else in the cluster; it talks to the agents' unix sockets only.
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
+import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.cli.main import Client, CliError
-
 LABEL = "test.write-load"
+
+# How a write ended (Write.outcome)
+ACKED = "acked"  # 2xx: committed
+ANSWERED = "answered"  # the manager answered with an error (e.g. 503 stopping, not caught up)
+REFUSED = "refused"  # no connection: the agent's socket is gone or not accepting
+CUT = "cut"  # connected, but the connection was closed before an answer
+TIMEOUT = "timeout"  # no answer within WriteLoad.timeout
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,58 @@ class Write:
     manager: str  # host name of the manager asked
     started: float  # time.monotonic()
     ended: float
-    ok: bool
-    error: str = ""
+    outcome: str  # ACKED, ANSWERED, REFUSED, CUT or TIMEOUT
+    error: str = ""  # the answer's error message, or the client-side exception
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == ACKED
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+def post(sock: Path, path: str, body: object, timeout: float) -> tuple[str, str]:
+    """POST ``body`` as JSON to an agent's unix socket: (outcome, error message)."""
+    conn = _UnixConnection(sock, timeout)
+    try:
+        try:
+            conn.connect()
+        except TimeoutError as exc:
+            return TIMEOUT, repr(exc)
+        except OSError as exc:
+            return REFUSED, repr(exc)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except TimeoutError as exc:
+            return TIMEOUT, repr(exc)
+        except (OSError, http.client.HTTPException) as exc:
+            return CUT, repr(exc)
+    finally:
+        conn.close()
+    if resp.status < 300:
+        return ACKED, ""
+    try:
+        message = str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = raw[:200].decode(errors="replace")
+    return ANSWERED, f"HTTP {resp.status}: {message}"
 
 
 @dataclass(frozen=True)
@@ -54,7 +112,8 @@ class Gap:
 
 
 class WriteLoad:
-    """One thread writing ``node update NODE --label-add LABEL=i`` back to back.
+    """One thread writing ``node update NODE --label-add LABEL=i`` back to back (the API
+    route the CLI uses, on the manager's unix socket; how each write ended is recorded).
 
     ``managers`` are (name, unix socket path) pairs. ``timeout`` bounds one request, seconds:
     longer than the API's own Raft write deadline (RaftConfig.write_timeout, 5 s), so a write
@@ -79,15 +138,12 @@ class WriteLoad:
             name, sock = self.managers[k % len(self.managers)]
             i += 1
             t0 = time.monotonic()
-            try:
-                Client(f"unix://{sock}", timeout=self.timeout).call(
-                    "POST", f"/v1/nodes/{self.node}", {"label_add": {LABEL: str(i)}})
-            except CliError as exc:
-                self.writes.append(Write(name, t0, time.monotonic(), False, str(exc)))
+            outcome, error = post(sock, f"/v1/nodes/{self.node}",
+                                  {"label_add": {LABEL: str(i)}}, self.timeout)
+            self.writes.append(Write(name, t0, time.monotonic(), outcome, error))
+            if outcome != ACKED:
                 k += 1  # the next manager
                 self._stop.wait(0.02)  # not a busy loop while every manager refuses
-            else:
-                self.writes.append(Write(name, t0, time.monotonic(), True))
 
     def start(self) -> WriteLoad:
         self._thread.start()
