@@ -6,9 +6,9 @@ hostname, the current ``StateSource`` (a manager's Raft replica or a worker's fe
 place on promotion/demotion) and, on a manager, the same store as a ``ManagerSource``; the
 HTTP client session for calls to other nodes; and the guards every command starts with
 (``require_member``, ``require_manager``) and ``propose`` (store errors translated to API
-errors; refused at once while the agent stops). ``VoterChanges``: Raft membership changes go one at a time (pysyncobj's own guard
-is dead code), shared by joins, promotion/demotion, node removal and this node's own
-init/join/leave.
+errors; refused at once while the agent stops). ``VoterChanges``: Raft membership changes go
+one at a time (pysyncobj's own guard is dead code), shared by joins, promotion/demotion, node
+removal and this node's own init/join/leave.
 
 Components (node/control/*, Security, SecretsApi, Transfer, GossipControl) receive this, never
 the Agent; only the agent (the wiring) changes what it holds. Must not touch: the runtime,
