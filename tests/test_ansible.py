@@ -496,9 +496,9 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
         print(f"write load around {w.host}'s restart ({role}): longest interval without an "
               f"acknowledged write {gap}; {w.writes_ok} writes ok, {w.writes_failed} failed")
     failed = [w for w in load.writes if not w.ok]
-    for w in failed:
-        print(f"  write to {w.manager} failed after {w.ended - w.started:.2f} s: {w.outcome} "
-              f"{w.error}")
+    for f in failed:
+        print(f"  write to {f.manager} failed after {f.ended - f.started:.2f} s: {f.outcome} "
+              f"{f.error}")
     assert all(upgraded.changed(h.name) > 0 for h in hosts), upgraded.recap
     old_version, new_version = (w.name.split("-")[1] for w in (wheel, newer))
     for h in hosts:
