@@ -1,6 +1,6 @@
 """Agent stop time: SIGTERM → exit of a node's agent, idle and under a write load.
 
-    .venv/bin/python bench/agent_stop.py [--runs 3] [--writers 4] [--settle 3]
+    .venv/bin/python bench/agent_stop.py [--runs 3] [--writers 4] [--settle 3] [--loaded-only]
 
 Builds 5 netns hosts (tests/netlab.py), forms 3 managers + 2 workers and runs a 5-replica
 `sleep` service. Then, for each case (worker, follower manager, leader manager, or each
