@@ -1,6 +1,6 @@
 """Agent stop time: SIGTERM → exit of a node's agent, idle and under a write load.
 
-    .venv/bin/python bench/agent_stop.py [--runs 3] [--writers 4] [--settle 3]
+    .venv/bin/python bench/agent_stop.py [--runs 3] [--writers 4] [--settle 3] [--loaded-only]
 
 Builds 5 netns hosts (tests/netlab.py), forms 3 managers + 2 workers and runs a 5-replica
 `sleep` service. Then, for each case (worker, follower manager, leader manager, or each
@@ -10,6 +10,11 @@ it again, waits until the cluster sees it ready and caught up, and checks that e
 kept its pid and none was orphaned. The load is `--writers` threads each sending `node
 update --label-add` writes back to back to a manager that is not being stopped (each write is
 a Raft commit that also reaches the workers' state feeds).
+
+Under load, one more client (tests/write_load.py) writes `node update --label-add` back to
+back to whichever manager answers (it moves to the next manager after a failure) and the
+longest interval between two of its acknowledged writes around the stop is reported: the
+cluster's write unavailability as a client sees it (issue 18: ≤ 2 s per manager).
 
 Prints one line per stop and a summary per case (median/max seconds). Talks to the agents'
 unix sockets directly (no CLI process start-up in the figures).
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Host, Lab, wait_until
 from shoal.cli.main import Client, CliError
+from write_load import WriteLoad
 
 
 def client(h: Host, timeout: float = 10.0) -> Client:
@@ -130,8 +136,10 @@ def main() -> None:
                     help="comma-separated: worker, follower, leader, manager (h1, h2, h3 in "
                     "turn)")
     ap.add_argument("--idle-only", action="store_true", help="skip the loaded runs")
+    ap.add_argument("--loaded-only", action="store_true", help="skip the idle runs")
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
+    write_gaps: dict[str, list[float]] = {}
     problems: list[str] = []
     with Lab(5) as lab:
         lab.form_cluster(managers=3, workers=2)
@@ -139,7 +147,8 @@ def main() -> None:
         call(h1, "POST", "/v1/services", {"spec": {
             "name": "five", "command": ["sleep", "100000"], "replicas": 5}})
         wait_until(lambda: len(task_pids(h1)) == 5, timeout=60, what="5 running tasks")
-        for load in (False,) if args.idle_only else (False, True):
+        for load in ((False,) if args.idle_only else (True,) if args.loaded_only
+                     else (False, True)):
             for case in args.cases.split(","):
                 key = f"{case} {'loaded' if load else 'idle'}"
                 for run in range(args.runs):
@@ -160,10 +169,20 @@ def main() -> None:
                     before = task_pids(ask)
                     time.sleep(1.0)
                     if load:
-                        with Load(target, args.writers) as ld:
+                        writer = WriteLoad([(h.name, h.sock) for h in managers],
+                                           node=lab.hosts[3].name)
+                        with Load(target, args.writers) as ld, writer:
                             time.sleep(2.0)  # the load is running before the stop
                             took = stop_once(lab, victim, ask)
-                        writes = f", {ld.done} writes ({ld.failed} failed)"
+                            time.sleep(1.0)  # writes after the restart close the last gap
+                        gap = max(g.length for g in writer.gaps())
+                        write_gaps.setdefault(key, []).append(gap)
+                        failed = [f"{w.manager} after {w.ended - w.started:.2f} s: "
+                                  f"{w.outcome} {w.error}"
+                                  for w in writer.writes if not w.ok]
+                        writes = (f", {ld.done} writes ({ld.failed} failed); one client: "
+                                  f"longest write gap {gap:.2f} s, {len(failed)} failed"
+                                  + "".join(f"\n    failed on {f}" for f in failed))
                     else:
                         took = stop_once(lab, victim, ask)
                         writes = ""
@@ -181,9 +200,13 @@ def main() -> None:
                     if orph:  # start the next run from a clean slate
                         call(ask, "POST", "/v1/services/five/scale", {"replicas": 5})
         print()
-        print(f"{'case':<18} {'runs':>4} {'median s':>9} {'max s':>7}")
+        print(f"{'case':<18} {'runs':>4} {'median s':>9} {'max s':>7} "
+              f"{'write gap median s':>19} {'max s':>7}")
         for key, xs in results.items():
-            print(f"{key:<18} {len(xs):>4} {statistics.median(xs):>9.2f} {max(xs):>7.2f}")
+            gaps = write_gaps.get(key)
+            wg = (f"{statistics.median(gaps):>19.2f} {max(gaps):>7.2f}" if gaps
+                  else f"{'-':>19} {'-':>7}")
+            print(f"{key:<18} {len(xs):>4} {statistics.median(xs):>9.2f} {max(xs):>7.2f} {wg}")
         print()
         print("tasks restarted or orphaned: " + ("none" if not problems else
                                                  f"{len(problems)} stop(s)"))

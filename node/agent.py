@@ -192,6 +192,7 @@ class Agent:
             stopping = time.monotonic()
             self._stop.set()
             self.dispatcher.stopping = True
+            self.ctx.stopping = True  # writes through this node fail fast: clients move on
             self._wake()  # held state polls answer "stopping" now (Dispatcher.state_since)
             if self.identity is not None:  # a planned restart: see node/shutdown.py
                 await shutdown.prepare_restart(

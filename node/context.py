@@ -6,9 +6,9 @@ hostname, the current ``StateSource`` (a manager's Raft replica or a worker's fe
 place on promotion/demotion) and, on a manager, the same store as a ``ManagerSource``; the
 HTTP client session for calls to other nodes; and the guards every command starts with
 (``require_member``, ``require_manager``) and ``propose`` (store errors translated to API
-errors). ``VoterChanges``: Raft membership changes go one at a time (pysyncobj's own guard
-is dead code), shared by joins, promotion/demotion, node removal and this node's own
-init/join/leave.
+errors; refused at once while the agent stops). ``VoterChanges``: Raft membership changes go
+one at a time (pysyncobj's own guard is dead code), shared by joins, promotion/demotion, node
+removal and this node's own init/join/leave.
 
 Components (node/control/*, Security, SecretsApi, Transfer, GossipControl) receive this, never
 the Agent; only the agent (the wiring) changes what it holds. Must not touch: the runtime,
@@ -46,6 +46,9 @@ class NodeContext:
         self.raft: ManagerSource | None = None
         # the agent's client session for calls to other nodes (set while it runs)
         self.http: aiohttp.ClientSession | None = None
+        # set once the agent is stopping (SIGTERM): changes are refused at once, so a client
+        # goes to another manager instead of waiting for this one's Raft and API to close
+        self.stopping = False
 
     def use(self, identity: NodeIdentity, store: StateSource,
             raft: ManagerSource | None) -> None:
@@ -79,6 +82,9 @@ class NodeContext:
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None
                       ) -> dict[str, Any]:
         store = self.require_member()
+        if self.stopping:
+            raise Unavailable("this node is stopping (a planned restart): send the change to "
+                              "another manager")
         try:
             return await store.propose(cmd, timeout)
         except StoreError as exc:
