@@ -73,6 +73,19 @@ class FileObject:
 
 
 @dataclass
+class NetworkObject:
+    """A network of the stack (top-level ``networks:``): created unless ``external``."""
+
+    key: str  # its key in the file (what services name)
+    name: str  # its name in the cluster
+    external: bool = False
+    internal: bool = False
+    attachable: bool = False
+    subnet: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Stack:
     """A translated Compose file: what a deploy makes the cluster hold."""
 
@@ -81,6 +94,7 @@ class Stack:
     secrets: list[FileObject]
     configs: list[FileObject]
     warnings: list[str]
+    networks: list[NetworkObject] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- YAML
@@ -450,6 +464,7 @@ class _Service:
     objects: dict[str, dict[str, FileObject]]  # "secret"/"config" → key → object
     volumes: dict[str, str]  # key under volumes: → the volume's name in the cluster
     warnings: _Warnings
+    networks: dict[str, str] = field(default_factory=dict)  # key → name in the cluster
     spec: dict[str, Any] = field(default_factory=dict)
     env_files: dict[str, str] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
@@ -819,6 +834,25 @@ def _preferences(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.placement.preferences", prefs, path)
 
 
+def _service_networks(svc: _Service, v: Any, path: str) -> None:
+    """``networks: [back]`` or ``{back: {aliases: [...]}}`` → the task's networks (the
+    stack's names for them); each must be declared under the top-level ``networks:``."""
+    if isinstance(v, list):
+        keys = {as_str(k, f"{path}[{i}]"): None for i, k in enumerate(v)}
+    else:
+        keys = dict(as_map(v, path))
+    names = []
+    for key, opts in keys.items():
+        if key not in svc.networks:
+            raise ComposeError(f"{path}.{key}", "not declared under the top-level networks:")
+        if opts:
+            for k in as_map(opts, f"{path}.{key}"):
+                svc.warn(f"networks.{k}", f"{NOT_YET}: ignored (a service is reached by its "
+                         "name on each of its networks)")
+        names.append(svc.networks[key])
+    svc.set("task.networks", names, path)
+
+
 def _init(svc: _Service, v: Any, path: str) -> None:
     if not as_bool(v, path):
         svc.warn("init: false", f"{NOT_YET}: shoal always runs an init (tini) in a task")
@@ -918,7 +952,7 @@ KEYS: dict[str, Rule] = {
     "deploy.placement.max_replicas_per_node": _to("task.placement.max_replicas", as_int),
     # Swarm reads these; shoal's spec has no field for them yet
     "labels": Rule(why=f"{NOT_YET} (container labels; deploy.labels sets the service's)"),
-    "networks": Rule(why=f"{NOT_YET}: every service is on the one cluster network"),
+    "networks": Rule(lambda svc, v, path: _service_networks(svc, v, path)),
     "cap_add": LATER, "cap_drop": LATER, "sysctls": LATER, "ulimits": LATER,
     "dns": LATER, "dns_search": LATER, "dns_opt": LATER, "extra_hosts": LATER,
     "logging": LATER, "read_only": LATER, "tty": LATER, "stdin_open": LATER,
@@ -998,11 +1032,13 @@ def _compose_path(svc: _Service, field_path: str) -> str:
 
 def translate_service(stack: str, key: str, body: Any, project_dir: Path,
                       env: Mapping[str, str], objects: dict[str, dict[str, FileObject]],
-                      volumes: dict[str, str], warnings: _Warnings) -> ServiceSpec:
+                      volumes: dict[str, str], warnings: _Warnings,
+                      networks: dict[str, str] | None = None) -> ServiceSpec:
     """One ``services.KEY`` mapping → a validated ServiceSpec named ``STACK_KEY``."""
     path = f"services.{key}"
     svc = _Service(stack=stack, key=key, path=path, project_dir=project_dir, env=env,
-                   objects=objects, volumes=volumes, warnings=warnings)
+                   objects=objects, volumes=volumes, warnings=warnings,
+                   networks=networks or {})
     if body is None:
         body = {}
     _apply(svc, "", body, path)
@@ -1095,6 +1131,55 @@ def _objects(stack: str, kind: str, section: Any, project_dir: Path, env: Mappin
     return out
 
 
+def _networks(stack: str, section: Any, warnings: _Warnings) -> dict[str, NetworkObject]:
+    """The top-level ``networks:`` → the stack's networks (``STACK_KEY`` unless named or
+    external), overlay networks of the cluster (shoal.node.overlay)."""
+    out: dict[str, NetworkObject] = {}
+    for key, body in as_map(section or {}, "networks").items():
+        path = f"networks.{key}"
+        m = as_map(body if body is not None else {}, path)
+        known = {"driver", "driver_opts", "attachable", "enable_ipv6", "ipam", "internal",
+                 "labels", "external", "name"}
+        for k in m:
+            if k not in known and not k.startswith("x-"):
+                raise ComposeError(f"{path}.{k}", "unknown key (not in the Compose "
+                                   "Specification)")
+        driver = as_str(m.get("driver", "overlay"), f"{path}.driver")
+        if driver != "overlay":
+            raise ComposeError(f"{path}.driver", f"expected overlay (the only driver of a "
+                               f"stack's networks), got {driver!r}")
+        for k in ("driver_opts", "enable_ipv6"):
+            if k in m:
+                warnings.add(f"networks.{k}", f"{NOT_YET}: ignored")
+        ext = m.get("external", False)
+        if isinstance(ext, dict):
+            out[key] = NetworkObject(key, as_str(ext.get("name", m.get("name", key)),
+                                                 f"{path}.external.name"), external=True)
+            continue
+        if as_bool(ext, f"{path}.external"):
+            out[key] = NetworkObject(key, as_str(m.get("name", key), f"{path}.name"),
+                                     external=True)
+            continue
+        subnet = ""
+        ipam = as_map(m.get("ipam") or {}, f"{path}.ipam")
+        configs = ipam.get("config") or []
+        if not isinstance(configs, list):
+            raise ComposeError(f"{path}.ipam.config", "expected a list of {subnet: CIDR}")
+        if configs:
+            first = as_map(configs[0], f"{path}.ipam.config[0]")
+            subnet = as_str(first.get("subnet", ""), f"{path}.ipam.config[0].subnet")
+            if len(configs) > 1 or set(first) - {"subnet"}:
+                warnings.add("networks.ipam", f"{NOT_YET}: only the first subnet is used")
+        labels = as_labels(m.get("labels") or {}, f"{path}.labels")
+        labels[STACK_LABEL] = stack
+        out[key] = NetworkObject(
+            key, as_str(m.get("name", f"{stack}_{key}"), f"{path}.name"),
+            internal=as_bool(m.get("internal", False), f"{path}.internal"),
+            attachable=as_bool(m.get("attachable", False), f"{path}.attachable"),
+            subnet=subnet, labels=labels)
+    return out
+
+
 def _volume_names(stack: str, section: Any, warnings: _Warnings) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, body in as_map(section or {}, "volumes").items():
@@ -1167,18 +1252,19 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
     w.plain.extend(warnings or [])
     if "include" in doc:
         w.add("include", NOT_YET)
-    if doc.get("networks"):
-        w.add("networks", f"{NOT_YET}: every service is on the one cluster network")
     services = as_map(doc.get("services") or {}, "services")
     if not services:
         raise ComposeError("services", "the file defines no service")
     objects = {kind: _objects(stack, kind, doc.get(f"{kind}s"), project_dir, env, w)
                for kind in ("secret", "config")}
     volumes = _volume_names(stack, doc.get("volumes"), w)
-    specs = [translate_service(stack, str(key), body, project_dir, env, objects, volumes, w)
-             for key, body in services.items()]
+    networks = _networks(stack, doc.get("networks"), w)
+    names = {k: n.name for k, n in networks.items()}
+    specs = [translate_service(stack, str(key), body, project_dir, env, objects, volumes, w,
+                               names) for key, body in services.items()]
     return Stack(name=stack, services=specs, secrets=list(objects["secret"].values()),
-                 configs=list(objects["config"].values()), warnings=w.render())
+                 configs=list(objects["config"].values()), warnings=w.render(),
+                 networks=list(networks.values()))
 
 
 def load_stack(stack: str, paths: list[Path], environ: Mapping[str, str] | None = None

@@ -29,7 +29,14 @@ from typing import Any, Protocol
 
 import msgspec
 
-from shoal.cli.compose import STACK_LABEL, FileObject, Stack, label_of, load_stack
+from shoal.cli.compose import (
+    STACK_LABEL,
+    FileObject,
+    NetworkObject,
+    Stack,
+    label_of,
+    load_stack,
+)
 from shoal.cli.errors import CliError
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import to_dict
@@ -51,6 +58,7 @@ class Plan:
     """What a deploy writes, in order: prune, objects, creates, updates."""
 
     remove: list[str] = field(default_factory=list)  # services (--prune)
+    networks: list[NetworkObject] = field(default_factory=list)  # networks to create
     objects: list[FileObject] = field(default_factory=list)  # secrets/configs to create
     create: list[ServiceSpec] = field(default_factory=list)
     update: list[tuple[ServiceSpec, int]] = field(default_factory=list)  # (spec, version)
@@ -73,13 +81,26 @@ def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
 
 
 def plan_deploy(stack: Stack, services: list[dict[str, Any]],
-                objects: dict[str, list[dict[str, Any]]], prune: bool) -> Plan:
+                objects: dict[str, list[dict[str, Any]]], prune: bool,
+                networks: list[dict[str, Any]] | None = None) -> Plan:
     """The writes that make the cluster hold ``stack``, or a CliError before any write.
 
     ``services``: every service of the cluster as `service inspect` shows it; ``objects``:
     ``{"secret": [...], "config": [...]}`` as `secret ls` / `config inspect` show them
-    (configs with their ``data``)."""
+    (configs with their ``data``); ``networks``: as `network ls` shows them."""
     plan = Plan()
+    have_nets = {n["name"]: n for n in networks or []}
+    for net in stack.networks:
+        cur = have_nets.get(net.name)
+        if net.external:
+            if cur is None:
+                raise CliError(f"networks.{net.key}: external network {net.name!r} not found "
+                               "(create it with `shoal network create`)")
+        elif cur is None:
+            plan.networks.append(net)
+        elif label_of(cur) != stack.name:
+            raise CliError(f"networks.{net.key}: a network named {net.name!r} exists and is "
+                           f"not part of stack {stack.name}")
     by_name = {s["name"]: s for s in services}
     wanted = {s.name for s in stack.services}
     for s in services:
@@ -172,10 +193,18 @@ def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: 
     for w in stack.warnings:
         print(f"Warning: {w}", file=err)
     plan = plan_deploy(stack, cluster_services(c),
-                       {k: _objects(c, k, name) for k in ("secret", "config")}, prune)
+                       {k: _objects(c, k, name) for k in ("secret", "config")}, prune,
+                       c.call("GET", "/v1/networks") if stack.networks else [])
     for svc in plan.remove:
         print(f"Removing service {svc}", file=out)
         c.call("DELETE", f"/v1/services/{_q(svc)}")
+    for net in plan.networks:
+        print(f"Creating network {net.name}", file=out)
+        body: dict[str, Any] = {"name": net.name, "driver": "overlay", "labels": net.labels,
+                                "internal": net.internal, "attachable": net.attachable}
+        if net.subnet:
+            body["subnet"] = net.subnet
+        c.call("POST", "/v1/networks", body)
     for obj in plan.objects:
         print(f"Creating {obj.kind} {obj.name}", file=out)
         c.call("POST", f"/v1/{obj.kind}s", {"name": obj.name, "labels": obj.labels,
@@ -201,8 +230,10 @@ def _spec_call(c: Client, method: str, path: str, body: dict[str, Any]) -> Any:
                        "and deploy again)") from None
 
 
-def remove(c: Client, name: str, out: Any = sys.stdout) -> int:
-    """`stack rm`: the stack's services, then its secrets and configs; nothing else."""
+def remove(c: Client, name: str, out: Any = sys.stdout, net_wait: float = 30.0) -> int:
+    """`stack rm`: the stack's services, then its secrets, configs and networks; nothing
+    else. A network is removed once the removed services' tasks have let go of it (waits up
+    to ``net_wait`` seconds)."""
     found = 0
     for s in sorted(stack_services(c, name), key=lambda s: s["name"]):
         print(f"Removing service {s['name']}", file=out)
@@ -214,6 +245,19 @@ def remove(c: Client, name: str, out: Any = sys.stdout) -> int:
                 print(f"Removing {kind} {o['name']}", file=out)
                 c.call("DELETE", f"/v1/{kind}s/{_q(o['id'])}")
                 found += 1
+    nets = [n for n in c.call("GET", "/v1/networks") if label_of(n) == name]
+    for n in sorted(nets, key=lambda n: n["name"]):
+        print(f"Removing network {n['name']}", file=out)
+        deadline = time.monotonic() + net_wait
+        while True:
+            try:
+                c.call("DELETE", f"/v1/networks/{_q(n['id'])}")
+                break
+            except CliError:
+                if time.monotonic() > deadline:  # (its tasks are still shutting down)
+                    raise
+                time.sleep(0.5)
+        found += 1
     return found
 
 
@@ -240,7 +284,8 @@ def add_parser(sub: Any) -> None:
         p = ssub.add_parser(verb, help=what)
         p.add_argument("name", metavar="STACK")
         p.add_argument("--format", choices=["table", "json"], default="table")
-    rm = ssub.add_parser("rm", help="remove stacks: their services, secrets and configs")
+    rm = ssub.add_parser("rm", help="remove stacks: their services, secrets, configs and "
+                         "networks")
     rm.add_argument("names", nargs="+", metavar="STACK")
 
 

@@ -5,6 +5,7 @@ name the path, warnings that name the key once; redeploys that change only what 
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,7 @@ x-common: &common {}
     assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
-    for key in ("container_name", "depends_on", "cap_add", "networks",
+    for key in ("container_name", "depends_on", "cap_add",
                 "deploy.endpoint_mode", "deploy.update_config.order"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
@@ -453,3 +454,61 @@ def test_an_image_the_managers_pinned_to_a_digest_is_not_a_change(tmp_path: Path
     second = deploy(tmp_path, text.replace("app:1", "app:2"))
     plan = plan_deploy(second, cluster, {"secret": [], "config": []}, prune=False)
     assert [s.name for s, _ in plan.update] == ["app_web"]
+
+
+NETS = """
+services:
+  web: {command: sleep 1, networks: [front, back]}
+  db:
+    command: sleep 1
+    networks: {back: {aliases: [database]}}
+  tool: {command: sleep 1}
+networks:
+  front: {}
+  back: {internal: true, ipam: {config: [{subnet: 10.97.9.0/24}]}, labels: {tier: data}}
+  shared: {external: true, name: corp-net}
+"""
+
+
+def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
+        tmp_path: Path) -> None:
+    """Top-level networks become overlay networks named STACK_KEY (internal, subnet and
+    labels kept, the stack's label added; external ones by their own name); a service joins
+    the networks it lists (list or map form; aliases warned about); one that lists none stays
+    on the cluster's default network."""
+    st = deploy(tmp_path, NETS)
+    nets = {n.key: n for n in st.networks}
+    assert (nets["front"].name, nets["front"].internal) == ("app_front", False)
+    back = nets["back"]
+    assert (back.name, back.internal, back.subnet) == ("app_back", True, "10.97.9.0/24")
+    assert back.labels == {"tier": "data", STACK_LABEL: "app"}
+    assert (nets["shared"].name, nets["shared"].external) == ("corp-net", True)
+    specs = {s.name: s for s in st.services}
+    assert list(specs["app_web"].task.networks) == ["app_front", "app_back"]
+    assert list(specs["app_db"].task.networks) == ["app_back"]
+    assert list(specs["app_tool"].task.networks) == []
+    assert any(w.startswith("networks.aliases:") for w in st.warnings), st.warnings
+
+    plan = plan_deploy(st, [], {"secret": [], "config": []}, prune=False,
+                       networks=[{"name": "corp-net", "labels": {}}])
+    assert sorted(n.name for n in plan.networks) == ["app_back", "app_front"]
+    with pytest.raises(CliError, match="external network 'corp-net' not found"):
+        plan_deploy(st, [], {"secret": [], "config": []}, prune=False, networks=[])
+    with pytest.raises(CliError, match="a network named 'app_front' exists"):
+        plan_deploy(st, [], {"secret": [], "config": []}, prune=False,
+                    networks=[{"name": "corp-net", "labels": {}},
+                              {"name": "app_front", "labels": {}}])
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("services: {web: {command: sleep 1, networks: [nope]}}",
+     "services.web.networks.nope: not declared under the top-level networks:"),
+    ("services: {web: {command: sleep 1}}\nnetworks: {n: {driver: bridge}}",
+     "networks.n.driver: expected overlay"),
+    ("services: {web: {command: sleep 1}}\nnetworks: {n: {colour: red}}",
+     "networks.n.colour: unknown key"),
+])
+def test_bad_networks_are_refused_with_their_path(tmp_path: Path, text: str,
+                                                  error: str) -> None:
+    with pytest.raises(ComposeError, match=re.escape(error)):
+        deploy(tmp_path, text)
