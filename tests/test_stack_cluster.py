@@ -4,8 +4,9 @@ path of the error and nothing is deployed; a multi-service file (a web tier with
 port and an HTTP health check, an API it reaches by its short name, a worker, a secret and a
 config from files, a named volume, variables from ``.env``, keys shoal does not hold) deploys
 with warnings and answers through the published port on another node; a changed file rolls
-only the changed service and ``--prune`` drops the one it no longer has; `stack rm` removes the
-stack's services, secrets and configs and nothing else."""
+only the changed service and ``--prune`` drops the one it no longer has; web and api meet on
+the stack's overlay network; `stack rm` removes the stack's services, secrets, configs and
+network and nothing else."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ services:
     command: [python3, /run/configs/app.py]
     environment: [ROLE=api, PORT=9000, VERSION=1]
     configs: [{source: app.py, mode: 0444}]
+    networks: [back]
     build: ./api
     cap_add: [NET_ADMIN]
   worker:
@@ -165,10 +167,11 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     compose.write_text(COMPOSE)
     res = h1.cli("stack", "deploy", "-c", str(compose), "st")
     warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("Warning: ")]
-    for key in ("build:", "depends_on:", "cap_add:", "networks:"):
+    for key in ("build:", "depends_on:", "cap_add:"):
         assert sum(w.startswith(f"Warning: {key}") for w in warnings) == 1, (key, res.stderr)
     assert "Creating service st_web" in res.stdout and "Creating secret st_token" in res.stdout
     assert "Creating config st_app.py" in res.stdout
+    assert "Creating network st_back" in res.stdout  # web and api meet on the stack's overlay
     first = wait_until(lambda: serving(h1, "st"), timeout=90, what="the stack running")
     assert h1.cli_json("stack", "ls") == [{"name": "st", "services": 3}]
     assert sorted(s["name"] for s in h1.cli_json("stack", "services", "st")) == \
@@ -209,7 +212,8 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     # -- stack rm: the stack's services, secrets and configs, nothing else
     res = h1.cli("stack", "rm", "st")
     assert "Removing service st_web" in res.stdout and "Removing secret st_token" in res.stdout
-    assert names_of(h1) == ([], ["keep"], ["keep"])
+    assert "Removing network st_back" in res.stdout
+    assert names_of(h1) == ([], ["keep"], ["keep"]) and h1.cli_json("network", "ls") == []
     assert h1.cli_json("stack", "ls") == []
     res = h1.cli("stack", "ps", "st", check=False)
     assert res.returncode == 1 and "nothing found in stack: st" in res.stderr
