@@ -40,6 +40,7 @@ from aiohttp import web
 
 from shoal.node import openapi, transfer
 from shoal.node.config import AgentConfig
+from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.control.events import Events
@@ -113,6 +114,26 @@ def register(app: web.Application, listener: openapi.Listener,
             app.router.add_get(r.path, handlers[r.op])
         else:
             app.router.add_route(r.method, r.path, handlers[r.op])
+
+
+def _version(request: web.Request, body: dict[str, Any]) -> Any:
+    """A service write's version precondition: the body's ``version``, else ``?version=N``."""
+    if body.get("version") is not None:
+        return body["version"]
+    q = request.query.get("version")
+    if q is None or q == "":
+        return None
+    if not q.isdigit():
+        raise BadRequest("version must be a whole number", "version")
+    return int(q)
+
+
+def linearized(handler: Handler, ctx: NodeContext) -> Handler:
+    """``handler`` (a read of cluster state) after the read barrier, unless ``?stale=1``."""
+    async def read(request: web.Request) -> Any:
+        await ctx.read_manager(stale=request.query.get("stale") == "1")
+        return await handler(request)
+    return read
 
 
 def peer_of(request: web.Request) -> CertInfo | None:
@@ -357,14 +378,15 @@ class ApiServer:
             body = await _body(req)
             if "replicas" not in body:
                 raise BadRequest("replicas is required", "replicas")
-            return await svcs.scale_service(req.match_info["ref"], body["replicas"])
+            return await svcs.scale_service(req.match_info["ref"], body["replicas"],
+                                            _version(req, body))
 
         async def service_update(req: web.Request) -> Any:
             body = await _body(req)
             if "spec" not in body:
                 raise BadRequest("spec is required", "spec")
             return await svcs.update_service(req.match_info["ref"], body["spec"],
-                                             body.get("version"))
+                                             _version(req, body))
 
         async def service_rollback(req: web.Request) -> Any:
             return await svcs.rollback_service(req.match_info["ref"])
@@ -423,7 +445,7 @@ class ApiServer:
         async def metrics(req: web.Request) -> web.StreamResponse:
             return await serve_metrics(c.metrics, req)
 
-        register(app, "local", {
+        handlers: dict[str, Handler] = {
             "openapi": openapi_doc, "info": info, "swarm_init": init, "swarm_join": join,
             "swarm_join_token": join_token, "swarm_join_token_rotate": join_token,
             "swarm_leave": leave,
@@ -436,7 +458,10 @@ class ApiServer:
             "service_rollback": service_rollback, "service_logs": service_logs,
             "service_rm": service_rm, "events": events, "metrics": metrics,
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
-            **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()})
+            **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers()}
+        for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
+            handlers[op] = linearized(handlers[op], svcs.ctx)
+        register(app, "local", handlers)
         return app
 
     def _gossip_handlers(self) -> dict[str, Handler]:

@@ -164,6 +164,11 @@ class ClusterState:
             return {"error": {"code": "invalid", "message": f"malformed command: {exc!r}",
                               "field": ""}}
 
+    # --- reads
+    def _read_barrier(self, cmd: dict[str, Any]) -> None:
+        """A no-op: its commit proves a leader held a majority after the read began
+        (shoal.raft.store.RaftStore.read_barrier). Changes nothing but the index."""
+
     # --- cluster
     def _cluster_init(self, cmd: dict[str, Any]) -> None:
         if self.cluster.cluster_id:
@@ -532,6 +537,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "service_remove": ClusterState._service_remove,
     "leader": ClusterState._leader,
     "cluster_schema": ClusterState._cluster_schema,
+    "read_barrier": ClusterState._read_barrier,
     "task_status": ClusterState._task_status,
     "ca_init": ClusterState._ca_init,
     "secret_create": ClusterState._secret_create,

@@ -53,6 +53,8 @@ from shoal.raft.wire import state_from_bytes, state_to_bytes
 socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger("shoal.raft")
+# the no-op a linearizable read waits for (RaftStore.read_barrier)
+_BARRIER = msgpack.packb({"op": "read_barrier"}, use_bin_type=True)
 
 
 @dataclass
@@ -314,6 +316,7 @@ class RaftStore:
         config: RaftConfig | None = None,
         bind_addr: str | None = None,
         persist: bool = True,
+        link_up: Callable[[str], bool] | None = None,  # tests: see AdmissionTransport
     ) -> None:
         self.config = config or RaftConfig()
         self.config.validate()
@@ -354,11 +357,13 @@ class RaftStore:
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
                              consumers=[self.consumer],
                              transportClass=functools.partial(
-                                 AdmissionTransport, admit=self._admit,
+                                 AdmissionTransport, admit=self._admit, link_up=link_up,
                                  encryptor=AeadEncryptor(password) if password else None))
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
         self._trusted = False  # see is_ready
+        # the read barrier the next linearizable reads will share (see read_barrier)
+        self._barrier: asyncio.Future[int] | None = None
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
@@ -460,6 +465,56 @@ class RaftStore:
             if n.id == addr:
                 return bool(self._sync.isNodeConnected(n))
         return False
+
+    async def read_barrier(self, timeout: float | None = None) -> None:
+        """Return once this replica has applied every write committed before the call, as
+        confirmed by a leader that still holds a majority; then :meth:`snapshot` is a
+        linearizable read. Raises NotReady if that cannot be confirmed within ``timeout``
+        (default ``write_timeout``): no leader, no quorum, or this node is cut off — a
+        deposed leader that still believes it leads cannot commit, so it never answers.
+
+        How: a ``read_barrier`` no-op goes through the log (forwarded to the leader by
+        pysyncobj from a follower) and the read waits until this replica applies it. Its
+        commit proves that a leader of the newest term replicated it to a majority after the
+        read began; its index is above every write acknowledged before (Raft's leader
+        completeness), and this replica applies in log order. pysyncobj offers no read
+        index or lease (its leader learns of a lost majority only after
+        ``leader_fallback_timeout``, and a quorum heartbeat round would need its private
+        state), and the no-op costs one small log entry — the same network round as a
+        heartbeat round. Reads waiting at the same moment share one barrier; a read never
+        joins a barrier sent before it began (that one may order before a write the reader
+        saw acknowledged). Every replica applies the no-op alike (shoal 0.1 records it as an
+        unknown op: same index), so the state stays identical on all of them."""
+        loop = asyncio.get_running_loop()
+        fut = self._barrier
+        if fut is None or fut.get_loop() is not loop:
+            fut = self._barrier = loop.create_future()
+            loop.call_soon(self._send_barrier, fut)
+        wait = timeout if timeout is not None else self.config.write_timeout
+        try:
+            err = await asyncio.wait_for(asyncio.shield(fut), wait)
+        except TimeoutError:
+            raise NotReady(
+                f"could not confirm within {wait:g}s that this manager's copy is current (no "
+                "leader, no quorum, or this manager is cut off from the majority)") from None
+        if err != FAIL_REASON.SUCCESS:
+            raise NotReady(f"could not confirm that this manager's copy is current (Raft "
+                           f"fail reason {err}: leader changed or missing); retry")
+
+    def _send_barrier(self, fut: asyncio.Future[int]) -> None:
+        if self._barrier is fut:
+            self._barrier = None  # later reads need a barrier sent after they began
+        loop = fut.get_loop()
+
+        def settle(err: int) -> None:
+            if not fut.done():
+                fut.set_result(err)
+
+        def done(_result: Any, err: int) -> None:  # tick thread, after applying it here
+            loop.call_soon_threadsafe(settle, err)
+
+        self.consumer.apply(_BARRIER, callback=done)
+        self._eager.wake()
 
     # ------------------------------------------------------------------ writing
     def _encode(self, cmd: dict[str, Any]) -> dict[str, Any]:
