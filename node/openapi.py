@@ -412,7 +412,10 @@ ROUTES: tuple[Route, ...] = (
           description="`hostname, addr, api_port, member`, and when a member `node_id, "
           "cluster_id, role, is_leader, leader, ready, term, voters, index, gossip`; `schema` "
           "(the data schema this agent's code runs) and `cluster_schema` (the one the cluster "
-          "writes: it rises once every node announces it)"),
+          "writes: it rises once every node announces it)",
+          query=(Param("digest", {"enum": ["0", "1"]}, "`1` (a manager): add `state_digest` "
+                       "`{index, sha256}` of its whole replicated state, to compare managers "
+                       "(the fault suite's convergence check; costs one serialisation)"),)),
     Route("POST", "/v1/swarm/init", "swarm_init", "create a cluster with this node as its "
           "first manager", "cluster", body=InitRequest, reply=_ref("NodeIds"), errors=(409,)),
     Route("POST", "/v1/swarm/join", "swarm_join", "join a cluster with a token", "cluster",
