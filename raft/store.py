@@ -38,7 +38,12 @@ from typing import Any
 import msgpack
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
-from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
+from pysyncobj.journal import (
+    FIRST_RECORD_OFFSET,
+    LAST_RECORD_OFFSET_OFFSET,
+    FileJournal,
+    ResizableFile,
+)
 
 from shoal.raft import migrate, schema
 from shoal.raft.eager import EagerReplication
@@ -247,6 +252,45 @@ def _rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
         os.close(dfd)
 
 
+def _atomic_delete_entries_to(journal: FileJournal, entry_to: int) -> None:
+    """FileJournal.deleteEntriesTo (a log compaction's truncation) made crash-safe.
+
+    pysyncobj's own clears the journal in place and re-adds every kept entry: a kill -9
+    inside it leaves a journal with only the first few kept entries, and the restarted
+    voter silently lacks every later entry it had acknowledged (a lone voter: committed
+    data gone). Here the kept entries go to a new file that is fsynced and renamed over the
+    journal: a kill before the rename leaves the old, complete journal (whose interrupted
+    truncation ``_check_persistence`` finishes), a kill after it the new one."""
+    kept = list(journal._FileJournal__journal[entry_to:])
+    live = journal._FileJournal__journalFile
+    path = Path(live._ResizableFile__fileName)
+    _rewrite_journal(path, kept)
+    live._destroy()  # (the old mapping still pointed at the replaced file)
+    journal._FileJournal__journalFile = ResizableFile(
+        str(path), defaultContent=journal._FileJournal__getDefaultHeader())
+    journal._FileJournal__journal = kept
+    journal._FileJournal__currentOffset = struct.unpack_from(
+        "<I", journal._FileJournal__journalFile.read(
+            LAST_RECORD_OFFSET_OFFSET, 4))[0]
+
+
+def _harden_journal(sync: SyncObj) -> None:
+    """Install :func:`_atomic_delete_entries_to` on this SyncObj's journal (only its own,
+    and only if this pysyncobj has the FileJournal internals it replaces)."""
+    journal = getattr(sync, "_SyncObj__raftLog", None)
+    if not isinstance(journal, FileJournal):
+        return
+    needed = ("_FileJournal__journal", "_FileJournal__journalFile",
+              "_FileJournal__currentOffset")
+    live = getattr(journal, "_FileJournal__journalFile", None)
+    if not all(hasattr(journal, a) for a in needed) or not hasattr(
+            live, "_ResizableFile__fileName"):
+        log.warning("Raft: unknown pysyncobj FileJournal; log truncation is not crash-safe")
+        return
+    journal.deleteEntriesTo = functools.partial(
+        _atomic_delete_entries_to, journal)
+
+
 class ReplicatedState(SyncObjConsumer):
     """pysyncobj consumer holding the ClusterState. Only ``apply`` is replicated."""
 
@@ -359,6 +403,7 @@ class RaftStore:
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,
                                  encryptor=AeadEncryptor(password) if password else None))
+        _harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
         self._trusted = False  # see is_ready

@@ -144,13 +144,18 @@ class Report:
 
 
 def schedule(cfg: SuiteConfig) -> list[tuple[float, tuple[str, ...], float, int]]:
-    """The seeded plan: (calm before, fault kinds, length, seed of its target choice)."""
+    """The seeded plan: (calm before, fault kinds, length, seed of its target choice);
+    the kinds come from a shuffled deck, so a run as long as the deck tries each of them."""
     rng = random.Random(cfg.seed)
     plan: list[tuple[float, tuple[str, ...], float, int]] = []
     t = 0.0
+    deck: list[str] = []  # every kind once, in a seeded order, before any repeats
     while True:
         calm = rng.uniform(*cfg.calm)
-        kind = rng.choice(cfg.kinds)
+        if not deck:
+            deck = list(cfg.kinds)
+            rng.shuffle(deck)
+        kind = deck.pop()
         kinds: tuple[str, ...] = (kind,)
         if kind != "loss" and "loss" in cfg.kinds and rng.random() < cfg.combine:
             kinds = (kind, "loss")

@@ -19,7 +19,7 @@ from netlab import Lab
 
 pytestmark = pytest.mark.netns
 
-CFG = SuiteConfig(managers=5, workers=1, clients=5,
+CFG = SuiteConfig(managers=5, workers=1, clients=5, calm=(1.5, 3.0), fault_len=(2.5, 5.0),
                   duration=float(os.environ.get("SHOAL_FAULT_DURATION", "60")),
                   seed=int(os.environ.get("SHOAL_FAULT_SEED", "1515")))
 
