@@ -160,7 +160,7 @@ class ClusterState:
             return {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}
         except ValidationError as exc:
             return {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
             return {"error": {"code": "invalid", "message": f"malformed command: {exc!r}",
                               "field": ""}}
 

@@ -315,7 +315,16 @@ class ReplicatedState(SyncObjConsumer):
             return {"error": {"code": "invalid", "message": f"undecodable command: {exc}",
                               "field": ""}}
         with self._lock:
-            result = self.state.apply(cmd)
+            before = self.state.index
+            try:
+                result = self.state.apply(cmd)
+            except Exception as exc:  # never out of here: pysyncobj would re-apply it on
+                # every tick forever and every replica would stop committing (wedged)
+                log.error("Raft: the state machine raised on command %d (%r); recorded as "
+                          "a rejection", before + 1, exc)
+                self.state.index = before + 1
+                result = {"error": {"code": "invalid", "field": "",
+                                    "message": f"malformed command: {exc!r}"}}
             index = self.state.index
             self._recent.append((index, blob))
         for cb in list(self._listeners):
