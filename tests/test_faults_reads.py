@@ -105,3 +105,52 @@ async def test_reads_waiting_together_share_one_barrier(tmp_path: Path) -> None:
         assert store.index == before + 2
     finally:
         store.close()
+
+
+def test_the_cli_stale_flag_asks_for_a_local_read(tmp_path: Path) -> None:
+    """`shoal --stale ...` adds ?stale=1 to its reads (GET) and to nothing else."""
+    import http.server
+    import json
+    import socketserver
+    import threading
+
+    from shoal.cli.main import Client, build_parser
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps([]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        def get_request(self) -> Any:  # (BaseHTTPRequestHandler wants an address pair)
+            conn, _ = super().get_request()
+            return conn, ("local", 0)
+
+    sock = tmp_path / "s.sock"
+    with Server(str(sock), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            args = build_parser().parse_args(["--stale", "service", "ls"])
+            assert args.stale
+            c = Client(f"unix://{sock}")
+            c.stale = args.stale
+            c.call("GET", "/v1/services")
+            c.call("GET", "/v1/services/web/logs?tail=5")
+            c.call("POST", "/v1/services/web/scale", {"replicas": 1})
+            assert not build_parser().parse_args(["service", "ls"]).stale
+        finally:
+            server.shutdown()
+    assert seen == ["GET /v1/services?stale=1", "GET /v1/services/web/logs?tail=5&stale=1",
+                    "POST /v1/services/web/scale"]
