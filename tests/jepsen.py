@@ -30,6 +30,7 @@ import functools
 import itertools
 import json
 import random
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -358,6 +359,8 @@ class Suite:
     async def nemesis(self, plan: list[tuple[float, tuple[str, ...], float, int]]) -> None:
         for calm, kinds, length, seed in plan:
             await asyncio.sleep(calm)
+            if self.now() + length > self.cfg.duration:
+                return  # (restarts took longer than planned: the workload is over)
             f = Fault(kinds, self.now(), length)
             self.faults.append(f)
             f.detail, heal = await self.inject(kinds, random.Random(seed))
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = SuiteConfig(managers=args.managers, workers=args.workers, duration=args.duration,
                       clients=args.clients, seed=args.seed, history=args.history)
+    def interrupt(_sig: int, _frame: Any) -> None:  # the lab is torn down on the way out
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
     report = run_suite(cfg, log=lambda s: print(s, flush=True))
     print(report.summary())
     print("| lab | duration | seed | faults | ops | acknowledged | lost | invented | "

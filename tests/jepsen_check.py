@@ -155,37 +155,41 @@ def check_register(key: str, ops: Sequence[Op], initial: State,
         if o.result == "ok":
             required |= 1 << i
     seen: set[tuple[int, State]] = set()
-    stack: list[tuple[int, State]] = [(0, initial)]
+    stack: list[tuple[int, State, int]] = [(0, initial, 0)]
     best_done, best_mask = -1, 0
     explored = 0
+    total = bin(required).count("1")
     while stack:
-        mask, state = stack.pop()
-        # drop unknown cas ops that can no longer apply (their version is in the past)
-        for i, o in enumerate(hist):
-            if not mask >> i & 1 and o.result == "info" and o.f == "cas" \
-                    and o.value[0] < state[0]:
-                mask |= 1 << i
+        mask, state, done = stack.pop()
+        # the window: ops from the first one not yet placed, while invoked before every
+        # pending ok op completed (everything earlier is placed; later ones cannot go next)
+        first = (~mask & (mask + 1)).bit_length() - 1
+        horizon, end = INF, first
+        while end < n and hist[end].invoke <= horizon:
+            o = hist[end]
+            if not mask >> end & 1:
+                if o.result == "info" and o.f == "cas" and o.value[0] < state[0]:
+                    mask |= 1 << end  # an unknown cas whose version has passed: never
+                elif o.result == "ok":
+                    horizon = min(horizon, o.complete)
+            end += 1
         if (mask, state) in seen:
             continue
         seen.add((mask, state))
         explored += 1
         if explored > max_states:
             return RegisterResult(key, False, n, explored, bounded=True)
-        if mask & required == required:
+        if done == total:
             return RegisterResult(key, True, n, explored)
-        done = bin(mask & required).count("1")
         if done > best_done:
             best_done, best_mask = done, mask
-        # an op may go next only if it was invoked before every pending ok op completed
-        horizon = min(hist[i].complete for i in range(n)
-                      if required >> i & 1 and not mask >> i & 1)
-        for i in range(n - 1, -1, -1):
+        for i in range(end - 1, first - 1, -1):
             o = hist[i]
             if mask >> i & 1 or o.invoke > horizon:
                 continue
             after = _step(state, o)
             if after is not None:
-                stack.append((mask | 1 << i, after))
+                stack.append((mask | 1 << i, after, done + (o.result == "ok")))
     pending = [hist[i] for i in range(n) if required >> i & 1 and not best_mask >> i & 1]
     stuck = min(pending, key=lambda o: o.complete) if pending else None
     window: list[Op] = []
