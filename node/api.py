@@ -306,11 +306,9 @@ class ApiServer:
             middlewares.append(client_auth)
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
 
-        nodes_, roles, svcs = c.nodes, c.roles, c.services
-
         async def info(req: web.Request) -> Any:
             out = a.info()
-            raft = svcs.ctx.raft
+            raft = c.services.ctx.raft
             if req.query.get("digest") == "1" and raft is not None:  # the fault suite's check
                 index, blob = raft.full_state()
                 out["state_digest"] = {"index": index,
@@ -344,6 +342,7 @@ class ApiServer:
             body = await _body(req)
             return await a.leave(bool(body.get("force", False)))
 
+        nodes_, roles, svcs = c.nodes, c.roles, c.services
 
         async def nodes(_: web.Request) -> Any:
             return nodes_.nodes()
