@@ -95,12 +95,17 @@ class Report:
 
     def unavailability(self) -> dict[str, float]:
         """Per fault kind: the longest time without an acknowledged write that overlaps a
-        fault of that kind (its window extended 5 s past the heal)."""
+        fault of that kind (its window extended 5 s past the heal, never past the end of
+        the workload)."""
         oks = sorted(o.complete for o in self.ops if o.result == "ok" and o.f in (
             "create", "cas"))
         out: dict[str, float] = {}
         for f in self.faults:
-            lo, hi = f.start, (f.end if f.end != INF else f.start + f.length) + 5.0
+            lo = f.start
+            hi = min((f.end if f.end != INF else f.start + f.length) + 5.0,
+                     self.config.duration)
+            if hi <= lo:
+                continue
             times = [lo] + [t for t in oks if lo < t < hi] + [hi]
             after = [t for t in oks if t >= hi]
             if after:
