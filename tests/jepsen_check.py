@@ -195,7 +195,9 @@ def check_register(key: str, ops: Sequence[Op], initial: State,
     window: list[Op] = []
     if stuck is not None:
         lo, hi = stuck.invoke, stuck.complete
-        window = [o for o in hist if o.invoke <= hi and o.complete >= lo]
+        # (unknown ops never complete: only those invoked shortly before are shown)
+        window = [o for o in hist if o.invoke <= hi and o.complete >= lo
+                  and (o.complete != INF or o.invoke >= lo - 10.0)]
         # plus the last ok op before it: what the register held
         before = [o for o in hist if o.complete < lo and o.result == "ok"]
         window = sorted(before[-3:] + window, key=lambda o: o.invoke)
