@@ -291,6 +291,24 @@ def _harden_journal(sync: SyncObj) -> None:
         _atomic_delete_entries_to, journal)
 
 
+class _TermAckSyncObj(SyncObj):
+    """SyncObj whose append-entries answers (``next_node_idx``) carry the follower's term, so
+    the leader drops answers from another term (raft/transport.py). pysyncobj's carry none: a
+    leader re-elected after losing its leadership counted a delayed "I hold up to N" sent
+    for its previous term's log, committed an entry no majority held, and acknowledged a
+    write the cluster then lost (the fault suite's long run, docs/reliability.md). A method
+    of a subclass, not an instance attribute: the compaction pickles the instance's dict."""
+
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
+                                  nextNodeIdx: int | None = None,
+                                  success: bool = False) -> None:
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__transport.send(node, {
+            "type": "next_node_idx", "next_node_idx": nextNodeIdx, "reset": reset,
+            "success": success, "term": self._getTerm()})
+
+
 class ReplicatedState(SyncObjConsumer):
     """pysyncobj consumer holding the ClusterState. Only ``apply`` is replicated."""
 
@@ -407,7 +425,7 @@ class RaftStore:
         # Raft messages sealed with AES-256-GCM under the password (pysyncobj's own Fernet
         # is several times slower), incoming connections only from members' addresses:
         # see shoal.raft.transport
-        self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
+        self._sync = _TermAckSyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
                              consumers=[self.consumer],
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,

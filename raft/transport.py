@@ -127,6 +127,9 @@ class AdmissionTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._link_up is not None and not self._link_up(str(node.id)):
             return
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
+                "term" in message and message["term"] != self._syncObj._getTerm():
+            return  # an answer to another term's append-entries (shoal.raft.store._term_acks)
         super()._onMessageReceived(node, message)
 
     def _warn(self, ip: str | None, msg: str, *args: Any) -> None:
