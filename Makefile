@@ -21,13 +21,14 @@ STAMP  := $(VENV)/.installed
 DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static \
 	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
-HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py
+HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py \
+            tests/jepsen.py tests/jepsen_check.py
 # mypy sees the package as shoal.* through this symlink tree (shoal/node -> ../../../node, ...),
 # made from pyproject's package-dir on every lint: mypy cannot follow the editable install's
 # import hook. It is git-ignored and only type checking reads it.
 MYPY_TREE := build/mypy
 
-.PHONY: venv test lint mypy-tree demo sweep clean
+.PHONY: venv test lint mypy-tree demo sweep clean faults-long
 
 venv: $(STAMP)
 
@@ -65,6 +66,14 @@ test: lint
 docs: venv
 	$(BIN)/python docs/gen_spec_reference.py
 	$(BIN)/python -m shoal.node.openapi --docs docs/api.md
+
+# the long fault suite (docs/reliability.md): 5 managers + 3 workers, 30 min of faults;
+# FAULT_SEED / FAULT_DURATION override, the history goes to .faults-history.jsonl
+FAULT_SEED ?= $(shell date +%s)
+FAULT_DURATION ?= 1800
+faults-long: venv
+	$(BIN)/python tests/jepsen.py --managers 5 --workers 3 --duration $(FAULT_DURATION) \
+	  --seed $(FAULT_SEED) --history .faults-history.jsonl
 
 demo: venv
 	$(BIN)/python demo/demo.py

@@ -67,6 +67,7 @@ class Client:
         self.timeout = timeout
         self.path = ""
         self._tls: ssl.SSLContext | None = None
+        self.stale = False  # GETs ask for ?stale=1 (a manager's own copy, not confirmed)
         if host.startswith("unix://"):
             self.path = host[len("unix://"):]
         elif host.startswith("tcp://"):
@@ -91,6 +92,8 @@ class Client:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         conn = self._connection()
+        if self.stale and method == "GET":
+            path += ("&" if "?" in path else "?") + "stale=1"
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -268,6 +271,7 @@ def run(args: argparse.Namespace) -> None:
         cmd_agent(args)
         return
     c = Client(args.host, tls_dir=args.tls_dir)
+    c.stale = args.stale
     fmt = getattr(args, "format", "table")
     if args.cmd == "init":
         r = c.call("POST", "/v1/swarm/init", {"cluster_cidr": args.cluster_cidr,
@@ -593,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir", default=os.environ.get("SHOAL_TLS_DIR", ""), metavar="DIR",
                    help="client certificate for a tcp:// host: DIR/{ca,cert,key}.pem from "
                    "`shoal ca issue-client` (env SHOAL_TLS_DIR)")
+    p.add_argument("--stale", action="store_true", help="read this manager's own copy of "
+                   "the cluster state at once (may be stale) instead of confirming it through "
+                   "the leader first (docs/reliability.md)")
     p.add_argument("--version", action="version", version=f"shoal {version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 

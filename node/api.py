@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from aiohttp import web
 
 from shoal.node import openapi, transfer
 from shoal.node.config import AgentConfig
+from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.control.events import Events
@@ -128,6 +130,26 @@ def register(app: web.Application, listener: openapi.Listener,
             app.router.add_get(r.path, handlers[r.op])
         else:
             app.router.add_route(r.method, r.path, handlers[r.op])
+
+
+def _version(request: web.Request, body: dict[str, Any]) -> Any:
+    """A service write's version precondition: the body's ``version``, else ``?version=N``."""
+    if body.get("version") is not None:
+        return body["version"]
+    q = request.query.get("version")
+    if q is None or q == "":
+        return None
+    if not q.isdigit():
+        raise BadRequest("version must be a whole number", "version")
+    return int(q)
+
+
+def linearized(handler: Handler, ctx: NodeContext) -> Handler:
+    """``handler`` (a read of cluster state) after the read barrier, unless ``?stale=1``."""
+    async def read(request: web.Request) -> Any:
+        await ctx.read_manager(stale=request.query.get("stale") == "1")
+        return await handler(request)
+    return read
 
 
 def peer_of(request: web.Request) -> CertInfo | None:
@@ -306,8 +328,14 @@ class ApiServer:
             middlewares.append(client_auth)
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
 
-        async def info(_: web.Request) -> Any:
-            return a.info()
+        async def info(req: web.Request) -> Any:
+            out = a.info()
+            raft = c.services.ctx.raft
+            if req.query.get("digest") == "1" and raft is not None:  # the fault suite's check
+                index, blob = raft.full_state()
+                out["state_digest"] = {"index": index,
+                                       "sha256": hashlib.sha256(blob).hexdigest()}
+            return out
 
         async def init(req: web.Request) -> Any:
             body = await _body(req)
@@ -388,14 +416,15 @@ class ApiServer:
             body = await _body(req)
             if "replicas" not in body:
                 raise BadRequest("replicas is required", "replicas")
-            return await svcs.scale_service(req.match_info["ref"], body["replicas"])
+            return await svcs.scale_service(req.match_info["ref"], body["replicas"],
+                                            _version(req, body))
 
         async def service_update(req: web.Request) -> Any:
             body = await _body(req)
             if "spec" not in body:
                 raise BadRequest("spec is required", "spec")
             return await svcs.update_service(req.match_info["ref"], body["spec"],
-                                             body.get("version"), body.get("resolve_image"))
+                                             _version(req, body), body.get("resolve_image"))
 
         async def service_rollback(req: web.Request) -> Any:
             return await svcs.rollback_service(req.match_info["ref"])
@@ -466,7 +495,7 @@ class ApiServer:
         async def metrics(req: web.Request) -> web.StreamResponse:
             return await serve_metrics(c.metrics, req)
 
-        register(app, "local", {
+        handlers: dict[str, Handler] = {
             "openapi": openapi_doc, "info": info, "swarm_init": init, "swarm_join": join,
             "swarm_join_token": join_token, "swarm_join_token_rotate": join_token,
             "swarm_leave": leave,
@@ -482,7 +511,10 @@ class ApiServer:
             "image_pull": image_pull, "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
-            **self._network_handlers()})
+            **self._network_handlers()}
+        for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
+            handlers[op] = linearized(handlers[op], svcs.ctx)
+        register(app, "local", handlers)
         return app
 
     def _gossip_handlers(self) -> dict[str, Handler]:

@@ -79,6 +79,19 @@ class NodeContext:
             raise Unavailable("this manager has not caught up with the cluster yet; retry")
         return raft
 
+    async def read_manager(self, stale: bool = False) -> ManagerSource:
+        """``require_manager`` for a read of cluster state: unless ``stale``, first confirm
+        through the leader that this replica holds every write committed so far
+        (linearizable; ``RaftStore.read_barrier``), else 503 naming the ``stale`` option."""
+        raft = self.require_manager()
+        if not stale:
+            try:
+                await raft.read_barrier()
+            except StoreError as exc:
+                raise Unavailable(f"{exc}; to read this manager's own, possibly stale copy "
+                                  "use --stale (?stale=1)") from exc
+        return raft
+
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None
                       ) -> dict[str, Any]:
         store = self.require_member()

@@ -188,7 +188,7 @@ def _service_events(before: Snapshot, after: Snapshot) -> list[_E]:
 _NO_TASKS = frozenset({"cluster_init", "cluster_schema", "rotate_secret", "node_add",
                        "node_update", "service_create", "service_update", "ca_init",
                        "secret_create", "secret_remove", "config_create", "config_remove",
-                       "client_cert_add", "client_cert_remove"})
+                       "client_cert_add", "client_cert_remove", "read_barrier"})
 _TASK_OPS = frozenset({"desired", "assign", "unschedulable", "orphan", "delete"})
 
 

@@ -103,6 +103,9 @@ class ServiceCreateRequest(_Body):
 
 class ServiceScaleRequest(_Body):
     replicas: Annotated[int, _REPLICAS_META]
+    version: Annotated[int | None, _d(
+        "the service version the replica count was read at: refused (409 conflict) if the "
+        "service changed since (compare-and-set); null = no check")] = None
 
 
 class ServiceUpdateRequest(_Body):
@@ -391,13 +394,13 @@ def _object_routes() -> list[Route]:
         p, tag = f"/v1/{kind}s", f"{kind}s"
         out += [
             Route("GET", p, f"{kind}_ls", f"list {kind}s", tag,
-                  reply=_list(_ref("ObjectMeta")), errors=CLUSTER,
+                  reply=_list(_ref("ObjectMeta")), errors=CLUSTER, query=READ,
                   description="`{id, name, labels, created_at, updated_at}` each"),
             Route("POST", p, f"{kind}_create", f"create a {kind}", tag,
                   body=ObjectCreateRequest, reply=_ref("ObjectMeta"), errors=CLUSTER,
                   description="`{id, name}`; 409 `exists` if the name is taken"),
             Route("GET", p + "/{ref}", f"{kind}_inspect", f"inspect a {kind}", tag,
-                  reply=_ref("ObjectMeta"), errors=CLUSTER,
+                  reply=_ref("ObjectMeta"), errors=CLUSTER, query=READ,
                   description="with `data` (base64)" if kind == "config" else
                   "never with its value"),
             Route("DELETE", p + "/{ref}", f"{kind}_rm", f"remove a {kind}", tag,
@@ -406,6 +409,17 @@ def _object_routes() -> list[Route]:
         ]
     return out
 
+
+# on every read of cluster state: linearizable unless stale=1 (docs/reliability.md)
+STALE = Param("stale", {"enum": ["0", "1"]},
+              "`1`: answer from this manager's own copy at once (may be stale); absent = "
+              "first confirm through the Raft leader that the copy holds every committed "
+              "write (linearizable; 503 when no leader with a majority can confirm it)")
+READ = (STALE,)
+# Docker's ?version=N on a service update: the same precondition as the body's `version`
+VERSION = (Param("version", {"type": "string", "pattern": "^[0-9]+$"},
+                 "refuse (409 conflict) unless the service is at this version; the body's "
+                 "`version` wins when both are given"),)
 
 _LOG_QUERY = (
     Param("tail", {"type": "string", "pattern": "^([0-9]+|all)?$"},
@@ -435,7 +449,10 @@ ROUTES: tuple[Route, ...] = (
           description="`hostname, addr, api_port, member`, and when a member `node_id, "
           "cluster_id, role, is_leader, leader, ready, term, voters, index, gossip`; `schema` "
           "(the data schema this agent's code runs) and `cluster_schema` (the one the cluster "
-          "writes: it rises once every node announces it)"),
+          "writes: it rises once every node announces it)",
+          query=(Param("digest", {"enum": ["0", "1"]}, "`1` (a manager): add `state_digest` "
+                       "`{index, sha256}` of its whole replicated state, to compare managers "
+                       "(the fault suite's convergence check; costs one serialisation)"),)),
     Route("POST", "/v1/swarm/init", "swarm_init", "create a cluster with this node as its "
           "first manager", "cluster", body=InitRequest, reply=_ref("NodeIds"), errors=(409,)),
     Route("POST", "/v1/swarm/join", "swarm_join", "join a cluster with a token", "cluster",
@@ -450,9 +467,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/swarm/leave", "swarm_leave", "leave the cluster", "cluster",
           body=LeaveRequest, reply=_obj("", node_id=STR, left=BOOL), errors=(409, 503)),
     Route("GET", "/v1/nodes", "node_ls", "list nodes (`node ls`)", "nodes",
-          reply=_list(_ref("Node")), errors=CLUSTER),
+          reply=_list(_ref("Node")), errors=CLUSTER, query=READ),
     Route("GET", "/v1/nodes/{ref}", "node_inspect", "a node with details (`node inspect`)",
-          "nodes", reply=_ref("Node"), errors=CLUSTER),
+          "nodes", reply=_ref("Node"), errors=CLUSTER, query=READ),
     Route("DELETE", "/v1/nodes/{ref}", "node_rm", "remove a node (`node rm`)", "nodes",
           reply=_obj("", id=STR, removed=BOOL), errors=CLUSTER,
           query=(Param("force", {"enum": ["0", "1"]},
@@ -473,7 +490,7 @@ ROUTES: tuple[Route, ...] = (
           "resource use (`node ps`)", "nodes", reply=_list(_ref("Task")), errors=CLUSTER,
           description="`self` names the answering node"),
     Route("GET", "/v1/services", "service_ls", "list services (`service ls`)", "services",
-          reply=_list(_ref("Service")), errors=CLUSTER),
+          reply=_list(_ref("Service")), errors=CLUSTER, query=READ),
     Route("POST", "/v1/services", "service_create", "create a service", "services",
           body={"anyOf": [_ref("ServiceCreateRequest"), _ref("ServiceSpec")]},
           reply=_ref("ServiceRef"), errors=CLUSTER,
@@ -481,17 +498,19 @@ ROUTES: tuple[Route, ...] = (
           "is taken; 400 `invalid` names the spec field (`task.container.env`)"),
     Route("GET", "/v1/services/{ref}", "service_inspect", "a service with its spec and "
           "previous_spec (`service inspect`)", "services", reply=_ref("Service"),
-          errors=CLUSTER),
+          errors=CLUSTER, query=READ),
     Route("DELETE", "/v1/services/{ref}", "service_rm", "remove a service", "services",
           reply=_ref("ServiceRef"), errors=CLUSTER),
     Route("GET", "/v1/services/{ref}/tasks", "service_ps", "a service's tasks with live "
           "resource use (`service ps`)", "services", reply=_list(_ref("Task")),
-          errors=CLUSTER),
+          errors=CLUSTER, query=READ),
     Route("POST", "/v1/services/{ref}/scale", "service_scale", "set the replica count",
           "services", body=ServiceScaleRequest, reply=_ref("ServiceRef"), errors=CLUSTER,
+          query=VERSION,
           description="`{id, name, replicas, version}`; never replaces running tasks"),
     Route("POST", "/v1/services/{ref}/update", "service_update", "replace a service's spec",
           "services", body=ServiceUpdateRequest, reply=_ref("ServiceRef"), errors=CLUSTER,
+          query=VERSION,
           description="`{id, name, version}`; a changed task template rolls out as a "
           "rolling update (`update`), other changes replace no task"),
     Route("POST", "/v1/services/{ref}/rollback", "service_rollback", "go back to the "
@@ -642,6 +661,11 @@ ROUTES: tuple[Route, ...] = (
 
 def routes(listener: Listener) -> list[Route]:
     return [r for r in ROUTES if r.listener == listener]
+
+
+def read_ops(listener: Listener) -> list[str]:
+    """The reads of cluster state (they take ``stale``): linearizable by default."""
+    return [r.op for r in routes(listener) if STALE in r.query]
 
 
 # --------------------------------------------------------------------------- document

@@ -98,6 +98,11 @@ class ManagerSource(StateSource, Protocol):
 
     def full_state(self) -> tuple[int, bytes]: ...
 
+    async def read_barrier(self, timeout: float | None = None) -> None:
+        """Return once every write committed before the call is applied here, as confirmed
+        by a leader holding a majority (a linearizable read follows); NotReady if not."""
+        ...
+
     def start_add_voter(self, addr: str) -> asyncio.Future[int]:
         """Begin adding a Raft voter; the future gets pysyncobj's fail reason (0 = ok)."""
         ...
@@ -171,6 +176,11 @@ class MemoryStore:
 
     def full_state(self) -> tuple[int, bytes]:
         return self.state.index, state_to_bytes(self.state)
+
+    async def read_barrier(self, timeout: float | None = None) -> None:
+        """One replica, its own leader: everything committed is applied already."""
+        if self.closed:
+            raise NotReady("the store is closed")
 
     # ------------------------------------------------------------------ writing
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None

@@ -174,9 +174,14 @@ class ClusterState:
             return {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}
         except ValidationError as exc:
             return {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
             return {"error": {"code": "invalid", "message": f"malformed command: {exc!r}",
                               "field": ""}}
+
+    # --- reads
+    def _read_barrier(self, cmd: dict[str, Any]) -> None:
+        """A no-op: its commit proves a leader held a majority after the read began
+        (shoal.raft.store.RaftStore.read_barrier). Changes nothing but the index."""
 
     # --- cluster
     def _cluster_init(self, cmd: dict[str, Any]) -> None:
@@ -647,6 +652,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "service_remove": ClusterState._service_remove,
     "leader": ClusterState._leader,
     "cluster_schema": ClusterState._cluster_schema,
+    "read_barrier": ClusterState._read_barrier,
     "task_status": ClusterState._task_status,
     "ca_init": ClusterState._ca_init,
     "secret_create": ClusterState._secret_create,

@@ -38,7 +38,12 @@ from typing import Any
 import msgpack
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
-from pysyncobj.journal import FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal
+from pysyncobj.journal import (
+    FIRST_RECORD_OFFSET,
+    LAST_RECORD_OFFSET_OFFSET,
+    FileJournal,
+    ResizableFile,
+)
 
 from shoal.raft import migrate, schema
 from shoal.raft.eager import EagerReplication
@@ -53,6 +58,8 @@ from shoal.raft.wire import state_from_bytes, state_to_bytes
 socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger("shoal.raft")
+# the no-op a linearizable read waits for (RaftStore.read_barrier)
+_BARRIER = msgpack.packb({"op": "read_barrier"}, use_bin_type=True)
 
 
 @dataclass
@@ -245,6 +252,63 @@ def _rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
         os.close(dfd)
 
 
+def _atomic_delete_entries_to(journal: FileJournal, entry_to: int) -> None:
+    """FileJournal.deleteEntriesTo (a log compaction's truncation) made crash-safe.
+
+    pysyncobj's own clears the journal in place and re-adds every kept entry: a kill -9
+    inside it leaves a journal with only the first few kept entries, and the restarted
+    voter silently lacks every later entry it had acknowledged (a lone voter: committed
+    data gone). Here the kept entries go to a new file that is fsynced and renamed over the
+    journal: a kill before the rename leaves the old, complete journal (whose interrupted
+    truncation ``_check_persistence`` finishes), a kill after it the new one."""
+    kept = list(journal._FileJournal__journal[entry_to:])
+    live = journal._FileJournal__journalFile
+    path = Path(live._ResizableFile__fileName)
+    _rewrite_journal(path, kept)
+    live._destroy()  # (the old mapping still pointed at the replaced file)
+    journal._FileJournal__journalFile = ResizableFile(
+        str(path), defaultContent=journal._FileJournal__getDefaultHeader())
+    journal._FileJournal__journal = kept
+    journal._FileJournal__currentOffset = struct.unpack_from(
+        "<I", journal._FileJournal__journalFile.read(
+            LAST_RECORD_OFFSET_OFFSET, 4))[0]
+
+
+def _harden_journal(sync: SyncObj) -> None:
+    """Install :func:`_atomic_delete_entries_to` on this SyncObj's journal (only its own,
+    and only if this pysyncobj has the FileJournal internals it replaces)."""
+    journal = getattr(sync, "_SyncObj__raftLog", None)
+    if not isinstance(journal, FileJournal):
+        return
+    needed = ("_FileJournal__journal", "_FileJournal__journalFile",
+              "_FileJournal__currentOffset")
+    live = getattr(journal, "_FileJournal__journalFile", None)
+    if not all(hasattr(journal, a) for a in needed) or not hasattr(
+            live, "_ResizableFile__fileName"):
+        log.warning("Raft: unknown pysyncobj FileJournal; log truncation is not crash-safe")
+        return
+    journal.deleteEntriesTo = functools.partial(
+        _atomic_delete_entries_to, journal)
+
+
+class _TermAckSyncObj(SyncObj):
+    """SyncObj whose append-entries answers (``next_node_idx``) carry the follower's term, so
+    the leader drops answers from another term (raft/transport.py). pysyncobj's carry none: a
+    leader re-elected after losing its leadership counted a delayed "I hold up to N" sent
+    for its previous term's log, committed an entry no majority held, and acknowledged a
+    write the cluster then lost (the fault suite's long run, docs/reliability.md). A method
+    of a subclass, not an instance attribute: the compaction pickles the instance's dict."""
+
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
+                                  nextNodeIdx: int | None = None,
+                                  success: bool = False) -> None:
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__transport.send(node, {
+            "type": "next_node_idx", "next_node_idx": nextNodeIdx, "reset": reset,
+            "success": success, "term": self._getTerm()})
+
+
 class ReplicatedState(SyncObjConsumer):
     """pysyncobj consumer holding the ClusterState. Only ``apply`` is replicated."""
 
@@ -269,7 +333,16 @@ class ReplicatedState(SyncObjConsumer):
             return {"error": {"code": "invalid", "message": f"undecodable command: {exc}",
                               "field": ""}}
         with self._lock:
-            result = self.state.apply(cmd)
+            before = self.state.index
+            try:
+                result = self.state.apply(cmd)
+            except Exception as exc:  # never out of here: pysyncobj would re-apply it on
+                # every tick forever and every replica would stop committing (wedged)
+                log.error("Raft: the state machine raised on command %d (%r); recorded as "
+                          "a rejection", before + 1, exc)
+                self.state.index = before + 1
+                result = {"error": {"code": "invalid", "field": "",
+                                    "message": f"malformed command: {exc!r}"}}
             index = self.state.index
             self._recent.append((index, blob))
         for cb in list(self._listeners):
@@ -314,6 +387,7 @@ class RaftStore:
         config: RaftConfig | None = None,
         bind_addr: str | None = None,
         persist: bool = True,
+        link_up: Callable[[str], bool] | None = None,  # tests: see AdmissionTransport
     ) -> None:
         self.config = config or RaftConfig()
         self.config.validate()
@@ -352,14 +426,17 @@ class RaftStore:
         # Raft messages sealed with AES-256-GCM under the password (pysyncobj's own Fernet
         # is several times slower), incoming connections only from members' addresses:
         # see shoal.raft.transport
-        self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
+        self._sync = _TermAckSyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
                              consumers=[self.consumer],
                              transportClass=functools.partial(
-                                 AdmissionTransport, admit=self._admit,
+                                 AdmissionTransport, admit=self._admit, link_up=link_up,
                                  encryptor=AeadEncryptor(password) if password else None))
+        _harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
         self._trusted = False  # see is_ready
+        # the read barrier the next linearizable reads will share (see read_barrier)
+        self._barrier: asyncio.Future[int] | None = None
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
@@ -461,6 +538,56 @@ class RaftStore:
             if n.id == addr:
                 return bool(self._sync.isNodeConnected(n))
         return False
+
+    async def read_barrier(self, timeout: float | None = None) -> None:
+        """Return once this replica has applied every write committed before the call, as
+        confirmed by a leader that still holds a majority; then :meth:`snapshot` is a
+        linearizable read. Raises NotReady if that cannot be confirmed within ``timeout``
+        (default ``write_timeout``): no leader, no quorum, or this node is cut off — a
+        deposed leader that still believes it leads cannot commit, so it never answers.
+
+        How: a ``read_barrier`` no-op goes through the log (forwarded to the leader by
+        pysyncobj from a follower) and the read waits until this replica applies it. Its
+        commit proves that a leader of the newest term replicated it to a majority after the
+        read began; its index is above every write acknowledged before (Raft's leader
+        completeness), and this replica applies in log order. pysyncobj offers no read
+        index or lease (its leader learns of a lost majority only after
+        ``leader_fallback_timeout``, and a quorum heartbeat round would need its private
+        state), and the no-op costs one small log entry — the same network round as a
+        heartbeat round. Reads waiting at the same moment share one barrier; a read never
+        joins a barrier sent before it began (that one may order before a write the reader
+        saw acknowledged). Every replica applies the no-op alike (shoal 0.1 records it as an
+        unknown op: same index), so the state stays identical on all of them."""
+        loop = asyncio.get_running_loop()
+        fut = self._barrier
+        if fut is None or fut.get_loop() is not loop:
+            fut = self._barrier = loop.create_future()
+            loop.call_soon(self._send_barrier, fut)
+        wait = timeout if timeout is not None else self.config.write_timeout
+        try:
+            err = await asyncio.wait_for(asyncio.shield(fut), wait)
+        except TimeoutError:
+            raise NotReady(
+                f"could not confirm within {wait:g}s that this manager's copy is current (no "
+                "leader, no quorum, or this manager is cut off from the majority)") from None
+        if err != FAIL_REASON.SUCCESS:
+            raise NotReady(f"could not confirm that this manager's copy is current (Raft "
+                           f"fail reason {err}: leader changed or missing); retry")
+
+    def _send_barrier(self, fut: asyncio.Future[int]) -> None:
+        if self._barrier is fut:
+            self._barrier = None  # later reads need a barrier sent after they began
+        loop = fut.get_loop()
+
+        def settle(err: int) -> None:
+            if not fut.done():
+                fut.set_result(err)
+
+        def done(_result: Any, err: int) -> None:  # tick thread, after applying it here
+            loop.call_soon_threadsafe(settle, err)
+
+        self.consumer.apply(_BARRIER, callback=done)
+        self._eager.wake()
 
     # ------------------------------------------------------------------ writing
     def _encode(self, cmd: dict[str, Any]) -> dict[str, Any]:

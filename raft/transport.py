@@ -92,12 +92,15 @@ def _peer_ip(conn: Any) -> str | None:
 class AdmissionTransport(TCPTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *,
                  admit: Callable[[str], bool], encryptor: Any = None,
-                 recheck: float = 0.5) -> None:
+                 recheck: float = 0.5, link_up: Callable[[str], bool] | None = None) -> None:
         if encryptor is not None:
             # SyncObj builds its transport after its own encryptor and before any
             # connection or tick: the one moment it can be replaced for every connection
             syncObj._SyncObj__encryptor = encryptor
         self._admit = admit
+        # fault injection (tests): link_up(peer "addr:port") False drops every Raft message
+        # to and from that peer, like a network partition; None = every link is up
+        self._link_up = link_up
         self._recheck = recheck
         self._last_check = 0.0
         self._logged: dict[str | None, float] = {}  # ip -> last warning (one a minute)
@@ -115,6 +118,19 @@ class AdmissionTransport(TCPTransport):
                 conn.disconnect()
                 return
         super()._onIncomingMessageReceived(conn, message)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._link_up is not None and not self._link_up(str(node.id)):
+            return False  # the partition swallows it (pysyncobj retries as on a lost link)
+        return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if self._link_up is not None and not self._link_up(str(node.id)):
+            return
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
+                "term" in message and message["term"] != self._syncObj._getTerm():
+            return  # an answer to another term's append-entries (shoal.raft.store._term_acks)
+        super()._onMessageReceived(node, message)
 
     def _warn(self, ip: str | None, msg: str, *args: Any) -> None:
         now = time.monotonic()

@@ -57,6 +57,7 @@ ENV_MARKER = "SHOAL_LAB"
 STATE_VERSION = 1
 _RID_RE = re.compile(r"^[0-9a-f]{6}$")
 _NETNS_RE = re.compile(r"^shoal-lab-([0-9a-f]{6})-(sw|h\d+)$")
+FAULT_CHAIN = "SHOALFAULT"  # a host's iptables chain of injected faults (Host.block/lose)
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -809,6 +810,47 @@ class Host:
 
     def restore_link(self) -> None:
         _run(["ip", "-n", self.lab.switch_netns, "link", "set", self.port, "up"], check=True)
+
+    # -- faults (the fault suite, tests/jepsen.py): iptables rules in this host's netns only,
+    # in their own chain; they vanish with the namespace ----------------------------------
+
+    def _iptables(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return _run(["nsenter", f"--net=/var/run/netns/{self.netns}", "--", "iptables", "-w",
+                     *args], check=True)
+
+    def _fault_chain(self) -> None:
+        if _run(["nsenter", f"--net=/var/run/netns/{self.netns}", "--", "iptables", "-w",
+                 "-n", "-L", FAULT_CHAIN]).returncode != 0:
+            self._iptables("-N", FAULT_CHAIN)
+            self._iptables("-I", "INPUT", "-j", FAULT_CHAIN)
+
+    def block(self, ips: Iterable[str]) -> None:
+        """Drop every packet arriving from ``ips`` (one side of a partition; the peers'
+        packets to it still leave, like a one-way link failure, unless they block too)."""
+        self._fault_chain()
+        for ip in ips:
+            self._iptables("-A", FAULT_CHAIN, "-s", ip, "-j", "DROP")
+
+    def lose(self, probability: float) -> None:
+        """Drop each arriving packet with ``probability`` (iptables' statistic match: the
+        kernel here has no netem)."""
+        self._fault_chain()
+        self._iptables("-A", FAULT_CHAIN, "-m", "statistic", "--mode", "random",
+                       "--probability", f"{probability:.4f}", "-j", "DROP")
+
+    def heal(self) -> None:
+        """Remove every rule block() and lose() added."""
+        self._fault_chain()
+        self._iptables("-F", FAULT_CHAIN)
+
+    def pause_agent(self) -> None:
+        """SIGSTOP the agent (its Raft, gossip and API freeze; the kernel keeps its sockets)."""
+        if self._agent is not None and self._agent.poll() is None:
+            os.kill(self._agent.pid, signal.SIGSTOP)
+
+    def resume_agent(self) -> None:
+        if self._agent is not None and self._agent.poll() is None:
+            os.kill(self._agent.pid, signal.SIGCONT)
 
     def _reap(self) -> None:
         for proc in self._spawned:

@@ -304,7 +304,7 @@ def test_the_route_list_in_the_docs_follows_the_table() -> None:
     """routes_markdown has one row per route of its listener, bodies named by their fields."""
     local = openapi.routes_markdown("local")
     assert local.count("\n| `") == len(openapi.routes("local"))
-    assert "| `POST /v1/services/{ref}/scale` | `{replicas}` |" in local
+    assert "| `POST /v1/services/{ref}/scale?version=…` | `{replicas, version}` |" in local
     peer = openapi.routes_markdown("peer")
     assert "| `POST /v1/cluster/heartbeat` | a member's, for its own node_id | `{node_id}` |" \
         in peer

@@ -53,6 +53,17 @@ class Services:
     def find_service(self, snap: Snapshot, ref: str) -> Service:
         return find_service(snap, ref)
 
+    async def _current(self, ref: str) -> tuple[Snapshot, Service]:
+        """The service a write names: from this replica's copy, or — when this copy does
+        not know it (a follower a little behind the write that created it) — after a read
+        barrier (shoal.raft.store), so a service just created elsewhere is found."""
+        snap = self.ctx.require_manager().snapshot()
+        try:
+            return snap, self.find_service(snap, ref)
+        except NotFound:
+            snap = (await self.ctx.read_manager()).snapshot()
+            return snap, self.find_service(snap, ref)
+
     def services(self) -> list[dict[str, Any]]:
         snap = self.ctx.require_manager().snapshot()
         return [views.service_view(s, snap) for s in
@@ -116,9 +127,11 @@ class Services:
         return {"id": sid, "name": parsed.name, "image": parsed.task.container.image,
                 **({"warnings": warnings} if warnings else {})}
 
-    async def scale_service(self, ref: str, replicas: Any) -> dict[str, Any]:
-        snap = self.ctx.require_manager().snapshot()
-        svc = self.find_service(snap, ref)
+    async def scale_service(self, ref: str, replicas: Any, version: Any = None
+                            ) -> dict[str, Any]:
+        """Set the replica count; with ``version``, only if the service is still at it
+        (compare-and-set, checked by the state machine: 409 conflict otherwise)."""
+        _, svc = await self._current(ref)
         if svc.spec.mode.per_node:
             raise BadRequest(f"service {svc.spec.name} is {svc.spec.mode.type}: scale works "
                              "only with the replicated and replicated-job modes", "replicas")
@@ -126,16 +139,20 @@ class Services:
             n = validate_replicas(replicas)
         except StoreError as exc:
             raise from_store_error(exc) from exc
-        res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
-                                      "replicas": n})
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise BadRequest("version must be an integer", "version")
+        cmd: dict[str, Any] = {"op": "service_update", "id": svc.id, "now": time.time(),
+                               "replicas": n}
+        if version is not None:
+            cmd["version"] = version
+        res = await self.ctx.propose(cmd)
         return {"id": svc.id, "name": svc.spec.name, "replicas": n,
                 "version": res.get("version")}
 
     async def update_service(self, ref: str, spec: Any, version: Any,
                              resolve_image: Any = None) -> dict[str, Any]:
         """Replace a service's spec; running tasks are replaced by a rolling update."""
-        snap = self.ctx.require_manager().snapshot()
-        svc = self.find_service(snap, ref)
+        snap, svc = await self._current(ref)
         try:
             parsed = validate_spec(spec)
         except StoreError as exc:
@@ -166,8 +183,7 @@ class Services:
         return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
 
     async def remove_service(self, ref: str) -> dict[str, Any]:
-        snap = self.ctx.require_manager().snapshot()
-        svc = self.find_service(snap, ref)
+        _, svc = await self._current(ref)
         await self.ctx.propose({"op": "service_remove", "id": svc.id, "now": time.time()})
         return {"id": svc.id, "name": svc.spec.name, "removed": True}
 
