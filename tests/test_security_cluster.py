@@ -83,7 +83,8 @@ def test_join_refused_for_wrong_rotated_or_foreign_token_and_nothing_written(
     good = h1.cli("join-token", "worker", "-q").stdout.strip()
     foreign = h3.cli("join-token", "worker", "-q").stdout.strip()
     wrong = good[:-4] + ("0000" if not good.endswith("0000") else "1111")
-    before = info(h1)["index"], h1.cli_json("node", "ls")
+    # (stale reads: a default read commits a read barrier, which would move the index)
+    before = info(h1)["index"], h1.cli_json("--stale", "node", "ls")
 
     assert "invalid join token" in err(h2, "join", "--token", wrong, f"{h1.ip}:2377")
     assert "invalid join token" in err(h2, "join", "--token", old, f"{h1.ip}:2377")
@@ -96,7 +97,7 @@ def test_join_refused_for_wrong_rotated_or_foreign_token_and_nothing_written(
     # a good token sent to a manager of another cluster: refused by the joining node itself
     assert "another cluster" in err(h2, "join", "--token", good, f"{h3.ip}:2377")
 
-    assert (info(h1)["index"], h1.cli_json("node", "ls")) == before
+    assert (info(h1)["index"], h1.cli_json("--stale", "node", "ls")) == before
     assert info(h2)["member"] is False
     assert not (h2.data_dir / "node.json").exists()
     assert not node_pem(h2).exists()
