@@ -260,7 +260,7 @@ class Security:
                 f"the node at {addr} has no {hostname.split('.')[0]} certificate of this "
                 f"cluster: {exc.certificate_error}") from None
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise Unavailable(f"cannot reach {addr}: {exc or type(exc).__name__} (if this "
+            raise Unavailable(f"cannot reach {addr}: {str(exc) or type(exc).__name__} (if this "
                               "persists, this node's certificate may have expired or been "
                               "revoked)") from None
 
@@ -287,7 +287,7 @@ class Security:
                                 timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise Unavailable(f"cannot reach manager at {addr}: {exc or type(exc).__name__}"
+            raise Unavailable(f"cannot reach manager at {addr}: {str(exc) or type(exc).__name__}"
                               ) from None
         pem = data.get("ca_cert") if isinstance(data, dict) else None
         if not isinstance(pem, str):

@@ -233,12 +233,60 @@ def _read_journal(path: Path) -> list[tuple[bytes, int, int]]:
     return entries
 
 
+def _reserve(journal: FileJournal, end: int) -> None:
+    """Allocate the journal file's blocks up to byte ``end`` before anything is written there;
+    raises OSError (ENOSPC) with nothing changed.
+
+    pysyncobj's ResizableFile grows the file by resizing its memory map: a sparse extension.
+    On a full disk the first write into the new pages is a SIGBUS, which kills the whole
+    agent (the fault suite's disk-full fault, tests/test_faults_disk.py). Allocated first,
+    a full disk is an ordinary error: the append fails, pysyncobj logs it and retries on the
+    next tick, and the follower does not acknowledge what it did not store."""
+    live = journal._FileJournal__journalFile
+    mm = live._ResizableFile__mm
+    if end <= len(mm):
+        return
+    size = max(int(len(mm) * 2), end)
+    os.posix_fallocate(live._ResizableFile__f.fileno(), 0, size)
+    mm.resize(size)
+
+
+def _allocating_add(journal: FileJournal, add: Callable[[Any, int, int], None],
+                    command: Any, idx: int, term: int, *,
+                    on_full: Callable[[OSError], None] | None = None) -> None:
+    """FileJournal.add with its bytes allocated first (see :func:`_reserve`): on a full disk
+    it raises before the entry enters the in-memory log, so memory and file never differ.
+    ``on_full(error)`` runs first (the leader hands its leadership over)."""
+    record = 8 + 16 + len(pysyncobj_pickle.to_bytes(command))
+    try:
+        _reserve(journal, journal._FileJournal__currentOffset + record)
+    except OSError as exc:
+        if on_full is not None:
+            on_full(exc)
+        raise
+    add(command, idx, term)
+
+
+def _disk_full(sync: SyncObj, exc: OSError) -> None:
+    """The journal cannot grow (tick thread). A leader that cannot append would keep
+    leading — its heartbeats still reach a majority — while no write commits: it hands
+    leadership to the most caught-up follower instead. It cannot win an election again
+    before space is freed (storing its term fails, so it never asks for votes)."""
+    now = time.monotonic()
+    if now - getattr(sync, "_shoal_full_logged", -1e9) >= 10.0:
+        sync._shoal_full_logged = now
+        log.error("Raft: cannot append to the journal (%s): %s", exc,
+                  "handing leadership over" if sync._isLeader() else "not storing entries")
+    if sync._isLeader():
+        sync.transferLeadership()
+
+
 def _rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
     tmp = path.with_name("raft.journal.repair")
     journal = FileJournal(str(tmp))
     try:
         for command, idx, term in entries:
-            journal.add(command, idx, term)
+            _allocating_add(journal, journal.add, command, idx, term)
         journal.flush()
     finally:
         journal._destroy()
@@ -275,20 +323,30 @@ def _atomic_delete_entries_to(journal: FileJournal, entry_to: int) -> None:
 
 
 def _harden_journal(sync: SyncObj) -> None:
-    """Install :func:`_atomic_delete_entries_to` on this SyncObj's journal (only its own,
-    and only if this pysyncobj has the FileJournal internals it replaces)."""
+    """Install :func:`_atomic_delete_entries_to` and :func:`_allocating_add` on this
+    SyncObj's journal (only its own, and only if this pysyncobj has the FileJournal
+    internals they replace)."""
     journal = getattr(sync, "_SyncObj__raftLog", None)
     if not isinstance(journal, FileJournal):
         return
     needed = ("_FileJournal__journal", "_FileJournal__journalFile",
               "_FileJournal__currentOffset")
-    live = getattr(journal, "_FileJournal__journalFile", None)
+    live: Any = getattr(journal, "_FileJournal__journalFile", None)
     if not all(hasattr(journal, a) for a in needed) or not hasattr(
             live, "_ResizableFile__fileName"):
         log.warning("Raft: unknown pysyncobj FileJournal; log truncation is not crash-safe")
         return
     journal.deleteEntriesTo = functools.partial(
         _atomic_delete_entries_to, journal)
+    if not hasattr(live, "_ResizableFile__mm") or not hasattr(live, "_ResizableFile__f"):
+        log.warning("Raft: unknown pysyncobj ResizableFile; a full disk may kill the agent")
+        return
+    try:  # (a journal written before this: its sparse pages get their blocks now)
+        os.posix_fallocate(live._ResizableFile__f.fileno(), 0, len(live._ResizableFile__mm))
+    except OSError as exc:
+        log.warning("Raft: could not allocate the journal's blocks (%s): the disk is full", exc)
+    journal.add = functools.partial(_allocating_add, journal, journal.add,
+                                    on_full=functools.partial(_disk_full, sync))
 
 
 class _TermAckSyncObj(SyncObj):
