@@ -284,7 +284,7 @@ class Security:
         try:
             async with http.get(f"https://{addr}/v1/cluster/ca",
                                 ssl=pki.unverified_client_context(),
-                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                                timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise Unavailable(f"cannot reach manager at {addr}: {str(exc) or type(exc).__name__}"

@@ -3,8 +3,9 @@
 Owns: the workload (clients through random managers creating uniquely named services, a
 compare-and-set of a service's replicas through its version, linearizable reads), the
 nemesis (kill -9 + restart, SIGSTOP/SIGCONT longer than the election timeout, partitions —
-the leader's side a minority or a majority, a bridge that sees both sides — and packet loss
-with iptables' statistic match; alone or a loss riding along another fault) on a seeded
+the leader's side a minority or a majority, a bridge that sees both sides —, packet loss
+with iptables' statistic match, and a manager's Raft disk (a small tmpfs) filled to the last
+byte; alone or a loss riding along another fault) on a seeded
 schedule printed before the run, the recorded history (every op: invoke, ok/fail/info,
 times) and the run's figures (faults, ops, acknowledged, lost, invented, linearizability and
 invariant violations, the longest unavailability per fault kind, convergence after the last
@@ -31,6 +32,7 @@ import itertools
 import json
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +46,8 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 from netlab import Host, Lab
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
-         "partition-majority", "bridge", "loss")
+         "partition-majority", "bridge", "loss", "disk-full")
+DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
 
 
@@ -287,7 +290,7 @@ class Suite:
         for kind in kinds:
             up = [h for h in self.managers if h.name not in self.down]
             leader = await self.leader() if kind.endswith("leader") or kind.startswith(
-                "partition") else None
+                "partition") or kind == "disk-full" else None
             if kind in ("kill", "kill-leader", "pause", "pause-leader"):
                 target = leader if kind.endswith("leader") and leader else rng.choice(up)
                 self.down.add(target.name)
@@ -322,6 +325,12 @@ class Suite:
                     said.append(f"{kind} {[h.name for h in a]} | {[h.name for h in c]}"
                                 f" (leader {leader.name if leader else '?'})")
                 heals.append(self._heal_net)
+            elif kind == "disk-full":  # the leader's or another manager's Raft disk
+                target = leader if leader is not None and rng.random() < 0.5 else \
+                    rng.choice(up)
+                await asyncio.to_thread(fill_disk, target.data_dir / "raft" / "filler")
+                heals.append(functools.partial(self._free_disk, target))
+                said.append(f"disk-full {target.name}")
             elif kind == "loss":
                 p = round(rng.uniform(0.1, 0.3), 2)
                 await asyncio.to_thread(self._lose, everyone, p)
@@ -352,6 +361,9 @@ class Suite:
             for h in self.managers + self.workers:
                 h.heal()
         await asyncio.to_thread(heal)
+
+    async def _free_disk(self, h: Host) -> None:
+        (h.data_dir / "raft" / "filler").unlink(missing_ok=True)
 
     async def _restart(self, h: Host) -> None:
         await asyncio.to_thread(h.start_agent)
@@ -452,9 +464,36 @@ class Suite:
         return report
 
 
+def fill_disk(path: Path) -> int:
+    """Write zeros into ``path`` until its filesystem is full (to the last byte); the bytes
+    written."""
+    written = 0
+    with open(path, "ab", buffering=0) as fh:
+        for size in (1 << 16, 4096, 512, 1):
+            while True:
+                try:
+                    written += fh.write(b"\0" * size) or 0
+                except OSError:
+                    break
+    return written
+
+
+def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:
+    """Give the first ``managers`` hosts' Raft directories a tmpfs of ``size`` each, before
+    their agents start (the disk-full fault fills one). Mounted under the lab's root: the
+    lab unmounts them when it closes."""
+    for h in lab.hosts[:managers]:
+        d = h.data_dir / "raft"
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(d)], check=True)
+
+
 def run_suite(cfg: SuiteConfig, base_dir: Path | None = None,
               log: Callable[[str], None] = print) -> Report:
     with Lab(cfg.managers + cfg.workers, base_dir) as lab:
+        if "disk-full" in cfg.kinds:
+            small_disks(lab, cfg.managers)
         lab.form_cluster(managers=cfg.managers, workers=cfg.workers, timeout=120)
         return asyncio.run(Suite(lab, cfg, log).run())
 
