@@ -847,6 +847,10 @@ class Agent:
 def run_agent(config: AgentConfig, hostname: str | None = None) -> None:
     import uvloop
 
+    from shoal.node.clock import skew_from_env
+
+    skew_from_env()  # (the fault suite's skewed wall clock; nothing without the variable)
+
     async def main() -> None:
         await Agent(config, hostname).run()
 

@@ -6,7 +6,8 @@ Owns (Swarm's dispatcher, over the node API's mTLS):
   commands applied after an index, long-polled, or the whole state when they are no longer
   kept;
 * ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
-  tasks on the calling node and the node's own removal;
+  tasks on the calling node and the node's own removal; a report from a node whose wall
+  clock is off is moved into this manager's time (``in_manager_time``);
 * heartbeats: the table the leader's liveness check reads (node id → monotonic time of the
   last heartbeat), ``heartbeat`` (a node's heartbeat arriving on a manager) and
   ``heartbeat_loop`` (this node sending its own to every manager).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +44,46 @@ from shoal.raft.models import Node, NodeRole, NodeState
 
 log = logging.getLogger("shoal.dispatcher")
 
+# A report whose sender's clock differs from this manager's by more than this (seconds) has
+# its times moved into the manager's clock.
+CLOCK_TOLERANCE = 5.0
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def in_manager_time(cmd: dict[str, Any], now: float) -> tuple[dict[str, Any], float]:
+    """A worker's ``task_status`` report with its times in this manager's clock; and how far
+    the worker's clock is off (0 within ``CLOCK_TOLERANCE``).
+
+    The leader compares the times in task statuses with its own clock: when a failed task
+    is restarted (``ended + restart delay``), restart windows, update delays. A worker whose
+    clock ran 10 minutes ahead had its failed tasks restarted 10 minutes late
+    (tests/test_faults_clock.py). The report carries the worker's ``now`` when it was sent;
+    every time in it is shifted by this manager's ``now`` minus that (the transit time,
+    milliseconds, counts as clock error: only offsets beyond the tolerance are corrected).
+    Managers are assumed to agree with each other (their own reports are not moved)."""
+    sent: Any = cmd.get("now")
+    if not _seconds(sent):
+        return cmd, 0.0
+    offset = now - float(sent)
+    if abs(offset) <= CLOCK_TOLERANCE:
+        return cmd, 0.0
+    status = cmd.get("status")
+    if not isinstance(status, dict):
+        return {**cmd, "now": now}, offset
+    moved = dict(status)
+    if _seconds(moved.get("timestamp")) and moved["timestamp"]:
+        moved["timestamp"] += offset
+    log_ = moved.get("health_log")
+    if isinstance(log_, list):
+        moved["health_log"] = [
+            {**r, **{k: r[k] + offset for k in ("start", "end") if _seconds(r.get(k))}}
+            if isinstance(r, dict) else r for r in log_]
+    return {**cmd, "now": now, "status": moved}, offset
+
 
 class Dispatcher:
     def __init__(self, ctx: NodeContext, security: Security,
@@ -54,6 +96,7 @@ class Dispatcher:
         # set (and replaced) after every applied command: wakes workers' state polls
         self._applied = asyncio.Event()
         self._refused_logged = 0.0
+        self._skew_logged: dict[str, float] = {}  # node id → monotonic time last warned
         # set when this agent stops: held polls answer "stopping" at once, so the API closes
         # without waiting for them (shoal.node.shutdown); the worker asks another manager
         self.stopping = False
@@ -107,6 +150,12 @@ class Dispatcher:
         if op == "task_status":
             if cmd.get("node_id") != node.id:
                 raise Forbidden(f"node {node.id} may only report its own tasks", "node_id")
+            cmd, offset = in_manager_time(cmd, time.time())
+            if offset and time.monotonic() - self._skew_logged.get(node.id, -1e9) > 600:
+                self._skew_logged[node.id] = time.monotonic()
+                log.warning("the wall clock of node %s is off by %+.1f s from this manager's: "
+                            "its task times are corrected (keep clocks in sync, e.g. NTP)",
+                            node.id, -offset)
         elif op == "node_remove":
             if cmd.get("id") != node.id:
                 raise Forbidden(f"node {node.id} may only remove itself", "id")
