@@ -13,6 +13,8 @@ of h1 (manager) + h2, h3 (workers).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +144,32 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     assert f"{reg.addr}/team/app:2" in image_tags(h1)
     denied = h2.cli("image", "pull", f"{reg.addr}/team/app:2", check=False)
     assert denied.returncode != 0 and "wants credentials" in denied.stderr
+
+    # ---- pull progress in the task's status message while the node pulls (issue 13): the
+    # registry is paused (SIGSTOP) so the pull cannot finish before `service ps` shows it
+    registryd.build_layout(layout, "4", marker="four", extra_mib=2)
+    reg.push(layout, "4", "team/app:4")
+    os.kill(reg.proc.pid, signal.SIGSTOP)
+    try:
+        h1.cli("service", "create", "--name", "prog", "--with-registry-auth",
+               "--resolve-image", "never", "--image", f"{reg.addr}/team/app:4")
+        assert task_error(h1, "prog", "pulling image").startswith("pulling image")
+    finally:
+        os.kill(reg.proc.pid, signal.SIGCONT)
+    running(h1, "prog", 1, timeout=90)
+    h1.cli("service", "rm", "prog")
+
+    # ---- `image prune -a` on a worker: the unused image one goes, the running two stays
+    def pinned_ids(h: Host) -> set[str]:
+        return {i for t, i in image_tags(h).items() if "@sha256:" in t}
+
+    h2_before = pinned_ids(h2)
+    out = h2.cli("image", "prune", "-a").stdout
+    assert "Total reclaimed space" in out
+    tags = image_tags(h2)
+    assert pinned not in tags and f"{reg.addr}/team/app@{v2['manifest']}" in tags, tags
+    assert pinned_ids(h2) < h2_before
+    assert store_tmp(h2) == []
 
     # ---- errors, each clear in `service ps`
     v3 = registryd.build_layout(layout, "3", marker="three", extra_mib=1)
