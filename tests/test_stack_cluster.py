@@ -84,8 +84,10 @@ services:
     build: ./api
     cap_add: [NET_ADMIN]
   worker:
-    command: [sleep, "1000"]
-    stop_grace_period: 1s
+    command: [sh, -c, "test -s /run/secrets/token"]
+    secrets: [token]
+    deploy:
+      mode: replicated-job
 configs:
   app.py: {file: ./app.py}
 secrets:
@@ -122,12 +124,15 @@ def tasks(host: Host, stack: str) -> list[dict[str, Any]]:
 
 
 def serving(host: Host, stack: str) -> dict[str, dict[str, Any]] | None:
-    """service name → its one running task, once web is healthy and api and worker run."""
-    live = [t for t in tasks(host, stack) if t["desired_state"] == "running"]
-    by = {t["service"]: t for t in live if t["state"] == "running"}
-    if len(live) != 3 or len(by) != 3 or by["st_web"]["health"] != "healthy":
+    """service name → its task, once web is healthy, api runs and the worker (a
+    replicated-job) completed."""
+    ts = tasks(host, stack)
+    by = {t["service"]: t for t in ts if t["desired_state"] == "running"
+          and t["state"] == "running"}
+    done = [t for t in ts if t["service"] == "st_worker" and t["state"] == "complete"]
+    if set(by) != {"st_web", "st_api"} or not done or by["st_web"]["health"] != "healthy":
         return None
-    return by
+    return {**by, "st_worker": done[0]}
 
 
 def names_of(host: Host) -> tuple[list[str], ...]:
