@@ -21,8 +21,11 @@ reads it; shoal's spec has no field for it yet). Wiring a new spec field is repl
 ``NOT_YET`` entry with a handler. A key outside the Compose Specification is an error, ``x-*``
 extension keys are skipped. Each warning names the key once, with the services that use it.
 
-Names, as Swarm's: services ``STACK_SERVICE``, secrets/configs/volumes declared in the file
-``STACK_KEY`` (unless ``external`` or ``name:``); everything carries the label
+Names, as Swarm's: services ``STACK_SERVICE``, volumes declared in the file ``STACK_KEY``
+(unless ``external`` or ``name:``); beyond Swarm, secrets and configs the file creates are
+``STACK_KEY-DIGEST`` (the first hex digits of their content's sha256; unless ``external`` or
+``name:``), so a changed file is a new object and a rolling update of the services using it
+(the file name a task sees, the target, does not change); everything carries the label
 ``com.docker.stack.namespace=STACK``.
 
 Errors (drawn in shoal.cli.errors): ``ComposeError`` (a CliError) when the file cannot be read,
@@ -32,6 +35,7 @@ parsed, interpolated or translated; the message starts with the path of the offe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -90,6 +94,8 @@ STACK_LABEL = "com.docker.stack.namespace"
 # A stack's name: lower-case letters, digits and '-' (no '_': NAME_SERVICE must split at the
 # first '_'); short enough that NAME_SERVICE stays a valid service name.
 STACK_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+# hex digits of the content's sha256 in the name of a stack's secret/config (STACK_KEY-DIGEST)
+CONTENT_DIGEST_LEN = 10
 
 # ----------------------------------------------------------------------------- results
 
@@ -102,6 +108,9 @@ class FileObject:
     name: str  # its name in the cluster
     data: bytes | None  # None when external
     labels: dict[str, str] = field(default_factory=dict)
+    # named after its content (STACK_KEY-DIGEST): a changed file is a new object, the
+    # services using it roll to it, and the old one is removed by a later deploy
+    versioned: bool = False
 
     @property
     def external(self) -> bool:
@@ -357,6 +366,7 @@ def _objects(stack: str, kind: str, section: Any, project_dir: Path, env: Mappin
         else:
             external = as_bool(ext, f"{path}.external")
             name = as_str(m.get("name", key if external else f"{stack}_{key}"), f"{path}.name")
+        versioned = not external and "name" not in m
         if external:
             out[key] = FileObject(kind, key, name, None)
             continue
@@ -380,7 +390,10 @@ def _objects(stack: str, kind: str, section: Any, project_dir: Path, env: Mappin
             data = env[var].encode()
         else:
             data = as_str(m["content"], f"{path}.content").encode()
-        out[key] = FileObject(kind, key, name, data, {**labels, STACK_LABEL: stack})
+        if versioned:  # (a secret is immutable: a new content is a new object)
+            name = f"{name}-{hashlib.sha256(data).hexdigest()[:CONTENT_DIGEST_LEN]}"
+        out[key] = FileObject(kind, key, name, data, {**labels, STACK_LABEL: stack},
+                              versioned=versioned)
     return out
 
 

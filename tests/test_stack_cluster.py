@@ -214,6 +214,21 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     assert wait_until(lambda: (r := get(h2, f"{url}/api"))[1] == "api 2" and r, timeout=20,
                       what="the new api") == (200, "api 2")
 
+    # -- a changed secret file (beyond Swarm, which refuses): a new secret named after its
+    # content, web rolls to it (same target), api does not; a later deploy drops the old one
+    (tmp_path / "token.txt").write_text("n3w-s3cret\n")
+    res = h1.cli("stack", "deploy", "-c", str(compose), "st")
+    assert "Creating secret st_token-" in res.stdout and "Updating service st_web" in \
+        res.stdout and "Service st_api unchanged" in res.stdout, res.stdout
+    assert wait_until(lambda: (r := get(h2, f"{url}/secret"))[1] == "n3w-s3cret" and r,
+                      timeout=60, what="web with the new secret") == (200, "n3w-s3cret")
+
+    def swept() -> list[str] | None:
+        h1.cli("stack", "deploy", "-c", str(compose), "st")
+        tokens = [n for n in names_of(h1)[1] if n.startswith("st_token")]
+        return tokens if len(tokens) == 1 else None
+    wait_until(swept, timeout=60, interval=2, what="the old secret removed by a later deploy")
+
     # -- stack rm: the stack's services, secrets and configs, nothing else
     res = h1.cli("stack", "rm", "st")
     assert "Removing service st_web" in res.stdout and "Removing secret st_token" in res.stdout
