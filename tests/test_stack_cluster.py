@@ -68,6 +68,7 @@ services:
       x-http: ":8000/health"
       interval: 500ms
       retries: 3
+      start_period: 30s  # (a loaded machine can take seconds to start python)
     configs: [app.py]
     secrets: [token]
     volumes: ["data:/data"]
