@@ -10,6 +10,10 @@ validated by the same code as the API (``shoal.raft.validate.validate_spec``). P
 the files and an environment: no API calls, no output. Must not touch: the cluster (that is
 shoal.cli.stack), the spec's declarations (shoal.raft.spec).
 
+The reading of the text (YAML, ``.env``, interpolation, merging) is in shoal.cli.compose_env;
+the value readers and per-key handlers are in shoal.cli.compose_keys; this module holds the
+table that maps keys to handlers, the top-level objects and the translation of a whole file.
+
 Every service key (dotted, under ``services.NAME``) has one entry in ``KEYS``: a handler that
 writes the spec, a section whose sub-keys are looked up in the same table, or a rule that
 warns — ``IGNORED`` (does not apply to a stack, Swarm ignores it too) or ``NOT_YET`` (Swarm
@@ -17,8 +21,11 @@ reads it; shoal's spec has no field for it yet). Wiring a new spec field is repl
 ``NOT_YET`` entry with a handler. A key outside the Compose Specification is an error, ``x-*``
 extension keys are skipped. Each warning names the key once, with the services that use it.
 
-Names, as Swarm's: services ``STACK_SERVICE``, secrets/configs/volumes declared in the file
-``STACK_KEY`` (unless ``external`` or ``name:``); everything carries the label
+Names, as Swarm's: services ``STACK_SERVICE``, volumes declared in the file ``STACK_KEY``
+(unless ``external`` or ``name:``); beyond Swarm, secrets and configs the file creates are
+``STACK_KEY-DIGEST`` (the first hex digits of their content's sha256; unless ``external`` or
+``name:``), so a changed file is a new object and a rolling update of the services using it
+(the file name a task sees, the target, does not change); everything carries the label
 ``com.docker.stack.namespace=STACK``.
 
 Errors (drawn in shoal.cli.errors): ``ComposeError`` (a CliError) when the file cannot be read,
@@ -28,18 +35,55 @@ parsed, interpolated or translated; the message starts with the path of the offe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from shoal.cli.errors import CliError, ComposeError
-from shoal.cli.specflags import parse_duration, parse_size
+from shoal.cli.compose_env import interpolate, merge, parse_yaml, read_env_file
+from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exported)
+    IGNORE,
+    IGNORED,
+    LATER,
+    NOT_YET,
+    SECTION,
+    Rule,
+    _command,
+    _deploy_mode,
+    _entrypoint,
+    _env_file,
+    _environment,
+    _file_refs,
+    _health_test,
+    _image,
+    _init,
+    _only,
+    _ports,
+    _preferences,
+    _restart_condition,
+    _Service,
+    _service_networks,
+    _stop_signal,
+    _tmpfs,
+    _to,
+    _volumes,
+    _Warnings,
+    _x_http,
+    _x_tcp,
+    as_bool,
+    as_duration,
+    as_float,
+    as_int,
+    as_labels,
+    as_map,
+    as_size,
+    as_str,
+    as_str_list,
+)
+from shoal.cli.errors import ComposeError
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec
 from shoal.raft.validate import validate_spec
@@ -50,10 +94,8 @@ STACK_LABEL = "com.docker.stack.namespace"
 # A stack's name: lower-case letters, digits and '-' (no '_': NAME_SERVICE must split at the
 # first '_'); short enough that NAME_SERVICE stays a valid service name.
 STACK_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
-
-IGNORED = "ignored: it does not apply to a stack (Swarm ignores it too)"
-NOT_YET = "not supported yet"
-
+# hex digits of the content's sha256 in the name of a stack's secret/config (STACK_KEY-DIGEST)
+CONTENT_DIGEST_LEN = 10
 
 # ----------------------------------------------------------------------------- results
 
@@ -66,6 +108,9 @@ class FileObject:
     name: str  # its name in the cluster
     data: bytes | None  # None when external
     labels: dict[str, str] = field(default_factory=dict)
+    # named after its content (STACK_KEY-DIGEST): a changed file is a new object, the
+    # services using it roll to it, and the old one is removed by a later deploy
+    versioned: bool = False
 
     @property
     def external(self) -> bool:
@@ -95,789 +140,6 @@ class Stack:
     configs: list[FileObject]
     warnings: list[str]
     networks: list[NetworkObject] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- YAML
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 core-schema scalars (as Compose's Go parser):
-    no sexagesimal ints (``80:80`` is a port mapping, not 4880), booleans only
-    true/false, no implicit timestamps."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (
-        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-        "tag:yaml.org,2002:timestamp")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0[0-7_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
-    list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)"
-               r"|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str, source: str) -> dict[str, Any]:
-    """One Compose document → its top-level mapping, or ComposeError naming ``source``."""
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # (a SafeLoader subclass: no arbitrary objects)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ComposeError(source, f"invalid YAML{where}: {problem}") from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ComposeError(source, "a Compose file is a mapping (services: ...)")
-    return doc
-
-
-# ----------------------------------------------------------------------------- environment
-
-_ENV_LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*)$")
-
-
-def parse_env_file(text: str, source: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``#`` comments, blank lines, ``export``, single or double quotes,
-    `` #`` comments after an unquoted value) → a map. Values are not interpolated."""
-    out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = _ENV_LINE_RE.match(line)
-        if m is None:
-            raise ComposeError(f"{source}:{n}", f"expected KEY=VALUE, got {line.strip()!r}")
-        key, value = m.group(1), m.group(2).strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-            if m.group(2).strip()[0] == '"':
-                value = value.replace("\\n", "\n").replace('\\"', '"')
-        else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
-        out[key] = value
-    return out
-
-
-def read_env_file(path: Path, source: str) -> dict[str, str]:
-    try:
-        return parse_env_file(path.read_text(), source)
-    except OSError as exc:
-        raise ComposeError(source, f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ComposeError(source, f"{path} is not UTF-8 text") from None
-
-
-# ----------------------------------------------------------------------------- interpolation
-
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class _Interpolator:
-    def __init__(self, env: Mapping[str, str], warn: Callable[[str], None]) -> None:
-        self.env = env
-        self.warn = warn
-
-    def text(self, s: str, path: str) -> str:
-        out, _ = self._scan(s, 0, path, None)
-        return out
-
-    def _scan(self, s: str, i: int, path: str, stop: str | None) -> tuple[str, int]:
-        """Interpolate ``s`` from ``i`` up to ``stop`` (a closing brace of a nested default)
-        or the end; returns (text, index after it)."""
-        out: list[str] = []
-        while i < len(s):
-            c = s[i]
-            if stop is not None and c == stop:
-                return "".join(out), i
-            if c != "$":
-                out.append(c)
-                i += 1
-                continue
-            nxt = s[i + 1] if i + 1 < len(s) else ""
-            if nxt == "$":
-                out.append("$")
-                i += 2
-            elif nxt == "{":
-                value, i = self._braced(s, i + 2, path)
-                out.append(value)
-            elif m := _NAME_RE.match(s, i + 1):
-                out.append(self._get(m.group(0), path))
-                i = m.end()
-            else:
-                raise ComposeError(path, f"invalid interpolation at {s[i:i + 10]!r} "
-                                   "(use $$ for a literal $)")
-        if stop is not None:
-            raise ComposeError(path, f"unterminated ${{...}} in {s!r}")
-        return "".join(out), i
-
-    def _braced(self, s: str, i: int, path: str) -> tuple[str, int]:
-        m = _NAME_RE.match(s, i)
-        if m is None:
-            raise ComposeError(path, f"invalid interpolation in {s!r}: ${{ must be followed "
-                               "by a variable name")
-        name, i = m.group(0), m.end()
-        if s.startswith("}", i):
-            return self._get(name, path), i + 1
-        op = next((o for o in (":-", ":?", ":+", "-", "?", "+") if s.startswith(o, i)), None)
-        if op is None:
-            raise ComposeError(path, f"invalid interpolation in {s!r} after ${{{name}")
-        arg, i = self._scan(s, i + len(op), path, "}")
-        value = self.env.get(name)
-        empty_counts = op.startswith(":")
-        unset = value is None or (empty_counts and value == "")
-        if op in (":-", "-"):
-            return (arg if unset else str(value)), i + 1
-        if op in (":+", "+"):
-            return ("" if unset else arg), i + 1
-        if unset:
-            raise ComposeError(path, f"required variable {name} is "
-                               f"{'missing a value' if value is None else 'empty'}"
-                               + (f": {arg}" if arg else ""))
-        return str(value), i + 1
-
-    def _get(self, name: str, path: str) -> str:
-        value = self.env.get(name)
-        if value is None:
-            self.warn(f"the {name} variable is not set: it is replaced by an empty string "
-                      f"(at {path})")
-            return ""
-        return value
-
-    def walk(self, node: Any, path: str) -> Any:
-        if isinstance(node, str):
-            return self.text(node, path)
-        if isinstance(node, dict):
-            return {k: self.walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [self.walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
-        return node
-
-
-def interpolate(doc: Any, env: Mapping[str, str],
-                warnings: list[str] | None = None) -> Any:
-    """``doc`` with every string value interpolated from ``env`` (keys are not)."""
-    sink = warnings if warnings is not None else []
-    return _Interpolator(env, sink.append).walk(doc, "")
-
-
-# ----------------------------------------------------------------------------- merging
-
-# service keys whose list items an override adds to (same item replaced) instead of replacing
-_MERGED_LISTS = {"ports", "secrets", "configs", "volumes", "env_file", "cap_add", "cap_drop",
-                 "extra_hosts", "dns", "dns_search", "expose", "tmpfs"}
-_MAPPED_LISTS = {"environment", "labels"}  # KEY=VALUE lists that merge as maps
-
-
-def _as_map(value: Any) -> Any:
-    if isinstance(value, list):
-        out: dict[str, Any] = {}
-        for item in value:
-            if isinstance(item, str):
-                k, sep, v = item.partition("=")
-                out[k] = v if sep else None
-            else:
-                return value  # not a KEY=VALUE list: left for the translation to refuse
-        return out
-    return value
-
-
-def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
-    """Compose's override rules, simplified: maps merge recursively, ``environment`` and
-    ``labels`` merge as maps, ports/secrets/configs/volumes/... lists are concatenated
-    without duplicates, anything else is replaced."""
-    if depth == 3 and key in _MAPPED_LISTS:  # (services.NAME.environment)
-        base, over = _as_map(base), _as_map(over)
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = merge(base[k], v, str(k), depth + 1) if k in base else v
-        return out
-    if depth == 3 and key in _MERGED_LISTS and isinstance(base, list) \
-            and isinstance(over, list):
-        return base + [v for v in over if v not in base]
-    return over
-
-
-# ----------------------------------------------------------------------------- value readers
-
-def _type_name(v: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "nothing"}.get(type(v), type(v).__name__)
-
-
-def _expected(path: str, what: str, v: Any) -> ComposeError:
-    shown = repr(v) if isinstance(v, (str, int, float, bool)) else _type_name(v)
-    return ComposeError(path, f"expected {what}, got {shown}")
-
-
-def as_str(v: Any, path: str) -> str:
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise _expected(path, "a string", v)
-    return str(v)
-
-
-def as_int(v: Any, path: str) -> int:
-    if isinstance(v, bool):
-        raise _expected(path, "an integer", v)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"\s*[-+]?[0-9]+\s*", v):
-        return int(v)
-    raise _expected(path, "an integer", v)
-
-
-def as_float(v: Any, path: str) -> float:
-    if isinstance(v, bool):
-        raise _expected(path, "a number", v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    try:
-        return float(str(v)) if isinstance(v, str) else float("nan")
-    except ValueError:
-        pass
-    raise _expected(path, "a number", v)
-
-
-def as_bool(v: Any, path: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    raise _expected(path, "true or false", v)
-
-
-def as_map(v: Any, path: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise _expected(path, "a mapping", v)
-    return {str(k): x for k, x in v.items()}
-
-
-def as_list(v: Any, path: str) -> list[Any]:
-    if not isinstance(v, list):
-        raise _expected(path, "a list", v)
-    return v
-
-
-def as_duration(v: Any, path: str) -> float:
-    """Go's duration syntax (``1m30s``, ``500ms``) or a number of seconds."""
-    if isinstance(v, bool):
-        raise _expected(path, "a duration such as 10s or 1m30s", v)
-    if isinstance(v, (int, float)):
-        if v < 0:
-            raise ComposeError(path, f"a duration cannot be negative, got {v}")
-        return float(v)
-    if not isinstance(v, str):
-        raise _expected(path, "a duration such as 10s or 1m30s", v)
-    try:
-        return parse_duration(v, path)
-    except CliError as exc:
-        raise ComposeError("", str(exc)) from None
-
-
-def as_size(v: Any, path: str) -> int:
-    """``512M``, ``1g``, ``64mb`` or a number of bytes."""
-    if isinstance(v, bool):
-        raise _expected(path, "a size such as 512M", v)
-    if isinstance(v, int):
-        if v < 0:
-            raise ComposeError(path, f"a size cannot be negative, got {v}")
-        return v
-    if not isinstance(v, str):
-        raise _expected(path, "a size such as 512M", v)
-    try:
-        return parse_size(v, path)
-    except CliError as exc:
-        raise ComposeError("", str(exc)) from None
-
-
-def as_command(v: Any, path: str) -> list[str]:
-    """A string (split like a shell) or a list of strings."""
-    if isinstance(v, str):
-        try:
-            return shlex.split(v)
-        except ValueError as exc:
-            raise ComposeError(path, f"cannot split {v!r}: {exc}") from None
-    return [as_str(x, f"{path}[{i}]") for i, x in enumerate(as_list(v, path))]
-
-
-def as_str_list(v: Any, path: str) -> list[str]:
-    if isinstance(v, str):
-        return [v]
-    return [as_str(x, f"{path}[{i}]") for i, x in enumerate(as_list(v, path))]
-
-
-def as_labels(v: Any, path: str) -> dict[str, str]:
-    """A ``KEY=VALUE`` list or a mapping → a map of strings."""
-    m = _as_map(v) if isinstance(v, list) else v
-    return {k: _env_value(x, f"{path}.{k}") or "" for k, x in as_map(m, path).items()}
-
-
-def _env_value(v: Any, path: str) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return as_str(v, path)
-
-
-# ----------------------------------------------------------------------------- translation
-
-class _Warnings:
-    """Warnings keyed by what they name, each reported once with the services it concerns."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], list[str]] = {}
-        self.plain: list[str] = []
-
-    def add(self, key: str, why: str, service: str = "") -> None:
-        services = self._by_key.setdefault((key, why), [])
-        if service and service not in services:
-            services.append(service)
-
-    def render(self) -> list[str]:
-        out = list(dict.fromkeys(self.plain))
-        for (key, why), services in self._by_key.items():
-            who = f" (service{'s' if len(services) > 1 else ''} {', '.join(services)})" \
-                if services else ""
-            out.append(f"{key}: {why}{who}")
-        return out
-
-
-@dataclass
-class _Service:
-    """One service being translated: the spec dict it builds and what it may refer to."""
-
-    stack: str
-    key: str  # its key under services:
-    path: str  # "services.KEY"
-    project_dir: Path
-    env: Mapping[str, str]
-    objects: dict[str, dict[str, FileObject]]  # "secret"/"config" → key → object
-    volumes: dict[str, str]  # key under volumes: → the volume's name in the cluster
-    warnings: _Warnings
-    networks: dict[str, str] = field(default_factory=dict)  # key → name in the cluster
-    spec: dict[str, Any] = field(default_factory=dict)
-    env_files: dict[str, str] = field(default_factory=dict)
-    environment: dict[str, str] = field(default_factory=dict)
-    entrypoint: list[str] | None = None
-    health_test_given: bool = False
-    mounts: list[dict[str, Any]] = field(default_factory=list)
-    mount_paths: list[str] = field(default_factory=list)  # where each mount was written
-    spec_paths: dict[str, str] = field(default_factory=dict)  # spec path → compose path
-
-    def set(self, spec_path: str, value: Any, compose_path: str) -> None:
-        node = self.spec
-        *parents, leaf = spec_path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-        self.spec_paths[spec_path] = compose_path
-
-    def warn(self, key: str, why: str = NOT_YET) -> None:
-        self.warnings.add(key, why, self.key)
-
-
-Handler = Callable[[_Service, Any, str], None]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How one Compose key is read: ``handle`` writes the spec; ``section`` means a mapping
-    whose sub-keys have their own rules; else the key is reported with ``why``."""
-
-    handle: Handler | None = None
-    section: bool = False
-    why: str = ""
-
-
-SECTION = Rule(section=True)
-IGNORE = Rule(why=IGNORED)
-LATER = Rule(why=NOT_YET)
-
-
-def _to(spec_path: str, conv: Callable[[Any, str], Any]) -> Rule:
-    def handle(svc: _Service, v: Any, path: str) -> None:
-        svc.set(spec_path, conv(v, path), path)
-    return Rule(handle)
-
-
-def _only(value: Any, why: str, conv: Callable[[Any, str], Any] = as_str) -> Rule:
-    """A key whose only supported value is what shoal does anyway (``order: stop-first``);
-    another value is reported as not supported yet."""
-    def handle(svc: _Service, v: Any, path: str) -> None:
-        if conv(v, path) != value:
-            svc.warn(_rel(path), f"{NOT_YET}: {why}")
-    return Rule(handle)
-
-
-def _rel(path: str) -> str:
-    """``services.web.deploy.mode`` → ``deploy.mode`` (a warning's key)."""
-    return re.sub(r"\[\d+\]", "", path.split(".", 2)[2]) if path.count(".") >= 2 else path
-
-
-# -- handlers ------------------------------------------------------------------------------
-
-def _image(svc: _Service, v: Any, path: str) -> None:
-    svc.set("task.container.image", as_str(v, path), path)
-
-
-def _command(svc: _Service, v: Any, path: str) -> None:
-    svc.set("task.container.command", as_command(v, path), path)
-
-
-def _entrypoint(svc: _Service, v: Any, path: str) -> None:
-    svc.entrypoint = as_command(v, path)
-
-
-def _environment(svc: _Service, v: Any, path: str) -> None:
-    out: dict[str, str] = {}
-    if isinstance(v, list):
-        for i, item in enumerate(v):
-            text = as_str(item, f"{path}[{i}]")
-            key, sep, value = text.partition("=")
-            if sep:
-                out[key] = value
-            elif key in svc.env:  # a bare name: the value from the environment, if set
-                out[key] = svc.env[key]
-    else:
-        for key, value in as_map(v, path).items():
-            given = _env_value(value, f"{path}.{key}")
-            if given is None:
-                given = svc.env.get(key)
-            if given is not None:
-                out[key] = given
-    svc.environment = out
-    svc.spec_paths["task.container.env"] = path
-
-
-def _env_file(svc: _Service, v: Any, path: str) -> None:
-    items = [v] if isinstance(v, str) else as_list(v, path)
-    for i, item in enumerate(items):
-        where = f"{path}[{i}]" if isinstance(v, list) else path
-        required = True
-        if isinstance(item, dict):
-            m = as_map(item, where)
-            required = as_bool(m.get("required", True), f"{where}.required")
-            item = m.get("path")
-        file = svc.project_dir / as_str(item, where)
-        if not required and not file.exists():
-            continue
-        svc.env_files.update(read_env_file(file, where))
-
-
-_PORT_RE = re.compile(r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<pub>[0-9]*(?:-[0-9]+)?):)?"
-                      r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>[a-z]+))?$")
-
-
-def _range(text: str, path: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    a, b = int(lo), int(hi or lo)
-    if not (1 <= a <= b <= 65535):
-        raise ComposeError(path, f"invalid port or range {text!r} (1-65535)")
-    return list(range(a, b + 1))
-
-
-def _ports(svc: _Service, v: Any, path: str) -> None:
-    ports: list[dict[str, Any]] = []
-    for i, item in enumerate(as_list(v, path)):
-        where = f"{path}[{i}]"
-        if isinstance(item, dict):
-            ports += _long_port(svc, as_map(item, where), where)
-            continue
-        text = str(item) if isinstance(item, int) and not isinstance(item, bool) \
-            else as_str(item, where)
-        m = _PORT_RE.match(text)
-        if m is None:
-            raise ComposeError(where, f"expected [[IP:]PUBLISHED:]TARGET[/tcp|udp], got "
-                               f"{text!r}")
-        proto = m.group("proto") or "tcp"
-        if proto not in ("tcp", "udp"):
-            raise ComposeError(where, f"protocol {proto!r}: shoal publishes tcp and udp")
-        if m.group("ip"):
-            svc.warn("ports (host IP)", f"{NOT_YET}: published on every address of every "
-                     "node (the routing mesh)")
-        targets = _range(m.group("target"), where)
-        if not m.group("pub"):
-            svc.warn("ports (no published port)", f"{NOT_YET}: shoal does not pick a port; "
-                     "that port is not published")
-            continue
-        published = _range(m.group("pub"), where)
-        if len(published) != len(targets):
-            raise ComposeError(where, f"{text!r}: the published and target ranges must be "
-                               "of the same length")
-        ports += [{"published": p, "target": t, "protocol": proto}
-                  for p, t in zip(published, targets, strict=True)]
-    svc.set("endpoint.ports", ports, path)
-
-
-def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, Any]]:
-    known = {"target", "published", "protocol", "mode", "host_ip", "name", "app_protocol"}
-    for k in m:
-        if k not in known and not k.startswith("x-"):
-            raise ComposeError(f"{path}.{k}", "unknown key (not in the Compose Specification)")
-    if "target" not in m:
-        raise ComposeError(f"{path}.target", "is required")
-    target = as_int(m["target"], f"{path}.target")
-    proto = as_str(m.get("protocol", "tcp"), f"{path}.protocol").lower()
-    if proto not in ("tcp", "udp"):
-        raise ComposeError(f"{path}.protocol", f"shoal publishes tcp and udp, got {proto!r}")
-    mode = as_str(m.get("mode", "ingress"), f"{path}.mode")
-    if mode not in ("ingress", "host"):
-        raise ComposeError(f"{path}.mode", f"expected ingress or host, got {mode!r}")
-    if mode == "host":
-        svc.warn("ports.mode: host", f"{NOT_YET}: published through the routing mesh "
-                 "(ingress) instead")
-    if m.get("host_ip"):
-        svc.warn("ports.host_ip", f"{NOT_YET}: published on every address of every node")
-    if "published" not in m or m["published"] in ("", None):
-        svc.warn("ports (no published port)", f"{NOT_YET}: shoal does not pick a port; that "
-                 "port is not published")
-        return []
-    pub = m["published"]
-    published = _range(pub, f"{path}.published") if isinstance(pub, str) and "-" in pub \
-        else [as_int(pub, f"{path}.published")]
-    if len(published) != 1:
-        raise ComposeError(f"{path}.published", "a range needs a target range (short syntax)")
-    return [{"published": published[0], "target": target, "protocol": proto}]
-
-
-def _file_refs(kind: str) -> Handler:
-    def handle(svc: _Service, v: Any, path: str) -> None:
-        out: list[dict[str, Any]] = []
-        for i, item in enumerate(as_list(v, path)):
-            where = f"{path}[{i}]"
-            if isinstance(item, dict):
-                m = as_map(item, where)
-                for k in m:
-                    if k not in ("source", "target", "uid", "gid", "mode") and \
-                            not k.startswith("x-"):
-                        raise ComposeError(f"{where}.{k}", "unknown key (not in the Compose "
-                                           "Specification)")
-                if "source" not in m:
-                    raise ComposeError(f"{where}.source", "is required")
-                source = as_str(m["source"], f"{where}.source")
-            else:
-                m, source = {}, as_str(item, where)
-            obj = svc.objects[kind].get(source)
-            if obj is None:
-                raise ComposeError(where, f"undefined {kind} {source!r} (declare it under the "
-                                   f"top-level {kind}s:)")
-            ref: dict[str, Any] = {"name": obj.name, "target": source}
-            if "target" in m:
-                target = as_str(m["target"], f"{where}.target")
-                prefix = "/run/secrets/" if kind == "secret" else "/run/configs/"
-                if target.startswith(prefix):
-                    target = target[len(prefix):]
-                elif target.startswith("/"):
-                    if kind == "secret":
-                        raise ComposeError(f"{where}.target", f"a secret is a file in "
-                                           f"/run/secrets, got {target!r}")
-                    svc.warn("configs.target (outside /run/configs)",
-                             f"{NOT_YET}: the config is the file /run/configs/"
-                             f"{target.rsplit('/', 1)[-1]}")
-                    target = target.rsplit("/", 1)[-1]
-                ref["target"] = target
-            if "mode" in m:
-                mode = m["mode"]
-                ref["mode"] = int(mode, 8) if isinstance(mode, str) and \
-                    re.fullmatch(r"0?[0-7]{1,4}", mode) else as_int(mode, f"{where}.mode")
-            if "uid" in m or "gid" in m:
-                svc.warn(f"{kind}s.uid/gid", f"{NOT_YET}: the files belong to root")
-            out.append(ref)
-        svc.set(f"task.container.{kind}s", out, path)
-    return handle
-
-
-def _volumes(svc: _Service, v: Any, path: str) -> None:
-    for i, item in enumerate(as_list(v, path)):
-        where = f"{path}[{i}]"
-        if isinstance(item, dict):
-            mount = _long_volume(svc, as_map(item, where), where)
-        else:
-            mount = _short_volume(svc, as_str(item, where), where)
-        if mount is not None:
-            svc.mounts.append(mount)
-            svc.mount_paths.append(where)
-            svc.spec_paths["task.container.mounts"] = path
-
-
-def _named_or_bind(svc: _Service, source: str, path: str) -> tuple[str, str]:
-    """(mount type, source) of a volume's source: a path is a bind (relative to the project
-    directory), a name must be declared under the top-level volumes."""
-    if source.startswith(("/", ".", "~")):
-        p = Path(os.path.expanduser(source))
-        return "bind", str(p if p.is_absolute() else (svc.project_dir / p).resolve())
-    name = svc.volumes.get(source)
-    if name is None:
-        raise ComposeError(path, f"undefined volume {source!r} (declare it under the "
-                           "top-level volumes:)")
-    return "volume", name
-
-
-def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
-    parts = text.split(":")
-    if len(parts) == 1:
-        svc.warn("volumes (anonymous volume)", f"{NOT_YET}: give the volume a name; "
-                 "not mounted")
-        return None
-    if len(parts) > 3:
-        raise ComposeError(path, f"expected SOURCE:TARGET[:ro|rw], got {text!r}")
-    source, target = parts[0], parts[1]
-    options = parts[2].split(",") if len(parts) == 3 else []
-    for opt in options:
-        if opt not in ("ro", "rw", "z", "Z", "nocopy", "cached", "delegated", "consistent"):
-            raise ComposeError(path, f"unknown volume option {opt!r} in {text!r}")
-    kind, src = _named_or_bind(svc, source, path)
-    return {"type": kind, "source": src, "target": target, "readonly": "ro" in options}
-
-
-def _long_volume(svc: _Service, m: dict[str, Any], path: str) -> dict[str, Any] | None:
-    known = {"type", "source", "target", "read_only", "bind", "volume", "tmpfs", "consistency",
-             "image"}
-    for k in m:
-        if k not in known and not k.startswith("x-"):
-            raise ComposeError(f"{path}.{k}", "unknown key (not in the Compose Specification)")
-    kind = as_str(m.get("type", "volume"), f"{path}.type")
-    if "target" not in m:
-        raise ComposeError(f"{path}.target", "is required")
-    target = as_str(m["target"], f"{path}.target")
-    readonly = as_bool(m.get("read_only", False), f"{path}.read_only")
-    if kind == "tmpfs":
-        size = 0
-        if "tmpfs" in m:
-            t = as_map(m["tmpfs"], f"{path}.tmpfs")
-            if "size" in t:
-                size = as_size(t["size"], f"{path}.tmpfs.size")
-            if "mode" in t:
-                svc.warn("volumes.tmpfs.mode", NOT_YET)
-        return {"type": "tmpfs", "target": target, "tmpfs_size": size, "readonly": readonly}
-    if kind not in ("volume", "bind"):
-        svc.warn(f"volumes.type: {kind}", f"{NOT_YET}: not mounted")
-        return None
-    if "source" not in m or not m["source"]:
-        svc.warn("volumes (anonymous volume)", f"{NOT_YET}: give the volume a name; "
-                 "not mounted")
-        return None
-    source = as_str(m["source"], f"{path}.source")
-    if kind == "bind":
-        p = Path(os.path.expanduser(source))
-        src = str(p if p.is_absolute() else (svc.project_dir / p).resolve())
-    else:
-        _, src = _named_or_bind(svc, source, f"{path}.source")
-    for sub in ("bind", "volume"):
-        if sub in m:
-            svc.warn(f"volumes.{sub}", f"{NOT_YET}: options ignored")
-    return {"type": kind, "source": src, "target": target, "readonly": readonly}
-
-
-def _tmpfs(svc: _Service, v: Any, path: str) -> None:
-    for i, target in enumerate(as_str_list(v, path)):
-        where = f"{path}[{i}]" if isinstance(v, list) else path
-        dst, _, opts = target.partition(":")
-        size = 0
-        for opt in filter(None, opts.split(",")):
-            key, _, value = opt.partition("=")
-            if key == "size":
-                size = as_size(value, where)
-        svc.mounts.append({"type": "tmpfs", "target": dst, "tmpfs_size": size})
-        svc.mount_paths.append(where)
-        svc.spec_paths["task.container.mounts"] = path
-
-
-def _health_test(svc: _Service, v: Any, path: str) -> None:
-    svc.health_test_given = True
-    if isinstance(v, str):
-        svc.set("task.container.healthcheck.command", v, path)
-        return
-    argv = as_command(v, path)
-    if not argv:
-        raise ComposeError(path, "expected a command, or [\"NONE\"]")
-    head, rest = argv[0], argv[1:]
-    if head == "NONE":
-        svc.set("task.container.healthcheck.disable", True, path)
-    elif head == "CMD" and rest:
-        svc.set("task.container.healthcheck.command", shlex.join(rest), path)
-    elif head == "CMD-SHELL" and len(rest) == 1:
-        svc.set("task.container.healthcheck.command", rest[0], path)
-    else:
-        raise ComposeError(path, "expected \"CMD-SHELL command\", [\"CMD\", ARGS...], "
-                           f"[\"CMD-SHELL\", \"command\"] or [\"NONE\"], got {argv!r}")
-
-
-def _deploy_mode(svc: _Service, v: Any, path: str) -> None:
-    mode = as_str(v, path)
-    if mode not in ("replicated", "global", "replicated-job", "global-job"):
-        raise ComposeError(path, "expected replicated, global, replicated-job or "
-                           f"global-job, got {mode!r}")
-    svc.set("mode.type", mode, path)
-
-
-def _preferences(svc: _Service, v: Any, path: str) -> None:
-    """``[{spread: node.labels.zone}, ...]`` → the spec's placement preferences."""
-    if not isinstance(v, list):
-        raise ComposeError(path, f"expected a list of {{spread: node.labels.KEY}}, got {v!r}")
-    prefs = []
-    for i, p in enumerate(v):
-        if not isinstance(p, dict) or set(p) != {"spread"}:
-            raise ComposeError(f"{path}[{i}]", f"expected {{spread: node.labels.KEY}}, "
-                               f"got {p!r}")
-        prefs.append({"spread": as_str(p["spread"], f"{path}[{i}].spread")})
-    svc.set("task.placement.preferences", prefs, path)
-
-
-def _service_networks(svc: _Service, v: Any, path: str) -> None:
-    """``networks: [back]`` or ``{back: {aliases: [...]}}`` → the task's networks (the
-    stack's names for them); each must be declared under the top-level ``networks:``."""
-    if isinstance(v, list):
-        keys = {as_str(k, f"{path}[{i}]"): None for i, k in enumerate(v)}
-    else:
-        keys = dict(as_map(v, path))
-    names = []
-    for key, opts in keys.items():
-        if key not in svc.networks:
-            raise ComposeError(f"{path}.{key}", "not declared under the top-level networks:")
-        if opts:
-            for k in as_map(opts, f"{path}.{key}"):
-                svc.warn(f"networks.{k}", f"{NOT_YET}: ignored (a service is reached by its "
-                         "name on each of its networks)")
-        names.append(svc.networks[key])
-    svc.set("task.networks", names, path)
-
-
-def _init(svc: _Service, v: Any, path: str) -> None:
-    if not as_bool(v, path):
-        svc.warn("init: false", f"{NOT_YET}: shoal always runs an init (tini) in a task")
-
-
-def _restart_condition(svc: _Service, v: Any, path: str) -> None:
-    c = as_str(v, path)
-    if c not in ("none", "on-failure", "any"):
-        raise ComposeError(path, f"expected none, on-failure or any, got {c!r}")
-    svc.set("task.restart.condition", c, path)
-
-
-def _stop_signal(svc: _Service, v: Any, path: str) -> None:
-    s = as_str(v, path).upper()
-    svc.set("task.container.stop_signal", s if s.startswith("SIG") else f"SIG{s}", path)
-
-
-def _x_http(svc: _Service, v: Any, path: str) -> None:
-    svc.health_test_given = True
-    svc.set("task.container.healthcheck.http", as_str(v, path), path)
-
-
-def _x_tcp(svc: _Service, v: Any, path: str) -> None:
-    svc.health_test_given = True
-    svc.set("task.container.healthcheck.tcp", as_int(v, path), path)
 
 
 def _update_rules(prefix: str, spec: str) -> dict[str, Rule]:
@@ -1104,6 +366,7 @@ def _objects(stack: str, kind: str, section: Any, project_dir: Path, env: Mappin
         else:
             external = as_bool(ext, f"{path}.external")
             name = as_str(m.get("name", key if external else f"{stack}_{key}"), f"{path}.name")
+        versioned = not external and "name" not in m
         if external:
             out[key] = FileObject(kind, key, name, None)
             continue
@@ -1127,7 +390,10 @@ def _objects(stack: str, kind: str, section: Any, project_dir: Path, env: Mappin
             data = env[var].encode()
         else:
             data = as_str(m["content"], f"{path}.content").encode()
-        out[key] = FileObject(kind, key, name, data, {**labels, STACK_LABEL: stack})
+        if versioned:  # (a secret is immutable: a new content is a new object)
+            name = f"{name}-{hashlib.sha256(data).hexdigest()[:CONTENT_DIGEST_LEN]}"
+        out[key] = FileObject(kind, key, name, data, {**labels, STACK_LABEL: stack},
+                              versioned=versioned)
     return out
 
 

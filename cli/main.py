@@ -248,6 +248,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       events=EventsConfig(retained=args.events_retained),
                       registry=RegistryConfig(ca_file=args.registry_ca,
                                               insecure=tuple(args.insecure_registry)),
+                      image_gc=registry_cli.image_gc_config(args),
                       mqtt=MqttConfig(url=args.mqtt_url, password_file=args.mqtt_password_file,
                                       ca_file=args.mqtt_ca, cert_file=args.mqtt_cert,
                                       key_file=args.mqtt_key,
@@ -391,6 +392,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
             ["IMAGE", "ID", "LAYERS", "SIZE"]))
     elif args.image_cmd == "pull":
         registry_cli.run_pull(c, args, fmt)
+    elif args.image_cmd == "prune":
+        registry_cli.run_prune(c, args, fmt)
     elif args.image_cmd == "rm":
         for ref in args.refs:
             c.call("DELETE", f"/v1/images/{_q(ref)}")
@@ -634,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEM CA certificates trusted for registries besides the system's")
     a.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="a registry reached over plain HTTP (repeatable; never by default)")
+    registry_cli.add_agent_flags(a)
     m = a.add_argument_group("MQTT bridge (node availability, cluster state and events)")
     m.add_argument("--mqtt-url", default="", metavar="mqtt[s]://[USER@]HOST[:PORT]",
                    help="publish to this MQTT broker (default: no bridge)")
@@ -783,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)
+    registry_cli.add_image_prune(isub)
     registry_cli.add_parser(sub)
     stack.add_parser(sub)
     network.add_parser(sub)

@@ -1,4 +1,5 @@
-"""`shoal registry login/logout`, `shoal image pull`, and the registry flags of `service
+"""`shoal registry login/logout`, `shoal image pull/prune`, the image GC flags of `shoal
+agent`, and the registry flags of `service
 create/update` (``--with-registry-auth``, ``--resolve-image``).
 
 Owns: these commands' arguments and output. The password is read from stdin
@@ -12,10 +13,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import threading
 import urllib.parse
 from typing import Any, Protocol
 
 from shoal.cli.errors import CliError
+from shoal.cli.specflags import parse_duration
+from shoal.runtime.images import ImageGCConfig
 
 
 class _Client(Protocol):
@@ -39,6 +43,40 @@ def add_image_pull(isub: Any) -> None:
     ip = isub.add_parser("pull", help="pull an image from its registry into this node "
                          "(layers from peers first)")
     ip.add_argument("ref", metavar="HOST[:PORT]/NAME[:TAG][@DIGEST]")
+
+
+def add_image_prune(isub: Any) -> None:
+    ip = isub.add_parser("prune", help="remove images no task on this node uses (only the "
+                         "ones without a name:tag unless -a)")
+    ip.add_argument("-a", "--all", action="store_true",
+                    help="every unused image, not only the ones without a name:tag")
+    ip.add_argument("--filter", action="append", default=[], metavar="until=DURATION",
+                    help="only images unused for at least DURATION (e.g. until=24h)")
+
+
+def add_agent_flags(a: Any) -> None:
+    """`shoal agent` flags of the image garbage collection (ImageGCConfig)."""
+    d = ImageGCConfig()
+    a.add_argument("--image-gc-high-threshold", type=float, default=d.high_percent,
+                   metavar="PERCENT", help="remove unused images, least recently used first, "
+                   "when the image store's filesystem is this full (default "
+                   f"{d.high_percent:g}; 100: never for space)")
+    a.add_argument("--image-gc-low-threshold", type=float, default=d.low_percent,
+                   metavar="PERCENT", help="... until it is below this (default "
+                   f"{d.low_percent:g})")
+    a.add_argument("--image-gc-max-age", default="0", metavar="DURATION",
+                   help="also remove images unused for this long (e.g. 7d... as 168h; "
+                   "default 0: never for age)")
+    a.add_argument("--image-gc-interval", default=f"{d.interval:g}s", metavar="DURATION",
+                   help=f"time between two collections (default {d.interval:g}s; 0: off)")
+
+
+def image_gc_config(args: argparse.Namespace) -> ImageGCConfig:
+    return ImageGCConfig(high_percent=args.image_gc_high_threshold,
+                         low_percent=args.image_gc_low_threshold,
+                         max_age=parse_duration(args.image_gc_max_age, "--image-gc-max-age"),
+                         interval=parse_duration(args.image_gc_interval,
+                                                 "--image-gc-interval"))
 
 
 def add_service_flags(parser: argparse.ArgumentParser, update: bool) -> None:
@@ -81,10 +119,65 @@ def run(c: _Client, args: argparse.Namespace, fmt: str) -> None:
         print(f"Removed the credentials for {r['server']}")
 
 
-def run_pull(c: _Client, args: argparse.Namespace, fmt: str) -> None:
-    img = c.call("POST", "/v1/images/pull", {"ref": args.ref})
+def run_pull(c: _Client, args: argparse.Namespace, fmt: str, period: float = 0.5) -> None:
+    """POST the pull and, while it runs, show its progress (GET /v1/images/pulls): one
+    rewritten line on a terminal, a plain line per change otherwise."""
+    result: dict[str, Any] = {}
+
+    def pull() -> None:
+        try:
+            result["img"] = c.call("POST", "/v1/images/pull", {"ref": args.ref})
+        except CliError as exc:
+            result["err"] = exc
+
+    worker = threading.Thread(target=pull, daemon=True)
+    worker.start()
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        worker.join(period)
+        if not worker.is_alive():
+            break
+        try:
+            pulls = c.call("GET", "/v1/images/pulls")
+        except CliError:
+            continue
+        msg = next((str(p.get("message", "")) for p in pulls or []
+                    if p.get("ref") == args.ref), "")
+        if msg and msg != last:
+            last = msg
+            print(f"\r\033[K{msg}" if tty else msg, end="" if tty else "\n", flush=True)
+    if tty and last:
+        print("\r\033[K", end="")
+    if "err" in result:
+        raise result["err"]
+    img = result["img"]
     print(f"Pulled {args.ref} ({img['id'][:19]})")
 
 
-__all__ = ["add_image_pull", "add_parser", "add_service_flags", "print_warnings", "run",
-           "run_pull", "service_body"]
+def run_prune(c: _Client, args: argparse.Namespace, fmt: str) -> None:
+    body: dict[str, Any] = {"all": bool(args.all)}
+    for f in args.filter:
+        key, sep, value = f.partition("=")
+        if key != "until" or not sep:
+            raise CliError(f"--filter {f!r}: only until=DURATION is supported")
+        body["until"] = parse_duration(value, "--filter until")
+    r = c.call("POST", "/v1/images/prune", body)
+    for image_id in r["deleted"]:
+        print(f"Deleted: {image_id}")
+    print(f"Total reclaimed space: {r['reclaimed'] / 1e6:.1f} MB")
+
+
+__all__ = [
+    "add_agent_flags",
+    "add_image_prune",
+    "add_image_pull",
+    "add_parser",
+    "add_service_flags",
+    "image_gc_config",
+    "print_warnings",
+    "run",
+    "run_prune",
+    "run_pull",
+    "service_body",
+]

@@ -63,6 +63,9 @@ class Plan:
     create: list[ServiceSpec] = field(default_factory=list)
     update: list[tuple[ServiceSpec, int]] = field(default_factory=list)  # (spec, version)
     unchanged: list[str] = field(default_factory=list)
+    # the stack's secrets/configs no longer in the file nor used by a service (an older
+    # version of a changed file): removed after the updates; (kind, id, name)
+    stale: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
@@ -125,6 +128,7 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
                 raise CliError(f"configs.{obj.key}: config {obj.name} changed, and a config "
                                "cannot be changed: give it a new name (e.g. name: "
                                f"{obj.name}_v2) and redeploy")
+    plan.stale = _stale_objects(stack, services, objects, plan.remove)
     ports: dict[tuple[int, str], str] = {}
     for s in services:
         if s["name"] in wanted or s["name"] in plan.remove:
@@ -155,6 +159,25 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
         else:
             plan.update.append((spec, int(cur["version"])))
     return plan
+
+
+def _stale_objects(stack: Stack, services: list[dict[str, Any]],
+                   objects: dict[str, list[dict[str, Any]]], removed: list[str]
+                   ) -> list[tuple[str, str, str]]:
+    """The stack's secrets/configs that neither the file declares nor any service will use
+    once the deploy is done (the stack's services take their specs from the file)."""
+    wanted = {s.name for s in stack.services}
+    used: set[tuple[str, str]] = set()
+    specs = [to_dict(s) for s in stack.services] + [
+        s.get("spec") or {} for s in services if s["name"] not in wanted | set(removed)]
+    for spec in specs:
+        container = (spec.get("task") or {}).get("container") or {}
+        for kind in ("secret", "config"):
+            used.update((kind, str(r.get("name"))) for r in container.get(f"{kind}s") or [])
+    declared = {(o.kind, o.name) for o in [*stack.secrets, *stack.configs]}
+    return [(kind, str(o["id"]), str(o["name"]))
+            for kind in ("secret", "config") for o in objects[kind]
+            if label_of(o) == stack.name and (kind, o["name"]) not in declared | used]
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -219,6 +242,13 @@ def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: 
                    {"spec": to_dict(spec), "version": version, "resolve_image": resolve_image})
     for svc in plan.unchanged:
         print(f"Service {svc} unchanged", file=out)
+    for kind, oid, oname in plan.stale:
+        try:
+            c.call("DELETE", f"/v1/{kind}s/{_q(oid)}")
+            print(f"Removing {kind} {oname} (no longer used)", file=out)
+        except CliError:  # tasks of the rolling update still use it: a later deploy
+            print(f"Keeping {kind} {oname} while tasks use it (a later deploy removes it)",
+                  file=out)
     return plan
 
 

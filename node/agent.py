@@ -58,6 +58,7 @@ from shoal.node.errors import (
 from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
+from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
@@ -174,7 +175,7 @@ class Agent:
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
             runtime=self.runtime, images=self.runtime.images, events=self.events,
             metrics=self.metrics, registries=self.registries,
-            networks=NetworksApi(self.ctx)))
+            networks=NetworksApi(self.ctx), images_wanted=self._images_wanted))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
@@ -232,6 +233,7 @@ class Agent:
                               self.config.reconcile_interval, mesh=self.mesh,
                               task_files=self.secrets.resolve_task_files,
                               pull_image=self.transfer.pull_image,
+                              pull_progress=self.registries.progress_message,
                               health=HealthMonitor(HealthConfig(
                                   helper_dir=self.data_dir / "bin")))
         self.membership = self._make_membership(identity)
@@ -242,6 +244,8 @@ class Agent:
             asyncio.create_task(self.dispatcher.heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.security.renew_loop(), name="cert-renew"),
             asyncio.create_task(self._role_watch(), name="role-watch"),
+            asyncio.create_task(ImageGC(self.runtime.images, self.config.image_gc,
+                                        self._images_wanted).run(), name="image-gc"),
             *([asyncio.create_task(self.mqtt.run(), name="mqtt")] if self.mqtt else []),
         ]
         if feed is None:
@@ -281,6 +285,11 @@ class Agent:
     def _current_snapshot(self) -> Snapshot | None:
         store = self.store
         return store.snapshot() if store is not None else None
+
+    def _images_wanted(self) -> set[str]:
+        ident = self.identity
+        return wanted_images(self.runtime.images, self._current_snapshot(),
+                             ident.node_id if ident is not None else "")
 
     def _current_ready(self) -> bool:
         store = self.store

@@ -301,6 +301,8 @@ class Controls:
     metrics: Metrics
     registries: Registries  # registry login, image pull, resolve (node/registries.py)
     networks: NetworksApi
+    # image ids the cluster wants on this node (`image prune` keeps them; node/imagegc.py)
+    images_wanted: Callable[[], set[str]] = set
 
 
 class ApiServer:
@@ -476,6 +478,15 @@ class ApiServer:
                 raise BadRequest("ref must name its registry: HOST[:PORT]/PATH[:TAG]", "ref")
             return image_view(await c.registries.pull(ref, stored_creds=True))
 
+        async def image_pulls(_: web.Request) -> Any:
+            return c.registries.pulls()
+
+        async def image_prune(req: web.Request) -> Any:
+            body = await _body(req)
+            return await asyncio.to_thread(
+                c.images.prune, bool(body.get("all")), body.get("until"),
+                c.images_wanted())
+
         async def registry_login(req: web.Request) -> Any:
             return await c.registries.login(await _body(req))
 
@@ -508,7 +519,8 @@ class ApiServer:
             "service_rollback": service_rollback, "service_logs": service_logs,
             "service_rm": service_rm, "events": events, "metrics": metrics,
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
-            "image_pull": image_pull, "registry_login": registry_login,
+            "image_pull": image_pull, "image_pulls": image_pulls, "image_prune": image_prune,
+            "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers()}

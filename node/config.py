@@ -19,6 +19,7 @@ from shoal.node.mqtt import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
+from shoal.runtime.images import ImageGCConfig
 from shoal.runtime.registry import RegistryConfig
 
 DEFAULT_DATA_DIR = Path("/var/lib/shoal")
@@ -89,6 +90,9 @@ class AgentConfig:
     events: EventsConfig = field(default_factory=EventsConfig)  # the managers' event ring
     # how this node talks to image registries: CA file, insecure (plain-HTTP) registries
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # image garbage collection: disk thresholds, max age (shoal.runtime.images.ImageGCConfig;
+    # --image-gc-*); defaults: 85% high, 80% low, no max age, a pass every 300 s
+    image_gc: ImageGCConfig = field(default_factory=ImageGCConfig)
     # the optional MQTT bridge (shoal.node.mqtt; --mqtt-*); url "" = off
     mqtt: MqttConfig = field(default_factory=MqttConfig)
 
@@ -103,6 +107,7 @@ class AgentConfig:
     def validate(self) -> None:
         if not self.advertise_addr:
             raise ValueError("--advertise-addr is required (this host's IP address)")
+        self.image_gc.validate()
         if self.gossip_preset not in ("lan", "local"):
             raise ValueError("gossip_preset must be 'lan' or 'local'")
         if self.gossip_port in (self.api_port, self.raft_port):

@@ -128,6 +128,13 @@ class ImagePullRequest(_Body):
                            "HOST[:PORT]/PATH[:TAG][@sha256:DIGEST]")]
 
 
+class ImagePruneRequest(_Body):
+    all: Annotated[bool, _d("every image no task here uses, not only the ones without a "
+                            "name:tag (`image prune -a`)")] = False
+    until: Annotated[float | None, _d("only images unused for at least this many seconds "
+                                      "(`--filter until=DURATION`)", ge=0)] = None
+
+
 class ImageLoadRequest(_Body):
     path: Annotated[str, _d("absolute path, on the node, of an image tarball (docker save / "
                             "OCI archive), or of a rootfs tarball with `ref`", pattern="^/")]
@@ -539,6 +546,13 @@ ROUTES: tuple[Route, ...] = (
           "images", body=ImageLoadRequest, reply=_list(_ref("Image"))),
     Route("DELETE", "/v1/images/{ref}", "image_rm", "remove an image from this node's store",
           "images", reply=_obj("", removed=STR), errors=(400,)),
+    Route("GET", "/v1/images/pulls", "image_pulls", "the registry pulls in flight on this "
+          "node, with their progress", "images",
+          reply=_list(_obj("a pull", ref=STR, phase=STR, bytes_done=INT, bytes_total=INT,
+                           layers_done=INT, layers_total=INT, message=STR))),
+    Route("POST", "/v1/images/prune", "image_prune", "remove the images no task on this node "
+          "uses (`image prune`)", "images", body=ImagePruneRequest,
+          reply=_obj("", deleted=_list(STR), reclaimed=INT)),
     Route("POST", "/v1/images/pull", "image_pull", "pull an image from its registry into "
           "this node's store (layers from peers first)", "images", body=ImagePullRequest,
           reply=_ref("Image"), errors=(400, 403, 404, 503),

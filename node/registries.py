@@ -57,6 +57,7 @@ from shoal.runtime.reference import InvalidReference, Reference, has_registry_ho
 from shoal.runtime.reference import parse_reference as _parse
 from shoal.runtime.registry import (
     ManifestUnknown,
+    PullProgress,
     RegistryAuthError,
     RegistryClient,
     RegistryConfig,
@@ -106,6 +107,9 @@ class Registries:
         self.images = images
         self.transfer = transfer
         self._pulls: dict[str, asyncio.Future[ImageInfo]] = {}
+        # the registry pulls in flight on this node, by reference (`image pull` and
+        # `service ps` show them: progress_message, GET /v1/images/pulls)
+        self.progress: dict[str, PullProgress] = {}
 
     # ------------------------------------------------------------ credentials (managers)
     def _stored(self, host: str) -> Creds | None:
@@ -253,6 +257,15 @@ class Registries:
     def pullable(self, image: str) -> bool:
         return has_registry_host(image)
 
+    def progress_message(self, image: str) -> str | None:
+        """How far this node's pull of ``image`` is (None: no registry pull of it now)."""
+        p = self.progress.get(image)
+        return p.message() if p is not None else None
+
+    def pulls(self) -> list[dict[str, Any]]:
+        """The registry pulls in flight on this node."""
+        return [p.to_json() for p in list(self.progress.values())]
+
     async def pull(self, image: str, stored_creds: bool = False) -> ImageInfo:
         """Pull ``image`` from its registry into this node's store, layers from peers
         first (one pull per reference at a time). Credentials: those of a task here that
@@ -291,14 +304,18 @@ class Registries:
                 self.transfer.blob_from_peers(digest, image), loop)
             return fut.result()
 
+        progress = self.progress[image] = PullProgress(image)
         try:
-            info = await asyncio.to_thread(client.pull, ref, self.images, from_peers)
+            info = await asyncio.to_thread(client.pull, ref, self.images, from_peers, progress)
         except (ImageError, OSError) as exc:
             err = translate(exc, image)
             if isinstance(exc, RegistryAuthError) and creds is None:
                 err.message += ("; this node pulls anonymously: create the service with "
                                 "--with-registry-auth after `shoal registry login`")
             raise err from None
+        finally:
+            if self.progress.get(image) is progress:
+                del self.progress[image]
         log.info("pulled %s (%s): %d bytes from the registry in %.2fs", image, info.id[:19],
                  client.bytes_fetched, time.monotonic() - started)
         return info

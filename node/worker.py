@@ -140,6 +140,9 @@ def _forward(task: Task, step: Step) -> Step:
 
 
 # ---------------------------------------------------------------------------- the I/O
+PROGRESS_PERIOD = 1.0  # seconds: at most one pull-progress status report per task per period
+
+
 class Worker:
     def __init__(self, node_id: str, store: StateSource, runtime: Controller,
                  wakeup: asyncio.Event, interval: float = 1.0,
@@ -147,7 +150,8 @@ class Worker:
                  task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None
                  = None,
                  pull_image: Callable[[str], Awaitable[None]] | None = None,
-                 health: HealthMonitor | None = None) -> None:
+                 health: HealthMonitor | None = None,
+                 pull_progress: Callable[[str], str | None] | None = None) -> None:
         self.node_id = node_id
         # health checks of the tasks running here (node/health.py)
         self.health = health or HealthMonitor()
@@ -158,6 +162,8 @@ class Worker:
         self.task_files = task_input(task_files) if task_files is not None else None
         # fetch an image this node lacks from a peer (raises TaskInputError if none has it)
         self.pull_image = task_input(pull_image) if pull_image is not None else None
+        # how far this node's pull of an image is (a status message), None if not pulling
+        self.pull_progress = pull_progress
         self.store = store  # swapped by the agent when this node changes role
         self.runtime = runtime
         self.wakeup = wakeup
@@ -283,7 +289,7 @@ class Worker:
         cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
         stop_signal = s.stop_signal
         if s.image:
-            image = await self._ensure_image(s.image)
+            image = await self._ensure_image(s.image, task)
             cmd, env, wd, user = image.apply(cmd, env, wd, user)
             if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:  # (the default)
                 stop_signal = image.stop_signal  # the image's STOPSIGNAL
@@ -304,14 +310,28 @@ class Worker:
             files=files,
         )
 
-    async def _ensure_image(self, ref: str) -> ImageConfig:
-        """The image's config; fetched from a peer first if this node lacks it."""
+    async def _ensure_image(self, ref: str, task: Task | None = None) -> ImageConfig:
+        """The image's config; fetched from a peer first if this node lacks it. While it
+        is pulled, the task's status message says how far (PREPARING, one report per
+        PROGRESS_PERIOD at most, only when the message changed)."""
         try:
             return self.runtime.image_config(ref)
         except StartError:
             if self.pull_image is None:
                 raise
-        await self.pull_image(ref)
+        pull = asyncio.ensure_future(self.pull_image(ref))
+        try:
+            last = ""
+            while task is not None and self.pull_progress is not None and not pull.done():
+                await asyncio.wait({pull}, timeout=PROGRESS_PERIOD)
+                msg = self.pull_progress(ref)
+                if msg and msg != last and not pull.done():
+                    last = msg
+                    await self._report(task, TaskStatus(
+                        state=TaskState.PREPARING, timestamp=time.time(), message=msg))
+            await pull
+        finally:
+            pull.cancel()
         return self.runtime.image_config(ref)
 
     async def wait_started(self) -> None:

@@ -48,6 +48,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,33 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
+@dataclass(frozen=True)
+class ImageGCConfig:
+    """The image garbage collection of a node (Kubernetes' kubelet image GC). Images used by
+    a task on the node, or wanted by the cluster there, are never collected."""
+
+    # percent of the image store's filesystem in use at or above which unused images are
+    # removed, least recently used first (kubelet: imageGCHighThresholdPercent = 85);
+    # 100 or more: never for disk space
+    high_percent: float = 85.0
+    # ... until usage is below this percent (kubelet: imageGCLowThresholdPercent = 80)
+    low_percent: float = 80.0
+    # seconds: an image unused for longer is removed whatever the disk usage (kubelet:
+    # imageMaximumGCAge); 0 = never for age (the default, as the kubelet's)
+    max_age: float = 0.0
+    # seconds: an image used or pulled more recently is never collected (kubelet:
+    # imageMinimumGCAge = 2m): a just-pulled image is not removed before its task starts
+    min_age: float = 120.0
+    # seconds between two passes of the agent's collector; 0 = no automatic collection
+    interval: float = 300.0
+
+    def validate(self) -> None:
+        if not 0 < self.low_percent <= self.high_percent:
+            raise ValueError("image GC: 0 < low_percent <= high_percent is required")
+        if self.max_age < 0 or self.min_age < 0 or self.interval < 0:
+            raise ValueError("image GC: ages and interval cannot be negative")
+
+
 class ImageStore:
     """See the module docstring."""
 
@@ -266,6 +294,8 @@ class ImageStore:
         self._manifests = self.root / "manifests"  # one empty marker per committed image
         for d in (self._blobs, self._layers, self._tmp, self._manifests):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for left in self._tmp.glob("trash-*"):  # a removal cut short by a crash
+            _rmtree(left)
 
     # ------------------------------------------------------------------------------ queries
 
@@ -348,6 +378,8 @@ class ImageStore:
         for d in dirs:
             if not d.is_dir():
                 raise ImageNotFound(f"layer {d.name} of {info.id} is not unpacked")
+        with contextlib.suppress(OSError):  # last used: what the GC's ages count from
+            os.utime(self._manifests / _digest_hex(info.id))
         return dirs
 
     # -------------------------------------------------------------------------------- blobs
@@ -618,20 +650,111 @@ class ImageStore:
             self._save_repos(repos)
             if remaining:
                 return
+            self._delete(image_id)
+
+    def _delete(self, image_id: str) -> int:
+        """Delete an untagged image and the layers no other image uses; return the bytes of
+        blobs freed. Crash-safe order: the marker goes first (the image is no longer usable,
+        so nothing starts from it), then each layer directory is renamed into tmp/ (atomic:
+        a layer directory is whole or absent) before its blob is unlinked and the renamed
+        directory deleted; leftovers in tmp/ are swept when the store opens. A later pull
+        finds either a whole layer or none, and re-fetches what is missing."""
+        with self._lock:
+            man = self._manifest(image_id)
+            with contextlib.suppress(FileNotFoundError):
+                (self._manifests / _digest_hex(image_id)).unlink()
             keep: set[str] = set()
             for other in self._images() - {image_id}:
                 keep.update(str(layer["digest"]) for layer in self._manifest(other)["layers"])
-            for layer in self._manifest(image_id)["layers"]:
+            freed = 0
+            for layer in man["layers"]:
                 digest = str(layer["digest"])
                 if digest in keep:
                     continue
                 hexpart = _digest_hex(digest)
-                _rmtree(self._layers / hexpart)
+                trash = self._tmp / f"trash-{hexpart[:12]}-{os.urandom(4).hex()}"
                 with contextlib.suppress(FileNotFoundError):
-                    (self._blobs / hexpart).unlink()
-            for path in (self._manifests, self._blobs):
+                    os.rename(self._layers / hexpart, trash)
                 with contextlib.suppress(FileNotFoundError):
-                    (path / _digest_hex(image_id)).unlink()
+                    blob = self._blobs / hexpart
+                    freed += blob.stat().st_size
+                    blob.unlink()
+                _rmtree(trash)
+            with contextlib.suppress(FileNotFoundError):
+                (self._blobs / _digest_hex(image_id)).unlink()
+            return freed
+
+    def last_used(self, image_id: str) -> float:
+        """When a task last started from the image, or it was committed (Unix time)."""
+        try:
+            return (self._manifests / _digest_hex(image_id)).stat().st_mtime
+        except FileNotFoundError:
+            raise ImageNotFound(f"no image {image_id}") from None
+
+    def prune(self, all: bool = False, until: float | None = None,
+              wanted: set[str] | frozenset[str] = frozenset(),
+              now: float | None = None) -> dict[str, Any]:
+        """`image prune`: remove the images no task uses (``wanted`` adds image ids the
+        cluster wants on this node, e.g. tasks still to start) — only those without a
+        ``name:tag`` (dangling) unless ``all``; with ``until`` only those unused for at least
+        that many seconds. Returns ``{"deleted": [ids], "reclaimed": bytes}``."""
+        now = time.time() if now is None else now
+        deleted: list[str] = []
+        reclaimed = 0
+        with self._lock:
+            repos = self._repos()
+            keep = set(self._in_use()) | set(wanted)
+            for image_id in sorted(self._images()):
+                tags = [t for t, i in repos.items() if i == image_id]
+                if image_id in keep or (not all and any("@" not in t for t in tags)):
+                    continue
+                if until is not None and now - self.last_used(image_id) < until:
+                    continue
+                for t in tags:
+                    del repos[t]
+                self._save_repos(repos)
+                reclaimed += self._delete(image_id)
+                deleted.append(image_id)
+        return {"deleted": deleted, "reclaimed": reclaimed}
+
+    def gc(self, config: ImageGCConfig, wanted: set[str] | frozenset[str] = frozenset(),
+           usage: Callable[[], tuple[int, int]] | None = None,
+           now: float | None = None) -> dict[str, Any]:
+        """One pass of the image garbage collection (see ImageGCConfig): unused images older
+        than ``max_age``; then, while the filesystem is fuller than ``high_percent``, unused
+        images least recently used first until it is back under ``low_percent``. ``usage``
+        returns (total, used) bytes of the store's filesystem (default: statvfs)."""
+        now = time.time() if now is None else now
+        usage = usage or self.fs_usage
+        deleted: list[str] = []
+        reclaimed = 0
+        with self._lock:
+            repos = self._repos()
+            keep = set(self._in_use()) | set(wanted)
+            unused = sorted((self.last_used(i), i) for i in self._images() - keep)
+            total, used = usage()
+            full = total > 0 and 100.0 * used / total >= config.high_percent
+            for t, image_id in unused:
+                if now - t < config.min_age:
+                    continue
+                over_age = config.max_age > 0 and now - t >= config.max_age
+                if not over_age and not full:
+                    continue
+                for tag in [k for k, v in repos.items() if v == image_id]:
+                    del repos[tag]
+                self._save_repos(repos)
+                reclaimed += self._delete(image_id)
+                deleted.append(image_id)
+                if full:  # freeing space: until back under the low mark
+                    total, used = usage()
+                    full = total > 0 and 100.0 * used / total >= config.low_percent
+        return {"deleted": deleted, "reclaimed": reclaimed}
+
+    def fs_usage(self) -> tuple[int, int]:
+        """(total, used) bytes of the filesystem holding the store."""
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        return total, total - st.f_bavail * st.f_frsize
 
     # ---------------------------------------------------------------------------- unpacking
 

@@ -185,6 +185,34 @@ class _Response:
 
 
 @dataclass
+class PullProgress:
+    """How far a pull is, for status messages (`service ps`, `image pull`). Written by the
+    pulling thread, read by the event loop: plain counters, each write a single store."""
+
+    ref: str
+    phase: str = "resolving"  # resolving → pulling → extracting
+    bytes_done: int = 0  # layer bytes in the store (from the registry, peers, or already here)
+    bytes_total: int = 0  # the layers' sizes as the manifest says (0 until it is read)
+    layers_done: int = 0
+    layers_total: int = 0
+
+    def message(self) -> str:
+        """``pulling image: 12.3 of 45.6 MiB (3/5 layers)``."""
+        if self.phase == "resolving":
+            return f"pulling image {self.ref}: resolving"
+        if self.phase == "extracting":
+            return f"pulling image: extracting {self.layers_total} layers"
+        mib = 1024 * 1024
+        return (f"pulling image: {self.bytes_done / mib:.1f} of {self.bytes_total / mib:.1f} "
+                f"MiB ({self.layers_done}/{self.layers_total} layers)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "phase": self.phase, "bytes_done": self.bytes_done,
+                "bytes_total": self.bytes_total, "layers_done": self.layers_done,
+                "layers_total": self.layers_total, "message": self.message()}
+
+
+@dataclass
 class RegistryClient:
     """Pulls from registries. ``credentials(host)`` returns (username, password) or None;
     it is asked only when a registry challenges. Thread-safe for separate pulls (tokens are
@@ -486,13 +514,15 @@ class RegistryClient:
                                f"index (it has: {', '.join(offered) or 'none'})")
 
     # --------------------------------------------------------------------- blobs
-    def fetch_blob(self, ref: Reference, digest: str, store: ImageStore, size: int = -1) -> int:
+    def fetch_blob(self, ref: Reference, digest: str, store: ImageStore, size: int = -1,
+                   progress: PullProgress | None = None) -> int:
         """Download blob ``digest`` of ``ref``'s repository into ``store`` (verified); an
         interrupted download is resumed where it stopped (Range), up to
-        ``config.resume_attempts`` times. Return the bytes read from the registry."""
+        ``config.resume_attempts`` times. Return the bytes read from the registry.
+        ``progress.bytes_done`` grows with every chunk handed to the store."""
         if store.has_blob(digest):
             return 0
-        body = _ResumingBody(self, ref, digest)
+        body = _ResumingBody(self, ref, digest, progress)
         try:
             store.import_blob(digest, cast(IO[bytes], body))  # (it only calls read)
         finally:
@@ -521,22 +551,31 @@ class RegistryClient:
 
     # ---------------------------------------------------------------------- pull
     def pull(self, ref: Reference | str, store: ImageStore,
-             fetch_elsewhere: Callable[[str], bool] | None = None) -> ImageInfo:
+             fetch_elsewhere: Callable[[str], bool] | None = None,
+             progress: PullProgress | None = None) -> ImageInfo:
         """Pull ``ref`` into ``store`` and tag it (``name:tag`` and ``name@digest``).
 
         ``fetch_elsewhere(digest)`` is asked first for every layer the store lacks (the peer
-        transfer: True if it put the blob into the store); the registry serves the rest."""
+        transfer: True if it put the blob into the store); the registry serves the rest.
+        ``progress`` (if given) is kept up to date as layers arrive."""
         r = parse_reference(ref) if isinstance(ref, str) else ref
         started = time.monotonic()
+        p = progress or PullProgress(r.familiar())
         man = self.manifest(r)
         pinned = r.with_digest(man.digest)
         config = self.config_blob(r, man.config_digest)
+        p.bytes_total = sum(max(size, 0) for _, size in man.layers)
+        p.layers_total = len(man.layers)
+        p.phase = "pulling"
         for digest, size in man.layers:
-            if store.has_blob(digest):
-                continue
-            if fetch_elsewhere is not None and fetch_elsewhere(digest) and store.has_blob(digest):
-                continue
-            self.fetch_blob(r, digest, store, size)
+            before = p.bytes_done
+            if not store.has_blob(digest) and not (
+                    fetch_elsewhere is not None and fetch_elsewhere(digest)
+                    and store.has_blob(digest)):
+                self.fetch_blob(r, digest, store, size, p)
+            p.bytes_done = before + max(size, 0)
+            p.layers_done += 1
+        p.phase = "extracting"
         info = store.add_image(man.layers, image_config(config), pinned.store_tags)
         log.info("pulled %s (%s) in %.2fs", pinned.familiar(), info.id[:19],
                  time.monotonic() - started)
@@ -556,8 +595,10 @@ class _ResumingBody:
     """A blob's bytes as a readable stream; on a broken connection it asks again for the
     rest (``Range: bytes=OFFSET-``). A server that ignores Range (200) is skipped forward."""
 
-    def __init__(self, client: RegistryClient, ref: Reference, digest: str) -> None:
+    def __init__(self, client: RegistryClient, ref: Reference, digest: str,
+                 progress: PullProgress | None = None) -> None:
         self.client, self.ref, self.digest = client, ref, digest
+        self.progress = progress
         self.offset = 0  # bytes handed to the reader
         self.received = 0  # bytes read from the network (skipped ones included)
         self.resumes = 0
@@ -614,6 +655,8 @@ class _ResumingBody:
                 continue
             self.offset += len(data)
             self.received += len(data)
+            if self.progress is not None:
+                self.progress.bytes_done += len(data)
             if not data:
                 self.close()
             return data
@@ -624,6 +667,7 @@ class _ResumingBody:
             self._resp = None
 
 
-__all__ = ["ACCEPT", "Manifest", "ManifestUnknown", "RegistryAuthError", "RegistryClient",
+__all__ = ["ACCEPT", "Manifest", "ManifestUnknown", "PullProgress", "RegistryAuthError",
+           "RegistryClient",
            "RegistryConfig", "RegistryError", "RegistryUnreachable", "UnsupportedImage",
            "host_platform", "image_config", "parse_challenges"]

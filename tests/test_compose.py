@@ -5,6 +5,7 @@ name the path, warnings that name the key once; redeploys that change only what 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -237,9 +238,10 @@ volumes:
     st = deploy(tmp_path, text)
     c = svc(st, "web").task.container
     assert [(r.name, r.target, r.mode) for r in c.secrets] == \
-        [("app_db", "db", 0o444), ("ext", "other", 0o400)]
+        [(versioned("app_db", b"s3cret"), "db", 0o444), ("ext", "other", 0o400)]
     assert [(r.name, r.file_name) for r in c.configs] == \
-        [("app_site", "nginx.conf"), ("app_inline", "inline")]
+        [(versioned("app_site", b"listen 80"), "nginx.conf"),
+         (versioned("app_inline", b"x=1"), "inline")]
     assert [(m.type, m.source, m.target, m.readonly) for m in c.mounts] == [
         ("volume", "app_data", "/data", False),
         ("bind", str(tmp_path / "static"), "/static", True),
@@ -388,7 +390,7 @@ def test_a_redeploy_updates_only_the_changed_services(tmp_path: Path) -> None:
     cluster = [cluster_service(s) for s in first.services]
     # the cluster bumped web's force_update counter: that is not a change of the file
     cluster[0]["spec"]["task"]["force_update"] = 2
-    conf = {"id": "c1", "name": "app_conf", "labels": {STACK_LABEL: "app"},
+    conf = {"id": "c1", "name": versioned("app_conf", b"v1"), "labels": {STACK_LABEL: "app"},
             "data": base64.b64encode(b"v1").decode()}
     plan = plan_deploy(first, cluster, {"secret": [], "config": [conf]}, prune=False)
     assert plan.create == [] and plan.update == [] and plan.objects == []
@@ -412,7 +414,7 @@ def test_prune_removes_only_the_stacks_services_missing_from_the_file(tmp_path: 
     plan = plan_deploy(st, [gone, other, plain], objects, prune=True)
     assert plan.remove == ["app_old"]
     assert sorted(s.name for s in plan.create) == ["app_api", "app_web"]
-    assert [o.name for o in plan.objects] == ["app_conf"]
+    assert [o.name for o in plan.objects] == [versioned("app_conf", b"v1")]
 
 
 def test_conflicts_are_found_before_any_write(tmp_path: Path) -> None:
@@ -428,12 +430,48 @@ def test_conflicts_are_found_before_any_write(tmp_path: Path) -> None:
         plan_deploy(st, [port_owner], objects, prune=False)
     changed = {"id": "c1", "name": "app_conf", "labels": {STACK_LABEL: "app"},
                "data": base64.b64encode(b"v0").decode()}
+    named = deploy(tmp_path, STACK.replace('{content: "v1"}', '{content: "v1", name: app_conf}'))
     with pytest.raises(CliError, match=r"configs\.conf: config app_conf changed"):
-        plan_deploy(st, [], {"secret": [], "config": [changed]}, prune=False)
+        plan_deploy(named, [], {"secret": [], "config": [changed]}, prune=False)
     ext = deploy(tmp_path, "services:\n  w: {command: x, secrets: [k]}\n"
                  "secrets:\n  k: {external: true}\n")
     with pytest.raises(CliError, match="external secret 'k' not found"):
         plan_deploy(ext, [], objects, prune=False)
+
+
+def versioned(name: str, data: bytes) -> str:
+    return f"{name}-{hashlib.sha256(data).hexdigest()[:10]}"
+
+
+def test_a_changed_secret_file_is_a_new_object_and_a_rolling_update(tmp_path: Path) -> None:
+    """Beyond Swarm (which refuses): the created object is named after its content, so a
+    changed file makes a new one, the services using it update (same target), and the old
+    one is stale once no service uses it."""
+    text = ("services:\n  web: {command: x, secrets: [tok]}\n  api: {command: y}\n"
+            "secrets:\n  tok: {file: ./tok.txt}\n")
+    (tmp_path / "tok.txt").write_text("one")
+    first = deploy(tmp_path, text)
+    old = versioned("app_tok", b"one")
+    assert [o.name for o in first.secrets] == [old]
+    cluster = [cluster_service(s) for s in first.services]
+    have = {"secret": [{"id": "s1", "name": old, "labels": {STACK_LABEL: "app"}}],
+            "config": []}
+    plan = plan_deploy(first, cluster, have, prune=False)
+    assert plan.objects == [] and plan.update == [] and plan.stale == []
+
+    (tmp_path / "tok.txt").write_text("two")
+    second = deploy(tmp_path, text)
+    new = versioned("app_tok", b"two")
+    ref = svc(second, "web").task.container.secrets[0]
+    assert (ref.name, ref.target) == (new, "tok")
+    plan = plan_deploy(second, cluster, have, prune=False)
+    assert [o.name for o in plan.objects] == [new]
+    assert [s.name for s, _ in plan.update] == ["app_web"] and plan.unchanged == ["app_api"]
+    assert plan.stale == [("secret", "s1", old)]
+    # a service outside the stack that uses the old object keeps it
+    user = cluster_service(deploy(tmp_path, text, stack="other").services[0])
+    user["spec"]["task"]["container"]["secrets"] = [{"name": old, "target": "t"}]
+    assert plan_deploy(second, [*cluster, user], have, prune=False).stale == []
 
 
 def test_the_stack_label_is_the_one_dns_reads() -> None:

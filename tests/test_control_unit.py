@@ -161,6 +161,52 @@ async def test_a_slow_image_pull_does_not_hold_back_other_tasks(tmp_path: Path) 
     assert c.states("slow") == [TaskState.RUNNING]
 
 
+async def test_pull_progress_is_the_task_status_message_reported_only_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a task's image is pulled, its status is PREPARING with the pull's progress as
+    message (`service ps` shows it); a report goes out per period at most and only when the
+    text changed; the RUNNING report follows and outranks it."""
+    from shoal.node import worker as worker_mod
+    monkeypatch.setattr(worker_mod, "PROGRESS_PERIOD", 0.01)
+    c = Cluster(tmp_path)
+    progress = {"big:1": "pulling image: 1.0 of 4.0 MiB (0/2 layers)"}
+    c.worker.pull_progress = progress.get
+    reports: list[str] = []
+    report = c.worker._report
+
+    async def counted(task: Any, status: TaskStatus) -> None:
+        reports.append(status.message)
+        await report(task, status)
+
+    c.worker._report = counted  # type: ignore[method-assign]
+    await c.boot()
+    await c.services.create_service({"name": "slow", "image": "big:1",
+                                     "command": ["sleep", "100"], "replicas": 1})
+    await c.leader.one_pass()
+    await c.worker.reconcile()
+
+    def status() -> TaskStatus:
+        (t,) = c.store.snapshot().tasks.values()
+        return t.status
+
+    for _ in range(500):
+        if status().message == progress["big:1"]:
+            break
+        await asyncio.sleep(0.01)
+    assert status().state is TaskState.PREPARING and status().message == progress["big:1"]
+    await asyncio.sleep(0.1)  # ten periods, the same text: no new report
+    assert reports == [progress["big:1"]]
+    progress["big:1"] = "pulling image: 4.0 of 4.0 MiB (2/2 layers)"
+    for _ in range(500):
+        if status().message == progress["big:1"]:
+            break
+        await asyncio.sleep(0.01)
+    assert reports == ["pulling image: 1.0 of 4.0 MiB (0/2 layers)", progress["big:1"]]
+    c.pulls["big:1"].set()
+    await c.worker.wait_started()
+    assert status().state is TaskState.RUNNING
+
+
 async def test_a_start_that_ends_during_a_pass_is_not_started_again(tmp_path: Path) -> None:
     """A start that finishes while a pass is under way (after the pass looked at the runtime,
     before it reaches that task) is not taken for a task the runtime has never seen: the task is

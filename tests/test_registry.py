@@ -11,6 +11,7 @@ import http.client
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,9 +21,10 @@ import pytest
 import registryd
 
 from shoal.runtime.errors import DigestMismatch
-from shoal.runtime.images import ImageStore
+from shoal.runtime.images import ImageGCConfig, ImageStore
 from shoal.runtime.registry import (
     ManifestUnknown,
+    PullProgress,
     RegistryAuthError,
     RegistryClient,
     RegistryConfig,
@@ -328,3 +330,63 @@ def test_the_manager_pins_tags_per_resolve_mode(env: Env, tmp_path: Path) -> Non
             resolve(tag, "sometimes")
     finally:
         reg.close()
+
+
+def test_pull_progress_counts_every_layer_byte(env: Env, tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    ref = f"{env.basic.addr}/team/app:1"
+    seen: list[int] = []
+    progress = PullProgress(ref)
+
+    def elsewhere(_digest: str) -> bool:  # (called between layers: a sample of progress)
+        seen.append(progress.bytes_done)
+        return False
+
+    info = env.client(env.basic).pull(ref, store, elsewhere, progress)
+    assert progress.layers_done == progress.layers_total == len(info.layers)
+    assert progress.bytes_done == progress.bytes_total == info.size > 0
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] < info.size
+    assert progress.message() == f"pulling image: extracting {len(info.layers)} layers"
+    progress.phase = "pulling"
+    assert progress.message().startswith("pulling image: ") and f"({len(info.layers)}/" \
+        in progress.message()
+
+
+def test_prune_and_gc_keep_used_images_and_remove_the_rest_safely(env: Env,
+                                                                   tmp_path: Path) -> None:
+    used: set[str] = set()
+    store = ImageStore(tmp_path / "images", in_use=lambda: set(used))
+    c = env.client(env.basic)
+    one = c.pull(f"{env.basic.addr}/team/app:1", store)
+    two = c.pull(f"{env.basic.addr}/team/app:v2s2", store)
+    assert set(one.layers) & set(two.layers)  # (the busybox base layer is shared)
+    used.add(one.id)
+    # prune without -a: both have a name:tag, nothing is dangling
+    assert store.prune()["deleted"] == []
+    # -a with until: both were pulled just now
+    assert store.prune(all=True, until=3600)["deleted"] == []
+    # the GC: under the high mark nothing goes; over it, the unused image goes (LRU first),
+    # the used one and the layer they share stay whole
+    gc = ImageGCConfig(high_percent=85, low_percent=80, min_age=0)
+    assert store.gc(gc, usage=lambda: (100, 50))["deleted"] == []
+    out = store.gc(gc, usage=lambda: (100, 90))
+    assert out["deleted"] == [two.id] and out["reclaimed"] > 0
+    assert [i.id for i in store.ls()] == [one.id]
+    assert all(d.is_dir() for d in store.layer_dirs(store.inspect(one.id)))
+    # max age: an unused image older than it goes even with an empty disk
+    two = c.pull(f"{env.basic.addr}/team/app:v2s2", store)  # (pulled again: whole)
+    assert (store.layer_dirs(two)[0] / "etc").is_dir()
+    aged = ImageGCConfig(max_age=60, min_age=0)
+    assert store.gc(aged, usage=lambda: (100, 1))["deleted"] == []
+    assert store.gc(aged, usage=lambda: (100, 1), now=time.time() + 120)["deleted"] == [two.id]
+    # wanted by the cluster (a task still to start here) is kept like a used image
+    used.clear()
+    assert store.prune(all=True, wanted={one.id})["deleted"] == []
+    assert store.prune(all=True)["deleted"] == [one.id]
+    assert store.ls() == [] and not list((store.root / "layers").iterdir())
+    assert not list((store.root / "blobs" / "sha256").iterdir())
+    # a removal cut short by a crash leaves only tmp/trash-*, swept when the store opens
+    (store.root / "tmp" / "trash-0123-dead").mkdir()
+    store = ImageStore(tmp_path / "images")
+    assert not list((store.root / "tmp").iterdir())
+    assert c.pull(f"{env.basic.addr}/team/app:1", store).id == one.id

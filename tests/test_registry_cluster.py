@@ -1,6 +1,6 @@
 """Services from a real registry on netns hosts (issue 13, registry must-shows): a registry
-(Debian's docker-registry, TLS from a test CA, htpasswd Basic auth) on lab host h4, a cluster
-of h1 (manager) + h2, h3 (workers).
+(Debian's docker-registry, TLS from a test CA, htpasswd Basic auth) on lab host h6, a cluster
+of h1 (manager) + h2..h5 (workers).
 
 * `service create` of REGISTRY:5000/team/app:1 with --with-registry-auth: the manager pins
   the tag to its digest, every node runs the same image, and the registry's access log shows
@@ -13,6 +13,8 @@ of h1 (manager) + h2, h3 (workers).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from netlab import Host, Lab, wait_until
 pytestmark = pytest.mark.netns
 
 USER, PASSWORD = "alice", "s3cret"
+NODES = 5  # agents (1 manager + workers); one more lab host runs the registry
 
 
 def tasks(h: Host, svc: str) -> list[dict[str, Any]]:
@@ -68,10 +71,10 @@ def login(h: Host, server: str, password: str, check: bool = True) -> Any:
 
 
 def test_services_from_a_registry(lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
-    lab = lab_factory(4)
-    h4 = lab.hosts[3]
-    reg = registryd.Registry(tmp_path / "reg", h4.ip, 5000, users={USER: PASSWORD},
-                             spawn=h4.spawn, netns=h4.netns)
+    lab = lab_factory(NODES + 1)
+    rh = lab.hosts[NODES]
+    reg = registryd.Registry(tmp_path / "reg", rh.ip, 5000, users={USER: PASSWORD},
+                             spawn=rh.spawn, netns=rh.netns)
     try:
         run_scenario(lab, reg, tmp_path)
     finally:
@@ -79,10 +82,11 @@ def test_services_from_a_registry(lab_factory: Callable[..., Lab], tmp_path: Pat
 
 
 def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
-    h1, h2, h3, _h4 = lab.hosts
-    for h in (h1, h2, h3):
+    nodes = lab.hosts[:NODES]
+    h1, h2 = nodes[:2]
+    for h in nodes:
         h.start_agent("--registry-ca", str(reg.ca))
-    lab.form_cluster(managers=1, workers=2)
+    lab.form_cluster(managers=1, workers=NODES - 1, timeout=120)
     reg.wait_ready()
     layout = tmp_path / "layout"
     v1 = registryd.build_layout(layout, "1", marker="one", extra_mib=8)
@@ -96,45 +100,45 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     secrets = h1.cli_json("secret", "ls")
     assert [s["name"] for s in secrets] == [f"registry-auth.{reg.host}-5000"]
     assert PASSWORD not in json.dumps(h1.cli_json("secret", "inspect", secrets[0]["name"]))
-    assert PASSWORD not in "".join(h.agent_log.read_text() for h in (h1, h2, h3))
+    assert PASSWORD not in "".join(h.agent_log.read_text() for h in nodes)
 
     # ---- create: pinned to the digest, the same image on every node, layers fetched once
-    h1.cli("service", "create", "--name", "app", "--replicas", "3", "--with-registry-auth",
+    h1.cli("service", "create", "--name", "app", "--replicas", str(NODES), "--with-registry-auth",
            "--update-parallelism", "0", "--image", image)  # (updates: all tasks at once)
-    ts = running(h1, "app", 3, timeout=90)
-    assert len({t["node"] for t in ts}) == 3
+    ts = running(h1, "app", NODES, timeout=120)
+    assert len({t["node"] for t in ts}) == NODES
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
         "image"]
     assert spec_image == f"{image}@{v1['manifest']}"  # `service inspect` shows tag and digest
     pinned = f"{reg.addr}/team/app@{v1['manifest']}"
-    ids = {h.name: image_tags(h).get(pinned) for h in (h1, h2, h3)}
+    ids = {h.name: image_tags(h).get(pinned) for h in nodes}
     assert None not in ids.values() and len(set(ids.values())) == 1, ids
-    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started one") == 3
-               or None, timeout=20, what="3 tasks started from image one")
+    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started one") == NODES
+               or None, timeout=20, what=f"{NODES} tasks started from image one")
     layers = json.loads(reg.blob_path(v1["manifest"]).read_text())["layers"]
     gets = {layer["digest"][:19]: reg.blob_gets(layer["digest"]) for layer in layers}
     assert all(n == 1 for n in gets.values()), f"layer GETs from the registry: {gets}"
 
     # ---- moving the tag changes nothing running; `service update --image` rolls it out
-    before = {t["id"] for t in running(h1, "app", 3)}
+    before = {t["id"] for t in running(h1, "app", NODES)}
     v2 = registryd.build_layout(layout, "2", marker="two")
     reg.push(layout, "2", "team/app:1")
     time.sleep(2)
-    assert {t["id"] for t in running(h1, "app", 3)} == before
+    assert {t["id"] for t in running(h1, "app", NODES)} == before
     # a template change replaces every task, and the new ones still run the pinned bytes
     h1.cli("service", "update", "--env-add", "X=1", "app")
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
         "image"]
     assert spec_image.endswith(v1["manifest"])
-    wait_until(lambda: not before & {t["id"] for t in running(h1, "app", 3)} or None,
+    wait_until(lambda: not before & {t["id"] for t in running(h1, "app", NODES)} or None,
                timeout=90, what="the --env-add rollout replaced every task")
     assert "started two" not in h1.cli("service", "logs", "app").stdout
     h1.cli("service", "update", "--image", image, "app")
     spec_image = h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"][
         "image"]
     assert spec_image == f"{image}@{v2['manifest']}"
-    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started two") == 3
-               or None, timeout=90, what="3 tasks started from image two")
+    wait_until(lambda: h1.cli("service", "logs", "app").stdout.count("started two") == NODES
+               or None, timeout=90, what=f"{NODES} tasks started from image two")
 
     # ---- `image pull`: on a manager with the cluster's credentials; a worker has none
     reg.push(layout, "2", "team/app:2")
@@ -142,6 +146,32 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     assert f"{reg.addr}/team/app:2" in image_tags(h1)
     denied = h2.cli("image", "pull", f"{reg.addr}/team/app:2", check=False)
     assert denied.returncode != 0 and "wants credentials" in denied.stderr
+
+    # ---- pull progress in the task's status message while the node pulls (issue 13): the
+    # registry is paused (SIGSTOP) so the pull cannot finish before `service ps` shows it
+    registryd.build_layout(layout, "4", marker="four", extra_mib=2)
+    reg.push(layout, "4", "team/app:4")
+    os.kill(reg.proc.pid, signal.SIGSTOP)
+    try:
+        h1.cli("service", "create", "--name", "prog", "--with-registry-auth",
+               "--resolve-image", "never", "--image", f"{reg.addr}/team/app:4")
+        assert task_error(h1, "prog", "pulling image").startswith("pulling image")
+    finally:
+        os.kill(reg.proc.pid, signal.SIGCONT)
+    running(h1, "prog", 1, timeout=90)
+    h1.cli("service", "rm", "prog")
+
+    # ---- `image prune -a` on a worker: the unused image one goes, the running two stays
+    def pinned_ids(h: Host) -> set[str]:
+        return {i for t, i in image_tags(h).items() if "@sha256:" in t}
+
+    h2_before = pinned_ids(h2)
+    out = h2.cli("image", "prune", "-a").stdout
+    assert "Total reclaimed space" in out
+    tags = image_tags(h2)
+    assert pinned not in tags and f"{reg.addr}/team/app@{v2['manifest']}" in tags, tags
+    assert pinned_ids(h2) < h2_before
+    assert store_tmp(h2) == []
 
     # ---- errors, each clear in `service ps`
     v3 = registryd.build_layout(layout, "3", marker="three", extra_mib=1)
@@ -173,7 +203,7 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     assert "refused the credentials" in task_error(h1, "badcreds", "refused the credentials")
     for svc in ("anon", "nosuch", "unreach", "tampered", "badcreds"):
         h1.cli("service", "rm", svc)
-    for h in (h1, h2, h3):
+    for h in nodes:
         tags = image_tags(h)
         assert not [t for t in tags if "app:3" in t or "app:nope" in t], tags
         assert store_tmp(h) == [], f"{h.name}: half-written files in the image store"

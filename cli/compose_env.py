@@ -1,0 +1,231 @@
+"""Reading Compose text: YAML, ``.env`` files, variable interpolation, override merging.
+
+Owns: the YAML loader (PyYAML's safe loader with YAML 1.2 core-schema scalars, as Compose's
+Go parser: ``80:80`` stays a string, ``yes`` is not a boolean), ``.env`` parsing, variable
+interpolation (``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+``${VAR:?error}``, ``${VAR?error}``, ``${VAR:+alt}``, ``$$``) and Compose's override merge
+rules. Pure functions of text and an environment. Must not touch: what the keys mean (that is
+shoal.cli.compose and shoal.cli.compose_keys), the cluster.
+
+Errors: ``ComposeError`` (shoal.cli.errors) whose message starts with the path or file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoal.cli.errors import ComposeError
+
+# ----------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars (as Compose's Go parser):
+    no sexagesimal ints (``80:80`` is a port mapping, not 4880), booleans only
+    true/false, no implicit timestamps."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0[0-7_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """One Compose document → its top-level mapping, or ComposeError naming ``source``."""
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # (a SafeLoader subclass: no arbitrary objects)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ComposeError(source, f"invalid YAML{where}: {problem}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ComposeError(source, "a Compose file is a mapping (services: ...)")
+    return doc
+
+
+# ----------------------------------------------------------------------------- environment
+
+_ENV_LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*)$")
+
+
+def parse_env_file(text: str, source: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, blank lines, ``export``, single or double quotes,
+    `` #`` comments after an unquoted value) → a map. Values are not interpolated."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _ENV_LINE_RE.match(line)
+        if m is None:
+            raise ComposeError(f"{source}:{n}", f"expected KEY=VALUE, got {line.strip()!r}")
+        key, value = m.group(1), m.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+            if m.group(2).strip()[0] == '"':
+                value = value.replace("\\n", "\n").replace('\\"', '"')
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
+        out[key] = value
+    return out
+
+
+def read_env_file(path: Path, source: str) -> dict[str, str]:
+    try:
+        return parse_env_file(path.read_text(), source)
+    except OSError as exc:
+        raise ComposeError(source, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ComposeError(source, f"{path} is not UTF-8 text") from None
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Interpolator:
+    def __init__(self, env: Mapping[str, str], warn: Callable[[str], None]) -> None:
+        self.env = env
+        self.warn = warn
+
+    def text(self, s: str, path: str) -> str:
+        out, _ = self._scan(s, 0, path, None)
+        return out
+
+    def _scan(self, s: str, i: int, path: str, stop: str | None) -> tuple[str, int]:
+        """Interpolate ``s`` from ``i`` up to ``stop`` (a closing brace of a nested default)
+        or the end; returns (text, index after it)."""
+        out: list[str] = []
+        while i < len(s):
+            c = s[i]
+            if stop is not None and c == stop:
+                return "".join(out), i
+            if c != "$":
+                out.append(c)
+                i += 1
+                continue
+            nxt = s[i + 1] if i + 1 < len(s) else ""
+            if nxt == "$":
+                out.append("$")
+                i += 2
+            elif nxt == "{":
+                value, i = self._braced(s, i + 2, path)
+                out.append(value)
+            elif m := _NAME_RE.match(s, i + 1):
+                out.append(self._get(m.group(0), path))
+                i = m.end()
+            else:
+                raise ComposeError(path, f"invalid interpolation at {s[i:i + 10]!r} "
+                                   "(use $$ for a literal $)")
+        if stop is not None:
+            raise ComposeError(path, f"unterminated ${{...}} in {s!r}")
+        return "".join(out), i
+
+    def _braced(self, s: str, i: int, path: str) -> tuple[str, int]:
+        m = _NAME_RE.match(s, i)
+        if m is None:
+            raise ComposeError(path, f"invalid interpolation in {s!r}: ${{ must be followed "
+                               "by a variable name")
+        name, i = m.group(0), m.end()
+        if s.startswith("}", i):
+            return self._get(name, path), i + 1
+        op = next((o for o in (":-", ":?", ":+", "-", "?", "+") if s.startswith(o, i)), None)
+        if op is None:
+            raise ComposeError(path, f"invalid interpolation in {s!r} after ${{{name}")
+        arg, i = self._scan(s, i + len(op), path, "}")
+        value = self.env.get(name)
+        empty_counts = op.startswith(":")
+        unset = value is None or (empty_counts and value == "")
+        if op in (":-", "-"):
+            return (arg if unset else str(value)), i + 1
+        if op in (":+", "+"):
+            return ("" if unset else arg), i + 1
+        if unset:
+            raise ComposeError(path, f"required variable {name} is "
+                               f"{'missing a value' if value is None else 'empty'}"
+                               + (f": {arg}" if arg else ""))
+        return str(value), i + 1
+
+    def _get(self, name: str, path: str) -> str:
+        value = self.env.get(name)
+        if value is None:
+            self.warn(f"the {name} variable is not set: it is replaced by an empty string "
+                      f"(at {path})")
+            return ""
+        return value
+
+    def walk(self, node: Any, path: str) -> Any:
+        if isinstance(node, str):
+            return self.text(node, path)
+        if isinstance(node, dict):
+            return {k: self.walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return node
+
+
+def interpolate(doc: Any, env: Mapping[str, str],
+                warnings: list[str] | None = None) -> Any:
+    """``doc`` with every string value interpolated from ``env`` (keys are not)."""
+    sink = warnings if warnings is not None else []
+    return _Interpolator(env, sink.append).walk(doc, "")
+
+
+# ----------------------------------------------------------------------------- merging
+
+# service keys whose list items an override adds to (same item replaced) instead of replacing
+_MERGED_LISTS = {"ports", "secrets", "configs", "volumes", "env_file", "cap_add", "cap_drop",
+                 "extra_hosts", "dns", "dns_search", "expose", "tmpfs"}
+_MAPPED_LISTS = {"environment", "labels"}  # KEY=VALUE lists that merge as maps
+
+
+def _as_map(value: Any) -> Any:
+    if isinstance(value, list):
+        out: dict[str, Any] = {}
+        for item in value:
+            if isinstance(item, str):
+                k, sep, v = item.partition("=")
+                out[k] = v if sep else None
+            else:
+                return value  # not a KEY=VALUE list: left for the translation to refuse
+        return out
+    return value
+
+
+def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
+    """Compose's override rules, simplified: maps merge recursively, ``environment`` and
+    ``labels`` merge as maps, ports/secrets/configs/volumes/... lists are concatenated
+    without duplicates, anything else is replaced."""
+    if depth == 3 and key in _MAPPED_LISTS:  # (services.NAME.environment)
+        base, over = _as_map(base), _as_map(over)
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v, str(k), depth + 1) if k in base else v
+        return out
+    if depth == 3 and key in _MERGED_LISTS and isinstance(base, list) \
+            and isinstance(over, list):
+        return base + [v for v in over if v not in base]
+    return over
