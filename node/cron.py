@@ -103,9 +103,11 @@ def plan(snap: Snapshot, now: float) -> tuple[list[Op], float | None]:
     scheduled = [s for s in snap.services.values() if s.spec.mode.scheduled]
     if not scheduled:
         return [], None
-    ids = {s.id for s in scheduled}
+    # (the tasks are needed only for runs still going: a pass over idle schedules costs a
+    # look at each service, not at the task table)
+    ids = {s.id for s in scheduled if any(r.state == RUNNING for r in s.job_status.runs)}
     by_service: dict[str, list[Task]] = defaultdict(list)
-    for t in snap.tasks.values():
+    for t in snap.tasks.values() if ids else ():
         if t.service_id in ids:
             by_service[t.service_id].append(t)
     ops: list[Op] = []

@@ -372,8 +372,10 @@ def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     status = svc.update_status
     if status.state in ("updating", "rollback_started"):
         done = "rollback_completed" if status.rollback else "completed"
-        ops.append(("update_status", svc.id, done, "job re-run with the " +
-                    ("previous spec" if status.rollback else "new spec")))
+        which = "previous spec" if status.rollback else "new spec"
+        ops.append(("update_status", svc.id, done,
+                    f"the next scheduled runs use the {which}" if svc.spec.mode.scheduled
+                    else f"job re-run with the {which}"))
     return ops
 
 

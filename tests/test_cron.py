@@ -260,3 +260,32 @@ def test_services_and_tasks_stored_before_scheduled_jobs_still_load() -> None:
     assert back.services["s1"].job_status.iteration == 0
     assert not back.services["s1"].spec.mode.scheduled
     assert back.tasks["t1"].job_iteration == 0
+
+
+def test_a_run_started_skipped_and_ended_are_events() -> None:
+    """Each run gives one event when it starts or is skipped and one when it ends; progress
+    within a run gives none."""
+    from shoal.node.events import derive
+
+    st = ClusterState()
+    st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": {
+        "name": "cj", "mode": {"type": "replicated-job", "replicas": 2,
+                               "schedule": {"cron": EVERY_5S}},
+        "task": {"container": {"command": ["x"]}}}})
+
+    def actions(*ops: Any) -> list[tuple[str, str]]:
+        before = st.snapshot()
+        cmd = {"op": "leader", "term": 1, "now": 20.0, "ops": list(ops)}
+        assert "ok" in st.apply(cmd)
+        return [(e.action, e.name) for e in derive(before, cmd, st.snapshot(), st.index)
+                if e.type == "service"]
+
+    assert actions(("job_run", "s1", 10.0, "")) == [("job-running", "cj")]
+    assert actions(("job_run_status", "s1", 1, "running", 1, 0, "")) == []
+    assert actions(("job_run", "s1", 15.0, "busy")) == [("job-skipped", "cj")]
+    assert actions(("job_run", "s1", 15.0, "")) == []  # (that time is taken)
+    assert actions(("job_run_status", "s1", 1, "completed", 2, 0, "2 completed")) == \
+        [("job-completed", "cj")]
+    runs = st.services["s1"].job_status.runs
+    assert [(r.scheduled_at, r.state, r.completed) for r in runs] == \
+        [(10.0, "completed", 2), (15.0, "skipped", 0)]

@@ -31,7 +31,7 @@ def test_a_global_service_follows_nodes_and_a_replicated_job_completes(
     stops the one of a drained node (`node ps` shows it); `--mode replicated-job` with 6
     completions, never more than 2 at a time, runs to completion and is not restarted;
     `service ls` shows both modes and the job's progress; a job with `--schedule` (every
-    5 s) runs on its times and skips a time its previous run still holds (forbid), its runs
+    3 s) runs on its times and skips a time its previous run still holds (forbid), its runs
     in `service inspect`; `--max-replicas-per-node` and `--placement-pref spread=...` place
     as asked and a task that fits nowhere says why (must-shows 4 and 6)."""
     lab = lab_factory(3)
@@ -104,8 +104,8 @@ def test_a_global_service_follows_nodes_and_a_replicated_job_completes(
 
 def _batch_and_cron(h1: Host, out: Path) -> None:
     """Must-show 4's jobs: a replicated-job of 6 completions at most 2 at a time completes
-    and is not restarted; a job scheduled every 5 s (cron with seconds) runs on its times,
-    a time that comes while its run (6 s long) still goes is skipped (policy forbid), and
+    and is not restarted; a job scheduled every 3 s (cron with seconds) runs on its times,
+    a time that comes while its run (4 s long) still goes is skipped (policy forbid), and
     the runs are kept in `service inspect` and the next one shown by `service ls`."""
     mount = f"type=bind,src={out},dst=/out"
     note = "echo start $(date +%s.%N) >> /out/$0; sleep 1; echo end $(date +%s.%N) >> /out/$0"
@@ -113,9 +113,9 @@ def _batch_and_cron(h1: Host, out: Path) -> None:
            "--replicas", "6", "--max-concurrent", "2", "--restart-delay", "0s",
            "--mount", mount, "--", "sh", "-c", note, "batch")
     h1.cli("service", "create", "--name", "tick", "--mode", "replicated-job",
-           "--schedule", "*/5 * * * * *", "--schedule-policy", "forbid",
+           "--schedule", "*/3 * * * * *", "--schedule-policy", "forbid",
            "--schedule-history", "10", "--mount", mount, "--", "sh", "-c",
-           "echo run $(date +%s.%N) >> /out/tick; sleep 6")
+           "echo run $(date +%s.%N) >> /out/tick; sleep 4")
     most = 0
 
     def done() -> dict[str, Any] | None:
@@ -151,7 +151,7 @@ def _batch_and_cron(h1: Host, out: Path) -> None:
         return kept if len(ended) >= 2 and skipped else None
 
     kept = wait_until(runs, timeout=90, interval=1, what="2 runs of the cron job and a skip")
-    assert all(r["scheduled_at"] % 5 == 0 for r in kept)  # on its times
+    assert all(r["scheduled_at"] % 3 == 0 for r in kept)  # on its times
     assert all("still running (policy forbid)" in r["message"] for r in kept
                if r["state"] == "skipped")
     done_runs = [r for r in kept if r["state"] == "completed"]
