@@ -113,30 +113,43 @@ def plan(snap: Snapshot, now: float) -> tuple[list[Op], float | None]:
     ops: list[Op] = []
     wake_at: float | None = None
     for svc in sorted(scheduled, key=lambda s: s.spec.name):
-        sched, job = svc.spec.mode.schedule, svc.job_status
-        tasks = by_service.get(svc.id, [])
-        current_running = False
-        for run in job.runs:
-            if run.state != RUNNING:
-                continue
-            latest = run.iteration == job.iteration
-            progress = run_progress(svc, run, tasks, snap.nodes, now, latest)
-            if latest and progress[0] == RUNNING:
-                current_running = True
-            if progress != (run.state, run.completed, run.failed, run.message):
-                ops.append(("job_run_status", svc.id, run.iteration, *progress))
-        since = max(job.last_scheduled, svc.created_at)
-        due = due_time(sched, since, now)
-        if due is not None:
-            skip = ""
-            if sched.policy == "forbid" and current_running:
-                prev = next(r for r in reversed(job.runs) if r.iteration == job.iteration)
-                skip = f"the previous run (scheduled {iso(prev.scheduled_at)}) is still " \
-                       "running (policy forbid)"
-            ops.append(("job_run", svc.id, due, skip))
-        nxt = next_time(sched, max(now, due or since))
-        wake_at = nxt if wake_at is None else min(wake_at, nxt)
+        svc_ops, nxt = _plan_one(svc, by_service.get(svc.id, []), snap.nodes, now)
+        ops += svc_ops
+        if nxt is not None:
+            wake_at = nxt if wake_at is None else min(wake_at, nxt)
     return ops, wake_at
+
+
+def _plan_one(svc: Service, tasks: list[Task], nodes: Mapping[str, Node], now: float
+              ) -> tuple[list[Op], float | None]:
+    """One scheduled job's ops (the progress of its runs going, the run due now) and the
+    next time it is due (None: its schedule gives no more times)."""
+    ops: list[Op] = []
+    sched, job = svc.spec.mode.schedule, svc.job_status
+    current_running = False
+    for run in job.runs:
+        if run.state != RUNNING:
+            continue
+        latest = run.iteration == job.iteration
+        progress = run_progress(svc, run, tasks, nodes, now, latest)
+        if latest and progress[0] == RUNNING:
+            current_running = True
+        if progress != (run.state, run.completed, run.failed, run.message):
+            ops.append(("job_run_status", svc.id, run.iteration, *progress))
+    since = max(job.last_scheduled, svc.created_at)
+    try:
+        due = due_time(sched, since, now)
+        nxt = next_time(sched, max(now, due or since))
+    except ValueError:  # (croniter: no such time within its search: it never runs again)
+        return ops, None
+    if due is not None:
+        skip = ""
+        if sched.policy == "forbid" and current_running:
+            prev = next(r for r in reversed(job.runs) if r.iteration == job.iteration)
+            skip = f"the previous run (scheduled {iso(prev.scheduled_at)}) is still " \
+                   "running (policy forbid)"
+        ops.append(("job_run", svc.id, due, skip))
+    return ops, nxt
 
 
 __all__ = ["due_time", "iso", "next_time", "plan", "run_progress"]

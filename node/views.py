@@ -102,11 +102,14 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
     if mode.scheduled:  # (shoal.node.cron)
         from shoal.node.cron import next_time
         job = svc.job_status
+        try:
+            nxt: float | None = next_time(mode.schedule, max(time.time(), job.last_scheduled,
+                                                              svc.created_at))
+        except ValueError:  # (its schedule gives no more times)
+            nxt = None
         out["schedule"] = {
             "cron": mode.schedule.cron, "timezone": mode.schedule.timezone or "UTC",
-            "policy": mode.schedule.policy,
-            "next_run": next_time(mode.schedule, max(time.time(), job.last_scheduled,
-                                                     svc.created_at)),
+            "policy": mode.schedule.policy, "next_run": nxt,
             "last_run": to_dict(job.runs[-1]) if job.runs else None}
         if detail:
             out["schedule"]["runs"] = [to_dict(r) for r in job.runs]

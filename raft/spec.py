@@ -501,10 +501,15 @@ class Schedule(_Spec, frozen=True):
             raise SpecError("timezone", "is the time zone of a schedule: give --schedule too")
         if self.cron:
             try:
-                parse_cron(self.cron, self.timezone)
+                times = parse_cron(self.cron, self.timezone)
             except ValueError as exc:
                 field = "timezone" if "time zone" in str(exc) else "cron"
                 raise SpecError(field, str(exc)) from None
+            try:
+                times.get_next(float)  # (from a fixed date: the same verdict everywhere)
+            except ValueError:
+                raise SpecError("cron", f"{self.cron!r} gives no time at all (a date that "
+                                "does not exist, such as February 30?)") from None
 
 
 class ServiceMode(_Spec, frozen=True):

@@ -58,6 +58,7 @@ def test_cron_times_follow_five_and_six_field_expressions_macros_and_time_zones(
     ("replicated-job", {"cron": "61 * * * *"}, "mode.schedule.cron", "out of range"),
     ("replicated-job", {"cron": "* * * * * * *"}, "mode.schedule.cron", "has 7 fields"),
     ("replicated-job", {"cron": "@reboot"}, "mode.schedule.cron", "@reboot"),
+    ("replicated-job", {"cron": "0 0 30 2 *"}, "mode.schedule.cron", "gives no time"),
     ("replicated-job", {"cron": "@hourly", "timezone": "Mars/Olympus"},
      "mode.schedule.timezone", "unknown time zone"),
     ("replicated-job", {"timezone": "UTC"}, "mode.schedule.timezone", "give --schedule"),
