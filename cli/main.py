@@ -195,9 +195,12 @@ def render_nodes(nodes: list[dict[str, Any]]) -> str:
 
 
 def _replicas(s: dict[str, Any]) -> str:
-    """REPLICAS: running/wanted; a job: completed/total (and how many run now)."""
+    """REPLICAS: running/wanted; a job: completed/total (and how many run now); a scheduled
+    job: of its current run, and when the next one starts (UTC)."""
     if "completed" in s:
-        return f"{s['completed']}/{s['replicas']} ({s['running']} running)"
+        nxt = (s.get("schedule") or {}).get("next_run")
+        at = f", next run {time.strftime('%H:%M:%S', time.gmtime(nxt))}Z" if nxt else ""
+        return f"{s['completed']}/{s['replicas']} ({s['running']} running{at})"
     return f"{s['running']}/{s['replicas']}"
 
 

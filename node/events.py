@@ -180,6 +180,13 @@ def _service_events(before: Snapshot, after: Snapshot) -> list[_E]:
                         {**_service_attrs(a), "state": a.update_status.state,
                          "previous": b.update_status.state,
                          "message": a.update_status.message}))
+        was = {r.scheduled_at: r.state for r in b.job_status.runs}
+        for r in a.job_status.runs:  # a scheduled job's run started, skipped or ended
+            if was.get(r.scheduled_at) != r.state:
+                out.append(("service", f"job-{r.state}", sid, a.spec.name,
+                            {**_service_attrs(a), "scheduled_at": r.scheduled_at,
+                             "completed": r.completed, "failed": r.failed,
+                             "message": r.message}))
     return out
 
 
@@ -209,7 +216,7 @@ def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
                 ids.add(str(o[1].get("id")))
             elif o[0] in _TASK_OPS:
                 ids.add(str(o[1]))
-            elif o[0] not in ("update_status", "node_state"):
+            elif o[0] not in ("update_status", "node_state", "job_run", "job_run_status"):
                 return None
         return ids
     return None

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from shoal.node import cron
 from shoal.node.orchestrator import (
     Op,
     OrchestratorConfig,
@@ -158,7 +159,8 @@ def plan_pass(
     index: PassIndex | None = None,
     new_id: Callable[[], str] = new_task_id,
 ) -> tuple[list[Op], float | None]:
-    """One leader pass as a pure function: liveness, then orchestration, then placement.
+    """One leader pass as a pure function: liveness and scheduled jobs' runs (shoal.node.cron),
+    then orchestration, then placement.
 
     The orchestration ops are applied to a scratch copy of the state so tasks created
     in this pass are placed in the same batch. With an ``index`` (kept from the previous
@@ -170,6 +172,8 @@ def plan_pass(
     if liveness:
         ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip,
                              restarts)
+    runs, runs_wake = cron.plan(snap, wall_now)  # scheduled jobs' runs due now (and progress)
+    ops += runs
     scratch: ClusterState | None = None  # made only when ops must be applied (copies)
     view = snap
     if ops:
@@ -227,6 +231,8 @@ def plan_pass(
         t = projected.tasks[tid]
         if t.sched_message != reason:
             ops.append(("unschedulable", tid, reason))
+    if runs_wake is not None and (wake_at is None or runs_wake < wake_at):
+        wake_at = runs_wake
     return ops, wake_at
 
 

@@ -302,6 +302,11 @@ REPLIES: dict[str, Schema] = {
                     "previous_spec)",
                     id=STR, name=STR, mode=STR, replicas=INT, running=INT,
                     completed=INT, failed=INT, max_concurrent=INT,
+                    schedule=_obj("a scheduled job's next run, last run and (inspect) its "
+                                  "runs", cron=STR, timezone=STR, policy=STR,
+                                  next_run=_nullable(TIME),
+                                  last_run=_nullable({"type": "object"}),
+                                  runs=_list({"type": "object"})),
                     command=_list(STR), version=INT,
                     vip=STR, ports=_list({"type": "object"}), created_at=TIME, updated_at=TIME,
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),

@@ -14,7 +14,9 @@ Owns: the service-mode policies (swarmkit's replicated, global and job orchestra
   exits 0 (COMPLETE, never restarted), at most ``max_concurrent`` tasks at a time; a failed
   task is retried per the restart policy (``any`` acts as ``on-failure``); tasks of an
   older iteration are shut down;
-* global-job — the same per eligible node, nodes joining later included.
+* global-job — the same per eligible node, nodes joining later included;
+* scheduled jobs (``mode.schedule``) — the same per run: a run is a job iteration the
+  leader starts when the schedule says (shoal.node.cron), not an update (``of_current_run``).
 
 Also deleting tasks of removed services once they have stopped, trimming task history (a
 job's completions are kept: they are its progress), and the node-liveness policy
@@ -263,8 +265,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
         where: set[str] = set()
         for t in tasks:
             if mode.job:
-                if t.status.state is not TaskState.COMPLETE or \
-                        t.service_version != svc.version:
+                if t.status.state is not TaskState.COMPLETE or not of_current_run(t, svc):
                     return False
             elif not (t.spec is svc.spec.task or t.spec == svc.spec.task) or not t.alive \
                     or t.id in orphaned or t.status.state < TaskState.ASSIGNED:
@@ -275,7 +276,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
     if len(tasks) != replicas:
         return False
     if mode.job:
-        return all(t.status.state is TaskState.COMPLETE and t.service_version == svc.version
+        return all(t.status.state is TaskState.COMPLETE and of_current_run(t, svc)
                    for t in tasks) and {t.slot for t in tasks} == set(range(1, replicas + 1))
     spec = svc.spec.task
     slots = set()
@@ -312,7 +313,8 @@ def _new_task(svc: Service, slot: int, now: float, new_id: Callable[[], str],
     return Task(id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
                 spec=svc.spec.task, service_version=svc.version, node_id=node_id,
                 desired_state=TaskState.RUNNING, status=status, created_at=now,
-                updated_at=now, sched_message=pending)
+                updated_at=now, sched_message=pending,
+                job_iteration=svc.job_status.iteration if svc.spec.mode.job else 0)
 
 
 def _keep_one(live: list[Task]) -> list[Op]:
@@ -336,21 +338,44 @@ def _trim(tasks: list[Task], alive: Callable[[Task], bool], keep: int,
 
 def _completed(t: Task, svc: Service) -> bool:
     """A completion of the job's current iteration."""
-    return t.status.state is TaskState.COMPLETE and t.service_version == svc.version
+    return t.status.state is TaskState.COMPLETE and of_current_run(t, svc)
+
+
+def of_current_run(t: Task, svc: Service) -> bool:
+    """``t`` belongs to the job's current iteration: made for its current scheduled run
+    (``job_status.iteration``) and — unless the job is scheduled — for its current service
+    version (any update re-runs a job, as Swarm's JobIteration). A scheduled job runs only
+    when its schedule says (shoal.node.cron): an update changes what its runs run."""
+    if t.job_iteration != svc.job_status.iteration:
+        return False
+    return svc.spec.mode.scheduled or t.service_version == svc.version
+
+
+def _idle(svc: Service) -> bool:
+    """A scheduled job before its first run: nothing to run yet."""
+    return svc.spec.mode.scheduled and not svc.job_status.iteration
 
 
 def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool]
                    ) -> list[Op]:
     """A job's update: tasks of older iterations (service versions) still running are shut
     down (the new iteration runs from scratch), and an update or rollback in progress is
-    done at once (a job has no rolling update)."""
-    ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
-                     if alive(t) and t.service_version != svc.version]
+    done at once (a job has no rolling update). A scheduled job: the tasks of an older
+    template are shut down (the current run replaces its own), those of earlier runs run
+    on (policy allow: runs overlap)."""
+    if svc.spec.mode.scheduled:
+        ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
+                         if alive(t) and outdated(t, svc.spec.task)]
+    else:
+        ops = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
+               if alive(t) and t.service_version != svc.version]
     status = svc.update_status
     if status.state in ("updating", "rollback_started"):
         done = "rollback_completed" if status.rollback else "completed"
-        ops.append(("update_status", svc.id, done, "job re-run with the " +
-                    ("previous spec" if status.rollback else "new spec")))
+        which = "previous spec" if status.rollback else "new spec"
+        ops.append(("update_status", svc.id, done,
+                    f"the next scheduled runs use the {which}" if svc.spec.mode.scheduled
+                    else f"job re-run with the {which}"))
     return ops
 
 
@@ -370,14 +395,14 @@ def _reconcile_replicated_job(
     slots: dict[int, list[Task]] = defaultdict(list)
     for t in tasks:
         slots[t.slot].append(t)
-    current = [t for t in tasks if t.service_version == svc.version]
+    current = [t for t in tasks if of_current_run(t, svc)]
     running = sum(1 for t in current if alive(t))
-    room = mode.concurrency - running
+    room = 0 if _idle(svc) else mode.concurrency - running
     history = max(config.task_history, policy.max_attempts + 1, 1)
     created: dict[str, Any] | None = None
     for slot in range(1, max(mode.replicas, max(slots, default=0)) + 1):
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
-        mine = [t for t in slot_tasks if t.service_version == svc.version]
+        mine = [t for t in slot_tasks if of_current_run(t, svc)]
         if slot > mode.replicas:  # (an older iteration's): no history kept
             ops += [("delete", t.id) for t in slot_tasks
                     if t.status.state.terminal and not alive(t)]
@@ -432,7 +457,7 @@ def _reconcile_per_node(
     placed: dict[str, Any] | None = None  # the first placed task this pass makes, plain
     for nid in sorted(by_node.keys() | set(eligible)):
         node_tasks = sorted(by_node.get(nid, []), key=lambda t: (t.created_at, t.id))
-        mine = [t for t in node_tasks if not mode.job or t.service_version == svc.version]
+        mine = [t for t in node_tasks if not mode.job or of_current_run(t, svc)]
         node = nodes.get(nid)
         if node is None:  # a removed node: its tasks were orphaned; keep no history
             ops += [("delete", t.id) for t in node_tasks
@@ -446,7 +471,7 @@ def _reconcile_per_node(
         waiting = [t for t in live if t.status.state < TaskState.ASSIGNED]
         if live and not waiting:
             continue
-        if mode.job and any(_completed(t, svc) for t in mine):
+        if mode.job and (_idle(svc) or any(_completed(t, svc) for t in mine)):
             continue
         if not live:
             restart, due = restart_decision(

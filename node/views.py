@@ -6,6 +6,7 @@ name here is a breaking change. Must not touch: the store (it gets snapshots).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -61,7 +62,9 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
 def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str, Any]:
     """``replicas``: the tasks wanted (global: the eligible nodes; jobs: the completions to
     reach); ``running``: those up; jobs add ``completed`` and ``failed`` (tasks of the
-    current run that exited 0 / failed)."""
+    current run that exited 0 / failed); scheduled jobs add ``schedule`` (its next run, the
+    last one, and with ``detail`` the kept history of runs)."""
+    from shoal.node.orchestrator import of_current_run
     tasks = snap.tasks_of(svc.id)
     mode = svc.spec.mode
     if mode.per_node:
@@ -69,7 +72,7 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         where = set(eligible_nodes(svc, snap.nodes))
         if mode.job:  # a node that completed its task and left the eligible set counts too
             where |= {t.node_id for t in tasks if t.status.state is TaskState.COMPLETE
-                      and t.service_version == svc.version}
+                      and of_current_run(t, svc)}
         wanted = len(where)
     else:
         wanted = svc.spec.replicas
@@ -91,11 +94,25 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "update_status": to_dict(svc.update_status),
     }
     if mode.job:
-        current = [t for t in tasks if t.service_version == svc.version]
+        current = [t for t in tasks if of_current_run(t, svc)]
         out["completed"] = sum(1 for t in current if t.status.state is TaskState.COMPLETE)
         out["failed"] = sum(1 for t in current if t.status.state in (TaskState.FAILED,
                                                                      TaskState.REJECTED))
         out["max_concurrent"] = mode.concurrency if not mode.per_node else 0
+    if mode.scheduled:  # (shoal.node.cron)
+        from shoal.node.cron import next_time
+        job = svc.job_status
+        try:
+            nxt: float | None = next_time(mode.schedule, max(time.time(), job.last_scheduled,
+                                                              svc.created_at))
+        except ValueError:  # (its schedule gives no more times)
+            nxt = None
+        out["schedule"] = {
+            "cron": mode.schedule.cron, "timezone": mode.schedule.timezone or "UTC",
+            "policy": mode.schedule.policy, "next_run": nxt,
+            "last_run": to_dict(job.runs[-1]) if job.runs else None}
+        if detail:
+            out["schedule"]["runs"] = [to_dict(r) for r in job.runs]
     if detail:
         out["spec"] = to_dict(svc.spec)
         out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None

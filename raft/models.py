@@ -180,6 +180,32 @@ class UpdateStatus:
 
 
 @dataclass(frozen=True)
+class JobRun:
+    """One run of a scheduled job (shoal.node.cron), written by the leader."""
+
+    scheduled_at: float  # the time the schedule gave (wall clock): the run's identity
+    iteration: int = 0  # the job iteration its tasks carry (0 for a skipped run)
+    state: str = "running"  # "running" | "completed" | "failed" | "skipped"
+    started_at: float = 0.0  # when the leader started (or skipped) it
+    finished_at: float = 0.0
+    completed: int = 0  # its tasks that exited 0
+    failed: int = 0  # its tasks that failed or were rejected
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's runs (Swarm's JobStatus: JobIteration, LastExecution), written by the leader.
+    ``iteration`` goes up with every scheduled run: the tasks of a run carry it
+    (``Task.job_iteration``). ``last_scheduled``: the scheduled time of the latest run
+    (started or skipped); a run is started at most once per scheduled time, whoever leads."""
+
+    iteration: int = 0
+    last_scheduled: float = 0.0
+    runs: tuple[JobRun, ...] = ()  # the latest ``schedule.history`` runs, oldest first
+
+
+@dataclass(frozen=True)
 class Service:
     id: str
     spec: ServiceSpec
@@ -189,6 +215,7 @@ class Service:
     created_at: float = 0.0
     updated_at: float = 0.0
     update_status: UpdateStatus = field(default_factory=UpdateStatus)
+    job_status: JobStatus = field(default_factory=JobStatus)  # scheduled jobs' runs
 
 
 class Health(enum.StrEnum):
@@ -267,6 +294,8 @@ class Task:
     # network name → the task's address on it, for each of ``spec.networks`` (allocated by
     # the state when the task is assigned; released once the task has ended)
     net_addrs: dict[str, str] = field(default_factory=dict)
+    # a scheduled job's run the task belongs to (Service.job_status.iteration when made)
+    job_iteration: int = 0
 
     @property
     def name(self) -> str:
@@ -370,4 +399,5 @@ def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
         updated_at=float(d.get("updated_at", 0.0)),
         sched_message=d.get("sched_message", ""),
         net_addrs=dict(d.get("net_addrs") or {}),
+        job_iteration=int(d.get("job_iteration", 0)),
     )

@@ -15,7 +15,8 @@ Who may write what (swarmkit's split):
   network_create/remove (allocation rules: shoal.raft.networks; a task's addresses on its
   networks are allocated when the leader's batch assigns it)
 * the leader's controllers: ``leader`` batches of task_create / task_desired /
-  task_assign / task_delete / node_state, fenced by Raft term: a batch whose term is
+  task_assign / task_delete / node_state / job_run (a scheduled job's run), fenced by
+  Raft term: a batch whose term is
   lower than the highest term already seen is refused, so a deposed leader that still
   believes it leads cannot overwrite its successor's decisions.
 * agents: task_status for tasks assigned to their own node, merged forward only.
@@ -38,6 +39,8 @@ from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
     Config,
+    JobRun,
+    JobStatus,
     Network,
     Node,
     NodeAvailability,
@@ -540,6 +543,11 @@ class ClusterState:
                 self.services[svc.id] = replace(svc, update_status=replace(
                     svc.update_status, state=str(op[2]), message=str(op[3]),
                     completed_at=done))
+            elif kind in ("job_run", "job_run_status"):
+                svc = self.services.get(op[1])
+                if svc is None:
+                    continue
+                self.services[svc.id] = replace(svc, job_status=_job_op(svc, op, now))
             elif kind == "node_state":
                 n = self.nodes.get(op[1])
                 if n is None:
@@ -639,6 +647,36 @@ class ClusterState:
 
     def _config_remove(self, cmd: dict[str, Any]) -> None:
         self._file_remove(cmd, "config", self.configs)
+
+
+def _job_op(svc: Service, op: Any, now: float) -> JobStatus:
+    """A scheduled job's run (shoal.node.cron), as the leader decided it:
+
+    * ("job_run", service_id, scheduled_at, skip_reason): the run due at ``scheduled_at``
+      starts (the job iteration goes up: the orchestrator runs its tasks), or with a reason
+      is recorded as skipped. Ignored unless ``scheduled_at`` is later than the last run's:
+      a run is started once, whichever leader (or retried batch) proposes it.
+    * ("job_run_status", service_id, iteration, state, completed, failed, message): the
+      progress of the run of that iteration."""
+    job = svc.job_status
+    if op[0] == "job_run":
+        at, skip = float(op[2]), str(op[3])
+        if at <= job.last_scheduled:
+            return job
+        iteration = job.iteration if skip else job.iteration + 1
+        run = JobRun(scheduled_at=at, iteration=0 if skip else iteration,
+                     state="skipped" if skip else "running", started_at=now,
+                     finished_at=now if skip else 0.0, message=skip)
+        keep = svc.spec.mode.schedule.history
+        return replace(job, iteration=iteration, last_scheduled=at,
+                       runs=(*job.runs, run)[-keep:])
+    iteration, state = int(op[2]), str(op[3])
+    runs = tuple(replace(r, state=state, completed=int(op[4]), failed=int(op[5]),
+                         message=str(op[6]),
+                         finished_at=r.finished_at or (now if state != "running" else 0.0))
+                 if r.iteration == iteration and r.state != "skipped" else r
+                 for r in job.runs)
+    return replace(job, runs=runs)
 
 
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {

@@ -72,7 +72,7 @@ def validate_spec(d: Any) -> ServiceSpec:
             got = f"got {_shown(value)}"
             # (a function as the replacement: the value is user input, never a template)
             msg, n = re.subn(r"got `[\w ]+`", lambda _m: got, err.message)
-            err = ValidationError(msg if n else f"{msg}, {got}", err.field)
+            err = ValidationError(msg if n or " got " in msg else f"{msg}, {got}", err.field)
         raise err from None
 
 
