@@ -50,6 +50,7 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     LATER,
     NOT_YET,
     SECTION,
+    FileObject,
     Rule,
     _command,
     _deploy_mode,
@@ -98,24 +99,6 @@ STACK_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 CONTENT_DIGEST_LEN = 10
 
 # ----------------------------------------------------------------------------- results
-
-@dataclass(frozen=True)
-class FileObject:
-    """A secret or config of the stack: created from ``data`` unless ``external``."""
-
-    kind: str  # "secret" | "config"
-    key: str  # its key in the file (what services name)
-    name: str  # its name in the cluster
-    data: bytes | None  # None when external
-    labels: dict[str, str] = field(default_factory=dict)
-    # named after its content (STACK_KEY-DIGEST): a changed file is a new object, the
-    # services using it roll to it, and the old one is removed by a later deploy
-    versioned: bool = False
-
-    @property
-    def external(self) -> bool:
-        return self.data is None
-
 
 @dataclass
 class NetworkObject:

@@ -19,14 +19,30 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shoal.cli.compose_env import _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
 from shoal.cli.specflags import parse_duration, parse_size
 
-if TYPE_CHECKING:
-    from shoal.cli.compose import FileObject
+
+@dataclass(frozen=True)
+class FileObject:
+    """A secret or config of the stack: created from ``data`` unless ``external``."""
+
+    kind: str  # "secret" | "config"
+    key: str  # its key in the file (what services name)
+    name: str  # its name in the cluster
+    data: bytes | None  # None when external
+    labels: dict[str, str] = field(default_factory=dict)
+    # named after its content (STACK_KEY-DIGEST): a changed file is a new object, the
+    # services using it roll to it, and the old one is removed by a later deploy
+    versioned: bool = False
+
+    @property
+    def external(self) -> bool:
+        return self.data is None
+
 
 IGNORED = "ignored: it does not apply to a stack (Swarm ignores it too)"
 NOT_YET = "not supported yet"
