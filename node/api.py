@@ -52,6 +52,7 @@ from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, h
 from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
+from shoal.node.mqtt import MqttSettings
 from shoal.node.netapi import NetworksApi
 from shoal.node.pki import CertInfo, peer_info
 from shoal.node.registries import Registries
@@ -511,7 +512,7 @@ class ApiServer:
             "image_pull": image_pull, "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
-            **self._network_handlers()}
+            **self._network_handlers(), **self._mqtt_handlers()}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)
         register(app, "local", handlers)
@@ -543,6 +544,25 @@ class ApiServer:
 
         return {"ca_info": ca, "ca_issue_client": issue_client,
                 "ca_revoke_client": revoke_client}
+
+    def _mqtt_handlers(self) -> dict[str, Handler]:
+        """/v1/mqtt: the cluster-wide MQTT bridge setting (shoal.node.mqtt.MqttSettings)."""
+        mq = MqttSettings(self.c.services.ctx, self.c.security)
+
+        async def show(_: web.Request) -> Any:
+            return mq.show()
+
+        async def set_(req: web.Request) -> Any:
+            return await mq.set(await _body(req))
+
+        async def unset(_: web.Request) -> Any:
+            return await mq.unset()
+
+        async def command_key(_: web.Request) -> Any:
+            return mq.command_key()
+
+        return {"mqtt_show": show, "mqtt_set": set_, "mqtt_unset": unset,
+                "mqtt_command_key": command_key}
 
     def _network_handlers(self) -> dict[str, Handler]:
         """/v1/networks: create, ls, inspect, rm (shoal.node.netapi)."""
@@ -688,6 +708,9 @@ class ApiServer:
                 raise BadRequest("task_ids must be a list of task ids", "task_ids")
             return transfer.local_usage(c.runtime, ids[:10000])
 
+        async def mqtt_credentials(req: web.Request) -> Any:  # a worker's MQTT bridge
+            return MqttSettings(c.services.ctx, sec).credentials(peer_of(req))
+
         register(app, "peer", {
             "cluster_ca": ca, "cluster_join": join, "cluster_keys": keys,
             "cluster_manager_keys": manager_keys, "cluster_renew": renew,
@@ -696,7 +719,8 @@ class ApiServer:
             "cluster_gossip_keys": gossip_keys,
             "cluster_node_role": node_role, "cluster_role_changed": role_changed,
             "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
-            "cluster_logs": task_logs, "cluster_usage": task_usage})
+            "cluster_logs": task_logs, "cluster_usage": task_usage,
+            "cluster_mqtt": mqtt_credentials})
         return app
 
     async def start(self) -> None:
