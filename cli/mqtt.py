@@ -39,9 +39,12 @@ def add_parser(sub: Any) -> None:
                     "(`shoal mqtt command-key`)")
     ms.add_argument("--rotate-command-key", action="store_true",
                     help="make a new command key (publishers need the new one)")
-    msub.add_parser("show", help="the setting (never its secrets)")
+    show = msub.add_parser("show", help="the setting (never its secrets)")
     msub.add_parser("unset", help="remove the setting: every bridge following it stops")
-    msub.add_parser("command-key", help="the HMAC key scale commands must be signed with")
+    key = msub.add_parser("command-key", help="the HMAC key scale commands must be signed "
+                          "with (root on a manager's socket, or a remote-API client)")
+    for p in (ms, show, key):
+        p.add_argument("--format", choices=["table", "json"], default="table")
 
 
 def _read(path: str, flag: str) -> str:

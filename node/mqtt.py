@@ -1136,7 +1136,6 @@ class MqttSupervisor:
                 assert self._task is not None
                 await self._task
                 return
-            failed_at: tuple[str, int] | None = None
             while True:
                 self._wake.clear()
                 store = self.ctx.store
@@ -1148,7 +1147,7 @@ class MqttSupervisor:
                     ident is not None else None
                 want = (ident.cluster_id, setting.version) if ident is not None and \
                     setting is not None else None
-                if want != self.following and want != failed_at:
+                if want != self.following:
                     await self._stop()
                     if setting is not None and self.settings is not None:
                         try:
@@ -1157,10 +1156,8 @@ class MqttSupervisor:
                         except (ApiError, SealError, ValueError, OSError) as exc:
                             log.warning("mqtt: cannot use the cluster-wide setting v%d yet: "
                                         "%s (retrying)", setting.version, exc)
-                            failed_at = want
-                            with contextlib.suppress(TimeoutError):
+                            with contextlib.suppress(TimeoutError):  # (or a newer setting)
                                 await asyncio.wait_for(self._wake.wait(), 2.0)
-                            failed_at = None
                             continue
                         log.info("mqtt: following the cluster-wide setting v%d",
                                  setting.version)
