@@ -628,9 +628,10 @@ async def test_the_supervisor_follows_the_cluster_wide_setting_live(
     the flags tests above)."""
     from dataclasses import replace
 
+    from test_events_api import boot, session
+
     from shoal.node.mqtt import MqttSupervisor
     from shoal.node.sealing import new_key
-    from test_events_api import boot, session
     n = Node(tmp_path)
     assert n.ctx.identity is not None
     n.ctx.use(replace(n.ctx.identity, manager_key=new_key()), n.store, n.store)
