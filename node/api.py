@@ -82,6 +82,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         data = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON", "body") from None
+    except RecursionError:  # (json's C decoder recurses per nesting level)
+        raise BadRequest("request body is nested too deeply", "body") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", "body")
     return data

@@ -140,9 +140,9 @@ def test_the_cluster_wide_setting_is_followed_live_by_every_node(
     h1, h2 = lab.hosts
     broker = Broker(tmp_path / "broker", ip=h1.ip,
                     spawn=lambda argv: h1.spawn(*argv, log_name="mosquitto"))
-    broker.start()
     nodes = lab.form_cluster(managers=1, workers=1)
     ids = [n["id"] for n in sorted(nodes, key=lambda n: n["hostname"])]
+    broker.start()
     h1.cli("service", "create", "--name", "web", "--", "sleep", "100000")
     sub_log = h2.data_dir / "mqtt-sub-all.log"
     h2.spawn("mosquitto_sub", "-h", h1.ip, "-p", str(broker.port), "--cafile", broker.ca,
