@@ -1,9 +1,11 @@
 """The MQTT bridge: this node's part of the cluster, published to an MQTT broker (aiomqtt 2.x).
 
-Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags), ``MqttBridge`` — one connection per node
+Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags), ``MqttSettings`` (the cluster-wide
+setting's routes), ``MqttSupervisor`` (which bridge runs), ``MqttBridge`` — one connection per node
 to the broker, reconnected with exponential back-off, publishing the topics below — and its
 Prometheus collector (``shoal_mqtt_*``). Must not touch: the cluster state (it only reads
-snapshots and the event ring; it never proposes), the event ring's filling, the API. The
+snapshots and the event ring; it proposes only the setting's ops and, for a scale command,
+through Services.update_service), the event ring's filling, the API beyond its routes. The
 broker is never on the critical path: nothing here runs on Raft's apply thread except a
 ``call_soon_threadsafe`` wake-up, and every publish happens on the event loop in this
 bridge's own task; a slow or absent broker only delays the bridge.
@@ -72,8 +74,14 @@ sees it again: the request id is written into the service's labels
 the expected service version (a concurrent change makes it re-check); a request id already
 there is answered as a duplicate without a write.
 
-Not done (issue 14): the cluster-wide setting ``shoal mqtt set`` (stored as a secret; here
-the bridge and its command key are configured per agent by flags).
+The cluster-wide setting (``shoal mqtt set``; ``MqttSettings`` serves its routes,
+``MqttSupervisor`` runs the bridge): one record in Raft (shoal.raft.mqttsetting) with the
+password, client key and command key sealed under the managers' key (shoal.node.sealing, AAD
+``shoal/mqtt/…``). Every agent follows it live (a new version → the bridge is replaced; unset
+→ stopped) unless it was started with its own ``--mqtt-url``: **the flags win** (that agent
+ignores the cluster setting). Managers unseal it themselves; a worker fetches the password and
+client key from a manager (``POST /v1/cluster/mqtt``, mTLS); the command key never leaves the
+managers (only the leader checks commands).
 """
 
 from __future__ import annotations
