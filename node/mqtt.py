@@ -1117,7 +1117,8 @@ class MqttSupervisor:
         self.settings = MqttSettings(ctx, security) if security is not None else None
         self.poll = poll
         self.bridge: MqttBridge | None = None
-        self.following: tuple[str, int] | None = None  # (cluster id, setting version)
+        # (cluster id, setting version, a manager?) of the bridge running now
+        self.following: tuple[str, int, bool] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1153,8 +1154,9 @@ class MqttSupervisor:
                 ident = self.ctx.identity
                 setting = store.snapshot().cluster.mqtt if store is not None and \
                     ident is not None else None
-                want = (ident.cluster_id, setting.version) if ident is not None and \
-                    setting is not None else None
+                # (a promoted worker rebuilds its bridge: a manager's holds the command key)
+                want = (ident.cluster_id, setting.version, self.ctx.raft is not None) \
+                    if ident is not None and setting is not None else None
                 if want != self.following:
                     await self._stop()
                     if setting is not None and self.settings is not None:
