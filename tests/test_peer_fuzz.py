@@ -285,3 +285,13 @@ def test_the_agent_still_answers_and_a_blob_path_cannot_escape(served: Served) -
         resp = s.get(f"{served.url}/v1/cluster/images/blobs/{digest}", timeout=5)
         _check("GET /v1/cluster/images/blobs/{digest} hostile", resp, digest)
         assert resp.status_code in (400, 404), resp.text
+
+
+def test_a_deeply_nested_body_is_a_400_naming_body(served: Served) -> None:
+    """Regression: 5,000 nested JSON objects overflowed json's decoder (RecursionError → 500
+    on every route with a body, the user API's too: one ``_body`` reads them all)."""
+    raw = b'{"a": ' * 5000 + b"1" + b"}" * 5000
+    resp = served.session().post(served.url + "/v1/cluster/heartbeat", data=raw,
+                                  headers={"Content-Type": "application/json"}, timeout=5)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["field"] == "body"
