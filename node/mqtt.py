@@ -1120,9 +1120,6 @@ class MqttSupervisor:
         # (cluster id, setting version, a manager?) of the bridge running now
         self.following: tuple[str, int, bool] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._listening: set[int] = set()
         if registry is not None:
             registry.register(MqttCollector(lambda: self.bridge))
 
@@ -1130,14 +1127,7 @@ class MqttSupervisor:
     def enabled(self) -> bool:
         return self.flags.enabled
 
-    def _wake_threadsafe(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._wake.set)
-
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         try:
             if self.flags.enabled:
                 log.info("mqtt: this agent's --mqtt-url wins over any cluster-wide setting")
@@ -1145,12 +1135,11 @@ class MqttSupervisor:
                 assert self._task is not None
                 await self._task
                 return
+            warned: tuple[str, int, bool] | None = None
             while True:
-                self._wake.clear()
+                # polled (every ``poll`` s), not woken per applied command: a snapshot copies
+                # the state's maps, too much to do at every apply of a busy cluster
                 store = self.ctx.store
-                if store is not None and id(store) not in self._listening:
-                    self._listening.add(id(store))
-                    store.add_listener(lambda _i: self._wake_threadsafe())
                 ident = self.ctx.identity
                 setting = store.snapshot().cluster.mqtt if store is not None and \
                     ident is not None else None
@@ -1163,18 +1152,20 @@ class MqttSupervisor:
                         try:
                             config = await self.settings.config_of(setting, self.flags)
                             config.validate()
-                        except (ApiError, SealError, ValueError, OSError) as exc:
-                            log.warning("mqtt: cannot use the cluster-wide setting v%d yet: "
-                                        "%s (retrying)", setting.version, exc)
-                            with contextlib.suppress(TimeoutError):  # (or a newer setting)
-                                await asyncio.wait_for(self._wake.wait(), 2.0)
+                        except Exception as exc:  # (Unavailable: no manager answered, …)
+                            level = logging.DEBUG if warned == want else logging.WARNING
+                            warned = want
+                            log.log(level, "mqtt: cannot use the cluster-wide setting v%d "
+                                    "yet: %s (retrying)", setting.version, exc,
+                                    exc_info=not isinstance(exc, ApiError | SealError |
+                                                            ValueError | OSError))
+                            await asyncio.sleep(2.0)
                             continue
                         log.info("mqtt: following the cluster-wide setting v%d",
                                  setting.version)
                         await self._start(config)
                     self.following = want
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+                await asyncio.sleep(self.poll)
         finally:
             await self._stop()
 

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from shoal.raft.errors import Rejected
 
-if TYPE_CHECKING:
-    from shoal.raft.state import ClusterState
+
+class ClusterState(Protocol):
+    """What the handlers touch of shoal.raft.state.ClusterState (not imported: it imports
+    this module)."""
+
+    cluster: Any
 
 SEALED_PREFIX = "sealed:"  # (shoal.node.sealing.TEXT_PREFIX: this layer does not import it)
 URL_RE = re.compile(r"^mqtts?://[^\s/?#]+$")
