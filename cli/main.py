@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shoal.cli import network, specflags, stack
+from shoal.cli import mqtt, network, specflags, stack
 from shoal.cli import registry as registry_cli
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
@@ -324,6 +324,8 @@ def run(args: argparse.Namespace) -> None:
         registry_cli.run(c, args, fmt)
     elif args.cmd == "network":
         network.run(c, args, fmt, emit, table)
+    elif args.cmd == "mqtt":
+        mqtt.run(c, args, fmt, emit)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -794,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_parser(sub)
     stack.add_parser(sub)
     network.add_parser(sub)
+    mqtt.add_parser(sub)
     return p
 
 

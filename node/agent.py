@@ -63,7 +63,7 @@ from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership, derive_gossip_key
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
-from shoal.node.mqtt import MqttBridge
+from shoal.node.mqtt import MqttSupervisor
 from shoal.node.netapi import NetworksApi
 from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
@@ -144,9 +144,10 @@ class Agent:
             gossip=lambda: self.membership,
             balancer=lambda: self.mesh.balancer if self.mesh is not None else None,
             events=self.event_log))
-        # the optional MQTT bridge (node/mqtt.py): runs while this node is a member
-        self.mqtt = MqttBridge(ctx, config.mqtt, self.event_log, self.metrics.registry,
-                               self.services.update_service) if config.mqtt.enabled else None
+        # the optional MQTT bridge (node/mqtt.py): runs while this node is a member, from
+        # its --mqtt-* flags or else the cluster-wide setting (`shoal mqtt set`), live
+        self.mqtt = MqttSupervisor(ctx, config.mqtt, self.event_log, self.metrics.registry,
+                                   self.services.update_service, self.security)
         # promotion/demotion of this node (see _switch_role): one switch at a time
         self._role_lock = asyncio.Lock()
         self._role_task: asyncio.Task[str | None] | None = None
@@ -246,7 +247,7 @@ class Agent:
             asyncio.create_task(self._role_watch(), name="role-watch"),
             asyncio.create_task(ImageGC(self.runtime.images, self.config.image_gc,
                                         self._images_wanted).run(), name="image-gc"),
-            *([asyncio.create_task(self.mqtt.run(), name="mqtt")] if self.mqtt else []),
+            asyncio.create_task(self.mqtt.run(), name="mqtt"),
         ]
         if feed is None:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))

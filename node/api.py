@@ -52,6 +52,7 @@ from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, h
 from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
+from shoal.node.mqtt import MqttSettings
 from shoal.node.netapi import NetworksApi
 from shoal.node.pki import CertInfo, peer_info
 from shoal.node.registries import Registries
@@ -81,6 +82,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         data = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON", "body") from None
+    except RecursionError:  # (json's C decoder recurses per nesting level)
+        raise BadRequest("request body is nested too deeply", "body") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", "body")
     return data
@@ -523,7 +526,7 @@ class ApiServer:
             "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
-            **self._network_handlers()}
+            **self._network_handlers(), **self._mqtt_handlers()}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)
         register(app, "local", handlers)
@@ -555,6 +558,25 @@ class ApiServer:
 
         return {"ca_info": ca, "ca_issue_client": issue_client,
                 "ca_revoke_client": revoke_client}
+
+    def _mqtt_handlers(self) -> dict[str, Handler]:
+        """/v1/mqtt: the cluster-wide MQTT bridge setting (shoal.node.mqtt.MqttSettings)."""
+        mq = MqttSettings(self.c.services.ctx, self.c.security)
+
+        async def show(_: web.Request) -> Any:
+            return mq.show()
+
+        async def set_(req: web.Request) -> Any:
+            return await mq.set(await _body(req))
+
+        async def unset(_: web.Request) -> Any:
+            return await mq.unset()
+
+        async def command_key(_: web.Request) -> Any:
+            return mq.command_key()
+
+        return {"mqtt_show": show, "mqtt_set": set_, "mqtt_unset": unset,
+                "mqtt_command_key": command_key}
 
     def _network_handlers(self) -> dict[str, Handler]:
         """/v1/networks: create, ls, inspect, rm (shoal.node.netapi)."""
@@ -700,6 +722,9 @@ class ApiServer:
                 raise BadRequest("task_ids must be a list of task ids", "task_ids")
             return transfer.local_usage(c.runtime, ids[:10000])
 
+        async def mqtt_credentials(req: web.Request) -> Any:  # a worker's MQTT bridge
+            return MqttSettings(c.services.ctx, sec).credentials(peer_of(req))
+
         register(app, "peer", {
             "cluster_ca": ca, "cluster_join": join, "cluster_keys": keys,
             "cluster_manager_keys": manager_keys, "cluster_renew": renew,
@@ -708,7 +733,8 @@ class ApiServer:
             "cluster_gossip_keys": gossip_keys,
             "cluster_node_role": node_role, "cluster_role_changed": role_changed,
             "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
-            "cluster_logs": task_logs, "cluster_usage": task_usage})
+            "cluster_logs": task_logs, "cluster_usage": task_usage,
+            "cluster_mqtt": mqtt_credentials})
         return app
 
     async def start(self) -> None:

@@ -1,9 +1,11 @@
 """The MQTT bridge: this node's part of the cluster, published to an MQTT broker (aiomqtt 2.x).
 
-Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags), ``MqttBridge`` — one connection per node
+Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags), ``MqttSettings`` (the cluster-wide
+setting's routes), ``MqttSupervisor`` (which bridge runs), ``MqttBridge`` — one connection per node
 to the broker, reconnected with exponential back-off, publishing the topics below — and its
 Prometheus collector (``shoal_mqtt_*``). Must not touch: the cluster state (it only reads
-snapshots and the event ring; it never proposes), the event ring's filling, the API. The
+snapshots and the event ring; it proposes only the setting's ops and, for a scale command,
+through Services.update_service), the event ring's filling, the API beyond its routes. The
 broker is never on the critical path: nothing here runs on Raft's apply thread except a
 ``call_soon_threadsafe`` wake-up, and every publish happens on the event loop in this
 bridge's own task; a slow or absent broker only delays the bridge.
@@ -72,14 +74,21 @@ sees it again: the request id is written into the service's labels
 the expected service version (a concurrent change makes it re-check); a request id already
 there is answered as a duplicate without a write.
 
-Not done (issue 14): the cluster-wide setting ``shoal mqtt set`` (stored as a secret; here
-the bridge and its command key are configured per agent by flags).
+The cluster-wide setting (``shoal mqtt set``; ``MqttSettings`` serves its routes,
+``MqttSupervisor`` runs the bridge): one record in Raft (shoal.raft.mqttsetting) with the
+password, client key and command key sealed under the managers' key (shoal.node.sealing, AAD
+``shoal/mqtt/…``). Every agent follows it live (a new version → the bridge is replaced; unset
+→ stopped) unless it was started with its own ``--mqtt-url``: **the flags win** (that agent
+ignores the cluster setting). Managers unseal it themselves; a worker fetches the password and
+client key from a manager (``POST /v1/cluster/mqtt``, mTLS); the command key never leaves the
+managers (only the leader checks commands).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -89,6 +98,7 @@ import random
 import re
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -99,10 +109,12 @@ from urllib.parse import urlsplit
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shoal.node.errors import ApiError
+from shoal.node.errors import ApiError, BadRequest, NotFound, SealError, Unavailable
 from shoal.node.events import CURSOR_RE, EventLog, Key, gap_record
+from shoal.node.sealing import seal_text, unseal_text
 from shoal.node.source import ManagerSource, StateSource
-from shoal.raft.models import Health, TaskState, to_dict
+from shoal.raft.models import Health, NodeRole, NodeState, TaskState, to_dict
+from shoal.raft.mqttsetting import MqttSetting
 from shoal.raft.state import Snapshot
 
 
@@ -185,10 +197,27 @@ class MqttConfig:
     # Opt-in commands over MQTT: a file holding the HMAC-SHA256 key (its bytes, at least 16)
     # a command must be signed with. "" = no commands (the leader subscribes to nothing).
     command_key_file: str = ""
+    # The same, in memory, for a bridge made from the cluster-wide setting (``shoal mqtt
+    # set``: MqttSupervisor fills them from the unsealed setting; never from a flag):
+    # the password, PEM of the CA / client certificate / its key, the command key.
+    password: str = ""
+    ca_pem: str = ""
+    cert_pem: str = ""
+    key_pem: str = ""
+    command_key: bytes = b""
 
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+    @property
+    def commands(self) -> bool:
+        """Whether scale commands are on (a key from a file or from the cluster)."""
+        return bool(self.command_key_file or self.command_key)
+
+    def key(self) -> bytes:
+        """The HMAC key commands are checked with."""
+        return self.command_key or read_key(self.command_key_file)
 
     def broker(self) -> tuple[bool, str, int, str]:
         """(tls, host, port, user) from ``url``; ValueError naming --mqtt-url."""
@@ -217,9 +246,9 @@ class MqttConfig:
         if self.password_file and not user:
             raise ValueError("--mqtt-password-file needs a user in --mqtt-url "
                                   "(mqtts://USER@HOST)")
-        if (self.ca_file or self.cert_file) and not tls:
+        if (self.ca_file or self.cert_file or self.ca_pem or self.cert_pem) and not tls:
             raise ValueError("--mqtt-ca/--mqtt-cert need an mqtts:// --mqtt-url")
-        if bool(self.cert_file) != bool(self.key_file):
+        if bool(self.cert_file or self.cert_pem) != bool(self.key_file or self.key_pem):
             raise ValueError("--mqtt-cert and --mqtt-key go together")
         for flag, path in (("--mqtt-command-key-file", self.command_key_file),
                            ("--mqtt-password-file", self.password_file),
@@ -232,7 +261,7 @@ class MqttConfig:
                        or prefix.endswith("/")):
             raise ValueError("--mqtt-topic-prefix must be a topic without +, # or a "
                                   "leading/trailing /")
-        if self.command_key_file and len(read_key(self.command_key_file)) < 16:
+        if self.commands and len(self.key()) < 16:
             raise ValueError("--mqtt-command-key-file must hold at least 16 bytes")
         if not 1 <= self.keepalive <= 3600:
             raise ValueError("--mqtt-keepalive must be between 1 and 3600 seconds")
@@ -390,7 +419,8 @@ class MqttBridge:
                                           "cursor": 0, "command": 0}
         self.gaps = 0
         self.last_error = ""
-        ring.on_event.append(lambda _ev: self._wake_threadsafe())
+        self._closed = False
+        ring.on_event.append(self._on_event)
         if registry is not None:
             registry.register(MqttCollector(self))
 
@@ -411,11 +441,20 @@ class MqttBridge:
         tls, host, port, user = self.config.broker()
         return f"{'mqtts' if tls else 'mqtt'}://{user + '@' if user else ''}{host}:{port}"
 
+    def close(self) -> None:
+        """Stop listening to the ring and the stores (a bridge replaced by another)."""
+        self._closed = True
+        with contextlib.suppress(ValueError):
+            self.ring.on_event.remove(self._on_event)
+
     # ------------------------------------------------------------------ wake-ups
+    def _on_event(self, _ev: Any) -> None:
+        self._wake_threadsafe()
+
     def _wake_threadsafe(self) -> None:
         """From Raft's apply thread (or the loop): wake the bridge. Never blocks."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is not None and not loop.is_closed() and not self._closed:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wake.set)
 
@@ -469,15 +508,19 @@ class MqttBridge:
     def _client(self) -> aiomqtt.Client:
         import aiomqtt  # (lazy: see the top)
         tls, host, port, user = self.config.broker()
-        password = None
-        if self.config.password_file:
-            lines = Path(self.config.password_file).read_text().splitlines()
+        cfg = self.config
+        password = cfg.password or None
+        if cfg.password_file:
+            lines = Path(cfg.password_file).read_text().splitlines()
             password = lines[0] if lines else ""
         context = None
         if tls:
-            context = ssl.create_default_context(cafile=self.config.ca_file or None)
-            if self.config.cert_file:
-                context.load_cert_chain(self.config.cert_file, self.config.key_file)
+            context = ssl.create_default_context(cafile=cfg.ca_file or None,
+                                                 cadata=cfg.ca_pem or None)
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file)
+            elif cfg.cert_pem:
+                _load_chain(context, cfg.cert_pem, cfg.key_pem)
         node_id = self.ctx.node_id
         return aiomqtt.Client(
             host, port, username=user or None, password=password,
@@ -515,7 +558,7 @@ class MqttBridge:
                 leader = raft is not None and raft.is_leader()
                 deadlines = [time.monotonic() + 1.0]  # (leadership is polled every second)
                 if not leader:
-                    if not resume and self.config.command_key_file:
+                    if not resume and self.config.commands:
                         with contextlib.suppress(aiomqtt.MqttError):
                             await client.unsubscribe(self._command_filter(), timeout=1.0)
                     resume = True
@@ -525,8 +568,8 @@ class MqttBridge:
                         retained = await self._retained(client)
                         self._resume_from(retained)
                         await self._clear_stale(client, retained)
-                        if self.config.command_key_file:
-                            key = read_key(self.config.command_key_file)
+                        if self.config.commands:
+                            key = self.config.key()
                             await client.subscribe(self._command_filter(), qos=1)
                         resume = False
                     while key and not self._commands.empty():
@@ -836,39 +879,346 @@ class MqttBridge:
                 await self._publish(client, topic, b"", retain=True, kind="state")
 
 
-class MqttCollector(Collector):
-    """``shoal_mqtt_*`` for /metrics."""
+def _load_chain(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    """``load_cert_chain`` from PEM in memory: through a 0600 file in a private temporary
+    directory, removed at once (the ssl module reads certificates from files only)."""
+    with tempfile.TemporaryDirectory(prefix="shoal-mqtt-") as d:
+        path = Path(d) / "client.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(cert_pem.rstrip("\n") + "\n" + key_pem)
+        context.load_cert_chain(str(path))
 
-    def __init__(self, bridge: MqttBridge) -> None:
-        self.b = bridge
+
+# --------------------------------------------------------------------------- cluster-wide
+
+AAD_PASSWORD = b"shoal/mqtt/password"
+AAD_CLIENT_KEY = b"shoal/mqtt/client-key"
+AAD_COMMAND_KEY = b"shoal/mqtt/command-key"
+
+
+class SettingContext(BridgeContext, Protocol):
+    """What the setting's routes need (shoal.node.context.NodeContext)."""
+
+    def require_member(self) -> StateSource: ...
+    def require_manager(self) -> ManagerSource: ...
+    async def propose(self, cmd: dict[str, Any], timeout: float | None = None
+                      ) -> dict[str, Any]: ...
+
+
+class Peers(Protocol):
+    """shoal.node.security.Security: the peer check and calls to managers."""
+
+    def authorize(self, peer: Any, manager: bool = False) -> Any: ...
+    def manager_key(self) -> bytes: ...
+    async def call(self, addr: str, path: str, body: dict[str, Any], *,
+                   timeout: float = 10.0) -> dict[str, Any]: ...
+
+
+def _pem_field(value: Any, name: str, kind: str) -> str:
+    """A PEM text of ``kind`` (cert / key) that parses; BadRequest naming ``name``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    if not isinstance(value, str) or not value.strip() or len(value) > 64 * 1024:
+        raise BadRequest(f"{name} must be PEM text", name)
+    try:
+        if kind == "key":
+            serialization.load_pem_private_key(value.encode(), None)
+        else:
+            if not x509.load_pem_x509_certificates(value.encode()):
+                raise ValueError("no certificate")
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"{name}: not a PEM {'private key' if kind == 'key' else 'certificate'}"
+                         f" ({exc})", name) from None
+    return value
+
+
+class MqttSettings:
+    """The routes of ``shoal mqtt set/show/unset/command-key`` (managers) and the members'
+    credentials fetch (``POST /v1/cluster/mqtt``, a worker's bridge: it cannot unseal).
+
+    ``set`` writes the whole setting from its request; what it does not repeat is kept from
+    the one before: the password (while the URL's user stays the same), the CA, the client
+    certificate and key, and the command key while commands stay on (``rotate_command_key``
+    makes a new one: publishers need it then)."""
+
+    def __init__(self, ctx: SettingContext, security: Peers) -> None:
+        self.ctx = ctx
+        self.security = security
+
+    def _setting(self) -> MqttSetting | None:
+        return self.ctx.require_member().snapshot().cluster.mqtt
+
+    def show(self) -> dict[str, Any]:
+        """The setting without its secrets; ``{"set": false}`` when there is none."""
+        s = self._setting()
+        ident = self.ctx.identity
+        if s is None:
+            return {"set": False}
+        prefix = s.topic_prefix or f"shoal/{ident.cluster_id[:12] if ident else 'none'}"
+        return {"set": True, "url": s.url, "topic_prefix": s.topic_prefix, "topics": prefix,
+                "password": bool(s.password), "ca": bool(s.ca),
+                "client_cert": bool(s.client_cert), "commands": s.commands,
+                "command_key_version": s.command_key_version, "version": s.version,
+                "updated_at": s.updated_at}
+
+    async def set(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.ctx.require_manager()
+        mkey = self.security.manager_key()
+        old = self._setting()
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            raise BadRequest("url is required: mqtt[s]://[USER@]HOST[:PORT]", "url")
+        try:
+            tls, _host, _port, user = MqttConfig(url=url).broker()
+        except ValueError as exc:
+            raise BadRequest(str(exc).replace("--mqtt-url", "url")
+                             .replace("--mqtt-password-file", "--password-stdin")
+                             .replace("--mqtt-topic-prefix", "--topic-prefix"), "url") from None
+        old_user = MqttConfig(url=old.url).broker()[3] if old is not None else None
+        prefix = body.get("topic_prefix", "")
+        if not isinstance(prefix, str) or len(prefix) > 200 or (prefix and (
+                any(c in prefix for c in "+#\0") or prefix.startswith("/")
+                or prefix.endswith("/"))):
+            raise BadRequest("topic_prefix must be a topic without +, # or a leading/"
+                             "trailing /", "topic_prefix")
+        password = body.get("password")
+        if password is not None and (not isinstance(password, str) or "\n" in password
+                                     or len(password) > 1024):
+            raise BadRequest("password must be one line of text", "password")
+        if password and not user:
+            raise BadRequest("a password needs a user in the url (mqtts://USER@HOST)", "url")
+        for flag in ("commands", "rotate_command_key"):
+            if not isinstance(body.get(flag, False), bool):
+                raise BadRequest(f"{flag} must be true or false", flag)
+        ca = body.get("ca")
+        if ca is not None:
+            ca = _pem_field(ca, "ca", "cert")
+        cert, key = body.get("client_cert"), body.get("client_key")
+        if (cert is None) != (key is None):
+            raise BadRequest("client_cert and client_key go together", "client_key")
+        if cert is not None:
+            cert, key = _pem_field(cert, "client_cert", "cert"), _pem_field(key, "client_key",
+                                                                            "key")
+        if (ca or cert) and not tls:
+            raise BadRequest("ca and client_cert need an mqtts:// url", "url")
+        setting: dict[str, Any] = {"url": url, "topic_prefix": prefix, "ca": "",
+                                   "client_cert": "", "client_key": "", "password": "",
+                                   "commands": body.get("commands", False),
+                                   "command_key": "", "command_key_version": 0}
+        if old is not None and tls:
+            setting.update(ca=old.ca, client_cert=old.client_cert, client_key=old.client_key)
+        if old is not None and old_user == user:
+            setting["password"] = old.password
+        if password is not None:
+            setting["password"] = seal_text(mkey, password, AAD_PASSWORD) if password else ""
+        if ca is not None:
+            setting["ca"] = ca
+        if cert is not None:
+            setting.update(client_cert=cert, client_key=seal_text(mkey, str(key),
+                                                                  AAD_CLIENT_KEY))
+        if setting["commands"]:
+            have = old is not None and old.commands and old.command_key
+            if have and not body.get("rotate_command_key", False):
+                assert old is not None
+                setting.update(command_key=old.command_key,
+                               command_key_version=old.command_key_version)
+            else:
+                setting.update(command_key=seal_text(mkey, os.urandom(32).hex(),
+                                                     AAD_COMMAND_KEY),
+                               command_key_version=(old.command_key_version if old else 0) + 1)
+        elif body.get("rotate_command_key", False):
+            raise BadRequest("--rotate-command-key needs --commands", "rotate_command_key")
+        await self.ctx.propose({"op": "mqtt_set", "setting": setting, "now": time.time(),
+                                "version": old.version if old is not None else 0})
+        return self.show()
+
+    async def unset(self) -> dict[str, Any]:
+        self.ctx.require_manager()
+        res = await self.ctx.propose({"op": "mqtt_unset"})
+        return {"removed": bool(res.get("removed"))}
+
+    def command_key(self) -> dict[str, Any]:
+        """The HMAC key publishers sign scale commands with (managers: they can unseal)."""
+        self.ctx.require_manager()
+        s = self._setting()
+        if s is None or not s.commands or not s.command_key:
+            raise NotFound("MQTT commands are off: `shoal mqtt set … --commands`", "commands")
+        key = unseal_text(self.security.manager_key(), s.command_key, AAD_COMMAND_KEY)
+        return {"command_key": key, "command_key_version": s.command_key_version,
+                "topic": f"{self.show()['topics']}/cmd/service/NAME/scale"}
+
+    def credentials(self, peer: Any) -> dict[str, Any]:
+        """Manager side of a member's fetch: the unsealed password and client key (never the
+        command key: only the leader, a manager, checks commands)."""
+        self.ctx.require_manager()
+        self.security.authorize(peer)
+        s = self._setting()
+        if s is None:
+            raise NotFound("no cluster-wide MQTT setting", "mqtt")
+        mkey = self.security.manager_key()
+        return {"version": s.version,
+                "password": unseal_text(mkey, s.password, AAD_PASSWORD) if s.password else "",
+                "client_key": unseal_text(mkey, s.client_key, AAD_CLIENT_KEY)
+                if s.client_key else ""}
+
+    async def config_of(self, s: MqttSetting, base: MqttConfig) -> MqttConfig:
+        """The bridge's config for setting ``s``: unsealed here on a manager, fetched from a
+        manager on a worker (Unavailable if none answers: the caller retries)."""
+        creds: dict[str, Any]
+        command_key = b""
+        mkey = b""
+        with contextlib.suppress(ApiError):  # (a worker: NotManager)
+            mkey = self.security.manager_key()
+        if mkey:
+            creds = {"password": unseal_text(mkey, s.password, AAD_PASSWORD)
+                     if s.password else "",
+                     "client_key": unseal_text(mkey, s.client_key, AAD_CLIENT_KEY)
+                     if s.client_key else ""}
+            if s.commands and s.command_key:
+                command_key = unseal_text(mkey, s.command_key, AAD_COMMAND_KEY).encode()
+        elif s.password or s.client_key:
+            creds = await self._fetch()
+        else:
+            creds = {"password": "", "client_key": ""}
+        return dataclasses.replace(
+            base, url=s.url, topic_prefix=s.topic_prefix, password=str(creds["password"]),
+            password_file="", ca_file="", cert_file="", key_file="", command_key_file="",
+            ca_pem=s.ca, cert_pem=s.client_cert, key_pem=str(creds["client_key"]),
+            command_key=command_key)
+
+    async def _fetch(self) -> dict[str, Any]:
+        snap = self.ctx.require_member().snapshot()
+        managers = sorted(n.api_addr for n in snap.nodes.values()
+                          if n.role is NodeRole.MANAGER and n.state is not NodeState.DOWN)
+        last: Exception = Unavailable("no manager to fetch the MQTT credentials from")
+        for addr in managers:
+            try:
+                return await self.security.call(addr, "/v1/cluster/mqtt", {}, timeout=5.0)
+            except ApiError as exc:
+                last = exc
+        raise last
+
+
+class MqttSupervisor:
+    """Runs this node's bridge: from the agent's ``--mqtt-*`` flags when it has a
+    ``--mqtt-url`` (the flags win: that agent ignores the cluster-wide setting), else from
+    the cluster-wide setting, followed live — a bridge starts when one is set, is replaced
+    (cancelled, a new connection) when it changes, stops when it is unset; no agent restart.
+    ``run()`` until cancelled; never raises."""
+
+    def __init__(self, ctx: SettingContext, flags: MqttConfig, ring: EventLog,
+                 registry: Any = None, update_service: UpdateService | None = None,
+                 security: Peers | None = None, poll: float = 1.0) -> None:
+        self.ctx = ctx
+        self.flags = flags
+        self.ring = ring
+        self.update_service = update_service
+        self.settings = MqttSettings(ctx, security) if security is not None else None
+        self.poll = poll
+        self.bridge: MqttBridge | None = None
+        # (cluster id, setting version, a manager?) of the bridge running now
+        self.following: tuple[str, int, bool] | None = None
+        self._task: asyncio.Task[None] | None = None
+        if registry is not None:
+            registry.register(MqttCollector(lambda: self.bridge))
+
+    @property
+    def enabled(self) -> bool:
+        return self.flags.enabled
+
+    async def run(self) -> None:
+        try:
+            if self.flags.enabled:
+                log.info("mqtt: this agent's --mqtt-url wins over any cluster-wide setting")
+                await self._start(self.flags)
+                assert self._task is not None
+                await self._task
+                return
+            warned: tuple[str, int, bool] | None = None
+            while True:
+                # polled (every ``poll`` s), not woken per applied command: a snapshot copies
+                # the state's maps, too much to do at every apply of a busy cluster
+                store = self.ctx.store
+                ident = self.ctx.identity
+                setting = store.snapshot().cluster.mqtt if store is not None and \
+                    ident is not None else None
+                # (a promoted worker rebuilds its bridge: a manager's holds the command key)
+                want = (ident.cluster_id, setting.version, self.ctx.raft is not None) \
+                    if ident is not None and setting is not None else None
+                if want != self.following:
+                    await self._stop()
+                    if setting is not None and self.settings is not None:
+                        try:
+                            config = await self.settings.config_of(setting, self.flags)
+                            config.validate()
+                        except Exception as exc:  # (Unavailable: no manager answered, …)
+                            level = logging.DEBUG if warned == want else logging.WARNING
+                            warned = want
+                            log.log(level, "mqtt: cannot use the cluster-wide setting v%d "
+                                    "yet: %s (retrying)", setting.version, exc,
+                                    exc_info=not isinstance(exc, ApiError | SealError |
+                                                            ValueError | OSError))
+                            await asyncio.sleep(2.0)
+                            continue
+                        log.info("mqtt: following the cluster-wide setting v%d",
+                                 setting.version)
+                        await self._start(config)
+                    self.following = want
+                await asyncio.sleep(self.poll)
+        finally:
+            await self._stop()
+
+    async def _start(self, config: MqttConfig) -> None:
+        self.bridge = MqttBridge(self.ctx, config, self.ring, None, self.update_service)
+        self._task = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
+
+    async def _stop(self) -> None:
+        task, bridge = self._task, self.bridge
+        self._task = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if bridge is not None:
+            bridge.close()
+            log.info("mqtt: bridge to %s stopped", bridge.broker_label)
+        self.bridge = None
+        self.following = None
+
+
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+    """A counter family with one sample per ``label`` value (sorted)."""
+    fam = CounterMetricFamily(name, doc, labels=[label] if label else None)
+    for value, n in sorted(values.items()):
+        fam.add_metric([value] if label else [], n)
+    return fam
+
+
+class MqttCollector(Collector):
+    """``shoal_mqtt_*`` for /metrics: of the bridge running now (``source()``; nothing while
+    there is none). A bridge replaced after ``shoal mqtt set`` starts its counters at 0."""
+
+    def __init__(self, source: MqttBridge | Callable[[], MqttBridge | None]) -> None:
+        self.source = source if callable(source) else (lambda: source)
 
     def collect(self) -> Iterator[Metric]:
-        b = self.b
+        b = self.source()
+        if b is None:
+            return
         yield GaugeMetricFamily("shoal_mqtt_connected", "1 while the MQTT bridge is connected",
                                 value=1.0 if b.connected else 0.0)
-        c = CounterMetricFamily("shoal_mqtt_connects", "Successful MQTT connects")
-        c.add_metric([], b.connects)
-        yield c
-        f = CounterMetricFamily("shoal_mqtt_connect_failures", "Failed or lost MQTT "
-                                "connections, by reason", labels=["reason"])
-        for reason, n in sorted(b.failures.items()):
-            f.add_metric([reason], n)
-        yield f
-        p = CounterMetricFamily("shoal_mqtt_published", "Messages the broker acknowledged, "
-                                "by kind", labels=["kind"])
-        for kind, n in sorted(b.published.items()):
-            p.add_metric([kind], n)
-        yield p
-        g = CounterMetricFamily("shoal_mqtt_event_gaps", "Times events were dropped: the "
-                                "event ring rolled past the bridge's cursor while the broker "
-                                "was away")
-        g.add_metric([], b.gaps)
-        yield g
-        c = CounterMetricFamily("shoal_mqtt_commands", "Commands received over MQTT, by "
-                                "outcome", labels=["outcome"])
-        for outcome, n in sorted(b.command_results.items()):
-            c.add_metric([outcome], n)
-        yield c
+        yield _counter("shoal_mqtt_connects", "Successful MQTT connects", "",
+                       {"": b.connects})
+        yield _counter("shoal_mqtt_connect_failures", "Failed or lost MQTT connections, by "
+                       "reason", "reason", b.failures)
+        yield _counter("shoal_mqtt_published", "Messages the broker acknowledged, by kind",
+                       "kind", b.published)
+        yield _counter("shoal_mqtt_event_gaps", "Times events were dropped: the event ring "
+                       "rolled past the bridge's cursor while the broker was away", "",
+                       {"": b.gaps})
+        yield _counter("shoal_mqtt_commands", "Commands received over MQTT, by outcome",
+                       "outcome", b.command_results)
         pending = 0
         if b._acked is not None:
             pending = len(b.ring.after(b._acked)[0])
@@ -877,5 +1227,6 @@ class MqttCollector(Collector):
                                 value=pending)
 
 
-__all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "backoff",
+__all__ = ["MqttBridge", "MqttCollector", "MqttConfig", "MqttSettings", "MqttSupervisor",
+           "backoff",
            "classify", "node_states", "read_key", "service_states", "sign_scale"]

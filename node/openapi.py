@@ -168,6 +168,19 @@ class IssueClientRequest(_Body):
                                          "years); null = the default")] = None
 
 
+class MqttSetRequest(_Body):
+    url: Annotated[str, _d("the broker: mqtt[s]://[USER@]HOST[:PORT], no password")]
+    password: Annotated[str | None, _d("USER's password (sealed in Raft); null = keep the "
+                                       "one set (same user), \"\" = none")] = None
+    topic_prefix: Annotated[str, _d("topic prefix; empty = shoal/CLUSTER")] = ""
+    ca: Annotated[str | None, _d("PEM of the broker's CA; null = keep (mqtts)")] = None
+    client_cert: Annotated[str | None, _d("PEM client certificate; null = keep")] = None
+    client_key: Annotated[str | None, _d("PEM key of client_cert (sealed in Raft)")] = None
+    commands: Annotated[bool, _d("accept signed scale commands (a command key is made)")] = \
+        False
+    rotate_command_key: Annotated[bool, _d("make a new command key")] = False
+
+
 # --------------------------------------------------------------------------- peer bodies
 
 class AdmissionRequest(_Body):
@@ -588,6 +601,21 @@ ROUTES: tuple[Route, ...] = (
           reply=_ref("KeyRotation"), errors=CLUSTER,
           description="503 `key_rotation_failed` names the nodes a phase could not reach; "
           "running it again is safe"),
+    Route("GET", "/v1/mqtt", "mqtt_show", "the cluster-wide MQTT bridge setting, without "
+          "its secrets (`mqtt show`)", "mqtt", reply=_ref("Object"), errors=(409,),
+          reply_fields="set, url, topic_prefix, topics, password, ca, client_cert, commands, "
+          "command_key_version, version, updated_at"),
+    Route("POST", "/v1/mqtt", "mqtt_set", "set the cluster-wide MQTT bridge (`mqtt set`): "
+          "every node's bridge follows it", "mqtt", body=MqttSetRequest,
+          reply=_ref("Object"), errors=CLUSTER,
+          description="secrets not repeated are kept; an agent's own --mqtt-url wins"),
+    Route("DELETE", "/v1/mqtt", "mqtt_unset", "remove the cluster-wide MQTT setting "
+          "(`mqtt unset`): the bridges stop", "mqtt", reply=_obj("", removed=BOOL),
+          errors=CLUSTER),
+    Route("GET", "/v1/mqtt/command-key", "mqtt_command_key", "the HMAC key scale commands "
+          "are signed with (`mqtt command-key`)", "mqtt",
+          reply=_obj("", command_key=STR, command_key_version=INT, topic=STR),
+          errors=(403, 404, 409, 503)),
     Route("GET", "/v1/ca", "ca_info", "the CA digest, client certificates and this node's "
           "certificate", "ca", reply=_ref("CaInfo"), errors=(409,)),
     Route("POST", "/v1/ca/clients", "ca_issue_client", "issue a client certificate for the "
@@ -667,6 +695,10 @@ ROUTES: tuple[Route, ...] = (
           "(image transfer)", "internal", "peer", content="application/octet-stream",
           reply={"type": "string", "contentMediaType": "application/octet-stream"},
           errors=(401,), auth=MEMBER),
+    Route("POST", "/v1/cluster/mqtt", "cluster_mqtt", "the cluster-wide MQTT setting's "
+          "password and client key, for a worker's bridge", "internal", "peer",
+          reply=_obj("", version=INT, password=STR, client_key=STR),
+          errors=(401, 403, 404, 409, 503), auth=MEMBER + " (managers answer)"),
     Route("POST", "/v1/cluster/logs", "cluster_logs", "a task's logs on this node",
           "internal", "peer", body=TaskLogsRequest, reply=_ref("LogRecord"),
           content="application/x-ndjson", errors=(401, 404), auth=MEMBER),

@@ -58,6 +58,7 @@ from shoal.raft.models import (
     task_from_dict,
     task_spec_from_dict,
 )
+from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
 from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
 
 NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
@@ -105,6 +106,9 @@ class ClusterInfo:
     # unless it names its own subnet (`shoal init --default-addr-pool`)
     default_addr_pool: str = netalloc.DEFAULT_ADDR_POOL
     network_prefix: int = netalloc.DEFAULT_POOL_SIZE
+    # the cluster-wide MQTT bridge setting (shoal.raft.mqttsetting; `shoal mqtt set`),
+    # its secrets sealed under the managers' key; None = none set
+    mqtt: MqttSetting | None = None
 
 
 @dataclass
@@ -701,6 +705,8 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "client_cert_remove": ClusterState._client_cert_remove,
     "network_create": ClusterState._network_create,
     "network_remove": ClusterState._network_remove,
+    "mqtt_set": mqtt_set,
+    "mqtt_unset": mqtt_unset,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

@@ -618,3 +618,63 @@ async def test_a_new_leader_resumes_after_the_retained_cursor_and_clears_stale_s
                 await asyncio.gather(task_b, return_exceptions=True)
         finally:
             await n.stop()
+
+
+async def test_the_supervisor_follows_the_cluster_wide_setting_live(
+        tmp_path: Path, broker: Broker) -> None:
+    """Through the real API (POST/GET/DELETE /v1/mqtt): set → a bridge runs with the sealed
+    password (never in the state in the clear, never in GET /v1/mqtt); a new prefix → a new
+    bridge under it; unset → no bridge; the agent's own --mqtt-url would win (tested by
+    the flags tests above)."""
+    from dataclasses import replace
+
+    from test_events_api import boot, session
+
+    from shoal.node.mqtt import MqttSupervisor
+    from shoal.node.sealing import new_key
+    n = Node(tmp_path)
+    assert n.ctx.identity is not None
+    n.ctx.use(replace(n.ctx.identity, manager_key=new_key()), n.store, n.store)
+    await boot(n.ctx)
+    await n.server.start()
+    sup = MqttSupervisor(n.ctx, MqttConfig(backoff_min=0.05, backoff_max=0.3), n.ring,
+                         None, n.server.c.services.update_service, n.server.c.security,
+                         poll=0.1)
+    task = asyncio.create_task(sup.run())
+    url = f"mqtts://node1@{broker.ip}:{broker.port}"
+    ca = Path(broker.ca).read_text()
+    try:
+        async with session(n.server) as http:
+            async def call(method: str, path: str, body: Any = None) -> dict[str, Any]:
+                async with http.request(method, f"http://shoal{path}", json=body) as r:
+                    doc: dict[str, Any] = await r.json()
+                    assert r.status == 200, doc
+                    return doc
+            shown = await call("POST", "/v1/mqtt", {
+                "url": url, "password": PASSWORDS["node1"], "topic_prefix": PREFIX,
+                "ca": ca, "commands": True})
+            assert shown["password"] is True and PASSWORDS["node1"] not in json.dumps(shown)
+            setting = n.store.snapshot().cluster.mqtt
+            assert setting is not None and PASSWORDS["node1"] not in repr(setting)
+            await until(lambda: sup.bridge is not None and sup.bridge.connected,
+                        what="the bridge connected")
+            first = sup.bridge
+            key = (await call("GET", "/v1/mqtt/command-key"))["command_key"]
+            assert first is not None and first.config.key() == key.encode()
+            await call("POST", "/v1/mqtt", {"url": url, "topic_prefix": PREFIX + "/b",
+                                            "commands": True})
+            await until(lambda: sup.bridge is not first and sup.bridge is not None and
+                        sup.bridge.connected and sup.bridge.prefix == PREFIX + "/b",
+                        what="a new bridge under the new prefix (password kept)")
+            assert (await call("GET", "/v1/mqtt/command-key"))["command_key"] == key
+            await call("POST", "/v1/mqtt", {"url": url, "topic_prefix": PREFIX + "/b",
+                                            "commands": True, "rotate_command_key": True})
+            assert (await call("GET", "/v1/mqtt/command-key"))["command_key"] != key
+            assert (await call("DELETE", "/v1/mqtt"))["removed"] is True
+            await until(lambda: sup.bridge is None, what="the bridge stopped")
+            assert (await call("GET", "/v1/mqtt")) == {"set": False}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await n.server.stop()

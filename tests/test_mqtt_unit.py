@@ -105,3 +105,28 @@ def test_service_state_counts_running_replicas_against_desired() -> None:
         (3, 2, 2, "busybox")
     assert doc["update_state"] == ""
 
+
+
+def test_the_setting_is_replicated_sealed_versioned_and_refused_when_malformed() -> None:
+    """mqtt_set keeps only sealed secrets, raises the version, refuses a stale version (the
+    field named) and a malformed url; it survives the state's wire form; unset removes it."""
+    from shoal.raft.state import ClusterState
+    from shoal.raft.wire import state_from_bytes, state_to_bytes
+    st = ClusterState()
+    good = {"url": "mqtts://node1@broker:8883", "password": "sealed:AAAA", "commands": True,
+            "command_key": "sealed:BBBB", "command_key_version": 1}
+    assert st.apply({"op": "mqtt_set", "setting": good, "now": 1.0, "version": 0}) == \
+        {"ok": True, "version": 1}
+    for bad, field in (({**good, "password": "in the clear"}, "password"),
+                       ({**good, "url": "http://x"}, "url"),
+                       ({**good, "commands": "yes"}, "commands"),
+                       ({**good, "command_key": ""}, "command_key")):
+        assert st.apply({"op": "mqtt_set", "setting": bad, "now": 2.0})["error"]["field"] \
+            == field
+    assert st.apply({"op": "mqtt_set", "setting": good, "now": 2.0, "version": 0}
+                    )["error"]["field"] == "version"
+    copy = state_from_bytes(state_to_bytes(st))
+    assert copy.cluster.mqtt == st.cluster.mqtt and copy.cluster.mqtt is not None
+    assert copy.cluster.mqtt.version == 1 and copy.cluster.mqtt.password == "sealed:AAAA"
+    assert st.apply({"op": "mqtt_unset"}) == {"ok": True, "removed": True}
+    assert st.cluster.mqtt is None
