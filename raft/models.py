@@ -267,6 +267,9 @@ class Task:
     # network name → the task's address on it, for each of ``spec.networks`` (allocated by
     # the state when the task is assigned; released once the task has ended)
     net_addrs: dict[str, str] = field(default_factory=dict)
+    # when the task first came up (running, and healthy if it has a health check), by the
+    # state's clock; 0 = not yet (a rolling update's monitor window counts from there)
+    up_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -370,4 +373,5 @@ def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
         updated_at=float(d.get("updated_at", 0.0)),
         sched_message=d.get("sched_message", ""),
         net_addrs=dict(d.get("net_addrs") or {}),
+        up_at=float(d.get("up_at", 0.0)),
     )
