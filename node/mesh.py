@@ -85,11 +85,8 @@ def lb_name(service: str, target: int) -> str:
 
 def serving(task: Task) -> bool:
     """May ``task`` receive new connections (and be a DNS answer)? RUNNING with an address,
-    and healthy if it has a health check: a task still starting or unhealthy gets none; nor
-    does one the leader is stopping (a rolling update's old task: taken out of the balancers
-    as its stop is decided, while it still finishes what it serves)."""
-    return task.status.up and bool(task.status.addr) and \
-        task.desired_state <= TaskState.RUNNING
+    and healthy if it has a health check: a task still starting or unhealthy gets none."""
+    return task.status.up and bool(task.status.addr)
 
 
 ImagePorts = Callable[[str], tuple[tuple[int, str], ...]]

@@ -626,7 +626,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
 
     A new task (made since the rollout started) *fails* when it ends on its own or turns
     unhealthy before it came up, or within ``monitor`` after (``rollout_failed``). Once the
-    failures exceed ``max_failure_ratio`` × the slots being updated (``too_many_failures``)
+    failures exceed ``max_failure_ratio`` x the slots being updated (``too_many_failures``)
     ``failure_action`` applies: pause (``paused`` / ``rollback_paused``: nothing more is
     replaced until the next `service update`), continue, or rollback (the ``rollback`` op:
     back to the previous spec, ``rollback_started`` with the reason). When every task runs
@@ -700,9 +700,10 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                          if any(up(m) for m in by_slot.get(t.slot, ()))]
         if ops:
             return Rollout(ops, paired=frozenset(paired))
-    # a slot whose old task is stopping and whose new task is not yet created counts too
-    # (a task that was never placed has nothing to stop)
-    busy = len(in_flight) + len(stopping)
+    # a slot whose old task is stopping, or has stopped and whose new task is not yet
+    # created, counts too (a task that was never placed has nothing to stop)
+    busy = len(in_flight) + len(stopping) + len(_emptied(tasks, alive, old_spec, want)
+                                                 if not per_node else ())
     if fresh and busy == 0 and cfg.delay:
         last_up = max(up_since(t) for t in fresh)
         if now - last_up < cfg.delay:
@@ -738,6 +739,22 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     return Rollout(ops, wake_at=wake_at, paired=frozenset(paired))
 
 
+def _emptied(tasks: list[Task], alive: Callable[[Task], bool],
+             old_spec: Callable[[Task], bool], want: int) -> set[int]:
+    """Slots 1..want without a live task whose newest task is of the old template: the
+    rollout emptied them and their replacements are yet to be made."""
+    newest: dict[int, Task] = {}
+    live: set[int] = set()
+    for t in tasks:
+        if alive(t):
+            live.add(t.slot)
+        elif 1 <= t.slot <= want:
+            n = newest.get(t.slot)
+            if n is None or (t.created_at, t.id) > (n.created_at, n.id):
+                newest[t.slot] = t
+    return {s for s, t in newest.items() if s not in live and old_spec(t)}
+
+
 def rollout_failed(t: Task, monitor: float) -> bool:
     """Does this task of the rollout count as a failure? It ended on its own or turned
     unhealthy, before it ever came up or within ``monitor`` seconds after (``up_at``; the
@@ -748,7 +765,7 @@ def rollout_failed(t: Task, monitor: float) -> bool:
 
 
 def too_many_failures(failed: int, updating: int, max_ratio: float) -> bool:
-    """Swarm's test: the failures exceed ``max_ratio`` × the tasks being updated (so with
+    """Swarm's test: the failures exceed ``max_ratio`` x the tasks being updated (so with
     the default ratio 0, the first failure is too many)."""
     return failed > 0 and failed > max_ratio * max(updating, 1)
 

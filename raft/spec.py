@@ -496,7 +496,7 @@ class UpdateConfig(_Spec, frozen=True):
     one once the new one is up (at most replicas + parallelism tasks run meanwhile).
 
     A new task *fails* when it ends or turns unhealthy before it is up, or within
-    ``monitor`` after it came up. Once the failures exceed ``max_failure_ratio`` × the tasks
+    ``monitor`` after it came up. Once the failures exceed ``max_failure_ratio`` x the tasks
     being updated, ``failure_action`` applies: pause (status ``paused``, until the next
     `service update`), continue, or rollback (back to the previous spec at once, status
     ``rollback_started`` with the reason, then ``rollback_completed``)."""
