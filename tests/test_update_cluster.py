@@ -182,7 +182,8 @@ def test_start_first_updates_and_a_secret_rotation_fail_no_request(lab: Lab) -> 
     load = Load(h2, h1, "load1")
     h1.cli("service", "update", "web", "--", *server("v2"))
     wait_until(status_is(h1, "completed"), timeout=90, what="the v2 update completed")
-    h1.cli("service", "update", "--secret-rm", "s1", "--secret-add", "s2,target=app", "web")
+    h1.cli("service", "update", "--secret-rm", "s1", "--secret-add", "s2,target=app",
+           "--update-parallelism", "3", "web")  # (6 tasks side by side for a moment)
     svc = wait_until(status_is(h1, "completed"), timeout=90, what="the rotation completed")
     assert [s["name"] for s in svc["spec"]["task"]["container"]["secrets"]] == ["s2"]
     wait_until(lambda: healthy_ids(h1, 3), timeout=30, what="3 healthy tasks")
@@ -213,7 +214,7 @@ def test_a_change_outside_the_template_restarts_nothing(lab: Lab) -> None:
     assert svc["spec"]["update"]["parallelism"] == 2
     h1.cli("service", "update", "--rollback", "web")
     svc = inspect(h1)
-    assert svc["spec"]["labels"] == {} and svc["spec"]["update"]["parallelism"] == 1
+    assert svc["spec"]["labels"] == {} and svc["spec"]["update"]["parallelism"] == 3
     time.sleep(2.0)  # (a window for a wrong restart to show: the leader passes every 0.5 s)
     assert {t["id"] for t in h1.cli_json("service", "ps", "web")} == before
     assert healthy_ids(h1, 3) is not None and {t["id"] for t in live(h1)} <= before
@@ -229,7 +230,8 @@ def test_a_version_that_never_becomes_healthy_rolls_back_or_pauses(lab: Lab) -> 
     load = Load(h2, h1, "load2")
     before = wait_until(lambda: healthy_ids(h1, 3), timeout=30, what="3 healthy tasks")
     good = inspect(h1)["spec"]["task"]
-    h1.cli("service", "update", "--update-failure-action", "rollback", "web",
+    h1.cli("service", "update", "--update-failure-action", "rollback",
+           "--update-parallelism", "1", "web",
            "--", *server("bad", 1e9))
     svc = wait_until(status_is(h1, "rollback_completed"), timeout=90, what="rolled back")
     message = svc["update_status"]["message"]
@@ -239,7 +241,8 @@ def test_a_version_that_never_becomes_healthy_rolls_back_or_pauses(lab: Lab) -> 
     # start-first: the old tasks served throughout and still do
     assert wait_until(lambda: healthy_ids(h1, 3), timeout=30, what="3 healthy") == before
 
-    h1.cli("service", "update", "--update-failure-action", "pause", "web",
+    h1.cli("service", "update", "--update-failure-action", "pause",
+           "--update-parallelism", "1", "web",
            "--", *server("bad2", 1e9))
     svc = wait_until(status_is(h1, "paused"), timeout=90, what="the update paused")
     assert "update paused due to failure or early termination of task web." in \
@@ -254,7 +257,8 @@ def test_a_version_that_never_becomes_healthy_rolls_back_or_pauses(lab: Lab) -> 
     assert {d.split()[0] for _, _, d in results} == {"v2"}  # the bad versions served none
 
     # the next update resumes (here with a fixed version)
-    h1.cli("service", "update", "--args", shlex.join(server("v3")), "web")
+    h1.cli("service", "update", "--args", shlex.join(server("v3")),
+           "--update-parallelism", "3", "web")
     wait_until(status_is(h1, "completed"), timeout=90, what="the resumed update completed")
     after = wait_until(lambda: healthy_ids(h1, 3), timeout=30, what="3 healthy v3 tasks")
     assert not after & before
