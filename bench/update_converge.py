@@ -74,7 +74,7 @@ def main() -> None:
             samples: list[tuple[int, int]] = []
             stop = threading.Event()
 
-            def sample() -> None:
+            def sample(stop: threading.Event, samples: list[tuple[int, int]]) -> None:
                 while not stop.is_set():
                     try:
                         ts: list[dict[str, Any]] = c.call(
@@ -86,7 +86,7 @@ def main() -> None:
                           and t["desired_state"] == "running"]
                     samples.append((len(running), len(up)))
                     time.sleep(0.1)
-            sampler = threading.Thread(target=sample)
+            sampler = threading.Thread(target=sample, args=(stop, samples))
             load_before = os.getloadavg()
             sampler.start()
             h.cli("service", "update", "web", "--", "sh", "-c", SERVER, "sh",
