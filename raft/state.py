@@ -434,13 +434,15 @@ class ClusterState:
                 svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
         now = float(cmd["now"])
         status = svc.update_status
-        if spec.task != svc.spec.task or status.paused:
+        legacy = self.cluster.schema < schema_mod.SCHEMA  # (0.1 replicas apply it too)
+        if spec.task != svc.spec.task or (status.paused and not legacy):
             # a new rollout (or rollback) starts; a paused one resumes with any update, as
             # in Swarm (its failures so far no longer count)
             state = "rollback_started" if cmd.get("rollback") else "updating"
+            manual = "rollback started" if legacy else "manually requested rollback"
             status = UpdateStatus(state=state, started_at=now,
-                                  message="manually requested rollback" if cmd.get("rollback")
-                                  else "update in progress")
+                                  message=manual if cmd.get("rollback") else
+                                  "update in progress")
         if spec == svc.spec:
             if status != svc.update_status:  # (only a resumed update: the spec stays)
                 self.services[svc.id] = replace(svc, update_status=status, updated_at=now)

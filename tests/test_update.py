@@ -27,6 +27,7 @@ from shoal.node.orchestrator import (
 )
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import Health, Task, TaskState, TaskStatus, to_dict
+from shoal.raft.schema import SCHEMA
 from shoal.raft.spec import RollbackConfig, UpdateConfig
 from shoal.raft.state import ClusterState
 from shoal.raft.validate import validate_spec
@@ -49,6 +50,7 @@ class Sim:
 
     def __init__(self, first: dict[str, Any]) -> None:
         self.st = ClusterState()
+        self.st.cluster = replace(self.st.cluster, schema=SCHEMA)  # (every node on today's)
         self.now = 1.0
         self.st.apply({"op": "node_add", "now": 1.0, "node": {
             "id": "n1", "hostname": "h1", "addr": "10.0.0.1", "api_port": 2377,
@@ -203,6 +205,18 @@ def test_a_paused_update_resumes_with_an_update_that_changes_nothing() -> None:
     sim.update(broken)  # `service update web` with no change: resumes, and fails again
     assert (sim.svc.update_status.state, sim.svc.version) == ("updating", version)
     sim.until("paused")
+
+
+def test_while_a_0_1_node_remains_only_a_template_change_resumes() -> None:
+    """Schema 1: the 0.1 replicas apply the same command, and 0.1 resumed nothing without
+    a template change: neither does today's state then (replicas must agree)."""
+    sim = Sim(spec(2))
+    sim.st.cluster = replace(sim.st.cluster, schema=1)
+    broken = spec(2, "bad", order="start-first")
+    sim.update(broken)
+    sim.until("paused")
+    sim.update(broken)
+    assert sim.svc.update_status.state == "paused"
 
 
 def test_failure_action_continue_goes_on_through_every_slot() -> None:
