@@ -16,7 +16,9 @@ Owns: the service-mode policies (swarmkit's replicated, global and job orchestra
   older iteration are shut down;
 * global-job — the same per eligible node, nodes joining later included.
 
-Also deleting tasks of removed services once they have stopped, trimming task history (a
+The rolling update of replicated and global services (``plan_rollout``: order, failure
+action, monitor, failure ratio, as swarmkit's updater). Also deleting tasks of removed
+services once they have stopped, trimming task history (a
 job's completions are kept: they are its progress), and the node-liveness policy
 (heartbeats → READY/DOWN). Must not touch:
 the store or the network; ``shoal.node.leader`` runs these functions on the leader and
@@ -25,7 +27,9 @@ proposes what they return as fenced batches.
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
 ("delete", task_id) ("assign", task_id, node_id) ("unschedulable", task_id, reason)
-("node_state", node_id, state, message) ("update_status", service_id, state, message).
+("node_state", node_id, state, message) ("update_status", service_id, state, message)
+("rollback", service_id, reason) (a rolling update's failure action: back to the previous
+spec).
 """
 
 from __future__ import annotations
