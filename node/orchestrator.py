@@ -804,14 +804,15 @@ def up(t: Task) -> bool:
 
 def up_since(t: Task) -> float:
     """When ``t`` came up: it started, or — with a health check — its current run of passing
-    probes began (from its health log; the update delay counts from there)."""
+    probes began (from its health log; the update delay counts from there), and not before
+    the state saw it up (``up_at``: the health log the agent reports may lag behind)."""
     since = t.status.timestamp
     if t.status.health is Health.HEALTHY:
         for r in reversed(t.status.health_log):
             if r.exit_code != 0:
                 break
             since = max(t.status.timestamp, r.end)
-    return since
+    return max(since, t.up_at)
 
 
 def self_ended(t: Task) -> bool:

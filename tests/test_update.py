@@ -163,6 +163,18 @@ def test_start_first_waits_for_health_before_stopping_the_old_task() -> None:
     assert sim.st.tasks[by_slot[(1, "1")].id].desired_state is TaskState.SHUTDOWN
 
 
+def test_the_delay_counts_from_when_a_batch_was_up() -> None:
+    """The next batch starts `delay` after the previous one came up (was healthy: ``up_at``
+    as the state saw it), not after it started running."""
+    sim = Sim(spec(3))
+    sim.update(spec(3, "2", order="start-first", delay=3.0))
+    sim.until("completed")
+    new = sorted((t for t in sim.st.tasks.values() if t.spec.container.env["V"] == "2"),
+                 key=lambda t: t.created_at)
+    for prev, nxt in zip(new, new[1:], strict=False):
+        assert nxt.created_at - prev.up_at >= 3.0, (prev, nxt)
+
+
 # ------------------------------------------------------------------ failure actions
 
 def test_failure_action_rollback_rolls_back_by_itself_with_the_reason() -> None:
