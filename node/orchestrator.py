@@ -617,9 +617,9 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
-    rolling back. At most ``parallelism`` slots are in flight at a time; the next batch
-    starts once every updated slot is up (running, and healthy if it has a health check —
-    ``up``) and ``delay`` has passed since. ``order``:
+    rolling back. At most ``parallelism`` slots are in flight at a time (as swarmkit's update
+    workers: a slot is in flight until its new task is up — running, and healthy if it has
+    a health check, ``up`` — and ``delay`` has passed since). ``order``:
 
     * stop-first: the slot's old task is shut down; the slot loop then refills the slot
       with the current template;
@@ -706,16 +706,17 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
             return Rollout(ops, paired=frozenset(paired))
     # a slot whose old task is stopping, or has stopped and whose new task is not yet
     # created, counts too (a task that was never placed has nothing to stop)
-    busy = len(in_flight) + len(stopping) + len(_emptied(tasks, alive, old_spec, want)
-                                                 if not per_node else ())
-    if fresh and busy == 0 and cfg.delay:
-        last_up = max(up_since(t) for t in fresh)
-        if now - last_up < cfg.delay:
-            return Rollout([], wake_at=last_up + cfg.delay, paired=frozenset(paired))
+    # and, as each of swarmkit's `parallelism` update workers waits `delay` after its slot
+    # is up before it takes the next, a task up for less than `delay` still holds its place
+    cooling = [up_since(t) + cfg.delay for t in fresh
+               if cfg.delay and up(t) and now < up_since(t) + cfg.delay]
+    busy = len(in_flight) + len(stopping) + len(cooling) + len(
+        _emptied(tasks, alive, old_spec, want) if not per_node else ())
     room = (cfg.parallelism or len(old)) - busy
+    if room <= 0:
+        return Rollout([], wake_at=min(cooling, default=None), paired=frozenset(paired))
     if not start_first or not rolling:
-        return Rollout([("desired", t.id, int(TaskState.SHUTDOWN))
-                        for t in old[:max(room, 0)]])
+        return Rollout([("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:room]])
     # start-first: a new task beside the old one, in slots without one yet
     ops = []
     wake_at: float | None = None

@@ -163,16 +163,20 @@ def test_start_first_waits_for_health_before_stopping_the_old_task() -> None:
     assert sim.st.tasks[by_slot[(1, "1")].id].desired_state is TaskState.SHUTDOWN
 
 
-def test_the_delay_counts_from_when_a_batch_was_up() -> None:
-    """The next batch starts `delay` after the previous one came up (was healthy: ``up_at``
-    as the state saw it), not after it started running."""
-    sim = Sim(spec(3))
-    sim.update(spec(3, "2", order="start-first", delay=3.0))
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_the_delay_counts_from_when_a_slot_was_up(parallelism: int) -> None:
+    """As swarmkit's `parallelism` update workers: a slot holds its worker from its new
+    task's creation until `delay` after it was up (``up_at``, as the state saw it: healthy,
+    not merely running), so no more than `parallelism` such spans ever overlap."""
+    sim = Sim(spec(5))
+    sim.update(spec(5, "2", order="start-first", delay=3.0, parallelism=parallelism))
     sim.until("completed")
-    new = sorted((t for t in sim.st.tasks.values() if t.spec.container.env["V"] == "2"),
-                 key=lambda t: t.created_at)
-    for prev, nxt in zip(new, new[1:], strict=False):
-        assert nxt.created_at - prev.up_at >= 3.0, (prev, nxt)
+    new = [t for t in sim.st.tasks.values() if t.spec.container.env["V"] == "2"]
+    assert len(new) == 5
+    for t in new:
+        holding = [x for x in new if x is not t and x.created_at <= t.created_at
+                   < x.up_at + 3.0]
+        assert len(holding) < parallelism, (t, holding)
 
 
 # ------------------------------------------------------------------ failure actions
