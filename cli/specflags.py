@@ -377,6 +377,11 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         if d.cli == "flag" and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
             _set(spec, d.path, False)
+    raw = list(args.command)
+    if raw and raw[0] != "--" and raw[0].startswith("-"):
+        # (argparse takes everything after SERVICE as the command)
+        raise CliError(f"{raw[0]}: options go before the service name (`service update "
+                       "[OPTIONS] SERVICE`); a new command goes after `--`")
     command = _command(args)
     if getattr(args, "args", None) is not None:
         if command:

@@ -432,3 +432,7 @@ def test_the_update_deltas_exist_and_args_sets_the_command() -> None:
     assert [(s["name"], s["target"]) for s in got["task"]["container"]["secrets"]] == \
         [("new", "app")]
     assert _subparser("update").parse_args(["--rollback", "web"]).rollback is True
+    # an option after the service name is not taken for a new command
+    args = _subparser("update").parse_args(["web", "--secret-rm", "old"])
+    with pytest.raises(CliError, match="--secret-rm: options go before the service name"):
+        specflags.apply_update_args(current, args)
