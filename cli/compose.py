@@ -130,11 +130,10 @@ def _update_rules(prefix: str, spec: str) -> dict[str, Rule]:
         f"{prefix}": SECTION,
         f"{prefix}.parallelism": _to(f"{spec}.parallelism", as_int),
         f"{prefix}.delay": _to(f"{spec}.delay", as_duration),
-        f"{prefix}.failure_action": _only("pause", "a failed replacement pauses the update"),
-        f"{prefix}.monitor": LATER,
-        f"{prefix}.max_failure_ratio": LATER,
-        f"{prefix}.order": _only("stop-first", "shoal stops a task before starting its "
-                                 "replacement"),
+        f"{prefix}.failure_action": _to(f"{spec}.failure_action", as_str),
+        f"{prefix}.monitor": _to(f"{spec}.monitor", as_duration),
+        f"{prefix}.max_failure_ratio": _to(f"{spec}.max_failure_ratio", as_float),
+        f"{prefix}.order": _to(f"{spec}.order", as_str),
     }
 
 

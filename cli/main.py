@@ -430,7 +430,7 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
                                "number >= 0")
             c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": int(n)})
             print(f"{name} scaled to {int(n)}")
-    elif sc == "update":
+    elif sc == "update" and not args.rollback:
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
         spec = specflags.apply_update_args(current["spec"], args)
         r = _spec_call(c, "POST", f"/v1/services/{_q(args.service)}/update",
@@ -446,7 +446,7 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             width = max(width, len(prefix))
             sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
             print(f"{prefix.ljust(width)} | {rec['line']}", file=sink, flush=True)
-    elif sc == "rollback":
+    elif sc == "rollback" or (sc == "update" and args.rollback):
         r = c.call("POST", f"/v1/services/{_q(args.service)}/rollback")
         print(r["name"])
     elif sc == "rm":

@@ -17,6 +17,7 @@ import argparse
 import copy
 import re
 import secrets
+import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -267,6 +268,11 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
+    parser.add_argument("--args", metavar="\"ARG...\"", default=None,
+                        help="the task's command arguments (after the image's ENTRYPOINT), "
+                        "shell-quoted in one value; same as -- CMD [ARGS...]")
+    parser.add_argument("--rollback", action="store_true",
+                        help="go back to the previous spec (as `service rollback`)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
 
@@ -371,7 +377,20 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         if d.cli == "flag" and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
             _set(spec, d.path, False)
+    raw = list(args.command)
+    if raw and raw[0] != "--" and raw[0].startswith("-"):
+        # (argparse takes everything after SERVICE as the command)
+        raise CliError(f"{raw[0]}: options go before the service name (`service update "
+                       "[OPTIONS] SERVICE`); a new command goes after `--`")
     command = _command(args)
+    if getattr(args, "args", None) is not None:
+        if command:
+            raise CliError("--args and -- CMD both set the command: give one")
+        try:
+            command = shlex.split(args.args)
+        except ValueError as exc:
+            raise CliError(f"--args {args.args!r}: {exc}") from None
+        _set(spec, "task.container.command", command)
     if command:
         _set(spec, "task.container.command", command)
     if args.force:

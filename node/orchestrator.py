@@ -18,7 +18,9 @@ Owns: the service-mode policies (swarmkit's replicated, global and job orchestra
 * scheduled jobs (``mode.schedule``) — the same per run: a run is a job iteration the
   leader starts when the schedule says (shoal.node.cron), not an update (``of_current_run``).
 
-Also deleting tasks of removed services once they have stopped, trimming task history (a
+The rolling update of replicated and global services (``plan_rollout``: order, failure
+action, monitor, failure ratio, as swarmkit's updater). Also deleting tasks of removed
+services once they have stopped, trimming task history (a
 job's completions are kept: they are its progress), and the node-liveness policy
 (heartbeats → READY/DOWN). Must not touch:
 the store or the network; ``shoal.node.leader`` runs these functions on the leader and
@@ -27,7 +29,9 @@ proposes what they return as fenced batches.
 Ops are the tuples understood by ClusterState's ``leader`` command:
 ("create", task_dict) ("desired", task_id, state) ("orphan", task_id, reason)
 ("delete", task_id) ("assign", task_id, node_id) ("unschedulable", task_id, reason)
-("node_state", node_id, state, message) ("update_status", service_id, state, message).
+("node_state", node_id, state, message) ("update_status", service_id, state, message)
+("rollback", service_id, reason) (a rolling update's failure action: back to the previous
+spec).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from shoal.raft.models import (
     task_from_dict,
     to_dict,
 )
-from shoal.raft.spec import Placement, RestartPolicy, TaskSpec
+from shoal.raft.spec import Placement, RestartPolicy, RollbackConfig, TaskSpec, UpdateConfig
 from shoal.raft.state import Snapshot
 
 Op = tuple[Any, ...]
@@ -319,10 +323,10 @@ def _new_task(svc: Service, slot: int, now: float, new_id: Callable[[], str],
 
 def _keep_one(live: list[Task]) -> list[Op]:
     """Several live tasks in one slot (or on one node): keep the most advanced (running
-    beats pending), then the newest; shut the others down."""
+    beats pending, healthy beats starting), then the newest; shut the others down."""
     if len(live) < 2:
         return []
-    keep = max(live, key=lambda t: (t.status.state, t.created_at, t.id))
+    keep = max(live, key=lambda t: (t.status.state, up(t), t.created_at, t.id))
     return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in live if t is not keep]
 
 
@@ -530,12 +534,16 @@ def _reconcile_service(
 
         def alive(t: Task) -> bool:
             return was_alive(t) and t.id not in gone
-    ops += rolling_update(svc, tasks, alive, now, nodes)
+    rollout = plan_rollout(svc, tasks, alive, now, nodes, new_id=new_id)
+    ops += rollout.ops
+    wake_at = rollout.wake_at
 
     for slot in range(1, max(replicas, max(slots, default=0)) + 1):
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
         live = [t for t in slot_tasks if alive(t)]
-        if slot > replicas:
+        if slot in rollout.paired and slot <= replicas:
+            pass  # start-first: the old task and its replacement, side by side
+        elif slot > replicas:
             for t in live:
                 ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             # an emptied slot keeps no history
@@ -543,7 +551,7 @@ def _reconcile_service(
                 if t.status.state.terminal and t.desired_state >= TaskState.SHUTDOWN:
                     ops.append(("delete", t.id))
             continue
-        if len(live) > 1:
+        elif len(live) > 1:
             ops += _keep_one(live)
         elif not live:
             ended = [t for t in slot_tasks if t.status.state.terminal]
@@ -608,30 +616,69 @@ def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
     return True
 
 
+@dataclass
+class Rollout:
+    """What a rolling update decides in one pass: its ops, when to look again (a delay or a
+    monitor window ending; wall-clock seconds, None = nothing to wait for), and the slots
+    where start-first runs a slot's old and new task side by side (the slot loop must keep
+    both)."""
+
+    ops: list[Op]
+    wake_at: float | None = None
+    paired: frozenset[int] = frozenset()
+
+
 def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                    now: float, nodes: Mapping[str, Node] | None = None,
                    wanted: int | None = None) -> list[Op]:
-    """Stop-first rolling update: shut down up to ``parallelism`` outdated tasks at a time;
-    their slots are then refilled with the current template by the slot loop. The next batch
-    starts once every updated slot runs (and is healthy) and ``delay`` has passed since. The
-    rollout follows the service's ``update`` config, or its ``rollback`` config while rolling back.
+    """The ops of ``plan_rollout`` (for callers that neither wait nor pair slots)."""
+    return plan_rollout(svc, tasks, alive, now, nodes, wanted).ops
 
-    A task with a health check counts as up only once healthy; a replacement that fails
-    (exits, is refused, never runs, turns unhealthy) pauses the rollout, as Swarm's
-    default failure action does: no further task is replaced until the next `service update`
-    (or `service rollback`); ``update_status`` says which task failed and why. When every
-    task runs the current template, the status becomes ``completed``.
+
+def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
+                 now: float, nodes: Mapping[str, Node] | None = None,
+                 wanted: int | None = None,
+                 new_id: Callable[[], str] | None = None) -> Rollout:
+    """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
+
+    The rollout follows the service's ``update`` config, or its ``rollback`` config while
+    rolling back. At most ``parallelism`` slots are in flight at a time (as swarmkit's update
+    workers: a slot is in flight until its new task is up — running, and healthy if it has
+    a health check, ``up`` — and ``delay`` has passed since). ``order``:
+
+    * stop-first: the slot's old task is shut down; the slot loop then refills the slot
+      with the current template;
+    * start-first: a task of the current template is created in the slot beside the old
+      one, which is shut down once the new one is up (``paired``: the slots running both).
+      Old tasks still stopping count as in flight, so at most replicas + parallelism tasks
+      run (docs/reliability.md).
+
+    A new task (made since the rollout started) *fails* when it ends on its own or turns
+    unhealthy before it came up, or within ``monitor`` after (``rollout_failed``). Once the
+    failures exceed ``max_failure_ratio`` x the slots being updated (``too_many_failures``)
+    ``failure_action`` applies: pause (``paused`` / ``rollback_paused``: nothing more is
+    replaced until the next `service update`), continue, or rollback (the ``rollback`` op:
+    back to the previous spec, ``rollback_started`` with the reason). When every task runs
+    the current template, is up, and ``monitor`` has passed since the last came up, the
+    status becomes ``completed`` (``rollback_completed``). Swarm does the same.
+
     ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it.
-    ``wanted``: the tasks the service should have (global: its eligible nodes; default:
-    replicas, whose slots 1..replicas are the ones rolled)."""
+    ``wanted``: the tasks the service should have (global: its eligible nodes, rolled
+    stop-first; default: replicas, whose slots 1..replicas are the ones rolled).
+    ``new_id``: ids for the tasks start-first creates (without it, the rollout is
+    stop-first)."""
     spec, status = svc.spec, svc.update_status
     per_node = wanted is not None
     want = spec.replicas if wanted is None else wanted
-    cfg = spec.rollback if status.rollback else spec.update
+    cfg: UpdateConfig | RollbackConfig = spec.rollback if status.rollback else spec.update
     rolling = status.state in ("updating", "rollback_started")
+    start_first = cfg.order == "start-first" and not per_node and new_id is not None
 
     def old_spec(t: Task) -> bool:
         return outdated(t, spec.task, (nodes or {}).get(t.node_id))
+
+    def key(t: Task) -> str | int:
+        return t.node_id if per_node else t.slot
 
     live = [t for t in tasks if alive(t) and (per_node or t.slot <= want)]
     old = sorted((t for t in live if old_spec(t)),
@@ -639,38 +686,140 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     fresh = [t for t in live if not old_spec(t)]
     stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
                 and not t.status.state.terminal and (per_node or t.slot <= want)]
+    since = status.started_at
+    new = [t for t in tasks if not old_spec(t) and t.created_at >= since] if rolling else []
+    # start-first slots running an old task and its replacement (kept side by side, also
+    # while paused: the old one serves until the new one is up)
+    by_slot: dict[int, list[Task]] = defaultdict(list)
+    if start_first:
+        for t in fresh:
+            by_slot[t.slot].append(t)
+    paired = {t.slot for t in old if by_slot.get(t.slot)}
     if not old:
-        if rolling and not stopping and len(fresh) >= want and \
-                all(up(t) for t in fresh):
-            done = "rollback_completed" if status.rollback else "completed"
-            return [("update_status", svc.id, done,
-                     "rollback completed" if status.rollback else "update completed")]
-        return []
+        if not rolling or stopping or len(fresh) < want or not all(up(t) for t in fresh):
+            return Rollout([])
+        # the last tasks must stay up for the monitor window before the rollout is done
+        last = max((t.up_at for t in new), default=0.0)
+        if last and now < last + cfg.monitor:
+            return Rollout([], wake_at=last + cfg.monitor)
+        if status.rollback:
+            manual = status.message in ("manually requested rollback", "rollback started", "")
+            return Rollout([("update_status", svc.id, "rollback_completed",
+                             "rollback completed" if manual else
+                             f"rollback completed ({status.message})")])
+        return Rollout([("update_status", svc.id, "completed", "update completed")])
     if status.paused:
-        return []
-    failed = sorted((t for t in tasks if not old_spec(t)
-                     and (self_ended(t) or t.status.health is Health.UNHEALTHY)
-                     and t.created_at >= status.started_at),
-                    key=lambda t: (t.status.timestamp, t.id))
-    if rolling and failed:
-        t = failed[0]
-        why = t.status.err or ("unhealthy" if t.status.health is Health.UNHEALTHY else "") \
-            or t.status.message or t.status.state.lower()
-        state = "rollback_paused" if status.rollback else "paused"
-        what = "rollback" if status.rollback else "update"
-        return [("update_status", svc.id, state,
-                 f"{what} paused due to failure or early termination of task {t.name} "
-                 f"({t.id[:12]}): {why}")]
+        return Rollout([], paired=frozenset(paired))
+    if rolling:
+        failed = sorted((t for t in new if rollout_failed(t, cfg.monitor)),
+                        key=lambda t: (t.updated_at, t.id))
+        touched = {key(t) for t in old} | {key(t) for t in stopping} | \
+            {key(t) for t in new} | {key(t) for t in tasks if old_spec(t)
+                                     and t.updated_at >= since}
+        if failed and too_many_failures(len(failed), len(touched), cfg.max_failure_ratio):
+            action = failure_response(cfg.failure_action, status.rollback,
+                                      svc.previous_spec is not None)
+            if action != "continue":
+                return Rollout([_failure_op(svc, failed[-1], action)],
+                               paired=frozenset(paired))
     in_flight = [t for t in fresh if not up(t)]
-    # a slot whose old task is stopping and whose new task is not yet created counts too
-    # (a task that was never placed has nothing to stop)
-    busy = len(in_flight) + len(stopping)
-    if fresh and busy == 0 and cfg.delay:
-        last_up = max(up_since(t) for t in fresh)
-        if now - last_up < cfg.delay:
-            return []
+    if paired and rolling:
+        # the new task is up: stop the old one (the slot stays paired until it has stopped)
+        ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old
+                         if any(up(m) for m in by_slot.get(t.slot, ()))]
+        if ops:
+            return Rollout(ops, paired=frozenset(paired))
+    # a slot whose old task is stopping, or has stopped and whose new task is not yet
+    # created, counts too (a task that was never placed has nothing to stop)
+    # and, as each of swarmkit's `parallelism` update workers waits `delay` after its slot
+    # is up before it takes the next, a task up for less than `delay` still holds its place
+    cooling = [up_since(t) + cfg.delay for t in fresh
+               if cfg.delay and up(t) and now < up_since(t) + cfg.delay]
+    busy = len(in_flight) + len(stopping) + len(cooling) + len(
+        _emptied(tasks, alive, old_spec, want) if not per_node else ())
     room = (cfg.parallelism or len(old)) - busy
-    return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:max(room, 0)]]
+    if room <= 0:
+        return Rollout([], wake_at=min(cooling, default=None), paired=frozenset(paired))
+    if not start_first or not rolling:
+        return Rollout([("desired", t.id, int(TaskState.SHUTDOWN)) for t in old[:room]])
+    # start-first: a new task beside the old one, in slots without one yet
+    ops = []
+    wake_at: float | None = None
+    created: dict[str, Any] | None = None
+    for t in old:
+        if room <= 0:
+            break
+        if t.slot in paired:
+            continue
+        ended = [x for x in new if x.slot == t.slot and x.status.state.terminal]
+        restart, due = restart_decision(spec.task.restart, ended, now)
+        if not restart:
+            continue  # (the old task keeps serving the slot)
+        if due > now:
+            wake_at = due if wake_at is None else min(wake_at, due)
+            continue
+        room -= 1
+        paired.add(t.slot)
+        assert new_id is not None  # (start_first)
+        if created is None:
+            created = to_dict(_new_task(svc, t.slot, now, new_id))
+            ops.append(("create", created))
+        else:
+            ops.append(("create", {**created, "id": new_id(), "slot": t.slot}))
+    return Rollout(ops, wake_at=wake_at, paired=frozenset(paired))
+
+
+def _emptied(tasks: list[Task], alive: Callable[[Task], bool],
+             old_spec: Callable[[Task], bool], want: int) -> set[int]:
+    """Slots 1..want without a live task whose newest task is of the old template: the
+    rollout emptied them and their replacements are yet to be made."""
+    newest: dict[int, Task] = {}
+    live: set[int] = set()
+    for t in tasks:
+        if alive(t):
+            live.add(t.slot)
+        elif 1 <= t.slot <= want:
+            n = newest.get(t.slot)
+            if n is None or (t.created_at, t.id) > (n.created_at, n.id):
+                newest[t.slot] = t
+    return {s for s, t in newest.items() if s not in live and old_spec(t)}
+
+
+def rollout_failed(t: Task, monitor: float) -> bool:
+    """Does this task of the rollout count as a failure? It ended on its own or turned
+    unhealthy, before it ever came up or within ``monitor`` seconds after (``up_at``; the
+    time of its last change, ``updated_at``, as when it failed)."""
+    if not (self_ended(t) or t.status.health is Health.UNHEALTHY):
+        return False
+    return not t.up_at or t.updated_at - t.up_at <= monitor
+
+
+def too_many_failures(failed: int, updating: int, max_ratio: float) -> bool:
+    """Swarm's test: the failures exceed ``max_ratio`` x the tasks being updated (so with
+    the default ratio 0, the first failure is too many)."""
+    return failed > 0 and failed > max_ratio * max(updating, 1)
+
+
+def failure_response(action: str, rolling_back: bool, has_previous: bool) -> str:
+    """What a rollout with too many failures does: ``pause``, ``continue`` or ``rollback``.
+    A rollback cannot roll back (its own action is pause or continue), and a service with
+    no previous spec pauses instead."""
+    if action == "rollback" and (rolling_back or not has_previous):
+        return "pause"
+    return action
+
+
+def _failure_op(svc: Service, t: Task, action: str) -> Op:
+    why = t.status.err or ("unhealthy" if t.status.health is Health.UNHEALTHY else "") \
+        or t.status.message or t.status.state.lower()
+    task = f"task {t.name} ({t.id[:12]}): {why}"
+    if action == "rollback":
+        return ("rollback", svc.id,
+                f"update rolled back due to failure or early termination of {task}")
+    rolling_back = svc.update_status.rollback
+    return ("update_status", svc.id, "rollback_paused" if rolling_back else "paused",
+            f"{'rollback' if rolling_back else 'update'} paused due to failure or early "
+            f"termination of {task}")
 
 
 def up(t: Task) -> bool:
@@ -681,14 +830,15 @@ def up(t: Task) -> bool:
 
 def up_since(t: Task) -> float:
     """When ``t`` came up: it started, or — with a health check — its current run of passing
-    probes began (from its health log; the update delay counts from there)."""
+    probes began (from its health log; the update delay counts from there), and not before
+    the state saw it up (``up_at``: the health log the agent reports may lag behind)."""
     since = t.status.timestamp
     if t.status.health is Health.HEALTHY:
         for r in reversed(t.status.health_log):
             if r.exit_code != 0:
                 break
             since = max(t.status.timestamp, r.end)
-    return since
+    return max(since, t.up_at)
 
 
 def self_ended(t: Task) -> bool:

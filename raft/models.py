@@ -296,6 +296,9 @@ class Task:
     net_addrs: dict[str, str] = field(default_factory=dict)
     # a scheduled job's run the task belongs to (Service.job_status.iteration when made)
     job_iteration: int = 0
+    # when the task first came up (running, and healthy if it has a health check), by the
+    # state's clock; 0 = not yet (a rolling update's monitor window counts from there)
+    up_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -400,4 +403,5 @@ def task_from_dict(d: dict[str, Any], spec: TaskSpec | None = None) -> Task:
         sched_message=d.get("sched_message", ""),
         net_addrs=dict(d.get("net_addrs") or {}),
         job_iteration=int(d.get("job_iteration", 0)),
+        up_at=float(d.get("up_at", 0.0)),
     )

@@ -29,7 +29,7 @@ The layout follows swarmkit's ``ServiceSpec``::
      ├─ mode: ServiceMode {type, replicas, max_concurrent}
      │   └─ schedule: Schedule {cron, timezone, policy, history}   (jobs: when they run)
      ├─ update: UpdateConfig          how a changed template rolls out
-     ├─ rollback: UpdateConfig        how `service rollback` rolls back
+     ├─ rollback: RollbackConfig      how a rollback rolls back
      └─ endpoint: EndpointSpec {mode, ports, expose, lb_algorithm}
 
 A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
@@ -572,9 +572,17 @@ class ServiceMode(_Spec, frozen=True):
 
 
 class UpdateConfig(_Spec, frozen=True):
-    """How a changed task template rolls out (``update``) or back (``rollback``): stop-first,
-    ``parallelism`` tasks at a time, the next batch once the previous one runs and ``delay``
-    has passed. A replacement that fails pauses the update (``service inspect`` says why)."""
+    """How a changed task template rolls out (Swarm's UpdateConfig): ``parallelism`` slots at
+    a time, the next batch once the previous one is up (running, and healthy when the task
+    has a health check) and ``delay`` has passed. ``order`` stop-first stops a slot's old
+    task before starting its new one; start-first starts the new one first and stops the old
+    one once the new one is up (at most replicas + parallelism tasks run meanwhile).
+
+    A new task *fails* when it ends or turns unhealthy before it is up, or within
+    ``monitor`` after it came up. Once the failures exceed ``max_failure_ratio`` x the tasks
+    being updated, ``failure_action`` applies: pause (status ``paused``, until the next
+    `service update`), continue, or rollback (back to the previous spec at once, status
+    ``rollback_started`` with the reason, then ``rollback_completed``)."""
 
     parallelism: Annotated[int, decl("tasks replaced at a time; 0 = all at once",
                                      flag="--update-parallelism", cli="int", metavar="N",
@@ -582,10 +590,26 @@ class UpdateConfig(_Spec, frozen=True):
     delay: Annotated[float, decl("wait between one batch running and the next starting",
                                  flag="--update-delay", cli="duration", unit="seconds",
                                  ge=0, le=DAY)] = 0.0
+    failure_action: Annotated[Literal["pause", "continue", "rollback"], decl(
+        "what a failed update does: pause it, continue, or roll back to the previous spec",
+        flag="--update-failure-action", cli="choice")] = "pause"
+    monitor: Annotated[float, decl("time after a new task came up during which its failure "
+                                   "counts as a failure of the update",
+                                   flag="--update-monitor", cli="duration", unit="seconds",
+                                   ge=0, le=DAY)] = 5.0
+    max_failure_ratio: Annotated[float, decl(
+        "failed tasks tolerated, as a fraction of the tasks being updated (0 to 1)",
+        flag="--update-max-failure-ratio", cli="float", ge=0, le=1)] = 0.0
+    order: Annotated[Literal["stop-first", "start-first"], decl(
+        "stop-first: stop the old task, then start its replacement; start-first: start the "
+        "replacement, stop the old task once the new one is up", flag="--update-order",
+        cli="choice")] = "stop-first"
 
 
 class RollbackConfig(_Spec, frozen=True):
-    """Like UpdateConfig, for `service rollback` (Swarm's RollbackConfig)."""
+    """Like UpdateConfig, for a rollback (`service rollback`, `service update --rollback`,
+    or the ``rollback`` failure action): Swarm's RollbackConfig. Its failure action is pause
+    (status ``rollback_paused``) or continue."""
 
     parallelism: Annotated[int, decl("tasks rolled back at a time; 0 = all at once",
                                      flag="--rollback-parallelism", cli="int", metavar="N",
@@ -593,6 +617,19 @@ class RollbackConfig(_Spec, frozen=True):
     delay: Annotated[float, decl("wait between rolled-back batches",
                                  flag="--rollback-delay", cli="duration", unit="seconds",
                                  ge=0, le=DAY)] = 0.0
+    failure_action: Annotated[Literal["pause", "continue"], decl(
+        "what a failed rollback does: pause it or continue",
+        flag="--rollback-failure-action", cli="choice")] = "pause"
+    monitor: Annotated[float, decl("time after a rolled-back task came up during which its "
+                                   "failure counts as a failure of the rollback",
+                                   flag="--rollback-monitor", cli="duration", unit="seconds",
+                                   ge=0, le=DAY)] = 5.0
+    max_failure_ratio: Annotated[float, decl(
+        "failed tasks tolerated, as a fraction of the tasks being rolled back (0 to 1)",
+        flag="--rollback-max-failure-ratio", cli="float", ge=0, le=1)] = 0.0
+    order: Annotated[Literal["stop-first", "start-first"], decl(
+        "stop-first or start-first, as for an update", flag="--rollback-order",
+        cli="choice")] = "stop-first"
 
 
 class PortSpec(_Spec, frozen=True):

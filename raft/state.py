@@ -439,15 +439,21 @@ class ClusterState:
             replicas = validate_replicas(cmd["replicas"])
             spec = msgspec.structs.replace(
                 svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
-        if spec == svc.spec:
-            return {"id": svc.id, "version": svc.version}
         now = float(cmd["now"])
         status = svc.update_status
-        if spec.task != svc.spec.task:  # a new rollout (or rollback) starts
+        legacy = self.cluster.schema < schema_mod.SCHEMA  # (0.1 replicas apply it too)
+        if spec.task != svc.spec.task or (status.paused and not legacy):
+            # a new rollout (or rollback) starts; a paused one resumes with any update, as
+            # in Swarm (its failures so far no longer count)
             state = "rollback_started" if cmd.get("rollback") else "updating"
+            manual = "rollback started" if legacy else "manually requested rollback"
             status = UpdateStatus(state=state, started_at=now,
-                                  message="rollback started" if cmd.get("rollback") else
+                                  message=manual if cmd.get("rollback") else
                                   "update in progress")
+        if spec == svc.spec:
+            if status != svc.update_status:  # (only a resumed update: the spec stays)
+                self.services[svc.id] = replace(svc, update_status=status, updated_at=now)
+            return {"id": svc.id, "version": svc.version}
         self.services[svc.id] = replace(svc, spec=spec, version=svc.version + 1,
                                         previous_spec=svc.spec, updated_at=now,
                                         update_status=status)
@@ -539,6 +545,16 @@ class ClusterState:
                                    message=str(op[2])))
             elif kind == "delete":
                 self.tasks.pop(op[1], None)
+            elif kind == "rollback":  # ("rollback", service_id, reason): failure action
+                svc = self.services.get(op[1])
+                if svc is None or svc.previous_spec is None or svc.update_status.state != \
+                        "updating":
+                    continue
+                self.services[svc.id] = replace(
+                    svc, spec=svc.previous_spec, previous_spec=svc.spec,
+                    version=svc.version + 1, updated_at=now,
+                    update_status=UpdateStatus(state="rollback_started", message=str(op[2]),
+                                               started_at=now))
             elif kind == "update_status":  # ("update_status", service_id, state, message)
                 svc = self.services.get(op[1])
                 if svc is None:
@@ -575,7 +591,11 @@ class ClusterState:
         if not status.merges_over(t.status):
             # older observation: keep the greater (ordered states, then ordered health)
             return {"changed": False}
-        self.tasks[t.id] = replace(t, status=status, updated_at=float(cmd["now"]))
+        now = float(cmd["now"])
+        # when it first came up (running, and healthy if checked): a rolling update's
+        # monitor window counts from there
+        up_at = t.up_at or (now if status.up else 0.0)
+        self.tasks[t.id] = replace(t, status=status, updated_at=now, up_at=up_at)
         return {"changed": True}
 
     # --- security (shoal.node.security): values arrive sealed; the state never sees a key

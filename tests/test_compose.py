@@ -337,7 +337,9 @@ services:
       mode: global
       endpoint_mode: dnsrr
       placement: {preferences: [{spread: node.labels.zone}], max_replicas_per_node: 1}
-      update_config: {order: start-first}
+      update_config: {order: start-first, failure_action: rollback, monitor: 1m30s,
+                      max_failure_ratio: 0.25}
+      rollback_config: {order: start-first, failure_action: continue, monitor: 2s}
     x-note: extension keys are skipped
   api:
     build: ./api
@@ -354,12 +356,18 @@ x-common: &common {}
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
     for key in ("container_name", "depends_on", "cap_add",
-                "deploy.endpoint_mode", "deploy.update_config.order"):
+                "deploy.endpoint_mode"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
     web = st.services[0]
     assert (web.mode.type, web.task.placement.max_replicas) == ("global", 1)
     assert [p.spread for p in web.task.placement.preferences] == ["node.labels.zone"]
+    # update_config/rollback_config map onto the spec's UpdateConfig/RollbackConfig
+    assert not any(x.startswith(("deploy.update_config", "deploy.rollback_config")) for x in w)
+    u, r = web.update, web.rollback
+    assert (u.order, u.failure_action, u.monitor, u.max_failure_ratio) == \
+        ("start-first", "rollback", 90.0, 0.25)
+    assert (r.order, r.failure_action, r.monitor) == ("start-first", "continue", 2.0)
 
 
 def test_every_key_rule_is_a_handler_a_section_or_a_reason() -> None:

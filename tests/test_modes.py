@@ -418,6 +418,7 @@ async def test_a_global_service_rolls_out_an_update_node_by_node(tmp_path: Path)
     lab = Lab(tmp_path)
     await lab.boot(3)
     await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": {"monitor": 0},  # (no wall-clock wait)
                                        "task": {"container": {"command": ["v1"]}}})
     await lab.settle()
     spec = lab.view("g")["spec"]

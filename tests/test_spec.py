@@ -248,6 +248,8 @@ def test_a_template_change_replaces_tasks_one_at_a_time() -> None:
     svc = st.services["s1"]
     assert all(t.spec == svc.spec.task for t in st.tasks.values() if t.alive)
     _converge(st, now)
+    assert st.services["s1"].update_status.state == "updating"  # (within the monitor window)
+    _converge(st, now + 5.0)  # the default monitor: 5 s after the last task came up
     assert st.services["s1"].update_status.state == "completed"
 
 
