@@ -102,6 +102,22 @@ class ClusterInfo:
     # unless it names its own subnet (`shoal init --default-addr-pool`)
     default_addr_pool: str = netalloc.DEFAULT_ADDR_POOL
     network_prefix: int = netalloc.DEFAULT_POOL_SIZE
+    # autolock (shoal.node.keys): the unlock key, sealed under the managers' key; "" = off.
+    # Each manager re-wraps its own keys at rest whenever it changes (`unlock-key --rotate`).
+    unlock_key: str = ""
+    # CA rotation (`ca rotate`, shoal.node.keys): the new root (PEM), its key (sealed), the
+    # new root cross-signed by the old one, its digest, the phase ("" = none; "trust": every
+    # node adds the new root to its trust; "issue": managers sign with it and nodes renew)
+    # and each node's progress (node id -> 1 trusts both roots, 2 holds a new-root cert).
+    ca_next_cert: str = ""
+    ca_next_key: bytes = b""
+    ca_cross: str = ""
+    ca_next_digest: str = ""
+    ca_phase: str = ""
+    ca_acks: dict[str, int] = field(default_factory=dict)
+    # lifetime of node certificates, seconds (`ca rotate --cert-expiry`); 0 = each
+    # manager's --cert-lifetime
+    cert_expiry: float = 0.0
 
 
 @dataclass
@@ -576,6 +592,56 @@ class ClusterState:
                            "ca_cert")
         self.cluster = replace(self.cluster, ca_cert=ca_cert, ca_key=ca_key)
 
+    def _cluster_autolock(self, cmd: dict[str, Any]) -> None:
+        key = cmd["unlock_key"]
+        if not isinstance(key, str):
+            raise Rejected("invalid", "unlock_key must be sealed text or empty", "unlock_key")
+        self.cluster = replace(self.cluster, unlock_key=key)
+
+    def _ca_rotate_start(self, cmd: dict[str, Any]) -> None:
+        cert, key, cross, digest = cmd["cert"], cmd["key"], cmd["cross"], cmd["digest"]
+        expiry = cmd.get("cert_expiry", 0.0)
+        if not (isinstance(cert, str) and isinstance(key, bytes) and isinstance(cross, str)
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise Rejected("invalid", "a CA rotation needs cert, sealed key, cross and digest",
+                           "cert")
+        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or expiry < 0:
+            raise Rejected("invalid", "cert_expiry must be seconds >= 0", "cert_expiry")
+        if not self.cluster.ca_cert:
+            raise Rejected("invalid", "the cluster has no CA yet", "ca_cert")
+        self.cluster = replace(self.cluster, ca_next_cert=cert, ca_next_key=key,
+                               ca_cross=cross, ca_next_digest=digest, ca_phase="trust",
+                               ca_acks={}, cert_expiry=float(expiry) or
+                               self.cluster.cert_expiry)
+
+    def _ca_rotate_ack(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        node_id, stage, digest = cmd["node_id"], cmd["stage"], cmd["digest"]
+        if digest != self.cluster.ca_next_digest or not self.cluster.ca_phase:
+            return {"stale": True}  # an ack for a rotation that is over or replaced
+        if node_id not in self.nodes or stage not in (1, 2):
+            raise Rejected("invalid", "unknown node or stage", "node_id")
+        if self.cluster.ca_acks.get(node_id, 0) < stage:
+            self.cluster = replace(self.cluster,
+                                   ca_acks={**self.cluster.ca_acks, node_id: stage})
+        return {"stale": False}
+
+    def _ca_rotate_phase(self, cmd: dict[str, Any]) -> None:
+        if cmd["digest"] != self.cluster.ca_next_digest or cmd["phase"] != "issue":
+            raise Rejected("stale", "not the CA rotation in progress", "digest")
+        self.cluster = replace(self.cluster, ca_phase="issue")
+
+    def _ca_rotate_finish(self, cmd: dict[str, Any]) -> None:
+        """The new root replaces the old one (key re-sealed for the CA slot); nodes then
+        drop the old root from their trust."""
+        c = self.cluster
+        if cmd["digest"] != c.ca_next_digest or c.ca_phase != "issue":
+            raise Rejected("stale", "not the CA rotation in progress", "digest")
+        if not isinstance(cmd["ca_key"], bytes):
+            raise Rejected("invalid", "ca_key must be sealed bytes", "ca_key")
+        self.cluster = replace(c, ca_cert=c.ca_next_cert, ca_key=cmd["ca_key"],
+                               digest=c.ca_next_digest, ca_next_cert="", ca_next_key=b"",
+                               ca_cross="", ca_next_digest="", ca_phase="", ca_acks={})
+
     def _file_object(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]
                      ) -> tuple[str, str, bytes, dict[str, str], float]:
         oid, name, data = str(cmd["id"]), validate_object_name(cmd["name"], kind), cmd["data"]
@@ -663,6 +729,11 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "client_cert_remove": ClusterState._client_cert_remove,
     "network_create": ClusterState._network_create,
     "network_remove": ClusterState._network_remove,
+    "cluster_autolock": ClusterState._cluster_autolock,
+    "ca_rotate_start": ClusterState._ca_rotate_start,
+    "ca_rotate_ack": ClusterState._ca_rotate_ack,
+    "ca_rotate_phase": ClusterState._ca_rotate_phase,
+    "ca_rotate_finish": ClusterState._ca_rotate_finish,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]
