@@ -1,0 +1,183 @@
+"""Manager key safety end to end on netns hosts, through the real CLI: autolock (a restarted
+manager stays locked and out of Raft until `shoal unlock`), unlock-key rotation, and a CA
+rotation during which every manager restarts, with a service running throughout.
+
+One lab (3 managers, 2 workers) for the whole story: forming it is the expensive part.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from netlab import REPO, Host, Lab, wait_until
+from shoal.node import pki, sealing
+
+pytestmark = pytest.mark.netns
+
+PROBE = str(REPO / "tests" / "security_probe.py")
+
+
+def info(h: Host) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(h.cli("info").stdout)
+    return out
+
+
+def node_json(h: Host) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads((h.data_dir / "node.json").read_text())
+    return out
+
+
+def err(h: Host, *args: str, stdin: str = "") -> str:
+    """A CLI command that must fail with one clear line (``stdin``: piped in)."""
+    cmd = " ".join(shlex.quote(a) for a in [*h.shoal_argv, "-H", f"unix://{h.sock}", *args])
+    if stdin:
+        cmd = f"printf '%s\\n' {shlex.quote(stdin)} | {cmd}"
+    res = h.run("sh", "-c", cmd, check=False, timeout=60)
+    assert res.returncode != 0, (args, res.stdout)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), res.stderr
+    return lines[-1]
+
+
+def unlock(h: Host, key: str) -> None:
+    cmd = " ".join(shlex.quote(a) for a in [*h.shoal_argv, "-H", f"unix://{h.sock}", "unlock"])
+    h.run("sh", "-c", f"printf '%s\\n' {shlex.quote(key)} | {cmd}", timeout=60)
+
+
+def opens(h: Host, key: str) -> bool:
+    """Whether ``key`` opens the keys wrapped in ``h``'s node.json (read from disk)."""
+    try:
+        sealing.unwrap_keys(key, node_json(h)["node_id"], node_json(h)["key_wrap"])
+    except (sealing.SealError, KeyError):
+        return False
+    return True
+
+
+def locked_at_rest(h: Host) -> bool:
+    """node.json holds no Raft secret or managers' key in the clear; the TLS key is
+    encrypted."""
+    d = node_json(h)
+    return bool(d.get("key_wrap")) and d["raft_password"] == "" and d["manager_key"] == "" \
+        and b"ENCRYPTED PRIVATE KEY" in (h.data_dir / "tls" / "node.pem").read_bytes()
+
+
+def raft_port_open(src: Host, dst: Host) -> bool:
+    res = src.run("python3", "-c", "import socket,sys; s=socket.socket(); s.settimeout(2); "
+                  f"sys.exit(s.connect_ex(('{dst.ip}', 2378)))", check=False)
+    return res.returncode == 0
+
+
+def ready(h1: Host, n: int) -> bool:
+    nodes = h1.cli_json("node", "ls")
+    return len(nodes) == n and all(x["state"] == "ready" for x in nodes)
+
+
+def restart_locked(h: Host, key: str, wrong: str = "") -> None:
+    """Planned restart (SIGTERM: its tasks keep running); the node comes back locked."""
+    h.kill_agent(signal.SIGTERM)
+    h.start_agent()
+    assert info(h)["locked"] is True
+    assert "locked" in err(h, "node", "ls")
+    if wrong:
+        assert "does not open" in err(h, "unlock", stdin=wrong)
+        assert info(h)["locked"] is True
+    unlock(h, key)
+    wait_until(lambda: info(h).get("ready"), timeout=60, what=f"{h.name} unlocked and ready")
+
+
+def tasks(h1: Host, service: str) -> dict[str, str]:
+    return {t["id"]: t["state"] for t in h1.cli_json("service", "ps", service)
+            if t["desired_state"] == "running"}
+
+
+def test_autolock_unlock_key_rotation_and_ca_rotation_with_every_manager_restarting(
+        lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(5)
+    h1, h2, h3, h4, h5 = lab.hosts
+    for h in lab.hosts:  # h4's planned restart holds the CA rotation (below) up to 240 s
+        h.start_agent(*(("--restart-grace", "240") if h is h4 else ()))
+    out = h1.cli("init", "--autolock").stdout
+    key1 = next(w for w in out.split() if w.startswith("SHOALKEY-1-"))
+    tokens = {r: h1.cli("join-token", r, "-q").stdout.strip() for r in ("manager", "worker")}
+    for h, role in ((h2, "manager"), (h3, "manager"), (h4, "worker"), (h5, "worker")):
+        h.cli("join", "--token", tokens[role], f"{h1.ip}:2377", timeout=60)
+    wait_until(lambda: ready(h1, 5), timeout=60, what="5 nodes ready")
+    assert h1.cli("unlock-key", "-q").stdout.strip() == key1
+
+    # every manager's keys are wrapped at rest under the unlock key; workers keep none
+    wait_until(lambda: all(locked_at_rest(h) and opens(h, key1) for h in (h1, h2, h3)),
+               timeout=30, what="managers' keys wrapped at rest")
+    assert not node_json(h4).get("key_wrap")
+    h1.cli("service", "create", "--name", "calm", "--replicas", "4", "--", "sleep", "100000")
+    wait_until(lambda: (t := tasks(h1, "calm")) and len(t) == 4 and
+               all(s == "running" for s in t.values()), timeout=60, what="calm running")
+    before = tasks(h1, "calm")
+
+    # a restarted manager stays locked and out of Raft; a wrong key changes nothing
+    h2.kill_agent(signal.SIGKILL)
+    h2.start_agent()
+    i = info(h2)
+    assert i["locked"] is True and i["member"] is False
+    assert "locked" in err(h2, "service", "ls")
+    assert not raft_port_open(h1, h2), "a locked manager must not run Raft"
+    h1.cli("secret", "create", "while-locked", "/etc/hostname")  # 2 of 3: still writable
+    wrong = sealing.new_unlock_key()
+    assert "does not open" in err(h2, "unlock", stdin=wrong)
+    assert "malformed unlock key" in err(h2, "unlock", stdin="SWMKEY-1-nope")
+    assert info(h2)["locked"] is True and locked_at_rest(h2)
+    unlock(h2, key1)
+    wait_until(lambda: info(h2).get("ready") and raft_port_open(h1, h2), timeout=60,
+               what="h2 unlocked, back in Raft")
+    assert "while-locked" in h2.cli("secret", "ls").stdout  # it caught up
+    assert "not locked" in err(h2, "unlock", stdin=key1)
+
+    # rotating the unlock key: every running manager re-wraps; the old key stops working
+    key2 = h1.cli("unlock-key", "--rotate", "-q").stdout.strip()
+    assert key2.startswith("SHOALKEY-1-") and key2 != key1
+    wait_until(lambda: all(opens(h, key2) and not opens(h, key1) for h in (h1, h2, h3)),
+               timeout=30, what="every manager re-wrapped under the new unlock key")
+    assert h3.cli("unlock-key", "-q").stdout.strip() == key2
+
+    # a removed node gets nothing under the new root
+    h1.cli("node", "rm", "--force", "h5")
+    # CA rotation while the service runs; hold it in its first phase by a planned restart
+    # of worker h4 (its node stays ready for restart_grace) and restart every manager
+    old_digest = json.loads(h1.cli("ca", "info").stdout)["digest"]
+    h4.kill_agent(signal.SIGTERM)
+    h1.cli("ca", "rotate", "-d")
+    rot = json.loads(h1.cli("ca", "info").stdout)["rotation"]
+    new_digest = rot["next_digest"]
+    assert rot["phase"] in ("trust", "issue") and new_digest != old_digest
+    for h in (h1, h2, h3):  # the old unlock key is refused by each after its rotation
+        restart_locked(h, key2, wrong=key1)
+    assert json.loads(h2.cli("ca", "info").stdout)["rotation"]["phase"] == "trust", \
+        "the rotation must still be waiting for h4 (the restarts happened during it)"
+    h4.start_agent("--restart-grace", "240")
+    wait_until(lambda: json.loads(h1.cli("ca", "info").stdout)["digest"] == new_digest,
+               timeout=90, what="the CA rotation to finish")
+    for h in (h1, h2, h3, h4):
+        def on_new_root(h: Host = h) -> bool:
+            ca = (h.data_dir / "tls" / "ca.pem").read_bytes()
+            return len(pki.load_certs(ca)) == 1 and pki.ca_digest(ca) == new_digest
+        wait_until(on_new_root, timeout=30, what=f"{h.name} trusting only the new root")
+        pki.verify_issued_by((h.data_dir / "tls" / "node.pem").read_bytes(),
+                             (h.data_dir / "tls" / "ca.pem").read_bytes())
+    assert all(locked_at_rest(h) for h in (h1, h2, h3)), "re-issued keys stay encrypted"
+    # the service was never touched, the cluster is writable, joining pins the new root
+    assert tasks(h1, "calm") == before
+    h1.cli("service", "scale", "calm=5")
+    wait_until(lambda: len(tasks(h1, "calm")) == 5, timeout=60, what="scaled to 5")
+    assert new_digest in h1.cli("join-token", "worker", "-q").stdout
+    # the removed node's certificate is refused, so it cannot renew under the new root
+    res = json.loads(h5.run(
+        "python3", PROBE, f"https://{h1.ip}:2377/v1/cluster/renew", "--body",
+        json.dumps({"csr": pki.make_csr(pki.new_key()).decode()}),
+        "--cert", str(h5.data_dir / "tls" / "node.pem")).stdout)
+    assert "error" in res or res.get("status") in (401, 403), res
