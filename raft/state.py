@@ -609,6 +609,9 @@ class ClusterState:
             raise Rejected("invalid", "cert_expiry must be seconds >= 0", "cert_expiry")
         if not self.cluster.ca_cert:
             raise Rejected("invalid", "the cluster has no CA yet", "ca_cert")
+        if self.cluster.ca_phase == "issue":  # certificates of the pending root are out
+            raise Rejected("conflict", "a CA rotation is re-issuing certificates: wait for it "
+                           "to finish (`shoal ca info`), then rotate again", "ca")
         self.cluster = replace(self.cluster, ca_next_cert=cert, ca_next_key=key,
                                ca_cross=cross, ca_next_digest=digest, ca_phase="trust",
                                ca_acks={}, cert_expiry=float(expiry) or

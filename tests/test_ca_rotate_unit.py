@@ -127,6 +127,10 @@ def test_rotation_phases_in_the_state_machine() -> None:
     assert "error" in st.apply({"op": "ca_rotate_ack", "node_id": "gone", "stage": 1,
                                 "digest": d})
     assert "ok" in st.apply({"op": "ca_rotate_phase", "phase": "issue", "digest": d})
+    # no other rotation while certificates of this one are being issued
+    refused = st.apply({"op": "ca_rotate_start", "cert": "NEW2", "key": b"nk2", "cross": "X2",
+                        "digest": "c" * 64})
+    assert refused["error"]["code"] == "conflict" and st.cluster.ca_next_cert == "NEW"
     assert "ok" in st.apply({"op": "ca_rotate_finish", "digest": d, "ca_key": b"k2"})
     c = st.cluster
     assert (c.ca_cert, c.ca_key, c.digest) == ("NEW", b"k2", d)
