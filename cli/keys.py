@@ -46,6 +46,9 @@ def add_parser(sub: Any) -> None:
     su.add_argument("--autolock", type=_bool, default=None, metavar="true|false",
                     help="encrypt the managers' keys at rest under an unlock key (printed "
                          "once): a restarted manager then waits for `shoal unlock`")
+    swsub.add_parser("rotate-key", help="a new managers' sealing key: secrets, the CA key and "
+                     "join tokens re-sealed; removed or demoted managers cannot read what is "
+                     "sealed from then on")
     sub.add_parser("unlock", help="unlock a manager restarted with autolock (reads the key "
                                   "from stdin or a prompt)")
     uk = sub.add_parser("unlock-key", help="show (or rotate) the cluster's unlock key")
@@ -87,7 +90,11 @@ def _read_key() -> str:
 
 
 def run(c: Any, args: argparse.Namespace) -> None:
-    if args.cmd == "swarm":
+    if args.cmd == "swarm" and args.swarm_cmd == "rotate-key":
+        r = c.call("POST", "/v1/swarm/rotate-key")
+        print(f"Rotated the managers' key ({r['key_id']}): {r['secrets']} secret(s), the CA "
+              "key and the join tokens re-sealed.")
+    elif args.cmd == "swarm":
         if args.autolock is None:
             raise CliError("nothing to update: give --autolock=true|false")
         r = c.call("POST", "/v1/swarm/update", {"autolock": args.autolock})

@@ -30,6 +30,13 @@ Owns (one ``KeyManager`` per agent, made by its Security):
      root from its trust. A node removed meanwhile gets nothing (renewal needs membership);
      a node that was down keeps a certificate nobody trusts any more and must rejoin.
 
+* **the managers' key** (``swarm rotate-key``): a new sealing key; the CA key(s), join-token
+  secrets, unlock key and every secret value re-sealed under it in one command
+  (``manager_key_rotate``, refused if anything sealed changed meanwhile). The new key never
+  enters the log: the other managers see that theirs no longer opens the state and fetch
+  it over mTLS from a manager that has it, so a removed or demoted manager cannot read what
+  is sealed from then on.
+
 Must not touch: Raft internals, the runtime, membership decisions; it proposes commands
 (``cluster_autolock``, ``ca_rotate_*`` in shoal.raft.state) and calls managers through
 Security.
@@ -60,10 +67,14 @@ from shoal.node.sealing import (
     AAD_CA_KEY,
     AAD_NEXT_CA_KEY,
     AAD_UNLOCK_KEY,
+    key_id,
+    new_key,
     new_unlock_key,
     parse_unlock_key,
     seal,
     seal_text,
+    secret_aad,
+    token_aad,
     unseal,
     unseal_text,
     unwrap_keys,
@@ -97,6 +108,8 @@ class KeyManager:
         # the unlock key this node's keys are wrapped with now ("": in the clear)
         self._wrapped_with = ""
         self.rewraps = 0  # times this node re-wrapped its keys (tests, info)
+        self._rotating = False  # this node is rotating the managers' key
+        self._opens: tuple[bytes, bytes] = (b"", b"")  # (managers' key, ca_key) known to open
 
     # ================================================================== locked state
     @staticmethod
@@ -136,7 +149,8 @@ class KeyManager:
         files = self.security.files
         before, files.password = files.password, tls_pw
         try:
-            await asyncio.to_thread(files.key)
+            if files.cert.exists():  # (a missing file: security.load reports it)
+                await asyncio.to_thread(files.key)
         except (OSError, pki.PkiError) as exc:
             files.password = before
             raise BadRequest(f"cannot unlock: the TLS key does not open: {exc}", "key") \
@@ -230,6 +244,83 @@ class KeyManager:
         return await self.ctx.propose({"op": "ca_rotate_ack", "node_id": node.id,
                                        "stage": stage, "digest": digest})
 
+    # ================================================================== the managers' key
+    async def rotate_managers_key(self) -> dict[str, Any]:
+        """`swarm rotate-key`: a new managers' key; the CA key(s), join-token secrets, unlock
+        key and every secret value re-sealed under it in one command. Other managers notice
+        that their key no longer opens the state and fetch the new one over mTLS from a
+        manager that has it (`/v1/cluster/manager-keys`: current managers only), so it never
+        enters the Raft log, and a removed or demoted manager cannot get it."""
+        store = self.ctx.require_manager()
+        ident = self.ctx.identity
+        assert ident is not None
+        snap = store.snapshot()
+        c, old = snap.cluster, self.security.manager_key()
+        new = new_key()
+        try:
+            cmd = {
+                "op": "manager_key_rotate", "old_key_id": c.key_id, "key_id": key_id(new),
+                "ca_key": seal(new, unseal(old, c.ca_key, AAD_CA_KEY), AAD_CA_KEY),
+                "ca_next_key": seal(new, unseal(old, c.ca_next_key, AAD_NEXT_CA_KEY),
+                                    AAD_NEXT_CA_KEY) if c.ca_next_key else b"",
+                "worker_secret": seal_text(new, unseal_text(old, c.worker_secret,
+                                                            token_aad("worker")),
+                                           token_aad("worker")),
+                "manager_secret": seal_text(new, unseal_text(old, c.manager_secret,
+                                                             token_aad("manager")),
+                                            token_aad("manager")),
+                "unlock_key": seal_text(new, unseal_text(old, c.unlock_key, AAD_UNLOCK_KEY),
+                                        AAD_UNLOCK_KEY) if c.unlock_key else "",
+                "secrets": {s.id: seal(new, unseal(old, s.data, secret_aad(s.id)),
+                                       secret_aad(s.id)) for s in snap.secrets.values()}}
+        except SealError as exc:
+            raise Unavailable(f"this manager cannot open the state to re-seal it ({exc}); "
+                              "retry on another manager") from exc
+        self._rotating = True
+        try:
+            await self.ctx.propose(cmd)
+            await asyncio.to_thread(self._adopt, ident, new)
+        finally:
+            self._rotating = False
+        log.info("rotated the managers' key (now %s): secrets, CA key and tokens re-sealed",
+                 key_id(new))
+        return {"key_id": key_id(new), "secrets": len(cmd["secrets"])}
+
+    def _adopt(self, ident: NodeIdentity, key: bytes) -> None:
+        ident.manager_key = key
+        if ident.key_wrap:
+            self._wrap(ident, self._wrapped_with)
+        else:
+            ident.save(self.ctx.data_dir)
+
+    async def _follow_managers_key(self, ident: NodeIdentity, snap: Snapshot) -> None:
+        """After another manager rotated the managers' key: fetch and adopt it."""
+        ca_key = snap.cluster.ca_key
+        if self._rotating or not ca_key or self._opens == (ident.manager_key, ca_key):
+            return
+        try:
+            unseal(ident.manager_key, ca_key, AAD_CA_KEY)
+            self._opens = (ident.manager_key, ca_key)
+            return
+        except SealError:
+            pass
+        why = []
+        for m in sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER
+                         and n.id != ident.node_id), key=lambda n: n.id):
+            try:
+                reply = await self.security.call(m.api_addr, "/v1/cluster/manager-keys", {},
+                                                 timeout=5.0)
+                key = bytes.fromhex(str(reply["manager_key"]))
+                unseal(key, ca_key, AAD_CA_KEY)
+            except (ApiError, KeyError, ValueError, SealError) as exc:
+                why.append(f"{m.hostname}: {exc}")
+                continue
+            await asyncio.to_thread(self._adopt, ident, key)
+            log.info("the managers' key was rotated: adopted the new one (%s)", key_id(key))
+            return
+        raise Unavailable("the managers' key was rotated and no manager gave this node the "
+                          "new one yet: " + "; ".join(why))
+
     # ================================================================== routes
     def local_handlers(self, body: Callable[[web.Request], Awaitable[dict[str, Any]]]
                        ) -> dict[str, Handler]:
@@ -247,8 +338,12 @@ class KeyManager:
         async def rotate(req: web.Request) -> Any:
             return await self.rotate_ca((await body(req)).get("cert_expiry"))
 
+        async def rotate_key(_: web.Request) -> Any:
+            return await self.rotate_managers_key()
+
         return {"swarm_update": update, "swarm_unlock": unlock, "swarm_unlock_key": unlock_key,
-                "swarm_unlock_key_rotate": unlock_key, "ca_rotate": rotate}
+                "swarm_unlock_key_rotate": unlock_key, "ca_rotate": rotate,
+                "swarm_rotate_key": rotate_key}
 
     def peer_handlers(self, body: Callable[[web.Request], Awaitable[dict[str, Any]]],
                       peer_of: Callable[[web.Request], pki.CertInfo | None]
@@ -278,6 +373,7 @@ class KeyManager:
             return
         snap = store.snapshot()
         if ident.role == NodeRole.MANAGER and ident.manager_key:
+            await self._follow_managers_key(ident, snap)
             want = self._unlock_key_of(snap)
             if want != self._wrapped_with or bool(want) != bool(ident.key_wrap):
                 await asyncio.to_thread(self._wrap, ident, want)

@@ -504,6 +504,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/swarm/unlock-key", "swarm_unlock_key", "the unlock key "
           "(`unlock-key`)", "cluster", reply=_obj("", unlock_key=STR, rotated=BOOL),
           errors=CLUSTER, description="409 `autolock_off` when autolock is off"),
+    Route("POST", "/v1/swarm/rotate-key", "swarm_rotate_key", "a new managers' sealing key: "
+          "secrets, CA key, tokens and unlock key re-sealed (`swarm rotate-key`)", "cluster",
+          reply=_obj("", key_id=STR, secrets=INT), errors=CLUSTER,
+          description="409 `conflict` if something sealed changed meanwhile (retry); the "
+          "other managers fetch the new key over mTLS"),
     Route("POST", "/v1/swarm/unlock-key", "swarm_unlock_key_rotate", "a new unlock key; "
           "every manager re-wraps its keys (`unlock-key --rotate`)", "cluster",
           reply=_obj("", unlock_key=STR, rotated=BOOL), errors=CLUSTER),

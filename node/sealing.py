@@ -30,6 +30,7 @@ Errors::
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -51,6 +52,11 @@ AAD_UNLOCK_KEY = b"shoal/unlock-key"
 AAD_NEXT_CA_KEY = b"shoal/ca-key/next"  # the new root's key during a CA rotation
 UNLOCK_PREFIX = "SHOALKEY-1-"
 _UNLOCK_RE = re.compile(r"^SHOALKEY-1-([A-Za-z0-9_-]{43})$")
+
+
+def key_id(key: bytes) -> str:
+    """A short public id of a managers' key (which key sealed the state)."""
+    return hashlib.sha256(b"shoal/managers-key-id" + key).hexdigest()[:16]
 
 
 def token_aad(role: str) -> bytes:
@@ -149,6 +155,6 @@ def unwrap_keys(unlock_key: str, node_id: str, wrapped: str) -> dict[str, str]:
     return data
 
 
-__all__ = ["AAD_CA_KEY", "AAD_NEXT_CA_KEY", "AAD_UNLOCK_KEY", "SealError", "kek", "new_key",
-           "new_unlock_key", "parse_unlock_key", "seal", "seal_text", "secret_aad",
+__all__ = ["AAD_CA_KEY", "AAD_NEXT_CA_KEY", "AAD_UNLOCK_KEY", "SealError", "kek", "key_id",
+           "new_key", "new_unlock_key", "parse_unlock_key", "seal", "seal_text", "secret_aad",
            "token_aad", "unseal", "unseal_text", "unwrap_keys", "wrap_keys"]

@@ -118,6 +118,9 @@ class ClusterInfo:
     # lifetime of node certificates, seconds (`ca rotate --cert-expiry`); 0 = each
     # manager's --cert-lifetime
     cert_expiry: float = 0.0
+    # id (SHA-256 prefix, hex) of the managers' sealing key everything is sealed under now;
+    # "" until the first `swarm rotate-key` (shoal.node.keys)
+    key_id: str = ""
 
 
 @dataclass
@@ -617,6 +620,32 @@ class ClusterState:
                                ca_acks={}, cert_expiry=float(expiry) or
                                self.cluster.cert_expiry)
 
+    def _manager_key_rotate(self, cmd: dict[str, Any]) -> None:
+        """Everything sealed under the managers' key, re-sealed under a new one, in one entry.
+        Refused if anything sealed changed since the proposer read it (retry)."""
+        c = self.cluster
+        if cmd["old_key_id"] != c.key_id:
+            raise Rejected("conflict", "the managers' key changed meanwhile: retry", "key_id")
+        secrets, key_id = cmd["secrets"], cmd["key_id"]
+        if not isinstance(secrets, dict) or set(secrets) != set(self.secrets) or not all(
+                isinstance(v, bytes) for v in secrets.values()):
+            raise Rejected("conflict", "secrets changed meanwhile: retry", "secrets")
+        if not isinstance(key_id, str) or not re.fullmatch(r"[0-9a-f]{16}", key_id):
+            raise Rejected("invalid", "key_id must be 16 hex digits", "key_id")
+        if (cmd["ca_next_key"] == b"") != (c.ca_next_key == b""):
+            raise Rejected("conflict", "a CA rotation started meanwhile: retry", "ca")
+        fields = {f: cmd[f] for f in ("ca_key", "ca_next_key", "worker_secret",
+                                      "manager_secret", "unlock_key")}
+        if not (isinstance(fields["ca_key"], bytes) and isinstance(fields["ca_next_key"], bytes)
+                and all(isinstance(fields[f], str) for f in
+                        ("worker_secret", "manager_secret", "unlock_key"))):
+            raise Rejected("invalid", "re-sealed fields have the wrong types", "ca_key")
+        if (fields["unlock_key"] == "") != (c.unlock_key == ""):
+            raise Rejected("conflict", "autolock changed meanwhile: retry", "unlock_key")
+        self.cluster = replace(c, key_id=key_id, **fields)
+        for sid, data in secrets.items():
+            self.secrets[sid] = replace(self.secrets[sid], data=data)
+
     def _ca_rotate_ack(self, cmd: dict[str, Any]) -> dict[str, Any]:
         node_id, stage, digest = cmd["node_id"], cmd["stage"], cmd["digest"]
         if digest != self.cluster.ca_next_digest or not self.cluster.ca_phase:
@@ -677,6 +706,9 @@ class ClusterState:
     def _secret_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """``data`` arrives sealed by the proposing manager (shoal.node.secrets)."""
         oid, name, data, labels, now = self._file_object(cmd, "secret", self.secrets)
+        if cmd.get("key_id", self.cluster.key_id) != self.cluster.key_id:
+            raise Rejected("conflict", "the managers' key was rotated while this secret was "
+                           "sealed: retry", "data")
         self.secrets[oid] = Secret(id=oid, name=name, data=data, labels=labels,
                                    created_at=now, updated_at=now)
         return {"id": oid}
@@ -737,6 +769,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "ca_rotate_ack": ClusterState._ca_rotate_ack,
     "ca_rotate_phase": ClusterState._ca_rotate_phase,
     "ca_rotate_finish": ClusterState._ca_rotate_finish,
+    "manager_key_rotate": ClusterState._manager_key_rotate,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

@@ -184,6 +184,18 @@ def test_autolock_unlock_key_rotation_and_ca_rotation_with_every_manager_restart
     h1.cli("service", "scale", "calm=5")
     wait_until(lambda: len(tasks(h1, "calm")) == 5, timeout=60, what="scaled to 5")
     assert new_digest in h1.cli("join-token", "worker", "-q").stdout
+    # a new managers' key: everything re-sealed; the other managers fetch it over mTLS
+    def managers_key(h: Host) -> str:
+        return sealing.unwrap_keys(key2, node_json(h)["node_id"], node_json(h)["key_wrap"]
+                                   )["manager_key"]
+    old_mk = managers_key(h1)
+    assert "re-sealed" in h1.cli("swarm", "rotate-key").stdout
+    wait_until(lambda: len({managers_key(h) for h in (h1, h2, h3)} - {old_mk}) == 1 and
+               old_mk not in {managers_key(h) for h in (h1, h2, h3)}, timeout=60,
+               what="every manager on the new managers' key (wrapped at rest)")
+    for h in (h2, h3):  # each opens the re-sealed unlock key with its new managers' key
+        assert h.cli("unlock-key", "-q").stdout.strip() == key2
+    h2.cli("secret", "create", "after-rotation", "/etc/hostname")
     # the removed node's certificate is refused, so it cannot renew under the new root
     res = json.loads(h5.run(
         "python3", PROBE, f"https://{h1.ip}:2377/v1/cluster/renew", "--body",
