@@ -55,7 +55,7 @@ import logging
 import secrets as pysecrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -80,11 +80,23 @@ from shoal.node.sealing import (
     unwrap_keys,
     wrap_keys,
 )
-from shoal.raft.models import NodeRole, NodeState
+from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.state import Snapshot
 
-if TYPE_CHECKING:
-    from shoal.node.security import Security
+
+class Security(Protocol):
+    """What the key manager uses of its node's shoal.node.security.Security (which owns it)."""
+
+    files: pki.TlsFiles
+
+    def manager_key(self) -> bytes: ...
+    def ca(self, snap: Snapshot) -> pki.CertificateAuthority: ...
+    def authorize(self, peer: pki.CertInfo | None, manager: bool = False) -> Node: ...
+    def load(self) -> None: ...
+    async def renew(self) -> pki.CertInfo: ...
+    async def call(self, addr: str, path: str, body: dict[str, Any], *,
+                   server_role: str = ..., ctx: Any = None, server_hostname: str | None = None,
+                   timeout: float = 10.0) -> dict[str, Any]: ...
 
 log = logging.getLogger("shoal.keys")
 Handler = Callable[[web.Request], Awaitable[Any]]
