@@ -167,7 +167,8 @@ class KeyManager:
             files.password = before
             raise BadRequest(f"cannot unlock: the TLS key does not open: {exc}", "key") \
                 from None
-        ident.raft_password, ident.manager_key = keys["raft_password"], manager_key
+        if ident.role == NodeRole.MANAGER:  # (demoted while locked: the keys are dropped)
+            ident.raft_password, ident.manager_key = keys["raft_password"], manager_key
         self._wrapped_with = key.strip()
         start, self.locked, self._start = self._start, None, None
         start(ident)
