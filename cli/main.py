@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shoal.cli import mqtt, network, specflags, stack
+from shoal.cli import keys, mqtt, network, specflags, stack
 from shoal.cli import registry as registry_cli
 from shoal.cli.errors import CliError
 from shoal.cli.specflags import parse_kv
@@ -286,6 +286,8 @@ def run(args: argparse.Namespace) -> None:
         print("To add a worker, run on it:\n")
         print(f"    shoal join --token {wt} {_addr(c)}\n")
         print("To add a manager, run `shoal join-token manager` and follow the instructions.")
+        if args.autolock:
+            keys.enable_autolock(c)
     elif args.cmd == "join":
         r = c.call("POST", "/v1/swarm/join", {"token": args.token, "remote": args.remote})
         print(f"This node joined the cluster as a {r['role']} ({r['node_id'][:12]}).")
@@ -326,6 +328,8 @@ def run(args: argparse.Namespace) -> None:
         network.run(c, args, fmt, emit, table)
     elif args.cmd == "mqtt":
         mqtt.run(c, args, fmt, emit)
+    elif args.cmd in keys.COMMANDS:
+        keys.run(c, args)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -527,6 +531,8 @@ def run_ca(c: Client, args: argparse.Namespace) -> None:
     elif args.ca_cmd == "revoke-client":
         c.call("DELETE", f"/v1/ca/clients/{_q(args.name)}")
         print(f"Client certificate {args.name!r} revoked.")
+    elif args.ca_cmd == "rotate":
+        keys.run_ca_rotate(c, args)
 
 
 _TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
@@ -668,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="task address pool, cut into a /24 per node (default 10.99.0.0/16)")
     ini.add_argument("--default-addr-pool", default="", metavar="CIDR",
                      help="pool of user-defined networks' /24 subnets (default 10.96.0.0/15)")
+    ini.add_argument("--autolock", action="store_true", help="encrypt the managers' keys at "
+                     "rest under an unlock key (printed once; see `shoal unlock`)")
     j = sub.add_parser("join", help="join a cluster")
     j.add_argument("--token", required=True)
     j.add_argument("remote", metavar="MANAGER_ADDR:PORT")
@@ -763,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--days", type=float, default=0, help="lifetime (default: the cluster's)")
     cr = casub.add_parser("revoke-client", help="revoke a client certificate")
     cr.add_argument("name")
+    keys.add_ca_parser(casub)
     for kind, what in (("secret", "secrets (sealed in the cluster state, files in "
                                   "/run/secrets of tasks)"),
                        ("config", "configs (files in /run/configs of tasks)")):
@@ -797,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_parser(sub)
     network.add_parser(sub)
     mqtt.add_parser(sub)
+    keys.add_parser(sub)
     return p
 
 

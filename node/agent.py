@@ -181,7 +181,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         identity = NodeIdentity.load(self.data_dir)
-        if identity is not None:
+        if identity is not None and self.security.keys.is_locked(identity):  # autolock
+            self.security.keys.hold(identity, self._start_member)
+        elif identity is not None:
             log.info("rejoining cluster %s as %s %s", identity.cluster_id[:12], identity.role,
                      identity.node_id)
             self._start_member(identity)
@@ -247,6 +249,7 @@ class Agent:
             asyncio.create_task(self._role_watch(), name="role-watch"),
             asyncio.create_task(ImageGC(self.runtime.images, self.config.image_gc,
                                         self._images_wanted).run(), name="image-gc"),
+            asyncio.create_task(self.security.keys.run(), name="keys"),  # node/keys.py
             asyncio.create_task(self.mqtt.run(), name="mqtt"),
         ]
         if feed is None:
@@ -598,7 +601,8 @@ class Agent:
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
                                "api_port": self.config.api_port, "member": False,
-                               "version": version()}
+                               "version": version(),
+                               "locked": self.security.keys.locked is not None}
         if self.identity and self.store:
             out.update(member=True, node_id=self.identity.node_id,
                        cluster_id=self.identity.cluster_id, role=self.identity.role,

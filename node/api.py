@@ -331,6 +331,7 @@ class ApiServer:
                 c.security.authorize_client(peer_of(request))
                 return await handler(request)
             middlewares.append(client_auth)
+        middlewares.append(c.security.keys.middleware())  # a locked node: info/unlock only
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
 
         async def info(req: web.Request) -> Any:
@@ -526,7 +527,8 @@ class ApiServer:
             "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
-            **self._network_handlers(), **self._mqtt_handlers()}
+            **self._network_handlers(), **self._mqtt_handlers(),
+            **c.security.keys.local_handlers(_body)}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)
         register(app, "local", handlers)
@@ -734,7 +736,7 @@ class ApiServer:
             "cluster_node_role": node_role, "cluster_role_changed": role_changed,
             "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
             "cluster_logs": task_logs, "cluster_usage": task_usage,
-            "cluster_mqtt": mqtt_credentials})
+            "cluster_mqtt": mqtt_credentials, **sec.keys.peer_handlers(_body, peer_of)})
         return app
 
     async def start(self) -> None:

@@ -169,6 +169,9 @@ class NodeIdentity:
     # Workers: API addresses ("ip:port") of the managers, as last known — where the state
     # feed starts after a restart (shoal.node.feed). [] on managers and in older files.
     managers: list[str] = field(default_factory=list)
+    # Autolock (shoal.node.keys): raft_password and manager_key sealed under the unlock key;
+    # when set, the file holds those two empty and only this. "" = not locked at rest.
+    key_wrap: str = ""
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -185,7 +188,8 @@ class NodeIdentity:
                    gossip_key=bytes.fromhex(d.get("gossip_key", "")),
                    manager_key=bytes.fromhex(d.get("manager_key", "")),
                    gossip_extra_keys=[bytes.fromhex(k) for k in d.get("gossip_extra_keys", [])],
-                   managers=[str(m) for m in d.get("managers", [])])
+                   managers=[str(m) for m in d.get("managers", [])],
+                   key_wrap=str(d.get("key_wrap", "")))
 
     def save(self, data_dir: Path) -> None:
         p = self.path(data_dir)
@@ -195,6 +199,8 @@ class NodeIdentity:
             data = asdict(self)
             data.update(gossip_key=self.gossip_key.hex(), manager_key=self.manager_key.hex(),
                         gossip_extra_keys=[k.hex() for k in self.gossip_extra_keys])
+            if self.key_wrap:  # autolock: the clear keys live in memory only
+                data.update(raft_password="", manager_key="")
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())

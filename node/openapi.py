@@ -181,6 +181,28 @@ class MqttSetRequest(_Body):
     rotate_command_key: Annotated[bool, _d("make a new command key")] = False
 
 
+class SwarmUpdateRequest(_Body):
+    autolock: Annotated[bool | None, _d("true: encrypt the managers' keys at rest under a new "
+                                        "unlock key (shown once); false: store them in the "
+                                        "clear; null: unchanged")] = None
+
+
+class UnlockRequest(_Body):
+    key: Annotated[str, _d("the unlock key, SHOALKEY-1-...")]
+
+
+class CaRotateRequest(_Body):
+    cert_expiry: Annotated[float | None, _d("lifetime of the certificates issued from now on, "
+                                            "seconds (60 s to 20 years); null = unchanged")
+                           ] = None
+
+
+class CaAckRequest(_Body):
+    stage: Annotated[int, _d("1: the node trusts both roots; 2: it holds a new-root "
+                             "certificate")]
+    digest: Annotated[str, _d("the new root's digest")]
+
+
 # --------------------------------------------------------------------------- peer bodies
 
 class AdmissionRequest(_Body):
@@ -250,7 +272,8 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
     ServiceScaleRequest, ServiceUpdateRequest, ImageLoadRequest, ObjectCreateRequest,
     NetworkCreateRequest, IssueClientRequest, AdmissionRequest, RenewRequest, NodeRoleRequest,
     RoleChangedRequest, GossipKeyRequest, TaskFilesRequest, StateRequest, ReportRequest,
-    HeartbeatRequest, ImageResolveRequest, TaskLogsRequest, TaskUsageRequest)
+    HeartbeatRequest, ImageResolveRequest, TaskLogsRequest, TaskUsageRequest,
+    SwarmUpdateRequest, UnlockRequest, CaRotateRequest, CaAckRequest)
 
 
 # --------------------------------------------------------------------------- replies
@@ -298,7 +321,7 @@ REPLIES: dict[str, Schema] = {
                  hostname=STR, addr=STR, api_port=INT, member=BOOL, node_id=STR,
                  cluster_id=STR, role=STR, is_leader=BOOL, leader=STR, ready=BOOL, term=INT,
                  voters=_list(STR), index=INT,
-                 gossip=_nullable({"type": "object"})),
+                 gossip=_nullable({"type": "object"}), locked=BOOL),
     "NodeIds": _obj("the node's identity in the cluster", node_id=STR, cluster_id=STR, role=STR),
     "Node": _obj("a node (`node ls`; `node inspect` adds details)",
                  id=STR, hostname=STR, addr=STR, role={"enum": ["manager", "worker"]},
@@ -360,7 +383,10 @@ REPLIES: dict[str, Schema] = {
                    not_after=_nullable(TIME), clients=_list(STR),
                    node_certificate=_nullable(_obj(
                        "", node_id=STR, role=STR, serial=STR, not_before=TIME,
-                       not_after=TIME, renewals=INT))),
+                       not_after=TIME, renewals=INT)),
+                   autolock=BOOL, rotation=_ref("CaRotation")),
+    "CaRotation": _obj("a CA rotation's progress (`phase` \"\" = none)", phase=STR,
+                       digest=STR, next_digest=STR, nodes=INT, trusting=INT, reissued=INT),
     "ClientCert": _obj("a client certificate for the remote API", name=STR, cert=STR,
                        ca_cert=STR, not_after=TIME),
     "KeyRotation": _obj("a finished gossip key rotation (key fingerprints, hostnames)",
@@ -491,6 +517,26 @@ ROUTES: tuple[Route, ...] = (
           errors=CLUSTER),
     Route("POST", "/v1/swarm/leave", "swarm_leave", "leave the cluster", "cluster",
           body=LeaveRequest, reply=_obj("", node_id=STR, left=BOOL), errors=(409, 503)),
+    # ---- manager key safety (shoal.node.keys): autolock, unlock, unlock key
+    Route("POST", "/v1/swarm/update", "swarm_update", "change cluster settings: autolock "
+          "(`swarm update --autolock`)", "cluster", body=SwarmUpdateRequest,
+          reply=_obj("", autolock=BOOL, unlock_key=STR), errors=CLUSTER,
+          description="`unlock_key` is shown once, when autolock is turned on"),
+    Route("POST", "/v1/swarm/unlock", "swarm_unlock", "unlock a locked manager "
+          "(`shoal unlock`)", "cluster", body=UnlockRequest,
+          reply=_obj("", node_id=STR, unlocked=BOOL), errors=(409,),
+          description="400 naming `key` for a wrong key (nothing changes); 409 `not_locked`"),
+    Route("GET", "/v1/swarm/unlock-key", "swarm_unlock_key", "the unlock key "
+          "(`unlock-key`)", "cluster", reply=_obj("", unlock_key=STR, rotated=BOOL),
+          errors=CLUSTER, description="409 `autolock_off` when autolock is off"),
+    Route("POST", "/v1/swarm/rotate-key", "swarm_rotate_key", "a new managers' sealing key: "
+          "secrets, CA key, tokens and unlock key re-sealed (`swarm rotate-key`)", "cluster",
+          reply=_obj("", key_id=STR, secrets=INT), errors=CLUSTER,
+          description="409 `conflict` if something sealed changed meanwhile (retry); the "
+          "other managers fetch the new key over mTLS"),
+    Route("POST", "/v1/swarm/unlock-key", "swarm_unlock_key_rotate", "a new unlock key; "
+          "every manager re-wraps its keys (`unlock-key --rotate`)", "cluster",
+          reply=_obj("", unlock_key=STR, rotated=BOOL), errors=CLUSTER),
     Route("GET", "/v1/nodes", "node_ls", "list nodes (`node ls`)", "nodes",
           reply=_list(_ref("Node")), errors=CLUSTER, query=READ),
     Route("GET", "/v1/nodes/{ref}", "node_inspect", "a node with details (`node inspect`)",
@@ -624,6 +670,10 @@ ROUTES: tuple[Route, ...] = (
           description="replaces an older one of that name"),
     Route("DELETE", "/v1/ca/clients/{name}", "ca_revoke_client", "revoke a client "
           "certificate", "ca", reply=_obj("", name=STR, revoked=BOOL), errors=CLUSTER),
+    Route("POST", "/v1/ca/rotate", "ca_rotate", "start a CA rotation (`ca rotate`): new root, "
+          "every node re-issued, old root dropped", "ca", body=CaRotateRequest,
+          reply=_obj("", digest=STR, phase=STR), errors=CLUSTER,
+          description="returns at once; follow `rotation` in GET /v1/ca"),
     # ---- node to node (TCP ADVERTISE_ADDR:API_PORT, TLS with the cluster's certificates)
     Route("GET", "/v1/cluster/ca", "cluster_ca", "the CA certificate (public; the joiner "
           "checks its digest)", "internal", "peer", reply=_obj("", ca_cert=STR),
@@ -642,6 +692,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/cluster/manager-keys", "cluster_manager_keys", "the managers' "
           "sealing key", "internal", "peer", reply=_obj("", manager_key=STR),
           errors=(401, 403, 409), auth=MANAGER),
+    Route("POST", "/v1/cluster/ca-ack", "cluster_ca_ack", "a node's progress in a CA "
+          "rotation", "internal", "peer", body=CaAckRequest, reply=_obj("", stale=BOOL),
+          errors=(401, 409), auth=MEMBER),
     Route("POST", "/v1/cluster/renew", "cluster_renew", "renew the caller's certificate "
           "(current role)", "internal", "peer", body=RenewRequest, reply=_obj("", cert=STR),
           errors=(401, 409), auth=MEMBER),

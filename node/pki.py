@@ -17,8 +17,18 @@ A peer checks the *role* of a server by asking TLS to verify the name ``<role>.s
 client's node id and role from the verified certificate and checks them against the
 current membership (that is how a removed node's certificate stops working).
 
-The node's files: ``tls/ca.pem`` (cluster CA certificate) and ``tls/node.pem`` (its own
-certificate followed by its private key, 0600; the key never leaves the node).
+The node's files: ``tls/ca.pem`` (the roots it trusts: the cluster CA certificate, and
+during a CA rotation the new root after it) and ``tls/node.pem`` (its own certificate, during
+a rotation followed by the new root cross-signed by the old one, then its private key, 0600;
+the key never leaves the node). On an autolocked manager the key is PKCS#8-encrypted with a
+random password kept wrapped under the unlock key (``TlsFiles.password``;
+shoal.node.keys).
+
+CA rotation (``cross_sign``): a new root gets its own name (``shoal cluster CA <serial>``);
+roots allow one intermediate below them (path length 1; 0 before CA rotation existed), so
+the old root can cross-sign the new one; shoal.node.keys runs the
+phases (every node trusts both roots → certificates re-issued under the new one → the old
+root dropped).
 
 Errors::
 
@@ -55,7 +65,7 @@ ROLES = (ROLE_MANAGER, ROLE_WORKER, ROLE_CLIENT)
 # accept at once (with 60 s, a manager 10 minutes ahead issued certificates that joining
 # nodes could not use: tests/test_faults_clock.py).
 CLOCK_SKEW = 3600.0
-CA_LIFETIME = 20 * 365 * 86400.0  # seconds; CA rotation is not implemented (see docs)
+CA_LIFETIME = 20 * 365 * 86400.0  # seconds; replaced by `shoal ca rotate`
 DEFAULT_CERT_LIFETIME = 90 * 86400.0  # seconds
 MAX_CSR_BYTES = 16 * 1024
 
@@ -111,6 +121,26 @@ def _load_cert(pem: bytes | str) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise PkiError(f"malformed certificate: {exc}") from exc
+
+
+def load_certs(pem: bytes | str) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, in order (a trust bundle, a chain)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise PkiError(f"malformed certificate bundle: {exc}") from exc
+    return certs
+
+
+def bundle(*pems: bytes | str) -> bytes:
+    """Concatenate PEM certificates (empty ones skipped) into one trust bundle."""
+    out = b""
+    for pem in pems:
+        data = pem.encode() if isinstance(pem, str) else pem
+        if data.strip():
+            out += data.strip() + b"\n"
+    return out
 
 
 def ca_digest(ca_pem: bytes | str) -> str:
@@ -182,19 +212,23 @@ def peer_info(peercert: dict[str, Any] | None) -> CertInfo | None:
         return None
 
 
-def create_ca(cluster_id: str, now: float, lifetime: float = CA_LIFETIME
-              ) -> tuple[bytes, bytes]:
-    """A new self-signed cluster CA: ``(certificate PEM, private key PEM)``."""
+def create_ca(cluster_id: str, now: float, lifetime: float = CA_LIFETIME,
+              rotated: bool = False) -> tuple[bytes, bytes]:
+    """A new self-signed cluster CA: ``(certificate PEM, private key PEM)``. ``rotated``: a
+    replacement root (its own name, so chains never confuse it with the old one)."""
     key = new_key()
+    serial = x509.random_serial_number()
+    cn = f"shoal cluster CA {serial:x}"[:64] if rotated else "shoal cluster CA"
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "shoal cluster CA")])
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     cert = (x509.CertificateBuilder()
             .subject_name(name).issuer_name(name)
             .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial)
             .not_valid_before(_ts(now - CLOCK_SKEW))
             .not_valid_after(_ts(now + lifetime))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            # path length 1: room for one intermediate, the cross-signed next root
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, key_cert_sign=True, crl_sign=True,
                 content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -218,6 +252,29 @@ class CertificateAuthority:
     @property
     def digest(self) -> str:
         return ca_digest(self.cert_pem)
+
+    def cross_sign(self, new_root_pem: bytes | str, now: float) -> bytes:
+        """``new_root_pem``'s name and key signed by this (old) root: an intermediate that
+        lets a peer still trusting only the old root verify a new-root certificate."""
+        new = _load_cert(new_root_pem)
+        cert = (x509.CertificateBuilder()
+                .subject_name(new.subject).issuer_name(self.cert.subject)
+                .public_key(new.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_ts(now - CLOCK_SKEW))
+                .not_valid_after(min(new.not_valid_after_utc, self.cert.not_valid_after_utc))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False),
+                    critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(new.public_key()),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self._key.public_key()), critical=False)
+                .sign(self._key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, csr_pem: bytes | str, subject_id: str, role: str, cluster_id: str,
               now: float, lifetime: float, addr: str = "") -> bytes:
@@ -275,14 +332,26 @@ class CertificateAuthority:
         return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def verify_issued_by(cert_pem: bytes | str, ca_pem: bytes | str) -> None:
+    """PkiError unless the (first) certificate of ``cert_pem`` was signed by a root of
+    ``ca_pem``."""
+    cert = _load_cert(cert_pem)
+    why = "no root given"
+    for ca in load_certs(ca_pem):
+        try:
+            cert.verify_directly_issued_by(ca)
+            return
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            why = str(exc) or type(exc).__name__
+    raise PkiError(f"certificate is not signed by the cluster CA: {why}")
+
+
 def verify_issued(cert_pem: bytes | str, ca_pem: bytes | str, key: ec.EllipticCurvePrivateKey
                   ) -> CertInfo:
-    """Check that ``cert_pem`` was signed by the CA and is for ``key``; return its identity."""
-    cert, ca = _load_cert(cert_pem), _load_cert(ca_pem)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise PkiError(f"certificate is not signed by the cluster CA: {exc}") from exc
+    """Check that ``cert_pem`` was signed by a root of ``ca_pem`` (a bundle during a CA
+    rotation) and is for ``key``; return its identity."""
+    verify_issued_by(cert_pem, ca_pem)
+    cert = _load_cert(cert_pem)
     if _spki(cert.public_key()) != _spki(key.public_key()):
         raise PkiError("certificate is not for this node's key")
     return cert_info(cert_pem)
@@ -295,19 +364,21 @@ def _base(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(ca_pem: bytes | str, cert_file: Path, require_client_cert: bool
-                   ) -> ssl.SSLContext:
+def server_context(ca_pem: bytes | str, cert_file: Path, require_client_cert: bool,
+                   password: bytes | None = None) -> ssl.SSLContext:
     """Server side of the node API: our certificate; client certificates verified against the
-    cluster CA (required, or optional for the routes a joining node calls before it has one)."""
+    cluster CA (required, or optional for the routes a joining node calls before it has one).
+    ``password``: of an encrypted key (autolock)."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.load_cert_chain(str(cert_file))
+    ctx.load_cert_chain(str(cert_file), password=password)
     ctx.load_verify_locations(cadata=_text(ca_pem))
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 
 def client_context(ca_pem: bytes | str, cert_file: Path | None = None,
-                   key_file: Path | None = None) -> ssl.SSLContext:
+                   key_file: Path | None = None, password: bytes | None = None
+                   ) -> ssl.SSLContext:
     """Client side: trusts only the cluster CA and checks the server name (callers pass a
     role or node name as ``server_hostname``); presents our certificate when given."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
@@ -315,7 +386,8 @@ def client_context(ca_pem: bytes | str, cert_file: Path | None = None,
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if cert_file is not None:  # key_file None: cert_file holds the key too
-        ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
+        ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file),
+                            password=password)
     return ctx
 
 
@@ -347,13 +419,15 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     os.replace(tmp, path)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TlsFiles:
     """A node's TLS material on disk: ``DATA_DIR/tls/ca.pem`` and ``node.pem`` (its
     certificate followed by its private key, 0600). One file for both, so a renewal replaces
     them with one atomic rename: never a certificate that does not match the key."""
 
     dir: Path
+    # the password of the key in node.pem (an autolocked manager); None = in the clear
+    password: bytes | None = None
 
     @property
     def ca(self) -> Path:
@@ -368,8 +442,45 @@ class TlsFiles:
         return self.ca.exists() and self.cert.exists()
 
     def save(self, ca_pem: bytes, cert_pem: bytes, key_pem_: bytes) -> None:
+        """``key_pem_`` in the clear; written encrypted when ``password`` is set."""
         write_private(self.ca, ca_pem, 0o644)
-        write_private(self.cert, cert_pem + key_pem_)
+        write_private(self.cert, cert_pem + self._key_out(load_key(key_pem_)))
+
+    def _key_out(self, key: ec.EllipticCurvePrivateKey) -> bytes:
+        if self.password is None:
+            return key_pem(key)
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.BestAvailableEncryption(self.password))
+
+    def chain_pem(self) -> bytes:
+        """Every certificate in node.pem (the node's, then any intermediate)."""
+        return bundle(*(c.public_bytes(serialization.Encoding.PEM)
+                        for c in load_certs(self.cert.read_bytes())))
+
+    def key(self) -> ec.EllipticCurvePrivateKey:
+        """The node's private key (decrypted with ``password`` when set)."""
+        data = self.cert.read_bytes()
+        start = data.find(b"-----BEGIN ", data.rfind(b"-----END CERTIFICATE-----"))
+        try:
+            try:
+                key = serialization.load_pem_private_key(data[start:], password=self.password)
+            except TypeError:  # a password for a key in the clear (autolock just turned on)
+                key = serialization.load_pem_private_key(data[start:], password=None)
+        except (ValueError, TypeError) as exc:
+            raise PkiError(f"cannot read the private key in {self.cert}: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError("private key is not an EC key")
+        return key
+
+    def repassword(self, password: bytes | None) -> None:
+        """Re-encrypt the key under ``password`` (None: in the clear), one atomic rename."""
+        key, chain = self.key(), self.chain_pem()
+        self.password = password
+        write_private(self.cert, chain + self._key_out(key))
+
+    def set_ca(self, ca_pem: bytes) -> None:
+        write_private(self.ca, ca_pem, 0o644)
 
     def ca_pem(self) -> bytes:
         return self.ca.read_bytes()
@@ -391,8 +502,8 @@ class TlsFiles:
 
 __all__ = [
     "CLOCK_SKEW", "DEFAULT_CERT_LIFETIME", "ROLES", "ROLE_CLIENT", "ROLE_MANAGER", "ROLE_WORKER",
-    "CertInfo", "CertificateAuthority", "PkiError", "TlsFiles", "ca_digest", "cert_info",
-    "client_context", "create_ca", "key_pem", "load_key", "make_csr", "new_key", "node_hostname",
-    "peer_info", "role_hostname", "server_context", "unverified_client_context", "verify_issued",
-    "write_private",
+    "CertInfo", "CertificateAuthority", "PkiError", "TlsFiles", "bundle", "ca_digest", "cert_info",
+    "client_context", "create_ca", "key_pem", "load_certs", "load_key", "make_csr", "new_key",
+    "node_hostname", "peer_info", "role_hostname", "server_context", "unverified_client_context",
+    "verify_issued", "verify_issued_by", "write_private",
 ]

@@ -39,7 +39,7 @@ from shoal.node.errors import (
     Unavailable,
     from_store_error,
 )
-from shoal.node.sealing import seal, secret_aad, unseal
+from shoal.node.sealing import key_id, seal, secret_aad, unseal
 from shoal.node.security import Security
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState
@@ -138,8 +138,12 @@ class SecretsApi:
         oid = new_id()
         if kind == "secret":
             data = seal(self.security.manager_key(), data, secret_aad(oid))
-        await self.ctx.propose({"op": f"{kind}_create", "id": oid, "name": name,
-                                  "data": data, "labels": labels, "now": time.time()})
+        cmd = {"op": f"{kind}_create", "id": oid, "name": name, "data": data,
+               "labels": labels, "now": time.time()}
+        if kind == "secret":  # refused unless sealed under the cluster's key (node/keys.py)
+            cmd["key_id"] = key_id(self.security.manager_key()) \
+                if store.snapshot().cluster.key_id else ""
+        await self.ctx.propose(cmd)
         return {"id": oid, "name": name}
 
     async def remove(self, kind: str, ref: str) -> dict[str, Any]:

@@ -14,6 +14,9 @@ Owns (one ``Security`` per agent, created with it):
 * issuing certificates with the CA key, which lives in the replicated state sealed under
   the managers' key (shoal.node.sealing) and is unsealed only in a manager's memory;
 * the join-token secrets (sealed the same way);
+* ``keys`` (shoal.node.keys.KeyManager): autolock and CA rotation; during a rotation's
+  *issue* phase ``issue`` signs with the new root and serves the cross-signed root after
+  the leaf;
 * the renewal loop of the node's own certificate;
 * ``call``: an mTLS request to another node with the role of the server checked by TLS.
 
@@ -48,7 +51,15 @@ from shoal.node.errors import (
     Unavailable,
     from_reply,
 )
-from shoal.node.sealing import AAD_CA_KEY, seal_text, token_aad, unseal, unseal_text
+from shoal.node.keys import KeyManager
+from shoal.node.sealing import (
+    AAD_CA_KEY,
+    AAD_NEXT_CA_KEY,
+    seal_text,
+    token_aad,
+    unseal,
+    unseal_text,
+)
 from shoal.raft.models import Node, NodeRole
 from shoal.raft.state import Snapshot
 
@@ -71,24 +82,29 @@ class Security:
         self.renewals = 0  # certificates this node renewed since the agent started
         self._ca: pki.CertificateAuthority | None = None
         self._ca_source: tuple[str, bytes] = ("", b"")
+        self._next_ca: pki.CertificateAuthority | None = None  # during a CA rotation
+        self._next_source: tuple[str, bytes] = ("", b"")
+        self.keys = KeyManager(ctx, self)  # autolock, CA rotation (node/keys.py)
 
     # ================================================================== TLS identity
     def load(self) -> None:
         """(Re)build the contexts from DATA_DIR/tls. Connections made later use the new ones."""
         ca = self.files.ca_pem()
         cert = self.files.info()
-        server = pki.server_context(ca, self.files.cert, require_client_cert=False)
-        remote = pki.server_context(ca, self.files.cert, require_client_cert=True)
-        client = pki.client_context(ca, self.files.cert)
+        pw = self.files.password  # an autolocked manager's key is encrypted
+        server = pki.server_context(ca, self.files.cert, require_client_cert=False, password=pw)
+        remote = pki.server_context(ca, self.files.cert, require_client_cert=True, password=pw)
+        client = pki.client_context(ca, self.files.cert, password=pw)
         self.server_ctx, self.remote_ctx, self.client_ctx, self.cert = \
             server, remote, client, cert
 
     def clear(self, remove_files: bool = False) -> None:
         self.server_ctx = self.remote_ctx = self.client_ctx = None
         self.cert = None
-        self._ca = None
-        self._ca_source = ("", b"")
+        self._ca = self._next_ca = None
+        self._ca_source = self._next_source = ("", b"")
         if remove_files:
+            self.files.password = None
             self.files.remove()
 
     def require_client(self) -> ssl.SSLContext:
@@ -129,17 +145,34 @@ class Security:
             self._ca_source = (c.ca_cert, c.ca_key)
         return self._ca
 
+    def next_ca(self, snap: Snapshot) -> pki.CertificateAuthority:
+        """The new root of a CA rotation in progress, with its key (cached)."""
+        c = snap.cluster
+        if self._next_ca is None or self._next_source != (c.ca_next_cert, c.ca_next_key):
+            try:
+                key = unseal(self.manager_key(), c.ca_next_key, AAD_NEXT_CA_KEY)
+                self._next_ca = pki.CertificateAuthority(c.ca_next_cert, key)
+            except (SealError, pki.PkiError) as exc:
+                raise Unavailable(f"cannot use the new root of the CA rotation: {exc}") \
+                    from exc
+            self._next_source = (c.ca_next_cert, c.ca_next_key)
+        return self._next_ca
+
     def issue(self, snap: Snapshot, csr: Any, subject_id: str, role: str, addr: str = "",
               lifetime: float | None = None) -> bytes:
-        """Sign a node's (or client's) certificate request; only a manager can."""
+        """Sign a node's (or client's) certificate request; only a manager can. During a CA
+        rotation's issue phase: with the new root, the cross-signed root after the leaf."""
         if not isinstance(csr, str) or not csr:
             raise BadRequest("a certificate request (csr) is required", "csr")
-        ca = self.ca(snap)
+        c = snap.cluster
+        rotating = c.ca_phase == "issue" and bool(c.ca_next_cert)
+        ca = self.next_ca(snap) if rotating else self.ca(snap)
         try:
-            return ca.issue(csr, subject_id, role, snap.cluster.cluster_id, time.time(),
-                            lifetime or self.ctx.config.cert_lifetime, addr)
+            cert = ca.issue(csr, subject_id, role, c.cluster_id, time.time(),
+                            lifetime or c.cert_expiry or self.ctx.config.cert_lifetime, addr)
         except pki.PkiError as exc:
             raise BadRequest(str(exc), "csr") from exc
+        return pki.bundle(cert, c.ca_cross) if rotating else cert
 
     # ================================================================== who is calling
     def authorize(self, peer: pki.CertInfo | None, manager: bool = False) -> Node:
@@ -189,7 +222,8 @@ class Security:
         c = store.snapshot().cluster
         ca = pki.cert_info(c.ca_cert) if c.ca_cert else None
         return {"digest": c.digest, "not_after": ca.not_after if ca else None,
-                "clients": sorted(c.clients),
+                "clients": sorted(c.clients), "autolock": bool(c.unlock_key),
+                "rotation": self.keys.rotation_view(store.snapshot()),
                 "node_certificate": None if self.cert is None else {
                     "node_id": self.cert.subject_id, "role": self.cert.role,
                     "serial": f"{self.cert.serial:x}", "not_before": self.cert.not_before,
@@ -334,7 +368,9 @@ class Security:
         if cert is None:
             raise Unavailable("certificate renewal failed: " + ("; ".join(errors) or
                                                                "no manager to ask"))
-        ca_pem = self.files.ca_pem()
+        c = store.snapshot().cluster  # (a CA rotation: the new root may be newer than ca.pem)
+        ca_pem = pki.bundle(c.ca_cert, c.ca_next_cert) if c.ca_phase and c.ca_cert else \
+            self.files.ca_pem()
         try:
             info = pki.verify_issued(cert, ca_pem, key)
         except pki.PkiError as exc:

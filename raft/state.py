@@ -109,6 +109,25 @@ class ClusterInfo:
     # the cluster-wide MQTT bridge setting (shoal.raft.mqttsetting; `shoal mqtt set`),
     # its secrets sealed under the managers' key; None = none set
     mqtt: MqttSetting | None = None
+    # autolock (shoal.node.keys): the unlock key, sealed under the managers' key; "" = off.
+    # Each manager re-wraps its own keys at rest whenever it changes (`unlock-key --rotate`).
+    unlock_key: str = ""
+    # CA rotation (`ca rotate`, shoal.node.keys): the new root (PEM), its key (sealed), the
+    # new root cross-signed by the old one, its digest, the phase ("" = none; "trust": every
+    # node adds the new root to its trust; "issue": managers sign with it and nodes renew)
+    # and each node's progress (node id -> 1 trusts both roots, 2 holds a new-root cert).
+    ca_next_cert: str = ""
+    ca_next_key: bytes = b""
+    ca_cross: str = ""
+    ca_next_digest: str = ""
+    ca_phase: str = ""
+    ca_acks: dict[str, int] = field(default_factory=dict)
+    # lifetime of node certificates, seconds (`ca rotate --cert-expiry`); 0 = each
+    # manager's --cert-lifetime
+    cert_expiry: float = 0.0
+    # id (SHA-256 prefix, hex) of the managers' sealing key everything is sealed under now;
+    # "" until the first `swarm rotate-key` (shoal.node.keys)
+    key_id: str = ""
 
 
 @dataclass
@@ -608,6 +627,85 @@ class ClusterState:
                            "ca_cert")
         self.cluster = replace(self.cluster, ca_cert=ca_cert, ca_key=ca_key)
 
+    def _cluster_autolock(self, cmd: dict[str, Any]) -> None:
+        key = cmd["unlock_key"]
+        if not isinstance(key, str):
+            raise Rejected("invalid", "unlock_key must be sealed text or empty", "unlock_key")
+        self.cluster = replace(self.cluster, unlock_key=key)
+
+    def _ca_rotate_start(self, cmd: dict[str, Any]) -> None:
+        cert, key, cross, digest = cmd["cert"], cmd["key"], cmd["cross"], cmd["digest"]
+        expiry = cmd.get("cert_expiry", 0.0)
+        if not (isinstance(cert, str) and isinstance(key, bytes) and isinstance(cross, str)
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise Rejected("invalid", "a CA rotation needs cert, sealed key, cross and digest",
+                           "cert")
+        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or expiry < 0:
+            raise Rejected("invalid", "cert_expiry must be seconds >= 0", "cert_expiry")
+        if not self.cluster.ca_cert:
+            raise Rejected("invalid", "the cluster has no CA yet", "ca_cert")
+        if self.cluster.ca_phase == "issue":  # certificates of the pending root are out
+            raise Rejected("conflict", "a CA rotation is re-issuing certificates: wait for it "
+                           "to finish (`shoal ca info`), then rotate again", "ca")
+        self.cluster = replace(self.cluster, ca_next_cert=cert, ca_next_key=key,
+                               ca_cross=cross, ca_next_digest=digest, ca_phase="trust",
+                               ca_acks={}, cert_expiry=float(expiry) or
+                               self.cluster.cert_expiry)
+
+    def _manager_key_rotate(self, cmd: dict[str, Any]) -> None:
+        """Everything sealed under the managers' key, re-sealed under a new one, in one entry.
+        Refused if anything sealed changed since the proposer read it (retry)."""
+        c = self.cluster
+        if cmd["old_key_id"] != c.key_id:
+            raise Rejected("conflict", "the managers' key changed meanwhile: retry", "key_id")
+        secrets, key_id = cmd["secrets"], cmd["key_id"]
+        if not isinstance(secrets, dict) or set(secrets) != set(self.secrets) or not all(
+                isinstance(v, bytes) for v in secrets.values()):
+            raise Rejected("conflict", "secrets changed meanwhile: retry", "secrets")
+        if not isinstance(key_id, str) or not re.fullmatch(r"[0-9a-f]{16}", key_id):
+            raise Rejected("invalid", "key_id must be 16 hex digits", "key_id")
+        if (cmd["ca_next_key"] == b"") != (c.ca_next_key == b""):
+            raise Rejected("conflict", "a CA rotation started meanwhile: retry", "ca")
+        fields = {f: cmd[f] for f in ("ca_key", "ca_next_key", "worker_secret",
+                                      "manager_secret", "unlock_key")}
+        if not (isinstance(fields["ca_key"], bytes) and isinstance(fields["ca_next_key"], bytes)
+                and all(isinstance(fields[f], str) for f in
+                        ("worker_secret", "manager_secret", "unlock_key"))):
+            raise Rejected("invalid", "re-sealed fields have the wrong types", "ca_key")
+        if (fields["unlock_key"] == "") != (c.unlock_key == ""):
+            raise Rejected("conflict", "autolock changed meanwhile: retry", "unlock_key")
+        self.cluster = replace(c, key_id=key_id, **fields)
+        for sid, data in secrets.items():
+            self.secrets[sid] = replace(self.secrets[sid], data=data)
+
+    def _ca_rotate_ack(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        node_id, stage, digest = cmd["node_id"], cmd["stage"], cmd["digest"]
+        if digest != self.cluster.ca_next_digest or not self.cluster.ca_phase:
+            return {"stale": True}  # an ack for a rotation that is over or replaced
+        if node_id not in self.nodes or stage not in (1, 2):
+            raise Rejected("invalid", "unknown node or stage", "node_id")
+        if self.cluster.ca_acks.get(node_id, 0) < stage:
+            self.cluster = replace(self.cluster,
+                                   ca_acks={**self.cluster.ca_acks, node_id: stage})
+        return {"stale": False}
+
+    def _ca_rotate_phase(self, cmd: dict[str, Any]) -> None:
+        if cmd["digest"] != self.cluster.ca_next_digest or cmd["phase"] != "issue":
+            raise Rejected("stale", "not the CA rotation in progress", "digest")
+        self.cluster = replace(self.cluster, ca_phase="issue")
+
+    def _ca_rotate_finish(self, cmd: dict[str, Any]) -> None:
+        """The new root replaces the old one (key re-sealed for the CA slot); nodes then
+        drop the old root from their trust."""
+        c = self.cluster
+        if cmd["digest"] != c.ca_next_digest or c.ca_phase != "issue":
+            raise Rejected("stale", "not the CA rotation in progress", "digest")
+        if not isinstance(cmd["ca_key"], bytes):
+            raise Rejected("invalid", "ca_key must be sealed bytes", "ca_key")
+        self.cluster = replace(c, ca_cert=c.ca_next_cert, ca_key=cmd["ca_key"],
+                               digest=c.ca_next_digest, ca_next_cert="", ca_next_key=b"",
+                               ca_cross="", ca_next_digest="", ca_phase="", ca_acks={})
+
     def _file_object(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]
                      ) -> tuple[str, str, bytes, dict[str, str], float]:
         oid, name, data = str(cmd["id"]), validate_object_name(cmd["name"], kind), cmd["data"]
@@ -640,6 +738,9 @@ class ClusterState:
     def _secret_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """``data`` arrives sealed by the proposing manager (shoal.node.secrets)."""
         oid, name, data, labels, now = self._file_object(cmd, "secret", self.secrets)
+        if cmd.get("key_id", self.cluster.key_id) != self.cluster.key_id:
+            raise Rejected("conflict", "the managers' key was rotated while this secret was "
+                           "sealed: retry", "data")
         self.secrets[oid] = Secret(id=oid, name=name, data=data, labels=labels,
                                    created_at=now, updated_at=now)
         return {"id": oid}
@@ -727,6 +828,12 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "network_remove": ClusterState._network_remove,
     "mqtt_set": mqtt_set,
     "mqtt_unset": mqtt_unset,
+    "cluster_autolock": ClusterState._cluster_autolock,
+    "ca_rotate_start": ClusterState._ca_rotate_start,
+    "ca_rotate_ack": ClusterState._ca_rotate_ack,
+    "ca_rotate_phase": ClusterState._ca_rotate_phase,
+    "ca_rotate_finish": ClusterState._ca_rotate_finish,
+    "manager_key_rotate": ClusterState._manager_key_rotate,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]
