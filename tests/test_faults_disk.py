@@ -78,6 +78,8 @@ def _digest(h: Host) -> tuple[int, str] | None:
 def _create(h: Host, name: str) -> bool:
     res = h.cli("service", "create", "--name", name, "--replicas", "0", "--", "sleep",
                 "1000", check=False, timeout=40)
+    if res.returncode != 0:
+        print(f"create {name} through {h.name}: {res.stderr.strip()[-300:]}")
     return res.returncode == 0
 
 
@@ -91,8 +93,10 @@ def test_a_leader_with_a_full_disk_hands_over_and_neither_dies_nor_forks(
                     str(raft_dir)], check=True)
     lab.form_cluster(managers=3, timeout=120)
     acknowledged = [f"before{i}" for i in range(3)]
-    for name in acknowledged:
-        assert _create(h1, name)
+    for name in acknowledged:  # (retried: a fresh cluster on a loaded machine may re-elect)
+        deadline = time.monotonic() + 60
+        while not _create(h1, name):
+            assert time.monotonic() < deadline, f"{name} not created"
 
     filler = raft_dir / "filler"
     _fill(filler)
