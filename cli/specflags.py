@@ -79,17 +79,33 @@ def parse_duration(text: str, flag: str) -> float:
 
 
 def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
-    """--publish PUBLISHED:TARGET[/tcp|udp] (or published=..,target=..,protocol=..)."""
-    spec, _, proto = text.partition("/")
+    """Docker's ``--publish [PUBLISHED:]TARGET[/tcp|udp]`` or
+    ``published=..,target=..,protocol=..,mode=ingress``. No published port (``-p 80``): the
+    managers assign one of 30000-32767. ``mode=host`` (a port bound only where a task runs,
+    without the routing mesh) is refused, never silently turned into the mesh."""
+    usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
+             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress], got {text!r}")
     if "=" in text:
         kv = parse_kv(text.split(","), flag)
-        spec, proto = f"{kv.get('published', '')}:{kv.get('target', '')}", \
+        unknown = set(kv) - {"published", "target", "protocol", "mode"}
+        if unknown:
+            raise CliError(f"{flag}: unknown option {sorted(unknown)[0]!r} in {text!r} "
+                           "(expected published, target, protocol, mode)")
+        mode = kv.get("mode", "ingress")
+        if mode == "host":
+            raise CliError(f"{flag} {text!r}: mode=host is not supported: shoal publishes "
+                           "every port through the routing mesh (mode=ingress) on all nodes")
+        if mode != "ingress":
+            raise CliError(f"{flag}: mode must be ingress or host, got {mode!r}")
+        published, target, proto = kv.get("published", ""), kv.get("target", ""), \
             kv.get("protocol", "tcp")
-    published, sep, target = spec.partition(":")
-    if not sep:
-        target = published
+    else:
+        spec, _, proto = text.partition("/")
+        published, _, target = spec.rpartition(":")
+    if not published:
+        published = "0"
     if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
-        raise CliError(f"{flag} expects PUBLISHED:TARGET[/tcp|udp], got {text!r}")
+        raise CliError(usage)
     return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
 
 
@@ -267,7 +283,13 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    parser.add_argument("--args", default=None, metavar='"CMD ARGS..."',
+                        help="replace the command (split as a shell would); or give it after "
+                        "`--` at the end")
+    # after NAME only flags: a stray word is an error (not silently the new command); the
+    # command after `--` is split off before parsing (shoal.cli.main.split_update_command)
+    parser.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+    parser.set_defaults(command=[])
 
 
 def _set(spec: dict[str, Any], path: str, value: Any) -> None:
@@ -288,9 +310,25 @@ def _get(spec: dict[str, Any], path: str, default: Any) -> Any:
 
 
 def _command(args: argparse.Namespace) -> list[str]:
+    """`service update`'s new command: ``--args "CMD ARGS"`` or the words after ``--``."""
+    if getattr(args, "extra", None):
+        raise CliError(f"service update takes flags after the service name, got "
+                       f"{args.extra[0]!r}: give a new command with --args \"CMD ARGS...\" "
+                       "or after `--` at the end")
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if getattr(args, "args", None) is not None:
+        if command:
+            raise CliError("--args and a command after `--` cannot both be given")
+        import shlex
+
+        try:
+            command = shlex.split(args.args)
+        except ValueError as exc:
+            raise CliError(f"--args: {exc} in {args.args!r}") from None
+        if not command:
+            raise CliError("--args: the command cannot be empty")
     return command
 
 
