@@ -220,10 +220,10 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
 
 
 def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
-    from shoal.cli import specflags
-
     sc = args.service_cmd
     if sc == "create":
+        from shoal.cli import specflags
+
         spec = specflags.spec_from_create_args(args)
         r = _spec_call(c, "POST", "/v1/services",
                        registry_cli.service_body({"spec": spec}, args))
@@ -256,6 +256,8 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             for name, _ in pairs:
                 progress.wait(c, name, "scale", args)
     elif sc == "update":
+        from shoal.cli import specflags
+
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
         spec = specflags.apply_update_args(current["spec"], args)
         r = _spec_call(c, "POST", f"/v1/services/{_q(args.service)}/update",
