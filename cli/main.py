@@ -465,16 +465,37 @@ def _q(s: str) -> str:
 
 # ----------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
-    """Errors as one ``Error:`` line. ``lazy``: functions that add this sub-parser's options
-    when it is used (or its help shown): the spec-driven flags of `service create/update`
-    need the spec (msgspec) that a `service ls` should not import."""
+    """Errors as one ``Error:`` line. Built with ``build_parser(lazy=True)`` (the CLI's own
+    run), a parser only records its ``add_argument`` calls and ``lazy`` functions, and makes
+    them when it is used (or its help shown): building ~60 sub-parsers' options for every
+    `shoal service ls` would cost more than the request, and the spec-driven flags of
+    `service create/update` need the spec (msgspec) that a `service ls` should not import."""
 
-    lazy: list[Any]
+    recording = False  # set while build_parser(lazy=True) runs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lazy: list[Any] = []
+        self._recording = False
+        helps = kwargs.get("add_help", True)
+        if _Parser.recording:  # (-h is recorded too: adding an option makes a formatter)
+            kwargs["add_help"] = False
+        super().__init__(*args, **kwargs)
+        self._recording = _Parser.recording
+        if self._recording and helps:
+            self.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                              help="show this help message and exit")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._recording:
+            return super().add_argument(*args, **kwargs)
+        self.lazy.append(lambda p: argparse.ArgumentParser.add_argument(p, *args, **kwargs))
+        return None
 
     def _populate(self) -> None:
-        for add in getattr(self, "lazy", ()):
+        self._recording = False
+        todo, self.lazy = self.lazy, []
+        for add in todo:
             add(self)
-        self.lazy = []
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._populate()
@@ -499,7 +520,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _lazy(parser: argparse.ArgumentParser, add: Any) -> None:
     """Run ``add(parser)`` when ``parser`` is used (see _Parser)."""
-    parser.lazy = [*getattr(parser, "lazy", []), add]  # type: ignore[attr-defined]
+    if isinstance(parser, _Parser) and parser._recording:
+        parser.lazy.append(add)
+    else:
+        add(parser)
 
 
 class _Version(argparse.Action):
@@ -539,14 +563,23 @@ def split_update_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
-    """The whole `shoal` parser. ``lazy``: the spec-driven `service create/update` flags are
-    added only when that sub-parser is used (the CLI's own run; tests see them at once)."""
-    def defer(parser: argparse.ArgumentParser, add: Any) -> None:
-        if lazy:
-            _lazy(parser, add)
-        else:
-            add(parser)
+    """The whole `shoal` parser. ``lazy`` (the CLI's own run): each sub-parser's options are
+    made only when it is used (see _Parser); tests see them all at once."""
+    if lazy and not hasattr(argparse._, "cache_info"):  # type: ignore[attr-defined]
+        # argparse translates its own words ("options", "usage: ") through gettext, which
+        # looks for message catalogs on disk on every call: twice per sub-parser, most of
+        # the cost of building them. The same answers, cached, for this process.
+        import functools
 
+        argparse._ = functools.lru_cache(maxsize=None)(argparse._)  # type: ignore[attr-defined]
+    _Parser.recording = lazy
+    try:
+        return _build_parser()
+    finally:
+        _Parser.recording = False
+
+
+def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="shoal", description="shoal: a peer-to-peer container orchestrator")
     p.add_argument("-H", "--host", default=os.environ.get("SHOAL_HOST", DEFAULT_HOST),
                    help=f"agent socket, or tcp://ADDR:PORT for a remote API (env SHOAL_HOST, "
@@ -657,7 +690,7 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
     sc = ssub.add_parser("create", help="create a service (and wait until it runs, unless -d)")
     progress.add_flags(sc)
-    defer(sc, _create_flags)
+    _lazy(sc, _create_flags)
     registry_cli.add_service_flags(sc, update=False)
     sls = ssub.add_parser("ls", help="list services")
     output.add_list_flags(sls, "service")
@@ -674,7 +707,7 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
                          "template replaces tasks (a rolling update)")
     su.add_argument("service")
     progress.add_flags(su)
-    defer(su, _update_flags)
+    _lazy(su, _update_flags)
     registry_cli.add_service_flags(su, update=True)
     slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes (or "
                           "of one task, by its id)")

@@ -19,17 +19,16 @@ before the first write. Must not touch: the spec translation (shoal.cli.compose)
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.cli.errors import CliError
 
 if TYPE_CHECKING:  # (imported where used: `shoal` builds this parser on every run, and
     # compose/msgspec/the spec cost more to import than a `service ls` may take)
+    from pathlib import Path
+
     from shoal.cli.compose import FileObject, NetworkObject, Stack
     from shoal.raft.spec import ServiceSpec
 
@@ -51,16 +50,17 @@ class Client(Protocol):
 
 # ----------------------------------------------------------------------------- planning
 
-@dataclass
 class Plan:
-    """What a deploy writes, in order: prune, objects, creates, updates."""
+    """What a deploy writes, in order: prune, objects, creates, updates. (A plain class,
+    not a dataclass: this module is imported by every `shoal` run.)"""
 
-    remove: list[str] = field(default_factory=list)  # services (--prune)
-    networks: list[NetworkObject] = field(default_factory=list)  # networks to create
-    objects: list[FileObject] = field(default_factory=list)  # secrets/configs to create
-    create: list[ServiceSpec] = field(default_factory=list)
-    update: list[tuple[ServiceSpec, int]] = field(default_factory=list)  # (spec, version)
-    unchanged: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.remove: list[str] = []  # services (--prune)
+        self.networks: list[NetworkObject] = []  # networks to create
+        self.objects: list[FileObject] = []  # secrets/configs to create
+        self.create: list[ServiceSpec] = []
+        self.update: list[tuple[ServiceSpec, int]] = []  # (spec, version)
+        self.unchanged: list[str] = []
 
 
 def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
@@ -87,6 +87,8 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     ``services``: every service of the cluster as `service inspect` shows it; ``objects``:
     ``{"secret": [...], "config": [...]}`` as `secret ls` / `config inspect` show them
     (configs with their ``data``); ``networks``: as `network ls` shows them."""
+    import base64
+
     from shoal.raft.errors import ValidationError
     from shoal.raft.validate import validate_spec
 
@@ -191,6 +193,8 @@ def _objects(c: Client, kind: str, stack: str = "") -> list[dict[str, Any]]:
 
 def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: str,
            out: Any = sys.stdout, err: Any = sys.stderr) -> Plan:
+    import base64
+
     from shoal.cli.compose import load_stack
     from shoal.raft.models import to_dict
 
@@ -301,6 +305,8 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
 
     cmd = args.stack_cmd
     if cmd == "deploy":
+        from pathlib import Path
+
         deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
                args.resolve_image)
     elif cmd == "ls":

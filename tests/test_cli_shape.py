@@ -223,3 +223,45 @@ def test_the_cli_waits_shows_progress_and_scripts_well(lab_factory: Callable[...
     assert out.count("done-") == 1 and task["id"][:12] in out
     assert h1.cli("service", "logs", "--since", "1h", "batch").stdout.count("done-") == 2
     assert h1.cli("service", "logs", "--since", "0s", "batch").stdout.count("done-") == 0
+
+
+class _Replies:
+    """The API as the wait loop sees it: a service that converges after two looks."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        if path.endswith("/tasks"):
+            state = "running" if self.looks > 2 else "preparing"
+            return [{**TASKS[0], "state": state, "message": "pulling image: 12 of 40 MiB"}]
+        self.looks += 1
+        return {"name": "web", "replicas": 1, "running": int(self.looks > 2),
+                "mode": "replicated", "update_status": {}}
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place_with_rich(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the block is redrawn (rich, control codes); the image pull progress the
+    worker reports as the task's message is shown."""
+    import os
+
+    monkeypatch.setattr(progress, "POLL", 0.01)
+    main_fd, side_fd = os.openpty()
+    with os.fdopen(side_fd, "w") as tty:
+        progress.wait(_Replies(), "web", "create", build_parser().parse_args(
+            ["service", "scale", "web=1"]), out=tty)
+    os.set_blocking(main_fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except (BlockingIOError, OSError):  # (EIO: the other side is closed and drained)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    text = b"".join(chunks).decode()
+    assert "\x1b[" in text and "pulling image: 12 of 40 MiB" in text
+    assert "verify: Service converged" in text and "overall progress: 1 out of 1 tasks" in text
