@@ -540,6 +540,19 @@ class _Version(argparse.Action):
         parser.exit(0, f"shoal {version()}\n")
 
 
+def _seconds(flag: str) -> Any:
+    """An argparse type: a Go duration (``30s``, ``1m30s``, ``500ms``) or seconds → seconds."""
+    def parse(text: str) -> float:
+        from shoal.cli.specflags import parse_duration
+
+        try:
+            return parse_duration(text, flag)
+        except CliError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+    parse.__name__ = "duration"
+    return parse
+
+
 def _create_flags(parser: argparse.ArgumentParser) -> None:
     from shoal.cli import specflags
 
@@ -608,7 +621,8 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
                    help="also serve the CLI's API on TCP PORT over mutual TLS (client "
                    "certificates from `shoal ca issue-client`); default off")
-    a.add_argument("--restart-grace", type=float, default=30.0, metavar="SECONDS",
+    a.add_argument("--restart-grace", type=_seconds("--restart-grace"), default=30.0,
+                   metavar="DURATION",
                    help="on SIGTERM (upgrade, restart) ask the leader to wait this long for "
                    "the next agent before replacing this node's tasks (0-300, 0 = treat a "
                    "stop like a crash; default 30)")
@@ -641,7 +655,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="accept scale commands signed (HMAC-SHA256) with this key (managers)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
-    a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)
+    a.add_argument("--cert-lifetime", type=_seconds("--cert-lifetime"), default=90 * 86400.0,
+                   help=argparse.SUPPRESS)
     a.add_argument("--cert-renew-fraction", type=float, default=0.5, help=argparse.SUPPRESS)
 
     ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")

@@ -280,9 +280,12 @@ def render(items: list[Rec], kind: str, fmt: str = "table", quiet: bool = False,
     """The text a list prints (without the final newline)."""
     columns = COLUMNS[kind]
     if quiet:
-        key = "name" if kind == "stack" else "id"
-        return "\n".join(str(r[key]) if no_trunc or kind == "stack" else str(r[key])[:12]
-                         for r in items)
+        if kind == "stack":
+            return "\n".join(str(r["name"]) for r in items)
+        ids = [str(r["id"]) for r in items]
+        if kind == "image" and not no_trunc:  # sha256:HEX → HEX[:12], as `docker images -q`
+            ids = [i.rpartition(":")[2] for i in ids]
+        return "\n".join(i if no_trunc else i[:12] for i in ids)
     if fmt == "json":
         return json.dumps(items, indent=2)
     if fmt == "table" or not fmt:

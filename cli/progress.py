@@ -49,7 +49,7 @@ def _slot_lines(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> list[str]:
     per_node = svc["mode"] in ("global", "global-job")
     newest: dict[Any, dict[str, Any]] = {}
     for t in tasks:
-        key = t["node"] or t["node_id"] if per_node else t["slot"]
+        key = (t["node"] or t["node_id"]) if per_node else t["slot"]
         cur = newest.get(key)
         live = t["desired_state"] in ("running", "complete")
         if cur is None or (live, t["created_at"]) > \
@@ -75,7 +75,8 @@ def verdict(svc: dict[str, Any], tasks: list[dict[str, Any]], op: str,
             before: dict[str, Any] | None) -> tuple[str, str]:
     """("", "") while waiting; ("ok", text) or ("fail", reason) when done. ``before``: the
     update status before an update/rollback (a status left from an earlier update is not
-    this one's outcome)."""
+    this one's outcome). A paused update fails any wait (nothing converges while it is
+    paused); a rollback that completed fails only the `service update` that caused it."""
     status = svc.get("update_status") or {}
     state = status.get("state", "")
     fresh = before is None or status.get("started_at") != before.get("started_at") or \
@@ -83,7 +84,7 @@ def verdict(svc: dict[str, Any], tasks: list[dict[str, Any]], op: str,
     reason = status.get("message") or state
     if state in ("paused", "rollback_paused"):
         return "fail", f"update paused: {reason}"
-    if state == "rollback_completed" and fresh and op != "rollback":
+    if state == "rollback_completed" and fresh and op == "update":
         return "fail", f"update rolled back: {reason}"
     if state in RUNNING_UPDATE:
         return "", ""

@@ -144,6 +144,7 @@ def test_the_verdict_of_a_wait() -> None:
     assert progress.verdict(svc, TASKS, "rollback", None)[0] == "ok"
     # a rolled-back update of before is not this scale's outcome
     assert progress.verdict(svc, TASKS, "update", dict(svc["update_status"]))[0] == "ok"
+    assert progress.verdict(svc, TASKS, "scale", None)[0] == "ok"
     svc["update_status"] = {"state": "paused", "message": "task x failed"}
     assert progress.verdict(svc, TASKS, "update", None) == ("fail",
                                                             "update paused: task x failed")
