@@ -266,7 +266,9 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         registry_cli.print_warnings(r)
         print(r["name"], flush=True)
         if not args.detach:
-            progress.wait(c, current["id"], "update", args, current.get("update_status"))
+            # (`service update --rollback` is a rollback: rollback_completed is its success)
+            op = "rollback" if getattr(args, "rollback", False) is True else "update"
+            progress.wait(c, current["id"], op, args, current.get("update_status"))
     elif sc == "logs":
         run_logs(c, args)
     elif sc == "rollback":
