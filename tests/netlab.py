@@ -794,9 +794,10 @@ class Host:
         """``shoal -H unix://SOCK ARGS`` inside this host; CommandError on failure if check.
         `service create|update|scale|rollback` get ``-d`` (they return at once, as the tests
         written before the CLI waited expect: they poll for what they check) unless ``wait``
-        (the test checks the wait itself) or the test passes ``-d``/``--detach``."""
-        if not wait and args[:1] == ("service",) and args[1:2] and args[1] in WAITING and \
-                not {"-d", "--detach"} & set(args):
+        (the test checks the wait itself) or the test passes ``-d``/``--detach``, or the host
+        runs another release's shoal (``use_shoal``: it returns at once and knows no -d)."""
+        if not wait and not self._shoal_argv and args[:1] == ("service",) and args[1:2] \
+                and args[1] in WAITING and not {"-d", "--detach"} & set(args):
             args = (*args[:2], "-d", *args[2:])
         return self.run(*self.shoal_argv, "-H", f"unix://{self.sock}", *args,
                         check=check, timeout=timeout)
