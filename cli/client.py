@@ -67,7 +67,7 @@ class Client:
         elif host.startswith("tcp://"):
             addr = host[len("tcp://"):].rstrip("/")
             name, sep, port = addr.rpartition(":")
-            if not sep or not port.isdigit():
+            if not sep or not (port.isascii() and port.isdigit()):
                 raise CliError(f"{host!r}: use tcp://ADDR:PORT (the agent's --remote-api-port)")
             self._addr = (name, int(port))
             if not tls_dir:

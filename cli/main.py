@@ -245,7 +245,7 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
             name, sep, n = item.partition("=")
             if not sep or not name:
                 raise CliError(f"scale expects SERVICE=REPLICAS, got {item!r}")
-            if not n.strip().isdigit():
+            if not (n.strip().isascii() and n.strip().isdigit()):
                 raise CliError(f"invalid replica count {n!r} for {name}: must be a whole "
                                "number >= 0")
             pairs.append((name, int(n)))

@@ -104,7 +104,8 @@ def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
         published, _, target = spec.rpartition(":")
     if not published:
         published = "0"
-    if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
+    if not (f"{published}{target}".isascii() and published.isdigit() and target.isdigit()) \
+            or proto not in ("", "tcp", "udp"):
         raise CliError(usage)
     return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
 
@@ -112,7 +113,7 @@ def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
 def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
     """--expose PORT[/tcp|udp]."""
     port, _, proto = text.partition("/")
-    if not port.isdigit() or proto not in ("", "tcp", "udp"):
+    if not (port.isascii() and port.isdigit()) or proto not in ("", "tcp", "udp"):
         raise CliError(f"{flag} expects PORT[/tcp|udp], got {text!r}")
     return {"port": int(port), "protocol": proto or "tcp"}
 
