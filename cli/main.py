@@ -9,222 +9,44 @@ logic — every decision is the agent's; this module only asks and shows.
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime
-import http.client
 import json
 import os
-import re
-import socket
-import ssl
 import sys
 import time
-import urllib.parse
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from shoal.cli import keys, mqtt, network, specflags, stack
+# (only light modules here: every `shoal ls` pays for what this imports; the spec, msgspec,
+# rich, http.client and the node's modules are imported where a command needs them —
+# tests/test_cli_shape.py checks the import set of `service ls`)
+from shoal.cli import keys, mqtt, network, output, progress, stack
 from shoal.cli import registry as registry_cli
+from shoal.cli.client import Client
 from shoal.cli.errors import CliError
-from shoal.cli.specflags import parse_kv
-from shoal.node.version import version
+from shoal.cli.output import ago, emit, render_template, table
+
+__all__ = ["Client", "ago", "build_parser", "emit", "main", "render_template", "table"]
 
 DEFAULT_HOST = "unix:///var/lib/shoal/shoal.sock"
 
 
-# ----------------------------------------------------------------------------- transport
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
-def _tls_context(tls_dir: str) -> ssl.SSLContext:
-    """Client side of the remote API: DIR/{ca,cert,key}.pem from `shoal ca issue-client`.
-    The server must hold a certificate of the same cluster CA (any of its nodes)."""
-    d = Path(tls_dir)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False  # the cluster CA is the trust anchor, not a DNS name
-    try:
-        ctx.load_verify_locations(str(d / "ca.pem"))
-        ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
-    except (OSError, ssl.SSLError) as exc:
-        raise CliError(f"--tls-dir {tls_dir} must hold ca.pem, cert.pem and key.pem (from "
-                       f"`shoal ca issue-client NAME --out DIR`): {exc}") from None
-    return ctx
-
-
-class Client:
-    def __init__(self, host: str, timeout: float = 60.0, tls_dir: str = "") -> None:
-        self.host = host
-        self.timeout = timeout
-        self.path = ""
-        self._tls: ssl.SSLContext | None = None
-        self.stale = False  # GETs ask for ?stale=1 (a manager's own copy, not confirmed)
-        if host.startswith("unix://"):
-            self.path = host[len("unix://"):]
-        elif host.startswith("tcp://"):
-            addr = host[len("tcp://"):].rstrip("/")
-            name, sep, port = addr.rpartition(":")
-            if not sep or not port.isdigit():
-                raise CliError(f"{host!r}: use tcp://ADDR:PORT (the agent's --remote-api-port)")
-            self._addr = (name, int(port))
-            if not tls_dir:
-                raise CliError("a tcp:// host needs --tls-dir DIR (or SHOAL_TLS_DIR) with a "
-                               "client certificate from `shoal ca issue-client`")
-            self._tls = _tls_context(tls_dir)
-        else:
-            raise CliError(f"unsupported host {host!r}: use unix:///path/to/shoal.sock or "
-                           "tcp://ADDR:PORT")
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._tls is None:
-            return _UnixConnection(self.path, self.timeout)
-        return http.client.HTTPSConnection(self._addr[0], self._addr[1], timeout=self.timeout,
-                                           context=self._tls)
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        conn = self._connection()
-        if self.stale and method == "GET":
-            path += ("&" if "?" in path else "?") + "stale=1"
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise CliError(f"cannot connect to the shoal agent at {self.host}: is it running? "
-                           "(start it with `shoal agent --advertise-addr IP`)") from None
-        except PermissionError:
-            raise CliError(f"permission denied on {self.path}: the agent's socket is for "
-                           "root only") from None
-        except TimeoutError:
-            raise CliError(f"the agent at {self.host} did not answer in {self.timeout:g}s") \
-                from None
-        except ssl.SSLCertVerificationError as exc:
-            raise CliError(f"the server at {self.host} is not a node of the cluster in "
-                           f"--tls-dir: {exc.verify_message}") from None
-        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected):
-            raise CliError(f"the agent at {self.host} refused the TLS connection: is its "
-                           "remote API on, and the client certificate this cluster's and "
-                           "not expired?") from None
-        except OSError as exc:
-            raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            out = json.loads(raw) if raw else None
-        except ValueError:
-            raise CliError(f"the agent sent a malformed reply (HTTP {resp.status})") from None
-        if resp.status >= 400:
-            err = (out or {}).get("error", {}) if isinstance(out, dict) else {}
-            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
-                           str(err.get("field") or ""))
-        return out
-
-
-    def stream(self, path: str) -> Iterator[dict[str, Any]]:
-        """GET a streaming JSON-lines route; yields records as they arrive."""
-        conn = self._connection()
-        conn.timeout = None
-        try:
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
-                               "running?") from None
-            except OSError as exc:
-                raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
-            if resp.status >= 400:
-                try:
-                    err = json.loads(resp.read()).get("error", {})
-                except ValueError:
-                    err = {}
-                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
-            for raw in resp:
-                if raw.strip():
-                    yield json.loads(raw)
-        finally:
-            conn.close()
-
-
 # ----------------------------------------------------------------------------- output
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    cols = [headers, *rows]
-    widths = [max(len(str(r[i])) for r in cols) for i in range(len(headers))]
-    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cols]
-    return "\n".join(lines)
-
-
-def ago(ts: float | None) -> str:
-    if not ts:
-        return ""
-    d = max(0.0, time.time() - ts)
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
-        if d >= size or unit == "second":
-            n = int(d // size)
-            return "less than a second ago" if unit == "second" and n == 0 else \
-                f"{n} {unit}{'' if n == 1 else 's'} ago"
-    return ""
-
-
-def emit(data: Any, fmt: str, render: Any) -> None:
-    if fmt == "json":
-        print(json.dumps(data, indent=2))
-    else:
-        print(render(data))
-
-
 def render_nodes(nodes: list[dict[str, Any]]) -> str:
-    rows = [[n["id"][:12], n["hostname"], n["addr"], n["state"].capitalize(),
-             n["availability"].capitalize(), n["manager_status"].capitalize(),
-             n.get("membership", "").capitalize(), str(n["tasks"]), n.get("version", "")]
-            for n in nodes]
-    return table(rows, ["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY",
-                        "MANAGER STATUS", "MEMBERSHIP", "TASKS", "VERSION"])
-
-
-def _replicas(s: dict[str, Any]) -> str:
-    """REPLICAS: running/wanted; a job: completed/total (and how many run now); a scheduled
-    job: of its current run, and when the next one starts (UTC)."""
-    if "completed" in s:
-        nxt = (s.get("schedule") or {}).get("next_run")
-        at = f", next run {time.strftime('%H:%M:%S', time.gmtime(nxt))}Z" if nxt else ""
-        return f"{s['completed']}/{s['replicas']} ({s['running']} running{at})"
-    return f"{s['running']}/{s['replicas']}"
+    return output.render(nodes, "node")
 
 
 def render_services(svcs: list[dict[str, Any]]) -> str:
-    rows = [[s["id"][:12], s["name"], s["mode"], _replicas(s),
-             " ".join(s["command"])[:40]] for s in svcs]
-    return table(rows, ["ID", "NAME", "MODE", "REPLICAS", "COMMAND"])
+    return output.render(svcs, "service")
 
 
 def render_tasks(tasks: list[dict[str, Any]]) -> str:
-    rows = []
-    for t in tasks:
-        state = f"{t['state'].capitalize()} {ago(t['state_since'])}"
-        if t.get("health") and t["state"] == "running":
-            state += f" ({t['health']})"
-        err = t["error"] or (t["message"] if t["state"] in ("orphaned", "rejected",
-                                                             "pending", "preparing") else "")
-        u = t.get("usage") or {}
-        mem = f"{u['memory_bytes'] / 2**20:.1f}MiB" if u.get("memory_bytes") is not None else ""
-        cpu = f"{u['cpu_seconds']:.2f}s" if u.get("cpu_seconds") is not None else ""
-        rows.append([t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
-                     state, mem, cpu, err[:50]])
-    return table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "MEM", "CPU",
-                        "ERROR"])
+    return output.render(tasks, "task")
+
+
+def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
+    from shoal.cli.specflags import parse_kv as parse
+
+    return parse(items, flag)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -350,10 +172,10 @@ def _addr(c: Client) -> str:
 
 def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
     if args.node_cmd == "ls":
-        emit(c.call("GET", "/v1/nodes"), fmt, render_nodes)
+        output.show(c.call("GET", "/v1/nodes"), args, "node")
     elif args.node_cmd == "ps":
-        emit([t for n in args.nodes or ["self"]
-              for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], fmt, render_tasks)
+        output.show([t for n in args.nodes or ["self"]
+                     for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], args, "task")
     elif args.node_cmd == "inspect":
         out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
         print(json.dumps(out, indent=2))
@@ -395,10 +217,7 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
         for img in c.call("POST", "/v1/images", body):
             print(f"Loaded image {', '.join(img['tags']) or img['id']} ({img['id'][:19]})")
     elif args.image_cmd == "ls":
-        emit(c.call("GET", "/v1/images"), fmt, lambda imgs: table(
-            [[", ".join(i["tags"]) or "<none>", i["id"][7:19], str(i["layers"]),
-              f"{i['size'] / 1e6:.1f} MB"] for i in imgs],
-            ["IMAGE", "ID", "LAYERS", "SIZE"]))
+        output.show(c.call("GET", "/v1/images"), args, "image")
     elif args.image_cmd == "pull":
         registry_cli.run_pull(c, args, fmt)
     elif args.image_cmd == "prune":
@@ -412,55 +231,130 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
 def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
     sc = args.service_cmd
     if sc == "create":
+        from shoal.cli import specflags
+
         spec = specflags.spec_from_create_args(args)
         r = _spec_call(c, "POST", "/v1/services",
                        registry_cli.service_body({"spec": spec}, args))
         registry_cli.print_warnings(r)
-        print(r["id"])
+        print(r["id"], flush=True)
+        if not args.detach:
+            progress.wait(c, r["id"], "create", args)
     elif sc == "ls":
-        emit(c.call("GET", "/v1/services"), fmt, render_services)
+        output.show(c.call("GET", "/v1/services"), args, "service")
     elif sc == "ps":
-        emit(c.call("GET", f"/v1/services/{_q(args.service)}/tasks"), fmt, render_tasks)
+        output.show([t for s in args.services
+                     for t in c.call("GET", f"/v1/services/{_q(s)}/tasks")], args, "task")
     elif sc == "inspect":
         out = [c.call("GET", f"/v1/services/{_q(s)}") for s in args.services]
         print(json.dumps(out, indent=2))
     elif sc == "scale":
+        pairs = []
         for item in args.pairs:
             name, sep, n = item.partition("=")
             if not sep or not name:
                 raise CliError(f"scale expects SERVICE=REPLICAS, got {item!r}")
-            if not n.strip().isdigit():
+            if not (n.strip().isascii() and n.strip().isdigit()):
                 raise CliError(f"invalid replica count {n!r} for {name}: must be a whole "
                                "number >= 0")
-            c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": int(n)})
-            print(f"{name} scaled to {int(n)}")
-    elif sc == "update" and not args.rollback:
+            pairs.append((name, int(n)))
+        for name, n in pairs:
+            c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": n})
+            print(f"{name} scaled to {n}", flush=True)
+        if not args.detach:
+            for name, _ in pairs:
+                progress.wait(c, name, "scale", args)
+    elif sc == "update" and not getattr(args, "rollback", False):
+        from shoal.cli import specflags
+
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
         spec = specflags.apply_update_args(current["spec"], args)
         r = _spec_call(c, "POST", f"/v1/services/{_q(args.service)}/update",
                        registry_cli.service_body({"spec": spec, "version": current["version"]},
                                                  args))
         registry_cli.print_warnings(r)
-        print(r["name"])
+        print(r["name"], flush=True)
+        if not args.detach:
+            progress.wait(c, current["id"], "update", args, current.get("update_status"))
     elif sc == "logs":
-        q = f"?tail={args.tail}&follow={int(args.follow)}&timestamps={int(args.timestamps)}"
-        width = 0
-        for rec in c.stream(f"/v1/services/{_q(args.service)}/logs{q}"):
-            prefix = f"{rec['name']}.{rec['task'][:12]}@{rec['node']}"
-            width = max(width, len(prefix))
-            sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
-            print(f"{prefix.ljust(width)} | {rec['line']}", file=sink, flush=True)
-    elif sc == "rollback" or (sc == "update" and args.rollback):
+        run_logs(c, args)
+    elif sc == "rollback" or sc == "update":  # (`service update --rollback`: a rollback)
+        current = c.call("GET", f"/v1/services/{_q(args.service)}")
         r = c.call("POST", f"/v1/services/{_q(args.service)}/rollback")
-        print(r["name"])
+        print(r["name"], flush=True)
+        if not args.detach:
+            progress.wait(c, current["id"], "rollback", args, current.get("update_status"))
     elif sc == "rm":
         for s in args.services:
             c.call("DELETE", f"/v1/services/{_q(s)}")
             print(s)
 
 
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: Unix seconds, an RFC 3339 / ISO 8601 time, or a Go duration before now
+    (``10m``, ``1h30m``) → Unix seconds."""
+    now = time.time() if now is None else now
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    except ValueError:
+        pass
+    from shoal.cli.specflags import parse_duration
+
+    try:
+        return now - parse_duration(text, "--since")
+    except CliError:
+        raise CliError(f"--since: expected a time (Unix seconds or 2006-01-02T15:04:05Z) or "
+                       f"a duration before now (10m, 1h30m), got {text!r}") from None
+
+
+def _task_owner(c: Client, ref: str) -> tuple[str, str] | None:
+    """(service id, task id) of the task whose id starts with ``ref``, if exactly one."""
+    found = [(s["id"], t["id"]) for s in c.call("GET", "/v1/services")
+             for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")
+             if t["id"].startswith(ref)]
+    if len(found) > 1:
+        raise CliError(f"task id prefix {ref!r} is ambiguous: give more characters")
+    return found[0] if found else None
+
+
+def run_logs(c: Client, args: argparse.Namespace) -> None:
+    """`service logs SERVICE|TASK`: a service's tasks merged, or one task's (by id)."""
+    import urllib.parse
+
+    query = {"tail": args.tail, "follow": int(args.follow), "timestamps": int(args.timestamps)}
+    if args.since:
+        query["since"] = repr(parse_since(args.since))
+    ref, task = args.service, ""
+    try:
+        c.call("GET", f"/v1/services/{_q(ref)}")
+    except CliError:
+        owner = _task_owner(c, ref) if len(ref) >= 4 else None
+        if owner is None:
+            raise
+        ref, task = owner
+    width = 0
+    for rec in c.stream(f"/v1/services/{_q(ref)}/logs?{urllib.parse.urlencode(query)}"):
+        if task and rec.get("task") != task:
+            continue
+        prefix = f"{rec['name']}.{rec['task'][:12]}@{rec['node']}"
+        width = max(width, len(prefix))
+        sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
+        print(f"{prefix.ljust(width)} | {rec['line']}", file=sink, flush=True)
+
+
 def _spec_call(c: Client, method: str, path: str, body: dict[str, Any]) -> Any:
     """A create/update call whose errors about a spec field also name the flag that sets it."""
+    from shoal.cli import specflags
+
     try:
         return c.call(method, path, body)
     except CliError as exc:
@@ -468,12 +362,6 @@ def _spec_call(c: Client, method: str, path: str, body: dict[str, Any]) -> Any:
         if flag and flag not in str(exc):
             raise CliError(f"{exc} ({flag})", exc.field) from None
         raise
-
-
-def render_secrets(objs: list[dict[str, Any]]) -> str:
-    rows = [[o["id"][:12], o["name"], ago(o["created_at"]), ago(o["updated_at"])]
-            for o in objs]
-    return table(rows, ["ID", "NAME", "CREATED", "UPDATED"])
 
 
 def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -491,10 +379,10 @@ def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
         r = c.call("POST", f"/v1/{kind}s", {"name": args.name, "labels": parse_kv(
-            args.label, "--label"), "data": base64.b64encode(data).decode()})
+            args.label, "--label"), "data": _b64(data)})
         print(r["id"])
     elif sub == "ls":
-        emit(c.call("GET", f"/v1/{kind}s"), fmt, render_secrets)
+        output.show(c.call("GET", f"/v1/{kind}s"), args, kind)
     elif sub == "inspect":
         out = [c.call("GET", f"/v1/{kind}s/{_q(n)}") for n in args.names]
         print(json.dumps(out, indent=2))
@@ -504,12 +392,20 @@ def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
             print(n)
 
 
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
 def run_ca(c: Client, args: argparse.Namespace) -> None:
     """`shoal ca info|issue-client|revoke-client`. The client's key is made here and never
     leaves this machine; the manager signs a request for it."""
     if args.ca_cmd == "info":
         print(json.dumps(c.call("GET", "/v1/ca"), indent=2))
     elif args.ca_cmd == "issue-client":
+        from pathlib import Path
+
         from shoal.node import pki
 
         out = Path(args.out)
@@ -535,30 +431,10 @@ def run_ca(c: Client, args: argparse.Namespace) -> None:
         keys.run_ca_rotate(c, args)
 
 
-_TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
-
-
-def render_template(template: str, rec: dict[str, Any]) -> str:
-    """docker-style ``--format``: ``{{.Field}}``, ``{{.Attributes.key}}``, ``{{json .}}``,
-    ``{{json .Attributes}}``; field names match case-insensitively (``.ID`` = ``id``)."""
-    def field(m: re.Match[str]) -> str:
-        value: Any = rec
-        for part in [p for p in m.group(2).split(".") if p]:
-            if not isinstance(value, dict):
-                value = None
-                break
-            key = next((k for k in value if k.lower() == part.lower()), None)
-            value = value.get(key) if key is not None else None
-        if m.group(1):
-            return json.dumps(value)
-        if value is None:
-            return "<no value>"
-        return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return _TEMPLATE_RE.sub(field, template.replace("\\n", "\n").replace("\\t", "\t"))
-
-
 def event_line(rec: dict[str, Any]) -> str:
     """``TIME TYPE ACTION ID (name=…, key=value, …)``, as `docker events` prints."""
+    import datetime
+
     when = datetime.datetime.fromtimestamp(float(rec.get("time") or 0), datetime.UTC)
     attrs = {"name": rec.get("name", ""), **rec.get("attributes", {})}
     if rec.get("local"):
@@ -569,6 +445,8 @@ def event_line(rec: dict[str, Any]) -> str:
 
 
 def run_events(c: Client, args: argparse.Namespace) -> None:
+    import urllib.parse
+
     query: list[tuple[str, str]] = []
     if args.since:
         query.append(("since", args.since))
@@ -598,12 +476,134 @@ def _q(s: str) -> str:
 
 # ----------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
+    """Errors as one ``Error:`` line. Built with ``build_parser(lazy=True)`` (the CLI's own
+    run), a parser only records its ``add_argument`` calls and ``lazy`` functions, and makes
+    them when it is used (or its help shown): building ~60 sub-parsers' options for every
+    `shoal service ls` would cost more than the request, and the spec-driven flags of
+    `service create/update` need the spec (msgspec) that a `service ls` should not import."""
+
+    recording = False  # set while build_parser(lazy=True) runs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lazy: list[Any] = []
+        self._recording = False
+        helps = kwargs.get("add_help", True)
+        if _Parser.recording:  # (-h is recorded too: adding an option makes a formatter)
+            kwargs["add_help"] = False
+        super().__init__(*args, **kwargs)
+        self._recording = _Parser.recording
+        if self._recording and helps:
+            self.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                              help="show this help message and exit")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._recording:
+            return super().add_argument(*args, **kwargs)
+        self.lazy.append(lambda p: argparse.ArgumentParser.add_argument(p, *args, **kwargs))
+        return None
+
+    def _populate(self) -> None:
+        self._recording = False
+        todo, self.lazy = self.lazy, []
+        for add in todo:
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populate()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._populate()
+        return super().format_usage()
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments") and self.prog.endswith(
+                "service update"):
+            message += (" (after the service name only flags: give a new command with "
+                        "--args \"CMD ARGS...\" or after `--` at the end)")
         self.print_usage(sys.stderr)
         self.exit(2, f"Error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _lazy(parser: argparse.ArgumentParser, add: Any) -> None:
+    """Run ``add(parser)`` when ``parser`` is used (see _Parser)."""
+    if isinstance(parser, _Parser) and parser._recording:
+        parser.lazy.append(add)
+    else:
+        add(parser)
+
+
+class _Version(argparse.Action):
+    """``--version`` (the installed distribution's metadata is read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from shoal.node.version import version
+
+        parser.exit(0, f"shoal {version()}\n")
+
+
+def _seconds(flag: str) -> Any:
+    """An argparse type: a Go duration (``30s``, ``1m30s``, ``500ms``) or seconds → seconds."""
+    def parse(text: str) -> float:
+        from shoal.cli.specflags import parse_duration
+
+        try:
+            return parse_duration(text, flag)
+        except CliError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+    parse.__name__ = "duration"
+    return parse
+
+
+def _create_flags(parser: argparse.ArgumentParser) -> None:
+    from shoal.cli import specflags
+
+    specflags.add_create_flags(parser)
+
+
+def _update_flags(parser: argparse.ArgumentParser) -> None:
+    from shoal.cli import specflags
+
+    specflags.add_update_flags(parser)
+
+
+def split_update_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`service update NAME [FLAGS] -- CMD ARGS`: (the arguments before ``--``, the command
+    after it) — argparse cannot take a command after flags that follow NAME."""
+    head = argv[:argv.index("--")] if "--" in argv else []
+    if "service" not in head or head[head.index("service") + 1:][:1] != ["update"]:
+        return argv, None
+    i = len(head)
+    return argv[:i], argv[i + 1:]
+
+
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole `shoal` parser. ``lazy`` (the CLI's own run): each sub-parser's options are
+    made only when it is used (see _Parser); tests see them all at once."""
+    if lazy and not hasattr(argparse._, "cache_info"):  # type: ignore[attr-defined]
+        # argparse translates its own words ("options", "usage: ") through gettext, which
+        # looks for message catalogs on disk on every call: twice per sub-parser, most of
+        # the cost of building them. The same answers, cached, for this process.
+        import functools
+
+        argparse._ = functools.lru_cache(maxsize=None)(argparse._)  # type: ignore[attr-defined]
+    _Parser.recording = lazy
+    try:
+        return _build_parser()
+    finally:
+        _Parser.recording = False
+
+
+def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="shoal", description="shoal: a peer-to-peer container orchestrator")
     p.add_argument("-H", "--host", default=os.environ.get("SHOAL_HOST", DEFAULT_HOST),
                    help=f"agent socket, or tcp://ADDR:PORT for a remote API (env SHOAL_HOST, "
@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale", action="store_true", help="read this manager's own copy of "
                    "the cluster state at once (may be stale) instead of confirming it through "
                    "the leader first (docs/reliability.md)")
-    p.add_argument("--version", action="version", version=f"shoal {version()}")
+    p.add_argument("--version", action=_Version, help="show shoal's version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     a = sub.add_parser("agent", help="run the node agent (long-running, as root)")
@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
                    help="also serve the CLI's API on TCP PORT over mutual TLS (client "
                    "certificates from `shoal ca issue-client`); default off")
-    a.add_argument("--restart-grace", type=float, default=30.0, metavar="SECONDS",
+    a.add_argument("--restart-grace", type=_seconds("--restart-grace"), default=30.0,
+                   metavar="DURATION",
                    help="on SIGTERM (upgrade, restart) ask the leader to wait this long for "
                    "the next agent before replacing this node's tasks (0-300, 0 = treat a "
                    "stop like a crash; default 30)")
@@ -666,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept scale commands signed (HMAC-SHA256) with this key (managers)")
     # hidden: certificate lifetime (seconds) this node signs as a manager, and the fraction of
     # it after which nodes renew (tests use seconds; the default is 90 days, halfway)
-    a.add_argument("--cert-lifetime", type=float, default=90 * 86400.0, help=argparse.SUPPRESS)
+    a.add_argument("--cert-lifetime", type=_seconds("--cert-lifetime"), default=90 * 86400.0,
+                   help=argparse.SUPPRESS)
     a.add_argument("--cert-renew-fraction", type=float, default=0.5, help=argparse.SUPPRESS)
 
     ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")
@@ -690,10 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="manage nodes")
     nsub = n.add_subparsers(dest="node_cmd", required=True, parser_class=_Parser)
     nls = nsub.add_parser("ls", help="list nodes")
-    nls.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(nls, "node")
     nps = nsub.add_parser("ps", help="list the tasks on nodes (default: this node)")
     nps.add_argument("nodes", nargs="*", metavar="NODE")
-    nps.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(nps, "task")
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", choices=["json"], default="json")
@@ -715,31 +717,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("service", help="manage services")
     ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
-    sc = ssub.add_parser("create", help="create a service")
-    specflags.add_create_flags(sc)
+    sc = ssub.add_parser("create", help="create a service (and wait until it runs, unless -d)")
+    progress.add_flags(sc)
+    _lazy(sc, _create_flags)
     registry_cli.add_service_flags(sc, update=False)
     sls = ssub.add_parser("ls", help="list services")
-    sls.add_argument("--format", choices=["table", "json"], default="table")
-    sps = ssub.add_parser("ps", help="list a service's tasks")
-    sps.add_argument("service")
-    sps.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(sls, "service")
+    sps = ssub.add_parser("ps", help="list the tasks of services")
+    sps.add_argument("services", nargs="+", metavar="SERVICE")
+    output.add_list_flags(sps, "task")
     si = ssub.add_parser("inspect", help="show service details (JSON)")
     si.add_argument("services", nargs="+")
     si.add_argument("--format", choices=["json"], default="json")
     ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
     ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
+    progress.add_flags(ss)
     su = ssub.add_parser("update", help="change a service; only a change of the task "
                          "template replaces tasks (a rolling update)")
     su.add_argument("service")
-    specflags.add_update_flags(su)
+    progress.add_flags(su)
+    _lazy(su, _update_flags)
     registry_cli.add_service_flags(su, update=True)
-    slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes")
-    slg.add_argument("service")
+    slg = ssub.add_parser("logs", help="output of a service's tasks, merged across nodes (or "
+                          "of one task, by its id)")
+    slg.add_argument("service", metavar="SERVICE|TASK")
+    slg.add_argument("--since", default="", metavar="TIME",
+                     help="only lines after TIME: Unix seconds, 2006-01-02T15:04:05Z, or a "
+                     "duration before now (10m, 1h30m)")
     slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")
     slg.add_argument("-n", "--tail", default="all", help="lines per task (default all)")
     slg.add_argument("-t", "--timestamps", action="store_true")
     srb = ssub.add_parser("rollback", help="go back to the previous spec")
     srb.add_argument("service")
+    progress.add_flags(srb)
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
     ev = sub.add_parser("events", help="stream the cluster's events (like `docker events`)")
@@ -782,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
         kc.add_argument("file", metavar="FILE|-")
         kc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
         kl = ksub.add_parser("ls", help=f"list {kind}s")
-        kl.add_argument("--format", choices=["table", "json"], default="table")
+        output.add_list_flags(kl, kind)
         ki = ksub.add_parser("inspect", help=f"show {kind} details (JSON)" +
                              (" without its value" if kind == "secret" else ""))
         ki.add_argument("names", nargs="+")
@@ -797,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     ii.add_argument("ref", metavar="NAME[:TAG]")
     ii.add_argument("file")
     ils = isub.add_parser("ls", help="list this node's images")
-    ils.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(ils, "image")
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)
@@ -811,8 +821,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(lazy=True)
+    words = list(sys.argv[1:] if argv is None else argv)
+    head, command = split_update_command(words)
+    args = None
+    if command is not None:
+        args = parser.parse_args(head)
+        if (args.cmd, getattr(args, "service_cmd", "")) == ("service", "update"):
+            args.command = command
+        else:  # ("update" was some other word): parse as given
+            args = None
+    if args is None:
+        args = parser.parse_args(words)
     try:
         run(args)
     except CliError as exc:

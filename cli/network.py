@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from shoal.cli.specflags import parse_kv
+from shoal.cli import output
 
 
 def add_parser(sub: Any) -> None:
@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
     nc.add_argument("--attachable", action="store_true", help="recorded (Swarm parity)")
     nc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
     nl = nsub.add_parser("ls", help="list networks")
-    nl.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(nl, "network")
     ni = nsub.add_parser("inspect", help="show network details (JSON)")
     ni.add_argument("names", nargs="+")
     ni.add_argument("--format", choices=["json"], default="json")
@@ -55,6 +55,8 @@ def run(c: Any, args: argparse.Namespace, fmt: str, emit: Emit, table: Table) ->
     """``emit``/``table``: shoal.cli.main's output helpers (passed in: no import cycle)."""
     sub = args.network_cmd
     if sub == "create":
+        from shoal.cli.specflags import parse_kv
+
         body: dict[str, Any] = {"name": args.name, "driver": args.driver,
                                 "labels": parse_kv(args.label, "--label"),
                                 "internal": args.internal, "attachable": args.attachable}
@@ -64,7 +66,7 @@ def run(c: Any, args: argparse.Namespace, fmt: str, emit: Emit, table: Table) ->
             body["gateway"] = args.gateway
         print(c.call("POST", "/v1/networks", body)["id"])
     elif sub == "ls":
-        emit(c.call("GET", "/v1/networks"), fmt, lambda nets: render(nets, table))
+        output.show(c.call("GET", "/v1/networks"), args, "network")
     elif sub == "inspect":
         out = [c.call("GET", f"/v1/networks/{quote(n, safe='')}") for n in args.names]
         print(json.dumps(out, indent=2))

@@ -11,10 +11,8 @@ groups (cli/main.py hooks these in with a few lines).
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 import threading
-import urllib.parse
 from typing import Any, Protocol
 
 from shoal.cli.errors import CliError
@@ -108,6 +106,8 @@ def run(c: _Client, args: argparse.Namespace, fmt: str) -> None:
         if args.password_stdin:
             password = sys.stdin.read().rstrip("\r\n")
         else:
+            import getpass
+
             password = getpass.getpass("Password: ")
         if not user or not password:
             raise CliError("a username and a password are required")
@@ -115,6 +115,8 @@ def run(c: _Client, args: argparse.Namespace, fmt: str) -> None:
                    {"server": args.server, "username": user, "password": password})
         print(f"Login Succeeded: credentials for {r['server']} stored in the cluster")
     elif args.registry_cmd == "logout":
+        import urllib.parse
+
         r = c.call("DELETE", f"/v1/registry/login/{urllib.parse.quote(args.server, safe='')}")
         print(f"Removed the credentials for {r['server']}")
 

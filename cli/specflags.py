@@ -17,7 +17,6 @@ import argparse
 import copy
 import re
 import secrets
-import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,24 +79,41 @@ def parse_duration(text: str, flag: str) -> float:
 
 
 def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
-    """--publish PUBLISHED:TARGET[/tcp|udp] (or published=..,target=..,protocol=..)."""
-    spec, _, proto = text.partition("/")
+    """Docker's ``--publish [PUBLISHED:]TARGET[/tcp|udp]`` or
+    ``published=..,target=..,protocol=..,mode=ingress``. No published port (``-p 80``): the
+    managers assign one of 30000-32767. ``mode=host`` (a port bound only where a task runs,
+    without the routing mesh) is refused, never silently turned into the mesh."""
+    usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
+             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress], got {text!r}")
     if "=" in text:
         kv = parse_kv(text.split(","), flag)
-        spec, proto = f"{kv.get('published', '')}:{kv.get('target', '')}", \
+        unknown = set(kv) - {"published", "target", "protocol", "mode"}
+        if unknown:
+            raise CliError(f"{flag}: unknown option {sorted(unknown)[0]!r} in {text!r} "
+                           "(expected published, target, protocol, mode)")
+        mode = kv.get("mode", "ingress")
+        if mode == "host":
+            raise CliError(f"{flag} {text!r}: mode=host is not supported: shoal publishes "
+                           "every port through the routing mesh (mode=ingress) on all nodes")
+        if mode != "ingress":
+            raise CliError(f"{flag}: mode must be ingress or host, got {mode!r}")
+        published, target, proto = kv.get("published", ""), kv.get("target", ""), \
             kv.get("protocol", "tcp")
-    published, sep, target = spec.partition(":")
-    if not sep:
-        target = published
-    if not (published.isdigit() and target.isdigit()) or proto not in ("", "tcp", "udp"):
-        raise CliError(f"{flag} expects PUBLISHED:TARGET[/tcp|udp], got {text!r}")
+    else:
+        spec, _, proto = text.partition("/")
+        published, _, target = spec.rpartition(":")
+    if not published:
+        published = "0"
+    if not (f"{published}{target}".isascii() and published.isdigit() and target.isdigit()) \
+            or proto not in ("", "tcp", "udp"):
+        raise CliError(usage)
     return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
 
 
 def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
     """--expose PORT[/tcp|udp]."""
     port, _, proto = text.partition("/")
-    if not port.isdigit() or proto not in ("", "tcp", "udp"):
+    if not (port.isascii() and port.isdigit()) or proto not in ("", "tcp", "udp"):
         raise CliError(f"{flag} expects PORT[/tcp|udp], got {text!r}")
     return {"port": int(port), "protocol": proto or "tcp"}
 
@@ -268,12 +284,15 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
-    parser.add_argument("--args", metavar="\"ARG...\"", default=None,
-                        help="the task's command arguments (after the image's ENTRYPOINT), "
-                        "shell-quoted in one value; same as -- CMD [ARGS...]")
+    parser.add_argument("--args", default=None, metavar='"CMD ARGS..."',
+                        help="replace the command (split as a shell would); or give it after "
+                        "`--` at the end")
     parser.add_argument("--rollback", action="store_true",
                         help="go back to the previous spec (as `service rollback`)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    # after NAME only flags: a stray word is an error (not silently the new command); the
+    # command after `--` is split off before parsing (shoal.cli.main.split_update_command)
+    parser.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+    parser.set_defaults(command=[])
 
 
 def _set(spec: dict[str, Any], path: str, value: Any) -> None:
@@ -294,9 +313,25 @@ def _get(spec: dict[str, Any], path: str, default: Any) -> Any:
 
 
 def _command(args: argparse.Namespace) -> list[str]:
+    """`service update`'s new command: ``--args "CMD ARGS"`` or the words after ``--``."""
+    if getattr(args, "extra", None):
+        raise CliError(f"service update takes flags after the service name, got "
+                       f"{args.extra[0]!r}: give a new command with --args \"CMD ARGS...\" "
+                       "or after `--` at the end")
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if getattr(args, "args", None) is not None:
+        if command:
+            raise CliError("--args and a command after `--` cannot both be given")
+        import shlex
+
+        try:
+            command = shlex.split(args.args)
+        except ValueError as exc:
+            raise CliError(f"--args: {exc} in {args.args!r}") from None
+        if not command:
+            raise CliError("--args: the command cannot be empty")
     return command
 
 
@@ -377,20 +412,7 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         if d.cli == "flag" and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
             _set(spec, d.path, False)
-    raw = list(args.command)
-    if raw and raw[0] != "--" and raw[0].startswith("-"):
-        # (argparse takes everything after SERVICE as the command)
-        raise CliError(f"{raw[0]}: options go before the service name (`service update "
-                       "[OPTIONS] SERVICE`); a new command goes after `--`")
     command = _command(args)
-    if getattr(args, "args", None) is not None:
-        if command:
-            raise CliError("--args and -- CMD both set the command: give one")
-        try:
-            command = shlex.split(args.args)
-        except ValueError as exc:
-            raise CliError(f"--args {args.args!r}: {exc}") from None
-        _set(spec, "task.container.command", command)
     if command:
         _set(spec, "task.container.command", command)
     if args.force:

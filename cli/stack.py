@@ -19,29 +19,26 @@ before the first write. Must not touch: the spec translation (shoal.cli.compose)
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import msgspec
-
-from shoal.cli.compose import (
-    STACK_LABEL,
-    FileObject,
-    NetworkObject,
-    Stack,
-    label_of,
-    load_stack,
-)
 from shoal.cli.errors import CliError
-from shoal.raft.errors import ValidationError
-from shoal.raft.models import to_dict
-from shoal.raft.spec import ServiceSpec
-from shoal.raft.validate import validate_spec
+
+if TYPE_CHECKING:  # (imported where used: `shoal` builds this parser on every run, and
+    # compose/msgspec/the spec cost more to import than a `service ls` may take)
+    from pathlib import Path
+
+    from shoal.cli.compose import FileObject, NetworkObject, Stack
+    from shoal.raft.spec import ServiceSpec
+
+STACK_LABEL = "com.docker.stack.namespace"  # (as shoal.cli.compose.STACK_LABEL)
+
+
+def label_of(obj: Any) -> str:
+    """The stack an API object belongs to (shoal.cli.compose.label_of)."""
+    labels = obj.get("labels") or (obj.get("spec") or {}).get("labels") or {}
+    return str(labels.get(STACK_LABEL, ""))
 
 
 class Client(Protocol):
@@ -53,24 +50,26 @@ class Client(Protocol):
 
 # ----------------------------------------------------------------------------- planning
 
-@dataclass
 class Plan:
-    """What a deploy writes, in order: prune, objects, creates, updates."""
+    """What a deploy writes, in order: prune, objects, creates, updates. (A plain class,
+    not a dataclass: this module is imported by every `shoal` run.)"""
 
-    remove: list[str] = field(default_factory=list)  # services (--prune)
-    networks: list[NetworkObject] = field(default_factory=list)  # networks to create
-    objects: list[FileObject] = field(default_factory=list)  # secrets/configs to create
-    create: list[ServiceSpec] = field(default_factory=list)
-    update: list[tuple[ServiceSpec, int]] = field(default_factory=list)  # (spec, version)
-    unchanged: list[str] = field(default_factory=list)
-    # the stack's secrets/configs no longer in the file nor used by a service (an older
-    # version of a changed file): removed after the updates; (kind, id, name)
-    stale: list[tuple[str, str, str]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.remove: list[str] = []  # services (--prune)
+        self.networks: list[NetworkObject] = []  # networks to create
+        self.objects: list[FileObject] = []  # secrets/configs to create
+        self.create: list[ServiceSpec] = []
+        self.update: list[tuple[ServiceSpec, int]] = []  # (spec, version)
+        self.unchanged: list[str] = []
+        # the stack's secrets/configs no longer in the file nor used by a service (an older
+        # version of a changed file): removed after the updates; (kind, id, name)
+        self.stale: list[tuple[str, str, str]] = []
 
 
 def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
     """Does deploying ``new`` change nothing? (``force_update`` is the cluster's counter, not
     the file's: it is carried over.)"""
+    import msgspec
     image = new.task.container.image
     pinned = current.task.container.image
     if image and "@" not in image and pinned.startswith(image + "@sha256:"):
@@ -91,6 +90,11 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     ``services``: every service of the cluster as `service inspect` shows it; ``objects``:
     ``{"secret": [...], "config": [...]}`` as `secret ls` / `config inspect` show them
     (configs with their ``data``); ``networks``: as `network ls` shows them."""
+    import base64
+
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.validate import validate_spec
+
     plan = Plan()
     have_nets = {n["name"]: n for n in networks or []}
     for net in stack.networks:
@@ -166,6 +170,8 @@ def _stale_objects(stack: Stack, services: list[dict[str, Any]],
                    ) -> list[tuple[str, str, str]]:
     """The stack's secrets/configs that neither the file declares nor any service will use
     once the deploy is done (the stack's services take their specs from the file)."""
+    from shoal.raft.models import to_dict
+
     wanted = {s.name for s in stack.services}
     used: set[tuple[str, str]] = set()
     specs = [to_dict(s) for s in stack.services] + [
@@ -212,6 +218,11 @@ def _objects(c: Client, kind: str, stack: str = "") -> list[dict[str, Any]]:
 
 def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: str,
            out: Any = sys.stdout, err: Any = sys.stderr) -> Plan:
+    import base64
+
+    from shoal.cli.compose import load_stack
+    from shoal.raft.models import to_dict
+
     stack = load_stack(name, paths)
     for w in stack.warnings:
         print(f"Warning: {w}", file=err)
@@ -307,53 +318,27 @@ def add_parser(sub: Any) -> None:
                    default="always", help="resolve image tags to digests on the manager "
                    "(passed to service create/update)")
     d.add_argument("name", metavar="STACK")
+    from shoal.cli import output
+
     ls = ssub.add_parser("ls", help="list stacks")
-    ls.add_argument("--format", choices=["table", "json"], default="table")
-    for verb, what in (("ps", "list the tasks of a stack"),
-                       ("services", "list the services of a stack")):
+    output.add_list_flags(ls, "stack", quiet=False)
+    for verb, what, kind in (("ps", "list the tasks of a stack", "task"),
+                             ("services", "list the services of a stack", "service")):
         p = ssub.add_parser(verb, help=what)
         p.add_argument("name", metavar="STACK")
-        p.add_argument("--format", choices=["table", "json"], default="table")
+        output.add_list_flags(p, kind)
     rm = ssub.add_parser("rm", help="remove stacks: their services, secrets, configs and "
                          "networks")
     rm.add_argument("names", nargs="+", metavar="STACK")
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [headers, *rows])
-
-
-def _emit(data: Any, fmt: str, render: Any) -> None:
-    print(json.dumps(data, indent=2) if fmt == "json" else render(data))
-
-
-def render_services(svcs: list[dict[str, Any]]) -> str:
-    """`stack services`: as `docker stack services` (with the image and published ports)."""
-    rows = [[s["id"][:12], s["name"], s["mode"], f"{s['running']}/{s['replicas']}",
-             s.get("image") or "-",
-             ", ".join(f"*:{p['published']}->{p['target']}/{p['protocol']}"
-                       for p in s.get("ports", []))] for s in svcs]
-    return _table(rows, ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"])
-
-
-def render_tasks(tasks: list[dict[str, Any]]) -> str:
-    """`stack ps`: as `docker stack ps`."""
-    def since(ts: float | None) -> str:
-        d = int(max(0.0, time.time() - (ts or time.time())))
-        return f"{d // 3600}h ago" if d >= 3600 else f"{d // 60}m ago" if d >= 60 \
-            else f"{d}s ago"
-    rows = [[t["id"][:12], t["name"], t["node"] or "-", t["desired_state"].capitalize(),
-             f"{t['state'].capitalize()} {since(t.get('state_since'))}"
-             + (f" ({t['health']})" if t.get("health") and t["state"] == "running" else ""),
-             (t.get("error") or "")[:50]] for t in tasks]
-    return _table(rows, ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"])
-
-
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    from shoal.cli import output
+
     cmd = args.stack_cmd
     if cmd == "deploy":
+        from pathlib import Path
+
         deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
                args.resolve_image)
     elif cmd == "ls":
@@ -363,20 +348,20 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
             if ns:
                 counts[ns] = counts.get(ns, 0) + 1
         rows = [{"name": n, "services": k} for n, k in sorted(counts.items())]
-        _emit(rows, fmt, lambda rs: _table([[r["name"], str(r["services"])] for r in rs],
-                                           ["NAME", "SERVICES"]))
+        output.show(rows, args, "stack")
     elif cmd in ("ps", "services"):
         svcs = sorted(stack_services(c, args.name), key=lambda s: s["name"])
         if not svcs:
             raise CliError(f"nothing found in stack: {args.name}")
+        recs = [{**{k: v for k, v in s.items()
+                    if k not in ("spec", "previous_spec", "health")},
+                 "image": s["spec"]["task"]["container"]["image"],
+                 "labels": s["spec"].get("labels") or {}} for s in svcs]
         if cmd == "services":
-            _emit([{**{k: v for k, v in s.items()
-                       if k not in ("spec", "previous_spec", "health")},
-                    "image": s["spec"]["task"]["container"]["image"]} for s in svcs],
-                  fmt, render_services)
+            output.show(recs, args, "stack_service")
         else:
             tasks = [t for s in svcs for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")]
-            _emit(tasks, fmt, render_tasks)
+            output.show(tasks, args, "stack_task")
     elif cmd == "rm":
         missing = [n for n in args.names if not remove(c, n)]
         if missing:

@@ -142,7 +142,7 @@ def _version(request: web.Request, body: dict[str, Any]) -> Any:
     q = request.query.get("version")
     if q is None or q == "":
         return None
-    if not q.isdigit():
+    if not (q.isascii() and q.isdigit()):
         raise BadRequest("version must be a whole number", "version")
     return int(q)
 

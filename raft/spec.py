@@ -86,6 +86,8 @@ MAX_CONSTRAINTS = 64
 MAX_CONSTRAINT_LEN = 512
 # ports the node itself uses: never published by a service
 RESERVED_PORTS = {2377: "the node API", 2378: "Raft", 7946: "gossip"}
+# where the managers pick a published port for ``-p TARGET`` (Docker's ingress range)
+ASSIGNED_PORTS = range(30000, 32768)
 
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
@@ -634,9 +636,12 @@ class RollbackConfig(_Spec, frozen=True):
 
 class PortSpec(_Spec, frozen=True):
     """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
-    forwards to a task's ``target`` port (the routing mesh)."""
+    forwards to a task's ``target`` port (the routing mesh). ``published`` 0 (``-p TARGET``,
+    as Docker): the managers assign a free port of ``ASSIGNED_PORTS`` when they apply the
+    create/update (raft/state.py) and store it here, so it stays across updates."""
 
-    published: Annotated[int, decl("port every node listens on", ge=1, le=65535)]
+    published: Annotated[int, decl("port every node listens on (0: the managers assign one "
+                                   "of 30000-32767)", ge=0, le=65535)]
     target: Annotated[int, decl("port of the task", ge=1, le=65535)]
     protocol: Annotated[Literal["tcp", "udp"], decl("transport protocol")] = "tcp"
 
@@ -676,7 +681,7 @@ class EndpointSpec(_Spec, frozen=True):
     ports: Annotated[tuple[PortSpec, ...], decl(
         "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
         flag="--publish", short="-p", cli="list", item="port",
-        metavar="PUBLISHED:TARGET[/tcp|udp]", max_length=256)] = ()
+        metavar="[PUBLISHED:]TARGET[/tcp|udp]", max_length=256)] = ()
     expose: Annotated[tuple[ExposeSpec, ...], decl(
         "a port of the tasks reachable at the service's VIP from other tasks",
         flag="--expose", cli="list", item="expose", metavar="PORT[/tcp|udp]",
@@ -687,7 +692,7 @@ class EndpointSpec(_Spec, frozen=True):
     def __post_init__(self) -> None:
         seen: set[tuple[int, str]] = set()
         for i, p in enumerate(self.ports):
-            if (p.published, p.protocol) in seen:
+            if p.published and (p.published, p.protocol) in seen:
                 raise SpecError(f"ports[{i}].published",
                                 f"port {p.published}/{p.protocol} is published twice")
             seen.add((p.published, p.protocol))

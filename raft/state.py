@@ -59,6 +59,7 @@ from shoal.raft.models import (
     task_spec_from_dict,
 )
 from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
+from shoal.raft.spec import ASSIGNED_PORTS
 from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
 
 NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
@@ -333,6 +334,7 @@ class ClusterState:
         for s in self.services.values():
             if s.spec.name == spec.name:
                 raise Rejected("exists", f"a service named {spec.name!r} already exists", "name")
+        spec = self._assign_ports(spec, sid, None)
         self._check_ports(spec, sid)
         self._check_networks(spec)
         try:
@@ -344,6 +346,33 @@ class ClusterState:
         self.services[sid] = Service(id=sid, spec=spec, version=1, created_at=now, updated_at=now,
                                      vip=vip)
         return {"id": sid, "vip": vip}
+
+    def _assign_ports(self, spec: ServiceSpec, sid: str, old: ServiceSpec | None
+                      ) -> ServiceSpec:
+        """``spec`` with each published port 0 (``-p TARGET``) replaced: the port the service
+        already had for that target and protocol (an update keeps it), else the lowest of
+        ASSIGNED_PORTS no service publishes (deterministic: every manager applies the same)."""
+        if not any(p.published == 0 for p in spec.endpoint.ports):
+            return spec
+        taken = {(p.published, p.protocol) for s in self.services.values() if s.id != sid
+                 for p in s.spec.endpoint.ports}
+        taken |= {(p.published, p.protocol) for p in spec.endpoint.ports if p.published}
+        had = {(p.target, p.protocol): p.published for p in (old.endpoint.ports if old else ())
+               if p.published in ASSIGNED_PORTS}
+        ports = []
+        for p in spec.endpoint.ports:
+            if p.published == 0:
+                port = had.pop((p.target, p.protocol), 0)
+                if not port or (port, p.protocol) in taken:
+                    port = next((n for n in ASSIGNED_PORTS if (n, p.protocol) not in taken), 0)
+                if not port:
+                    raise Rejected("exhausted", "no free port left in 30000-32767 to publish "
+                                   f"target {p.target}/{p.protocol}", "endpoint.ports")
+                taken.add((port, p.protocol))
+                p = msgspec.structs.replace(p, published=port)
+            ports.append(p)
+        return msgspec.structs.replace(spec, endpoint=msgspec.structs.replace(
+            spec.endpoint, ports=tuple(ports)))
 
     def _check_ports(self, spec: ServiceSpec, sid: str) -> None:
         """A published port belongs to one service cluster-wide (every node listens on it)."""
@@ -452,6 +481,7 @@ class ClusterState:
             spec = validate_spec(cmd["spec"])
             if spec.name != svc.spec.name:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
+            spec = self._assign_ports(spec, svc.id, svc.spec)
             self._check_ports(spec, svc.id)
             self._check_networks(spec)
         else:

@@ -47,7 +47,7 @@ def validate_name(name: Any, field: str = "name") -> str:
 
 def validate_replicas(value: Any, field: str = "replicas") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value.strip())
         else:
             raise ValidationError(f"{field} must be a whole number >= 0, got {value!r}", field)

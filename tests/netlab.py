@@ -50,6 +50,8 @@ T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 # Where state files live (and the default base dir for data dirs): short, so unix socket paths fit.
+# `service` commands that wait for convergence unless -d (shoal.cli.progress)
+WAITING = frozenset({"create", "update", "scale", "rollback"})
 STATE_DIR = Path(os.environ.get("SHOAL_LAB_STATE_DIR", "/tmp/shoal-lab"))
 NETNS_PREFIX = "shoal-lab-"
 IF_PREFIX = "sl"
@@ -787,9 +789,16 @@ class Host:
 
     # -- the CLI --------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 30.0
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0, wait: bool = False
             ) -> subprocess.CompletedProcess[str]:
-        """``shoal -H unix://SOCK ARGS`` inside this host; CommandError on failure if check."""
+        """``shoal -H unix://SOCK ARGS`` inside this host; CommandError on failure if check.
+        `service create|update|scale|rollback` get ``-d`` (they return at once, as the tests
+        written before the CLI waited expect: they poll for what they check) unless ``wait``
+        (the test checks the wait itself) or the test passes ``-d``/``--detach``, or the host
+        runs another release's shoal (``use_shoal``: it returns at once and knows no -d)."""
+        if not wait and not self._shoal_argv and args[:1] == ("service",) and args[1:2] \
+                and args[1] in WAITING and not {"-d", "--detach"} & set(args):
+            args = (*args[:2], "-d", *args[2:])
         return self.run(*self.shoal_argv, "-H", f"unix://{self.sock}", *args,
                         check=check, timeout=timeout)
 

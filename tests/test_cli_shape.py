@@ -1,0 +1,268 @@
+"""The CLI as a Docker user meets it: waiting with progress, exit codes, `-p TARGET`,
+`--publish mode=host`, `service update NAME --flag`, `-q`/`--filter`/`--format`/`--no-trunc`,
+task-id logs, and what `service ls` imports (the CLI's responsiveness, bench/cli_latency.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from netlab import Lab, wait_until
+from shoal.cli import output, progress
+from shoal.cli.errors import CliError
+from shoal.cli.main import build_parser, parse_since, split_update_command
+from shoal.cli.specflags import apply_update_args, parse_publish
+from shoal.raft.state import ClusterState
+
+SLEEP = ["--", "sleep", "100000"]
+
+
+# ----------------------------------------------------------------------------- no network
+
+def test_service_ls_imports_no_spec_msgspec_rich_or_node_modules() -> None:
+    """`shoal service ls` (the path scripts call in loops) imports only the light modules:
+    not rich, msgspec, yaml, http.client, the spec, raft or node code."""
+    code = ("import sys\nfrom shoal.cli.main import main\n"
+            "try:\n    main(['-H', 'unix:///nonexistent/shoal.sock', 'service', 'ls'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(' '.join(sorted(sys.modules)))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    mods = set(res.stdout.split())
+    assert "shoal.cli.main" in mods and "cannot connect" in res.stderr
+    heavy = {m for m in mods if m.split(".")[0] in ("rich", "msgspec", "yaml", "email")
+             or m.startswith(("shoal.raft", "shoal.node", "shoal.cli.compose",
+                              "shoal.cli.specflags", "http.client", "ssl"))}
+    assert not heavy, sorted(heavy)
+
+
+def test_publish_target_only_means_an_assigned_port_and_mode_host_is_refused() -> None:
+    assert parse_publish("80") == {"published": 0, "target": 80, "protocol": "tcp"}
+    assert parse_publish("8080:80/udp") == {"published": 8080, "target": 80, "protocol": "udp"}
+    assert parse_publish("target=80,mode=ingress")["published"] == 0
+    for bad, why in (("published=8080,target=80,mode=host", "mode=host is not supported"),
+                     ("target=80,mode=bridge", "mode must be ingress or host"),
+                     ("80:x", "expects [PUBLISHED:]TARGET"), ("target=80,foo=1", "'foo'")):
+        with pytest.raises(CliError) as exc:
+            parse_publish(bad)
+        assert "--publish" in str(exc.value) and why in str(exc.value)
+
+
+def test_the_managers_assign_published_ports_deterministically_and_keep_them() -> None:
+    """`-p 80`: the lowest free port of 30000-32767, the same on every manager (it is chosen
+    inside the Raft apply); an update that still says 0 keeps the port it had."""
+    def spec(name: str, *ports: tuple[int, int]) -> dict[str, Any]:
+        return {"name": name, "task": {"container": {"command": ["sleep", "9"]}},
+                "endpoint": {"ports": [{"published": p, "target": t} for p, t in ports]}}
+    states = [ClusterState(), ClusterState()]
+    for st in states:
+        assert "ok" in st.apply({"op": "service_create", "id": "a", "now": 1.0,
+                                 "spec": spec("a", (0, 80), (30001, 81))})
+        assert "ok" in st.apply({"op": "service_create", "id": "b", "now": 1.0,
+                                 "spec": spec("b", (0, 80), (0, 443))})
+        assert "ok" in st.apply({"op": "service_update", "id": "a", "now": 2.0,
+                                 "spec": spec("a", (0, 80), (30001, 81), (0, 82))})
+    ports = [[(p.published, p.target) for p in st.services[sid].spec.endpoint.ports]
+             for st in states for sid in ("a", "b")]
+    assert ports[:2] == ports[2:]  # the same on every replica of the state
+    assert ports[0] == [(30000, 80), (30001, 81), (30004, 82)]
+    assert ports[1] == [(30002, 80), (30003, 443)]
+
+
+def test_update_takes_flags_after_the_name_and_the_command_after_a_double_dash() -> None:
+    p = build_parser()
+    head, cmd = split_update_command(["service", "update", "web", "--replicas", "3", "--",
+                                      "sh", "-c", "x"])
+    args = p.parse_args(head)
+    args.command = cmd
+    spec = {"name": "web", "mode": {"replicas": 1}, "task": {"container": {"command": ["a"]}}}
+    new = apply_update_args(spec, args)
+    assert new["mode"]["replicas"] == 3 and new["task"]["container"]["command"] == \
+        ["sh", "-c", "x"]
+    args = p.parse_args(["service", "update", "web", "--args", "sleep 5"])
+    assert apply_update_args(spec, args)["task"]["container"]["command"] == ["sleep", "5"]
+    # a create's `--` is its own (a command word "update" is not an update)
+    assert split_update_command(["service", "create", "--name", "update", "--", "x"])[1] is None
+
+
+def test_since_accepts_unix_seconds_rfc3339_and_go_durations() -> None:
+    assert parse_since("1700000000.5") == 1700000000.5
+    assert parse_since("2023-11-14T22:13:20Z") == 1700000000.0
+    assert parse_since("1m30s", now=1000.0) == 910.0
+    with pytest.raises(CliError, match="--since"):
+        parse_since("yesterday")
+
+
+TASKS = [
+    {"id": "a" * 25, "name": "web.1", "node": "h1", "node_id": "n1" * 12, "slot": 1,
+     "desired_state": "running", "state": "running", "state_since": 0, "error": "",
+     "message": "", "created_at": 1.0, "service": "web", "service_id": "s" * 25},
+    {"id": "b" * 25, "name": "web.2", "node": "h2", "node_id": "n2" * 12, "slot": 2,
+     "desired_state": "shutdown", "state": "failed", "state_since": 0,
+     "error": "task exited with status 3 " + "x" * 60, "message": "", "created_at": 1.0,
+     "service": "web", "service_id": "s" * 25},
+]
+
+
+def test_filters_quiet_templates_and_no_trunc() -> None:
+    keep = output.parse_filters(["desired-state=running", "desired-state=accepted"], "task")
+    assert [t["name"] for t in TASKS if output.matches(t, keep, "task")] == ["web.1"]
+    assert output.render(TASKS, "task", quiet=True) == f"{'a' * 12}\n{'b' * 12}"
+    assert output.render(TASKS, "task", quiet=True, no_trunc=True).split() == \
+        ["a" * 25, "b" * 25]
+    assert output.render(TASKS, "task", "{{.ID}} {{.Name}} {{.DesiredState}}") == \
+        f"{'a' * 12} web.1 Running\n{'b' * 12} web.2 Shutdown"
+    assert json.loads(output.render(TASKS[:1], "task", "{{json .}}").splitlines()[0])[
+        "Node"] == "h1"
+    table = output.render(TASKS, "task", "table {{.Name}}\\t{{.Node}}").splitlines()
+    assert table[0].split() == ["NAME", "NODE"] and table[2].split() == ["web.2", "h2"]
+    cut = output.render(TASKS, "task").splitlines()[2]
+    assert "..." in cut and "x" * 60 not in cut
+    assert "x" * 60 in output.render(TASKS, "task", no_trunc=True)
+    for bad, msg in ((["colour=red"], "invalid filter 'colour'"), (["name"], "KEY=VALUE")):
+        with pytest.raises(CliError, match=msg):
+            output.parse_filters(bad, "task")
+    with pytest.raises(CliError, match="--format"):
+        output.render(TASKS, "task", "wide")
+
+
+def test_the_verdict_of_a_wait() -> None:
+    svc = {"name": "web", "replicas": 1, "running": 1, "mode": "replicated",
+           "update_status": {"state": "completed", "started_at": 5.0}}
+    assert progress.verdict(svc, TASKS, "update", None) == ("ok", "Service converged")
+    svc["update_status"] = {"state": "updating", "started_at": 6.0}
+    assert progress.verdict(svc, TASKS, "update", None) == ("", "")
+    svc["update_status"] = {"state": "rollback_completed", "started_at": 6.0,
+                            "message": "task failed"}
+    assert progress.verdict(svc, TASKS, "update", None)[0] == "fail"
+    assert progress.verdict(svc, TASKS, "rollback", None)[0] == "ok"
+    # a rolled-back update of before is not this scale's outcome
+    assert progress.verdict(svc, TASKS, "update", dict(svc["update_status"]))[0] == "ok"
+    assert progress.verdict(svc, TASKS, "scale", None)[0] == "ok"
+    svc["update_status"] = {"state": "paused", "message": "task x failed"}
+    assert progress.verdict(svc, TASKS, "update", None) == ("fail",
+                                                            "update paused: task x failed")
+    job = {"name": "j", "replicas": 3, "running": 0, "completed": 3, "failed": 1,
+           "mode": "replicated-job", "update_status": {}}
+    assert progress.verdict(job, [], "create", None) == ("ok", "Job complete")
+
+
+# ----------------------------------------------------------------------------- one host
+
+@pytest.mark.netns
+def test_the_cli_waits_shows_progress_and_scripts_well(lab_factory: Callable[..., Lab]
+                                                       ) -> None:
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    (h1,) = lab.hosts
+    # create waits until every task runs, printing plain progress lines (stdout is a pipe)
+    res = h1.cli("service", "create", "--name", "web_1", "--replicas", "2", "-p", "80",
+                 "--restart-delay", "0s", *SLEEP, wait=True, timeout=60)
+    lines = res.stdout.splitlines()
+    assert "\x1b" not in res.stdout, res.stdout
+    assert "overall progress: 2 out of 2 tasks" in lines
+    assert "1/2: running" in lines and "2/2: running" in lines
+    assert lines[-1] == "verify: Service converged"
+    svc = h1.cli_json("service", "inspect", "web_1")[0]
+    assert lines[0] == svc["id"]
+    assert svc["ports"] == [{"published": 30000, "target": 80, "protocol": "tcp"}]
+    assert "*:30000->80/tcp" in h1.cli("service", "ls").stdout
+    # flags after the name are flags; the assigned port stays across the update
+    res = h1.cli("service", "update", "web_1", "--replicas", "3", "--env-add", "A=1",
+                 wait=True, timeout=90)
+    assert res.stdout.splitlines()[-1] == "verify: Service converged"
+    assert h1.cli_json("service", "inspect", "web_1")[0]["ports"][0]["published"] == 30000
+    bad = h1.cli("service", "update", "web_1", "sleep", "5", check=False)
+    assert bad.returncode != 0 and "--args" in bad.stderr
+    bad = h1.cli("service", "create", "-d", "-p", "published=81,target=80,mode=host",
+                 *SLEEP, check=False)
+    assert bad.returncode == 1 and "--publish" in bad.stderr and "mode=host" in bad.stderr
+    # -d returns at once; a job waits for its completions
+    assert h1.cli("service", "create", "-d", "--name", "idle", "--replicas", "2", *SLEEP
+                  ).stdout.count("\n") == 1
+    res = h1.cli("service", "create", "--name", "batch", "--mode", "replicated-job",
+                 "--replicas", "2", "--", "sh", "-c", "echo done-$$", wait=True, timeout=60)
+    assert "job progress: 2 out of 2 complete, 0 failed" in res.stdout
+    assert res.stdout.splitlines()[-1] == "verify: Job complete"
+    # an update whose tasks fail pauses (the default failure action): non-zero, the reason
+    # (2 replicas one at a time: the orchestrator judges a batch while old tasks remain)
+    wait_until(lambda: h1.cli_json("service", "ls", "-f", "name=idle")[0]["running"] == 2,
+               timeout=30, what="idle running")
+    started = time.monotonic()
+    res = h1.cli("service", "update", "idle", "--update-parallelism", "1", "--update-delay",
+                 "5s", "--",
+                 "sh", "-c", "exit 3", check=False, wait=True, timeout=90)
+    assert res.returncode == 1, res
+    assert "update paused" in res.stderr and time.monotonic() - started < 80
+    # scripting: -q, --filter, --format, --no-trunc on the real lists
+    ids = h1.cli("service", "ls", "-q").stdout.split()
+    assert len(ids) == 3 and all(len(i) == 12 for i in ids)
+    assert h1.cli("service", "ls", "-q", "--no-trunc", "--filter", "name=web").stdout.split() \
+        == [svc["id"]]
+    assert h1.cli("service", "ls", "--filter", "mode=replicated-job", "--format",
+                  "{{.Name}}:{{.Mode}}").stdout.split() == ["batch:replicated-job"]
+    ps = h1.cli("service", "ps", "web_1", "batch", "-f", "desired-state=running",
+                "--format", "{{.Name}}").stdout.split()
+    assert sorted(ps) == ["batch.1", "batch.2", "web_1.1", "web_1.2", "web_1.3"]
+    ps = h1.cli("service", "ps", "web_1", "batch", "-f", "desired-state=running",
+                "-f", "name=web_1.1", "-f", "name=batch", "--format", "{{.Name}}").stdout
+    assert sorted(ps.split()) == ["batch.1", "batch.2", "web_1.1"]
+    assert h1.cli("node", "ls", "-q", "-f", "role=manager").stdout.split() == \
+        [h1.cli_json("node", "ls")[0]["id"][:12]]
+    bad = h1.cli("node", "ls", "-f", "colour=red", check=False)
+    assert bad.returncode == 1 and "--filter" in bad.stderr
+    # logs of one task by its id, and --since
+    task = next(t for t in h1.cli_json("service", "ps", "batch"))
+    out = wait_until(lambda: h1.cli("service", "logs", task["id"][:12]).stdout or None,
+                     timeout=20, what="the task's log")
+    assert out.count("done-") == 1 and task["id"][:12] in out
+    assert h1.cli("service", "logs", "--since", "1h", "batch").stdout.count("done-") == 2
+    assert h1.cli("service", "logs", "--since", "0s", "batch").stdout.count("done-") == 0
+
+
+class _Replies:
+    """The API as the wait loop sees it: a service that converges after two looks."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        if path.endswith("/tasks"):
+            state = "running" if self.looks > 2 else "preparing"
+            return [{**TASKS[0], "state": state, "message": "pulling image: 12 of 40 MiB"}]
+        self.looks += 1
+        return {"name": "web", "replicas": 1, "running": int(self.looks > 2),
+                "mode": "replicated", "update_status": {}}
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place_with_rich(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the block is redrawn (rich, control codes); the image pull progress the
+    worker reports as the task's message is shown."""
+    import os
+
+    monkeypatch.setattr(progress, "POLL", 0.01)
+    main_fd, side_fd = os.openpty()
+    with os.fdopen(side_fd, "w") as tty:
+        progress.wait(_Replies(), "web", "create", build_parser().parse_args(
+            ["service", "scale", "web=1"]), out=tty)
+    os.set_blocking(main_fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except (BlockingIOError, OSError):  # (EIO: the other side is closed and drained)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    text = b"".join(chunks).decode()
+    assert "\x1b[" in text and "pulling image: 12 of 40 MiB" in text
+    assert "verify: Service converged" in text and "overall progress: 1 out of 1 tasks" in text
