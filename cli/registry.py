@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.cli.errors import CliError
-from shoal.cli.specflags import parse_duration
-from shoal.runtime.images import ImageGCConfig
+
+if TYPE_CHECKING:  # (imported where used: every `shoal` run imports this module)
+    from shoal.runtime.images import ImageGCConfig
 
 
 class _Client(Protocol):
@@ -54,6 +54,8 @@ def add_image_prune(isub: Any) -> None:
 
 def add_agent_flags(a: Any) -> None:
     """`shoal agent` flags of the image garbage collection (ImageGCConfig)."""
+    from shoal.runtime.images import ImageGCConfig
+
     d = ImageGCConfig()
     a.add_argument("--image-gc-high-threshold", type=float, default=d.high_percent,
                    metavar="PERCENT", help="remove unused images, least recently used first, "
@@ -70,6 +72,9 @@ def add_agent_flags(a: Any) -> None:
 
 
 def image_gc_config(args: argparse.Namespace) -> ImageGCConfig:
+    from shoal.cli.specflags import parse_duration
+    from shoal.runtime.images import ImageGCConfig
+
     return ImageGCConfig(high_percent=args.image_gc_high_threshold,
                          low_percent=args.image_gc_low_threshold,
                          max_age=parse_duration(args.image_gc_max_age, "--image-gc-max-age"),
@@ -132,6 +137,8 @@ def run_pull(c: _Client, args: argparse.Namespace, fmt: str, period: float = 0.5
         except CliError as exc:
             result["err"] = exc
 
+    import threading
+
     worker = threading.Thread(target=pull, daemon=True)
     worker.start()
     tty = sys.stdout.isatty()
@@ -158,6 +165,8 @@ def run_pull(c: _Client, args: argparse.Namespace, fmt: str, period: float = 0.5
 
 
 def run_prune(c: _Client, args: argparse.Namespace, fmt: str) -> None:
+    from shoal.cli.specflags import parse_duration
+
     body: dict[str, Any] = {"all": bool(args.all)}
     for f in args.filter:
         key, sep, value = f.partition("=")
