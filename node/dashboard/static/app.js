@@ -5,7 +5,8 @@
 
 const ROLES = ["viewer", "operator", "admin"];
 const REFRESH_MS = 3000;
-const state = { user: null, role: null, csrf: null, events: null, timer: null, soon: null };
+const state = { user: null, role: null, csrf: null, events: null, timer: null, soon: null,
+                last: [0, 0] };
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -53,6 +54,8 @@ async function call(method, path, body) {
 function showLogin() {
   stopLive();
   state.user = state.role = state.csrf = null;
+  state.last = [0, 0];
+  $("#events").replaceChildren();
   $("#app-view").hidden = true;
   $("#login-view").hidden = false;
   $("#logout").hidden = true;
@@ -91,7 +94,8 @@ $("#logout").addEventListener("click", async () => {
 function startLive() {
   refresh();
   state.timer = setInterval(refresh, REFRESH_MS);
-  const es = new EventSource("/api/v1/events");
+  // the last 15 minutes first, then live; a reconnect asks again: cursors drop repeats
+  const es = new EventSource("/api/v1/events?since=15m");
   es.onopen = () => $("#live").classList.add("on");
   es.onerror = () => $("#live").classList.remove("on");
   es.onmessage = (m) => onEvent(m);
@@ -111,6 +115,9 @@ function stopLive() {
 function onEvent(m) {
   let e;
   try { e = JSON.parse(m.data); } catch (err) { return; }
+  const cur = String(e.cursor || "0-0").split("-").map(Number);
+  if (cur[0] < state.last[0] || (cur[0] === state.last[0] && cur[1] <= state.last[1])) return;
+  state.last = cur;
   const when = new Date(e.time * 1000).toLocaleTimeString();
   const what = e.type === "gap" ? "missed events (resynced)"
     : `${e.type} ${e.action} ${e.name || e.id}`;
