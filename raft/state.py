@@ -602,13 +602,12 @@ class ClusterState:
         name, serial = validate_object_name(cmd["name"], "client"), cmd["serial"]
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-f]{1,40}", serial):
             raise Rejected("invalid", "serial must be hex", "serial")
-        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial})
         user = cmd.get("user") or ""  # a certificate issued for a user acts with its role
         if user and user not in self.cluster.users:
             raise Rejected("not_found", f"no user named {user}", "user")
         bound = {k: v for k, v in self.cluster.client_users.items() if k != name}
-        self.cluster = replace(self.cluster, client_users={**bound, name: user} if user
-                               else bound)
+        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial},
+                               client_users={**bound, name: user} if user else bound)
 
     def _client_cert_remove(self, cmd: dict[str, Any]) -> None:
         name = cmd["name"]

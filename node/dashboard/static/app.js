@@ -56,6 +56,7 @@ function showLogin() {
   state.user = state.role = state.csrf = null;
   state.last = [0, 0];
   $("#events").replaceChildren();
+  $("#message").textContent = "";
   $("#app-view").hidden = true;
   $("#login-view").hidden = false;
   $("#logout").hidden = true;
@@ -208,7 +209,7 @@ function renderServices(services) {
       el("td", { text: s.mode }),
       el("td", { class: "replicas", text: `${s.running}/${s.replicas}` }),
       el("td", { class: "healthy", text: s.healthy }),
-      el("td", { class: "muted", text: s.image }),
+      el("td", { class: "muted", text: s.image || "(host rootfs)" }),
       el("td", { text: ports || "—" }),
       el("td", { class: `state-${us.state || "none"}`, text: update }),
       act);
