@@ -97,6 +97,8 @@ class Client:
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
+            if self._tls is not None and os.environ.get("SHOAL_TOKEN"):  # act as that user
+                headers["Authorization"] = f"Bearer {os.environ['SHOAL_TOKEN']}"
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()

@@ -55,6 +55,7 @@ from typing import Any
 from shoal.node.context import NodeContext
 from shoal.node.errors import (
     BadRequest,
+    Conflict,
     Forbidden,
     NotFound,
     SealError,
@@ -106,9 +107,10 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
-                  ) -> str:
-    """``scrypt$N$r$p$SALT$HASH`` (base64) of ``password`` with a new 16-byte salt."""
+def hash_password(password: str, n: int = 0, r: int = 0, p: int = 0) -> str:
+    """``scrypt$N$r$p$SALT$HASH`` (base64) of ``password`` with a new 16-byte salt; 0 = the
+    module's SCRYPT_N / SCRYPT_R / SCRYPT_P."""
+    n, r, p = n or SCRYPT_N, r or SCRYPT_R, p or SCRYPT_P
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
                             maxmem=256 * r * n)
@@ -249,7 +251,7 @@ class Users:
             raise BadRequest("user name must be 1-64 letters, digits, '.', '_' or '-'", "name")
         role = _check_role(body.get("role"))
         if name in self._users():
-            raise BadRequest(f"a user named {name!r} already exists", "name")
+            raise Conflict(f"a user named {name!r} already exists", "name", code="exists")
         sealed = await self._sealed_hash(name, _check_password(body.get("password")))
         await self.ctx.propose({"op": "user_add", "name": name, "role": role,
                                 "password": sealed, "now": time.time()})

@@ -231,6 +231,13 @@ def test_dashboard_shows_the_cluster_live_acts_by_role_and_refuses_the_rest(
     assert request(h1, DASH, "POST", "/api/v1/services/web/scale", token=token,
                    body={"replicas": 1})[0] == 403
     assert request(h1, DASH, "GET", "/api/v1/nodes", token="shoal_forged")[0] == 401
+    # the CLI on the remote API with an admin's certificate, acting as the token's user
+    ops = str(tmp_path / "ops")
+    h1.cli("ca", "issue-client", "ops", "--out", ops)
+    shoal = " ".join(h1.shoal_argv)
+    res = h1.run("sh", "-c", f'SHOAL_TOKEN="$0" {shoal} -H tcp://{h1.ip}:{REMOTE_PORT} '
+                 f"--tls-dir {ops} service scale web=1", token, check=False)
+    assert res.returncode == 1 and "needs the operator role" in res.stderr, res.stderr
     # a role change applies to the very next request (looked up each time)
     h1.cli("user", "update", "bob", "--role", "operator")
     status, reply = request(h1, remote, "POST", "/v1/services/web/scale", tls,
