@@ -79,6 +79,16 @@ with sync_playwright() as p:
         seen["same_page"] = page.evaluate("window.__noReload")
         page.screenshot(path=os.path.join(shots, "dashboard-node-down.png"), full_page=True)
 
+        h2 = page.locator("tr[data-node=h2]")
+        h2.locator("button[data-action=drain]").click()
+        wait_text(page, "tr[data-node=h2] .availability", "drain")
+        h2.locator("button[data-action=activate]").click()
+        wait_text(page, "tr[data-node=h2] .availability", "active")
+        seen["drained_and_activated"] = True
+        page.locator("tr[data-service=web] button[data-action=logs]").click()
+        wait_text(page, "#logs", "(no output)")  # `sleep` prints nothing; the route answered
+        seen["logs"] = text(page, "#logs-service")
+
         # a change with the session cookie but without its CSRF token
         seen["no_csrf"] = page.evaluate(
             "fetch('/api/v1/services/web/scale', {method: 'POST', headers: "
@@ -179,7 +189,8 @@ def cluster(lab_factory: Callable[..., Lab]) -> Lab:
 def test_dashboard_shows_the_cluster_live_acts_by_role_and_refuses_the_rest(
         cluster: Lab, tmp_path: Path) -> None:
     """Log in, see 3 nodes and a service, scale it from the page and watch the replicas
-    change, kill a node's agent and watch it turn down — all without a reload; a viewer gets
+    change, kill a node's agent and watch it turn down — all without a reload; drain and
+    activate a node and read a service's logs from the page; a viewer gets
     no action buttons and the API refuses their changes (403, on the dashboard and on the
     remote API, by session, bearer token or client certificate); a change without the
     session's CSRF token is refused; wrong passwords are refused, then rate-limited."""
@@ -203,6 +214,7 @@ def test_dashboard_shows_the_cluster_live_acts_by_role_and_refuses_the_rest(
     assert seen["admin_buttons"] == 1
     assert seen["scaled"] == "3/3"
     assert seen["down"] == "down" and seen["same_page"] == "same page"
+    assert seen["drained_and_activated"] and seen["logs"] == "web"
     assert seen["no_csrf"] == [403, "csrf"] and seen["after_no_csrf"] == "3/3"
     assert seen["viewer_who"] == "bob (viewer)"
     assert seen["viewer_buttons"] == 0 and seen["viewer_inputs"] == 0

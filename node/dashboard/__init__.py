@@ -96,6 +96,8 @@ async def _headers(request: web.Request,
                    ) -> web.StreamResponse:
     """No framing by other sites, no inline scripts or foreign sources."""
     resp = await handler(request)
+    if resp.prepared:  # a stream (events, logs): its headers are already sent
+        return resp
     resp.headers.setdefault("X-Frame-Options", "DENY")
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
     resp.headers.setdefault("Referrer-Policy", "no-referrer")
