@@ -57,6 +57,10 @@ function showLogin() {
   state.last = [0, 0];
   $("#events").replaceChildren();
   $("#message").textContent = "";
+  for (const sel of ["#nodes tbody", "#services tbody", "#tasks", "#logs"]) {
+    $(sel).replaceChildren();  // nothing of the last user's view stays behind
+  }
+  $("#logs-card").hidden = true;
   $("#app-view").hidden = true;
   $("#login-view").hidden = false;
   $("#logout").hidden = true;
@@ -109,7 +113,8 @@ function startLive() {
 function stopLive() {
   if (state.timer) clearInterval(state.timer);
   if (state.events) state.events.close();
-  state.timer = state.events = null;
+  if (state.soon) clearTimeout(state.soon);
+  state.timer = state.events = state.soon = null;
   $("#live").classList.remove("on");
 }
 
