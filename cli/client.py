@@ -12,6 +12,7 @@ output, argument parsing, cluster logic.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,8 @@ class Client:
         conn = self._connection()
         try:
             headers = {"Content-Type": "application/json"} if data is not None else {}
+            if os.environ.get("SHOAL_TOKEN"):  # act as that user (`shoal user token`)
+                headers["Authorization"] = f"Bearer {os.environ['SHOAL_TOKEN']}"
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.read()

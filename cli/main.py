@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 # (only light modules here: every `shoal ls` pays for what this imports; the spec, msgspec,
 # rich, http.client and the node's modules are imported where a command needs them —
 # tests/test_cli_shape.py checks the import set of `service ls`)
-from shoal.cli import keys, mqtt, network, output, progress, stack
+from shoal.cli import keys, mqtt, network, output, progress, stack, user
 from shoal.cli import registry as registry_cli
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
@@ -70,6 +70,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       cert_renew_fraction=args.cert_renew_fraction,
                       restart_grace=args.restart_grace,
                       metrics_addr=args.metrics_addr, metrics_mtls=args.metrics_mtls,
+                      dashboard_addr=args.dashboard_addr, dashboard_tls=args.dashboard_tls,
                       events=EventsConfig(retained=args.events_retained),
                       registry=RegistryConfig(ca_file=args.registry_ca,
                                               insecure=tuple(args.insecure_registry)),
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> None:
         mqtt.run(c, args, fmt, emit)
     elif args.cmd in keys.COMMANDS:
         keys.run(c, args)
+    elif args.cmd == "user":
+        user.run(c, args, fmt)
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -413,6 +416,8 @@ def run_ca(c: Client, args: argparse.Namespace) -> None:
         body: dict[str, Any] = {"name": args.name, "csr": pki.make_csr(key).decode()}
         if args.days:
             body["lifetime"] = args.days * 86400.0
+        if args.user:
+            body["user"] = args.user
         r = c.call("POST", "/v1/ca/clients", body)
         try:
             out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -643,6 +648,11 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metrics-mtls", action="store_true",
                    help="require a client certificate (`shoal ca issue-client`) on "
                    "--metrics-addr, as the remote API does")
+    a.add_argument("--dashboard-addr", default="", metavar="ADDR:PORT",
+                   help="serve the web dashboard on ADDR:PORT on managers (default off; "
+                   "keep it on 127.0.0.1 or use --dashboard-tls; users: `shoal user add`)")
+    a.add_argument("--dashboard-tls", action="store_true",
+                   help="serve the dashboard over TLS with this node's cluster certificate")
     a.add_argument("--events-retained", type=int, default=10_000, metavar="N",
                    help="events a manager keeps for `shoal events --since` (default 10000)")
     a.add_argument("--registry-ca", default="", metavar="FILE",
@@ -779,6 +789,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--out", required=True, metavar="DIR",
                     help="write DIR/cert.pem, DIR/key.pem (0600), DIR/ca.pem")
     ci.add_argument("--days", type=float, default=0, help="lifetime (default: the cluster's)")
+    ci.add_argument("--user", default="", help="issue it for this user (`shoal user add`): "
+                    "it acts with that user's role (default: an admin's certificate)")
     cr = casub.add_parser("revoke-client", help="revoke a client certificate")
     cr.add_argument("name")
     keys.add_ca_parser(casub)
@@ -817,6 +829,7 @@ def _build_parser() -> argparse.ArgumentParser:
     network.add_parser(sub)
     mqtt.add_parser(sub)
     keys.add_parser(sub)
+    user.add_parser(sub)
     return p
 
 

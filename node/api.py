@@ -48,6 +48,7 @@ from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
+from shoal.node.dashboard import Dashboard
 from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, http_error
 from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
@@ -59,11 +60,14 @@ from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
+from shoal.node.users import ROOT, Users
 from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.api")
 Handler = Callable[[web.Request], Awaitable[Any]]
+# checks a request to route ``op`` before its handler (roles: shoal.node.users); raises ApiError
+Guard = Callable[[web.Request, str], None]
 MAX_BODY = 1 << 20
 # On stop, how long requests still in progress (a followed log, a worker's held state poll)
 # may take before they are cancelled, seconds. aiohttp's default is 60 s; an agent stopping
@@ -153,6 +157,14 @@ def linearized(handler: Handler, ctx: NodeContext) -> Handler:
         await ctx.read_manager(stale=request.query.get("stale") == "1")
         return await handler(request)
     return read
+
+
+def guarded(handler: Handler, op: str, guard: Guard) -> Handler:
+    """``handler`` after ``guard(request, op)`` (identity and role) lets the request by."""
+    async def checked(request: web.Request) -> Any:
+        guard(request, op)
+        return await handler(request)
+    return checked
 
 
 def peer_of(request: web.Request) -> CertInfo | None:
@@ -316,15 +328,22 @@ class ApiServer:
         self._stopping = asyncio.Event()  # ends open event streams when the server stops
         # per-client request limits of each listener (shoal.node.limits): a flood gets 429s
         self.limits = {name: ClientLimits(config.api_limits)
-                       for name in ("local", "remote", "peer", "metrics")}
+                       for name in ("local", "remote", "peer", "metrics", "dashboard")}
+        self.users = Users(controls.services.ctx)  # users and roles (shoal.node.users)
 
-    def local_app(self, remote: bool = False) -> web.Application:
+    def local_app(self, remote: bool = False, guard: Guard | None = None,
+                  limits: str = "") -> web.Application:
         """The CLI's routes: on the unix socket, and (``remote``) on the remote API port,
-        where every request needs a current client certificate of the cluster."""
+        where every request needs a current client certificate of the cluster. ``guard``
+        checks each request's identity and role first (the remote API's users, the
+        dashboard's sessions: shoal.node.users); without one (the unix socket) all is
+        allowed."""
         c = self.c
         a = c.lifecycle
-        middlewares: list[Any] = [c.metrics.middleware(), error_middleware,
-                                  self.limits["remote" if remote else "local"].middleware()]
+        middlewares: list[Any] = [c.metrics.middleware(), error_middleware, self.limits[
+            limits or ("remote" if remote else "local")].middleware()]
+        if remote and guard is None:
+            guard = self.remote_guard
         if remote:
             @web.middleware
             async def client_auth(request: web.Request, handler: Handler) -> Any:
@@ -527,12 +546,47 @@ class ApiServer:
             "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
-            **self._network_handlers(), **self._mqtt_handlers(),
+            **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
             **c.security.keys.local_handlers(_body)}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)
+        if guard is not None:
+            handlers = {op: guarded(h, op, guard) for op, h in handlers.items()}
         register(app, "local", handlers)
         return app
+
+    def remote_guard(self, request: web.Request, op: str) -> None:
+        """The remote API's roles: a client certificate issued for a user acts as that user;
+        one issued for nobody acts as an admin, or as the user of a bearer token it
+        carries (shoal.node.users)."""
+        name = self.c.security.authorize_client(peer_of(request))
+        user = self.users.cert_user(name)
+        if user is None:
+            token_user = self.users.bearer(request.headers.get("Authorization", ""))
+            user = ROOT if token_user is None else token_user.name
+        self.users.authorize(user, op)
+
+    def _user_handlers(self) -> dict[str, Handler]:
+        """/v1/users: users and roles (shoal.node.users; admins only)."""
+        users = self.users
+
+        async def ls(_: web.Request) -> Any:
+            return users.ls()
+
+        async def add(req: web.Request) -> Any:
+            return await users.add(await _body(req))
+
+        async def update(req: web.Request) -> Any:
+            return await users.update(req.match_info["name"], await _body(req))
+
+        async def rm(req: web.Request) -> Any:
+            return await users.remove(req.match_info["name"])
+
+        async def token(req: web.Request) -> Any:
+            return await users.new_token(req.match_info["name"])
+
+        return {"user_ls": ls, "user_add": add, "user_update": update, "user_rm": rm,
+                "user_token": token}
 
     def _gossip_handlers(self) -> dict[str, Handler]:
         """/v1/gossip: key rotation (managers; see shoal.node.membership)."""
@@ -553,7 +607,7 @@ class ApiServer:
         async def issue_client(req: web.Request) -> Any:
             body = await _body(req)
             return await sec.issue_client(body.get("name"), body.get("csr"),
-                                          body.get("lifetime"))
+                                          body.get("lifetime"), body.get("user") or "")
 
         async def revoke_client(req: web.Request) -> Any:
             return await sec.revoke_client(req.match_info["name"])
@@ -766,6 +820,17 @@ class ApiServer:
             self._runners.append(remote)
         if cfg.metrics_addr:
             await self._start_metrics(cfg.metrics_addr, cfg.metrics_mtls)
+        if cfg.dashboard_addr:  # the web dashboard (shoal.node.dashboard)
+            dash = Dashboard(self.users, self.c.services, self.c.nodes,
+                             lambda g: self.local_app(guard=g, limits="dashboard"))
+            runner = web.AppRunner(dash.app(), access_log=None, shutdown_timeout=STOP_GRACE)
+            await runner.setup()
+            host, _, port = cfg.dashboard_addr.rpartition(":")
+            sec = self.c.security
+            await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True,
+                              ssl_context=tls_listener(lambda: sec.server_ctx, False)
+                              if cfg.dashboard_tls else None).start()
+            self._runners.append(runner)
 
     def metrics_app(self, mtls: bool) -> web.Application:
         """Only ``GET /metrics`` (the route table's handler), for ``--metrics-addr``; with

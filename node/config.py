@@ -81,6 +81,14 @@ class AgentConfig:
     metrics_addr: str = ""
     # Require a current client certificate (`shoal ca issue-client`) on metrics_addr.
     metrics_mtls: bool = False
+    # Serve the web dashboard (shoal.node.dashboard) on this ADDR:PORT, on managers: plain
+    # HTTP unless ``dashboard_tls``. "" = off (the default). Users log in with a password
+    # (`shoal user add`); on a shared network use dashboard_tls or keep it on loopback
+    # (127.0.0.1:PORT) behind an SSH tunnel or a TLS proxy.
+    dashboard_addr: str = ""
+    # Serve the dashboard over TLS with this node's certificate (signed by the cluster CA:
+    # browsers must trust that CA); session cookies are then marked Secure.
+    dashboard_tls: bool = False
     # Per-client request limits of every API listener (in flight, rate, burst): over them a
     # client gets 429 with Retry-After (shoal.node.limits).
     api_limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -136,6 +144,10 @@ class AgentConfig:
             host, _, port = self.metrics_addr.rpartition(":")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError("metrics_addr must be ADDR:PORT")
+        if self.dashboard_addr:
+            host, _, port = self.dashboard_addr.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError("dashboard_addr must be ADDR:PORT")
         self.raft.validate()
         self.orchestrator.validate()
         self.events.validate()

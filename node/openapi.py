@@ -166,6 +166,22 @@ class IssueClientRequest(_Body):
     csr: Annotated[str, _d("PEM certificate signing request of the client's key")]
     lifetime: Annotated[float | None, _d("certificate lifetime in seconds (60 s to 10 "
                                          "years); null = the default")] = None
+    user: Annotated[str, _d("issue it for this user (`shoal user add`): requests with it act "
+                            "with that user's current role; empty = an admin's "
+                            "certificate")] = ""
+
+
+class UserAddRequest(_Body):
+    name: Annotated[str, _d("user name: 1-64 letters, digits, '.', '_' or '-'")]
+    role: Annotated[Literal["viewer", "operator", "admin"], _d("what the user may do")]
+    password: Annotated[str, _d("8-1024 characters; stored only as a sealed scrypt hash",
+                                min_length=8, max_length=1024)]
+
+
+class UserUpdateRequest(_Body):
+    role: Annotated[Literal["viewer", "operator", "admin"] | None,
+                    _d("the new role (applies to the next request)")] = None
+    password: Annotated[str | None, _d("the new password (8-1024 characters)")] = None
 
 
 class MqttSetRequest(_Body):
@@ -387,8 +403,12 @@ REPLIES: dict[str, Schema] = {
                    autolock=BOOL, rotation=_ref("CaRotation")),
     "CaRotation": _obj("a CA rotation's progress (`phase` \"\" = none)", phase=STR,
                        digest=STR, next_digest=STR, nodes=INT, trusting=INT, reissued=INT),
+    "User": _obj("a user (never its password hash or token)", name=STR,
+                 role={"enum": ["viewer", "operator", "admin"]}, password=BOOL, token=BOOL,
+                 created_at=TIME, updated_at=TIME),
     "ClientCert": _obj("a client certificate for the remote API", name=STR, cert=STR,
-                       ca_cert=STR, not_after=TIME),
+                       ca_cert=STR, not_after=TIME,
+                       user=_nullable(STR)),
     "KeyRotation": _obj("a finished gossip key rotation (key fingerprints, hostnames)",
                         key=STR, old_keys=_list(STR), nodes=_list(STR), skipped=_list(STR),
                         seconds=NUM),
@@ -430,7 +450,7 @@ class Route:
 PATH_PARAMS: dict[str, tuple[Schema, str]] = {
     "ref": (STR, "id, unique id prefix (4+ characters) or name (a node's hostname)"),
     "role": ({"enum": ["worker", "manager"]}, "the role the token admits"),
-    "name": (STR, "the client certificate's name"),
+    "name": (STR, "the client certificate's or user's name"),
     "digest": (STR, "the blob's digest, sha256:HEX"),
 }
 
@@ -674,6 +694,19 @@ ROUTES: tuple[Route, ...] = (
           "every node re-issued, old root dropped", "ca", body=CaRotateRequest,
           reply=_obj("", digest=STR, phase=STR), errors=CLUSTER,
           description="returns at once; follow `rotation` in GET /v1/ca"),
+    Route("GET", "/v1/users", "user_ls", "list users (`user ls`; never a hash or token)",
+          "users", reply=_list(_ref("User")), errors=CLUSTER),
+    Route("POST", "/v1/users", "user_add", "add a user (`user add`)", "users",
+          body=UserAddRequest, reply=_ref("User"), errors=CLUSTER),
+    Route("POST", "/v1/users/{name}", "user_update", "change a user's role or password "
+          "(`user update`)", "users", body=UserUpdateRequest, reply=_ref("User"),
+          errors=CLUSTER),
+    Route("DELETE", "/v1/users/{name}", "user_rm", "remove a user and revoke the client "
+          "certificates issued for them (`user rm`)", "users",
+          reply=_obj("", name=STR, removed=BOOL), errors=CLUSTER),
+    Route("POST", "/v1/users/{name}/token", "user_token", "a new API token for a user (the "
+          "old one stops working; `user token`)", "users",
+          reply=_obj("shown only once", name=STR, token=STR), errors=CLUSTER),
     # ---- node to node (TCP ADVERTISE_ADDR:API_PORT, TLS with the cluster's certificates)
     Route("GET", "/v1/cluster/ca", "cluster_ca", "the CA certificate (public; the joiner "
           "checks its digest)", "internal", "peer", reply=_obj("", ca_cert=STR),

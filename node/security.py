@@ -229,9 +229,14 @@ class Security:
                     "serial": f"{self.cert.serial:x}", "not_before": self.cert.not_before,
                     "not_after": self.cert.not_after, "renewals": self.renewals}}
 
-    async def issue_client(self, name: Any, csr: Any, lifetime: Any = None) -> dict[str, Any]:
-        """A certificate for the remote API; replaces (revokes) an older one of that name."""
+    async def issue_client(self, name: Any, csr: Any, lifetime: Any = None, user: Any = ""
+                           ) -> dict[str, Any]:
+        """A certificate for the remote API; replaces (revokes) an older one of that name.
+        ``user``: issued for that user (shoal.node.users), it acts with the user's role."""
         store = self.ctx.require_manager()
+        if user and (not isinstance(user, str) or
+                     user not in store.snapshot().cluster.users):
+            raise BadRequest(f"no user named {user} (`shoal user add`)", "user")
         if not isinstance(name, str) or not _CLIENT_NAME_RE.match(name):
             raise BadRequest("client name must be 1-64 letters, digits, '.', '_' or '-'",
                              "name")
@@ -244,10 +249,13 @@ class Security:
         cert = self.issue(snap, csr, name, pki.ROLE_CLIENT,
                           lifetime=float(lifetime) if lifetime else None)
         info = pki.cert_info(cert)
-        await self.ctx.propose({"op": "client_cert_add", "name": name,
-                                  "serial": f"{info.serial:x}", "now": time.time()})
+        cmd = {"op": "client_cert_add", "name": name, "serial": f"{info.serial:x}",
+               "now": time.time()}
+        if user:
+            cmd["user"] = user
+        await self.ctx.propose(cmd)
         return {"name": name, "cert": cert.decode(), "ca_cert": snap.cluster.ca_cert,
-                "not_after": info.not_after}
+                "not_after": info.not_after, "user": user or None}
 
     async def revoke_client(self, name: str) -> dict[str, Any]:
         self.ctx.require_manager()

@@ -115,6 +115,24 @@ class Node:
         return f"{self.addr}:{self.api_port}"
 
 
+# The roles of users (shoal.node.users), weakest first: each includes the ones before it.
+USER_ROLES = ("viewer", "operator", "admin")
+
+
+@dataclass(frozen=True)
+class User:
+    """A person or script using the API and the dashboard (``shoal user add``)."""
+
+    name: str
+    role: str  # one of USER_ROLES
+    # the scrypt hash with its parameters (shoal.node.users), *sealed* under the managers'
+    # key like the join-token secrets: workers' replicas never hold it in the clear
+    password: str = ""
+    token_hash: str = ""  # SHA-256 (hex) of its current API token; "" = none issued
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
 @dataclass(frozen=True)
 class Secret:
     """A secret value (``shoal secret create``). ``data`` is *sealed* (AES-256-GCM under the

@@ -38,6 +38,7 @@ from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
+    USER_ROLES,
     Config,
     JobRun,
     JobStatus,
@@ -53,6 +54,7 @@ from shoal.raft.models import (
     TaskSpec,
     TaskState,
     UpdateStatus,
+    User,
     node_from_dict,
     status_from_dict,
     task_from_dict,
@@ -99,6 +101,10 @@ class ClusterInfo:
     # client certificates (remote API) that are valid: name -> serial (hex) of the current
     # one; issuing again replaces it, ``ca revoke-client`` removes it. Replaced, never mutated.
     clients: dict[str, str] = field(default_factory=dict)
+    # users of the API and the dashboard (shoal.node.users) by name, and the client
+    # certificates issued for a user: certificate name -> user name. Replaced, never mutated.
+    users: dict[str, User] = field(default_factory=dict)
+    client_users: dict[str, str] = field(default_factory=dict)
     # the data schema every node can read (shoal.raft.schema): commands are written in it.
     # 1 for clusters made by shoal 0.1; raised by the leader's ``cluster_schema`` command
     # once every node announces a newer one.
@@ -756,14 +762,56 @@ class ClusterState:
         name, serial = validate_object_name(cmd["name"], "client"), cmd["serial"]
         if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-f]{1,40}", serial):
             raise Rejected("invalid", "serial must be hex", "serial")
-        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial})
+        user = cmd.get("user") or ""  # a certificate issued for a user acts with its role
+        if user and user not in self.cluster.users:
+            raise Rejected("not_found", f"no user named {user}", "user")
+        bound = {k: v for k, v in self.cluster.client_users.items() if k != name}
+        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial},
+                               client_users={**bound, name: user} if user else bound)
 
     def _client_cert_remove(self, cmd: dict[str, Any]) -> None:
         name = cmd["name"]
         if name not in self.cluster.clients:
             raise Rejected("not_found", f"no client certificate named {name}", "name")
         self.cluster = replace(self.cluster, clients={
-            k: v for k, v in self.cluster.clients.items() if k != name})
+            k: v for k, v in self.cluster.clients.items() if k != name}, client_users={
+            k: v for k, v in self.cluster.client_users.items() if k != name})
+
+    # --- users (shoal.node.users validates and seals before proposing)
+    def _user_add(self, cmd: dict[str, Any]) -> None:
+        name = validate_object_name(cmd["name"], "user")
+        if name in self.cluster.users:
+            raise Rejected("exists", f"a user named {name!r} already exists", "name")
+        now = float(cmd["now"])
+        user = User(name=name, role=_user_role(cmd["role"]), password=str(cmd["password"]),
+                    created_at=now, updated_at=now)
+        self.cluster = replace(self.cluster, users={**self.cluster.users, name: user})
+
+    def _user_update(self, cmd: dict[str, Any]) -> None:
+        name = cmd["name"]
+        user = self.cluster.users.get(name) if isinstance(name, str) else None
+        if user is None:
+            raise Rejected("not_found", f"no user named {name}", "name")
+        changes: dict[str, Any] = {"updated_at": float(cmd["now"])}
+        if "role" in cmd:
+            changes["role"] = _user_role(cmd["role"])
+        for key in ("password", "token_hash"):
+            if key in cmd:
+                changes[key] = str(cmd[key])
+        self.cluster = replace(self.cluster, users={**self.cluster.users,
+                                                    name: replace(user, **changes)})
+
+    def _user_remove(self, cmd: dict[str, Any]) -> None:
+        """Also revokes the client certificates issued for the user."""
+        name = cmd["name"]
+        if not isinstance(name, str) or name not in self.cluster.users:
+            raise Rejected("not_found", f"no user named {name}", "name")
+        certs = {k for k, v in self.cluster.client_users.items() if v == name}
+        self.cluster = replace(
+            self.cluster,
+            users={k: v for k, v in self.cluster.users.items() if k != name},
+            client_users={k: v for k, v in self.cluster.client_users.items() if k not in certs},
+            clients={k: v for k, v in self.cluster.clients.items() if k not in certs})
 
     def _secret_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """``data`` arrives sealed by the proposing manager (shoal.node.secrets)."""
@@ -832,6 +880,10 @@ def _job_op(svc: Service, op: Any, now: float) -> JobStatus:
                  if r.iteration == iteration and r.state != "skipped" else r
                  for r in job.runs)
     return replace(job, runs=runs)
+def _user_role(role: Any) -> str:
+    if role not in USER_ROLES:
+        raise Rejected("invalid", f"role must be one of {', '.join(USER_ROLES)}", "role")
+    return str(role)
 
 
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {
@@ -854,6 +906,9 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "config_remove": ClusterState._config_remove,
     "client_cert_add": ClusterState._client_cert_add,
     "client_cert_remove": ClusterState._client_cert_remove,
+    "user_add": ClusterState._user_add,
+    "user_update": ClusterState._user_update,
+    "user_remove": ClusterState._user_remove,
     "network_create": ClusterState._network_create,
     "network_remove": ClusterState._network_remove,
     "mqtt_set": mqtt_set,
