@@ -60,6 +60,9 @@ _NETNS_RE = re.compile(r"^shoal-lab-([0-9a-f]{6})-(sw|h\d+)$")
 FAULT_CHAIN = "SHOALFAULT"  # a host's iptables chain of injected faults (Host.block/lose)
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Hosts per lab: interface names stay within IFNAMSIZ (sl + runid + h240 + s = 13 characters)
+# and the addresses within one /24 from .11 (bench/scale_lab.py runs 105).
+MAX_HOSTS = 240
 
 
 class LabError(Exception):
@@ -774,6 +777,32 @@ class Host:
             raise LabError(f"{self.name}: agent pid {proc.pid} still running {timeout}s after "
                            f"signal {sig}") from exc
 
+    def spawn_agent(self, *extra: str) -> None:
+        """Start ``shoal agent`` in this host without waiting for it (see
+        :meth:`Lab.start_agents`, which starts many at once and then waits)."""
+        if self.agent_alive():
+            raise LabError(f"{self.name}: agent already running (pid {self.agent_pid})")
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()
+        self._agent = self.spawn(
+            *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
+            "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
+
+    def agent_serving(self) -> bool:
+        """The agent's unix socket accepts (LabError if the agent exited)."""
+        if self._agent is None or self._agent.poll() is not None:
+            code = self._agent.returncode if self._agent is not None else None
+            raise LabError(f"{self.name}: agent exited with {code}\n{self.log_tail()}")
+        if not self.sock.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
+
     def restart_agent(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
         self.kill_agent(sig)
         self.start_agent(timeout=timeout)
@@ -873,8 +902,8 @@ class Lab:
                  subnet: str = "10.77.0.0/24", first_host: int = 11,
                  shoal: Path | None = None, keep_data: bool = False,
                  routed: tuple[str, int] | None = None) -> None:
-        if not 1 <= n_hosts <= 99:
-            raise LabError(f"n_hosts must be 1..99, got {n_hosts}")
+        if not 1 <= n_hosts <= MAX_HOSTS:
+            raise LabError(f"n_hosts must be 1..{MAX_HOSTS}, got {n_hosts}")
         net = ipaddress.ip_network(subnet)
         split = routed[1] if routed is not None else n_hosts
         net2 = ipaddress.ip_network(routed[0]) if routed is not None else net
@@ -1022,6 +1051,23 @@ class Lab:
 
         return wait_until(all_ready, timeout=timeout, interval=0.3,
                           what=f"{n} nodes ready in `node ls` on {first.name}")
+
+    def start_agents(self, hosts: Sequence[Host], *extra: str, batch: int = 10,
+                     timeout: float = 300.0) -> None:
+        """Start agents on many hosts, ``batch`` starting at a time (an agent's start is
+        mostly CPU: imports), and wait until every socket accepts."""
+        deadline = time.monotonic() + timeout
+        for i in range(0, len(hosts), batch):
+            group = hosts[i:i + batch]
+            for h in group:
+                h.spawn_agent(*extra)
+            waiting = list(group)
+            while waiting:  # an agent that exits raises LabError at once
+                waiting = [h for h in waiting if not h.agent_serving()]
+                if waiting and time.monotonic() > deadline:
+                    raise LabError(f"agents of {', '.join(h.name for h in waiting)} not "
+                                   f"serving after {timeout}s\n{waiting[0].log_tail()}")
+                time.sleep(0.1)
 
     # -- teardown ---------------------------------------------------------------------------
 
