@@ -148,11 +148,25 @@ class ScaleLab:
                   f"(max {max(rss):5.1f})", flush=True)
 
     # ---------------------------------------------------------------- join storm
-    def join_storm(self, timeout: float) -> None:
+    def join_storm(self, timeout: float, wave: int = 0) -> None:
+        """All workers join at once (``wave`` 0), or ``wave`` at a time, each wave sent
+        when the previous one is Ready (what a rolling deployment does)."""
+        if wave:
+            t0 = time.monotonic()
+            for i in range(0, len(self.workers), wave):
+                self._join(timeout, self.workers[i:i + wave])
+            say(f"joined {len(self.workers)} workers in waves of {wave}: "
+                f"{time.monotonic() - t0:.1f} s in all {machine()}")
+            return
+        self._join(timeout, self.workers)
+
+    def _join(self, timeout: float, workers: list[Host]) -> None:
         token = self.first.cli("join-token", "worker", "-q").stdout.strip()
         remote = f"{self.first.ip}:2377"
-        n_total = len(self.managers) + len(self.workers)
+        joined = {x["addr"] for x in self.nodes() if x["state"] == "ready"}
+        n_total = len(joined) + len(workers)
         errors: list[str] = []
+        failed: set[str] = set()  # hostnames whose join call failed
         go = threading.Event()
 
         def join(h: Host) -> float:
@@ -163,12 +177,13 @@ class ScaleLab:
                     "POST", "/v1/swarm/join", {"token": token, "remote": remote})
             except CliError as exc:
                 errors.append(f"{h.name}: {exc}")
+                failed.add(h.name)
             return time.monotonic() - t
 
         seen_ready: set[str] = set()
         false_deaths: list[str] = []
-        with concurrent.futures.ThreadPoolExecutor(len(self.workers)) as pool:
-            futs = [pool.submit(join, h) for h in self.workers]
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+            futs = [pool.submit(join, h) for h in workers]
             time.sleep(0.5)  # every thread parked on the event
             t0 = time.monotonic()
             go.set()
@@ -189,22 +204,27 @@ class ScaleLab:
                 ready = sum(1 for x in nodes if x["state"] == "ready")
                 if ready >= n_total and done_at is None:
                     done_at = time.monotonic() - t0
-                    say(f"join storm: all {n_total} nodes Ready after {done_at:.1f} s "
-                        f"{machine()}")
+                    say(f"join storm: {len(workers)} joining, all {n_total} nodes Ready "
+                        f"after {done_at:.1f} s {machine()}")
                     deadline = time.monotonic() + 10  # watch 10 s more for late deaths
                 if done_at is not None and time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
             calls = [f.result() for f in futs]
         if done_at is None:
-            say(f"join storm: NOT all Ready after {timeout:.0f} s "
+            say(f"join storm: {len(workers)} joining, NOT all Ready after {timeout:.0f} s "
                 f"({ready}/{n_total}) {machine()}")
         print(f"    join calls returned: median {statistics.median(calls):.1f} s, "
               f"max {max(calls):.1f} s; {len(errors)} failed", flush=True)
-        for e in errors[:5]:
+        for e in errors[:3]:
             print(f"      {e[:200]}")
-        print(f"    false deaths during the storm (+10 s): {len(false_deaths)} "
-              f"{false_deaths[:5]}", flush=True)
+        # a node whose join call failed after the manager had added it goes Down (its agent
+        # never started as a member): counted apart from deaths of nodes that did join
+        zombies = [d for d in false_deaths if d.split()[0] in failed]
+        deaths = [d for d in false_deaths if d.split()[0] not in failed]
+        print(f"    nodes added but their join failed (then Down): {len(zombies)}; "
+              f"false deaths of joined nodes during the storm (+10 s): {len(deaths)} "
+              f"{deaths[:5]}", flush=True)
 
     # ---------------------------------------------------------------- feed
     def feed_counters(self) -> dict[str, float]:
@@ -333,7 +353,12 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--kill", type=int, default=10)
     ap.add_argument("--window", type=float, default=30.0, help="idle window, seconds")
+    ap.add_argument("--join-wave", type=int, default=0, metavar="N",
+                    help="join N workers at a time (default 0: all at once)")
     ap.add_argument("--commits", type=int, default=20, help="commits of the feed phase")
+    ap.add_argument("--sizes", default="", metavar="N,N,...",
+                    help="a curve: join workers up to each size in turn (in --join-wave "
+                    "waves) and run the idle and feed phases at each, e.g. 10,50,100")
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--hold", action="store_true",
@@ -364,7 +389,7 @@ def main() -> int:
         say(f"{args.workers} worker agents started (not joined) in "
             f"{time.monotonic() - t0:.1f} s {machine()}")
         steps: dict[str, Callable[[], None]] = {
-            "join": lambda: s.join_storm(timeout=180),
+            "join": lambda: s.join_storm(timeout=180, wave=args.join_wave),
             "idle": lambda: (time.sleep(10), s.idle(
                 f"{args.managers} managers + {args.workers} workers", args.window))[0],
             "feed": lambda: s.feed(args.commits),
@@ -372,7 +397,21 @@ def main() -> int:
             "kill": lambda: s.kill(args.kill, args.tasks, timeout=120),
             "down": lambda: s.down(timeout=180),
         }
-        if "join" not in phases:
+        if args.sizes:
+            joined = 0
+            for size in [int(x) for x in args.sizes.split(",")]:
+                batch = s.workers[joined:size]
+                t0 = time.monotonic()
+                for i in range(0, len(batch), args.join_wave or len(batch)):
+                    s._join(180, batch[i:i + (args.join_wave or len(batch))])
+                joined = size
+                say(f"curve: {size} workers joined (+{len(batch)} in "
+                    f"{time.monotonic() - t0:.1f} s) {machine()}")
+                time.sleep(10)
+                s.idle(f"{args.managers} managers + {size} workers", args.window)
+                s.feed(args.commits)
+            phases = [p for p in phases if p not in ("join", "idle", "feed")]
+        elif "join" not in phases:
             steps["join"]()  # the rest needs the workers in
         for p in PHASES[1:]:
             if p in phases:

@@ -21,8 +21,8 @@ the agent's listener works from both).
 Also owns the manager side's reply building (``FeedServer``, used by the dispatcher): at 100
 workers every commit answers ~100 held polls, nearly all asking "after the same index", and
 a join storm asks for the whole state ~100 times at once. So replies are encoded once per
-(after, index) and shared (``reply_cache`` entries), the whole state is encoded once per
-index and built by at most ``max_catchups`` polls at a time, replies above
+(after, index) and shared (``reply_cache`` entries), the whole state is built one poll at a
+time and encoded once per index, shared by every poll that asks for it, replies above
 ``compress_min`` bytes are zlib-compressed for workers that ask for it (``{"z": ...}``
 wrapping the same message), and a woken poll waits ``batch_wait`` so a burst of commits goes
 out in one reply. ``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
@@ -76,10 +76,6 @@ class FeedConfig:
     # that a burst of commits (a scale, a node's task reports) goes out as one reply instead
     # of one reply per commit per worker. Adds at most this much to a task's start. 0 = off.
     batch_wait: float = 0.01
-    # Whole-state replies (a new worker, one too far behind) built at once per manager; the
-    # others wait their turn (back-pressure on catch-up: a join storm of N workers does not
-    # build N copies of the state). The state is encoded once per index and shared anyway.
-    max_catchups: int = 4
     # Encoded increment replies kept for reuse, keyed by (after, index, ...): workers at the
     # same index share one encoding. 0 = encode every reply.
     reply_cache: int = 32
@@ -95,7 +91,7 @@ class FeedStats:
     encodes: int = 0  # replies encoded (the rest came from the cache)
     compressed: int = 0  # replies sent compressed
     held: int = 0  # polls held open right now
-    catchups_waiting: int = 0  # whole-state polls waiting for a max_catchups slot
+    catchups_waiting: int = 0  # whole-state polls waiting for the one being built
 
 
 # A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):
@@ -121,7 +117,7 @@ class FeedServer:
         self._cache: collections.OrderedDict[tuple[Any, ...], bytes] = \
             collections.OrderedDict()
         self._state: tuple[int, bytes] | None = None  # the whole state, encoded, and its index
-        self._catchup: asyncio.Semaphore | None = None
+        self._catchup: asyncio.Lock | None = None
 
     def _remember(self, key: tuple[Any, ...], data: bytes) -> None:
         if self.config.reply_cache <= 0:
@@ -157,8 +153,10 @@ class FeedServer:
                                     compress)
                 self._remember(key, data)
             return self._count(kind, data)
+        # one whole state built at a time: a join storm of N workers waits for the first
+        # build and shares it, instead of building N copies at once (back-pressure)
         if self._catchup is None:
-            self._catchup = asyncio.Semaphore(max(1, self.config.max_catchups))
+            self._catchup = asyncio.Lock()
         self.stats.catchups_waiting += 1
         try:
             await self._catchup.acquire()
