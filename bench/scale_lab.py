@@ -164,6 +164,7 @@ class ScaleLab:
         token = self.first.cli("join-token", "worker", "-q").stdout.strip()
         remote = f"{self.first.ip}:2377"
         joined = {x["addr"] for x in self.nodes() if x["state"] == "ready"}
+        term0 = self.term()
         n_total = len(joined) + len(workers)
         errors: list[str] = []
         failed: set[str] = set()  # hostnames whose join call failed
@@ -215,7 +216,8 @@ class ScaleLab:
             say(f"join storm: {len(workers)} joining, NOT all Ready after {timeout:.0f} s "
                 f"({ready}/{n_total}) {machine()}")
         print(f"    join calls returned: median {statistics.median(calls):.1f} s, "
-              f"max {max(calls):.1f} s; {len(errors)} failed", flush=True)
+              f"max {max(calls):.1f} s; {len(errors)} failed; Raft term {term0} → "
+              f"{self.term()}", flush=True)
         for e in errors[:3]:
             print(f"      {e[:200]}")
         # a node whose join call failed after the manager had added it goes Down (its agent
@@ -246,6 +248,35 @@ class ScaleLab:
                     key = m.group(1) + (m.group(2) or "")
                     total[key] = total.get(key, 0.0) + float(m.group(3))
         return total
+
+    def term(self) -> int:
+        """The Raft term as the first manager sees it (elections = its growth)."""
+        for h in self.managers:
+            try:
+                return int(client(h).call("GET", "/v1/info").get("term", 0))
+            except CliError:
+                continue
+        return 0
+
+    def raft_index(self) -> int:
+        """The leader's applied index (commits so far)."""
+        out: dict[str, Any] = client(self.first).call("GET", "/v1/info")
+        for key in ("index", "raft_index", "applied_index"):
+            if isinstance(out.get(key), int):
+                return int(out[key])
+        raft = out.get("raft")
+        if isinstance(raft, dict) and isinstance(raft.get("applied_index"), int):
+            return int(raft["applied_index"])
+        return 0
+
+    def print_feed(self, before: dict[str, float], commits: int, what: str) -> None:
+        after = self.feed_counters()
+        print(f"    feed {what}: {commits} commits", flush=True)
+        for key in sorted(after):
+            d = after[key] - before.get(key, 0.0)
+            if d and "polls_held" not in key and "waiting" not in key:
+                print(f"      {key:55} +{d:12.0f}  ({d / max(commits, 1):10.1f} per commit)",
+                      flush=True)
 
     def feed(self, commits: int) -> None:
         """Commits of one small command each (node label updates on the first manager),
@@ -278,6 +309,8 @@ class ScaleLab:
         self.first.cli("service", "create", "--name", SERVICE, "--replicas", "0",
                        "--", "sleep", "1000000")
         c = client(self.first, stale=False)
+        feed0 = self.feed_counters()
+        raft0 = self.raft_index()
         t0 = time.monotonic()
         c.call("POST", f"/v1/services/{SERVICE}/scale", {"replicas": n})
         assigned_at = running_at = None
@@ -296,6 +329,7 @@ class ScaleLab:
             f"round trip and the poll), all RUNNING after {fmt(running_at)} "
             f"({n / running_at if running_at else 0:.0f} tasks/s) on {len(nodes)} nodes "
             f"{machine()}")
+        self.print_feed(feed0, self.raft_index() - raft0, "during the scale")
 
     def kill(self, k: int, n: int, timeout: float) -> None:
         by_node: dict[str, int] = {}

@@ -21,10 +21,12 @@ from shoal.node.context import NodeContext
 from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.errors import FeedError
 from shoal.node.feed import FeedConfig, FeedServer, StateFeed, _inflate
+from shoal.node.leader import LeaderLoop
+from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import CertInfo
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore
-from shoal.raft.models import Node, NodeRole, to_dict
+from shoal.raft.models import Node, NodeRole, NodeState, to_dict
 from shoal.raft.schema import SCHEMA
 from shoal.raft.wire import state_from_bytes
 
@@ -180,3 +182,22 @@ async def test_a_garbled_compressed_reply_is_a_feed_error_not_a_crash() -> None:
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_node_that_just_joined_is_not_taken_down_before_its_first_heartbeat(
+        tmp_path: Path) -> None:
+    """Join storm, leader side: a node added while the leader leads (no heartbeat yet, gossip
+    has not heard of it) stays READY for node_down_timeout from when the leader first saw it;
+    without any heartbeat after that it goes DOWN."""
+    store = MemoryStore(self_addr=f"{ADDR}:2378")
+    await _manager(tmp_path, store, FeedConfig())
+    heartbeats: dict[str, float] = {}
+    config = OrchestratorConfig()
+    leader = LeaderLoop(store, heartbeats, config, asyncio.Event())
+    await leader.one_pass(led_for=3600.0)  # liveness judged: w0 was never heard from
+    assert store.snapshot().nodes["w0"].state is NodeState.READY
+    # node_down_timeout later, still not a single heartbeat: a real failure
+    heartbeats["w0"] -= config.node_down_timeout + 1
+    await leader.one_pass(led_for=3600.0)
+    assert store.snapshot().nodes["w0"].state is NodeState.DOWN
+    assert store.snapshot().nodes["w1"].state is NodeState.READY
