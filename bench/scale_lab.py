@@ -9,11 +9,16 @@ the agents in it, the service it creates, and the figures it prints. Must not to
 else: the lab is torn down completely at the end, on failure, on Ctrl-C and on SIGTERM
 (netns, processes, the tasks' cgroups, /tmp/shoal-lab/shoal-lab-RID).
 
-Why netns hosts and not loopback addresses: each agent needs its own API, Raft and gossip
-ports and its own task address range, and the runtime's per-host state (cgroups, task dirs)
-is per data dir either way; a netns costs a veth pair and ~2 ms of `ip` calls, nothing at
-run time, so 105 of them are no heavier than 105 loopback aliases and keep the real network
-path (bridge, ARP, per-host ports).
+Why netns hosts and not loopback addresses: each agent needs its own ports, its own cluster
+network bridge and routes (shoal0, per-node task subnets) and its own task namespaces; in one
+shared namespace those collide. A netns costs a veth pair and ~3 ms of `ip` calls, nothing at
+run time. But not on one bridge: the kernel's ARP table is shared by every namespace
+(gc_thresh3 = 1,024 entries machine-wide) and 105 bridged hosts that all gossip with each
+other need ~100² entries — the first run overflowed it and new hosts (and other labs on the
+machine) could not reach anyone. So the hosts are point to point (tests/netlab.py
+``point_to_point``): a /32 each, routed by the switch namespace, one ARP entry per host. The
+cost: the cluster network's routes "via a peer" are refused (peers are not on-link), so tasks
+on different hosts cannot talk here; the lab's tasks are `sleep`s and do not need to.
 
 The agents run with the settings a deployment uses (the `lan` gossip preset, the default
 feed and heartbeat settings): nothing here is tuned for the lab.
@@ -395,6 +400,9 @@ def main() -> int:
                     "waves) and run the idle and feed phases at each, e.g. 10,50,100")
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--bridge", action="store_true",
+                    help="hosts on one bridge (tests/netlab.py's default) instead of point to "
+                    "point: overflows the kernel's ARP table beyond ~30 hosts (see netlab)")
     ap.add_argument("--hold", action="store_true",
                     help="keep the lab up after the phases until Ctrl-C")
     args = ap.parse_args()
@@ -412,7 +420,7 @@ def main() -> int:
     left: list[str] = []
     try:
         t0 = time.monotonic()
-        lab = Lab(args.managers + args.workers)
+        lab = Lab(args.managers + args.workers, point_to_point=not args.bridge)
         say(f"{len(lab.hosts)} netns hosts in {time.monotonic() - t0:.1f} s")
         s = ScaleLab(lab, args.managers, args.workers)
         s.up_managers()

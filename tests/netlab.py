@@ -896,12 +896,26 @@ class Lab:
     ``routed=("10.78.0.0/24", K)``: hosts from the K-th (0-based) on sit on a second bridge
     with addresses from that subnet, and the switch namespace routes between the two bridges
     (router .1 on each): two routed subnets, no shared L2 segment.
+
+    ``point_to_point=True`` (the lighter mode, for bench/scale_lab.py's 100+ hosts): no bridge;
+    each host has its address as a /32 on its veth, the subnet routed via the switch (.1 on
+    every switch port, a /32 route per host there). Why: the kernel's ARP table is one table
+    for all namespaces (net.ipv4.neigh.default.gc_thresh3 = 1024 entries machine-wide), and on
+    one bridge every host that gossips with every other keeps an entry per peer: 105 bridged
+    hosts (~100² entries) overflowed it ("neighbor table overflow"), so new hosts could not
+    reach anyone — and neither could other labs on the machine. Point to point, each host
+    has one neighbour (the switch) and the switch one per host. The price: peers are not
+    on-link, so routes "via a peer" (the cluster network's per-node task subnets,
+    shoal.node.network) are refused: tasks on different hosts cannot talk in this mode.
     """
 
     def __init__(self, n_hosts: int, base_dir: Path | str | None = None, *,
                  subnet: str = "10.77.0.0/24", first_host: int = 11,
                  shoal: Path | None = None, keep_data: bool = False,
-                 routed: tuple[str, int] | None = None) -> None:
+                 routed: tuple[str, int] | None = None, point_to_point: bool = False) -> None:
+        if routed is not None and point_to_point:
+            raise LabError("routed and point_to_point do not combine")
+        self.point_to_point = point_to_point
         if not 1 <= n_hosts <= MAX_HOSTS:
             raise LabError(f"n_hosts must be 1..{MAX_HOSTS}, got {n_hosts}")
         net = ipaddress.ip_network(subnet)
@@ -963,6 +977,9 @@ class Lab:
         sw = self.switch_netns
         _run(["ip", "netns", "add", sw], check=True)
         _run(["ip", "-n", sw, "link", "set", "lo", "up"], check=True)
+        if self.point_to_point:
+            self._build_point_to_point()
+            return
         _run(["ip", "-n", sw, "link", "add", self.bridge, "type", "bridge"], check=True)
         _run(["ip", "-n", sw, "link", "set", self.bridge, "up"], check=True)
         prefix = self.subnet.prefixlen
@@ -998,6 +1015,28 @@ class Lab:
                     (self.routed[0], self.subnet)
                 _run(["ip", "-n", h.netns, "route", "add", str(other), "via",
                       str(mine.network_address + 1)], check=True)
+
+    def _build_point_to_point(self) -> None:
+        sw = self.switch_netns
+        gw = str(self.subnet.network_address + 1)
+        _run(["ip", "netns", "exec", sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+             check=True)  # (the switch namespace's own setting)
+        for h in self.hosts:
+            h.data_dir.mkdir()
+            _run(["ip", "netns", "add", h.netns], check=True)
+            _run(["ip", "-n", sw, "link", "add", h.port, "type", "veth", "peer", "name",
+                  h.ifname, "netns", h.netns], check=True)
+            _run(["ip", "-n", sw, "addr", "add", f"{gw}/32", "dev", h.port], check=True)
+            _run(["ip", "-n", sw, "link", "set", h.port, "up"], check=True)
+            _run(["ip", "-n", sw, "route", "add", f"{h.ip}/32", "dev", h.port], check=True)
+            _run(["ip", "-n", h.netns, "addr", "add", f"{h.ip}/32", "dev", h.ifname],
+                 check=True)
+            _run(["ip", "-n", h.netns, "link", "set", h.ifname, "up"], check=True)
+            _run(["ip", "-n", h.netns, "link", "set", "lo", "up"], check=True)
+            _run(["ip", "-n", h.netns, "route", "add", f"{gw}/32", "dev", h.ifname],
+                 check=True)
+            _run(["ip", "-n", h.netns, "route", "add", str(self.subnet), "via", gw],
+                 check=True)
 
     def _record_proc(self, pid: int, start: int) -> None:
         self._state.procs.append({"pid": pid, "start": start})
