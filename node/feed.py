@@ -169,12 +169,12 @@ class FeedServer:
             else:
                 index, blob = await asyncio.to_thread(store.full_state)
                 self._state = (index, blob)
-            key = ("state", index, leader, compress)
-            data = self._cache.get(key)
+            skey: tuple[Any, ...] = ("state", index, leader, compress)
+            data = self._cache.get(skey)
             if data is None:
                 data = await asyncio.to_thread(
                     self._encode, {"leader": leader, "index": index, "state": blob}, compress)
-                self._remember(key, data)
+                self._remember(skey, data)
             return self._count("state", data)
         finally:
             self._catchup.release()
