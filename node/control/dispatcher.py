@@ -4,7 +4,8 @@ Owns (Swarm's dispatcher, over the node API's mTLS):
 
 * ``state_since`` — the manager side of a worker's state feed (shoal.node.feed): the
   commands applied after an index, long-polled, or the whole state when they are no longer
-  kept;
+  kept; the reply itself is built (shared, compressed, catch-ups one at a time) and counted
+  by ``FeedServer`` (shoal.node.feed);
 * ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
   tasks on the calling node and the node's own removal;
 * heartbeats: the table the leader's liveness check reads (node id → monotonic time of the
