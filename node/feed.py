@@ -118,6 +118,7 @@ class FeedServer:
             collections.OrderedDict()
         self._state: tuple[int, bytes] | None = None  # the whole state, encoded, and its index
         self._catchup: asyncio.Lock | None = None
+        self._store: Any = None  # the store the cached replies came from
 
     def _remember(self, key: tuple[Any, ...], data: bytes) -> None:
         if self.config.reply_cache <= 0:
@@ -141,6 +142,9 @@ class FeedServer:
 
     async def reply(self, store: Any, after: int, compress: bool = False) -> bytes:
         """The reply to a poll for what follows index ``after`` (-1: the whole state)."""
+        if store is not self._store:  # another cluster's store (rejoin, role change): the
+            self._cache.clear()  # same (after, index) means other commands there
+            self._state, self._store = None, store
         leader = store.leader_addr()
         changes = store.changes_since(after) if after >= 0 else None
         if changes is not None:

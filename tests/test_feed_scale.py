@@ -201,3 +201,21 @@ async def test_a_node_that_just_joined_is_not_taken_down_before_its_first_heartb
     await leader.one_pass(led_for=3600.0)
     assert store.snapshot().nodes["w0"].state is NodeState.DOWN
     assert store.snapshot().nodes["w1"].state is NodeState.READY
+
+
+async def test_replies_cached_for_one_store_are_not_served_for_another(tmp_path: Path) -> None:
+    """After the manager's store is replaced (it left and joined another cluster), the same
+    (after, index) is another cluster's history: nothing cached from the old store is sent."""
+    server = FeedServer(FeedConfig())
+    a, b = MemoryStore(self_addr=f"{ADDR}:2378"), MemoryStore(self_addr=f"{ADDR}:2378")
+    await _manager(tmp_path / "a", a, FeedConfig())
+    await _manager(tmp_path / "b", b, FeedConfig())
+    await a.propose({"op": "node_update", "id": "w1", "now": 2.0, "labels": {"c": "a"}})
+    await b.propose({"op": "node_update", "id": "w1", "now": 2.0, "labels": {"c": "b"}})
+    assert a.index == b.index
+    for after in (-1, a.index - 1):
+        got_a = msgpack.unpackb(await server.reply(a, after), raw=False)
+        got_b = msgpack.unpackb(await server.reply(b, after), raw=False)
+        assert got_a != got_b
+    state_b = msgpack.unpackb(await server.reply(b, -1), raw=False)["state"]
+    assert state_from_bytes(state_b).nodes["w1"].labels == {"c": "b"}
