@@ -4,6 +4,8 @@
 #   make demo   the 3-host failover demo (needs root)
 #   make lint   ruff + mypy only
 #   make docs   regenerate the generated parts of docs/api.md (spec reference, route tables)
+#   make scale-lab  5 managers + 100 workers on netns hosts, measured (bench/scale_lab.py;
+#               ~10 min, loads the whole machine; SCALE_ARGS passes options), then torn down
 #   make sweep  remove leftovers of crashed test/demo labs (namespaces, processes, data dirs)
 #   make clean  sweep, then remove the venv and caches
 
@@ -29,7 +31,7 @@ HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py 
 # import hook. It is git-ignored and only type checking reads it.
 MYPY_TREE := build/mypy
 
-.PHONY: venv test lint mypy-tree demo sweep clean faults-long
+.PHONY: venv test lint mypy-tree demo sweep clean faults-long scale-lab
 
 venv: $(STAMP)
 
@@ -78,6 +80,11 @@ faults-long: venv
 
 demo: venv
 	$(BIN)/python demo/demo.py
+
+# docs/scaling.md: e.g. SCALE_ARGS="--sizes 10,50,100 --join-wave 10 --window 20"
+SCALE_ARGS ?=
+scale-lab: venv
+	$(BIN)/python bench/scale_lab.py $(SCALE_ARGS)
 
 sweep:
 	@if [ -x $(BIN)/python ]; then py=$(BIN)/python; else py=$(PYTHON); fi; \

@@ -143,7 +143,7 @@ class Agent:
             store=lambda: self.ctx.store, runtime=self.runtime,
             gossip=lambda: self.membership,
             balancer=lambda: self.mesh.balancer if self.mesh is not None else None,
-            events=self.event_log))
+            events=self.event_log, feed=lambda: self.dispatcher.feed.stats))
         # the optional MQTT bridge (node/mqtt.py): runs while this node is a member, from
         # its --mqtt-* flags or else the cluster-wide setting (`shoal mqtt set`), live
         self.mqtt = MqttSupervisor(ctx, config.mqtt, self.event_log, self.metrics.registry,

@@ -724,7 +724,8 @@ class ApiServer:
 
         async def state(req: web.Request) -> Any:  # a worker's state feed (node/feed.py)
             body = await _body(req)
-            data = await disp.state_since(peer_of(req), body.get("after"), body.get("wait", 0))
+            data = await disp.state_since(peer_of(req), body.get("after"), body.get("wait", 0),
+                                         body.get("compress"))
             return web.Response(body=data, content_type="application/msgpack")
 
         async def report(req: web.Request) -> Any:  # a worker's own writes

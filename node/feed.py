@@ -17,16 +17,26 @@ The replica applies exactly the commands the managers applied, in order, with th
 deterministic ``ClusterState.apply``, so its index and content match theirs. Listeners get
 ``cb(index)`` after each batch, on the event loop (RaftStore calls them on its tick thread;
 the agent's listener works from both).
+
+Also owns the manager side's reply building (``FeedServer``, used by the dispatcher): at 100
+workers every commit answers ~100 held polls, nearly all asking "after the same index", and
+a join storm asks for the whole state ~100 times at once. So replies are encoded once per
+(after, index) and shared (``reply_cache`` entries), the whole state is built one poll at a
+time and encoded once per index, shared by every poll that asks for it, replies above
+``compress_min`` bytes are zlib-compressed for workers that ask for it (``{"z": ...}``
+wrapping the same message), and a woken poll waits ``batch_wait`` so a burst of commits goes
+out in one reply. ``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -55,6 +65,123 @@ class FeedConfig:
     retry: float = 0.3
     # Deadline of one status report, seconds (tried on every known manager in turn).
     write_timeout: float = 5.0
+    # Worker side: ask managers for zlib-compressed replies. Off = plain msgpack (what a
+    # shoal 0.1 worker gets; managers answer both).
+    compress: bool = True
+    # --- manager side (FeedServer; read by the dispatcher) ---
+    # Replies of at least this many bytes are compressed for workers that ask, bytes.
+    # Smaller ones (one status command: ~200 B) are not worth a zlib stream's header.
+    compress_min: int = 1024
+    # After a held poll is woken by a commit, wait this long before answering, seconds, so
+    # that a burst of commits (a scale, a node's task reports) goes out as one reply instead
+    # of one reply per commit per worker. Adds at most this much to a task's start. 0 = off.
+    batch_wait: float = 0.01
+    # Encoded increment replies kept for reuse, keyed by (after, index, ...): workers at the
+    # same index share one encoding. 0 = encode every reply.
+    reply_cache: int = 32
+
+
+@dataclass
+class FeedStats:
+    """What a manager's feed sent (read by the metrics collector). ``kind``: "commands"
+    (an increment), "state" (the whole state), "empty" (a poll that timed out)."""
+
+    replies: dict[str, int] = field(default_factory=lambda: collections.Counter())
+    bytes: dict[str, int] = field(default_factory=lambda: collections.Counter())
+    encodes: int = 0  # replies encoded (the rest came from the cache)
+    compressed: int = 0  # replies sent compressed
+    held: int = 0  # polls held open right now
+    catchups_waiting: int = 0  # whole-state polls waiting for the one being built
+
+
+# A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):
+# a zlib bomb from a bad manager must not take the worker's memory.
+MAX_INFLATED = 512 << 20
+
+
+def _inflate(data: bytes) -> bytes:
+    d = zlib.decompressobj()
+    out = d.decompress(data, MAX_INFLATED)
+    if d.unconsumed_tail:
+        raise FeedError(f"compressed feed message inflates beyond {MAX_INFLATED} bytes")
+    return out
+
+
+class FeedServer:
+    """Builds a manager's feed replies (the dispatcher checks the caller and holds the poll).
+    ``store`` is a ManagerSource: ``changes_since``, ``full_state``, ``leader_addr``."""
+
+    def __init__(self, config: FeedConfig | None = None) -> None:
+        self.config = config or FeedConfig()
+        self.stats = FeedStats()
+        self._cache: collections.OrderedDict[tuple[Any, ...], bytes] = \
+            collections.OrderedDict()
+        self._state: tuple[int, bytes] | None = None  # the whole state, encoded, and its index
+        self._catchup: asyncio.Lock | None = None
+        self._store: Any = None  # the store the cached replies came from
+
+    def _remember(self, key: tuple[Any, ...], data: bytes) -> None:
+        if self.config.reply_cache <= 0:
+            return
+        self._cache[key] = data
+        while len(self._cache) > self.config.reply_cache:
+            self._cache.popitem(last=False)
+
+    def _encode(self, msg: dict[str, Any], compress: bool) -> bytes:
+        self.stats.encodes += 1
+        raw = bytes(msgpack.packb(msg, use_bin_type=True))
+        if compress and len(raw) >= self.config.compress_min:
+            self.stats.compressed += 1
+            return bytes(msgpack.packb({"z": zlib.compress(raw, 1)}, use_bin_type=True))
+        return raw
+
+    def _count(self, kind: str, data: bytes) -> bytes:
+        self.stats.replies[kind] += 1
+        self.stats.bytes[kind] += len(data)
+        return data
+
+    async def reply(self, store: Any, after: int, compress: bool = False) -> bytes:
+        """The reply to a poll for what follows index ``after`` (-1: the whole state)."""
+        if store is not self._store:  # another cluster's store (rejoin, role change): the
+            self._cache.clear()  # same (after, index) means other commands there
+            self._state, self._store = None, store
+        leader = store.leader_addr()
+        changes = store.changes_since(after) if after >= 0 else None
+        if changes is not None:
+            index, commands = changes
+            kind = "commands" if commands else "empty"
+            key = (after, index, leader, compress)
+            data = self._cache.get(key)
+            if data is None:
+                data = self._encode({"leader": leader, "index": index, "commands": commands},
+                                    compress)
+                self._remember(key, data)
+            return self._count(kind, data)
+        # one whole state built at a time: a join storm of N workers waits for the first
+        # build and shares it, instead of building N copies at once (back-pressure)
+        if self._catchup is None:
+            self._catchup = asyncio.Lock()
+        self.stats.catchups_waiting += 1
+        try:
+            await self._catchup.acquire()
+        finally:
+            self.stats.catchups_waiting -= 1
+        try:
+            cached = self._state
+            if cached is not None and cached[0] == store.index:
+                index, blob = cached
+            else:
+                index, blob = await asyncio.to_thread(store.full_state)
+                self._state = (index, blob)
+            skey: tuple[Any, ...] = ("state", index, leader, compress)
+            data = self._cache.get(skey)
+            if data is None:
+                data = await asyncio.to_thread(
+                    self._encode, {"leader": leader, "index": index, "state": blob}, compress)
+                self._remember(skey, data)
+            return self._count("state", data)
+        finally:
+            self._catchup.release()
 
 
 class StateFeed:
@@ -162,9 +289,10 @@ class StateFeed:
 
     async def _poll(self, addr: str) -> None:
         after = -1 if self._resync or not self._ready else self.index
-        raw = await self._call_bytes(addr, "/v1/cluster/state",
-                                     {"after": after, "wait": self.config.wait},
-                                     self.config.wait + 10.0)
+        body: dict[str, Any] = {"after": after, "wait": self.config.wait}
+        if self.config.compress:
+            body["compress"] = "zlib"
+        raw = await self._call_bytes(addr, "/v1/cluster/state", body, self.config.wait + 10.0)
         self._apply(raw)
         if self._source != addr:
             log.info("state feed from manager %s (index %d)", addr, self.index)
@@ -177,6 +305,11 @@ class StateFeed:
             msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as exc:
             raise FeedError(f"undecodable feed message: {exc}") from None
+        if isinstance(msg, dict) and isinstance(msg.get("z"), bytes):  # FeedServer compressed
+            try:
+                msg = msgpack.unpackb(_inflate(msg["z"]), raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise FeedError(f"undecodable compressed feed message: {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("index"), int):
             raise FeedError("feed message without an index")
         leader = msg.get("leader")

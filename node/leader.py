@@ -318,6 +318,11 @@ class LeaderLoop:
 
     async def _pass(self, term: int, led_for: float) -> float | None:
         snap = self.store.snapshot()
+        # a node that joined since: judged from when this leader first saw it, so it is not
+        # taken DOWN ("last heard never") before its first heartbeat can arrive
+        mono = time.monotonic()
+        for node_id in snap.nodes.keys() - self.heartbeats.keys():
+            self.heartbeats[node_id] = mono
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,

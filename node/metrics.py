@@ -31,6 +31,9 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
   ``…_failed_total``; bytes forwarded ``shoal_lb_bytes_total{service,direction}`` and
   ``shoal_lb_backend_bytes_total{service,task,direction}`` (direction ``in``: client →
   backend, ``out``: backend → client; TCP payload and UDP datagrams, both TCP engines).
+* Workers' state feed (managers, shoal.node.feed.FeedStats): ``shoal_feed_replies_total{kind}``,
+  ``shoal_feed_bytes_total{kind}`` (kind: commands, state, empty), ``shoal_feed_encodes_total``,
+  ``shoal_feed_compressed_total``, ``shoal_feed_polls_held``, ``shoal_feed_catchups_waiting``.
 * Events (managers): ``shoal_events_total{type}``, ``shoal_events_retained``,
   ``shoal_events_gaps_total``.
 * API: ``shoal_api_request_duration_seconds{route,method,status}`` (histogram; route is
@@ -80,6 +83,8 @@ class Sources:
     gossip: Callable[[], Any]  # shoal.node.membership.Membership | None
     balancer: Callable[[], Any]  # shoal.lb.Balancer | None
     events: EventLog
+    # the manager side of the workers' state feed (shoal.node.feed.FeedStats), or None
+    feed: Callable[[], Any] = lambda: None
 
 
 class Metrics:
@@ -168,7 +173,8 @@ class _StateCollector(Collector):
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._raft, self._gossip, self._tasks, self._lb, self._events):
+        for part in (self._raft, self._gossip, self._tasks, self._lb, self._events,
+                     self._feed):
             try:
                 yield from part()
             except Exception:  # one broken part must not hide the others
@@ -318,6 +324,29 @@ class _StateCollector(Collector):
                                 "continuity (restart, snapshot install)")
         c.add_metric([], ev.gaps)
         yield c
+
+    def _feed(self) -> Iterator[Metric]:
+        stats = self.m.sources.feed()
+        if stats is None:
+            return
+        for name, doc, values in (
+                ("shoal_feed_replies", "State-feed replies sent to workers by kind "
+                 "(commands, state, empty)", stats.replies),
+                ("shoal_feed_bytes", "State-feed bytes sent to workers by kind", stats.bytes)):
+            c = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind in ("commands", "state", "empty"):
+                c.add_metric([kind], values.get(kind, 0))
+            yield c
+        c = CounterMetricFamily("shoal_feed_encodes", "State-feed replies encoded (the rest "
+                                "were shared from the reply cache)")
+        c.add_metric([], stats.encodes)
+        yield c
+        c = CounterMetricFamily("shoal_feed_compressed", "State-feed replies sent compressed")
+        c.add_metric([], stats.compressed)
+        yield c
+        yield _gauge("shoal_feed_polls_held", "Worker polls held open now", stats.held)
+        yield _gauge("shoal_feed_catchups_waiting", "Whole-state polls waiting for a slot",
+                     stats.catchups_waiting)
 
 
 async def serve_metrics(metrics: Metrics, request: web.Request) -> web.Response:

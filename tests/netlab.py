@@ -62,6 +62,9 @@ _NETNS_RE = re.compile(r"^shoal-lab-([0-9a-f]{6})-(sw|h\d+)$")
 FAULT_CHAIN = "SHOALFAULT"  # a host's iptables chain of injected faults (Host.block/lose)
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Hosts per lab: interface names stay within IFNAMSIZ (sl + runid + h240 + s = 13 characters)
+# and the addresses within one /24 from .11 (bench/scale_lab.py runs 105).
+MAX_HOSTS = 240
 
 
 class LabError(Exception):
@@ -776,6 +779,32 @@ class Host:
             raise LabError(f"{self.name}: agent pid {proc.pid} still running {timeout}s after "
                            f"signal {sig}") from exc
 
+    def spawn_agent(self, *extra: str) -> None:
+        """Start ``shoal agent`` in this host without waiting for it (see
+        :meth:`Lab.start_agents`, which starts many at once and then waits)."""
+        if self.agent_alive():
+            raise LabError(f"{self.name}: agent already running (pid {self.agent_pid})")
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()
+        self._agent = self.spawn(
+            *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
+            "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
+
+    def agent_serving(self) -> bool:
+        """The agent's unix socket accepts (LabError if the agent exited)."""
+        if self._agent is None or self._agent.poll() is not None:
+            code = self._agent.returncode if self._agent is not None else None
+            raise LabError(f"{self.name}: agent exited with {code}\n{self.log_tail()}")
+        if not self.sock.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
+
     def restart_agent(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
         self.kill_agent(sig)
         self.start_agent(timeout=timeout)
@@ -876,14 +905,28 @@ class Lab:
     ``routed=("10.78.0.0/24", K)``: hosts from the K-th (0-based) on sit on a second bridge
     with addresses from that subnet, and the switch namespace routes between the two bridges
     (router .1 on each): two routed subnets, no shared L2 segment.
+
+    ``point_to_point=True`` (the lighter mode, for bench/scale_lab.py's 100+ hosts): no bridge;
+    each host has its address as a /32 on its veth, the subnet routed via the switch (.1 on
+    every switch port, a /32 route per host there). Why: the kernel's ARP table is one table
+    for all namespaces (net.ipv4.neigh.default.gc_thresh3 = 1024 entries machine-wide), and on
+    one bridge every host that gossips with every other keeps an entry per peer: 105 bridged
+    hosts (~100² entries) overflowed it ("neighbor table overflow"), so new hosts could not
+    reach anyone — and neither could other labs on the machine. Point to point, each host
+    has one neighbour (the switch) and the switch one per host. The price: peers are not
+    on-link, so routes "via a peer" (the cluster network's per-node task subnets,
+    shoal.node.network) are refused: tasks on different hosts cannot talk in this mode.
     """
 
     def __init__(self, n_hosts: int, base_dir: Path | str | None = None, *,
                  subnet: str = "10.77.0.0/24", first_host: int = 11,
                  shoal: Path | None = None, keep_data: bool = False,
-                 routed: tuple[str, int] | None = None) -> None:
-        if not 1 <= n_hosts <= 99:
-            raise LabError(f"n_hosts must be 1..99, got {n_hosts}")
+                 routed: tuple[str, int] | None = None, point_to_point: bool = False) -> None:
+        if routed is not None and point_to_point:
+            raise LabError("routed and point_to_point do not combine")
+        self.point_to_point = point_to_point
+        if not 1 <= n_hosts <= MAX_HOSTS:
+            raise LabError(f"n_hosts must be 1..{MAX_HOSTS}, got {n_hosts}")
         net = ipaddress.ip_network(subnet)
         split = routed[1] if routed is not None else n_hosts
         net2 = ipaddress.ip_network(routed[0]) if routed is not None else net
@@ -943,6 +986,9 @@ class Lab:
         sw = self.switch_netns
         _run(["ip", "netns", "add", sw], check=True)
         _run(["ip", "-n", sw, "link", "set", "lo", "up"], check=True)
+        if self.point_to_point:
+            self._build_point_to_point()
+            return
         _run(["ip", "-n", sw, "link", "add", self.bridge, "type", "bridge"], check=True)
         _run(["ip", "-n", sw, "link", "set", self.bridge, "up"], check=True)
         prefix = self.subnet.prefixlen
@@ -978,6 +1024,28 @@ class Lab:
                     (self.routed[0], self.subnet)
                 _run(["ip", "-n", h.netns, "route", "add", str(other), "via",
                       str(mine.network_address + 1)], check=True)
+
+    def _build_point_to_point(self) -> None:
+        sw = self.switch_netns
+        gw = str(self.subnet.network_address + 1)
+        _run(["ip", "netns", "exec", sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+             check=True)  # (the switch namespace's own setting)
+        for h in self.hosts:
+            h.data_dir.mkdir()
+            _run(["ip", "netns", "add", h.netns], check=True)
+            _run(["ip", "-n", sw, "link", "add", h.port, "type", "veth", "peer", "name",
+                  h.ifname, "netns", h.netns], check=True)
+            _run(["ip", "-n", sw, "addr", "add", f"{gw}/32", "dev", h.port], check=True)
+            _run(["ip", "-n", sw, "link", "set", h.port, "up"], check=True)
+            _run(["ip", "-n", sw, "route", "add", f"{h.ip}/32", "dev", h.port], check=True)
+            _run(["ip", "-n", h.netns, "addr", "add", f"{h.ip}/32", "dev", h.ifname],
+                 check=True)
+            _run(["ip", "-n", h.netns, "link", "set", h.ifname, "up"], check=True)
+            _run(["ip", "-n", h.netns, "link", "set", "lo", "up"], check=True)
+            _run(["ip", "-n", h.netns, "route", "add", f"{gw}/32", "dev", h.ifname],
+                 check=True)
+            _run(["ip", "-n", h.netns, "route", "add", str(self.subnet), "via", gw],
+                 check=True)
 
     def _record_proc(self, pid: int, start: int) -> None:
         self._state.procs.append({"pid": pid, "start": start})
@@ -1031,6 +1099,23 @@ class Lab:
 
         return wait_until(all_ready, timeout=timeout, interval=0.3,
                           what=f"{n} nodes ready in `node ls` on {first.name}")
+
+    def start_agents(self, hosts: Sequence[Host], *extra: str, batch: int = 10,
+                     timeout: float = 300.0) -> None:
+        """Start agents on many hosts, ``batch`` starting at a time (an agent's start is
+        mostly CPU: imports), and wait until every socket accepts."""
+        deadline = time.monotonic() + timeout
+        for i in range(0, len(hosts), batch):
+            group = hosts[i:i + batch]
+            for h in group:
+                h.spawn_agent(*extra)
+            waiting = list(group)
+            while waiting:  # an agent that exits raises LabError at once
+                waiting = [h for h in waiting if not h.agent_serving()]
+                if waiting and time.monotonic() > deadline:
+                    raise LabError(f"agents of {', '.join(h.name for h in waiting)} not "
+                                   f"serving after {timeout}s\n{waiting[0].log_tail()}")
+                time.sleep(0.1)
 
     # -- teardown ---------------------------------------------------------------------------
 

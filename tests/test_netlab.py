@@ -127,6 +127,28 @@ def test_hosts_reach_each_other_over_the_bridge(lab_factory: LabFactory) -> None
 
 
 @pytest.mark.netns
+def test_point_to_point_hosts_reach_each_other_through_one_neighbour(
+        lab_factory: LabFactory, fake_shoal: Path) -> None:
+    """The lighter mode (bench/scale_lab.py): no shared L2, each host's only ARP neighbour is
+    the switch however many peers it talks to (the kernel's ARP table is machine-wide); a
+    cut link still isolates a host; start_agents starts several agents at once."""
+    lab = lab_factory(3, point_to_point=True, shoal=fake_shoal)
+    h1, h2, h3 = lab.hosts
+    serve_http(h2)
+    serve_http(h3)
+    for dst in (h2, h3):
+        res = fetch(h1, f"http://{dst.ip}:8000/")
+        assert res.returncode == 0 and res.stdout.strip() == "200", res
+    neigh = subprocess.run(["ip", "-n", h1.netns, "-4", "neigh"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert neigh[0] == "10.77.0.1" and h2.ip not in neigh and h3.ip not in neigh, neigh
+    h3.cut_link()
+    assert fetch(h1, f"http://{h3.ip}:8000/", timeout=1.0).returncode != 0
+    lab.start_agents([h1, h2], batch=2)
+    assert h1.agent_alive() and h2.agent_alive() and not h3.agent_alive()
+
+
+@pytest.mark.netns
 def test_the_root_namespace_has_no_lab_address(lab_factory: LabFactory) -> None:
     lab = lab_factory(2)
     root_addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True,

@@ -4,7 +4,8 @@ Owns (Swarm's dispatcher, over the node API's mTLS):
 
 * ``state_since`` — the manager side of a worker's state feed (shoal.node.feed): the
   commands applied after an index, long-polled, or the whole state when they are no longer
-  kept;
+  kept; the reply itself is built (shared, compressed, catch-ups one at a time) and counted
+  by ``FeedServer`` (shoal.node.feed);
 * ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
   tasks on the calling node and the node's own removal; a report from a node whose wall
   clock is off is moved into this manager's time (``in_manager_time``);
@@ -25,8 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from shoal.node import pki
 from shoal.node.context import NodeContext
 from shoal.node.errors import (
@@ -38,6 +37,7 @@ from shoal.node.errors import (
     Unavailable,
     from_store_error,
 )
+from shoal.node.feed import FeedServer
 from shoal.node.security import Security
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Node, NodeRole, NodeState
@@ -95,6 +95,8 @@ class Dispatcher:
         self.heartbeats: dict[str, float] = {}
         # set (and replaced) after every applied command: wakes workers' state polls
         self._applied = asyncio.Event()
+        # builds, shares and counts the replies (encoding cache, compression, catch-up limit)
+        self.feed = FeedServer(ctx.config.feed)
         self._refused_logged = 0.0
         self._skew_logged: dict[str, float] = {}  # node id → monotonic time last warned
         # set when this agent stops: held polls answer "stopping" at once, so the API closes
@@ -107,10 +109,12 @@ class Dispatcher:
         applied.set()
 
     # ------------------------------------------------------------------ feeding workers
-    async def state_since(self, peer: pki.CertInfo | None, after: Any, wait: Any) -> bytes:
+    async def state_since(self, peer: pki.CertInfo | None, after: Any, wait: Any,
+                          compress: Any = None) -> bytes:
         """A worker's state poll (shoal.node.feed): the commands applied after index
         ``after`` — waiting up to ``wait`` seconds for one — or the whole state when they are
-        no longer kept (or ``after`` is -1). msgpack bytes."""
+        no longer kept (or ``after`` is -1). msgpack bytes, zlib-wrapped if ``compress`` is
+        "zlib" and the reply is large (FeedServer)."""
         self.security.authorize(peer)
         if isinstance(after, bool) or not isinstance(after, int) or after < -1:
             raise BadRequest("after must be an index (an integer >= -1)", "after")
@@ -120,6 +124,7 @@ class Dispatcher:
         if not store.is_ready():
             raise Unavailable("this manager has not caught up with the cluster yet; retry")
         deadline = time.monotonic() + float(wait)
+        held = False
         while after >= 0 and store.index <= after and self.ctx.store is store:
             if self.stopping:
                 raise Unavailable("this manager is stopping")
@@ -127,17 +132,19 @@ class Dispatcher:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await applied.wait()
+            held = True
+            self.feed.stats.held += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await applied.wait()
+            finally:
+                self.feed.stats.held -= 1
+        batch = self.feed.config.batch_wait
+        if held and batch > 0 and store.index > after:  # let a burst of commits gather
+            await asyncio.sleep(batch)
         self.security.authorize(peer)  # still a member after the wait (node rm revokes)
-        msg: dict[str, Any] = {"leader": store.leader_addr()}
-        changes = store.changes_since(after) if after >= 0 else None
-        if changes is None:
-            msg["index"], msg["state"] = await asyncio.to_thread(store.full_state)
-        else:
-            msg["index"], msg["commands"] = changes
-        return bytes(msgpack.packb(msg, use_bin_type=True))
+        return await self.feed.reply(store, after, compress == "zlib")
 
     async def worker_report(self, peer: pki.CertInfo | None, cmd: Any) -> dict[str, Any]:
         """A write from a worker, proposed on its behalf: only status reports for tasks on

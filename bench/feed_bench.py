@@ -1,0 +1,106 @@
+"""The workers' state feed at N workers, in one process: before/after the FeedServer changes.
+
+    .venv/bin/python bench/feed_bench.py [--workers 100] [--commits 300] [--tasks 1000]
+
+Owns: a MemoryStore manager with the real dispatcher (node/control/dispatcher.py) and N real
+StateFeeds following it in-process (no network, no TLS: the figures are the feed's own work).
+Two settings side by side: "before" = no shared encodings, no batching, no compression (what
+the feed did before FeedServer: one encoding per reply, a reply per worker per commit), and
+"after" = the defaults. Workload: N workers join at once (whole-state catch-ups), a burst of
+--commits single-command commits (task status-like node label updates, proposed back to
+back), then one big commit (a service of --tasks replicas created and placed by a leader
+pass). Prints replies, bytes, encodings and this process's CPU seconds for each phase.
+Must not touch: anything outside the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from test_feed_scale import _manager, _worker
+
+from shoal.node.feed import FeedConfig, StateFeed
+from shoal.node.leader import LeaderLoop
+from shoal.node.orchestrator import OrchestratorConfig
+from shoal.node.source import MemoryStore
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks: int) -> None:
+    import test_feed_scale
+    test_feed_scale.WORKERS = workers  # nodes w0..wN-1 in the state
+    store = MemoryStore(self_addr="10.0.0.1:2378")
+    with tempfile.TemporaryDirectory() as tmp:
+        dispatcher = await _manager(Path(tmp), store, config)
+        stats = dispatcher.feed.stats
+        feeds: list[StateFeed] = [_worker(dispatcher, i, compress=config.compress)
+                                  for i in range(workers)]
+        runs = [asyncio.create_task(f.run()) for f in feeds]
+
+        async def settled() -> None:
+            while not all(f.is_ready() and f.index == store.index for f in feeds):
+                await asyncio.sleep(0.005)
+
+        def snap() -> tuple[int, int, int, float]:
+            return (sum(stats.replies.values()), sum(stats.bytes.values()), stats.encodes,
+                    _cpu())
+
+        def show(what: str, before: tuple[int, int, int, float], n: int, took: float) -> None:
+            r, b, e, c = (x - y for x, y in zip(snap(), before, strict=True))
+            print(f"  {label:6} {what:28} {n:5} commits  replies {r:7} ({r / max(n, 1):6.1f}"
+                  f"/commit)  bytes {b:11,}  encodes {e:6}  cpu {c:5.2f} s  wall {took:5.2f} s",
+                  flush=True)
+
+        try:
+            s0, t0 = snap(), time.monotonic()
+            await settled()
+            show("join (whole states)", s0, 0, time.monotonic() - t0)
+            s0, i0, t0 = snap(), store.index, time.monotonic()
+            for i in range(commits):
+                await store.propose({"op": "node_update", "id": f"w{i % workers}", "now": 2.0,
+                                     "labels": {"k": str(i)}})
+                await asyncio.sleep(0)  # let the feed run between commits, as Raft would
+            await settled()
+            show("burst of small commits", s0, store.index - i0, time.monotonic() - t0)
+            s0, i0, t0 = snap(), store.index, time.monotonic()
+            leader = LeaderLoop(store, {}, OrchestratorConfig(), asyncio.Event())
+            await store.propose({"op": "service_create", "id": "s1", "now": 3.0, "spec": {
+                "name": "web", "command": ["sleep", "9"], "replicas": tasks}})
+            await leader.one_pass(led_for=0.0)
+            await settled()
+            show(f"scale 0 → {tasks} (big entries)", s0, store.index - i0,
+                 time.monotonic() - t0)
+        finally:
+            for r in runs:
+                r.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--commits", type=int, default=300)
+    ap.add_argument("--tasks", type=int, default=1000)
+    args = ap.parse_args()
+    print(f"feed bench: {args.workers} workers in-process; load "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    before = FeedConfig(wait=20.0, retry=0.01, compress=False, batch_wait=0.0, reply_cache=0)
+    after = FeedConfig(wait=20.0, retry=0.01)
+    for label, cfg in (("before", before), ("after", after)):
+        asyncio.run(run(label, cfg, args.workers, args.commits, args.tasks))
+
+
+if __name__ == "__main__":
+    main()

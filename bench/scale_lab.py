@@ -1,0 +1,477 @@
+"""The scale lab: 5 managers + N worker agents as real processes on netns hosts, measured.
+
+    .venv/bin/python bench/scale_lab.py [--workers 100] [--managers 5] [--tasks 1000]
+        [--kill 10] [--window 30] [--phases idle5,join,idle,feed,scale,kill,down] [--hold]
+    make scale-lab                      # the same with the defaults
+
+Owns: one tests/netlab.py lab of managers+workers hosts (network namespaces on one bridge),
+the agents in it, the service it creates, and the figures it prints. Must not touch anything
+else: the lab is torn down completely at the end, on failure, on Ctrl-C and on SIGTERM
+(netns, processes, the tasks' cgroups, /tmp/shoal-lab/shoal-lab-RID).
+
+Why netns hosts and not loopback addresses: each agent needs its own ports, its own cluster
+network bridge and routes (shoal0, per-node task subnets) and its own task namespaces; in one
+shared namespace those collide. A netns costs a veth pair and ~3 ms of `ip` calls, nothing at
+run time. But not on one bridge: the kernel's ARP table is shared by every namespace
+(gc_thresh3 = 1,024 entries machine-wide) and 105 bridged hosts that all gossip with each
+other need ~100² entries — the first run overflowed it and new hosts (and other labs on the
+machine) could not reach anyone. So the hosts are point to point (tests/netlab.py
+``point_to_point``): a /32 each, routed by the switch namespace, one ARP entry per host. The
+cost: the cluster network's routes "via a peer" are refused (peers are not on-link), so tasks
+on different hosts cannot talk here; the lab's tasks are `sleep`s and do not need to.
+
+The agents run with the settings a deployment uses (the `lan` gossip preset, the default
+feed and heartbeat settings): nothing here is tuned for the lab.
+
+Phases (each prints its figures with the load average and free memory at the time):
+
+* ``idle5``  the managers alone (no worker yet): CPU % and RSS per agent over --window s;
+* ``join``   every worker sends `join` at the same instant (one thread each, straight to its
+             agent's unix socket, no CLI start-up in the way) → time until `node ls` on the
+             first manager shows all of them Ready; nodes seen down after being Ready during
+             the storm (false deaths);
+* ``idle``   CPU/RSS per agent at full size (managers and workers apart);
+* ``feed``   the workers' state feed at full size: replies and bytes the managers send per
+             Raft commit (shoal_feed_* metrics summed over the managers) for a burst of
+             single-command commits;
+* ``scale``  a service of host-rootfs ``sleep`` tasks 0 → --tasks: time until every task is
+             assigned (placements/s) and until all are RUNNING;
+* ``kill``   SIGKILL the agents of --kill workers at once (their hosts' links are cut too, as
+             a power loss would) → time until the service is back at --tasks RUNNING on the
+             others;
+* ``down``   scale to 0 → time until no task of the service is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from netlab import Host, Lab, wait_until
+from shoal.cli.main import Client, CliError, _UnixConnection
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SERVICE = "scale"
+PHASES = ("idle5", "join", "idle", "feed", "scale", "kill", "down")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / (1 << 20)
+
+
+def machine() -> str:
+    """Load average and available memory now (every figure is printed with it)."""
+    la = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    avail = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) // 1024
+    return f"[load {la}; {avail / 1024:.1f} GiB available]"
+
+
+def say(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def client(h: Host, timeout: float = 60.0, stale: bool = True) -> Client:
+    c = Client(f"unix://{h.sock}", timeout=timeout)
+    c.stale = stale
+    return c
+
+
+class ScaleLab:
+    def __init__(self, lab: Lab, managers: int, workers: int) -> None:
+        self.lab = lab
+        self.managers = lab.hosts[:managers]
+        self.workers = lab.hosts[managers:managers + workers]
+        self.first = self.managers[0]
+        self.killed: set[str] = set()  # addresses of workers killed by the kill phase
+
+    # ---------------------------------------------------------------- forming
+    def up_managers(self) -> None:
+        t0 = time.monotonic()
+        self.lab.start_agents(self.managers)
+        self.first.cli("init")
+        token = self.first.cli("join-token", "manager", "-q").stdout.strip()
+        for h in self.managers[1:]:
+            h.cli("join", "--token", token, f"{self.first.ip}:2377", timeout=60)
+        self.wait_nodes(len(self.managers), timeout=120)
+        say(f"{len(self.managers)} managers up in {time.monotonic() - t0:.1f} s {machine()}")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = client(self.first).call("GET", "/v1/nodes")
+        return out
+
+    def wait_nodes(self, n: int, timeout: float) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            nodes = self.nodes()
+            ok = [x for x in nodes if x["state"] == "ready"]
+            return nodes if len(ok) >= n else None
+        return wait_until(ready, timeout=timeout, interval=0.5, what=f"{n} nodes ready")
+
+    # ---------------------------------------------------------------- idle
+    def idle(self, label: str, window: float) -> None:
+        hosts = [h for h in self.lab.hosts if h.agent_alive()]
+        pids = {h.name: h.agent_pid for h in hosts}
+        role = {x["addr"]: ("leader" if x["manager_status"] == "leader" else x["role"])
+                for x in self.nodes()}
+        start = {n: cpu_seconds(p) for n, p in pids.items() if p}
+        t0 = time.monotonic()
+        time.sleep(window)
+        took = time.monotonic() - t0
+        per: dict[str, list[tuple[float, float]]] = {}
+        for h in hosts:
+            pid = pids[h.name]
+            assert pid is not None
+            pct = 100.0 * (cpu_seconds(pid) - start[h.name]) / took
+            per.setdefault(role.get(h.ip, "?"), []).append((pct, rss_mib(pid)))
+        say(f"idle {label}: {took:.0f} s window, {len(hosts)} agents {machine()}")
+        for r, vals in sorted(per.items()):
+            cpus = [v[0] for v in vals]
+            rss = [v[1] for v in vals]
+            print(f"    {r:8} n={len(vals):3}  cpu median {statistics.median(cpus):5.2f} % "
+                  f"(max {max(cpus):5.2f})  rss median {statistics.median(rss):5.1f} MiB "
+                  f"(max {max(rss):5.1f})", flush=True)
+
+    # ---------------------------------------------------------------- join storm
+    def join_storm(self, timeout: float, wave: int = 0) -> None:
+        """All workers join at once (``wave`` 0), or ``wave`` at a time, each wave sent
+        when the previous one is Ready (what a rolling deployment does)."""
+        if wave:
+            t0 = time.monotonic()
+            for i in range(0, len(self.workers), wave):
+                self._join(timeout, self.workers[i:i + wave])
+            say(f"joined {len(self.workers)} workers in waves of {wave}: "
+                f"{time.monotonic() - t0:.1f} s in all {machine()}")
+            return
+        self._join(timeout, self.workers)
+
+    def _join(self, timeout: float, workers: list[Host]) -> None:
+        token = self.first.cli("join-token", "worker", "-q").stdout.strip()
+        remote = f"{self.first.ip}:2377"
+        joined = {x["addr"] for x in self.nodes() if x["state"] == "ready"}
+        term0 = self.term()
+        n_total = len(joined) + len(workers)
+        errors: list[str] = []
+        failed: set[str] = set()  # hostnames whose join call failed
+        go = threading.Event()
+
+        def join(h: Host) -> float:
+            go.wait()
+            t = time.monotonic()
+            try:
+                client(h, timeout=timeout, stale=False).call(
+                    "POST", "/v1/swarm/join", {"token": token, "remote": remote})
+            except CliError as exc:
+                errors.append(f"{h.name}: {exc}")
+                failed.add(h.name)
+            return time.monotonic() - t
+
+        seen_ready: set[str] = set()
+        false_deaths: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+            futs = [pool.submit(join, h) for h in workers]
+            time.sleep(0.5)  # every thread parked on the event
+            t0 = time.monotonic()
+            go.set()
+            done_at = None
+            while time.monotonic() - t0 < timeout:
+                try:
+                    nodes = self.nodes()
+                except CliError:
+                    time.sleep(0.5)
+                    continue
+                for x in nodes:
+                    if x["state"] == "ready":
+                        seen_ready.add(x["id"])
+                    elif x["id"] in seen_ready and x["state"] == "down":
+                        false_deaths.append(f"{x['hostname']} down at "
+                                            f"{time.monotonic() - t0:.1f} s")
+                        seen_ready.discard(x["id"])
+                ready = sum(1 for x in nodes if x["state"] == "ready")
+                if ready >= n_total and done_at is None:
+                    done_at = time.monotonic() - t0
+                    say(f"join storm: {len(workers)} joining, all {n_total} nodes Ready "
+                        f"after {done_at:.1f} s {machine()}")
+                    deadline = time.monotonic() + 10  # watch 10 s more for late deaths
+                if done_at is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            calls = [f.result() for f in futs]
+        if done_at is None:
+            say(f"join storm: {len(workers)} joining, NOT all Ready after {timeout:.0f} s "
+                f"({ready}/{n_total}) {machine()}")
+        print(f"    join calls returned: median {statistics.median(calls):.1f} s, "
+              f"max {max(calls):.1f} s; {len(errors)} failed; Raft term {term0} → "
+              f"{self.term()}", flush=True)
+        for e in errors[:3]:
+            print(f"      {e[:200]}")
+        # a node whose join call failed after the manager had added it goes Down (its agent
+        # never started as a member): counted apart from deaths of nodes that did join
+        zombies = [d for d in false_deaths if d.split()[0] in failed]
+        deaths = [d for d in false_deaths if d.split()[0] not in failed]
+        print(f"    nodes added but their join failed (then Down): {len(zombies)}; "
+              f"false deaths of joined nodes during the storm (+10 s): {len(deaths)} "
+              f"{deaths[:5]}", flush=True)
+
+    # ---------------------------------------------------------------- feed
+    def feed_counters(self) -> dict[str, float]:
+        """shoal_feed_* summed over the managers (GET /metrics on each unix socket)."""
+        total: dict[str, float] = {}
+        pat = re.compile(r"^(shoal_feed_[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$")
+        for h in self.managers:
+            if not h.agent_alive():
+                continue
+            conn = _UnixConnection(str(h.sock), 30.0)
+            try:
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+            finally:
+                conn.close()
+            for line in text.splitlines():
+                m = pat.match(line)
+                if m:
+                    key = m.group(1) + (m.group(2) or "")
+                    total[key] = total.get(key, 0.0) + float(m.group(3))
+        return total
+
+    def term(self) -> int:
+        """The Raft term as the first manager sees it (elections = its growth)."""
+        for h in self.managers:
+            try:
+                return int(client(h).call("GET", "/v1/info").get("term", 0))
+            except CliError:
+                continue
+        return 0
+
+    def raft_index(self) -> int:
+        """The leader's applied index (commits so far)."""
+        out: dict[str, Any] = client(self.first).call("GET", "/v1/info")
+        for key in ("index", "raft_index", "applied_index"):
+            if isinstance(out.get(key), int):
+                return int(out[key])
+        raft = out.get("raft")
+        if isinstance(raft, dict) and isinstance(raft.get("applied_index"), int):
+            return int(raft["applied_index"])
+        return 0
+
+    def print_feed(self, before: dict[str, float], commits: int, what: str) -> None:
+        after = self.feed_counters()
+        print(f"    feed {what}: {commits} commits", flush=True)
+        for key in sorted(after):
+            d = after[key] - before.get(key, 0.0)
+            if d and "polls_held" not in key and "waiting" not in key:
+                print(f"      {key:55} +{d:12.0f}  ({d / max(commits, 1):10.1f} per commit)",
+                      flush=True)
+
+    def feed(self, commits: int) -> None:
+        """Commits of one small command each (node label updates on the first manager),
+        spaced so each is its own commit; the managers' feed counters before and after."""
+        c = client(self.first, stale=False)
+        node = self.managers[0].name
+        before = self.feed_counters()
+        t0 = time.monotonic()
+        for i in range(commits):
+            c.call("POST", f"/v1/nodes/{node}", {"label_add": {"scale-lab": str(i)}})
+            time.sleep(0.3)
+        time.sleep(2)
+        took = time.monotonic() - t0
+        after = self.feed_counters()
+        say(f"feed: {commits} commits in {took:.1f} s, {len(self.workers)} workers "
+            f"{machine()}")
+        for key in sorted(after):
+            d = after[key] - before.get(key, 0.0)
+            if d:
+                print(f"    {key:55} +{d:12.0f}  ({d / commits:10.1f} per commit)",
+                      flush=True)
+
+    # ---------------------------------------------------------------- tasks
+    def tasks(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = client(self.first, timeout=60).call(
+            "GET", f"/v1/services/{SERVICE}/tasks")
+        return out
+
+    def scale(self, n: int, timeout: float) -> None:
+        self.first.cli("service", "create", "--name", SERVICE, "--replicas", "0",
+                       "--", "sleep", "1000000")
+        c = client(self.first, stale=False)
+        feed0 = self.feed_counters()
+        raft0 = self.raft_index()
+        t0 = time.monotonic()
+        c.call("POST", f"/v1/services/{SERVICE}/scale", {"replicas": n})
+        assigned_at = running_at = None
+        while time.monotonic() - t0 < timeout:
+            ts = [t for t in self.tasks() if t["desired_state"] == "running"]
+            now = time.monotonic() - t0
+            if assigned_at is None and len(ts) >= n and all(t["node"] for t in ts):
+                assigned_at = now
+            if sum(1 for t in ts if t["state"] == "running") >= n:
+                running_at = now
+                break
+            time.sleep(0.5)
+        nodes = {t["node"] for t in self.tasks() if t["state"] == "running"}
+        say(f"scale 0 → {n}: all assigned after {fmt(assigned_at)} "
+            f"({n / assigned_at if assigned_at else 0:.0f} placements/s incl. the API "
+            f"round trip and the poll), all RUNNING after {fmt(running_at)} "
+            f"({n / running_at if running_at else 0:.0f} tasks/s) on {len(nodes)} nodes "
+            f"{machine()}")
+        self.print_feed(feed0, self.raft_index() - raft0, "during the scale")
+
+    def kill(self, k: int, n: int, timeout: float) -> None:
+        by_node: dict[str, int] = {}
+        for t in self.tasks():
+            if t["state"] == "running" and t["node"]:
+                by_node[t["node"]] = by_node.get(t["node"], 0) + 1
+        names = {x["hostname"]: x["addr"] for x in self.nodes()}
+        victims = [h for h in self.workers if h.name in by_node][:k]
+        lost = sum(by_node[h.name] for h in victims)
+        t0 = time.monotonic()
+        for h in victims:  # a power loss: the agent dies and the host drops off the network
+            h.kill_agent()
+            h.cut_link()
+            self.killed.add(names.get(h.name, h.ip))
+        dead = {h.name for h in victims}
+        down_at = back_at = None
+        while time.monotonic() - t0 < timeout:
+            now = time.monotonic() - t0
+            if down_at is None and all(x["state"] == "down" for x in self.nodes()
+                                       if x["hostname"] in dead):
+                down_at = now
+            ts = [t for t in self.tasks() if t["state"] == "running"
+                  and t["desired_state"] == "running" and t["node"] not in dead]
+            if len(ts) >= n:
+                back_at = now
+                break
+            time.sleep(0.25)
+        say(f"kill {len(victims)} workers ({lost} tasks): all down after {fmt(down_at)}, "
+            f"{n} RUNNING again after {fmt(back_at)} {machine()}")
+
+    def down(self, timeout: float) -> None:
+        c = client(self.first, stale=False)
+        t0 = time.monotonic()
+        c.call("POST", f"/v1/services/{SERVICE}/scale", {"replicas": 0})
+        gone_at = None
+        while time.monotonic() - t0 < timeout:
+            left = [t for t in self.tasks() if t["state"] == "running"
+                    and t["node"] not in {h.name for h in self.lab.hosts
+                                          if not h.agent_alive()}]
+            if not left:
+                gone_at = time.monotonic() - t0
+                break
+            time.sleep(0.5)
+        say(f"scale → 0: no task running after {fmt(gone_at)} {machine()}")
+
+
+def fmt(x: float | None) -> str:
+    return f"{x:.1f} s" if x is not None else "(not reached)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--managers", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--kill", type=int, default=10)
+    ap.add_argument("--window", type=float, default=30.0, help="idle window, seconds")
+    ap.add_argument("--join-wave", type=int, default=0, metavar="N",
+                    help="join N workers at a time (default 0: all at once)")
+    ap.add_argument("--commits", type=int, default=20, help="commits of the feed phase")
+    ap.add_argument("--sizes", default="", metavar="N,N,...",
+                    help="a curve: join workers up to each size in turn (in --join-wave "
+                    "waves) and run the idle and feed phases at each, e.g. 10,50,100")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--bridge", action="store_true",
+                    help="hosts on one bridge (tests/netlab.py's default) instead of point to "
+                    "point: overflows the kernel's ARP table beyond ~30 hosts (see netlab)")
+    ap.add_argument("--hold", action="store_true",
+                    help="keep the lab up after the phases until Ctrl-C")
+    args = ap.parse_args()
+    phases = [p for p in args.phases.split(",") if p]
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        ap.error(f"unknown phases {bad}")
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    say(f"scale lab: {args.managers} managers + {args.workers} workers {machine()}")
+    lab: Lab | None = None
+    left: list[str] = []
+    try:
+        t0 = time.monotonic()
+        lab = Lab(args.managers + args.workers, point_to_point=not args.bridge)
+        say(f"{len(lab.hosts)} netns hosts in {time.monotonic() - t0:.1f} s")
+        s = ScaleLab(lab, args.managers, args.workers)
+        s.up_managers()
+        if "idle5" in phases:
+            s.idle(f"{args.managers} managers, no worker", args.window)
+        t0 = time.monotonic()
+        lab.start_agents(s.workers)
+        say(f"{args.workers} worker agents started (not joined) in "
+            f"{time.monotonic() - t0:.1f} s {machine()}")
+        steps: dict[str, Callable[[], None]] = {
+            "join": lambda: s.join_storm(timeout=180, wave=args.join_wave),
+            "idle": lambda: (time.sleep(10), s.idle(
+                f"{args.managers} managers + {args.workers} workers", args.window))[0],
+            "feed": lambda: s.feed(args.commits),
+            "scale": lambda: s.scale(args.tasks, timeout=300),
+            "kill": lambda: s.kill(args.kill, args.tasks, timeout=120),
+            "down": lambda: s.down(timeout=180),
+        }
+        if args.sizes:
+            joined = 0
+            for size in [int(x) for x in args.sizes.split(",")]:
+                batch = s.workers[joined:size]
+                t0 = time.monotonic()
+                for i in range(0, len(batch), args.join_wave or len(batch)):
+                    s._join(180, batch[i:i + (args.join_wave or len(batch))])
+                joined = size
+                say(f"curve: {size} workers joined (+{len(batch)} in "
+                    f"{time.monotonic() - t0:.1f} s) {machine()}")
+                time.sleep(10)
+                s.idle(f"{args.managers} managers + {size} workers", args.window)
+                s.feed(args.commits)
+            phases = [p for p in phases if p not in ("join", "idle", "feed")]
+        elif "join" not in phases:
+            steps["join"]()  # the rest needs the workers in
+        for p in PHASES[1:]:
+            if p in phases:
+                steps[p]()
+        if args.hold:
+            say(f"holding the lab {lab.runid} (Ctrl-C tears it down)")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt as exc:
+        say(f"interrupted ({exc or 'Ctrl-C'}): tearing down")
+    finally:
+        if lab is not None:
+            t0 = time.monotonic()
+            left = lab.close()
+            say(f"torn down in {time.monotonic() - t0:.1f} s; leftovers: "
+                f"{json.dumps(left) if left else 'none'} {machine()}")
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
