@@ -390,7 +390,12 @@ def test_service_vips_unique_and_published_ports_conflict_named() -> None:
                                  ports=[{"published": 8080, "target": 81, "protocol": "udp"}])})
     assert "ok" in res and res["vip"] != vip1
     field = "endpoint.ports[0].published"
-    for bad in (0, 70000, 2377):
+    res = st.apply({"op": "service_create", "id": "s4", "now": 1.0,
+                    "spec": dict(SPEC, name="fourth", ports=[{"published": 0, "target": 80}])})
+    assert "ok" in res  # 0: assigned by the state (Docker's `-p 80`)
+    assigned = st.services["s4"].spec.endpoint.ports[0].published
+    assert 30000 <= assigned <= 32767
+    for bad in (-1, 70000, 2377):
         res = st.apply({"op": "service_create", "id": "s3", "now": 1.0,
                         "spec": dict(SPEC, name="third",
                                      ports=[{"published": bad, "target": 80}])})
