@@ -695,6 +695,20 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
         for t in fresh:
             by_slot[t.slot].append(t)
     paired = {t.slot for t in old if by_slot.get(t.slot)}
+    # (checked before "no old task left": with stop-first and one replica, the failing new
+    # task is the only one there is)
+    if rolling:
+        failed = sorted((t for t in new if rollout_failed(t, cfg.monitor)),
+                        key=lambda t: (t.updated_at, t.id))
+        touched = {key(t) for t in old} | {key(t) for t in stopping} | \
+            {key(t) for t in new} | {key(t) for t in tasks if old_spec(t)
+                                     and t.updated_at >= since}
+        if failed and too_many_failures(len(failed), len(touched), cfg.max_failure_ratio):
+            action = failure_response(cfg.failure_action, status.rollback,
+                                      svc.previous_spec is not None)
+            if action != "continue":
+                return Rollout([_failure_op(svc, failed[-1], action)],
+                               paired=frozenset(paired))
     if not old:
         if not rolling or stopping or len(fresh) < want or not all(up(t) for t in fresh):
             return Rollout([])
@@ -710,18 +724,6 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
         return Rollout([("update_status", svc.id, "completed", "update completed")])
     if status.paused:
         return Rollout([], paired=frozenset(paired))
-    if rolling:
-        failed = sorted((t for t in new if rollout_failed(t, cfg.monitor)),
-                        key=lambda t: (t.updated_at, t.id))
-        touched = {key(t) for t in old} | {key(t) for t in stopping} | \
-            {key(t) for t in new} | {key(t) for t in tasks if old_spec(t)
-                                     and t.updated_at >= since}
-        if failed and too_many_failures(len(failed), len(touched), cfg.max_failure_ratio):
-            action = failure_response(cfg.failure_action, status.rollback,
-                                      svc.previous_spec is not None)
-            if action != "continue":
-                return Rollout([_failure_op(svc, failed[-1], action)],
-                               paired=frozenset(paired))
     in_flight = [t for t in fresh if not up(t)]
     if paired and rolling:
         # the new task is up: stop the old one (the slot stays paired until it has stopped)

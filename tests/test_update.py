@@ -212,6 +212,19 @@ def test_failure_action_pause_stops_after_the_first_failed_batch() -> None:
     assert sim.versions() == ["2"] * 4
 
 
+@pytest.mark.parametrize("action,state", [("pause", "paused"),
+                                          ("rollback", "rollback_completed")])
+def test_a_one_replica_stop_first_update_that_fails_is_noticed(action: str,
+                                                              state: str) -> None:
+    # (the failing new task is the only task left: no old one to keep the rollout looking)
+    sim = Sim(spec(1))
+    sim.update(spec(1, "bad", order="stop-first", failure_action=action))
+    sim.until(state)
+    if action == "rollback":
+        sim.run(3)
+        assert sim.versions() == ["1"]
+
+
 def test_a_paused_update_resumes_with_an_update_that_changes_nothing() -> None:
     sim = Sim(spec(2))
     broken = spec(2, "bad", order="start-first")
