@@ -553,7 +553,8 @@ class _Version(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         from shoal.node.version import version
 
-        parser.exit(0, f"shoal {version()}\n")
+        print(f"shoal {version()}")  # (on stdout, as argparse's own version action)
+        parser.exit(0)
 
 
 def _seconds(flag: str) -> Any:
