@@ -30,6 +30,8 @@ def add_parser(isub: Any) -> None:
                    help="a value for an ARG (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use the layer cache")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
+    p.add_argument("--format", choices=["table", "json"], default="table",
+                   help="json: only the final record (image id, cache hits, new layers)")
     p.add_argument("context", help="the build context directory")
 
 
