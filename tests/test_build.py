@@ -54,7 +54,7 @@ async def test_build_run_rebuild_from_cache_and_change(ctl: ProcessController,
     assert info.id == first.image.id and len(info.layers) == 3
     assert info.config.env == {"GREETING": "hi", "OTHER": "x"}
 
-    cmd, env, workdir, user = info.config.apply()
+    cmd, env, _workdir, _user = info.config.apply()
     st, out, err = await run_to_end(ctl, task("run1", *cmd, env=env, image="app:1"))
     assert out == "built\nhello from the context\nhi\n"
     assert "hostname" in err and st.exit_code != 0  # the RUN's rm is a whiteout
@@ -88,7 +88,7 @@ async def test_a_failing_run_names_its_line_and_leaves_no_task(ctl: ProcessContr
     (ctx / "Dockerfile").write_text("FROM base:1\nARG CODE=3\nRUN echo out; exit $CODE\n")
     lines: list[str] = []
     builder = Builder(ctl, ctl.images, tmp_path / "build")
-    with pytest.raises(BuildError, match="line 3: RUN .* non-zero code: 4") as exc:
+    with pytest.raises(BuildError, match=r"line 3: RUN .* non-zero code: 4") as exc:
         await builder.build(ctx, BuildOptions(build_args={"CODE": "4"}), lines.append)
     assert exc.value.line == 3 and "out" in lines
     assert ctl.tasks() == {}
