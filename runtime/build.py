@@ -333,15 +333,16 @@ class Builder:
         st = _State("", [], ImageConfig(), {}, {})
         meta_args: dict[str, str] = {}  # ARGs before FROM (usable in FROM only)
         used_args: set[str] = set()
+        seen_from = False
         total = len(instructions)
         for n, ins in enumerate(instructions, 1):
             emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
-            if ins.cmd == "ARG" and not st.image and not st.layers and n <= total and \
-                    not any(i.cmd == "FROM" for i in instructions[:n - 1]):
+            if ins.cmd == "ARG" and not seen_from:
                 name, value = self._arg(ins, opts.build_args, meta_args, used_args)
                 meta_args[name] = value
                 continue
             if ins.cmd == "FROM":
+                seen_from = True
                 await self._from(ins, st, meta_args, emit)
                 result.steps += 1
                 continue
@@ -374,6 +375,8 @@ class Builder:
                                                     sources)
             else:
                 self._config_step(ins, st, expanded)
+                if ins.cmd == "WORKDIR":  # created when missing, as Docker does
+                    new_layer = await asyncio.to_thread(self._workdir_layer, st)
             if new_layer is not None:
                 result.layers_created += 1
                 st.layers.append(new_layer)
@@ -615,6 +618,21 @@ class Builder:
                     break
             tar.addfile(info)
 
+    def _workdir_layer(self, st: _State) -> tuple[str, int] | None:
+        """A layer holding the WORKDIR (and its parents) if the image lacks it, else None."""
+        path = st.config.workdir.strip("/")
+        lower = self._lower_dirs(st)
+        if not path or any((layer / path).is_dir() for layer in lower):
+            return None
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                self._parents(tar, path + "/.", lower, set())
+            return self._store_layer(Path(tmp))
+        finally:
+            os.unlink(tmp)
+
     def _lower_dirs(self, st: _State) -> list[Path]:
         if not st.image:
             return []
@@ -637,7 +655,8 @@ class Builder:
 
         if not st.layers:
             raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
-        argv = ins.exec_form() or ["/bin/sh", "-c", ins.args]
+        argv = ins.exec_form()
+        argv = ["/bin/sh", "-c", ins.args] if argv is None else argv
         if not argv or not ins.args.strip():
             raise BuildError("RUN needs a command", ins.line)
         task_id = f"build{secrets.token_hex(8)}"

@@ -95,3 +95,37 @@ async def test_a_failing_run_names_its_line_and_leaves_no_task(ctl: ProcessContr
     with pytest.raises(BuildError, match="line 2: COPY: nope not found"):
         (ctx / "Dockerfile").write_text("FROM base:1\nCOPY nope /x\n")
         await builder.build(ctx, BuildOptions(), lines.append)
+
+
+async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path: Path) -> None:
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    (ctx / "conf").mkdir(parents=True)
+    (ctx / "conf" / "a.conf").write_text("a")
+    (ctx / "Dockerfile").write_text("""\
+FROM base:1
+ARG PORT=8080
+WORKDIR /srv/app
+RUN pwd > here && id -u >> here
+COPY --chown=app:app conf/ etc/
+USER app
+EXPOSE $PORT 53/udp
+LABEL org.example.team="core team" version=2
+HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost:$PORT
+STOPSIGNAL SIGQUIT
+ENTRYPOINT ["/bin/sh", "-c"]
+""")
+    res = await Builder(ctl, ctl.images, tmp_path / "build").build(
+        ctx, BuildOptions(tags=("cfg:1",), build_args={"PORT": "9000"}), lambda _: None)
+    cfg = ctl.images.inspect("cfg:1").config
+    assert (cfg.workdir, cfg.user, cfg.stop_signal) == ("/srv/app", "app", "SIGQUIT")
+    assert cfg.exposed_ports == ((53, "udp"), (9000, "tcp"))
+    assert cfg.labels == {"org.example.team": "core team", "version": "2"}
+    assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ()
+    assert cfg.healthcheck is not None and cfg.healthcheck.retries == 2
+    assert cfg.healthcheck.test == ("CMD-SHELL", "wget -q localhost:$PORT")
+    top = ctl.images.layer_dirs(res.image)  # (top first: COPY, RUN, WORKDIR, base)
+    assert (top[1] / "srv" / "app" / "here").read_text() == "/srv/app\n0\n"
+    conf = top[0] / "srv" / "app" / "etc" / "a.conf"
+    assert conf.read_text() == "a" and (conf.stat().st_uid, conf.stat().st_gid) == (1000, 1000)
+    assert len(res.image.layers) == 4
