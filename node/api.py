@@ -510,7 +510,10 @@ class ApiServer:
                 raise BadRequest(str(exc), exc.field) from None
             builder = build_mod.Builder(c.runtime, c.images, c.images.root.parent / "build",
                                         pull=build_mod.puller(c.registries))
-            ctx = await build_mod.receive_context(builder, req.content)
+            try:
+                ctx = await build_mod.receive_context(builder, req.content)
+            except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)
+                raise BadRequest(f"bad build context (expected a tar): {exc}", "body") from None
             return await stream_ndjson(req, build_mod.stream_build(builder, ctx, opts,
                                                                    cleanup=True))
 

@@ -830,8 +830,11 @@ async def receive_context(builder: Builder, content: Any) -> Path:
                 out.write(chunk)
 
         def unpack() -> None:
-            with open(tarpath, "rb") as fh:
-                extract_layer(fh, ctx)
+            try:
+                with open(tarpath, "rb") as fh:
+                    extract_layer(fh, ctx)
+            except tarfile.TarError as exc:
+                raise BuildError(f"the build context is not a tar: {exc}") from None
 
         await asyncio.to_thread(unpack)
     except BaseException:

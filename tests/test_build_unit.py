@@ -106,3 +106,20 @@ def test_cache_keys_change_with_every_input() -> None:
         cache_key("sha256:p", run, "make", {}, files="abc"),  # COPY's files
     }
     assert base not in others and len(others) == 5
+
+
+def test_api_options_name_the_bad_field() -> None:
+    from multidict import MultiDict
+
+    from shoal.runtime.build import options_from_query
+
+    opts = options_from_query(MultiDict([("t", "web:1"), ("t", "web:latest"),
+                                         ("buildarg", "A=1"), ("buildarg", "B="),
+                                         ("dockerfile", "sub/Dockerfile"), ("nocache", "1")]))
+    assert opts.tags == ("web:1", "web:latest") and opts.build_args == {"A": "1", "B": ""}
+    assert opts.dockerfile == "sub/Dockerfile" and opts.no_cache
+    for query, fld in (([("t", "Bad Tag")], "t"), ([("buildarg", "novalue")], "buildarg"),
+                       ([("dockerfile", "../x")], "dockerfile")):
+        with pytest.raises(BuildError) as err:
+            options_from_query(MultiDict(query))
+        assert err.value.field == fld
