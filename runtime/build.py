@@ -64,6 +64,11 @@ class BuildError(ImageError):
         self.field = field  # the request field at fault (API options), "" otherwise
 
 
+#: Task ids of RUN steps start with this (cluster task ids are hex: never "build..."); the
+#: worker's reconciler leaves such runtime tasks alone (node/worker.py).
+BUILD_TASK_PREFIX = "build"
+_ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
+
 #: Instructions this builder runs; every other Dockerfile instruction is refused by name.
 SUPPORTED = ("FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "EXPOSE", "LABEL",
              "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL")
@@ -328,6 +333,10 @@ class Builder:
         except (OSError, UnicodeDecodeError) as exc:
             raise BuildError(f"cannot read the Dockerfile {opts.dockerfile}: {exc}") from None
         instructions = parse_dockerfile(text)
+        for tid in [t for t in self.runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)
+                    and t not in _ACTIVE]:  # a RUN left by a build an agent restart cut short
+            with contextlib.suppress(Exception):
+                await self.runtime.remove(tid)
         files = await asyncio.to_thread(context_files, ctx)
         result = BuildResult(image=None)  # type: ignore[arg-type]
         st = _State("", [], ImageConfig(), {}, {})
@@ -659,7 +668,8 @@ class Builder:
         argv = ["/bin/sh", "-c", ins.args] if argv is None else argv
         if not argv or not ins.args.strip():
             raise BuildError("RUN needs a command", ins.line)
-        task_id = f"build{secrets.token_hex(8)}"
+        task_id = f"{BUILD_TASK_PREFIX}{secrets.token_hex(8)}"
+        _ACTIVE.add(task_id)
         cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
                          env={**st.args, **st.config.env}, workdir=st.config.workdir,
                          image=st.image, user=st.config.user)
@@ -688,6 +698,7 @@ class Builder:
             upper = self.runtime.logs_path(task_id)[0].parent / "upper"
             return await asyncio.to_thread(self._diff_layer, upper)
         finally:
+            _ACTIVE.discard(task_id)
             with contextlib.suppress(Exception):
                 await self.runtime.remove(task_id)
 

@@ -92,9 +92,12 @@ async def test_a_failing_run_names_its_line_and_leaves_no_task(ctl: ProcessContr
         await builder.build(ctx, BuildOptions(build_args={"CODE": "4"}), lines.append)
     assert exc.value.line == 3 and "out" in lines
     assert ctl.tasks() == {}
+    # a RUN task left behind (a build an agent restart cut short) is removed by the next build
+    await ctl.start(task("buildleftover", "sleep", "1000", image="base:1"))
     with pytest.raises(BuildError, match="line 2: COPY: nope not found"):
         (ctx / "Dockerfile").write_text("FROM base:1\nCOPY nope /x\n")
         await builder.build(ctx, BuildOptions(), lines.append)
+    assert ctl.tasks() == {}
 
 
 async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path: Path) -> None:
