@@ -364,7 +364,7 @@ class Builder:
                 continue
             expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK") \
                 else expand(ins.args, env)
-            sources: list[tuple[str, str]] = []
+            sources: list[tuple[str, str, bool]] = []
             digest = ""
             if ins.cmd in ("COPY", "ADD"):
                 sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
@@ -505,7 +505,7 @@ class Builder:
     # -- COPY / ADD
 
     def _sources(self, ctx: Path, files: Sequence[str], ins: Instruction, args: str
-                 ) -> tuple[list[tuple[str, str]], str]:
+                 ) -> tuple[list[tuple[str, str, bool]], str]:
         """[(context path, path in the image)] of a COPY/ADD and a digest of their content."""
         argv = ins.exec_form()
         if argv is None:
@@ -522,7 +522,7 @@ class Builder:
             raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
         *srcs, dest = argv
         fileset = set(files)
-        out: list[tuple[str, str]] = []
+        out: list[tuple[str, str, bool]] = []  # (context path, path in image, extract it)
         for src in srcs:
             if "://" in src:
                 raise BuildError(f"{ins.cmd} from a URL is not supported: {src}", ins.line)
@@ -541,19 +541,21 @@ class Builder:
                     below = [f for f in files if m == "" or f.startswith(m + "/")]
                     for f in below:
                         rel = f[len(m) + 1:] if m else f
-                        out.append((f, posixpath.join(dest, rel)))
+                        out.append((f, posixpath.join(dest, rel), False))
                     if m:
-                        out.append((m, dest))
+                        out.append((m, dest, False))
+                elif ins.cmd == "ADD" and full.is_file() and tarfile.is_tarfile(full):
+                    out.append((m, dest.rstrip("/") or "/", True))  # extracted into dest
                 else:
                     target = posixpath.join(dest, posixpath.basename(m)) if many else dest
-                    out.append((m, target))
+                    out.append((m, target, False))
                     if m not in fileset:
                         raise BuildError(f"{ins.cmd}: {src} is excluded", ins.line)
         sha = hashlib.sha256(json.dumps(flags).encode())
-        for rel, target in sorted(out):
+        for rel, target, unpack in sorted(out):
             full = ctx / rel
             st = full.lstat()
-            sha.update(f"{rel}\0{target}\0{st.st_mode:o}\0".encode())
+            sha.update(f"{rel}\0{target}\0{unpack}\0{st.st_mode:o}\0".encode())
             if stat.S_ISREG(st.st_mode):
                 with full.open("rb") as fh:
                     while chunk := fh.read(1 << 20):
@@ -563,7 +565,7 @@ class Builder:
         return out, sha.hexdigest()
 
     def _copy_layer(self, ctx: Path, ins: Instruction, st: _State, args: str,
-                    sources: Sequence[tuple[str, str]]) -> tuple[str, int]:
+                    sources: Sequence[tuple[str, str, bool]]) -> tuple[str, int]:
         argv = ins.exec_form() or shlex.split(args)
         chown = next((a.split("=", 1)[1] for a in argv if a.startswith("--chown=")), "")
         uid = gid = 0
@@ -576,12 +578,19 @@ class Builder:
                 raise BuildError(f"{ins.cmd} --chown: {exc}", ins.line) from None
             uid, gid = user.uid, user.gid
         workdir = st.config.workdir or "/"
-        entries: dict[str, tuple[str, str]] = {}  # path in image -> (context path, kind)
-        for rel, target in sources:
+        entries: dict[str, str] = {}  # path in image -> context path
+        archives: list[tuple[str, str]] = []  # (context path, directory in image) of ADD
+        for rel, target, unpack in sources:
             path = posixpath.normpath(posixpath.join(workdir, target)).lstrip("/")
+            if unpack:
+                archives.append((rel, "" if path == "." else path))
+                continue
             if path in ("", "."):
                 continue
-            entries[path] = (rel, "")
+            if (ctx / rel).is_file() and any((layer / path).is_dir() and not
+                                              (layer / path).is_symlink() for layer in lower):
+                path = posixpath.join(path, posixpath.basename(rel))  # into an existing dir
+            entries[path] = rel
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
         os.close(fd)
         try:
@@ -589,20 +598,45 @@ class Builder:
                 done: set[str] = set()
                 for path in sorted(entries):
                     self._parents(tar, path, lower, done)
-                    info = tar.gettarinfo(str(ctx / entries[path][0]), arcname=path)
+                    info = tar.gettarinfo(str(ctx / entries[path]), arcname=path)
                     info.uid, info.gid, info.uname, info.gname = uid, gid, "", ""
                     done.add(path)
                     if info.isreg():
-                        with (ctx / entries[path][0]).open("rb") as fh:
+                        with (ctx / entries[path]).open("rb") as fh:
                             tar.addfile(info, fh)
                     else:
                         tar.addfile(info)
+                for rel, into in archives:
+                    self._add_archive(tar, ctx / rel, into, lower, done)
             return self._store_layer(Path(tmp))
         except OSError as exc:
             raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _add_archive(self, tar: tarfile.TarFile, archive: Path, into: str,
+                     lower: Sequence[Path], done: set[str]) -> None:
+        """ADD of a local tar (plain, gzip; zstd not): its members below ``into``. Members
+        with absolute or ``..`` names are refused (the store's extraction checks links)."""
+        if into:
+            self._parents(tar, into + "/.", lower, done)
+        with tarfile.open(archive, "r:*") as src:
+            for member in src:
+                name = posixpath.normpath(member.name.lstrip("/"))
+                if name == ".":
+                    continue
+                if name.startswith(".."):
+                    raise BuildError(f"ADD {archive.name}: unsafe member {member.name!r}")
+                new = posixpath.join(into, name) if into else name
+                self._parents(tar, new, lower, done)
+                done.add(new)
+                member.name = new
+                if member.islnk():
+                    member.linkname = posixpath.join(into, posixpath.normpath(
+                        member.linkname.lstrip("/"))) if into else member.linkname
+                fh = src.extractfile(member) if member.isreg() else None
+                tar.addfile(member, fh)
 
     @staticmethod
     def _parents(tar: tarfile.TarFile, path: str, lower: Sequence[Path], done: set[str]

@@ -7,6 +7,7 @@ that step on; a failing RUN names its line; a deletion in a RUN is a whiteout in
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,8 @@ async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path:
     ctx = tmp_path / "ctx"
     (ctx / "conf").mkdir(parents=True)
     (ctx / "conf" / "a.conf").write_text("a")
+    with tarfile.open(ctx / "bundle.tgz", "w:gz") as tf:
+        tf.add(ctx / "conf", arcname="./inner")
     (ctx / "Dockerfile").write_text("""\
 FROM base:1
 ARG PORT=8080
@@ -117,6 +120,8 @@ LABEL org.example.team="core team" version=2
 HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost:$PORT
 STOPSIGNAL SIGQUIT
 ENTRYPOINT ["/bin/sh", "-c"]
+ADD bundle.tgz /opt/
+COPY conf/a.conf /tmp
 """)
     res = await Builder(ctl, ctl.images, tmp_path / "build").build(
         ctx, BuildOptions(tags=("cfg:1",), build_args={"PORT": "9000"}), lambda _: None)
@@ -127,8 +132,11 @@ ENTRYPOINT ["/bin/sh", "-c"]
     assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ()
     assert cfg.healthcheck is not None and cfg.healthcheck.retries == 2
     assert cfg.healthcheck.test == ("CMD-SHELL", "wget -q localhost:$PORT")
-    top = ctl.images.layer_dirs(res.image)  # (top first: COPY, RUN, WORKDIR, base)
-    assert (top[1] / "srv" / "app" / "here").read_text() == "/srv/app\n0\n"
-    conf = top[0] / "srv" / "app" / "etc" / "a.conf"
+    top = ctl.images.layer_dirs(res.image)  # (top first: COPY, ADD, COPY, RUN, WORKDIR, base)
+    assert (top[3] / "srv" / "app" / "here").read_text() == "/srv/app\n0\n"
+    conf = top[2] / "srv" / "app" / "etc" / "a.conf"
     assert conf.read_text() == "a" and (conf.stat().st_uid, conf.stat().st_gid) == (1000, 1000)
-    assert len(res.image.layers) == 4
+    assert (top[1] / "opt" / "inner" / "a.conf").read_text() == "a"  # ADD extracts a tar
+    assert (top[0] / "tmp" / "a.conf").read_text() == "a"  # into the existing /tmp
+    assert (top[0] / "tmp").stat().st_mode & 0o7777 == 0o1777  # its mode kept
+    assert len(res.image.layers) == 6
