@@ -358,7 +358,9 @@ class Builder:
             result.steps += 1
             env = {**st.args, **st.config.env}
             if ins.cmd == "ARG":
-                name, value = self._arg(ins, opts.build_args, st.args, used_args)
+                # (a bare `ARG NAME` after FROM takes the value of the ARG NAME before it)
+                name, value = self._arg(ins, opts.build_args, {**meta_args, **st.args},
+                                        used_args)
                 st.args[name] = value
                 emit(" ---> (build arg)")
                 continue

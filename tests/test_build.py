@@ -109,8 +109,11 @@ async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path:
     with tarfile.open(ctx / "bundle.tgz", "w:gz") as tf:
         tf.add(ctx / "conf", arcname="./inner")
     (ctx / "Dockerfile").write_text("""\
-FROM base:1
+ARG TAG=1
+FROM base:$TAG
 ARG PORT=8080
+ARG TAG
+LABEL base-tag=$TAG
 WORKDIR /srv/app
 RUN pwd > here && id -u >> here
 COPY --chown=app:app conf/ etc/
@@ -128,7 +131,7 @@ COPY conf/a.conf /tmp
     cfg = ctl.images.inspect("cfg:1").config
     assert (cfg.workdir, cfg.user, cfg.stop_signal) == ("/srv/app", "app", "SIGQUIT")
     assert cfg.exposed_ports == ((53, "udp"), (9000, "tcp"))
-    assert cfg.labels == {"org.example.team": "core team", "version": "2"}
+    assert cfg.labels == {"org.example.team": "core team", "version": "2", "base-tag": "1"}
     assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ()
     assert cfg.healthcheck is not None and cfg.healthcheck.retries == 2
     assert cfg.healthcheck.test == ("CMD-SHELL", "wget -q localhost:$PORT")
