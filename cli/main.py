@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 # (only light modules here: every `shoal ls` pays for what this imports; the spec, msgspec,
 # rich, http.client and the node's modules are imported where a command needs them —
 # tests/test_cli_shape.py checks the import set of `service ls`)
+from shoal.cli import build as build_cli
 from shoal.cli import keys, mqtt, network, output, progress, stack, user
 from shoal.cli import registry as registry_cli
 from shoal.cli.client import Client
@@ -225,6 +226,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
         registry_cli.run_pull(c, args, fmt)
     elif args.image_cmd == "prune":
         registry_cli.run_prune(c, args, fmt)
+    elif args.image_cmd == "build":
+        build_cli.run(c, args, fmt)
     elif args.image_cmd == "rm":
         for ref in args.refs:
             c.call("DELETE", f"/v1/images/{_q(ref)}")
@@ -825,6 +828,7 @@ def _build_parser() -> argparse.ArgumentParser:
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)
     registry_cli.add_image_prune(isub)
+    build_cli.add_parser(isub)
     registry_cli.add_parser(sub)
     stack.add_parser(sub)
     network.add_parser(sub)

@@ -501,6 +501,22 @@ class ApiServer:
                 raise BadRequest("ref must name its registry: HOST[:PORT]/PATH[:TAG]", "ref")
             return image_view(await c.registries.pull(ref, stored_creds=True))
 
+        async def image_build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
+            from shoal.runtime import build as build_mod
+
+            try:
+                opts = build_mod.options_from_query(req.query)
+            except build_mod.BuildError as exc:
+                raise BadRequest(str(exc), exc.field) from None
+            builder = build_mod.Builder(c.runtime, c.images, c.images.root.parent / "build",
+                                        pull=build_mod.puller(c.registries))
+            try:
+                ctx = await build_mod.receive_context(builder, req.content)
+            except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)
+                raise BadRequest(f"bad build context (expected a tar): {exc}", "body") from None
+            return await stream_ndjson(req, build_mod.stream_build(builder, ctx, opts,
+                                                                   cleanup=True))
+
         async def image_pulls(_: web.Request) -> Any:
             return c.registries.pulls()
 
@@ -543,6 +559,7 @@ class ApiServer:
             "service_rm": service_rm, "events": events, "metrics": metrics,
             "image_ls": images, "image_load": image_load, "image_rm": image_rm,
             "image_pull": image_pull, "image_pulls": image_pulls, "image_prune": image_prune,
+            "image_build": image_build,
             "registry_login": registry_login,
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),

@@ -637,6 +637,17 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/images/prune", "image_prune", "remove the images no task on this node "
           "uses (`image prune`)", "images", body=ImagePruneRequest,
           reply=_obj("", deleted=_list(STR), reclaimed=INT)),
+    Route("POST", "/v1/images/build", "image_build", "build an image from a Dockerfile "
+          "(`image build`); the body is the build context as a tar", "images",
+          content="application/x-ndjson",
+          query=(Param("t", STR, "NAME:TAG to tag the result with (repeatable)"),
+                 Param("dockerfile", STR, "the Dockerfile's path in the context"),
+                 Param("buildarg", STR, "K=V for an ARG (repeatable)"),
+                 Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache")),
+          reply=_obj("a build record", stream=STR, image=STR, error=STR, cached=INT),
+          errors=(400,),
+          description="body: `application/x-tar`; JSON lines `{stream}` while it runs, then "
+          "`{image, tags, steps, cached, layers_created, images_created}` or `{error, line}`"),
     Route("POST", "/v1/images/pull", "image_pull", "pull an image from its registry into "
           "this node's store (layers from peers first)", "images", body=ImagePullRequest,
           reply=_ref("Image"), errors=(400, 403, 404, 503),

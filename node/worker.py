@@ -38,6 +38,7 @@ from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Health, Task, TaskState, TaskStatus, to_dict
 from shoal.raft.spec import SIGNALS
+from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
@@ -220,8 +221,8 @@ class Worker:
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
-            if tid in mine or tid in starting:
-                continue
+            if tid in mine or tid in starting or tid.startswith(BUILD_TASK_PREFIX):
+                continue  # (the last: `image build` RUN steps, runtime/build.py's own)
             if rt.state is RunState.RUNNING:
                 self._stop(tid, 10.0)
             elif tid not in self._stopping:

@@ -131,6 +131,7 @@ class ImageConfig:
     stop_signal: str = ""  # the image's STOPSIGNAL ("SIGQUIT", "15"); "" = unset
     # the image's EXPOSE ports as (port, "tcp"|"udp"): the service's VIP serves them too
     exposed_ports: tuple[tuple[int, str], ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)  # LABEL key=value (image build)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -147,6 +148,8 @@ class ImageConfig:
             out["StopSignal"] = self.stop_signal
         if self.exposed_ports:  # (likewise)
             out["ExposedPorts"] = {f"{p}/{proto}": {} for p, proto in self.exposed_ports}
+        if self.labels:  # (likewise)
+            out["Labels"] = dict(sorted(self.labels.items()))
         return out
 
     @classmethod
@@ -166,6 +169,8 @@ class ImageConfig:
             healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
             stop_signal=_signal_name(raw.get("StopSignal")),
             exposed_ports=_exposed_ports(raw.get("ExposedPorts")),
+            labels={str(k): str(v) for k, v in (raw.get("Labels") or {}).items()}
+            if isinstance(raw.get("Labels"), dict) else {},
         )
 
     def apply(

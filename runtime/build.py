@@ -1,0 +1,936 @@
+"""``shoal image build``: a Dockerfile subset built into this node's image store.
+
+Owns: the Dockerfile parser (pure), the build-cache keys (pure), the builder (which runs each
+RUN as a task of the runtime and turns its overlay upper dir into a layer) and
+``DATA_DIR/build`` (``cache.json``: cache key -> image id; ``tmp/``: contexts and layer
+tarballs in progress). Must not touch: the image store's files (it goes through ImageStore's
+public methods: ``inspect``, ``import_blob``, ``add_image``, ``commit``), cluster state, the
+runtime's other tasks.
+
+Every instruction makes an image (untagged, like Docker's intermediate images): FROM the base,
+RUN/COPY/ADD one more layer, the others a new config over the same layers. The image id is the
+manifest's digest, so a built image is a normal image: services run it and peers fetch it blob by
+blob like any other. The cache maps ``sha256(parent image id, instruction, its expanded
+arguments, the build args in scope, the digests of the files COPY/ADD take)`` to the image that
+step made; a hit reuses it (nothing is made), so an unchanged rebuild creates no layer and no
+manifest. A cached image that was removed (``image prune``) is a miss.
+
+RUN: a task (``TaskConfig``: the parent image, ``/bin/sh -c CMD`` or the exec form, the image's
+Env + the build args in scope, WorkingDir, User) started and waited for through the runtime's
+Controller interface; its output is streamed; a non-zero exit fails the build. It has no network
+but ``lo`` (no pulls from the internet inside a RUN: a documented limit). Its upper dir becomes a
+layer tarball in the Docker/OCI form (overlayfs whiteouts -> ``.wh.NAME``, opaque dirs ->
+``.wh..wh..opq``), which the store unpacks back into the overlay form.
+
+Errors::
+
+    ImageError (shoal.runtime.errors)
+    └── BuildError        a bad Dockerfile (``line`` = its line number, 0 if none), a missing
+                          context file, a RUN that failed, a base image that cannot be had
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import re
+import secrets
+import shlex
+import stat
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shoal.runtime.errors import ImageError, ImageNotFound
+from shoal.runtime.images import ImageConfig, ImageHealthcheck, ImageInfo, ImageStore
+from shoal.runtime.records import RunState, TaskConfig
+from shoal.runtime.rootfs import read_rootfs_file, resolve_user
+
+
+class BuildError(ImageError):
+    """See the module docstring."""
+
+    def __init__(self, message: str, line: int = 0, field: str = "") -> None:
+        super().__init__(f"line {line}: {message}" if line else message)
+        self.line = line
+        self.field = field  # the request field at fault (API options), "" otherwise
+
+
+#: Task ids of RUN steps start with this (cluster task ids are hex: never "build..."); the
+#: worker's reconciler leaves such runtime tasks alone (node/worker.py).
+BUILD_TASK_PREFIX = "build"
+_ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
+
+#: Instructions this builder runs; every other Dockerfile instruction is refused by name.
+SUPPORTED = ("FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "EXPOSE", "LABEL",
+             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL")
+KNOWN_UNSUPPORTED = ("ONBUILD", "VOLUME", "SHELL", "MAINTAINER")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int  # 1-based line number of the instruction's first line
+    cmd: str  # upper case: "RUN"
+    args: str  # the rest, continuation lines joined, surrounding blanks stripped
+
+    def exec_form(self) -> list[str] | None:
+        """The JSON array form (``["a", "b"]``), or None for the shell form."""
+        text = self.args.strip()
+        if not text.startswith("["):
+            return None
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            return None  # Docker treats a bad JSON array as the shell form
+        if isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+            return raw
+        return None
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions of a Dockerfile: comments (``#`` first on a line) and blank lines skipped,
+    ``\\`` at a line's end continues it (comment lines inside a continuation are dropped, as
+    Docker does). Raise BuildError for an unknown or unsupported instruction, naming its line,
+    and when there is no FROM first (ARGs may come before it)."""
+    out: list[Instruction] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        start = i
+        raw = lines[i]
+        i += 1
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        parts = [stripped]
+        while parts[-1].endswith("\\"):
+            parts[-1] = parts[-1][:-1]
+            while i < len(lines) and lines[i].strip().startswith("#"):
+                i += 1
+            if i >= len(lines):
+                break
+            parts.append(lines[i].strip())
+            i += 1
+        joined = " ".join(p for p in (x.strip() for x in parts) if p)
+        word, _, rest = joined.partition(" ")
+        cmd = word.upper()
+        if cmd not in SUPPORTED:
+            what = "unsupported" if cmd in KNOWN_UNSUPPORTED else "unknown"
+            raise BuildError(f"{what} instruction {word!r} (supported: {', '.join(SUPPORTED)})",
+                             start + 1)
+        out.append(Instruction(start + 1, cmd, rest.strip()))
+    first = next((ins for ins in out if ins.cmd != "ARG"), None)
+    if first is None or first.cmd != "FROM":
+        raise BuildError("the Dockerfile must start with FROM (after optional ARGs)",
+                         first.line if first else 0)
+    if sum(ins.cmd == "FROM" for ins in out) > 1:
+        second = [ins for ins in out if ins.cmd == "FROM"][1]
+        raise BuildError("multi-stage builds (a second FROM) are not supported", second.line)
+    return out
+
+
+_VAR_RE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Docker's variable substitution: ``$V``, ``${V}``, ``${V:-default}``, ``${V:+alt}``;
+    ``\\$`` is a literal ``$``; an unset variable is empty."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "\\$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        value = env.get(name, "")
+        if m.group(2) == "-":
+            return value or m.group(3)
+        if m.group(2) == "+":
+            return m.group(3) if value else ""
+        return value
+
+    return _VAR_RE.sub(sub, text)
+
+
+def parse_pairs(args: str, line: int, what: str) -> list[tuple[str, str]]:
+    """``K=V K2="v 2"`` (or the legacy ``K V with spaces`` when there is no ``=``)."""
+    try:
+        words = shlex.split(args, posix=True)
+    except ValueError as exc:
+        raise BuildError(f"{what}: {exc}", line) from None
+    if not words:
+        raise BuildError(f"{what} needs at least one KEY=VALUE", line)
+    if "=" not in words[0]:
+        key, _, value = args.strip().partition(" ")
+        return [(key, value.strip())]
+    out = []
+    for w in words:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise BuildError(f"{what}: expected KEY=VALUE, got {w!r}", line)
+        out.append((key, value))
+    return out
+
+
+def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[str, str],
+              files: str = "") -> str:
+    """The layer-cache key of one step: the parent image id, the instruction and its
+    expanded arguments, the build args in scope (they reach RUN's environment) and, for
+    COPY/ADD, the digest of the files taken from the context."""
+    blob = json.dumps([parent, ins.cmd, expanded, sorted(build_args.items()), files])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ .dockerignore
+
+
+def read_dockerignore(text: str) -> list[tuple[bool, str]]:
+    """(negated, pattern) per line; comments and blanks skipped, patterns cleaned."""
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        neg = line.startswith("!")
+        pat = posixpath.normpath(line.lstrip("!").strip().lstrip("/"))
+        out.append((neg, pat))
+    return out
+
+
+def ignored(rel: str, patterns: Sequence[tuple[bool, str]]) -> bool:
+    """Whether a context path is excluded: the last matching pattern wins; a pattern matching a
+    parent directory excludes what is below it; ``**`` matches any number of directories."""
+    result = False
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    for neg, pat in patterns:
+        rx = _glob_re(pat)
+        if any(rx.fullmatch(p) for p in prefixes):
+            result = not neg
+    return result
+
+
+def _glob_re(pat: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pat):
+        if pat.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pat.startswith("**", i):
+            out += ".*"
+            i += 2
+        else:
+            ch = pat[i]
+            out += "[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch)
+            i += 1
+    return re.compile(out)
+
+
+def context_files(ctx: Path | str) -> list[str]:
+    """Every path of the context (relative, sorted) that .dockerignore does not exclude."""
+    try:
+        patterns = read_dockerignore((Path(ctx) / ".dockerignore").read_text())
+    except FileNotFoundError:
+        patterns = []
+    out = []
+    for root, dirs, files in os.walk(ctx):
+        for name in sorted(dirs) + sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), ctx)
+            if not ignored(rel, patterns):
+                out.append(rel)
+        dirs.sort()
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------- builder
+
+
+@dataclass
+class BuildOptions:
+    tags: tuple[str, ...] = ()  # NAME:TAG given with -t (several allowed)
+    dockerfile: str = "Dockerfile"  # relative to the context
+    build_args: dict[str, str] = field(default_factory=dict)  # --build-arg K=V
+    no_cache: bool = False  # --no-cache: run every step, record the new results
+
+
+@dataclass
+class BuildResult:
+    image: ImageInfo
+    steps: int = 0
+    cached: int = 0  # steps whose result came from the cache
+    layers_created: int = 0  # new layer blobs stored by this build
+    images_created: int = 0  # new images (manifests) made by this build
+
+
+@dataclass
+class _State:
+    image: str  # current image id ("" = scratch, nothing yet)
+    layers: list[tuple[str, int]]
+    config: ImageConfig
+    labels: dict[str, str]
+    args: dict[str, str]  # ARGs in scope (name -> value)
+
+
+Pull = Callable[[str], Awaitable[ImageInfo]]
+Emit = Callable[[str], None]
+
+
+class Builder:
+    """Builds images with ``runtime`` (a Controller: start/status/read_logs/logs_path/remove,
+    from the agent's event loop) into ``store``; ``pull`` fetches a FROM image that is not
+    here (None: only local images)."""
+
+    def __init__(self, runtime: Any, store: ImageStore, data_dir: Path,
+                 pull: Pull | None = None, run_timeout: float = 3600.0) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.dir = Path(data_dir)
+        self.tmp = self.dir / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pull = pull
+        self.run_timeout = run_timeout
+
+    # -- cache
+
+    def _cache(self) -> dict[str, str]:
+        try:
+            raw = json.loads((self.dir / "cache.json").read_text())
+            return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _cache_put(self, key: str, image_id: str) -> None:
+        cache = self._cache()
+        cache[key] = image_id
+        tmp = self.dir / f"cache.json.{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        os.replace(tmp, self.dir / "cache.json")
+
+    def _cached(self, key: str) -> ImageInfo | None:
+        image_id = self._cache().get(key)
+        if image_id is None:
+            return None
+        try:
+            return self.store.inspect(image_id)
+        except ImageError:
+            return None
+
+    # -- the build
+
+    async def build(self, ctx: Path, opts: BuildOptions, emit: Emit) -> BuildResult:
+        """Build the Dockerfile of context directory ``ctx``; ``emit`` gets output lines."""
+        import asyncio
+
+        try:
+            text = (ctx / opts.dockerfile).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BuildError(f"cannot read the Dockerfile {opts.dockerfile}: {exc}") from None
+        instructions = parse_dockerfile(text)
+        for tid in [t for t in self.runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)
+                    and t not in _ACTIVE]:  # a RUN left by a build an agent restart cut short
+            with contextlib.suppress(Exception):
+                await self.runtime.remove(tid)
+        files = await asyncio.to_thread(context_files, ctx)
+        result = BuildResult(image=None)  # type: ignore[arg-type]
+        st = _State("", [], ImageConfig(), {}, {})
+        meta_args: dict[str, str] = {}  # ARGs before FROM (usable in FROM only)
+        used_args: set[str] = set()
+        seen_from = False
+        total = len(instructions)
+        for n, ins in enumerate(instructions, 1):
+            emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
+            if ins.cmd == "ARG" and not seen_from:
+                name, value = self._arg(ins, opts.build_args, meta_args, used_args)
+                meta_args[name] = value
+                continue
+            if ins.cmd == "FROM":
+                seen_from = True
+                await self._from(ins, st, meta_args, emit)
+                result.steps += 1
+                continue
+            result.steps += 1
+            env = {**st.args, **st.config.env}
+            if ins.cmd == "ARG":
+                # (a bare `ARG NAME` after FROM takes the value of the ARG NAME before it)
+                name, value = self._arg(ins, opts.build_args, {**meta_args, **st.args},
+                                        used_args)
+                st.args[name] = value
+                emit(" ---> (build arg)")
+                continue
+            expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK") \
+                else expand(ins.args, env)
+            sources: list[tuple[str, str, bool]] = []
+            digest = ""
+            if ins.cmd in ("COPY", "ADD"):
+                sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
+                                                          expanded)
+            key = cache_key(st.image, ins, expanded, st.args, digest)
+            hit = None if opts.no_cache else self._cached(key)
+            if hit is not None:
+                emit(f" ---> Using cache {hit.id[7:19]}")
+                result.cached += 1
+                self._adopt(st, hit)
+                continue
+            new_layer: tuple[str, int] | None = None
+            if ins.cmd == "RUN":
+                new_layer = await self._run(ins, st, emit)
+            elif ins.cmd in ("COPY", "ADD"):
+                new_layer = await asyncio.to_thread(self._copy_layer, ctx, ins, st, expanded,
+                                                    sources)
+            else:
+                self._config_step(ins, st, expanded)
+                if ins.cmd == "WORKDIR":  # created when missing, as Docker does
+                    new_layer = await asyncio.to_thread(self._workdir_layer, st)
+            if new_layer is not None:
+                result.layers_created += 1
+                st.layers.append(new_layer)
+            config = replace(st.config, labels=dict(st.labels))
+            before = {i.id for i in await asyncio.to_thread(self.store.ls)}
+            info = await asyncio.to_thread(self.store.add_image, st.layers, config)
+            result.images_created += info.id not in before
+            self._cache_put(key, info.id)
+            st.image = info.id
+            emit(f" ---> {info.id[7:19]}")
+        unused = set(opts.build_args) - used_args
+        if unused:
+            emit(f"[Warning] build args not consumed by any ARG: {', '.join(sorted(unused))}")
+        if not st.image:
+            raise BuildError("nothing to build: FROM scratch with no layer and no config")
+        info = await asyncio.to_thread(self.store.commit, st.image, list(opts.tags))
+        result.image = info
+        emit(f"Successfully built {info.id[7:19]}")
+        for tag in info.tags:
+            if tag in {self._norm(t) for t in opts.tags}:
+                emit(f"Successfully tagged {tag}")
+        return result
+
+    @staticmethod
+    def _norm(tag: str) -> str:
+        from shoal.runtime.images import normalize_ref
+
+        return normalize_ref(tag)
+
+    def _adopt(self, st: _State, info: ImageInfo) -> None:
+        st.image = info.id
+        st.layers = [(d, self._blob_size(d)) for d in info.layers]
+        st.config = info.config
+        st.labels = dict(info.config.labels)
+
+    def _blob_size(self, digest: str) -> int:
+        with self.store.export_blob(digest) as fh:
+            return os.fstat(fh.fileno()).st_size
+
+    @staticmethod
+    def _arg(ins: Instruction, build_args: Mapping[str, str], scope: Mapping[str, str],
+             used: set[str]) -> tuple[str, str]:
+        name, sep, default = ins.args.strip().partition("=")
+        if not re.fullmatch(r"\w+", name):
+            raise BuildError(f"ARG: bad name {name!r}", ins.line)
+        if name in build_args:
+            used.add(name)
+            return name, build_args[name]
+        return name, expand(default.strip().strip('"'), scope) if sep else scope.get(name, "")
+
+    async def _from(self, ins: Instruction, st: _State, meta: Mapping[str, str],
+                    emit: Emit) -> None:
+        words = expand(ins.args, meta).split()
+        if not words or words[0].startswith("--"):
+            raise BuildError("FROM needs an image (flags like --platform are not supported)",
+                             ins.line)
+        if len(words) > 1:
+            raise BuildError("FROM ... AS NAME (multi-stage) is not supported", ins.line)
+        ref = words[0]
+        if ref == "scratch":
+            return
+        import asyncio
+
+        try:
+            info = await asyncio.to_thread(self.store.inspect, ref)
+        except ImageNotFound:
+            if self.pull is None:
+                raise BuildError(f"FROM {ref}: no such image on this node", ins.line) from None
+            emit(f" ---> pulling {ref}")
+            try:
+                info = await self.pull(ref)
+            except Exception as exc:  # any pull failure: the build fails with its message
+                raise BuildError(f"FROM {ref}: {exc}", ins.line) from None
+        self._adopt(st, info)
+        emit(f" ---> {info.id[7:19]}")
+
+    def _config_step(self, ins: Instruction, st: _State, args: str) -> None:
+        cfg = st.config
+        line = ins.line
+        if ins.cmd == "ENV":
+            env = dict(cfg.env)
+            env.update(parse_pairs(args, line, "ENV"))
+            cfg = replace(cfg, env=env)
+        elif ins.cmd == "LABEL":
+            st.labels.update(parse_pairs(args, line, "LABEL"))
+        elif ins.cmd == "WORKDIR":
+            path = posixpath.normpath(posixpath.join(cfg.workdir or "/", args.strip()))
+            cfg = replace(cfg, workdir=path)
+        elif ins.cmd == "USER":
+            if not args.strip():
+                raise BuildError("USER needs a user", line)
+            cfg = replace(cfg, user=args.strip())
+        elif ins.cmd == "EXPOSE":
+            ports = set(cfg.exposed_ports)
+            for word in args.split():
+                port, _, proto = word.partition("/")
+                proto = proto.lower() or "tcp"
+                if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp",
+                                                                                     "udp"):
+                    raise BuildError(f"EXPOSE: bad port {word!r}", line)
+                ports.add((int(port), proto))
+            cfg = replace(cfg, exposed_ports=tuple(sorted(ports)))
+        elif ins.cmd in ("CMD", "ENTRYPOINT"):
+            argv = ins.exec_form()
+            if argv is None:
+                argv = ["/bin/sh", "-c", args] if args.strip() else []
+            cfg = replace(cfg, cmd=tuple(argv)) if ins.cmd == "CMD" else \
+                replace(cfg, entrypoint=tuple(argv), cmd=())
+        elif ins.cmd == "HEALTHCHECK":
+            cfg = replace(cfg, healthcheck=parse_healthcheck(args, line))
+        elif ins.cmd == "STOPSIGNAL":
+            if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|\d+", args.strip()):
+                raise BuildError(f"STOPSIGNAL: bad signal {args!r}", line)
+            cfg = replace(cfg, stop_signal=args.strip())
+        st.config = cfg
+
+    # -- COPY / ADD
+
+    def _sources(self, ctx: Path, files: Sequence[str], ins: Instruction, args: str
+                 ) -> tuple[list[tuple[str, str, bool]], str]:
+        """[(context path, path in the image)] of a COPY/ADD and a digest of their content."""
+        argv = ins.exec_form()
+        if argv is None:
+            try:
+                argv = shlex.split(args)
+            except ValueError as exc:
+                raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
+        flags = [a for a in argv if a.startswith("--")]
+        argv = [a for a in argv if not a.startswith("--")]
+        for flag in flags:
+            if not flag.startswith("--chown="):
+                raise BuildError(f"{ins.cmd}: unsupported flag {flag}", ins.line)
+        if len(argv) < 2:
+            raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
+        *srcs, dest = argv
+        fileset = set(files)
+        out: list[tuple[str, str, bool]] = []  # (context path, path in image, extract it)
+        for src in srcs:
+            if "://" in src:
+                raise BuildError(f"{ins.cmd} from a URL is not supported: {src}", ins.line)
+            pat = posixpath.normpath(src.lstrip("/"))
+            if pat.startswith(".."):
+                raise BuildError(f"{ins.cmd}: {src} is outside the build context", ins.line)
+            matches = [""] if pat == "." else [f for f in files
+                                               if fnmatch.fnmatchcase(f, pat)]
+            if not matches:
+                raise BuildError(f"{ins.cmd}: {src} not found in the build context "
+                                 "(or excluded by .dockerignore)", ins.line)
+            many = len(srcs) > 1 or len(matches) > 1 or dest.endswith("/")
+            for m in matches:
+                full = ctx / m if m else ctx
+                if full.is_dir() and not full.is_symlink():
+                    below = [f for f in files if m == "" or f.startswith(m + "/")]
+                    for f in below:
+                        rel = f[len(m) + 1:] if m else f
+                        out.append((f, posixpath.join(dest, rel), False))
+                    if m:
+                        out.append((m, dest, False))
+                elif ins.cmd == "ADD" and full.is_file() and tarfile.is_tarfile(full):
+                    out.append((m, dest.rstrip("/") or "/", True))  # extracted into dest
+                else:
+                    target = posixpath.join(dest, posixpath.basename(m)) if many else dest
+                    out.append((m, target, False))
+                    if m not in fileset:
+                        raise BuildError(f"{ins.cmd}: {src} is excluded", ins.line)
+        sha = hashlib.sha256(json.dumps(flags).encode())
+        for rel, target, unpack in sorted(out):
+            full = ctx / rel
+            st = full.lstat()
+            sha.update(f"{rel}\0{target}\0{unpack}\0{st.st_mode:o}\0".encode())
+            if stat.S_ISREG(st.st_mode):
+                with full.open("rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        sha.update(chunk)
+            elif stat.S_ISLNK(st.st_mode):
+                sha.update(os.readlink(full).encode())
+        return out, sha.hexdigest()
+
+    def _copy_layer(self, ctx: Path, ins: Instruction, st: _State, args: str,
+                    sources: Sequence[tuple[str, str, bool]]) -> tuple[str, int]:
+        argv = ins.exec_form() or shlex.split(args)
+        chown = next((a.split("=", 1)[1] for a in argv if a.startswith("--chown=")), "")
+        uid = gid = 0
+        lower = self._lower_dirs(st)
+        if chown:
+            try:
+                user = resolve_user(chown, read_rootfs_file(lower, "etc/passwd"),
+                                    read_rootfs_file(lower, "etc/group"))
+            except ValueError as exc:
+                raise BuildError(f"{ins.cmd} --chown: {exc}", ins.line) from None
+            uid, gid = user.uid, user.gid
+        workdir = st.config.workdir or "/"
+        entries: dict[str, str] = {}  # path in image -> context path
+        archives: list[tuple[str, str]] = []  # (context path, directory in image) of ADD
+        for rel, target, unpack in sources:
+            path = posixpath.normpath(posixpath.join(workdir, target)).lstrip("/")
+            if unpack:
+                archives.append((rel, "" if path == "." else path))
+                continue
+            if path in ("", "."):
+                continue
+            if (ctx / rel).is_file() and any((layer / path).is_dir() and not
+                                              (layer / path).is_symlink() for layer in lower):
+                path = posixpath.join(path, posixpath.basename(rel))  # into an existing dir
+            entries[path] = rel
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                done: set[str] = set()
+                for path in sorted(entries):
+                    self._parents(tar, path, lower, done)
+                    info = tar.gettarinfo(str(ctx / entries[path]), arcname=path)
+                    info.uid, info.gid, info.uname, info.gname = uid, gid, "", ""
+                    done.add(path)
+                    if info.isreg():
+                        with (ctx / entries[path]).open("rb") as fh:
+                            tar.addfile(info, fh)
+                    else:
+                        tar.addfile(info)
+                for rel, into in archives:
+                    self._add_archive(tar, ctx / rel, into, lower, done)
+            return self._store_layer(Path(tmp))
+        except OSError as exc:
+            raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _add_archive(self, tar: tarfile.TarFile, archive: Path, into: str,
+                     lower: Sequence[Path], done: set[str]) -> None:
+        """ADD of a local tar (plain, gzip; zstd not): its members below ``into``. Members
+        with absolute or ``..`` names are refused (the store's extraction checks links)."""
+        if into:
+            self._parents(tar, into + "/.", lower, done)
+        with tarfile.open(archive, "r:*") as src:
+            for member in src:
+                name = posixpath.normpath(member.name.lstrip("/"))
+                if name == ".":
+                    continue
+                if name.startswith(".."):
+                    raise BuildError(f"ADD {archive.name}: unsafe member {member.name!r}")
+                new = posixpath.join(into, name) if into else name
+                self._parents(tar, new, lower, done)
+                done.add(new)
+                member.name = new
+                if member.islnk():
+                    member.linkname = posixpath.join(into, posixpath.normpath(
+                        member.linkname.lstrip("/"))) if into else member.linkname
+                fh = src.extractfile(member) if member.isreg() else None
+                tar.addfile(member, fh)
+
+    @staticmethod
+    def _parents(tar: tarfile.TarFile, path: str, lower: Sequence[Path], done: set[str]
+                 ) -> None:
+        """Directory entries for the parents of ``path`` not yet in the tarball, with the
+        mode and owner they have in the parent image (0755 root when new)."""
+        parts = path.split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            d = "/".join(parts[:n])
+            if d in done:
+                continue
+            done.add(d)
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            for layer in lower:
+                with contextlib.suppress(OSError):
+                    s = (layer / d).lstat()
+                    if stat.S_ISDIR(s.st_mode):
+                        info.mode, info.uid, info.gid = stat.S_IMODE(s.st_mode), s.st_uid, \
+                            s.st_gid
+                        info.mtime = int(s.st_mtime)
+                    break
+            tar.addfile(info)
+
+    def _workdir_layer(self, st: _State) -> tuple[str, int] | None:
+        """A layer holding the WORKDIR (and its parents) if the image lacks it, else None."""
+        path = st.config.workdir.strip("/")
+        lower = self._lower_dirs(st)
+        if not path or any((layer / path).is_dir() for layer in lower):
+            return None
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                self._parents(tar, path + "/.", lower, set())
+            return self._store_layer(Path(tmp))
+        finally:
+            os.unlink(tmp)
+
+    def _lower_dirs(self, st: _State) -> list[Path]:
+        if not st.image:
+            return []
+        return self.store.layer_dirs(self.store.inspect(st.image))
+
+    def _store_layer(self, tarball: Path) -> tuple[str, int]:
+        sha = hashlib.sha256()
+        with tarball.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+        digest = f"sha256:{sha.hexdigest()}"
+        with tarball.open("rb") as fh:
+            size = self.store.import_blob(digest, fh)
+        return digest, size
+
+    # -- RUN
+
+    async def _run(self, ins: Instruction, st: _State, emit: Emit) -> tuple[str, int] | None:
+        import asyncio
+
+        if not st.layers:
+            raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
+        argv = ins.exec_form()
+        argv = ["/bin/sh", "-c", ins.args] if argv is None else argv
+        if not argv or not ins.args.strip():
+            raise BuildError("RUN needs a command", ins.line)
+        task_id = f"{BUILD_TASK_PREFIX}{secrets.token_hex(8)}"
+        _ACTIVE.add(task_id)
+        cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
+                         env={**st.args, **st.config.env}, workdir=st.config.workdir,
+                         image=st.image, user=st.config.user)
+        try:
+            await self.runtime.start(cfg)
+        except Exception as exc:  # a start failure (bad user, image gone...): the build fails
+            raise BuildError(f"RUN: cannot start: {exc}", ins.line) from None
+        try:
+            seen = 0
+            deadline = time.monotonic() + self.run_timeout
+            while True:
+                status = self.runtime.status(task_id)
+                lines = self.runtime.read_logs(task_id)
+                for log_line in lines[seen:]:
+                    emit(log_line.line)
+                seen = max(seen, len(lines))
+                if status is None or status.state is RunState.EXITED:
+                    break
+                if time.monotonic() > deadline:
+                    raise BuildError(f"RUN did not finish in {self.run_timeout:g}s", ins.line)
+                await asyncio.sleep(0.05)
+            code = status.exit_code if status is not None else None
+            if code != 0:
+                raise BuildError(f"RUN {ins.args} returned a non-zero code: {code} "
+                                 f"({status.message if status else 'unknown'})", ins.line)
+            upper = self.runtime.logs_path(task_id)[0].parent / "upper"
+            return await asyncio.to_thread(self._diff_layer, upper)
+        finally:
+            _ACTIVE.discard(task_id)
+            with contextlib.suppress(Exception):
+                await self.runtime.remove(task_id)
+
+    def _diff_layer(self, upper: Path) -> tuple[str, int] | None:
+        """The RUN's upper dir as a layer tarball (None if it changed nothing)."""
+        if not any(upper.iterdir()):
+            return None
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for root, dirs, names in os.walk(upper):
+                    dirs.sort()
+                    rel_root = os.path.relpath(root, upper)
+                    if rel_root != "." and _opaque(Path(root)):
+                        info = tarfile.TarInfo(posixpath.join(rel_root, ".wh..wh..opq"))
+                        tar.addfile(info)
+                    for name in sorted(dirs) + sorted(names):
+                        full = os.path.join(root, name)
+                        rel = os.path.normpath(os.path.join(rel_root, name))
+                        s = os.lstat(full)
+                        if stat.S_ISCHR(s.st_mode) and s.st_rdev == 0:  # a whiteout
+                            info = tarfile.TarInfo(posixpath.join(posixpath.dirname(rel),
+                                                                  ".wh." + name))
+                            tar.addfile(info)
+                            continue
+                        info = tar.gettarinfo(full, arcname=rel)
+                        if info.isreg():
+                            with open(full, "rb") as fh:
+                                tar.addfile(info, fh)
+                        elif info.isdir() or info.issym() or info.islnk():
+                            tar.addfile(info)
+                        # (other device nodes, fifos, sockets: not layered)
+            return self._store_layer(Path(tmp))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def parse_healthcheck(args: str, line: int) -> ImageHealthcheck:
+    """``HEALTHCHECK [--interval=D --timeout=D --start-period=D --retries=N] CMD ...`` or
+    ``HEALTHCHECK NONE``; durations like 30s, 1m30s, 500ms."""
+    text = args.strip()
+    if text.upper() == "NONE":
+        return ImageHealthcheck(test=("NONE",))
+    opts: dict[str, str] = {}
+    while text.startswith("--"):
+        word, _, text = text.partition(" ")
+        key, sep, value = word[2:].partition("=")
+        if not sep or key not in ("interval", "timeout", "start-period", "retries"):
+            raise BuildError(f"HEALTHCHECK: unknown option {word}", line)
+        opts[key] = value
+        text = text.strip()
+    word, _, rest = text.partition(" ")
+    if word.upper() != "CMD" or not rest.strip():
+        raise BuildError("HEALTHCHECK needs CMD COMMAND or NONE", line)
+    argv = Instruction(line, "CMD", rest).exec_form()
+    test = ("CMD", *argv) if argv is not None else ("CMD-SHELL", rest.strip())
+    try:
+        retries = int(opts.get("retries", "0"))
+        return ImageHealthcheck(test=test, interval=_duration(opts.get("interval", "0")),
+                                timeout=_duration(opts.get("timeout", "0")),
+                                start_period=_duration(opts.get("start-period", "0")),
+                                retries=retries)
+    except ValueError as exc:
+        raise BuildError(f"HEALTHCHECK: {exc}", line) from None
+
+
+def _duration(text: str) -> float:
+    if text in ("", "0"):
+        return 0.0
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    if not parts or "".join(a + u for a, u in parts) != text:
+        raise ValueError(f"bad duration {text!r} (e.g. 30s, 1m30s)")
+    return sum(float(a) * units[u] for a, u in parts)
+
+
+def options_from_query(query: Any) -> BuildOptions:
+    """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``),
+    a MultiDict; BuildError names the bad field."""
+    from shoal.runtime.images import normalize_ref
+
+    tags = tuple(query.getall("t", []))
+    for tag in tags:
+        try:
+            normalize_ref(tag)
+        except (ImageError, ValueError) as exc:
+            raise BuildError(f"bad tag {tag!r}: {exc}", field="t") from None
+    dockerfile = query.get("dockerfile") or "Dockerfile"
+    norm = posixpath.normpath(dockerfile)
+    if norm.startswith(("/", "..")):
+        raise BuildError("dockerfile must be a path inside the context", field="dockerfile")
+    args: dict[str, str] = {}
+    for item in query.getall("buildarg", []):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"\w+", key):
+            raise BuildError(f"expected K=V, got {item!r}", field="buildarg")
+        args[key] = value
+    return BuildOptions(tags=tags, dockerfile=norm, build_args=args,
+                        no_cache=query.get("nocache") == "1")
+
+
+def puller(registries: Any) -> Pull | None:
+    """The FROM fallback: pull through the node's registries (shoal.node.registries) when the
+    reference names a registry host."""
+    if registries is None:
+        return None
+
+    async def pull(ref: str) -> ImageInfo:
+        if not registries.pullable(ref):
+            raise BuildError(f"no image {ref} on this node (and it names no registry to pull "
+                             "from)")
+        info: ImageInfo = await registries.pull(ref, stored_creds=True)
+        return info
+
+    return pull
+
+
+async def receive_context(builder: Builder, content: Any) -> Path:
+    """The build context from a request body stream (a tar, as `docker build` sends it),
+    unpacked safely (no absolute paths, no ``..``, no path through a symlink) into a fresh
+    directory under ``DATA_DIR/build/tmp``."""
+    import asyncio
+
+    from shoal.runtime.images import extract_layer
+
+    fd, tarpath = tempfile.mkstemp(dir=builder.tmp, prefix="ctx-", suffix=".tar")
+    ctx = Path(tempfile.mkdtemp(dir=builder.tmp, prefix="ctx-"))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in content.iter_chunked(1 << 20):
+                out.write(chunk)
+
+        def unpack() -> None:
+            try:
+                with open(tarpath, "rb") as fh:
+                    extract_layer(fh, ctx)
+            except tarfile.TarError as exc:
+                raise BuildError(f"the build context is not a tar: {exc}") from None
+
+        await asyncio.to_thread(unpack)
+    except BaseException:
+        _rmtree(ctx)
+        raise
+    finally:
+        os.unlink(tarpath)
+    return ctx
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def stream_build(builder: Builder, ctx: Path, opts: BuildOptions, cleanup: bool = False
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """Run a build, yielding ``{"stream": line}`` records as it goes and finally
+    ``{"image", "tags", "steps", "cached", "layers_created", "images_created"}`` or
+    ``{"error", "line"}``; ``cleanup``: remove ``ctx`` at the end."""
+    import asyncio
+
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def work() -> None:
+        try:
+            res = await builder.build(ctx, opts, lambda s: queue.put_nowait({"stream": s}))
+            queue.put_nowait({"image": res.image.id, "tags": list(res.image.tags),
+                              "steps": res.steps, "cached": res.cached,
+                              "layers_created": res.layers_created,
+                              "images_created": res.images_created})
+        except BuildError as exc:
+            queue.put_nowait({"error": str(exc), "line": exc.line})
+        except (ImageError, OSError) as exc:
+            queue.put_nowait({"error": str(exc), "line": 0})
+        finally:
+            queue.put_nowait(None)
+
+    job = asyncio.ensure_future(work())
+    try:
+        while (rec := await queue.get()) is not None:
+            yield rec
+    finally:
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+        if cleanup:
+            import asyncio as _asyncio
+
+            await _asyncio.to_thread(_rmtree, ctx)

@@ -1,0 +1,145 @@
+"""shoal.runtime.build for real: a 5-instruction Dockerfile (FROM the busybox-static test image,
+RUN, COPY, ENV, CMD) built with the real runtime into a real image store, run as a task; an
+unchanged rebuild is all cache hits and creates nothing; a changed COPY source rebuilds from
+that step on; a failing RUN names its line; a deletion in a RUN is a whiteout in the image.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from test_runtime_images import BUSYBOX, busybox_rootfs
+from test_runtime_support import needs_root, run_to_end, task
+
+from shoal.runtime.build import Builder, BuildError, BuildOptions
+from shoal.runtime.process import ProcessController
+
+pytest_plugins = ("test_runtime_support",)  # its fixtures
+pytestmark = [
+    needs_root,
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+]
+
+DOCKERFILE = """\
+FROM base:1
+RUN echo built > /built.txt && rm /bin/hostname
+COPY hello.txt /app/
+ENV GREETING=hi \\
+    OTHER=x
+CMD ["/bin/sh", "-c", "cat /built.txt /app/hello.txt; echo $GREETING; ls /bin/hostname"]
+"""
+
+
+def _layers(ctl: ProcessController) -> set[str]:
+    return {p.name for p in (ctl.images.root / "layers").iterdir()}
+
+
+async def test_build_run_rebuild_from_cache_and_change(ctl: ProcessController,
+                                                       tmp_path: Path) -> None:
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    (ctx / "hello.txt").write_text("hello from the context\n")
+    (ctx / "junk.log").write_text("ignored")
+    (ctx / ".dockerignore").write_text("*.log\n")
+    builder = Builder(ctl, ctl.images, tmp_path / "build")
+    lines: list[str] = []
+    first = await builder.build(ctx, BuildOptions(tags=("app:1",)), lines.append)
+    assert (first.steps, first.cached, first.layers_created) == (5, 0, 2)
+    assert "Successfully tagged app:1" in lines
+    info = ctl.images.inspect("app:1")
+    assert info.id == first.image.id and len(info.layers) == 3
+    assert info.config.env == {"GREETING": "hi", "OTHER": "x"}
+
+    cmd, env, _workdir, _user = info.config.apply()
+    st, out, err = await run_to_end(ctl, task("run1", *cmd, env=env, image="app:1"))
+    assert out == "built\nhello from the context\nhi\n"
+    assert "hostname" in err and st.exit_code != 0  # the RUN's rm is a whiteout
+    await ctl.remove("run1")
+
+    # unchanged: every step but FROM from the cache, nothing created
+    layers = _layers(ctl)
+    lines.clear()
+    again = await builder.build(ctx, BuildOptions(tags=("app:1",)), lines.append)
+    assert (again.cached, again.layers_created, again.images_created) == (4, 0, 0)
+    assert again.image.id == first.image.id and _layers(ctl) == layers
+    assert sum("Using cache" in line for line in lines) == 4
+    (ctx / "junk.log").write_text("changed, but ignored")
+    assert (await builder.build(ctx, BuildOptions(), lines.append)).cached == 4
+
+    # a changed COPY source: RUN still cached, COPY and what follows rebuilt
+    (ctx / "hello.txt").write_text("changed\n")
+    third = await builder.build(ctx, BuildOptions(tags=("app:2",)), lines.append)
+    assert (third.cached, third.layers_created) == (1, 1)
+    assert third.image.layers[:2] == first.image.layers[:2]
+    # --no-cache runs every step again
+    fourth = await builder.build(ctx, BuildOptions(no_cache=True), lines.append)
+    assert (fourth.cached, fourth.layers_created) == (0, 2)
+
+
+async def test_a_failing_run_names_its_line_and_leaves_no_task(ctl: ProcessController,
+                                                               tmp_path: Path) -> None:
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM base:1\nARG CODE=3\nRUN echo out; exit $CODE\n")
+    lines: list[str] = []
+    builder = Builder(ctl, ctl.images, tmp_path / "build")
+    with pytest.raises(BuildError, match=r"line 3: RUN .* non-zero code: 4") as exc:
+        await builder.build(ctx, BuildOptions(build_args={"CODE": "4"}), lines.append)
+    assert exc.value.line == 3 and "out" in lines
+    assert ctl.tasks() == {}
+    # a RUN task left behind (a build an agent restart cut short) is removed by the next build
+    await ctl.start(task("buildleftover", "sleep", "1000", image="base:1"))
+    with pytest.raises(BuildError, match="line 2: COPY: nope not found"):
+        (ctx / "Dockerfile").write_text("FROM base:1\nCOPY nope /x\n")
+        await builder.build(ctx, BuildOptions(), lines.append)
+    assert ctl.tasks() == {}
+
+
+async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path: Path) -> None:
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    (ctx / "conf").mkdir(parents=True)
+    (ctx / "conf" / "a.conf").write_text("a")
+    with tarfile.open(ctx / "bundle.tgz", "w:gz") as tf:
+        tf.add(ctx / "conf", arcname="./inner")
+    (ctx / "Dockerfile").write_text("""\
+ARG TAG=1
+FROM base:$TAG
+ARG PORT=8080
+ARG TAG
+LABEL base-tag=$TAG
+WORKDIR /srv/app
+RUN pwd > here && id -u >> here
+COPY --chown=app:app conf/ etc/
+USER app
+EXPOSE $PORT 53/udp
+LABEL org.example.team="core team" version=2
+HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost:$PORT
+STOPSIGNAL SIGQUIT
+ENTRYPOINT ["/bin/sh", "-c"]
+ADD bundle.tgz /opt/
+COPY conf/a.conf /tmp
+""")
+    res = await Builder(ctl, ctl.images, tmp_path / "build").build(
+        ctx, BuildOptions(tags=("cfg:1",), build_args={"PORT": "9000"}), lambda _: None)
+    cfg = ctl.images.inspect("cfg:1").config
+    assert (cfg.workdir, cfg.user, cfg.stop_signal) == ("/srv/app", "app", "SIGQUIT")
+    assert cfg.exposed_ports == ((53, "udp"), (9000, "tcp"))
+    assert cfg.labels == {"org.example.team": "core team", "version": "2", "base-tag": "1"}
+    assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ()
+    assert cfg.healthcheck is not None and cfg.healthcheck.retries == 2
+    assert cfg.healthcheck.test == ("CMD-SHELL", "wget -q localhost:$PORT")
+    top = ctl.images.layer_dirs(res.image)  # (top first: COPY, ADD, COPY, RUN, WORKDIR, base)
+    assert (top[3] / "srv" / "app" / "here").read_text() == "/srv/app\n0\n"
+    conf = top[2] / "srv" / "app" / "etc" / "a.conf"
+    assert conf.read_text() == "a" and (conf.stat().st_uid, conf.stat().st_gid) == (1000, 1000)
+    assert (top[1] / "opt" / "inner" / "a.conf").read_text() == "a"  # ADD extracts a tar
+    assert (top[0] / "tmp" / "a.conf").read_text() == "a"  # into the existing /tmp
+    assert (top[0] / "tmp").stat().st_mode & 0o7777 == 0o1777  # its mode kept
+    assert len(res.image.layers) == 6
