@@ -305,7 +305,8 @@ class Worker:
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
-            mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size)
+            mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
+                                   m.volume_driver, tuple(sorted(m.volume_opts.items())))
                          for m in s.mounts),
             files=files,
         )
