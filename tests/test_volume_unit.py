@@ -191,3 +191,32 @@ def test_single_writer_task_moves_on_drain_only_after_the_old_one_ended() -> Non
     _pass(st, 7.0)
     moved = st.tasks[new[0].id]
     assert moved.node_id and moved.node_id != old.node_id
+
+
+# ------------------------------------------------------------------ volume records in Raft
+def test_volume_records_check_options_refuse_duplicates_and_removal_in_use() -> None:
+    st = _cluster()
+    bad = st.apply({"op": "volume_create", "id": "v0", "now": 1.0, "name": "data",
+                    "driver": "sshfs", "options": {"sshcmd": "nohost"}})
+    assert bad["error"]["field"] == "volume-opt sshcmd", bad
+    ok = st.apply({"op": "volume_create", "id": "v1", "now": 1.0, "name": "data",
+                   "driver": "sshfs", "options": {"sshcmd": "u@10.0.0.9:/srv",
+                                                  "single-writer": "true"}})
+    assert "ok" in ok, ok
+    dup = st.apply({"op": "volume_create", "id": "v2", "now": 1.0, "name": "data"})
+    assert dup["error"]["code"] == "exists"
+    spec = {"name": "w", "command": ["sleep", "1"], "replicas": 2,
+            "mounts": [{"type": "volume", "source": "data", "target": "/data"}]}
+    assert "ok" in st.apply({"op": "service_create", "id": "s9", "now": 1.0, "spec": spec})
+    busy = st.apply({"op": "volume_remove", "name": "data"})
+    assert busy["error"]["code"] == "in_use" and "w" in busy["error"]["message"]
+    # the created volume's single-writer option holds for a mount without options of its own
+    _pass(st, 2.0)
+    assert len([t for t in _alive(st) if t.node_id]) == 1
+    assert "ok" in st.apply({"op": "service_remove", "id": "s9", "now": 3.0})
+    for t in list(st.tasks.values()):
+        if t.node_id:
+            _report(st, t, TaskState.SHUTDOWN, 4.0)
+    _pass(st, 5.0)
+    assert "ok" in st.apply({"op": "volume_remove", "name": "data"})
+    assert not st.volumes
