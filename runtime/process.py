@@ -125,6 +125,7 @@ class ProcessController:
         # network volumes mounted here: name -> ids of the tasks starting with or using it
         self._vol_users: dict[str, set[str]] = {}
         self._vol_fds: dict[str, int] = {}  # name -> fd kept open while mounted (sshfs's key)
+        self._vol_locks: dict[str, asyncio.Lock] = {}  # name -> held while (un)mounting it
         self._listener: Listener | None = None
         self._boot_id = boot_id()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,33 +302,35 @@ class ProcessController:
 
     async def _mount_volumes(self, cfg: TaskConfig) -> None:
         """Mount the task's network volumes (shoal.runtime.volumes) at DATA_DIR/volumes/NAME,
-        unless mounted already; the task counts as a user from here on."""
+        unless mounted already; the task counts as a user from here on. One lock per volume:
+        two tasks starting at once mount it once."""
         for m in cfg.mounts:
             opts = dict(m.driver_opts)
             if m.type != "volume" or not volumes.is_network(m.driver, opts):
                 continue
-            users = self._vol_users.setdefault(m.source, set())
-            users.add(cfg.task_id)
-            path = self._cfg.volumes_dir / m.source
-            if len(users) == 1 or not os.path.ismount(path):
-                fd = await asyncio.to_thread(volumes.mount, path, m.driver, opts, cfg.files)
-                if fd is not None:
-                    self._vol_fds[m.source] = fd
+            async with self._vol_locks.setdefault(m.source, asyncio.Lock()):
+                self._vol_users.setdefault(m.source, set()).add(cfg.task_id)
+                path = self._cfg.volumes_dir / m.source
+                if not os.path.ismount(path):
+                    fd = await asyncio.to_thread(volumes.mount, path, m.driver, opts, cfg.files)
+                    if fd is not None:
+                        self._vol_fds[m.source] = fd
 
     async def _release_volumes(self, task_id: str, names: tuple[str, ...] = ()) -> None:
         """The task no longer uses its volumes: unmount each network volume no other task
         here uses (an adopted task counts through its record)."""
         for name in set(names) | {n for n, u in self._vol_users.items() if task_id in u}:
-            users = self._vol_users.get(name, set())
-            users.discard(task_id)
-            if users or any(name in t.volumes for t in self._tasks.values()):
-                continue
-            self._vol_users.pop(name, None)
-            try:
-                await asyncio.to_thread(volumes.unmount, self._cfg.volumes_dir / name,
-                                        self._vol_fds.pop(name, None))
-            except volumes.VolumeMountFailed as exc:
-                log.warning("runtime: volume %s: %s", name, exc)
+            async with self._vol_locks.setdefault(name, asyncio.Lock()):
+                users = self._vol_users.get(name, set())
+                users.discard(task_id)
+                if users or any(name in t.volumes for t in self._tasks.values()):
+                    continue
+                self._vol_users.pop(name, None)
+                try:
+                    await asyncio.to_thread(volumes.unmount, self._cfg.volumes_dir / name,
+                                            self._vol_fds.pop(name, None))
+                except volumes.VolumeMountFailed as exc:
+                    log.warning("runtime: volume %s: %s", name, exc)
 
     async def close(self) -> None:
         for task in self._tasks.values():
