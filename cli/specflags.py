@@ -124,7 +124,8 @@ _MOUNT_KEYS = ("type", "src", "source", "dst", "destination", "target", "readonl
 
 
 def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
-    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
+    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]
+    [,volume-driver=local|sshfs][,volume-opt=K=V]... (Docker's; shoal.runtime.volumes)"""
     out: dict[str, Any] = {"type": "volume"}
     # Docker reads --mount as CSV: "volume-opt=o=addr=10.0.0.5,rw" keeps its commas; unquoted,
     # items after volume-opt=o=... that are no --mount key continue o.
@@ -157,7 +158,8 @@ def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
             continue
         else:
             raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly])")
+                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly]"
+                           "[,volume-driver=D][,volume-opt=K=V])")
     if "target" not in out:
         raise CliError(f"{flag} {text!r}: dst=PATH is required")
     return out

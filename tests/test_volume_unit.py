@@ -220,3 +220,14 @@ def test_volume_records_check_options_refuse_duplicates_and_removal_in_use() -> 
     _pass(st, 5.0)
     assert "ok" in st.apply({"op": "volume_remove", "name": "data"})
     assert not st.volumes
+
+
+def test_volume_records_survive_the_state_snapshot_format() -> None:
+    from shoal.raft.wire import state_from_bytes, state_to_bytes
+
+    st = _cluster()
+    assert "ok" in st.apply({"op": "volume_create", "id": "v1", "now": 1.0, "name": "nfs",
+                             "options": {"type": "nfs", "o": "addr=10.0.0.5",
+                                         "device": ":/x"}})
+    back = state_from_bytes(state_to_bytes(st))
+    assert back.volumes == st.volumes and back.volumes["nfs"].driver == "local"
