@@ -3,10 +3,10 @@
 Owns: the shape check of a ``volume create`` request before it is proposed (the state
 machine checks the driver and options with shoal.runtime.volumes and refuses duplicates),
 the views of volumes (with the services using each), ``volume rm`` (refused by the state
-machine while a service or a live task uses the volume), and ``resolve_mount``: a task's
-``--mount type=volume,src=NAME`` without options of its own takes the created volume's
-driver and options (the worker and the scheduler call it). Must not touch: mounting (the
-runtime's, shoal.runtime.volumes), Raft internals.
+machine while a service or a live task uses the volume). A task's ``--mount
+type=volume,src=NAME`` without options of its own takes the created volume's driver and
+options: shoal.raft.models.resolve_mount (re-exported here; the worker and the scheduler
+call it). Must not touch: mounting (the runtime's, shoal.runtime.volumes), Raft internals.
 
 Options name secrets (``IdentityFile-secret=NAME``) and never hold their values, so a view
 shows them whole.

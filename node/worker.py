@@ -321,7 +321,7 @@ class Worker:
     @staticmethod
     def _mount_spec(m: Mount, vols: Mapping[str, Volume]) -> MountSpec:
         """A spec mount for the runtime; a volume with the driver and options it uses (its
-        own, else ``volume create``'s: shoal.node.volapi.resolve_mount)."""
+        own, else ``volume create``'s: shoal.raft.models.resolve_mount)."""
         driver, opts = resolve_mount(m, vols)
         return MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
                          "" if driver == "local" else driver, tuple(sorted(opts.items())))
