@@ -57,6 +57,7 @@ from shoal.raft.models import (
     User,
     Volume,
     node_from_dict,
+    resolve_mount,
     status_from_dict,
     task_from_dict,
     task_spec_from_dict,
@@ -348,6 +349,7 @@ class ClusterState:
         spec = self._assign_ports(spec, sid, None)
         self._check_ports(spec, sid)
         self._check_networks(spec)
+        self._check_volume_keys(spec)
         try:
             vip = ipam.allocate_address(self.cluster.vip_cidr,
                                         (s.vip for s in self.services.values()))
@@ -396,6 +398,21 @@ class ClusterState:
                     raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
                                    f"published by service {other.spec.name}",
                                    "endpoint.ports")
+
+    def _check_volume_keys(self, spec: ServiceSpec) -> None:
+        """A volume's key secret (sshfs ``IdentityFile-secret``) reaches a node only as a
+        secret of the task: the service must use it."""
+        c = spec.task.container
+        names = {r.name for r in c.secrets}
+        for i, m in enumerate(c.mounts):
+            if m.type != "volume":
+                continue
+            opts = resolve_mount(m, self.volumes)[1]
+            key = next((v for k, v in opts.items() if k.lower() == "identityfile-secret"), "")
+            if key and key not in names:
+                raise Rejected("invalid", f"volume {m.source} takes its key from the secret "
+                               f"{key}: the service must use it too (--secret {key})",
+                               f"task.container.mounts[{i}]")
 
     def _check_networks(self, spec: ServiceSpec) -> None:
         names = {n.name for n in self.networks.values()}
@@ -533,6 +550,7 @@ class ClusterState:
             spec = self._assign_ports(spec, svc.id, svc.spec)
             self._check_ports(spec, svc.id)
             self._check_networks(spec)
+            self._check_volume_keys(spec)
         else:
             replicas = validate_replicas(cmd["replicas"])
             spec = msgspec.structs.replace(

@@ -231,3 +231,15 @@ def test_volume_records_survive_the_state_snapshot_format() -> None:
                                          "device": ":/x"}})
     back = state_from_bytes(state_to_bytes(st))
     assert back.volumes == st.volumes and back.volumes["nfs"].driver == "local"
+
+
+def test_a_service_must_use_the_secret_its_volume_takes_its_key_from() -> None:
+    st = _cluster()
+    assert "ok" in st.apply({"op": "volume_create", "id": "v1", "now": 1.0, "name": "keyed",
+                             "driver": "sshfs", "options": {"sshcmd": "u@10.0.0.9:/srv",
+                                                            "IdentityFile-secret": "k"}})
+    spec: dict[str, Any] = {"name": "w", "command": ["true"], "mounts": [
+        {"type": "volume", "source": "keyed", "target": "/data"}]}
+    res = st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
+    assert res["error"]["field"] == "task.container.mounts[0]", res
+    assert "--secret k" in res["error"]["message"]
