@@ -33,8 +33,10 @@ def add_parser(sub: Any) -> None:
     vc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
     vl = vsub.add_parser("ls", help="list volumes")
     vl.add_argument("-q", "--quiet", action="store_true", help="only names")
+    vl.add_argument("--format", choices=["table", "json"], default="table")
     vi = vsub.add_parser("inspect", help="show volume details (JSON)")
     vi.add_argument("names", nargs="+")
+    vi.add_argument("--format", choices=["json"], default="json")
     vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
     vr.add_argument("names", nargs="+")
 
@@ -57,6 +59,9 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
         print(c.call("POST", "/v1/volumes", body)["name"])
     elif sub == "ls":
         vols = c.call("GET", "/v1/volumes")
+        if args.format == "json":
+            print(json.dumps(vols, indent=2))
+            return
         if args.quiet:
             print("\n".join(v["name"] for v in vols))
             return
