@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 # tests/test_registry*.py: a real registry (docker-registry), pushes with skopeo, htpasswd (apache2-utils).
 # tests/test_mqtt*.py, bench/mqtt_latency.py: a real MQTT broker (mosquitto) and its clients.
 # tests/test_dashboard*.py: a real headless browser (chromium, driven by Playwright).
-DEB_PKGS := iproute2 util-linux tini procps openssh-server iptables gcc libc6-dev zstd busybox-static \
+DEB_PKGS := iproute2 util-linux tini procps openssh-server sshfs iptables gcc libc6-dev zstd busybox-static \
 	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients chromium
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
 HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py demo/demo.py \

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 # rich, http.client and the node's modules are imported where a command needs them —
 # tests/test_cli_shape.py checks the import set of `service ls`)
 from shoal.cli import build as build_cli
-from shoal.cli import keys, mqtt, network, output, progress, stack, user
+from shoal.cli import keys, mqtt, network, output, progress, stack, user, volume
 from shoal.cli import registry as registry_cli
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
         registry_cli.run(c, args, fmt)
     elif args.cmd == "network":
         network.run(c, args, fmt, emit, table)
+    elif args.cmd == "volume":
+        volume.run(c, args, table)
     elif args.cmd == "mqtt":
         mqtt.run(c, args, fmt, emit)
     elif args.cmd in keys.COMMANDS:
@@ -832,6 +834,7 @@ def _build_parser() -> argparse.ArgumentParser:
     registry_cli.add_parser(sub)
     stack.add_parser(sub)
     network.add_parser(sub)
+    volume.add_parser(sub)
     mqtt.add_parser(sub)
     keys.add_parser(sub)
     user.add_parser(sub)

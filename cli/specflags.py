@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import re
 import secrets
 from collections.abc import Callable, Sequence
@@ -118,12 +119,24 @@ def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
     return {"port": int(port), "protocol": proto or "tcp"}
 
 
+_MOUNT_KEYS = ("type", "src", "source", "dst", "destination", "target", "readonly", "ro",
+               "tmpfs-size", "volume-driver", "volume-opt")
+
+
 def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
-    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]"""
+    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]
+    [,volume-driver=local|sshfs][,volume-opt=K=V]... (Docker's; shoal.runtime.volumes)"""
     out: dict[str, Any] = {"type": "volume"}
-    for part in text.split(","):
+    # Docker reads --mount as CSV: "volume-opt=o=addr=10.0.0.5,rw" keeps its commas; unquoted,
+    # items after volume-opt=o=... that are no --mount key continue o.
+    last_opt = ""
+    for part in next(csv.reader([text])) if text else []:
         key, sep, value = part.partition("=")
         key = key.strip().lower()
+        if last_opt == "o" and key not in _MOUNT_KEYS:
+            out["volume_opts"]["o"] += "," + part
+            continue
+        last_opt = ""
         if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
             out["readonly"] = True
         elif key == "type":
@@ -134,9 +147,19 @@ def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
             out["target"] = value
         elif key == "tmpfs-size":
             out["tmpfs_size"] = parse_size(value, f"{flag} tmpfs-size")
+        elif key == "volume-driver":
+            out["volume_driver"] = value
+        elif key == "volume-opt":  # Docker's: volume-opt=K=V, repeated
+            k, eq, v = value.partition("=")
+            if not k or not eq:
+                raise CliError(f"{flag}: volume-opt expects KEY=VALUE, got {value!r}")
+            out.setdefault("volume_opts", {})[k] = v
+            last_opt = k
+            continue
         else:
             raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly])")
+                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly]"
+                           "[,volume-driver=D][,volume-opt=K=V])")
     if "target" not in out:
         raise CliError(f"{flag} {text!r}: dst=PATH is required")
     return out

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from shoal.node import openapi, transfer
+from shoal.node import openapi, transfer, volapi
 from shoal.node.config import AgentConfig
 from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
@@ -564,6 +564,7 @@ class ApiServer:
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
+            **volapi.handlers(svcs.ctx, _body),
             **c.security.keys.local_handlers(_body)}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)

@@ -51,7 +51,7 @@ def new_task_id() -> str:
 
 def _scratch(snap: Snapshot) -> ClusterState:
     return ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
-                        tasks=dict(snap.tasks))
+                        tasks=dict(snap.tasks), volumes=snap.volumes)  # (read-only here)
 
 
 def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:

@@ -160,6 +160,17 @@ class NetworkCreateRequest(_Body):
     labels: Annotated[dict[str, str], _d("labels")] = {}
 
 
+class VolumeCreateRequest(_Body):
+    name: Annotated[str, _d("lower-case letters, digits, '-', '_'")]
+    driver: Annotated[Literal["local", "sshfs"], _d(
+        "local: a directory per node, or mount(2) with type/o/device (NFS); sshfs: FUSE over "
+        "ssh (shoal.runtime.volumes)")] = "local"
+    options: Annotated[dict[str, str], _d(
+        "the driver's options (Docker's volume-opt), e.g. sshcmd, port, IdentityFile-secret, "
+        "type, o, device, single-writer")] = {}
+    labels: Annotated[dict[str, str], _d("labels")] = {}
+
+
 class IssueClientRequest(_Body):
     name: Annotated[str, _d("client name: 1-64 letters, digits, '.', '_' or '-' (an older "
                             "certificate of that name is revoked)")]
@@ -395,6 +406,9 @@ REPLIES: dict[str, Schema] = {
                     subnet=STR, gateway=STR, vni=INT, internal=BOOL, attachable=BOOL,
                     labels={"type": "object"}, created_at=TIME, services=_list(STR),
                     tasks={"type": "object"}, removed=BOOL),
+    "Volume": _obj("a named volume (`volume create`)", id=STR, name=STR, driver=STR,
+                   options={"type": "object"}, labels={"type": "object"}, scope=STR,
+                   created_at=TIME, services=_list(STR), removed=BOOL),
     "CaInfo": _obj("the cluster CA and this node's certificate", digest=STR,
                    not_after=_nullable(TIME), clients=_list(STR),
                    node_certificate=_nullable(_obj(
@@ -672,6 +686,18 @@ ROUTES: tuple[Route, ...] = (
           description="with the services using it and each task's address on it"),
     Route("DELETE", "/v1/networks/{ref}", "network_rm", "remove a network", "networks",
           reply=_ref("Network"), errors=CLUSTER,
+          description="`{id, name, removed}`; 409 `in_use` while a service or task uses it"),
+    Route("GET", "/v1/volumes", "volume_ls", "list named volumes", "volumes",
+          reply=_list(_ref("Volume")), errors=CLUSTER, query=READ),
+    Route("POST", "/v1/volumes", "volume_create", "create a named volume", "volumes",
+          body=VolumeCreateRequest, reply=_ref("Volume"), errors=CLUSTER,
+          description="400 naming the option the driver refuses; 409 `exists` if the name "
+          "is taken"),
+    Route("GET", "/v1/volumes/{ref}", "volume_inspect", "inspect a named volume", "volumes",
+          reply=_ref("Volume"), errors=CLUSTER, query=READ,
+          description="with the services using it"),
+    Route("DELETE", "/v1/volumes/{ref}", "volume_rm", "remove a named volume", "volumes",
+          reply=_ref("Volume"), errors=CLUSTER,
           description="`{id, name, removed}`; 409 `in_use` while a service or task uses it"),
     Route("POST", "/v1/gossip/rotate-key", "gossip_rotate_key", "roll a new gossip key "
           "through every ready node (`gossip rotate-key`)", "gossip",

@@ -10,7 +10,9 @@ Pipeline (swarmkit's shape): filters drop nodes that cannot take the task, then
 rankers order the rest. Filters (``rejection``): node ready, availability active, the
 task's placement constraints (``node.labels.zone==b``; see ``satisfies``), fewer tasks of
 the service on the node than ``placement.max_replicas``, enough unreserved memory and CPU
-for the task's reservations (against what the node reported at join). Ranking
+for the task's reservations (against what the node reported at join). Before the filters:
+a task mounting a single-writer volume read-write (shoal.runtime.volumes) waits, whatever
+the node, while another task holds that volume read-write (placed, not observed ended). Ranking
 (``rank``): for each placement preference ``spread=node.labels.KEY`` in turn, fewest tasks
 of the service among the eligible nodes with the same label value(s) (nodes without the
 label form one group) — so tasks spread over zones first, then over nodes; then fewest
@@ -35,9 +37,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.models import Constraint, Node, NodeAvailability, NodeState, Task
+from shoal.raft.models import (
+    Constraint,
+    Node,
+    NodeAvailability,
+    NodeState,
+    Task,
+    Volume,
+    resolve_mount,
+)
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import parse_constraint
+from shoal.runtime import volumes
 
 
 @dataclass
@@ -347,8 +358,14 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
     # the groups with spread preferences, by service: a placement counts in each of them
     spreading: dict[str, list[_Spread]] = {}
     node_get = per_node.get
+    vols = snapshot.volumes
+    writers = single_writers(snapshot.tasks.values(), vols) if _any_volumes(pending) else {}
     for task in sorted(pending, key=lambda t: (t.service_name, t.slot, t.id)):
         sid = task.service_id
+        busy = writer_conflict(task, writers, vols) if writers else None
+        if busy is not None:
+            plan.unschedulable.append((task.id, busy))
+            continue
         need = task.spec.resources.reservations
         place = task.spec.placement
         key = (sid, place.constraints, need.memory, need.cpu, place.max_replicas,
@@ -403,6 +420,9 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
             plan.unschedulable.append((task.id, reason))
             continue
         plan.assignments.append((task.id, best))
+        if task.spec.container.mounts:
+            for name in _rw_single_writer(task, vols):
+                writers[name] = (task.id, task.name)
         per_node[best] += 1
         of_service[best] += 1
         for tree in spreading.get(sid, ()):  # (any placement of the service counts there)
@@ -417,6 +437,49 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
         if needs or limit:
             explained.clear()
     return plan
+
+
+def _any_volumes(tasks: Iterable[Task]) -> bool:
+    return any(m.type == "volume" for t in tasks for m in t.spec.container.mounts)
+
+
+def _rw_single_writer(task: Task, vols: Mapping[str, Volume]) -> list[str]:
+    """The single-writer volumes ``task`` mounts read-write (shoal.runtime.volumes; the
+    mount's own options, else those of the created volume)."""
+    out = []
+    for m in task.spec.container.mounts:
+        if m.type == "volume" and not m.readonly:
+            try:
+                if volumes.single_writer(resolve_mount(m, vols)[1]):
+                    out.append(m.source)
+            except volumes.VolumeOptionError:
+                continue  # (validated when stored; a newer version's value: not ours)
+    return out
+
+
+def single_writers(tasks: Iterable[Task], vols: Mapping[str, Volume]
+                   ) -> dict[str, tuple[str, str]]:
+    """Single-writer volume name -> the task (id, name) holding it read-write: one placed on a
+    node that has not been observed to end (a task being stopped on a drained node still
+    holds its volume until its node reports it gone)."""
+    held: dict[str, tuple[str, str]] = {}
+    for t in tasks:
+        if t.node_id and not t.status.state.terminal:
+            for name in _rw_single_writer(t, vols):
+                held[name] = (t.id, t.name)
+    return held
+
+
+def writer_conflict(task: Task, writers: Mapping[str, tuple[str, str]],
+                    vols: Mapping[str, Volume]) -> str | None:
+    """Why ``task`` cannot be placed now: a single-writer volume it mounts read-write is
+    held by another task; None when it can."""
+    for name in _rw_single_writer(task, vols):
+        holder = writers.get(name)
+        if holder is not None and holder[0] != task.id:
+            return (f"volume {name} is single-writer and mounted read-write by task "
+                    f"{holder[1]} ({holder[0][:12]}): waiting until it ends")
+    return None
 
 
 def _fits(nid: str, task: Task, nodes: Mapping[str, Node], reserved: defaultdict[str, Reserved],

@@ -23,7 +23,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,16 @@ from shoal.node.errors import (
 from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
-from shoal.raft.models import Health, Task, TaskState, TaskStatus, to_dict
-from shoal.raft.spec import SIGNALS
+from shoal.raft.models import (
+    Health,
+    Task,
+    TaskState,
+    TaskStatus,
+    Volume,
+    resolve_mount,
+    to_dict,
+)
+from shoal.raft.spec import SIGNALS, Mount
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
@@ -296,6 +304,7 @@ class Worker:
                 stop_signal = image.stop_signal  # the image's STOPSIGNAL
             if not cmd:
                 raise StartError(f"image {s.image} has no command and the service gives none")
+        vols = self.store.snapshot().volumes if s.mounts else {}
         files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
             if self.mesh is not None else {}
         if self.task_files is not None:
@@ -306,10 +315,17 @@ class Worker:
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
-            mounts=tuple(MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size)
-                         for m in s.mounts),
+            mounts=tuple(self._mount_spec(m, vols) for m in s.mounts),
             files=files,
         )
+
+    @staticmethod
+    def _mount_spec(m: Mount, vols: Mapping[str, Volume]) -> MountSpec:
+        """A spec mount for the runtime; a volume with the driver and options it uses (its
+        own, else ``volume create``'s: shoal.raft.models.resolve_mount)."""
+        driver, opts = resolve_mount(m, vols)
+        return MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
+                         "" if driver == "local" else driver, tuple(sorted(opts.items())))
 
     async def _ensure_image(self, ref: str, task: Task | None = None) -> ImageConfig:
         """The image's config; fetched from a peer first if this node lacks it. While it

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,29 @@ class Secret:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A named volume created with ``shoal volume create``: its driver and options hold
+    cluster-wide (shoal.runtime.volumes mounts it on whichever node runs a task using it).
+    Options name secrets (``IdentityFile-secret=NAME``), never hold their values."""
+
+    id: str
+    name: str
+    driver: str = "local"
+    options: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+
+def resolve_mount(m: Mount, vols: Mapping[str, Volume]) -> tuple[str, dict[str, str]]:
+    """The driver and options a volume mount uses: its own (``volume-driver``/``volume-opt``,
+    which make the volume implicitly, as Docker), else the created volume's, else local."""
+    if m.volume_driver or m.volume_opts:
+        return m.volume_driver or "local", dict(m.volume_opts)
+    vol = vols.get(m.source) if m.type == "volume" else None
+    return (vol.driver, dict(vol.options)) if vol is not None else ("local", {})
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from shoal.raft.errors import SpecError
+from shoal.runtime import volumes
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -121,9 +122,21 @@ class Mount(_Spec, frozen=True):
     readonly: Annotated[bool, decl("mount read-only")] = False
     tmpfs_size: Annotated[int, decl("tmpfs size; 0 = the kernel's default (half of RAM)",
                                     unit="bytes", ge=0)] = 0
+    volume_driver: Annotated[str, decl(
+        "volume driver (shoal.runtime.volumes): local (default) or sshfs")] = ""
+    volume_opts: Annotated[dict[str, str], decl(
+        "the driver's options (Docker's volume-opt), e.g. sshcmd, type, o, device, "
+        "single-writer")] = {}
 
     def __post_init__(self) -> None:
         t = self.target
+        if self.volume_driver or self.volume_opts:
+            if self.type != "volume":
+                raise SpecError("volume_driver", "only a volume mount takes a driver")
+            try:
+                volumes.check(self.volume_driver, self.volume_opts)
+            except volumes.VolumeOptionError as exc:
+                raise SpecError(exc.field, str(exc)) from None
         if not t.startswith("/") or "\0" in t or ".." in t.split("/"):
             raise SpecError("target", "must be an absolute path inside the task")
         if self.type == "bind" and (not self.source.startswith("/")

@@ -55,14 +55,17 @@ from shoal.raft.models import (
     TaskState,
     UpdateStatus,
     User,
+    Volume,
     node_from_dict,
+    resolve_mount,
     status_from_dict,
     task_from_dict,
     task_spec_from_dict,
 )
 from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
-from shoal.raft.spec import ASSIGNED_PORTS
+from shoal.raft.spec import ASSIGNED_PORTS, NAME_RE
 from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
+from shoal.runtime import volumes as volumes_mod
 
 NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
@@ -150,6 +153,7 @@ class Snapshot:
     configs: dict[str, Config] = field(default_factory=dict)
     fence_term: int = 0  # highest Raft term seen on a leader batch (a new term = new leader)
     networks: dict[str, Network] = field(default_factory=dict)  # user-defined, by id
+    volumes: dict[str, Volume] = field(default_factory=dict)  # `volume create`d, by name
 
     def network_by_name(self, name: str) -> Network | None:
         return next((n for n in self.networks.values() if n.name == name), None)
@@ -175,6 +179,7 @@ class ClusterState:
     secrets: dict[str, Secret] = field(default_factory=dict)  # by id; values sealed
     configs: dict[str, Config] = field(default_factory=dict)  # by id
     networks: dict[str, Network] = field(default_factory=dict)  # user-defined, by id
+    volumes: dict[str, Volume] = field(default_factory=dict)  # `volume create`d, by name
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -188,6 +193,7 @@ class ClusterState:
             configs=dict(self.configs),
             fence_term=self.fence_term,
             networks=dict(self.networks),
+            volumes=dict(self.volumes),
         )
 
     # ------------------------------------------------------------------ writing
@@ -343,6 +349,7 @@ class ClusterState:
         spec = self._assign_ports(spec, sid, None)
         self._check_ports(spec, sid)
         self._check_networks(spec)
+        self._check_volume_keys(spec)
         try:
             vip = ipam.allocate_address(self.cluster.vip_cidr,
                                         (s.vip for s in self.services.values()))
@@ -391,6 +398,21 @@ class ClusterState:
                     raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
                                    f"published by service {other.spec.name}",
                                    "endpoint.ports")
+
+    def _check_volume_keys(self, spec: ServiceSpec) -> None:
+        """A volume's key secret (sshfs ``IdentityFile-secret``) reaches a node only as a
+        secret of the task: the service must use it."""
+        c = spec.task.container
+        names = {r.name for r in c.secrets}
+        for i, m in enumerate(c.mounts):
+            if m.type != "volume":
+                continue
+            opts = resolve_mount(m, self.volumes)[1]
+            key = next((v for k, v in opts.items() if k.lower() == "identityfile-secret"), "")
+            if key and key not in names:
+                raise Rejected("invalid", f"volume {m.source} takes its key from the secret "
+                               f"{key}: the service must use it too (--secret {key})",
+                               f"task.container.mounts[{i}]")
 
     def _check_networks(self, spec: ServiceSpec) -> None:
         names = {n.name for n in self.networks.values()}
@@ -456,6 +478,44 @@ class ClusterState:
                            f"{', '.join(users)}: remove it from them first", "name")
         del self.networks[net.id]
 
+    # --- volumes (shoal.runtime.volumes checks the driver and options)
+    def _volume_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name, driver = cmd.get("name"), cmd.get("driver") or "local"
+        opts, labels = cmd.get("options") or {}, cmd.get("labels") or {}
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise Rejected("invalid", "a volume name is lower-case letters, digits, '-', '_'",
+                           "name")
+        if name in self.volumes:
+            raise Rejected("exists", f"a volume named {name!r} already exists", "name")
+        for what, m in (("options", opts), ("labels", labels)):
+            if not isinstance(m, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
+                raise Rejected("invalid", f"{what} must be a map of strings", what)
+        try:
+            volumes_mod.check(str(driver), opts)
+        except volumes_mod.VolumeOptionError as exc:
+            raise Rejected("invalid", str(exc), exc.field) from None
+        self.volumes[name] = Volume(id=str(cmd["id"]), name=name, driver=str(driver),
+                                    options=dict(opts), labels=dict(labels),
+                                    created_at=float(cmd["now"]))
+        return {"id": str(cmd["id"]), "name": name}
+
+    def _volume_remove(self, cmd: dict[str, Any]) -> None:
+        vol = self.volumes.get(cmd.get("name"))  # type: ignore[arg-type]
+        if vol is None:
+            raise Rejected("not_found", f"no such volume: {cmd.get('name')}", "name")
+        users = sorted({s.spec.name for s in self.services.values()
+                        if any(m.type == "volume" and m.source == vol.name
+                               for m in s.spec.task.container.mounts)}
+                       | {t.service_name for t in self.tasks.values()
+                          if not t.status.state.terminal and any(
+                              m.type == "volume" and m.source == vol.name
+                              for m in t.spec.container.mounts)})
+        if users:
+            raise Rejected("in_use", f"volume {vol.name} is in use by service(s) "
+                           f"{', '.join(users)}", "name")
+        del self.volumes[vol.name]
+
     def _net_addresses(self, t: Task, used: dict[str, set[str]]) -> dict[str, str]:
         """``t``'s address on each of its networks (deterministic: lowest free)."""
         out: dict[str, str] = {}
@@ -490,6 +550,7 @@ class ClusterState:
             spec = self._assign_ports(spec, svc.id, svc.spec)
             self._check_ports(spec, svc.id)
             self._check_networks(spec)
+            self._check_volume_keys(spec)
         else:
             replicas = validate_replicas(cmd["replicas"])
             spec = msgspec.structs.replace(
@@ -911,6 +972,8 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "user_remove": ClusterState._user_remove,
     "network_create": ClusterState._network_create,
     "network_remove": ClusterState._network_remove,
+    "volume_create": ClusterState._volume_create,
+    "volume_remove": ClusterState._volume_remove,
     "mqtt_set": mqtt_set,
     "mqtt_unset": mqtt_unset,
     "cluster_autolock": ClusterState._cluster_autolock,

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from shoal.runtime import cgroups as cg_mod
 from shoal.runtime import logs as logs_mod
-from shoal.runtime import resources
+from shoal.runtime import resources, volumes
 from shoal.runtime.adoption import adopt, read_config
 from shoal.runtime.cgroups import CgroupLayout, TaskCgroups, TaskUsage
 from shoal.runtime.controller import BeforeStart, Controller, Listener
@@ -122,6 +122,10 @@ class ProcessController:
         self._tasks: dict[str, TaskRecord] = {}
         self._starting: set[str] = set()
         self._starting_images: dict[str, str] = {}  # task id -> image id, while starting
+        # network volumes mounted here: name -> ids of the tasks starting with or using it
+        self._vol_users: dict[str, set[str]] = {}
+        self._vol_fds: dict[str, int] = {}  # name -> fd kept open while mounted (sshfs's key)
+        self._vol_locks: dict[str, asyncio.Lock] = {}  # name -> held while (un)mounting it
         self._listener: Listener | None = None
         self._boot_id = boot_id()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -226,6 +230,7 @@ class ProcessController:
         try:
             plan = self._resolve(cfg)  # what the user can get wrong, before anything is made
             self._starting_images[cfg.task_id] = plan.image_id
+            await self._mount_volumes(cfg)
             try:
                 taskdir.mkdir(mode=0o700)
             except FileExistsError as exc:
@@ -251,6 +256,9 @@ class ProcessController:
                         await resources.remove_cgroups(task.cgroups, self._cfg.kill_timeout)
                 safe_rmtree(taskdir)
                 raise
+        except BaseException:
+            await self._release_volumes(cfg.task_id)
+            raise
         finally:
             self._starting.discard(cfg.task_id)
             self._starting_images.pop(cfg.task_id, None)
@@ -290,6 +298,39 @@ class ProcessController:
         if task.cgroups is not None:
             await resources.remove_cgroups(task.cgroups, self._cfg.kill_timeout)
         safe_rmtree(task.dir)
+        await self._release_volumes(task_id, task.volumes)
+
+    async def _mount_volumes(self, cfg: TaskConfig) -> None:
+        """Mount the task's network volumes (shoal.runtime.volumes) at DATA_DIR/volumes/NAME,
+        unless mounted already; the task counts as a user from here on. One lock per volume:
+        two tasks starting at once mount it once."""
+        for m in cfg.mounts:
+            opts = dict(m.driver_opts)
+            if m.type != "volume" or not volumes.is_network(m.driver, opts):
+                continue
+            async with self._vol_locks.setdefault(m.source, asyncio.Lock()):
+                self._vol_users.setdefault(m.source, set()).add(cfg.task_id)
+                path = self._cfg.volumes_dir / m.source
+                if not os.path.ismount(path):
+                    fd = await asyncio.to_thread(volumes.mount, path, m.driver, opts, cfg.files)
+                    if fd is not None:
+                        self._vol_fds[m.source] = fd
+
+    async def _release_volumes(self, task_id: str, names: tuple[str, ...] = ()) -> None:
+        """The task no longer uses its volumes: unmount each network volume no other task
+        here uses (an adopted task counts through its record)."""
+        for name in set(names) | {n for n, u in self._vol_users.items() if task_id in u}:
+            async with self._vol_locks.setdefault(name, asyncio.Lock()):
+                users = self._vol_users.get(name, set())
+                users.discard(task_id)
+                if users or any(name in t.volumes for t in self._tasks.values()):
+                    continue
+                self._vol_users.pop(name, None)
+                try:
+                    await asyncio.to_thread(volumes.unmount, self._cfg.volumes_dir / name,
+                                            self._vol_fds.pop(name, None))
+                except volumes.VolumeMountFailed as exc:
+                    log.warning("runtime: volume %s: %s", name, exc)
 
     async def close(self) -> None:
         for task in self._tasks.values():

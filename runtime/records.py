@@ -208,7 +208,9 @@ class TaskConfig:
             pids_limit=int(raw.get("pids_limit", 0)),
             cap_add=tuple(raw.get("cap_add", ())),
             cap_drop=tuple(raw.get("cap_drop", ())),
-            mounts=tuple(MountSpec(**m) for m in raw.get("mounts", ())),
+            mounts=tuple(MountSpec(**{**m, "driver_opts": tuple(
+                (str(k), str(v)) for k, v in m.get("driver_opts", ()))})
+                for m in raw.get("mounts", ())),
             extra_hosts=tuple((str(a), str(b)) for a, b in raw.get("extra_hosts", ())),
         )
 

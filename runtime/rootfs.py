@@ -204,6 +204,8 @@ class MountSpec:
     source: str = ""  # host path (bind) or volume name (volume); "" for tmpfs
     readonly: bool = False
     tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
+    driver: str = ""  # volume driver (shoal.runtime.volumes); "" = local
+    driver_opts: tuple[tuple[str, str], ...] = ()  # the driver's options, sorted
 
     def problem(self) -> str | None:
         """Why this mount is malformed, or None."""

@@ -1,0 +1,76 @@
+"""`shoal volume create|ls|inspect|rm`: named volumes and their drivers.
+
+Owns: the volume command group's arguments and output (``add_parser``/``run``, hooked into
+shoal.cli.main). Must not touch: the agent (only its API, /v1/volumes), other commands.
+Errors: ``CliError`` for a flag the CLI can judge; the API names the option otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from shoal.cli.errors import CliError
+
+Table = Callable[[list[list[str]], list[str]], str]
+
+
+def add_parser(sub: Any) -> None:
+    v = sub.add_parser("volume", help="manage named volumes (local, NFS, sshfs)")
+    vsub = v.add_subparsers(dest="volume_cmd", required=True, parser_class=type(v))
+    vc = vsub.add_parser("create", help="create a volume whose driver and options hold "
+                         "cluster-wide")
+    vc.add_argument("name")
+    vc.add_argument("-d", "--driver", default="local", choices=["local", "sshfs"],
+                    help="local: a directory per node, or mount(2) with -o type=,o=,device= "
+                    "(NFS); sshfs: FUSE over ssh, follows its task to any node")
+    vc.add_argument("-o", "--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a driver option, e.g. sshcmd=user@host:/path, port=22, "
+                    "IdentityFile-secret=SECRET, single-writer=true")
+    vc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
+    vl = vsub.add_parser("ls", help="list volumes")
+    vl.add_argument("-q", "--quiet", action="store_true", help="only names")
+    vl.add_argument("--format", choices=["table", "json"], default="table")
+    vi = vsub.add_parser("inspect", help="show volume details (JSON)")
+    vi.add_argument("names", nargs="+")
+    vi.add_argument("--format", choices=["json"], default="json")
+    vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
+    vr.add_argument("names", nargs="+")
+
+
+def _kv(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or not sep:
+            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def run(c: Any, args: argparse.Namespace, table: Table) -> None:
+    sub = args.volume_cmd
+    if sub == "create":
+        body = {"name": args.name, "driver": args.driver, "options": _kv(args.opt, "--opt"),
+                "labels": _kv(args.label, "--label")}
+        print(c.call("POST", "/v1/volumes", body)["name"])
+    elif sub == "ls":
+        vols = c.call("GET", "/v1/volumes")
+        if args.format == "json":
+            print(json.dumps(vols, indent=2))
+            return
+        if args.quiet:
+            print("\n".join(v["name"] for v in vols))
+            return
+        print(table([[v["name"], v["driver"], v["scope"], str(len(v.get("services", [])))]
+                     for v in vols], ["VOLUME NAME", "DRIVER", "SCOPE", "SERVICES"]))
+    elif sub == "inspect":
+        out = [c.call("GET", f"/v1/volumes/{quote(n, safe='')}") for n in args.names]
+        print(json.dumps(out, indent=2))
+    elif sub == "rm":
+        for n in args.names:
+            c.call("DELETE", f"/v1/volumes/{quote(n, safe='')}")
+            print(n)
