@@ -946,6 +946,15 @@ def reference_markdown() -> str:
     """The spec reference table for docs/api.md, made from the declarations."""
     rows = ["| field | type | default | CLI flag | meaning |", "|---|---|---|---|---|"]
     for f in fields():
+        if f.cli == "struct":  # one flag for the Struct: a row per key (--autoscale max=)
+            rows.append(f"| `{f.path}` | object | | `{f.flag}` | {f.help} |")
+            for sub in fields(f.type, f.path + "."):
+                key = sub.path.rpartition(".")[2]
+                unit = f" ({sub.unit})" if sub.unit else ""
+                rows.append(f"| `{sub.path}` | {_type_name(sub.type)} | "
+                            f"`{json.dumps(_plain(sub.default))}` | `{f.flag} {key}=` | "
+                            f"{sub.help.replace('|', '/')}{unit} |")
+            continue
         tname = _type_name(f.type)
         unit = f" ({f.unit})" if f.unit else ""
         default = "required" if f.default is None else \
