@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_no_flapping_under_noisy_steady_load() -> None:
         hist.append((i * 15.0, rec))
         current = d.desired
         counts.append(current)
-    changes = sum(1 for a, b in zip(counts, counts[1:], strict=False) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(counts) if a != b)
     assert changes <= 2, counts
     assert 4 <= counts[-1] <= 6
 
