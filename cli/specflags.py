@@ -266,7 +266,8 @@ def _dest(d: FieldDecl, suffix: str = "") -> str:
 def _help(d: FieldDecl) -> str:
     unit = f" ({d.unit})" if d.unit and d.cli != "duration" else ""
     extra = " (e.g. 10s, 1m30s)" if d.cli == "duration" else ""
-    default = f" [default {d.default}]" if d.default not in (None, "", (), {}, 0, 0.0) else ""
+    default = f" [default {d.default}]" if d.default not in (None, "", (), {}, 0, 0.0) \
+        and d.cli != "struct" else ""
     return f"{d.help}{unit}{extra}{default}".replace("%", "%%")
 
 
@@ -321,7 +322,7 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         elif d.cli == "struct":  # --X KEY=V,... (the keys given replace theirs), --X-rm: off
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
             parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
-                                help=f"turn off: {d.help}".replace("%", "%%"))
+                                help=f"turn {d.flag} off")
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")

@@ -590,10 +590,10 @@ class ServiceMode(_Spec, frozen=True):
         flag="--max-concurrent", cli="int", metavar="N", ge=0, le=MAX_REPLICAS)] = 0
     schedule: Schedule = Schedule()
     autoscale: Annotated[Autoscale, decl(
-        "autoscale the replicas on CPU/memory usage (replicated services); "
+        "autoscale the replicas on CPU/memory usage (replicated services); keys min, max, "
+        "cpu, memory, window (30s), period (15s), stabilization (5m), step, tolerance (10%); "
         "none = off", flag="--autoscale", cli="struct", item="autoscale",
-        metavar="min=N,max=N,cpu=P%[,memory=P%][,window=D][,period=D][,stabilization=D]"
-        "[,step=N][,tolerance=P%]")] = Autoscale()
+        metavar="min=N,max=N,cpu=P%[,memory=P%][,KEY=VALUE...]")] = Autoscale()
 
     def __post_init__(self) -> None:
         if self.autoscale.enabled and self.type != "replicated":

@@ -493,7 +493,8 @@ class ClusterState:
             spec = self._assign_ports(spec, svc.id, svc.spec)
             self._check_ports(spec, svc.id)
             self._check_networks(spec)
-            if spec.mode.autoscale.enabled and spec.mode.replicas != svc.spec.mode.replicas:
+            if svc.spec.mode.autoscale.enabled and spec.mode.autoscale.enabled and \
+                    spec.mode.replicas != svc.spec.mode.replicas:
                 _refuse_manual_scale(svc)
         else:
             replicas = validate_replicas(cmd["replicas"])
