@@ -24,6 +24,7 @@ controller): a new leader starts a fresh window.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import deque
@@ -179,12 +180,16 @@ class Autoscaler:
     samples the autoscaled services' tasks at most every ``sample_every`` seconds (and a
     service's window / 4) and decides once per ``period``."""
 
-    def __init__(self, usage: UsageFn, sample_every: float = 2.0) -> None:
+    def __init__(self, usage: UsageFn, sample_every: float = 2.0,
+                 wait_for_sample: float = 0.25) -> None:
         self.usage = usage
-        self.sample_every = sample_every
+        self.sample_every = sample_every  # seconds between two readings of the tasks' usage
+        self.wait_for_sample = wait_for_sample  # a pass waits this long for a reading
         self.samples: dict[str, deque[Sample]] = {}
         self.services: dict[str, _ServiceState] = {}
         self.last_sample = -math.inf
+        # a reading under way: a pass waits for it briefly, never for a slow node's timeout
+        self._inflight: asyncio.Future[None] | None = None
 
     async def plan(self, snap: Snapshot, mono: float) -> list[Op]:
         autos = {s.id: s for s in snap.services.values() if s.spec.mode.autoscale.enabled}
@@ -200,9 +205,11 @@ class Autoscaler:
                 tasks[t.service_id].append(t)
         every = min([self.sample_every] + [s.spec.mode.autoscale.window / 4
                                            for s in autos.values()])
-        if mono - self.last_sample >= every:
+        if mono - self.last_sample >= every and (self._inflight is None
+                                                 or self._inflight.done()):
             self.last_sample = mono
-            await self._sample(tasks, mono)
+            self._inflight = asyncio.ensure_future(self._sample(tasks, mono))
+            await asyncio.wait({self._inflight}, timeout=self.wait_for_sample)
         live = {t.id for ts in tasks.values() for t in ts}
         for tid in list(self.samples):
             if tid not in live:

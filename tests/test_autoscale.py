@@ -216,3 +216,20 @@ def test_the_leader_autoscaler_scales_up_from_sampled_cgroup_usage() -> None:
         ops += asyncio.run(scaler.plan(st.snapshot(), clock["t"]))
     assert ops and ops[0][:3] == ("autoscale", sid, 2), ops  # 100% of 50%: x2 → 2
     assert ops[0][3]["usage"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_starting_and_unhealthy_tasks_do_not_count() -> None:
+    from shoal.node.autoscale import counted
+    from shoal.raft.models import Task, TaskStatus
+    from shoal.raft.spec import TaskSpec
+
+    def task(state: TaskState, health: Health) -> Task:
+        return Task(id="t", service_id="s", service_name="w", slot=1, spec=TaskSpec(),
+                    service_version=1, node_id="n1",
+                    status=TaskStatus(state=state, health=health))
+
+    assert counted(task(TaskState.RUNNING, Health.NONE))
+    assert counted(task(TaskState.RUNNING, Health.HEALTHY))
+    assert not counted(task(TaskState.RUNNING, Health.STARTING))
+    assert not counted(task(TaskState.RUNNING, Health.UNHEALTHY))
+    assert not counted(task(TaskState.STARTING, Health.NONE))
