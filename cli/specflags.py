@@ -209,6 +209,42 @@ def parse_preference(text: str, flag: str) -> dict[str, Any]:
     return {"spread": value.strip()}
 
 
+_AUTOSCALE_KEYS = {"min": "int", "max": "int", "cpu": "percent", "memory": "percent",
+                   "window": "duration", "period": "duration", "stabilization": "duration",
+                   "step": "int", "tolerance": "percent"}
+
+
+def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
+    """--autoscale min=N,max=N,cpu=P%[,memory=P%][,window=D][,period=D][,stabilization=D]
+    [,step=N][,tolerance=P%] (percentages also as fractions: cpu=0.6); ``none`` or ``off``:
+    autoscaling off."""
+    if text.strip().lower() in ("none", "off", ""):
+        return {}
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        kind = _AUTOSCALE_KEYS.get(key)
+        if not sep or kind is None:
+            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
+                           f"{', '.join(_AUTOSCALE_KEYS)}, e.g. min=2,max=20,cpu=60%)")
+        if kind == "duration":
+            out[key] = parse_duration(value, f"{flag} {key}")
+            continue
+        try:
+            if kind == "int":
+                out[key] = int(value)
+            elif value.endswith("%"):
+                out[key] = float(value[:-1]) / 100
+            else:
+                out[key] = float(value)
+        except ValueError:
+            raise CliError(f"{flag}: {key} expects "
+                           f"{'a whole number' if kind == 'int' else 'a percentage (60%)'}, "
+                           f"got {value!r}") from None
+    return out
+
+
 # item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
 ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
                        Callable[[str, str], str]]] = {
@@ -223,6 +259,7 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
                    lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
     "network": (lambda t, f: t, str, lambda t, f: t),
+    "autoscale": (parse_autoscale, str, lambda t, f: t),  # (cli "struct": one value)
 }
 
 
@@ -252,7 +289,8 @@ def _dest(d: FieldDecl, suffix: str = "") -> str:
 def _help(d: FieldDecl) -> str:
     unit = f" ({d.unit})" if d.unit and d.cli != "duration" else ""
     extra = " (e.g. 10s, 1m30s)" if d.cli == "duration" else ""
-    default = f" [default {d.default}]" if d.default not in (None, "", (), {}, 0, 0.0) else ""
+    default = f" [default {d.default}]" if d.default not in (None, "", (), {}, 0, 0.0) \
+        and d.cli != "struct" else ""
     return f"{d.help}{unit}{extra}{default}".replace("%", "%%")
 
 
@@ -304,6 +342,10 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(d.flag, choices=d.choices, dest=_dest(d), **kw)
         elif d.cli == "flag":
             parser.add_argument(d.flag, action="store_true", default=None, dest=_dest(d), **kw)
+        elif d.cli == "struct":  # --X KEY=V,... (the keys given replace theirs), --X-rm: off
+            parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
+            parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
+                                help=f"turn {d.flag} off")
         else:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
@@ -371,6 +413,12 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
             if value:
                 parse = ITEMS[d.item][0]
                 _set(spec, d.path, [parse(v, d.flag) for v in value])
+        elif d.cli == "struct":
+            if value is not None:
+                parsed = ITEMS[d.item][0](value, d.flag)
+                if parsed and "max" not in parsed:
+                    raise CliError(f"{d.flag} {value!r}: max=N is required")
+                _set(spec, d.path, parsed)
         elif value is not None:
             _set(spec, d.path, _scalar(d, value, d.flag))
     raw = list(args.command)
@@ -423,6 +471,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                 items = [i for i in items if key_of(i) != key_of(new)] + [new]
             gone = {parse_rm(t, d.flag + "-rm") for t in getattr(args, _dest(d, "_rm"))}
             _set(spec, d.path, [i for i in items if key_of(i) not in gone])
+        elif d.cli == "struct":
+            value = getattr(args, _dest(d))
+            if getattr(args, _dest(d, "_rm")):
+                _set(spec, d.path, {})
+            elif value is not None:
+                parsed = ITEMS[d.item][0](value, d.flag)
+                _set(spec, d.path, {**(_get(spec, d.path, {}) or {}), **parsed}
+                     if parsed else {})
         else:
             value = getattr(args, _dest(d))
             if value is not None:

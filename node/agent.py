@@ -30,6 +30,7 @@ import secrets
 import signal
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ from shoal.node.tokens import (
     new_secret,
     parse_token,
 )
-from shoal.node.transfer import Transfer
+from shoal.node.transfer import Transfer, cluster_usage
 from shoal.node.version import version
 from shoal.node.worker import Worker
 from shoal.raft.errors import StoreError
@@ -409,7 +410,8 @@ class Agent:
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
                                   self._leader_wakeup, gossip=self.gossip.view,
                                   gossip_meta=self.gossip.metas,
-                                  restarts=self.gossip.restarts)
+                                  restarts=self.gossip.restarts,
+                                  usage=partial(cluster_usage, self.transfer))
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():

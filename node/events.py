@@ -180,6 +180,12 @@ def _service_events(before: Snapshot, after: Snapshot) -> list[_E]:
                         {**_service_attrs(a), "state": a.update_status.state,
                          "previous": b.update_status.state,
                          "message": a.update_status.message}))
+        if a.autoscale.decisions != b.autoscale.decisions and a.autoscale.decisions:
+            d = a.autoscale.decisions[-1]  # (shoal.node.autoscale: a replica change)
+            out.append(("service", "autoscale", sid, a.spec.name,
+                        {**_service_attrs(a), "current": d.current, "desired": d.desired,
+                         "usage": d.usage, "target": d.target, "metric": d.metric,
+                         "tasks": d.tasks, "reason": d.reason}))
         was = {r.scheduled_at: r.state for r in b.job_status.runs}
         for r in a.job_status.runs:  # a scheduled job's run started, skipped or ended
             if was.get(r.scheduled_at) != r.state:
@@ -216,7 +222,8 @@ def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
                 ids.add(str(o[1].get("id")))
             elif o[0] in _TASK_OPS:
                 ids.add(str(o[1]))
-            elif o[0] not in ("update_status", "node_state", "job_run", "job_run_status"):
+            elif o[0] not in ("update_status", "node_state", "job_run", "job_run_status",
+                              "autoscale"):
                 return None
         return ids
     return None

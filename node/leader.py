@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 
 from shoal.node import cron
+from shoal.node.autoscale import Autoscaler, UsageFn
 from shoal.node.orchestrator import (
     Op,
     OrchestratorConfig,
@@ -267,8 +268,12 @@ class LeaderLoop:
                  config: OrchestratorConfig, wakeup: asyncio.Event,
                  gossip: Callable[[], dict[str, str]] | None = None,
                  gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
-                 restarts: Callable[[], Mapping[str, float]] | None = None) -> None:
+                 restarts: Callable[[], Mapping[str, float]] | None = None,
+                 usage: UsageFn | None = None) -> None:
         self.store = store
+        # the tasks' cgroup usage from their nodes (None: no autoscaling, as in unit tests)
+        self.usage = usage
+        self.autoscaler: Autoscaler | None = None
         self.gossip = gossip  # node id → gossip state, from this node's member list
         # node id → its announced gossip metadata (the schema gate); None: never raise
         self.gossip_meta = gossip_meta
@@ -284,6 +289,7 @@ class LeaderLoop:
         started = time.monotonic()
         term = self.store.term()
         self.index = PassIndex()
+        self.autoscaler = Autoscaler(self.usage) if self.usage is not None else None
         log.info("leading (term %d): orchestrator and scheduler started", term)
         # give every agent a chance to reach us before judging liveness
         for node_id in self.store.snapshot().nodes:
@@ -329,6 +335,8 @@ class LeaderLoop:
                                  gossip=self.gossip() if self.gossip else None,
                                  restarts=self.restarts() if self.restarts else None,
                                  index=self.index)
+        if self.autoscaler is not None:  # (shoal.node.autoscale: replica changes)
+            ops += await self.autoscaler.plan(snap, time.monotonic())
         self.passes += 1
         if ops:
             now = time.time()

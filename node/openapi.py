@@ -370,6 +370,10 @@ REPLIES: dict[str, Schema] = {
                                   next_run=_nullable(TIME),
                                   last_run=_nullable({"type": "object"}),
                                   runs=_list({"type": "object"})),
+                    autoscale=_obj("an autoscaled service's settings and the autoscaler's "
+                                   "last decisions (usage, current, desired, reason)",
+                                   enabled=BOOL, min=INT, max=INT,
+                                   decisions=_list({"type": "object"})),
                     command=_list(STR), version=INT,
                     vip=STR, ports=_list({"type": "object"}), created_at=TIME, updated_at=TIME,
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),

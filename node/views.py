@@ -113,6 +113,9 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
             "last_run": to_dict(job.runs[-1]) if job.runs else None}
         if detail:
             out["schedule"]["runs"] = [to_dict(r) for r in job.runs]
+    if mode.autoscale.enabled or svc.autoscale.decisions:  # (shoal.node.autoscale)
+        out["autoscale"] = {**to_dict(mode.autoscale), "enabled": mode.autoscale.enabled,
+                            "decisions": [to_dict(d) for d in svc.autoscale.decisions]}
     if detail:
         out["spec"] = to_dict(svc.spec)
         out["previous_spec"] = to_dict(svc.previous_spec) if svc.previous_spec else None

@@ -248,6 +248,31 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
+class AutoscaleDecision:
+    """One replica change the autoscaler (shoal.node.autoscale) made, with its inputs."""
+
+    at: float  # when (the leader's wall clock)
+    current: int  # replicas before
+    desired: int  # replicas after
+    usage: float  # averaged usage over the window, fraction of the tasks' limits (-1: none)
+    target: float  # the target it was compared with
+    metric: str = "cpu"  # "cpu" | "memory": the metric that asked for the most replicas
+    tasks: int = 0  # tasks whose usage counted (running, not starting or unhealthy)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AutoscaleStatus:
+    """The autoscaler's last decisions (newest last, at most AUTOSCALE_HISTORY), written by
+    the leader; shown by `service inspect`."""
+
+    decisions: tuple[AutoscaleDecision, ...] = ()
+
+
+AUTOSCALE_HISTORY = 10
+
+
+@dataclass(frozen=True)
 class Service:
     id: str
     spec: ServiceSpec
@@ -258,6 +283,8 @@ class Service:
     updated_at: float = 0.0
     update_status: UpdateStatus = field(default_factory=UpdateStatus)
     job_status: JobStatus = field(default_factory=JobStatus)  # scheduled jobs' runs
+    # the autoscaler's decisions (a class-level default: Services pickled before it have it)
+    autoscale: AutoscaleStatus = AutoscaleStatus()
 
 
 class Health(enum.StrEnum):

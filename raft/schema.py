@@ -120,6 +120,8 @@ def downgrade_spec(nested: dict[str, Any]) -> dict[str, Any]:
 
 
 def _norm(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):  # (a field given as one Struct: mode.autoscale)
+        value = msgspec.to_builtins(value)
     if isinstance(value, (list, tuple)):
         return [_norm(v) for v in value]
     if isinstance(value, dict):

@@ -27,14 +27,16 @@ The layout follows swarmkit's ``ServiceSpec``::
      │   ├─ force_update
      │   └─ networks                  user-defined networks the tasks join
      ├─ mode: ServiceMode {type, replicas, max_concurrent}
-     │   └─ schedule: Schedule {cron, timezone, policy, history}   (jobs: when they run)
+     │   ├─ schedule: Schedule {cron, timezone, policy, history}   (jobs: when they run)
+     │   └─ autoscale: Autoscale {min, max, cpu, memory, window...}  (replicated: how many)
      ├─ update: UpdateConfig          how a changed template rolls out
      ├─ rollback: RollbackConfig      how a rollback rolls back
      └─ endpoint: EndpointSpec {mode, ports, expose, lb_algorithm}
 
 A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
 ``flag`` (long option, create and update), ``short``, ``cli`` (how the CLI parses it:
-``str int float bytes duration choice map list command flag``; ``flag``: a switch
+``str int float bytes duration choice map list command flag struct``; ``struct``: a
+nested Struct given as one ``key=value,...`` flag, parsed by its ``item``; ``flag``: a switch
 without a value that sets a bool, and that giving any other flag of its Struct on
 `service update` turns off), ``item`` (the list item
 parser: ``mount port secret config constraint``), ``unit`` and ``metavar``. A field without
@@ -527,6 +529,53 @@ class Schedule(_Spec, frozen=True):
                                 "does not exist, such as February 30?)") from None
 
 
+class Autoscale(_Spec, frozen=True):
+    """Horizontal autoscaling on CPU (and memory) usage (beyond Swarm: Kubernetes' HPA rule).
+    ``--autoscale min=2,max=20,cpu=60%[,memory=70%][,window=30s][,period=15s]
+    [,stabilization=5m][,step=N][,tolerance=10%]``; ``max`` 0 = off (``--autoscale none``,
+    `service update --autoscale-rm`). The leader (shoal.node.autoscale) samples the running,
+    healthy tasks' cgroup usage, averages it over ``window`` as a fraction of each task's CPU
+    limit (else its reservation, else 1 CPU) — memory: of its memory limit or reservation —
+    and every ``period`` sets ``replicas`` to ceil(current * usage / target), unless the ratio
+    is within ``tolerance`` of 1, clamped to [min, max], at most ``step`` tasks per period,
+    and no lower than the highest recommendation of the last ``stabilization`` seconds (so a
+    dip does not scale down at once). Only for replicated services; while on, the replica
+    count is the autoscaler's (`service scale` is refused)."""
+
+    min: Annotated[int, decl("fewest replicas", ge=1, le=MAX_REPLICAS)] = 1
+    max: Annotated[int, decl("most replicas; 0 = autoscaling off", ge=0,
+                             le=MAX_REPLICAS)] = 0
+    cpu: Annotated[float, decl("target CPU usage, a fraction of each task's CPU limit (else "
+                               "reservation, else 1 CPU); 0 = not a metric", ge=0, le=100)] = 0.0
+    memory: Annotated[float, decl("target memory usage, a fraction of each task's memory "
+                                  "limit (else reservation); 0 = not a metric", ge=0,
+                                  le=100)] = 0.0
+    window: Annotated[float, decl("usage is averaged over this time", unit="seconds",
+                                  ge=1, le=DAY)] = 30.0
+    period: Annotated[float, decl("time between two decisions (HPA's sync period)",
+                                  unit="seconds", ge=1, le=DAY)] = 15.0
+    stabilization: Annotated[float, decl(
+        "scale-down stabilisation: the highest recommendation of this last time wins",
+        unit="seconds", ge=0, le=DAY)] = 300.0
+    step: Annotated[int, decl("tasks added or removed per period at most; 0 = Kubernetes' "
+                              "default (up: max(4, current), down: no limit)", ge=0,
+                              le=MAX_REPLICAS)] = 0
+    tolerance: Annotated[float, decl("no change while usage/target is within 1 ± this",
+                                     ge=0, le=1)] = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.max:
+            return
+        if self.min > self.max:
+            raise SpecError("min", f"min={self.min} is above max={self.max}")
+        if not self.cpu and not self.memory:
+            raise SpecError("cpu", "give a target: cpu=PERCENT% and/or memory=PERCENT%")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max > 0
+
+
 class ServiceMode(_Spec, frozen=True):
     """How many tasks the service runs (Swarm's service modes; Swarm's API nests one object
     per mode, ``{Replicated: {Replicas}}``, ``{ReplicatedJob: {MaxConcurrent,
@@ -553,8 +602,16 @@ class ServiceMode(_Spec, frozen=True):
         "replicated-job: tasks running at once at most; 0 = replicas",
         flag="--max-concurrent", cli="int", metavar="N", ge=0, le=MAX_REPLICAS)] = 0
     schedule: Schedule = Schedule()
+    autoscale: Annotated[Autoscale, decl(
+        "autoscale the replicas on CPU/memory usage (replicated services); keys min, max, "
+        "cpu, memory, window (30s), period (15s), stabilization (5m), step, tolerance (10%); "
+        "none = off", flag="--autoscale", cli="struct", item="autoscale",
+        metavar="min=N,max=N,cpu=P%[,memory=P%][,KEY=VALUE...]")] = Autoscale()
 
     def __post_init__(self) -> None:
+        if self.autoscale.enabled and self.type != "replicated":
+            raise SpecError("autoscale", f"--autoscale is for replicated services, not "
+                            f"{self.type}")
         if self.per_node and self.replicas != 1:  # (1: the default, i.e. not given)
             raise SpecError("replicas", f"a {self.type} service runs one task per eligible "
                             "node: replicas is for the replicated modes")
@@ -743,6 +800,10 @@ class ServiceSpec(_Spec, frozen=True):
     endpoint: EndpointSpec = EndpointSpec()
 
     def __post_init__(self) -> None:
+        res = self.task.resources
+        if self.mode.autoscale.memory and not (res.limits.memory or res.reservations.memory):
+            raise SpecError("mode.autoscale.memory", "a memory target is a fraction of the "
+                            "tasks' memory: give --limit-memory or --reserve-memory")
         c = self.task.container
         if not c.command and not c.image:
             raise SpecError("task.container.command",
@@ -859,7 +920,8 @@ def fields(cls: type[msgspec.Struct] = ServiceSpec, prefix: str = "") -> Iterato
     for f in msgspec.structs.fields(cls):
         base, meta = _unwrap(hints[f.name])
         path = f"{prefix}{f.name}"
-        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+        if isinstance(base, type) and issubclass(base, msgspec.Struct) and not (
+                meta is not None and (meta.extra or {}).get("cli") == "struct"):
             yield from fields(base, path + ".")
             continue
         extra = dict(meta.extra or {}) if meta is not None else {}
@@ -897,6 +959,15 @@ def reference_markdown() -> str:
     """The spec reference table for docs/api.md, made from the declarations."""
     rows = ["| field | type | default | CLI flag | meaning |", "|---|---|---|---|---|"]
     for f in fields():
+        if f.cli == "struct":  # one flag for the Struct: a row per key (--autoscale max=)
+            rows.append(f"| `{f.path}` | object | | `{f.flag}` | {f.help} |")
+            for sub in fields(f.type, f.path + "."):
+                key = sub.path.rpartition(".")[2]
+                unit = f" ({sub.unit})" if sub.unit else ""
+                rows.append(f"| `{sub.path}` | {_type_name(sub.type)} | "
+                            f"`{json.dumps(_plain(sub.default))}` | `{f.flag} {key}=` | "
+                            f"{sub.help.replace('|', '/')}{unit} |")
+            continue
         tname = _type_name(f.type)
         unit = f" ({f.unit})" if f.unit else ""
         default = "required" if f.default is None else \
@@ -909,6 +980,8 @@ def reference_markdown() -> str:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):  # (a Struct given by one flag: --autoscale)
+        return msgspec.to_builtins(value)
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -38,7 +38,10 @@ from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
+    AUTOSCALE_HISTORY,
     USER_ROLES,
+    AutoscaleDecision,
+    AutoscaleStatus,
     Config,
     JobRun,
     JobStatus,
@@ -551,8 +554,13 @@ class ClusterState:
             self._check_ports(spec, svc.id)
             self._check_networks(spec)
             self._check_volume_keys(spec)
+            if svc.spec.mode.autoscale.enabled and spec.mode.autoscale.enabled and \
+                    spec.mode.replicas != svc.spec.mode.replicas:
+                _refuse_manual_scale(svc)
         else:
             replicas = validate_replicas(cmd["replicas"])
+            if svc.spec.mode.autoscale.enabled and replicas != svc.spec.mode.replicas:
+                _refuse_manual_scale(svc)
             spec = msgspec.structs.replace(
                 svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
         now = float(cmd["now"])
@@ -684,6 +692,17 @@ class ClusterState:
                 if svc is None:
                     continue
                 self.services[svc.id] = replace(svc, job_status=_job_op(svc, op, now))
+            elif kind == "autoscale":  # ("autoscale", service_id, replicas, decision)
+                svc = self.services.get(op[1])
+                if svc is None or not svc.spec.mode.autoscale.enabled:
+                    continue
+                decision = AutoscaleDecision(**{**op[3], "at": now})
+                scaled = msgspec.structs.replace(svc.spec, mode=msgspec.structs.replace(
+                    svc.spec.mode, replicas=validate_replicas(op[2])))
+                self.services[svc.id] = replace(
+                    svc, spec=scaled, version=svc.version + 1, updated_at=now,
+                    autoscale=AutoscaleStatus(decisions=(*svc.autoscale.decisions,
+                                                         decision)[-AUTOSCALE_HISTORY:]))
             elif kind == "node_state":
                 n = self.nodes.get(op[1])
                 if n is None:
@@ -911,6 +930,16 @@ class ClusterState:
 
     def _config_remove(self, cmd: dict[str, Any]) -> None:
         self._file_remove(cmd, "config", self.configs)
+
+
+def _refuse_manual_scale(svc: Service) -> None:
+    """An autoscaled service's replica count is the autoscaler's (shoal.node.autoscale)."""
+    auto = svc.spec.mode.autoscale
+    raise Rejected("invalid", f"service {svc.spec.name} is autoscaled (--autoscale "
+                   f"min={auto.min},max={auto.max}): the autoscaler sets its replicas; "
+                   "change the range with `service update --autoscale min=N,max=N`, or "
+                   "turn autoscaling off with `service update --autoscale-rm` first",
+                   "replicas")
 
 
 def _job_op(svc: Service, op: Any, now: float) -> JobStatus:

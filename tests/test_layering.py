@@ -12,8 +12,8 @@ The rules:
 
 * a package imports only packages below it (``LAYERS``), plus the edges between packages of one
   layer listed in ``ALLOWED_SAME_LAYER`` (raft → runtime for volume options; otherwise
-  raft, gossip, runtime and lb are independent of each other), so raft, gossip, runtime and lb never import shoal.node or
-  shoal.cli, and shoal.node never imports shoal.cli;
+  raft, gossip, runtime and lb are independent of each other), so raft, gossip, runtime
+  and lb never import shoal.node or shoal.cli, and shoal.node never imports shoal.cli;
 * no import cycle between the modules of each package in ``CYCLE_FREE``;
 * the modules in ``NOT_IMPORTED`` are imported by no shoal module but the listed ones.
 
