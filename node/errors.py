@@ -270,6 +270,8 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     # runtime
     _r.StartError: (400, "cannot_start"),
     _r.InvalidTaskConfig: (400, "invalid"),
+    _r.VolumeOptionError: (400, "invalid"),
+    _r.VolumeMountFailed: (503, "launch_failed"),
     _r.TaskExists: (409, "exists"),
     _r.LaunchFailed: (503, "launch_failed"),
     _r.CgroupError: (400, "cannot_enforce_limits"),
@@ -288,6 +290,7 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     _r.ManifestUnknown: (404, "manifest_unknown"),
     _r.UnsupportedImage: (400, "unsupported_image"),
     _r.ImageInUse: (409, "in_use"),
+    _r.BuildError: (400, "build_failed"),
     # gossip
     _g.KeyringError: (400, "invalid_key"),
     _g.TransportError: (503, "unavailable"),

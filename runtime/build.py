@@ -49,20 +49,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shoal.runtime.errors import ImageError, ImageNotFound
+from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
 from shoal.runtime.images import ImageConfig, ImageHealthcheck, ImageInfo, ImageStore
 from shoal.runtime.records import RunState, TaskConfig
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
-
-
-class BuildError(ImageError):
-    """See the module docstring."""
-
-    def __init__(self, message: str, line: int = 0, field: str = "") -> None:
-        super().__init__(f"line {line}: {message}" if line else message)
-        self.line = line
-        self.field = field  # the request field at fault (API options), "" otherwise
-
 
 #: Task ids of RUN steps start with this (cluster task ids are hex: never "build..."); the
 #: worker's reconciler leaves such runtime tasks alone (node/worker.py).

@@ -10,14 +10,17 @@ The tree::
     ├── ConfigError               RuntimeConfig is unusable (missing tini, no compiler, bad values)
     ├── StartError                the task could not be started at all (nothing is left running)
     │   ├── InvalidTaskConfig     the TaskConfig is malformed (``field`` names which field)
+    │   │   └── VolumeOptionError a volume driver or option is unknown or malformed
     │   ├── TaskExists            a task with this id is already known (or its directory exists)
     │   ├── LaunchFailed          the launcher failed or timed out (message carries its log tail)
+    │   │   └── VolumeMountFailed mounting a volume failed (mount(2), sshfs)
     │   ├── CgroupError           the task's cgroups cannot be made, or a limit cannot be enforced
     │   └── ImageUnavailable      the task's image is not in the store (pull it first)
     ├── TaskNotFound              no task with this id is known
     ├── StopFailed                the task's processes outlived SIGKILL + kill_timeout
     ├── VolumeInUse               a volume to remove is mounted by a task this node knows
     └── ImageError                the image store refused an operation
+        ├── BuildError            `image build` failed (``line`` of the Dockerfile, ``field``)
         ├── ImageNotFound         no image matches the reference (also a KeyError)
         ├── InvalidImage          a tarball/layout is malformed or unsafe (absolute path, "..",
         │                         link out of the root, unknown compression, bad manifest)
@@ -65,12 +68,20 @@ class InvalidTaskConfig(StartError):
         self.field = field
 
 
+class VolumeOptionError(InvalidTaskConfig):
+    """A volume driver or option is unknown or malformed (shoal.runtime.volumes)."""
+
+
 class TaskExists(StartError):
     """A task with this id is already known to the runtime (or its directory exists)."""
 
 
 class LaunchFailed(StartError):
     """The namespace launcher failed or did not report ready in time."""
+
+
+class VolumeMountFailed(LaunchFailed):
+    """Mounting a volume failed (mount(2), or sshfs could not connect)."""
 
 
 class CgroupError(StartError):
@@ -98,6 +109,16 @@ class VolumeInUse(RuntimeError_):
 
 class ImageError(RuntimeError_):
     """The image store refused an operation."""
+
+
+class BuildError(ImageError):
+    """`image build` failed: a bad Dockerfile (``line`` names it), a RUN that failed, bad
+    build options (``field`` names the request field at fault, "" otherwise)."""
+
+    def __init__(self, message: str, line: int = 0, field: str = "") -> None:
+        super().__init__(f"line {line}: {message}" if line else message)
+        self.line = line
+        self.field = field
 
 
 class ImageNotFound(ImageError, KeyError):

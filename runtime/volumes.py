@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from shoal.runtime.errors import InvalidTaskConfig, LaunchFailed
+from shoal.runtime.errors import VolumeMountFailed, VolumeOptionError
 
 DRIVERS = ("local", "sshfs")
 SSHFS = "sshfs"
@@ -67,14 +67,6 @@ _SSHCMD_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9.:\[\]-]+:(?:/[^\s,]*)
 _SSHFS_PASS = {k.lower(): k for k in (
     "ServerAliveInterval", "ServerAliveCountMax", "ConnectTimeout", "Compression", "uid", "gid",
     "umask", "follow_symlinks", "transform_symlinks", "cache")}
-
-
-class VolumeOptionError(InvalidTaskConfig):
-    """A volume driver or option is unknown or malformed."""
-
-
-class VolumeMountFailed(LaunchFailed):
-    """Mounting a volume failed (mount(2), or sshfs could not connect)."""
 
 
 def _bool(text: str, field: str) -> bool:
