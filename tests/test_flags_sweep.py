@@ -30,6 +30,7 @@ BY_KIND: dict[str, list[str]] = {
     "bytes": ["12zz"],
     "choice": ["bogus"],
     "map": ["novalue"],
+    "struct": ["bogus=1", "min=5,max=2,cpu=50%", "max=3,cpu=150x"],  # (--autoscale)
 }
 # bad values of list items by item parser
 BY_ITEM: dict[str, list[str]] = {
