@@ -665,7 +665,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="PEM CA certificates trusted for registries besides the system's")
     a.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="a registry reached over plain HTTP (repeatable; never by default)")
-    registry_cli.add_agent_flags(a)
+    _lazy(a, registry_cli.add_agent_flags)  # (imports the runtime: only for `agent`)
     m = a.add_argument_group("MQTT bridge (node availability, cluster state and events)")
     m.add_argument("--mqtt-url", default="", metavar="mqtt[s]://[USER@]HOST[:PORT]",
                    help="publish to this MQTT broker (default: no bridge)")
