@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from shoal.runtime.build import Builder, BuildOptions
+from shoal.runtime.cgroups import remove_parent
 from shoal.runtime.process import ProcessController
 from shoal.runtime.records import RuntimeConfig
 
@@ -71,6 +72,7 @@ async def main(args: argparse.Namespace) -> None:
         for tid in list(ctl.tasks()):
             await ctl.remove(tid)
         await ctl.close()
+        remove_parent(ctl.cgroup_layout, "shoal-bench")  # (this run's own parent group)
         shutil.rmtree(data, ignore_errors=True)
 
 

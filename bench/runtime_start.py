@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from shoal.runtime.cgroups import remove_parent
 from shoal.runtime.process import ProcessController
 from shoal.runtime.records import RunState, RuntimeConfig, TaskConfig
 
@@ -99,6 +100,7 @@ async def main(args: argparse.Namespace) -> None:
         for tid in list(ctl.tasks()):
             await ctl.remove(tid)
         await ctl.close()
+        remove_parent(ctl.cgroup_layout, "shoal-bench")  # (this run's own parent group)
         shutil.rmtree(data, ignore_errors=True)
 
 

@@ -394,3 +394,21 @@ def leftover_groups(layout: CgroupLayout, parent: str, task_ids: Iterable[str]) 
     if layout.unified is not None:
         mounts.add(layout.unified)
     return sorted(m / parent / t for m in mounts for t in ids if (m / parent / t).is_dir())
+
+
+def remove_parent(layout: CgroupLayout, parent: str) -> list[Path]:
+    """rmdir the ``parent`` group in every hierarchy, for a caller that owns it alone (a bench
+    run with its own parent); a group still holding tasks stays. Returns those left."""
+    mounts = set(layout.v1.values())
+    if layout.unified is not None:
+        mounts.add(layout.unified)
+    left = []
+    for d in sorted(m / parent for m in mounts):
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            left.append(d)
+    return left
+
