@@ -56,9 +56,9 @@ def _running(h1: Host) -> dict[str, Any]:
     return wait_until(one, timeout=60, interval=0.3, what="the task running")
 
 
-@pytest.mark.skipif(not SSHD.exists() or shutil.which("sshfs") is None,
-                    reason="needs sshd and sshfs (Debian openssh-server, sshfs: `make venv`)")
 def test_sshfs_volume_follows_its_task_to_another_node(lab_factory: Any) -> None:
+    assert SSHD.exists() and shutil.which("sshfs"), \
+        "needs sshd and sshfs (Debian openssh-server, sshfs, in DEB_PKGS): run `make venv`"
     lab = lab_factory(3)
     h1, _h2, h3 = lab.hosts
     lab.form_cluster(managers=1, workers=1)  # h1, h2 run tasks; h3 only serves the files
