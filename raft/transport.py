@@ -129,7 +129,7 @@ class AdmissionTransport(TCPTransport):
             return
         if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
                 "term" in message and message["term"] != self._syncObj._getTerm():
-            return  # an answer to another term's append-entries (shoal.raft.store._term_acks)
+            return  # an answer to another term's append-entries (shoal.raft.store._SafeSyncObj)
         super()._onMessageReceived(node, message)
 
     def _warn(self, ip: str | None, msg: str, *args: Any) -> None:

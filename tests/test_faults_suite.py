@@ -19,10 +19,8 @@ from netlab import Lab
 
 pytestmark = pytest.mark.netns
 
-# (without disk-full: with it, a CI run ended with managers disagreeing — see
-# docs/reliability.md, "pysyncobj truncates a follower's log tail"; `make faults-long` has it)
 CFG = SuiteConfig(managers=5, workers=1, clients=5, calm=(1.5, 3.0), fault_len=(2.5, 5.0),
-                  kinds=tuple(k for k in KINDS if k != "disk-full"),
+                  kinds=KINDS,
                   duration=float(os.environ.get("SHOAL_FAULT_DURATION", "60")),
                   seed=int(os.environ.get("SHOAL_FAULT_SEED", "1515")))
 

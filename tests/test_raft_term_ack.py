@@ -5,7 +5,7 @@ compare-and-set that never committed. pysyncobj's append-entries answer, ``next_
 ("I hold the log up to N"), carries no term: a leader that receives one late, after the
 follower moved on to another leader's log, counts it as a match for entries of its own
 term and commits what no majority holds. shoal's followers add their term to the answer
-(shoal.raft.store._TermAckSyncObj) and the transport drops answers from another term
+(shoal.raft.store._SafeSyncObj) and the transport drops answers from another term
 (shoal.raft.transport.AdmissionTransport).
 
 The test makes the race deterministic: three real RaftStores on loopback; the followers
