@@ -266,6 +266,7 @@ class Agent:
             peers=identity.voters,
             data_dir=self.data_dir / "raft",
             password=identity.raft_password,
+            extra_passwords=tuple(identity.raft_extra_passwords),
             config=self.config.raft,
             bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}",
         )
@@ -345,6 +346,8 @@ class Agent:
 
     # ------------------------------------------------------------------ gossip
     def _make_membership(self, identity: NodeIdentity) -> Membership:
+        # (identities older than the gossip key derive it from the Raft secret; a Raft
+        # secret rotation pins it first, shoal.node.keys)
         key = getattr(identity, "gossip_key", b"") or derive_gossip_key(identity.raft_password)
         preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
             GossipConfig.lan()

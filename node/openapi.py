@@ -572,6 +572,16 @@ ROUTES: tuple[Route, ...] = (
           reply=_obj("", key_id=STR, secrets=INT), errors=CLUSTER,
           description="409 `conflict` if something sealed changed meanwhile (retry); the "
           "other managers fetch the new key over mTLS"),
+    Route("POST", "/v1/swarm/rotate-raft-key", "swarm_rotate_raft_key", "a new Raft secret: "
+          "every manager accepts it, then sends with it, then drops the old one, without "
+          "downtime (`swarm rotate-key`)", "cluster", reply=_obj("", key_id=STR, phase=STR),
+          errors=CLUSTER, description="409 `conflict` while a rotation is switching "
+          "managers over; progress: GET /v1/swarm/rotate-raft-key"),
+    Route("GET", "/v1/swarm/rotate-raft-key", "swarm_raft_key", "progress of the Raft "
+          "secret rotation", "cluster",
+          reply=_obj("", key_id=STR, next_key_id=STR, phase=STR, managers=INT,
+                     accepting=INT, switched=INT), errors=CLUSTER,
+          description="`phase` \"\" when none is in progress; `key_id` the secret in use"),
     Route("POST", "/v1/swarm/unlock-key", "swarm_unlock_key_rotate", "a new unlock key; "
           "every manager re-wraps its keys (`unlock-key --rotate`)", "cluster",
           reply=_obj("", unlock_key=STR, rotated=BOOL), errors=CLUSTER),
@@ -758,11 +768,13 @@ ROUTES: tuple[Route, ...] = (
           auth="none (the token authenticates)"),
     Route("POST", "/v1/cluster/keys", "cluster_keys", "the keys a member needs", "internal",
           "peer", reply=_ref("Object"), errors=(401, 403, 409), auth=MEMBER,
-          description="`raft_password` is empty unless the caller's record is a manager; "
-          "`voter`: whether the answering manager's Raft configuration has the caller's voter "
-          "yet; `managers`: the managers' API addresses; `gossip_keys`: the whole gossip "
-          "keyring, hex, primary first",
-          reply_fields="raft_password, voters, voter, managers, gossip_key, gossip_keys"),
+          description="`raft_password` is empty unless the caller's record is a manager "
+          "(`raft_passwords`: every Raft secret the answering manager accepts, the one it "
+          "sends with first); `voter`: whether the answering manager's Raft configuration "
+          "has the caller's voter yet; `managers`: the managers' API addresses; "
+          "`gossip_keys`: the whole gossip keyring, hex, primary first",
+          reply_fields="raft_password, raft_passwords, voters, voter, managers, gossip_key, "
+          "gossip_keys"),
     Route("POST", "/v1/cluster/manager-keys", "cluster_manager_keys", "the managers' "
           "sealing key", "internal", "peer", reply=_obj("", manager_key=STR),
           errors=(401, 403, 409), auth=MANAGER),

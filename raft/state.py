@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from shoal.raft import ipam
+from shoal.raft import ipam, raftkeys
 from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
@@ -141,6 +141,13 @@ class ClusterInfo:
     # id (SHA-256 prefix, hex) of the managers' sealing key everything is sealed under now;
     # "" until the first `swarm rotate-key` (shoal.node.keys)
     key_id: str = ""
+    # Raft secret rotation (shoal.raft.raftkeys): the id of the secret managers send with
+    # ("" until the first rotation), the next one's, the phase ("" none, "accept",
+    # "switch") and each manager's progress (node id -> 1 accepts, 2 sends with the new)
+    raft_key_id: str = ""
+    raft_next_key_id: str = ""
+    raft_phase: str = ""
+    raft_acks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -1011,6 +1018,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "ca_rotate_phase": ClusterState._ca_rotate_phase,
     "ca_rotate_finish": ClusterState._ca_rotate_finish,
     "manager_key_rotate": ClusterState._manager_key_rotate,
+    **raftkeys.OPS,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

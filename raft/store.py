@@ -483,6 +483,7 @@ class RaftStore:
         bind_addr: str | None = None,
         persist: bool = True,
         link_up: Callable[[str], bool] | None = None,  # tests: see AdmissionTransport
+        extra_passwords: tuple[str, ...] = (),  # also accepted (a Raft secret rotation)
     ) -> None:
         self.config = config or RaftConfig()
         self.config.validate()
@@ -502,6 +503,10 @@ class RaftStore:
             except BaseException:
                 os.close(self._lock_fd)
                 raise
+        # the Raft secret's keyring (None: plaintext, benchmarks); rotated live by
+        # shoal.node.keys through ``set_secrets``
+        self.encryptor: AeadEncryptor | None = AeadEncryptor(password, extra_passwords) \
+            if password else None
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -525,7 +530,7 @@ class RaftStore:
                              consumers=[self.consumer],
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,
-                                 encryptor=AeadEncryptor(password) if password else None))
+                                 encryptor=self.encryptor))
         _harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
