@@ -876,10 +876,17 @@ class Host:
         self._iptables("-A", FAULT_CHAIN, "-m", "statistic", "--mode", "random",
                        "--probability", f"{probability:.4f}", "-j", "DROP")
 
+    def throttle(self, rate: str) -> None:
+        """Limit what this host sends to ``rate`` (e.g. ``"512kbit"``): a token bucket (tc
+        tbf) on its interface, in its own namespace; queued beyond 400 ms is dropped."""
+        _run(["tc", "-n", self.netns, "qdisc", "replace", "dev", self.ifname, "root", "tbf",
+              "rate", rate, "burst", "32kbit", "latency", "400ms"], check=True)
+
     def heal(self) -> None:
-        """Remove every rule block() and lose() added."""
+        """Remove every rule block() and lose() added, and a throttle()."""
         self._fault_chain()
         self._iptables("-F", FAULT_CHAIN)
+        _run(["tc", "-n", self.netns, "qdisc", "del", "dev", self.ifname, "root"])  # (none: fails)
 
     def pause_agent(self) -> None:
         """SIGSTOP the agent (its Raft, gossip and API freeze; the kernel keeps its sockets)."""
