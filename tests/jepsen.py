@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
@@ -503,6 +504,9 @@ class Suite:
 def fill_disk(path: Path) -> int:
     """Write zeros into ``path`` until its filesystem is full (to the last byte); the bytes
     written."""
+    st = os.statvfs(path.parent)
+    if st.f_blocks * st.f_frsize > 1 << 30:  # never the machine's own disk
+        raise RuntimeError(f"{path.parent} is not a small test filesystem (see small_disks)")
     written = 0
     with open(path, "ab", buffering=0) as fh:
         for size in (1 << 16, 4096, 512, 1):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 
 import pytest
-from jepsen import KINDS, Suite, SuiteConfig
+from jepsen import KINDS, Suite, SuiteConfig, small_disks
 
 from netlab import Lab
 
@@ -64,6 +64,7 @@ async def _deposed_leader_reads(suite: Suite) -> None:
 def test_short_fault_run_loses_nothing_and_stays_linearizable(
         lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory(CFG.managers + CFG.workers)
+    small_disks(lab, CFG.managers)  # (the disk-full fault fills one of these tmpfs)
     lab.form_cluster(managers=CFG.managers, workers=CFG.workers, timeout=120)
     asyncio.run(_deposed_leader_reads(Suite(lab, CFG)))
     report = asyncio.run(Suite(lab, CFG).run())
