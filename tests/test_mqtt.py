@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import free_port
 
 from shoal.node.events import EventLog, EventsConfig
 from shoal.node.mqttbridge import MqttBridge
@@ -89,12 +89,6 @@ def _write(path: Path, key: Any, cert: x509.Certificate) -> None:
         serialization.NoEncryption()))
     path.with_suffix(".key").chmod(0o600)
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:
