@@ -72,6 +72,7 @@ class MemberView:
         self._lifecycle = "new"  # new → running → (left) → shutdown
         self._leaving = False
 
+    # ======================================================================= helpers
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise StateError("member not started")
