@@ -4,9 +4,9 @@ to wait before a reconnect, what a failed connection was, how a scale command is
 Owns: ``MqttConfig`` (the ``--mqtt-*`` agent flags, also made from the cluster-wide setting by
 shoal.node.mqtt.MqttSupervisor), ``backoff``, ``classify`` (the connection failure reasons
 ``REASONS`` and their log ``HINTS``), ``read_key`` and ``sign_scale`` (a command's HMAC). Pure:
-no network, no cluster state; agent configuration (shoal.node.config) imports this module
-alone, so an agent without a bridge loads neither the bridge nor aiomqtt. Must not touch: the
-connection (shoal.node.mqttbridge), the cluster-wide setting (shoal.node.mqtt).
+no network, no cluster state; the agent's configuration (shoal.node.config) and the CLI import
+this module alone, not the bridge. Must not touch: the connection (shoal.node.mqttbridge), the
+cluster-wide setting (shoal.node.mqtt).
 
 Credentials: the password comes from ``--mqtt-password-file`` (read at each connect; never in
 the URL, the command line or a log line). TLS: ``mqtts://`` verifies the broker against
