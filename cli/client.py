@@ -15,7 +15,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shoal.cli.errors import CliError
 
@@ -180,13 +180,15 @@ class Client:
         finally:
             conn.close()
 
-    def stream(self, path: str) -> Iterator[dict[str, Any]]:
-        """GET a streaming JSON-lines route; yields records as they arrive."""
+    def stream(self, path: str, method: str = "GET", body: BinaryIO | None = None,
+               headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+        """Call a streaming JSON-lines route; yields records as they arrive. ``body``: an open
+        file sent as it is read (with its Content-Length in ``headers``)."""
         conn = self._connection()
         conn.timeout = None
         try:
             try:
-                conn.request("GET", path)
+                conn.request(method, path, body=body, headers=headers or {})
                 resp = conn.getresponse()
             except (FileNotFoundError, ConnectionRefusedError):
                 raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
@@ -198,7 +200,8 @@ class Client:
                     err = json.loads(resp.read()).get("error", {})
                 except ValueError:
                     err = {}
-                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
+                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
+                               str(err.get("field") or ""))
             for raw in resp:
                 if raw.strip():
                     yield json.loads(raw)

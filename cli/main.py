@@ -58,7 +58,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.agent import run_agent
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
-    from shoal.node.mqtt import MqttConfig
+    from shoal.node.mqttconfig import MqttConfig
     from shoal.runtime.registry import RegistryConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),

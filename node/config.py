@@ -15,7 +15,7 @@ from pathlib import Path
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
 from shoal.node.limits import LimitsConfig
-from shoal.node.mqtt import MqttConfig
+from shoal.node.mqttconfig import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -101,7 +101,7 @@ class AgentConfig:
     # image garbage collection: disk thresholds, max age (shoal.runtime.images.ImageGCConfig;
     # --image-gc-*); defaults: 85% high, 80% low, no max age, a pass every 300 s
     image_gc: ImageGCConfig = field(default_factory=ImageGCConfig)
-    # the optional MQTT bridge (shoal.node.mqtt; --mqtt-*); url "" = off
+    # the optional MQTT bridge (shoal.node.mqttconfig; --mqtt-*); url "" = off
     mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     @property

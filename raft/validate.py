@@ -30,6 +30,8 @@ from shoal.raft.spec import (
 )
 from shoal.raft.spec import parse_constraint as _parse_constraint
 
+# An object id (node, network, secret, config): what the proposing manager generated.
+ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 

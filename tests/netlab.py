@@ -638,6 +638,21 @@ def sweep(verbose: bool = False) -> list[str]:
 # Hosts and labs
 
 
+# Host.http_get's script: GET each URL (argv[2:]) with a timeout of argv[1] s; print one JSON
+# list of [status or repr(error), body].
+_HTTP_GET = r"""
+import json, sys, urllib.request
+out = []
+for url in sys.argv[2:]:
+    try:
+        with urllib.request.urlopen(url, timeout=float(sys.argv[1])) as r:
+            out.append([r.status, r.read().decode().strip()])
+    except Exception as exc:
+        out.append([repr(exc), ""])
+print(json.dumps(out))
+"""
+
+
 class Host:
     """One lab host: a network namespace with one address, a data dir and (maybe) an agent."""
 
@@ -838,6 +853,14 @@ class Host:
         except json.JSONDecodeError as exc:
             raise CommandError(list(res.args), res.returncode, res.stdout,
                                f"{res.stderr}\n(stdout is not JSON: {exc})") from exc
+
+    def http_get(self, *urls: str, url_timeout: float = 10.0, timeout: float = 120.0
+                 ) -> list[tuple[Any, str]]:
+        """GET each of ``urls`` from inside this host, one after another: (status, body), or
+        (repr of the error, "") for one that failed; ``url_timeout`` s each, ``timeout`` s in
+        all (CommandError past it)."""
+        res = self.run("python3", "-c", _HTTP_GET, str(url_timeout), *urls, timeout=timeout)
+        return [(status, body) for status, body in json.loads(res.stdout)]
 
     # -- the network ----------------------------------------------------------------------
 

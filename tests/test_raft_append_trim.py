@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_raft_term_ack import _ports, _service, _wait
+from helpers import free_ports, until
+from test_raft_term_ack import _service
 
 from shoal.raft import store as store_mod
 from shoal.raft.appendentries import Transmissions, trim
@@ -132,13 +133,13 @@ async def test_an_older_append_does_not_lose_an_acknowledged_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stale: str, handler: str) -> None:
     if handler == "pysyncobj":  # the control: pysyncobj's own append-entries handler
         monkeypatch.delattr(store_mod._SafeSyncObj, "_SyncObj__onMessageReceived")
-    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     cut: set[tuple[str, str]] = set()  # (at, peer): ``at`` neither hears nor talks to ``peer``
     stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=CONFIG, persist=False,
                         link_up=lambda peer, me=a: (me, peer) not in cut)
               for i, a in enumerate(addrs)]
     try:
-        await _wait(lambda: any(s.is_leader() for s in stores) and all(
+        await until(lambda: any(s.is_leader() for s in stores) and all(
             s.is_ready() for s in stores), 60.0, "a leader and ready replicas")
         leader = next(s for s in stores if s.is_leader())
         f1, f2 = (s for s in stores if s is not leader)
@@ -148,7 +149,7 @@ async def test_an_older_append_does_not_lose_an_acknowledged_write(
         names = [f"w{i}" for i in range(10)]
         for name in names:
             assert "ok" in await leader.propose(_service(name))
-        await _wait(lambda: all(n in f1.snapshot().services for n in names), 10.0,
+        await until(lambda: all(n in f1.snapshot().services for n in names), 10.0,
                     "every write applied on f1")
         leader_addr = leader.self_addr
         leader.close()
@@ -175,11 +176,11 @@ async def test_an_older_append_does_not_lose_an_acknowledged_write(
             assert after == before
 
         cut.clear()  # f2 is back; f1 (the longer log) leads; f2 learns f1's log
-        await _wait(lambda: f1.is_leader() or f2.is_leader(), 30.0, "a new leader")
+        await until(lambda: f1.is_leader() or f2.is_leader(), 30.0, "a new leader")
         # (the control: f1 already applied the indexes it now reuses, so only f2 applies)
         with contextlib.suppress(WriteTimeout):
             await f1.propose(_service("after"))
-        await _wait(lambda: "after" in f2.snapshot().services, 30.0, "the new write on f2")
+        await until(lambda: "after" in f2.snapshot().services, 30.0, "the new write on f2")
         missing = [n for n in names if n not in f2.snapshot().services]
         if handler == "pysyncobj":
             assert missing, "the control should lose acknowledged writes"
