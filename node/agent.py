@@ -61,12 +61,13 @@ from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.leader import LeaderLoop
-from shoal.node.membership import GossipControl, Membership, derive_gossip_key
+from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.mqtt import MqttSupervisor
 from shoal.node.netapi import NetworksApi
 from shoal.node.registries import Registries
+from shoal.node.sealing import derive_gossip_key
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource

@@ -75,6 +75,7 @@ from shoal.node.sealing import (
     AAD_CA_KEY,
     AAD_NEXT_CA_KEY,
     AAD_UNLOCK_KEY,
+    derive_gossip_key,
     key_id,
     new_key,
     new_unlock_key,
@@ -378,7 +379,6 @@ class KeyManager:
         """Send with ``primary``, accept ``extra`` too; in memory (the Raft transport) and
         at rest (node.json, wrapped under autolock)."""
         if not ident.gossip_key:  # an old identity derives its gossip key from the secret
-            from shoal.node.membership import derive_gossip_key  # (membership imports us)
             ident.gossip_key = derive_gossip_key(ident.raft_password)
         ident.raft_password = primary
         ident.raft_extra_passwords = [e for e in dict.fromkeys(extra) if e and e != primary]
