@@ -517,6 +517,9 @@ _LOG_QUERY = (
           "only lines after this Unix time (seconds)"),
     Param("timestamps", {"enum": ["0", "1"]}, "`1`: each record carries its time (`ts`)"),
     Param("follow", {"enum": ["0", "1"]}, "`1`: keep the stream open and send new lines"),
+    Param("container", {"type": "string", "pattern": "^[a-z0-9-]{0,32}$"},
+          "a pod's container (`task.sidecars`/`task.init_containers` name); absent or "
+          "`main` = the task's own"),
 )
 
 _EVENT_QUERY = (
