@@ -393,7 +393,14 @@ REPLIES: dict[str, Schema] = {
                  health_log=_list(_obj("one health probe, oldest first (the last 5)",
                                        start=TIME, end=TIME, exit_code=INT, output=STR)),
                  usage=_nullable(_ref("Usage")), service_version=INT, created_at=TIME,
-                 updated_at=TIME, state_since=TIME),
+                 updated_at=TIME, state_since=TIME,
+                 containers=_list(_obj(
+                     "a pod's sidecar or init container (node/pod.py); the main container "
+                     "is the task itself", name=STR, kind={"enum": ["sidecar", "init"]},
+                     state={"enum": ["waiting", "running", "exited"]}, pid=_nullable(INT),
+                     exit_code=_nullable(INT), restarts=INT,
+                     health={"enum": ["", "starting", "healthy", "unhealthy"]},
+                     message=STR))),
     "LogRecord": _obj("one log line (a JSON line of application/x-ndjson)",
                       ts=_nullable(NUM), stream={"enum": ["stdout", "stderr"]}, line=STR,
                       task=STR),

@@ -148,6 +148,7 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "health": str(t.status.health),
         "failing_streak": t.status.failing_streak,
         "health_log": [to_dict(r) for r in t.status.health_log],
+        "containers": [to_dict(c) for c in t.status.containers],  # a pod's (node/pod.py)
         "service_version": t.service_version,
         "created_at": t.created_at,
         "updated_at": t.updated_at,
