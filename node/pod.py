@@ -36,6 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from shoal.node.errors import InitFailed
 from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.raft.models import ContainerStatus, Health, Task
 from shoal.raft.spec import MAIN_CONTAINER, SidecarSpec
@@ -64,10 +65,6 @@ def parent_of(runtime_id: str) -> str:
 
 def is_pod(task: Task) -> bool:
     return bool(task.spec.sidecars or task.spec.init_containers)
-
-
-class InitFailed(StartError):
-    """An init container exited non-zero (or could not start): the task fails."""
 
 
 @dataclass

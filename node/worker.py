@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.node.errors import (
     BackwardsTransition,
+    InitFailed,
     TaskInputError,
     TaskInputUnavailable,
     task_input,
 )
 from shoal.node.health import Check, HealthMonitor, resolve
-from shoal.node.pod import InitFailed, Pods, is_pod, parent_of
+from shoal.node.pod import Pods, is_pod, parent_of
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import (

@@ -17,8 +17,9 @@ from shoal.cli.compose import load_stack
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
 from shoal.cli.specflags import spec_from_create_args
+from shoal.node.errors import InitFailed
 from shoal.node.health import HealthMonitor
-from shoal.node.pod import InitFailed, Pods, container_id, parent_of
+from shoal.node.pod import Pods, container_id, parent_of
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import Task, TaskState, status_from_dict, to_dict
 from shoal.raft.spec import SidecarSpec, TaskSpec
