@@ -354,8 +354,8 @@ class SidecarSpec(_Spec, frozen=True):
         "signal that asks the container to stop (the task's grace period applies)")
     ] = "SIGTERM"
     mounts: Annotated[tuple[str, ...], decl(
-        "targets of the task's mounts (task.container.mounts) this container sees too, at "
-        "the same path: the same volume, shared", max_length=64)] = ()
+        "targets of the task's volume and bind mounts (task.container.mounts) this container "
+        "sees too, at the same path: the same files, shared", max_length=64)] = ()
     limits: Annotated[Limits, decl(
         "the container's own limits (memory, cpu, pids), as task.resources.limits: its "
         "own cgroup")] = Limits()
@@ -391,7 +391,7 @@ def check_pod(main: ContainerSpec, sidecars: tuple[SidecarSpec, ...],
     if len(sidecars) > MAX_SIDECARS or len(inits) > MAX_SIDECARS:
         raise SpecError("sidecars" if len(sidecars) > MAX_SIDECARS else "init_containers",
                         f"at most {MAX_SIDECARS} containers")
-    targets = {m.target for m in main.mounts}
+    targets = {m.target: m.type for m in main.mounts}
     seen: set[str] = set()
     for kind, group in (("init_containers", inits), ("sidecars", sidecars)):
         for i, c in enumerate(group):
@@ -402,6 +402,10 @@ def check_pod(main: ContainerSpec, sidecars: tuple[SidecarSpec, ...],
                 if target not in targets:
                     raise SpecError(f"{kind}[{i}].mounts[{j}]", f"{target!r} is not a target "
                                     "of the task's mounts (task.container.mounts)")
+                if targets[target] == "tmpfs":
+                    raise SpecError(f"{kind}[{i}].mounts[{j}]", f"{target!r} is a tmpfs, "
+                                    "memory of the main container's own: share a volume or a "
+                                    "bind mount")
             if kind == "init_containers":
                 if c.healthcheck != HealthCheck():
                     raise SpecError(f"{kind}[{i}].healthcheck",

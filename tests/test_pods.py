@@ -31,7 +31,7 @@ MAIN = {"command": ["web"]}
 
 
 def spec(**task: Any) -> dict[str, Any]:
-    return {"name": "web", "task": {"container": MAIN, **task}}
+    return {"name": "web", "task": {"container": MAIN} | task}
 
 
 @pytest.mark.parametrize(("task", "field", "words"), [
@@ -48,6 +48,9 @@ def spec(**task: Any) -> dict[str, Any]:
       "sidecars": [{"name": "s", "command": ["y"]}]}, "task.sidecars[0].name", "used twice"),
     ({"sidecars": [{"name": "s", "command": ["x"], "mounts": ["/data"]}]},
      "task.sidecars[0].mounts[0]", "not a target"),
+    ({"container": {**MAIN, "mounts": [{"type": "tmpfs", "target": "/t"}]},
+      "sidecars": [{"name": "s", "command": ["x"], "mounts": ["/t"]}]},
+     "task.sidecars[0].mounts[0]", "is a tmpfs"),
     ({"sidecars": [{"name": "s", "command": ["x"], "limits": {"memory": -1}}]},
      "task.sidecars[0].limits.memory", ">= 0"),
     ({"sidecars": [{"name": "s", "command": ["x"], "restart": {"condition": "always"}}]},
@@ -70,7 +73,8 @@ def test_a_bad_container_is_refused_naming_its_field(task: dict[str, Any], field
 
 def test_a_pod_spec_round_trips_and_shares_only_declared_mounts() -> None:
     s = validate_spec(spec(
-        container={**MAIN, "mounts": [{"type": "tmpfs", "target": "/shared"}]},
+        container={**MAIN, "mounts": [{"type": "volume", "source": "logs",
+                                        "target": "/shared"}]},
         sidecars=[{"name": "log-shipper", "command": ["ship"], "mounts": ["/shared"],
                    "healthcheck": {"tcp": 9000}, "restart": {"condition": "on-failure"}}]))
     assert s.task.sidecars[0].mounts == ("/shared",)

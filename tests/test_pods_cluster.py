@@ -1,8 +1,9 @@
 """Pods end to end (issue 17, must-show 2): a real agent on a netns host, driven by the CLI
 with a spec file (`service create --spec`). A web container serving on 127.0.0.1 only and a
 sidecar that fetches from it over localhost (they share the task's network namespace); an
-init container that ran first; logs per container (`service logs --container`); the sidecar
-killed with SIGKILL is restarted alone: the main container keeps its pid, the task its id."""
+init container that ran first and wrote the page into the volume it shares with the web
+container; logs per container (`service logs --container`); the sidecar killed with SIGKILL
+is restarted alone: the main container keeps its pid, the task its id."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from netlab import Host, Lab, wait_until
 
 pytestmark = pytest.mark.netns
 
-# the web container: serves "pod-web" on 127.0.0.1:8000 only (unreachable from any other
+# the init container: writes the page into the volume it shares with the web container
+PREP = "echo pod-web > /data/index.html && echo init-done"
+# the web container: serves /data on 127.0.0.1:8000 only (unreachable from any other
 # network namespace)
-WEB = ("mkdir -p /tmp/w && cd /tmp/w && echo pod-web > index.html && "
-       "exec python3 -m http.server 8000 --bind 127.0.0.1")
+WEB = "cd /data && exec python3 -m http.server 8000 --bind 127.0.0.1"
 # the sidecar: fetches from localhost every 0.3 s and prints what it got
 PROBE = ("import time, urllib.request\n"
          "while True:\n"
@@ -57,8 +59,10 @@ def test_a_pods_sidecar_reaches_the_web_container_on_localhost_and_restarts_alon
     spec = {
         "name": "web",
         "task": {
-            "container": {"command": ["sh", "-c", WEB]},
-            "init_containers": [{"name": "prep", "command": ["sh", "-c", "echo init-done"]}],
+            "container": {"command": ["sh", "-c", WEB], "mounts": [
+                {"type": "volume", "source": "podvol", "target": "/data"}]},
+            "init_containers": [{"name": "prep", "command": ["sh", "-c", PREP],
+                                 "mounts": ["/data"]}],
             "sidecars": [{
                 "name": "probe", "command": ["python3", "-c", PROBE],
                 "healthcheck": {"tcp": 8000, "interval": 0.5},  # probed in the shared netns
