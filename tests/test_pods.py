@@ -209,3 +209,60 @@ async def test_an_init_container_runs_first_and_one_that_fails_fails_the_task() 
     bad = pod_task(init_containers=[{"name": "prep", "command": ["broken"]}])
     with pytest.raises(InitFailed, match="init container prep failed"):
         await pods.run_inits(bad, 7)
+
+
+# ------------------------------------------------------------------ the worker, in memory
+
+async def test_the_worker_runs_a_pod_reports_its_containers_and_ends_it_with_the_task(
+        tmp_path: Path) -> None:
+    """Through the agent's paths (MemoryStore, leader, Worker, fake runtime): the init
+    container runs before the main one's command, the sidecar after it, their states are in
+    the task's status; a sidecar's exit restarts it alone; the main container's exit fails
+    the task and stops the sidecar; `service rm` removes every pod, containers and all."""
+    from test_control_unit import Cluster
+
+    c = Cluster(tmp_path)
+    await c.boot()
+    await c.services.create_service(spec(
+        init_containers=[{"name": "prep", "command": ["prep"]}],
+        sidecars=[{"name": "probe", "command": ["probe"], "restart": {"delay": 0}}],
+        restart={"delay": 0}))
+    await c.leader.one_pass()
+    await c.worker.reconcile()
+    await settle(c.worker.pods)
+    (tid,) = c.store.snapshot().tasks
+    assert set(c.runtime.tasks()) == {f"{tid}-prep"}  # the main one waits for it
+    c.runtime.exit(f"{tid}-prep", 0)
+    await c.worker.wait_started()
+    await settle(c.worker.pods)
+    await c.worker.reconcile()
+    t = c.store.snapshot().tasks[tid]
+    assert t.status.state is TaskState.RUNNING
+    assert [(x.name, x.kind, x.state) for x in t.status.containers] == \
+        [("prep", "init", "exited"), ("probe", "sidecar", "running")]
+    main_pid = t.status.pid
+    assert c.runtime.config(f"{tid}-probe").join_netns == f"/proc/{main_pid}/ns/net"
+    c.runtime.exit(f"{tid}-probe", 137)
+    await c.worker.reconcile()  # (restarted in the background: delay 0)
+    await settle(c.worker.pods)
+    await c.worker.reconcile()
+    t = c.store.snapshot().tasks[tid]
+    probe = t.status.containers[1]
+    assert (probe.state, probe.restarts, t.status.pid) == ("running", 1, main_pid)
+    c.runtime.exit(tid, 2)  # the main container ends: the task fails, the pod stops
+    await c.worker.reconcile()
+    await settle(c.worker.pods)
+    assert c.store.snapshot().tasks[tid].status.state is TaskState.FAILED
+    assert c.runtime.status(f"{tid}-probe").state is RunState.EXITED
+    await c.leader.one_pass()  # a replacement, whose init container runs...
+    await c.worker.reconcile()
+    await settle(c.worker.pods)
+    (new,) = [r for r in c.runtime.tasks() if r.endswith("-prep") and not r.startswith(tid)]
+    c.runtime.exit(new, 0)
+    await c.worker.wait_started()
+    await c.services.remove_service("web")  # every task's pod ends and is removed
+    for _ in range(3):
+        await c.leader.one_pass()
+        await c.worker.reconcile()
+        await settle(c.worker.pods)
+    assert c.runtime.tasks() == {}
