@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,17 @@ from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
 from shoal.cli.specflags import spec_from_create_args
 from shoal.node.errors import InitFailed
-from shoal.node.health import HealthMonitor
+from shoal.node.health import Check, HealthConfig, HealthMonitor
 from shoal.node.pod import Pods, container_id, parent_of
 from shoal.raft.errors import ValidationError
-from shoal.raft.models import Task, TaskState, status_from_dict, to_dict
+from shoal.raft.models import (
+    Health,
+    HealthResult,
+    Task,
+    TaskState,
+    status_from_dict,
+    to_dict,
+)
 from shoal.raft.spec import SidecarSpec, TaskSpec
 from shoal.raft.validate import validate_spec
 from shoal.runtime.records import RunState, TaskConfig
@@ -193,6 +202,40 @@ async def test_a_sidecar_that_ends_is_restarted_alone_by_its_own_policy() -> Non
     assert [(c.name, c.restarts) for c in reported.containers] == [("a", 1), ("b", 0)]
     await pods.remove("t1")
     assert rt.tasks() == {}
+
+
+async def test_an_unhealthy_sidecar_is_restarted_alone_and_the_task_stays_healthy() -> None:
+    """The task is starting until its checked sidecar passed once, then healthy; when the
+    sidecar's check fails it is stopped and restarted by its policy (health never goes back:
+    the task stays healthy, the main container untouched)."""
+    failing = False
+
+    async def prober(check: Check, pid: int) -> HealthResult:
+        now = time.time()
+        return HealthResult(start=now, end=now, exit_code=1 if failing else 0, output="")
+
+    rt = FakeController()
+    health = HealthMonitor(HealthConfig(tick=0), prober=prober)
+    pods = Pods(rt, health, config_of, lambda: None)
+    task = pod_task(sidecars=[{"name": "s", "command": ["s"], "restart": {"delay": 0},
+                               "healthcheck": {"command": "check", "interval": 0.1,
+                                               "retries": 1}}])
+    assert pods.health_of(task, Health.NONE) is Health.STARTING
+    pods.start_sidecars(task, 9)
+
+    async def until(what: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not what():
+                await asyncio.sleep(0.02)
+                pods.tend(task, 9, now=time.time())
+    await until(lambda: pods.health_of(task, Health.NONE) is Health.HEALTHY)
+    first = rt.status("t1-s")
+    failing = True
+    await until(lambda: pods.statuses(task)[0].restarts == 1 and
+                rt.status("t1-s") is not None and rt.status("t1-s") != first)
+    assert first is not None and first.pid != rt.status("t1-s").pid
+    assert pods.health_of(task, Health.NONE) is Health.HEALTHY
+    health.close()
 
 
 async def test_an_init_container_runs_first_and_one_that_fails_fails_the_task() -> None:
