@@ -164,8 +164,9 @@ class Pods:
         as a failure); return every extra container's status."""
         pod = self._pods.setdefault(task.id, _Pod())
         if task.spec.sidecars and not pod.sides:  # (e.g. adopted after an agent restart)
-            for c in task.spec.sidecars:
-                side = pod.sides[c.name] = _Side()
+            for c in task.spec.sidecars:  # (a healthy task's sidecars were healthy)
+                side = pod.sides[c.name] = _Side(
+                    ever_healthy=task.status.health is Health.HEALTHY)
                 rt = self.runtime.status(container_id(task.id, c.name))
                 if rt is not None and rt.state is RunState.RUNNING and rt.pid:
                     check = self._check_of(c)
