@@ -83,6 +83,7 @@ class _Side:
 @dataclass
 class _Pod:
     sides: dict[str, _Side] = field(default_factory=dict)
+    first_start: asyncio.Task[None] | None = None  # the sidecars' start, in declared order
     stopping: asyncio.Task[None] | None = None
 
 
@@ -130,8 +131,7 @@ class Pods:
 
         for c in task.spec.sidecars:
             pod.sides[c.name] = _Side()
-        first = pod.sides[task.spec.sidecars[0].name]
-        first.starting = asyncio.create_task(in_order(), name=f"sidecars-{task.id}")
+        pod.first_start = asyncio.create_task(in_order(), name=f"sidecars-{task.id}")
 
     async def _start(self, task: Task, c: SidecarSpec, pid: int) -> None:
         side = self._pods.setdefault(task.id, _Pod()).sides.setdefault(c.name, _Side())
@@ -176,7 +176,7 @@ class Pods:
                 elif rt is None:
                     side.due = now  # never started (or lost): start it now
         out = [self._init_status(task, c) for c in task.spec.init_containers]
-        busy = any(s.starting is not None and not s.starting.done() for s in pod.sides.values())
+        busy = pod.first_start is not None and not pod.first_start.done()
         for c in task.spec.sidecars:
             side = pod.sides[c.name]
             cid = container_id(task.id, c.name)
@@ -186,8 +186,9 @@ class Pods:
             if health is Health.HEALTHY:
                 side.ever_healthy = True
             if busy or (side.starting is not None and not side.starting.done()):
-                out.append(ContainerStatus(name=c.name, state="waiting", message="starting",
-                                           restarts=side.restarts, health=health))
+                out.append(ContainerStatus(name=c.name, state="waiting", restarts=side.restarts,
+                                           health=health, message="restarting"
+                                           if side.restarts or side.starting else "starting"))
                 continue
             if rt is not None and rt.state is RunState.RUNNING:
                 if health is Health.UNHEALTHY:
@@ -260,6 +261,8 @@ class Pods:
             side.ended = True
             if side.starting is not None:
                 side.starting.cancel()
+        if pod.first_start is not None:
+            pod.first_start.cancel()
 
         async def stop_all() -> None:
             await asyncio.gather(*(self._stop_quiet(tid, grace) for tid in ids))
@@ -290,6 +293,8 @@ class Pods:
             for side in pod.sides.values():
                 if side.starting is not None:
                     side.starting.cancel()
+            if pod.first_start is not None:
+                pod.first_start.cancel()
             if pod.stopping is not None:
                 with contextlib.suppress(Exception):
                     await pod.stopping
