@@ -379,7 +379,11 @@ REPLIES: dict[str, Schema] = {
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
                     health=_list(_obj("a running task with a health check (inspect only)",
                                       task=STR, name=STR, health=STR, failing_streak=INT,
-                                      log=_list({"type": "object"})))),
+                                      log=_list({"type": "object"}))),
+                    containers=_list(_obj("a running pod's sidecars and init containers "
+                                          "(inspect only; items as Task.containers)",
+                                          task=STR, name=STR,
+                                          containers=_list({"type": "object"})))),
     "ServiceRef": _obj("the service a command acted on", id=STR, name=STR, version=INT,
                        replicas=INT, removed=BOOL, image=STR, warnings=_list(STR)),
     "Usage": _obj("live resource use read from the task's cgroups", memory_bytes=INT,

@@ -83,6 +83,9 @@ def test_a_pods_sidecar_reaches_the_web_container_on_localhost_and_restarts_alon
     task = wait_until(up, timeout=60, what="the pod running, healthy, with its sidecar")
     prep = next(c for c in task["containers"] if c["name"] == "prep")
     assert (prep["kind"], prep["state"], prep["exit_code"]) == ("init", "exited", 0), prep
+    (inspected,) = h1.cli_json("service", "inspect", "web")[0]["containers"]
+    assert [c["name"] for c in inspected["containers"]] == ["prep", "probe"]
+    assert "[sidecars 1/1]" in h1.cli("service", "ps", "web").stdout
 
     def logs(container: str) -> str:
         res = h1.cli("service", "logs", "web", "--container", container)
