@@ -436,7 +436,13 @@ class Worker:
             """The network, then the pod's init containers (node/pod.py), in its namespace."""
             if early:
                 await network(pid)
-            await self.pods.run_inits(task, pid)
+            try:
+                await self.pods.run_inits(task, pid)
+            except BaseException:
+                if early and self.mesh is not None:  # (the task never runs: its address back)
+                    with contextlib.suppress(Exception):
+                        await self.mesh.detach(task.id)
+                raise
 
         try:
             cfg = await self.task_config(task)
