@@ -309,3 +309,21 @@ async def test_the_worker_runs_a_pod_reports_its_containers_and_ends_it_with_the
         await c.worker.reconcile()
         await settle(c.worker.pods)
     assert c.runtime.tasks() == {}
+
+
+async def test_a_failed_init_container_fails_the_task_naming_it(tmp_path: Path) -> None:
+    from test_control_unit import Cluster
+
+    c = Cluster(tmp_path)
+    c.runtime.missing_commands = frozenset({"broken"})
+    await c.boot()
+    await c.services.create_service(spec(
+        init_containers=[{"name": "migrate", "command": ["broken"]}]))
+    await c.leader.one_pass()
+    await c.worker.reconcile()
+    await c.worker.wait_started()
+    (t,) = c.store.snapshot().tasks.values()
+    assert t.status.state is TaskState.FAILED, t.status
+    assert t.status.err.startswith("init container migrate failed: command not found")
+    assert [(x.name, x.exit_code) for x in t.status.containers] == [("migrate", 127)]
+    assert set(c.runtime.tasks()) == {f"{t.id}-migrate"}  # (kept: its logs say why)
