@@ -339,6 +339,8 @@ def run_logs(c: Client, args: argparse.Namespace) -> None:
     import urllib.parse
 
     query = {"tail": args.tail, "follow": int(args.follow), "timestamps": int(args.timestamps)}
+    if args.container:
+        query["container"] = args.container
     if args.since:
         query["since"] = repr(parse_since(args.since))
     ref, task = args.service, ""
@@ -763,6 +765,8 @@ def _build_parser() -> argparse.ArgumentParser:
     slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")
     slg.add_argument("-n", "--tail", default="all", help="lines per task (default all)")
     slg.add_argument("-t", "--timestamps", action="store_true")
+    slg.add_argument("--container", default="", metavar="NAME",
+                     help="a pod's container (task.sidecars/init_containers); default: main")
     srb = ssub.add_parser("rollback", help="go back to the previous spec")
     srb.add_argument("service")
     progress.add_flags(srb)

@@ -464,7 +464,7 @@ class ApiServer:
                                  "tail") from None
             follow = q.get("follow") == "1"
             records = svcs.logs(req.match_info["ref"], tail, since,
-                                q.get("timestamps") == "1", follow)
+                                q.get("timestamps") == "1", follow, q.get("container", ""))
             return await stream_ndjson(req, records)
 
         async def images(_: web.Request) -> Any:

@@ -379,7 +379,11 @@ REPLIES: dict[str, Schema] = {
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
                     health=_list(_obj("a running task with a health check (inspect only)",
                                       task=STR, name=STR, health=STR, failing_streak=INT,
-                                      log=_list({"type": "object"})))),
+                                      log=_list({"type": "object"}))),
+                    containers=_list(_obj("a running pod's sidecars and init containers "
+                                          "(inspect only; items as Task.containers)",
+                                          task=STR, name=STR,
+                                          containers=_list({"type": "object"})))),
     "ServiceRef": _obj("the service a command acted on", id=STR, name=STR, version=INT,
                        replicas=INT, removed=BOOL, image=STR, warnings=_list(STR)),
     "Usage": _obj("live resource use read from the task's cgroups", memory_bytes=INT,
@@ -393,7 +397,14 @@ REPLIES: dict[str, Schema] = {
                  health_log=_list(_obj("one health probe, oldest first (the last 5)",
                                        start=TIME, end=TIME, exit_code=INT, output=STR)),
                  usage=_nullable(_ref("Usage")), service_version=INT, created_at=TIME,
-                 updated_at=TIME, state_since=TIME),
+                 updated_at=TIME, state_since=TIME,
+                 containers=_list(_obj(
+                     "a pod's sidecar or init container (node/pod.py); the main container "
+                     "is the task itself", name=STR, kind={"enum": ["sidecar", "init"]},
+                     state={"enum": ["waiting", "running", "exited"]}, pid=_nullable(INT),
+                     exit_code=_nullable(INT), restarts=INT,
+                     health={"enum": ["", "starting", "healthy", "unhealthy"]},
+                     message=STR))),
     "LogRecord": _obj("one log line (a JSON line of application/x-ndjson)",
                       ts=_nullable(NUM), stream={"enum": ["stdout", "stderr"]}, line=STR,
                       task=STR),
@@ -517,6 +528,9 @@ _LOG_QUERY = (
           "only lines after this Unix time (seconds)"),
     Param("timestamps", {"enum": ["0", "1"]}, "`1`: each record carries its time (`ts`)"),
     Param("follow", {"enum": ["0", "1"]}, "`1`: keep the stream open and send new lines"),
+    Param("container", {"type": "string", "pattern": "^[a-z0-9-]{0,32}$"},
+          "a pod's container (`task.sidecars`/`task.init_containers` name); absent or "
+          "`main` = the task's own"),
 )
 
 _EVENT_QUERY = (

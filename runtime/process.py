@@ -435,6 +435,8 @@ class ProcessController:
 
         env = cfg.full_env()
         spec = Spec()
+        if cfg.join_netns:  # a pod's extra container: the task's network, not its own
+            spec.add("J", cfg.join_netns)
         spec.add("H", cfg.hostname)
         spec.add("W", cfg.workdir or "/")
         spec.add("P", env["PATH"])
