@@ -595,7 +595,17 @@ class ProcessController:
             raise LaunchFailed(f"task {cfg.task_id}: launcher failed (exit {code}): {reason}")
         task.registered = True
         self._tasks[cfg.task_id] = task
+        if task.status.state is RunState.EXITED and self._listener is not None:
+            # it exited before it was registered (_finish told no one): every exit is told
+            loop.call_soon(self._notify, cfg.task_id)
         return task.status
+
+    def _notify(self, task_id: str) -> None:
+        if self._listener is not None:
+            try:
+                self._listener(task_id)
+            except Exception:
+                log.exception("runtime: task listener failed for %s", task_id)
 
     async def _wait_done(self, task: TaskRecord) -> None:
         with contextlib.suppress(TimeoutError):
@@ -736,11 +746,8 @@ class ProcessController:
             task.init_fd = None
         if not task.done.done():
             task.done.set_result(None)
-        if task.registered and self._listener is not None:
-            try:
-                self._listener(task.cfg.task_id)
-            except Exception:
-                log.exception("runtime: task listener failed for %s", task.cfg.task_id)
+        if task.registered:
+            self._notify(task.cfg.task_id)
 
     # -- recovery
 
