@@ -12,7 +12,9 @@ defaults. Workload: N workers join at once (whole-state catch-ups), a burst of
 --commits single-command commits (task status-like node label updates, proposed back to
 back), then one big commit (a service of --tasks replicas created and placed by a leader
 pass), then --starts of those tasks start (each task's node reports preparing, starting,
-running: 3 commits per task, --rate commits per second, spaced as Raft commits are).
+running: 3 commits per task, --rate commits per second, spaced as Raft commits are), then
+each of them refreshes its health log once (health unchanged: what an idle cluster with
+health checks commits every HealthConfig.log_refresh).
 Prints replies, bytes, encodings and this process's CPU seconds for each phase.
 Must not touch: anything outside the process.
 """
@@ -36,7 +38,7 @@ from shoal.node.leader import LeaderLoop
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import CertInfo
 from shoal.node.source import MemoryStore
-from shoal.raft.models import TaskState, TaskStatus, to_dict
+from shoal.raft.models import Health, HealthResult, Task, TaskState, TaskStatus, to_dict
 
 
 def _cpu() -> float:
@@ -96,20 +98,38 @@ async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks:
             placed = sorted((t for t in store.snapshot().tasks.values() if t.node_id),
                             key=lambda t: t.id)[:starts]
             gap, due = 1.0 / rate, time.monotonic()
+
+            async def report(t: Task, k: int, state: TaskState, probe: int = 0) -> None:
+                nonlocal due
+                due += gap  # spaced as Raft commits are (--rate per second)
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                running = state is TaskState.RUNNING
+                status = TaskStatus(
+                    state=state, timestamp=time.time(), message=state.lower(),
+                    addr=f"10.1.{k // 250}.{k % 250 + 2}" if running else "",
+                    pid=1000 + k if running else None,
+                    health=Health.HEALTHY if running else Health.NONE,
+                    health_log=tuple(HealthResult(float(i), i + 0.01, 0, "HTTP 200 OK")
+                                     for i in range(probe, probe + 5)) if running else ())
+                peer = CertInfo(t.node_id, "worker", "c1", 1, 0.0, 4e9)
+                await dispatcher.worker_report(peer, {
+                    "op": "task_status", "task_id": t.id, "node_id": t.node_id,
+                    "now": time.time(), "status": to_dict(status)})
+
             for state in (TaskState.PREPARING, TaskState.STARTING, TaskState.RUNNING):
                 for k, t in enumerate(placed):
-                    due += gap  # spaced as Raft commits are (--rate per second)
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                    status = TaskStatus(state=state, timestamp=time.time(), message=state.lower(),
-                                        addr=f"10.1.{k // 250}.{k % 250 + 2}"
-                                        if state is TaskState.RUNNING else "",
-                                        pid=1000 + k if state is TaskState.RUNNING else None)
-                    peer = CertInfo(t.node_id, "worker", "c1", 1, 0.0, 4e9)
-                    await dispatcher.worker_report(peer, {
-                        "op": "task_status", "task_id": t.id, "node_id": t.node_id,
-                        "now": time.time(), "status": to_dict(status)})
+                    await report(t, k, state)
             await settled()
             show(f"{len(placed)} starts, {rate:g} commits/s", s0, store.index - i0,
+                 time.monotonic() - t0)
+            # then idle with health checks: each task's node refreshes its health log
+            # (HealthConfig.log_refresh), health unchanged
+            s0, i0, t0 = snap(), store.index, time.monotonic()
+            due = time.monotonic()
+            for k, t in enumerate(placed):
+                await report(t, k, TaskState.RUNNING, probe=10)
+            await settled()
+            show(f"{len(placed)} health-log refreshes", s0, store.index - i0,
                  time.monotonic() - t0)
         finally:
             for r in runs:

@@ -81,11 +81,14 @@ class FeedConfig:
     reply_cache: int = 32
     # Per-node filtering of wake-ups: a worker's held poll is not answered for commits it
     # does not need yet — another node's task reporting a state below RUNNING (accepted,
-    # preparing, starting), which nothing on a worker reads (``deferrable_owner``) — for up
-    # to this long, seconds; they go out, unchanged and in order, with the next reply it
-    # needs (so its replica stays exactly the managers' at its index). During a start
-    # storm ~2 of every 3 status commits are such reports. 0 = answer every commit.
-    defer_max: float = 2.0
+    # preparing, starting) or refreshing its health log without changing its health,
+    # which nothing on a worker reads (``deferrable_owner``) — for up to this long,
+    # seconds; they go out, unchanged and in order, with the next reply it needs (so its
+    # replica stays exactly the managers' at its index, only later). During a start storm
+    # ~2 of every 3 status commits are such reports; in an idle cluster with health checks,
+    # nearly all. Longer = fewer replies; other nodes' starting tasks (and the
+    # ``shoal_tasks`` gauge on workers) lag by up to this much. 0 = answer every commit.
+    defer_max: float = 5.0
     # ... and answer anyway once this many commands are waiting (well below the 4,096 the
     # managers keep, so a deferring worker never falls back to the whole state).
     defer_commands: int = 512
@@ -106,14 +109,24 @@ class FeedStats:
 
 
 _RUNNING = int(TaskState.RUNNING)
+_TERMINAL = int(TaskState.COMPLETE)
+# What a worker reads of another node's task status: (state, health, address).
+MeshView = tuple[int, str, str]
+_SEEN_MAX = 200_000  # task views remembered by FeedServer (forgotten all at once beyond)
 
 
-def deferrable_owner(blob: bytes) -> str | None:
+def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> str | None:
     """The node whose feed alone needs the command ``blob`` at once, when the others can
-    wait for it: a ``task_status`` reporting a state below RUNNING. On other workers
-    nothing reads such a status — the mesh and DNS use RUNNING tasks (and terminal ones,
-    which are above RUNNING), the overlay uses addresses the leader assigned, a registry
-    fetch asks "at most RUNNING", which stays true. None = every worker needs it now."""
+    wait for it: a ``task_status`` reporting a state below RUNNING, or (with ``seen``: the
+    view of each task's previous report, updated here) one that leaves the task's
+    (state, health, address) as its previous report had it — a health-log refresh, a
+    failing streak counting up. On other workers nothing reads what those change: the mesh
+    and DNS use RUNNING tasks' addresses and health (and terminal ones, which are above
+    RUNNING), the overlay uses addresses the leader assigned, a registry fetch asks "at most
+    RUNNING", which stays true. None = every worker needs it now.
+
+    A previous report that the state machine refused does not make this wrong: states and
+    health only grow, so a report with the same view as a refused one is refused too."""
     if b"task_status" not in blob or len(blob) > 65536:
         return None
     try:
@@ -122,12 +135,23 @@ def deferrable_owner(blob: bytes) -> str | None:
         return None
     if not isinstance(cmd, dict) or cmd.get("op") != "task_status":
         return None
-    status, node = cmd.get("status"), cmd.get("node_id")
+    status, node, task_id = cmd.get("status"), cmd.get("node_id"), cmd.get("task_id")
     state = status.get("state") if isinstance(status, dict) else None
-    if isinstance(node, str) and isinstance(state, int) and not isinstance(state, bool) \
-            and state < _RUNNING:
+    if not (isinstance(node, str) and isinstance(state, int) and not isinstance(state, bool)):
+        return None
+    if state < _RUNNING:
         return node
-    return None
+    if seen is None or not isinstance(task_id, str) or not isinstance(status, dict):
+        return None
+    if state >= _TERMINAL:
+        seen.pop(task_id, None)
+        return None
+    view = (state, str(status.get("health", "")), str(status.get("addr", "")))
+    previous = seen.get(task_id)
+    if len(seen) >= _SEEN_MAX:
+        seen.clear()
+    seen[task_id] = view
+    return node if previous == view else None
 
 
 # A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):
@@ -161,12 +185,14 @@ class FeedServer:
         self._scan_base = -1  # commands up to here were never classified
         self._last_all = -1
         self._last_own: dict[str, int] = {}
+        self._seen: dict[str, MeshView] = {}  # task id → view of its last report scanned
 
     def _use(self, store: Any) -> None:
         if store is not self._store:  # another cluster's store (rejoin, role change): the
             self._cache.clear()  # same (after, index) means other commands there
             self._state, self._store = None, store
             self._scanned, self._scan_base, self._last_all, self._last_own = -1, -1, -1, {}
+            self._seen = {}
 
     def _scan(self, store: Any) -> None:
         """Classify the commands applied since the last scan (once per commit, shared by
@@ -181,7 +207,7 @@ class FeedServer:
             index, blobs = changes
             first = index - len(blobs) + 1
             for i, blob in enumerate(blobs, first):
-                owner = deferrable_owner(blob)
+                owner = deferrable_owner(blob, self._seen)
                 if owner is None:
                     self._last_all = i
                 else:

@@ -50,6 +50,30 @@ def _report(task: Task | tuple[str, str], state: TaskState, addr: str = ""
                 state=state, timestamp=time.time(), message=state.lower(), addr=addr))}
 
 
+def _health(task: tuple[str, str], health: str, streak: int, addr: str = "10.1.0.2"
+            ) -> bytes:
+    cmd = _report(task, TaskState.RUNNING, addr)
+    cmd["status"].update(health=health, failing_streak=streak,
+                         health_log=[{"start": 1.0, "end": 1.1, "exit_code": streak,
+                                      "output": "probe output " * 20}])
+    return _blob(cmd)
+
+
+def test_a_health_log_refresh_is_deferrable_a_health_change_is_not() -> None:
+    """With the views seen: a RUNNING report is deferrable only if it leaves the task's
+    (state, health, address) as the previous report had it."""
+    t, seen = ("t1", "w0"), {}
+    assert deferrable_owner(_health(t, "healthy", 0), seen) is None  # first seen: needed
+    assert deferrable_owner(_health(t, "healthy", 0), seen) == "w0"  # log refresh
+    assert deferrable_owner(_health(t, "healthy", 1), seen) == "w0"  # streak counting up
+    assert deferrable_owner(_health(t, "unhealthy", 3), seen) is None  # leaves the LB
+    assert deferrable_owner(_health(t, "unhealthy", 4), seen) == "w0"
+    assert deferrable_owner(_health(t, "unhealthy", 4, addr="10.1.0.9"), seen) is None
+    assert deferrable_owner(_blob(_report(t, TaskState.FAILED)), seen) is None
+    assert "t1" not in seen  # forgotten once terminal
+    assert deferrable_owner(_health(t, "healthy", 0)) is None  # without views: needed
+
+
 def _blob(cmd: dict[str, Any]) -> bytes:
     return bytes(msgpack.packb(cmd, use_bin_type=True))
 
@@ -101,6 +125,17 @@ async def test_a_worker_is_not_woken_for_another_nodes_task_starting(tmp_path: P
         for f in feeds:
             assert f.snapshot() == store.snapshot()
         assert feeds[1].snapshot().tasks[task.id].status.addr == "10.1.0.2"
+        # the same view again (a refresh, a later timestamp): w_b not woken; then a commit
+        # everyone needs brings it along
+        seen = store.index
+        await store.propose(_report(task, TaskState.RUNNING, addr="10.1.0.2"))
+        await _until(lambda: feeds[0].index == store.index)
+        await _until(lambda: dispatcher.feed.stats.held >= 1)
+        assert feeds[1].index == seen
+        await store.propose({"op": "node_update", "id": other, "now": 5.0, "labels": {"a": "b"}})
+        await _until(lambda: all(f.index == store.index for f in feeds))
+        for f in feeds:
+            assert f.snapshot() == store.snapshot()
         assert feeds[1].resyncs == 0
     finally:
         for r in runs:
