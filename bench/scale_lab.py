@@ -61,7 +61,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Host, Lab, wait_until
-from shoal.cli.main import Client, CliError, _UnixConnection
+from shoal.cli.client import Client
+from shoal.cli.errors import CliError
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -259,7 +260,7 @@ class ScaleLab:
         for h in self.managers:
             if not h.agent_alive():
                 continue
-            conn = _UnixConnection(str(h.sock), 30.0)
+            conn = client(h, timeout=30.0)._connection()  # /metrics is text, not JSON
             try:
                 conn.request("GET", "/metrics")
                 text = conn.getresponse().read().decode()

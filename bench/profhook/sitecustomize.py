@@ -3,7 +3,8 @@
 ``shoal agent`` process samples all its threads' stacks (sys._current_frames) every
 ``SHOAL_PROFILE_INTERVAL`` seconds (default 0.005) and rewrites DIR/prof-PID.json every 2 s:
 per function, samples where it was on top of a stack ("self") and anywhere in one ("total"),
-and per thread the samples taken. Read with bench/profile_report.py.
+and per thread the samples taken — of threads the kernel shows running or runnable only
+(/proc/self/task/TID/stat state R: CPU demand, not time blocked in select or a lock). Read with bench/profile_report.py.
 
 Owns: that sampler thread. Must not touch: anything else in the process (it only reads
 frames). Other Python processes with this on their path (the CLI) are left alone.
@@ -25,6 +26,16 @@ def _where(code: object) -> str:
            f"{getattr(c, 'co_qualname', getattr(c, 'co_name', '?'))}"
 
 
+def _running(native_id: int | None) -> bool:
+    """The kernel thread is running or runnable (state R): sampled as CPU demand."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] == b"R"
+
+
 def _sample(out_dir: str, interval: float) -> None:
     me = threading.get_ident()
     self_n: collections.Counter[str] = collections.Counter()
@@ -35,15 +46,13 @@ def _sample(out_dir: str, interval: float) -> None:
     started = last = time.monotonic()
     while True:
         time.sleep(interval)
-        names = {t.ident: t.name for t in threading.enumerate()}
+        live = {t.ident: t for t in threading.enumerate()}
         for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
+            t = live.get(ident)
+            if ident == me or t is None or not _running(t.native_id):
+                continue  # blocked (in select, a lock, a queue): not CPU
             f = frame
             top = _where(f.f_code)
-            if top.endswith((":select", ":poll", ":wait", ":sleep", ":_worker", ":run_forever",
-                             ":_run_once", ":epoll")) and f.f_back is None:
-                continue
             self_n[top] += 1
             seen = set()
             while f is not None:
@@ -52,7 +61,7 @@ def _sample(out_dir: str, interval: float) -> None:
                     seen.add(w)
                     total_n[w] += 1
                 f = f.f_back
-            threads[names.get(ident, str(ident))] += 1
+            threads[t.name] += 1
         samples += 1
         now = time.monotonic()
         if now - last >= 2.0:
