@@ -4,7 +4,8 @@
 ``SHOAL_PROFILE_INTERVAL`` seconds (default 0.005) and rewrites DIR/prof-PID.json every 2 s:
 per function, samples where it was on top of a stack ("self") and anywhere in one ("total"),
 and per thread the samples taken — of threads the kernel shows running or runnable only
-(/proc/self/task/TID/stat state R: CPU demand, not time blocked in select or a lock). Read with bench/profile_report.py.
+(/proc/self/task/TID/stat state R: CPU demand, not time blocked in select or a lock).
+Read with bench/profile_report.py.
 
 Owns: that sampler thread. Must not touch: anything else in the process (it only reads
 frames). Other Python processes with this on their path (the CLI) are left alone.
