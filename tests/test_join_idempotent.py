@@ -173,6 +173,17 @@ async def test_concurrent_attempts_of_one_join_make_one_node_and_other_keys_othe
     assert sorted(n.id for n in manager.workers()) == sorted([a["node_id"], other["node_id"]])
 
 
+async def test_a_retry_from_a_new_address_updates_the_same_record(
+        manager: Manager, joiner: Security) -> None:
+    """The key was kept after a failed join and the host's address changed meanwhile: the
+    retry is still the same node, its record now with the new address."""
+    key = pki.new_key()
+    first = await _join(manager, joiner, key)
+    again = await _join(manager, joiner, key, addr="127.0.0.9")
+    assert again["node_id"] == first["node_id"] and again["retry"] is True
+    assert [(n.id, n.addr) for n in manager.workers()] == [(first["node_id"], "127.0.0.9")]
+
+
 async def test_a_refusal_is_not_retried(manager: Manager, joiner: Security) -> None:
     manager.token = manager.token[:-4] + "0000"
     with pytest.raises(Forbidden):

@@ -77,9 +77,12 @@ class Admission:
             raise BadRequest(f"malformed node record: {exc!r}", "node") from None
         cert = self.security.issue(snap, csr, node_id, role, str(node.get("addr", "")))
         raft_addr = f"{node.get('addr')}:{node.get('raft_port')}"
+        # a retry writes nothing, unless the node now announces other addresses or ports
+        write = existing is None or any(node.get(k) != getattr(existing, k) for k in (
+            "hostname", "addr", "api_port", "raft_port", "gossip_port"))
         if role != "manager":
             # a worker changes no Raft membership: no lock, no wait for a manager join
-            if existing is None:
+            if write:
                 await self.ctx.propose({"op": "node_add", "now": time.time(), "node": node})
             return {"cluster_id": c.cluster_id, "node_id": node_id, "role": role,
                     "cert": cert.decode(), "retry": existing is not None}
@@ -90,7 +93,7 @@ class Admission:
                 await self.voters.wait_previous("manager join")
             # record first (commits with the current quorum), then add the voter: that
             # change commits only once the new manager runs, after it fetched its keys
-            if existing is None:
+            if write:
                 await self.ctx.propose({"op": "node_add", "now": time.time(), "node": node})
             pending = self.voters.pending
             if raft_addr not in store.voters() and not (
