@@ -25,7 +25,13 @@ a join storm asks for the whole state ~100 times at once. So replies are encoded
 time and encoded once per index, shared by every poll that asks for it, replies above
 ``compress_min`` bytes are zlib-compressed for workers that ask for it (``{"z": ...}``
 wrapping the same message), and a woken poll waits ``batch_wait`` so a burst of commits goes
-out in one reply. ``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
+out in one reply. Per-node filtering (``wakes``, ``deferrable_owner``): a commit only one
+node needs now (its task below RUNNING, or a health-log refresh that changes no task's
+state, health or address) answers only that node's poll; the others get it, unchanged and
+in order, with their next needed commit or after ``defer_max`` — every worker still applies
+every command, so its replica stays the managers' state at its index (the mesh needs every
+service's endpoints: docs/scaling.md says why a filtered replica was not built).
+``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
 """
 
 from __future__ import annotations
