@@ -1,7 +1,7 @@
 """The workers' state feed at N workers, in one process: before/after the FeedServer changes.
 
     .venv/bin/python bench/feed_bench.py [--workers 100] [--commits 300] [--tasks 1000]
-        [--starts 300] [--rate 200] [--configs before,shared,filtered]
+        [--starts 300] [--rate 200] [--refresh-rate 50] [--configs before,shared,filtered]
 
 Owns: a MemoryStore manager with the real dispatcher (node/control/dispatcher.py) and N real
 StateFeeds following it in-process (no network, no TLS: the figures are the feed's own work).
@@ -13,8 +13,8 @@ defaults. Workload: N workers join at once (whole-state catch-ups), a burst of
 back), then one big commit (a service of --tasks replicas created and placed by a leader
 pass), then --starts of those tasks start (each task's node reports preparing, starting,
 running: 3 commits per task, --rate commits per second, spaced as Raft commits are), then
-each of them refreshes its health log once (health unchanged: what an idle cluster with
-health checks commits every HealthConfig.log_refresh).
+each of them refreshes its health log once, --refresh-rate per second (health unchanged:
+what an idle cluster with health checks commits every HealthConfig.log_refresh).
 Prints replies, bytes, encodings and this process's CPU seconds for each phase.
 Must not touch: anything outside the process.
 """
@@ -47,7 +47,7 @@ def _cpu() -> float:
 
 
 async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks: int,
-              starts: int, rate: float) -> None:
+              starts: int, rate: float, refresh_rate: float) -> None:
     import test_feed_scale
     test_feed_scale.WORKERS = workers  # nodes w0..wN-1 in the state
     store = MemoryStore(self_addr="10.0.0.1:2378")
@@ -125,11 +125,11 @@ async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks:
             # then idle with health checks: each task's node refreshes its health log
             # (HealthConfig.log_refresh), health unchanged
             s0, i0, t0 = snap(), store.index, time.monotonic()
-            due = time.monotonic()
+            due, gap = time.monotonic(), 1.0 / refresh_rate
             for k, t in enumerate(placed):
                 await report(t, k, TaskState.RUNNING, probe=10)
             await settled()
-            show(f"{len(placed)} health-log refreshes", s0, store.index - i0,
+            show(f"{len(placed)} refreshes, {refresh_rate:g}/s", s0, store.index - i0,
                  time.monotonic() - t0)
         finally:
             for r in runs:
@@ -146,6 +146,9 @@ def main() -> None:
                     help="tasks whose start (3 status reports each) is replayed")
     ap.add_argument("--rate", type=float, default=200.0,
                     help="status commits per second during the starts")
+    ap.add_argument("--refresh-rate", type=float, default=50.0,
+                    help="health-log refresh commits per second (1,000 tasks refreshing "
+                    "every 30 s: 33/s)")
     ap.add_argument("--configs", default="before,shared,filtered",
                     help="which feed settings to run: before (no sharing, batching, "
                     "compression), shared (those, no per-node filtering), filtered (defaults)")
@@ -159,7 +162,7 @@ def main() -> None:
     runs = {"before": before, "shared": shared, "filtered": after}
     for label in args.configs.split(","):
         asyncio.run(run(label, runs[label], args.workers, args.commits, args.tasks,
-                        args.starts, args.rate))
+                        args.starts, args.rate, args.refresh_rate))
 
 
 if __name__ == "__main__":
