@@ -11,10 +11,11 @@ Three settings side by side: "before" = no shared encodings, no batching, no com
 defaults. Workload: N workers join at once (whole-state catch-ups), a burst of
 --commits single-command commits (task status-like node label updates, proposed back to
 back), then one big commit (a service of --tasks replicas created and placed by a leader
-pass), then --starts of those tasks start (each task's node reports preparing, starting,
-running: 3 commits per task, --rate commits per second, spaced as Raft commits are), then
-each of them refreshes its health log once, --refresh-rate per second (health unchanged:
-what an idle cluster with health checks commits every HealthConfig.log_refresh).
+pass), then --starts of those tasks start as workers report it (node/worker.py): half with
+the image present (RUNNING: one commit per task), half pulling it first (three PREPARING
+pull-progress reports, then RUNNING), --rate commits per second, spaced as Raft commits
+are; then each of them refreshes its health log once, --refresh-rate per second (health
+unchanged: what an idle cluster with health checks commits every HealthConfig.log_refresh).
 Prints replies, bytes, encodings and this process's CPU seconds for each phase.
 Must not touch: anything outside the process.
 """
@@ -92,20 +93,22 @@ async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks:
             await settled()
             show(f"scale 0 → {tasks} (big entries)", s0, store.index - i0,
                  time.monotonic() - t0)
-            # the task starts that follow: each task's node reports preparing, starting,
-            # running (with its address), as the workers' reconcilers do
-            s0, i0, t0 = snap(), store.index, time.monotonic()
+            # the task starts that follow, reported as the workers' reconcilers do
+            # (node/worker.py): a start reports its outcome (RUNNING, with its address);
+            # a task whose image is pulled first also reports PREPARING with the pull's
+            # progress, at most once a second (PROGRESS_PERIOD)
             placed = sorted((t for t in store.snapshot().tasks.values() if t.node_id),
                             key=lambda t: t.id)[:starts]
             gap, due = 1.0 / rate, time.monotonic()
 
-            async def report(t: Task, k: int, state: TaskState, probe: int = 0) -> None:
+            async def report(t: Task, k: int, state: TaskState, probe: int = 0,
+                             message: str = "") -> None:
                 nonlocal due
                 due += gap  # spaced as Raft commits are (--rate per second)
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 running = state is TaskState.RUNNING
                 status = TaskStatus(
-                    state=state, timestamp=time.time(), message=state.lower(),
+                    state=state, timestamp=time.time(), message=message or state.lower(),
                     addr=f"10.1.{k // 250}.{k % 250 + 2}" if running else "",
                     pid=1000 + k if running else None,
                     health=Health.HEALTHY if running else Health.NONE,
@@ -116,11 +119,23 @@ async def run(label: str, config: FeedConfig, workers: int, commits: int, tasks:
                     "op": "task_status", "task_id": t.id, "node_id": t.node_id,
                     "now": time.time(), "status": to_dict(status)})
 
-            for state in (TaskState.PREPARING, TaskState.STARTING, TaskState.RUNNING):
-                for k, t in enumerate(placed):
-                    await report(t, k, state)
+            half = len(placed) // 2
+            s0, i0, t0 = snap(), store.index, time.monotonic()
+            for k, t in enumerate(placed[:half]):
+                await report(t, k, TaskState.RUNNING)
             await settled()
-            show(f"{len(placed)} starts, {rate:g} commits/s", s0, store.index - i0,
+            show(f"{half} starts, image present", s0, store.index - i0,
+                 time.monotonic() - t0)
+            s0, i0, t0 = snap(), store.index, time.monotonic()
+            for step in range(3):
+                for k, t in enumerate(placed[half:], half):
+                    await report(t, k, TaskState.PREPARING,
+                                 message=f"pulling shoal.test/app:1: {25 * (step + 1)} MB of "
+                                 "100 MB")
+            for k, t in enumerate(placed[half:], half):
+                await report(t, k, TaskState.RUNNING)
+            await settled()
+            show(f"{len(placed) - half} starts with a pull", s0, store.index - i0,
                  time.monotonic() - t0)
             # then idle with health checks: each task's node refreshes its health log
             # (HealthConfig.log_refresh), health unchanged
@@ -143,7 +158,8 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=300)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--starts", type=int, default=300,
-                    help="tasks whose start (3 status reports each) is replayed")
+                    help="tasks whose start is replayed: half with the image present (one "
+                    "report each), half pulling it first (3 progress reports, then running)")
     ap.add_argument("--rate", type=float, default=200.0,
                     help="status commits per second during the starts")
     ap.add_argument("--refresh-rate", type=float, default=50.0,
