@@ -86,14 +86,14 @@ class FeedConfig:
     # same index share one encoding. 0 = encode every reply.
     reply_cache: int = 32
     # Per-node filtering of wake-ups: a worker's held poll is not answered for commits it
-    # does not need yet — another node's task reporting a state below RUNNING (accepted,
-    # preparing, starting) or refreshing its health log without changing its health,
-    # which nothing on a worker reads (``deferrable_owner``) — for up to this long,
-    # seconds; they go out, unchanged and in order, with the next reply it needs (so its
-    # replica stays exactly the managers' at its index, only later). During a start storm
-    # ~2 of every 3 status commits are such reports; in an idle cluster with health checks,
-    # nearly all. Longer = fewer replies; other nodes' starting tasks (and the
-    # ``shoal_tasks`` gauge on workers) lag by up to this much. 0 = answer every commit.
+    # does not need yet — another node's task reporting a state below RUNNING (image pull
+    # progress, waiting for a secret) or refreshing its health log without changing its
+    # health, which nothing on a worker reads (``deferrable_owner``) — for up to this
+    # long, seconds; they go out, unchanged and in order, with the next reply it needs (so
+    # its replica stays exactly the managers' at its index, only later). In a start storm
+    # with image pulls most status commits are such reports; in an idle cluster with
+    # health checks, nearly all. Longer = fewer replies; other nodes' starting tasks (and
+    # the ``shoal_tasks`` gauge on workers) lag by up to this much. 0 = answer every commit.
     defer_max: float = 5.0
     # ... and answer anyway once this many commands are waiting (well below the 4,096 the
     # managers keep, so a deferring worker never falls back to the whole state).
