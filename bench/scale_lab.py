@@ -61,7 +61,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netlab import Host, Lab, wait_until
-from shoal.cli.main import Client, CliError, _UnixConnection
+from shoal.cli.client import Client
+from shoal.cli.errors import CliError
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -233,6 +234,24 @@ class ScaleLab:
               f"false deaths of joined nodes during the storm (+10 s): {len(deaths)} "
               f"{deaths[:5]}", flush=True)
 
+    def profile(self, out_dir: str, before: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
+        """The first manager's (the leader's) sampled stacks (--profile): the dump now, and
+        printed what was sampled since ``before``."""
+        pid = self.first.agent_pid
+        if not out_dir or pid is None:
+            return None
+        time.sleep(2.5)  # the sampler rewrites its dump every 2 s
+        path = Path(out_dir) / f"prof-{pid}.json"
+        if not path.exists():
+            return None
+        now: dict[str, Any] = json.loads(path.read_text())
+        if before is not None:
+            from profile_report import diff, report
+            say(f"profile of the first manager (leader), pid {pid}, during the phase:")
+            print(report(diff(now, before), 30), flush=True)
+        return now
+
     # ---------------------------------------------------------------- feed
     def feed_counters(self) -> dict[str, float]:
         """shoal_feed_* summed over the managers (GET /metrics on each unix socket)."""
@@ -241,7 +260,7 @@ class ScaleLab:
         for h in self.managers:
             if not h.agent_alive():
                 continue
-            conn = _UnixConnection(str(h.sock), 30.0)
+            conn = client(h, timeout=30.0)._connection()  # /metrics is text, not JSON
             try:
                 conn.request("GET", "/metrics")
                 text = conn.getresponse().read().decode()
@@ -381,6 +400,12 @@ class ScaleLab:
         say(f"scale → 0: no task running after {fmt(gone_at)} {machine()}")
 
 
+def join_phase(s: ScaleLab, args: argparse.Namespace) -> None:
+    before = s.profile(args.profile)
+    s.join_storm(timeout=180, wave=args.join_wave)
+    s.profile(args.profile, before)
+
+
 def fmt(x: float | None) -> str:
     return f"{x:.1f} s" if x is not None else "(not reached)"
 
@@ -403,6 +428,10 @@ def main() -> int:
     ap.add_argument("--bridge", action="store_true",
                     help="hosts on one bridge (tests/netlab.py's default) instead of point to "
                     "point: overflows the kernel's ARP table beyond ~30 hosts (see netlab)")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="sample the managers' stacks (bench/profhook) into DIR/prof-PID.json "
+                    "and print the first manager's (the leader's) top functions after the "
+                    "join phase (bench/profile_report.py)")
     ap.add_argument("--hold", action="store_true",
                     help="keep the lab up after the phases until Ctrl-C")
     args = ap.parse_args()
@@ -423,6 +452,11 @@ def main() -> int:
         lab = Lab(args.managers + args.workers, point_to_point=not args.bridge)
         say(f"{len(lab.hosts)} netns hosts in {time.monotonic() - t0:.1f} s")
         s = ScaleLab(lab, args.managers, args.workers)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            hook = str(Path(__file__).resolve().parent / "profhook")
+            for h in s.managers:
+                h.use_shoal(env={"PYTHONPATH": hook, "SHOAL_PROFILE_DIR": args.profile})
         s.up_managers()
         if "idle5" in phases:
             s.idle(f"{args.managers} managers, no worker", args.window)
@@ -431,7 +465,7 @@ def main() -> int:
         say(f"{args.workers} worker agents started (not joined) in "
             f"{time.monotonic() - t0:.1f} s {machine()}")
         steps: dict[str, Callable[[], None]] = {
-            "join": lambda: s.join_storm(timeout=180, wave=args.join_wave),
+            "join": lambda: join_phase(s, args),
             "idle": lambda: (time.sleep(10), s.idle(
                 f"{args.managers} managers + {args.workers} workers", args.window))[0],
             "feed": lambda: s.feed(args.commits),

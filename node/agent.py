@@ -60,6 +60,7 @@ from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
+from shoal.node.joining import JoinKey, request_join
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
@@ -524,12 +525,20 @@ class Agent:
                 remote = f"{remote}:{self.config.api_port}"
             sec = self.security
             ca_pem = await sec.fetch_ca(remote, digest)  # CaMismatch unless pinned digest
-            key = pki.new_key()
+            # the same key on every attempt (kept in the data dir until the join succeeded):
+            # the node id follows from it, so a retry finds the node a lost reply added
+            join_key = JoinKey(self.data_dir)
+            key = join_key.load_or_create()
             body = {"token": token, "csr": pki.make_csr(key).decode(),
                     "node": self._self_node("", "worker"), "schema": upgrade.SCHEMA}
-            # server-authenticated TLS (pinned CA, manager certificate): we have no cert yet
-            data = await sec.call(remote, "/v1/cluster/join", body,
-                                  ctx=pki.client_context(ca_pem), timeout=30)
+            client_ctx = pki.client_context(ca_pem)
+
+            async def call(b: dict[str, Any], timeout: float) -> dict[str, Any]:
+                # server-authenticated TLS (pinned CA, manager certificate): no cert yet
+                return await sec.call(remote, "/v1/cluster/join", b, ctx=client_ctx,
+                                      timeout=timeout)
+
+            data = await request_join(call, body, self.config.join_retry)
             try:
                 node_id, role, cert = str(data["node_id"]), str(data["role"]), \
                     str(data["cert"]).encode()
@@ -572,6 +581,7 @@ class Agent:
                 await self._abandon_membership()
                 raise
             identity.save(self.data_dir)
+            join_key.forget()
             log.info("joined cluster %s as %s %s", identity.cluster_id[:12], identity.role,
                      node_id)
             return {"node_id": node_id, "cluster_id": identity.cluster_id, "role": identity.role}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
+from shoal.node.joining import JoinRetry
 from shoal.node.limits import LimitsConfig
 from shoal.node.mqttconfig import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
@@ -52,6 +53,10 @@ class AgentConfig:
     reconcile_interval: float = 1.0
     # Seconds to wait for a new node's replica to catch up during `join`.
     join_timeout: float = 20.0
+    # How a joining node retries its join request when no answer comes (lost reply,
+    # manager busy or changing leader): deadline, per-attempt timeout, backoff
+    # (shoal.node.joining; a retry gets the same node id, never a second node).
+    join_retry: JoinRetry = field(default_factory=JoinRetry)
     # Lifetime of the node and client certificates this node signs as a manager, seconds.
     # Default 90 days. Shorter limits how long a stolen key works; a node that stays down
     # longer than its certificate's lifetime must rejoin with a token.

@@ -112,6 +112,7 @@ class VoterChanges:
         self.timeout = timeout
         self.lock = asyncio.Lock()
         self.pending: asyncio.Future[int] | None = None
+        self.pending_addr = ""  # the Raft address ``pending`` adds
 
     async def wait_previous(self, what: str) -> None:
         """Wait for the pending change (call with ``lock`` held); Unavailable naming ``what``

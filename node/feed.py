@@ -25,7 +25,13 @@ a join storm asks for the whole state ~100 times at once. So replies are encoded
 time and encoded once per index, shared by every poll that asks for it, replies above
 ``compress_min`` bytes are zlib-compressed for workers that ask for it (``{"z": ...}``
 wrapping the same message), and a woken poll waits ``batch_wait`` so a burst of commits goes
-out in one reply. ``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
+out in one reply. Per-node filtering (``wakes``, ``deferrable_owner``): a commit only one
+node needs now (its task below RUNNING, or a health-log refresh that changes no task's
+state, health or address) answers only that node's poll; the others get it, unchanged and
+in order, with their next needed commit or after ``defer_max`` — every worker still applies
+every command, so its replica stays the managers' state at its index (the mesh needs every
+service's endpoints: docs/scaling.md says why a filtered replica was not built).
+``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import msgpack
 
 from shoal.node.errors import FeedError, PeerError, peer_call
 from shoal.raft.errors import CommandRejected, NotReady, WireError, WriteTimeout
-from shoal.raft.models import NodeRole
+from shoal.raft.models import NodeRole, TaskState
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.wire import state_from_bytes
 
@@ -79,6 +85,19 @@ class FeedConfig:
     # Encoded increment replies kept for reuse, keyed by (after, index, ...): workers at the
     # same index share one encoding. 0 = encode every reply.
     reply_cache: int = 32
+    # Per-node filtering of wake-ups: a worker's held poll is not answered for commits it
+    # does not need yet — another node's task reporting a state below RUNNING (image pull
+    # progress, waiting for a secret) or refreshing its health log without changing its
+    # health, which nothing on a worker reads (``deferrable_owner``) — for up to this
+    # long, seconds; they go out, unchanged and in order, with the next reply it needs (so
+    # its replica stays exactly the managers' at its index, only later). In a start storm
+    # with image pulls most status commits are such reports; in an idle cluster with
+    # health checks, nearly all. Longer = fewer replies; other nodes' starting tasks (and
+    # the ``shoal_tasks`` gauge on workers) lag by up to this much. 0 = answer every commit.
+    defer_max: float = 5.0
+    # ... and answer anyway once this many commands are waiting (well below the 4,096 the
+    # managers keep, so a deferring worker never falls back to the whole state).
+    defer_commands: int = 512
 
 
 @dataclass
@@ -91,7 +110,54 @@ class FeedStats:
     encodes: int = 0  # replies encoded (the rest came from the cache)
     compressed: int = 0  # replies sent compressed
     held: int = 0  # polls held open right now
+    deferred: int = 0  # polls not answered at a commit because it was not for that worker
     catchups_waiting: int = 0  # whole-state polls waiting for the one being built
+
+
+_RUNNING = int(TaskState.RUNNING)
+_TERMINAL = int(TaskState.COMPLETE)
+# What a worker reads of another node's task status: (state, health, address).
+MeshView = tuple[int, str, str]
+_SEEN_MAX = 200_000  # task views remembered by FeedServer (forgotten all at once beyond)
+
+
+def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> str | None:
+    """The node whose feed alone needs the command ``blob`` at once, when the others can
+    wait for it: a ``task_status`` reporting a state below RUNNING, or (with ``seen``: the
+    view of each task's previous report, updated here) one that leaves the task's
+    (state, health, address) as its previous report had it — a health-log refresh, a
+    failing streak counting up. On other workers nothing reads what those change: the mesh
+    and DNS use RUNNING tasks' addresses and health (and terminal ones, which are above
+    RUNNING), the overlay uses addresses the leader assigned, a registry fetch asks "at most
+    RUNNING", which stays true. None = every worker needs it now.
+
+    A previous report that the state machine refused does not make this wrong: states and
+    health only grow, so a report with the same view as a refused one is refused too."""
+    if b"task_status" not in blob or len(blob) > 65536:
+        return None
+    try:
+        cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(cmd, dict) or cmd.get("op") != "task_status":
+        return None
+    status, node, task_id = cmd.get("status"), cmd.get("node_id"), cmd.get("task_id")
+    state = status.get("state") if isinstance(status, dict) else None
+    if not (isinstance(node, str) and isinstance(state, int) and not isinstance(state, bool)):
+        return None
+    if state < _RUNNING:
+        return node
+    if seen is None or not isinstance(task_id, str) or not isinstance(status, dict):
+        return None
+    if state >= _TERMINAL:
+        seen.pop(task_id, None)
+        return None
+    view = (state, str(status.get("health", "")), str(status.get("addr", "")))
+    previous = seen.get(task_id)
+    if len(seen) >= _SEEN_MAX:
+        seen.clear()
+    seen[task_id] = view
+    return node if previous == view else None
 
 
 # A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):
@@ -119,6 +185,54 @@ class FeedServer:
         self._state: tuple[int, bytes] | None = None  # the whole state, encoded, and its index
         self._catchup: asyncio.Lock | None = None
         self._store: Any = None  # the store the cached replies came from
+        # per-node filtering of wake-ups (``wakes``): commands classified up to _scanned;
+        # the last index every worker needs, and per node the last one only it needs
+        self._scanned = -1
+        self._scan_base = -1  # commands up to here were never classified
+        self._last_all = -1
+        self._last_own: dict[str, int] = {}
+        self._seen: dict[str, MeshView] = {}  # task id → view of its last report scanned
+
+    def _use(self, store: Any) -> None:
+        if store is not self._store:  # another cluster's store (rejoin, role change): the
+            self._cache.clear()  # same (after, index) means other commands there
+            self._state, self._store = None, store
+            self._scanned, self._scan_base, self._last_all, self._last_own = -1, -1, -1, {}
+            self._seen = {}
+
+    def _scan(self, store: Any) -> None:
+        """Classify the commands applied since the last scan (once per commit, shared by
+        every held poll): needed by all, or deferrable except for one node."""
+        index = store.index
+        if index <= self._scanned:
+            return
+        changes = store.changes_since(self._scanned)
+        if changes is None:  # no longer kept: count them as needed by all
+            self._last_all = index
+        else:
+            index, blobs = changes
+            first = index - len(blobs) + 1
+            for i, blob in enumerate(blobs, first):
+                owner = deferrable_owner(blob, self._seen)
+                if owner is None:
+                    self._last_all = i
+                else:
+                    self._last_own[owner] = i
+        self._scanned = index
+
+    def wakes(self, store: Any, after: int, node_id: str) -> bool:
+        """Should a poll of node ``node_id`` at index ``after`` be answered now? Yes if a
+        command after ``after`` is one it needs, or ``defer_commands`` are waiting, or
+        deferring is off."""
+        self._use(store)
+        if self.config.defer_max <= 0 or store.index - after >= self.config.defer_commands:
+            return True
+        if self._scanned < 0:  # the first poll to ask: classify from its index on
+            self._scanned = self._scan_base = after
+        if after < self._scan_base:
+            return True  # (commands before the first scan are not classified)
+        self._scan(store)
+        return self._last_all > after or self._last_own.get(node_id, -1) > after
 
     def _remember(self, key: tuple[Any, ...], data: bytes) -> None:
         if self.config.reply_cache <= 0:
@@ -142,9 +256,7 @@ class FeedServer:
 
     async def reply(self, store: Any, after: int, compress: bool = False) -> bytes:
         """The reply to a poll for what follows index ``after`` (-1: the whole state)."""
-        if store is not self._store:  # another cluster's store (rejoin, role change): the
-            self._cache.clear()  # same (after, index) means other commands there
-            self._state, self._store = None, store
+        self._use(store)
         leader = store.leader_addr()
         changes = store.changes_since(after) if after >= 0 else None
         if changes is not None:

@@ -324,11 +324,12 @@ class LeaderLoop:
 
     async def _pass(self, term: int, led_for: float) -> float | None:
         snap = self.store.snapshot()
-        # a node that joined since: judged from when this leader first saw it, so it is not
-        # taken DOWN ("last heard never") before its first heartbeat can arrive
+        # a node that joined since: judged from when this leader first saw it plus the join
+        # grace (as if heard from then), so it is not taken DOWN ("last heard never")
+        # before its first heartbeat can arrive; a real heartbeat replaces this at once
         mono = time.monotonic()
         for node_id in snap.nodes.keys() - self.heartbeats.keys():
-            self.heartbeats[node_id] = mono
+            self.heartbeats[node_id] = mono + self.config.join_grace
         liveness = led_for >= self.config.leadership_grace
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness,

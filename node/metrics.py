@@ -33,7 +33,8 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
   backend, ``out``: backend → client; TCP payload and UDP datagrams, both TCP engines).
 * Workers' state feed (managers, shoal.node.feed.FeedStats): ``shoal_feed_replies_total{kind}``,
   ``shoal_feed_bytes_total{kind}`` (kind: commands, state, empty), ``shoal_feed_encodes_total``,
-  ``shoal_feed_compressed_total``, ``shoal_feed_polls_held``, ``shoal_feed_catchups_waiting``.
+  ``shoal_feed_compressed_total``, ``shoal_feed_deferred_total``,
+  ``shoal_feed_polls_held``, ``shoal_feed_catchups_waiting``.
 * Events (managers): ``shoal_events_total{type}``, ``shoal_events_retained``,
   ``shoal_events_gaps_total``.
 * API: ``shoal_api_request_duration_seconds{route,method,status}`` (histogram; route is
@@ -343,6 +344,10 @@ class _StateCollector(Collector):
         yield c
         c = CounterMetricFamily("shoal_feed_compressed", "State-feed replies sent compressed")
         c.add_metric([], stats.compressed)
+        yield c
+        c = CounterMetricFamily("shoal_feed_deferred", "Worker polls not answered at a commit "
+                                "only other nodes needed (per-node filtering)")
+        c.add_metric([], stats.deferred)
         yield c
         yield _gauge("shoal_feed_polls_held", "Worker polls held open now", stats.held)
         yield _gauge("shoal_feed_catchups_waiting", "Whole-state polls waiting for a slot",

@@ -74,6 +74,13 @@ class OrchestratorConfig:
     node_down_timeout: float = 4.0
     # After gaining leadership, wait this long for heartbeats before marking anyone down.
     leadership_grace: float = 3.0
+    # A node that joins while this leader leads gets this long beyond node_down_timeout
+    # for its first heartbeat, seconds: between its record being committed and its first
+    # heartbeat it fetches its keys and the whole state and starts its agent, which in a
+    # join storm on a loaded machine took over 4 s (30 joining at once: 4 nodes flapped
+    # DOWN → READY). Gossip still decides as soon as it knows the node; a node never heard
+    # from at all is DOWN after node_down_timeout + join_grace. 0 = no extra grace.
+    join_grace: float = 10.0
     # How often the leader re-runs the loops when nothing changes, seconds.
     interval: float = 0.5
 
@@ -82,6 +89,8 @@ class OrchestratorConfig:
             raise ValueError("task_history must be >= 0")
         if self.node_down_timeout <= 0 or self.interval <= 0:
             raise ValueError("node_down_timeout and interval must be > 0")
+        if self.join_grace < 0:
+            raise ValueError("join_grace must be >= 0")
 
 
 def node_liveness(

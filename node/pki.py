@@ -108,6 +108,22 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def csr_public_key(csr_pem: bytes | str) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate request whose signature verifies (so
+    its sender holds the key): a joining node's stable identity (shoal.node.joining)."""
+    data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+    if len(data) > MAX_CSR_BYTES:
+        raise PkiError("certificate request too large")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+        valid = csr.is_signature_valid
+    except (ValueError, InvalidSignature) as exc:
+        raise PkiError(f"malformed certificate request: {exc}") from exc
+    if not valid:
+        raise PkiError("certificate request signature does not verify")
+    return _spki(csr.public_key())
+
+
 # --------------------------------------------------------------------------------- certificates
 
 def _spki(public_key: Any) -> bytes:

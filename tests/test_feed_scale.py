@@ -196,8 +196,9 @@ async def test_a_garbled_compressed_reply_is_a_feed_error_not_a_crash() -> None:
 async def test_a_node_that_just_joined_is_not_taken_down_before_its_first_heartbeat(
         tmp_path: Path) -> None:
     """Join storm, leader side: a node added while the leader leads (no heartbeat yet, gossip
-    has not heard of it) stays READY for node_down_timeout from when the leader first saw it;
-    without any heartbeat after that it goes DOWN."""
+    has not heard of it) stays READY for node_down_timeout + join_grace from when the leader
+    first saw it (it is still fetching the state and starting); without any heartbeat after
+    that it goes DOWN."""
     store = MemoryStore(self_addr=f"{ADDR}:2378")
     await _manager(tmp_path, store, FeedConfig())
     heartbeats: dict[str, float] = {}
@@ -205,8 +206,12 @@ async def test_a_node_that_just_joined_is_not_taken_down_before_its_first_heartb
     leader = LeaderLoop(store, heartbeats, config, asyncio.Event())
     await leader.one_pass(led_for=3600.0)  # liveness judged: w0 was never heard from
     assert store.snapshot().nodes["w0"].state is NodeState.READY
-    # node_down_timeout later, still not a single heartbeat: a real failure
+    # node_down_timeout later: still starting, within the join grace
     heartbeats["w0"] -= config.node_down_timeout + 1
+    await leader.one_pass(led_for=3600.0)
+    assert store.snapshot().nodes["w0"].state is NodeState.READY
+    # past the join grace too, still not a single heartbeat: a real failure
+    heartbeats["w0"] -= config.join_grace
     await leader.one_pass(led_for=3600.0)
     assert store.snapshot().nodes["w0"].state is NodeState.DOWN
     assert store.snapshot().nodes["w1"].state is NodeState.READY

@@ -1,8 +1,9 @@
 """Admission: the manager side of joins, join tokens, the keys members fetch, renewal.
 
 Owns: admitting a new node with a join token (nothing is written unless the token is valid;
-the manager picks the node id and signs the node's key for it, records the node, and for a
-manager begins the Raft voter change), showing and rotating join tokens, handing members
+the node id follows from the node's key, so a retried join finds the node it already added
+(shoal.node.joining); the manager signs the node's key, records the node, and for a manager
+begins the Raft voter change), showing and rotating join tokens, handing members
 what they need over mTLS (voters, manager addresses, gossip keyring; the Raft secret and the
 managers' sealing key to managers only), the cluster CA certificate, and renewing a member's
 certificate with its *current* role. The joining node's side is the agent's (lifecycle).
@@ -15,8 +16,9 @@ import time
 from typing import Any
 
 from shoal.node import pki
-from shoal.node.context import NodeContext, VoterChanges, new_id
-from shoal.node.errors import BadRequest, Conflict, Forbidden
+from shoal.node.context import NodeContext, VoterChanges
+from shoal.node.errors import BadRequest, Conflict, Forbidden, PkiError
+from shoal.node.joining import join_node_id
 from shoal.node.membership import GossipControl
 from shoal.node.security import Security
 from shoal.node.tokens import make_token, new_secret, role_for
@@ -59,7 +61,15 @@ class Admission:
         problem = join_refusal(snap, schema)
         if problem is not None:
             raise Conflict(problem, "schema")
-        node_id = new_id()
+        # the id follows from the node's key: a retried join (its reply was lost) names
+        # the node it already added, never a second one (shoal.node.joining)
+        try:
+            node_id = join_node_id(c.cluster_id, csr)
+        except PkiError as exc:
+            raise BadRequest(str(exc), "csr") from None
+        existing = snap.nodes.get(node_id)
+        if existing is not None:  # a retry: the record is committed, its role is the truth
+            role = existing.role.value
         node = dict(node, id=node_id, role=role)
         try:
             node_from_dict(node)
@@ -67,16 +77,32 @@ class Admission:
             raise BadRequest(f"malformed node record: {exc!r}", "node") from None
         cert = self.security.issue(snap, csr, node_id, role, str(node.get("addr", "")))
         raft_addr = f"{node.get('addr')}:{node.get('raft_port')}"
+        # a retry writes nothing, unless the node now announces other addresses or ports
+        write = existing is None or any(node.get(k) != getattr(existing, k) for k in (
+            "hostname", "addr", "api_port", "raft_port", "gossip_port"))
+        if role != "manager":
+            # a worker changes no Raft membership: no lock, no wait for a manager join
+            if write:
+                await self.ctx.propose({"op": "node_add", "now": time.time(), "node": node})
+            return {"cluster_id": c.cluster_id, "node_id": node_id, "role": role,
+                    "cert": cert.decode(), "retry": existing is not None}
         async with self.voters.lock:
-            # Raft membership changes go one at a time: wait for the previous one
-            await self.voters.wait_previous("manager join")
+            if existing is None or self.voters.pending_addr != raft_addr:
+                # Raft membership changes go one at a time: wait for the previous one
+                # (unless it is this very join's, retried: it waits for this node to run)
+                await self.voters.wait_previous("manager join")
             # record first (commits with the current quorum), then add the voter: that
             # change commits only once the new manager runs, after it fetched its keys
-            await self.ctx.propose({"op": "node_add", "now": time.time(), "node": node})
-            if role == "manager" and raft_addr not in store.voters():
+            if write:
+                await self.ctx.propose({"op": "node_add", "now": time.time(), "node": node})
+            pending = self.voters.pending
+            if raft_addr not in store.voters() and not (
+                    self.voters.pending_addr == raft_addr and pending is not None
+                    and not pending.done()):
                 self.voters.pending = store.start_add_voter(raft_addr)
+                self.voters.pending_addr = raft_addr
         return {"cluster_id": c.cluster_id, "node_id": node_id, "role": role,
-                "cert": cert.decode()}
+                "cert": cert.decode(), "retry": existing is not None}
 
     def member_keys(self, peer: pki.CertInfo | None) -> dict[str, Any]:
         """What a member needs (voters, manager addresses, gossip key; the Raft secret if it

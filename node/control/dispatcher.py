@@ -3,8 +3,9 @@
 Owns (Swarm's dispatcher, over the node API's mTLS):
 
 * ``state_since`` — the manager side of a worker's state feed (shoal.node.feed): the
-  commands applied after an index, long-polled, or the whole state when they are no longer
-  kept; the reply itself is built (shared, compressed, catch-ups one at a time) and counted
+  commands applied after an index, long-polled (a commit only other nodes need at once
+  does not answer the poll: ``FeedServer.wakes``), or the whole state when they are no
+  longer kept; the reply itself is built (shared, compressed, catch-ups one at a time) and counted
   by ``FeedServer`` (shoal.node.feed);
 * ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
   tasks on the calling node and the node's own removal; a report from a node whose wall
@@ -115,7 +116,7 @@ class Dispatcher:
         ``after`` — waiting up to ``wait`` seconds for one — or the whole state when they are
         no longer kept (or ``after`` is -1). msgpack bytes, zlib-wrapped if ``compress`` is
         "zlib" and the reply is large (FeedServer)."""
-        self.security.authorize(peer)
+        node = self.security.authorize(peer)
         if isinstance(after, bool) or not isinstance(after, int) or after < -1:
             raise BadRequest("after must be an index (an integer >= -1)", "after")
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60:
@@ -125,11 +126,23 @@ class Dispatcher:
             raise Unavailable("this manager has not caught up with the cluster yet; retry")
         deadline = time.monotonic() + float(wait)
         held = False
-        while after >= 0 and store.index <= after and self.ctx.store is store:
+        feed = self.feed
+        defer_until: float | None = None
+        while after >= 0 and self.ctx.store is store:
+            limit = deadline
+            if store.index > after:
+                # per-node filtering: commits only other nodes need now do not wake this
+                # poll (FeedServer.wakes); they go out with the next one it needs
+                if feed.wakes(store, after, node.id):
+                    break
+                feed.stats.deferred += 1
+                if defer_until is None:
+                    defer_until = time.monotonic() + feed.config.defer_max
+                limit = min(deadline, defer_until)
             if self.stopping:
                 raise Unavailable("this manager is stopping")
             applied = self._applied
-            left = deadline - time.monotonic()
+            left = limit - time.monotonic()
             if left <= 0:
                 break
             held = True

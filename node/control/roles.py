@@ -168,6 +168,7 @@ class Roles:
             if n.raft_addr not in store.voters():
                 # commits only once the node runs its voter (the new configuration counts it)
                 fut = self.voters.pending = store.start_add_voter(n.raft_addr)
+                self.voters.pending_addr = n.raft_addr
         if fut is not None:
             timeout = self.ctx.config.join_timeout
             try:
