@@ -34,28 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import client, leader_of
+
 from netlab import Host, Lab, wait_until
-from shoal.cli.main import Client, CliError
+from shoal.cli.main import CliError
 from write_load import WriteLoad
-
-
-def client(h: Host, timeout: float = 10.0) -> Client:
-    return Client(f"unix://{h.sock}", timeout=timeout)
 
 
 def call(h: Host, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
     return client(h, timeout).call(method, path, body)
-
-
-def leader_of(lab: Lab, ask: Host) -> Host | None:
-    try:
-        nodes = call(ask, "GET", "/v1/nodes")
-    except CliError:
-        return None
-    for n in nodes:
-        if n["manager_status"] == "leader":
-            return lab.host(n["addr"])
-    return None
 
 
 def task_pids(ask: Host) -> dict[str, int]:
@@ -152,8 +139,8 @@ def main() -> None:
             for case in args.cases.split(","):
                 key = f"{case} {'loaded' if load else 'idle'}"
                 for run in range(args.runs):
-                    leader = wait_until(lambda: leader_of(lab, h1) or leader_of(
-                        lab, lab.hosts[1]), timeout=30, what="a leader")
+                    leader = wait_until(lambda: leader_of(lab, h1, 5.0) or leader_of(
+                        lab, lab.hosts[1], 5.0), timeout=30, what="a leader")
                     managers = lab.hosts[:3]
                     if case == "worker":
                         victim = lab.hosts[3 + run % 2]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import threading
@@ -32,19 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import fmt
+
 from netlab import Lab
 from shoal.cli.main import Client
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-def fmt(name: str, xs: list[float]) -> str:
-    ms = [x * 1000 for x in xs]
-    return (f"{name:<22} p50 {pct(ms, 50):7.2f} ms   p99 {pct(ms, 99):7.2f} ms   "
-            f"mean {statistics.mean(ms):7.2f} ms   max {max(ms):7.2f} ms")
 
 
 def main() -> None:

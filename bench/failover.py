@@ -22,29 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import client, leader_of
+
 from netlab import Host, Lab, wait_until
 from shoal.cli.errors import CliError
-from shoal.cli.main import Client
-
-
-def client(h: Host, timeout: float = 10.0) -> Client:
-    return Client(f"unix://{h.sock}", timeout=timeout)
 
 
 def info(h: Host) -> dict[str, object]:
     out: dict[str, object] = client(h, 2.0).call("GET", "/v1/info")
     return out
-
-
-def leader_of(lab: Lab, ask: Host) -> Host | None:
-    try:
-        nodes = client(ask, 2.0).call("GET", "/v1/nodes")
-    except CliError:
-        return None
-    for n in nodes:
-        if n["manager_status"] == "leader":
-            return lab.host(n["addr"])
-    return None
 
 
 def main() -> None:

@@ -16,14 +16,12 @@ import asyncio
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import benchrt  # (bench/ is on sys.path)
+
 from shoal.runtime.build import Builder, BuildOptions
-from shoal.runtime.cgroups import remove_parent
-from shoal.runtime.process import ProcessController
-from shoal.runtime.records import RuntimeConfig
 
 DOCKERFILE = """\
 FROM base:1
@@ -44,9 +42,7 @@ def _rootfs(root: Path) -> Path:
 
 
 async def main(args: argparse.Namespace) -> None:
-    data = Path(tempfile.mkdtemp(prefix="shoal-bench-build-"))
-    ctl = ProcessController(RuntimeConfig(data_dir=data / "rt", cgroup_parent="shoal-bench"))
-    try:
+    async with benchrt.controller("shoal-bench-build-", "rt") as (ctl, data):
         ctl.images.import_rootfs("base:1", _rootfs(data / "rootfs"))
         ctx = data / "ctx"
         ctx.mkdir()
@@ -68,12 +64,6 @@ async def main(args: argparse.Namespace) -> None:
         print(f"unchanged rebuild  {med * 1000:8.1f} ms  median of {len(again)}, "
               f"{res.cached}/{res.steps} steps cached, 0 layers")
         print(f"rebuild / build    {med / first_s * 100:8.1f} %")
-    finally:
-        for tid in list(ctl.tasks()):
-            await ctl.remove(tid)
-        await ctl.close()
-        remove_parent(ctl.cgroup_layout, "shoal-bench")  # (this run's own parent group)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

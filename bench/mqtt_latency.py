@@ -44,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import benchlab
 from test_mqtt import PASSWORDS, Broker
 
 from netlab import Host, Lab, wait_until
@@ -52,17 +53,8 @@ from shoal.cli.main import Client
 PREFIX = "shoal/c1"  # the test broker's ACL lets node1 write there
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
 def fmt(name: str, xs: list[float]) -> str:
-    if not xs:
-        return f"{name:<28} (no samples)"
-    ms = [x * 1000 for x in xs]
-    return (f"{name:<28} p50 {pct(ms, 50):7.2f} ms   p99 {pct(ms, 99):7.2f} ms   "
-            f"mean {statistics.mean(ms):7.2f} ms   max {max(ms):7.2f} ms")
+    return benchlab.fmt(name, xs, width=28)
 
 
 class Stamper:

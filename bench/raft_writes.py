@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ADDRS = ["127.0.0.1:24101", "127.0.0.1:24102", "127.0.0.1:24103"]
 PASSWORD = "bench-password-0123456789abcdef"
@@ -38,46 +39,36 @@ def follower(index: int, data_dir: str) -> None:
         store.close()
 
 
-async def leader(writes: int, window: int, data_dir: str) -> None:
+async def throughput(store: Any, writes: int, window: int) -> dict[str, Any]:
+    """The workload on a leading ``store`` (also bench/security_raft.py's): one node, one
+    service with one task, then the latency of 50 sequential task-status writes and
+    ``writes`` of them with at most ``window`` in flight. Seconds; wps = writes/s."""
+    from shoal.node.leader import plan_pass
+    from shoal.node.orchestrator import OrchestratorConfig
     from shoal.raft.models import Node, NodeRole, TaskState, to_dict
-    from shoal.raft.store import RaftStore
 
-    store = RaftStore(ADDRS[0], ADDRS, Path(data_dir), PASSWORD)
-    t0 = time.monotonic()
-    # the followers hand leadership to this process if they win the election
-    while not store.is_leader():
-        await asyncio.sleep(0.01)
-        if time.monotonic() - t0 > 30:
-            raise SystemExit("this process did not become leader in 30 s; run again")
-    # set up one node, one service with one task to report status for
     now = time.time()
     node = Node(id="n1", hostname="h1", addr="127.0.0.1", api_port=1, raft_port=2,
                 role=NodeRole.MANAGER)
     await store.propose({"op": "node_add", "now": now, "node": to_dict(node)})
     await store.propose({"op": "service_create", "id": "s1", "now": now,
                          "spec": {"name": "web", "task": {"container": {"command": ["true"]}}}})
-    from shoal.node.leader import plan_pass
-    from shoal.node.orchestrator import OrchestratorConfig
-
     ops, _ = plan_pass(store.snapshot(), {"n1": 0.0}, 0.0, now, OrchestratorConfig(),
                        liveness=False)
     await store.propose({"op": "leader", "term": store.term(), "now": now, "ops": ops})
     task_id = next(iter(store.snapshot().tasks))
 
-    def cmd(i: int) -> dict[str, object]:
+    def cmd(i: int) -> dict[str, Any]:
         return {"op": "task_status", "task_id": task_id, "node_id": "n1", "now": time.time(),
                 "status": {"state": int(TaskState.RUNNING), "timestamp": float(i),
                            "message": f"report {i}"}}
 
-    # sequential latency
-    lat = []
+    lat = []  # sequential latency
     for i in range(50):
         s = time.perf_counter()
         await store.propose(cmd(i))
         lat.append(time.perf_counter() - s)
-    # windowed throughput
-    sem = asyncio.Semaphore(window)
-    errors = 0
+    sem, errors = asyncio.Semaphore(window), 0  # windowed throughput
 
     async def one(i: int) -> None:
         nonlocal errors
@@ -90,10 +81,25 @@ async def leader(writes: int, window: int, data_dir: str) -> None:
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(writes)))
     took = time.perf_counter() - start
-    print(f"sequential write latency: median {statistics.median(lat) * 1000:.1f} ms, "
-          f"p90 {sorted(lat)[int(len(lat) * 0.9)] * 1000:.1f} ms")
-    print(f"windowed writes: {writes} in {took:.2f} s = {writes / took:,.0f} writes/s "
-          f"(window {window}, errors {errors}, applied index {store.index})")
+    return {"wps": writes / took, "took": took, "lat": statistics.median(lat),
+            "p90": sorted(lat)[int(len(lat) * 0.9)], "errors": errors}
+
+
+async def leader(writes: int, window: int, data_dir: str) -> None:
+    from shoal.raft.store import RaftStore
+
+    store = RaftStore(ADDRS[0], ADDRS, Path(data_dir), PASSWORD)
+    t0 = time.monotonic()
+    # the followers hand leadership to this process if they win the election
+    while not store.is_leader():
+        await asyncio.sleep(0.01)
+        if time.monotonic() - t0 > 30:
+            raise SystemExit("this process did not become leader in 30 s; run again")
+    r = await throughput(store, writes, window)
+    print(f"sequential write latency: median {r['lat'] * 1000:.1f} ms, "
+          f"p90 {r['p90'] * 1000:.1f} ms")
+    print(f"windowed writes: {writes} in {r['took']:.2f} s = {r['wps']:,.0f} writes/s "
+          f"(window {window}, errors {r['errors']}, applied index {store.index})")
     store.close()
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import registryd  # (the test helpers: registry, CA, image layouts)
+from helpers import free_port
 
 from shoal.runtime.images import ImageStore
 from shoal.runtime.reference import parse_reference
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shoal-bench-registry-"))
-    reg = registryd.Registry(work / "reg", "127.0.0.1", registryd.free_port(), users=USERS)
+    reg = registryd.Registry(work / "reg", "127.0.0.1", free_port(), users=USERS)
     try:
         reg.wait_ready()
         layout = work / "layout"

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from shoal.runtime.cgroups import remove_parent
-from shoal.runtime.process import ProcessController
-from shoal.runtime.records import RunState, RuntimeConfig, TaskConfig
+import benchrt  # (bench/ is on sys.path)
+
+from shoal.runtime.records import RunState, TaskConfig
 
 RAW = ["unshare", "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", "true"]
 
@@ -48,11 +46,9 @@ def _cfg(i: int, prefix: str) -> TaskConfig:
 
 
 async def main(args: argparse.Namespace) -> None:
-    data = Path(tempfile.mkdtemp(prefix="shoal-bench-rt-"))
     rss0 = _rss_mb()
-    ctl = ProcessController(RuntimeConfig(data_dir=data, cgroup_parent="shoal-bench"))
-    rss_ctl = _rss_mb()
-    try:
+    async with benchrt.controller("shoal-bench-rt-") as (ctl, _data):
+        rss_ctl = _rss_mb()
         # warm-up (page cache, the launcher binary, cgroup parents)
         for i in range(3):
             await ctl.start(_cfg(i, "warm"))
@@ -96,12 +92,6 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.gather(*(ctl.remove(f"tp{i}") for i in range(args.tasks)))
         print(f"{'remove (stop + cgroups + dir)':<34} "
               f"{(time.perf_counter() - t0) * 1000 / args.tasks:6.2f} ms per task (concurrent)")
-    finally:
-        for tid in list(ctl.tasks()):
-            await ctl.remove(tid)
-        await ctl.close()
-        remove_parent(ctl.cgroup_layout, "shoal-bench")  # (this run's own parent group)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

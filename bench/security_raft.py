@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raft_writes import throughput  # (the workload: bench/ is on sys.path)
+
 ADDRS = ["127.0.0.1:24201", "127.0.0.1:24202", "127.0.0.1:24203"]
 PASSWORD = "bench-" + "0123456789abcdef" * 2
 
@@ -103,46 +105,6 @@ async def race(t0: float, committed: Any) -> float | None:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return first[0] if first else None
-
-
-async def throughput(store: Any, writes: int, window: int) -> dict[str, Any]:
-    from shoal.node.leader import plan_pass
-    from shoal.node.orchestrator import OrchestratorConfig
-    from shoal.raft.models import Node, NodeRole, TaskState, to_dict
-
-    now = time.time()
-    node = Node(id="n1", hostname="h1", addr="127.0.0.1", api_port=1, raft_port=2,
-                role=NodeRole.MANAGER)
-    await store.propose({"op": "node_add", "now": now, "node": to_dict(node)})
-    await store.propose({"op": "service_create", "id": "s1", "now": now,
-                         "spec": {"name": "web", "task": {"container": {"command": ["true"]}}}})
-    ops, _ = plan_pass(store.snapshot(), {"n1": 0.0}, 0.0, now, OrchestratorConfig(),
-                       liveness=False)
-    await store.propose({"op": "leader", "term": store.term(), "now": now, "ops": ops})
-    task_id = next(iter(store.snapshot().tasks))
-
-    def cmd(i: int) -> dict[str, Any]:
-        return {"op": "task_status", "task_id": task_id, "node_id": "n1", "now": time.time(),
-                "status": {"state": int(TaskState.RUNNING), "timestamp": float(i),
-                           "message": f"report {i}"}}
-    lat = []
-    for i in range(50):
-        s = time.perf_counter()
-        await store.propose(cmd(i))
-        lat.append(time.perf_counter() - s)
-    sem, errors = asyncio.Semaphore(window), 0
-
-    async def one(i: int) -> None:
-        nonlocal errors
-        async with sem:
-            try:
-                await store.propose(cmd(i), timeout=30)
-            except Exception:
-                errors += 1
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(writes)))
-    took = time.perf_counter() - start
-    return {"wps": writes / took, "lat": statistics.median(lat), "errors": errors}
 
 
 # ----------------------------------------------------------------------------- driver

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from shoal.cli.client import Client
@@ -93,31 +94,9 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
         os.unlink(tarpath)
 
 
-def _post_stream(c: Client, path: str, tarpath: str) -> Any:
+def _post_stream(c: Client, path: str, tarpath: str) -> Iterator[dict[str, Any]]:
     """POST the tar and yield the JSON-lines records as they arrive."""
-    conn = c._connection()  # (the client's connection factory: unix socket or mutual TLS)
-    conn.timeout = None
-    try:
-        try:
-            with open(tarpath, "rb") as body:
-                conn.request("POST", path, body=body, headers={
-                    "Content-Type": "application/x-tar",
-                    "Content-Length": str(os.path.getsize(tarpath))})
-            resp = conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise CliError(f"cannot connect to the shoal agent at {c.host}: is it "
-                           "running?") from None
-        except OSError as exc:
-            raise CliError(f"cannot talk to the agent at {c.host}: {exc}") from None
-        if resp.status >= 400:
-            try:
-                err = json.loads(resp.read()).get("error", {})
-            except ValueError:
-                err = {}
-            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
-                           str(err.get("field") or ""))
-        for raw in resp:
-            if raw.strip():
-                yield json.loads(raw)
-    finally:
-        conn.close()
+    with open(tarpath, "rb") as body:
+        yield from c.stream(path, "POST", body, {
+            "Content-Type": "application/x-tar",
+            "Content-Length": str(os.path.getsize(tarpath))})

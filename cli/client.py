@@ -25,7 +25,7 @@ TYPE_CHECKING = False  # (typing's, without importing typing at run time: see cl
 if TYPE_CHECKING:
     import http.client
     import ssl
-    from typing import Any
+    from typing import Any, BinaryIO
 
 
 def _tls_context(tls_dir: str) -> ssl.SSLContext:
@@ -189,13 +189,15 @@ class Client:
         finally:
             conn.close()
 
-    def stream(self, path: str) -> Iterator[dict[str, Any]]:
-        """GET a streaming JSON-lines route; yields records as they arrive."""
+    def stream(self, path: str, method: str = "GET", body: BinaryIO | None = None,
+               headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+        """Call a streaming JSON-lines route; yields records as they arrive. ``body``: an open
+        file sent as it is read (with its Content-Length in ``headers``)."""
         conn = self._connection()
         conn.timeout = None
         try:
             try:
-                conn.request("GET", path)
+                conn.request(method, path, body=body, headers=headers or {})
                 resp = conn.getresponse()
             except (FileNotFoundError, ConnectionRefusedError):
                 raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
@@ -207,7 +209,8 @@ class Client:
                     err = json.loads(resp.read()).get("error", {})
                 except ValueError:
                     err = {}
-                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}")
+                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
+                               str(err.get("field") or ""))
             for raw in resp:
                 if raw.strip():
                     yield json.loads(raw)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.cli import compose_pod
 from shoal.cli.compose_env import interpolate, merge, parse_yaml, read_env_file
 from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exported)
     IGNORE,
@@ -166,6 +167,9 @@ KEYS: dict[str, Rule] = {
     "healthcheck.disable": _to("task.container.healthcheck.disable", as_bool),
     # shoal's own probes (extension keys, ignored by other Compose tools)
     "healthcheck.x-http": Rule(_x_http),
+    # pods (shoal's extension, Docker ignores it): cli/compose_pod.py
+    "x-shoal-sidecars": Rule(compose_pod.containers("sidecars")),
+    "x-shoal-init-containers": Rule(compose_pod.containers("init_containers")),
     "healthcheck.x-tcp": Rule(_x_tcp),
     "deploy": SECTION,
     "deploy.mode": Rule(_deploy_mode),

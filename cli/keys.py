@@ -3,7 +3,8 @@
 Owns: the arguments and output of the manager-key-safety commands (``add_parser`` /
 ``add_ca_parser`` / ``run`` / ``run_ca_rotate``, hooked into shoal.cli.main), and
 ``init --autolock``'s second step (``enable_autolock``). Must not touch: the agent (only
-its API: /v1/swarm/update, /v1/swarm/unlock, /v1/swarm/unlock-key, /v1/ca/rotate, /v1/ca).
+its API: /v1/swarm/update, /v1/swarm/unlock, /v1/swarm/unlock-key, /v1/swarm/rotate-key,
+/v1/swarm/rotate-raft-key, /v1/ca/rotate, /v1/ca).
 Errors: ``CliError`` for what the CLI can judge; the API names the field otherwise.
 """
 
@@ -46,9 +47,18 @@ def add_parser(sub: Any) -> None:
     su.add_argument("--autolock", type=_bool, default=None, metavar="true|false",
                     help="encrypt the managers' keys at rest under an unlock key (printed "
                          "once): a restarted manager then waits for `shoal unlock`")
-    swsub.add_parser("rotate-key", help="a new managers' sealing key: secrets, the CA key and "
-                     "join tokens re-sealed; removed or demoted managers cannot read what is "
-                     "sealed from then on")
+    rk = swsub.add_parser("rotate-key", help="new managers' keys: the sealing key (secrets, "
+                          "the CA key and join tokens re-sealed) and the Raft secret (every "
+                          "manager switches over without downtime); removed or demoted "
+                          "managers can read neither the log nor what is sealed from then on")
+    which = rk.add_mutually_exclusive_group()
+    which.add_argument("--sealing-only", action="store_true",
+                       help="only the managers' sealing key")
+    which.add_argument("--raft-only", action="store_true", help="only the Raft secret")
+    rk.add_argument("-d", "--detach", action="store_true",
+                    help="do not wait for every manager to switch to the new Raft secret")
+    rk.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="how long to wait for the Raft secret rotation (default 120)")
     sub.add_parser("unlock", help="unlock a manager restarted with autolock (reads the key "
                                   "from stdin or a prompt)")
     uk = sub.add_parser("unlock-key", help="show (or rotate) the cluster's unlock key")
@@ -91,9 +101,12 @@ def _read_key() -> str:
 
 def run(c: Any, args: argparse.Namespace) -> None:
     if args.cmd == "swarm" and args.swarm_cmd == "rotate-key":
-        r = c.call("POST", "/v1/swarm/rotate-key")
-        print(f"Rotated the managers' key ({r['key_id']}): {r['secrets']} secret(s), the CA "
-              "key and the join tokens re-sealed.")
+        if not args.raft_only:
+            r = c.call("POST", "/v1/swarm/rotate-key")
+            print(f"Rotated the managers' key ({r['key_id']}): {r['secrets']} secret(s), the "
+                  "CA key and the join tokens re-sealed.")
+        if not args.sealing_only:
+            _rotate_raft_secret(c, args)
     elif args.cmd == "swarm":
         if args.autolock is None:
             raise CliError("nothing to update: give --autolock=true|false")
@@ -114,6 +127,35 @@ def run(c: Any, args: argparse.Namespace) -> None:
         if args.rotate and not args.quiet:
             print("Rotated the unlock key: every running manager re-wraps its keys with it.")
         _print_key(str(r["unlock_key"]), args.quiet)
+
+
+def _rotate_raft_secret(c: Any, args: argparse.Namespace) -> None:
+    key_id = str(c.call("POST", "/v1/swarm/rotate-raft-key")["key_id"])
+    if args.detach:
+        print(f"Raft secret rotation started ({key_id}); the managers switch over in seconds "
+              "(progress: GET /v1/swarm/rotate-raft-key).")
+        return
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while True:
+        rot = c.call("GET", "/v1/swarm/rotate-raft-key")
+        if not rot.get("phase") and rot.get("key_id") == key_id:
+            print(f"Rotated the Raft secret ({key_id}): every manager sends with it; the old "
+                  "one is no longer accepted.")
+            return
+        if rot.get("phase") and rot.get("next_key_id") != key_id:
+            raise CliError("another Raft secret rotation replaced this one")
+        n = rot.get("managers", 0)
+        line = (f"{rot.get('phase') or 'starting'}: {rot.get('accepting', 0)}/{n} managers "
+                f"accept the new Raft secret, {rot.get('switched', 0)}/{n} send with it")
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if time.monotonic() > deadline:
+            raise CliError(f"the Raft secret rotation has not finished after "
+                           f"{args.timeout:g}s (it goes on; a manager that is not down but "
+                           "does not answer holds it up)")
+        time.sleep(0.3)
 
 
 def run_ca_rotate(c: Any, args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.agent import run_agent
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
-    from shoal.node.mqtt import MqttConfig
+    from shoal.node.mqttconfig import MqttConfig
     from shoal.runtime.registry import RegistryConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -367,6 +367,8 @@ def run_logs(c: Client, args: argparse.Namespace) -> None:
     import urllib.parse
 
     query = {"tail": args.tail, "follow": int(args.follow), "timestamps": int(args.timestamps)}
+    if args.container:
+        query["container"] = args.container
     if args.since:
         query["since"] = repr(parse_since(args.since))
     ref, task = args.service, ""
@@ -833,6 +835,8 @@ def _service_parser(sub: Any) -> None:
     slg.add_argument("-f", "--follow", action="store_true", help="keep streaming")
     slg.add_argument("-n", "--tail", default="all", help="lines per task (default all)")
     slg.add_argument("-t", "--timestamps", action="store_true")
+    slg.add_argument("--container", default="", metavar="NAME",
+                     help="a pod's container (task.sidecars/init_containers); default: main")
     srb = ssub.add_parser("rollback", help="go back to the previous spec")
     srb.add_argument("service")
     progress.add_flags(srb)

@@ -108,6 +108,12 @@ def _task_state(t: Rec) -> str:
     state = f"{t['state'].capitalize()} {ago(t.get('state_since'))}".rstrip()
     if t.get("health") and t["state"] == "running":
         state += f" ({t['health']})"
+    sidecars = [c for c in t.get("containers") or () if c.get("kind") == "sidecar"]
+    if sidecars and t["state"] == "running":  # a pod: its sidecars up, and their restarts
+        up = sum(c.get("state") == "running" for c in sidecars)
+        restarts = sum(int(c.get("restarts") or 0) for c in sidecars)
+        state += f" [sidecars {up}/{len(sidecars)}" + \
+            (f", {restarts} restarts]" if restarts else "]")
     return state
 
 

@@ -319,6 +319,9 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, action="store_true", default=None, **kw)
         else:
             parser.add_argument(*names, **kw)
+    parser.add_argument("--spec", default="", metavar="FILE",
+                        help="the service spec from a YAML/JSON file (- = stdin; docs/api.md's "
+                        "spec reference, e.g. a pod's task.sidecars); flags given override it")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         metavar="IMAGE [COMMAND [ARG...]] | -- CMD [ARGS...]")
 
@@ -429,9 +432,16 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
         command = raw[1:]
     else:  # --image given: what follows is its command
         command = raw
+    path = getattr(args, "spec", "")
     if command:
         _set(spec, "task.container.command", command)
-    elif not _get(spec, "task.container.image", ""):
+    if path:  # --spec FILE: the file, with the flags given laid over it
+        from shoal.cli import specfile
+
+        spec = specfile.overlay(specfile.load(path), spec)
+        specfile.check(spec, path)
+        return spec
+    if not command and not _get(spec, "task.container.image", ""):
         raise CliError("service create needs a command or an image: shoal service create "
                        "[--name NAME] IMAGE [COMMAND...], or ... -- CMD [ARGS...] to run a "
                        "command of the host's filesystem")

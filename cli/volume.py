@@ -13,8 +13,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from shoal.cli.errors import CliError
-
 Table = Callable[[list[list[str]], list[str]], str]
 
 
@@ -41,21 +39,13 @@ def add_parser(sub: Any) -> None:
     vr.add_argument("names", nargs="+")
 
 
-def _kv(items: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not key or not sep:
-            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
 def run(c: Any, args: argparse.Namespace, table: Table) -> None:
     sub = args.volume_cmd
     if sub == "create":
-        body = {"name": args.name, "driver": args.driver, "options": _kv(args.opt, "--opt"),
-                "labels": _kv(args.label, "--label")}
+        from shoal.cli.specflags import parse_kv  # (lazy: it loads the spec declarations)
+
+        body = {"name": args.name, "driver": args.driver,
+                "options": parse_kv(args.opt, "--opt"), "labels": parse_kv(args.label, "--label")}
         print(c.call("POST", "/v1/volumes", body)["name"])
     elif sub == "ls":
         vols = c.call("GET", "/v1/volumes")

@@ -43,8 +43,9 @@ from .errors import (
 )
 from .events import EventKind, EventStream, Member, MemberEvent
 from .keyring import Keyring
-from .memberlist import Memberlist, parse_address
+from .memberlist import Memberlist
 from .memnet import MemoryNetwork, MemoryTransport
+from .nodes import parse_address
 from .transport import Address, Packet, Stream, Transport
 from .udp import UDPTransport
 from .wire import PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, MemberState, MessageType

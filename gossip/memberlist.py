@@ -1,10 +1,13 @@
 """The gossip member: SWIM failure detection with Lifeguard, dissemination and anti-entropy.
 
-Owns one member's view of the cluster (the node table, suspicion timers, broadcast queue, local
-health) and the protocol loops that keep it current: probe, gossip, push-pull, reconnect,
-receive and accept. It talks to the network only through a ``Transport`` and to the agent only
-through ``Member`` snapshots, ``MemberEvent``s and ``stats``. It must not touch the raft store,
-the runtime or anything outside this package; the agent decides what membership means.
+Owns the public member (``Memberlist``: start, join, leave, shutdown, members, events) and the
+protocol loops that keep its view current: probe, gossip, push-pull, reconnect, receive and
+accept. The view itself — node table, suspicion timers, broadcast queue, local health, and the
+alive/suspect/dead transition rules — is its base class shoal.gossip.view.MemberView; the
+records are in shoal.gossip.nodes. It talks to the network only through a ``Transport`` and to
+the agent only through ``Member`` snapshots, ``MemberEvent``s and ``stats``. It must not touch
+the raft store, the runtime or anything outside this package; the agent decides what
+membership means.
 
 Protocol (one period of ``probe_interval * (health + 1)``)::
 
@@ -45,17 +48,13 @@ traffic escapes a loop: wire errors are counted as ``drop.<reason>``, anything u
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import timing, wire
-from .broadcast import BroadcastQueue
 from .config import Config
 from .errors import (
     ConfigError,
@@ -68,16 +67,25 @@ from .errors import (
 )
 from .events import EventKind, EventStream, Member, MemberEvent
 from .keyring import Keyring
-from .lifeguard import Awareness, Suspicion
+from .nodes import (
+    ALIVE,
+    DEAD,
+    GONE,
+    LEFT,
+    SUSPECT,
+    AckWaiter,
+    NodeEntry,
+    ProbeResult,
+    parse_address,
+)
 from .transport import Address, Packet, Stream, Transport
+from .view import MemberView
 from .wire import (
     Ack,
     Alive,
     Dead,
     IndirectPing,
-    MemberState,
     Nack,
-    NodeRecord,
     Ping,
     PushPull,
     Suspect,
@@ -85,123 +93,11 @@ from .wire import (
 
 log = logging.getLogger("shoal.gossip")
 
-ALIVE = MemberState.ALIVE
-SUSPECT = MemberState.SUSPECT
-DEAD = MemberState.DEAD
-LEFT = MemberState.LEFT
-_GONE = (DEAD, LEFT)
 _RECV_BATCH = 64  # packets handled before yielding to other tasks
 _MAX_INBOUND_STREAMS = 64  # push-pulls served at once; more are closed at once (counted)
 
 
-def parse_address(value: Address | str, default_port: int = 7946) -> Address:
-    """``("host", port)``, ``"host:port"``, ``"[v6]:port"`` or ``"host"`` → (host, port)."""
-    if isinstance(value, tuple):
-        host, port = value
-        return (str(host), int(port))
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
-        return (host, port)
-    if text.count(":") == 1:
-        host, _, port_s = text.partition(":")
-        return (host, int(port_s))
-    return (text, default_port)
-
-
-class _Node:
-    """Mutable per-member state inside a Memberlist (never handed out: see Member)."""
-
-    __slots__ = (
-        "addr",
-        "incarnation",
-        "meta",
-        "meta_obj",
-        "name",
-        "port",
-        "state",
-        "state_change",
-        "vsn",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        addr: str,
-        port: int,
-        meta: bytes,
-        incarnation: int,
-        state: MemberState,
-        state_change: float,
-        vsn: wire.Version,
-    ) -> None:
-        self.name = name
-        self.addr = addr
-        self.port = port
-        self.meta = meta
-        self.meta_obj: dict[str, Any] = wire.decode_meta(meta)
-        self.incarnation = incarnation
-        self.state = state
-        self.state_change = state_change
-        self.vsn = vsn
-
-    @property
-    def address(self) -> Address:
-        return (self.addr, self.port)
-
-    def set_meta(self, meta: bytes) -> None:
-        if meta != self.meta:
-            self.meta = meta
-            self.meta_obj = wire.decode_meta(meta)
-
-    def snapshot(self) -> Member:
-        return Member(
-            name=self.name,
-            addr=self.addr,
-            port=self.port,
-            meta=MappingProxyType(self.meta_obj),
-            incarnation=self.incarnation,
-            state=self.state,
-            state_since=self.state_change,
-            protocol=self.vsn,
-        )
-
-    def record(self) -> NodeRecord:
-        return NodeRecord(
-            self.name, self.addr, self.port, self.meta, self.incarnation, self.state, self.vsn
-        )
-
-
-class _AckWaiter:
-    """An outstanding probe (future) or relay (callback) waiting for an ack; counts nacks."""
-
-    __slots__ = ("future", "nacks", "on_ack")
-
-    def __init__(
-        self,
-        future: asyncio.Future[None] | None = None,
-        on_ack: Callable[[], None] | None = None,
-    ) -> None:
-        self.future = future
-        self.on_ack = on_ack
-        self.nacks = 0
-
-    def ack(self) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(None)
-        if self.on_ack is not None:
-            self.on_ack()
-
-
-class _ProbeResult(NamedTuple):
-    acked: bool
-    relays: int  # members asked to probe indirectly
-    nacks: int  # nacks they sent back
-    late: float  # how late we woke up past our own deadlines (our own slowness)
-
-
-class Memberlist:
+class Memberlist(MemberView):
     """One gossip member. Create, ``await start()``, ``await join(seeds)``, read ``members()``.
 
     ``transport`` defaults to a UDPTransport on (bind_addr, bind_port). ``meta`` is a small
@@ -218,45 +114,15 @@ class Memberlist:
         rng: random.Random | None = None,
     ) -> None:
         config.validate()
-        self.config = config
-        self._name = config.name
         if transport is None:
             from .udp import UDPTransport
 
             transport = UDPTransport(
                 config.bind_addr, config.bind_port, queue_size=config.packet_queue_size
             )
-        self._transport = transport
-        self._keyring: Keyring | None = (
-            Keyring(config.secret_key, config.extra_keys) if config.secret_key is not None else None
-        )
-        self._rng = rng if rng is not None else random.Random()
+        super().__init__(config, transport, rng if rng is not None else random.Random())
         self._meta = self._encode_meta(meta or {})
-        self._packet_aad = wire.aad_for(wire.PACKET_AAD_KIND, config.label)
-        self._stream_aad = wire.aad_for(wire.STREAM_AAD_KIND, config.label)
-
-        self._nodes: dict[str, _Node] = {}
-        self._num_live = 0  # alive + suspect, ourselves included
-        self._probe_list: list[str] = []
-        self._probe_index = 0
-        self._suspicions: dict[str, Suspicion] = {}
-        self._broadcasts = BroadcastQueue()
-        self._acks: dict[int, _AckWaiter] = {}
-        # round-trip times (s) of the latest direct probes that were acked, oldest first:
-        # read and emptied by ``take_probe_rtts`` (the agent's /metrics)
-        self._probe_rtts: collections.deque[float] = collections.deque(maxlen=1024)
-        self._seq = self._rng.randrange(2**32)
-        self._awareness = Awareness(config.awareness_max_multiplier)
-        self._stats: Counter[str] = Counter()
-        self._streams: list[EventStream] = []
-        self._callbacks: list[Callable[[MemberEvent], None]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._gossip_wakeup: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._local: _Node | None = None
-        self._lifecycle = "new"  # new → running → (left) → shutdown
         self._inbound_streams = 0
-        self._leaving = False
 
     # =========================================================================== public API
     @property
@@ -311,7 +177,7 @@ class Memberlist:
         return [
             n.snapshot()
             for n in sorted(self._nodes.values(), key=lambda n: n.name)
-            if include_gone or n.state not in _GONE
+            if include_gone or n.state not in GONE
         ]
 
     def member(self, name: str) -> Member | None:
@@ -360,7 +226,7 @@ class Memberlist:
         if addr in ("0.0.0.0", "::"):
             raise ConfigError("advertise_addr", "required when bound to a wildcard address")
         now = self._loop.time()
-        self._local = _Node(cfg.name, addr, port, self._meta, 1, ALIVE, now, wire.LOCAL_VERSION)
+        self._local = NodeEntry(cfg.name, addr, port, self._meta, 1, ALIVE, now, wire.LOCAL_VERSION)
         self._nodes[cfg.name] = self._local
         self._num_live = 1
         self._lifecycle = "running"
@@ -512,38 +378,6 @@ class Memberlist:
             )
         return encoded
 
-    def _require_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise StateError("member not started")
-        return self._loop
-
-    def _require_local(self) -> _Node:
-        if self._local is None:
-            raise StateError("member not started")
-        return self._local
-
-    def _require_running(self, what: str) -> _Node:
-        if self._lifecycle not in ("running", "left"):
-            raise StateError(f"{what}: member is {self._lifecycle}")
-        return self._require_local()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(coro, what))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _guard(self, coro: Awaitable[None], what: str) -> bool:
-        """Await ``coro``; True if it returned, False if it crashed (counted and logged)."""
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self._stats["internal_errors"] += 1
-            log.exception("%s: %s failed", self._name, what)
-            return False
-        return True
-
     def _spawn_loop(self, factory: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
         """Run a protocol loop for the member's lifetime; a loop that crashes (a bug: counted
         in ``internal_errors`` and logged) is restarted after a second instead of leaving a
@@ -554,88 +388,6 @@ class Memberlist:
                 await asyncio.sleep(1.0)
 
         self._spawn(forever(), what)
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) % 2**32
-        return self._seq
-
-    def _set_state(self, node: _Node, state: MemberState) -> None:
-        was_live = node.state not in _GONE
-        is_live = state not in _GONE
-        node.state = state
-        node.state_change = self._require_loop().time()
-        self._num_live += int(is_live) - int(was_live)
-
-    def _retransmit_limit(self) -> int:
-        return max(1, timing.retransmit_limit(self.config.retransmit_mult, self._num_live))
-
-    def _emit(self, kind: EventKind, node: _Node, previous: MemberState | None) -> None:
-        self._stats[f"event.{kind.value}"] += 1
-        if not self._streams and not self._callbacks:
-            return
-        event = MemberEvent(kind, node.snapshot(), previous, self._require_loop().time())
-        if any(stream.closed for stream in self._streams):
-            self._streams = [stream for stream in self._streams if not stream.closed]
-        for stream in self._streams:
-            stream._push(event)
-        for callback in list(self._callbacks):
-            try:
-                callback(event)
-            except Exception:
-                self._stats["event_callback_errors"] += 1
-                log.exception("%s: event callback failed", self._name)
-
-    def _random_nodes(self, k: int, accept: Callable[[_Node], bool]) -> list[_Node]:
-        """Up to ``k`` distinct random members (never ourselves) that ``accept`` approves.
-
-        memberlist's kRandomNodes: up to 3n random draws, so it is cheap when k << n and
-        still exhaustive enough when n is small.
-        """
-        nodes = list(self._nodes.values())
-        n = len(nodes)
-        picked: list[_Node] = []
-        if k <= 0 or n <= 1:
-            return picked
-        rng = self._rng
-        local = self._local
-        for _ in range(3 * n):
-            node = nodes[int(rng.random() * n)]
-            if node is local or node in picked or not accept(node):
-                continue
-            picked.append(node)
-            if len(picked) >= k:
-                break
-        return picked
-
-    # =========================================================================== sending
-    def _send(self, addr: Address, msgs: list[bytes]) -> None:
-        """Send ``msgs`` plus as many piggybacked broadcasts as fit in one packet."""
-        used = sum(len(m) for m in msgs) + wire.SEAL_OVERHEAD + 4
-        space = self.config.packet_size - used
-        extra = self._broadcasts.take(space, self._retransmit_limit())
-        if not msgs and not extra:
-            return
-        payload = wire.build_payload(msgs + extra if extra else msgs)
-        data = wire.seal(payload, self._keyring, self._packet_aad)
-        self._stats["packets_out"] += 1
-        self._stats["bytes_out"] += len(data)
-        if extra:
-            self._stats["broadcasts_out"] += len(extra)
-        self._transport.send_packet(addr, data)
-
-    def _queue_broadcast(self, name: str, msg: Alive | Suspect | Dead) -> None:
-        self._broadcasts.queue(name, wire.encode_message(msg))
-        self._wake_gossip()
-
-    def _wake_gossip(self) -> None:
-        if self._gossip_wakeup is not None:
-            self._gossip_wakeup.set()
-
-    def _broadcast_alive(self, node: _Node) -> None:
-        self._queue_broadcast(
-            node.name,
-            Alive(node.incarnation, node.name, node.addr, node.port, node.meta, node.vsn),
-        )
-
     # =========================================================================== receiving
     async def _recv_loop(self) -> None:
         transport = self._transport
@@ -731,219 +483,14 @@ class Memberlist:
         def expire() -> None:
             self._acks.pop(local_seq, None)
 
-        self._acks[local_seq] = _AckWaiter(on_ack=on_ack)
+        self._acks[local_seq] = AckWaiter(on_ack=on_ack)
         timeout = self.config.probe_timeout
         if req.nack:
             loop.call_later(timing.nack_timeout(timeout), on_nack_timer)
         loop.call_later(timeout, expire)
         self._send((req.addr, req.port), [wire.encode_message(Ping(local_seq, req.target))])
 
-    # =========================================================================== state machine
-    def _on_alive(self, a: Alive, *, from_state_sync: bool = False) -> None:
-        lo, hi, _cur = a.vsn
-        if lo > wire.PROTOCOL_VERSION_MAX or hi < wire.PROTOCOL_VERSION_MIN:
-            self._stats["drop.incompatible"] += 1
-            return
-        now = self._require_loop().time()
-        node = self._nodes.get(a.node)
-        is_local = a.node == self._name
-        if node is None:
-            node = _Node(a.node, a.addr, a.port, a.meta, a.incarnation, ALIVE, now, a.vsn)
-            self._nodes[a.node] = node
-            self._num_live += 1
-            self._insert_probe_target(a.node)
-            self._queue_broadcast(a.node, a)
-            self._emit(EventKind.JOIN, node, None)
-            return
-        updates_node = False
-        if (a.addr, a.port) != node.address and not is_local:
-            reclaim = self.config.dead_node_reclaim_time
-            can_reclaim = reclaim > 0 and now - node.state_change > reclaim
-            if node.state == LEFT or (node.state == DEAD and can_reclaim):
-                updates_node = True
-            else:
-                self._stats["name_conflicts"] += 1
-                log.warning(
-                    "%s: name conflict: %s claimed by %s:%d, known at %s:%d",
-                    self._name, a.node, a.addr, a.port, node.addr, node.port,
-                )
-                return
-        if is_local:
-            if a.incarnation < node.incarnation:
-                return
-            if (
-                a.incarnation == node.incarnation
-                and a.meta == node.meta
-                and (a.addr, a.port) == node.address
-                and a.vsn == node.vsn
-            ):
-                return
-            self._refute(node, a.incarnation)
-            return
-        if a.incarnation <= node.incarnation and not updates_node:
-            return
-        suspicion = self._suspicions.pop(a.node, None)
-        if suspicion is not None:
-            suspicion.cancel()
-        old_state = node.state
-        old_meta = node.meta
-        old_addr = node.address
-        self._queue_broadcast(a.node, a)
-        node.incarnation = a.incarnation
-        node.set_meta(a.meta)
-        node.addr, node.port = a.addr, a.port
-        node.vsn = a.vsn
-        if old_state != ALIVE:
-            self._set_state(node, ALIVE)
-        if old_state == LEFT:
-            self._emit(EventKind.JOIN, node, old_state)
-        elif old_state in (DEAD, SUSPECT):
-            self._emit(EventKind.ALIVE_AGAIN, node, old_state)
-        elif old_meta != node.meta or old_addr != node.address:
-            self._emit(EventKind.UPDATE, node, old_state)
-
-    def _on_suspect(self, s: Suspect, source: Address | None = None) -> None:
-        node = self._nodes.get(s.node)
-        if node is None:
-            return
-        if s.incarnation < node.incarnation:
-            if node is self._local and source is not None:
-                self._answer_stale_accusation(source, again=False)
-            return
-        suspicion = self._suspicions.get(s.node)
-        if suspicion is not None:
-            if suspicion.confirm(s.sender):
-                self._stats["suspicion_confirmations"] += 1
-                self._queue_broadcast(s.node, s)
-            return
-        if node.state != ALIVE:
-            return
-        if s.node == self._name:
-            self._refute(node, s.incarnation)
-            return
-        self._queue_broadcast(s.node, s)
-        node.incarnation = s.incarnation
-        self._set_state(node, SUSPECT)
-        self._stats["suspicions"] += 1
-        n = self._num_live
-        k = timing.suspicion_confirmations(self.config.suspicion_mult, n)
-        low, high = self.config.suspicion_timeouts(n)
-        self._arm_suspicion(node, s.sender, k, low, high)
-        self._emit(EventKind.SUSPECT, node, ALIVE)
-
-    def _arm_suspicion(self, node: _Node, sender: str, k: int, low: float, high: float) -> None:
-        change = node.state_change
-        name = node.name
-
-        def on_timeout(confirmations: int) -> None:
-            if self._suspicions.get(name) is suspicion:
-                del self._suspicions[name]
-            current = self._nodes.get(name)
-            if current is not None and current.state == SUSPECT and current.state_change == change:
-                self._spawn(self._last_chance(name, change), "last-chance probe")
-
-        suspicion = Suspicion(sender, k, low, high, on_timeout)
-        old = self._suspicions.pop(name, None)
-        if old is not None:
-            old.cancel()
-        self._suspicions[name] = suspicion
-
-    def _on_dead(self, d: Dead, source: Address | None = None) -> None:
-        node = self._nodes.get(d.node)
-        if node is None:
-            return
-        if d.incarnation < node.incarnation:
-            if node is self._local and source is not None and not self._leaving:
-                self._answer_stale_accusation(source, again=True)
-            return
-        suspicion = self._suspicions.pop(d.node, None)
-        if suspicion is not None:
-            suspicion.cancel()
-        left = d.sender == d.node
-        if node.state in _GONE:
-            # shoal: a member we saw die that then turns out to have left is reported left.
-            if node.state == DEAD and left:
-                self._queue_broadcast(d.node, d)
-                node.incarnation = d.incarnation
-                self._set_state(node, LEFT)
-                self._emit(EventKind.LEFT, node, DEAD)
-            return
-        if d.node == self._name:
-            if not self._leaving:
-                self._refute(node, d.incarnation)
-            return
-        self._queue_broadcast(d.node, d)
-        old_state = node.state
-        node.incarnation = d.incarnation
-        self._set_state(node, LEFT if left else DEAD)
-        self._emit(EventKind.LEFT if left else EventKind.DEAD, node, old_state)
-
-    def _answer_stale_accusation(self, source: Address, *, again: bool) -> None:
-        """shoal addition: an accusation older than our incarnation means its sender missed our
-        refutation. Tell it directly (and, for a death, re-gossip our alive message: whoever
-        believed the death missed the refutation too)."""
-        local = self._require_local()
-        self._stats["stale_accusations_answered"] += 1
-        alive = Alive(local.incarnation, local.name, local.addr, local.port, local.meta, local.vsn)
-        self._send(source, [wire.encode_message(alive)])
-        if again:
-            self._broadcast_alive(local)
-
-    def _refute(self, local: _Node, accused: int) -> None:
-        """We were suspected or declared dead: outbid the accusation with a higher incarnation."""
-        inc = local.incarnation + 1
-        if accused >= inc:
-            inc = accused + 1
-        local.incarnation = inc
-        self._awareness.apply_delta(1)
-        self._stats["refutes"] += 1
-        self._broadcast_alive(local)
-
-    def _merge(self, records: tuple[NodeRecord, ...]) -> None:
-        """Fold a remote full state into ours (memberlist mergeState): remote dead is only a
-        suspicion here, so a wrongly-dead member still gets its chance to refute."""
-        for r in records:
-            if r.state == ALIVE:
-                self._on_alive(Alive(r.incarnation, r.name, r.addr, r.port, r.meta, r.vsn))
-            elif r.state == LEFT:
-                self._on_dead(Dead(r.incarnation, r.name, r.name))
-            else:
-                self._on_suspect(Suspect(r.incarnation, r.name, self._name))
-
     # =========================================================================== probing
-    def _insert_probe_target(self, name: str) -> None:
-        index = self._rng.randint(0, len(self._probe_list))
-        self._probe_list.insert(index, name)
-        if index < self._probe_index:
-            self._probe_index += 1
-
-    def _reset_probe_list(self) -> None:
-        """Start a new round: forget members gone for longer than dead_retention, reshuffle."""
-        now = self._require_loop().time()
-        retention = self.config.dead_retention
-        for node in list(self._nodes.values()):
-            expired = node.state in _GONE and now - node.state_change > retention
-            if expired and node is not self._local:
-                del self._nodes[node.name]
-                self._stats["reaped"] += 1
-                self._emit(EventKind.REAPED, node, node.state)
-        self._probe_list = [name for name in self._nodes if name != self._name]
-        self._rng.shuffle(self._probe_list)
-        self._probe_index = 0
-
-    def _next_probe_target(self) -> _Node | None:
-        for _ in range(len(self._probe_list) + 2):
-            if self._probe_index >= len(self._probe_list):
-                self._reset_probe_list()
-                if not self._probe_list:
-                    return None
-            name = self._probe_list[self._probe_index]
-            self._probe_index += 1
-            node = self._nodes.get(name)
-            if node is not None and node.state not in _GONE and name != self._name:
-                return node
-        return None
-
     async def _probe_loop(self) -> None:
         loop = self._require_loop()
         await asyncio.sleep(self._rng.uniform(0, self.config.probe_interval))
@@ -981,7 +528,7 @@ class Memberlist:
             await asyncio.sleep(0)
         return -1.0 if future.done() else max(0.0, loop.time() - deadline)
 
-    async def _probe_round(self, node: _Node, period: float, timeout: float) -> _ProbeResult:
+    async def _probe_round(self, node: NodeEntry, period: float, timeout: float) -> ProbeResult:
         """One SWIM probe of ``node``: ping, then ping-req through indirect_checks members.
 
         A suspect is pinged together with the suspicion (Lifeguard's buddy system) so that it
@@ -990,7 +537,7 @@ class Memberlist:
         loop = self._require_loop()
         seq = self._next_seq()
         future: asyncio.Future[None] = loop.create_future()
-        waiter = _AckWaiter(future=future)
+        waiter = AckWaiter(future=future)
         self._acks[seq] = waiter
         try:
             msgs = [wire.encode_message(Ping(seq, node.name))]
@@ -1002,7 +549,7 @@ class Memberlist:
             late = await self._wait_ack(future, timeout)
             if late < 0:
                 self._probe_rtts.append(loop.time() - sent)
-                return _ProbeResult(True, 0, 0, 0.0)
+                return ProbeResult(True, 0, 0, 0.0)
             relays = self._random_nodes(
                 self.config.indirect_checks, lambda n: n.state == ALIVE and n.name != node.name
             )
@@ -1015,12 +562,12 @@ class Memberlist:
             late_indirect = await self._wait_ack(future, window)
             if late_indirect < 0:
                 self._stats["probes_indirect_ok"] += 1
-                return _ProbeResult(True, len(relays), waiter.nacks, 0.0)
-            return _ProbeResult(False, len(relays), waiter.nacks, max(late, late_indirect))
+                return ProbeResult(True, len(relays), waiter.nacks, 0.0)
+            return ProbeResult(False, len(relays), waiter.nacks, max(late, late_indirect))
         finally:
             self._acks.pop(seq, None)
 
-    async def _probe(self, node: _Node, period: float) -> None:
+    async def _probe(self, node: NodeEntry, period: float) -> None:
         """A periodic probe: on failure suspect ``node``; always update our health score."""
         timeout = self._awareness.scale(self.config.probe_timeout)
         incarnation = node.incarnation
@@ -1040,7 +587,7 @@ class Memberlist:
                 return
             self._stats["probes_failed"] += 1
             current = self._nodes.get(node.name)
-            if current is not None and current.state not in _GONE:
+            if current is not None and current.state not in GONE:
                 self._on_suspect(Suspect(incarnation, node.name, self._name))
         finally:
             self._awareness.apply_delta(delta)
@@ -1072,12 +619,12 @@ class Memberlist:
         self._on_dead(Dead(node.incarnation, name, self._name))
 
     # =========================================================================== gossip
-    def _gossip_targets(self) -> list[_Node]:
+    def _gossip_targets(self) -> list[NodeEntry]:
         now = self._require_loop().time()
         to_the_dead = self.config.gossip_to_the_dead_time
 
-        def eligible(n: _Node) -> bool:
-            if n.state in _GONE:
+        def eligible(n: NodeEntry) -> bool:
+            if n.state in GONE:
                 return now - n.state_change <= to_the_dead
             return True
 

@@ -31,7 +31,8 @@ from typing import Any
 from .config import CONFIG_FIELDS, Config
 from .errors import ConfigError, GossipError, JoinError
 from .events import MemberEvent
-from .memberlist import Memberlist, parse_address
+from .memberlist import Memberlist
+from .nodes import parse_address
 
 
 def _print(obj: dict[str, Any]) -> None:

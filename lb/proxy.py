@@ -30,10 +30,13 @@ import fcntl
 import os
 import socket
 import struct
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar, cast
 
 from .config import Config
 from .table import EndpointState, ServiceTable
+
+T = TypeVar("T")
 
 _UDP_BATCH = 64  # datagrams read per readiness callback before yielding to the loop
 
@@ -58,6 +61,33 @@ def _sock_opts(transport: asyncio.BaseTransport, sndbuf: int, rcvbuf: int) -> No
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+
+async def connect_any(table: ServiceTable, cfg: Config, loop: asyncio.AbstractEventLoop,
+                      dial: Callable[[EndpointState], Awaitable[T]]
+                      ) -> tuple[EndpointState, T] | None:
+    """Connect a client's backend: up to ``cfg.connect_attempts`` endpoints (0 = each eligible
+    one once) in ``table.pick`` order, each ``dial`` within ``cfg.connect_timeout``; a failed
+    one (OSError, timeout) is counted, backed off for ``cfg.fail_backoff`` and the next one
+    tried. (endpoint, what ``dial`` returned), or None when every try failed (counted in
+    ``table.failed``)."""
+    attempts = cfg.connect_attempts or max(1, len(table.eligible))
+    tried: list[EndpointState] = []
+    for _ in range(attempts):
+        ep = table.pick(loop.time(), tried)
+        if ep is None:
+            break
+        tried.append(ep)
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                return ep, await dial(ep)
+        except (OSError, TimeoutError):
+            ep.failed += 1
+            if cfg.fail_backoff:
+                ep.down_until = loop.time() + cfg.fail_backoff
+            table.retries += 1
+    table.failed += 1
+    return None
 
 
 class TcpClient(asyncio.Protocol):
@@ -100,34 +130,24 @@ class TcpClient(asyncio.Protocol):
         self.task = self.worker.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        worker, table, cfg = self.worker, self.table, self.worker.cfg
-        loop = worker.loop
-        attempts = cfg.connect_attempts or max(1, len(table.eligible))
-        tried: list[EndpointState] = []
-        for _ in range(attempts):
-            ep = table.pick(loop.time(), tried)
-            if ep is None:
-                break
-            tried.append(ep)
+        cfg, loop = self.worker.cfg, self.worker.loop
+
+        async def dial(ep: EndpointState) -> tuple[TcpBackend, asyncio.BaseTransport]:
             backend = TcpBackend(self)
-            try:
-                async with asyncio.timeout(cfg.connect_timeout):
-                    if cfg.sndbuf or cfg.rcvbuf:
-                        transport, _ = await self._connect_tuned(ep, backend)
-                    else:
-                        transport, _ = await loop.create_connection(
-                            lambda b=backend: b, ep.addr, ep.port)  # type: ignore[misc]
-            except (OSError, TimeoutError):
-                ep.failed += 1
-                if cfg.fail_backoff:
-                    ep.down_until = loop.time() + cfg.fail_backoff
-                table.retries += 1
-                continue
-            self._attach(ep, backend, cast(asyncio.Transport, transport))
+            if cfg.sndbuf or cfg.rcvbuf:
+                transport, _ = await self._connect_tuned(ep, backend)
+            else:
+                transport, _ = await loop.create_connection(
+                    lambda b=backend: b, ep.addr, ep.port)  # type: ignore[misc]
+            return backend, transport
+
+        got = await connect_any(self.table, cfg, loop, dial)
+        if got is None:
+            if self.transport is not None:
+                self.transport.abort()  # every try failed: the client sees a reset
             return
-        table.failed += 1
-        if self.transport is not None:
-            self.transport.abort()  # every try failed: the client sees a reset
+        ep, (backend, transport) = got
+        self._attach(ep, backend, cast(asyncio.Transport, transport))
 
     async def _connect_tuned(self, ep: EndpointState, backend: TcpBackend
                              ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
@@ -539,37 +559,25 @@ class SpliceConn:
         self.task: asyncio.Task[None] | None = worker.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        worker, table, cfg = self.worker, self.table, self.worker.cfg
-        loop = worker.loop
-        attempts = cfg.connect_attempts or max(1, len(table.eligible))
-        tried: list[EndpointState] = []
-        for _ in range(attempts):
-            ep = table.pick(loop.time(), tried)
-            if ep is None:
-                break
-            tried.append(ep)
+        loop = self.worker.loop
+
+        async def dial(ep: EndpointState) -> socket.socket:
             family = socket.AF_INET6 if ":" in ep.addr else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
             try:
-                async with asyncio.timeout(cfg.connect_timeout):
-                    await loop.sock_connect(sock, (ep.addr, ep.port))
-            except (OSError, TimeoutError):
-                sock.close()
-                ep.failed += 1
-                if cfg.fail_backoff:
-                    ep.down_until = loop.time() + cfg.fail_backoff
-                table.retries += 1
-                continue
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (ep.addr, ep.port))
             except BaseException:
                 sock.close()
                 raise
-            self.task = None
-            self._attach(ep, sock)
-            return
+            return sock
+
+        got = await connect_any(self.table, self.worker.cfg, loop, dial)
         self.task = None
-        table.failed += 1
-        self._close(abort=True)
+        if got is None:
+            self._close(abort=True)
+            return
+        self._attach(*got)
 
     def _attach(self, ep: EndpointState, sock: socket.socket) -> None:
         if self.closed:

@@ -61,12 +61,13 @@ from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.leader import LeaderLoop
-from shoal.node.membership import GossipControl, Membership, derive_gossip_key
+from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.mqtt import MqttSupervisor
 from shoal.node.netapi import NetworksApi
 from shoal.node.registries import Registries
+from shoal.node.sealing import derive_gossip_key
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
@@ -266,6 +267,7 @@ class Agent:
             peers=identity.voters,
             data_dir=self.data_dir / "raft",
             password=identity.raft_password,
+            extra_passwords=tuple(identity.raft_extra_passwords),
             config=self.config.raft,
             bind_addr=f"{self.config.bind_addr}:{self.config.raft_port}",
         )
@@ -345,6 +347,8 @@ class Agent:
 
     # ------------------------------------------------------------------ gossip
     def _make_membership(self, identity: NodeIdentity) -> Membership:
+        # (identities older than the gossip key derive it from the Raft secret; a Raft
+        # secret rotation pins it first, shoal.node.keys)
         key = getattr(identity, "gossip_key", b"") or derive_gossip_key(identity.raft_password)
         preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
             GossipConfig.lan()

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from shoal.node import openapi, transfer, volapi
+from shoal.node import crud, openapi, transfer, volapi
 from shoal.node.config import AgentConfig
 from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
@@ -464,7 +464,7 @@ class ApiServer:
                                  "tail") from None
             follow = q.get("follow") == "1"
             records = svcs.logs(req.match_info["ref"], tail, since,
-                                q.get("timestamps") == "1", follow)
+                                q.get("timestamps") == "1", follow, q.get("container", ""))
             return await stream_ndjson(req, records)
 
         async def images(_: web.Request) -> Any:
@@ -654,22 +654,7 @@ class ApiServer:
 
     def _network_handlers(self) -> dict[str, Handler]:
         """/v1/networks: create, ls, inspect, rm (shoal.node.netapi)."""
-        nets = self.c.networks
-
-        async def ls(_: web.Request) -> Any:
-            return nets.ls()
-
-        async def create(req: web.Request) -> Any:
-            return await nets.create(await _body(req))
-
-        async def inspect(req: web.Request) -> Any:
-            return nets.inspect(req.match_info["ref"])
-
-        async def rm(req: web.Request) -> Any:
-            return await nets.remove(req.match_info["ref"])
-
-        return {"network_ls": ls, "network_create": create, "network_inspect": inspect,
-                "network_rm": rm}
+        return crud.handlers("network", self.c.networks, _body)
 
     def _secret_handlers(self) -> dict[str, Handler]:
         """/v1/secrets and /v1/configs: create, ls, inspect (never a secret's value), rm."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from shoal.node.events import EventsConfig
 from shoal.node.feed import FeedConfig
 from shoal.node.limits import LimitsConfig
-from shoal.node.mqtt import MqttConfig
+from shoal.node.mqttconfig import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
 from shoal.raft.store import RaftConfig
@@ -101,7 +101,7 @@ class AgentConfig:
     # image garbage collection: disk thresholds, max age (shoal.runtime.images.ImageGCConfig;
     # --image-gc-*); defaults: 85% high, 80% low, no max age, a pass every 300 s
     image_gc: ImageGCConfig = field(default_factory=ImageGCConfig)
-    # the optional MQTT bridge (shoal.node.mqtt; --mqtt-*); url "" = off
+    # the optional MQTT bridge (shoal.node.mqttconfig; --mqtt-*); url "" = off
     mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     @property
@@ -184,6 +184,10 @@ class NodeIdentity:
     # Autolock (shoal.node.keys): raft_password and manager_key sealed under the unlock key;
     # when set, the file holds those two empty and only this. "" = not locked at rest.
     key_wrap: str = ""
+    # Managers: other Raft secrets this node accepts (decrypt only) while a Raft secret
+    # rotation is in progress (`swarm rotate-key`, shoal.node.keys); raft_password is the
+    # one it sends with. [] outside a rotation. Wrapped with the others under autolock.
+    raft_extra_passwords: list[str] = field(default_factory=list)
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -201,7 +205,8 @@ class NodeIdentity:
                    manager_key=bytes.fromhex(d.get("manager_key", "")),
                    gossip_extra_keys=[bytes.fromhex(k) for k in d.get("gossip_extra_keys", [])],
                    managers=[str(m) for m in d.get("managers", [])],
-                   key_wrap=str(d.get("key_wrap", "")))
+                   key_wrap=str(d.get("key_wrap", "")),
+                   raft_extra_passwords=[str(p) for p in d.get("raft_extra_passwords", [])])
 
     def save(self, data_dir: Path) -> None:
         p = self.path(data_dir)
@@ -212,7 +217,7 @@ class NodeIdentity:
             data.update(gossip_key=self.gossip_key.hex(), manager_key=self.manager_key.hex(),
                         gossip_extra_keys=[k.hex() for k in self.gossip_extra_keys])
             if self.key_wrap:  # autolock: the clear keys live in memory only
-                data.update(raft_password="", manager_key="")
+                data.update(raft_password="", manager_key="", raft_extra_passwords=[])
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())

@@ -28,6 +28,8 @@ The tree (HTTP status where the API answers with it)::
     ├── TaskInputError       409 what a task needs besides its spec (a secret, a config, its
     │   │                        image from a peer) does not exist: the task is rejected
     │   └── TaskInputUnavailable 503 ... cannot be had yet (no manager/peer reachable): retried
+    ├── InitFailed           409 a pod's init container exited non-zero or could not start
+    │                            (node/pod.py): the task FAILED (never reaches the API)
     ├── FeedError            503 a manager's reply is not a well-formed feed message
     ├── NetworkError         503 the task network could not be set up (netlink, setns, no
     │   │                        free address); the lower-level error is chained
@@ -185,6 +187,11 @@ class TaskInputUnavailable(TaskInputError):
     """What a task needs cannot be had yet (no manager or peer reachable): retry later."""
 
 
+class InitFailed(NodeError):
+    """A pod's init container exited non-zero or could not start (node/pod.py): the task
+    fails, and its restart policy applies."""
+
+
 class FeedError(NodeError):
     """A manager's reply that is not a well-formed feed message."""
 
@@ -253,6 +260,7 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     PeerError: (503, "unavailable"),  # the instance's own status wins, see http_error
     TaskInputError: (409, "task_input"),
     TaskInputUnavailable: (503, "unavailable"),
+    InitFailed: (409, "init_failed"),
     FeedError: (503, "unavailable"),
     NetworkError: (503, "network"),
     MeshError: (503, "network"),

@@ -37,6 +37,14 @@ Owns (one ``KeyManager`` per agent, made by its Security):
   it over mTLS from a manager that has it, so a removed or demoted manager cannot read what
   is sealed from then on.
 
+* **the Raft secret** (``swarm rotate-key``; shoal.raft.raftkeys has the phases): the secret
+  that seals Raft traffic between managers, replaced without downtime. The manager that
+  starts it makes a new secret and accepts it at once; every manager fetches it over mTLS
+  (``/v1/cluster/keys``: current managers only) and accepts it (phase ``accept``), then
+  sends with it (``switch``), then drops the old one (done). A removed or demoted manager
+  gets no new secret, so it can no longer read the log. A manager down during the whole
+  rotation meets messages its secrets do not open and fetches the current one the same way.
+
 Must not touch: Raft internals, the runtime, membership decisions; it proposes commands
 (``cluster_autolock``, ``ca_rotate_*`` in shoal.raft.state) and calls managers through
 Security.
@@ -67,6 +75,7 @@ from shoal.node.sealing import (
     AAD_CA_KEY,
     AAD_NEXT_CA_KEY,
     AAD_UNLOCK_KEY,
+    derive_gossip_key,
     key_id,
     new_key,
     new_unlock_key,
@@ -81,6 +90,7 @@ from shoal.node.sealing import (
     wrap_keys,
 )
 from shoal.raft.models import Node, NodeRole, NodeState
+from shoal.raft.raftkeys import secret_id
 from shoal.raft.state import Snapshot
 
 
@@ -122,6 +132,8 @@ class KeyManager:
         self.rewraps = 0  # times this node re-wrapped its keys (tests, info)
         self._rotating = False  # this node is rotating the managers' key
         self._opens: tuple[bytes, bytes] = (b"", b"")  # (managers' key, ca_key) known to open
+        self._raft_fetched = 0.0  # monotonic time of the last fetch of the Raft secret
+        self._unready_since: float | None = None  # since when this manager's Raft lags
 
     # ================================================================== locked state
     @staticmethod
@@ -169,6 +181,7 @@ class KeyManager:
                 from None
         if ident.role == NodeRole.MANAGER:  # (demoted while locked: the keys are dropped)
             ident.raft_password, ident.manager_key = keys["raft_password"], manager_key
+            ident.raft_extra_passwords = [k for k in keys.get("raft_extra", "").split() if k]
         self._wrapped_with = key.strip()
         start, self.locked, self._start = self._start, None, None
         start(ident)
@@ -334,6 +347,144 @@ class KeyManager:
         raise Unavailable("the managers' key was rotated and no manager gave this node the "
                           "new one yet: " + "; ".join(why))
 
+    # ================================================================== the Raft secret
+    async def rotate_raft_secret(self) -> dict[str, Any]:
+        """`swarm rotate-key` (with the managers' key, or `--raft-only`): a new Raft secret.
+        This manager accepts it at once; the leader moves every manager through the phases
+        (``_raft_step``, ``_raft_drive``)."""
+        store = self.ctx.require_manager()
+        ident = self.ctx.identity
+        assert ident is not None
+        if store.snapshot().cluster.raft_phase == "switch":
+            raise Conflict("a Raft secret rotation is switching managers over: wait for it to "
+                           "finish", "raft_phase", code="conflict")
+        new = pysecrets.token_urlsafe(32)
+        await asyncio.to_thread(self._set_raft_secrets, ident, ident.raft_password,
+                                [new, *ident.raft_extra_passwords])
+        reply = await self.ctx.propose({"op": "raft_rotate_start", "key_id": secret_id(new)})
+        log.info("Raft secret rotation started: new secret %s", secret_id(new))
+        return {"key_id": secret_id(new), "phase": str(reply.get("phase", "accept"))}
+
+    @staticmethod
+    def raft_rotation_view(snap: Snapshot) -> dict[str, Any]:
+        c = snap.cluster
+        managers = [n for n in snap.nodes.values() if n.role is NodeRole.MANAGER
+                    and n.state is not NodeState.DOWN]
+        return {"key_id": c.raft_key_id, "next_key_id": c.raft_next_key_id,
+                "phase": c.raft_phase, "managers": len(managers),
+                "accepting": sum(1 for n in managers if c.raft_acks.get(n.id, 0) >= 1),
+                "switched": sum(1 for n in managers if c.raft_acks.get(n.id, 0) >= 2)}
+
+    def _set_raft_secrets(self, ident: NodeIdentity, primary: str, extra: list[str]) -> None:
+        """Send with ``primary``, accept ``extra`` too; in memory (the Raft transport) and
+        at rest (node.json, wrapped under autolock)."""
+        if not ident.gossip_key:  # an old identity derives its gossip key from the secret
+            ident.gossip_key = derive_gossip_key(ident.raft_password)
+        ident.raft_password = primary
+        ident.raft_extra_passwords = [e for e in dict.fromkeys(extra) if e and e != primary]
+        raft = self.ctx.raft
+        if raft is not None and raft.encryptor is not None:
+            raft.encryptor.set_secrets(primary, ident.raft_extra_passwords)
+        if ident.key_wrap:
+            self._wrap(ident, self._wrapped_with)
+        else:
+            ident.save(self.ctx.data_dir)
+
+    async def _fetch_raft_secret(self, snap: Snapshot, want: str | None) -> str:
+        """A Raft secret from another manager over mTLS: the one with id ``want``, or (None)
+        the one it sends with."""
+        ident = self.ctx.identity
+        assert ident is not None
+        why = []
+        for m in sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER
+                         and n.id != ident.node_id), key=lambda n: n.id):
+            try:
+                reply = await self.security.call(m.api_addr, "/v1/cluster/keys", {},
+                                                 timeout=5.0)
+            except ApiError as exc:
+                why.append(f"{m.hostname}: {exc.message}")
+                continue
+            held = [str(p) for p in reply.get("raft_passwords") or [reply["raft_password"]]]
+            for secret in held:
+                if secret and (want is None or secret_id(secret) == want):
+                    return secret
+            why.append(f"{m.hostname}: does not hold it")
+        raise Unavailable("cannot fetch the Raft secret " + (want or "in use") + " from "
+                          "another manager: " + ("; ".join(why) or "no other manager"))
+
+    async def _raft_step(self, ident: NodeIdentity, snap: Snapshot) -> None:
+        """Follow the cluster's Raft secret rotation (a manager's part), then drive it
+        (the leader's)."""
+        c = snap.cluster
+        ring = [ident.raft_password, *ident.raft_extra_passwords]
+        held = {secret_id(p): p for p in ring}
+        if c.raft_phase:
+            nxt = held.get(c.raft_next_key_id) or await self._fetch_raft_secret(
+                snap, c.raft_next_key_id)
+            done = c.raft_acks.get(ident.node_id, 0)
+            if c.raft_phase == "accept" and nxt not in ring:
+                await asyncio.to_thread(self._set_raft_secrets, ident, ident.raft_password,
+                                        [nxt, *ident.raft_extra_passwords])
+                log.info("Raft secret rotation: accepting the new secret %s", secret_id(nxt))
+            elif c.raft_phase == "switch" and ident.raft_password != nxt:
+                await asyncio.to_thread(self._set_raft_secrets, ident, nxt, ring)
+                log.info("Raft secret rotation: sending with the new secret %s",
+                         secret_id(nxt))
+            stage = 1 if c.raft_phase == "accept" else 2
+            if done < stage:
+                await self.ctx.propose({"op": "raft_rotate_ack", "node_id": ident.node_id,
+                                        "stage": stage, "key_id": c.raft_next_key_id})
+        elif c.raft_key_id and secret_id(ident.raft_password) != c.raft_key_id:
+            current = held.get(c.raft_key_id) or await self._fetch_raft_secret(
+                snap, c.raft_key_id)
+            await asyncio.to_thread(self._set_raft_secrets, ident, current, [])
+            log.info("Raft secret: now %s (a rotation finished meanwhile)", c.raft_key_id)
+        elif ident.raft_extra_passwords and c.raft_key_id:
+            await asyncio.to_thread(self._set_raft_secrets, ident, ident.raft_password, [])
+            log.info("Raft secret rotation finished: the old secret is dropped")
+        raft = self.ctx.raft
+        if c.raft_phase and raft is not None and raft.is_leader():
+            await self._raft_drive(snap)
+
+    async def _raft_drive(self, snap: Snapshot) -> None:
+        c = snap.cluster
+        view = self.raft_rotation_view(snap)
+        if c.raft_phase == "accept" and view["accepting"] == view["managers"]:
+            await self.ctx.propose({"op": "raft_rotate_phase", "phase": "switch",
+                                    "key_id": c.raft_next_key_id})
+            log.info("Raft secret rotation: every manager accepts the new secret; switching")
+        elif c.raft_phase == "switch" and view["switched"] == view["managers"]:
+            await self.ctx.propose({"op": "raft_rotate_finish", "key_id": c.raft_next_key_id})
+            log.info("Raft secret rotation finished: secret %s", c.raft_next_key_id)
+
+    async def _recover_raft_secret(self, ident: NodeIdentity, snap: Snapshot) -> None:
+        """A manager that missed a rotation (down meanwhile) cannot open its peers'
+        messages, nor they its own (whichever side connects): when it meets a message no
+        secret of its opens, or its Raft has not caught up for 5 s, it fetches the secret
+        the other managers send with over mTLS (at most every 2 s)."""
+        raft = self.ctx.raft
+        enc = raft.encryptor if raft is not None else None
+        now = time.monotonic()
+        if raft is None or enc is None or raft.is_ready():
+            self._unready_since = None
+        elif self._unready_since is None:
+            self._unready_since = now
+        stuck = self._unready_since is not None and now - self._unready_since > 5.0
+        if enc is None or not (stuck or now - enc.last_unknown < 5.0) or \
+                now - self._raft_fetched < 2.0:
+            return
+        self._raft_fetched = now
+        try:
+            secret = await self._fetch_raft_secret(snap, None)
+        except Unavailable as exc:  # (cut off, or peers down: an ordinary lagging replica)
+            log.debug("Raft secret check: %s", exc.message)
+            return
+        if secret != ident.raft_password and secret not in ident.raft_extra_passwords:
+            await asyncio.to_thread(self._set_raft_secrets, ident, secret,
+                                    [ident.raft_password, *ident.raft_extra_passwords])
+            log.warning("Raft: peers send with a secret this manager did not hold (a "
+                        "rotation while it was down): fetched it (%s)", secret_id(secret))
+
     # ================================================================== routes
     def local_handlers(self, body: Callable[[web.Request], Awaitable[dict[str, Any]]]
                        ) -> dict[str, Handler]:
@@ -354,9 +505,15 @@ class KeyManager:
         async def rotate_key(_: web.Request) -> Any:
             return await self.rotate_managers_key()
 
+        async def rotate_raft(req: web.Request) -> Any:
+            if req.method == "POST":
+                return await self.rotate_raft_secret()
+            return self.raft_rotation_view(self.ctx.require_manager().snapshot())
+
         return {"swarm_update": update, "swarm_unlock": unlock, "swarm_unlock_key": unlock_key,
                 "swarm_unlock_key_rotate": unlock_key, "ca_rotate": rotate,
-                "swarm_rotate_key": rotate_key}
+                "swarm_rotate_key": rotate_key, "swarm_rotate_raft_key": rotate_raft,
+                "swarm_raft_key": rotate_raft}
 
     def peer_handlers(self, body: Callable[[web.Request], Awaitable[dict[str, Any]]],
                       peer_of: Callable[[web.Request], pki.CertInfo | None]
@@ -382,9 +539,15 @@ class KeyManager:
 
     async def _pass(self) -> None:
         ident, store = self.ctx.identity, self.ctx.store
-        if ident is None or store is None or self.locked is not None or not store.is_ready():
+        if ident is None or store is None or self.locked is not None:
+            return
+        if ident.role == NodeRole.MANAGER and ident.raft_password:
+            await self._recover_raft_secret(ident, store.snapshot())
+        if not store.is_ready():
             return
         snap = store.snapshot()
+        if ident.role == NodeRole.MANAGER and ident.raft_password:
+            await self._raft_step(ident, snap)
         if ident.role == NodeRole.MANAGER and ident.manager_key:
             await self._follow_managers_key(ident, snap)
             want = self._unlock_key_of(snap)
@@ -403,7 +566,7 @@ class KeyManager:
             pw = (files.password or pysecrets.token_hex(32).encode()).decode()
             ident.key_wrap = wrap_keys(key, ident.node_id, {
                 "raft_password": ident.raft_password, "manager_key": ident.manager_key.hex(),
-                "tls_password": pw})
+                "tls_password": pw, "raft_extra": "\n".join(ident.raft_extra_passwords)})
             ident.save(self.ctx.data_dir)
             if files.password is None:
                 files.repassword(pw.encode())

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import secrets
 import threading
@@ -148,11 +147,6 @@ class GossipThread:
         if self.running:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(SYNC_TIMEOUT)
-
-
-def derive_gossip_key(raft_password: str) -> bytes:
-    """A 32-byte gossip key for identities written before keys were delivered on join."""
-    return hashlib.sha256(b"shoal gossip key\0" + raft_password.encode()).digest()
 
 
 class Membership:

@@ -13,10 +13,9 @@ state machine's refusals arrive translated by ``NodeContext.propose``.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from shoal.node.context import NodeContext, new_id
+from shoal.node.crud import ObjectsApi
 from shoal.node.errors import BadRequest, NotFound
 from shoal.raft.models import Network
 from shoal.raft.state import Snapshot
@@ -53,13 +52,7 @@ _FIELDS = {"name": str, "driver": str, "subnet": str, "gateway": str, "internal"
            "attachable": bool, "labels": dict}
 
 
-class NetworksApi:
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-
-    def _snap(self) -> Snapshot:
-        return self.ctx.require_manager().snapshot()
-
+class NetworksApi(ObjectsApi):
     def ls(self) -> list[dict[str, Any]]:
         snap = self._snap()
         return [network_view(n, snap) for n in sorted(snap.networks.values(),
@@ -70,19 +63,7 @@ class NetworksApi:
         return network_view(find_network(snap, ref), snap)
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.ctx.require_manager()
-        cmd: dict[str, Any] = {"op": "network_create", "id": new_id(), "now": time.time()}
-        for key, tp in _FIELDS.items():
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, tp) or (isinstance(value, dict) and not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-                what = "map of strings" if tp is dict else tp.__name__
-                raise BadRequest(f"{key} must be a {what}", key)
-            cmd[key] = value
-        if "name" not in cmd:
-            raise BadRequest("name is required", "name")
+        cmd = self._create_command("network_create", body, _FIELDS)
         res = await self.ctx.propose(cmd)
         return {"id": cmd["id"], "name": cmd["name"], "subnet": res.get("subnet", ""),
                 "vni": res.get("vni", 0)}

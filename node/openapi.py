@@ -379,7 +379,11 @@ REPLIES: dict[str, Schema] = {
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
                     health=_list(_obj("a running task with a health check (inspect only)",
                                       task=STR, name=STR, health=STR, failing_streak=INT,
-                                      log=_list({"type": "object"})))),
+                                      log=_list({"type": "object"}))),
+                    containers=_list(_obj("a running pod's sidecars and init containers "
+                                          "(inspect only; items as Task.containers)",
+                                          task=STR, name=STR,
+                                          containers=_list({"type": "object"})))),
     "ServiceRef": _obj("the service a command acted on", id=STR, name=STR, version=INT,
                        replicas=INT, removed=BOOL, image=STR, warnings=_list(STR)),
     "Usage": _obj("live resource use read from the task's cgroups", memory_bytes=INT,
@@ -393,7 +397,14 @@ REPLIES: dict[str, Schema] = {
                  health_log=_list(_obj("one health probe, oldest first (the last 5)",
                                        start=TIME, end=TIME, exit_code=INT, output=STR)),
                  usage=_nullable(_ref("Usage")), service_version=INT, created_at=TIME,
-                 updated_at=TIME, state_since=TIME),
+                 updated_at=TIME, state_since=TIME,
+                 containers=_list(_obj(
+                     "a pod's sidecar or init container (node/pod.py); the main container "
+                     "is the task itself", name=STR, kind={"enum": ["sidecar", "init"]},
+                     state={"enum": ["waiting", "running", "exited"]}, pid=_nullable(INT),
+                     exit_code=_nullable(INT), restarts=INT,
+                     health={"enum": ["", "starting", "healthy", "unhealthy"]},
+                     message=STR))),
     "LogRecord": _obj("one log line (a JSON line of application/x-ndjson)",
                       ts=_nullable(NUM), stream={"enum": ["stdout", "stderr"]}, line=STR,
                       task=STR),
@@ -517,6 +528,9 @@ _LOG_QUERY = (
           "only lines after this Unix time (seconds)"),
     Param("timestamps", {"enum": ["0", "1"]}, "`1`: each record carries its time (`ts`)"),
     Param("follow", {"enum": ["0", "1"]}, "`1`: keep the stream open and send new lines"),
+    Param("container", {"type": "string", "pattern": "^[a-z0-9-]{0,32}$"},
+          "a pod's container (`task.sidecars`/`task.init_containers` name); absent or "
+          "`main` = the task's own"),
 )
 
 _EVENT_QUERY = (
@@ -572,6 +586,16 @@ ROUTES: tuple[Route, ...] = (
           reply=_obj("", key_id=STR, secrets=INT), errors=CLUSTER,
           description="409 `conflict` if something sealed changed meanwhile (retry); the "
           "other managers fetch the new key over mTLS"),
+    Route("POST", "/v1/swarm/rotate-raft-key", "swarm_rotate_raft_key", "a new Raft secret: "
+          "every manager accepts it, then sends with it, then drops the old one, without "
+          "downtime (`swarm rotate-key`)", "cluster", reply=_obj("", key_id=STR, phase=STR),
+          errors=CLUSTER, description="409 `conflict` while a rotation is switching "
+          "managers over; progress: GET /v1/swarm/rotate-raft-key"),
+    Route("GET", "/v1/swarm/rotate-raft-key", "swarm_raft_key", "progress of the Raft "
+          "secret rotation", "cluster",
+          reply=_obj("", key_id=STR, next_key_id=STR, phase=STR, managers=INT,
+                     accepting=INT, switched=INT), errors=CLUSTER,
+          description="`phase` \"\" when none is in progress; `key_id` the secret in use"),
     Route("POST", "/v1/swarm/unlock-key", "swarm_unlock_key_rotate", "a new unlock key; "
           "every manager re-wraps its keys (`unlock-key --rotate`)", "cluster",
           reply=_obj("", unlock_key=STR, rotated=BOOL), errors=CLUSTER),
@@ -758,11 +782,13 @@ ROUTES: tuple[Route, ...] = (
           auth="none (the token authenticates)"),
     Route("POST", "/v1/cluster/keys", "cluster_keys", "the keys a member needs", "internal",
           "peer", reply=_ref("Object"), errors=(401, 403, 409), auth=MEMBER,
-          description="`raft_password` is empty unless the caller's record is a manager; "
-          "`voter`: whether the answering manager's Raft configuration has the caller's voter "
-          "yet; `managers`: the managers' API addresses; `gossip_keys`: the whole gossip "
-          "keyring, hex, primary first",
-          reply_fields="raft_password, voters, voter, managers, gossip_key, gossip_keys"),
+          description="`raft_password` is empty unless the caller's record is a manager "
+          "(`raft_passwords`: every Raft secret the answering manager accepts, the one it "
+          "sends with first); `voter`: whether the answering manager's Raft configuration "
+          "has the caller's voter yet; `managers`: the managers' API addresses; "
+          "`gossip_keys`: the whole gossip keyring, hex, primary first",
+          reply_fields="raft_password, raft_passwords, voters, voter, managers, gossip_key, "
+          "gossip_keys"),
     Route("POST", "/v1/cluster/manager-keys", "cluster_manager_keys", "the managers' "
           "sealing key", "internal", "peer", reply=_obj("", manager_key=STR),
           errors=(401, 403, 409), auth=MANAGER),

@@ -155,6 +155,28 @@ def unwrap_keys(unlock_key: str, node_id: str, wrapped: str) -> dict[str, str]:
     return data
 
 
-__all__ = ["AAD_CA_KEY", "AAD_NEXT_CA_KEY", "AAD_UNLOCK_KEY", "SealError", "kek", "key_id",
-           "new_key", "new_unlock_key", "parse_unlock_key", "seal", "seal_text", "secret_aad",
-           "token_aad", "unseal", "unseal_text", "unwrap_keys", "wrap_keys"]
+def derive_gossip_key(raft_password: str) -> bytes:
+    """A 32-byte gossip key for identities written before keys were delivered on join."""
+    return hashlib.sha256(b"shoal gossip key\0" + raft_password.encode()).digest()
+
+
+__all__ = [
+    "AAD_CA_KEY",
+    "AAD_NEXT_CA_KEY",
+    "AAD_UNLOCK_KEY",
+    "SealError",
+    "derive_gossip_key",
+    "kek",
+    "key_id",
+    "new_key",
+    "new_unlock_key",
+    "parse_unlock_key",
+    "seal",
+    "seal_text",
+    "secret_aad",
+    "token_aad",
+    "unseal",
+    "unseal_text",
+    "unwrap_keys",
+    "wrap_keys",
+]

@@ -43,7 +43,8 @@ from shoal.node.sealing import key_id, seal, secret_aad, unseal
 from shoal.node.security import Security
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState
-from shoal.raft.state import MAX_FILE_BYTES, Snapshot
+from shoal.raft.secops import MAX_FILE_BYTES
+from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_object_name
 
 log = logging.getLogger("shoal.secrets")

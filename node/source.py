@@ -111,6 +111,12 @@ class ManagerSource(StateSource, Protocol):
 
     def transfer_leadership(self, target: str | None = None) -> None: ...
 
+    @property
+    def encryptor(self) -> Any:
+        """The Raft secret's keyring (shoal.raft.transport.AeadEncryptor; None when Raft
+        traffic is not encrypted): shoal.node.keys rotates it."""
+        ...
+
 
 class MemoryStore:
     """``ClusterState`` applied in-process: one replica that is its own, ready leader.
@@ -126,6 +132,7 @@ class MemoryStore:
         self.state = ClusterState()
         self.leader = True  # tests flip it to act as a follower
         self.ready = True
+        self.encryptor: Any = None  # (no Raft traffic to encrypt)
         self._term = term
         self._voters = {self_addr}
         self._listeners: list[Listener] = []

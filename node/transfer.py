@@ -32,6 +32,7 @@ import aiohttp
 from shoal.node import pki
 from shoal.node.context import NodeContext
 from shoal.node.errors import ApiError, NotFound, Unavailable
+from shoal.node.pod import container_id
 from shoal.node.security import Security
 from shoal.raft.models import Node, NodeState, TaskState
 from shoal.runtime.controller import Controller
@@ -262,11 +263,13 @@ async def local_logs(rt: Controller, task_id: str, tail: int | None, since: floa
 
 
 async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
-                       since: float | None, timestamps: bool, follow: bool
-                       ) -> AsyncIterator[dict[str, Any]]:
+                       since: float | None, timestamps: bool, follow: bool,
+                       container: str = "") -> AsyncIterator[dict[str, Any]]:
     """Logs of every task of service ``service_id`` across the cluster, merged: records
     {task, name, node, ts, stream, line}. Without ``follow`` they are sorted by time; with
-    it, they stream as they arrive (new tasks started meanwhile are picked up)."""
+    it, they stream as they arrive (new tasks started meanwhile are picked up).
+    ``container``: a pod's container (its runtime id: shoal.node.pod.container_id); "" or
+    "main" = the task's own."""
     ctx = transfer.ctx
     me = ctx.node_id
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10000)
@@ -274,12 +277,12 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
     workers: list[asyncio.Task[None]] = []
 
     async def pump(task_id: str, name: str, node: Node | None) -> None:
+        rid = container_id(task_id, container)
         try:
             if node is None or node.id == me:
-                src = local_logs(transfer.runtime, task_id, tail, since, timestamps, follow)
+                src = local_logs(transfer.runtime, rid, tail, since, timestamps, follow)
             else:
-                src = transfer.remote_logs(node, task_id, tail, since, timestamps,
-                                                 follow)
+                src = transfer.remote_logs(node, rid, tail, since, timestamps, follow)
             async for rec in src:
                 await queue.put({"task": task_id, "name": name,
                                  "node": node.hostname if node else "", **rec})

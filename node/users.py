@@ -85,7 +85,7 @@ ADMIN_OPS = frozenset({
     "user_ls", "user_add", "user_update", "user_rm", "user_token",
     # the managers' keys (node/keys.py): autolock, the unlock key, rotations
     "swarm_update", "swarm_unlock", "swarm_unlock_key", "swarm_unlock_key_rotate",
-    "swarm_rotate_key", "ca_rotate",
+    "swarm_rotate_key", "swarm_rotate_raft_key", "ca_rotate",
     # the MQTT bridge's setting and its command key (node/mqtt.py)
     "mqtt_set", "mqtt_unset", "mqtt_command_key"})
 

@@ -125,6 +125,11 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
                           "log": [to_dict(r) for r in t.status.health_log]}
                          for t in sorted(tasks, key=lambda t: (t.slot, t.id))
                          if t.status.state is TaskState.RUNNING and t.status.health]
+        # a pod's containers (node/pod.py) in its running tasks
+        out["containers"] = [{"task": t.id, "name": t.name,
+                              "containers": [to_dict(c) for c in t.status.containers]}
+                             for t in sorted(tasks, key=lambda t: (t.slot, t.id))
+                             if t.status.state is TaskState.RUNNING and t.status.containers]
     return out
 
 
@@ -148,6 +153,7 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "health": str(t.status.health),
         "failing_streak": t.status.failing_streak,
         "health_log": [to_dict(r) for r in t.status.health_log],
+        "containers": [to_dict(c) for c in t.status.containers],  # a pod's (node/pod.py)
         "service_version": t.service_version,
         "created_at": t.created_at,
         "updated_at": t.updated_at,

@@ -14,14 +14,12 @@ shows them whole.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
-from shoal.node.context import NodeContext, new_id
-from shoal.node.errors import BadRequest, NotFound
+from shoal.node import crud
+from shoal.node.context import NodeContext
+from shoal.node.crud import BodyReader, Handler, ObjectsApi
+from shoal.node.errors import NotFound
 from shoal.raft.models import Volume, resolve_mount
 from shoal.raft.state import Snapshot
 
@@ -39,13 +37,10 @@ def volume_view(vol: Volume, snap: Snapshot | None = None) -> dict[str, Any]:
     return out
 
 
-class VolumesApi:
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
+_FIELDS = {"name": str, "driver": str, "options": dict, "labels": dict}
 
-    def _snap(self) -> Snapshot:
-        return self.ctx.require_manager().snapshot()
 
+class VolumesApi(ObjectsApi):
     def ls(self) -> list[dict[str, Any]]:
         snap = self._snap()
         return [volume_view(v, snap) for _, v in sorted(snap.volumes.items())]
@@ -58,19 +53,7 @@ class VolumesApi:
         return volume_view(vol, snap)
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.ctx.require_manager()
-        cmd: dict[str, Any] = {"op": "volume_create", "id": new_id(), "now": time.time()}
-        for key, tp in (("name", str), ("driver", str), ("options", dict), ("labels", dict)):
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, tp) or (isinstance(value, dict) and not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-                raise BadRequest(f"{key} must be a {'map of strings' if tp is dict else 'string'}",
-                                 key)
-            cmd[key] = value
-        if "name" not in cmd:
-            raise BadRequest("name is required", "name")
+        cmd = self._create_command("volume_create", body, _FIELDS)
         await self.ctx.propose(cmd)
         return self.inspect(cmd["name"])
 
@@ -82,25 +65,9 @@ class VolumesApi:
         return {"id": vol.id, "name": vol.name, "removed": True}
 
 
-def handlers(ctx: NodeContext, body: Callable[[web.Request], Awaitable[dict[str, Any]]]
-             ) -> dict[str, Callable[[web.Request], Awaitable[Any]]]:
+def handlers(ctx: NodeContext, body: BodyReader) -> dict[str, Handler]:
     """/v1/volumes: create, ls, inspect, rm (the API server's handlers)."""
-    api = VolumesApi(ctx)
-
-    async def ls(_: web.Request) -> Any:
-        return api.ls()
-
-    async def create(req: web.Request) -> Any:
-        return await api.create(await body(req))
-
-    async def inspect(req: web.Request) -> Any:
-        return api.inspect(req.match_info["ref"])
-
-    async def rm(req: web.Request) -> Any:
-        return await api.remove(req.match_info["ref"])
-
-    return {"volume_ls": ls, "volume_create": create, "volume_inspect": inspect,
-            "volume_rm": rm}
+    return crud.handlers("volume", VolumesApi(ctx), body)
 
 
 __all__ = ["VolumesApi", "handlers", "resolve_mount", "volume_view"]

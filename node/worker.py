@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.node.errors import (
     BackwardsTransition,
+    InitFailed,
     TaskInputError,
     TaskInputUnavailable,
     task_input,
 )
 from shoal.node.health import Check, HealthMonitor, resolve
+from shoal.node.pod import Pods, is_pod, parent_of
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import (
@@ -45,7 +47,7 @@ from shoal.raft.models import (
     resolve_mount,
     to_dict,
 )
-from shoal.raft.spec import SIGNALS, Mount
+from shoal.raft.spec import SIGNALS, Mount, SidecarSpec
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
@@ -137,8 +139,9 @@ def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
 
 
 def _running_view(s: TaskStatus) -> tuple[object, ...]:
-    """What a RUNNING report can change: the init, the address, the health."""
-    return (s.pid, s.addr, s.health, s.failing_streak, s.health_log)
+    """What a RUNNING report can change: the init, the address, the health, a pod's
+    containers."""
+    return (s.pid, s.addr, s.health, s.failing_streak, s.health_log, s.containers)
 
 
 def _forward(task: Task, step: Step) -> Step:
@@ -180,6 +183,8 @@ class Worker:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._closed = False
+        # a pod's sidecars and init containers (node/pod.py)
+        self.pods = Pods(runtime, self.health, self.container_config, wakeup.set)
 
     async def run(self) -> None:
         self.runtime.set_listener(lambda _tid: self.wakeup.set())
@@ -222,6 +227,8 @@ class Worker:
                 self._begin_start(task)
             elif step.action is Action.STOP:
                 self._stop(task.id, step.grace)
+                if is_pod(task):
+                    self.pods.stop(task.id, step.grace)
             if step.report is not None:
                 reports.append((task, step.report))
             if step.action is Action.REMOVE:
@@ -229,8 +236,10 @@ class Worker:
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
-            if tid in mine or tid in starting or tid.startswith(BUILD_TASK_PREFIX):
-                continue  # (the last: `image build` RUN steps, runtime/build.py's own)
+            if tid in mine or tid in starting or tid.startswith(BUILD_TASK_PREFIX) or \
+                    parent_of(tid) in mine:
+                continue  # (`image build` RUN steps are runtime/build.py's own; a pod's
+                #           containers are node/pod.py's)
             if rt.state is RunState.RUNNING:
                 self._stop(tid, 10.0)
             elif tid not in self._stopping:
@@ -254,7 +263,16 @@ class Worker:
                 if check is not None:
                     self.health.watch(task.id, check, rt.pid, rt.started_at,
                                       initial=task.status.health)
-        return self._with_health(task, seen)
+        seen = self._with_health(task, seen)
+        if not is_pod(task):
+            return seen
+        if seen.state is TaskState.RUNNING and task.desired_state <= TaskState.RUNNING \
+                and rt.pid:
+            return replace(seen, containers=self.pods.tend(task, rt.pid, time.time()),
+                           health=self.pods.health_of(task, seen.health))
+        if seen.state is not TaskState.RUNNING:  # the main container ended: so does the pod
+            self.pods.stop(task.id, task.spec.container.stop_grace_period)
+        return replace(seen, containers=self.pods.statuses(task))
 
     def _with_health(self, task: Task, seen: TaskStatus) -> TaskStatus:
         """``seen`` with the task's health; a task this node stopped for being unhealthy is
@@ -318,6 +336,35 @@ class Worker:
             mounts=tuple(self._mount_spec(m, vols) for m in s.mounts),
             files=files,
         )
+
+    async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
+        """The runtime's view of a pod's extra container (node/pod.py): its own image,
+        command, env and limits; the task's host name, files and the mounts it lists; the
+        network namespace of the main container's init ``pid``."""
+        cmd, env, wd, user = tuple(c.command), dict(c.env), c.workdir, c.user
+        stop_signal = c.stop_signal
+        if c.image:
+            image = await self._ensure_image(c.image, task)
+            cmd, env, wd, user = image.apply(cmd, env, wd, user)
+            if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:
+                stop_signal = image.stop_signal
+            if not cmd:
+                raise StartError(f"image {c.image} has no command and container {c.name} "
+                                 "gives none")
+        shared = [m for m in task.spec.container.mounts if m.target in c.mounts]
+        vols = self.store.snapshot().volumes if shared else {}
+        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
+            if self.mesh is not None else {}
+        if self.task_files is not None:
+            files.update(await self.task_files(task))
+        return TaskConfig(
+            task_id=f"{task.id}-{c.name}",
+            hostname=task.spec.container.hostname or
+            task.name.replace(".", "-").replace("_", "-")[:63],
+            command=cmd, env=env, workdir=wd, user=user, image=c.image,
+            stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
+            pids_limit=c.limits.pids, mounts=tuple(self._mount_spec(m, vols) for m in shared),
+            files=files, join_netns=f"/proc/{pid}/ns/net")
 
     @staticmethod
     def _mount_spec(m: Mount, vols: Mapping[str, Volume]) -> MountSpec:
@@ -385,11 +432,24 @@ class Worker:
                 raise
             log.info("task %s attached with address %s", task.id, addr)
 
+        async def prepare(pid: int) -> None:
+            """The network, then the pod's init containers (node/pod.py), in its namespace."""
+            if early:
+                await network(pid)
+            try:
+                await self.pods.run_inits(task, pid)
+            except BaseException:
+                if early and self.mesh is not None:  # (the task never runs: its address back)
+                    with contextlib.suppress(Exception):
+                        await self.mesh.detach(task.id)
+                raise
+
         try:
             cfg = await self.task_config(task)
             # (a mesh not up yet: the task starts without a network, a later pass attaches it)
             early = self.mesh is not None and self.mesh.ready
-            rt = await self.runtime.start(cfg, before_start=network if early else None)
+            hook = prepare if task.spec.init_containers else network if early else None
+            rt = await self.runtime.start(cfg, before_start=hook)
         except TaskInputUnavailable as exc:  # no manager/peer reachable yet: retried later
             log.info("task %s (%s) waits: %s", task.id, task.name, exc.message)
             return TaskStatus(state=TaskState.PREPARING, timestamp=time.time(),
@@ -400,6 +460,10 @@ class Worker:
                               message=exc.message, err=exc.message)
         except StartError as exc:
             log.warning("task %s (%s) failed to start: %s", task.id, task.name, exc)
+            if isinstance(exc.__cause__, InitFailed):  # it ran, and an init container failed
+                return TaskStatus(state=TaskState.FAILED, timestamp=time.time(),
+                                  message=str(exc.__cause__), err=str(exc.__cause__),
+                                  containers=self.pods.statuses(task))
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
                               message=str(exc), err=str(exc))
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
@@ -411,6 +475,10 @@ class Worker:
                 # starting until a probe passes: no connections reach it before (node/mesh.py)
                 self.health.watch(task.id, check, rt.pid, rt.started_at)
                 seen = replace(seen, health=Health.STARTING)
+            if is_pod(task) and rt.pid:
+                self.pods.start_sidecars(task, rt.pid)
+                seen = replace(seen, containers=self.pods.statuses(task),
+                               health=self.pods.health_of(task, seen.health))
         return seen
 
     async def _attach(self, task_id: str, pid: int | None) -> str:
@@ -434,6 +502,7 @@ class Worker:
         """Forget an ended task in the runtime, then release its address."""
         self.health.forget(task_id)
         self._checks.pop(task_id, None)
+        await self.pods.remove(task_id)
         await self.runtime.remove(task_id)
         if self.mesh is not None:
             try:

@@ -315,6 +315,21 @@ class HealthResult:
 
 
 @dataclass(frozen=True)
+class ContainerStatus:
+    """One extra container of a pod (a sidecar or an init container), as its node saw it
+    (shoal.node.pod); the main container's is the task's own status."""
+
+    name: str
+    kind: str = "sidecar"  # sidecar | init
+    state: str = "waiting"  # waiting | running | exited
+    pid: int | None = None  # its init's host pid while running
+    exit_code: int | None = None  # its last exit
+    restarts: int = 0  # times its node restarted it (its own restart policy)
+    health: Health = Health.NONE
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class TaskStatus:
     """Observed by the node that runs the task (or ORPHANED by the leader)."""
 
@@ -328,6 +343,7 @@ class TaskStatus:
     health: Health = Health.NONE  # RUNNING tasks with a health check (node/health.py)
     failing_streak: int = 0  # consecutive failed probes (counted after the start period)
     health_log: tuple[HealthResult, ...] = ()  # the last probes, oldest first (at most 5)
+    containers: tuple[ContainerStatus, ...] = ()  # a pod's sidecars and init containers
 
     @property
     def up(self) -> bool:
@@ -431,7 +447,18 @@ def status_from_dict(d: dict[str, Any]) -> TaskStatus:
                                       exit_code=int(r["exit_code"]),
                                       output=str(r.get("output", "")))
                          for r in d.get("health_log", ())[-5:]),
+        containers=tuple(container_status_from_dict(c) for c in d.get("containers", ())[:16]),
     )
+
+
+def container_status_from_dict(d: dict[str, Any]) -> ContainerStatus:
+    code, pid = d.get("exit_code"), d.get("pid")
+    return ContainerStatus(
+        name=str(d["name"]), kind=str(d.get("kind", "sidecar")),
+        state=str(d.get("state", "waiting")), pid=int(pid) if pid is not None else None,
+        exit_code=int(code) if code is not None else None,
+        restarts=int(d.get("restarts", 0)), health=Health(d.get("health", "")),
+        message=str(d.get("message", ""))[:1024])
 
 
 def node_from_dict(d: dict[str, Any]) -> Node:

@@ -21,6 +21,7 @@ The layout follows swarmkit's ``ServiceSpec``::
      ├─ task: TaskSpec               the template copied into every task (only a change
      │   ├─ container: ContainerSpec  here replaces tasks)
      │   │   └─ healthcheck: HealthCheck
+     │   ├─ sidecars, init_containers: SidecarSpec...   more containers: a pod
      │   ├─ resources: Resources {limits, reservations}
      │   ├─ restart: RestartPolicy
      │   ├─ placement: Placement {constraints, max_replicas, preferences}
@@ -54,32 +55,42 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from shoal.raft.errors import SpecError
-from shoal.runtime import volumes
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# an image reference, Docker's grammar ([HOST[:PORT]/]PATH[:TAG][@sha256:HEX]); the same as
-# shoal.runtime.reference.REFERENCE_RE (tests/test_registry_unit.py checks they agree)
-_IMG_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_IMG_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
-IMAGE_RE = re.compile(
-    rf"^(?=.{{1,400}}$)(?:(?:{_IMG_DOMAIN_PART}(?:\.{_IMG_DOMAIN_PART})*|\[[0-9A-Fa-f:]+\])"
-    rf"(?::[0-9]{{1,5}})?/)?{_IMG_COMPONENT}(?:/{_IMG_COMPONENT})*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+# (re-exported: callers import the spec's records from here)
+from shoal.raft.podspec import (  # noqa: F401
+    DAY,
+    ENV_KEY_RE,
+    FILE_NAME_RE,
+    HOSTNAME_RE,
+    HTTP_CHECK_RE,
+    IMAGE_RE,
+    MAIN_CONTAINER,
+    MAX_COMMAND_BYTES,
+    MAX_ENV,
+    MAX_FILE_REFS,
+    MAX_GRACE,
+    MAX_REPLICAS,
+    NAME_RE,
+    OBJECT_NAME_RE,
+    SIGNALS,
+    USER_RE,
+    Command,
+    ContainerSpec,
+    FileRef,
+    HealthCheck,
+    Limits,
+    Mount,
+    Reservations,
+    Resources,
+    RestartPolicy,
+    SidecarSpec,
+    _Spec,
+    check_pod,
+    container_rows,
+    decl,
+    parse_http_check,
 )
-_USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
-USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
-SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH")
-MAX_REPLICAS = 10_000
-MAX_COMMAND_BYTES = 64 * 1024
-MAX_ENV = 1000
-MAX_GRACE = 3600.0
-DAY = 86400.0
-# secret and config names (Docker's rule) and the file names they appear under in a task
-OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-MAX_FILE_REFS = 100
+
 # placement constraints (Swarm's syntax and character sets)
 CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os")
 LABEL_PREFIX = "node.labels."
@@ -91,277 +102,6 @@ MAX_CONSTRAINT_LEN = 512
 RESERVED_PORTS = {2377: "the node API", 2378: "Raft", 7946: "gossip"}
 # where the managers pick a published port for ``-p TARGET`` (Docker's ingress range)
 ASSIGNED_PORTS = range(30000, 32768)
-
-
-def decl(help: str, *, flag: str | None = None, short: str | None = None,
-         cli: str | None = None, item: str | None = None, unit: str | None = None,
-         metavar: str | None = None, ge: float | None = None, le: float | None = None,
-         pattern: str | None = None, max_length: int | None = None,
-         title: str | None = None) -> msgspec.Meta:
-    """One field's declaration: validation bounds for msgspec, the rest for the CLI/docs."""
-    extra = {k: v for k, v in (("flag", flag), ("short", short), ("cli", cli),
-                               ("item", item), ("unit", unit), ("metavar", metavar))
-             if v is not None}
-    bounds = {k: v for k, v in (("ge", ge), ("le", le), ("pattern", pattern),
-                                ("max_length", max_length), ("title", title)) if v is not None}
-    meta: Any = msgspec.Meta  # (its overloads are too many for mypy to combine)
-    return meta(description=help, extra=extra, **bounds)
-
-
-class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of every spec record: immutable, unknown fields refused."""
-
-
-# --------------------------------------------------------------------------- container
-
-class Mount(_Spec, frozen=True):
-    """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
-
-    type: Annotated[Literal["bind", "volume", "tmpfs"], decl(
-        "bind: a host path; volume: a named volume kept per node; tmpfs: memory")]
-    target: Annotated[str, decl("absolute path inside the task")]
-    source: Annotated[str, decl("host path (bind) or volume name (volume); none for tmpfs")] = ""
-    readonly: Annotated[bool, decl("mount read-only")] = False
-    tmpfs_size: Annotated[int, decl("tmpfs size; 0 = the kernel's default (half of RAM)",
-                                    unit="bytes", ge=0)] = 0
-    volume_driver: Annotated[str, decl(
-        "volume driver (shoal.runtime.volumes): local (default) or sshfs")] = ""
-    volume_opts: Annotated[dict[str, str], decl(
-        "the driver's options (Docker's volume-opt), e.g. sshcmd, type, o, device, "
-        "single-writer")] = {}
-
-    def __post_init__(self) -> None:
-        t = self.target
-        if self.volume_driver or self.volume_opts:
-            if self.type != "volume":
-                raise SpecError("volume_driver", "only a volume mount takes a driver")
-            try:
-                volumes.check(self.volume_driver, self.volume_opts)
-            except volumes.VolumeOptionError as exc:
-                raise SpecError(exc.field, str(exc)) from None
-        if not t.startswith("/") or "\0" in t or ".." in t.split("/"):
-            raise SpecError("target", "must be an absolute path inside the task")
-        if self.type == "bind" and (not self.source.startswith("/")
-                                    or ".." in self.source.split("/")):
-            raise SpecError("source", "a bind mount's source must be an absolute host path")
-        if self.type == "volume" and not NAME_RE.match(self.source):
-            raise SpecError("source", "must name a volume (lower-case letters, digits, '-', '_')")
-        if self.type == "tmpfs" and self.source:
-            raise SpecError("source", "a tmpfs mount takes no source")
-
-    @property
-    def key(self) -> str:
-        """What ``--mount-rm`` names: the target path."""
-        return self.target
-
-
-class FileRef(_Spec, frozen=True):
-    """A task's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): the task
-    sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
-
-    name: Annotated[str, decl("the secret's (config's) name", pattern=OBJECT_NAME_RE.pattern)]
-    target: Annotated[str, decl("file name in the task's /run/secrets (/run/configs); "
-                                "empty = the name")] = ""
-    mode: Annotated[int, decl("file mode inside the task", ge=0, le=0o777)] = 0o444
-
-    def __post_init__(self) -> None:
-        if self.target and (not FILE_NAME_RE.match(self.target) or self.target in (".", "..")):
-            raise SpecError("target", f"must be a file name (no '/'), got {self.target!r}")
-
-    @property
-    def file_name(self) -> str:
-        return self.target or self.name
-
-    @property
-    def key(self) -> str:
-        return self.name
-
-
-def _unique_files(refs: tuple[FileRef, ...], what: str) -> None:
-    files = [r.file_name for r in refs]
-    if len(set(files)) != len(files):
-        raise SpecError(what, f"two {what} use the same target file name")
-
-
-HTTP_CHECK_RE = re.compile(
-    r"^(?:(?P<host>[A-Za-z0-9.-]*):)?(?P<port>[0-9]{1,5})(?P<path>/[^\s]*)?$")
-MIN_HEALTH_INTERVAL = 0.1
-
-
-def parse_http_check(text: str) -> tuple[str, int, str]:
-    """``[HOST]:PORT/PATH`` → (host, port, path); host "" = 127.0.0.1 (the task's own
-    loopback, probed inside its network namespace), path "" = "/". ValueError if malformed."""
-    m = HTTP_CHECK_RE.match(text)
-    if m is None or not 1 <= int(m.group("port")) <= 65535:
-        raise ValueError(f"expected [HOST]:PORT/PATH (e.g. :8080/healthz), got {text!r}")
-    return m.group("host") or "127.0.0.1", int(m.group("port")), m.group("path") or "/"
-
-
-class HealthCheck(_Spec, frozen=True):
-    """Is the task healthy? (Docker's HEALTHCHECK, plus HTTP and TCP probes.) At most one of
-    ``command``, ``http``, ``tcp``; none = the image's HEALTHCHECK, if it has one. A zero
-    interval/timeout/retries takes the image's value, else Docker's default (30 s, 30 s, 3).
-    Probed by the node's agent: the command inside the task's namespaces and cgroup, HTTP and
-    TCP from inside its network namespace. A task is healthy after one success, unhealthy
-    after ``retries`` consecutive failures (not counting those within ``start_period``), and
-    an unhealthy task is stopped and replaced; only healthy tasks receive connections."""
-
-    command: Annotated[str, decl(
-        "command run with /bin/sh -c inside the task; exit 0 = healthy",
-        flag="--health-cmd", cli="str", metavar="CMD", max_length=4096)] = ""
-    http: Annotated[str, decl(
-        "HTTP GET from inside the task's network; a 2xx or 3xx answer = healthy",
-        flag="--health-http", cli="str", metavar="[HOST]:PORT/PATH", max_length=1024)] = ""
-    tcp: Annotated[int, decl("TCP connect to this port from inside the task's network",
-                             flag="--health-tcp", cli="int", metavar="PORT", ge=0,
-                             le=65535)] = 0
-    interval: Annotated[float, decl("time between two checks; 0 = the image's, else 30s",
-                                    flag="--health-interval", cli="duration",
-                                    unit="seconds", ge=0, le=DAY)] = 0.0
-    timeout: Annotated[float, decl("a check taking longer fails; 0 = the image's, else 30s",
-                                   flag="--health-timeout", cli="duration", unit="seconds",
-                                   ge=0, le=DAY)] = 0.0
-    retries: Annotated[int, decl("consecutive failures that make the task unhealthy; "
-                                 "0 = the image's, else 3", flag="--health-retries",
-                                 cli="int", metavar="N", ge=0, le=1000)] = 0
-    start_period: Annotated[float, decl(
-        "failures in this time after the start do not count", flag="--health-start-period",
-        cli="duration", unit="seconds", ge=0, le=DAY)] = 0.0
-    disable: Annotated[bool, decl("no health check, not even the image's",
-                                  flag="--no-healthcheck", cli="flag")] = False
-
-    def __post_init__(self) -> None:
-        given = [n for n, v in (("command", self.command), ("http", self.http),
-                                ("tcp", self.tcp)) if v]
-        if len(given) > 1:
-            raise SpecError(given[1], f"give one check: {given[0]} and {given[1]} are both set")
-        if self.disable and given:
-            raise SpecError("disable", f"no health check, yet {given[0]} is set")
-        if self.http:
-            try:
-                parse_http_check(self.http)
-            except ValueError as exc:
-                raise SpecError("http", str(exc)) from None
-        if "\0" in self.command:
-            raise SpecError("command", "must not contain NUL")
-        for name in ("interval", "timeout"):
-            value = getattr(self, name)
-            if 0 < value < MIN_HEALTH_INTERVAL:
-                raise SpecError(name, f"must be 0 (default) or at least "
-                                f"{MIN_HEALTH_INTERVAL}s, got {value}s")
-
-
-Command = Annotated[tuple[str, ...], decl(
-    "the program to run and its arguments; empty = the image's ENTRYPOINT/CMD",
-    cli="command", max_length=4096)]
-
-
-class ContainerSpec(_Spec, frozen=True):
-    """What runs: the process, its environment and the files it sees."""
-
-    image: Annotated[str, decl("image [HOST[:PORT]/]NAME[:TAG][@DIGEST]; empty = the host's "
-                               "read-only /usr and /etc", flag="--image", cli="str",
-                               metavar="[HOST[:PORT]/]NAME[:TAG][@DIGEST]",
-                               pattern=f"^$|{IMAGE_RE.pattern}")] = ""
-    command: Command = ()
-    env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
-                                        cli="map", metavar="KEY=VALUE")] = {}
-    workdir: Annotated[str, decl("working directory (absolute path)", flag="--workdir",
-                                 short="-w", cli="str", metavar="PATH")] = ""
-    user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
-                              flag="--user", short="-u", cli="str", metavar="USER",
-                              pattern=f"^$|{USER_RE.pattern}")] = ""
-    hostname: Annotated[str, decl("host name inside the task; empty = SERVICE-SLOT",
-                                  flag="--hostname", cli="str", metavar="NAME",
-                                  pattern=f"^$|{HOSTNAME_RE.pattern}")] = ""
-    stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
-        "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
-    stop_grace_period: Annotated[float, decl(
-        "time between the stop signal and SIGKILL", flag="--stop-grace-period",
-        cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
-    mounts: Annotated[tuple[Mount, ...], decl(
-        "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
-        metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
-    secrets: Annotated[tuple[FileRef, ...], decl(
-        "secrets the task sees as /run/secrets/FILE", flag="--secret", cli="list",
-        item="secret", metavar="NAME[,target=FILE][,mode=0400]", max_length=MAX_FILE_REFS)] = ()
-    configs: Annotated[tuple[FileRef, ...], decl(
-        "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
-        item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
-    healthcheck: HealthCheck = HealthCheck()
-    registry_auth: Annotated[bool, decl(
-        "nodes pull the image with the cluster's stored credentials for its registry "
-        "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
-
-    def __post_init__(self) -> None:
-        if self.command and not self.command[0]:
-            raise SpecError("command", "must not start with an empty string")
-        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
-            raise SpecError("command", "is too long")
-        if len(self.env) > MAX_ENV:
-            raise SpecError("env", f"at most {MAX_ENV} variables")
-        for k, v in self.env.items():
-            if not ENV_KEY_RE.match(k):
-                raise SpecError("env", f"name {k!r} is invalid (letters, digits, '_')")
-            if "\0" in v:
-                raise SpecError("env", f"value of {k} must not contain NUL")
-        name = self.image.split("@", 1)[0]
-        if ":" in name.rsplit("/", 1)[-1]:
-            name = name.rsplit(":", 1)[0]
-        if len(name) > 255:
-            raise SpecError("image", "the image name is longer than 255 characters")
-        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
-            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
-        _unique_files(self.secrets, "secrets")
-        _unique_files(self.configs, "configs")
-        targets = [m.target for m in self.mounts]
-        if len(set(targets)) != len(targets):
-            raise SpecError("mounts", "two mounts use the same target")
-
-
-# --------------------------------------------------------------------------- resources
-
-class Limits(_Spec, frozen=True):
-    memory: Annotated[int, decl("memory limit (swap is always off); 0 = unlimited",
-                                flag="--limit-memory", cli="bytes", unit="bytes",
-                                metavar="SIZE", ge=0, le=1 << 50)] = 0
-    cpu: Annotated[float, decl("CPU limit (0.5 = half a core); 0 = unlimited",
-                               flag="--limit-cpu", cli="float", unit="CPUs", metavar="CPUS",
-                               ge=0, le=1024)] = 0.0
-    pids: Annotated[int, decl("maximum number of processes; 0 = unlimited",
-                              flag="--limit-pids", cli="int", metavar="N", ge=0,
-                              le=1 << 22)] = 0
-
-
-class Reservations(_Spec, frozen=True):
-    memory: Annotated[int, decl("memory the scheduler keeps free for the task",
-                                flag="--reserve-memory", cli="bytes", unit="bytes",
-                                metavar="SIZE", ge=0, le=1 << 50)] = 0
-    cpu: Annotated[float, decl("CPUs the scheduler keeps free for the task",
-                               flag="--reserve-cpu", cli="float", unit="CPUs", metavar="CPUS",
-                               ge=0, le=1024)] = 0.0
-
-
-class Resources(_Spec, frozen=True):
-    limits: Limits = Limits()
-    reservations: Reservations = Reservations()
-
-
-class RestartPolicy(_Spec, frozen=True):
-    """Swarm's restart policy: when a task ends by itself, is its slot refilled?"""
-
-    condition: Annotated[Literal["none", "on-failure", "any"], decl(
-        "restart a task that ended: never, only after a failure, or always",
-        flag="--restart-condition", cli="choice")] = "any"
-    delay: Annotated[float, decl("wait between a task ending and its replacement",
-                                 flag="--restart-delay", cli="duration", unit="seconds",
-                                 ge=0, le=DAY)] = 1.0
-    max_attempts: Annotated[int, decl("restarts allowed per slot within the window; "
-                                      "0 = no limit", flag="--restart-max-attempts",
-                                      cli="int", metavar="N", ge=0, le=1_000_000)] = 0
-    window: Annotated[float, decl("period over which restart attempts are counted; "
-                                  "0 = forever", flag="--restart-window", cli="duration",
-                                  unit="seconds", ge=0, le=DAY * 365)] = 0.0
 
 
 SPREAD_RE = re.compile(r"^node\.labels\.[A-Za-z0-9_.-]+$", re.I)
@@ -442,8 +182,16 @@ class TaskSpec(_Spec, frozen=True):
         "the first is the task's primary address; none = the cluster's default network",
         flag="--network", cli="list", item="network", metavar="NETWORK",
         max_length=16)] = ()
+    sidecars: Annotated[tuple[SidecarSpec, ...], decl(
+        "more containers of the task (a pod), started after the main one in this order; "
+        "they share its network namespace (localhost) and optionally its mounts",
+        max_length=8)] = ()
+    init_containers: Annotated[tuple[SidecarSpec, ...], decl(
+        "containers run one after the other before the main one, in its network namespace; "
+        "each must exit 0, else the task fails", max_length=8)] = ()
 
     def __post_init__(self) -> None:
+        check_pod(self.container, self.sidecars, self.init_containers)
         for i, name in enumerate(self.networks):
             if not OBJECT_NAME_RE.match(name):
                 raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
@@ -976,6 +724,10 @@ def reference_markdown() -> str:
             "`IMAGE CMD ARGS` or `-- CMD ARGS`" if f.cli == "command" else "")
         rows.append(f"| `{f.path}` | {tname} | {default} | {flag} | "
                     f"{f.help.replace('|', '/')}{unit} |")
+    rows += ["", "Each item of `task.sidecars` and `task.init_containers` (API and spec file "
+             "only; `limits`, `healthcheck` and `restart` take the same keys as the main "
+             "container's `task.resources.limits`, `task.container.healthcheck` and "
+             "`task.restart`):", "", *container_rows()]
     return "\n".join(rows) + "\n"
 
 

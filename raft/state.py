@@ -5,6 +5,14 @@ It is pure and deterministic: no I/O, no clock (timestamps come inside commands)
 randomness (ids come inside commands). Every replica applies the same log to the same
 state. Must not touch: pysyncobj (see shoal.raft.store), the network, the runtime.
 
+The op dispatch (``_HANDLERS``: op name → handler) and the handlers of nodes, services,
+networks, volumes, leader batches and task status live here; cohesive groups live beside it
+and are dispatched from here: shoal.raft.secops (CA, autolock, managers' key, client
+certificates, users, secrets, configs), shoal.raft.mqttsetting (``mqtt_set``/``mqtt_unset``)
+and shoal.raft.servicecheck (a service spec's checks against the rest of the state, port
+assignment, task network addresses, job runs). A new op: a handler (here or in such a module)
+and one ``_HANDLERS`` entry.
+
 A command is a dict ``{"op": NAME, ...}``. ``apply`` never raises: a refused command
 returns ``{"error": {"code", "message", "field"}}`` (pysyncobj wedges a replica whose
 replicated method raises), a good one ``{"ok": True, ...}``.
@@ -26,25 +34,21 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
 
-from shoal.raft import ipam
+from shoal.raft import ipam, raftkeys, secops
 from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
 from shoal.raft.models import (
     AUTOSCALE_HISTORY,
-    USER_ROLES,
     AutoscaleDecision,
     AutoscaleStatus,
     Config,
-    JobRun,
-    JobStatus,
     Network,
     Node,
     NodeAvailability,
@@ -52,7 +56,6 @@ from shoal.raft.models import (
     NodeState,
     Secret,
     Service,
-    ServiceSpec,
     Task,
     TaskSpec,
     TaskState,
@@ -60,17 +63,21 @@ from shoal.raft.models import (
     User,
     Volume,
     node_from_dict,
-    resolve_mount,
     status_from_dict,
     task_from_dict,
     task_spec_from_dict,
 )
 from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
-from shoal.raft.spec import ASSIGNED_PORTS, NAME_RE
-from shoal.raft.validate import validate_object_name, validate_replicas, validate_spec
+from shoal.raft.servicecheck import (
+    assign_ports,
+    check_spec,
+    job_op,
+    net_addresses,
+    refuse_manual_scale,
+)
+from shoal.raft.spec import NAME_RE
+from shoal.raft.validate import ID_RE, validate_replicas, validate_spec
 from shoal.runtime import volumes as volumes_mod
-
-NODE_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
 # Bound on tasks created/changed by one leader batch; keeps log entries small. The state
 # machine refuses a longer batch; the leader splits a pass's ops into batches of at most this
@@ -81,8 +88,6 @@ MAX_BATCH_OPS = 5000
 # entry in one piece, so a 10,000-task scale goes out as several ~1 MiB entries instead of
 # one of ~10 MiB. Larger = fewer entries per pass; smaller = shorter replication stalls.
 MAX_BATCH_BYTES = 1 << 20
-# Largest secret or config value (Docker's limit); sealing adds 29 bytes.
-MAX_FILE_BYTES = 500 * 1024
 
 
 @dataclass
@@ -141,6 +146,13 @@ class ClusterInfo:
     # id (SHA-256 prefix, hex) of the managers' sealing key everything is sealed under now;
     # "" until the first `swarm rotate-key` (shoal.node.keys)
     key_id: str = ""
+    # Raft secret rotation (shoal.raft.raftkeys): the id of the secret managers send with
+    # ("" until the first rotation), the next one's, the phase ("" none, "accept",
+    # "switch") and each manager's progress (node id -> 1 accepts, 2 sends with the new)
+    raft_key_id: str = ""
+    raft_next_key_id: str = ""
+    raft_phase: str = ""
+    raft_acks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -286,7 +298,7 @@ class ClusterState:
     # --- nodes
     def _node_add(self, cmd: dict[str, Any]) -> None:
         node = node_from_dict(cmd["node"])
-        if not NODE_ID_RE.match(node.id):
+        if not ID_RE.match(node.id):
             raise Rejected("invalid", f"node id {node.id!r} is invalid", "node.id")
         now = float(cmd["now"])
         for other in self.nodes.values():
@@ -349,10 +361,8 @@ class ClusterState:
         for s in self.services.values():
             if s.spec.name == spec.name:
                 raise Rejected("exists", f"a service named {spec.name!r} already exists", "name")
-        spec = self._assign_ports(spec, sid, None)
-        self._check_ports(spec, sid)
-        self._check_networks(spec)
-        self._check_volume_keys(spec)
+        spec = assign_ports(self, spec, sid, None)
+        check_spec(self, spec, sid)
         try:
             vip = ipam.allocate_address(self.cluster.vip_cidr,
                                         (s.vip for s in self.services.values()))
@@ -363,74 +373,13 @@ class ClusterState:
                                      vip=vip)
         return {"id": sid, "vip": vip}
 
-    def _assign_ports(self, spec: ServiceSpec, sid: str, old: ServiceSpec | None
-                      ) -> ServiceSpec:
-        """``spec`` with each published port 0 (``-p TARGET``) replaced: the port the service
-        already had for that target and protocol (an update keeps it), else the lowest of
-        ASSIGNED_PORTS no service publishes (deterministic: every manager applies the same)."""
-        if not any(p.published == 0 for p in spec.endpoint.ports):
-            return spec
-        taken = {(p.published, p.protocol) for s in self.services.values() if s.id != sid
-                 for p in s.spec.endpoint.ports}
-        taken |= {(p.published, p.protocol) for p in spec.endpoint.ports if p.published}
-        had = {(p.target, p.protocol): p.published for p in (old.endpoint.ports if old else ())
-               if p.published in ASSIGNED_PORTS}
-        ports = []
-        for p in spec.endpoint.ports:
-            if p.published == 0:
-                port = had.pop((p.target, p.protocol), 0)
-                if not port or (port, p.protocol) in taken:
-                    port = next((n for n in ASSIGNED_PORTS if (n, p.protocol) not in taken), 0)
-                if not port:
-                    raise Rejected("exhausted", "no free port left in 30000-32767 to publish "
-                                   f"target {p.target}/{p.protocol}", "endpoint.ports")
-                taken.add((port, p.protocol))
-                p = msgspec.structs.replace(p, published=port)
-            ports.append(p)
-        return msgspec.structs.replace(spec, endpoint=msgspec.structs.replace(
-            spec.endpoint, ports=tuple(ports)))
-
-    def _check_ports(self, spec: ServiceSpec, sid: str) -> None:
-        """A published port belongs to one service cluster-wide (every node listens on it)."""
-        for other in self.services.values():
-            if other.id == sid:
-                continue
-            mine = {(p.published, p.protocol) for p in spec.endpoint.ports}
-            for p in other.spec.endpoint.ports:
-                if (p.published, p.protocol) in mine:
-                    raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
-                                   f"published by service {other.spec.name}",
-                                   "endpoint.ports")
-
-    def _check_volume_keys(self, spec: ServiceSpec) -> None:
-        """A volume's key secret (sshfs ``IdentityFile-secret``) reaches a node only as a
-        secret of the task: the service must use it."""
-        c = spec.task.container
-        names = {r.name for r in c.secrets}
-        for i, m in enumerate(c.mounts):
-            if m.type != "volume":
-                continue
-            opts = resolve_mount(m, self.volumes)[1]
-            key = next((v for k, v in opts.items() if k.lower() == "identityfile-secret"), "")
-            if key and key not in names:
-                raise Rejected("invalid", f"volume {m.source} takes its key from the secret "
-                               f"{key}: the service must use it too (--secret {key})",
-                               f"task.container.mounts[{i}]")
-
-    def _check_networks(self, spec: ServiceSpec) -> None:
-        names = {n.name for n in self.networks.values()}
-        for i, name in enumerate(spec.task.networks):
-            if name not in names:
-                raise Rejected("not_found", f"no such network: {name} (create it with "
-                               "`shoal network create`)", f"task.networks[{i}]")
-
     # --- networks
     def _network_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if self.cluster.schema < schema_mod.SCHEMA:
             raise Rejected("invalid", "networks need every node of the cluster on shoal "
                            ">= 0.2 (cluster schema 2)", "name")
         nid = str(cmd["id"])
-        if not NODE_ID_RE.match(nid) or nid in self.networks:
+        if not ID_RE.match(nid) or nid in self.networks:
             raise Rejected("invalid", f"bad or duplicate network id {nid!r}", "id")
         try:
             name = netalloc.validate_name(cmd["name"])
@@ -519,27 +468,6 @@ class ClusterState:
                            f"{', '.join(users)}", "name")
         del self.volumes[vol.name]
 
-    def _net_addresses(self, t: Task, used: dict[str, set[str]]) -> dict[str, str]:
-        """``t``'s address on each of its networks (deterministic: lowest free)."""
-        out: dict[str, str] = {}
-        for name in t.spec.networks:
-            net = next((n for n in self.networks.values() if n.name == name), None)
-            if net is None:
-                continue
-            # (an ORPHANED task may still run on a node cut off from the cluster: its
-            # address is not reused while its record exists)
-            taken = used.setdefault(name, {
-                x.net_addrs[name] for x in self.tasks.values()
-                if name in x.net_addrs and (not x.status.state.terminal
-                                            or x.status.state is TaskState.ORPHANED)})
-            try:
-                addr = netalloc.pick_task_address(net.subnet, net.gateway, taken)
-            except IpamError:
-                continue  # the task starts without it and says so (node/mesh.py)
-            taken.add(addr)
-            out[name] = addr
-        return out
-
     def _service_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
         svc = self._service(cmd["id"])
         expected = cmd.get("version")
@@ -550,17 +478,15 @@ class ClusterState:
             spec = validate_spec(cmd["spec"])
             if spec.name != svc.spec.name:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
-            spec = self._assign_ports(spec, svc.id, svc.spec)
-            self._check_ports(spec, svc.id)
-            self._check_networks(spec)
-            self._check_volume_keys(spec)
+            spec = assign_ports(self, spec, svc.id, svc.spec)
+            check_spec(self, spec, svc.id)
             if svc.spec.mode.autoscale.enabled and spec.mode.autoscale.enabled and \
                     spec.mode.replicas != svc.spec.mode.replicas:
-                _refuse_manual_scale(svc)
+                refuse_manual_scale(svc)
         else:
             replicas = validate_replicas(cmd["replicas"])
             if svc.spec.mode.autoscale.enabled and replicas != svc.spec.mode.replicas:
-                _refuse_manual_scale(svc)
+                refuse_manual_scale(svc)
             spec = msgspec.structs.replace(
                 svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
         now = float(cmd["now"])
@@ -650,7 +576,7 @@ class ClusterState:
                     t, node_id=op[2], sched_message="", updated_at=now,
                     status=replace(t.status, state=TaskState.ASSIGNED, timestamp=now,
                                    message="scheduled"),
-                    net_addrs=self._net_addresses(t, net_used) if t.spec.networks else {})
+                    net_addrs=net_addresses(self, t, net_used) if t.spec.networks else {})
             elif kind == "unschedulable":
                 t = self.tasks.get(op[1])
                 if t is None or t.node_id:
@@ -691,7 +617,7 @@ class ClusterState:
                 svc = self.services.get(op[1])
                 if svc is None:
                     continue
-                self.services[svc.id] = replace(svc, job_status=_job_op(svc, op, now))
+                self.services[svc.id] = replace(svc, job_status=job_op(svc, op, now))
             elif kind == "autoscale":  # ("autoscale", service_id, replicas, decision)
                 svc = self.services.get(op[1])
                 if svc is None or not svc.spec.mode.autoscale.enabled:
@@ -733,249 +659,6 @@ class ClusterState:
         self.tasks[t.id] = replace(t, status=status, updated_at=now, up_at=up_at)
         return {"changed": True}
 
-    # --- security (shoal.node.security): values arrive sealed; the state never sees a key
-    def _ca_init(self, cmd: dict[str, Any]) -> None:
-        if self.cluster.ca_cert:
-            raise Rejected("exists", "the cluster CA is already set", "ca_cert")
-        ca_cert, ca_key = cmd["ca_cert"], cmd["ca_key"]
-        if not isinstance(ca_cert, str) or not isinstance(ca_key, bytes):
-            raise Rejected("invalid", "ca_cert must be PEM text and ca_key sealed bytes",
-                           "ca_cert")
-        self.cluster = replace(self.cluster, ca_cert=ca_cert, ca_key=ca_key)
-
-    def _cluster_autolock(self, cmd: dict[str, Any]) -> None:
-        key = cmd["unlock_key"]
-        if not isinstance(key, str):
-            raise Rejected("invalid", "unlock_key must be sealed text or empty", "unlock_key")
-        self.cluster = replace(self.cluster, unlock_key=key)
-
-    def _ca_rotate_start(self, cmd: dict[str, Any]) -> None:
-        cert, key, cross, digest = cmd["cert"], cmd["key"], cmd["cross"], cmd["digest"]
-        expiry = cmd.get("cert_expiry", 0.0)
-        if not (isinstance(cert, str) and isinstance(key, bytes) and isinstance(cross, str)
-                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise Rejected("invalid", "a CA rotation needs cert, sealed key, cross and digest",
-                           "cert")
-        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or expiry < 0:
-            raise Rejected("invalid", "cert_expiry must be seconds >= 0", "cert_expiry")
-        if not self.cluster.ca_cert:
-            raise Rejected("invalid", "the cluster has no CA yet", "ca_cert")
-        if self.cluster.ca_phase == "issue":  # certificates of the pending root are out
-            raise Rejected("conflict", "a CA rotation is re-issuing certificates: wait for it "
-                           "to finish (`shoal ca info`), then rotate again", "ca")
-        self.cluster = replace(self.cluster, ca_next_cert=cert, ca_next_key=key,
-                               ca_cross=cross, ca_next_digest=digest, ca_phase="trust",
-                               ca_acks={}, cert_expiry=float(expiry) or
-                               self.cluster.cert_expiry)
-
-    def _manager_key_rotate(self, cmd: dict[str, Any]) -> None:
-        """Everything sealed under the managers' key, re-sealed under a new one, in one entry.
-        Refused if anything sealed changed since the proposer read it (retry)."""
-        c = self.cluster
-        if cmd["old_key_id"] != c.key_id:
-            raise Rejected("conflict", "the managers' key changed meanwhile: retry", "key_id")
-        secrets, key_id = cmd["secrets"], cmd["key_id"]
-        if not isinstance(secrets, dict) or set(secrets) != set(self.secrets) or not all(
-                isinstance(v, bytes) for v in secrets.values()):
-            raise Rejected("conflict", "secrets changed meanwhile: retry", "secrets")
-        if not isinstance(key_id, str) or not re.fullmatch(r"[0-9a-f]{16}", key_id):
-            raise Rejected("invalid", "key_id must be 16 hex digits", "key_id")
-        if (cmd["ca_next_key"] == b"") != (c.ca_next_key == b""):
-            raise Rejected("conflict", "a CA rotation started meanwhile: retry", "ca")
-        fields = {f: cmd[f] for f in ("ca_key", "ca_next_key", "worker_secret",
-                                      "manager_secret", "unlock_key")}
-        if not (isinstance(fields["ca_key"], bytes) and isinstance(fields["ca_next_key"], bytes)
-                and all(isinstance(fields[f], str) for f in
-                        ("worker_secret", "manager_secret", "unlock_key"))):
-            raise Rejected("invalid", "re-sealed fields have the wrong types", "ca_key")
-        if (fields["unlock_key"] == "") != (c.unlock_key == ""):
-            raise Rejected("conflict", "autolock changed meanwhile: retry", "unlock_key")
-        self.cluster = replace(c, key_id=key_id, **fields)
-        for sid, data in secrets.items():
-            self.secrets[sid] = replace(self.secrets[sid], data=data)
-
-    def _ca_rotate_ack(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        node_id, stage, digest = cmd["node_id"], cmd["stage"], cmd["digest"]
-        if digest != self.cluster.ca_next_digest or not self.cluster.ca_phase:
-            return {"stale": True}  # an ack for a rotation that is over or replaced
-        if node_id not in self.nodes or stage not in (1, 2):
-            raise Rejected("invalid", "unknown node or stage", "node_id")
-        if self.cluster.ca_acks.get(node_id, 0) < stage:
-            self.cluster = replace(self.cluster,
-                                   ca_acks={**self.cluster.ca_acks, node_id: stage})
-        return {"stale": False}
-
-    def _ca_rotate_phase(self, cmd: dict[str, Any]) -> None:
-        if cmd["digest"] != self.cluster.ca_next_digest or cmd["phase"] != "issue":
-            raise Rejected("stale", "not the CA rotation in progress", "digest")
-        self.cluster = replace(self.cluster, ca_phase="issue")
-
-    def _ca_rotate_finish(self, cmd: dict[str, Any]) -> None:
-        """The new root replaces the old one (key re-sealed for the CA slot); nodes then
-        drop the old root from their trust."""
-        c = self.cluster
-        if cmd["digest"] != c.ca_next_digest or c.ca_phase != "issue":
-            raise Rejected("stale", "not the CA rotation in progress", "digest")
-        if not isinstance(cmd["ca_key"], bytes):
-            raise Rejected("invalid", "ca_key must be sealed bytes", "ca_key")
-        self.cluster = replace(c, ca_cert=c.ca_next_cert, ca_key=cmd["ca_key"],
-                               digest=c.ca_next_digest, ca_next_cert="", ca_next_key=b"",
-                               ca_cross="", ca_next_digest="", ca_phase="", ca_acks={})
-
-    def _file_object(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]
-                     ) -> tuple[str, str, bytes, dict[str, str], float]:
-        oid, name, data = str(cmd["id"]), validate_object_name(cmd["name"], kind), cmd["data"]
-        if not NODE_ID_RE.match(oid) or oid in existing:
-            raise Rejected("invalid", f"bad or duplicate {kind} id {oid!r}", "id")
-        if not isinstance(data, bytes) or len(data) > MAX_FILE_BYTES + 64:
-            raise Rejected("invalid", f"{kind} data must be at most {MAX_FILE_BYTES // 1024} "
-                           "KiB", "data")
-        if any(o.name == name for o in existing.values()):
-            raise Rejected("exists", f"a {kind} named {name!r} already exists", "name")
-        labels = cmd.get("labels") or {}
-        if not isinstance(labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise Rejected("invalid", "labels must be a map of strings", "labels")
-        return oid, name, data, dict(labels), float(cmd["now"])
-
-    def _client_cert_add(self, cmd: dict[str, Any]) -> None:
-        name, serial = validate_object_name(cmd["name"], "client"), cmd["serial"]
-        if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-f]{1,40}", serial):
-            raise Rejected("invalid", "serial must be hex", "serial")
-        user = cmd.get("user") or ""  # a certificate issued for a user acts with its role
-        if user and user not in self.cluster.users:
-            raise Rejected("not_found", f"no user named {user}", "user")
-        bound = {k: v for k, v in self.cluster.client_users.items() if k != name}
-        self.cluster = replace(self.cluster, clients={**self.cluster.clients, name: serial},
-                               client_users={**bound, name: user} if user else bound)
-
-    def _client_cert_remove(self, cmd: dict[str, Any]) -> None:
-        name = cmd["name"]
-        if name not in self.cluster.clients:
-            raise Rejected("not_found", f"no client certificate named {name}", "name")
-        self.cluster = replace(self.cluster, clients={
-            k: v for k, v in self.cluster.clients.items() if k != name}, client_users={
-            k: v for k, v in self.cluster.client_users.items() if k != name})
-
-    # --- users (shoal.node.users validates and seals before proposing)
-    def _user_add(self, cmd: dict[str, Any]) -> None:
-        name = validate_object_name(cmd["name"], "user")
-        if name in self.cluster.users:
-            raise Rejected("exists", f"a user named {name!r} already exists", "name")
-        now = float(cmd["now"])
-        user = User(name=name, role=_user_role(cmd["role"]), password=str(cmd["password"]),
-                    created_at=now, updated_at=now)
-        self.cluster = replace(self.cluster, users={**self.cluster.users, name: user})
-
-    def _user_update(self, cmd: dict[str, Any]) -> None:
-        name = cmd["name"]
-        user = self.cluster.users.get(name) if isinstance(name, str) else None
-        if user is None:
-            raise Rejected("not_found", f"no user named {name}", "name")
-        changes: dict[str, Any] = {"updated_at": float(cmd["now"])}
-        if "role" in cmd:
-            changes["role"] = _user_role(cmd["role"])
-        for key in ("password", "token_hash"):
-            if key in cmd:
-                changes[key] = str(cmd[key])
-        self.cluster = replace(self.cluster, users={**self.cluster.users,
-                                                    name: replace(user, **changes)})
-
-    def _user_remove(self, cmd: dict[str, Any]) -> None:
-        """Also revokes the client certificates issued for the user."""
-        name = cmd["name"]
-        if not isinstance(name, str) or name not in self.cluster.users:
-            raise Rejected("not_found", f"no user named {name}", "name")
-        certs = {k for k, v in self.cluster.client_users.items() if v == name}
-        self.cluster = replace(
-            self.cluster,
-            users={k: v for k, v in self.cluster.users.items() if k != name},
-            client_users={k: v for k, v in self.cluster.client_users.items() if k not in certs},
-            clients={k: v for k, v in self.cluster.clients.items() if k not in certs})
-
-    def _secret_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """``data`` arrives sealed by the proposing manager (shoal.node.secrets)."""
-        oid, name, data, labels, now = self._file_object(cmd, "secret", self.secrets)
-        if cmd.get("key_id", self.cluster.key_id) != self.cluster.key_id:
-            raise Rejected("conflict", "the managers' key was rotated while this secret was "
-                           "sealed: retry", "data")
-        self.secrets[oid] = Secret(id=oid, name=name, data=data, labels=labels,
-                                   created_at=now, updated_at=now)
-        return {"id": oid}
-
-    def _config_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        oid, name, data, labels, now = self._file_object(cmd, "config", self.configs)
-        self.configs[oid] = Config(id=oid, name=name, data=data, labels=labels,
-                                   created_at=now, updated_at=now)
-        return {"id": oid}
-
-    def _users_of(self, kind: str, name: str) -> list[str]:
-        """Services whose spec uses the secret/config ``name`` (a removal would break them)."""
-        return sorted(s.spec.name for s in self.services.values()
-                      if any(r.name == name for r in getattr(s.spec.task.container, kind)))
-
-    def _file_remove(self, cmd: dict[str, Any], kind: str, existing: dict[str, Any]) -> None:
-        oid = cmd["id"]
-        obj = existing.get(oid) if isinstance(oid, str) else None
-        if obj is None:
-            raise Rejected("not_found", f"no such {kind}: {oid}", "id")
-        users = self._users_of(f"{kind}s", obj.name)
-        if users:
-            raise Rejected("in_use", f"{kind} {obj.name} is in use by service(s) "
-                           f"{', '.join(users)}: remove it from them first", "name")
-        del existing[oid]
-
-    def _secret_remove(self, cmd: dict[str, Any]) -> None:
-        self._file_remove(cmd, "secret", self.secrets)
-
-    def _config_remove(self, cmd: dict[str, Any]) -> None:
-        self._file_remove(cmd, "config", self.configs)
-
-
-def _refuse_manual_scale(svc: Service) -> None:
-    """An autoscaled service's replica count is the autoscaler's (shoal.node.autoscale)."""
-    auto = svc.spec.mode.autoscale
-    raise Rejected("invalid", f"service {svc.spec.name} is autoscaled (--autoscale "
-                   f"min={auto.min},max={auto.max}): the autoscaler sets its replicas; "
-                   "change the range with `service update --autoscale min=N,max=N`, or "
-                   "turn autoscaling off with `service update --autoscale-rm` first",
-                   "replicas")
-
-
-def _job_op(svc: Service, op: Any, now: float) -> JobStatus:
-    """A scheduled job's run (shoal.node.cron), as the leader decided it:
-
-    * ("job_run", service_id, scheduled_at, skip_reason): the run due at ``scheduled_at``
-      starts (the job iteration goes up: the orchestrator runs its tasks), or with a reason
-      is recorded as skipped. Ignored unless ``scheduled_at`` is later than the last run's:
-      a run is started once, whichever leader (or retried batch) proposes it.
-    * ("job_run_status", service_id, iteration, state, completed, failed, message): the
-      progress of the run of that iteration."""
-    job = svc.job_status
-    if op[0] == "job_run":
-        at, skip = float(op[2]), str(op[3])
-        if at <= job.last_scheduled:
-            return job
-        iteration = job.iteration if skip else job.iteration + 1
-        run = JobRun(scheduled_at=at, iteration=0 if skip else iteration,
-                     state="skipped" if skip else "running", started_at=now,
-                     finished_at=now if skip else 0.0, message=skip)
-        keep = svc.spec.mode.schedule.history
-        return replace(job, iteration=iteration, last_scheduled=at,
-                       runs=(*job.runs, run)[-keep:])
-    iteration, state = int(op[2]), str(op[3])
-    runs = tuple(replace(r, state=state, completed=int(op[4]), failed=int(op[5]),
-                         message=str(op[6]),
-                         finished_at=r.finished_at or (now if state != "running" else 0.0))
-                 if r.iteration == iteration and r.state != "skipped" else r
-                 for r in job.runs)
-    return replace(job, runs=runs)
-def _user_role(role: Any) -> str:
-    if role not in USER_ROLES:
-        raise Rejected("invalid", f"role must be one of {', '.join(USER_ROLES)}", "role")
-    return str(role)
-
-
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {
     "cluster_init": ClusterState._cluster_init,
     "rotate_secret": ClusterState._rotate_secret,
@@ -989,28 +672,29 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "cluster_schema": ClusterState._cluster_schema,
     "read_barrier": ClusterState._read_barrier,
     "task_status": ClusterState._task_status,
-    "ca_init": ClusterState._ca_init,
-    "secret_create": ClusterState._secret_create,
-    "secret_remove": ClusterState._secret_remove,
-    "config_create": ClusterState._config_create,
-    "config_remove": ClusterState._config_remove,
-    "client_cert_add": ClusterState._client_cert_add,
-    "client_cert_remove": ClusterState._client_cert_remove,
-    "user_add": ClusterState._user_add,
-    "user_update": ClusterState._user_update,
-    "user_remove": ClusterState._user_remove,
+    "ca_init": secops.ca_init,
+    "secret_create": secops.secret_create,
+    "secret_remove": secops.secret_remove,
+    "config_create": secops.config_create,
+    "config_remove": secops.config_remove,
+    "client_cert_add": secops.client_cert_add,
+    "client_cert_remove": secops.client_cert_remove,
+    "user_add": secops.user_add,
+    "user_update": secops.user_update,
+    "user_remove": secops.user_remove,
     "network_create": ClusterState._network_create,
     "network_remove": ClusterState._network_remove,
     "volume_create": ClusterState._volume_create,
     "volume_remove": ClusterState._volume_remove,
     "mqtt_set": mqtt_set,
     "mqtt_unset": mqtt_unset,
-    "cluster_autolock": ClusterState._cluster_autolock,
-    "ca_rotate_start": ClusterState._ca_rotate_start,
-    "ca_rotate_ack": ClusterState._ca_rotate_ack,
-    "ca_rotate_phase": ClusterState._ca_rotate_phase,
-    "ca_rotate_finish": ClusterState._ca_rotate_finish,
-    "manager_key_rotate": ClusterState._manager_key_rotate,
+    "cluster_autolock": secops.cluster_autolock,
+    "ca_rotate_start": secops.ca_rotate_start,
+    "ca_rotate_ack": secops.ca_rotate_ack,
+    "ca_rotate_phase": secops.ca_rotate_phase,
+    "ca_rotate_finish": secops.ca_rotate_finish,
+    "manager_key_rotate": secops.manager_key_rotate,
+    **raftkeys.OPS,
 }
 
 __all__ = ["ClusterInfo", "ClusterState", "Snapshot"]

@@ -45,7 +45,7 @@ from pysyncobj.journal import (
     ResizableFile,
 )
 
-from shoal.raft import migrate, schema
+from shoal.raft import appendentries, migrate, schema
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, WriteTimeout
 from shoal.raft.models import NodeRole, to_dict
@@ -349,13 +349,50 @@ def _harden_journal(sync: SyncObj) -> None:
                                     on_full=functools.partial(_disk_full, sync))
 
 
-class _TermAckSyncObj(SyncObj):
-    """SyncObj whose append-entries answers (``next_node_idx``) carry the follower's term, so
-    the leader drops answers from another term (raft/transport.py). pysyncobj's carry none: a
-    leader re-elected after losing its leadership counted a delayed "I hold up to N" sent
-    for its previous term's log, committed an entry no majority held, and acknowledged a
-    write the cluster then lost (the fault suite's long run, docs/reliability.md). A method
-    of a subclass, not an instance attribute: the compaction pickles the instance's dict."""
+class _SafeSyncObj(SyncObj):
+    """SyncObj with two follower-side fixes to pysyncobj's append-entries (methods of a
+    subclass, not instance attributes: the compaction pickles the instance's dict).
+
+    * Its answers (``next_node_idx``) carry the follower's term, so the leader drops answers
+      from another term (raft/transport.py). pysyncobj's carry none: a leader re-elected
+      after losing its leadership counted a delayed "I hold up to N" sent for its previous
+      term's log, committed an entry no majority held, and acknowledged a write the cluster
+      then lost (the fault suite's long run, docs/reliability.md).
+    * An incoming append-entries deletes entries only from the first conflict
+      (shoal.raft.appendentries): pysyncobj deleted everything after ``prevLogIdx``, so an
+      older or partial batch shortened a log the follower had acknowledged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # before SyncObj's __init__: it leaves the attributes it finds there out of snapshots
+        self._shoal_transmissions = appendentries.Transmissions()
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        handle = super()._SyncObj__onMessageReceived
+        if not (isinstance(message, dict) and message.get("type") == "append_entries"
+                and "prevLogIdx" in message and message.get("term", -1) >= self._getTerm()):
+            return handle(node, message)
+        if "transmission" in message:
+            whole = self._shoal_transmissions.entry_message(node, message)
+            if whole is None:  # start/process: pysyncobj only buffers and answers
+                return handle(node, message)
+            message = whole
+        me: Any = self  # pysyncobj's private state
+        journal = me._SyncObj__raftLog
+        first = journal[0][1]
+        trimmed, verified = appendentries.trim(
+            message, first, journal[-1][1], lambda i: int(journal[i - first][2]))
+        committed = me._SyncObj__raftCommitIndex
+        handle(node, trimmed)
+        if verified is None:
+            return
+        # pysyncobj commits up to min(leader's commit, its whole log): the tail beyond what
+        # the message verified may be another term's entries
+        allowed = max(committed, min(int(message["commit_index"]), verified))
+        if me._SyncObj__raftCommitIndex > allowed:
+            me._SyncObj__raftCommitIndex = allowed
+            journal.setRaftCommitIndex(allowed)
+        self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=verified + 1, success=True)
 
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
                                   nextNodeIdx: int | None = None,
@@ -446,6 +483,7 @@ class RaftStore:
         bind_addr: str | None = None,
         persist: bool = True,
         link_up: Callable[[str], bool] | None = None,  # tests: see AdmissionTransport
+        extra_passwords: tuple[str, ...] = (),  # also accepted (a Raft secret rotation)
     ) -> None:
         self.config = config or RaftConfig()
         self.config.validate()
@@ -465,6 +503,10 @@ class RaftStore:
             except BaseException:
                 os.close(self._lock_fd)
                 raise
+        # the Raft secret's keyring (None: plaintext, benchmarks); rotated live by
+        # shoal.node.keys through ``set_secrets``
+        self.encryptor: AeadEncryptor | None = AeadEncryptor(password, extra_passwords) \
+            if password else None
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -484,11 +526,11 @@ class RaftStore:
         # Raft messages sealed with AES-256-GCM under the password (pysyncobj's own Fernet
         # is several times slower), incoming connections only from members' addresses:
         # see shoal.raft.transport
-        self._sync = _TermAckSyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
+        self._sync = _SafeSyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
                              consumers=[self.consumer],
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,
-                                 encryptor=AeadEncryptor(password) if password else None))
+                                 encryptor=self.encryptor))
         _harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -47,17 +48,32 @@ class AeadEncryptor:
     ``decrypt``, as Fernet's) with AES-256-GCM. Token: ``01 | timestamp (8) | nonce (12) |
     ciphertext+tag``, the first 9 bytes authenticated as associated data. Nonces are a random
     8-byte prefix per instance and a 4-byte counter (a new prefix when it wraps): unique
-    without relying on 96-bit random collisions over billions of messages."""
+    without relying on 96-bit random collisions over billions of messages.
+
+    A keyring, for rotating the Raft secret without downtime (shoal.node.keys): messages are
+    sealed with the primary secret and opened with the primary or any ``extra`` one;
+    ``set_secrets`` swaps the ring at once. Tokens no key opens are counted
+    (``unknown_tokens``, ``last_unknown``): a manager that missed a rotation sees them and
+    fetches the current secret over mTLS."""
 
     VERSION = 1
 
-    def __init__(self, secret: str) -> None:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"shoal-raft-transport",
-                   info=b"pysyncobj messages v1").derive(secret.encode())
-        self._aead = AESGCM(key)
+    def __init__(self, secret: str, extra: list[str] | tuple[str, ...] = ()) -> None:
         self._lock = threading.Lock()
         self._prefix = os.urandom(8)
         self._counter = itertools.count()
+        self.unknown_tokens = 0
+        self.last_unknown = 0.0  # time.monotonic() of the last token no key opened
+        self.set_secrets(secret, extra)
+
+    @staticmethod
+    def _aead(secret: str) -> AESGCM:
+        return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=b"shoal-raft-transport",
+                           info=b"pysyncobj messages v1").derive(secret.encode()))
+
+    def set_secrets(self, secret: str, extra: list[str] | tuple[str, ...] = ()) -> None:
+        primary = self._aead(secret)
+        self._ring = (primary, *(self._aead(s) for s in dict.fromkeys(extra) if s != secret))
 
     def _nonce(self) -> bytes:
         with self._lock:
@@ -70,7 +86,7 @@ class AeadEncryptor:
     def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
         header = struct.pack(">BQ", self.VERSION, max(0, int(current_time)))
         nonce = self._nonce()
-        return header + nonce + self._aead.encrypt(nonce, data, header)
+        return header + nonce + self._ring[0].encrypt(nonce, data, header)
 
     def extract_timestamp(self, token: bytes) -> int:
         if len(token) < 9 + 12 + 16 or token[0] != self.VERSION:
@@ -78,7 +94,15 @@ class AeadEncryptor:
         return int(struct.unpack(">Q", token[1:9])[0])
 
     def decrypt(self, token: bytes) -> bytes:
-        return self._aead.decrypt(token[9:21], token[21:], token[:9])  # InvalidTag if forged
+        ring = self._ring
+        for aead in ring:
+            try:
+                return aead.decrypt(token[9:21], token[21:], token[:9])
+            except InvalidTag:
+                continue
+        self.unknown_tokens += 1
+        self.last_unknown = time.monotonic()
+        raise InvalidTag  # forged, or sealed with a secret this node does not hold
 
 
 def _peer_ip(conn: Any) -> str | None:
@@ -129,7 +153,7 @@ class AdmissionTransport(TCPTransport):
             return
         if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
                 "term" in message and message["term"] != self._syncObj._getTerm():
-            return  # an answer to another term's append-entries (shoal.raft.store._term_acks)
+            return  # an answer to another term's append-entries (shoal.raft.store._SafeSyncObj)
         super()._onMessageReceived(node, message)
 
     def _warn(self, ip: str | None, msg: str, *args: Any) -> None:

@@ -30,6 +30,8 @@ from shoal.raft.spec import (
 )
 from shoal.raft.spec import parse_constraint as _parse_constraint
 
+# An object id (node, network, secret, config): what the proposing manager generated.
+ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -120,8 +122,9 @@ def spec_error(exc: msgspec.ValidationError) -> ValidationError:
     if "matching regex" in msg:
         from shoal.raft.spec import by_path
         decl = by_path().get(path.replace(".[", "["))
-        msg = f"invalid value: {decl.help}" if decl is not None and decl.help else \
-            "invalid value"
+        from shoal.raft.podspec import sidecar_help
+        help_ = decl.help if decl is not None else sidecar_help(path.replace(".[", "["))
+        msg = f"invalid value: {help_}" if help_ else "invalid value"
     if msg[:1].isupper() and not msg[:2].isupper():
         msg = msg[0].lower() + msg[1:]
     field = path.replace(".[", "[") or "spec"

@@ -49,7 +49,8 @@
  *   H hostname   W workdir   A argv item (repeated)   V env "K=V" (repeated)   P the task's PATH
  *   C a cgroup.procs path (repeated)   R the root mount point (host path)   I init path in task
  *   U uid NUL gid NUL groups(comma-separated)   K capability mask to keep (decimal)
- *   O mount-plan op (repeated, in order)   E end
+ *   O mount-plan op (repeated, in order)   J a network namespace to join (/proc/PID/ns/net:
+ *   a pod's sidecar joins its task's main container; done first, before the cgroups)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
  * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
  * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
@@ -496,6 +497,16 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     if (read_spec()) return 0; /* no complete spec: the agent died (or gave up) before "go" */
     write_all(go_w, "G", 1);   /* the shim records an exit code from now on */
     close(go_w);
+    /* a pod's extra container: into the task's network namespace (its own new one, empty but
+     * for lo, is dropped); /proc is still the host's here, so PID is a host pid */
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag != 'J') continue;
+        char *p = str(&recs[i]);
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || setns(fd, CLONE_NEWNET)) die(125, "cannot join the network namespace %s: %s", p, strerror(errno));
+        close(fd);
+        free(p);
+    }
     /* cgroups first: everything from here on (mounts, the command) is accounted and limited */
     for (int i = 0; i < nrecs; i++) {
         if (recs[i].tag != 'C') continue;

@@ -106,35 +106,6 @@ def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc") -
     os.chmod(tmp, 0o755)
     os.replace(tmp, target)
     return target
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".build-", dir=cache_dir)
-        os.close(fd)
-    except OSError as exc:
-        raise ConfigError(f"cannot create {cache_dir}: {exc}") from exc
-    try:
-        for link in (["-static"], []):  # dynamic if the host has no static libc
-            res = subprocess.run(
-                [cc, "-O2", "-Wall", *link, "-o", tmp, str(SOURCE)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            if res.returncode == 0:
-                break
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        os.unlink(tmp)
-        raise ConfigError(
-            f"cannot build the task launcher with {cc!r} ({exc}); install a C compiler "
-            "(Debian: gcc libc6-dev) or set RuntimeConfig.launcher_path"
-        ) from exc
-    if res.returncode != 0:
-        os.unlink(tmp)
-        raise ConfigError(f"building the task launcher failed: {res.stderr.strip()[-2000:]}")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
-    return target
 
 
 class Spec:

@@ -124,7 +124,8 @@ class ProcessController:
         self._starting_images: dict[str, str] = {}  # task id -> image id, while starting
         # network volumes mounted here: name -> ids of the tasks starting with or using it
         self._vol_users: dict[str, set[str]] = {}
-        self._vol_fds: dict[str, int] = {}  # name -> fd kept open while mounted (sshfs's key)
+        # name -> fds kept open while mounted (sshfs's key and host keys)
+        self._vol_fds: dict[str, tuple[int, ...]] = {}
         self._vol_locks: dict[str, asyncio.Lock] = {}  # name -> held while (un)mounting it
         self._listener: Listener | None = None
         self._boot_id = boot_id()
@@ -312,9 +313,10 @@ class ProcessController:
                 self._vol_users.setdefault(m.source, set()).add(cfg.task_id)
                 path = self._cfg.volumes_dir / m.source
                 if not os.path.ismount(path):
-                    fd = await asyncio.to_thread(volumes.mount, path, m.driver, opts, cfg.files)
-                    if fd is not None:
-                        self._vol_fds[m.source] = fd
+                    fds = await asyncio.to_thread(volumes.mount, path, m.driver, opts,
+                                                  cfg.files)
+                    if fds:
+                        self._vol_fds[m.source] = fds
 
     async def _release_volumes(self, task_id: str, names: tuple[str, ...] = ()) -> None:
         """The task no longer uses its volumes: unmount each network volume no other task
@@ -328,7 +330,7 @@ class ProcessController:
                 self._vol_users.pop(name, None)
                 try:
                     await asyncio.to_thread(volumes.unmount, self._cfg.volumes_dir / name,
-                                            self._vol_fds.pop(name, None))
+                                            self._vol_fds.pop(name, ()))
                 except volumes.VolumeMountFailed as exc:
                     log.warning("runtime: volume %s: %s", name, exc)
 
@@ -435,6 +437,8 @@ class ProcessController:
 
         env = cfg.full_env()
         spec = Spec()
+        if cfg.join_netns:  # a pod's extra container: the task's network, not its own
+            spec.add("J", cfg.join_netns)
         spec.add("H", cfg.hostname)
         spec.add("W", cfg.workdir or "/")
         spec.add("P", env["PATH"])

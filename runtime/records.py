@@ -28,7 +28,8 @@ from shoal.runtime.rootfs import MountSpec, cap_name, check_task_path
 #: PATH given to a task whose env has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}")
+# a task's id; a pod's extra container (shoal.node.pod) runs as "<task id>-<container name>"
+_TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}(-[a-z0-9][a-z0-9-]{0,31})?")
 # RFC 1123 host name; the kernel takes at most 64 bytes.
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*")
@@ -57,7 +58,7 @@ def parse_signal(value: str) -> signal.Signals:
 class TaskConfig:
     """What to run. Immutable; stored as TASKDIR/config.json (without the files' contents)."""
 
-    task_id: str  # unique, [a-z0-9]{1,64}: directory and cgroup name
+    task_id: str  # unique, [a-z0-9]{1,64}[-NAME]: directory and cgroup name
     hostname: str  # set in the task's UTS namespace (RFC 1123, <= 64 bytes)
     command: tuple[str, ...]  # argv; command[0] is looked up in the task's PATH, from workdir,
     #                           inside the task's root filesystem, as the task's user
@@ -80,11 +81,14 @@ class TaskConfig:
     #   (content, mode), written into a tmpfs inside the task (never to disk), read-only, owned
     #   by the task's user: secrets (/run/secrets/NAME, 0o400) and configs
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
+    join_netns: str = ""  # a pod's sidecar or init container: the network namespace it joins
+    #   (/proc/PID/ns/net of the task's main container) instead of a new one; "" = its own
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
         if not isinstance(self.task_id, str) or not _TASK_ID_RE.fullmatch(self.task_id):
-            raise InvalidTaskConfig("task_id", f"must match [a-z0-9]{{1,64}}: {self.task_id!r}")
+            raise InvalidTaskConfig("task_id", f"must match [a-z0-9]{{1,64}}[-NAME]: "
+                                    f"{self.task_id!r}")
         if not isinstance(self.hostname, str) or not _HOSTNAME_RE.fullmatch(self.hostname):
             raise InvalidTaskConfig("hostname", f"not a valid host name: {self.hostname!r}")
         if not self.command or not all(isinstance(a, str) for a in self.command):
@@ -115,6 +119,9 @@ class TaskConfig:
             parse_signal(self.stop_signal)
         except ValueError as exc:
             raise InvalidTaskConfig("stop_signal", str(exc)) from None
+        if self.join_netns and not re.fullmatch(r"/proc/[0-9]{1,10}/ns/net", self.join_netns):
+            raise InvalidTaskConfig("join_netns", f"expected /proc/PID/ns/net: "
+                                    f"{self.join_netns!r}")
         self._validate_limits()
         for name in ("cap_add", "cap_drop"):
             for cap in getattr(self, name):
@@ -212,6 +219,7 @@ class TaskConfig:
                 (str(k), str(v)) for k, v in m.get("driver_opts", ()))})
                 for m in raw.get("mounts", ())),
             extra_hosts=tuple((str(a), str(b)) for a, b in raw.get("extra_hosts", ())),
+            join_netns=str(raw.get("join_netns", "")),
         )
 
 

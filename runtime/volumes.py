@@ -17,9 +17,12 @@ Drivers (``--mount type=volume,src=NAME,dst=/d,volume-driver=D,volume-opt=K=V,..
   kernel shoal is tested on has no NFS client, so only the translation is tested;
 * ``sshfs`` (like the vieux/sshfs plugin): ``sshcmd=USER@HOST:/PATH`` (required), ``port``,
   ``IdentityFile-secret=NAME`` (the private key: the shoal secret NAME, which the task must
-  also use, ``--secret NAME``; it reaches ssh through a memfd, never a file on disk), and a
-  few ssh/sshfs options. Mounted with the ``sshfs`` binary, with keep-alives and reconnect so
-  a dead server fails calls instead of hanging them for ever.
+  also use, ``--secret NAME``; it reaches ssh through a memfd, never a file on disk),
+  ``KnownHosts-secret=NAME`` (the server's host keys, known_hosts lines, the same way: ssh
+  then refuses any other host key; without it the host key is not checked, as the plugin's
+  usual ``StrictHostKeyChecking=no``), and a few ssh/sshfs options. Mounted with the
+  ``sshfs`` binary, with keep-alives and reconnect so a dead server fails calls instead of
+  hanging them for ever.
 
 Every driver takes ``single-writer=true|false``: the scheduler never lets two tasks mount
 such a volume read-write at once.
@@ -124,14 +127,22 @@ def local_mount_call(opts: Mapping[str, str]) -> MountCall | None:
 
 @dataclass(frozen=True)
 class SshfsCall:
-    """How sshfs is run for a volume: its argv and the secret holding the key (if any)."""
+    """How sshfs is run for a volume: its argv and the secrets holding the key and the
+    server's host keys ("" when not given)."""
 
     argv: tuple[str, ...]
     key_secret: str
+    known_hosts_secret: str = ""
 
 
-def sshfs_call(opts: Mapping[str, str], mountpoint: str, key_path: str = "KEY") -> SshfsCall:
-    """vieux/sshfs's options → the sshfs command line (``key_path``: where ssh reads the key).
+_SECRET_OPTS = {"identityfile-secret": "IdentityFile-secret",
+                "knownhosts-secret": "KnownHosts-secret"}
+
+
+def sshfs_call(opts: Mapping[str, str], mountpoint: str, key_path: str = "KEY",
+               known_hosts_path: str = "KNOWN_HOSTS") -> SshfsCall:
+    """vieux/sshfs's options → the sshfs command line (``key_path``, ``known_hosts_path``:
+    where ssh reads the key and the host keys).
     BatchMode (never a prompt), keep-alives and reconnect bound how long a dead server can
     block a call; allow_other lets a task's non-root user in."""
     sshcmd = opts.get("sshcmd", "")
@@ -149,27 +160,34 @@ def sshfs_call(opts: Mapping[str, str], mountpoint: str, key_path: str = "KEY") 
     passed = {}
     for key, value in opts.items():
         low = key.lower()
-        if low in ("sshcmd", "port", "identityfile-secret", "single-writer"):
+        if low in ("sshcmd", "port", "single-writer", *_SECRET_OPTS):
             continue
         if low not in _SSHFS_PASS:
             raise VolumeOptionError(f"volume-opt {key}", "not an sshfs option shoal passes "
                                     f"on (known: sshcmd, port, IdentityFile-secret, "
-                                    f"single-writer, {', '.join(sorted(_SSHFS_PASS.values()))})")
+                                    f"KnownHosts-secret, single-writer, "
+                                    f"{', '.join(sorted(_SSHFS_PASS.values()))})")
         if not re.match(r"^[A-Za-z0-9._/-]*$", value):
             raise VolumeOptionError(f"volume-opt {key}", f"unsafe value {value!r}")
         passed[_SSHFS_PASS[low]] = value
     o = [x for x in o if x.split("=", 1)[0] not in passed] + [
         f"{k}={v}" for k, v in sorted(passed.items())]
-    secret = ""
+    named = {}
     for key, value in opts.items():
-        if key.lower() == "identityfile-secret":
+        if key.lower() in _SECRET_OPTS:
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", value):
-                raise VolumeOptionError("volume-opt IdentityFile-secret",
+                raise VolumeOptionError(f"volume-opt {_SECRET_OPTS[key.lower()]}",
                                         f"must name a secret, got {value!r}")
-            secret = value
-            o.append(f"IdentityFile={key_path}")
+            named[key.lower()] = value
+    if "identityfile-secret" in named:
+        o.append(f"IdentityFile={key_path}")
+    if "knownhosts-secret" in named:
+        o = [x for x in o if not x.startswith(("StrictHostKeyChecking=",
+                                               "UserKnownHostsFile="))]
+        o += ["StrictHostKeyChecking=yes", f"UserKnownHostsFile={known_hosts_path}"]
     argv = (SSHFS, sshcmd, mountpoint, "-p", port, "-o", ",".join(o))
-    return SshfsCall(argv, secret)
+    return SshfsCall(argv, named.get("identityfile-secret", ""),
+                     named.get("knownhosts-secret", ""))
 
 
 def check(driver: str, opts: Mapping[str, str]) -> None:
@@ -192,8 +210,8 @@ class Driver(Protocol):
     def check(self, opts: Mapping[str, str]) -> None: ...
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> int | None:
-        """Mount the volume at ``path``; returns an fd to keep open while it is mounted."""
+              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
+        """Mount the volume at ``path``; returns fds to keep open while it is mounted."""
         ...
 
 
@@ -206,10 +224,10 @@ class LocalDriver:
         local_mount_call(opts)
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> int | None:
+              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
         call = local_mount_call(opts)
         if call is None:
-            return None
+            return ()
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         rc = libc.mount(call.source.encode(), str(path).encode(), call.fstype.encode(),
                         ctypes.c_ulong(call.flags), call.data.encode())
@@ -217,7 +235,7 @@ class LocalDriver:
             err = ctypes.get_errno()
             raise VolumeMountFailed(f"mount -t {call.fstype} {call.source} {path}: "
                                     f"{os.strerror(err)}")
-        return None
+        return ()
 
 
 class SshfsDriver:
@@ -225,31 +243,39 @@ class SshfsDriver:
         sshfs_call(opts, "/")
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> int | None:
+              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
         call = sshfs_call(opts, str(path))
-        fd = None
-        argv = list(call.argv)
-        if call.key_secret:
-            key = files.get(f"{SECRETS_DIR}/{call.key_secret}")
-            if key is None:
-                raise VolumeOptionError("volume-opt IdentityFile-secret",
-                                        f"the task must use the secret {call.key_secret!r} "
-                                        f"(--secret {call.key_secret})")
-            fd = os.memfd_create(f"shoal-volume-key-{path.name}", os.MFD_CLOEXEC)
-            os.write(fd, key[0])
-            os.fchmod(fd, 0o600)
-            argv = list(sshfs_call(opts, str(path), f"/proc/{os.getpid()}/fd/{fd}").argv)
+        fds: list[int] = []
+        paths = {}
         try:
-            # (ssh reads the key through this process's /proc entry while the fd is open)
+            for secret, what, opt in ((call.key_secret, "key", "IdentityFile-secret"),
+                                      (call.known_hosts_secret, "known-hosts",
+                                       "KnownHosts-secret")):
+                if not secret:
+                    continue
+                data = files.get(f"{SECRETS_DIR}/{secret}")
+                if data is None:
+                    raise VolumeOptionError(f"volume-opt {opt}", f"the task must use the "
+                                            f"secret {secret!r} (--secret {secret})")
+                fd = os.memfd_create(f"shoal-volume-{what}-{path.name}", os.MFD_CLOEXEC)
+                fds.append(fd)
+                os.write(fd, data[0])
+                os.fchmod(fd, 0o600)
+                paths[what] = f"/proc/{os.getpid()}/fd/{fd}"
+            argv = list(sshfs_call(opts, str(path), paths.get("key", "KEY"),
+                                   paths.get("known-hosts", "KNOWN_HOSTS")).argv)
+            # (ssh reads them through this process's /proc entries while the fds are open)
             subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True,
                            timeout=MOUNT_TIMEOUT)
-        except (OSError, subprocess.SubprocessError) as exc:
-            if fd is not None:
+        except (OSError, subprocess.SubprocessError, VolumeOptionError) as exc:
+            for fd in fds:
                 os.close(fd)
+            if isinstance(exc, VolumeOptionError):
+                raise
             why = getattr(exc, "stderr", b"") or b""
             raise VolumeMountFailed(f"sshfs {call.argv[1]} failed: "
                                     f"{why.decode(errors='replace').strip() or exc}") from exc
-        return fd
+        return tuple(fds)
 
 
 def _driver(name: str) -> Driver:
@@ -262,18 +288,19 @@ def _driver(name: str) -> Driver:
 
 
 def mount(path: Path, driver: str, opts: Mapping[str, str],
-          files: Mapping[str, tuple[bytes, int]]) -> int | None:
+          files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
     """Mount a network volume at ``path`` (made if missing); a no-op when it is mounted
-    already (e.g. by a task adopted after an agent restart)."""
+    already (e.g. by a task adopted after an agent restart). Returns the fds to keep open
+    while it is mounted (sshfs's key and host keys), for ``unmount``."""
     path.mkdir(mode=0o755, exist_ok=True)
     if os.path.ismount(path):
-        return None
+        return ()
     return _driver(driver).mount(path, opts, files)
 
 
-def unmount(path: Path, fd: int | None = None) -> None:
+def unmount(path: Path, fds: tuple[int, ...] = ()) -> None:
     """Unmount ``path`` if it is a mount point (lazily: a call blocked on a dead server does
-    not keep it), then close the key's fd."""
+    not keep it), then close the fds ``mount`` returned."""
     try:
         if os.path.ismount(path):
             libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -281,7 +308,7 @@ def unmount(path: Path, fd: int | None = None) -> None:
                 err = ctypes.get_errno()
                 raise VolumeMountFailed(f"umount {path}: {os.strerror(err)}")
     finally:
-        if fd is not None:
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 

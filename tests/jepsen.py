@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
@@ -46,7 +47,7 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 from netlab import Host, Lab
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
-         "partition-majority", "bridge", "loss", "disk-full")
+         "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
 DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
 
@@ -331,6 +332,20 @@ class Suite:
                 await asyncio.to_thread(fill_disk, target.data_dir / "raft" / "filler")
                 heals.append(functools.partial(self._free_disk, target))
                 said.append(f"disk-full {target.name}")
+            elif kind == "slow-links":  # tc tbf on the leader and about half the others
+                rate = rng.choice(("256kbit", "1mbit", "4mbit"))
+                slow = [h for h in everyone if h is leader or rng.random() < 0.5]
+                await asyncio.to_thread(self._throttle, slow, rate)
+                said.append(f"slow-links {rate} {[h.name for h in slow]}")
+                heals.append(self._heal_net)
+            elif kind == "clock-skew":  # a manager restarted with its wall clock off
+                target = rng.choice(up)
+                offset = rng.choice((-1, 1)) * rng.randint(60, 600)
+                self.down.add(target.name)
+                await asyncio.to_thread(self._restart_skewed, target, offset)
+                self.down.discard(target.name)
+                heals.append(functools.partial(self._unskew, target))
+                said.append(f"clock-skew {target.name} {offset:+d} s")
             elif kind == "loss":
                 p = round(rng.uniform(0.1, 0.3), 2)
                 await asyncio.to_thread(self._lose, everyone, p)
@@ -355,6 +370,28 @@ class Suite:
     def _lose(hosts: list[Host], p: float) -> None:
         for h in hosts:
             h.lose(p)
+
+    @staticmethod
+    def _throttle(hosts: list[Host], rate: str) -> None:
+        for h in hosts:
+            h.throttle(rate)
+
+    @staticmethod
+    def _restart_skewed(h: Host, offset: int) -> None:
+        """Restart ``h``'s agent with its wall clock ``offset`` seconds off (the hosts share
+        one kernel clock: shoal.node.clock's injection)."""
+        h.kill_agent()
+        h.use_shoal(None, env={"SHOAL_CLOCK_OFFSET": str(offset)})
+        h.start_agent()
+
+    async def _unskew(self, h: Host) -> None:
+        def restart() -> None:
+            h.kill_agent()
+            h.use_shoal(None)
+            h.start_agent()
+        self.down.add(h.name)
+        await asyncio.to_thread(restart)
+        self.down.discard(h.name)
 
     async def _heal_net(self) -> None:
         def heal() -> None:
@@ -467,6 +504,9 @@ class Suite:
 def fill_disk(path: Path) -> int:
     """Write zeros into ``path`` until its filesystem is full (to the last byte); the bytes
     written."""
+    st = os.statvfs(path.parent)
+    if st.f_blocks * st.f_frsize > 1 << 30:  # never the machine's own disk
+        raise RuntimeError(f"{path.parent} is not a small test filesystem (see small_disks)")
     written = 0
     with open(path, "ab", buffering=0) as fh:
         for size in (1 << 16, 4096, 512, 1):

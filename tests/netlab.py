@@ -638,6 +638,21 @@ def sweep(verbose: bool = False) -> list[str]:
 # Hosts and labs
 
 
+# Host.http_get's script: GET each URL (argv[2:]) with a timeout of argv[1] s; print one JSON
+# list of [status or repr(error), body].
+_HTTP_GET = r"""
+import json, sys, urllib.request
+out = []
+for url in sys.argv[2:]:
+    try:
+        with urllib.request.urlopen(url, timeout=float(sys.argv[1])) as r:
+            out.append([r.status, r.read().decode().strip()])
+    except Exception as exc:
+        out.append([repr(exc), ""])
+print(json.dumps(out))
+"""
+
+
 class Host:
     """One lab host: a network namespace with one address, a data dir and (maybe) an agent."""
 
@@ -839,6 +854,14 @@ class Host:
             raise CommandError(list(res.args), res.returncode, res.stdout,
                                f"{res.stderr}\n(stdout is not JSON: {exc})") from exc
 
+    def http_get(self, *urls: str, url_timeout: float = 10.0, timeout: float = 120.0
+                 ) -> list[tuple[Any, str]]:
+        """GET each of ``urls`` from inside this host, one after another: (status, body), or
+        (repr of the error, "") for one that failed; ``url_timeout`` s each, ``timeout`` s in
+        all (CommandError past it)."""
+        res = self.run("python3", "-c", _HTTP_GET, str(url_timeout), *urls, timeout=timeout)
+        return [(status, body) for status, body in json.loads(res.stdout)]
+
     # -- the network ----------------------------------------------------------------------
 
     def cut_link(self) -> None:
@@ -876,10 +899,17 @@ class Host:
         self._iptables("-A", FAULT_CHAIN, "-m", "statistic", "--mode", "random",
                        "--probability", f"{probability:.4f}", "-j", "DROP")
 
+    def throttle(self, rate: str) -> None:
+        """Limit what this host sends to ``rate`` (e.g. ``"512kbit"``): a token bucket (tc
+        tbf) on its interface, in its own namespace; queued beyond 400 ms is dropped."""
+        _run(["tc", "-n", self.netns, "qdisc", "replace", "dev", self.ifname, "root", "tbf",
+              "rate", rate, "burst", "32kbit", "latency", "400ms"], check=True)
+
     def heal(self) -> None:
-        """Remove every rule block() and lose() added."""
+        """Remove every rule block() and lose() added, and a throttle()."""
         self._fault_chain()
         self._iptables("-F", FAULT_CHAIN)
+        _run(["tc", "-n", self.netns, "qdisc", "del", "dev", self.ifname, "root"])  # (none: fails)
 
     def pause_agent(self) -> None:
         """SIGSTOP the agent (its Raft, gossip and API freeze; the kernel keeps its sockets)."""

@@ -44,12 +44,6 @@ HTPASSWD = "/usr/bin/htpasswd"
 BUSYBOX = "/bin/busybox"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # ---------------------------------------------------------------------------- test CA
 def make_ca(dest: Path, ips: Sequence[str]) -> tuple[Path, Path, Path]:
     """(ca.pem, cert.pem, key.pem): a CA and a server certificate for ``ips``."""

@@ -15,83 +15,28 @@ The number of cases per route is printed (``-s``) and recorded in docs/reliabili
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+import fuzzharness
 import pytest
 import requests
 import schemathesis
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from test_openapi import make_server
 
 from shoal.node import openapi, pki, sealing
-from shoal.node.errors import Conflict
-from shoal.node.limits import ClientLimits, LimitsConfig
-from shoal.node.pki import CertInfo
 from shoal.raft.schema import SCHEMA as SCHEMA_VERSION
 
 EXAMPLES = 40  # per route and mode: ~55 routes x 2 modes x 40 = 4,400 requests
-# follow=true streams never end by themselves: read what comes for this long, then go on
-STREAM_READ = 0.5
 
 
-class Membership:
-    """This node's lifecycle as the routes see it, answering like a member would."""
+class Served(fuzzharness.Served):
+    """The user API on http://127.0.0.1:PORT of a one-manager cluster with its CA."""
 
-    def info(self) -> dict[str, Any]:
-        return {"hostname": "h1", "addr": "127.0.0.1", "member": True}
-
-    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
-                   ) -> dict[str, Any]:
-        raise Conflict("this node is already part of a cluster", code="already_member")
-
-    async def join(self, token: str, remote: str) -> dict[str, Any]:
-        raise Conflict("this node is already part of a cluster", code="already_member")
-
-    async def leave(self, force: bool) -> dict[str, Any]:
-        raise Conflict("leaving is not fuzzed", code="not_fuzzed")
-
-    async def role_changed(self, peer: CertInfo | None, role: Any) -> dict[str, Any]:
-        raise Conflict("not fuzzed", code="not_fuzzed")
-
-
-class Served:
-    """The API server on 127.0.0.1:PORT, its event loop in a background thread."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.tmp_path = tmp_path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.stop = asyncio.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        server, store, ctx = make_server(self.tmp_path)
-        server.c.lifecycle = Membership()
-        # no request limits: the fuzzer's thousands of requests must all reach the handlers
-        server.limits = {k: ClientLimits(LimitsConfig(max_inflight=0, rate=0))
-                         for k in server.limits}
-        # a manager with the cluster's keys and CA, as `shoal init` makes it (node/agent.py)
-        assert ctx.identity is not None
-        manager_key = sealing.new_key()
-        ctx.use(replace(ctx.identity, manager_key=manager_key), store, store)
+    async def serve(self, server: Any, store: Any, ctx: Any, manager_key: bytes
+                    ) -> web.AppRunner:
         ca_pem, ca_key = pki.create_ca("c1", time.time())
         sec = server.c.security
         await store.propose({"op": "cluster_init", "cluster_id": "c1", "now": time.time(),
@@ -104,28 +49,14 @@ class Served:
         runner = web.AppRunner(server.local_app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        self.ready.set()
-        await self.stop.wait()
-        await runner.cleanup()
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
+        return runner
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with Served(tmp_path_factory.mktemp("fuzz")) as s:
         yield s
-    total = sum(sum(c.values()) for c in COUNTS.values())
-    print(f"\nAPI fuzz: {total} requests over {len(COUNTS)} route/mode pairs")
-    for label, counts in sorted(COUNTS.items()):
-        print(f"  {label}: {sum(counts.values())} cases, statuses {dict(sorted(counts.items()))}")
+    fuzzharness.report("API fuzz", COUNTS, "route/mode")
 
 
 SCHEMA = schemathesis.openapi.from_dict(openapi.openapi())
@@ -146,20 +77,7 @@ MALFORMED_OPS = [op for op in USER_OPS if _breakable(op)]
 # status "unavailable"): gossip key rotation needs a running memberlist (tested for real in
 # tests/test_gossip_keys.py).
 ABSENT = {"POST /v1/gossip/rotate-key"}
-COUNTS: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-
-
-def _check(op_label: str, case: Any, resp: requests.Response) -> None:
-    COUNTS[op_label][resp.status_code] += 1
-    where = f"{case.method} {case.formatted_path} query={case.query!r} body={case.body!r}"
-    if resp.status_code == 503 and case.operation.label in ABSENT:
-        assert resp.json()["error"]["code"] == "unavailable"
-        return
-    assert resp.status_code < 500, f"{resp.status_code} {resp.text[:300]} for {where}"
-    if resp.status_code >= 400:
-        err = resp.json()["error"]
-        assert set(err) == {"code", "message", "field"}, (err, where)
-        assert err["message"], (err, where)
+COUNTS = fuzzharness.new_counts()
 
 
 @pytest.mark.parametrize(("op", "mode"), [
@@ -169,16 +87,12 @@ def _check(op_label: str, case: Any, resp: requests.Response) -> None:
 def test_no_request_gets_a_server_error(served: Served, op: Any, mode: GenerationMode) -> None:
     """Valid and malformed requests of every user route: never a 5xx, errors in the
     documented shape."""
-    session = requests.Session()
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(op.as_strategy(generation_mode=mode))
-    def run(case: Any) -> None:
-        try:
-            resp = case.call(base_url=served.url, session=session, timeout=(5, STREAM_READ))
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            return  # a followed stream: it was accepted and is streaming
-        _check(f"{op.label} {mode.value}", case, resp)
+    label = f"{op.label} {mode.value}"
 
-    run()
+    def check(case: Any, resp: requests.Response) -> None:
+        where = f"{case.method} {case.formatted_path} query={case.query!r} body={case.body!r}"
+        fuzzharness.check_reply(COUNTS, label, resp, where,
+                                absent=case.operation.label in ABSENT)
+
+    fuzzharness.fuzz_schema(op, mode, served.url, requests.Session(), EXAMPLES, check)
     assert requests.get(f"{served.url}/v1/info", timeout=5).status_code == 200

@@ -178,12 +178,32 @@ def test_autolock_unlock_key_rotation_and_ca_rotation_with_every_manager_restart
     h1.cli("service", "scale", "calm=5")
     wait_until(lambda: len(tasks(h1, "calm")) == 5, timeout=60, what="scaled to 5")
     assert new_digest in h1.cli("join-token", "worker", "-q").stdout
-    # a new managers' key: everything re-sealed; the other managers fetch it over mTLS
+    # new managers' keys while h3 is down: everything re-sealed under a new managers' key
+    # (the others fetch it over mTLS), and a new Raft secret: h1 and h2 accept it, send with
+    # it, drop the old one, and the cluster stays writable. h3 comes back on the old secret,
+    # cannot open its peers' messages, and fetches the new one over mTLS (still a manager)
+    def wrapped(h: Host) -> dict[str, str]:
+        return sealing.unwrap_keys(key2, node_json(h)["node_id"], node_json(h)["key_wrap"])
+
     def managers_key(h: Host) -> str:
-        return sealing.unwrap_keys(key2, node_json(h)["node_id"], node_json(h)["key_wrap"]
-                                   )["manager_key"]
-    old_mk = managers_key(h1)
-    assert "re-sealed" in h1.cli("swarm", "rotate-key").stdout
+        return wrapped(h)["manager_key"]
+    old_mk, old_raft = managers_key(h1), wrapped(h1)["raft_password"]
+    h3.kill_agent(signal.SIGKILL)  # (a planned restart would keep it "ready" for the grace)
+    wait_until(lambda: any(n["hostname"] == "h3" and n["state"] == "down"
+                           for n in h1.cli_json("node", "ls")), timeout=60, what="h3 down")
+    out = h1.cli("swarm", "rotate-key", timeout=180).stdout
+    assert "re-sealed" in out and "Rotated the Raft secret" in out, out
+    new_raft = {wrapped(h)["raft_password"] for h in (h1, h2)}
+    assert len(new_raft) == 1 and old_raft not in new_raft, "h1, h2: one new Raft secret"
+    wait_until(lambda: all(not wrapped(h).get("raft_extra") for h in (h1, h2)), timeout=30,
+               what="h1, h2 dropping the old Raft secret")
+    h2.cli("secret", "create", "after-raft-rotation", "/etc/hostname")
+    h3.start_agent(*GRACE)
+    unlock(h3, key2)
+    wait_until(lambda: "after-raft-rotation" in h3.cli("secret", "ls").stdout, timeout=90,
+               what="h3 back in Raft on the new secret")
+    wait_until(lambda: wrapped(h3)["raft_password"] in new_raft and not wrapped(h3).get(
+        "raft_extra"), timeout=30, what="h3 holding only the new Raft secret")
     wait_until(lambda: len({managers_key(h) for h in (h1, h2, h3)} - {old_mk}) == 1 and
                old_mk not in {managers_key(h) for h in (h1, h2, h3)}, timeout=60,
                what="every manager on the new managers' key (wrapped at rest)")

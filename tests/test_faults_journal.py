@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import until
 from test_raft_restart import FAST, _port
-from test_raft_store import _wait
 
 from shoal.raft.store import RaftStore
 
@@ -36,7 +36,7 @@ async def test_a_kill_inside_the_journal_truncation_loses_no_acknowledged_entry(
     assert "written" in proc.stdout  # all 30 writes were acknowledged before the kill
     store = RaftStore(addr, [addr], data, None, config=FAST)
     try:
-        await _wait(lambda: store.is_leader() and store.is_ready(), 20.0)
+        await until(lambda: store.is_leader() and store.is_ready(), 20.0)
         await asyncio.sleep(0.3)
         assert len(store.snapshot().services) == 30
     finally:

@@ -10,37 +10,18 @@ Jepsen found in etcd and Consul — and must still refuse a read it cannot confi
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_ports, until
 
 from shoal.raft.errors import NotReady
 from shoal.raft.store import RaftConfig, RaftStore
 
 # the deposed leader keeps believing it leads for the whole test (steps down only after 60 s)
 CFG = RaftConfig(leader_fallback_timeout=60.0, write_timeout=5.0)
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-async def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        assert time.monotonic() < deadline, f"not in {timeout}s: {what}"
-        await asyncio.sleep(0.02)
-    return value
 
 
 def _create(sid: str) -> dict[str, Any]:
@@ -50,7 +31,7 @@ def _create(sid: str) -> dict[str, Any]:
 
 async def test_a_deposed_leader_cut_off_by_a_partition_serves_no_stale_read(
         tmp_path: Path) -> None:
-    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     cut: set[str] = set()  # the minority side of the partition
 
     def link(me: str) -> Callable[[str], bool]:
@@ -59,7 +40,7 @@ async def test_a_deposed_leader_cut_off_by_a_partition_serves_no_stale_read(
     stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=CFG, persist=False,
                         link_up=link(a)) for i, a in enumerate(addrs)]
     try:
-        old = await _wait(lambda: next((s for s in stores if s.is_leader() and all(
+        old = await until(lambda: next((s for s in stores if s.is_leader() and all(
             x.is_ready() for x in stores)), None), 60.0, "a leader, every replica ready")
         await old.propose(_create("before"))
         for s in stores:  # leader and followers: each confirms and then sees the write
@@ -68,7 +49,7 @@ async def test_a_deposed_leader_cut_off_by_a_partition_serves_no_stale_read(
 
         cut.add(str(old.self_addr))
         majority = [s for s in stores if s is not old]
-        new = await _wait(lambda: next((s for s in majority if s.is_leader()), None), 30.0,
+        new = await until(lambda: next((s for s in majority if s.is_leader()), None), 30.0,
                           "a new leader on the majority side")
         await new.propose(_create("after"))
         assert old._sync._isLeader(), "the cut-off leader should still believe it leads"
@@ -83,7 +64,7 @@ async def test_a_deposed_leader_cut_off_by_a_partition_serves_no_stale_read(
             assert "after" in s.snapshot().services
 
         cut.clear()  # heal: the old leader learns the new term and catches up
-        await _wait(lambda: not old._sync._isLeader(), 30.0, "the old leader steps down")
+        await until(lambda: not old._sync._isLeader(), 30.0, "the old leader steps down")
         await old.read_barrier(timeout=15.0)
         assert "after" in old.snapshot().services
     finally:
@@ -94,10 +75,10 @@ async def test_a_deposed_leader_cut_off_by_a_partition_serves_no_stale_read(
 async def test_reads_waiting_together_share_one_barrier(tmp_path: Path) -> None:
     """Concurrent reads cost one log entry, not one each (a read never joins a barrier
     sent before it began: the next batch gets a new one)."""
-    addr = f"127.0.0.1:{_ports(1)[0]}"
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
     store = RaftStore(addr, [addr], tmp_path / "n", "secret", config=CFG, persist=False)
     try:
-        await _wait(lambda: store.is_leader() and store.is_ready(), 30.0, "a ready leader")
+        await until(lambda: store.is_leader() and store.is_ready(), 30.0, "a ready leader")
         before = store.index
         await asyncio.gather(*(store.read_barrier() for _ in range(20)))
         assert store.index == before + 1

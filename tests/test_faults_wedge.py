@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from test_faults_reads import _ports, _wait
+from helpers import free_ports, until
 
 from shoal.raft.state import ClusterState
 from shoal.raft.store import RaftConfig, RaftStore
@@ -30,11 +30,11 @@ def test_the_state_machine_records_a_malformed_leader_batch_instead_of_raising(
 
 
 async def test_a_poisoned_entry_does_not_wedge_the_replicas(tmp_path: Path) -> None:
-    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", persist=False,
                         config=RaftConfig(write_timeout=10.0)) for i, a in enumerate(addrs)]
     try:
-        leader = await _wait(lambda: next((s for s in stores if s.is_leader() and all(
+        leader = await until(lambda: next((s for s in stores if s.is_leader() and all(
             x.is_ready() for x in stores)), None), 60.0, "a leader, every replica ready")
         loop = asyncio.get_running_loop()
         for cmd in POISON:  # straight into the log, as a buggy or hostile proposer would
@@ -44,7 +44,7 @@ async def test_a_poisoned_entry_does_not_wedge_the_replicas(tmp_path: Path) -> N
             assert await asyncio.wait_for(done, 10.0) == 0
         await leader.propose({"op": "service_create", "id": "s1", "now": 1.0,
                               "spec": {"name": "after", "command": ["true"]}})
-        await _wait(lambda: all("s1" in s.snapshot().services for s in stores), 10.0,
+        await until(lambda: all("s1" in s.snapshot().services for s in stores), 10.0,
                     "every replica applies the write after the poisoned entries")
     finally:
         for s in stores:

@@ -7,7 +7,6 @@ values get one clear error naming the flag. Requests come from lab hosts (``pyth
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,23 +23,9 @@ pytestmark = pytest.mark.netns
 SERVER = ("mkdir -p /tmp/w; cd /tmp/w || exit 1; cat /proc/sys/kernel/random/uuid > id; "
           "(sleep $1; echo ok > health) & exec python3 -m http.server 8000 --bind 0.0.0.0")
 
-# GET each URL (argv[1:]); print one JSON list of [status or error, body].
-FETCH = r"""
-import json, sys, urllib.request
-out = []
-for url in sys.argv[1:]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            out.append([r.status, r.read().decode().strip()])
-    except Exception as exc:
-        out.append([type(exc).__name__, ""])
-print(json.dumps(out))
-"""
-
 
 def fetch(host: Host, url: str, n: int) -> list[tuple[Any, str]]:
-    res = host.run("python3", "-c", FETCH, *[url] * n, timeout=60)
-    return [(s, b) for s, b in json.loads(res.stdout)]
+    return host.http_get(*[url] * n, url_timeout=5, timeout=60)
 
 
 def token(lab: Lab, t: dict[str, Any]) -> str:

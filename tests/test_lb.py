@@ -21,6 +21,7 @@ from typing import Any, cast
 import msgpack
 import pytest
 import uvloop
+from helpers import free_port
 
 from shoal.lb import (
     Algorithm,
@@ -41,12 +42,6 @@ HOST = "127.0.0.1"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class Backend:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_lb import (  # noqa: F401  (lb, backends: fixtures)
     HOST,
@@ -18,7 +19,6 @@ from test_lb import (  # noqa: F401  (lb, backends: fixtures)
     UdpBackend,
     backends,
     eventually,
-    free_port,
     lb,
     service,
 )

@@ -70,23 +70,9 @@ srv.daemon_threads = True
 srv.serve_forever()
 """
 
-# Fetch URLs (argv[1:]) from a lab host; print one JSON list of [status or error, body].
-FETCH = r"""
-import json, sys, urllib.request
-out = []
-for url in sys.argv[1:]:
-    try:
-        with urllib.request.urlopen(url, timeout=15) as r:
-            out.append([r.status, r.read().decode()])
-    except Exception as exc:
-        out.append([repr(exc), ""])
-print(json.dumps(out))
-"""
-
 
 def fetch(host: Host, *urls: str, timeout: float = 120.0) -> list[tuple[Any, str]]:
-    res = host.run("python3", "-c", FETCH, *urls, timeout=timeout)
-    return [(s, b) for s, b in json.loads(res.stdout)]
+    return host.http_get(*urls, url_timeout=15, timeout=timeout)
 
 
 def wait_running(host: Host, service: str, n: int, timeout: float = 60.0

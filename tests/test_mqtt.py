@@ -1,5 +1,6 @@
-"""The MQTT bridge (shoal.node.mqtt) against a REAL broker: Debian's mosquitto, started by
-the test on loopback with a generated config — TLS from a test CA, a password file, an ACL,
+"""The MQTT bridge (shoal.node.mqttbridge, shoal.node.mqtt) against a REAL broker: Debian's
+mosquitto, started by the test on loopback with a generated config — TLS from a test CA, a
+password file, an ACL,
 a second listener that authenticates by client certificate, persistence. The cluster is
 the one-manager in-memory store behind a real ApiServer (wired like the agent), so the
 services the tests create go through the real API and the real event ring.
@@ -17,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,9 +34,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import free_port
 
 from shoal.node.events import EventLog, EventsConfig
-from shoal.node.mqtt import MqttBridge, MqttConfig, sign_scale
+from shoal.node.mqttbridge import MqttBridge
+from shoal.node.mqttconfig import MqttConfig, sign_scale
 
 PREFIX = "shoal/c1"
 PASSWORDS = {"admin": "admin-pw", "node1": "node1-secret-pw", "reader": "reader-pw",
@@ -87,12 +89,6 @@ def _write(path: Path, key: Any, cert: x509.Certificate) -> None:
         serialization.NoEncryption()))
     path.with_suffix(".key").chmod(0o600)
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:
@@ -356,7 +352,7 @@ async def test_a_wrong_password_is_refused_reported_clearly_and_never_logged(
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.parser import text_string_to_metric_families
         reg = CollectorRegistry()
-        from shoal.node.mqtt import MqttCollector
+        from shoal.node.mqttbridge import MqttCollector
         reg.register(MqttCollector(b))
         fams = {f.name: f for f in text_string_to_metric_families(
             generate_latest(reg).decode())}
@@ -470,7 +466,8 @@ import asyncio, sys
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext
 from shoal.node.events import EventLog
-from shoal.node.mqtt import MqttBridge, MqttConfig, sign_scale
+from shoal.node.mqttbridge import MqttBridge
+from shoal.node.mqttconfig import MqttConfig, sign_scale
 from shoal.node.source import MemoryStore
 
 async def main():

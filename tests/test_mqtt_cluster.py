@@ -19,7 +19,7 @@ from test_events_cluster import scrape
 from test_mqtt import PASSWORDS, Broker
 
 from netlab import Lab, wait_until
-from shoal.node.mqtt import sign_scale
+from shoal.node.mqttconfig import sign_scale
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(shutil.which("mosquitto_sub") is None,

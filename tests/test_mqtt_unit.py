@@ -14,7 +14,8 @@ import aiomqtt
 import pytest
 
 from shoal.node.config import AgentConfig
-from shoal.node.mqtt import MqttConfig, backoff, classify, service_states
+from shoal.node.mqttbridge import service_states
+from shoal.node.mqttconfig import MqttConfig, backoff, classify
 from shoal.node.source import MemoryStore
 from shoal.raft import spec
 from shoal.raft.models import Node, NodeRole, Service, Task, TaskState, TaskStatus

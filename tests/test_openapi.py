@@ -185,7 +185,7 @@ def test_every_operation_has_an_id_a_summary_path_parameters_and_error_replies()
     assert len(ids) == len(set(ids))
     logs = doc["paths"]["/v1/services/{ref}/logs"]["get"]
     assert {p["name"] for p in logs["parameters"] if p["in"] == "query"} == {
-        "tail", "since", "timestamps", "follow"}
+        "tail", "since", "timestamps", "follow", "container"}
     assert "application/x-ndjson" in logs["responses"]["200"]["content"]
     codes = doc["components"]["responses"]["Conflict"]["description"]
     assert "exists" in codes and "not_in_cluster" in codes

@@ -24,69 +24,43 @@ The number of cases per route is printed (``-s``) and recorded in docs/reliabili
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import fuzzharness
 import msgpack
 import pytest
 import requests
 import schemathesis
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
 from requests.adapters import HTTPAdapter
 from schemathesis import GenerationMode
-from test_api_fuzz import Membership
 from test_events_api import boot
-from test_openapi import make_server
 
 from shoal.node import openapi, pki, sealing
-from shoal.node.limits import ClientLimits, LimitsConfig
 from shoal.raft.models import to_dict
 from shoal.raft.schema import SCHEMA as SCHEMA_VERSION
 
 EXAMPLES = 20  # per route and mode (+ ~600 hand-made cases): ~1,100 requests
-STREAM_READ = 0.5  # a followed log stream never ends by itself: read this long, go on
 
 
-class Served:
-    """The peer API on https://127.0.0.1:PORT (TLS, the cluster's certificates), its event
-    loop in a background thread; ``state()`` is the replicated state without its index."""
+class Served(fuzzharness.Served):
+    """The peer API on https://127.0.0.1:PORT (TLS, the cluster's certificates);
+    ``state()`` is the replicated state without its index."""
+
+    scheme = "https"
 
     def __init__(self, tmp_path: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.tmp_path = tmp_path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.stop = asyncio.Event()
+        super().__init__(tmp_path)
         self.client_pem = tmp_path / "client.pem"
         self.ca_pem = b""
-        self.store: Any = None
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        server, store, ctx = make_server(self.tmp_path)
-        self.store = store
-        server.c.lifecycle = Membership()
-        server.limits = {k: ClientLimits(LimitsConfig(max_inflight=0, rate=0))
-                         for k in server.limits}
-        assert ctx.identity is not None
-        manager_key = sealing.new_key()
-        ctx.use(replace(ctx.identity, manager_key=manager_key), store, store)
+    async def serve(self, server: Any, store: Any, ctx: Any, manager_key: bytes
+                    ) -> web.AppRunner:
         now = time.time()
         ca_pem, ca_key = pki.create_ca("c1", now)
         ca = pki.CertificateAuthority(ca_pem, ca_key)
@@ -114,9 +88,7 @@ class Served:
         from shoal.node.api import tls_listener
         await web.TCPSite(runner, "127.0.0.1", self.port,
                           ssl_context=tls_listener(lambda: sec.server_ctx, False)).start()
-        self.ready.set()
-        await self.stop.wait()
-        await runner.cleanup()
+        return runner
 
     def state(self) -> Any:
         """The replicated state as plain values, without the index (read on the loop)."""
@@ -143,17 +115,8 @@ class Served:
         s.mount("https://", Adapter())
         return s
 
-    def __enter__(self) -> Served:
-        self.thread.start()
-        assert self.ready.wait(20)
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
-
-
-COUNTS: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+COUNTS = fuzzharness.new_counts()
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +125,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         before = s.state()
         yield s
         assert s.state() == before, "the peer routes changed the replicated state"
-    total = sum(sum(c.values()) for c in COUNTS.values())
-    print(f"\npeer API fuzz: {total} requests over {len(COUNTS)} route/kind pairs")
-    for label, counts in sorted(COUNTS.items()):
-        print(f"  {label}: {sum(counts.values())} cases, statuses {dict(sorted(counts.items()))}")
+    fuzzharness.report("peer API fuzz", COUNTS, "route/kind")
 
 
 SCHEMA = schemathesis.openapi.from_dict(openapi.openapi())
@@ -175,22 +135,12 @@ PEER_ROUTES = openapi.routes("peer")
 
 def _check(label: str, resp: requests.Response, where: str,
            body_fields: frozenset[str] = frozenset()) -> None:
-    COUNTS[label][resp.status_code] += 1
-    assert resp.status_code < 500, f"{resp.status_code} {resp.text[:300]} for {where}"
-    if resp.status_code >= 400:
-        try:
-            err = resp.json()["error"]
-        except (ValueError, KeyError, TypeError):
-            raise AssertionError(f"not the error shape: {resp.text[:300]} for {where}") from None
-        assert set(err) == {"code", "message", "field"}, (err, where)
-        assert err["message"], (err, where)
-        if resp.status_code == 400 and body_fields:
-            assert err["field"], f"a 400 naming no field: {err} for {where}"
+    fuzzharness.check_reply(COUNTS, label, resp, where, body_fields=body_fields)
 
 
 def _call(s: requests.Session, method: str, url: str, **kw: Any) -> requests.Response | None:
     try:
-        return s.request(method, url, timeout=(5, STREAM_READ), **kw)
+        return s.request(method, url, timeout=(5, fuzzharness.STREAM_READ), **kw)
     except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
         return None  # a followed stream: accepted and streaming
 
@@ -203,20 +153,12 @@ def test_schema_driven_requests_get_no_server_error(served: Served, op: Any,
                                                     mode: GenerationMode) -> None:
     """Valid and malformed requests of every peer route, from its description: never a
     5xx, errors in the documented shape."""
-    session = served.session()
+    label = f"{op.label} {mode.value}"
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(op.as_strategy(generation_mode=mode))
-    def run(case: Any) -> None:
-        try:
-            resp = case.call(base_url=served.url, session=session, timeout=(5, STREAM_READ))
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            return
-        _check(f"{op.label} {mode.value}", resp,
-               f"{case.method} {case.formatted_path} body={case.body!r}")
+    def check(case: Any, resp: requests.Response) -> None:
+        _check(label, resp, f"{case.method} {case.formatted_path} body={case.body!r}")
 
-    run()
+    fuzzharness.fuzz_schema(op, mode, served.url, served.session(), EXAMPLES, check)
 
 
 WRONG_VALUES: list[Any] = [None, True, -1, 0, 10**30, -10**30, 1e308, "x" * 5000, "",

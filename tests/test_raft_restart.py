@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import until
 from pysyncobj.journal import FileJournal, MetaStorer
-from test_raft_store import _service, _wait
+from test_raft_store import _service
 
 from shoal.raft import store as store_mod
 from shoal.raft.errors import PersistenceError
@@ -58,12 +59,12 @@ async def _interrupted_compaction(data: Path, addr: str) -> int:
     the parent's journal truncation leaves it; returns the number of services written."""
     store = RaftStore(addr, [addr], data, None, config=FAST)
     try:
-        await _wait(store.is_leader, 20.0)
+        await until(store.is_leader, 20.0)
         for i in range(20):
             await store.propose(_service(i))
         full = _entries(data / "raft.journal")  # idle: the mmapped journal is complete
         store._sync.forceLogCompaction()
-        await _wait(lambda: store.status()["log_len"] < 5, 20.0)  # dump in, journal cut
+        await until(lambda: store.status()["log_len"] < 5, 20.0)  # dump in, journal cut
         for i in range(20, 30):
             await store.propose(_service(i))
     finally:
@@ -83,8 +84,8 @@ async def test_interrupted_compaction_loses_nothing(tmp_path: Path) -> None:
     assert _entries(data / "raft.journal")[0][1] == 1  # journal starts before the dump
     store = RaftStore(addr, [addr], data, None, config=FAST)
     try:
-        await _wait(lambda: store.is_leader() and store.is_ready(), 20.0)
-        await _wait(lambda: len(store.snapshot().services) >= written, 5.0)
+        await until(lambda: store.is_leader() and store.is_ready(), 20.0)
+        await until(lambda: len(store.snapshot().services) >= written, 5.0)
         assert len(store.snapshot().services) == written
         assert store.status()["log_len"] > 2
     finally:
@@ -100,7 +101,7 @@ async def test_interrupted_compaction_without_the_repair_loses_entries(
     monkeypatch.setattr(store_mod, "_check_persistence", lambda *_a, **_k: None)
     store = RaftStore(addr, [addr], data, None, config=FAST)
     try:
-        await _wait(lambda: store.is_leader() and store.is_ready(), 20.0)
+        await until(lambda: store.is_leader() and store.is_ready(), 20.0)
         await asyncio.sleep(0.5)
         assert len(store.snapshot().services) < written
     finally:
@@ -195,11 +196,11 @@ async def test_after_a_full_restart_no_replica_is_ready_with_a_stale_state(
 
     stores = start_all()
     try:
-        await _wait(lambda: any(s.is_leader() for s in stores), 30.0)
+        await until(lambda: any(s.is_leader() for s in stores), 30.0)
         leader = next(s for s in stores if s.is_leader())
         for i in range(20):
             assert "ok" in await leader.propose(_service(i))
-        await _wait(lambda: all(len(s.snapshot().services) == 20 for s in stores), 10.0)
+        await until(lambda: all(len(s.snapshot().services) == 20 for s in stores), 10.0)
     finally:
         for s in stores:
             s.close()

@@ -9,14 +9,13 @@ far below what batching alone could do, so load on the machine cannot flip them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_ports, until
 
 from shoal.raft.eager import EagerReplication
 from shoal.raft.store import RaftConfig, RaftStore
@@ -29,34 +28,17 @@ NODE = {"id": "n1", "hostname": "h1", "addr": "127.0.0.1", "api_port": 2377, "ra
         "role": "manager", "state": "ready"}
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-async def _wait(cond: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def _service(i: int) -> dict[str, Any]:
     return {"op": "service_create", "id": f"s{i}", "now": 1.0,
             "spec": {"name": f"svc{i}", "command": ["true"]}}
 
 
 async def test_sequential_writes_do_not_wait_for_ticks_or_periods(tmp_path: Path) -> None:
-    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=SLOW, persist=False)
               for i, a in enumerate(addrs)]
     try:
-        await _wait(lambda: any(s.is_leader() for s in stores) and all(
+        await until(lambda: any(s.is_leader() for s in stores) and all(
             s.is_ready() for s in stores), 90.0)
         leader = next(s for s in stores if s.is_leader())
         follower = next(s for s in stores if not s.is_leader())
@@ -70,7 +52,7 @@ async def test_sequential_writes_do_not_wait_for_ticks_or_periods(tmp_path: Path
         # with batching alone: >= one tick or period per write, ~6 s or more
         assert chain < 3.0, f"6 sequential commits took {chain:.2f}s"
         # every replica applies the last write without waiting for a heartbeat period
-        await _wait(lambda: all(len(s.snapshot().services) == 6 for s in stores), 1.0)
+        await until(lambda: all(len(s.snapshot().services) == 6 for s in stores), 1.0)
         assert sum(s._eager.eager_sends for s in stores) > 0
     finally:
         for s in stores:
@@ -78,10 +60,10 @@ async def test_sequential_writes_do_not_wait_for_ticks_or_periods(tmp_path: Path
 
 
 async def test_single_node_commits_without_waiting_for_a_tick(tmp_path: Path) -> None:
-    addr = f"127.0.0.1:{_ports(1)[0]}"
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
     store = RaftStore(addr, [addr], tmp_path, "secret", config=SLOW, persist=False)
     try:
-        await _wait(store.is_leader, 60.0)
+        await until(store.is_leader, 60.0)
         t0 = time.monotonic()
         for i in range(5):
             assert "ok" in await store.propose(_service(i))

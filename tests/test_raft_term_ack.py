@@ -5,7 +5,7 @@ compare-and-set that never committed. pysyncobj's append-entries answer, ``next_
 ("I hold the log up to N"), carries no term: a leader that receives one late, after the
 follower moved on to another leader's log, counts it as a match for entries of its own
 term and commits what no majority holds. shoal's followers add their term to the answer
-(shoal.raft.store._TermAckSyncObj) and the transport drops answers from another term
+(shoal.raft.store._SafeSyncObj) and the transport drops answers from another term
 (shoal.raft.transport.AdmissionTransport).
 
 The test makes the race deterministic: three real RaftStores on loopback; the followers
@@ -19,14 +19,12 @@ acknowledged.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_ports, until
 
 from shoal.raft.errors import WriteTimeout
 from shoal.raft.store import RaftConfig, RaftStore
@@ -34,23 +32,6 @@ from shoal.raft.store import RaftConfig, RaftStore
 # a deposed leader that keeps believing it leads (its fallback far beyond the test), and a
 # short write deadline: the write below either commits at once or never
 CONFIG = RaftConfig(leader_fallback_timeout=60.0, write_timeout=2.0)
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-async def _wait(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
-        await asyncio.sleep(0.02)
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -78,7 +59,7 @@ def _deliver_late(store: RaftStore, from_addr: str, message: dict[str, Any]) -> 
 @pytest.mark.parametrize("answer", ["termless", "stale-term"])
 async def test_a_late_answer_from_another_term_does_not_commit(tmp_path: Path,
                                                               answer: str) -> None:
-    addrs = [f"127.0.0.1:{p}" for p in _ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     cut: set[tuple[str, str]] = set()  # (at, peer): ``at`` neither hears nor talks to ``peer``
 
     def link(me: str) -> Any:
@@ -87,18 +68,18 @@ async def test_a_late_answer_from_another_term_does_not_commit(tmp_path: Path,
     stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=CONFIG,
                         persist=False, link_up=link(a)) for i, a in enumerate(addrs)]
     try:
-        await _wait(lambda: any(s.is_leader() for s in stores) and all(
+        await until(lambda: any(s.is_leader() for s in stores) and all(
             s.is_ready() for s in stores), 60.0, "a leader and ready replicas")
         old = next(s for s in stores if s.is_leader())
         followers = [s for s in stores if s is not old]
         assert "ok" in await old.propose(_service("before"))
-        await _wait(lambda: all("before" in s.snapshot().services for s in stores), 10.0,
+        await until(lambda: all("before" in s.snapshot().services for s in stores), 10.0,
                     "the first write everywhere")
         old_term = old.term()
         # the followers stop hearing from and talking to the old leader; they elect anew
         for f in followers:
             cut.add((f.self_addr or "", old.self_addr or ""))
-        await _wait(lambda: any(f.term() > old_term and f.is_leader() for f in followers),
+        await until(lambda: any(f.term() > old_term and f.is_leader() for f in followers),
                     30.0, "a new leader among the followers")
         assert old._sync._isLeader(), "the old leader should still believe it leads"
         assert old.term() == old_term

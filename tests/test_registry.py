@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import registryd
+from helpers import free_port
 
 from shoal.runtime.errors import DigestMismatch
 from shoal.runtime.images import ImageGCConfig, ImageStore
@@ -38,9 +39,9 @@ USERS = {"alice": "s3cret"}
 class Env:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.basic = registryd.Registry(tmp / "basic", "127.0.0.1", registryd.free_port(),
+        self.basic = registryd.Registry(tmp / "basic", "127.0.0.1", free_port(),
                                         users=USERS)
-        self.token = registryd.Registry(tmp / "token", "127.0.0.1", registryd.free_port(),
+        self.token = registryd.Registry(tmp / "token", "127.0.0.1", free_port(),
                                         users=USERS, auth="token")
         self.layout = tmp / "layout"
         self.built = registryd.build_layout(self.layout, "1", marker="one", zstd_layer=True)
@@ -144,7 +145,7 @@ def test_unknown_tag_unreachable_registry_and_untrusted_tls(env: Env, tmp_path: 
         env.client(env.basic).pull(f"{env.basic.addr}/team/app:nope", store)
     with pytest.raises(ManifestUnknown):
         env.client(env.basic).pull(f"{env.basic.addr}/team/other:1", store)
-    closed = registryd.free_port()
+    closed = free_port()
     with pytest.raises(RegistryUnreachable, match="cannot reach"):
         env.client(env.basic).pull(f"127.0.0.1:{closed}/team/app:1", store)
     with pytest.raises(RegistryUnreachable, match="TLS"):
@@ -157,7 +158,7 @@ def test_unknown_tag_unreachable_registry_and_untrusted_tls(env: Env, tmp_path: 
 
 
 def test_a_tampered_blob_is_refused_and_nothing_is_kept(env: Env, tmp_path: Path) -> None:
-    reg = registryd.Registry(tmp_path / "reg", "127.0.0.1", registryd.free_port(),
+    reg = registryd.Registry(tmp_path / "reg", "127.0.0.1", free_port(),
                              users=USERS)
     try:
         reg.wait_ready()
@@ -295,7 +296,7 @@ def test_the_manager_pins_tags_per_resolve_mode(env: Env, tmp_path: Path) -> Non
     from shoal.node.registries import Registries
     from shoal.raft.validate import validate_spec
 
-    reg = registryd.Registry(tmp_path / "open", "127.0.0.1", registryd.free_port(), users={},
+    reg = registryd.Registry(tmp_path / "open", "127.0.0.1", free_port(), users={},
                              auth="none")
     try:
         reg.wait_ready()
@@ -323,7 +324,7 @@ def test_the_manager_pins_tags_per_resolve_mode(env: Env, tmp_path: Path) -> Non
         assert resolve(f"{reg.addr}/team/app@{two}", "always") == (
             f"{reg.addr}/team/app@{two}", [])  # pinned by the user without a tag: kept
         assert resolve("app:1", "always") == ("app:1", [])  # a local image name
-        gone = f"127.0.0.1:{registryd.free_port()}/team/app:1"
+        gone = f"127.0.0.1:{free_port()}/team/app:1"
         image, warnings = resolve(gone, "always")
         assert image == gone and "could not be resolved" in warnings[0]
         with pytest.raises(Exception, match="resolve_image"):

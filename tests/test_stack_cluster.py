@@ -10,7 +10,6 @@ network and nothing else."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,24 +98,9 @@ networks:
   back: {}
 """
 
-# GET each URL (argv[1:]); print one JSON list of [status or error, body].
-FETCH = r"""
-import json, sys, urllib.request
-out = []
-for url in sys.argv[1:]:
-    try:
-        with urllib.request.urlopen(url, timeout=8) as r:
-            out.append([r.status, r.read().decode().strip()])
-    except Exception as exc:
-        out.append([type(exc).__name__, str(exc)])
-print(json.dumps(out))
-"""
-
 
 def get(host: Host, url: str) -> tuple[Any, str]:
-    res = host.run("python3", "-c", FETCH, url, timeout=30)
-    status, body = json.loads(res.stdout)[0]
-    return status, body
+    return host.http_get(url, url_timeout=8, timeout=30)[0]
 
 
 def tasks(host: Host, stack: str) -> list[dict[str, Any]]:

@@ -5,10 +5,8 @@ UDP on loopback (the asker's address is the query's source address)."""
 
 from __future__ import annotations
 
-import asyncio
-
-import dns.message
-import dns.rdatatype
+from test_dns import ask as dns_ask
+from test_dns import ips
 
 from shoal.node.dns import serve
 from shoal.node.mesh import lookup, stack_lookup
@@ -65,22 +63,9 @@ async def test_the_dns_server_answers_by_who_asks() -> None:
     transport, _ = await serve(lambda name: lookup(s, name), "127.0.0.1", 0,
                                scoped=lambda name, client: stack_lookup(s, name, client))
     port = transport.get_extra_info("sockname")[1]
-    loop = asyncio.get_running_loop()
 
     async def ask(name: str) -> list[str]:
-        fut: asyncio.Future[bytes] = loop.create_future()
-
-        class C(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                fut.set_result(data)
-
-        t, _ = await loop.create_datagram_endpoint(C, remote_addr=("127.0.0.1", port))
-        try:
-            t.sendto(dns.message.make_query(name, dns.rdatatype.A).to_wire())
-            reply = dns.message.from_wire(await asyncio.wait_for(fut, 2.0))
-        finally:
-            t.close()
-        return sorted(r.address for rrset in reply.answer for r in rrset)
+        return ips(await dns_ask(port, name))
 
     try:
         # the asker is 127.0.0.1: a_web's task. "web" is its own stack's, not the plain one

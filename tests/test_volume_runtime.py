@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from test_runtime_support import needs_root, run_to_end, task, wait_for_output
 
 from shoal.runtime.process import ProcessController
@@ -32,12 +32,6 @@ def _tools() -> None:
 pytest_plugins = ("test_runtime_support",)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[tuple[int, bytes, Path]]:
     """(port, private key, exported directory) of an sshd on 127.0.0.1."""
@@ -47,7 +41,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, bytes, Path]]:
                        check=True, capture_output=True)
     shutil.copy(key.with_suffix(".pub"), tmp_path / "authorized_keys")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "sshd_config"
     cfg.write_text("\n".join([
         f"ListenAddress 127.0.0.1:{port}", f"HostKey {hostkey}", "PidFile none",
@@ -113,7 +107,7 @@ async def test_an_unreachable_server_fails_the_start_and_leaves_nothing_mounted(
     files = {"/run/secrets/sshkey": (key, 0o400)}
     with pytest.raises(VolumeMountFailed, match="sshfs"):
         await asyncio.wait_for(ctl.start(task("bad", "true", mounts=_vol(
-            _free_port(), export, "gone"), files=files)), timeout=60)
+            free_port(), export, "gone"), files=files)), timeout=60)
     assert _sshfs_mounts(data_dir) == []
     with pytest.raises(Exception, match="--secret sshkey"):  # the key must be a task secret
         await ctl.start(task("nokey", "true", mounts=_vol(1, export, "nokey")))

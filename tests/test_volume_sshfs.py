@@ -2,12 +2,14 @@
 sshd on another netns host serving a directory, the private key from a shoal secret) follows
 its task to another node when the node is drained; the data written on the first node is
 read on the second; the single-writer volume is never mounted read-write twice; nothing stays
-mounted once the service is gone."""
+mounted once the service is gone. The server's host key is checked (``KnownHosts-secret``):
+a wrong one makes the mount fail."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +69,18 @@ def test_sshfs_volume_follows_its_task_to_another_node(lab_factory: Any) -> None
     export = work / "export"
     export.mkdir()
     h1.cli("secret", "create", "sshkey", str(work / "key"))
+    hostkey = (work / "hostkey.pub").read_text().split()
+    (work / "known_hosts").write_text(f"{h3.ip} {hostkey[0]} {hostkey[1]}\n")
+    h1.cli("secret", "create", "sshhost", str(work / "known_hosts"))
     h1.cli("volume", "create", "--driver", "sshfs", "-o", f"sshcmd=root@{h3.ip}:{export}",
-           "-o", "IdentityFile-secret=sshkey", "-o", "single-writer=true", "data")
+           "-o", "IdentityFile-secret=sshkey", "-o", "KnownHosts-secret=sshhost",
+           "-o", "single-writer=true", "data")
     vol = h1.cli_json("volume", "inspect", "data")[0]
     assert vol["driver"] == "sshfs" and vol["scope"] == "global"
     assert "sshkey" in vol["options"]["IdentityFile-secret"]  # the name, never the key
     assert "PRIVATE KEY" not in h1.cli("volume", "inspect", "data").stdout
 
-    h1.cli("service", "create", "--name", "vol", "--secret", "sshkey",
+    h1.cli("service", "create", "--name", "vol", "--secret", "sshkey", "--secret", "sshhost",
            "--mount", "type=volume,src=data,dst=/data", "--", "sh", "-c", SCRIPT)
     first = _running(h1)
     wait_until(lambda: (export / "note").exists(), timeout=30, what="the note written")
@@ -96,3 +102,33 @@ def test_sshfs_volume_follows_its_task_to_another_node(lab_factory: Any) -> None
     wait_until(lambda: h1.cli("volume", "rm", "data", check=False).returncode == 0,
                timeout=30, what="volume rm once the tasks are gone")
     assert h1.cli("volume", "ls", "-q").stdout.strip() == ""
+
+    # the same mount with the server's host key works; with another key, ssh refuses it
+    other = work / "otherkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True, capture_output=True)
+    wrong = other.with_suffix(".pub").read_text().split()
+    for line, want in ((f"{h3.ip} {hostkey[0]} {hostkey[1]}", 0),
+                       (f"{h3.ip} {wrong[0]} {wrong[1]}", 3)):
+        res = h1.run(sys.executable, "-c", _PROBE.format(
+            path=str(work / "probe"), sshcmd=f"root@{h3.ip}:{export}",
+            key=str(work / "key"), known=line), check=False, timeout=60)
+        assert res.returncode == want, res.stdout + res.stderr
+    assert not _sshfs_mounts(lab.root)
+
+
+# mounts the volume in the calling netns as the runtime does, then unmounts it; exit 3 if
+# the mount fails
+_PROBE = """import sys
+from pathlib import Path
+from shoal.runtime import volumes
+files = {{"/run/secrets/k": (Path("{key}").read_bytes(), 0o400),
+         "/run/secrets/hk": (b"{known}\\n", 0o400)}}
+try:
+    fds = volumes.mount(Path("{path}"), "sshfs", {{"sshcmd": "{sshcmd}",
+                        "IdentityFile-secret": "k", "KnownHosts-secret": "hk"}}, files)
+except volumes.VolumeMountFailed as e:
+    print(e)
+    sys.exit(3)
+volumes.unmount(Path("{path}"), fds)
+"""

@@ -116,6 +116,27 @@ def test_sshfs_mount_needs_the_key_secret_among_the_task_files(tmp_path: Any) ->
         volumes.mount(tmp_path / "v", "sshfs",
                       {"sshcmd": "u@127.0.0.1:/", "IdentityFile-secret": "k"}, {})
     assert "--secret k" in str(err.value)
+    with pytest.raises(volumes.VolumeOptionError) as err:
+        volumes.mount(tmp_path / "w", "sshfs",
+                      {"sshcmd": "u@127.0.0.1:/", "KnownHosts-secret": "hk"}, {})
+    assert "--secret hk" in str(err.value) and err.value.field == "volume-opt KnownHosts-secret"
+
+
+def test_sshfs_host_keys_checked_only_with_a_known_hosts_secret() -> None:
+    plain = ",".join(volumes.sshfs_call({"sshcmd": "u@h:/p"}, "/m").argv)
+    assert "StrictHostKeyChecking=no" in plain
+    call = volumes.sshfs_call({"sshcmd": "u@h:/p", "KnownHosts-secret": "hk",
+                               "IdentityFile-secret": "k"}, "/m", "/proc/1/fd/5",
+                              "/proc/1/fd/6")
+    opts = call.argv[call.argv.index("-o") + 1].split(",")
+    assert "StrictHostKeyChecking=yes" in opts and "UserKnownHostsFile=/proc/1/fd/6" in opts
+    assert "StrictHostKeyChecking=no" not in opts and "IdentityFile=/proc/1/fd/5" in opts
+    assert (call.key_secret, call.known_hosts_secret) == ("k", "hk")
+    for bad, field in (({"KnownHosts-secret": "../x"}, "volume-opt KnownHosts-secret"),
+                       ({"StrictHostKeyChecking": "no"}, "volume-opt StrictHostKeyChecking")):
+        with pytest.raises(volumes.VolumeOptionError) as err:
+            volumes.sshfs_call({"sshcmd": "u@h:/p", **bad}, "/m")
+        assert err.value.field == field
 
 
 # ------------------------------------------------------------------ the single-writer rule

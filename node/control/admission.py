@@ -92,7 +92,9 @@ class Admission:
         secret = ident.raft_password if node.role is NodeRole.MANAGER else ""
         # voter: whether the answering manager's Raft configuration already has it (a
         # promoted node starts its voter only once the leader has added it, see promote)
-        return {"raft_password": secret, "voters": voters,
+        # (with every Raft secret it accepts, during a rotation: shoal.node.keys)
+        ring = [secret, *ident.raft_extra_passwords] if secret else []
+        return {"raft_password": secret, "raft_passwords": ring, "voters": voters,
                 "voter": node.raft_addr in store.voters(),
                 "managers": [n.api_addr for n in store.snapshot().nodes.values()
                              if n.role is NodeRole.MANAGER],

@@ -20,6 +20,7 @@ from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Service, ServiceSpec, to_dict
+from shoal.raft.spec import MAIN_CONTAINER
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -104,11 +105,17 @@ class Services:
         return out
 
     def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,
-             follow: bool) -> AsyncIterator[dict[str, Any]]:
-        """`service logs`: the merged logs of the service's tasks on every node."""
+             follow: bool, container: str = "") -> AsyncIterator[dict[str, Any]]:
+        """`service logs`: the merged logs of the service's tasks on every node (of one
+        container of each task's pod: ``container``, "" = the main one)."""
         snap = self.ctx.require_manager().snapshot()
         svc = self.find_service(snap, ref)
-        return transfer.service_logs(self.transfer, svc.id, tail, since, timestamps, follow)
+        if container and container != MAIN_CONTAINER and container not in {
+                c.name for c in svc.spec.task.sidecars + svc.spec.task.init_containers}:
+            raise BadRequest(f"service {svc.spec.name} has no container {container!r}",
+                             "container")
+        return transfer.service_logs(self.transfer, svc.id, tail, since, timestamps, follow,
+                                     container)
 
     async def create_service(self, spec: Any, resolve_image: Any = None) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()

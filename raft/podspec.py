@@ -1,0 +1,467 @@
+"""One container's spec, and the extra containers of a pod (sidecars, init containers).
+
+Owns: the field declaration helper (``decl``) and base record (``_Spec``) every spec record
+uses; the container-level records — ``ContainerSpec`` (the task's main container) and its
+parts (``Mount``, ``FileRef``, ``HealthCheck``), ``Limits``/``Reservations``/``Resources``,
+``RestartPolicy`` — and ``SidecarSpec``, one more container of a task (issue 17, pods).
+shoal.raft.spec builds the service spec from these and re-exports them, so callers import
+everything from there. Must not touch: I/O, clocks, randomness; the records that carry a
+spec (``shoal.raft.models``).
+
+A pod (Kubernetes' word) is a task with more than one container::
+
+    TaskSpec
+     ├─ container: ContainerSpec            the main container ("main"): the task as before
+     ├─ init_containers: (SidecarSpec, ...) run one after the other before the main one;
+     │                                       each must exit 0, else the task fails
+     └─ sidecars: (SidecarSpec, ...)        started after the main one, in declared order
+
+All of them share the task's network namespace (127.0.0.1 between them, one address on the
+task network); a sidecar sees the task's mounts it lists in ``mounts`` (the same volume,
+not a copy). Each has its own image (root filesystem), command, env, limits (its own cgroup,
+a sibling of the main container's), health check, restart policy and logs. The task is
+healthy when every container with a check is; a sidecar that ends is restarted by its own
+``restart`` policy, alone; the main container ending ends the task (and its sidecars).
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from shoal.raft.errors import SpecError
+from shoal.runtime import volumes
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# an image reference, Docker's grammar ([HOST[:PORT]/]PATH[:TAG][@sha256:HEX]); the same as
+# shoal.runtime.reference.REFERENCE_RE (tests/test_registry_unit.py checks they agree)
+_IMG_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMG_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+IMAGE_RE = re.compile(
+    rf"^(?=.{{1,400}}$)(?:(?:{_IMG_DOMAIN_PART}(?:\.{_IMG_DOMAIN_PART})*|\[[0-9A-Fa-f:]+\])"
+    rf"(?::[0-9]{{1,5}})?/)?{_IMG_COMPONENT}(?:/{_IMG_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+_USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
+USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH")
+MAX_REPLICAS = 10_000
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ENV = 1000
+MAX_GRACE = 3600.0
+DAY = 86400.0
+# secret and config names (Docker's rule) and the file names they appear under in a task
+OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+MAX_FILE_REFS = 100
+
+def decl(help: str, *, flag: str | None = None, short: str | None = None,
+         cli: str | None = None, item: str | None = None, unit: str | None = None,
+         metavar: str | None = None, ge: float | None = None, le: float | None = None,
+         pattern: str | None = None, max_length: int | None = None,
+         title: str | None = None) -> msgspec.Meta:
+    """One field's declaration: validation bounds for msgspec, the rest for the CLI/docs."""
+    extra = {k: v for k, v in (("flag", flag), ("short", short), ("cli", cli),
+                               ("item", item), ("unit", unit), ("metavar", metavar))
+             if v is not None}
+    bounds = {k: v for k, v in (("ge", ge), ("le", le), ("pattern", pattern),
+                                ("max_length", max_length), ("title", title)) if v is not None}
+    meta: Any = msgspec.Meta  # (its overloads are too many for mypy to combine)
+    return meta(description=help, extra=extra, **bounds)
+
+
+class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every spec record: immutable, unknown fields refused."""
+
+# --------------------------------------------------------------------------- container
+
+class Mount(_Spec, frozen=True):
+    """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
+
+    type: Annotated[Literal["bind", "volume", "tmpfs"], decl(
+        "bind: a host path; volume: a named volume kept per node; tmpfs: memory")]
+    target: Annotated[str, decl("absolute path inside the task")]
+    source: Annotated[str, decl("host path (bind) or volume name (volume); none for tmpfs")] = ""
+    readonly: Annotated[bool, decl("mount read-only")] = False
+    tmpfs_size: Annotated[int, decl("tmpfs size; 0 = the kernel's default (half of RAM)",
+                                    unit="bytes", ge=0)] = 0
+    volume_driver: Annotated[str, decl(
+        "volume driver (shoal.runtime.volumes): local (default) or sshfs")] = ""
+    volume_opts: Annotated[dict[str, str], decl(
+        "the driver's options (Docker's volume-opt), e.g. sshcmd, type, o, device, "
+        "single-writer")] = {}
+
+    def __post_init__(self) -> None:
+        t = self.target
+        if self.volume_driver or self.volume_opts:
+            if self.type != "volume":
+                raise SpecError("volume_driver", "only a volume mount takes a driver")
+            try:
+                volumes.check(self.volume_driver, self.volume_opts)
+            except volumes.VolumeOptionError as exc:
+                raise SpecError(exc.field, str(exc)) from None
+        if not t.startswith("/") or "\0" in t or ".." in t.split("/"):
+            raise SpecError("target", "must be an absolute path inside the task")
+        if self.type == "bind" and (not self.source.startswith("/")
+                                    or ".." in self.source.split("/")):
+            raise SpecError("source", "a bind mount's source must be an absolute host path")
+        if self.type == "volume" and not NAME_RE.match(self.source):
+            raise SpecError("source", "must name a volume (lower-case letters, digits, '-', '_')")
+        if self.type == "tmpfs" and self.source:
+            raise SpecError("source", "a tmpfs mount takes no source")
+
+    @property
+    def key(self) -> str:
+        """What ``--mount-rm`` names: the target path."""
+        return self.target
+
+
+class FileRef(_Spec, frozen=True):
+    """A task's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): the task
+    sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
+
+    name: Annotated[str, decl("the secret's (config's) name", pattern=OBJECT_NAME_RE.pattern)]
+    target: Annotated[str, decl("file name in the task's /run/secrets (/run/configs); "
+                                "empty = the name")] = ""
+    mode: Annotated[int, decl("file mode inside the task", ge=0, le=0o777)] = 0o444
+
+    def __post_init__(self) -> None:
+        if self.target and (not FILE_NAME_RE.match(self.target) or self.target in (".", "..")):
+            raise SpecError("target", f"must be a file name (no '/'), got {self.target!r}")
+
+    @property
+    def file_name(self) -> str:
+        return self.target or self.name
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+def _unique_files(refs: tuple[FileRef, ...], what: str) -> None:
+    files = [r.file_name for r in refs]
+    if len(set(files)) != len(files):
+        raise SpecError(what, f"two {what} use the same target file name")
+
+
+HTTP_CHECK_RE = re.compile(
+    r"^(?:(?P<host>[A-Za-z0-9.-]*):)?(?P<port>[0-9]{1,5})(?P<path>/[^\s]*)?$")
+MIN_HEALTH_INTERVAL = 0.1
+
+
+def parse_http_check(text: str) -> tuple[str, int, str]:
+    """``[HOST]:PORT/PATH`` → (host, port, path); host "" = 127.0.0.1 (the task's own
+    loopback, probed inside its network namespace), path "" = "/". ValueError if malformed."""
+    m = HTTP_CHECK_RE.match(text)
+    if m is None or not 1 <= int(m.group("port")) <= 65535:
+        raise ValueError(f"expected [HOST]:PORT/PATH (e.g. :8080/healthz), got {text!r}")
+    return m.group("host") or "127.0.0.1", int(m.group("port")), m.group("path") or "/"
+
+
+class HealthCheck(_Spec, frozen=True):
+    """Is the task healthy? (Docker's HEALTHCHECK, plus HTTP and TCP probes.) At most one of
+    ``command``, ``http``, ``tcp``; none = the image's HEALTHCHECK, if it has one. A zero
+    interval/timeout/retries takes the image's value, else Docker's default (30 s, 30 s, 3).
+    Probed by the node's agent: the command inside the task's namespaces and cgroup, HTTP and
+    TCP from inside its network namespace. A task is healthy after one success, unhealthy
+    after ``retries`` consecutive failures (not counting those within ``start_period``), and
+    an unhealthy task is stopped and replaced; only healthy tasks receive connections."""
+
+    command: Annotated[str, decl(
+        "command run with /bin/sh -c inside the task; exit 0 = healthy",
+        flag="--health-cmd", cli="str", metavar="CMD", max_length=4096)] = ""
+    http: Annotated[str, decl(
+        "HTTP GET from inside the task's network; a 2xx or 3xx answer = healthy",
+        flag="--health-http", cli="str", metavar="[HOST]:PORT/PATH", max_length=1024)] = ""
+    tcp: Annotated[int, decl("TCP connect to this port from inside the task's network",
+                             flag="--health-tcp", cli="int", metavar="PORT", ge=0,
+                             le=65535)] = 0
+    interval: Annotated[float, decl("time between two checks; 0 = the image's, else 30s",
+                                    flag="--health-interval", cli="duration",
+                                    unit="seconds", ge=0, le=DAY)] = 0.0
+    timeout: Annotated[float, decl("a check taking longer fails; 0 = the image's, else 30s",
+                                   flag="--health-timeout", cli="duration", unit="seconds",
+                                   ge=0, le=DAY)] = 0.0
+    retries: Annotated[int, decl("consecutive failures that make the task unhealthy; "
+                                 "0 = the image's, else 3", flag="--health-retries",
+                                 cli="int", metavar="N", ge=0, le=1000)] = 0
+    start_period: Annotated[float, decl(
+        "failures in this time after the start do not count", flag="--health-start-period",
+        cli="duration", unit="seconds", ge=0, le=DAY)] = 0.0
+    disable: Annotated[bool, decl("no health check, not even the image's",
+                                  flag="--no-healthcheck", cli="flag")] = False
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("command", self.command), ("http", self.http),
+                                ("tcp", self.tcp)) if v]
+        if len(given) > 1:
+            raise SpecError(given[1], f"give one check: {given[0]} and {given[1]} are both set")
+        if self.disable and given:
+            raise SpecError("disable", f"no health check, yet {given[0]} is set")
+        if self.http:
+            try:
+                parse_http_check(self.http)
+            except ValueError as exc:
+                raise SpecError("http", str(exc)) from None
+        if "\0" in self.command:
+            raise SpecError("command", "must not contain NUL")
+        for name in ("interval", "timeout"):
+            value = getattr(self, name)
+            if 0 < value < MIN_HEALTH_INTERVAL:
+                raise SpecError(name, f"must be 0 (default) or at least "
+                                f"{MIN_HEALTH_INTERVAL}s, got {value}s")
+
+
+Command = Annotated[tuple[str, ...], decl(
+    "the program to run and its arguments; empty = the image's ENTRYPOINT/CMD",
+    cli="command", max_length=4096)]
+
+
+class ContainerSpec(_Spec, frozen=True):
+    """What runs: the process, its environment and the files it sees."""
+
+    image: Annotated[str, decl("image [HOST[:PORT]/]NAME[:TAG][@DIGEST]; empty = the host's "
+                               "read-only /usr and /etc", flag="--image", cli="str",
+                               metavar="[HOST[:PORT]/]NAME[:TAG][@DIGEST]",
+                               pattern=f"^$|{IMAGE_RE.pattern}")] = ""
+    command: Command = ()
+    env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
+                                        cli="map", metavar="KEY=VALUE")] = {}
+    workdir: Annotated[str, decl("working directory (absolute path)", flag="--workdir",
+                                 short="-w", cli="str", metavar="PATH")] = ""
+    user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
+                              flag="--user", short="-u", cli="str", metavar="USER",
+                              pattern=f"^$|{USER_RE.pattern}")] = ""
+    hostname: Annotated[str, decl("host name inside the task; empty = SERVICE-SLOT",
+                                  flag="--hostname", cli="str", metavar="NAME",
+                                  pattern=f"^$|{HOSTNAME_RE.pattern}")] = ""
+    stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
+        "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
+    stop_grace_period: Annotated[float, decl(
+        "time between the stop signal and SIGKILL", flag="--stop-grace-period",
+        cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
+    mounts: Annotated[tuple[Mount, ...], decl(
+        "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
+        metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
+    secrets: Annotated[tuple[FileRef, ...], decl(
+        "secrets the task sees as /run/secrets/FILE", flag="--secret", cli="list",
+        item="secret", metavar="NAME[,target=FILE][,mode=0400]", max_length=MAX_FILE_REFS)] = ()
+    configs: Annotated[tuple[FileRef, ...], decl(
+        "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
+        item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
+    healthcheck: HealthCheck = HealthCheck()
+    registry_auth: Annotated[bool, decl(
+        "nodes pull the image with the cluster's stored credentials for its registry "
+        "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
+
+    def __post_init__(self) -> None:
+        if self.command and not self.command[0]:
+            raise SpecError("command", "must not start with an empty string")
+        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
+            raise SpecError("command", "is too long")
+        _check_env(self.env)
+        name = self.image.split("@", 1)[0]
+        if ":" in name.rsplit("/", 1)[-1]:
+            name = name.rsplit(":", 1)[0]
+        if len(name) > 255:
+            raise SpecError("image", "the image name is longer than 255 characters")
+        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
+            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
+        _unique_files(self.secrets, "secrets")
+        _unique_files(self.configs, "configs")
+        targets = [m.target for m in self.mounts]
+        if len(set(targets)) != len(targets):
+            raise SpecError("mounts", "two mounts use the same target")
+
+
+# --------------------------------------------------------------------------- resources
+
+class Limits(_Spec, frozen=True):
+    memory: Annotated[int, decl("memory limit (swap is always off); 0 = unlimited",
+                                flag="--limit-memory", cli="bytes", unit="bytes",
+                                metavar="SIZE", ge=0, le=1 << 50)] = 0
+    cpu: Annotated[float, decl("CPU limit (0.5 = half a core); 0 = unlimited",
+                               flag="--limit-cpu", cli="float", unit="CPUs", metavar="CPUS",
+                               ge=0, le=1024)] = 0.0
+    pids: Annotated[int, decl("maximum number of processes; 0 = unlimited",
+                              flag="--limit-pids", cli="int", metavar="N", ge=0,
+                              le=1 << 22)] = 0
+
+
+class Reservations(_Spec, frozen=True):
+    memory: Annotated[int, decl("memory the scheduler keeps free for the task",
+                                flag="--reserve-memory", cli="bytes", unit="bytes",
+                                metavar="SIZE", ge=0, le=1 << 50)] = 0
+    cpu: Annotated[float, decl("CPUs the scheduler keeps free for the task",
+                               flag="--reserve-cpu", cli="float", unit="CPUs", metavar="CPUS",
+                               ge=0, le=1024)] = 0.0
+
+
+class Resources(_Spec, frozen=True):
+    limits: Limits = Limits()
+    reservations: Reservations = Reservations()
+
+
+class RestartPolicy(_Spec, frozen=True):
+    """Swarm's restart policy: when a task ends by itself, is its slot refilled?"""
+
+    condition: Annotated[Literal["none", "on-failure", "any"], decl(
+        "restart a task that ended: never, only after a failure, or always",
+        flag="--restart-condition", cli="choice")] = "any"
+    delay: Annotated[float, decl("wait between a task ending and its replacement",
+                                 flag="--restart-delay", cli="duration", unit="seconds",
+                                 ge=0, le=DAY)] = 1.0
+    max_attempts: Annotated[int, decl("restarts allowed per slot within the window; "
+                                      "0 = no limit", flag="--restart-max-attempts",
+                                      cli="int", metavar="N", ge=0, le=1_000_000)] = 0
+    window: Annotated[float, decl("period over which restart attempts are counted; "
+                                  "0 = forever", flag="--restart-window", cli="duration",
+                                  unit="seconds", ge=0, le=DAY * 365)] = 0.0
+
+
+
+# --------------------------------------------------------------------------- pods
+
+CONTAINER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+MAIN_CONTAINER = "main"  # the name of a task's own container (task.container)
+MAX_SIDECARS = 8
+
+
+class SidecarSpec(_Spec, frozen=True):
+    """One more container of the task: a sidecar (``task.sidecars``) or an init container
+    (``task.init_containers``). It joins the task's network namespace (localhost is shared
+    with the main container), has its own root filesystem, cgroup, logs and, for a sidecar,
+    health check and restart policy. An init container runs to its end before the main
+    container starts; it must exit 0 (it takes no health check and no restart policy)."""
+
+    name: Annotated[str, decl("container name, unique in the task (`main` is the task's own "
+                              "container): `service logs --container NAME`",
+                              pattern=CONTAINER_NAME_RE.pattern)]
+    image: Annotated[str, decl("image [HOST[:PORT]/]NAME[:TAG][@DIGEST]; empty = the host's "
+                               "read-only /usr and /etc",
+                               pattern=f"^$|{IMAGE_RE.pattern}")] = ""
+    command: Command = ()
+    env: Annotated[dict[str, str], decl("environment variables")] = {}
+    workdir: Annotated[str, decl("working directory (absolute path)")] = ""
+    user: Annotated[str, decl("user inside the container: NAME, UID or UID:GID; empty = root",
+                              pattern=f"^$|{USER_RE.pattern}")] = ""
+    stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
+        "signal that asks the container to stop (the task's grace period applies)")
+    ] = "SIGTERM"
+    mounts: Annotated[tuple[str, ...], decl(
+        "targets of the task's volume and bind mounts (task.container.mounts) this container "
+        "sees too, at the same path: the same files, shared", max_length=64)] = ()
+    limits: Annotated[Limits, decl(
+        "the container's own limits (memory, cpu, pids), as task.resources.limits: its "
+        "own cgroup")] = Limits()
+    healthcheck: Annotated[HealthCheck, decl(
+        "the container's health check, as task.container.healthcheck (probed in the "
+        "container); the task is healthy when all its checked containers are")] = HealthCheck()
+    restart: Annotated[RestartPolicy, decl(
+        "when the container ends, restart it alone (condition, delay, max_attempts, window "
+        "as task.restart); the main container is not restarted")] = RestartPolicy()
+
+    def __post_init__(self) -> None:
+        if self.name == MAIN_CONTAINER:
+            raise SpecError("name", f"{MAIN_CONTAINER!r} is the task's own container")
+        if not self.command and not self.image:
+            raise SpecError("command", "is required (the program to run and its arguments) "
+                            "when the container names no image")
+        if self.command and not self.command[0]:
+            raise SpecError("command", "must not start with an empty string")
+        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
+            raise SpecError("command", "is too long")
+        _check_env(self.env)
+        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
+            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
+        if len(set(self.mounts)) != len(self.mounts):
+            raise SpecError("mounts", "a mount is listed twice")
+
+
+def check_pod(main: ContainerSpec, sidecars: tuple[SidecarSpec, ...],
+              inits: tuple[SidecarSpec, ...]) -> None:
+    """The rules that span a task's containers (TaskSpec.__post_init__ calls it): unique
+    names, shared mounts that the main container has, init containers without a health check
+    or restart policy. SpecError names the field below the task (``sidecars[1].name``)."""
+    if len(sidecars) > MAX_SIDECARS or len(inits) > MAX_SIDECARS:
+        raise SpecError("sidecars" if len(sidecars) > MAX_SIDECARS else "init_containers",
+                        f"at most {MAX_SIDECARS} containers")
+    targets = {m.target: m.type for m in main.mounts}
+    seen: set[str] = set()
+    for kind, group in (("init_containers", inits), ("sidecars", sidecars)):
+        for i, c in enumerate(group):
+            if c.name in seen:
+                raise SpecError(f"{kind}[{i}].name", f"container name {c.name!r} is used twice")
+            seen.add(c.name)
+            for j, target in enumerate(c.mounts):
+                if target not in targets:
+                    raise SpecError(f"{kind}[{i}].mounts[{j}]", f"{target!r} is not a target "
+                                    "of the task's mounts (task.container.mounts)")
+                if targets[target] == "tmpfs":
+                    raise SpecError(f"{kind}[{i}].mounts[{j}]", f"{target!r} is a tmpfs, "
+                                    "memory of the main container's own: share a volume or a "
+                                    "bind mount")
+            if kind == "init_containers":
+                if c.healthcheck != HealthCheck():
+                    raise SpecError(f"{kind}[{i}].healthcheck",
+                                    "an init container runs to its end: no health check")
+                if c.restart != RestartPolicy():
+                    raise SpecError(f"{kind}[{i}].restart", "an init container runs once; "
+                                    "a failed one fails the task (the task's restart policy "
+                                    "applies)")
+
+
+def _check_env(env: dict[str, str]) -> None:
+    if len(env) > MAX_ENV:
+        raise SpecError("env", f"at most {MAX_ENV} variables")
+    for k, v in env.items():
+        if not ENV_KEY_RE.match(k):
+            raise SpecError("env", f"name {k!r} is invalid (letters, digits, '_')")
+        if "\0" in v:
+            raise SpecError("env", f"value of {k} must not contain NUL")
+
+
+def container_rows() -> list[str]:
+    """docs/api.md's rows for one SidecarSpec's fields (``task.sidecars[]`` and
+    ``task.init_containers[]`` take the same)."""
+    import json
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    names = {"str": "string", "Limits": "object", "HealthCheck": "object",
+             "RestartPolicy": "object"}
+    for f in msgspec.structs.fields(SidecarSpec):
+        base, help_ = _field_info(f.name)
+        default: Any = f.default
+        if f.default_factory is not msgspec.NODEFAULT:
+            default = f.default_factory()
+        shown = "required" if default is msgspec.NODEFAULT else "its defaults" \
+            if isinstance(default, msgspec.Struct) else \
+            f"`{json.dumps(list(default) if isinstance(default, tuple) else default)}`"
+        tname = names.get(getattr(base, "__name__", ""), "") or (
+            "list of string" if typing.get_origin(base) is tuple else
+            "map of string" if typing.get_origin(base) is dict else "string")
+        rows.append(f"| `{f.name}` | {tname} | {shown} | {help_.replace('|', '/')} |")
+    return rows
+
+
+def sidecar_help(path: str) -> str:
+    """The declared help of a SidecarSpec field named by an error path
+    (``task.sidecars[0].image`` → the image's help); "" if the path is not one."""
+    m = re.search(r"(?:sidecars|init_containers)\[\d+\]\.([a-z_]+)$", path)
+    if m is None or m.group(1) not in SidecarSpec.__struct_fields__:
+        return ""
+    return _field_info(m.group(1))[1]
+
+
+def _field_info(name: str) -> tuple[Any, str]:
+    """(type without Annotated, help) of a SidecarSpec field."""
+    tp = typing.get_type_hints(SidecarSpec, include_extras=True)[name]
+    if typing.get_origin(tp) is not Annotated:
+        return tp, ""
+    base, *metas = typing.get_args(tp)
+    meta = next((m for m in metas if isinstance(m, msgspec.Meta)), None)
+    return base, (meta.description or "") if meta is not None else ""

@@ -1,0 +1,180 @@
+"""Service and task helpers of the state machine: what a service spec must agree with in the
+rest of the state, and the deterministic allocations made while a command applies.
+
+Owns: published-port assignment (``assign_ports``: ``-p TARGET`` gets a port of
+ASSIGNED_PORTS), the cross-object checks of a service spec (``check_spec``: ports, networks,
+volume key secrets), a task's addresses on its networks (``net_addresses``), the autoscaled
+service's manual-scale refusal and a scheduled job's run record (``job_op``). Pure and
+deterministic like every part of shoal.raft.state (every manager computes the same); raises
+only ``Rejected``. Must not touch: the state's maps (it reads them; ``ClusterState``'s handlers
+write), the op dispatch, pysyncobj, the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Protocol
+
+import msgspec
+
+from shoal.raft import networks as netalloc
+from shoal.raft.errors import IpamError, Rejected
+from shoal.raft.models import (
+    JobRun,
+    JobStatus,
+    Network,
+    Service,
+    ServiceSpec,
+    Task,
+    TaskState,
+    Volume,
+    resolve_mount,
+)
+from shoal.raft.spec import ASSIGNED_PORTS
+
+
+class ServiceState(Protocol):
+    """What these helpers read of shoal.raft.state.ClusterState (not imported: it imports
+    this module)."""
+
+    services: dict[str, Service]
+    tasks: dict[str, Task]
+    networks: dict[str, Network]
+    volumes: dict[str, Volume]
+
+
+def assign_ports(state: ServiceState, spec: ServiceSpec, sid: str, old: ServiceSpec | None
+                  ) -> ServiceSpec:
+    """``spec`` with each published port 0 (``-p TARGET``) replaced: the port the service
+    already had for that target and protocol (an update keeps it), else the lowest of
+    ASSIGNED_PORTS no service publishes (deterministic: every manager applies the same)."""
+    if not any(p.published == 0 for p in spec.endpoint.ports):
+        return spec
+    taken = {(p.published, p.protocol) for s in state.services.values() if s.id != sid
+             for p in s.spec.endpoint.ports}
+    taken |= {(p.published, p.protocol) for p in spec.endpoint.ports if p.published}
+    had = {(p.target, p.protocol): p.published for p in (old.endpoint.ports if old else ())
+           if p.published in ASSIGNED_PORTS}
+    ports = []
+    for p in spec.endpoint.ports:
+        if p.published == 0:
+            port = had.pop((p.target, p.protocol), 0)
+            if not port or (port, p.protocol) in taken:
+                port = next((n for n in ASSIGNED_PORTS if (n, p.protocol) not in taken), 0)
+            if not port:
+                raise Rejected("exhausted", "no free port left in 30000-32767 to publish "
+                               f"target {p.target}/{p.protocol}", "endpoint.ports")
+            taken.add((port, p.protocol))
+            p = msgspec.structs.replace(p, published=port)
+        ports.append(p)
+    return msgspec.structs.replace(spec, endpoint=msgspec.structs.replace(
+        spec.endpoint, ports=tuple(ports)))
+
+
+def check_ports(state: ServiceState, spec: ServiceSpec, sid: str) -> None:
+    """A published port belongs to one service cluster-wide (every node listens on it)."""
+    for other in state.services.values():
+        if other.id == sid:
+            continue
+        mine = {(p.published, p.protocol) for p in spec.endpoint.ports}
+        for p in other.spec.endpoint.ports:
+            if (p.published, p.protocol) in mine:
+                raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
+                               f"published by service {other.spec.name}",
+                               "endpoint.ports")
+
+
+def check_volume_keys(state: ServiceState, spec: ServiceSpec) -> None:
+    """A volume's key secret (sshfs ``IdentityFile-secret``) reaches a node only as a
+    secret of the task: the service must use it."""
+    c = spec.task.container
+    names = {r.name for r in c.secrets}
+    for i, m in enumerate(c.mounts):
+        if m.type != "volume":
+            continue
+        opts = resolve_mount(m, state.volumes)[1]
+        key = next((v for k, v in opts.items() if k.lower() == "identityfile-secret"), "")
+        if key and key not in names:
+            raise Rejected("invalid", f"volume {m.source} takes its key from the secret "
+                           f"{key}: the service must use it too (--secret {key})",
+                           f"task.container.mounts[{i}]")
+
+
+def check_networks(state: ServiceState, spec: ServiceSpec) -> None:
+    names = {n.name for n in state.networks.values()}
+    for i, name in enumerate(spec.task.networks):
+        if name not in names:
+            raise Rejected("not_found", f"no such network: {name} (create it with "
+                           "`shoal network create`)", f"task.networks[{i}]")
+
+
+def check_spec(state: ServiceState, spec: ServiceSpec, sid: str) -> None:
+    """What a created or updated service's spec must agree with in the rest of the state:
+    its published ports are its own, its networks exist, its volumes' key secrets are
+    used (each check raises Rejected naming the field)."""
+    check_ports(state, spec, sid)
+    check_networks(state, spec)
+    check_volume_keys(state, spec)
+
+
+def net_addresses(state: ServiceState, t: Task, used: dict[str, set[str]]) -> dict[str, str]:
+    """``t``'s address on each of its networks (deterministic: lowest free)."""
+    out: dict[str, str] = {}
+    for name in t.spec.networks:
+        net = next((n for n in state.networks.values() if n.name == name), None)
+        if net is None:
+            continue
+        # (an ORPHANED task may still run on a node cut off from the cluster: its
+        # address is not reused while its record exists)
+        taken = used.setdefault(name, {
+            x.net_addrs[name] for x in state.tasks.values()
+            if name in x.net_addrs and (not x.status.state.terminal
+                                        or x.status.state is TaskState.ORPHANED)})
+        try:
+            addr = netalloc.pick_task_address(net.subnet, net.gateway, taken)
+        except IpamError:
+            continue  # the task starts without it and says so (node/mesh.py)
+        taken.add(addr)
+        out[name] = addr
+    return out
+
+
+def refuse_manual_scale(svc: Service) -> None:
+    """An autoscaled service's replica count is the autoscaler's (shoal.node.autoscale)."""
+    auto = svc.spec.mode.autoscale
+    raise Rejected("invalid", f"service {svc.spec.name} is autoscaled (--autoscale "
+                   f"min={auto.min},max={auto.max}): the autoscaler sets its replicas; "
+                   "change the range with `service update --autoscale min=N,max=N`, or "
+                   "turn autoscaling off with `service update --autoscale-rm` first",
+                   "replicas")
+
+
+def job_op(svc: Service, op: Any, now: float) -> JobStatus:
+    """A scheduled job's run (shoal.node.cron), as the leader decided it:
+
+    * ("job_run", service_id, scheduled_at, skip_reason): the run due at ``scheduled_at``
+      starts (the job iteration goes up: the orchestrator runs its tasks), or with a reason
+      is recorded as skipped. Ignored unless ``scheduled_at`` is later than the last run's:
+      a run is started once, whichever leader (or retried batch) proposes it.
+    * ("job_run_status", service_id, iteration, state, completed, failed, message): the
+      progress of the run of that iteration."""
+    job = svc.job_status
+    if op[0] == "job_run":
+        at, skip = float(op[2]), str(op[3])
+        if at <= job.last_scheduled:
+            return job
+        iteration = job.iteration if skip else job.iteration + 1
+        run = JobRun(scheduled_at=at, iteration=0 if skip else iteration,
+                     state="skipped" if skip else "running", started_at=now,
+                     finished_at=now if skip else 0.0, message=skip)
+        keep = svc.spec.mode.schedule.history
+        return replace(job, iteration=iteration, last_scheduled=at,
+                       runs=(*job.runs, run)[-keep:])
+    iteration, state = int(op[2]), str(op[3])
+    runs = tuple(replace(r, state=state, completed=int(op[4]), failed=int(op[5]),
+                         message=str(op[6]),
+                         finished_at=r.finished_at or (now if state != "running" else 0.0))
+                 if r.iteration == iteration and r.state != "skipped" else r
+                 for r in job.runs)
+    return replace(job, runs=runs)
+
