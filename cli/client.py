@@ -5,23 +5,27 @@ Owns: sending one request and turning the reply (or a connection failure) into a
 ``CliError`` naming what went wrong. A plain request over the unix socket (every `ls`, `ps`,
 `inspect`) is written and read on a bare socket — a few lines of HTTP/1.1 with
 ``Connection: close`` — so that a short command does not pay for importing http.client,
-email and ssl; TLS and streaming routes use http.client (imported then). Must not touch:
-output, argument parsing, cluster logic.
+email and ssl; TLS and streaming routes use http.client (imported then). That socket is the
+C module's (``_socket``, which the ``socket`` module wraps): importing ``socket`` and its
+selectors, enum flags and array would cost ~3 ms, a tenth of `shoal service ls`. Must not
+touch: output, argument parsing, cluster logic.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as _raw_socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shoal.cli.errors import CliError
 
+TYPE_CHECKING = False  # (typing's, without importing typing at run time: see cli/main.py)
 if TYPE_CHECKING:
     import http.client
     import ssl
+    from typing import Any, BinaryIO
 
 
 def _tls_context(tls_dir: str) -> ssl.SSLContext:
@@ -87,6 +91,8 @@ class Client:
 
             class _Unix(http.client.HTTPConnection):
                 def connect(self) -> None:
+                    import socket
+
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     s.settimeout(self.timeout)
                     s.connect(path)
@@ -102,7 +108,8 @@ class Client:
         if data is not None:
             head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
         raw = ("\r\n".join(head) + "\r\n\r\n").encode() + (data or b"")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s = _raw_socket(AF_UNIX, SOCK_STREAM)
+        try:
             s.settimeout(self.timeout)
             s.connect(self.path)
             s.sendall(raw)
@@ -112,6 +119,8 @@ class Client:
                 if not got:
                     break
                 chunks.append(got)
+        finally:
+            s.close()
         reply = b"".join(chunks)
         header, sep, body = reply.partition(b"\r\n\r\n")
         lines = header.split(b"\r\n")

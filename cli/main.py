@@ -13,18 +13,46 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
 
-# (only light modules here: every `shoal ls` pays for what this imports; the spec, msgspec,
-# rich, http.client and the node's modules are imported where a command needs them —
-# tests/test_cli_shape.py checks the import set of `service ls`)
-from shoal.cli import build as build_cli
-from shoal.cli import keys, mqtt, network, output, progress, stack, user, volume
-from shoal.cli import registry as registry_cli
+# (only light modules here: every `shoal service ls` pays for what this imports. The command
+# groups' modules are imported when a command of theirs runs or its parser is built (_OnUse
+# below, and main() builds only the group argv names); the spec, msgspec, rich, http.client
+# and the node's modules where a command needs them — tests/test_cli_shape.py checks the
+# import set of `service ls|ps|inspect`, bench/cli_latency.py their time)
+from shoal.cli import output
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
 from shoal.cli.output import ago, emit, render_template, table
+
+
+class _OnUse:
+    """A module of the CLI imported at the first use of one of its attributes."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+# typing.TYPE_CHECKING without importing typing (~2.5 ms a run; mypy knows the name): the
+# annotations are never evaluated (PEP 563)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+    from shoal.cli import build as build_cli
+    from shoal.cli import keys, mqtt, network, progress, stack, user, volume
+    from shoal.cli import registry as registry_cli
+else:
+    build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
+    keys, mqtt, network = _OnUse("shoal.cli.keys"), _OnUse("shoal.cli.mqtt"), \
+        _OnUse("shoal.cli.network")
+    progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
+    user, volume = _OnUse("shoal.cli.user"), _OnUse("shoal.cli.volume")
 
 __all__ = ["Client", "ago", "build_parser", "emit", "main", "render_template", "table"]
 
@@ -480,13 +508,40 @@ def run_events(c: Client, args: argparse.Namespace) -> None:
         print(out, flush=True)
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
 def _q(s: str) -> str:
+    """``s`` as one path segment (urllib.parse's quote, imported only for other characters
+    than a name's or id's: a `service ps NAME` need not pay for urllib.parse)."""
+    if s and all(ch in _UNRESERVED for ch in s):
+        return s
     from urllib.parse import quote
 
     return quote(s, safe="")
 
 
 # ----------------------------------------------------------------------------- parser
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, whose width comes from os.get_terminal_size: argparse's own
+    imports shutil for it (and with it zlib, bz2, lzma: ~2.5 ms), on every add_argument."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:  # (shutil.get_terminal_size's rules: $COLUMNS, stdout, else 80)
+            try:
+                width = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                width = 0
+            if width <= 0:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    width = 0
+            width = (width or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Errors as one ``Error:`` line. Built with ``build_parser(lazy=True)`` (the CLI's own
     run), a parser only records its ``add_argument`` calls and ``lazy`` functions, and makes
@@ -500,6 +555,7 @@ class _Parser(argparse.ArgumentParser):
         self.lazy: list[Any] = []
         self._recording = False
         helps = kwargs.get("add_help", True)
+        kwargs.setdefault("formatter_class", _Formatter)
         if _Parser.recording:  # (-h is recorded too: adding an option makes a formatter)
             kwargs["add_help"] = False
         super().__init__(*args, **kwargs)
@@ -599,9 +655,11 @@ def split_update_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv[:i], argv[i + 1:]
 
 
-def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
-    """The whole `shoal` parser. ``lazy`` (the CLI's own run): each sub-parser's options are
-    made only when it is used (see _Parser); tests see them all at once."""
+def build_parser(lazy: bool = False, only: str | None = None) -> argparse.ArgumentParser:
+    """The `shoal` parser: every command's, or with ``only`` (a top-level command's name,
+    see command_group) only the global options and that command's group. ``lazy`` (the
+    CLI's own run): each sub-parser's options are made only when it is used (see _Parser);
+    tests see them all at once."""
     if lazy and not hasattr(argparse._, "cache_info"):  # type: ignore[attr-defined]
         # argparse translates its own words ("options", "usage: ") through gettext, which
         # looks for message catalogs on disk on every call: twice per sub-parser, most of
@@ -611,12 +669,12 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
         argparse._ = functools.lru_cache(maxsize=None)(argparse._)  # type: ignore[attr-defined]
     _Parser.recording = lazy
     try:
-        return _build_parser()
+        return _build_parser(only)
     finally:
         _Parser.recording = False
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(only: str | None) -> argparse.ArgumentParser:
     p = _Parser(prog="shoal", description="shoal: a peer-to-peer container orchestrator")
     p.add_argument("-H", "--host", default=os.environ.get("SHOAL_HOST", DEFAULT_HOST),
                    help=f"agent socket, or tcp://ADDR:PORT for a remote API (env SHOAL_HOST, "
@@ -629,7 +687,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    "the leader first (docs/reliability.md)")
     p.add_argument("--version", action=_Version, help="show shoal's version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for names, add in _GROUPS:
+        if only is None or only in names:
+            add(sub)
+    return p
 
+
+def _agent_parser(sub: Any) -> None:
     a = sub.add_parser("agent", help="run the node agent (long-running, as root)")
     a.add_argument("--data-dir", default="/var/lib/shoal")
     a.add_argument("--advertise-addr", required=True, help="this host's IP for other nodes")
@@ -689,6 +753,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)
     a.add_argument("--cert-renew-fraction", type=float, default=0.5, help=argparse.SUPPRESS)
 
+
+def _cluster_parsers(sub: Any) -> None:
     ini = sub.add_parser("init", help="create a cluster; this node becomes its first manager")
     ini.add_argument("--cluster-cidr", default="",
                      help="task address pool, cut into a /24 per node (default 10.99.0.0/16)")
@@ -707,6 +773,8 @@ def _build_parser() -> argparse.ArgumentParser:
     lv.add_argument("-f", "--force", action="store_true")
     sub.add_parser("info", help="show this node's agent and cluster status")
 
+
+def _node_parser(sub: Any) -> None:
     n = sub.add_parser("node", help="manage nodes")
     nsub = n.add_subparsers(dest="node_cmd", required=True, parser_class=_Parser)
     nls = nsub.add_parser("ls", help="list nodes")
@@ -733,6 +801,8 @@ def _build_parser() -> argparse.ArgumentParser:
     nr.add_argument("nodes", nargs="+")
     nr.add_argument("-f", "--force", action="store_true")
 
+
+def _service_parser(sub: Any) -> None:
     s = sub.add_parser("service", help="manage services")
     ssub = s.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
     sc = ssub.add_parser("create", help="create a service (and wait until it runs, unless -d)")
@@ -772,6 +842,9 @@ def _build_parser() -> argparse.ArgumentParser:
     progress.add_flags(srb)
     srm = ssub.add_parser("rm", help="remove services")
     srm.add_argument("services", nargs="+")
+
+
+def _events_parser(sub: Any) -> None:
     ev = sub.add_parser("events", help="stream the cluster's events (like `docker events`)")
     ev.add_argument("--since", default="", metavar="T|CURSOR",
                     help="start after an event's cursor (INDEX-SEQ) or at a time (Unix "
@@ -785,12 +858,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default="", metavar="json|TEMPLATE",
                     help="json: one JSON object per line; or a template such as "
                     "'{{.Type}} {{.Action}} {{.Name}}' or '{{json .}}'")
+
+
+def _gossip_parser(sub: Any) -> None:
     g = sub.add_parser("gossip", help="gossip membership: key rotation")
     gsub = g.add_subparsers(dest="gossip_cmd", required=True, parser_class=_Parser)
     grk = gsub.add_parser("rotate-key", help="roll a new gossip key through the cluster "
                           "without downtime (install, use, retire the old one)")
     grk.add_argument("--format", choices=["table", "json"], default="table")
 
+
+def _ca_parser(sub: Any) -> None:
     ca = sub.add_parser("ca", help="the cluster CA: info and client certificates")
     casub = ca.add_subparsers(dest="ca_cmd", required=True, parser_class=_Parser)
     casub.add_parser("info", help="CA digest, client names, this node's certificate (JSON)")
@@ -804,6 +882,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cr = casub.add_parser("revoke-client", help="revoke a client certificate")
     cr.add_argument("name")
     keys.add_ca_parser(casub)
+
+
+def _secret_parsers(sub: Any) -> None:
     for kind, what in (("secret", "secrets (sealed in the cluster state, files in "
                                   "/run/secrets of tasks)"),
                        ("config", "configs (files in /run/configs of tasks)")):
@@ -821,6 +902,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ki.add_argument("--format", choices=["json"], default="json")
         kr = ksub.add_parser("rm", help=f"remove {kind}s (not while a service uses them)")
         kr.add_argument("names", nargs="+")
+
+
+def _image_parser(sub: Any) -> None:
     im = sub.add_parser("image", help="manage this node's images")
     isub = im.add_subparsers(dest="image_cmd", required=True, parser_class=_Parser)
     il = isub.add_parser("load", help="load a docker-save or OCI image-layout tarball")
@@ -835,19 +919,53 @@ def _build_parser() -> argparse.ArgumentParser:
     registry_cli.add_image_pull(isub)
     registry_cli.add_image_prune(isub)
     build_cli.add_parser(isub)
-    registry_cli.add_parser(sub)
-    stack.add_parser(sub)
-    network.add_parser(sub)
-    volume.add_parser(sub)
-    mqtt.add_parser(sub)
-    keys.add_parser(sub)
-    user.add_parser(sub)
-    return p
+
+
+# The top-level commands, in `shoal --help`'s order: (names, what adds their parsers under
+# the top-level sub-parsers). build_parser(only=NAME) builds only NAME's entry: main() passes
+# the group argv names, so `shoal service ls` never builds (nor imports) the others.
+_GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
+    (("agent",), _agent_parser),
+    (("init", "join", "join-token", "leave", "info"), _cluster_parsers),
+    (("node",), _node_parser),
+    (("service",), _service_parser),
+    (("events",), _events_parser),
+    (("gossip",), _gossip_parser),
+    (("ca",), _ca_parser),
+    (("secret", "config"), _secret_parsers),
+    (("image",), _image_parser),
+    (("registry",), lambda sub: registry_cli.add_parser(sub)),
+    (("stack",), lambda sub: stack.add_parser(sub)),
+    (("network",), lambda sub: network.add_parser(sub)),
+    (("volume",), lambda sub: volume.add_parser(sub)),
+    (("mqtt",), lambda sub: mqtt.add_parser(sub)),
+    (("swarm", "unlock", "unlock-key"), lambda sub: keys.add_parser(sub)),  # keys.COMMANDS
+    (("user",), lambda sub: user.add_parser(sub)),
+]
+
+
+def command_group(words: Sequence[str]) -> str | None:
+    """The top-level command ``words`` (argv without the program) names: its first word
+    after the global options, or None when that is not plain (no command, -h/--version
+    first, an abbreviated or unknown option) — then the whole parser is built."""
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-H", "--host", "--tls-dir"):
+            i += 2
+        elif w == "--stale" or w.startswith(("--host=", "--tls-dir=")) or \
+                (w.startswith("-H") and len(w) > 2):
+            i += 1
+        elif w.startswith("-"):
+            return None
+        else:
+            return w if any(w in names for names, _ in _GROUPS) else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser(lazy=True)
     words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(lazy=True, only=command_group(words))
     head, command = split_update_command(words)
     args = None
     if command is not None:

@@ -19,12 +19,15 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 from shoal.cli.errors import CliError
 
-Rec = dict[str, Any]
-Column = tuple[str, Callable[[Rec, bool], str]]  # header, value(record, no_trunc)
+TYPE_CHECKING = False  # (typing's, without importing typing at run time: see cli/main.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+    Rec = dict[str, Any]
+    Column = tuple[str, Callable[[Rec, bool], str]]  # header, value(record, no_trunc)
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:

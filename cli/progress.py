@@ -18,16 +18,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Protocol, TextIO
 
 from shoal.cli.errors import CliError
 
+TYPE_CHECKING = False  # (typing's, without importing typing: `service ls` builds our flags)
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TextIO
+
+    class _Api(Protocol):
+        def call(self, method: str, path: str, body: Any = None) -> Any: ...
+
 POLL = 0.25  # seconds between looks at the service (each look: two API reads)
 RUNNING_UPDATE = ("updating", "rollback_started")
-
-
-class _Api(Protocol):
-    def call(self, method: str, path: str, body: Any = None) -> Any: ...
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

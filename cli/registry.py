@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.cli.errors import CliError
 
-if TYPE_CHECKING:  # (imported where used: every `shoal` run imports this module)
+TYPE_CHECKING = False  # (typing's, without importing typing: `service ls` builds our flags)
+if TYPE_CHECKING:  # (imported where used: `shoal service ...` imports this module)
+    from typing import Any, Protocol
+
     from shoal.runtime.images import ImageGCConfig
 
-
-class _Client(Protocol):
-    def call(self, method: str, path: str, body: Any = None) -> Any: ...
+    class _Client(Protocol):
+        def call(self, method: str, path: str, body: Any = None) -> Any: ...
 
 
 def add_parser(sub: Any) -> None:

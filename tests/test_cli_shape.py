@@ -8,12 +8,15 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netlab import Lab, wait_until
+from shoal.cli import main as cli_main
 from shoal.cli import output, progress
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser, parse_since, split_update_command
@@ -21,25 +24,93 @@ from shoal.cli.specflags import apply_update_args, parse_publish
 from shoal.raft.state import ClusterState
 
 SLEEP = ["--", "sleep", "100000"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- no network
 
-def test_service_ls_imports_no_spec_msgspec_rich_or_node_modules() -> None:
-    """`shoal service ls` (the path scripts call in loops) imports only the light modules:
-    not rich, msgspec, yaml, http.client, the spec, raft or node code."""
-    code = ("import sys\nfrom shoal.cli.main import main\n"
-            "try:\n    main(['-H', 'unix:///nonexistent/shoal.sock', 'service', 'ls'])\n"
+# What `shoal service ls|ps|inspect` may import beyond a bare interpreter's start (`python -S`):
+# argparse and what it needs (re, gettext → locale), json, the C socket module, and four
+# modules of the CLI — plus progress and registry, whose flags the `service` parsers add
+# (both import nothing but argparse). Not: typing, socket (selectors, enum flags), shutil
+# (argparse's terminal width: bz2, lzma), urllib.parse, pathlib, http.client, ssl, rich,
+# msgspec, yaml, the spec, raft or node code, or another command group's module. A module
+# that joins this set must be worth its milliseconds on the path scripts call in loops
+# (bench/cli_latency.py, docs/benchmarks.md).
+LIGHT_IMPORTS = frozenset({
+    "argparse", "gettext", "locale", "_locale", "json", "json.decoder", "json.encoder",
+    "json.scanner", "_json", "_socket", "collections.abc",
+    # re and what it imports (argparse's), and what `site` would have imported anyway
+    "re", "re._casefix", "re._compiler", "re._constants", "re._parser", "_sre", "copyreg",
+    "enum", "functools", "_functools", "operator", "_operator", "types", "reprlib",
+    "keyword", "itertools", "collections", "_collections", "_collections_abc", "warnings",
+    "contextlib", "os", "os.path", "posixpath", "genericpath", "stat", "_stat", "errno",
+    "__future__", "importlib", "importlib._bootstrap", "importlib._bootstrap_external",
+    "shoal", "shoal.cli", "shoal.cli.main", "shoal.cli.client", "shoal.cli.errors",
+    "shoal.cli.output", "shoal.cli.progress", "shoal.cli.registry",
+})
+
+
+@pytest.mark.parametrize("command", [["service", "ls"], ["service", "ps", "web", "db"],
+                                     ["service", "inspect", "web"]])
+def test_service_ls_ps_inspect_import_only_light_modules(tmp_path: Path, command: list[str]
+                                                          ) -> None:
+    """The modules `shoal service ls|ps|inspect` (the commands scripts call in loops) import,
+    as a wheel install has them: run in `python -S` (no site-packages, no editable install's
+    import hook, which itself imports pathlib, re, urllib.parse…) with the package laid out
+    as pyproject's package-dir installs it. Every one must be in LIGHT_IMPORTS."""
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    (tmp_path / "shoal").mkdir()
+    for name, d in dirs.items():
+        (tmp_path / name.replace(".", "/")).symlink_to(ROOT / d)
+    code = ("import sys\nbase = set(sys.modules)\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from shoal.cli.main import main\n"
+            "try:\n"
+            f"    main(['-H', 'unix:///nonexistent/shoal.sock', *{command!r}])\n"
             "except SystemExit:\n    pass\n"
-            "print(' '.join(sorted(sys.modules)))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+            "print(' '.join(sorted(set(sys.modules) - base)))")
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     mods = set(res.stdout.split())
-    assert "shoal.cli.main" in mods and "cannot connect" in res.stderr
-    heavy = {m for m in mods if m.split(".")[0] in ("rich", "msgspec", "yaml", "email")
+    assert "shoal.cli.main" in mods and "cannot connect" in res.stderr, res
+    assert not mods - LIGHT_IMPORTS, sorted(mods - LIGHT_IMPORTS)
+    heavy = {m for m in mods if m.split(".")[0] in ("rich", "msgspec", "yaml", "email",
+                                                     "typing", "socket", "shutil", "pathlib")
              or m.startswith(("shoal.raft", "shoal.node", "shoal.cli.compose",
-                              "shoal.cli.specflags", "http.client", "ssl"))}
+                              "shoal.cli.specflags", "http.client", "ssl", "urllib"))}
     assert not heavy, sorted(heavy)
+
+
+def test_main_builds_only_the_group_argv_names_and_parses_as_the_whole_parser() -> None:
+    """main() builds the parser of the command group argv names (command_group); what it
+    parses is what the whole parser parses, and `shoal --help` still lists every group."""
+    full = build_parser()
+    choices = next(a for a in full._subparsers._group_actions).choices  # type: ignore[union-attr]
+    assert set(choices) == {n for names, _ in cli_main._GROUPS for n in names}
+    for argv in (["service", "ls", "-q"], ["-H", "unix:///x", "--stale", "service", "ps", "a"],
+                 ["--host=unix:///x", "node", "inspect", "n1"], ["-Hunix:///x", "info"],
+                 ["secret", "ls"], ["config", "inspect", "c"], ["image", "ls"],
+                 ["stack", "ls"], ["network", "ls"], ["volume", "ls"], ["unlock-key", "-q"],
+                 ["swarm", "update", "--autolock", "true"], ["user", "ls"],
+                 ["join-token", "worker"], ["events", "--since", "1m"]):
+        group = cli_main.command_group(argv)
+        assert group == next(w for w in argv if not w.startswith("-") and w != "unix:///x")
+        only = build_parser(lazy=True, only=group)
+        assert list(next(a for a in only._subparsers._group_actions  # type: ignore[union-attr]
+                         ).choices) == [n for names, _ in cli_main._GROUPS if group in names
+                                        for n in names]
+        assert vars(only.parse_args(argv)) == vars(full.parse_args(argv)), argv
+    for argv in ([], ["--help"], ["--version"], ["--sta", "service", "ls"], ["servce", "ls"]):
+        assert cli_main.command_group(argv) is None  # (then the whole parser is built)
+    out = subprocess.run([sys.executable, "-c", "from shoal.cli.main import main; main()",
+                          "--help"], capture_output=True, text=True, check=True, timeout=60)
+    assert all(n in out.stdout for n in choices), out.stdout
+    bad = subprocess.run([sys.executable, "-c", "from shoal.cli.main import main; main()",
+                          "servce", "ls"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'servce'" in bad.stderr
+    assert "'service'" in bad.stderr and "'volume'" in bad.stderr
 
 
 def test_publish_target_only_means_an_assigned_port_and_mode_host_is_refused() -> None:
