@@ -60,7 +60,7 @@ from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
-from shoal.node.joining import JoinKey, request_join
+from shoal.node.joining import JoinCall, JoinKey, request_join
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
@@ -552,11 +552,17 @@ class Agent:
             sec.files.save(ca_pem, cert, pki.key_pem(key))
             try:
                 sec.load()
-                # the Raft secret, gossip key (and manager key) travel over mTLS only
-                keys = await sec.call(remote, "/v1/cluster/keys", {})
+                # the Raft secret, gossip key (and manager key) travel over mTLS only; retried
+                # like the join itself (a manager busy with a join storm answers late)
+
+                def fetch(path: str) -> JoinCall:
+                    return lambda b, t: sec.call(remote, path, b, timeout=t)
+                keys = await request_join(fetch("/v1/cluster/keys"), {},
+                                          self.config.join_retry)
                 manager_key = b""
                 if role == "manager":
-                    mk = await sec.call(remote, "/v1/cluster/manager-keys", {})
+                    mk = await request_join(fetch("/v1/cluster/manager-keys"), {},
+                                            self.config.join_retry)
                     manager_key = bytes.fromhex(str(mk["manager_key"]))
                 identity = NodeIdentity(node_id=node_id, cluster_id=info.cluster_id, role=role,
                                         raft_password=str(keys["raft_password"]),
