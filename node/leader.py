@@ -291,9 +291,7 @@ class LeaderLoop:
         self.index = PassIndex()
         self.autoscaler = Autoscaler(self.usage) if self.usage is not None else None
         log.info("leading (term %d): orchestrator and scheduler started", term)
-        # give every agent a chance to reach us before judging liveness
-        for node_id in self.store.snapshot().nodes:
-            self.heartbeats.setdefault(node_id, started)
+        self.hear_from_all(started)
         # announce the new term at once (an empty fenced batch): fences older leaders now,
         # and the event stream shows the leader change even when there is nothing to do
         with contextlib.suppress(StoreError):
@@ -316,6 +314,18 @@ class LeaderLoop:
                 async with asyncio.timeout(timeout):  # (wait_for can swallow a cancel)
                     await self.wakeup.wait()
         log.info("no longer leading (term %d): orchestrator and scheduler stopped", term)
+
+    def hear_from_all(self, started: float) -> None:
+        """At the start of a leadership: every node not heard from yet counts as heard now
+        (it gets the leadership grace to reach this manager), and one whose record is
+        younger than the join grace gets the join grace too: it may still be starting and
+        not have reached this manager (a join storm changes leaders; without this, every
+        node that joined just before the change went DOWN at once)."""
+        now = time.time()
+        for node in self.store.snapshot().nodes.values():
+            recent = now - node.created_at < self.config.join_grace
+            self.heartbeats.setdefault(
+                node.id, started + (self.config.join_grace if recent else 0.0))
 
     async def one_pass(self, led_for: float = 0.0) -> float | None:
         """One pass now, in the current term (liveness is judged once ``led_for`` reaches

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,27 @@ async def test_a_node_that_just_joined_is_not_taken_down_before_its_first_heartb
     await leader.one_pass(led_for=3600.0)
     assert store.snapshot().nodes["w0"].state is NodeState.DOWN
     assert store.snapshot().nodes["w1"].state is NodeState.READY
+
+
+async def test_a_new_leader_gives_a_node_that_just_joined_the_join_grace(
+        tmp_path: Path) -> None:
+    """Join storm with a leader change: a node that joined moments before this manager took
+    the lead, and has not reached it yet, gets the join grace like one that joins while it
+    leads; a node that joined long ago and was never heard from does not."""
+    store = MemoryStore(self_addr=f"{ADDR}:2378")
+    await _manager(tmp_path, store, FeedConfig())  # w0.. joined long ago (now=1.0)
+    await store.propose({"op": "node_add", "now": time.time(), "node": to_dict(Node(
+        id="fresh", hostname="fresh", addr="10.0.2.1", api_port=2377, raft_port=2378,
+        role=NodeRole.WORKER))})
+    heartbeats: dict[str, float] = {f"w{i}": time.monotonic() for i in range(1, WORKERS)}
+    config = OrchestratorConfig()
+    leader = LeaderLoop(store, heartbeats, config, asyncio.Event())
+    leader.hear_from_all(time.monotonic() - config.node_down_timeout - 1)  # led for a while
+    await leader.one_pass(led_for=3600.0)
+    nodes = store.snapshot().nodes
+    assert nodes["fresh"].state is NodeState.READY  # still within the join grace
+    assert nodes["w0"].state is NodeState.DOWN  # never heard from, and not new
+    assert nodes["w1"].state is NodeState.READY
 
 
 async def test_replies_cached_for_one_store_are_not_served_for_another(tmp_path: Path) -> None:
