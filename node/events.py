@@ -213,6 +213,11 @@ def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
         return set()
     if op == "task_status":
         return {str(cmd.get("task_id"))}
+    if op == "task_statuses":
+        reports = cmd.get("reports")
+        if not isinstance(reports, (list, tuple)):
+            return set()  # refused whole: changes nothing
+        return {str(r[0]) for r in reports if isinstance(r, (list, tuple)) and r}
     if op == "leader":
         ids: set[str] = set()
         for o in cmd.get("ops") or ():

@@ -123,7 +123,8 @@ _SEEN_MAX = 200_000  # task views remembered by FeedServer (forgotten all at onc
 
 def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> str | None:
     """The node whose feed alone needs the command ``blob`` at once, when the others can
-    wait for it: a ``task_status`` reporting a state below RUNNING, or (with ``seen``: the
+    wait for it: a ``task_status`` (or a ``task_statuses`` whose every report is such)
+    reporting a state below RUNNING, or (with ``seen``: the
     view of each task's previous report, updated here) one that leaves the task's
     (state, health, address) as its previous report had it — a health-log refresh, a
     failing streak counting up. On other workers nothing reads what those change: the mesh
@@ -139,25 +140,40 @@ def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> st
         cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
     except Exception:
         return None
-    if not isinstance(cmd, dict) or cmd.get("op") != "task_status":
+    if not isinstance(cmd, dict):
         return None
-    status, node, task_id = cmd.get("status"), cmd.get("node_id"), cmd.get("task_id")
+    node, op = cmd.get("node_id"), cmd.get("op")
+    if not isinstance(node, str):
+        return None
+    if op == "task_status":
+        reports = [(cmd.get("task_id"), cmd.get("status"))]
+    elif op == "task_statuses" and isinstance(cmd.get("reports"), list):
+        reports = [tuple(r) if isinstance(r, list) and len(r) == 2 else (None, None)
+                   for r in cmd["reports"]]
+    else:
+        return None
+    # every report must be one only its node needs (each report updates ``seen``)
+    deferrable = [_deferrable(task_id, status, seen) for task_id, status in reports]
+    return node if deferrable and all(deferrable) else None
+
+
+def _deferrable(task_id: Any, status: Any, seen: dict[str, MeshView] | None) -> bool:
     state = status.get("state") if isinstance(status, dict) else None
-    if not (isinstance(node, str) and isinstance(state, int) and not isinstance(state, bool)):
-        return None
+    if not isinstance(state, int) or isinstance(state, bool):
+        return False
     if state < _RUNNING:
-        return node
+        return True
     if seen is None or not isinstance(task_id, str) or not isinstance(status, dict):
-        return None
+        return False
     if state >= _TERMINAL:
         seen.pop(task_id, None)
-        return None
+        return False
     view = (state, str(status.get("health", "")), str(status.get("addr", "")))
     previous = seen.get(task_id)
     if len(seen) >= _SEEN_MAX:
         seen.clear()
     seen[task_id] = view
-    return node if previous == view else None
+    return previous == view
 
 
 # A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shoal.node.errors import (
     BackwardsTransition,
@@ -36,8 +36,8 @@ from shoal.node.errors import (
 )
 from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.pod import Pods, is_pod, parent_of
+from shoal.node.reports import Reporter
 from shoal.node.source import StateSource
-from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import (
     Health,
     Task,
@@ -45,7 +45,6 @@ from shoal.raft.models import (
     TaskStatus,
     Volume,
     resolve_mount,
-    to_dict,
 )
 from shoal.raft.spec import SIGNALS, Mount, SidecarSpec
 from shoal.runtime.build import BUILD_TASK_PREFIX
@@ -177,6 +176,8 @@ class Worker:
         # how far this node's pull of an image is (a status message), None if not pulling
         self.pull_progress = pull_progress
         self.store = store  # swapped by the agent when this node changes role
+        # status reports, gathered into one write per round trip (node/reports.py)
+        self.reporter = Reporter(node_id, lambda: self.store)
         self.runtime = runtime
         self.wakeup = wakeup
         self.interval = interval
@@ -529,14 +530,7 @@ class Worker:
         self._stopping[task_id] = asyncio.create_task(stop())
 
     async def _report(self, task: Task, status: TaskStatus) -> None:
-        cmd: dict[str, Any] = {"op": "task_status", "task_id": task.id, "node_id": self.node_id,
-                               "now": time.time(), "status": to_dict(status)}
-        try:
-            await self.store.propose(cmd)
-        except CommandRejected as exc:
-            log.debug("status report for %s refused: %s", task.id, exc)
-        except StoreError as exc:
-            log.warning("status report for %s not committed (will retry): %s", task.id, exc)
+        await self.reporter.report(task.id, status)
 
     async def stop_all(self, grace: float = 10.0) -> None:
         """Stop every task (used by `shoal leave`)."""

@@ -27,7 +27,8 @@ Who may write what (swarmkit's split):
   Raft term: a batch whose term is
   lower than the highest term already seen is refused, so a deposed leader that still
   believes it leads cannot overwrite its successor's decisions.
-* agents: task_status for tasks assigned to their own node, merged forward only.
+* agents: task_status (one report) and task_statuses (many of one node) for tasks assigned
+  to their own node, merged forward only.
 """
 
 from __future__ import annotations
@@ -642,22 +643,51 @@ class ClusterState:
 
     # --- agents
     def _task_status(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        t = self.tasks.get(cmd["task_id"])
+        return {"changed": self._apply_status(cmd["task_id"], cmd["node_id"], cmd["status"],
+                                              float(cmd["now"]))}
+
+    def _task_statuses(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Many reports of one node in one entry (shoal.node.reports). Each is applied as a
+        ``task_status`` would be; one that is refused (its task gone or moved) does not
+        stop the others: it is named in ``refused``."""
+        node, reports, now = cmd.get("node_id"), cmd.get("reports"), cmd.get("now")
+        if not isinstance(node, str):
+            raise Rejected("invalid", "node_id must be a node id", "node_id")
+        if isinstance(now, bool) or not isinstance(now, (int, float)):
+            raise Rejected("invalid", "now must be a time in seconds", "now")
+        if not isinstance(reports, list) or not all(
+                isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str)
+                and isinstance(r[1], dict) for r in reports):
+            raise Rejected("invalid", "reports must be a list of [task_id, status] pairs",
+                           "reports")
+        changed = 0
+        refused: dict[str, str] = {}
+        for task_id, status in reports:
+            try:
+                changed += self._apply_status(task_id, node, status, float(now))
+            except Rejected as exc:
+                refused[task_id] = exc.message
+            except (LookupError, TypeError, ValueError, AttributeError) as exc:
+                refused[task_id] = f"malformed status: {exc!r}"
+        return {"changed": changed, "refused": refused}
+
+    def _apply_status(self, task_id: str, node_id: str, raw: dict[str, Any], now: float
+                      ) -> bool:
+        t = self.tasks.get(task_id)
         if t is None:
-            raise Rejected("not_found", f"no such task: {cmd['task_id']}", "task_id")
-        if t.node_id != cmd["node_id"]:
-            raise Rejected("forbidden", f"task {t.id} is not assigned to node {cmd['node_id']}",
+            raise Rejected("not_found", f"no such task: {task_id}", "task_id")
+        if t.node_id != node_id:
+            raise Rejected("forbidden", f"task {t.id} is not assigned to node {node_id}",
                            "node_id")
-        status = status_from_dict(cmd["status"])
+        status = status_from_dict(raw)
         if not status.merges_over(t.status):
             # older observation: keep the greater (ordered states, then ordered health)
-            return {"changed": False}
-        now = float(cmd["now"])
+            return False
         # when it first came up (running, and healthy if checked): a rolling update's
         # monitor window counts from there
         up_at = t.up_at or (now if status.up else 0.0)
         self.tasks[t.id] = replace(t, status=status, updated_at=now, up_at=up_at)
-        return {"changed": True}
+        return True
 
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {
     "cluster_init": ClusterState._cluster_init,
@@ -672,6 +702,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "cluster_schema": ClusterState._cluster_schema,
     "read_barrier": ClusterState._read_barrier,
     "task_status": ClusterState._task_status,
+    "task_statuses": ClusterState._task_statuses,
     "ca_init": secops.ca_init,
     "secret_create": secops.secret_create,
     "secret_remove": secops.secret_remove,

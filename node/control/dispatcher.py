@@ -56,8 +56,8 @@ def _seconds(value: Any) -> bool:
 
 
 def in_manager_time(cmd: dict[str, Any], now: float) -> tuple[dict[str, Any], float]:
-    """A worker's ``task_status`` report with its times in this manager's clock; and how far
-    the worker's clock is off (0 within ``CLOCK_TOLERANCE``).
+    """A worker's ``task_status`` (or ``task_statuses``) report with its times in this
+    manager's clock; and how far the worker's clock is off (0 within ``CLOCK_TOLERANCE``).
 
     The leader compares the times in task statuses with its own clock: when a failed task
     is restarted (``ended + restart delay``), restart windows, update delays. A worker whose
@@ -72,9 +72,19 @@ def in_manager_time(cmd: dict[str, Any], now: float) -> tuple[dict[str, Any], fl
     offset = now - float(sent)
     if abs(offset) <= CLOCK_TOLERANCE:
         return cmd, 0.0
-    status = cmd.get("status")
-    if not isinstance(status, dict):
-        return {**cmd, "now": now}, offset
+    moved: dict[str, Any] = {**cmd, "now": now}
+    if isinstance(cmd.get("status"), dict):
+        moved["status"] = _moved(cmd["status"], offset)
+    reports = cmd.get("reports")
+    if isinstance(reports, list):  # task_statuses: [[task_id, status], ...]
+        moved["reports"] = [[r[0], _moved(r[1], offset)]
+                            if isinstance(r, list) and len(r) == 2 and isinstance(r[1], dict)
+                            else r for r in reports]
+    return moved, offset
+
+
+def _moved(status: dict[str, Any], offset: float) -> dict[str, Any]:
+    """One status with its times shifted by ``offset`` seconds."""
     moved = dict(status)
     if _seconds(moved.get("timestamp")) and moved["timestamp"]:
         moved["timestamp"] += offset
@@ -83,7 +93,7 @@ def in_manager_time(cmd: dict[str, Any], now: float) -> tuple[dict[str, Any], fl
         moved["health_log"] = [
             {**r, **{k: r[k] + offset for k in ("start", "end") if _seconds(r.get(k))}}
             if isinstance(r, dict) else r for r in log_]
-    return {**cmd, "now": now, "status": moved}, offset
+    return moved
 
 
 class Dispatcher:
@@ -167,7 +177,7 @@ class Dispatcher:
         if not isinstance(cmd, dict):
             raise BadRequest("cmd must be a command object", "cmd")
         op = cmd.get("op")
-        if op == "task_status":
+        if op in ("task_status", "task_statuses"):
             if cmd.get("node_id") != node.id:
                 raise Forbidden(f"node {node.id} may only report its own tasks", "node_id")
             cmd, offset = in_manager_time(cmd, time.time())
