@@ -24,8 +24,8 @@ STAMP  := $(VENV)/.installed
 DEB_PKGS := iproute2 util-linux tini procps openssh-server sshfs iptables gcc libc6-dev zstd busybox-static \
 	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients chromium
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
-HARNESS  := tests/netlab.py tests/conftest.py tests/test_netlab.py tests/helpers.py demo/demo.py \
-            tests/jepsen.py tests/jepsen_check.py
+HARNESS  := tests/netlab.py tests/labstate.py tests/conftest.py tests/test_netlab.py tests/helpers.py \
+            tests/feedrig.py demo/demo.py tests/jepsen.py tests/jepsen_check.py
 # mypy sees the package as shoal.* through this symlink tree (shoal/node -> ../../../node, ...),
 # made from pyproject's package-dir on every lint: mypy cannot follow the editable install's
 # import hook. It is git-ignored and only type checking reads it.

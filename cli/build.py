@@ -42,7 +42,7 @@ def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
     import tarfile
     import tempfile
 
-    from shoal.runtime.build import context_files
+    from shoal.runtime.dockerfile import context_files
 
     if not os.path.isdir(context):
         raise CliError(f"the build context {context} is not a directory")

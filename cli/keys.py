@@ -15,6 +15,7 @@ import getpass
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoal.cli.errors import CliError
@@ -129,33 +130,48 @@ def run(c: Any, args: argparse.Namespace) -> None:
         _print_key(str(r["unlock_key"]), args.quiet)
 
 
+def _follow(poll: Callable[[], dict[str, Any]],
+            check: Callable[[dict[str, Any]], str | None],
+            timeout: float, interval: float, late: str) -> None:
+    """Wait for a rotation to end: ``poll`` its status every ``interval`` s; ``check`` a
+    status returns None when the rotation is done, else its progress line (printed when it
+    changes), and raises CliError when another rotation replaced this one. CliError
+    ``late`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        line = check(poll())
+        if line is None:
+            return
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if time.monotonic() > deadline:
+            raise CliError(late)
+        time.sleep(interval)
+
+
 def _rotate_raft_secret(c: Any, args: argparse.Namespace) -> None:
     key_id = str(c.call("POST", "/v1/swarm/rotate-raft-key")["key_id"])
     if args.detach:
         print(f"Raft secret rotation started ({key_id}); the managers switch over in seconds "
               "(progress: GET /v1/swarm/rotate-raft-key).")
         return
-    deadline = time.monotonic() + args.timeout
-    last = ""
-    while True:
-        rot = c.call("GET", "/v1/swarm/rotate-raft-key")
+
+    def check(rot: dict[str, Any]) -> str | None:
         if not rot.get("phase") and rot.get("key_id") == key_id:
-            print(f"Rotated the Raft secret ({key_id}): every manager sends with it; the old "
-                  "one is no longer accepted.")
-            return
+            return None
         if rot.get("phase") and rot.get("next_key_id") != key_id:
             raise CliError("another Raft secret rotation replaced this one")
         n = rot.get("managers", 0)
-        line = (f"{rot.get('phase') or 'starting'}: {rot.get('accepting', 0)}/{n} managers "
+        return (f"{rot.get('phase') or 'starting'}: {rot.get('accepting', 0)}/{n} managers "
                 f"accept the new Raft secret, {rot.get('switched', 0)}/{n} send with it")
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if time.monotonic() > deadline:
-            raise CliError(f"the Raft secret rotation has not finished after "
-                           f"{args.timeout:g}s (it goes on; a manager that is not down but "
-                           "does not answer holds it up)")
-        time.sleep(0.3)
+
+    _follow(lambda: c.call("GET", "/v1/swarm/rotate-raft-key"), check, args.timeout, 0.3,
+            f"the Raft secret rotation has not finished after {args.timeout:g}s (it goes on; "
+            "a manager that is not down but does not answer holds it up)")
+    print(f"Rotated the Raft secret ({key_id}): every manager sends with it; the old "
+          "one is no longer accepted.")
 
 
 def run_ca_rotate(c: Any, args: argparse.Namespace) -> None:
@@ -167,27 +183,21 @@ def run_ca_rotate(c: Any, args: argparse.Namespace) -> None:
     if args.detach:
         print(f"CA rotation started: new root {digest[:12]} (follow with `shoal ca info`).")
         return
-    deadline = time.monotonic() + args.timeout
-    last = ""
-    while True:
-        rot = c.call("GET", "/v1/ca").get("rotation", {})
+
+    def check(rot: dict[str, Any]) -> str | None:
         if not rot.get("phase") and rot.get("digest") == digest:
-            print(f"CA rotation done: every node holds a certificate of root {digest[:12]}; "
-                  "the old root is no longer trusted.")
-            return
+            return None
         if rot.get("next_digest") not in ("", digest):
             raise CliError("another CA rotation replaced this one")
-        line = (f"{rot.get('phase') or 'starting'}: {rot.get('trusting', 0)}/"
+        return (f"{rot.get('phase') or 'starting'}: {rot.get('trusting', 0)}/"
                 f"{rot.get('nodes', 0)} nodes trust the new root, {rot.get('reissued', 0)}/"
                 f"{rot.get('nodes', 0)} re-issued")
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if time.monotonic() > deadline:
-            raise CliError(f"the CA rotation has not finished after {args.timeout:g}s (it "
-                           "goes on: follow with `shoal ca info`; a node that is not down "
-                           "but does not answer holds it up)")
-        time.sleep(0.5)
+
+    _follow(lambda: c.call("GET", "/v1/ca").get("rotation", {}), check, args.timeout, 0.5,
+            f"the CA rotation has not finished after {args.timeout:g}s (it goes on: follow "
+            "with `shoal ca info`; a node that is not down but does not answer holds it up)")
+    print(f"CA rotation done: every node holds a certificate of root {digest[:12]}; "
+          "the old root is no longer trusted.")
 
 
 __all__ = ["COMMANDS", "add_ca_parser", "add_parser", "duration", "enable_autolock", "run",

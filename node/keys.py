@@ -63,7 +63,7 @@ import logging
 import secrets as pysecrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -109,6 +109,7 @@ class Security(Protocol):
                    timeout: float = 10.0) -> dict[str, Any]: ...
 
 log = logging.getLogger("shoal.keys")
+_T = TypeVar("_T")
 Handler = Callable[[web.Request], Awaitable[Any]]
 
 LOCKED = ("this node is locked (autolock): its keys are encrypted at rest; run `shoal unlock` "
@@ -330,22 +331,42 @@ class KeyManager:
             return
         except SealError:
             pass
-        why = []
+
+        def accept(reply: dict[str, Any]) -> bytes:
+            key = bytes.fromhex(str(reply["manager_key"]))
+            unseal(key, ca_key, AAD_CA_KEY)
+            return key
+
+        key, why = await self._ask_managers(ident, snap, "/v1/cluster/manager-keys", accept,
+                                            (KeyError, ValueError, SealError))
+        if key is None:
+            raise Unavailable("the managers' key was rotated and no manager gave this node the "
+                              "new one yet: " + "; ".join(why))
+        await asyncio.to_thread(self._adopt, ident, key)
+        log.info("the managers' key was rotated: adopted the new one (%s)", key_id(key))
+
+    async def _ask_managers(self, ident: NodeIdentity, snap: Snapshot, path: str,
+                            accept: Callable[[dict[str, Any]], _T | None],
+                            refused: tuple[type[Exception], ...] = ()
+                            ) -> tuple[_T | None, list[str]]:
+        """Ask the other managers (in node id order) for ``path`` over mTLS until one's
+        reply is accepted: (what ``accept`` made of it, or None if no manager's was, and why
+        each manager asked did not do: an ApiError or one of ``refused`` raised by
+        ``accept``, or "does not hold it" when ``accept`` returned None)."""
+        caught: tuple[type[Exception], ...] = (ApiError, *refused)
+        why: list[str] = []
         for m in sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER
                          and n.id != ident.node_id), key=lambda n: n.id):
             try:
-                reply = await self.security.call(m.api_addr, "/v1/cluster/manager-keys", {},
-                                                 timeout=5.0)
-                key = bytes.fromhex(str(reply["manager_key"]))
-                unseal(key, ca_key, AAD_CA_KEY)
-            except (ApiError, KeyError, ValueError, SealError) as exc:
+                reply = await self.security.call(m.api_addr, path, {}, timeout=5.0)
+                got = accept(reply)
+            except caught as exc:
                 why.append(f"{m.hostname}: {exc}")
                 continue
-            await asyncio.to_thread(self._adopt, ident, key)
-            log.info("the managers' key was rotated: adopted the new one (%s)", key_id(key))
-            return
-        raise Unavailable("the managers' key was rotated and no manager gave this node the "
-                          "new one yet: " + "; ".join(why))
+            if got is not None:
+                return got, why
+            why.append(f"{m.hostname}: does not hold it")
+        return None, why
 
     # ================================================================== the Raft secret
     async def rotate_raft_secret(self) -> dict[str, Any]:
@@ -395,22 +416,17 @@ class KeyManager:
         the one it sends with."""
         ident = self.ctx.identity
         assert ident is not None
-        why = []
-        for m in sorted((n for n in snap.nodes.values() if n.role is NodeRole.MANAGER
-                         and n.id != ident.node_id), key=lambda n: n.id):
-            try:
-                reply = await self.security.call(m.api_addr, "/v1/cluster/keys", {},
-                                                 timeout=5.0)
-            except ApiError as exc:
-                why.append(f"{m.hostname}: {exc.message}")
-                continue
+
+        def accept(reply: dict[str, Any]) -> str | None:
             held = [str(p) for p in reply.get("raft_passwords") or [reply["raft_password"]]]
-            for secret in held:
-                if secret and (want is None or secret_id(secret) == want):
-                    return secret
-            why.append(f"{m.hostname}: does not hold it")
-        raise Unavailable("cannot fetch the Raft secret " + (want or "in use") + " from "
-                          "another manager: " + ("; ".join(why) or "no other manager"))
+            return next((secret for secret in held
+                         if secret and (want is None or secret_id(secret) == want)), None)
+
+        secret, why = await self._ask_managers(ident, snap, "/v1/cluster/keys", accept)
+        if secret is None:
+            raise Unavailable("cannot fetch the Raft secret " + (want or "in use") + " from "
+                              "another manager: " + ("; ".join(why) or "no other manager"))
+        return secret
 
     async def _raft_step(self, ident: NodeIdentity, snap: Snapshot) -> None:
         """Follow the cluster's Raft secret rotation (a manager's part), then drive it

@@ -260,18 +260,14 @@ class ContainerSpec(_Spec, frozen=True):
         "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
 
     def __post_init__(self) -> None:
-        if self.command and not self.command[0]:
-            raise SpecError("command", "must not start with an empty string")
-        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
-            raise SpecError("command", "is too long")
+        _check_command(self.command)
         _check_env(self.env)
         name = self.image.split("@", 1)[0]
         if ":" in name.rsplit("/", 1)[-1]:
             name = name.rsplit(":", 1)[0]
         if len(name) > 255:
             raise SpecError("image", "the image name is longer than 255 characters")
-        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
-            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
+        _check_workdir(self.workdir)
         _unique_files(self.secrets, "secrets")
         _unique_files(self.configs, "configs")
         targets = [m.target for m in self.mounts]
@@ -372,13 +368,9 @@ class SidecarSpec(_Spec, frozen=True):
         if not self.command and not self.image:
             raise SpecError("command", "is required (the program to run and its arguments) "
                             "when the container names no image")
-        if self.command and not self.command[0]:
-            raise SpecError("command", "must not start with an empty string")
-        if sum(len(a) for a in self.command) > MAX_COMMAND_BYTES:
-            raise SpecError("command", "is too long")
+        _check_command(self.command)
         _check_env(self.env)
-        if self.workdir and (not self.workdir.startswith("/") or "\0" in self.workdir):
-            raise SpecError("workdir", f"must be an absolute path, got {self.workdir!r}")
+        _check_workdir(self.workdir)
         if len(set(self.mounts)) != len(self.mounts):
             raise SpecError("mounts", "a mount is listed twice")
 
@@ -414,6 +406,20 @@ def check_pod(main: ContainerSpec, sidecars: tuple[SidecarSpec, ...],
                     raise SpecError(f"{kind}[{i}].restart", "an init container runs once; "
                                     "a failed one fails the task (the task's restart policy "
                                     "applies)")
+
+
+def _check_command(command: tuple[str, ...]) -> None:
+    """A container's command (the main one's, a sidecar's or an init container's)."""
+    if command and not command[0]:
+        raise SpecError("command", "must not start with an empty string")
+    if sum(len(a) for a in command) > MAX_COMMAND_BYTES:
+        raise SpecError("command", "is too long")
+
+
+def _check_workdir(workdir: str) -> None:
+    """A container's working directory: absolute, no NUL (empty: the image's)."""
+    if workdir and (not workdir.startswith("/") or "\0" in workdir):
+        raise SpecError("workdir", f"must be an absolute path, got {workdir!r}")
 
 
 def _check_env(env: dict[str, str]) -> None:

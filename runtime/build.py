@@ -1,11 +1,12 @@
 """``shoal image build``: a Dockerfile subset built into this node's image store.
 
-Owns: the Dockerfile parser (pure), the build-cache keys (pure), the builder (which runs each
-RUN as a task of the runtime and turns its overlay upper dir into a layer) and
+Owns: executing a parsed Dockerfile — the build-cache keys (pure), the builder (which runs
+each RUN as a task of the runtime and turns its overlay upper dir into a layer) and
 ``DATA_DIR/build`` (``cache.json``: cache key -> image id; ``tmp/``: contexts and layer
 tarballs in progress). Must not touch: the image store's files (it goes through ImageStore's
 public methods: ``inspect``, ``import_blob``, ``add_image``, ``commit``), cluster state, the
-runtime's other tasks.
+runtime's other tasks. Reading Dockerfiles and .dockerignore is shoal.runtime.dockerfile's
+(pure; its names are re-exported here).
 
 Every instruction makes an image (untagged, like Docker's intermediate images): FROM the base,
 RUN/COPY/ADD one more layer, the others a new config over the same layers. The image id is the
@@ -49,8 +50,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal.runtime.dockerfile import SUPPORTED as SUPPORTED
+from shoal.runtime.dockerfile import Instruction as Instruction
+from shoal.runtime.dockerfile import context_files as context_files
+from shoal.runtime.dockerfile import expand as expand
+from shoal.runtime.dockerfile import ignored as ignored
+from shoal.runtime.dockerfile import parse_dockerfile as parse_dockerfile
+from shoal.runtime.dockerfile import parse_healthcheck as parse_healthcheck
+from shoal.runtime.dockerfile import parse_pairs as parse_pairs
+from shoal.runtime.dockerfile import read_dockerignore as read_dockerignore
 from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
-from shoal.runtime.images import ImageConfig, ImageHealthcheck, ImageInfo, ImageStore
+from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
 from shoal.runtime.records import RunState, TaskConfig
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
 
@@ -59,115 +69,6 @@ from shoal.runtime.rootfs import read_rootfs_file, resolve_user
 BUILD_TASK_PREFIX = "build"
 _ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
 
-#: Instructions this builder runs; every other Dockerfile instruction is refused by name.
-SUPPORTED = ("FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "EXPOSE", "LABEL",
-             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL")
-KNOWN_UNSUPPORTED = ("ONBUILD", "VOLUME", "SHELL", "MAINTAINER")
-
-
-@dataclass(frozen=True)
-class Instruction:
-    line: int  # 1-based line number of the instruction's first line
-    cmd: str  # upper case: "RUN"
-    args: str  # the rest, continuation lines joined, surrounding blanks stripped
-
-    def exec_form(self) -> list[str] | None:
-        """The JSON array form (``["a", "b"]``), or None for the shell form."""
-        text = self.args.strip()
-        if not text.startswith("["):
-            return None
-        try:
-            raw = json.loads(text)
-        except ValueError:
-            return None  # Docker treats a bad JSON array as the shell form
-        if isinstance(raw, list) and all(isinstance(a, str) for a in raw):
-            return raw
-        return None
-
-
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Instructions of a Dockerfile: comments (``#`` first on a line) and blank lines skipped,
-    ``\\`` at a line's end continues it (comment lines inside a continuation are dropped, as
-    Docker does). Raise BuildError for an unknown or unsupported instruction, naming its line,
-    and when there is no FROM first (ARGs may come before it)."""
-    out: list[Instruction] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        start = i
-        raw = lines[i]
-        i += 1
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        parts = [stripped]
-        while parts[-1].endswith("\\"):
-            parts[-1] = parts[-1][:-1]
-            while i < len(lines) and lines[i].strip().startswith("#"):
-                i += 1
-            if i >= len(lines):
-                break
-            parts.append(lines[i].strip())
-            i += 1
-        joined = " ".join(p for p in (x.strip() for x in parts) if p)
-        word, _, rest = joined.partition(" ")
-        cmd = word.upper()
-        if cmd not in SUPPORTED:
-            what = "unsupported" if cmd in KNOWN_UNSUPPORTED else "unknown"
-            raise BuildError(f"{what} instruction {word!r} (supported: {', '.join(SUPPORTED)})",
-                             start + 1)
-        out.append(Instruction(start + 1, cmd, rest.strip()))
-    first = next((ins for ins in out if ins.cmd != "ARG"), None)
-    if first is None or first.cmd != "FROM":
-        raise BuildError("the Dockerfile must start with FROM (after optional ARGs)",
-                         first.line if first else 0)
-    if sum(ins.cmd == "FROM" for ins in out) > 1:
-        second = [ins for ins in out if ins.cmd == "FROM"][1]
-        raise BuildError("multi-stage builds (a second FROM) are not supported", second.line)
-    return out
-
-
-_VAR_RE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
-
-
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """Docker's variable substitution: ``$V``, ``${V}``, ``${V:-default}``, ``${V:+alt}``;
-    ``\\$`` is a literal ``$``; an unset variable is empty."""
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "\\$":
-            return "$"
-        name = m.group(1) or m.group(4)
-        value = env.get(name, "")
-        if m.group(2) == "-":
-            return value or m.group(3)
-        if m.group(2) == "+":
-            return m.group(3) if value else ""
-        return value
-
-    return _VAR_RE.sub(sub, text)
-
-
-def parse_pairs(args: str, line: int, what: str) -> list[tuple[str, str]]:
-    """``K=V K2="v 2"`` (or the legacy ``K V with spaces`` when there is no ``=``)."""
-    try:
-        words = shlex.split(args, posix=True)
-    except ValueError as exc:
-        raise BuildError(f"{what}: {exc}", line) from None
-    if not words:
-        raise BuildError(f"{what} needs at least one KEY=VALUE", line)
-    if "=" not in words[0]:
-        key, _, value = args.strip().partition(" ")
-        return [(key, value.strip())]
-    out = []
-    for w in words:
-        key, sep, value = w.partition("=")
-        if not sep or not key:
-            raise BuildError(f"{what}: expected KEY=VALUE, got {w!r}", line)
-        out.append((key, value))
-    return out
-
-
 def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[str, str],
               files: str = "") -> str:
     """The layer-cache key of one step: the parent image id, the instruction and its
@@ -175,68 +76,6 @@ def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[
     COPY/ADD, the digest of the files taken from the context."""
     blob = json.dumps([parent, ins.cmd, expanded, sorted(build_args.items()), files])
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------ .dockerignore
-
-
-def read_dockerignore(text: str) -> list[tuple[bool, str]]:
-    """(negated, pattern) per line; comments and blanks skipped, patterns cleaned."""
-    out = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        neg = line.startswith("!")
-        pat = posixpath.normpath(line.lstrip("!").strip().lstrip("/"))
-        out.append((neg, pat))
-    return out
-
-
-def ignored(rel: str, patterns: Sequence[tuple[bool, str]]) -> bool:
-    """Whether a context path is excluded: the last matching pattern wins; a pattern matching a
-    parent directory excludes what is below it; ``**`` matches any number of directories."""
-    result = False
-    parts = rel.split("/")
-    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    for neg, pat in patterns:
-        rx = _glob_re(pat)
-        if any(rx.fullmatch(p) for p in prefixes):
-            result = not neg
-    return result
-
-
-def _glob_re(pat: str) -> re.Pattern[str]:
-    out = ""
-    i = 0
-    while i < len(pat):
-        if pat.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-        elif pat.startswith("**", i):
-            out += ".*"
-            i += 2
-        else:
-            ch = pat[i]
-            out += "[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch)
-            i += 1
-    return re.compile(out)
-
-
-def context_files(ctx: Path | str) -> list[str]:
-    """Every path of the context (relative, sorted) that .dockerignore does not exclude."""
-    try:
-        patterns = read_dockerignore((Path(ctx) / ".dockerignore").read_text())
-    except FileNotFoundError:
-        patterns = []
-    out = []
-    for root, dirs, files in os.walk(ctx):
-        for name in sorted(dirs) + sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), ctx)
-            if not ignored(rel, patterns):
-                out.append(rel)
-        dirs.sort()
-    return sorted(out)
 
 
 # ---------------------------------------------------------------------------------- builder
@@ -771,45 +610,6 @@ def _opaque(path: Path) -> bool:
         return False
 
 
-def parse_healthcheck(args: str, line: int) -> ImageHealthcheck:
-    """``HEALTHCHECK [--interval=D --timeout=D --start-period=D --retries=N] CMD ...`` or
-    ``HEALTHCHECK NONE``; durations like 30s, 1m30s, 500ms."""
-    text = args.strip()
-    if text.upper() == "NONE":
-        return ImageHealthcheck(test=("NONE",))
-    opts: dict[str, str] = {}
-    while text.startswith("--"):
-        word, _, text = text.partition(" ")
-        key, sep, value = word[2:].partition("=")
-        if not sep or key not in ("interval", "timeout", "start-period", "retries"):
-            raise BuildError(f"HEALTHCHECK: unknown option {word}", line)
-        opts[key] = value
-        text = text.strip()
-    word, _, rest = text.partition(" ")
-    if word.upper() != "CMD" or not rest.strip():
-        raise BuildError("HEALTHCHECK needs CMD COMMAND or NONE", line)
-    argv = Instruction(line, "CMD", rest).exec_form()
-    test = ("CMD", *argv) if argv is not None else ("CMD-SHELL", rest.strip())
-    try:
-        retries = int(opts.get("retries", "0"))
-        return ImageHealthcheck(test=test, interval=_duration(opts.get("interval", "0")),
-                                timeout=_duration(opts.get("timeout", "0")),
-                                start_period=_duration(opts.get("start-period", "0")),
-                                retries=retries)
-    except ValueError as exc:
-        raise BuildError(f"HEALTHCHECK: {exc}", line) from None
-
-
-def _duration(text: str) -> float:
-    if text in ("", "0"):
-        return 0.0
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
-    if not parts or "".join(a + u for a, u in parts) != text:
-        raise ValueError(f"bad duration {text!r} (e.g. 30s, 1m30s)")
-    return sum(float(a) * units[u] for a, u in parts)
-
-
 def options_from_query(query: Any) -> BuildOptions:
     """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``),
     a MultiDict; BuildError names the bad field."""
@@ -857,7 +657,7 @@ async def receive_context(builder: Builder, content: Any) -> Path:
     directory under ``DATA_DIR/build/tmp``."""
     import asyncio
 
-    from shoal.runtime.images import extract_layer
+    from shoal.runtime.layers import extract_layer
 
     fd, tarpath = tempfile.mkstemp(dir=builder.tmp, prefix="ctx-", suffix=".tar")
     ctx = Path(tempfile.mkdtemp(dir=builder.tmp, prefix="ctx-"))

@@ -18,15 +18,11 @@ Cmd, Env, WorkingDir, User[, Healthcheck]}}``; the image id is the manifest's di
 same content imported twice is the same image, and a peer can fetch an image blob by blob:
 ``blobs_needed(id)`` -> ``import_blob(digest, stream)`` for each (verified) -> ``commit(id, tags)``.
 
-Layers are unpacked in order, each into its own directory; ``.wh.NAME`` becomes an overlayfs
-whiteout (a 0/0 character device) and ``.wh..wh..opq`` an opaque directory
-(``trusted.overlay.opaque=y``), so the kernel applies them when the layers are stacked. Extraction
-is safe: member names must be relative without ``..``, no path is created through a symlink,
-hard links must point inside the same layer, device nodes are skipped, symlinks are created as
-they are and never followed (they resolve inside the task's root at run time).
-
-Compression: gzip (Python's), zstd through the ``zstd`` command (Debian package ``zstd``; a
-separate process, streaming), plain tar. Detected from the content, not the file name.
+Layers are unpacked in order, each into its own directory, by shoal.runtime.layers (safe
+extraction, whiteouts in overlayfs form, gzip/zstd/plain tar told apart by the content); the
+records of an image's config and of a stored image (``ImageConfig``, ``ImageHealthcheck``,
+``ImageInfo``) are shoal.runtime.imageconfig's, re-exported here. Registry pulls are
+shoal.runtime.registry's: they come in through ``import_blob`` and ``add_image``.
 
 All methods block (disk I/O, hashing, decompression): call them from a thread. They are safe to
 call from several threads.
@@ -43,14 +39,12 @@ import platform
 import posixpath
 import re
 import shutil
-import stat
-import subprocess
 import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -61,142 +55,15 @@ from shoal.runtime.errors import (
     ImageNotFound,
     InvalidImage,
 )
+from shoal.runtime.imageconfig import ImageConfig as ImageConfig
+from shoal.runtime.imageconfig import ImageHealthcheck as ImageHealthcheck
+from shoal.runtime.imageconfig import ImageInfo as ImageInfo
+from shoal.runtime.layers import GZIP_MAGIC, ZSTD_MAGIC, open_layer
+from shoal.runtime.layers import extract_layer as extract_layer
 from shoal.runtime.reference import REFERENCE_RE, InvalidReference, parse_reference
 
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
-_GZIP = b"\x1f\x8b"
-_ZSTD = b"\x28\xb5\x2f\xfd"
-_OPAQUE = ".wh..wh..opq"
-
-
-_NS = 1e-9
-
-
-@dataclass(frozen=True)
-class ImageHealthcheck:
-    """An image's HEALTHCHECK (Docker's config ``Healthcheck``: ``Test`` is ``["CMD-SHELL",
-    cmd]``, ``["CMD", arg...]`` or ``["NONE"]``; durations in nanoseconds, 0 = unset)."""
-
-    test: tuple[str, ...] = ()
-    interval: float = 0.0  # seconds
-    timeout: float = 0.0
-    retries: int = 0
-    start_period: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"Test": list(self.test), "Interval": round(self.interval / _NS),
-                "Timeout": round(self.timeout / _NS), "Retries": self.retries,
-                "StartPeriod": round(self.start_period / _NS)}
-
-    @classmethod
-    def from_json(cls, raw: Any) -> ImageHealthcheck | None:
-        """None when the config has no (usable) Healthcheck."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("Test"), list):
-            return None
-
-        def seconds(key: str) -> float:
-            value = raw.get(key)
-            return max(float(value), 0.0) * _NS if isinstance(value, (int, float)) else 0.0
-
-        retries = raw.get("Retries")
-        return cls(test=tuple(str(a) for a in raw["Test"]), interval=seconds("Interval"),
-                   timeout=seconds("Timeout"),
-                   retries=max(int(retries), 0) if isinstance(retries, int) else 0,
-                   start_period=seconds("StartPeriod"))
-
-
-def _exposed_ports(raw: Any) -> tuple[tuple[int, str], ...]:
-    """Docker's ``ExposedPorts`` ({"8000/tcp": {}, "53/udp": {}}) → ((8000, "tcp"), ...);
-    entries that are not PORT[/tcp|udp] are ignored."""
-    out: list[tuple[int, str]] = []
-    for key in raw if isinstance(raw, dict) else ():
-        port, _, proto = str(key).partition("/")
-        proto = proto.lower() or "tcp"
-        if port.isdigit() and 1 <= int(port) <= 65535 and proto in ("tcp", "udp"):
-            out.append((int(port), proto))
-    return tuple(sorted(set(out)))
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """What an image says about how to run it (Docker's config: Entrypoint, Cmd...)."""
-
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    workdir: str = ""
-    user: str = ""
-    healthcheck: ImageHealthcheck | None = None  # the image's HEALTHCHECK, if any
-    stop_signal: str = ""  # the image's STOPSIGNAL ("SIGQUIT", "15"); "" = unset
-    # the image's EXPOSE ports as (port, "tcp"|"udp"): the service's VIP serves them too
-    exposed_ports: tuple[tuple[int, str], ...] = ()
-    labels: dict[str, str] = field(default_factory=dict)  # LABEL key=value (image build)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "Entrypoint": list(self.entrypoint),
-            "Cmd": list(self.cmd),
-            "Env": [f"{k}={v}" for k, v in self.env.items()],
-            "WorkingDir": self.workdir,
-            "User": self.user,
-        }
-        # (the optional keys only when set: images without them keep their id)
-        if self.healthcheck is not None:
-            out["Healthcheck"] = self.healthcheck.to_json()
-        if self.stop_signal:
-            out["StopSignal"] = self.stop_signal
-        if self.exposed_ports:  # (likewise)
-            out["ExposedPorts"] = {f"{p}/{proto}": {} for p, proto in self.exposed_ports}
-        if self.labels:  # (likewise)
-            out["Labels"] = dict(sorted(self.labels.items()))
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Any) -> ImageConfig:
-        raw = raw if isinstance(raw, dict) else {}
-        env: dict[str, str] = {}
-        for item in raw.get("Env") or ():
-            key, sep, value = str(item).partition("=")
-            if sep:
-                env[key] = value
-        return cls(
-            entrypoint=tuple(str(a) for a in raw.get("Entrypoint") or ()),
-            cmd=tuple(str(a) for a in raw.get("Cmd") or ()),
-            env=env,
-            workdir=str(raw.get("WorkingDir") or ""),
-            user=str(raw.get("User") or ""),
-            healthcheck=ImageHealthcheck.from_json(raw.get("Healthcheck")),
-            stop_signal=_signal_name(raw.get("StopSignal")),
-            exposed_ports=_exposed_ports(raw.get("ExposedPorts")),
-            labels={str(k): str(v) for k, v in (raw.get("Labels") or {}).items()}
-            if isinstance(raw.get("Labels"), dict) else {},
-        )
-
-    def apply(
-        self,
-        command: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        workdir: str = "",
-        user: str = "",
-        entrypoint: Sequence[str] | None = None,
-    ) -> tuple[tuple[str, ...], dict[str, str], str, str]:
-        """Docker's rules for a service spec over this image: (command, env, workdir, user).
-        The command is ENTRYPOINT + (the spec's command, or CMD if it has none); overriding the
-        entrypoint drops CMD. Env: the image's, then the spec's on top. Workdir and user: the
-        spec's if set, else the image's. An empty command means the task has none to run."""
-        ep = tuple(entrypoint) if entrypoint is not None else self.entrypoint
-        args = tuple(command) if command else (self.cmd if entrypoint is None else ())
-        return ep + args, {**self.env, **(env or {})}, workdir or self.workdir, user or self.user
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    id: str  # "sha256:<hex>" of the manifest
-    tags: tuple[str, ...]
-    layers: tuple[str, ...]  # layer blob digests, bottom first
-    size: int  # bytes of the layer blobs (as stored, compressed if they were)
-    config: ImageConfig
 
 
 def _digest_hex(digest: str) -> str:
@@ -204,18 +71,6 @@ def _digest_hex(digest: str) -> str:
     if algo != "sha256" or not _HEX_RE.fullmatch(hexpart):
         raise ImageError(f"not a sha256 digest: {digest!r}")
     return hexpart
-
-
-_SIGNALS = {"1": "SIGHUP", "2": "SIGINT", "3": "SIGQUIT", "9": "SIGKILL", "10": "SIGUSR1",
-            "12": "SIGUSR2", "15": "SIGTERM", "28": "SIGWINCH"}
-
-
-def _signal_name(raw: Any) -> str:
-    """An image's StopSignal as a name ("SIGQUIT"); numbers and "QUIT" are accepted."""
-    if not isinstance(raw, str) or not raw:
-        return ""
-    name = _SIGNALS.get(raw.strip(), raw.strip().upper())
-    return name if name.startswith("SIG") else f"SIG{name}"
 
 
 def normalize_ref(ref: str) -> str:
@@ -578,7 +433,7 @@ class ImageStore:
                 digest, size = self._store_file(fh, expect)
                 if expect is None and i < len(diff_ids) and diff_ids[i] != digest:
                     head = self.export_blob(digest).read(4)
-                    if not head.startswith((_GZIP, _ZSTD)):
+                    if not head.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
                         raise DigestMismatch(f"layer {lp} is {digest}, config says {diff_ids[i]}")
                 layers.append((digest, size))
             out.append(self._new_image(layers, ImageConfig.from_json(config.get("config")), tags))
@@ -770,7 +625,7 @@ class ImageStore:
             return final
         work = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"layer-{hexpart[:12]}-"))
         try:
-            with self._open_layer(self._blobs / hexpart) as stream:
+            with open_layer(self._blobs / hexpart, self._zstd) as stream:
                 extract_layer(stream, work)
             work.chmod(0o755)
             try:
@@ -783,37 +638,6 @@ class ImageStore:
                 _rmtree(work)
         return final
 
-    @contextlib.contextmanager
-    def _open_layer(self, blob: Path) -> Iterator[IO[bytes]]:
-        with blob.open("rb") as fh:
-            head = os.pread(fh.fileno(), 4, 0)  # leaves the offset at 0 for zstd's stdin
-            if head.startswith(_GZIP):
-                import gzip
-
-                with gzip.open(fh, "rb") as gz:
-                    yield gz  # type: ignore[misc]
-                return
-            if head.startswith(_ZSTD):
-                try:
-                    proc = subprocess.Popen([self._zstd, "-dcq"], stdin=fh,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                except OSError as exc:  # fmt: skip
-                    raise InvalidImage(
-                        f"a zstd layer needs the zstd command (Debian: apt install zstd): {exc}"
-                    ) from exc
-                assert proc.stdout is not None and proc.stderr is not None
-                try:
-                    yield proc.stdout
-                    proc.stdout.read()
-                finally:
-                    proc.stdout.close()
-                    err = proc.stderr.read().decode(errors="replace").strip()
-                    proc.stderr.close()
-                    if proc.wait() != 0:
-                        raise InvalidImage(f"zstd failed: {err}")
-                return
-            yield fh
-
 
 def normalize_ref_safe(ref: str) -> str:
     try:
@@ -824,133 +648,3 @@ def normalize_ref_safe(ref: str) -> str:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-# -------------------------------------------------------------------------- safe extraction
-
-
-def _clean_name(name: str) -> str:
-    """A member name as a safe relative path ("" for the root itself). InvalidImage if it is
-    absolute or has a '..' component."""
-    if name.startswith("/"):
-        raise InvalidImage(f"absolute path in layer: {name!r}")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise InvalidImage(f"'..' in layer path: {name!r}")
-    if any("\0" in p for p in parts):
-        raise InvalidImage(f"NUL in layer path: {name!r}")
-    return "/".join(parts)
-
-
-def extract_layer(stream: IO[bytes], dest: Path) -> None:
-    """Unpack one layer tarball (a stream) into the empty directory ``dest``, safely, with
-    whiteouts converted to overlayfs form. See the module docstring."""
-    real_dirs: set[str] = {""}
-    dir_meta: list[tuple[str, tarfile.TarInfo]] = []
-
-    def parent_dir(rel: str) -> str:
-        """Make sure every parent of rel is a real directory of this layer; return its path."""
-        parent = posixpath.dirname(rel)
-        if parent in real_dirs:
-            return parent
-        walked = ""
-        for part in parent.split("/"):
-            walked = f"{walked}/{part}" if walked else part
-            if walked in real_dirs:
-                continue
-            full = dest / walked
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                os.mkdir(full, 0o755)
-            else:
-                if not stat.S_ISDIR(st.st_mode):
-                    raise InvalidImage(f"layer path {rel!r} goes through a non-directory")
-            real_dirs.add(walked)
-        return parent
-
-    def clear(full: Path) -> None:
-        """Remove what is at full (a later entry replaces an earlier one), unless a directory."""
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(full)
-            if stat.S_ISDIR(st.st_mode):
-                raise InvalidImage(f"layer replaces directory {full.name!r} with a non-directory")
-            os.unlink(full)
-
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (the with below closes it)
-    except tarfile.TarError as exc:
-        raise InvalidImage(f"not a tar archive: {exc}") from exc
-    with tar:
-        try:
-            for member in tar:
-                rel = _clean_name(member.name)
-                if not rel:
-                    continue
-                parent = parent_dir(rel)
-                base = posixpath.basename(rel)
-                full = dest / rel
-                if base == _OPAQUE:
-                    os.setxattr(dest / parent if parent else dest, "trusted.overlay.opaque",
-                                b"y")  # fmt: skip
-                    continue
-                if base.startswith(".wh."):
-                    target = dest / parent / base[4:] if parent else dest / base[4:]
-                    if os.path.lexists(target):
-                        if os.path.isdir(target) and not os.path.islink(target):
-                            shutil.rmtree(target)
-                        else:
-                            os.unlink(target)
-                    os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-                    continue
-                if member.isdir():
-                    if rel not in real_dirs:
-                        try:
-                            st = os.lstat(full)
-                            if not stat.S_ISDIR(st.st_mode):
-                                os.unlink(full)
-                                os.mkdir(full, 0o755)
-                        except FileNotFoundError:
-                            os.mkdir(full, 0o755)
-                        real_dirs.add(rel)
-                    dir_meta.append((rel, member))
-                    continue
-                clear(full)
-                if member.isreg():
-                    src = tar.extractfile(member)
-                    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)  # fmt: skip
-                    with os.fdopen(fd, "wb") as out:
-                        if src is not None:
-                            shutil.copyfileobj(src, out, _CHUNK)
-                elif member.issym():
-                    os.symlink(member.linkname, full)
-                elif member.islnk():
-                    target_rel = _clean_name(member.linkname)
-                    parent_dir(target_rel)
-                    target = dest / target_rel
-                    if not os.path.lexists(target) or (
-                        os.path.isdir(target) and not os.path.islink(target)
-                    ):
-                        raise InvalidImage(f"hard link {rel!r} to a missing or directory entry")
-                    os.link(target, full, follow_symlinks=False)
-                    continue  # shares the target's inode: its owner and mode already
-                elif member.isfifo():
-                    os.mkfifo(full, 0o600)
-                else:
-                    continue  # device nodes (and anything else): never created
-                _apply_meta(full, member)
-        except (tarfile.TarError, EOFError) as exc:
-            raise InvalidImage(f"corrupt layer: {exc}") from exc
-        except OSError as exc:
-            raise InvalidImage(f"cannot unpack layer: {exc}") from exc
-    for rel, member in reversed(dir_meta):  # deepest last-seen first: children are done
-        _apply_meta(dest / rel, member)
-
-
-def _apply_meta(path: Path, member: tarfile.TarInfo) -> None:
-    os.chown(path, member.uid, member.gid, follow_symlinks=False)
-    if not member.issym():
-        os.chmod(path, member.mode & 0o7777)
-    with contextlib.suppress(OSError):
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)

@@ -1,7 +1,8 @@
 """Small helpers shared by the tests (and bench/ scripts that import from tests/): free loopback
-ports and polling a condition from a coroutine.
+ports, polling a condition from a coroutine, an sshd's set-up files.
 
-Owns: ``free_port``, ``free_ports``, ``until``. Must not touch: network namespaces and agents
+Owns: ``free_port``, ``free_ports``, ``until``, ``sshd_config`` (the files only: the caller
+starts and stops the sshd, where it wants it). Must not touch: network namespaces and agents
 (tests/netlab.py: its ``wait_until`` polls from a thread and retries on exceptions), anything
 outside loopback. ``until`` lets an exception from the condition propagate: a test that polls a
 store wants to see a bug at once, not a timeout later.
@@ -10,14 +11,18 @@ store wants to see a bug at once, not a timeout later.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
+SSHD = Path("/usr/sbin/sshd")  # (Debian openssh-server, in the Makefile's DEB_PKGS)
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = LOOPBACK) -> int:
@@ -48,3 +53,25 @@ async def until(cond: Callable[[], T | None], timeout: float, what: str = "condi
         assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
         await asyncio.sleep(interval)
     return value
+
+
+def sshd_config(work: Path, listen: str) -> Path:
+    """The files of an sshd serving root over public keys only, in the existing directory
+    ``work``: a client key pair (``key``, ``key.pub``, the public half also in
+    ``authorized_keys``), a host key (``hostkey``, ``hostkey.pub``) and ``sshd_config``
+    (listening on ``listen``, ADDR:PORT; no PAM, no passwords, sftp in-process). Returns the
+    config's path: run ``SSHD -D -e -f CONFIG``. /run/sshd (its privilege separation
+    directory) is made if missing and left in place (shared)."""
+    key, hostkey = work / "key", work / "hostkey"
+    for k in (key, hostkey):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
+                       check=True, capture_output=True)
+    shutil.copy(key.with_suffix(".pub"), work / "authorized_keys")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    cfg = work / "sshd_config"
+    cfg.write_text("\n".join([
+        f"ListenAddress {listen}", f"HostKey {hostkey}", "PidFile none",
+        f"AuthorizedKeysFile {work / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+        "StrictModes no", "UseDNS no", "Subsystem sftp internal-sftp", ""]))
+    return cfg

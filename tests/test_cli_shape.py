@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- no network
 
 # What `shoal service ls|ps|inspect` may import beyond a bare interpreter's start (`python -S`):
-# argparse and what it needs (re, gettext → locale), json, the C socket module, and four
-# modules of the CLI — plus progress and registry, whose flags the `service` parsers add
-# (both import nothing but argparse). Not: typing, socket (selectors, enum flags), shutil
-# (argparse's terminal width: bz2, lzma), urllib.parse, pathlib, http.client, ssl, rich,
-# msgspec, yaml, the spec, raft or node code, or another command group's module. A module
-# that joins this set must be worth its milliseconds on the path scripts call in loops
-# (bench/cli_latency.py, docs/benchmarks.md).
+# argparse and what it needs (re, gettext → locale), json, the C socket module, and five
+# modules of the CLI (main, client, errors, output, and parsers: argparse only) — plus progress
+# and registry, whose flags the `service` parsers add (both import nothing but argparse). Not:
+# typing, socket (selectors, enum flags), shutil (argparse's terminal width: bz2, lzma),
+# urllib.parse, pathlib, http.client, ssl, rich, msgspec, yaml, the spec, raft or node code, or
+# another command group's module. A module that joins this set must be worth its milliseconds
+# on the path scripts call in loops (bench/cli_latency.py, docs/benchmarks.md).
 LIGHT_IMPORTS = frozenset({
     "argparse", "gettext", "locale", "_locale", "json", "json.decoder", "json.encoder",
     "json.scanner", "_json", "_socket", "collections.abc",
@@ -47,7 +47,7 @@ LIGHT_IMPORTS = frozenset({
     "contextlib", "os", "os.path", "posixpath", "genericpath", "stat", "_stat", "errno",
     "__future__", "importlib", "importlib._bootstrap", "importlib._bootstrap_external",
     "shoal", "shoal.cli", "shoal.cli.main", "shoal.cli.client", "shoal.cli.errors",
-    "shoal.cli.output", "shoal.cli.progress", "shoal.cli.registry",
+    "shoal.cli.output", "shoal.cli.parsers", "shoal.cli.progress", "shoal.cli.registry",
 })
 
 

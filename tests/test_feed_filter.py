@@ -15,31 +15,20 @@ from typing import Any
 
 import msgpack
 import pytest
-from test_feed_scale import ADDR, _manager, _until
+from feedrig import ADDR, feed_worker
+from test_feed_scale import _manager, _until
 
 from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.feed import FeedConfig, StateFeed, deferrable_owner
 from shoal.node.leader import LeaderLoop
 from shoal.node.orchestrator import OrchestratorConfig
-from shoal.node.pki import CertInfo
 from shoal.node.source import MemoryStore
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 
 
 def _follow(dispatcher: Dispatcher, node: str) -> StateFeed:
-    peer = CertInfo(node, "worker", "c1", 1, 0.0, 4e9)
-
-    async def call_bytes(addr: str, path: str, body: dict[str, Any], timeout: float) -> bytes:
-        return await dispatcher.state_since(peer, body["after"], body["wait"],
-                                            body.get("compress"))
-
-    async def call_json(addr: str, path: str, body: dict[str, Any], timeout: float
-                        ) -> dict[str, Any]:
-        return await dispatcher.worker_report(peer, body["cmd"])
-
     # polls held up to 60 s: nothing but a commit (or defer_max) answers them in this test
-    return StateFeed(node, [f"{ADDR}:2377"], call_bytes, call_json,
-                     FeedConfig(wait=60.0, retry=0.01))
+    return feed_worker(dispatcher, node, FeedConfig(wait=60.0, retry=0.01))
 
 
 def _report(task: Task | tuple[str, str], state: TaskState, addr: str = ""

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from feedrig import ADDR, feed_worker
 
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext
@@ -26,7 +27,6 @@ from shoal.node.feed import FeedConfig, FeedServer, StateFeed, _inflate
 from shoal.node.leader import LeaderLoop
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.orchestrator import OrchestratorConfig
-from shoal.node.pki import CertInfo
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore
 from shoal.raft.models import Node, NodeRole, NodeState, to_dict
@@ -34,7 +34,6 @@ from shoal.raft.schema import SCHEMA
 from shoal.raft.wire import state_from_bytes
 from shoal.runtime.testing import FakeController
 
-ADDR = "10.0.0.1"
 WORKERS = 20
 
 
@@ -83,18 +82,7 @@ async def _manager(tmp_path: Path, store: MemoryStore, feed: FeedConfig) -> Disp
 
 
 def _worker(dispatcher: Dispatcher, i: int, compress: bool = True) -> StateFeed:
-    peer = CertInfo(f"w{i}", "worker", "c1", 1, 0.0, 4e9)
-
-    async def call_bytes(addr: str, path: str, body: dict[str, Any], timeout: float) -> bytes:
-        return await dispatcher.state_since(peer, body["after"], body["wait"],
-                                            body.get("compress"))
-
-    async def call_json(addr: str, path: str, body: dict[str, Any], timeout: float
-                        ) -> dict[str, Any]:
-        return await dispatcher.worker_report(peer, body["cmd"])
-
-    return StateFeed(f"w{i}", [f"{ADDR}:2377"], call_bytes, call_json,
-                     FeedConfig(wait=5.0, retry=0.01, compress=compress))
+    return feed_worker(dispatcher, f"w{i}", FeedConfig(wait=5.0, retry=0.01, compress=compress))
 
 
 async def _until(cond: Any, timeout: float = 10.0) -> None:

@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import SSHD, free_port, sshd_config
 from test_runtime_support import needs_root, run_to_end, task, wait_for_output
 
 from shoal.runtime.process import ProcessController
 from shoal.runtime.rootfs import MountSpec
 from shoal.runtime.volumes import VolumeMountFailed
 
-SSHD = Path("/usr/sbin/sshd")
 pytestmark = [needs_root]
 
 
@@ -35,19 +34,8 @@ pytest_plugins = ("test_runtime_support",)
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[tuple[int, bytes, Path]]:
     """(port, private key, exported directory) of an sshd on 127.0.0.1."""
-    key, hostkey = tmp_path / "key", tmp_path / "hostkey"
-    for k in (key, hostkey):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
-                       check=True, capture_output=True)
-    shutil.copy(key.with_suffix(".pub"), tmp_path / "authorized_keys")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     port = free_port()
-    cfg = tmp_path / "sshd_config"
-    cfg.write_text("\n".join([
-        f"ListenAddress 127.0.0.1:{port}", f"HostKey {hostkey}", "PidFile none",
-        f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}", "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
-        "StrictModes no", "UseDNS no", "Subsystem sftp internal-sftp", ""]))
+    cfg = sshd_config(tmp_path, f"127.0.0.1:{port}")
     export = tmp_path / "export"
     export.mkdir()
     log = open(tmp_path / "sshd.log", "wb")  # noqa: SIM115 (closed below)
@@ -59,7 +47,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, bytes, Path]]:
             proc.poll()
             assert proc.returncode is None, (tmp_path / "sshd.log").read_text()
             subprocess.run(["sleep", "0.05"], check=True)
-        yield port, key.read_bytes(), export
+        yield port, (tmp_path / "key").read_bytes(), export
     finally:
         proc.kill()
         proc.wait()

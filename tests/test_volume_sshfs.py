@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import SSHD, sshd_config
 
 from netlab import Host, wait_until
 
 pytestmark = pytest.mark.netns
 
-SSHD = Path("/usr/sbin/sshd")
 # first task: writes the note; a later one (on another node): reads it back into /data/read
 SCRIPT = ("if [ -f /data/note ]; then cat /data/note > /data/read; "
           "else echo written-on-first-node > /data/note; fi; exec sleep 100000")
@@ -32,18 +32,7 @@ def _sshfs_mounts(root: Path) -> list[str]:
 
 def _start_sshd(host: Host, work: Path) -> None:
     work.mkdir(mode=0o700)
-    key, hostkey = work / "key", work / "hostkey"
-    for k in (key, hostkey):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
-                       check=True, capture_output=True)
-    shutil.copy(key.with_suffix(".pub"), work / "authorized_keys")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # (shared; left in place)
-    cfg = work / "sshd_config"
-    cfg.write_text("\n".join([
-        f"ListenAddress {host.ip}:22", f"HostKey {hostkey}", "PidFile none",
-        f"AuthorizedKeysFile {work / 'authorized_keys'}", "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
-        "StrictModes no", "UseDNS no", "Subsystem sftp internal-sftp", ""]))
+    cfg = sshd_config(work, f"{host.ip}:22")
     host.spawn(str(SSHD), "-D", "-e", "-f", str(cfg), log_name="sshd")
     log = host.data_dir / "sshd.log"
     wait_until(lambda: log.exists() and "Server listening" in log.read_text(), timeout=15,

@@ -1,0 +1,194 @@
+"""Layer tarballs into directories: decompression and safe extraction into overlayfs form.
+
+Owns: reading a layer blob as a tar stream (``open_layer``: gzip, zstd through the ``zstd``
+command, plain tar; detected from the content) and unpacking it into an empty directory
+(``extract_layer``): ``.wh.NAME`` becomes an overlayfs whiteout (a 0/0 character device),
+``.wh..wh..opq`` an opaque directory (``trusted.overlay.opaque=y``); member names must be
+relative without ``..``, no path is created through a symlink, hard links must point inside
+the same layer, device nodes are skipped, symlinks are created as they are and never followed.
+Must not touch: anything outside the directory it is given (the image store,
+shoal.runtime.images, decides where layers go and renames them into place; the builder,
+shoal.runtime.build, unpacks build contexts with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from shoal.runtime.errors import InvalidImage
+
+_CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OPAQUE = ".wh..wh..opq"
+
+
+@contextlib.contextmanager
+def open_layer(blob: Path, zstd: str = "zstd") -> Iterator[IO[bytes]]:
+    """A layer blob's tar stream: gzip (Python's), zstd (the ``zstd`` command, ``zstd``:
+    its path; a separate process, streaming) or plain tar, told apart by the content.
+    InvalidImage if zstd is missing or fails."""
+    with blob.open("rb") as fh:
+        head = os.pread(fh.fileno(), 4, 0)  # leaves the offset at 0 for zstd's stdin
+        if head.startswith(GZIP_MAGIC):
+            import gzip
+
+            with gzip.open(fh, "rb") as gz:
+                yield gz  # type: ignore[misc]
+            return
+        if head.startswith(ZSTD_MAGIC):
+            try:
+                proc = subprocess.Popen([zstd, "-dcq"], stdin=fh,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            except OSError as exc:  # fmt: skip
+                raise InvalidImage(
+                    f"a zstd layer needs the zstd command (Debian: apt install zstd): {exc}"
+                ) from exc
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                yield proc.stdout
+                proc.stdout.read()
+            finally:
+                proc.stdout.close()
+                err = proc.stderr.read().decode(errors="replace").strip()
+                proc.stderr.close()
+                if proc.wait() != 0:
+                    raise InvalidImage(f"zstd failed: {err}")
+            return
+        yield fh
+
+
+def _clean_name(name: str) -> str:
+    """A member name as a safe relative path ("" for the root itself). InvalidImage if it is
+    absolute or has a '..' component."""
+    if name.startswith("/"):
+        raise InvalidImage(f"absolute path in layer: {name!r}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidImage(f"'..' in layer path: {name!r}")
+    if any("\0" in p for p in parts):
+        raise InvalidImage(f"NUL in layer path: {name!r}")
+    return "/".join(parts)
+
+
+def extract_layer(stream: IO[bytes], dest: Path) -> None:
+    """Unpack one layer tarball (a stream) into the empty directory ``dest``, safely, with
+    whiteouts converted to overlayfs form. See the module docstring."""
+    real_dirs: set[str] = {""}
+    dir_meta: list[tuple[str, tarfile.TarInfo]] = []
+
+    def parent_dir(rel: str) -> str:
+        """Make sure every parent of rel is a real directory of this layer; return its path."""
+        parent = posixpath.dirname(rel)
+        if parent in real_dirs:
+            return parent
+        walked = ""
+        for part in parent.split("/"):
+            walked = f"{walked}/{part}" if walked else part
+            if walked in real_dirs:
+                continue
+            full = dest / walked
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                os.mkdir(full, 0o755)
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise InvalidImage(f"layer path {rel!r} goes through a non-directory")
+            real_dirs.add(walked)
+        return parent
+
+    def clear(full: Path) -> None:
+        """Remove what is at full (a later entry replaces an earlier one), unless a directory."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidImage(f"layer replaces directory {full.name!r} with a non-directory")
+            os.unlink(full)
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (the with below closes it)
+    except tarfile.TarError as exc:
+        raise InvalidImage(f"not a tar archive: {exc}") from exc
+    with tar:
+        try:
+            for member in tar:
+                rel = _clean_name(member.name)
+                if not rel:
+                    continue
+                parent = parent_dir(rel)
+                base = posixpath.basename(rel)
+                full = dest / rel
+                if base == _OPAQUE:
+                    os.setxattr(dest / parent if parent else dest, "trusted.overlay.opaque",
+                                b"y")  # fmt: skip
+                    continue
+                if base.startswith(".wh."):
+                    target = dest / parent / base[4:] if parent else dest / base[4:]
+                    if os.path.lexists(target):
+                        if os.path.isdir(target) and not os.path.islink(target):
+                            shutil.rmtree(target)
+                        else:
+                            os.unlink(target)
+                    os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+                    continue
+                if member.isdir():
+                    if rel not in real_dirs:
+                        try:
+                            st = os.lstat(full)
+                            if not stat.S_ISDIR(st.st_mode):
+                                os.unlink(full)
+                                os.mkdir(full, 0o755)
+                        except FileNotFoundError:
+                            os.mkdir(full, 0o755)
+                        real_dirs.add(rel)
+                    dir_meta.append((rel, member))
+                    continue
+                clear(full)
+                if member.isreg():
+                    src = tar.extractfile(member)
+                    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600)  # fmt: skip
+                    with os.fdopen(fd, "wb") as out:
+                        if src is not None:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                elif member.issym():
+                    os.symlink(member.linkname, full)
+                elif member.islnk():
+                    target_rel = _clean_name(member.linkname)
+                    parent_dir(target_rel)
+                    target = dest / target_rel
+                    if not os.path.lexists(target) or (
+                        os.path.isdir(target) and not os.path.islink(target)
+                    ):
+                        raise InvalidImage(f"hard link {rel!r} to a missing or directory entry")
+                    os.link(target, full, follow_symlinks=False)
+                    continue  # shares the target's inode: its owner and mode already
+                elif member.isfifo():
+                    os.mkfifo(full, 0o600)
+                else:
+                    continue  # device nodes (and anything else): never created
+                _apply_meta(full, member)
+        except (tarfile.TarError, EOFError) as exc:
+            raise InvalidImage(f"corrupt layer: {exc}") from exc
+        except OSError as exc:
+            raise InvalidImage(f"cannot unpack layer: {exc}") from exc
+    for rel, member in reversed(dir_meta):  # deepest last-seen first: children are done
+        _apply_meta(dest / rel, member)
+
+
+def _apply_meta(path: Path, member: tarfile.TarInfo) -> None:
+    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)
+    with contextlib.suppress(OSError):
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
