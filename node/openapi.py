@@ -558,7 +558,8 @@ ROUTES: tuple[Route, ...] = (
           reply=_obj("", result=_ref("Object")),
           errors=(401, 403, 409, 503), auth=MEMBER + " (managers answer)",
           description="only task_status / task_statuses (many reports) with the caller's "
-          "node_id and node_remove of the caller (else `forbidden`); a state-machine refusal comes back as result.error"),
+          "node_id and node_remove of the caller (else `forbidden`); a state-machine "
+          "refusal comes back as result.error"),
     Route("POST", "/v1/cluster/task-files", "cluster_task_files", "a task's secrets and "
           "configs", "internal", "peer", body=bodies.TaskFilesRequest,
           reply=_obj("", files=_list(_obj("", path=STR, mode=INT, data=STR))),

@@ -14,7 +14,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from test_feed_scale import _manager, _until, _worker
+from feedrig import feed_worker
+from test_feed_scale import _manager, _until
 
 from shoal.node.control.dispatcher import in_manager_time
 from shoal.node.errors import Forbidden
@@ -52,7 +53,7 @@ async def test_reports_made_together_go_in_one_write_and_all_apply(tmp_path: Pat
     and, while that write is in flight, the other 29: they go together in the next write.
     Every status is in the managers' state, and the worker's replica equals it."""
     store, dispatcher, tasks = await _on_w0(tmp_path, 30)
-    feed = _worker(dispatcher, 0)
+    feed = feed_worker(dispatcher, "w0", FeedConfig(wait=5.0, retry=0.01))
     run = asyncio.create_task(feed.run())
     try:
         await _until(lambda: feed.is_ready() and feed.index == store.index)
@@ -105,7 +106,7 @@ async def test_while_shoal_0_1_nodes_remain_each_report_is_its_own_task_status(
 
 
 async def test_two_reports_of_one_task_in_a_batch_keep_the_greater(tmp_path: Path) -> None:
-    store, dispatcher, tasks = await _on_w0(tmp_path, 3)
+    store, _dispatcher, tasks = await _on_w0(tmp_path, 3)
     reporter = Reporter("w0", lambda: store)
     t0, t1 = tasks[0].id, tasks[1].id
     await asyncio.gather(reporter.report(t0, _status(TaskState.PREPARING)),
