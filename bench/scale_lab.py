@@ -136,9 +136,11 @@ class ScaleLab:
         role = {x["addr"]: ("leader" if x["manager_status"] == "leader" else x["role"])
                 for x in self.nodes()}
         start = {n: cpu_seconds(p) for n, p in pids.items() if p}
+        index0, journal0 = self.raft_index(), self.journal_bytes()
         t0 = time.monotonic()
         time.sleep(window)
         took = time.monotonic() - t0
+        index1, journal1 = self.raft_index(), self.journal_bytes()
         per: dict[str, list[tuple[float, float]]] = {}
         for h in hosts:
             pid = pids[h.name]
@@ -152,6 +154,15 @@ class ScaleLab:
             print(f"    {r:8} n={len(vals):3}  cpu median {statistics.median(cpus):5.2f} % "
                   f"(max {max(cpus):5.2f})  rss median {statistics.median(rss):5.1f} MiB "
                   f"(max {max(rss):5.1f})", flush=True)
+        per_hour = 3600.0 / took
+        print(f"    raft log: index {index0} → {index1} ({(index1 - index0) * per_hour:.0f} "
+              f"entries/hour); first manager's journal {journal0} → {journal1} B "
+              f"({(journal1 - journal0) * per_hour / 1024:.1f} KiB/hour)", flush=True)
+
+    def journal_bytes(self) -> int:
+        """The size of the first manager's Raft journal (and dump) on disk."""
+        return sum(p.stat().st_size for p in self.managers[0].data_dir.glob("raft.*")
+                   if p.is_file())
 
     # ---------------------------------------------------------------- join storm
     def join_storm(self, timeout: float, wave: int = 0) -> None:
