@@ -11,7 +11,8 @@ Owns: the service-mode policies (swarmkit's replicated, global and job orchestra
   drained and relabelled; rolled out like a replicated service;
 * replicated-job — slots 1..replicas each run until one task of the current job
   iteration (the service version: any update re-runs the job, as Swarm's JobIteration)
-  exits 0 (COMPLETE, never restarted), at most ``max_concurrent`` tasks at a time; a failed
+  exits 0 (COMPLETE, never restarted; its desired state then COMPLETE too, as Swarm's
+  `service ps` shows it), at most ``max_concurrent`` tasks at a time; a failed
   task is retried per the restart policy (``any`` acts as ``on-failure``); tasks of an
   older iteration are shut down;
 * global-job — the same per eligible node, nodes joining later included;
@@ -278,7 +279,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
         where: set[str] = set()
         for t in tasks:
             if mode.job:
-                if t.status.state is not TaskState.COMPLETE or not of_current_run(t, svc):
+                if not _completed(t, svc) or t.desired_state is not TaskState.COMPLETE:
                     return False
             elif not (t.spec is svc.spec.task or t.spec == svc.spec.task) or not t.alive \
                     or t.id in orphaned or t.status.state < TaskState.ASSIGNED:
@@ -289,7 +290,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
     if len(tasks) != replicas:
         return False
     if mode.job:
-        return all(t.status.state is TaskState.COMPLETE and of_current_run(t, svc)
+        return all(_completed(t, svc) and t.desired_state is TaskState.COMPLETE
                    for t in tasks) and {t.slot for t in tasks} == set(range(1, replicas + 1))
     spec = svc.spec.task
     slots = set()
@@ -382,6 +383,10 @@ def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     else:
         ops = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
                if alive(t) and t.service_version != svc.version]
+    # a task that completed (exited 0) is wanted complete: Swarm's desired state "Complete"
+    # (`service ps`), never run again (tasks completed before this rule get it too)
+    ops += [("desired", t.id, int(TaskState.COMPLETE)) for t in tasks
+            if t.status.state is TaskState.COMPLETE and t.desired_state < TaskState.COMPLETE]
     status = svc.update_status
     if status.state in ("updating", "rollback_started"):
         done = "rollback_completed" if status.rollback else "completed"
@@ -853,8 +858,9 @@ def up_since(t: Task) -> float:
 
 
 def self_ended(t: Task) -> bool:
-    """Ended on its own (exit, failure, refusal), not stopped by the orchestrator or lost."""
-    return t.desired_state <= TaskState.RUNNING and t.status.state in (
+    """Ended on its own (exit, failure, refusal), not stopped by the orchestrator or lost (a
+    job's completion, then wanted COMPLETE, included)."""
+    return t.desired_state <= TaskState.COMPLETE and t.status.state in (
         TaskState.COMPLETE, TaskState.FAILED, TaskState.REJECTED)
 
 
