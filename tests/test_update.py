@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import msgspec
@@ -222,7 +223,7 @@ def test_a_global_start_first_update_honours_delay_and_failure_action() -> None:
     new = sorted((t for t in sim.st.tasks.values() if t.spec.container.env["V"] == "2"),
                  key=lambda t: t.created_at)
     assert len(new) == 3 and sim.max_per_node == 2 and sim.max_running == 4
-    for before, after in zip(new, new[1:], strict=False):
+    for before, after in pairwise(new):
         assert after.created_at >= before.up_at + 3.0
     ok = {t.id for t in sim.live()}
     sim.update(global_spec("bad", order="start-first", failure_action="rollback"))
