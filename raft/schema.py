@@ -28,9 +28,10 @@ it), since a schema-2 node's strict decoder refuses a spec with a key it does no
 while the cluster writes an older schema, a spec is written without them when it leaves
 them at their defaults (commands: ``encode_command``; whole states: ``strip_state``), so an
 older node reads exactly what it wrote itself, and a spec that uses one is refused naming
-it (``gate_refusal``: on propose, and again by the state machine). A leader op added later
-(``GATED_OPS``) is not proposed before its schema, and the state machine refuses it as the
-older code does (an unknown op).
+it (``gate_refusal``: on propose, and again by the state machine). In a leader batch, an op
+the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a task create of a pod
+service made before this gate) is left out rather than the batch refused; the state machine
+refuses a gated op as the older code does (an unknown op).
 """
 
 from __future__ import annotations
@@ -255,21 +256,22 @@ def _gate_command(cmd: dict[str, Any], writes: int) -> dict[str, Any]:
             raise err
         return {**cmd, "spec": strip_gated(cmd["spec"], writes)}
     if op == "leader" and isinstance(cmd.get("ops"), list):
-        done: dict[int, Any] = {}  # (creates of one pass share their template)
+        # an op the cluster cannot carry yet is left out, not the whole batch refused: the
+        # leader's other work goes on (it decides that op again in its next pass)
+        done: dict[int, Any] = {}  # (creates of one pass share their template; None: left out)
         ops = []
         for o in cmd["ops"]:
             if isinstance(o, (list, tuple)) and o and o[0] in GATED_OPS and \
                     GATED_OPS[o[0]] > writes:
-                raise ValidationError(f"leader op {o[0]!r} needs cluster schema "
-                                      f"{GATED_OPS[o[0]]}; the cluster writes {writes}", "ops")
+                continue
             if isinstance(o, (list, tuple)) and len(o) > 1 and o[0] == "create" and \
                     isinstance(o[1], dict) and isinstance(o[1].get("spec"), dict):
                 raw = o[1]["spec"]
-                if id(raw) not in done:
-                    err = gate_refusal(raw, writes, "task.")
-                    if err is not None:
-                        raise err
-                    done[id(raw)] = strip_gated(raw, writes, "task.")
+                if id(raw) not in done:  # (a pod service made before this gate existed)
+                    done[id(raw)] = None if gate_refusal(raw, writes, "task.") else \
+                        strip_gated(raw, writes, "task.")
+                if done[id(raw)] is None:
+                    continue
                 o = ("create", {**o[1], "spec": done[id(raw)]})
             ops.append(o)
         return {**cmd, "ops": ops}
