@@ -470,6 +470,37 @@ async def test_a_global_service_rolls_out_an_update_node_by_node(tmp_path: Path)
         assert lab.runtimes[nid].config(t.id).command == ("v2",)
 
 
+async def test_a_global_start_first_update_runs_old_and_new_side_by_side_on_each_node(
+        tmp_path: Path) -> None:
+    """Through the workers: with `--update-order start-first` each node's runtime starts the
+    new task while the old one still runs (never a node without a running task, never more
+    than two on one), then stops the old one; the update completes."""
+    lab = Lab(tmp_path)
+    await lab.boot(3)
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": {"monitor": 0, "order": "start-first"},
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    await lab.services.update_service("g", spec, None)
+    ids = {t.id for t in lab.tasks("g")}
+    most = 0
+    for _ in range(12):
+        await lab.settle(1)
+        per_node = [sum(1 for tid, st in rt.tasks().items() if tid in {
+            t.id for t in lab.tasks("g")} and st.exit_code is None)
+            for rt in lab.runtimes.values()]
+        assert min(per_node) >= 1, per_node
+        most = max(most, *per_node)
+        if lab.view("g")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("g")["update_status"]["state"] == "completed" and most == 2
+    for nid in ("n1", "n2", "n3"):
+        (t,) = [t for t in lab.live("g") if t.node_id == nid]
+        assert t.id not in ids and lab.runtimes[nid].config(t.id).command == ("v2",)
+
+
 def test_a_schema_1_cluster_refuses_the_new_mode_and_placement_fields() -> None:
     """While a node may still run shoal 0.1 (cluster schema 1), a global service or a
     spread preference is refused, naming the field; a plain replicated one still goes."""
