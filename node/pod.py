@@ -166,7 +166,7 @@ class Pods:
 
     def _hold_logs(self, cid: str) -> Path | None:
         """Move the log files of the container's last run (its record is about to be
-        removed) into a directory beside the task directories; None: nothing to keep."""
+        removed) aside, next to the runtime's task directories; None: nothing to keep."""
         try:
             taskdir = self.runtime.logs_path(cid)[0].parent
         except TaskNotFound:
@@ -174,10 +174,10 @@ class Pods:
         files = [p for stream in LOG_STREAMS for p in taskdir.glob(f"{stream}.log*")]
         if not files:
             return None
-        hold = taskdir.parent / f".{cid}.logs"  # (no config.json: recover() skips it)
+        hold = taskdir.parent.parent / "held-logs" / cid  # (DATA_DIR/held-logs: same disk)
         try:
             shutil.rmtree(hold, ignore_errors=True)
-            hold.mkdir(mode=0o700)
+            hold.mkdir(mode=0o700, parents=True)
             for p in files:
                 p.rename(hold / p.name)
         except OSError as exc:

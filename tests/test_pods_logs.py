@@ -70,3 +70,4 @@ async def test_a_restarted_sidecar_keeps_the_logs_of_its_earlier_runs(
     assert len(set(runs)) == 4 and KEEP_LOG_FILES < 4
     await pods.remove("t1")
     assert ctl.tasks() == {} and list(config.tasks_dir.iterdir()) == []
+    assert list((config.tasks_dir.parent / "held-logs").iterdir()) == []
