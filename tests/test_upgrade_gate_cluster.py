@@ -4,13 +4,15 @@ decoder that refuses keys it does not know) leads; a manager on today's code joi
 agent may join an older cluster). While that node is there the cluster writes schema 2:
 a service created through today's CLI is applied by the older replica too (its spec goes
 into the log without ``task.sidecars``, ``task.init_containers``, ``mode.autoscale``), and
-a spec that uses them is refused naming the field, not half-applied. Netns hosts, real
-agents, both CLIs.
+a spec that uses them is refused naming the field, not half-applied. Once the older node
+runs today's code the leader raises the schema to 3 and the same spec goes. Netns hosts,
+real agents, both CLIs.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,3 +60,16 @@ def test_an_older_0_2_manager_applies_what_today_writes_and_the_later_fields_wai
             assert res.returncode != 0 and field in res.stderr and \
                 "upgrade every node first" in res.stderr, (res.stdout, res.stderr)
         assert names(old) == names(new) == {"plain"}
+
+        # the older node upgraded in place: the leader raises the schema, the spec goes
+        old.kill_agent(signal.SIGTERM, timeout=60)
+        old.use_shoal()
+        old.start_agent(timeout=60)
+
+        def schema_of(h: Host) -> int:
+            return int(json.loads(h.cli("info").stdout).get("cluster_schema", 0))
+        wait_until(lambda: schema_of(old) == schema_of(new) == 3, timeout=60,
+                   what="cluster schema 3 once every node runs today's code")
+        new.cli("service", "create", "--spec", str(path))
+        wait_until(lambda: names(old) == {"plain", "pod"}, timeout=30,
+                   what="the pod service on both managers")
