@@ -28,7 +28,8 @@ it), since a schema-2 node's strict decoder refuses a spec with a key it does no
 while the cluster writes an older schema, a spec is written without them when it leaves
 them at their defaults (commands: ``encode_command``; whole states: ``strip_state``), so an
 older node reads exactly what it wrote itself, and a spec that uses one is refused naming
-it (``gate_refusal``: on propose, and again by the state machine). In a leader batch, an op
+it (``gate_refusal``: on propose, and again by the state machine; so is an update of a
+service that already uses one, made before this gate, until the schema is raised). In a leader batch, an op
 the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a task create of a pod
 service made before this gate) is left out rather than the batch refused; the state machine
 refuses a gated op as the older code does (an unknown op).
@@ -215,8 +216,8 @@ def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> Validat
         if node is not None and _norm(node) != gated_default(path):
             return ValidationError(
                 f"{path} needs every node of the cluster on a shoal that reads data schema "
-                f"{needs}; the cluster still writes schema {writes} (a node runs an older "
-                f"shoal 0.2): upgrade every node first", path)
+                f"{needs}; the cluster still writes schema {writes} (some node runs an "
+                f"older shoal): upgrade every node first", path)
     return None
 
 
