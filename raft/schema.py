@@ -29,10 +29,10 @@ while the cluster writes an older schema, a spec is written without them when it
 them at their defaults (commands: ``encode_command``; whole states: ``strip_state``), so an
 older node reads exactly what it wrote itself, and a spec that uses one is refused naming
 it (``gate_refusal``: on propose, and again by the state machine; so is an update of a
-service that already uses one, made before this gate, until the schema is raised). In a leader batch, an op
-the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a task create of a pod
-service made before this gate) is left out rather than the batch refused; the state machine
-refuses a gated op as the older code does (an unknown op).
+service that already uses one, made before this gate, until the schema is raised). In a
+leader batch, an op the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a
+task create of a pod service made before this gate) is left out rather than the batch
+refused; the state machine refuses a gated op as the older code does (an unknown op).
 """
 
 from __future__ import annotations
