@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.raft.models import Service, Task, TaskState
+from shoal.raft.schema import GATED_OPS, LEGACY
 from shoal.raft.spec import Autoscale, TaskSpec
 from shoal.raft.state import Snapshot
 
@@ -192,7 +193,9 @@ class Autoscaler:
         self._inflight: asyncio.Future[None] | None = None
 
     async def plan(self, snap: Snapshot, mono: float) -> list[Op]:
-        autos = {s.id: s for s in snap.services.values() if s.spec.mode.autoscale.enabled}
+        gated = getattr(snap.cluster, "schema", LEGACY) < GATED_OPS["autoscale"]
+        autos = {} if gated else {  # (gated: an older node would refuse the op)
+            s.id: s for s in snap.services.values() if s.spec.mode.autoscale.enabled}
         for sid in list(self.services):
             if sid not in autos:
                 del self.services[sid]

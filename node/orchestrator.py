@@ -11,7 +11,8 @@ Owns: the service-mode policies (swarmkit's replicated, global and job orchestra
   drained and relabelled; rolled out like a replicated service;
 * replicated-job — slots 1..replicas each run until one task of the current job
   iteration (the service version: any update re-runs the job, as Swarm's JobIteration)
-  exits 0 (COMPLETE, never restarted), at most ``max_concurrent`` tasks at a time; a failed
+  exits 0 (COMPLETE, never restarted; its desired state then COMPLETE too, as Swarm's
+  `service ps` shows it), at most ``max_concurrent`` tasks at a time; a failed
   task is retried per the restart policy (``any`` acts as ``on-failure``); tasks of an
   older iteration are shut down;
 * global-job — the same per eligible node, nodes joining later included;
@@ -278,7 +279,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
         where: set[str] = set()
         for t in tasks:
             if mode.job:
-                if t.status.state is not TaskState.COMPLETE or not of_current_run(t, svc):
+                if not _completed(t, svc) or t.desired_state is not TaskState.COMPLETE:
                     return False
             elif not (t.spec is svc.spec.task or t.spec == svc.spec.task) or not t.alive \
                     or t.id in orphaned or t.status.state < TaskState.ASSIGNED:
@@ -289,7 +290,7 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
     if len(tasks) != replicas:
         return False
     if mode.job:
-        return all(t.status.state is TaskState.COMPLETE and of_current_run(t, svc)
+        return all(_completed(t, svc) and t.desired_state is TaskState.COMPLETE
                    for t in tasks) and {t.slot for t in tasks} == set(range(1, replicas + 1))
     spec = svc.spec.task
     slots = set()
@@ -382,6 +383,10 @@ def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     else:
         ops = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
                if alive(t) and t.service_version != svc.version]
+    # a task that completed (exited 0) is wanted complete: Swarm's desired state "Complete"
+    # (`service ps`), never run again (tasks completed before this rule get it too)
+    ops += [("desired", t.id, int(TaskState.COMPLETE)) for t in tasks
+            if t.status.state is TaskState.COMPLETE and t.desired_state < TaskState.COMPLETE]
     status = svc.update_status
     if status.state in ("updating", "rollback_started"):
         done = "rollback_completed" if status.rollback else "completed"
@@ -455,17 +460,31 @@ def _reconcile_per_node(
     created on its node (slot 0). ``placing()``: the load to check and add reservations to."""
     mode, policy = svc.spec.mode, svc.spec.task.restart
     eligible = eligible_nodes(svc, nodes)
+    need = svc.spec.task.resources.reservations
     ops: list[Op] = []
     wake_at: float | None = None
+    paired: frozenset[int | str] = frozenset()
     if mode.job:
         ops += _job_iteration(svc, tasks, alive)
     else:
-        ops += rolling_update(svc, tasks, alive, now, nodes, wanted=len(eligible))
+        def room_on(nid: str) -> bool:  # (start-first: can the node hold one more task?)
+            node = nodes.get(nid)
+            if not (need.memory or need.cpu) or node is None:
+                return node is not None
+            return rejection(node, _new_task(svc, 0, now, lambda: ""),
+                             placing().reserved[nid], 0) is None
+
+        rollout = plan_rollout(svc, tasks, alive, now, nodes, wanted=len(eligible),
+                               new_id=new_id, room_on=room_on)
+        ops += rollout.ops
+        wake_at, paired = rollout.wake_at, rollout.paired
+        for op in rollout.ops:  # (start-first's new tasks reserve on their nodes too)
+            if op[0] == "create" and (need.memory or need.cpu):
+                placing().add(task_from_dict(op[1], svc.spec.task))
     by_node: dict[str, list[Task]] = defaultdict(list)
     for t in tasks:
         by_node[t.node_id].append(t)
     history = max(config.task_history, policy.max_attempts + 1, 1)
-    need = svc.spec.task.resources.reservations
     probe: Task | None = None  # the template as a task, for the resource filters
     placed: dict[str, Any] | None = None  # the first placed task this pass makes, plain
     for nid in sorted(by_node.keys() | set(eligible)):
@@ -477,6 +496,8 @@ def _reconcile_per_node(
                     if not alive(t) and t.status.state.terminal]
             continue
         ops += _trim(node_tasks, alive, history, svc if mode.job else None)
+        if nid in paired:
+            continue  # start-first: the old task and its replacement, side by side
         live = [t for t in mine if alive(t)]
         ops += _keep_one(live)
         if nid not in eligible:
@@ -629,12 +650,12 @@ def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:
 class Rollout:
     """What a rolling update decides in one pass: its ops, when to look again (a delay or a
     monitor window ending; wall-clock seconds, None = nothing to wait for), and the slots
-    where start-first runs a slot's old and new task side by side (the slot loop must keep
-    both)."""
+    where start-first runs a slot's old and new task side by side (global: the nodes; the slot
+    or node loop must keep both)."""
 
     ops: list[Op]
     wake_at: float | None = None
-    paired: frozenset[int] = frozenset()
+    paired: frozenset[int | str] = frozenset()
 
 
 def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
@@ -647,7 +668,8 @@ def rolling_update(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
 def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                  now: float, nodes: Mapping[str, Node] | None = None,
                  wanted: int | None = None,
-                 new_id: Callable[[], str] | None = None) -> Rollout:
+                 new_id: Callable[[], str] | None = None,
+                 room_on: Callable[[str], bool] | None = None) -> Rollout:
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
@@ -660,7 +682,9 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     * start-first: a task of the current template is created in the slot beside the old
       one, which is shut down once the new one is up (``paired``: the slots running both).
       Old tasks still stopping count as in flight, so at most replicas + parallelism tasks
-      run (docs/reliability.md).
+      run (docs/reliability.md). Global: the new task is made on the old one's node (one
+      extra task per node at most), unless ``room_on(node)`` says the node cannot hold both
+      (its reserved resources): that node's old task stops first.
 
     A new task (made since the rollout started) *fails* when it ends on its own or turns
     unhealthy before it came up, or within ``monitor`` after (``rollout_failed``). Once the
@@ -672,8 +696,8 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     status becomes ``completed`` (``rollback_completed``). Swarm does the same.
 
     ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it.
-    ``wanted``: the tasks the service should have (global: its eligible nodes, rolled
-    stop-first; default: replicas, whose slots 1..replicas are the ones rolled).
+    ``wanted``: the tasks the service should have (global: its eligible nodes, each node a
+    "slot"; default: replicas, whose slots 1..replicas are the ones rolled).
     ``new_id``: ids for the tasks start-first creates (without it, the rollout is
     stop-first)."""
     spec, status = svc.spec, svc.update_status
@@ -681,7 +705,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     want = spec.replicas if wanted is None else wanted
     cfg: UpdateConfig | RollbackConfig = spec.rollback if status.rollback else spec.update
     rolling = status.state in ("updating", "rollback_started")
-    start_first = cfg.order == "start-first" and not per_node and new_id is not None
+    start_first = cfg.order == "start-first" and new_id is not None
 
     def old_spec(t: Task) -> bool:
         return outdated(t, spec.task, (nodes or {}).get(t.node_id))
@@ -697,13 +721,13 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                 and not t.status.state.terminal and (per_node or t.slot <= want)]
     since = status.started_at
     new = [t for t in tasks if not old_spec(t) and t.created_at >= since] if rolling else []
-    # start-first slots running an old task and its replacement (kept side by side, also
-    # while paused: the old one serves until the new one is up)
-    by_slot: dict[int, list[Task]] = defaultdict(list)
+    # start-first slots (global: nodes) running an old task and its replacement (kept side
+    # by side, also while paused: the old one serves until the new one is up)
+    by_slot: dict[int | str, list[Task]] = defaultdict(list)
     if start_first:
         for t in fresh:
-            by_slot[t.slot].append(t)
-    paired = {t.slot for t in old if by_slot.get(t.slot)}
+            by_slot[key(t)].append(t)
+    paired = {key(t) for t in old if by_slot.get(key(t))}
     # (checked before "no old task left": with stop-first and one replica, the failing new
     # task is the only one there is)
     if rolling:
@@ -737,7 +761,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     if paired and rolling:
         # the new task is up: stop the old one (the slot stays paired until it has stopped)
         ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old
-                         if any(up(m) for m in by_slot.get(t.slot, ()))]
+                         if any(up(m) for m in by_slot.get(key(t), ()))]
         if ops:
             return Rollout(ops, paired=frozenset(paired))
     # a slot whose old task is stopping, or has stopped and whose new task is not yet
@@ -760,9 +784,9 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     for t in old:
         if room <= 0:
             break
-        if t.slot in paired:
+        if key(t) in paired:
             continue
-        ended = [x for x in new if x.slot == t.slot and x.status.state.terminal]
+        ended = [x for x in new if key(x) == key(t) and x.status.state.terminal]
         restart, due = restart_decision(spec.task.restart, ended, now)
         if not restart:
             continue  # (the old task keeps serving the slot)
@@ -770,13 +794,17 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
             wake_at = due if wake_at is None else min(wake_at, due)
             continue
         room -= 1
-        paired.add(t.slot)
+        if per_node and room_on is not None and not room_on(t.node_id):
+            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))  # no room for both
+            continue
+        paired.add(key(t))
         assert new_id is not None  # (start_first)
+        where = {"node_id": t.node_id} if per_node else {}
         if created is None:
-            created = to_dict(_new_task(svc, t.slot, now, new_id))
+            created = to_dict(_new_task(svc, t.slot, now, new_id, **where))
             ops.append(("create", created))
         else:
-            ops.append(("create", {**created, "id": new_id(), "slot": t.slot}))
+            ops.append(("create", {**created, "id": new_id(), "slot": t.slot, **where}))
     return Rollout(ops, wake_at=wake_at, paired=frozenset(paired))
 
 
@@ -853,8 +881,9 @@ def up_since(t: Task) -> float:
 
 
 def self_ended(t: Task) -> bool:
-    """Ended on its own (exit, failure, refusal), not stopped by the orchestrator or lost."""
-    return t.desired_state <= TaskState.RUNNING and t.status.state in (
+    """Ended on its own (exit, failure, refusal), not stopped by the orchestrator or lost (a
+    job's completion, then wanted COMPLETE, included)."""
+    return t.desired_state <= TaskState.COMPLETE and t.status.state in (
         TaskState.COMPLETE, TaskState.FAILED, TaskState.REJECTED)
 
 

@@ -23,7 +23,11 @@ How a pod runs here::
 
 Each extra container is an ordinary runtime task (shoal.runtime: its own task directory,
 logs, cgroup, shim that survives the agent), so `service logs --container NAME` reads it as
-it reads a task. Health: the task is STARTING until every container with a check has passed
+it reads a task. A restarted sidecar is a new runtime task under the same id: its previous
+run's log files are moved aside before the old record is removed and become the new run's
+rotated files (``NAME.log.1`` = the last run's active file...), at most ``KEEP_LOG_FILES``
+per stream as the shim itself keeps, so its logs read on across restarts (the oldest fall
+off as in a rotation). Health: the task is STARTING until every container with a check has passed
 once, then HEALTHY; only the main container's failure makes the task UNHEALTHY (a task's
 health never goes back, so an unhealthy sidecar is restarted alone instead).
 """
@@ -33,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shoal.node.errors import InitFailed
 from shoal.node.health import Check, HealthMonitor, resolve
@@ -42,11 +48,15 @@ from shoal.raft.models import ContainerStatus, Health, Task
 from shoal.raft.spec import MAIN_CONTAINER, SidecarSpec
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
-from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.records import RunState, RuntimeConfig, RuntimeStatus, TaskConfig
 
 log = logging.getLogger("shoal.pod")
 
 POLL = 0.05  # seconds between two looks at a running init container
+LOG_STREAMS = ("stdout", "stderr")
+# files per stream a restarted sidecar's logs keep, its new run's included (the runtime's
+# default log_max_files: what the shim keeps of one run)
+KEEP_LOG_FILES = RuntimeConfig.log_max_files
 # (task, container, host pid of the main container's init) → the container's TaskConfig
 ConfigOf = Callable[[Task, SidecarSpec, int], Awaitable[TaskConfig]]
 
@@ -78,6 +88,7 @@ class _Side:
     ever_healthy: bool = False
     start_error: str = ""  # its last start failed: why
     starting: asyncio.Task[None] | None = None
+    held: Path | None = None  # its previous runs' log files, until its next run takes them
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Pods:
         side = self._pods.setdefault(task.id, _Pod()).sides.setdefault(c.name, _Side())
         cid = container_id(task.id, c.name)
         self.health.forget(cid)
+        side.held = self._hold_logs(cid) or side.held
         await self._remove(cid)
         try:
             rt = await self.runtime.start(await self.config_of(task, c, pid))
@@ -144,11 +156,54 @@ class Pods:
             log.warning("task %s: sidecar %s failed to start: %s", task.id, c.name, exc)
             side.start_error = str(exc)
             return
+        self._carry_logs(cid, side.held)
+        side.held = None
         side.start_error = ""
         log.info("task %s: sidecar %s started, pid %s", task.id, c.name, rt.pid)
         check = self._check_of(c)
         if check is not None and rt.pid and rt.state is RunState.RUNNING:
             self.health.watch(cid, check, rt.pid, rt.started_at)
+
+    def _hold_logs(self, cid: str) -> Path | None:
+        """Move the log files of the container's last run (its record is about to be
+        removed) aside, next to the runtime's task directories; None: nothing to keep."""
+        try:
+            taskdir = self.runtime.logs_path(cid)[0].parent
+        except TaskNotFound:
+            return None
+        files = [p for stream in LOG_STREAMS for p in taskdir.glob(f"{stream}.log*")]
+        if not files:
+            return None
+        hold = taskdir.parent.parent / "held-logs" / cid  # (DATA_DIR/held-logs: same disk)
+        try:
+            shutil.rmtree(hold, ignore_errors=True)
+            hold.mkdir(mode=0o700, parents=True)
+            for p in files:
+                p.rename(hold / p.name)
+        except OSError as exc:
+            log.warning("container %s: cannot keep its previous logs: %s", cid, exc)
+            return None
+        return hold
+
+    def _carry_logs(self, cid: str, held: Path | None) -> None:
+        """The held files as the new run's rotated ones: ``NAME.log`` → ``NAME.log.1``,
+        ``NAME.log.N`` → ``NAME.log.N+1``, up to ``KEEP_LOG_FILES`` files per stream."""
+        if held is None:
+            return
+        try:
+            taskdir = self.runtime.logs_path(cid)[0].parent
+            for stream in LOG_STREAMS:
+                old = sorted((p for p in held.glob(f"{stream}.log.*")
+                              if p.name.rsplit(".", 1)[1].isdigit()),
+                             key=lambda p: int(p.name.rsplit(".", 1)[1]))
+                active = held / f"{stream}.log"
+                newest_first = ([active] if active.exists() else []) + old
+                for i, p in enumerate(newest_first[:KEEP_LOG_FILES - 1], start=1):
+                    p.rename(taskdir / f"{stream}.log.{i}")
+        except (OSError, TaskNotFound) as exc:
+            log.warning("container %s: cannot keep its previous logs: %s", cid, exc)
+        finally:
+            shutil.rmtree(held, ignore_errors=True)
 
     def _check_of(self, c: SidecarSpec) -> Check | None:
         image = None
@@ -293,6 +348,8 @@ class Pods:
             for side in pod.sides.values():
                 if side.starting is not None:
                     side.starting.cancel()
+                if side.held is not None:
+                    shutil.rmtree(side.held, ignore_errors=True)
             if pod.first_start is not None:
                 pod.first_start.cancel()
             if pod.stopping is not None:

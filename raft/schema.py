@@ -11,6 +11,8 @@ Schema history::
        the Raft dump pickles the ClusterState with its dataclasses.
     2  ServiceSpec nested (shoal.raft.spec): Task.spec is the task template only; the
        dump holds the state as msgpack of plain values (``ReplicatedState``).
+    3  pods and autoscaling: ``task.sidecars``, ``task.init_containers``, ``mode.autoscale``
+       and the leader's ``autoscale`` op (``GATED``, ``GATED_OPS``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -20,6 +22,17 @@ encoded in schema 1 (``encode_command``), so an old replica applies exactly what
 applies; a field that schema 1 cannot express is refused then, naming the field. The leader
 raises the schema (the ``cluster_schema`` command) once every node of the cluster announces
 schema 2 in its gossip metadata.
+
+Fields added after schema 2 are gated one by one (``GATED``: path → the schema that reads
+it), since a schema-2 node's strict decoder refuses a spec with a key it does not know:
+while the cluster writes an older schema, a spec is written without them when it leaves
+them at their defaults (commands: ``encode_command``; whole states: ``strip_state``), so an
+older node reads exactly what it wrote itself, and a spec that uses one is refused naming
+it (``gate_refusal``: on propose, and again by the state machine; so is an update of a
+service that already uses one, made before this gate, until the schema is raised). In a
+leader batch, an op the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a
+task create of a pod service made before this gate) is left out rather than the batch
+refused; the state machine refuses a gated op as the older code does (an unknown op).
 """
 
 from __future__ import annotations
@@ -31,8 +44,14 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec, fields
 
-SCHEMA = 2  # what this code writes once the whole cluster runs it
+SCHEMA = 3  # what this code writes once the whole cluster runs it
 LEGACY = 1
+NESTED = 2  # the first schema with the nested spec (shoal 0.2)
+
+# spec fields (paths) written only once the cluster's schema reads them: path → schema
+GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3}
+# leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
+GATED_OPS: dict[str, int] = {"autoscale": 3}
 
 # schema-1 flat field → its path in today's ServiceSpec
 V1_PATHS: dict[str, str] = {
@@ -129,11 +148,16 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any]) -> dict[str, Any]:
-    """``cmd`` as a schema-1 replica must see it (specs flat; a task's spec the whole flat
-    service spec, as 0.1 stored it). ``service_specs``: service id → its current spec as
-    plain values (for tasks). Commands without specs are returned unchanged."""
+def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any],
+                   writes: int = LEGACY) -> dict[str, Any]:
+    """``cmd`` as a replica of a cluster at schema ``writes`` must see it. Schema 1: specs
+    flat, a task's spec the whole flat service spec, as 0.1 stored it (``service_specs``:
+    service id → its current spec as plain values, for tasks). A later schema below
+    ``SCHEMA``: specs without the ``GATED`` fields it cannot read (ValidationError naming
+    one that is used). Commands without specs are returned unchanged."""
     op = cmd.get("op")
+    if writes >= NESTED:
+        return _gate_command(cmd, writes)
     if op in ("service_create", "service_update") and isinstance(cmd.get("spec"), dict):
         full = _complete(cmd["spec"])
         return cmd if full is None else {**cmd, "spec": downgrade_spec(full)}
@@ -161,3 +185,113 @@ def _complete(spec: dict[str, Any]) -> dict[str, Any] | None:
         return _norm(msgspec.to_builtins(msgspec.convert(spec, ServiceSpec)))
     except msgspec.ValidationError:
         return None
+
+
+# --------------------------------------------------------------------------- fields after 2
+
+def _defaults() -> dict[str, Any]:
+    decl = {f.path: f.default for f in fields()}
+    return {path: _norm(decl[path]) for path in GATED}
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def gated_default(path: str) -> Any:
+    """A ``GATED`` field's default as plain values."""
+    if not _DEFAULTS:
+        _DEFAULTS.update(_defaults())
+    return _DEFAULTS[path]
+
+
+def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> ValidationError | None:
+    """The error for a spec (plain values, complete; ``prefix`` "task.": a task template)
+    that uses a field a cluster at schema ``writes`` cannot carry yet, or None."""
+    for path, needs in GATED.items():
+        if needs <= writes or not path.startswith(prefix):
+            continue
+        node: Any = spec
+        for p in path[len(prefix):].split("."):
+            node = node.get(p) if isinstance(node, dict) else None
+        if node is not None and _norm(node) != gated_default(path):
+            return ValidationError(
+                f"{path} needs every node of the cluster on a shoal that reads data schema "
+                f"{needs}; the cluster still writes schema {writes} (some node runs an "
+                f"older shoal): upgrade every node first", path)
+    return None
+
+
+def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str, Any]:
+    """``spec`` (plain values) without the ``GATED`` fields schema ``writes`` cannot read
+    (which it leaves at their defaults: check ``gate_refusal`` first); copies only the
+    dicts on the way to a removed key."""
+    out = spec
+    for path, needs in GATED.items():
+        if needs <= writes or not path.startswith(prefix):
+            continue
+        *parents, leaf = path[len(prefix):].split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        out = dict(out)
+        node = out
+        for p in parents:
+            node[p] = dict(node[p])
+            node = node[p]
+        del node[leaf]
+    return out
+
+
+def _gate_command(cmd: dict[str, Any], writes: int) -> dict[str, Any]:
+    if writes >= SCHEMA:
+        return cmd
+    op = cmd.get("op")
+    if op in ("service_create", "service_update") and isinstance(cmd.get("spec"), dict):
+        full = _complete(cmd["spec"])
+        if full is None:
+            return cmd  # (every replica refuses it alike)
+        err = gate_refusal(full, writes)
+        if err is not None:
+            raise err
+        return {**cmd, "spec": strip_gated(cmd["spec"], writes)}
+    if op == "leader" and isinstance(cmd.get("ops"), list):
+        # an op the cluster cannot carry yet is left out, not the whole batch refused: the
+        # leader's other work goes on (it decides that op again in its next pass)
+        done: dict[int, Any] = {}  # (creates of one pass share their template; None: left out)
+        ops = []
+        for o in cmd["ops"]:
+            if isinstance(o, (list, tuple)) and o and o[0] in GATED_OPS and \
+                    GATED_OPS[o[0]] > writes:
+                continue
+            if isinstance(o, (list, tuple)) and len(o) > 1 and o[0] == "create" and \
+                    isinstance(o[1], dict) and isinstance(o[1].get("spec"), dict):
+                raw = o[1]["spec"]
+                if id(raw) not in done:  # (a pod service made before this gate existed)
+                    done[id(raw)] = None if gate_refusal(raw, writes, "task.") else \
+                        strip_gated(raw, writes, "task.")
+                if done[id(raw)] is None:
+                    continue
+                o = ("create", {**o[1], "spec": done[id(raw)]})
+            ops.append(o)
+        return {**cmd, "ops": ops}
+    return cmd
+
+
+def strip_state(raw: dict[str, Any], writes: int) -> dict[str, Any]:
+    """A whole state as plain values (``to_dict``) as a cluster at schema ``writes`` (>= 2)
+    writes it: its specs without the ``GATED`` fields left at their defaults (one in use
+    stays: it was written before this gate existed, and only its readers can read it)."""
+    def keep_used(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        if gate_refusal(spec, writes, prefix) is not None:
+            return spec
+        return strip_gated(spec, writes, prefix)
+
+    for svc in raw.get("services", {}).values():
+        svc["spec"] = keep_used(svc["spec"])
+        if svc.get("previous_spec"):
+            svc["previous_spec"] = keep_used(svc["previous_spec"])
+    for task in raw.get("tasks", {}).values():
+        task["spec"] = keep_used(task["spec"], "task.")
+    return raw

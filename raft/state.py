@@ -67,6 +67,7 @@ from shoal.raft.models import (
     status_from_dict,
     task_from_dict,
     task_spec_from_dict,
+    to_dict,
 )
 from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
 from shoal.raft.servicecheck import (
@@ -76,7 +77,7 @@ from shoal.raft.servicecheck import (
     net_addresses,
     refuse_manual_scale,
 )
-from shoal.raft.spec import NAME_RE
+from shoal.raft.spec import NAME_RE, ServiceSpec
 from shoal.raft.validate import ID_RE, validate_replicas, validate_spec
 from shoal.runtime import volumes as volumes_mod
 
@@ -354,8 +355,17 @@ class ClusterState:
         return node
 
     # --- services
+    def _gate(self, spec: ServiceSpec) -> None:
+        """A field the cluster's schema cannot carry yet is refused, as an older replica
+        refuses it (shoal.raft.schema.GATED)."""
+        if self.cluster.schema < schema_mod.SCHEMA:
+            err = schema_mod.gate_refusal(to_dict(spec), self.cluster.schema)
+            if err is not None:
+                raise err
+
     def _service_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
         spec = validate_spec(cmd["spec"])
+        self._gate(spec)
         sid = str(cmd["id"])
         if sid in self.services:
             raise Rejected("exists", f"service id {sid} already exists", "id")
@@ -376,7 +386,7 @@ class ClusterState:
 
     # --- networks
     def _network_create(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        if self.cluster.schema < schema_mod.SCHEMA:
+        if self.cluster.schema < schema_mod.NESTED:
             raise Rejected("invalid", "networks need every node of the cluster on shoal "
                            ">= 0.2 (cluster schema 2)", "name")
         nid = str(cmd["id"])
@@ -477,6 +487,7 @@ class ClusterState:
                            f"(version {svc.version}, expected {expected}); retry", "version")
         if "spec" in cmd:
             spec = validate_spec(cmd["spec"])
+            self._gate(spec)
             if spec.name != svc.spec.name:
                 raise Rejected("invalid", "a service cannot be renamed", "name")
             spec = assign_ports(self, spec, svc.id, svc.spec)
@@ -492,7 +503,7 @@ class ClusterState:
                 svc.spec, mode=msgspec.structs.replace(svc.spec.mode, replicas=replicas))
         now = float(cmd["now"])
         status = svc.update_status
-        legacy = self.cluster.schema < schema_mod.SCHEMA  # (0.1 replicas apply it too)
+        legacy = self.cluster.schema < schema_mod.NESTED  # (0.1 replicas apply it too)
         if spec.task != svc.spec.task or (status.paused and not legacy):
             # a new rollout (or rollback) starts; a paused one resumes with any update, as
             # in Swarm (its failures so far no longer count)
@@ -620,6 +631,8 @@ class ClusterState:
                     continue
                 self.services[svc.id] = replace(svc, job_status=job_op(svc, op, now))
             elif kind == "autoscale":  # ("autoscale", service_id, replicas, decision)
+                if self.cluster.schema < schema_mod.GATED_OPS["autoscale"]:  # (as 0.2 does)
+                    raise Rejected("invalid", "unknown leader op 'autoscale'", "ops")
                 svc = self.services.get(op[1])
                 if svc is None or not svc.spec.mode.autoscale.enabled:
                     continue

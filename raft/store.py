@@ -691,15 +691,17 @@ class RaftStore:
 
     # ------------------------------------------------------------------ writing
     def _encode(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """``cmd`` as every replica can apply it: in schema 1 while the cluster is at schema 1
-        (shoal.raft.schema; raises ValidationError for what schema 1 cannot express)."""
+        """``cmd`` as every replica can apply it: in schema 1 while the cluster is at schema 1,
+        without the fields added later while it is below schema.SCHEMA (shoal.raft.schema;
+        raises ValidationError for what the cluster's schema cannot express)."""
         op = cmd.get("op")
         if op not in ("service_create", "service_update", "leader"):
             return cmd  # carries no spec: the same in both schemas
         with self.consumer._lock:
             state = self.consumer.state
-            if state.cluster.schema >= 2:
-                return cmd
+            writes = state.cluster.schema
+            if writes >= schema.NESTED:
+                return schema.encode_command(cmd, {}, writes)  # (as is, at schema.SCHEMA)
             creates = op == "leader" and any(
                 isinstance(o, (list, tuple)) and o and o[0] == "create"
                 for o in cmd.get("ops") or ())

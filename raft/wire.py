@@ -37,10 +37,13 @@ MAX_STATE_BYTES = 256 << 20
 
 def state_to_bytes(state: ClusterState, legacy: bool = False) -> bytes:
     """The state as msgpack; ``legacy`` writes specs as schema 1 (shoal 0.1) reads them, for a
-    cluster whose schema is still 1 (shoal.raft.schema)."""
+    cluster whose schema is still 1; below schema.SCHEMA, specs leave out the later fields
+    they do not use (shoal.raft.schema)."""
     raw = to_dict(state)
     if legacy:
         raw = _downgrade(raw)
+    elif state.cluster.schema < schema.SCHEMA:  # (a node may still run an older 0.2)
+        raw = schema.strip_state(raw, state.cluster.schema)
     return bytes(msgpack.packb(raw, use_bin_type=True))
 
 

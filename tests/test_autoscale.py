@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import random
 from typing import Any
@@ -20,6 +21,7 @@ from shoal.node.autoscale import Autoscaler, Sample, cpu_usage, decide, recommen
 from shoal.node.events import derive
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import Health, TaskState, to_dict
+from shoal.raft.schema import SCHEMA
 from shoal.raft.spec import Autoscale
 from shoal.raft.state import ClusterState
 from shoal.raft.validate import validate_spec
@@ -152,6 +154,7 @@ def test_service_update_merges_autoscale_keys_and_rm_turns_it_off() -> None:
 
 def _state_with_service() -> tuple[ClusterState, str]:
     st = ClusterState()
+    st.cluster = dataclasses.replace(st.cluster, schema=SCHEMA)  # (every node on today's)
     spec = {"name": "w", "mode": {"replicas": 1, "autoscale": {"min": 1, "max": 3,
                                                                "cpu": 0.5}},
             "task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": 0.2}}}}

@@ -215,6 +215,38 @@ async def test_a_replicated_job_runs_its_completions_at_most_max_concurrent_at_a
     assert lab.store.index == index  # complete: nothing restarts
 
 
+async def test_a_completed_job_task_is_wanted_complete_and_never_run_again(
+        tmp_path: Path) -> None:
+    """A job task that exited 0 gets desired state COMPLETE (Swarm's `service ps` shows
+    "Complete"), counts as a completion and is not run again; one completed in a state an
+    older leader wrote (reported COMPLETE, still wanted RUNNING) gets it from the next pass;
+    the running one keeps RUNNING; the list filter finds them by it."""
+    from shoal.cli.output import FILTERS
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.services.create_service(job("once", "replicated-job", 2, restart="any"))
+    await lab.settle(1)
+    a, b = lab.live("once")
+    lab.exit(a, 0)
+    await lab.workers["n1"].reconcile()  # reported, the leader not yet run: as 0.2 left it
+    (a_now,) = [t for t in lab.tasks("once") if t.id == a.id]
+    assert (a_now.status.state, a_now.desired_state) == (TaskState.COMPLETE, TaskState.RUNNING)
+    await lab.settle(2)
+    ps = {t["id"]: t for t in await lab.services.tasks("once")}
+    assert (ps[a.id]["state"], ps[a.id]["desired_state"]) == ("complete", "complete")
+    assert (ps[b.id]["state"], ps[b.id]["desired_state"]) == ("running", "running")
+    keep = FILTERS["task"]["desired-state"]
+    assert [i for i, t in ps.items() if keep(t, "complete")] == [a.id]
+    assert len(lab.tasks("once")) == 2 and lab.view("once")["completed"] == 1
+    lab.exit(b, 0)
+    await lab.settle(2)
+    assert [t.desired_state for t in lab.tasks("once")] == [TaskState.COMPLETE] * 2
+    index = lab.store.index
+    await lab.settle(2)
+    assert lab.store.index == index and lab.view("once")["completed"] == 2  # settled
+
+
 async def test_a_failed_job_task_is_retried_per_the_restart_policy(tmp_path: Path) -> None:
     """With max-attempts 1 a slot whose task fails twice is given up (the job stops short,
     showing the failures); with condition none a failure is never retried."""
@@ -436,6 +468,37 @@ async def test_a_global_service_rolls_out_an_update_node_by_node(tmp_path: Path)
         (t,) = [t for t in lab.live("g") if t.node_id == nid]
         assert t.spec.container.command == ("v2",)
         assert lab.runtimes[nid].config(t.id).command == ("v2",)
+
+
+async def test_a_global_start_first_update_runs_old_and_new_side_by_side_on_each_node(
+        tmp_path: Path) -> None:
+    """Through the workers: with `--update-order start-first` each node's runtime starts the
+    new task while the old one still runs (never a node without a running task, never more
+    than two on one), then stops the old one; the update completes."""
+    lab = Lab(tmp_path)
+    await lab.boot(3)
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": {"monitor": 0, "order": "start-first"},
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    await lab.services.update_service("g", spec, None)
+    ids = {t.id for t in lab.tasks("g")}
+    most = 0
+    for _ in range(12):
+        await lab.settle(1)
+        per_node = [sum(1 for tid, st in rt.tasks().items() if tid in {
+            t.id for t in lab.tasks("g")} and st.exit_code is None)
+            for rt in lab.runtimes.values()]
+        assert min(per_node) >= 1, per_node
+        most = max(most, *per_node)
+        if lab.view("g")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("g")["update_status"]["state"] == "completed" and most == 2
+    for nid in ("n1", "n2", "n3"):
+        (t,) = [t for t in lab.live("g") if t.node_id == nid]
+        assert t.id not in ids and lab.runtimes[nid].config(t.id).command == ("v2",)
 
 
 def test_a_schema_1_cluster_refuses_the_new_mode_and_placement_fields() -> None:

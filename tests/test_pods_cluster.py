@@ -2,8 +2,9 @@
 with a spec file (`service create --spec`). A web container serving on 127.0.0.1 only and a
 sidecar that fetches from it over localhost (they share the task's network namespace); an
 init container that ran first and wrote the page into the volume it shares with the web
-container; logs per container (`service logs --container`); the sidecar killed with SIGKILL
-is restarted alone: the main container keeps its pid, the task its id."""
+container; logs per container (`service logs --container`, kept across a sidecar's restart);
+the sidecar killed with SIGKILL is restarted alone: the main container keeps its pid, the
+task its id."""
 
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def test_a_pods_sidecar_reaches_the_web_container_on_localhost_and_restarts_alon
     main = logs("main")  # http.server's access log (stderr): the sidecar's requests
     assert '"GET / HTTP/1.1" 200' in main and "got pod-web" not in main, main
 
+    def stamped() -> list[str]:  # (a timestamp makes each line unique)
+        res = h1.cli("service", "logs", "web", "--container", "probe", "--timestamps")
+        return [line for line in res.stdout.splitlines() if "got pod-web" in line]
+    first = stamped()[0]
     old_pid = sidecar(task)["pid"]
     os.kill(old_pid, signal.SIGKILL)  # (its init: the whole sidecar dies, exit 137)
 
@@ -112,6 +117,7 @@ def test_a_pods_sidecar_reaches_the_web_container_on_localhost_and_restarts_alon
     wait_until(lambda: logs("probe").count("got pod-web") > 0 and
                "got pod-web" in logs("probe").splitlines()[-1], timeout=30,
                what="the restarted sidecar fetching again")
+    assert stamped()[0] == first  # the run before the restart: its logs are kept
     res = h1.cli("service", "logs", "web", "--container", "nope", check=False)
     assert res.returncode != 0 and "no container 'nope'" in res.stderr, res.stderr
     h1.cli("service", "rm", "web")

@@ -7,8 +7,10 @@ and the update flags' parsing."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import msgspec
@@ -45,16 +47,25 @@ def spec(replicas: int = 4, version: str = "1", **update: Any) -> dict[str, Any]
             "update": {"monitor": 0.0, **update}}
 
 
+def global_spec(version: str = "1", memory: int = 0, **update: Any) -> dict[str, Any]:
+    s = {**spec(0, version, **update), "mode": {"type": "global"}}
+    s["task"]["resources"] = {"reservations": {"memory": memory}}
+    return s
+
+
 class Sim:
     """One node, the leader's loops and a fake agent, on a virtual clock."""
 
-    def __init__(self, first: dict[str, Any]) -> None:
+    def __init__(self, first: dict[str, Any], nodes: int = 1, memory: int = 0) -> None:
         self.st = ClusterState()
         self.st.cluster = replace(self.st.cluster, schema=SCHEMA)  # (every node on today's)
         self.now = 1.0
-        self.st.apply({"op": "node_add", "now": 1.0, "node": {
-            "id": "n1", "hostname": "h1", "addr": "10.0.0.1", "api_port": 2377,
-            "raft_port": 2378, "role": "manager"}})
+        for i in range(1, nodes + 1):  # (``memory``: each node's, bytes; 0 = unknown)
+            self.st.apply({"op": "node_add", "now": 1.0, "node": {
+                "id": f"n{i}", "hostname": f"h{i}", "addr": f"10.0.0.{i}", "api_port": 2377,
+                "raft_port": 2378, "role": "manager" if i == 1 else "worker",
+                "state": "ready", "memory_bytes": memory, "cpus": 2.0}})
+        self.max_per_node = 0  # the most tasks running on one node at once
         assert "ok" in self.st.apply({"op": "service_create", "id": "s1", "now": 1.0,
                                       "spec": first})
         self.ids: Iterator[str] = iter(f"t{i:04d}" for i in range(100_000))
@@ -67,6 +78,7 @@ class Sim:
         return self.st.services["s1"]
 
     def update(self, new: dict[str, Any], rollback: bool = False) -> None:
+        self.max_per_node = 0
         self.now += 1.0
         res = self.st.apply({"op": "service_update", "id": "s1", "now": self.now, "spec": new,
                              **({"rollback": True} if rollback else {})})
@@ -101,10 +113,12 @@ class Sim:
                 new = replace(s, state=TaskState.FAILED, timestamp=now, err="unhealthy")
             else:
                 continue
-            self.st.apply({"op": "task_status", "task_id": t.id, "node_id": "n1", "now": now,
-                           "status": to_dict(new)})
+            self.st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
+                           "now": now, "status": to_dict(new)})
         running = [t for t in self.st.tasks.values() if t.status.state is TaskState.RUNNING]
         self.max_running = max(self.max_running, len(running))
+        self.max_per_node = max([self.max_per_node, *Counter(
+            t.node_id for t in running).values()])
         self.min_up = min(self.min_up, sum(t.status.up for t in running))
 
     def run(self, steps: int) -> None:
@@ -177,6 +191,55 @@ def test_the_delay_counts_from_when_a_slot_was_up(parallelism: int) -> None:
         holding = [x for x in new if x is not t and x.created_at <= t.created_at
                    < x.up_at + 3.0]
         assert len(holding) < parallelism, (t, holding)
+
+
+def test_a_global_start_first_update_starts_each_new_task_beside_the_old_one() -> None:
+    """Global, start-first (Swarm): each node's new task starts on that node beside its old
+    one, which stops once the new one is healthy; never fewer than one task up per node,
+    never more than one extra per node, at most `parallelism` nodes at a time."""
+    sim = Sim(global_spec(), nodes=3)
+    old = {t.node_id: t.id for t in sim.live()}
+    assert sorted(old) == ["n1", "n2", "n3"]
+    sim.update(global_spec("2", order="start-first", parallelism=2))
+    sim.step()  # two nodes get their new task, beside the old one, on the same node
+    both = Counter(t.node_id for t in sim.live())
+    assert sorted(both.values()) == [1, 2, 2]
+    assert all(t.desired_state is TaskState.RUNNING for t in sim.st.tasks.values()
+               if t.id in old.values())
+    sim.until("completed")
+    assert sorted((t.node_id, t.spec.container.env["V"]) for t in sim.live()) == \
+        [("n1", "2"), ("n2", "2"), ("n3", "2")]
+    assert not set(old.values()) & {t.id for t in sim.live()}
+    assert sim.min_up >= 3 and sim.max_per_node == 2 and sim.max_running <= 3 + 2
+
+
+def test_a_global_start_first_update_honours_delay_and_failure_action() -> None:
+    """parallelism 1 with a delay: one node in flight at a time, the next only `delay`
+    after the previous one came up; a version that never gets healthy rolls back by itself
+    with the old tasks never stopped (start-first)."""
+    sim = Sim(global_spec(), nodes=3)
+    sim.update(global_spec("2", order="start-first", delay=3.0))
+    sim.until("completed")
+    new = sorted((t for t in sim.st.tasks.values() if t.spec.container.env["V"] == "2"),
+                 key=lambda t: t.created_at)
+    assert len(new) == 3 and sim.max_per_node == 2 and sim.max_running == 4
+    for before, after in pairwise(new):
+        assert after.created_at >= before.up_at + 3.0
+    ok = {t.id for t in sim.live()}
+    sim.update(global_spec("bad", order="start-first", failure_action="rollback"))
+    sim.until("rollback_completed")
+    assert {t.id for t in sim.live()} == ok and sim.min_up == 3
+
+
+def test_a_global_start_first_update_stops_first_on_a_node_without_room_for_both() -> None:
+    """A node whose memory holds one reserved task, not two: its old task stops first
+    (start-first would wait forever for room); the update still completes."""
+    gib = 1 << 30
+    sim = Sim(global_spec(memory=gib), nodes=2, memory=gib + gib // 2)
+    sim.update(global_spec("2", memory=gib, order="start-first", parallelism=2))
+    sim.until("completed")
+    assert sorted(t.spec.container.env["V"] for t in sim.live()) == ["2", "2"]
+    assert sim.max_per_node == 1 and sim.min_up == 0
 
 
 # ------------------------------------------------------------------ failure actions

@@ -9,7 +9,7 @@ away, and another after it is back (through a restarted manager's CLI); every ma
 and new CLIs alike) converges on the same service list, every service runs its replicas,
 tasks on nodes not restarted yet keep their pids, and while any node runs 0.1 the cluster
 schema stays 1. At the end today's CLI shows every service with its replicas, every agent
-announces schema 2, the leader has raised the cluster schema to 2 (``cluster_schema`` in
+announces today's schema, the leader has raised the cluster schema to it (``cluster_schema`` in
 ``shoal info``, shoal.node.upgrade), the cluster still takes writes, and a 0.1 agent that
 tries to join now is refused.
 """
@@ -25,6 +25,7 @@ import pytest
 
 import oldrelease
 from netlab import Host, Lab, pid_alive, wait_until
+from shoal.raft.schema import SCHEMA
 
 pytestmark = pytest.mark.netns
 
@@ -112,7 +113,7 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
         def rejoined(h: Host = h, writer: Host = writer) -> bool:
             me = info(h)
             nodes = writer.cli_json("node", "ls")
-            return bool(me.get("member") and me.get("ready") and me.get("schema") == 2
+            return bool(me.get("member") and me.get("ready") and me.get("schema") == SCHEMA
                         and len(nodes) == 4 and all(n["state"] == "ready" for n in nodes))
         wait_until(rejoined, timeout=60, interval=0.5,
                    what=f"step {step}: {h.name} back on today's code, all 4 nodes ready")
@@ -149,13 +150,14 @@ def test_rolling_upgrade_from_0_1_keeps_the_cluster_writable_and_raises_the_sche
     def raised() -> bool:
         views.update({h.name: (info(h).get("schema"), info(h).get("cluster_schema"))
                       for h in members})
-        return all(v == (2, 2) for v in views.values())
+        return all(v == (SCHEMA, SCHEMA) for v in views.values())
     try:
         wait_until(raised, timeout=30, interval=0.5,
-                   what="every node announcing schema 2 and seeing cluster schema 2")
+                   what=f"every node announcing schema {SCHEMA} and seeing cluster schema "
+                        f"{SCHEMA}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; (schema, cluster_schema) per host: {views}") from None
-    # and the cluster still takes writes at schema 2
+    # and the cluster still takes writes at today's schema
     create(h1, "after")
     running(h1, "after", 1)
 

@@ -78,7 +78,7 @@ NEW: dict[str, Any] = {**OLD, META_KEY: 2}
 def test_schema_to_raise_only_when_every_node_of_the_snapshot_announces_it(
         name: str, cluster: int | None, metas: Mapping[str, Mapping[str, Any]],
         expected: int | None) -> None:
-    assert schema_to_raise(_snap(cluster), metas) == expected, name
+    assert schema_to_raise(_snap(cluster), metas, own=2) == expected, name  # (a 0.2 leader)
 
 
 def test_a_leader_running_a_newer_schema_raises_to_what_every_node_can_run() -> None:
@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 2
+    assert announced_schema(meta) == SCHEMA == 3
 
 
 class _Cluster:
@@ -169,3 +169,114 @@ def test_a_node_whose_code_cannot_read_the_cluster_schema_is_refused_at_join(
     assert (problem is not None) == refused, problem
     if problem is not None:
         assert "upgrade shoal on this node" in problem
+
+
+# ------------------------------------------------------------------ fields after schema 2
+
+POD = {"name": "web", "mode": {"replicas": 2},
+       "task": {"container": {"command": ["web"]},
+                "sidecars": [{"name": "probe", "command": ["probe"]}]}}
+AUTO = {"name": "auto", "mode": {"replicas": 1, "autoscale": {"max": 3, "cpu": 0.5}},
+        "task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": 0.2}}}}
+PLAIN = {"name": "plain", "task": {"container": {"command": ["x"]}}}
+_LATER = ("sidecars", "init_containers")
+
+
+def _state(schema: int) -> Any:
+    from shoal.raft.state import ClusterState
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": schema})
+    return st
+
+
+def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_it() -> None:
+    """At cluster schema 2 (a node may run a 0.2 that predates pods and autoscaling, whose
+    strict decoder refuses keys it does not know), a spec that does not use task.sidecars,
+    task.init_containers or mode.autoscale goes into the log, the leader's task creates and
+    the full state without them, and reads back the same; at schema 3, whole."""
+    from shoal.raft.models import to_dict
+    from shoal.raft.schema import encode_command
+    from shoal.raft.validate import validate_spec
+    from shoal.raft.wire import state_from_bytes, state_to_bytes
+
+    full = to_dict(validate_spec(PLAIN))  # (as the API proposes it: every field)
+    cmd = encode_command({"op": "service_create", "id": "s1", "now": 1.0, "spec": full}, {},
+                         2)
+    assert not set(_LATER) & cmd["spec"]["task"].keys()
+    assert "autoscale" not in cmd["spec"]["mode"] and cmd["spec"]["mode"]["replicas"] == 1
+    assert full["task"]["sidecars"] == [] and "autoscale" in full["mode"]  # (not mutated)
+    assert validate_spec(cmd["spec"]) == validate_spec(full)
+    st = _state(2)
+    assert st.apply(cmd)["ok"]
+    create = ("create", {"id": "t1", "service_id": "s1", "service_name": "plain", "slot": 1,
+                         "spec": full["task"], "service_version": 1,
+                         "desired_state": 512, "status": {"state": 0}})
+    led = encode_command({"op": "leader", "term": 1, "now": 2.0, "ops": [create]}, {}, 2)
+    assert not set(_LATER) & led["ops"][0][1]["spec"].keys()
+    assert st.apply(led)["ok"]
+    raw = msgpack.unpackb(state_to_bytes(st), raw=False, strict_map_key=False)
+    assert not set(_LATER) & raw["services"]["s1"]["spec"]["task"].keys()
+    assert "autoscale" not in raw["services"]["s1"]["spec"]["mode"]
+    assert not set(_LATER) & raw["tasks"]["t1"]["spec"].keys()
+    back = state_from_bytes(state_to_bytes(st))
+    assert back.services["s1"].spec == st.services["s1"].spec
+    assert back.tasks["t1"].spec == st.tasks["t1"].spec
+    assert encode_command(cmd, {}, SCHEMA) is cmd  # (once raised: as is)
+    st.apply({"op": "cluster_schema", "schema": SCHEMA})
+    raw = msgpack.unpackb(state_to_bytes(st), raw=False, strict_map_key=False)
+    assert raw["services"]["s1"]["spec"]["task"]["sidecars"] == []
+
+
+@pytest.mark.parametrize(("spec", "field"), [(POD, "task.sidecars"),
+                                             (AUTO, "mode.autoscale")])
+def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
+        spec: dict[str, Any], field: str) -> None:
+    """On propose (encode) and by the state machine alike (an older replica refuses it
+    too); once the cluster is at schema 3 it goes."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 2)
+    assert exc.value.field == field and "upgrade every node first" in exc.value.message
+    st = _state(2)
+    res = st.apply(cmd)
+    assert res["error"]["field"] == field and "s1" not in st.services
+    if field == "task.sidecars":  # a task of a pod service made before the gate existed
+        task = ("create", {"id": "t1", "service_id": "s0", "service_name": "web", "slot": 1,
+                           "spec": spec["task"], "service_version": 1})
+        led = encode_command({"op": "leader", "term": 1, "now": 2.0,
+                              "ops": [task, ("delete", "t0")]}, {}, 2)
+        assert led["ops"] == [("delete", "t0")]  # left out; the leader's other ops go on
+    st.apply({"op": "cluster_schema", "schema": SCHEMA})
+    assert encode_command(cmd, {}, SCHEMA) is cmd and st.apply(cmd)["ok"]
+
+
+async def test_the_autoscale_op_is_neither_proposed_nor_applied_below_schema_3() -> None:
+    """An older 0.2 replica does not know the leader's ``autoscale`` op (it refuses the
+    batch): the leader's autoscaler plans none, encoding leaves one out, and today's state
+    machine refuses it as the older one does, so every replica applies the same."""
+    from shoal.node.autoscale import Autoscaler
+    from shoal.raft.schema import encode_command
+
+    st = _state(SCHEMA)
+    assert st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": AUTO})["ok"]
+    st.cluster.schema = 2  # (as a cluster created by the code before this gate can be)
+    asked: list[Any] = []
+
+    async def usage(by_node: Any) -> dict[str, Any]:
+        asked.append(by_node)
+        return {}
+
+    scaler = Autoscaler(usage)
+    assert await scaler.plan(st.snapshot(), 100.0) == [] and not scaler.services
+    decision = {"current": 1, "desired": 3, "usage": 1.2, "target": 0.5, "metric": "cpu",
+                "tasks": 1, "reason": "up"}
+    cmd = {"op": "leader", "term": 1, "now": 5.0, "ops": [("autoscale", "s1", 3, decision)]}
+    assert encode_command(cmd, {}, 2)["ops"] == []  # (left out: the rest of a batch goes)
+    assert st.apply(cmd)["error"]["message"] == "unknown leader op 'autoscale'"
+    assert st.services["s1"].spec.mode.replicas == 1
+    st.cluster.schema = SCHEMA
+    assert st.apply(cmd)["ok"] and st.services["s1"].spec.mode.replicas == 3
