@@ -3,7 +3,8 @@
 Owns: the queue of this node's status reports not yet written and the one flush in flight
 that writes them: ``{"op": "task_statuses", "node_id", "now", "reports": [[task_id,
 status], ...]}`` (shoal.raft.state), or one ``task_status`` per report while the cluster
-still has shoal 0.1 nodes (schema < 2: they do not know the batch). Must not touch: what
+writes a schema older than 3 (an older node does not know the batch; the state machine
+refuses it there as that node does). Must not touch: what
 the reports say (shoal.node.worker decides), the state source's transport (node/feed.py).
 
 Why: a worker starting 30 tasks at once reported each one in its own write: 30 mTLS calls
@@ -30,7 +31,7 @@ from typing import Any
 from shoal.node.source import StateSource
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import TaskStatus, to_dict
-from shoal.raft.schema import SCHEMA
+from shoal.raft.schema import GATED_COMMANDS, LEGACY
 
 log = logging.getLogger("shoal.worker")
 
@@ -78,8 +79,8 @@ class Reporter:
 
     async def _write(self, statuses: dict[str, TaskStatus]) -> None:
         store = self._store()
-        schema = getattr(store.snapshot().cluster, "schema", SCHEMA)
-        if schema < SCHEMA:  # shoal 0.1 nodes apply the log too: one task_status each
+        schema = getattr(store.snapshot().cluster, "schema", LEGACY)
+        if schema < GATED_COMMANDS["task_statuses"]:  # older nodes apply the log too
             await asyncio.gather(*(self._propose(store, {
                 "op": "task_status", "task_id": tid, "node_id": self.node_id,
                 "now": time.time(), "status": to_dict(s)}) for tid, s in statuses.items()))

@@ -52,6 +52,8 @@ NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3}
+# top-level commands an older node does not know: the schema from which they may be written
+GATED_COMMANDS: dict[str, int] = {"task_statuses": 3}
 
 # schema-1 flat field → its path in today's ServiceSpec
 V1_PATHS: dict[str, str] = {

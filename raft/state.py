@@ -663,6 +663,8 @@ class ClusterState:
         """Many reports of one node in one entry (shoal.node.reports). Each is applied as a
         ``task_status`` would be; one that is refused (its task gone or moved) does not
         stop the others: it is named in ``refused``."""
+        if self.cluster.schema < schema_mod.GATED_COMMANDS["task_statuses"]:
+            raise Rejected("invalid", "unknown op 'task_statuses'", "op")  # (as 0.2 does)
         node, reports, now = cmd.get("node_id"), cmd.get("reports"), cmd.get("now")
         if not isinstance(node, str):
             raise Rejected("invalid", "node_id must be a node id", "node_id")

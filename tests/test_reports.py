@@ -27,6 +27,7 @@ from shoal.node.pki import CertInfo
 from shoal.node.reports import Reporter
 from shoal.node.source import MemoryStore
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
+from shoal.raft.schema import SCHEMA
 from shoal.raft.state import ClusterState
 
 
@@ -80,9 +81,9 @@ async def test_reports_made_together_go_in_one_write_and_all_apply(tmp_path: Pat
             await run
 
 
-async def test_while_shoal_0_1_nodes_remain_each_report_is_its_own_task_status(
+async def test_while_older_nodes_remain_each_report_is_its_own_task_status(
         tmp_path: Path) -> None:
-    """Cluster schema 1 (a 0.1 node may apply the log): no batch, one write per report."""
+    """Cluster schema below 3 (an older node may apply the log): one write per report."""
     store = MemoryStore()  # never initialised with a schema: LEGACY
     await store.propose({"op": "node_add", "now": 1.0, "node": {
         "id": "w0", "hostname": "w0", "addr": "10.0.1.0", "api_port": 2377,
@@ -118,6 +119,11 @@ async def test_two_reports_of_one_task_in_a_batch_keep_the_greater(tmp_path: Pat
 
 def test_the_state_machine_applies_each_report_and_names_the_refused_ones() -> None:
     st = ClusterState()
+    batch = {"op": "task_statuses", "node_id": "w0", "now": 2.0, "reports": []}
+    assert st.apply(batch)["error"]["field"] == "op"  # schema < 3: unknown, as older nodes
+    st.apply({"op": "cluster_init", "cluster_id": "c1", "now": 1.0, "worker_secret": "",
+              "manager_secret": "", "digest": "", "schema": SCHEMA})
+    assert st.apply(batch)["ok"]
     st.apply({"op": "node_add", "now": 1.0, "node": {
         "id": "w0", "hostname": "w0", "addr": "10.0.1.0", "api_port": 2377,
         "raft_port": 2378, "role": "worker"}})
