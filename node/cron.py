@@ -31,7 +31,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from shoal.node.orchestrator import Op, eligible_nodes, restart_decision
+from shoal.node.orchestrator import eligible_nodes
+from shoal.node.rollout import Op, restart_decision
 from shoal.raft.models import JobRun, Node, Service, Task, TaskState
 from shoal.raft.spec import Schedule, parse_cron
 from shoal.raft.state import Snapshot

@@ -30,12 +30,8 @@ import msgpack
 
 from shoal.node import cron
 from shoal.node.autoscale import Autoscaler, UsageFn
-from shoal.node.orchestrator import (
-    Op,
-    OrchestratorConfig,
-    node_liveness,
-    reconcile_services,
-)
+from shoal.node.orchestrator import OrchestratorConfig, node_liveness, reconcile_services
+from shoal.node.rollout import Op
 from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
 from shoal.node.upgrade import schema_to_raise

@@ -29,7 +29,7 @@ from shoal.node.health import (
     resolve,
 )
 from shoal.node.mesh import lookup, plan_tables
-from shoal.node.orchestrator import rolling_update
+from shoal.node.rollout import rolling_update
 from shoal.node.worker import Worker
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import (

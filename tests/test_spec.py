@@ -15,7 +15,8 @@ import pytest
 from shoal.cli import specflags
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
-from shoal.node.orchestrator import OrchestratorConfig, outdated, reconcile_services
+from shoal.node.orchestrator import OrchestratorConfig, reconcile_services
+from shoal.node.rollout import outdated
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import Task, TaskState, TaskStatus, to_dict
 from shoal.raft.spec import ServiceSpec, fields

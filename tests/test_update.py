@@ -19,11 +19,10 @@ from test_spec import _subparser
 
 from shoal.cli import specflags
 from shoal.cli.errors import CliError
-from shoal.node.orchestrator import (
-    OrchestratorConfig,
+from shoal.node.orchestrator import OrchestratorConfig, reconcile_services
+from shoal.node.rollout import (
     failure_response,
     plan_rollout,
-    reconcile_services,
     rollout_failed,
     too_many_failures,
 )
