@@ -11,7 +11,8 @@ heartbeats as a fallback for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the state source (shoal.node.source.StateSource: the RaftStore in
 the agent, the in-memory store in unit tests). Heartbeats arrive from the API (every agent
-sends them to every manager, so a new leader already knows who is alive).
+sends them to the leader, to every manager only when the leader does not answer: a new leader
+counts every node as heard when it takes office, ``hear_from_all``).
 
 Must not touch: the runtime, the CLI, anything outside the store.
 """
@@ -316,16 +317,18 @@ class LeaderLoop:
         log.info("no longer leading (term %d): orchestrator and scheduler stopped", term)
 
     def hear_from_all(self, started: float) -> None:
-        """At the start of a leadership: every node not heard from yet counts as heard now
-        (it gets the leadership grace to reach this manager), and one whose record is
-        younger than the join grace gets the join grace too: it may still be starting and
-        not have reached this manager (a join storm changes leaders; without this, every
-        node that joined just before the change went DOWN at once)."""
+        """At the start of a leadership: every node counts as heard now unless heard since
+        (it gets the leadership grace to reach this manager: nodes send their heartbeats to
+        the leader, so a follower's table is old or empty — an entry from an earlier
+        leadership of this manager must not count), and one whose record is younger than
+        the join grace gets the join grace too: it may still be starting and not have
+        reached this manager (a join storm changes leaders; without this, every node that
+        joined just before the change went DOWN at once)."""
         now = time.time()
         for node in self.store.snapshot().nodes.values():
             recent = now - node.created_at < self.config.join_grace
-            self.heartbeats.setdefault(
-                node.id, started + (self.config.join_grace if recent else 0.0))
+            heard = started + (self.config.join_grace if recent else 0.0)
+            self.heartbeats[node.id] = max(self.heartbeats.get(node.id, heard), heard)
 
     async def one_pass(self, led_for: float = 0.0) -> float | None:
         """One pass now, in the current term (liveness is judged once ``led_for`` reaches
