@@ -327,13 +327,25 @@ def _atomic_delete_entries_to(journal: FileJournal, entry_to: int) -> None:
             LAST_RECORD_OFFSET_OFFSET, 4))[0]
 
 
+def _set_commit_index_if_changed(journal: FileJournal, set_index: Callable[[int], None],
+                                 index: int) -> None:
+    """FileJournal.setRaftCommitIndex that marks the metadata unsaved only when the index
+    changed: a follower sets it on every append-entries, and pysyncobj then rewrote
+    ``raft.journal.meta`` (a file write and a rename) every second of an idle cluster."""
+    if journal._FileJournal__meta.get("raftCommitIndex") != index:
+        set_index(index)
+
+
 def _harden_journal(sync: SyncObj) -> None:
-    """Install :func:`_atomic_delete_entries_to` and :func:`_allocating_add` on this
-    SyncObj's journal (only its own, and only if this pysyncobj has the FileJournal
-    internals they replace)."""
+    """Install :func:`_atomic_delete_entries_to`, :func:`_allocating_add` and
+    :func:`_set_commit_index_if_changed` on this SyncObj's journal (only its own, and only
+    if this pysyncobj has the FileJournal internals they replace)."""
     journal = getattr(sync, "_SyncObj__raftLog", None)
     if not isinstance(journal, FileJournal):
         return
+    if isinstance(getattr(journal, "_FileJournal__meta", None), dict):
+        journal.setRaftCommitIndex = functools.partial(
+            _set_commit_index_if_changed, journal, journal.setRaftCommitIndex)
     needed = ("_FileJournal__journal", "_FileJournal__journalFile",
               "_FileJournal__currentOffset")
     live: Any = getattr(journal, "_FileJournal__journalFile", None)
