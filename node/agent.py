@@ -424,9 +424,7 @@ class Agent:
                 store.add_role_listener(role_changed)
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
-                                  self._leader_wakeup, gossip=self.gossip.view,
-                                  gossip_meta=self.gossip.metas,
-                                  restarts=self.gossip.restarts,
+                                  self._leader_wakeup, gossip_all=self.gossip.leader_inputs,
                                   usage=partial(cluster_usage, self.transfer))
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
