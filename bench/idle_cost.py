@@ -1,6 +1,7 @@
 """Idle cost of agents: CPU % of a core and RSS per agent, in a cluster doing nothing.
 
     .venv/bin/python bench/idle_cost.py [--managers 3] [--workers 2] [--window 60] [--settle 10]
+                                        [--threads] [--pyspy DIR [--pyspy-seconds 20]]
 
 Builds netns hosts (tests/netlab.py), forms the cluster with the agents' default (LAN)
 settings, waits ``--settle`` seconds, then reads each agent process's CPU time (utime+stime
@@ -9,6 +10,10 @@ RSS at the start and end of a ``--window`` second window in which nothing is ask
 cluster. Prints one line per agent (role, leader or not) and the median per role. The agents
 run on whichever of the machine's cores the kernel picks; nothing else of shoal runs (the
 script only sleeps during the window).
+
+``--threads``: also per thread of each agent (named from ``py-spy dump`` when py-spy is there):
+its CPU % and context switches per second over the window — what each thread costs and how
+often it wakes.
 
 ``--pyspy DIR``: after the window, sample every agent with py-spy (on PATH or next to this
 Python; ``pip install py-spy``) for ``--pyspy-seconds`` at 100 Hz, running threads only, and
