@@ -1,6 +1,7 @@
 """Idle cost of agents: CPU % of a core and RSS per agent, in a cluster doing nothing.
 
     .venv/bin/python bench/idle_cost.py [--managers 3] [--workers 2] [--window 60] [--settle 10]
+                                        [--threads] [--pyspy DIR [--pyspy-seconds 20]]
 
 Builds netns hosts (tests/netlab.py), forms the cluster with the agents' default (LAN)
 settings, waits ``--settle`` seconds, then reads each agent process's CPU time (utime+stime
@@ -9,13 +10,27 @@ RSS at the start and end of a ``--window`` second window in which nothing is ask
 cluster. Prints one line per agent (role, leader or not) and the median per role. The agents
 run on whichever of the machine's cores the kernel picks; nothing else of shoal runs (the
 script only sleeps during the window).
+
+``--threads``: also per thread of each agent (named from ``py-spy dump`` when py-spy is there):
+its CPU % and context switches per second over the window — what each thread costs and how
+often it wakes.
+
+``--pyspy DIR``: after the window, sample every agent with py-spy (on PATH or next to this
+Python; ``pip install py-spy``) for ``--pyspy-seconds`` at 100 Hz, running threads only, and
+write DIR/HOST-ROLE.txt: the collapsed stacks and, first, the functions most often on top
+of a stack (self) and anywhere in one (total), as % of one core. Sampling pauses the
+process, so the profile is taken after (not during) the measured window.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,8 +48,71 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def threads(pid: int) -> dict[int, tuple[float, int]]:
+    """Per thread of ``pid``: (CPU seconds, voluntary + involuntary context switches)."""
+    out: dict[int, tuple[float, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if "ctxt_switches" in line)
+        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / TICK, switches)
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native id, from ``py-spy dump`` (empty without py-spy)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        return {}
+    out = subprocess.run([exe, "dump", "-p", str(pid)], capture_output=True, text=True)
+    names: dict[int, str] = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r'Thread (0x[0-9A-Fa-f]+|\d+) \(\w+\): "([^"]*)"', line)
+        if m:
+            tid = int(m.group(1), 0)
+            names[tid] = m.group(2)
+    return names
+
+
 def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / (1 << 20)
+
+
+def pyspy_summary(raw: str, seconds: float, rate: int, top: int = 25) -> str:
+    """The collapsed stacks of ``py-spy record -f raw`` as self/total % of one core."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")")
+                  for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    per = 100.0 / (seconds * rate)
+    out = [f"{samples} samples in {seconds:.0f} s at {rate} Hz = {samples * per:.2f} % of a "
+           "core (running threads)"]
+    for name, table in (("self", own), ("total", total)):
+        out.append(f"  {name}:")
+        out += [f"    {c * per:6.2f} %  {f}" for f, c in table.most_common(top)]
+    return "\n".join(out)
+
+
+def pyspy(pid: int, out: Path, seconds: float, rate: int = 100) -> None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    raw = out.with_suffix(".raw")
+    subprocess.run([exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate),
+                    "-f", "raw", "-o", str(raw)], check=True, capture_output=True)
+    out.write_text(pyspy_summary(raw.read_text(), seconds, rate) + "\n\n" + raw.read_text())
 
 
 def main() -> None:
@@ -43,6 +121,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=float, default=60.0)
     ap.add_argument("--settle", type=float, default=10.0)
+    ap.add_argument("--threads", action="store_true",
+                    help="also per thread: CPU and context switches per second")
+    ap.add_argument("--pyspy", type=Path, default=None, help="profile dir (see above)")
+    ap.add_argument("--pyspy-seconds", type=float, default=20.0)
     args = ap.parse_args()
     n = args.managers + args.workers
     with Lab(n) as lab:
@@ -57,6 +139,7 @@ def main() -> None:
             assert pid is not None
             hosts.append((h, pid))
         start = {pid: cpu_seconds(pid) for _, pid in hosts}
+        start_threads = {pid: threads(pid) for _, pid in hosts}
         t0 = time.monotonic()
         time.sleep(args.window)
         took = time.monotonic() - t0
@@ -67,8 +150,22 @@ def main() -> None:
             r = role.get(h.ip, "?")
             per_role.setdefault("manager" if r == "leader" else r, []).append(pct)
             print(f"  {h.name} {r:8} cpu {pct:5.2f} % of a core  rss {rss_mib(pid):6.1f} MiB")
+            if args.threads:
+                names = thread_names(pid)
+                before = start_threads[pid]
+                for tid, (cpu, sw) in sorted(threads(pid).items()):
+                    cpu0, sw0 = before.get(tid, (0.0, 0))
+                    print(f"      thread {tid} {names.get(tid, '?')[:24]:24} "
+                          f"cpu {100 * (cpu - cpu0) / took:5.2f} %  "
+                          f"{(sw - sw0) / took:6.1f} wakeups/s")
         for r, vals in sorted(per_role.items()):
             print(f"median {r}: {statistics.median(vals):.2f} % of a core (n={len(vals)})")
+        if args.pyspy is not None:
+            args.pyspy.mkdir(parents=True, exist_ok=True)
+            for h, pid in hosts:
+                out = args.pyspy / f"{h.name}-{role.get(h.ip, 'x')}.txt"
+                pyspy(pid, out, args.pyspy_seconds)
+                print(f"profile: {out}", flush=True)
 
 
 if __name__ == "__main__":

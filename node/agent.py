@@ -407,15 +407,24 @@ class Agent:
     async def _leadership_loop(self) -> None:
         assert self.ctx.raft is not None
         last_voters: list[str] = []
+        # woken at once by a Raft role change, else every 0.5 s (voter changes, hasQuorum,
+        # which no event announces) instead of a 50 ms poll (idle cost)
+        wakeup, ev_loop, heard = asyncio.Event(), asyncio.get_running_loop(), None
+
+        def role_changed() -> None:  # (tick thread)
+            if not ev_loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    ev_loop.call_soon_threadsafe(wakeup.set)
         while True:
             store = self.ctx.raft
             if store is None:
                 return
+            if store is not heard:
+                heard = store
+                store.add_role_listener(role_changed)
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
-                                  self._leader_wakeup, gossip=self.gossip.view,
-                                  gossip_meta=self.gossip.metas,
-                                  restarts=self.gossip.restarts,
+                                  self._leader_wakeup, gossip_all=self.gossip.leader_inputs,
                                   usage=partial(cluster_usage, self.transfer))
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
@@ -424,7 +433,10 @@ class Agent:
                 if voters != self.identity.voters:
                     self.identity.voters = voters
                     self.identity.save(self.data_dir)
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wakeup.wait()
+            wakeup.clear()
 
     # ================================================================== helpers
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

@@ -11,7 +11,8 @@ heartbeats as a fallback for nodes gossip has not heard of yet.
 Started when this node gains leadership (with quorum), stopped when it loses it. Reads
 and writes only through the state source (shoal.node.source.StateSource: the RaftStore in
 the agent, the in-memory store in unit tests). Heartbeats arrive from the API (every agent
-sends them to every manager, so a new leader already knows who is alive).
+sends them to the leader, to every manager only when the leader does not answer: a new leader
+counts every node as heard when it takes office, ``hear_from_all``).
 
 Must not touch: the runtime, the CLI, anything outside the store.
 """
@@ -265,8 +266,13 @@ class LeaderLoop:
                  gossip: Callable[[], dict[str, str]] | None = None,
                  gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
                  restarts: Callable[[], Mapping[str, float]] | None = None,
-                 usage: UsageFn | None = None) -> None:
+                 usage: UsageFn | None = None,
+                 gossip_all: Callable[[], tuple[dict[str, str], Mapping[str, Mapping[str, Any]],
+                                                Mapping[str, float]]] | None = None) -> None:
         self.store = store
+        # the three gossip reads below in one call (the agent's: one round trip to the gossip
+        # thread per pass instead of three); when given, it replaces them
+        self.gossip_all = gossip_all
         # the tasks' cgroup usage from their nodes (None: no autoscaling, as in unit tests)
         self.usage = usage
         self.autoscaler: Autoscaler | None = None
@@ -312,16 +318,18 @@ class LeaderLoop:
         log.info("no longer leading (term %d): orchestrator and scheduler stopped", term)
 
     def hear_from_all(self, started: float) -> None:
-        """At the start of a leadership: every node not heard from yet counts as heard now
-        (it gets the leadership grace to reach this manager), and one whose record is
-        younger than the join grace gets the join grace too: it may still be starting and
-        not have reached this manager (a join storm changes leaders; without this, every
-        node that joined just before the change went DOWN at once)."""
+        """At the start of a leadership: every node counts as heard now unless heard since
+        (it gets the leadership grace to reach this manager: nodes send their heartbeats to
+        the leader, so a follower's table is old or empty — an entry from an earlier
+        leadership of this manager must not count), and one whose record is younger than
+        the join grace gets the join grace too: it may still be starting and not have
+        reached this manager (a join storm changes leaders; without this, every node that
+        joined just before the change went DOWN at once)."""
         now = time.time()
         for node in self.store.snapshot().nodes.values():
             recent = now - node.created_at < self.config.join_grace
-            self.heartbeats.setdefault(
-                node.id, started + (self.config.join_grace if recent else 0.0))
+            heard = started + (self.config.join_grace if recent else 0.0)
+            self.heartbeats[node.id] = max(self.heartbeats.get(node.id, heard), heard)
 
     async def one_pass(self, led_for: float = 0.0) -> float | None:
         """One pass now, in the current term (liveness is judged once ``led_for`` reaches
@@ -337,11 +345,17 @@ class LeaderLoop:
         for node_id in snap.nodes.keys() - self.heartbeats.keys():
             self.heartbeats[node_id] = mono + self.config.join_grace
         liveness = led_for >= self.config.leadership_grace
+        metas: Mapping[str, Mapping[str, Any]] | None = None
+        view: dict[str, str] | None
+        restarts: Mapping[str, float] | None
+        if self.gossip_all is not None:
+            view, metas, restarts = self.gossip_all()
+        else:
+            view = self.gossip() if self.gossip else None
+            restarts = self.restarts() if self.restarts else None
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
-                                 self.config, liveness=liveness,
-                                 gossip=self.gossip() if self.gossip else None,
-                                 restarts=self.restarts() if self.restarts else None,
-                                 index=self.index)
+                                 self.config, liveness=liveness, gossip=view,
+                                 restarts=restarts, index=self.index)
         if self.autoscaler is not None:  # (shoal.node.autoscale: replica changes)
             ops += await self.autoscaler.plan(snap, time.monotonic())
         self.passes += 1
@@ -354,17 +368,20 @@ class LeaderLoop:
                 await self.store.propose(cmd)
                 entries += 1
             log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)
-        await self._raise_schema(snap)
+        await self._raise_schema(snap, metas)
         return wake_at
 
-    async def _raise_schema(self, snap: Snapshot) -> None:
+    async def _raise_schema(self, snap: Snapshot,
+                            metas: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Propose ``cluster_schema`` when every node announces the next schema (see
         shoal.node.upgrade). A refusal (a state machine that does not know the op, or a
         schema it will not take) is logged once and not retried in this term; a timeout is
         retried on the next pass."""
-        if self.gossip_meta is None:
-            return
-        target = schema_to_raise(snap, self.gossip_meta())
+        if metas is None:
+            if self.gossip_meta is None:
+                return
+            metas = self.gossip_meta()
+        target = schema_to_raise(snap, metas)
         if target is None or target == self._schema_refused:
             return
         try:

@@ -98,6 +98,8 @@ T = TypeVar("T")
 # (a view, a keyring change), seconds: it is microseconds of work; the bound only keeps a
 # wedged gossip thread from hanging the agent.
 SYNC_TIMEOUT = 5.0
+# what the leader reads from gossip each pass: node id → state, → metadata, → restart deadline
+LeaderInputs = tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, float]]
 
 
 class GossipThread:
@@ -337,6 +339,15 @@ class Membership:
         moment this node saw it go plus the announced grace (at most MAX_RESTART_GRACE)."""
         return self.thread.call(self._restarts)
 
+    def leader_inputs(self) -> LeaderInputs:
+        """``view``, ``metas`` and ``restarts`` in one round trip to the gossip thread (the
+        leader reads all three every pass: one cross-thread call instead of three)."""
+        def all_three() -> LeaderInputs:
+            members = self.list.members(include_gone=True)
+            return ({m.name: STATE_NAMES[m.state] for m in members},
+                    {m.name: dict(m.meta) for m in members}, self._restarts())
+        return self.thread.call(all_three)
+
     def _restarts(self) -> dict[str, float]:
         loop_now = asyncio.get_running_loop().time()
         mono = time.monotonic()
@@ -459,6 +470,11 @@ class GossipControl:
         """Planned restarts in progress, for the leader's liveness (``Membership.restarts``)."""
         m = self._current()
         return m.restarts() if m is not None and m.running else {}
+
+    def leader_inputs(self) -> LeaderInputs:
+        """``view``, ``metas``, ``restarts`` at once (``Membership.leader_inputs``)."""
+        m = self._current()
+        return m.leader_inputs() if m is not None and m.running else ({}, {}, {})
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:

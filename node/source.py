@@ -111,6 +111,10 @@ class ManagerSource(StateSource, Protocol):
 
     def transfer_leadership(self, target: str | None = None) -> None: ...
 
+    def add_role_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` when this replica's Raft role changes (the tick thread, for Raft)."""
+        ...
+
     @property
     def encryptor(self) -> Any:
         """The Raft secret's keyring (shoal.raft.transport.AeadEncryptor; None when Raft
@@ -167,6 +171,9 @@ class MemoryStore:
 
     def add_listener(self, cb: Listener) -> None:
         self._listeners.append(cb)
+
+    def add_role_listener(self, cb: Callable[[], None]) -> None:
+        """(Its role changes only when a test flips ``leader``: nothing to announce.)"""
 
     def changes_since(self, after: int) -> tuple[int, list[bytes]] | None:
         index = self.state.index

@@ -76,10 +76,15 @@ class RaftConfig:
     raft_min_timeout: float = 0.35
     raft_max_timeout: float = 0.7
     # Leader heartbeat / append-entries batch period, seconds. Must be < min_timeout / 3.
-    append_entries_period: float = 0.05
-    # pysyncobj tick period, seconds: how often queued writes are picked up. Each
-    # sequential write waits ~1-3 ticks. Lower = lower write latency, more idle CPU.
-    tick_period: float = 0.02
+    append_entries_period: float = 0.1
+    # Longest the Raft tick thread sleeps when idle, seconds (pysyncobj's autoTickPeriod, its
+    # poll timeout). It sleeps only until its next timer (the leader's next append-entries,
+    # a follower's election deadline, the journal's one-second timer: raft/eager.py
+    # ``idle_wait``) and a message, a propose or a call into it wakes it at once, so this
+    # caps only what no timer covers: redialling a lost peer on a node with no timer due
+    # sooner, noticing a finished log compaction. Was a fixed 0.02 s poll (50 wake-ups/s
+    # idle). Lower = more idle wake-ups; higher = those checks later.
+    tick_period: float = 0.25
     # A connection with no traffic for this long is dropped, seconds. pysyncobj's 3.5 s
     # drops idle follower-to-follower links, so the first vote request after a leader
     # dies fails and elections need a second round; rely on TCP keepalive instead.
@@ -322,13 +327,25 @@ def _atomic_delete_entries_to(journal: FileJournal, entry_to: int) -> None:
             LAST_RECORD_OFFSET_OFFSET, 4))[0]
 
 
+def _set_commit_index_if_changed(journal: FileJournal, set_index: Callable[[int], None],
+                                 index: int) -> None:
+    """FileJournal.setRaftCommitIndex that marks the metadata unsaved only when the index
+    changed: a follower sets it on every append-entries, and pysyncobj then rewrote
+    ``raft.journal.meta`` (a file write and a rename) every second of an idle cluster."""
+    if journal._FileJournal__meta.get("raftCommitIndex") != index:
+        set_index(index)
+
+
 def _harden_journal(sync: SyncObj) -> None:
-    """Install :func:`_atomic_delete_entries_to` and :func:`_allocating_add` on this
-    SyncObj's journal (only its own, and only if this pysyncobj has the FileJournal
-    internals they replace)."""
+    """Install :func:`_atomic_delete_entries_to`, :func:`_allocating_add` and
+    :func:`_set_commit_index_if_changed` on this SyncObj's journal (only its own, and only
+    if this pysyncobj has the FileJournal internals they replace)."""
     journal = getattr(sync, "_SyncObj__raftLog", None)
     if not isinstance(journal, FileJournal):
         return
+    if isinstance(getattr(journal, "_FileJournal__meta", None), dict):
+        journal.setRaftCommitIndex = functools.partial(
+            _set_commit_index_if_changed, journal, journal.setRaftCommitIndex)
     needed = ("_FileJournal__journal", "_FileJournal__journalFile",
               "_FileJournal__currentOffset")
     live: Any = getattr(journal, "_FileJournal__journalFile", None)
@@ -507,6 +524,7 @@ class RaftStore:
         # shoal.node.keys through ``set_secrets``
         self.encryptor: AeadEncryptor | None = AeadEncryptor(password, extra_passwords) \
             if password else None
+        self._role_listeners: list[Callable[[], None]] = []
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -518,6 +536,7 @@ class RaftStore:
             connectionTimeout=self.config.connection_timeout,
             connectionRetryTime=self.config.connection_retry_time,
             leaderFallbackTimeout=self.config.leader_fallback_timeout,
+            onStateChanged=self._state_changed,
             logCompactionMinEntries=self.config.log_compaction_min_entries,
             logCompactionMinTime=self.config.log_compaction_min_time,
             journalFile=str(data_dir / "raft.journal") if persist else None,
@@ -586,6 +605,18 @@ class RaftStore:
     def add_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(index)`` runs on the tick thread after every applied command."""
         self.consumer._listeners.append(cb)
+
+    def add_role_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` runs on the tick thread when this replica's Raft role changes (follower,
+        candidate, leader): who waits to act on leadership need not poll for it."""
+        self._role_listeners.append(cb)
+
+    def _state_changed(self, _old: Any, _new: Any) -> None:
+        for cb in list(self._role_listeners):
+            try:
+                cb()
+            except Exception:
+                log.exception("Raft role listener failed")
 
     def is_leader(self) -> bool:
         """True only while this node leads *and* hears from a majority."""
@@ -794,6 +825,7 @@ class RaftStore:
 
     def close(self) -> None:
         self._sync.destroy()
+        self._eager.wake()  # (an idle tick thread would notice only at its next timer)
         # the wake-up pipe may be closed only once the tick thread (which polls it) is gone
         thread = getattr(self._sync, "_SyncObj__thread", None)
         if thread is not None and thread is not threading.current_thread():

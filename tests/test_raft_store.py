@@ -95,3 +95,40 @@ def test_hook_turns_itself_off_on_an_unknown_pysyncobj(caplog: pytest.LogCapture
         hook.wake()  # still harmless
     finally:
         hook.close()
+
+
+async def test_an_idle_tick_thread_sleeps_until_its_next_raft_timer(tmp_path: Path) -> None:
+    """Idle cost (raft/eager.py ``idle_wait``): the tick thread's poll waits until the
+    leader's next append-entries round / a follower's election deadline or the journal's
+    one-second timer, at most the configured cap — never pysyncobj's fixed short period,
+    and never past a timer that is due."""
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=SLOW, persist=False)
+              for i, a in enumerate(addrs)]
+    try:
+        await until(lambda: any(s.is_leader() for s in stores) and all(
+            s.is_ready() for s in stores), 90.0)
+        leader = next(s for s in stores if s.is_leader())
+        follower = next(s for s in stores if not s.is_leader())
+        lead_wait = leader._eager.idle_wait(60.0)
+        assert 0.0 < lead_wait <= SLOW.append_entries_period
+        follow_wait = follower._eager.idle_wait(60.0)
+        assert 0.0 < follow_wait <= 1.0  # the one-second timer comes before its deadline
+        assert leader._eager.idle_wait(0.001) <= 0.001  # the cap holds
+        # a write still commits at once: the propose wakes the sleeping thread
+        assert "ok" in await follower.propose(_service(0))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_idle_wait_is_the_cap_on_an_unknown_pysyncobj(caplog: pytest.LogCaptureFixture) -> None:
+    sync = _OtherVersion()
+    hook = EagerReplication(sync)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shoal.raft"):
+            assert hook.idle_wait(0.02) == 0.02
+            assert hook.idle_wait(0.02) == 0.02
+        assert sum("polls every" in r.message for r in caplog.records) == 1
+    finally:
+        hook.close()

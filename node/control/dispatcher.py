@@ -12,7 +12,8 @@ Owns (Swarm's dispatcher, over the node API's mTLS):
   clock is off is moved into this manager's time (``in_manager_time``);
 * heartbeats: the table the leader's liveness check reads (node id → monotonic time of the
   last heartbeat), ``heartbeat`` (a node's heartbeat arriving on a manager) and
-  ``heartbeat_loop`` (this node sending its own to every manager).
+  ``heartbeat_loop`` (this node sending its own: to the leader alone while the leader
+  answers as the leader, else to every manager; ``heartbeat_targets``).
 
 Must not touch: Raft internals (it reads the ManagerSource), this node's lifecycle, HTTP.
 """
@@ -96,6 +97,27 @@ def _moved(status: dict[str, Any], offset: float) -> dict[str, Any]:
     return moved
 
 
+def heartbeat_targets(managers: list[Node], leader_raft_addr: str | None,
+                      broadcast: bool) -> tuple[list[Node], list[Node]]:
+    """Where this node's next heartbeat goes: ``(first, then)`` — ``first`` now, ``then``
+    only if no manager in ``first`` answers as the leader.
+
+    Only the leader reads heartbeats (its liveness check; a new leader counts every node
+    as heard when it takes office, ``LeaderLoop.hear_from_all``), so a beat goes to the
+    manager this node knows as the leader (``leader_raft_addr``: its Raft replica's
+    leader, or the one its state feed names) and to the others only when that one does not
+    answer as the leader (unknown, stale, unreachable). ``broadcast``: the previous beat
+    found no leader — every manager at once, as before (so a node whose view of the leader
+    lags still reaches the new one within the beat). Swarm's agents likewise heartbeat one
+    manager. Each manager then receives ~1 request per second per node only while it leads,
+    instead of every manager receiving one from every node."""
+    if not broadcast and leader_raft_addr:
+        leader = [m for m in managers if m.raft_addr == leader_raft_addr]
+        if leader:
+            return leader, [m for m in managers if m.raft_addr != leader_raft_addr]
+    return managers, []
+
+
 class Dispatcher:
     def __init__(self, ctx: NodeContext, security: Security,
                  wake_leader: Callable[[], None]) -> None:
@@ -109,6 +131,7 @@ class Dispatcher:
         # builds, shares and counts the replies (encoding cache, compression, catch-up limit)
         self.feed = FeedServer(ctx.config.feed)
         self._refused_logged = 0.0
+        self._hb_broadcast = True  # the last heartbeat found no leader: ask every manager
         self._skew_logged: dict[str, float] = {}  # node id → monotonic time last warned
         # set when this agent stops: held polls answer "stopping" at once, so the API closes
         # without waiting for them (shoal.node.shutdown); the worker asks another manager
@@ -208,7 +231,9 @@ class Dispatcher:
         if node_id != node.id:
             raise Forbidden(f"node {node.id} cannot send heartbeats for {node_id}", "node_id")
         self.record_heartbeat(node_id)
-        return {"ok": True}
+        store = self.ctx.store
+        # (the sender then beats to this manager alone while it leads: heartbeat_targets)
+        return {"ok": True, "leader": bool(store is not None and store.is_leader())}
 
     def record_heartbeat(self, node_id: str) -> None:
         """A heartbeat from ``node_id``; the caller has checked it is the sender's own id."""
@@ -222,32 +247,45 @@ class Dispatcher:
                 self.wake_leader()
 
     async def heartbeat_loop(self) -> None:
-        """Send this node's heartbeat to every manager, every ``heartbeat_interval``."""
-        assert self.ctx.identity is not None
-        node_id = self.ctx.identity.node_id
+        """Send this node's heartbeat every ``heartbeat_interval`` (``heartbeat_once``)."""
         while True:
-            store = self.ctx.store
-            if store is not None and store.is_ready():
-                managers = [n for n in store.snapshot().nodes.values()
-                            if n.role is NodeRole.MANAGER]
-                await asyncio.gather(*(self._send_heartbeat(m, node_id) for m in managers))
+            await self.heartbeat_once()
             await asyncio.sleep(self.ctx.config.heartbeat_interval)
 
-    async def _send_heartbeat(self, manager: Node, node_id: str) -> None:
+    async def heartbeat_once(self) -> None:
+        """One heartbeat of this node: to the leader, or to every manager when the leader
+        does not answer as the leader (``heartbeat_targets``)."""
+        ident, store = self.ctx.identity, self.ctx.store
+        if ident is None or store is None or not store.is_ready():
+            return
+        managers = [n for n in store.snapshot().nodes.values() if n.role is NodeRole.MANAGER]
+        first, then = heartbeat_targets(managers, store.leader_addr(), self._hb_broadcast)
+        led = await asyncio.gather(*(self._send_heartbeat(m, ident.node_id) for m in first))
+        if not any(led) and then:
+            led += await asyncio.gather(*(self._send_heartbeat(m, ident.node_id)
+                                          for m in then))
+        self._hb_broadcast = not any(led)
+
+    async def _send_heartbeat(self, manager: Node, node_id: str) -> bool:
+        """One heartbeat to ``manager``; True if it answered as the leader."""
         if manager.id == node_id:
             self.heartbeats[node_id] = time.monotonic()
-            return
+            store = self.ctx.store
+            return bool(store is not None and store.is_leader())
         # mTLS: TLS checks the receiver holds a manager certificate of this cluster
         try:
-            await self.security.call(manager.api_addr, "/v1/cluster/heartbeat",
-                                     {"node_id": node_id}, timeout=1.0)
+            reply = await self.security.call(manager.api_addr, "/v1/cluster/heartbeat",
+                                             {"node_id": node_id}, timeout=1.0)
         except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
             now = time.monotonic()
             if now - self._refused_logged > 60:
                 self._refused_logged = now
                 log.warning("manager %s refuses this node: %s", manager.hostname, exc.message)
+            return False
         except ApiError:
-            pass  # unreachable or busy manager: expected, the next beat (1 s) tries again
+            return False  # unreachable or busy manager: expected, the others are tried
+        # (a manager of an older version answers without "leader": every manager is asked)
+        return reply.get("leader") is True
 
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "heartbeat_targets"]

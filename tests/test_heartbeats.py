@@ -1,0 +1,216 @@
+"""Heartbeat routing (node/control/dispatcher.py): a node sends its heartbeat to the leader
+alone while the leader answers as the leader, and to every manager in the same beat when it
+does not (unknown, stale view, unreachable); a new leader counts every node as heard when it
+takes office, also over an entry left from an earlier leadership (node/leader.py).
+
+Three managers' real Dispatchers on MemoryStores holding the same cluster, one worker's
+Dispatcher sending; the network between them is an in-memory table of API addresses (what a
+test can cut), the receiving side is the real ``heartbeat`` route handler with its
+certificate check. No clock: beats are driven one at a time (``heartbeat_once``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from shoal.node import pki
+from shoal.node.config import AgentConfig, NodeIdentity
+from shoal.node.context import NodeContext
+from shoal.node.control.dispatcher import Dispatcher, heartbeat_targets
+from shoal.node.errors import Unavailable
+from shoal.node.leader import LeaderLoop
+from shoal.node.orchestrator import OrchestratorConfig
+from shoal.node.security import Security
+from shoal.node.source import MemoryStore
+from shoal.raft.models import Node, NodeRole, NodeState, to_dict
+from shoal.raft.schema import SCHEMA
+
+MANAGERS = {f"m{i}": f"10.0.0.{i}" for i in (1, 2, 3)}
+WORKER = ("w1", "10.0.1.1")
+
+
+def _node(node_id: str, addr: str, role: NodeRole) -> Node:
+    return Node(id=node_id, hostname=node_id, addr=addr, api_port=2377, raft_port=2378,
+                role=role)
+
+
+class ViewStore(MemoryStore):
+    """A replica whose view of the leader a test sets (``leader_at``: a Raft address)."""
+
+    def __init__(self, self_addr: str) -> None:
+        super().__init__(self_addr=self_addr)
+        self.leader_at: str | None = None
+
+    def leader_addr(self) -> str | None:
+        return self.leader_at
+
+
+class Net:
+    """The API addresses of the lab's managers → their dispatchers; ``down`` ones refuse."""
+
+    def __init__(self) -> None:
+        self.managers: dict[str, Dispatcher] = {}
+        self.down: set[str] = set()
+        self.sent: list[str] = []  # API addresses, one per heartbeat request
+
+
+class NetSecurity(Security):
+    """The sender's side of mTLS replaced by the in-memory network (the certificate a real
+    handshake would present is built from the sender's identity)."""
+
+    def __init__(self, ctx: NodeContext, net: Net) -> None:
+        super().__init__(ctx)
+        self.net = net
+
+    async def call(self, addr: str, path: str, body: dict[str, Any], *,
+                   server_role: str = pki.ROLE_MANAGER, ctx: Any = None,
+                   server_hostname: str | None = None, timeout: float = 10.0
+                   ) -> dict[str, Any]:
+        assert path == "/v1/cluster/heartbeat"
+        self.net.sent.append(addr)
+        if addr in self.net.down:
+            raise Unavailable(f"cannot reach {addr}")
+        ident = self.ctx.identity
+        assert ident is not None
+        peer = pki.CertInfo(subject_id=ident.node_id, role=ident.role,
+                            cluster_id=ident.cluster_id, serial=1, not_before=0.0,
+                            not_after=time.time() + 3600)
+        return self.net.managers[addr].heartbeat(peer, body["node_id"])
+
+
+async def _member(tmp_path: Path, net: Net, node_id: str, addr: str,
+                  role: NodeRole) -> tuple[Dispatcher, ViewStore]:
+    store = ViewStore(f"{addr}:2378")
+    ctx = NodeContext(AgentConfig(data_dir=tmp_path / node_id, advertise_addr=addr), node_id)
+    ctx.use(NodeIdentity(node_id=node_id, cluster_id="c1", role=role.value,
+                         raft_password="", voters=[]), store,
+            store if role is NodeRole.MANAGER else None)
+    await store.propose({"op": "cluster_init", "cluster_id": "c1", "now": 1.0,
+                         "worker_secret": "", "manager_secret": "", "digest": "",
+                         "schema": SCHEMA})
+    for nid, a in MANAGERS.items():
+        await store.propose({"op": "node_add", "now": 1.0,
+                             "node": to_dict(_node(nid, a, NodeRole.MANAGER))})
+    await store.propose({"op": "node_add", "now": 1.0,
+                         "node": to_dict(_node(*WORKER, NodeRole.WORKER))})
+    return Dispatcher(ctx, NetSecurity(ctx, net), lambda: None), store
+
+
+async def _lab(tmp_path: Path, leader: str) -> tuple[Net, Dispatcher, ViewStore,
+                                                      dict[str, ViewStore]]:
+    net = Net()
+    stores: dict[str, ViewStore] = {}
+    for nid, addr in MANAGERS.items():
+        disp, store = await _member(tmp_path, net, nid, addr, NodeRole.MANAGER)
+        net.managers[f"{addr}:2377"] = disp
+        stores[nid] = store
+    worker, wstore = await _member(tmp_path, net, *WORKER, NodeRole.WORKER)
+    _elect(stores, wstore, leader)
+    return net, worker, wstore, stores
+
+
+def _elect(stores: dict[str, ViewStore], worker: ViewStore, leader: str,
+           worker_view: str | None = None) -> None:
+    """``leader`` leads; every manager knows it, the worker believes ``worker_view``."""
+    for nid, store in stores.items():
+        store.leader = nid == leader
+        store.leader_at = f"{MANAGERS[leader]}:2378"
+    worker.leader_at = f"{MANAGERS[worker_view or leader]}:2378"
+
+
+def _heard(net: Net) -> dict[str, bool]:
+    return {addr.split(":")[0]: WORKER[0] in d.heartbeats for addr, d in net.managers.items()}
+
+
+def _clear(net: Net) -> None:
+    net.sent.clear()
+    for d in net.managers.values():
+        d.heartbeats.clear()
+
+
+def test_targets_are_the_leader_alone_when_known_else_every_manager() -> None:
+    ms = [_node(nid, a, NodeRole.MANAGER) for nid, a in MANAGERS.items()]
+    first, then = heartbeat_targets(ms, "10.0.0.2:2378", broadcast=False)
+    assert [m.id for m in first] == ["m2"] and [m.id for m in then] == ["m1", "m3"]
+    assert heartbeat_targets(ms, None, broadcast=False) == (ms, [])  # no leader known
+    assert heartbeat_targets(ms, "10.0.0.9:2378", broadcast=False) == (ms, [])  # not a manager
+    assert heartbeat_targets(ms, "10.0.0.2:2378", broadcast=True) == (ms, [])  # none answered
+
+
+async def test_beats_go_to_the_leader_alone_once_it_answers_as_leader(tmp_path: Path) -> None:
+    net, worker, _, _ = await _lab(tmp_path, leader="m2")
+    await worker.heartbeat_once()  # the first beat asks everyone (no leader answered yet)
+    assert len(net.sent) == 3 and all(_heard(net).values())
+    for _ in range(3):
+        _clear(net)
+        await worker.heartbeat_once()
+        assert net.sent == ["10.0.0.2:2377"]
+        assert _heard(net) == {"10.0.0.1": False, "10.0.0.2": True, "10.0.0.3": False}
+
+
+async def test_a_stale_view_of_the_leader_still_reaches_the_new_leader_in_the_same_beat(
+        tmp_path: Path) -> None:
+    """Leadership moved to m3 while the worker's state feed still names m2: the beat to m2 is
+    answered "not the leader", so the same beat goes to the other managers — m3 hears it
+    at once; the next beat, with the view caught up, goes to m3 alone."""
+    net, worker, wstore, stores = await _lab(tmp_path, leader="m2")
+    await worker.heartbeat_once()
+    await worker.heartbeat_once()
+    _elect(stores, wstore, "m3", worker_view="m2")
+    _clear(net)
+    await worker.heartbeat_once()
+    assert net.sent[0] == "10.0.0.2:2377" and sorted(net.sent[1:]) == ["10.0.0.1:2377",
+                                                                     "10.0.0.3:2377"]
+    assert _heard(net)["10.0.0.3"]
+    wstore.leader_at = f"{MANAGERS['m3']}:2378"
+    _clear(net)
+    await worker.heartbeat_once()
+    assert net.sent == ["10.0.0.3:2377"]
+
+
+async def test_an_unreachable_leader_makes_the_beat_go_to_every_manager(tmp_path: Path) -> None:
+    net, worker, _, _ = await _lab(tmp_path, leader="m1")
+    await worker.heartbeat_once()
+    net.down.add("10.0.0.1:2377")
+    _clear(net)
+    await worker.heartbeat_once()
+    assert sorted(net.sent) == ["10.0.0.1:2377", "10.0.0.2:2377", "10.0.0.3:2377"]
+    assert _heard(net) == {"10.0.0.1": False, "10.0.0.2": True, "10.0.0.3": True}
+    # no manager answered as the leader: the next beat asks every manager at once
+    _clear(net)
+    await worker.heartbeat_once()
+    assert len(net.sent) == 3
+
+
+async def test_a_manager_leading_itself_records_its_own_beat_and_sends_none(
+        tmp_path: Path) -> None:
+    net, _, _, _ = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    await m1.heartbeat_once()
+    await m1.heartbeat_once()
+    _clear(net)
+    await m1.heartbeat_once()
+    assert net.sent == [] and "m1" in m1.heartbeats
+
+
+async def test_a_new_leader_does_not_judge_by_heartbeats_from_an_earlier_leadership(
+        tmp_path: Path) -> None:
+    """m1 led once and heard w1 then; w1 then beat to another leader for long. When m1 leads
+    again it must not take w1 DOWN for a silence it could not hear (only the leader is told):
+    w1 counts as heard when m1 takes office, and goes DOWN only if it stays silent past the
+    timeout from then."""
+    net, _, _, stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    config = OrchestratorConfig()
+    m1.heartbeats.update({nid: time.monotonic() for nid in MANAGERS})
+    m1.heartbeats[WORKER[0]] = time.monotonic() - 3600.0  # from its earlier leadership
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event())
+    leader.hear_from_all(time.monotonic())
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY
+    m1.heartbeats[WORKER[0]] -= config.node_down_timeout + 1  # then silent: a real failure
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN
