@@ -58,7 +58,7 @@ from shoal.node.errors import (
     Unavailable,
 )
 from shoal.node.events import EventLog
-from shoal.node.feed import StateFeed
+from shoal.node.feed import StateFeed, tcp_probe
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.joining import Admitted, JoinCall, JoinKey, request_join
@@ -299,7 +299,7 @@ class Agent:
                 addr, path, body, timeout=timeout),
             call_json=lambda addr, path, body, timeout: self.security.call(
                 addr, path, body, timeout=timeout),
-            config=self.config.feed, on_managers=self._managers_changed)
+            config=self.config.feed, on_managers=self._managers_changed, probe=tcp_probe)
 
     @property
     def _raft_self(self) -> str:
@@ -394,6 +394,8 @@ class Agent:
         """A change in this node's gossip member list: wake the leader; on a manager, a
         local event (not from the log: see shoal.node.events)."""
         self._leader_wakeup.set()
+        if ev.kind in (EventKind.SUSPECT, EventKind.DEAD) and isinstance(self.store, StateFeed):
+            self.store.interrupt(ev.member.addr)  # a poll held there may be cut off
         action = self._GOSSIP_EVENTS.get(ev.kind)
         if action is None or self.ctx.raft is None:
             return
