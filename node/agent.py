@@ -395,7 +395,7 @@ class Agent:
         local event (not from the log: see shoal.node.events)."""
         self._leader_wakeup.set()
         if ev.kind in (EventKind.SUSPECT, EventKind.DEAD) and isinstance(self.store, StateFeed):
-            self.store.interrupt(ev.member.addr)  # a poll held there may be cut off
+            self.store.suspect(ev.member.addr)  # its held poll may be cut off
         action = self._GOSSIP_EVENTS.get(ev.kind)
         if action is None or self.ctx.raft is None:
             return

@@ -347,6 +347,7 @@ class StateFeed:
         # cut-off mode (see FeedConfig.probe_timeout): set by a failure, cleared by a poll
         self._probe, self._cut_off = probe, False
         self._inflight: tuple[str, asyncio.Future[bytes]] | None = None  # (addr, poll call)
+        self._checking: asyncio.Task[None] | None = None  # suspect(): the held poll's path
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -463,15 +464,37 @@ class StateFeed:
             for t in loops:
                 t.cancel()
 
-    def interrupt(self, host: str) -> None:
-        """The manager at ``host`` (an IP address) seems unreachable (gossip suspects it):
-        give up the poll held there — a reply it sends while the link is down comes only
-        with TCP's retransmissions — and follow another manager, probing (cut-off mode)."""
+    def suspect(self, host: str) -> None:
+        """Gossip suspects the member at ``host`` (an IP address). If it is the manager this
+        feed's poll is held at, drop that poll: a reply sent while the link is down comes
+        only with TCP's retransmissions, seconds after it heals. Any other member: check
+        that the held poll's manager still accepts a connection, and drop the poll if not
+        (a node cut off from everyone suspects its peers one at a time, seconds apart)."""
         inflight = self._inflight
-        if inflight is not None and inflight[0].rpartition(":")[0] == host and \
-                not inflight[1].done():
-            log.info("state feed: manager %s is suspected down: dropping its held poll", host)
-            inflight[1].cancel()
+        if inflight is None or inflight[1].done():
+            return
+        addr, call = inflight
+        if addr.rpartition(":")[0] == host:
+            self._drop(addr, call, "the manager is suspected down")
+        elif self._probe is not None and self.config.probe_timeout > 0 and \
+                self._checking is None:
+            self._checking = asyncio.create_task(self._check(addr, call))
+
+    async def _check(self, addr: str, call: asyncio.Future[bytes]) -> None:
+        assert self._probe is not None
+        try:
+            ok = await self._probe(addr, 4 * self.config.probe_timeout)
+        except OSError:
+            ok = False
+        finally:
+            self._checking = None
+        if not ok:
+            self._drop(addr, call, "it accepts no connection")
+
+    def _drop(self, addr: str, call: asyncio.Future[bytes], why: str) -> None:
+        if not call.done():
+            log.info("state feed: dropping the poll held at %s: %s", addr, why)
+            call.cancel()
 
     def _failed(self, addr: str, why: str) -> None:
         self._cut_off = True
@@ -495,7 +518,7 @@ class StateFeed:
             if me is not None and me.cancelling():
                 call.cancel()
                 raise  # the feed itself is being cancelled
-            raise FeedError(f"poll of {addr} dropped: the manager is suspected down") from None
+            raise FeedError(f"poll of {addr} dropped: the link seems down") from None
         finally:
             self._inflight = None
         self._cut_off = False

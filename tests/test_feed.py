@@ -221,10 +221,12 @@ async def test_feed_writes_go_to_a_manager_and_refusals_are_rejections() -> None
                             "now": 1.0, "status": {"state": "running"}})
 
 
+@pytest.mark.parametrize("suspected", ["source", "peer"])
 async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_it_reaches(
-        ) -> None:
+        suspected: str) -> None:
     """A worker whose link is cut: the reply to its held poll would only come with TCP's
-    retransmissions. Once gossip suspects the manager, the feed drops that poll (interrupt),
+    retransmissions. Once gossip suspects that manager — or any other member, and the
+    manager then accepts no connection — the feed drops that poll,
     sends no poll into the dead link but probes every manager, and follows the first that
     accepts a connection again: it gets the commands committed meanwhile at once."""
     managers = {"10.0.0.1:2377": Manager(), "10.0.0.2:2377": Manager()}
@@ -263,7 +265,8 @@ async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_
         polls_into_the_cut.clear()
         for m in managers.values():  # what the cluster decides while the worker is away
             m.apply({"op": "node_add", "now": 3.0, "node": _node(4, NodeRole.WORKER)})
-        feed.interrupt(source.rpartition(":")[0])  # gossip: that manager is suspected
+        # gossip suspects that manager, or another member (a worker peer)
+        feed.suspect(source.rpartition(":")[0] if suspected == "source" else "10.0.0.9")
         await asyncio.sleep(0.3)
         assert feed.index == 6 and polls_into_the_cut == []
         cut.discard("10.0.0.2:2377")  # the link to one manager is back
