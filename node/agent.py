@@ -582,7 +582,9 @@ class Agent:
         done, _ = await asyncio.wait([task], timeout=self.config.join_wait)
         if task in done:
             if task.cancelled():
-                raise Unavailable("the join was abandoned (`shoal leave`)")
+                raise Unavailable("the agent is stopping: it finishes this join when it "
+                                  "starts again" if self._stop.is_set() else
+                                  "the join was abandoned (`shoal leave`)")
             task.result()  # a refusal after admission (the node was removed meanwhile)
         return {"node_id": node_id, "cluster_id": info.cluster_id, "role": role,
                 "catching_up": task not in done}
