@@ -1,12 +1,16 @@
 """A dead node comes back: heal → its orphaned tasks gone (issue 16; Swarm: 0.67 s).
 
-    .venv/bin/python bench/orphan_return.py [--runs 5] [--replicas 4] [--cut 2]
+    .venv/bin/python bench/orphan_return.py [--runs 5] [--replicas 4] [--cut 2] [--jitter 1]
+
+(``ORPHAN_DEBUG=1``: also print the returning node's agent log from the cut on.)
 
 Builds 5 netns hosts (tests/netlab.py): 3 managers + 2 workers, and a `sleep` service of
 ``--replicas`` tasks constrained to the workers. Each run cuts one worker off (its bridge
 port down: a pulled cable), waits until the leader declared it down, orphaned its tasks and
 runs their replacements on the other worker — checking that the cut-off node keeps its
-tasks running meanwhile (docs/reliability.md, invariant 6) — waits ``--cut`` more seconds,
+tasks running meanwhile (docs/reliability.md, invariant 6) — waits ``--cut`` more seconds
+(plus a seeded random 0..``--jitter``: the heal then falls at any phase of the periodic
+timers involved, the kernel's ARP retries first),
 then plugs the cable back in and times until every orphaned task's process on that node
 has exited (polled every 5 ms in /proc). Runs alternate between the workers (the one that
 got the replacements is cut next). Also reported, from the returning node's agent log:
@@ -18,8 +22,10 @@ Prints one line per run, then the median. Talks to the agents' unix sockets dire
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import random
 import statistics
 import sys
 import time
@@ -65,8 +71,13 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--cut", type=float, default=2.0,
                     help="seconds the node stays cut off after its tasks were replaced")
+    ap.add_argument("--jitter", type=float, default=1.0,
+                    help="plus a random 0..JITTER s (seeded): a heal at a fixed delay after "
+                    "the cut falls at the same phase of the kernel's 1 s ARP retries")
+    ap.add_argument("--seed", type=int, default=16)
     args = ap.parse_args()
     took: list[float] = []
+    rng = random.Random(args.seed)
     with Lab(5) as lab:
         lab.form_cluster(managers=3, workers=2)
         h1 = lab.hosts[0]
@@ -89,7 +100,7 @@ def main() -> None:
             cut_wall = time.time()
             victim.cut_link()
 
-            def replaced() -> bool:
+            def replaced(victim: Host = victim, pids: dict[str, int] = pids) -> bool:
                 try:
                     ts = {t["id"]: t for t in tasks(h1)}
                     nodes = {n["addr"]: n["state"] for n in call(h1, "GET", "/v1/nodes")}
@@ -100,7 +111,7 @@ def main() -> None:
                 return nodes.get(victim.ip) == "down" and len(live) == args.replicas and \
                     all(ts[i]["state"] == "orphaned" for i in pids if i in ts)
             wait_until(replaced, timeout=60, interval=0.2, what="the tasks replaced")
-            time.sleep(args.cut)
+            time.sleep(args.cut + rng.uniform(0.0, args.jitter))
             kept = sum(pid_alive(p) for p in pids.values())
             assert kept == len(pids), f"cut-off {victim.name} stopped tasks early"
             wall, t0 = time.time(), time.monotonic()
@@ -114,7 +125,7 @@ def main() -> None:
             time.sleep(1.0)  # (the log lines of the stops come after the processes exited)
             if os.environ.get("ORPHAN_DEBUG"):
                 for line in victim.agent_log.read_text().splitlines():
-                    with __import__("contextlib").suppress(ValueError):
+                    with contextlib.suppress(ValueError):
                         at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
                         if at.timestamp() >= cut_wall:
                             print(f"  {at.timestamp() - wall:+.3f} {line[24:160]}")
