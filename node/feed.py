@@ -346,7 +346,8 @@ class StateFeed:
         self.resyncs = 0  # times the replica diverged and was replaced by a manager's state
         # cut-off mode (see FeedConfig.probe_timeout): set by a failure, cleared by a poll
         self._probe, self._cut_off = probe, False
-        self._inflight: tuple[str, asyncio.Future[bytes]] | None = None  # (addr, poll call)
+        # the poll in flight: (addr, call, held: an increment poll, not a whole-state one)
+        self._inflight: tuple[str, asyncio.Future[bytes], bool] | None = None
         self._checking: asyncio.Task[None] | None = None  # suspect(): the held poll's path
 
     # ------------------------------------------------------------------ reading
@@ -465,20 +466,18 @@ class StateFeed:
                 t.cancel()
 
     def suspect(self, host: str) -> None:
-        """Gossip suspects the member at ``host`` (an IP address). If it is the manager this
-        feed's poll is held at, drop that poll: a reply sent while the link is down comes
-        only with TCP's retransmissions, seconds after it heals. Any other member: check
-        that the held poll's manager still accepts a connection, and drop the poll if not
-        (a node cut off from everyone suspects its peers one at a time, seconds apart)."""
+        """Gossip suspects the member at ``host`` (an IP address; a node cut off from
+        everyone suspects its peers one at a time, seconds apart). If this feed's poll is
+        held at a manager (an increment poll: a whole-state download is never dropped, a
+        slow link must not restart it for ever), check that this manager still accepts a
+        TCP connection and drop the poll if not: a reply sent while the link is down comes
+        only with TCP's retransmissions, seconds after it heals."""
         inflight = self._inflight
-        if inflight is None or inflight[1].done():
+        if inflight is None or inflight[1].done() or not inflight[2]:
             return
-        addr, call = inflight
-        if addr.rpartition(":")[0] == host:
-            self._drop(addr, call, "the manager is suspected down")
-        elif self._probe is not None and self.config.probe_timeout > 0 and \
+        if self._probe is not None and self.config.probe_timeout > 0 and \
                 self._checking is None:
-            self._checking = asyncio.create_task(self._check(addr, call))
+            self._checking = asyncio.create_task(self._check(inflight[0], inflight[1]))
 
     async def _check(self, addr: str, call: asyncio.Future[bytes]) -> None:
         assert self._probe is not None
@@ -489,7 +488,7 @@ class StateFeed:
         finally:
             self._checking = None
         if not ok:
-            self._drop(addr, call, "it accepts no connection")
+            self._drop(addr, call, "it accepts no TCP connection")
 
     def _drop(self, addr: str, call: asyncio.Future[bytes], why: str) -> None:
         if not call.done():
@@ -510,7 +509,7 @@ class StateFeed:
             body["compress"] = "zlib"
         call = asyncio.ensure_future(self._call_bytes(addr, "/v1/cluster/state", body,
                                                       self.config.wait + 10.0))
-        self._inflight = (addr, call)
+        self._inflight = (addr, call, after >= 0)
         try:
             raw = await call
         except asyncio.CancelledError:
