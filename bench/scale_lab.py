@@ -185,14 +185,17 @@ class ScaleLab:
         n_total = len(joined) + len(workers)
         errors: list[str] = []
         failed: set[str] = set()  # hostnames whose join call failed
+        catching_up: set[str] = set()  # admitted, answered before their feed caught up
         go = threading.Event()
 
         def join(h: Host) -> float:
             go.wait()
             t = time.monotonic()
             try:
-                client(h, timeout=timeout, stale=False).call(
+                r = client(h, timeout=timeout, stale=False).call(
                     "POST", "/v1/swarm/join", {"token": token, "remote": remote})
+                if r.get("catching_up"):
+                    catching_up.add(h.name)
             except CliError as exc:
                 errors.append(f"{h.name}: {exc}")
                 failed.add(h.name)
@@ -233,7 +236,8 @@ class ScaleLab:
             say(f"join storm: {len(workers)} joining, NOT all Ready after {timeout:.0f} s "
                 f"({ready}/{n_total}) {machine()}")
         print(f"    join calls returned: median {statistics.median(calls):.1f} s, "
-              f"max {max(calls):.1f} s; {len(errors)} failed; Raft term {term0} → "
+              f"max {max(calls):.1f} s; {len(errors)} failed, {len(catching_up)} answered "
+              f"'admitted, catching up'; Raft term {term0} → "
               f"{self.term()}", flush=True)
         for e in errors[:3]:
             print(f"      {e[:200]}")

@@ -112,7 +112,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
                       cert_lifetime=args.cert_lifetime,
                       cert_renew_fraction=args.cert_renew_fraction,
-                      restart_grace=args.restart_grace,
+                      restart_grace=args.restart_grace, join_wait=args.join_wait,
                       metrics_addr=args.metrics_addr, metrics_mtls=args.metrics_mtls,
                       dashboard_addr=args.dashboard_addr, dashboard_tls=args.dashboard_tls,
                       events=EventsConfig(retained=args.events_retained),
@@ -156,8 +156,14 @@ def run(args: argparse.Namespace) -> None:
         if args.autolock:
             keys.enable_autolock(c)
     elif args.cmd == "join":
+        c.timeout = max(c.timeout, 400.0)  # admission retries, then --join-wait (<= 300 s)
         r = c.call("POST", "/v1/swarm/join", {"token": args.token, "remote": args.remote})
-        print(f"This node joined the cluster as a {r['role']} ({r['node_id'][:12]}).")
+        if r.get("catching_up"):
+            print(f"This node was admitted to the cluster as a {r['role']} "
+                  f"({r['node_id'][:12]}) and is catching up with the cluster's state in the "
+                  "background (`shoal info` shows \"ready\": true once it has).")
+        else:
+            print(f"This node joined the cluster as a {r['role']} ({r['node_id'][:12]}).")
     elif args.cmd == "join-token":
         method = "POST" if args.rotate else "GET"
         tok = c.call(method, f"/v1/swarm/join-token/{args.role}")["token"]

@@ -170,6 +170,9 @@ def _agent_parser(sub: Any) -> None:
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
                    help="also serve the CLI's API on TCP PORT over mutual TLS (client "
                    "certificates from `shoal ca issue-client`); default off")
+    a.add_argument("--join-wait", type=_seconds("--join-wait"), default=20.0,
+                   metavar="DURATION", help="how long `shoal join` waits for this node to "
+                   "catch up once admitted (it keeps catching up after; 0-300s, default 20s)")
     a.add_argument("--restart-grace", type=_seconds("--restart-grace"), default=30.0,
                    metavar="DURATION",
                    help="on SIGTERM (upgrade, restart) ask the leader to wait this long for "

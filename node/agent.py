@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import signal
@@ -57,10 +58,10 @@ from shoal.node.errors import (
     Unavailable,
 )
 from shoal.node.events import EventLog
-from shoal.node.feed import StateFeed
+from shoal.node.feed import StateFeed, tcp_probe
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
-from shoal.node.joining import JoinCall, JoinKey, request_join
+from shoal.node.joining import Admitted, JoinCall, JoinKey, request_join
 from shoal.node.leader import LeaderLoop
 from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
@@ -115,6 +116,9 @@ class Agent:
         # Raft membership changes one at a time; its lock also serialises init/join/leave
         self.voters = VoterChanges(config.join_timeout)
         self._lock = self.voters.lock
+        # a join the cluster admitted, finishing in the background (see join)
+        self._joining: asyncio.Task[None] | None = None
+        self._join_stage = ""
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.membership: Membership | None = None
@@ -184,6 +188,13 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         identity = NodeIdentity.load(self.data_dir)
+        admitted = Admitted.load(self.data_dir)
+        if identity is not None and admitted is not None:  # (saved just before removed)
+            Admitted.remove(self.data_dir)
+        elif admitted is not None:  # admitted before a restart: finish, as the same node
+            log.info("finishing the join of %s %s to cluster %s (admitted before a restart)",
+                     admitted.role, admitted.node_id, admitted.cluster_id[:12])
+            self._joining = asyncio.create_task(self._finish_join(admitted), name="join")
         if identity is not None and self.security.keys.is_locked(identity):  # autolock
             self.security.keys.hold(identity, self._start_member)
         elif identity is not None:
@@ -201,6 +212,10 @@ class Agent:
             self.dispatcher.stopping = True
             self.ctx.stopping = True  # writes through this node fail fast: clients move on
             self._wake()  # held state polls answer "stopping" now (Dispatcher.state_since)
+            if self._joining is not None:  # (a pending join resumes at the next start)
+                self._joining.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._joining
             if self.identity is not None:  # a planned restart: see node/shutdown.py
                 await shutdown.prepare_restart(
                     self.ctx.raft,
@@ -284,7 +299,7 @@ class Agent:
                 addr, path, body, timeout=timeout),
             call_json=lambda addr, path, body, timeout: self.security.call(
                 addr, path, body, timeout=timeout),
-            config=self.config.feed, on_managers=self._managers_changed)
+            config=self.config.feed, on_managers=self._managers_changed, probe=tcp_probe)
 
     @property
     def _raft_self(self) -> str:
@@ -379,6 +394,8 @@ class Agent:
         """A change in this node's gossip member list: wake the leader; on a manager, a
         local event (not from the log: see shoal.node.events)."""
         self._leader_wakeup.set()
+        if ev.kind in (EventKind.SUSPECT, EventKind.DEAD) and isinstance(self.store, StateFeed):
+            self.store.suspect(ev.member.addr)  # its held poll may be cut off
         action = self._GOSSIP_EVENTS.get(ev.kind)
         if action is None or self.ctx.raft is None:
             return
@@ -463,9 +480,7 @@ class Agent:
     async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
                    ) -> dict[str, Any]:
         async with self._lock:
-            if self.identity is not None:
-                raise AlreadyInCluster("this node is already part of a cluster "
-                                       "(`shoal leave` first)")
+            self._refuse_if_member()
             if cluster_cidr or default_addr_pool:  # refuse a bad network before anything
                 try:
                     ClusterState._networks({"cluster_cidr": cluster_cidr,
@@ -521,13 +536,21 @@ class Agent:
         self.security.clear(remove_files=True)
         self._remove_raft_files()
 
+    def _refuse_if_member(self) -> None:
+        if self.identity is not None:
+            raise AlreadyInCluster("this node is already part of a cluster "
+                                   "(`shoal leave` first)")
+        if self._joining is not None and not self._joining.done():
+            raise AlreadyInCluster("this node was admitted to a cluster and is finishing its "
+                                   "join (`shoal info`; `shoal leave` abandons it)")
+
     async def join(self, token: str, remote: str) -> dict[str, Any]:
         """Join with a token: pin the manager's CA by the token's digest, get a certificate
-        for a key made here, then fetch the cluster's keys over mTLS with it."""
+        for a key made here (admission: only this phase fails on a timeout), then finish the
+        join in the background (shoal.node.joining): keys over mTLS, node.json, catch-up.
+        Waits ``join_wait`` for the catch-up, else answers ``catching_up``."""
         async with self._lock:
-            if self.identity is not None:
-                raise AlreadyInCluster("this node is already part of a cluster "
-                                       "(`shoal leave` first)")
+            self._refuse_if_member()
             token = token.strip()
             try:
                 digest, _secret = parse_token(token)
@@ -561,51 +584,91 @@ class Agent:
             if (info.subject_id, info.role) != (node_id, role):
                 raise Unavailable(f"the manager at {remote} sent a certificate for "
                                   f"{info.role} {info.subject_id}, not {role} {node_id}")
+            # admitted: from here on this node does not give up on its own
             sec.files.save(ca_pem, cert, pki.key_pem(key))
-            try:
-                sec.load()
-                # the Raft secret, gossip key (and manager key) travel over mTLS only; retried
-                # like the join itself (a manager busy with a join storm answers late)
+            admitted = Admitted(remote, node_id, role, info.cluster_id)
+            admitted.save(self.data_dir)
+            log.info("admitted to cluster %s as %s %s", info.cluster_id[:12], role, node_id)
+            task = self._joining = asyncio.create_task(self._finish_join(admitted),
+                                                       name="join")
+        done, _ = await asyncio.wait([task], timeout=self.config.join_wait)
+        if task in done:
+            if task.cancelled():
+                raise Unavailable("the agent is stopping: it finishes this join when it "
+                                  "starts again" if self._stop.is_set() else
+                                  "the join was abandoned (`shoal leave`)")
+            task.result()  # a refusal after admission (the node was removed meanwhile)
+        return {"node_id": node_id, "cluster_id": info.cluster_id, "role": role,
+                "catching_up": task not in done}
 
-                def fetch(path: str) -> JoinCall:
-                    return lambda b, t: sec.call(remote, path, b, timeout=t)
-                keys = await request_join(fetch("/v1/cluster/keys"), {},
-                                          self.config.join_retry)
-                manager_key = b""
-                if role == "manager":
-                    mk = await request_join(fetch("/v1/cluster/manager-keys"), {},
-                                            self.config.join_retry)
-                    manager_key = bytes.fromhex(str(mk["manager_key"]))
-                identity = NodeIdentity(node_id=node_id, cluster_id=info.cluster_id, role=role,
-                                        raft_password=str(keys["raft_password"]),
-                                        voters=[str(v) for v in keys["voters"]],
-                                        managers=[str(m) for m in keys.get("managers", [])]
-                                        or [remote],
-                                        gossip_key=bytes.fromhex(str(keys["gossip_key"])),
-                                        manager_key=manager_key)
-            except (ApiError, KeyError, ValueError, TypeError) as exc:
-                sec.clear(remove_files=True)
-                if isinstance(exc, ApiError):
-                    raise
-                raise Unavailable(f"the manager at {remote} sent malformed keys: {exc!r}"
-                                  ) from None
-            self._start_member(identity)
-            store = self.require_member()
-            try:
-                await self._wait_for(
-                    lambda: store.is_ready() and node_id in store.snapshot().nodes,
-                    self.config.join_timeout, "this node's replica to catch up")
-            except ApiError:
-                await self._abandon_membership()
+    async def _finish_join(self, adm: Admitted) -> None:
+        """After admission: fetch the keys (retried until a manager answers or refuses),
+        write node.json and become a member, then wait for the replica/feed to catch up,
+        logging progress. A refusal (the node was removed meanwhile) undoes the join."""
+        sec = self.security
+        self._join_stage = "fetching keys"
+        try:
+            sec.load()
+            # the Raft secret, gossip key (and manager key) travel over mTLS only; retried
+            # without a deadline (a manager busy with a join storm answers late)
+            retry = dataclasses.replace(self.config.join_retry, deadline=math.inf)
+
+            def fetch(path: str) -> JoinCall:
+                return lambda b, t: sec.call(adm.remote, path, b, timeout=t)
+            keys = await request_join(fetch("/v1/cluster/keys"), {}, retry)
+            manager_key = b""
+            if adm.role == "manager":
+                mk = await request_join(fetch("/v1/cluster/manager-keys"), {}, retry)
+                manager_key = bytes.fromhex(str(mk["manager_key"]))
+            identity = NodeIdentity(node_id=adm.node_id, cluster_id=adm.cluster_id,
+                                    role=adm.role, raft_password=str(keys["raft_password"]),
+                                    voters=[str(v) for v in keys["voters"]],
+                                    managers=[str(m) for m in keys.get("managers", [])]
+                                    or [adm.remote],
+                                    gossip_key=bytes.fromhex(str(keys["gossip_key"])),
+                                    manager_key=manager_key)
+        except (ApiError, OSError, pki.PkiError, KeyError, ValueError, TypeError) as exc:
+            why = exc.message if isinstance(exc, ApiError) else f"malformed keys: {exc!r}"
+            log.error("the cluster refused this node after admitting it (%s): join again",
+                      why)
+            sec.clear(remove_files=True)
+            Admitted.remove(self.data_dir)
+            self._join_stage = ""
+            if isinstance(exc, ApiError):
                 raise
-            identity.save(self.data_dir)
-            join_key.forget()
-            log.info("joined cluster %s as %s %s", identity.cluster_id[:12], identity.role,
-                     node_id)
-            return {"node_id": node_id, "cluster_id": identity.cluster_id, "role": identity.role}
+            raise Unavailable(f"the manager at {adm.remote} sent {why}") from None
+        async with self._lock:
+            identity.save(self.data_dir)  # a restart resumes as this node from here on
+            Admitted.remove(self.data_dir)
+            JoinKey(self.data_dir).forget()
+            self._start_member(identity)
+        self._join_stage = ""
+        started = time.monotonic()
+        report = started + 5.0
+        while (store := self.store) is not None and not (
+                store.is_ready() and adm.node_id in store.snapshot().nodes):
+            if time.monotonic() >= report:
+                report += 5.0
+                log.info("admitted %s %s: its %s is catching up (index %d, %.0f s)",
+                         adm.role, adm.node_id, "Raft replica" if adm.role == "manager"
+                         else "state feed", store.index, time.monotonic() - started)
+            await asyncio.sleep(0.05)
+        if store is not None:
+            log.info("joined cluster %s as %s %s (caught up in %.1f s)", adm.cluster_id[:12],
+                     adm.role, adm.node_id, time.monotonic() - started)
 
     async def leave(self, force: bool) -> dict[str, Any]:
         async with self._lock:
+            joining = self._joining
+            if self.identity is None and joining is not None and not joining.done():
+                # admitted, keys not fetched yet: abandon (the join key stays: joining
+                # again is the same node)
+                joining.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await joining
+                self.security.clear(remove_files=True)
+                Admitted.remove(self.data_dir)
+                return {"node_id": "", "left": True}
             self.require_member()
             assert self.identity is not None and self._worker is not None
             identity = self.identity
@@ -637,6 +700,8 @@ class Agent:
                                "api_port": self.config.api_port, "member": False,
                                "version": version(),
                                "locked": self.security.keys.locked is not None}
+        if self._join_stage:
+            out["joining"] = self._join_stage
         if self.identity and self.store:
             out.update(member=True, node_id=self.identity.node_id,
                        cluster_id=self.identity.cluster_id, role=self.identity.role,

@@ -51,8 +51,14 @@ class AgentConfig:
     heartbeat_interval: float = 1.0
     # Seconds the agent's reconciler waits between passes when nothing wakes it.
     reconcile_interval: float = 1.0
-    # Seconds to wait for a new node's replica to catch up during `join`.
+    # Deadline of the steps of a role switch (promotion/demotion) and of a Raft voter
+    # change, seconds.
     join_timeout: float = 20.0
+    # Seconds `shoal join` waits, once this node is admitted, for its replica or state feed
+    # to catch up before answering "admitted, catching up" (it keeps catching up after:
+    # an admitted node never gives up its membership; shoal.node.joining). 0 = answer as
+    # soon as admitted. Longer only delays the answer.
+    join_wait: float = 20.0
     # How a joining node retries its join request when no answer comes (lost reply,
     # manager busy or changing leader): deadline, per-attempt timeout, backoff
     # (shoal.node.joining; a retry gets the same node id, never a second node).
@@ -129,6 +135,8 @@ class AgentConfig:
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise ValueError(f"{name} must be between 1 and 65535, got {port}")
+        if not 0.0 <= self.join_wait <= 300.0:
+            raise ValueError(f"join_wait must be between 0 and 300 s, got {self.join_wait:g}")
         if not 10.0 <= self.cert_lifetime <= 20 * 365 * 86400.0:
             raise ValueError("cert_lifetime must be between 10 s and 20 years")
         if not 0.1 <= self.cert_renew_fraction <= 0.9:

@@ -58,6 +58,21 @@ log = logging.getLogger("shoal.feed")
 # (addr, path, body, timeout) → reply
 CallBytes = Callable[[str, str, dict[str, Any], float], Awaitable[bytes]]
 CallJson = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]
+# (addr, timeout) → whether addr accepts a TCP connection within timeout
+Probe = Callable[[str, float], Awaitable[bool]]
+
+
+async def tcp_probe(addr: str, timeout: float) -> bool:
+    """Whether ``addr`` ("ip:port") accepts a TCP connection within ``timeout`` seconds
+    (closed at once; a refusal raises OSError)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        async with asyncio.timeout(timeout):
+            _reader, writer = await asyncio.open_connection(host, int(port))
+    except TimeoutError:
+        return False
+    writer.close()
+    return True
 
 
 @dataclass
@@ -69,6 +84,13 @@ class FeedConfig:
     wait: float = 20.0
     # Pause before asking the next manager after a failure, seconds.
     retry: float = 0.3
+    # Cut-off mode (after a failed or interrupted poll, until a poll succeeds): each attempt
+    # first checks that the manager's port accepts a TCP connection within this long,
+    # seconds, and tries the next manager at once if not. A healed link is then noticed
+    # within about this long, instead of after TCP's SYN backoff (1, 2, 4 s…) or the
+    # retransmissions of a reply the manager sent while the link was down. Costs one SYN
+    # per this long while no manager is reachable. 0 = no probe (needs the agent's probe).
+    probe_timeout: float = 0.25
     # Deadline of one status report, seconds (tried on every known manager in turn).
     write_timeout: float = 5.0
     # Worker side: ask managers for zlib-compressed replies. Off = plain msgpack (what a
@@ -321,7 +343,8 @@ class StateFeed:
 
     def __init__(self, node_id: str, managers: list[str], call_bytes: CallBytes,
                  call_json: CallJson, config: FeedConfig | None = None,
-                 on_managers: Callable[[list[str]], None] | None = None) -> None:
+                 on_managers: Callable[[list[str]], None] | None = None,
+                 probe: Probe | None = None) -> None:
         self.node_id = node_id
         self.config = config or FeedConfig()
         self._call_bytes, self._call_json = peer_call(call_bytes), peer_call(call_json)
@@ -337,6 +360,11 @@ class StateFeed:
         self._synced_at = 0.0
         self._errors: dict[str, str] = {}
         self.resyncs = 0  # times the replica diverged and was replaced by a manager's state
+        # cut-off mode (see FeedConfig.probe_timeout): set by a failure, cleared by a poll
+        self._probe, self._cut_off = probe, False
+        # the poll in flight: (addr, call, held: an increment poll, not a whole-state one)
+        self._inflight: tuple[str, asyncio.Future[bytes], bool] | None = None
+        self._checking: asyncio.Task[None] | None = None  # suspect(): the held poll's path
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
@@ -392,9 +420,19 @@ class StateFeed:
     # ------------------------------------------------------------------ following
     async def run(self) -> None:
         """Follow the managers until cancelled."""
+        probing = self._probe is not None and self.config.probe_timeout > 0
+        rounds = 0
         while True:
             progressed = False
-            for addr in self.managers():
+            managers = self.managers()
+            if self._cut_off and probing and managers:
+                # cut off: ask only a manager that accepts a connection (a poll sent into
+                # a dead link would wait for TCP's backoff); each round starts with
+                # another manager (one that connects but fails does not win every time)
+                rounds += 1
+                k = rounds % len(managers)
+                managers = [await self._first_reachable(managers[k:] + managers[:k])]
+            for addr in managers:
                 try:
                     while True:  # stay with a manager that answers
                         await self._poll(addr)
@@ -406,10 +444,75 @@ class StateFeed:
                     log.exception("state feed from %s failed", addr)
                     self._failed(addr, repr(exc))
                     await asyncio.sleep(self.config.retry)
+                if probing:
+                    break  # failed (cut-off mode now): probe before the next poll
             if not progressed:
                 await asyncio.sleep(self.config.retry)
 
+    async def _first_reachable(self, managers: list[str]) -> str:
+        """Cut-off mode: probe every manager, each in its own loop (a connection attempt
+        in flight at all times, a new one every ``probe_timeout``); the first that accepts
+        a TCP connection (its poll comes next). The loops start spread over a second:
+        after a cut, each manager's address waits on its own ARP resolution, retried by the
+        kernel once a second; spread, the first retry of any of them after the link came
+        back lets its connection through (at once, they would all retry together)."""
+        assert self._probe is not None
+        probe, timeout = self._probe, self.config.probe_timeout
+        found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def keep_probing(addr: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            while True:
+                try:
+                    if await probe(addr, timeout):
+                        if not found.done():
+                            found.set_result(addr)
+                        return
+                    self._errors[addr] = f"no TCP connection within {timeout:g} s"
+                except OSError as exc:  # refused: the host is there, its agent is not
+                    self._errors[addr] = f"refused: {exc}"[:200]
+                    await asyncio.sleep(self.config.retry)
+
+        loops = [asyncio.create_task(keep_probing(m, i / len(managers)))
+                 for i, m in enumerate(managers)]
+        try:
+            return await found
+        finally:
+            for t in loops:
+                t.cancel()
+
+    def suspect(self, host: str) -> None:
+        """Gossip suspects the member at ``host`` (an IP address; a node cut off from
+        everyone suspects its peers one at a time, seconds apart). If this feed's poll is
+        held at a manager (an increment poll: a whole-state download is never dropped, a
+        slow link must not restart it for ever), check that this manager still accepts a
+        TCP connection and drop the poll if not: a reply sent while the link is down comes
+        only with TCP's retransmissions, seconds after it heals."""
+        inflight = self._inflight
+        if inflight is None or inflight[1].done() or not inflight[2]:
+            return
+        if self._probe is not None and self.config.probe_timeout > 0 and \
+                self._checking is None:
+            self._checking = asyncio.create_task(self._check(inflight[0], inflight[1]))
+
+    async def _check(self, addr: str, call: asyncio.Future[bytes]) -> None:
+        assert self._probe is not None
+        try:
+            ok = await self._probe(addr, 4 * self.config.probe_timeout)
+        except OSError:
+            ok = False
+        finally:
+            self._checking = None
+        if not ok:
+            self._drop(addr, call, "it accepts no TCP connection")
+
+    def _drop(self, addr: str, call: asyncio.Future[bytes], why: str) -> None:
+        if not call.done():
+            log.info("state feed: dropping the poll held at %s: %s", addr, why)
+            call.cancel()
+
     def _failed(self, addr: str, why: str) -> None:
+        self._cut_off = True
         self._errors[addr] = why[:200]
         if self._source == addr:
             log.info("state feed from %s interrupted: %s", addr, why)
@@ -420,7 +523,20 @@ class StateFeed:
         body: dict[str, Any] = {"after": after, "wait": self.config.wait}
         if self.config.compress:
             body["compress"] = "zlib"
-        raw = await self._call_bytes(addr, "/v1/cluster/state", body, self.config.wait + 10.0)
+        call = asyncio.ensure_future(self._call_bytes(addr, "/v1/cluster/state", body,
+                                                      self.config.wait + 10.0))
+        self._inflight = (addr, call, after >= 0)
+        try:
+            raw = await call
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                call.cancel()
+                raise  # the feed itself is being cancelled
+            raise FeedError(f"poll of {addr} dropped: the link seems down") from None
+        finally:
+            self._inflight = None
+        self._cut_off = False
         self._apply(raw)
         if self._source != addr:
             log.info("state feed from manager %s (index %d)", addr, self.index)

@@ -4,8 +4,18 @@ Owns: the node id a join gets (``join_node_id``: derived from the joining node's
 and the cluster id, so every attempt of one join — retried after a lost reply, sent to
 another manager, or racing its own earlier attempt — names the same node), the joining
 node's key kept in its data dir until the join succeeded (``JoinKey``), and the client's
-retry loop around ``/v1/cluster/join`` (``request_join``). Must not touch: the replicated
-state, the agent's lifecycle (shoal.node.agent calls this), HTTP.
+retry loop around ``/v1/cluster/join`` (``request_join``), and the record of a join the
+cluster has admitted but this node has not finished (``Admitted``). Must not touch: the
+replicated state, the agent's lifecycle (shoal.node.agent calls this), HTTP.
+
+Admitted is final (as in Swarm and Nomad, where a node the managers accepted stays theirs):
+once a manager committed the node and signed its certificate, the joining agent never
+abandons the membership on a timeout. It fetches its keys (retried until a manager answers
+or refuses), writes node.json at once and then lets its replica or state feed catch up for as
+long as that takes, logging progress; ``shoal join`` waits ``join_wait`` for the catch-up
+and else answers "admitted, catching up". Only the phase before admission times out with an
+error. An agent restarted meanwhile resumes: from node.json once written, before that from
+``DATA_DIR/join-pending.json`` (``Admitted``) with the certificate already saved.
 
 Why (swarmkit binds a node's identity to its key the same way): before this, the manager
 picked a random id per request. A join whose reply was lost (client timeout, connection cut
@@ -26,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +54,7 @@ from shoal.node.errors import PkiError, TooManyRequests, Unavailable
 log = logging.getLogger("shoal.join")
 
 JOIN_KEY_FILE = "join-key.pem"
+ADMITTED_FILE = "join-pending.json"
 
 
 def join_node_id(cluster_id: str, csr_pem: str | bytes) -> str:
@@ -74,6 +87,49 @@ class JoinKey:
     def forget(self) -> None:
         """The join succeeded (the key now lives in the node's TLS files)."""
         self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A join the cluster admitted (node committed, certificate saved in DATA_DIR/tls) whose
+    keys this node has not fetched yet; in ``DATA_DIR/join-pending.json`` until node.json is
+    written, so a restarted agent finishes the join instead of forgetting it."""
+
+    remote: str  # the manager that admitted this node (API address)
+    node_id: str
+    role: str
+    cluster_id: str
+
+    @staticmethod
+    def path(data_dir: Path) -> Path:
+        return data_dir / ADMITTED_FILE
+
+    def save(self, data_dir: Path) -> None:
+        tmp = self.path(data_dir).with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"remote": self.remote, "node_id": self.node_id, "role": self.role,
+                       "cluster_id": self.cluster_id}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(data_dir))
+
+    @classmethod
+    def load(cls, data_dir: Path) -> Admitted | None:
+        """The pending join, or None (none, or an unreadable file: logged, ignored)."""
+        try:
+            d = json.loads(cls.path(data_dir).read_text())
+            return cls(remote=str(d["remote"]), node_id=str(d["node_id"]),
+                       role=str(d["role"]), cluster_id=str(d["cluster_id"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %r", cls.path(data_dir), exc)
+            return None
+
+    @classmethod
+    def remove(cls, data_dir: Path) -> None:
+        cls.path(data_dir).unlink(missing_ok=True)
 
 
 @dataclass

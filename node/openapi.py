@@ -301,9 +301,13 @@ ROUTES: tuple[Route, ...] = (
           "first manager", "cluster", body=bodies.InitRequest, reply=_ref("NodeIds"),
           errors=(409,)),
     Route("POST", "/v1/swarm/join", "swarm_join", "join a cluster with a token", "cluster",
-          body=bodies.JoinRequest, reply=_ref("NodeIds"), errors=(403, 409, 503),
+          body=bodies.JoinRequest, reply=_obj(
+              "the node's identity; `catching_up`: admitted, its replica or state feed still "
+              "catching up in the background (`info` shows `ready`)", node_id=STR,
+              cluster_id=STR, role=STR, catching_up=BOOL), errors=(403, 409, 503),
           description="403 `forbidden` (wrong or rotated token) or `ca_mismatch` (the "
-          "manager's CA is not the one the token pins)"),
+          "manager's CA is not the one the token pins); 503 only before admission: once "
+          "admitted the node keeps its membership"),
     Route("GET", "/v1/swarm/join-token/{role}", "swarm_join_token", "the join token for a "
           "role", "cluster", reply=_obj("", role=STR, token=STR), errors=CLUSTER),
     Route("POST", "/v1/swarm/join-token/{role}", "swarm_join_token_rotate",

@@ -219,3 +219,61 @@ async def test_feed_writes_go_to_a_manager_and_refusals_are_rejections() -> None
     with pytest.raises(WriteTimeout):
         await feed.propose({"op": "task_status", "task_id": "t9", "node_id": "n3",
                             "now": 1.0, "status": {"state": "running"}})
+
+
+@pytest.mark.parametrize("suspected", ["source", "peer"])
+async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_it_reaches(
+        suspected: str) -> None:
+    """A worker whose link is cut: the reply to its held poll would only come with TCP's
+    retransmissions. Once gossip suspects that manager — or any other member, and the
+    manager then accepts no connection — the feed drops that poll,
+    sends no poll into the dead link but probes every manager, and follows the first that
+    accepts a connection again: it gets the commands committed meanwhile at once."""
+    managers = {"10.0.0.1:2377": Manager(), "10.0.0.2:2377": Manager()}
+    for cmd in _commands():
+        for m in managers.values():
+            m.apply(cmd)
+    cut: set[str] = set()
+    polls_into_the_cut: list[str] = []
+    never = asyncio.Event()
+
+    async def call_bytes(addr: str, path: str, body: dict[str, Any], _t: float) -> bytes:
+        if addr in cut:
+            polls_into_the_cut.append(addr)
+            await never.wait()  # a dead link: no answer
+        return await managers[addr].call_bytes(path, body)
+
+    async def call_json(addr: str, path: str, body: dict[str, Any], _t: float
+                        ) -> dict[str, Any]:
+        return await managers[addr].call_json(path, body)
+
+    async def probe(addr: str, timeout: float) -> bool:
+        if addr in cut:
+            await asyncio.sleep(timeout)
+            return False
+        return True
+
+    # held polls last 30 s (the default is 20): only the interrupt ends one early
+    feed = StateFeed("n3", sorted(managers), call_bytes, call_json,
+                     FeedConfig(wait=30.0, retry=0.01, probe_timeout=0.05), probe=probe)
+    run = asyncio.create_task(feed.run())
+    try:
+        await _until(lambda: feed.is_ready() and feed.index == 6)
+        await asyncio.sleep(0.05)  # its poll is held now
+        source = feed.status()["feed_source"]
+        cut.update(managers)
+        polls_into_the_cut.clear()
+        for m in managers.values():  # what the cluster decides while the worker is away
+            m.apply({"op": "node_add", "now": 3.0, "node": _node(4, NodeRole.WORKER)})
+        # gossip suspects that manager, or another member (a worker peer)
+        feed.suspect(source.rpartition(":")[0] if suspected == "source" else "10.0.0.9")
+        await asyncio.sleep(0.3)
+        assert feed.index == 6 and polls_into_the_cut == []
+        cut.discard("10.0.0.2:2377")  # the link to one manager is back
+        await _until(lambda: feed.index == 7, timeout=2.0)
+        assert feed.status()["feed_source"] == "10.0.0.2:2377"
+        assert polls_into_the_cut == []
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run

@@ -27,7 +27,7 @@ from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges
 from shoal.node.control.admission import Admission
 from shoal.node.errors import ApiError, Forbidden, Unavailable
-from shoal.node.joining import JoinKey, JoinRetry, join_node_id, request_join
+from shoal.node.joining import Admitted, JoinKey, JoinRetry, join_node_id, request_join
 from shoal.node.orchestrator import node_liveness
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore
@@ -223,3 +223,17 @@ def test_the_join_key_survives_until_the_join_succeeds(tmp_path: Path) -> None:
         join_node_id(CLUSTER, csr1)
     jk.path.write_bytes(b"torn")
     assert jk.load_or_create() is not None  # a torn file is replaced, not fatal
+
+
+def test_an_admitted_join_is_remembered_until_node_json_is_written(tmp_path: Path) -> None:
+    """What a restarted agent resumes from (shoal.node.joining.Admitted): the admitting
+    manager, node id, role and cluster; gone once removed; an unreadable file is ignored."""
+    assert Admitted.load(tmp_path) is None
+    adm = Admitted("10.0.0.1:2377", "n" * 20, "worker", CLUSTER)
+    adm.save(tmp_path)
+    assert (Admitted.path(tmp_path).stat().st_mode & 0o777) == 0o600
+    assert Admitted.load(tmp_path) == adm
+    Admitted.remove(tmp_path)
+    assert Admitted.load(tmp_path) is None
+    Admitted.path(tmp_path).write_text("{torn")
+    assert Admitted.load(tmp_path) is None
