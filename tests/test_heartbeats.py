@@ -214,3 +214,32 @@ async def test_a_new_leader_does_not_judge_by_heartbeats_from_an_earlier_leaders
     m1.heartbeats[WORKER[0]] -= config.node_down_timeout + 1  # then silent: a real failure
     await leader.one_pass(led_for=config.leadership_grace)
     assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN
+
+
+class CatchingUp(ViewStore):
+    """A worker's feed still downloading the whole state: not ready, an empty replica, only
+    the managers' API addresses it joined through (``managers``, as StateFeed has them)."""
+
+    def __init__(self, self_addr: str, seeds: list[str]) -> None:
+        super().__init__(self_addr)
+        self.ready = False
+        self.seeds = seeds
+
+    def managers(self) -> list[str]:
+        return list(self.seeds)
+
+
+async def test_a_worker_catching_up_beats_to_the_managers_it_joined_through(
+        tmp_path: Path) -> None:
+    """An admitted worker whose replica is still empty (a slow whole-state download after a
+    join) must not go silent: the leader would judge it DOWN after the join grace (the
+    100-worker storm: 55 such nodes at once). Its beat goes to the managers its feed knows."""
+    net, _, _, _ = await _lab(tmp_path, leader="m2")
+    ctx = NodeContext(AgentConfig(data_dir=tmp_path / "w1c", advertise_addr=WORKER[1]),
+                      WORKER[0])
+    feed = CatchingUp(f"{WORKER[1]}:2378", [f"{a}:2377" for a in MANAGERS.values()])
+    ctx.use(NodeIdentity(node_id=WORKER[0], cluster_id="c1", role="worker",
+                         raft_password="", voters=[]), feed, None)
+    worker = Dispatcher(ctx, NetSecurity(ctx, net), lambda: None)
+    await worker.heartbeat_once()
+    assert sorted(net.sent) == sorted(feed.seeds) and all(_heard(net).values())

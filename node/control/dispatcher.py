@@ -256,7 +256,16 @@ class Dispatcher:
         """One heartbeat of this node: to the leader, or to every manager when the leader
         does not answer as the leader (``heartbeat_targets``)."""
         ident, store = self.ctx.identity, self.ctx.store
-        if ident is None or store is None or not store.is_ready():
+        if ident is None or store is None:
+            return
+        if not store.is_ready():
+            # a worker still catching up (a join's whole state, a resync): its replica does
+            # not know the managers yet, its feed does (the ones it joined through). Beat to
+            # them all, so the leader does not judge an admitted node dead while it downloads
+            # (it has not joined gossip either: its seeds come from the state)
+            addrs = getattr(store, "managers", None)
+            if callable(addrs):
+                await asyncio.gather(*(self._beat(a, a, ident.node_id) for a in addrs()))
             return
         managers = [n for n in store.snapshot().nodes.values() if n.role is NodeRole.MANAGER]
         first, then = heartbeat_targets(managers, store.leader_addr(), self._hb_broadcast)
@@ -272,15 +281,19 @@ class Dispatcher:
             self.heartbeats[node_id] = time.monotonic()
             store = self.ctx.store
             return bool(store is not None and store.is_leader())
+        return await self._beat(manager.api_addr, manager.hostname, node_id)
+
+    async def _beat(self, api_addr: str, name: str, node_id: str) -> bool:
+        """One heartbeat to the manager at ``api_addr``; True if it answered as the leader."""
         # mTLS: TLS checks the receiver holds a manager certificate of this cluster
         try:
-            reply = await self.security.call(manager.api_addr, "/v1/cluster/heartbeat",
+            reply = await self.security.call(api_addr, "/v1/cluster/heartbeat",
                                              {"node_id": node_id}, timeout=1.0)
         except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
             now = time.monotonic()
             if now - self._refused_logged > 60:
                 self._refused_logged = now
-                log.warning("manager %s refuses this node: %s", manager.hostname, exc.message)
+                log.warning("manager %s refuses this node: %s", name, exc.message)
             return False
         except ApiError:
             return False  # unreachable or busy manager: expected, the others are tried
