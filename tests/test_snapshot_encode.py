@@ -1,6 +1,7 @@
 """The state as a Raft snapshot holds it (raft/store.py ``_serialize``, raft/wire.py), pure:
 converting each shared task template once gives byte for byte the encoding of the plain walk,
-and the snapshot value pysyncobj pickles (in its compaction child) unpickles as those bytes."""
+decoding gives the tasks their service's template object back, and the snapshot value
+pysyncobj pickles (in its compaction child) unpickles as those bytes."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def test_shared_templates_encode_as_the_plain_walk_does() -> None:
     back = state_from_bytes(blob)
     assert back.tasks == st.tasks and back.services == st.services
     assert list(back.tasks["own"].spec.container.command) == ["sleep", "10"]
+    # decoded, the tasks share their service's template again (one object, not one per task)
+    for t in back.tasks.values():
+        assert (t.spec is back.services[t.service_id].spec.task) is (t.id != "own"), t.id
 
 
 def test_the_snapshot_value_pickles_as_the_state_bytes() -> None:
