@@ -21,6 +21,7 @@ import _socket
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import gzip
@@ -599,10 +600,16 @@ class RaftStore:
 
     def full_state(self) -> tuple[int, bytes]:
         """The whole state as bytes (shoal.raft.wire) and its index; in schema 1's shape while
-        the cluster's schema is 1 (a worker may still run shoal 0.1)."""
+        the cluster's schema is 1 (a worker may still run shoal 0.1).
+
+        Encoded from a snapshot, outside the state lock (the records are immutable; only the
+        dicts holding them are copied under it): encoding 100k tasks takes ~10 s, and every
+        apply on the tick thread waited for the lock meanwhile (bench/snapshot_bench.py)."""
         with self.consumer._lock:
-            state = self.consumer.state
-            return state.index, state_to_bytes(state, legacy=state.cluster.schema < 2)
+            snap = self.consumer.state.snapshot()
+        state = ClusterState(**{f.name: getattr(snap, f.name)
+                                for f in dataclasses.fields(ClusterState)})
+        return snap.index, state_to_bytes(state, legacy=state.cluster.schema < 2)
 
     def add_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(index)`` runs on the tick thread after every applied command."""

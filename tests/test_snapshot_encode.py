@@ -6,14 +6,17 @@ pysyncobj pickles (in its compaction child) unpickles as those bytes."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import msgpack
+from helpers import free_ports, until
 from test_networks_state import cluster, ok
 
 from shoal.node.leader import plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.raft.models import to_dict
-from shoal.raft.store import ReplicatedState
+from shoal.raft.schema import SCHEMA
+from shoal.raft.store import RaftStore, ReplicatedState
 from shoal.raft.wire import state_from_bytes, state_to_bytes
 
 
@@ -56,3 +59,24 @@ def test_the_snapshot_value_pickles_as_the_state_bytes() -> None:
     fresh = ReplicatedState()
     fresh._deserialize(loaded[0])
     assert fresh.state.tasks == consumer.state.tasks
+
+
+async def test_full_state_is_the_state_encoded(tmp_path: Path) -> None:
+    """RaftStore.full_state (a worker's catch-up) encodes a snapshot outside the state lock:
+    the same bytes as the state itself, every field included."""
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    store = RaftStore(addr, [addr], tmp_path, None, persist=False)
+    try:
+        await until(store.is_leader, 20.0)
+        await store.propose({"op": "cluster_init", "cluster_id": "c", "now": 1.0,
+                             "worker_secret": "", "manager_secret": "", "digest": "",
+                             "schema": SCHEMA})
+        await store.propose({"op": "service_create", "id": "s1", "now": 1.0,
+                             "spec": {"name": "web", "command": ["true"]}})
+        index, blob = store.full_state()
+        with store.consumer._lock:
+            assert index == store.consumer.state.index
+            assert blob == state_to_bytes(store.consumer.state)
+        assert state_from_bytes(blob).services["s1"].spec.name == "web"
+    finally:
+        store.close()
