@@ -400,20 +400,31 @@ class Task:
 
 # --------------------------------------------------------------------------- msgpack forms
 
-def to_dict(obj: Any) -> Any:
-    """A record → plain dicts/lists/ints/strs for msgpack and JSON."""
+def to_dict(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A record → plain dicts/lists/ints/strs for msgpack and JSON.
+
+    ``memo`` (one conversion's, kept only while ``obj`` is alive): each spec (a frozen
+    msgspec Struct) is converted once and its plain form shared by every record holding that
+    same object — the tasks of a service share its template — so the caller must not modify
+    the result in place."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), memo) for f in dataclasses.fields(obj)}
     if isinstance(obj, msgspec.Struct):
-        return {name: to_dict(getattr(obj, name)) for name in obj.__struct_fields__}
+        if memo is None:
+            return {name: to_dict(getattr(obj, name)) for name in obj.__struct_fields__}
+        plain = memo.get(id(obj))
+        if plain is None:
+            plain = memo[id(obj)] = {name: to_dict(getattr(obj, name), memo)
+                                     for name in obj.__struct_fields__}
+        return plain
     if isinstance(obj, enum.IntEnum):
         return int(obj)
     if isinstance(obj, enum.StrEnum):
         return str(obj)
     if isinstance(obj, (list, tuple)):
-        return [to_dict(x) for x in obj]
+        return [to_dict(x, memo) for x in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, memo) for k, v in obj.items()}
     return obj
 
 

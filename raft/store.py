@@ -21,6 +21,7 @@ import _socket
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import gzip
@@ -421,6 +422,24 @@ class _SafeSyncObj(SyncObj):
             "success": success, "term": self._getTerm()})
 
 
+class _EncodeOnPickle:
+    """The consumer's state, pickled as the ``bytes`` of ``state_to_bytes`` (so the dump holds
+    exactly what an eager ``_serialize`` put there, and any shoal reads it).
+
+    pysyncobj calls ``_serialize`` on the tick thread and pickles its result in a child it
+    forks right after (``fullDumpFile``; without a dump file, on the tick thread itself). The
+    child holds a copy of the state as of the fork, taken by the tick thread, the only
+    thread that changes it, between two applies: consistent without the lock — which the
+    child must not take (another thread may have held it at the fork, forever in the
+    child)."""
+
+    def __init__(self, consumer: ReplicatedState) -> None:
+        self.state = consumer.state  # (a later snapshot install replaces the consumer's)
+
+    def __reduce__(self) -> tuple[type[bytes], tuple[bytes]]:
+        return bytes, (state_to_bytes(self.state),)
+
+
 class ReplicatedState(SyncObjConsumer):
     """pysyncobj consumer holding the ClusterState. Only ``apply`` is replicated."""
 
@@ -467,9 +486,12 @@ class ReplicatedState(SyncObjConsumer):
     def _serialize(self) -> dict[str, Any]:
         """What a snapshot (dump file, snapshot sent to a follower) holds: the state as
         msgpack of plain values (shoal.raft.wire), never a pickle of our classes, so a later
-        model reads it (schema 2; shoal.raft.schema migrates schema 1's pickled dumps)."""
-        with self._lock:
-            return {"state_v2": state_to_bytes(self.state)}
+        model reads it (schema 2; shoal.raft.schema migrates schema 1's pickled dumps).
+
+        The bytes are made when pysyncobj pickles the dump (:class:`_EncodeOnPickle`): in its
+        forked compaction child, off the tick thread (encoding 100k tasks takes seconds —
+        longer than an election timeout — and every write waited for it)."""
+        return {"state_v2": _EncodeOnPickle(self)}
 
     def _deserialize(self, data: dict[str, Any]) -> None:
         with self._lock:
@@ -597,10 +619,16 @@ class RaftStore:
 
     def full_state(self) -> tuple[int, bytes]:
         """The whole state as bytes (shoal.raft.wire) and its index; in schema 1's shape while
-        the cluster's schema is 1 (a worker may still run shoal 0.1)."""
+        the cluster's schema is 1 (a worker may still run shoal 0.1).
+
+        Encoded from a snapshot, outside the state lock (the records are immutable; only the
+        dicts holding them are copied under it): encoding 100k tasks takes ~10 s, and every
+        apply on the tick thread waited for the lock meanwhile (bench/snapshot_bench.py)."""
         with self.consumer._lock:
-            state = self.consumer.state
-            return state.index, state_to_bytes(state, legacy=state.cluster.schema < 2)
+            snap = self.consumer.state.snapshot()
+        state = ClusterState(**{f.name: getattr(snap, f.name)
+                                for f in dataclasses.fields(ClusterState)})
+        return snap.index, state_to_bytes(state, legacy=state.cluster.schema < 2)
 
     def add_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(index)`` runs on the tick thread after every applied command."""
