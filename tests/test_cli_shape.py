@@ -278,12 +278,16 @@ def test_the_cli_waits_shows_progress_and_scripts_well(lab_factory: Callable[...
         == [svc["id"]]
     assert h1.cli("service", "ls", "--filter", "mode=replicated-job", "--format",
                   "{{.Name}}:{{.Mode}}").stdout.split() == ["batch:replicated-job"]
+    # (the job's completed tasks are wanted Complete, as Swarm shows them: not "running")
     ps = h1.cli("service", "ps", "web_1", "batch", "-f", "desired-state=running",
                 "--format", "{{.Name}}").stdout.split()
-    assert sorted(ps) == ["batch.1", "batch.2", "web_1.1", "web_1.2", "web_1.3"]
+    assert sorted(ps) == ["web_1.1", "web_1.2", "web_1.3"]
     ps = h1.cli("service", "ps", "web_1", "batch", "-f", "desired-state=running",
                 "-f", "name=web_1.1", "-f", "name=batch", "--format", "{{.Name}}").stdout
-    assert sorted(ps.split()) == ["batch.1", "batch.2", "web_1.1"]
+    assert ps.split() == ["web_1.1"]
+    ps = h1.cli("service", "ps", "web_1", "batch", "-f", "name=batch",
+                "--format", "{{.Name}} {{.DesiredState}}").stdout.splitlines()
+    assert sorted(ps) == ["batch.1 Complete", "batch.2 Complete"]
     assert h1.cli("node", "ls", "-q", "-f", "role=manager").stdout.split() == \
         [h1.cli_json("node", "ls")[0]["id"][:12]]
     bad = h1.cli("node", "ls", "-f", "colour=red", check=False)
