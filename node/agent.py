@@ -1,8 +1,10 @@
 """The agent: the one long-running process every node runs — wiring and this node's lifecycle.
 
-Owns: constructing the components of a node and its membership lifecycle —
-uninitialised → (init | join) → member → (leave) → uninitialised — and its role switch
-(worker ⇄ manager, swapping the state source under the running tasks). As a member it runs:
+Owns: constructing the components of a node, starting and stopping them as the node becomes
+and stops being a member, and the state the two mixins of the Agent use: its membership
+lifecycle — uninitialised → (init | join) → member → (leave) → uninitialised — in
+shoal.node.lifecycle, and its role switch (worker ⇄ manager, swapping the state source under
+the running tasks) in shoal.node.roleswitch. As a member it runs:
 
 * the cluster state source (shoal.node.source.StateSource): the RaftStore on managers (a
   voter); on workers a StateFeed fed by the managers over mTLS (shoal.node.feed) — workers
@@ -14,20 +16,17 @@ uninitialised → (init | join) → member → (leave) → uninitialised — and
   the command modules (shoal.node.control.*) built here.
 
 Components get the narrow NodeContext (shoal.node.context), never the agent; nothing under
-node/ imports this module. Must not touch: commands (shoal.node.control), policy
-(orchestrator/scheduler/state machine own it) or the runtime's internals. Everything here is
-glue, so it reads top to bottom.
+node/ imports this module (and only this one imports the two mixins). Must not touch: commands
+(shoal.node.control), policy (orchestrator/scheduler/state machine own it) or the runtime's
+internals. Everything here is glue, so it reads top to bottom.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
 import os
-import secrets
 import signal
 import socket
 import time
@@ -39,7 +38,7 @@ import aiohttp
 
 from shoal.gossip import Config as GossipConfig
 from shoal.gossip import EventKind, MemberEvent
-from shoal.node import pki, sealing, shutdown, upgrade
+from shoal.node import pki, shutdown, upgrade
 from shoal.node.api import ApiServer, Controls
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
@@ -47,43 +46,32 @@ from shoal.node.control.admission import Admission
 from shoal.node.control.dispatcher import Dispatcher
 from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
-from shoal.node.control.roles import Roles, hand_over_leadership
+from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
-from shoal.node.errors import (
-    AlreadyInCluster,
-    ApiError,
-    BadRequest,
-    NotInCluster,
-    TokenError,
-    Unavailable,
-)
+from shoal.node.errors import Unavailable
 from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed, tcp_probe
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
-from shoal.node.joining import Admitted, JoinCall, JoinKey, request_join
+from shoal.node.joining import Admitted
 from shoal.node.leader import LeaderLoop
+from shoal.node.lifecycle import MembershipLifecycle
 from shoal.node.membership import GossipControl, Membership
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.mqtt import MqttSupervisor
 from shoal.node.netapi import NetworksApi
 from shoal.node.registries import Registries
+from shoal.node.roleswitch import RoleSwitch
 from shoal.node.sealing import derive_gossip_key
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.source import StateSource
-from shoal.node.tokens import (
-    new_secret,
-    parse_token,
-)
 from shoal.node.transfer import Transfer, cluster_usage
 from shoal.node.version import version
 from shoal.node.worker import Worker
-from shoal.raft.errors import StoreError
-from shoal.raft.models import Node, NodeRole, to_dict
-from shoal.raft.schema import SCHEMA
-from shoal.raft.state import ClusterState, Snapshot
+from shoal.raft.models import NodeRole
+from shoal.raft.state import Snapshot
 from shoal.raft.store import RaftStore
 from shoal.runtime.process import ProcessController
 from shoal.runtime.records import RuntimeConfig
@@ -91,15 +79,11 @@ from shoal.runtime.records import RuntimeConfig
 log = logging.getLogger("shoal.agent")
 
 
-def _total_memory() -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
+class Agent(MembershipLifecycle, RoleSwitch):
+    """A node's agent. Its membership lifecycle (init/join/leave) is MembershipLifecycle
+    (node/lifecycle.py), its role switch RoleSwitch (node/roleswitch.py): mixins that declare
+    the attributes they use, all constructed here."""
 
-
-class Agent:
     def __init__(self, config: AgentConfig, hostname: str | None = None) -> None:
         config.validate()
         self.config = config
@@ -301,10 +285,6 @@ class Agent:
                 addr, path, body, timeout=timeout),
             config=self.config.feed, on_managers=self._managers_changed, probe=tcp_probe)
 
-    @property
-    def _raft_self(self) -> str:
-        return f"{self.config.advertise_addr}:{self.config.raft_port}"
-
     def _current_snapshot(self) -> Snapshot | None:
         store = self.store
         return store.snapshot() if store is not None else None
@@ -469,231 +449,6 @@ class Agent:
                 raise Unavailable(f"timed out after {timeout:g}s waiting for {what}")
             await asyncio.sleep(0.02)
 
-    def _self_node(self, node_id: str, role: str) -> dict[str, Any]:
-        return to_dict(Node(id=node_id, hostname=self.hostname, addr=self.config.advertise_addr,
-                            api_port=self.config.api_port, raft_port=self.config.raft_port,
-                            role=NodeRole(role), gossip_port=self.config.gossip_port,
-                            memory_bytes=_total_memory(),
-                            cpus=float(len(os.sched_getaffinity(0)))))
-
-    # ================================================================== init / join / leave
-    async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
-                   ) -> dict[str, Any]:
-        async with self._lock:
-            self._refuse_if_member()
-            if cluster_cidr or default_addr_pool:  # refuse a bad network before anything
-                try:
-                    ClusterState._networks({"cluster_cidr": cluster_cidr,
-                                            "default_addr_pool": default_addr_pool})
-                except StoreError as exc:
-                    raise BadRequest(exc.message, exc.field or "cluster_cidr") from None
-            node_id, cluster_id = new_id(), secrets.token_hex(16)
-            # the cluster CA and this node's certificate; the keys only managers get
-            now = time.time()
-            ca_pem, ca_key = pki.create_ca(cluster_id, now)
-            ca = pki.CertificateAuthority(ca_pem, ca_key)
-            key = pki.new_key()
-            cert = ca.issue(pki.make_csr(key), node_id, pki.ROLE_MANAGER, cluster_id, now,
-                            self.config.cert_lifetime, self.config.advertise_addr)
-            self.security.files.save(ca_pem, cert, pki.key_pem(key))
-            manager_key = sealing.new_key()
-            identity = NodeIdentity(node_id=node_id, cluster_id=cluster_id, role="manager",
-                                    raft_password=secrets.token_urlsafe(32),
-                                    voters=[f"{self.config.advertise_addr}:"
-                                            f"{self.config.raft_port}"],
-                                    gossip_key=secrets.token_bytes(32), manager_key=manager_key)
-            self._start_member(identity)
-            store = self.require_member()
-            try:
-                await self._wait_for(store.is_leader, 15.0, "this node to become leader")
-                now = time.time()
-                sec = self.security
-                await self.propose({"op": "cluster_init", "cluster_id": cluster_id, "now": now,
-                                    "cluster_cidr": cluster_cidr,
-                                    "default_addr_pool": default_addr_pool,
-                                    "worker_secret": sec.seal_token_secret("worker",
-                                                                           new_secret()),
-                                    "manager_secret": sec.seal_token_secret("manager",
-                                                                            new_secret()),
-                                    "digest": ca.digest, "schema": SCHEMA})
-                await self.propose({"op": "ca_init", "ca_cert": ca_pem.decode(),
-                                    "ca_key": sealing.seal(manager_key, ca_key,
-                                                           sealing.AAD_CA_KEY)})
-                await self.propose({"op": "node_add", "now": now,
-                                    "node": self._self_node(node_id, "manager")})
-            except ApiError:
-                await self._abandon_membership()
-                raise
-            identity.save(self.data_dir)
-            log.info("initialised cluster %s; this node %s is the leader", cluster_id[:12],
-                     node_id)
-            return {"node_id": node_id, "cluster_id": cluster_id}
-
-    async def _abandon_membership(self) -> None:
-        await self._stop_member()
-        self.ctx.identity = None
-        NodeIdentity.remove(self.data_dir)
-        self.security.clear(remove_files=True)
-        self._remove_raft_files()
-
-    def _refuse_if_member(self) -> None:
-        if self.identity is not None:
-            raise AlreadyInCluster("this node is already part of a cluster "
-                                   "(`shoal leave` first)")
-        if self._joining is not None and not self._joining.done():
-            raise AlreadyInCluster("this node was admitted to a cluster and is finishing its "
-                                   "join (`shoal info`; `shoal leave` abandons it)")
-
-    async def join(self, token: str, remote: str) -> dict[str, Any]:
-        """Join with a token: pin the manager's CA by the token's digest, get a certificate
-        for a key made here (admission: only this phase fails on a timeout), then finish the
-        join in the background (shoal.node.joining): keys over mTLS, node.json, catch-up.
-        Waits ``join_wait`` for the catch-up, else answers ``catching_up``."""
-        async with self._lock:
-            self._refuse_if_member()
-            token = token.strip()
-            try:
-                digest, _secret = parse_token(token)
-            except TokenError as exc:
-                raise BadRequest(str(exc), "token") from None
-            if ":" not in remote:
-                remote = f"{remote}:{self.config.api_port}"
-            sec = self.security
-            ca_pem = await sec.fetch_ca(remote, digest)  # CaMismatch unless pinned digest
-            # the same key on every attempt (kept in the data dir until the join succeeded):
-            # the node id follows from it, so a retry finds the node a lost reply added
-            join_key = JoinKey(self.data_dir)
-            key = join_key.load_or_create()
-            body = {"token": token, "csr": pki.make_csr(key).decode(),
-                    "node": self._self_node("", "worker"), "schema": upgrade.SCHEMA}
-            client_ctx = pki.client_context(ca_pem)
-
-            async def call(b: dict[str, Any], timeout: float) -> dict[str, Any]:
-                # server-authenticated TLS (pinned CA, manager certificate): no cert yet
-                return await sec.call(remote, "/v1/cluster/join", b, ctx=client_ctx,
-                                      timeout=timeout)
-
-            data = await request_join(call, body, self.config.join_retry)
-            try:
-                node_id, role, cert = str(data["node_id"]), str(data["role"]), \
-                    str(data["cert"]).encode()
-                info = pki.verify_issued(cert, ca_pem, key)
-            except (KeyError, pki.PkiError) as exc:
-                raise Unavailable(f"the manager at {remote} sent no usable certificate: "
-                                  f"{exc}") from None
-            if (info.subject_id, info.role) != (node_id, role):
-                raise Unavailable(f"the manager at {remote} sent a certificate for "
-                                  f"{info.role} {info.subject_id}, not {role} {node_id}")
-            # admitted: from here on this node does not give up on its own
-            sec.files.save(ca_pem, cert, pki.key_pem(key))
-            admitted = Admitted(remote, node_id, role, info.cluster_id)
-            admitted.save(self.data_dir)
-            log.info("admitted to cluster %s as %s %s", info.cluster_id[:12], role, node_id)
-            task = self._joining = asyncio.create_task(self._finish_join(admitted),
-                                                       name="join")
-        done, _ = await asyncio.wait([task], timeout=self.config.join_wait)
-        if task in done:
-            if task.cancelled():
-                raise Unavailable("the agent is stopping: it finishes this join when it "
-                                  "starts again" if self._stop.is_set() else
-                                  "the join was abandoned (`shoal leave`)")
-            task.result()  # a refusal after admission (the node was removed meanwhile)
-        return {"node_id": node_id, "cluster_id": info.cluster_id, "role": role,
-                "catching_up": task not in done}
-
-    async def _finish_join(self, adm: Admitted) -> None:
-        """After admission: fetch the keys (retried until a manager answers or refuses),
-        write node.json and become a member, then wait for the replica/feed to catch up,
-        logging progress. A refusal (the node was removed meanwhile) undoes the join."""
-        sec = self.security
-        self._join_stage = "fetching keys"
-        try:
-            sec.load()
-            # the Raft secret, gossip key (and manager key) travel over mTLS only; retried
-            # without a deadline (a manager busy with a join storm answers late)
-            retry = dataclasses.replace(self.config.join_retry, deadline=math.inf)
-
-            def fetch(path: str) -> JoinCall:
-                return lambda b, t: sec.call(adm.remote, path, b, timeout=t)
-            keys = await request_join(fetch("/v1/cluster/keys"), {}, retry)
-            manager_key = b""
-            if adm.role == "manager":
-                mk = await request_join(fetch("/v1/cluster/manager-keys"), {}, retry)
-                manager_key = bytes.fromhex(str(mk["manager_key"]))
-            identity = NodeIdentity(node_id=adm.node_id, cluster_id=adm.cluster_id,
-                                    role=adm.role, raft_password=str(keys["raft_password"]),
-                                    voters=[str(v) for v in keys["voters"]],
-                                    managers=[str(m) for m in keys.get("managers", [])]
-                                    or [adm.remote],
-                                    gossip_key=bytes.fromhex(str(keys["gossip_key"])),
-                                    manager_key=manager_key)
-        except (ApiError, OSError, pki.PkiError, KeyError, ValueError, TypeError) as exc:
-            why = exc.message if isinstance(exc, ApiError) else f"malformed keys: {exc!r}"
-            log.error("the cluster refused this node after admitting it (%s): join again",
-                      why)
-            sec.clear(remove_files=True)
-            Admitted.remove(self.data_dir)
-            self._join_stage = ""
-            if isinstance(exc, ApiError):
-                raise
-            raise Unavailable(f"the manager at {adm.remote} sent {why}") from None
-        async with self._lock:
-            identity.save(self.data_dir)  # a restart resumes as this node from here on
-            Admitted.remove(self.data_dir)
-            JoinKey(self.data_dir).forget()
-            self._start_member(identity)
-        self._join_stage = ""
-        started = time.monotonic()
-        report = started + 5.0
-        while (store := self.store) is not None and not (
-                store.is_ready() and adm.node_id in store.snapshot().nodes):
-            if time.monotonic() >= report:
-                report += 5.0
-                log.info("admitted %s %s: its %s is catching up (index %d, %.0f s)",
-                         adm.role, adm.node_id, "Raft replica" if adm.role == "manager"
-                         else "state feed", store.index, time.monotonic() - started)
-            await asyncio.sleep(0.05)
-        if store is not None:
-            log.info("joined cluster %s as %s %s (caught up in %.1f s)", adm.cluster_id[:12],
-                     adm.role, adm.node_id, time.monotonic() - started)
-
-    async def leave(self, force: bool) -> dict[str, Any]:
-        async with self._lock:
-            joining = self._joining
-            if self.identity is None and joining is not None and not joining.done():
-                # admitted, keys not fetched yet: abandon (the join key stays: joining
-                # again is the same node)
-                joining.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await joining
-                self.security.clear(remove_files=True)
-                Admitted.remove(self.data_dir)
-                return {"node_id": "", "left": True}
-            self.require_member()
-            assert self.identity is not None and self._worker is not None
-            identity = self.identity
-            raft = self.ctx.raft
-            if identity.role == NodeRole.MANAGER:
-                if not force:
-                    raise BadRequest("this node is a manager: leaving can cost the cluster its "
-                                     "quorum; use `shoal leave --force` (demote it first)",
-                                     "force")
-                with contextlib.suppress(StoreError):
-                    if raft is not None and len(raft.voters()) > 1:
-                        await raft.remove_voter(f"{self.config.advertise_addr}:"
-                                                f"{self.config.raft_port}")
-            with contextlib.suppress(ApiError):
-                await self.propose({"op": "node_remove", "id": identity.node_id,
-                                    "now": time.time(), "force": True, "leave": True},
-                                   timeout=3.0)
-            await self._worker.stop_all()
-            self._leaving = True  # announce a graceful leave on gossip
-            try:
-                await self._abandon_membership()
-            finally:
-                self._leaving = False
-            return {"node_id": identity.node_id, "left": True}
-
     # ================================================================== queries and changes
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
@@ -714,242 +469,9 @@ class Agent:
                        network=self.mesh.describe() if self.mesh is not None else None)
         return out
 
-    # ------------------------------------------------------------------ this node's side
-    async def role_changed(self, peer: pki.CertInfo | None, role: Any) -> dict[str, Any]:
-        """A manager tells this node its role changed (mTLS, a manager's certificate):
-        switch now. Used for demotion, which a removed Raft voter cannot learn from Raft."""
-        self.security.authorize(peer, manager=True)
-        ident = self.identity
-        if ident is None:
-            raise NotInCluster("this node is not part of a cluster")
-        if role not in ("manager", "worker"):
-            raise BadRequest("role must be 'manager' or 'worker'", "role")
-        task = self._request_role(str(role))
-        try:
-            problem = await asyncio.wait_for(asyncio.shield(task), self.config.join_timeout + 2)
-        except TimeoutError:
-            problem = "still switching"
-        return {"node_id": ident.node_id, "role": self.identity.role if self.identity else "",
-                "error_message": problem or ""}
-
-    async def _role_watch(self) -> None:
-        """Level-triggered: whenever this node's own record has another role than the one it
-        runs as (seen in its state feed or Raft replica, also after a restart), switch."""
-        unready_since: float | None = None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._role_wakeup.wait()
-            self._role_wakeup.clear()
-            ident, store = self.identity, self.store
-            if ident is None or store is None or self._leaving:
-                continue
-            if time.monotonic() < self._role_retry_at or (
-                    self._role_task is not None and not self._role_task.done()):
-                continue
-            if not store.is_ready():
-                # a manager demoted while it was unreachable is no Raft member any more and
-                # never catches up: ask the other managers what this node is
-                now = time.monotonic()
-                unready_since = unready_since or now
-                if ident.role == NodeRole.MANAGER and now - unready_since > 10.0:
-                    unready_since = now
-                    if await self._demoted_while_away(ident, store):
-                        log.info("the managers say this node is a worker now: switching")
-                        self._request_role(NodeRole.WORKER.value)
-                continue
-            unready_since = None
-            me = store.snapshot().nodes.get(ident.node_id)
-            if me is not None and me.role.value != ident.role:
-                log.info("this node's record says %s, it runs as %s: switching",
-                         me.role.value, ident.role)
-                self._request_role(me.role.value)
-            await asyncio.sleep(0.1)
-
-    async def _demoted_while_away(self, ident: NodeIdentity, store: StateSource) -> bool:
-        """True if a caught-up manager hands this node no Raft secret (its record says
-        worker there)."""
-        for n in store.snapshot().nodes.values():
-            if n.role is NodeRole.MANAGER and n.id != ident.node_id:
-                with contextlib.suppress(ApiError):
-                    keys = await self.security.call(n.api_addr, "/v1/cluster/keys", {},
-                                                    timeout=2.0)
-                    return keys.get("raft_password") == ""
-        return False
-
-    def _request_role(self, role: str) -> asyncio.Task[str | None]:
-        task = self._role_task
-        if task is None or task.done():
-            task = self._role_task = asyncio.create_task(self._switch_role(role),
-                                                         name=f"become-{role}")
-        return task
-
-    async def _switch_role(self, role: str) -> str | None:
-        """Become ``role`` without stopping tasks: the worker, mesh, gossip and heartbeats
-        keep running, only the state source is swapped (feed ⇄ Raft voter) once the new one
-        has caught up. None on success, else why not (retried later by the watcher)."""
-        async with self._role_lock:
-            ident = self.identity
-            if ident is None or self.store is None or ident.role == role:
-                return None
-            try:
-                if role == NodeRole.MANAGER:
-                    await self._become_manager(ident)
-                else:
-                    await self._become_worker(ident)
-            except ApiError as exc:
-                self._role_retry_at = time.monotonic() + 5.0
-                log.warning("could not switch this node to %s: %s (retrying in 5 s)", role,
-                            exc.message)
-                return exc.message
-            except Exception as exc:
-                self._role_retry_at = time.monotonic() + 5.0
-                log.exception("could not switch this node to %s", role)
-                return repr(exc)
-            return None
-
-    async def _become_manager(self, ident: NodeIdentity) -> None:
-        feed = self.ctx.require_member()
-        deadline = time.monotonic() + self.config.join_timeout
-        # 1. a manager certificate: renewal issues the role of the node's current record
-        why = ""
-        while self.security.cert is None or self.security.cert.role != pki.ROLE_MANAGER:
-            if time.monotonic() > deadline:
-                raise Unavailable(f"no manager certificate for this node: {why}")
-            try:
-                await self.security.renew()
-                why = "a manager still issued a worker certificate"
-            except ApiError as exc:
-                why = exc.message
-            if self.security.cert is not None and self.security.cert.role != pki.ROLE_MANAGER:
-                await asyncio.sleep(0.3)
-        # 2. the Raft secret, voters and the managers' key, once the leader added the voter
-        keys, manager_key = await self._fetch_manager_keys(feed, ident, deadline)
-        new = dataclasses.replace(
-            ident, role="manager", raft_password=str(keys["raft_password"]),
-            voters=sorted({str(v) for v in keys["voters"]} | {self._raft_self}),
-            manager_key=manager_key, managers=[])
-        # 3. a Raft voter, started from a clean journal, fed by the leader
-        self._remove_raft_files()
-        raft = self._make_raft(new)
-        try:
-            await self._wait_for(
-                lambda: raft.is_ready() and raft.index >= feed.index and
-                (me := raft.snapshot().nodes.get(ident.node_id)) is not None and
-                me.role is NodeRole.MANAGER,
-                self.config.join_timeout, "this node's Raft replica to catch up")
-        except BaseException:  # (also when cancelled: the voter must not keep running)
-            raft.close()
-            self._remove_raft_files()
-            raise
-        # 4. swap the state source under the running worker, mesh and gossip
-        self.ctx.use(new, raft, raft)
-        self.event_log.attach(raft)
-        raft.add_listener(self._on_apply)
-        if self._worker is not None:
-            self._worker.store = raft
-        self._cancel_member_task("state-feed")
-        feed.close()
-        self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
-        new.save(self.data_dir)
-        self._update_gossip_role(new)
-        self._wake()
-        log.info("this node is now a manager (Raft voter %s)", self._raft_self)
-
-    async def _fetch_manager_keys(self, feed: StateSource, ident: NodeIdentity,
-                                  deadline: float) -> tuple[dict[str, Any], bytes]:
-        why = "no manager known"
-        while time.monotonic() < deadline:
-            snap = feed.snapshot()
-            leader = feed.leader_addr()
-            managers = sorted((n for n in snap.nodes.values()
-                               if n.role is NodeRole.MANAGER and n.id != ident.node_id),
-                              key=lambda n: n.raft_addr != leader)
-            for m in managers:
-                try:
-                    keys = await self.security.call(m.api_addr, "/v1/cluster/keys", {})
-                    if not keys.get("raft_password"):
-                        why = f"{m.hostname} does not see this node as a manager yet"
-                        continue
-                    if not keys.get("voter"):
-                        why = f"{m.hostname} has not added this node's Raft voter yet"
-                        continue
-                    mk = await self.security.call(m.api_addr, "/v1/cluster/manager-keys", {})
-                    return keys, bytes.fromhex(str(mk["manager_key"]))
-                except ApiError as exc:
-                    why = f"{m.hostname}: {exc.message}"
-                except (KeyError, ValueError, TypeError) as exc:
-                    why = f"{m.hostname} sent malformed keys: {exc!r}"
-            await asyncio.sleep(0.2)
-        raise Unavailable(f"could not fetch the managers' keys: {why}")
-
-    async def _become_worker(self, ident: NodeIdentity) -> None:
-        raft = self.ctx.raft
-        if raft is None:
-            raise Unavailable("this node runs no Raft replica to step down from")
-        if raft.is_leader():  # (the leader hands over before demoting itself)
-            await hand_over_leadership(raft)
-        snap = raft.snapshot()
-        me = snap.nodes.get(ident.node_id)
-        # 1. a worker certificate, signed here while this node still holds the managers' key
-        key = pki.new_key()
-        cert = self.security.issue(snap, pki.make_csr(key).decode(), ident.node_id,
-                                   pki.ROLE_WORKER, me.addr if me else
-                                   self.config.advertise_addr)
-        ca_pem = self.security.files.ca_pem()
-        try:
-            pki.verify_issued(cert, ca_pem, key)
-        except pki.PkiError as exc:
-            raise Unavailable(f"the worker certificate is not valid: {exc}") from exc
-        managers = [n.api_addr for n in sorted(snap.nodes.values(), key=lambda n: n.id)
-                    if n.role is NodeRole.MANAGER and n.id != ident.node_id]
-        new = dataclasses.replace(
-            ident, role="worker", raft_password="", manager_key=b"", managers=managers,
-            voters=[v for v in raft.voters() if v != self._raft_self])
-        self.security.files.save(ca_pem, cert, pki.key_pem(key))
-        self.security.clear()  # forgets the unsealed CA key too
-        self.security.load()
-        # 2. a state feed, caught up before it replaces the Raft replica
-        feed = self._make_feed(new)
-        run = asyncio.create_task(feed.run(), name="state-feed")
-        try:
-            await self._wait_for(feed.is_ready, self.config.join_timeout,
-                                 "this node's state feed to catch up")
-        except BaseException:
-            run.cancel()
-            raise
-        # 3. swap, forget the Raft secret, the managers' key and the Raft log
-        self.ctx.use(new, feed, None)
-        self.event_log.attach(None)
-        feed.add_listener(self._on_apply)
-        if self._worker is not None:
-            self._worker.store = feed
-        self._cancel_member_task("lead")
-        if self._leader_task is not None:
-            self._leader_task.cancel()
-            self._leader_task = None
-        self._member_tasks.append(run)
-        new.save(self.data_dir)
-        self.dispatcher.heartbeats.clear()
-        self._update_gossip_role(new)
-        self._wake()
-        await asyncio.to_thread(raft.close)
-        self._remove_raft_files()
-        log.info("this node is now a worker (Raft secret, managers' key and Raft log removed)")
-
-    def _cancel_member_task(self, name: str) -> None:
-        for t in [t for t in self._member_tasks if t.get_name() == name]:
-            t.cancel()
-            self._member_tasks.remove(t)
-
     def _remove_raft_files(self) -> None:
         for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
             (self.data_dir / "raft" / name).unlink(missing_ok=True)
-
-    def _update_gossip_role(self, identity: NodeIdentity) -> None:
-        if self.membership is not None:
-            with contextlib.suppress(Exception):
-                self.membership.update_meta(self._gossip_meta(identity))
 
     def _gossip_meta(self, identity: NodeIdentity) -> dict[str, Any]:
         return {**upgrade.gossip_meta(identity.role, self.hostname,

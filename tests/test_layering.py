@@ -47,6 +47,9 @@ NOT_IMPORTED: dict[str, frozenset[str]] = {
     "shoal.runtime.testing": frozenset(),
     "shoal.gossip.testing": frozenset(),
     "shoal.node.agent": frozenset({"shoal.cli.main"}),
+    # the Agent's mixins (membership lifecycle, role switch): parts of the wiring
+    "shoal.node.lifecycle": frozenset({"shoal.node.agent"}),
+    "shoal.node.roleswitch": frozenset({"shoal.node.agent"}),
 }
 
 
