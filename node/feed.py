@@ -364,6 +364,7 @@ class StateFeed:
         self._probe, self._cut_off = probe, False
         # the poll in flight: (addr, call, held: an increment poll, not a whole-state one)
         self._inflight: tuple[str, asyncio.Future[bytes], bool] | None = None
+        self._dropped = False  # a held poll was dropped since the last successful one
         self._checking: asyncio.Task[None] | None = None  # suspect(): the held poll's path
 
     # ------------------------------------------------------------------ reading
@@ -482,14 +483,23 @@ class StateFeed:
                 t.cancel()
 
     def suspect(self, host: str) -> None:
-        """Gossip suspects the member at ``host`` (an IP address; a node cut off from
-        everyone suspects its peers one at a time, seconds apart). If this feed's poll is
-        held at a manager (an increment poll: a whole-state download is never dropped, a
-        slow link must not restart it for ever), check that this manager still accepts a
-        TCP connection and drop the poll if not: a reply sent while the link is down comes
-        only with TCP's retransmissions, seconds after it heals."""
+        """Gossip suspects the member at ``host`` (an IP address). If it is the manager this
+        feed's poll is held at (an increment poll: a whole-state download is never dropped,
+        a slow link must not restart it for ever), check that it still accepts a TCP
+        connection and drop the poll if not: a reply sent while the link is down comes only
+        with TCP's retransmissions, seconds after it heals.
+
+        Only that manager's suspicion, and one drop until a poll succeeds again: checking on
+        *any* member's suspicion made a loaded 100-worker lab melt down (on a starved
+        machine members are suspected all the time, a busy manager's accept queue misses
+        the check's deadline, every worker dropped its poll every ~2.5 s and re-polled with
+        a new TLS handshake, which loaded the managers more: elections, term 1 → 245). A
+        node really cut off suspects every member within a few probe rounds, its poll's
+        manager included."""
         inflight = self._inflight
-        if inflight is None or inflight[1].done() or not inflight[2]:
+        if inflight is None or inflight[1].done() or not inflight[2] or self._dropped:
+            return
+        if inflight[0].rpartition(":")[0] != host:
             return
         if self._probe is not None and self.config.probe_timeout > 0 and \
                 self._checking is None:
@@ -509,6 +519,7 @@ class StateFeed:
     def _drop(self, addr: str, call: asyncio.Future[bytes], why: str) -> None:
         if not call.done():
             log.info("state feed: dropping the poll held at %s: %s", addr, why)
+            self._dropped = True  # (until a poll succeeds: see suspect)
             call.cancel()
 
     def _failed(self, addr: str, why: str) -> None:
@@ -537,6 +548,7 @@ class StateFeed:
         finally:
             self._inflight = None
         self._cut_off = False
+        self._dropped = False
         self._apply(raw)
         if self._source != addr:
             log.info("state feed from manager %s (index %d)", addr, self.index)

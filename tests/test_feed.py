@@ -225,10 +225,12 @@ async def test_feed_writes_go_to_a_manager_and_refusals_are_rejections() -> None
 async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_it_reaches(
         suspected: str) -> None:
     """A worker whose link is cut: the reply to its held poll would only come with TCP's
-    retransmissions. Once gossip suspects that manager — or any other member, and the
-    manager then accepts no connection — the feed drops that poll,
-    sends no poll into the dead link but probes every manager, and follows the first that
-    accepts a connection again: it gets the commands committed meanwhile at once."""
+    retransmissions. Once gossip suspects that manager, and it then accepts no connection,
+    the feed drops that poll, sends no poll into the dead link but probes every manager,
+    and follows the first that accepts a connection again: it gets the commands committed
+    meanwhile at once. Another member's suspicion leaves the poll alone (on a loaded
+    machine members are suspected all the time: dropping polls for them melted a
+    100-worker lab down)."""
     managers = {"10.0.0.1:2377": Manager(), "10.0.0.2:2377": Manager()}
     for cmd in _commands():
         for m in managers.values():
@@ -268,6 +270,10 @@ async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_
         # gossip suspects that manager, or another member (a worker peer)
         feed.suspect(source.rpartition(":")[0] if suspected == "source" else "10.0.0.9")
         await asyncio.sleep(0.3)
+        if suspected == "peer":  # not dropped: the poll is still held at its manager
+            held = feed._inflight
+            assert held is not None and held[0] == source and not held[1].done()
+            return
         assert feed.index == 6 and polls_into_the_cut == []
         cut.discard("10.0.0.2:2377")  # the link to one manager is back
         await _until(lambda: feed.index == 7, timeout=2.0)
