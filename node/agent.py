@@ -56,7 +56,7 @@ from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.joining import Admitted
 from shoal.node.leader import LeaderLoop
 from shoal.node.lifecycle import MembershipLifecycle
-from shoal.node.membership import GossipControl, Membership
+from shoal.node.membership import GossipControl, Membership, join_seeds
 from shoal.node.mesh import Mesh
 from shoal.node.metrics import Metrics, Sources
 from shoal.node.mqtt import MqttSupervisor
@@ -359,8 +359,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
             store = self.store
             if store is None or self.identity is None:
                 return []
-            return [f"{n.addr}:{n.gossip_port}" for n in store.snapshot().nodes.values()
-                    if n.id != self.identity.node_id]
+            return join_seeds(store.snapshot().nodes.values(), self.identity.node_id)
         try:
             await membership.start(seeds)
         except OSError as exc:
