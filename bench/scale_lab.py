@@ -161,8 +161,8 @@ class ScaleLab:
 
     def journal_bytes(self) -> int:
         """The size of the first manager's Raft journal (and dump) on disk."""
-        return sum(p.stat().st_size for p in self.managers[0].data_dir.glob("raft.*")
-                   if p.is_file())
+        raft_dir = self.managers[0].data_dir / "raft"
+        return sum(p.stat().st_size for p in raft_dir.glob("raft.*") if p.is_file())
 
     # ---------------------------------------------------------------- join storm
     def join_storm(self, timeout: float, wave: int = 0) -> None:

@@ -80,14 +80,25 @@ def trim(message: dict[str, Any], first: int, last: int,
 class Transmissions:
     """Reassembles pysyncobj's chunked single-entry messages (an entry larger than a
     batch is sent as ``transmission`` start/process/finish) so the finished entry can be
-    trimmed like any other. pysyncobj keeps its own copy; this one only reads."""
+    trimmed like any other. pysyncobj keeps its own copy; this one only reads.
+
+    pysyncobj's sender (0.3.x ``__sendAppendEntries``) labels a chunk "finish" when it
+    reaches the end of the *command*, not of the pickled entry, which is ~50 bytes longer:
+    when a batch boundary falls in those bytes, the last chunk but one is labelled "finish"
+    and the rest follows as a second "finish". pysyncobj's receiver then unpickles a
+    truncated entry, raises on its tick thread, never answers, and the leader sends the same
+    entry again, for ever, and so does every later leader (a 100-worker lab's scale to 1,000
+    tasks did this: Raft term 1 → 264 in five minutes, no write committed). A "finish" whose
+    data does not unpickle for want of bytes is therefore treated as "process" and the entry
+    completed by the next chunk."""
 
     def __init__(self) -> None:
         self._parts: dict[Any, bytes] = {}
 
     def entry_message(self, node: Any, message: dict[str, Any]) -> dict[str, Any] | None:
         """The whole message once ``message`` finishes a transmission (its entry in
-        ``entries``), else None (pass ``message`` to pysyncobj unchanged)."""
+        ``entries``); None to pass ``message`` to pysyncobj unchanged; or, for a "finish"
+        that came early (see the class), ``message`` relabelled "process" for pysyncobj."""
         kind, data = message.get("transmission"), message.get("data", b"")
         if kind == "start":
             self._parts[node] = bytes(data)
@@ -100,11 +111,20 @@ class Transmissions:
         blob = self._parts.pop(node, b"") + bytes(data)
         try:
             entry = pickle.loads(blob)  # pysyncobj's own framing (authenticated)
+        except (EOFError, pickle.UnpicklingError) as exc:
+            # a pickle (it starts with PROTO) that ends too soon: the rest is still to come
+            if blob[:1] == b"\x80" and (isinstance(exc, EOFError) or "truncated" in str(exc)):
+                return self._early(node, blob, message)
+            return None  # pysyncobj decides (and fails) as it would have
         except Exception:
             return None  # pysyncobj decides (and fails) as it would have
         whole = {k: v for k, v in message.items() if k not in ("transmission", "data")}
         whole["entries"] = [entry]
         return whole
+
+    def _early(self, node: Any, blob: bytes, message: dict[str, Any]) -> dict[str, Any]:
+        self._parts[node] = blob  # the rest comes as the next "finish"
+        return {**message, "transmission": "process"}
 
 
 __all__ = ["Transmissions", "trim"]

@@ -394,6 +394,8 @@ class _SafeSyncObj(SyncObj):
             whole = self._shoal_transmissions.entry_message(node, message)
             if whole is None:  # start/process: pysyncobj only buffers and answers
                 return handle(node, message)
+            if "transmission" in whole:  # an early "finish" relabelled: buffer it too
+                return handle(node, whole)
             message = whole
         me: Any = self  # pysyncobj's private state
         journal = me._SyncObj__raftLog

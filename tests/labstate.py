@@ -348,7 +348,7 @@ def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[in
         reap()
         targets = _lab_targets(state)
         seen.update(targets)
-        if not targets or time.monotonic() > deadline:
+        if not targets:
             break
         # Group kills first: a task shim is a session leader, tini/unshare sit in its group.
         for pid in targets:
@@ -359,6 +359,11 @@ def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[in
         for pid in targets:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        # (the deadline is checked after the kills, never before: on a machine at load 180
+        # one scan of /proc took longer than the whole timeout, and a check before the
+        # kills left a 105-agent lab running while its teardown said it was gone)
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.05)
     _reap_adopted(seen - keep())
 
@@ -472,6 +477,11 @@ def _teardown(state: _State, reap: Callable[[], None] = lambda: None,
     problems: list[str] = []
     task_ids = _task_ids(state)
     _kill_all(state, reap, keep)
+    # Verified, not assumed: a process still running after the kills is reported (and keeps
+    # the state file, so the next sweep tries again) instead of being counted as removed.
+    for pid, why in sorted(_lab_targets(state).items()):
+        info = _proc_info(pid)
+        problems.append(f"process {pid} ({info.comm if info else '?'}, {why}) survived SIGKILL")
     _remove_cgroups(_cgroup_dirs(task_ids))
     existing = set(list_netns())
     if state.switch_netns in existing:
@@ -550,7 +560,10 @@ def sweep(verbose: bool = False) -> list[str]:
         if not problems:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        removed += [f"lab {rid}: {w}" for w in what] or [f"lab {rid}: state file"]
+        # Only what is really gone counts as removed (checked again after the teardown).
+        left = {w.split(":")[0] for w in _leftovers(state)}
+        gone = [w for w in what if w.split(":")[0] not in left]
+        removed += [f"lab {rid}: {w}" for w in gone] or [f"lab {rid}: state file"]
         removed += [f"lab {rid}: could not remove: {p}" for p in problems]
     for rid, names in netns_by_rid.items():
         if rid in known:

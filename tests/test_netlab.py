@@ -394,6 +394,50 @@ def test_sweep_removes_a_crashed_lab_and_spares_a_live_one() -> None:
 
 
 @pytest.mark.netns
+def test_sweep_reports_a_process_that_survives_instead_of_counting_it_removed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep checks that the processes it killed are gone: one that is still running is
+    reported as "could not remove" and the state file stays for the next sweep (a real sweep
+    once said "removed" for 105 agents that went on running)."""
+    crashed, dead = start_child_lab()
+    try:
+        rid, sleeper = str(dead["runid"]), int(str(dead["sleeper"]))
+        crashed.kill()
+        crashed.wait(timeout=10)
+        group = os.getpgid(sleeper)
+        real_kill, real_killpg = os.kill, os.killpg
+        # The kills of one process do not take effect (as for a process the kernel does not
+        # let go of); every other kill is real.
+        monkeypatch.setattr(os, "kill",
+                            lambda pid, sig: None if pid == sleeper else real_kill(pid, sig))
+        monkeypatch.setattr(os, "killpg",
+                            lambda pg, sig: None if pg == group else real_killpg(pg, sig))
+
+        removed = netlab.sweep()
+
+        assert netlab._alive(sleeper)
+        assert any(item.startswith(f"lab {rid}: could not remove: process {sleeper} ")
+                   for item in removed), removed
+        assert not any(item.startswith(f"lab {rid}: process {sleeper} ") for item in removed)
+        assert (netlab.STATE_DIR / f"{rid}.json").exists(), "kept for the next sweep"
+
+        monkeypatch.undo()
+        again = netlab.sweep()
+        assert any(item.startswith(f"lab {rid}: process {sleeper} ") for item in again), again
+        assert not netlab._alive(sleeper)
+        assert not (netlab.STATE_DIR / f"{rid}.json").exists()
+    finally:
+        monkeypatch.undo()
+        if crashed.poll() is None:
+            crashed.kill()
+            crashed.wait()
+        assert crashed.stdout is not None and crashed.stdin is not None
+        crashed.stdout.close()
+        crashed.stdin.close()
+        netlab.sweep()
+
+
+@pytest.mark.netns
 def test_sweep_removes_orphan_namespaces_without_state_file() -> None:
     rid = secrets.token_hex(3)
     while (netlab.STATE_DIR / f"{rid}.json").exists() or our_netns(rid):
