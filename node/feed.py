@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,13 @@ class FeedConfig:
     # retransmissions of a reply the manager sent while the link was down. Costs one SYN
     # per this long while no manager is reachable. 0 = no probe (needs the agent's probe).
     probe_timeout: float = 0.25
+    # ... and while a manager keeps failing the check, the next check of it starts this
+    # much later at most (the gap doubles from probe_timeout; each with some jitter),
+    # seconds. A manager too busy to accept connections drops SYNs as a dead link does:
+    # 100 cut-off workers checking 5 managers every 0.25 s were 2,000 connections a second,
+    # enough to keep a stalled manager's accept queue full (a 100-worker lab). Longer =
+    # fewer connections, a healed link noticed later.
+    probe_backoff_max: float = 0.5
     # Deadline of one status report, seconds (tried on every known manager in turn).
     write_timeout: float = 5.0
     # Worker side: ask managers for zlib-compressed replies. Off = plain msgpack (what a
@@ -463,7 +471,9 @@ class StateFeed:
 
         async def keep_probing(addr: str, delay: float) -> None:
             await asyncio.sleep(delay)
+            gap = timeout
             while True:
+                started = time.monotonic()
                 try:
                     if await probe(addr, timeout):
                         if not found.done():
@@ -473,6 +483,11 @@ class StateFeed:
                 except OSError as exc:  # refused: the host is there, its agent is not
                     self._errors[addr] = f"refused: {exc}"[:200]
                     await asyncio.sleep(self.config.retry)
+                # back off (see probe_backoff_max), jittered so workers cut off together
+                # do not probe together
+                gap = min(2 * gap, max(timeout, self.config.probe_backoff_max))
+                await asyncio.sleep(max(0.0, started + gap * random.uniform(0.75, 1.0)
+                                        - time.monotonic()))
 
         loops = [asyncio.create_task(keep_probing(m, i / len(managers)))
                  for i, m in enumerate(managers)]

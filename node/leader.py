@@ -24,7 +24,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -267,8 +267,9 @@ class LeaderLoop:
                  gossip_meta: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
                  restarts: Callable[[], Mapping[str, float]] | None = None,
                  usage: UsageFn | None = None,
-                 gossip_all: Callable[[], tuple[dict[str, str], Mapping[str, Mapping[str, Any]],
-                                                Mapping[str, float]]] | None = None) -> None:
+                 gossip_all: Callable[[], Awaitable[tuple[
+                     dict[str, str], Mapping[str, Mapping[str, Any]],
+                     Mapping[str, float]]]] | None = None) -> None:
         self.store = store
         # the three gossip reads below in one call (the agent's: one round trip to the gossip
         # thread per pass instead of three); when given, it replaces them
@@ -337,6 +338,19 @@ class LeaderLoop:
         return await self._pass(self.store.term(), led_for)
 
     async def _pass(self, term: int, led_for: float) -> float | None:
+        metas: Mapping[str, Mapping[str, Any]] | None = None
+        view: dict[str, str] | None
+        restarts: Mapping[str, float] | None
+        if self.gossip_all is not None:  # (first: the snapshot below is then the newer)
+            try:
+                view, metas, restarts = await self.gossip_all()
+            except TimeoutError:  # a wedged gossip thread: judge by heartbeats this pass
+                log.warning("the gossip thread did not answer: this pass judges nodes by "
+                            "their heartbeats alone")
+                view, restarts = None, None
+        else:
+            view = self.gossip() if self.gossip else None
+            restarts = self.restarts() if self.restarts else None
         snap = self.store.snapshot()
         # a node that joined since: judged from when this leader first saw it plus the join
         # grace (as if heard from then), so it is not taken DOWN ("last heard never")
@@ -345,14 +359,6 @@ class LeaderLoop:
         for node_id in snap.nodes.keys() - self.heartbeats.keys():
             self.heartbeats[node_id] = mono + self.config.join_grace
         liveness = led_for >= self.config.leadership_grace
-        metas: Mapping[str, Mapping[str, Any]] | None = None
-        view: dict[str, str] | None
-        restarts: Mapping[str, float] | None
-        if self.gossip_all is not None:
-            view, metas, restarts = self.gossip_all()
-        else:
-            view = self.gossip() if self.gossip else None
-            restarts = self.restarts() if self.restarts else None
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  self.config, liveness=liveness, gossip=view,
                                  restarts=restarts, index=self.index)

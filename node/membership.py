@@ -149,6 +149,22 @@ class GossipThread:
         self.loop.call_soon_threadsafe(step)
         return fut.result(SYNC_TIMEOUT)
 
+    async def ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """``call`` for the agent's loop: awaits the gossip thread instead of blocking the
+        loop on it (under load a gossip thread busy with 100 members' packets kept a
+        leader's loop from accepting connections for seconds)."""
+        if not self.running or threading.current_thread() is self.thread:
+            return fn(*args)
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def step() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller
+                fut.set_exception(exc)
+        self.loop.call_soon_threadsafe(step)
+        return await asyncio.wait_for(asyncio.wrap_future(fut), SYNC_TIMEOUT)
+
     def stop(self) -> None:
         if self.running:
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -343,14 +359,15 @@ class Membership:
         moment this node saw it go plus the announced grace (at most MAX_RESTART_GRACE)."""
         return self.thread.call(self._restarts)
 
-    def leader_inputs(self) -> LeaderInputs:
+    async def leader_inputs(self) -> LeaderInputs:
         """``view``, ``metas`` and ``restarts`` in one round trip to the gossip thread (the
-        leader reads all three every pass: one cross-thread call instead of three)."""
+        leader reads all three every pass: one cross-thread call instead of three),
+        awaited: the leader's loop goes on serving meanwhile."""
         def all_three() -> LeaderInputs:
             members = self.list.members(include_gone=True)
             return ({m.name: STATE_NAMES[m.state] for m in members},
                     {m.name: dict(m.meta) for m in members}, self._restarts())
-        return self.thread.call(all_three)
+        return await self.thread.ask(all_three)
 
     def _restarts(self) -> dict[str, float]:
         loop_now = asyncio.get_running_loop().time()
@@ -495,10 +512,10 @@ class GossipControl:
         m = self._current()
         return m.restarts() if m is not None and m.running else {}
 
-    def leader_inputs(self) -> LeaderInputs:
+    async def leader_inputs(self) -> LeaderInputs:
         """``view``, ``metas``, ``restarts`` at once (``Membership.leader_inputs``)."""
         m = self._current()
-        return m.leader_inputs() if m is not None and m.running else ({}, {}, {})
+        return await m.leader_inputs() if m is not None and m.running else ({}, {}, {})
 
     # ---------------------------------------------------------------- keyring persistence
     def _persist(self, m: Membership) -> None:

@@ -9,13 +9,15 @@ test_security_cluster.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
 from typing import Any
 
 import msgpack
 import pytest
 
-from shoal.node.errors import Forbidden, Unavailable
+from shoal.node.errors import Forbidden, PeerError, Unavailable
 from shoal.node.feed import FeedConfig, StateFeed
 from shoal.raft.errors import CommandRejected, WireError, WriteTimeout
 from shoal.raft.models import Node, NodeRole, to_dict
@@ -279,6 +281,52 @@ async def test_a_cut_off_feed_drops_its_held_poll_and_follows_the_first_manager_
         await _until(lambda: feed.index == 7, timeout=2.0)
         assert feed.status()["feed_source"] == "10.0.0.2:2377"
         assert polls_into_the_cut == []
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+
+async def test_a_cut_off_feed_checks_each_manager_less_often_while_it_stays_unreachable(
+        ) -> None:
+    """Cut off from every manager, the feed checks each one with a growing gap (up to
+    probe_backoff_max), not every probe_timeout: 100 cut-off workers checking 5 stalled
+    managers every 0.25 s kept their accept queues full. A manager that answers again is
+    followed at once."""
+    managers = {"10.0.0.1:2377": Manager(), "10.0.0.2:2377": Manager()}
+    for cmd in _commands():
+        for m in managers.values():
+            m.apply(cmd)
+    reachable = False
+    checks: list[tuple[str, float]] = []
+
+    async def call_bytes(addr: str, path: str, body: dict[str, Any], _t: float) -> bytes:
+        if not reachable:
+            raise PeerError(f"{addr}: connection timed out")
+        return await managers[addr].call_bytes(path, body)
+
+    async def call_json(addr: str, path: str, body: dict[str, Any], _t: float
+                        ) -> dict[str, Any]:
+        return await managers[addr].call_json(path, body)
+
+    async def probe(addr: str, timeout: float) -> bool:
+        checks.append((addr, time.monotonic()))
+        if not reachable:
+            await asyncio.sleep(timeout)
+        return reachable
+
+    feed = StateFeed("n3", sorted(managers), call_bytes, call_json,
+                     FeedConfig(retry=0.01, probe_timeout=0.02, probe_backoff_max=0.2),
+                     probe=probe)
+    run = asyncio.create_task(feed.run())
+    try:
+        await asyncio.sleep(1.5)
+        per_manager = collections.Counter(a for a, _ in checks)
+        # without the back-off: one check every 0.02 s, ~70 per manager in 1.5 s; with it
+        # 0.02, 0.04, 0.08, 0.16, then every 0.15-0.2 s: ~11
+        assert all(3 <= n <= 16 for n in per_manager.values()), per_manager
+        reachable = True
+        await _until(lambda: feed.is_ready(), timeout=2.0)
     finally:
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
