@@ -344,12 +344,14 @@ def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[in
     will reap themselves)."""
     deadline = time.monotonic() + timeout
     seen: set[int] = set()
+    passes = 0
     while True:
         reap()
         targets = _lab_targets(state)
         seen.update(targets)
         if not targets:
             break
+        passes += 1
         # Group kills first: a task shim is a session leader, tini/unshare sit in its group.
         for pid in targets:
             info = _proc_info(pid)
@@ -361,8 +363,9 @@ def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[in
                 os.kill(pid, signal.SIGKILL)
         # (the deadline is checked after the kills, never before: on a machine at load 180
         # one scan of /proc took longer than the whole timeout, and a check before the
-        # kills left a 105-agent lab running while its teardown said it was gone)
-        if time.monotonic() > deadline:
+        # kills left a 105-agent lab running while its teardown said it was gone; and not
+        # before a second pass, which catches what the agents forked during the first scan)
+        if time.monotonic() > deadline and passes >= 2:
             break
         time.sleep(0.05)
     _reap_adopted(seen - keep())
@@ -499,7 +502,11 @@ def _teardown(state: _State, reap: Callable[[], None] = lambda: None,
         res = _run(["umount", "-l", mnt])
         if res.returncode != 0:
             problems.append(f"umount {mnt}: {res.stderr.strip()}")
-    if not state.keep_data:
+    if any(p.endswith("survived SIGKILL") for p in problems):
+        # the data dir names the tasks whose cgroups the survivors hold: kept, so the next
+        # sweep (the state file stays too) can remove those cgroups
+        problems.append(f"kept {state.root} for the next sweep")
+    elif not state.keep_data:
         try:
             _safe_rmtree(state.root)
         except (OSError, LabError) as exc:
