@@ -396,10 +396,10 @@ class ApiServer:
         nodes_, roles, svcs = c.nodes, c.roles, c.services
 
         async def nodes(_: web.Request) -> Any:
-            return nodes_.nodes()
+            return await nodes_.nodes()
 
         async def node(req: web.Request) -> Any:
-            return nodes_.node(req.match_info["ref"])
+            return await nodes_.node(req.match_info["ref"])
 
         async def node_rm(req: web.Request) -> Any:
             return await nodes_.remove_node(req.match_info["ref"],
@@ -410,7 +410,7 @@ class ApiServer:
             if "role" in body:  # `node update --role` is promote/demote
                 await roles.set_role(req.match_info["ref"], body.pop("role"))
                 if not body:
-                    return nodes_.node(req.match_info["ref"])
+                    return await nodes_.node(req.match_info["ref"])
             return await nodes_.update_node(req.match_info["ref"], body)
 
         async def node_promote(req: web.Request) -> Any:

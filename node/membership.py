@@ -104,6 +104,8 @@ T = TypeVar("T")
 SYNC_TIMEOUT = 5.0
 # what the leader reads from gossip each pass: node id → state, → metadata, → restart deadline
 LeaderInputs = tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, float]]
+# what `node ls` / `node inspect` read: node id → state, → metadata; one member's detail
+NodeViews = tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, Any] | None]
 
 
 class GossipThread:
@@ -236,10 +238,15 @@ class Membership:
 
     async def _key_watchdog(self) -> None:
         """Ask for the current keys when packets or frames fail to decrypt here."""
-        handled = self.stats().get("drop.decrypt", 0)
+        def decrypt_drops() -> int:
+            return int(self.list.stats.get("drop.decrypt", 0))
+        handled = await self.thread.ask(decrypt_drops)
         while True:
             await asyncio.sleep(1.0)
-            drops = self.stats().get("drop.decrypt", 0)
+            try:  # (awaited, every second on every node: never block the agent's loop)
+                drops = await self.thread.ask(decrypt_drops)
+            except TimeoutError:
+                continue
             if drops > handled and (self._refresh_keys is None
                                     or await self.maybe_refresh_keys()):
                 handled = drops
@@ -326,8 +333,8 @@ class Membership:
     def health_score(self) -> int:
         return self.thread.call(lambda: self.list.health_score)
 
-    def take_probe_rtts(self) -> list[float]:
-        return self.thread.call(lambda: list(self.list.take_probe_rtts()))
+    async def take_probe_rtts(self) -> list[float]:
+        return await self.thread.ask(lambda: list(self.list.take_probe_rtts()))
 
     def view(self) -> dict[str, str]:
         """Node id → gossip state of every member this node has heard of."""
@@ -352,6 +359,17 @@ class Membership:
             m = self.list.member(node_id)
             return None if m is None else member_dict(m)
         return self.thread.call(detail)
+
+    async def node_views(self, node_id: str | None = None) -> NodeViews:
+        """``view``, ``metas`` and (with ``node_id``) ``member_detail`` in one awaited round
+        trip to the gossip thread (`node ls`, `node inspect`, the dashboard)."""
+        def read() -> NodeViews:
+            members = self.list.members(include_gone=True)
+            m = self.list.member(node_id) if node_id is not None else None
+            return ({x.name: STATE_NAMES[x.state] for x in members},
+                    {x.name: dict(x.meta) for x in members},
+                    None if m is None else member_dict(m))
+        return await self.thread.ask(read)
 
     def restarts(self) -> dict[str, float]:
         """Node id → deadline (``time.monotonic()``) of the planned restart of every member
@@ -493,19 +511,16 @@ class GossipControl:
             "stats": dict(sorted(m.stats().items())),
         }
 
-    def member_detail(self, node_id: str) -> dict[str, Any] | None:
+    async def node_views(self, node_id: str | None = None) -> NodeViews:
+        """node id → gossip state, → last announced metadata, and ``node_id``'s member
+        detail, from this node's member list (({}, {}, None) while gossip is down)."""
         m = self._current()
-        return m.member_detail(node_id) if m is not None and m.running else None
-
-    def view(self) -> dict[str, str]:
-        """node id → gossip state, from this node's member list ({} while gossip is down)."""
-        m = self._current()
-        return m.view() if m is not None and m.running else {}
-
-    def metas(self) -> dict[str, dict[str, Any]]:
-        """node id → its last announced gossip metadata ({} while gossip is down)."""
-        m = self._current()
-        return m.metas() if m is not None and m.running else {}
+        if m is None or not m.running:
+            return {}, {}, None
+        try:
+            return await m.node_views(node_id)
+        except TimeoutError:  # a wedged gossip thread: show the records without gossip
+            return {}, {}, None
 
     def restarts(self) -> dict[str, float]:
         """Planned restarts in progress, for the leader's liveness (``Membership.restarts``)."""

@@ -132,7 +132,7 @@ class Metrics:
         gossip = self.sources.gossip()
         if gossip is not None:
             with contextlib.suppress(Exception):
-                for rtt in gossip.take_probe_rtts():
+                for rtt in await gossip.take_probe_rtts():
                     self.probe_rtt.observe(rtt)
         return await asyncio.to_thread(generate_latest, self.registry)
 

@@ -41,20 +41,21 @@ class Nodes:
         self.gossip = gossip  # membership view and member detail
         self.voters = voters  # Raft membership changes, one at a time
 
-    def nodes(self) -> list[dict[str, Any]]:
+    async def nodes(self) -> list[dict[str, Any]]:
         store = self.ctx.require_manager()
+        gossip, metas, _ = await self.gossip.node_views()
         snap = store.snapshot()
-        gossip, metas = self.gossip.view(), self.gossip.metas()
         return [views.node_view(n, snap, store, gossip=gossip, metas=metas) for n in
                 sorted(snap.nodes.values(), key=lambda n: (n.hostname, n.id))]
 
-    def node(self, ref: str) -> dict[str, Any]:
+    async def node(self, ref: str) -> dict[str, Any]:
         store = self.ctx.require_manager()
+        n = find_node(store.snapshot(), ref)
+        gossip, metas, detail = await self.gossip.node_views(n.id)
         snap = store.snapshot()
-        n = find_node(snap, ref)
-        out = views.node_view(n, snap, store, detail=True, gossip=self.gossip.view(),
-                              metas=self.gossip.metas())
-        out["gossip"] = self.gossip.member_detail(n.id)  # state, incarnation, state_since
+        n = snap.nodes.get(n.id, n)
+        out = views.node_view(n, snap, store, detail=True, gossip=gossip, metas=metas)
+        out["gossip"] = detail  # state, incarnation, state_since
         return out
 
     async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +77,7 @@ class Nodes:
         if labels != n.labels:
             cmd["labels"] = labels
         await self.ctx.propose(cmd)
-        return self.node(n.id)
+        return await self.node(n.id)
 
     async def remove_node(self, ref: str, force: bool) -> dict[str, Any]:
         """Remove a node. This also revokes its certificate: every node-to-node route accepts

@@ -228,7 +228,7 @@ class Dashboard:
         self.guard(request, "node_ls")
         store = self.services.ctx.require_manager()
         snap = store.snapshot()
-        nodes = self.nodes.nodes()
+        nodes = await self.nodes.nodes()
         for n in nodes:
             rec = snap.nodes.get(n["id"])
             if rec is not None:
