@@ -207,18 +207,28 @@ class RoleSwitch:
             self._remove_raft_files()
             raise
         # 4. swap the state source under the running worker, mesh and gossip
-        self.ctx.use(new, raft, raft)
-        self.event_log.attach(raft)
-        raft.add_listener(self._on_apply)
-        if self._worker is not None:
-            self._worker.store = raft
+        self._use_source(new, raft, raft)
         self._cancel_member_task("state-feed")
         feed.close()
         self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
+        self._switched(new)
+        log.info("this node is now a manager (Raft voter %s)", self._raft_self)
+
+    def _use_source(self, new: NodeIdentity, source: StateSource,
+                    raft: RaftStore | None) -> None:
+        """Put ``source`` (the Raft replica, or a state feed) under the running worker,
+        mesh, events and API, as ``new``'s role."""
+        self.ctx.use(new, source, raft)
+        self.event_log.attach(raft)
+        source.add_listener(self._on_apply)
+        if self._worker is not None:
+            self._worker.store = source
+
+    def _switched(self, new: NodeIdentity) -> None:
+        """The switch is done: persist the identity, announce the role, wake the loops."""
         new.save(self.data_dir)
         self._update_gossip_role(new)
         self._wake()
-        log.info("this node is now a manager (Raft voter %s)", self._raft_self)
 
     async def _fetch_manager_keys(self, feed: StateSource, ident: NodeIdentity,
                                   deadline: float) -> tuple[dict[str, Any], bytes]:
@@ -283,20 +293,14 @@ class RoleSwitch:
             run.cancel()
             raise
         # 3. swap, forget the Raft secret, the managers' key and the Raft log
-        self.ctx.use(new, feed, None)
-        self.event_log.attach(None)
-        feed.add_listener(self._on_apply)
-        if self._worker is not None:
-            self._worker.store = feed
+        self._use_source(new, feed, None)
         self._cancel_member_task("lead")
         if self._leader_task is not None:
             self._leader_task.cancel()
             self._leader_task = None
         self._member_tasks.append(run)
-        new.save(self.data_dir)
         self.dispatcher.heartbeats.clear()
-        self._update_gossip_role(new)
-        self._wake()
+        self._switched(new)
         await asyncio.to_thread(raft.close)
         self._remove_raft_files()
         log.info("this node is now a worker (Raft secret, managers' key and Raft log removed)")
