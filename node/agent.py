@@ -421,7 +421,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
             if store.is_leader() and (self._leader_task is None or self._leader_task.done()):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
                                   self._leader_wakeup, gossip_all=self.gossip.leader_inputs,
-                                  usage=partial(cluster_usage, self.transfer))
+                                  usage=partial(cluster_usage, self.transfer),
+                                  heartbeat_interval=self.config.heartbeat_interval)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():

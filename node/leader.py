@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -31,7 +32,12 @@ import msgpack
 
 from shoal.node import cron
 from shoal.node.autoscale import Autoscaler, UsageFn
-from shoal.node.orchestrator import OrchestratorConfig, node_liveness, reconcile_services
+from shoal.node.orchestrator import (
+    OrchestratorConfig,
+    heartbeat_stretch,
+    node_liveness,
+    reconcile_services,
+)
 from shoal.node.rollout import Op
 from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
@@ -269,8 +275,12 @@ class LeaderLoop:
                  usage: UsageFn | None = None,
                  gossip_all: Callable[[], Awaitable[tuple[
                      dict[str, str], Mapping[str, Mapping[str, Any]],
-                     Mapping[str, float]]]] | None = None) -> None:
+                     Mapping[str, float]]]] | None = None,
+                 heartbeat_interval: float = 1.0) -> None:
         self.store = store
+        # the nodes' base heartbeat period (the agent's), stretched in big clusters
+        # (OrchestratorConfig.max_heartbeats_per_second): node_down_timeout with it
+        self.heartbeat_interval = heartbeat_interval
         # the three gossip reads below in one call (the agent's: one round trip to the gossip
         # thread per pass instead of three); when given, it replaces them
         self.gossip_all = gossip_all
@@ -359,8 +369,14 @@ class LeaderLoop:
         for node_id in snap.nodes.keys() - self.heartbeats.keys():
             self.heartbeats[node_id] = mono + self.config.join_grace
         liveness = led_for >= self.config.leadership_grace
+        config = self.config
+        stretch = heartbeat_stretch(len(snap.nodes), self.heartbeat_interval,
+                                    config.max_heartbeats_per_second)
+        if stretch > 1.0:  # nodes beat less often in a big cluster: judged as patiently
+            config = dataclasses.replace(
+                config, node_down_timeout=config.node_down_timeout * stretch)
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
-                                 self.config, liveness=liveness, gossip=view,
+                                 config, liveness=liveness, gossip=view,
                                  restarts=restarts, index=self.index)
         if self.autoscaler is not None:  # (shoal.node.autoscale: replica changes)
             ops += await self.autoscaler.plan(snap, time.monotonic())

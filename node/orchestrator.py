@@ -79,6 +79,12 @@ class OrchestratorConfig:
     join_grace: float = 10.0
     # How often the leader re-runs the loops when nothing changes, seconds.
     interval: float = 0.5
+    # The leader takes at most this many heartbeats a second, whatever the cluster's size
+    # (Nomad's max_heartbeats_per_second): in a cluster of more than heartbeat_interval x
+    # this many nodes every node beats less often (the period is in each heartbeat's answer)
+    # and node_down_timeout grows in proportion for the nodes judged by heartbeats — gossip
+    # judges every node it knows, so detection stays gossip's ~1.5 s. 0 = no cap.
+    max_heartbeats_per_second: float = 50.0
 
     def validate(self) -> None:
         if self.task_history < 0:
@@ -87,6 +93,16 @@ class OrchestratorConfig:
             raise ValueError("node_down_timeout and interval must be > 0")
         if self.join_grace < 0:
             raise ValueError("join_grace must be >= 0")
+        if self.max_heartbeats_per_second < 0:
+            raise ValueError("max_heartbeats_per_second must be >= 0")
+
+
+def heartbeat_stretch(nodes: int, interval: float, max_rate: float) -> float:
+    """How many times ``interval`` each of ``nodes`` waits between heartbeats so that the
+    leader receives at most ``max_rate`` a second (1 in a small cluster; 0 = no cap)."""
+    if max_rate <= 0 or interval <= 0:
+        return 1.0
+    return max(1.0, nodes / (max_rate * interval))
 
 
 def node_liveness(

@@ -243,3 +243,47 @@ async def test_a_worker_catching_up_beats_to_the_managers_it_joined_through(
     worker = Dispatcher(ctx, NetSecurity(ctx, net), lambda: None)
     await worker.heartbeat_once()
     assert sorted(net.sent) == sorted(feed.seeds) and all(_heard(net).values())
+
+
+async def _add_workers(stores: list[ViewStore], n: int) -> None:
+    for store in stores:
+        for i in range(n):
+            await store.propose({"op": "node_add", "now": 1.0, "node": to_dict(
+                _node(f"x{i}", f"10.0.{2 + i // 250}.{1 + i % 250}", NodeRole.WORKER))})
+
+
+async def test_the_leader_caps_its_heartbeats_per_second_by_stretching_the_period(
+        tmp_path: Path) -> None:
+    """Nomad's max_heartbeats_per_second: the leader's answer carries the period every node
+    must keep so that it receives at most 50 beats a second (1 s up to 50 nodes; 3 s at
+    150), and the worker keeps it; a follower's answer carries none."""
+    net, worker, wstore, stores = await _lab(tmp_path, leader="m1")
+    await worker.heartbeat_once()
+    assert worker.heartbeat_period == 1.0  # 4 nodes: the configured period
+    await _add_workers([*stores.values(), wstore], 146)  # 150 nodes in all
+    await worker.heartbeat_once()
+    assert worker.heartbeat_period == 3.0
+    follower = net.managers["10.0.0.2:2377"]
+    peer = pki.CertInfo(subject_id=WORKER[0], role="worker", cluster_id="c1", serial=1,
+                        not_before=0.0, not_after=time.time() + 3600)
+    assert "interval" not in follower.heartbeat(peer, WORKER[0])
+
+
+async def test_nodes_judged_by_heartbeats_get_a_timeout_stretched_like_their_period(
+        tmp_path: Path) -> None:
+    """In a 150-node cluster nodes beat every 3 s, so a node gossip does not know (here: no
+    gossip at all) is DOWN after 3 x node_down_timeout of silence, not 1 x."""
+    net, _, wstore, stores = await _lab(tmp_path, leader="m1")
+    await _add_workers([*stores.values(), wstore], 146)
+    m1 = net.managers["10.0.0.1:2377"]
+    config = OrchestratorConfig()
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event())
+    now = time.monotonic()
+    for nid in stores["m1"].snapshot().nodes:
+        m1.heartbeats[nid] = now
+    m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)  # 5 s: stretched 12 s
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY
+    m1.heartbeats[WORKER[0]] = now - (3 * config.node_down_timeout + 1)
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,11 +41,16 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.feed import FeedServer
+from shoal.node.orchestrator import heartbeat_stretch
 from shoal.node.security import Security
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Node, NodeRole, NodeState
 
 log = logging.getLogger("shoal.dispatcher")
+
+# The longest heartbeat period a leader's answer can ask for, seconds (a bound against a
+# bogus answer; 50 beats a second reach it at 3,000 nodes).
+MAX_HEARTBEAT_PERIOD = 60.0
 
 # A report whose sender's clock differs from this manager's by more than this (seconds) has
 # its times moved into the manager's clock.
@@ -132,6 +138,9 @@ class Dispatcher:
         self.feed = FeedServer(ctx.config.feed)
         self._refused_logged = 0.0
         self._hb_broadcast = True  # the last heartbeat found no leader: ask every manager
+        # the period the leader asked for in its last answer (a big cluster: longer than
+        # the configured heartbeat_interval, which stays the minimum)
+        self.heartbeat_period = 0.0
         self._skew_logged: dict[str, float] = {}  # node id → monotonic time last warned
         # set when this agent stops: held polls answer "stopping" at once, so the API closes
         # without waiting for them (shoal.node.shutdown); the worker asks another manager
@@ -233,7 +242,14 @@ class Dispatcher:
         self.record_heartbeat(node_id)
         store = self.ctx.store
         # (the sender then beats to this manager alone while it leads: heartbeat_targets)
-        return {"ok": True, "leader": bool(store is not None and store.is_leader())}
+        leads = bool(store is not None and store.is_leader())
+        reply: dict[str, Any] = {"ok": True, "leader": leads}
+        if leads and store is not None:  # the period the leader can take from every node
+            config = self.ctx.config
+            reply["interval"] = config.heartbeat_interval * heartbeat_stretch(
+                len(store.snapshot().nodes), config.heartbeat_interval,
+                config.orchestrator.max_heartbeats_per_second)
+        return reply
 
     def record_heartbeat(self, node_id: str) -> None:
         """A heartbeat from ``node_id``; the caller has checked it is the sender's own id."""
@@ -250,7 +266,11 @@ class Dispatcher:
         """Send this node's heartbeat every ``heartbeat_interval`` (``heartbeat_once``)."""
         while True:
             await self.heartbeat_once()
-            await asyncio.sleep(self.ctx.config.heartbeat_interval)
+            # this node's own period, or the leader's longer one (a big cluster), jittered
+            # so that the nodes' beats spread over the period
+            period = max(self.ctx.config.heartbeat_interval, self.heartbeat_period)
+            await asyncio.sleep(period * random.uniform(0.9, 1.1)
+                                if period > self.ctx.config.heartbeat_interval else period)
 
     async def heartbeat_once(self) -> None:
         """One heartbeat of this node: to the leader, or to every manager when the leader
@@ -298,7 +318,12 @@ class Dispatcher:
         except ApiError:
             return False  # unreachable or busy manager: expected, the others are tried
         # (a manager of an older version answers without "leader": every manager is asked)
-        return reply.get("leader") is True
+        leads = reply.get("leader") is True
+        period = reply.get("interval")
+        if leads and isinstance(period, (int, float)) and not isinstance(period, bool) \
+                and math.isfinite(period):
+            self.heartbeat_period = min(float(period), MAX_HEARTBEAT_PERIOD)
+        return leads
 
 
 __all__ = ["Dispatcher", "heartbeat_targets"]
