@@ -249,11 +249,12 @@ class ScaleLab:
               f"false deaths of joined nodes during the storm (+10 s): {len(deaths)} "
               f"{deaths[:5]}", flush=True)
 
-    def profile(self, out_dir: str, before: dict[str, Any] | None = None
-                ) -> dict[str, Any] | None:
-        """The first manager's (the leader's) sampled stacks (--profile): the dump now, and
-        printed what was sampled since ``before``."""
-        pid = self.first.agent_pid
+    def profile(self, out_dir: str, before: dict[str, Any] | None = None,
+                host: Host | None = None) -> dict[str, Any] | None:
+        """A manager's sampled stacks (--profile; the first manager's unless ``host``):
+        the dump now, and printed what was sampled since ``before``."""
+        host = host or self.first
+        pid = host.agent_pid
         if not out_dir or pid is None:
             return None
         time.sleep(2.5)  # the sampler rewrites its dump every 2 s
@@ -263,9 +264,14 @@ class ScaleLab:
         now: dict[str, Any] = json.loads(path.read_text())
         if before is not None:
             from profile_report import diff, report
-            say(f"profile of the first manager (leader), pid {pid}, during the phase:")
+            say(f"profile of manager {host.name}, pid {pid}, during the phase:")
             print(report(diff(now, before), 30), flush=True)
         return now
+
+    def leader_host(self) -> Host:
+        """The manager that leads now (the first one if none is known)."""
+        addr = next((x["addr"] for x in self.nodes() if x["manager_status"] == "leader"), "")
+        return next((h for h in self.managers if h.ip == addr), self.first)
 
     # ---------------------------------------------------------------- feed
     def feed_counters(self) -> dict[str, float]:
@@ -421,6 +427,14 @@ def join_phase(s: ScaleLab, args: argparse.Namespace) -> None:
     s.profile(args.profile, before)
 
 
+def idle_phase(s: ScaleLab, args: argparse.Namespace) -> None:
+    time.sleep(10)
+    leader = s.leader_host()
+    before = s.profile(args.profile, host=leader)
+    s.idle(f"{args.managers} managers + {args.workers} workers", args.window)
+    s.profile(args.profile, before, host=leader)
+
+
 def fmt(x: float | None) -> str:
     return f"{x:.1f} s" if x is not None else "(not reached)"
 
@@ -492,8 +506,7 @@ def main() -> int:
             f"{time.monotonic() - t0:.1f} s {machine()}")
         steps: dict[str, Callable[[], None]] = {
             "join": lambda: join_phase(s, args),
-            "idle": lambda: (time.sleep(10), s.idle(
-                f"{args.managers} managers + {args.workers} workers", args.window))[0],
+            "idle": lambda: idle_phase(s, args),
             "feed": lambda: s.feed(args.commits),
             "scale": lambda: s.scale(args.tasks, timeout=300),
             "kill": lambda: s.kill(args.kill, args.tasks, timeout=120),
