@@ -141,15 +141,7 @@ class GossipThread:
         (directly when already there, or before the thread started)."""
         if not self.running or threading.current_thread() is self.thread:
             return fn(*args)
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def step() -> None:
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # handed to the caller
-                fut.set_exception(exc)
-        self.loop.call_soon_threadsafe(step)
-        return fut.result(SYNC_TIMEOUT)
+        return self._submit(fn, *args).result(SYNC_TIMEOUT)
 
     async def ask(self, fn: Callable[..., T], *args: Any) -> T:
         """``call`` for the agent's loop: awaits the gossip thread instead of blocking the
@@ -157,6 +149,11 @@ class GossipThread:
         leader's loop from accepting connections for seconds)."""
         if not self.running or threading.current_thread() is self.thread:
             return fn(*args)
+        return await asyncio.wait_for(asyncio.wrap_future(self._submit(fn, *args)),
+                                      SYNC_TIMEOUT)
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """``fn(*args)`` scheduled on the gossip loop; its result or exception in the future."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def step() -> None:
@@ -165,7 +162,7 @@ class GossipThread:
             except BaseException as exc:  # handed to the caller
                 fut.set_exception(exc)
         self.loop.call_soon_threadsafe(step)
-        return await asyncio.wait_for(asyncio.wrap_future(fut), SYNC_TIMEOUT)
+        return fut
 
     def stop(self) -> None:
         if self.running:

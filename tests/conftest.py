@@ -55,6 +55,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 reporter.write_line(line)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave no empty runtime parent cgroup behind: the agents of any test (a lab's, or a
+    runtime test's) make /sys/fs/cgroup/*/shoal on their first task."""
+    if _can_netns() is None:
+        netlab.remove_empty_cgroup_parents()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _can_netns()
     if reason is None:

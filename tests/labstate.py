@@ -439,11 +439,20 @@ def _remove_cgroups(dirs: list[Path], timeout: float = 5.0) -> None:
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    # the runtime's parent cgroup ("shoal" under each hierarchy) once no task is left in it;
-    # another lab (or a real agent) still using it keeps it (rmdir of a non-empty one fails)
-    for parent in {d.parent for d in dirs if d.parent.name == "shoal"}:
+    remove_empty_cgroup_parents()
+
+
+def remove_empty_cgroup_parents() -> list[Path]:
+    """rmdir the runtime's parent cgroup ("shoal" under each hierarchy) where no task group is
+    left in it; one still in use keeps it (rmdir of a non-empty group fails), and an agent
+    makes it again when it starts its next task. Returns those removed."""
+    removed = []
+    base = Path("/sys/fs/cgroup")
+    for parent in [base / "shoal", *base.glob("*/shoal")]:
         with contextlib.suppress(OSError):
             parent.rmdir()
+            removed.append(parent)
+    return removed
 
 
 def _safe_rmtree(top: str) -> None:

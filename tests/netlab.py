@@ -74,6 +74,7 @@ from labstate import _read_bytes as _read_bytes
 from labstate import _task_shims as _task_shims
 from labstate import list_netns as list_netns
 from labstate import pid_alive as pid_alive
+from labstate import remove_empty_cgroup_parents as remove_empty_cgroup_parents
 
 T = TypeVar("T")
 

@@ -6,6 +6,7 @@ under test (start/kill/restart, socket readiness, log tails, command errors).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -652,3 +653,24 @@ def test_demo_cleans_up_when_interrupted(fake_cluster: Path, sig: signal.Signals
     assert f"interrupted by {sig.name}" in err
     assert "nothing left behind" in out
     assert_demo_left_nothing(demo_runid(out))
+
+
+@pytest.mark.netns
+def test_empty_runtime_parent_cgroups_are_removed_and_busy_ones_kept() -> None:
+    """What an agent leaves when its last task went: an empty /sys/fs/cgroup/*/shoal. It is
+    removed at the end of a lab and of a test session; one still holding a group stays."""
+    base = next(b for b in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/pids"),
+                            Path("/sys/fs/cgroup")) if (b / "cgroup.procs").exists())
+    parent = base / "shoal"
+    parent.mkdir(exist_ok=True)
+    child = parent / f"shoal-test-{secrets.token_hex(4)}"
+    child.mkdir()
+    try:
+        assert parent not in netlab.remove_empty_cgroup_parents()
+        assert parent.is_dir(), "a parent with a group in it is kept"
+        child.rmdir()
+        assert parent in netlab.remove_empty_cgroup_parents()
+        assert not parent.exists()
+    finally:
+        with contextlib.suppress(OSError):
+            child.rmdir()
