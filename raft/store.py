@@ -378,7 +378,8 @@ class _SafeSyncObj(SyncObj):
       then lost (the fault suite's long run, docs/reliability.md).
     * An incoming append-entries deletes entries only from the first conflict
       (shoal.raft.appendentries): pysyncobj deleted everything after ``prevLogIdx``, so an
-      older or partial batch shortened a log the follower had acknowledged."""
+      older or partial batch shortened a log the follower had acknowledged.
+    * A new term or vote is stored before it is taken (:meth:`_SyncObj__setCurrentTerm`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # before SyncObj's __init__: it leaves the attributes it finds there out of snapshots
@@ -413,6 +414,32 @@ class _SafeSyncObj(SyncObj):
             me._SyncObj__raftCommitIndex = allowed
             journal.setRaftCommitIndex(allowed)
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=verified + 1, success=True)
+
+    def _SyncObj__setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        """Store the term and vote, then take them; a failed store changes nothing.
+
+        pysyncobj took them in memory first: when the store failed (a full disk), the
+        exception left the new term in memory and skipped what followed it. A leader asked
+        for its vote in a higher term then stayed leader *in that term* — a term it never
+        won, beside the candidate that did: two leaders in one term, each committing its own
+        entry at the same index (the full-disk test's fork, tests/test_faults_disk.py). Here
+        the exception leaves the node as it was: it ignores the message, and its leadership
+        lapses on ``leaderFallbackTimeout`` once no follower answers its old term."""
+        me: Any = self
+        journal = me._SyncObj__raftLog
+        meta = getattr(journal, "_FileJournal__meta", None)
+        before = {k: meta[k] for k in ("currentTerm", "votedForNodeId") if k in meta} \
+            if isinstance(meta, dict) else None
+        try:
+            journal.setCurrentTerm(term, votedForNodeId)
+        except BaseException:
+            if isinstance(meta, dict) and before is not None:  # (not half-stored either)
+                meta.pop("currentTerm", None)
+                meta.pop("votedForNodeId", None)
+                meta.update(before)
+            raise
+        me._SyncObj__raftCurrentTerm = term
+        me._SyncObj__votedForNodeId = votedForNodeId
 
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
                                   nextNodeIdx: int | None = None,

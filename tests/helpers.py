@@ -55,6 +55,27 @@ async def until(cond: Callable[[], T | None], timeout: float, what: str = "condi
     return value
 
 
+def fill_filesystem(path: Path) -> int:
+    """Write zeros into ``path`` until the filesystem is full; the bytes written."""
+    written = 0
+    chunk = b"\0" * (1 << 16)
+    with open(path, "wb", buffering=0) as fh:
+        while True:
+            try:
+                written += fh.write(chunk) or 0
+            except OSError:
+                break
+    # the last bytes: smaller writes until even one byte fails
+    with open(path, "ab", buffering=0) as fh:
+        for size in (4096, 512, 1):
+            while True:
+                try:
+                    written += fh.write(b"\0" * size) or 0
+                except OSError:
+                    break
+    return written
+
+
 def sshd_config(work: Path, listen: str) -> Path:
     """The files of an sshd serving root over public keys only, in the existing directory
     ``work``: a client key pair (``key``, ``key.pub``, the public half also in

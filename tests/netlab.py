@@ -654,6 +654,18 @@ class Lab:
         self._task_ids |= _task_ids(self._state)
         return _leftovers(self._state, self._task_ids)
 
+    def _keep_logs(self) -> None:
+        """With ``SHOAL_LAB_LOGS=DIR`` set, copy every host's agent log to DIR/<runid>/ before
+        the teardown removes the data dirs (for hunting an intermittent failure)."""
+        keep = os.environ.get("SHOAL_LAB_LOGS")
+        if not keep:
+            return
+        dest = Path(keep) / self.runid
+        dest.mkdir(parents=True, exist_ok=True)
+        for h in self.hosts:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(h.agent_log, dest / f"{h.name}.log")
+
     def close(self) -> list[str]:
         """Tear everything down (idempotent). SIGINT/SIGTERM are held back meanwhile so a second
         Ctrl-C cannot leave half a lab. Returns what could not be removed (empty = clean)."""
@@ -662,6 +674,7 @@ class Lab:
         blocked = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
+            self._keep_logs()
             self._task_ids |= _task_ids(self._state)
             problems = _teardown(self._state, self._reap, self._popen_pids)
             for h in self.hosts:

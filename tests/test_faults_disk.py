@@ -20,31 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import fill_filesystem
 
 from netlab import Host, Lab
 
 pytestmark = pytest.mark.netns
-
-
-def _fill(path: Path) -> int:
-    """Write zeros into ``path`` until the filesystem is full; the bytes written."""
-    written = 0
-    chunk = b"\0" * (1 << 16)
-    with open(path, "wb", buffering=0) as fh:
-        while True:
-            try:
-                written += fh.write(chunk) or 0
-            except OSError:
-                break
-    # the last bytes: smaller writes until even one byte fails
-    with open(path, "ab", buffering=0) as fh:
-        for size in (4096, 512, 1):
-            while True:
-                try:
-                    written += fh.write(b"\0" * size) or 0
-                except OSError:
-                    break
-    return written
 
 
 class _UnixHTTP(http.client.HTTPConnection):
@@ -99,7 +79,7 @@ def test_a_leader_with_a_full_disk_hands_over_and_neither_dies_nor_forks(
             assert time.monotonic() < deadline, f"{name} not created"
 
     filler = raft_dir / "filler"
-    _fill(filler)
+    fill_filesystem(filler)
     # writes through the others: the full leader cannot append and hands over; the two
     # with free disk (a majority) elect a leader and commit again
     deadline = time.monotonic() + 90
