@@ -134,7 +134,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
             store=lambda: self.ctx.store, runtime=self.runtime,
             gossip=lambda: self.membership,
             balancer=lambda: self.mesh.balancer if self.mesh is not None else None,
-            events=self.event_log, feed=lambda: self.dispatcher.feed.stats))
+            events=self.event_log, feed=lambda: self.dispatcher.feed.stats,
+            heartbeats=self.dispatcher.heartbeats_received_total))
         # the optional MQTT bridge (node/mqtt.py): runs while this node is a member, from
         # its --mqtt-* flags or else the cluster-wide setting (`shoal mqtt set`), live
         self.mqtt = MqttSupervisor(ctx, config.mqtt, self.event_log, self.metrics.registry,
@@ -422,7 +423,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
                 loop = LeaderLoop(store, self.dispatcher.heartbeats, self.config.orchestrator,
                                   self._leader_wakeup, gossip_all=self.gossip.leader_inputs,
                                   usage=partial(cluster_usage, self.transfer),
-                                  heartbeat_interval=self.config.heartbeat_interval)
+                                  heartbeat_interval=self.config.heartbeat_interval,
+                                  gossip_alive=self.dispatcher.gossip_alive)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():

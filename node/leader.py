@@ -276,8 +276,12 @@ class LeaderLoop:
                  gossip_all: Callable[[], Awaitable[tuple[
                      dict[str, str], Mapping[str, Mapping[str, Any]],
                      Mapping[str, float]]]] | None = None,
-                 heartbeat_interval: float = 1.0) -> None:
+                 heartbeat_interval: float = 1.0,
+                 gossip_alive: set[str] | None = None) -> None:
         self.store = store
+        # ids of the nodes gossip saw alive at the last pass that had a gossip view: the
+        # dispatcher gives them the longer heartbeat period (the agent passes its set)
+        self.gossip_alive = gossip_alive if gossip_alive is not None else set()
         # the nodes' base heartbeat period (the agent's), stretched in big clusters
         # (OrchestratorConfig.max_heartbeats_per_second): node_down_timeout with it
         self.heartbeat_interval = heartbeat_interval
@@ -361,6 +365,10 @@ class LeaderLoop:
         else:
             view = self.gossip() if self.gossip else None
             restarts = self.restarts() if self.restarts else None
+        if view is not None:
+            self.gossip_alive.clear()
+            self.gossip_alive.update(
+                nid for nid, state in view.items() if state in ("alive", "suspect"))
         snap = self.store.snapshot()
         # a node that joined since: judged from when this leader first saw it plus the join
         # grace (as if heard from then), so it is not taken DOWN ("last heard never")
@@ -375,6 +383,11 @@ class LeaderLoop:
         if stretch > 1.0:  # nodes beat less often in a big cluster: judged as patiently
             config = dataclasses.replace(
                 config, node_down_timeout=config.node_down_timeout * stretch)
+        if view is None and (self.gossip_all is not None or self.gossip is not None):
+            # no gossip view this pass: every node is judged by its heartbeats, and the ones
+            # gossip judged were given the longer period (by this leader or the one before)
+            config = dataclasses.replace(config, node_down_timeout=(
+                config.node_down_timeout + config.gossip_heartbeat_interval * 1.1))
         ops, wake_at = plan_pass(snap, self.heartbeats, time.monotonic(), time.time(),
                                  config, liveness=liveness, gossip=view,
                                  restarts=restarts, index=self.index)

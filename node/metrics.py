@@ -35,6 +35,8 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
   ``shoal_feed_bytes_total{kind}`` (kind: commands, state, empty), ``shoal_feed_encodes_total``,
   ``shoal_feed_compressed_total``, ``shoal_feed_deferred_total``,
   ``shoal_feed_polls_held``, ``shoal_feed_catchups_waiting``.
+* Heartbeats (managers): ``shoal_heartbeats_received_total`` (from other nodes; the
+  leader's rate is what ``max_heartbeats_per_second`` and ``gossip_heartbeat_interval`` bound).
 * Events (managers): ``shoal_events_total{type}``, ``shoal_events_retained``,
   ``shoal_events_gaps_total``.
 * API: ``shoal_api_request_duration_seconds{route,method,status}`` (histogram; route is
@@ -86,6 +88,8 @@ class Sources:
     events: EventLog
     # the manager side of the workers' state feed (shoal.node.feed.FeedStats), or None
     feed: Callable[[], Any] = lambda: None
+    # heartbeats this manager received from other nodes (Dispatcher), or None (a worker)
+    heartbeats: Callable[[], int | None] = lambda: None
 
 
 class Metrics:
@@ -175,7 +179,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for part in (self._raft, self._gossip, self._tasks, self._lb, self._events,
-                     self._feed):
+                     self._feed, self._heartbeats):
             try:
                 yield from part()
             except Exception:  # one broken part must not hide the others
@@ -352,6 +356,16 @@ class _StateCollector(Collector):
         yield _gauge("shoal_feed_polls_held", "Worker polls held open now", stats.held)
         yield _gauge("shoal_feed_catchups_waiting", "Whole-state polls waiting for a slot",
                      stats.catchups_waiting)
+
+
+    def _heartbeats(self) -> Iterator[Metric]:
+        received = self.m.sources.heartbeats()
+        if received is None:
+            return
+        c = CounterMetricFamily("shoal_heartbeats_received", "Heartbeats received from other "
+                                "nodes (mostly the leader's: nodes beat to the leader alone)")
+        c.add_metric([], received)
+        yield c
 
 
 async def serve_metrics(metrics: Metrics, request: web.Request) -> web.Response:

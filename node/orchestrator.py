@@ -85,6 +85,11 @@ class OrchestratorConfig:
     # and node_down_timeout grows in proportion for the nodes judged by heartbeats — gossip
     # judges every node it knows, so detection stays gossip's ~1.5 s. 0 = no cap.
     max_heartbeats_per_second: float = 50.0
+    # A node the leader's gossip sees alive beats at most this often, seconds: gossip judges
+    # it, so its beat is only the fallback should the leader's gossip stall (each beat is an
+    # mTLS request into the leader: at 1 s, 100 nodes cost the leader ~3 % of a core).
+    # Swarm's dispatcher uses 5 s for every node, Nomad at least 10 s. 0 = no longer period.
+    gossip_heartbeat_interval: float = 10.0
 
     def validate(self) -> None:
         if self.task_history < 0:
@@ -95,6 +100,8 @@ class OrchestratorConfig:
             raise ValueError("join_grace must be >= 0")
         if self.max_heartbeats_per_second < 0:
             raise ValueError("max_heartbeats_per_second must be >= 0")
+        if not 0 <= self.gossip_heartbeat_interval <= 60:
+            raise ValueError("gossip_heartbeat_interval must be between 0 and 60 seconds")
 
 
 def heartbeat_stretch(nodes: int, interval: float, max_rate: float) -> float:
@@ -103,6 +110,21 @@ def heartbeat_stretch(nodes: int, interval: float, max_rate: float) -> float:
     if max_rate <= 0 or interval <= 0:
         return 1.0
     return max(1.0, nodes / (max_rate * interval))
+
+
+def heartbeat_period(interval: float, nodes: int, config: OrchestratorConfig,
+                     gossip_alive: bool) -> tuple[float, float]:
+    """The period the leader gives a node in its heartbeat answer, and how much longer than
+    a node beating at the cluster's common period (``interval`` stretched to the cap,
+    :func:`heartbeat_stretch`) it may stay silent — credited to its last beat, so that the
+    heartbeat fallback (a pass without gossip) does not take it down between two beats.
+    A node the leader's gossip sees alive gets ``gossip_heartbeat_interval`` (its beat
+    jittered ±10 %: the credit covers the late side)."""
+    common = interval * heartbeat_stretch(nodes, interval, config.max_heartbeats_per_second)
+    slow = config.gossip_heartbeat_interval
+    if not gossip_alive or slow <= common:
+        return common, 0.0
+    return slow, slow * 1.1 - common
 
 
 def node_liveness(

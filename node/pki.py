@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import ipaddress
 import os
@@ -211,8 +212,19 @@ def peer_info(peercert: dict[str, Any] | None) -> CertInfo | None:
     """The identity in a certificate TLS already verified (``SSLObject.getpeercert()``)."""
     if not peercert:
         return None
+    subject = peercert.get("subject", ())
+    try:  # (parsed once per certificate: every mTLS request asks, heartbeats 50 a second)
+        return _peer_info(subject, peercert.get("serialNumber", "0"),
+                          peercert["notBefore"], peercert["notAfter"])
+    except (KeyError, TypeError):  # (TypeError: an unhashable subject)
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_info(subject: tuple[Any, ...], serial: str, not_before: str, not_after: str
+               ) -> CertInfo | None:
     fields: dict[str, str] = {}
-    for rdn in peercert.get("subject", ()):
+    for rdn in subject:
         for key, value in rdn:
             fields.setdefault(key, value)
     try:
@@ -220,11 +232,11 @@ def peer_info(peercert: dict[str, Any] | None) -> CertInfo | None:
             subject_id=fields.get("commonName", ""),
             role=fields.get("organizationalUnitName", ""),
             cluster_id=fields.get("organizationName", ""),
-            serial=int(peercert.get("serialNumber", "0"), 16),
-            not_before=ssl.cert_time_to_seconds(peercert["notBefore"]),
-            not_after=ssl.cert_time_to_seconds(peercert["notAfter"]),
+            serial=int(serial, 16),
+            not_before=ssl.cert_time_to_seconds(not_before),
+            not_after=ssl.cert_time_to_seconds(not_after),
         )
-    except (KeyError, ValueError):
+    except ValueError:
         return None
 
 

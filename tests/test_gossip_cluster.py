@@ -221,3 +221,30 @@ def test_key_rotation_pause_and_kill(lab_factory: Callable[..., Lab]) -> None:
     wait_until(lambda: not any(pid_alive(t["pid"]) for t in stale), timeout=30,
                what="h4's stale tasks stopped")
     wait_running(h1, "app", 4)
+
+
+def test_nodes_gossip_sees_alive_beat_to_the_leader_at_the_slow_period(
+        lab_factory: Callable[..., Lab]) -> None:
+    """1 manager + 2 workers, real gossip: once the leader's gossip sees the workers alive it
+    asks each for a heartbeat every 10 s instead of every second (gossip judges them), and a
+    worker cut off is still down as fast as gossip finds it."""
+    from test_events_cluster import scrape
+
+    def received(h: Host) -> float:
+        return scrape(h)["shoal_heartbeats_received"].samples[0].value
+
+    lab = lab_factory(3)
+    lab.form_cluster(managers=1, workers=2)
+    h1, _h2, h3 = lab.hosts
+    time.sleep(3.0)  # gossip sees them; the next beat of each gets the 10 s period
+    before = received(h1)
+    time.sleep(15.0)
+    beats = received(h1) - before
+    print(f"heartbeats into the leader from 2 workers in 15 s: {beats:.0f}")
+    assert beats <= 2 * 2, beats  # at 1 s: ~30
+    cut = time.monotonic()
+    h3.cut_link()
+    wait_until(lambda: nodes(h1)[h3.name]["state"] == "down", timeout=20, interval=0.1,
+               what="h3 down")
+    print(f"cut worker down after {time.monotonic() - cut:.2f} s")
+    assert "gossip" in nodes(h1)[h3.name]["message"]

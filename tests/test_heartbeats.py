@@ -287,3 +287,62 @@ async def test_nodes_judged_by_heartbeats_get_a_timeout_stretched_like_their_per
     m1.heartbeats[WORKER[0]] = now - (3 * config.node_down_timeout + 1)
     await leader.one_pass(led_for=config.leadership_grace)
     assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN
+
+
+async def test_a_node_the_leaders_gossip_sees_alive_beats_at_the_gossip_period(
+        tmp_path: Path) -> None:
+    """Gossip judges such a node, so its beat is only the fallback: the leader asks for one
+    every gossip_heartbeat_interval (10 s), credits the silence to its last beat, and a node
+    gossip does not know keeps the common period (1 s)."""
+    net, worker, _, _stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    await worker.heartbeat_once()
+    assert worker.heartbeat_period == 1.0 and m1.heartbeats_received == 1
+    m1.gossip_alive.add(WORKER[0])
+    before = time.monotonic()
+    await worker.heartbeat_once()
+    assert worker.heartbeat_period == OrchestratorConfig().gossip_heartbeat_interval == 10.0
+    # heard "10 s later": silent for 11 s (the period's late jitter), it is as fresh as a
+    # node beating every second that was heard just now
+    assert m1.heartbeats[WORKER[0]] - before >= 10.0
+    m1.gossip_alive.clear()  # gossip lost it: the common period again at its next beat
+    await worker.heartbeat_once()
+    assert worker.heartbeat_period == 1.0
+
+
+async def test_the_leader_pass_keeps_the_nodes_gossip_sees_alive(tmp_path: Path) -> None:
+    net, _, _, stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    config = OrchestratorConfig()
+    view = {"m1": "alive", "m2": "suspect", "m3": "dead", WORKER[0]: "alive"}
+
+    async def gossip_all() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+        return view, {}, {}
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event(),
+                        gossip_all=gossip_all, gossip_alive=m1.gossip_alive)
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert m1.gossip_alive == {"m1", "m2", WORKER[0]}
+
+
+async def test_a_pass_without_gossip_judges_the_slow_beaters_patiently(
+        tmp_path: Path) -> None:
+    """The gossip thread did not answer this pass: every node is judged by heartbeat age,
+    and a node given the 10 s period (by this leader or the previous one) is not DOWN for
+    being silent 5 s — only past node_down_timeout + the longer period."""
+    net, _, _, stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    config = OrchestratorConfig()
+
+    async def wedged() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+        raise TimeoutError
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event(),
+                        gossip_all=wedged, gossip_alive=m1.gossip_alive)
+    now = time.monotonic()
+    m1.heartbeats.update({nid: now for nid in MANAGERS})
+    m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY
+    m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout +
+                                      config.gossip_heartbeat_interval * 1.1 + 1)
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN

@@ -41,7 +41,7 @@ from shoal.node.errors import (
     from_store_error,
 )
 from shoal.node.feed import FeedServer
-from shoal.node.orchestrator import heartbeat_stretch
+from shoal.node.orchestrator import heartbeat_period
 from shoal.node.security import Security
 from shoal.raft.errors import CommandRejected, StoreError
 from shoal.raft.models import Node, NodeRole, NodeState
@@ -132,6 +132,10 @@ class Dispatcher:
         self.wake_leader = wake_leader  # a node not READY was heard from: re-judge liveness
         # node id → time.monotonic() of its last heartbeat (read by the LeaderLoop)
         self.heartbeats: dict[str, float] = {}
+        # ids of the nodes the leader's gossip saw alive at its last pass (the LeaderLoop
+        # keeps it): they are given the longer heartbeat period (heartbeat_period)
+        self.gossip_alive: set[str] = set()
+        self.heartbeats_received = 0  # from other nodes (shoal_heartbeats_received_total)
         # set (and replaced) after every applied command: wakes workers' state polls
         self._applied = asyncio.Event()
         # builds, shares and counts the replies (encoding cache, compression, catch-up limit)
@@ -239,24 +243,34 @@ class Dispatcher:
             raise BadRequest("node_id is required", "node_id")
         if node_id != node.id:
             raise Forbidden(f"node {node.id} cannot send heartbeats for {node_id}", "node_id")
-        self.record_heartbeat(node_id)
         store = self.ctx.store
         # (the sender then beats to this manager alone while it leads: heartbeat_targets)
         leads = bool(store is not None and store.is_leader())
         reply: dict[str, Any] = {"ok": True, "leader": leads}
-        if leads and store is not None:  # the period the leader can take from every node
+        credit = 0.0
+        if leads and store is not None:  # the period this leader wants from this node
             config = self.ctx.config
-            reply["interval"] = config.heartbeat_interval * heartbeat_stretch(
-                len(store.snapshot().nodes), config.heartbeat_interval,
-                config.orchestrator.max_heartbeats_per_second)
+            reply["interval"], credit = heartbeat_period(
+                config.heartbeat_interval, len(store.snapshot().nodes), config.orchestrator,
+                node_id in self.gossip_alive)
+        self.record_heartbeat(node_id, credit)
+        self.heartbeats_received += 1
         return reply
 
-    def record_heartbeat(self, node_id: str) -> None:
-        """A heartbeat from ``node_id``; the caller has checked it is the sender's own id."""
+    def heartbeats_received_total(self) -> int | None:
+        """For the metrics: heartbeats received so far, None on a worker."""
+        ident = self.ctx.identity
+        return self.heartbeats_received if ident is not None and \
+            ident.role == NodeRole.MANAGER else None
+
+    def record_heartbeat(self, node_id: str, credit: float = 0.0) -> None:
+        """A heartbeat from ``node_id``; the caller has checked it is the sender's own id.
+        ``credit``: seconds it may stay silent beyond the common period (it was given a
+        longer one: heartbeat_period), recorded as heard that much later."""
         ident, store = self.ctx.identity, self.ctx.store
         if ident is None or ident.role != NodeRole.MANAGER:
             raise NotManager("heartbeats go to managers")
-        self.heartbeats[node_id] = time.monotonic()
+        self.heartbeats[node_id] = time.monotonic() + credit
         if store and store.is_leader():
             node = store.snapshot().nodes.get(node_id)
             if node is not None and node.state is not NodeState.READY:
