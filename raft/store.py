@@ -287,6 +287,20 @@ def _disk_full(sync: SyncObj, exc: OSError) -> None:
         sync.transferLeadership()
 
 
+def _store_meta_or_log(journal: FileJournal, store: Callable[[], None]) -> None:
+    """FileJournal.onOneSecondTimer (its metadata file: the commit index) with a failure on
+    a full disk logged every 10 s instead of a traceback every second; it is retried each
+    second until it is stored (pysyncobj keeps the metadata marked unsaved)."""
+    try:
+        store()
+    except OSError as exc:
+        now = time.monotonic()
+        if now - getattr(journal, "_shoal_meta_logged", -1e9) >= 10.0:
+            journal._shoal_meta_logged = now
+            log.error("Raft: cannot store the journal's metadata (%s); retrying every second",
+                      exc)
+
+
 def _rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
     tmp = path.with_name("raft.journal.repair")
     journal = FileJournal(str(tmp))
@@ -338,15 +352,18 @@ def _set_commit_index_if_changed(journal: FileJournal, set_index: Callable[[int]
 
 
 def _harden_journal(sync: SyncObj) -> None:
-    """Install :func:`_atomic_delete_entries_to`, :func:`_allocating_add` and
-    :func:`_set_commit_index_if_changed` on this SyncObj's journal (only its own, and only
-    if this pysyncobj has the FileJournal internals they replace)."""
+    """Install :func:`_atomic_delete_entries_to`, :func:`_allocating_add`,
+    :func:`_set_commit_index_if_changed` and :func:`_store_meta_or_log` on this SyncObj's
+    journal (only its own, and only if this pysyncobj has the FileJournal internals they
+    replace)."""
     journal = getattr(sync, "_SyncObj__raftLog", None)
     if not isinstance(journal, FileJournal):
         return
     if isinstance(getattr(journal, "_FileJournal__meta", None), dict):
         journal.setRaftCommitIndex = functools.partial(
             _set_commit_index_if_changed, journal, journal.setRaftCommitIndex)
+        journal.onOneSecondTimer = functools.partial(
+            _store_meta_or_log, journal, journal.onOneSecondTimer)
     needed = ("_FileJournal__journal", "_FileJournal__journalFile",
               "_FileJournal__currentOffset")
     live: Any = getattr(journal, "_FileJournal__journalFile", None)
