@@ -218,7 +218,25 @@ class Overlay:
     # ------------------------------------------------------------------ state → devices
     async def sync(self, snap: Snapshot) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._sync, snap)
+            if not self._settled(snap):  # (the mesh syncs twice a second: mostly no-ops)
+                await asyncio.to_thread(self._sync, snap)
+
+    def _settled(self, snap: Snapshot) -> bool:
+        """Nothing for ``_sync`` to do: the same networks at the same addresses, forwarding
+        entries and firewall rules (pure computations, on the loop: the hop to a thread and
+        back costs an idle agent two wake-ups, and most passes change nothing)."""
+        if not self.mtu or snap.networks.keys() != self._nets.keys():
+            return False
+        for nid, net in snap.networks.items():
+            if self._addrs.get(nid) != node_addr(snap, net, self.node_id):
+                return False
+        entries = remote_entries(snap, self.node_id)
+        for net in self._nets.values():
+            if self._entries.get(vxlan_of(net)) != entries.get(net.name, {}):
+                return False
+        if self.config.firewall and (snap.networks or self._rules is not None):
+            return firewall_rules(snap, self.default_bridge) == self._rules
+        return True
 
     def _sync(self, snap: Snapshot) -> None:
         if not self.mtu:

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from shoal.node.mesh import lookup
-from shoal.node.overlay import firewall_rules, mac_of, remote_entries
+from shoal.node.overlay import (
+    Overlay,
+    firewall_rules,
+    mac_of,
+    node_addr,
+    remote_entries,
+    vxlan_of,
+)
 from shoal.raft.models import Network, Node, NodeRole, Service, Task, TaskState, TaskStatus
 from shoal.raft.state import ClusterInfo, Snapshot
 from shoal.raft.validate import validate_spec
@@ -85,3 +92,37 @@ def test_names_resolve_only_on_shared_networks_with_addresses_on_that_network() 
     assert lookup(s, "web", asker="10.99.0.5") == []  # a default-network task
     assert lookup(s, "plain", asker="10.99.0.5") is not None
     assert lookup(s, "db") == [db.vip]  # the node itself asks: no filter
+
+
+def _synced(state: Snapshot) -> Overlay:
+    """An Overlay on n1 whose devices match ``state`` (what a real ``_sync`` leaves)."""
+    ov = Overlay("n1", "10.77.0.11", "shoal0")
+    ov.mtu = 1450
+    for nid, net in state.networks.items():
+        ov._nets[nid], ov._addrs[nid] = net, node_addr(state, net, "n1")
+    entries = remote_entries(state, "n1")
+    for net in state.networks.values():
+        ov._entries[vxlan_of(net)] = entries.get(net.name, {})
+    ov._rules = firewall_rules(state, "shoal0")
+    return ov
+
+
+async def test_a_sync_that_would_change_nothing_stays_on_the_loop() -> None:
+    """The mesh syncs twice a second; a pass with nothing to change must not hop to a thread
+    (two wake-ups of an idle agent), and any change of networks, addresses, entries or
+    isolation rules must."""
+    state = snap()
+    ov = _synced(state)
+    calls: list[int] = []
+    ov._sync = lambda s: calls.append(s.index)  # type: ignore[method-assign]
+    await ov.sync(state)
+    assert calls == []
+    moved = replace(state, tasks={**state.tasks, "w2": replace(
+        state.tasks["w2"], net_addrs={"front": "10.96.0.9"})})
+    gone = replace(state, networks={"nf": FRONT})
+    opened = replace(state, networks={"nf": FRONT, "nb": replace(BACK, internal=False)})
+    assert firewall_rules(opened, "shoal0") != firewall_rules(state, "shoal0")
+    for changed in (moved, gone, opened):
+        assert not _synced(state)._settled(changed)
+    await ov.sync(moved)
+    assert calls == [moved.index]
