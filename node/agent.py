@@ -398,6 +398,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self._worker_wakeup.set()
         self._role_wakeup.set()
         self.dispatcher.applied()
+        self.security.keys.wake()
         if self.mesh is not None:
             self.mesh.wake()
 

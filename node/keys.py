@@ -59,6 +59,7 @@ Errors (node/errors.py)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets as pysecrets
 import time
@@ -116,7 +117,9 @@ LOCKED = ("this node is locked (autolock): its keys are encrypted at rest; run `
           "with the cluster's unlock key")
 # what a locked node still serves on its CLI listeners
 UNLOCKED_PATHS = frozenset({"/v1/info", "/v1/swarm/unlock", "/v1/openapi.json", "/metrics"})
-LOOP_PERIOD = 0.5  # seconds between passes of the key loop
+LOOP_PERIOD = 0.5  # the least time between passes of the key loop, seconds
+# between passes when no applied command wakes the loop (retries, "lagging since" timers)
+IDLE_PERIOD = 2.0
 MIN_CERT_EXPIRY = 60.0  # seconds; `ca rotate --cert-expiry` floor
 MAX_CERT_EXPIRY = 20 * 365 * 86400.0
 
@@ -135,6 +138,7 @@ class KeyManager:
         self._opens: tuple[bytes, bytes] = (b"", b"")  # (managers' key, ca_key) known to open
         self._raft_fetched = 0.0  # monotonic time of the last fetch of the Raft secret
         self._unready_since: float | None = None  # since when this manager's Raft lags
+        self._wakeup = asyncio.Event()  # set by ``wake()``: a command was applied
 
     # ================================================================== locked state
     @staticmethod
@@ -546,12 +550,21 @@ class KeyManager:
         and certificate in step with a CA rotation, and (leader) drive the rotation."""
         while True:
             await asyncio.sleep(LOOP_PERIOD)
+            with contextlib.suppress(TimeoutError):  # (an idle node: one pass in 2 s)
+                async with asyncio.timeout(IDLE_PERIOD - LOOP_PERIOD):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
             try:
                 await self._pass()
             except ApiError as exc:
                 log.info("key loop: %s (retrying)", exc.message)
             except (OSError, pki.PkiError, SealError) as exc:
                 log.warning("key loop: %s (retrying)", exc)
+
+    def wake(self) -> None:
+        """A command was applied (on the event loop): pass again soon (at most every
+        LOOP_PERIOD): the steps of a rotation follow the state."""
+        self._wakeup.set()
 
     async def _pass(self) -> None:
         ident, store = self.ctx.identity, self.ctx.store

@@ -64,9 +64,10 @@ class MeshConfig:
     # UDP port of the node's DNS server on the bridge gateway address. 53: tasks' resolvers
     # cannot be told another port. 0 = no DNS server (tasks keep the host's resolv.conf).
     dns_port: int = 53
-    # Seconds between two full re-plans when nothing wakes the mesh (draining deadlines and
-    # missed wake-ups are caught here). Lower = faster repair, more snapshot copies.
-    resync: float = 0.5
+    # Seconds between two full re-plans when nothing wakes the mesh (every applied command
+    # wakes it; this retries a table the balancer refused and reads image ports pulled since).
+    # Lower = faster repair, more wake-ups of an idle agent.
+    resync: float = 2.0
     # Seconds ``attach`` waits for the mesh to be up (bridge made) before giving up.
     ready_timeout: float = 15.0
     # The balancer's settings; ``listen_addrs`` is replaced by the node's advertise address,
