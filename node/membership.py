@@ -234,19 +234,38 @@ class Membership:
             delay = min(delay * 2, 5.0)
 
     async def _key_watchdog(self) -> None:
-        """Ask for the current keys when packets or frames fail to decrypt here."""
-        def decrypt_drops() -> int:
-            return int(self.list.stats.get("drop.decrypt", 0))
-        handled = await self.thread.ask(decrypt_drops)
-        while True:
-            await asyncio.sleep(1.0)
-            try:  # (awaited, every second on every node: never block the agent's loop)
-                drops = await self.thread.ask(decrypt_drops)
-            except TimeoutError:
-                continue
-            if drops > handled and (self._refresh_keys is None
-                                    or await self.maybe_refresh_keys()):
-                handled = drops
+        """Ask for the current keys when packets or frames fail to decrypt here.
+
+        The gossip thread, which counts the failures, looks at the count once a second on
+        its own loop and tells the agent's loop only when it grew: an idle node's loop is not
+        woken for it (it asked across threads every second before: three wake-ups)."""
+        agent_loop = asyncio.get_running_loop()
+        grew = asyncio.Event()
+
+        def tell() -> None:  # (gossip thread)
+            with contextlib.suppress(RuntimeError):  # the agent's loop is closed
+                agent_loop.call_soon_threadsafe(grew.set)
+
+        async def watch() -> None:  # on the gossip thread's loop
+            seen = int(self.list.stats.get("drop.decrypt", 0))
+            while True:
+                await asyncio.sleep(1.0)
+                drops = int(self.list.stats.get("drop.decrypt", 0))
+                if drops > seen:
+                    seen = drops
+                    tell()
+
+        watcher = asyncio.ensure_future(self.thread.run(watch()))
+        watcher.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved)
+        try:
+            while True:
+                await grew.wait()
+                grew.clear()
+                # a refresh not run now (its backoff) is tried again each second
+                while self._refresh_keys is not None and not await self.maybe_refresh_keys():
+                    await asyncio.sleep(1.0)
+        finally:
+            watcher.cancel()
 
     async def maybe_refresh_keys(self) -> bool:
         """Refresh the keyring through the agent's callback unless one ran recently; True if
