@@ -442,13 +442,13 @@ def _remove_cgroups(dirs: list[Path], timeout: float = 5.0) -> None:
     remove_empty_cgroup_parents()
 
 
-def remove_empty_cgroup_parents() -> list[Path]:
-    """rmdir the runtime's parent cgroup ("shoal" under each hierarchy) where no task group is
-    left in it; one still in use keeps it (rmdir of a non-empty group fails), and an agent
+def remove_empty_cgroup_parents(name: str = "shoal") -> list[Path]:
+    """rmdir the runtime's parent cgroup (``name`` under each hierarchy) where no task group
+    is left in it; one still in use keeps it (rmdir of a non-empty group fails), and an agent
     makes it again when it starts its next task. Returns those removed."""
     removed = []
     base = Path("/sys/fs/cgroup")
-    for parent in [base / "shoal", *base.glob("*/shoal")]:
+    for parent in [base / name, *base.glob(f"*/{name}")]:
         with contextlib.suppress(OSError):
             parent.rmdir()
             removed.append(parent)

@@ -661,16 +661,19 @@ def test_empty_runtime_parent_cgroups_are_removed_and_busy_ones_kept() -> None:
     removed at the end of a lab and of a test session; one still holding a group stays."""
     base = next(b for b in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/pids"),
                             Path("/sys/fs/cgroup")) if (b / "cgroup.procs").exists())
-    parent = base / "shoal"
-    parent.mkdir(exist_ok=True)
-    child = parent / f"shoal-test-{secrets.token_hex(4)}"
+    # (a parent of its own name: the real "shoal" may hold another test's group right now)
+    name = f"shoal-test-parent-{secrets.token_hex(4)}"
+    parent = base / name
+    parent.mkdir()
+    child = parent / "shoal-test-task"
     child.mkdir()
     try:
-        assert parent not in netlab.remove_empty_cgroup_parents()
+        assert parent not in netlab.remove_empty_cgroup_parents(name)
         assert parent.is_dir(), "a parent with a group in it is kept"
         child.rmdir()
-        assert parent in netlab.remove_empty_cgroup_parents()
+        assert parent in netlab.remove_empty_cgroup_parents(name)
         assert not parent.exists()
     finally:
-        with contextlib.suppress(OSError):
-            child.rmdir()
+        for d in (child, parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
