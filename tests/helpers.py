@@ -11,6 +11,7 @@ store wants to see a bug at once, not a timeout later.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -56,18 +57,14 @@ async def until(cond: Callable[[], T | None], timeout: float, what: str = "condi
 
 
 def fill_filesystem(path: Path) -> int:
-    """Write zeros into ``path`` until the filesystem is full; the bytes written."""
+    """Write zeros into ``path`` until its filesystem is full (to the last byte); the bytes
+    written."""
+    st = os.statvfs(path.parent)
+    if st.f_blocks * st.f_frsize > 1 << 30:  # never the machine's own disk
+        raise RuntimeError(f"{path.parent} is not a small test filesystem (see small_disks)")
     written = 0
-    chunk = b"\0" * (1 << 16)
-    with open(path, "wb", buffering=0) as fh:
-        while True:
-            try:
-                written += fh.write(chunk) or 0
-            except OSError:
-                break
-    # the last bytes: smaller writes until even one byte fails
     with open(path, "ab", buffering=0) as fh:
-        for size in (4096, 512, 1):
+        for size in (1 << 16, 4096, 512, 1):
             while True:
                 try:
                     written += fh.write(b"\0" * size) or 0

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import random
 import signal
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from helpers import fill_filesystem
 from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, check_set
 
 from netlab import Host, Lab
@@ -329,7 +329,7 @@ class Suite:
             elif kind == "disk-full":  # the leader's or another manager's Raft disk
                 target = leader if leader is not None and rng.random() < 0.5 else \
                     rng.choice(up)
-                await asyncio.to_thread(fill_disk, target.data_dir / "raft" / "filler")
+                await asyncio.to_thread(fill_filesystem, target.data_dir / "raft" / "filler")
                 heals.append(functools.partial(self._free_disk, target))
                 said.append(f"disk-full {target.name}")
             elif kind == "slow-links":  # tc tbf on the leader and about half the others
@@ -499,23 +499,6 @@ class Suite:
                 for o in sorted(self.ops, key=lambda o: o.invoke):
                     fh.write(json.dumps(dataclasses.asdict(o), default=str) + "\n")
         return report
-
-
-def fill_disk(path: Path) -> int:
-    """Write zeros into ``path`` until its filesystem is full (to the last byte); the bytes
-    written."""
-    st = os.statvfs(path.parent)
-    if st.f_blocks * st.f_frsize > 1 << 30:  # never the machine's own disk
-        raise RuntimeError(f"{path.parent} is not a small test filesystem (see small_disks)")
-    written = 0
-    with open(path, "ab", buffering=0) as fh:
-        for size in (1 << 16, 4096, 512, 1):
-            while True:
-                try:
-                    written += fh.write(b"\0" * size) or 0
-                except OSError:
-                    break
-    return written
 
 
 def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:

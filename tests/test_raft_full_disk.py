@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import fill_filesystem, free_ports, until
+from test_raft_append_trim import _on_tick
 from test_raft_term_ack import _service
 
 from shoal.raft import store as store_mod
@@ -45,27 +45,6 @@ def _small_disks(top: Path, n: int) -> Iterator[list[Path]]:
             subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-def _on_tick(store: RaftStore, fn: Any) -> Any:
-    """``fn(sync)`` on ``store``'s tick thread; its exception is returned, not raised."""
-    sync = store._sync
-    result: list[Any] = []
-    done = threading.Event()
-
-    def once() -> None:
-        if not done.is_set():
-            try:
-                result.append(fn(sync))
-            except Exception as exc:
-                result.append(exc)
-            finally:
-                done.set()
-
-    sync.addOnTickCallback(once)
-    assert done.wait(5.0), "the tick thread did not run the callback"
-    sync.removeOnTickCallback(once)
-    return result[0] if result else None
-
-
 @pytest.mark.parametrize("handler", ["shoal", "pysyncobj"])
 async def test_a_leader_that_cannot_store_a_higher_term_keeps_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -86,13 +65,17 @@ async def test_a_leader_that_cannot_store_a_higher_term_keeps_its_own(
             disk = dirs[stores.index(leader)]
             fill_filesystem(disk / "filler")
 
-            def vote_request(sync: Any) -> None:
+            def vote_request(sync: Any) -> OSError | None:
                 journal = sync._SyncObj__raftLog
                 node = next(n for n in sync._SyncObj__otherNodes
                             if str(n.id) == candidate.self_addr)
-                sync._SyncObj__transport._onMessageReceived(node, {
-                    "type": "request_vote", "term": term + 1,
-                    "last_log_index": journal[-1][1], "last_log_term": journal[-1][2]})
+                try:
+                    sync._SyncObj__transport._onMessageReceived(node, {
+                        "type": "request_vote", "term": term + 1,
+                        "last_log_index": journal[-1][1], "last_log_term": journal[-1][2]})
+                except OSError as exc:
+                    return exc
+                return None
 
             failure = _on_tick(leader, vote_request)
             assert isinstance(failure, OSError), failure  # the store did fail: disk full
