@@ -86,7 +86,9 @@ from shoal.runtime.rootfs import (
 from shoal.runtime.taskdir import (
     TaskRecord,
     atomic_write,
+    cgroups_left,
     exited_status,
+    keep_only_cgroups,
     read_exit,
     safe_rmtree,
     tail,
@@ -122,6 +124,8 @@ class ProcessController:
         self._tasks: dict[str, TaskRecord] = {}
         self._starting: set[str] = set()
         self._starting_images: dict[str, str] = {}  # task id -> image id, while starting
+        # removed tasks whose cgroups were still busy: task id -> those groups (_discard)
+        self._cgroups_left: dict[str, TaskCgroups] = {}
         # network volumes mounted here: name -> ids of the tasks starting with or using it
         self._vol_users: dict[str, set[str]] = {}
         # name -> fds kept open while mounted (sshfs's key and host keys)
@@ -253,9 +257,7 @@ class ProcessController:
             except BaseException:
                 if task is not None:
                     await self._abandon(task)  # no-op if the launch already did
-                    if task.cgroups is not None:
-                        await resources.remove_cgroups(task.cgroups, self._cfg.kill_timeout)
-                safe_rmtree(taskdir)
+                await self._discard(taskdir, task.cgroups if task is not None else None)
                 raise
         except BaseException:
             await self._release_volumes(cfg.task_id)
@@ -289,6 +291,7 @@ class ProcessController:
         return task.status
 
     async def remove(self, task_id: str) -> None:
+        self._remove_cgroups_left()
         task = self._tasks.get(task_id)
         if task is None:
             return
@@ -296,10 +299,36 @@ class ProcessController:
             await self.stop(task_id, self._cfg.remove_grace)
         self._unwatch(task)
         del self._tasks[task_id]
-        if task.cgroups is not None:
-            await resources.remove_cgroups(task.cgroups, self._cfg.kill_timeout)
-        safe_rmtree(task.dir)
+        await self._discard(task.dir, task.cgroups)
         await self._release_volumes(task_id, task.volumes)
+
+    async def _discard(self, taskdir: Path, cgroups: TaskCgroups | None) -> None:
+        """Remove a gone task's cgroups and directory. Groups still busy after kill_timeout
+        keep the directory, emptied but for their record (taskdir.CGROUPS_LEFT), until a later
+        remove() or the next agent's recover() gets them."""
+        left = await resources.remove_cgroups(cgroups, self._cfg.kill_timeout) if cgroups else []
+        if left and cgroups is not None:
+            try:
+                keep_only_cgroups(taskdir, cgroups)
+            except OSError as exc:  # the whole directory stays: recover() adopts it again
+                log.error("runtime: cannot record %s's busy cgroups: %s", taskdir.name, exc)
+                return
+            self._cgroups_left[taskdir.name] = cgroups
+            return
+        safe_rmtree(taskdir)
+
+    def _remove_cgroups_left(self) -> None:
+        """Try again to remove the groups removed tasks left behind (see _discard)."""
+        for task_id, cgroups in list(self._cgroups_left.items()):
+            try:
+                if resources.remove_cgroups_now(cgroups):
+                    continue
+            except CgroupError as exc:
+                log.warning("runtime: %s", exc)
+                continue
+            log.info("runtime: removed the cgroups task %s left behind", task_id)
+            del self._cgroups_left[task_id]
+            safe_rmtree(self._cfg.tasks_dir / task_id)
 
     async def _mount_volumes(self, cfg: TaskConfig) -> None:
         """Mount the task's network volumes (shoal.runtime.volumes) at DATA_DIR/volumes/NAME,
@@ -351,6 +380,10 @@ class ProcessController:
         for taskdir in entries:
             if taskdir.name in self._tasks or not taskdir.is_dir():
                 continue
+            left = cgroups_left(taskdir)
+            if left is not None:
+                self._cgroups_left[taskdir.name] = left
+                continue
             cfg = read_config(taskdir)
             if cfg is not None:
                 self._register(adopt(
@@ -358,6 +391,7 @@ class ProcessController:
                     watch=lambda task, fd, shim: self._watch(task, fd, shim=shim),
                     find_init=self._find_init,
                 ))  # fmt: skip
+        self._remove_cgroups_left()
 
     # -- launching
 

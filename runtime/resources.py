@@ -42,23 +42,29 @@ def oom(cgroups: TaskCgroups | None) -> bool:
     return cgroups is not None and bool(cgroups.dirs) and cgroups.oom_kills() > 0
 
 
-async def remove_cgroups(cgroups: TaskCgroups, kill_timeout: float) -> None:
+async def remove_cgroups(cgroups: TaskCgroups, kill_timeout: float) -> list[Path]:
     """Kill what is left in the groups and rmdir them (a group is busy for a moment after
-    its last process died)."""
+    its last process died); return those still there after ``kill_timeout`` or an error."""
     deadline = time.monotonic() + kill_timeout
-    while True:
-        try:
-            left = cgroups.remove_now()
-        except CgroupError as exc:
-            log.warning("runtime: %s", exc)
-            return
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            log.warning("runtime: cgroups still busy, left behind: %s", left)
-            return
+    try:
+        while left := remove_cgroups_now(cgroups):
+            if time.monotonic() > deadline:
+                log.warning("runtime: cgroups still busy, kept for a later try: %s", left)
+                return left
+            await asyncio.sleep(0.01)
+    except CgroupError as exc:
+        log.warning("runtime: %s", exc)
+        return list(cgroups.dirs.values())
+    return []
+
+
+def remove_cgroups_now(cgroups: TaskCgroups) -> list[Path]:
+    """One try: rmdir the groups, kill what is in those still busy, return those. Raises
+    CgroupError when a group cannot be removed for another reason than being busy."""
+    left = cgroups.remove_now()
+    if left:
         cgroups.kill()
-        await asyncio.sleep(0.01)
+    return left
 
 
 def image_config(images: ImageStore, ref: str) -> ImageConfig:

@@ -29,6 +29,7 @@ launcher starts nothing without the go, sent only after all three).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -187,6 +188,39 @@ def mounts_under(path: Path) -> list[str]:
             if mp == prefix or mp.startswith(prefix + "/"):
                 found.append(mp)
     return found
+
+
+#: The one file a removed task's directory keeps while some of its cgroups outlive the task.
+CGROUPS_LEFT = "cgroups-left.json"
+
+
+def keep_only_cgroups(taskdir: Path, cgroups: TaskCgroups) -> None:
+    """Empty a removed task's directory but for a record of its cgroups that are still busy
+    (CGROUPS_LEFT): with the directory gone, neither this agent, the next one after a restart,
+    nor a sweep by task id would know the groups any more. Raises OSError if the record cannot
+    be written (the directory is then left whole)."""
+    atomic_write(taskdir / CGROUPS_LEFT, json.dumps(cgroups.to_json()))
+    for child in taskdir.iterdir():
+        if child.name == CGROUPS_LEFT:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            safe_rmtree(child)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+
+
+def cgroups_left(taskdir: Path) -> TaskCgroups | None:
+    """The groups a removed task left behind (see keep_only_cgroups); None for any other
+    task directory."""
+    try:
+        raw = json.loads((taskdir / CGROUPS_LEFT).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("runtime: %s: unreadable %s (%s)", taskdir, CGROUPS_LEFT, exc)
+        return TaskCgroups({}, "")
+    return TaskCgroups.from_json(raw)
 
 
 def safe_rmtree(path: Path) -> None:

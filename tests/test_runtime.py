@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -305,6 +306,70 @@ async def test_remove_stops_and_forgets_and_deletes_the_dir(ctl: ProcessControll
     assert not taskdir.exists()
     assert [m for m in members if _alive(*m)] == []
     await ctl.remove("rm")  # unknown: no-op
+
+
+async def test_cgroups_busy_at_remove_are_kept_on_record_and_removed_later(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    # A group still busy after kill_timeout used to be dropped with the task directory: no
+    # agent, restart or sweep by task id knew it any more (a leak seen in CI). A child group
+    # keeps the task's group busy here (rmdir: EBUSY) for as long as the test wants.
+    config = dataclasses.replace(config, kill_timeout=0.2)
+    ctl = ProcessController(config)
+    pins: list[Path] = []
+    try:
+        st = await ctl.start(task("busy", "sleep", "1000"))
+        members = ns_members(st.pid or 0)
+        groups = task_cgroups(["busy"])
+        assert groups, "this test needs cgroups"
+        pins = [groups[0] / "pin"]
+        pins[0].mkdir()
+        await ctl.remove("busy")
+        assert "busy" not in ctl.tasks() and [m for m in members if _alive(*m)] == []
+        taskdir = data_dir / "tasks" / "busy"
+        assert sorted(p.name for p in taskdir.iterdir()) == ["cgroups-left.json"]
+        assert groups[0].is_dir()
+
+        # an agent restarted meanwhile knows the group from the record, adopts no task
+        ctl2 = ProcessController(config)
+        await ctl2.recover()
+        assert ctl2.tasks() == {} and groups[0].is_dir()
+        await ctl2.close()
+
+        pins[0].rmdir()
+        await ctl.remove("no-such-task")  # any later remove() tries again
+        assert task_cgroups(["busy"]) == [] and not taskdir.exists()
+    finally:
+        for pin in pins:
+            if pin.exists():
+                pin.rmdir()
+        await ctl.close()
+
+
+async def test_a_restarted_agent_removes_the_cgroups_a_removed_task_left(
+    config: RuntimeConfig, data_dir: Path
+) -> None:
+    config = dataclasses.replace(config, kill_timeout=0.2)
+    ctl = ProcessController(config)
+    pins: list[Path] = []
+    try:
+        await ctl.start(task("busy2", "sleep", "1000"))
+        pins = [g / "pin" for g in task_cgroups(["busy2"])]
+        for pin in pins:
+            pin.mkdir()
+        await ctl.remove("busy2")
+        await ctl.close()
+        assert len(task_cgroups(["busy2"])) == len(pins)
+        for pin in pins:
+            pin.rmdir()
+        ctl = ProcessController(config)
+        await ctl.recover()
+        assert task_cgroups(["busy2"]) == [] and list((data_dir / "tasks").iterdir()) == []
+    finally:
+        for pin in pins:
+            if pin.exists():
+                pin.rmdir()
+        await ctl.close()
 
 
 # ------------------------------------------------------------------------- start failures
