@@ -1,7 +1,7 @@
 """pysyncobj weak point: FileJournal's truncation (a log compaction's deleteEntriesTo)
 is not atomic. A voter killed inside it lost every entry after the first few it re-adds —
 entries it had acknowledged. The kill is real (SIGKILL at a chosen write inside the
-truncation, tests/faults/kill_in_truncation.py); the fix (shoal.raft.store
+truncation, tests/faults/kill_in_truncation.py); the fix (shoal.raft.journal
 ``_atomic_delete_entries_to``) writes the kept entries to a new file renamed over the
 journal."""
 

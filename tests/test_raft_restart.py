@@ -24,6 +24,7 @@ from test_raft_store import _service
 
 from shoal.raft import store as store_mod
 from shoal.raft.errors import PersistenceError
+from shoal.raft.journal import read_journal
 from shoal.raft.store import RaftConfig, RaftStore
 
 # pysyncobj's MetaStorer.getMeta leaves the journal's .meta file open (its bug, once per start)
@@ -41,7 +42,7 @@ def _port() -> int:
 
 
 def _entries(path: Path) -> list[tuple[bytes, int, int]]:
-    return store_mod._read_journal(path)
+    return read_journal(path)
 
 
 def _write_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
