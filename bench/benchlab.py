@@ -47,3 +47,8 @@ def fmt(name: str, xs: list[float], width: int = 22) -> str:
     ms = [x * 1000 for x in xs]
     return (f"{name:<{width}} p50 {pct(ms, 50):7.2f} ms   p99 {pct(ms, 99):7.2f} ms   "
             f"mean {statistics.mean(ms):7.2f} ms   max {max(ms):7.2f} ms")
+
+
+def multiplier_args(multiplier: float) -> tuple[str, ...]:
+    """The agent flags for ``--raft-multiplier`` (none at the default 1)."""
+    return () if multiplier == 1.0 else ("--raft-multiplier", f"{multiplier:g}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from benchlab import client, leader_of
+from benchlab import client, leader_of, multiplier_args
 
 from netlab import Host, Lab, wait_until
 from shoal.cli.errors import CliError
@@ -38,8 +38,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--idle", type=float, default=0.0, help="idle seconds to watch for "
                     "spurious elections after the runs")
+    ap.add_argument("--raft-multiplier", type=float, default=1.0,
+                    help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
-    with Lab(3) as lab:
+    with Lab(3, agent_args=multiplier_args(args.raft_multiplier)) as lab:
         lab.form_cluster(managers=3)
         h1 = lab.hosts[0]
         client(h1).call("POST", "/v1/services", {"spec": {

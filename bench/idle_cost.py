@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import multiplier_args
+
 from netlab import Host, Lab
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -125,9 +127,11 @@ def main() -> None:
                     help="also per thread: CPU and context switches per second")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile dir (see above)")
     ap.add_argument("--pyspy-seconds", type=float, default=20.0)
+    ap.add_argument("--raft-multiplier", type=float, default=1.0,
+                    help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
     n = args.managers + args.workers
-    with Lab(n) as lab:
+    with Lab(n, agent_args=multiplier_args(args.raft_multiplier)) as lab:
         lab.form_cluster(managers=args.managers, workers=args.workers, timeout=120)
         time.sleep(args.settle)
         nodes = lab.hosts[0].cli_json("node", "ls")

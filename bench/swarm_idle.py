@@ -91,6 +91,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import multiplier_args
 from labstate import CommandError, LabError
 
 from netlab import REPO, Host, Lab, list_netns, wait_until
@@ -713,6 +714,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=15.0,
                     help="s to wait after both clusters formed, before the window")
     ap.add_argument("--only", choices=("both", "shoal", "swarm"), default="both")
+    ap.add_argument("--raft-multiplier", type=float, default=1.0,
+                    help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, dockerd)", file=sys.stderr)
@@ -734,7 +737,7 @@ def main() -> int:
         say(f"note: {len(procs_before)} dockerd/containerd process(es) were already running "
             "(not this run's: left alone)")
     daemons: list[Dockerd] = []
-    lab = Lab(n_hosts)
+    lab = Lab(n_hosts, agent_args=multiplier_args(args.raft_multiplier))
     os.environ["DOCKER_CONFIG"] = str(lab.root / "docker-cli")  # the CLI writes nothing global
     rc = 0
     try:

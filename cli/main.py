@@ -102,6 +102,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
     from shoal.node.config import AgentConfig
     from shoal.node.events import EventsConfig
     from shoal.node.mqttconfig import MqttConfig
+    from shoal.raft.store import RaftConfig
     from shoal.runtime.registry import RegistryConfig
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -110,6 +111,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       listen_addr=args.listen_addr, api_port=args.api_port,
                       raft_port=args.raft_port, remote_api_port=args.remote_api_port,
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
+                      raft=RaftConfig().scaled(args.raft_multiplier),
                       cert_lifetime=args.cert_lifetime,
                       cert_renew_fraction=args.cert_renew_fraction,
                       restart_grace=args.restart_grace, join_wait=args.join_wait,

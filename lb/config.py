@@ -83,8 +83,9 @@ class Config:
     # answer in time is killed and restarted (a wedged data path must not wedge the agent).
     control_timeout: float = 5.0
     # Seconds between health probes of each worker (a STATS round trip). A worker that does
-    # not answer within control_timeout is killed and restarted.
-    health_interval: float = 2.0
+    # not answer within control_timeout is killed and restarted (a worker that dies is seen
+    # at once: this is for a wedged one). Each probe wakes the agent and the worker.
+    health_interval: float = 5.0
     # Seconds to wait for a new worker's first answer (process start + imports).
     start_timeout: float = 10.0
     # Restart back-off after a worker dies, seconds: starts at min, doubles up to max, and

@@ -77,6 +77,9 @@ from shoal.runtime.process import ProcessController
 from shoal.runtime.records import RuntimeConfig
 
 log = logging.getLogger("shoal.agent")
+# The longest the leadership watch sleeps without a Raft role change or an applied entry
+# waking it, seconds.
+LEADERSHIP_WATCH = 2.0
 
 
 class Agent(MembershipLifecycle, RoleSwitch):
@@ -93,6 +96,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self.ctx = NodeContext(config, self.hostname)
         self.runtime = ProcessController(RuntimeConfig(data_dir=self.data_dir))
         self._leader_wakeup = asyncio.Event()
+        self._leadership_wakeup = asyncio.Event()  # (_leadership_loop)
         self._worker_wakeup = asyncio.Event()
         self._member_tasks: list[asyncio.Task[Any]] = []
         self._leader_task: asyncio.Task[None] | None = None
@@ -399,15 +403,18 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self._role_wakeup.set()
         self.dispatcher.applied()
         self.security.keys.wake()
+        self.mqtt.wake()
+        self._leadership_wakeup.set()
         if self.mesh is not None:
             self.mesh.wake()
 
     async def _leadership_loop(self) -> None:
         assert self.ctx.raft is not None
         last_voters: list[str] = []
-        # woken at once by a Raft role change, else every 0.5 s (voter changes, hasQuorum,
-        # which no event announces) instead of a 50 ms poll (idle cost)
-        wakeup, ev_loop, heard = asyncio.Event(), asyncio.get_running_loop(), None
+        # woken at once by a Raft role change and by applied entries, else every
+        # LEADERSHIP_WATCH s (voter changes, which no event announces, are only recorded
+        # for the next start) instead of a 50 ms poll (idle cost)
+        wakeup, ev_loop, heard = self._leadership_wakeup, asyncio.get_running_loop(), None
 
         def role_changed() -> None:  # (tick thread)
             if not ev_loop.is_closed():
@@ -434,7 +441,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
                     self.identity.voters = voters
                     self.identity.save(self.data_dir)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
+                async with asyncio.timeout(LEADERSHIP_WATCH):
                     await wakeup.wait()
             wakeup.clear()
 

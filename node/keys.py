@@ -133,6 +133,8 @@ class KeyManager:
         self._start: Callable[[NodeIdentity], None] | None = None
         # the unlock key this node's keys are wrapped with now ("": in the clear)
         self._wrapped_with = ""
+        # (the roots ca.pem was last seen to hold, TlsFiles.ca_writes then): _ca_step
+        self._trusted: tuple[bytes, int] | None = None
         self.rewraps = 0  # times this node re-wrapped its keys (tests, info)
         self._rotating = False  # this node is rotating the managers' key
         self._opens: tuple[bytes, bytes] = (b"", b"")  # (managers' key, ca_key) known to open
@@ -617,11 +619,14 @@ class KeyManager:
             return
         files, sec = self.security.files, self.security
         trust = pki.bundle(c.ca_cert, c.ca_next_cert if c.ca_phase else "")
-        if files.exists() and files.ca_pem() != trust:
-            await asyncio.to_thread(files.set_ca, trust)
-            sec.load()
-            log.info("trusted roots now: %s", "old and new (CA rotation)" if c.ca_phase
-                     else "the cluster CA")
+        # (ca.pem is read again only when the roots or the file changed since: not every pass)
+        if (trust, files.ca_writes) != self._trusted and files.exists():
+            if files.ca_pem() != trust:
+                await asyncio.to_thread(files.set_ca, trust)
+                sec.load()
+                log.info("trusted roots now: %s", "old and new (CA rotation)" if c.ca_phase
+                         else "the cluster CA")
+            self._trusted = (trust, files.ca_writes)
         if c.ca_phase:
             done = c.ca_acks.get(ident.node_id, 0)
             if done < 1:

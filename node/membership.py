@@ -56,6 +56,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import random
 import secrets
 import threading
@@ -104,6 +105,11 @@ T = TypeVar("T")
 SYNC_TIMEOUT = 5.0
 # what the leader reads from gossip each pass: node id → state, → metadata, → restart deadline
 LeaderInputs = tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, float]]
+# The leader's inputs as published are used while younger than this, seconds (the gossip
+# thread republishes every second while they are read): older = the gossip thread stopped.
+INPUTS_STALE = 3.0
+# The gossip thread stops publishing them when no leader read them for this long, seconds.
+INPUTS_KEPT = 30.0
 # what `node ls` / `node inspect` read: node id → state, → metadata; one member's detail
 NodeViews = tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, Any] | None]
 
@@ -194,6 +200,12 @@ class Membership:
         self._next_refresh = 0.0
         self._refresh_backoff = REFRESH_MIN_BACKOFF
         self.refreshes = 0  # key refreshes that changed the keyring
+        # The leader's gossip inputs, published by the gossip thread (``leader_inputs``):
+        # rebuilt at every member event and every second while a leader reads them, read
+        # from the agent's loop without a hop (a reference and a float: whole under the GIL).
+        self._inputs: LeaderInputs = ({}, {}, {})
+        self._inputs_at = -math.inf  # time.monotonic() of the last rebuild
+        self._inputs_read = -math.inf  # time.monotonic() of the last read (agent's loop)
 
     async def start(self, seeds: Callable[[], Iterable[str]]) -> None:
         """Bind and start; join the cluster in the background (retrying) from ``seeds()``,
@@ -206,11 +218,14 @@ class Membership:
             self.thread.stop()
             raise
         on_change = self._on_change
-        if on_change is not None:
-            def hop(ev: MemberEvent) -> None:  # on the gossip thread → the agent's loop
+
+        def hop(ev: MemberEvent) -> None:  # on the gossip thread → the agent's loop
+            if self._publishing():  # (first: what the event wakes must see it)
+                self._publish_inputs()
+            if on_change is not None:
                 with contextlib.suppress(RuntimeError):  # the agent's loop is closed
                     agent_loop.call_soon_threadsafe(on_change, ev)
-            self._unsubscribe = self.thread.call(self.list.subscribe, hop)
+        self._unsubscribe = self.thread.call(self.list.subscribe, hop)
         self._tasks = [asyncio.create_task(self._join_loop(seeds), name="gossip-join"),
                        asyncio.create_task(self._key_watchdog(), name="gossip-keys")]
 
@@ -250,6 +265,8 @@ class Membership:
             seen = int(self.list.stats.get("drop.decrypt", 0))
             while True:
                 await asyncio.sleep(1.0)
+                if self._publishing():  # (what no event announces: a deadline's clock)
+                    self._publish_inputs()
                 drops = int(self.list.stats.get("drop.decrypt", 0))
                 if drops > seen:
                     seen = drops
@@ -340,7 +357,10 @@ class Membership:
     # ---------------------------------------------------------------- views
     @property
     def running(self) -> bool:
-        return self.thread.call(lambda: self.list.running)
+        """Read directly, not on the gossip thread: one string attribute, which the GIL
+        reads whole (a round trip to the gossip thread cost the leader one blocking hop
+        per pass)."""
+        return self.list.running
 
     def stats(self) -> dict[str, int]:
         """A copy of the member list's counters (shoal.gossip's ``stats``)."""
@@ -394,14 +414,30 @@ class Membership:
         return self.thread.call(self._restarts)
 
     async def leader_inputs(self) -> LeaderInputs:
-        """``view``, ``metas`` and ``restarts`` in one round trip to the gossip thread (the
-        leader reads all three every pass: one cross-thread call instead of three),
-        awaited: the leader's loop goes on serving meanwhile."""
-        def all_three() -> LeaderInputs:
-            members = self.list.members(include_gone=True)
-            return ({m.name: STATE_NAMES[m.state] for m in members},
-                    {m.name: dict(m.meta) for m in members}, self._restarts())
-        return await self.thread.ask(all_three)
+        """``view``, ``metas`` and ``restarts``, which the leader reads every pass: as the
+        gossip thread last published them (at the last member event, at most a second ago:
+        no hop, no wake-up of the gossip thread), else — the first read, or a gossip thread
+        that stopped publishing (wedged: TimeoutError after SYNC_TIMEOUT) — asked of the
+        gossip thread, awaited (the leader's loop goes on serving meanwhile). The dicts are
+        shared: read, never change them."""
+        now = time.monotonic()
+        self._inputs_read = now
+        if now - self._inputs_at < INPUTS_STALE:
+            return self._inputs
+        return await self.thread.ask(self._publish_inputs)
+
+    def _publishing(self) -> bool:
+        """(gossip thread) Whether a leader read the inputs lately: only then are they kept."""
+        return time.monotonic() - self._inputs_read < INPUTS_KEPT
+
+    def _publish_inputs(self) -> LeaderInputs:
+        """(gossip thread) Build the leader's inputs from the member list and publish them."""
+        members = self.list.members(include_gone=True)
+        inputs = ({m.name: STATE_NAMES[m.state] for m in members},
+                  {m.name: dict(m.meta) for m in members}, self._restarts())
+        self._inputs = inputs
+        self._inputs_at = time.monotonic()  # (after the inputs: a fresh stamp, fresh inputs)
+        return inputs
 
     def _restarts(self) -> dict[str, float]:
         loop_now = asyncio.get_running_loop().time()

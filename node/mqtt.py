@@ -42,6 +42,9 @@ log = logging.getLogger("shoal.mqtt")
 
 # --------------------------------------------------------------------------- cluster-wide
 
+# How often an agent looks at the cluster-wide MQTT setting when no entry is applied,
+# seconds (a change of the setting is an applied entry: it wakes the agent at once).
+IDLE_LOOK = 10.0
 AAD_PASSWORD = b"shoal/mqtt/password"
 AAD_CLIENT_KEY = b"shoal/mqtt/client-key"
 AAD_COMMAND_KEY = b"shoal/mqtt/command-key"
@@ -259,13 +262,16 @@ class MqttSupervisor:
 
     def __init__(self, ctx: SettingContext, flags: MqttConfig, ring: EventLog,
                  registry: Any = None, update_service: UpdateService | None = None,
-                 security: Peers | None = None, poll: float = 1.0) -> None:
+                 security: Peers | None = None, poll: float = 1.0,
+                 idle: float = IDLE_LOOK) -> None:
         self.ctx = ctx
         self.flags = flags
         self.ring = ring
         self.update_service = update_service
         self.settings = MqttSettings(ctx, security) if security is not None else None
-        self.poll = poll
+        self.poll = poll  # the least time between two looks at the setting
+        self.idle = idle  # the most time between two looks when nothing is applied
+        self._applied = asyncio.Event()  # an entry was applied since the last look
         self.bridge: MqttBridge | None = None
         # (cluster id, setting version, a manager?) of the bridge running now
         self.following: tuple[str, int, bool] | None = None
@@ -287,8 +293,7 @@ class MqttSupervisor:
                 return
             warned: tuple[str, int, bool] | None = None
             while True:
-                # polled (every ``poll`` s), not woken per applied command: a snapshot copies
-                # the state's maps, too much to do at every apply of a busy cluster
+                looked = time.monotonic()
                 store = self.ctx.store
                 ident = self.ctx.identity
                 setting = store.snapshot().cluster.mqtt if store is not None and \
@@ -315,9 +320,25 @@ class MqttSupervisor:
                                  setting.version)
                         await self._start(config)
                     self.following = want
-                await asyncio.sleep(self.poll)
+                await self._next_look(looked)
         finally:
             await self._stop()
+
+    def wake(self) -> None:
+        """An entry was applied: the setting may have changed (the agent calls this)."""
+        self._applied.set()
+
+    async def _next_look(self, looked: float) -> None:
+        """Wait for the next look at the setting: after an applied entry, but not sooner
+        than ``poll`` after the last look (``looked``: a snapshot copies the state's maps,
+        too much to do at every apply of a busy cluster), else after ``idle``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.idle):
+                await self._applied.wait()
+        self._applied.clear()
+        gap = looked + self.poll - time.monotonic()
+        if gap > 0:
+            await asyncio.sleep(gap)
 
     async def _start(self, config: MqttConfig) -> None:
         self.bridge = MqttBridge(self.ctx, config, self.ring, None, self.update_service)

@@ -456,6 +456,9 @@ class TlsFiles:
     dir: Path
     # the password of the key in node.pem (an autolocked manager); None = in the clear
     password: bytes | None = None
+    # ca.pem writes through this object so far (a reader that remembers what it saw can
+    # skip re-reading the file until this moves)
+    ca_writes: int = 0
 
     @property
     def ca(self) -> Path:
@@ -472,6 +475,7 @@ class TlsFiles:
     def save(self, ca_pem: bytes, cert_pem: bytes, key_pem_: bytes) -> None:
         """``key_pem_`` in the clear; written encrypted when ``password`` is set."""
         write_private(self.ca, ca_pem, 0o644)
+        self.ca_writes += 1
         write_private(self.cert, cert_pem + self._key_out(load_key(key_pem_)))
 
     def _key_out(self, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -509,6 +513,7 @@ class TlsFiles:
 
     def set_ca(self, ca_pem: bytes) -> None:
         write_private(self.ca, ca_pem, 0o644)
+        self.ca_writes += 1
 
     def ca_pem(self) -> bytes:
         return self.ca.read_bytes()

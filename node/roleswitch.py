@@ -42,6 +42,8 @@ from shoal.raft.models import NodeRole
 from shoal.raft.store import RaftStore
 
 log = logging.getLogger("shoal.agent")
+# The longest the role watch sleeps when nothing wakes it, seconds.
+ROLE_WATCH = 5.0
 
 
 class RoleSwitch:
@@ -101,8 +103,12 @@ class RoleSwitch:
         runs as (seen in its state feed or Raft replica, also after a restart), switch."""
         unready_since: float | None = None
         while True:
+            # woken by applied entries and a finished switch; else a look every ROLE_WATCH
+            # s, or sooner when a failed switch's retry is due
+            retry = self._role_retry_at - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(ROLE_WATCH if retry <= 0 else min(ROLE_WATCH,
+                                                                             retry + 0.01)):
                     await self._role_wakeup.wait()
             self._role_wakeup.clear()
             ident, store = self.ctx.identity, self.ctx.store
@@ -146,6 +152,7 @@ class RoleSwitch:
         if task is None or task.done():
             task = self._role_task = asyncio.create_task(self._switch_role(role),
                                                          name=f"become-{role}")
+            task.add_done_callback(lambda _t: self._role_wakeup.set())  # look again
         return task
 
     async def _switch_role(self, role: str) -> str | None:

@@ -59,6 +59,10 @@ log = logging.getLogger("shoal.raft")
 _BARRIER = msgpack.packb({"op": "read_barrier"}, use_bin_type=True)
 
 
+# Bounds of RaftConfig.scaled's multiplier (Nomad and Consul allow 1-10 too).
+MIN_MULTIPLIER, MAX_MULTIPLIER = 1.0, 10.0
+
+
 @dataclass
 class RaftConfig:
     """Timing and persistence of the Raft group (see docs/architecture.md#raft-tuning).
@@ -110,6 +114,21 @@ class RaftConfig:
             raise ValueError("leader_fallback_timeout must be > append_entries_period")
         if self.write_timeout <= 0 or self.tick_period <= 0:
             raise ValueError("write_timeout and tick_period must be > 0")
+
+    def scaled(self, multiplier: float) -> RaftConfig:
+        """These timings stretched by ``multiplier``, as Nomad's and Consul's raft_multiplier:
+        the election timeout range, the append-entries (heartbeat) period and the leader's
+        step-down timeout. 1 = these (failover ~0.6 s); 2 = half the idle Raft messages and
+        wake-ups on every manager, about twice the failover time, twice the tolerance of a
+        stalled machine or network (docs/benchmarks.md, "Raft multiplier")."""
+        if not MIN_MULTIPLIER <= multiplier <= MAX_MULTIPLIER:
+            raise ValueError(f"raft multiplier must be between {MIN_MULTIPLIER} and "
+                             f"{MAX_MULTIPLIER}, got {multiplier}")
+        return dataclasses.replace(
+            self, raft_min_timeout=self.raft_min_timeout * multiplier,
+            raft_max_timeout=self.raft_max_timeout * multiplier,
+            append_entries_period=self.append_entries_period * multiplier,
+            leader_fallback_timeout=self.leader_fallback_timeout * multiplier)
 
 
 def _lock_data_dir(data_dir: Path, timeout: float) -> int:

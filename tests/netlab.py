@@ -247,7 +247,8 @@ class Host:
             self.sock.unlink()  # a stale socket from a killed agent would look ready
         self._agent = self.spawn(
             *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
-            "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
+            "--advertise-addr", self.ip, *self.lab.agent_args, *extra, log_name="agent",
+            hostname=True)
         deadline = time.monotonic() + timeout
         while True:
             if self._agent.poll() is not None:
@@ -295,7 +296,8 @@ class Host:
             self.sock.unlink()
         self._agent = self.spawn(
             *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
-            "--advertise-addr", self.ip, *extra, log_name="agent", hostname=True)
+            "--advertise-addr", self.ip, *self.lab.agent_args, *extra, log_name="agent",
+            hostname=True)
 
     def agent_serving(self) -> bool:
         """The agent's unix socket accepts (LabError if the agent exited)."""
@@ -443,10 +445,12 @@ class Lab:
     def __init__(self, n_hosts: int, base_dir: Path | str | None = None, *,
                  subnet: str = "10.77.0.0/24", first_host: int = 11,
                  shoal: Path | None = None, keep_data: bool = False,
-                 routed: tuple[str, int] | None = None, point_to_point: bool = False) -> None:
+                 routed: tuple[str, int] | None = None, point_to_point: bool = False,
+                 agent_args: Sequence[str] = ()) -> None:
         if routed is not None and point_to_point:
             raise LabError("routed and point_to_point do not combine")
         self.point_to_point = point_to_point
+        self.agent_args = tuple(agent_args)  # given to every agent this lab starts
         if not 1 <= n_hosts <= MAX_HOSTS:
             raise LabError(f"n_hosts must be 1..{MAX_HOSTS}, got {n_hosts}")
         net = ipaddress.ip_network(subnet)

@@ -637,6 +637,8 @@ async def test_the_supervisor_follows_the_cluster_wide_setting_live(
     sup = MqttSupervisor(n.ctx, MqttConfig(backoff_min=0.05, backoff_max=0.3), n.ring,
                          None, n.server.c.services.update_service, n.server.c.security,
                          poll=0.1)
+    loop = asyncio.get_running_loop()  # as the agent does: every applied entry wakes it
+    n.store.add_listener(lambda _index: loop.call_soon_threadsafe(sup.wake))
     task = asyncio.create_task(sup.run())
     url = f"mqtts://node1@{broker.ip}:{broker.port}"
     ca = Path(broker.ca).read_text()

@@ -311,10 +311,18 @@ class Dispatcher:
 
     async def _send_heartbeat(self, manager: Node, node_id: str) -> bool:
         """One heartbeat to ``manager``; True if it answered as the leader."""
-        if manager.id == node_id:
-            self.heartbeats[node_id] = time.monotonic()
+        if manager.id == node_id:  # a manager's beat to itself: what a remote one is told
             store = self.ctx.store
-            return bool(store is not None and store.is_leader())
+            leads = bool(store is not None and store.is_leader())
+            credit = 0.0
+            if leads and store is not None:
+                config = self.ctx.config
+                period, credit = heartbeat_period(
+                    config.heartbeat_interval, len(store.snapshot().nodes),
+                    config.orchestrator, node_id in self.gossip_alive)
+                self.heartbeat_period = min(period, MAX_HEARTBEAT_PERIOD)
+            self.record_heartbeat(node_id, credit)
+            return leads
         return await self._beat(manager.api_addr, manager.hostname, node_id)
 
     async def _beat(self, api_addr: str, name: str, node_id: str) -> bool:
