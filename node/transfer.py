@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -39,6 +40,12 @@ from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.transfer")
+# How long `service ps` and `node ps` wait for a node's live resource use, seconds: a node
+# answers in milliseconds; one that does not is shown without usage rather than delay the
+# whole listing (`node ps`/`service ps` of Docker show none at all).
+LISTING_USAGE_TIMEOUT = 0.3
+# A node that did not answer a usage request is not asked again for this long, seconds.
+USAGE_QUIET = 10.0
 
 
 class Transfer:
@@ -57,6 +64,9 @@ class Transfer:
         # how long a node waits for the peer chosen to fetch a layer from the registry
         # before fetching it itself (seconds)
         self.peer_wait = 120.0
+        # node id → time.monotonic() until which cluster_usage does not ask it (it did not
+        # answer the last time)
+        self.usage_quiet: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
     def _peers(self) -> list[Node]:
@@ -344,27 +354,34 @@ def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str,
 async def cluster_usage(transfer: Transfer, by_node: dict[str, list[str]],
                         timeout: float = 1.0) -> dict[str, dict[str, Any]]:
     """Usage of running tasks on every node, asked concurrently; a node that does not answer
-    within ``timeout`` contributes nothing (the listing must not hang on a dead node)."""
+    within ``timeout`` contributes nothing, and is not asked again for USAGE_QUIET seconds
+    (a listing must not hang on a dead or cut-off node, nor every listing in a row wait for
+    it while gossip has not judged it yet)."""
     store, me = transfer.ctx.store, transfer.ctx.identity
     if store is None or me is None:
         return {}
     snap = store.snapshot()
     out: dict[str, dict[str, Any]] = {}
+    quiet = transfer.usage_quiet
 
     async def ask(node_id: str, ids: list[str]) -> None:
         if node_id == me.node_id:
             out.update(local_usage(transfer.runtime, ids))
             return
         node = snap.nodes.get(node_id)
-        if node is None:
+        if node is None or quiet.get(node_id, -math.inf) > time.monotonic():
             return
-        with contextlib.suppress(ApiError, TimeoutError, ValueError, aiohttp.ClientError):
+        try:
             async with asyncio.timeout(timeout):
                 resp = await transfer._request(node, "POST", "/v1/cluster/usage",
-                                                     {"task_ids": ids}, timeout=timeout)
+                                               {"task_ids": ids}, timeout=timeout)
                 data = await resp.json()
                 resp.release()
-                if isinstance(data, dict):
-                    out.update({k: v for k, v in data.items() if k in ids})
+        except (ApiError, TimeoutError, ValueError, aiohttp.ClientError):
+            quiet[node_id] = time.monotonic() + USAGE_QUIET
+            return
+        quiet.pop(node_id, None)
+        if isinstance(data, dict):
+            out.update({k: v for k, v in data.items() if k in ids})
     await asyncio.gather(*(ask(n, ids) for n, ids in by_node.items()))
     return out

@@ -410,3 +410,45 @@ async def test_a_workers_feed_follows_the_dispatcher_and_reports_only_its_own_ta
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
+
+
+async def test_live_usage_skips_a_node_that_did_not_answer_for_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`service ps` asks each node for its tasks' usage; a node that does not answer (cut
+    off, not yet judged by gossip) made every listing wait the full timeout — 1 s per
+    `service ps`, which also skewed the gossip bench's cut-link figure. Now it is not asked
+    again for USAGE_QUIET seconds, and answers again once it does."""
+    from shoal.node import transfer as transfer_mod
+
+    c = Cluster(tmp_path)
+    await c.boot()
+    await c.ctx.propose({"op": "node_add", "now": 1.0, "node": to_dict(Node(
+        id="n2", hostname="h2", addr="10.0.0.2", api_port=2377, raft_port=2378,
+        role=NodeRole.WORKER, memory_bytes=1 << 33, cpus=4.0))})
+    asked: list[str] = []
+    answer = False
+
+    class Reply:
+        async def json(self) -> dict[str, Any]:
+            return {"t2": {"memory_bytes": 7}}
+
+        def release(self) -> None:
+            pass
+
+    async def request(node: Node, method: str, path: str, body: Any = None,
+                      timeout: float = 30.0) -> Reply:
+        asked.append(node.id)
+        if not answer:
+            await asyncio.sleep(30)  # cut off: no answer
+        return Reply()
+    monkeypatch.setattr(c.transfer, "_request", request)
+
+    by_node = {"n2": ["t2"]}
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == {}
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == {}
+    assert asked == ["n2"], "the second listing waited for the silent node again"
+    c.transfer.usage_quiet["n2"] = 0.0  # USAGE_QUIET later
+    answer = True
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == \
+        {"t2": {"memory_bytes": 7}}
+    assert asked == ["n2", "n2"] and "n2" not in c.transfer.usage_quiet
