@@ -122,8 +122,8 @@ class RaftConfig:
         wake-ups on every manager, about twice the failover time, twice the tolerance of a
         stalled machine or network (docs/benchmarks.md, "Raft multiplier")."""
         if not MIN_MULTIPLIER <= multiplier <= MAX_MULTIPLIER:
-            raise ValueError(f"raft multiplier must be between {MIN_MULTIPLIER} and "
-                             f"{MAX_MULTIPLIER}, got {multiplier}")
+            raise ValueError(f"raft multiplier must be between {MIN_MULTIPLIER:g} and "
+                             f"{MAX_MULTIPLIER:g}, got {multiplier}")
         return dataclasses.replace(
             self, raft_min_timeout=self.raft_min_timeout * multiplier,
             raft_max_timeout=self.raft_max_timeout * multiplier,

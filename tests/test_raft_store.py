@@ -132,3 +132,35 @@ def test_idle_wait_is_the_cap_on_an_unknown_pysyncobj(caplog: pytest.LogCaptureF
         assert sum("polls every" in r.message for r in caplog.records) == 1
     finally:
         hook.close()
+
+
+def test_the_raft_multiplier_stretches_the_timeouts_and_the_period_alone() -> None:
+    base = RaftConfig()
+    two = base.scaled(2)
+    assert (two.raft_min_timeout, two.raft_max_timeout, two.append_entries_period,
+            two.leader_fallback_timeout) == (2 * base.raft_min_timeout,
+                                            2 * base.raft_max_timeout,
+                                            2 * base.append_entries_period,
+                                            2 * base.leader_fallback_timeout)
+    assert (two.tick_period, two.write_timeout, two.connection_retry_time) == \
+        (base.tick_period, base.write_timeout, base.connection_retry_time)
+    two.validate()
+    assert base.scaled(1) == base
+    for bad in (0.5, 10.5, float("nan")):
+        with pytest.raises(ValueError, match="raft multiplier must be between 1 and 10"):
+            base.scaled(bad)
+
+
+def test_the_agent_flag_takes_a_multiplier_from_1_to_10(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from shoal.cli.main import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["agent", "--advertise-addr", "10.0.0.1", "--raft-multiplier",
+                              "2.5"])
+    assert args.raft_multiplier == 2.5
+    assert parser.parse_args(["agent", "--advertise-addr", "10.0.0.1"]).raft_multiplier == 1.0
+    for bad in ("0", "11", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["agent", "--advertise-addr", "10.0.0.1", "--raft-multiplier",
+                               bad])
+        assert "--raft-multiplier: a number from 1 to 10" in capsys.readouterr().err
