@@ -307,6 +307,7 @@ class RoleSwitch:
             self._leader_task = None
         self._member_tasks.append(run)
         self.dispatcher.heartbeats.clear()
+        self.dispatcher.gossip_alive.clear()  # (what a leader of this node saw: none now)
         self._switched(new)
         await asyncio.to_thread(raft.close)
         self._remove_raft_files()
