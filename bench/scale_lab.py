@@ -60,6 +60,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchlab import multiplier_args
+
 from netlab import Host, Lab, wait_until
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
@@ -100,8 +102,10 @@ def client(h: Host, timeout: float = 60.0, stale: bool = True) -> Client:
 
 
 class ScaleLab:
-    def __init__(self, lab: Lab, managers: int, workers: int) -> None:
+    def __init__(self, lab: Lab, managers: int, workers: int,
+                 manager_args: tuple[str, ...] = ()) -> None:
         self.lab = lab
+        self.manager_args = manager_args  # extra `shoal agent` flags of the managers
         self.managers = lab.hosts[:managers]
         self.workers = lab.hosts[managers:managers + workers]
         self.first = self.managers[0]
@@ -110,7 +114,7 @@ class ScaleLab:
     # ---------------------------------------------------------------- forming
     def up_managers(self) -> None:
         t0 = time.monotonic()
-        self.lab.start_agents(self.managers)
+        self.lab.start_agents(self.managers, *self.manager_args)
         self.first.cli("init")
         token = self.first.cli("join-token", "manager", "-q").stdout.strip()
         for h in self.managers[1:]:
@@ -461,6 +465,8 @@ def main() -> int:
                     help="sample the managers' stacks (bench/profhook) into DIR/prof-PID.json "
                     "and print the first manager's (the leader's) top functions after the "
                     "join phase (bench/profile_report.py)")
+    ap.add_argument("--raft-multiplier", type=float, default=1.0, metavar="N",
+                    help="the managers' --raft-multiplier (default 1)")
     ap.add_argument("--manager-nice", type=int, default=-10, metavar="N",
                     help="run the manager agents at this nice value (default -10: in a "
                          "deployment of this size managers have hosts of their own; here "
@@ -486,7 +492,7 @@ def main() -> int:
         t0 = time.monotonic()
         lab = Lab(args.managers + args.workers, point_to_point=not args.bridge)
         say(f"{len(lab.hosts)} netns hosts in {time.monotonic() - t0:.1f} s")
-        s = ScaleLab(lab, args.managers, args.workers)
+        s = ScaleLab(lab, args.managers, args.workers, multiplier_args(args.raft_multiplier))
         manager_env: dict[str, str] = {}
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
