@@ -434,6 +434,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
                                   heartbeat_interval=self.config.heartbeat_interval,
                                   gossip_alive=self.dispatcher.gossip_alive)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
+                # (leading again before this one noticed it lost: start the next at once)
+                self._leader_task.add_done_callback(lambda _t: wakeup.set())
             voters = store.voters()
             if voters != last_voters and self.identity and store.is_ready():
                 last_voters = voters

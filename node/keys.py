@@ -621,12 +621,16 @@ class KeyManager:
         trust = pki.bundle(c.ca_cert, c.ca_next_cert if c.ca_phase else "")
         # (ca.pem is read again only when the roots or the file changed since: not every pass)
         if (trust, files.ca_writes) != self._trusted and files.exists():
+            writes = files.ca_writes
             if files.ca_pem() != trust:
                 await asyncio.to_thread(files.set_ca, trust)
                 sec.load()
                 log.info("trusted roots now: %s", "old and new (CA rotation)" if c.ca_phase
                          else "the cluster CA")
-            self._trusted = (trust, files.ca_writes)
+                writes += 1
+            # (remembered only if nobody else wrote ca.pem meanwhile: a renewal during the
+            # write above may have put other roots there; the next pass reads it again)
+            self._trusted = (trust, writes) if files.ca_writes == writes else None
         if c.ca_phase:
             done = c.ca_acks.get(ident.node_id, 0)
             if done < 1:

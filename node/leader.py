@@ -365,6 +365,8 @@ class LeaderLoop:
         else:
             view = self.gossip() if self.gossip else None
             restarts = self.restarts() if self.restarts else None
+        if not view:  # (a running member list holds this node at least: gossip is off)
+            view = None
         if view is not None:
             self.gossip_alive.clear()
             self.gossip_alive.update(

@@ -220,8 +220,7 @@ class Membership:
         on_change = self._on_change
 
         def hop(ev: MemberEvent) -> None:  # on the gossip thread → the agent's loop
-            if self._publishing():  # (first: what the event wakes must see it)
-                self._publish_inputs()
+            self._republish()  # (first: what the event wakes must see it)
             if on_change is not None:
                 with contextlib.suppress(RuntimeError):  # the agent's loop is closed
                     agent_loop.call_soon_threadsafe(on_change, ev)
@@ -265,8 +264,8 @@ class Membership:
             seen = int(self.list.stats.get("drop.decrypt", 0))
             while True:
                 await asyncio.sleep(1.0)
-                if self._publishing():  # (what no event announces: a deadline's clock)
-                    self._publish_inputs()
+                if self._publishing():  # still publishing: the inputs are current (every
+                    self._inputs_at = time.monotonic()  # change is an event): say so
                 drops = int(self.list.stats.get("drop.decrypt", 0))
                 if drops > seen:
                     seen = drops
@@ -430,20 +429,33 @@ class Membership:
         """(gossip thread) Whether a leader read the inputs lately: only then are they kept."""
         return time.monotonic() - self._inputs_read < INPUTS_KEPT
 
+    def _republish(self) -> None:
+        """(gossip thread, at a member event) Publish the inputs again if a leader reads
+        them; else mark them stale (a read after a quiet spell asks). Never raises: the
+        event must still reach the agent."""
+        if not self._publishing():
+            self._inputs_at = -math.inf
+            return
+        try:
+            self._publish_inputs()
+        except Exception:
+            self._inputs_at = -math.inf
+            log.exception("gossip: cannot publish the leader's inputs")
+
     def _publish_inputs(self) -> LeaderInputs:
         """(gossip thread) Build the leader's inputs from the member list and publish them."""
         members = self.list.members(include_gone=True)
         inputs = ({m.name: STATE_NAMES[m.state] for m in members},
-                  {m.name: dict(m.meta) for m in members}, self._restarts())
+                  {m.name: dict(m.meta) for m in members}, self._restarts(members))
         self._inputs = inputs
         self._inputs_at = time.monotonic()  # (after the inputs: a fresh stamp, fresh inputs)
         return inputs
 
-    def _restarts(self) -> dict[str, float]:
+    def _restarts(self, members: Iterable[Member] | None = None) -> dict[str, float]:
         loop_now = asyncio.get_running_loop().time()
         mono = time.monotonic()
         out: dict[str, float] = {}
-        for m in self.list.members(include_gone=True):
+        for m in self.list.members(include_gone=True) if members is None else members:
             grace = m.meta.get(RESTART_META)
             if m.state in (MemberState.DEAD, MemberState.LEFT) and not isinstance(
                     grace, bool) and isinstance(grace, (int, float)) and grace > 0:

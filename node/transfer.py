@@ -352,17 +352,21 @@ def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str,
 
 
 async def cluster_usage(transfer: Transfer, by_node: dict[str, list[str]],
-                        timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+                        timeout: float = 1.0, listing: bool = False
+                        ) -> dict[str, dict[str, Any]]:
     """Usage of running tasks on every node, asked concurrently; a node that does not answer
-    within ``timeout`` contributes nothing, and is not asked again for USAGE_QUIET seconds
-    (a listing must not hang on a dead or cut-off node, nor every listing in a row wait for
-    it while gossip has not judged it yet)."""
+    within ``timeout`` contributes nothing. For a ``listing`` (`service ps`, `node ps`) it is
+    then not asked again for USAGE_QUIET seconds: a listing must not hang on a dead or
+    cut-off node, nor every listing in a row wait for it while gossip has not judged it yet
+    (the autoscaler, which needs the samples, asks every node each time)."""
     store, me = transfer.ctx.store, transfer.ctx.identity
     if store is None or me is None:
         return {}
     snap = store.snapshot()
     out: dict[str, dict[str, Any]] = {}
-    quiet = transfer.usage_quiet
+    quiet = transfer.usage_quiet if listing else {}
+    for gone in quiet.keys() - snap.nodes.keys():  # (removed nodes)
+        del quiet[gone]
 
     async def ask(node_id: str, ids: list[str]) -> None:
         if node_id == me.node_id:

@@ -483,12 +483,20 @@ def _safe_rmtree(top: str) -> None:
 
 
 def _teardown(state: _State, reap: Callable[[], None] = lambda: None,
-              keep: Callable[[], set[int]] = set) -> list[str]:
+              keep: Callable[[], set[int]] = set,
+              seen_tasks: set[str] | None = None) -> list[str]:
     """Remove everything ``state`` describes, in the order MACHINE-NOTES asks for: processes,
-    then veths, then namespaces, then mounts and data dirs. Returns problems (empty = clean)."""
+    then veths, then namespaces, then mounts and data dirs. Returns problems (empty = clean).
+    ``seen_tasks`` gains the task ids found (for the caller's leftover check, which runs
+    once the data dirs that name them are gone)."""
     problems: list[str] = []
     task_ids = _task_ids(state)
     _kill_all(state, reap, keep)
+    # again: agents go on starting tasks while the kills proceed (a loaded lab's kills take
+    # seconds), and each start made a cgroup named after its task (52 leaked once so)
+    task_ids |= _task_ids(state)
+    if seen_tasks is not None:
+        seen_tasks |= task_ids
     # Verified, not assumed: a process still running after the kills is reported (and keeps
     # the state file, so the next sweep tries again) instead of being counted as removed.
     for pid, why in sorted(_lab_targets(state).items()):

@@ -680,7 +680,7 @@ class Lab:
         try:
             self._keep_logs()
             self._task_ids |= _task_ids(self._state)
-            problems = _teardown(self._state, self._reap, self._popen_pids)
+            problems = _teardown(self._state, self._reap, self._popen_pids, self._task_ids)
             for h in self.hosts:
                 for proc in h._spawned:  # all killed above: reap so no zombie/ResourceWarning
                     with contextlib.suppress(subprocess.TimeoutExpired):

@@ -444,11 +444,13 @@ async def test_live_usage_skips_a_node_that_did_not_answer_for_a_while(
     monkeypatch.setattr(c.transfer, "_request", request)
 
     by_node = {"n2": ["t2"]}
-    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == {}
-    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == {}
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05, listing=True) == {}
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05, listing=True) == {}
     assert asked == ["n2"], "the second listing waited for the silent node again"
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == {}
+    assert asked == ["n2", "n2"], "the autoscaler (not a listing) asks every node each time"
     c.transfer.usage_quiet["n2"] = 0.0  # USAGE_QUIET later
     answer = True
-    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05) == \
+    assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05, listing=True) == \
         {"t2": {"memory_bytes": 7}}
-    assert asked == ["n2", "n2"] and "n2" not in c.transfer.usage_quiet
+    assert asked == ["n2", "n2", "n2"] and "n2" not in c.transfer.usage_quiet

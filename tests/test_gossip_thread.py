@@ -105,8 +105,9 @@ async def test_the_leaders_gossip_inputs_are_published_by_the_gossip_thread(
         async def no_hop(fn: object) -> LeaderInputs:
             raise AssertionError("a read hopped to the gossip thread")
         monkeypatch.setattr(m1.thread, "ask", no_hop)
+        monkeypatch.setattr(membership, "INPUTS_STALE", 1.5)
         first = await m1.leader_inputs()
-        await asyncio.sleep(1.5)  # republished every second meanwhile: still no hop
+        await asyncio.sleep(2.5)  # past INPUTS_STALE: kept fresh every second, no hop
         again = await m1.leader_inputs()
         assert again[0] == first[0] == {"n1": "alive", "n2": "alive"}
 

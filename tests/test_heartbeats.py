@@ -346,3 +346,51 @@ async def test_a_pass_without_gossip_judges_the_slow_beaters_patiently(
                                       config.gossip_heartbeat_interval * 1.1 + 1)
     await leader.one_pass(led_for=config.leadership_grace)
     assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.DOWN
+
+
+async def test_the_leaders_beat_to_itself_gets_the_period_a_remote_node_would(
+        tmp_path: Path) -> None:
+    net, _, _, _ = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    await m1.heartbeat_once()
+    await m1.heartbeat_once()
+    assert m1.heartbeat_period == 1.0  # gossip has not seen it (yet): the common period
+    m1.gossip_alive.add("m1")
+    _clear(net)
+    before = time.monotonic()
+    await m1.heartbeat_once()
+    assert m1.heartbeat_period == 10.0 and m1.heartbeats["m1"] - before >= 10.0
+    assert net.sent == []  # (still to no one else)
+
+
+async def test_a_worker_being_promoted_does_not_beat_to_itself(tmp_path: Path) -> None:
+    """Its record says manager before its identity does (the switch takes seconds): with no
+    leader known it is among its own beat's targets. Recording its own beat raised
+    NotManager and ended its heartbeat loop for good; now it skips itself."""
+    net, worker, wstore, _stores = await _lab(tmp_path, leader="m1")
+    await wstore.propose({"op": "node_update", "id": WORKER[0], "role": "manager", "now": 2.0})
+    assert wstore.snapshot().nodes[WORKER[0]].role is NodeRole.MANAGER
+    wstore.leader_at = None  # no leader known: every manager, itself included
+    await worker.heartbeat_once()
+    assert WORKER[0] not in worker.heartbeats
+    assert sorted(net.sent) == sorted(f"{a}:2377" for a in MANAGERS.values())
+
+
+async def test_an_empty_gossip_view_means_gossip_is_off(tmp_path: Path) -> None:
+    """A running member list holds this node at least: an empty view is gossip that is not
+    running (it failed to bind). The pass judges by heartbeats then, patiently, like a pass
+    whose gossip thread did not answer — not with the plain timeout, which took down the
+    nodes the leader had given the 10 s period."""
+    net, _, _, stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    config = OrchestratorConfig()
+
+    async def off() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+        return {}, {}, {}
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event(),
+                        gossip_all=off, gossip_alive=m1.gossip_alive)
+    now = time.monotonic()
+    m1.heartbeats.update({nid: now for nid in MANAGERS})
+    m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)
+    await leader.one_pass(led_for=config.leadership_grace)
+    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY

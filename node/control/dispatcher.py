@@ -279,7 +279,10 @@ class Dispatcher:
     async def heartbeat_loop(self) -> None:
         """Send this node's heartbeat every ``heartbeat_interval`` (``heartbeat_once``)."""
         while True:
-            await self.heartbeat_once()
+            try:
+                await self.heartbeat_once()
+            except Exception:  # one bad beat must not end this node's heartbeats for good
+                log.exception("heartbeat failed; trying again next period")
             # this node's own period, or the leader's longer one (a big cluster), jittered
             # so that the nodes' beats spread over the period
             period = max(self.ctx.config.heartbeat_interval, self.heartbeat_period)
@@ -312,7 +315,9 @@ class Dispatcher:
     async def _send_heartbeat(self, manager: Node, node_id: str) -> bool:
         """One heartbeat to ``manager``; True if it answered as the leader."""
         if manager.id == node_id:  # a manager's beat to itself: what a remote one is told
-            store = self.ctx.store
+            ident, store = self.ctx.identity, self.ctx.store
+            if ident is None or ident.role != NodeRole.MANAGER:
+                return False  # a worker being promoted: its record says manager already
             leads = bool(store is not None and store.is_leader())
             credit = 0.0
             if leads and store is not None:

@@ -84,7 +84,7 @@ class Services:
             if t["state"] == "running" and t["node_id"]:
                 by_node.setdefault(t["node_id"], []).append(t["id"])
         usage = await transfer.cluster_usage(self.transfer, by_node,
-                                             transfer.LISTING_USAGE_TIMEOUT)
+                                             transfer.LISTING_USAGE_TIMEOUT, listing=True)
         for t in out:
             t["usage"] = usage.get(t["id"])
         return out
@@ -100,7 +100,8 @@ class Services:
         out = [views.task_view(t, snap) for t in tasks]
         running = [t["id"] for t in out if t["state"] == "running"]
         usage = await transfer.cluster_usage(self.transfer, {node.id: running} if running
-                                             else {}, transfer.LISTING_USAGE_TIMEOUT)
+                                             else {}, transfer.LISTING_USAGE_TIMEOUT,
+                                             listing=True)
         for t in out:
             t["usage"] = usage.get(t["id"])
         return out
