@@ -54,7 +54,7 @@ from shoal.node.feed import StateFeed, tcp_probe
 from shoal.node.health import HealthConfig, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.joining import Admitted
-from shoal.node.leader import LeaderLoop
+from shoal.node.leader import RAFT_TIMING_META, LeaderLoop
 from shoal.node.lifecycle import MembershipLifecycle
 from shoal.node.membership import GossipControl, Membership, join_seeds
 from shoal.node.mesh import Mesh
@@ -432,7 +432,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
                                   self._leader_wakeup, gossip_all=self.gossip.leader_inputs,
                                   usage=partial(cluster_usage, self.transfer),
                                   heartbeat_interval=self.config.heartbeat_interval,
-                                  gossip_alive=self.dispatcher.gossip_alive)
+                                  gossip_alive=self.dispatcher.gossip_alive,
+                                  raft=self.config.raft)
                 self._leader_task = asyncio.create_task(loop.run(), name="leader-loop")
                 # (leading again before this one noticed it lost: start the next at once)
                 self._leader_task.add_done_callback(lambda _t: wakeup.set())
@@ -488,7 +489,11 @@ class Agent(MembershipLifecycle, RoleSwitch):
     def _gossip_meta(self, identity: NodeIdentity) -> dict[str, Any]:
         return {**upgrade.gossip_meta(identity.role, self.hostname,
                                       f"{self.config.advertise_addr}:{self.config.api_port}"),
-                "version": version()}
+                "version": version(),
+                # this node's Raft timing, should it be a manager (LeaderLoop checks that the
+                # managers' timings agree: --raft-multiplier)
+                RAFT_TIMING_META: [self.config.raft.append_entries_period,
+                                   self.config.raft.raft_min_timeout]}
 
 
 def run_agent(config: AgentConfig, hostname: str | None = None) -> None:

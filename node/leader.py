@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -43,10 +43,16 @@ from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
 from shoal.node.upgrade import schema_to_raise
 from shoal.raft.errors import CommandRejected, StoreError
-from shoal.raft.models import Node, Service, Task, task_from_dict
+from shoal.raft.models import Node, NodeRole, Service, Task, task_from_dict
 from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 
+if TYPE_CHECKING:
+    from shoal.raft.store import RaftConfig
+
 log = logging.getLogger("shoal.leader")
+# Gossip metadata key: [append-entries period, minimum election timeout] of the node's Raft
+# configuration, seconds (what the managers' timings must agree on: _check_raft_timing).
+RAFT_TIMING_META = "raft"
 
 
 def new_task_id() -> str:
@@ -277,8 +283,12 @@ class LeaderLoop:
                      dict[str, str], Mapping[str, Mapping[str, Any]],
                      Mapping[str, float]]]] | None = None,
                  heartbeat_interval: float = 1.0,
-                 gossip_alive: set[str] | None = None) -> None:
+                 gossip_alive: set[str] | None = None,
+                 raft: RaftConfig | None = None) -> None:
         self.store = store
+        # this manager's Raft timing, checked against the other managers' (None: not checked)
+        self.raft = raft
+        self._timing_warned: frozenset[str] = frozenset()
         # ids of the nodes gossip saw alive at the last pass that had a gossip view: the
         # dispatcher gives them the longer heartbeat period (the agent passes its set)
         self.gossip_alive = gossip_alive if gossip_alive is not None else set()
@@ -406,7 +416,37 @@ class LeaderLoop:
                 entries += 1
             log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)
         await self._raise_schema(snap, metas)
+        if metas is not None:
+            self._check_raft_timing(snap, metas)
         return wake_at
+
+    def _check_raft_timing(self, snap: Snapshot,
+                           metas: Mapping[str, Mapping[str, Any]]) -> None:
+        """Warn (once per set of managers) when a manager's Raft timing does not fit this
+        leader's: its election timeout not above 3 x this leader's append-entries period (it
+        would call elections while this one leads), or the reverse. Different
+        ``--raft-multiplier`` values do that; nothing else can fix it."""
+        if self.raft is None:
+            return
+        mine = (self.raft.append_entries_period, self.raft.raft_min_timeout)
+        off: dict[str, str] = {}
+        for node in snap.nodes.values():
+            timing = metas.get(node.id, {}).get(RAFT_TIMING_META)
+            if node.role is not NodeRole.MANAGER or not isinstance(timing, list) or \
+                    len(timing) != 2 or not all(isinstance(x, (int, float)) for x in timing):
+                continue
+            period, timeout = float(timing[0]), float(timing[1])
+            if timeout <= 3 * mine[0] or mine[1] <= 3 * period:
+                off[node.id] = (f"{node.hostname} (append-entries every {period:g} s, "
+                                f"election timeout from {timeout:g} s)")
+        if frozenset(off) != self._timing_warned:
+            self._timing_warned = frozenset(off)
+            if off:
+                log.warning("Raft timing differs between managers: this leader sends "
+                            "append-entries every %g s, election timeout from %g s; %s. "
+                            "Give every manager the same --raft-multiplier, or elections "
+                            "will keep interrupting writes", mine[0], mine[1],
+                            "; ".join(off.values()))
 
     async def _raise_schema(self, snap: Snapshot,
                             metas: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -430,4 +470,5 @@ class LeaderLoop:
         log.info("cluster schema raised to %d: every node announces it", target)
 
 
-__all__ = ["LeaderLoop", "PassIndex", "batches", "new_task_id", "plan_pass", "task_from_dict"]
+__all__ = ["RAFT_TIMING_META", "LeaderLoop", "PassIndex", "batches", "new_task_id", "plan_pass",
+           "task_from_dict"]

@@ -12,9 +12,12 @@ certificate check. No clock: beats are driven one at a time (``heartbeat_once``)
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from shoal.node import pki
 from shoal.node.config import AgentConfig, NodeIdentity
@@ -394,3 +397,36 @@ async def test_an_empty_gossip_view_means_gossip_is_off(tmp_path: Path) -> None:
     m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)
     await leader.one_pass(led_for=config.leadership_grace)
     assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY
+
+
+async def test_the_leader_warns_once_when_the_managers_raft_timings_do_not_fit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Managers announce their Raft timing in gossip (append-entries period, election
+    timeout). A manager at --raft-multiplier 1 under a leader at 4 times out before the
+    leader's next append-entries: it would call elections for ever. The leader says so, once
+    per set of such managers, naming them and the flag."""
+    from shoal.node.leader import RAFT_TIMING_META
+    from shoal.raft.store import RaftConfig
+
+    net, _, _, stores = await _lab(tmp_path, leader="m1")
+    m1 = net.managers["10.0.0.1:2377"]
+    mine, fast = RaftConfig().scaled(4), RaftConfig()
+    metas: dict[str, dict[str, Any]] = {
+        nid: {RAFT_TIMING_META: [mine.append_entries_period, mine.raft_min_timeout]}
+        for nid in MANAGERS}
+
+    async def gossip_all() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+        return {nid: "alive" for nid in [*MANAGERS, WORKER[0]]}, metas, {}
+    leader = LeaderLoop(stores["m1"], m1.heartbeats, OrchestratorConfig(), asyncio.Event(),
+                        gossip_all=gossip_all, gossip_alive=m1.gossip_alive, raft=mine)
+    caplog.set_level(logging.WARNING, logger="shoal.leader")
+    await leader.one_pass()
+    assert "Raft timing differs" not in caplog.text  # the same multiplier everywhere
+    metas["m2"] = {RAFT_TIMING_META: [fast.append_entries_period, fast.raft_min_timeout]}
+    await leader.one_pass()
+    await leader.one_pass()
+    warnings = [r.getMessage() for r in caplog.records if "Raft timing differs" in r.getMessage()]
+    assert len(warnings) == 1 and "m2 (" in warnings[0] and "m3" not in warnings[0]
+    assert "--raft-multiplier" in warnings[0]
+    metas["m2"] = {RAFT_TIMING_META: "garbage"}  # a peer's bad metadata: ignored
+    await leader.one_pass()
