@@ -59,7 +59,6 @@ Errors (node/errors.py)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets as pysecrets
 import time
@@ -90,6 +89,7 @@ from shoal.node.sealing import (
     unwrap_keys,
     wrap_keys,
 )
+from shoal.node.source import after_applied
 from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.raftkeys import secret_id
 from shoal.raft.state import Snapshot
@@ -550,18 +550,16 @@ class KeyManager:
     async def run(self) -> None:
         """While this node is a member: keep its keys wrapped as the cluster says, its trust
         and certificate in step with a CA rotation, and (leader) drive the rotation."""
+        passed = time.monotonic()
         while True:
-            await asyncio.sleep(LOOP_PERIOD)
-            with contextlib.suppress(TimeoutError):  # (an idle node: one pass in 2 s)
-                async with asyncio.timeout(IDLE_PERIOD - LOOP_PERIOD):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
+            await after_applied(self._wakeup, passed, LOOP_PERIOD, IDLE_PERIOD)
             try:
                 await self._pass()
             except ApiError as exc:
                 log.info("key loop: %s (retrying)", exc.message)
             except (OSError, pki.PkiError, SealError) as exc:
                 log.warning("key loop: %s (retrying)", exc)
+            passed = time.monotonic()
 
     def wake(self) -> None:
         """A command was applied (on the event loop): pass again soon (at most every

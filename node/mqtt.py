@@ -33,7 +33,7 @@ from shoal.node.events import EventLog
 from shoal.node.mqttbridge import BridgeContext, MqttBridge, MqttCollector, UpdateService
 from shoal.node.mqttconfig import MqttConfig
 from shoal.node.sealing import seal_text, unseal_text
-from shoal.node.source import ManagerSource, StateSource
+from shoal.node.source import ManagerSource, StateSource, after_applied
 from shoal.raft.models import NodeRole, NodeState
 from shoal.raft.mqttsetting import MqttSetting
 
@@ -320,25 +320,14 @@ class MqttSupervisor:
                                  setting.version)
                         await self._start(config)
                     self.following = want
-                await self._next_look(looked)
+                # (a look copies the state's maps: not at every apply of a busy cluster)
+                await after_applied(self._applied, looked, self.poll, self.idle)
         finally:
             await self._stop()
 
     def wake(self) -> None:
         """An entry was applied: the setting may have changed (the agent calls this)."""
         self._applied.set()
-
-    async def _next_look(self, looked: float) -> None:
-        """Wait for the next look at the setting: after an applied entry, but not sooner
-        than ``poll`` after the last look (``looked``: a snapshot copies the state's maps,
-        too much to do at every apply of a busy cluster), else after ``idle``."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.idle):
-                await self._applied.wait()
-        self._applied.clear()
-        gap = looked + self.poll - time.monotonic()
-        if gap > 0:
-            await asyncio.sleep(gap)
 
     async def _start(self, config: MqttConfig) -> None:
         self.bridge = MqttBridge(self.ctx, config, self.ring, None, self.update_service)

@@ -16,14 +16,17 @@ Must not touch: policy (what to write), the network, the runtime.
 
 Listeners: ``cb(index)`` after each applied command (batch, for the feed). RaftStore calls
 them on pysyncobj's tick thread, StateFeed and MemoryStore on the event loop: a listener must
-work from both (the agent's hops to the loop with ``call_soon_threadsafe``).
+work from both (the agent's hops to the loop with ``call_soon_threadsafe``). A loop that
+follows the state waits for its next pass with ``after_applied``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -232,4 +235,20 @@ class MemoryStore:
         self._listeners.clear()
 
 
-__all__ = ["Listener", "ManagerSource", "MemoryStore", "StateSource"]
+async def after_applied(applied: asyncio.Event, last: float, floor: float,
+                        idle: float) -> None:
+    """Wait for the next pass of a loop that follows the state: once an entry was applied
+    (``applied`` set: the agent sets it after each), but not sooner than ``floor`` seconds
+    after the last pass (``last``, time.monotonic()), else after ``idle`` seconds. An idle
+    loop wakes once per ``idle``; a busy cluster makes it pass at most once per ``floor``.
+    Clears ``applied``."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(idle):  # (wait_for can swallow a cancel)
+            await applied.wait()
+    applied.clear()
+    gap = last + floor - time.monotonic()
+    if gap > 0:
+        await asyncio.sleep(gap)
+
+
+__all__ = ["Listener", "ManagerSource", "MemoryStore", "StateSource", "after_applied"]

@@ -327,19 +327,24 @@ async def test_the_leader_pass_keeps_the_nodes_gossip_sees_alive(tmp_path: Path)
     assert m1.gossip_alive == {"m1", "m2", WORKER[0]}
 
 
+@pytest.mark.parametrize("gossip", ["wedged", "off"])
 async def test_a_pass_without_gossip_judges_the_slow_beaters_patiently(
-        tmp_path: Path) -> None:
-    """The gossip thread did not answer this pass: every node is judged by heartbeat age,
-    and a node given the 10 s period (by this leader or the previous one) is not DOWN for
-    being silent 5 s — only past node_down_timeout + the longer period."""
+        tmp_path: Path, gossip: str) -> None:
+    """The gossip thread did not answer this pass ("wedged"), or gossip is not running: its
+    view is empty ("off": a running member list holds this node at least; it failed to
+    bind). Every node is then judged by heartbeat age, and a node given the 10 s period (by
+    this leader or the previous one) is not DOWN for being silent 5 s — only past
+    node_down_timeout + the longer period."""
     net, _, _, stores = await _lab(tmp_path, leader="m1")
     m1 = net.managers["10.0.0.1:2377"]
     config = OrchestratorConfig()
 
-    async def wedged() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
-        raise TimeoutError
+    async def gossip_all() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+        if gossip == "wedged":
+            raise TimeoutError
+        return {}, {}, {}
     leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event(),
-                        gossip_all=wedged, gossip_alive=m1.gossip_alive)
+                        gossip_all=gossip_all, gossip_alive=m1.gossip_alive)
     now = time.monotonic()
     m1.heartbeats.update({nid: now for nid in MANAGERS})
     m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)
@@ -377,26 +382,6 @@ async def test_a_worker_being_promoted_does_not_beat_to_itself(tmp_path: Path) -
     await worker.heartbeat_once()
     assert WORKER[0] not in worker.heartbeats
     assert sorted(net.sent) == sorted(f"{a}:2377" for a in MANAGERS.values())
-
-
-async def test_an_empty_gossip_view_means_gossip_is_off(tmp_path: Path) -> None:
-    """A running member list holds this node at least: an empty view is gossip that is not
-    running (it failed to bind). The pass judges by heartbeats then, patiently, like a pass
-    whose gossip thread did not answer — not with the plain timeout, which took down the
-    nodes the leader had given the 10 s period."""
-    net, _, _, stores = await _lab(tmp_path, leader="m1")
-    m1 = net.managers["10.0.0.1:2377"]
-    config = OrchestratorConfig()
-
-    async def off() -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
-        return {}, {}, {}
-    leader = LeaderLoop(stores["m1"], m1.heartbeats, config, asyncio.Event(),
-                        gossip_all=off, gossip_alive=m1.gossip_alive)
-    now = time.monotonic()
-    m1.heartbeats.update({nid: now for nid in MANAGERS})
-    m1.heartbeats[WORKER[0]] = now - (config.node_down_timeout + 1)
-    await leader.one_pass(led_for=config.leadership_grace)
-    assert stores["m1"].snapshot().nodes[WORKER[0]].state is NodeState.READY
 
 
 async def test_the_leader_warns_once_when_the_managers_raft_timings_do_not_fit(

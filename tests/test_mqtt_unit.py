@@ -133,25 +133,27 @@ def test_the_setting_is_replicated_sealed_versioned_and_refused_when_malformed()
     assert st.cluster.mqtt is None
 
 
-async def test_the_setting_watch_looks_after_an_applied_entry_but_not_sooner_than_poll(
+async def test_a_loop_following_the_state_passes_after_an_applied_entry_not_sooner_than_floor(
 ) -> None:
-    """The cluster-wide MQTT setting is looked at after an applied entry (the agent's wake),
-    at most once per ``poll`` (a look copies the state), and every ``idle`` s otherwise."""
+    """The cluster-wide MQTT setting watch (and the key loop) wait with ``after_applied``:
+    a look after an applied entry (the agent's wake), at most once per floor (a look copies
+    the state), and every ``idle`` s otherwise."""
     import asyncio
     import time
 
     from shoal.node.events import EventLog
     from shoal.node.mqtt import MqttSupervisor
+    from shoal.node.source import after_applied
 
     sup = MqttSupervisor(ctx=None, flags=MqttConfig(), ring=EventLog(),  # type: ignore[arg-type]
                          poll=0.3, idle=0.6)
     looked = time.monotonic()
     sup.wake()  # an entry applied right after the look: the next one waits for the floor
-    await sup._next_look(looked)
+    await after_applied(sup._applied, looked, sup.poll, sup.idle)
     assert time.monotonic() - looked >= 0.3
     looked = time.monotonic()
-    await sup._next_look(looked)  # nothing applied: the idle fallback
+    await after_applied(sup._applied, looked, sup.poll, sup.idle)  # nothing applied: idle
     assert time.monotonic() - looked >= 0.6
-    sup.idle = 300.0  # the floor already passed: an applied entry ends the wait, not idle
-    asyncio.get_running_loop().call_later(0.05, sup.wake)
-    await asyncio.wait_for(sup._next_look(time.monotonic() - 1.0), 60)
+    asyncio.get_running_loop().call_later(0.05, sup.wake)  # the floor passed: at once
+    await asyncio.wait_for(after_applied(sup._applied, time.monotonic() - 1.0, 0.3, 300.0),
+                           60)

@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -308,22 +309,35 @@ async def test_remove_stops_and_forgets_and_deletes_the_dir(ctl: ProcessControll
     await ctl.remove("rm")  # unknown: no-op
 
 
+@pytest.fixture
+def pin() -> Iterator[Callable[[Path], Path]]:
+    """``pin(group)`` makes a child group in a task's group, which keeps it busy (rmdir:
+    EBUSY) until the test removes the child; any left are removed at teardown."""
+    made: list[Path] = []
+
+    def make(group: Path) -> Path:
+        (group / "pin").mkdir()
+        made.append(group / "pin")
+        return group / "pin"
+    yield make
+    for p in made:
+        if p.exists():
+            p.rmdir()
+
+
 async def test_cgroups_busy_at_remove_are_kept_on_record_and_removed_later(
-    config: RuntimeConfig, data_dir: Path
+    config: RuntimeConfig, data_dir: Path, pin: Callable[[Path], Path]
 ) -> None:
     # A group still busy after kill_timeout used to be dropped with the task directory: no
-    # agent, restart or sweep by task id knew it any more (a leak seen in CI). A child group
-    # keeps the task's group busy here (rmdir: EBUSY) for as long as the test wants.
+    # agent, restart or sweep by task id knew it any more (a leak seen in CI).
     config = dataclasses.replace(config, kill_timeout=0.2)
     ctl = ProcessController(config)
-    pins: list[Path] = []
     try:
         st = await ctl.start(task("busy", "sleep", "1000"))
         members = ns_members(st.pid or 0)
         groups = task_cgroups(["busy"])
         assert groups, "this test needs cgroups"
-        pins = [groups[0] / "pin"]
-        pins[0].mkdir()
+        pinned = pin(groups[0])
         await ctl.remove("busy")
         assert "busy" not in ctl.tasks() and [m for m in members if _alive(*m)] == []
         taskdir = data_dir / "tasks" / "busy"
@@ -336,39 +350,30 @@ async def test_cgroups_busy_at_remove_are_kept_on_record_and_removed_later(
         assert ctl2.tasks() == {} and groups[0].is_dir()
         await ctl2.close()
 
-        pins[0].rmdir()
+        pinned.rmdir()
         await ctl.remove("no-such-task")  # any later remove() tries again
         assert task_cgroups(["busy"]) == [] and not taskdir.exists()
     finally:
-        for pin in pins:
-            if pin.exists():
-                pin.rmdir()
         await ctl.close()
 
 
 async def test_a_restarted_agent_removes_the_cgroups_a_removed_task_left(
-    config: RuntimeConfig, data_dir: Path
+    config: RuntimeConfig, data_dir: Path, pin: Callable[[Path], Path]
 ) -> None:
     config = dataclasses.replace(config, kill_timeout=0.2)
     ctl = ProcessController(config)
-    pins: list[Path] = []
     try:
         await ctl.start(task("busy2", "sleep", "1000"))
-        pins = [g / "pin" for g in task_cgroups(["busy2"])]
-        for pin in pins:
-            pin.mkdir()
+        pins = [pin(g) for g in task_cgroups(["busy2"])]
         await ctl.remove("busy2")
         await ctl.close()
         assert len(task_cgroups(["busy2"])) == len(pins)
-        for pin in pins:
-            pin.rmdir()
+        for p in pins:
+            p.rmdir()
         ctl = ProcessController(config)
         await ctl.recover()
         assert task_cgroups(["busy2"]) == [] and list((data_dir / "tasks").iterdir()) == []
     finally:
-        for pin in pins:
-            if pin.exists():
-                pin.rmdir()
         await ctl.close()
 
 
@@ -831,6 +836,7 @@ async def test_task_inherits_only_stdio_with_stdin_empty(ctl: ProcessController)
 
 _AGENT = """
 import asyncio, json, sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from shoal.runtime.process import ProcessController
 from shoal.runtime.records import RuntimeConfig, TaskConfig
