@@ -62,6 +62,7 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     _health_test,
     _image,
     _init,
+    _network_mode,
     _only,
     _ports,
     _preferences,
@@ -210,7 +211,7 @@ KEYS: dict[str, Rule] = {
     "runtime": LATER, "storage_opt": LATER, "pid": LATER, "ipc": LATER, "uts": LATER,
     # Keys of the Compose Specification that do not apply to a stack
     "build": IGNORE, "depends_on": IGNORE, "container_name": IGNORE, "links": IGNORE,
-    "external_links": IGNORE, "network_mode": IGNORE, "restart": IGNORE,
+    "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": IGNORE,
     "security_opt": IGNORE, "userns_mode": IGNORE, "cgroup_parent": IGNORE, "cgroup": IGNORE,
     "profiles": IGNORE, "pull_policy": IGNORE, "scale": IGNORE, "expose": IGNORE,
     "extends": IGNORE, "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,

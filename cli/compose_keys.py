@@ -594,6 +594,21 @@ def _service_networks(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.networks", names, path)
 
 
+def _network_mode(svc: _Service, v: Any, path: str) -> None:
+    """``network_mode: host | none`` → the task's network mode; ``bridge``/``default`` are
+    the cluster network (what a service gets anyway); ``service:NAME``/``container:NAME``
+    (another container's namespace) are not supported (a pod's sidecars share one)."""
+    mode = as_str(v, path)
+    if mode in ("host", "none"):
+        svc.set("task.network_mode", mode, path)
+    elif mode.startswith(("service:", "container:")):
+        raise ComposeError(path, f"{mode!r}: joining another service's network namespace is "
+                           "not supported (containers that share one are a pod: "
+                           "x-shoal-sidecars)")
+    elif mode not in ("bridge", "default"):
+        raise ComposeError(path, f"expected host, none, bridge or default, got {mode!r}")
+
+
 def _init(svc: _Service, v: Any, path: str) -> None:
     if not as_bool(v, path):
         svc.warn("init: false", f"{NOT_YET}: shoal always runs an init (tini) in a task")

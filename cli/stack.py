@@ -93,6 +93,7 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     import base64
 
     from shoal.raft.errors import ValidationError
+    from shoal.raft.spec import NETWORK_MODES
     from shoal.raft.validate import validate_spec
 
     plan = Plan()
@@ -100,7 +101,7 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     for net in stack.networks:
         cur = have_nets.get(net.name)
         if net.external:
-            if cur is None:
+            if cur is None and net.name not in NETWORK_MODES:  # (Swarm's `name: host`)
                 raise CliError(f"networks.{net.key}: external network {net.name!r} not found "
                                "(create it with `shoal network create`)")
         elif cur is None:

@@ -97,6 +97,16 @@ def _no_image_ports(_image: str) -> tuple[tuple[int, str], ...]:
     return ()
 
 
+def vip_ports(svc: Service, image_ports: ImagePorts) -> tuple[tuple[int, str], ...]:
+    """(port, protocol) the service's VIP serves; none for tasks not on the cluster network
+    (as Swarm: a VIP listener on every node would hold the very port a task on the host's
+    network listens on; their name resolves to their nodes' addresses instead)."""
+    if not svc.vip or svc.spec.task.network_mode != "default":
+        return ()
+    image = svc.spec.task.container.image
+    return svc.spec.endpoint.vip_ports(image_ports(image) if image else ())
+
+
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
                 image_ports: ImagePorts = _no_image_ports) -> dict[str, ServiceLB]:
     """The balancer tables the state asks for: one per (service, target port) — every port a
@@ -107,9 +117,8 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
     out: dict[str, ServiceLB] = {}
     for svc in snap.services.values():
         ep = svc.spec.endpoint
-        image = svc.spec.task.container.image
-        vip_ports = ep.vip_ports(image_ports(image) if image else ()) if svc.vip else ()
-        if not ep.ports and not vip_ports:
+        vips = vip_ports(svc, image_ports)
+        if not ep.ports and not vips:
             continue
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
@@ -124,7 +133,7 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
         by_target: dict[int, list[Frontend]] = {}
         for p in ep.ports:
             by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
-        for port, proto in vip_ports:  # the VIP's listeners that publishing does not imply
+        for port, proto in vips:  # the VIP's listeners that publishing does not imply
             published = {f.proto for f in by_target.get(port, ())}
             if Proto(proto) not in published:
                 by_target.setdefault(port, []).append(Frontend(port, Proto(proto), svc.vip))
@@ -132,7 +141,7 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
             name = lb_name(svc.spec.name, target)
             out[name] = ServiceLB(
                 name=name, target_port=target, frontends=tuple(frontends),
-                endpoints=tuple(endpoints), vip=svc.vip if vip_ports else None,
+                endpoints=tuple(endpoints), vip=svc.vip if vips else None,
                 algorithm=_ALGORITHMS.get(ep.lb_algorithm, Algorithm.ROUND_ROBIN))
     return out
 
@@ -182,11 +191,8 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
         if not shared:
             return []
         net = shared[0]
-    ep = svc.spec.endpoint
-    if not tasks_only and svc.vip and ep.mode == "vip":
-        image = svc.spec.task.container.image
-        if ep.vip_ports(image_ports(image) if image else ()):
-            return [svc.vip]
+    if not tasks_only and vip_ports(svc, image_ports):
+        return [svc.vip]
     addrs = sorted((t.net_addrs.get(net, "") if net else t.status.addr)
                    for t in snap.tasks_of(svc.id)
                    if serving(t) and t.desired_state <= TaskState.RUNNING)

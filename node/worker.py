@@ -257,7 +257,7 @@ class Worker:
             return None
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING and task.desired_state <= TaskState.RUNNING:
-            addr = await self._attach(task.id, rt.pid) or task.status.addr
+            addr = await self._attach(task, rt.pid) or task.status.addr
             seen = replace(seen, addr=addr)
             if rt.pid and not self.health.watching(task.id):  # e.g. adopted after a restart
                 check = self._check_of(task)
@@ -335,7 +335,7 @@ class Worker:
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
             mounts=tuple(self._mount_spec(m, vols) for m in s.mounts),
-            files=files,
+            files=files, host_network=task.spec.network_mode == "host",
         )
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
@@ -425,6 +425,9 @@ class Worker:
             and CNI do): its command may use the network from its first instruction."""
             nonlocal addr
             assert self.mesh is not None
+            if task.spec.network_mode != "default":
+                addr = self._own_address(task)
+                return
             try:
                 addr = await self.mesh.attach(task.id, pid)
             except BaseException:
@@ -470,7 +473,7 @@ class Worker:
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING:
-            seen = replace(seen, addr=addr or await self._attach(task.id, rt.pid))
+            seen = replace(seen, addr=addr or await self._attach(task, rt.pid))
             check = self._check_of(task)
             if check is not None and rt.pid:
                 # starting until a probe passes: no connections reach it before (node/mesh.py)
@@ -482,10 +485,20 @@ class Worker:
                                health=self.pods.health_of(task, seen.health))
         return seen
 
-    async def _attach(self, task_id: str, pid: int | None) -> str:
+    def _own_address(self, task: Task) -> str:
+        """The address of a task that is not on the cluster network: on the host's network,
+        the node's (the mesh and DNS lead there, to the port the task listens on); with
+        network mode none, nothing."""
+        if task.spec.network_mode == "host" and self.mesh is not None:
+            return self.mesh.advertise_addr
+        return ""
+
+    async def _attach(self, task: Task, pid: int | None) -> str:
         """The task's address, attaching it to the node's network if it has none yet ("" while
         the mesh is not up: the next pass retries)."""
-        mesh = self.mesh
+        if task.spec.network_mode != "default":
+            return self._own_address(task)
+        mesh, task_id = self.mesh, task.id
         if mesh is None or not mesh.ready or not pid:
             return ""
         addr = mesh.address_of(task_id)

@@ -13,6 +13,7 @@ Schema history::
        dump holds the state as msgpack of plain values (``ReplicatedState``).
     3  pods and autoscaling: ``task.sidecars``, ``task.init_containers``, ``mode.autoscale``
        and the leader's ``autoscale`` op (``GATED``, ``GATED_OPS``).
+    4  host and none networking: ``task.network_mode``.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -44,12 +45,13 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec, fields
 
-SCHEMA = 3  # what this code writes once the whole cluster runs it
+SCHEMA = 4  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
-GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3}
+GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
+                         "task.network_mode": 4}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3}
 # top-level commands an older node does not know: the schema from which they may be written

@@ -166,6 +166,10 @@ class Placement(_Spec, frozen=True):
             raise SpecError("preferences", "the same label is given twice")
 
 
+# --network values that name a network mode rather than a user-defined network
+NETWORK_MODES = ("host", "none")
+
+
 class TaskSpec(_Spec, frozen=True):
     """The task template: copied into every task. Changing it replaces the tasks (a rolling
     update); changing anything else in the service spec does not."""
@@ -182,6 +186,14 @@ class TaskSpec(_Spec, frozen=True):
         "the first is the task's primary address; none = the cluster's default network",
         flag="--network", cli="list", item="network", metavar="NETWORK",
         max_length=16)] = ()
+    network_mode: Annotated[Literal["default", "host", "none"], decl(
+        "the tasks' network: default = a network namespace of their own on the cluster "
+        "network (an address, the service's VIP and DNS name, the routing mesh) and on "
+        "--network's networks; host = the node's own network namespace (Docker's "
+        "--network host, which means this too): no address of their own and no VIP (as "
+        "Swarm): the service's name resolves to its tasks' nodes, published ports lead "
+        "there, tasks on one node share its ports; "
+        "none = a namespace with only lo", flag="--network-mode", cli="choice")] = "default"
     sidecars: Annotated[tuple[SidecarSpec, ...], decl(
         "more containers of the task (a pod), started after the main one in this order; "
         "they share its network namespace (localhost) and optionally its mounts",
@@ -192,7 +204,18 @@ class TaskSpec(_Spec, frozen=True):
 
     def __post_init__(self) -> None:
         check_pod(self.container, self.sidecars, self.init_containers)
+        if self.networks in (("host",), ("none",)) and self.network_mode == "default":
+            # Docker's spelling (`--network host`): stored as the mode it names
+            msgspec.structs.force_setattr(self, "network_mode", self.networks[0])
+            msgspec.structs.force_setattr(self, "networks", ())
+        if self.network_mode != "default" and self.networks:
+            raise SpecError("networks", f"tasks with network mode {self.network_mode} join "
+                            "no other network")
         for i, name in enumerate(self.networks):
+            if name in NETWORK_MODES:
+                raise SpecError(f"networks[{i}]", f"{name!r} is a network mode, not a "
+                                f"network: give it alone (--network {name}) or as "
+                                f"--network-mode {name}")
             if not OBJECT_NAME_RE.match(name):
                 raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
             if name in self.networks[:i]:
@@ -552,6 +575,18 @@ class ServiceSpec(_Spec, frozen=True):
         if self.mode.autoscale.memory and not (res.limits.memory or res.reservations.memory):
             raise SpecError("mode.autoscale.memory", "a memory target is a fraction of the "
                             "tasks' memory: give --limit-memory or --reserve-memory")
+        net = self.task.network_mode
+        if net == "none" and (self.endpoint.ports or self.endpoint.expose):
+            field = "endpoint.ports" if self.endpoint.ports else "endpoint.expose"
+            raise SpecError(field, "tasks with network mode none have no address to serve "
+                            "a port on")
+        for i, p in enumerate(self.endpoint.ports):
+            if net == "host" and p.published == p.target:
+                raise SpecError(f"endpoint.ports[{i}].published",
+                                f"a task on the host's network listens on the node's port "
+                                f"{p.target} itself, where the routing mesh would listen "
+                                f"too: publish it on another port ({p.target + 1}:{p.target}"
+                                ") or not at all")
         c = self.task.container
         if not c.command and not c.image:
             raise SpecError("task.container.command",

@@ -6,7 +6,8 @@
  * Must not touch: anything else under TASKDIR (the agent writes config.json, runtime.json,
  * pids.json, notes.json) and anything outside the task's own namespaces and cgroups.
  *
- * Usage (only by the agent):  shoal-launcher shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES
+ * Usage (only by the agent):  shoal-launcher shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network]
+ *   host-network: the init keeps the host's network namespace (no CLONE_NEWNET, lo untouched)
  *   stdin  = the spec pipe: the whole launch spec (records, see below) then EOF; a spec without
  *            its end record means the agent died (or gave up) before "go": start nothing, write
  *            no exit file, exit 0.
@@ -109,6 +110,7 @@
 #define MAX_ITEMS 4096
 
 static const char *taskdir;
+static int host_network; /* "host-network": the init keeps the host's network namespace */
 
 /* ------------------------------------------------------------------------------ messages */
 
@@ -490,7 +492,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     if (ready < 0) die(125, "dup: %s", strerror(errno));
     /* What needs no spec, done while the agent still prepares the task: both only touch the
      * new namespaces, and use no resources worth accounting. */
-    lo_up();
+    if (!host_network) lo_up(); /* (the host's lo is the host's business) */
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
         die(125, "cannot make mounts private: %s", strerror(errno));
     write_all(go_w, "W", 1);   /* waiting for the spec: the shim may have the CPU now */
@@ -757,9 +759,9 @@ static int shim_main(void) {
     }
     if (devnull < 0 || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) || pipe2(gp, O_CLOEXEC))
         die(125, "cannot create pipes: %s", strerror(errno));
-    pid_t child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS |
-                                                CLONE_NEWIPC | CLONE_NEWNET | SIGCHLD,
-                                 NULL, NULL, NULL, NULL);
+    unsigned long flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD;
+    if (!host_network) flags |= CLONE_NEWNET;
+    pid_t child = (pid_t)syscall(SYS_clone, flags, NULL, NULL, NULL, NULL);
     if (child < 0) die(125, "clone: %s", strerror(errno));
     if (child == 0) {
         close(op[0]);
@@ -835,9 +837,10 @@ static int shim_main(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5 || strcmp(argv[1], "shim") != 0) {
-        say("usage: %s shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES (started by the shoal agent "
-            "only)", argv[0]);
+    host_network = argc == 6 && strcmp(argv[5], "host-network") == 0;
+    if ((argc != 5 && !host_network) || strcmp(argv[1], "shim") != 0) {
+        say("usage: %s shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network] (started by "
+            "the shoal agent only)", argv[0]);
         return 125;
     }
     taskdir = argv[2];

@@ -519,8 +519,9 @@ class ProcessController:
         logs = (str(self._cfg.log_max_bytes), str(self._cfg.log_max_files))
         started_at = time.time()
         try:
+            net = ("host-network",) if cfg.host_network else ()
             proc = subprocess.Popen(
-                [self._launcher, "shim", str(taskdir), *logs],
+                [self._launcher, "shim", str(taskdir), *logs, *net],
                 stdin=spec_r,
                 stdout=ready_w,  # its stderr: TASKDIR/shim.log, which it opens itself
                 env={},

@@ -83,6 +83,8 @@ class TaskConfig:
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
     join_netns: str = ""  # a pod's sidecar or init container: the network namespace it joins
     #   (/proc/PID/ns/net of the task's main container) instead of a new one; "" = its own
+    host_network: bool = False  # no network namespace of its own: the node's (Docker's
+    #   --network host); nothing is cloned or set up for it, so starts skip the netns cost
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -122,6 +124,9 @@ class TaskConfig:
         if self.join_netns and not re.fullmatch(r"/proc/[0-9]{1,10}/ns/net", self.join_netns):
             raise InvalidTaskConfig("join_netns", f"expected /proc/PID/ns/net: "
                                     f"{self.join_netns!r}")
+        if self.host_network and self.join_netns:
+            raise InvalidTaskConfig("host_network", "a task joins one network namespace: "
+                                    "the host's or join_netns, not both")
         self._validate_limits()
         for name in ("cap_add", "cap_drop"):
             for cap in getattr(self, name):
@@ -220,6 +225,7 @@ class TaskConfig:
                 for m in raw.get("mounts", ())),
             extra_hosts=tuple((str(a), str(b)) for a, b in raw.get("extra_hosts", ())),
             join_netns=str(raw.get("join_netns", "")),
+            host_network=bool(raw.get("host_network", False)),
         )
 
 

@@ -546,6 +546,24 @@ def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
                               {"name": "app_front", "labels": {}}])
 
 
+def test_network_mode_host_and_none_and_swarms_external_host_network(tmp_path: Path) -> None:
+    """Compose's ``network_mode: host|none`` and Swarm's stack idiom (an external network
+    named host) are the task's network mode; ``bridge`` is the cluster network (the default);
+    the external host network needs no `network create`."""
+    st = deploy(tmp_path, "services:\n"
+                "  h: {command: sleep 1, network_mode: host, ports: ['8081:8080']}\n"
+                "  n: {command: sleep 1, network_mode: none}\n"
+                "  b: {command: sleep 1, network_mode: bridge}\n"
+                "  s: {command: sleep 1, networks: [hostnet]}\n"
+                "networks:\n  hostnet: {external: true, name: host}\n")
+    modes = {s.name: (s.task.network_mode, s.task.networks) for s in st.services}
+    assert modes == {"app_h": ("host", ()), "app_n": ("none", ()), "app_b": ("default", ()),
+                     "app_s": ("host", ())}
+    assert not st.warnings
+    plan = plan_deploy(st, [], {"secret": [], "config": []}, prune=False, networks=[])
+    assert plan.networks == []
+
+
 @pytest.mark.parametrize(("text", "error"), [
     ("services: {web: {command: sleep 1, networks: [nope]}}",
      "services.web.networks.nope: not declared under the top-level networks:"),
@@ -553,6 +571,12 @@ def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
      "networks.n.driver: expected overlay"),
     ("services: {web: {command: sleep 1}}\nnetworks: {n: {colour: red}}",
      "networks.n.colour: unknown key"),
+    ("services: {web: {command: sleep 1, network_mode: 'service:db'}}",
+     "services.web.network_mode: 'service:db': joining another service's network"),
+    ("services: {web: {command: sleep 1, network_mode: macvlan}}",
+     "services.web.network_mode: expected host, none, bridge or default, got 'macvlan'"),
+    ("services: {web: {command: sleep 1, network_mode: host, networks: [n]}}\n"
+     "networks: {n: {}}", "services.web.networks: tasks with network mode host join no other"),
 ])
 def test_bad_networks_are_refused_with_their_path(tmp_path: Path, text: str,
                                                   error: str) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_mesh import RESPONDER, fetch, network_info, task_log, wait_running
+from test_mesh import RESPONDER, fetch, network_info, task_log, wait_published, wait_running
 
 from netlab import Lab, wait_until
 
@@ -216,3 +216,37 @@ def test_overlay_spans_routed_subnets_with_isolation_between_networks(
     wait_until(lambda: h1.cli("network", "rm", "back", check=False).returncode == 0,
                timeout=60, interval=0.5, what="network back removable")
     assert [n["name"] for n in h1.cli_json("network", "ls")] == ["front", "side"]
+
+
+def test_host_network_tasks_use_the_nodes_namespace_and_none_has_only_lo(
+        lab_factory: Callable[..., Lab]) -> None:
+    """``--network host`` (Docker's): a global service's tasks listen in their node's own
+    network namespace — each node's address answers on the task's port directly, with that
+    node's task — their address is the node's, and the routing mesh publishes them on another
+    port from every node. ``--network-mode none``: the task's namespace has only lo and no
+    address."""
+    lab = lab_factory(2)
+    lab.form_cluster(managers=1, workers=1)
+    h1 = lab.hosts[0]
+    h1.cli("service", "create", "--name", "hweb", "--mode", "global", "--network", "host",
+           "-p", "8090:8000", "--", "python3", "-c", RESPONDER, "8000")
+    h1.cli("service", "create", "--name", "lone", "--network-mode", "none", "--",
+           "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1; sleep 100000")
+    tasks = wait_running(h1, "hweb", 2)
+    assert {t["addr"] for t in tasks} == {lab.host(t["node"]).ip for t in tasks} == \
+        {h.ip for h in lab.hosts}
+    (inspect,) = h1.cli_json("service", "inspect", "hweb")
+    assert inspect["spec"]["task"]["network_mode"] == "host"
+    assert inspect["spec"]["task"]["networks"] == []
+    wait_published(lab, "hweb.8000", 2)
+    for h in lab.hosts:
+        direct = fetch(h, *[f"http://{x.ip}:8000/" for x in lab.hosts])
+        assert [status for status, _ in direct] == [200, 200], direct
+        assert direct[0][1] != direct[1][1]  # each node's own task answered on its address
+        meshed = fetch(h, *[f"http://{x.ip}:8090/" for x in lab.hosts for _ in range(4)])
+        assert all(status == 200 for status, _ in meshed), meshed
+        assert {body for _, body in meshed} == {body for _, body in direct}
+    (lone,) = wait_running(h1, "lone", 1)
+    assert lone["addr"] == ""
+    wait_until(lambda: [x.strip() for x in task_log(lab, lone)] == ["lo"], timeout=30,
+               what="the none task's interfaces (only lo)")

@@ -69,6 +69,28 @@ async def test_pid1_is_tini_host_processes_are_invisible_and_hostname_is_the_tas
     assert os.getpid() != 1
 
 
+async def test_a_host_network_task_shares_the_hosts_network_namespace_and_others_do_not(
+    ctl: ProcessController,
+) -> None:
+    """``host_network``: no namespace of its own (the host's interfaces, the very same
+    namespace); by default a new one with only lo, up. The other namespaces stay the task's."""
+    show = "readlink /proc/self/ns/net /proc/self/ns/pid; tail -n +3 /proc/net/dev | cut -d: -f1"
+    st, out, err = await run_to_end(ctl, task("hostnet", "sh", "-c", show, host_network=True))
+    assert st.exit_code == 0, err
+    net, pid, *ifaces = out.split()
+    assert net == os.readlink("/proc/self/ns/net")
+    assert pid != os.readlink("/proc/self/ns/pid")
+    host_ifaces = [line.split(":")[0].strip()
+                   for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
+    assert sorted(ifaces) == sorted(host_ifaces)
+    st, out, err = await run_to_end(ctl, task("ownnet", "sh", "-c", show))
+    assert st.exit_code == 0, err
+    net, _, *ifaces = out.split()
+    assert net != os.readlink("/proc/self/ns/net") and ifaces == ["lo"]
+    with pytest.raises(InvalidTaskConfig, match="host_network"):
+        await ctl.start(task("both", "true", host_network=True, join_netns="/proc/1/ns/net"))
+
+
 async def test_usr_is_read_only_and_cannot_be_remounted_writable(ctl: ProcessController) -> None:
     st, out, err = await run_to_end(
         ctl,

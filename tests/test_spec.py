@@ -71,6 +71,18 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
     ({"name": "Web"}, "name"),
     ({"task": {"container": {"command": ["x"], "hostname": "-bad"}}},
      "task.container.hostname"),
+    ({"task": {"container": {"command": ["x"]}, "network_mode": "bridge"}},
+     "task.network_mode"),
+    ({"task": {"container": {"command": ["x"]}, "network_mode": "host", "networks": ["b"]}},
+     "task.networks"),
+    ({"task": {"container": {"command": ["x"]}, "networks": ["back", "host"]}},
+     "task.networks[1]"),
+    ({"task": {"container": {"command": ["x"]}, "network_mode": "host"},
+      "endpoint": {"ports": [{"published": 8080, "target": 80}, {"published": 81,
+                                                                "target": 81}]}},
+     "endpoint.ports[1].published"),
+    ({"task": {"container": {"command": ["x"]}, "network_mode": "none"},
+      "endpoint": {"expose": [{"port": 80}]}}, "endpoint.expose"),
 ])
 def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: str) -> None:
     spec = {**BASE, **change}
@@ -137,6 +149,27 @@ def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:
     assert [(x.published, x.protocol) for x in new.endpoint.ports] == [(9090, "udp")]
     assert not new.task.container.secrets and new.update.parallelism == 2
     assert new.task.force_update == 1 and new.mode.replicas == 3
+
+
+def test_network_host_and_none_are_network_modes_as_dockers_network_flag_says() -> None:
+    """`--network host` (Docker's spelling) is stored as network mode host; `--network-mode`
+    says it directly; an update back to the cluster network is `--network-mode default`."""
+    p = build_parser()
+    for argv, mode in ((["--network", "host", "-p", "8080:80"], "host"),
+                       (["--network-mode", "none"], "none"), ([], "default")):
+        args = p.parse_args(["service", "create", "--name", "web", *argv, "--", "sleep", "9"])
+        spec = validate_spec(specflags.spec_from_create_args(args))
+        assert spec.task.network_mode == mode and spec.task.networks == ()
+    assert to_dict(spec)["task"]["network_mode"] == "default"
+    host = validate_spec(specflags.spec_from_create_args(p.parse_args(
+        ["service", "create", "--name", "web", "--network", "host", "--", "x"])))
+    args = p.parse_args(["service", "update", "--network-mode", "default", "web"])
+    assert validate_spec(specflags.apply_update_args(to_dict(host), args)).task.network_mode \
+        == "default"
+    with pytest.raises(ValidationError) as exc:
+        validate_spec(specflags.apply_update_args(to_dict(host), p.parse_args(
+            ["service", "update", "--network-add", "back", "web"])))
+    assert exc.value.field == "task.networks"
 
 
 def test_create_takes_dockers_image_command_shape_and_a_name_is_optional() -> None:

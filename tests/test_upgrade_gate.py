@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 3
+    assert announced_schema(meta) == SCHEMA == 4
 
 
 class _Cluster:
@@ -179,7 +179,8 @@ POD = {"name": "web", "mode": {"replicas": 2},
 AUTO = {"name": "auto", "mode": {"replicas": 1, "autoscale": {"max": 3, "cpu": 0.5}},
         "task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": 0.2}}}}
 PLAIN = {"name": "plain", "task": {"container": {"command": ["x"]}}}
-_LATER = ("sidecars", "init_containers")
+HOSTNET = {"name": "hostnet", "task": {"container": {"command": ["x"]}, "network_mode": "host"}}
+_LATER = ("sidecars", "init_containers", "network_mode")
 
 
 def _state(schema: int) -> Any:
@@ -229,7 +230,8 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
 
 
 @pytest.mark.parametrize(("spec", "field"), [(POD, "task.sidecars"),
-                                             (AUTO, "mode.autoscale")])
+                                             (AUTO, "mode.autoscale"),
+                                             (HOSTNET, "task.network_mode")])
 def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
         spec: dict[str, Any], field: str) -> None:
     """On propose (encode) and by the state machine alike (an older replica refuses it

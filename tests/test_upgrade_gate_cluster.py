@@ -5,7 +5,7 @@ agent may join an older cluster). While that node is there the cluster writes sc
 a service created through today's CLI is applied by the older replica too (its spec goes
 into the log without ``task.sidecars``, ``task.init_containers``, ``mode.autoscale``), and
 a spec that uses them is refused naming the field, not half-applied. Once the older node
-runs today's code the leader raises the schema to 3 and the same spec goes. Netns hosts,
+runs today's code the leader raises the schema to SCHEMA and the same spec goes. Netns hosts,
 real agents, both CLIs.
 """
 
@@ -21,6 +21,7 @@ import pytest
 
 import oldrelease
 from netlab import Host, Lab, wait_until
+from shoal.raft.schema import SCHEMA
 
 pytestmark = pytest.mark.netns
 
@@ -39,7 +40,7 @@ def test_an_older_0_2_manager_applies_what_today_writes_and_the_later_fields_wai
         old.use_shoal(rel.argv, rel.env)
         lab.form_cluster(managers=2, timeout=90)
         info: dict[str, Any] = json.loads(new.cli("info").stdout)
-        assert info["cluster_schema"] == 2 and info["schema"] == 3, info
+        assert info["cluster_schema"] == 2 and info["schema"] == SCHEMA, info
 
         new.cli("service", "create", "--name", "plain", "--", "sleep", "100000")
         wait_until(lambda: "plain" in names(old) and "plain" in names(new), timeout=30,
@@ -68,8 +69,8 @@ def test_an_older_0_2_manager_applies_what_today_writes_and_the_later_fields_wai
 
         def schema_of(h: Host) -> int:
             return int(json.loads(h.cli("info").stdout).get("cluster_schema", 0))
-        wait_until(lambda: schema_of(old) == schema_of(new) == 3, timeout=60,
-                   what="cluster schema 3 once every node runs today's code")
+        wait_until(lambda: schema_of(old) == schema_of(new) == SCHEMA, timeout=60,
+                   what=f"cluster schema {SCHEMA} once every node runs today's code")
         new.cli("service", "create", "--spec", str(path))
         wait_until(lambda: names(old) == {"plain", "pod"}, timeout=30,
                    what="the pod service on both managers")
