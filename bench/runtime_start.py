@@ -4,8 +4,11 @@ Measures, in one run on this machine:
 
 1. start latency: ``ProcessController.start()`` -> RUNNING for a ``sleep`` task in the default
    image (namespaces, cgroups, read-only host rootfs, /proc, /dev, caps, tini), interleaved
-   with a raw ``unshare --fork --pid --mount-proc --uts --ipc --net true`` exec (start to exit);
-2. throughput: tasks started per second with ``--concurrency`` starts in flight;
+   with a raw ``unshare --fork --pid --mount-proc --uts --ipc --net true`` exec (start to exit)
+   and with the same task on the host's network (``host_network``: no network namespace
+   cloned, lo left alone — what ``--network host`` saves per start);
+2. throughput: tasks started per second with ``--concurrency`` starts in flight, own network
+   namespace and host network one after the other;
 3. the controller process's RSS with ``--tasks`` tasks running (the agent-side cost).
 
     .venv/bin/python bench/runtime_start.py [--samples 50] [--tasks 100] [--concurrency 16]
@@ -41,8 +44,9 @@ def _summary(name: str, ms: list[float]) -> str:
             f"{ms[int(len(ms) * 0.9)]:6.2f} ms   min {ms[0]:6.2f} ms   (n={len(ms)})")
 
 
-def _cfg(i: int, prefix: str) -> TaskConfig:
-    return TaskConfig(f"{prefix}{i}", f"bench-{i}", ("sleep", "100000"), {})
+def _cfg(i: int, prefix: str, host_network: bool = False) -> TaskConfig:
+    return TaskConfig(f"{prefix}{i}", f"bench-{i}", ("sleep", "100000"), {},
+                      host_network=host_network)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -56,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
         for i in range(3):
             await ctl.remove(f"warm{i}")
 
-        runtime_ms, raw_ms = [], []
+        runtime_ms, raw_ms, host_ms = [], [], []
         for i in range(args.samples):
             t0 = time.perf_counter()
             subprocess.run(RAW, check=True)
@@ -66,23 +70,33 @@ async def main(args: argparse.Namespace) -> None:
             runtime_ms.append((time.perf_counter() - t0) * 1000)
             assert st.state is RunState.RUNNING, st
             await ctl.remove(f"lat{i}")
+            t0 = time.perf_counter()
+            st = await ctl.start(_cfg(i, "hlat", host_network=True))
+            host_ms.append((time.perf_counter() - t0) * 1000)
+            assert st.state is RunState.RUNNING, st
+            await ctl.remove(f"hlat{i}")
         ratio = statistics.median(runtime_ms) / statistics.median(raw_ms)
         print(_summary("raw unshare exec (start to exit)", raw_ms))
         print(_summary("runtime start() -> RUNNING", runtime_ms))
+        print(_summary("  the same, host network", host_ms))
         print(f"{'ratio runtime / raw (medians)':<34} {ratio:.2f}x")
 
         sem = asyncio.Semaphore(args.concurrency)
 
-        async def one(i: int) -> None:
+        async def one(i: int, prefix: str, host_network: bool) -> None:
             async with sem:
-                st = await ctl.start(_cfg(i, "tp"))
+                st = await ctl.start(_cfg(i, prefix, host_network))
                 assert st.state is RunState.RUNNING, st
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(args.tasks)))
-        elapsed = time.perf_counter() - t0
-        print(f"{'throughput':<34} {args.tasks / elapsed:6.1f} starts/s "
-              f"({args.tasks} tasks, {args.concurrency} in flight, {elapsed:.2f} s)")
+        for prefix, host_network, what in (("hp", True, "throughput, host network"),
+                                           ("tp", False, "throughput")):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i, prefix, host_network) for i in range(args.tasks)))
+            elapsed = time.perf_counter() - t0
+            print(f"{what:<34} {args.tasks / elapsed:6.1f} starts/s "
+                  f"({args.tasks} tasks, {args.concurrency} in flight, {elapsed:.2f} s)")
+            if host_network:
+                await asyncio.gather(*(ctl.remove(f"hp{i}") for i in range(args.tasks)))
         await asyncio.sleep(0.5)
         rss = _rss_mb()
         print(f"{'controller RSS':<34} {rss:6.1f} MB with {len(ctl.tasks())} tasks running "

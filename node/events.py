@@ -45,8 +45,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgpack
-
 from shoal.node.errors import BadRequest
 from shoal.raft.models import Node, Service, Task, TaskState
 from shoal.raft.state import Snapshot
@@ -409,7 +407,7 @@ class EventSource(Protocol):
 
     def snapshot(self) -> Snapshot: ...
 
-    def command_at(self, index: int) -> bytes | None: ...
+    def command_at(self, index: int) -> Any: ...
 
     def add_listener(self, cb: Callable[[int], None]) -> None: ...
 
@@ -473,13 +471,12 @@ class EventLog:
             if prev is None or index != prev.index + 1:
                 self._baseline(source.snapshot())
                 return
-            blob = source.command_at(index)
+            cmd = source.command_at(index)
             after = source.snapshot()
-            if blob is None or after.index != index:
+            if cmd is None or after.index != index:
                 self._baseline(after)
                 return
             try:
-                cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
                 events = derive(prev, cmd, after, index) if isinstance(cmd, dict) else []
             except Exception:  # a bug here must not break the apply thread
                 log.exception("deriving the events of command %d failed", index)

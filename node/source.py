@@ -95,8 +95,9 @@ class ManagerSource(StateSource, Protocol):
         when they are no longer all kept (then :meth:`full_state`)."""
         ...
 
-    def command_at(self, index: int) -> bytes | None:
-        """The command that led to ``index`` if it is the latest applied one, else None."""
+    def command_at(self, index: int) -> Any:
+        """The command that led to ``index``, decoded (read-only), if it is the latest
+        applied one, else None."""
         ...
 
     def full_state(self) -> tuple[int, bytes]: ...
@@ -186,9 +187,9 @@ class MemoryStore:
             return None
         return index, [blob for i, blob in self._recent if i > after]
 
-    def command_at(self, index: int) -> bytes | None:
+    def command_at(self, index: int) -> Any:
         if self._recent and self._recent[-1][0] == index:
-            return self._recent[-1][1]
+            return msgpack.unpackb(self._recent[-1][1], raw=False, strict_map_key=False)
         return None
 
     def full_state(self) -> tuple[int, bytes]:

@@ -346,6 +346,9 @@ class ReplicatedState(SyncObjConsumer):
         # the last applied commands as (index after applying, blob): what workers fetch to
         # catch up (shoal.node.feed); emptied when a snapshot replaces the state
         self._recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=recent)
+        # the last applied command decoded, with its index: the event log reads it right after
+        # the apply (decoding a 1,000-task batch again cost the leader ~10 % during a scale)
+        self._last: tuple[int, Any] = (0, None)
         super().__init__()
         self.state = ClusterState()
 
@@ -357,6 +360,7 @@ class ReplicatedState(SyncObjConsumer):
             with self._lock:
                 self.state.index += 1
                 self._recent.append((self.state.index, blob))
+                self._last = (self.state.index, blob)  # (not a dict: no events of its own)
             return {"error": {"code": "invalid", "message": f"undecodable command: {exc}",
                               "field": ""}}
         with self._lock:
@@ -372,6 +376,7 @@ class ReplicatedState(SyncObjConsumer):
                                     "message": f"malformed command: {exc!r}"}}
             index = self.state.index
             self._recent.append((index, blob))
+            self._last = (index, cmd)
         for cb in list(self._listeners):
             try:
                 cb(index)
@@ -504,14 +509,14 @@ class RaftStore:
                 return None
             return index, [blob for i, blob in c._recent if i > after]
 
-    def command_at(self, index: int) -> bytes | None:
-        """The applied command that led to ``index`` if it is the latest one kept (the event
-        log's fast path, called right after each apply); None otherwise."""
+    def command_at(self, index: int) -> Any:
+        """The applied command that led to ``index``, decoded, if it is the latest one (the
+        event log's fast path, called right after each apply); None otherwise. Read-only: it
+        is the very value the state machine applied."""
         c = self.consumer
         with c._lock:
-            if c._recent and c._recent[-1][0] == index:
-                return c._recent[-1][1]
-            return None
+            last_index, cmd = c._last
+            return cmd if last_index == index else None
 
     def full_state(self) -> tuple[int, bytes]:
         """The whole state as bytes (shoal.raft.wire) and its index; in schema 1's shape while
