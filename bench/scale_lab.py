@@ -43,7 +43,8 @@ Phases (each prints its figures with the load average and free memory at the tim
              kernels; host networking measures the rest of the start path;
 * ``kill``   SIGKILL the agents of --kill workers at once (their hosts' links are cut too, as
              a power loss would) → time until the service is back at --tasks RUNNING on the
-             others;
+             others (``--settle S`` waits S seconds first, so that it runs in a quiet
+             cluster rather than under the scale's load);
 * ``down``   scale to 0 → time until no task of the service is running.
 """
 
@@ -385,7 +386,10 @@ class ScaleLab:
             f"{machine()}")
         self.print_feed(feed0, self.raft_index() - raft0, "during the scale")
 
-    def kill(self, k: int, n: int, timeout: float) -> None:
+    def kill(self, k: int, n: int, timeout: float, settle: float = 0.0) -> None:
+        if settle:  # let the scale's starts die down: detection in a quiet cluster
+            time.sleep(settle)
+            say(f"kill phase after {settle:.0f} s of quiet {machine()}")
         by_node: dict[str, int] = {}
         for t in self.tasks():
             if t["state"] == "running" and t["node"]:
@@ -478,6 +482,9 @@ def main() -> int:
                          "they share 2 cores with 100 workers starting 1,000 tasks, load "
                          "~180, and at the workers' priority they lose Raft heartbeats to "
                          "them; 0 = the same priority)")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="seconds to wait before the kill phase (default 0: right after "
+                    "the scale, under its load)")
     ap.add_argument("--network-mode", choices=("default", "host", "none"), default="default",
                     help="the scale phase's tasks: their own netns on the cluster network "
                     "(default), the node's (host) or one with only lo (none)")
@@ -523,7 +530,7 @@ def main() -> int:
             "idle": lambda: idle_phase(s, args),
             "feed": lambda: s.feed(args.commits),
             "scale": lambda: s.scale(args.tasks, timeout=300, network_mode=args.network_mode),
-            "kill": lambda: s.kill(args.kill, args.tasks, timeout=120),
+            "kill": lambda: s.kill(args.kill, args.tasks, timeout=120, settle=args.settle),
             "down": lambda: s.down(timeout=180),
         }
         if args.sizes:

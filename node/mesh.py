@@ -196,7 +196,7 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
     addrs = sorted((t.net_addrs.get(net, "") if net else t.status.addr)
                    for t in snap.tasks_of(svc.id)
                    if serving(t) and t.desired_state <= TaskState.RUNNING)
-    addrs = [a for a in addrs if a]
+    addrs = list(dict.fromkeys(a for a in addrs if a))  # (host-network tasks: their node's)
     if shuffle is not None:
         shuffle(addrs)
     return addrs

@@ -341,7 +341,8 @@ class Worker:
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
         """The runtime's view of a pod's extra container (node/pod.py): its own image,
         command, env and limits; the task's host name, files and the mounts it lists; the
-        network namespace of the main container's init ``pid``."""
+        network namespace of the main container's init ``pid`` (the node's, for a task on
+        the host's network)."""
         cmd, env, wd, user = tuple(c.command), dict(c.env), c.workdir, c.user
         stop_signal = c.stop_signal
         if c.image:
@@ -358,6 +359,7 @@ class Worker:
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
+        host = task.spec.network_mode == "host"  # (already the node's: nothing to join)
         return TaskConfig(
             task_id=f"{task.id}-{c.name}",
             hostname=task.spec.container.hostname or
@@ -365,7 +367,7 @@ class Worker:
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
             pids_limit=c.limits.pids, mounts=tuple(self._mount_spec(m, vols) for m in shared),
-            files=files, join_netns=f"/proc/{pid}/ns/net")
+            files=files, host_network=host, join_netns="" if host else f"/proc/{pid}/ns/net")
 
     @staticmethod
     def _mount_spec(m: Mount, vols: Mapping[str, Volume]) -> MountSpec:

@@ -53,6 +53,8 @@ def assign_ports(state: ServiceState, spec: ServiceSpec, sid: str, old: ServiceS
     taken = {(p.published, p.protocol) for s in state.services.values() if s.id != sid
              for p in s.spec.endpoint.ports}
     taken |= {(p.published, p.protocol) for p in spec.endpoint.ports if p.published}
+    if spec.task.network_mode == "host":  # (its tasks hold their targets on the node)
+        taken |= {(p.target, p.protocol) for p in spec.endpoint.ports}
     had = {(p.target, p.protocol): p.published for p in (old.endpoint.ports if old else ())
            if p.published in ASSIGNED_PORTS}
     ports = []
@@ -72,7 +74,8 @@ def assign_ports(state: ServiceState, spec: ServiceSpec, sid: str, old: ServiceS
 
 
 def check_ports(state: ServiceState, spec: ServiceSpec, sid: str) -> None:
-    """A published port belongs to one service cluster-wide (every node listens on it)."""
+    """A published port belongs to one service cluster-wide (every node listens on it); a
+    port that tasks on the host's network listen on is nobody else's listener either."""
     for other in state.services.values():
         if other.id == sid:
             continue
@@ -82,6 +85,35 @@ def check_ports(state: ServiceState, spec: ServiceSpec, sid: str) -> None:
                 raise Rejected("conflict", f"port {p.published}/{p.protocol} is already "
                                f"published by service {other.spec.name}",
                                "endpoint.ports")
+        for host, held, by in ((spec, other.spec, other.spec.name),
+                               (other.spec, spec, spec.name)):
+            clash = host_ports(host) & listened(held)
+            if clash:
+                port, proto = min(clash)
+                raise Rejected("conflict", f"port {port}/{proto}: the tasks of service "
+                               f"{host.name} on the host's network listen on it on their "
+                               f"nodes, and service {by} has a routing-mesh listener on "
+                               "it on every node", "task.network_mode")
+
+
+def host_ports(spec: ServiceSpec) -> set[tuple[int, str]]:
+    """The node ports a service's tasks on the host's network listen on, as far as the spec
+    says (its published targets and ``expose``); none for other network modes."""
+    if spec.task.network_mode != "host":
+        return set()
+    ep = spec.endpoint
+    return {(p.target, p.protocol) for p in ep.ports} | {(e.port, e.protocol)
+                                                          for e in ep.expose}
+
+
+def listened(spec: ServiceSpec) -> set[tuple[int, str]]:
+    """The ports the routing mesh listens on for a service on every node: its published
+    ports and, with a VIP, the ports the VIP serves (as far as the spec says: the image's
+    ExposedPorts are the node's to read)."""
+    out: set[tuple[int, str]] = {(p.published, p.protocol) for p in spec.endpoint.ports}
+    if spec.task.network_mode == "default":
+        out |= set(spec.endpoint.vip_ports())
+    return out
 
 
 def check_volume_keys(state: ServiceState, spec: ServiceSpec) -> None:

@@ -580,18 +580,30 @@ class ServiceSpec(_Spec, frozen=True):
             field = "endpoint.ports" if self.endpoint.ports else "endpoint.expose"
             raise SpecError(field, "tasks with network mode none have no address to serve "
                             "a port on")
-        for i, p in enumerate(self.endpoint.ports):
-            if net == "host" and p.published == p.target:
-                raise SpecError(f"endpoint.ports[{i}].published",
-                                f"a task on the host's network listens on the node's port "
-                                f"{p.target} itself, where the routing mesh would listen "
-                                f"too: publish it on another port ({p.target + 1}:{p.target}"
-                                ") or not at all")
+        if net == "host":
+            self._check_host_ports()
         c = self.task.container
         if not c.command and not c.image:
             raise SpecError("task.container.command",
                             "is required (the program to run and its arguments) when the "
                             "service names no image")
+
+    def _check_host_ports(self) -> None:
+        """Tasks on the host's network bind the node's ports themselves: the routing mesh
+        cannot listen on one of them, and a new task cannot start beside the old one."""
+        targets = {(p.target, p.protocol) for p in self.endpoint.ports}
+        for i, p in enumerate(self.endpoint.ports):
+            if (p.published, p.protocol) in targets:
+                raise SpecError(f"endpoint.ports[{i}].published",
+                                f"a task on the host's network listens on the node's port "
+                                f"{p.published} itself, where the routing mesh would listen "
+                                f"too: publish its target on another port or not at all")
+        for field, order in (("update.order", self.update.order),
+                             ("rollback.order", self.rollback.order)):
+            if order == "start-first":
+                raise SpecError(field, "tasks on the host's network share the node's ports: "
+                                "a new task could not bind them while the old one runs "
+                                "(use stop-first)")
 
     @property
     def replicas(self) -> int:

@@ -401,6 +401,7 @@ class ReplicatedState(SyncObjConsumer):
             else:  # a schema-1 snapshot from a shoal 0.1 leader (pickled ClusterState)
                 self.state = migrate.upgrade_state(data["state"])
             self._recent.clear()
+            self._last = (0, None)
         for cb in list(self._listeners):
             cb(self.state.index)
 

@@ -182,3 +182,26 @@ def test_expose_flags_add_and_remove_by_port_and_protocol() -> None:
     got = apply_update_args(cur, args)["endpoint"]
     assert got["mode"] == "vip"
     assert got["expose"] == [{"port": 9000, "protocol": "tcp"}, {"port": 53, "protocol": "udp"}]
+
+
+def test_a_host_network_service_has_no_vip_and_its_name_is_its_tasks_nodes() -> None:
+    """Tasks on the host's network: no VIP listener (it would hold the very port they bind on
+    their node), the published port leads to their nodes' addresses, and DNS answers each
+    node once however many of its tasks run there."""
+    spec = validate_spec({"name": "edge", "task": {"container": {"command": ["x"]},
+                                                   "network_mode": "host"},
+                          "endpoint": {"ports": [{"published": 8443, "target": 443}],
+                                       "expose": [{"port": 9100}]}})
+    base = snap()
+    tasks = [replace(task(f"e{i}", addr=a, service="s2"), service_id="s4", service_name="edge")
+             for i, a in enumerate(("10.77.0.11", "10.77.0.11", "10.77.0.12"))]
+    s = replace(base, services={**base.services, "s4": Service(id="s4", spec=spec,
+                                                               vip="10.98.0.5")},
+                tasks={t.id: t for t in tasks})
+    tables = {n: t for n, t in plan_tables(s, {}).items() if n.startswith("edge.")}
+    assert list(tables) == ["edge.443"]  # (no VIP table for the exposed 9100 either)
+    table = tables["edge.443"]
+    assert table.vip is None
+    assert {(f.addr, f.port) for f in table.all_frontends()} == {(None, 8443)}
+    assert [e.addr for e in table.endpoints] == ["10.77.0.11", "10.77.0.11", "10.77.0.12"]
+    assert lookup(s, "edge") == lookup(s, "tasks.edge") == ["10.77.0.11", "10.77.0.12"]

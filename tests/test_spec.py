@@ -172,6 +172,47 @@ def test_network_host_and_none_are_network_modes_as_dockers_network_flag_says() 
     assert exc.value.field == "task.networks"
 
 
+def test_host_network_ports_are_nobody_elses_listeners() -> None:
+    """A port that tasks on the host's network bind on their node is refused as a routing-mesh
+    listener (a published port, or a port a VIP serves) of any service — the host one's own
+    included, whichever service comes first — and a port the managers assign skips it; the
+    new task of a start-first update could not bind it beside the old one."""
+    def host(name: str, *ports: dict[str, Any], **endpoint: Any) -> dict[str, Any]:
+        return {"name": name, "task": {"container": {"command": ["x"]}, "network_mode": "host"},
+                "endpoint": {"ports": list(ports), **endpoint}}
+
+    def create(st: ClusterState, sid: str, spec: dict[str, Any]) -> dict[str, Any]:
+        res: dict[str, Any] = st.apply({"op": "service_create", "id": sid, "now": 1.0,
+                                        "spec": spec})
+        return res
+    from shoal.raft.schema import SCHEMA
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SCHEMA})
+    api = {"name": "api", "task": {"container": {"command": ["x"]}},
+           "endpoint": {"expose": [{"port": 80}], "ports": [{"published": 8443,
+                                                               "target": 443}]}}
+    assert create(st, "api", api)["ok"]
+    for spec in (host("edge", {"published": 8080, "target": 80}),
+                 host("edge", expose=[{"port": 8443}])):
+        res = create(st, "edge", spec)
+        assert res["error"]["field"] == "task.network_mode", res
+        assert "service api has a routing-mesh listener" in res["error"]["message"]
+    assert create(st, "edge", host("edge", {"published": 8081, "target": 81}))["ok"]
+    res = create(st, "web", {**api, "name": "web", "endpoint": {"expose": [{"port": 81}]}})
+    assert res["error"]["field"] == "task.network_mode" and "service edge" in \
+        res["error"]["message"]
+    with pytest.raises(ValidationError) as exc:  # its own published port on its target
+        validate_spec(host("x", {"published": 8081, "target": 81},
+                           {"published": 81, "target": 82}))
+    assert exc.value.field == "endpoint.ports[1].published"
+    assert create(st, "auto", host("auto", {"published": 0, "target": 30000}))["ok"]
+    assert [p.published for p in st.services["auto"].spec.endpoint.ports] == [30001]
+    with pytest.raises(ValidationError) as exc:
+        validate_spec({**host("x"), "update": {"order": "start-first"}})
+    assert exc.value.field == "update.order"
+
+
 def test_create_takes_dockers_image_command_shape_and_a_name_is_optional() -> None:
     """`service create [--name N] IMAGE [COMMAND [ARG...]]` as Docker's: the first word is
     the image; `-- CMD` is a command on the host's filesystem (shoal's form); with `--image`
