@@ -310,6 +310,8 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
         else:  # the host's root filesystem: the program is entrypoint + command
             svc.set("task.container.command",
                     svc.entrypoint + list(container.get("command", [])), f"{path}.entrypoint")
+    if svc.spec.get("task", {}).get("network_mode") == "host":
+        _host_ports(svc)
     health = container.get("healthcheck", {})
     if health.get("disable") and svc.health_test_given:
         for probe in ("command", "http", "tcp"):  # (Compose: disable wins over test)
@@ -322,6 +324,22 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
         if msg.startswith(exc.field + ": "):
             msg = msg[len(exc.field) + 2:]
         raise ComposeError(where, f"{msg} (spec field {exc.field})") from None
+
+
+def _host_ports(svc: _Service) -> None:
+    """``network_mode: host`` with ``ports: ["80:80"]``: the task listens on the node's port
+    itself and Docker Compose discards such ports (with a warning); so does this. A port
+    published on another number than its target goes through the routing mesh."""
+    ports = svc.spec.get("endpoint", {}).get("ports")
+    if not ports:
+        return
+    targets = {(p.get("target"), p.get("protocol", "tcp")) for p in ports}
+    keep = [p for p in ports if (p.get("published"), p.get("protocol", "tcp")) not in targets]
+    for p in ports:
+        if p not in keep:
+            svc.warn("ports", f"{p.get('published')}:{p.get('target')} with network_mode: "
+                     "host is not published (the task listens on the node's port itself)")
+    svc.spec["endpoint"]["ports"] = keep
 
 
 # ----------------------------------------------------------------------------- the file

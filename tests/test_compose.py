@@ -549,17 +549,22 @@ def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
 def test_network_mode_host_and_none_and_swarms_external_host_network(tmp_path: Path) -> None:
     """Compose's ``network_mode: host|none`` and Swarm's stack idiom (an external network
     named host) are the task's network mode; ``bridge`` is the cluster network (the default);
-    the external host network needs no `network create`."""
+    the external host network needs no `network create`; a host-mode port published on its
+    own target is dropped with a warning, as Docker Compose does."""
     st = deploy(tmp_path, "services:\n"
                 "  h: {command: sleep 1, network_mode: host, ports: ['8081:8080']}\n"
                 "  n: {command: sleep 1, network_mode: none}\n"
                 "  b: {command: sleep 1, network_mode: bridge}\n"
                 "  s: {command: sleep 1, networks: [hostnet]}\n"
+                "  p: {command: sleep 1, network_mode: host, ports: ['80:80', '8082:82']}\n"
                 "networks:\n  hostnet: {external: true, name: host}\n")
     modes = {s.name: (s.task.network_mode, s.task.networks) for s in st.services}
     assert modes == {"app_h": ("host", ()), "app_n": ("none", ()), "app_b": ("default", ()),
-                     "app_s": ("host", ())}
-    assert not st.warnings
+                     "app_s": ("host", ()), "app_p": ("host", ())}
+    assert [(p.published, p.target) for p in svc(st, "p").endpoint.ports] == [(8082, 82)]
+    assert [(p.published, p.target) for p in svc(st, "h").endpoint.ports] == [(8081, 8080)]
+    assert len(st.warnings) == 1 and "80:80 with network_mode: host is not published" in \
+        st.warnings[0] and "(service p)" in st.warnings[0], st.warnings
     plan = plan_deploy(st, [], {"secret": [], "config": []}, prune=False, networks=[])
     assert plan.networks == []
 
