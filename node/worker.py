@@ -454,7 +454,8 @@ class Worker:
             cfg = await self.task_config(task)
             # (a mesh not up yet: the task starts without a network, a later pass attaches it)
             early = self.mesh is not None and self.mesh.ready
-            hook = prepare if task.spec.init_containers else network if early else None
+            attach = early and task.spec.network_mode == "default"  # (else: nothing to do)
+            hook = prepare if task.spec.init_containers else network if attach else None
             rt = await self.runtime.start(cfg, before_start=hook)
         except TaskInputUnavailable as exc:  # no manager/peer reachable yet: retried later
             log.info("task %s (%s) waits: %s", task.id, task.name, exc.message)

@@ -573,6 +573,7 @@ class ProcessController:
         cfg, taskdir = task.cfg, task.dir
         prefix = b""
         if before_start is not None:
+            pid: int | None = None
             try:
                 prefix, pid = await asyncio.wait_for(read_pid(loop, ready_r),
                                                      self._cfg.start_timeout)
@@ -583,6 +584,10 @@ class ProcessController:
                 os.close(spec_w)  # no spec: the init starts nothing
                 os.close(ready_r)
                 await self._abandon(task)
+                if isinstance(exc, TimeoutError) and pid is None:
+                    raise LaunchFailed(f"cannot start task {cfg.task_id}: the launcher did "
+                                       f"not report its init within {self._cfg.start_timeout}"
+                                       " s (an overloaded machine?)") from exc
                 if isinstance(exc, Exception):
                     raise LaunchFailed(f"cannot start task {cfg.task_id}: preparing its "
                                        f"namespaces failed: {exc}") from exc
