@@ -192,7 +192,7 @@ class TaskSpec(_Spec, frozen=True):
         "--network's networks; host = the node's own network namespace (Docker's "
         "--network host, which means this too): no address of their own and no VIP (as "
         "Swarm): the service's name resolves to its tasks' nodes, published ports lead "
-        "there, tasks on one node share its ports; "
+        "there, one task per node when it serves ports; "
         "none = a namespace with only lo", flag="--network-mode", cli="choice")] = "default"
     sidecars: Annotated[tuple[SidecarSpec, ...], decl(
         "more containers of the task (a pod), started after the main one in this order; "
@@ -604,6 +604,18 @@ class ServiceSpec(_Spec, frozen=True):
                 raise SpecError(field, "tasks on the host's network share the node's ports: "
                                 "a new task could not bind them while the old one runs "
                                 "(use stop-first)")
+        if not (self.endpoint.ports or self.endpoint.expose) or self.mode.type.startswith(
+                "global"):
+            return
+        # two of its tasks on one node could not both bind the ports it serves: one per node
+        # (Swarm's scheduler counts a host-published port as a node resource likewise)
+        place = self.task.placement
+        if place.max_replicas > 1:
+            raise SpecError("task.placement.max_replicas", "tasks on the host's network that "
+                            "serve ports would collide on a node: at most 1 per node")
+        if place.max_replicas == 0:
+            msgspec.structs.force_setattr(self, "task", msgspec.structs.replace(
+                self.task, placement=msgspec.structs.replace(place, max_replicas=1)))
 
     @property
     def replicas(self) -> int:

@@ -213,6 +213,37 @@ def test_host_network_ports_are_nobody_elses_listeners() -> None:
     assert exc.value.field == "update.order"
 
 
+def test_host_network_tasks_that_serve_ports_are_placed_one_per_node() -> None:
+    """Two tasks of such a service on one node could not both bind its ports: at most one
+    per node (stored as max_replicas 1, so `service ps` says why a third of 3 replicas on 2
+    nodes waits); more than one per node is refused; without ports, or global, no limit."""
+    def spec(**extra: Any) -> ServiceSpec:
+        task = {"container": {"command": ["x"]}, "network_mode": "host",
+                **extra.pop("task", {})}
+        return validate_spec({"name": "edge", "task": task, "mode": {"replicas": 3}, **extra})
+    served = {"endpoint": {"ports": [{"published": 8080, "target": 80}]}}
+    assert spec(**served).task.placement.max_replicas == 1
+    assert spec(endpoint={"expose": [{"port": 9100}]}).task.placement.max_replicas == 1
+    assert spec().task.placement.max_replicas == 0
+    assert spec(**served, mode={"type": "global"}).task.placement.max_replicas == 0
+    with pytest.raises(ValidationError) as exc:
+        spec(**served, task={"placement": {"max_replicas": 2}})
+    assert exc.value.field == "task.placement.max_replicas"
+    st = _cluster(BASE)  # one node: the second and third replica wait, saying why
+    st.apply({"op": "cluster_schema", "schema": 4})
+    res = st.apply({"op": "service_create", "id": "s2", "now": 1.0,
+                    "spec": to_dict(spec(**served))})
+    assert "ok" in res, res
+    ops, _ = reconcile_services(st.snapshot(), 2.0, iter(f"h{i}" for i in range(9)).__next__,
+                                OrchestratorConfig())
+    st.apply({"op": "leader", "term": 1, "now": 2.0, "ops": ops})
+    from shoal.node.scheduler import schedule
+    pending = [t for t in st.tasks.values() if t.service_id == "s2" and not t.node_id]
+    plan = schedule(st.snapshot(), pending)
+    assert len(plan.assignments) == 1 and len(plan.unschedulable) == 2
+    assert all("max replicas" in why for _, why in plan.unschedulable), plan.unschedulable
+
+
 def test_create_takes_dockers_image_command_shape_and_a_name_is_optional() -> None:
     """`service create [--name N] IMAGE [COMMAND [ARG...]]` as Docker's: the first word is
     the image; `-- CMD` is a command on the host's filesystem (shoal's form); with `--image`
