@@ -416,10 +416,12 @@ class ScaleLab:
             if down_at is None and all(x["state"] == "down" for x in self.nodes()
                                        if x["hostname"] in dead):
                 down_at = now
-            ts = [t for t in self.tasks() if t["state"] == "running"
-                  and t["desired_state"] == "running" and t["node"] not in dead]
-            if len(ts) >= n:
-                back_at = now
+            # (the cheap running count first — it still counts the dead nodes' tasks until
+            # they are orphaned — then the task list, once, to check where they run)
+            if down_at is not None and self.running() >= n and sum(
+                    1 for t in self.tasks() if t["state"] == "running"
+                    and t["desired_state"] == "running" and t["node"] not in dead) >= n:
+                back_at = time.monotonic() - t0
                 break
             time.sleep(0.25)
         say(f"kill {len(victims)} workers ({lost} tasks): all down after {fmt(down_at)}, "
