@@ -98,13 +98,12 @@ def _no_image_ports(_image: str) -> tuple[tuple[int, str], ...]:
 
 
 def vip_ports(svc: Service, image_ports: ImagePorts) -> tuple[tuple[int, str], ...]:
-    """(port, protocol) the service's VIP serves; none for tasks not on the cluster network
-    (as Swarm: a VIP listener on every node would hold the very port a task on the host's
-    network listens on; their name resolves to their nodes' addresses instead)."""
-    if not svc.vip or svc.spec.task.network_mode != "default":
+    """(port, protocol) the service's VIP serves (``ServiceSpec.vip_ports``, with the
+    image's ExposedPorts from this node's store); none without a VIP."""
+    if not svc.vip:
         return ()
     image = svc.spec.task.container.image
-    return svc.spec.endpoint.vip_ports(image_ports(image) if image else ())
+    return svc.spec.vip_ports(image_ports(image) if image else ())
 
 
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],

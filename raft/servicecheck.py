@@ -110,10 +110,7 @@ def listened(spec: ServiceSpec) -> set[tuple[int, str]]:
     """The ports the routing mesh listens on for a service on every node: its published
     ports and, with a VIP, the ports the VIP serves (as far as the spec says: the image's
     ExposedPorts are the node's to read)."""
-    out: set[tuple[int, str]] = {(p.published, p.protocol) for p in spec.endpoint.ports}
-    if spec.task.network_mode == "default":
-        out |= set(spec.endpoint.vip_ports())
-    return out
+    return {(p.published, p.protocol) for p in spec.endpoint.ports} | set(spec.vip_ports())
 
 
 def check_volume_keys(state: ServiceState, spec: ServiceSpec) -> None:

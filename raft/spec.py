@@ -617,6 +617,16 @@ class ServiceSpec(_Spec, frozen=True):
             msgspec.structs.force_setattr(self, "task", msgspec.structs.replace(
                 self.task, placement=msgspec.structs.replace(place, max_replicas=1)))
 
+    def vip_ports(self, image_ports: tuple[tuple[int, str], ...] = ()
+                  ) -> tuple[tuple[int, str], ...]:
+        """(port, protocol) the service's VIP serves (``EndpointSpec.vip_ports``); none for
+        tasks not on the cluster network (as Swarm: a VIP listener on every node would hold
+        the very port a task on the host's network listens on; their name resolves to their
+        nodes' addresses instead)."""
+        if self.task.network_mode != "default":
+            return ()
+        return self.endpoint.vip_ports(image_ports)
+
     @property
     def replicas(self) -> int:
         return self.mode.replicas
