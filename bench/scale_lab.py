@@ -83,6 +83,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``: "loop" (the main thread: the agent's event
+    loop) and "thread TID" for the others (Python leaves them unnamed; py-spy dump tells
+    which is which: Raft's tick thread, gossip's, the executor's)."""
+    out: dict[str, float] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # (a thread that ended meanwhile)
+            continue
+        tid = int(stat.parent.name)
+        out["loop" if tid == pid else f"thread {tid}"] = \
+            (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / (1 << 20)
 
@@ -99,6 +115,23 @@ def machine() -> str:
 
 def say(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def scrape(h: Host, prefix: str) -> dict[str, float]:
+    """The agent's metrics whose name starts with ``prefix``: ``name{labels}`` → value."""
+    pat = re.compile(r"^(" + re.escape(prefix) + r"[a-z_]*)(\{[^}]*\})? ([0-9.e+-]+)$")
+    conn = client(h, timeout=30.0)._connection()  # /metrics is text, not JSON
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = pat.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
 
 
 def client(h: Host, timeout: float = 60.0, stale: bool = True) -> Client:
@@ -287,21 +320,10 @@ class ScaleLab:
     def feed_counters(self) -> dict[str, float]:
         """shoal_feed_* summed over the managers (GET /metrics on each unix socket)."""
         total: dict[str, float] = {}
-        pat = re.compile(r"^(shoal_feed_[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$")
         for h in self.managers:
-            if not h.agent_alive():
-                continue
-            conn = client(h, timeout=30.0)._connection()  # /metrics is text, not JSON
-            try:
-                conn.request("GET", "/metrics")
-                text = conn.getresponse().read().decode()
-            finally:
-                conn.close()
-            for line in text.splitlines():
-                m = pat.match(line)
-                if m:
-                    key = m.group(1) + (m.group(2) or "")
-                    total[key] = total.get(key, 0.0) + float(m.group(3))
+            if h.agent_alive():
+                for key, value in scrape(h, "shoal_feed_").items():
+                    total[key] = total.get(key, 0.0) + value
         return total
 
     def term(self) -> int:
@@ -404,6 +426,10 @@ class ScaleLab:
         names = {x["hostname"]: x["addr"] for x in self.nodes()}
         victims = [h for h in self.workers if h.name in by_node][:k]
         lost = sum(by_node[h.name] for h in victims)
+        leader = self.leader_host()
+        assert leader.agent_pid is not None
+        cpu0 = thread_cpu(leader.agent_pid)
+        wall0 = time.time()
         t0 = time.monotonic()
         for h in victims:  # a power loss: the agent dies and the host drops off the network
             h.kill_agent()
@@ -426,6 +452,49 @@ class ScaleLab:
             time.sleep(0.25)
         say(f"kill {len(victims)} workers ({lost} tasks): all down after {fmt(down_at)}, "
             f"{n} RUNNING again after {fmt(back_at)} {machine()}")
+        took = time.monotonic() - t0
+        cpu1 = thread_cpu(leader.agent_pid)
+        self.kill_breakdown(leader, wall0, dead)
+        busy = sorted(((cpu1[k] - cpu0.get(k, 0.0)) / took * 100, k) for k in cpu1)[::-1]
+        print(f"    the leader ({leader.name}) over those {took:.1f} s, % of a core by thread: "
+              + ", ".join(f"{name} {pct:.0f}" for pct, name in busy[:5] if pct >= 1),
+              flush=True)
+
+    def kill_breakdown(self, leader: Host, wall0: float, dead: set[str]) -> None:
+        """Where the replacement time went, from the cluster's own event log: each event's
+        time is the leader's clock when it proposed the command (the same on every manager),
+        so the phases below do not include the bench's polling. Read from the leader: its
+        gossip events (not in the log) are what its liveness pass saw."""
+        events: dict[tuple[str, str], list[float]] = {}
+        replacements: set[str] = set()
+        created: dict[str, float] = {}
+        try:
+            records = client(leader, timeout=60).stream(
+                f"/v1/events?since={wall0:.3f}&until={time.time():.3f}")
+            for r in records:
+                if r.get("type") == "node" and r.get("name") in dead:
+                    events.setdefault(("node", r["action"]), []).append(r["time"] - wall0)
+                elif r.get("type") == "task" and r.get("attributes", {}).get(
+                        "service") == SERVICE:
+                    if r["action"] == "create":
+                        replacements.add(r["id"])
+                    if r["id"] in replacements or r["action"] == "orphaned":
+                        events.setdefault(("task", r["action"]), []).append(r["time"] - wall0)
+                    if r["action"] == "create":
+                        created[r["id"]] = r["time"]
+                    start = r.get("attributes", {}).get("start_seconds")
+                    if r["action"] == "running" and r["id"] in created and start is not None:
+                        # the node's clock when it spawned the launcher (same machine here)
+                        events.setdefault(("task", "spawned@node"), []).append(
+                            created[r["id"]] + float(start) - wall0)
+        except (CliError, OSError) as exc:
+            say(f"  (no event breakdown: {exc})")
+            return
+        say("  from the event log (seconds after the kill: first / median / last):")
+        for (kind, action), ts in sorted(events.items(), key=lambda kv: min(kv[1])):
+            ts.sort()
+            print(f"    {kind} {action:12} n={len(ts):<4} {ts[0]:7.2f} "
+                  f"{statistics.median(ts):7.2f} {ts[-1]:7.2f}", flush=True)
 
     def down(self, timeout: float) -> None:
         c = client(self.first, stale=False)

@@ -160,7 +160,8 @@ class NodeNetwork:
 
     async def sync_routes(self, peers: Iterable[tuple[str, str]]) -> None:
         """Routes to other nodes' subnets: ``peers`` = (subnet, node address)."""
-        want = {s: a for s, a in peers if s and s != str(self.subnet)}
+        own = str(self.subnet)
+        want = {s: a for s, a in peers if s and s != own}
         if want != self._routes:
             await asyncio.to_thread(self._sync_routes, want)
 

@@ -97,6 +97,8 @@ def remote_entries(snap: Snapshot, node_id: str) -> dict[str, dict[str, str]]:
     """Per network name: overlay address → underlay address of the node that has it, for
     every task and node on another node (what FDB and neighbour entries must say)."""
     out: dict[str, dict[str, str]] = {n.name: {} for n in snap.networks.values()}
+    if not out:  # (no user-defined network: nothing to look up in every task)
+        return out
     for net in snap.networks.values():
         for node in snap.nodes.values():
             if node.id != node_id:

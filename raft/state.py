@@ -159,7 +159,8 @@ class ClusterInfo:
 
 @dataclass
 class Snapshot:
-    """An immutable-enough copy handed to readers (records are frozen dataclasses)."""
+    """An immutable-enough copy handed to readers (records are frozen dataclasses; readers
+    do not change its dicts either: ``tasks_of`` keeps an index of ``tasks``)."""
 
     index: int
     cluster: ClusterInfo
@@ -171,6 +172,11 @@ class Snapshot:
     fence_term: int = 0  # highest Raft term seen on a leader batch (a new term = new leader)
     networks: dict[str, Network] = field(default_factory=dict)  # user-defined, by id
     volumes: dict[str, Volume] = field(default_factory=dict)  # `volume create`d, by name
+    # service id → its tasks, built by the first ``tasks_of`` (a reader looking up every
+    # service's tasks made one pass over all tasks per service: services x tasks); rebuilt
+    # if ``tasks`` is another dict or changed size
+    _by_service: tuple[int, int, dict[str, list[Task]]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     def network_by_name(self, name: str) -> Network | None:
         return next((n for n in self.networks.values() if n.name == name), None)
@@ -182,7 +188,14 @@ class Snapshot:
         return None
 
     def tasks_of(self, service_id: str) -> list[Task]:
-        return [t for t in self.tasks.values() if t.service_id == service_id]
+        """The service's tasks (a new list each call), in ``tasks`` order."""
+        cached = self._by_service
+        if cached is None or cached[0] != id(self.tasks) or cached[1] != len(self.tasks):
+            index: dict[str, list[Task]] = {}
+            for t in self.tasks.values():
+                index.setdefault(t.service_id, []).append(t)
+            cached = self._by_service = (id(self.tasks), len(self.tasks), index)
+        return list(cached[2].get(service_id, ()))
 
 
 @dataclass

@@ -59,8 +59,9 @@ def test_only_running_tasks_with_an_address_receive_traffic() -> None:
 
 
 def test_task_being_stopped_drains_until_its_grace_period() -> None:
-    s = snap(task("a"), task("b", addr="10.99.2.2", desired=TaskState.SHUTDOWN))
-    assert stopping_tasks(s) == {"b"}
+    s = snap(task("a"), task("b", addr="10.99.2.2", desired=TaskState.SHUTDOWN),
+             task("c", addr="10.99.2.3", desired=TaskState.SHUTDOWN, service="s2"))
+    assert stopping_tasks(s) == {"b"}  # (c's service has no port: no connection to drain)
     (table,) = plan_tables(s, {"b": 100.0}).values()
     assert Endpoint("10.99.2.2", "b", None, 107.0) in table.endpoints
     assert Endpoint("10.99.1.2", "a") in table.endpoints
@@ -205,3 +206,13 @@ def test_a_host_network_service_has_no_vip_and_its_name_is_its_tasks_nodes() -> 
     assert {(f.addr, f.port) for f in table.all_frontends()} == {(None, 8443)}
     assert [e.addr for e in table.endpoints] == ["10.77.0.11", "10.77.0.11", "10.77.0.12"]
     assert lookup(s, "edge") == lookup(s, "tasks.edge") == ["10.77.0.11", "10.77.0.12"]
+
+
+def test_tasks_of_indexes_the_tasks_once_and_follows_a_grown_dict() -> None:
+    s = snap(task("a"), task("b", service="s2"))
+    assert [t.id for t in s.tasks_of("s1")] == ["a"]
+    assert s._by_service is not None and s.tasks_of("none") == []
+    s.tasks["c"] = task("c")  # (a builder adding one after a read: the index is rebuilt)
+    assert [t.id for t in s.tasks_of("s1")] == ["a", "c"]
+    s.tasks_of("s1").clear()  # a new list each call: the index is not the caller's
+    assert len(s.tasks_of("s1")) == 2
