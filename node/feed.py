@@ -628,6 +628,12 @@ class StateFeed:
     async def propose(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one of this worker's writes to a manager, which proposes it to Raft.
 
+        A command with a ``now`` is sent with this node's clock at each attempt: the manager
+        reads ``now`` as the moment it was sent (shoal.node.control.dispatcher
+        ``in_manager_time``), and a report that waited seconds for a first manager that did
+        not answer was taken for a clock that far off — its task times moved by that much,
+        and "keep clocks in sync" logged for a node whose clock was right (issue 16's lab).
+
         Raises CommandRejected (the state machine or the manager said no), WriteTimeout (no
         manager took it in time; it may still apply) or NotReady (no manager known)."""
         deadline = time.monotonic() + (timeout or self.config.write_timeout)
@@ -636,8 +642,9 @@ class StateFeed:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            sent = {**cmd, "now": time.time()} if "now" in cmd else cmd
             try:
-                reply = await self._call_json(addr, "/v1/cluster/report", {"cmd": cmd}, left)
+                reply = await self._call_json(addr, "/v1/cluster/report", {"cmd": sent}, left)
             except PeerError as exc:
                 if exc.code in ("invalid", "forbidden"):  # the manager refused the write itself
                     raise CommandRejected(exc.code, exc.message, exc.field) from None

@@ -213,6 +213,9 @@ async def test_feed_writes_go_to_a_manager_and_refusals_are_rejections() -> None
         await feed.propose({"op": "task_status", "task_id": "t9", "node_id": "n3",
                             "now": 1.0, "status": {"state": "running"}})
     assert b.reports  # a was down: b took it
+    # with this node's clock when it was sent to b, not when it was first made: a report
+    # delayed by a manager that did not answer is not a clock that far off
+    assert abs(b.reports[-1]["now"] - time.time()) < 5.0
     with pytest.raises(CommandRejected) as exc:  # the manager's refusal
         await feed.propose({"op": "task_status", "task_id": "t9", "node_id": "n2",
                             "now": 1.0, "status": {"state": "running"}})
