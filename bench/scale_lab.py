@@ -99,6 +99,31 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_split(managers: str) -> tuple[list[str], list[str]]:
+    """``taskset`` prefixes for the managers' CPUs (a taskset list) and the others ([] and
+    [] when not split)."""
+    if not managers:
+        return [], []
+    mine = {int(c) for part in managers.split(",") for c in (
+        range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    others = sorted(os.sched_getaffinity(0) - mine)
+    if not others or not mine <= os.sched_getaffinity(0):
+        raise SystemExit(f"--manager-cpus {managers}: leaves no CPU for the workers, or names "
+                         f"one this process may not use ({sorted(os.sched_getaffinity(0))})")
+    return (["taskset", "-c", ",".join(map(str, sorted(mine)))],
+            ["taskset", "-c", ",".join(map(str, others))])
+
+
+def leader_cpu(leader: Host, before: dict[str, float], took: float) -> str:
+    """The leader's busiest threads since ``before`` (``thread_cpu``), as a phrase."""
+    if leader.agent_pid is None or not leader.agent_alive():
+        return f"the first leader ({leader.name}) is gone"
+    after = thread_cpu(leader.agent_pid)
+    busy = sorted(((after[k] - before.get(k, 0.0)) / took * 100, k) for k in after)[::-1]
+    return (f"the leader at the start ({leader.name}) over those {took:.1f} s, % of a core by "
+            "thread: " + ", ".join(f"{name} {pct:.0f}" for pct, name in busy[:4] if pct >= 1))
+
+
 def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / (1 << 20)
 
@@ -145,6 +170,7 @@ class ScaleLab:
                  manager_args: tuple[str, ...] = ()) -> None:
         self.lab = lab
         self.manager_args = manager_args  # extra `shoal agent` flags of the managers
+        self.drain_managers = True  # no tasks on the managers (--managers-run-tasks: False)
         self.managers = lab.hosts[:managers]
         self.workers = lab.hosts[managers:managers + workers]
         self.first = self.managers[0]
@@ -160,6 +186,11 @@ class ScaleLab:
             h.cli("join", "--token", token, f"{self.first.ip}:2377", timeout=60)
         self.wait_nodes(len(self.managers), timeout=120)
         say(f"{len(self.managers)} managers up in {time.monotonic() - t0:.1f} s {machine()}")
+        if self.drain_managers:  # manager-only nodes, as Docker advises for clusters this size
+            for h in self.managers:
+                client(self.first, stale=False).call(
+                    "POST", f"/v1/nodes/{h.name}", {"availability": "drain"})
+            say("managers drained: the tasks run on the workers (--managers-run-tasks: not)")
 
     def nodes(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = client(self.first).call("GET", "/v1/nodes")
@@ -393,6 +424,9 @@ class ScaleLab:
         c = client(self.first, stale=False)
         feed0 = self.feed_counters()
         raft0 = self.raft_index()
+        term0, leader = self.term(), self.leader_host()
+        assert leader.agent_pid is not None
+        cpu0 = thread_cpu(leader.agent_pid)
         t0 = time.monotonic()
         c.call("POST", f"/v1/services/{SERVICE}/scale", {"replicas": n})
         assigned_at = running_at = None
@@ -413,6 +447,9 @@ class ScaleLab:
             f"round trip and the poll), all RUNNING after {fmt(running_at)} "
             f"({n / running_at if running_at else 0:.0f} tasks/s) on {len(nodes)} nodes "
             f"{machine()}")
+        took = time.monotonic() - t0
+        print(f"    Raft term {term0} → {self.term()}; " + leader_cpu(leader, cpu0, took),
+              flush=True)
         self.print_feed(feed0, self.raft_index() - raft0, "during the scale")
 
     def kill(self, k: int, n: int, timeout: float, settle: float = 0.0) -> None:
@@ -453,12 +490,9 @@ class ScaleLab:
         say(f"kill {len(victims)} workers ({lost} tasks): all down after {fmt(down_at)}, "
             f"{n} RUNNING again after {fmt(back_at)} {machine()}")
         took = time.monotonic() - t0
-        cpu1 = thread_cpu(leader.agent_pid)
+        cpu = leader_cpu(leader, cpu0, took)
         self.kill_breakdown(leader, wall0, dead)
-        busy = sorted(((cpu1[k] - cpu0.get(k, 0.0)) / took * 100, k) for k in cpu1)[::-1]
-        print(f"    the leader ({leader.name}) over those {took:.1f} s, % of a core by thread: "
-              + ", ".join(f"{name} {pct:.0f}" for pct, name in busy[:5] if pct >= 1),
-              flush=True)
+        print(f"    {cpu}", flush=True)
 
     def kill_breakdown(self, leader: Host, wall0: float, dead: set[str]) -> None:
         """Where the replacement time went, from the cluster's own event log: each event's
@@ -560,6 +594,14 @@ def main() -> int:
                          "they share 2 cores with 100 workers starting 1,000 tasks, load "
                          "~180, and at the workers' priority they lose Raft heartbeats to "
                          "them; 0 = the same priority)")
+    ap.add_argument("--managers-run-tasks", action="store_true",
+                    help="leave the managers' availability active (default: drained, the "
+                    "manager-only nodes Docker advises for a cluster of this size; the scale "
+                    "phase's tasks then run on the workers alone)")
+    ap.add_argument("--manager-cpus", default="", metavar="LIST",
+                    help="run the manager agents on these CPUs (taskset list, e.g. 0) and the "
+                    "workers, with their tasks, on the others: the managers' own hosts of a "
+                    "deployment, on this machine (default: every agent on every CPU)")
     ap.add_argument("--settle", type=float, default=0.0, metavar="S",
                     help="seconds to wait before the kill phase (default 0: right after "
                     "the scale, under its load)")
@@ -586,16 +628,23 @@ def main() -> int:
         lab = Lab(args.managers + args.workers, point_to_point=not args.bridge)
         say(f"{len(lab.hosts)} netns hosts in {time.monotonic() - t0:.1f} s")
         s = ScaleLab(lab, args.managers, args.workers, multiplier_args(args.raft_multiplier))
+        s.drain_managers = not args.managers_run_tasks
         manager_env: dict[str, str] = {}
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
             hook = str(Path(__file__).resolve().parent / "profhook")
             manager_env = {"PYTHONPATH": hook, "SHOAL_PROFILE_DIR": args.profile}
+        pin, rest = cpu_split(args.manager_cpus)
         for h in s.managers:  # (the CLI run on them too: harmless)
             nice = ["nice", "-n", str(args.manager_nice)] if args.manager_nice else []
-            h.use_shoal([*nice, *h.shoal_argv], env=manager_env)
+            h.use_shoal([*nice, *pin, *h.shoal_argv], env=manager_env)
+        for h in s.workers:
+            h.use_shoal([*rest, *h.shoal_argv])
         if args.manager_nice:
             say(f"manager agents at nice {args.manager_nice} (--manager-nice)")
+        if pin:
+            say(f"manager agents on CPUs {pin[-1]}, workers and their tasks on {rest[-1]} "
+                "(--manager-cpus)")
         s.up_managers()
         if "idle5" in phases:
             s.idle(f"{args.managers} managers, no worker", args.window)

@@ -179,9 +179,9 @@ def plan_pass(
     compares the two), at the cost of the change.
     """
     ops: list[Op] = []
-    if liveness:
+    if liveness or gossip:  # (within the leadership grace: gossip's verdicts alone)
         ops += node_liveness(snap, last_seen, mono_now, config.node_down_timeout, gossip,
-                             restarts)
+                             restarts, gossip_only=not liveness)
     runs, runs_wake = cron.plan(snap, wall_now)  # scheduled jobs' runs due now (and progress)
     ops += runs
     scratch: ClusterState | None = None  # made only when ops must be applied (copies)
@@ -357,8 +357,9 @@ class LeaderLoop:
             self.heartbeats[node.id] = max(self.heartbeats.get(node.id, heard), heard)
 
     async def one_pass(self, led_for: float = 0.0) -> float | None:
-        """One pass now, in the current term (liveness is judged once ``led_for`` reaches
-        the leadership grace); when to wake for the next one (wall clock), if sooner."""
+        """One pass now, in the current term (heartbeats are judged once ``led_for``
+        reaches the leadership grace, gossip's verdicts at once); when to wake for the next
+        one (wall clock), if sooner."""
         return await self._pass(self.store.term(), led_for)
 
     async def _pass(self, term: int, led_for: float) -> float | None:

@@ -68,7 +68,9 @@ class OrchestratorConfig:
     # tasks are replaced elsewhere, seconds. Lower = faster healing, more false alarms
     # on a stalled machine. Gossip will take over detection.
     node_down_timeout: float = 4.0
-    # After gaining leadership, wait this long for heartbeats before marking anyone down.
+    # After gaining leadership, wait this long for heartbeats before judging a node by them
+    # (gossip's verdicts apply at once: a node that died with the old leader is not kept
+    # READY for this long).
     leadership_grace: float = 3.0
     # A node that joins while this leader leads gets this long beyond node_down_timeout
     # for its first heartbeat, seconds: between its record being committed and its first
@@ -130,6 +132,7 @@ def heartbeat_period(interval: float, nodes: int, config: OrchestratorConfig,
 def node_liveness(
     snapshot: Snapshot, last_seen: dict[str, float], now: float, timeout: float,
     gossip: dict[str, str] | None = None, restarts: Mapping[str, float] | None = None,
+    gossip_only: bool = False,
 ) -> list[Op]:
     """READY/DOWN transitions for every node.
 
@@ -143,6 +146,9 @@ def node_liveness(
     gossip sees dead or left keeps its state — its tasks keep running without their agent —
     and the new agent is expected back; past the deadline it goes DOWN like a crash. A
     crash announces nothing, so it is still detected as fast as gossip can.
+
+    ``gossip_only``: judge only the nodes gossip knows (a new leader within its leadership
+    grace: the heartbeats of the others may not have reached it yet, gossip needs none).
     """
     ops: list[Op] = []
     for node in sorted(snapshot.nodes.values(), key=lambda n: n.id):
@@ -158,6 +164,8 @@ def node_liveness(
         elif g in ("dead", "left"):
             alive, reason = False, "gossip: node left the cluster" if g == "left" else \
                 "gossip: node failed (no answer to direct and indirect probes)"
+        elif gossip_only:
+            continue
         else:
             seen = last_seen.get(node.id)
             alive = seen is not None and now - seen <= timeout

@@ -128,6 +128,27 @@ def test_state_survives_msgpack_round_trip_of_commands() -> None:
     assert len(st.tasks) == 3
 
 
+def test_a_new_leader_takes_a_node_gossip_saw_die_down_and_replaces_its_tasks_at_once(
+        ) -> None:
+    """Within the leadership grace (``liveness=False``) heartbeats are not judged, gossip's
+    verdicts are: the dead node's tasks are orphaned and replaced in the same pass."""
+    st = cluster()
+    converge(st)
+    run_all(st)
+    gone = st.tasks[next(iter(st.tasks))].node_id
+    gossip = {nid: "dead" if nid == gone else "alive" for nid in st.nodes}
+    ops, _ = plan_pass(st.snapshot(), {}, 0.0, 20.0, OrchestratorConfig(), liveness=False,
+                       gossip=gossip)
+    assert ("node_state", gone, "down") in [op[:3] for op in ops]
+    res = st.apply({"op": "leader", "term": 2, "now": 20.0, "ops": ops})
+    assert "ok" in res, res
+    live = [t for t in st.tasks.values() if t.desired_state is TaskState.RUNNING]
+    assert len(live) == 3 and all(t.node_id != gone for t in live)
+    # without gossip, a new leader judges no one yet (its heartbeat table is empty)
+    assert not any(op[0] == "node_state" for op in plan_pass(
+        st.snapshot(), {}, 0.0, 20.0, OrchestratorConfig(), liveness=False)[0])
+
+
 # ------------------------------------------------------------------ scheduler
 def test_scheduler_spreads_replicas() -> None:
     st = cluster(5, dict(SPEC, replicas=6))

@@ -60,3 +60,15 @@ def test_heartbeats_decide_for_nodes_gossip_has_not_heard_of() -> None:
     assert node_liveness(snap, {"n1": NOW - 1}, NOW, 4.0, {}, {}) == []
     ops = node_liveness(snap, {"n1": NOW - 10}, NOW, 4.0, {}, {"n1": NOW + 30})
     assert ops[0][:3] == ("node_state", "n1", "down")  # a mark needs gossip to vouch for it
+
+
+def test_within_the_leadership_grace_gossip_decides_and_heartbeats_wait() -> None:
+    """A new leader (``gossip_only``): a node gossip saw die goes DOWN at once — it may have
+    died with the old leader — while a node judged by heartbeats alone, whose beats may not
+    have reached this leader yet, keeps its state."""
+    snap = snapshot(NodeState.READY)
+    ops = node_liveness(snap, {}, NOW, 4.0, {"n1": "dead"}, {}, gossip_only=True)
+    assert ops[0][:3] == ("node_state", "n1", "down")
+    assert node_liveness(snap, {"n1": NOW - 60}, NOW, 4.0, {}, {}, gossip_only=True) == []
+    assert node_liveness(snapshot(NodeState.DOWN), {}, NOW, 4.0, {"n1": "alive"}, {},
+                         gossip_only=True)[0][2] == "ready"
