@@ -22,7 +22,11 @@ cost: the cluster network's routes "via a peer" are refused (peers are not on-li
 on different hosts cannot talk here; the lab's tasks are `sleep`s and do not need to.
 
 The agents run with the settings a deployment uses (the `lan` gossip preset, the default
-feed and heartbeat settings): nothing here is tuned for the lab.
+feed and heartbeat settings): nothing here is tuned for the lab. The managers are drained
+once up (manager-only nodes, as Docker advises for a cluster of this size; the tasks run on
+the workers; ``--managers-run-tasks`` leaves them active) and run at nice −10
+(``--manager-nice``); ``--manager-cpus LIST`` pins them to those CPUs and everything else to
+the rest (which core runs what).
 
 Phases (each prints its figures with the load average and free memory at the time):
 
@@ -44,7 +48,10 @@ Phases (each prints its figures with the load average and free memory at the tim
 * ``kill``   SIGKILL the agents of --kill workers at once (their hosts' links are cut too, as
              a power loss would) → time until the service is back at --tasks RUNNING on the
              others (``--settle S`` waits S seconds first, so that it runs in a quiet
-             cluster rather than under the scale's load);
+             cluster rather than under the scale's load); then where the time went, from
+             the leader's event log (gossip suspect/dead as the leader saw them, node DOWN,
+             the replacements created, assigned, spawned on their node, reported RUNNING)
+             and the leader's CPU by thread;
 * ``down``   scale to 0 → time until no task of the service is running.
 """
 
