@@ -24,7 +24,7 @@ on different hosts cannot talk here; the lab's tasks are `sleep`s and do not nee
 The agents run with the settings a deployment uses (the `lan` gossip preset, the default
 feed and heartbeat settings): nothing here is tuned for the lab. The managers are drained
 once up (manager-only nodes, as Docker advises for a cluster of this size; the tasks run on
-the workers; ``--managers-run-tasks`` leaves them active) and run at nice −10
+the workers; ``--managers-run-tasks`` leaves them active) and run at nice -10
 (``--manager-nice``); ``--manager-cpus LIST`` pins them to those CPUs and everything else to
 the rest (which core runs what).
 
