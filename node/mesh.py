@@ -36,7 +36,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,16 @@ def vip_ports(svc: Service, image_ports: ImagePorts) -> tuple[tuple[int, str], .
     return svc.spec.vip_ports(image_ports(image) if image else ())
 
 
+def balanced(snap: Snapshot, image_ports: ImagePorts = _no_image_ports
+             ) -> Iterator[tuple[Service, tuple[tuple[int, str], ...]]]:
+    """The services the balancer serves (a published port, or a VIP with ports), each with
+    its VIP's (port, protocol)."""
+    for svc in snap.services.values():
+        vips = vip_ports(svc, image_ports)
+        if svc.spec.endpoint.ports or vips:
+            yield svc, vips
+
+
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
                 image_ports: ImagePorts = _no_image_ports) -> dict[str, ServiceLB]:
     """The balancer tables the state asks for: one per (service, target port) — every port a
@@ -114,11 +124,8 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
     ``image_ports(image)``). ``drain_since``: task id → wall-clock time its stop was first
     seen (its connections are cut at that time + the task's ``stop_grace_period``)."""
     out: dict[str, ServiceLB] = {}
-    for svc in snap.services.values():
+    for svc, vips in balanced(snap, image_ports):
         ep = svc.spec.endpoint
-        vips = vip_ports(svc, image_ports)
-        if not ep.ports and not vips:
-            continue
         endpoints: list[Endpoint] = []
         for task in snap.tasks_of(svc.id):
             st = task.status
@@ -147,14 +154,13 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
 
 def stopping_tasks(snap: Snapshot, image_ports: ImagePorts = _no_image_ports) -> set[str]:
     """Tasks still RUNNING whose desired state moved past RUNNING (they are being stopped),
-    of the services the balancer serves (``plan_tables``' rule): the others have no
-    connections to drain, and going through every task of the cluster at each sync was a
-    worker's main cost while 1,000 tasks started (issue 16's scale lab)."""
+    of the services the balancer serves: the others have no connections to drain, and
+    going through every task of the cluster at each sync was a worker's main cost while
+    1,000 tasks started (issue 16's scale lab)."""
     out: set[str] = set()
-    for svc in snap.services.values():
-        if svc.spec.endpoint.ports or vip_ports(svc, image_ports):
-            out.update(t.id for t in snap.tasks_of(svc.id) if t.status.state
-                       is TaskState.RUNNING and t.desired_state > TaskState.RUNNING)
+    for svc, _ in balanced(snap, image_ports):
+        out.update(t.id for t in snap.tasks_of(svc.id) if t.status.state
+                   is TaskState.RUNNING and t.desired_state > TaskState.RUNNING)
     return out
 
 
