@@ -680,7 +680,8 @@ class ApiServer:
     def peer_app(self) -> web.Application:
         c = self.c
         adm, disp, sec = c.admission, c.dispatcher, c.security
-        app = web.Application(middlewares=[error_middleware, self.limits["peer"].middleware()],
+        app = web.Application(middlewares=[c.metrics.middleware(), error_middleware,
+                                           self.limits["peer"].middleware()],
                               client_max_size=MAX_BODY)
 
         # Served over TLS only (see start). ca and join need no client certificate (the

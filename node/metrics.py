@@ -73,8 +73,10 @@ START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GOSSIP_STATES = ("alive", "suspect", "dead", "left")
-# streams stay open for as long as the client wants: their duration says nothing
-STREAMING_ROUTES = frozenset({"/v1/events", "/v1/services/{ref}/logs"})
+# streams stay open for as long as the client wants, and a worker's state-feed poll is held
+# until there is news: their duration says nothing
+STREAMING_ROUTES = frozenset({"/v1/events", "/v1/services/{ref}/logs", "/v1/cluster/state",
+                              "/v1/cluster/logs"})
 
 
 @dataclass
@@ -100,7 +102,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.api_duration = Histogram(
             "shoal_api_request_duration_seconds", "Duration of API requests (streaming "
-            "routes excluded) by route template, method and HTTP status",
+            "routes excluded) by route template, method and HTTP status: the local API and "
+            "the cluster API (/v1/cluster/*: nodes' heartbeats, status reports, joins)",
             ["route", "method", "status"], buckets=API_BUCKETS, registry=self.registry)
         self.task_start = Histogram(
             "shoal_task_start_latency_seconds", "Tasks created by the leader → reported "

@@ -227,6 +227,13 @@ def test_metrics_during_a_scale_up_show_the_new_tasks_and_start_latency(cluster:
                      ".decode())")
     fams = {f.name: f for f in text_string_to_metric_families(res.stdout)}
     assert tasks_running(fams) == 8
+    # the cluster API is timed too: the workers' heartbeats and status reports, as the
+    # managers served them; not the state feed's held polls (their time is the wait)
+    routes = {(s.labels["route"], s.labels["status"]) for m in cluster.hosts[:3]
+              for s in scrape(m)["shoal_api_request_duration_seconds"].samples}
+    assert ("/v1/cluster/heartbeat", "200") in routes
+    assert ("/v1/cluster/report", "200") in routes
+    assert not any(route == "/v1/cluster/state" for route, _ in routes)
 
 
 FETCH = """
