@@ -121,6 +121,8 @@ class EagerReplication:
             return cap
         s = self._sync
         try:
+            if s._SyncObj__raftLastApplied < s._SyncObj__raftCommitIndex:
+                return 0.0  # committed entries left for the next slice (shoal.raft.store)
             now = monotonic_time()
             if s._SyncObj__raftState == _RAFT_STATE.LEADER:
                 due = s._SyncObj__newAppendEntriesTime  # next append-entries round

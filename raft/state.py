@@ -86,10 +86,12 @@ from shoal.runtime import volumes as volumes_mod
 # many (shoal.node.leader.batches).
 MAX_BATCH_OPS = 5000
 # Bound on the msgpack size of one leader batch, bytes (the leader splits by it; a create op
-# carries the task's whole template, ~0.5-2 KiB): every follower receives and applies the
-# entry in one piece, so a 10,000-task scale goes out as several ~1 MiB entries instead of
-# one of ~10 MiB. Larger = fewer entries per pass; smaller = shorter replication stalls.
-MAX_BATCH_BYTES = 1 << 20
+# carries the task's whole template, ~0.5-2 KiB): every replica receives and applies the
+# entry in one piece on its Raft tick thread, which sends and reads no heartbeat meanwhile —
+# 256 KiB is ~500 tasks, ~20 ms to decode and apply on an idle core (1 MiB was ~70 ms, and
+# far more on a loaded one: issue 16's lab lost leaders to it). Larger = fewer entries per
+# pass; smaller = shorter stalls of the tick thread (shoal.raft.store.APPLY_SLICE).
+MAX_BATCH_BYTES = 256 << 10
 
 
 @dataclass

@@ -55,6 +55,10 @@ from shoal.raft.wire import state_from_bytes, state_to_bytes
 socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger("shoal.raft")
+
+# Longest the Raft tick thread applies committed entries before it reads and sends messages
+# again, seconds (_SafeSyncObj._SyncObj__applyLogEntries); at least one entry per tick.
+APPLY_SLICE = 0.02
 # the no-op a linearizable read waits for (RaftStore.read_barrier)
 _BARRIER = msgpack.packb({"op": "read_barrier"}, use_bin_type=True)
 
@@ -246,7 +250,8 @@ class _SafeSyncObj(SyncObj):
     * An incoming append-entries deletes entries only from the first conflict
       (shoal.raft.appendentries): pysyncobj deleted everything after ``prevLogIdx``, so an
       older or partial batch shortened a log the follower had acknowledged.
-    * A new term or vote is stored before it is taken (:meth:`_SyncObj__setCurrentTerm`)."""
+    * A new term or vote is stored before it is taken (:meth:`_SyncObj__setCurrentTerm`).
+    * Committed entries are applied a slice at a time (:meth:`_SyncObj__applyLogEntries`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # before SyncObj's __init__: it leaves the attributes it finds there out of snapshots
@@ -281,6 +286,34 @@ class _SafeSyncObj(SyncObj):
             me._SyncObj__raftCommitIndex = allowed
             journal.setRaftCommitIndex(allowed)
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=verified + 1, success=True)
+
+    def _SyncObj__applyLogEntries(self) -> bool:
+        """Apply committed entries for at most ``APPLY_SLICE`` seconds (one entry at least);
+        the rest on the next ticks, which come at once (raft/eager.py ``idle_wait``).
+
+        pysyncobj applies every committed entry in one go on its tick thread, and the same
+        thread sends the leader's append-entries and reads a follower's. A 1,000-task scale
+        is ~1 MiB of leader batch, ~70 ms to decode and apply on an idle core; a 10,000-task
+        one ~10 entries committed together, ~0.7 s in one tick — longer than the 0.35 s
+        election timeout: the followers heard nothing and elected another leader (and on
+        issue 16's loaded lab a 1,000-task scale did it already). Sliced, the tick between
+        two slices sends and reads the heartbeats."""
+        me: Any = self
+        commit = me._SyncObj__raftCommitIndex
+        if commit - me._SyncObj__raftLastApplied <= 1:
+            return bool(super()._SyncObj__applyLogEntries())
+        started, need = time.monotonic(), False
+        try:
+            while me._SyncObj__raftLastApplied < commit:
+                before = me._SyncObj__raftLastApplied
+                me._SyncObj__raftCommitIndex = before + 1  # (pysyncobj's loop: one entry)
+                need = bool(super()._SyncObj__applyLogEntries()) or need
+                if me._SyncObj__raftLastApplied == before or \
+                        time.monotonic() - started >= APPLY_SLICE:
+                    break  # (an entry it could not apply is pysyncobj's to log and retry)
+        finally:
+            me._SyncObj__raftCommitIndex = commit
+        return need
 
     def _SyncObj__setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
         """Store the term and vote, then take them; a failed store changes nothing.
