@@ -40,9 +40,11 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
 * Events (managers): ``shoal_events_total{type}``, ``shoal_events_retained``,
   ``shoal_events_gaps_total``.
 * API: ``shoal_api_request_duration_seconds{route,method,status}`` (histogram; route is
-  the route's template, e.g. ``/v1/services/{ref}``, so ids do not explode the labels).
+  the route's template, e.g. ``/v1/services/{ref}``, so ids do not explode the labels): the
+  local API and the cluster API (``/v1/cluster/*``), streams and held polls left out.
 
-Health checks: shoal has none yet, so there is no health-check metric.
+Task health checks (shoal.node.health) report in the task's status (``health``, its log:
+``service ps``, the event stream), not as a metric.
 """
 
 from __future__ import annotations
