@@ -88,10 +88,12 @@ MAX_BATCH_OPS = 5000
 # Bound on the msgpack size of one leader batch, bytes (the leader splits by it; a create op
 # carries the task's whole template, ~0.5-2 KiB): every replica receives and applies the
 # entry in one piece on its Raft tick thread, which sends and reads no heartbeat meanwhile —
-# 256 KiB is ~500 tasks, ~20 ms to decode and apply on an idle core (1 MiB was ~70 ms, and
-# far more on a loaded one: issue 16's lab lost leaders to it). Larger = fewer entries per
-# pass; smaller = shorter stalls of the tick thread (shoal.raft.store.APPLY_SLICE).
-MAX_BATCH_BYTES = 256 << 10
+# 1 MiB is ~1,000 tasks, ~70 ms to decode and apply on an idle core, well inside the 0.35 s
+# election timeout; several committed together are applied one per tick
+# (shoal.raft.store.APPLY_SLICE). Larger = fewer entries per pass (the leader proposes them
+# one after another: 256 KiB made a 1,000-task scale four commits, and under issue 16's
+# loaded lab its assignment took 26 s instead of 1-4 s); smaller = shorter stalls.
+MAX_BATCH_BYTES = 1 << 20
 
 
 @dataclass
