@@ -507,8 +507,7 @@ class ScaleLab:
         so the phases below do not include the bench's polling. Read from the leader: its
         gossip events (not in the log) are what its liveness pass saw."""
         events: dict[tuple[str, str], list[float]] = {}
-        replacements: set[str] = set()
-        created: dict[str, float] = {}
+        created: dict[str, float] = {}  # replacement task id → its creation time
         try:
             records = client(leader, timeout=60).stream(
                 f"/v1/events?since={wall0:.3f}&until={time.time():.3f}")
@@ -518,11 +517,9 @@ class ScaleLab:
                 elif r.get("type") == "task" and r.get("attributes", {}).get(
                         "service") == SERVICE:
                     if r["action"] == "create":
-                        replacements.add(r["id"])
-                    if r["id"] in replacements or r["action"] == "orphaned":
+                        created[r["id"]] = r["time"]  # (a replacement: created after the kill)
+                    if r["id"] in created or r["action"] == "orphaned":
                         events.setdefault(("task", r["action"]), []).append(r["time"] - wall0)
-                    if r["action"] == "create":
-                        created[r["id"]] = r["time"]
                     start = r.get("attributes", {}).get("start_seconds")
                     if r["action"] == "running" and r["id"] in created and start is not None:
                         # the node's clock when it spawned the launcher (same machine here)
