@@ -85,9 +85,14 @@ SERVICE = "scale"
 PHASES = ("idle5", "join", "idle", "feed", "scale", "kill", "down")
 
 
+def _stat_cpu(stat: Path) -> float:
+    """utime + stime of a /proc/.../stat file, seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -96,13 +101,11 @@ def thread_cpu(pid: int) -> dict[str, float]:
     which is which: Raft's tick thread, gossip's, the executor's)."""
     out: dict[str, float] = {}
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        tid = int(stat.parent.name)
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            out["loop" if tid == pid else f"thread {tid}"] = _stat_cpu(stat)
         except OSError:  # (a thread that ended meanwhile)
             continue
-        tid = int(stat.parent.name)
-        out["loop" if tid == pid else f"thread {tid}"] = \
-            (int(fields[11]) + int(fields[12])) / TICK
     return out
 
 
