@@ -516,7 +516,16 @@ class RaftStore:
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
-        Workers hold no Raft secret and never connect (shoal.node.feed)."""
+        Workers hold no Raft secret and never connect (shoal.node.feed).
+
+        A Raft peer of this node's own configuration is one too: a manager restarted from
+        an older dump knows of a later promotion from its peer list (the agent saves the
+        voters) before its replica has applied it, and the promoted node may be the leader
+        it has to catch up from."""
+        sync = getattr(self, "_sync", None)  # (None while SyncObj builds its transport)
+        if sync is not None and any(n.id.rpartition(":")[0].strip("[]") == ip
+                                   for n in sync.otherNodes):
+            return True
         with self.consumer._lock:
             nodes = self.consumer.state.nodes
             return not nodes or any(n.addr == ip and n.role is NodeRole.MANAGER

@@ -109,13 +109,27 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     # with h1 down, demoting h2 or h3 would leave 1 reachable of 2 managers
     assert "quorum" in error_line(new, "node", "demote", "h3" if new is h3 else "h2")
     h1.start_agent()
-    wait_until(lambda: node_row(h2, "h1")["manager_status"] == "reachable"
-               and node_row(h2, "h1")["state"] == "ready"
-               and plain_json(h1, "info")["ready"], timeout=30,
-               what="h1 back as a reachable manager, caught up")
 
-    # demote the current leader, asked on h1 (a follower): leadership is handed over first
-    res = h1.cli("node", "demote", new.name)
+    def settled() -> bool:
+        """h1 caught up, and every manager sees the same leader and the others connected:
+        h1's restart may cost an election, and a new leader's view of its peers is what
+        the demotion's quorum check reads."""
+        if not plain_json(h1, "info")["ready"]:
+            return False
+        leaders = set()
+        for ask in (h1, h2, h3):
+            rows = [n for n in ask.cli_json("node", "ls") if n["role"] == "manager"]
+            if len(rows) != 3 or any(n["state"] != "ready" or n["manager_status"] not in
+                                     ("leader", "reachable") for n in rows):
+                return False
+            leaders |= {n["hostname"] for n in rows if n["manager_status"] == "leader"}
+        return len(leaders) == 1
+    wait_until(settled, timeout=30, what="h1 back as a reachable manager, one leader")
+    new = leader_of(lab, h1)  # h2 or h3, or h1 if its restart won an election
+    ask, other = (h for h in (h1, h2, h3) if h is not new)
+
+    # demote the current leader, asked on a follower: leadership is handed over first
+    res = ask.cli("node", "demote", new.name)
     assert f"Manager {new.name} demoted" in res.stdout, res.stdout
     assert "Warning: the cluster now has 2 managers" in res.stderr, res.stderr
     ident = node_json(new)
@@ -124,16 +138,15 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     assert raft_log_files(new) == []
     assert plain_json(new, "ca", "info")["node_certificate"]["role"] == "worker"
     assert "worker" in error_line(new, "service", "ls")
-    other = h3 if new is h2 else h2
     assert len(plain_json(other, "info")["voters"]) == 2
-    assert leader_of(lab, h1) is not new
-    assert node_row(h1, new.name)["role"] == "worker"
-    assert "already a worker" in h1.cli("node", "demote", new.name).stdout
-    h1.cli("service", "scale", "keep=5")  # the cluster still takes writes
+    assert leader_of(lab, ask) is not new
+    assert node_row(ask, new.name)["role"] == "worker"
+    assert "already a worker" in ask.cli("node", "demote", new.name).stdout
+    ask.cli("service", "scale", "keep=5")  # the cluster still takes writes
 
     # the tasks of both switched nodes are the very same processes
     for h in (h2, h3):
-        now = tasks_on(h, h1, "keep")
+        now = tasks_on(h, ask, "keep")
         assert before[h.name].items() <= now.items(), (h.name, before[h.name], now)
         assert all(pid_alive(p) for p in before[h.name].values())
 

@@ -18,6 +18,7 @@ import pytest
 from helpers import free_ports, until
 
 from shoal.raft.eager import EagerReplication
+from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.store import RaftConfig, RaftStore
 
 # (a wide election range: with ticks this long, candidacies are checked only once per tick,
@@ -183,3 +184,28 @@ def test_the_agent_flag_takes_a_multiplier_from_1_to_10(
             parser.parse_args(["agent", "--advertise-addr", "10.0.0.1", "--raft-multiplier",
                                bad])
         assert "--raft-multiplier: a number from 1 to 10" in capsys.readouterr().err
+
+
+def test_raft_connections_are_admitted_from_managers_and_from_its_own_peers(
+        tmp_path: Path) -> None:
+    """A manager restarted from an older dump learns a later promotion from its saved peer
+    list before its replica applies it: that peer's connections are admitted at once (the
+    promoted node may be the leader it must catch up from); other addresses are refused
+    once the state names its managers."""
+    port, peer_port = free_ports(2)
+    store = RaftStore(f"127.0.0.1:{port}", [f"127.0.0.1:{port}", f"127.0.0.7:{peer_port}"],
+                      tmp_path / "n", "secret", config=RaftConfig(), persist=False)
+    try:
+        assert store._admit("10.0.0.9")  # no nodes yet: bootstrap
+        store.consumer.state.nodes["m1"] = Node(
+            id="m1", hostname="h1", addr="10.0.0.1", api_port=2377, raft_port=2378,
+            role=NodeRole.MANAGER, state=NodeState.READY)
+        store.consumer.state.nodes["w2"] = Node(
+            id="w2", hostname="h2", addr="10.0.0.2", api_port=2377, raft_port=2378,
+            role=NodeRole.WORKER, state=NodeState.READY)
+        assert store._admit("10.0.0.1")  # a manager in the state
+        assert store._admit("127.0.0.7")  # a Raft peer the state does not know of yet
+        assert not store._admit("10.0.0.2")  # a worker
+        assert not store._admit("10.0.0.9")  # a stranger
+    finally:
+        store.close()
