@@ -200,7 +200,7 @@ _NO_TASKS = frozenset({"cluster_init", "cluster_schema", "rotate_secret", "node_
                        "node_update", "service_create", "service_update", "ca_init",
                        "secret_create", "secret_remove", "config_create", "config_remove",
                        "client_cert_add", "client_cert_remove", "read_barrier"})
-_TASK_OPS = frozenset({"desired", "assign", "unschedulable", "orphan", "delete"})
+_TASK_OPS = frozenset({"spawn", "desired", "assign", "unschedulable", "orphan", "delete"})
 
 
 def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
@@ -223,7 +223,7 @@ def _touched_tasks(cmd: Mapping[str, Any]) -> set[str] | None:
                 return None
             if o[0] == "create" and isinstance(o[1], Mapping):
                 ids.add(str(o[1].get("id")))
-            elif o[0] in _TASK_OPS:
+            elif o[0] in _TASK_OPS:  # (spawn included: its task id is o[1] too)
                 ids.add(str(o[1]))
             elif o[0] not in ("update_status", "node_state", "job_run", "job_run_status",
                               "autoscale"):

@@ -43,7 +43,8 @@ from shoal.node.scheduler import Load, schedule
 from shoal.node.source import StateSource
 from shoal.node.upgrade import schema_to_raise
 from shoal.raft.errors import CommandRejected, StoreError
-from shoal.raft.models import Node, NodeRole, Service, Task, task_from_dict
+from shoal.raft.models import Node, NodeRole, Service, Task, spawn_ops, task_from_dict
+from shoal.raft.schema import GATED_OPS
 from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 
 if TYPE_CHECKING:
@@ -410,6 +411,8 @@ class LeaderLoop:
         if ops:
             now = time.time()
             entries = 0
+            if snap.cluster.schema >= GATED_OPS["spawn"]:  # new tasks without their template
+                ops = spawn_ops(ops, snap.services)
             for batch in batches(ops):
                 cmd: dict[str, Any] = {"op": "leader", "term": term, "now": now, "ops": batch,
                                        "by": self.store.self_addr}

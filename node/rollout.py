@@ -29,7 +29,7 @@ from shoal.raft.models import (
     Service,
     Task,
     TaskState,
-    TaskStatus,
+    template_task,
     to_dict,
 )
 from shoal.raft.spec import Placement, RestartPolicy, RollbackConfig, TaskSpec, UpdateConfig
@@ -38,21 +38,11 @@ Op = tuple[Any, ...]
 
 
 def new_task(svc: Service, slot: int, now: float, new_id: Callable[[], str],
-              node_id: str = "", pending: str = "") -> Task:
-    """A task of the service's current template (and version: the job iteration). With
-    ``node_id`` (global modes) it is made placed: ASSIGNED, or PENDING on that node with
-    the scheduler's reason ``pending`` when the node lacks the reserved resources."""
-    if node_id and not pending:
-        status = TaskStatus(state=TaskState.ASSIGNED, timestamp=now, message="scheduled")
-    elif node_id:
-        status = TaskStatus(state=TaskState.PENDING, timestamp=now, message=pending)
-    else:
-        status = TaskStatus(state=TaskState.NEW, timestamp=now, message="created")
-    return Task(id=new_id(), service_id=svc.id, service_name=svc.spec.name, slot=slot,
-                spec=svc.spec.task, service_version=svc.version, node_id=node_id,
-                desired_state=TaskState.RUNNING, status=status, created_at=now,
-                updated_at=now, sched_message=pending,
-                job_iteration=svc.job_status.iteration if svc.spec.mode.job else 0)
+             node_id: str = "", pending: str = "") -> Task:
+    """A task of the service's current template and version (and job iteration); see
+    shoal.raft.models.template_task for ``node_id`` and ``pending`` (global modes)."""
+    return template_task(svc, new_id(), slot, now, node_id, pending,
+                         svc.job_status.iteration if svc.spec.mode.job else 0)
 
 
 def outdated(t: Task, spec: TaskSpec, node: Node | None = None) -> bool:

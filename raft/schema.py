@@ -14,6 +14,8 @@ Schema history::
     3  pods and autoscaling: ``task.sidecars``, ``task.init_containers``, ``mode.autoscale``
        and the leader's ``autoscale`` op (``GATED``, ``GATED_OPS``).
     4  host and none networking: ``task.network_mode``.
+    5  the leader's ``spawn`` op: a new task of its service's current template, named by the
+       service's version instead of carrying the template (shoal.raft.models.spawn_ops).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -45,7 +47,7 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec, fields
 
-SCHEMA = 4  # what this code writes once the whole cluster runs it
+SCHEMA = 5  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 
@@ -53,7 +55,7 @@ NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
                          "task.network_mode": 4}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
-GATED_OPS: dict[str, int] = {"autoscale": 3}
+GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5}
 # top-level commands an older node does not know: the schema from which they may be written
 GATED_COMMANDS: dict[str, int] = {"task_statuses": 3}
 

@@ -67,6 +67,7 @@ from shoal.raft.models import (
     status_from_dict,
     task_from_dict,
     task_spec_from_dict,
+    template_task,
     to_dict,
 )
 from shoal.raft.mqttsetting import MqttSetting, mqtt_set, mqtt_unset
@@ -589,6 +590,17 @@ class ClusterState:
                 t = task_from_dict({**op[1], "created_at": now, "updated_at": now}, spec)
                 if t.id in self.tasks or t.service_id not in self.services:
                     continue
+                self.tasks[t.id] = t
+            elif kind == "spawn":  # (id, service_id, version, slot, node_id, pending, run)
+                if self.cluster.schema < schema_mod.GATED_OPS["spawn"]:  # (as 0.4 does)
+                    raise Rejected("invalid", "unknown leader op 'spawn'", "ops")
+                svc = self.services.get(op[2])
+                # a template is named by its service's version: if the service changed since
+                # the leader planned this, the task is not made (its next pass makes it anew)
+                if svc is None or svc.version != op[3] or op[1] in self.tasks:
+                    continue
+                t = template_task(svc, str(op[1]), int(op[4]), now, str(op[5]), str(op[6]),
+                                  int(op[7]))
                 self.tasks[t.id] = t
             elif kind == "desired":
                 t = self.tasks.get(op[1])
