@@ -10,7 +10,8 @@ in memory and timing, in this one process pinned to one core (``--cpu``):
   (placements/s), plain and with a placement constraint plus a memory reservation;
 * ``scale``      — ``plan_pass`` for a service scaled 0 → N on N nodes: the orchestrator
   creates N tasks, the scheduler places them; pass time, ops, and how the ops split into
-  Raft entries (``shoal.node.leader.batches``: count and msgpack bytes of the largest);
+  Raft entries (``shoal.node.leader.batches``: count and msgpack bytes of the largest),
+  with the new tasks written as full creates and as schema 5's spawns;
 * ``steady``     — ``plan_pass`` with nothing to do over 100,000 running tasks (100 services)
   on N nodes: the cost a leader pays every 0.5 s on a quiet cluster, as a whole pass and
   with the leader's PassIndex (what it does from its second pass on); then with the index
@@ -36,6 +37,7 @@ from shoal.node import leader
 from shoal.node.leader import plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.scheduler import schedule
+from shoal.raft import models
 from shoal.raft.models import (
     Node,
     NodeRole,
@@ -123,12 +125,18 @@ def bench_scale(n: int, p: int, repeat: int) -> None:
     secs, ops = best_of(repeat, one)
     placed = sum(1 for op in ops if op[0] == "assign")
     split = getattr(leader, "batches", None)  # (absent before the leader split its batches)
-    entries = list(split(ops)) if split else [ops]
-    sizes = [len(msgpack.packb({"op": "leader", "term": 1, "now": NOW, "ops": b},
-                               use_bin_type=True)) for b in entries]
-    print(f"scale 0→N  nodes={n:>6} tasks={p:>6} {'plan_pass':<17} {secs * 1000:9.1f} ms  "
-          f"{placed / secs:>9.0f} placements/s  ops={len(ops)} entries={len(entries)} "
-          f"largest={max(sizes) / 1024:.0f} KiB total={sum(sizes) / 1024:.0f} KiB")
+    compact = getattr(models, "spawn_ops", None)  # (schema 5: creates written as spawns)
+    for how, written in (("creates", ops), ("spawns", compact(ops, snap.services)
+                                            if compact else None)):
+        if written is None:
+            continue
+        entries = list(split(written)) if split else [written]
+        sizes = [len(msgpack.packb({"op": "leader", "term": 1, "now": NOW, "ops": b},
+                                   use_bin_type=True)) for b in entries]
+        print(f"scale 0→N  nodes={n:>6} tasks={p:>6} {'plan_pass':<17} {secs * 1000:9.1f} ms  "
+              f"{placed / secs:>9.0f} placements/s  ops={len(ops)} as {how}: "
+              f"entries={len(entries)} largest={max(sizes) / 1024:.0f} KiB "
+              f"total={sum(sizes) / 1024:.0f} KiB")
 
 
 def bench_steady(n: int, repeat: int, tasks: int = 100_000, services: int = 100) -> None:
