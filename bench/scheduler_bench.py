@@ -11,7 +11,8 @@ in memory and timing, in this one process pinned to one core (``--cpu``):
 * ``scale``      — ``plan_pass`` for a service scaled 0 → N on N nodes: the orchestrator
   creates N tasks, the scheduler places them; pass time, ops, and how the ops split into
   Raft entries (``shoal.node.leader.batches``: count and msgpack bytes of the largest),
-  with the new tasks written as full creates and as schema 5's spawns;
+  with the new tasks written as full creates and as schema 5's spawns, and the time a
+  replica (each manager, each worker) takes to decode and apply them;
 * ``steady``     — ``plan_pass`` with nothing to do over 100,000 running tasks (100 services)
   on N nodes: the cost a leader pays every 0.5 s on a quiet cluster, as a whole pass and
   with the leader's PassIndex (what it does from its second pass on); then with the index
@@ -47,6 +48,7 @@ from shoal.raft.models import (
     TaskState,
     TaskStatus,
 )
+from shoal.raft.schema import SCHEMA
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.validate import validate_spec
 
@@ -131,12 +133,24 @@ def bench_scale(n: int, p: int, repeat: int) -> None:
         if written is None:
             continue
         entries = list(split(written)) if split else [written]
-        sizes = [len(msgpack.packb({"op": "leader", "term": 1, "now": NOW, "ops": b},
-                                   use_bin_type=True)) for b in entries]
+        blobs = [msgpack.packb({"op": "leader", "term": 1, "now": NOW, "ops": b},
+                               use_bin_type=True) for b in entries]
+        sizes = [len(b) for b in blobs]
+
+        def replica(blobs: list[bytes] = blobs) -> None:
+            """What every manager and worker does with the entries: decode and apply."""
+            st = ClusterState(nodes=dict(snap.nodes), services=dict(snap.services))
+            st.cluster = replace(st.cluster, schema=SCHEMA)
+            for blob in blobs:
+                res = st.apply(msgpack.unpackb(blob, raw=False, strict_map_key=False))
+                assert "ok" in res, res
+            assert len(st.tasks) == p, len(st.tasks)
+        apply_secs, _ = best_of(repeat, replica)
         print(f"scale 0→N  nodes={n:>6} tasks={p:>6} {'plan_pass':<17} {secs * 1000:9.1f} ms  "
               f"{placed / secs:>9.0f} placements/s  ops={len(ops)} as {how}: "
               f"entries={len(entries)} largest={max(sizes) / 1024:.0f} KiB "
-              f"total={sum(sizes) / 1024:.0f} KiB")
+              f"total={sum(sizes) / 1024:.0f} KiB; a replica decodes and applies them in "
+              f"{apply_secs * 1000:.1f} ms")
 
 
 def bench_steady(n: int, repeat: int, tasks: int = 100_000, services: int = 100) -> None:
