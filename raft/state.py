@@ -63,6 +63,7 @@ from shoal.raft.models import (
     UpdateStatus,
     User,
     Volume,
+    evolve,
     node_from_dict,
     status_from_dict,
     task_from_dict,
@@ -608,32 +609,32 @@ class ClusterState:
                     continue
                 want = TaskState(op[2])
                 if want > t.desired_state:  # desired state only moves forward too
-                    self.tasks[t.id] = replace(t, desired_state=want, updated_at=now)
+                    self.tasks[t.id] = evolve(t, desired_state=want, updated_at=now)
             elif kind == "assign":
                 t = self.tasks.get(op[1])
                 if t is None or t.node_id or op[2] not in self.nodes:
                     continue
-                self.tasks[t.id] = replace(
+                self.tasks[t.id] = evolve(
                     t, node_id=op[2], sched_message="", updated_at=now,
-                    status=replace(t.status, state=TaskState.ASSIGNED, timestamp=now,
-                                   message="scheduled"),
+                    status=evolve(t.status, state=TaskState.ASSIGNED, timestamp=now,
+                                  message="scheduled"),
                     net_addrs=net_addresses(self, t, net_used) if t.spec.networks else {})
             elif kind == "unschedulable":
                 t = self.tasks.get(op[1])
                 if t is None or t.node_id:
                     continue
-                self.tasks[t.id] = replace(
+                self.tasks[t.id] = evolve(
                     t, sched_message=str(op[2]),
-                    status=replace(t.status, state=TaskState.PENDING, timestamp=now,
-                                   message=str(op[2])))
+                    status=evolve(t.status, state=TaskState.PENDING, timestamp=now,
+                                  message=str(op[2])))
             elif kind == "orphan":
                 t = self.tasks.get(op[1])
                 if t is None or t.status.state.terminal:
                     continue
-                self.tasks[t.id] = replace(
+                self.tasks[t.id] = evolve(
                     t, desired_state=max(t.desired_state, TaskState.SHUTDOWN), updated_at=now,
-                    status=replace(t.status, state=TaskState.ORPHANED, timestamp=now,
-                                   message=str(op[2])))
+                    status=evolve(t.status, state=TaskState.ORPHANED, timestamp=now,
+                                  message=str(op[2])))
             elif kind == "delete":
                 self.tasks.pop(op[1], None)
             elif kind == "rollback":  # ("rollback", service_id, reason): failure action
@@ -730,7 +731,7 @@ class ClusterState:
         # when it first came up (running, and healthy if checked): a rolling update's
         # monitor window counts from there
         up_at = t.up_at or (now if status.up else 0.0)
-        self.tasks[t.id] = replace(t, status=status, updated_at=now, up_at=up_at)
+        self.tasks[t.id] = evolve(t, status=status, updated_at=now, up_at=up_at)
         return True
 
 _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | None]] = {

@@ -2,21 +2,31 @@
 named by its service's version instead of carrying the template. Every replica and worker
 must make exactly the task the full ``create`` makes; anything off the template stays a
 create; a cluster below schema 5 refuses it as 0.4 does; and the leader writes it only once
-the cluster's schema is 5."""
+the cluster's schema is 5. Also ``evolve``, the record copy of the state's hot paths."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from typing import Any
 
 import msgpack
+import pytest
 
 from shoal.node.events import _touched_tasks
 from shoal.node.leader import LeaderLoop, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.source import MemoryStore
-from shoal.raft.models import Node, NodeRole, NodeState, TaskState, spawn_ops, to_dict
+from shoal.raft.models import (
+    Node,
+    NodeRole,
+    NodeState,
+    TaskState,
+    evolve,
+    spawn_ops,
+    to_dict,
+)
 from shoal.raft.state import ClusterState
 
 NOW = 100.0
@@ -193,3 +203,22 @@ def test_a_pass_of_replaced_tasks_keeps_its_history_the_same_way() -> None:
     assert any(t.status.state is TaskState.ORPHANED for t in lean.tasks.values())
     assert sum(1 for t in lean.tasks.values() if t.service_id == "web"
                and t.desired_state is TaskState.RUNNING) == 5
+
+
+def test_evolve_copies_a_record_as_replace_does() -> None:
+    """The state's hot paths copy tasks with ``evolve`` (no ``__init__``): the same record as
+    ``dataclasses.replace`` makes, still frozen, the original untouched; a name that is not a
+    field is refused."""
+    st, _ = twins()
+    applied(st, planned(st))
+    t = next(iter(st.tasks.values()))
+    changes = {"node_id": "n9", "updated_at": 5.0,
+               "status": evolve(t.status, state=TaskState.FAILED, message="x")}
+    made = evolve(t, **changes)
+    assert made == dataclasses.replace(t, **changes) and type(made) is type(t)
+    assert made.status.state is TaskState.FAILED and t.status.state is not TaskState.FAILED
+    assert t.node_id != "n9" and made.spec is t.spec
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.node_id = "n1"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field 'nodeid'"):
+        evolve(t, nodeid="n1")
