@@ -294,7 +294,7 @@ class _SafeSyncObj(SyncObj):
         pysyncobj applies every committed entry in one go on its tick thread, and the same
         thread sends the leader's append-entries and reads a follower's. A 1,000-task scale
         is ~1 MiB of leader batch as creates (~70 ms to decode and apply on an idle core; schema
-        5's spawns are 12× smaller and a third of the time); a 10,000-task
+        5's spawns are 12 times smaller and a third of the time); a 10,000-task
         one ~10 entries committed together, ~0.7 s in one tick — longer than the 0.35 s
         election timeout: the followers heard nothing and elected another leader (and on
         issue 16's loaded lab a 1,000-task scale did it already). Sliced, the tick between
