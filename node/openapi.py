@@ -546,7 +546,7 @@ ROUTES: tuple[Route, ...] = (
           errors=(401, 409), auth=MEMBER),
     Route("POST", "/v1/cluster/heartbeat", "cluster_heartbeat", "a worker's heartbeat",
           "internal", "peer", body=bodies.HeartbeatRequest,
-          reply=_obj("", ok=BOOL, leader=BOOL, interval=NUM),
+          reply=_obj("", ok=BOOL, leader=BOOL, interval=NUM, now=NUM),
           errors=(401, 403, 409, 503), auth=MEMBER + ", for its own node_id"),
     Route("POST", "/v1/cluster/state", "cluster_state", "the workers' state feed",
           "internal", "peer", body=bodies.StateRequest, content="application/msgpack",

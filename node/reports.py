@@ -41,9 +41,13 @@ MAX_BATCH = 256  # reports per write (a write of 256 statuses is ~60 KiB)
 class Reporter:
     """Writes this node's task status reports, many per write when they come together."""
 
-    def __init__(self, node_id: str, store: Callable[[], StateSource]) -> None:
+    def __init__(self, node_id: str, store: Callable[[], StateSource],
+                 clock_offset: Callable[[], float | None] = lambda: None) -> None:
         self.node_id = node_id
         self._store = store  # the current state source (the agent swaps it on role changes)
+        # the managers' clock minus this node's, as its heartbeats measured it (None: not
+        # known); sent with each write as "skew" (shoal.node.control.dispatcher)
+        self.clock_offset = clock_offset
         # task id → (its newest report, futures of the callers waiting for it)
         self._pending: dict[str, tuple[TaskStatus, list[asyncio.Future[None]]]] = {}
         self._flushing: asyncio.Task[None] | None = None
@@ -85,9 +89,13 @@ class Reporter:
                 "op": "task_status", "task_id": tid, "node_id": self.node_id,
                 "now": time.time(), "status": to_dict(s)}) for tid, s in statuses.items()))
             return
-        await self._propose(store, {
+        cmd: dict[str, Any] = {
             "op": "task_statuses", "node_id": self.node_id, "now": time.time(),
-            "reports": [[tid, to_dict(s)] for tid, s in statuses.items()]})
+            "reports": [[tid, to_dict(s)] for tid, s in statuses.items()]}
+        skew = self.clock_offset()
+        if skew is not None:
+            cmd["skew"] = skew
+        await self._propose(store, cmd)
 
     async def _propose(self, store: StateSource, cmd: dict[str, Any]) -> None:
         self.writes += 1

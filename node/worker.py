@@ -162,7 +162,8 @@ class Worker:
                  = None,
                  pull_image: Callable[[str], Awaitable[None]] | None = None,
                  health: HealthMonitor | None = None,
-                 pull_progress: Callable[[str], str | None] | None = None) -> None:
+                 pull_progress: Callable[[str], str | None] | None = None,
+                 clock_offset: Callable[[], float | None] = lambda: None) -> None:
         self.node_id = node_id
         # health checks of the tasks running here (node/health.py)
         self.health = health or HealthMonitor()
@@ -177,7 +178,7 @@ class Worker:
         self.pull_progress = pull_progress
         self.store = store  # swapped by the agent when this node changes role
         # status reports, gathered into one write per round trip (node/reports.py)
-        self.reporter = Reporter(node_id, lambda: self.store)
+        self.reporter = Reporter(node_id, lambda: self.store, clock_offset)
         self.runtime = runtime
         self.wakeup = wakeup
         self.interval = interval

@@ -8,6 +8,7 @@ tests/test_feed_scale.py). Also the batch's place in the feed's deferral
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from feedrig import feed_worker
 from test_feed_scale import _manager, _until
 
-from shoal.node.control.dispatcher import in_manager_time
+from shoal.node.control.dispatcher import CLOCK_SAMPLE_RTT, in_manager_time
 from shoal.node.errors import Forbidden
 from shoal.node.events import _touched_tasks
 from shoal.node.feed import FeedConfig, deferrable_owner
@@ -197,3 +198,57 @@ def test_events_and_the_clock_correction_read_every_report_of_a_batch() -> None:
     assert offset == 600.0 and moved["now"] == 1600.0
     for (_, before), (_, after) in zip(cmd["reports"], moved["reports"], strict=True):
         assert after["timestamp"] == pytest.approx(before["timestamp"] + 600.0)
+
+
+async def test_a_report_late_at_a_busy_manager_is_not_taken_for_clock_skew(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A report that reaches the manager 6 s after it was sent (a busy manager, the scale
+    lab) has its times moved by 6 s when the worker's clock offset is unknown — the one-way
+    estimate cannot tell transit from skew — and is left as it is when the worker sends the
+    offset its heartbeats measured ("skew", dropped before the Raft log); a real offset
+    measured that way is corrected."""
+    store, dispatcher, tasks = await _on_w0(tmp_path, 3)
+    peer = CertInfo("w0", "worker", "c1", 1, 0.0, 4e9)
+
+    async def report(task: Task, **extra: Any) -> float:
+        sent = time.time() - 6.0
+        status = _status(TaskState.RUNNING)
+        await dispatcher.worker_report(peer, {
+            "op": "task_statuses", "node_id": "w0", "now": sent, **extra,
+            "reports": [[task.id, {**to_dict(status), "timestamp": sent}]]})
+        assert "skew" not in store.command_at(store.index)
+        return store.snapshot().tasks[task.id].status.timestamp - sent
+
+    with caplog.at_level(logging.WARNING, "shoal.dispatcher"):
+        assert await report(tasks[0]) == pytest.approx(6.0, abs=0.5)  # one-way: "corrected"
+        assert "off by -6" in caplog.text
+        assert await report(tasks[1], skew=0.02) == 0.0  # measured: the clocks agree
+        assert await report(tasks[2], skew=600.0) == 600.0  # measured: 10 minutes behind
+
+
+async def test_a_worker_sends_the_offset_its_heartbeats_measured(tmp_path: Path) -> None:
+    """The heartbeat answer carries the manager's ``now``; a round trip of at most
+    CLOCK_SAMPLE_RTT measures the offset (the middle of the trip against it), a longer one
+    or an answer without ``now`` (an older manager) measures nothing; the reporter sends
+    the measured offset as "skew"."""
+    store, dispatcher, tasks = await _on_w0(tmp_path, 1)
+    reply = dispatcher.heartbeat(CertInfo("w0", "worker", "c1", 1, 0.0, 4e9), "w0")
+    assert abs(reply["now"] - time.time()) < 1.0
+    assert dispatcher.measured_offset() is None
+    dispatcher._sample_clock(100.0, 700.2, 100.4)  # manager 10 minutes ahead, 0.4 s trip
+    assert dispatcher.measured_offset() == pytest.approx(600.0)
+    dispatcher._sample_clock(100.0, 900.0, 100.0 + CLOCK_SAMPLE_RTT + 0.1)  # too slow
+    dispatcher._sample_clock(100.0, None, 100.1)  # an older manager
+    assert dispatcher.measured_offset() == pytest.approx(600.0)
+
+    sent: list[dict[str, Any]] = []
+    propose = store.propose
+
+    async def record(cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        sent.append(cmd)
+        return await propose(cmd, timeout)
+    store.propose = record  # type: ignore[method-assign]
+    await Reporter("w0", lambda: store, dispatcher.measured_offset).report(
+        tasks[0].id, _status(TaskState.RUNNING))
+    await Reporter("w0", lambda: store).report(tasks[0].id, _status(TaskState.RUNNING))
+    assert [c.get("skew") for c in sent] == [pytest.approx(600.0), None]

@@ -55,6 +55,10 @@ MAX_HEARTBEAT_PERIOD = 60.0
 # A report whose sender's clock differs from this manager's by more than this (seconds) has
 # its times moved into the manager's clock.
 CLOCK_TOLERANCE = 5.0
+# A heartbeat's round trip short enough to measure the clock offset by (its error is at most
+# half of it), and how long a measurement is used for, seconds.
+CLOCK_SAMPLE_RTT = 0.5
+CLOCK_SAMPLE_AGE = 600.0
 
 
 def _seconds(value: Any) -> bool:
@@ -69,17 +73,24 @@ def in_manager_time(cmd: dict[str, Any], now: float) -> tuple[dict[str, Any], fl
     The leader compares the times in task statuses with its own clock: when a failed task
     is restarted (``ended + restart delay``), restart windows, update delays. A worker whose
     clock ran 10 minutes ahead had its failed tasks restarted 10 minutes late
-    (tests/test_faults_clock.py). The report carries the worker's ``now`` when it was sent;
-    every time in it is shifted by this manager's ``now`` minus that (the transit time,
-    milliseconds, counts as clock error: only offsets beyond the tolerance are corrected).
-    Managers are assumed to agree with each other (their own reports are not moved)."""
+    (tests/test_faults_clock.py). Every time in the report is shifted by the offset: the
+    one the worker measured with its heartbeats' round trips (``skew``: this manager's
+    clock minus its own, to within half a round trip of at most CLOCK_SAMPLE_RTT; see
+    Dispatcher._beat), else this manager's ``now`` minus the worker's ``now`` when it sent
+    the report — which counts the report's transit as clock error: on the loaded scale lab
+    reports waited 5 to 7 s for a busy manager and correct clocks were "corrected" by that.
+    Only offsets beyond the tolerance are corrected. Managers are assumed to agree with each
+    other (their own reports are not moved)."""
     sent: Any = cmd.get("now")
+    skew: Any = cmd.get("skew")
+    if "skew" in cmd:
+        cmd = {k: v for k, v in cmd.items() if k != "skew"}  # (not for the Raft log)
     if not _seconds(sent):
         return cmd, 0.0
-    offset = now - float(sent)
+    offset = float(skew) if _seconds(skew) else now - float(sent)
     if abs(offset) <= CLOCK_TOLERANCE:
         return cmd, 0.0
-    moved: dict[str, Any] = {**cmd, "now": now}
+    moved: dict[str, Any] = {**cmd, "now": float(sent) + offset}
     if isinstance(cmd.get("status"), dict):
         moved["status"] = _moved(cmd["status"], offset)
     reports = cmd.get("reports")
@@ -146,6 +157,9 @@ class Dispatcher:
         # the configured heartbeat_interval, which stays the minimum)
         self.heartbeat_period = 0.0
         self._skew_logged: dict[str, float] = {}  # node id → monotonic time last warned
+        # this node's clock offset from the managers' (theirs minus its own), measured by
+        # its heartbeats' round trips, and when (monotonic); see measured_offset
+        self._clock_offset: tuple[float, float] | None = None
         # set when this agent stops: held polls answer "stopping" at once, so the API closes
         # without waiting for them (shoal.node.shutdown); the worker asks another manager
         self.stopping = False
@@ -246,7 +260,8 @@ class Dispatcher:
         store = self.ctx.store
         # (the sender then beats to this manager alone while it leads: heartbeat_targets)
         leads = bool(store is not None and store.is_leader())
-        reply: dict[str, Any] = {"ok": True, "leader": leads}
+        # "now": the sender measures its clock's offset from the round trip (in_manager_time)
+        reply: dict[str, Any] = {"ok": True, "leader": leads, "now": time.time()}
         credit = 0.0
         if leads and store is not None:  # the period this leader wants from this node
             config = self.ctx.config
@@ -334,8 +349,10 @@ class Dispatcher:
         """One heartbeat to the manager at ``api_addr``; True if it answered as the leader."""
         # mTLS: TLS checks the receiver holds a manager certificate of this cluster
         try:
+            sent = time.time()
             reply = await self.security.call(api_addr, "/v1/cluster/heartbeat",
                                              {"node_id": node_id}, timeout=1.0)
+            self._sample_clock(sent, reply.get("now"), time.time())
         except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
             now = time.monotonic()
             if now - self._refused_logged > 60:
@@ -351,6 +368,23 @@ class Dispatcher:
                 and math.isfinite(period):
             self.heartbeat_period = min(float(period), MAX_HEARTBEAT_PERIOD)
         return leads
+
+    def _sample_clock(self, sent: float, manager_now: Any, received: float) -> None:
+        """One heartbeat's measurement of this node's clock offset (NTP's, one sample): the
+        manager's ``now`` against the middle of the round trip, kept only when the round
+        trip was short enough to bound the error (a manager of an older version sends no
+        ``now``)."""
+        if _seconds(manager_now) and 0.0 <= received - sent <= CLOCK_SAMPLE_RTT:
+            self._clock_offset = (float(manager_now) - (sent + received) / 2,
+                                  time.monotonic())
+
+    def measured_offset(self) -> float | None:
+        """The managers' clock minus this node's, from a recent heartbeat; None if none
+        measured it lately (then a manager estimates it from a report's one-way time)."""
+        if self._clock_offset is None:
+            return None
+        offset, at = self._clock_offset
+        return offset if time.monotonic() - at <= CLOCK_SAMPLE_AGE else None
 
 
 __all__ = ["Dispatcher", "heartbeat_targets"]
