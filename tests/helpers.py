@@ -1,8 +1,9 @@
 """Small helpers shared by the tests (and bench/ scripts that import from tests/): free loopback
-ports, polling a condition from a coroutine, an sshd's set-up files.
+ports, polling a condition from a coroutine, recording a store's proposals, an sshd's set-up
+files.
 
-Owns: ``free_port``, ``free_ports``, ``until``, ``sshd_config`` (the files only: the caller
-starts and stops the sshd, where it wants it). Must not touch: network namespaces and agents
+Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``sshd_config`` (the files
+only: the caller starts and stops the sshd, where it wants it). Must not touch: network namespaces and agents
 (tests/netlab.py: its ``wait_until`` polls from a thread and retries on exceptions), anything
 outside loopback. ``until`` lets an exception from the condition propagate: a test that polls a
 store wants to see a bug at once, not a timeout later.
@@ -18,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -43,6 +44,19 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def proposals(store: Any) -> list[dict[str, Any]]:
+    """Every command ``store.propose`` is given from now on, in order (a MemoryStore, or any
+    store with that coroutine method); the store still applies each one."""
+    seen: list[dict[str, Any]] = []
+    propose = store.propose
+
+    async def record(cmd: dict[str, Any], timeout: float | None = None) -> Any:
+        seen.append(cmd)
+        return await propose(cmd, timeout)
+    store.propose = record
+    return seen
 
 
 async def until(cond: Callable[[], T | None], timeout: float, what: str = "condition",

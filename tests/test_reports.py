@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 from feedrig import feed_worker
+from helpers import proposals
 from test_feed_scale import _manager, _until
 
 from shoal.node.control.dispatcher import CLOCK_SAMPLE_RTT, in_manager_time
@@ -241,13 +242,7 @@ async def test_a_worker_sends_the_offset_its_heartbeats_measured(tmp_path: Path)
     dispatcher._sample_clock(100.0, None, 100.1)  # an older manager
     assert dispatcher.measured_offset() == pytest.approx(600.0)
 
-    sent: list[dict[str, Any]] = []
-    propose = store.propose
-
-    async def record(cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        sent.append(cmd)
-        return await propose(cmd, timeout)
-    store.propose = record  # type: ignore[method-assign]
+    sent = proposals(store)
     await Reporter("w0", lambda: store, dispatcher.measured_offset).report(
         tasks[0].id, _status(TaskState.RUNNING))
     await Reporter("w0", lambda: store).report(tasks[0].id, _status(TaskState.RUNNING))

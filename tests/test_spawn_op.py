@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers import proposals
 
 from shoal.node.events import _touched_tasks
 from shoal.node.leader import LeaderLoop, plan_pass
@@ -153,13 +154,7 @@ async def leader_pass(schema: int) -> tuple[list[Any], MemoryStore]:
     """A real LeaderLoop's first pass over a 4-replica service on a cluster at ``schema``:
     the create/spawn ops it proposed, and the store."""
     store = MemoryStore(self_addr="10.0.0.1:2378")
-    seen: list[dict[str, Any]] = []
-    propose = store.propose
-
-    async def record(cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        seen.append(cmd)
-        return await propose(cmd, timeout)
-    store.propose = record  # type: ignore[method-assign]
+    seen = proposals(store)
     st = cluster(schema)
     create(st, "web", mode={"replicas": 4})
     for cmd in ({"op": "cluster_init", "cluster_id": "c1", "now": 1.0, "worker_secret": "",
@@ -167,7 +162,7 @@ async def leader_pass(schema: int) -> tuple[list[Any], MemoryStore]:
                 *({"op": "node_add", "now": 1.0, "node": to_dict(n)} for n in st.nodes.values()),
                 {"op": "service_create", "id": "web", "now": 2.0,
                  "spec": to_dict(st.services["web"].spec)}):
-        await propose(cmd)
+        await store.propose(cmd)
     loop = LeaderLoop(store, dict.fromkeys(st.nodes, 1e12), OrchestratorConfig(),
                       asyncio.Event())
     await loop.one_pass()
