@@ -3,9 +3,9 @@ ports, polling a condition from a coroutine, recording a store's proposals, an s
 files.
 
 Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``sshd_config`` (the files
-only: the caller starts and stops the sshd, where it wants it). Must not touch: network namespaces and agents
-(tests/netlab.py: its ``wait_until`` polls from a thread and retries on exceptions), anything
-outside loopback. ``until`` lets an exception from the condition propagate: a test that polls a
+only: the caller starts and stops the sshd, where it wants it). Must not touch: network
+namespaces and agents (tests/netlab.py: its ``wait_until`` polls from a thread and retries on
+exceptions), anything outside loopback. ``until`` lets an exception from the condition propagate: a test that polls a
 store wants to see a bug at once, not a timeout later.
 """
 
