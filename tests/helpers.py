@@ -5,8 +5,8 @@ files.
 Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``sshd_config`` (the files
 only: the caller starts and stops the sshd, where it wants it). Must not touch: network
 namespaces and agents (tests/netlab.py: its ``wait_until`` polls from a thread and retries on
-exceptions), anything outside loopback. ``until`` lets an exception from the condition propagate: a test that polls a
-store wants to see a bug at once, not a timeout later.
+exceptions), anything outside loopback. ``until`` lets an exception from the condition
+propagate: a test that polls a store wants to see a bug at once, not a timeout later.
 """
 
 from __future__ import annotations
