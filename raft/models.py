@@ -513,7 +513,7 @@ def template_task(svc: Service, task_id: str, slot: int, now: float, node_id: st
                   pending: str = "", job_iteration: int = 0) -> Task:
     """A new task of the service's current template and version, made at ``now``: what the
     orchestrator creates (shoal.node.rollout.new_task), and what the leader's compact
-    ``spawn`` op stands for (shoal.raft.schema ``spawn_op``). With ``node_id`` (global
+    ``spawn`` op stands for (``spawn_ops``; applied at the batch's ``now``). With ``node_id`` (global
     modes) it is made placed: ASSIGNED, or PENDING on that node with the scheduler's reason
     ``pending`` when the node lacks the reserved resources."""
     if node_id and not pending:
@@ -538,7 +538,9 @@ def spawn_ops(ops: list[Any], services: Mapping[str, Service]) -> list[Any]:
     task: a 1,000-task scale was 0.9 MB to replicate to each manager and feed to each
     worker. Any other create (a template the service no longer has, a field off the
     template) stays as it is."""
-    templates: dict[int, bool] = {}  # id(create's spec dict) → it is its service's template
+    # (id of a create's spec dict, service id) → it is that service's template (the creates
+    # of one service in a pass share one spec dict: compared once)
+    templates: dict[tuple[int, str], bool] = {}
     statuses: dict[tuple[str, str], dict[str, Any]] = {}  # (node, pending) → status at 0
     out: list[Any] = []
     for op in ops:
@@ -555,12 +557,13 @@ def spawn_ops(ops: list[Any], services: Mapping[str, Service]) -> list[Any]:
 _TASK_KEYS = frozenset(f.name for f in dataclasses.fields(Task))
 
 
-def _is_template_task(d: dict[str, Any], svc: Service, templates: dict[int, bool],
+def _is_template_task(d: dict[str, Any], svc: Service,
+                      templates: dict[tuple[int, str], bool],
                       statuses: dict[tuple[str, str], dict[str, Any]]) -> bool:
     raw = d.get("spec")
-    same = templates.get(id(raw))
-    if same is None:
-        same = templates[id(raw)] = raw == to_dict(svc.spec.task)
+    same = templates.get((id(raw), svc.id))
+    if same is None:  # (every op is alive meanwhile: an id is not reused within a batch)
+        same = templates[(id(raw), svc.id)] = raw == to_dict(svc.spec.task)
     if not same or d.keys() != _TASK_KEYS:
         return False
     node_id, pending, ts = d["node_id"], d["sched_message"], d["created_at"]
