@@ -513,9 +513,9 @@ def template_task(svc: Service, task_id: str, slot: int, now: float, node_id: st
                   pending: str = "", job_iteration: int = 0) -> Task:
     """A new task of the service's current template and version, made at ``now``: what the
     orchestrator creates (shoal.node.rollout.new_task), and what the leader's compact
-    ``spawn`` op stands for (``spawn_ops``; applied at the batch's ``now``). With ``node_id`` (global
-    modes) it is made placed: ASSIGNED, or PENDING on that node with the scheduler's reason
-    ``pending`` when the node lacks the reserved resources."""
+    ``spawn`` op stands for (``spawn_ops``; made at the batch's ``now``). With ``node_id``
+    (global modes) it is made placed: ASSIGNED, or PENDING on that node with the
+    scheduler's reason ``pending`` when the node lacks the reserved resources."""
     if node_id and not pending:
         status = TaskStatus(state=TaskState.ASSIGNED, timestamp=now, message="scheduled")
     elif node_id:
