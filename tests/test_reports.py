@@ -242,8 +242,20 @@ async def test_a_worker_sends_the_offset_its_heartbeats_measured(tmp_path: Path)
     dispatcher._sample_clock(100.0, None, 100.1)  # an older manager
     assert dispatcher.measured_offset() == pytest.approx(600.0)
 
+    # through _beat: only the leader's answer is a sample (its clock judges the times; a
+    # follower's may be as far off as this node's: tests/test_faults_clock.py)
+    async def answer(leader: bool, ahead: float) -> None:
+        async def call(addr: str, path: str, body: Any, timeout: float) -> dict[str, Any]:
+            return {"ok": True, "leader": leader, "now": time.time() + ahead}
+        dispatcher.security.call = call  # type: ignore[method-assign,assignment]
+        await dispatcher._beat("10.0.0.2:2377", "h2", "w0")
+    await answer(leader=False, ahead=-300.0)
+    assert dispatcher.measured_offset() == pytest.approx(600.0)
+    await answer(leader=True, ahead=42.0)
+    assert dispatcher.measured_offset() == pytest.approx(42.0, abs=0.25)
+
     sent = proposals(store)
     await Reporter("w0", lambda: store, dispatcher.measured_offset).report(
         tasks[0].id, _status(TaskState.RUNNING))
     await Reporter("w0", lambda: store).report(tasks[0].id, _status(TaskState.RUNNING))
-    assert [c.get("skew") for c in sent] == [pytest.approx(600.0), None]
+    assert [c.get("skew") for c in sent] == [pytest.approx(42.0, abs=0.25), None]

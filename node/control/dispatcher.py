@@ -352,7 +352,8 @@ class Dispatcher:
             sent = time.time()
             reply = await self.security.call(api_addr, "/v1/cluster/heartbeat",
                                              {"node_id": node_id}, timeout=1.0)
-            self._sample_clock(sent, reply.get("now"), time.time())
+            if reply.get("leader") is True:  # the clock that judges the tasks' times
+                self._sample_clock(sent, reply.get("now"), time.time())
         except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
             now = time.monotonic()
             if now - self._refused_logged > 60:
@@ -371,9 +372,13 @@ class Dispatcher:
 
     def _sample_clock(self, sent: float, manager_now: Any, received: float) -> None:
         """One heartbeat's measurement of this node's clock offset (NTP's, one sample): the
-        manager's ``now`` against the middle of the round trip, kept only when the round
+        leader's ``now`` against the middle of the round trip, kept only when the round
         trip was short enough to bound the error (a manager of an older version sends no
-        ``now``)."""
+        ``now``). Only the leader's answers are sampled: its clock judges restart delays and
+        windows, and a node that beats every manager (no leader known yet) would otherwise
+        keep whichever answered last — tests/test_faults_clock.py caught a worker that kept
+        the offset of a manager as far ahead as itself, and its task was restarted 10
+        minutes late."""
         if _seconds(manager_now) and 0.0 <= received - sent <= CLOCK_SAMPLE_RTT:
             self._clock_offset = (float(manager_now) - (sent + received) / 2,
                                   time.monotonic())
