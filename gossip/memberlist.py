@@ -38,6 +38,9 @@ Additions to memberlist's protocol, each aimed at "a live member is never declar
 * reconnect: dead (not left) members are periodically tried with a push-pull, so the two
   sides of a healed partition merge without an explicit join (serf does this above memberlist).
 * a member known dead that is later announced as left is reported ``left``.
+* confirmers (Config.confirm_suspicions, shoal's managers): a member that hears of a
+  suspicion probes the suspect at once, so a real failure gets its independent confirmations
+  within a probe period rather than from the others' round-robin probes.
 
 Concurrency: everything runs on one asyncio event loop; no locks. Handlers are synchronous and
 never await, so state changes are atomic between awaits. Nothing raised while handling inbound
@@ -617,6 +620,21 @@ class Memberlist(MemberView):
             return
         self._stats["suspicion_timeouts"] += 1
         self._on_dead(Dead(node.incarnation, name, self._name))
+
+    async def _confirm(self, name: str, change: float) -> None:
+        """shoal addition (Config.confirm_suspicions): probe a member another member suspects.
+
+        A failed probe — direct, then through indirect_checks other members — is a check
+        independent of the accuser's, so it confirms the suspicion (Lifeguard): with two
+        confirmers a dead member waits only the minimum suspicion timeout. The ping carries
+        the suspicion, so a live suspect refutes it at once; a probe we woke up too late for
+        accuses nobody (as in _probe).
+        """
+        node = self._nodes.get(name)
+        if node is None or node.state != SUSPECT or node.state_change != change:
+            return
+        self._stats["probes_confirming"] += 1
+        await self._probe(node, self._awareness.scale(self.config.probe_interval))
 
     # =========================================================================== gossip
     def _gossip_targets(self) -> list[NodeEntry]:

@@ -5,9 +5,10 @@ suspicion timers, the broadcast queue, local health (awareness), outstanding ack
 event delivery, the probe order, and the state transitions — alive / suspect / dead messages
 merged by incarnation, refutation, answering stale accusations, merging a remote full state
 (memberlist's state.go aliveNode/suspectNode/deadNode/mergeState). Handlers are synchronous
-and never await: a transition is atomic between the loops' awaits. The one I/O it asks for is
-through ``_send`` (a packet with piggybacked broadcasts) and ``_last_chance`` (the probe a
-subclass runs when a suspicion expires). Must not touch: the protocol loops, the public API
+and never await: a transition is atomic between the loops' awaits. The I/O it asks for goes
+through ``_send`` (a packet with piggybacked broadcasts), ``_last_chance`` (the probe a
+subclass runs when a suspicion expires) and ``_confirm`` (the probe a confirmer runs when it
+hears of a suspicion). Must not touch: the protocol loops, the public API
 and the streams (shoal.gossip.memberlist), the raft store, the runtime, anything outside this
 package.
 """
@@ -71,6 +72,9 @@ class MemberView:
         self._local: NodeEntry | None = None
         self._lifecycle = "new"  # new → running → (left) → shutdown
         self._leaving = False
+        # probe at once a member another member suspects (Config.confirm_suspicions; the
+        # agent switches it with the node's role)
+        self.confirm_suspicions = config.confirm_suspicions
 
     # ======================================================================= helpers
     def _require_loop(self) -> asyncio.AbstractEventLoop:
@@ -279,6 +283,8 @@ class MemberView:
         low, high = self.config.suspicion_timeouts(n)
         self._arm_suspicion(node, s.sender, k, low, high)
         self._emit(EventKind.SUSPECT, node, ALIVE)
+        if self.confirm_suspicions and s.sender != self._name:
+            self._spawn(self._confirm(s.node, node.state_change), "confirming probe")
 
     def _arm_suspicion(self, node: NodeEntry, sender: str, k: int, low: float, high: float) -> None:
         change = node.state_change
@@ -396,6 +402,11 @@ class MemberView:
     async def _last_chance(self, name: str, change: float) -> None:
         """Probe suspect ``name`` once more before declaring it dead (the loops' part:
         Memberlist). ``change`` is its state_change when the suspicion was armed."""
+        raise NotImplementedError
+
+    async def _confirm(self, name: str, change: float) -> None:
+        """Probe suspect ``name``, which another member suspects, and confirm the suspicion
+        if it fails (the loops' part: Memberlist). ``change`` as for _last_chance."""
         raise NotImplementedError
 
 

@@ -354,6 +354,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
         key = getattr(identity, "gossip_key", b"") or derive_gossip_key(identity.raft_password)
         preset = GossipConfig.local() if self.config.gossip_preset == "local" else \
             GossipConfig.lan()
+        # managers confirm every suspicion they hear of with a probe of their own
+        preset = preset.replace(confirm_suspicions=identity.role == NodeRole.MANAGER)
         meta = self._gossip_meta(identity)
         return Membership(identity.node_id, self.config.advertise_addr, self.config.gossip_port,
                           key, meta, preset, on_change=self._gossip_changed,

@@ -466,6 +466,15 @@ class Membership:
     def update_meta(self, meta: dict[str, Any]) -> None:
         self.thread.call(self.list.update_meta, meta)
 
+    def set_confirm_suspicions(self, on: bool) -> None:
+        """Whether this member probes at once a member another one suspects (gossip's
+        Config.confirm_suspicions): on for managers, so every suspicion gets its independent
+        confirmations within a probe period."""
+        self.thread.call(setattr, self.list, "confirm_suspicions", on)
+
+    def confirms_suspicions(self) -> bool:
+        return self.thread.call(lambda: self.list.confirm_suspicions)
+
     async def leave_for_restart(self, grace: float, timeout: float) -> None:
         """Announce a planned restart: this node's metadata gains ``restart: grace`` and it
         leaves (the others see it "left", not dead, and keep that metadata), within
@@ -567,6 +576,7 @@ class GossipControl:
             "addr": f"{m.config.advertise_addr}:{m.port}",
             "preset": self.ctx.config.gossip_preset,
             "probe_interval": m.config.probe_interval,
+            "confirms_suspicions": m.confirms_suspicions(),
             "health_score": m.health_score(),
             "members": {s: states.get(s, 0) for s in STATE_NAMES.values()},
             "view": view,

@@ -322,3 +322,4 @@ class RoleSwitch:
         if self.membership is not None:
             with contextlib.suppress(Exception):
                 self.membership.update_meta(self._gossip_meta(identity))
+                self.membership.set_confirm_suspicions(identity.role == NodeRole.MANAGER)

@@ -388,3 +388,93 @@ def test_a_failing_event_callback_does_not_disturb_the_member() -> None:
         await cluster.shutdown()
 
     run_simulation(scenario())
+
+
+class _ConfirmerCluster(SimCluster):
+    """m00-m02 confirm suspicions (as shoal's managers do) when ``confirm``; the others probe
+    only every ``slow_probe`` s, without indirect probes or push-pulls, so they add no
+    confirmations in time — as in the scale lab, where the starved workers' late probes
+    accuse nobody and only the round-robin probes of the few responsive members confirm."""
+
+    def __init__(self, n: int, cfg: Config, *, confirm: bool, slow_probe: float,
+                 seed: int) -> None:
+        super().__init__(n, cfg, seed=seed)
+        self.confirm = confirm
+        self.slow_probe = slow_probe
+
+    def config_for(self, name: str) -> Config:
+        cfg = super().config_for(name)
+        if name in ("m00", "m01", "m02"):
+            return cfg.replace(confirm_suspicions=self.confirm)
+        # (no indirect probes either: their relays' nacks would end a probe early)
+        return cfg.replace(probe_interval=self.slow_probe, indirect_checks=0,
+                           push_pull_interval=0.0)
+
+
+def _suspicion_to_death(confirm: bool, seed: int) -> tuple[float, int]:
+    """Crash m20 in a 30-member cluster; (seconds from its first suspicion to its first death
+    verdict anywhere, confirming probes sent)."""
+    cfg = Config.lan()
+
+    async def scenario() -> tuple[float, int]:
+        cluster = _ConfirmerCluster(30, cfg, confirm=confirm, slow_probe=60.0, seed=seed)
+        await cluster.start()
+        await cluster.run_for(10)
+        crashed_at = await cluster.crash("m20")
+        await cluster.wait_until(lambda: cluster.all_see("m20", DEAD), timeout=120)
+        suspected = min(o.at for o in cluster.events_about("m20", "suspect", since=crashed_at))
+        dead = min(o.at for o in cluster.events_about("m20", "dead", since=crashed_at))
+        confirming = cluster.total_stats().get("probes_confirming", 0)
+        await cluster.shutdown()
+        return dead - suspected, confirming
+
+    return run_simulation(scenario())
+
+
+def test_confirmers_bring_a_real_failure_to_the_minimum_suspicion_timeout() -> None:
+    """Config.confirm_suspicions: members that probe a suspect as soon as they hear of the
+    suspicion give it its independent confirmations within a probe period, so a crashed
+    member is dead after the minimum suspicion timeout (plus the last-chance probe) even when
+    everyone else probes slowly; without them the suspicion waits for the slow members'
+    round-robin probes and its timeout stays longer. Same seeds, virtual time."""
+    cfg = Config.lan()
+    low, _ = cfg.suspicion_timeouts(30)
+    bound = low + 3 * cfg.probe_interval  # + the last-chance probe and the confirmers' own
+    slower = []
+    for seed in (1, 2, 3, 4):
+        with_confirmers, probes = _suspicion_to_death(True, seed)
+        without, none = _suspicion_to_death(False, seed)
+        assert probes >= 2 and none == 0
+        assert with_confirmers <= bound, (seed, with_confirmers)
+        slower.append(without > bound)
+    assert sum(slower) >= 2, "without confirmers suspicions should have waited longer"
+
+
+def test_a_confirmer_probing_a_live_suspect_makes_it_refute_at_once() -> None:
+    """A forged suspicion of a live member reaches a confirmer only: the confirmer's probe
+    carries the suspicion, the suspect answers and refutes, and nobody declares it dead."""
+    from shoal.gossip import wire
+
+    cfg = Config.lan(confirm_suspicions=True)
+
+    async def scenario() -> None:
+        cluster = SimCluster(6, cfg, seed=14, key=None)
+        await cluster.start()
+        await cluster.run_for(5)
+        start = asyncio.get_running_loop().time()
+        evil = cluster.net.transport("evil", 1)
+        await evil.start()
+        forged = wire.build_payload([wire.encode_message(wire.Suspect(1, "m03", "m01"))])
+        evil.send_packet(cluster.address("m00"), wire.seal(forged, None, b""))
+        await cluster.run_for(3 * cfg.probe_interval)
+        assert cluster.members["m00"].stats["probes_confirming"] == 1
+        refuted = cluster.events_about("m03", "alive-again", since=start)
+        assert refuted and all(o.at - start <= 2 * cfg.probe_interval for o in refuted)
+        _, high = cfg.suspicion_timeouts(6)
+        await cluster.run_for(2 * high)
+        assert cluster.events_of_kind("dead", since=start) == []
+        assert cluster.members["m03"].stats["refutes"] >= 1
+        await evil.close()
+        await cluster.shutdown()
+
+    run_simulation(scenario())

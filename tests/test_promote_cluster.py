@@ -77,6 +77,9 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
                timeout=30, what="one task on each worker")
     before = {h.name: tasks_on(h, h1, "keep") for h in (h2, h3)}
     assert node_json(h2)["raft_password"] == "" and node_json(h2)["manager_key"] == ""
+    # managers probe every suspect they hear of (gossip confirmers), workers do not
+    assert plain_json(h1, "info")["gossip"]["confirms_suspicions"] is True
+    assert plain_json(h2, "info")["gossip"]["confirms_suspicions"] is False
 
     res = h1.cli("node", "promote", "h2")
     assert "Node h2 promoted to a manager" in res.stdout, res.stdout
@@ -90,6 +93,7 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     assert "raft.journal" in raft_log_files(h2)
     info = plain_json(h2, "info")
     assert info["role"] == "manager" and len(info["voters"]) == 2, info
+    assert info["gossip"]["confirms_suspicions"] is True
     assert h2.cli_json("service", "ls")[0]["name"] == "keep"  # a manager's API now
     assert plain_json(h2, "ca", "info")["node_certificate"]["role"] == "manager"
     assert "Node h2 is already a manager" in h1.cli("node", "promote", "h2").stdout
@@ -136,6 +140,7 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     assert ident["role"] == "worker" and ident["raft_password"] == "" \
         and ident["manager_key"] == "", ident
     assert raft_log_files(new) == []
+    assert plain_json(new, "info")["gossip"]["confirms_suspicions"] is False
     assert plain_json(new, "ca", "info")["node_certificate"]["role"] == "worker"
     assert "worker" in error_line(new, "service", "ls")
     assert len(plain_json(other, "info")["voters"]) == 2
