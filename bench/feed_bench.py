@@ -5,9 +5,10 @@
 
 Owns: a MemoryStore manager with the real dispatcher (node/control/dispatcher.py) and N real
 StateFeeds following it in-process (no network, no TLS: the figures are the feed's own work).
-Three settings side by side: "before" = no shared encodings, no batching, no compression
+Four settings side by side: "before" = no shared encodings, no batching, no compression
 (what the feed did before FeedServer: one encoding per reply, a reply per worker per commit),
-"shared" = FeedServer without per-node filtering (``defer_max`` 0), "filtered" = the
+"shared" = FeedServer without per-node filtering (``defer_max`` 0), "at-once" = with
+it but other nodes' RUNNING reports answered at once (``soon_wait`` 0), "filtered" = the
 defaults. Workload: N workers join at once (whole-state catch-ups), a burst of
 --commits single-command commits (task status-like node label updates, proposed back to
 back), then one big commit (a service of --tasks replicas created and placed by a leader
@@ -165,17 +166,20 @@ def main() -> None:
     ap.add_argument("--refresh-rate", type=float, default=50.0,
                     help="health-log refresh commits per second (1,000 tasks refreshing "
                     "every 30 s: 33/s)")
-    ap.add_argument("--configs", default="before,shared,filtered",
+    ap.add_argument("--configs", default="before,shared,at-once,filtered",
                     help="which feed settings to run: before (no sharing, batching, "
-                    "compression), shared (those, no per-node filtering), filtered (defaults)")
+                    "compression), shared (those, no per-node filtering), at-once "
+                    "(filtering, but other nodes' RUNNING reports sent at once: soon_wait "
+                    "0), filtered (defaults)")
     args = ap.parse_args()
     print(f"feed bench: {args.workers} workers in-process; load "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     before = FeedConfig(wait=20.0, retry=0.01, compress=False, batch_wait=0.0, reply_cache=0,
                         defer_max=0.0)
     shared = FeedConfig(wait=20.0, retry=0.01, defer_max=0.0)
+    at_once = FeedConfig(wait=20.0, retry=0.01, soon_wait=0.0)
     after = FeedConfig(wait=20.0, retry=0.01)
-    runs = {"before": before, "shared": shared, "filtered": after}
+    runs = {"before": before, "shared": shared, "at-once": at_once, "filtered": after}
     for label in args.configs.split(","):
         asyncio.run(run(label, runs[label], args.workers, args.commits, args.tasks,
                         args.starts, args.rate, args.refresh_rate))

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -367,6 +368,17 @@ class ScaleLab:
                     total[key] = total.get(key, 0.0) + value
         return total
 
+    @staticmethod
+    def agents_cpu(hosts: list[Host]) -> float:
+        """CPU seconds the agent processes of ``hosts`` used so far (their tasks not
+        included: those are other processes)."""
+        total = 0.0
+        for h in hosts:
+            if h.agent_pid is not None:
+                with contextlib.suppress(OSError):
+                    total += cpu_seconds(h.agent_pid)
+        return total
+
     def term(self) -> int:
         """The Raft term as the first manager sees it (elections = its growth)."""
         for h in self.managers:
@@ -475,6 +487,9 @@ class ScaleLab:
         lost = sum(by_node[h.name] for h in victims)
         leader = self.leader_host()
         assert leader.agent_pid is not None
+        feed0, raft0 = self.feed_counters(), self.raft_index()
+        survivors = [h for h in self.workers if h not in victims and h.agent_pid is not None]
+        workers0 = self.agents_cpu(survivors)
         cpu0 = thread_cpu(leader.agent_pid)
         wall0 = time.time()
         t0 = time.monotonic()
@@ -489,20 +504,29 @@ class ScaleLab:
             if down_at is None and all(x["state"] == "down" for x in self.nodes()
                                        if x["hostname"] in dead):
                 down_at = now
-            # (the cheap running count first — it still counts the dead nodes' tasks until
-            # they are orphaned — then the task list, once, to check where they run)
-            if down_at is not None and self.running() >= n and sum(
-                    1 for t in self.tasks() if t["state"] == "running"
-                    and t["desired_state"] == "running" and t["node"] not in dead) >= n:
+            # (the running count alone, one small reply: the command that takes a node
+            # DOWN orphans its tasks, so once all are DOWN it counts only the live nodes'
+            # tasks — the 1,000-task list here cost the loaded leader ~1-3 s per poll, which
+            # the figure then included; where they run is checked after, untimed)
+            if down_at is not None and self.running() >= n:
                 back_at = time.monotonic() - t0
                 break
             time.sleep(0.25)
+        if back_at is not None:
+            stray = sum(1 for t in self.tasks() if t["state"] == "running"
+                        and t["desired_state"] == "running" and t["node"] in dead)
+            if stray:
+                say(f"  (!) {stray} tasks still counted running on the killed nodes")
         say(f"kill {len(victims)} workers ({lost} tasks): all down after {fmt(down_at)}, "
             f"{n} RUNNING again after {fmt(back_at)} {machine()}")
         took = time.monotonic() - t0
         cpu = leader_cpu(leader, cpu0, took)
+        workers_cpu = self.agents_cpu(survivors) - workers0
         self.kill_breakdown(leader, wall0, dead)
         print(f"    {cpu}", flush=True)
+        print(f"    the {len(survivors)} other worker agents over those {took:.1f} s: "
+              f"{workers_cpu:.1f} CPU seconds ({workers_cpu / took:.2f} cores)", flush=True)
+        self.print_feed(feed0, self.raft_index() - raft0, "during the kill")
 
     def kill_breakdown(self, leader: Host, wall0: float, dead: set[str]) -> None:
         """Where the replacement time went, from the cluster's own event log: each event's

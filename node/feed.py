@@ -25,12 +25,14 @@ a join storm asks for the whole state ~100 times at once. So replies are encoded
 time and encoded once per index, shared by every poll that asks for it, replies above
 ``compress_min`` bytes are zlib-compressed for workers that ask for it (``{"z": ...}``
 wrapping the same message), and a woken poll waits ``batch_wait`` so a burst of commits goes
-out in one reply. Per-node filtering (``wakes``, ``deferrable_owner``): a commit only one
+out in one reply. Per-node filtering (``answer_by``, ``classify``): a commit only one
 node needs now (its task below RUNNING, or a health-log refresh that changes no task's
 state, health or address) answers only that node's poll; the others get it, unchanged and
-in order, with their next needed commit or after ``defer_max`` — every worker still applies
-every command, so its replica stays the managers' state at its index (the mesh needs every
-service's endpoints: docs/scaling.md says why a filtered replica was not built).
+in order, with their next needed commit or after ``defer_max``; a task's new RUNNING view
+(what the other nodes' mesh and DNS add) reaches them within ``soon_wait``. Every worker
+still applies every command, so its replica stays the managers' state at its index (the
+mesh needs every service's endpoints: docs/scaling.md says why a filtered replica was not
+built).
 ``FeedStats`` counts what was sent (``shoal_feed_*`` metrics).
 """
 
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
+import math
 import random
 import time
 import zlib
@@ -118,7 +122,7 @@ class FeedConfig:
     # Per-node filtering of wake-ups: a worker's held poll is not answered for commits it
     # does not need yet — another node's task reporting a state below RUNNING (image pull
     # progress, waiting for a secret) or refreshing its health log without changing its
-    # health, which nothing on a worker reads (``deferrable_owner``) — for up to this
+    # health, which nothing on a worker reads (``classify``) — for up to this
     # long, seconds; they go out, unchanged and in order, with the next reply it needs (so
     # its replica stays exactly the managers' at its index, only later). In a start storm
     # with image pulls most status commits are such reports; in an idle cluster with
@@ -128,6 +132,15 @@ class FeedConfig:
     # ... and answer anyway once this many commands are waiting (well below the 4,096 the
     # managers keep, so a deferring worker never falls back to the whole state).
     defer_commands: int = 512
+    # ... and for up to this long, seconds, for a commit the other workers need soon but
+    # not at once: another node's task reporting RUNNING with a new (state, health,
+    # address), which their mesh and DNS add (a task leaving them — unhealthy, ended — goes
+    # out at once). In a start storm (a scale, the replacements after nodes fail) each
+    # report answered nearly every held poll: ~100 replies per report at 100 workers, every
+    # worker woken to decode and apply each one; now each worker gets at most one reply per
+    # this long for them. Costs: a new task joins the other nodes' balancers and DNS up to
+    # this much later (its own node has its report at once). 0 = at once.
+    soon_wait: float = 0.25
 
 
 @dataclass
@@ -151,59 +164,80 @@ MeshView = tuple[int, str, str]
 _SEEN_MAX = 200_000  # task views remembered by FeedServer (forgotten all at once beyond)
 
 
-def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> str | None:
-    """The node whose feed alone needs the command ``blob`` at once, when the others can
-    wait for it: a ``task_status`` (or a ``task_statuses`` whose every report is such)
-    reporting a state below RUNNING, or (with ``seen``: the
-    view of each task's previous report, updated here) one that leaves the task's
-    (state, health, address) as its previous report had it — a health-log refresh, a
-    failing streak counting up. On other workers nothing reads what those change: the mesh
-    and DNS use RUNNING tasks' addresses and health (and terminal ones, which are above
-    RUNNING), the overlay uses addresses the leader assigned, a registry fetch asks "at most
-    RUNNING", which stays true. None = every worker needs it now.
+class Need(enum.IntEnum):
+    """How soon the workers other than a status report's own node need the command."""
+
+    LATER = 0  # within defer_max: nothing on another worker reads what it changes
+    SOON = 1  # within soon_wait: a task's new view for the mesh and DNS
+    NOW = 2  # at once (everything that is not a status report of the above kinds)
+
+
+def classify(blob: bytes, seen: dict[str, MeshView] | None = None) -> tuple[str | None, Need]:
+    """Which node needs the command ``blob`` at once, and how soon the others do.
+
+    ``(node, LATER)``: a ``task_status`` (or a ``task_statuses`` whose every report is such)
+    reporting a state below RUNNING, or (with ``seen``: the view of each task's previous
+    report, updated here) one that leaves the task's (state, health, address) as its
+    previous report had it — a health-log refresh, a failing streak counting up. On other
+    workers nothing reads what those change: the mesh and DNS use RUNNING tasks' addresses
+    and health (and terminal ones, which are above RUNNING), the overlay uses addresses the
+    leader assigned, a registry fetch asks "at most RUNNING", which stays true.
+    ``(node, SOON)``: some report is a RUNNING task's new view (it started, got its address,
+    became healthy): the mesh and DNS of the other workers add it, which can wait a moment.
+    ``(None, NOW)``: anything else, a task leaving the mesh (unhealthy, ended) included.
 
     A previous report that the state machine refused does not make this wrong: states and
     health only grow, so a report with the same view as a refused one is refused too."""
     if b"task_status" not in blob or len(blob) > 65536:
-        return None
+        return None, Need.NOW
     try:
         cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
     except Exception:
-        return None
+        return None, Need.NOW
     if not isinstance(cmd, dict):
-        return None
+        return None, Need.NOW
     node, op = cmd.get("node_id"), cmd.get("op")
     if not isinstance(node, str):
-        return None
+        return None, Need.NOW
     if op == "task_status":
         reports = [(cmd.get("task_id"), cmd.get("status"))]
     elif op == "task_statuses" and isinstance(cmd.get("reports"), list):
         reports = [tuple(r) if isinstance(r, list) and len(r) == 2 else (None, None)
                    for r in cmd["reports"]]
     else:
-        return None
-    # every report must be one only its node needs (each report updates ``seen``)
-    deferrable = [_deferrable(task_id, status, seen) for task_id, status in reports]
-    return node if deferrable and all(deferrable) else None
+        return None, Need.NOW
+    # the command is needed as soon as its most needed report (each one updates ``seen``)
+    need = max([_need(task_id, status, seen) for task_id, status in reports],
+               default=Need.NOW)
+    return (None, need) if need is Need.NOW else (node, need)
 
 
-def _deferrable(task_id: Any, status: Any, seen: dict[str, MeshView] | None) -> bool:
+def deferrable_owner(blob: bytes, seen: dict[str, MeshView] | None = None) -> str | None:
+    """The node whose feed alone needs ``blob`` at once when the others can wait up to
+    defer_max for it (``classify``'s LATER), else None."""
+    node, need = classify(blob, seen)
+    return node if need is Need.LATER else None
+
+
+def _need(task_id: Any, status: Any, seen: dict[str, MeshView] | None) -> Need:
     state = status.get("state") if isinstance(status, dict) else None
     if not isinstance(state, int) or isinstance(state, bool):
-        return False
+        return Need.NOW
     if state < _RUNNING:
-        return True
+        return Need.LATER
     if seen is None or not isinstance(task_id, str) or not isinstance(status, dict):
-        return False
+        return Need.NOW
     if state >= _TERMINAL:
         seen.pop(task_id, None)
-        return False
+        return Need.NOW
     view = (state, str(status.get("health", "")), str(status.get("addr", "")))
     previous = seen.get(task_id)
     if len(seen) >= _SEEN_MAX:
         seen.clear()
     seen[task_id] = view
-    return previous == view
+    if previous == view:
+        return Need.LATER
+    return Need.NOW if view[1] == "unhealthy" else Need.SOON
 
 
 # A compressed reply may not inflate beyond this (a whole state of 100k tasks is ~60 MiB):
@@ -238,17 +272,22 @@ class FeedServer:
         self._last_all = -1
         self._last_own: dict[str, int] = {}
         self._seen: dict[str, MeshView] = {}  # task id → view of its last report scanned
+        # the SOON commands scanned less than soon_wait ago, as (index, when scanned), and
+        # the last index of one whose wait is over (every poll before it is answered)
+        self._soon: collections.deque[tuple[int, float]] = collections.deque()
+        self._soon_due = -1
 
     def _use(self, store: Any) -> None:
         if store is not self._store:  # another cluster's store (rejoin, role change): the
             self._cache.clear()  # same (after, index) means other commands there
             self._state, self._store = None, store
             self._scanned, self._scan_base, self._last_all, self._last_own = -1, -1, -1, {}
-            self._seen = {}
+            self._seen, self._soon, self._soon_due = {}, collections.deque(), -1
 
     def _scan(self, store: Any) -> None:
         """Classify the commands applied since the last scan (once per commit, shared by
-        every held poll): needed by all, or deferrable except for one node."""
+        every held poll): needed by all at once, or by one node at once and by the others
+        soon or later (``classify``)."""
         index = store.index
         if index <= self._scanned:
             return
@@ -258,27 +297,39 @@ class FeedServer:
         else:
             index, blobs = changes
             first = index - len(blobs) + 1
+            now = time.monotonic()
             for i, blob in enumerate(blobs, first):
-                owner = deferrable_owner(blob, self._seen)
-                if owner is None:
+                owner, need = classify(blob, self._seen)
+                if owner is None or (need is Need.SOON and self.config.soon_wait <= 0):
                     self._last_all = i
-                else:
-                    self._last_own[owner] = i
+                    continue
+                self._last_own[owner] = i
+                if need is Need.SOON:
+                    self._soon.append((i, now))
         self._scanned = index
 
-    def wakes(self, store: Any, after: int, node_id: str) -> bool:
-        """Should a poll of node ``node_id`` at index ``after`` be answered now? Yes if a
-        command after ``after`` is one it needs, or ``defer_commands`` are waiting, or
-        deferring is off."""
+    def answer_by(self, store: Any, after: int, node_id: str) -> float:
+        """When a poll of node ``node_id`` at index ``after`` must be answered, as
+        time.monotonic(): at once (-inf) if a command after ``after`` is one it needs now, or
+        ``defer_commands`` are waiting, or filtering is off; ``soon_wait`` after the first
+        command after ``after`` that the other nodes need soon; +inf when it can wait for
+        all of them (``defer_max`` then bounds the wait)."""
         self._use(store)
         if self.config.defer_max <= 0 or store.index - after >= self.config.defer_commands:
-            return True
+            return -math.inf
         if self._scanned < 0:  # the first poll to ask: classify from its index on
             self._scanned = self._scan_base = after
         if after < self._scan_base:
-            return True  # (commands before the first scan are not classified)
+            return -math.inf  # (commands before the first scan are not classified)
         self._scan(store)
-        return self._last_all > after or self._last_own.get(node_id, -1) > after
+        if self._last_all > after or self._last_own.get(node_id, -1) > after:
+            return -math.inf
+        wait, now = self.config.soon_wait, time.monotonic()
+        while self._soon and self._soon[0][1] + wait <= now:
+            self._soon_due = max(self._soon_due, self._soon.popleft()[0])
+        if self._soon_due > after:
+            return -math.inf
+        return next((at + wait for i, at in self._soon if i > after), math.inf)
 
     def _remember(self, key: tuple[Any, ...], data: bytes) -> None:
         if self.config.reply_cache <= 0:

@@ -19,7 +19,7 @@ from feedrig import ADDR, feed_worker
 from test_feed_scale import _manager, _until
 
 from shoal.node.control.dispatcher import Dispatcher
-from shoal.node.feed import FeedConfig, StateFeed, deferrable_owner
+from shoal.node.feed import FeedConfig, Need, StateFeed, classify, deferrable_owner
 from shoal.node.leader import LeaderLoop
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.source import MemoryStore
@@ -78,6 +78,28 @@ def test_only_another_nodes_task_below_running_is_deferrable() -> None:
     assert deferrable_owner(b"\xc1task_status garbage") is None
     assert deferrable_owner(_blob({"op": "task_status", "node_id": "w0",
                                    "status": {"state": True}})) is None
+
+
+def test_a_tasks_new_running_view_is_needed_soon_one_leaving_the_mesh_now() -> None:
+    """``classify``: the report's node needs it at once; the other nodes need a RUNNING
+    task's new view soon (their mesh and DNS add it), a task leaving the mesh (unhealthy,
+    ended) now, and a view they already have later."""
+    t, seen = ("t1", "w0"), {}
+    assert classify(_blob(_report(t, TaskState.STARTING)), seen) == ("w0", Need.LATER)
+    assert classify(_health(t, "starting", 0), seen) == ("w0", Need.SOON)  # started
+    assert classify(_health(t, "healthy", 0), seen) == ("w0", Need.SOON)  # healthy now
+    assert classify(_health(t, "healthy", 0), seen) == ("w0", Need.LATER)  # log refresh
+    assert classify(_health(t, "unhealthy", 3), seen) == (None, Need.NOW)  # leaves the LB
+    assert classify(_blob(_report(t, TaskState.FAILED)), seen) == (None, Need.NOW)
+    # a batch is needed as soon as its most needed report
+    u, v = ("t2", "w0"), ("t3", "w0")
+    batch = {"op": "task_statuses", "node_id": "w0", "now": time.time(), "reports": [
+        [u[0], _report(u, TaskState.STARTING)["status"]],
+        [v[0], _report(v, TaskState.RUNNING, addr="10.1.0.3")["status"]]]}
+    assert classify(_blob(batch), seen) == ("w0", Need.SOON)
+    batch["reports"].append([t[0], _report(t, TaskState.COMPLETE)["status"]])
+    assert classify(_blob(batch), seen) == (None, Need.NOW)
+    assert classify(_health(t, "healthy", 0)) == (None, Need.NOW)  # without views: now
 
 
 async def _cluster(tmp_path: Path, config: FeedConfig
@@ -152,3 +174,39 @@ async def test_deferred_commits_go_out_after_defer_max_without_another_commit(
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+@pytest.mark.parametrize("soon", [0.5, 0.0])
+async def test_other_nodes_tasks_starting_reach_a_worker_together(
+        tmp_path: Path, soon: float) -> None:
+    """Ten tasks of other nodes report RUNNING, each in its own commit: a worker's held poll
+    is answered once ``soon_wait`` after the first (not once per report), with all of them,
+    in order, and its replica equals the manager's; each report's own node gets it at
+    once. With ``soon_wait`` 0 every report answers it at once."""
+    store, dispatcher, tasks = await _cluster(tmp_path, FeedConfig(soon_wait=soon))
+    watcher = "w19"
+    starting = [t for t in tasks if t.node_id != watcher][:10]
+    feed = _follow(dispatcher, watcher)
+    owner = _follow(dispatcher, starting[0].node_id)
+    batches: list[int] = []
+    feed.add_listener(batches.append)
+    runs = [asyncio.create_task(f.run()) for f in (feed, owner)]
+    try:
+        await _until(lambda: feed.index == owner.index == store.index)
+        batches.clear()
+        deferred = dispatcher.feed.stats.deferred
+        await store.propose(_report(starting[0], TaskState.RUNNING, addr="10.1.0.2"))
+        await _until(lambda: owner.index == store.index)
+        for i, task in enumerate(starting[1:], 3):
+            await store.propose(_report(task, TaskState.RUNNING, addr=f"10.1.0.{i}"))
+        await _until(lambda: feed.index == store.index, timeout=30.0)
+        assert feed.snapshot() == store.snapshot()
+        if soon:
+            assert dispatcher.feed.stats.deferred > deferred
+            assert len(batches) <= 2, batches  # (2: a slow machine may split the burst)
+        else:
+            assert dispatcher.feed.stats.deferred == deferred
+    finally:
+        for r in runs:
+            r.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)

@@ -192,13 +192,15 @@ class Dispatcher:
             limit = deadline
             if store.index > after:
                 # per-node filtering: commits only other nodes need now do not wake this
-                # poll (FeedServer.wakes); they go out with the next one it needs
-                if feed.wakes(store, after, node.id):
+                # poll (FeedServer.answer_by); they go out with the next one it needs, or
+                # when the soonest of them is due
+                answer_by = feed.answer_by(store, after, node.id)
+                if answer_by <= time.monotonic():
                     break
                 feed.stats.deferred += 1
                 if defer_until is None:
                     defer_until = time.monotonic() + feed.config.defer_max
-                limit = min(deadline, defer_until)
+                limit = min(deadline, defer_until, answer_by)
             if self.stopping:
                 raise Unavailable("this manager is stopping")
             applied = self._applied
