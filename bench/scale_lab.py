@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from benchlab import multiplier_args
 
-from netlab import Host, Lab, wait_until
+from netlab import Host, Lab, remove_empty_cgroup_parents, wait_until
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
 
@@ -108,6 +108,19 @@ def thread_cpu(pid: int) -> dict[str, float]:
         except OSError:  # (a thread that ended meanwhile)
             continue
     return out
+
+
+def host_cgroup(lab: Lab, host: Host) -> str:
+    """The parent cgroup of ``host``'s tasks with --host-cgroups."""
+    return f"shoal-{lab.runid}-{host.name}"
+
+
+def remove_cgroup_parent(name: str) -> list[str]:
+    """rmdir the parent cgroup ``name`` under each hierarchy; the ones that stay (still
+    holding a task group) are returned, for the teardown's leftovers."""
+    base = Path("/sys/fs/cgroup")
+    remove_empty_cgroup_parents(name)
+    return [str(p) for p in [base / name, *base.glob(f"*/{name}")] if p.exists()]
 
 
 def cpu_split(managers: str) -> tuple[list[str], list[str]]:
@@ -629,6 +642,12 @@ def main() -> int:
                     help="leave the managers' availability active (default: drained, the "
                     "manager-only nodes Docker advises for a cluster of this size; the scale "
                     "phase's tasks then run on the workers alone)")
+    ap.add_argument("--host-cgroups", action="store_true",
+                    help="give each worker's tasks a parent cgroup of their own (agent "
+                    "--cgroup-parent shoal-RUNID-HOST) instead of the one `shoal` parent all "
+                    "100 hosts share: with it the 1,000 tasks of 100 hosts weigh as one "
+                    "process against the 105 agents in the CPU scheduler, which no real "
+                    "host sees (each has its own kernel and its own `shoal` group)")
     ap.add_argument("--manager-cpus", default="", metavar="LIST",
                     help="run the manager agents on these CPUs (taskset list, e.g. 0) and the "
                     "workers, with their tasks, on the others: the managers' own hosts of a "
@@ -671,6 +690,8 @@ def main() -> int:
             h.use_shoal([*nice, *pin, *h.shoal_argv], env=manager_env)
         for h in s.workers:
             h.use_shoal([*rest, *h.shoal_argv])
+            if args.host_cgroups:  # this host's tasks: a CPU share of their own
+                h.agent_args = ("--cgroup-parent", host_cgroup(lab, h))
         if args.manager_nice:
             say(f"manager agents at nice {args.manager_nice} (--manager-nice)")
         if pin:
@@ -720,6 +741,9 @@ def main() -> int:
         if lab is not None:
             t0 = time.monotonic()
             left = lab.close()
+            if args.host_cgroups:
+                left += [f"cgroup parent {p}" for h in lab.hosts
+                         for p in remove_cgroup_parent(host_cgroup(lab, h))]
             say(f"torn down in {time.monotonic() - t0:.1f} s; leftovers: "
                 f"{json.dumps(left) if left else 'none'} {machine()}")
     return 1 if left else 0

@@ -181,6 +181,9 @@ def _agent_parser(sub: Any) -> None:
     a.add_argument("--gossip-port", type=int, default=7946)
     a.add_argument("--gossip-preset", choices=["lan", "local"], default="lan",
                    help="failure-detection timings (local: test hosts only)")
+    a.add_argument("--cgroup-parent", default="shoal", metavar="NAME",
+                   help="parent cgroup of this node's task groups, under each cgroup "
+                   "hierarchy (default shoal), as dockerd's --cgroup-parent")
     a.add_argument("--raft-multiplier", type=_raft_multiplier, default=1.0, metavar="N",
                    help="stretch the managers' Raft timing by N (1-10, default 1), as Nomad's "
                    "raft_multiplier: 1 fails over in ~0.6 s; 2 halves idle Raft traffic and "

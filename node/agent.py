@@ -94,7 +94,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self.data_dir = config.data_dir
         # identity, config, the current state source: what components get (never the agent)
         self.ctx = NodeContext(config, self.hostname)
-        self.runtime = ProcessController(RuntimeConfig(data_dir=self.data_dir))
+        self.runtime = ProcessController(RuntimeConfig(
+            data_dir=self.data_dir, cgroup_parent=config.cgroup_parent))
         self._leader_wakeup = asyncio.Event()
         self._leadership_wakeup = asyncio.Event()  # (_leadership_loop)
         self._worker_wakeup = asyncio.Event()

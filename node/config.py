@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class AgentConfig:
     # Gossip timing preset: "lan" (shoal.gossip.Config.lan) or "local" (loopback/netns
     # test hosts: faster probes, not for real networks).
     gossip_preset: str = "lan"
+    # Parent cgroup of this node's task groups, one path component under each hierarchy
+    # (``<mount>/<cgroup_parent>/<task id>``), like dockerd's --cgroup-parent. All the tasks
+    # share its CPU weight against the host's other top-level groups and processes.
+    cgroup_parent: str = "shoal"
     # Seconds between heartbeats an agent sends to every manager. Must be well below
     # orchestrator.node_down_timeout.
     heartbeat_interval: float = 1.0
@@ -129,6 +134,10 @@ class AgentConfig:
         self.image_gc.validate()
         if self.gossip_preset not in ("lan", "local"):
             raise ValueError("gossip_preset must be 'lan' or 'local'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.cgroup_parent) or \
+                self.cgroup_parent in (".", ".."):
+            raise ValueError(f"--cgroup-parent must be one cgroup name (letters, digits, "
+                             f"'_', '.', '-'), got {self.cgroup_parent!r}")
         if self.gossip_port in (self.api_port, self.raft_port):
             raise ValueError("gossip_port must differ from api_port and raft_port")
         for name in ("api_port", "raft_port", "gossip_port"):

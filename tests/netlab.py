@@ -163,6 +163,8 @@ class Host:
         # how this host runs shoal (agent and CLI): None = the lab's executable; see use_shoal()
         self._shoal_argv: list[str] | None = None
         self._shoal_env: dict[str, str] = {}
+        # given to this host's agent after the lab's agent_args (e.g. its own --cgroup-parent)
+        self.agent_args: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.ip} {self.netns}>"
@@ -247,8 +249,8 @@ class Host:
             self.sock.unlink()  # a stale socket from a killed agent would look ready
         self._agent = self.spawn(
             *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
-            "--advertise-addr", self.ip, *self.lab.agent_args, *extra, log_name="agent",
-            hostname=True)
+            "--advertise-addr", self.ip, *self.lab.agent_args, *self.agent_args, *extra,
+            log_name="agent", hostname=True)
         deadline = time.monotonic() + timeout
         while True:
             if self._agent.poll() is not None:
@@ -296,8 +298,8 @@ class Host:
             self.sock.unlink()
         self._agent = self.spawn(
             *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
-            "--advertise-addr", self.ip, *self.lab.agent_args, *extra, log_name="agent",
-            hostname=True)
+            "--advertise-addr", self.ip, *self.lab.agent_args, *self.agent_args, *extra,
+            log_name="agent", hostname=True)
 
     def agent_serving(self) -> bool:
         """The agent's unix socket accepts (LabError if the agent exited)."""
