@@ -1,12 +1,14 @@
-"""Leader failover time: kill -9 the leader's agent → first accepted write.
+"""Leader failover time: kill -9 the leader's agent (or pull its cable) → first accepted write.
 
-    .venv/bin/python bench/failover.py [--runs 10] [--idle 0]
+    .venv/bin/python bench/failover.py [--runs 10] [--idle 0] [--fault kill|cut]
 
 Builds 3 netns hosts (tests/netlab.py), forms a cluster of 3 managers, then `--runs`
-times: waits 2 s idle, finds the leader, SIGKILLs its agent, and sends a write
-(`service scale`) to a survivor's API in a loop until one is accepted. The time from
-the kill to the accepted write is the failover time. The killed agent is restarted and
-must catch up before the next run. `--idle S` afterwards leaves the cluster idle for S
+times: waits 2 s idle, finds the leader, SIGKILLs its agent (`--fault kill`, the default:
+its kernel closes its connections) or takes its link down (`--fault cut`: nothing is
+closed, the followers only stop hearing from it), and sends a write (`service scale`) to a
+survivor's API in a loop until one is accepted. The time from the fault to the accepted
+write is the failover time. The killed agent is restarted (the cut link restored) and must
+catch up before the next run. `--idle S` afterwards leaves the cluster idle for S
 seconds and reports how many elections happened (Raft term changes) — there should be none.
 
 Talks to the agents' unix sockets directly (no CLI process start-up in the figure).
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--idle", type=float, default=0.0, help="idle seconds to watch for "
                     "spurious elections after the runs")
+    ap.add_argument("--fault", choices=("kill", "cut"), default="kill",
+                    help="kill -9 the leader's agent, or cut its link (default kill)")
     ap.add_argument("--raft-multiplier", type=float, default=1.0,
                     help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
@@ -53,7 +57,10 @@ def main() -> None:
             old = wait_until(lambda: leader_of(lab, h1) or leader_of(lab, lab.hosts[1]),
                              timeout=20, what="a leader")
             survivors = [h for h in lab.hosts if h is not old]
-            old.kill_agent()
+            if args.fault == "kill":
+                old.kill_agent()
+            else:
+                old.cut_link()
             t0 = time.monotonic()
             attempt = 0
             while True:
@@ -68,9 +75,13 @@ def main() -> None:
                     time.sleep(0.01)
             t_write = time.monotonic() - t0
             failover.append(t_write)
-            print(f"run {run + 1}: killed {old.name}, first accepted write after "
-                  f"{t_write * 1000:.0f} ms ({attempt} attempt(s))", flush=True)
-            old.start_agent()
+            print(f"run {run + 1}: {'killed' if args.fault == 'kill' else 'cut off'} "
+                  f"{old.name}, first accepted write after {t_write * 1000:.0f} ms "
+                  f"({attempt} attempt(s))", flush=True)
+            if args.fault == "kill":
+                old.start_agent()
+            else:
+                old.restore_link()
 
             def caught_up(old: Host = old, peer: Host = survivors[0]) -> bool:
                 try:
@@ -80,7 +91,8 @@ def main() -> None:
                 return bool(a.get("ready")) and a.get("index") == b.get("index")
             wait_until(caught_up, timeout=30, what=f"{old.name} caught up")
         print()
-        print(f"failover (kill -9 leader -> first accepted write), {len(failover)} runs: "
+        fault = "kill -9 leader" if args.fault == "kill" else "leader's link cut"
+        print(f"failover ({fault} -> first accepted write), {len(failover)} runs: "
               f"median {statistics.median(failover) * 1000:.0f} ms, "
               f"min {min(failover) * 1000:.0f} ms, max {max(failover) * 1000:.0f} ms")
         if args.idle > 0:

@@ -45,6 +45,7 @@ from shoal.raft import appendentries, migrate, schema
 from shoal.raft.eager import EagerReplication
 from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, WriteTimeout
 from shoal.raft.journal import harden_journal, read_journal, rewrite_journal
+from shoal.raft.leaderloss import LeaderLoss
 from shoal.raft.models import NodeRole, to_dict
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
@@ -76,12 +77,21 @@ class RaftConfig:
     """
 
     # Election timeout range, seconds. A follower that hears nothing from the leader for a
-    # random time in [min, max] starts an election. Lower = faster failover, but more
-    # spurious elections when the machine stalls. pysyncobj default 0.4/1.4.
-    raft_min_timeout: float = 0.35
-    raft_max_timeout: float = 0.7
+    # random time in [min, max] starts an election. Lower = faster failover after a pulled
+    # cable, but more spurious elections when the machine stalls. pysyncobj default 0.4/1.4.
+    # A leader whose process dies closes its connections: then leader_lost_wait decides.
+    raft_min_timeout: float = 0.65
+    raft_max_timeout: float = 1.0
     # Leader heartbeat / append-entries batch period, seconds. Must be < min_timeout / 3.
-    append_entries_period: float = 0.1
+    # Each period wakes every manager's Raft thread (an idle manager's largest cost); writes
+    # never wait for it (eager replication, shoal.raft.eager). Was 0.1 s with 0.35/0.7 s
+    # timeouts, before a closed leader connection started elections on its own.
+    append_entries_period: float = 0.2
+    # A follower whose connection to the leader closes (its process died) starts an election
+    # after a random time in [wait / 5, wait] instead of the election timeout, seconds
+    # (shoal.raft.leaderloss). Random so that two followers rarely split the vote. Not
+    # scaled by the Raft multiplier. 0 = off.
+    leader_lost_wait: float = 0.25
     # Longest the Raft tick thread sleeps when idle, seconds (pysyncobj's autoTickPeriod, its
     # poll timeout). It sleeps only until its next timer (the leader's next append-entries,
     # a follower's election deadline, the journal's one-second timer: raft/eager.py
@@ -118,13 +128,16 @@ class RaftConfig:
             raise ValueError("leader_fallback_timeout must be > append_entries_period")
         if self.write_timeout <= 0 or self.tick_period <= 0:
             raise ValueError("write_timeout and tick_period must be > 0")
+        if not 0 <= self.leader_lost_wait < self.raft_min_timeout:
+            raise ValueError("leader_lost_wait must be >= 0 and < raft_min_timeout")
 
     def scaled(self, multiplier: float) -> RaftConfig:
         """These timings stretched by ``multiplier``, as Nomad's and Consul's raft_multiplier:
         the election timeout range, the append-entries (heartbeat) period and the leader's
-        step-down timeout. 1 = these (failover ~0.6 s); 2 = half the idle Raft messages and
-        wake-ups on every manager, about twice the failover time, twice the tolerance of a
-        stalled machine or network (docs/benchmarks.md, "Raft multiplier")."""
+        step-down timeout (not ``leader_lost_wait``: a killed leader is still replaced in
+        ~0.1 s). 1 = these; 2 = half the idle Raft messages and wake-ups on every manager,
+        twice the tolerance of a stalled machine or network, and twice the election timeout
+        a pulled cable's failover waits for (docs/architecture.md, "Raft tuning")."""
         if not MIN_MULTIPLIER <= multiplier <= MAX_MULTIPLIER:
             raise ValueError(f"raft multiplier must be between {MIN_MULTIPLIER:g} and "
                              f"{MAX_MULTIPLIER:g}, got {multiplier}")
@@ -483,6 +496,8 @@ class RaftStore:
         self.encryptor: AeadEncryptor | None = AeadEncryptor(password, extra_passwords) \
             if password else None
         self._role_listeners: list[Callable[[], None]] = []
+        # a follower that loses its leader's connection stands soon (shoal.raft.leaderloss)
+        self._leader_loss = LeaderLoss(self.config.leader_lost_wait)
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -507,7 +522,9 @@ class RaftStore:
                              consumers=[self.consumer],
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,
-                                 encryptor=self.encryptor))
+                                 encryptor=self.encryptor,
+                                 lost_peer=self._leader_loss.on_disconnected))
+        self._leader_loss.attach(self._sync)
         harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)

@@ -116,7 +116,8 @@ def _peer_ip(conn: Any) -> str | None:
 class AdmissionTransport(TCPTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *,
                  admit: Callable[[str], bool], encryptor: Any = None,
-                 recheck: float = 0.5, link_up: Callable[[str], bool] | None = None) -> None:
+                 recheck: float = 0.5, link_up: Callable[[str], bool] | None = None,
+                 lost_peer: Callable[[Any], None] | None = None) -> None:
         if encryptor is not None:
             # SyncObj builds its transport after its own encryptor and before any
             # connection or tick: the one moment it can be replaced for every connection
@@ -126,6 +127,8 @@ class AdmissionTransport(TCPTransport):
         # to and from that peer, like a network partition; None = every link is up
         self._link_up = link_up
         self._recheck = recheck
+        # told of every closed voter connection, after pysyncobj (shoal.raft.leaderloss)
+        self._lost_peer = lost_peer
         self._last_check = 0.0
         self._logged: dict[str | None, float] = {}  # ip -> last warning (one a minute)
         super().__init__(syncObj, selfNode, otherNodes)
@@ -155,6 +158,11 @@ class AdmissionTransport(TCPTransport):
                 "term" in message and message["term"] != self._syncObj._getTerm():
             return  # an answer to another term's append-entries (shoal.raft.store._SafeSyncObj)
         super()._onMessageReceived(node, message)
+
+    def _onNodeDisconnected(self, node: Any) -> None:
+        super()._onNodeDisconnected(node)
+        if self._lost_peer is not None:
+            self._lost_peer(node)
 
     def _warn(self, ip: str | None, msg: str, *args: Any) -> None:
         now = time.monotonic()

@@ -9,6 +9,8 @@ far below what batching alone could do, so load on the machine cannot flip them.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,8 +18,11 @@ from typing import Any
 
 import pytest
 from helpers import free_ports, until
+from pysyncobj.monotonic import monotonic as pysyncobj_now
+from pysyncobj.syncobj import _RAFT_STATE
 
 from shoal.raft.eager import EagerReplication
+from shoal.raft.leaderloss import LeaderLoss
 from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.store import RaftConfig, RaftStore
 
@@ -169,6 +174,108 @@ def test_the_raft_multiplier_stretches_the_timeouts_and_the_period_alone() -> No
     for bad in (0.5, 10.5, float("nan")):
         with pytest.raises(ValueError, match="raft multiplier must be between 1 and 10"):
             base.scaled(bad)
+
+
+# Long election timeouts, so that only the closed connection can explain a quick election.
+LOSS = RaftConfig(raft_min_timeout=4.0, raft_max_timeout=6.0, append_entries_period=0.3,
+                  tick_period=0.25, leader_fallback_timeout=10.0, leader_lost_wait=0.5)
+
+
+async def _leader_closed(tmp_path: Path, config: RaftConfig
+                         ) -> tuple[list[RaftStore], float | None]:
+    """Three stores; close the leader (its sockets close, as its process dying closes
+    them) and return the survivors and how long until one of them leads (None: not
+    within 2.5 s)."""
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=config, persist=False)
+              for i, a in enumerate(addrs)]
+    await until(lambda: any(s.is_leader() for s in stores) and all(
+        s.is_ready() for s in stores), 90.0)
+    leader = next(s for s in stores if s.is_leader())
+    survivors = [s for s in stores if s is not leader]
+    # the two survivors draw the two ends of the range: they never stand together (a split
+    # vote would fall back to the 4-6 s election timeout; in production the draw is random)
+    for store, draw in zip(survivors, (0.0, 1.0), strict=True):
+        store._leader_loss._rand = lambda draw=draw: draw
+    leader.close()
+    t0 = time.monotonic()
+    deadline = t0 + 2.5
+    while time.monotonic() < deadline:
+        if any(s.is_leader() for s in survivors):
+            return survivors, time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    return survivors, None
+
+
+async def test_a_follower_that_loses_its_leaders_connection_stands_before_its_timeout(
+        tmp_path: Path) -> None:
+    """A leader whose process dies closes its connections: the followers stand after
+    ``leader_lost_wait`` (0.1-0.5 s here), not after their 4-6 s election timeout
+    (shoal.raft.leaderloss), and the new leader takes writes."""
+    survivors, took = await _leader_closed(tmp_path, LOSS)
+    try:
+        assert took is not None, "no new leader 2.5 s after the leader's connections closed"
+        assert sum(s._leader_loss.hastened for s in survivors) == 2
+        new = next(s for s in survivors if s.is_leader())
+        assert "ok" in await new.propose(_service(1))
+    finally:
+        for s in survivors:
+            s.close()
+
+
+async def test_without_leader_lost_wait_only_the_election_timeout_elects(
+        tmp_path: Path) -> None:
+    """The control: leader_lost_wait 0 leaves the followers waiting for their election
+    timeout (>= 4 s here), so the quick election above is the closed connection's doing."""
+    survivors, took = await _leader_closed(
+        tmp_path, dataclasses.replace(LOSS, leader_lost_wait=0.0))
+    try:
+        assert took is None
+        assert sum(s._leader_loss.hastened for s in survivors) == 0
+    finally:
+        for s in survivors:
+            s.close()
+
+
+class _Follower:
+    """The pysyncobj state LeaderLoss reads, as a follower of ``leader``."""
+
+    def __init__(self, leader: str, state: int = _RAFT_STATE.FOLLOWER,
+                 deadline: float = 1e12) -> None:
+        self._SyncObj__raftState = state
+        self._SyncObj__selfNode = "me"
+        self._SyncObj__raftLeader = leader
+        self._SyncObj__raftElectionDeadline = deadline
+
+
+def test_leader_loss_acts_only_on_a_followers_connection_to_its_leader(
+        caplog: pytest.LogCaptureFixture) -> None:
+    loss = LeaderLoss(0.25, rand=lambda: 0.5)
+    loss.on_disconnected("a")  # not attached yet: nothing to do
+    sync = _Follower("a")
+    loss.attach(sync)
+    loss.on_disconnected("b")  # another follower's connection
+    assert sync._SyncObj__raftElectionDeadline == 1e12
+    loss.on_disconnected("a")
+    assert sync._SyncObj__raftElectionDeadline - pysyncobj_now() == pytest.approx(0.15, abs=0.05)
+    for other in (_Follower("a", state=_RAFT_STATE.LEADER), _Follower("a", deadline=0.0)):
+        loss.attach(other)  # a leader does not stand; a deadline already sooner stays
+        loss.on_disconnected("a")
+        assert other._SyncObj__raftElectionDeadline in (1e12, 0.0)
+    assert loss.hastened == 1
+    loss.attach(object())  # another pysyncobj version: off, with one warning
+    with caplog.at_level(logging.WARNING, logger="shoal.raft"):
+        loss.on_disconnected("a")
+        loss.on_disconnected("a")
+    assert sum("pysyncobj internals" in r.message for r in caplog.records) == 1
+    assert loss.wait == 0.0
+
+
+def test_leader_lost_wait_must_fit_under_the_election_timeout() -> None:
+    for bad in (-0.1, 0.65):
+        with pytest.raises(ValueError, match="leader_lost_wait"):
+            dataclasses.replace(RaftConfig(), leader_lost_wait=bad).validate()
+    assert RaftConfig().scaled(2).leader_lost_wait == RaftConfig().leader_lost_wait
 
 
 def test_the_agent_flag_takes_a_multiplier_from_1_to_10(
