@@ -18,6 +18,9 @@ is no longer the address of any member is disconnected and refused, so a removed
 replica stops receiving the log. pysyncobj's remote-admin "utility" messages (add/remove
 nodes, status) are refused outright: shoal never uses them.
 
+Closed connections: every closed voter connection is also passed to ``lost_peer`` (the
+store's shoal.raft.leaderloss hook: a follower that lost its leader stands soon).
+
 Limits: the check is by source IP (a node connects from its advertise address on a flat
 network); it complements, not replaces, the password. Must not touch: the Raft protocol,
 membership decisions (the state machine's).
