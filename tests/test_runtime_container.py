@@ -211,13 +211,20 @@ async def test_a_fork_bomb_is_capped_by_the_pids_limit_and_stopped_quickly(
                memory_limit=256 << 20)
     st = await ctl.start(cfg)
     assert st.state is RunState.RUNNING
-    peak = 0
+    # the pids controller's group (v1 pids or the unified hierarchy): its live processes
+    group = next(d for d in task_cgroups(["bomb"]) if (d / "pids.max").exists())
+    peak = procs = 0
     for _ in range(20):
         await asyncio.sleep(0.05)
         usage = ctl.usage("bomb")
         assert usage is not None and usage.pids is not None
         peak = max(peak, usage.pids)
-    assert 30 < peak <= 40, peak
+        procs = max(procs, len((group / "cgroup.procs").read_text().split()))
+    assert 30 < procs <= 40, procs
+    # pids.current may read above the limit for an instant: the kernel charges a fork before
+    # comparing and takes a refused fork's charge back after (pids_try_charge), at most one
+    # in flight per CPU (seen once: 41)
+    assert 30 < peak <= 40 + (os.cpu_count() or 1), peak
     # The host is fine: we can still fork, and the stop is quick (cgroup kill).
     proc = await asyncio.create_subprocess_exec("true")
     assert await proc.wait() == 0
