@@ -43,14 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from shoal.node.errors import NetworkError
+from shoal.node.netlink import import_iproute
 from shoal.raft.errors import IpamError
 from shoal.raft.ipam import allocate_address
 
 log = logging.getLogger("shoal.network")
+IPRoute, NetlinkError = import_iproute()  # not all of pyroute2: see node/netlink.py
 
 
 def _restore_inet_ntop() -> None:
@@ -61,7 +60,7 @@ def _restore_inet_ntop() -> None:
     if socket.inet_ntop is not real:
         socket.inet_ntop = real
     for name, mod in list(sys.modules.items()):
-        if name.startswith("pyroute2") and getattr(mod, "inet_ntop", real) is not real:
+        if name.startswith("pyroute2") and vars(mod).get("inet_ntop", real) is not real:
             mod.inet_ntop = real  # type: ignore[attr-defined]
 
 

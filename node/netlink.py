@@ -1,0 +1,50 @@
+"""pyroute2's ``IPRoute`` and ``NetlinkError``, imported without the rest of pyroute2.
+
+``pyroute2/__init__.py`` imports every module the library has (NDB with sqlite3, IPDB,
+WireGuard, nl80211, IPVS, conntrack, plan9, …): 218 modules and ~12 MiB resident in every
+agent, which uses one class of them. ``import_iproute`` registers the ``pyroute2`` package
+without running that file and imports only ``pyroute2.iproute.linux``: 140 modules, ~6 MiB
+(``bench/agent_rss.py``).
+
+The package stays whole for any other code in the process: a name the bare package lacks
+is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``) runs
+the real ``__init__.py`` once, into the same module object. If ``pyroute2`` is already
+imported (a test that uses it), nothing is changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
+
+def _bare_package() -> ModuleType:
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None:
+        raise ImportError("pyroute2 is not installed")
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def __getattr__(name: str) -> Any:  # PEP 562: only names the module does not have
+        if name.startswith("__") and name not in ("__version__", "__all__"):
+            raise AttributeError(name)  # probes such as __wrapped__ need not load it all
+        if importlib.util.find_spec(f"pyroute2.{name}") is not None:
+            return importlib.import_module(f"pyroute2.{name}")
+        del package.__getattr__  # the real __init__ defines everything from here on
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = __getattr__  # type: ignore[method-assign]
+    return package
+
+
+def import_iproute() -> tuple[type, type[Exception]]:
+    """Return (IPRoute, NetlinkError) for Linux."""
+    if "pyroute2" not in sys.modules:
+        sys.modules["pyroute2"] = _bare_package()
+    from pyroute2.iproute.linux import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    return IPRoute, NetlinkError
