@@ -17,46 +17,63 @@ Runs on one core; loads nothing but the interpreter it starts.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-# the third-party libraries an agent imports (node/, raft/, gossip/, runtime/, lb/)
-LIBRARIES = ("uvloop", "aiohttp.web", "cryptography.x509",
-             "cryptography.hazmat.primitives.ciphers.aead", "dns.message", "pysyncobj",
-             "prometheus_client", "msgspec", "msgpack", "pyroute2")
+# the third-party libraries an agent imports (node/, raft/, gossip/, runtime/, lb/), each as
+# the agent imports it: pyroute2's IPRoute without the package's __init__ (node/netlink.py)
+LIBRARIES = {
+    "uvloop": "import uvloop",
+    "aiohttp.web": "import aiohttp.web",
+    "cryptography.x509": "import cryptography.x509",
+    "cryptography…aead": "import cryptography.hazmat.primitives.ciphers.aead",
+    "dns.message": "import dns.message",
+    "pysyncobj": "import pysyncobj",
+    "prometheus_client": "import prometheus_client",
+    "msgspec": "import msgspec",
+    "msgpack": "import msgpack",
+    "pyroute2 (IPRoute)": "from shoal.node.netlink import import_iproute; import_iproute()",
+    "pyroute2 (whole package)": "import pyroute2",
+}
+IPROUTE, WHOLE = "pyroute2 (IPRoute)", "pyroute2 (whole package)"  # WHOLE: what agents
+# imported before node/netlink.py, shown for comparison, measured after the others but IPROUTE
 
 _PROBE = """
-import importlib, sys
+import json, sys
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS:'):
             return int(line.split()[1])
-others, target = sys.argv[1].split(','), sys.argv[2]
-for m in others:
-    if m and m != target:
-        importlib.import_module(m)
+others, target = json.loads(sys.argv[1]), sys.argv[2]
+for statement in others:
+    exec(statement)
 before, n = rss(), len(sys.modules)
-importlib.import_module(target)
+exec(target)
 print(rss() - before, len(sys.modules) - n, rss())
 """
 
 
-def probe(others: tuple[str, ...], target: str) -> tuple[int, int, int]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, ",".join(others), target],
+def probe(others: list[str], target: str) -> tuple[int, int, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(others), target],
                          check=True, capture_output=True, text=True).stdout.split()
     return int(out[0]), int(out[1]), int(out[2])
 
 
 def imports() -> None:
-    base = probe((), "json")[2]
+    base = probe([], "import json")[2]
     print(f"interpreter alone: {base / 1024:.1f} MiB")
     print(f"{'library':46} {'adds (KiB)':>10} {'modules':>8}   (after all the others)")
-    for lib in LIBRARIES:
-        added, mods, _ = probe(LIBRARIES, lib)
-        print(f"{lib:46} {added:10d} {mods:8d}")
-    added, mods, total = probe((), "shoal.node.agent")
+    others = [stmt for name, stmt in LIBRARIES.items() if name != WHOLE]
+    for name, stmt in LIBRARIES.items():
+        skip = (stmt, LIBRARIES[IPROUTE]) if name == WHOLE else (stmt,)
+        added, mods, _ = probe([s for s in others if s not in skip], stmt)
+        print(f"{name:46} {added:10d} {mods:8d}")
+    _, _, libs = probe(others[1:], others[0])
+    print(f"{'the libraries together':46} {'':10} {'':8}   → {libs / 1024:.1f} MiB")
+    added, mods, total = probe([], "import shoal.node.agent")
     print(f"{'shoal.node.agent (everything)':46} {added:10d} {mods:8d}   "
           f"→ {total / 1024:.1f} MiB resident before any work")
 
