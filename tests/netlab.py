@@ -243,25 +243,9 @@ class Host:
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> None:
         """Start ``shoal agent`` in this host and wait until its unix socket accepts."""
-        if self.agent_alive():
-            raise LabError(f"{self.name}: agent already running (pid {self.agent_pid})")
-        with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()  # a stale socket from a killed agent would look ready
-        self._agent = self.spawn(
-            *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
-            "--advertise-addr", self.ip, *self.lab.agent_args, *self.agent_args, *extra,
-            log_name="agent", hostname=True)
+        self.spawn_agent(*extra)
         deadline = time.monotonic() + timeout
-        while True:
-            if self._agent.poll() is not None:
-                raise LabError(f"{self.name}: agent exited with {self._agent.returncode} "
-                               f"before serving {self.sock}\n{self.log_tail()}")
-            if self.sock.exists():
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(1.0)
-                    with contextlib.suppress(OSError):
-                        s.connect(str(self.sock))
-                        return
+        while not self.agent_serving():  # LabError with its log if it exited
             if time.monotonic() > deadline:
                 self.kill_agent()
                 raise LabError(f"{self.name}: agent did not accept on {self.sock} within "
@@ -295,7 +279,7 @@ class Host:
         if self.agent_alive():
             raise LabError(f"{self.name}: agent already running (pid {self.agent_pid})")
         with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()
+            self.sock.unlink()  # a stale socket from a killed agent would look ready
         self._agent = self.spawn(
             *self.shoal_argv, "agent", "--data-dir", str(self.data_dir),
             "--advertise-addr", self.ip, *self.lab.agent_args, *self.agent_args, *extra,
