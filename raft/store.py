@@ -47,6 +47,7 @@ from shoal.raft.errors import CommandRejected, NotReady, PersistenceError, Write
 from shoal.raft.journal import harden_journal, read_journal, rewrite_journal
 from shoal.raft.leaderloss import LeaderLoss
 from shoal.raft.models import NodeRole, to_dict
+from shoal.raft.prevote import PreVote
 from shoal.raft.state import ClusterState, Snapshot
 from shoal.raft.transport import AdmissionTransport, AeadEncryptor
 from shoal.raft.wire import state_from_bytes, state_to_bytes
@@ -92,6 +93,11 @@ class RaftConfig:
     # (shoal.raft.leaderloss). Random so that two followers rarely split the vote. Not
     # scaled by the Raft multiplier. 0 = off.
     leader_lost_wait: float = 0.25
+    # Ask the other managers before standing for election, and stand only if a majority
+    # would vote (shoal.raft.prevote): a manager that alone lost the leader (a broken link,
+    # a starved Raft thread, back from a partition) does not depose it. A manager grants
+    # only if it heard no leader for raft_min_timeout - append_entries_period.
+    pre_vote: bool = True
     # Longest the Raft tick thread sleeps when idle, seconds (pysyncobj's autoTickPeriod, its
     # poll timeout). It sleeps only until its next timer (the leader's next append-entries,
     # a follower's election deadline, the journal's one-second timer: raft/eager.py
@@ -252,8 +258,8 @@ def _check_persistence(data_dir: Path, can_refetch: bool) -> None:
 
 
 class _SafeSyncObj(SyncObj):
-    """SyncObj with two follower-side fixes to pysyncobj's append-entries (methods of a
-    subclass, not instance attributes: the compaction pickles the instance's dict).
+    """SyncObj with shoal's fixes to pysyncobj (methods of a subclass, not instance
+    attributes: the compaction pickles the instance's dict).
 
     * Its answers (``next_node_idx``) carry the follower's term, so the leader drops answers
       from another term (raft/transport.py). pysyncobj's carry none: a leader re-elected
@@ -264,12 +270,20 @@ class _SafeSyncObj(SyncObj):
       (shoal.raft.appendentries): pysyncobj deleted everything after ``prevLogIdx``, so an
       older or partial batch shortened a log the follower had acknowledged.
     * A new term or vote is stored before it is taken (:meth:`_SyncObj__setCurrentTerm`).
-    * Committed entries are applied a slice at a time (:meth:`_SyncObj__applyLogEntries`)."""
+    * Committed entries are applied a slice at a time (:meth:`_SyncObj__applyLogEntries`).
+    * A follower asks before it stands for election (shoal.raft.prevote, :meth:`_onTick`;
+      its messages go through the transport)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pre_vote: PreVote | None = None, **kwargs: Any) -> None:
         # before SyncObj's __init__: it leaves the attributes it finds there out of snapshots
         self._shoal_transmissions = appendentries.Transmissions()
+        self._shoal_pre_vote = pre_vote
         super().__init__(*args, **kwargs)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._shoal_pre_vote is not None:
+            self._shoal_pre_vote.before_tick()  # before its election check
+        super()._onTick(timeToWait)
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         handle = super()._SyncObj__onMessageReceived
@@ -498,6 +512,10 @@ class RaftStore:
         self._role_listeners: list[Callable[[], None]] = []
         # a follower that loses its leader's connection stands soon (shoal.raft.leaderloss)
         self._leader_loss = LeaderLoss(self.config.leader_lost_wait)
+        # and one that alone lost it asks before it stands (shoal.raft.prevote)
+        self._pre_vote = PreVote(
+            self.config.raft_min_timeout - self.config.append_entries_period,
+            enabled=self.config.pre_vote)
         conf = SyncObjConf(
             password=None,  # encryption: AeadEncryptor, installed by the transport below
             bindAddress=bind_addr,
@@ -523,14 +541,21 @@ class RaftStore:
                              transportClass=functools.partial(
                                  AdmissionTransport, admit=self._admit, link_up=link_up,
                                  encryptor=self.encryptor,
-                                 lost_peer=self._leader_loss.on_disconnected))
+                                 lost_peer=self._lost_peer, pre_vote=self._pre_vote),
+                             pre_vote=self._pre_vote)
         self._leader_loss.attach(self._sync)
+        self._pre_vote.attach(self._sync)
         harden_journal(self._sync)
         # wake the tick thread on propose, ship entries/commits at the end of their tick
         self._eager = EagerReplication(self._sync)
         self._trusted = False  # see is_ready
         # the read barrier the next linearizable reads will share (see read_barrier)
         self._barrier: asyncio.Future[int] | None = None
+
+    def _lost_peer(self, node: Any) -> None:
+        """(tick thread) A voter connection closed."""
+        self._pre_vote.on_disconnected(node)
+        self._leader_loss.on_disconnected(node)
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).

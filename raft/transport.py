@@ -20,6 +20,8 @@ nodes, status) are refused outright: shoal never uses them.
 
 Closed connections: every closed voter connection is also passed to ``lost_peer`` (the
 store's shoal.raft.leaderloss hook: a follower that lost its leader stands soon).
+Pre-votes: every message from a voter is shown to ``pre_vote`` first, which takes its own
+two message types (shoal.raft.prevote: ask before standing for election).
 
 Limits: the check is by source IP (a node connects from its advertise address on a flat
 network); it complements, not replaces, the password. Must not touch: the Raft protocol,
@@ -42,6 +44,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj.transport import TCPTransport
+
+from shoal.raft.prevote import PreVote
 
 log = logging.getLogger("shoal.raft")
 
@@ -120,7 +124,8 @@ class AdmissionTransport(TCPTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *,
                  admit: Callable[[str], bool], encryptor: Any = None,
                  recheck: float = 0.5, link_up: Callable[[str], bool] | None = None,
-                 lost_peer: Callable[[Any], None] | None = None) -> None:
+                 lost_peer: Callable[[Any], None] | None = None,
+                 pre_vote: PreVote | None = None) -> None:
         if encryptor is not None:
             # SyncObj builds its transport after its own encryptor and before any
             # connection or tick: the one moment it can be replaced for every connection
@@ -132,6 +137,8 @@ class AdmissionTransport(TCPTransport):
         self._recheck = recheck
         # told of every closed voter connection, after pysyncobj (shoal.raft.leaderloss)
         self._lost_peer = lost_peer
+        # sees every message first and takes the pre-vote ones (shoal.raft.prevote)
+        self._pre_vote = pre_vote
         self._last_check = 0.0
         self._logged: dict[str | None, float] = {}  # ip -> last warning (one a minute)
         super().__init__(syncObj, selfNode, otherNodes)
@@ -160,6 +167,9 @@ class AdmissionTransport(TCPTransport):
         if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
                 "term" in message and message["term"] != self._syncObj._getTerm():
             return  # an answer to another term's append-entries (shoal.raft.store._SafeSyncObj)
+        if self._pre_vote is not None and isinstance(message, dict) and \
+                self._pre_vote.on_message(node, message):
+            return
         super()._onMessageReceived(node, message)
 
     def _onNodeDisconnected(self, node: Any) -> None:
