@@ -2,7 +2,8 @@
 ports, polling a condition from a coroutine, recording a store's proposals, an sshd's set-up
 files.
 
-Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``sshd_config`` (the files
+Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``raft_trio`` (three real
+RaftStores on loopback with a cuttable link between any two), ``sshd_config`` (the files
 only: the caller starts and stops the sshd, where it wants it). Must not touch: network
 namespaces and agents (tests/netlab.py: its ``wait_until`` polls from a thread and retries on
 exceptions), anything outside loopback. ``until`` lets an exception from the condition
@@ -68,6 +69,31 @@ async def until(cond: Callable[[], T | None], timeout: float, what: str = "condi
         assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
         await asyncio.sleep(interval)
     return value
+
+
+async def raft_trio(tmp_path: Path, config: Any, cut: set[tuple[str, str]] | None = None,
+                    timeout: float = 60.0) -> list[Any]:
+    """Three RaftStores on loopback (in-memory logs, secret "secret"), once one leads and all
+    are ready. ``cut`` holds (at, peer) address pairs: ``at`` neither hears nor talks to
+    ``peer`` while the pair is in it (``AdmissionTransport(link_up=...)``). The caller
+    closes the stores."""
+    from shoal.raft.store import RaftStore  # (helpers is imported by tests without Raft)
+
+    addrs = [f"{LOOPBACK}:{p}" for p in free_ports(3)]
+    links = cut if cut is not None else set()
+
+    def link_up(me: str) -> Callable[[str], bool]:
+        return lambda peer: (me, peer) not in links
+    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=config, persist=False,
+                        link_up=link_up(a)) for i, a in enumerate(addrs)]
+    try:
+        await until(lambda: any(s.is_leader() for s in stores) and all(
+            s.is_ready() for s in stores), timeout, "a leader and ready replicas")
+    except BaseException:
+        for s in stores:
+            s.close()
+        raise
+    return stores
 
 
 def fill_filesystem(path: Path) -> int:

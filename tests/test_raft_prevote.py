@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_ports, until
+from helpers import raft_trio, until
 from pysyncobj.monotonic import monotonic as pysyncobj_now
 from pysyncobj.syncobj import _RAFT_STATE
 
 from shoal.raft.prevote import PreVote
-from shoal.raft.store import RaftConfig, RaftStore
+from shoal.raft.store import RaftConfig
 
 # short timeouts so the cut-off follower's deadline passes several times in the window
 CONFIG = RaftConfig(raft_min_timeout=0.65, raft_max_timeout=1.0, append_entries_period=0.2,
@@ -38,14 +38,9 @@ def _service(name: str) -> dict[str, Any]:
 
 
 async def _cut_one_link(tmp_path: Path, config: RaftConfig) -> dict[str, Any]:
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     cut: set[tuple[str, str]] = set()  # (at, peer): ``at`` neither hears nor talks to ``peer``
-    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=config, persist=False,
-                        link_up=lambda peer, me=a: (me, peer) not in cut)
-              for i, a in enumerate(addrs)]
+    stores = await raft_trio(tmp_path, config, cut)
     try:
-        await until(lambda: any(s.is_leader() for s in stores) and all(
-            s.is_ready() for s in stores), 60.0, "a leader and ready replicas")
         leader = next(s for s in stores if s.is_leader())
         lonely, other = [s for s in stores if s is not leader]
         term = leader.term()
@@ -95,14 +90,9 @@ async def test_a_dead_leader_is_still_replaced_at_once(tmp_path: Path) -> None:
     config = RaftConfig(raft_min_timeout=4.0, raft_max_timeout=6.0,
                         append_entries_period=0.3, leader_lost_wait=0.5,
                         leader_fallback_timeout=10.0)
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
-    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=config, persist=False)
-              for i, a in enumerate(addrs)]
-    leader = None
+    stores = await raft_trio(tmp_path, config, timeout=90.0)
+    leader = next(s for s in stores if s.is_leader())
     try:
-        await until(lambda: any(s.is_leader() for s in stores) and all(
-            s.is_ready() for s in stores), 90.0, "a leader and ready replicas")
-        leader = next(s for s in stores if s.is_leader())
         survivors = [s for s in stores if s is not leader]
         for store, draw in zip(survivors, (0.0, 1.0), strict=True):
             store._leader_loss._rand = lambda draw=draw: draw  # never stand together
@@ -114,7 +104,7 @@ async def test_a_dead_leader_is_still_replaced_at_once(tmp_path: Path) -> None:
         assert "ok" in await new.propose(_service("after"))
     finally:
         for s in stores:
-            if s is not leader:
+            if s is not leader:  # (closed above)
                 s.close()
 
 
