@@ -130,7 +130,7 @@ class PreVote:
         if kind == "append_entries":
             if term >= s._SyncObj__raftCurrentTerm:  # a leader: no campaign, a new lease
                 self._heard_at, self._leader_gone = monotonic_time(), False
-                self._campaign = None
+                self._campaign = self._won = None  # (a grant won before it is void)
             return False
         if kind == RESPONSE:
             if message.get("granted") is True and term == self._campaign and \

@@ -167,6 +167,13 @@ def test_a_candidate_asks_and_stands_only_with_a_majority() -> None:
     assert pv.won == 1 and s._SyncObj__raftElectionDeadline == 0.0  # 2 of 3: stand now
     pv.before_tick()  # the tick in which pysyncobj stands: no new round, deadline left passed
     assert len(sent) == 2 and s._SyncObj__raftElectionDeadline == 0.0
+    # won, but a leader's append-entries came first: the grant is void, the next round asks
+    assert pv.on_message("B", {"type": "pre_vote_response", "term": 4, "granted": True}) \
+        is True  # (no campaign now: ignored)
+    pv._won = 4
+    assert not pv.on_message("L", {"type": "append_entries", "term": 3})
+    pv.before_tick()
+    assert len(sent) == 4 and pv.won == 1
 
 
 def test_what_a_manager_grants() -> None:
