@@ -38,8 +38,9 @@ LIBRARIES = {
     "pyroute2 (IPRoute)": "from shoal.node.netlink import import_iproute; import_iproute()",
     "pyroute2 (whole package)": "import pyroute2",
 }
-IPROUTE, WHOLE = "pyroute2 (IPRoute)", "pyroute2 (whole package)"  # WHOLE: what agents
-# imported before node/netlink.py, shown for comparison, measured after the others but IPROUTE
+IPROUTE, WHOLE = "pyroute2 (IPRoute)", "pyroute2 (whole package)"
+# WHOLE is what agents imported before node/netlink.py: shown for comparison, measured after
+# the others except IPROUTE, and left out of "the libraries together"
 
 _PROBE = """
 import json, sys
