@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_ports, until
+from helpers import free_ports, raft_trio, until
 from pysyncobj import SyncObjConf, SyncObjConsumer, replicated
 
 import shoal.raft.store as raft_store
 from shoal.raft.state import ClusterState
-from shoal.raft.store import RaftConfig, RaftStore
+from shoal.raft.store import RaftConfig
 
 SLOW_APPLY = 0.05
 
@@ -87,13 +87,9 @@ async def test_a_burst_of_slow_entries_is_applied_without_losing_the_leader(
         return apply(self, cmd)
 
     monkeypatch.setattr(ClusterState, "apply", slow)
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
-    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=RaftConfig(),
-                        persist=False) for i, a in enumerate(addrs)]
+    stores = await raft_trio(tmp_path, RaftConfig())
     writes = 40  # x SLOW_APPLY = 2 s, twice the 1 s longest election timeout
     try:
-        await until(lambda: any(s.is_leader() for s in stores) and all(
-            s.is_ready() for s in stores), 60.0, "a leader and ready replicas")
         leader = next(s for s in stores if s.is_leader())
         term = leader.term()
         await asyncio.gather(*(leader.propose(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_ports, until
+from helpers import raft_trio, until
 
 from shoal.raft.errors import WriteTimeout
 from shoal.raft.store import RaftConfig, RaftStore
@@ -59,17 +59,9 @@ def _deliver_late(store: RaftStore, from_addr: str, message: dict[str, Any]) -> 
 @pytest.mark.parametrize("answer", ["termless", "stale-term"])
 async def test_a_late_answer_from_another_term_does_not_commit(tmp_path: Path,
                                                               answer: str) -> None:
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     cut: set[tuple[str, str]] = set()  # (at, peer): ``at`` neither hears nor talks to ``peer``
-
-    def link(me: str) -> Any:
-        return lambda peer: (me, peer) not in cut
-
-    stores = [RaftStore(a, addrs, tmp_path / f"n{i}", "secret", config=CONFIG,
-                        persist=False, link_up=link(a)) for i, a in enumerate(addrs)]
+    stores = await raft_trio(tmp_path, CONFIG, cut)
     try:
-        await until(lambda: any(s.is_leader() for s in stores) and all(
-            s.is_ready() for s in stores), 60.0, "a leader and ready replicas")
         old = next(s for s in stores if s.is_leader())
         followers = [s for s in stores if s is not old]
         assert "ok" in await old.propose(_service("before"))
