@@ -28,7 +28,7 @@ from shoal.raft.store import RaftConfig
 
 # short timeouts so the cut-off follower's deadline passes several times in the window
 CONFIG = RaftConfig(raft_min_timeout=0.65, raft_max_timeout=1.0, append_entries_period=0.2,
-                    leader_lost_wait=0.0, leader_fallback_timeout=5.0)
+                    leader_lost_wait=0.0, leader_fallback_timeout=5.0, pre_vote=True)
 WINDOW = 4.0  # seconds of cut link: >= 4 of the follower's election timeouts
 
 
@@ -89,7 +89,7 @@ async def test_a_dead_leader_is_still_replaced_at_once(tmp_path: Path) -> None:
     pre-votes, and leader_lost_wait's quick election still happens (shoal.raft.leaderloss)."""
     config = RaftConfig(raft_min_timeout=4.0, raft_max_timeout=6.0,
                         append_entries_period=0.3, leader_lost_wait=0.5,
-                        leader_fallback_timeout=10.0)
+                        leader_fallback_timeout=10.0, pre_vote=True)
     stores = await raft_trio(tmp_path, config, timeout=90.0)
     leader = next(s for s in stores if s.is_leader())
     try:
