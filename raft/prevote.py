@@ -20,6 +20,12 @@ to it has not closed. The leader never grants. Only with a majority of grants (i
 included) does the follower let pysyncobj stand; otherwise it waits a new election timeout
 and asks again, its term unchanged, and takes the leader's next append-entries as before.
 
+Off by default (``RaftConfig.pre_vote``): a manager that refuses the current leader's
+connection (admission from an older state, right after a promotion) hears no leader, is
+refused every pre-vote, and would wait forever; pysyncobj's disruptive elections are what
+get it out today (docs/architecture.md, "Ask before standing"). Off, this still answers the
+pre-votes of managers that have it on.
+
 Costs: one round trip before an election that will happen (a killed leader is still replaced
 in ~0.1 s: a closed connection ends the lease, shoal.raft.leaderloss); nothing on a quiet
 cluster. A leadership transfer (pysyncobj's ``timeout_now``) stands without asking.
