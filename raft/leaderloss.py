@@ -17,7 +17,7 @@ stand together and split the vote; a split vote falls back to the election timeo
 
 A leader that is alive but whose connection broke (a reset on the network) may lose its
 office to that early election: safe (an election never loses a committed write), it costs
-the writes of that moment one election — unless pre-vote is on (shoal.raft.prevote, off by
+the writes of that moment one election — unless pre-vote is on (shoal.raft.prevote, the
 default): then the others, still hearing the leader, refuse. A pulled cable closes nothing:
 then the election timeout decides, as before.
 

@@ -20,11 +20,12 @@ to it has not closed. The leader never grants. Only with a majority of grants (i
 included) does the follower let pysyncobj stand; otherwise it waits a new election timeout
 and asks again, its term unchanged, and takes the leader's next append-entries as before.
 
-Off by default (``RaftConfig.pre_vote``): a manager that refuses the current leader's
-connection (admission from an older state, right after a promotion) hears no leader, is
-refused every pre-vote, and would wait forever; pysyncobj's disruptive elections are what
-get it out today (docs/architecture.md, "Ask before standing"). Off, this still answers the
-pre-votes of managers that have it on.
+On by default (``RaftConfig.pre_vote``). It needs every manager to hear the current leader:
+one that refused the leader's connection would be refused every pre-vote and wait forever
+(no disruptive election gets it out any more). So a restarted replica takes the voters of
+its whole log, and follows a voter it does not know yet (shoal.raft.store
+``_adopt_log_membership``, shoal.raft.transport "Strangers"; docs/architecture.md). Off, this
+still answers the pre-votes of managers that have it on. Only grants from known voters count.
 
 Costs: one round trip before an election that will happen (a killed leader is still replaced
 in ~0.1 s: a closed connection ends the lease, shoal.raft.leaderloss); nothing on a quiet
@@ -140,7 +141,7 @@ class PreVote:
             return False
         if kind == RESPONSE:
             if message.get("granted") is True and term == self._campaign and \
-                    term == s._SyncObj__raftCurrentTerm + 1:
+                    term == s._SyncObj__raftCurrentTerm + 1 and node in s._SyncObj__otherNodes:
                 self._grants.add(node)
                 self._count(s)
             return True

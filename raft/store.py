@@ -96,12 +96,9 @@ class RaftConfig:
     # Ask the other managers before standing for election, and stand only if a majority
     # would vote (shoal.raft.prevote): a manager that alone lost the leader (a broken link,
     # a starved Raft thread, back from a partition) does not depose it. A manager grants
-    # only if it heard no leader for raft_min_timeout - append_entries_period. Off by
-    # default: a manager restarted right after a promotion can refuse the connection of
-    # the promoted node that now leads (admission, below, from its older state) and then,
-    # with pre-vote, never hears a leader again (CI, tests/test_promote_cluster.py);
-    # pysyncobj's own elections get it out. Off, it still answers others' pre-votes.
-    pre_vote: bool = False
+    # only if it heard no leader for raft_min_timeout - append_entries_period. Off, a
+    # manager still answers others' pre-votes (a mixed setting never holds one up).
+    pre_vote: bool = True
     # Longest the Raft tick thread sleeps when idle, seconds (pysyncobj's autoTickPeriod, its
     # poll timeout). It sleeps only until its next timer (the leader's next append-entries,
     # a follower's election deadline, the journal's one-second timer: raft/eager.py
@@ -276,18 +273,47 @@ class _SafeSyncObj(SyncObj):
     * A new term or vote is stored before it is taken (:meth:`_SyncObj__setCurrentTerm`).
     * Committed entries are applied a slice at a time (:meth:`_SyncObj__applyLogEntries`).
     * A follower asks before it stands for election (shoal.raft.prevote, :meth:`_onTick`;
-      its messages go through the transport)."""
+      its messages go through the transport).
+    * A restarted replica takes the membership of its whole log, committed or not
+      (:meth:`_adopt_log_membership`)."""
 
     def __init__(self, *args: Any, pre_vote: PreVote | None = None, **kwargs: Any) -> None:
         # before SyncObj's __init__: it leaves the attributes it finds there out of snapshots
         self._shoal_transmissions = appendentries.Transmissions()
         self._shoal_pre_vote = pre_vote
+        self._shoal_log_membership = False  # adopted (after the first ready tick)
         super().__init__(*args, **kwargs)
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
         if self._shoal_pre_vote is not None:
             self._shoal_pre_vote.before_tick()  # before its election check
         super()._onTick(timeToWait)
+        if not self._shoal_log_membership:
+            self._adopt_log_membership()
+
+    def _adopt_log_membership(self) -> None:
+        """Once, at start (tick thread): apply the membership changes of the log entries not
+        applied yet, as Raft has every server use the latest configuration in its log,
+        committed or not (Ongaro's thesis, 4.1). pysyncobj applies a change when it appends it,
+        and on a restart only when the entry commits — which it learns from a leader. A
+        manager killed right after it had appended "add h3" restarted without h3 among its
+        voters; pysyncobj refuses a connection from a node it does not know (and the higher
+        address dials the lower), so when h3 led the cluster the restarted manager never
+        heard a leader: with pre-vote, it never got elected either (CI,
+        tests/test_promote_cluster.py). A change from an entry a new leader later
+        truncates is undone by pysyncobj, as for one it appended itself."""
+        me: Any = self  # pysyncobj's private state
+        if not me._SyncObj__transport.ready or me._SyncObj__needLoadDumpFile:
+            return  # the dump, and the membership it holds, loads on the first ready tick
+        self._shoal_log_membership = True
+        start, end = me._SyncObj__raftLastApplied + 1, me._SyncObj__getCurrentLogIndex()
+        if end < start:
+            return
+        for entry in me._SyncObj__getEntries(start, end - start + 1):
+            change = me._SyncObj__parseChangeClusterRequest(entry[0])
+            if change is not None and me._SyncObj__doChangeCluster(change):
+                log.info("Raft: voter %s %s from the log's unapplied entry %d", change[1],
+                         "added" if change[0] == "add" else "removed", entry[1])
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         handle = super()._SyncObj__onMessageReceived
@@ -543,7 +569,8 @@ class RaftStore:
         self._sync = _SafeSyncObj(self_addr, [p for p in peers if p != self_addr], conf=conf,
                              consumers=[self.consumer],
                              transportClass=functools.partial(
-                                 AdmissionTransport, admit=self._admit, link_up=link_up,
+                                 AdmissionTransport, admit=self._admit,
+                                 admit_member=self._admit_member, link_up=link_up,
                                  encryptor=self.encryptor,
                                  lost_peer=self._lost_peer, pre_vote=self._pre_vote),
                              pre_vote=self._pre_vote)
@@ -563,7 +590,8 @@ class RaftStore:
 
     def _admit(self, ip: str) -> bool:
         """Is ``ip`` the address of a manager? (tick thread; no nodes yet: bootstrap).
-        Workers hold no Raft secret and never connect (shoal.node.feed).
+        Workers hold no Raft secret and never connect (shoal.node.feed); a demoted one
+        that kept a copy is refused.
 
         A Raft peer of this node's own configuration is one too: a manager restarted from
         an older dump knows of a later promotion from its peer list (the agent saves the
@@ -577,6 +605,15 @@ class RaftStore:
             nodes = self.consumer.state.nodes
             return not nodes or any(n.addr == ip and n.role is NodeRole.MANAGER
                                     for n in nodes.values())
+
+    def _admit_member(self, ip: str) -> bool:
+        """Is ``ip`` the address of any node of the cluster, or a Raft peer? (tick thread)
+        For a connection that claims to be a voter this replica does not know of: its state
+        may predate that node's promotion (shoal.raft.transport, "Strangers")."""
+        if self._admit(ip):
+            return True
+        with self.consumer._lock:
+            return any(n.addr == ip for n in self.consumer.state.nodes.values())
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:

@@ -9,14 +9,24 @@ on a busy machine. ``AeadEncryptor`` keeps pysyncobj's encryptor interface and f
 AES-256-GCM (~2 GB/s), keyed by HKDF-SHA256 from the cluster's 256-bit Raft secret. The
 transport installs it on its SyncObj before the first connection exists.
 
-Admission: the Raft secret authenticates messages, but it is cluster-wide —
-every worker holds it to run its read-only replica — so it cannot tell a current member
-from a node that was removed (``shoal node rm``) and still has the secret. This transport
-asks ``admit(ip)`` when a connection introduces itself (a voter's address or
-``readonly``) and again every ``recheck`` seconds for every open connection: a host that
-is no longer the address of any member is disconnected and refused, so a removed node's
-replica stops receiving the log. pysyncobj's remote-admin "utility" messages (add/remove
-nodes, status) are refused outright: shoal never uses them.
+Admission: the Raft secret authenticates messages, but it is cluster-wide and outlives a
+node's membership, so it cannot tell a current manager from a node that was demoted or
+removed (``shoal node rm``) and kept a copy. This transport asks ``admit(ip)`` when a
+connection introduces itself (a voter's address or ``readonly``) and again every
+``recheck`` seconds for every open connection that is not a voter's: a host that is no
+longer a manager's address is disconnected and refused, so it never receives the log.
+pysyncobj's remote-admin "utility" messages (add/remove nodes, status) are refused
+outright: shoal never uses them.
+
+Strangers: a connection that introduces itself as a voter this replica does not know of
+yet — a manager promoted while this one was down, or whose "add" entry it has not applied —
+is kept if ``admit_member(ip)`` (any node of the cluster state, workers too: that state may
+predate the promotion) as one of pysyncobj's read-only links. pysyncobj alone dropped it,
+and since only the higher address dials, a replica that did not know the current leader
+never heard from it: with pre-vote on (its pre-votes refused by managers that do hear the
+leader), never again. The stranger's append-entries reach pysyncobj as any leader's; the
+log then names the stranger a voter, and its link is closed so that it dials back as one.
+A stranger is never sent append-entries (were this replica to lead).
 
 Closed connections: every closed voter connection is also passed to ``lost_peer`` (the
 store's shoal.raft.leaderloss hook: a follower that lost its leader stands soon).
@@ -122,7 +132,8 @@ def _peer_ip(conn: Any) -> str | None:
 
 class AdmissionTransport(TCPTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any, *,
-                 admit: Callable[[str], bool], encryptor: Any = None,
+                 admit: Callable[[str], bool],
+                 admit_member: Callable[[str], bool] | None = None, encryptor: Any = None,
                  recheck: float = 0.5, link_up: Callable[[str], bool] | None = None,
                  lost_peer: Callable[[Any], None] | None = None,
                  pre_vote: PreVote | None = None) -> None:
@@ -131,6 +142,10 @@ class AdmissionTransport(TCPTransport):
             # connection or tick: the one moment it can be replaced for every connection
             syncObj._SyncObj__encryptor = encryptor
         self._admit = admit
+        self._admit_member = admit_member or admit
+        # read-only links of voters this replica does not know of yet: node -> the address
+        # it introduced itself with (see "Strangers" above)
+        self._strangers: dict[Any, str] = {}
         # fault injection (tests): link_up(peer "addr:port") False drops every Raft message
         # to and from that peer, like a network partition; None = every link is up
         self._link_up = link_up
@@ -145,24 +160,53 @@ class AdmissionTransport(TCPTransport):
 
     def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:
         handshake = self._syncObj.encryptor and not conn.sendRandKey
-        if not handshake:
-            ip = _peer_ip(conn)
-            if isinstance(message, list) or ip is None or not self._admit(ip):
-                self._warn(ip, "refused a Raft connection from %s (%s)", ip,
-                           "admin command" if isinstance(message, list) else
-                           "not a member's address")
-                self._unknownConnections.discard(conn)
-                conn.disconnect()
-                return
-        super()._onIncomingMessageReceived(conn, message)
+        if handshake:
+            return super()._onIncomingMessageReceived(conn, message)
+        ip = _peer_ip(conn)
+        stranger = isinstance(message, str) and message != "readonly" and \
+            message not in self._nodeAddrToNode
+        admit = self._admit_member if stranger else self._admit
+        if isinstance(message, list) or ip is None or not admit(ip):
+            self._warn(ip, "refused a Raft connection from %s (%s)", ip,
+                       "admin command" if isinstance(message, list) else
+                       "not a member's address")
+            self._unknownConnections.discard(conn)
+            conn.disconnect()
+            return
+        if not stranger:
+            return super()._onIncomingMessageReceived(conn, message)
+        super()._onIncomingMessageReceived(conn, "readonly")
+        node = next((n for n, c in self._connections.items() if c is conn), None)
+        if node is not None:
+            self._strangers[node] = message
+            self._warn(message, "Raft: %s introduced itself as a voter this replica does "
+                       "not know of yet: following it until the log says so", message)
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        for stranger, addr in list(self._strangers.items()):
+            if addr == node.address:  # a voter now: let it dial back as one
+                self._strangers.pop(stranger, None)
+                conn = self._connections.get(stranger)
+                if conn is not None:
+                    conn.disconnect()
+
+    def _onReadonlyNodeDisconnected(self, node: Any) -> None:
+        self._strangers.pop(node, None)
+        super()._onReadonlyNodeDisconnected(node)
 
     def send(self, node: Any, message: Any) -> bool:
-        if self._link_up is not None and not self._link_up(str(node.id)):
+        if self._link_up is not None and not self._link_up(
+                self._strangers.get(node, str(node.id))):
             return False  # the partition swallows it (pysyncobj retries as on a lost link)
+        if node in self._strangers and isinstance(message, dict) and \
+                message.get("type") == "append_entries":
+            return False  # a leader's log goes to voters it knows and to managers only
         return bool(super().send(node, message))
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
-        if self._link_up is not None and not self._link_up(str(node.id)):
+        if self._link_up is not None and not self._link_up(
+                self._strangers.get(node, str(node.id))):
             return
         if isinstance(message, dict) and message.get("type") == "next_node_idx" and \
                 "term" in message and message["term"] != self._syncObj._getTerm():
@@ -193,10 +237,12 @@ class AdmissionTransport(TCPTransport):
             if node not in self._readonlyNodes and node in self._nodes:
                 continue  # voters: pysyncobj's membership decides (a removed voter is dropped)
             ip = _peer_ip(conn)
-            if ip is not None and not self._admit(ip):
+            admit = self._admit_member if node in self._strangers else self._admit
+            if ip is not None and not admit(ip):
                 self._warn(ip, "disconnected the Raft replica at %s: no longer a member", ip)
                 conn.disconnect()
                 self._connections.pop(node, None)
+                self._strangers.pop(node, None)
 
 
 __all__ = ["AdmissionTransport"]

@@ -162,6 +162,8 @@ def test_a_candidate_asks_and_stands_only_with_a_majority() -> None:
     assert len(sent) == 2
     assert pv.on_message("B", {"type": "pre_vote_response", "term": 3, "granted": True})
     assert pv.on_message("B", {"type": "pre_vote_response", "term": 4, "granted": False})
+    # a grant from a node that is no voter here (a stranger's link: shoal.raft.transport)
+    assert pv.on_message("X", {"type": "pre_vote_response", "term": 4, "granted": True})
     assert s._SyncObj__raftElectionDeadline > 0 and pv.won == 0  # not those
     assert pv.on_message("B", {"type": "pre_vote_response", "term": 4, "granted": True})
     assert pv.won == 1 and s._SyncObj__raftElectionDeadline == 0.0  # 2 of 3: stand now

@@ -10,6 +10,7 @@ states are built directly, so every case is deterministic.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import os
 import shutil
@@ -222,4 +223,73 @@ async def test_after_a_full_restart_no_replica_is_ready_with_a_stale_state(
         assert all(len(s.snapshot().services) == 20 for s in stores)
     finally:
         for s in stores:
+            s.close()
+
+
+async def test_a_restarted_replica_takes_the_voters_of_its_unapplied_log_entries(
+        tmp_path: Path) -> None:
+    """Raft has a server use the latest configuration in its log, committed or not. A lone
+    leader appends "add C" (C never answers, so it cannot commit) and stops; it restarts
+    with the peers its agent saved before that change ({A, B}: B down, so A cannot lead
+    and commit it alone) and counts C among its voters at once. pysyncobj alone waits for
+    a leader to commit the entry and refuses C's connection meanwhile: with C leading the
+    others, A never heard a leader again (the promote deadlock CI found)."""
+    me, down, absent = (f"127.0.0.1:{_port()}" for _ in range(3))
+    store = RaftStore(me, [me], tmp_path / "n", "secret", config=FAST)
+    try:
+        await until(store.is_leader, 20.0)
+        await store.propose(_service(1))
+        store.start_add_voter(absent)
+        await until(lambda: absent in store.voters(), 10.0, "C appended as a voter")
+        st = store.status()  # (no compaction: the log's indexes run from 1 to log_len)
+        assert st["commit_idx"] < st["log_len"], st  # "add C" is not committed
+    finally:
+        store.close()
+    store = RaftStore(me, [me, down], tmp_path / "n", "secret", config=FAST)
+    try:
+        await until(lambda: absent in store.voters(), 5.0, "C among the restarted voters")
+        assert store.voters() == sorted([me, down, absent])
+        assert not store.is_leader()
+    finally:
+        store.close()
+
+
+async def test_a_manager_down_during_a_promotion_follows_the_promoted_leader(
+        tmp_path: Path) -> None:
+    """A is down while B promotes C and C becomes the leader; A restarts from its log and
+    peer list, which know nothing of C. Only the higher address dials (C dials A), and
+    pysyncobj refused a connection from a voter it does not know: A never heard a leader,
+    and with pre-vote B refused its pre-votes while C led — A waited forever. Now A follows
+    C on a stranger's link, learns "add C" from the log, and C dials back as a voter; the
+    term does not move (A deposed no one)."""
+    a, b, c = sorted(f"127.0.0.1:{_port()}" for _ in range(3))  # c > a: c dials a
+    config = dataclasses.replace(FAST, pre_vote=True, leader_fallback_timeout=30.0)
+
+    def start(addr: str, peers: list[str]) -> RaftStore:
+        return RaftStore(addr, peers, tmp_path / addr.replace(":", "_"), "secret",
+                         config=config)
+    stores = {a: start(a, [a, b]), b: start(b, [a, b])}
+    try:
+        await until(lambda: stores[b].is_leader() or stores[a].is_leader(), 20.0)
+        if stores[a].is_leader():
+            stores[a].transfer_leadership(b)
+            await until(stores[b].is_leader, 20.0, "B leading")
+        await stores[b].propose(_service(1))
+        stores.pop(a).close()  # A is down from here
+        stores[c] = start(c, [a, b, c])
+        await stores[b].add_voter(c)
+        stores[b].transfer_leadership(c)
+        await until(lambda: stores[c].is_leader() and stores[c].is_ready(), 20.0, "C leading")
+        await stores[c].propose(_service(2))
+        term = stores[c].term()
+
+        stores[a] = start(a, [a, b])  # what A's agent saved: no C
+        await until(lambda: stores[a].voters() == [a, b, c], 15.0, "A counts C as a voter")
+        await until(lambda: stores[a].leader_addr() == c and stores[a].is_ready(), 15.0,
+                    "A follows C")
+        await stores[c].propose(_service(3))
+        await until(lambda: len(stores[a].snapshot().services) == 3, 10.0, "A applies")
+        assert stores[c].is_leader() and stores[c].term() == term
+    finally:
+        for s in stores.values():
             s.close()

@@ -20,11 +20,13 @@ import pytest
 from helpers import free_ports, until
 from pysyncobj.monotonic import monotonic as pysyncobj_now
 from pysyncobj.syncobj import _RAFT_STATE
+from pysyncobj.transport import TCPTransport
 
 from shoal.raft.eager import EagerReplication
 from shoal.raft.leaderloss import LeaderLoss
 from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.store import RaftConfig, RaftStore
+from shoal.raft.transport import AdmissionTransport
 
 # (a wide election range: with ticks this long, candidacies are checked only once per tick,
 # and a narrow range made split votes repeat for tens of seconds)
@@ -298,7 +300,8 @@ def test_raft_connections_are_admitted_from_managers_and_from_its_own_peers(
     """A manager restarted from an older dump learns a later promotion from its saved peer
     list before its replica applies it: that peer's connections are admitted at once (the
     promoted node may be the leader it must catch up from); other addresses are refused
-    once the state names its managers."""
+    once the state names its managers, and a voter it does not know of only from a node of
+    the cluster."""
     port, peer_port = free_ports(2)
     store = RaftStore(f"127.0.0.1:{port}", [f"127.0.0.1:{port}", f"127.0.0.7:{peer_port}"],
                       tmp_path / "n", "secret", config=RaftConfig(), persist=False)
@@ -314,5 +317,27 @@ def test_raft_connections_are_admitted_from_managers_and_from_its_own_peers(
         assert store._admit("127.0.0.7")  # a Raft peer the state does not know of yet
         assert not store._admit("10.0.0.2")  # a worker
         assert not store._admit("10.0.0.9")  # a stranger
+        # a connection claiming to be a voter this replica does not know of (promoted while
+        # it was down): any node of the state, as a read-only link (shoal.raft.transport)
+        assert store._admit_member("10.0.0.2") and store._admit_member("10.0.0.1")
+        assert not store._admit_member("10.0.0.9")
     finally:
         store.close()
+
+
+def test_a_stranger_is_never_sent_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only link kept for a voter this replica does not know of (shoal.raft.transport,
+    "Strangers") gets answers but never a leader's append-entries, were this replica to
+    lead: its address only has to be a worker's."""
+    sent: list[Any] = []
+    monkeypatch.setattr(TCPTransport, "send", lambda _s, n, m: sent.append((n, m)) or True)
+
+    class Recording(AdmissionTransport):
+        def __init__(self) -> None:  # (no SyncObj: only send() is under test)
+            self._link_up, self._strangers = None, {"ro-0": "10.0.0.2:2378"}
+
+    t = Recording()
+    assert not t.send("ro-0", {"type": "append_entries", "term": 3})
+    assert t.send("ro-0", {"type": "next_node_idx", "term": 3})
+    assert t.send("voter", {"type": "append_entries", "term": 3})
+    assert [n for n, _m in sent] == ["ro-0", "voter"]
