@@ -63,7 +63,7 @@ mypy-tree: venv
 	  [(root / n.split(".")[1]).symlink_to(pathlib.Path("../../..", d)) for n, d in dirs.items()]'
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # regenerate the generated parts of docs/ (the spec reference in docs/api.md)
 docs: venv
