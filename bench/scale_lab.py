@@ -26,7 +26,9 @@ feed and heartbeat settings): nothing here is tuned for the lab. The managers ar
 once up (manager-only nodes, as Docker advises for a cluster of this size; the tasks run on
 the workers; ``--managers-run-tasks`` leaves them active) and run at nice -10
 (``--manager-nice``); ``--manager-cpus LIST`` pins them to those CPUs and everything else to
-the rest (which core runs what).
+the rest (which core runs what); ``--manager-shares N`` puts each manager agent in a cpu
+cgroup of its own with that weight (managers on hosts of their own, as far as one kernel's
+scheduler can say so).
 
 Phases (each prints its figures with the load average and free memory at the time):
 
@@ -113,6 +115,25 @@ def thread_cpu(pid: int) -> dict[str, float]:
 def host_cgroup(lab: Lab, host: Host) -> str:
     """The parent cgroup of ``host``'s tasks with --host-cgroups."""
     return f"shoal-{lab.runid}-{host.name}"
+
+
+CPU_V1 = Path("/sys/fs/cgroup/cpu")
+
+
+def manager_cpu_group(lab: Lab, host: Host) -> Path:
+    """The cgroup-v1 cpu group of ``host``'s agent with --manager-shares."""
+    return CPU_V1 / f"shoal-{lab.runid}-{host.name}-agent"
+
+
+def in_cpu_group(group: Path, shares: int) -> list[str]:
+    """Make ``group`` (cpu.shares = ``shares``) and return the argv prefix that runs a
+    command in it: a shell that moves itself there, then execs the command."""
+    if not (CPU_V1 / "cpu.shares").exists():
+        raise SystemExit("--manager-shares needs the cgroup v1 cpu hierarchy at "
+                         f"{CPU_V1} (this machine has none)")
+    group.mkdir(exist_ok=True)
+    (group / "cpu.shares").write_text(str(shares))
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group)]
 
 
 def remove_cgroup_parent(name: str) -> list[str]:
@@ -648,6 +669,13 @@ def main() -> int:
                     "100 hosts share: with it the 1,000 tasks of 100 hosts weigh as one "
                     "process against the 105 agents in the CPU scheduler, which no real "
                     "host sees (each has its own kernel and its own `shoal` group)")
+    ap.add_argument("--manager-shares", type=int, default=0, metavar="N",
+                    help="run each manager agent in a cpu cgroup of its own with cpu.shares "
+                    "N (cgroup v1; 1024 = one default process), made and removed here: "
+                    "N far above 1024 models managers on hosts of their own — in the "
+                    "CPU scheduler the manager's whole process then weighs N against each "
+                    "runnable worker thread's 1024, where nice -10 weighs each of its "
+                    "threads ~9.3 x (default 0: off)")
     ap.add_argument("--manager-cpus", default="", metavar="LIST",
                     help="run the manager agents on these CPUs (taskset list, e.g. 0) and the "
                     "workers, with their tasks, on the others: the managers' own hosts of a "
@@ -687,13 +715,18 @@ def main() -> int:
         pin, rest = cpu_split(args.manager_cpus)
         for h in s.managers:  # (the CLI run on them too: harmless)
             nice = ["nice", "-n", str(args.manager_nice)] if args.manager_nice else []
-            h.use_shoal([*nice, *pin, *h.shoal_argv], env=manager_env)
+            group = in_cpu_group(manager_cpu_group(lab, h), args.manager_shares) \
+                if args.manager_shares else []
+            h.use_shoal([*group, *nice, *pin, *h.shoal_argv], env=manager_env)
         for h in s.workers:
             h.use_shoal([*rest, *h.shoal_argv])
             if args.host_cgroups:  # this host's tasks: a CPU share of their own
                 h.agent_args = ("--cgroup-parent", host_cgroup(lab, h))
         if args.manager_nice:
             say(f"manager agents at nice {args.manager_nice} (--manager-nice)")
+        if args.manager_shares:
+            say(f"manager agents each in a cpu cgroup with cpu.shares {args.manager_shares} "
+                "(--manager-shares)")
         if pin:
             say(f"manager agents on CPUs {pin[-1]}, workers and their tasks on {rest[-1]} "
                 "(--manager-cpus)")
@@ -744,6 +777,14 @@ def main() -> int:
             if args.host_cgroups:
                 left += [f"cgroup parent {p}" for h in lab.hosts
                          for p in remove_cgroup_parent(host_cgroup(lab, h))]
+            for h in lab.hosts:  # (--manager-shares: empty once the agents are gone)
+                cpu_group = manager_cpu_group(lab, h)
+                try:
+                    cpu_group.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    left.append(f"cpu group {cpu_group}: {exc}")
             say(f"torn down in {time.monotonic() - t0:.1f} s; leftovers: "
                 f"{json.dumps(left) if left else 'none'} {machine()}")
     return 1 if left else 0
