@@ -127,13 +127,23 @@ def manager_cpu_group(lab: Lab, host: Host) -> Path:
 
 def in_cpu_group(group: Path, shares: int) -> list[str]:
     """Make ``group`` (cpu.shares = ``shares``) and return the argv prefix that runs a
-    command in it: a shell that moves itself there, then execs the command."""
+    command in it: a shell that moves itself there, then execs the command. (Where /sys
+    shows no cgroups — the lab's CLI runs under `ip netns exec` — it just execs: the CLI
+    may run anywhere; :func:`check_cpu_groups` checks the agents did join.)"""
     if not (CPU_V1 / "cpu.shares").exists():
         raise SystemExit("--manager-shares needs the cgroup v1 cpu hierarchy at "
                          f"{CPU_V1} (this machine has none)")
     group.mkdir(exist_ok=True)
     (group / "cpu.shares").write_text(str(shares))
-    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group)]
+    return ["sh", "-c", '[ -d "$0" ] && echo $$ > "$0/cgroup.procs"; exec "$@"', str(group)]
+
+
+def check_cpu_groups(lab: Lab, hosts: list[Host]) -> None:
+    """Each of ``hosts``' agents runs in its --manager-shares group (SystemExit if not)."""
+    for h in hosts:
+        procs = (manager_cpu_group(lab, h) / "cgroup.procs").read_text().split()
+        if str(h.agent_pid) not in procs:
+            raise SystemExit(f"{h.name}'s agent (pid {h.agent_pid}) is not in its cpu group")
 
 
 def remove_cgroup_parent(name: str) -> list[str]:
@@ -731,6 +741,8 @@ def main() -> int:
             say(f"manager agents on CPUs {pin[-1]}, workers and their tasks on {rest[-1]} "
                 "(--manager-cpus)")
         s.up_managers()
+        if args.manager_shares:
+            check_cpu_groups(lab, s.managers)
         if "idle5" in phases:
             s.idle(f"{args.managers} managers, no worker", args.window)
         t0 = time.monotonic()
