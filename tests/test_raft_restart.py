@@ -5,6 +5,10 @@ entries the dump covers. A kill between the two leaves a journal that still star
 the dump; unfixed, pysyncobj then replaced the whole journal by the dump's last two entries
 and this voter silently lost every later entry (alone: committed data gone). The on-disk
 states are built directly, so every case is deterministic.
+
+The last two: a replica restarted with a peer list older than its cluster's membership (a
+promotion it appended but did not apply, or missed while it was down) must still reach the
+voters the cluster has now.
 """
 
 from __future__ import annotations
