@@ -685,7 +685,8 @@ def main() -> int:
                     "N far above 1024 models managers on hosts of their own — in the "
                     "CPU scheduler the manager's whole process then weighs N against each "
                     "runnable worker thread's 1024, where nice -10 weighs each of its "
-                    "threads ~9.3 x (default 0: off)")
+                    "threads ~9.3 x (default 0: off). Measured with 65536 on 2 cores: "
+                    "worse — starved workers' heartbeats expire on time, docs/scaling.md")
     ap.add_argument("--manager-cpus", default="", metavar="LIST",
                     help="run the manager agents on these CPUs (taskset list, e.g. 0) and the "
                     "workers, with their tasks, on the others: the managers' own hosts of a "
