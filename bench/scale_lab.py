@@ -790,14 +790,13 @@ def main() -> int:
             if args.host_cgroups:
                 left += [f"cgroup parent {p}" for h in lab.hosts
                          for p in remove_cgroup_parent(host_cgroup(lab, h))]
-            for h in lab.hosts:  # (--manager-shares: empty once the agents are gone)
+            for h in lab.hosts if args.manager_shares else []:  # (empty: agents gone)
                 cpu_group = manager_cpu_group(lab, h)
-                try:
-                    cpu_group.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    left.append(f"cpu group {cpu_group}: {exc}")
+                if cpu_group.exists():
+                    try:
+                        cpu_group.rmdir()
+                    except OSError as exc:
+                        left.append(f"cpu group {cpu_group}: {exc}")
             say(f"torn down in {time.monotonic() - t0:.1f} s; leftovers: "
                 f"{json.dumps(left) if left else 'none'} {machine()}")
     return 1 if left else 0

@@ -15,11 +15,10 @@ better signal than silence, so it gets its own short wait: a random time in
 ``[wait / 5, wait]`` (random, as the election timeout is, so the surviving followers do not
 stand together and split the vote; a split vote falls back to the election timeout).
 
-A leader that is alive but whose connection broke (a reset on the network) may lose its
-office to that early election: safe (an election never loses a committed write), it costs
-the writes of that moment one election — unless pre-vote is on (shoal.raft.prevote, the
-default): then the others, still hearing the leader, refuse. A pulled cable closes nothing:
-then the election timeout decides, as before.
+A leader that is alive but whose connection to this follower alone broke (a reset on the
+network) keeps its office: the follower asks before it stands, and the others, still hearing
+the leader, refuse (shoal.raft.prevote). A pulled cable closes nothing: then the election
+timeout decides, as before.
 
 This reads pysyncobj 0.3.x private state (name-mangled ``_SyncObj__*``, as raft/eager.py);
 if an attribute is missing it turns itself off with one warning, and failover falls back to
