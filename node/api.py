@@ -73,6 +73,9 @@ MAX_BODY = 1 << 20
 # may take before they are cancelled, seconds. aiohttp's default is 60 s; an agent stopping
 # for a restart must be quick (shoal.node.shutdown).
 STOP_GRACE = 0.5
+# The integers msgpack (the Raft log's encoding) can hold: a request with a larger one is
+# refused naming its field, not turned into a command that cannot be written.
+_INT_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -90,7 +93,26 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise BadRequest("request body is nested too deeply", "body") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", "body")
+    where = _int_out_of_range(data)
+    if where is not None:
+        raise BadRequest("a number out of range (integers fit in 64 bits)", where)
     return data
+
+
+def _int_out_of_range(body: dict[str, Any]) -> str | None:
+    """The path (``labels.k[0]``) of an integer in a parsed JSON body outside _INT_RANGE, or
+    None. A loop, not recursion: the body may nest as deep as json's decoder allows."""
+    low, high = _INT_RANGE
+    stack: list[tuple[Any, str]] = [(v, str(k)) for k, v in body.items()]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, int) and not low <= value <= high:
+            return path
+    return None
 
 
 @web.middleware
