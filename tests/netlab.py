@@ -585,17 +585,15 @@ class Lab:
 
     def form_cluster(self, managers: int = 3, workers: int = 0, timeout: float = 60.0,
                      api_port: int = 2377) -> list[dict[str, Any]]:
-        """Start agents on the first managers+workers hosts, ``init`` on h1, join the next
-        managers-1 hosts as managers and the rest as workers; wait until ``node ls`` on h1 shows
-        them all ready. Returns that node list."""
+        """Start agents on the first managers+workers hosts (those not running one yet, all at
+        once), ``init`` on h1, join the next managers-1 hosts as managers and the rest as
+        workers; wait until ``node ls`` on h1 shows them all ready. Returns that node list."""
         n = managers + workers
         if managers < 1 or n > len(self.hosts):
             raise LabError(f"cannot form {managers} managers + {workers} workers "
                            f"from {len(self.hosts)} hosts")
         members = self.hosts[:n]
-        for h in members:
-            if not h.agent_alive():
-                h.start_agent()
+        self.start_agents([h for h in members if not h.agent_alive()], timeout=timeout)
         first = members[0]
         first.cli("init")
         tokens = {role: first.cli("join-token", role, "-q").stdout.strip()

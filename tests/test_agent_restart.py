@@ -102,8 +102,7 @@ def test_a_planned_restart_that_never_comes_back_is_a_failure_after_the_grace(
     announcement) goes down at gossip's speed."""
     lab = lab_factory(4)
     h1, h2, h3, h4 = lab.hosts
-    for h in (h1, h2):
-        h.start_agent()
+    lab.start_agents([h1, h2])
     # (8 s: the check at 3 s must be over before the grace ends, and a CLI call takes over a
     # second on a loaded 2-core machine)
     h3.start_agent("--restart-grace", "8")

@@ -156,8 +156,7 @@ def test_bad_inputs_give_one_clear_line(lab_factory: Callable[..., Lab]) -> None
     """User mistakes: one line on stderr, non-zero exit, no traceback."""
     lab = lab_factory(3)
     h1, h2, h3 = lab.hosts
-    for h in lab.hosts:
-        h.start_agent()
+    lab.start_agents(lab.hosts)
 
     def err(host: Host, *args: str) -> str:
         res = host.cli(*args, check=False)
@@ -215,8 +214,7 @@ def test_managers_restarted_after_kill_keep_their_state(lab_factory: Callable[..
     nodes_before = {n["id"] for n in h1.cli_json("node", "ls")}
     for h in lab.hosts:
         h.kill_agent()
-    for h in lab.hosts:
-        h.start_agent()
+    lab.start_agents(lab.hosts)
     after = wait_running(h1, "durable", 3, timeout=40)
     assert {t["id"] for t in after} == {t["id"] for t in before}
     assert {t["pid"] for t in after} == {t["pid"] for t in before}  # adopted, not restarted

@@ -375,8 +375,7 @@ def test_agent_restart_keeps_task_addresses_and_published_port(cluster3: Lab) ->
     addrs = {h.name: network_info(h)["tasks"] for h in cluster3.hosts}
     for h in cluster3.hosts:
         h.kill_agent()
-    for h in cluster3.hosts:
-        h.start_agent()
+    cluster3.start_agents(cluster3.hosts)
     after = wait_running(h1, "web", 3, timeout=60)
     assert {t["id"] for t in after} == {t["id"] for t in before}
     wait_published(cluster3, "web.8000", 3)

@@ -74,8 +74,7 @@ def test_join_refused_for_wrong_rotated_or_foreign_token_and_nothing_written(
     line; the cluster's state does not change and the refused node keeps no key or cert."""
     lab = lab_factory(3)
     h1, h2, h3 = lab.hosts
-    for h in lab.hosts:
-        h.start_agent()
+    lab.start_agents(lab.hosts)
     h1.cli("init")
     h3.cli("init")  # a second, unrelated cluster
     old = h1.cli("join-token", "worker", "-q").stdout.strip()
