@@ -27,6 +27,7 @@ from aiohttp import web
 from schemathesis import GenerationMode
 
 from shoal.node import openapi, pki, sealing
+from shoal.node.api import STOP_GRACE
 from shoal.raft.schema import SCHEMA as SCHEMA_VERSION
 
 EXAMPLES = 40  # per route and mode: ~55 routes x 2 modes x 40 = 4,400 requests
@@ -46,7 +47,7 @@ class Served(fuzzharness.Served):
                              "schema": SCHEMA_VERSION})
         await store.propose({"op": "ca_init", "ca_cert": ca_pem.decode(),
                              "ca_key": sealing.seal(manager_key, ca_key, sealing.AAD_CA_KEY)})
-        runner = web.AppRunner(server.local_app())
+        runner = web.AppRunner(server.local_app(), shutdown_timeout=STOP_GRACE)  # as the agent
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port).start()
         return runner

@@ -69,7 +69,15 @@ with sync_playwright() as p:
         page.screenshot(path=os.path.join(shots, "dashboard.png"), full_page=True)
 
         row = page.locator("tr[data-service=web]")
-        row.locator("[data-action=scale-input]").fill("3")
+        num = row.locator("[data-action=scale-input]")
+        # A live refresh that replaces the row between Playwright's checks and its focus
+        # takes the typed value with the old input (seen once in CI: "web scaled to 1").
+        # Once the input has the focus the page keeps its row, so type until the row shown
+        # holds the value.
+        for _ in range(20):
+            num.fill("3")
+            if num.input_value() == "3":
+                break
         row.locator("[data-action=scale]").click()
         wait_text(page, "tr[data-service=web] .replicas", "3/3")
         seen["scaled"] = text(page, "tr[data-service=web] .replicas")

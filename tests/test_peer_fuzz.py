@@ -42,6 +42,7 @@ from schemathesis import GenerationMode
 from test_events_api import boot
 
 from shoal.node import openapi, pki, sealing
+from shoal.node.api import STOP_GRACE
 from shoal.raft.models import to_dict
 from shoal.raft.schema import SCHEMA as SCHEMA_VERSION
 
@@ -83,7 +84,7 @@ class Served(fuzzharness.Served):
             else:
                 path.write_bytes(cert + pki.key_pem(key))
         self.ca_pem = ca_pem
-        runner = web.AppRunner(server.peer_app())
+        runner = web.AppRunner(server.peer_app(), shutdown_timeout=STOP_GRACE)  # as the agent
         await runner.setup()
         from shoal.node.api import tls_listener
         await web.TCPSite(runner, "127.0.0.1", self.port,
