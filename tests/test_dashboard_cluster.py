@@ -71,16 +71,22 @@ with sync_playwright() as p:
         row = page.locator("tr[data-service=web]")
         num = row.locator("[data-action=scale-input]")
         # A live refresh that replaces the row between Playwright's checks and its focus
-        # takes the typed value with the old input (seen once in CI: "web scaled to 1").
-        # Once the input has the focus the page keeps its row, so type until the row shown
-        # holds the value.
+        # takes the typed value with the old input (seen once in CI: "web scaled to 1"),
+        # so type until the row shown holds the value.
         for _ in range(20):
             num.fill("3")
             if num.input_value() == "3":
                 break
+        # leave the row and let a live refresh renew it: what was typed stays
+        page.evaluate("() => { document.activeElement.blur(); "
+                      "document.querySelector('tr[data-service=web]').dataset.old = '1'; }")
+        page.wait_for_function(
+            "() => !document.querySelector('tr[data-service=web]').dataset.old")
+        seen["typed_kept"] = num.input_value()
         row.locator("[data-action=scale]").click()
-        wait_text(page, "tr[data-service=web] .replicas", "3/3")
+        wait_text(page, "tr[data-service=web] .replicas", "3/3")  # renewed beside the focus
         seen["scaled"] = text(page, "tr[data-service=web] .replicas")
+        seen["focus_kept"] = page.evaluate("() => document.activeElement.dataset.action || ''")
 
         os.kill(int(kill_pid), signal.SIGKILL)  # the node's agent; its tasks run on
         wait_text(page, f"tr[data-node={down_host}] .status", "down", timeout=90000)
@@ -222,7 +228,8 @@ def test_dashboard_shows_the_cluster_live_acts_by_role_and_refuses_the_rest(
     assert "error" not in seen, f"the browser saw {seen}\n{h1.log_tail()}"
     assert sorted(seen["nodes"]) == [["h1", "ready"], ["h2", "ready"], ["h3", "ready"]]
     assert seen["admin_buttons"] == 1
-    assert seen["scaled"] == "3/3"
+    assert seen["typed_kept"] == "3"  # a refresh kept what was typed in a row left
+    assert seen["scaled"] == "3/3" and seen["focus_kept"] == "scale"
     assert seen["down"] == "down" and seen["same_page"] == "same page"
     assert seen["drained_and_activated"] and seen["logs"] == "web"
     assert seen["no_csrf"] == [403, "csrf"] and seen["after_no_csrf"] == "3"  # still wants 3

@@ -179,47 +179,78 @@ function renderNodes(nodes) {
 
 function renderServices(services) {
   const body = $("#services tbody");
-  // keep what the user is typing across refreshes
-  const typing = document.activeElement && document.activeElement.closest("#services tr");
-  const keep = typing ? typing.getAttribute("data-service") : null;
-  body.replaceChildren(...services.map((s) => {
-    if (s.name === keep) return typing;
-    const us = s.update_status || {};
-    const update = us.state ? `${us.state}${us.message ? ": " + us.message : ""}` : "—";
-    const ports = (s.ports || []).map((p) => `${p.published}→${p.target}/${p.protocol}`).join(", ");
-    const act = el("td", { class: "act" });
-    act.append(el("button", { "data-action": "logs", text: "Logs", onclick: () => showLogs(s) }));
-    if (canAct()) {
-      const num = el("input", { class: "num", type: "number", min: "0", value: s.replicas,
-                                "data-action": "scale-input", "aria-label": "replicas" });
-      const img = el("input", { class: "img", value: s.image, "data-action": "image-input",
-                                "aria-label": "image" });
-      act.append(" ");
-      if (s.mode === "replicated") {
-        act.append(num, el("button", { "data-action": "scale", text: "Scale",
-          onclick: () => act_(`${s.name} scaled to ${num.value}`,
-            () => call("POST", `/api/v1/services/${s.id}/scale`, { replicas: Number(num.value) })) }),
-          " ");
-      }
-      act.append(img, el("button", { "data-action": "update-image", text: "Update image",
-        onclick: () => act_(`${s.name} updating to ${img.value}`, () => updateImage(s, img.value)) }));
-      if (s.has_previous) {
-        act.append(" ", el("button", { "data-action": "rollback", text: "Rollback",
-          onclick: () => act_(`${s.name} rolling back`,
-            () => call("POST", `/api/v1/services/${s.id}/rollback`)) }));
-      }
+  // A refresh must not undo what the user is doing. Values typed into any row are carried
+  // over to its new controls, and the row holding the focus stays in the page with its
+  // controls (moving or replacing a focused element blurs it: the caret, a click half done);
+  // only its other cells are renewed.
+  const edited = new Map();
+  for (const input of body.querySelectorAll("input[data-action]")) {
+    if (input.value !== input.defaultValue) edited.set(controlKey(input), input.value);
+  }
+  const rows = services.map((s) => {
+    const row = serviceRow(s);
+    for (const input of row.querySelectorAll("input[data-action]")) {
+      if (edited.has(controlKey(input))) input.value = edited.get(controlKey(input));
     }
-    return el("tr", { "data-service": s.name },
-      el("td", { text: s.name }),
-      el("td", { text: s.mode }),
-      el("td", { class: "replicas", text: `${s.running}/${s.replicas}` }),
-      el("td", { class: "healthy", text: s.healthy }),
-      el("td", { class: "muted", text: s.image || "(host rootfs)" }),
-      el("td", { text: ports || "—" }),
-      el("td", { class: `state-${us.state || "none"}`, text: update }),
-      act);
-  }));
+    return row;
+  });
+  const active = document.activeElement;
+  const focused = active && active.closest("#services tbody tr");
+  const at = focused ? services.findIndex((s) => s.name === focused.getAttribute("data-service")) : -1;
+  if (at < 0) {
+    body.replaceChildren(...rows);
+  } else {
+    for (const row of [...body.children]) if (row !== focused) row.remove();
+    focused.before(...rows.slice(0, at));
+    focused.after(...rows.slice(at + 1));
+    const fresh = [...rows[at].children];
+    [...focused.children].forEach((cell, i) => {
+      if (!cell.contains(active) && fresh[i]) cell.replaceWith(fresh[i]);
+    });
+  }
   $("#service-count").textContent = `${services.length}`;
+}
+
+// "SERVICE/ACTION" of a control in a service row: the same control across refreshes
+function controlKey(control) {
+  return `${control.closest("tr").getAttribute("data-service")}/${control.getAttribute("data-action")}`;
+}
+
+function serviceRow(s) {
+  const us = s.update_status || {};
+  const update = us.state ? `${us.state}${us.message ? ": " + us.message : ""}` : "—";
+  const ports = (s.ports || []).map((p) => `${p.published}→${p.target}/${p.protocol}`).join(", ");
+  const act = el("td", { class: "act" });
+  act.append(el("button", { "data-action": "logs", text: "Logs", onclick: () => showLogs(s) }));
+  if (canAct()) {
+    const num = el("input", { class: "num", type: "number", min: "0", value: s.replicas,
+                              "data-action": "scale-input", "aria-label": "replicas" });
+    const img = el("input", { class: "img", value: s.image, "data-action": "image-input",
+                              "aria-label": "image" });
+    act.append(" ");
+    if (s.mode === "replicated") {
+      act.append(num, el("button", { "data-action": "scale", text: "Scale",
+        onclick: () => act_(`${s.name} scaled to ${num.value}`,
+          () => call("POST", `/api/v1/services/${s.id}/scale`, { replicas: Number(num.value) })) }),
+        " ");
+    }
+    act.append(img, el("button", { "data-action": "update-image", text: "Update image",
+      onclick: () => act_(`${s.name} updating to ${img.value}`, () => updateImage(s, img.value)) }));
+    if (s.has_previous) {
+      act.append(" ", el("button", { "data-action": "rollback", text: "Rollback",
+        onclick: () => act_(`${s.name} rolling back`,
+          () => call("POST", `/api/v1/services/${s.id}/rollback`)) }));
+    }
+  }
+  return el("tr", { "data-service": s.name },
+    el("td", { text: s.name }),
+    el("td", { text: s.mode }),
+    el("td", { class: "replicas", text: `${s.running}/${s.replicas}` }),
+    el("td", { class: "healthy", text: s.healthy }),
+    el("td", { class: "muted", text: s.image || "(host rootfs)" }),
+    el("td", { text: ports || "—" }),
+    el("td", { class: `state-${us.state || "none"}`, text: update }),
+    act);
 }
 
 function renderTasks(nodes, tasks) {
