@@ -12,6 +12,8 @@ Sections (all use ``Config.lan()``, the agent's default, unless said otherwise):
 
 sim        in-memory simulation (virtual time), 10 and 100 members: kill → dead everywhere,
            median over seeds. The protocol alone: no CPU, no scheduler.
+simkill    the same for the scale lab's kill phase: 10 of 105 members crash at once, the
+           first 5 confirm suspicions (the managers); when m00 (a manager) sees each dead.
 udp10      10 processes (``python -m shoal.gossip``, uvloop, AES-GCM) on loopback: SIGKILL →
            every other process marks it dead (time taken from the processes' own event
            timestamps), median over runs (the victim restarts on its port between runs);
@@ -101,6 +103,47 @@ def sim_detection(n: int, seeds: list[int]) -> None:
     print(
         f"  sim {n:4d} members: kill -> dead everywhere  {_fmt(times)}   "
         f"[bound {CFG.detection_bound(n):.1f} s; wall {time.perf_counter() - t0:.1f} s]",
+        flush=True,
+    )
+
+
+def sim_kill_many(n: int, kill: int, confirmers: int, seeds: list[int]) -> None:
+    """The scale lab's kill phase, protocol only: ``kill`` of ``n`` members crash at once;
+    the first ``confirmers`` members confirm suspicions (shoal's managers). Per seed, the
+    last of the dead verdicts as m00 (a manager, where the leader acts on them) sees them."""
+
+    async def one(seed: int) -> list[float]:
+        cluster = SimCluster(n, CFG, seed=seed)
+        await cluster.start()
+        for i in range(confirmers):
+            cluster.members[cluster.name_of(i)].confirm_suspicions = True
+        await cluster.run_for(5)
+        names = [cluster.name_of(i) for i in range(confirmers, n)]
+        victims = random.Random(seed).sample(names, kill)
+        start = asyncio.get_running_loop().time()
+        await asyncio.gather(*(cluster.crash(v) for v in victims))
+        seer = cluster.members[cluster.name_of(0)]
+
+        def all_dead() -> bool:
+            return all(
+                (m := seer.member(v)) is not None and m.state == MemberState.DEAD
+                for v in victims
+            )
+
+        await cluster.wait_until(all_dead, CFG.detection_bound(n) * 3, 0.01)
+        verdicts = [
+            o.at - start for v in victims for o in cluster.events_about(v, "dead", since=start)
+            if o.observer == seer.name
+        ]
+        await cluster.shutdown()
+        return verdicts
+
+    t0 = time.perf_counter()
+    runs = [run_simulation(one(seed)) for seed in seeds]
+    print(
+        f"  sim {n} members, {kill} crash at once, {confirmers} confirmers: dead at m00, "
+        f"last of the {kill} {_fmt([max(r) for r in runs])}; every verdict "
+        f"{_fmt([t for r in runs for t in r])}   [wall {time.perf_counter() - t0:.1f} s]",
         flush=True,
     )
 
@@ -443,7 +486,7 @@ def netns_cluster(runs: int) -> None:
     print(f"  all runs: node death -> replacement tasks RUNNING  {_fmt(both)}", flush=True)
 
 
-SECTIONS = ("sim", "udp10", "udp100", "loss", "starved", "converge", "cluster")
+SECTIONS = ("sim", "simkill", "udp10", "udp100", "loss", "starved", "converge", "cluster")
 
 
 def main() -> None:
@@ -469,6 +512,9 @@ def main() -> None:
         seeds = list(range(1, 4 if quick else 12))
         sim_detection(10, seeds)
         sim_detection(100, seeds[: 3 if quick else 7])
+    if "simkill" in chosen:
+        section("1b. 10 of 105 crash at once (the scale lab's kill), simulation (simulated s)")
+        sim_kill_many(105, 10, 5, list(range(1, 4 if quick else 9)))
     if "udp10" in chosen:
         section("2. real processes on loopback, 10 members (wall-clock seconds)")
         udp_detection(10, runs=3 if quick else 11, batch=0, idle_seconds=5 if quick else 20)

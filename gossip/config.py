@@ -13,11 +13,11 @@ Detection time is, roughly (see timing.detection_bound for the bound)::
     first probe of the dead member   ~ probe_interval        (someone probes it each period)
   + that probe failing                 probe_interval
   + minimum suspicion timeout          suspicion_mult * max(1, log10 n) * probe_interval
-  + last-chance probe                  probe_interval
+                                       (shoal's last-chance probe runs in its last period)
   + spreading the death                ~ log(n) * gossip_interval
 
-so it scales with probe_interval: ≈ 7 periods at 10 nodes, ≈ 11 at 100. probe_interval 0.2 s
-gives ~1.3 s / ~2.3 s (in-memory simulation; measured figures with real processes are in
+so it scales with probe_interval: ≈ 6 periods at 10 nodes, ≈ 10 at 100. probe_interval 0.2 s
+gives ~1.1 s / ~2.1 s (in-memory simulation; measured figures with real processes are in
 docs/benchmarks.md). The suspicion timeout keeps its memberlist multiplier (4): the rule
 "declared dead only after ≥ 4 periods without a refutation, confirmed by independent members"
 is unchanged, only the period is shorter. Robustness against a slow member comes from

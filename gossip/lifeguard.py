@@ -18,17 +18,22 @@ class Suspicion:
 
     Starts at ``max_timeout`` (or ``min_timeout`` when ``k == 0``); every new confirmer
     recomputes the remaining time with ``timing.remaining_suspicion_time``. ``on_timeout`` is
-    called at most once, with the number of confirmations received.
+    called at most once, with the number of confirmations received and the loop time at
+    which the suspicion expires (``due``); it is called ``lead`` seconds before that, so the
+    caller's last-chance probe (one probe period) ends when the suspicion does instead of
+    after it.
     """
 
     __slots__ = (
         "_confirmers",
+        "_due",
         "_fired",
         "_handle",
         "_loop",
         "_on_timeout",
         "confirmations",
         "k",
+        "lead",
         "max_timeout",
         "min_timeout",
         "start",
@@ -40,28 +45,31 @@ class Suspicion:
         k: int,
         min_timeout: float,
         max_timeout: float,
-        on_timeout: Callable[[int], None],
+        on_timeout: Callable[[int, float], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        lead: float = 0.0,
     ) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self.k = k
         self.min_timeout = min_timeout
         self.max_timeout = max_timeout
+        self.lead = lead
         self.confirmations = 0
         self._confirmers = {sender}
         self._on_timeout = on_timeout
         self._fired = False
         self.start = self._loop.time()
-        timeout = max_timeout if k >= 1 else min_timeout
-        self._handle: asyncio.TimerHandle | asyncio.Handle = self._loop.call_later(
-            timeout, self._fire
-        )
+        self._due = self.start + (max_timeout if k >= 1 else min_timeout)
+        self._handle = self._schedule()
 
     @property
     def deadline(self) -> float:
-        """Loop time at which the suspicion will fire (as currently scheduled)."""
-        handle = self._handle
-        return handle.when() if isinstance(handle, asyncio.TimerHandle) else self._loop.time()
+        """Loop time at which the suspicion expires (as currently scheduled)."""
+        return self._due
+
+    def _schedule(self) -> asyncio.TimerHandle:
+        # (a time already past runs at the loop's next iteration)
+        return self._loop.call_at(self._due - self.lead, self._fire)
 
     def confirm(self, sender: str) -> bool:
         """Count ``sender`` as an independent confirmation; True if it was new information."""
@@ -74,10 +82,8 @@ class Suspicion:
             self.confirmations, self.k, elapsed, self.min_timeout, self.max_timeout
         )
         self._handle.cancel()
-        if remaining > 0:
-            self._handle = self._loop.call_later(remaining, self._fire)
-        else:
-            self._handle = self._loop.call_soon(self._fire)
+        self._due = self._loop.time() + max(remaining, 0.0)
+        self._handle = self._schedule()
         return True
 
     def cancel(self) -> None:
@@ -88,7 +94,7 @@ class Suspicion:
         if self._fired:
             return
         self._fired = True
-        self._on_timeout(self.confirmations)
+        self._on_timeout(self.confirmations, self._due)
 
 
 class Awareness:

@@ -16,8 +16,8 @@ Protocol (one period of ``probe_interval * (health + 1)``)::
         ──(rest of the period)──> no ack? → suspect(target), health += missing nacks
     suspect  → gossiped; every member starts a Suspicion timer (max → min as independent
                confirmations arrive); the suspect refutes with a higher incarnation
-    timeout  → last-chance probe; no answer → dead(target), gossiped; dead members are no
-               longer probed
+    timeout  → last-chance probe in the suspicion's last period; no answer → dead(target) when
+               it expires, gossiped; dead members are no longer probed
     leave()  → dead(self, from=self) = "left", gossiped; never reported as dead
 
 Every membership change is queued in a transmit-limited broadcast queue and piggybacked on all
@@ -27,9 +27,10 @@ with seeds; ``reconnect_interval`` push-pulls with a dead member so healed parti
 
 Additions to memberlist's protocol, each aimed at "a live member is never declared dead":
 
-* last-chance probe: an expired suspicion is executed only if the suspect also fails one more
-  probe (it carries the suspicion, so a live suspect answers with its newest alive message);
-  otherwise it is re-armed. Costs one probe period on a real failure.
+* last-chance probe: a suspicion is executed only if the suspect also fails one more probe,
+  run in the suspicion's last probe period (it carries the suspicion, so a live suspect
+  answers with its newest alive message); otherwise it is re-armed. Costs no time on a real
+  failure.
 * stale accusations are answered: a member that receives a suspicion or death about itself
   older than its incarnation sends its alive message straight back (and re-gossips it after a
   stale death), so members that missed the refutation catch up.
@@ -595,14 +596,18 @@ class Memberlist(MemberView):
         finally:
             self._awareness.apply_delta(delta)
 
-    async def _last_chance(self, name: str, change: float) -> None:
-        """shoal addition: before executing an expired suspicion, probe the suspect once more.
+    async def _last_chance(self, name: str, change: float, due: float) -> None:
+        """shoal addition: before executing a suspicion, probe the suspect once more.
 
         Dissemination is probabilistic: under heavy loss a member can miss the refutation of
         a suspicion (and the next push-pull). A suspect that still answers a probe is alive by
         SWIM's own definition, so its suspicion is re-armed (minimum timeout) instead of
         executed; the ping carries the suspicion, so the suspect answers with its current
-        alive message and the suspicion ends. A really dead member costs one probe period more.
+        alive message and the suspicion ends. The probe runs during the suspicion's last
+        probe period (Suspicion's ``lead``) and the verdict waits for ``due``, when the
+        suspicion expires: a really dead member costs no more time than the suspicion itself
+        (a probe period more before 2026-12-06), and the suspect still has the whole
+        suspicion to refute.
         """
         node = self._nodes.get(name)
         if node is None or node.state != SUSPECT or node.state_change != change:
@@ -618,6 +623,12 @@ class Memberlist(MemberView):
             low, _ = self.config.suspicion_timeouts(self._num_live)
             self._arm_suspicion(node, self._name, 0, low, low)
             return
+        wait = due - self._require_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+            node = self._nodes.get(name)
+            if node is None or node.state != SUSPECT or node.state_change != change:
+                return  # refuted in the suspicion's last moments
         self._stats["suspicion_timeouts"] += 1
         self._on_dead(Dead(node.incarnation, name, self._name))
 

@@ -118,12 +118,12 @@ def detection_bound(
        probability about 1/(n-1), so j periods pass without any probe with probability about
        e^-j: the default 10 is exceeded with probability < 1e-4.
     2. one probe period for that probe (direct + indirect) to fail;
-    3. the maximum suspicion timeout (no confirmations assumed);
-    4. one probe period for shoal's last-chance probe before a suspicion is executed;
-    5. twice ``retransmit_limit * gossip_interval`` to spread the suspicion and then the death
+    3. the maximum suspicion timeout (no confirmations assumed; shoal's last-chance probe
+       runs in its last probe period);
+    4. twice ``retransmit_limit * gossip_interval`` to spread the suspicion and then the death
        (each member retransmits a broadcast that many times, at least one per gossip round).
     """
     min_t = suspicion_timeout(suspicion_mult, n, probe_interval)
     max_t = suspicion_max_timeout_mult * min_t
     spread = retransmit_limit(retransmit_mult, n) * gossip_interval
-    return (first_probe_periods + 2) * probe_interval + max_t + 2 * spread
+    return (first_probe_periods + 1) * probe_interval + max_t + 2 * spread

@@ -290,14 +290,16 @@ class MemberView:
         change = node.state_change
         name = node.name
 
-        def on_timeout(confirmations: int) -> None:
+        def on_timeout(confirmations: int, due: float) -> None:
             if self._suspicions.get(name) is suspicion:
                 del self._suspicions[name]
             current = self._nodes.get(name)
             if current is not None and current.state == SUSPECT and current.state_change == change:
-                self._spawn(self._last_chance(name, change), "last-chance probe")
+                self._spawn(self._last_chance(name, change, due), "last-chance probe")
 
-        suspicion = Suspicion(sender, k, low, high, on_timeout)
+        # the last-chance probe starts one probe period before the suspicion expires
+        lead = self._awareness.scale(self.config.probe_interval)
+        suspicion = Suspicion(sender, k, low, high, on_timeout, lead=lead)
         old = self._suspicions.pop(name, None)
         if old is not None:
             old.cancel()
@@ -399,9 +401,10 @@ class MemberView:
                 return node
         return None
 
-    async def _last_chance(self, name: str, change: float) -> None:
-        """Probe suspect ``name`` once more before declaring it dead (the loops' part:
-        Memberlist). ``change`` is its state_change when the suspicion was armed."""
+    async def _last_chance(self, name: str, change: float, due: float) -> None:
+        """Probe suspect ``name`` once more and declare it dead at loop time ``due`` if it
+        fails (the loops' part: Memberlist). ``change`` is its state_change when the
+        suspicion was armed."""
         raise NotImplementedError
 
     async def _confirm(self, name: str, change: float) -> None:

@@ -70,7 +70,7 @@ def test_suspicion_fires_earlier_with_each_independent_confirmation(
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
         fired: list[float] = []
-        s = Suspicion("me", 3, 0.5, 2.0, lambda n: fired.append(loop.time()))
+        s = Suspicion("me", 3, 0.5, 2.0, lambda n, due: fired.append(loop.time()))
         for who in confirmers:
             await asyncio.sleep(0.025)
             s.confirm(who)
@@ -87,7 +87,7 @@ def test_suspicion_that_is_overdue_fires_immediately_on_confirmation() -> None:
     async def scenario() -> list[float]:
         loop = asyncio.get_running_loop()
         fired: list[float] = []
-        s = Suspicion("me", 1, 0.1, 30.0, lambda n: fired.append(loop.time()))
+        s = Suspicion("me", 1, 0.1, 30.0, lambda n, due: fired.append(loop.time()))
         await asyncio.sleep(0.2)
         assert s.confirm("foo")
         await asyncio.sleep(0)
@@ -96,10 +96,40 @@ def test_suspicion_that_is_overdue_fires_immediately_on_confirmation() -> None:
     assert run_simulation(scenario()) == [pytest.approx(0.2)]
 
 
+def test_suspicion_calls_back_lead_seconds_before_it_expires_with_when_it_does() -> None:
+    """The last-chance probe runs in the suspicion's last probe period (``lead``): the
+    callback comes that much early and is told when the suspicion expires, also after a
+    confirmation moved it, and at once when less than ``lead`` is left."""
+
+    async def scenario() -> list[tuple[float, float]]:
+        loop = asyncio.get_running_loop()
+        calls: list[tuple[float, float]] = []
+        Suspicion("me", 0, 1.0, 6.0, lambda n, due: calls.append((loop.time(), due)),
+                  lead=0.2)
+        s = Suspicion("me", 1, 1.0, 6.0, lambda n, due: calls.append((loop.time(), due)),
+                      lead=0.2)
+        assert s.deadline == pytest.approx(6.0)
+        await asyncio.sleep(0.5)
+        assert s.confirm("foo")  # k reached: the minimum, 1.0 s after the start
+        assert s.deadline == pytest.approx(1.0)
+        await asyncio.sleep(5)
+        late = Suspicion("me", 0, 0.1, 1.0, lambda n, due: calls.append((loop.time(), due)),
+                         lead=0.2)
+        assert late.deadline == pytest.approx(loop.time() + 0.1)
+        await asyncio.sleep(1)
+        return calls
+
+    start = 0.0
+    calls = run_simulation(scenario())
+    assert calls[0] == (pytest.approx(start + 0.8), pytest.approx(1.0))
+    assert calls[1] == (pytest.approx(start + 0.8), pytest.approx(1.0))
+    assert calls[2] == (pytest.approx(5.5), pytest.approx(5.6))  # 0.1 left < lead: at once
+
+
 def test_cancelled_suspicion_never_fires() -> None:
     async def scenario() -> list[int]:
         fired: list[int] = []
-        s = Suspicion("me", 0, 0.1, 1.0, fired.append)
+        s = Suspicion("me", 0, 0.1, 1.0, lambda n, due: fired.append(n))
         s.cancel()
         await asyncio.sleep(2)
         return fired

@@ -96,5 +96,5 @@ def test_detection_bound_adds_probe_suspicion_and_spread_phases() -> None:
     assert low == pytest.approx(4 * 1.698 * cfg.probe_interval)
     assert high == pytest.approx(6 * low)
     spread = timing.retransmit_limit(cfg.retransmit_mult, n) * cfg.gossip_interval
-    assert cfg.detection_bound(n) == pytest.approx(12 * cfg.probe_interval + high + 2 * spread)
+    assert cfg.detection_bound(n) == pytest.approx(11 * cfg.probe_interval + high + 2 * spread)
     assert math.isfinite(Config.local().detection_bound(10))
