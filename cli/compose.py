@@ -55,9 +55,11 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     Rule,
     _command,
     _deploy_mode,
+    _endpoint_mode,
     _entrypoint,
     _env_file,
     _environment,
+    _expose,
     _file_refs,
     _health_test,
     _image,
@@ -66,6 +68,7 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     _only,
     _ports,
     _preferences,
+    _restart,
     _restart_condition,
     _Service,
     _service_networks,
@@ -90,6 +93,8 @@ from shoal.cli.errors import ComposeError
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec
 from shoal.raft.validate import validate_spec
+from shoal.runtime.errors import VolumeOptionError
+from shoal.runtime.volumes import check as volumes_check
 
 # The label Swarm puts on everything a stack owns; node/mesh.py reads the same string to
 # resolve a stack's short service names (a test checks they agree).
@@ -176,7 +181,7 @@ KEYS: dict[str, Rule] = {
     "deploy.mode": Rule(_deploy_mode),
     "deploy.replicas": _to("mode.replicas", as_int),
     "deploy.labels": Rule(lambda svc, v, path: svc.set("labels", as_labels(v, path), path)),
-    "deploy.endpoint_mode": LATER,
+    "deploy.endpoint_mode": Rule(_endpoint_mode),
     "deploy.resources": SECTION,
     "deploy.resources.limits": SECTION,
     "deploy.resources.limits.cpus": _to("task.resources.limits.cpu", as_float),
@@ -211,9 +216,9 @@ KEYS: dict[str, Rule] = {
     "runtime": LATER, "storage_opt": LATER, "pid": LATER, "ipc": LATER, "uts": LATER,
     # Keys of the Compose Specification that do not apply to a stack
     "build": IGNORE, "depends_on": IGNORE, "container_name": IGNORE, "links": IGNORE,
-    "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": IGNORE,
+    "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": Rule(_restart),
     "security_opt": IGNORE, "userns_mode": IGNORE, "cgroup_parent": IGNORE, "cgroup": IGNORE,
-    "profiles": IGNORE, "pull_policy": IGNORE, "scale": IGNORE, "expose": IGNORE,
+    "profiles": IGNORE, "pull_policy": IGNORE, "scale": IGNORE, "expose": Rule(_expose),
     "extends": IGNORE, "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,
     "blkio_config": IGNORE, "cpu_count": IGNORE, "cpu_percent": IGNORE, "cpu_shares": IGNORE,
     "cpu_quota": IGNORE, "cpu_period": IGNORE, "cpu_rt_period": IGNORE,
@@ -282,15 +287,29 @@ def _compose_path(svc: _Service, field_path: str) -> str:
 def translate_service(stack: str, key: str, body: Any, project_dir: Path,
                       env: Mapping[str, str], objects: dict[str, dict[str, FileObject]],
                       volumes: dict[str, str], warnings: _Warnings,
-                      networks: dict[str, str] | None = None) -> ServiceSpec:
+                      networks: dict[str, str] | None = None,
+                      volume_drivers: dict[str, tuple[str, dict[str, str]]] | None = None
+                      ) -> ServiceSpec:
     """One ``services.KEY`` mapping → a validated ServiceSpec named ``STACK_KEY``."""
     path = f"services.{key}"
     svc = _Service(stack=stack, key=key, path=path, project_dir=project_dir, env=env,
                    objects=objects, volumes=volumes, warnings=warnings,
-                   networks=networks or {})
+                   networks=networks or {}, volume_drivers=volume_drivers or {})
     if body is None:
         body = {}
     _apply(svc, "", body, path)
+    if not svc.spec.get("task", {}).get("container", {}).get("image"):
+        if isinstance(body, dict) and "build" in body:
+            raise ComposeError(f"{path}.image", "is required: a stack deploys images, it "
+                               "does not build them (as Swarm); build it with `shoal image "
+                               "build -t NAME DIR` (or push it to a registry) and name it here")
+        if not svc.spec.get("task", {}).get("container", {}).get("command"):
+            raise ComposeError(f"{path}.image", "is required (without one, shoal runs "
+                               "command: as a program of each node's own filesystem)")
+    if svc.restart is not None and not any(p.startswith("task.restart.")
+                                           for p in svc.spec_paths):
+        for k, v in svc.restart.items():
+            svc.set(f"task.restart.{k}", v, f"{path}.restart")
     name = f"{stack}_{key}"
     svc.set("name", name, path)
     labels = dict(svc.spec.get("labels") or {})
@@ -313,9 +332,10 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
     if svc.spec.get("task", {}).get("network_mode") == "host":
         _host_ports(svc)
     health = container.get("healthcheck", {})
-    if health.get("disable") and svc.health_test_given:
-        for probe in ("command", "http", "tcp"):  # (Compose: disable wins over test)
-            health.pop(probe, None)
+    if health.get("disable") and svc.health_test_given and \
+            svc.spec_paths.get("task.container.healthcheck.disable", "").endswith(".disable"):
+        raise ComposeError(f"{path}.healthcheck.disable", "test and disable cannot be set "
+                           "at the same time (as docker stack deploy)")
     try:
         return validate_spec(svc.spec)
     except ValidationError as exc:
@@ -451,8 +471,13 @@ def _networks(stack: str, section: Any, warnings: _Warnings) -> dict[str, Networ
     return out
 
 
-def _volume_names(stack: str, section: Any, warnings: _Warnings) -> dict[str, str]:
+def _volume_names(stack: str, section: Any, warnings: _Warnings
+                  ) -> tuple[dict[str, str], dict[str, tuple[str, dict[str, str]]]]:
+    """The top-level ``volumes:`` → (key → the volume's name in the cluster, name →
+    (driver, driver_opts) that its mounts carry: ``driver: local`` with ``driver_opts:
+    {type: nfs, o: addr=…, device: :/export}``, or ``sshfs``, as ``--mount volume-opt=``)."""
     out: dict[str, str] = {}
+    drivers: dict[str, tuple[str, dict[str, str]]] = {}
     for key, body in as_map(section or {}, "volumes").items():
         path = f"volumes.{key}"
         m = as_map(body if body is not None else {}, path)
@@ -461,9 +486,8 @@ def _volume_names(stack: str, section: Any, warnings: _Warnings) -> dict[str, st
                     not k.startswith("x-"):
                 raise ComposeError(f"{path}.{k}", "unknown key (not in the Compose "
                                    "Specification)")
-            if k in ("driver", "driver_opts", "labels"):
-                warnings.add(f"volumes.{k}", f"{NOT_YET}: volumes are local directories "
-                             "on each node")
+            if k == "labels":
+                warnings.add(f"volumes.{k}", f"{NOT_YET}: ignored")
         ext = m.get("external", False)
         if isinstance(ext, dict):
             out[key] = as_str(ext.get("name", m.get("name", key)), f"{path}.external.name")
@@ -471,7 +495,19 @@ def _volume_names(stack: str, section: Any, warnings: _Warnings) -> dict[str, st
             out[key] = as_str(m.get("name", key), f"{path}.name")
         else:
             out[key] = as_str(m.get("name", f"{stack}_{key}"), f"{path}.name")
-    return out
+        if "driver" in m or "driver_opts" in m:
+            opts = {as_str(k, f"{path}.driver_opts"): str(v) if isinstance(v, (int, float))
+                    else as_str(v, f"{path}.driver_opts.{k}")
+                    for k, v in as_map(m.get("driver_opts") or {},
+                                       f"{path}.driver_opts").items()}
+            driver = as_str(m.get("driver") or "local", f"{path}.driver")
+            try:
+                volumes_check(driver, opts)
+            except VolumeOptionError as exc:
+                where = f"{path}.driver_opts" if "opt" in exc.field else f"{path}.driver"
+                raise ComposeError(where, str(exc)) from None
+            drivers[out[key]] = (driver, opts)
+    return out, drivers
 
 
 def load(paths: list[Path], environ: Mapping[str, str] | None = None
@@ -528,14 +564,40 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
         raise ComposeError("services", "the file defines no service")
     objects = {kind: _objects(stack, kind, doc.get(f"{kind}s"), project_dir, env, w)
                for kind in ("secret", "config")}
-    volumes = _volume_names(stack, doc.get("volumes"), w)
+    volumes, volume_drivers = _volume_names(stack, doc.get("volumes"), w)
     networks = _networks(stack, doc.get("networks"), w)
+    services = _default_network(stack, services, networks)
     names = {k: n.name for k, n in networks.items()}
     specs = [translate_service(stack, str(key), body, project_dir, env, objects, volumes, w,
-                               names) for key, body in services.items()]
+                               names, volume_drivers) for key, body in services.items()]
     return Stack(name=stack, services=specs, secrets=list(objects["secret"].values()),
                  configs=list(objects["config"].values()), warnings=w.render(),
                  networks=list(networks.values()))
+
+
+def _default_network(stack: str, services: dict[str, Any],
+                     networks: dict[str, NetworkObject]) -> dict[str, Any]:
+    """Compose's ``default`` network, once the file names it: declared under ``networks:``
+    (``default: {external: true, name: proxy}`` puts the stack on an existing network) or
+    listed by a service. It is then a network of the stack (``STACK_default`` unless
+    declared otherwise) and, as in Swarm, every service that lists no network joins it.
+    A file that never names it keeps shoal's default: services on the cluster network."""
+    named = "default" in networks or any(
+        isinstance(body, dict) and "default" in (body.get("networks") or ())
+        for body in services.values())
+    if not named:
+        return services
+    if "default" not in networks:
+        networks["default"] = NetworkObject("default", f"{stack}_default",
+                                            labels={STACK_LABEL: stack})
+    out = {}
+    for key, body in services.items():
+        if isinstance(body, dict) and "networks" not in body and "network_mode" not in body:
+            body = {**body, "networks": ["default"]}
+        elif body is None:
+            body = {"networks": ["default"]}
+        out[key] = body
+    return out
 
 
 def load_stack(stack: str, paths: list[Path], environ: Mapping[str, str] | None = None

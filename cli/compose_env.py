@@ -49,6 +49,24 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping; a key given twice is an error (as Compose's parser), not the last one
+    silently winning."""
+    seen: set[str] = set()
+    for key_node, _ in node.value:  # (before merge keys << bring theirs, which may be overridden)
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue
+        if key_node.value in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key_node.value!r} is given twice", key_node.start_mark)
+        seen.add(key_node.value)
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                        _mapping_without_duplicates)
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """One Compose document → its top-level mapping, or ComposeError naming ``source``."""
     try:
@@ -74,17 +92,19 @@ def parse_env_file(text: str, source: str) -> dict[str, str]:
     """``KEY=VALUE`` lines (``#`` comments, blank lines, ``export``, single or double quotes,
     `` #`` comments after an unquoted value) → a map. Values are not interpolated."""
     out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _ENV_LINE_RE.match(line)
         if m is None:
             raise ComposeError(f"{source}:{n}", f"expected KEY=VALUE, got {line.strip()!r}")
         key, value = m.group(1), m.group(2).strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-            if m.group(2).strip()[0] == '"':
-                value = value.replace("\\n", "\n").replace('\\"', '"')
+        quoted = re.match(r"""^(?:"((?:[^"\\]|\\.)*)"|'([^']*)')\s*(?:#.*)?$""", value)
+        if quoted:  # a quoted value, then maybe a comment: A="x y" # why
+            if quoted.group(1) is not None:
+                value = quoted.group(1).replace("\\n", "\n").replace('\\"', '"')
+            else:
+                value = quoted.group(2)
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
         out[key] = value

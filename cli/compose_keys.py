@@ -210,6 +210,9 @@ class _Service:
     env_files: dict[str, str] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     entrypoint: list[str] | None = None
+    restart: dict[str, Any] | None = None  # from restart: (used without deploy.restart_policy)
+    # a volume's name in the cluster → (driver, driver_opts) declared under volumes:
+    volume_drivers: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     health_test_given: bool = False
     mounts: list[dict[str, Any]] = field(default_factory=list)
     mount_paths: list[str] = field(default_factory=list)  # where each mount was written
@@ -307,6 +310,12 @@ def _env_file(svc: _Service, v: Any, path: str) -> None:
         required = True
         if isinstance(item, dict):
             m = as_map(item, where)
+            for k in m:
+                if k not in ("path", "required", "format") and not k.startswith("x-"):
+                    raise ComposeError(f"{where}.{k}", "unknown key (not in the Compose "
+                                       "Specification)")
+            if "path" not in m:
+                raise ComposeError(f"{where}.path", "is required")
             required = as_bool(m.get("required", True), f"{where}.required")
             item = m.get("path")
         file = svc.project_dir / as_str(item, where)
@@ -316,7 +325,7 @@ def _env_file(svc: _Service, v: Any, path: str) -> None:
 
 
 _PORT_RE = re.compile(r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<pub>[0-9]*(?:-[0-9]+)?):)?"
-                      r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>[a-z]+))?$")
+                      r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>[A-Za-z]+))?$")
 
 
 def _range(text: str, path: str) -> list[int]:
@@ -340,16 +349,15 @@ def _ports(svc: _Service, v: Any, path: str) -> None:
         if m is None:
             raise ComposeError(where, f"expected [[IP:]PUBLISHED:]TARGET[/tcp|udp], got "
                                f"{text!r}")
-        proto = m.group("proto") or "tcp"
+        proto = (m.group("proto") or "tcp").lower()
         if proto not in ("tcp", "udp"):
             raise ComposeError(where, f"protocol {proto!r}: shoal publishes tcp and udp")
         if m.group("ip"):
             svc.warn("ports (host IP)", f"{NOT_YET}: published on every address of every "
                      "node (the routing mesh)")
         targets = _range(m.group("target"), where)
-        if not m.group("pub"):
-            svc.warn("ports (no published port)", f"{NOT_YET}: shoal does not pick a port; "
-                     "that port is not published")
+        if not m.group("pub"):  # ("80", ":80"): the managers assign one, as `-p 80`
+            ports += [{"published": 0, "target": t, "protocol": proto} for t in targets]
             continue
         published = _range(m.group("pub"), where)
         if len(published) != len(targets):
@@ -379,10 +387,8 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
                  "(ingress) instead")
     if m.get("host_ip"):
         svc.warn("ports.host_ip", f"{NOT_YET}: published on every address of every node")
-    if "published" not in m or m["published"] in ("", None):
-        svc.warn("ports (no published port)", f"{NOT_YET}: shoal does not pick a port; that "
-                 "port is not published")
-        return []
+    if "published" not in m or m["published"] in ("", None):  # the managers assign one
+        return [{"published": 0, "target": target, "protocol": proto}]
     pub = m["published"]
     published = _range(pub, f"{path}.published") if isinstance(pub, str) and "-" in pub \
         else [as_int(pub, f"{path}.published")]
@@ -446,6 +452,9 @@ def _volumes(svc: _Service, v: Any, path: str) -> None:
         else:
             mount = _short_volume(svc, as_str(item, where), where)
         if mount is not None:
+            if mount["type"] == "volume" and mount["source"] in svc.volume_drivers:
+                driver, opts = svc.volume_drivers[mount["source"]]
+                mount.update(volume_driver=driver, volume_opts=opts)
             svc.mounts.append(mount)
             svc.mount_paths.append(where)
             svc.spec_paths["task.container.mounts"] = path
@@ -552,6 +561,46 @@ def _health_test(svc: _Service, v: Any, path: str) -> None:
     else:
         raise ComposeError(path, "expected \"CMD-SHELL command\", [\"CMD\", ARGS...], "
                            f"[\"CMD-SHELL\", \"command\"] or [\"NONE\"], got {argv!r}")
+
+
+def _expose(svc: _Service, v: Any, path: str) -> None:
+    """``expose: ["8081", "9000-9001/udp", 7000]`` → ports the service's VIP serves to other
+    tasks (shoal's VIP serves only declared ports, unlike Swarm's, so this is not ignored)."""
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(as_list(v, path)):
+        where = f"{path}[{i}]"
+        text = str(item) if isinstance(item, int) and not isinstance(item, bool) \
+            else as_str(item, where)
+        port, _, proto = text.partition("/")
+        proto = (proto or "tcp").lower()
+        if proto not in ("tcp", "udp") or not re.fullmatch(r"[0-9]+(-[0-9]+)?", port):
+            raise ComposeError(where, f"expected PORT[-PORT][/tcp|udp], got {text!r}")
+        out += [{"port": p, "protocol": proto} for p in _range(port, where)]
+    svc.set("endpoint.expose", list({(e["port"], e["protocol"]): e for e in out}.values()),
+            path)
+
+
+def _endpoint_mode(svc: _Service, v: Any, path: str) -> None:
+    mode = as_str(v, path)
+    if mode not in ("vip", "dnsrr"):
+        raise ComposeError(path, f"expected vip or dnsrr, got {mode!r}")
+    svc.set("endpoint.mode", mode, path)
+
+
+def _restart(svc: _Service, v: Any, path: str) -> None:
+    """The container-level ``restart:`` — used, as by ``docker stack deploy``, only when the
+    service has no ``deploy.restart_policy``: no → none, always / unless-stopped → any,
+    on-failure[:N] → on-failure with at most N attempts."""
+    text = as_str(v, path)
+    name, _, count = text.partition(":")
+    condition = {"no": "none", "always": "any", "unless-stopped": "any",
+                 "on-failure": "on-failure"}.get(name)
+    if condition is None or (count and (name != "on-failure" or not count.isdigit())):
+        raise ComposeError(path, f"expected no, always, unless-stopped or on-failure[:N], "
+                           f"got {text!r}")
+    svc.restart = {"condition": condition}
+    if count:
+        svc.restart["max_attempts"] = int(count)
 
 
 def _deploy_mode(svc: _Service, v: Any, path: str) -> None:

@@ -128,14 +128,17 @@ services:
         protocol: udp
         mode: host
       - "5000"
+      - "7070/TCP"
+      - target: 5001
 """
     st = deploy(tmp_path, text)
     ports = [(p.published, p.target, p.protocol) for p in svc(st, "web").endpoint.ports]
+    # no published port: 0, the managers assign one of 30000-32767 (as `-p 5000`, Docker)
     assert ports == [(8080, 80, "tcp"), (53, 5353, "udp"), (9000, 7000, "tcp"),
-                     (9001, 7001, "tcp"), (8443, 443, "tcp"), (6001, 6000, "udp")]
+                     (9001, 7001, "tcp"), (8443, 443, "tcp"), (6001, 6000, "udp"),
+                     (0, 5000, "tcp"), (0, 7070, "tcp"), (0, 5001, "tcp")]
     assert any(w.startswith("ports.mode: host: not supported yet") for w in st.warnings)
-    assert any(w.startswith("ports (no published port): not supported yet")
-               for w in st.warnings)
+    assert not any("no published port" in w for w in st.warnings)
 
 
 def test_environment_as_list_and_map_over_env_files(tmp_path: Path) -> None:
@@ -329,6 +332,7 @@ def test_unsupported_keys_are_warned_once_naming_the_key_and_services(tmp_path: 
 services:
   web:
     build: .
+    image: web:1
     container_name: w
     command: sleep 1
     cap_add: [NET_ADMIN]
@@ -343,6 +347,7 @@ services:
     x-note: extension keys are skipped
   api:
     build: ./api
+    image: reg:5000/api:1
     depends_on: [web]
     command: sleep 1
 networks:
@@ -355,11 +360,11 @@ x-common: &common {}
     assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
-    for key in ("container_name", "depends_on", "cap_add",
-                "deploy.endpoint_mode"):
+    for key in ("container_name", "depends_on", "cap_add"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
     web = st.services[0]
+    assert web.endpoint.mode == "dnsrr" and not any("endpoint_mode" in x for x in w)
     assert (web.mode.type, web.task.placement.max_replicas) == ("global", 1)
     assert [p.spread for p in web.task.placement.preferences] == ["node.labels.zone"]
     # update_config/rollback_config map onto the spec's UpdateConfig/RollbackConfig
@@ -587,3 +592,121 @@ def test_bad_networks_are_refused_with_their_path(tmp_path: Path, text: str,
                                                   error: str) -> None:
     with pytest.raises(ComposeError, match=re.escape(error)):
         deploy(tmp_path, text)
+
+
+def test_a_service_built_from_source_needs_an_image_to_deploy(tmp_path: Path) -> None:
+    """`build:` without `image:` is refused naming image (it used to run `command:` from the
+    nodes' own filesystem, as a service without an image does), and a service with neither
+    image nor command is told about image, not command."""
+    msg = error(tmp_path, "services:\n  web:\n    build: .\n    command: python app.py\n")
+    assert msg.startswith("services.web.image: is required") and "image build" in msg
+    msg = error(tmp_path, "services:\n  web:\n    environment: [A=1]\n")
+    assert msg.startswith("services.web.image: is required")
+
+
+def test_the_default_network_once_the_file_names_it(tmp_path: Path) -> None:
+    """Declared (here: an existing network) or listed by a service, `default` is a network of
+    the stack and every service that lists none joins it, as in Swarm; a file that never
+    names it leaves its services on the cluster network."""
+    st = deploy(tmp_path, """
+services:
+  web: {image: nginx}
+  api: {image: nginx, networks: [default, back]}
+  host: {image: nginx, network_mode: host}
+networks:
+  default: {external: true, name: traefik-public}
+  back: {}
+""")
+    assert svc(st, "web").task.networks == ("traefik-public",)
+    assert svc(st, "api").task.networks == ("traefik-public", "app_back")
+    assert svc(st, "host").task.networks == ()
+    st = deploy(tmp_path, "services:\n  a: {image: x, networks: [default]}\n  b: {image: x}\n")
+    assert [n.name for n in st.networks] == ["app_default"]
+    assert svc(st, "b").task.networks == ("app_default",)
+    assert st.networks[0].labels == {"com.docker.stack.namespace": "app"}
+    st = deploy(tmp_path, "services:\n  a: {image: x}\n")
+    assert st.networks == [] and svc(st, "a").task.networks == ()
+
+
+def test_expose_endpoint_mode_and_restart_are_read(tmp_path: Path) -> None:
+    """`expose:` gives the VIP's ports (shoal's VIP serves only declared ports), endpoint_mode
+    the endpoint; `restart:` is the restart policy when deploy.restart_policy is absent (as
+    docker stack deploy)."""
+    st = deploy(tmp_path, """
+services:
+  a: {image: x, expose: ["8081", 9000, "7000-7001/udp"], restart: "on-failure:3"}
+  b: {image: x, deploy: {endpoint_mode: dnsrr}, restart: "no"}
+  c: {image: x, restart: always, deploy: {restart_policy: {condition: none}}}
+  d: {image: x, restart: unless-stopped}
+""")
+    a = svc(st, "a")
+    assert [(e.port, e.protocol) for e in a.endpoint.expose] == \
+        [(8081, "tcp"), (9000, "tcp"), (7000, "udp"), (7001, "udp")]
+    assert a.endpoint.vip_ports() == ((8081, "tcp"), (9000, "tcp"), (7000, "udp"),
+                                      (7001, "udp"))
+    assert (a.task.restart.condition, a.task.restart.max_attempts) == ("on-failure", 3)
+    assert svc(st, "b").endpoint.mode == "dnsrr"
+    assert svc(st, "b").task.restart.condition == "none"
+    assert svc(st, "c").task.restart.condition == "none"  # deploy.restart_policy wins
+    assert svc(st, "d").task.restart.condition == "any"
+    assert not st.warnings
+    assert error(tmp_path, "services:\n  a: {image: x, restart: sometimes}\n") == \
+        "services.a.restart: expected no, always, unless-stopped or on-failure[:N], " \
+        "got 'sometimes'"
+    assert error(tmp_path, "services:\n  a: {image: x, expose: [80/sctp]}\n").startswith(
+        "services.a.expose[0]: expected PORT")
+    assert error(tmp_path, "services:\n  a: {image: x, deploy: {endpoint_mode: rr}}\n") == \
+        "services.a.deploy.endpoint_mode: expected vip or dnsrr, got 'rr'"
+
+
+def test_what_docker_refuses_is_refused_naming_the_key(tmp_path: Path) -> None:
+    msg = error(tmp_path, "services:\n  a:\n    image: x\n    image: y\n")
+    assert "line 4" in msg and "the key 'image' is given twice" in msg
+    msg = error(tmp_path, "services:\n  a: {image: x, healthcheck: {test: 'true', "
+                          "disable: true}}\n")
+    assert msg.startswith("services.a.healthcheck.disable: test and disable cannot be set")
+    msg = error(tmp_path, "services:\n  a: {image: x, env_file: [{path: a.env, "
+                          "requried: false}]}\n")
+    assert msg == "services.a.env_file[0].requried: unknown key (not in the Compose " \
+        "Specification)"
+    # merge keys still override what they bring
+    st = deploy(tmp_path, "x-base: &b {image: x, command: [a]}\nservices:\n  a:\n"
+                          "    <<: *b\n    command: [b]\n")
+    assert svc(st, "a").task.container.command == ("b",)
+
+
+def test_env_file_quotes_comments_and_bom(tmp_path: Path) -> None:
+    (tmp_path / "a.env").write_text('\ufeffA="x y" # why\nB=\'z\' # c\nC=plain # c\n'
+                                    'D="q\\"uote"\n', encoding="utf-8")
+    st = deploy(tmp_path, "services:\n  a: {image: x, env_file: a.env}\n")
+    assert svc(st, "a").task.container.env == {"A": "x y", "B": "z", "C": "plain",
+                                                "D": 'q"uote'}
+
+
+def test_volume_driver_and_options_reach_the_mounts(tmp_path: Path) -> None:
+    """A declared volume's `driver`/`driver_opts` ride on every mount of it, as the CLI's
+    `--mount volume-driver=,volume-opt=` (NFS through local's type/o/device, or sshfs);
+    a driver or options the runtime would refuse are refused naming the key."""
+    st = deploy(tmp_path, """
+services:
+  db: {image: x, volumes: ["db:/var/lib/db", {type: volume, source: files, target: /f},
+                           "plain:/p"]}
+volumes:
+  db: {driver: local, driver_opts: {type: nfs, o: "addr=10.0.0.1,rw", device: ":/exports"}}
+  files: {driver: sshfs, driver_opts: {sshcmd: "u@files:/srv"}}
+  plain: {}
+""")
+    mounts = {m.target: m for m in svc(st, "db").task.container.mounts}
+    assert (mounts["/var/lib/db"].volume_driver, mounts["/var/lib/db"].volume_opts) == \
+        ("local", {"type": "nfs", "o": "addr=10.0.0.1,rw", "device": ":/exports"})
+    assert (mounts["/f"].volume_driver, mounts["/f"].volume_opts) == \
+        ("sshfs", {"sshcmd": "u@files:/srv"})
+    assert (mounts["/p"].volume_driver, mounts["/p"].volume_opts) == ("", {})
+    assert not st.warnings
+    assert error(tmp_path, "services: {a: {image: x, volumes: ['v:/v']}}\n"
+                           "volumes: {v: {driver: flocker}}\n").startswith(
+        "volumes.v.driver: ") and "flocker" in \
+        error(tmp_path, "services: {a: {image: x}}\nvolumes: {v: {driver: flocker}}\n")
+    assert error(tmp_path, "services: {a: {image: x}}\n"
+                           "volumes: {v: {driver_opts: {type: nfs}}}\n").startswith(
+        "volumes.v.driver_opts: ")

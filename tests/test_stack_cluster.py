@@ -81,7 +81,7 @@ services:
     environment: [ROLE=api, PORT=9000, VERSION=1]
     configs: [{source: app.py, mode: 0444}]
     networks: [back]
-    build: ./api
+    container_name: api
     cap_add: [NET_ADMIN]
   worker:
     command: [sh, -c, "test -s /run/secrets/token"]
@@ -157,7 +157,7 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     compose.write_text(COMPOSE)
     res = h1.cli("stack", "deploy", "-c", str(compose), "st")
     warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("Warning: ")]
-    for key in ("build:", "depends_on:", "cap_add:"):
+    for key in ("container_name:", "depends_on:", "cap_add:"):
         assert sum(w.startswith(f"Warning: {key}") for w in warnings) == 1, (key, res.stderr)
     assert "Creating service st_web" in res.stdout and "Creating secret st_token" in res.stdout
     assert "Creating config st_app.py" in res.stdout
@@ -225,3 +225,21 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     pids = {t["pid"] for t in [*first.values(), *after.values()] if t["pid"]}
     wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=30,
                what="every task of the stack stopped")
+
+    # -- the default network, once a file names it: a network of the stack that every
+    # service listing no network joins (as Swarm's STACK_default)
+    compose.write_text("services:\n  a: {command: [sleep, '100000'], networks: [default]}\n"
+                       "  b: {command: [sleep, '100000']}\n")
+    res = h1.cli("stack", "deploy", "-c", str(compose), "dn")
+    assert "Creating network dn_default" in res.stdout, res.stdout
+
+    def on_default() -> dict[str, Any] | None:
+        net = h1.cli_json("network", "inspect", "dn_default")
+        net = net[0] if isinstance(net, list) else net
+        return net if len(net["tasks"]) == 2 else None
+    net = wait_until(on_default, timeout=60, what="a's and b's tasks on dn_default")
+    assert net["labels"] == {"com.docker.stack.namespace": "dn"}
+    res = h1.cli("stack", "rm", "dn")
+    assert "Removing network dn_default" in res.stdout
+    wait_until(lambda: h1.cli_json("network", "ls") == [], timeout=30,
+               what="dn_default removed")
