@@ -323,9 +323,9 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
                 svc.spec_paths.get("task.container.mounts", f"{path}.volumes"))
     container = svc.spec.get("task", {}).get("container", {})
     if svc.entrypoint is not None:
-        if container.get("image"):
-            svc.warn("entrypoint", f"{NOT_YET} with an image: the image's ENTRYPOINT is "
-                     "kept, command gives its arguments")
+        if container.get("image"):  # ([] keeps the image's, as docker stack deploy)
+            if svc.entrypoint:
+                svc.set("task.container.entrypoint", svc.entrypoint, f"{path}.entrypoint")
         else:  # the host's root filesystem: the program is entrypoint + command
             svc.set("task.container.command",
                     svc.entrypoint + list(container.get("command", [])), f"{path}.entrypoint")

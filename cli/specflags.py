@@ -18,6 +18,7 @@ import copy
 import csv
 import re
 import secrets
+import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,13 +247,22 @@ def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
 
 
 # item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
+def _port_key(text: str, flag: str) -> str:
+    """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
+    port, _, proto = text.strip().partition("/")
+    proto = (proto or "tcp").lower()
+    if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
+        raise CliError(f"{flag}: expected PORT[/tcp|udp], got {text!r}")
+    return f"{int(port)}/{proto}"
+
+
 ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
                        Callable[[str, str], str]]] = {
     "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
     "port": (parse_publish, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
-             lambda t, f: t if "/" in t else f"{t.split(':')[0]}/tcp"),
+             lambda t, f: _port_key(t.split(":")[0], f)),
     "expose": (parse_expose, lambda e: f"{e['port']}/{e.get('protocol', 'tcp')}",
-               lambda t, f: t if "/" in t else f"{t}/tcp"),
+               lambda t, f: _port_key(t, f)),
     "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
     "constraint": (parse_constraint, str, parse_constraint),
@@ -269,6 +279,11 @@ def _scalar(d: FieldDecl, text: Any, flag: str) -> Any:
         return bool(text)
     if kind == "str" or kind == "choice":
         return text
+    if kind == "words":  # (as a shell splits it: --entrypoint 'sh -c'; "" = none)
+        try:
+            return shlex.split(text)
+        except ValueError as exc:
+            raise CliError(f"{flag}: {exc} in {text!r}") from None
     if kind == "bytes":
         return parse_size(text, flag)
     if kind == "duration":

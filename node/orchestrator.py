@@ -106,6 +106,12 @@ class OrchestratorConfig:
             raise ValueError("gossip_heartbeat_interval must be between 0 and 60 seconds")
 
 
+# How long a task told to stop may hold its slot before its replacement starts anyway
+# (swarmkit's defaultOldTaskTimeout): an agent that never reports the stop must not keep the
+# slot empty for good.
+OLD_TASK_TIMEOUT = 60.0
+
+
 def heartbeat_stretch(nodes: int, interval: float, max_rate: float) -> float:
     """How many times ``interval`` each of ``nodes`` waits between heartbeats so that the
     leader receives at most ``max_rate`` a second (1 in a small cluster; 0 = no cap)."""
@@ -215,6 +221,7 @@ def reconcile_services(
     misplaced: list[Op] = []
     unplaced: list[Op] = []
     orphaned: set[str] = set()
+    lost: set[str] = set()  # (orphaned because their node is down or gone)
     for t in snapshot.tasks.values():
         by_service[t.service_id].append(t)
         nid = t.node_id
@@ -233,6 +240,7 @@ def reconcile_services(
                 reason = "node down" if nid in down_nodes else "node removed"
                 orphans.append(("orphan", t.id, f"{reason}: task replaced elsewhere"))
                 orphaned.add(t.id)
+                lost.add(t.id)
             continue
         if not t.alive:
             continue
@@ -256,6 +264,18 @@ def reconcile_services(
 
     def alive(t: Task) -> bool:
         return t.alive and t.id not in orphaned
+
+    def stopping_until(t: Task) -> float | None:
+        """Until when ``t``, told to stop but still running on a live node, holds its slot:
+        its replacement waits (as swarmkit's restart supervisor) so that the two never run
+        at once — stop-first means it, and a port or volume may be the task's own — until
+        it ended, its node went down, or OLD_TASK_TIMEOUT after the stop was ordered."""
+        if alive(t) or not t.node_id or t.status.state.terminal or t.id in lost:
+            return None
+        if t.id in orphaned:  # (told to stop by this very pass)
+            return now + OLD_TASK_TIMEOUT
+        until = t.updated_at + OLD_TASK_TIMEOUT
+        return until if now < until else None
 
     # tasks whose service is gone (desired REMOVE): delete once they stopped or cannot stop
     for sid, tasks in by_service.items():
@@ -286,13 +306,13 @@ def reconcile_services(
             continue  # (what _reconcile_service finds for it: nothing to do, nothing to wait)
         if svc.spec.mode.per_node:
             svc_ops, svc_wake = _reconcile_per_node(svc, tasks, alive, now, new_id, config,
-                                                    nodes, placing)
+                                                    nodes, placing, stopping_until)
         elif svc.spec.mode.job:
             svc_ops, svc_wake = _reconcile_replicated_job(svc, tasks, alive, now, new_id,
                                                           config)
         else:
             svc_ops, svc_wake = _reconcile_service(svc, tasks, alive, now, new_id, config,
-                                                   snapshot.nodes)
+                                                   snapshot.nodes, stopping_until)
         ops.extend(svc_ops)
         if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
             wake_at = svc_wake
@@ -478,9 +498,11 @@ def _reconcile_per_node(
     config: OrchestratorConfig,
     nodes: Mapping[str, Node],
     placing: Callable[[], Load],
+    stopping_until: Callable[[Task], float | None] = lambda t: None,
 ) -> tuple[list[Op], float | None]:
     """global and global-job: one task per eligible node (one completion, for a job),
-    created on its node (slot 0). ``placing()``: the load to check and add reservations to."""
+    created on its node (slot 0). ``placing()``: the load to check and add reservations to;
+    ``stopping_until``: see reconcile_services (a node's task still stopping holds it)."""
     mode, policy = svc.spec.mode, svc.spec.task.restart
     eligible = eligible_nodes(svc, nodes)
     need = svc.spec.task.resources.reservations
@@ -531,8 +553,13 @@ def _reconcile_per_node(
         if mode.job and (_idle(svc) or any(_completed(t, svc) for t in mine)):
             continue
         if not live:
-            restart, due = restart_decision(
-                policy, [t for t in mine if t.status.state.terminal], now, job=mode.job)
+            held = [u for t in node_tasks if (u := stopping_until(t)) is not None]
+            if held:  # its last task is still stopping there
+                wake_at = min([*held, *([wake_at] if wake_at is not None else [])])
+                continue
+            ended = [t for t in mine if t.status.state.terminal] if mode.job else \
+                _restart_history(mine, svc)  # (a job's history is its iteration's: `mine`)
+            restart, due = restart_decision(policy, ended, now, job=mode.job)
             if not restart:
                 continue
             if due > now:
@@ -572,7 +599,10 @@ def _reconcile_service(
     new_id: Callable[[], str],
     config: OrchestratorConfig,
     nodes: Mapping[str, Node],
+    stopping_until: Callable[[Task], float | None] = lambda t: None,
 ) -> tuple[list[Op], float | None]:
+    """replicated: slots 1..replicas, each with one live task (``stopping_until``: see
+    reconcile_services, a slot whose task is still stopping waits for it)."""
     ops: list[Op] = []
     wake_at: float | None = None
     slots: dict[int, list[Task]] = defaultdict(list)
@@ -607,9 +637,12 @@ def _reconcile_service(
         elif len(live) > 1:
             ops += _keep_one(live)
         elif not live:
-            ended = [t for t in slot_tasks if t.status.state.terminal]
-            restart, due = restart_decision(svc.spec.task.restart, ended, now)
-            if not restart:
+            held = [u for t in slot_tasks if (u := stopping_until(t)) is not None]
+            restart, due = restart_decision(svc.spec.task.restart,
+                                            _restart_history(slot_tasks, svc), now)
+            if held:  # the slot's last task is still stopping
+                wake_at = min([*held, *([wake_at] if wake_at is not None else [])])
+            elif not restart:
                 pass
             elif due > now:
                 wake_at = due if wake_at is None else min(wake_at, due)
@@ -626,6 +659,14 @@ def _reconcile_service(
         history = max(config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
         ops += _trim(slot_tasks, alive, history)
     return ops, wake_at
+
+
+def _restart_history(tasks: list[Task], svc: Service) -> list[Task]:
+    """The ended tasks a slot's restart decision counts: those of the service's current
+    version. A new version (an update, a rollback, a scale) starts the history afresh, as
+    swarmkit's restart supervisor does: a slot that used up its attempts, or whose task
+    ended under condition none, runs again after `service update` (--force too)."""
+    return [t for t in tasks if t.status.state.terminal and t.service_version == svc.version]
 
 
 def _over_max_replicas(svc: Service, tasks: list[Task], alive: Callable[[Task], bool]

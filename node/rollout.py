@@ -26,6 +26,7 @@ from shoal.node.scheduler import unsatisfied
 from shoal.raft.models import (
     Health,
     Node,
+    NodeAvailability,
     Service,
     Task,
     TaskState,
@@ -132,12 +133,19 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     def key(t: Task) -> str | int:
         return t.node_id if per_node else t.slot
 
-    live = [t for t in tasks if alive(t) and (per_node or t.slot <= want)]
+    def kept(t: Task) -> bool:
+        """Global: a paused node's task is left as it is, neither stopped nor replaced
+        (Swarm: no task is added or updated there); the node is not among ``wanted``."""
+        node = (nodes or {}).get(t.node_id) if per_node else None
+        return node is not None and node.availability is NodeAvailability.PAUSE
+
+    live = [t for t in tasks if alive(t) and (per_node or t.slot <= want) and not kept(t)]
     old = sorted((t for t in live if old_spec(t)),
                  key=lambda t: (t.node_id, t.id) if per_node else (t.slot, t.id))
     fresh = [t for t in live if not old_spec(t)]
     stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
-                and not t.status.state.terminal and (per_node or t.slot <= want)]
+                and not t.status.state.terminal and (per_node or t.slot <= want)
+                and not kept(t)]
     since = status.started_at
     new = [t for t in tasks if not old_spec(t) and t.created_at >= since] if rolling else []
     # start-first slots (global: nodes) running an old task and its replacement (kept side

@@ -317,9 +317,12 @@ class Worker:
         limits = task.spec.resources.limits
         cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
         stop_signal = s.stop_signal
-        if s.image:
+        if not s.image:  # (the host's filesystem: the program is entrypoint + command)
+            cmd = tuple(s.entrypoint) + cmd
+        else:
             image = await self._ensure_image(s.image, task)
-            cmd, env, wd, user = image.apply(cmd, env, wd, user)
+            cmd, env, wd, user = image.apply(cmd, env, wd, user,
+                                             entrypoint=s.entrypoint or None)
             if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:  # (the default)
                 stop_signal = image.stop_signal  # the image's STOPSIGNAL
             if not cmd:

@@ -230,6 +230,11 @@ class ContainerSpec(_Spec, frozen=True):
                                metavar="[HOST[:PORT]/]NAME[:TAG][@DIGEST]",
                                pattern=f"^$|{IMAGE_RE.pattern}")] = ""
     command: Command = ()
+    entrypoint: Annotated[tuple[str, ...], decl(
+        "the program that runs instead of the image's ENTRYPOINT, with command as its "
+        "arguments (the image's CMD is then not used); empty = the image's (Docker's "
+        "--entrypoint, Compose's entrypoint; needs cluster schema 6)", flag="--entrypoint",
+        cli="words", metavar="'PROGRAM [ARG...]'", max_length=4096)] = ()
     env: Annotated[dict[str, str], decl("environment variables", flag="--env", short="-e",
                                         cli="map", metavar="KEY=VALUE")] = {}
     workdir: Annotated[str, decl("working directory (absolute path)", flag="--workdir",
@@ -261,6 +266,7 @@ class ContainerSpec(_Spec, frozen=True):
 
     def __post_init__(self) -> None:
         _check_command(self.command)
+        _check_command(self.entrypoint, "entrypoint")
         _check_env(self.env)
         name = self.image.split("@", 1)[0]
         if ":" in name.rsplit("/", 1)[-1]:
@@ -408,12 +414,13 @@ def check_pod(main: ContainerSpec, sidecars: tuple[SidecarSpec, ...],
                                     "applies)")
 
 
-def _check_command(command: tuple[str, ...]) -> None:
-    """A container's command (the main one's, a sidecar's or an init container's)."""
+def _check_command(command: tuple[str, ...], field: str = "command") -> None:
+    """A container's command (the main one's, a sidecar's or an init container's), or the
+    main one's entrypoint."""
     if command and not command[0]:
-        raise SpecError("command", "must not start with an empty string")
+        raise SpecError(field, "must not start with an empty string")
     if sum(len(a) for a in command) > MAX_COMMAND_BYTES:
-        raise SpecError("command", "is too long")
+        raise SpecError(field, "is too long")
 
 
 def _check_workdir(workdir: str) -> None:

@@ -36,7 +36,8 @@ The layout follows swarmkit's ``ServiceSpec``::
 
 A field's declaration (``decl``) keeps its CLI flag and parser kind in ``Meta.extra``:
 ``flag`` (long option, create and update), ``short``, ``cli`` (how the CLI parses it:
-``str int float bytes duration choice map list command flag struct``; ``struct``: a
+``str int float bytes duration choice map list command words flag struct``; ``words``: one
+string split as a shell would (``--entrypoint 'sh -c'``); ``struct``: a
 nested Struct given as one ``key=value,...`` flag, parsed by its ``item``; ``flag``: a switch
 without a value that sets a bool, and that giving any other flag of its Struct on
 `service update` turns off), ``item`` (the list item
@@ -583,7 +584,7 @@ class ServiceSpec(_Spec, frozen=True):
         if net == "host":
             self._check_host_ports()
         c = self.task.container
-        if not c.command and not c.image:
+        if not c.command and not c.image and not c.entrypoint:
             raise SpecError("task.container.command",
                             "is required (the program to run and its arguments) when the "
                             "service names no image")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -528,7 +529,17 @@ class ClusterState:
             # in Swarm (its failures so far no longer count)
             state = "rollback_started" if cmd.get("rollback") else "updating"
             manual = "rollback started" if legacy else "manually requested rollback"
-            status = UpdateStatus(state=state, started_at=now,
+            # The rollout tells its new tasks by ``created_at >= started_at``; tasks are
+            # stamped with the leader's clock, this command with the proposing manager's. A
+            # proposer whose clock runs ahead would hide every new task (no failure seen,
+            # no rollback), so the start is at the latest just after the service's newest
+            # task (which only the leader's ops create).
+            started = now
+            if self.cluster.schema >= schema_mod.ROLLOUT_CLOCK:  # (every replica alike)
+                newest = max((t.created_at for t in self.tasks.values()
+                              if t.service_id == svc.id), default=now)
+                started = min(now, math.nextafter(newest, math.inf))
+            status = UpdateStatus(state=state, started_at=started,
                                   message=manual if cmd.get("rollback") else
                                   "update in progress")
         if spec == svc.spec:
@@ -642,8 +653,12 @@ class ClusterState:
                 if svc is None or svc.previous_spec is None or svc.update_status.state != \
                         "updating":
                     continue
+                # (Swarm's automatic rollback leaves no previous spec: a later `service
+                # rollback` must not bring back the version that just failed)
+                previous = None if self.cluster.schema >= schema_mod.ROLLOUT_CLOCK else \
+                    svc.spec
                 self.services[svc.id] = replace(
-                    svc, spec=svc.previous_spec, previous_spec=svc.spec,
+                    svc, spec=svc.previous_spec, previous_spec=previous,
                     version=svc.version + 1, updated_at=now,
                     update_status=UpdateStatus(state="rollback_started", message=str(op[2]),
                                                started_at=now))

@@ -710,3 +710,20 @@ volumes:
     assert error(tmp_path, "services: {a: {image: x}}\n"
                            "volumes: {v: {driver_opts: {type: nfs}}}\n").startswith(
         "volumes.v.driver_opts: ")
+
+
+def test_entrypoint_with_an_image_replaces_the_images(tmp_path: Path) -> None:
+    st = deploy(tmp_path, """
+services:
+  a: {image: busybox, entrypoint: ["/bin/sh", "-c"], command: ["echo $$HOME"]}
+  b: {image: busybox, entrypoint: "tini -- run", command: go}
+  c: {image: busybox, entrypoint: []}
+  d: {entrypoint: [sleep], command: ["1"]}
+""")
+    a, b = svc(st, "a").task.container, svc(st, "b").task.container
+    assert (a.entrypoint, a.command) == (("/bin/sh", "-c"), ("echo $HOME",))
+    assert (b.entrypoint, b.command) == (("tini", "--", "run"), ("go",))
+    assert svc(st, "c").task.container.entrypoint == ()  # [] keeps the image's (as Swarm)
+    d = svc(st, "d").task.container  # no image: the host's program, entrypoint + command
+    assert (d.entrypoint, d.command) == ((), ("sleep", "1"))
+    assert not st.warnings

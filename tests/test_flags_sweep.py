@@ -31,6 +31,7 @@ BY_KIND: dict[str, list[str]] = {
     "choice": ["bogus"],
     "map": ["novalue"],
     "struct": ["bogus=1", "min=5,max=2,cpu=50%", "max=3,cpu=150x"],  # (--autoscale)
+    "words": ["sh -c 'unclosed", "'' -c"],  # (--entrypoint: a quote, an empty program)
 }
 # bad values of list items by item parser
 BY_ITEM: dict[str, list[str]] = {

@@ -210,6 +210,8 @@ def test_label_removed_task_moves_to_a_node_that_still_satisfies() -> None:
     gone = [t.id for t in live(st) if t.node_id == "n1"]
     converge(st, now=20.0)
     assert st.tasks[gone[0]].desired_state is TaskState.SHUTDOWN
+    settle(st, 21.0)  # (its replacement waits until it stopped)
+    converge(st, now=21.0)
     settle(st, 21.0)
     assert {t.node_id for t in live(st)} == {"n2", "n3"}
     assert all(t.status.state is TaskState.RUNNING for t in live(st))
@@ -224,6 +226,9 @@ def test_label_removed_with_no_other_node_leaves_the_task_pending() -> None:
     set_labels(st, "n1", 20.0, zone="a")
     converge(st, now=20.0)
     assert st.tasks[first.id].desired_state is TaskState.SHUTDOWN
+    assert live(st) == []  # the replacement waits until it stopped
+    settle(st, 20.0)
+    converge(st, now=20.0)
     (t,) = live(st)
     assert t.id != first.id and not t.node_id
     assert t.status.message == "no node satisfies node.labels.zone==b"
@@ -289,6 +294,8 @@ def test_a_task_kept_by_a_constraint_change_is_held_to_the_current_constraints()
     converge(st, now=21.0)
     assert [x.id for x in live(st)] == [t.id]
     set_labels(st, "n1", 22.0)  # disk removed too
+    converge(st, now=22.0)
+    settle(st, 22.0)
     converge(st, now=22.0)
     settle(st, 22.0)
     (moved,) = live(st)

@@ -170,6 +170,14 @@ def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> 
     h1.cli("service", "create", "--name", "saved", "--image", "demo:v1")
     wait_until(lambda: [t for t in tasks(h1, "saved") if t["state"] in
                         ("running", "complete")] or None, timeout=60, what="saved ran")
+    # --entrypoint replaces the image's (/bin/sh -c) and drops its Cmd: `/bin/sh -c -c ...`
+    # would fail, `/bin/sh -c 'echo ...'` prints
+    h1.cli("service", "create", "--name", "ep", "--image", "demo:v1", "--entrypoint",
+           "/bin/sh", "--restart-condition", "none", "--", "-c", "echo via-entrypoint")
+    (ep,) = h1.cli_json("service", "inspect", "ep")
+    assert ep["spec"]["task"]["container"]["entrypoint"] == ["/bin/sh"]
+    wait_until(lambda: "via-entrypoint" in h1.cli("service", "logs", "ep").stdout or None,
+               timeout=60, what="the entrypoint's output")
 
 
 def test_agent_restart_adopts_tasks_and_reports_exits(lab_factory: Callable[..., Lab]

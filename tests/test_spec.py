@@ -103,6 +103,7 @@ def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: st
     (["--publish", "80:x"], "--publish"),
     (["--mount", "dst=/x,color=red"], "--mount"),
     (["--constraint", "zone"], "--constraint"),
+    (["--entrypoint", "sh -c 'unclosed"], "--entrypoint"),
 ])
 def test_bad_flag_values_name_the_flag(argv: list[str], flag: str) -> None:
     args = build_parser().parse_args(["service", "create", "--name", "w", *argv, "--", "x"])
@@ -381,3 +382,23 @@ def test_an_error_quotes_the_bad_value_verbatim_and_short() -> None:
     with pytest.raises(ValidationError) as info:
         validate_spec({"name": "w", "task": {"resources": {"limits": "y" * 1000}}})
     assert len(info.value.message) < 200 and info.value.message.endswith("...")
+
+
+def test_entrypoint_is_split_as_a_shell_would_and_empty_means_the_images() -> None:
+    """`--entrypoint 'sh -c'` (Docker's: one string, split as a shell would) replaces the
+    image's ENTRYPOINT; `--entrypoint ''` on update gives the image's back."""
+    p = build_parser()
+    args = p.parse_args(["service", "create", "--name", "w", "--entrypoint",
+                         "/bin/sh -c", "busybox:1", "echo 'a b'"])
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    assert spec.task.container.entrypoint == ("/bin/sh", "-c")
+    assert spec.task.container.command == ("echo 'a b'",)
+    new = specflags.apply_update_args(to_dict(spec), p.parse_args(
+        ["service", "update", "--entrypoint", "", "w"]))
+    assert validate_spec(new).task.container.entrypoint == ()
+    with pytest.raises(ValidationError) as exc:
+        validate_spec({"name": "w", "task": {"container": {"image": "x",
+                                                            "entrypoint": ["", "a"]}}})
+    assert exc.value.field == "task.container.entrypoint"
+    # without an image the entrypoint alone is a program to run
+    assert validate_spec({"name": "w", "task": {"container": {"entrypoint": ["sleep", "1"]}}})

@@ -70,6 +70,9 @@ class Sim:
         self.ids: Iterator[str] = iter(f"t{i:04d}" for i in range(100_000))
         self.max_running = 0
         self.min_up = 10**6
+        self.stop_steps = 0  # how many steps a task takes to stop once told (its grace)
+        self.told: dict[str, float] = {}
+        self.max_per_slot = 0  # the most tasks running in one slot at once
         self.run(6)
 
     @property
@@ -101,6 +104,8 @@ class Sim:
             if not t.node_id or s.state.terminal:
                 continue
             if t.desired_state >= TaskState.SHUTDOWN:
+                if now - self.told.setdefault(t.id, now) < self.stop_steps:
+                    continue  # (still stopping: its stop grace period)
                 new = TaskStatus(state=TaskState.SHUTDOWN, timestamp=now)
             elif s.state < TaskState.RUNNING:
                 new = TaskStatus(state=TaskState.RUNNING, timestamp=now,
@@ -119,6 +124,9 @@ class Sim:
         self.max_per_node = max([self.max_per_node, *Counter(
             t.node_id for t in running).values()])
         self.min_up = min(self.min_up, sum(t.status.up for t in running))
+        if not self.svc.spec.mode.per_node:
+            self.max_per_slot = max([self.max_per_slot, *Counter(
+                t.slot for t in running).values()])
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -513,3 +521,105 @@ def test_the_update_deltas_exist_and_args_sets_the_command() -> None:
     got = specflags.apply_update_args(current, args)
     assert list(got["task"]["container"]["command"]) == ["x"]
     assert not got["task"]["container"].get("secrets")
+
+
+# ------------------------------------------------------- found by a review against swarmkit
+
+def test_stop_first_waits_for_the_old_task_to_stop_before_the_new_one_runs() -> None:
+    """Stop-first never runs a slot's old and new task at once, even when the old one takes
+    its whole grace period to stop (a port or a volume may be the task's own): the
+    replacement is made once the old task ended (swarmkit's restart supervisor waits the
+    same way)."""
+    sim = Sim(spec(2))
+    sim.stop_steps = 5
+    sim.max_per_slot = 0
+    sim.update(spec(2, "2"))
+    sim.until("completed", 120)
+    assert sim.max_per_slot == 1 and sim.max_running <= 2
+    assert sim.versions() == ["2", "2"]
+
+
+def test_a_slot_whose_task_never_reports_its_stop_is_refilled_after_a_minute() -> None:
+    from shoal.node.orchestrator import OLD_TASK_TIMEOUT
+    sim = Sim(spec(1))
+    sim.stop_steps = 10**6  # the agent never reports the stop
+    sim.update(spec(1, "2"))
+    sim.run(int(OLD_TASK_TIMEOUT) - 5)
+    assert sim.versions() == []  # the old one still holds the slot
+    sim.run(10)
+    assert sim.versions() == ["2"]
+
+
+def test_an_automatic_rollback_refills_slots_whose_policy_said_no_more() -> None:
+    """With restart condition none (or attempts used up), a rollback — a new version — runs
+    its slots again (swarmkit starts a spec version's restart history afresh); it used to
+    leave the service at 0 tasks, rollback_started for good."""
+    for restart in ({"condition": "none", "delay": 0.0}, {"max_attempts": 1, "delay": 0.0}):
+        base = spec(1)
+        base["task"]["restart"] = restart
+        sim = Sim(base)
+        bad = spec(1, "bad", failure_action="rollback", monitor=5.0)
+        bad["task"]["restart"] = restart
+        sim.update(bad)
+        sim.until("rollback_completed", 60)
+        assert sim.versions() == ["1"], restart
+
+
+def test_an_update_reruns_a_slot_that_gave_up_and_completes() -> None:
+    """A slot that used up its restart attempts runs again after `service update` (also
+    --force), and the update completes; it used to stay empty, `updating` for good."""
+    base = spec(2, "bad0")
+    base["task"]["restart"] = {"max_attempts": 1, "delay": 0.0}
+    sim = Sim(base)
+    sim.run(20)
+    assert sim.live() == []
+    good = spec(2, "2")
+    good["task"]["restart"] = {"max_attempts": 1, "delay": 0.0}
+    sim.update(good)
+    sim.until("completed", 60)
+    assert sim.versions() == ["2", "2"]
+    forced = {**good, "task": {**good["task"], "force_update": 1}}
+    sim.update(forced)
+    sim.until("completed", 60)
+
+
+def test_a_global_update_leaves_a_paused_nodes_task_as_it_is() -> None:
+    """Swarm adds or updates no task on a paused node: its task keeps the old template and
+    the rollout completes without it (it used to stop it, or start a new one beside it)."""
+    for order in ("stop-first", "start-first"):
+        sim = Sim(global_spec(), nodes=3)
+        sim.st.apply({"op": "node_update", "id": "n3", "now": sim.now,
+                      "availability": "pause"})
+        sim.update(global_spec("2", order=order))
+        sim.until("completed", 60)
+        by_node = {t.node_id: t.spec.container.env["V"] for t in sim.live()}
+        assert by_node == {"n1": "2", "n2": "2", "n3": "1"}, (order, by_node)
+
+
+def test_a_proposer_whose_clock_runs_ahead_does_not_hide_the_rollouts_failures() -> None:
+    """`update_status.started_at` comes from the proposing manager's clock, the tasks'
+    creation from the leader's; with the proposer 10 minutes ahead no new task counted, so
+    a failing version stayed deployed. The start is kept no later than just after the
+    service's newest task."""
+    sim = Sim(spec(2))
+    sim.now += 1
+    res = sim.st.apply({"op": "service_update", "id": "s1", "now": sim.now + 600,
+                        "spec": spec(2, "bad", failure_action="rollback")})
+    assert "error" not in res
+    sim.until("rollback_completed", 60)
+    assert sim.versions() == ["1", "1"]
+
+
+def test_an_automatic_rollback_leaves_no_previous_spec() -> None:
+    """As Swarm: after an automatic rollback there is nothing to roll back to (a manual
+    `service rollback` would bring back the version that just failed); a cluster still
+    writing schema 5 keeps the old rule, as its older replicas apply it."""
+    sim = Sim(spec(1))
+    sim.update(spec(1, "bad", failure_action="rollback"))
+    sim.until("rollback_completed", 60)
+    assert sim.svc.previous_spec is None
+    sim = Sim(spec(1))
+    sim.st.cluster = replace(sim.st.cluster, schema=5)
+    sim.update(spec(1, "bad", failure_action="rollback"))
+    sim.until("rollback_completed", 60)
+    assert sim.svc.previous_spec is not None

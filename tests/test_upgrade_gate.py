@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 5
+    assert announced_schema(meta) == SCHEMA == 6
 
 
 class _Cluster:
@@ -180,6 +180,8 @@ AUTO = {"name": "auto", "mode": {"replicas": 1, "autoscale": {"max": 3, "cpu": 0
         "task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": 0.2}}}}
 PLAIN = {"name": "plain", "task": {"container": {"command": ["x"]}}}
 HOSTNET = {"name": "hostnet", "task": {"container": {"command": ["x"]}, "network_mode": "host"}}
+ENTRY = {"name": "entry", "task": {"container": {"image": "busybox:1", "command": ["-c", "x"],
+                                                  "entrypoint": ["/bin/sh"]}}}
 _LATER = ("sidecars", "init_containers", "network_mode")
 
 
@@ -220,6 +222,7 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
     assert not set(_LATER) & raw["services"]["s1"]["spec"]["task"].keys()
     assert "autoscale" not in raw["services"]["s1"]["spec"]["mode"]
     assert not set(_LATER) & raw["tasks"]["t1"]["spec"].keys()
+    assert "entrypoint" not in raw["tasks"]["t1"]["spec"]["container"]
     back = state_from_bytes(state_to_bytes(st))
     assert back.services["s1"].spec == st.services["s1"].spec
     assert back.tasks["t1"].spec == st.tasks["t1"].spec
@@ -231,7 +234,8 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
 
 @pytest.mark.parametrize(("spec", "field"), [(POD, "task.sidecars"),
                                              (AUTO, "mode.autoscale"),
-                                             (HOSTNET, "task.network_mode")])
+                                             (HOSTNET, "task.network_mode"),
+                                             (ENTRY, "task.container.entrypoint")])
 def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
         spec: dict[str, Any], field: str) -> None:
     """On propose (encode) and by the state machine alike (an older replica refuses it
