@@ -390,7 +390,14 @@ def run_logs(c: Client, args: argparse.Namespace) -> None:
     """`service logs SERVICE|TASK`: a service's tasks merged, or one task's (by id)."""
     import urllib.parse
 
-    query = {"tail": args.tail, "follow": int(args.follow), "timestamps": int(args.timestamps)}
+    tail = str(args.tail).strip().lower()
+    if tail != "all":  # (a negative number means all lines, as docker's)
+        try:
+            tail = "all" if int(tail) < 0 else str(int(tail))
+        except ValueError:
+            raise CliError(f"--tail: expected a number of lines or all, got {args.tail!r}"
+                           ) from None
+    query = {"tail": tail, "follow": int(args.follow), "timestamps": int(args.timestamps)}
     if args.container:
         query["container"] = args.container
     if args.since:

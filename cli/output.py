@@ -60,6 +60,24 @@ def ago(ts: float | None) -> str:
 _TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 
+def check_template(template: str, shown: list[str], items: list[Rec]) -> None:
+    """Refuse, as docker does, a template this CLI cannot evaluate: an action other than
+    ``{{.Field}}`` / ``{{json .Field}}`` (functions, pipes), braces left open, or a top-level
+    field that neither a column (``shown``) nor any record has."""
+    rest = _TEMPLATE_RE.sub("", template)
+    if "{{" in rest or "}}" in rest:
+        bad = re.search(r"\{\{.*?(\}\}|$)", rest)
+        raise CliError(f"--format: cannot evaluate {bad.group(0) if bad else rest!r} (this "
+                       "CLI's templates take {{.Field}}, {{.Field.key}}, {{json .}} and "
+                       "{{json .Field}}, optionally after 'table ')")
+    known = {f.lower() for f in shown} | {str(k).lower() for r in items for k in r}
+    for m in _TEMPLATE_RE.finditer(template):
+        top = m.group(2).split(".")[0].lower()
+        if top and items and top not in known:
+            raise CliError(f"--format: no field {m.group(2).split('.')[0]!r} (fields: "
+                           f"{', '.join(shown)}, or any field of --format json)")
+
+
 def render_template(template: str, rec: Rec) -> str:
     """docker-style ``--format``: ``{{.Field}}``, ``{{.Attributes.key}}``, ``{{json .}}``,
     ``{{json .Attributes}}``; field names match case-insensitively (``.ID`` = ``id``)."""
@@ -143,6 +161,7 @@ COLUMNS: dict[str, list[Column]] = {
     "service": [
         ("ID", _id), ("NAME", lambda s, f: s["name"]), ("MODE", lambda s, f: s["mode"]),
         ("REPLICAS", lambda s, f: _replicas(s)),
+        ("IMAGE", lambda s, f: _cut(s.get("image") or "-", 40, f)),
         ("PORTS", lambda s, f: _ports(s)),
         ("COMMAND", lambda s, f: _cut(" ".join(s["command"]), 40, f)),
     ],
@@ -250,8 +269,23 @@ def parse_filters(items: list[str], kind: str) -> dict[str, list[str]]:
         if key not in known:
             raise CliError(f"--filter: invalid filter {key!r} (valid here: "
                            f"{', '.join(sorted(known))})")
+        allowed = FILTER_VALUES.get((kind, key))
+        if allowed is not None and value.lower() not in allowed:
+            raise CliError(f"--filter: invalid {key} {value!r} (valid: "
+                           f"{', '.join(allowed)})")
         out.setdefault(key, []).append(value)
     return out
+
+
+# the values a filter with a fixed set takes (Docker refuses others, as this does)
+FILTER_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("task", "desired-state"): ("running", "shutdown", "accepted", "complete", "remove"),
+    ("node", "role"): ("manager", "worker"),
+    ("node", "availability"): ("active", "pause", "drain"),
+    ("node", "membership"): ("alive", "suspect", "dead", "left", "unknown"),
+    ("node", "status"): ("ready", "down", "unknown"),
+    ("service", "mode"): ("replicated", "global", "replicated-job", "global-job"),
+}
 
 
 def matches(rec: Rec, filters: dict[str, list[str]], kind: str) -> bool:
@@ -308,6 +342,7 @@ def render(items: list[Rec], kind: str, fmt: str = "table", quiet: bool = False,
                        f"got {fmt!r}")
     with_header = fmt.startswith("table ")
     template = fmt[len("table "):] if with_header else fmt
+    check_template(template, [_field_name(h) for h, _ in columns], items)
     lines = [render_template(template, template_record(r, columns, no_trunc)) for r in items]
     if not with_header:
         return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +67,9 @@ class _Parser(argparse.ArgumentParser):
         if _Parser.recording:  # (-h is recorded too: adding an option makes a formatter)
             kwargs["add_help"] = False
         super().__init__(*args, **kwargs)
+        # a value such as -5M or -5s is a (bad) value, refused naming its flag, not a
+        # missing one (argparse takes only -5 and -.5 for numbers)
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")
         self._recording = _Parser.recording
         if self._recording and helps:
             self.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
@@ -100,8 +104,11 @@ class _Parser(argparse.ArgumentParser):
                 "service update"):
             message += (" (after the service name only flags: give a new command with "
                         "--args \"CMD ARGS...\" or after `--` at the end)")
-        self.print_usage(sys.stderr)
-        self.exit(2, f"Error: {message}\n")
+        # one line, as docker's (the usage of `service create` alone is ~50 lines); a
+        # missing sub-command is named as the user types it, not by its internal dest
+        message = re.sub(r"required: (?:\w+_)?cmd\b", "required: a command (see --help)",
+                         message)
+        self.exit(2, f"Error: {message}\nSee '{self.prog} --help'.\n")
 
 
 def _lazy(parser: argparse.ArgumentParser, add: Any) -> None:

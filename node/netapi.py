@@ -13,6 +13,7 @@ state machine's refusals arrive translated by ``NodeContext.propose``.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from shoal.node.crud import ObjectsApi
@@ -64,9 +65,28 @@ class NetworksApi(ObjectsApi):
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         cmd = self._create_command("network_create", body, _FIELDS)
+        self._check_node_addresses(str(cmd.get("subnet") or ""))
         res = await self.ctx.propose(cmd)
         return {"id": cmd["id"], "name": cmd["name"], "subnet": res.get("subnet", ""),
                 "vni": res.get("vni", 0)}
+
+    def _check_node_addresses(self, subnet: str) -> None:
+        """A subnet that holds a node's own address would route that node's traffic (and
+        every node's to it) into the overlay: refused, naming the node (Docker leaves this
+        to the user; the state machine checks shoal's own ranges)."""
+        try:
+            net = ipaddress.ip_network(subnet, strict=False) if subnet else None
+        except ValueError:
+            return  # (the state machine names the malformed subnet)
+        for node in sorted(self._snap().nodes.values(), key=lambda n: n.hostname):
+            try:
+                inside = net is not None and ipaddress.ip_address(node.addr) in net
+            except ValueError:
+                continue
+            if inside:
+                raise BadRequest(f"subnet {subnet} holds node {node.hostname}'s address "
+                                 f"{node.addr}: choose one the nodes' network does not use",
+                                 "subnet")
 
     async def remove(self, ref: str) -> dict[str, Any]:
         net = find_network(self._snap(), ref)

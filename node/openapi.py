@@ -104,7 +104,8 @@ REPLIES: dict[str, Schema] = {
                        message=STR, warning=STR),
     "Service": _obj("a service (`service ls`; `service inspect` adds spec and "
                     "previous_spec)",
-                    id=STR, name=STR, mode=STR, replicas=INT, running=INT,
+                    id=STR, name=STR, labels={"type": "object", "additionalProperties": STR},
+                    mode=STR, replicas=INT, running=INT,
                     completed=INT, failed=INT, max_concurrent=INT,
                     schedule=_obj("a scheduled job's next run, last run and (inspect) its "
                                   "runs", cron=STR, timezone=STR, policy=STR,
@@ -115,7 +116,7 @@ REPLIES: dict[str, Schema] = {
                                    "last decisions (usage, current, desired, reason)",
                                    enabled=BOOL, min=INT, max=INT,
                                    decisions=_list({"type": "object"})),
-                    command=_list(STR), version=INT,
+                    image=STR, command=_list(STR), version=INT,
                     vip=STR, ports=_list({"type": "object"}), created_at=TIME, updated_at=TIME,
                     spec=_ref("ServiceSpec"), previous_spec=_nullable(_ref("ServiceSpec")),
                     health=_list(_obj("a running task with a health check (inspect only)",

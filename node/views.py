@@ -51,10 +51,11 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
         "tasks": running,
         "membership": (gossip or {}).get(node.id, "unknown"),
         "version": str((metas or {}).get(node.id, {}).get("version") or "unknown"),
+        "labels": dict(node.labels),  # (`node ls -f label=K=V`)
     }
     if detail:
         out.update(api_port=node.api_port, raft_port=node.raft_port,
-                   gossip_port=node.gossip_port, labels=dict(node.labels),
+                   gossip_port=node.gossip_port,
                    created_at=node.created_at, updated_at=node.updated_at)
     return out
 
@@ -79,11 +80,13 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
     out: dict[str, Any] = {
         "id": svc.id,
         "name": svc.spec.name,
+        "labels": dict(svc.spec.labels),  # (`service ls -f label=K=V`)
         "mode": mode.type,
         "replicas": wanted,
         # (as Swarm's REPLICAS: a task still starting its health check, or unhealthy, is not
         # counted)
         "running": sum(1 for t in tasks if t.status.up and t.desired_state <= TaskState.RUNNING),
+        "image": svc.spec.task.container.image,  # ("" = the host's filesystem)
         "command": list(svc.spec.task.container.command),
         "version": svc.version,
         "vip": svc.vip,
@@ -133,6 +136,18 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
     return out
 
 
+def desired_shown(t: Task, snap: Snapshot) -> str:
+    """A task's desired state as Swarm shows it: one that ended while still wanted running
+    (failed, rejected, exited, lost) is shown Shutdown — the orchestrator is done with it
+    and replaces it or not per the restart policy — and a job's completion Complete."""
+    if t.desired_state <= TaskState.RUNNING and t.status.state.terminal:
+        svc = snap.services.get(t.service_id)
+        if t.status.state is TaskState.COMPLETE and svc is not None and svc.spec.mode.job:
+            return "complete"
+        return "shutdown"
+    return t.desired_state.lower()
+
+
 def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
     node = snap.nodes.get(t.node_id)
     return {
@@ -143,7 +158,7 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "slot": t.slot,
         "node_id": t.node_id,
         "node": node.hostname if node else "",
-        "desired_state": t.desired_state.lower(),
+        "desired_state": desired_shown(t, snap),
         "state": t.status.state.lower(),
         "message": t.status.message,
         "error": t.status.err,

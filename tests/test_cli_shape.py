@@ -201,6 +201,74 @@ def test_filters_quiet_templates_and_no_trunc() -> None:
             output.parse_filters(bad, "task")
     with pytest.raises(CliError, match="--format"):
         output.render(TASKS, "task", "wide")
+    # what docker refuses: a filter value outside its set, a template it cannot evaluate
+    with pytest.raises(CliError, match="invalid desired-state 'bogus'"):
+        output.parse_filters(["desired-state=bogus"], "task")
+    for bad, msg in (("{{.Nope}}", "no field 'Nope'"), ("{{.Name", "cannot evaluate"),
+                     ("{{upper .Name}}", "cannot evaluate"), ("{{.Name}} }}", "cannot")):
+        with pytest.raises(CliError, match=msg):
+            output.render(TASKS, "task", bad)
+    assert output.render(TASKS, "task", "{{.Node}}") == "h1\nh2"  # (a record's own field)
+
+
+def test_one_line_errors_negative_values_and_port_keys(capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """An argparse error is one `Error:` line and where to look (docker's shape), not the
+    ~50-line usage of `service create`; `-5M` is a bad value of its flag, not a missing one;
+    `--publish-rm abc` is refused."""
+    from shoal.cli import specflags
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["service", "create", "--mode", "bogus", "x"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("Error: argument --mode: invalid choice: 'bogus'")
+    assert err[1:] == ["See 'shoal service create --help'."]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["service"])
+    assert "required: a command (see --help)" in capsys.readouterr().err
+    args = build_parser().parse_args(["service", "create", "--name", "w", "--limit-memory",
+                                      "-5M", "--", "x"])
+    with pytest.raises(CliError, match=r"^--limit-memory: invalid size '-5M'"):
+        specflags.spec_from_create_args(args)
+    current = {"name": "w", "task": {"container": {"command": ["x"]}},
+               "endpoint": {"ports": [{"published": 8080, "target": 80}]}}
+    for flag in ("--publish-rm", "--expose-rm"):
+        with pytest.raises(CliError, match=f"^{flag}: expected PORT"):
+            apply_update_args(current, build_parser().parse_args(
+                ["service", "update", flag, "abc", "w"]))
+    new = apply_update_args(current, build_parser().parse_args(
+        ["service", "update", "--publish-rm", "8080", "w"]))
+    assert new["endpoint"]["ports"] == []
+
+
+def test_an_ended_task_is_shown_desired_shutdown_as_swarm_shows_it() -> None:
+    """A task that failed (or was rejected, exited, lost) while wanted running is shown
+    `shutdown`, so `-f desired-state=running` lists live tasks only and a wait that counts
+    them ends; a job's completion is `complete`."""
+    from shoal.node.views import task_view
+    from shoal.raft.models import Service, Task, TaskState, TaskStatus
+    from shoal.raft.state import ClusterInfo, Snapshot
+    from shoal.raft.validate import validate_spec
+
+    def world(mode: str) -> tuple[Snapshot, Service]:
+        spec = validate_spec({"name": "web", "mode": {"type": mode},
+                              "task": {"container": {"command": ["x"]}}})
+        svc = Service(id="s1", spec=spec)
+        return Snapshot(index=1, cluster=ClusterInfo(), nodes={}, services={"s1": svc},
+                        tasks={}), svc
+
+    def task(svc: Service, state: TaskState) -> Task:
+        return Task(id="t1", service_id="s1", service_name="web", slot=1, spec=svc.spec.task,
+                    service_version=1, desired_state=TaskState.RUNNING, node_id="n1",
+                    status=TaskStatus(state=state))
+
+    snap, svc = world("replicated")
+    shown = {state: task_view(task(svc, state), snap)["desired_state"] for state in (
+        TaskState.RUNNING, TaskState.FAILED, TaskState.REJECTED, TaskState.COMPLETE)}
+    assert shown == {TaskState.RUNNING: "running", TaskState.FAILED: "shutdown",
+                     TaskState.REJECTED: "shutdown", TaskState.COMPLETE: "shutdown"}
+    snap, svc = world("replicated-job")
+    assert task_view(task(svc, TaskState.COMPLETE), snap)["desired_state"] == "complete"
 
 
 def test_the_verdict_of_a_wait() -> None:
@@ -292,6 +360,30 @@ def test_the_cli_waits_shows_progress_and_scripts_well(lab_factory: Callable[...
         [h1.cli_json("node", "ls")[0]["id"][:12]]
     bad = h1.cli("node", "ls", "-f", "colour=red", check=False)
     assert bad.returncode == 1 and "--filter" in bad.stderr
+    # the failed tasks of the paused update are shown Shutdown (as Swarm): the next update's
+    # wait ends (it waited for good, counting them as wanted running)
+    res = h1.cli("service", "update", "idle", "--args", "sleep 100000", wait=True,
+                 timeout=90)
+    assert res.stdout.splitlines()[-1] == "verify: Service converged", res.stdout
+    states = {(t["desired_state"], t["state"]) for t in h1.cli_json("service", "ps", "idle")}
+    assert ("shutdown", "failed") in states and ("running", "failed") not in states
+    # labels filter the lists (the list records carry them)
+    h1.cli("service", "create", "-d", "--name", "la", "--label", "team=a", *SLEEP)
+    la = h1.cli_json("service", "inspect", "la")[0]["id"][:12]
+    assert h1.cli("service", "ls", "-q", "-f", "label=team=a").stdout.split() == [la]
+    assert h1.cli("service", "ls", "-q", "-f", "label=team=b").stdout.split() == []
+    me = h1.cli_json("node", "ls")[0]["id"]
+    h1.cli("node", "update", "--label-add", "zone=b", me)
+    assert h1.cli("node", "ls", "-q", "-f", "label=zone=b").stdout.split() == [me[:12]]
+    assert "IMAGE" in h1.cli("service", "ls").stdout.splitlines()[0]
+    # an overlay network on the nodes' own subnet is refused naming the node
+    lan = h1.ip.rsplit(".", 1)[0] + ".0/24"
+    bad = h1.cli("network", "create", "--subnet", lan, "clash", check=False)
+    assert bad.returncode == 1 and f"holds node {h1.name}'s address" in bad.stderr, bad
+    # --tail: a negative number is all lines (docker's), text a one-line error
+    assert h1.cli("service", "logs", "--tail", "-1", "batch").stdout.count("done-") == 2
+    bad = h1.cli("service", "logs", "--tail", "abc", "batch", check=False)
+    assert bad.returncode == 1 and "--tail: expected a number" in bad.stderr
     # logs of one task by its id, and --since
     task = next(t for t in h1.cli_json("service", "ps", "batch"))
     out = wait_until(lambda: h1.cli("service", "logs", task["id"][:12]).stdout or None,
