@@ -55,6 +55,7 @@ from shoal.raft.models import (
     task_from_dict,
     to_dict,
 )
+from shoal.raft.schema import SCHEMA
 from shoal.raft.state import Snapshot
 
 
@@ -210,6 +211,7 @@ def reconcile_services(
     ops: list[Op] = []
     wake_at: float | None = None
     nodes, services = snapshot.nodes, snapshot.services
+    schema = snapshot.cluster.schema
     down_nodes = {n.id for n in nodes.values() if n.state is NodeState.DOWN}
     drained = {n.id for n in nodes.values() if n.availability is NodeAvailability.DRAIN}
 
@@ -306,13 +308,13 @@ def reconcile_services(
             continue  # (what _reconcile_service finds for it: nothing to do, nothing to wait)
         if svc.spec.mode.per_node:
             svc_ops, svc_wake = _reconcile_per_node(svc, tasks, alive, now, new_id, config,
-                                                    nodes, placing, stopping_until)
+                                                    nodes, placing, stopping_until, schema)
         elif svc.spec.mode.job:
             svc_ops, svc_wake = _reconcile_replicated_job(svc, tasks, alive, now, new_id,
                                                           config)
         else:
             svc_ops, svc_wake = _reconcile_service(svc, tasks, alive, now, new_id, config,
-                                                   snapshot.nodes, stopping_until)
+                                                   snapshot.nodes, stopping_until, schema)
         ops.extend(svc_ops)
         if svc_wake is not None and (wake_at is None or svc_wake < wake_at):
             wake_at = svc_wake
@@ -499,6 +501,7 @@ def _reconcile_per_node(
     nodes: Mapping[str, Node],
     placing: Callable[[], Load],
     stopping_until: Callable[[Task], float | None] = lambda t: None,
+    schema: int = SCHEMA,
 ) -> tuple[list[Op], float | None]:
     """global and global-job: one task per eligible node (one completion, for a job),
     created on its node (slot 0). ``placing()``: the load to check and add reservations to;
@@ -520,7 +523,7 @@ def _reconcile_per_node(
                              placing().reserved[nid], 0) is None
 
         rollout = plan_rollout(svc, tasks, alive, now, nodes, wanted=len(eligible),
-                               new_id=new_id, room_on=room_on)
+                               new_id=new_id, room_on=room_on, schema=schema)
         ops += rollout.ops
         wake_at, paired = rollout.wake_at, rollout.paired
         for op in rollout.ops:  # (start-first's new tasks reserve on their nodes too)
@@ -600,6 +603,7 @@ def _reconcile_service(
     config: OrchestratorConfig,
     nodes: Mapping[str, Node],
     stopping_until: Callable[[Task], float | None] = lambda t: None,
+    schema: int = SCHEMA,
 ) -> tuple[list[Op], float | None]:
     """replicated: slots 1..replicas, each with one live task (``stopping_until``: see
     reconcile_services, a slot whose task is still stopping waits for it)."""
@@ -617,7 +621,7 @@ def _reconcile_service(
 
         def alive(t: Task) -> bool:
             return was_alive(t) and t.id not in gone
-    rollout = plan_rollout(svc, tasks, alive, now, nodes, new_id=new_id)
+    rollout = plan_rollout(svc, tasks, alive, now, nodes, new_id=new_id, schema=schema)
     ops += rollout.ops
     wake_at = rollout.wake_at
 

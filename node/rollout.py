@@ -33,6 +33,7 @@ from shoal.raft.models import (
     template_task,
     to_dict,
 )
+from shoal.raft.schema import GATED_OPS, SCHEMA
 from shoal.raft.spec import Placement, RestartPolicy, RollbackConfig, TaskSpec, UpdateConfig
 
 Op = tuple[Any, ...]
@@ -89,7 +90,8 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                  now: float, nodes: Mapping[str, Node] | None = None,
                  wanted: int | None = None,
                  new_id: Callable[[], str] | None = None,
-                 room_on: Callable[[str], bool] | None = None) -> Rollout:
+                 room_on: Callable[[str], bool] | None = None,
+                 schema: int = SCHEMA) -> Rollout:
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
@@ -119,7 +121,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     ``wanted``: the tasks the service should have (global: its eligible nodes, each node a
     "slot"; default: replicas, whose slots 1..replicas are the ones rolled).
     ``new_id``: ids for the tasks start-first creates (without it, the rollout is
-    stop-first)."""
+    stop-first). ``schema``: the cluster's (its leader ops: ``rollout_start`` from 6)."""
     spec, status = svc.spec, svc.update_status
     per_node = wanted is not None
     want = spec.replicas if wanted is None else wanted
@@ -147,6 +149,10 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                 and not t.status.state.terminal and (per_node or t.slot <= want)
                 and not kept(t)]
     since = status.started_at
+    if rolling and since > now and schema >= GATED_OPS["rollout_start"]:
+        # stamped by a manager whose clock runs ahead of ours: every task made from now on
+        # would look older than the rollout (no failure seen); move the start to our time
+        return Rollout([("rollout_start", svc.id, since)])
     new = [t for t in tasks if not old_spec(t) and t.created_at >= since] if rolling else []
     # start-first slots (global: nodes) running an old task and its replacement (kept side
     # by side, also while paused: the old one serves until the new one is up)

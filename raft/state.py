@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -529,17 +528,9 @@ class ClusterState:
             # in Swarm (its failures so far no longer count)
             state = "rollback_started" if cmd.get("rollback") else "updating"
             manual = "rollback started" if legacy else "manually requested rollback"
-            # The rollout tells its new tasks by ``created_at >= started_at``; tasks are
-            # stamped with the leader's clock, this command with the proposing manager's. A
-            # proposer whose clock runs ahead would hide every new task (no failure seen,
-            # no rollback), so the start is at the latest just after the service's newest
-            # task (which only the leader's ops create).
-            started = now
-            if self.cluster.schema >= schema_mod.ROLLOUT_CLOCK:  # (every replica alike)
-                newest = max((t.created_at for t in self.tasks.values()
-                              if t.service_id == svc.id), default=now)
-                started = min(now, math.nextafter(newest, math.inf))
-            status = UpdateStatus(state=state, started_at=started,
+            # (stamped with the proposing manager's clock: the leader's ``rollout_start``
+            # op moves a start its clock has not reached yet back to its own time)
+            status = UpdateStatus(state=state, started_at=now,
                                   message=manual if cmd.get("rollback") else
                                   "update in progress")
         if spec == svc.spec:
@@ -662,6 +653,18 @@ class ClusterState:
                     version=svc.version + 1, updated_at=now,
                     update_status=UpdateStatus(state="rollback_started", message=str(op[2]),
                                                started_at=now))
+            elif kind == "rollout_start":  # ("rollout_start", service_id, started_at seen)
+                # a rollout's start stamped by a manager whose clock runs ahead of the
+                # leader's: the rollout tells its new tasks by ``created_at >= started_at``
+                # (the leader's clock), so until then it saw none (no failure, no rollback)
+                if self.cluster.schema < schema_mod.GATED_OPS["rollout_start"]:
+                    raise Rejected("invalid", "unknown leader op 'rollout_start'", "ops")
+                svc = self.services.get(op[1])
+                if svc is None or svc.update_status.started_at != op[2] or \
+                        svc.update_status.started_at <= now:
+                    continue  # (another update since, or nothing to move)
+                self.services[svc.id] = replace(svc, update_status=replace(
+                    svc.update_status, started_at=now))
             elif kind == "update_status":  # ("update_status", service_id, state, message)
                 svc = self.services.get(op[1])
                 if svc is None:

@@ -608,6 +608,19 @@ def test_a_proposer_whose_clock_runs_ahead_does_not_hide_the_rollouts_failures()
     assert "error" not in res
     sim.until("rollback_completed", 60)
     assert sim.versions() == ["1", "1"]
+    assert sim.svc.update_status.started_at < sim.now  # (moved back to the leader's time)
+    # the leader's rollout_start op is schema 6's: an older replica refuses it, so a
+    # cluster still writing 5 is sent none (and refuses one, as the older code does)
+    sim = Sim(spec(2))
+    sim.st.cluster = replace(sim.st.cluster, schema=5)
+    res = sim.st.apply({"op": "leader", "term": 1, "now": sim.now,
+                        "ops": [("rollout_start", "s1", 1.0)]})
+    assert "unknown leader op 'rollout_start'" in res["error"]["message"]
+    sim.now += 1
+    sim.st.apply({"op": "service_update", "id": "s1", "now": sim.now + 600,
+                  "spec": spec(2, "2")})
+    ops, _ = reconcile_services(sim.st.snapshot(), sim.now, lambda: "x", OrchestratorConfig())
+    assert not any(op[0] == "rollout_start" for op in ops)
 
 
 def test_an_automatic_rollback_leaves_no_previous_spec() -> None:
