@@ -538,6 +538,8 @@ def _tmpfs(svc: _Service, v: Any, path: str) -> None:
             key, _, value = opt.partition("=")
             if key == "size":
                 size = as_size(value, where)
+            else:  # (mode, uid, gid, noexec...: the spec's tmpfs mount holds a size only)
+                svc.warn(f"tmpfs ({key})", f"{NOT_YET}: ignored (a tmpfs mount takes size=)")
         svc.mounts.append({"type": "tmpfs", "target": dst, "tmpfs_size": size})
         svc.mount_paths.append(where)
         svc.spec_paths["task.container.mounts"] = path

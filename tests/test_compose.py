@@ -727,3 +727,10 @@ services:
     d = svc(st, "d").task.container  # no image: the host's program, entrypoint + command
     assert (d.entrypoint, d.command) == ((), ("sleep", "1"))
     assert not st.warnings
+
+
+def test_tmpfs_options_beyond_size_are_warned_by_name(tmp_path: Path) -> None:
+    st = deploy(tmp_path, "services:\n  a: {image: x, tmpfs: ['/run:size=64m,mode=1777']}\n")
+    (m,) = svc(st, "a").task.container.mounts
+    assert (m.type, m.target, m.tmpfs_size) == ("tmpfs", "/run", 64 << 20)
+    assert [w.split(":")[0] for w in st.warnings] == ["tmpfs (mode)"]
