@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import os
 import re
 import secrets
 import shlex
@@ -38,6 +39,12 @@ def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if not sep and key and flag in ("--env", "--env-add"):
+            # docker's `-e VAR`: the value of VAR in this shell's environment (left out
+            # when it has none)
+            if key in os.environ:
+                out[key] = os.environ[key]
+            continue
         if not sep or not key:
             raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key] = value

@@ -29,7 +29,7 @@ BY_KIND: dict[str, list[str]] = {
     "duration": ["5parsecs"],
     "bytes": ["12zz"],
     "choice": ["bogus"],
-    "map": ["novalue"],
+    "map": ["=novalue"],  # (an empty key; `--env VAR` alone takes VAR from the shell)
     "struct": ["bogus=1", "min=5,max=2,cpu=50%", "max=3,cpu=150x"],  # (--autoscale)
     "words": ["sh -c 'unclosed", "'' -c"],  # (--entrypoint: a quote, an empty program)
 }

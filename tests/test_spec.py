@@ -402,3 +402,17 @@ def test_entrypoint_is_split_as_a_shell_would_and_empty_means_the_images() -> No
     assert exc.value.field == "task.container.entrypoint"
     # without an image the entrypoint alone is a program to run
     assert validate_spec({"name": "w", "task": {"container": {"entrypoint": ["sleep", "1"]}}})
+
+
+def test_env_without_a_value_takes_it_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker's `-e VAR`: VAR's value in the client's environment, left out when unset."""
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", "s3t")
+    monkeypatch.delenv("SHOAL_TEST_UNSET", raising=False)
+    args = build_parser().parse_args(["service", "create", "--name", "w", "-e",
+                                      "SHOAL_TEST_TOKEN", "-e", "SHOAL_TEST_UNSET", "-e",
+                                      "A=1", "--", "x"])
+    env = validate_spec(specflags.spec_from_create_args(args)).task.container.env
+    assert env == {"SHOAL_TEST_TOKEN": "s3t", "A": "1"}
+    with pytest.raises(CliError, match=r"^--env expects KEY=VALUE"):
+        specflags.spec_from_create_args(build_parser().parse_args(
+            ["service", "create", "--name", "w", "-e", "=x", "--", "x"]))
