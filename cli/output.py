@@ -192,6 +192,9 @@ COLUMNS: dict[str, list[Column]] = {
         ("SIZE", lambda i, f: f"{i['size'] / 1e6:.1f} MB"),
     ],
     "stack": [("NAME", lambda r, f: r["name"]), ("SERVICES", lambda r, f: str(r["services"]))],
+    "volume": [("NAME", lambda v, f: v["name"]), ("DRIVER", lambda v, f: v["driver"]),
+               ("SCOPE", lambda v, f: v["scope"]),
+               ("SERVICES", lambda v, f: str(len(v.get("services", []))))],
 }
 COLUMNS["config"] = COLUMNS["secret"]
 # `stack services` / `stack ps`, as `docker stack services|ps`
@@ -242,6 +245,8 @@ FILTERS: dict[str, dict[str, Callable[[Rec, str], bool]]] = {
                 "mode": _exact("mode")},
     "task": _TASK_FILTERS,
     "secret": {"id": _prefix("id"), "name": _prefix("name"), "label": _label},
+    "volume": {"name": _prefix("name"), "driver": _exact("driver"), "label": _label,
+               "scope": _exact("scope")},
     "network": {"id": _prefix("id"), "name": _prefix("name"), "label": _label,
                 "driver": _exact("driver"), "scope": lambda n, v: v == "swarm",
                 "type": lambda n, v: v == "custom"},
@@ -326,7 +331,7 @@ def render(items: list[Rec], kind: str, fmt: str = "table", quiet: bool = False,
     """The text a list prints (without the final newline)."""
     columns = COLUMNS[kind]
     if quiet:
-        if kind == "stack":
+        if kind in ("stack", "volume"):  # (named, as docker's)
             return "\n".join(str(r["name"]) for r in items)
         ids = [str(r["id"]) for r in items]
         if kind == "image" and not no_trunc:  # sha256:HEX → HEX[:12], as `docker images -q`

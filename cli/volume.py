@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from shoal.cli import output
+
 Table = Callable[[list[list[str]], list[str]], str]
 
 
@@ -30,8 +32,7 @@ def add_parser(sub: Any) -> None:
                     "IdentityFile-secret=SECRET, single-writer=true")
     vc.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
     vl = vsub.add_parser("ls", help="list volumes")
-    vl.add_argument("-q", "--quiet", action="store_true", help="only names")
-    vl.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(vl, "volume")
     vi = vsub.add_parser("inspect", help="show volume details (JSON)")
     vi.add_argument("names", nargs="+")
     vi.add_argument("--format", choices=["json"], default="json")
@@ -48,15 +49,7 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
                 "options": parse_kv(args.opt, "--opt"), "labels": parse_kv(args.label, "--label")}
         print(c.call("POST", "/v1/volumes", body)["name"])
     elif sub == "ls":
-        vols = c.call("GET", "/v1/volumes")
-        if args.format == "json":
-            print(json.dumps(vols, indent=2))
-            return
-        if args.quiet:
-            print("\n".join(v["name"] for v in vols))
-            return
-        print(table([[v["name"], v["driver"], v["scope"], str(len(v.get("services", [])))]
-                     for v in vols], ["VOLUME NAME", "DRIVER", "SCOPE", "SERVICES"]))
+        output.show(c.call("GET", "/v1/volumes"), args, "volume")
     elif sub == "inspect":
         out = [c.call("GET", f"/v1/volumes/{quote(n, safe='')}") for n in args.names]
         print(json.dumps(out, indent=2))

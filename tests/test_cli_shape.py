@@ -209,6 +209,13 @@ def test_filters_quiet_templates_and_no_trunc() -> None:
         with pytest.raises(CliError, match=msg):
             output.render(TASKS, "task", bad)
     assert output.render(TASKS, "task", "{{.Node}}") == "h1\nh2"  # (a record's own field)
+    # volumes too (by name, as docker's)
+    vols = [{"name": "data", "driver": "local", "scope": "local", "services": ["a"]},
+            {"name": "nfs1", "driver": "local", "scope": "global", "services": []}]
+    keep = output.parse_filters(["scope=global"], "volume")
+    assert [v["name"] for v in vols if output.matches(v, keep, "volume")] == ["nfs1"]
+    assert output.render(vols, "volume", quiet=True) == "data\nnfs1"
+    assert output.render(vols, "volume", "{{.Name}}:{{.Services}}") == "data:1\nnfs1:0"
 
 
 def test_one_line_errors_negative_values_and_port_keys(capsys: pytest.CaptureFixture[str]
