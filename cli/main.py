@@ -235,8 +235,8 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
         output.show([t for n in args.nodes or ["self"]
                      for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], args, "task")
     elif args.node_cmd == "inspect":
-        out = [c.call("GET", f"/v1/nodes/{_q(n)}") for n in args.nodes]
-        print(json.dumps(out, indent=2))
+        output.inspect(lambda n: c.call("GET", f"/v1/nodes/{_q(n)}"), args.nodes,
+                       args.format)
     elif args.node_cmd == "update":
         body: dict[str, Any] = {}
         if args.availability:
@@ -306,8 +306,8 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         output.show([t for s in args.services
                      for t in c.call("GET", f"/v1/services/{_q(s)}/tasks")], args, "task")
     elif sc == "inspect":
-        out = [c.call("GET", f"/v1/services/{_q(s)}") for s in args.services]
-        print(json.dumps(out, indent=2))
+        output.inspect(lambda s: c.call("GET", f"/v1/services/{_q(s)}"), args.services,
+                       args.format)
     elif sc == "scale":
         pairs = []
         for item in args.pairs:
@@ -453,8 +453,8 @@ def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
     elif sub == "ls":
         output.show(c.call("GET", f"/v1/{kind}s"), args, kind)
     elif sub == "inspect":
-        out = [c.call("GET", f"/v1/{kind}s/{_q(n)}") for n in args.names]
-        print(json.dumps(out, indent=2))
+        output.inspect(lambda n: c.call("GET", f"/v1/{kind}s/{_q(n)}"), args.names,
+                       args.format)
     elif sub == "rm":
         for n in args.names:
             c.call("DELETE", f"/v1/{kind}s/{_q(n)}")

@@ -8,7 +8,6 @@ Errors: ``CliError`` for a flag the CLI can judge; the API names the field other
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +34,8 @@ def add_parser(sub: Any) -> None:
     output.add_list_flags(nl, "network")
     ni = nsub.add_parser("inspect", help="show network details (JSON)")
     ni.add_argument("names", nargs="+")
-    ni.add_argument("--format", choices=["json"], default="json")
+    ni.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                    help="json (default) or a template, e.g. '{{.Name}}'")
     nr = nsub.add_parser("rm", help="remove networks (not while a service or task uses them)")
     nr.add_argument("names", nargs="+")
 
@@ -68,8 +68,8 @@ def run(c: Any, args: argparse.Namespace, fmt: str, emit: Emit, table: Table) ->
     elif sub == "ls":
         output.show(c.call("GET", "/v1/networks"), args, "network")
     elif sub == "inspect":
-        out = [c.call("GET", f"/v1/networks/{quote(n, safe='')}") for n in args.names]
-        print(json.dumps(out, indent=2))
+        output.inspect(lambda n: c.call("GET", f"/v1/networks/{quote(n, safe='')}"),
+                       args.names, args.format)
     elif sub == "rm":
         for n in args.names:
             c.call("DELETE", f"/v1/networks/{quote(n, safe='')}")

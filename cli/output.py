@@ -60,6 +60,32 @@ def ago(ts: float | None) -> str:
 _TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 
+def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str) -> None:
+    """`X inspect REF...` as docker's: what was found — a JSON list, or ``--format
+    TEMPLATE`` once per record (``{{.Spec.Name}}``, ``{{json .UpdateStatus}}``) — then one
+    error naming the refs that were not (exit 1)."""
+    found: list[Rec] = []
+    missing: list[str] = []
+    for ref in refs:
+        try:
+            found.append(fetch(ref))
+        except CliError as exc:
+            missing.append(str(exc))
+    if fmt in ("", "json"):
+        if found or not missing:
+            print(json.dumps(found, indent=2))
+    else:
+        if "{{" not in fmt:
+            raise CliError(f"--format: expected json or a template with {{{{.Field}}}}, "
+                           f"got {fmt!r}")
+        check_template(fmt, [], [{str(k).replace("_", ""): v for k, v in r.items()}
+                                 for r in found])
+        for rec in found:
+            print(render_template(fmt, rec))
+    if missing:
+        raise CliError("; ".join(missing))
+
+
 def check_template(template: str, shown: list[str], items: list[Rec]) -> None:
     """Refuse, as docker does, a template this CLI cannot evaluate: an action other than
     ``{{.Field}}`` / ``{{json .Field}}`` (functions, pipes), braces left open, or a top-level
@@ -70,7 +96,8 @@ def check_template(template: str, shown: list[str], items: list[Rec]) -> None:
         raise CliError(f"--format: cannot evaluate {bad.group(0) if bad else rest!r} (this "
                        "CLI's templates take {{.Field}}, {{.Field.key}}, {{json .}} and "
                        "{{json .Field}}, optionally after 'table ')")
-    known = {f.lower() for f in shown} | {str(k).lower() for r in items for k in r}
+    known = {f.lower() for f in shown} | {str(k).lower().replace("_", "") for r in items
+                                          for k in r}
     for m in _TEMPLATE_RE.finditer(template):
         top = m.group(2).split(".")[0].lower()
         if top and items and top not in known:
@@ -87,7 +114,8 @@ def render_template(template: str, rec: Rec) -> str:
             if not isinstance(value, dict):
                 value = None
                 break
-            key = next((k for k in value if k.lower() == part.lower()), None)
+            want = part.lower()  # (.UpdateStatus = update_status, .ID = id)
+            key = next((k for k in value if str(k).lower().replace("_", "") == want), None)
             value = value.get(key) if key is not None else None
         if m.group(1):
             return json.dumps(value)

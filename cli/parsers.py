@@ -279,7 +279,8 @@ def _node_parser(sub: Any) -> None:
     output.add_list_flags(nps, "task")
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
-    ni.add_argument("--format", choices=["json"], default="json")
+    ni.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                    help="json (default) or a template, e.g. '{{.Spec.Name}}'")
     nu = nsub.add_parser("update", help="change a node's availability or labels")
     nu.add_argument("node")
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
@@ -314,7 +315,8 @@ def _service_parser(sub: Any) -> None:
     output.add_list_flags(sps, "task")
     si = ssub.add_parser("inspect", help="show service details (JSON)")
     si.add_argument("services", nargs="+")
-    si.add_argument("--format", choices=["json"], default="json")
+    si.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                    help="json (default) or a template, e.g. '{{.Spec.Name}}'")
     ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
     ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
     progress.add_flags(ss)
@@ -399,7 +401,8 @@ def _secret_parsers(sub: Any) -> None:
         ki = ksub.add_parser("inspect", help=f"show {kind} details (JSON)" +
                              (" without its value" if kind == "secret" else ""))
         ki.add_argument("names", nargs="+")
-        ki.add_argument("--format", choices=["json"], default="json")
+        ki.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                    help="json (default) or a template, e.g. '{{.Spec.Name}}'")
         kr = ksub.add_parser("rm", help=f"remove {kind}s (not while a service uses them)")
         kr.add_argument("names", nargs="+")
 

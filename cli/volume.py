@@ -8,7 +8,6 @@ Errors: ``CliError`` for a flag the CLI can judge; the API names the option othe
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +34,8 @@ def add_parser(sub: Any) -> None:
     output.add_list_flags(vl, "volume")
     vi = vsub.add_parser("inspect", help="show volume details (JSON)")
     vi.add_argument("names", nargs="+")
-    vi.add_argument("--format", choices=["json"], default="json")
+    vi.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                    help="json (default) or a template, e.g. '{{.Name}}'")
     vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
     vr.add_argument("names", nargs="+")
 
@@ -51,8 +51,8 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
     elif sub == "ls":
         output.show(c.call("GET", "/v1/volumes"), args, "volume")
     elif sub == "inspect":
-        out = [c.call("GET", f"/v1/volumes/{quote(n, safe='')}") for n in args.names]
-        print(json.dumps(out, indent=2))
+        output.inspect(lambda n: c.call("GET", f"/v1/volumes/{quote(n, safe='')}"),
+                       args.names, args.format)
     elif sub == "rm":
         for n in args.names:
             c.call("DELETE", f"/v1/volumes/{quote(n, safe='')}")

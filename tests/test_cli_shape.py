@@ -440,3 +440,26 @@ def test_progress_on_a_terminal_is_redrawn_in_place_with_rich(
     text = b"".join(chunks).decode()
     assert "\x1b[" in text and "pulling image: 12 of 40 MiB" in text
     assert "verify: Service converged" in text and "overall progress: 1 out of 1 tasks" in text
+
+
+def test_inspect_prints_what_it_found_as_json_or_a_template_then_fails_for_the_rest(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """docker's `inspect`: `--format '{{.Spec.Name}}'` per record (fields as docker spells
+    them: `.UpdateStatus` is `update_status`), the records found, then one error (exit 1) for
+    a name that is not there."""
+    recs = {"web": {"id": "s1", "spec": {"name": "web"}, "update_status": {"state": "completed"}}}
+
+    def fetch(ref: str) -> dict[str, Any]:
+        if ref not in recs:
+            raise CliError(f"no such service: {ref}")
+        return recs[ref]
+
+    output.inspect(fetch, ["web"], "{{.Spec.Name}} {{.UpdateStatus.State}}")
+    assert capsys.readouterr().out == "web completed\n"
+    output.inspect(fetch, ["web"], "{{json .UpdateStatus}}")
+    assert json.loads(capsys.readouterr().out) == {"state": "completed"}
+    with pytest.raises(CliError, match="no such service: nosuch"):
+        output.inspect(fetch, ["web", "nosuch"], "json")
+    assert json.loads(capsys.readouterr().out) == [recs["web"]]
+    with pytest.raises(CliError, match="no field 'Nope'"):
+        output.inspect(fetch, ["web"], "{{.Nope}}")
