@@ -235,10 +235,14 @@ def _as_map(value: Any) -> Any:
 
 
 def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
-    """Compose's override rules, simplified: maps merge recursively, ``environment`` and
-    ``labels`` merge as maps, ports/secrets/configs/volumes/... lists are concatenated
-    without duplicates, anything else is replaced."""
-    if depth == 3 and key in _MAPPED_LISTS:  # (services.NAME.environment)
+    """Compose's override rules (compose-spec's merge): maps merge recursively;
+    ``environment``, ``labels`` (also ``deploy.labels``) and a service's ``networks`` merge
+    as maps; ``volumes``, ``secrets``, ``configs`` and ``ports`` add the override's items,
+    an item with the same mount target (ports: the same published port, target and
+    protocol) replacing the base's; other lists (``env_file``, ``dns``...) are concatenated
+    without duplicates; anything else is replaced."""
+    if (depth == 3 and key in _MAPPED_LISTS) or (depth >= 3 and key == "labels") or \
+            (depth == 3 and key == "networks"):  # (services.NAME.environment, ...)
         base, over = _as_map(base), _as_map(over)
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
@@ -247,5 +251,47 @@ def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
         return out
     if depth == 3 and key in _MERGED_LISTS and isinstance(base, list) \
             and isinstance(over, list):
-        return base + [v for v in over if v not in base]
+        ident = _IDENTITY.get(key)
+        if ident is None:
+            return base + [v for v in over if v not in base]
+        replaced = {ident(v) for v in over} - {None}
+        kept = [v for v in base if ident(v) is None or ident(v) not in replaced]
+        return kept + [v for v in over if v not in kept]
     return over
+
+
+def _mount_target(item: Any) -> Any:
+    """The target of a volume (``src:/dst[:ro]`` or ``{target: /dst}``): its identity."""
+    if isinstance(item, dict):
+        return item.get("target")
+    if isinstance(item, str):
+        parts = item.split(":")
+        return parts[1] if len(parts) >= 2 else parts[0]
+    return None
+
+
+def _file_target(item: Any) -> Any:
+    """A secret's or config's target (its source when not given): its identity."""
+    if isinstance(item, dict):
+        return item.get("target") or item.get("source")
+    return item if isinstance(item, str) else None
+
+
+def _port_identity(item: Any) -> Any:
+    """(published, target, protocol) of a port as both syntaxes give it, for the simple
+    forms (a range or an unreadable item keeps no identity: concatenated as it is)."""
+    if isinstance(item, dict):
+        return (str(item.get("published", "")), str(item.get("target", "")),
+                str(item.get("protocol", "tcp")).lower())
+    text = str(item)
+    m = _SHORT_PORT.fullmatch(text)
+    if m is None:
+        return None
+    return (m.group(1) or "", m.group(2), (m.group(3) or "tcp").lower())
+
+
+_SHORT_PORT = re.compile(r"(?:(?:\[[^\]]*\]|[^:\[\]]*):)??(?:([0-9]*):)?([0-9]+)"
+                         r"(?:/([A-Za-z]+))?")
+_IDENTITY: dict[str, Callable[[Any], Any]] = {
+    "volumes": _mount_target, "secrets": _file_target, "configs": _file_target,
+    "ports": _port_identity}

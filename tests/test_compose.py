@@ -285,6 +285,46 @@ services:
     assert svc(st, "api").task.container.command == ("sleep", "2")
 
 
+def test_override_items_with_the_same_target_replace_the_bases(tmp_path: Path) -> None:
+    """compose-spec's merge: a volume, secret or config with the same target and a port
+    with the same published port/target/protocol (in either syntax) replace the base's
+    (they used to be refused as duplicates); a service's networks and deploy.labels merge
+    as maps (the override's list dropped the base's)."""
+    (tmp_path / "s.txt").write_text("x")
+    base = write(tmp_path, """
+services:
+  web:
+    command: sleep 1
+    volumes: ["./a:/data", "./keep:/keep"]
+    secrets: [s]
+    ports: ["8080:80", "9000:9000"]
+    networks: {front: {}}
+    deploy: {labels: [x=1, y=2]}
+secrets:
+  s: {file: ./s.txt}
+networks:
+  front: {}
+  back: {}
+""")
+    over = write(tmp_path, """
+services:
+  web:
+    volumes: ["./b:/data"]
+    secrets: [{source: s, target: s}]
+    ports: [{target: 80, published: 8080}]
+    networks: [back]
+    deploy: {labels: {y: "3"}}
+""", "override.yml")
+    web = svc(load_stack("app", [base, over], {}), "web")
+    mounts = {m.target: m.source for m in web.task.container.mounts}
+    assert mounts == {"/data": str(tmp_path / "b"), "/keep": str(tmp_path / "keep")}
+    assert [s.target for s in web.task.container.secrets] == ["s"]
+    assert sorted((p.published, p.target) for p in web.endpoint.ports) == \
+        [(8080, 80), (9000, 9000)]
+    assert sorted(web.task.networks) == ["app_back", "app_front"]
+    assert web.labels == {"x": "1", "y": "3", "com.docker.stack.namespace": "app"}
+
+
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize(("body", "expected"), [
