@@ -90,6 +90,8 @@ def verdict(svc: dict[str, Any], tasks: list[dict[str, Any]], op: str,
         return "fail", f"update rolled back: {reason}"
     if state in RUNNING_UPDATE:
         return "", ""
+    if fresh and state.endswith("completed") and "failure action continue" in reason:
+        return "fail", reason  # (done, with tasks that never came up: no convergence)
     if "completed" in svc:  # a job
         if svc["completed"] >= svc["replicas"]:
             return "ok", "Job complete"

@@ -115,7 +115,9 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     replaced until the next `service update`), continue, or rollback (the ``rollback`` op:
     back to the previous spec, ``rollback_started`` with the reason). When every task runs
     the current template, is up, and ``monitor`` has passed since the last came up, the
-    status becomes ``completed`` (``rollback_completed``). Swarm does the same.
+    status becomes ``completed`` (``rollback_completed``); with ``continue``, also once
+    every slot was given the new template and ``monitor`` has passed, up or not (a crash
+    loop does not keep it ``updating``). Swarm does the same.
 
     ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it.
     ``wanted``: the tasks the service should have (global: its eligible nodes, each node a
@@ -176,8 +178,28 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                 return Rollout([_failure_op(svc, failed[-1], action)],
                                paired=frozenset(paired))
     if not old:
-        if not rolling or stopping or len(fresh) < want or not all(up(t) for t in fresh):
+        if not rolling or stopping:
             return Rollout([])
+        if len(fresh) < want or not all(up(t) for t in fresh):
+            if cfg.failure_action != "continue":
+                return Rollout([])
+            # continue (as swarmkit): done once every slot was given the new template and
+            # `monitor` has passed since the last was, up or not (a crash loop included)
+            dispatched: dict[int | str, float] = {}
+            for t in new:
+                if per_node or 1 <= t.slot <= want:
+                    dispatched[key(t)] = min(dispatched.get(key(t), t.created_at),
+                                             t.created_at)
+            if len(dispatched) < want:
+                return Rollout([])
+            last = max(dispatched.values())
+            if now < last + cfg.monitor:
+                return Rollout([], wake_at=last + cfg.monitor)
+            state = "rollback_completed" if status.rollback else "completed"
+            down = want - sum(1 for t in fresh if up(t))
+            return Rollout([("update_status", svc.id, state,
+                             f"{'rollback' if status.rollback else 'update'} completed "
+                             f"({down} of {want} tasks not up: failure action continue)")])
         # the last tasks must stay up for the monitor window before the rollout is done
         last = max((t.up_at for t in new), default=0.0)
         if last and now < last + cfg.monitor:

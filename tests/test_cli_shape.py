@@ -294,6 +294,9 @@ def test_the_verdict_of_a_wait() -> None:
     svc["update_status"] = {"state": "paused", "message": "task x failed"}
     assert progress.verdict(svc, TASKS, "update", None) == ("fail",
                                                             "update paused: task x failed")
+    svc["update_status"] = {"state": "completed", "started_at": 7.0, "message":
+                            "update completed (1 of 1 tasks not up: failure action continue)"}
+    assert progress.verdict(svc, TASKS, "update", None)[0] == "fail"
     job = {"name": "j", "replicas": 3, "running": 0, "completed": 3, "failed": 1,
            "mode": "replicated-job", "update_status": {}}
     assert progress.verdict(job, [], "create", None) == ("ok", "Job complete")
