@@ -521,7 +521,8 @@ def load(paths: list[Path], environ: Mapping[str, str] | None = None
     env: dict[str, str] = {}
     dotenv = project_dir / ".env"
     if dotenv.is_file():
-        env.update(read_env_file(dotenv, str(dotenv)))
+        env.update(read_env_file(dotenv, str(dotenv),
+                                 os.environ if environ is None else environ))
     env.update(os.environ if environ is None else environ)
     warnings: list[str] = []
     doc: dict[str, Any] = {}

@@ -12,6 +12,7 @@ Errors: ``ComposeError`` (shoal.cli.errors) whose message starts with the path o
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -85,35 +86,75 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- environment
 
-_ENV_LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*)$")
+_ENV_LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*(=\s*(.*))?$")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$$"}
 
 
-def parse_env_file(text: str, source: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``#`` comments, blank lines, ``export``, single or double quotes,
-    `` #`` comments after an unquoted value) → a map. Values are not interpolated."""
+def parse_env_file(text: str, source: str, environ: Mapping[str, str] | None = None
+                   ) -> dict[str, str]:
+    """An env file as Docker Compose reads it (docs.docker.com, "Set environment variables"
+    / .env syntax) → a map: ``KEY=VALUE`` lines, ``#`` comments, blank lines, ``export``;
+    an unquoted value ends at `` #``; ``'single'`` quotes are literal; ``"double"`` quotes
+    may span lines and take ``\n \t \r \" \\`` escapes; unquoted and double-quoted
+    values interpolate ``${VAR}`` forms from the keys above and ``environ``; a bare ``KEY``
+    takes its value from ``environ`` (left out when unset)."""
+    env = dict(environ if environ is not None else os.environ)
     out: dict[str, str] = {}
-    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+    lines = text.removeprefix("\ufeff").splitlines()
+    n = 0
+    while n < len(lines):
+        line, first = lines[n], n + 1
+        n += 1
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _ENV_LINE_RE.match(line)
         if m is None:
-            raise ComposeError(f"{source}:{n}", f"expected KEY=VALUE, got {line.strip()!r}")
-        key, value = m.group(1), m.group(2).strip()
-        quoted = re.match(r"""^(?:"((?:[^"\\]|\\.)*)"|'([^']*)')\s*(?:#.*)?$""", value)
-        if quoted:  # a quoted value, then maybe a comment: A="x y" # why
-            if quoted.group(1) is not None:
-                value = quoted.group(1).replace("\\n", "\n").replace('\\"', '"')
-            else:
-                value = quoted.group(2)
+            raise ComposeError(f"{source}:{first}", f"expected KEY=VALUE, got {line.strip()!r}")
+        key = m.group(1)
+        if m.group(2) is None:  # a bare KEY: from the environment
+            if key in env:
+                out[key] = env[key]
+            continue
+        value = (m.group(3) or "").strip()
+        if value.startswith('"'):
+            body = value[1:]
+            while not re.search(r'(?<!\\)(?:\\\\)*"', body):  # (no closing quote yet)
+                if n >= len(lines):
+                    raise ComposeError(f"{source}:{first}", f"{key}: the double quote is "
+                                       "never closed")
+                body += "\n" + lines[n]
+                n += 1
+            close = re.search(r'(?<!\\)(?:\\\\)*"', body)
+            assert close is not None
+            inner, rest = body[:close.end() - 1], body[close.end():].strip()
+            if rest and not rest.startswith("#"):
+                raise ComposeError(f"{source}:{first}", f"{key}: unexpected {rest!r} after "
+                                   "the closing quote")
+            raw = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), "\\" + e.group(1)),
+                         inner)
+            value = _Interpolator({**env, **out}, lambda w: None).text(raw, f"{source}:{first}")
+        elif value.startswith("'"):
+            close_at = value.find("'", 1)
+            if close_at < 0:
+                raise ComposeError(f"{source}:{first}", f"{key}: the single quote is never "
+                                   "closed")
+            rest = value[close_at + 1:].strip()
+            if rest and not rest.startswith("#"):
+                raise ComposeError(f"{source}:{first}", f"{key}: unexpected {rest!r} after "
+                                   "the closing quote")
+            value = value[1:close_at]
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
+            value = _Interpolator({**env, **out}, lambda w: None).text(
+                value, f"{source}:{first}")
         out[key] = value
     return out
 
 
-def read_env_file(path: Path, source: str) -> dict[str, str]:
+def read_env_file(path: Path, source: str, environ: Mapping[str, str] | None = None
+                  ) -> dict[str, str]:
     try:
-        return parse_env_file(path.read_text(), source)
+        return parse_env_file(path.read_text(), source, environ)
     except OSError as exc:
         raise ComposeError(source, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -321,7 +321,7 @@ def _env_file(svc: _Service, v: Any, path: str) -> None:
         file = svc.project_dir / as_str(item, where)
         if not required and not file.exists():
             continue
-        svc.env_files.update(read_env_file(file, where))
+        svc.env_files.update(read_env_file(file, where, svc.env))
 
 
 _PORT_RE = re.compile(r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<pub>[0-9]*(?:-[0-9]+)?):)?"

@@ -723,6 +723,24 @@ def test_env_file_quotes_comments_and_bom(tmp_path: Path) -> None:
                                                 "D": 'q"uote'}
 
 
+def test_env_file_syntax_as_docker_documents_it(tmp_path: Path) -> None:
+    """Docker's .env syntax: ${VAR} forms interpolated in unquoted and double-quoted values
+    (from the keys above and the environment), single quotes literal, escapes and lines
+    continued inside double quotes, a bare KEY from the environment (left out when unset);
+    a quote never closed, or text after one, is an error naming the file and line."""
+    (tmp_path / "a.env").write_text(
+        "A=x\nB='lit $A'\nC=pre-$A\nD=\"tab\\t${A}\"\nE=${NOPE:-dflt}\nFROM_SHELL\n"
+        "UNSET_HERE\nPEM=\"-----BEGIN\nline2\n-----END\"\n")
+    st = deploy(tmp_path, "services:\n  a: {image: x, env_file: a.env}\n",
+                env={"FROM_SHELL": "s"})
+    assert svc(st, "a").task.container.env == {
+        "A": "x", "B": "lit $A", "C": "pre-x", "D": "tab\tx", "E": "dflt",
+        "FROM_SHELL": "s", "PEM": "-----BEGIN\nline2\n-----END"}
+    (tmp_path / "a.env").write_text("OK=1\nBAD=\"never closed\n")
+    assert error(tmp_path, "services:\n  a: {image: x, env_file: a.env}\n").endswith(
+        ":2: BAD: the double quote is never closed")
+
+
 def test_volume_driver_and_options_reach_the_mounts(tmp_path: Path) -> None:
     """A declared volume's `driver`/`driver_opts` ride on every mount of it, as the CLI's
     `--mount volume-driver=,volume-opt=` (NFS through local's type/o/device, or sshfs);
