@@ -556,8 +556,8 @@ def _health_test(svc: _Service, v: Any, path: str) -> None:
     head, rest = argv[0], argv[1:]
     if head == "NONE":
         svc.set("task.container.healthcheck.disable", True, path)
-    elif head == "CMD" and rest:
-        svc.set("task.container.healthcheck.command", shlex.join(rest), path)
+    elif head == "CMD" and rest:  # (run without a shell: images without /bin/sh)
+        svc.set("task.container.healthcheck.exec", rest, path)
     elif head == "CMD-SHELL" and len(rest) == 1:
         svc.set("task.container.healthcheck.command", rest[0], path)
     else:

@@ -523,6 +523,15 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         if d.cli == "flag" and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
             _set(spec, d.path, False)
+    # the check kinds are alternatives: the one given replaces the others (as docker's
+    # --health-cmd replaces the test, whatever its form)
+    check = "task.container.healthcheck."
+    chosen = [d.path for d in _flag_decls() if d.path in (
+        check + "command", check + "http", check + "tcp") and getattr(args, _dest(d)) is not None]
+    if chosen:
+        for kind, empty in (("command", ""), ("exec", []), ("http", ""), ("tcp", 0)):
+            if check + kind not in chosen and _get(spec, check + kind, empty):
+                _set(spec, check + kind, empty)
     command = _command(args)
     if command:
         _set(spec, "task.container.command", command)

@@ -132,6 +132,8 @@ def resolve(spec: HealthCheck, image: ImageHealthcheck | None = None) -> Check |
     kind, host, port, path = "", "127.0.0.1", 0, "/"
     if spec.command:
         kind, argv = "exec", ("/bin/sh", "-c", spec.command)
+    elif spec.exec:  # (Docker's ["CMD", ...]: no shell, as an image's own CMD form)
+        kind, argv = "exec", tuple(spec.exec)
     elif spec.http:
         kind = "http"
         host, port, path = parse_http_check(spec.http)

@@ -175,6 +175,10 @@ class HealthCheck(_Spec, frozen=True):
     command: Annotated[str, decl(
         "command run with /bin/sh -c inside the task; exit 0 = healthy",
         flag="--health-cmd", cli="str", metavar="CMD", max_length=4096)] = ""
+    exec: Annotated[tuple[str, ...], decl(
+        "program and arguments run inside the task without a shell (Docker's "
+        "[\"CMD\", ...] form: images without /bin/sh); exit 0 = healthy; the main "
+        "container's only; needs cluster schema 6", max_length=4096)] = ()
     http: Annotated[str, decl(
         "HTTP GET from inside the task's network; a 2xx or 3xx answer = healthy",
         flag="--health-http", cli="str", metavar="[HOST]:PORT/PATH", max_length=1024)] = ""
@@ -197,8 +201,8 @@ class HealthCheck(_Spec, frozen=True):
                                   flag="--no-healthcheck", cli="flag")] = False
 
     def __post_init__(self) -> None:
-        given = [n for n, v in (("command", self.command), ("http", self.http),
-                                ("tcp", self.tcp)) if v]
+        given = [n for n, v in (("command", self.command), ("exec", self.exec),
+                                ("http", self.http), ("tcp", self.tcp)) if v]
         if len(given) > 1:
             raise SpecError(given[1], f"give one check: {given[0]} and {given[1]} are both set")
         if self.disable and given:
@@ -210,6 +214,8 @@ class HealthCheck(_Spec, frozen=True):
                 raise SpecError("http", str(exc)) from None
         if "\0" in self.command:
             raise SpecError("command", "must not contain NUL")
+        if self.exec and not self.exec[0]:
+            raise SpecError("exec", "must not start with an empty string")
         for name in ("interval", "timeout"):
             value = getattr(self, name)
             if 0 < value < MIN_HEALTH_INTERVAL:
@@ -371,6 +377,9 @@ class SidecarSpec(_Spec, frozen=True):
     def __post_init__(self) -> None:
         if self.name == MAIN_CONTAINER:
             raise SpecError("name", f"{MAIN_CONTAINER!r} is the task's own container")
+        if self.healthcheck.exec:
+            raise SpecError("healthcheck.exec", "a sidecar's check is a command, http or "
+                            "tcp (exec is the main container's)")
         if not self.command and not self.image:
             raise SpecError("command", "is required (the program to run and its arguments) "
                             "when the container names no image")

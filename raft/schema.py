@@ -16,10 +16,10 @@ Schema history::
     4  host and none networking: ``task.network_mode``.
     5  the leader's ``spawn`` op: a new task of its service's current template, named by the
        service's version instead of carrying the template (shoal.raft.models.spawn_ops).
-    6  ``task.container.entrypoint``; the leader's ``rollout_start`` op (a rollout's start
-       stamped by a manager whose clock runs ahead is moved back to the leader's time); and
-       a rule every replica must apply alike (``ROLLOUT_CLOCK``): an automatic rollback
-       leaves no previous spec (Swarm).
+    6  ``task.container.entrypoint`` and ``task.container.healthcheck.exec``; the leader's
+       ``rollout_start`` op (a rollout's start stamped by a manager whose clock runs ahead is
+       moved back to the leader's time); and a rule every replica must apply alike
+       (``ROLLOUT_CLOCK``): an automatic rollback leaves no previous spec (Swarm).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -58,7 +58,8 @@ ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history abov
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
-                         "task.network_mode": 4, "task.container.entrypoint": 6}
+                         "task.network_mode": 4, "task.container.entrypoint": 6,
+                         "task.container.healthcheck.exec": 6}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # top-level commands an older node does not know: the schema from which they may be written

@@ -201,8 +201,9 @@ services:
     assert (c.user, c.workdir, c.hostname, c.stop_signal, c.stop_grace_period) == \
         ("1000:1000", "/tmp", "front", "SIGINT", 90.0)
     h = c.healthcheck
-    assert (h.command, h.interval, h.timeout, h.retries, h.start_period) == \
-        ("wget -q http://127.0.0.1:8000/", 0.5, 2.0, 4, 3600.0)
+    # (the CMD form runs without a shell, as Docker: images without /bin/sh)
+    assert (h.command, h.exec, h.interval, h.timeout, h.retries, h.start_period) == \
+        ("", ("wget", "-q", "http://127.0.0.1:8000/"), 0.5, 2.0, 4, 3600.0)
     assert web.replicas == 3 and web.labels == {"tier": "front", STACK_LABEL: "app"}
     r = web.task.resources
     assert (r.limits.cpu, r.limits.memory, r.limits.pids) == (0.5, 64 << 20, 100)

@@ -416,3 +416,30 @@ def test_env_without_a_value_takes_it_from_the_shell(monkeypatch: pytest.MonkeyP
     with pytest.raises(CliError, match=r"^--env expects KEY=VALUE"):
         specflags.spec_from_create_args(build_parser().parse_args(
             ["service", "create", "--name", "w", "-e", "=x", "--", "x"]))
+
+
+def test_a_check_run_without_a_shell_and_the_check_kinds_replace_each_other() -> None:
+    """`healthcheck.exec` (Compose's ["CMD", ...]) runs its argv as is — for images without
+    /bin/sh — and is the main container's only; on update, --health-cmd/-http/-tcp replace
+    whatever check the spec had (docker's --health-cmd replaces the test)."""
+    from shoal.node.health import resolve
+
+    spec = validate_spec({"name": "w", "task": {"container": {
+        "image": "distroless:1", "healthcheck": {"exec": ["/app/check", "--quick"]}}}})
+    check = resolve(spec.task.container.healthcheck)
+    assert check is not None and check.argv == ("/app/check", "--quick")
+    with pytest.raises(ValidationError) as exc:
+        validate_spec({"name": "w", "task": {"container": {"command": ["x"]}, "sidecars": [
+            {"name": "s", "command": ["y"], "healthcheck": {"exec": ["z"]}}]}})
+    assert exc.value.field == "task.sidecars[0].healthcheck.exec"
+    with pytest.raises(ValidationError):
+        validate_spec({"name": "w", "task": {"container": {"command": ["x"], "healthcheck": {
+            "exec": ["a"], "command": "b"}}}})
+    new = specflags.apply_update_args(to_dict(spec), build_parser().parse_args(
+        ["service", "update", "--health-http", ":80/", "w"]))
+    h = validate_spec(new).task.container.healthcheck
+    assert (h.exec, h.http) == ((), ":80/")
+    new = specflags.apply_update_args(new, build_parser().parse_args(
+        ["service", "update", "--health-cmd", "true", "w"]))
+    h = validate_spec(new).task.container.healthcheck
+    assert (h.http, h.command) == ("", "true")

@@ -182,6 +182,8 @@ PLAIN = {"name": "plain", "task": {"container": {"command": ["x"]}}}
 HOSTNET = {"name": "hostnet", "task": {"container": {"command": ["x"]}, "network_mode": "host"}}
 ENTRY = {"name": "entry", "task": {"container": {"image": "busybox:1", "command": ["-c", "x"],
                                                   "entrypoint": ["/bin/sh"]}}}
+EXEC = {"name": "exec", "task": {"container": {"command": ["x"],
+                                                "healthcheck": {"exec": ["/bin/check"]}}}}
 _LATER = ("sidecars", "init_containers", "network_mode")
 
 
@@ -235,7 +237,8 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
 @pytest.mark.parametrize(("spec", "field"), [(POD, "task.sidecars"),
                                              (AUTO, "mode.autoscale"),
                                              (HOSTNET, "task.network_mode"),
-                                             (ENTRY, "task.container.entrypoint")])
+                                             (ENTRY, "task.container.entrypoint"),
+                                             (EXEC, "task.container.healthcheck.exec")])
 def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
         spec: dict[str, Any], field: str) -> None:
     """On propose (encode) and by the state machine alike (an older replica refuses it
