@@ -220,6 +220,10 @@ COLUMNS: dict[str, list[Column]] = {
         ("SIZE", lambda i, f: f"{i['size'] / 1e6:.1f} MB"),
     ],
     "stack": [("NAME", lambda r, f: r["name"]), ("SERVICES", lambda r, f: str(r["services"]))],
+    "user": [("NAME", lambda u, f: u["name"]), ("ROLE", lambda u, f: u["role"]),
+             ("PASSWORD", lambda u, f: "yes" if u["password"] else "no"),
+             ("TOKEN", lambda u, f: "yes" if u["token"] else "no"),
+             ("UPDATED", lambda u, f: ago(u.get("updated_at")) or "-")],
     "volume": [("NAME", lambda v, f: v["name"]), ("DRIVER", lambda v, f: v["driver"]),
                ("SCOPE", lambda v, f: v["scope"]),
                ("SERVICES", lambda v, f: str(len(v.get("services", []))))],
@@ -273,6 +277,7 @@ FILTERS: dict[str, dict[str, Callable[[Rec, str], bool]]] = {
                 "mode": _exact("mode")},
     "task": _TASK_FILTERS,
     "secret": {"id": _prefix("id"), "name": _prefix("name"), "label": _label},
+    "user": {"name": _prefix("name"), "role": _exact("role")},
     "volume": {"name": _prefix("name"), "driver": _exact("driver"), "label": _label,
                "scope": _exact("scope")},
     "network": {"id": _prefix("id"), "name": _prefix("name"), "label": _label,
@@ -318,6 +323,7 @@ FILTER_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("node", "membership"): ("alive", "suspect", "dead", "left", "unknown"),
     ("node", "status"): ("ready", "down", "unknown"),
     ("service", "mode"): ("replicated", "global", "replicated-job", "global-job"),
+    ("user", "role"): ("viewer", "operator", "admin"),
 }
 
 
@@ -359,7 +365,7 @@ def render(items: list[Rec], kind: str, fmt: str = "table", quiet: bool = False,
     """The text a list prints (without the final newline)."""
     columns = COLUMNS[kind]
     if quiet:
-        if kind in ("stack", "volume"):  # (named, as docker's)
+        if kind in ("stack", "volume", "user"):  # (named, as docker's)
             return "\n".join(str(r["name"]) for r in items)
         ids = [str(r["id"]) for r in items]
         if kind == "image" and not no_trunc:  # sha256:HEX → HEX[:12], as `docker images -q`

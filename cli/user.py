@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from shoal.cli import output
 from shoal.cli.errors import CliError
 
 ROLES = ("viewer", "operator", "admin")
@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--password-stdin", action="store_true", required=True,
                    help="read the password from stdin (first line)")
     ls = usub.add_parser("ls", help="list users (never a password or token)")
-    ls.add_argument("--format", choices=["table", "json"], default="table")
+    output.add_list_flags(ls, "user")
     up = usub.add_parser("update", help="change a user's role and/or password")
     up.add_argument("name")
     up.add_argument("--role", choices=ROLES)
@@ -56,12 +56,7 @@ def _password() -> str:
     return line
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-
-
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
-    import json
 
     cmd = args.user_cmd
     if cmd == "add":
@@ -69,16 +64,7 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
                                          "password": _password()})
         print(f"User {u['name']!r} added ({u['role']}).")
     elif cmd == "ls":
-        users = c.call("GET", "/v1/users")
-        if fmt == "json":
-            print(json.dumps(users, indent=2))
-            return
-        rows = [("NAME", "ROLE", "PASSWORD", "TOKEN", "UPDATED")]
-        rows += [(u["name"], u["role"], "yes" if u["password"] else "no",
-                  "yes" if u["token"] else "no", _when(u["updated_at"])) for u in users]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        output.show(c.call("GET", "/v1/users"), args, "user")
     elif cmd == "update":
         body: dict[str, Any] = {}
         if args.role:

@@ -216,6 +216,14 @@ def test_filters_quiet_templates_and_no_trunc() -> None:
     assert [v["name"] for v in vols if output.matches(v, keep, "volume")] == ["nfs1"]
     assert output.render(vols, "volume", quiet=True) == "data\nnfs1"
     assert output.render(vols, "volume", "{{.Name}}:{{.Services}}") == "data:1\nnfs1:0"
+    users = [{"name": "alice", "role": "admin", "password": True, "token": False,
+              "updated_at": 0}, {"name": "bob", "role": "viewer", "password": True,
+                                 "token": True, "updated_at": 0}]
+    keep = output.parse_filters(["role=viewer"], "user")
+    assert [u["name"] for u in users if output.matches(u, keep, "user")] == ["bob"]
+    assert output.render(users, "user", quiet=True) == "alice\nbob"
+    assert output.render(users, "user").splitlines()[0].split() == \
+        ["NAME", "ROLE", "PASSWORD", "TOKEN", "UPDATED"]
 
 
 def test_one_line_errors_negative_values_and_port_keys(capsys: pytest.CaptureFixture[str]
