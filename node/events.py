@@ -541,7 +541,8 @@ class EventLog:
         """The retained events after ``key``, and the floor if some after it are lost."""
         with self._lock:
             start = bisect.bisect_right(self._keys, key)
-            lost = self._floor if key < self._floor else None
+            # (the initial floor, nothing dropped and derived from index 0: no gap)
+            lost = self._floor if key < self._floor and self._floor != (0, -1) else None
             return self._events[start:], lost
 
     def __len__(self) -> int:

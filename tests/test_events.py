@@ -252,6 +252,11 @@ async def test_the_log_fills_from_the_store_and_a_cursor_resumes_without_loss() 
     assert [e.cursor for e in rest] == [g["cursor"] for g in got[4:]]
     stream = events.stream(parse_bound(cursor, "since"), None, {}, follow=False)
     assert [r["cursor"] async for r in stream] == [g["cursor"] for g in got[4:]]
+    # `--since 0` on a log that lost nothing: everything, and no gap record ("the stream
+    # resumes after 0--1" it said)
+    everything = [r async for r in events.stream(parse_bound("0", "since"), None, {},
+                                                 follow=False)]
+    assert [r["cursor"] for r in everything] == [g["cursor"] for g in got]
 
 
 async def test_a_cursor_older_than_the_retained_window_is_told_about_the_gap() -> None:
