@@ -207,10 +207,10 @@ def test_single_writer_task_moves_on_drain_only_after_the_old_one_ended() -> Non
                              "availability": "drain"})
     _pass(st, 5.0)
     new = [t for t in st.tasks.values() if t.id != old.id and t.desired_state <= 512]
-    assert len(new) == 1 and not new[0].node_id  # the old one still runs: it holds the volume
+    assert new == []  # the old one still runs, holding the volume: its replacement waits
     _report(st, st.tasks[old.id], TaskState.SHUTDOWN, 6.0)
     _pass(st, 7.0)
-    moved = st.tasks[new[0].id]
+    (moved,) = [t for t in st.tasks.values() if t.id != old.id and t.desired_state <= 512]
     assert moved.node_id and moved.node_id != old.node_id
 
 
