@@ -280,7 +280,7 @@ def _node_parser(sub: Any) -> None:
     ni = nsub.add_parser("inspect", help="show node details (JSON)")
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", default="json", metavar="json|TEMPLATE",
-                    help="json (default) or a template, e.g. '{{.Spec.Name}}'")
+                    help="json (default) or a template, e.g. '{{.Hostname}}'")
     nu = nsub.add_parser("update", help="change a node's availability or labels")
     nu.add_argument("node")
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
@@ -402,7 +402,7 @@ def _secret_parsers(sub: Any) -> None:
                              (" without its value" if kind == "secret" else ""))
         ki.add_argument("names", nargs="+")
         ki.add_argument("--format", default="json", metavar="json|TEMPLATE",
-                    help="json (default) or a template, e.g. '{{.Spec.Name}}'")
+                        help="json (default) or a template, e.g. '{{.Name}}'")
         kr = ksub.add_parser("rm", help=f"remove {kind}s (not while a service uses them)")
         kr.add_argument("names", nargs="+")
 
