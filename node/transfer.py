@@ -277,7 +277,8 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
                        container: str = "") -> AsyncIterator[dict[str, Any]]:
     """Logs of every task of service ``service_id`` across the cluster, merged: records
     {task, name, node, ts, stream, line}. Without ``follow`` they are sorted by time; with
-    it, they stream as they arrive (new tasks started meanwhile are picked up).
+    it, they stream as they arrive (new tasks started meanwhile are picked up) until the
+    service is removed.
     ``container``: a pod's container (its runtime id: shoal.node.pod.container_id); "" or
     "main" = the task's own."""
     ctx = transfer.ctx
@@ -330,6 +331,8 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
             try:
                 rec = await asyncio.wait_for(queue.get(), 1.0)
             except TimeoutError:
+                if service_id not in ctx.require_manager().snapshot().services:
+                    return  # (removed: `logs -f` ends, as docker's)
                 pending += start_new()
                 continue
             if rec is not None:

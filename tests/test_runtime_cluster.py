@@ -3,6 +3,7 @@ isolation, limits, images moved between peers, restart policy, adoption, merged 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -158,8 +159,13 @@ def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> 
             if "tick" in line:
                 seen.add(line.split("|")[0].split("@")[1].strip())
         assert seen == {"h1", "h2", "h3"}, seen
+        # and ends by itself once the service is removed (as docker's)
+        h1.cli("service", "rm", "bb")
+        proc.communicate(timeout=30)  # (reads what is still in flight; fails if it never ends)
+        assert proc.returncode == 0
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (it may have ended by itself)
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
