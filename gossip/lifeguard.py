@@ -19,9 +19,9 @@ class Suspicion:
     Starts at ``max_timeout`` (or ``min_timeout`` when ``k == 0``); every new confirmer
     recomputes the remaining time with ``timing.remaining_suspicion_time``. ``on_timeout`` is
     called at most once, with the number of confirmations received and the loop time at
-    which the suspicion expires (``due``); it is called ``lead`` seconds before that, so the
-    caller's last-chance probe (one probe period) ends when the suspicion does instead of
-    after it.
+    which the suspicion expires (``due``); it is called ``lead`` seconds before that (at most
+    half the suspicion), so the caller's last-chance probe (one probe period) ends when the
+    suspicion does instead of after it.
     """
 
     __slots__ = (
@@ -68,8 +68,11 @@ class Suspicion:
         return self._due
 
     def _schedule(self) -> asyncio.TimerHandle:
-        # (a time already past runs at the loop's next iteration)
-        return self._loop.call_at(self._due - self.lead, self._fire)
+        # at most half the suspicion early: the last-chance probe stays a look at the end of
+        # it, also when a slowed member's probe period is long (a time already past runs at
+        # the loop's next iteration)
+        lead = min(self.lead, (self._due - self.start) / 2)
+        return self._loop.call_at(self._due - lead, self._fire)
 
     def confirm(self, sender: str) -> bool:
         """Count ``sender`` as an independent confirmation; True if it was new information."""

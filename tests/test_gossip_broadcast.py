@@ -99,7 +99,7 @@ def test_suspicion_that_is_overdue_fires_immediately_on_confirmation() -> None:
 def test_suspicion_calls_back_lead_seconds_before_it_expires_with_when_it_does() -> None:
     """The last-chance probe runs in the suspicion's last probe period (``lead``): the
     callback comes that much early and is told when the suspicion expires, also after a
-    confirmation moved it, and at once when less than ``lead`` is left."""
+    confirmation moved it; never more than half the suspicion early."""
 
     async def scenario() -> list[tuple[float, float]]:
         loop = asyncio.get_running_loop()
@@ -123,7 +123,7 @@ def test_suspicion_calls_back_lead_seconds_before_it_expires_with_when_it_does()
     calls = run_simulation(scenario())
     assert calls[0] == (pytest.approx(start + 0.8), pytest.approx(1.0))
     assert calls[1] == (pytest.approx(start + 0.8), pytest.approx(1.0))
-    assert calls[2] == (pytest.approx(5.5), pytest.approx(5.6))  # 0.1 left < lead: at once
+    assert calls[2] == (pytest.approx(5.55), pytest.approx(5.6))  # half of 0.1 s early
 
 
 def test_cancelled_suspicion_never_fires() -> None:
