@@ -253,7 +253,6 @@ def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
     return out
 
 
-# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
 def _port_key(text: str, flag: str) -> str:
     """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
     port, _, proto = text.strip().partition("/")
@@ -263,6 +262,7 @@ def _port_key(text: str, flag: str) -> str:
     return f"{int(port)}/{proto}"
 
 
+# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
 ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
                        Callable[[str, str], str]]] = {
     "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
