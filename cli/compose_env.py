@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str] | None = N
                                    "the closing quote")
             raw = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), "\\" + e.group(1)),
                          inner)
-            value = _Interpolator({**env, **out}, lambda w: None).text(raw, f"{source}:{first}")
+            value = _Interpolator(ChainMap(out, env), lambda w: None).text(raw, f"{source}:{first}")
         elif value.startswith("'"):
             close_at = value.find("'", 1)
             if close_at < 0:
@@ -145,7 +146,7 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str] | None = N
             value = value[1:close_at]
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
-            value = _Interpolator({**env, **out}, lambda w: None).text(
+            value = _Interpolator(ChainMap(out, env), lambda w: None).text(
                 value, f"{source}:{first}")
         out[key] = value
     return out
@@ -319,20 +320,22 @@ def _file_target(item: Any) -> Any:
 
 
 def _port_identity(item: Any) -> Any:
-    """(published, target, protocol) of a port as both syntaxes give it, for the simple
-    forms (a range or an unreadable item keeps no identity: concatenated as it is)."""
+    """(published, target, protocol) of a port as both syntaxes give it (an unreadable
+    item keeps no identity: concatenated as it is)."""
     if isinstance(item, dict):
         return (str(item.get("published", "")), str(item.get("target", "")),
                 str(item.get("protocol", "tcp")).lower())
     text = str(item)
-    m = _SHORT_PORT.fullmatch(text)
+    m = PORT_RE.match(text)
     if m is None:
         return None
-    return (m.group(1) or "", m.group(2), (m.group(3) or "tcp").lower())
+    return (m.group("pub") or "", m.group("target"), (m.group("proto") or "tcp").lower())
 
 
-_SHORT_PORT = re.compile(r"(?:(?:\[[^\]]*\]|[^:\[\]]*):)??(?:([0-9]*):)?([0-9]+)"
-                         r"(?:/([A-Za-z]+))?")
+# a port in Compose's short syntax, [[IP:]PUBLISHED:]TARGET[/PROTOCOL] (ranges allowed):
+# read by compose_keys._ports, and by the merge for an item's identity
+PORT_RE = re.compile(r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<pub>[0-9]*(?:-[0-9]+)?):)?"
+                     r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>[A-Za-z]+))?$")
 _IDENTITY: dict[str, Callable[[Any], Any]] = {
     "volumes": _mount_target, "secrets": _file_target, "configs": _file_target,
     "ports": _port_identity}

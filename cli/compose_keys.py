@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.cli.compose_env import _as_map, read_env_file
+from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
 from shoal.cli.specflags import parse_duration, parse_size
 
@@ -324,8 +324,6 @@ def _env_file(svc: _Service, v: Any, path: str) -> None:
         svc.env_files.update(read_env_file(file, where, svc.env))
 
 
-_PORT_RE = re.compile(r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<pub>[0-9]*(?:-[0-9]+)?):)?"
-                      r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>[A-Za-z]+))?$")
 
 
 def _range(text: str, path: str) -> list[int]:
@@ -345,7 +343,7 @@ def _ports(svc: _Service, v: Any, path: str) -> None:
             continue
         text = str(item) if isinstance(item, int) and not isinstance(item, bool) \
             else as_str(item, where)
-        m = _PORT_RE.match(text)
+        m = PORT_RE.match(text)
         if m is None:
             raise ComposeError(where, f"expected [[IP:]PUBLISHED:]TARGET[/tcp|udp], got "
                                f"{text!r}")

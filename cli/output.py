@@ -78,8 +78,7 @@ def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str) -> None:
         if "{{" not in fmt:
             raise CliError(f"--format: expected json or a template with {{{{.Field}}}}, "
                            f"got {fmt!r}")
-        check_template(fmt, [], [{str(k).replace("_", ""): v for k, v in r.items()}
-                                 for r in found])
+        check_template(fmt, [], found)
         for rec in found:
             print(render_template(fmt, rec))
     if missing:

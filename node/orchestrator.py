@@ -642,8 +642,8 @@ def _reconcile_service(
             ops += _keep_one(live)
         elif not live:
             held = [u for t in slot_tasks if (u := stopping_until(t)) is not None]
-            restart, due = restart_decision(svc.spec.task.restart,
-                                            _restart_history(slot_tasks, svc), now)
+            restart, due = (False, now) if held else restart_decision(
+                svc.spec.task.restart, _restart_history(slot_tasks, svc), now)
             if held:  # the slot's last task is still stopping
                 wake_at = min([*held, *([wake_at] if wake_at is not None else [])])
             elif not restart:
