@@ -272,12 +272,16 @@ async def local_logs(rt: Controller, task_id: str, tail: int | None, since: floa
             yield {"ts": line.ts, "stream": line.stream, "line": line.line}
 
 
+FOLLOW_SCAN = 1.0  # seconds: how often `service logs -f` looks for the service's new tasks
+
+
 async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
                        since: float | None, timestamps: bool, follow: bool,
                        container: str = "") -> AsyncIterator[dict[str, Any]]:
     """Logs of every task of service ``service_id`` across the cluster, merged: records
     {task, name, node, ts, stream, line}. Without ``follow`` they are sorted by time; with
-    it, they stream as they arrive (new tasks started meanwhile are picked up) until the
+    it, they stream as they arrive (a task started meanwhile is picked up within
+    FOLLOW_SCAN, from its first line, however busy the stream is) until the
     service is removed.
     ``container``: a pod's container (its runtime id: shoal.node.pod.container_id); "" or
     "main" = the task's own."""
@@ -287,7 +291,7 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
     started: set[str] = set()
     workers: list[asyncio.Task[None]] = []
 
-    async def pump(task_id: str, name: str, node: Node | None) -> None:
+    async def pump(task_id: str, name: str, node: Node | None, tail: int | None) -> None:
         rid = container_id(task_id, container)
         try:
             if node is None or node.id == me:
@@ -302,18 +306,21 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
         finally:
             await queue.put(None)
 
-    def start_new() -> int:
+    def start_new(tail: int | None) -> int:
         s = ctx.require_manager().snapshot()
         n = 0
         for t in s.tasks_of(service_id):
             if t.id in started or not t.node_id:
                 continue
+            if follow and t.status.state < TaskState.RUNNING:
+                continue  # its node has no record of it yet: picked up once it ran
             started.add(t.id)
-            workers.append(asyncio.create_task(pump(t.id, t.name, s.nodes.get(t.node_id))))
+            workers.append(asyncio.create_task(pump(t.id, t.name, s.nodes.get(t.node_id),
+                                                    tail)))
             n += 1
         return n
 
-    pending = start_new()
+    pending = start_new(tail)
     try:
         if not follow:
             records: list[dict[str, Any]] = []
@@ -327,16 +334,20 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
             for rec in records:
                 yield rec
             return
-        while True:
+        clock = asyncio.get_running_loop().time
+        scan = clock() + FOLLOW_SCAN
+        while True:  # new tasks are looked for every FOLLOW_SCAN, however busy the stream
             try:
-                rec = await asyncio.wait_for(queue.get(), 1.0)
+                rec = await asyncio.wait_for(queue.get(), max(0.0, scan - clock()))
             except TimeoutError:
-                if service_id not in ctx.require_manager().snapshot().services:
-                    return  # (removed: `logs -f` ends, as docker's)
-                pending += start_new()
-                continue
+                rec = None
             if rec is not None:
                 yield rec
+            if clock() >= scan:
+                if service_id not in ctx.require_manager().snapshot().services:
+                    return  # (removed: `logs -f` ends, as docker's)
+                pending += start_new(None)  # (a task new since: all it printed)
+                scan = clock() + FOLLOW_SCAN
     finally:
         for w in workers:
             w.cancel()

@@ -77,11 +77,27 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
 
 
 # ---------------------------------------------------------------------------- the decision
+def default_hostname(task_name: str) -> str:
+    """A task's host name when its spec sets none: its name ("web.3", "agent.1f2e3d4c5b6a")
+    with '.' and '_' as '-', within a DNS label's 63 characters — a long service name is cut,
+    never the slot or node part, and no cut leaves a trailing '-' (an invalid host name)."""
+    service, dot, part = task_name.rpartition(".")
+    if not dot:
+        service, part = task_name, ""
+    service, part = (x.replace(".", "-").replace("_", "-") for x in (service, part))
+    if not part:
+        return service[:63].rstrip("-")
+    return f"{service[:62 - len(part)].rstrip('-')}-{part}"
+
+
 class Action(enum.Enum):
     NONE = "none"
     START = "start"  # prepare (image, files, network) and start; report what happened
     STOP = "stop"  # signal it, SIGKILL after ``grace``
-    REMOVE = "remove"  # forget an ended task in the runtime, release its address
+    # an ended task that is not to run again: release its address and health watch; its
+    # runtime record (logs, exit code) stays until the task leaves the state (trimmed from
+    # the history, its service removed), as Docker keeps a task's stopped container
+    RELEASE = "release"
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,7 @@ def next_step(task: Task, seen: TaskStatus | None, *, busy: bool = False,
         return _forward(task, Step(Action.STOP, report,
                                    grace=task.spec.container.stop_grace_period))
     ended = seen.state is not TaskState.RUNNING
-    action = Action.REMOVE if ended and current.terminal and \
+    action = Action.RELEASE if ended and current.terminal and \
         task.desired_state >= TaskState.SHUTDOWN else Action.NONE
     return _forward(task, Step(action, report))
 
@@ -184,6 +200,7 @@ class Worker:
         self.interval = interval
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
+        self._released: set[str] = set()  # ended tasks whose address and watch are let go
         self._closed = False
         # a pod's sidecars and init containers (node/pod.py)
         self.pods = Pods(runtime, self.health, self.container_config, wakeup.set)
@@ -233,8 +250,8 @@ class Worker:
                     self.pods.stop(task.id, step.grace)
             if step.report is not None:
                 reports.append((task, step.report))
-            if step.action is Action.REMOVE:
-                await self._remove(task.id)
+            if step.action is Action.RELEASE and task.id not in self._released:
+                await self._release(task.id)
 
         # runtime tasks that are no longer ours (deleted, or reassigned): stop and forget
         for tid, rt in running.items():
@@ -247,6 +264,7 @@ class Worker:
             elif tid not in self._stopping:
                 await self._remove(tid)
 
+        self._released.intersection_update(mine)
         if reports:
             await asyncio.gather(*(self._report(t, s) for t, s in reports))
 
@@ -334,7 +352,7 @@ class Worker:
             files.update(await self.task_files(task))
         return TaskConfig(
             task_id=task.id,
-            hostname=s.hostname or task.name.replace(".", "-").replace("_", "-")[:63],
+            hostname=s.hostname or default_hostname(task.name),
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
@@ -366,8 +384,7 @@ class Worker:
         host = task.spec.network_mode == "host"  # (already the node's: nothing to join)
         return TaskConfig(
             task_id=f"{task.id}-{c.name}",
-            hostname=task.spec.container.hostname or
-            task.name.replace(".", "-").replace("_", "-")[:63],
+            hostname=task.spec.container.hostname or default_hostname(task.name),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
             pids_limit=c.limits.pids, mounts=tuple(self._mount_spec(m, vols) for m in shared),
@@ -519,17 +536,24 @@ class Worker:
         log.info("task %s attached with address %s", task_id, addr)
         return addr
 
-    async def _remove(self, task_id: str) -> None:
-        """Forget an ended task in the runtime, then release its address."""
+    async def _release(self, task_id: str) -> None:
+        """What an ended task holds besides its record: its health watch and its address."""
+        self._released.add(task_id)
         self.health.forget(task_id)
         self._checks.pop(task_id, None)
-        await self.pods.remove(task_id)
-        await self.runtime.remove(task_id)
         if self.mesh is not None:
             try:
                 await self.mesh.detach(task_id)
             except Exception as exc:
                 log.warning("task %s: releasing its address failed: %s", task_id, exc)
+
+    async def _remove(self, task_id: str) -> None:
+        """Forget a task that left the state in the runtime (its logs with it), then release
+        its address."""
+        await self.pods.remove(task_id)
+        await self.runtime.remove(task_id)
+        await self._release(task_id)
+        self._released.discard(task_id)
 
     def _stop(self, task_id: str, grace: float) -> None:
         if task_id in self._stopping:

@@ -58,7 +58,7 @@
  * last component is made by mkdir):
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
- *   mkdir   WHERE TARGET MODE
+ *   mkdir   WHERE TARGET MODE          (missing parents too; an existing TARGET is left alone)
  *   symlink TARGET VALUE
  *   mknod   TARGET MODE MAJOR MINOR
  *   write   WHERE TARGET MODE UID GID DATA
@@ -293,6 +293,26 @@ static const char *shown(const char *where, const char *target) {
     return buf;
 }
 
+/* A recursive bind's remount (above) changes only its top mount: what is mounted below the
+ * source (a tmpfs under a bound directory, /proc under a bound "/") would stay writable.
+ * mount_setattr(2) with AT_RECURSIVE (Linux 5.12) sets the flags on the whole tree, as Docker
+ * (25+) and runc do for a read-only bind; on an older kernel the top mount alone is read-only,
+ * Docker's fallback too. */
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+struct shoal_mount_attr { uint64_t attr_set, attr_clr, propagation, userns_fd; };
+static void rdonly_below(int fd, const char *target, unsigned long reflags) {
+    struct shoal_mount_attr attr = {0};
+    attr.attr_set = 0x1; /* MOUNT_ATTR_RDONLY */
+    if (reflags & MS_NOSUID) attr.attr_set |= 0x2;
+    if (reflags & MS_NODEV) attr.attr_set |= 0x4;
+    if (reflags & MS_NOEXEC) attr.attr_set |= 0x8;
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) &&
+        errno != ENOSYS)
+        die(125, "cannot make %s read-only below: %s", target, strerror(errno));
+}
+
 static void op_mount(char **f) {
     /* WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND REMOUNT_FLAGS OPTIONAL */
     const char *where = f[0], *target = f[1], *fstype = f[2], *source = f[3], *data = f[5];
@@ -330,6 +350,7 @@ static void op_mount(char **f) {
         fdpath(p, sizeof p, fd);
         if (mount(NULL, p, NULL, MS_REMOUNT | MS_BIND | reflags, NULL))
             die(125, "cannot remount %s: %s", target, strerror(errno));
+        if ((flags & MS_REC) && (reflags & MS_RDONLY)) rdonly_below(fd, target, reflags);
         close(fd);
     }
 }
@@ -403,8 +424,14 @@ static void run_plan(void) {
             op_remount(f + 1);
         } else if (strcmp(op, "mkdir") == 0) {
             if (fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
-            int fd = resolve(f[1], f[2], "dir");
-            if (fd < 0) die(125, "cannot create %s: %s", f[2], strerror(errno));
+            int fd = strcmp(f[1], "host") == 0 ? open(f[2], O_PATH | O_CLOEXEC)
+                                               : open_in_root(f[2], O_PATH);
+            if (fd >= 0) { /* there already: left as it is (a workdir of /tmp keeps 1777) */
+                close(fd);
+                continue;
+            }
+            fd = resolve(f[1], f[2], "dir");
+            if (fd < 0) die(125, "cannot create %s: %s", shown(f[1], f[2]), strerror(errno));
             char p[64];
             fdpath(p, sizeof p, fd);
             if (chmod(p, (mode_t)num(f[3]))) die(125, "chmod %s: %s", f[2], strerror(errno));
@@ -562,6 +589,10 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     if (have_user) {
         if (setgroups((size_t)ngroups, groups)) die(125, "setgroups: %s", strerror(errno));
         if (setresgid(gid, gid, gid)) die(125, "setgid %u: %s", gid, strerror(errno));
+        /* the task's stdout/stderr pipes are the user's, as runc's fixStdioPermissions: a
+         * non-root command can open /dev/stdout (/proc/self/fd/1) */
+        if (uid != 0 && (fchown(out_w, uid, (gid_t)-1) || fchown(err_w, uid, (gid_t)-1)))
+            die(125, "cannot hand the output pipes to uid %u: %s", uid, strerror(errno));
         if (setresuid(uid, uid, uid)) die(125, "setuid %u: %s", uid, strerror(errno));
     }
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
@@ -583,6 +614,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
         _exit(127);
     }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) die(125, "no_new_privs: %s", strerror(errno));
+    umask(022); /* the task's, as runc's default (the init's 0 was for the mount plan) */
     int errfd = fcntl(2, F_DUPFD_CLOEXEC, 3);
     write_all(ready, "R", 1);
     if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) _exit(125);

@@ -150,6 +150,8 @@ class Spec:
         self.fields("O", "remount", where, target, flags, data)
 
     def mkdir(self, where: str, target: str, mode: int) -> None:
+        """Create ``target`` and its missing parents with ``mode``; one that exists is left
+        as it is."""
         self.fields("O", "mkdir", where, target, mode)
 
     def symlink(self, target: str, value: str) -> None:

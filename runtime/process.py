@@ -470,6 +470,10 @@ class ProcessController:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
 
         env = cfg.full_env()
+        # what Docker sets unless the task does: HOME from the user's passwd entry (runc),
+        # HOSTNAME (moby's container environment)
+        env.setdefault("HOME", user.home)
+        env.setdefault("HOSTNAME", cfg.hostname)
         spec = Spec()
         if cfg.join_netns:  # a pod's extra container: the task's network, not its own
             spec.add("J", cfg.join_netns)
@@ -506,6 +510,7 @@ class ProcessController:
             cfg.mounts,
             cfg.files,
             user,
+            workdir=cfg.workdir or "/",
         )
         return bytearray(spec.encode())
 

@@ -283,8 +283,11 @@ def build_plan(
     mounts: Iterable[MountSpec],
     files: Mapping[str, tuple[bytes, int]],
     user: User,
+    workdir: str = "/",
 ) -> None:
-    """Append the mount plan for one task to ``spec``."""
+    """Append the mount plan for one task to ``spec``. A ``workdir`` the root (or a mount)
+    lacks is created, owned by root, mode 0755, as Docker does; one that exists is left as it
+    is."""
     root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
     # 0. the staging tmpfs: the root's mount point, the init layer, the files
@@ -373,7 +376,10 @@ def build_plan(
     for i, (target, _) in enumerate(staged):
         spec.bind(f"{stage}/{i}", target.lstrip("/"), kind="file",
                   flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC)  # fmt: skip
-    # 7. a read-only root for the default image, then pivot
+    # 7. the working directory (after the mounts: it may be inside one)
+    if workdir.strip("/"):
+        spec.mkdir("root", workdir.lstrip("/"), 0o755)
+    # 8. a read-only root for the default image, then pivot
     if plan.layers is None:
         spec.remount("host", root, MS_RDONLY | nosuid_nodev, "mode=755,size=1m")
     spec.pivot()

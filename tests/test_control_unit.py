@@ -31,7 +31,15 @@ from shoal.node.pki import CertInfo
 from shoal.node.security import Security
 from shoal.node.source import MemoryStore, StateSource
 from shoal.node.transfer import Transfer
-from shoal.node.worker import Action, BackwardsTransition, Step, Worker, _forward, next_step
+from shoal.node.worker import (
+    Action,
+    BackwardsTransition,
+    Step,
+    Worker,
+    _forward,
+    default_hostname,
+    next_step,
+)
 from shoal.raft.models import Node, NodeRole, TaskState, TaskStatus, task_from_dict, to_dict
 from shoal.raft.schema import SCHEMA
 from shoal.runtime.images import ImageConfig, ImageStore
@@ -297,8 +305,8 @@ STEP_TABLE: list[tuple[str, Any, TaskStatus | None, bool, Action, TaskState | No
      Action.NONE, S.RUNNING),
     ("exited non-zero: report failed", _task(S.RUNNING, pid=7), _seen(S.FAILED), False,
      Action.NONE, S.FAILED),
-    ("ended, reported, to remove: remove", _task(S.FAILED, S.SHUTDOWN), _seen(S.FAILED),
-     False, Action.REMOVE, None),
+    ("ended, reported, not to run again: release (the record stays)",
+     _task(S.FAILED, S.SHUTDOWN), _seen(S.FAILED), False, Action.RELEASE, None),
     ("stopped, first report and remove", _task(S.RUNNING, S.REMOVE), _seen(S.SHUTDOWN),
      False, Action.NONE, S.SHUTDOWN),
     ("ended, reported, still desired running: keep for the leader",
@@ -454,3 +462,18 @@ async def test_live_usage_skips_a_node_that_did_not_answer_for_a_while(
     assert await transfer_mod.cluster_usage(c.transfer, by_node, 0.05, listing=True) == \
         {"t2": {"memory_bytes": 7}}
     assert asked == ["n2", "n2", "n2"] and "n2" not in c.transfer.usage_quiet
+
+
+def test_a_tasks_default_host_name_is_a_valid_label_that_keeps_its_slot() -> None:
+    """A long service name is cut, never the slot or node part, and no cut ends in '-': a
+    62-character service name's tasks never started ("not a valid host name: 'aaa…a-'"),
+    and a 61-character one's slots 1 and 10 had the same host name."""
+    assert default_hostname("web.3") == "web-3"
+    assert default_hostname("my_app.v2.12") == "my-app-v2-12"
+    assert default_hostname("agent.1f2e3d4c5b6a") == "agent-1f2e3d4c5b6a"
+    long62 = default_hostname("a" * 62 + ".1")
+    assert len(long62) == 63 and long62.endswith("a-1")
+    assert default_hostname("a" * 61 + ".1") != default_hostname("a" * 61 + ".10")
+    assert default_hostname("ab" + "-" * 58 + "x.12") == "ab-12"
+    assert all(len(default_hostname(f"{'s' * n}.{slot}")) <= 63
+               for n in range(1, 70) for slot in (1, 10, 999))

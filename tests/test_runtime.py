@@ -194,14 +194,18 @@ async def test_command_not_found_is_reported_by_start_without_a_hang(
     assert st.message == "command not found: definitely-missing"
 
 
-async def test_env_is_exactly_the_tasks_plus_default_path(ctl: ProcessController) -> None:
+async def test_env_is_exactly_the_tasks_plus_path_home_and_hostname(
+    ctl: ProcessController,
+) -> None:
+    """The task's variables and what Docker adds unless the task sets them: PATH, HOME (from
+    the user's passwd entry), HOSTNAME; nothing of the agent's own environment."""
     env = {"FOO": "bar baz", "TRICKY": 'it\'s "q" $HOME `x` \\ \n next', "EMPTY": "", "A.B": "1"}
     # /proc/PID/environ is exactly what execve() got; base64 keeps it on one log line.
     st, out, _ = await run_to_end(ctl, task("env", "base64", "-w0", "/proc/self/environ", env=env))
     assert st.exit_code == 0
     raw = base64.b64decode(out.strip()).decode()
     seen = dict(item.split("=", 1) for item in raw.split("\0") if item)
-    assert seen == {**env, "PATH": DEFAULT_PATH}
+    assert seen == {**env, "PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": "host-env"}
 
 
 async def test_env_path_is_used_for_the_command_lookup(
@@ -428,11 +432,13 @@ async def test_duplicate_task_id_is_rejected(ctl: ProcessController) -> None:
     await ctl.stop("dup", 0)
 
 
-async def test_missing_workdir_fails_the_start_and_leaves_nothing(
+async def test_a_workdir_that_cannot_be_made_fails_the_start_and_leaves_nothing(
     ctl: ProcessController, data_dir: Path
 ) -> None:
-    with pytest.raises(LaunchFailed, match="workdir not found: /no/such/dir"):
-        await ctl.start(task("nowd", "true", workdir="/no/such/dir"))
+    """A missing workdir is made (test_runtime_container.py); under the default root's
+    read-only /usr it cannot be: the start fails naming it."""
+    with pytest.raises(LaunchFailed, match="cannot create /usr/no/such/dir"):
+        await ctl.start(task("nowd", "true", workdir="/usr/no/such/dir"))
     assert ctl.status("nowd") is None
     assert list((data_dir / "tasks").iterdir()) == []
     assert kill_leftovers(data_dir) == []

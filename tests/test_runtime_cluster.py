@@ -204,3 +204,49 @@ def test_agent_restart_adopts_tasks_and_reports_exits(lab_factory: Callable[...,
     done = wait_until(lambda: [t for t in tasks(h1, "short") if t["state"] == "failed"]
                       or None, timeout=30, what="exit code of the task that ended meanwhile")
     assert done[0]["exit_code"] == 7
+
+
+def test_logs_follow_replacements_and_keep_a_stopped_tasks_last_words(
+        lab_factory: Callable[..., Lab]) -> None:
+    """`service logs -f` picks up every replacement of a crash-looping task from its first
+    line, while another task of the service logs without pause (new tasks were looked for
+    only in a quiet second, and a task seen before it ran was never tried again); and a task
+    shut down by an update keeps its logs until it leaves the history, as Docker keeps the
+    stopped container (they were deleted at once: its shutdown message was lost)."""
+    lab = lab_factory(2)
+    lab.form_cluster(managers=1, workers=1)
+    h1 = lab.hosts[0]
+    loop = ('if [ "$(hostname)" = chat-1 ]; then while :; do echo tick; sleep 0.2; done; '
+            'else echo "crash from $(hostname) $$"; sleep 0.5; exit 1; fi')
+    h1.cli("service", "create", "-d", "--name", "chat", "--replicas", "2",
+           "--restart-delay", "1s", "--", "sh", "-c", loop)
+    proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{h1.netns}", "--",
+                             str(lab.shoal), "-H", f"unix://{h1.sock}", "service", "logs",
+                             "-f", "chat"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        crashed: set[str] = set()
+        deadline = time.monotonic() + 40
+        assert proc.stdout is not None
+        while len(crashed) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "crash from" in line:
+                crashed.add(line.split("|")[0].strip())  # (the task's name and id)
+        failed = [t for t in tasks(h1, "chat") if t["state"] == "failed"]
+        assert len(crashed) >= 3, (crashed, len(failed))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    h1.cli("service", "create", "--name", "last", "--stop-grace-period", "5s", "--", "sh", "-c",
+           'trap "echo got TERM, cleaning up; exit 0" TERM; echo started; '
+           'while :; do sleep 0.2; done')
+    (old,) = running(h1, "last", 1)
+    h1.cli("service", "update", "--env-add", "X=1", "last")
+    out = wait_until(lambda: logs_with(h1, "last", "started", 2), timeout=30,
+                     what="the new task's first line")
+    assert "got TERM, cleaning up" in out, out
+    assert "got TERM" in h1.cli("service", "logs", old["id"]).stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -313,6 +314,57 @@ async def test_tmpfs_and_bind_mounts(ctl: ProcessController, shared: Path) -> No
              "touch /in/z; echo ro=$?", mounts=mounts),
     )
     assert out.split("\n")[:5] == ["tmpfs", "8192", "wrote", "from the host", "ro=1"], err
+
+
+async def test_a_read_only_bind_is_read_only_below_too(
+    ctl: ProcessController, shared: Path,
+) -> None:
+    """What is mounted below a read-only bind's source (a tmpfs in the bound directory) is
+    read-only in the task as well (Docker 25+: recursively read-only): the task wrote into the
+    host's tmpfs through it before."""
+    sub = shared / "sub"
+    sub.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "shoal-test", str(sub)], check=True)
+    try:
+        (sub / "f").write_text("orig\n")
+        mounts = (MountSpec("bind", "/data", str(shared), readonly=True),)
+        st, out, err = await run_to_end(ctl, task(
+            "rorec", "sh", "-c", "echo pwned > /data/sub/f; echo sub=$?; touch /data/top; "
+            "echo top=$?; cat /data/sub/f", mounts=mounts))
+        assert st.exit_code == 0, err
+        assert out.split() == ["sub=2", "top=1", "orig"], (out, err)
+        assert (sub / "f").read_text() == "orig\n"
+    finally:
+        subprocess.run(["umount", str(sub)], check=True)
+
+
+async def test_what_a_command_finds_as_docker_sets_it_up(ctl: ProcessController) -> None:
+    """umask 022, HOME from the user's passwd entry and HOSTNAME unless the task sets them,
+    and the output pipes belong to a non-root user (it can open /dev/stdout and
+    /dev/stderr, as nginx's `error_log /dev/stderr` does)."""
+    cmd = ("sh", "-c", "umask; echo HOME=$HOME HOSTNAME=$HOSTNAME; echo out > /dev/stdout; "
+           "echo err > /dev/stderr; touch /tmp/f; stat -c %a /tmp/f")
+    st, out, err = await run_to_end(ctl, task("envs", *cmd, user="nobody", hostname="web-2"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["0022", "HOME=/nonexistent", "HOSTNAME=web-2", "out", "644"], out
+    assert err.strip() == "err"
+    st, out, _ = await run_to_end(ctl, task("envs2", "sh", "-c", "echo $HOME $HOSTNAME",
+                                            env={"HOME": "/srv", "HOSTNAME": "mine"}))
+    assert out.split() == ["/srv", "mine"]
+
+
+async def test_a_missing_workdir_is_created_and_an_existing_one_left_as_it_is(
+    ctl: ProcessController,
+) -> None:
+    """As Docker: a working directory the root lacks is made (root's, 0755); /tmp keeps its
+    1777 (one that cannot be made: test_runtime.py)."""
+    mounts = (MountSpec("tmpfs", "/srv"),)
+    st, out, err = await run_to_end(ctl, task(
+        "wd1", "sh", "-c", "pwd; stat -c '%a %u' .", workdir="/srv/app/data", mounts=mounts))
+    assert st.exit_code == 0, err
+    assert out.split() == ["/srv/app/data", "755", "0"]
+    _, out, _ = await run_to_end(ctl, task("wd2", "stat", "-c", "%a", ".", workdir="/tmp"))
+    assert out.split() == ["1777"]
 
 
 async def test_files_arrive_on_a_tmpfs_with_their_mode_and_never_touch_the_disk(
