@@ -259,9 +259,10 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
             if r.get("warning"):
                 print(f"Warning: {r['warning']}", file=sys.stderr)
     elif args.node_cmd == "rm":
-        for n in args.nodes:
+        def remove_node(n: str) -> None:
             c.call("DELETE", f"/v1/nodes/{_q(n)}" + ("?force=1" if args.force else ""))
             print(n)
+        output.each(args.nodes, remove_node)
 
 
 def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -283,9 +284,10 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
     elif args.image_cmd == "build":
         build_cli.run(c, args, fmt)
     elif args.image_cmd == "rm":
-        for ref in args.refs:
+        def remove_image(ref: str) -> None:
             c.call("DELETE", f"/v1/images/{_q(ref)}")
             print(ref)
+        output.each(args.refs, remove_image)
 
 
 def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -318,12 +320,23 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
                 raise CliError(f"invalid replica count {n!r} for {name}: must be a whole "
                                "number >= 0")
             pairs.append((name, int(n)))
-        for name, n in pairs:
-            c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": n})
+        scaled: list[str] = []
+
+        def scale(pair: str) -> None:
+            name, n = pair.split("=")
+            c.call("POST", f"/v1/services/{_q(name)}/scale", {"replicas": int(n)})
             print(f"{name} scaled to {n}", flush=True)
+            scaled.append(name)
+        failed: CliError | None = None
+        try:
+            output.each([f"{name}={n}" for name, n in pairs], scale)
+        except CliError as exc:  # (waits for those that were scaled, as docker's)
+            failed = exc
         if not args.detach:
-            for name, _ in pairs:
+            for name in scaled:
                 progress.wait(c, name, "scale", args)
+        if failed is not None:
+            raise failed
     elif sc == "update" and not getattr(args, "rollback", False):
         from shoal.cli import specflags
 
@@ -345,9 +358,10 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         if not args.detach:
             progress.wait(c, current["id"], "rollback", args, current.get("update_status"))
     elif sc == "rm":
-        for s in args.services:
+        def remove_service(s: str) -> None:
             c.call("DELETE", f"/v1/services/{_q(s)}")
             print(s)
+        output.each(args.services, remove_service)
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -447,6 +461,12 @@ def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
                     data = f.read()
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+        from shoal.raft.secops import MAX_FILE_BYTES
+
+        if not data or len(data) > MAX_FILE_BYTES:  # (checked before the upload: a body past
+            # the API's limit was cut off with "Broken pipe")
+            raise CliError(f"a {kind} holds 1 byte to {MAX_FILE_BYTES // 1024} KiB, "
+                           f"{args.file} has {len(data)} bytes")
         r = c.call("POST", f"/v1/{kind}s", {"name": args.name, "labels": parse_kv(
             args.label, "--label"), "data": _b64(data)})
         print(r["id"])
@@ -456,9 +476,10 @@ def run_secret(c: Client, args: argparse.Namespace, fmt: str) -> None:
         output.inspect(lambda n: c.call("GET", f"/v1/{kind}s/{_q(n)}"), args.names,
                        args.format)
     elif sub == "rm":
-        for n in args.names:
+        def remove(n: str) -> None:
             c.call("DELETE", f"/v1/{kind}s/{_q(n)}")
             print(n)
+        output.each(args.names, remove)
 
 
 def _b64(data: bytes) -> str:

@@ -85,6 +85,19 @@ def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str) -> None:
         raise CliError("; ".join(missing))
 
 
+def each(refs: list[str], act: Callable[[str], Any]) -> None:
+    """`X rm REF...` (and `service scale A=1 B=2`) as docker's: ``act`` on every ref, an
+    error does not stop the others; what failed is reported together at the end (exit 1)."""
+    failed: list[str] = []
+    for ref in refs:
+        try:
+            act(ref)
+        except CliError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise CliError("; ".join(failed))
+
+
 def check_template(template: str, shown: list[str], items: list[Rec]) -> None:
     """Refuse, as docker does, a template this CLI cannot evaluate: an action other than
     ``{{.Field}}`` / ``{{json .Field}}`` (functions, pipes), braces left open, or a top-level
@@ -102,6 +115,35 @@ def check_template(template: str, shown: list[str], items: list[Rec]) -> None:
         if top and items and top not in known:
             raise CliError(f"--format: no field {m.group(2).split('.')[0]!r} (fields: "
                            f"{', '.join(shown)}, or any field of --format json)")
+        if top in {f.lower() for f in shown}:
+            continue  # (a column as shown: .Replicas, .DesiredState)
+        misses = [_missing(r, [p for p in m.group(2).split(".") if p]) for r in items]
+        if items and all(misses):  # (a field deeper down: docker's "can't evaluate field")
+            where, name, have = next(x for x in misses if x)
+            raise CliError(f"--format: no field {name!r} in {where} (fields there: "
+                           f"{', '.join(have) or 'none'})")
+
+
+# maps whose keys are the user's (a label that is not set prints <no value>, as a Go map's)
+_USER_MAPS = frozenset({"labels", "attributes", "options", "driveropts", "containerlabels"})
+
+
+def _missing(rec: Rec, parts: list[str]) -> tuple[str, str, list[str]] | None:
+    """Where the field path ``parts`` leaves ``rec``'s structure: (the path so far, the
+    missing name, the names there), or None (found, a user map's key, or a null on the way)."""
+    value: Any = rec
+    for i, part in enumerate(parts):
+        if not isinstance(value, dict):
+            return None
+        want = part.lower()
+        key = next((k for k in value if str(k).lower().replace("_", "") == want), None)
+        if key is None:
+            parent = parts[i - 1].lower().replace("_", "") if i else ""
+            if parent in _USER_MAPS:
+                return None
+            return ("." + ".".join(parts[:i]), part, sorted(str(k) for k in value))
+        value = value[key]
+    return None
 
 
 def render_template(template: str, rec: Rec) -> str:

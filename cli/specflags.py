@@ -45,6 +45,9 @@ def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
             if key in os.environ:
                 out[key] = os.environ[key]
             continue
+        if not sep and key and "label" in flag:  # docker's `--label-add ssd`: an empty value
+            out[key] = ""
+            continue
         if not sep or not key:
             raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key] = value
@@ -278,6 +281,13 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "network": (lambda t, f: t, str, lambda t, f: t),
     "autoscale": (parse_autoscale, str, lambda t, f: t),  # (cli "struct": one value)
 }
+# what an --X-add replaces, where that is not what --X-rm names: a secret or config added
+# replaces the one at the same file name (`--secret-rm pw --secret-add source=pw2,target=pw`,
+# Docker's rotation idiom, keeps every other reference to pw2)
+REPLACES: dict[str, Callable[[Any], str]] = {
+    "secret": lambda r: str(r.get("target") or r["name"]),
+    "config": lambda r: str(r.get("target") or r["name"]),
+}
 
 
 def _scalar(d: FieldDecl, text: Any, flag: str) -> Any:
@@ -497,10 +507,11 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             _set(spec, d.path, value)
         elif d.cli == "list":
             parse, key_of, parse_rm = ITEMS[d.item]
+            same = REPLACES.get(d.item, key_of)
             items = list(_get(spec, d.path, []) or [])
             for text in getattr(args, _dest(d, "_add")):
                 new = parse(text, d.flag + "-add")
-                items = [i for i in items if key_of(i) != key_of(new)] + [new]
+                items = [i for i in items if same(i) != same(new)] + [new]
             gone = {parse_rm(t, d.flag + "-rm") for t in getattr(args, _dest(d, "_rm"))}
             _set(spec, d.path, [i for i in items if key_of(i) not in gone])
         elif d.cli == "struct":

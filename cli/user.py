@@ -76,9 +76,10 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
         u = c.call("POST", f"/v1/users/{quote(args.name, safe='')}", body)
         print(f"User {u['name']!r} updated ({u['role']}).")
     elif cmd == "rm":
-        for name in args.names:
+        def remove(name: str) -> None:
             c.call("DELETE", f"/v1/users/{quote(name, safe='')}")
             print(name)
+        output.each(args.names, remove)
     elif cmd == "token":
         r = c.call("POST", f"/v1/users/{quote(args.name, safe='')}/token")
         print(r["token"])

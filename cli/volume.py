@@ -54,6 +54,7 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
         output.inspect(lambda n: c.call("GET", f"/v1/volumes/{quote(n, safe='')}"),
                        args.names, args.format)
     elif sub == "rm":
-        for n in args.names:
+        def remove(n: str) -> None:
             c.call("DELETE", f"/v1/volumes/{quote(n, safe='')}")
             print(n)
+        output.each(args.names, remove)

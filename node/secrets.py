@@ -128,8 +128,9 @@ class SecretsApi:
             data = None
         if data is None:
             raise BadRequest("data must be the value, base64-encoded", "data")
-        if len(data) > MAX_FILE_BYTES:
-            raise BadRequest(f"a {kind} holds at most {MAX_FILE_BYTES // 1024} KiB", "data")
+        if not data or len(data) > MAX_FILE_BYTES:  # (Swarm: more than 0, at most 500 KB)
+            raise BadRequest(f"a {kind} holds 1 byte to {MAX_FILE_BYTES // 1024} KiB, this one "
+                             f"{len(data)} bytes", "data")
         labels = body.get("labels") or {}
         if not isinstance(labels, dict):
             raise BadRequest("labels must be a map of strings", "labels")
@@ -149,6 +150,16 @@ class SecretsApi:
 
     async def remove(self, kind: str, ref: str) -> dict[str, Any]:
         obj = _find(self._objs(kind), ref, kind)
+        # a service's previous spec counts too: `service rollback` (or an automatic one)
+        # would deploy tasks that cannot start (the state machine checks the current specs)
+        rollback = sorted(s.spec.name for s in self.ctx.require_manager().snapshot()
+                          .services.values() if s.previous_spec is not None and any(
+                              r.name == obj.name for r in getattr(
+                                  s.previous_spec.task.container, f"{kind}s")))
+        if rollback:
+            raise Conflict(f"{kind} {obj.name} is in use by the previous spec of service(s) "
+                           f"{', '.join(rollback)} (a rollback would need it): update them "
+                           "again first", "name", code="in_use")
         await self.ctx.propose({"op": f"{kind}_remove", "id": obj.id})
         return {"id": obj.id, "name": obj.name, "removed": True}
 

@@ -162,6 +162,23 @@ def test_update_takes_flags_after_the_name_and_the_command_after_a_double_dash()
     assert split_update_command(["service", "create", "--name", "update", "--", "x"])[1] is None
 
 
+def test_secret_add_replaces_by_file_name_and_secret_rm_by_secret() -> None:
+    """Docker's rotation idiom keeps every other reference: `--secret-rm pw --secret-add
+    source=pw2,target=pw` on a service with pw (at pw) and pw2 (at t2) leaves pw2 at t2 and
+    at pw (the add replaced references by secret name: pw2's t2 was dropped silently)."""
+    p = build_parser()
+    spec = {"name": "w", "task": {"container": {"command": ["a"], "secrets": [
+        {"name": "pw", "target": "pw"}, {"name": "pw2", "target": "t2", "mode": 0o400}]}}}
+    args = p.parse_args(["service", "update", "w", "--secret-rm", "pw",
+                         "--secret-add", "source=pw2,target=pw"])
+    refs = apply_update_args(spec, args)["task"]["container"]["secrets"]
+    assert sorted((r["name"], r["target"]) for r in refs) == [("pw2", "pw"), ("pw2", "t2")]
+    args = p.parse_args(["service", "update", "w", "--config-add", "source=c2,target=app.conf"])
+    spec["task"]["container"]["configs"] = [{"name": "c1", "target": "app.conf"}]
+    refs = apply_update_args(spec, args)["task"]["container"]["configs"]
+    assert [(r["name"], r["target"]) for r in refs] == [("c2", "app.conf")]
+
+
 def test_since_accepts_unix_seconds_rfc3339_and_go_durations() -> None:
     assert parse_since("1700000000.5") == 1700000000.5
     assert parse_since("2023-11-14T22:13:20Z") == 1700000000.0
@@ -474,3 +491,11 @@ def test_inspect_prints_what_it_found_as_json_or_a_template_then_fails_for_the_r
     assert json.loads(capsys.readouterr().out) == [recs["web"]]
     with pytest.raises(CliError, match="no field 'Nope'"):
         output.inspect(fetch, ["web"], "{{.Nope}}")
+    # a field deeper down is checked too (Docker's `.Spec.TaskTemplate` printed null: a
+    # script read "no secrets"); a label that is not set is a Go map's <no value>
+    recs["web"]["spec"]["labels"] = {"team": "a"}
+    with pytest.raises(CliError, match=r"no field 'TaskTemplate' in \.Spec \(fields there: "
+                                       "labels, name\\)"):
+        output.inspect(fetch, ["web"], "{{json .Spec.TaskTemplate.ContainerSpec}}")
+    output.inspect(fetch, ["web"], "{{.Spec.Labels.team}} {{.Spec.Labels.nope}}")
+    assert capsys.readouterr().out == "a <no value>\n"

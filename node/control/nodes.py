@@ -41,6 +41,10 @@ class Nodes:
         self.gossip = gossip  # membership view and member detail
         self.voters = voters  # Raft membership changes, one at a time
 
+    def _ref(self, ref: str) -> str:
+        """``self`` is the node asked (docker's `node inspect self`)."""
+        return self.ctx.node_id if ref == "self" else ref
+
     async def nodes(self) -> list[dict[str, Any]]:
         store = self.ctx.require_manager()
         gossip, metas, _ = await self.gossip.node_views()
@@ -50,7 +54,7 @@ class Nodes:
 
     async def node(self, ref: str) -> dict[str, Any]:
         store = self.ctx.require_manager()
-        n = find_node(store.snapshot(), ref)
+        n = find_node(store.snapshot(), self._ref(ref))
         gossip, metas, detail = await self.gossip.node_views(n.id)
         snap = store.snapshot()
         n = snap.nodes.get(n.id, n)
@@ -60,7 +64,7 @@ class Nodes:
 
     async def update_node(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
         store = self.ctx.require_manager()
-        n = find_node(store.snapshot(), ref)
+        n = find_node(store.snapshot(), self._ref(ref))
         cmd: dict[str, Any] = {"op": "node_update", "id": n.id, "now": time.time()}
         if "availability" in body:
             if body["availability"] not in ("active", "pause", "drain"):
@@ -73,7 +77,9 @@ class Nodes:
             raise BadRequest("label_add must be a map and label_rm a list", "labels")
         labels.update({str(k): str(v) for k, v in add.items()})
         for k in rm:
-            labels.pop(str(k), None)
+            if str(k) not in labels:  # (docker's error too: a typo is not a silent no-op)
+                raise BadRequest(f"node {n.hostname} has no label {k!r}", "label_rm")
+            labels.pop(str(k))
         if labels != n.labels:
             cmd["labels"] = labels
         await self.ctx.propose(cmd)
@@ -84,13 +90,16 @@ class Nodes:
         only certificates of current members (Security.authorize), so the removed agent is
         refused from the next request on and needs a (new) token to come back."""
         store = self.ctx.require_manager()
-        n = find_node(store.snapshot(), ref)
+        n = find_node(store.snapshot(), self._ref(ref))
         if n.id == self.ctx.node_id:
             raise BadRequest("cannot remove the node you are on; use `shoal leave`", "node")
         if n.role is NodeRole.MANAGER:
-            if n.state is NodeState.READY and not force:
-                raise BadRequest(f"node {n.hostname} is a ready manager: stop it first or use "
-                                 "--force", "node")
+            if n.state is NodeState.READY:
+                # (even with --force, as Swarm: its voter removed, a live manager would go on
+                # as a manager nobody answers — demote it, and it becomes a worker that knows)
+                raise BadRequest(f"node {n.hostname} is a manager and a member of the Raft "
+                                 f"group: demote it first (`shoal node demote {n.hostname}`), "
+                                 "then remove it", "node")
             async with self.voters.lock:
                 if n.raft_addr in store.voters():
                     try:

@@ -1,0 +1,68 @@
+"""Secrets, configs and nodes as a Docker Swarm user drives them, through the CLI on a real
+agent (a one-host netns lab): removing several at once, sizes, what a rollback still needs,
+node labels and `self`. Found by a review against docker's secret/config/node commands."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from netlab import Host, Lab
+
+pytestmark = pytest.mark.netns
+
+
+def error_line(host: Host, *args: str) -> str:
+    res = host.cli(*args, check=False)
+    assert res.returncode == 1, (args, res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.stderr.strip()
+
+
+def names(host: Host, kind: str) -> set[str]:
+    return {o["name"] for o in host.cli_json(kind, "ls")}
+
+
+def test_secrets_configs_and_node_labels_as_docker_has_them(
+        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    (h1,) = lab.hosts
+    files = {"small": b"s3cret", "empty": b"", "big": b"x" * (800 << 10), "huge": b"y" * (2 << 20)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        # (the lab's hosts see the test's files: same mount namespace)
+    for name in ("s1", "s2", "s3", "inuse"):
+        h1.cli("secret", "create", name, str(tmp_path / "small"))
+
+    # sizes: refused before the upload with one clear line (800 KiB was "Request Entity Too
+    # Large", 2 MiB "Broken pipe"), and an empty value is refused as Swarm does
+    for name in ("empty", "big", "huge"):
+        for kind in ("secret", "config"):
+            err = error_line(h1, kind, "create", f"k{name}", str(tmp_path / name))
+            assert f"a {kind} holds 1 byte to 500 KiB" in err, err
+    assert not names(h1, "secret") & {"kempty", "kbig", "khuge"}
+
+    # rm of several: one in use does not stop the others (all were kept before)
+    h1.cli("service", "create", "-d", "--name", "app", "--secret", "inuse", "--", "sleep", "1000")
+    err = error_line(h1, "secret", "rm", "inuse", "s1", "nope", "s2")
+    assert "inuse is in use by service(s) app" in err and "no such secret: nope" in err, err
+    assert names(h1, "secret") == {"inuse", "s3"}
+
+    # a secret the service's previous spec uses is still needed: `service rollback` would
+    # deploy tasks that cannot start
+    h1.cli("service", "update", "-d", "--secret-rm", "inuse", "--secret-add", "s3", "app")
+    err = error_line(h1, "secret", "rm", "inuse")
+    assert "previous spec of service(s) app" in err, err
+    h1.cli("service", "update", "-d", "--env-add", "X=1", "app")  # (the previous spec moves on)
+    h1.cli("secret", "rm", "inuse")
+
+    # node labels: a key alone is an empty value (docker's `--label-add ssd`); removing a
+    # label that is not there is an error, not a silent no-op; `self` is this node
+    h1.cli("node", "update", "--label-add", "zone=a", "--label-add", "ssd", "self")
+    (me,) = h1.cli_json("node", "inspect", "self")
+    assert me["labels"] == {"zone": "a", "ssd": ""}, me["labels"]
+    assert "has no label 'nope'" in error_line(h1, "node", "update", "--label-rm", "nope", "h1")
+    assert h1.cli_json("node", "inspect", "self")[0]["labels"] == {"zone": "a", "ssd": ""}
