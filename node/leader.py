@@ -39,7 +39,7 @@ from shoal.node.orchestrator import (
     reconcile_services,
 )
 from shoal.node.rollout import Op
-from shoal.node.scheduler import Load, schedule
+from shoal.node.scheduler import Load, avoided_nodes, schedule
 from shoal.node.source import StateSource
 from shoal.node.upgrade import schema_to_raise
 from shoal.raft.errors import CommandRejected, StoreError
@@ -236,7 +236,13 @@ def plan_pass(
                 load.remove(before)
             if (after := projected.tasks.get(tid)) is not None:
                 load.add(after)
-    plan = schedule(projected, pending, load)
+    # (failed tasks are the view's: the index has them, or the snapshot's own index)
+    by_service = index.by_service if index is not None else None
+    avoid = avoided_nodes(
+        projected.services, {t.service_id for t in pending},
+        projected.tasks_of if by_service is None else
+        (lambda sid: by_service.get(sid, {}).values()), wall_now)
+    plan = schedule(projected, pending, load, avoid)
     ops += [("assign", tid, nid) for tid, nid in plan.assignments]
     for tid, reason in plan.unschedulable:
         t = projected.tasks[tid]

@@ -341,6 +341,12 @@ class Pods:
         except Exception:
             log.exception("stopping container %s failed", runtime_id)
 
+    async def release(self, task_id: str) -> None:
+        """The ended task's extra containers let go of their network volumes (their records
+        and logs stay until ``remove``)."""
+        for tid in [t for t in self.runtime.tasks() if parent_of(t) == task_id]:
+            await self.runtime.release(tid)
+
     async def remove(self, task_id: str) -> None:
         """Forget the task's extra containers (stopped first if still running)."""
         pod = self._pods.pop(task_id, None)

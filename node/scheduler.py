@@ -15,11 +15,13 @@ a task mounting a single-writer volume read-write (shoal.runtime.volumes) waits,
 the node, while another task holds that volume read-write (placed, not observed ended). Ranking
 (``rank``): for each placement preference ``spread=node.labels.KEY`` in turn, fewest tasks
 of the service among the eligible nodes with the same label value(s) (nodes without the
-label form one group) — so tasks spread over zones first, then over nodes; then fewest
-tasks of the same service on the node, then fewest tasks in total, then node id
-(deterministic). "Eligible" for the spread groups: the nodes the static filters (ready,
-active, constraints) accept. The orchestrator uses ``unsatisfied`` too, to move tasks off
-nodes that stopped satisfying their constraints, and ``rejection`` to place global tasks.
+label form one group) — so tasks spread over zones first, then over nodes; then nodes
+where the service's current version kept failing last (``avoided_nodes``, swarmkit's
+"recent failures"); then fewest tasks of the same service on the node, then fewest tasks
+in total, then node id (deterministic). "Eligible" for the spread groups: the nodes the
+static filters (ready, active, constraints) accept. The orchestrator uses ``unsatisfied``
+too, to move tasks off nodes that stopped satisfying their constraints, and ``rejection``
+to place global tasks.
 
 Cost: like tasks (one service, same constraints and reservations) share one heap of
 candidate nodes keyed by the ranking (with spread preferences: a tree of heaps, one per
@@ -42,7 +44,9 @@ from shoal.raft.models import (
     Node,
     NodeAvailability,
     NodeState,
+    Service,
     Task,
+    TaskState,
     Volume,
     resolve_mount,
 )
@@ -333,14 +337,48 @@ class _Spread:
         return None
 
 
-def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) -> Plan:
+# a node where this many tasks of a service's current version failed (or were rejected)
+# within FAILURE_WINDOW seconds is tried last for it (swarmkit's scheduler: 5 failures in 5
+# minutes, counted in the leader's memory; shoal counts the failed tasks the state keeps,
+# at least 3 ended ones per slot — so 3, and the count survives a change of leader)
+FAILURES_TO_AVOID = 3
+FAILURE_WINDOW = 300.0
+_AVOIDED = 1 << 40  # added to an avoided node's rank: after every other node, still a node
+
+
+def avoided_nodes(services: Mapping[str, Service], sids: Iterable[str],
+                  tasks_of: Callable[[str], Iterable[Task]], now: float
+                  ) -> dict[str, frozenset[str]]:
+    """Service id → the nodes its pending tasks should try last: where FAILURES_TO_AVOID of
+    its current version's tasks failed or were rejected within FAILURE_WINDOW (a node whose
+    disk, image or network breaks the task would otherwise get every replacement: the
+    ranking favours the node its failed task left)."""
+    out: dict[str, frozenset[str]] = {}
+    bad = (TaskState.FAILED, TaskState.REJECTED)
+    for sid in sids:
+        svc = services.get(sid)
+        if svc is None:
+            continue
+        failed = Counter(t.node_id for t in tasks_of(sid)
+                         if t.node_id and t.status.state in bad
+                         and t.service_version == svc.version
+                         and t.status.timestamp >= now - FAILURE_WINDOW)
+        nodes = frozenset(n for n, c in failed.items() if c >= FAILURES_TO_AVOID)
+        if nodes:
+            out[sid] = nodes
+    return out
+
+
+def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None,
+             avoid: Mapping[str, frozenset[str]] | None = None) -> Plan:
     """Place ``pending`` tasks (unassigned, alive) on nodes of ``snapshot``.
 
     Same result as running every filter on every node for every task and taking the
     minimum of the ranking, at O(nodes) per group of like tasks plus O(log nodes) per
     placement (tests/sched_reference.py is that plain version; tests compare the two).
     ``load``: what the snapshot's tasks hold, if the caller keeps it (else counted here,
-    one walk over the task table); it is not modified."""
+    one walk over the task table); it is not modified. ``avoid``: service id → nodes its
+    tasks go to only when no other node takes them (``avoided_nodes``)."""
     plan = Plan()
     if not pending:
         return plan
@@ -372,6 +410,11 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
                place.preferences)
         of_service = per_service[sid]
         svc_get = of_service.get  # (.get: a Counter's missing key costs a Python call)
+        avoided = avoid.get(sid) if avoid else None
+        # the ranking's first figure: the service's tasks on the node, after every other
+        # node for an avoided one
+        rank = svc_get if not avoided else functools.partial(_rank, svc_get=svc_get,
+                                                              avoided=avoided)
         group = groups.get(key)
         if group is None:
             constraints = place.constraints
@@ -387,7 +430,7 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
                 spreading.setdefault(sid, []).append(tree)
             else:
                 group = groups[key] = _Group(
-                    [(svc_get(nid, 0), node_get(nid, 0), nid) for nid in ids])
+                    [(rank(nid, 0), node_get(nid, 0), nid) for nid in ids])
                 heapq.heapify(group.heap)
         heap = group.heap
         needs = need.memory or need.cpu
@@ -398,12 +441,12 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
         best: str | None = None
         if group.spread is not None:
             found = group.spread.best(
-                functools.partial(_node_key, svc_get=svc_get, node_get=node_get), fits)
+                functools.partial(_node_key, svc_get=rank, node_get=node_get), fits)
             best = None if found is None else str(found[-1])
         while group.spread is None and heap:
             entry = heap[0]
             nid = entry[2]
-            current = (svc_get(nid, 0), node_get(nid, 0), nid)
+            current = (rank(nid, 0), node_get(nid, 0), nid)
             if current != entry:
                 heapreplace(heap, current)
                 continue
@@ -428,7 +471,7 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None) 
         for tree in spreading.get(sid, ()):  # (any placement of the service counts there)
             tree.placed(best)
         if group.spread is None:
-            heapreplace(heap, (of_service[best], per_node[best], best))
+            heapreplace(heap, (rank(best, 0), per_node[best], best))
         if needs:
             r = reserved[best]
             r.memory += need.memory
@@ -492,6 +535,11 @@ def _fits(nid: str, task: Task, nodes: Mapping[str, Node], reserved: defaultdict
         node, r = nodes[nid], reserved[nid]
         return all(f(node, task, r) is None for f in _RESOURCE_FILTERS)
     return True
+
+
+def _rank(nid: str, default: int, svc_get: Callable[[str, int], int],
+          avoided: frozenset[str]) -> int:
+    return svc_get(nid, default) + (_AVOIDED if nid in avoided else 0)
 
 
 def _node_key(nid: str, svc_get: Callable[[str, int], int],

@@ -537,10 +537,13 @@ class Worker:
         return addr
 
     async def _release(self, task_id: str) -> None:
-        """What an ended task holds besides its record: its health watch and its address."""
+        """What an ended task holds besides its record: its health watch, its network
+        volumes and its address."""
         self._released.add(task_id)
         self.health.forget(task_id)
         self._checks.pop(task_id, None)
+        await self.runtime.release(task_id)  # (its network volumes, and its sidecars')
+        await self.pods.release(task_id)
         if self.mesh is not None:
             try:
                 await self.mesh.detach(task_id)

@@ -59,6 +59,11 @@ class Controller(Protocol):
     def tasks(self) -> dict[str, RuntimeStatus]:
         """Every task known (running or exited, not yet removed)."""
 
+    async def release(self, task_id: str) -> None:
+        """An exited task no longer holds its network volumes (unmounted once no other task
+        here uses them); its record, directory and logs stay until remove(). Unknown or
+        running: no-op."""
+
     async def remove(self, task_id: str) -> None:
         """Stop (remove_grace) if running, delete its cgroups and directory (its writable layer
         included), forget it. Unknown id: no-op."""

@@ -217,7 +217,8 @@ class ProcessController:
 
     def remove_volume(self, name: str) -> None:
         """Delete a named volume and its data. VolumeInUse if a known task mounts it."""
-        users = [tid for tid, t in self._tasks.items() if name in t.volumes]
+        users = [tid for tid, t in self._tasks.items()
+                 if name in t.volumes and not t.volumes_released]
         resources.remove_volume(self._cfg.volumes_dir, name, users)
 
     def _images_in_use(self) -> set[str]:
@@ -300,6 +301,14 @@ class ProcessController:
         self._unwatch(task)
         del self._tasks[task_id]
         await self._discard(task.dir, task.cgroups)
+        if not task.volumes_released:
+            await self._release_volumes(task_id, task.volumes)
+
+    async def release(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status.state is not RunState.EXITED or task.volumes_released:
+            return
+        task.volumes_released = True
         await self._release_volumes(task_id, task.volumes)
 
     async def _discard(self, taskdir: Path, cgroups: TaskCgroups | None) -> None:
@@ -354,7 +363,8 @@ class ProcessController:
             async with self._vol_locks.setdefault(name, asyncio.Lock()):
                 users = self._vol_users.get(name, set())
                 users.discard(task_id)
-                if users or any(name in t.volumes for t in self._tasks.values()):
+                if users or any(name in t.volumes and not t.volumes_released
+                                for t in self._tasks.values()):
                     continue
                 self._vol_users.pop(name, None)
                 try:

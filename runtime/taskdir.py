@@ -170,6 +170,7 @@ class TaskRecord:
     cgroups: TaskCgroups | None = None
     image_id: str = ""
     volumes: tuple[str, ...] = ()
+    volumes_released: bool = False  # exited and let go of its volumes (release())
 
 
 def mounts_under(path: Path) -> list[str]:

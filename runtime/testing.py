@@ -49,6 +49,7 @@ class FakeController:
         self._next_pid = 10_000
         self.start_error: Exception | None = None  # raised (once) by the next start()
         self.closed = False
+        self.released: set[str] = set()  # exited tasks told to let go of their volumes
         #: Lines read_logs/follow_logs return, per task (tests append to it).
         self.logs: dict[str, list[LogLine]] = {}
         #: Images this fake node has: reference -> config (tests fill it).
@@ -170,6 +171,9 @@ class FakeController:
             else:
                 self.exit(task_id, 143, stopped=True)
         return self._status[task_id]
+
+    async def release(self, task_id: str) -> None:
+        self.released.add(task_id)
 
     async def remove(self, task_id: str) -> None:
         if task_id in self._status:

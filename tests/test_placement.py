@@ -3,6 +3,7 @@ enforcement and the CLI's --constraint-add/--constraint-rm. No network, no proce
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -11,9 +12,15 @@ import pytest
 from shoal.cli import specflags
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
-from shoal.node.leader import plan_pass
+from shoal.node.leader import PassIndex, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig, outdated
-from shoal.node.scheduler import schedule, unsatisfied
+from shoal.node.scheduler import (
+    FAILURE_WINDOW,
+    FAILURES_TO_AVOID,
+    avoided_nodes,
+    schedule,
+    unsatisfied,
+)
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import (
     Node,
@@ -364,3 +371,67 @@ def test_validation_error_type_names_field() -> None:
         validate_spec(dict(SPEC, constraints=["node.labels.zone==b", 3]))
     assert exc.value.field == "task.placement.constraints[1]"
 
+
+
+def _fail_running(st: ClusterState, now: float) -> None:
+    for t in list(st.tasks.values()):
+        if t.node_id and t.status.state is TaskState.RUNNING:
+            assert "ok" in st.apply({"op": "task_status", "task_id": t.id,
+                                     "node_id": t.node_id, "now": now, "status": {
+                                         "state": int(TaskState.FAILED), "timestamp": now,
+                                         "err": "exit 1", "exit_code": 1}})
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_node_where_the_task_keeps_failing_is_tried_last(indexed: bool) -> None:
+    """swarmkit's "recent failures": a crash-looping task was placed back on the node its
+    failed task left every time (no task of the service there any more, fewest tasks in
+    total, lowest id), while it failed only there — 66 times in a row in a review's lab.
+    Once FAILURES_TO_AVOID of the current version failed on a node within the window, its
+    replacement goes elsewhere; a new version starts afresh."""
+    spec = {"name": "web", "mode": {"replicas": 1}, "task": {
+        "container": {"command": ["sleep", "100"]}, "restart": {"delay": 0}}}
+    st = cluster([node(1), node(2), node(3)], spec)
+    index = PassIndex() if indexed else None
+    now = 10.0
+
+    def step() -> list[str]:
+        """Passes and the agents' answers until nothing changes; the live tasks' nodes."""
+        for _ in range(6):
+            seen = {nid: now for nid in st.nodes}
+            ops, _ = plan_pass(st.snapshot(), seen, now, now, OrchestratorConfig(),
+                               index=index)
+            if ops:
+                assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
+            settle(st, now)
+        return [t.node_id for t in live(st)]
+
+    assert step() == ["n1"]
+    for i in range(FAILURES_TO_AVOID - 1):  # (the ranking favours the node its task left)
+        now += 1
+        _fail_running(st, now)
+        assert step() == ["n1"], i
+    now += 1
+    _fail_running(st, now)
+    assert step() == ["n2"]  # n1 failed it FAILURES_TO_AVOID times: tried last now
+    now += 1
+    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": now, "spec": {
+        **spec, "task": {**spec["task"], "container": {"command": ["sleep", "200"]}}}})
+    assert step() == ["n1"]  # a new version: n1's failures were the old one's
+
+
+def test_avoided_nodes_counts_the_current_versions_recent_failures_only() -> None:
+    st = cluster([node(1), node(2)], SPEC)
+    converge(st)
+    (t,) = live(st)
+    svc = st.services["s1"]
+    fails = [replace(t, id=f"f{i}", node_id="n2", status=replace(
+        t.status, state=TaskState.FAILED, timestamp=1000.0 + i))
+        for i in range(FAILURES_TO_AVOID)]
+    tasks = {"s1": fails}
+    assert avoided_nodes(st.services, ["s1"], lambda sid: tasks.get(sid, []), 1010.0) == \
+        {"s1": frozenset({"n2"})}
+    assert avoided_nodes(st.services, ["s1"], lambda sid: tasks.get(sid, []),
+                         1000.0 + FAILURE_WINDOW + 1) == {}  # the first aged out
+    tasks = {"s1": [replace(f, service_version=svc.version - 1) for f in fails]}
+    assert avoided_nodes(st.services, ["s1"], lambda sid: tasks.get(sid, []), 1010.0) == {}
