@@ -353,6 +353,12 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
         run_logs(c, args)
     elif sc == "rollback" or sc == "update":  # (`service update --rollback`: a rollback)
         current = c.call("GET", f"/v1/services/{_q(args.service)}")
+        if sc == "update":
+            from shoal.cli import specflags
+
+            if specflags.apply_update_args(current["spec"], args) != current["spec"]:
+                raise CliError("other flags may not be combined with --rollback (only -d, "
+                               "-q): they would be dropped")
         r = c.call("POST", f"/v1/services/{_q(args.service)}/rollback")
         print(r["name"], flush=True)
         if not args.detach:
@@ -665,8 +671,27 @@ def command_group(words: Sequence[str]) -> str | None:
     return None
 
 
+def bool_values(words: list[str]) -> list[str]:
+    """docker's (pflag's) ``--detach=false`` / ``--detach=true`` as argparse takes them:
+    the flag, or nothing (its default); words after ``--`` (a task's command) untouched."""
+    out: list[str] = []
+    for i, word in enumerate(words):
+        if word == "--":
+            return out + words[i:]
+        flag, eq, value = word.partition("=")
+        if eq and flag in _BOOL_VALUED and value.lower() in ("true", "1", "false", "0"):
+            if value.lower() in ("true", "1"):
+                out.append(flag)
+            continue
+        out.append(word)
+    return out
+
+
+_BOOL_VALUED = frozenset({"--detach", "--quiet", "--force", "--no-trunc"})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    words = list(sys.argv[1:] if argv is None else argv)
+    words = bool_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(lazy=True, only=command_group(words))
     head, command = split_update_command(words)
     args = None

@@ -177,12 +177,18 @@ def _cut(text: str, n: int, full: bool) -> str:
 
 
 def _replicas(s: Rec) -> str:
-    """REPLICAS: running/wanted; a job: completed/total (and how many run now); a scheduled
-    job: of its current run, and when the next one starts (UTC)."""
+    """REPLICAS as docker's: running/wanted, and "(max N per node)"; a job: running/to run
+    now, then "(completed/total completed)"; a scheduled job: of its current run, and when
+    the next one starts (UTC)."""
     if "completed" in s:
+        total, done = s["replicas"], s["completed"]
+        left = max(0, total - done)
+        now = min(left, s["max_concurrent"]) if s.get("max_concurrent") else left
         nxt = (s.get("schedule") or {}).get("next_run")
         at = f", next run {time.strftime('%H:%M:%S', time.gmtime(nxt))}Z" if nxt else ""
-        return f"{s['completed']}/{s['replicas']} ({s['running']} running{at})"
+        return f"{s['running']}/{now} ({done}/{total} completed{at})"
+    if s.get("max_replicas_per_node"):
+        return f"{s['running']}/{s['replicas']} (max {s['max_replicas_per_node']} per node)"
     return f"{s['running']}/{s['replicas']}"
 
 

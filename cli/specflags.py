@@ -334,11 +334,15 @@ def _flag_decls() -> list[FieldDecl]:
     return [d for d in fields() if d.flag]
 
 
+# docker's other spelling of a flag (scripts written for `docker service create` work as is)
+ALIASES: dict[str, tuple[str, ...]] = {"--max-replicas-per-node": ("--replicas-max-per-node",)}
+
+
 def add_create_flags(parser: argparse.ArgumentParser) -> None:
     """One option per declared flag, then Docker's ``IMAGE [COMMAND [ARG...]]`` or shoal's
     ``-- CMD [ARGS...]`` (a command on the host's filesystem, or for ``--image``)."""
     for d in _flag_decls():
-        names = [d.flag] + ([d.short] if d.short else [])
+        names = [d.flag, *ALIASES.get(d.flag, ())] + ([d.short] if d.short else [])
         kw: dict[str, Any] = {"dest": _dest(d), "help": _help(d)}
         if _metavar(d) and d.cli != "choice":
             kw["metavar"] = _metavar(d)
@@ -382,7 +386,8 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
                                 help=f"turn {d.flag} off")
         else:
-            parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
+            parser.add_argument(d.flag, *ALIASES.get(d.flag, ()), dest=_dest(d),
+                                metavar=_metavar(d), **kw)
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
     parser.add_argument("--args", default=None, metavar='"CMD ARGS..."',
                         help="replace the command (split as a shell would); or give it after "

@@ -105,7 +105,7 @@ REPLIES: dict[str, Schema] = {
     "Service": _obj("a service (`service ls`; `service inspect` adds spec and "
                     "previous_spec)",
                     id=STR, name=STR, labels={"type": "object", "additionalProperties": STR},
-                    mode=STR, replicas=INT, running=INT,
+                    mode=STR, replicas=INT, running=INT, max_replicas_per_node=INT,
                     completed=INT, failed=INT, max_concurrent=INT,
                     schedule=_obj("a scheduled job's next run, last run and (inspect) its "
                                   "runs", cron=STR, timezone=STR, policy=STR,

@@ -86,6 +86,7 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         # (as Swarm's REPLICAS: a task still starting its health check, or unhealthy, is not
         # counted)
         "running": sum(1 for t in tasks if t.status.up and t.desired_state <= TaskState.RUNNING),
+        "max_replicas_per_node": svc.spec.task.placement.max_replicas,  # (0: no limit)
         "image": svc.spec.task.container.image,  # ("" = the host's filesystem)
         "command": list(svc.spec.task.container.command),
         "version": svc.version,

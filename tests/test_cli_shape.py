@@ -20,7 +20,7 @@ from shoal.cli import main as cli_main
 from shoal.cli import output, progress
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser, parse_since, split_update_command
-from shoal.cli.specflags import apply_update_args, parse_publish
+from shoal.cli.specflags import apply_update_args, parse_publish, spec_from_create_args
 from shoal.raft.state import ClusterState
 
 SLEEP = ["--", "sleep", "100000"]
@@ -499,3 +499,24 @@ def test_inspect_prints_what_it_found_as_json_or_a_template_then_fails_for_the_r
         output.inspect(fetch, ["web"], "{{json .Spec.TaskTemplate.ContainerSpec}}")
     output.inspect(fetch, ["web"], "{{.Spec.Labels.team}} {{.Spec.Labels.nope}}")
     assert capsys.readouterr().out == "a <no value>\n"
+
+
+def test_docker_spellings_of_flags_and_the_replicas_column() -> None:
+    """What scripts written for `docker service` pass: `--detach=false` (pflag's bool value),
+    `--replicas-max-per-node`; and REPLICAS as docker prints it (a script grepping
+    "5/5 completed" or reading the first number as "running")."""
+    from shoal.cli.main import bool_values
+    assert bool_values(["service", "create", "--detach=false", "--quiet=true", "--", "x",
+                        "--detach=true"]) == ["service", "create", "--quiet", "--", "x",
+                                              "--detach=true"]
+    assert bool_values(["service", "create", "--env=true"]) == \
+        ["service", "create", "--env=true"]  # (not a bool flag: a value)
+    args = build_parser().parse_args(["service", "create", "--name", "m",
+                                      "--replicas-max-per-node", "2", "--", "x"])
+    assert spec_from_create_args(args)["task"]["placement"]["max_replicas"] == 2
+    assert output._replicas({"running": 4, "replicas": 5, "max_replicas_per_node": 1}) == \
+        "4/5 (max 1 per node)"
+    job = {"running": 2, "replicas": 5, "completed": 1, "failed": 0, "max_concurrent": 2}
+    assert output._replicas(job) == "2/2 (1/5 completed)"
+    assert output._replicas({**job, "running": 0, "completed": 5}) == "0/0 (5/5 completed)"
+    assert output._replicas({**job, "max_concurrent": 0, "running": 3}) == "3/4 (1/5 completed)"

@@ -66,3 +66,28 @@ def test_secrets_configs_and_node_labels_as_docker_has_them(
     assert me["labels"] == {"zone": "a", "ssd": ""}, me["labels"]
     assert "has no label 'nope'" in error_line(h1, "node", "update", "--label-rm", "nope", "h1")
     assert h1.cli_json("node", "inspect", "self")[0]["labels"] == {"zone": "a", "ssd": ""}
+
+
+def test_service_flags_docker_refuses(lab_factory: Callable[..., Lab]) -> None:
+    """`service update --rollback` with other flags dropped them silently (exit 0); max
+    replicas per node on a global service was taken and never applied; `scale` of several
+    went no further than the first error."""
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    (h1,) = lab.hosts
+    h1.cli("service", "create", "-d", "--name", "app", "--", "sleep", "1000")
+    h1.cli("service", "update", "-d", "--env-add", "A=1", "app")
+    err = error_line(h1, "service", "update", "-d", "--rollback", "--env-add", "X=1", "app")
+    assert "may not be combined with --rollback" in err, err
+    assert h1.cli_json("service", "inspect", "app")[0]["spec"]["task"]["container"]["env"] \
+        == {"A": "1"}
+    err = error_line(h1, "service", "create", "-d", "--name", "g", "--mode", "global",
+                     "--replicas-max-per-node", "1", "--", "sleep", "1000")
+    assert "replicated modes only" in err, err
+    h1.cli("service", "create", "-d", "--name", "g", "--mode", "global", "--", "sleep", "1")
+    h1.cli("service", "create", "-d", "--name", "b", "--replicas", "0", "--", "sleep", "1000")
+    err = error_line(h1, "service", "scale", "-d", "app=2", "g=3", "nosuch=1", "b=2")
+    assert "global" in err and "no such service: nosuch" in err, err
+    replicas = {s["name"]: s["replicas"] for s in h1.cli_json("service", "ls")}
+    assert replicas["app"] == 2 and replicas["b"] == 2, replicas
+    h1.cli("service", "update", "-d", "--rollback", "app")  # (-d alone: fine)

@@ -129,6 +129,7 @@ class Services:
             raise Conflict(f"a service named {parsed.name!r} already exists", "name",
                            code="exists")
         check_refs(snap, parsed)
+        _check_new(parsed)
         parsed, warnings = await self._resolve(parsed, resolve_image, None)
         sid = new_id()
         await self.ctx.propose({"op": "service_create", "id": sid, "now": time.time(),
@@ -173,6 +174,7 @@ class Services:
                              f"({svc.spec.mode.type} to {parsed.mode.type}): remove the "
                              "service and create it again", "mode.type")
         check_refs(snap, parsed)
+        _check_new(parsed)
         parsed, warnings = await self._resolve(parsed, resolve_image, svc.spec)
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                       "spec": to_dict(parsed), "version": version})
@@ -195,6 +197,16 @@ class Services:
         _, svc = await self._current(ref)
         await self.ctx.propose({"op": "service_remove", "id": svc.id, "now": time.time()})
         return {"id": svc.id, "name": svc.spec.name, "removed": True}
+
+
+def _check_new(spec: ServiceSpec) -> None:
+    """What a new spec may not say, though specs stored before may (checked here, not by the
+    state machine, which must keep accepting what older replicas accepted): max replicas per
+    node in a global mode, where it never applied (docker refuses it too)."""
+    if spec.mode.per_node and spec.task.placement.max_replicas:
+        raise BadRequest(f"max replicas per node applies to the replicated modes only (a "
+                         f"{spec.mode.type} service runs one task per node)",
+                         "task.placement.max_replicas")
 
 
 __all__ = ["Services", "find_service"]
