@@ -95,6 +95,8 @@ def verdict(svc: dict[str, Any], tasks: list[dict[str, Any]], op: str,
     if "completed" in svc:  # a job
         if svc["completed"] >= svc["replicas"]:
             return "ok", "Job complete"
+        if svc.get("job_state") == "failed":  # (every unfinished slot gave up)
+            return "fail", f"job failed: {svc.get('job_message') or 'tasks failed'}"
         return "", ""
     live = [t for t in tasks if t["desired_state"] == "running"]
     leftover = [t for t in tasks if t["desired_state"] != "running"

@@ -107,6 +107,7 @@ REPLIES: dict[str, Schema] = {
                     id=STR, name=STR, labels={"type": "object", "additionalProperties": STR},
                     mode=STR, replicas=INT, running=INT, max_replicas_per_node=INT,
                     completed=INT, failed=INT, max_concurrent=INT,
+                    job_state={"enum": ["running", "completed", "failed"]}, job_message=STR,
                     schedule=_obj("a scheduled job's next run, last run and (inspect) its "
                                   "runs", cron=STR, timezone=STR, policy=STR,
                                   next_run=_nullable(TIME),

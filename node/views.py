@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from shoal.raft.models import Node, NodeRole, Service, Task, TaskState, to_dict
+from shoal.raft.models import JobRun, Node, NodeRole, Service, Task, TaskState, to_dict
 from shoal.raft.state import Snapshot
 
 
@@ -103,6 +103,13 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         out["failed"] = sum(1 for t in current if t.status.state in (TaskState.FAILED,
                                                                      TaskState.REJECTED))
         out["max_concurrent"] = mode.concurrency if not mode.per_node else 0
+        # the current run as a whole: "failed" once every slot that did not complete will
+        # not be retried (its restart policy gave up) — a waiting CLI ends there, exit 1
+        from shoal.node.cron import run_progress
+        state, _, _, message = run_progress(
+            svc, JobRun(scheduled_at=0.0, iteration=svc.job_status.iteration), current,
+            snap.nodes, time.time(), latest=True)
+        out["job_state"], out["job_message"] = state, message
     if mode.scheduled:  # (shoal.node.cron)
         from shoal.node.cron import next_time
         job = svc.job_status

@@ -91,3 +91,20 @@ def test_service_flags_docker_refuses(lab_factory: Callable[..., Lab]) -> None:
     replicas = {s["name"]: s["replicas"] for s in h1.cli_json("service", "ls")}
     assert replicas["app"] == 2 and replicas["b"] == 2, replicas
     h1.cli("service", "update", "-d", "--rollback", "app")  # (-d alone: fine)
+
+
+def test_waiting_for_a_job_whose_tasks_gave_up_ends_in_an_error(
+        lab_factory: Callable[..., Lab]) -> None:
+    """A job whose unfinished slots used up their restart attempts will never complete: the
+    waiting `service create` waited for good ("0 out of 2 complete, 4 failed"); it fails now,
+    saying so."""
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    (h1,) = lab.hosts
+    res = h1.cli("service", "create", "--name", "jf", "--mode", "replicated-job", "--replicas",
+                 "2", "--restart-max-attempts", "1", "--restart-delay", "0.2s", "--", "sh",
+                 "-c", "exit 3", check=False, timeout=90, wait=True)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "job failed: 2 task(s) failed and will not be retried" in res.stderr, res.stderr
+    (view,) = h1.cli_json("service", "inspect", "jf")
+    assert view["job_state"] == "failed" and view["failed"] == 4, view
