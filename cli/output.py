@@ -241,7 +241,9 @@ COLUMNS: dict[str, list[Column]] = {
         ("COMMAND", lambda s, f: _cut(" ".join(s["command"]), 40, f)),
     ],
     "task": [
-        ("ID", _id), ("NAME", lambda t, f: t["name"]), ("NODE", lambda t, f: t["node"] or "-"),
+        ("ID", _id), ("NAME", lambda t, f: t["name"]),
+        ("IMAGE", lambda t, f: _cut(t.get("image") or "-", 30, f)),
+        ("NODE", lambda t, f: t["node"] or "-"),
         ("DESIRED STATE", lambda t, f: t["desired_state"].capitalize()),
         ("CURRENT STATE", lambda t, f: _task_state(t)),
         ("MEM", lambda t, f: _usage(t, "memory_bytes")),

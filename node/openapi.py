@@ -98,6 +98,9 @@ REPLIES: dict[str, Schema] = {
                  manager_status={"enum": ["leader", "reachable", "unreachable", ""]},
                  message=STR, tasks=INT, membership=STR, api_port=INT, raft_port=INT,
                  gossip_port=INT,
+                 resources=_obj("inspect: memory and CPUs the node reported at join, and "
+                                "what its live tasks reserve", memory_bytes=INT, cpus=NUM,
+                                reserved_memory_bytes=INT, reserved_cpus=NUM),
                  labels={"type": "object", "additionalProperties": STR},
                  created_at=TIME, updated_at=TIME, gossip=_nullable({"type": "object"})),
     "RoleChange": _obj("a promote/demote result", id=STR, hostname=STR, role=STR, changed=BOOL,
@@ -139,7 +142,8 @@ REPLIES: dict[str, Schema] = {
                  failing_streak=INT,
                  health_log=_list(_obj("one health probe, oldest first (the last 5)",
                                        start=TIME, end=TIME, exit_code=INT, output=STR)),
-                 usage=_nullable(_ref("Usage")), service_version=INT, created_at=TIME,
+                 usage=_nullable(_ref("Usage")), service_version=INT, image=STR,
+                 created_at=TIME,
                  updated_at=TIME, state_since=TIME,
                  containers=_list(_obj(
                      "a pod's sidecar or init container (node/pod.py); the main container "

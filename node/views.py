@@ -54,8 +54,15 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
         "labels": dict(node.labels),  # (`node ls -f label=K=V`)
     }
     if detail:
+        reserved = [t.spec.resources.reservations for t in snap.tasks.values()
+                    if t.node_id == node.id and t.alive]
         out.update(api_port=node.api_port, raft_port=node.raft_port,
                    gossip_port=node.gossip_port,
+                   # what it reported at join, and what its live tasks reserve of it (the
+                   # scheduler's "insufficient memory 4/4" is against these)
+                   resources={"memory_bytes": node.memory_bytes, "cpus": node.cpus,
+                              "reserved_memory_bytes": sum(r.memory for r in reserved),
+                              "reserved_cpus": round(sum(r.cpu for r in reserved), 3)},
                    created_at=node.created_at, updated_at=node.updated_at)
     return out
 
@@ -178,6 +185,7 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
         "health_log": [to_dict(r) for r in t.status.health_log],
         "containers": [to_dict(c) for c in t.status.containers],  # a pod's (node/pod.py)
         "service_version": t.service_version,
+        "image": t.spec.container.image,  # ("" = the node's own filesystem)
         "created_at": t.created_at,
         "updated_at": t.updated_at,
         "state_since": t.status.timestamp,

@@ -66,6 +66,11 @@ def test_secrets_configs_and_node_labels_as_docker_has_them(
     assert me["labels"] == {"zone": "a", "ssd": ""}, me["labels"]
     assert "has no label 'nope'" in error_line(h1, "node", "update", "--label-rm", "nope", "h1")
     assert h1.cli_json("node", "inspect", "self")[0]["labels"] == {"zone": "a", "ssd": ""}
+    # what docker's inspect and ps show besides: the node's resources, the task's image
+    res = me["resources"]
+    assert res["memory_bytes"] > 0 and res["cpus"] > 0 and res["reserved_cpus"] == 0, res
+    assert h1.cli("service", "ps", "--format", "{{.Name}} {{.Image}}", "app").stdout.split() \
+        [:2] == ["app.1", "-"]
 
 
 def test_service_flags_docker_refuses(lab_factory: Callable[..., Lab]) -> None:
