@@ -183,17 +183,21 @@ class RoleSwitch:
         feed = self.ctx.require_member()
         deadline = time.monotonic() + self.config.join_timeout
         # 1. a manager certificate: renewal issues the role of the node's current record
-        why = ""
+        why, pause = "", 0.3
         while self.security.cert is None or self.security.cert.role != pki.ROLE_MANAGER:
             if time.monotonic() > deadline:
                 raise Unavailable(f"no manager certificate for this node: {why}")
+            me = feed.snapshot().nodes.get(ident.node_id)
+            if me is None or me.role is not NodeRole.MANAGER:  # (demoted again meanwhile)
+                raise Unavailable("this node's record no longer says manager")
             try:
                 await self.security.renew()
                 why = "a manager still issued a worker certificate"
             except ApiError as exc:
                 why = exc.message
             if self.security.cert is not None and self.security.cert.role != pki.ROLE_MANAGER:
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(pause)  # (backing off, as swarmkit's renewals)
+                pause = min(pause * 2, 2.0)
         # 2. the Raft secret, voters and the managers' key, once the leader added the voter
         keys, manager_key = await self._fetch_manager_keys(feed, ident, deadline)
         new = dataclasses.replace(

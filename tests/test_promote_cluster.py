@@ -99,6 +99,9 @@ def test_promote_then_demote_keeps_tasks_and_moves_the_secrets(
     assert "Node h2 is already a manager" in h1.cli("node", "promote", "h2").stdout
 
     h2.cli("node", "promote", "h3")  # from the follower: forwarded to the leader
+    # answered once h3 runs its voter (2 → 3 voters commits with the old two: the answer
+    # came before h3 ran it, and a demote right after waited 20 s for its switch)
+    assert node_row(h1, "h3")["manager_status"] == "reachable"
     wait_until(lambda: node_json(h3)["role"] == "manager"
                and len(plain_json(h3, "info")["voters"]) == 3, timeout=20, what="h3 a voter")
 

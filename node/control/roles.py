@@ -180,6 +180,15 @@ class Roles:
             if err != 0:
                 raise Unavailable(f"adding node {n.hostname} as a Raft voter failed "
                                   f"(pysyncobj reason {err}); retry")
+            # the change commits with the old majority when there are 3 or more voters: the
+            # answer waits until the node runs its voter (the leader has its connection), so
+            # that a demote or a write right after finds it a manager (one came 20 s late)
+            until = time.monotonic() + timeout
+            while not store.peer_connected(n.raft_addr):
+                if time.monotonic() > until:
+                    raise Unavailable(f"node {n.hostname} is a Raft voter but has not "
+                                      f"connected within {timeout:g}s (see its agent log)")
+                await asyncio.sleep(0.1)
         return _role_result(n, "manager", True,
                             f"Node {n.hostname} promoted to a manager in the cluster.",
                             even_managers_warning(len(store.voters())))
