@@ -80,6 +80,9 @@ log = logging.getLogger("shoal.agent")
 # The longest the leadership watch sleeps without a Raft role change or an applied entry
 # waking it, seconds.
 LEADERSHIP_WATCH = 2.0
+# seconds during which every manager refused this node's certificate before `info` says it
+# was removed
+REMOVED_AFTER = 10.0
 
 
 class Agent(MembershipLifecycle, RoleSwitch):
@@ -484,6 +487,13 @@ class Agent(MembershipLifecycle, RoleSwitch):
                        schema=upgrade.SCHEMA,
                        cluster_schema=upgrade.cluster_schema(self.store.snapshot()),
                        network=self.mesh.describe() if self.mesh is not None else None)
+            refused = self.dispatcher.refused
+            if refused is not None and time.monotonic() - refused[1] > REMOVED_AFTER:
+                # (as docker's info after a forced `node rm`: the node is told, its tasks
+                # are not stopped — they run unmanaged, and were replaced elsewhere)
+                out["removed"] = (f"the managers refuse this node ({refused[0]}): it was "
+                                  "removed from the cluster; its tasks run unmanaged. "
+                                  "`shoal leave --force`, then join again with a token")
         return out
 
     def _remove_raft_files(self) -> None:

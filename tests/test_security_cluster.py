@@ -245,6 +245,9 @@ def test_removed_node_is_cut_off_and_cannot_rejoin_without_a_token(
         assert r["status"] == 401 and "not a member" in r["body"]["error"]["message"], r
     wait_until(lambda: "refuses this node" in h3.log_tail(200), timeout=20,
                what="h3's agent sees its heartbeats refused")
+    # and says so (it went on saying member, ready: a user had no way to tell)
+    wait_until(lambda: "removed from the cluster" in info(h3).get("removed", ""), timeout=30,
+               what="h3's info says it was removed")
     assert old_id not in {n["id"] for n in h1.cli_json("node", "ls")}
     # its state feed is cut off too (workers have no Raft connection): writes no longer
     # reach it

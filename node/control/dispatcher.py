@@ -152,6 +152,9 @@ class Dispatcher:
         # builds, shares and counts the replies (encoding cache, compression, catch-up limit)
         self.feed = FeedServer(ctx.config.feed)
         self._refused_logged = 0.0
+        # why managers refuse this node's certificate (it was removed: `node rm --force`),
+        # since when; cleared by any manager's answer (`shoal info` shows it)
+        self.refused: tuple[str, float] | None = None
         self._hb_broadcast = True  # the last heartbeat found no leader: ask every manager
         # the period the leader asked for in its last answer (a big cluster: longer than
         # the configured heartbeat_interval, which stays the minimum)
@@ -358,12 +361,15 @@ class Dispatcher:
                 self._sample_clock(sent, reply.get("now"), time.time())
         except Unauthenticated as exc:  # e.g. this node was removed: its cert is refused
             now = time.monotonic()
+            if self.refused is None:
+                self.refused = (exc.message, now)
             if now - self._refused_logged > 60:
                 self._refused_logged = now
                 log.warning("manager %s refuses this node: %s", name, exc.message)
             return False
         except ApiError:
             return False  # unreachable or busy manager: expected, the others are tried
+        self.refused = None
         # (a manager of an older version answers without "leader": every manager is asked)
         leads = reply.get("leader") is True
         period = reply.get("interval")
