@@ -489,8 +489,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
                        network=self.mesh.describe() if self.mesh is not None else None)
             refused = self.dispatcher.refused
             if refused is not None and time.monotonic() - refused[1] > REMOVED_AFTER:
-                # (as docker's info after a forced `node rm`: the node is told, its tasks
-                # are not stopped — they run unmanaged, and were replaced elsewhere)
+                # (told, not acted on: its tasks are not stopped — a refusal for another
+                # cause must not take a node's tasks down; these were replaced elsewhere)
                 out["removed"] = (f"the managers refuse this node ({refused[0]}): it was "
                                   "removed from the cluster; its tasks run unmanaged. "
                                   "`shoal leave --force`, then join again with a token")
