@@ -443,14 +443,16 @@ class Worker:
     async def _start(self, task: Task) -> TaskStatus:
         addr = ""
 
-        async def network(pid: int) -> None:
+        async def network(pid: int) -> str | None:
             """The task's veth, address and routes, before anything of it runs (as Docker
-            and CNI do): its command may use the network from its first instruction."""
+            and CNI do): its command may use the network from its first instruction. Its
+            address (its /etc/hosts names its host name with it), None on the host's
+            network."""
             nonlocal addr
             assert self.mesh is not None
             if task.spec.network_mode != "default":
                 addr = self._own_address(task)
-                return
+                return None
             try:
                 addr = await self.mesh.attach(task.id, pid)
             except BaseException:
@@ -458,11 +460,11 @@ class Worker:
                     await self.mesh.detach(task.id)  # release the address, drop the veth
                 raise
             log.info("task %s attached with address %s", task.id, addr)
+            return addr or None
 
-        async def prepare(pid: int) -> None:
+        async def prepare(pid: int) -> str | None:
             """The network, then the pod's init containers (node/pod.py), in its namespace."""
-            if early:
-                await network(pid)
+            own = await network(pid) if early else None
             try:
                 await self.pods.run_inits(task, pid)
             except BaseException:
@@ -470,6 +472,7 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await self.mesh.detach(task.id)
                 raise
+            return own
 
         try:
             cfg = await self.task_config(task)

@@ -32,8 +32,9 @@ from shoal.runtime.records import RuntimeStatus, TaskConfig
 
 Listener = Callable[[str], None]
 # start()'s hook: called with the host pid of the task's init once its namespaces exist and
-# before anything of the task runs (the agent attaches the task's network there)
-BeforeStart = Callable[[int], Awaitable[None]]
+# before anything of the task runs (the agent attaches the task's network there); returns
+# the task's address, if it gave it one (its /etc/hosts names its host name with it)
+BeforeStart = Callable[[int], Awaitable[str | None]]
 
 
 class Controller(Protocol):

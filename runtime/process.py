@@ -45,7 +45,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,12 +249,13 @@ class ProcessController:
                 # preparation below (it waits for the spec, and starts nothing without it).
                 task, spec_w, ready_r = self._spawn(loop, cfg, taskdir, plan)
                 try:
-                    spec = self._prepare(cfg, taskdir, plan, task)
+                    make_spec = self._prepare(cfg, taskdir, plan, task)
                 except BaseException:
                     os.close(spec_w)  # an incomplete spec: the launcher starts nothing
                     os.close(ready_r)
                     raise
-                return await self._launch(loop, task, spec_w, ready_r, spec, before_start)
+                return await self._launch(loop, task, spec_w, ready_r, make_spec,
+                                          before_start)
             except BaseException:
                 if task is not None:
                     await self._abandon(task)  # no-op if the launch already did
@@ -446,9 +447,12 @@ class ProcessController:
             raise CgroupError("resource limits need cgroups, which are off on this node")
         return _Plan(layers, image_id, user, tuple(volumes))
 
-    def _prepare(self, cfg: TaskConfig, taskdir: Path, plan: _Plan, task: TaskRecord) -> bytearray:
+    def _prepare(self, cfg: TaskConfig, taskdir: Path, plan: _Plan, task: TaskRecord
+                 ) -> Callable[[str | None], bytearray]:
         """Everything the launcher needs before the "go": directories, files, config.json, the
-        cgroups (set on ``task`` as soon as they exist) and runtime.json, the launch spec."""
+        cgroups (set on ``task`` as soon as they exist) and runtime.json; and what makes the
+        launch spec once the task's address is known (``before_start``'s answer; None: its
+        host name is 127.0.1.1's in /etc/hosts, as a task with no address of its own)."""
         layers, user = plan.layers, plan.user
         try:
             if layers is not None:  # the task's writable overlay layer
@@ -479,50 +483,53 @@ class ProcessController:
         except OSError as exc:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc
 
-        env = cfg.full_env()
-        # what Docker sets unless the task does: HOME from the user's passwd entry (runc),
-        # HOSTNAME (moby's container environment)
-        env.setdefault("HOME", user.home)
-        env.setdefault("HOSTNAME", cfg.hostname)
-        spec = Spec()
-        if cfg.join_netns:  # a pod's extra container: the task's network, not its own
-            spec.add("J", cfg.join_netns)
-        spec.add("H", cfg.hostname)
-        spec.add("W", cfg.workdir or "/")
-        spec.add("P", env["PATH"])
-        spec.add("I", INIT_IN_TASK)
-        spec.add("R", root_dir(self._cfg.mnt_dir))
-        spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
-        spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
-        for path in cgroups.procs_files() if cgroups else ():
-            spec.add("C", path)
-        for arg in cfg.command:
-            spec.add("A", arg)
-        for key, value in env.items():
-            spec.add("V", f"{key}={value}")
-        build_plan(
-            spec,
-            RootfsPlan(
-                stage=self._cfg.mnt_dir,
-                taskdir=taskdir,
-                init_files=(
-                    ("hostname", cfg.hostname + "\n"),
-                    ("hosts", hosts_file(cfg.hostname, cfg.extra_hosts)),
-                    ("resolv.conf", self._resolv),
+        def make_spec(addr: str | None) -> bytearray:
+            env = cfg.full_env()
+            # what Docker sets unless the task does: HOME from the user's passwd entry (runc),
+            # HOSTNAME (moby's container environment)
+            env.setdefault("HOME", user.home)
+            env.setdefault("HOSTNAME", cfg.hostname)
+            spec = Spec()
+            if cfg.join_netns:  # a pod's extra container: the task's network, not its own
+                spec.add("J", cfg.join_netns)
+            spec.add("H", cfg.hostname)
+            spec.add("W", cfg.workdir or "/")
+            spec.add("P", env["PATH"])
+            spec.add("I", INIT_IN_TASK)
+            spec.add("R", root_dir(self._cfg.mnt_dir))
+            spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
+            spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
+            for path in cgroups.procs_files() if cgroups else ():
+                spec.add("C", path)
+            for arg in cfg.command:
+                spec.add("A", arg)
+            for key, value in env.items():
+                spec.add("V", f"{key}={value}")
+            build_plan(
+                spec,
+                RootfsPlan(
+                    stage=self._cfg.mnt_dir,
+                    taskdir=taskdir,
+                    init_files=(
+                        ("hostname", cfg.hostname + "\n"),
+                        ("hosts", hosts_file(cfg.hostname, cfg.extra_hosts, addr)),
+                        ("resolv.conf", self._resolv),
+                    ),
+                    tini=self._cfg.tini_path,
+                    layers=layers,
+                    default_binds=self._cfg.default_rootfs,
+                    default_masked=self._cfg.default_masked,
+                    volumes_dir=self._cfg.volumes_dir,
+                    dev_shm_size=self._cfg.dev_shm_size,
                 ),
-                tini=self._cfg.tini_path,
-                layers=layers,
-                default_binds=self._cfg.default_rootfs,
-                default_masked=self._cfg.default_masked,
-                volumes_dir=self._cfg.volumes_dir,
-                dev_shm_size=self._cfg.dev_shm_size,
-            ),
-            cfg.mounts,
-            cfg.files,
-            user,
-            workdir=cfg.workdir or "/",
-        )
-        return bytearray(spec.encode())
+                cfg.mounts,
+                cfg.files,
+                user,
+                workdir=cfg.workdir or "/",
+            )
+            return bytearray(spec.encode())
+
+        return make_spec
 
     def _spawn(
         self, loop: asyncio.AbstractEventLoop, cfg: TaskConfig, taskdir: Path, plan: _Plan
@@ -580,22 +587,22 @@ class ProcessController:
         task: TaskRecord,
         spec_w: int,
         ready_r: int,
-        spec: bytearray,
+        make_spec: Callable[[str | None], bytearray],
         before_start: BeforeStart | None = None,
     ) -> RuntimeStatus:
         """Record the shim, run ``before_start`` on the waiting init, give the launcher the spec
         (the "go") and wait until the task's init is exec'ed (RUNNING), or has failed."""
         cfg, taskdir = task.cfg, task.dir
         prefix = b""
+        addr: str | None = None
         if before_start is not None:
             pid: int | None = None
             try:
                 prefix, pid = await asyncio.wait_for(read_pid(loop, ready_r),
                                                      self._cfg.start_timeout)
                 if pid is not None:  # (None: the launcher failed; the ready pipe tells why)
-                    await before_start(pid)
+                    addr = await before_start(pid)
             except BaseException as exc:
-                spec[:] = bytes(len(spec))
                 os.close(spec_w)  # no spec: the init starts nothing
                 os.close(ready_r)
                 await self._abandon(task)
@@ -607,7 +614,9 @@ class ProcessController:
                     raise LaunchFailed(f"cannot start task {cfg.task_id}: preparing its "
                                        f"namespaces failed: {exc}") from exc
                 raise
+        spec = bytearray()
         try:
+            spec = make_spec(addr)
             self._write_pids(task, new=True)
             # The complete spec is the "go": the launcher may start the task now, it is recorded.
             await send_spec(loop, spec_w, spec)

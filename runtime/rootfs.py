@@ -404,11 +404,15 @@ def _mask(spec: Spec, host: str, rel: str) -> None:
                    MS_RDONLY | MS_NOSUID | MS_NOEXEC, optional=True)  # fmt: skip
 
 
-def hosts_file(hostname: str, extra: Iterable[tuple[str, str]] = ()) -> str:
+def hosts_file(hostname: str, extra: Iterable[tuple[str, str]] = (),
+               addr: str | None = None) -> str:
+    """/etc/hosts of a task: its host name on its own address (as Docker's, so a program
+    that tells peers its resolved host name tells them a reachable address), or on
+    127.0.1.1 when it has none (no network of its own)."""
     lines = [
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
-        f"127.0.1.1\t{hostname}",
+        f"{addr or '127.0.1.1'}\t{hostname}",
     ]
     lines += [f"{ip}\t{name}" for name, ip in extra]
     return "\n".join(lines) + "\n"

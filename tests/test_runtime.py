@@ -481,19 +481,23 @@ async def test_before_start_runs_in_the_tasks_namespaces_before_its_command(
     # namespace must be there when the command's first instruction runs.
     seen: list[int] = []
 
-    async def hook(pid: int) -> None:
+    async def hook(pid: int) -> str:
         assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
         proc = await asyncio.create_subprocess_exec(
             "nsenter", "-t", str(pid), "-n", "ip", "link", "add", "early0", "type", "veth",
             "peer", "name", "early1")
         assert await proc.wait() == 0
         seen.append(pid)
+        return "10.99.7.7"  # the address the hook gave it
 
-    cfg = task("hook", "sh", "-c", "ip -o link show early0")
+    # /etc/hosts names the task's host name with its address (as Docker: a program telling
+    # peers its resolved host name told them 127.0.1.1)
+    cfg = task("hook", "sh", "-c", "ip -o link show early0; getent hosts $(hostname)")
     await ctl.start(cfg, before_start=hook)
     st = await wait_exited(ctl, cfg.task_id, 10.0)
     out = "".join(line.line for line in ctl.read_logs(cfg.task_id))
     assert seen and st.exit_code == 0 and "early0" in out
+    assert out.split()[-2:] == ["10.99.7.7", "host-hook"], out
 
 
 async def test_a_failing_before_start_runs_nothing_and_leaves_nothing(
