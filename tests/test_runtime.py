@@ -497,7 +497,8 @@ async def test_before_start_runs_in_the_tasks_namespaces_before_its_command(
     st = await wait_exited(ctl, cfg.task_id, 10.0)
     out = "".join(line.line for line in ctl.read_logs(cfg.task_id))
     assert seen and st.exit_code == 0 and "early0" in out
-    assert out.split()[-2:] == ["10.99.7.7", "host-hook"], out
+    last = list(ctl.read_logs(cfg.task_id))[-1].line
+    assert last.split() == ["10.99.7.7", "host-hook"], out
 
 
 async def test_a_failing_before_start_runs_nothing_and_leaves_nothing(
