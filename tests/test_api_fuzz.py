@@ -102,10 +102,10 @@ def test_no_request_gets_a_server_error(served: Served, op: Any, mode: Generatio
 @pytest.mark.parametrize(("path", "body", "field"), [
     # what the fuzzer once found: a label's value that is no string, holding an integer
     # msgpack cannot encode (a 500 from the Raft proposal, before the check below)
-    ("/v1/secrets", {"name": "s1", "data": "", "labels": {"k": [-(2**63) - 1]}}, "labels.k[0]"),
-    ("/v1/secrets", {"name": "s1", "data": "", "labels": {"k": 1}}, "labels"),
-    ("/v1/configs", {"name": "c1", "data": "", "labels": {"k": ["v"]}}, "labels"),
-    ("/v1/configs", {"name": "c1", "data": "", "labels": {"k": 2**64}}, "labels.k"),
+    ("/v1/secrets", {"name": "s1", "data": "eA==", "labels": {"k": [-(2**63) - 1]}}, "labels.k[0]"),
+    ("/v1/secrets", {"name": "s1", "data": "eA==", "labels": {"k": 1}}, "labels"),
+    ("/v1/configs", {"name": "c1", "data": "eA==", "labels": {"k": ["v"]}}, "labels"),
+    ("/v1/configs", {"name": "c1", "data": "eA==", "labels": {"k": 2**64}}, "labels.k"),
     ("/v1/services", {"name": "web", "image": "host", "command": ["sleep", "1"],
                       "mode": {"replicated": {"replicas": 2**70}}}, "mode.replicated.replicas"),
 ])
