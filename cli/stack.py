@@ -258,9 +258,10 @@ def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: 
         try:
             c.call("DELETE", f"/v1/{kind}s/{_q(oid)}")
             print(f"Removing {kind} {oname} (no longer used)", file=out)
-        except CliError:  # tasks of the rolling update still use it: a later deploy
-            print(f"Keeping {kind} {oname} while tasks use it (a later deploy removes it)",
-                  file=out)
+        except CliError:  # tasks of the rolling update, or a service's previous spec (its
+            # rollback), still use it: a later deploy removes it
+            print(f"Keeping {kind} {oname} while tasks or a rollback use it (a later deploy "
+                  "removes it)", file=out)
     return plan
 
 

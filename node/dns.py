@@ -7,9 +7,12 @@ running tasks (Swarm's ``tasks.`` name); a task of a stack also resolves the sta
 services by their short names (``web`` for ``STACK_web``, before any service named ``web``);
 with ``lookup_from`` the answer may depend on the asking task (service names resolve only on
 networks it shares with the service). Other names are forwarded to the host's upstream
-resolvers (from /etc/resolv.conf), so tasks
-reach the outside by name too. Wire format by
-dnspython; a malformed query is dropped and counted, never raised.
+resolvers (from /etc/resolv.conf), so tasks reach the outside by name too — not for a task
+whose networks are all internal (``forwards``: REFUSED), and at most MAX_FORWARDS at once
+(SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or its EDNS payload),
+else they are cut with the TC flag and the asker retries over TCP, served on the same
+address and port (as Docker's resolver). Wire format by dnspython; a malformed query is
+dropped and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
 """
@@ -42,6 +45,11 @@ ScopedLookup = Callable[[str, str], list[str] | None]
 # (name, the asking client's IP) → IPs: answers that depend on who asks (the networks a
 # task shares with a service, node/mesh.py)
 LookupFrom = Callable[[str, str], list[str] | None]
+# the asking client's IP → whether its other names may go upstream (node/mesh.py)
+Forwards = Callable[[str], bool]
+MAX_FORWARDS = 1024  # upstream queries in flight at once (moby's resolver: 1024 too)
+UDP_SIZE = 512  # an answer's size over UDP when the query has no EDNS (RFC 1035)
+TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
 
 
 @dataclass
@@ -69,16 +77,24 @@ def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
 class DnsServer(asyncio.DatagramProtocol):
     def __init__(self, lookup: Lookup, config: DnsConfig | None = None,
                  scoped: ScopedLookup | None = None,
-                 lookup_from: LookupFrom | None = None) -> None:
+                 lookup_from: LookupFrom | None = None,
+                 forwards: Forwards | None = None) -> None:
         self.lookup = lookup
         self.scoped = scoped
         self.lookup_from = lookup_from  # used instead of ``lookup`` when set
+        self.forwards = forwards
         self.config = config or DnsConfig()
         self.upstreams = (self.config.upstreams if self.config.upstreams is not None
                           else host_upstreams())
         self.stats = self.config.stats
         self.transport: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.Server | None = None
         self._pending: set[asyncio.Future[None]] = set()
+
+    def close_tcp(self) -> None:
+        if self.tcp is not None:
+            self.tcp.close()
+            self.tcp = None
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -86,22 +102,76 @@ class DnsServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close_tcp()  # (closing the UDP transport closes the server)
+
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        query = self._parse(data)
+        if query is None:
+            return
+        reply = self.answer(query, addr[0])
+        if reply is not None:
+            limit = max(UDP_SIZE, query.payload) if query.edns >= 0 else UDP_SIZE
+            self._send(fitted(reply, limit), addr)
+            return
+        refused = self._refuse_forward(query, addr[0])
+        if refused is not None:
+            self._send(refused.to_wire(), addr)
+            return
+        task = asyncio.ensure_future(self._forward(data, addr, query))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _parse(self, data: bytes) -> dns.message.Message | None:
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError, IndexError):
             self._count("malformed")
-            return
+            return None
         if not query.question:
             self._count("malformed")
-            return
-        reply = self.answer(query, addr[0])
-        if reply is not None:
-            self._send(reply.to_wire(), addr)
-        else:
-            task = asyncio.ensure_future(self._forward(data, addr, query))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            return None
+        return query
+
+    def _refuse_forward(self, query: dns.message.Message,
+                        client: str) -> dns.message.Message | None:
+        """The reply instead of forwarding ``query`` upstream, or None to forward it."""
+        if self.forwards is not None and not self.forwards(client):
+            self._count("refused")  # (an internal network's task: no way out, not even DNS)
+            return _error(query, dns.rcode.REFUSED)
+        if len(self._pending) >= MAX_FORWARDS:
+            self._count("servfail")
+            return _error(query, dns.rcode.SERVFAIL)
+        return None
+
+    async def handle_tcp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP (RFC 7766): each message after its 2-byte length; the whole answer
+        (a client comes here after a truncated UDP one)."""
+        peer = writer.get_extra_info("peername")
+        client = peer[0] if isinstance(peer, tuple) else ""
+        try:
+            while True:
+                async with asyncio.timeout(TCP_IDLE):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+                query = self._parse(data)
+                if query is None:
+                    return
+                reply = self.answer(query, client)
+                if reply is not None:
+                    wire: bytes | None = reply.to_wire()
+                else:
+                    refused = self._refuse_forward(query, client)
+                    wire = refused.to_wire() if refused is not None else \
+                        await self._ask_upstreams(data, query)
+                assert wire is not None
+                writer.write(len(wire).to_bytes(2, "big") + wire)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.transport is not None:
@@ -138,6 +208,10 @@ class DnsServer(asyncio.DatagramProtocol):
 
     async def _forward(self, data: bytes, addr: tuple[str, int],
                        query: dns.message.Message) -> None:
+        self._send(await self._ask_upstreams(data, query), addr)
+
+    async def _ask_upstreams(self, data: bytes, query: dns.message.Message) -> bytes:
+        """An upstream's reply to ``data`` (each upstream in turn), or SERVFAIL."""
         loop = asyncio.get_running_loop()
         for upstream in self.upstreams:
             host, _, port = upstream.rpartition(":") if upstream.count(":") == 1 else \
@@ -150,17 +224,45 @@ class DnsServer(asyncio.DatagramProtocol):
                 transport.sendto(data)
                 reply = await asyncio.wait_for(fut, self.config.upstream_timeout)
                 self._count("forwarded")
-                self._send(reply, addr)
-                return
+                return reply
             except (OSError, TimeoutError):
                 continue
             finally:
                 if transport is not None:
                     transport.close()
-        fail = dns.message.make_response(query)
-        fail.set_rcode(dns.rcode.SERVFAIL)
         self._count("servfail")
-        self._send(fail.to_wire(), addr)
+        return _error(query, dns.rcode.SERVFAIL).to_wire()
+
+
+def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    return reply
+
+
+def fitted(reply: dns.message.Message, limit: int) -> bytes:
+    """``reply`` on the wire within ``limit`` bytes: whole if it fits, else with as many
+    answer records as fit and the TC flag (the asker retries over TCP)."""
+    try:
+        return reply.to_wire(max_size=limit)
+    except dns.exception.TooBig:
+        pass
+    reply.flags |= dns.flags.TC
+    answers = [(rrset, list(rrset)) for rrset in reply.answer]
+    reply.answer = []
+    wire = reply.to_wire(max_size=limit)  # (the header and question alone always fit)
+    for rrset, items in answers:
+        for n in range(len(items), 0, -1):  # (a few dozen at most: one A record each)
+            cut = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, items[:n])
+            reply.answer.append(cut)
+            try:
+                wire = reply.to_wire(max_size=limit)
+                break
+            except dns.exception.TooBig:
+                reply.answer.pop()
+        else:
+            break
+    return wire
 
 
 class _Reply(asyncio.DatagramProtocol):
@@ -174,9 +276,17 @@ class _Reply(asyncio.DatagramProtocol):
 
 async def serve(lookup: Lookup, host: str, port: int = 53,
                 config: DnsConfig | None = None, scoped: ScopedLookup | None = None,
-                lookup_from: LookupFrom | None = None
+                lookup_from: LookupFrom | None = None, forwards: Forwards | None = None
                 ) -> tuple[asyncio.DatagramTransport, DnsServer]:
+    """The server on UDP and TCP ``host:port`` (``server.tcp``: the TCP listener; closing
+    the returned UDP transport closes both)."""
     loop = asyncio.get_running_loop()
-    server = DnsServer(lookup, config, scoped, lookup_from)
+    server = DnsServer(lookup, config, scoped, lookup_from, forwards)
     transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
+    try:  # (TCP on the port UDP got: port 0 picks one)
+        server.tcp = await asyncio.start_server(server.handle_tcp, host,
+                                                transport.get_extra_info("sockname")[1])
+    except BaseException:
+        transport.close()
+        raise
     return transport, server

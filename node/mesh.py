@@ -200,8 +200,8 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
     mine = networks_of_addr(snap, asker) if asker else None
     if mine is not None:
         shared = [n for n in service_networks(svc) if n in mine]
-        if not shared:
-            return []
+        if not shared:  # not a name on the asker's networks: unknown there (as Docker's
+            return None  # resolver: forwarded, so an outside host of that name still works)
         net = shared[0]
     if not tasks_only and vip_ports(svc, image_ports):
         return [svc.vip]
@@ -222,16 +222,30 @@ STACK_LABEL = "com.docker.stack.namespace"
 
 
 def stack_lookup(snap: Snapshot, name: str, client: str) -> list[str] | None:
-    """``web`` / ``tasks.web`` asked by a task of stack X → ``lookup`` of ``X_web``;
-    None when the asker is in no stack or X has no such service."""
-    asker = next((t for t in snap.tasks.values() if t.status.addr == client
-                  and t.desired_state <= TaskState.RUNNING), None) if client else None
+    """``web`` / ``tasks.web`` asked by a task of stack X → ``lookup`` of ``X_web`` on the
+    networks the asker shares with it (Swarm's alias lives on the service's networks only);
+    None when the asker is in no stack, X has no such service, or none on its networks —
+    then the name is looked up as any other (a service ``web`` on the asker's network)."""
+    asker = next((t for t in snap.tasks.values() if t.desired_state <= TaskState.RUNNING
+                  and (t.status.addr == client or client in t.net_addrs.values())),
+                 None) if client else None
     svc = snap.services.get(asker.service_id) if asker is not None else None
     stack = svc.spec.labels.get(STACK_LABEL, "") if svc is not None else ""
     if not stack:
         return None
     prefix = "tasks." if name.startswith("tasks.") else ""
-    return lookup(snap, f"{prefix}{stack}_{name[len(prefix):]}")
+    return lookup(snap, f"{prefix}{stack}_{name[len(prefix):]}", asker=client)
+
+
+def forwards_for(snap: Snapshot, client: str) -> bool:
+    """Whether the DNS server forwards ``client``'s other names upstream: not for a task
+    whose networks are all internal (CVE-2024-29018: a query is a way out of the network;
+    moby's resolver stopped forwarding for them likewise)."""
+    nets = networks_of_addr(snap, client) if client else None
+    if not nets:
+        return True  # (the node itself, or a default-network task)
+    return not all(n and (net := snap.network_by_name(n)) is not None and net.internal
+                   for n in nets)
 # ------------------------------------------------------------------------------------------
 
 
@@ -329,7 +343,8 @@ class Mesh:
         if self.config.dns_port:
             self._dns, self._dns_server = await dns.serve(
                 self._dns_lookup, net.gateway, self.config.dns_port,
-                scoped=self._dns_stack_lookup, lookup_from=self._dns_lookup_from)
+                scoped=self._dns_stack_lookup, lookup_from=self._dns_lookup_from,
+                forwards=self._dns_forwards)
         self._ready.set()
         log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
                  net.gateway, self.balancer.pids)
@@ -351,7 +366,7 @@ class Mesh:
     async def _close_parts(self) -> None:
         self._ready.clear()
         if self._dns is not None:
-            self._dns.close()
+            self._dns.close()  # (and its TCP listener)
             self._dns = None
         if self.balancer is not None:
             balancer, self.balancer = self.balancer, None
@@ -405,6 +420,10 @@ class Mesh:
         snap = self._snap
         return lookup(snap, name, self._cached_image_ports, random.shuffle, client) \
             if snap is not None else None
+
+    def _dns_forwards(self, client: str) -> bool:
+        snap = self._snap
+        return snap is None or forwards_for(snap, client)
 
     def _cached_image_ports(self, image: str) -> tuple[tuple[int, str], ...]:
         hit = self._image_ports.get(image)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from shoal.node.mesh import lookup
+from shoal.node.mesh import STACK_LABEL, forwards_for, lookup, stack_lookup
 from shoal.node.overlay import (
     Overlay,
     firewall_rules,
@@ -86,10 +86,12 @@ def test_names_resolve_only_on_shared_networks_with_addresses_on_that_network() 
     s = snap()
     web, db = s.services["web"], s.services["db"]
     assert lookup(s, "web", asker="10.96.0.2") == [web.vip]  # a web task itself
-    assert lookup(s, "db", asker="10.96.0.2") == []  # front only: db is not there
+    # front only: db is not there — an unknown name there (as Docker's: forwarded upstream,
+    # so the answer neither says it exists nor hides an outside host of that name)
+    assert lookup(s, "db", asker="10.96.0.2") is None
     assert lookup(s, "db", asker="10.96.0.4") == [db.vip]  # on both
     assert lookup(s, "tasks.both", asker="10.96.1.2") == ["10.96.1.3"]  # its back address
-    assert lookup(s, "web", asker="10.99.0.5") == []  # a default-network task
+    assert lookup(s, "web", asker="10.99.0.5") is None  # a default-network task
     assert lookup(s, "plain", asker="10.99.0.5") is not None
     assert lookup(s, "db") == [db.vip]  # the node itself asks: no filter
 
@@ -126,3 +128,36 @@ async def test_a_sync_that_would_change_nothing_stays_on_the_loop() -> None:
         assert not _synced(state)._settled(changed)
     await ov.sync(moved)
     assert calls == [moved.index]
+
+
+def test_only_tasks_with_a_way_out_get_names_forwarded_upstream() -> None:
+    """CVE-2024-29018's shape: a task on internal networks only ("back") could still send
+    data out as DNS queries the node forwarded upstream. Not any more; a task with one
+    network that is not internal, a default-network task and the node itself still can."""
+    s = snap()
+    assert forwards_for(s, "10.96.1.2") is False  # d1: back (internal) only
+    assert forwards_for(s, "10.96.1.3") is True  # b1: back and front
+    assert forwards_for(s, "10.96.0.2") is True  # w1: front
+    assert forwards_for(s, "10.99.0.5") is True  # p1: the default network
+    assert forwards_for(s, "10.77.0.11") is True  # not a task
+
+
+def test_a_stacks_short_names_live_on_its_services_networks() -> None:
+    """`db` asked by a task of stack st on `front` resolved to st_db although st_db is only
+    on `back` (unreachable from front) — and hid a service `db` on front. Now st_db answers
+    only where the asker shares a network with it; elsewhere `db` is looked up as usual."""
+    s = snap()
+    label = {STACK_LABEL: "st"}
+    st_web = service("st_web", "front")
+    st_web.spec.labels.update(label)  # (a test's own spec object)
+    st_db = service("st_db", "back")
+    db_front = service("db", "front")
+    services = {**{k: v for k, v in s.services.items() if k != "db"},
+                "st_web": st_web, "st_db": st_db, "db": db_front}
+    tasks = {**s.tasks, "sw": task("sw", st_web, "n1", front="10.96.0.9")}
+    s2 = replace(s, services=services, tasks=tasks)
+    assert stack_lookup(s2, "db", "10.96.0.9") is None  # st_db is not on front
+    assert lookup(s2, "db", asker="10.96.0.9") == [db_front.vip]  # so `db` is front's db
+    both = service("st_both", "front", "back")
+    s3 = replace(s2, services={**services, "st_both": both})
+    assert stack_lookup(s3, "both", "10.96.0.9") == [both.vip]

@@ -200,7 +200,9 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
                       what="the new api") == (200, "api 2")
 
     # -- a changed secret file (beyond Swarm, which refuses): a new secret named after its
-    # content, web rolls to it (same target), api does not; a later deploy drops the old one
+    # content, web rolls to it (same target), api does not; the old one stays while web's
+    # previous spec (a rollback) needs it, and a deploy after web moved on drops it
+    (first_token,) = [n for n in names_of(h1)[1] if n.startswith("st_token")]
     (tmp_path / "token.txt").write_text("n3w-s3cret\n")
     res = h1.cli("stack", "deploy", "-c", str(compose), "st")
     assert "Creating secret st_token-" in res.stdout and "Updating service st_web" in \
@@ -208,11 +210,17 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     assert wait_until(lambda: (r := get(h2, f"{url}/secret"))[1] == "n3w-s3cret" and r,
                       timeout=60, what="web with the new secret") == (200, "n3w-s3cret")
 
+    res = h1.cli("stack", "deploy", "-c", str(compose), "st")
+    assert f"Keeping secret {first_token}" in res.stdout, res.stdout
+    assert first_token in names_of(h1)[1]
+    (tmp_path / "token.txt").write_text("th1rd\n")
+    h1.cli("stack", "deploy", "-c", str(compose), "st")  # (web rolls on: v2 is its previous)
+
     def swept() -> list[str] | None:
         h1.cli("stack", "deploy", "-c", str(compose), "st")
         tokens = [n for n in names_of(h1)[1] if n.startswith("st_token")]
-        return tokens if len(tokens) == 1 else None
-    wait_until(swept, timeout=60, interval=2, what="the old secret removed by a later deploy")
+        return tokens if len(tokens) == 2 and first_token not in tokens else None
+    wait_until(swept, timeout=60, interval=2, what="the first secret removed by a later deploy")
 
     # -- stack rm: the stack's services, secrets and configs, nothing else
     res = h1.cli("stack", "rm", "st")
