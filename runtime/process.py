@@ -222,7 +222,10 @@ class ProcessController:
         resources.remove_volume(self._cfg.volumes_dir, name, users)
 
     def _images_in_use(self) -> set[str]:
-        used = {t.image_id for t in self._tasks.values() if t.image_id}
+        # (an exited task kept for its logs needs its image no more: tasks never restart in
+        # place — `image prune` and the image GC may take it)
+        used = {t.image_id for t in self._tasks.values()
+                if t.image_id and t.status.state is not RunState.EXITED}
         return used | set(self._starting_images.values())
 
     async def start(self, cfg: TaskConfig, before_start: BeforeStart | None = None
