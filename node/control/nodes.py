@@ -94,9 +94,10 @@ class Nodes:
         if n.id == self.ctx.node_id:
             raise BadRequest("cannot remove the node you are on; use `shoal leave`", "node")
         if n.role is NodeRole.MANAGER:
-            if n.state is NodeState.READY:
+            if n.state is NodeState.READY and n.raft_addr in store.voters():
                 # (even with --force, as Swarm: its voter removed, a live manager would go on
-                # as a manager nobody answers — demote it, and it becomes a worker that knows)
+                # as a manager nobody answers — demote it, and it becomes a worker that knows;
+                # one that left (`leave --force` removed its voter) is removed as any node)
                 raise BadRequest(f"node {n.hostname} is a manager and a member of the Raft "
                                  f"group: demote it first (`shoal node demote {n.hostname}`), "
                                  "then remove it", "node")
