@@ -50,6 +50,7 @@ Forwards = Callable[[str], bool]
 MAX_FORWARDS = 1024  # upstream queries in flight at once (moby's resolver: 1024 too)
 UDP_SIZE = 512  # an answer's size over UDP when the query has no EDNS (RFC 1035)
 TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
+MAX_TCP = 256  # TCP clients at once (more are closed at once: tasks cannot hold them all)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class DnsServer(asyncio.DatagramProtocol):
         self.stats = self.config.stats
         self.transport: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
+        self._tcp_clients = 0
         self._pending: set[asyncio.Future[None]] = set()
 
     def close_tcp(self) -> None:
@@ -150,6 +152,11 @@ class DnsServer(asyncio.DatagramProtocol):
         (a client comes here after a truncated UDP one)."""
         peer = writer.get_extra_info("peername")
         client = peer[0] if isinstance(peer, tuple) else ""
+        if self._tcp_clients >= MAX_TCP:
+            self._count("tcp_refused")
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 async with asyncio.timeout(TCP_IDLE):
@@ -171,6 +178,7 @@ class DnsServer(asyncio.DatagramProtocol):
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -235,6 +235,7 @@ def stack_lookup(snap: Snapshot, name: str, client: str) -> list[str] | None:
         return None
     prefix = "tasks." if name.startswith("tasks.") else ""
     return lookup(snap, f"{prefix}{stack}_{name[len(prefix):]}", asker=client)
+# ------------------------------------------------------------------------------------------
 
 
 def forwards_for(snap: Snapshot, client: str) -> bool:
@@ -246,7 +247,6 @@ def forwards_for(snap: Snapshot, client: str) -> bool:
         return True  # (the node itself, or a default-network task)
     return not all(n and (net := snap.network_by_name(n)) is not None and net.internal
                    for n in nets)
-# ------------------------------------------------------------------------------------------
 
 
 def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:
