@@ -179,3 +179,23 @@ def test_demote_and_promote_refusals(lab_factory: Callable[..., Lab]) -> None:
     assert "Node h2 is already a worker." in h1.cli("node", "demote", "h2").stdout
     assert len(plain_json(h1, "info")["voters"]) == 1
     assert node_json(h2)["role"] == "worker"
+
+
+def test_a_manager_that_left_is_removed_and_one_still_voting_is_not(
+        lab_factory: Callable[..., Lab]) -> None:
+    """The Ansible role removes a manager with `leave --force` (its voter goes) and then
+    `node rm --force` if its record is left: that works whatever state the record shows;
+    a live manager still in the Raft group is refused even with --force (Swarm: demote
+    first), and stays a voter."""
+    lab = lab_factory(3)
+    lab.form_cluster(managers=3)
+    h1, h2, h3 = lab.hosts
+    assert "demote it first" in error_line(h1, "node", "rm", "--force", "h2")
+    assert len(plain_json(h1, "info")["voters"]) == 3
+    h3.cli("leave", "--force")
+    wait_until(lambda: len(plain_json(h1, "info")["voters"]) == 2, timeout=20,
+               what="h3's voter gone")
+    if any(n["hostname"] == "h3" for n in h1.cli_json("node", "ls")):
+        h1.cli("node", "rm", "--force", "h3")
+    assert all(n["hostname"] != "h3" for n in h1.cli_json("node", "ls"))
+    h1.cli("service", "create", "--name", "still", "--replicas", "1", *SLEEP)  # (a quorum)
