@@ -189,7 +189,7 @@ def test_a_manager_that_left_is_removed_and_one_still_voting_is_not(
     first), and stays a voter."""
     lab = lab_factory(3)
     lab.form_cluster(managers=3)
-    h1, h2, h3 = lab.hosts
+    h1, _, h3 = lab.hosts
     assert "demote it first" in error_line(h1, "node", "rm", "--force", "h2")
     assert len(plain_json(h1, "info")["voters"]) == 3
     h3.cli("leave", "--force")
