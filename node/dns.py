@@ -65,6 +65,19 @@ class DnsConfig:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+def host_search(path: str = "/etc/resolv.conf") -> list[str]:
+    """The host's search domains (its last ``search`` or ``domain`` line, as the resolver
+    reads it), which a task's resolv.conf lists after shoal's own (as Docker copies them):
+    short names of the host's network resolve in tasks as on the host."""
+    out: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in ("search", "domain"):
+                out = [d.rstrip(".") for d in parts[1:] if d.rstrip(".")]
+    return [d for d in dict.fromkeys(out) if d != DOMAIN]
+
+
 def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
     out = []
     with contextlib.suppress(OSError):

@@ -273,6 +273,7 @@ class Mesh:
         # in a thread, cached for IMAGE_PORTS_TTL seconds)
         self._read_image_ports = image_ports
         self._image_ports: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
+        self._host_search = dns.host_search()  # (read once: the search domains tasks get)
         self.network: NodeNetwork | None = None
         self.overlay: Overlay | None = None
         self.balancer: Balancer | None = None
@@ -407,7 +408,8 @@ class Mesh:
         """Files every task gets: /etc/resolv.conf naming this node's DNS server."""
         if not self.config.dns_port or self.network is None:
             return {}
-        text = f"nameserver {self.network.gateway}\nsearch {dns.DOMAIN}\noptions ndots:1\n"
+        search = " ".join([dns.DOMAIN, *self._host_search])
+        text = f"nameserver {self.network.gateway}\nsearch {search}\noptions ndots:1\n"
         return {"/etc/resolv.conf": (text.encode(), 0o644)}
 
     # ------------------------------------------------------------------ state → tables

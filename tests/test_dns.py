@@ -4,6 +4,7 @@ itself a real DNS server on loopback)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -12,7 +13,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from shoal.node.dns import DnsConfig, serve
+from shoal.node.dns import DnsConfig, host_search, serve
 
 NAMES = {"web": ["10.98.0.1"], "tasks.web": ["10.99.0.2", "10.99.1.2"]}
 
@@ -163,3 +164,15 @@ async def test_other_names_of_a_task_without_a_way_out_are_refused_not_forwarded
         assert r is not None and r.rcode() == dns.rcode.SERVFAIL
     finally:
         t.close()
+
+
+def test_tasks_get_the_hosts_search_domains_after_shoals(tmp_path: Path) -> None:
+    """Short names of the host's network (`db` for db.corp.example) resolved on the host but
+    not in tasks: a task's resolv.conf had `search shoal` alone (Docker copies the host's)."""
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 10.0.0.2\ndomain old.example\nsearch corp.example. lab.example"
+                    " shoal\noptions edns0\n")
+    assert host_search(str(conf)) == ["corp.example", "lab.example"]
+    conf.write_text("nameserver 10.0.0.2\n")
+    assert host_search(str(conf)) == []
+    assert host_search(str(tmp_path / "missing")) == []
