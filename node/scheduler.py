@@ -157,9 +157,17 @@ class Plan:
     unschedulable: list[tuple[str, str]] = field(default_factory=list)  # (task id, reason)
 
 
+def holds(t: Task) -> bool:
+    """``t`` holds a place on its node: placed and not ended — told to stop included, until
+    it reports that it ended (swarmkit frees a task's resources only then: a replacement
+    must not be placed into a node the stopping task still fills, for its whole grace)."""
+    return bool(t.node_id) and t.status.state < TaskState.COMPLETE
+
+
 class Load:
-    """What the live, placed tasks hold per node: how many (``per_node``), how many of each
-    service (``per_service``: service id → node id → n) and the resources they reserve.
+    """What the placed tasks that have not ended (``holds``) hold per node: how many
+    (``per_node``), how many of each service (``per_service``: service id → node id → n)
+    and the resources they reserve.
     ``schedule`` counts it over the snapshot's tasks, or takes one kept up to date by the
     leader's PassIndex (``add``/``remove`` per changed task), which it does not modify."""
 
@@ -178,7 +186,7 @@ class Load:
         return load
 
     def add(self, t: Task, sign: int = 1) -> None:
-        if t.node_id and t.alive:
+        if holds(t):
             nid = t.node_id
             self.per_node[nid] += sign
             self.per_service[t.service_id][nid] += sign

@@ -54,8 +54,9 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
         "labels": dict(node.labels),  # (`node ls -f label=K=V`)
     }
     if detail:
+        from shoal.node.scheduler import holds
         reserved = [t.spec.resources.reservations for t in snap.tasks.values()
-                    if t.node_id == node.id and t.alive]
+                    if t.node_id == node.id and holds(t)]
         out.update(api_port=node.api_port, raft_port=node.raft_port,
                    gossip_port=node.gossip_port,
                    # what it reported at join, and what its live tasks reserve of it (the

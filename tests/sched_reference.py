@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from shoal.node.scheduler import FILTERS, Plan, Reserved, explain, rejection
+from shoal.node.scheduler import FILTERS, Plan, Reserved, explain, holds, rejection
 from shoal.raft.models import Node, Task
 from shoal.raft.state import Snapshot
 
@@ -28,7 +28,7 @@ def _counts(tasks: Iterable[Task]
     per_service: Counter[tuple[str, str]] = Counter()
     reserved: defaultdict[str, Reserved] = defaultdict(Reserved)
     for t in tasks:
-        if t.node_id and t.alive:
+        if holds(t):
             per_node[t.node_id] += 1
             per_service[(t.node_id, t.service_id)] += 1
             reserved[t.node_id].memory += t.spec.resources.reservations.memory

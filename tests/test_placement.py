@@ -435,3 +435,30 @@ def test_avoided_nodes_counts_the_current_versions_recent_failures_only() -> Non
                          1000.0 + FAILURE_WINDOW + 1) == {}  # the first aged out
     tasks = {"s1": [replace(f, service_version=svc.version - 1) for f in fails]}
     assert avoided_nodes(st.services, ["s1"], lambda sid: tasks.get(sid, []), 1010.0) == {}
+
+
+def test_a_task_told_to_stop_holds_its_node_until_it_ended() -> None:
+    """Its reservation and its place (max replicas per node) were freed when it was *told*
+    to stop: a new task was placed into a node the stopping one still filled, for its whole
+    stop grace period (swarmkit frees them once the task is observed past running)."""
+    full = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=2377, raft_port=2378,
+                role=NodeRole.WORKER, state=NodeState.READY, memory_bytes=1 << 30)
+    st = cluster([full], {"name": "big", "mode": {"replicas": 1}, "task": {
+        "container": {"command": ["sleep", "1"]},
+        "resources": {"reservations": {"memory": 1 << 30}}}})
+    converge(st)
+    settle(st)
+    (old,) = live(st)
+    assert "ok" in st.apply({"op": "service_create", "id": "s2", "now": 11.0, "spec": {
+        "name": "next", "mode": {"replicas": 1}, "task": {
+            "container": {"command": ["sleep", "1"]},
+            "resources": {"reservations": {"memory": 1 << 30}}}}})
+    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 11.0, "replicas": 0})
+    converge(st, now=12.0)
+    assert st.tasks[old.id].status.state is TaskState.RUNNING  # (still stopping)
+    (waiting,) = [t for t in st.tasks.values() if t.service_id == "s2"]
+    assert not waiting.node_id and "insufficient memory" in waiting.sched_message
+    settle(st, now=13.0)  # it reports its end
+    converge(st, now=14.0)
+    (placed,) = [t for t in st.tasks.values() if t.service_id == "s2"]
+    assert placed.node_id == "n1"
