@@ -663,6 +663,47 @@ def _init(svc: _Service, v: Any, path: str) -> None:
         svc.warn("init: false", f"{NOT_YET}: shoal always runs an init (tini) in a task")
 
 
+def _extra_hosts(svc: _Service, v: Any, path: str) -> None:
+    """``["db:10.0.0.2", "cache=10.0.0.3"]`` or ``{db: 10.0.0.2, api: [10.0.0.4, ::1]}`` →
+    the spec's ``NAME:IP`` lines."""
+    lines: list[str] = []
+    if isinstance(v, dict):
+        for name, addrs in v.items():
+            lines += [f"{name}:{addr}" for addr in as_str_list(addrs, f"{path}.{name}")]
+    else:
+        for i, text in enumerate(as_str_list(v, path)):
+            name, sep, addr = (text.partition("=") if "=" in text.split(":")[0]
+                               else text.partition(":"))
+            if not sep:
+                raise ComposeError(f"{path}[{i}]", f"expected HOST:IP, got {text!r}")
+            lines.append(f"{name}:{addr}")
+    svc.set("task.container.extra_hosts", lines, path)
+
+
+def _ulimits(svc: _Service, v: Any, path: str) -> None:
+    """``{nofile: {soft: 1024, hard: 2048}, nproc: 65535}`` → the spec's limits (a single
+    number is both)."""
+    out: list[dict[str, Any]] = []
+    for name, limit in as_map(v, path).items():
+        where = f"{path}.{name}"
+        if isinstance(limit, dict):
+            extra = set(limit) - {"soft", "hard"}
+            if extra or not {"soft", "hard"} <= set(limit):
+                raise ComposeError(where, "expected a number or {soft: N, hard: N}")
+            soft, hard = as_int(limit["soft"], f"{where}.soft"), as_int(limit["hard"],
+                                                                        f"{where}.hard")
+        else:
+            soft = hard = as_int(limit, where)
+        out.append({"name": name, "soft": soft, "hard": hard})
+    svc.set("task.container.ulimits", out, path)
+
+
+def _caps(field: str) -> Callable[[_Service, Any, str], None]:
+    def handle(svc: _Service, v: Any, path: str) -> None:
+        svc.set(f"task.container.{field}", as_str_list(v, path), path)
+    return handle
+
+
 def _restart_condition(svc: _Service, v: Any, path: str) -> None:
     c = as_str(v, path)
     if c not in ("none", "on-failure", "any"):

@@ -25,6 +25,7 @@ from typing import Any
 
 from shoal.cli.errors import CliError
 from shoal.raft.spec import FieldDecl, fields, flag_for
+from shoal.runtime.rootfs import cap_name
 
 # ----------------------------------------------------------------------------- value parsers
 
@@ -256,6 +257,40 @@ def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
     return out
 
 
+def parse_cap(text: str, flag: str) -> str:
+    """A capability as docker takes it (``net_admin``, ``CAP_NET_ADMIN``) → ``NET_ADMIN``."""
+    try:
+        return cap_name(text)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from None
+
+
+def parse_host(text: str, flag: str) -> str:
+    """docker's ``--host NAME:IP`` (also ``NAME=IP``) → ``NAME:IP``; the IP is checked by the
+    spec."""
+    name, sep, addr = text.replace("=", ":", 1).partition(":") if "=" in text.split(":")[0] \
+        else text.partition(":")
+    if not sep or not name or not addr:
+        raise CliError(f"{flag} expects NAME:IP, got {text!r}")
+    return f"{name}:{addr}"
+
+
+def parse_ulimit(text: str, flag: str) -> dict[str, Any]:
+    """docker's ``--ulimit NAME=SOFT[:HARD]`` (``nofile=1024:2048``; -1 = unlimited; a
+    single value is both) → a spec Ulimit."""
+    name, sep, limits = text.partition("=")
+    soft, _, hard = limits.partition(":")
+    try:
+        lo = int(soft)
+        hi = int(hard) if hard else lo
+    except ValueError:
+        raise CliError(f"{flag} expects NAME=SOFT[:HARD] (whole numbers, -1 = unlimited), "
+                       f"got {text!r}") from None
+    if not sep or not name:
+        raise CliError(f"{flag} expects NAME=SOFT[:HARD], got {text!r}")
+    return {"name": name, "soft": lo, "hard": hi}
+
+
 def _port_key(text: str, flag: str) -> str:
     """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
     port, _, proto = text.strip().partition("/")
@@ -279,6 +314,10 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
                    lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
     "network": (lambda t, f: t, str, lambda t, f: t),
+    "cap": (parse_cap, str, parse_cap),
+    "host": (parse_host, lambda h: str(h).partition(":")[0],
+             lambda t, f: t.replace("=", ":", 1).partition(":")[0]),
+    "ulimit": (parse_ulimit, lambda u: str(u["name"]), lambda t, f: t.partition("=")[0]),
     "autoscale": (parse_autoscale, str, lambda t, f: t),  # (cli "struct": one value)
 }
 # what an --X-add replaces, where that is not what --X-rm names: a secret or config added
@@ -334,6 +373,11 @@ def _flag_decls() -> list[FieldDecl]:
     return [d for d in fields() if d.flag]
 
 
+# lists whose update flag is the create flag itself, as docker's `service update --cap-add X`:
+# X is added to this list and taken out of the paired one (no --cap-add-add/--cap-add-rm)
+PAIRED: dict[str, str] = {"task.container.cap_add": "task.container.cap_drop",
+                          "task.container.cap_drop": "task.container.cap_add"}
+
 # docker's other spelling of a flag (scripts written for `docker service create` work as is)
 ALIASES: dict[str, tuple[str, ...]] = {"--max-replicas-per-node": ("--replicas-max-per-node",)}
 
@@ -353,6 +397,7 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
         elif d.cli == "flag":
             kw.pop("metavar", None)
             parser.add_argument(*names, action="store_true", default=None, **kw)
+            _add_bool_values(parser, d)
         else:
             parser.add_argument(*names, **kw)
     parser.add_argument("--spec", default="", metavar="FILE",
@@ -362,6 +407,14 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
                         metavar="IMAGE [COMMAND [ARG...]] | -- CMD [ARGS...]")
 
 
+def _add_bool_values(parser: argparse.ArgumentParser, d: FieldDecl) -> None:
+    """A switch's docker (pflag) spellings ``--read-only=false`` and ``=true`` (``=0``,
+    ``=1``): argparse matches an option string with '=' whole before splitting it."""
+    for word, value in (("true", True), ("1", True), ("false", False), ("0", False)):
+        parser.add_argument(f"{d.flag}={word}", action="store_const", const=value,
+                            dest=_dest(d), help=argparse.SUPPRESS)
+
+
 def add_update_flags(parser: argparse.ArgumentParser) -> None:
     """Single values: ``--X``; lists and maps: ``--X-add`` and ``--X-rm``. The name, which
     cannot change, has no flag."""
@@ -369,7 +422,11 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         if d.path == "name":
             continue
         kw: dict[str, Any] = {"help": _help(d)}
-        if d.cli in ("map", "list"):
+        if d.path in PAIRED:
+            parser.add_argument(d.flag, action="append", default=[], dest=_dest(d, "_add"),
+                                metavar=d.metavar, help=f"{kw['help']} (taken out of "
+                                f"{flag_for(PAIRED[d.path])})")
+        elif d.cli in ("map", "list"):
             parser.add_argument(d.flag + "-add", action="append", default=[],
                                 dest=_dest(d, "_add"), metavar=d.metavar or "VALUE",
                                 help=f"add to: {kw['help']}")
@@ -381,6 +438,7 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(d.flag, choices=d.choices, dest=_dest(d), **kw)
         elif d.cli == "flag":
             parser.add_argument(d.flag, action="store_true", default=None, dest=_dest(d), **kw)
+            _add_bool_values(parser, d)
         elif d.cli == "struct":  # --X KEY=V,... (the keys given replace theirs), --X-rm: off
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
             parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
@@ -510,6 +568,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             for key in getattr(args, _dest(d, "_rm")):
                 value.pop(key, None)
             _set(spec, d.path, value)
+        elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update)
+            parse, key_of, _ = ITEMS[d.item]
+            added = [parse(t, d.flag) for t in getattr(args, _dest(d, "_add"))]
+            keys = {key_of(a) for a in added}
+            items = [i for i in _get(spec, d.path, []) or [] if key_of(i) not in keys]
+            _set(spec, d.path, items + added)
+            other = PAIRED[d.path]
+            _set(spec, other, [i for i in _get(spec, other, []) or [] if key_of(i) not in keys])
         elif d.cli == "list":
             parse, key_of, parse_rm = ITEMS[d.item]
             same = REPLACES.get(d.item, key_of)

@@ -358,6 +358,11 @@ class Worker:
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
             mounts=tuple(self._mount_spec(m, vols) for m in s.mounts),
             files=files, host_network=task.spec.network_mode == "host",
+            read_only=s.read_only, cap_add=s.cap_add, cap_drop=s.cap_drop,
+            extra_hosts=tuple((name, addr.strip("[]")) for name, _, addr in
+                              (line.partition(":") for line in s.extra_hosts)),
+            ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
+            sysctls=tuple(sorted(s.sysctls.items())),
         )
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:

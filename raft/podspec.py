@@ -26,6 +26,7 @@ healthy when every container with a check is; a sidecar that ends is restarted b
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import typing
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ import msgspec
 
 from shoal.raft.errors import SpecError
 from shoal.runtime import volumes
+from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -59,6 +61,12 @@ DAY = 86400.0
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_FILE_REFS = 100
+# a name of an /etc/hosts line: an RFC 1123 host name, dotted (db.internal), at most 64
+# bytes (the runtime's rule: shoal.runtime.records)
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+EXTRA_HOST_RE = re.compile(rf"^(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*$")
+MAX_EXTRA_HOSTS = 256
+MAX_SYSCTLS = 64
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
          cli: str | None = None, item: str | None = None, unit: str | None = None,
@@ -161,6 +169,27 @@ def parse_http_check(text: str) -> tuple[str, int, str]:
     if m is None or not 1 <= int(m.group("port")) <= 65535:
         raise ValueError(f"expected [HOST]:PORT/PATH (e.g. :8080/healthz), got {text!r}")
     return m.group("host") or "127.0.0.1", int(m.group("port")), m.group("path") or "/"
+
+
+class Ulimit(_Spec, frozen=True):
+    """One resource limit of the task's processes (Docker's ``--ulimit``, setrlimit(2)).
+    ``--ulimit nofile=1024:2048``."""
+
+    name: Annotated[str, decl("the resource: core, cpu, data, fsize, locks, memlock, msgqueue, "
+                              "nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack")]
+    soft: Annotated[int, decl("the soft limit; -1 = unlimited", ge=-1)]
+    hard: Annotated[int, decl("the hard limit, at least the soft one; -1 = unlimited", ge=-1)]
+
+    def __post_init__(self) -> None:
+        try:
+            check_ulimit(self.name, self.soft, self.hard)
+        except ValueError as exc:
+            raise SpecError("name" if self.name not in ULIMITS else "soft", str(exc)) from None
+
+    @property
+    def key(self) -> str:
+        """What ``--ulimit-rm`` names: the resource."""
+        return self.name
 
 
 class HealthCheck(_Spec, frozen=True):
@@ -269,6 +298,30 @@ class ContainerSpec(_Spec, frozen=True):
     registry_auth: Annotated[bool, decl(
         "nodes pull the image with the cluster's stored credentials for its registry "
         "(`shoal registry login`; the CLI's --with-registry-auth)")] = False
+    # Docker's security and kernel settings of a container (needs cluster schema 7)
+    read_only: Annotated[bool, decl(
+        "the task's root filesystem is read-only; its mounts (volumes, tmpfs), /dev/shm and "
+        "the default root's /tmp stay writable (Docker's --read-only; needs cluster schema 7)",
+        flag="--read-only", cli="flag")] = False
+    cap_add: Annotated[tuple[str, ...], decl(
+        "capabilities added to Docker's default set: NET_ADMIN, SYS_PTRACE, … or ALL (needs "
+        "cluster schema 7)", flag="--cap-add", cli="list", item="cap", metavar="CAP",
+        max_length=64)] = ()
+    cap_drop: Annotated[tuple[str, ...], decl(
+        "capabilities removed from Docker's default set (ALL: every one; cap_add then adds "
+        "back; needs cluster schema 7)", flag="--cap-drop", cli="list", item="cap",
+        metavar="CAP", max_length=64)] = ()
+    extra_hosts: Annotated[tuple[str, ...], decl(
+        "lines of the task's /etc/hosts: NAME:IP (Docker's --host, Compose's extra_hosts; "
+        "needs cluster schema 7)", flag="--host", cli="list", item="host", metavar="NAME:IP",
+        max_length=MAX_EXTRA_HOSTS)] = ()
+    ulimits: Annotated[tuple[Ulimit, ...], decl(
+        "resource limits of the task's processes (needs cluster schema 7)", flag="--ulimit",
+        cli="list", item="ulimit", metavar="NAME=SOFT[:HARD]", max_length=len(ULIMITS))] = ()
+    sysctls: Annotated[dict[str, str], decl(
+        "kernel parameters set in the task's own namespaces: net.* (not on the host's "
+        "network), kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.* (Docker's --sysctl; "
+        "needs cluster schema 7)", flag="--sysctl", cli="map", metavar="KEY=VALUE")] = {}
 
     def __post_init__(self) -> None:
         _check_command(self.command)
@@ -285,6 +338,23 @@ class ContainerSpec(_Spec, frozen=True):
         targets = [m.target for m in self.mounts]
         if len(set(targets)) != len(targets):
             raise SpecError("mounts", "two mounts use the same target")
+        for what in ("cap_add", "cap_drop"):
+            for cap in getattr(self, what):
+                try:
+                    cap_name(cap)
+                except ValueError as exc:
+                    raise SpecError(what, str(exc)) from None
+        _check_extra_hosts(self.extra_hosts)
+        names = [u.name for u in self.ulimits]
+        if len(set(names)) != len(names):
+            raise SpecError("ulimits", "two limits of the same resource")
+        if len(self.sysctls) > MAX_SYSCTLS:
+            raise SpecError("sysctls", f"at most {MAX_SYSCTLS}")
+        for key, value in self.sysctls.items():
+            try:
+                check_sysctl(key, value, host_network=False)
+            except ValueError as exc:
+                raise SpecError("sysctls", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- resources
@@ -436,6 +506,19 @@ def _check_workdir(workdir: str) -> None:
     """A container's working directory: absolute, no NUL (empty: the image's)."""
     if workdir and (not workdir.startswith("/") or "\0" in workdir):
         raise SpecError("workdir", f"must be an absolute path, got {workdir!r}")
+
+
+def _check_extra_hosts(lines: tuple[str, ...]) -> None:
+    """``NAME:IP`` each: a host name (dots allowed) and an IPv4 or IPv6 address."""
+    for line in lines:
+        name, sep, addr = line.partition(":")
+        if not sep or not EXTRA_HOST_RE.match(name):
+            raise SpecError("extra_hosts", f"expected NAME:IP, got {line!r}")
+        try:
+            ipaddress.ip_address(addr.strip("[]"))
+        except ValueError:
+            raise SpecError("extra_hosts", f"{addr!r} in {line!r} is not an IP address") \
+                from None
 
 
 def _check_env(env: dict[str, str]) -> None:

@@ -20,6 +20,8 @@ Schema history::
        ``rollout_start`` op (a rollout's start stamped by a manager whose clock runs ahead is
        moved back to the leader's time); and a rule every replica must apply alike
        (``ROLLOUT_CLOCK``): an automatic rollback leaves no previous spec (Swarm).
+    7  a container's security and kernel settings: ``task.container.read_only``,
+       ``cap_add``, ``cap_drop``, ``extra_hosts``, ``ulimits``, ``sysctls``.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -51,7 +53,7 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import ServiceSpec, fields
 
-SCHEMA = 6  # what this code writes once the whole cluster runs it
+SCHEMA = 7  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -59,7 +61,10 @@ ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history abov
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
                          "task.network_mode": 4, "task.container.entrypoint": 6,
-                         "task.container.healthcheck.exec": 6}
+                         "task.container.healthcheck.exec": 6,
+                         **{f"task.container.{name}": 7 for name in (
+                             "read_only", "cap_add", "cap_drop", "extra_hosts", "ulimits",
+                             "sysctls")}}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # top-level commands an older node does not know: the schema from which they may be written

@@ -85,6 +85,7 @@ from shoal.raft.podspec import (  # noqa: F401
     Resources,
     RestartPolicy,
     SidecarSpec,
+    Ulimit,
     _Spec,
     check_pod,
     container_rows,
@@ -221,6 +222,11 @@ class TaskSpec(_Spec, frozen=True):
                 raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
             if name in self.networks[:i]:
                 raise SpecError(f"networks[{i}]", f"network {name} is listed twice")
+        if self.network_mode == "host":
+            for key in self.container.sysctls:
+                if key.startswith("net."):
+                    raise SpecError("container.sysctls", f"{key} would change the node's own "
+                                    "network: tasks on the host's network take no net.* sysctls")
 
 
 # --------------------------------------------------------------------------- service

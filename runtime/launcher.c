@@ -34,10 +34,12 @@
  *   init  (ns pid 1, this program's clone): brings lo up and makes every mount private (both
  *         inside its own new namespaces), reads the spec, tells the shim it got a complete one,
  *         joins the task's cgroups (writes 0 to cgroup.procs: the task is accounted before
- *         anything of it runs), sets the hostname, runs the mount plan (root filesystem, /proc,
- *         /dev, /sys, user
- *         mounts, files written into a tmpfs), pivot_root()s into the new root and detaches
- *         the old one, drops the capability bounding set, switches to the task's user, sets
+ *         anything of it runs), sets the hostname, runs the mount plan (root filesystem,
+ *         /proc and the task's sysctls, /dev, /sys, user mounts, files written into a
+ *         tmpfs, the root made read-only), pivot_root()s into the new root and detaches
+ *         the old one, sets the task's resource limits (while it still has
+ *         CAP_SYS_RESOURCE, which raising a hard limit needs; tini and the command inherit
+ *         them), drops the capability bounding set, switches to the task's user, sets
  *         no_new_privs, chdir()s to the workdir, looks the command up in the task's PATH, reports
  *         ready and execs tini (bind-mounted at /dev/init), which runs the command.
  *
@@ -51,7 +53,9 @@
  *   C a cgroup.procs path (repeated)   R the root mount point (host path)   I init path in task
  *   U uid NUL gid NUL groups(comma-separated)   K capability mask to keep (decimal)
  *   O mount-plan op (repeated, in order)   J a network namespace to join (/proc/PID/ns/net:
- *   a pod's sidecar joins its task's main container; done first, before the cgroups)   E end
+ *   a pod's sidecar joins its task's main container; done first, before the cgroups)
+ *   L resource limit NAME NUL SOFT NUL HARD (repeated; NAME as Docker's --ulimit: nofile,
+ *   nproc, core...; SOFT/HARD decimal, -1 = unlimited)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
  * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
  * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
@@ -62,6 +66,11 @@
  *   symlink TARGET VALUE
  *   mknod   TARGET MODE MAJOR MINOR
  *   write   WHERE TARGET MODE UID GID DATA
+ *   sysctl  KEY VALUE           (writes VALUE to proc/sys/KEY in the root, KEY's dots made
+ *                               slashes: the plan puts it right after mounting the task's
+ *                               /proc, before /proc/sys is bound read-only; the init is in
+ *                               the task's net and ipc namespaces, which such a write sets.
+ *                               A KEY the kernel lacks: exit 125 naming it)
  *   pivot                       (afterwards "root" paths resolve in the new "/")
  *
  * Log files: one record per line, "<RFC 3339 UTC time with ns> <F|P> <text>\n"; F = the line
@@ -86,6 +95,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -397,6 +407,26 @@ static void op_write(char **f, size_t datalen) {
     close(fd);
 }
 
+static void op_sysctl(char **f) {
+    /* KEY VALUE: through the task's own /proc (see the header); KEY is checked upstream
+     * (dotted, no empty component), so the path stays under proc/sys */
+    char path[512];
+    if (snprintf(path, sizeof path, "proc/sys/%s", f[0]) >= (int)sizeof path)
+        die(125, "sysctl %s: name too long", f[0]);
+    for (char *p = path + strlen("proc/sys/"); *p; p++)
+        if (*p == '.') *p = '/';
+    int fd = open_in_root(path, O_WRONLY);
+    if (fd < 0 && errno == ENOENT)
+        die(125, "sysctl %s: this kernel has no such setting (no /%s)", f[0], path);
+    if (fd < 0) die(125, "sysctl %s: cannot open /%s: %s", f[0], path, strerror(errno));
+    size_t n = strlen(f[1]);
+    ssize_t w = write(fd, f[1], n);
+    if (w < 0 || (size_t)w != n)
+        die(125, "sysctl %s: cannot set it to %s: %s", f[0], f[1],
+            w < 0 ? strerror(errno) : "short write");
+    close(fd);
+}
+
 static void op_pivot(void) {
     if (chdir(rootdir)) die(125, "cannot enter %s: %s", rootdir, strerror(errno));
     if (syscall(SYS_pivot_root, ".", ".")) die(125, "pivot_root: %s", strerror(errno));
@@ -453,10 +483,53 @@ static void run_plan(void) {
             if (fields(rc, f, &datalen, 7)) die(125, "bad write op");
             op_write(f + 1, datalen);
             explicit_bzero(f[6], datalen);
+        } else if (strcmp(op, "sysctl") == 0) {
+            if (fields(rc, f, NULL, 3)) die(125, "bad sysctl op");
+            op_sysctl(f + 1);
         } else if (strcmp(op, "pivot") == 0) {
             op_pivot();
         } else {
             die(125, "unknown op %s", op);
+        }
+    }
+}
+
+/* The task's resource limits (L records; names as Docker's --ulimit). Set by the init while it
+ * is still root with the agent's capabilities (raising a hard limit needs CAP_SYS_RESOURCE),
+ * after the mount plan (a small fsize or nofile must not break the plan's own writes);
+ * inherited by tini and the command through exec. */
+static const struct { const char *name; int resource; } rlimit_names[] = {
+    {"core", RLIMIT_CORE},         {"cpu", RLIMIT_CPU},       {"data", RLIMIT_DATA},
+    {"fsize", RLIMIT_FSIZE},       {"locks", RLIMIT_LOCKS},   {"memlock", RLIMIT_MEMLOCK},
+    {"msgqueue", RLIMIT_MSGQUEUE}, {"nice", RLIMIT_NICE},     {"nofile", RLIMIT_NOFILE},
+    {"nproc", RLIMIT_NPROC},       {"rss", RLIMIT_RSS},       {"rtprio", RLIMIT_RTPRIO},
+    {"rttime", RLIMIT_RTTIME},     {"sigpending", RLIMIT_SIGPENDING},
+    {"stack", RLIMIT_STACK},
+};
+
+static rlim_t rlim_value(const char *name, const char *text) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end || v < -1) die(125, "ulimit %s: bad value %s", name, text);
+    return v == -1 ? RLIM_INFINITY : (rlim_t)v;
+}
+
+static void set_rlimits(void) {
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag != 'L') continue;
+        char *f[3];
+        if (fields(&recs[i], f, NULL, 3)) die(125, "bad ulimit record");
+        int res = -1;
+        for (size_t j = 0; j < sizeof rlimit_names / sizeof rlimit_names[0]; j++)
+            if (strcmp(f[0], rlimit_names[j].name) == 0) res = rlimit_names[j].resource;
+        if (res < 0) die(125, "unknown ulimit %s", f[0]);
+        struct rlimit rl = {rlim_value(f[0], f[1]), rlim_value(f[0], f[2])};
+        if (setrlimit(res, &rl)) {
+            int e = errno;
+            die(125, "cannot set ulimit %s=%s:%s: %s%s", f[0], f[1], f[2], strerror(e),
+                e == EPERM ? " (a hard limit above the agent's own needs CAP_SYS_RESOURCE; "
+                             "nofile's is at most fs.nr_open)" : "");
         }
     }
 }
@@ -579,6 +652,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     if (sethostname(hostname, strlen(hostname))) die(125, "cannot set the hostname: %s", strerror(errno));
     run_plan();
     if (rootfd < 0) die(125, "the plan never mounts the root");
+    set_rlimits();
 
     /* capabilities: bounding set first (needs CAP_SETPCAP), then the user, then the sets */
     for (int c = 0; c < 64; c++) {

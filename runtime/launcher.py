@@ -164,6 +164,11 @@ class Spec:
         head = b"\0".join(str(i).encode() for i in ("write", where, target, mode, uid, gid))
         self.add("O", head + b"\0" + data)
 
+    def sysctl(self, key: str, value: str) -> None:
+        """Write ``value`` to /proc/sys/KEY (dotted key, dots become slashes) through the
+        task's own /proc, in the launcher's namespaces (the task's network and IPC ones)."""
+        self.fields("O", "sysctl", key, value)
+
     def pivot(self) -> None:
         self.fields("O", "pivot")
 

@@ -504,6 +504,8 @@ class ProcessController:
             spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
             for path in cgroups.procs_files() if cgroups else ():
                 spec.add("C", path)
+            for name, soft, hard in cfg.ulimits:
+                spec.fields("L", name, soft, hard)
             for arg in cfg.command:
                 spec.add("A", arg)
             for key, value in env.items():
@@ -529,6 +531,8 @@ class ProcessController:
                 cfg.files,
                 user,
                 workdir=cfg.workdir or "/",
+                read_only=cfg.read_only,
+                sysctls=cfg.sysctls,
             )
             return bytearray(spec.encode())
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shoal.runtime.cgroups import Limits
 from shoal.runtime.errors import ConfigError, InvalidTaskConfig
+from shoal.runtime.kernelparams import check_sysctl, check_ulimit
 from shoal.runtime.rootfs import MountSpec, cap_name, check_task_path
 
 #: PATH given to a task whose env has none (Docker's default).
@@ -85,6 +86,18 @@ class TaskConfig:
     #   (/proc/PID/ns/net of the task's main container) instead of a new one; "" = its own
     host_network: bool = False  # no network namespace of its own: the node's (Docker's
     #   --network host); nothing is cloned or set up for it, so starts skip the netns cost
+    read_only: bool = False  # an image task's root filesystem mounted read-only (Docker's
+    #   --read-only): the task cannot write its writable layer; /proc, /dev (/dev/shm), the
+    #   user's mounts (volumes, tmpfs, binds) and files keep their own modes. The default
+    #   image's root is read-only anyway: True changes nothing there
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard) resource limits of
+    #   the task (Docker's --ulimit), set with setrlimit before it drops privileges, so tini and
+    #   the command inherit them; names: kernelparams.ULIMITS, each once; -1 = unlimited;
+    #   () = the agent's own limits
+    sysctls: tuple[tuple[str, str], ...] = ()  # (key, value) namespaced kernel parameters
+    #   (Docker's --sysctl, dotted keys: "net.ipv4.ip_unprivileged_port_start") written in the
+    #   task's own network / IPC namespaces before the command starts; which keys: see
+    #   kernelparams.check_sysctl. One the kernel lacks fails the start (LaunchFailed)
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -128,6 +141,7 @@ class TaskConfig:
             raise InvalidTaskConfig("host_network", "a task joins one network namespace: "
                                     "the host's or join_netns, not both")
         self._validate_limits()
+        self._validate_kernel_params()
         for name in ("cap_add", "cap_drop"):
             for cap in getattr(self, name):
                 try:
@@ -145,6 +159,38 @@ class TaskConfig:
             raise InvalidTaskConfig("cpu_limit", "must be a number of CPUs >= 0")
         if not isinstance(self.pids_limit, int) or self.pids_limit < 0:
             raise InvalidTaskConfig("pids_limit", "must be an integer >= 0")
+
+    def _validate_kernel_params(self) -> None:
+        if not isinstance(self.read_only, bool):
+            raise InvalidTaskConfig("read_only", "must be true or false")
+        names: set[str] = set()
+        for limit in self.ulimits:
+            if not isinstance(limit, tuple) or len(limit) != 3:
+                raise InvalidTaskConfig("ulimits", f"expected (name, soft, hard): {limit!r}")
+            try:
+                check_ulimit(*limit)
+            except ValueError as exc:
+                raise InvalidTaskConfig("ulimits", str(exc)) from None
+            if limit[0] in names:
+                raise InvalidTaskConfig("ulimits", f"ulimit {limit[0]} is set twice")
+            names.add(limit[0])
+        keys: set[str] = set()
+        for item in self.sysctls:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise InvalidTaskConfig("sysctls", f"expected (key, value): {item!r}")
+            try:
+                check_sysctl(item[0], item[1], self.host_network)
+            except ValueError as exc:
+                raise InvalidTaskConfig("sysctls", str(exc)) from None
+            if item[0] in keys:
+                raise InvalidTaskConfig("sysctls", f"sysctl {item[0]} is set twice")
+            keys.add(item[0])
+            if self.join_netns and item[0].startswith("net."):
+                # a pod's extra container shares its task's network namespace: its net.*
+                # would change the main container's (and every sibling's) setting
+                raise InvalidTaskConfig("sysctls", f"sysctl {item[0]}: a container that joins "
+                                        "another's network namespace cannot set net.* (set "
+                                        "it on the task's main container)")  # fmt: skip
 
     def _validate_mounts_and_files(self) -> None:
         targets: set[str] = set()
@@ -226,6 +272,9 @@ class TaskConfig:
             extra_hosts=tuple((str(a), str(b)) for a, b in raw.get("extra_hosts", ())),
             join_netns=str(raw.get("join_netns", "")),
             host_network=bool(raw.get("host_network", False)),
+            read_only=bool(raw.get("read_only", False)),
+            ulimits=tuple((str(n), int(s), int(h)) for n, s, h in raw.get("ulimits", ())),
+            sysctls=tuple((str(k), str(v)) for k, v in raw.get("sysctls", ())),
         )
 
 

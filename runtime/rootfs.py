@@ -19,11 +19,13 @@ The root filesystem (runc / Nomad exec driver style):
   private writable tmpfs /tmp, /var/tmp and /run; /etc/hosts, /etc/hostname and /etc/resolv.conf
   are the task's own (bound from the init layer), host secrets (/etc/shadow...) are masked.
 * image: overlayfs, lowerdir = the init layer over the image's layers, upperdir = TASKDIR/upper
-  (the task's writable layer).
+  (the task's writable layer); with ``read_only`` (Docker's --read-only) that mount alone is
+  bind-remounted read-only once everything is mounted, just before the pivot.
 
-Then, as Docker does: /proc (with /proc/sys, /proc/sysrq-trigger... read-only and /proc/kcore,
-/proc/keys... masked), /dev as a tmpfs with null, zero, full, random, urandom, tty, a private
-devpts (/dev/pts, /dev/ptmx), /dev/shm and /dev/mqueue, and read-only afterwards; /sys read-only;
+Then, as Docker does: /proc (the task's sysctls written into it first, then /proc/sys,
+/proc/sysrq-trigger... read-only and /proc/kcore, /proc/keys... masked), /dev as a tmpfs with
+null, zero, full, random, urandom, tty, a private devpts (/dev/pts, /dev/ptmx), /dev/shm and
+/dev/mqueue, and read-only afterwards; /sys read-only;
 the user's mounts (bind, volume, tmpfs, in path order); files (secrets) bound read-only from
 the staging tmpfs onto their targets; finally pivot_root (which detaches the staging tmpfs with
 the old root: the task reaches only what was bound or layered from it). Every writable filesystem is
@@ -40,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal.runtime.kernelparams import ULIMITS, check_sysctl, check_ulimit
 from shoal.runtime.launcher import (
     MS_BIND,
     MS_NODEV,
@@ -284,10 +287,14 @@ def build_plan(
     files: Mapping[str, tuple[bytes, int]],
     user: User,
     workdir: str = "/",
+    *,
+    read_only: bool = False,
+    sysctls: Iterable[tuple[str, str]] = (),
 ) -> None:
     """Append the mount plan for one task to ``spec``. A ``workdir`` the root (or a mount)
     lacks is created, owned by root, mode 0755, as Docker does; one that exists is left as it
-    is."""
+    is. ``read_only``: an image's root is made read-only last, that mount only (the default
+    root always is). ``sysctls``: (dotted key, value) written through the task's /proc."""
     root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
     # 0. the staging tmpfs: the root's mount point, the init layer, the files
@@ -333,6 +340,15 @@ def build_plan(
         spec.mount("host", root, "overlay", "overlay", nosuid_nodev, options, "none")
     # 2. /proc
     spec.mount("root", "proc", "proc", "proc", nosuid_nodev | MS_NOEXEC)
+    # The task's sysctls, here: the launcher runs in the task's own network and IPC
+    # namespaces already (cloned with them, or a pod's joined before the plan), and a write
+    # to /proc/sys acts on the writer's namespaces, so its fresh /proc reaches exactly the
+    # task's settings; it is writable only until /proc/sys is bound read-only just below.
+    # Being ops of the plan, they need no record of their own, never use the host's /proc
+    # (read-only when the agent itself runs in a container) and run before anything of the
+    # task does. A key the kernel lacks fails the start, naming it.
+    for key, value in sysctls:
+        spec.sysctl(key, value)
     for rel in READONLY_PROC:
         spec.bind(
             f"{root}/{rel}", rel, kind="none", flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC,
@@ -379,9 +395,13 @@ def build_plan(
     # 7. the working directory (after the mounts: it may be inside one)
     if workdir.strip("/"):
         spec.mkdir("root", workdir.lstrip("/"), 0o755)
-    # 8. a read-only root for the default image, then pivot
+    # 8. a read-only root (always for the default image; for an image, Docker's --read-only:
+    #    a bind remount changes this mount only, not the overlay's superblock nor the mounts
+    #    above, which keep their own modes), then pivot
     if plan.layers is None:
         spec.remount("host", root, MS_RDONLY | nosuid_nodev, "mode=755,size=1m")
+    elif read_only:
+        spec.remount("host", root, MS_BIND | MS_RDONLY | nosuid_nodev)
     spec.pivot()
 
 
@@ -438,13 +458,16 @@ __all__ = [
     "INIT_IN_TASK",
     "MS_BIND",
     "MS_REC",
+    "ULIMITS",
     "MountSpec",
     "RootfsPlan",
     "User",
     "build_plan",
     "cap_name",
     "capability_mask",
+    "check_sysctl",
     "check_task_path",
+    "check_ulimit",
     "hosts_file",
     "read_rootfs_file",
     "resolv_conf",

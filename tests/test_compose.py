@@ -376,7 +376,7 @@ services:
     image: web:1
     container_name: w
     command: sleep 1
-    cap_add: [NET_ADMIN]
+    dns: [10.0.0.53]
     networks: [back]
     deploy:
       mode: global
@@ -401,9 +401,9 @@ x-common: &common {}
     assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
-    for key in ("container_name", "depends_on", "cap_add"):
+    for key in ("container_name", "depends_on", "dns"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
-    assert all("not supported yet" in x for x in w if x.startswith(("cap_add", "deploy.")))
+    assert all("not supported yet" in x for x in w if x.startswith(("dns", "deploy.")))
     web = st.services[0]
     assert web.endpoint.mode == "dnsrr" and not any("endpoint_mode" in x for x in w)
     assert (web.mode.type, web.task.placement.max_replicas) == ("global", 1)
@@ -793,3 +793,44 @@ def test_tmpfs_options_beyond_size_are_warned_by_name(tmp_path: Path) -> None:
     (m,) = svc(st, "a").task.container.mounts
     assert (m.type, m.target, m.tmpfs_size) == ("tmpfs", "/run", 64 << 20)
     assert [w.split(":")[0] for w in st.warnings] == ["tmpfs (mode)"]
+
+
+def test_security_and_kernel_keys_become_the_containers_settings(tmp_path: Path) -> None:
+    """cap_add/cap_drop, read_only, extra_hosts (list and mapping forms), ulimits (a number or
+    soft/hard), sysctls (mapping or list) as Swarm reads them; a bad one names its key."""
+    text = """
+services:
+  db:
+    image: postgres:16
+    read_only: true
+    cap_add: [SYS_NICE]
+    cap_drop: [ALL]
+    extra_hosts: ["ldap:10.0.0.7", "proxy=10.0.0.8"]
+    ulimits:
+      nproc: 65535
+      nofile: {soft: 20000, hard: 40000}
+    sysctls:
+      net.core.somaxconn: 1024
+      kernel.shmmax: 68719476736
+  api:
+    image: api:1
+    extra_hosts: {cache: 10.0.0.9, both: [10.0.0.10, "::1"]}
+    sysctls: ["net.ipv4.tcp_syncookies=0"]
+"""
+    st = deploy(tmp_path, text)
+    db, api = svc(st, "db").task.container, svc(st, "api").task.container
+    assert db.read_only and db.cap_add == ("SYS_NICE",) and db.cap_drop == ("ALL",)
+    assert db.extra_hosts == ("ldap:10.0.0.7", "proxy:10.0.0.8")
+    assert [(u.name, u.soft, u.hard) for u in db.ulimits] == [("nproc", 65535, 65535),
+                                                             ("nofile", 20000, 40000)]
+    assert db.sysctls == {"net.core.somaxconn": "1024", "kernel.shmmax": "68719476736"}
+    assert api.extra_hosts == ("cache:10.0.0.9", "both:10.0.0.10", "both:::1")
+    assert api.sysctls == {"net.ipv4.tcp_syncookies": "0"} and not api.read_only
+    assert not any(k in w for w in st.warnings for k in ("cap_add", "ulimits", "sysctls"))
+    for bad, where in (("    ulimits: {nofile: {soft: 1}}", "services.db.ulimits.nofile"),
+                       ("    sysctls: {vm.swappiness: 10}", "services.db.sysctls"),
+                       ("    extra_hosts: [ldap]", "services.db.extra_hosts[0]"),
+                       ("    cap_add: [FLY]", "services.db.cap_add")):
+        with pytest.raises(ComposeError) as exc:
+            deploy(tmp_path, f"services:\n  db:\n    image: db:1\n{bad}\n")
+        assert exc.value.path == where, (bad, exc.value)

@@ -18,6 +18,7 @@ import pytest
 
 from netlab import Host, Lab
 from shoal.cli import main as cli_main
+from shoal.cli.specflags import PAIRED
 from shoal.raft.spec import FieldDecl, fields
 
 pytestmark = pytest.mark.netns
@@ -43,6 +44,9 @@ BY_ITEM: dict[str, list[str]] = {
     "constraint": ["node.bogus==1", "node.labels.zone"],
     "preference": ["pack=node.labels.x", "spread=zone"],
     "network": ["Bad Name!"],
+    "cap": ["FLY", "CAP_"],
+    "host": ["db", "db:999.1.1.1", "bad_name:10.0.0.1"],
+    "ulimit": ["nofile=x", "files=1", "nofile=9:1", "nofile"],
 }
 # free-text flags: their bad values (with what else the create needs to reach the check),
 # or None when any text is valid
@@ -124,7 +128,7 @@ def create_args(d: FieldDecl, value: str, context: list[str], n: int) -> list[st
 
 
 def update_args(d: FieldDecl, value: str) -> tuple[str, list[str]]:
-    flag = d.flag + "-add" if d.cli in ("list", "map") else d.flag
+    flag = d.flag + "-add" if d.cli in ("list", "map") and d.path not in PAIRED else d.flag
     context = ["--mode", "replicated-job", "--schedule", "@daily"] \
         if d.flag == "--schedule-tz" else []
     return flag, ["service", "update", *context, f"{flag}={value}", "sweep"]

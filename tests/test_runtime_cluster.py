@@ -186,6 +186,46 @@ def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> 
                timeout=60, what="the entrypoint's output")
 
 
+def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., Lab],
+                                                     tmp_path: Path) -> None:
+    """A service's --read-only, --cap-drop/--cap-add, --host, --ulimit and --sysctl, through
+    the CLI, the leader and the worker to the task's own namespaces (Docker's flags)."""
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    h1 = lab.hosts[0]
+    root = busybox_rootfs(tmp_path / "bb")
+    tarball = tmp_path / "busybox.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(root, arcname=".")
+    h1.cli("image", "import", "busybox:1", str(tarball))
+    probe = ("touch /rootfile 2>/dev/null && echo root-writable || echo root-readonly; "
+             "touch /scratch/x && echo scratch-writable; "
+             "echo somaxconn=$(cat /proc/sys/net/core/somaxconn); "
+             "while read k v; do [ \"$k\" = CapEff: ] && echo capeff=$v; done < /proc/self/status; "
+             "while read l; do case \"$l\" in 'Max open files'*) echo \"nofile=$l\";; esac; "
+             "done < /proc/self/limits; "
+             "while read ip name; do [ \"$name\" = db.internal ] && echo hosts=$ip; "
+             "done < /etc/hosts; echo probe-done; sleep 100000")
+    h1.cli("service", "create", "--name", "locked", "--image", "busybox:1", "--read-only",
+           "--mount", "type=tmpfs,dst=/scratch", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
+           "--host", "db.internal:10.0.0.2", "--ulimit", "nofile=1000:2000", "--sysctl",
+           "net.core.somaxconn=999", "--", "sh", "-c", probe)
+    running(h1, "locked", 1, timeout=60)
+    out = wait_until(lambda: logs_with(h1, "locked", "probe-done"), timeout=30,
+                     what="probe output")
+    assert "root-readonly" in out and "scratch-writable" in out, out
+    assert "somaxconn=999" in out and "hosts=10.0.0.2" in out, out
+    assert int(out.split("capeff=")[1].split()[0], 16) == 1 << 12, out  # CAP_NET_ADMIN alone
+    assert out.split("nofile=Max open files")[1].split()[:2] == ["1000", "2000"], out
+    host = h1.run("cat", "/proc/sys/net/core/somaxconn").stdout.strip()
+    assert host != "999", host  # the node's own is untouched
+    # an update drops the settings: the replacement task writes its root again
+    h1.cli("service", "update", "--read-only=false", "--sysctl-rm", "net.core.somaxconn",
+           "locked")
+    wait_until(lambda: logs_with(h1, "locked", "root-writable"), timeout=60,
+               what="the updated task's output")
+
+
 def test_agent_restart_adopts_tasks_and_reports_exits(lab_factory: Callable[..., Lab]
                                                       ) -> None:
     lab = lab_factory(1)

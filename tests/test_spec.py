@@ -47,6 +47,8 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
         assert f.flag in create, f.path
         if f.path == "name":
             assert f.flag not in update  # a service cannot be renamed
+        elif f.path in specflags.PAIRED:  # (docker's `service update --cap-add`)
+            assert f.flag in update and f.flag + "-add" not in update, f.path
         elif f.cli in ("list", "map"):
             assert {f.flag + "-add", f.flag + "-rm"} <= update, f.path
         else:
@@ -83,6 +85,24 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
      "endpoint.ports[1].published"),
     ({"task": {"container": {"command": ["x"]}, "network_mode": "none"},
       "endpoint": {"expose": [{"port": 80}]}}, "endpoint.expose"),
+    ({"task": {"container": {"command": ["x"], "cap_add": ["FLY"]}}}, "task.container.cap_add"),
+    ({"task": {"container": {"command": ["x"], "cap_drop": ["ALL", "NOPE"]}}},
+     "task.container.cap_drop"),
+    ({"task": {"container": {"command": ["x"], "extra_hosts": ["db:10.0.0.300"]}}},
+     "task.container.extra_hosts"),
+    ({"task": {"container": {"command": ["x"], "extra_hosts": ["db_1:10.0.0.3"]}}},
+     "task.container.extra_hosts"),
+    ({"task": {"container": {"command": ["x"], "ulimits": [
+        {"name": "nofile", "soft": 4096, "hard": 1024}]}}}, "task.container.ulimits[0].soft"),
+    ({"task": {"container": {"command": ["x"], "ulimits": [
+        {"name": "files", "soft": 1, "hard": 1}]}}}, "task.container.ulimits[0].name"),
+    ({"task": {"container": {"command": ["x"], "ulimits": [
+        {"name": "nofile", "soft": 1, "hard": 1}, {"name": "nofile", "soft": 2, "hard": 2}]}}},
+     "task.container.ulimits"),
+    ({"task": {"container": {"command": ["x"], "sysctls": {"vm.swappiness": "10"}}}},
+     "task.container.sysctls"),
+    ({"task": {"container": {"command": ["x"], "sysctls": {"net.core.somaxconn": "9"}},
+               "network_mode": "host"}}, "task.container.sysctls"),
 ])
 def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: str) -> None:
     spec = {**BASE, **change}
@@ -104,6 +124,10 @@ def test_bad_values_name_the_field_by_its_path(change: dict[str, Any], field: st
     (["--mount", "dst=/x,color=red"], "--mount"),
     (["--constraint", "zone"], "--constraint"),
     (["--entrypoint", "sh -c 'unclosed"], "--entrypoint"),
+    (["--cap-add", "FLY"], "--cap-add"),
+    (["--host", "db"], "--host"),
+    (["--ulimit", "nofile=many"], "--ulimit"),
+    (["--ulimit", "1024"], "--ulimit"),
 ])
 def test_bad_flag_values_name_the_flag(argv: list[str], flag: str) -> None:
     args = build_parser().parse_args(["service", "create", "--name", "w", *argv, "--", "x"])
@@ -150,6 +174,46 @@ def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:
     assert [(x.published, x.protocol) for x in new.endpoint.ports] == [(9090, "udp")]
     assert not new.task.container.secrets and new.update.parallelism == 2
     assert new.task.force_update == 1 and new.mode.replicas == 3
+
+
+def test_security_and_kernel_flags_as_dockers_on_create_and_update() -> None:
+    """--read-only, --cap-add/--cap-drop (on update too: one moves a capability out of the
+    other list, as docker's), --host, --ulimit, --sysctl; --read-only=false turns it off."""
+    p = build_parser()
+    args = p.parse_args(["service", "create", "--name", "web", "--read-only", "--cap-add",
+                         "net_admin", "--cap-drop", "ALL", "--host", "db:10.0.0.2", "--host",
+                         "v6=::1", "--ulimit", "nofile=1024:2048", "--ulimit", "nproc=-1",
+                         "--sysctl", "net.core.somaxconn=1024", "--", "sleep", "9"])
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    c = spec.task.container
+    assert c.read_only and c.cap_add == ("NET_ADMIN",) and c.cap_drop == ("ALL",)
+    assert c.extra_hosts == ("db:10.0.0.2", "v6:::1")
+    assert [(u.name, u.soft, u.hard) for u in c.ulimits] == [("nofile", 1024, 2048),
+                                                            ("nproc", -1, -1)]
+    assert c.sysctls == {"net.core.somaxconn": "1024"}
+    args = p.parse_args(["service", "update", "--read-only=false", "--cap-drop", "NET_ADMIN",
+                         "--cap-add", "chown", "--host-rm", "db", "--host-add", "api:10.0.0.4",
+                         "--ulimit-rm", "nproc", "--ulimit-add", "nofile=10",
+                         "--sysctl-rm", "net.core.somaxconn", "--sysctl-add",
+                         "kernel.shmmax=1000000", "web"])
+    new = validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container
+    assert not new.read_only and new.cap_add == ("CHOWN",)
+    assert new.cap_drop == ("ALL", "NET_ADMIN")
+    assert new.extra_hosts == ("v6:::1", "api:10.0.0.4")
+    assert [(u.name, u.soft, u.hard) for u in new.ulimits] == [("nofile", 10, 10)]
+    assert new.sysctls == {"kernel.shmmax": "1000000"}
+    args = p.parse_args(["service", "update", "--read-only=true", "web"])
+    assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
+        .read_only
+    args = p.parse_args(["service", "update", "--replicas", "2", "web"])  # (left as it is)
+    assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
+        .read_only
+    # the global -H/--host before the command, the service's --host after it
+    args = p.parse_args(["--host", "unix:///x.sock", "service", "create", "--host",
+                         "db:10.0.0.2", "--", "x"])
+    assert args.host == "unix:///x.sock"
+    assert specflags.spec_from_create_args(args)["task"]["container"]["extra_hosts"] == \
+        ["db:10.0.0.2"]
 
 
 def test_network_host_and_none_are_network_modes_as_dockers_network_flag_says() -> None:

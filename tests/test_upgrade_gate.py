@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 6
+    assert announced_schema(meta) == SCHEMA == 7
 
 
 class _Cluster:
@@ -184,6 +184,14 @@ ENTRY = {"name": "entry", "task": {"container": {"image": "busybox:1", "command"
                                                   "entrypoint": ["/bin/sh"]}}}
 EXEC = {"name": "exec", "task": {"container": {"command": ["x"],
                                                 "healthcheck": {"exec": ["/bin/check"]}}}}
+SECURE = {"name": "secure", "task": {"container": {"command": ["x"], "read_only": True}}}
+CAPS = {"name": "caps", "task": {"container": {"command": ["x"], "cap_add": ["NET_ADMIN"]}}}
+ULIMIT = {"name": "ulim", "task": {"container": {"command": ["x"], "ulimits": [
+    {"name": "nofile", "soft": 1024, "hard": 2048}]}}}
+SYSCTL = {"name": "sysctl", "task": {"container": {"command": ["x"],
+                                                   "sysctls": {"net.core.somaxconn": "1024"}}}}
+HOSTS = {"name": "hosts", "task": {"container": {"command": ["x"],
+                                                 "extra_hosts": ["db:10.0.0.9"]}}}
 _LATER = ("sidecars", "init_containers", "network_mode")
 
 
@@ -225,6 +233,7 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
     assert "autoscale" not in raw["services"]["s1"]["spec"]["mode"]
     assert not set(_LATER) & raw["tasks"]["t1"]["spec"].keys()
     assert "entrypoint" not in raw["tasks"]["t1"]["spec"]["container"]
+    assert not {"read_only", "cap_add", "sysctls"} & raw["tasks"]["t1"]["spec"]["container"].keys()
     back = state_from_bytes(state_to_bytes(st))
     assert back.services["s1"].spec == st.services["s1"].spec
     assert back.tasks["t1"].spec == st.tasks["t1"].spec
@@ -238,7 +247,12 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
                                              (AUTO, "mode.autoscale"),
                                              (HOSTNET, "task.network_mode"),
                                              (ENTRY, "task.container.entrypoint"),
-                                             (EXEC, "task.container.healthcheck.exec")])
+                                             (EXEC, "task.container.healthcheck.exec"),
+                                             (SECURE, "task.container.read_only"),
+                                             (CAPS, "task.container.cap_add"),
+                                             (ULIMIT, "task.container.ulimits"),
+                                             (SYSCTL, "task.container.sysctls"),
+                                             (HOSTS, "task.container.extra_hosts")])
 def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
         spec: dict[str, Any], field: str) -> None:
     """On propose (encode) and by the state machine alike (an older replica refuses it
