@@ -23,7 +23,7 @@ from typing import Any
 
 from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
-from shoal.cli.specflags import parse_duration, parse_size
+from shoal.cli.specflags import parse_duration, parse_size, port_range, publish_ports
 
 
 @dataclass(frozen=True)
@@ -327,11 +327,19 @@ def _env_file(svc: _Service, v: Any, path: str) -> None:
 
 
 def _range(text: str, path: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    a, b = int(lo), int(hi or lo)
-    if not (1 <= a <= b <= 65535):
-        raise ComposeError(path, f"invalid port or range {text!r} (1-65535)")
-    return list(range(a, b + 1))
+    try:
+        return list(port_range(text))
+    except ValueError as exc:
+        raise ComposeError(path, f"invalid port or range: {exc}") from None
+
+
+def _publish(published: str, target: str, proto: str, path: str) -> list[dict[str, Any]]:
+    """The PortSpecs of a ports item, paired as ``--publish`` pairs them (``publish_ports``:
+    ranges of one length port by port, a published range with one target all to it)."""
+    try:
+        return publish_ports(published, target, proto)
+    except ValueError as exc:
+        raise ComposeError(path, str(exc)) from None
 
 
 def _ports(svc: _Service, v: Any, path: str) -> None:
@@ -353,16 +361,8 @@ def _ports(svc: _Service, v: Any, path: str) -> None:
         if m.group("ip"):
             svc.warn("ports (host IP)", f"{NOT_YET}: published on every address of every "
                      "node (the routing mesh)")
-        targets = _range(m.group("target"), where)
-        if not m.group("pub"):  # ("80", ":80"): the managers assign one, as `-p 80`
-            ports += [{"published": 0, "target": t, "protocol": proto} for t in targets]
-            continue
-        published = _range(m.group("pub"), where)
-        if len(published) != len(targets):
-            raise ComposeError(where, f"{text!r}: the published and target ranges must be "
-                               "of the same length")
-        ports += [{"published": p, "target": t, "protocol": proto}
-                  for p, t in zip(published, targets, strict=True)]
+        # ("80", ":80": the managers assign one, as `-p 80`; "8000-8010:80": each to 80)
+        ports += _publish(m.group("pub") or "", m.group("target"), proto, where)
     svc.set("endpoint.ports", ports, path)
 
 
@@ -374,6 +374,7 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
     if "target" not in m:
         raise ComposeError(f"{path}.target", "is required")
     target = as_int(m["target"], f"{path}.target")
+    _range(str(target), f"{path}.target")
     proto = as_str(m.get("protocol", "tcp"), f"{path}.protocol").lower()
     if proto not in ("tcp", "udp"):
         raise ComposeError(f"{path}.protocol", f"shoal publishes tcp and udp, got {proto!r}")
@@ -385,14 +386,18 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
                  "(ingress) instead")
     if m.get("host_ip"):
         svc.warn("ports.host_ip", f"{NOT_YET}: published on every address of every node")
-    if "published" not in m or m["published"] in ("", None):  # the managers assign one
-        return [{"published": 0, "target": target, "protocol": proto}]
-    pub = m["published"]
-    published = _range(pub, f"{path}.published") if isinstance(pub, str) and "-" in pub \
-        else [as_int(pub, f"{path}.published")]
-    if len(published) != 1:
-        raise ComposeError(f"{path}.published", "a range needs a target range (short syntax)")
-    return [{"published": published[0], "target": target, "protocol": proto}]
+    # no published port: the managers assign one; a range ("8000-8010", a string in the
+    # Compose Specification): every port of it leads to the target, as the short syntax
+    # "8000-8010:80" does in docker's swarm CLI (the Specification's "an available port of
+    # the range" would need a choice among them that a PortSpec cannot record)
+    pub = m.get("published")
+    if pub in ("", None):
+        published = ""
+    elif isinstance(pub, str) and "-" in pub.strip():
+        published = pub.strip()
+    else:
+        published = str(as_int(pub, f"{path}.published"))
+    return _publish(published, str(target), proto, f"{path}.published")
 
 
 def _file_refs(kind: str) -> Handler:
@@ -626,21 +631,30 @@ def _preferences(svc: _Service, v: Any, path: str) -> None:
 
 def _service_networks(svc: _Service, v: Any, path: str) -> None:
     """``networks: [back]`` or ``{back: {aliases: [...]}}`` → the task's networks (the
-    stack's names for them); each must be declared under the top-level ``networks:``."""
+    stack's names for them); each must be declared under the top-level ``networks:``.
+    ``aliases`` → the service's more DNS names on that network (``task.network_aliases``,
+    keyed by the network's name in the cluster); the other per-network keys are ignored."""
     if isinstance(v, list):
         keys = {as_str(k, f"{path}[{i}]"): None for i, k in enumerate(v)}
     else:
         keys = dict(as_map(v, path))
     names = []
+    aliases: dict[str, list[str]] = {}
     for key, opts in keys.items():
         if key not in svc.networks:
             raise ComposeError(f"{path}.{key}", "not declared under the top-level networks:")
-        if opts:
-            for k in as_map(opts, f"{path}.{key}"):
+        name = svc.networks[key]
+        given: dict[str, Any] = as_map(opts, f"{path}.{key}") if opts else {}
+        for k, x in given.items():
+            if k == "aliases" and name not in ("host", "none"):
+                aliases[name] = as_str_list(x, f"{path}.{key}.aliases") if x else []
+            else:  # (the host's network has no names of ours: a network mode, not a network)
                 svc.warn(f"networks.{k}", f"{NOT_YET}: ignored (a service is reached by its "
                          "name on each of its networks)")
-        names.append(svc.networks[key])
+        names.append(name)
     svc.set("task.networks", names, path)
+    if any(aliases.values()):
+        svc.set("task.network_aliases", {n: a for n, a in aliases.items() if a}, path)
 
 
 def _network_mode(svc: _Service, v: Any, path: str) -> None:

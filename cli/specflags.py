@@ -55,6 +55,37 @@ def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+def read_env_files(paths: Sequence[str], flag: str = "--env-file") -> dict[str, str]:
+    """Docker's ``--env-file`` files (docker/cli pkg/kvfile), the later winning: ``KEY=VALUE``
+    lines taken as they are (no quote removal, no ``${}``, leading blanks dropped, trailing
+    ones kept in the value), ``#`` comment lines and blank lines skipped, a bare ``KEY``
+    taken from this shell's environment (left out when unset). Not Compose's ``env_file``
+    rules (shoal.cli.compose_env): a Compose file and a docker command each read theirs."""
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as exc:
+            raise CliError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            at = exc.object[:exc.start].count(b"\n") + 1
+            raise CliError(f"{flag} {path}:{at}: not UTF-8 text") from None
+        for n, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+            line = raw.removesuffix("\r").lstrip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not key or any(c in key for c in " \t"):  # (the value is not shown: a secret?)
+                raise CliError(f"{flag} {path}:{n}: {key!r} is not a variable name (expected "
+                               "KEY=VALUE or KEY, a name without blanks)")
+            if sep:
+                out[key] = value
+            elif key in os.environ:
+                out[key] = os.environ[key]
+    return out
+
+
 def parse_size(text: str | None, flag: str) -> int:
     """'64M' → 67108864 (binary units, as Docker)."""
     if not text:
@@ -91,13 +122,65 @@ def parse_duration(text: str, flag: str) -> float:
     return value
 
 
+# the most ports one range (``-p 8000-8010:80``, Compose's ``"8000-8010:80"``) may name: as
+# many as a service publishes (EndpointSpec.ports), so `-p 1-65535` is one clear error
+MAX_PORT_RANGE = 256
+
+
+def port_range(text: str) -> range:
+    """``PORT`` or ``FIRST-LAST`` (1-65535, at most MAX_PORT_RANGE ports) → its ports.
+    ValueError says why not; the caller names its flag or key."""
+    lo, sep, hi = text.strip().partition("-")
+    if not all(p.isascii() and p.isdigit() for p in ([lo, hi] if sep else [lo])):
+        raise ValueError(f"{text!r} is not a port or a range FIRST-LAST")
+    first, last = int(lo), int(hi or lo)
+    if not (1 <= first <= 65535 and 1 <= last <= 65535):
+        raise ValueError(f"{text!r} is out of range (ports are 1-65535)")
+    if last < first:
+        raise ValueError(f"the range {text!r} is reversed (write the lower port first)")
+    if last - first >= MAX_PORT_RANGE:
+        raise ValueError(f"the range {text!r} has {last - first + 1} ports: a service "
+                         f"publishes at most {MAX_PORT_RANGE}")
+    return range(first, last + 1)
+
+
+def publish_ports(published: str, target: str, protocol: str) -> list[dict[str, Any]]:
+    """The PortSpecs of PUBLISHED (a port, a range, or ""/"0": the managers assign each)
+    and TARGET (a port or a range), as Docker's ``nat.ParsePortSpec`` and swarm
+    ``ConvertPortToPortConfig`` pair them: ranges of one length port by port
+    (``8000-8001:9000-9001`` → 8000→9000, 8001→9001); a published range with one target
+    forwards every port of it to that target. ValueError says why not."""
+    targets = port_range(target)
+    if published in ("", "0"):
+        return [{"published": 0, "target": t, "protocol": protocol} for t in targets]
+    ports = port_range(published)
+    if len(targets) == 1:
+        return [{"published": p, "target": targets[0], "protocol": protocol} for p in ports]
+    if len(ports) != len(targets):
+        raise ValueError(f"{len(ports)} published ports for {len(targets)} targets: give "
+                         "ranges of the same length, or one target port for the range")
+    return [{"published": p, "target": t, "protocol": protocol}
+            for p, t in zip(ports, targets, strict=True)]
+
+
 def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
+    """One port of ``--publish`` (``parse_publish_ports``); a range is refused here."""
+    ports = parse_publish_ports(text, flag)
+    if len(ports) != 1:
+        raise CliError(f"{flag} {text!r} names {len(ports)} ports, expected one")
+    return ports[0]
+
+
+def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, Any]]:
     """Docker's ``--publish [PUBLISHED:]TARGET[/tcp|udp]`` or
-    ``published=..,target=..,protocol=..,mode=ingress``. No published port (``-p 80``): the
-    managers assign one of 30000-32767. ``mode=host`` (a port bound only where a task runs,
-    without the routing mesh) is refused, never silently turned into the mesh."""
+    ``published=..,target=..,protocol=..,mode=ingress`` → its PortSpecs: PUBLISHED and TARGET
+    may be ranges (``8000-8010:9000-9010``, ``8000-8010:80``; ``publish_ports``). No published
+    port (``-p 80``): the managers assign one of 30000-32767. ``mode=host`` (a port bound
+    only where a task runs, without the routing mesh) is refused, never silently turned into
+    the mesh."""
     usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
-             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress], got {text!r}")
+             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress] (a port or a range "
+             f"FIRST-LAST each), got {text!r}")
     if "=" in text:
         kv = parse_kv(text.split(","), flag)
         unknown = set(kv) - {"published", "target", "protocol", "mode"}
@@ -115,12 +198,13 @@ def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
     else:
         spec, _, proto = text.partition("/")
         published, _, target = spec.rpartition(":")
-    if not published:
-        published = "0"
-    if not (f"{published}{target}".isascii() and published.isdigit() and target.isdigit()) \
-            or proto not in ("", "tcp", "udp"):
+    if not (re.fullmatch(r"([0-9]+(-[0-9]+)?)?", published)
+            and re.fullmatch(r"[0-9]+(-[0-9]+)?", target)) or proto not in ("", "tcp", "udp"):
         raise CliError(usage)
-    return {"published": int(published), "target": int(target), "protocol": proto or "tcp"}
+    try:
+        return publish_ports(published, target, proto or "tcp")
+    except ValueError as exc:
+        raise CliError(f"{flag} {text!r}: {exc}") from None
 
 
 def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
@@ -291,6 +375,45 @@ def parse_ulimit(text: str, flag: str) -> dict[str, Any]:
     return {"name": name, "soft": lo, "hard": hi}
 
 
+def network_opts(text: str, flag: str = "--network") -> tuple[str, list[str]]:
+    """docker's ``--network NAME`` or ``--network name=NAME,alias=A[,alias=B...]`` → (the
+    network, the service's aliases on it: more DNS names, ``task.network_aliases``)."""
+    if "=" not in text:
+        return text, []
+    name, aliases = "", []
+    for part in next(csv.reader([text])):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if key == "name" and sep:
+            name = value.strip()
+        elif key == "alias" and sep and value.strip():
+            aliases.append(value.strip())
+        else:
+            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected NAME or "
+                           "name=NAME[,alias=ALIAS...])")
+    if not name:
+        raise CliError(f"{flag} {text!r}: name=NETWORK is required")
+    return name, aliases
+
+
+def _with_network_aliases(spec: dict[str, Any], path: str, texts: Sequence[str], flag: str,
+                          gone: Sequence[str] = ()) -> None:
+    """The aliases of ``--network name=N,alias=A`` values into the map of aliases beside the
+    networks list at ``path`` (``task.networks`` → ``task.network_aliases``): a network
+    given gets the aliases it is given with (none with the short form), as the list item
+    replaces the one of the same name; the networks in ``gone`` (``--network-rm``) lose
+    theirs."""
+    target = path.rpartition(".")[0] + ".network_aliases"
+    before = _get(spec, target, {}) or {}
+    aliases = {k: list(v) for k, v in before.items()}
+    for text in texts:
+        name, more = network_opts(text, flag)
+        aliases[name] = list(dict.fromkeys(more))
+    aliases = {k: v for k, v in aliases.items() if v and k not in gone}
+    if aliases or before:
+        _set(spec, target, aliases)
+
+
 def _port_key(text: str, flag: str) -> str:
     """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
     port, _, proto = text.strip().partition("/")
@@ -300,12 +423,29 @@ def _port_key(text: str, flag: str) -> str:
     return f"{int(port)}/{proto}"
 
 
-# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value)
+def _publish_rm_keys(text: str, flag: str) -> list[str]:
+    """``--publish-rm PUBLISHED[/PROTOCOL]`` (what follows a ``:`` is ignored) → the keys
+    it names; a range ``8000-8010`` names each of its ports."""
+    spec, _, proto = text.strip().partition("/")
+    proto = (proto or "tcp").lower()
+    port = spec.split(":")[0]
+    if not re.fullmatch(r"[0-9]+(-[0-9]+)?", port) or proto not in ("tcp", "udp"):
+        raise CliError(f"{flag}: expected PORT[/tcp|udp] or a range FIRST-LAST[/tcp|udp], "
+                       f"got {text!r}")
+    try:
+        return [f"{p}/{proto}" for p in port_range(port)]
+    except ValueError as exc:
+        raise CliError(f"{flag} {text!r}: {exc}") from None
+
+
+# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value); a
+# value naming several items (``-p 8000-8010:80``) parses to a list of them, an --X-rm
+# value naming several keys (``--publish-rm 8000-8010``) to a list of keys
 ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
-                       Callable[[str, str], str]]] = {
+                       Callable[[str, str], str | list[str]]]] = {
     "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
-    "port": (parse_publish, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
-             lambda t, f: _port_key(t.split(":")[0], f)),
+    "port": (parse_publish_ports, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
+             _publish_rm_keys),
     "expose": (parse_expose, lambda e: f"{e['port']}/{e.get('protocol', 'tcp')}",
                lambda t, f: _port_key(t, f)),
     "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
@@ -313,8 +453,9 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "constraint": (parse_constraint, str, parse_constraint),
     "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
                    lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
-    "network": (lambda t, f: t, str, lambda t, f: t),
+    "network": (lambda t, f: network_opts(t, f)[0], str, lambda t, f: t),
     "cap": (parse_cap, str, parse_cap),
+    "group": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
     "host": (parse_host, lambda h: str(h).partition(":")[0],
              lambda t, f: t.replace("=", ":", 1).partition(":")[0]),
     "ulimit": (parse_ulimit, lambda u: str(u["name"]), lambda t, f: t.partition("=")[0]),
@@ -322,10 +463,18 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
 }
 # what an --X-add replaces, where that is not what --X-rm names: a secret or config added
 # replaces the one at the same file name (`--secret-rm pw --secret-add source=pw2,target=pw`,
-# Docker's rotation idiom, keeps every other reference to pw2)
+# Docker's rotation idiom, keeps every other reference to pw2); a port the managers are to
+# assign (`--publish-add 81-83`) replaces one of its target, not the other unassigned ones
 REPLACES: dict[str, Callable[[Any], str]] = {
+    "port": lambda p: f"{p['published'] or 'to ' + str(p['target'])}/{p.get('protocol', 'tcp')}",
     "secret": lambda r: str(r.get("target") or r["name"]),
     "config": lambda r: str(r.get("target") or r["name"]),
+}
+# list items whose flag values carry another field too: (spec, the list's path, the values
+# given, the flag, the keys --X-rm named) → that field set in spec. docker's --network
+# name=N,alias=A: the name is the item, the aliases go to task.network_aliases
+CARRIES: dict[str, Callable[[dict[str, Any], str, Sequence[str], str, Sequence[str]], None]] = {
+    "network": _with_network_aliases,
 }
 
 
@@ -379,7 +528,8 @@ PAIRED: dict[str, str] = {"task.container.cap_add": "task.container.cap_drop",
                           "task.container.cap_drop": "task.container.cap_add"}
 
 # docker's other spelling of a flag (scripts written for `docker service create` work as is)
-ALIASES: dict[str, tuple[str, ...]] = {"--max-replicas-per-node": ("--replicas-max-per-node",)}
+ALIASES: dict[str, tuple[str, ...]] = {"--max-replicas-per-node": ("--replicas-max-per-node",),
+                                       "--group": ("--group-add",)}
 
 
 def add_create_flags(parser: argparse.ArgumentParser) -> None:
@@ -403,6 +553,10 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", default="", metavar="FILE",
                         help="the service spec from a YAML/JSON file (- = stdin; docs/api.md's "
                         "spec reference, e.g. a pod's task.sidecars); flags given override it")
+    parser.add_argument("--env-file", action="append", default=[], dest="env_file",
+                        metavar="FILE", help="environment variables from FILE: KEY=VALUE lines "
+                        "as docker's (no quote removal; a bare KEY takes this shell's value; "
+                        "# comments); later files, then -e, win")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         metavar="IMAGE [COMMAND [ARG...]] | -- CMD [ARGS...]")
 
@@ -475,6 +629,17 @@ def _get(spec: dict[str, Any], path: str, default: Any) -> Any:
     return node
 
 
+def _as_list(value: Any) -> list[Any]:
+    """A parser's result as a list (ITEMS: a value may name several items or keys)."""
+    return value if isinstance(value, list) else [value]
+
+
+def _parsed_items(parse: Callable[[str, str], Any], texts: Sequence[str], flag: str
+                  ) -> list[Any]:
+    """The items of a list flag's values, in order (``-p 8000-8001:80`` gives two)."""
+    return [item for text in texts for item in _as_list(parse(text, flag))]
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     """`service update`'s new command: ``--args "CMD ARGS"`` or the words after ``--``."""
     if getattr(args, "extra", None):
@@ -510,7 +675,9 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
         elif d.cli == "list":
             if value:
                 parse = ITEMS[d.item][0]
-                _set(spec, d.path, [parse(v, d.flag) for v in value])
+                _set(spec, d.path, _parsed_items(parse, value, d.flag))
+                if d.item in CARRIES:
+                    CARRIES[d.item](spec, d.path, value, d.flag, ())
         elif d.cli == "struct":
             if value is not None:
                 parsed = ITEMS[d.item][0](value, d.flag)
@@ -519,6 +686,9 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
                 _set(spec, d.path, parsed)
         elif value is not None:
             _set(spec, d.path, _scalar(d, value, d.flag))
+    if getattr(args, "env_file", None):  # --env-file: under the -e values
+        _set(spec, "task.container.env", {**read_env_files(args.env_file),
+                                          **_get(spec, "task.container.env", {})})
     raw = list(args.command)
     if raw and raw[0] == "--":  # shoal's form: a command (host filesystem, or --image's)
         command = raw[1:]
@@ -580,11 +750,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             parse, key_of, parse_rm = ITEMS[d.item]
             same = REPLACES.get(d.item, key_of)
             items = list(_get(spec, d.path, []) or [])
-            for text in getattr(args, _dest(d, "_add")):
-                new = parse(text, d.flag + "-add")
+            for new in _parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add"):
                 items = [i for i in items if same(i) != same(new)] + [new]
-            gone = {parse_rm(t, d.flag + "-rm") for t in getattr(args, _dest(d, "_rm"))}
+            gone = {k for t in getattr(args, _dest(d, "_rm"))
+                    for k in _as_list(parse_rm(t, d.flag + "-rm"))}
             _set(spec, d.path, [i for i in items if key_of(i) not in gone])
+            if d.item in CARRIES:
+                CARRIES[d.item](spec, d.path, getattr(args, _dest(d, "_add")),
+                                d.flag + "-add", sorted(gone))
         elif d.cli == "struct":
             value = getattr(args, _dest(d))
             if getattr(args, _dest(d, "_rm")):
@@ -626,4 +799,6 @@ def flag_of_field(field: str) -> str:
     """The flag to name in an error about spec field ``field`` ("" if none)."""
     if field.startswith("task.container.command"):
         return "-- CMD"
+    if field.startswith("task.network_aliases"):  # (given as --network name=N,alias=A)
+        return "--network"
     return flag_for(field)

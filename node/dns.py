@@ -5,14 +5,15 @@ Owns: answering tasks' DNS queries on the node's task bridge address. ``SERVICE`
 stable across task restarts); ``tasks.SERVICE[.shoal]`` resolves to the addresses of its
 running tasks (Swarm's ``tasks.`` name); a task of a stack also resolves the stack's other
 services by their short names (``web`` for ``STACK_web``, before any service named ``web``);
-with ``lookup_from`` the answer may depend on the asking task (service names resolve only on
-networks it shares with the service). Other names are forwarded to the host's upstream
-resolvers (from /etc/resolv.conf), so tasks reach the outside by name too — not for a task
-whose networks are all internal (``forwards``: REFUSED), and at most MAX_FORWARDS at once
-(SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or its EDNS payload),
-else they are cut with the TC flag and the asker retries over TCP, served on the same
-address and port (as Docker's resolver). Wire format by dnspython; a malformed query is
-dropped and counted, never raised.
+a service's network aliases (``ALIAS``, ``tasks.ALIAS``, dotted too) answer as its name;
+with ``lookup_from`` the answer may depend on the asking task (service names and aliases
+resolve only on networks it shares with the service). Other names are forwarded to the
+host's upstream resolvers (from /etc/resolv.conf), so tasks reach the outside by name
+too — not for a task whose networks are all internal (``forwards``: REFUSED), and at most
+MAX_FORWARDS at once (SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or
+its EDNS payload), else they are cut with the TC flag and the asker retries over TCP,
+served on the same address and port (as Docker's resolver). Wire format by dnspython; a
+malformed query is dropped and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
 """
@@ -206,9 +207,11 @@ class DnsServer(asyncio.DatagramProtocol):
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
-        ours = "." not in short or short.startswith("tasks.")
-        ips = self.scoped(short, client) if ours and client and self.scoped else None
-        if ips is None and ours:
+        # a service's name, tasks.NAME (and a stack's short names) have no other dot; a
+        # network alias may (db.internal): the lookup answers None for what is not ours
+        plain = "." not in short or short.startswith("tasks.")
+        ips = self.scoped(short, client) if plain and client and self.scoped else None
+        if ips is None:
             ips = self.lookup_from(short, client) if self.lookup_from is not None else \
                 self.lookup(short)
         owned = name.endswith("." + DOMAIN) or name == DOMAIN

@@ -15,7 +15,8 @@ Owns: driving three building blocks from the replicated state, on every member n
   (no new connections, open ones cut at first-seen + ``stop_grace_period``);
 * the ``DnsServer`` (node/dns.py) on the bridge gateway, port 53: ``SERVICE[.shoal]`` → the
   VIP (endpoint mode ``vip``, when the service declares a port), the task addresses
-  shuffled per query otherwise (``dnsrr``); ``tasks.SERVICE`` → task addresses, shuffled.
+  shuffled per query otherwise (``dnsrr``); ``tasks.SERVICE`` → task addresses, shuffled;
+  a service's network aliases (``task.network_aliases``) likewise, on their network only.
   Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
   (``task_files()``, passed to the runtime through ``TaskConfig.files``).
 
@@ -191,15 +192,30 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
     query gets another order, so resolvers do not pin one task). ``tasks.SERVICE`` → its
     task addresses (shuffled likewise); None = not a shoal name. ``asker``: the client's
     address — a task sees only services on a network it is on (no addresses otherwise),
-    and task addresses on that shared network."""
+    and task addresses on that shared network. A name that finds no service there is
+    looked up as a network alias (``alias_lookup``): a service's own name wins."""
     tasks_only = name.startswith("tasks.")
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
-    if svc is None:
-        return None
-    net = ""
-    mine = networks_of_addr(snap, asker) if asker else None
+    if svc is not None:
+        mine = networks_of_addr(snap, asker) if asker else None
+        ips = _answer(snap, svc, service_networks(svc), tasks_only, mine, image_ports)
+        if ips is not None:
+            if shuffle is not None:
+                shuffle(ips)
+            return ips
+    return alias_lookup(snap, name, image_ports, shuffle, asker)
+
+
+def _answer(snap: Snapshot, svc: Service, nets: tuple[str, ...], tasks_only: bool,
+            mine: set[str] | None, image_ports: ImagePorts, alias: bool = False
+            ) -> list[str] | None:
+    """``svc``'s answer by a name it has on ``nets`` ("" = the default network) for an
+    asker on the networks ``mine``, with the tasks' addresses on the first shared one;
+    None when it shares none. ``mine`` None (not a task: the node itself): every name
+    answers, with the tasks' primary addresses (an ``alias``: those on its network)."""
+    net = nets[0] if alias else ""
     if mine is not None:
-        shared = [n for n in service_networks(svc) if n in mine]
+        shared = [n for n in nets if n in mine]
         if not shared:  # not a name on the asker's networks: unknown there (as Docker's
             return None  # resolver: forwarded, so an outside host of that name still works)
         net = shared[0]
@@ -208,10 +224,38 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
     addrs = sorted((t.net_addrs.get(net, "") if net else t.status.addr)
                    for t in snap.tasks_of(svc.id)
                    if serving(t) and t.desired_state <= TaskState.RUNNING)
-    addrs = list(dict.fromkeys(a for a in addrs if a))  # (host-network tasks: their node's)
-    if shuffle is not None:
-        shuffle(addrs)
-    return addrs
+    return list(dict.fromkeys(a for a in addrs if a))  # (host-network tasks: their node's)
+
+
+def alias_lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
+                 shuffle: Callable[[list[str]], None] | None = None,
+                 asker: str = "") -> list[str] | None:
+    """``ALIAS`` / ``tasks.ALIAS``: a service's network alias (``task.network_aliases``,
+    Docker's ``--network name=N,alias=A``) answers exactly as the service's name does (VIP,
+    or its tasks' addresses), but only to askers on a network it is given for. As
+    libnetwork's, ``tasks.ALIAS`` answers the tasks' addresses. Several services with the
+    alias on the asker's networks: all their answers (Docker's records pile up likewise);
+    None when none has it there."""
+    tasks_only = name.startswith("tasks.")
+    alias = name[6:] if tasks_only else name
+    found: list[tuple[str, Service, tuple[str, ...]]] = []
+    for svc in snap.services.values():
+        given = svc.spec.task.network_aliases
+        nets = tuple(n for n in svc.spec.task.networks
+                     if any(a.lower() == alias for a in given.get(n, ()))) if given else ()
+        if nets:
+            found.append((svc.spec.name, svc, nets))
+    if not found:
+        return None
+    mine = networks_of_addr(snap, asker) if asker else None
+    out: list[str] | None = None
+    for _, svc, nets in sorted(found, key=lambda f: f[0]):
+        ips = _answer(snap, svc, nets, tasks_only, mine, image_ports, alias=True)
+        if ips is not None:
+            out = list(dict.fromkeys((out or []) + ips))
+    if out is not None and shuffle is not None:
+        shuffle(out)
+    return out
 
 
 # --- a stack's short names (issue 13) ------------------------------------------------------

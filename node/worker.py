@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.pod import Pods, is_pod, parent_of
 from shoal.node.reports import Reporter
 from shoal.node.source import StateSource
+from shoal.raft import templates
 from shoal.raft.models import (
     Health,
     Task,
@@ -74,6 +76,9 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
     return TaskStatus(state=state, timestamp=rt.finished_at or time.time(),
                       message=rt.message, exit_code=rt.exit_code,
                       err="" if state is not TaskState.FAILED else rt.message)
+
+
+_ARCH = os.uname().machine  # {{.Node.Platform.Architecture}}: x86_64, aarch64 (Docker's)
 
 
 # ---------------------------------------------------------------------------- the decision
@@ -333,7 +338,9 @@ class Worker:
         rules) and the files it must see (resolv.conf naming the node's DNS, secrets)."""
         s = task.spec.container
         limits = task.spec.resources.limits
-        cmd, env, wd, user = tuple(s.command), dict(s.env), s.workdir, s.user
+        fill = self._placeholders(task)
+        cmd, env, wd, user = tuple(s.command), {k: fill(v) for k, v in s.env.items()}, \
+            s.workdir, s.user
         stop_signal = s.stop_signal
         if not s.image:  # (the host's filesystem: the program is entrypoint + command)
             cmd = tuple(s.entrypoint) + cmd
@@ -352,13 +359,14 @@ class Worker:
             files.update(await self.task_files(task))
         return TaskConfig(
             task_id=task.id,
-            hostname=s.hostname or default_hostname(task.name),
+            hostname=fill(s.hostname) or default_hostname(task.name),
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
-            mounts=tuple(self._mount_spec(m, vols) for m in s.mounts),
+            mounts=tuple(self._mount_spec(m, vols, fill) for m in s.mounts),
             files=files, host_network=task.spec.network_mode == "host",
             read_only=s.read_only, cap_add=s.cap_add, cap_drop=s.cap_drop,
+            group_add=s.group_add,
             extra_hosts=tuple((name, addr.strip("[]")) for name, _, addr in
                               (line.partition(":") for line in s.extra_hosts)),
             ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
@@ -387,21 +395,43 @@ class Worker:
         if self.task_files is not None:
             files.update(await self.task_files(task))
         host = task.spec.network_mode == "host"  # (already the node's: nothing to join)
+        fill = self._placeholders(task)
         return TaskConfig(
             task_id=f"{task.id}-{c.name}",
-            hostname=task.spec.container.hostname or default_hostname(task.name),
+            hostname=fill(task.spec.container.hostname) or default_hostname(task.name),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
-            pids_limit=c.limits.pids, mounts=tuple(self._mount_spec(m, vols) for m in shared),
+            pids_limit=c.limits.pids,
+            mounts=tuple(self._mount_spec(m, vols, fill) for m in shared),
             files=files, host_network=host, join_netns="" if host else f"/proc/{pid}/ns/net")
 
     @staticmethod
-    def _mount_spec(m: Mount, vols: Mapping[str, Volume]) -> MountSpec:
-        """A spec mount for the runtime; a volume with the driver and options it uses (its
-        own, else ``volume create``'s: shoal.raft.models.resolve_mount)."""
+    def _mount_spec(m: Mount, vols: Mapping[str, Volume],
+                    fill: Callable[[str], str] = str) -> MountSpec:
+        """A spec mount for the runtime, its placeholders filled in (a bind's source, a
+        target); a volume with the driver and options it uses (its own, else ``volume
+        create``'s: shoal.raft.models.resolve_mount)."""
         driver, opts = resolve_mount(m, vols)
-        return MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
+        return MountSpec(m.type, fill(m.target), fill(m.source), m.readonly, m.tmpfs_size,
                          "" if driver == "local" else driver, tuple(sorted(opts.items())))
+
+    def _placeholders(self, task: Task) -> Callable[[str], str]:
+        """A text of ``task``'s template with Docker's placeholders (shoal.raft.templates)
+        filled in for this task on this node: ``{{.Node.Hostname}}``, ``{{.Task.Slot}}`` (a
+        global task's is its node's id, as its name)…"""
+        snap = self.store.snapshot()
+        node, svc = snap.nodes.get(self.node_id), snap.services.get(task.service_id)
+        values = {".Service.ID": task.service_id, ".Service.Name": task.service_name,
+                  ".Node.ID": self.node_id, ".Node.Hostname": node.hostname if node else "",
+                  ".Node.Platform.OS": "linux", ".Node.Platform.Architecture": _ARCH,
+                  ".Task.ID": task.id, ".Task.Name": task.name,
+                  ".Task.Slot": str(task.slot) if task.slot else task.node_id}
+        labels = dict(svc.spec.labels) if svc is not None else {}
+
+        def fill(text: str) -> str:
+            return templates.expand(text, values, labels) if templates.has_placeholders(text) \
+                else text
+        return fill
 
     async def _ensure_image(self, ref: str, task: Task | None = None) -> ImageConfig:
         """The image's config; fetched from a peer first if this node lacks it. While it

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shoal.raft import templates
 from shoal.raft.errors import SpecError
 from shoal.runtime import volumes
 from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
@@ -61,11 +62,14 @@ DAY = 86400.0
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_FILE_REFS = 100
+# a host name with placeholders (shoal.raft.templates), checked once filled in by the node
+HOSTNAME_TEMPLATE_RE = re.compile(r'^(?=.*\{\{)[A-Za-z0-9{}." _-]{1,255}$')
 # a name of an /etc/hosts line: an RFC 1123 host name, dotted (db.internal), at most 64
 # bytes (the runtime's rule: shoal.runtime.records)
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 EXTRA_HOST_RE = re.compile(rf"^(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*$")
 MAX_EXTRA_HOSTS = 256
+GROUP_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})$")  # (as the runtime's)
 MAX_SYSCTLS = 64
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
@@ -277,9 +281,12 @@ class ContainerSpec(_Spec, frozen=True):
     user: Annotated[str, decl("user inside the task: NAME, UID or UID:GID; empty = root",
                               flag="--user", short="-u", cli="str", metavar="USER",
                               pattern=f"^$|{USER_RE.pattern}")] = ""
-    hostname: Annotated[str, decl("host name inside the task; empty = SERVICE-SLOT",
+    hostname: Annotated[str, decl("host name inside the task; empty = SERVICE-SLOT; may "
+                                  "hold placeholders, Docker's: {{.Node.Hostname}}, "
+                                  "{{.Task.Slot}}… (needs cluster schema 7)",
                                   flag="--hostname", cli="str", metavar="NAME",
-                                  pattern=f"^$|{HOSTNAME_RE.pattern}")] = ""
+                                  pattern=f"^$|{HOSTNAME_RE.pattern}|"
+                                          f"{HOSTNAME_TEMPLATE_RE.pattern}")] = ""
     stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
         "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
     stop_grace_period: Annotated[float, decl(
@@ -307,6 +314,11 @@ class ContainerSpec(_Spec, frozen=True):
         "capabilities added to Docker's default set: NET_ADMIN, SYS_PTRACE, … or ALL (needs "
         "cluster schema 7)", flag="--cap-add", cli="list", item="cap", metavar="CAP",
         max_length=64)] = ()
+    group_add: Annotated[tuple[str, ...], decl(
+        "more supplementary groups of the task's user: names in the image's /etc/group or "
+        "numbers (Docker's --group-add; on update --group-add/--group-rm; needs cluster "
+        "schema 7)", flag="--group", cli="list", item="group", metavar="GROUP",
+        max_length=32)] = ()
     cap_drop: Annotated[tuple[str, ...], decl(
         "capabilities removed from Docker's default set (ALL: every one; cap_add then adds "
         "back; needs cluster schema 7)", flag="--cap-drop", cli="list", item="cap",
@@ -333,6 +345,11 @@ class ContainerSpec(_Spec, frozen=True):
         if len(name) > 255:
             raise SpecError("image", "the image name is longer than 255 characters")
         _check_workdir(self.workdir)
+        if templates.has_placeholders(self.hostname):
+            try:
+                templates.check(self.hostname)
+            except ValueError as exc:
+                raise SpecError("hostname", str(exc)) from None
         _unique_files(self.secrets, "secrets")
         _unique_files(self.configs, "configs")
         targets = [m.target for m in self.mounts]
@@ -344,6 +361,9 @@ class ContainerSpec(_Spec, frozen=True):
                     cap_name(cap)
                 except ValueError as exc:
                     raise SpecError(what, str(exc)) from None
+        for group in self.group_add:
+            if not GROUP_RE.match(group):
+                raise SpecError("group_add", f"{group!r} is not a group name or number")
         _check_extra_hosts(self.extra_hosts)
         names = [u.name for u in self.ulimits]
         if len(set(names)) != len(names):

@@ -21,7 +21,9 @@ Schema history::
        moved back to the leader's time); and a rule every replica must apply alike
        (``ROLLOUT_CLOCK``): an automatic rollback leaves no previous spec (Swarm).
     7  a container's security and kernel settings: ``task.container.read_only``,
-       ``cap_add``, ``cap_drop``, ``extra_hosts``, ``ulimits``, ``sysctls``.
+       ``cap_add``, ``cap_drop``, ``group_add``, ``extra_hosts``, ``ulimits``, ``sysctls``;
+       a service's DNS aliases on its networks, ``task.network_aliases``; placeholders in a
+       host name (``GATED_VALUES``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -46,6 +48,7 @@ refused; the state machine refuses a gated op as the older code does (an unknown
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -63,8 +66,14 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                          "task.network_mode": 4, "task.container.entrypoint": 6,
                          "task.container.healthcheck.exec": 6,
                          **{f"task.container.{name}": 7 for name in (
-                             "read_only", "cap_add", "cap_drop", "extra_hosts", "ulimits",
-                             "sysctls")}}
+                             "read_only", "cap_add", "cap_drop", "group_add", "extra_hosts",
+                             "ulimits", "sysctls")},
+                         "task.network_aliases": 7}
+# values an older schema's code refuses, in fields it has: path → (the values, the schema
+# that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
+# "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
+GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
+    "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, 7)}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # top-level commands an older node does not know: the schema from which they may be written
@@ -231,11 +240,23 @@ def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> Validat
         for p in path[len(prefix):].split("."):
             node = node.get(p) if isinstance(node, dict) else None
         if node is not None and _norm(node) != gated_default(path):
-            return ValidationError(
-                f"{path} needs every node of the cluster on a shoal that reads data schema "
-                f"{needs}; the cluster still writes schema {writes} (some node runs an "
-                f"older shoal): upgrade every node first", path)
+            return _needs(path, needs, writes)
+    for path, (used, needs) in GATED_VALUES.items():
+        if needs <= writes or not path.startswith(prefix):
+            continue
+        node = spec
+        for p in path[len(prefix):].split("."):
+            node = node.get(p) if isinstance(node, dict) else None
+        if used(node):
+            return _needs(path, needs, writes)
     return None
+
+
+def _needs(path: str, needs: int, writes: int) -> ValidationError:
+    return ValidationError(
+        f"{path} needs every node of the cluster on a shoal that reads data schema "
+        f"{needs}; the cluster still writes schema {writes} (some node runs an older "
+        f"shoal): upgrade every node first", path)
 
 
 def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str, Any]:

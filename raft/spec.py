@@ -186,8 +186,8 @@ class TaskSpec(_Spec, frozen=True):
     networks: Annotated[tuple[str, ...], decl(
         "user-defined networks (`shoal network create`) the tasks join, one interface each; "
         "the first is the task's primary address; none = the cluster's default network",
-        flag="--network", cli="list", item="network", metavar="NETWORK",
-        max_length=16)] = ()
+        flag="--network", cli="list", item="network",
+        metavar="NETWORK|name=NETWORK,alias=NAME[,alias=NAME]", max_length=16)] = ()
     network_mode: Annotated[Literal["default", "host", "none"], decl(
         "the tasks' network: default = a network namespace of their own on the cluster "
         "network (an address, the service's VIP and DNS name, the routing mesh) and on "
@@ -196,6 +196,10 @@ class TaskSpec(_Spec, frozen=True):
         "Swarm): the service's name resolves to its tasks' nodes, published ports lead "
         "there, one task per node when it serves ports; "
         "none = a namespace with only lo", flag="--network-mode", cli="choice")] = "default"
+    network_aliases: Annotated[dict[str, tuple[str, ...]], decl(
+        "more DNS names of the service on a network it joins: network → names (Docker's "
+        "--network name=NET,alias=NAME, Compose's networks: {NET: {aliases: [...]}}; "
+        "needs cluster schema 7)")] = {}
     sidecars: Annotated[tuple[SidecarSpec, ...], decl(
         "more containers of the task (a pod), started after the main one in this order; "
         "they share its network namespace (localhost) and optionally its mounts",
@@ -222,6 +226,36 @@ class TaskSpec(_Spec, frozen=True):
                 raise SpecError(f"networks[{i}]", f"{name!r} is not a network name")
             if name in self.networks[:i]:
                 raise SpecError(f"networks[{i}]", f"network {name} is listed twice")
+        # aliases: DNS names of the service on one of its networks (node/mesh.py ``lookup``):
+        # dotted labels of letters, digits, '_' and '-' (a service name is one such label),
+        # at most 63 bytes each and 253 in all, at most 16 per network, compared ignoring case
+        label = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+        for net, aliases in self.network_aliases.items():
+            where = f"network_aliases.{net}"
+            if net not in self.networks:
+                raise SpecError(where, f"{net!r} is not one of the service's networks "
+                                f"({', '.join(self.networks) or 'none'}): an alias is a name "
+                                "on a network the service joins")
+            if len(aliases) > 16:
+                raise SpecError(where, f"{len(aliases)} aliases: at most 16 per network")
+            seen: set[str] = set()
+            for i, alias in enumerate(aliases):
+                low = alias.lower()
+                if len(alias) > 253 or not re.fullmatch(rf"{label}(?:\.{label})*", alias):
+                    raise SpecError(f"{where}[{i}]", f"{alias!r} is not a DNS name (labels "
+                                    "of letters, digits, '_' and '-', at most 63 characters "
+                                    "each, 253 in all)")
+                if low.startswith("tasks.") or low.endswith(".shoal"):
+                    # (the DNS server's own forms: tasks.NAME, NAME.shoal — node/dns.py)
+                    raise SpecError(f"{where}[{i}]", f"{alias!r}: an alias may not start "
+                                    "with 'tasks.' nor end in '.shoal' (the DNS server adds "
+                                    "both to every name)")
+                if low in seen:
+                    raise SpecError(f"{where}[{i}]", f"alias {alias} is listed twice")
+                seen.add(low)
+        if any(not aliases for aliases in self.network_aliases.values()):  # (canonical form)
+            msgspec.structs.force_setattr(self, "network_aliases", {
+                net: aliases for net, aliases in self.network_aliases.items() if aliases})
         if self.network_mode == "host":
             for key in self.container.sysctls:
                 if key.startswith("net."):
@@ -529,7 +563,7 @@ class EndpointSpec(_Spec, frozen=True):
     ports: Annotated[tuple[PortSpec, ...], decl(
         "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
         flag="--publish", short="-p", cli="list", item="port",
-        metavar="[PUBLISHED:]TARGET[/tcp|udp]", max_length=256)] = ()
+        metavar="[PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
     expose: Annotated[tuple[ExposeSpec, ...], decl(
         "a port of the tasks reachable at the service's VIP from other tasks",
         flag="--expose", cli="list", item="expose", metavar="PORT[/tcp|udp]",

@@ -435,9 +435,10 @@ class ProcessController:
             passwd = _read_host("/etc/passwd")
             group = _read_host("/etc/group")
         try:
-            user = resolve_user(cfg.user, passwd, group)
+            user = resolve_user(cfg.user, passwd, group, cfg.group_add)
         except ValueError as exc:
-            raise InvalidTaskConfig("user", str(exc)) from None
+            raise InvalidTaskConfig("group_add" if "--group-add" in str(exc) else "user",
+                                    str(exc)) from None
         volumes = []
         for m in cfg.mounts:
             if m.type == "bind" and not os.path.exists(m.source):

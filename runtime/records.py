@@ -35,6 +35,7 @@ _TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}(-[a-z0-9][a-z0-9-]{0,31})?")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*")
 _USER_RE = re.compile(r"[^:\s\0]+(:[^:\s\0]+)?")
+_GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
 _IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
 _MAX_FILES_BYTES = 4 << 20
 _MIN_MEMORY = 4 << 20
@@ -77,6 +78,8 @@ class TaskConfig:
     cap_add: tuple[str, ...] = ()  # capabilities added to Docker's default set ("NET_ADMIN",
     #                                "ALL"); cap_drop is applied first
     cap_drop: tuple[str, ...] = ()  # capabilities removed from the default set ("ALL" = all)
+    group_add: tuple[str, ...] = ()  # more supplementary groups of the task's user (Docker's
+    #   --group-add): names in the task's /etc/group, or numbers (which need not be there)
     mounts: tuple[MountSpec, ...] = ()  # bind / volume / tmpfs, see rootfs.MountSpec
     files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)  # target path ->
     #   (content, mode), written into a tmpfs inside the task (never to disk), read-only, owned
@@ -142,6 +145,10 @@ class TaskConfig:
                                     "the host's or join_netns, not both")
         self._validate_limits()
         self._validate_kernel_params()
+        for group in self.group_add:
+            if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
+                raise InvalidTaskConfig("group_add", f"expected a group name or number: "
+                                        f"{group!r}")
         for name in ("cap_add", "cap_drop"):
             for cap in getattr(self, name):
                 try:
@@ -266,6 +273,7 @@ class TaskConfig:
             pids_limit=int(raw.get("pids_limit", 0)),
             cap_add=tuple(raw.get("cap_add", ())),
             cap_drop=tuple(raw.get("cap_drop", ())),
+            group_add=tuple(str(g) for g in raw.get("group_add", ())),
             mounts=tuple(MountSpec(**{**m, "driver_opts": tuple(
                 (str(k), str(v)) for k, v in m.get("driver_opts", ()))})
                 for m in raw.get("mounts", ())),

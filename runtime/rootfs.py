@@ -120,11 +120,12 @@ def _table(text: str, width: int) -> list[list[str]]:
     return rows
 
 
-def resolve_user(spec: str, passwd: str, group: str) -> User:
+def resolve_user(spec: str, passwd: str, group: str, group_add: Iterable[str] = ()) -> User:
     """Resolve ``user``, ``uid``, ``user:group`` or ``uid:gid`` against passwd/group texts (the
     task's rootfs' files), as Docker does: a numeric uid not in passwd runs with gid 0;
-    supplementary groups come from /etc/group membership. Raise ValueError if a *name* is unknown
-    (a number never needs to exist)."""
+    supplementary groups come from /etc/group membership, then ``group_add`` (names or
+    numbers: Docker's --group-add). Raise ValueError if a *name* is unknown (a number never
+    needs to exist)."""
     users = _table(passwd, 7)
     groups = _table(group, 4)
     if not spec:
@@ -158,6 +159,14 @@ def resolve_user(spec: str, passwd: str, group: str) -> User:
         for row in groups:
             if entry[0] in row[3].split(",") and row[2].isdigit():
                 extra.append(int(row[2]))
+    for more in group_add:
+        if more.isdigit():
+            extra.append(int(more))
+            continue
+        g = next((row for row in groups if row[0] == more and row[2].isdigit()), None)
+        if g is None:
+            raise ValueError(f"no group {more!r} in the task's /etc/group (--group-add)")
+        extra.append(int(g[2]))
     return User(uid, gid, tuple(dict.fromkeys(extra)), home)
 
 

@@ -566,7 +566,7 @@ def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
         tmp_path: Path) -> None:
     """Top-level networks become overlay networks named STACK_KEY (internal, subnet and
     labels kept, the stack's label added; external ones by their own name); a service joins
-    the networks it lists (list or map form; aliases warned about); one that lists none stays
+    the networks it lists (list or map form; aliases kept per network); one that lists none stays
     on the cluster's default network."""
     st = deploy(tmp_path, NETS)
     nets = {n.key: n for n in st.networks}
@@ -579,7 +579,8 @@ def test_networks_are_the_stacks_overlays_and_services_join_the_ones_they_name(
     assert list(specs["app_web"].task.networks) == ["app_front", "app_back"]
     assert list(specs["app_db"].task.networks) == ["app_back"]
     assert list(specs["app_tool"].task.networks) == []
-    assert any(w.startswith("networks.aliases:") for w in st.warnings), st.warnings
+    assert specs["app_db"].task.network_aliases == {"app_back": ("database",)}
+    assert not any(w.startswith("networks.aliases:") for w in st.warnings), st.warnings
 
     plan = plan_deploy(st, [], {"secret": [], "config": []}, prune=False,
                        networks=[{"name": "corp-net", "labels": {}}])

@@ -45,6 +45,7 @@ BY_ITEM: dict[str, list[str]] = {
     "preference": ["pack=node.labels.x", "spread=zone"],
     "network": ["Bad Name!"],
     "cap": ["FLY", "CAP_"],
+    "group": ["bad group!"],
     "host": ["db", "db:999.1.1.1", "bad_name:10.0.0.1"],
     "ulimit": ["nofile=x", "files=1", "nofile=9:1", "nofile"],
 }

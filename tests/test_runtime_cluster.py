@@ -189,7 +189,8 @@ def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> 
 def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., Lab],
                                                      tmp_path: Path) -> None:
     """A service's --read-only, --cap-drop/--cap-add, --host, --ulimit and --sysctl, through
-    the CLI, the leader and the worker to the task's own namespaces (Docker's flags)."""
+    the CLI, the leader and the worker to the task's own namespaces (Docker's flags); and
+    Docker's placeholders ({{.Node.Hostname}}…) in the host name, env and mounts."""
     lab = lab_factory(1)
     lab.form_cluster(managers=1)
     h1 = lab.hosts[0]
@@ -219,6 +220,20 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     assert out.split("nofile=Max open files")[1].split()[:2] == ["1000", "2000"], out
     host = h1.run("cat", "/proc/sys/net/core/somaxconn").stdout.strip()
     assert host != "999", host  # the node's own is untouched
+    # Docker's placeholders, filled in by the node for each task
+    h1.cli("service", "create", "--name", "tpl", "--label", "env=prod", "--hostname",
+           "{{.Node.Hostname}}-{{.Task.Slot}}", "-e", "WHO={{.Service.Name}}.{{.Task.Slot}}",
+           "-e", 'ENV={{index .Service.Labels "env"}}', "--mount",
+           "type=tmpfs,dst=/data/{{.Task.Slot}}", "--image", "busybox:1", "--user", "app",
+           "--group-add", "root", "--group-add", "4242", "--", "sh", "-c",
+           "echo host=$(hostname) who=$WHO env=$ENV dirs=$(ls -d /data/*) groups=$(id -G); "
+           "sleep 100000")
+    out = wait_until(lambda: logs_with(h1, "tpl", "host="), timeout=30, what="tpl output")
+    assert "host=h1-1 who=tpl.1 env=prod dirs=/data/1 groups=" in out, out
+    assert set(out.split("groups=")[1].split()) == {"1000", "50", "0", "4242"}, out
+    bad = h1.cli("service", "create", "--name", "badtpl", "-e", "X={{.Node.Bogus}}", "--",
+                 "true", check=False)
+    assert bad.returncode != 0 and "--env" in bad.stderr and "Node.Bogus" in bad.stderr, bad
     # an update drops the settings: the replacement task writes its root again
     h1.cli("service", "update", "--read-only=false", "--sysctl-rm", "net.core.somaxconn",
            "locked")

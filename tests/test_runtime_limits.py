@@ -328,3 +328,17 @@ async def test_a_sysctl_the_kernel_lacks_fails_the_start_naming_it(
         await ctl.start(cfg)
     assert ctl.status("sysx") is None
     assert list((data_dir / "tasks").iterdir()) == []
+
+
+def test_group_add_appends_groups_by_name_or_number() -> None:
+    """Docker's --group-add: names from the task's /etc/group, numbers as they are; an
+    unknown name is refused naming the flag."""
+    from shoal.runtime.rootfs import resolve_user
+
+    passwd = "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
+    group = "root:x:0:\napp:x:1000:\nstaff:x:50:app\naudio:x:29:\n"
+    assert resolve_user("app", passwd, group).groups == (1000, 50)
+    assert resolve_user("app", passwd, group, ("audio", "4242", "staff")).groups == \
+        (1000, 50, 29, 4242)
+    with pytest.raises(ValueError, match="--group-add"):
+        resolve_user("app", passwd, group, ("video",))

@@ -183,25 +183,27 @@ def test_security_and_kernel_flags_as_dockers_on_create_and_update() -> None:
     args = p.parse_args(["service", "create", "--name", "web", "--read-only", "--cap-add",
                          "net_admin", "--cap-drop", "ALL", "--host", "db:10.0.0.2", "--host",
                          "v6=::1", "--ulimit", "nofile=1024:2048", "--ulimit", "nproc=-1",
-                         "--sysctl", "net.core.somaxconn=1024", "--", "sleep", "9"])
+                         "--sysctl", "net.core.somaxconn=1024", "--group-add", "staff",
+                         "--group-add", "4242", "--", "sleep", "9"])
     spec = validate_spec(specflags.spec_from_create_args(args))
     c = spec.task.container
     assert c.read_only and c.cap_add == ("NET_ADMIN",) and c.cap_drop == ("ALL",)
     assert c.extra_hosts == ("db:10.0.0.2", "v6:::1")
     assert [(u.name, u.soft, u.hard) for u in c.ulimits] == [("nofile", 1024, 2048),
                                                             ("nproc", -1, -1)]
-    assert c.sysctls == {"net.core.somaxconn": "1024"}
+    assert c.sysctls == {"net.core.somaxconn": "1024"} and c.group_add == ("staff", "4242")
     args = p.parse_args(["service", "update", "--read-only=false", "--cap-drop", "NET_ADMIN",
                          "--cap-add", "chown", "--host-rm", "db", "--host-add", "api:10.0.0.4",
                          "--ulimit-rm", "nproc", "--ulimit-add", "nofile=10",
                          "--sysctl-rm", "net.core.somaxconn", "--sysctl-add",
-                         "kernel.shmmax=1000000", "web"])
+                         "kernel.shmmax=1000000", "--group-rm", "staff", "--group-add",
+                         "wheel", "web"])
     new = validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container
     assert not new.read_only and new.cap_add == ("CHOWN",)
     assert new.cap_drop == ("ALL", "NET_ADMIN")
     assert new.extra_hosts == ("v6:::1", "api:10.0.0.4")
     assert [(u.name, u.soft, u.hard) for u in new.ulimits] == [("nofile", 10, 10)]
-    assert new.sysctls == {"kernel.shmmax": "1000000"}
+    assert new.sysctls == {"kernel.shmmax": "1000000"} and new.group_add == ("4242", "wheel")
     args = p.parse_args(["service", "update", "--read-only=true", "web"])
     assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
         .read_only

@@ -192,6 +192,10 @@ SYSCTL = {"name": "sysctl", "task": {"container": {"command": ["x"],
                                                    "sysctls": {"net.core.somaxconn": "1024"}}}}
 HOSTS = {"name": "hosts", "task": {"container": {"command": ["x"],
                                                  "extra_hosts": ["db:10.0.0.9"]}}}
+TEMPLATE = {"name": "tpl", "task": {"container": {"command": ["x"],
+                                                 "hostname": "{{.Node.Hostname}}-db"}}}
+ALIASES = {"name": "al", "task": {"container": {"command": ["x"]}, "networks": ["back"],
+                                  "network_aliases": {"back": ["db"]}}}
 _LATER = ("sidecars", "init_containers", "network_mode")
 
 
@@ -252,7 +256,8 @@ def test_a_spec_without_the_later_fields_is_written_as_an_older_0_2_node_writes_
                                              (CAPS, "task.container.cap_add"),
                                              (ULIMIT, "task.container.ulimits"),
                                              (SYSCTL, "task.container.sysctls"),
-                                             (HOSTS, "task.container.extra_hosts")])
+                                             (HOSTS, "task.container.extra_hosts"),
+                                             (TEMPLATE, "task.container.hostname")])
 def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_it(
         spec: dict[str, Any], field: str) -> None:
     """On propose (encode) and by the state machine alike (an older replica refuses it
@@ -275,6 +280,25 @@ def test_a_spec_using_a_later_field_is_refused_naming_it_until_every_node_reads_
         assert led["ops"] == [("delete", "t0")]  # left out; the leader's other ops go on
     st.apply({"op": "cluster_schema", "schema": SCHEMA})
     assert encode_command(cmd, {}, SCHEMA) is cmd and st.apply(cmd)["ok"]
+
+
+def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None:
+    """The last gate: what schema 6's code cannot read (network aliases; placeholders in a
+    host name, which its host name pattern refuses) waits for schema 7; a plain host name
+    does not."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    for spec, field in ((ALIASES, "task.network_aliases"), (TEMPLATE, "task.container.hostname"),
+                        (SECURE, "task.container.read_only")):
+        cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+        with pytest.raises(ValidationError) as exc:
+            encode_command(cmd, {}, 6)
+        assert exc.value.field == field and "schema 7" in exc.value.message
+        assert encode_command(cmd, {}, 7) is cmd
+    plain = {"name": "p", "task": {"container": {"command": ["x"], "hostname": "db-1"}}}
+    cmd = {"op": "service_create", "id": "s2", "now": 1.0, "spec": plain}
+    assert encode_command(cmd, {}, 6)["spec"]["task"]["container"]["hostname"] == "db-1"
 
 
 async def test_the_autoscale_op_is_neither_proposed_nor_applied_below_schema_3() -> None:

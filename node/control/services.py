@@ -18,6 +18,7 @@ from shoal.node.context import NodeContext, new_id
 from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
 from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
+from shoal.raft import templates
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Service, ServiceSpec, to_dict
 from shoal.raft.spec import MAIN_CONTAINER
@@ -207,6 +208,18 @@ def _check_new(spec: ServiceSpec) -> None:
         raise BadRequest(f"max replicas per node applies to the replicated modes only (a "
                          f"{spec.mode.type} service runs one task per node)",
                          "task.placement.max_replicas")
+    # placeholders (Docker's {{.Node.Hostname}}…) in env values and mounts: checked here,
+    # as older replicas take any text there (the host name's are the spec's own check)
+    c = spec.task.container
+    texts = [(f"task.container.env.{k}", v) for k, v in c.env.items()] + \
+        [(f"task.container.mounts[{i}].{part}", getattr(m, part))
+         for i, m in enumerate(c.mounts) for part in ("source", "target")]
+    for field, text in texts:
+        if templates.has_placeholders(text):
+            try:
+                templates.check(text)
+            except ValueError as exc:
+                raise BadRequest(str(exc), field) from None
 
 
 __all__ = ["Services", "find_service"]

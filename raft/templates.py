@@ -1,0 +1,70 @@
+"""Placeholders in a service's task template, as Docker Swarm's (``docker service create
+--hostname "{{.Node.Hostname}}-{{.Service.Name}}"``): a field that names its task, node or
+service, filled in by the node that runs the task.
+
+Owns: the placeholder syntax (a subset of Go's text/template: ``{{.Service.Name}}``, spaces
+inside the braces allowed, and ``{{index .Service.Labels "KEY"}}``), checking a text's
+placeholders (``check``) and filling them in (``expand``). Which fields take them is the
+caller's: the hostname, env values and mounts' sources and targets (shoal.node.worker, as
+Docker's). Must not touch: I/O, the state.
+
+Placeholders (Docker's names):
+
+    .Service.ID .Service.Name .Service.Labels (with index)
+    .Node.ID .Node.Hostname .Node.Platform.OS .Node.Platform.Architecture
+    .Task.ID .Task.Name .Task.Slot
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+PLACEHOLDERS = (".Service.ID", ".Service.Name", ".Node.ID", ".Node.Hostname",
+                ".Node.Platform.OS", ".Node.Platform.Architecture", ".Task.ID", ".Task.Name",
+                ".Task.Slot")
+_ACTION_RE = re.compile(r"\{\{(.*?)\}\}", re.S)
+_INDEX_RE = re.compile(r'^index\s+\.Service\.Labels\s+"([^"\\]*)"$')
+
+
+def has_placeholders(text: str) -> bool:
+    return "{{" in text
+
+
+def check(text: str) -> None:
+    """ValueError naming the first placeholder ``text`` cannot have (an unknown name, Go
+    template syntax beyond the placeholders, an unclosed ``{{``)."""
+    _expand(text, None)
+
+
+def expand(text: str, values: Mapping[str, str], labels: Mapping[str, str]) -> str:
+    """``text`` with its placeholders filled in: ``values`` maps each of ``PLACEHOLDERS``
+    to its value; ``labels`` are the service's, for ``index .Service.Labels "KEY"`` (a
+    missing label is empty, as Go's index of a map)."""
+    return _expand(text, (values, labels))
+
+
+def _expand(text: str, given: tuple[Mapping[str, str], Mapping[str, str]] | None) -> str:
+    out: list[str] = []
+    pos = 0
+    for m in _ACTION_RE.finditer(text):
+        out.append(text[pos:m.start()])
+        pos = m.end()
+        action = m.group(1).strip()
+        index = _INDEX_RE.match(action)
+        if index is not None:
+            out.append("" if given is None else given[1].get(index.group(1), ""))
+        elif action in PLACEHOLDERS:
+            out.append("" if given is None else given[0][action])
+        else:
+            raise ValueError(f"unknown placeholder {m.group(0)!r} (known: "
+                             f"{', '.join('{{' + p + '}}' for p in PLACEHOLDERS)}, "
+                             '{{index .Service.Labels "KEY"}})')
+    rest = text[pos:]
+    if "{{" in rest:
+        raise ValueError(f"unclosed placeholder in {text!r}")
+    out.append(rest)
+    return "".join(out)
+
+
+__all__ = ["PLACEHOLDERS", "check", "expand", "has_placeholders"]
