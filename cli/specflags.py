@@ -363,10 +363,13 @@ def parse_ulimit(text: str, flag: str) -> dict[str, Any]:
     """docker's ``--ulimit NAME=SOFT[:HARD]`` (``nofile=1024:2048``; -1 = unlimited; a
     single value is both) → a spec Ulimit."""
     name, sep, limits = text.partition("=")
-    soft, _, hard = limits.partition(":")
+    soft, colon, hard = limits.partition(":")
     try:
+        if not re.fullmatch(r"-?[0-9]+", soft) or (colon and not re.fullmatch(r"-?[0-9]+",
+                                                                                hard)):
+            raise ValueError(text)
         lo = int(soft)
-        hi = int(hard) if hard else lo
+        hi = int(hard) if colon else lo
     except ValueError:
         raise CliError(f"{flag} expects NAME=SOFT[:HARD] (whole numbers, -1 = unlimited), "
                        f"got {text!r}") from None
@@ -456,15 +459,23 @@ ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
     "network": (lambda t, f: network_opts(t, f)[0], str, lambda t, f: t),
     "cap": (parse_cap, str, parse_cap),
     "group": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
-    "host": (parse_host, lambda h: str(h).partition(":")[0],
-             lambda t, f: t.replace("=", ":", 1).partition(":")[0]),
+    "host": (parse_host, str, lambda t, f: parse_host(t, f) if ":" in t or "=" in t
+             else t.strip()),
     "ulimit": (parse_ulimit, lambda u: str(u["name"]), lambda t, f: t.partition("=")[0]),
+    "nameserver": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),  # (spec checks)
+    "domain": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
+    "resolv_option": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
     "autoscale": (parse_autoscale, str, lambda t, f: t),  # (cli "struct": one value)
 }
 # what an --X-add replaces, where that is not what --X-rm names: a secret or config added
 # replaces the one at the same file name (`--secret-rm pw --secret-add source=pw2,target=pw`,
 # Docker's rotation idiom, keeps every other reference to pw2); a port the managers are to
 # assign (`--publish-add 81-83`) replaces one of its target, not the other unassigned ones
+# what an --X-rm value removes, where that is not the items whose key it is: docker's
+# `--host-rm db` removes every line of db, `--host-rm db:10.0.0.2` only that one
+REMOVES: dict[str, Callable[[Any, str], bool]] = {
+    "host": lambda line, rm: line == rm or (":" not in rm and line.partition(":")[0] == rm),
+}
 REPLACES: dict[str, Callable[[Any], str]] = {
     "port": lambda p: f"{p['published'] or 'to ' + str(p['target'])}/{p.get('protocol', 'tcp')}",
     "secret": lambda r: str(r.get("target") or r["name"]),
@@ -527,6 +538,27 @@ def _flag_decls() -> list[FieldDecl]:
 PAIRED: dict[str, str] = {"task.container.cap_add": "task.container.cap_drop",
                           "task.container.cap_drop": "task.container.cap_add"}
 
+CAP_ADD, CAP_DROP = "task.container.cap_add", "task.container.cap_drop"
+
+
+def _update_caps(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    """docker's updateCapabilities: ``--cap-add X`` adds X and takes it out of the dropped
+    ones, ``--cap-drop X`` the reverse; a capability in both flags is added (adding wins);
+    ``RESET`` empties that list first."""
+    decls = {d.path: d for d in _flag_decls() if d.path in PAIRED}
+    given: dict[str, set[str]] = {}
+    for path in (CAP_ADD, CAP_DROP):
+        d = decls[path]
+        words = getattr(args, _dest(d, "_add"))
+        given[path] = {parse_cap(t, d.flag) for t in words if t.strip().upper() != "RESET"}
+        if any(t.strip().upper() == "RESET" for t in words):
+            _set(spec, path, [])
+    to_add, to_drop = given[CAP_ADD], given[CAP_DROP] - given[CAP_ADD]
+    for path, mine, theirs in ((CAP_ADD, to_add, to_drop), (CAP_DROP, to_drop, to_add)):
+        kept = [c for c in _get(spec, path, []) or [] if c not in theirs and c not in mine]
+        _set(spec, path, kept + sorted(mine))
+
+
 # docker's other spelling of a flag (scripts written for `docker service create` work as is)
 ALIASES: dict[str, tuple[str, ...]] = {"--max-replicas-per-node": ("--replicas-max-per-node",),
                                        "--group": ("--group-add",)}
@@ -563,8 +595,10 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_bool_values(parser: argparse.ArgumentParser, d: FieldDecl) -> None:
     """A switch's docker (pflag) spellings ``--read-only=false`` and ``=true`` (``=0``,
-    ``=1``): argparse matches an option string with '=' whole before splitting it."""
-    for word, value in (("true", True), ("1", True), ("false", False), ("0", False)):
+    ``=1``, ``=F``, ``=True``…): argparse matches an option string with '=' whole before
+    splitting it."""
+    for word, value in [(w, True) for w in ("1", "t", "T", "TRUE", "true", "True")] + \
+            [(w, False) for w in ("0", "f", "F", "FALSE", "false", "False")]:  # (pflag's)
         parser.add_argument(f"{d.flag}={word}", action="store_const", const=value,
                             dest=_dest(d), help=argparse.SUPPRESS)
 
@@ -738,23 +772,22 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             for key in getattr(args, _dest(d, "_rm")):
                 value.pop(key, None)
             _set(spec, d.path, value)
-        elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update)
-            parse, key_of, _ = ITEMS[d.item]
-            added = [parse(t, d.flag) for t in getattr(args, _dest(d, "_add"))]
-            keys = {key_of(a) for a in added}
-            items = [i for i in _get(spec, d.path, []) or [] if key_of(i) not in keys]
-            _set(spec, d.path, items + added)
-            other = PAIRED[d.path]
-            _set(spec, other, [i for i in _get(spec, other, []) or [] if key_of(i) not in keys])
+        elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update: both at once)
+            if d.path == CAP_ADD:
+                _update_caps(spec, args)
         elif d.cli == "list":
             parse, key_of, parse_rm = ITEMS[d.item]
             same = REPLACES.get(d.item, key_of)
             items = list(_get(spec, d.path, []) or [])
             for new in _parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add"):
+                if d.item == "host" and new in items:
+                    continue  # (docker's updateHosts: an /etc/hosts line keeps its place)
                 items = [i for i in items if same(i) != same(new)] + [new]
             gone = {k for t in getattr(args, _dest(d, "_rm"))
                     for k in _as_list(parse_rm(t, d.flag + "-rm"))}
-            _set(spec, d.path, [i for i in items if key_of(i) not in gone])
+            removes = REMOVES.get(d.item)
+            _set(spec, d.path, [i for i in items if not any(
+                removes(i, g) if removes else key_of(i) == g for g in gone)])
             if d.item in CARRIES:
                 CARRIES[d.item](spec, d.path, getattr(args, _dest(d, "_add")),
                                 d.flag + "-add", sorted(gone))

@@ -9,7 +9,9 @@ a service's network aliases (``ALIAS``, ``tasks.ALIAS``, dotted too) answer as i
 with ``lookup_from`` the answer may depend on the asking task (service names and aliases
 resolve only on networks it shares with the service). Other names are forwarded to the
 host's upstream resolvers (from /etc/resolv.conf), so tasks reach the outside by name
-too — not for a task whose networks are all internal (``forwards``: REFUSED), and at most
+too — or to the asking task's own servers (``upstreams_for``: Docker's ``--dns``, which
+moby's embedded resolver likewise uses as its upstreams) — not for a task whose networks
+are all internal (``forwards``: REFUSED, whatever its own servers), and at most
 MAX_FORWARDS at once (SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or
 its EDNS payload), else they are cut with the TC flag and the asker retries over TCP,
 served on the same address and port (as Docker's resolver). Wire format by dnspython; a
@@ -48,6 +50,9 @@ ScopedLookup = Callable[[str, str], list[str] | None]
 LookupFrom = Callable[[str, str], list[str] | None]
 # the asking client's IP → whether its other names may go upstream (node/mesh.py)
 Forwards = Callable[[str], bool]
+# the asking client's IP → the resolvers its other names go to ("IP" or "IP:PORT": a task's
+# own, Docker's --dns; node/mesh.py); None or empty = the node's ``upstreams``
+UpstreamsFor = Callable[[str], list[str] | None]
 MAX_FORWARDS = 1024  # upstream queries in flight at once (moby's resolver: 1024 too)
 UDP_SIZE = 512  # an answer's size over UDP when the query has no EDNS (RFC 1035)
 TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
@@ -79,6 +84,18 @@ def host_search(path: str = "/etc/resolv.conf") -> list[str]:
     return [d for d in dict.fromkeys(out) if d != DOMAIN]
 
 
+def host_options(path: str = "/etc/resolv.conf") -> list[str]:
+    """The host's resolver options (every ``options`` line), which a task that names its
+    own servers directly keeps unless it gives its own (as Docker copies them)."""
+    out: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "options":
+                out += parts[1:]
+    return out
+
+
 def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
     out = []
     with contextlib.suppress(OSError):
@@ -93,11 +110,13 @@ class DnsServer(asyncio.DatagramProtocol):
     def __init__(self, lookup: Lookup, config: DnsConfig | None = None,
                  scoped: ScopedLookup | None = None,
                  lookup_from: LookupFrom | None = None,
-                 forwards: Forwards | None = None) -> None:
+                 forwards: Forwards | None = None,
+                 upstreams_for: UpstreamsFor | None = None) -> None:
         self.lookup = lookup
         self.scoped = scoped
         self.lookup_from = lookup_from  # used instead of ``lookup`` when set
         self.forwards = forwards
+        self.upstreams_for = upstreams_for  # an asker's own upstreams, else ``upstreams``
         self.config = config or DnsConfig()
         self.upstreams = (self.config.upstreams if self.config.upstreams is not None
                           else host_upstreams())
@@ -185,7 +204,7 @@ class DnsServer(asyncio.DatagramProtocol):
                 else:
                     refused = self._refuse_forward(query, client)
                     wire = refused.to_wire() if refused is not None else \
-                        await self._ask_upstreams(data, query)
+                        await self._ask_upstreams(data, query, client)
                 assert wire is not None
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 await writer.drain()
@@ -232,12 +251,16 @@ class DnsServer(asyncio.DatagramProtocol):
 
     async def _forward(self, data: bytes, addr: tuple[str, int],
                        query: dns.message.Message) -> None:
-        self._send(await self._ask_upstreams(data, query), addr)
+        self._send(await self._ask_upstreams(data, query, addr[0]), addr)
 
-    async def _ask_upstreams(self, data: bytes, query: dns.message.Message) -> bytes:
-        """An upstream's reply to ``data`` (each upstream in turn), or SERVFAIL."""
+    async def _ask_upstreams(self, data: bytes, query: dns.message.Message,
+                             client: str = "") -> bytes:
+        """An upstream's reply to ``data`` (each upstream in turn: ``client``'s own if it
+        has any, else the node's), or SERVFAIL."""
         loop = asyncio.get_running_loop()
-        for upstream in self.upstreams:
+        own = self.upstreams_for(client) if self.upstreams_for is not None and client \
+            else None
+        for upstream in own or self.upstreams:
             host, _, port = upstream.rpartition(":") if upstream.count(":") == 1 else \
                 (upstream, "", "53")
             fut: asyncio.Future[bytes] = loop.create_future()
@@ -300,12 +323,13 @@ class _Reply(asyncio.DatagramProtocol):
 
 async def serve(lookup: Lookup, host: str, port: int = 53,
                 config: DnsConfig | None = None, scoped: ScopedLookup | None = None,
-                lookup_from: LookupFrom | None = None, forwards: Forwards | None = None
+                lookup_from: LookupFrom | None = None, forwards: Forwards | None = None,
+                upstreams_for: UpstreamsFor | None = None
                 ) -> tuple[asyncio.DatagramTransport, DnsServer]:
     """The server on UDP and TCP ``host:port`` (``server.tcp``: the TCP listener; closing
     the returned UDP transport closes both)."""
     loop = asyncio.get_running_loop()
-    server = DnsServer(lookup, config, scoped, lookup_from, forwards)
+    server = DnsServer(lookup, config, scoped, lookup_from, forwards, upstreams_for)
     transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
     try:  # (TCP on the port UDP got: port 0 picks one)
         server.tcp = await asyncio.start_server(server.handle_tcp, host,

@@ -17,8 +17,10 @@ Owns: driving three building blocks from the replicated state, on every member n
   VIP (endpoint mode ``vip``, when the service declares a port), the task addresses
   shuffled per query otherwise (``dnsrr``); ``tasks.SERVICE`` → task addresses, shuffled;
   a service's network aliases (``task.network_aliases``) likewise, on their network only.
-  Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf
-  (``task_files()``, passed to the runtime through ``TaskConfig.files``).
+  Tasks get ``nameserver GATEWAY`` as their /etc/resolv.conf, with their own search
+  domains and options (``resolv_conf``, ``task_files(spec)``, passed to the runtime through
+  ``TaskConfig.files``); their other names go to their own ``dns`` servers if they have any
+  (``task_upstreams``), else to the node's.
 
 ``plan_tables`` and ``lookup`` are pure (snapshot in, records out) and unit-tested; ``run()``
 re-plans on every state change (``wake()``) and every ``resync`` seconds, and sends only the
@@ -50,7 +52,7 @@ from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
 from shoal.node.network import NetworkConfig, NodeNetwork
 from shoal.node.overlay import Overlay, OverlayConfig
-from shoal.raft.models import Service, Task, TaskState
+from shoal.raft.models import Service, Task, TaskSpec, TaskState
 from shoal.raft.state import Snapshot
 
 log = logging.getLogger("shoal.mesh")
@@ -293,6 +295,69 @@ def forwards_for(snap: Snapshot, client: str) -> bool:
                    for n in nets)
 
 
+def task_upstreams(snap: Snapshot, client: str) -> list[str] | None:
+    """The resolvers the DNS server forwards ``client``'s other names to: the ``dns``
+    servers of the live task with that address (Docker's ``--dns``: moby's embedded resolver
+    forwards to them instead of the host's), None for the node's own — a client that is no
+    task, a task without ``dns``, or on the host's network (its address is the node's, shared
+    by every such task; it names its servers in its resolv.conf instead). Whether to forward
+    at all is ``forwards_for``'s (an internal network's task: never, whatever it names)."""
+    if not client:
+        return None
+    for t in snap.tasks.values():
+        if t.status.state.terminal or t.spec.network_mode == "host":
+            continue
+        if client in t.net_addrs.values() or (t.status.addr == client and not t.spec.networks):
+            return list(t.spec.container.dns) or None
+    return None
+
+
+@dataclass(frozen=True)
+class HostResolv:
+    """What the node's own /etc/resolv.conf says (read once by the Mesh)."""
+
+    servers: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()  # (without shoal's own domain)
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, path: str = "/etc/resolv.conf") -> HostResolv:
+        return cls(tuple(dns.host_upstreams(path)), tuple(dns.host_search(path)),
+                   tuple(dns.host_options(path)))
+
+
+def resolv_conf(spec: TaskSpec, gateway: str, host: HostResolv) -> str | None:
+    """A task's /etc/resolv.conf. With the node's DNS server (``gateway``: its address, ""
+    = none on this node): ``nameserver GATEWAY`` (service names; other names forwarded, to
+    the task's ``dns`` servers if it has any: ``task_upstreams``), ``search`` shoal's domain
+    then the task's ``dns_search`` (else the host's domains; Docker's rule: given ones
+    replace the host's, "." = none), ``options ndots:1`` (unless its ``dns_options`` name
+    ndots: the user's wins) and its ``dns_options``. Without the node's DNS server, or on
+    the host's network with ``dns`` given, Docker's: the ``dns`` servers named directly
+    (else the host's), its search domains and options (else the host's), no shoal domain.
+    None: nothing to write (no node DNS and no settings: the host's file as it is)."""
+    c = spec.container
+    direct = not gateway or (spec.network_mode == "host" and bool(c.dns))
+    if direct and not (c.dns or c.dns_search or c.dns_options):
+        return None
+    search = [d.rstrip(".") for d in c.dns_search if d != "."] if c.dns_search \
+        else list(host.search)
+    if direct:  # (the host's loopback servers are not the task's: runtime/rootfs.py's rule)
+        servers = list(c.dns) or [s for s in host.servers if spec.network_mode == "host"
+                                  or not (s.startswith("127.") or s == "::1")]
+        options = list(c.dns_options or host.options)
+    else:
+        servers, search = [gateway], [dns.DOMAIN, *(d for d in search if d != dns.DOMAIN)]
+        ndots = any(o.partition(":")[0] == "ndots" for o in c.dns_options)
+        options = [*([] if ndots else ["ndots:1"]), *c.dns_options]
+    lines = [f"nameserver {s}" for s in servers]
+    if search:
+        lines.append("search " + " ".join(dict.fromkeys(search)))
+    if options:
+        lines.append("options " + " ".join(dict.fromkeys(options)))
+    return "\n".join(lines) + "\n"
+
+
 def peer_routes(snap: Snapshot, node_id: str) -> list[tuple[str, str]]:
     """(subnet, via address) of every other node."""
     return sorted((n.subnet, n.addr) for n in snap.nodes.values() if n.id != node_id and n.subnet)
@@ -317,7 +382,7 @@ class Mesh:
         # in a thread, cached for IMAGE_PORTS_TTL seconds)
         self._read_image_ports = image_ports
         self._image_ports: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
-        self._host_search = dns.host_search()  # (read once: the search domains tasks get)
+        self._host_resolv = HostResolv.read()  # (read once: what tasks' resolv.conf keep)
         self.network: NodeNetwork | None = None
         self.overlay: Overlay | None = None
         self.balancer: Balancer | None = None
@@ -389,7 +454,7 @@ class Mesh:
             self._dns, self._dns_server = await dns.serve(
                 self._dns_lookup, net.gateway, self.config.dns_port,
                 scoped=self._dns_stack_lookup, lookup_from=self._dns_lookup_from,
-                forwards=self._dns_forwards)
+                forwards=self._dns_forwards, upstreams_for=self._dns_upstreams)
         self._ready.set()
         log.info("cluster network up: subnet %s, gateway %s, balancer pids %s", subnet,
                  net.gateway, self.balancer.pids)
@@ -448,13 +513,13 @@ class Mesh:
         if self.network is not None:
             await self.network.detach(task_id)
 
-    def task_files(self) -> dict[str, tuple[bytes, int]]:
-        """Files every task gets: /etc/resolv.conf naming this node's DNS server."""
-        if not self.config.dns_port or self.network is None:
-            return {}
-        search = " ".join([dns.DOMAIN, *self._host_search])
-        text = f"nameserver {self.network.gateway}\nsearch {search}\noptions ndots:1\n"
-        return {"/etc/resolv.conf": (text.encode(), 0o644)}
+    def task_files(self, spec: TaskSpec | None = None) -> dict[str, tuple[bytes, int]]:
+        """Files a task of ``spec`` gets (None: a task without DNS settings): its
+        /etc/resolv.conf, naming this node's DNS server (``resolv_conf``)."""
+        gateway = self.network.gateway if self.config.dns_port and self.network is not None \
+            else ""
+        text = resolv_conf(spec if spec is not None else TaskSpec(), gateway, self._host_resolv)
+        return {"/etc/resolv.conf": (text.encode(), 0o644)} if text is not None else {}
 
     # ------------------------------------------------------------------ state → tables
     def _dns_lookup(self, name: str) -> list[str] | None:
@@ -470,6 +535,10 @@ class Mesh:
     def _dns_forwards(self, client: str) -> bool:
         snap = self._snap
         return snap is None or forwards_for(snap, client)
+
+    def _dns_upstreams(self, client: str) -> list[str] | None:
+        snap = self._snap
+        return task_upstreams(snap, client) if snap is not None else None
 
     def _cached_image_ports(self, image: str) -> tuple[tuple[int, str], ...]:
         hit = self._image_ports.get(image)

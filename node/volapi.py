@@ -20,6 +20,7 @@ from shoal.node import crud
 from shoal.node.context import NodeContext
 from shoal.node.crud import BodyReader, Handler, ObjectsApi
 from shoal.node.errors import NotFound
+from shoal.raft import templates
 from shoal.raft.models import Volume, resolve_mount
 from shoal.raft.state import Snapshot
 
@@ -32,7 +33,7 @@ def volume_view(vol: Volume, snap: Snapshot | None = None) -> dict[str, Any]:
     if snap is not None:
         out["services"] = sorted(
             s.spec.name for s in snap.services.values()
-            if any(m.type == "volume" and m.source == vol.name
+            if any(m.type == "volume" and templates.could_be(m.source, vol.name)
                    for m in s.spec.task.container.mounts))
     return out
 

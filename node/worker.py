@@ -23,10 +23,13 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from shoal.node.errors import (
     BackwardsTransition,
@@ -48,7 +51,7 @@ from shoal.raft.models import (
     Volume,
     resolve_mount,
 )
-from shoal.raft.spec import SIGNALS, Mount, SidecarSpec
+from shoal.raft.spec import NAME_RE, SIGNALS, Mount, SidecarSpec
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
@@ -76,6 +79,17 @@ def observed_status(rt: RuntimeStatus) -> TaskStatus:
     return TaskStatus(state=state, timestamp=rt.finished_at or time.time(),
                       message=rt.message, exit_code=rt.exit_code,
                       err="" if state is not TaskState.FAILED else rt.message)
+
+
+# a host name the runtime takes (shoal.runtime.records' rule), for one filled in here
+HOSTNAME_OK = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def _host_lines(lines: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The spec's ``NAME:IP`` /etc/hosts lines as the runtime takes them ((name, ip))."""
+    return tuple((name, addr.strip("[]")) for name, _, addr in
+                 (line.partition(":") for line in lines))
 
 
 _ARCH = os.uname().machine  # {{.Node.Platform.Architecture}}: x86_64, aarch64 (Docker's)
@@ -353,13 +367,14 @@ class Worker:
             if not cmd:
                 raise StartError(f"image {s.image} has no command and the service gives none")
         vols = self.store.snapshot().volumes if s.mounts else {}
-        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
+        # (its resolv.conf: the node's DNS server, its own search domains and options)
+        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files(task.spec)) \
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
         return TaskConfig(
             task_id=task.id,
-            hostname=fill(s.hostname) or default_hostname(task.name),
+            hostname=self._hostname(task, fill),
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
@@ -367,8 +382,7 @@ class Worker:
             files=files, host_network=task.spec.network_mode == "host",
             read_only=s.read_only, cap_add=s.cap_add, cap_drop=s.cap_drop,
             group_add=s.group_add,
-            extra_hosts=tuple((name, addr.strip("[]")) for name, _, addr in
-                              (line.partition(":") for line in s.extra_hosts)),
+            extra_hosts=_host_lines(s.extra_hosts),
             ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
             sysctls=tuple(sorted(s.sysctls.items())),
         )
@@ -378,7 +392,9 @@ class Worker:
         command, env and limits; the task's host name, files and the mounts it lists; the
         network namespace of the main container's init ``pid`` (the node's, for a task on
         the host's network)."""
-        cmd, env, wd, user = tuple(c.command), dict(c.env), c.workdir, c.user
+        fill = self._placeholders(task)
+        cmd, env, wd, user = tuple(c.command), {k: fill(v) for k, v in c.env.items()}, \
+            c.workdir, c.user
         stop_signal = c.stop_signal
         if c.image:
             image = await self._ensure_image(c.image, task)
@@ -390,15 +406,17 @@ class Worker:
                                  "gives none")
         shared = [m for m in task.spec.container.mounts if m.target in c.mounts]
         vols = self.store.snapshot().volumes if shared else {}
-        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files()) \
+        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files(task.spec)) \
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
         host = task.spec.network_mode == "host"  # (already the node's: nothing to join)
-        fill = self._placeholders(task)
         return TaskConfig(
             task_id=f"{task.id}-{c.name}",
-            hostname=fill(task.spec.container.hostname) or default_hostname(task.name),
+            hostname=self._hostname(task, fill),
+            # (its network namespace is the task's: the same /etc/hosts lines; read_only,
+            # capabilities, ulimits, groups and sysctls are the main container's own)
+            extra_hosts=_host_lines(task.spec.container.extra_hosts),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
             pids_limit=c.limits.pids,
@@ -411,9 +429,26 @@ class Worker:
         """A spec mount for the runtime, its placeholders filled in (a bind's source, a
         target); a volume with the driver and options it uses (its own, else ``volume
         create``'s: shoal.raft.models.resolve_mount)."""
+        m = msgspec.structs.replace(m, target=fill(m.target), source=fill(m.source))
+        if m.type == "volume" and not NAME_RE.match(m.source):
+            raise StartError(f"task.container.mounts: the volume name {m.source!r} (its "
+                             "placeholders filled in) is not a volume name")
         driver, opts = resolve_mount(m, vols)
-        return MountSpec(m.type, fill(m.target), fill(m.source), m.readonly, m.tmpfs_size,
+        return MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
                          "" if driver == "local" else driver, tuple(sorted(opts.items())))
+
+    @staticmethod
+    def _hostname(task: Task, fill: Callable[[str], str]) -> str:
+        """The task's host name: its spec's, placeholders filled in (said plainly when that
+        is no host name), else its name's."""
+        given = task.spec.container.hostname
+        if not given:
+            return default_hostname(task.name)
+        name = fill(given)
+        if name != given and not HOSTNAME_OK.match(name):
+            raise StartError(f"--hostname {given!r} is {name!r} on this node: not a valid "
+                             "host name (letters, digits and '-', dotted, at most 64 bytes)")
+        return name
 
     def _placeholders(self, task: Task) -> Callable[[str], str]:
         """A text of ``task``'s template with Docker's placeholders (shoal.raft.templates)
@@ -424,13 +459,17 @@ class Worker:
         values = {".Service.ID": task.service_id, ".Service.Name": task.service_name,
                   ".Node.ID": self.node_id, ".Node.Hostname": node.hostname if node else "",
                   ".Node.Platform.OS": "linux", ".Node.Platform.Architecture": _ARCH,
-                  ".Task.ID": task.id, ".Task.Name": task.name,
+                  ".Task.ID": task.id, ".Task.Name": f"{task.name}.{task.id}",
                   ".Task.Slot": str(task.slot) if task.slot else task.node_id}
         labels = dict(svc.spec.labels) if svc is not None else {}
 
         def fill(text: str) -> str:
-            return templates.expand(text, values, labels) if templates.has_placeholders(text) \
-                else text
+            if not templates.has_placeholders(text):
+                return text
+            try:
+                return templates.expand(text, values, labels)
+            except ValueError:  # (a spec written before placeholders: "{{" taken as text)
+                return text
         return fill
 
     async def _ensure_image(self, ref: str, task: Task | None = None) -> ImageConfig:

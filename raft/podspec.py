@@ -62,6 +62,8 @@ DAY = 86400.0
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_FILE_REFS = 100
+# placeholder values of the right shape, to check what a text with placeholders becomes
+_SAMPLE = {p: "x1" for p in templates.PLACEHOLDERS}
 # a host name with placeholders (shoal.raft.templates), checked once filled in by the node
 HOSTNAME_TEMPLATE_RE = re.compile(r'^(?=.*\{\{)[A-Za-z0-9{}." _-]{1,255}$')
 # a name of an /etc/hosts line: an RFC 1123 host name, dotted (db.internal), at most 64
@@ -69,8 +71,17 @@ HOSTNAME_TEMPLATE_RE = re.compile(r'^(?=.*\{\{)[A-Za-z0-9{}." _-]{1,255}$')
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 EXTRA_HOST_RE = re.compile(rf"^(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*$")
 MAX_EXTRA_HOSTS = 256
+MAX_GID = (1 << 31) - 1  # (runc's limit for a group number)
 GROUP_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})$")  # (as the runtime's)
 MAX_SYSCTLS = 64
+# Docker's --dns, --dns-search, --dns-option: resolv.conf's servers (glibc reads 3; the node
+# forwards to every one in turn), search domains (a domain name, or "." for none of the
+# host's) and options (ndots:2, timeout:1, edns0, rotate…)
+MAX_DNS_SERVERS = 8
+MAX_DNS_SEARCH = 32
+MAX_DNS_OPTIONS = 16
+DNS_SEARCH_RE = re.compile(rf"^(?:\.|(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?)$")
+DNS_OPTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
          cli: str | None = None, item: str | None = None, unit: str | None = None,
@@ -122,7 +133,17 @@ class Mount(_Spec, frozen=True):
         if self.type == "bind" and (not self.source.startswith("/")
                                     or ".." in self.source.split("/")):
             raise SpecError("source", "a bind mount's source must be an absolute host path")
-        if self.type == "volume" and not NAME_RE.match(self.source):
+        if self.type == "volume" and templates.has_placeholders(self.source):
+            # (a volume per slot or node, Docker's idiom: data-{{.Task.Slot}}; the name is
+            # checked again once the node has filled it in)
+            try:
+                templates.check(self.source)
+            except ValueError as exc:
+                raise SpecError("source", str(exc)) from None
+            if not NAME_RE.match(templates.expand(self.source, _SAMPLE, {}) or "-"):
+                raise SpecError("source", "must name a volume (lower-case letters, digits, "
+                                "'-', '_') once its placeholders are filled in")
+        elif self.type == "volume" and not NAME_RE.match(self.source):
             raise SpecError("source", "must name a volume (lower-case letters, digits, '-', '_')")
         if self.type == "tmpfs" and self.source:
             raise SpecError("source", "a tmpfs mount takes no source")
@@ -334,6 +355,24 @@ class ContainerSpec(_Spec, frozen=True):
         "kernel parameters set in the task's own namespaces: net.* (not on the host's "
         "network), kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.* (Docker's --sysctl; "
         "needs cluster schema 7)", flag="--sysctl", cli="map", metavar="KEY=VALUE")] = {}
+    # Docker's DNS settings of a container (needs cluster schema 7)
+    dns: Annotated[tuple[str, ...], decl(
+        "DNS servers (IPv4/IPv6 addresses) for the names that are not the cluster's: the "
+        "node's DNS server forwards the task's other queries to them instead of the node's "
+        "own resolvers (service names still resolve); a task on the host's network gets them "
+        "in its /etc/resolv.conf (Docker's --dns, Compose's dns; needs cluster schema 7)",
+        flag="--dns", cli="list", item="nameserver", metavar="IP",
+        max_length=MAX_DNS_SERVERS)] = ()
+    dns_search: Annotated[tuple[str, ...], decl(
+        "search domains of the task's /etc/resolv.conf, after shoal's own and instead of the "
+        "host's (\".\": none of the host's) (Docker's --dns-search, Compose's dns_search; "
+        "needs cluster schema 7)", flag="--dns-search", cli="list", item="domain",
+        metavar="DOMAIN", max_length=MAX_DNS_SEARCH)] = ()
+    dns_options: Annotated[tuple[str, ...], decl(
+        "options of the task's /etc/resolv.conf: ndots:N (replaces shoal's ndots:1), "
+        "timeout:N, attempts:N, rotate, edns0, use-vc, … (Docker's --dns-option, Compose's "
+        "dns_opt; needs cluster schema 7)", flag="--dns-option", cli="list",
+        item="resolv_option", metavar="OPTION", max_length=MAX_DNS_OPTIONS)] = ()
 
     def __post_init__(self) -> None:
         _check_command(self.command)
@@ -362,8 +401,9 @@ class ContainerSpec(_Spec, frozen=True):
                 except ValueError as exc:
                     raise SpecError(what, str(exc)) from None
         for group in self.group_add:
-            if not GROUP_RE.match(group):
-                raise SpecError("group_add", f"{group!r} is not a group name or number")
+            if not GROUP_RE.match(group) or (group.isdigit() and int(group) > MAX_GID):
+                raise SpecError("group_add", f"{group!r} is not a group name or a number up "
+                                f"to {MAX_GID}")
         _check_extra_hosts(self.extra_hosts)
         names = [u.name for u in self.ulimits]
         if len(set(names)) != len(names):
@@ -375,6 +415,7 @@ class ContainerSpec(_Spec, frozen=True):
                 check_sysctl(key, value, host_network=False)
             except ValueError as exc:
                 raise SpecError("sysctls", str(exc)) from None
+        _check_dns(self.dns, self.dns_search, self.dns_options)
 
 
 # --------------------------------------------------------------------------- resources
@@ -535,10 +576,30 @@ def _check_extra_hosts(lines: tuple[str, ...]) -> None:
         if not sep or not EXTRA_HOST_RE.match(name):
             raise SpecError("extra_hosts", f"expected NAME:IP, got {line!r}")
         try:
+            if "%" in addr:  # (a zone, fe80::1%eth0: not a line /etc/hosts can hold)
+                raise ValueError(addr)
             ipaddress.ip_address(addr.strip("[]"))
         except ValueError:
             raise SpecError("extra_hosts", f"{addr!r} in {line!r} is not an IP address") \
                 from None
+
+
+def _check_dns(servers: tuple[str, ...], search: tuple[str, ...],
+               options: tuple[str, ...]) -> None:
+    """Docker's --dns (IP addresses), --dns-search (domain names, "." alone: none of the
+    host's) and --dns-option (resolv.conf option words) of a container."""
+    for addr in servers:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise SpecError("dns", f"{addr!r} is not an IP address") from None
+    for domain in search:
+        if not DNS_SEARCH_RE.match(domain):
+            raise SpecError("dns_search", f"{domain!r} is not a domain name")
+    for option in options:
+        if not DNS_OPTION_RE.match(option):
+            raise SpecError("dns_options", f"{option!r} is not a resolv.conf option (letters, "
+                            "digits, ':', '.', '_', '-': ndots:2, timeout:1, edns0…)")
 
 
 def _check_env(env: dict[str, str]) -> None:

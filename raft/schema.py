@@ -22,8 +22,9 @@ Schema history::
        (``ROLLOUT_CLOCK``): an automatic rollback leaves no previous spec (Swarm).
     7  a container's security and kernel settings: ``task.container.read_only``,
        ``cap_add``, ``cap_drop``, ``group_add``, ``extra_hosts``, ``ulimits``, ``sysctls``;
-       a service's DNS aliases on its networks, ``task.network_aliases``; placeholders in a
-       host name (``GATED_VALUES``).
+       its DNS settings ``dns``, ``dns_search``, ``dns_options``; a service's DNS aliases
+       on its networks, ``task.network_aliases``; placeholders in a host name
+       (``GATED_VALUES``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -60,6 +61,7 @@ SCHEMA = 7  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
+PLACEHOLDERS = 7  # the schema whose nodes fill in Docker's placeholders (raft/templates.py)
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
@@ -67,13 +69,17 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                          "task.container.healthcheck.exec": 6,
                          **{f"task.container.{name}": 7 for name in (
                              "read_only", "cap_add", "cap_drop", "group_add", "extra_hosts",
-                             "ulimits", "sysctls")},
+                             "ulimits", "sysctls", "dns", "dns_search", "dns_options")},
                          "task.network_aliases": 7}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
 GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
-    "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, 7)}
+    "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
+    # (a volume's name likewise: data-{{.Task.Slot}})
+    "task.container.mounts": (lambda v: isinstance(v, list) and any(
+        isinstance(m, dict) and m.get("type") == "volume" and "{{" in str(m.get("source"))
+        for m in v), PLACEHOLDERS)}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # top-level commands an older node does not know: the schema from which they may be written
@@ -282,6 +288,22 @@ def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str
     return out
 
 
+def _placeholders_refusal(spec: dict[str, Any], writes: int) -> ValidationError | None:
+    """On propose only (older replicas take any text there, so the state machine must too):
+    placeholders in env values and mounts, which a node of an older shoal would not fill
+    in, wait for the schema that reads them (``GATED_VALUES``' schema)."""
+    if writes >= PLACEHOLDERS:
+        return None
+    c = spec.get("task", {}).get("container", {})
+    texts = [(f"task.container.env.{k}", v) for k, v in (c.get("env") or {}).items()] + \
+        [(f"task.container.mounts[{i}]", f"{m.get('source')} {m.get('target')}")
+         for i, m in enumerate(c.get("mounts") or []) if isinstance(m, dict)]
+    for path, text in texts:
+        if isinstance(text, str) and "{{" in text:
+            return _needs(path, PLACEHOLDERS, writes)
+    return None
+
+
 def _gate_command(cmd: dict[str, Any], writes: int) -> dict[str, Any]:
     if writes >= SCHEMA:
         return cmd
@@ -290,7 +312,7 @@ def _gate_command(cmd: dict[str, Any], writes: int) -> dict[str, Any]:
         full = _complete(cmd["spec"])
         if full is None:
             return cmd  # (every replica refuses it alike)
-        err = gate_refusal(full, writes)
+        err = gate_refusal(full, writes) or _placeholders_refusal(full, writes)
         if err is not None:
             raise err
         return {**cmd, "spec": strip_gated(cmd["spec"], writes)}

@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from shoal.raft import ipam, raftkeys, secops
+from shoal.raft import ipam, raftkeys, secops, templates
 from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
@@ -487,11 +487,11 @@ class ClusterState:
         if vol is None:
             raise Rejected("not_found", f"no such volume: {cmd.get('name')}", "name")
         users = sorted({s.spec.name for s in self.services.values()
-                        if any(m.type == "volume" and m.source == vol.name
+                        if any(m.type == "volume" and templates.could_be(m.source, vol.name)
                                for m in s.spec.task.container.mounts)}
                        | {t.service_name for t in self.tasks.values()
                           if not t.status.state.terminal and any(
-                              m.type == "volume" and m.source == vol.name
+                              m.type == "volume" and templates.could_be(m.source, vol.name)
                               for m in t.spec.container.mounts)})
         if users:
             raise Rejected("in_use", f"volume {vol.name} is in use by service(s) "

@@ -44,6 +44,15 @@ def expand(text: str, values: Mapping[str, str], labels: Mapping[str, str]) -> s
     return _expand(text, (values, labels))
 
 
+def could_be(text: str, name: str) -> bool:
+    """Whether ``text`` (with placeholders or not) can become ``name`` on some node: a
+    volume ``data-{{.Task.Slot}}`` is in use as ``data-1`` (what ``volume rm`` asks)."""
+    if not has_placeholders(text):
+        return text == name
+    parts = _ACTION_RE.split(text)[::2]  # (the text between the placeholders)
+    return re.fullmatch(".+".join(re.escape(p) for p in parts), name) is not None
+
+
 def _expand(text: str, given: tuple[Mapping[str, str], Mapping[str, str]] | None) -> str:
     out: list[str] = []
     pos = 0
@@ -67,4 +76,4 @@ def _expand(text: str, given: tuple[Mapping[str, str], Mapping[str, str]] | None
     return "".join(out)
 
 
-__all__ = ["PLACEHOLDERS", "check", "expand", "has_placeholders"]
+__all__ = ["PLACEHOLDERS", "check", "could_be", "expand", "has_placeholders"]

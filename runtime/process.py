@@ -75,6 +75,7 @@ from shoal.runtime.rootfs import (
     INIT_IN_TASK,
     RootfsPlan,
     User,
+    bounding_set,
     build_plan,
     capability_mask,
     hosts_file,
@@ -96,6 +97,9 @@ from shoal.runtime.taskdir import (
 )
 
 log = logging.getLogger(__name__)
+# the capabilities this agent can give its tasks (its own bounding set: less than all when
+# it runs in a container): what cap_add ALL means here
+_BOUNDING = bounding_set(Path("/proc/self/status").read_text())
 
 # SigIgn bits of SIGTTIN and SIGTTOU: tini ignores them once its signal handling is set up.
 _TINI_READY = 1 << (signal.SIGTTIN - 1) | 1 << (signal.SIGTTOU - 1)
@@ -439,6 +443,10 @@ class ProcessController:
         except ValueError as exc:
             raise InvalidTaskConfig("group_add" if "--group-add" in str(exc) else "user",
                                     str(exc)) from None
+        try:  # (a capability this node cannot give: said now, not as capset's EPERM later)
+            capability_mask(cfg.cap_add, cfg.cap_drop, _BOUNDING)
+        except ValueError as exc:
+            raise InvalidTaskConfig("cap_add", str(exc)) from None
         volumes = []
         for m in cfg.mounts:
             if m.type == "bind" and not os.path.exists(m.source):
@@ -501,7 +509,7 @@ class ProcessController:
             spec.add("P", env["PATH"])
             spec.add("I", INIT_IN_TASK)
             spec.add("R", root_dir(self._cfg.mnt_dir))
-            spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop)))
+            spec.add("K", str(capability_mask(cfg.cap_add, cfg.cap_drop, _BOUNDING)))
             spec.fields("U", user.uid, user.gid, ",".join(str(g) for g in user.groups))
             for path in cgroups.procs_files() if cgroups else ():
                 spec.add("C", path)

@@ -146,7 +146,8 @@ class TaskConfig:
         self._validate_limits()
         self._validate_kernel_params()
         for group in self.group_add:
-            if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
+            if not isinstance(group, str) or not _GROUP_RE.fullmatch(group) or (
+                    group.isdigit() and int(group) > (1 << 31) - 1):
                 raise InvalidTaskConfig("group_add", f"expected a group name or number: "
                                         f"{group!r}")
         for name in ("cap_add", "cap_drop"):

@@ -84,17 +84,41 @@ def cap_name(name: str) -> str:
     return upper
 
 
-def capability_mask(cap_add: Iterable[str] = (), cap_drop: Iterable[str] = ()) -> int:
-    """The capability bits a task keeps: Docker's default set, minus cap_drop, plus cap_add
-    ("ALL" allowed in both; drop is applied first, as in Docker)."""
+def capability_mask(cap_add: Iterable[str] = (), cap_drop: Iterable[str] = (),
+                    available: int | None = None) -> int:
+    """The capability bits a task keeps, Docker's rule (moby's TweakCapabilities): ALL in
+    cap_add is every capability but cap_drop's; else ALL in cap_drop is cap_add alone; else
+    Docker's default set minus cap_drop, plus cap_add. ``available``: the bits this node can
+    give (its own bounding set): ALL means those; a named capability outside them is a
+    ValueError naming it (the start would fail with EPERM in capset)."""
     add = {cap_name(c) for c in cap_add}
     drop = {cap_name(c) for c in cap_drop}
-    keep = set() if "ALL" in drop else set(DEFAULT_CAPABILITIES) - drop
-    keep |= set(CAPABILITIES) if "ALL" in add else add
+    everything = set(CAPABILITIES) if available is None else \
+        {n for n, bit in CAPABILITIES.items() if available >> bit & 1}
+    if "ALL" in add:
+        keep = everything - drop
+    elif "ALL" in drop:
+        keep = set(add)
+    else:
+        keep = (set(DEFAULT_CAPABILITIES) - drop) | add
+    if available is not None:
+        missing = sorted(n for n in add - {"ALL"} if n not in everything)
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: not in this node's capability bounding "
+                             "set (the agent runs without it), so no task here can have it")
+        keep &= everything  # (the defaults a restricted node lacks: as runc, left out)
     mask = 0
     for name in keep:
         mask |= 1 << CAPABILITIES[name]
     return mask
+
+
+def bounding_set(status: str) -> int | None:
+    """This process's capability bounding set from /proc/self/status text (None if absent)."""
+    for line in status.splitlines():
+        if line.startswith("CapBnd:"):
+            return int(line.split()[1], 16)
+    return None
 
 
 # ----------------------------------------------------------------------------------- users
@@ -471,6 +495,7 @@ __all__ = [
     "MountSpec",
     "RootfsPlan",
     "User",
+    "bounding_set",
     "build_plan",
     "cap_name",
     "capability_mask",

@@ -376,7 +376,7 @@ services:
     image: web:1
     container_name: w
     command: sleep 1
-    dns: [10.0.0.53]
+    shm_size: 64m
     networks: [back]
     deploy:
       mode: global
@@ -401,9 +401,9 @@ x-common: &common {}
     assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
         "(services web, api)" in w
     assert sum(x.startswith("build:") for x in w) == 1
-    for key in ("container_name", "depends_on", "dns"):
+    for key in ("container_name", "depends_on", "shm_size"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
-    assert all("not supported yet" in x for x in w if x.startswith(("dns", "deploy.")))
+    assert all("not supported yet" in x for x in w if x.startswith(("shm_size", "deploy.")))
     web = st.services[0]
     assert web.endpoint.mode == "dnsrr" and not any("endpoint_mode" in x for x in w)
     assert (web.mode.type, web.task.placement.max_replicas) == ("global", 1)

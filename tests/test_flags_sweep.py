@@ -47,7 +47,10 @@ BY_ITEM: dict[str, list[str]] = {
     "cap": ["FLY", "CAP_"],
     "group": ["bad group!"],
     "host": ["db", "db:999.1.1.1", "bad_name:10.0.0.1"],
-    "ulimit": ["nofile=x", "files=1", "nofile=9:1", "nofile"],
+    "ulimit": ["nofile=x", "files=1", "nofile=9:1", "nofile", "nofile=1024:", "nofile= 10"],
+    "nameserver": ["dns.example", "10.0.0.256"],
+    "domain": ["bad domain", "-corp.example"],
+    "resolv_option": ["ndots:2;x", "a b"],
 }
 # free-text flags: their bad values (with what else the create needs to reach the check),
 # or None when any text is valid

@@ -221,16 +221,26 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     host = h1.run("cat", "/proc/sys/net/core/somaxconn").stdout.strip()
     assert host != "999", host  # the node's own is untouched
     # Docker's placeholders, filled in by the node for each task
+    h1.cli("volume", "create", "vol-1")
     h1.cli("service", "create", "--name", "tpl", "--label", "env=prod", "--hostname",
            "{{.Node.Hostname}}-{{.Task.Slot}}", "-e", "WHO={{.Service.Name}}.{{.Task.Slot}}",
            "-e", 'ENV={{index .Service.Labels "env"}}', "--mount",
-           "type=tmpfs,dst=/data/{{.Task.Slot}}", "--image", "busybox:1", "--user", "app",
+           "type=tmpfs,dst=/data/{{.Task.Slot}}", "--mount",
+           "type=volume,src=vol-{{.Task.Slot}},dst=/vol", "--image", "busybox:1", "--user", "app",
            "--group-add", "root", "--group-add", "4242", "--", "sh", "-c",
            "echo host=$(hostname) who=$WHO env=$ENV dirs=$(ls -d /data/*) groups=$(id -G); "
            "sleep 100000")
     out = wait_until(lambda: logs_with(h1, "tpl", "host="), timeout=30, what="tpl output")
     assert "host=h1-1 who=tpl.1 env=prod dirs=/data/1 groups=" in out, out
     assert set(out.split("groups=")[1].split()) == {"1000", "50", "0", "4242"}, out
+    gone = h1.cli("volume", "rm", "vol-1", check=False)  # (vol-{{.Task.Slot}} uses it)
+    assert gone.returncode != 0 and "in use" in gone.stderr, gone
+    # a placeholder that fills in no host name is said as such (the task fails, not the node)
+    h1.cli("service", "create", "--name", "badhost", "--label", "x=a_b", "--hostname",
+           '{{index .Service.Labels "x"}}', "--restart-condition", "none", "--", "true")
+    failed = wait_until(lambda: [t for t in tasks(h1, "badhost") if t["error"]] or None,
+                        timeout=30, what="badhost's error")
+    assert "is 'a_b' on this node: not a valid host name" in failed[0]["error"], failed
     bad = h1.cli("service", "create", "--name", "badtpl", "-e", "X={{.Node.Bogus}}", "--",
                  "true", check=False)
     assert bad.returncode != 0 and "--env" in bad.stderr and "Node.Bogus" in bad.stderr, bad

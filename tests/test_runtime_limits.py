@@ -342,3 +342,40 @@ def test_group_add_appends_groups_by_name_or_number() -> None:
         (1000, 50, 29, 4242)
     with pytest.raises(ValueError, match="--group-add"):
         resolve_user("app", passwd, group, ("video",))
+
+
+def test_capabilities_follow_dockers_rule_within_the_nodes_bounding_set() -> None:
+    """moby's TweakCapabilities: ALL in cap_add is everything but cap_drop (a drop was
+    ignored); ALL in cap_drop is cap_add alone; and ALL means what this node can give (its
+    bounding set), a named capability outside it refused naming it (capset's EPERM before)."""
+    from shoal.runtime.rootfs import CAPABILITIES, DEFAULT_CAPABILITIES, capability_mask
+
+    def names(mask: int) -> set[str]:
+        return {n for n, bit in CAPABILITIES.items() if mask >> bit & 1}
+
+    assert names(capability_mask(["ALL"], ["SYS_ADMIN"])) == set(CAPABILITIES) - {"SYS_ADMIN"}
+    assert names(capability_mask(["NET_ADMIN"], ["ALL"])) == {"NET_ADMIN"}
+    assert names(capability_mask(["NET_ADMIN"], ["CHOWN"])) == \
+        set(DEFAULT_CAPABILITIES) - {"CHOWN"} | {"NET_ADMIN"}
+    node = sum(1 << bit for n, bit in CAPABILITIES.items() if n != "SYS_RESOURCE")
+    assert names(capability_mask(["ALL"], [], node)) == set(CAPABILITIES) - {"SYS_RESOURCE"}
+    with pytest.raises(ValueError, match="SYS_RESOURCE: not in this node's"):
+        capability_mask(["SYS_RESOURCE"], [], node)
+
+
+@needs_root
+async def test_cap_add_all_starts_with_what_the_node_can_give_minus_the_drops(
+        ctl: ProcessController) -> None:
+    """--cap-add ALL --cap-drop SYS_ADMIN: a real task starts (on a node whose own bounding
+    set lacks some capability too: ALL was capset's EPERM there) without SYS_ADMIN."""
+    from shoal.runtime.rootfs import CAPABILITIES, bounding_set
+
+    st, out, err = await run_to_end(ctl, task(
+        "capall", "sh", "-c", "grep CapEff /proc/self/status", cap_add=("ALL",),
+        cap_drop=("SYS_ADMIN",)))
+    assert st.exit_code == 0, err
+    eff = int(out.split()[1], 16)
+    node = bounding_set(Path("/proc/self/status").read_text())
+    assert node is not None
+    assert eff == node & ~(1 << CAPABILITIES["SYS_ADMIN"]) & sum(
+        1 << b for b in CAPABILITIES.values()), (hex(eff), hex(node))

@@ -92,6 +92,10 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
      "task.container.extra_hosts"),
     ({"task": {"container": {"command": ["x"], "extra_hosts": ["db_1:10.0.0.3"]}}},
      "task.container.extra_hosts"),
+    ({"task": {"container": {"command": ["x"], "extra_hosts": ["db:fe80::1%eth0"]}}},
+     "task.container.extra_hosts"),
+    ({"task": {"container": {"command": ["x"], "group_add": ["9999999999"]}}},
+     "task.container.group_add"),
     ({"task": {"container": {"command": ["x"], "ulimits": [
         {"name": "nofile", "soft": 4096, "hard": 1024}]}}}, "task.container.ulimits[0].soft"),
     ({"task": {"container": {"command": ["x"], "ulimits": [
@@ -204,6 +208,23 @@ def test_security_and_kernel_flags_as_dockers_on_create_and_update() -> None:
     assert new.extra_hosts == ("v6:::1", "api:10.0.0.4")
     assert [(u.name, u.soft, u.hard) for u in new.ulimits] == [("nofile", 10, 10)]
     assert new.sysctls == {"kernel.shmmax": "1000000"} and new.group_add == ("4242", "wheel")
+    # docker's updateCapabilities: adding wins over dropping the same; RESET empties a list;
+    # updateHosts: --host-rm NAME:IP removes that line only, NAME every line of it; an added
+    # line goes last, an exact duplicate once
+    args = p.parse_args(["service", "update", "--cap-add", "SYS_NICE", "--cap-drop",
+                         "SYS_NICE", "--cap-drop", "RESET", "--cap-drop", "MKNOD",
+                         "--host-rm", "v6:10.9.9.9", "--host-add", "v6:10.0.0.9",
+                         "--host-add", "v6:::1", "web"])
+    again = validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container
+    assert again.cap_add == ("NET_ADMIN", "SYS_NICE") and again.cap_drop == ("MKNOD",)
+    assert again.extra_hosts == ("db:10.0.0.2", "v6:::1", "v6:10.0.0.9")
+    args = p.parse_args(["service", "update", "--host-rm", "v6", "--host-rm", "db:10.0.0.2",
+                         "web"])
+    assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
+        .extra_hosts == ()
+    args = p.parse_args(["service", "update", "--read-only=False", "web"])
+    assert not validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
+        .read_only
     args = p.parse_args(["service", "update", "--read-only=true", "web"])
     assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
         .read_only

@@ -296,6 +296,22 @@ def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None
             encode_command(cmd, {}, 6)
         assert exc.value.field == field and "schema 7" in exc.value.message
         assert encode_command(cmd, {}, 7) is cmd
+    # placeholders in env and mounts: refused on propose (an older node would not fill them
+    # in), though the state machine takes them as older replicas do
+    for where, container in (("task.container.env.WHO", {"env": {"WHO": "{{.Task.Slot}}"}}),
+                             ("task.container.mounts[0]", {"mounts": [{
+                                 "type": "tmpfs", "target": "/d/{{.Task.Slot}}"}]}),
+                             ("task.container.mounts", {"mounts": [{
+                                 "type": "volume", "source": "d-{{.Task.Slot}}",
+                                 "target": "/d"}]})):
+        spec = {"name": "t", "task": {"container": {"command": ["x"], **container}}}
+        cmd = {"op": "service_create", "id": "s3", "now": 1.0, "spec": spec}
+        with pytest.raises(ValidationError) as exc:
+            encode_command(cmd, {}, 6)
+        assert exc.value.field == where
+        st = _state(6)
+        res = st.apply(cmd)
+        assert ("error" in res) == (where == "task.container.mounts"), res
     plain = {"name": "p", "task": {"container": {"command": ["x"], "hostname": "db-1"}}}
     cmd = {"op": "service_create", "id": "s2", "now": 1.0, "spec": plain}
     assert encode_command(cmd, {}, 6)["spec"]["task"]["container"]["hostname"] == "db-1"

@@ -213,7 +213,9 @@ def _check_new(spec: ServiceSpec) -> None:
     c = spec.task.container
     texts = [(f"task.container.env.{k}", v) for k, v in c.env.items()] + \
         [(f"task.container.mounts[{i}].{part}", getattr(m, part))
-         for i, m in enumerate(c.mounts) for part in ("source", "target")]
+         for i, m in enumerate(c.mounts) for part in ("source", "target")] + \
+        [(f"task.{kind}[{i}].env.{k}", v) for kind in ("sidecars", "init_containers")
+         for i, x in enumerate(getattr(spec.task, kind)) for k, v in x.env.items()]
     for field, text in texts:
         if templates.has_placeholders(text):
             try:
