@@ -7,7 +7,9 @@
  * task's image; statically linked, so no loader is looked up there), which takes the
  * task's credentials as its init has them — the launcher (launcher.c) drops the same way —
  * before it execs the check. Without it a check of a task running as root would run with
- * every capability of the host's root, where the task itself runs with its reduced set.
+ * every capability of the host's root, where the task itself runs with its reduced set. It
+ * takes the task's resource limits too (those of the task's init, pid 1 of the pid namespace
+ * nsenter entered: --ulimit), as Docker runs an exec check with the container's rlimits.
  *
  * Usage: shoal-execdrop UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
@@ -24,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -40,12 +43,18 @@ int main(int argc, char **argv) {
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
     gid_t gid = (gid_t)strtoul(argv[2], NULL, 10);
-    gid_t groups[64];
+    gid_t groups[256]; /* (as many as the launcher gives a task) */
     size_t ngroups = 0;
-    for (char *p = argv[3]; *p && ngroups < 64;) {
+    for (char *p = argv[3]; *p && ngroups < 256;) {
         groups[ngroups++] = (gid_t)strtoul(p, &p, 10);
         if (*p == ',') p++;
         else break;
+    }
+    for (int r = 0; r < RLIM_NLIMITS; r++) { /* while root with the agent's capabilities */
+        struct rlimit lim;
+        if (prlimit(1, (__rlimit_resource_t)r, NULL, &lim) == 0 &&
+            setrlimit((__rlimit_resource_t)r, &lim))
+            return fail("setrlimit");
     }
     uint64_t keep = strtoull(argv[4], NULL, 16);
     for (int c = 0; c < 64; c++) {

@@ -102,11 +102,12 @@ def test_http_check_gates_traffic_and_an_unhealthy_task_is_cut_off_and_replaced(
 def test_exec_check_runs_inside_the_tasks_namespaces_and_cgroup(cluster2: Lab) -> None:
     """--health-cmd runs through /bin/sh -c in the task: its hostname, its files (/tmp is the
     task's own), its cgroup, its credentials and capabilities; the output is kept in the
-    health log; when it fails, the task is replaced."""
+    health log; it has the task's --ulimit; when it fails, the task is replaced."""
     h1 = cluster2.hosts[0]
     h1.cli("service", "create", "--name", "ex", "--constraint", "node.role==manager",
+           "--ulimit", "nofile=100:200",
            "--health-cmd", "test -f /tmp/ok && hostname && grep -E '^(Cap|Uid)' "
-           "/proc/self/status && cat /proc/self/cgroup",
+           "/proc/self/status && cat /proc/self/cgroup && grep 'open files' /proc/self/limits",
            "--health-interval", "0.5s", "--health-retries", "1",
            "--", "sh", "-c", "touch /tmp/ok; exec sleep 1000")
     (t,) = wait_until(lambda: running(h1, "ex", "healthy", 1), timeout=60,
@@ -124,6 +125,8 @@ def test_exec_check_runs_inside_the_tasks_namespaces_and_cgroup(cluster2: Lab) -
     for key in ("CapEff", "CapBnd", "Uid"):
         mine = next(ln for ln in task_status if ln.startswith(key + ":"))
         assert mine in out.splitlines(), (key, mine, out)
+    # and its resource limits (Docker runs an exec check with the container's)
+    assert out.splitlines()[-1].split()[3:5] == ["100", "200"], out
     (inspect,) = h1.cli_json("service", "inspect", "ex")
     assert [(x["task"], x["health"]) for x in inspect["health"]] == [(t["id"], "healthy")]
     Path(f"/proc/{t['pid']}/root/tmp/ok").unlink()
