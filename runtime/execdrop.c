@@ -50,11 +50,13 @@ int main(int argc, char **argv) {
         if (*p == ',') p++;
         else break;
     }
-    for (int r = 0; r < RLIM_NLIMITS; r++) { /* while root with the agent's capabilities */
+    /* While root with the agent's capabilities. Best effort: a limit this process may not
+     * take (above its own hard one, without CAP_SYS_RESOURCE; a "task" in the host's pid
+     * namespace, whose pid 1 is the host's init) leaves the agent's, as before. */
+    for (int r = 0; r < RLIM_NLIMITS; r++) {
         struct rlimit lim;
-        if (prlimit(1, (__rlimit_resource_t)r, NULL, &lim) == 0 &&
-            setrlimit((__rlimit_resource_t)r, &lim))
-            return fail("setrlimit");
+        if (prlimit(1, (__rlimit_resource_t)r, NULL, &lim) == 0)
+            (void)setrlimit((__rlimit_resource_t)r, &lim);
     }
     uint64_t keep = strtoull(argv[4], NULL, 16);
     for (int c = 0; c < 64; c++) {
