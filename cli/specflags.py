@@ -582,6 +582,9 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
             _add_bool_values(parser, d)
         else:
             parser.add_argument(*names, **kw)
+    parser.add_argument("--init", action="store_true", help="accepted as docker's: shoal "
+                        "always runs an init (tini) as each task's PID 1, forwarding signals "
+                        "and reaping processes")
     parser.add_argument("--spec", default="", metavar="FILE",
                         help="the service spec from a YAML/JSON file (- = stdin; docs/api.md's "
                         "spec reference, e.g. a pod's task.sidecars); flags given override it")
@@ -634,6 +637,8 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(d.flag, *ALIASES.get(d.flag, ()), dest=_dest(d),
                                 metavar=_metavar(d), **kw)
+    parser.add_argument("--init", action="store_true", help="accepted as docker's: every task "
+                        "has an init (tini) as its PID 1")
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")
     parser.add_argument("--args", default=None, metavar='"CMD ARGS..."',
                         help="replace the command (split as a shell would); or give it after "

@@ -51,12 +51,12 @@ from shoal.raft.models import (
     Volume,
     resolve_mount,
 )
-from shoal.raft.spec import NAME_RE, SIGNALS, Mount, SidecarSpec
+from shoal.raft.spec import NAME_RE, Mount, SidecarSpec
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
-from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig
+from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig, parse_signal
 from shoal.runtime.rootfs import MountSpec
 
 if TYPE_CHECKING:
@@ -90,6 +90,15 @@ def _host_lines(lines: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """The spec's ``NAME:IP`` /etc/hosts lines as the runtime takes them ((name, ip))."""
     return tuple((name, addr.strip("[]")) for name, _, addr in
                  (line.partition(":") for line in lines))
+
+
+def _signal_ok(name: str) -> bool:
+    """An image's STOPSIGNAL the runtime can send (any name or number, SIGRTMIN+3)."""
+    try:
+        parse_signal(name)
+    except ValueError:
+        return False
+    return True
 
 
 _ARCH = os.uname().machine  # {{.Node.Platform.Architecture}}: x86_64, aarch64 (Docker's)
@@ -362,7 +371,7 @@ class Worker:
             image = await self._ensure_image(s.image, task)
             cmd, env, wd, user = image.apply(cmd, env, wd, user,
                                              entrypoint=s.entrypoint or None)
-            if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:  # (the default)
+            if stop_signal == "SIGTERM" and _signal_ok(image.stop_signal):  # (the default)
                 stop_signal = image.stop_signal  # the image's STOPSIGNAL
             if not cmd:
                 raise StartError(f"image {s.image} has no command and the service gives none")
@@ -399,7 +408,7 @@ class Worker:
         if c.image:
             image = await self._ensure_image(c.image, task)
             cmd, env, wd, user = image.apply(cmd, env, wd, user)
-            if stop_signal == "SIGTERM" and image.stop_signal in SIGNALS:
+            if stop_signal == "SIGTERM" and _signal_ok(image.stop_signal):
                 stop_signal = image.stop_signal
             if not cmd:
                 raise StartError(f"image {c.image} has no command and container {c.name} "

@@ -36,6 +36,7 @@ import msgspec
 from shoal.raft import templates
 from shoal.raft.errors import SpecError
 from shoal.runtime import volumes
+from shoal.runtime.records import parse_signal
 from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -308,8 +309,11 @@ class ContainerSpec(_Spec, frozen=True):
                                   flag="--hostname", cli="str", metavar="NAME",
                                   pattern=f"^$|{HOSTNAME_RE.pattern}|"
                                           f"{HOSTNAME_TEMPLATE_RE.pattern}")] = ""
-    stop_signal: Annotated[Literal[SIGNALS], decl(  # type: ignore[valid-type]
-        "signal that asks the task to stop", flag="--stop-signal", cli="choice")] = "SIGTERM"
+    stop_signal: Annotated[str, decl(
+        "signal that asks the task to stop: a name (SIGTERM, QUIT), a number, or a real-time "
+        "one as Docker names them (SIGRTMIN+3); one beyond SIGTERM, SIGINT, SIGQUIT, SIGHUP, "
+        "SIGUSR1, SIGUSR2, SIGKILL and SIGWINCH needs cluster schema 7",
+        flag="--stop-signal", cli="str", metavar="SIGNAL", max_length=16)] = "SIGTERM"
     stop_grace_period: Annotated[float, decl(
         "time between the stop signal and SIGKILL", flag="--stop-grace-period",
         cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
@@ -384,6 +388,10 @@ class ContainerSpec(_Spec, frozen=True):
         if len(name) > 255:
             raise SpecError("image", "the image name is longer than 255 characters")
         _check_workdir(self.workdir)
+        try:
+            parse_signal(self.stop_signal)
+        except ValueError as exc:
+            raise SpecError("stop_signal", str(exc)) from None
         if templates.has_placeholders(self.hostname):
             try:
                 templates.check(self.hostname)

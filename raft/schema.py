@@ -55,7 +55,7 @@ from typing import Any
 import msgspec
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.spec import ServiceSpec, fields
+from shoal.raft.spec import SIGNALS, ServiceSpec, fields
 
 SCHEMA = 7  # what this code writes once the whole cluster runs it
 LEGACY = 1
@@ -76,6 +76,8 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
 GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
     "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
+    # (any signal: schema 6's stop_signal was one of 8 names)
+    "task.container.stop_signal": (lambda v: isinstance(v, str) and v not in SIGNALS, 7),
     # (a volume's name likewise: data-{{.Task.Slot}})
     "task.container.mounts": (lambda v: isinstance(v, list) and any(
         isinstance(m, dict) and m.get("type") == "volume" and "{{" in str(m.get("source"))

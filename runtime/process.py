@@ -760,7 +760,7 @@ class ProcessController:
             ),
         )
 
-    def _signal_init(self, task: TaskRecord, sig: signal.Signals) -> None:
+    def _signal_init(self, task: TaskRecord, sig: int) -> None:
         if task.init is None:
             self._find_init(task)
         if task.init_fd is not None:

@@ -42,16 +42,27 @@ _MIN_MEMORY = 4 << 20
 _FORBIDDEN_FILE_DIRS = ("/proc", "/sys", "/dev")
 
 
-def parse_signal(value: str) -> signal.Signals:
-    """A signal from "SIGTERM", "TERM", "term" or "15". Raise ValueError if unknown."""
+def parse_signal(value: str) -> int:
+    """A signal number from "SIGTERM", "TERM", "term", "15" or a real-time one as Docker
+    names them, "SIGRTMIN+3" (systemd's) or "SIGRTMAX-2". Raise ValueError if unknown."""
     text = value.strip()
     if text.isdigit():
-        return signal.Signals(int(text))
+        if not 1 <= int(text) < signal.NSIG:
+            raise ValueError(f"unknown signal: {value!r}")
+        return int(text)
     name = text.upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
+    rt = re.fullmatch(r"SIGRT(MIN|MAX)([+-][0-9]{1,2})?", name)
+    if rt is not None:
+        base = signal.SIGRTMIN if rt.group(1) == "MIN" else signal.SIGRTMAX
+        number = int(base) + int(rt.group(2) or 0)
+        if not signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            raise ValueError(f"unknown signal: {value!r} (real-time signals are SIGRTMIN to "
+                             f"SIGRTMIN+{signal.SIGRTMAX - signal.SIGRTMIN})")
+        return number
     try:
-        return signal.Signals[name]
+        return int(signal.Signals[name])
     except KeyError:
         raise ValueError(f"unknown signal: {value!r}") from None
 

@@ -60,6 +60,7 @@ BY_FLAG: dict[str, tuple[list[str], list[str]] | None] = {
     "--workdir": (["relative/dir"], []),
     "--user": (["bad user!"], []),
     "--hostname": (["bad_host!"], []),
+    "--stop-signal": (["SIGBOGUS", "SIGRTMIN+99", "0"], []),
     "--health-cmd": None,
     "--health-http": (["nope", ":99999/x"], []),
     "--schedule": (["61 * * * *", "* * *"], ["--mode", "replicated-job"]),

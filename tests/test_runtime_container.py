@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -474,3 +475,11 @@ async def test_stop_sends_the_tasks_stop_signal(ctl: ProcessController) -> None:
     assert (st.exit_code, st.stopped) == (42, True)
     with pytest.raises(InvalidTaskConfig):
         await ctl.start(task("badsig", "true", stop_signal="SIGNOPE"))
+    # a real-time one as Docker names it (systemd in a container stops on SIGRTMIN+3)
+    rt = int(signal.SIGRTMIN) + 3
+    cfg = task("rt", "sh", "-c", f"trap 'exit 43' {rt}; echo ready; while :; do sleep 0.05; done",
+               stop_signal="SIGRTMIN+3")
+    await ctl.start(cfg)
+    await wait_for_output(ctl, "rt", "ready\n")
+    st = await ctl.stop("rt", grace=5)
+    assert (st.exit_code, st.stopped) == (43, True)

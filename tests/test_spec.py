@@ -231,6 +231,9 @@ def test_security_and_kernel_flags_as_dockers_on_create_and_update() -> None:
     args = p.parse_args(["service", "update", "--replicas", "2", "web"])  # (left as it is)
     assert validate_spec(specflags.apply_update_args(to_dict(spec), args)).task.container \
         .read_only
+    # docker's --init: what every task has anyway (tini as PID 1)
+    args = p.parse_args(["service", "create", "--init", "--name", "x", "--", "sleep", "9"])
+    assert validate_spec(specflags.spec_from_create_args(args)).name == "x"
     # the global -H/--host before the command, the service's --host after it
     args = p.parse_args(["--host", "unix:///x.sock", "service", "create", "--host",
                          "db:10.0.0.2", "--", "x"])

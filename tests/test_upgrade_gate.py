@@ -289,8 +289,9 @@ def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None
     from shoal.raft.errors import ValidationError
     from shoal.raft.schema import encode_command
 
+    rt = {"name": "rt", "task": {"container": {"command": ["x"], "stop_signal": "SIGRTMIN+3"}}}
     for spec, field in ((ALIASES, "task.network_aliases"), (TEMPLATE, "task.container.hostname"),
-                        (SECURE, "task.container.read_only")):
+                        (SECURE, "task.container.read_only"), (rt, "task.container.stop_signal")):
         cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
         with pytest.raises(ValidationError) as exc:
             encode_command(cmd, {}, 6)
@@ -312,7 +313,8 @@ def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None
         st = _state(6)
         res = st.apply(cmd)
         assert ("error" in res) == (where == "task.container.mounts"), res
-    plain = {"name": "p", "task": {"container": {"command": ["x"], "hostname": "db-1"}}}
+    plain = {"name": "p", "task": {"container": {"command": ["x"], "hostname": "db-1",
+                                                  "stop_signal": "SIGQUIT"}}}
     cmd = {"op": "service_create", "id": "s2", "now": 1.0, "spec": plain}
     assert encode_command(cmd, {}, 6)["spec"]["task"]["container"]["hostname"] == "db-1"
 
