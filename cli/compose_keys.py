@@ -726,8 +726,14 @@ def _restart_condition(svc: _Service, v: Any, path: str) -> None:
 
 
 def _stop_signal(svc: _Service, v: Any, path: str) -> None:
-    s = as_str(v, path).upper()
-    svc.set("task.container.stop_signal", s if s.startswith("SIG") else f"SIG{s}", path)
+    svc.set("task.container.stop_signal", signal_word(as_str(v, path)), path)
+
+
+def signal_word(text: str) -> str:
+    """A stop signal as the spec stores one: "term" → "SIGTERM"; "15" and "SIGRTMIN+3" as
+    they are (the spec judges them)."""
+    s = text.strip().upper()
+    return s if s.isdigit() or s.startswith("SIG") else f"SIG{s}"
 
 
 def _x_http(svc: _Service, v: Any, path: str) -> None:

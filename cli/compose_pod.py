@@ -47,6 +47,7 @@ from shoal.cli.compose_keys import (
     as_map,
     as_size,
     as_str,
+    signal_word,
 )
 from shoal.cli.errors import ComposeError
 
@@ -83,8 +84,7 @@ def _container(m: dict[str, Any], path: str) -> dict[str, Any]:
     if "user" in m:
         out["user"] = as_str(m["user"], f"{path}.user")
     if "stop_signal" in m:
-        s = as_str(m["stop_signal"], f"{path}.stop_signal").upper()
-        out["stop_signal"] = s if s.startswith("SIG") else f"SIG{s}"
+        out["stop_signal"] = signal_word(as_str(m["stop_signal"], f"{path}.stop_signal"))
     if "volumes" in m:  # "/data", or a service-style "data:/data[:ro]": the target counts
         vols = as_list(m["volumes"], f"{path}.volumes")
         out["mounts"] = [_target(as_str(x, f"{path}.volumes[{i}]")) for i, x in enumerate(vols)]

@@ -198,6 +198,7 @@ def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, An
     else:
         spec, _, proto = text.partition("/")
         published, _, target = spec.rpartition(":")
+    proto = proto.lower()  # (docker's 80/TCP)
     if not (re.fullmatch(r"([0-9]+(-[0-9]+)?)?", published)
             and re.fullmatch(r"[0-9]+(-[0-9]+)?", target)) or proto not in ("", "tcp", "udp"):
         raise CliError(usage)
@@ -493,6 +494,9 @@ def _scalar(d: FieldDecl, text: Any, flag: str) -> Any:
     kind = d.cli
     if kind == "flag":
         return bool(text)
+    if d.path == "task.container.stop_signal":  # (docker's "term" and "15" alike)
+        text = str(text).strip().upper()
+        return text if text.isdigit() or text.startswith("SIG") else f"SIG{text}"
     if kind == "str" or kind == "choice":
         return text
     if kind == "words":  # (as a shell splits it: --entrypoint 'sh -c'; "" = none)
@@ -539,6 +543,11 @@ PAIRED: dict[str, str] = {"task.container.cap_add": "task.container.cap_drop",
                           "task.container.cap_drop": "task.container.cap_add"}
 
 CAP_ADD, CAP_DROP = "task.container.cap_add", "task.container.cap_drop"
+
+# maps whose create flag, given on update, replaces the whole map, as docker's `service update
+# --log-driver D --log-opt K=V` (docker's updateLogDriver): the options belong to the driver,
+# so the driver's flag alone clears them too; --X-add/--X-rm then apply as to any map
+REPLACED: dict[str, str] = {"task.container.log_options": "task.container.log_driver"}
 
 
 def _update_caps(spec: dict[str, Any], args: argparse.Namespace) -> None:
@@ -607,8 +616,8 @@ def _add_bool_values(parser: argparse.ArgumentParser, d: FieldDecl) -> None:
 
 
 def add_update_flags(parser: argparse.ArgumentParser) -> None:
-    """Single values: ``--X``; lists and maps: ``--X-add`` and ``--X-rm``. The name, which
-    cannot change, has no flag."""
+    """Single values: ``--X``; lists and maps: ``--X-add`` and ``--X-rm`` (a ``REPLACED``
+    map: ``--X`` too). The name, which cannot change, has no flag."""
     for d in _flag_decls():
         if d.path == "name":
             continue
@@ -618,6 +627,11 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=d.metavar, help=f"{kw['help']} (taken out of "
                                 f"{flag_for(PAIRED[d.path])})")
         elif d.cli in ("map", "list"):
+            if d.path in REPLACED:
+                parser.add_argument(d.flag, action="append", default=None, dest=_dest(d),
+                                    metavar=d.metavar, help=f"replace them all "
+                                    f"({flag_for(REPLACED[d.path])} alone clears them, as "
+                                    f"docker's): {kw['help']}")
             parser.add_argument(d.flag + "-add", action="append", default=[],
                                 dest=_dest(d, "_add"), metavar=d.metavar or "VALUE",
                                 help=f"add to: {kw['help']}")
@@ -773,6 +787,9 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             continue
         if d.cli == "map":
             value = dict(_get(spec, d.path, {}) or {})
+            if d.path in REPLACED and (getattr(args, _dest(d)) is not None or getattr(
+                    args, "spec_" + REPLACED[d.path].replace(".", "__")) is not None):  # (_dest)
+                value = parse_kv(getattr(args, _dest(d)) or [], d.flag)
             value.update(parse_kv(getattr(args, _dest(d, "_add")), d.flag + "-add"))
             for key in getattr(args, _dest(d, "_rm")):
                 value.pop(key, None)
@@ -784,15 +801,36 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             parse, key_of, parse_rm = ITEMS[d.item]
             same = REPLACES.get(d.item, key_of)
             items = list(_get(spec, d.path, []) or [])
-            for new in _parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add"):
-                if d.item == "host" and new in items:
-                    continue  # (docker's updateHosts: an /etc/hosts line keeps its place)
-                items = [i for i in items if same(i) != same(new)] + [new]
             gone = {k for t in getattr(args, _dest(d, "_rm"))
                     for k in _as_list(parse_rm(t, d.flag + "-rm"))}
             removes = REMOVES.get(d.item)
-            _set(spec, d.path, [i for i in items if not any(
-                removes(i, g) if removes else key_of(i) == g for g in gone)])
+
+            def kept(values: list[Any]) -> list[Any]:
+                return [i for i in values if not any(
+                    removes(i, g) if removes else key_of(i) == g for g in gone)]  # noqa: B023
+            added = _parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add")
+            if d.item == "network":
+                # docker's order for networks: --network-rm, then --network-add, which may
+                # not name one the service is still attached to (`--network-rm back
+                # --network-add name=back,alias=db` is how docker changes its aliases)
+                items = kept(items)
+                for new in added:
+                    if any(key_of(i) == key_of(new) for i in items):
+                        raise CliError(f"{d.flag}-add: the service is already attached to "
+                                       f"network {key_of(new)}")
+                    items.append(new)
+                _set(spec, d.path, items)
+                gone -= {key_of(n) for n in added}
+            else:
+                for new in added:
+                    if d.item == "host" and new in items:
+                        continue  # (docker's updateHosts: an /etc/hosts line keeps its place)
+                    if d.item == "port" and not new.get("published") and any(
+                            (i.get("target"), i.get("protocol", "tcp")) ==
+                            (new["target"], new.get("protocol", "tcp")) for i in items):
+                        continue  # (-p 81 again: the port the managers gave it stays, once)
+                    items = [i for i in items if same(i) != same(new)] + [new]
+                _set(spec, d.path, kept(items))  # (a removal wins, as in Docker)
             if d.item in CARRIES:
                 CARRIES[d.item](spec, d.path, getattr(args, _dest(d, "_add")),
                                 d.flag + "-add", sorted(gone))

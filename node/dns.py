@@ -54,6 +54,10 @@ Forwards = Callable[[str], bool]
 # own, Docker's --dns; node/mesh.py); None or empty = the node's ``upstreams``
 UpstreamsFor = Callable[[str], list[str] | None]
 MAX_FORWARDS = 1024  # upstream queries in flight at once (moby's resolver: 1024 too)
+# ... of one asker: a task whose own --dns server never answers cannot take every slot of
+# its node (moby runs a resolver per container, so one cannot starve another)
+MAX_FORWARDS_PER_CLIENT = 64
+FORWARD_DEADLINE = 5.0  # seconds for one forward over all servers (a resolver asks again)
 UDP_SIZE = 512  # an answer's size over UDP when the query has no EDNS (RFC 1035)
 TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
 MAX_TCP = 256  # TCP clients at once (more are closed at once: tasks cannot hold them all)
@@ -125,6 +129,7 @@ class DnsServer(asyncio.DatagramProtocol):
         self.tcp: asyncio.Server | None = None
         self._tcp_clients = 0
         self._pending: set[asyncio.Future[None]] = set()
+        self._per_client: dict[str, int] = {}  # forwards in flight by asker
 
     def close_tcp(self) -> None:
         if self.tcp is not None:
@@ -155,7 +160,15 @@ class DnsServer(asyncio.DatagramProtocol):
             return
         task = asyncio.ensure_future(self._forward(data, addr, query))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        client = addr[0]
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+
+        def done(t: asyncio.Future[None]) -> None:
+            self._pending.discard(t)
+            left = self._per_client.pop(client, 1) - 1
+            if left:
+                self._per_client[client] = left
+        task.add_done_callback(done)
 
     def _parse(self, data: bytes) -> dns.message.Message | None:
         try:
@@ -174,7 +187,8 @@ class DnsServer(asyncio.DatagramProtocol):
         if self.forwards is not None and not self.forwards(client):
             self._count("refused")  # (an internal network's task: no way out, not even DNS)
             return _error(query, dns.rcode.REFUSED)
-        if len(self._pending) >= MAX_FORWARDS:
+        if len(self._pending) >= MAX_FORWARDS or \
+                self._per_client.get(client, 0) >= MAX_FORWARDS_PER_CLIENT:
             self._count("servfail")
             return _error(query, dns.rcode.SERVFAIL)
         return None
@@ -204,7 +218,7 @@ class DnsServer(asyncio.DatagramProtocol):
                 else:
                     refused = self._refuse_forward(query, client)
                     wire = refused.to_wire() if refused is not None else \
-                        await self._ask_upstreams(data, query, client)
+                        await self._ask_upstreams(data, query, client, tcp=True)
                 assert wire is not None
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 await writer.drain()
@@ -254,31 +268,51 @@ class DnsServer(asyncio.DatagramProtocol):
         self._send(await self._ask_upstreams(data, query, addr[0]), addr)
 
     async def _ask_upstreams(self, data: bytes, query: dns.message.Message,
-                             client: str = "") -> bytes:
+                             client: str = "", tcp: bool = False) -> bytes:
         """An upstream's reply to ``data`` (each upstream in turn: ``client``'s own if it
-        has any, else the node's), or SERVFAIL."""
-        loop = asyncio.get_running_loop()
+        has any, else the node's; over TCP for a query that came over TCP, so a reply too
+        big for UDP arrives whole), or SERVFAIL — within ``FORWARD_DEADLINE`` in all."""
         own = self.upstreams_for(client) if self.upstreams_for is not None and client \
             else None
-        for upstream in own or self.upstreams:
-            host, _, port = upstream.rpartition(":") if upstream.count(":") == 1 else \
-                (upstream, "", "53")
-            fut: asyncio.Future[bytes] = loop.create_future()
-            transport = None
-            try:
-                transport, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_Reply, fut), remote_addr=(host, int(port)))
-                transport.sendto(data)
-                reply = await asyncio.wait_for(fut, self.config.upstream_timeout)
-                self._count("forwarded")
-                return reply
-            except (OSError, TimeoutError):
-                continue
-            finally:
-                if transport is not None:
-                    transport.close()
+        try:
+            async with asyncio.timeout(FORWARD_DEADLINE):
+                for upstream in own or self.upstreams:
+                    host, _, port = upstream.rpartition(":") if upstream.count(":") == 1 \
+                        else (upstream, "", "53")
+                    try:
+                        ask = _ask_tcp if tcp else _ask_udp
+                        reply = await asyncio.wait_for(ask(data, host, int(port)),
+                                                       self.config.upstream_timeout)
+                    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                        continue
+                    self._count("forwarded")
+                    return reply
+        except TimeoutError:
+            pass
         self._count("servfail")
         return _error(query, dns.rcode.SERVFAIL).to_wire()
+
+
+async def _ask_udp(data: bytes, host: str, port: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(
+        functools.partial(_Reply, fut), remote_addr=(host, port))
+    try:
+        transport.sendto(data)
+        return await fut
+    finally:
+        transport.close()
+
+
+async def _ask_tcp(data: bytes, host: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(data).to_bytes(2, "big") + data)
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
 
 
 def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:

@@ -55,7 +55,8 @@ log = logging.getLogger("shoal.pod")
 POLL = 0.05  # seconds between two looks at a running init container
 LOG_STREAMS = ("stdout", "stderr")
 # files per stream a restarted sidecar's logs keep, its new run's included (the runtime's
-# default log_max_files: what the shim keeps of one run)
+# default log_max_files: what the shim keeps of one run; the task's --log-opt max-file is
+# its main container's only, which is never restarted in place)
 KEEP_LOG_FILES = RuntimeConfig.log_max_files
 # (task, container, host pid of the main container's init) → the container's TaskConfig
 ConfigOf = Callable[[Task, SidecarSpec, int], Awaitable[TaskConfig]]

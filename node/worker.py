@@ -51,7 +51,7 @@ from shoal.raft.models import (
     Volume,
     resolve_mount,
 )
-from shoal.raft.spec import NAME_RE, Mount, SidecarSpec
+from shoal.raft.spec import NAME_RE, Mount, SidecarSpec, log_limits
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
@@ -381,6 +381,8 @@ class Worker:
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
+        # (Docker's --log-opt max-size and max-file; 0: the node's runtime default)
+        log_bytes, log_files = log_limits(s.log_options)
         return TaskConfig(
             task_id=task.id,
             hostname=self._hostname(task, fill),
@@ -394,6 +396,7 @@ class Worker:
             extra_hosts=_host_lines(s.extra_hosts),
             ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
             sysctls=tuple(sorted(s.sysctls.items())),
+            log_max_bytes=log_bytes, log_max_files=log_files,
         )
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:

@@ -3,7 +3,9 @@
 Owns: the field declaration helper (``decl``) and base record (``_Spec``) every spec record
 uses; the container-level records — ``ContainerSpec`` (the task's main container) and its
 parts (``Mount``, ``FileRef``, ``HealthCheck``), ``Limits``/``Reservations``/``Resources``,
-``RestartPolicy`` — and ``SidecarSpec``, one more container of a task (issue 17, pods).
+``RestartPolicy`` — and ``SidecarSpec``, one more container of a task (issue 17, pods);
+the reading of Docker's log options (``log_limits``), which the node's runtime config of a
+task uses too.
 shoal.raft.spec builds the service spec from these and re-exports them, so callers import
 everything from there. Must not touch: I/O, clocks, randomness; the records that carry a
 spec (``shoal.raft.models``).
@@ -83,6 +85,16 @@ MAX_DNS_SEARCH = 32
 MAX_DNS_OPTIONS = 16
 DNS_SEARCH_RE = re.compile(rf"^(?:\.|(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?)$")
 DNS_OPTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")
+# Docker's --log-driver and --log-opt: the drivers that mean shoal's own size-rotated files
+# (as Docker's json-file and local are what its `service logs` reads), and their options
+LOG_DRIVERS = ("json-file", "local")
+LOG_OPTIONS = ("max-size", "max-file")
+MIN_LOG_SIZE = 4096  # (the runtime's least log_max_bytes)
+MAX_LOG_SIZE = 1 << 40
+MAX_LOG_FILES = 100  # (the shim renames every kept file at each rotation)
+# Docker's size syntax (go-units RAMInBytes): 10m, 10MB, 10MiB, 1.5g, 512k, bytes; binary units
+_LOG_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?$", re.IGNORECASE | re.ASCII)
+_LOG_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 def decl(help: str, *, flag: str | None = None, short: str | None = None,
          cli: str | None = None, item: str | None = None, unit: str | None = None,
@@ -359,6 +371,20 @@ class ContainerSpec(_Spec, frozen=True):
         "kernel parameters set in the task's own namespaces: net.* (not on the host's "
         "network), kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.* (Docker's --sysctl; "
         "needs cluster schema 7)", flag="--sysctl", cli="map", metavar="KEY=VALUE")] = {}
+    # Docker's per-service log settings (needs cluster schema 7)
+    log_driver: Annotated[str, decl(
+        "where the task's output goes: \"\" (the node's), json-file or local, which all mean "
+        "shoal's size-rotated files on the node that `service logs` reads; another driver "
+        "(syslog, journald, gelf…) is refused (Docker's --log-driver, Compose's "
+        "logging.driver; needs cluster schema 7)", flag="--log-driver", cli="str",
+        metavar="DRIVER", max_length=64)] = ""
+    log_options: Annotated[dict[str, str], decl(
+        "the task's log files: max-size, the size a file is rotated before passing (10m, 1g, "
+        "512k or bytes; at least 4k; the node's default 10m), and max-file, the files kept "
+        "per stream, the active one included (1 to 100; the node's default 3). Docker's "
+        "--log-opt, Compose's logging.options; on update --log-opt replaces them all, as "
+        "docker's (needs cluster schema 7)", flag="--log-opt", cli="map",
+        metavar="KEY=VALUE")] = {}
     # Docker's DNS settings of a container (needs cluster schema 7)
     dns: Annotated[tuple[str, ...], decl(
         "DNS servers (IPv4/IPv6 addresses) for the names that are not the cluster's: the "
@@ -424,6 +450,14 @@ class ContainerSpec(_Spec, frozen=True):
             except ValueError as exc:
                 raise SpecError("sysctls", str(exc)) from None
         _check_dns(self.dns, self.dns_search, self.dns_options)
+        if self.log_driver and self.log_driver not in LOG_DRIVERS:
+            raise SpecError("log_driver", f"{self.log_driver!r} is not supported: shoal keeps "
+                            "a task's logs in size-rotated files on its node (`service logs` "
+                            "reads them); json-file and local mean those, or leave it empty")
+        try:
+            log_limits(self.log_options)
+        except ValueError as exc:
+            raise SpecError("log_options", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- resources
@@ -598,6 +632,8 @@ def _check_dns(servers: tuple[str, ...], search: tuple[str, ...],
     host's) and --dns-option (resolv.conf option words) of a container."""
     for addr in servers:
         try:
+            if "%" in addr:  # (a zone: docker's ValidateIPAddress refuses it too)
+                raise ValueError(addr)
             ipaddress.ip_address(addr)
         except ValueError:
             raise SpecError("dns", f"{addr!r} is not an IP address") from None
@@ -608,6 +644,40 @@ def _check_dns(servers: tuple[str, ...], search: tuple[str, ...],
         if not DNS_OPTION_RE.match(option):
             raise SpecError("dns_options", f"{option!r} is not a resolv.conf option (letters, "
                             "digits, ':', '.', '_', '-': ndots:2, timeout:1, edns0…)")
+
+
+def parse_log_size(text: str) -> int:
+    """Docker's size of a log file (``max-size``) in bytes: ``10m`` → 10485760 (binary
+    units k, m, g, t, p; ``10MB``, ``10MiB`` alike), a plain number is bytes. ValueError
+    unless it is between 4 KiB (the runtime's least) and 1 TiB."""
+    m = _LOG_SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"max-size: expected a size such as 10m, 1g, 512k or a number of "
+                         f"bytes, got {text!r}")
+    size = int(float(m.group(1)) * _LOG_SIZE_UNITS[m.group(2).lower()])
+    if not MIN_LOG_SIZE <= size <= MAX_LOG_SIZE:
+        raise ValueError(f"max-size: {text!r} is {size} bytes; expected at least 4k "
+                         f"({MIN_LOG_SIZE} bytes) and at most 1t")
+    return size
+
+
+def log_limits(options: dict[str, str]) -> tuple[int, int]:
+    """A container's log options (Docker's --log-opt) → (bytes per file, files per stream),
+    each 0 where not given (the node's own). ValueError naming the option that is wrong: a
+    key other than max-size and max-file, a bad size, a count that is not 1 to 100."""
+    for key in options:
+        if key not in LOG_OPTIONS:
+            raise ValueError(f"{key!r} is not supported: shoal's log files take max-size "
+                             "and max-file")
+    size = parse_log_size(options["max-size"]) if "max-size" in options else 0
+    files = 0
+    if "max-file" in options:
+        text = options["max-file"].strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LOG_FILES:
+            raise ValueError(f"max-file: expected a number of files from 1 to "
+                             f"{MAX_LOG_FILES}, got {options['max-file']!r}")
+        files = int(text)
+    return size, files
 
 
 def _check_env(env: dict[str, str]) -> None:

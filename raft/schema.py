@@ -24,7 +24,7 @@ Schema history::
        ``cap_add``, ``cap_drop``, ``group_add``, ``extra_hosts``, ``ulimits``, ``sysctls``;
        its DNS settings ``dns``, ``dns_search``, ``dns_options``; a service's DNS aliases
        on its networks, ``task.network_aliases``; placeholders in a host name
-       (``GATED_VALUES``).
+       (``GATED_VALUES``); a container's log settings ``log_driver``, ``log_options``.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -69,7 +69,8 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                          "task.container.healthcheck.exec": 6,
                          **{f"task.container.{name}": 7 for name in (
                              "read_only", "cap_add", "cap_drop", "group_add", "extra_hosts",
-                             "ulimits", "sysctls", "dns", "dns_search", "dns_options")},
+                             "ulimits", "sysctls", "dns", "dns_search", "dns_options",
+                             "log_driver", "log_options")},
                          "task.network_aliases": 7}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
@@ -296,10 +297,14 @@ def _placeholders_refusal(spec: dict[str, Any], writes: int) -> ValidationError 
     in, wait for the schema that reads them (``GATED_VALUES``' schema)."""
     if writes >= PLACEHOLDERS:
         return None
-    c = spec.get("task", {}).get("container", {})
+    task = spec.get("task", {})
+    c = task.get("container", {})
     texts = [(f"task.container.env.{k}", v) for k, v in (c.get("env") or {}).items()] + \
         [(f"task.container.mounts[{i}]", f"{m.get('source')} {m.get('target')}")
-         for i, m in enumerate(c.get("mounts") or []) if isinstance(m, dict)]
+         for i, m in enumerate(c.get("mounts") or []) if isinstance(m, dict)] + \
+        [(f"task.{kind}[{i}].env.{k}", v) for kind in ("sidecars", "init_containers")
+         for i, x in enumerate(task.get(kind) or []) if isinstance(x, dict)
+         for k, v in (x.get("env") or {}).items()]
     for path, text in texts:
         if isinstance(text, str) and "{{" in text:
             return _needs(path, PLACEHOLDERS, writes)

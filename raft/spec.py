@@ -90,6 +90,7 @@ from shoal.raft.podspec import (  # noqa: F401
     check_pod,
     container_rows,
     decl,
+    log_limits,
     parse_http_check,
 )
 

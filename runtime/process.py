@@ -554,7 +554,8 @@ class ProcessController:
         task record watching it, the spec pipe's write end and the ready pipe's read end."""
         spec_r, spec_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        logs = (str(self._cfg.log_max_bytes), str(self._cfg.log_max_files))
+        logs = (str(cfg.log_max_bytes or self._cfg.log_max_bytes),  # (0: the runtime's)
+                str(cfg.log_max_files or self._cfg.log_max_files))
         started_at = time.time()
         try:
             net = ("host-network",) if cfg.host_network else ()

@@ -39,15 +39,23 @@ _GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
 _IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
 _MAX_FILES_BYTES = 4 << 20
 _MIN_MEMORY = 4 << 20
+# a task's own log rotation: the least file the shim takes, and sane most (a file, files kept)
+_MIN_LOG_BYTES, _MAX_LOG_BYTES, _MAX_LOG_FILES = 4096, 1 << 40, 100
 _FORBIDDEN_FILE_DIRS = ("/proc", "/sys", "/dev")
+
+
+# Linux's real-time signals as Docker numbers them (moby's fixed table: SIGRTMIN 34, as
+# glibc and the kernel; musl's C library says 35). Fixed, not this host's C library's: the
+# spec check runs in the state machine, and every replica must judge a signal alike.
+RTMIN, RTMAX = 34, 64
 
 
 def parse_signal(value: str) -> int:
     """A signal number from "SIGTERM", "TERM", "term", "15" or a real-time one as Docker
-    names them, "SIGRTMIN+3" (systemd's) or "SIGRTMAX-2". Raise ValueError if unknown."""
+    names them, "SIGRTMIN+3" (systemd's: 37) or "SIGRTMAX-2". Raise ValueError if unknown."""
     text = value.strip()
     if text.isdigit():
-        if not 1 <= int(text) < signal.NSIG:
+        if not 1 <= int(text) <= RTMAX:
             raise ValueError(f"unknown signal: {value!r}")
         return int(text)
     name = text.upper()
@@ -55,16 +63,15 @@ def parse_signal(value: str) -> int:
         name = "SIG" + name
     rt = re.fullmatch(r"SIGRT(MIN|MAX)([+-][0-9]{1,2})?", name)
     if rt is not None:
-        base = signal.SIGRTMIN if rt.group(1) == "MIN" else signal.SIGRTMAX
-        number = int(base) + int(rt.group(2) or 0)
-        if not signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        number = (RTMIN if rt.group(1) == "MIN" else RTMAX) + int(rt.group(2) or 0)
+        if not RTMIN <= number <= RTMAX:
             raise ValueError(f"unknown signal: {value!r} (real-time signals are SIGRTMIN to "
-                             f"SIGRTMIN+{signal.SIGRTMAX - signal.SIGRTMIN})")
+                             f"SIGRTMIN+{RTMAX - RTMIN})")
         return number
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise ValueError(f"unknown signal: {value!r}") from None
+    if name in ("SIGRTMIN", "SIGRTMAX") or name not in signal.Signals.__members__:
+        raise ValueError(f"unknown signal: {value!r}")
+    return int(signal.Signals[name])
+
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ class TaskConfig:
     #   (Docker's --sysctl, dotted keys: "net.ipv4.ip_unprivileged_port_start") written in the
     #   task's own network / IPC namespaces before the command starts; which keys: see
     #   kernelparams.check_sysctl. One the kernel lacks fails the start (LaunchFailed)
+    log_max_bytes: int = 0  # this task's log rotation (Docker's --log-opt max-size and
+    log_max_files: int = 0  # max-file): as RuntimeConfig's, which a 0 leaves in force
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -178,6 +187,14 @@ class TaskConfig:
             raise InvalidTaskConfig("cpu_limit", "must be a number of CPUs >= 0")
         if not isinstance(self.pids_limit, int) or self.pids_limit < 0:
             raise InvalidTaskConfig("pids_limit", "must be an integer >= 0")
+        if not isinstance(self.log_max_bytes, int) or not (self.log_max_bytes == 0 or (
+                _MIN_LOG_BYTES <= self.log_max_bytes <= _MAX_LOG_BYTES)):
+            raise InvalidTaskConfig("log_max_bytes", f"must be 0 (the runtime's) or from "
+                                    f"{_MIN_LOG_BYTES} to {_MAX_LOG_BYTES} bytes")
+        if not isinstance(self.log_max_files, int) or not (
+                0 <= self.log_max_files <= _MAX_LOG_FILES):
+            raise InvalidTaskConfig("log_max_files", f"must be 0 (the runtime's) or from 1 to "
+                                    f"{_MAX_LOG_FILES}")
 
     def _validate_kernel_params(self) -> None:
         if not isinstance(self.read_only, bool):
@@ -295,6 +312,8 @@ class TaskConfig:
             read_only=bool(raw.get("read_only", False)),
             ulimits=tuple((str(n), int(s), int(h)) for n, s, h in raw.get("ulimits", ())),
             sysctls=tuple((str(k), str(v)) for k, v in raw.get("sysctls", ())),
+            log_max_bytes=int(raw.get("log_max_bytes", 0)),
+            log_max_files=int(raw.get("log_max_files", 0)),
         )
 
 

@@ -167,3 +167,19 @@ def test_env_file_errors_name_the_flag_and_the_line(tmp_path: Path) -> None:
     binary.write_bytes(b"A=1\nB=caf\xe9\n")
     with pytest.raises(CliError, match=r"^--env-file .*latin1.env:2: not UTF-8 text"):
         env_of("--env-file", str(binary))
+
+
+def test_publish_add_of_a_target_the_managers_gave_a_port_adds_it_once() -> None:
+    """`-p 80-82` then `--publish-add 81-83`: 81 and 82 keep the ports they were given
+    (the spec holds them: 30001, 30002), 83 is added (docker's add is idempotent: its spec
+    keeps published 0)."""
+    p = build_parser()
+    spec = validate_spec(specflags.spec_from_create_args(p.parse_args(
+        ["service", "create", "--name", "web", "-p", "80-82", "--", "sleep", "9"])))
+    given = to_dict(spec)
+    for n, port in enumerate(given["endpoint"]["ports"]):
+        port["published"] = 30000 + n  # (as the state machine assigns them)
+    args = p.parse_args(["service", "update", "--publish-add", "81-83", "web"])
+    ports = validate_spec(specflags.apply_update_args(given, args)).endpoint.ports
+    assert [(x.published, x.target) for x in ports] == [(30000, 80), (30001, 81),
+                                                         (30002, 82), (0, 83)]

@@ -65,6 +65,7 @@ BY_FLAG: dict[str, tuple[list[str], list[str]] | None] = {
     "--health-http": (["nope", ":99999/x"], []),
     "--schedule": (["61 * * * *", "* * *"], ["--mode", "replicated-job"]),
     "--schedule-tz": (["Mars/Olympus"], ["--mode", "replicated-job", "--schedule", "@daily"]),
+    "--log-driver": (["syslog"], []),
 }
 # flags whose value's check needs more of the spec than the defaults
 CONTEXT: dict[str, list[str]] = {

@@ -72,8 +72,8 @@ def test_aliases_are_dns_names_on_a_network_the_service_joins() -> None:
 
 def test_network_flag_long_form_gives_aliases_on_create_and_update() -> None:
     """docker's ``--network name=back,alias=db,alias=db2`` beside the short ``--network
-    front``; ``--network-add`` re-declares a network with its aliases (a network given again
-    gets those it is given with), ``--network-rm`` drops its aliases with it."""
+    front``; ``--network-add`` adds a network with its aliases, ``--network-rm`` drops its
+    aliases with it (first, as docker's: rm then add is how aliases change)."""
     p = build_parser()
     args = p.parse_args(["service", "create", "--name", "db", "--network",
                          "name=back,alias=primary,alias=pg", "--network", "front",
@@ -82,17 +82,27 @@ def test_network_flag_long_form_gives_aliases_on_create_and_update() -> None:
     assert spec.task.networks == ("back", "front")
     assert spec.task.network_aliases == {"back": ("primary", "pg")}
 
-    args = p.parse_args(["service", "update", "--network-add", "name=front,alias=db-front",
-                         "--network-add", "name=side,alias=s", "db"])
+    args = p.parse_args(["service", "update", "--network-rm", "front", "--network-add",
+                         "name=front,alias=db-front", "--network-add", "name=side,alias=s", "db"])
     new = validate_spec(specflags.apply_update_args(to_dict(spec), args))
     assert new.task.networks == ("back", "front", "side")
     assert new.task.network_aliases == {"back": ("primary", "pg"), "front": ("db-front",),
                                         "side": ("s",)}
-    args = p.parse_args(["service", "update", "--network-rm", "back", "--network-add",
-                         "front", "db"])
+    # docker's order: --network-rm, then --network-add (how docker changes aliases); an add
+    # of a network still attached is refused, as docker's
+    args = p.parse_args(["service", "update", "--network-rm", "back", "--network-rm", "front",
+                         "--network-add", "front", "db"])
     new = validate_spec(specflags.apply_update_args(to_dict(new), args))
     assert new.task.networks == ("side", "front")
     assert new.task.network_aliases == {"side": ("s",)}
+    args = p.parse_args(["service", "update", "--network-rm", "side", "--network-add",
+                         "name=side,alias=s2", "db"])
+    again = validate_spec(specflags.apply_update_args(to_dict(new), args))
+    assert again.task.networks == ("front", "side")
+    assert again.task.network_aliases == {"side": ("s2",)}
+    args = p.parse_args(["service", "update", "--network-add", "front", "db"])
+    with pytest.raises(CliError, match="already attached to network front"):
+        specflags.apply_update_args(to_dict(new), args)
     args = p.parse_args(["service", "update", "--env-add", "A=1", "db"])  # (others untouched)
     assert validate_spec(specflags.apply_update_args(to_dict(new), args)).task \
         .network_aliases == {"side": ("s",)}

@@ -260,14 +260,29 @@ class _Upstream(asyncio.DatagramProtocol):
 
 async def test_the_dns_server_forwards_to_the_askers_own_upstreams() -> None:
     """An asker with its own servers gets their answer for an outside name, over UDP and
-    TCP; an asker without (or when the callback has none) gets the node's upstream's;
-    shoal's own names are answered by the node either way; a refused asker stays refused."""
+    TCP (forwarded over TCP); an asker without (or when the callback has none) gets the
+    node's upstream's; shoal's own names are answered by the node either way; a refused
+    asker stays refused."""
     loop = asyncio.get_running_loop()
     node_t, node_up = await loop.create_datagram_endpoint(lambda: _Upstream("192.0.2.1"),
                                                           local_addr=("127.0.0.1", 0))
     own_t, own_up = await loop.create_datagram_endpoint(lambda: _Upstream("198.51.100.7"),
                                                         local_addr=("127.0.0.1", 0))
-    own = [f"127.0.0.1:{own_t.get_extra_info('sockname')[1]}"]
+    own_port = own_t.get_extra_info('sockname')[1]
+    over_tcp: list[str] = []
+
+    async def tcp_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        q = dns.message.from_wire(await reader.readexactly(
+            int.from_bytes(await reader.readexactly(2), "big")))
+        over_tcp.append(q.question[0].name.to_text())
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 5, "IN", "A", "198.51.100.8"))
+        wire = r.to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+    tcp_up = await asyncio.start_server(tcp_upstream, "127.0.0.1", own_port)
+    own = [f"127.0.0.1:{own_port}"]
     chosen: dict[str, list[str] | None] = {"127.0.0.1": own}
     t, server = await serve({"web": ["10.98.0.1"]}.get, "127.0.0.1", 0,
                             DnsConfig(upstreams=[
@@ -282,7 +297,9 @@ async def test_the_dns_server_forwards_to_the_askers_own_upstreams() -> None:
         wire = dns.message.make_query("tcp.example", "A").to_wire()
         writer.write(len(wire).to_bytes(2, "big") + wire)
         size = int.from_bytes(await reader.readexactly(2), "big")
-        assert ips(dns.message.from_wire(await reader.readexactly(size))) == ["198.51.100.7"]
+        # (a query that came over TCP goes upstream over TCP: a reply too big for UDP whole)
+        assert ips(dns.message.from_wire(await reader.readexactly(size))) == ["198.51.100.8"]
+        assert over_tcp == ["tcp.example."] and "tcp.example." not in own_up.asked
         writer.close()
         chosen["127.0.0.1"] = None
         assert ips(await ask(port, "outside.example")) == ["192.0.2.1"]
@@ -296,3 +313,42 @@ async def test_the_dns_server_forwards_to_the_askers_own_upstreams() -> None:
         t.close()
         node_t.close()
         own_t.close()
+        tcp_up.close()
+
+
+async def test_one_asker_whose_servers_never_answer_cannot_starve_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's own --dns server that never answers: its forwards are capped per asker (64;
+    4 here) and each gives up after FORWARD_DEADLINE over all its servers, so another task
+    on the node is still answered (the node-wide 1,024 were all one task's before)."""
+    import socket
+
+    from shoal.node import dns as dns_mod
+    monkeypatch.setattr(dns_mod, "MAX_FORWARDS_PER_CLIENT", 4)
+    monkeypatch.setattr(dns_mod, "FORWARD_DEADLINE", 0.5)
+    loop = asyncio.get_running_loop()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # (takes queries, answers none)
+    silent.bind(("127.0.0.1", 0))
+    node_t, _ = await loop.create_datagram_endpoint(lambda: _Upstream("192.0.2.1"),
+                                                          local_addr=("127.0.0.1", 0))
+    dead = [f"127.0.0.1:{silent.getsockname()[1]}"] * 8
+    t, server = await serve({}.get, "127.0.0.1", 0, DnsConfig(upstreams=[
+        f"127.0.0.1:{node_t.get_extra_info('sockname')[1]}"], upstream_timeout=2.0),
+        upstreams_for=lambda client: dead if client == "127.0.0.2" else None)
+    port = t.get_extra_info("sockname")[1]
+    flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flood.bind(("127.0.0.2", 0))
+    try:
+        for i in range(50):
+            flood.sendto(dns.message.make_query(f"q{i}.example", "A").to_wire(),
+                         ("127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        assert len(server._pending) == 4  # (the rest SERVFAIL at once)
+        assert ips(await ask(port, "other.example")) == ["192.0.2.1"]  # another asker
+        await asyncio.sleep(0.6)
+        assert not server._pending  # (each gave up within the deadline, not 8 x 2 s)
+    finally:
+        t.close()
+        node_t.close()
+        silent.close()
+        flood.close()
