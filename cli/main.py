@@ -228,6 +228,11 @@ def _addr(c: Client) -> str:
     return f"{info['addr']}:{info['api_port']}"
 
 
+def _pretty(kind: str) -> Callable[[dict[str, Any]], str]:
+    from shoal.cli import pretty  # (only `inspect --pretty` needs it)
+    return pretty.node if kind == "node" else pretty.service
+
+
 def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
     if args.node_cmd == "ls":
         output.show(c.call("GET", "/v1/nodes"), args, "node")
@@ -236,7 +241,7 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
                      for t in c.call("GET", f"/v1/nodes/{_q(n)}/tasks")], args, "task")
     elif args.node_cmd == "inspect":
         output.inspect(lambda n: c.call("GET", f"/v1/nodes/{_q(n)}"), args.nodes,
-                       args.format)
+                       args.format, pretty=_pretty("node") if args.pretty else None)
     elif args.node_cmd == "update":
         body: dict[str, Any] = {}
         if args.availability:
@@ -309,7 +314,7 @@ def run_service(c: Client, args: argparse.Namespace, fmt: str) -> None:
                      for t in c.call("GET", f"/v1/services/{_q(s)}/tasks")], args, "task")
     elif sc == "inspect":
         output.inspect(lambda s: c.call("GET", f"/v1/services/{_q(s)}"), args.services,
-                       args.format)
+                       args.format, pretty=_pretty("service") if args.pretty else None)
     elif sc == "scale":
         pairs = []
         for item in args.pairs:

@@ -60,10 +60,12 @@ def ago(ts: float | None) -> str:
 _TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 
-def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str) -> None:
+def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str,
+            pretty: Callable[[Rec], str] | None = None) -> None:
     """`X inspect REF...` as docker's: what was found — a JSON list, or ``--format
-    TEMPLATE`` once per record (``{{.Spec.Name}}``, ``{{json .UpdateStatus}}``) — then one
-    error naming the refs that were not (exit 1)."""
+    TEMPLATE`` once per record (``{{.Spec.Name}}``, ``{{json .UpdateStatus}}``), or
+    ``--pretty`` text (``pretty``) a blank line apart — then one error naming the refs that
+    were not (exit 1)."""
     found: list[Rec] = []
     missing: list[str] = []
     for ref in refs:
@@ -71,7 +73,11 @@ def inspect(fetch: Callable[[str], Rec], refs: list[str], fmt: str) -> None:
             found.append(fetch(ref))
         except CliError as exc:
             missing.append(str(exc))
-    if fmt in ("", "json"):
+    if pretty is not None:
+        if fmt not in ("", "json"):
+            raise CliError("--pretty and --format: give one of them")
+        print("\n\n".join(pretty(rec) for rec in found))
+    elif fmt in ("", "json"):
         if found or not missing:
             print(json.dumps(found, indent=2))
     else:

@@ -281,6 +281,7 @@ def _node_parser(sub: Any) -> None:
     ni.add_argument("nodes", nargs="+")
     ni.add_argument("--format", default="json", metavar="json|TEMPLATE",
                     help="json (default) or a template, e.g. '{{.Hostname}}'")
+    ni.add_argument("--pretty", action="store_true", help="as text for a person (docker's)")
     nu = nsub.add_parser("update", help="change a node's availability or labels")
     nu.add_argument("node")
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
@@ -317,6 +318,7 @@ def _service_parser(sub: Any) -> None:
     si.add_argument("services", nargs="+")
     si.add_argument("--format", default="json", metavar="json|TEMPLATE",
                     help="json (default) or a template, e.g. '{{.Spec.Name}}'")
+    si.add_argument("--pretty", action="store_true", help="as text for a person (docker's)")
     ss = ssub.add_parser("scale", help="set replica counts: NAME=N ...")
     ss.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
     progress.add_flags(ss)
