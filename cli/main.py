@@ -439,9 +439,14 @@ def run_logs(c: Client, args: argparse.Namespace) -> None:
     for rec in c.stream(f"/v1/services/{_q(ref)}/logs?{urllib.parse.urlencode(query)}"):
         if task and rec.get("task") != task:
             continue
-        prefix = f"{rec['name']}.{rec['task'][:12]}@{rec['node']}"
-        width = max(width, len(prefix))
         sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
+        if args.raw:
+            print(rec["line"], file=sink, flush=True)
+            continue
+        task_id = "" if args.no_task_ids else \
+            "." + (rec["task"] if args.no_trunc else rec["task"][:12])
+        prefix = f"{rec['name']}{task_id}@{rec['node']}"
+        width = max(width, len(prefix))
         print(f"{prefix.ljust(width)} | {rec['line']}", file=sink, flush=True)
 
 

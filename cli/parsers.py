@@ -339,6 +339,10 @@ def _service_parser(sub: Any) -> None:
     slg.add_argument("-t", "--timestamps", action="store_true")
     slg.add_argument("--container", default="", metavar="NAME",
                      help="a pod's container (task.sidecars/init_containers); default: main")
+    slg.add_argument("--raw", action="store_true", help="the lines alone, no task prefix")
+    slg.add_argument("--no-task-ids", action="store_true",
+                     help="the prefix without task ids (NAME.SLOT@NODE)")
+    slg.add_argument("--no-trunc", action="store_true", help="whole task ids in the prefix")
     srb = ssub.add_parser("rollback", help="go back to the previous spec")
     srb.add_argument("service")
     progress.add_flags(srb)

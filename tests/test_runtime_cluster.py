@@ -233,6 +233,14 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     out = wait_until(lambda: logs_with(h1, "tpl", "host="), timeout=30, what="tpl output")
     assert "host=h1-1 who=tpl.1 env=prod dirs=/data/1 groups=" in out, out
     assert set(out.split("groups=")[1].split()) == {"1000", "50", "0", "4242"}, out
+    # docker's `service logs --raw`, `--no-task-ids`, `--no-trunc`
+    (tid,) = [t["id"] for t in tasks(h1, "tpl")]
+    raw = h1.cli("service", "logs", "--raw", "tpl").stdout
+    assert raw.startswith("host=h1-1 ") and "|" not in raw, raw
+    assert h1.cli("service", "logs", "--no-task-ids", "tpl").stdout.startswith(
+        "tpl.1@h1 | host=h1-1 ")
+    assert h1.cli("service", "logs", "--no-trunc", "tpl").stdout.startswith(
+        f"tpl.1.{tid}@h1 | host=")
     gone = h1.cli("volume", "rm", "vol-1", check=False)  # (vol-{{.Task.Slot}} uses it)
     assert gone.returncode != 0 and "in use" in gone.stderr, gone
     # a placeholder that fills in no host name is said as such (the task fails, not the node)
