@@ -343,11 +343,15 @@ def _publish(published: str, target: str, proto: str, path: str) -> list[dict[st
 
 
 def _ports(svc: _Service, v: Any, path: str) -> None:
+    """``ports:``; the long syntax's ``mode: host`` items go to ``endpoint.host_ports``."""
     ports: list[dict[str, Any]] = []
+    host: list[dict[str, Any]] = []
     for i, item in enumerate(as_list(v, path)):
         where = f"{path}[{i}]"
         if isinstance(item, dict):
-            ports += _long_port(svc, as_map(item, where), where)
+            long = as_map(item, where)
+            (host if long.get("mode") == "host" else ports).extend(
+                _long_port(svc, long, where))
             continue
         text = str(item) if isinstance(item, int) and not isinstance(item, bool) \
             else as_str(item, where)
@@ -364,6 +368,8 @@ def _ports(svc: _Service, v: Any, path: str) -> None:
         # ("80", ":80": the managers assign one, as `-p 80`; "8000-8010:80": each to 80)
         ports += _publish(m.group("pub") or "", m.group("target"), proto, where)
     svc.set("endpoint.ports", ports, path)
+    if host:
+        svc.set("endpoint.host_ports", host, path)
 
 
 def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, Any]]:
@@ -381,9 +387,9 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
     mode = as_str(m.get("mode", "ingress"), f"{path}.mode")
     if mode not in ("ingress", "host"):
         raise ComposeError(f"{path}.mode", f"expected ingress or host, got {mode!r}")
-    if mode == "host":
-        svc.warn("ports.mode: host", f"{NOT_YET}: published through the routing mesh "
-                 "(ingress) instead")
+    if mode == "host" and m.get("published") in ("", None, 0, "0"):
+        raise ComposeError(f"{path}.published", "mode: host needs a published port (shoal "
+                           "does not pick one)")
     if m.get("host_ip"):
         svc.warn("ports.host_ip", f"{NOT_YET}: published on every address of every node")
     # no published port: the managers assign one; a range ("8000-8010", a string in the

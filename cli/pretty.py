@@ -107,11 +107,13 @@ def service(rec: Rec) -> str:
     lines.append(f"Endpoint Mode:\t{endpoint['mode']}")
     if rec.get("vip"):
         lines.append(f" VIP:\t\t{rec['vip']}")
-    if endpoint.get("ports"):
+    if endpoint.get("ports") or endpoint.get("host_ports"):
         lines.append("Ports:")
-        for p in endpoint["ports"]:
-            lines += [f" PublishedPort = {p['published']}", f"  Protocol = {p['protocol']}",
-                      f"  TargetPort = {p['target']}", "  PublishMode = ingress"]
+        for mode, key in (("ingress", "ports"), ("host", "host_ports")):
+            for p in endpoint.get(key) or ():
+                lines += [f" PublishedPort = {p['published']}",
+                          f"  Protocol = {p['protocol']}", f"  TargetPort = {p['target']}",
+                          f"  PublishMode = {mode}"]
     return "\n".join(lines)
 
 

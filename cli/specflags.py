@@ -176,11 +176,11 @@ def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, An
     ``published=..,target=..,protocol=..,mode=ingress`` → its PortSpecs: PUBLISHED and TARGET
     may be ranges (``8000-8010:9000-9010``, ``8000-8010:80``; ``publish_ports``). No published
     port (``-p 80``): the managers assign one of 30000-32767. ``mode=host`` (a port bound
-    only where a task runs, without the routing mesh) is refused, never silently turned into
-    the mesh."""
+    only where a task runs, without the routing mesh) marks each port ``"mode": "host"``:
+    ``_with_host_ports`` moves them to ``endpoint.host_ports``."""
     usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
-             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress] (a port or a range "
-             f"FIRST-LAST each), got {text!r}")
+             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress|host] (a port or a "
+             f"range FIRST-LAST each), got {text!r}")
     if "=" in text:
         kv = parse_kv(text.split(","), flag)
         unknown = set(kv) - {"published", "target", "protocol", "mode"}
@@ -188,24 +188,26 @@ def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, An
             raise CliError(f"{flag}: unknown option {sorted(unknown)[0]!r} in {text!r} "
                            "(expected published, target, protocol, mode)")
         mode = kv.get("mode", "ingress")
-        if mode == "host":
-            raise CliError(f"{flag} {text!r}: mode=host is not supported: shoal publishes "
-                           "every port through the routing mesh (mode=ingress) on all nodes")
-        if mode != "ingress":
+        if mode not in ("ingress", "host"):
             raise CliError(f"{flag}: mode must be ingress or host, got {mode!r}")
         published, target, proto = kv.get("published", ""), kv.get("target", ""), \
             kv.get("protocol", "tcp")
+        if mode == "host" and published in ("", "0"):
+            raise CliError(f"{flag} {text!r}: mode=host needs published=N (shoal does not "
+                           "pick a port for a host-mode one)")
     else:
         spec, _, proto = text.partition("/")
         published, _, target = spec.rpartition(":")
+        mode = "ingress"
     proto = proto.lower()  # (docker's 80/TCP)
     if not (re.fullmatch(r"([0-9]+(-[0-9]+)?)?", published)
             and re.fullmatch(r"[0-9]+(-[0-9]+)?", target)) or proto not in ("", "tcp", "udp"):
         raise CliError(usage)
     try:
-        return publish_ports(published, target, proto or "tcp")
+        ports = publish_ports(published, target, proto or "tcp")
     except ValueError as exc:
         raise CliError(f"{flag} {text!r}: {exc}") from None
+    return [{**p, "mode": "host"} for p in ports] if mode == "host" else ports
 
 
 def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
@@ -418,6 +420,27 @@ def _with_network_aliases(spec: dict[str, Any], path: str, texts: Sequence[str],
         _set(spec, target, aliases)
 
 
+def _with_host_ports(spec: dict[str, Any], path: str, texts: Sequence[str], flag: str,
+                     gone: Sequence[str] = ()) -> None:
+    """The ports of ``--publish mode=host,...`` values (marked ``"mode": "host"`` by
+    ``parse_publish_ports``) moved from the list at ``path`` (``endpoint.ports``) to the
+    host-mode list beside it (``endpoint.host_ports``): a port given replaces the host-mode
+    one of the same published port and protocol, and the keys in ``gone``
+    (``--publish-rm``) remove host-mode ones too."""
+    target = path.rpartition(".")[0] + ".host_ports"
+    before = list(_get(spec, target, []) or [])
+    items = list(_get(spec, path, []) or [])
+    added = [{k: v for k, v in p.items() if k != "mode"} for p in items
+             if p.get("mode") == "host"]
+    given = {f"{p['published']}/{p.get('protocol', 'tcp')}"
+             for text in texts for p in parse_publish_ports(text, flag)} | set(gone)
+    host = [p for p in before if f"{p['published']}/{p.get('protocol', 'tcp')}" not in given]
+    if added:
+        _set(spec, path, [p for p in items if p.get("mode") != "host"])
+    if added or len(host) != len(before):
+        _set(spec, target, host + added)
+
+
 def _port_key(text: str, flag: str) -> str:
     """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
     port, _, proto = text.strip().partition("/")
@@ -487,6 +510,7 @@ REPLACES: dict[str, Callable[[Any], str]] = {
 # name=N,alias=A: the name is the item, the aliases go to task.network_aliases
 CARRIES: dict[str, Callable[[dict[str, Any], str, Sequence[str], str, Sequence[str]], None]] = {
     "network": _with_network_aliases,
+    "port": _with_host_ports,
 }
 
 
@@ -877,4 +901,6 @@ def flag_of_field(field: str) -> str:
         return "-- CMD"
     if field.startswith("task.network_aliases"):  # (given as --network name=N,alias=A)
         return "--network"
+    if field.startswith("endpoint.host_ports"):  # (given as --publish mode=host,...)
+        return "--publish"
     return flag_for(field)

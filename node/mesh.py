@@ -1,6 +1,6 @@
 """The node's share of the cluster network: task networking, the routing mesh, service DNS.
 
-Owns: driving three building blocks from the replicated state, on every member node —
+Owns: driving four building blocks from the replicated state, on every member node —
 
 * ``NodeNetwork`` (node/network.py): the bridge from this node's ``Node.subnet``, host-gateway
   routes to every other node's subnet via that node's address, the VIP range routed locally
@@ -21,6 +21,9 @@ Owns: driving three building blocks from the replicated state, on every member n
   domains and options (``resolv_conf``, ``task_files(spec)``, passed to the runtime through
   ``TaskConfig.files``); their other names go to their own ``dns`` servers if they have any
   (``task_upstreams``), else to the node's.
+
+* ``HostPorts`` (node/hostports.py): the DNAT rules of the ports published in host mode
+  (``endpoint.host_ports``) to this node's own tasks — not the balancer's.
 
 ``plan_tables`` and ``lookup`` are pure (snapshot in, records out) and unit-tested; ``run()``
 re-plans on every state change (``wake()``) and every ``resync`` seconds, and sends only the
@@ -50,6 +53,7 @@ from shoal.lb.errors import LBError
 from shoal.lb.model import Algorithm, Endpoint, Frontend, Proto, ServiceLB
 from shoal.node import dns
 from shoal.node.errors import MeshError, NetworkError
+from shoal.node.hostports import HostPorts
 from shoal.node.network import NetworkConfig, NodeNetwork
 from shoal.node.overlay import Overlay, OverlayConfig
 from shoal.raft.models import Service, Task, TaskSpec, TaskState
@@ -385,6 +389,7 @@ class Mesh:
         self._host_resolv = HostResolv.read()  # (read once: what tasks' resolv.conf keep)
         self.network: NodeNetwork | None = None
         self.overlay: Overlay | None = None
+        self.host_ports = HostPorts(node_id)
         self.balancer: Balancer | None = None
         self._dns: asyncio.DatagramTransport | None = None
         self._dns_server: dns.DnsServer | None = None
@@ -469,6 +474,9 @@ class Mesh:
         if teardown and self.overlay is not None:
             with contextlib.suppress(NetworkError, OSError):
                 await self.overlay.teardown()
+        if teardown:
+            with contextlib.suppress(NetworkError, OSError):
+                await self.host_ports.teardown()
         if teardown and net is not None:
             with contextlib.suppress(NetworkError, OSError):
                 await net.teardown()
@@ -578,6 +586,11 @@ class Mesh:
                 await self.overlay.sync(snap)
             except (NetworkError, OSError) as exc:
                 log.warning("overlay networks: %s", exc)
+        try:
+            await self.host_ports.sync(snap)
+        except (NetworkError, OSError) as exc:
+            self.host_ports.error = str(exc)
+            log.warning("ports published in host mode: %s", exc)
         now = time.time()
         stopping = stopping_tasks(snap, self._cached_image_ports)
         for tid in stopping:
@@ -612,6 +625,8 @@ class Mesh:
             out.update(self.network.describe())
         if self.overlay is not None:
             out["overlay"] = self.overlay.describe()
+        if self.host_ports.error:
+            out["errors"]["host_ports"] = self.host_ports.error
         if self._dns_server is not None:
             out["dns"] = dict(self._dns_server.stats)
         return out

@@ -24,7 +24,8 @@ Schema history::
        ``cap_add``, ``cap_drop``, ``group_add``, ``extra_hosts``, ``ulimits``, ``sysctls``;
        its DNS settings ``dns``, ``dns_search``, ``dns_options``; a service's DNS aliases
        on its networks, ``task.network_aliases``; placeholders in a host name
-       (``GATED_VALUES``); a container's log settings ``log_driver``, ``log_options``.
+       (``GATED_VALUES``); a container's log settings ``log_driver``, ``log_options``;
+       ports published in host mode, ``endpoint.host_ports``.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -71,7 +72,7 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                              "read_only", "cap_add", "cap_drop", "group_add", "extra_hosts",
                              "ulimits", "sysctls", "dns", "dns_search", "dns_options",
                              "log_driver", "log_options")},
-                         "task.network_aliases": 7}
+                         "task.network_aliases": 7, "endpoint.host_ports": 7}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)

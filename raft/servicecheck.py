@@ -52,7 +52,10 @@ def assign_ports(state: ServiceState, spec: ServiceSpec, sid: str, old: ServiceS
         return spec
     taken = {(p.published, p.protocol) for s in state.services.values() if s.id != sid
              for p in s.spec.endpoint.ports}
+    taken |= {(p.published, p.protocol) for s in state.services.values() if s.id != sid
+              for p in s.spec.endpoint.host_ports}
     taken |= {(p.published, p.protocol) for p in spec.endpoint.ports if p.published}
+    taken |= {(p.published, p.protocol) for p in spec.endpoint.host_ports}
     if spec.task.network_mode == "host":  # (its tasks hold their targets on the node)
         taken |= {(p.target, p.protocol) for p in spec.endpoint.ports}
     had = {(p.target, p.protocol): p.published for p in (old.endpoint.ports if old else ())
@@ -94,6 +97,37 @@ def check_ports(state: ServiceState, spec: ServiceSpec, sid: str) -> None:
                                f"{host.name} on the host's network listen on it on their "
                                f"nodes, and service {by} has a routing-mesh listener on "
                                "it on every node", "task.network_mode")
+        _check_host_mode(spec, other.spec)
+
+
+def _check_host_mode(spec: ServiceSpec, other: ServiceSpec) -> None:
+    """A port published in host mode belongs to one service too (simpler than Swarm, whose
+    scheduler keeps two such services apart): nor may it be a routing-mesh listener (every
+    node has it) or a port tasks on the host's network bind, whichever service comes
+    second."""
+    mine = published_on_host(spec)
+    theirs = published_on_host(other)
+    for held, by in ((theirs, "publishes it in host mode"),
+                     ({(p.published, p.protocol) for p in other.endpoint.ports},
+                      "publishes it through the routing mesh on every node"),
+                     (host_ports(other), "has tasks on the host's network listening on it")):
+        clash = mine & held
+        if clash:
+            port, proto = min(clash)
+            raise Rejected("conflict", f"port {port}/{proto}: service {other.name} {by}",
+                           "endpoint.host_ports")
+    clash = theirs & ({(p.published, p.protocol) for p in spec.endpoint.ports}
+                      | host_ports(spec))
+    if clash:
+        port, proto = min(clash)
+        raise Rejected("conflict", f"port {port}/{proto} is published in host mode by "
+                       f"service {other.name}", "endpoint.ports" if spec.endpoint.ports
+                       else "task.network_mode")
+
+
+def published_on_host(spec: ServiceSpec) -> set[tuple[int, str]]:
+    """The ports a service publishes in host mode (on the nodes running its tasks)."""
+    return {(p.published, p.protocol) for p in spec.endpoint.host_ports}
 
 
 def host_ports(spec: ServiceSpec) -> set[tuple[int, str]]:

@@ -565,6 +565,10 @@ class EndpointSpec(_Spec, frozen=True):
         "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
         flag="--publish", short="-p", cli="list", item="port",
         metavar="[PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
+    host_ports: Annotated[tuple[PortSpec, ...], decl(
+        "ports published in host mode (--publish mode=host,published=N,target=N): only on "
+        "the nodes running a task, straight to it, the client's address kept; one task per "
+        "node; needs cluster schema 7", max_length=256)] = ()
     expose: Annotated[tuple[ExposeSpec, ...], decl(
         "a port of the tasks reachable at the service's VIP from other tasks",
         flag="--expose", cli="list", item="expose", metavar="PORT[/tcp|udp]",
@@ -578,6 +582,14 @@ class EndpointSpec(_Spec, frozen=True):
             if p.published and (p.published, p.protocol) in seen:
                 raise SpecError(f"ports[{i}].published",
                                 f"port {p.published}/{p.protocol} is published twice")
+            seen.add((p.published, p.protocol))
+        for i, p in enumerate(self.host_ports):
+            where = f"host_ports[{i}].published"
+            if not p.published:
+                raise SpecError(where, "a port published in host mode needs its published "
+                                "port (published=N): shoal does not pick one")
+            if (p.published, p.protocol) in seen:
+                raise SpecError(where, f"port {p.published}/{p.protocol} is published twice")
             seen.add((p.published, p.protocol))
         if self.mode == "dnsrr" and self.ports:
             raise SpecError("mode", "dnsrr has no VIP for the routing mesh to balance: "
@@ -622,8 +634,15 @@ class ServiceSpec(_Spec, frozen=True):
             field = "endpoint.ports" if self.endpoint.ports else "endpoint.expose"
             raise SpecError(field, "tasks with network mode none have no address to serve "
                             "a port on")
+        if net != "default" and self.endpoint.host_ports:
+            raise SpecError("endpoint.host_ports", f"tasks with network mode {net} have no "
+                            "address of their own to publish a port to in host mode"
+                            + (": they listen on the node's ports themselves"
+                               if net == "host" else ""))
         if net == "host":
             self._check_host_ports()
+        elif self.endpoint.host_ports:
+            self._one_per_node("ports published in host mode")
         c = self.task.container
         if not c.command and not c.image and not c.entrypoint:
             raise SpecError("task.container.command",
@@ -646,15 +665,19 @@ class ServiceSpec(_Spec, frozen=True):
                 raise SpecError(field, "tasks on the host's network share the node's ports: "
                                 "a new task could not bind them while the old one runs "
                                 "(use stop-first)")
-        if not (self.endpoint.ports or self.endpoint.expose) or self.mode.type.startswith(
-                "global"):
+        if self.endpoint.ports or self.endpoint.expose:
+            self._one_per_node("tasks on the host's network that serve ports")
+
+    def _one_per_node(self, what: str) -> None:
+        """Two tasks on one node could not both hold the node ports the service serves: a
+        replicated service is stored with ``max_replicas`` 1 (Swarm's scheduler counts a
+        host-published port as a node resource likewise)."""
+        if self.mode.type.startswith("global"):
             return
-        # two of its tasks on one node could not both bind the ports it serves: one per node
-        # (Swarm's scheduler counts a host-published port as a node resource likewise)
         place = self.task.placement
         if place.max_replicas > 1:
-            raise SpecError("task.placement.max_replicas", "tasks on the host's network that "
-                            "serve ports would collide on a node: at most 1 per node")
+            raise SpecError("task.placement.max_replicas", f"{what} would collide on a node: "
+                            "at most 1 task per node")
         if place.max_replicas == 0:
             msgspec.structs.force_setattr(self, "task", msgspec.structs.replace(
                 self.task, placement=msgspec.structs.replace(place, max_replicas=1)))

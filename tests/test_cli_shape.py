@@ -113,11 +113,12 @@ def test_main_builds_only_the_group_argv_names_and_parses_as_the_whole_parser() 
     assert "'service'" in bad.stderr and "'volume'" in bad.stderr
 
 
-def test_publish_target_only_means_an_assigned_port_and_mode_host_is_refused() -> None:
+def test_publish_target_only_means_an_assigned_port_and_mode_host_needs_one() -> None:
     assert parse_publish("80") == {"published": 0, "target": 80, "protocol": "tcp"}
     assert parse_publish("8080:80/udp") == {"published": 8080, "target": 80, "protocol": "udp"}
     assert parse_publish("target=80,mode=ingress")["published"] == 0
-    for bad, why in (("published=8080,target=80,mode=host", "mode=host is not supported"),
+    assert parse_publish("published=8080,target=80,mode=host")["mode"] == "host"
+    for bad, why in (("target=80,mode=host", "mode=host needs published=N"),
                      ("target=80,mode=bridge", "mode must be ingress or host"),
                      ("80:x", "expects [PUBLISHED:]TARGET"), ("target=80,foo=1", "'foo'")):
         with pytest.raises(CliError) as exc:
@@ -354,7 +355,7 @@ def test_the_cli_waits_shows_progress_and_scripts_well(lab_factory: Callable[...
     assert h1.cli_json("service", "inspect", "web_1")[0]["ports"][0]["published"] == 30000
     bad = h1.cli("service", "update", "web_1", "sleep", "5", check=False)
     assert bad.returncode != 0 and "--args" in bad.stderr
-    bad = h1.cli("service", "create", "-d", "-p", "published=81,target=80,mode=host",
+    bad = h1.cli("service", "create", "-d", "-p", "target=80,mode=host",
                  *SLEEP, check=False)
     assert bad.returncode == 1 and "--publish" in bad.stderr and "mode=host" in bad.stderr
     # -d returns at once; a job waits for its completions

@@ -135,9 +135,12 @@ services:
     ports = [(p.published, p.target, p.protocol) for p in svc(st, "web").endpoint.ports]
     # no published port: 0, the managers assign one of 30000-32767 (as `-p 5000`, Docker)
     assert ports == [(8080, 80, "tcp"), (53, 5353, "udp"), (9000, 7000, "tcp"),
-                     (9001, 7001, "tcp"), (8443, 443, "tcp"), (6001, 6000, "udp"),
+                     (9001, 7001, "tcp"), (8443, 443, "tcp"),
                      (0, 5000, "tcp"), (0, 7070, "tcp"), (0, 5001, "tcp")]
-    assert any(w.startswith("ports.mode: host: not supported yet") for w in st.warnings)
+    # mode: host is published in host mode (only where a task runs), not through the mesh
+    host = [(p.published, p.target, p.protocol) for p in svc(st, "web").endpoint.host_ports]
+    assert host == [(6001, 6000, "udp")]
+    assert not any(w.startswith("ports.mode") for w in st.warnings)
     assert not any("no published port" in w for w in st.warnings)
 
 
