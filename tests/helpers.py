@@ -133,3 +133,17 @@ def sshd_config(work: Path, listen: str) -> Path:
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes no", "UseDNS no", "Subsystem sftp internal-sftp", ""]))
     return cfg
+
+
+def converge(st: Any, now: float = 10.0) -> None:
+    """Run the leader's passes on ``st`` (a ClusterState) until it plans nothing more (at most
+    5), every node heard from at ``now``: the state a cluster settles in."""
+    from shoal.node.leader import plan_pass
+    from shoal.node.orchestrator import OrchestratorConfig
+
+    seen = {nid: now for nid in st.nodes}
+    for _ in range(5):
+        ops, _ = plan_pass(st.snapshot(), seen, now, now, OrchestratorConfig(), liveness=False)
+        if not ops:
+            return
+        assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})

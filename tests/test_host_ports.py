@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import converge
 
 from shoal.cli import pretty, specflags
 from shoal.cli.compose import ComposeError, load_stack
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
 from shoal.node.hostports import CHAIN, hostport_rules
-from shoal.node.leader import plan_pass
 from shoal.node.mesh import plan_tables
-from shoal.node.orchestrator import OrchestratorConfig
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import Node, NodeRole, NodeState, TaskState, to_dict
 from shoal.raft.state import ClusterState
@@ -190,15 +189,6 @@ def test_a_host_port_is_one_services_and_no_routing_mesh_listener() -> None:
     assert st.apply({"op": "service_create", "id": "s5", "now": 1.0, "spec": spec_with(
         ports=[{"published": 0, "target": 80}]) | {"name": "auto"}})["ok"]
     assert st.services["s5"].spec.endpoint.ports[0].published == 30001
-
-
-def converge(st: ClusterState, now: float = 10.0) -> None:
-    seen = {nid: now for nid in st.nodes}
-    for _ in range(5):
-        ops, _ = plan_pass(st.snapshot(), seen, now, now, OrchestratorConfig(), liveness=False)
-        if not ops:
-            return
-        assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
 
 
 def run_all(st: ClusterState, now: float = 10.0) -> None:

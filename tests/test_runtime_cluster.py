@@ -43,6 +43,15 @@ def logs_with(h: Host, svc: str, needle: str, count: int = 1) -> str | None:
     return out if out.count(needle) >= count else None
 
 
+def import_busybox(h: Host, tmp_path: Path) -> None:
+    """A ~2 MB busybox root filesystem imported on ``h`` as image busybox:1."""
+    root = busybox_rootfs(tmp_path / "bb")
+    tarball = tmp_path / "busybox.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(root, arcname=".")
+    h.cli("image", "import", "busybox:1", str(tarball))
+
+
 @pytest.fixture
 def lab3(lab_factory: Callable[..., Lab]) -> Lab:
     lab = lab_factory(3)
@@ -126,11 +135,7 @@ def test_isolation_limits_and_restart_policy(lab3: Lab) -> None:
 
 def test_images_move_between_peers_and_logs_merge(lab3: Lab, tmp_path: Path) -> None:
     h1 = lab3.hosts[0]
-    root = busybox_rootfs(tmp_path / "bb")
-    tarball = tmp_path / "busybox.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tf:
-        tf.add(root, arcname=".")
-    h1.cli("image", "import", "busybox:1", str(tarball))
+    import_busybox(h1, tmp_path)
     assert "busybox:1" in h1.cli("image", "ls").stdout
     # three replicas on three nodes: the two without the image fetch it from h1
     h1.cli("service", "create", "--name", "bb", "--replicas", "3", "--image", "busybox:1",
@@ -194,11 +199,7 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     lab = lab_factory(1)
     lab.form_cluster(managers=1)
     h1 = lab.hosts[0]
-    root = busybox_rootfs(tmp_path / "bb")
-    tarball = tmp_path / "busybox.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tf:
-        tf.add(root, arcname=".")
-    h1.cli("image", "import", "busybox:1", str(tarball))
+    import_busybox(h1, tmp_path)
     probe = ("touch /rootfile 2>/dev/null && echo root-writable || echo root-readonly; "
              "touch /scratch/x && echo scratch-writable; "
              "echo somaxconn=$(cat /proc/sys/net/core/somaxconn); "

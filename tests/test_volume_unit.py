@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import converge
 
 from shoal.cli import specflags
 from shoal.cli.errors import CliError
-from shoal.node.leader import plan_pass
-from shoal.node.orchestrator import OrchestratorConfig
 from shoal.raft.errors import SpecError
 from shoal.raft.models import Node, NodeRole, NodeState, Task, TaskState, to_dict
 from shoal.raft.spec import Mount
@@ -159,15 +158,6 @@ def _cluster(*specs: dict[str, Any]) -> ClusterState:
     return st
 
 
-def _pass(st: ClusterState, now: float) -> None:
-    seen = {nid: now for nid in st.nodes}
-    for _ in range(5):
-        ops, _ = plan_pass(st.snapshot(), seen, now, now, OrchestratorConfig(), liveness=False)
-        if not ops:
-            return
-        assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
-
-
 def _report(st: ClusterState, t: Task, state: TaskState, now: float) -> None:
     assert "ok" in st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
                              "now": now, "status": {"state": int(state), "timestamp": now}})
@@ -180,7 +170,7 @@ def _alive(st: ClusterState) -> list[Task]:
 def test_second_read_write_user_of_a_single_writer_volume_waits_with_a_reason() -> None:
     spec = {"name": "w", "command": ["sleep", "1"], "replicas": 2, "mounts": [SW]}
     st = _cluster(spec)
-    _pass(st, 2.0)
+    converge(st, 2.0)
     tasks = _alive(st)
     placed = [t for t in tasks if t.node_id]
     waiting = [t for t in tasks if not t.node_id]
@@ -194,22 +184,22 @@ def test_read_only_users_and_plain_volumes_are_not_limited() -> None:
     plain = {"name": "p", "command": ["sleep", "1"], "replicas": 2,
              "mounts": [{**SW, "volume_opts": {"sshcmd": "u@10.0.0.9:/srv"}}]}
     st = _cluster(ro, plain)
-    _pass(st, 2.0)
+    converge(st, 2.0)
     assert all(t.node_id for t in _alive(st))
 
 
 def test_single_writer_task_moves_on_drain_only_after_the_old_one_ended() -> None:
     st = _cluster({"name": "w", "command": ["sleep", "1"], "replicas": 1, "mounts": [SW]})
-    _pass(st, 2.0)
+    converge(st, 2.0)
     (old,) = _alive(st)
     _report(st, old, TaskState.RUNNING, 3.0)
     assert "ok" in st.apply({"op": "node_update", "id": old.node_id, "now": 4.0,
                              "availability": "drain"})
-    _pass(st, 5.0)
+    converge(st, 5.0)
     new = [t for t in st.tasks.values() if t.id != old.id and t.desired_state <= 512]
     assert new == []  # the old one still runs, holding the volume: its replacement waits
     _report(st, st.tasks[old.id], TaskState.SHUTDOWN, 6.0)
-    _pass(st, 7.0)
+    converge(st, 7.0)
     (moved,) = [t for t in st.tasks.values() if t.id != old.id and t.desired_state <= 512]
     assert moved.node_id and moved.node_id != old.node_id
 
@@ -232,13 +222,13 @@ def test_volume_records_check_options_refuse_duplicates_and_removal_in_use() -> 
     busy = st.apply({"op": "volume_remove", "name": "data"})
     assert busy["error"]["code"] == "in_use" and "w" in busy["error"]["message"]
     # the created volume's single-writer option holds for a mount without options of its own
-    _pass(st, 2.0)
+    converge(st, 2.0)
     assert len([t for t in _alive(st) if t.node_id]) == 1
     assert "ok" in st.apply({"op": "service_remove", "id": "s9", "now": 3.0})
     for t in list(st.tasks.values()):
         if t.node_id:
             _report(st, t, TaskState.SHUTDOWN, 4.0)
-    _pass(st, 5.0)
+    converge(st, 5.0)
     assert "ok" in st.apply({"op": "volume_remove", "name": "data"})
     assert not st.volumes
 
