@@ -288,7 +288,8 @@ class DnsServer(asyncio.DatagramProtocol):
                     self._count("forwarded")
                     return reply
         except TimeoutError:
-            pass
+            log.debug("no upstream of %s answered within %gs", client or "the node",
+                      FORWARD_DEADLINE)
         self._count("servfail")
         return _error(query, dns.rcode.SERVFAIL).to_wire()
 
