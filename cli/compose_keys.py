@@ -23,7 +23,7 @@ from typing import Any
 
 from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
-from shoal.cli.specflags import parse_duration, parse_size, port_range, publish_ports
+from shoal.cli.flagvalues import parse_duration, parse_size, port_range, publish_ports
 
 
 @dataclass(frozen=True)

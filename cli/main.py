@@ -88,7 +88,7 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
 
 
 def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
-    from shoal.cli.specflags import parse_kv as parse
+    from shoal.cli.flagvalues import parse_kv as parse
 
     return parse(items, flag)
 
@@ -392,7 +392,7 @@ def parse_since(text: str, now: float | None = None) -> float:
         return when.timestamp()
     except ValueError:
         pass
-    from shoal.cli.specflags import parse_duration
+    from shoal.cli.flagvalues import parse_duration
 
     try:
         return now - parse_duration(text, "--since")

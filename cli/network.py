@@ -55,7 +55,7 @@ def run(c: Any, args: argparse.Namespace, fmt: str, emit: Emit, table: Table) ->
     """``emit``/``table``: shoal.cli.main's output helpers (passed in: no import cycle)."""
     sub = args.network_cmd
     if sub == "create":
-        from shoal.cli.specflags import parse_kv
+        from shoal.cli.flagvalues import parse_kv
 
         body: dict[str, Any] = {"name": args.name, "driver": args.driver,
                                 "labels": parse_kv(args.label, "--label"),

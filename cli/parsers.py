@@ -137,7 +137,7 @@ class _Version(argparse.Action):
 def _seconds(flag: str) -> Any:
     """An argparse type: a Go duration (``30s``, ``1m30s``, ``500ms``) or seconds → seconds."""
     def parse(text: str) -> float:
-        from shoal.cli.specflags import parse_duration
+        from shoal.cli.flagvalues import parse_duration
 
         try:
             return parse_duration(text, flag)

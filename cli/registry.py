@@ -73,7 +73,7 @@ def add_agent_flags(a: Any) -> None:
 
 
 def image_gc_config(args: argparse.Namespace) -> ImageGCConfig:
-    from shoal.cli.specflags import parse_duration
+    from shoal.cli.flagvalues import parse_duration
     from shoal.runtime.images import ImageGCConfig
 
     return ImageGCConfig(high_percent=args.image_gc_high_threshold,
@@ -166,7 +166,7 @@ def run_pull(c: _Client, args: argparse.Namespace, fmt: str, period: float = 0.5
 
 
 def run_prune(c: _Client, args: argparse.Namespace, fmt: str) -> None:
-    from shoal.cli.specflags import parse_duration
+    from shoal.cli.flagvalues import parse_duration
 
     body: dict[str, Any] = {"all": bool(args.all)}
     for f in args.filter:

@@ -3,8 +3,8 @@
 Owns: turning each declared field of ``shoal.raft.spec.ServiceSpec`` (its ``flag``, ``cli``
 kind, ``item`` parser, help, unit) into argparse options — ``--X`` on create; on update the
 same ``--X`` for single values and ``--X-add``/``--X-rm`` for lists and maps — and the flag
-values back into a nested spec dict. The text parsers of flag values (sizes, Go durations,
-``--mount``, ``--publish``, ``--secret``) live here too. Adding a spec field with a ``flag``
+values back into a nested spec dict (the text parsers of the values: shoal.cli.flagvalues).
+Adding a spec field with a ``flag``
 adds its CLI flags; nothing here names a field. Must not touch: the API client, output.
 
 Errors: ``CliError`` (shoal.cli.errors) naming the flag, for a value the CLI can judge;
@@ -15,529 +15,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
 import re
 import secrets
-import shlex
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from shoal.cli.errors import CliError
+from shoal.cli.flagvalues import (
+    CARRIES,
+    ITEMS,
+    REMOVES,
+    REPLACES,
+    as_list,
+    get_path,
+    parse_cap,
+    parse_kv,
+    parsed_items,
+    read_env_files,
+    scalar,
+    set_path,
+)
 from shoal.raft.spec import FieldDecl, fields, flag_for
-from shoal.runtime.rootfs import cap_name
-
-# ----------------------------------------------------------------------------- value parsers
-
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-              "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                   "h": 3600.0}
-
-
-def parse_kv(items: Sequence[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep and key and flag in ("--env", "--env-add"):
-            # docker's `-e VAR`: the value of VAR in this shell's environment (left out
-            # when it has none)
-            if key in os.environ:
-                out[key] = os.environ[key]
-            continue
-        if not sep and key and "label" in flag:  # docker's `--label-add ssd`: an empty value
-            out[key] = ""
-            continue
-        if not sep or not key:
-            raise CliError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
-def read_env_files(paths: Sequence[str], flag: str = "--env-file") -> dict[str, str]:
-    """Docker's ``--env-file`` files (docker/cli pkg/kvfile), the later winning: ``KEY=VALUE``
-    lines taken as they are (no quote removal, no ``${}``, leading blanks dropped, trailing
-    ones kept in the value), ``#`` comment lines and blank lines skipped, a bare ``KEY``
-    taken from this shell's environment (left out when unset). Not Compose's ``env_file``
-    rules (shoal.cli.compose_env): a Compose file and a docker command each read theirs."""
-    out: dict[str, str] = {}
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                text = f.read().decode("utf-8")
-        except OSError as exc:
-            raise CliError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            at = exc.object[:exc.start].count(b"\n") + 1
-            raise CliError(f"{flag} {path}:{at}: not UTF-8 text") from None
-        for n, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-            line = raw.removesuffix("\r").lstrip()
-            if not line or line.startswith("#"):
-                continue
-            key, sep, value = line.partition("=")
-            if not key or any(c in key for c in " \t"):  # (the value is not shown: a secret?)
-                raise CliError(f"{flag} {path}:{n}: {key!r} is not a variable name (expected "
-                               "KEY=VALUE or KEY, a name without blanks)")
-            if sep:
-                out[key] = value
-            elif key in os.environ:
-                out[key] = os.environ[key]
-    return out
-
-
-def parse_size(text: str | None, flag: str) -> int:
-    """'64M' → 67108864 (binary units, as Docker)."""
-    if not text:
-        return 0
-    t = text.strip().lower()
-    num = t.rstrip("bkmgti")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if value < 0 or unit not in SIZE_UNITS:
-        raise CliError(f"{flag}: invalid size {text!r} (use e.g. 512K, 64M, 1G)")
-    return int(value * SIZE_UNITS[unit])
-
-
-def parse_duration(text: str, flag: str) -> float:
-    """Go's duration syntax (``10s``, ``1m30s``, ``500ms``, ``1h``) or plain seconds → seconds."""
-    t = text.strip()
-    try:
-        value = float(t)
-    except ValueError:
-        pos, value = 0, 0.0
-        for m in _DURATION_RE.finditer(t):
-            if m.start() != pos:
-                break
-            value += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(t) or not t:
-            raise CliError(f"{flag}: invalid duration {text!r} (use e.g. 10s, 1m30s, 500ms, "
-                           "or a number of seconds)") from None
-    if value < 0:
-        raise CliError(f"{flag}: a duration cannot be negative, got {text!r}")
-    return value
-
-
-# the most ports one range (``-p 8000-8010:80``, Compose's ``"8000-8010:80"``) may name: as
-# many as a service publishes (EndpointSpec.ports), so `-p 1-65535` is one clear error
-MAX_PORT_RANGE = 256
-
-
-def port_range(text: str) -> range:
-    """``PORT`` or ``FIRST-LAST`` (1-65535, at most MAX_PORT_RANGE ports) → its ports.
-    ValueError says why not; the caller names its flag or key."""
-    lo, sep, hi = text.strip().partition("-")
-    if not all(p.isascii() and p.isdigit() for p in ([lo, hi] if sep else [lo])):
-        raise ValueError(f"{text!r} is not a port or a range FIRST-LAST")
-    first, last = int(lo), int(hi or lo)
-    if not (1 <= first <= 65535 and 1 <= last <= 65535):
-        raise ValueError(f"{text!r} is out of range (ports are 1-65535)")
-    if last < first:
-        raise ValueError(f"the range {text!r} is reversed (write the lower port first)")
-    if last - first >= MAX_PORT_RANGE:
-        raise ValueError(f"the range {text!r} has {last - first + 1} ports: a service "
-                         f"publishes at most {MAX_PORT_RANGE}")
-    return range(first, last + 1)
-
-
-def publish_ports(published: str, target: str, protocol: str) -> list[dict[str, Any]]:
-    """The PortSpecs of PUBLISHED (a port, a range, or ""/"0": the managers assign each)
-    and TARGET (a port or a range), as Docker's ``nat.ParsePortSpec`` and swarm
-    ``ConvertPortToPortConfig`` pair them: ranges of one length port by port
-    (``8000-8001:9000-9001`` → 8000→9000, 8001→9001); a published range with one target
-    forwards every port of it to that target. ValueError says why not."""
-    targets = port_range(target)
-    if published in ("", "0"):
-        return [{"published": 0, "target": t, "protocol": protocol} for t in targets]
-    ports = port_range(published)
-    if len(targets) == 1:
-        return [{"published": p, "target": targets[0], "protocol": protocol} for p in ports]
-    if len(ports) != len(targets):
-        raise ValueError(f"{len(ports)} published ports for {len(targets)} targets: give "
-                         "ranges of the same length, or one target port for the range")
-    return [{"published": p, "target": t, "protocol": protocol}
-            for p, t in zip(ports, targets, strict=True)]
-
-
-def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
-    """One port of ``--publish`` (``parse_publish_ports``); a range is refused here."""
-    ports = parse_publish_ports(text, flag)
-    if len(ports) != 1:
-        raise CliError(f"{flag} {text!r} names {len(ports)} ports, expected one")
-    return ports[0]
-
-
-def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, Any]]:
-    """Docker's ``--publish [PUBLISHED:]TARGET[/tcp|udp]`` or
-    ``published=..,target=..,protocol=..,mode=ingress`` → its PortSpecs: PUBLISHED and TARGET
-    may be ranges (``8000-8010:9000-9010``, ``8000-8010:80``; ``publish_ports``). No published
-    port (``-p 80``): the managers assign one of 30000-32767. ``mode=host`` (a port bound
-    only where a task runs, without the routing mesh) marks each port ``"mode": "host"``:
-    ``_with_host_ports`` moves them to ``endpoint.host_ports``."""
-    usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
-             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress|host] (a port or a "
-             f"range FIRST-LAST each), got {text!r}")
-    if "=" in text:
-        kv = parse_kv(text.split(","), flag)
-        unknown = set(kv) - {"published", "target", "protocol", "mode"}
-        if unknown:
-            raise CliError(f"{flag}: unknown option {sorted(unknown)[0]!r} in {text!r} "
-                           "(expected published, target, protocol, mode)")
-        mode = kv.get("mode", "ingress")
-        if mode not in ("ingress", "host"):
-            raise CliError(f"{flag}: mode must be ingress or host, got {mode!r}")
-        published, target, proto = kv.get("published", ""), kv.get("target", ""), \
-            kv.get("protocol", "tcp")
-        if mode == "host" and published in ("", "0"):
-            raise CliError(f"{flag} {text!r}: mode=host needs published=N (shoal does not "
-                           "pick a port for a host-mode one)")
-    else:
-        spec, _, proto = text.partition("/")
-        published, _, target = spec.rpartition(":")
-        mode = "ingress"
-    proto = proto.lower()  # (docker's 80/TCP)
-    if not (re.fullmatch(r"([0-9]+(-[0-9]+)?)?", published)
-            and re.fullmatch(r"[0-9]+(-[0-9]+)?", target)) or proto not in ("", "tcp", "udp"):
-        raise CliError(usage)
-    try:
-        ports = publish_ports(published, target, proto or "tcp")
-    except ValueError as exc:
-        raise CliError(f"{flag} {text!r}: {exc}") from None
-    return [{**p, "mode": "host"} for p in ports] if mode == "host" else ports
-
-
-def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
-    """--expose PORT[/tcp|udp]."""
-    port, _, proto = text.partition("/")
-    if not (port.isascii() and port.isdigit()) or proto not in ("", "tcp", "udp"):
-        raise CliError(f"{flag} expects PORT[/tcp|udp], got {text!r}")
-    return {"port": int(port), "protocol": proto or "tcp"}
-
-
-_MOUNT_KEYS = ("type", "src", "source", "dst", "destination", "target", "readonly", "ro",
-               "tmpfs-size", "volume-driver", "volume-opt")
-
-
-def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
-    """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]
-    [,volume-driver=local|sshfs][,volume-opt=K=V]... (Docker's; shoal.runtime.volumes)"""
-    out: dict[str, Any] = {"type": "volume"}
-    # Docker reads --mount as CSV: "volume-opt=o=addr=10.0.0.5,rw" keeps its commas; unquoted,
-    # items after volume-opt=o=... that are no --mount key continue o.
-    last_opt = ""
-    for part in next(csv.reader([text])) if text else []:
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if last_opt == "o" and key not in _MOUNT_KEYS:
-            out["volume_opts"]["o"] += "," + part
-            continue
-        last_opt = ""
-        if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
-            out["readonly"] = True
-        elif key == "type":
-            out["type"] = value
-        elif key in ("src", "source"):
-            out["source"] = value
-        elif key in ("dst", "destination", "target"):
-            out["target"] = value
-        elif key == "tmpfs-size":
-            out["tmpfs_size"] = parse_size(value, f"{flag} tmpfs-size")
-        elif key == "volume-driver":
-            out["volume_driver"] = value
-        elif key == "volume-opt":  # Docker's: volume-opt=K=V, repeated
-            k, eq, v = value.partition("=")
-            if not k or not eq:
-                raise CliError(f"{flag}: volume-opt expects KEY=VALUE, got {value!r}")
-            out.setdefault("volume_opts", {})[k] = v
-            last_opt = k
-            continue
-        else:
-            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "type=bind|volume|tmpfs,src=...,dst=...[,readonly]"
-                           "[,volume-driver=D][,volume-opt=K=V])")
-    if "target" not in out:
-        raise CliError(f"{flag} {text!r}: dst=PATH is required")
-    return out
-
-
-def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
-    """--secret NAME[,target=FILE][,mode=0400] (also source=NAME, as Docker)."""
-    out: dict[str, Any] = {}
-    for i, part in enumerate(text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep and i == 0:
-            out["name"] = key
-        elif key in ("source", "src", "name") and sep:
-            out["name"] = value
-        elif key == "target" and sep:
-            out["target"] = value
-        elif key == "mode" and sep:
-            try:
-                out["mode"] = int(value, 8)
-            except ValueError:
-                raise CliError(f"{flag}: mode must be octal (e.g. 0400), got {value!r}") \
-                    from None
-        else:
-            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "NAME[,target=FILE][,mode=0400])")
-    if not out.get("name"):
-        raise CliError(f"{flag} {text!r}: a name is required")
-    return out
-
-
-def parse_constraint(text: str, flag: str) -> str:
-    """A placement constraint in its canonical form (``node.labels.zone==b``)."""
-    from shoal.raft.errors import ValidationError
-    from shoal.raft.validate import parse_constraint as parse
-
-    try:
-        return str(parse(text, flag))
-    except ValidationError as exc:
-        raise CliError(exc.message) from None
-
-
-def parse_preference(text: str, flag: str) -> dict[str, Any]:
-    """--placement-pref spread=node.labels.KEY (Docker's syntax; the API checks the label)."""
-    kind, sep, value = text.partition("=")
-    if not sep or kind.strip().lower() != "spread" or not value.strip():
-        raise CliError(f"{flag} expects spread=node.labels.KEY, got {text!r}")
-    return {"spread": value.strip()}
-
-
-_AUTOSCALE_KEYS = {"min": "int", "max": "int", "cpu": "percent", "memory": "percent",
-                   "window": "duration", "period": "duration", "stabilization": "duration",
-                   "step": "int", "tolerance": "percent"}
-
-
-def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
-    """--autoscale min=N,max=N,cpu=P%[,memory=P%][,window=D][,period=D][,stabilization=D]
-    [,step=N][,tolerance=P%] (percentages also as fractions: cpu=0.6); ``none`` or ``off``:
-    autoscaling off."""
-    if text.strip().lower() in ("none", "off", ""):
-        return {}
-    out: dict[str, Any] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        kind = _AUTOSCALE_KEYS.get(key)
-        if not sep or kind is None:
-            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           f"{', '.join(_AUTOSCALE_KEYS)}, e.g. min=2,max=20,cpu=60%)")
-        if kind == "duration":
-            out[key] = parse_duration(value, f"{flag} {key}")
-            continue
-        try:
-            if kind == "int":
-                out[key] = int(value)
-            elif value.endswith("%"):
-                out[key] = float(value[:-1]) / 100
-            else:
-                out[key] = float(value)
-        except ValueError:
-            raise CliError(f"{flag}: {key} expects "
-                           f"{'a whole number' if kind == 'int' else 'a percentage (60%)'}, "
-                           f"got {value!r}") from None
-    return out
-
-
-def parse_cap(text: str, flag: str) -> str:
-    """A capability as docker takes it (``net_admin``, ``CAP_NET_ADMIN``) → ``NET_ADMIN``."""
-    try:
-        return cap_name(text)
-    except ValueError as exc:
-        raise CliError(f"{flag}: {exc}") from None
-
-
-def parse_host(text: str, flag: str) -> str:
-    """docker's ``--host NAME:IP`` (also ``NAME=IP``) → ``NAME:IP``; the IP is checked by the
-    spec."""
-    name, sep, addr = text.replace("=", ":", 1).partition(":") if "=" in text.split(":")[0] \
-        else text.partition(":")
-    if not sep or not name or not addr:
-        raise CliError(f"{flag} expects NAME:IP, got {text!r}")
-    return f"{name}:{addr}"
-
-
-def parse_ulimit(text: str, flag: str) -> dict[str, Any]:
-    """docker's ``--ulimit NAME=SOFT[:HARD]`` (``nofile=1024:2048``; -1 = unlimited; a
-    single value is both) → a spec Ulimit."""
-    name, sep, limits = text.partition("=")
-    soft, colon, hard = limits.partition(":")
-    try:
-        if not re.fullmatch(r"-?[0-9]+", soft) or (colon and not re.fullmatch(r"-?[0-9]+",
-                                                                                hard)):
-            raise ValueError(text)
-        lo = int(soft)
-        hi = int(hard) if colon else lo
-    except ValueError:
-        raise CliError(f"{flag} expects NAME=SOFT[:HARD] (whole numbers, -1 = unlimited), "
-                       f"got {text!r}") from None
-    if not sep or not name:
-        raise CliError(f"{flag} expects NAME=SOFT[:HARD], got {text!r}")
-    return {"name": name, "soft": lo, "hard": hi}
-
-
-def network_opts(text: str, flag: str = "--network") -> tuple[str, list[str]]:
-    """docker's ``--network NAME`` or ``--network name=NAME,alias=A[,alias=B...]`` → (the
-    network, the service's aliases on it: more DNS names, ``task.network_aliases``)."""
-    if "=" not in text:
-        return text, []
-    name, aliases = "", []
-    for part in next(csv.reader([text])):
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if key == "name" and sep:
-            name = value.strip()
-        elif key == "alias" and sep and value.strip():
-            aliases.append(value.strip())
-        else:
-            raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected NAME or "
-                           "name=NAME[,alias=ALIAS...])")
-    if not name:
-        raise CliError(f"{flag} {text!r}: name=NETWORK is required")
-    return name, aliases
-
-
-def _with_network_aliases(spec: dict[str, Any], path: str, texts: Sequence[str], flag: str,
-                          gone: Sequence[str] = ()) -> None:
-    """The aliases of ``--network name=N,alias=A`` values into the map of aliases beside the
-    networks list at ``path`` (``task.networks`` → ``task.network_aliases``): a network
-    given gets the aliases it is given with (none with the short form), as the list item
-    replaces the one of the same name; the networks in ``gone`` (``--network-rm``) lose
-    theirs."""
-    target = path.rpartition(".")[0] + ".network_aliases"
-    before = _get(spec, target, {}) or {}
-    aliases = {k: list(v) for k, v in before.items()}
-    for text in texts:
-        name, more = network_opts(text, flag)
-        aliases[name] = list(dict.fromkeys(more))
-    aliases = {k: v for k, v in aliases.items() if v and k not in gone}
-    if aliases or before:
-        _set(spec, target, aliases)
-
-
-def _with_host_ports(spec: dict[str, Any], path: str, texts: Sequence[str], flag: str,
-                     gone: Sequence[str] = ()) -> None:
-    """The ports of ``--publish mode=host,...`` values (marked ``"mode": "host"`` by
-    ``parse_publish_ports``) moved from the list at ``path`` (``endpoint.ports``) to the
-    host-mode list beside it (``endpoint.host_ports``): a port given replaces the host-mode
-    one of the same published port and protocol, and the keys in ``gone``
-    (``--publish-rm``) remove host-mode ones too."""
-    target = path.rpartition(".")[0] + ".host_ports"
-    before = list(_get(spec, target, []) or [])
-    items = list(_get(spec, path, []) or [])
-    added = [{k: v for k, v in p.items() if k != "mode"} for p in items
-             if p.get("mode") == "host"]
-    given = {f"{p['published']}/{p.get('protocol', 'tcp')}"
-             for text in texts for p in parse_publish_ports(text, flag)} | set(gone)
-    host = [p for p in before if f"{p['published']}/{p.get('protocol', 'tcp')}" not in given]
-    if added:
-        _set(spec, path, [p for p in items if p.get("mode") != "host"])
-    if added or len(host) != len(before):
-        _set(spec, target, host + added)
-
-
-def _port_key(text: str, flag: str) -> str:
-    """``PORT[/PROTOCOL]`` as ``--publish-rm``/``--expose-rm`` name one: ``8080/tcp``."""
-    port, _, proto = text.strip().partition("/")
-    proto = (proto or "tcp").lower()
-    if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
-        raise CliError(f"{flag}: expected PORT[/tcp|udp], got {text!r}")
-    return f"{int(port)}/{proto}"
-
-
-def _publish_rm_keys(text: str, flag: str) -> list[str]:
-    """``--publish-rm PUBLISHED[/PROTOCOL]`` (what follows a ``:`` is ignored) → the keys
-    it names; a range ``8000-8010`` names each of its ports."""
-    spec, _, proto = text.strip().partition("/")
-    proto = (proto or "tcp").lower()
-    port = spec.split(":")[0]
-    if not re.fullmatch(r"[0-9]+(-[0-9]+)?", port) or proto not in ("tcp", "udp"):
-        raise CliError(f"{flag}: expected PORT[/tcp|udp] or a range FIRST-LAST[/tcp|udp], "
-                       f"got {text!r}")
-    try:
-        return [f"{p}/{proto}" for p in port_range(port)]
-    except ValueError as exc:
-        raise CliError(f"{flag} {text!r}: {exc}") from None
-
-
-# item kind → (parse one flag value, the key that --X-rm names, parse an --X-rm value); a
-# value naming several items (``-p 8000-8010:80``) parses to a list of them, an --X-rm
-# value naming several keys (``--publish-rm 8000-8010``) to a list of keys
-ITEMS: dict[str, tuple[Callable[[str, str], Any], Callable[[Any], str],
-                       Callable[[str, str], str | list[str]]]] = {
-    "mount": (parse_mount, lambda m: str(m["target"]), lambda t, f: t),
-    "port": (parse_publish_ports, lambda p: f"{p['published']}/{p.get('protocol', 'tcp')}",
-             _publish_rm_keys),
-    "expose": (parse_expose, lambda e: f"{e['port']}/{e.get('protocol', 'tcp')}",
-               lambda t, f: _port_key(t, f)),
-    "secret": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
-    "config": (parse_file_ref, lambda r: str(r["name"]), lambda t, f: t),
-    "constraint": (parse_constraint, str, parse_constraint),
-    "preference": (parse_preference, lambda p: str(p["spread"]).lower(),
-                   lambda t, f: str(parse_preference(t, f)["spread"]).lower()),
-    "network": (lambda t, f: network_opts(t, f)[0], str, lambda t, f: t),
-    "cap": (parse_cap, str, parse_cap),
-    "group": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
-    "host": (parse_host, str, lambda t, f: parse_host(t, f) if ":" in t or "=" in t
-             else t.strip()),
-    "ulimit": (parse_ulimit, lambda u: str(u["name"]), lambda t, f: t.partition("=")[0]),
-    "nameserver": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),  # (spec checks)
-    "domain": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
-    "resolv_option": (lambda t, f: t.strip(), str, lambda t, f: t.strip()),
-    "autoscale": (parse_autoscale, str, lambda t, f: t),  # (cli "struct": one value)
-}
-# what an --X-add replaces, where that is not what --X-rm names: a secret or config added
-# replaces the one at the same file name (`--secret-rm pw --secret-add source=pw2,target=pw`,
-# Docker's rotation idiom, keeps every other reference to pw2); a port the managers are to
-# assign (`--publish-add 81-83`) replaces one of its target, not the other unassigned ones
-# what an --X-rm value removes, where that is not the items whose key it is: docker's
-# `--host-rm db` removes every line of db, `--host-rm db:10.0.0.2` only that one
-REMOVES: dict[str, Callable[[Any, str], bool]] = {
-    "host": lambda line, rm: line == rm or (":" not in rm and line.partition(":")[0] == rm),
-}
-REPLACES: dict[str, Callable[[Any], str]] = {
-    "port": lambda p: f"{p['published'] or 'to ' + str(p['target'])}/{p.get('protocol', 'tcp')}",
-    "secret": lambda r: str(r.get("target") or r["name"]),
-    "config": lambda r: str(r.get("target") or r["name"]),
-}
-# list items whose flag values carry another field too: (spec, the list's path, the values
-# given, the flag, the keys --X-rm named) → that field set in spec. docker's --network
-# name=N,alias=A: the name is the item, the aliases go to task.network_aliases
-CARRIES: dict[str, Callable[[dict[str, Any], str, Sequence[str], str, Sequence[str]], None]] = {
-    "network": _with_network_aliases,
-    "port": _with_host_ports,
-}
-
-
-def _scalar(d: FieldDecl, text: Any, flag: str) -> Any:
-    kind = d.cli
-    if kind == "flag":
-        return bool(text)
-    if d.path == "task.container.stop_signal":  # (docker's "term" and "15" alike)
-        text = str(text).strip().upper()
-        return text if text.isdigit() or text.startswith("SIG") else f"SIG{text}"
-    if kind == "str" or kind == "choice":
-        return text
-    if kind == "words":  # (as a shell splits it: --entrypoint 'sh -c'; "" = none)
-        try:
-            return shlex.split(text)
-        except ValueError as exc:
-            raise CliError(f"{flag}: {exc} in {text!r}") from None
-    if kind == "bytes":
-        return parse_size(text, flag)
-    if kind == "duration":
-        return parse_duration(text, flag)
-    try:
-        return int(text) if kind == "int" else float(text)
-    except ValueError:
-        what = "a whole number" if kind == "int" else "a number"
-        raise CliError(f"{flag}: expected {what}, got {text!r}") from None
-
 
 # ----------------------------------------------------------------------------- argparse
 
@@ -585,11 +82,11 @@ def _update_caps(spec: dict[str, Any], args: argparse.Namespace) -> None:
         words = getattr(args, _dest(d, "_add"))
         given[path] = {parse_cap(t, d.flag) for t in words if t.strip().upper() != "RESET"}
         if any(t.strip().upper() == "RESET" for t in words):
-            _set(spec, path, [])
+            set_path(spec, path, [])
     to_add, to_drop = given[CAP_ADD], given[CAP_DROP] - given[CAP_ADD]
     for path, mine, theirs in ((CAP_ADD, to_add, to_drop), (CAP_DROP, to_drop, to_add)):
-        kept = [c for c in _get(spec, path, []) or [] if c not in theirs and c not in mine]
-        _set(spec, path, kept + sorted(mine))
+        kept = [c for c in get_path(spec, path, []) or [] if c not in theirs and c not in mine]
+        set_path(spec, path, kept + sorted(mine))
 
 
 # docker's other spelling of a flag (scripts written for `docker service create` work as is)
@@ -689,34 +186,6 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command=[])
 
 
-def _set(spec: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    node = spec
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
-def _get(spec: dict[str, Any], path: str, default: Any) -> Any:
-    node: Any = spec
-    for p in path.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return default
-        node = node[p]
-    return node
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A parser's result as a list (ITEMS: a value may name several items or keys)."""
-    return value if isinstance(value, list) else [value]
-
-
-def _parsed_items(parse: Callable[[str, str], Any], texts: Sequence[str], flag: str
-                  ) -> list[Any]:
-    """The items of a list flag's values, in order (``-p 8000-8001:80`` gives two)."""
-    return [item for text in texts for item in _as_list(parse(text, flag))]
-
-
 def _command(args: argparse.Namespace) -> list[str]:
     """`service update`'s new command: ``--args "CMD ARGS"`` or the words after ``--``."""
     if getattr(args, "extra", None):
@@ -748,11 +217,11 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, _dest(d))
         if d.cli == "map":
             if value:
-                _set(spec, d.path, parse_kv(value, d.flag))
+                set_path(spec, d.path, parse_kv(value, d.flag))
         elif d.cli == "list":
             if value:
                 parse = ITEMS[d.item][0]
-                _set(spec, d.path, _parsed_items(parse, value, d.flag))
+                set_path(spec, d.path, parsed_items(parse, value, d.flag))
                 if d.item in CARRIES:
                     CARRIES[d.item](spec, d.path, value, d.flag, ())
         elif d.cli == "struct":
@@ -760,35 +229,35 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
                 parsed = ITEMS[d.item][0](value, d.flag)
                 if parsed and "max" not in parsed:
                     raise CliError(f"{d.flag} {value!r}: max=N is required")
-                _set(spec, d.path, parsed)
+                set_path(spec, d.path, parsed)
         elif value is not None:
-            _set(spec, d.path, _scalar(d, value, d.flag))
+            set_path(spec, d.path, scalar(d, value, d.flag))
     if getattr(args, "env_file", None):  # --env-file: under the -e values
-        _set(spec, "task.container.env", {**read_env_files(args.env_file),
-                                          **_get(spec, "task.container.env", {})})
+        set_path(spec, "task.container.env", {**read_env_files(args.env_file),
+                                          **get_path(spec, "task.container.env", {})})
     raw = list(args.command)
     if raw and raw[0] == "--":  # shoal's form: a command (host filesystem, or --image's)
         command = raw[1:]
-    elif raw and not _get(spec, "task.container.image", ""):  # Docker's IMAGE [COMMAND...]
-        _set(spec, "task.container.image", raw[0])
+    elif raw and not get_path(spec, "task.container.image", ""):  # Docker's IMAGE [COMMAND...]
+        set_path(spec, "task.container.image", raw[0])
         command = raw[1:]
     else:  # --image given: what follows is its command
         command = raw
     path = getattr(args, "spec", "")
     if command:
-        _set(spec, "task.container.command", command)
+        set_path(spec, "task.container.command", command)
     if path:  # --spec FILE: the file, with the flags given laid over it
         from shoal.cli import specfile
 
         spec = specfile.overlay(specfile.load(path), spec)
         specfile.check(spec, path)
         return spec
-    if not command and not _get(spec, "task.container.image", ""):
+    if not command and not get_path(spec, "task.container.image", ""):
         raise CliError("service create needs a command or an image: shoal service create "
                        "[--name NAME] IMAGE [COMMAND...], or ... -- CMD [ARGS...] to run a "
                        "command of the host's filesystem")
     if not spec.get("name"):
-        spec["name"] = generated_name(_get(spec, "task.container.image", "") or command[0])
+        spec["name"] = generated_name(get_path(spec, "task.container.image", "") or command[0])
     return spec
 
 
@@ -810,29 +279,29 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         if d.path == "name":
             continue
         if d.cli == "map":
-            value = dict(_get(spec, d.path, {}) or {})
+            value = dict(get_path(spec, d.path, {}) or {})
             if d.path in REPLACED and (getattr(args, _dest(d)) is not None or getattr(
                     args, "spec_" + REPLACED[d.path].replace(".", "__")) is not None):  # (_dest)
                 value = parse_kv(getattr(args, _dest(d)) or [], d.flag)
             value.update(parse_kv(getattr(args, _dest(d, "_add")), d.flag + "-add"))
             for key in getattr(args, _dest(d, "_rm")):
                 value.pop(key, None)
-            _set(spec, d.path, value)
+            set_path(spec, d.path, value)
         elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update: both at once)
             if d.path == CAP_ADD:
                 _update_caps(spec, args)
         elif d.cli == "list":
             parse, key_of, parse_rm = ITEMS[d.item]
             same = REPLACES.get(d.item, key_of)
-            items = list(_get(spec, d.path, []) or [])
+            items = list(get_path(spec, d.path, []) or [])
             gone = {k for t in getattr(args, _dest(d, "_rm"))
-                    for k in _as_list(parse_rm(t, d.flag + "-rm"))}
+                    for k in as_list(parse_rm(t, d.flag + "-rm"))}
             removes = REMOVES.get(d.item)
 
             def kept(values: list[Any]) -> list[Any]:
                 return [i for i in values if not any(
                     removes(i, g) if removes else key_of(i) == g for g in gone)]  # noqa: B023
-            added = _parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add")
+            added = parsed_items(parse, getattr(args, _dest(d, "_add")), d.flag + "-add")
             if d.item == "network":
                 # docker's order for networks: --network-rm, then --network-add, which may
                 # not name one the service is still attached to (`--network-rm back
@@ -843,7 +312,7 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                         raise CliError(f"{d.flag}-add: the service is already attached to "
                                        f"network {key_of(new)}")
                     items.append(new)
-                _set(spec, d.path, items)
+                set_path(spec, d.path, items)
                 gone -= {key_of(n) for n in added}
             else:
                 for new in added:
@@ -854,22 +323,22 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                             (new["target"], new.get("protocol", "tcp")) for i in items):
                         continue  # (-p 81 again: the port the managers gave it stays, once)
                     items = [i for i in items if same(i) != same(new)] + [new]
-                _set(spec, d.path, kept(items))  # (a removal wins, as in Docker)
+                set_path(spec, d.path, kept(items))  # (a removal wins, as in Docker)
             if d.item in CARRIES:
                 CARRIES[d.item](spec, d.path, getattr(args, _dest(d, "_add")),
                                 d.flag + "-add", sorted(gone))
         elif d.cli == "struct":
             value = getattr(args, _dest(d))
             if getattr(args, _dest(d, "_rm")):
-                _set(spec, d.path, {})
+                set_path(spec, d.path, {})
             elif value is not None:
                 parsed = ITEMS[d.item][0](value, d.flag)
-                _set(spec, d.path, {**(_get(spec, d.path, {}) or {}), **parsed}
+                set_path(spec, d.path, {**(get_path(spec, d.path, {}) or {}), **parsed}
                      if parsed else {})
         else:
             value = getattr(args, _dest(d))
             if value is not None:
-                _set(spec, d.path, _scalar(d, value, d.flag))
+                set_path(spec, d.path, scalar(d, value, d.flag))
                 if d.cli != "flag":
                     given.add(d.path.rpartition(".")[0])
     # a switch (``--no-healthcheck``) is turned off by any other flag of its Struct
@@ -877,7 +346,7 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
     for d in _flag_decls():
         if d.cli == "flag" and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
-            _set(spec, d.path, False)
+            set_path(spec, d.path, False)
     # the check kinds are alternatives: the one given replaces the others (as docker's
     # --health-cmd replaces the test, whatever its form)
     check = "task.container.healthcheck."
@@ -885,13 +354,13 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
         check + "command", check + "http", check + "tcp") and getattr(args, _dest(d)) is not None]
     if chosen:
         for kind, empty in (("command", ""), ("exec", []), ("http", ""), ("tcp", 0)):
-            if check + kind not in chosen and _get(spec, check + kind, empty):
-                _set(spec, check + kind, empty)
+            if check + kind not in chosen and get_path(spec, check + kind, empty):
+                set_path(spec, check + kind, empty)
     command = _command(args)
     if command:
-        _set(spec, "task.container.command", command)
+        set_path(spec, "task.container.command", command)
     if args.force:
-        _set(spec, "task.force_update", int(_get(spec, "task.force_update", 0)) + 1)
+        set_path(spec, "task.force_update", int(get_path(spec, "task.force_update", 0)) + 1)
     return spec
 
 

@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 def run(c: Any, args: argparse.Namespace, table: Table) -> None:
     sub = args.volume_cmd
     if sub == "create":
-        from shoal.cli.specflags import parse_kv  # (lazy: it loads the spec declarations)
+        from shoal.cli.flagvalues import parse_kv
 
         body = {"name": args.name, "driver": args.driver,
                 "options": parse_kv(args.opt, "--opt"), "labels": parse_kv(args.label, "--label")}

@@ -223,7 +223,7 @@ class DnsServer(asyncio.DatagramProtocol):
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-            pass
+            self._count("tcp_closed")  # (the client went away or idled past TCP_IDLE)
         finally:
             self._tcp_clients -= 1
             writer.close()
@@ -325,10 +325,8 @@ def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Me
 def fitted(reply: dns.message.Message, limit: int) -> bytes:
     """``reply`` on the wire within ``limit`` bytes: whole if it fits, else with as many
     answer records as fit and the TC flag (the asker retries over TCP)."""
-    try:
+    with contextlib.suppress(dns.exception.TooBig):  # (too big: cut below)
         return reply.to_wire(max_size=limit)
-    except dns.exception.TooBig:
-        pass
     reply.flags |= dns.flags.TC
     answers = [(rrset, list(rrset)) for rrset in reply.answer]
     reply.answer = []

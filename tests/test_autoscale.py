@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from shoal.cli.errors import CliError
-from shoal.cli.specflags import add_update_flags, apply_update_args, parse_autoscale
+from shoal.cli.flagvalues import parse_autoscale
+from shoal.cli.specflags import add_update_flags, apply_update_args
 from shoal.node.autoscale import Autoscaler, Sample, cpu_usage, decide, recommend
 from shoal.node.events import derive
 from shoal.raft.errors import ValidationError

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shoal.cli import specflags
+from shoal.cli import flagvalues, specflags
 from shoal.cli.compose import ComposeError, load_stack
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
@@ -51,7 +51,7 @@ def test_a_publish_range_is_one_port_spec_per_port_paired_as_dockers() -> None:
         (53, 53, "udp"), (54, 54, "udp"), (7000, 7100, "udp"), (7001, 7101, "udp"),
         (6000, 80, "tcp"), (6001, 80, "tcp"), (6002, 80, "tcp"), (0, 90, "tcp"), (0, 91, "tcp")]
     # (a single port keeps its one-port form)
-    assert specflags.parse_publish("8080:80/udp") == {"published": 8080, "target": 80,
+    assert flagvalues.parse_publish("8080:80/udp") == {"published": 8080, "target": 80,
                                                       "protocol": "udp"}
 
 

@@ -19,8 +19,9 @@ from netlab import Lab, wait_until
 from shoal.cli import main as cli_main
 from shoal.cli import output, progress
 from shoal.cli.errors import CliError
+from shoal.cli.flagvalues import parse_publish
 from shoal.cli.main import build_parser, parse_since, split_update_command
-from shoal.cli.specflags import apply_update_args, parse_publish, spec_from_create_args
+from shoal.cli.specflags import apply_update_args, spec_from_create_args
 from shoal.raft.state import ClusterState
 
 SLEEP = ["--", "sleep", "100000"]

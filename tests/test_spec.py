@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from shoal.cli import specflags
+from shoal.cli import flagvalues, specflags
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
 from shoal.node.orchestrator import OrchestratorConfig, reconcile_services
@@ -148,15 +148,15 @@ def test_agent_errors_about_a_field_name_its_flag() -> None:
 
 
 def test_go_durations() -> None:
-    assert specflags.parse_duration("1m30s", "--x") == 90.0
-    assert specflags.parse_duration("500ms", "--x") == 0.5
-    assert specflags.parse_duration("1h2m", "--x") == 3720.0
-    assert specflags.parse_duration("2.5", "--x") == 2.5
+    assert flagvalues.parse_duration("1m30s", "--x") == 90.0
+    assert flagvalues.parse_duration("500ms", "--x") == 0.5
+    assert flagvalues.parse_duration("1h2m", "--x") == 3720.0
+    assert flagvalues.parse_duration("2.5", "--x") == 2.5
     for bad in ("", "10", "s", "1x", "1s2"):
         if bad == "10":
             continue
         with pytest.raises(CliError):
-            specflags.parse_duration(bad, "--x")
+            flagvalues.parse_duration(bad, "--x")
 
 
 def test_create_flags_make_the_nested_spec_and_update_flags_change_it() -> None:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.netns
 # argv[1]:53: the "corporate" DNS server a task names with --dns.
 RESOLVER = r"""
 import socket, sys
-import dns.message, dns.rcode, dns.rdatatype, dns.rrset
+import dns.exception, dns.message, dns.rcode, dns.rdatatype, dns.rrset
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], 53))
 print("ready", flush=True)
@@ -25,7 +25,7 @@ while True:
     data, addr = s.recvfrom(4096)
     try:
         q = dns.message.from_wire(data)
-    except Exception:
+    except (dns.exception.DNSException, ValueError):  # (not a query: ignored)
         continue
     r = dns.message.make_response(q)
     name, kind = q.question[0].name, q.question[0].rdtype

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from helpers import converge
 
-from shoal.cli import specflags
+from shoal.cli import flagvalues
 from shoal.cli.errors import CliError
 from shoal.raft.errors import SpecError
 from shoal.raft.models import Node, NodeRole, NodeState, Task, TaskState, to_dict
@@ -26,19 +26,19 @@ NFS = ("type=volume,src=data,dst=/data,volume-driver=local,volume-opt=type=nfs,"
 
 # ------------------------------------------------------------------ parsing and translation
 def test_docker_nfs_mount_syntax_parses_with_commas_inside_o() -> None:
-    m = specflags.parse_mount(NFS)
+    m = flagvalues.parse_mount(NFS)
     assert m["volume_driver"] == "local"
     assert m["volume_opts"] == {"type": "nfs", "o": "addr=10.0.0.5,rw,nfsvers=4,noatime",
                                 "device": ":/export"}
     Mount(**m)  # the spec accepts it
-    quoted = specflags.parse_mount('type=volume,src=d,dst=/d,"volume-opt=o=addr=1.2.3.4,ro",'
+    quoted = flagvalues.parse_mount('type=volume,src=d,dst=/d,"volume-opt=o=addr=1.2.3.4,ro",'
                                    'volume-opt=type=nfs,readonly')
     assert quoted["volume_opts"] == {"o": "addr=1.2.3.4,ro", "type": "nfs"}
     assert quoted["readonly"] is True
 
 
 def test_nfs_translates_to_mount2_flags_and_data() -> None:
-    call = volumes.local_mount_call(specflags.parse_mount(NFS)["volume_opts"])
+    call = volumes.local_mount_call(flagvalues.parse_mount(NFS)["volume_opts"])
     assert call == volumes.MountCall(":/export", "nfs", 1024, "addr=10.0.0.5,nfsvers=4")
     ro = volumes.local_mount_call({"type": "nfs4", "o": "addr=fd00::1,ro,nosuid",
                                    "device": "srv:/x"})
@@ -100,7 +100,7 @@ def test_spec_and_cli_refuse_bad_volume_options() -> None:
         Mount(type="bind", source="/tmp", target="/d", volume_driver="sshfs",
               volume_opts={"sshcmd": "u@h:/"})
     with pytest.raises(CliError):
-        specflags.parse_mount("type=volume,src=d,dst=/d,volume-opt=novalue")
+        flagvalues.parse_mount("type=volume,src=d,dst=/d,volume-opt=novalue")
 
 
 def test_mount_spec_with_driver_round_trips_through_the_task_config() -> None:
