@@ -207,8 +207,7 @@ KEYS: dict[str, Rule] = {
     "deploy.placement.constraints": _to("task.placement.constraints", as_str_list),
     "deploy.placement.preferences": Rule(_preferences),
     "deploy.placement.max_replicas_per_node": _to("task.placement.max_replicas", as_int),
-    # Swarm reads these; shoal's spec has no field for them yet
-    "labels": Rule(why=f"{NOT_YET} (container labels; deploy.labels sets the service's)"),
+    "labels": _to("task.container.labels", as_labels),  # (the container's: deploy.labels)
     "networks": Rule(lambda svc, v, path: _service_networks(svc, v, path)),
     "cap_add": Rule(_caps("cap_add")), "cap_drop": Rule(_caps("cap_drop")),
     "sysctls": _to("task.container.sysctls", as_labels), "ulimits": Rule(_ulimits),
@@ -218,10 +217,12 @@ KEYS: dict[str, Rule] = {
     "dns_opt": _to("task.container.dns_options", as_str_list),
     "logging": SECTION, "logging.driver": _to("task.container.log_driver", as_str),
     "logging.options": _to("task.container.log_options", as_labels),
-    "tty": LATER, "stdin_open": LATER,
+    "tty": _to("task.container.tty", as_bool),
+    "stdin_open": _to("task.container.stdin_open", as_bool),
     "isolation": LATER, "credential_spec": LATER,
     "group_add": _to("task.container.group_add", as_str_list), "domainname": LATER,
-    "shm_size": LATER, "mac_address": LATER, "oom_score_adj": LATER, "platform": LATER,
+    "shm_size": LATER, "mac_address": LATER, "platform": LATER,
+    "oom_score_adj": _to("task.container.oom_score_adj", as_int),
     "privileged": LATER, "devices": LATER, "gpus": LATER, "annotations": LATER,
     "runtime": LATER, "storage_opt": LATER, "pid": LATER, "ipc": LATER, "uts": LATER,
     # Keys of the Compose Specification that do not apply to a stack
@@ -274,6 +275,8 @@ _SPEC_TO_COMPOSE = {
     "task.container.ulimits": "ulimits", "task.container.sysctls": "sysctls",
     "task.container.log_driver": "logging.driver",
     "task.container.log_options": "logging.options",
+    "task.container.tty": "tty", "task.container.stdin_open": "stdin_open",
+    "task.container.oom_score_adj": "oom_score_adj", "task.container.labels": "labels",
     "task.resources.limits": "deploy.resources.limits",
     "task.resources.reservations": "deploy.resources.reservations",
     "task.restart": "deploy.restart_policy",

@@ -134,6 +134,15 @@ def _container(task: Rec) -> list[str]:
         lines.append(f" Hostname:\t{c['hostname']}")
     if c.get("read_only"):
         lines.append(" Read Only:\ttrue")
+    if c.get("tty"):
+        lines.append(" TTY:\t\ttrue")
+    if c.get("stdin_open"):
+        lines.append(" OpenStdin:\ttrue")
+    if c.get("oom_score_adj"):
+        lines.append(f" OomScoreAdj:\t{c['oom_score_adj']}")
+    if c.get("labels"):
+        lines.append(" Labels:")
+        lines.extend(f"  - {k}={v}" for k, v in c["labels"].items())
     if c.get("stop_signal", "SIGTERM") != "SIGTERM":
         lines.append(f" StopSignal:\t{c['stop_signal']}")
     if c.get("group_add"):

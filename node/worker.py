@@ -397,6 +397,7 @@ class Worker:
             ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
             sysctls=tuple(sorted(s.sysctls.items())),
             log_max_bytes=log_bytes, log_max_files=log_files,
+            tty=s.tty, stdin_open=s.stdin_open, oom_score_adj=s.oom_score_adj,
         )
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:

@@ -385,6 +385,25 @@ class ContainerSpec(_Spec, frozen=True):
         "--log-opt, Compose's logging.options; on update --log-opt replaces them all, as "
         "docker's (needs cluster schema 7)", flag="--log-opt", cli="map",
         metavar="KEY=VALUE")] = {}
+    # Docker's terminal, OOM and label settings of a container (needs cluster schema 8)
+    tty: Annotated[bool, decl(
+        "the command's stdin, stdout and stderr are one pseudo-terminal (its output goes to "
+        "the task's stdout log; a shell waits for input on it for ever); Docker's --tty, "
+        "Compose's tty; needs cluster schema 8", flag="--tty", short="-t", cli="flag")] = False
+    stdin_open: Annotated[bool, decl(
+        "the command's stdin stays open, never written: a read waits instead of seeing "
+        "end-of-file (Docker's OpenStdin, Compose's stdin_open; needs cluster schema 8)",
+        flag="--stdin-open", cli="flag")] = False
+    oom_score_adj: Annotated[int, decl(
+        "the task's OOM score adjustment, -1000 (never killed first) to 1000 (killed first); "
+        "below 0 needs a node whose agent has CAP_SYS_RESOURCE (Docker's --oom-score-adj, "
+        "Compose's oom_score_adj; needs cluster schema 8)", flag="--oom-score-adj", cli="int",
+        metavar="N", ge=-1000, le=1000)] = 0
+    labels: Annotated[dict[str, str], decl(
+        "the container's labels (the service's are --label): metadata shown by `task "
+        "inspect` and `service inspect` (Docker's --container-label, Compose's labels; needs "
+        "cluster schema 8)", flag="--container-label", cli="map",
+        metavar="KEY=VALUE")] = {}
     # Docker's DNS settings of a container (needs cluster schema 7)
     dns: Annotated[tuple[str, ...], decl(
         "DNS servers (IPv4/IPv6 addresses) for the names that are not the cluster's: the "

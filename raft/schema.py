@@ -26,6 +26,8 @@ Schema history::
        on its networks, ``task.network_aliases``; placeholders in a host name
        (``GATED_VALUES``); a container's log settings ``log_driver``, ``log_options``;
        ports published in host mode, ``endpoint.host_ports``.
+    8  a container's terminal and labels: ``task.container.tty``, ``stdin_open``,
+       ``oom_score_adj``, ``labels``.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -58,7 +60,7 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import SIGNALS, ServiceSpec, fields
 
-SCHEMA = 7  # what this code writes once the whole cluster runs it
+SCHEMA = 8  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -72,7 +74,9 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                              "read_only", "cap_add", "cap_drop", "group_add", "extra_hosts",
                              "ulimits", "sysctls", "dns", "dns_search", "dns_options",
                              "log_driver", "log_options")},
-                         "task.network_aliases": 7, "endpoint.host_ports": 7}
+                         "task.network_aliases": 7, "endpoint.host_ports": 7,
+                         **{f"task.container.{name}": 8 for name in (
+                             "tty", "stdin_open", "oom_score_adj", "labels")}}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)

@@ -6,8 +6,17 @@
  * Must not touch: anything else under TASKDIR (the agent writes config.json, runtime.json,
  * pids.json, notes.json) and anything outside the task's own namespaces and cgroups.
  *
- * Usage (only by the agent):  shoal-launcher shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network]
+ * Usage (only by the agent):
+ *     shoal-launcher shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network] [tty] [stdin-open]
  *   host-network: the init keeps the host's network namespace (no CLONE_NEWNET, lo untouched)
+ *   tty: the command's stdin, stdout and stderr are one pseudo-terminal (Docker's --tty),
+ *        made in the task's own devpts as runc's console: the init opens it once the mount
+ *        plan has run, keeps the terminal side and hands the master to the shim over a
+ *        socket; the shim copies what the master reads into stdout.log (a line's "\r\n"
+ *        written as "\n"). Nothing writes to it: a shell waits for input for ever.
+ *   stdin-open: without tty, the command's stdin is a pipe the shim holds open and never
+ *        writes (Docker's OpenStdin): a read waits instead of seeing end-of-file at once.
+ *        Without either, stdin is /dev/null.
  *   stdin  = the spec pipe: the whole launch spec (records, see below) then EOF; a spec without
  *            its end record means the agent died (or gave up) before "go": start nothing, write
  *            no exit file, exit 0.
@@ -55,7 +64,8 @@
  *   O mount-plan op (repeated, in order)   J a network namespace to join (/proc/PID/ns/net:
  *   a pod's sidecar joins its task's main container; done first, before the cgroups)
  *   L resource limit NAME NUL SOFT NUL HARD (repeated; NAME as Docker's --ulimit: nofile,
- *   nproc, core...; SOFT/HARD decimal, -1 = unlimited)   E end
+ *   nproc, core...; SOFT/HARD decimal, -1 = unlimited)   S the init's oom_score_adj (decimal,
+ *   -1000..1000; inherited by tini and the command)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
  * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
  * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
@@ -111,6 +121,9 @@
 #ifndef SYS_openat2
 #define SYS_openat2 437
 #endif
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
 #ifndef PR_CAP_AMBIENT
 #define PR_CAP_AMBIENT 47
 #define PR_CAP_AMBIENT_CLEAR_ALL 4
@@ -121,6 +134,8 @@
 
 static const char *taskdir;
 static int host_network; /* "host-network": the init keeps the host's network namespace */
+static int with_tty;     /* "tty": the command's stdio is a pseudo-terminal */
+static int stdin_open;   /* "stdin-open": the command's stdin is a pipe held open */
 
 /* ------------------------------------------------------------------------------ messages */
 
@@ -576,7 +591,55 @@ static void write_all(int fd, const char *s, size_t n) {
     }
 }
 
-static int init_main(int out_w, int err_w, int go_w, int devnull) {
+/* S record: the task's oom_score_adj, written while /proc is still the host's (its "self"
+ * is this init); a value below the agent's own needs CAP_SYS_RESOURCE. */
+static void set_oom_score_adj(void) {
+    for (int i = 0; i < nrecs; i++) {
+        if (recs[i].tag != 'S') continue;
+        char *v = str(&recs[i]);
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, v, strlen(v)) != (ssize_t)strlen(v)) {
+            int e = errno;
+            die(125, "cannot set oom_score_adj %s: %s%s", v, strerror(e),
+                e == EACCES ? " (lowering it needs CAP_SYS_RESOURCE, which this node's agent "
+                              "lacks)" : "");
+        }
+        close(fd);
+        free(v);
+    }
+}
+
+/* "tty": a pseudo-terminal of the task's own devpts (the plan mounted /dev/pts with
+ * newinstance; the root is pivoted), as runc's console: the master goes to the shim over the
+ * console socket, the terminal side is returned. 80x24, as a terminal without a client. */
+static int open_console(int sock) {
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0) die(125, "tty: cannot open /dev/pts/ptmx: %s", strerror(errno));
+    int unlock = 0;
+    if (ioctl(master, TIOCSPTLCK, &unlock)) die(125, "tty: cannot unlock: %s", strerror(errno));
+    int term = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (term < 0) die(125, "tty: cannot open the terminal: %s", strerror(errno));
+    struct winsize ws = {.ws_row = 24, .ws_col = 80};
+    if (ioctl(term, TIOCSWINSZ, &ws)) die(125, "tty: cannot size it: %s", strerror(errno));
+    char byte = 'T';
+    struct iovec iov = {&byte, 1};
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &master, sizeof(int));
+    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != 1)
+        die(125, "tty: cannot hand the master to the shim: %s", strerror(errno));
+    close(master);
+    close(sock);
+    return term;
+}
+
+static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
     const char *hostname = "", *workdir = "/", *path = "", *init = "";
     char *argv[MAX_ITEMS + 4], *envp[MAX_ITEMS + 1];
     int argc = 0, envc = 0, ngroups = 0;
@@ -618,6 +681,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
         close(fd);
         free(p);
     }
+    set_oom_score_adj();
     argv[argc++] = "tini";
     argv[argc++] = "--";
     for (int i = 0; i < nrecs; i++) {
@@ -653,6 +717,7 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     run_plan();
     if (rootfd < 0) die(125, "the plan never mounts the root");
     set_rlimits();
+    int tty = console >= 0 ? open_console(console) : -1;
 
     /* capabilities: bounding set first (needs CAP_SETPCAP), then the user, then the sets */
     for (int c = 0; c < 64; c++) {
@@ -667,6 +732,9 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
          * non-root command can open /dev/stdout (/proc/self/fd/1) */
         if (uid != 0 && (fchown(out_w, uid, (gid_t)-1) || fchown(err_w, uid, (gid_t)-1)))
             die(125, "cannot hand the output pipes to uid %u: %s", uid, strerror(errno));
+        /* and its terminal, as runc's console */
+        if (tty >= 0 && uid != 0 && fchown(tty, uid, (gid_t)-1))
+            die(125, "cannot hand the terminal to uid %u: %s", uid, strerror(errno));
         if (setresuid(uid, uid, uid)) die(125, "setuid %u: %s", uid, strerror(errno));
     }
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
@@ -691,7 +759,13 @@ static int init_main(int out_w, int err_w, int go_w, int devnull) {
     umask(022); /* the task's, as runc's default (the init's 0 was for the mount plan) */
     int errfd = fcntl(2, F_DUPFD_CLOEXEC, 3);
     write_all(ready, "R", 1);
-    if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) _exit(125);
+    if (tty >= 0) { /* a session of its own, with the terminal as its controlling one */
+        if (setsid() < 0 || ioctl(tty, TIOCSCTTY, 0) || dup2(tty, 0) < 0 || dup2(tty, 1) < 0 ||
+            dup2(tty, 2) < 0)
+            _exit(125);
+    } else if (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) {
+        _exit(125);
+    }
     /* tini starts with default dispositions and an empty mask; it sets up its own */
     sigset_t all;
     sigemptyset(&all);
@@ -815,7 +889,9 @@ static int pump(struct stream *s) {
     size_t start = 0;
     for (size_t i = 0; i < s->len; i++) {
         if (s->buf[i] == '\n') {
-            emit(s, ts, 'F', s->buf + start, i - start);
+            size_t end = i;
+            if (with_tty && end > start && s->buf[end - 1] == '\r') end--; /* the tty's ONLCR */
+            emit(s, ts, 'F', s->buf + start, end - start);
             start = i + 1;
         }
     }
@@ -854,6 +930,23 @@ static void record_init(pid_t child) {
         say("shoal shim: cannot write %s: %s", path, strerror(errno));
 }
 
+/* The master of the task's terminal, sent by the init (open_console); -1 at EOF. */
+static int receive_console(int sock) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    ssize_t r;
+    do r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
+    struct cmsghdr *c = r == 1 ? CMSG_FIRSTHDR(&msg) : NULL;
+    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) return -1;
+    int fd;
+    memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return fd;
+}
+
 static int shim_main(void) {
     struct stream out = {.name = "stdout"}, err = {.name = "stderr"};
     int op[2], ep[2], gp[2];
@@ -865,6 +958,11 @@ static int shim_main(void) {
     }
     if (devnull < 0 || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) || pipe2(gp, O_CLOEXEC))
         die(125, "cannot create pipes: %s", strerror(errno));
+    int ip[2] = {-1, -1}, cs[2] = {-1, -1}; /* stdin-open's pipe, tty's console socket */
+    if (stdin_open && !with_tty && pipe2(ip, O_CLOEXEC))
+        die(125, "cannot create the stdin pipe: %s", strerror(errno));
+    if (with_tty && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cs))
+        die(125, "cannot create the console socket: %s", strerror(errno));
     unsigned long flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD;
     if (!host_network) flags |= CLONE_NEWNET;
     pid_t child = (pid_t)syscall(SYS_clone, flags, NULL, NULL, NULL, NULL);
@@ -873,7 +971,9 @@ static int shim_main(void) {
         close(op[0]);
         close(ep[0]);
         close(gp[0]);
-        _exit(init_main(op[1], ep[1], gp[1], devnull));
+        if (ip[1] >= 0) close(ip[1]);
+        if (cs[0] >= 0) close(cs[0]);
+        _exit(init_main(op[1], ep[1], gp[1], ip[0] >= 0 ? ip[0] : devnull, cs[1]));
     }
     /* The spec and the ready pipe are the init's: report its pid, keep neither (the agent's
      * writes must fail, not block, if the init dies; the agent waits for the init's EOF). */
@@ -885,6 +985,9 @@ static int shim_main(void) {
     close(op[1]);
     close(ep[1]);
     close(gp[1]);
+    /* stdin-open: the write end stays open, unwritten, as long as this shim lives */
+    if (ip[0] >= 0) close(ip[0]);
+    if (cs[1] >= 0) close(cs[1]);
     /* The init usually runs on this CPU (the agent is busy on the other one, preparing the
      * task): let it get ready for the spec first, our own files can wait that long. */
     char go = 0;
@@ -895,16 +998,20 @@ static int shim_main(void) {
         say("shoal launcher: cannot open the logs: %s", strerror(errno));
         kill(child, SIGKILL);
     }
-    out.in = op[0];
+    /* with a tty the command writes to its terminal: stdout.log gets what the master reads,
+     * once the init sends it (cs[0]); the output pipe is not used */
+    out.in = with_tty ? (close(op[0]), -1) : op[0];
     err.in = ep[0];
+    int console = cs[0];
     int pidfd = (int)syscall(SYS_pidfd_open, child, 0);
     int status = 0, reaped = 0;
     struct timespec deadline = {0, 0};
-    while (out.in >= 0 || err.in >= 0) {
-        struct pollfd p[3];
-        int n = 0, io = -1, ie = -1, ip = -1;
+    while (out.in >= 0 || err.in >= 0 || console >= 0) {
+        struct pollfd p[4];
+        int n = 0, io = -1, ie = -1, ip = -1, ic = -1;
         if (out.in >= 0) { io = n; p[n++] = (struct pollfd){out.in, POLLIN, 0}; }
         if (err.in >= 0) { ie = n; p[n++] = (struct pollfd){err.in, POLLIN, 0}; }
+        if (console >= 0) { ic = n; p[n++] = (struct pollfd){console, POLLIN, 0}; }
         if (!reaped && pidfd >= 0) { ip = n; p[n++] = (struct pollfd){pidfd, POLLIN, 0}; }
         int timeout = -1;
         if (reaped) {
@@ -921,6 +1028,11 @@ static int shim_main(void) {
         if (r < 0) break;
         if (io >= 0 && p[io].revents) pump(&out);
         if (ie >= 0 && p[ie].revents) pump(&err);
+        if (ic >= 0 && p[ic].revents) {
+            out.in = receive_console(console); /* -1: the init died before it had one */
+            close(console);
+            console = -1;
+        }
         if (ip >= 0 && p[ip].revents) {
             if (waitpid(child, &status, 0) == child) reaped = 1;
             clock_gettime(CLOCK_MONOTONIC, &deadline);
@@ -943,10 +1055,16 @@ static int shim_main(void) {
 }
 
 int main(int argc, char **argv) {
-    host_network = argc == 6 && strcmp(argv[5], "host-network") == 0;
-    if ((argc != 5 && !host_network) || strcmp(argv[1], "shim") != 0) {
-        say("usage: %s shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network] (started by "
-            "the shoal agent only)", argv[0]);
+    int bad = argc < 5 || strcmp(argv[1], "shim") != 0;
+    for (int i = 5; i < argc && !bad; i++) {
+        if (strcmp(argv[i], "host-network") == 0) host_network = 1;
+        else if (strcmp(argv[i], "tty") == 0) with_tty = 1;
+        else if (strcmp(argv[i], "stdin-open") == 0) stdin_open = 1;
+        else bad = 1;
+    }
+    if (bad) {
+        say("usage: %s shim TASKDIR LOG_MAX_BYTES LOG_MAX_FILES [host-network] [tty] "
+            "[stdin-open] (started by the shoal agent only)", argv[0]);
         return 125;
     }
     taskdir = argv[2];

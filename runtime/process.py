@@ -515,6 +515,8 @@ class ProcessController:
                 spec.add("C", path)
             for name, soft, hard in cfg.ulimits:
                 spec.fields("L", name, soft, hard)
+            if cfg.oom_score_adj:
+                spec.add("S", str(cfg.oom_score_adj))
             for arg in cfg.command:
                 spec.add("A", arg)
             for key, value in env.items():
@@ -558,9 +560,10 @@ class ProcessController:
                 str(cfg.log_max_files or self._cfg.log_max_files))
         started_at = time.time()
         try:
-            net = ("host-network",) if cfg.host_network else ()
+            flags = [name for name, on in (("host-network", cfg.host_network), ("tty", cfg.tty),
+                                           ("stdin-open", cfg.stdin_open)) if on]
             proc = subprocess.Popen(
-                [self._launcher, "shim", str(taskdir), *logs, *net],
+                [self._launcher, "shim", str(taskdir), *logs, *flags],
                 stdin=spec_r,
                 stdout=ready_w,  # its stderr: TASKDIR/shim.log, which it opens itself
                 env={},

@@ -121,6 +121,12 @@ class TaskConfig:
     #   kernelparams.check_sysctl. One the kernel lacks fails the start (LaunchFailed)
     log_max_bytes: int = 0  # this task's log rotation (Docker's --log-opt max-size and
     log_max_files: int = 0  # max-file): as RuntimeConfig's, which a 0 leaves in force
+    tty: bool = False  # the command's stdin, stdout and stderr are one pseudo-terminal of the
+    #   task's own devpts (Docker's --tty); its output goes to the stdout log
+    stdin_open: bool = False  # stdin is a pipe held open and never written (Docker's
+    #   OpenStdin, Compose's stdin_open): a read waits instead of seeing end-of-file
+    oom_score_adj: int = 0  # the task's /proc/PID/oom_score_adj (Docker's --oom-score-adj),
+    #   -1000..1000; below the agent's own needs CAP_SYS_RESOURCE, else the start fails
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -197,8 +203,12 @@ class TaskConfig:
                                     f"{_MAX_LOG_FILES}")
 
     def _validate_kernel_params(self) -> None:
-        if not isinstance(self.read_only, bool):
-            raise InvalidTaskConfig("read_only", "must be true or false")
+        for flag in ("read_only", "tty", "stdin_open"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidTaskConfig(flag, "must be true or false")
+        if not isinstance(self.oom_score_adj, int) or isinstance(self.oom_score_adj, bool) or \
+                not -1000 <= self.oom_score_adj <= 1000:
+            raise InvalidTaskConfig("oom_score_adj", "must be an integer from -1000 to 1000")
         names: set[str] = set()
         for limit in self.ulimits:
             if not isinstance(limit, tuple) or len(limit) != 3:
@@ -314,6 +324,9 @@ class TaskConfig:
             sysctls=tuple((str(k), str(v)) for k, v in raw.get("sysctls", ())),
             log_max_bytes=int(raw.get("log_max_bytes", 0)),
             log_max_files=int(raw.get("log_max_files", 0)),
+            tty=bool(raw.get("tty", False)),
+            stdin_open=bool(raw.get("stdin_open", False)),
+            oom_score_adj=int(raw.get("oom_score_adj", 0)),
         )
 
 

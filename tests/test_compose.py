@@ -799,6 +799,40 @@ def test_tmpfs_options_beyond_size_are_warned_by_name(tmp_path: Path) -> None:
     assert [w.split(":")[0] for w in st.warnings] == ["tmpfs (mode)"]
 
 
+def test_terminal_oom_and_container_label_keys_become_the_containers_settings(
+        tmp_path: Path) -> None:
+    """tty and stdin_open (the `tty: true` that keeps a shell up), oom_score_adj, and the
+    service-level `labels` (the container's; deploy.labels stays the service's); no warning
+    for any of them, and a bad one names its key."""
+    text = """
+services:
+  shell:
+    image: alpine:3
+    tty: true
+    stdin_open: true
+    oom_score_adj: 300
+    labels: [com.example.role=debug]
+    deploy:
+      labels: {com.example.team: ops}
+  api:
+    image: api:1
+    labels: {traefik.enable: "true"}
+"""
+    st = deploy(tmp_path, text)
+    shell, api = svc(st, "shell"), svc(st, "api")
+    c = shell.task.container
+    assert c.tty and c.stdin_open and c.oom_score_adj == 300
+    assert c.labels == {"com.example.role": "debug"}
+    assert shell.labels["com.example.team"] == "ops" and "com.example.role" not in shell.labels
+    assert api.task.container.labels == {"traefik.enable": "true"} and not api.task.container.tty
+    assert not any(k in w for w in st.warnings for k in ("tty", "stdin_open", "oom", "labels"))
+    for bad, where in (("    oom_score_adj: 2000", "services.db.oom_score_adj"),
+                       ("    tty: maybe", "services.db.tty")):
+        with pytest.raises(ComposeError) as exc:
+            deploy(tmp_path, f"services:\n  db:\n    image: db:1\n{bad}\n")
+        assert exc.value.path == where, (bad, exc.value)
+
+
 def test_security_and_kernel_keys_become_the_containers_settings(tmp_path: Path) -> None:
     """cap_add/cap_drop, read_only, extra_hosts (list and mapping forms), ulimits (a number or
     soft/hard), sysctls (mapping or list) as Swarm reads them; a bad one names its key."""

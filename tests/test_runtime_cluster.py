@@ -253,6 +253,22 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     bad = h1.cli("service", "create", "--name", "badtpl", "-e", "X={{.Node.Bogus}}", "--",
                  "true", check=False)
     assert bad.returncode != 0 and "--env" in bad.stderr and "Node.Bogus" in bad.stderr, bad
+    # Docker's --tty (a shell waits on its terminal instead of exiting), --oom-score-adj and
+    # --container-label; `service update --tty=false` gives the shell /dev/null again
+    h1.cli("service", "create", "--name", "shell", "--image", "busybox:1", "-t",
+           "--oom-score-adj", "321", "--container-label", "role=debug", "--", "sh", "-c",
+           "echo tty=$(tty) oom=$(cat /proc/self/oom_score_adj); exec sh")
+    out = wait_until(lambda: logs_with(h1, "shell", "tty="), timeout=30, what="shell output")
+    assert "tty=/dev/pts/0 oom=321" in out, out
+    (first,) = running(h1, "shell", 1)
+    time.sleep(1.5)  # (a shell reading /dev/null would have exited and been restarted)
+    assert [t["id"] for t in running(h1, "shell", 1)] == [first["id"]]
+    (shell,) = h1.cli_json("service", "inspect", "shell")
+    assert shell["spec"]["task"]["container"]["labels"] == {"role": "debug"}
+    assert "TTY:\t\ttrue" in h1.cli("service", "inspect", "--pretty", "shell").stdout
+    h1.cli("service", "update", "--tty=false", "--restart-condition", "none", "shell")
+    wait_until(lambda: [t for t in tasks(h1, "shell") if t["state"] == "complete"] or None,
+               timeout=60, what="the shell without a terminal to end")
     # an update drops the settings: the replacement task writes its root again
     h1.cli("service", "update", "--read-only=false", "--sysctl-rm", "net.core.somaxconn",
            "locked")

@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 7
+    assert announced_schema(meta) == SCHEMA == 8
 
 
 class _Cluster:
@@ -296,7 +296,7 @@ def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None
         with pytest.raises(ValidationError) as exc:
             encode_command(cmd, {}, 6)
         assert exc.value.field == field and "schema 7" in exc.value.message
-        assert encode_command(cmd, {}, 7) is cmd
+        assert encode_command(cmd, {}, 7) == cmd
     # placeholders in env and mounts: refused on propose (an older node would not fill them
     # in), though the state machine takes them as older replicas do
     for where, container in (("task.container.env.WHO", {"env": {"WHO": "{{.Task.Slot}}"}}),
@@ -317,6 +317,31 @@ def test_schema_7s_fields_and_values_are_refused_by_a_schema_6_cluster() -> None
                                                   "stop_signal": "SIGQUIT"}}}
     cmd = {"op": "service_create", "id": "s2", "now": 1.0, "spec": plain}
     assert encode_command(cmd, {}, 6)["spec"]["task"]["container"]["hostname"] == "db-1"
+
+
+@pytest.mark.parametrize(("name", "value"), [("tty", True), ("stdin_open", True),
+                                             ("oom_score_adj", 500),
+                                             ("labels", {"com.example.team": "web"})])
+def test_schema_8s_container_fields_wait_for_every_node_to_read_them(name: str,
+                                                                      value: Any) -> None:
+    """A schema-7 node's decoder does not know them: refused naming the field on propose
+    and by the state machine, as an older replica does, until the schema is 8; a spec that
+    leaves them at their defaults goes as before."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    spec = {"name": "t", "task": {"container": {"command": ["sh"], name: value}}}
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 7)
+    assert exc.value.field == f"task.container.{name}" and "schema 8" in exc.value.message
+    st = _state(7)
+    assert st.apply(cmd)["error"]["field"] == f"task.container.{name}"
+    st.apply({"op": "cluster_schema", "schema": 8})
+    assert encode_command(cmd, {}, 8) is cmd and st.apply(cmd)["ok"]
+    plain = {"op": "service_create", "id": "s2", "now": 1.0,
+             "spec": {"name": "p", "task": {"container": {"command": ["sh"]}}}}
+    assert "tty" not in encode_command(plain, {}, 7)["spec"]["task"]["container"]
 
 
 async def test_the_autoscale_op_is_neither_proposed_nor_applied_below_schema_3() -> None:
