@@ -604,6 +604,16 @@ class ScaleLab:
             ts.sort()
             print(f"    {kind} {action:12} n={len(ts):<4} {ts[0]:7.2f} "
                   f"{statistics.median(ts):7.2f} {ts[-1]:7.2f}", flush=True)
+        # the leader's slow passes in the window (node/leader.py SLOW_PASS): where the time
+        # between gossip's verdicts and the replacements' commit went
+        try:
+            lines = leader.agent_log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            if "slow leader pass" in line and _log_time(line) >= wall0:
+                print(f"    leader at +{_log_time(line) - wall0:.2f} s: "
+                      f"{line.split('slow leader pass: ', 1)[1]}", flush=True)
 
     def down(self, timeout: float) -> None:
         c = client(self.first, stale=False)
@@ -619,6 +629,15 @@ class ScaleLab:
                 break
             time.sleep(0.5)
         say(f"scale → 0: no task running after {fmt(gone_at)} {machine()}")
+
+
+def _log_time(line: str) -> float:
+    """The wall-clock time of an agent log line ("2026-12-07 00:34:09,123 ..."), 0 if none."""
+    m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+    if not m:
+        return 0.0
+    stamp = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    return stamp + int(m.group(2)) / 1000
 
 
 def join_phase(s: ScaleLab, args: argparse.Namespace) -> None:

@@ -54,6 +54,11 @@ log = logging.getLogger("shoal.leader")
 # Gossip metadata key: [append-entries period, minimum election timeout] of the node's Raft
 # configuration, seconds (what the managers' timings must agree on: _check_raft_timing).
 RAFT_TIMING_META = "raft"
+# A pass longer than this, seconds, is logged with where its time went (at most one line per
+# SLOW_PASS_EVERY s, naming the slowest pass since the last line): what a node's failure
+# waits for between gossip's verdict and the replacements' commit.
+SLOW_PASS = 0.5
+SLOW_PASS_EVERY = 5.0
 
 
 def new_task_id() -> str:
@@ -318,6 +323,9 @@ class LeaderLoop:
         self.wakeup = wakeup
         self.passes = 0
         self.index = PassIndex()  # what earlier passes learnt (a cache: see PassIndex)
+        # the slowest pass not logged yet: (seconds, its breakdown), and when one last was
+        self._slowest: tuple[float, str] | None = None
+        self._slow_logged = 0.0
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -370,6 +378,7 @@ class LeaderLoop:
         return await self._pass(self.store.term(), led_for)
 
     async def _pass(self, term: int, led_for: float) -> float | None:
+        started = time.monotonic()
         metas: Mapping[str, Mapping[str, Any]] | None = None
         view: dict[str, str] | None
         restarts: Mapping[str, float] | None
@@ -389,6 +398,7 @@ class LeaderLoop:
             self.gossip_alive.clear()
             self.gossip_alive.update(
                 nid for nid, state in view.items() if state in ("alive", "suspect"))
+        viewed = time.monotonic()
         snap = self.store.snapshot()
         # a node that joined since: judged from when this leader first saw it plus the join
         # grace (as if heard from then), so it is not taken DOWN ("last heard never")
@@ -414,6 +424,7 @@ class LeaderLoop:
         if self.autoscaler is not None:  # (shoal.node.autoscale: replica changes)
             ops += await self.autoscaler.plan(snap, time.monotonic())
         self.passes += 1
+        planned = time.monotonic()
         if ops:
             now = time.time()
             entries = 0
@@ -425,10 +436,27 @@ class LeaderLoop:
                 await self.store.propose(cmd)
                 entries += 1
             log.debug("leader pass proposed %d ops in %d entries", len(ops), entries)
+        self._timed(started, viewed, planned, time.monotonic(), len(ops))
         await self._raise_schema(snap, metas)
         if metas is not None:
             self._check_raft_timing(snap, metas)
         return wake_at
+
+    def _timed(self, started: float, viewed: float, planned: float, proposed: float,
+               ops: int) -> None:
+        """Log a slow pass (SLOW_PASS) with its parts: the gossip view (a round trip to the
+        gossip thread), planning, and proposing (each batch waits for its commit)."""
+        took = proposed - started
+        if took < SLOW_PASS:
+            return
+        if self._slowest is None or took > self._slowest[0]:
+            self._slowest = (took, f"gossip view {(viewed - started) * 1000:.0f} ms, plan "
+                             f"{(planned - viewed) * 1000:.0f} ms, {ops} ops proposed and "
+                             f"committed in {(proposed - planned) * 1000:.0f} ms")
+        if proposed - self._slow_logged >= SLOW_PASS_EVERY:
+            log.info("slow leader pass: %.0f ms (%s)", self._slowest[0] * 1000,
+                     self._slowest[1])
+            self._slowest, self._slow_logged = None, proposed
 
     def _check_raft_timing(self, snap: Snapshot,
                            metas: Mapping[str, Mapping[str, Any]]) -> None:
