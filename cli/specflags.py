@@ -136,6 +136,9 @@ def _add_bool_values(parser: argparse.ArgumentParser, d: FieldDecl) -> None:
                             dest=_dest(d), help=argparse.SUPPRESS)
 
 
+NO_HEALTHCHECK = "task.container.healthcheck.disable"
+
+
 def add_update_flags(parser: argparse.ArgumentParser) -> None:
     """Single values: ``--X``; lists and maps: ``--X-add`` and ``--X-rm`` (a ``REPLACED``
     map: ``--X`` too). The name, which cannot change, has no flag."""
@@ -341,10 +344,11 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                 set_path(spec, d.path, scalar(d, value, d.flag))
                 if d.cli != "flag":
                     given.add(d.path.rpartition(".")[0])
-    # a switch (``--no-healthcheck``) is turned off by any other flag of its Struct
-    # (``--health-cmd`` on update re-enables the check, as in Docker)
+    # ``--no-healthcheck`` is turned off by any other flag of the health check (``--health-cmd``
+    # on update re-enables the check, as in Docker); other switches (--read-only, --tty…)
+    # keep their value unless given, as docker's updateBool
     for d in _flag_decls():
-        if d.cli == "flag" and getattr(args, _dest(d)) is None and \
+        if d.path == NO_HEALTHCHECK and getattr(args, _dest(d)) is None and \
                 d.path.rpartition(".")[0] in given:
             set_path(spec, d.path, False)
     # the check kinds are alternatives: the one given replaces the others (as docker's

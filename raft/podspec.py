@@ -388,15 +388,18 @@ class ContainerSpec(_Spec, frozen=True):
     # Docker's terminal, OOM and label settings of a container (needs cluster schema 8)
     tty: Annotated[bool, decl(
         "the command's stdin, stdout and stderr are one pseudo-terminal (its output goes to "
-        "the task's stdout log; a shell waits for input on it for ever); Docker's --tty, "
-        "Compose's tty; needs cluster schema 8", flag="--tty", short="-t", cli="flag")] = False
+        "the task's stdout log; a shell waits for input on it for ever). The terminal ends "
+        "with the task's shim: should the shim die, the task gets SIGHUP, as from a hung-up "
+        "terminal (Docker's --tty, Compose's tty; needs cluster schema 8)", flag="--tty",
+        short="-t", cli="flag")] = False
     stdin_open: Annotated[bool, decl(
         "the command's stdin stays open, never written: a read waits instead of seeing "
         "end-of-file (Docker's OpenStdin, Compose's stdin_open; needs cluster schema 8)",
         flag="--stdin-open", cli="flag")] = False
     oom_score_adj: Annotated[int, decl(
         "the task's OOM score adjustment, -1000 (never killed first) to 1000 (killed first); "
-        "below 0 needs a node whose agent has CAP_SYS_RESOURCE (Docker's --oom-score-adj, "
+        "0 leaves the agent's own (normally 0); below 0 needs a node whose agent has "
+        "CAP_SYS_RESOURCE (Docker's --oom-score-adj, "
         "Compose's oom_score_adj; needs cluster schema 8)", flag="--oom-score-adj", cli="int",
         metavar="N", ge=-1000, le=1000)] = 0
     labels: Annotated[dict[str, str], decl(

@@ -716,8 +716,9 @@ static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
     if (sethostname(hostname, strlen(hostname))) die(125, "cannot set the hostname: %s", strerror(errno));
     run_plan();
     if (rootfd < 0) die(125, "the plan never mounts the root");
-    set_rlimits();
+    /* (the terminal before the limits: a small nofile must not break its opening) */
     int tty = console >= 0 ? open_console(console) : -1;
+    set_rlimits();
 
     /* capabilities: bounding set first (needs CAP_SETPCAP), then the user, then the sets */
     for (int c = 0; c < 64; c++) {
@@ -732,9 +733,11 @@ static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
          * non-root command can open /dev/stdout (/proc/self/fd/1) */
         if (uid != 0 && (fchown(out_w, uid, (gid_t)-1) || fchown(err_w, uid, (gid_t)-1)))
             die(125, "cannot hand the output pipes to uid %u: %s", uid, strerror(errno));
-        /* and its terminal, as runc's console */
+        /* and its terminal, as runc's console, or its open stdin pipe (stdin-open) */
         if (tty >= 0 && uid != 0 && fchown(tty, uid, (gid_t)-1))
             die(125, "cannot hand the terminal to uid %u: %s", uid, strerror(errno));
+        if (stdin_open && tty < 0 && uid != 0 && fchown(in_r, uid, (gid_t)-1))
+            die(125, "cannot hand the stdin pipe to uid %u: %s", uid, strerror(errno));
         if (setresuid(uid, uid, uid)) die(125, "setuid %u: %s", uid, strerror(errno));
     }
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};

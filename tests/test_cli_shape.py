@@ -522,3 +522,29 @@ def test_docker_spellings_of_flags_and_the_replicas_column() -> None:
     assert output._replicas(job) == "2/2 (1/5 completed)"
     assert output._replicas({**job, "running": 0, "completed": 5}) == "0/0 (5/5 completed)"
     assert output._replicas({**job, "max_concurrent": 0, "running": 3}) == "3/4 (1/5 completed)"
+
+
+def test_an_update_keeps_the_switches_it_does_not_name() -> None:
+    """docker's updateBool: `service update --image X` keeps --tty, --stdin-open and
+    --read-only as they are (only --no-healthcheck yields to another health-check flag);
+    `--tty=false` changes that one alone."""
+    from shoal.raft.models import to_dict
+    from shoal.raft.validate import validate_spec
+
+    p = build_parser()
+    spec = to_dict(validate_spec(spec_from_create_args(p.parse_args(
+        ["service", "create", "--name", "box", "-t", "--stdin-open", "--read-only",
+         "--no-healthcheck", "busybox:1", "sh"]))))
+
+    def update(*flags: str) -> Any:
+        args = p.parse_args(["service", "update", *flags, "box"])
+        return validate_spec(apply_update_args(spec, args)).task.container
+
+    for flags in (["--image", "busybox:2"], ["--oom-score-adj", "5"], ["--user", "nobody"],
+                  ["--container-label-add", "a=b"]):
+        c = update(*flags)
+        assert (c.tty, c.stdin_open, c.read_only) == (True, True, True), flags
+    c = update("--tty=false")
+    assert (c.tty, c.stdin_open, c.read_only) == (False, True, True)
+    assert not update("--health-cmd", "true").healthcheck.disable
+    assert update("--image", "busybox:2").healthcheck.disable

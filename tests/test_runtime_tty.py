@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from test_runtime_support import needs_root, output, run_to_end, task
+from test_runtime_support import needs_root, output, run_to_end, task, wait_for_output
 
 from shoal.runtime.errors import InvalidTaskConfig, LaunchFailed
 from shoal.runtime.process import ProcessController
@@ -131,3 +131,20 @@ async def test_the_oom_score_adjustment_reaches_the_command(ctl: ProcessControll
         return
     st, out, err = await run_to_end(ctl, cfg)
     assert out.strip() == "-500", err
+
+
+@needs_root
+async def test_a_non_root_task_can_reopen_its_open_stdin(ctl: ProcessController) -> None:
+    """As runc's fixStdioPermissions: the stdin pipe is the task's user's too."""
+    await ctl.start(task("stdusr", "sh", "-c", "exec 3</dev/stdin && echo reopened; sleep 60",
+                         user="nobody", stdin_open=True))
+    await wait_for_output(ctl, "stdusr", "reopened")
+    await ctl.stop("stdusr", grace=1.0)
+
+
+@needs_root
+async def test_a_tty_task_with_a_tiny_nofile_limit_still_gets_its_terminal(
+        ctl: ProcessController) -> None:
+    st, out, err = await run_to_end(ctl, task("ttynofile", "tty", tty=True,
+                                              ulimits=(("nofile", 6, 6),)))
+    assert (st.exit_code, out.strip()) == (0, "/dev/pts/0"), err
