@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from shoal.cli import build as build_cli
-    from shoal.cli import keys, mqtt, network, progress, stack, user, volume
+    from shoal.cli import execcli, keys, mqtt, network, progress, stack, user, volume
     from shoal.cli import registry as registry_cli
 else:
     build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
@@ -68,6 +68,7 @@ else:
         _OnUse("shoal.cli.network")
     progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
     user, volume = _OnUse("shoal.cli.user"), _OnUse("shoal.cli.volume")
+    execcli = _OnUse("shoal.cli.execcli")
 
 __all__ = ["Client", "ago", "build_parser", "emit", "main", "render_template", "table"]
 
@@ -210,6 +211,8 @@ def run(args: argparse.Namespace) -> None:
         keys.run(c, args)
     elif args.cmd == "user":
         user.run(c, args, fmt)
+    elif args.cmd == "exec":  # (the CLI exits with the command's exit status, as docker's)
+        sys.exit(execcli.run(c, args))
 
 
 def run_gossip(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -647,6 +650,7 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
     (("init", "join", "join-token", "leave", "info"), _cluster_parsers),
     (("node",), _node_parser),
     (("service",), _service_parser),
+    (("exec",), lambda sub: execcli.add_parser(sub)),
     (("events",), _events_parser),
     (("gossip",), _gossip_parser),
     (("ca",), _ca_parser),
@@ -701,8 +705,11 @@ _BOOL_VALUED = frozenset({"--detach", "--quiet", "--force", "--no-trunc"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    words = bool_values(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(lazy=True, only=command_group(words))
+    words = list(sys.argv[1:] if argv is None else argv)
+    group = command_group(words)
+    if group != "exec":  # (exec: the words after its TASK are the command's, untouched)
+        words = bool_values(words)
+    parser = build_parser(lazy=True, only=group)
     head, command = split_update_command(words)
     args = None
     if command is not None:

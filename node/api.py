@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from shoal.node import crud, openapi, transfer, volapi
+from shoal.node import crud, execs, openapi, transfer, volapi
 from shoal.node.config import AgentConfig
 from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
@@ -352,6 +352,10 @@ class ApiServer:
         self.limits = {name: ClientLimits(config.api_limits)
                        for name in ("local", "remote", "peer", "metrics", "dashboard")}
         self.users = Users(controls.services.ctx)  # users and roles (shoal.node.users)
+        # `shoal exec` (shoal.node.execs): the CLI's route and the peer route managers relay to
+        self._exec_local, self._exec_peer = execs.handlers(
+            controls.services.ctx, controls.runtime, controls.security,
+            execs.Executor(config.data_dir / "bin"), peer_of)
 
     def local_app(self, remote: bool = False, guard: Guard | None = None,
                   limits: str = "") -> web.Application:
@@ -586,7 +590,7 @@ class ApiServer:
             "registry_logout": registry_logout,
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
-            **volapi.handlers(svcs.ctx, _body),
+            **volapi.handlers(svcs.ctx, _body), **self._exec_local,
             **c.security.keys.local_handlers(_body)}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)
@@ -817,7 +821,8 @@ class ApiServer:
             "cluster_node_role": node_role, "cluster_role_changed": role_changed,
             "cluster_image_resolve": image_resolve, "cluster_image_blob": image_blob,
             "cluster_logs": task_logs, "cluster_usage": task_usage,
-            "cluster_mqtt": mqtt_credentials, **sec.keys.peer_handlers(_body, peer_of)})
+            "cluster_mqtt": mqtt_credentials, **self._exec_peer,
+            **sec.keys.peer_handlers(_body, peer_of)})
         return app
 
     async def start(self) -> None:

@@ -406,6 +406,17 @@ ROUTES: tuple[Route, ...] = (
           "tasks on every node", "services", reply=_ref("LogRecord"),
           content="application/x-ndjson", query=_LOG_QUERY, errors=(*CLUSTER, 400),
           description="JSON lines; an error after the first line ends the stream"),
+    Route("GET", "/v1/tasks/{ref}/exec", "task_exec", "run a command in a running task "
+          "(`shoal exec`, Docker's `docker exec`) over a WebSocket", "services",
+          content="application/octet-stream",
+          description="Upgraded to a WebSocket (Kubernetes' channel protocol): the client "
+          "sends the request as JSON text `{cmd: [...], tty, stdin, user, workdir, env, rows, "
+          "cols}`, then binary frames whose first byte is the channel — 0 stdin (empty: its "
+          "end), 4 resize `{rows, cols}`; the node sends 1 stdout, 2 stderr and last 3 status "
+          "`{exit_code}` or `{error}` (an unknown task, one not running, a bad request). "
+          "`ref`: a task id, unique id prefix, `SERVICE.SLOT` or `SERVICE.SLOT.ID`. A manager "
+          "relays a session to the node that runs the task; a worker runs its own tasks' "
+          "only. Needs the operator role.", errors=(403,)),
     Route("GET", "/v1/events", "events", "the cluster's event stream (`shoal events`)",
           "events", reply=_ref("Event"), content="application/x-ndjson", query=_EVENT_QUERY,
           errors=(*CLUSTER, 400),
@@ -611,6 +622,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/cluster/logs", "cluster_logs", "a task's logs on this node",
           "internal", "peer", body=bodies.TaskLogsRequest, reply=_ref("LogRecord"),
           content="application/x-ndjson", errors=(401, 404), auth=MEMBER),
+    Route("GET", "/v1/cluster/exec", "cluster_exec", "an exec session of a task on this "
+          "node, relayed by a manager (WebSocket; the first message names the task: "
+          "`{task, cmd, ...}`)", "internal", "peer", content="application/octet-stream",
+          errors=(401, 403), auth=MANAGER),
     Route("POST", "/v1/cluster/usage", "cluster_usage", "live resource use of tasks on "
           "this node", "internal", "peer", body=bodies.TaskUsageRequest,
           reply={"type": "object", "additionalProperties": _ref("Usage"),

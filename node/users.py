@@ -94,11 +94,17 @@ def rank(role: str) -> int:
     return USER_ROLES.index(role) if role in USER_ROLES else -1
 
 
+# GET routes that change things: a command run in a task (`shoal exec`, a WebSocket's GET)
+OPERATOR_GETS = frozenset({"task_exec"})
+
+
 def required_role(op: str) -> str:
     """The weakest role that may call the route ``op`` (an operation id of the route
     table): admin for ADMIN_OPS, viewer for other GETs, operator for other changes."""
     if op in ADMIN_OPS:
         return "admin"
+    if op in OPERATOR_GETS:
+        return "operator"
     method = _METHODS.get(op, "POST")
     return "viewer" if method == "GET" else "operator"
 

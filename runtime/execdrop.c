@@ -11,7 +11,13 @@
  * takes the task's resource limits too (those of the task's init, pid 1 of the pid namespace
  * nsenter entered: --ulimit), as Docker runs an exec check with the container's rlimits.
  *
- * Usage: shoal-execdrop UID GID GROUPS CAPMASK PROG [ARGS...]
+ * `shoal exec -t` (node/execs.py) runs it with --console: the command's stdin, stdout and
+ * stderr are then a pseudo-terminal of the task's own devpts (nsenter entered the task's mount
+ * namespace and root: /dev/pts/ptmx is the task's), its controlling terminal, owned by the
+ * task's user, as runc's console for `docker exec -t`; the master goes to the agent over the
+ * unix socket FD (SCM_RIGHTS), which is then closed.
+ *
+ * Usage: shoal-execdrop [--console FD] UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
  *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
  *           hexadecimal as /proc/PID/status CapBnd shows it
@@ -19,10 +25,13 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -31,14 +40,55 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
+
 static int fail(const char *what) {
     fprintf(stderr, "shoal-execdrop: %s: %s\n", what, strerror(errno));
     return 125;
 }
 
+/* --console: a terminal of the task's devpts as stdin/stdout/stderr and controlling
+ * terminal; the master to the agent over ``sock``. 0, or 125 with a message. */
+static int console(int sock, uid_t uid) {
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0) return fail("open /dev/pts/ptmx");
+    int unlock = 0;
+    if (ioctl(master, TIOCSPTLCK, &unlock)) return fail("unlock the terminal");
+    int term = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+    if (term < 0) return fail("open the terminal");
+    if (uid != 0 && fchown(term, uid, (gid_t)-1)) return fail("chown the terminal");
+    if (setsid() < 0 || ioctl(term, TIOCSCTTY, 0)) return fail("make it the controlling terminal");
+    if (dup2(term, 0) < 0 || dup2(term, 1) < 0 || dup2(term, 2) < 0) return fail("dup2");
+    if (term > 2) close(term);
+    char byte = 'T';
+    struct iovec iov = {&byte, 1};
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                         .msg_controllen = sizeof u.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &master, sizeof(int));
+    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != 1) return fail("hand the terminal to the agent");
+    close(master);
+    close(sock);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    int sock = -1;
+    if (argc > 2 && strcmp(argv[1], "--console") == 0) {
+        sock = (int)strtol(argv[2], NULL, 10);
+        argc -= 2;
+        argv += 2;
+    }
     if (argc < 6) {
-        fprintf(stderr, "usage: %s UID GID GROUPS CAPMASK PROG [ARGS...]\n", argv[0]);
+        fprintf(stderr, "usage: shoal-execdrop [--console FD] UID GID GROUPS CAPMASK PROG "
+                        "[ARGS...]\n");
         return 125;
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
@@ -58,6 +108,7 @@ int main(int argc, char **argv) {
         if (prlimit(1, (__rlimit_resource_t)r, NULL, &lim) == 0)
             (void)setrlimit((__rlimit_resource_t)r, &lim);
     }
+    if (sock >= 0 && console(sock, uid)) return 125;
     uint64_t keep = strtoull(argv[4], NULL, 16);
     for (int c = 0; c < 64; c++) {
         if (keep & (1ULL << c)) continue;

@@ -1,0 +1,532 @@
+"""`shoal exec`: a command in a running task, as `docker exec` — from any manager.
+
+Owns: naming a task (``find_task``: id, unique id prefix of 4+ characters, ``SERVICE.SLOT``
+or Docker's container name ``SERVICE.SLOT.ID``), the exec protocol over a WebSocket
+(``serve``: what the API's ``task_exec`` route runs), running the command on the node whose
+task it is (``run_local``) and relaying a session to that node when it is another
+(``relay``: a manager only, over the nodes' mutual TLS, ``cluster_exec``). Must not touch:
+the store (it reads a snapshot), the runtime's records (it reads a task's status).
+
+The command runs as the exec health checks do (node/health.py): a small host shell joins
+the task's cgroups, nsenter enters the init's mount, uts, ipc, net and pid namespaces, its
+root and working directory (or ``workdir``), and shoal-execdrop (runtime/execdrop.c) takes
+the task's credentials — or those of ``user``, looked up in the task's own /etc/passwd —
+and capability set before it execs the command, with the task's environment plus ``env``.
+With ``tty`` its stdio is a pseudo-terminal of the task's own devpts (execdrop --console
+hands the master over a socket pair), else pipes; without ``stdin`` its stdin is /dev/null.
+
+Protocol (Kubernetes' channel.k8s.io, over aiohttp's WebSocket): the client's first message
+is a text frame, the request as JSON (``ExecRequest``); then binary frames whose first byte
+is the channel — 0 stdin (client → node; an empty payload is the end of stdin), 1 stdout,
+2 stderr (with a tty everything is 1), 3 status (the last frame: JSON ``{"exit_code": N}``,
+or ``{"error": {...}}`` when the command could not run), 4 resize (JSON ``{"rows", "cols"}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import termios
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shoal.node import pki
+from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
+from shoal.node.health import _JOIN, _credentials, _environ, cgroup_procs
+from shoal.raft.models import Task, TaskState
+from shoal.raft.state import Snapshot
+from shoal.runtime.cgroups import CgroupLayout, detect
+from shoal.runtime.launcher import ensure_execdrop
+from shoal.runtime.records import RunState
+from shoal.runtime.rootfs import resolve_user
+
+log = logging.getLogger("shoal.exec")
+
+STDIN, STDOUT, STDERR, STATUS, RESIZE = 0, 1, 2, 3, 4
+MAX_SESSIONS = 32  # exec sessions at once on one node (each holds a process and a socket)
+FIRST_MESSAGE_TIMEOUT = 10.0  # seconds for the client to send its request
+DRAIN_AFTER_EXIT = 1.0  # seconds to read a terminal after the command exited (a background
+#                         process may hold it open for ever)
+_MAX_ARGS = 4096
+
+
+@dataclass
+class ExecRequest:
+    cmd: list[str]
+    tty: bool = False
+    stdin: bool = False
+    user: str = ""
+    workdir: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    rows: int = 24
+    cols: int = 80
+
+    @classmethod
+    def parse(cls, raw: Any) -> ExecRequest:
+        """The client's first message; BadRequest naming the field."""
+        if not isinstance(raw, dict):
+            raise BadRequest("the first message must be a JSON object", "")
+        cmd = raw.get("cmd")
+        if not isinstance(cmd, list) or not cmd or len(cmd) > _MAX_ARGS or not all(
+                isinstance(a, str) and "\0" not in a for a in cmd) or not cmd[0]:
+            raise BadRequest("cmd must be the command and its arguments: a non-empty list of "
+                             "strings", "cmd")
+        out = cls(cmd=list(cmd))
+        for name in ("tty", "stdin"):
+            value = raw.get(name, False)
+            if not isinstance(value, bool):
+                raise BadRequest(f"{name} must be true or false", name)
+            setattr(out, name, value)
+        for name in ("user", "workdir"):
+            value = raw.get(name, "")
+            if not isinstance(value, str) or "\0" in value:
+                raise BadRequest(f"{name} must be a string", name)
+            setattr(out, name, value)
+        if out.workdir and not out.workdir.startswith("/"):
+            raise BadRequest("workdir must be an absolute path", "workdir")
+        env = raw.get("env", {})
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                and "\0" not in k + v for k, v in env.items()):
+            raise BadRequest("env must map variable names to strings", "env")
+        out.env = dict(env)
+        for name in ("rows", "cols"):
+            value = raw.get(name, getattr(out, name))
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 9999:
+                raise BadRequest(f"{name} must be a number from 1 to 9999", name)
+            setattr(out, name, value)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cmd": self.cmd, "tty": self.tty, "stdin": self.stdin, "user": self.user,
+                "workdir": self.workdir, "env": self.env, "rows": self.rows, "cols": self.cols}
+
+
+def find_task(snap: Snapshot, ref: str) -> Task:
+    """The task ``ref`` names: its id, Docker's container name ``SERVICE.SLOT.ID``, the running
+    task of ``SERVICE.SLOT`` (a global service's: ``SERVICE.NODEID``, as `service ps` shows
+    it), or a unique id prefix of 4+ characters. NotFound / Conflict (ambiguous)."""
+    tasks = snap.tasks
+    if ref in tasks:
+        return tasks[ref]
+    last = ref.rsplit(".", 1)[-1]
+    if "." in ref and last in tasks and tasks[last].name == ref.rsplit(".", 1)[0]:
+        return tasks[last]
+    named = [t for t in tasks.values() if t.name == ref]
+    if named:
+        running = [t for t in named if t.status.state is TaskState.RUNNING]
+        return (running or sorted(named, key=lambda t: t.created_at))[-1]
+    if len(ref) >= 4:
+        matches = [t for tid, t in tasks.items() if tid.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise Conflict(f"task id prefix {ref!r} is ambiguous ({len(matches)} tasks)",
+                           "task")
+    raise NotFound(f"no task {ref!r} (give a task id, SERVICE.SLOT as `service ps` shows "
+                   "it, or an id prefix of 4+ characters)", "task")
+
+
+# ------------------------------------------------------------------------ the WebSocket side
+
+async def _send_status(ws: web.WebSocketResponse, body: dict[str, Any]) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_bytes(bytes([STATUS]) + json.dumps(body).encode())
+        await ws.close()
+
+
+async def first_message(ws: web.WebSocketResponse) -> dict[str, Any]:
+    """The client's request: a JSON object in a text frame."""
+    try:
+        msg = await ws.receive(timeout=FIRST_MESSAGE_TIMEOUT)
+    except TimeoutError:
+        raise BadRequest("no exec request within "
+                         f"{FIRST_MESSAGE_TIMEOUT:g} s", "") from None
+    if msg.type is not aiohttp.WSMsgType.TEXT:
+        raise BadRequest("the first message must be the exec request as JSON text", "")
+    try:
+        raw = json.loads(msg.data)
+    except ValueError as exc:
+        raise BadRequest(f"the exec request is not JSON: {exc}", "") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("the exec request must be a JSON object", "")
+    return raw
+
+
+async def serve(req: web.Request, start: Callable[[web.WebSocketResponse],
+                                                  Awaitable[int | None]]) -> web.StreamResponse:
+    """Accept the WebSocket and run ``start(ws)`` (which reads the request and runs or relays
+    the session); an error before the command runs is the status frame's ``error``."""
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    await ws.prepare(req)
+    try:
+        code = await start(ws)
+    except ApiError as exc:
+        await _send_status(ws, exc.to_json())
+        return ws
+    if code is not None:
+        await _send_status(ws, {"exit_code": code})
+    return ws
+
+
+# ------------------------------------------------------------------------- the local session
+
+class Executor:
+    """Runs exec sessions of this node's tasks."""
+
+    def __init__(self, helper_dir: Path, cc: str = "cc", nsenter: str = "nsenter") -> None:
+        self.helper_dir = helper_dir
+        self.cc = cc
+        self.nsenter = shutil.which(nsenter) or nsenter
+        self._layout: CgroupLayout | None = None
+        self._helper: Path | None = None
+        self.sessions = 0
+
+    async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest
+                        ) -> int:
+        """The command in the task whose init is host ``pid``; its exit code (128+N when
+        killed by signal N), once its output went out on ``ws``."""
+        if self.sessions >= MAX_SESSIONS:
+            raise Unavailable(f"this node runs {MAX_SESSIONS} exec sessions already")
+        self.sessions += 1
+        try:
+            if self._helper is None:
+                self._helper = await asyncio.to_thread(ensure_execdrop, self.helper_dir,
+                                                       self.cc)
+            return await _Session(self, ws, pid, request).run()
+        finally:
+            self.sessions -= 1
+
+    def argv(self, pid: int, request: ExecRequest, helper_fd: int, console_fd: int | None
+             ) -> tuple[list[str], dict[str, str]]:
+        """The host command line and environment (see the module's docstring)."""
+        if self._layout is None:
+            self._layout = detect()
+        uid, gid, groups, caps = _credentials(pid)
+        if request.user:
+            root = Path(f"/proc/{pid}/root/etc")
+            try:
+                user = resolve_user(request.user, _read(root / "passwd"), _read(root / "group"))
+            except ValueError as exc:
+                raise BadRequest(str(exc), "user") from None
+            uid, gid, groups = user.uid, user.gid, ",".join(str(g) for g in user.groups)
+        procs = cgroup_procs(pid, self._layout)
+        # (--wdns: a directory of the task's root; --wd would open it on the host)
+        wd = [f"--wdns={request.workdir}"] if request.workdir else ["-w"]
+        console = ["--console", str(console_fd)] if console_fd is not None else []
+        argv = ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
+                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", *wd, "--",
+                f"/proc/self/fd/{helper_fd}", *console, str(uid), str(gid), groups, caps,
+                *request.cmd]
+        env = {**_environ(pid), **request.env}
+        if request.tty:
+            env.setdefault("TERM", "xterm")  # (Docker's exec -t sets it too)
+        return argv, env
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+class _Session:
+    """One command: its process, its terminal or pipes, and the frames both ways."""
+
+    def __init__(self, executor: Executor, ws: web.WebSocketResponse, pid: int,
+                 request: ExecRequest) -> None:
+        self.ex, self.ws, self.pid, self.req = executor, ws, pid, request
+        self.master: int | None = None  # the terminal's master (tty)
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def run(self) -> int:
+        assert self.ex._helper is not None
+        helper = os.open(self.ex._helper, os.O_RDONLY | os.O_CLOEXEC)
+        ours = theirs = None
+        try:
+            if self.req.tty:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            argv, env = self.ex.argv(self.pid, self.req, helper,
+                                     theirs.fileno() if theirs is not None else None)
+            pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, start_new_session=True,
+                stdin=pipe if self.req.stdin and not self.req.tty else null,
+                stdout=null if self.req.tty else pipe, stderr=pipe,
+                pass_fds=(helper,) + ((theirs.fileno(),) if theirs is not None else ()))
+        finally:
+            os.close(helper)
+            if theirs is not None:
+                theirs.close()
+        try:
+            if ours is not None:
+                self.master = await self._receive_master(ours)
+            return await self._pump()
+        finally:
+            await self._end()
+
+    async def _receive_master(self, sock: socket.socket) -> int | None:
+        """The terminal's master from execdrop; None when it failed first (its stderr says
+        why, and the exit status follows)."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+                        break
+                    except BlockingIOError:
+                        fut = loop.create_future()
+                        loop.add_reader(sock.fileno(), fut.set_result, None)
+                        try:
+                            await fut
+                        finally:
+                            loop.remove_reader(sock.fileno())
+        except TimeoutError:
+            return None
+        finally:
+            sock.close()
+        if not fds:
+            return None
+        os.set_blocking(fds[0], False)
+        fcntl.ioctl(fds[0], termios.TIOCSWINSZ,
+                    struct.pack("HHHH", self.req.rows, self.req.cols, 0, 0))
+        return fds[0]
+
+    async def _pump(self) -> int:
+        proc = self.proc
+        assert proc is not None
+        outputs = []
+        if self.master is not None:
+            outputs.append(asyncio.create_task(self._read_master()))
+        if proc.stdout is not None:
+            outputs.append(asyncio.create_task(self._read_pipe(proc.stdout, STDOUT)))
+        assert proc.stderr is not None
+        outputs.append(asyncio.create_task(self._read_pipe(proc.stderr, STDERR)))
+        inputs = asyncio.create_task(self._read_client())
+        waiter = asyncio.create_task(proc.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, inputs}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:  # the client went away: end the command
+                self._kill()
+                await waiter
+                return _code(proc.returncode)
+            # the command ended: what it wrote last, then the status
+            await asyncio.wait(outputs, timeout=DRAIN_AFTER_EXIT)
+            return _code(proc.returncode)
+        finally:
+            for t in (*outputs, inputs, waiter):
+                t.cancel()
+            await asyncio.gather(*outputs, inputs, waiter, return_exceptions=True)
+
+    async def _read_pipe(self, stream: asyncio.StreamReader, channel: int) -> None:
+        while chunk := await stream.read(65536):
+            await self._send(channel, chunk)
+
+    async def _read_master(self) -> None:
+        loop = asyncio.get_running_loop()
+        master = self.master
+        assert master is not None
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                fut = loop.create_future()
+                loop.add_reader(master, fut.set_result, None)
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(master)
+                continue
+            except OSError:  # EIO: no process holds the terminal any more
+                return
+            if not chunk:
+                return
+            await self._send(STDOUT, chunk)
+
+    async def _send(self, channel: int, data: bytes) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.send_bytes(bytes([channel]) + data)
+
+    async def _read_client(self) -> None:
+        """Frames from the client until it closes: stdin, its end, resizes."""
+        proc = self.proc
+        assert proc is not None
+        async for msg in self.ws:
+            if msg.type is not aiohttp.WSMsgType.BINARY or not msg.data:
+                continue
+            channel, payload = msg.data[0], msg.data[1:]
+            if channel == STDIN and self.req.stdin:
+                await self._write_stdin(payload)
+            elif channel == RESIZE and self.master is not None:
+                with contextlib.suppress(ValueError, TypeError, OSError):
+                    size = json.loads(payload)
+                    rows, cols = int(size["rows"]), int(size["cols"])
+                    if 1 <= rows <= 9999 and 1 <= cols <= 9999:
+                        fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                                    struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def _write_stdin(self, payload: bytes) -> None:
+        proc = self.proc
+        assert proc is not None
+        if self.master is not None:  # (a terminal's end of input: its EOF character, ^D)
+            with contextlib.suppress(OSError):
+                os.write(self.master, payload or b"\x04")
+            return
+        if proc.stdin is None or proc.stdin.is_closing():
+            return
+        try:
+            if payload:
+                proc.stdin.write(payload)
+                await proc.stdin.drain()
+            else:
+                proc.stdin.close()
+        except (ConnectionError, RuntimeError):
+            return
+
+    def _kill(self) -> None:
+        """The client left: hang up the terminal (a shell on it exits), kill the rest."""
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def _end(self) -> None:
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(proc.wait())
+
+
+def _code(returncode: int | None) -> int:
+    if returncode is None:
+        return -1
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ------------------------------------------------------------------------------ the relay
+
+async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any,
+                api_addr: str, node_id: str, task_id: str, request: ExecRequest) -> None:
+    """A manager's part for a task on another node: the same session with that node's agent
+    (its peer route ``/v1/cluster/exec``, this node's certificate), frames copied both ways
+    until either side ends; the node's status frame reaches the client as it is."""
+    url = f"https://{api_addr}/v1/cluster/exec"
+    try:
+        peer = await http.ws_connect(url, ssl=ctx, server_hostname=pki.node_hostname(node_id),
+                                     max_msg_size=1 << 20, timeout=aiohttp.ClientWSTimeout(
+                                         ws_close=5))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach the task's node ({api_addr}): {exc}") from None
+    try:
+        await peer.send_str(json.dumps({"task": task_id, **request.to_json()}))
+
+        async def down() -> None:  # node → client
+            async for msg in peer:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+
+        async def up() -> None:  # client → node
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    await peer.send_bytes(msg.data)
+
+        tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await peer.close()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.close()
+
+
+# ------------------------------------------------------------------------------ the routes
+
+def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
+             peer_of: Callable[[web.Request], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The API's handlers: ``task_exec`` (the CLI's, local and remote listeners) and
+    ``cluster_exec`` (the peer listener's: a manager relaying a session to this node)."""
+
+    async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest) -> int:
+        return await executor.run_local(ws, running_pid(runtime.status(task.id), task),
+                                        request)
+
+    async def task_exec(req: web.Request) -> web.StreamResponse:
+        async def start(ws: web.WebSocketResponse) -> int | None:
+            request = ExecRequest.parse(await first_message(ws))
+            if ctx.identity is None or ctx.store is None:
+                raise Conflict("this node is not part of a cluster", "task")
+            snap = ctx.store.snapshot()
+            task = find_task(snap, req.match_info["ref"])
+            if task.status.state is not TaskState.RUNNING:
+                raise Conflict(f"task {task.name} ({task.id}) is not running (it is "
+                               f"{task.status.state.lower()})", "task")
+            if task.node_id == ctx.identity.node_id:
+                return await local(ws, task, request)
+            node = snap.nodes.get(task.node_id)
+            name = node.hostname if node is not None else task.node_id
+            if ctx.raft is None or node is None or ctx.http is None:
+                raise Conflict(f"task {task.name} runs on node {name}: run exec against a "
+                               "manager (or on that node)", "task")
+            await relay(ws, ctx.http, security.require_client(), node.api_addr, node.id,
+                        task.id, request)
+            return None
+        return await serve(req, start)
+
+    async def cluster_exec(req: web.Request) -> web.StreamResponse:
+        security.authorize(peer_of(req), manager=True)  # (before the upgrade: 401/403)
+
+        async def start(ws: web.WebSocketResponse) -> int | None:
+            raw = await first_message(ws)
+            request = ExecRequest.parse(raw)
+            snap = ctx.store.snapshot() if ctx.store is not None else None
+            task = snap.tasks.get(raw.get("task")) if snap is not None else None
+            if task is None:
+                # (this node's state may lag the manager's by a moment: the runtime knows)
+                tid = raw.get("task")
+                status = runtime.status(tid) if isinstance(tid, str) else None
+                if status is None:
+                    raise NotFound(f"no task {tid!r} on this node", "task")
+                return await executor.run_local(ws, running_pid(status, None), request)
+            return await local(ws, task, request)
+        return await serve(req, start)
+
+    return {"task_exec": task_exec}, {"cluster_exec": cluster_exec}
+
+
+def running_pid(status: Any, task: Task | None) -> int:
+    """The host pid of ``task``'s init from the runtime's ``status``; Conflict if none."""
+    if status is None or status.state is not RunState.RUNNING or not status.pid:
+        what = f"task {task.name} ({task.id})" if task is not None else "the task"
+        raise Conflict(f"{what} is not running on this node", "task")
+    return int(status.pid)
+
+
+__all__ = ["MAX_SESSIONS", "ExecRequest", "Executor", "find_task", "first_message", "handlers",
+           "relay", "running_pid", "serve"]

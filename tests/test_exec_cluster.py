@@ -1,0 +1,92 @@
+"""`shoal exec` (node/execs.py, cli/execcli.py) in a real two-host cluster: a command in a
+running task's namespaces, cgroups and root with its credentials and environment, on the
+node that runs it or relayed there by a manager; `-i` (stdin), `-t` (a terminal of the
+task's own devpts), `-u`, `-w`, `-e`; the exit code as the CLI's; what a worker and an
+unknown task answer.
+
+Hosts are network namespaces (tests/netlab.py) running real agents; the tasks run busybox.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from test_runtime_cluster import import_busybox
+
+from netlab import Host, Lab, wait_until
+
+
+def _task_on(h: Host, svc: str, node: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        return next((t for t in h.cli_json("service", "ps", svc)
+                     if t["node"] == node and t["state"] == "running"), None)
+    found = wait_until(find, timeout=60, what=f"{svc}'s task running on {node}")
+    assert found is not None
+    return found
+
+
+def _exec(h: Host, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    """`shoal exec ARGS` on ``h``: (exit code, stdout, stderr); ``stdin`` piped in."""
+    cli = shlex.join([*h.shoal_argv, "-H", f"unix://{h.sock}", "exec", *args])
+    if stdin is not None:
+        cli = f"printf %s {shlex.quote(stdin)} | {cli}"
+    res = h.run("sh", "-c", cli, check=False, timeout=60)
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
+        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    lab.form_cluster(managers=1, workers=1)
+    h1, h2 = lab.hosts
+    import_busybox(h1, tmp_path)
+    h1.cli("service", "create", "--name", "web", "--mode", "global", "--image", "busybox:1",
+           "-e", "FROM_SPEC=yes", "--user", "app", "--", "sh", "-c",
+           "echo started; sleep 100000")
+    local, remote = _task_on(h1, "web", "h1"), _task_on(h1, "web", "h2")
+    probe = ("echo host=$(hostname) uid=$(id -u) spec=$FROM_SPEC extra=$EXTRA dir=$(pwd); "
+             "cat /proc/1/cmdline | tr '\\0' ' '; echo; exit 3")
+    for task in (local, remote):  # (h2's task: relayed by the manager h1)
+        code, out, err = _exec(h1, "-e", "EXTRA=1", task["name"], "sh", "-c", probe)
+        assert code == 3, (task["node"], out, err)
+        assert "uid=1000 spec=yes extra=1 dir=/" in out and "host=h1 " not in out, out
+        assert "tini -- sh -c echo started" in out, out  # the task's own pid 1 (tini)
+    # the task id, a prefix, Docker's SERVICE.SLOT.ID; -u and -w
+    code, out, _ = _exec(h1, "-u", "root", "-w", "/tmp", remote["id"][:8], "sh", "-c",
+                         "id -u; pwd")
+    assert (code, out.split()) == (0, ["0", "/tmp"]), out
+    code, out, _ = _exec(h1, f"{remote['name']}.{remote['id']}", "echo", "by-container-name")
+    assert (code, out) == (0, "by-container-name\n")
+    # -i: stdin to the command, its end too (cat ends)
+    code, out, _ = _exec(h1, "-i", remote["name"], "cat", stdin="hello from stdin\n")
+    assert (code, out) == (0, "hello from stdin\n")
+    # -t: a terminal of the task's own devpts, stderr on it too
+    code, out, _ = _exec(h1, "-t", remote["name"], "sh", "-c", "tty; echo err >&2")
+    assert code == 0 and out.replace("\r\n", "\n").split() == ["/dev/pts/0", "err"], out
+    # -i -t: a shell reading its terminal, which the piped input reaches
+    code, out, _ = _exec(h1, "-i", "-t", remote["name"], "sh", stdin="echo hi $((6*7))\nexit 7\n")
+    assert code == 7 and "hi 42" in out, out
+    # a client that goes away ends its command in the task (relayed: the manager's socket
+    # to the node closes too)
+    cli = shlex.join([*h1.shoal_argv, "-H", f"unix://{h1.sock}", "exec", remote["name"],
+                      "sleep", "4242"])
+    h1.run("sh", "-c", f"timeout -s KILL 3 {cli}", check=False, timeout=30)
+    wait_until(lambda: "sleep 4242" not in _exec(h1, remote["name"], "sh", "-c",
+               "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1] or None, timeout=10,
+               what="the exec's sleep to end with its client")
+    # the task's pid namespace: its own processes, the exec's
+    code, out, _ = _exec(h1, remote["name"], "sh", "-c",
+                         "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
+    assert code == 0 and "sleep 100000" in out and len(out.splitlines()) < 8, out
+    # errors: a command the task lacks, an unknown task, a worker asked for another node's
+    code, _, err = _exec(h1, remote["name"], "no-such-command")
+    assert code == 127 and "no-such-command" in err, err
+    code, _, err = _exec(h1, "nope.9", "echo")
+    assert code != 0 and "no task 'nope.9'" in err, err
+    code, _, err = _exec(h2, local["name"], "echo")
+    assert code != 0 and "runs on node h1" in err and "manager" in err, err
+    code, out, _ = _exec(h2, remote["name"], "echo", "on-the-worker-itself")
+    assert (code, out) == (0, "on-the-worker-itself\n")

@@ -1,0 +1,74 @@
+"""node/execs.py without a cluster: the exec request's checks (each names its field), how a
+task is named (id, unique prefix, SERVICE.SLOT, Docker's SERVICE.SLOT.ID), and the role an
+exec needs (operator, though its WebSocket opens with a GET)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound
+from shoal.node.execs import ExecRequest, find_task
+from shoal.node.users import required_role
+from shoal.raft.models import Task, TaskState, TaskStatus
+from shoal.raft.spec import TaskSpec
+from shoal.raft.state import ClusterState
+
+
+def _task(tid: str, slot: int, state: TaskState, created: float) -> Task:
+    return Task(id=tid, service_id="s1", service_name="web", slot=slot, spec=TaskSpec(),
+                service_version=1, node_id="n1", created_at=created,
+                status=TaskStatus(state=state, timestamp=created))
+
+
+SNAP = ClusterState(tasks={t.id: t for t in (
+    _task("aaaa1111", 1, TaskState.FAILED, 1.0),    # web.1's history
+    _task("aaaa2222", 1, TaskState.RUNNING, 2.0),   # web.1 now
+    _task("bbbb3333", 2, TaskState.RUNNING, 3.0),
+)}).snapshot()
+
+
+@pytest.mark.parametrize(("ref", "expected"), [
+    ("bbbb3333", "bbbb3333"), ("web.1", "aaaa2222"), ("web.2", "bbbb3333"),
+    ("web.1.aaaa1111", "aaaa1111"), ("bbbb", "bbbb3333"), ("aaaa2", "aaaa2222"),
+])  # fmt: skip
+def test_a_task_is_named_as_docker_and_service_ps_name_it(ref: str, expected: str) -> None:
+    assert find_task(SNAP, ref).id == expected
+
+
+@pytest.mark.parametrize(("ref", "error", "message"), [
+    ("aaaa", Conflict, "ambiguous"), ("web.3", NotFound, "no task 'web.3'"),
+    ("abc", NotFound, "no task"), ("web.2.aaaa1111", NotFound, "no task"),
+])  # fmt: skip
+def test_an_unknown_or_ambiguous_name_is_refused(ref: str, error: type[ApiError],
+                                                 message: str) -> None:
+    with pytest.raises(error, match=message) as exc:
+        find_task(SNAP, ref)
+    assert exc.value.field == "task"
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({}, "cmd"), ({"cmd": []}, "cmd"), ({"cmd": ["sh", 1]}, "cmd"), ({"cmd": [""]}, "cmd"),
+    ({"cmd": ["a\0b"]}, "cmd"), ({"cmd": ["sh"], "tty": "yes"}, "tty"),
+    ({"cmd": ["sh"], "stdin": 1}, "stdin"), ({"cmd": ["sh"], "user": 0}, "user"),
+    ({"cmd": ["sh"], "workdir": "tmp"}, "workdir"), ({"cmd": ["sh"], "env": {"A=B": "1"}}, "env"),
+    ({"cmd": ["sh"], "env": ["A=1"]}, "env"), ({"cmd": ["sh"], "rows": 0}, "rows"),
+    ({"cmd": ["sh"], "cols": True}, "cols"), ([], ""),
+])  # fmt: skip
+def test_a_bad_exec_request_is_refused_naming_its_field(raw: Any, field: str) -> None:
+    with pytest.raises(BadRequest) as exc:
+        ExecRequest.parse(raw)
+    assert exc.value.field == field
+
+
+def test_a_request_round_trips_for_the_relay() -> None:
+    req = ExecRequest.parse({"cmd": ["sh", "-c", "x"], "tty": True, "stdin": True,
+                             "user": "app", "workdir": "/w", "env": {"A": "1"}, "rows": 50,
+                             "cols": 132})
+    assert ExecRequest.parse(req.to_json()) == req
+
+
+def test_an_exec_needs_the_operator_role_though_it_opens_with_a_get() -> None:
+    assert required_role("task_exec") == "operator"
+    assert required_role("service_ps") == "viewer"
