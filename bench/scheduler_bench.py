@@ -16,7 +16,8 @@ in memory and timing, in this one process pinned to one core (``--cpu``):
 * ``steady``     — ``plan_pass`` with nothing to do over 100,000 running tasks (100 services)
   on N nodes: the cost a leader pays every 0.5 s on a quiet cluster, as a whole pass and
   with the leader's PassIndex (what it does from its second pass on); then with the index
-  after 100 tasks of 10 services failed (the pass replaces them: restart delay 0).
+  after 100 tasks of 10 services failed (the pass replaces them: restart delay 0), and
+  after 10 nodes died (gossip's verdict: the pass takes them down and replaces their tasks).
 
 Figures are the best of ``--repeat`` runs (least disturbed by the other processes sharing
 the machine). Must not touch: the network, Raft, the runtime; it never writes anything.
@@ -205,6 +206,26 @@ def bench_steady(n: int, repeat: int, tasks: int = 100_000, services: int = 100)
     secs = min(timings)
     print(f"steady     nodes={n:>6} tasks={tasks:>6} {'indexed, 100 fail':<17} "
           f"{secs * 1000:9.1f} ms  ops={len(ops)}")
+    # 10 nodes die (gossip's verdict): the pass takes them DOWN and replaces their tasks —
+    # the leader's part of the scale lab's "kill 10 workers"
+    view = dict.fromkeys(nodes, "alive")
+    for nid in node_ids[:10]:
+        view[nid] = "dead"
+
+    def after_deaths() -> list[Any]:
+        idx = index_cls()
+        plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), index=idx)  # primed, untimed
+        plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), index=idx)
+        gc.collect()
+        t0 = time.perf_counter()
+        ops, _ = plan_pass(snap, seen, NOW, NOW, OrchestratorConfig(), gossip=view, index=idx)
+        timings.append(time.perf_counter() - t0)
+        return ops
+
+    timings.clear()
+    _, ops = best_of(repeat, after_deaths)
+    print(f"steady     nodes={n:>6} tasks={tasks:>6} {'indexed, 10 die':<17} "
+          f"{min(timings) * 1000:9.1f} ms  ops={len(ops)}")
 
 
 def main() -> None:
