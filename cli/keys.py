@@ -42,12 +42,15 @@ def duration(text: str) -> float:
 
 
 def add_parser(sub: Any) -> None:
-    sw = sub.add_parser("swarm", help="cluster settings: autolock")
+    sw = sub.add_parser("swarm", help="cluster settings: autolock, task history")
     swsub = sw.add_subparsers(dest="swarm_cmd", required=True, parser_class=type(sw))
     su = swsub.add_parser("update", help="change cluster settings")
     su.add_argument("--autolock", type=_bool, default=None, metavar="true|false",
                     help="encrypt the managers' keys at rest under an unlock key (printed "
                          "once): a restarted manager then waits for `shoal unlock`")
+    su.add_argument("--task-history-limit", type=int, default=None, metavar="N",
+                    help="dead tasks kept per slot (`service ps` shows them; default 3; "
+                         "Docker's default is 5)")
     rk = swsub.add_parser("rotate-key", help="new managers' keys: the sealing key (secrets, "
                           "the CA key and join tokens re-sealed) and the Raft secret (every "
                           "manager switches over without downtime); removed or demoted "
@@ -109,13 +112,17 @@ def run(c: Any, args: argparse.Namespace) -> None:
         if not args.sealing_only:
             _rotate_raft_secret(c, args)
     elif args.cmd == "swarm":
-        if args.autolock is None:
-            raise CliError("nothing to update: give --autolock=true|false")
-        r = c.call("POST", "/v1/swarm/update", {"autolock": args.autolock})
+        if args.autolock is None and args.task_history_limit is None:
+            raise CliError("nothing to update: give --autolock=true|false or "
+                           "--task-history-limit N")
+        r = c.call("POST", "/v1/swarm/update", {"autolock": args.autolock,
+                                                "task_history_limit": args.task_history_limit})
+        if args.task_history_limit is not None:
+            print(f"Task history limit: {r.get('task_history_limit')} per slot.")
         if r.get("unlock_key"):
             print("Autolock is on.")
             _print_key(str(r["unlock_key"]), False)
-        else:
+        elif args.autolock is not None:
             print(f"Autolock is {'on' if r['autolock'] else 'off'}.")
     elif args.cmd == "unlock":
         key = _read_key()

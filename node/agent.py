@@ -486,6 +486,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
                        gossip=self.gossip.info(),
                        schema=upgrade.SCHEMA,
                        cluster_schema=upgrade.cluster_schema(self.store.snapshot()),
+                       task_history_limit=self.store.snapshot().cluster.task_history_limit,
                        network=self.mesh.describe() if self.mesh is not None else None)
             refused = self.dispatcher.refused
             if refused is not None and time.monotonic() - refused[1] > REMOVED_AFTER:

@@ -184,6 +184,9 @@ class SwarmUpdateRequest(_Body):
     autolock: Annotated[bool | None, _d("true: encrypt the managers' keys at rest under a new "
                                         "unlock key (shown once); false: store them in the "
                                         "clear; null: unchanged")] = None
+    task_history_limit: Annotated[int | None, _d(
+        "dead tasks kept per slot, 0 to 1000 (Swarm's TaskHistoryRetentionLimit; needs "
+        "cluster schema 8); null: unchanged")] = None
 
 
 class UnlockRequest(_Body):

@@ -92,6 +92,8 @@ from shoal.node.sealing import (
 from shoal.node.source import after_applied
 from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.raftkeys import secret_id
+from shoal.raft.schema import GATED_COMMANDS
+from shoal.raft.secops import MAX_TASK_HISTORY
 from shoal.raft.state import Snapshot
 
 
@@ -205,9 +207,27 @@ class KeyManager:
         except SealError as exc:
             raise Unavailable(f"cannot read the unlock key: {exc}") from exc
 
-    async def update(self, autolock: Any) -> dict[str, Any]:
-        """`swarm update --autolock=true|false`; the key is shown once, when turned on."""
+    async def update(self, autolock: Any, task_history_limit: Any = None) -> dict[str, Any]:
+        """`swarm update --autolock=true|false` (the key is shown once, when turned on) and
+        `--task-history-limit N` (the cluster's ``cluster_update``, schema 8)."""
         store = self.ctx.require_manager()
+        if task_history_limit is not None:
+            await self._task_history(store, task_history_limit)
+        limit = store.snapshot().cluster.task_history_limit
+        return {**(await self._autolock(store, autolock)), "task_history_limit": limit}
+
+    async def _task_history(self, store: Any, limit: Any) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not \
+                0 <= limit <= MAX_TASK_HISTORY:
+            raise BadRequest(f"task_history_limit must be a number from 0 to "
+                             f"{MAX_TASK_HISTORY}", "task_history_limit")
+        if store.snapshot().cluster.schema < GATED_COMMANDS["cluster_update"]:
+            raise Conflict("the task history limit needs cluster schema "
+                           f"{GATED_COMMANDS['cluster_update']}: upgrade every node first",
+                           "task_history_limit")
+        await self.ctx.propose({"op": "cluster_update", "task_history_limit": limit})
+
+    async def _autolock(self, store: Any, autolock: Any) -> dict[str, Any]:
         if autolock is None:
             return {"autolock": bool(store.snapshot().cluster.unlock_key), "unlock_key": ""}
         if not isinstance(autolock, bool):
@@ -513,7 +533,8 @@ class KeyManager:
         """The CLI's routes (shoal.node.openapi), by operation id; ``body`` reads a request's
         JSON object (shoal.node.api)."""
         async def update(req: web.Request) -> Any:
-            return await self.update((await body(req)).get("autolock"))
+            b = await body(req)
+            return await self.update(b.get("autolock"), b.get("task_history_limit"))
 
         async def unlock(req: web.Request) -> Any:
             return await self.unlock((await body(req)).get("key"))

@@ -408,6 +408,9 @@ class LeaderLoop:
             self.heartbeats[node_id] = mono + self.config.join_grace
         liveness = led_for >= self.config.leadership_grace
         config = self.config
+        limit = snap.cluster.task_history_limit  # (`swarm update --task-history-limit`)
+        if limit is not None and limit != config.task_history:
+            config = dataclasses.replace(config, task_history=limit)
         stretch = heartbeat_stretch(len(snap.nodes), self.heartbeat_interval,
                                     config.max_heartbeats_per_second)
         if stretch > 1.0:  # nodes beat less often in a big cluster: judged as patiently

@@ -323,9 +323,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/swarm/leave", "swarm_leave", "leave the cluster", "cluster",
           body=bodies.LeaveRequest, reply=_obj("", node_id=STR, left=BOOL), errors=(409, 503)),
     # ---- manager key safety (shoal.node.keys): autolock, unlock, unlock key
-    Route("POST", "/v1/swarm/update", "swarm_update", "change cluster settings: autolock "
-          "(`swarm update --autolock`)", "cluster", body=bodies.SwarmUpdateRequest,
-          reply=_obj("", autolock=BOOL, unlock_key=STR), errors=CLUSTER,
+    Route("POST", "/v1/swarm/update", "swarm_update", "change cluster settings: autolock, "
+          "the task history limit (`swarm update`)", "cluster", body=bodies.SwarmUpdateRequest,
+          reply=_obj("", autolock=BOOL, unlock_key=STR,
+                     task_history_limit=_nullable(INT)), errors=CLUSTER,
           description="`unlock_key` is shown once, when autolock is turned on"),
     Route("POST", "/v1/swarm/unlock", "swarm_unlock", "unlock a locked manager "
           "(`shoal unlock`)", "cluster", body=bodies.UnlockRequest,

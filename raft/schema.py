@@ -27,7 +27,8 @@ Schema history::
        (``GATED_VALUES``); a container's log settings ``log_driver``, ``log_options``;
        ports published in host mode, ``endpoint.host_ports``.
     8  a container's terminal and labels: ``task.container.tty``, ``stdin_open``,
-       ``oom_score_adj``, ``labels``.
+       ``oom_score_adj``, ``labels``; the ``cluster_update`` command (the cluster's task
+       history limit, ``ClusterInfo.task_history_limit``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -91,7 +92,7 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # top-level commands an older node does not know: the schema from which they may be written
-GATED_COMMANDS: dict[str, int] = {"task_statuses": 3}
+GATED_COMMANDS: dict[str, int] = {"task_statuses": 3, "cluster_update": 8}
 
 # schema-1 flat field → its path in today's ServiceSpec
 V1_PATHS: dict[str, str] = {

@@ -1,11 +1,12 @@
 """The security and access commands of the state machine: the cluster CA and its rotation,
-autolock, the managers' key rotation, client certificates, users, secrets and configs.
+autolock, the managers' key rotation, client certificates, users, secrets and configs; and
+`swarm update`'s other cluster settings (``cluster_update``).
 
 Owns: those command handlers (``ca_init``, ``ca_rotate_*``, ``cluster_autolock``,
-``manager_key_rotate``, ``client_cert_*``, ``user_*``, ``secret_*``, ``config_*``) and
-``MAX_FILE_BYTES``. Like every handler of shoal.raft.state it is pure and deterministic (no
-I/O, no clock, no randomness: all of it comes inside the command) and raises only
-``Rejected``/``ValidationError``, which ``ClusterState.apply`` records. Values arrive sealed
+``cluster_update``, ``manager_key_rotate``, ``client_cert_*``, ``user_*``, ``secret_*``,
+``config_*``) and ``MAX_FILE_BYTES``. Like every handler of shoal.raft.state it is pure and
+deterministic (no I/O, no clock, no randomness: all of it comes inside the command) and raises
+only ``Rejected``/``ValidationError``, which ``ClusterState.apply`` records. Values arrive sealed
 under the managers' key (shoal.node.security, shoal.node.secrets): the state never sees a key.
 Must not touch: the op dispatch (``shoal.raft.state._HANDLERS`` maps op names to these), the
 rest of the state (nodes, tasks, networks…), sealing, pysyncobj, the network.
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from shoal.raft.errors import Rejected
 from shoal.raft.models import USER_ROLES, Config, Node, Secret, Service, User
+from shoal.raft.schema import GATED_COMMANDS
 from shoal.raft.validate import ID_RE, validate_object_name
 
 # Largest secret or config value (Docker's limit); sealing adds 29 bytes.
@@ -52,6 +54,21 @@ def cluster_autolock(state: ClusterState, cmd: dict[str, Any]) -> None:
     if not isinstance(key, str):
         raise Rejected("invalid", "unlock_key must be sealed text or empty", "unlock_key")
     state.cluster = replace(state.cluster, unlock_key=key)
+
+
+MAX_TASK_HISTORY = 1000
+
+
+def cluster_update(state: ClusterState, cmd: dict[str, Any]) -> None:
+    """`swarm update`'s cluster settings: ``task_history_limit`` (None: the default)."""
+    if state.cluster.schema < GATED_COMMANDS["cluster_update"]:
+        raise Rejected("invalid", "unknown op 'cluster_update'", "op")  # (as schema 7 does)
+    limit = cmd.get("task_history_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or not 0 <= limit <= MAX_TASK_HISTORY):
+        raise Rejected("invalid", f"task_history_limit must be a number from 0 to "
+                       f"{MAX_TASK_HISTORY}", "task_history_limit")
+    state.cluster = replace(state.cluster, task_history_limit=limit)
 
 
 def ca_rotate_start(state: ClusterState, cmd: dict[str, Any]) -> None:

@@ -161,6 +161,9 @@ class ClusterInfo:
     raft_next_key_id: str = ""
     raft_phase: str = ""
     raft_acks: dict[str, int] = field(default_factory=dict)
+    # dead tasks kept per slot (`swarm update --task-history-limit`, Swarm's
+    # TaskHistoryRetentionLimit); None = the leader's default (OrchestratorConfig.task_history)
+    task_history_limit: int | None = None
 
 
 @dataclass
@@ -783,6 +786,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "mqtt_set": mqtt_set,
     "mqtt_unset": mqtt_unset,
     "cluster_autolock": secops.cluster_autolock,
+    "cluster_update": secops.cluster_update,
     "ca_rotate_start": secops.ca_rotate_start,
     "ca_rotate_ack": secops.ca_rotate_ack,
     "ca_rotate_phase": secops.ca_rotate_phase,
