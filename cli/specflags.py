@@ -165,16 +165,18 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"remove from: {d.help}".replace("%", "%%"))
         elif d.cli == "choice":
             parser.add_argument(d.flag, choices=d.choices, dest=_dest(d), **kw)
-        elif d.cli == "flag":
-            parser.add_argument(d.flag, action="store_true", default=None, dest=_dest(d), **kw)
+        elif d.cli == "flag":  # (docker's update takes -t too)
+            parser.add_argument(d.flag, *([d.short] if d.short else []), action="store_true",
+                                default=None, dest=_dest(d), **kw)
             _add_bool_values(parser, d)
         elif d.cli == "struct":  # --X KEY=V,... (the keys given replace theirs), --X-rm: off
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
             parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
                                 help=f"turn {d.flag} off")
-        else:
-            parser.add_argument(d.flag, *ALIASES.get(d.flag, ()), dest=_dest(d),
-                                metavar=_metavar(d), **kw)
+        else:  # (docker's update takes -u and -w too)
+            parser.add_argument(d.flag, *([d.short] if d.short else []),
+                                *ALIASES.get(d.flag, ()), dest=_dest(d), metavar=_metavar(d),
+                                **kw)
     parser.add_argument("--init", action="store_true", help="accepted as docker's: every task "
                         "has an init (tini) as its PID 1")
     parser.add_argument("--force", action="store_true", help="redeploy even if nothing changed")

@@ -546,5 +546,7 @@ def test_an_update_keeps_the_switches_it_does_not_name() -> None:
         assert (c.tty, c.stdin_open, c.read_only) == (True, True, True), flags
     c = update("--tty=false")
     assert (c.tty, c.stdin_open, c.read_only) == (False, True, True)
+    c = update("-u", "app", "-w", "/srv")  # (docker's update shorthands, -t too)
+    assert (c.user, c.workdir, c.tty) == ("app", "/srv", True)
     assert not update("--health-cmd", "true").healthcheck.disable
     assert update("--image", "busybox:2").healthcheck.disable
