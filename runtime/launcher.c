@@ -621,6 +621,14 @@ static int open_console(int sock) {
     if (term < 0) die(125, "tty: cannot open the terminal: %s", strerror(errno));
     struct winsize ws = {.ws_row = 24, .ws_col = 80};
     if (ioctl(term, TIOCSWINSZ, &ws)) die(125, "tty: cannot size it: %s", strerror(errno));
+    /* /dev/console is the terminal too, as runc binds it (what writes to the console reaches
+     * the log); /dev is the task's own tmpfs */
+    int n;
+    char pts[64];
+    if (ioctl(master, TIOCGPTN, &n)) die(125, "tty: cannot name it: %s", strerror(errno));
+    snprintf(pts, sizeof pts, "/dev/pts/%d", n);
+    if (mount(pts, "/dev/console", NULL, MS_BIND, NULL)) /* (the plan made the file) */
+        die(125, "tty: cannot bind it at /dev/console: %s", strerror(errno));
     char byte = 'T';
     struct iovec iov = {&byte, 1};
     union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;

@@ -544,6 +544,7 @@ class ProcessController:
                 workdir=cfg.workdir or "/",
                 read_only=cfg.read_only,
                 sysctls=cfg.sysctls,
+                console=cfg.tty,
             )
             return bytearray(spec.encode())
 

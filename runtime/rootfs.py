@@ -323,11 +323,13 @@ def build_plan(
     *,
     read_only: bool = False,
     sysctls: Iterable[tuple[str, str]] = (),
+    console: bool = False,
 ) -> None:
     """Append the mount plan for one task to ``spec``. A ``workdir`` the root (or a mount)
     lacks is created, owned by root, mode 0755, as Docker does; one that exists is left as it
     is. ``read_only``: an image's root is made read-only last, that mount only (the default
-    root always is). ``sysctls``: (dotted key, value) written through the task's /proc."""
+    root always is). ``sysctls``: (dotted key, value) written through the task's /proc.
+    ``console``: an empty dev/console, where the launcher binds a tty task's terminal."""
     root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
     # 0. the staging tmpfs: the root's mount point, the init layer, the files
@@ -404,6 +406,8 @@ def build_plan(
     )  # fmt: skip
     spec.mount("root", "dev/mqueue", "mqueue", "mqueue", nosuid_nodev | MS_NOEXEC, optional=True)
     spec.bind(plan.tini, INIT_IN_TASK.lstrip("/"), kind="file", flags=MS_RDONLY | nosuid_nodev)
+    if console:
+        spec.write("root", "dev/console", 0o600, 0, 0, b"")
     spec.remount("root", "dev", MS_RDONLY | dev_flags, "mode=755,size=64k")
     # 4. /sys (read-only; this net namespace's view)
     spec.mount("root", "sys", "sysfs", "sysfs", MS_RDONLY | nosuid_nodev | MS_NOEXEC,

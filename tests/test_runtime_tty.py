@@ -58,10 +58,12 @@ async def test_a_tty_task_writes_to_a_terminal_of_its_own_that_the_stdout_log_ke
     it there), which is the controlling terminal (/dev/tty opens); stderr's lines reach the
     stdout log too, each without the terminal's carriage return."""
     script = ("test -t 0 && test -t 1 && test -t 2 && echo all-three; tty; "
-              ": < /dev/tty && echo controlling; echo to-stderr >&2")
+              ": < /dev/tty && echo controlling; echo to-stderr >&2; "
+              "echo via-console > /dev/console")
     st, out, err = await run_to_end(ctl, task("tty1", "sh", "-c", script, tty=True))
     assert st.exit_code == 0, (out, err)
-    assert out.splitlines() == ["all-three", "/dev/pts/0", "controlling", "to-stderr"]
+    assert out.splitlines() == ["all-three", "/dev/pts/0", "controlling", "to-stderr",
+                                "via-console"]
     assert err == "" and "\r" not in out
 
 
