@@ -188,6 +188,15 @@ def run_demo(lab: Lab, timeout: float) -> None:
         print(f"    update completed; {len(before & live_ids())} of the old tasks left")
         show(h1.cli("service", "ps", SERVICE).stdout)
 
+    say(f"Running a command inside one of {SERVICE}'s tasks on another host, from {h1.name} "
+        "(shoal exec: the manager relays it to the task's node)...")
+    with step("shoal exec"):
+        task = next(t for t in h1.cli_json("service", "ps", SERVICE)
+                    if t["state"] == "running" and t["node"] != h1.name)
+        out = h1.cli("exec", task["name"], "sh", "-c",
+                     'echo "$GREETING from $(hostname)"').stdout
+        print(f"    {task['name']} on {task['node']}: {out.strip()}")
+
     say("Finding the leader...")
     with step("finding the leader"):
         old = wait_until(lambda: leader_of(h1), timeout=timeout, what="one leader in node ls")
