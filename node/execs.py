@@ -35,6 +35,7 @@ import signal
 import socket
 import struct
 import termios
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,21 +46,21 @@ from aiohttp import web
 
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
-from shoal.node.health import _JOIN, _credentials, _environ, cgroup_procs
+from shoal.node.health import HOST_ENV, _environ, enter_argv, env_fd, sealed_helper
 from shoal.raft.models import Task, TaskState
 from shoal.raft.state import Snapshot
 from shoal.runtime.cgroups import CgroupLayout, detect
 from shoal.runtime.launcher import ensure_execdrop
 from shoal.runtime.records import RunState
-from shoal.runtime.rootfs import resolve_user
 
 log = logging.getLogger("shoal.exec")
 
 STDIN, STDOUT, STDERR, STATUS, RESIZE = 0, 1, 2, 3, 4
 MAX_SESSIONS = 32  # exec sessions at once on one node (each holds a process and a socket)
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds for the client to send its request
-DRAIN_AFTER_EXIT = 1.0  # seconds to read a terminal after the command exited (a background
-#                         process may hold it open for ever)
+DRAIN_IDLE = 1.0  # after the command exited, its output is read until this many seconds pass
+#                   without any (a background process may hold its pipes or terminal open)
+HEARTBEAT = 30.0  # seconds between WebSocket pings: a half-open peer frees its session
 _MAX_ARGS = 4096
 
 
@@ -81,7 +82,7 @@ class ExecRequest:
             raise BadRequest("the first message must be a JSON object", "")
         cmd = raw.get("cmd")
         if not isinstance(cmd, list) or not cmd or len(cmd) > _MAX_ARGS or not all(
-                isinstance(a, str) and "\0" not in a for a in cmd) or not cmd[0]:
+                isinstance(a, str) and "\0" not in a and _utf8(a) for a in cmd) or not cmd[0]:
             raise BadRequest("cmd must be the command and its arguments: a non-empty list of "
                              "strings", "cmd")
         out = cls(cmd=list(cmd))
@@ -92,7 +93,7 @@ class ExecRequest:
             setattr(out, name, value)
         for name in ("user", "workdir"):
             value = raw.get(name, "")
-            if not isinstance(value, str) or "\0" in value:
+            if not isinstance(value, str) or "\0" in value or not _utf8(value):
                 raise BadRequest(f"{name} must be a string", name)
             setattr(out, name, value)
         if out.workdir and not out.workdir.startswith("/"):
@@ -100,7 +101,7 @@ class ExecRequest:
         env = raw.get("env", {})
         if not isinstance(env, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-                and "\0" not in k + v for k, v in env.items()):
+                and "\0" not in k + v and _utf8(k + v) for k, v in env.items()):
             raise BadRequest("env must map variable names to strings", "env")
         out.env = dict(env)
         for name in ("rows", "cols"):
@@ -113,6 +114,15 @@ class ExecRequest:
     def to_json(self) -> dict[str, Any]:
         return {"cmd": self.cmd, "tty": self.tty, "stdin": self.stdin, "user": self.user,
                 "workdir": self.workdir, "env": self.env, "rows": self.rows, "cols": self.cols}
+
+
+def _utf8(text: str) -> bool:
+    """Text that can be encoded (JSON lets lone surrogates through)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def find_task(snap: Snapshot, ref: str) -> Task:
@@ -159,7 +169,7 @@ async def first_message(ws: web.WebSocketResponse) -> dict[str, Any]:
         raise BadRequest("the first message must be the exec request as JSON text", "")
     try:
         raw = json.loads(msg.data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the exec request is not JSON: {exc}", "") from None
     if not isinstance(raw, dict):
         raise BadRequest("the exec request must be a JSON object", "")
@@ -170,12 +180,17 @@ async def serve(req: web.Request, start: Callable[[web.WebSocketResponse],
                                                   Awaitable[int | None]]) -> web.StreamResponse:
     """Accept the WebSocket and run ``start(ws)`` (which reads the request and runs or relays
     the session); an error before the command runs is the status frame's ``error``."""
-    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=HEARTBEAT)
     await ws.prepare(req)
     try:
         code = await start(ws)
     except ApiError as exc:
         await _send_status(ws, exc.to_json())
+        return ws
+    except Exception as exc:  # (the stream is a WebSocket now: an HTTP 500 would corrupt it)
+        log.exception("exec session failed")
+        await _send_status(ws, {"error": {"code": "internal", "field": "",
+                                          "message": f"the exec failed: {exc!r}"}})
         return ws
     if code is not None:
         await _send_status(ws, {"exit_code": code})
@@ -192,7 +207,7 @@ class Executor:
         self.cc = cc
         self.nsenter = shutil.which(nsenter) or nsenter
         self._layout: CgroupLayout | None = None
-        self._helper: Path | None = None
+        self._helper_fd: int | None = None  # a sealed memfd copy (health.sealed_helper)
         self.sessions = 0
 
     async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest
@@ -203,45 +218,35 @@ class Executor:
             raise Unavailable(f"this node runs {MAX_SESSIONS} exec sessions already")
         self.sessions += 1
         try:
-            if self._helper is None:
-                self._helper = await asyncio.to_thread(ensure_execdrop, self.helper_dir,
-                                                       self.cc)
+            if self._helper_fd is None:
+                path = await asyncio.to_thread(ensure_execdrop, self.helper_dir, self.cc)
+                if self._helper_fd is None:
+                    self._helper_fd = sealed_helper(path)
             return await _Session(self, ws, pid, request).run()
         finally:
             self.sessions -= 1
 
-    def argv(self, pid: int, request: ExecRequest, helper_fd: int, console_fd: int | None
-             ) -> tuple[list[str], dict[str, str]]:
-        """The host command line and environment (see the module's docstring)."""
+    def argv(self, pid: int, request: ExecRequest, envfd: int, console_fd: int | None
+             ) -> list[str]:
+        """The host command line (health.enter_argv): the user and the working directory are
+        looked up by shoal-execdrop inside the task's root (its /etc/passwd: never read from
+        the host, where its symlinks would resolve against the host's files)."""
         if self._layout is None:
             self._layout = detect()
-        uid, gid, groups, caps = _credentials(pid)
-        if request.user:
-            root = Path(f"/proc/{pid}/root/etc")
-            try:
-                user = resolve_user(request.user, _read(root / "passwd"), _read(root / "group"))
-            except ValueError as exc:
-                raise BadRequest(str(exc), "user") from None
-            uid, gid, groups = user.uid, user.gid, ",".join(str(g) for g in user.groups)
-        procs = cgroup_procs(pid, self._layout)
-        # (--wdns: a directory of the task's root; --wd would open it on the host)
-        wd = [f"--wdns={request.workdir}"] if request.workdir else ["-w"]
-        console = ["--console", str(console_fd)] if console_fd is not None else []
-        argv = ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
-                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", *wd, "--",
-                f"/proc/self/fd/{helper_fd}", *console, str(uid), str(gid), groups, caps,
-                *request.cmd]
+        assert self._helper_fd is not None
+        options = [*(["--user", request.user] if request.user else []),
+                   *(["--workdir", request.workdir] if request.workdir else []),
+                   *(["--console", str(console_fd)] if console_fd is not None else [])]
+        return enter_argv(self.nsenter, self._layout, pid, self._helper_fd, envfd,
+                          request.cmd, options)
+
+    @staticmethod
+    def environment(pid: int, request: ExecRequest) -> dict[str, str]:
+        """The command's: the task's (its init's), ``env`` over it; TERM with a tty."""
         env = {**_environ(pid), **request.env}
         if request.tty:
             env.setdefault("TERM", "xterm")  # (Docker's exec -t sets it too)
-        return argv, env
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
+        return env
 
 
 class _Session:
@@ -252,24 +257,26 @@ class _Session:
         self.ex, self.ws, self.pid, self.req = executor, ws, pid, request
         self.master: int | None = None  # the terminal's master (tty)
         self.proc: asyncio.subprocess.Process | None = None
+        self.active = 0.0  # (monotonic) the last output read or sent
 
     async def run(self) -> int:
-        assert self.ex._helper is not None
-        helper = os.open(self.ex._helper, os.O_RDONLY | os.O_CLOEXEC)
+        assert self.ex._helper_fd is not None
         ours = theirs = None
+        envfd = env_fd(self.ex.environment(self.pid, self.req))
         try:
             if self.req.tty:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            argv, env = self.ex.argv(self.pid, self.req, helper,
-                                     theirs.fileno() if theirs is not None else None)
+            argv = self.ex.argv(self.pid, self.req, envfd,
+                                theirs.fileno() if theirs is not None else None)
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, start_new_session=True,
+                *argv, env=HOST_ENV, start_new_session=True,
                 stdin=pipe if self.req.stdin and not self.req.tty else null,
                 stdout=null if self.req.tty else pipe, stderr=pipe,
-                pass_fds=(helper,) + ((theirs.fileno(),) if theirs is not None else ()))
+                pass_fds=(self.ex._helper_fd, envfd,
+                          *((theirs.fileno(),) if theirs is not None else ())))
         finally:
-            os.close(helper)
+            os.close(envfd)
             if theirs is not None:
                 theirs.close()
         try:
@@ -291,12 +298,7 @@ class _Session:
                         _, fds, _, _ = socket.recv_fds(sock, 1, 1)
                         break
                     except BlockingIOError:
-                        fut = loop.create_future()
-                        loop.add_reader(sock.fileno(), fut.set_result, None)
-                        try:
-                            await fut
-                        finally:
-                            loop.remove_reader(sock.fileno())
+                        await _ready(loop.add_reader, loop.remove_reader, sock.fileno())
         except TimeoutError:
             return None
         finally:
@@ -326,8 +328,14 @@ class _Session:
                 self._kill()
                 await waiter
                 return _code(proc.returncode)
-            # the command ended: what it wrote last, then the status
-            await asyncio.wait(outputs, timeout=DRAIN_AFTER_EXIT)
+            # the command ended: the rest of its output, until its end or DRAIN_IDLE
+            # seconds without any (a background process of its may hold the pipes)
+            self.active = time.monotonic()
+            pending = set(outputs)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=DRAIN_IDLE / 4)
+                if pending and time.monotonic() - self.active > DRAIN_IDLE:
+                    break
             return _code(proc.returncode)
         finally:
             for t in (*outputs, inputs, waiter):
@@ -346,12 +354,7 @@ class _Session:
             try:
                 chunk = os.read(master, 65536)
             except BlockingIOError:
-                fut = loop.create_future()
-                loop.add_reader(master, fut.set_result, None)
-                try:
-                    await fut
-                finally:
-                    loop.remove_reader(master)
+                await _ready(loop.add_reader, loop.remove_reader, master)
                 continue
             except OSError:  # EIO: no process holds the terminal any more
                 return
@@ -360,13 +363,13 @@ class _Session:
             await self._send(STDOUT, chunk)
 
     async def _send(self, channel: int, data: bytes) -> None:
+        self.active = time.monotonic()
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.send_bytes(bytes([channel]) + data)
+            await self.ws.send_bytes(bytes([channel]) + data)  # (waits for a slow client)
+        self.active = time.monotonic()
 
     async def _read_client(self) -> None:
         """Frames from the client until it closes: stdin, its end, resizes."""
-        proc = self.proc
-        assert proc is not None
         async for msg in self.ws:
             if msg.type is not aiohttp.WSMsgType.BINARY or not msg.data:
                 continue
@@ -374,7 +377,8 @@ class _Session:
             if channel == STDIN and self.req.stdin:
                 await self._write_stdin(payload)
             elif channel == RESIZE and self.master is not None:
-                with contextlib.suppress(ValueError, TypeError, OSError):
+                with contextlib.suppress(ValueError, TypeError, KeyError, OverflowError,
+                                         RecursionError, OSError, struct.error):
                     size = json.loads(payload)
                     rows, cols = int(size["rows"]), int(size["cols"])
                     if 1 <= rows <= 9999 and 1 <= cols <= 9999:
@@ -385,8 +389,7 @@ class _Session:
         proc = self.proc
         assert proc is not None
         if self.master is not None:  # (a terminal's end of input: its EOF character, ^D)
-            with contextlib.suppress(OSError):
-                os.write(self.master, payload or b"\x04")
+            await self._write_master(payload or b"\x04")
             return
         if proc.stdin is None or proc.stdin.is_closing():
             return
@@ -399,14 +402,35 @@ class _Session:
         except (ConnectionError, RuntimeError):
             return
 
+    async def _write_master(self, data: bytes) -> None:
+        """All of ``data`` to the terminal, waiting while it is full (the client's next
+        frame waits meanwhile: back-pressure, as for a pipe)."""
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view and self.master is not None:
+            try:
+                view = view[os.write(self.master, view):]
+            except BlockingIOError:
+                await _ready(loop.add_writer, loop.remove_writer, self.master)
+            except OSError:  # (the command is gone)
+                return
+
     def _kill(self) -> None:
-        """The client left: hang up the terminal (a shell on it exits), kill the rest."""
+        """The client left: hang up the terminal, kill the command's session (with a tty
+        execdrop made one of its own) and nsenter's."""
         if self.master is not None:
             os.close(self.master)
             self.master = None
-        if self.proc is not None and self.proc.returncode is None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        for child in _children(proc.pid):  # (nsenter's: the command, in the task)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     async def _end(self) -> None:
         if self.master is not None:
@@ -414,10 +438,31 @@ class _Session:
             self.master = None
         proc = self.proc
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            self._kill()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(proc.wait())
+
+
+async def _ready(add: Callable[..., Any], remove: Callable[[int], Any], fd: int) -> None:
+    """Until ``fd`` is readable (``add`` = loop.add_reader) or writable (add_writer)."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+    add(fd, wake)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
 
 
 def _code(returncode: int | None) -> int:
@@ -436,8 +481,8 @@ async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any
     url = f"https://{api_addr}/v1/cluster/exec"
     try:
         peer = await http.ws_connect(url, ssl=ctx, server_hostname=pki.node_hostname(node_id),
-                                     max_msg_size=1 << 20, timeout=aiohttp.ClientWSTimeout(
-                                         ws_close=5))
+                                     max_msg_size=1 << 20, heartbeat=HEARTBEAT,
+                                     timeout=aiohttp.ClientWSTimeout(ws_close=5))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise Unavailable(f"cannot reach the task's node ({api_addr}): {exc}") from None
     try:
@@ -473,9 +518,15 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
     """The API's handlers: ``task_exec`` (the CLI's, local and remote listeners) and
     ``cluster_exec`` (the peer listener's: a manager relaying a session to this node)."""
 
-    async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest) -> int:
-        return await executor.run_local(ws, running_pid(runtime.status(task.id), task),
-                                        request)
+    async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest,
+                    by: str) -> int:
+        pid = running_pid(runtime.status(task.id), task)
+        log.info("exec in task %s (%s) by %s: %s (%d arguments)%s%s", task.name, task.id, by,
+                 request.cmd[0], len(request.cmd) - 1, " as " + request.user
+                 if request.user else "", " with a tty" if request.tty else "")
+        code = await executor.run_local(ws, pid, request)
+        log.info("exec in task %s (%s) by %s ended: %d", task.name, task.id, by, code)
+        return code
 
     async def task_exec(req: web.Request) -> web.StreamResponse:
         async def start(ws: web.WebSocketResponse) -> int | None:
@@ -488,7 +539,7 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 raise Conflict(f"task {task.name} ({task.id}) is not running (it is "
                                f"{task.status.state.lower()})", "task")
             if task.node_id == ctx.identity.node_id:
-                return await local(ws, task, request)
+                return await local(ws, task, request, _who(req))
             node = snap.nodes.get(task.node_id)
             name = node.hostname if node is not None else task.node_id
             if ctx.raft is None or node is None or ctx.http is None:
@@ -500,7 +551,7 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
         return await serve(req, start)
 
     async def cluster_exec(req: web.Request) -> web.StreamResponse:
-        security.authorize(peer_of(req), manager=True)  # (before the upgrade: 401/403)
+        peer = security.authorize(peer_of(req), manager=True)  # (before the upgrade: 401/403)
 
         async def start(ws: web.WebSocketResponse) -> int | None:
             raw = await first_message(ws)
@@ -514,10 +565,19 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 if status is None:
                     raise NotFound(f"no task {tid!r} on this node", "task")
                 return await executor.run_local(ws, running_pid(status, None), request)
-            return await local(ws, task, request)
+            return await local(ws, task, request, f"manager {peer.hostname}")
         return await serve(req, start)
 
     return {"task_exec": task_exec}, {"cluster_exec": cluster_exec}
+
+
+def _who(req: web.Request) -> str:
+    """Who asks, for the log: the remote API's user or certificate, else the local socket."""
+    peer = req.transport.get_extra_info("peercert") if req.transport is not None else None
+    if not peer:
+        return "the local socket"
+    subject = dict(x[0] for x in peer.get("subject", ()))
+    return f"client {subject.get('commonName', '?')}"
 
 
 def running_pid(status: Any, task: Task | None) -> int:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,6 +62,51 @@ DEFAULT_RETRIES = 3
 # the host shell that joins the task's cgroups, then execs nsenter: sh -c SCRIPT sh N PROCS...
 _JOIN = ('n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 126; shift; '
          'n=$((n-1)); done; exec "$@"')
+# The environment of the host stages (the shell, nsenter): never the task's — a variable
+# such as LD_PRELOAD would run the task's code as the host's root. The command's own reaches
+# shoal-execdrop through a memfd (--env-fd), which sets it once inside the task.
+HOST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def sealed_helper(path: Path) -> int:
+    """A sealed in-memory copy of the compiled shoal-execdrop (a memfd that can no longer be
+    written, shrunk or grown): what nsenter executes as /proc/self/fd/N. A task that gets hold
+    of that fd cannot change the helper the next probes run as the host's root (runc's fix of
+    CVE-2019-5736); the file on disk is never handed out."""
+    data = path.read_bytes()
+    fd = os.memfd_create("shoal-execdrop", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    return fd
+
+
+def env_fd(env: dict[str, str]) -> int:
+    """The command's environment for shoal-execdrop's --env-fd: a memfd of NUL-separated
+    KEY=VALUE entries (close-on-exec; pass it with pass_fds, close it after the spawn)."""
+    fd = os.memfd_create("shoal-exec-env", os.MFD_CLOEXEC)
+    blob = b"".join(f"{k}={v}".encode(errors="surrogateescape") + b"\0"
+                    for k, v in env.items())
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def enter_argv(nsenter: str, layout: CgroupLayout, pid: int, helper_fd: int, envfd: int,
+               cmd: list[str], options: Sequence[str] = (), wd: bool = True) -> list[str]:
+    """The host command line that runs ``cmd`` in the task whose init is ``pid``: a host shell
+    joins the task's cgroups, nsenter enters its namespaces and root (its working directory
+    too, ``wd``), shoal-execdrop (the fd ``helper_fd``) takes the init's credentials — or
+    ``options``' (--user, --workdir, --console) — and the environment in ``envfd``."""
+    procs = cgroup_procs(pid, layout)
+    uid, gid, groups, caps = _credentials(pid)
+    return ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
+            nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", *(["-w"] if wd else []),
+            "--", f"/proc/self/fd/{helper_fd}", "--env-fd", str(envfd), *options,
+            str(uid), str(gid), groups, caps, *cmd]
 
 
 @dataclass
@@ -300,20 +346,14 @@ class Probes:
         return HealthResult(start=start, end=time.time(), exit_code=code,
                             output=out[:self.config.output_limit])
 
-    def exec_argv(self, check: Check, pid: int) -> tuple[list[str], dict[str, str]]:
-        """The host command line and environment of one exec probe: join the task's cgroups,
-        enter its namespaces and root (nsenter), take its credentials (shoal-execdrop, run
-        from the fd ``helper_fd`` the probe inherits), run the check."""
+    def exec_argv(self, check: Check, pid: int, envfd: int) -> list[str]:
+        """The host command line of one exec probe (``enter_argv``), the task's environment
+        in ``envfd``."""
         if self._layout is None:
             self._layout = detect()
         assert self._helper_fd is not None
-        procs = cgroup_procs(pid, self._layout)
-        uid, gid, groups, caps = _credentials(pid)
-        argv = ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
-                self.nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w", "--",
-                f"/proc/self/fd/{self._helper_fd}", str(uid), str(gid), groups, caps,
-                *check.argv]
-        return argv, _environ(pid)
+        return enter_argv(self.nsenter, self._layout, pid, self._helper_fd, envfd,
+                          list(check.argv))
 
     async def _helper(self) -> int:
         """An fd of the compiled shoal-execdrop (built on first use, in a thread; the probes
@@ -329,16 +369,21 @@ class Probes:
             cfg = self.config
             where = cfg.helper_dir or Path(tempfile.mkdtemp(prefix="shoal-health-"))
             path = await asyncio.to_thread(ensure_execdrop, where, cfg.cc)
-            self._helper_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._helper_fd = sealed_helper(path)
             if cfg.helper_dir is None:  # the open fd keeps it: leave nothing behind
                 shutil.rmtree(where, ignore_errors=True)
 
     async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
         fd = await self._helper()
-        argv, env = self.exec_argv(check, pid)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=(fd,))
+        envfd = env_fd(_environ(pid))
+        try:
+            argv = self.exec_argv(check, pid, envfd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=HOST_ENV, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, pass_fds=(fd, envfd))
+        finally:
+            os.close(envfd)
         try:
             assert proc.stdout is not None
             out = b""

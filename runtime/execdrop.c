@@ -17,7 +17,13 @@
  * task's user, as runc's console for `docker exec -t`; the master goes to the agent over the
  * unix socket FD (SCM_RIGHTS), which is then closed.
  *
- * Usage: shoal-execdrop [--console FD] UID GID GROUPS CAPMASK PROG [ARGS...]
+ * `shoal exec` also gives --env-fd (the command's environment, read from an fd: nsenter and
+ * the host shell before it run with a fixed minimal one, never the task's), --user (looked up
+ * here, in the task's own /etc/passwd and /etc/group: we are in its root) and --workdir.
+ * Before it execs the command it closes every fd but 0-2 (the helper's own among them).
+ *
+ * Usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] [--workdir DIR]
+ *                       UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
  *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
  *           hexadecimal as /proc/PID/status CapBnd shows it
@@ -32,6 +38,7 @@
 #include <stdio.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -79,16 +86,143 @@ static int console(int sock, uid_t uid) {
     return 0;
 }
 
+/* A regular file of the task's root (we are chrooted there: its symlinks stay inside), at
+ * most 4 MiB; "" when absent or not a regular file (a FIFO must not hang us). */
+static char *slurp(const char *path) {
+    char *buf = calloc(1, 1);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    struct stat st;
+    if (fd < 0) return buf;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (4 << 20)) {
+        char *more = realloc(buf, (size_t)st.st_size + 1);
+        ssize_t n = more ? read(fd, more, (size_t)st.st_size) : -1;
+        if (more) buf = more;
+        buf[n > 0 ? n : 0] = '\0';
+    }
+    close(fd);
+    return buf;
+}
+
+/* Field i (0-based) of a ':'-separated line, copied into out; 0 if the line has fewer. */
+static int field(const char *line, int i, char *out, size_t n) {
+    for (; i > 0; i--) {
+        line = strchr(line, ':');
+        if (!line) return 0;
+        line++;
+    }
+    size_t len = strcspn(line, ":\n");
+    if (len >= n) len = n - 1;
+    memcpy(out, line, len);
+    out[len] = '\0';
+    return 1;
+}
+
+/* A decimal id of at most 2^31-1 (Docker's limit: larger ones wrap in the kernel's view). */
+static int id_of(const char *s, unsigned long *out) {
+    char *end;
+    if (!*s || strspn(s, "0123456789") != strlen(s)) return 0;
+    errno = 0;
+    *out = strtoul(s, &end, 10);
+    return !errno && *out <= 0x7fffffffUL;
+}
+
+/* The line of `table` whose field `key` equals `value`, or NULL. */
+static const char *row(const char *table, int key, const char *value) {
+    for (const char *line = table; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        char f[256];
+        if (*line != '#' && field(line, key, f, sizeof f) && strcmp(f, value) == 0) return line;
+    }
+    return NULL;
+}
+
+/* --user SPEC (user, uid, user:group, uid:gid), resolved as Docker does in the task's own
+ * /etc/passwd and /etc/group: a numeric uid need not exist (gid 0 then); supplementary
+ * groups are the primary one plus /etc/group's memberships of the named user. */
+static int resolve_user(const char *spec, uid_t *uid, gid_t *gid, gid_t *groups, size_t *ngroups) {
+    char name[256], grp[256] = "";
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    if (len == 0 || len >= sizeof name || (colon && strlen(colon + 1) >= sizeof grp)) goto bad;
+    memcpy(name, spec, len);
+    name[len] = '\0';
+    if (colon) strcpy(grp, colon + 1);
+    char *passwd = slurp("/etc/passwd"), *group = slurp("/etc/group");
+    unsigned long v;
+    const char *entry = id_of(name, &v) ? row(passwd, 2, name) : row(passwd, 0, name);
+    char f[256];
+    if (id_of(name, &v)) {
+        *uid = (uid_t)v;
+    } else if (!entry || !field(entry, 2, f, sizeof f) || !id_of(f, &v)) {
+        fprintf(stderr, "shoal-execdrop: no user %s in the task's /etc/passwd\n", name);
+        return 0;
+    } else {
+        *uid = (uid_t)v;
+    }
+    *gid = entry && field(entry, 3, f, sizeof f) && id_of(f, &v) ? (gid_t)v : 0;
+    if (*grp) {
+        const char *g = id_of(grp, &v) ? NULL : row(group, 0, grp);
+        if (!id_of(grp, &v) && (!g || !field(g, 2, f, sizeof f) || !id_of(f, &v))) {
+            fprintf(stderr, "shoal-execdrop: no group %s in the task's /etc/group\n", grp);
+            return 0;
+        }
+        *gid = (gid_t)v;
+    }
+    *ngroups = 0;
+    groups[(*ngroups)++] = *gid;
+    char user[256];
+    if (entry && !*grp && field(entry, 0, user, sizeof user)) {
+        for (const char *line = group; line && *line && *ngroups < 256;
+             line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+            char members[4096], id[64];
+            if (*line == '#' || !field(line, 3, members, sizeof members) ||
+                !field(line, 2, id, sizeof id) || !id_of(id, &v)) continue;
+            for (char *m = strtok(members, ","); m; m = strtok(NULL, ","))
+                if (strcmp(m, user) == 0 && (gid_t)v != *gid) groups[(*ngroups)++] = (gid_t)v;
+        }
+    }
+    free(passwd);
+    free(group);
+    return 1;
+bad:
+    fprintf(stderr, "shoal-execdrop: bad user %s: expected user, uid, user:group or uid:gid\n",
+            spec);
+    return 0;
+}
+
+/* --env-fd FD: the command's environment, NUL-separated KEY=VALUE entries (the agent's
+ * memfd), replacing ours — the host stages before us ran with a fixed minimal one. */
+static int take_env(int fd) {
+    static char buf[1 << 20];
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = pread(fd, buf + len, sizeof buf - 1 - len, (off_t)len)) > 0)
+        len += (size_t)n;
+    close(fd);
+    buf[len] = '\0';
+    static char *env[4097];
+    size_t k = 0;
+    for (size_t i = 0; i < len && k < 4096; i += strlen(buf + i) + 1)
+        if (strchr(buf + i, '=')) env[k++] = buf + i;
+    env[k] = NULL;
+    environ = env;
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    int sock = -1;
-    if (argc > 2 && strcmp(argv[1], "--console") == 0) {
-        sock = (int)strtol(argv[2], NULL, 10);
+    int sock = -1, envfd = -1;
+    const char *user = NULL, *workdir = NULL;
+    while (argc > 2 && strncmp(argv[1], "--", 2) == 0) {
+        if (strcmp(argv[1], "--console") == 0) sock = (int)strtol(argv[2], NULL, 10);
+        else if (strcmp(argv[1], "--env-fd") == 0) envfd = (int)strtol(argv[2], NULL, 10);
+        else if (strcmp(argv[1], "--user") == 0) user = argv[2];
+        else if (strcmp(argv[1], "--workdir") == 0) workdir = argv[2];
+        else break;
         argc -= 2;
         argv += 2;
     }
     if (argc < 6) {
-        fprintf(stderr, "usage: shoal-execdrop [--console FD] UID GID GROUPS CAPMASK PROG "
-                        "[ARGS...]\n");
+        fprintf(stderr, "usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] "
+                        "[--workdir DIR] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
         return 125;
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
@@ -100,6 +234,8 @@ int main(int argc, char **argv) {
         if (*p == ',') p++;
         else break;
     }
+    if (user && !resolve_user(user, &uid, &gid, groups, &ngroups)) return 125;
+    if (envfd >= 0 && take_env(envfd)) return 125;
     /* While root with the agent's capabilities. Best effort: a limit this process may not
      * take (above its own hard one, without CAP_SYS_RESOURCE; a "task" in the host's pid
      * namespace, whose pid 1 is the host's init) leaves the agent's, as before. */
@@ -126,6 +262,13 @@ int main(int argc, char **argv) {
     }
     if (syscall(SYS_capset, &hdr, data)) return fail("capset");
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return fail("no_new_privs");
+    if (workdir && chdir(workdir)) {  /* (as the task's user, as runc) */
+        fprintf(stderr, "shoal-execdrop: workdir %s: %s\n", workdir, strerror(errno));
+        return 126;
+    }
+    /* nothing of ours reaches the command: the helper itself (an fd nsenter executed), the
+     * agent's pipes, the console socket — only 0, 1 and 2 */
+    syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
     execvp(argv[5], argv + 5);
     fprintf(stderr, "shoal-execdrop: %s: %s\n", argv[5], strerror(errno));
     return errno == ENOENT ? 127 : 126;

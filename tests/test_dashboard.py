@@ -35,6 +35,7 @@ def _api(guard: Guard) -> web.Application:
         return web.json_response({"ok": True})
 
     app.router.add_get("/v1/services", guarded(ok, "service_ls", guard))
+    app.router.add_get("/v1/tasks/{ref}/exec", guarded(ok, "task_exec", guard))
     app.router.add_post("/v1/services/{ref}/scale", guarded(ok, "service_scale", guard))
     return app
 
@@ -127,3 +128,16 @@ async def test_wrong_passwords_are_refused_logged_and_then_rate_limited(
     assert "wrong-password" not in caplog.text
     form = await client.post("/login", data={"user": "olga", "password": "operator-pw"})
     assert form.status == 400  # a cross-site form cannot log anyone in
+
+
+async def test_an_exec_with_a_session_needs_its_csrf_token_though_it_is_a_get(
+        dash: tuple[TestClient[Any, Any], Users]) -> None:
+    """The exec WebSocket opens with a GET: with the session cookie alone (what a page of any
+    service published on the manager's address would send, same site) it is refused."""
+    client, _users = dash
+    who = await (await _login(client, "olga", "operator-pw")).json()
+    bare = await client.get("/api/v1/tasks/web.1/exec", headers={"Origin": "http://x:8080"})
+    assert bare.status == 403 and (await bare.json())["error"]["field"] == "csrf"
+    ok = await client.get("/api/v1/tasks/web.1/exec", headers={"X-CSRF-Token": who["csrf"]})
+    assert ok.status == 200
+    assert (await client.get("/api/v1/services")).status == 200  # (other GETs need none)

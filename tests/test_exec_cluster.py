@@ -69,18 +69,47 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     # -i -t: a shell reading its terminal, which the piped input reaches
     code, out, _ = _exec(h1, "-i", "-t", remote["name"], "sh", stdin="echo hi $((6*7))\nexit 7\n")
     assert code == 7 and "hi 42" in out, out
+    # -i -t with more input than a terminal buffers: all of it, then its end (^D)
+    code, out, _ = _exec(h1, "-i", "-t", remote["name"], "sh", "-c",
+                         "busybox stty -echo; busybox wc -c", stdin=("x" * 99 + "\n") * 1000)
+    # (what arrived before stty ran is echoed: the count ends the output)
+    assert code == 0 and out.split()[-1].endswith("100000"), out[-200:]
     # a client that goes away ends its command in the task (relayed: the manager's socket
     # to the node closes too)
-    cli = shlex.join([*h1.shoal_argv, "-H", f"unix://{h1.sock}", "exec", remote["name"],
-                      "sleep", "4242"])
-    h1.run("sh", "-c", f"timeout -s KILL 3 {cli}", check=False, timeout=30)
-    wait_until(lambda: "sleep 4242" not in _exec(h1, remote["name"], "sh", "-c",
-               "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1] or None, timeout=10,
-               what="the exec's sleep to end with its client")
+    for flags, sleeper in (((), "sleep 4242"), (("-t",), "sleep 4343")):
+        # (with -t the command has a session of its own and here ignores the hang-up)
+        cli = shlex.join([*h1.shoal_argv, "-H", f"unix://{h1.sock}", "exec", *flags,
+                          remote["name"], "sh", "-c", f"trap '' HUP; {sleeper}"])
+        h1.run("sh", "-c", f"timeout -s KILL 3 {cli}", check=False, timeout=30)
+        wait_until(lambda s=sleeper: s not in _exec(h1, remote["name"], "sh", "-c",
+                   "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1] or None, timeout=10,
+                   what=f"{sleeper} to end with its client")
     # the task's pid namespace: its own processes, the exec's
     code, out, _ = _exec(h1, remote["name"], "sh", "-c",
                          "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
     assert code == 0 and "sleep 100000" in out and len(out.splitlines()) < 8, out
+    # nothing of the agent's reaches the command: only its stdio (before: the helper binary's
+    # fd, which root in the task could write through), and the task's environment (here an
+    # -e LD_PRELOAD) is the command's alone, not the host stages' (before: the host's shell
+    # and nsenter ran with it, as root, outside the task)
+    code, out, err = _exec(h1, "-u", "root", "-e", "LD_PRELOAD=/nonexistent.so",
+                           remote["name"], "sh", "-c", "busybox ls /proc/self/fd; "
+                           "echo preload=$LD_PRELOAD")
+    assert code == 0 and out.split() == ["0", "1", "2", "3", "preload=/nonexistent.so"], out
+    assert "ld.so" not in err, err
+    # -u is looked up in the task's own root: a symlink there to a host file names nobody
+    host_passwd = tmp_path / "hostpasswd"
+    host_passwd.write_text("evil:x:4242:4242::/:/bin/sh\n")
+    assert _exec(h1, "-u", "root", remote["name"], "busybox", "ln", "-sf", str(host_passwd),
+                 "/etc/passwd")[0] == 0
+    code, out, err = _exec(h1, "-u", "evil", remote["name"], "id", "-u")
+    assert code == 125 and "no user evil" in err and "4242" not in out, (out, err)
+    # a large output reaches a client whole, with the exit code after it
+    code, out, _ = _exec(h1, remote["name"], "busybox", "head", "-c", "3000000", "/dev/zero")
+    assert (code, len(out)) == (0, 3000000)
+    # -w: a directory of the task; one it lacks is said (126, as docker's)
+    code, _, err = _exec(h1, "-w", "/nope", remote["name"], "echo")
+    assert code == 126 and "workdir /nope" in err, err
     # errors: a command the task lacks, an unknown task, a worker asked for another node's
     code, _, err = _exec(h1, remote["name"], "no-such-command")
     assert code == 127 and "no-such-command" in err, err

@@ -54,7 +54,8 @@ def test_an_unknown_or_ambiguous_name_is_refused(ref: str, error: type[ApiError]
     ({"cmd": ["sh"], "stdin": 1}, "stdin"), ({"cmd": ["sh"], "user": 0}, "user"),
     ({"cmd": ["sh"], "workdir": "tmp"}, "workdir"), ({"cmd": ["sh"], "env": {"A=B": "1"}}, "env"),
     ({"cmd": ["sh"], "env": ["A=1"]}, "env"), ({"cmd": ["sh"], "rows": 0}, "rows"),
-    ({"cmd": ["sh"], "cols": True}, "cols"), ([], ""),
+    ({"cmd": ["sh"], "cols": True}, "cols"), ([], ""), ({"cmd": ["\ud800"]}, "cmd"),
+    ({"cmd": ["sh"], "env": {"A": "\udcff"}}, "env"),
 ])  # fmt: skip
 def test_a_bad_exec_request_is_refused_naming_its_field(raw: Any, field: str) -> None:
     with pytest.raises(BadRequest) as exc:

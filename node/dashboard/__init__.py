@@ -45,7 +45,7 @@ from shoal.node.errors import (
     Unauthenticated,
     http_error,
 )
-from shoal.node.users import LoginLimiter, Users
+from shoal.node.users import OPERATOR_GETS, LoginLimiter, Users
 from shoal.raft.models import TaskState, User
 
 log = logging.getLogger("shoal.dashboard")
@@ -131,9 +131,11 @@ class Dashboard:
         s.last_seen = now
         return sid, s
 
-    def identity(self, request: web.Request) -> str:
-        """The user making ``request``: a bearer token's, else the session's (a change with
-        a session must carry its CSRF token). Unauthenticated without either."""
+    def identity(self, request: web.Request, op: str = "") -> str:
+        """The user making ``request`` (the route ``op``): a bearer token's, else the
+        session's (a change with a session must carry its CSRF token — `exec` too, a GET:
+        without it a page of any service published on the manager's address could open an
+        operator's exec WebSocket with their cookie). Unauthenticated without either."""
         token_user = self.users.bearer(request.headers.get("Authorization", ""))
         if token_user is not None:
             return token_user.name
@@ -141,14 +143,14 @@ class Dashboard:
         if found is None:
             raise Unauthenticated("log in first (or send Authorization: Bearer TOKEN)")
         _sid, s = found
-        if request.method not in _SAFE and not hmac.compare_digest(
-                request.headers.get(CSRF_HEADER, ""), s.csrf):
+        changes = request.method not in _SAFE or op in OPERATOR_GETS  # (exec: a GET)
+        if changes and not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), s.csrf):
             raise Forbidden(f"missing or wrong CSRF token: send the session's {CSRF_HEADER}",
                             "csrf")
         return s.user
 
     def guard(self, request: web.Request, op: str) -> None:
-        self.users.authorize(self.identity(request), op)
+        self.users.authorize(self.identity(request, op), op)
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
