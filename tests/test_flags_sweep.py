@@ -67,6 +67,8 @@ BY_FLAG: dict[str, tuple[list[str], list[str]] | None] = {
     "--schedule-tz": (["Mars/Olympus"], ["--mode", "replicated-job", "--schedule", "@daily"]),
     "--log-driver": (["syslog"], []),
 }
+# numbers whose range is not the kind's (-1 is a valid --oom-score-adj)
+BY_RANGE: dict[str, list[str]] = {"--oom-score-adj": ["-1001", "1001", "x"]}
 # flags whose value's check needs more of the spec than the defaults
 CONTEXT: dict[str, list[str]] = {
     "--schedule-policy": ["--mode", "replicated-job", "--schedule", "@daily"],
@@ -91,6 +93,8 @@ def cases() -> list[tuple[FieldDecl, str, list[str]]]:
             if entry is None:
                 continue
             values, context = entry
+        elif d.flag in BY_RANGE:
+            values = BY_RANGE[d.flag]
         elif d.cli == "list":
             values = BY_ITEM.get(d.item, [])
         else:
