@@ -578,6 +578,11 @@ class Worker:
                               message=exc.message, err=exc.message)
         except StartError as exc:
             log.warning("task %s (%s) failed to start: %s", task.id, task.name, exc)
+            if self.mesh is not None:  # (it never ran: the address it was given goes back)
+                try:
+                    await self.mesh.detach(task.id)
+                except Exception as err:  # (logged: a leak would exhaust the subnet)
+                    log.warning("task %s: releasing its address failed: %s", task.id, err)
             if isinstance(exc.__cause__, InitFailed):  # it ran, and an init container failed
                 return TaskStatus(state=TaskState.FAILED, timestamp=time.time(),
                                   message=str(exc.__cause__), err=str(exc.__cause__),
