@@ -77,7 +77,7 @@ def test_a_schema_6_cluster_refuses_host_ports_naming_the_field() -> None:
     with pytest.raises(ValidationError) as exc:
         encode_command(cmd, {}, 6)
     assert exc.value.field == "endpoint.host_ports" and "schema 7" in exc.value.message
-    assert encode_command(cmd, {}, 7) is cmd
+    assert encode_command(cmd, {}, 7) == cmd
     # a spec that does not use them is written without the key for schema 6's nodes
     plain = to_dict(validate_spec(spec_with(ports=[{"published": 8080, "target": 80}])))
     out = encode_command({"op": "service_create", "id": "s1", "now": 1.0, "spec": plain},

@@ -89,7 +89,7 @@ def test_the_log_settings_wait_for_cluster_schema_7() -> None:
     plain = {**cmd, "spec": to_dict(validate_spec(_spec()))}
     written = encode_command(plain, {}, 6)["spec"]["task"]["container"]
     assert not {"log_driver", "log_options"} & written.keys()
-    assert encode_command(cmd, {}, 7) is cmd
+    assert encode_command(cmd, {}, 7) == cmd
 
 
 # ------------------------------------------------------------------------- the CLI, Compose

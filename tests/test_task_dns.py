@@ -78,7 +78,7 @@ def test_the_dns_fields_wait_for_cluster_schema_7() -> None:
         with pytest.raises(ValidationError) as exc:
             encode_command(cmd, {}, 6)
         assert exc.value.field == f"task.container.{field}" and "schema 7" in exc.value.message
-        assert encode_command(cmd, {}, 7) is cmd
+        assert encode_command(cmd, {}, 7) == cmd
     plain = {"op": "service_create", "id": "s2", "now": 1.0,
              "spec": to_dict(validate_spec(spec_with()))}
     assert "dns" not in encode_command(plain, {}, 6)["spec"]["task"]["container"]
