@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -60,7 +61,10 @@ MAX_SESSIONS = 32  # exec sessions at once on one node (each holds a process and
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds for the client to send its request
 DRAIN_IDLE = 1.0  # after the command exited, its output is read until this many seconds pass
 #                   without any (a background process may hold its pipes or terminal open)
-HEARTBEAT = 30.0  # seconds between WebSocket pings: a half-open peer frees its session
+HEARTBEAT = 30.0  # seconds between a manager's pings to the node it relays to (a half-open
+#                   link frees the session); the CLI, which may block on a slow stdout, is
+#                   not pinged: a client that goes away is seen by its transport closing
+CLOSE_POLL = 0.5  # seconds between looks at whether the client's connection closed
 _MAX_ARGS = 4096
 
 
@@ -180,7 +184,7 @@ async def serve(req: web.Request, start: Callable[[web.WebSocketResponse],
                                                   Awaitable[int | None]]) -> web.StreamResponse:
     """Accept the WebSocket and run ``start(ws)`` (which reads the request and runs or relays
     the session); an error before the command runs is the status frame's ``error``."""
-    ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=HEARTBEAT)
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
     await ws.prepare(req)
     try:
         code = await start(ws)
@@ -210,8 +214,8 @@ class Executor:
         self._helper_fd: int | None = None  # a sealed memfd copy (health.sealed_helper)
         self.sessions = 0
 
-    async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest
-                        ) -> int:
+    async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest,
+                        transport: Any = None) -> int:
         """The command in the task whose init is host ``pid``; its exit code (128+N when
         killed by signal N), once its output went out on ``ws``."""
         if self.sessions >= MAX_SESSIONS:
@@ -222,7 +226,7 @@ class Executor:
                 path = await asyncio.to_thread(ensure_execdrop, self.helper_dir, self.cc)
                 if self._helper_fd is None:
                     self._helper_fd = sealed_helper(path)
-            return await _Session(self, ws, pid, request).run()
+            return await _Session(self, ws, pid, request, transport).run()
         finally:
             self.sessions -= 1
 
@@ -253,11 +257,13 @@ class _Session:
     """One command: its process, its terminal or pipes, and the frames both ways."""
 
     def __init__(self, executor: Executor, ws: web.WebSocketResponse, pid: int,
-                 request: ExecRequest) -> None:
+                 request: ExecRequest, transport: Any = None) -> None:
         self.ex, self.ws, self.pid, self.req = executor, ws, pid, request
+        self.transport = transport  # the client's connection (its closing ends the command)
         self.master: int | None = None  # the terminal's master (tty)
         self.proc: asyncio.subprocess.Process | None = None
         self.active = 0.0  # (monotonic) the last output read or sent
+        self.sending = 0  # sends in flight (a slow client: not idle)
 
     async def run(self) -> int:
         assert self.ex._helper_fd is not None
@@ -320,10 +326,14 @@ class _Session:
             outputs.append(asyncio.create_task(self._read_pipe(proc.stdout, STDOUT)))
         assert proc.stderr is not None
         outputs.append(asyncio.create_task(self._read_pipe(proc.stderr, STDERR)))
+        # (the client's frames: stdin writes may wait on a full pipe or terminal, so its going
+        # away is watched apart, on its connection)
         inputs = asyncio.create_task(self._read_client())
+        gone = asyncio.create_task(_until_closed(self.transport))
         waiter = asyncio.create_task(proc.wait())
         try:
-            done, _ = await asyncio.wait({waiter, inputs}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({waiter, inputs, gone},
+                                         return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:  # the client went away: end the command
                 self._kill()
                 await waiter
@@ -334,13 +344,14 @@ class _Session:
             pending = set(outputs)
             while pending:
                 _, pending = await asyncio.wait(pending, timeout=DRAIN_IDLE / 4)
-                if pending and time.monotonic() - self.active > DRAIN_IDLE:
+                if pending and not self.sending and \
+                        time.monotonic() - self.active > DRAIN_IDLE:
                     break
             return _code(proc.returncode)
         finally:
-            for t in (*outputs, inputs, waiter):
+            for t in (*outputs, inputs, gone, waiter):
                 t.cancel()
-            await asyncio.gather(*outputs, inputs, waiter, return_exceptions=True)
+            await asyncio.gather(*outputs, inputs, gone, waiter, return_exceptions=True)
 
     async def _read_pipe(self, stream: asyncio.StreamReader, channel: int) -> None:
         while chunk := await stream.read(65536):
@@ -364,9 +375,13 @@ class _Session:
 
     async def _send(self, channel: int, data: bytes) -> None:
         self.active = time.monotonic()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.send_bytes(bytes([channel]) + data)  # (waits for a slow client)
-        self.active = time.monotonic()
+        self.sending += 1
+        try:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_bytes(bytes([channel]) + data)  # (waits for a slow client)
+        finally:
+            self.sending -= 1
+            self.active = time.monotonic()
 
     async def _read_client(self) -> None:
         """Frames from the client until it closes: stdin, its end, resizes."""
@@ -443,6 +458,20 @@ class _Session:
                 await asyncio.shield(proc.wait())
 
 
+async def _until_closed(transport: Any) -> None:
+    """Returns once the client's connection closed (never without one). Its transport alone
+    does not say so while aiohttp has paused reading it (a client flooding stdin the command
+    does not read): its socket is polled for the peer's hang-up too."""
+    if transport is None:
+        await asyncio.Event().wait()
+    sock = transport.get_extra_info("socket")
+    poll = select.poll()
+    if sock is not None:
+        poll.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    while not transport.is_closing() and not poll.poll(0):
+        await asyncio.sleep(CLOSE_POLL)
+
+
 async def _ready(add: Callable[..., Any], remove: Callable[[int], Any], fd: int) -> None:
     """Until ``fd`` is readable (``add`` = loop.add_reader) or writable (add_writer)."""
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -474,7 +503,8 @@ def _code(returncode: int | None) -> int:
 # ------------------------------------------------------------------------------ the relay
 
 async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any,
-                api_addr: str, node_id: str, task_id: str, request: ExecRequest) -> None:
+                api_addr: str, node_id: str, task_id: str, request: ExecRequest,
+                transport: Any = None) -> None:
     """A manager's part for a task on another node: the same session with that node's agent
     (its peer route ``/v1/cluster/exec``, this node's certificate), frames copied both ways
     until either side ends; the node's status frame reaches the client as it is."""
@@ -485,6 +515,8 @@ async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any
                                      timeout=aiohttp.ClientWSTimeout(ws_close=5))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise Unavailable(f"cannot reach the task's node ({api_addr}): {exc}") from None
+    psock = peer.get_extra_info("socket")  # (kept: aiohttp forgets it once closing)
+    client_left = False
     try:
         await peer.send_str(json.dumps({"task": task_id, **request.to_json()}))
 
@@ -498,15 +530,34 @@ async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any
                 if msg.type is aiohttp.WSMsgType.BINARY:
                     await peer.send_bytes(msg.data)
 
-        tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+        # (up may wait on the node while the client is gone: its connection is watched apart)
+        tasks = [asyncio.create_task(down()), asyncio.create_task(up()),
+                 asyncio.create_task(_until_closed(transport))]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            client_left = tasks[0] not in done
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        await peer.close()
+        # The client left: the node's connection is reset, not closed. A node that does not
+        # read (its command's stdin full) would get our FIN only after the stdin still in
+        # flight, that is never, and its session would wait for ever.
+        if client_left and psock is not None:
+            with contextlib.suppress(OSError):
+                psock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn = getattr(peer, "_conn", None)  # (aiohttp's ws has no public abort)
+            link = conn.transport if conn is not None else None
+            if link is not None:
+                link.abort()  # (now, its unsent stdin dropped: a reset, given the linger)
+        try:
+            async with asyncio.timeout(2):
+                await peer.close()
+        except TimeoutError:
+            if psock is not None:
+                with contextlib.suppress(OSError):
+                    psock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.close()
 
@@ -519,12 +570,12 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
     ``cluster_exec`` (the peer listener's: a manager relaying a session to this node)."""
 
     async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest,
-                    by: str) -> int:
+                    by: str, transport: Any) -> int:
         pid = running_pid(runtime.status(task.id), task)
-        log.info("exec in task %s (%s) by %s: %s (%d arguments)%s%s", task.name, task.id, by,
-                 request.cmd[0], len(request.cmd) - 1, " as " + request.user
+        log.info("exec in task %s (%s) by %s: %r (%d arguments)%s%s", task.name, task.id, by,
+                 request.cmd[0], len(request.cmd) - 1, f" as {request.user!r}"
                  if request.user else "", " with a tty" if request.tty else "")
-        code = await executor.run_local(ws, pid, request)
+        code = await executor.run_local(ws, pid, request, transport)
         log.info("exec in task %s (%s) by %s ended: %d", task.name, task.id, by, code)
         return code
 
@@ -539,14 +590,14 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 raise Conflict(f"task {task.name} ({task.id}) is not running (it is "
                                f"{task.status.state.lower()})", "task")
             if task.node_id == ctx.identity.node_id:
-                return await local(ws, task, request, _who(req))
+                return await local(ws, task, request, _who(req), req.transport)
             node = snap.nodes.get(task.node_id)
             name = node.hostname if node is not None else task.node_id
             if ctx.raft is None or node is None or ctx.http is None:
                 raise Conflict(f"task {task.name} runs on node {name}: run exec against a "
                                "manager (or on that node)", "task")
             await relay(ws, ctx.http, security.require_client(), node.api_addr, node.id,
-                        task.id, request)
+                        task.id, request, req.transport)
             return None
         return await serve(req, start)
 
@@ -564,8 +615,9 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 status = runtime.status(tid) if isinstance(tid, str) else None
                 if status is None:
                     raise NotFound(f"no task {tid!r} on this node", "task")
-                return await executor.run_local(ws, running_pid(status, None), request)
-            return await local(ws, task, request, f"manager {peer.hostname}")
+                return await executor.run_local(ws, running_pid(status, None), request,
+                                                req.transport)
+            return await local(ws, task, request, f"manager {peer.hostname}", req.transport)
         return await serve(req, start)
 
     return {"task_exec": task_exec}, {"cluster_exec": cluster_exec}

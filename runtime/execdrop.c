@@ -103,11 +103,12 @@ static char *slurp(const char *path) {
     return buf;
 }
 
-/* Field i (0-based) of a ':'-separated line, copied into out; 0 if the line has fewer. */
+/* Field i (0-based) of a ':'-separated line, copied into out; 0 if the line has fewer
+ * (the search stops at the line's end). */
 static int field(const char *line, int i, char *out, size_t n) {
     for (; i > 0; i--) {
-        line = strchr(line, ':');
-        if (!line) return 0;
+        line += strcspn(line, ":\n");
+        if (*line != ':') return 0;
         line++;
     }
     size_t len = strcspn(line, ":\n");
@@ -176,8 +177,12 @@ static int resolve_user(const char *spec, uid_t *uid, gid_t *gid, gid_t *groups,
             char members[4096], id[64];
             if (*line == '#' || !field(line, 3, members, sizeof members) ||
                 !field(line, 2, id, sizeof id) || !id_of(id, &v)) continue;
-            for (char *m = strtok(members, ","); m; m = strtok(NULL, ","))
-                if (strcmp(m, user) == 0 && (gid_t)v != *gid) groups[(*ngroups)++] = (gid_t)v;
+            int member = 0;
+            for (char *m = strtok(members, ","); m && !member; m = strtok(NULL, ","))
+                member = strcmp(m, user) == 0;
+            int known = 0;
+            for (size_t j = 0; j < *ngroups; j++) known |= groups[j] == (gid_t)v;
+            if (member && !known && *ngroups < 256) groups[(*ngroups)++] = (gid_t)v;
         }
     }
     free(passwd);
@@ -195,20 +200,33 @@ static int take_env(int fd) {
     static char buf[1 << 20];
     size_t len = 0;
     ssize_t n;
-    while (len < sizeof buf - 1 && (n = pread(fd, buf + len, sizeof buf - 1 - len, (off_t)len)) > 0)
+    while (len < sizeof buf && (n = pread(fd, buf + len, sizeof buf - len, (off_t)len)) > 0)
         len += (size_t)n;
     close(fd);
+    if (len >= sizeof buf) {
+        fprintf(stderr, "shoal-execdrop: the environment is larger than 1 MiB\n");
+        return 1;
+    }
     buf[len] = '\0';
     static char *env[4097];
     size_t k = 0;
-    for (size_t i = 0; i < len && k < 4096; i += strlen(buf + i) + 1)
-        if (strchr(buf + i, '=')) env[k++] = buf + i;
+    for (size_t i = 0; i < len; i += strlen(buf + i) + 1) {
+        if (!strchr(buf + i, '=')) continue;
+        if (k == 4096) {
+            fprintf(stderr, "shoal-execdrop: more than 4096 environment variables\n");
+            return 1;
+        }
+        env[k++] = buf + i;
+    }
     env[k] = NULL;
     environ = env;
     return 0;
 }
 
 int main(int argc, char **argv) {
+    /* not dumpable until the exec: a task's process cannot open our /proc fds or ptrace us
+     * while we still hold the agent's capabilities (the exec makes the command dumpable) */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     int sock = -1, envfd = -1;
     const char *user = NULL, *workdir = NULL;
     while (argc > 2 && strncmp(argv[1], "--", 2) == 0) {
@@ -268,7 +286,11 @@ int main(int argc, char **argv) {
     }
     /* nothing of ours reaches the command: the helper itself (an fd nsenter executed), the
      * agent's pipes, the console socket — only 0, 1 and 2 */
-    syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
+    if (syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */)) { /* (before 5.11) */
+        long max = sysconf(_SC_OPEN_MAX);
+        for (long fd = 3; fd < (max > 0 && max < (1L << 20) ? max : (1L << 20)); fd++)
+            fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    }
     execvp(argv[5], argv + 5);
     fprintf(stderr, "shoal-execdrop: %s: %s\n", argv[5], strerror(errno));
     return errno == ENOENT ? 127 : 126;

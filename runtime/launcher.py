@@ -63,15 +63,24 @@ def ensure_launcher(cache_dir: Path, cc: str = "cc") -> Path:
 
 def ensure_execdrop(cache_dir: Path, cc: str = "cc") -> Path:
     """``shoal-execdrop`` (execdrop.c: run a command with a task's credentials and
-    capabilities; the exec health checks use it), compiled into ``cache_dir`` if missing."""
-    return build(EXECDROP, "shoal-execdrop", "exec helper", cache_dir, cc)
+    capabilities; the exec health checks use it), compiled into ``cache_dir`` if missing.
+    Static only: nsenter runs it inside the task's root, where a dynamic one's loader and
+    libc would be the task's own files, run as root with every capability."""
+    return build(EXECDROP, "shoal-execdrop", "exec helper", cache_dir, cc, static_only=True)
 
 
-def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc") -> Path:
-    """``cache_dir/NAME-<source digest>``, compiled from ``source`` (statically where the host
-    has a static libc) if missing. ConfigError if it cannot be built."""
+# (hardening: the exec helper parses files of the task's while it is root)
+CFLAGS = ("-O2", "-Wall", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2")
+
+
+def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc",
+          static_only: bool = False) -> Path:
+    """``cache_dir/NAME-<digest of the source and CFLAGS>``, compiled from ``source``
+    (statically where the host has a static libc; ``static_only``: or not at all) if missing.
+    ConfigError if it cannot be built."""
     try:
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()
+                                ).hexdigest()[:16]
     except OSError as exc:
         raise ConfigError(f"{what} source missing: {source}: {exc}") from exc
     target = cache_dir / f"{name}-{digest}"
@@ -84,9 +93,10 @@ def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc") -
     except OSError as exc:
         raise ConfigError(f"cannot create {cache_dir}: {exc}") from exc
     try:
-        for link in (["-static"], []):  # dynamic if the host has no static libc
+        # dynamic if the host has no static libc (not for static_only)
+        for link in (["-static"],) if static_only else (["-static"], []):
             res = subprocess.run(
-                [cc, "-O2", "-Wall", *link, "-o", tmp, str(source)],
+                [cc, *CFLAGS, *link, "-o", tmp, str(source)],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -102,7 +112,9 @@ def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc") -
         ) from exc
     if res.returncode != 0:
         os.unlink(tmp)
-        raise ConfigError(f"building the {what} failed: {res.stderr.strip()[-2000:]}")
+        must = " (it must be static: install the static libc, Debian libc6-dev)" \
+            if static_only else ""
+        raise ConfigError(f"building the {what} failed{must}: {res.stderr.strip()[-2000:]}")
     os.chmod(tmp, 0o755)
     os.replace(tmp, target)
     return target

@@ -76,11 +76,14 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     assert code == 0 and out.split()[-1].endswith("100000"), out[-200:]
     # a client that goes away ends its command in the task (relayed: the manager's socket
     # to the node closes too)
-    for flags, sleeper in (((), "sleep 4242"), (("-t",), "sleep 4343")):
-        # (with -t the command has a session of its own and here ignores the hang-up)
+    for flags, sleeper in (((), "sleep 4242"), (("-t",), "sleep 4343"),
+                           (("-i",), "sleep 4747"), (("-i", "-t"), "sleep 4848")):
+        # (with -t the command has a session of its own and here ignores the hang-up; with
+        # -i its stdin is full, unread: the agent waits to write it when the client goes)
         cli = shlex.join([*h1.shoal_argv, "-H", f"unix://{h1.sock}", "exec", *flags,
                           remote["name"], "sh", "-c", f"trap '' HUP; {sleeper}"])
-        h1.run("sh", "-c", f"timeout -s KILL 3 {cli}", check=False, timeout=30)
+        feed = "yes | head -c 3000000 | " if "-i" in flags else ""
+        h1.run("sh", "-c", f"{feed}timeout -s KILL 3 {cli}", check=False, timeout=30)
         wait_until(lambda s=sleeper: s not in _exec(h1, remote["name"], "sh", "-c",
                    "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1] or None, timeout=10,
                    what=f"{sleeper} to end with its client")
@@ -104,6 +107,19 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
                  "/etc/passwd")[0] == 0
     code, out, err = _exec(h1, "-u", "evil", remote["name"], "id", "-u")
     assert code == 125 and "no user evil" in err and "4242" not in out, (out, err)
+    # ... and read by execdrop with care: a group line naming the user 2,000 times (before:
+    # a stack overflow of the 256 groups, stack words as gids), a passwd line of one field
+    # (before: its uid read from the next line, root's)
+    members = ",".join(["app"] * 2000)
+    passwd = "nofields\\nroot:x:0:0::/:/bin/sh\\napp:x:1000:1000::/:/bin/sh\\n"
+    code, out, err = _exec(h1, "-i", "-u", "0", remote["name"], "sh", "-c",
+                           f"busybox rm /etc/passwd; printf '{passwd}' > /etc/passwd; "
+                           "cat >> /etc/group", stdin=f"g:x:7:{members}\n")
+    assert code == 0, (out, err)
+    code, out, err = _exec(h1, "-u", "app", remote["name"], "id", "-G")
+    assert (code, sorted(out.split())) == (0, ["1000", "50", "7"]), (out, err)
+    code, _, err = _exec(h1, "-u", "nofields", remote["name"], "id", "-u")
+    assert code == 125 and "no user nofields" in err, err
     # a large output reaches a client whole, with the exit code after it
     code, out, _ = _exec(h1, remote["name"], "busybox", "head", "-c", "3000000", "/dev/zero")
     assert (code, len(out)) == (0, 3000000)
