@@ -410,14 +410,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/tasks/{ref}/exec", "task_exec", "run a command in a running task "
           "(`shoal exec`, Docker's `docker exec`) over a WebSocket", "services",
           content="application/octet-stream",
-          description="Upgraded to a WebSocket (Kubernetes' channel protocol): the client "
-          "sends the request as JSON text `{cmd: [...], tty, stdin, user, workdir, env, rows, "
-          "cols}`, then binary frames whose first byte is the channel — 0 stdin (empty: its "
-          "end), 4 resize `{rows, cols}`; the node sends 1 stdout, 2 stderr and last 3 status "
-          "`{exit_code}` or `{error}` (an unknown task, one not running, a bad request). "
-          "`ref`: a task id, unique id prefix, `SERVICE.SLOT` or `SERVICE.SLOT.ID`. A manager "
-          "relays a session to the node that runs the task; a worker runs its own tasks' "
-          "only. Needs the operator role.", errors=(403,)),
+          description="A WebSocket (Kubernetes' channel protocol): the request as JSON text "
+          "`{cmd: [...], tty, stdin, user, workdir, env, rows, cols}`, then binary frames, "
+          "first byte the channel: 0 stdin (empty: its end), 4 resize `{rows, cols}`; back 1 "
+          "stdout, 2 stderr, last 3 status `{exit_code}` or `{error}`. `ref`: a task id, id "
+          "prefix, `SERVICE.SLOT[.ID]`. Managers relay to the task's node. Operator role.",
+          errors=(403,)),
     Route("GET", "/v1/events", "events", "the cluster's event stream (`shoal events`)",
           "events", reply=_ref("Event"), content="application/x-ndjson", query=_EVENT_QUERY,
           errors=(*CLUSTER, 400),
