@@ -562,6 +562,8 @@ FAKE_CLUSTER = textwrap.dedent("""\
                  "state": "running", "message": "", "exit_code": None, "pid": 0}
                 for i in range(1, state["replicas"] + 1)]
         emit(rows, ["name", "node", "state"])
+    elif args[0] == "exec":  # (the demo's `exec TASK sh -c 'echo ...'`)
+        print("hello from web-" + args[1].split(".")[-1])
     else:
         print("fake shoal: unknown command", args, file=sys.stderr)
         sys.exit(2)
