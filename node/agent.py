@@ -51,7 +51,7 @@ from shoal.node.control.services import Services
 from shoal.node.errors import Unavailable
 from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed, tcp_probe
-from shoal.node.health import HealthConfig, HealthMonitor
+from shoal.node.health import ExecHelper, HealthMonitor
 from shoal.node.imagegc import ImageGC, wanted_images
 from shoal.node.joining import Admitted
 from shoal.node.leader import RAFT_TIMING_META, LeaderLoop
@@ -99,6 +99,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self.ctx = NodeContext(config, self.hostname)
         self.runtime = ProcessController(RuntimeConfig(
             data_dir=self.data_dir, cgroup_parent=config.cgroup_parent))
+        # shoal-execdrop, sealed once for the exec health checks and `shoal exec` alike
+        self.exec_helper = ExecHelper(self.data_dir / "bin")
         self._leader_wakeup = asyncio.Event()
         self._leadership_wakeup = asyncio.Event()  # (_leadership_loop)
         self._worker_wakeup = asyncio.Event()
@@ -176,7 +178,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
             secrets=self.secrets, gossip=self.gossip, transfer=self.transfer,
             runtime=self.runtime, images=self.runtime.images, events=self.events,
             metrics=self.metrics, registries=self.registries,
-            networks=NetworksApi(self.ctx), images_wanted=self._images_wanted))
+            networks=NetworksApi(self.ctx), images_wanted=self._images_wanted,
+            exec_helper=self.exec_helper))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
@@ -249,8 +252,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
                               pull_image=self.transfer.pull_image,
                               pull_progress=self.registries.progress_message,
                               clock_offset=self.dispatcher.measured_offset,
-                              health=HealthMonitor(HealthConfig(
-                                  helper_dir=self.data_dir / "bin")))
+                              health=HealthMonitor(helper=self.exec_helper))
         self.membership = self._make_membership(identity)
         self._member_tasks = [
             asyncio.create_task(self._start_gossip(self.membership), name="gossip-start"),

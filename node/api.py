@@ -33,7 +33,7 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -50,6 +50,7 @@ from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
 from shoal.node.dashboard import Dashboard
 from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, http_error
+from shoal.node.health import ExecHelper
 from shoal.node.limits import ClientLimits
 from shoal.node.membership import GossipControl
 from shoal.node.metrics import Metrics, serve_metrics
@@ -165,8 +166,7 @@ def _version(request: web.Request, body: dict[str, Any]) -> Any:
     """A service write's version precondition: the body's ``version``, else ``?version=N``."""
     if body.get("version") is not None:
         return body["version"]
-    q = request.query.get("version")
-    if q is None or q == "":
+    if not (q := request.query.get("version")):
         return None
     if not (q.isascii() and q.isdigit()):
         raise BadRequest("version must be a whole number", "version")
@@ -340,6 +340,8 @@ class Controls:
     networks: NetworksApi
     # image ids the cluster wants on this node (`image prune` keeps them; node/imagegc.py)
     images_wanted: Callable[[], set[str]] = set
+    # the node's sealed shoal-execdrop, shared with the exec health checks
+    exec_helper: ExecHelper = field(default_factory=lambda: ExecHelper(None))
 
 
 class ApiServer:
@@ -355,7 +357,7 @@ class ApiServer:
         # `shoal exec` (shoal.node.execs): the CLI's route and the peer route managers relay to
         self._exec_local, self._exec_peer = execs.handlers(
             controls.services.ctx, controls.runtime, controls.security,
-            execs.Executor(config.data_dir / "bin"), peer_of)
+            execs.Executor(controls.exec_helper), peer_of)
 
     def local_app(self, remote: bool = False, guard: Guard | None = None,
                   limits: str = "") -> web.Application:
@@ -887,10 +889,9 @@ class ApiServer:
         host, _, port = addr.rpartition(":")
         runner = web.AppRunner(self.metrics_app(mtls), access_log=None)
         await runner.setup()
-        sec = self.c.security
-        ssl_ctx = tls_listener(lambda: sec.remote_ctx, True) if mtls else None
         await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True,
-                          ssl_context=ssl_ctx).start()
+                          ssl_context=tls_listener(lambda: self.c.security.remote_ctx, True)
+                          if mtls else None).start()
         self._runners.append(runner)
 
     async def stop(self) -> None:

@@ -47,11 +47,10 @@ from aiohttp import web
 
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
-from shoal.node.health import HOST_ENV, _environ, enter_argv, env_fd, sealed_helper
+from shoal.node.health import HOST_ENV, ExecHelper, _environ, enter_argv, env_fd
 from shoal.raft.models import Task, TaskState
 from shoal.raft.state import Snapshot
 from shoal.runtime.cgroups import CgroupLayout, detect
-from shoal.runtime.launcher import ensure_execdrop
 from shoal.runtime.records import RunState
 
 log = logging.getLogger("shoal.exec")
@@ -206,12 +205,10 @@ async def serve(req: web.Request, start: Callable[[web.WebSocketResponse],
 class Executor:
     """Runs exec sessions of this node's tasks."""
 
-    def __init__(self, helper_dir: Path, cc: str = "cc", nsenter: str = "nsenter") -> None:
-        self.helper_dir = helper_dir
-        self.cc = cc
+    def __init__(self, helper: ExecHelper, nsenter: str = "nsenter") -> None:
+        self.helper = helper  # the node's sealed shoal-execdrop (shared with exec checks)
         self.nsenter = shutil.which(nsenter) or nsenter
         self._layout: CgroupLayout | None = None
-        self._helper_fd: int | None = None  # a sealed memfd copy (health.sealed_helper)
         self.sessions = 0
 
     async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest,
@@ -222,27 +219,23 @@ class Executor:
             raise Unavailable(f"this node runs {MAX_SESSIONS} exec sessions already")
         self.sessions += 1
         try:
-            if self._helper_fd is None:
-                path = await asyncio.to_thread(ensure_execdrop, self.helper_dir, self.cc)
-                if self._helper_fd is None:
-                    self._helper_fd = sealed_helper(path)
-            return await _Session(self, ws, pid, request, transport).run()
+            helper_fd = await self.helper.fd()
+            return await _Session(self, ws, pid, request, helper_fd, transport).run()
         finally:
             self.sessions -= 1
 
-    def argv(self, pid: int, request: ExecRequest, envfd: int, console_fd: int | None
-             ) -> list[str]:
+    def argv(self, pid: int, request: ExecRequest, helper_fd: int, envfd: int,
+             console_fd: int | None) -> list[str]:
         """The host command line (health.enter_argv): the user and the working directory are
         looked up by shoal-execdrop inside the task's root (its /etc/passwd: never read from
         the host, where its symlinks would resolve against the host's files)."""
         if self._layout is None:
             self._layout = detect()
-        assert self._helper_fd is not None
         options = [*(["--user", request.user] if request.user else []),
                    *(["--workdir", request.workdir] if request.workdir else []),
                    *(["--console", str(console_fd)] if console_fd is not None else [])]
-        return enter_argv(self.nsenter, self._layout, pid, self._helper_fd, envfd,
-                          request.cmd, options)
+        return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, request.cmd,
+                          options)
 
     @staticmethod
     def environment(pid: int, request: ExecRequest) -> dict[str, str]:
@@ -257,8 +250,9 @@ class _Session:
     """One command: its process, its terminal or pipes, and the frames both ways."""
 
     def __init__(self, executor: Executor, ws: web.WebSocketResponse, pid: int,
-                 request: ExecRequest, transport: Any = None) -> None:
+                 request: ExecRequest, helper_fd: int, transport: Any = None) -> None:
         self.ex, self.ws, self.pid, self.req = executor, ws, pid, request
+        self.helper_fd = helper_fd
         self.transport = transport  # the client's connection (its closing ends the command)
         self.master: int | None = None  # the terminal's master (tty)
         self.proc: asyncio.subprocess.Process | None = None
@@ -266,20 +260,19 @@ class _Session:
         self.sending = 0  # sends in flight (a slow client: not idle)
 
     async def run(self) -> int:
-        assert self.ex._helper_fd is not None
         ours = theirs = None
         envfd = env_fd(self.ex.environment(self.pid, self.req))
         try:
             if self.req.tty:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            argv = self.ex.argv(self.pid, self.req, envfd,
+            argv = self.ex.argv(self.pid, self.req, self.helper_fd, envfd,
                                 theirs.fileno() if theirs is not None else None)
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, start_new_session=True,
                 stdin=pipe if self.req.stdin and not self.req.tty else null,
                 stdout=null if self.req.tty else pipe, stderr=pipe,
-                pass_fds=(self.ex._helper_fd, envfd,
+                pass_fds=(self.helper_fd, envfd,
                           *((theirs.fileno(),) if theirs is not None else ())))
         finally:
             os.close(envfd)

@@ -83,6 +83,32 @@ def sealed_helper(path: Path) -> int:
     return fd
 
 
+class ExecHelper:
+    """The node's one sealed copy of shoal-execdrop (``sealed_helper``), shared by the exec
+    health checks and ``shoal exec``: compiled and cached in ``helper_dir`` with the C compiler
+    ``cc`` on first use (in a thread; callers that come meanwhile wait for that one build).
+    ``helper_dir`` None: a private temporary directory, removed once the copy is sealed."""
+
+    def __init__(self, helper_dir: Path | None, cc: str = "cc") -> None:
+        self.helper_dir = helper_dir
+        self.cc = cc
+        self._fd: int | None = None
+        self._lock = asyncio.Lock()
+
+    async def fd(self) -> int:
+        """The sealed memfd (pass it with pass_fds; never close it)."""
+        async with self._lock:
+            if self._fd is None:
+                where = self.helper_dir or Path(tempfile.mkdtemp(prefix="shoal-execdrop-"))
+                try:
+                    path = await asyncio.to_thread(ensure_execdrop, where, self.cc)
+                    self._fd = sealed_helper(path)
+                finally:
+                    if self.helper_dir is None:  # the memfd keeps it: leave nothing behind
+                        shutil.rmtree(where, ignore_errors=True)
+            return self._fd
+
+
 def env_fd(env: dict[str, str]) -> int:
     """The command's environment for shoal-execdrop's --env-fd: a memfd of NUL-separated
     KEY=VALUE entries (close-on-exec; pass it with pass_fds, close it after the spawn)."""
@@ -324,12 +350,11 @@ def _environ(pid: int) -> dict[str, str]:
 class Probes:
     """The real probes (exec through nsenter, HTTP/TCP from inside the netns)."""
 
-    def __init__(self, config: HealthConfig) -> None:
+    def __init__(self, config: HealthConfig, helper: ExecHelper | None = None) -> None:
         self.config = config
         self.nsenter = shutil.which(config.nsenter) or config.nsenter
         self._layout: CgroupLayout | None = None
-        self._helper_fd: int | None = None
-        self._helper_lock = asyncio.Lock()
+        self.helper = helper or ExecHelper(config.helper_dir, config.cc)
 
     async def __call__(self, check: Check, pid: int) -> HealthResult:
         start = time.time()
@@ -346,38 +371,18 @@ class Probes:
         return HealthResult(start=start, end=time.time(), exit_code=code,
                             output=out[:self.config.output_limit])
 
-    def exec_argv(self, check: Check, pid: int, envfd: int) -> list[str]:
+    def exec_argv(self, check: Check, pid: int, helper_fd: int, envfd: int) -> list[str]:
         """The host command line of one exec probe (``enter_argv``), the task's environment
         in ``envfd``."""
         if self._layout is None:
             self._layout = detect()
-        assert self._helper_fd is not None
-        return enter_argv(self.nsenter, self._layout, pid, self._helper_fd, envfd,
-                          list(check.argv))
-
-    async def _helper(self) -> int:
-        """An fd of the compiled shoal-execdrop (built on first use, in a thread; the probes
-        that come meanwhile wait for that one build)."""
-        async with self._helper_lock:
-            if self._helper_fd is None:
-                await self._build_helper()
-        assert self._helper_fd is not None
-        return self._helper_fd
-
-    async def _build_helper(self) -> None:
-        if self._helper_fd is None:
-            cfg = self.config
-            where = cfg.helper_dir or Path(tempfile.mkdtemp(prefix="shoal-health-"))
-            path = await asyncio.to_thread(ensure_execdrop, where, cfg.cc)
-            self._helper_fd = sealed_helper(path)
-            if cfg.helper_dir is None:  # the open fd keeps it: leave nothing behind
-                shutil.rmtree(where, ignore_errors=True)
+        return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, list(check.argv))
 
     async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
-        fd = await self._helper()
+        fd = await self.helper.fd()
         envfd = env_fd(_environ(pid))
         try:
-            argv = self.exec_argv(check, pid, envfd)
+            argv = self.exec_argv(check, pid, fd, envfd)
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -453,10 +458,11 @@ class HealthMonitor:
     is called (on the event loop) when a task's published health changes."""
 
     def __init__(self, config: HealthConfig | None = None, prober: Prober | None = None,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None,
+                 helper: ExecHelper | None = None) -> None:
         self.config = config or HealthConfig()
         self.config.validate()
-        self.prober: Prober = prober or Probes(self.config)
+        self.prober: Prober = prober or Probes(self.config, helper)
         self.on_change = on_change
         self._tasks: dict[str, _Probe] = {}
 

@@ -47,6 +47,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "sendfd.h"
+
 #ifndef TIOCGPTPEER
 #define TIOCGPTPEER _IO('T', 0x41)
 #endif
@@ -69,18 +71,7 @@ static int console(int sock, uid_t uid) {
     if (setsid() < 0 || ioctl(term, TIOCSCTTY, 0)) return fail("make it the controlling terminal");
     if (dup2(term, 0) < 0 || dup2(term, 1) < 0 || dup2(term, 2) < 0) return fail("dup2");
     if (term > 2) close(term);
-    char byte = 'T';
-    struct iovec iov = {&byte, 1};
-    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
-    memset(&u, 0, sizeof u);
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                         .msg_controllen = sizeof u.buf};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &master, sizeof(int));
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != 1) return fail("hand the terminal to the agent");
+    if (send_fd(sock, master)) return fail("hand the terminal to the agent");
     close(master);
     close(sock);
     return 0;

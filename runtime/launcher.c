@@ -115,6 +115,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sendfd.h"
+
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
@@ -629,18 +631,7 @@ static int open_console(int sock) {
     snprintf(pts, sizeof pts, "/dev/pts/%d", n);
     if (mount(pts, "/dev/console", NULL, MS_BIND, NULL)) /* (the plan made the file) */
         die(125, "tty: cannot bind it at /dev/console: %s", strerror(errno));
-    char byte = 'T';
-    struct iovec iov = {&byte, 1};
-    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
-    memset(&u, 0, sizeof u);
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                         .msg_controllen = sizeof u.buf};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &master, sizeof(int));
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) != 1)
+    if (send_fd(sock, master))
         die(125, "tty: cannot hand the master to the shim: %s", strerror(errno));
     close(master);
     close(sock);

@@ -1,7 +1,7 @@
 """The compiled task launcher: building it, and the agent's side of its two pipes (the launch
 spec it reads, the ready pipe it answers on).
 
-Owns: ``launcher.c`` and ``execdrop.c`` (shipped as package data) and the binaries built
+Owns: ``launcher.c``, ``execdrop.c`` and ``sendfd.h`` (package data) and the binaries built
 from them in a cache directory (``shoal-launcher-<source digest>``,
 ``shoal-execdrop-<digest>``); the encoding of the spec pipe (:class:`Spec`, :func:`send_spec`)
 and the decoding of the ready pipe (:func:`read_pid`, :func:`read_ready`).
@@ -40,6 +40,9 @@ from shoal.runtime.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("launcher.c")
 EXECDROP = Path(__file__).with_name("execdrop.c")
+# the headers both include ("sendfd.h"): a binary's name is the digest of its source, these
+# and the flags, so a change to one rebuilds both
+HEADERS = (Path(__file__).with_name("sendfd.h"),)
 
 # mount(2) flags used by the plan.
 MS_RDONLY = 0x1
@@ -49,10 +52,6 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
-
-
-def source_digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
 def ensure_launcher(cache_dir: Path, cc: str = "cc") -> Path:
@@ -75,12 +74,12 @@ CFLAGS = ("-O2", "-Wall", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2")
 
 def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc",
           static_only: bool = False) -> Path:
-    """``cache_dir/NAME-<digest of the source and CFLAGS>``, compiled from ``source``
-    (statically where the host has a static libc; ``static_only``: or not at all) if missing.
-    ConfigError if it cannot be built."""
+    """``cache_dir/NAME-<digest of the source, HEADERS and CFLAGS>``, compiled from
+    ``source`` (statically where the host has a static libc; ``static_only``: or not at all)
+    if missing. ConfigError if it cannot be built."""
     try:
-        digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()
-                                ).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in (source, *HEADERS))
+                                + " ".join(CFLAGS).encode()).hexdigest()[:16]
     except OSError as exc:
         raise ConfigError(f"{what} source missing: {source}: {exc}") from exc
     target = cache_dir / f"{name}-{digest}"

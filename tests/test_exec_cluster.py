@@ -9,6 +9,7 @@ Hosts are network namespaces (tests/netlab.py) running real agents; the tasks ru
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +45,8 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     h1, h2 = lab.hosts
     import_busybox(h1, tmp_path)
     h1.cli("service", "create", "--name", "web", "--mode", "global", "--image", "busybox:1",
-           "-e", "FROM_SPEC=yes", "--user", "app", "--", "sh", "-c",
-           "echo started; sleep 100000")
+           "-e", "FROM_SPEC=yes", "--user", "app", "--health-cmd", "true",
+           "--health-interval", "1", "--", "sh", "-c", "echo started; sleep 100000")
     local, remote = _task_on(h1, "web", "h1"), _task_on(h1, "web", "h2")
     probe = ("echo host=$(hostname) uid=$(id -u) spec=$FROM_SPEC extra=$EXTRA dir=$(pwd); "
              "cat /proc/1/cmdline | tr '\\0' ' '; echo; exit 3")
@@ -135,3 +136,8 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     assert code != 0 and "runs on node h1" in err and "manager" in err, err
     code, out, _ = _exec(h2, remote["name"], "echo", "on-the-worker-itself")
     assert (code, out) == (0, "on-the-worker-itself\n")
+    # the exec health checks and `shoal exec` share the node's one sealed helper
+    assert (pid := h2.agent_pid) is not None
+    helpers = [fd for fd in Path(f"/proc/{pid}/fd").iterdir()
+               if "memfd:shoal-execdrop" in os.readlink(fd)]
+    assert len(helpers) == 1, helpers
