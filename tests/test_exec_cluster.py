@@ -137,7 +137,8 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     code, out, _ = _exec(h2, remote["name"], "echo", "on-the-worker-itself")
     assert (code, out) == (0, "on-the-worker-itself\n")
     # the exec health checks and `shoal exec` share the node's one sealed helper
-    assert (pid := h2.agent_pid) is not None
+    pid = h2.agent_pid
+    assert pid is not None
     helpers = [fd for fd in Path(f"/proc/{pid}/fd").iterdir()
                if "memfd:shoal-execdrop" in os.readlink(fd)]
     assert len(helpers) == 1, helpers
