@@ -15,7 +15,8 @@ The client's first message is a text frame, the request as JSON (``exec_request`
 binary frames whose first byte is the ``Channel``: stdin (client → agent; an empty payload is
 the end of stdin), stdout, stderr (with a tty all output is stdout), status (agent → client,
 the last frame: ``{"exit_code": N}``, or ``{"error": {"code", "message", "field"}}`` when the
-command could not run) and resize (client → agent, ``{"rows", "cols"}``).
+command could not run, or ``{"detached": true}`` once a ``detach`` command started) and resize
+(client → agent, ``{"rows", "cols"}``).
 
 Errors: ``CliError`` (printed as one line, the CLI's exit status 1) for a refusal — before
 the upgrade, an HTTP error reply with the API's JSON error body; after it, a status frame
@@ -77,6 +78,12 @@ def add_parser(sub: Any) -> None:
     e.add_argument("-t", "--tty", action="store_true",
                    help="give the command a pseudo-terminal (its stdout and stderr merged); "
                    "with -i on a terminal, this one is put in raw mode meanwhile")
+    e.add_argument("-d", "--detach", action="store_true",
+                   help="start the command and return: it runs on in the task, its output "
+                   "dropped (with -i its stdin stays open, with -t it keeps its terminal)")
+    e.add_argument("--privileged", action="store_true",
+                   help="give the command every capability of the node's, not only the "
+                   "task's")
     e.add_argument("-u", "--user", default="", metavar="USER",
                    help="<name|uid>[:<group|gid>] to run as, looked up in the task's own "
                    "/etc/passwd and /etc/group (default: the task's user)")
@@ -120,9 +127,13 @@ def exec_request(args: argparse.Namespace) -> dict[str, Any]:
                        "COMMAND [ARG...]")
     env = {**read_env_files(args.env_file), **parse_kv(args.env, "--env")}
     rows, cols = terminal_size(args.tty)
-    return {"cmd": command, "tty": bool(args.tty), "stdin": bool(args.interactive),
-            "user": args.user, "workdir": args.workdir, "env": env, "rows": rows,
-            "cols": cols}
+    request = {"cmd": command, "tty": bool(args.tty), "stdin": bool(args.interactive),
+               "user": args.user, "workdir": args.workdir, "env": env, "rows": rows,
+               "cols": cols}
+    # (only when asked: an agent older than these refuses nothing it does not know, and
+    # would run the command attached or unprivileged)
+    request.update({k: True for k in ("detach", "privileged") if getattr(args, k)})
+    return request
 
 
 # ----------------------------------------------------------------------------- the session
@@ -131,12 +142,13 @@ def run(c: Client, args: argparse.Namespace) -> int:
     import asyncio
 
     request = exec_request(args)
-    raw = args.tty and args.interactive and os.isatty(0)
+    attached = not args.detach  # (-d: nothing of this terminal's goes to the command)
+    raw = attached and args.tty and args.interactive and os.isatty(0)
     with raw_terminal(0 if raw else None):
         return asyncio.run(session(
-            c, args.task, request, stdin_fd=0 if args.interactive else None,
-            resize=bool(args.tty) and _isatty(sys.stdout), stdout=sys.stdout.buffer,
-            stderr=sys.stderr.buffer))
+            c, args.task, request, stdin_fd=0 if args.interactive and attached else None,
+            resize=attached and bool(args.tty) and _isatty(sys.stdout),
+            stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
 
 
 def _isatty(stream: Any) -> bool:
@@ -293,7 +305,8 @@ def refused(status: int, body: bytes) -> CliError:
 
 
 def exit_status(payload: bytes) -> int:
-    """The exit status a status frame carries; its error as a CliError."""
+    """The exit status a status frame carries (0 for a command that runs on detached, -d);
+    its error as a CliError."""
     try:
         status = json.loads(payload)
     except ValueError:
@@ -302,6 +315,8 @@ def exit_status(payload: bytes) -> int:
         err = status["error"]
         raise CliError(str(err.get("message") or "the command could not run"),
                        str(err.get("field") or ""))
+    if isinstance(status, dict) and status.get("detached") is True:
+        return 0
     code = status.get("exit_code") if isinstance(status, dict) else None
     if not isinstance(code, int) or isinstance(code, bool):
         raise CliError(f"the exec session sent a malformed status: {payload[:200]!r}")

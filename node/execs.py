@@ -47,7 +47,7 @@ from aiohttp import web
 
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
-from shoal.node.health import HOST_ENV, ExecHelper, _environ, enter_argv, env_fd
+from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
 from shoal.raft.models import Task, TaskState
 from shoal.raft.state import Snapshot
 from shoal.runtime.cgroups import CgroupLayout, detect
@@ -57,6 +57,7 @@ log = logging.getLogger("shoal.exec")
 
 STDIN, STDOUT, STDERR, STATUS, RESIZE = 0, 1, 2, 3, 4
 MAX_SESSIONS = 32  # exec sessions at once on one node (each holds a process and a socket)
+MAX_DETACHED = 64  # `exec -d` commands running at once on one node (each holds a process)
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds for the client to send its request
 DRAIN_IDLE = 1.0  # after the command exited, its output is read until this many seconds pass
 #                   without any (a background process may hold its pipes or terminal open)
@@ -77,6 +78,8 @@ class ExecRequest:
     env: dict[str, str] = field(default_factory=dict)
     rows: int = 24
     cols: int = 80
+    detach: bool = False  # -d: answered once the command started, which then runs on
+    privileged: bool = False  # every capability of the node's, not the task's set
 
     @classmethod
     def parse(cls, raw: Any) -> ExecRequest:
@@ -89,7 +92,7 @@ class ExecRequest:
             raise BadRequest("cmd must be the command and its arguments: a non-empty list of "
                              "strings", "cmd")
         out = cls(cmd=list(cmd))
-        for name in ("tty", "stdin"):
+        for name in ("tty", "stdin", "detach", "privileged"):
             value = raw.get(name, False)
             if not isinstance(value, bool):
                 raise BadRequest(f"{name} must be true or false", name)
@@ -116,7 +119,8 @@ class ExecRequest:
 
     def to_json(self) -> dict[str, Any]:
         return {"cmd": self.cmd, "tty": self.tty, "stdin": self.stdin, "user": self.user,
-                "workdir": self.workdir, "env": self.env, "rows": self.rows, "cols": self.cols}
+                "workdir": self.workdir, "env": self.env, "rows": self.rows, "cols": self.cols,
+                "detach": self.detach, "privileged": self.privileged}
 
 
 def _utf8(text: str) -> bool:
@@ -210,13 +214,17 @@ class Executor:
         self.nsenter = shutil.which(nsenter) or nsenter
         self._layout: CgroupLayout | None = None
         self.sessions = 0
+        self.detached: set[asyncio.Task[None]] = set()  # `exec -d` commands running on
 
     async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest,
-                        transport: Any = None) -> int:
+                        transport: Any = None) -> int | None:
         """The command in the task whose init is host ``pid``; its exit code (128+N when
-        killed by signal N), once its output went out on ``ws``."""
+        killed by signal N), once its output went out on ``ws``. With ``request.detach``:
+        None once it started (it runs on; ``detached``), or its exit code if it could not."""
         if self.sessions >= MAX_SESSIONS:
             raise Unavailable(f"this node runs {MAX_SESSIONS} exec sessions already")
+        if request.detach and len(self.detached) >= MAX_DETACHED:
+            raise Unavailable(f"this node runs {MAX_DETACHED} detached exec commands already")
         self.sessions += 1
         try:
             helper_fd = await self.helper.fd()
@@ -225,7 +233,7 @@ class Executor:
             self.sessions -= 1
 
     def argv(self, pid: int, request: ExecRequest, helper_fd: int, envfd: int,
-             console_fd: int | None) -> list[str]:
+             console_fd: int | None, detach_fd: int | None = None) -> list[str]:
         """The host command line (health.enter_argv): the user and the working directory are
         looked up by shoal-execdrop inside the task's root (its /etc/passwd: never read from
         the host, where its symlinks would resolve against the host's files)."""
@@ -233,9 +241,11 @@ class Executor:
             self._layout = detect()
         options = [*(["--user", request.user] if request.user else []),
                    *(["--workdir", request.workdir] if request.workdir else []),
-                   *(["--console", str(console_fd)] if console_fd is not None else [])]
+                   *(["--console", str(console_fd)] if console_fd is not None else []),
+                   *(["--detach", str(detach_fd)] if detach_fd is not None else [])]
         return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, request.cmd,
-                          options)
+                          options, caps=_credentials(os.getpid())[3] if request.privileged
+                          else None)
 
     @staticmethod
     def environment(pid: int, request: ExecRequest) -> dict[str, str]:
@@ -258,32 +268,93 @@ class _Session:
         self.proc: asyncio.subprocess.Process | None = None
         self.active = 0.0  # (monotonic) the last output read or sent
         self.sending = 0  # sends in flight (a slow client: not idle)
+        self.dropping = False  # detached: output is read and dropped
 
-    async def run(self) -> int:
+    async def run(self) -> int | None:
         ours = theirs = None
+        started_r = started_w = None  # -d: execdrop's "the command was found"
         envfd = env_fd(self.ex.environment(self.pid, self.req))
         try:
             if self.req.tty:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            if self.req.detach:
+                started_r, started_w = os.pipe()
+                os.set_blocking(started_r, False)
             argv = self.ex.argv(self.pid, self.req, self.helper_fd, envfd,
-                                theirs.fileno() if theirs is not None else None)
+                                theirs.fileno() if theirs is not None else None, started_w)
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, start_new_session=True,
                 stdin=pipe if self.req.stdin and not self.req.tty else null,
-                stdout=null if self.req.tty else pipe, stderr=pipe,
+                stdout=null if self.req.tty or self.req.detach else pipe, stderr=pipe,
                 pass_fds=(self.helper_fd, envfd,
-                          *((theirs.fileno(),) if theirs is not None else ())))
+                          *((theirs.fileno(),) if theirs is not None else ()),
+                          *((started_w,) if started_w is not None else ())))
         finally:
             os.close(envfd)
             if theirs is not None:
                 theirs.close()
+            if started_w is not None:
+                os.close(started_w)
+        handed_off = False
         try:
             if ours is not None:
                 self.master = await self._receive_master(ours)
+            if started_r is not None and await self._started(started_r):
+                runner = asyncio.create_task(self._linger(), name=f"exec-detached-{self.pid}")
+                self.ex.detached.add(runner)
+                runner.add_done_callback(self.ex.detached.discard)
+                handed_off = True
+                await _send_status(self.ws, {"detached": True})
+                return None
             return await self._pump()
         finally:
-            await self._end()
+            if started_r is not None:
+                os.close(started_r)
+            if not handed_off:
+                await self._end()
+
+    async def _started(self, fd: int) -> bool:
+        """-d: whether execdrop said the command was found (a byte on ``fd``) rather than
+        exit first (then its stderr and exit status say why, as without -d)."""
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        waits = {asyncio.create_task(_ready(loop.add_reader, loop.remove_reader, fd)),
+                 asyncio.create_task(self.proc.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        try:
+            return os.read(fd, 1) == b"1"
+        except BlockingIOError:
+            return False
+
+    async def _linger(self) -> None:
+        """-d: the command runs on without its client until it ends. Its terminal's output
+        and anything on stderr (nsenter's) are read and dropped; its stdin (-i) is held open,
+        never written, as docker's. An agent that stops leaves it running."""
+        proc = self.proc
+        assert proc is not None and proc.stderr is not None
+        self.dropping = True
+        drains = [asyncio.create_task(self._read_pipe(proc.stderr, STDERR))]
+        if self.master is not None:
+            drains.append(asyncio.create_task(self._read_master()))
+        try:
+            code = await proc.wait()
+            log.info("detached exec %r (host pid %d) ended: %d", self.req.cmd[0], proc.pid,
+                     _code(code))
+        finally:
+            for t in drains:
+                t.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            if self.master is not None:  # (closed, not killed: a stopping agent's too)
+                os.close(self.master)
+                self.master = None
+            if proc.stdin is not None:
+                proc.stdin.close()
 
     async def _receive_master(self, sock: socket.socket) -> int | None:
         """The terminal's master from execdrop; None when it failed first (its stderr says
@@ -367,6 +438,8 @@ class _Session:
             await self._send(STDOUT, chunk)
 
     async def _send(self, channel: int, data: bytes) -> None:
+        if self.dropping:
+            return
         self.active = time.monotonic()
         self.sending += 1
         try:
@@ -563,13 +636,15 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
     ``cluster_exec`` (the peer listener's: a manager relaying a session to this node)."""
 
     async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest,
-                    by: str, transport: Any) -> int:
+                    by: str, transport: Any) -> int | None:
         pid = running_pid(runtime.status(task.id), task)
-        log.info("exec in task %s (%s) by %s: %r (%d arguments)%s%s", task.name, task.id, by,
+        log.info("exec in task %s (%s) by %s: %r (%d arguments)%s%s%s", task.name, task.id, by,
                  request.cmd[0], len(request.cmd) - 1, f" as {request.user!r}"
-                 if request.user else "", " with a tty" if request.tty else "")
+                 if request.user else "", " with a tty" if request.tty else "",
+                 " privileged" if request.privileged else "")
         code = await executor.run_local(ws, pid, request, transport)
-        log.info("exec in task %s (%s) by %s ended: %d", task.name, task.id, by, code)
+        log.info("exec in task %s (%s) by %s %s", task.name, task.id, by,
+                 "runs on detached" if code is None else f"ended: {code}")
         return code
 
     async def task_exec(req: web.Request) -> web.StreamResponse:
@@ -633,5 +708,5 @@ def running_pid(status: Any, task: Task | None) -> int:
     return int(status.pid)
 
 
-__all__ = ["MAX_SESSIONS", "ExecRequest", "Executor", "find_task", "first_message", "handlers",
-           "relay", "running_pid", "serve"]
+__all__ = ["MAX_DETACHED", "MAX_SESSIONS", "ExecRequest", "Executor", "find_task",
+           "first_message", "handlers", "relay", "running_pid", "serve"]

@@ -122,13 +122,16 @@ def env_fd(env: dict[str, str]) -> int:
 
 
 def enter_argv(nsenter: str, layout: CgroupLayout, pid: int, helper_fd: int, envfd: int,
-               cmd: list[str], options: Sequence[str] = (), wd: bool = True) -> list[str]:
+               cmd: list[str], options: Sequence[str] = (), wd: bool = True,
+               caps: str | None = None) -> list[str]:
     """The host command line that runs ``cmd`` in the task whose init is ``pid``: a host shell
     joins the task's cgroups, nsenter enters its namespaces and root (its working directory
     too, ``wd``), shoal-execdrop (the fd ``helper_fd``) takes the init's credentials — or
-    ``options``' (--user, --workdir, --console) — and the environment in ``envfd``."""
+    ``options``' (--user, --workdir, --console, --detach) — and the environment in ``envfd``.
+    ``caps``: the capability set to keep (hex, as CapBnd) instead of the init's."""
     procs = cgroup_procs(pid, layout)
-    uid, gid, groups, caps = _credentials(pid)
+    uid, gid, groups, init_caps = _credentials(pid)
+    caps = caps or init_caps
     return ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
             nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", *(["-w"] if wd else []),
             "--", f"/proc/self/fd/{helper_fd}", "--env-fd", str(envfd), *options,

@@ -22,8 +22,14 @@
  * here, in the task's own /etc/passwd and /etc/group: we are in its root) and --workdir.
  * Before it execs the command it closes every fd but 0-2 (the helper's own among them).
  *
+ * `shoal exec -d` gives --detach FD: once PROG is found on the command's PATH (as execvp
+ * looks for it) one byte is written to FD, and stdout and stderr become /dev/null (unless a
+ * --console terminal is already on them): the agent, which read stderr until then, answers
+ * the client and lets the command run on. When PROG is not found, the reason is on stderr and
+ * the exit status says it, as without -d.
+ *
  * Usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] [--workdir DIR]
- *                       UID GID GROUPS CAPMASK PROG [ARGS...]
+ *                       [--detach FD] UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
  *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
  *           hexadecimal as /proc/PID/status CapBnd shows it
@@ -214,15 +220,63 @@ static int take_env(int fd) {
     return 0;
 }
 
+/* PROG as execvp would find it (a name with a slash as it is, else on the PATH of the
+ * command's environment): 0 if it is there and executable, else the exit status (127 not
+ * found, 126 not executable), the reason on stderr. */
+static int find_program(const char *prog) {
+    struct stat st;
+    if (strchr(prog, '/')) {
+        if (stat(prog, &st)) {
+            fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(errno));
+            return errno == ENOENT ? 127 : 126;
+        }
+        if (S_ISDIR(st.st_mode) || access(prog, X_OK)) {
+            int err = S_ISDIR(st.st_mode) ? EISDIR : errno;
+            fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(err));
+            return 126;
+        }
+        return 0;
+    }
+    const char *path = getenv("PATH");
+    if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    char full[4096];
+    for (const char *p = path;; p++) {
+        const char *end = strchrnul(p, ':');
+        int len = snprintf(full, sizeof full, "%.*s%s%s", (int)(end - p), p,
+                           end == p ? "" : "/", prog);
+        if (len > 0 && (size_t)len < sizeof full && !stat(full, &st) && S_ISREG(st.st_mode)
+            && !access(full, X_OK))
+            return 0;
+        if (!*end) break;
+        p = end;
+    }
+    fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(ENOENT));
+    return 127;
+}
+
+/* -d: PROG is there; tell the agent, and give the command no output of ours. */
+static int detach_now(int fd, int console, const char *prog) {
+    int code = find_program(prog);
+    if (code) return code;
+    if (!console) {
+        int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (null < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) return fail("/dev/null");
+        close(null);
+    }
+    if (write(fd, "1", 1) != 1) return fail("report the start");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     /* not dumpable until the exec: a task's process cannot open our /proc fds or ptrace us
      * while we still hold the agent's capabilities (the exec makes the command dumpable) */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    int sock = -1, envfd = -1;
+    int sock = -1, envfd = -1, detach = -1;
     const char *user = NULL, *workdir = NULL;
     while (argc > 2 && strncmp(argv[1], "--", 2) == 0) {
         if (strcmp(argv[1], "--console") == 0) sock = (int)strtol(argv[2], NULL, 10);
         else if (strcmp(argv[1], "--env-fd") == 0) envfd = (int)strtol(argv[2], NULL, 10);
+        else if (strcmp(argv[1], "--detach") == 0) detach = (int)strtol(argv[2], NULL, 10);
         else if (strcmp(argv[1], "--user") == 0) user = argv[2];
         else if (strcmp(argv[1], "--workdir") == 0) workdir = argv[2];
         else break;
@@ -231,7 +285,7 @@ int main(int argc, char **argv) {
     }
     if (argc < 6) {
         fprintf(stderr, "usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] "
-                        "[--workdir DIR] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
+                        "[--workdir DIR] [--detach FD] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
         return 125;
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
@@ -275,6 +329,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "shoal-execdrop: workdir %s: %s\n", workdir, strerror(errno));
         return 126;
     }
+    int code = detach >= 0 ? detach_now(detach, sock >= 0, argv[5]) : 0;
+    if (code) return code;
     /* nothing of ours reaches the command: the helper itself (an fd nsenter executed), the
      * agent's pipes, the console socket — only 0, 1 and 2 */
     if (syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */)) { /* (before 5.11) */

@@ -52,6 +52,10 @@ def test_the_flags_are_dockers_and_every_word_after_the_task_is_the_commands() -
               "web.1.abcdef", "sh", "-c", "echo -n hi")
     assert (a.interactive, a.tty, a.user, a.workdir, a.env, a.task, a.command) == \
         (True, True, "0:0", "/", ["B=2"], "web.1.abcdef", ["sh", "-c", "echo -n hi"])
+    a = parse("-d", "--privileged", "web.1", "true")
+    assert (a.detach, a.privileged) == (True, True)
+    assert {k: v for k, v in execcli.exec_request(a).items()
+            if k in ("detach", "privileged")} == {"detach": True, "privileged": True}
     a = parse("web.1", "-i", "cat")  # (after TASK, docker's flags too are the command's)
     assert (a.interactive, a.command) == (False, ["-i", "cat"])
     assert execcli.exec_request(parse("web.1", "--", "ls", "-a"))["cmd"] == ["ls", "-a"]
@@ -277,6 +281,7 @@ async def test_sigwinch_sends_the_new_size(agent: tuple[FakeAgent, str]) -> None
 
 async def test_a_malformed_status_is_a_cli_error() -> None:
     assert execcli.exit_status(b'{"exit_code": 137}') == 137
+    assert execcli.exit_status(b'{"detached": true}') == 0  # (-d: the command started)
     for bad in (b"", b"[]", b'{"exit_code": "1"}', b'{"exit_code": true}'):
         with pytest.raises(CliError, match="malformed status"):
             execcli.exit_status(bad)

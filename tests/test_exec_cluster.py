@@ -136,6 +136,27 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     assert code != 0 and "runs on node h1" in err and "manager" in err, err
     code, out, _ = _exec(h2, remote["name"], "echo", "on-the-worker-itself")
     assert (code, out) == (0, "on-the-worker-itself\n")
+    # -d: answered once the command started, which runs on without its client (relayed
+    # here); with -i its stdin stays open (cat waits on it); a command the task lacks is
+    # said as without -d
+    code, out, err = _exec(h1, "-d", remote["name"], "sh", "-c",
+                           "sleep 0.5; echo late > /tmp/detached; exec sleep 4949")
+    assert (code, out, err) == (0, "", ""), (out, err)
+    assert _exec(h1, "-d", "-i", remote["name"], "cat")[0] == 0
+    assert _exec(h1, "-d", "-i", "-t", remote["name"], "sh")[0] == 0
+    wait_until(lambda: _exec(h1, remote["name"], "cat", "/tmp/detached")[1] == "late\n" or None,
+               timeout=10, what="the detached command's file")
+    procs = _exec(h1, remote["name"], "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1]
+    assert "sleep 4949" in procs and "cat" in procs.split() and "sh" in procs.split(), procs
+    code, _, err = _exec(h1, "-d", remote["name"], "no-such-command")
+    assert code == 127 and "no-such-command" in err, err
+    # --privileged: the node's capabilities, not the task's smaller set
+    caps = {flag: _exec(h1, *flag, "-u", "root", remote["name"], "sh", "-c",
+                        "grep CapEff /proc/self/status")[1].split()[-1]
+            for flag in ((), ("--privileged",))}
+    bounding = next(line.split()[1] for line in Path("/proc/self/status").read_text()
+                    .splitlines() if line.startswith("CapBnd:"))
+    assert caps[("--privileged",)] == bounding != caps[()], caps
     # the exec health checks and `shoal exec` share the node's one sealed helper
     pid = h2.agent_pid
     assert pid is not None

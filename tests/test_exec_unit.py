@@ -55,7 +55,8 @@ def test_an_unknown_or_ambiguous_name_is_refused(ref: str, error: type[ApiError]
     ({"cmd": ["sh"], "workdir": "tmp"}, "workdir"), ({"cmd": ["sh"], "env": {"A=B": "1"}}, "env"),
     ({"cmd": ["sh"], "env": ["A=1"]}, "env"), ({"cmd": ["sh"], "rows": 0}, "rows"),
     ({"cmd": ["sh"], "cols": True}, "cols"), ([], ""), ({"cmd": ["\ud800"]}, "cmd"),
-    ({"cmd": ["sh"], "env": {"A": "\udcff"}}, "env"),
+    ({"cmd": ["sh"], "env": {"A": "\udcff"}}, "env"), ({"cmd": ["sh"], "detach": 1}, "detach"),
+    ({"cmd": ["sh"], "privileged": "true"}, "privileged"),
 ])  # fmt: skip
 def test_a_bad_exec_request_is_refused_naming_its_field(raw: Any, field: str) -> None:
     with pytest.raises(BadRequest) as exc:
@@ -66,10 +67,31 @@ def test_a_bad_exec_request_is_refused_naming_its_field(raw: Any, field: str) ->
 def test_a_request_round_trips_for_the_relay() -> None:
     req = ExecRequest.parse({"cmd": ["sh", "-c", "x"], "tty": True, "stdin": True,
                              "user": "app", "workdir": "/w", "env": {"A": "1"}, "rows": 50,
-                             "cols": 132})
+                             "cols": 132, "detach": True, "privileged": True})
     assert ExecRequest.parse(req.to_json()) == req
 
 
 def test_an_exec_needs_the_operator_role_though_it_opens_with_a_get() -> None:
     assert required_role("task_exec") == "operator"
     assert required_role("service_ps") == "viewer"
+
+
+async def test_detached_commands_are_bounded_per_node(tmp_path: Any) -> None:
+    """`exec -d` commands run on without a client: past MAX_DETACHED of them on one node a
+    new one is refused (Unavailable) before anything runs; an attached exec still runs."""
+    import asyncio
+
+    from shoal.node.errors import Unavailable
+    from shoal.node.execs import MAX_DETACHED, Executor
+    from shoal.node.health import ExecHelper
+
+    ex = Executor(ExecHelper(tmp_path))
+    never = asyncio.Event()
+    ex.detached = {asyncio.create_task(never.wait()) for _ in range(MAX_DETACHED)}
+    try:
+        with pytest.raises(Unavailable, match=f"{MAX_DETACHED} detached"):
+            await ex.run_local(None, 1, ExecRequest(cmd=["true"], detach=True))  # type: ignore[arg-type]
+        assert ex.sessions == 0 and list(tmp_path.iterdir()) == []  # (no helper built)
+    finally:
+        for t in ex.detached:
+            t.cancel()
