@@ -61,14 +61,14 @@ from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
-from shoal.node.users import ROOT, Users
+from shoal.node.users import REQUEST_USER, ROOT, Users
 from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.api")
 Handler = Callable[[web.Request], Awaitable[Any]]
 # checks a request to route ``op`` before its handler (roles: shoal.node.users); raises ApiError
-Guard = Callable[[web.Request, str], None]
+Guard = Callable[[web.Request, str], str]  # the user it let by
 MAX_BODY = 1 << 20
 # On stop, how long requests still in progress (a followed log, a worker's held state poll)
 # may take before they are cancelled, seconds. aiohttp's default is 60 s; an agent stopping
@@ -182,9 +182,9 @@ def linearized(handler: Handler, ctx: NodeContext) -> Handler:
 
 
 def guarded(handler: Handler, op: str, guard: Guard) -> Handler:
-    """``handler`` after ``guard(request, op)`` (identity and role) lets the request by."""
+    """``handler`` once ``guard(request, op)`` let its user by (then users.REQUEST_USER)."""
     async def checked(request: web.Request) -> Any:
-        guard(request, op)
+        REQUEST_USER.set(guard(request, op))
         return await handler(request)
     return checked
 
@@ -340,8 +340,7 @@ class Controls:
     networks: NetworksApi
     # image ids the cluster wants on this node (`image prune` keeps them; node/imagegc.py)
     images_wanted: Callable[[], set[str]] = set
-    # the node's sealed shoal-execdrop, shared with the exec health checks
-    exec_helper: ExecHelper = field(default_factory=lambda: ExecHelper(None))
+    exec_helper: ExecHelper = field(default_factory=lambda: ExecHelper(None))  # (+ checks)
 
 
 class ApiServer:
@@ -601,7 +600,7 @@ class ApiServer:
         register(app, "local", handlers)
         return app
 
-    def remote_guard(self, request: web.Request, op: str) -> None:
+    def remote_guard(self, request: web.Request, op: str) -> str:
         """The remote API's roles: a client certificate issued for a user acts as that user;
         one issued for nobody acts as an admin, or as the user of a bearer token it
         carries (shoal.node.users)."""
@@ -611,6 +610,7 @@ class ApiServer:
             token_user = self.users.bearer(request.headers.get("Authorization", ""))
             user = ROOT if token_user is None else token_user.name
         self.users.authorize(user, op)
+        return user
 
     def _user_handlers(self) -> dict[str, Handler]:
         """/v1/users: users and roles (shoal.node.users; admins only)."""

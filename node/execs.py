@@ -48,6 +48,7 @@ from aiohttp import web
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
 from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
+from shoal.node.users import REQUEST_USER
 from shoal.raft.models import Task, TaskState
 from shoal.raft.state import Snapshot
 from shoal.runtime.cgroups import CgroupLayout, detect
@@ -692,12 +693,14 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
 
 
 def _who(req: web.Request) -> str:
-    """Who asks, for the log: the remote API's user or certificate, else the local socket."""
+    """Who asks, for the log: the user the API's guard let by (remote API, dashboard) and
+    the client certificate, else the local socket."""
+    user = REQUEST_USER.get() or None  # ("": the unix socket's, or an admin certificate's)
     peer = req.transport.get_extra_info("peercert") if req.transport is not None else None
-    if not peer:
-        return "the local socket"
-    subject = dict(x[0] for x in peer.get("subject", ()))
-    return f"client {subject.get('commonName', '?')}"
+    subject = dict(x[0] for x in peer.get("subject", ())) if peer else {}
+    where = f"client {subject.get('commonName', '?')}" if peer else \
+        "the dashboard" if user is not None else "the local socket"
+    return f"user {user!r} ({where})" if user is not None else where
 
 
 def running_pid(status: Any, task: Task | None) -> int:

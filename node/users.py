@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -71,6 +72,10 @@ from shoal.raft.spec import OBJECT_NAME_RE
 log = logging.getLogger("shoal.users")
 
 ROOT = ""  # the identity of the unix socket's caller (root on the node): an admin
+# the user a guard let by, for the request being handled (api.guarded sets it in the
+# request's own task; exec's audit lines name it). None: an unguarded listener.
+REQUEST_USER: contextvars.ContextVar[str | None] = contextvars.ContextVar("shoal_request_user",
+                                                                          default=None)
 # scrypt cost: N=2^15, r=8, p=1 (32 MiB, ~0.1 s per check on one core); recorded per hash
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 _MAX_N, _MAX_R, _MAX_P = 1 << 20, 32, 16  # refuse to verify costlier hashes (a bad record)

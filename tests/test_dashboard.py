@@ -21,6 +21,7 @@ from shoal.node.context import NodeContext
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.services import Services
 from shoal.node.dashboard import COOKIE, Dashboard
+from shoal.node.execs import _who
 from shoal.node.source import MemoryStore
 from shoal.node.users import Users
 
@@ -35,7 +36,10 @@ def _api(guard: Guard) -> web.Application:
         return web.json_response({"ok": True})
 
     app.router.add_get("/v1/services", guarded(ok, "service_ls", guard))
-    app.router.add_get("/v1/tasks/{ref}/exec", guarded(ok, "task_exec", guard))
+    async def who(req: web.Request) -> web.Response:  # (exec's audit line names the user)
+        return web.json_response({"who": _who(req)})
+
+    app.router.add_get("/v1/tasks/{ref}/exec", guarded(who, "task_exec", guard))
     app.router.add_post("/v1/services/{ref}/scale", guarded(ok, "service_scale", guard))
     return app
 
@@ -139,5 +143,5 @@ async def test_an_exec_with_a_session_needs_its_csrf_token_though_it_is_a_get(
     bare = await client.get("/api/v1/tasks/web.1/exec", headers={"Origin": "http://x:8080"})
     assert bare.status == 403 and (await bare.json())["error"]["field"] == "csrf"
     ok = await client.get("/api/v1/tasks/web.1/exec", headers={"X-CSRF-Token": who["csrf"]})
-    assert ok.status == 200
+    assert ok.status == 200 and (await ok.json())["who"] == "user 'olga' (the dashboard)"
     assert (await client.get("/api/v1/services")).status == 200  # (other GETs need none)

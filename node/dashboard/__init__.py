@@ -55,7 +55,7 @@ CSRF_HEADER = "X-CSRF-Token"
 SESSION_IDLE = 8 * 3600.0  # seconds without a request before a session ends
 MAX_SESSIONS = 10_000  # the oldest are dropped beyond this
 MAX_TASKS = 500  # tasks in one overview (the newest)
-Guard = Callable[[web.Request, str], None]
+Guard = Callable[[web.Request, str], str]  # the user it let by
 _SAFE = ("GET", "HEAD")
 
 
@@ -149,8 +149,10 @@ class Dashboard:
                             "csrf")
         return s.user
 
-    def guard(self, request: web.Request, op: str) -> None:
-        self.users.authorize(self.identity(request, op), op)
+    def guard(self, request: web.Request, op: str) -> str:
+        user = self.identity(request, op)
+        self.users.authorize(user, op)
+        return user
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
