@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from shoal.cli import build as build_cli
-    from shoal.cli import execcli, keys, mqtt, network, progress, stack, user, volume
+    from shoal.cli import execcli, infotext, keys, mqtt, network, progress, stack, user, volume
     from shoal.cli import registry as registry_cli
 else:
     build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
@@ -68,7 +68,8 @@ else:
         _OnUse("shoal.cli.network")
     progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
     user, volume = _OnUse("shoal.cli.user"), _OnUse("shoal.cli.volume")
-    execcli = _OnUse("shoal.cli.execcli")
+    execcli, infotext = _OnUse("shoal.cli.execcli"), _OnUse("shoal.cli.infotext")
+
 
 __all__ = ["Client", "ago", "build_parser", "emit", "main", "render_template", "table"]
 
@@ -182,7 +183,9 @@ def run(args: argparse.Namespace) -> None:
         c.call("POST", "/v1/swarm/leave", {"force": args.force})
         print("This node left the cluster.")
     elif args.cmd == "info":
-        print(json.dumps(c.call("GET", "/v1/info"), indent=2))
+        info, shown = c.call("GET", "/v1/info"), infotext.choose(args.format, sys.stdout)
+        print(json.dumps(info, indent=2) if shown == "json" else infotext.render(info)
+              if shown == "text" else render_template(shown, info))
     elif args.cmd == "node":
         run_node(c, args, fmt)
     elif args.cmd == "service":

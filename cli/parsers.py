@@ -266,7 +266,10 @@ def _cluster_parsers(sub: Any) -> None:
     jt.add_argument("--rotate", action="store_true", help="replace the token")
     lv = sub.add_parser("leave", help="leave the cluster")
     lv.add_argument("-f", "--force", action="store_true")
-    sub.add_parser("info", help="show this node's agent and cluster status")
+    inf = sub.add_parser("info", help="show this node's agent and cluster status")
+    inf.add_argument("--format", default=None, metavar="text|json|TEMPLATE",
+                     help="text (the default on a terminal), json (the default otherwise: "
+                     "scripts, the Ansible role) or a template, e.g. '{{.NodeID}}'")
 
 
 def _node_parser(sub: Any) -> None:

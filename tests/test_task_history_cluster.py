@@ -19,7 +19,10 @@ def test_the_cluster_keeps_as_many_dead_tasks_per_slot_as_it_is_told(
     h1 = lab.hosts[0]
     out = h1.cli("swarm", "update", "--task-history-limit", "1").stdout
     assert "Task history limit: 1 per slot." in out, out
-    assert json.loads(h1.cli("info").stdout)["task_history_limit"] == 1
+    assert json.loads(h1.cli("info").stdout)["task_history_limit"] == 1  # (a pipe: JSON)
+    text = h1.cli("info", "--format", "text").stdout  # (a person's, on a terminal)
+    assert " Task history:   1 ended tasks a slot" in text and "the leader" in text, text
+    assert h1.cli("info", "--format", "{{.TaskHistoryLimit}} {{.Role}}").stdout == "1 manager\n"
     h1.cli("service", "create", "--name", "crash", "--restart-delay", "0", "--", "sh", "-c",
            "exit 1")
     seen: set[str] = set()
