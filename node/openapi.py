@@ -169,9 +169,10 @@ REPLIES: dict[str, Schema] = {
                     subnet=STR, gateway=STR, vni=INT, internal=BOOL, attachable=BOOL,
                     labels={"type": "object"}, created_at=TIME, services=_list(STR),
                     tasks={"type": "object"}, removed=BOOL),
-    "Volume": _obj("a named volume (`volume create`)", id=STR, name=STR, driver=STR,
-                   options={"type": "object"}, labels={"type": "object"}, scope=STR,
-                   created_at=TIME, services=_list(STR), removed=BOOL),
+    "Volume": _obj("a named volume (`volume create`; `implicit`: made by a task's mount)",
+                   id=STR, name=STR, driver=STR, options={"type": "object"},
+                   labels={"type": "object"}, scope=STR, created_at=_nullable(TIME),
+                   services=_list(STR), removed=BOOL, implicit=BOOL, nodes=_list(STR)),
     "CaInfo": _obj("the cluster CA and this node's certificate", digest=STR,
                    not_after=_nullable(TIME), clients=_list(STR),
                    node_certificate=_nullable(_obj(
@@ -485,8 +486,7 @@ ROUTES: tuple[Route, ...] = (
           description="400 naming the option the driver refuses; 409 `exists` if the name "
           "is taken"),
     Route("GET", "/v1/volumes/{ref}", "volume_inspect", "inspect a named volume", "volumes",
-          reply=_ref("Volume"), errors=CLUSTER, query=READ,
-          description="with the services using it"),
+          reply=_ref("Volume"), errors=CLUSTER, query=READ, description="with its services"),
     Route("DELETE", "/v1/volumes/{ref}", "volume_rm", "remove a named volume", "volumes",
           reply=_ref("Volume"), errors=CLUSTER,
           description="`{id, name, removed}`; 409 `in_use` while a service or task uses it"),

@@ -19,9 +19,9 @@ from typing import Any
 from shoal.node import crud
 from shoal.node.context import NodeContext
 from shoal.node.crud import BodyReader, Handler, ObjectsApi
-from shoal.node.errors import NotFound
+from shoal.node.errors import Conflict, NotFound
 from shoal.raft import templates
-from shoal.raft.models import Volume, resolve_mount
+from shoal.raft.models import TaskState, Volume, resolve_mount
 from shoal.raft.state import Snapshot
 
 
@@ -38,18 +38,58 @@ def volume_view(vol: Volume, snap: Snapshot | None = None) -> dict[str, Any]:
     return out
 
 
+def implicit_volumes(snap: Snapshot) -> dict[str, dict[str, Any]]:
+    """Volumes without a record that live tasks mount (``--mount type=volume,src=NAME``
+    without ``volume create``, as Docker makes them): name → view, each with the services
+    and the nodes (hostnames) that use it. A templated source counts as each task's name
+    (``data-{{.Task.Slot}}`` → data-1, data-2)."""
+    found: dict[str, dict[str, Any]] = {}
+    for task in snap.tasks.values():
+        mounts = [m for m in task.spec.container.mounts if m.type == "volume"]
+        if not mounts or not task.node_id or task.status.state.terminal or \
+                task.desired_state > TaskState.RUNNING:
+            continue
+        node = snap.nodes.get(task.node_id)
+        hostname = node.hostname if node is not None else task.node_id
+        values = templates.task_values(task, hostname, "")
+        svc = snap.services.get(task.service_id)
+        labels = dict(svc.spec.labels) if svc is not None else {}
+        for m in mounts:
+            try:
+                name = templates.expand(m.source, values, labels)
+            except ValueError:  # (a spec from before placeholders: taken as text)
+                name = m.source
+            if name in snap.volumes:
+                continue
+            driver, options = resolve_mount(m, snap.volumes)
+            view = found.setdefault(name, {
+                "id": "", "name": name, "driver": driver, "options": options, "labels": {},
+                "scope": "global" if driver != "local" or options else "local",
+                "created_at": None, "implicit": True, "services": set(), "nodes": set()})
+            view["services"].add(task.service_name)
+            view["nodes"].add(hostname)
+    for view in found.values():
+        view["services"], view["nodes"] = sorted(view["services"]), sorted(view["nodes"])
+    return found
+
+
 _FIELDS = {"name": str, "driver": str, "options": dict, "labels": dict}
 
 
 class VolumesApi(ObjectsApi):
     def ls(self) -> list[dict[str, Any]]:
+        """The created volumes and the implicit ones live tasks mount, by name."""
         snap = self._snap()
-        return [volume_view(v, snap) for _, v in sorted(snap.volumes.items())]
+        views = {name: volume_view(v, snap) for name, v in snap.volumes.items()}
+        return [view for _, view in sorted({**implicit_volumes(snap), **views}.items())]
 
     def inspect(self, name: str) -> dict[str, Any]:
         snap = self._snap()
         vol = snap.volumes.get(name)
         if vol is None:
+            implicit = implicit_volumes(snap).get(name)
+            if implicit is not None:
+                return implicit
             raise NotFound(f"no such volume: {name}", "volume")
         return volume_view(vol, snap)
 
@@ -59,8 +99,14 @@ class VolumesApi(ObjectsApi):
         return self.inspect(cmd["name"])
 
     async def remove(self, name: str) -> dict[str, Any]:
-        vol = self._snap().volumes.get(name)
+        snap = self._snap()
+        vol = snap.volumes.get(name)
         if vol is None:
+            implicit = implicit_volumes(snap).get(name)
+            if implicit is not None:  # (its directories go with the tasks' nodes' data)
+                raise Conflict(f"volume {name} is in use by service "
+                               f"{', '.join(implicit['services'])} (on "
+                               f"{', '.join(implicit['nodes'])})", "volume", code="in_use")
             raise NotFound(f"no such volume: {name}", "volume")
         await self.ctx.propose({"op": "volume_remove", "name": name})
         return {"id": vol.id, "name": vol.name, "removed": True}
@@ -71,4 +117,4 @@ def handlers(ctx: NodeContext, body: BodyReader) -> dict[str, Handler]:
     return crud.handlers("volume", VolumesApi(ctx), body)
 
 
-__all__ = ["VolumesApi", "handlers", "resolve_mount", "volume_view"]
+__all__ = ["VolumesApi", "handlers", "implicit_volumes", "resolve_mount", "volume_view"]

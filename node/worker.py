@@ -469,11 +469,7 @@ class Worker:
         global task's is its node's id, as its name)…"""
         snap = self.store.snapshot()
         node, svc = snap.nodes.get(self.node_id), snap.services.get(task.service_id)
-        values = {".Service.ID": task.service_id, ".Service.Name": task.service_name,
-                  ".Node.ID": self.node_id, ".Node.Hostname": node.hostname if node else "",
-                  ".Node.Platform.OS": "linux", ".Node.Platform.Architecture": _ARCH,
-                  ".Task.ID": task.id, ".Task.Name": f"{task.name}.{task.id}",
-                  ".Task.Slot": str(task.slot) if task.slot else task.node_id}
+        values = templates.task_values(task, node.hostname if node else "", _ARCH)
         labels = dict(svc.spec.labels) if svc is not None else {}
 
         def fill(text: str) -> str:

@@ -19,12 +19,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.raft.models import Task
 
 PLACEHOLDERS = (".Service.ID", ".Service.Name", ".Node.ID", ".Node.Hostname",
                 ".Node.Platform.OS", ".Node.Platform.Architecture", ".Task.ID", ".Task.Name",
                 ".Task.Slot")
 _ACTION_RE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _INDEX_RE = re.compile(r'^index\s+\.Service\.Labels\s+"([^"\\]*)"$')
+
+
+def task_values(task: Task, hostname: str, arch: str) -> dict[str, str]:
+    """The placeholders' values for ``task`` on its node (``hostname``; ``arch`` as uname's
+    machine). A global task's ``.Task.Slot`` is its node's id, as its name."""
+    return {".Service.ID": task.service_id, ".Service.Name": task.service_name,
+            ".Node.ID": task.node_id, ".Node.Hostname": hostname,
+            ".Node.Platform.OS": "linux", ".Node.Platform.Architecture": arch,
+            ".Task.ID": task.id, ".Task.Name": f"{task.name}.{task.id}",
+            ".Task.Slot": str(task.slot) if task.slot else task.node_id}
 
 
 def has_placeholders(text: str) -> bool:

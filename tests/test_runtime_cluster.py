@@ -227,8 +227,9 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
            "{{.Node.Hostname}}-{{.Task.Slot}}", "-e", "WHO={{.Service.Name}}.{{.Task.Slot}}",
            "-e", 'ENV={{index .Service.Labels "env"}}', "--mount",
            "type=tmpfs,dst=/data/{{.Task.Slot}}", "--mount",
-           "type=volume,src=vol-{{.Task.Slot}},dst=/vol", "--image", "busybox:1", "--user", "app",
-           "--group-add", "root", "--group-add", "4242", "--", "sh", "-c",
+           "type=volume,src=vol-{{.Task.Slot}},dst=/vol", "--mount",
+           "type=volume,src=cache-{{.Node.Hostname}},dst=/cache", "--image", "busybox:1",
+           "--user", "app", "--group-add", "root", "--group-add", "4242", "--", "sh", "-c",
            "echo host=$(hostname) who=$WHO env=$ENV dirs=$(ls -d /data/*) groups=$(id -G); "
            "sleep 100000")
     out = wait_until(lambda: logs_with(h1, "tpl", "host="), timeout=30, what="tpl output")
@@ -244,6 +245,12 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
         f"tpl.1.{tid}@h1 | host=")
     gone = h1.cli("volume", "rm", "vol-1", check=False)  # (vol-{{.Task.Slot}} uses it)
     assert gone.returncode != 0 and "in use" in gone.stderr, gone
+    # a volume made implicitly (no `volume create`) is listed as docker's, and in use
+    vols = {v["name"]: v for v in h1.cli_json("volume", "ls")}
+    assert vols["cache-h1"]["implicit"] and vols["cache-h1"]["nodes"] == ["h1"], vols
+    assert "implicit" not in vols["vol-1"] and vols["vol-1"]["services"] == ["tpl"], vols
+    gone = h1.cli("volume", "rm", "cache-h1", check=False)
+    assert gone.returncode != 0 and "in use by service tpl" in gone.stderr, gone
     # a placeholder that fills in no host name is said as such (the task fails, not the node)
     h1.cli("service", "create", "--name", "badhost", "--label", "x=a_b", "--hostname",
            '{{index .Service.Labels "x"}}', "--restart-condition", "none", "--", "true")

@@ -5,6 +5,7 @@ orchestrator/scheduler pass and state machine. No network, no processes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -254,3 +255,50 @@ def test_a_service_must_use_the_secret_its_volume_takes_its_key_from() -> None:
     res = st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
     assert res["error"]["field"] == "task.container.mounts[0]", res
     assert "--secret k" in res["error"]["message"]
+
+
+def test_volumes_live_tasks_make_implicitly_are_listed_and_cannot_be_removed() -> None:
+    """`volume ls` lists, beside the created volumes, the ones live tasks mount without a
+    record (Docker lists a node's implicit volumes): a templated source by each task's name,
+    with the services and nodes using it; `volume inspect` shows one; `volume rm` is refused
+    while it is in use; a task that ended makes none."""
+    from shoal.node.errors import Conflict, NotFound
+    from shoal.node.volapi import VolumesApi, implicit_volumes
+    from shoal.raft.schema import SCHEMA
+
+    st = _cluster()
+    assert "ok" in st.apply({"op": "cluster_schema", "schema": SCHEMA})  # (placeholders)
+    for i, spec in enumerate(({"name": "db", "command": ["sleep", "1"], "replicas": 2, "mounts": [
+        {"type": "volume", "source": "pg-{{.Task.Slot}}", "target": "/data"},
+        {"type": "volume", "source": "shared", "target": "/shared", "readonly": True},
+        {"type": "volume", "source": "made", "target": "/made"}]},
+        {"name": "gone", "command": ["true"], "mounts": [
+            {"type": "volume", "source": "old", "target": "/old"}]})):
+        assert "ok" in st.apply({"op": "service_create", "id": f"s{i}", "now": 1.0,
+                                 "spec": spec})
+    assert "ok" in st.apply({"op": "volume_create", "id": "v1", "now": 1.0, "name": "made"})
+    converge(st, 2.0)
+    (gone,) = [t for t in _alive(st) if t.service_name == "gone"]
+    _report(st, gone, TaskState.COMPLETE, 3.0)
+    snap = st.snapshot()
+    implicit = implicit_volumes(snap)
+    assert sorted(implicit) == ["pg-1", "pg-2", "shared"], implicit
+    hosts = {n.hostname for n in snap.nodes.values()}
+    assert set(implicit["shared"]["nodes"]) <= hosts and implicit["shared"]["services"] == ["db"]
+    assert implicit["pg-1"]["implicit"] and implicit["pg-1"]["driver"] == "local"
+
+    class Ctx:
+        def require_manager(self) -> Any:
+            return self
+
+        def snapshot(self) -> Any:
+            return snap
+
+    api = VolumesApi(Ctx())  # type: ignore[arg-type]
+    assert [v["name"] for v in api.ls()] == ["made", "pg-1", "pg-2", "shared"]
+    assert "implicit" not in api.inspect("made") and api.inspect("pg-2")["services"] == ["db"]
+    with pytest.raises(Conflict) as exc:
+        asyncio.run(api.remove("shared"))
+    assert exc.value.code == "in_use" and "service db" in exc.value.message
+    with pytest.raises(NotFound):
+        api.inspect("old")  # (its task completed)
