@@ -15,8 +15,9 @@ The client's first message is a text frame, the request as JSON (``exec_request`
 binary frames whose first byte is the ``Channel``: stdin (client → agent; an empty payload is
 the end of stdin), stdout, stderr (with a tty all output is stdout), status (agent → client,
 the last frame: ``{"exit_code": N}``, or ``{"error": {"code", "message", "field"}}`` when the
-command could not run, or ``{"detached": true}`` once a ``detach`` command started) and resize
-(client → agent, ``{"rows", "cols"}``).
+command could not run, or ``{"detached": true}`` once a ``detach`` command started or the
+client detached), resize (client → agent, ``{"rows", "cols"}``) and detach (client → agent:
+the detach keys were typed; the command runs on).
 
 Errors: ``CliError`` (printed as one line, the CLI's exit status 1) for a refusal — before
 the upgrade, an HTTP error reply with the API's JSON error body; after it, a status frame
@@ -59,6 +60,50 @@ class Channel(enum.IntEnum):
     STDERR = 2  # agent → client
     STATUS = 3  # agent → client, JSON, the last frame: {"exit_code": N} or {"error": {...}}
     RESIZE = 4  # client → agent, JSON {"rows": R, "cols": C}
+    DETACH = 5  # client → agent, empty: leave the command running (its detach keys typed)
+
+
+DETACH_KEYS = "ctrl-p,ctrl-q"  # docker's default
+# docker's names of the control characters: ctrl-@ is 0, ctrl-a 1 ... ctrl-_ 31
+_CTRL = ["ctrl-@", *(f"ctrl-{c}" for c in "abcdefghijklmnopqrstuvwxyz"), "ctrl-[", "ctrl-\\",
+         "ctrl-]", "ctrl-^", "ctrl-_"]
+
+
+def detach_keys(spec: str) -> bytes:
+    """docker's ``--detach-keys``: comma-separated keys, each one character or ``ctrl-X``
+    (X a letter or one of ``@[\\]^_``); "" = none. CliError naming the key otherwise."""
+    out = bytearray()
+    for key in spec.split(",") if spec else []:
+        if len(key) == 1:
+            out += key.encode()
+        elif key in _CTRL:
+            out.append(_CTRL.index(key))
+        else:
+            raise CliError(f"--detach-keys: unknown {'control ' if key.startswith('ctrl-') else ''}"
+                           f"character {key!r} (e.g. ctrl-p,ctrl-q or ctrl-a,x)", "--detach-keys")
+    return bytes(out)
+
+
+class EscapeFilter:
+    """Watches stdin for the detach keys (docker's escape proxy): the bytes of a possible
+    start of the sequence are held back until it is complete (detach) or broken (sent)."""
+
+    def __init__(self, keys: bytes) -> None:
+        self.keys = keys
+        self.held = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """(what to send now, whether the whole sequence was typed)."""
+        out = bytearray()
+        for i in range(len(data)):
+            self.held += data[i:i + 1]
+            if self.held == self.keys:
+                self.held = b""
+                return bytes(out), True
+            while self.held and not self.keys.startswith(self.held):
+                out += self.held[:1]
+                self.held = self.held[1:]
+        return bytes(out), False
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -81,6 +126,9 @@ def add_parser(sub: Any) -> None:
     e.add_argument("-d", "--detach", action="store_true",
                    help="start the command and return: it runs on in the task, its output "
                    "dropped (with -i its stdin stays open, with -t it keeps its terminal)")
+    e.add_argument("--detach-keys", default=DETACH_KEYS, metavar="KEYS",
+                   help="with -i -t, the keys that leave the command running and return "
+                   f"(default {DETACH_KEYS}; \"\" for none)")
     e.add_argument("--privileged", action="store_true",
                    help="give the command every capability of the node's, not only the "
                    "task's")
@@ -143,12 +191,13 @@ def run(c: Client, args: argparse.Namespace) -> int:
 
     request = exec_request(args)
     attached = not args.detach  # (-d: nothing of this terminal's goes to the command)
+    keys = detach_keys(args.detach_keys) if attached and args.interactive and args.tty else b""
     raw = attached and args.tty and args.interactive and os.isatty(0)
     with raw_terminal(0 if raw else None):
         return asyncio.run(session(
             c, args.task, request, stdin_fd=0 if args.interactive and attached else None,
             resize=attached and bool(args.tty) and _isatty(sys.stdout),
-            stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
+            stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, detach=keys))
 
 
 def _isatty(stream: Any) -> bool:
@@ -177,9 +226,10 @@ def raw_terminal(fd: int | None) -> Iterator[None]:
 
 
 async def session(c: Client, task: str, request: dict[str, Any], *, stdin_fd: int | None,
-                  resize: bool, stdout: BinaryIO, stderr: BinaryIO) -> int:
+                  resize: bool, stdout: BinaryIO, stderr: BinaryIO, detach: bytes = b"") -> int:
     """One exec session with the agent ``c`` names: ``request`` (exec_request's) runs in
-    ``task``; ``stdin_fd`` (None: no stdin) is sent to it, its output written to ``stdout``
+    ``task``; ``stdin_fd`` (None: no stdin) is sent to it — until the ``detach`` keys come
+    there, which leave the command running (exit 0) —, its output written to ``stdout``
     and ``stderr``; with ``resize``, SIGWINCH sends this terminal's new size. Returns the
     command's exit status; SIGTERM or SIGHUP end the session (128 + the signal) so that the
     terminal is restored and the socket closed, not left as a killed process leaves them."""
@@ -197,7 +247,7 @@ async def session(c: Client, task: str, request: dict[str, Any], *, stdin_fd: in
     try:
         with _signals({signal.SIGTERM: lambda: stop(signal.SIGTERM),
                        signal.SIGHUP: lambda: stop(signal.SIGHUP)}):
-            return await _connect(c, task, request, stdin_fd, resize, stdout, stderr)
+            return await _connect(c, task, request, stdin_fd, resize, stdout, stderr, detach)
     except asyncio.CancelledError:
         if not stopped or me is None:
             raise
@@ -225,7 +275,8 @@ def _signals(handlers: dict[int, Any]) -> Iterator[None]:
 
 
 async def _connect(c: Client, task: str, request: dict[str, Any], stdin_fd: int | None,
-                   resize: bool, stdout: BinaryIO, stderr: BinaryIO) -> int:
+                   resize: bool, stdout: BinaryIO, stderr: BinaryIO, detach: bytes = b""
+                   ) -> int:
     """The WebSocket to the agent, its refusal or failure as a CliError, then _converse."""
     import aiohttp
 
@@ -265,7 +316,7 @@ async def _connect(c: Client, task: str, request: dict[str, Any], stdin_fd: int 
             raise CliError(f"cannot talk to the agent at {c.host}: {exc or 'timed out'}"
                            ) from None
         async with ws:
-            return await _converse(ws, request, stdin_fd, resize, stdout, stderr)
+            return await _converse(ws, request, stdin_fd, resize, stdout, stderr, detach)
 
 
 def _endpoint(c: Client, task: str) -> tuple[Any, aiohttp.BaseConnector, dict[str, str]]:
@@ -325,7 +376,7 @@ def exit_status(payload: bytes) -> int:
 
 async def _converse(ws: aiohttp.ClientWebSocketResponse, request: dict[str, Any],
                     stdin_fd: int | None, resize: bool, stdout: BinaryIO,
-                    stderr: BinaryIO) -> int:
+                    stderr: BinaryIO, detach: bytes = b"") -> int:
     """The session after the upgrade: the request, then frames both ways until the status."""
     import asyncio
     import signal
@@ -343,7 +394,7 @@ async def _converse(ws: aiohttp.ClientWebSocketResponse, request: dict[str, Any]
         spawn(_send(ws, Channel.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode()))
 
     if stdin_fd is not None:
-        spawn(_send_stdin(ws, stdin_fd))
+        spawn(_send_stdin(ws, stdin_fd, EscapeFilter(detach) if detach else None))
     code: int | None = None
     try:
         with _signals({signal.SIGWINCH: resized} if resize else {}):
@@ -390,8 +441,10 @@ async def _send(ws: aiohttp.ClientWebSocketResponse, channel: Channel, payload: 
     return True
 
 
-async def _send_stdin(ws: aiohttp.ClientWebSocketResponse, fd: int) -> None:
-    """``fd``'s bytes to the command as they come, then the end of stdin (an empty frame).
+async def _send_stdin(ws: aiohttp.ClientWebSocketResponse, fd: int,
+                      escape: EscapeFilter | None = None) -> None:
+    """``fd``'s bytes to the command as they come, then the end of stdin (an empty frame);
+    or, once ``escape`` sees the detach keys, a DETACH frame instead of them and the rest.
     A pipe, socket or terminal is read when the event loop sees it readable; a regular file
     or /dev/null (which epoll refuses, and which never block) in a thread."""
     import asyncio
@@ -411,9 +464,13 @@ async def _send_stdin(ws: aiohttp.ClientWebSocketResponse, fd: int) -> None:
             data = await loop.run_in_executor(None, _read, fd)
         if data is None:
             continue
-        if not await _send(ws, Channel.STDIN, data):
+        eof, detached = not data, False
+        if escape is not None:  # (at the end, what it held back goes first)
+            data, detached = escape.feed(data) if data else (escape.held, False)
+        if data and not await _send(ws, Channel.STDIN, data):
             return
-        if not data:
+        if detached or eof:  # (an empty stdin frame: its end)
+            await _send(ws, Channel.DETACH if detached else Channel.STDIN, b"")
             return
 
 

@@ -56,7 +56,7 @@ from shoal.runtime.records import RunState
 
 log = logging.getLogger("shoal.exec")
 
-STDIN, STDOUT, STDERR, STATUS, RESIZE = 0, 1, 2, 3, 4
+STDIN, STDOUT, STDERR, STATUS, RESIZE, DETACH = 0, 1, 2, 3, 4, 5
 MAX_SESSIONS = 32  # exec sessions at once on one node (each holds a process and a socket)
 MAX_DETACHED = 64  # `exec -d` commands running at once on one node (each holds a process)
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds for the client to send its request
@@ -270,6 +270,7 @@ class _Session:
         self.active = 0.0  # (monotonic) the last output read or sent
         self.sending = 0  # sends in flight (a slow client: not idle)
         self.dropping = False  # detached: output is read and dropped
+        self.detaching = False  # the client typed its detach keys (a DETACH frame)
 
     async def run(self) -> int | None:
         ours = theirs = None
@@ -302,13 +303,16 @@ class _Session:
             if ours is not None:
                 self.master = await self._receive_master(ours)
             if started_r is not None and await self._started(started_r):
+                code = None  # -d
+            else:
+                code = await self._pump()  # (None: the client detached)
+            if code is None:
                 runner = asyncio.create_task(self._linger(), name=f"exec-detached-{self.pid}")
                 self.ex.detached.add(runner)
                 runner.add_done_callback(self.ex.detached.discard)
                 handed_off = True
                 await _send_status(self.ws, {"detached": True})
-                return None
-            return await self._pump()
+            return code
         finally:
             if started_r is not None:
                 os.close(started_r)
@@ -341,6 +345,8 @@ class _Session:
         assert proc is not None and proc.stderr is not None
         self.dropping = True
         drains = [asyncio.create_task(self._read_pipe(proc.stderr, STDERR))]
+        if proc.stdout is not None:  # (detached by its keys: stdout was a pipe)
+            drains.append(asyncio.create_task(self._read_pipe(proc.stdout, STDOUT)))
         if self.master is not None:
             drains.append(asyncio.create_task(self._read_master()))
         try:
@@ -381,7 +387,9 @@ class _Session:
                     struct.pack("HHHH", self.req.rows, self.req.cols, 0, 0))
         return fds[0]
 
-    async def _pump(self) -> int:
+    async def _pump(self) -> int | None:
+        """The session: output out, input in, until the command ends (its exit code), the
+        client goes away (the command is killed) or detaches (None: it runs on)."""
         proc = self.proc
         assert proc is not None
         outputs = []
@@ -399,6 +407,8 @@ class _Session:
         try:
             done, _ = await asyncio.wait({waiter, inputs, gone},
                                          return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done and self.detaching:
+                return None
             if waiter not in done:  # the client went away: end the command
                 self._kill()
                 await waiter
@@ -451,11 +461,17 @@ class _Session:
             self.active = time.monotonic()
 
     async def _read_client(self) -> None:
-        """Frames from the client until it closes: stdin, its end, resizes."""
+        """Frames from the client until it closes or detaches: stdin, its end, resizes."""
         async for msg in self.ws:
             if msg.type is not aiohttp.WSMsgType.BINARY or not msg.data:
                 continue
             channel, payload = msg.data[0], msg.data[1:]
+            if channel == DETACH:  # (its detach keys: the command runs on, as with -d)
+                if len(self.ex.detached) < MAX_DETACHED:
+                    self.detaching = True
+                    return
+                await self._send(STDERR, f"shoal: cannot detach: this node runs "
+                                 f"{MAX_DETACHED} detached exec commands already\r\n".encode())
             if channel == STDIN and self.req.stdin:
                 await self._write_stdin(payload)
             elif channel == RESIZE and self.master is not None:

@@ -411,12 +411,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/tasks/{ref}/exec", "task_exec", "run a command in a running task "
           "(`shoal exec`, Docker's `docker exec`) over a WebSocket", "services",
           content="application/octet-stream", description="A WebSocket (Kubernetes' "
-          "channel protocol): the request as JSON text "
-          "`{cmd: [...], tty, stdin, user, workdir, env, rows, cols, detach, privileged}`, "
-          "then binary frames, first byte the channel: 0 stdin (empty: its end), 4 resize "
-          "`{rows, cols}`; back 1 stdout, 2 stderr, last 3 status `{exit_code}`, `{error}` or "
-          "`{detached: true}`. `ref`: a task id, id prefix, `SERVICE.SLOT[.ID]`. Managers "
-          "relay to the task's node. Operator role.", errors=(403,)),
+          "channel protocol): the request as JSON text `{cmd: [...], tty, stdin, user, "
+          "workdir, env, rows, cols, detach, privileged}`, then binary frames, first byte the "
+          "channel: 0 stdin (empty: its end), 4 resize `{rows, cols}`, 5 detach; back 1 "
+          "stdout, 2 stderr, last 3 status `{exit_code}`, `{error}` or `{detached: true}`. "
+          "`ref`: a task id, id prefix, `SERVICE.SLOT[.ID]`. Managers relay to the task's "
+          "node. Operator role.", errors=(403,)),
     Route("GET", "/v1/events", "events", "the cluster's event stream (`shoal events`)",
           "events", reply=_ref("Event"), content="application/x-ndjson", query=_EVENT_QUERY,
           errors=(*CLUSTER, 400),

@@ -396,3 +396,24 @@ async def test_with_a_terminal_it_is_raw_meanwhile_and_restored_after(
         os.close(tty)
     assert (req["tty"], req["stdin"], req["rows"], req["cols"]) == (True, True, 33, 101)
     assert canonical is False  # (raw while the command ran)
+
+
+def test_detach_keys_are_dockers_and_a_bad_one_is_named() -> None:
+    assert execcli.detach_keys("ctrl-p,ctrl-q") == b"\x10\x11"
+    assert execcli.detach_keys("ctrl-@,ctrl-\\,ctrl-_,a") == b"\x00\x1c\x1fa"
+    assert execcli.detach_keys("") == b""
+    for bad, what in (("ctrl-pp", "unknown control character 'ctrl-pp'"),
+                      ("ab", "unknown character 'ab'"), ("ctrl-p,,x", "unknown character ''")):
+        with pytest.raises(CliError, match=what) as exc:
+            execcli.detach_keys(bad)
+        assert exc.value.field == "--detach-keys"
+
+
+def test_the_escape_filter_holds_a_partial_sequence_back_and_finds_a_split_one() -> None:
+    f = execcli.EscapeFilter(b"\x10\x11")
+    assert f.feed(b"ls\x10") == (b"ls", False)  # (^P held: it may start the sequence)
+    assert f.feed(b"x") == (b"\x10x", False)  # broken: sent, late
+    assert f.feed(b"a\x10") == (b"a", False)
+    assert f.feed(b"\x11rest") == (b"", True)  # split across reads: detach (rest dropped)
+    g = execcli.EscapeFilter(b"\x10\x10\x11")
+    assert g.feed(b"\x10\x10\x10\x11") == (b"\x10", True)  # (an overlapping start)

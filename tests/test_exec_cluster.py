@@ -148,6 +148,20 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
                timeout=10, what="the detached command's file")
     procs = _exec(h1, remote["name"], "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1]
     assert "sleep 4949" in procs and "cat" in procs.split() and "sh" in procs.split(), procs
+    # -i -t: docker's detach keys (ctrl-p,ctrl-q) leave the command running; with
+    # --detach-keys others, and only they; those typed after what went before
+    # (the commands cannot end by themselves: the CLI returns only by detaching)
+    code, out, _ = _exec(h1, "-i", "-t", remote["name"], "sh", "-c",
+                         "read x; sleep 5353; true", stdin="typed\r\x10\x11")
+    assert code == 0, out
+    code, _, _ = _exec(h1, "-i", "-t", "--detach-keys", "ctrl-a,x", remote["name"], "sh",
+                       "-c", "read x; sleep 5454; true", stdin="\x10\x11\r\x01x")
+    assert code == 0
+    code, _, _ = _exec(h1, "-i", "-t", "--detach-keys", "", remote["name"], "sh",
+                       stdin="\x10\x11exit 5\n")
+    assert code == 5
+    procs = _exec(h1, remote["name"], "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1]
+    assert "read x; sleep 5353" in procs and "read x; sleep 5454" in procs, procs
     code, _, err = _exec(h1, "-d", remote["name"], "no-such-command")
     assert code == 127 and "no-such-command" in err, err
     # --privileged: the node's capabilities, not the task's smaller set
