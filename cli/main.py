@@ -290,6 +290,10 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
         output.show(c.call("GET", "/v1/images"), args, "image")
     elif args.image_cmd == "pull":
         registry_cli.run_pull(c, args, fmt)
+    elif args.image_cmd == "tag":
+        registry_cli.run_tag(c, args)
+    elif args.image_cmd == "push":
+        registry_cli.run_push(c, args, fmt)
     elif args.image_cmd == "prune":
         registry_cli.run_prune(c, args, fmt)
     elif args.image_cmd == "build":

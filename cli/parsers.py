@@ -432,5 +432,6 @@ def _image_parser(sub: Any) -> None:
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)
+    registry_cli.add_image_tag_push(isub)
     registry_cli.add_image_prune(isub)
     build_cli.add_parser(isub)

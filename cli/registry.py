@@ -1,4 +1,4 @@
-"""`shoal registry login/logout`, `shoal image pull/prune`, the image GC flags of `shoal
+"""`shoal registry login/logout`, `shoal image pull/tag/push/prune`, the image GC flags of `shoal
 agent`, and the registry flags of `service
 create/update` (``--with-registry-auth``, ``--resolve-image``).
 
@@ -11,6 +11,7 @@ groups (cli/main.py hooks these in with a few lines).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from shoal.cli.errors import CliError
@@ -22,7 +23,11 @@ if TYPE_CHECKING:  # (imported where used: `shoal service ...` imports this modu
     from shoal.runtime.images import ImageGCConfig
 
     class _Client(Protocol):
+        timeout: float
+
         def call(self, method: str, path: str, body: Any = None) -> Any: ...
+
+PUSH_TIMEOUT = 3600.0  # seconds the CLI waits for a push's answer (it comes at the end)
 
 
 def add_parser(sub: Any) -> None:
@@ -42,6 +47,35 @@ def add_image_pull(isub: Any) -> None:
     ip = isub.add_parser("pull", help="pull an image from its registry into this node "
                          "(layers from peers first)")
     ip.add_argument("ref", metavar="HOST[:PORT]/NAME[:TAG][@DIGEST]")
+
+
+def add_image_tag_push(isub: Any) -> None:
+    it = isub.add_parser("tag", help="give an image of this node another name (docker's "
+                         "image tag): HOST[:PORT]/NAME[:TAG] to push it there")
+    it.add_argument("source", metavar="SOURCE", help="NAME[:TAG], an id or an id prefix")
+    it.add_argument("target", metavar="TARGET", help="[HOST[:PORT]/]NAME[:TAG]")
+    ip = isub.add_parser("push", help="push an image of this node to its registry (with the "
+                         "cluster's credentials: push from a manager)")
+    ip.add_argument("ref", metavar="HOST[:PORT]/NAME[:TAG]")
+
+
+def run_tag(c: _Client, args: argparse.Namespace) -> None:
+    c.call("POST", "/v1/images/tag", {"source": args.source, "target": args.target})
+
+
+def run_push(c: _Client, args: argparse.Namespace, fmt: str) -> None:
+    """docker push's lines: one per blob (pushed, or already there), then the digest."""
+    c.timeout = max(c.timeout, PUSH_TIMEOUT)  # (the agent answers once it is done)
+    done = c.call("POST", "/v1/images/push", {"ref": args.ref})
+    if fmt == "json":
+        print(json.dumps(done, indent=2))
+        return
+    print(f"The push refers to repository [{done['ref'].rsplit(':', 1)[0]}]")
+    for blob in done["blobs"]:
+        state = "Pushed" if blob["status"] == "pushed" else "Layer already exists"
+        print(f"{blob['digest'].removeprefix('sha256:')[:12]}: {state}")
+    tag = done["ref"].rsplit(":", 1)[-1] if ":" in done["ref"].rsplit("/", 1)[-1] else "latest"
+    print(f"{tag}: digest: {done['digest']} size: {done['size']}")
 
 
 def add_image_prune(isub: Any) -> None:

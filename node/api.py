@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from shoal.node import crud, execs, openapi, transfer, volapi
+from shoal.node import crud, execs, imageapi, openapi, transfer, volapi
 from shoal.node.config import AgentConfig
 from shoal.node.context import NodeContext
 from shoal.node.control.admission import Admission
@@ -298,15 +298,6 @@ async def stream_events(req: web.Request, records: AsyncIterator[dict[str, Any]]
     return resp
 
 
-def image_view(info: Any) -> dict[str, Any]:
-    return {"id": info.id, "tags": list(info.tags), "layers": len(info.layers),
-            "size": info.size}
-
-
-def image_views(images: ImageStore) -> list[dict[str, Any]]:
-    return [image_view(i) for i in images.ls()]
-
-
 class Lifecycle(Protocol):
     """This node's own membership (the agent implements it)."""
 
@@ -494,70 +485,8 @@ class ApiServer:
                                 q.get("timestamps") == "1", follow, q.get("container", ""))
             return await stream_ndjson(req, records)
 
-        async def images(_: web.Request) -> Any:
-            return await asyncio.to_thread(image_views, c.images)
-
-        async def image_load(req: web.Request) -> Any:
-            body = await _body(req)
-            path = body.get("path")
-            if not isinstance(path, str) or not path.startswith("/"):
-                raise BadRequest("path must be an absolute path to the tarball", "path")
-            ref = body.get("ref")
-            store = c.images
-            try:
-                if ref:
-                    info = await asyncio.to_thread(store.import_rootfs, str(ref), path)
-                    return [image_view(info)]
-                return [image_view(i) for i in await asyncio.to_thread(store.load, path)]
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise BadRequest(f"cannot load {path}: {exc}", "path") from None
-
-        async def image_rm(req: web.Request) -> Any:
-            try:
-                await asyncio.to_thread(c.images.rm, req.match_info["ref"])
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise BadRequest(str(exc), "image") from None
-            return {"removed": req.match_info["ref"]}
-
         async def service_rm(req: web.Request) -> Any:
             return await svcs.remove_service(req.match_info["ref"])
-
-        async def image_pull(req: web.Request) -> Any:  # (shoal.node.registries)
-            ref = (await _body(req)).get("ref")
-            if not isinstance(ref, str) or not c.registries.pullable(ref):
-                raise BadRequest("ref must name its registry: HOST[:PORT]/PATH[:TAG]", "ref")
-            return image_view(await c.registries.pull(ref, stored_creds=True))
-
-        async def image_build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
-            from shoal.runtime import build as build_mod
-
-            try:
-                opts = build_mod.options_from_query(req.query)
-            except build_mod.BuildError as exc:
-                raise BadRequest(str(exc), exc.field) from None
-            builder = build_mod.Builder(c.runtime, c.images, c.images.root.parent / "build",
-                                        pull=build_mod.puller(c.registries))
-            try:
-                ctx = await build_mod.receive_context(builder, req.content)
-            except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)
-                raise BadRequest(f"bad build context (expected a tar): {exc}", "body") from None
-            return await stream_ndjson(req, build_mod.stream_build(builder, ctx, opts,
-                                                                   cleanup=True))
-
-        async def image_pulls(_: web.Request) -> Any:
-            return c.registries.pulls()
-
-        async def image_prune(req: web.Request) -> Any:
-            body = await _body(req)
-            return await asyncio.to_thread(
-                c.images.prune, bool(body.get("all")), body.get("until"),
-                c.images_wanted())
-
-        async def registry_login(req: web.Request) -> Any:
-            return await c.registries.login(await _body(req))
-
-        async def registry_logout(req: web.Request) -> Any:
-            return await c.registries.logout(req.match_info["ref"])
 
         async def openapi_doc(_: web.Request) -> Any:
             return web.Response(text=openapi.openapi_json(), content_type="application/json")
@@ -584,11 +513,8 @@ class ApiServer:
             "service_scale": service_scale, "service_update": service_update,
             "service_rollback": service_rollback, "service_logs": service_logs,
             "service_rm": service_rm, "events": events, "metrics": metrics,
-            "image_ls": images, "image_load": image_load, "image_rm": image_rm,
-            "image_pull": image_pull, "image_pulls": image_pulls, "image_prune": image_prune,
-            "image_build": image_build,
-            "registry_login": registry_login,
-            "registry_logout": registry_logout,
+            **imageapi.handlers(c.images, c.runtime, c.registries, c.images_wanted, _body,
+                                stream_ndjson),
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
             **volapi.handlers(svcs.ctx, _body), **self._exec_local,

@@ -100,6 +100,18 @@ class ImagePullRequest(_Body):
                            "HOST[:PORT]/PATH[:TAG][@sha256:DIGEST]")]
 
 
+class ImageTagRequest(_Body):
+    source: Annotated[str, _d("the image: NAME[:TAG], an id or a unique id prefix")]
+    target: Annotated[str, _d("the new tag, NAME[:TAG] (a registry's HOST[:PORT]/PATH[:TAG] "
+                              "to push there)")]
+
+
+class ImagePushRequest(_Body):
+    ref: Annotated[str, _d("the image: NAME[:TAG], an id or a unique id prefix")]
+    target: Annotated[str, _d("where to push it, HOST[:PORT]/PATH[:TAG]; \"\" = ref itself, "
+                              "which then names its registry")] = ""
+
+
 class ImagePruneRequest(_Body):
     all: Annotated[bool, _d("every image no task here uses, not only the ones without a "
                             "name:tag (`image prune -a`)")] = False
@@ -281,7 +293,8 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
 __all__ = [
     "BODIES", "AdmissionRequest", "CaAckRequest", "CaRotateRequest", "GossipKeyRequest",
     "HeartbeatRequest", "ImageLoadRequest", "ImagePruneRequest", "ImagePullRequest",
-    "ImageResolveRequest", "InitRequest", "IssueClientRequest", "JoinRequest", "LeaveRequest",
+    "ImagePushRequest", "ImageResolveRequest", "ImageTagRequest", "InitRequest",
+    "IssueClientRequest", "JoinRequest", "LeaveRequest",
     "MqttSetRequest", "NetworkCreateRequest", "NodeRoleRequest", "NodeUpdateRequest",
     "ObjectCreateRequest", "RegistryLoginRequest", "RenewRequest", "ReportRequest",
     "ResolveImage", "Role", "RoleChangedRequest", "ServiceCreateRequest",

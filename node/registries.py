@@ -1,4 +1,5 @@
-"""Registries for the cluster: credentials, tag-to-digest resolution, and a node's pulls.
+"""Registries for the cluster: credentials, tag-to-digest resolution, a node's pulls and
+pushes.
 
 Owns:
 
@@ -16,7 +17,9 @@ Owns:
   manager;
 * a node's registry pull (``pull``): the manifest from the registry, then each layer from a
   peer if one has it or is fetching it, else from the registry (shoal.node.transfer
-  ``blob_from_peers``), so N nodes starting a new image cost the registry about one copy.
+  ``blob_from_peers``), so N nodes starting a new image cost the registry about one copy;
+* a node's push (``push``, `shoal image push`: shoal.runtime.regpush) with the cluster's
+  credentials for the target registry (a manager's).
 
 Must not touch: the image store's files (shoal.runtime.registry and ImageStore do), Raft
 internals, secrets other than ``registry-auth.*``.
@@ -51,7 +54,8 @@ from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
 from shoal.raft.models import NodeRole, ServiceSpec, TaskState
-from shoal.runtime.errors import DigestMismatch, ImageError
+from shoal.runtime import regpush
+from shoal.runtime.errors import DigestMismatch, ImageError, ImageNotFound
 from shoal.runtime.images import ImageInfo, ImageStore
 from shoal.runtime.reference import InvalidReference, Reference, has_registry_host
 from shoal.runtime.reference import parse_reference as _parse
@@ -81,8 +85,9 @@ def secret_name(host: str) -> str:
     return SECRET_PREFIX + hashlib.sha256(host.encode()).hexdigest()[:32]
 
 
-def translate(exc: Exception, ref: str) -> ApiError:
-    """A registry failure as the API error a user (and `service ps`) sees."""
+def translate(exc: Exception, ref: str, what: str = "pull") -> ApiError:
+    """A registry failure (of a ``what``: pull, push) as the API error a user (and `service
+    ps`) sees."""
     # (the cause first: `service ps` shows the start of the message)
     if isinstance(exc, RegistryUnreachable):
         return Unavailable(f"registry unreachable: {exc}", "image")
@@ -90,11 +95,13 @@ def translate(exc: Exception, ref: str) -> ApiError:
         return Forbidden(f"registry auth: {exc}", "image")
     if isinstance(exc, ManifestUnknown):
         return NotFound(f"image not found: {exc}", "image")
+    if isinstance(exc, ImageNotFound):  # (a push's image is not in this node's store)
+        return NotFound(f"{exc} on this node", "ref")
     if isinstance(exc, DigestMismatch):
         return BadRequest(f"digest mismatch (refused, nothing kept): {exc}", "image")
     if isinstance(exc, (UnsupportedImage, InvalidReference, ImageError)):
         return BadRequest(f"unusable image: {exc}", "image")
-    return Unavailable(f"pull of {ref} failed: {exc}", "image")
+    return Unavailable(f"{what} of {ref} failed: {exc}", "image")
 
 
 class Registries:
@@ -319,6 +326,33 @@ class Registries:
         log.info("pulled %s (%s): %d bytes from the registry in %.2fs", image, info.id[:19],
                  client.bytes_fetched, time.monotonic() - started)
         return info
+
+
+    async def push(self, source: str, target: str = "") -> dict[str, Any]:
+        """Push the image ``source`` of this node's store to ``target`` (default: its own
+        name), which names a registry, with the cluster's credentials for that registry (a
+        manager's: ``registry login``; anonymous elsewhere). ApiErrors (``translate``)."""
+        where = target or source
+        if not self.pullable(where):
+            raise BadRequest("push to a reference that names its registry: "
+                             "HOST[:PORT]/PATH[:TAG] (`image tag` one first)",
+                             "target" if target else "ref")
+        creds = self._stored(_parse(where).registry)
+        client = self._client(creds)
+        started = time.monotonic()
+        try:
+            result = await asyncio.to_thread(regpush.push, client, self.images, source, target)
+        except (ImageError, OSError) as exc:
+            err = translate(exc, where, "push")
+            if isinstance(exc, RegistryAuthError) and creds is None:
+                err.message += ("; this node has no credentials for it: `shoal registry "
+                                "login` on a manager, and push from a manager")
+            raise err from None
+        log.info("pushed %s as %s (%s): %d of %d blobs uploaded in %.2fs", source,
+                 result.ref, result.digest[:19],
+                 sum(1 for _, s in result.blobs if s == "pushed"), len(result.blobs),
+                 time.monotonic() - started)
+        return result.to_json()
 
 
 def _replace(obj: Any, **changes: Any) -> Any:

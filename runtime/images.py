@@ -247,6 +247,23 @@ class ImageStore:
     def has_blob(self, digest: str) -> bool:
         return (self._blobs / _digest_hex(digest)).is_file()
 
+    def blob_path(self, digest: str) -> Path:
+        """The stored blob's file (read it only). ImageNotFound when it is not here."""
+        path = self._blobs / _digest_hex(digest)
+        if not path.is_file():
+            raise ImageNotFound(f"no blob {digest}")
+        return path
+
+    def tag(self, ref: str, target: str) -> ImageInfo:
+        """Tag the image ``ref`` names as ``target`` too (docker's ``image tag``); a tag
+        that named another image moves. InvalidReference for a bad ``target``."""
+        with self._lock:
+            repos = self._repos()
+            image_id = self._resolve_id(ref, repos)
+            repos[normalize_ref(target)] = image_id
+            self._save_repos(repos)
+            return self._info(image_id, repos)
+
     def export_blob(self, digest: str) -> BinaryIO:
         """An open binary file with the blob's content (the caller closes it)."""
         try:

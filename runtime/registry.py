@@ -1,4 +1,5 @@
-"""A client for OCI-distribution (Docker Registry HTTP API v2) registries: pull only.
+"""A client for OCI-distribution (Docker Registry HTTP API v2) registries: pull, and the
+blob and manifest uploads of a push (shoal.runtime.regpush).
 
 Owns: talking to registries — resolving a tag to a manifest digest, reading manifests and
 image indexes (this node's platform is picked), fetching config and layer blobs into the
@@ -46,6 +47,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, cast
 
 from shoal.runtime.errors import (
@@ -245,9 +247,14 @@ class RegistryClient:
         host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
         return f"https://{host}"
 
-    def _open(self, method: str, url: str, headers: Mapping[str, str]) -> _Response:
-        """One request; follows up to 5 redirects (dropping Authorization on another host)."""
+    def _open(self, method: str, url: str, headers: Mapping[str, str],
+              body: bytes | Path | None = None) -> _Response:
+        """One request; follows up to 5 redirects (dropping Authorization on another host).
+        ``body``: bytes, or a file sent from its start (its Content-Length is set here)."""
         hdrs = dict(headers)
+        if body is not None:
+            hdrs["Content-Length"] = str(len(body) if isinstance(body, bytes)
+                                         else body.stat().st_size)
         for _ in range(6):
             u = urllib.parse.urlsplit(url)
             if u.scheme not in ("http", "https") or not u.hostname:
@@ -263,7 +270,11 @@ class RegistryClient:
             if u.query:
                 path += f"?{u.query}"
             try:
-                conn.request(method, path, headers=hdrs)
+                if isinstance(body, Path):
+                    with body.open("rb") as fh:  # (streamed in blocks)
+                        conn.request(method, path, body=fh, headers=hdrs)
+                else:
+                    conn.request(method, path, body=body, headers=hdrs)
                 resp = conn.getresponse()
             except ssl.SSLCertVerificationError as exc:
                 conn.close()
@@ -322,23 +333,26 @@ class RegistryClient:
         return token
 
     def _request(self, ref: Reference, method: str, path: str,
-                 headers: Mapping[str, str] | None = None) -> _Response:
-        """A request to the registry of ``ref``, answering its auth challenge once."""
-        url = f"{self._base(ref.registry)}/v2/{ref.repository}/{path}"
-        scope = f"repository:{ref.repository}:pull"
+                 headers: Mapping[str, str] | None = None, body: bytes | Path | None = None,
+                 push: bool = False, url: str = "") -> _Response:
+        """A request to the registry of ``ref`` (``path`` under its repository, or ``url``),
+        answering its auth challenge once; ``push``: with the right to push there too."""
+        url = url or f"{self._base(ref.registry)}/v2/{ref.repository}/{path}"
+        scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         hdrs = dict(headers or {})
         token = self._tokens.get((ref.registry, scope))
         if token is not None:
             hdrs["Authorization"] = token
-        resp = self._open(method, url, hdrs)
+        resp = self._open(method, url, hdrs, body)
         if resp.status != 401:
             return resp
         challenge = resp.headers.get("WWW-Authenticate") or ""
         resp.close()
         challenges = dict(parse_challenges(challenge))
         creds = self.credentials(ref.registry)
-        if "bearer" in challenges:
-            auth = "Bearer " + self._token(ref, challenges["bearer"], creds)
+        if "bearer" in challenges:  # (a push asks for both rights at once)
+            params = {**challenges["bearer"], **({"scope": scope} if push else {})}
+            auth = "Bearer " + self._token(ref, params, creds)
         elif "basic" in challenges:
             if creds is None:
                 raise RegistryAuthError(f"registry {ref.registry} wants credentials "
@@ -348,7 +362,7 @@ class RegistryClient:
             raise RegistryAuthError(f"registry {ref.registry} wants an authentication scheme "
                                     f"shoal does not speak: {challenge[:80]!r}")
         hdrs["Authorization"] = auth
-        resp = self._open(method, url, hdrs)
+        resp = self._open(method, url, hdrs, body)
         if resp.status == 401:
             resp.close()
             raise RegistryAuthError(f"registry {ref.registry} refused the credentials"
@@ -407,6 +421,42 @@ class RegistryClient:
                                       f"for {what}")
         raise RegistryError(f"registry {ref.registry} answered {resp.status} for {what}"
                             + (f" ({code})" if code else ""))
+
+    # ---------------------------------------------------------------------- push
+    def upload_blob(self, ref: Reference, digest: str, blob: bytes | Path) -> bool:
+        """Put ``blob`` (its bytes, or a file) in ``ref``'s repository as ``digest``, unless
+        the registry has it already (False). One monolithic upload (POST, then PUT)."""
+        head = self._request(ref, "HEAD", f"blobs/{digest}", push=True)
+        head.close()
+        if head.status == 200:
+            return False
+        resp = self._request(ref, "POST", "blobs/uploads/", body=b"", push=True)
+        location = resp.headers.get("Location") or ""
+        self._check(resp, ref, "a blob upload")
+        resp.close()
+        if not location:
+            raise RegistryError(f"registry {ref.registry} started an upload without a Location")
+        target = urllib.parse.urljoin(f"{self._base(ref.registry)}/v2/", location)
+        sep = "&" if "?" in target else "?"
+        resp = self._request(ref, "PUT", "", {"Content-Type": "application/octet-stream"},
+                             body=blob, push=True,
+                             url=f"{target}{sep}digest={urllib.parse.quote(digest)}")
+        self._check(resp, ref, f"blob {digest}")
+        resp.close()
+        return True
+
+    def put_manifest(self, ref: Reference, manifest: bytes, media_type: str) -> str:
+        """Tag ``manifest`` as ``ref``'s tag; its digest (checked against the registry's)."""
+        digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+        resp = self._request(ref, "PUT", f"manifests/{ref.tag or 'latest'}",
+                             {"Content-Type": media_type}, body=manifest, push=True)
+        self._check(resp, ref, f"manifest {ref.tag or 'latest'}")
+        announced = resp.headers.get("Docker-Content-Digest") or ""
+        resp.close()
+        if announced and announced != digest:
+            raise DigestMismatch(f"{ref.familiar()}: the registry took manifest {digest} "
+                                 f"as {announced}")
+        return digest
 
     # ----------------------------------------------------------------- manifests
     def _get_manifest(self, ref: Reference, target: str) -> tuple[bytes, str, str]:

@@ -391,3 +391,44 @@ def test_prune_and_gc_keep_used_images_and_remove_the_rest_safely(env: Env,
     store = ImageStore(tmp_path / "images")
     assert not list((store.root / "tmp").iterdir())
     assert c.pull(f"{env.basic.addr}/team/app:1", store).id == one.id
+
+
+def test_push_uploads_what_is_missing_and_the_image_comes_back_the_same(env: Env,
+                                                                       tmp_path: Path) -> None:
+    """`image push` (shoal.runtime.regpush) to both registries: an image pulled here (a gzip
+    and a zstd layer), tagged into another repository, goes up as an OCI manifest that skopeo
+    reads and that pulls back into another store as the same layers and config; a second push
+    finds every blob there; an anonymous push to the token registry, a digest target and an
+    image this store lacks are refused, naming why."""
+    import json
+    import subprocess
+
+    from shoal.runtime.errors import ImageNotFound
+    from shoal.runtime.regpush import push
+
+    store = ImageStore(tmp_path / "images")
+    for reg in (env.basic, env.token):
+        c = env.client(reg)
+        info = c.pull(f"{reg.addr}/team/app:1", store)
+        target = f"{reg.addr}/pushed/copy:7"
+        assert store.tag(info.id, target).id == info.id
+        done = push(c, store, target)
+        assert [s for _, s in done.blobs] == ["pushed"] * (len(info.layers) + 1)
+        assert done.ref == target and done.digest.startswith("sha256:")
+        again = push(c, store, target)
+        assert (again.digest, {s for _, s in again.blobs}) == (done.digest, {"exists"})
+        seen = subprocess.run([registryd.SKOPEO, "inspect", "--tls-verify=false", "--creds",
+                               "alice:s3cret", f"docker://{target}"], capture_output=True,
+                              text=True, timeout=60, check=True)
+        doc = json.loads(seen.stdout)
+        assert doc["Digest"] == done.digest and doc["Layers"] == list(info.layers), doc
+        assert "MARKER=one" in doc["Env"]
+        back = c.pull(target, ImageStore(tmp_path / f"back-{reg.port}"))
+        assert (back.layers, back.config) == (info.layers, info.config)
+        with pytest.raises(RegistryError, match="not a digest"):
+            push(c, store, target, f"{reg.addr}/pushed/copy@{done.digest}")
+    with pytest.raises(RegistryAuthError):
+        push(env.client(env.token, creds=None), store, f"{env.token.addr}/pushed/copy:7",
+             f"{env.token.addr}/anon/copy:1")
+    with pytest.raises(ImageNotFound):
+        push(env.client(env.basic), store, f"{env.basic.addr}/not/here:1")

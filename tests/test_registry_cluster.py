@@ -147,6 +147,31 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     denied = h2.cli("image", "pull", f"{reg.addr}/team/app:2", check=False)
     assert denied.returncode != 0 and "wants credentials" in denied.stderr
 
+    # ---- `image tag` + `image push` (docker's): h1's image goes to another repository with
+    # the cluster's credentials, and a worker runs a service from there; pushed once, the
+    # blobs are there; a bare name is refused, and a worker (no credentials) is told why
+    copy = f"{reg.addr}/team/copy:1"
+    h1.cli("image", "tag", f"{reg.addr}/team/app:2", copy)
+    out = h1.cli("image", "push", copy).stdout
+    assert f"The push refers to repository [{reg.addr}/team/copy]" in out, out
+    layers = len(json.loads(reg.blob_path(v2["manifest"]).read_text())["layers"])
+    assert out.count(": Pushed") == layers + 1 and "1: digest: sha256:" in out, out
+    again = h1.cli("image", "push", copy).stdout
+    assert ": Pushed" not in again and again.splitlines()[-1] == out.splitlines()[-1], again
+    pushed = out.split("digest: ")[1].split()[0]
+    assert reg.blob_path(pushed).exists()  # (the registry's own storage has the manifest)
+    bare = h1.cli("image", "push", f"{reg.addr}/team/app:2".split("/", 1)[1], check=False)
+    assert bare.returncode != 0 and "names its registry" in bare.stderr, bare
+    h2.cli("image", "tag", f"{reg.addr}/team/app@{v2['manifest']}", copy)
+    denied = h2.cli("image", "push", copy, check=False)
+    assert denied.returncode != 0 and "push from a manager" in denied.stderr, denied
+    h1.cli("service", "create", "--name", "copied", "--with-registry-auth", "--constraint",
+           "node.hostname==h2", "--image", copy)
+    running(h1, "copied", 1, timeout=90)
+    assert h1.cli_json("service", "inspect", "copied")[0]["spec"]["task"]["container"][
+        "image"] == f"{copy}@{pushed}"
+    h1.cli("service", "rm", "copied")
+
     # ---- pull progress in the task's status message while the node pulls (issue 13): the
     # registry is paused (SIGSTOP) so the pull cannot finish before `service ps` shows it
     registryd.build_layout(layout, "4", marker="four", extra_mib=2)
