@@ -24,6 +24,7 @@ or ``{"error": {...}}`` when the command could not run), 4 resize (JSON ``{"rows
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import fcntl
@@ -216,22 +217,36 @@ class Executor:
         self._layout: CgroupLayout | None = None
         self.sessions = 0
         self.detached: set[asyncio.Task[None]] = set()  # `exec -d` commands running on
+        self.reserved = 0  # places among MAX_DETACHED of sessions that may detach soon
+
+    def reserve(self) -> bool:
+        """A place for one more detached command (False: MAX_DETACHED are running or
+        about to); the session gives it back once it handed its command over or ended."""
+        if len(self.detached) + self.reserved >= MAX_DETACHED:
+            return False
+        self.reserved += 1
+        return True
 
     async def run_local(self, ws: web.WebSocketResponse, pid: int, request: ExecRequest,
-                        transport: Any = None) -> int | None:
+                        transport: Any = None, label: str = "") -> int | None:
         """The command in the task whose init is host ``pid``; its exit code (128+N when
         killed by signal N), once its output went out on ``ws``. With ``request.detach``:
-        None once it started (it runs on; ``detached``), or its exit code if it could not."""
+        None once it started (it runs on; ``detached``), or its exit code if it could not.
+        ``label`` names the task and who asked, for the log."""
         if self.sessions >= MAX_SESSIONS:
             raise Unavailable(f"this node runs {MAX_SESSIONS} exec sessions already")
-        if request.detach and len(self.detached) >= MAX_DETACHED:
+        if request.detach and not self.reserve():
             raise Unavailable(f"this node runs {MAX_DETACHED} detached exec commands already")
         self.sessions += 1
+        session = _Session(self, ws, pid, request, -1, transport, label)
+        session.reserved = request.detach
         try:
-            helper_fd = await self.helper.fd()
-            return await _Session(self, ws, pid, request, helper_fd, transport).run()
+            session.helper_fd = await self.helper.fd()
+            return await session.run()
         finally:
             self.sessions -= 1
+            if session.reserved:
+                self.reserved -= 1
 
     def argv(self, pid: int, request: ExecRequest, helper_fd: int, envfd: int,
              console_fd: int | None, detach_fd: int | None = None) -> list[str]:
@@ -261,9 +276,12 @@ class _Session:
     """One command: its process, its terminal or pipes, and the frames both ways."""
 
     def __init__(self, executor: Executor, ws: web.WebSocketResponse, pid: int,
-                 request: ExecRequest, helper_fd: int, transport: Any = None) -> None:
+                 request: ExecRequest, helper_fd: int, transport: Any = None,
+                 label: str = "") -> None:
         self.ex, self.ws, self.pid, self.req = executor, ws, pid, request
         self.helper_fd = helper_fd
+        self.label = label or f"the task of pid {pid}"  # (for the log)
+        self.reserved = False  # holds one of the executor's places for a detached command
         self.transport = transport  # the client's connection (its closing ends the command)
         self.master: int | None = None  # the terminal's master (tty)
         self.proc: asyncio.subprocess.Process | None = None
@@ -273,37 +291,44 @@ class _Session:
         self.detaching = False  # the client typed its detach keys (a DETACH frame)
 
     async def run(self) -> int | None:
-        ours = theirs = None
-        started_r = started_w = None  # -d: execdrop's "the command was found"
+        ours = theirs = None  # the terminal's socket pair (-t): its master comes back on it
+        started = handed = None  # -d: the pair execdrop hands its start pipe back on
         envfd = env_fd(self.ex.environment(self.pid, self.req))
         try:
             if self.req.tty:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             if self.req.detach:
-                started_r, started_w = os.pipe()
-                os.set_blocking(started_r, False)
+                started, handed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = self.ex.argv(self.pid, self.req, self.helper_fd, envfd,
-                                theirs.fileno() if theirs is not None else None, started_w)
+                                theirs.fileno() if theirs is not None else None,
+                                handed.fileno() if handed is not None else None)
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, start_new_session=True,
                 stdin=pipe if self.req.stdin and not self.req.tty else null,
                 stdout=null if self.req.tty or self.req.detach else pipe, stderr=pipe,
-                pass_fds=(self.helper_fd, envfd,
-                          *((theirs.fileno(),) if theirs is not None else ()),
-                          *((started_w,) if started_w is not None else ())))
+                pass_fds=tuple(fd for fd in (self.helper_fd, envfd, *(
+                    s.fileno() for s in (theirs, handed) if s is not None))))
         finally:
             os.close(envfd)
-            if theirs is not None:
-                theirs.close()
-            if started_w is not None:
-                os.close(started_w)
+            for end in (theirs, handed):
+                if end is not None:
+                    end.close()
         handed_off = False
         try:
             if ours is not None:
-                self.master = await self._receive_master(ours)
-            if started_r is not None and await self._started(started_r):
-                code = None  # -d
+                self.master = await self._receive_fd(ours, timeout=10)
+                if self.master is not None:
+                    os.set_blocking(self.master, False)
+                    fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                                struct.pack("HHHH", self.req.rows, self.req.cols, 0, 0))
+            code: int | None
+            if started is not None:
+                began = await self._unless_client_leaves(self._started(started))
+                if began is None:  # the client left first: as an attached session's
+                    self._kill()
+                    return _code(await self.proc.wait())
+                code = None if began else await self._pump()
             else:
                 code = await self._pump()  # (None: the client detached)
             if code is None:
@@ -314,28 +339,73 @@ class _Session:
                 await _send_status(self.ws, {"detached": True})
             return code
         finally:
-            if started_r is not None:
-                os.close(started_r)
+            if started is not None:
+                started.close()
             if not handed_off:
                 await self._end()
 
-    async def _started(self, fd: int) -> bool:
-        """-d: whether execdrop said the command was found (a byte on ``fd``) rather than
-        exit first (then its stderr and exit status say why, as without -d)."""
-        assert self.proc is not None
+    async def _receive_fd(self, sock: socket.socket, timeout: float | None = None
+                          ) -> int | None:
+        """A descriptor execdrop sends on ``sock`` (close-on-exec here: the agent's later
+        children must not inherit it, and uvloop ignores close_fds); None when it closed its
+        end first (it failed: its stderr says why) or ``timeout`` passed."""
         loop = asyncio.get_running_loop()
-        waits = {asyncio.create_task(_ready(loop.add_reader, loop.remove_reader, fd)),
-                 asyncio.create_task(self.proc.wait())}
+        sock.setblocking(False)
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        fds = _recv_fds(sock)
+                        break
+                    except BlockingIOError:
+                        await _ready(loop.add_reader, loop.remove_reader, sock.fileno())
+        except TimeoutError:
+            return None
         finally:
-            for t in waits:
-                t.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        try:
-            return os.read(fd, 1) == b"1"
-        except BlockingIOError:
+            sock.close()
+        for extra in fds[1:]:
+            os.close(extra)
+        return fds[0] if fds else None
+
+    async def _started(self, sock: socket.socket) -> bool:
+        """-d: whether the command started. execdrop hands over the read end of a pipe whose
+        write end only it holds, close-on-exec: the end of the pipe without a word is a
+        successful exec; its words are why the exec failed (sent on as stderr; the exit
+        status follows). No pipe at all: it failed before (its stderr says why)."""
+        fd = await self._receive_fd(sock)
+        if fd is None:
             return False
+        loop = asyncio.get_running_loop()
+        said = b""
+        try:
+            os.set_blocking(fd, False)
+            while True:
+                try:
+                    chunk = os.read(fd, 4096)
+                except BlockingIOError:
+                    await _ready(loop.add_reader, loop.remove_reader, fd)
+                    continue
+                if not chunk:
+                    break
+                said += chunk[:4096 - len(said)]
+        finally:
+            os.close(fd)
+        if said:
+            await self._send(STDERR, said)
+        return not said
+
+    async def _unless_client_leaves(self, work: Awaitable[bool]) -> bool | None:
+        """``work``'s result, or None when the client's connection closes first."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.create_task(_until_closed(self.transport))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, gone, return_exceptions=True)
+        return task.result() if not task.cancelled() else None
 
     async def _linger(self) -> None:
         """-d: the command runs on without its client until it ends. Its terminal's output
@@ -351,8 +421,8 @@ class _Session:
             drains.append(asyncio.create_task(self._read_master()))
         try:
             code = await proc.wait()
-            log.info("detached exec %r (host pid %d) ended: %d", self.req.cmd[0], proc.pid,
-                     _code(code))
+            log.info("detached exec in %s: %r (host pid %d) ended: %d", self.label,
+                     self.req.cmd[0], proc.pid, _code(code))
         finally:
             for t in drains:
                 t.cancel()
@@ -362,30 +432,6 @@ class _Session:
                 self.master = None
             if proc.stdin is not None:
                 proc.stdin.close()
-
-    async def _receive_master(self, sock: socket.socket) -> int | None:
-        """The terminal's master from execdrop; None when it failed first (its stderr says
-        why, and the exit status follows)."""
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    try:
-                        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-                        break
-                    except BlockingIOError:
-                        await _ready(loop.add_reader, loop.remove_reader, sock.fileno())
-        except TimeoutError:
-            return None
-        finally:
-            sock.close()
-        if not fds:
-            return None
-        os.set_blocking(fds[0], False)
-        fcntl.ioctl(fds[0], termios.TIOCSWINSZ,
-                    struct.pack("HHHH", self.req.rows, self.req.cols, 0, 0))
-        return fds[0]
 
     async def _pump(self) -> int | None:
         """The session: output out, input in, until the command ends (its exit code), the
@@ -467,8 +513,8 @@ class _Session:
                 continue
             channel, payload = msg.data[0], msg.data[1:]
             if channel == DETACH:  # (its detach keys: the command runs on, as with -d)
-                if len(self.ex.detached) < MAX_DETACHED:
-                    self.detaching = True
+                if self.reserved or self.ex.reserve():
+                    self.reserved = self.detaching = True
                     return
                 await self._send(STDERR, f"shoal: cannot detach: this node runs "
                                  f"{MAX_DETACHED} detached exec commands already\r\n".encode())
@@ -539,6 +585,18 @@ class _Session:
             self._kill()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(proc.wait())
+
+
+def _recv_fds(sock: socket.socket) -> list[int]:
+    """The descriptors of one message on ``sock``, close-on-exec (socket.recv_fds drops its
+    flags argument in Python 3.11: its descriptors would be inheritable). [] at EOF."""
+    size = array.array("i").itemsize
+    _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_LEN(4 * size), socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % size])
+    return list(fds)
 
 
 async def _until_closed(transport: Any) -> None:
@@ -659,7 +717,8 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                  request.cmd[0], len(request.cmd) - 1, f" as {request.user!r}"
                  if request.user else "", " with a tty" if request.tty else "",
                  " privileged" if request.privileged else "")
-        code = await executor.run_local(ws, pid, request, transport)
+        code = await executor.run_local(ws, pid, request, transport,
+                                        f"task {task.name} ({task.id}) by {by}")
         log.info("exec in task %s (%s) by %s %s", task.name, task.id, by,
                  "runs on detached" if code is None else f"ended: {code}")
         return code
@@ -681,6 +740,8 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
             if ctx.raft is None or node is None or ctx.http is None:
                 raise Conflict(f"task {task.name} runs on node {name}: run exec against a "
                                "manager (or on that node)", "task")
+            log.info("exec in task %s (%s) on node %s by %s: %r (%d arguments), relayed",
+                     task.name, task.id, name, _who(req), request.cmd[0], len(request.cmd) - 1)
             await relay(ws, ctx.http, security.require_client(), node.api_addr, node.id,
                         task.id, request, req.transport)
             return None
@@ -700,8 +761,11 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 status = runtime.status(tid) if isinstance(tid, str) else None
                 if status is None:
                     raise NotFound(f"no task {tid!r} on this node", "task")
+                log.info("exec in task %s by manager %s: %r (%d arguments)", tid,
+                         peer.hostname, request.cmd[0], len(request.cmd) - 1)
                 return await executor.run_local(ws, running_pid(status, None), request,
-                                                req.transport)
+                                                req.transport,
+                                                f"task {tid} by manager {peer.hostname}")
             return await local(ws, task, request, f"manager {peer.hostname}", req.transport)
         return await serve(req, start)
 

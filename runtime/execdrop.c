@@ -22,14 +22,16 @@
  * here, in the task's own /etc/passwd and /etc/group: we are in its root) and --workdir.
  * Before it execs the command it closes every fd but 0-2 (the helper's own among them).
  *
- * `shoal exec -d` gives --detach FD: once PROG is found on the command's PATH (as execvp
- * looks for it) one byte is written to FD, and stdout and stderr become /dev/null (unless a
- * --console terminal is already on them): the agent, which read stderr until then, answers
- * the client and lets the command run on. When PROG is not found, the reason is on stderr and
- * the exit status says it, as without -d.
+ * `shoal exec -d` gives --detach SOCK (a unix socket, as --console): just before the exec
+ * this program makes a close-on-exec pipe, hands its read end to the agent over SOCK
+ * (SCM_RIGHTS) and puts /dev/null on stdout and stderr (unless a --console terminal is on
+ * them). Only this process holds the write end (nsenter, which also holds SOCK, never saw
+ * it): a successful exec closes it, and the agent reads EOF — the command runs; a failed one
+ * writes the reason there before this program exits 126/127. So the agent answers a detached
+ * exec only once the command really started.
  *
  * Usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] [--workdir DIR]
- *                       [--detach FD] UID GID GROUPS CAPMASK PROG [ARGS...]
+ *                       [--detach SOCK] UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
  *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
  *           hexadecimal as /proc/PID/status CapBnd shows it
@@ -220,51 +222,29 @@ static int take_env(int fd) {
     return 0;
 }
 
-/* PROG as execvp would find it (a name with a slash as it is, else on the PATH of the
- * command's environment): 0 if it is there and executable, else the exit status (127 not
- * found, 126 not executable), the reason on stderr. */
-static int find_program(const char *prog) {
-    struct stat st;
-    if (strchr(prog, '/')) {
-        if (stat(prog, &st)) {
-            fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(errno));
-            return errno == ENOENT ? 127 : 126;
-        }
-        if (S_ISDIR(st.st_mode) || access(prog, X_OK)) {
-            int err = S_ISDIR(st.st_mode) ? EISDIR : errno;
-            fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(err));
-            return 126;
-        }
-        return 0;
+/* -d: the pipe whose end tells the agent the exec happened (see above); its write end, or
+ * -1 after a failure (said on stderr, still ours). */
+static int detach_pipe(int sock, int console) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC)) {
+        fail("pipe");
+        return -1;
     }
-    const char *path = getenv("PATH");
-    if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-    char full[4096];
-    for (const char *p = path;; p++) {
-        const char *end = strchrnul(p, ':');
-        int len = snprintf(full, sizeof full, "%.*s%s%s", (int)(end - p), p,
-                           end == p ? "" : "/", prog);
-        if (len > 0 && (size_t)len < sizeof full && !stat(full, &st) && S_ISREG(st.st_mode)
-            && !access(full, X_OK))
-            return 0;
-        if (!*end) break;
-        p = end;
+    if (send_fd(sock, p[0])) {
+        fail("hand the start pipe to the agent");
+        return -1;
     }
-    fprintf(stderr, "shoal-execdrop: %s: %s\n", prog, strerror(ENOENT));
-    return 127;
-}
-
-/* -d: PROG is there; tell the agent, and give the command no output of ours. */
-static int detach_now(int fd, int console, const char *prog) {
-    int code = find_program(prog);
-    if (code) return code;
+    close(p[0]);
+    close(sock);
     if (!console) {
         int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-        if (null < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) return fail("/dev/null");
+        if (null < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) {
+            fail("/dev/null");
+            return -1;
+        }
         close(null);
     }
-    if (write(fd, "1", 1) != 1) return fail("report the start");
-    return 0;
+    return p[1];
 }
 
 int main(int argc, char **argv) {
@@ -285,7 +265,7 @@ int main(int argc, char **argv) {
     }
     if (argc < 6) {
         fprintf(stderr, "usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] "
-                        "[--workdir DIR] [--detach FD] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
+                        "[--workdir DIR] [--detach SOCK] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
         return 125;
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
@@ -329,8 +309,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "shoal-execdrop: workdir %s: %s\n", workdir, strerror(errno));
         return 126;
     }
-    int code = detach >= 0 ? detach_now(detach, sock >= 0, argv[5]) : 0;
-    if (code) return code;
+    int started = detach >= 0 ? detach_pipe(detach, sock >= 0) : -1;
+    if (detach >= 0 && started < 0) return 125;
     /* nothing of ours reaches the command: the helper itself (an fd nsenter executed), the
      * agent's pipes, the console socket — only 0, 1 and 2 */
     if (syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */)) { /* (before 5.11) */
@@ -339,6 +319,11 @@ int main(int argc, char **argv) {
             fcntl((int)fd, F_SETFD, FD_CLOEXEC);
     }
     execvp(argv[5], argv + 5);
-    fprintf(stderr, "shoal-execdrop: %s: %s\n", argv[5], strerror(errno));
-    return errno == ENOENT ? 127 : 126;
+    int err = errno;
+    char msg[512];
+    int len = snprintf(msg, sizeof msg, "shoal-execdrop: %s: %s\n", argv[5], strerror(err));
+    size_t n = len < 0 ? 0 : (size_t)len < sizeof msg ? (size_t)len : sizeof msg - 1;
+    if (started < 0) fputs(msg, stderr);
+    else if (write(started, msg, n) < 0) return 125;
+    return err == ENOENT ? 127 : 126;
 }

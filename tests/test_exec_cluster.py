@@ -164,6 +164,24 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     assert "read x; sleep 5353" in procs and "read x; sleep 5454" in procs, procs
     code, _, err = _exec(h1, "-d", remote["name"], "no-such-command")
     assert code == 127 and "no-such-command" in err, err
+    # ... and so is one whose exec itself fails (an interpreter the task lacks): -d answers
+    # only once the exec happened (execdrop's close-on-exec pipe)
+    _exec(h1, remote["name"], "sh", "-c", "printf '#!/nonexistent\\n' > /tmp/bad; "
+          "chmod +x /tmp/bad")
+    code, _, err = _exec(h1, "-d", remote["name"], "/tmp/bad")
+    assert code == 127 and "/tmp/bad" in err, err
+    # no terminal's master reaches a later exec's processes (the -t ones above still run:
+    # before, every later nsenter inherited them, and the terminals never hung up)
+    agent = h2.agent_pid
+    assert agent is not None
+    children = [c for t in Path(f"/proc/{agent}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    held = [(c, os.readlink(fd)) for c in children for fd in Path(f"/proc/{c}/fd").iterdir()
+            if "ptmx" in os.readlink(fd) or "pts" in os.readlink(fd)]
+    assert children and held == [], held
+    # the relaying manager logs who asked
+    assert "relayed" in h1.agent_log.read_text() and "the local socket" in \
+        h1.agent_log.read_text()
     # --privileged: the node's capabilities, not the task's smaller set
     caps = {flag: _exec(h1, *flag, "-u", "root", remote["name"], "sh", "-c",
                         "grep CapEff /proc/self/status")[1].split()[-1]

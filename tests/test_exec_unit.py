@@ -95,3 +95,47 @@ async def test_detached_commands_are_bounded_per_node(tmp_path: Any) -> None:
     finally:
         for t in ex.detached:
             t.cancel()
+
+
+async def test_a_client_that_leaves_before_a_detached_command_started_takes_it_along(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`exec -d` waits for execdrop to say the command started; a command that never gets
+    there (a stopped or stuck process) is killed when its client leaves, as an attached
+    one, instead of holding its session for ever. Here the "execdrop" is a plain sleep."""
+    import asyncio
+    import os
+
+    from shoal.node.execs import Executor, _Session
+    from shoal.node.health import ExecHelper
+
+    class Transport:
+        closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def get_extra_info(self, _name: str) -> None:
+            return None
+
+    class Ws:
+        async def send_bytes(self, _data: bytes) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    ex = Executor(ExecHelper(None))
+    monkeypatch.setattr(ex, "argv", lambda *_a: ["/bin/sh", "-c", "exec sleep 4141"])
+    client = Transport()
+    dummy = os.open("/dev/null", os.O_RDONLY)
+    try:
+        session = _Session(ex, Ws(), os.getpid(),  # type: ignore[arg-type]
+                           ExecRequest(cmd=["x"], detach=True), dummy, client)
+        run = asyncio.create_task(session.run())
+        await asyncio.sleep(0.5)
+        assert not run.done() and session.proc is not None
+        client.closing = True
+        assert await asyncio.wait_for(run, 10) == 128 + 9  # (killed)
+        assert session.proc.returncode is not None and not ex.detached
+    finally:
+        os.close(dummy)
