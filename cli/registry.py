@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # (imported where used: `shoal service ...` imports this modu
 
         def call(self, method: str, path: str, body: Any = None) -> Any: ...
 
-PUSH_TIMEOUT = 3600.0  # seconds the CLI waits for a push's answer (it comes at the end)
+TRANSFER_TIMEOUT = 3600.0  # seconds the CLI waits for a pull's or push's answer (at the end)
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +65,7 @@ def run_tag(c: _Client, args: argparse.Namespace) -> None:
 
 def run_push(c: _Client, args: argparse.Namespace, fmt: str) -> None:
     """docker push's lines: one per blob (pushed, or already there), then the digest."""
-    c.timeout = max(c.timeout, PUSH_TIMEOUT)  # (the agent answers once it is done)
+    c.timeout = max(c.timeout, TRANSFER_TIMEOUT)  # (the agent answers once it is done)
     done = c.call("POST", "/v1/images/push", {"ref": args.ref})
     if fmt == "json":
         print(json.dumps(done, indent=2))
@@ -165,6 +165,7 @@ def run_pull(c: _Client, args: argparse.Namespace, fmt: str, period: float = 0.5
     """POST the pull and, while it runs, show its progress (GET /v1/images/pulls): one
     rewritten line on a terminal, a plain line per change otherwise."""
     result: dict[str, Any] = {}
+    c.timeout = max(c.timeout, TRANSFER_TIMEOUT)  # (the answer comes when the pull is done)
 
     def pull() -> None:
         try:

@@ -4,6 +4,8 @@ challenge parser, and the image config fields the runtime honours."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from shoal.raft.spec import IMAGE_RE
@@ -146,3 +148,38 @@ def test_registry_secret_names_are_valid_secret_names() -> None:
         assert validate_object_name(name, "secret") == name
         assert name.startswith("registry-auth.")
     assert secret_name("10.77.0.14:5000") == "registry-auth.10.77.0.14-5000"
+
+
+def test_pull_and_push_wait_for_the_agents_answer_longer_than_a_call(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent answers `image pull`/`image push` only when the transfer is done: the CLI
+    waits up to TRANSFER_TIMEOUT for it, not its 60 s per call (a big image on a slow link
+    would fail at 60 s). Then push prints docker push's lines."""
+    import argparse
+
+    from shoal.cli import registry as registry_cli
+
+    class Client:
+        timeout = 60.0
+        seen: list[tuple[str, float]] = []
+
+        def call(self, method: str, path: str, body: Any = None) -> Any:
+            self.seen.append((path, self.timeout))
+            if path == "/v1/images/push":
+                return {"ref": "reg:5000/team/web:1", "digest": "sha256:" + "a" * 64,
+                        "size": 558, "blobs": [{"digest": "sha256:" + "b" * 64,
+                                                "status": "pushed"},
+                                               {"digest": "sha256:" + "c" * 64,
+                                                "status": "exists"}]}
+            return [] if method == "GET" else {"id": "sha256:" + "d" * 64}
+
+    c = Client()
+    registry_cli.run_pull(c, argparse.Namespace(ref="reg:5000/team/web:1"), "table")
+    registry_cli.run_push(c, argparse.Namespace(ref="reg:5000/team/web:1"), "table")
+    waits = {path: t for path, t in c.seen if path in ("/v1/images/pull", "/v1/images/push")}
+    assert waits == {"/v1/images/pull": registry_cli.TRANSFER_TIMEOUT,
+                     "/v1/images/push": registry_cli.TRANSFER_TIMEOUT}
+    out = capsys.readouterr().out.splitlines()
+    assert out[-4:] == ["The push refers to repository [reg:5000/team/web]",
+                        "bbbbbbbbbbbb: Pushed", "cccccccccccc: Layer already exists",
+                        "1: digest: sha256:" + "a" * 64 + " size: 558"]
