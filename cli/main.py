@@ -290,6 +290,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
         output.show(c.call("GET", "/v1/images"), args, "image")
     elif args.image_cmd == "pull":
         registry_cli.run_pull(c, args, fmt)
+    elif args.image_cmd == "inspect":
+        output.inspect(lambda r: c.call("GET", f"/v1/images/{_q(r)}"), args.refs, args.format)
     elif args.image_cmd == "tag":
         registry_cli.run_tag(c, args)
     elif args.image_cmd == "push":

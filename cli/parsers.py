@@ -429,6 +429,11 @@ def _image_parser(sub: Any) -> None:
     ii.add_argument("file")
     ils = isub.add_parser("ls", help="list this node's images")
     output.add_list_flags(ils, "image")
+    iin = isub.add_parser("inspect", help="show an image of this node (JSON): its tags, "
+                          "layers and config")
+    iin.add_argument("refs", nargs="+", metavar="IMAGE")
+    iin.add_argument("--format", default="json", metavar="json|TEMPLATE",
+                     help="json (default) or a template, e.g. '{{.Config.Entrypoint}}'")
     irm = isub.add_parser("rm", help="remove images from this node")
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)

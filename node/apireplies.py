@@ -131,6 +131,10 @@ REPLIES: dict[str, Schema] = {
                   type={"enum": ["service", "task", "node", "secret", "config", "gap"]},
                   action=STR, id=STR, name=STR, attributes={"type": "object"}, local=BOOL),
     "Image": obj("an image in the node's store", id=STR, tags=list_of(STR), layers=INT, size=INT),
+    "ImageDetail": obj("an image in the node's store, whole (`image inspect`)", id=STR,
+                       tags=list_of(STR), layers=list_of(STR), size=INT,
+                       config={"type": "object", "description": "Docker's image config "
+                               "(Entrypoint, Cmd, Env, WorkingDir, User, Healthcheck...)"}),
     "ObjectMeta": obj("a secret or config (a config adds data, base64; a secret's value is "
                        "never returned)", id=STR, name=STR, labels={"type": "object"},
                        created_at=TIME, updated_at=TIME, data=STR, removed=BOOL),

@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal.node.errors import BadRequest
+from shoal.node.errors import BadRequest, NotFound
 from shoal.node.registries import Registries
 from shoal.runtime.controller import Controller
-from shoal.runtime.errors import ImageError
+from shoal.runtime.errors import ImageError, ImageNotFound
 from shoal.runtime.images import ImageStore
 
 Handler = Callable[[web.Request], Awaitable[Any]]
@@ -35,6 +35,11 @@ def image_view(info: Any) -> dict[str, Any]:
 
 def image_views(images: ImageStore) -> list[dict[str, Any]]:
     return [image_view(i) for i in images.ls()]
+
+
+def image_detail(info: Any) -> dict[str, Any]:
+    return {"id": info.id, "tags": list(info.tags), "layers": list(info.layers),
+            "size": info.size, "config": info.config.to_json()}
 
 
 def _ref(body: dict[str, Any], name: str, required: bool = True) -> str:
@@ -65,6 +70,12 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
             return [image_view(i) for i in await asyncio.to_thread(images.load, path)]
         except (OSError, ValueError, RuntimeError) as exc:
             raise BadRequest(f"cannot load {path}: {exc}", "path") from None
+
+    async def inspect(req: web.Request) -> Any:
+        try:
+            return image_detail(await asyncio.to_thread(images.inspect, req.match_info["ref"]))
+        except ImageNotFound as exc:
+            raise NotFound(str(exc), "image") from None
 
     async def rm(req: web.Request) -> Any:
         try:
@@ -120,10 +131,11 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
     async def logout(req: web.Request) -> Any:
         return await registries.logout(req.match_info["ref"])
 
-    return {"image_ls": ls, "image_load": load, "image_rm": rm, "image_tag": tag,
+    return {"image_ls": ls, "image_inspect": inspect, "image_load": load, "image_rm": rm,
+            "image_tag": tag,
             "image_pull": pull, "image_push": push, "image_pulls": pulls,
             "image_prune": prune, "image_build": build, "registry_login": login,
             "registry_logout": logout}
 
 
-__all__ = ["handlers", "image_view", "image_views"]
+__all__ = ["handlers", "image_detail", "image_view", "image_views"]

@@ -294,6 +294,9 @@ ROUTES: tuple[Route, ...] = (
           "node, with their progress", "images",
           reply=_list(_obj("a pull", ref=STR, phase=STR, bytes_done=INT, bytes_total=INT,
                            layers_done=INT, layers_total=INT, message=STR))),
+    Route("GET", "/v1/images/{ref}", "image_inspect", "an image of this node's store, whole "
+          "(`image inspect`)", "images", reply=_ref("ImageDetail"), errors=(404,),
+          description="`ref`: NAME[:TAG], an id or a unique id prefix (URL-encoded)"),
     Route("POST", "/v1/images/prune", "image_prune", "remove the images no task on this node "
           "uses (`image prune`)", "images", body=bodies.ImagePruneRequest,
           reply=_obj("", deleted=_list(STR), reclaimed=INT)),

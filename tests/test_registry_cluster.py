@@ -156,6 +156,13 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     assert f"The push refers to repository [{reg.addr}/team/copy]" in out, out
     layers = len(json.loads(reg.blob_path(v2["manifest"]).read_text())["layers"])
     assert out.count(": Pushed") == layers + 1 and "1: digest: sha256:" in out, out
+    (seen,) = h1.cli_json("image", "inspect", copy)  # (docker's image inspect)
+    assert copy in seen["tags"] and len(seen["layers"]) == layers, seen
+    assert "MARKER=two" in seen["config"]["Env"], seen
+    assert h1.cli("image", "inspect", "--format", "{{.Config.WorkingDir}}", copy
+                  ).stdout == "/etc\n"
+    missing = h1.cli("image", "inspect", f"{reg.addr}/team/nope:1", check=False)
+    assert missing.returncode != 0 and "no image" in missing.stderr, missing
     again = h1.cli("image", "push", copy).stdout
     assert ": Pushed" not in again and again.splitlines()[-1] == out.splitlines()[-1], again
     pushed = out.split("digest: ")[1].split()[0]
