@@ -1,7 +1,9 @@
-"""`shoal info` as text for a person (docker info's layout), from the agent's ``/v1/info``.
+"""`shoal info` as text for a person (docker info's layout), from the agent's ``/v1/info``,
+and `shoal version`.
 
 Owns: ``render`` (the text) and ``choose`` (which output `info` prints: text on a terminal,
-JSON otherwise — what scripts and the Ansible role read — unless ``--format`` says). Must
+JSON otherwise — what scripts and the Ansible role read — unless ``--format`` says); and
+`shoal version` (``version``: the CLI's and the agent's, docker version's layout). Must
 not touch: the request (shoal.cli.main), the record's fields (the agent's, node/agent.py
 ``info``; a field it lacks is left out here, so an older agent's record still renders).
 """
@@ -39,6 +41,45 @@ def render(info: dict[str, Any]) -> str:
     if info.get("removed"):
         out.append(f"WARNING: {info['removed']}")
     return "\n".join(out)
+
+
+def version(c: Any, fmt: str) -> None:
+    """`shoal version` (docker version): the CLI's version, then the agent's — or, when it
+    cannot be reached, why (CliError after the client part, as docker's)."""
+    import json
+    import platform
+    import sys
+
+    from shoal.cli.errors import CliError
+    from shoal.cli.output import render_template
+    from shoal.node.version import version as own
+
+    client = {"Version": own(), "Python": platform.python_version(),
+              "Os": sys.platform, "Arch": platform.machine()}
+    try:
+        info = c.call("GET", "/v1/info")
+        server: dict[str, Any] | None = {"Version": info.get("version"),
+                                         "Schema": info.get("schema"),
+                                         "ClusterSchema": info.get("cluster_schema"),
+                                         "Host": info.get("hostname")}
+        failed: CliError | None = None
+    except CliError as exc:
+        server, failed = None, exc
+    both = {"Client": client, "Server": server}
+    if fmt == "json":
+        print(json.dumps(both, indent=2))
+    elif fmt != "text":
+        print(render_template(fmt, both))
+    else:
+        print(f"Client:\n Version:        {client['Version']}\n Python:         "
+              f"{client['Python']}\n OS/Arch:        {client['Os']}/{client['Arch']}")
+        if server is not None:
+            schema = f"{server['Schema']}" + (f" (the cluster writes {server['ClusterSchema']})"
+                                              if server["ClusterSchema"] else "")
+            print(f"\nServer: the agent on {server['Host']}\n Version:        "
+                  f"{server['Version']}\n State schema:   {schema}")
+    if failed is not None:
+        raise failed
 
 
 def _swarm(info: dict[str, Any]) -> list[str]:

@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> None:
         info, shown = c.call("GET", "/v1/info"), infotext.choose(args.format, sys.stdout)
         print(json.dumps(info, indent=2) if shown == "json" else infotext.render(info)
               if shown == "text" else render_template(shown, info))
+    elif args.cmd == "version":
+        infotext.version(c, args.format)
     elif args.cmd == "node":
         run_node(c, args, fmt)
     elif args.cmd == "service":
@@ -656,7 +658,7 @@ def _build_parser(only: str | None) -> argparse.ArgumentParser:
 # the group argv names, so `shoal service ls` never builds (nor imports) the others.
 _GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
     (("agent",), _agent_parser),
-    (("init", "join", "join-token", "leave", "info"), _cluster_parsers),
+    (("init", "join", "join-token", "leave", "info", "version"), _cluster_parsers),
     (("node",), _node_parser),
     (("service",), _service_parser),
     (("exec",), lambda sub: execcli.add_parser(sub)),

@@ -270,6 +270,10 @@ def _cluster_parsers(sub: Any) -> None:
     inf.add_argument("--format", default=None, metavar="text|json|TEMPLATE",
                      help="text (the default on a terminal), json (the default otherwise: "
                      "scripts, the Ansible role) or a template, e.g. '{{.NodeID}}'")
+    ver = sub.add_parser("version", help="the CLI's version and the agent's (docker "
+                         "version)")
+    ver.add_argument("--format", default="text", metavar="text|json|TEMPLATE",
+                     help="text (default), json or a template, e.g. '{{.Server.Version}}'")
 
 
 def _node_parser(sub: Any) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
+
 from shoal.cli.infotext import choose, render
 
 MANAGER: dict[str, Any] = {
@@ -86,3 +88,32 @@ def test_text_on_a_terminal_json_for_a_pipe_unless_format_says() -> None:
     closed.close()
     assert choose(None, closed) == "json"
     assert choose(None, object()) == "json"
+
+
+def test_version_shows_the_cli_then_the_agent_or_why_not(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`shoal version` (docker version): the CLI's part always; the agent's from its
+    record; an agent that cannot be reached is an error after the client part."""
+    from shoal.cli.errors import CliError
+    from shoal.cli.infotext import version
+    from shoal.node.version import version as own
+
+    class Up:
+        def call(self, _method: str, _path: str) -> dict[str, Any]:
+            return MANAGER
+
+    class Down:
+        def call(self, _method: str, _path: str) -> dict[str, Any]:
+            raise CliError("cannot connect to the shoal agent")
+
+    version(Up(), "text")
+    out = capsys.readouterr().out
+    assert f"Client:\n Version:        {own()}" in out
+    assert "Server: the agent on h1\n Version:        0.2.0\n State schema:   8 (the cluster " \
+        "writes 8)" in out, out
+    version(Up(), "{{.Server.Version}} {{.Client.Version}}")
+    assert capsys.readouterr().out == f"0.2.0 {own()}\n"
+    with pytest.raises(CliError, match="cannot connect"):
+        version(Down(), "text")
+    out = capsys.readouterr().out
+    assert out.startswith("Client:") and "Server" not in out

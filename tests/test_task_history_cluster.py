@@ -23,6 +23,7 @@ def test_the_cluster_keeps_as_many_dead_tasks_per_slot_as_it_is_told(
     text = h1.cli("info", "--format", "text").stdout  # (a person's, on a terminal)
     assert " Task history:   1 ended tasks a slot" in text and "the leader" in text, text
     assert h1.cli("info", "--format", "{{.TaskHistoryLimit}} {{.Role}}").stdout == "1 manager\n"
+    assert "Server: the agent on h1" in h1.cli("version").stdout  # (docker version)
     h1.cli("service", "create", "--name", "crash", "--restart-delay", "0", "--", "sh", "-c",
            "exit 1")
     seen: set[str] = set()
