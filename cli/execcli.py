@@ -92,18 +92,19 @@ class EscapeFilter:
         self.keys = keys
         self.held = b""
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """(what to send now, whether the whole sequence was typed)."""
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        """(what to send now, whether the whole sequence was typed, the bytes after it —
+        not looked at yet: feed them again)."""
         out = bytearray()
         for i in range(len(data)):
             self.held += data[i:i + 1]
             if self.held == self.keys:
                 self.held = b""
-                return bytes(out), True
+                return bytes(out), True, data[i + 1:]
             while self.held and not self.keys.startswith(self.held):
                 out += self.held[:1]
                 self.held = self.held[1:]
-        return bytes(out), False
+        return bytes(out), False, b""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -444,7 +445,8 @@ async def _send(ws: aiohttp.ClientWebSocketResponse, channel: Channel, payload: 
 async def _send_stdin(ws: aiohttp.ClientWebSocketResponse, fd: int,
                       escape: EscapeFilter | None = None) -> None:
     """``fd``'s bytes to the command as they come, then the end of stdin (an empty frame);
-    or, once ``escape`` sees the detach keys, a DETACH frame instead of them and the rest.
+    the detach keys ``escape`` sees become a DETACH frame instead (the session then ends
+    with the agent's status; an agent that refuses keeps getting stdin).
     A pipe, socket or terminal is read when the event loop sees it readable; a regular file
     or /dev/null (which epoll refuses, and which never block) in a thread."""
     import asyncio
@@ -464,13 +466,25 @@ async def _send_stdin(ws: aiohttp.ClientWebSocketResponse, fd: int,
             data = await loop.run_in_executor(None, _read, fd)
         if data is None:
             continue
-        eof, detached = not data, False
-        if escape is not None:  # (at the end, what it held back goes first)
-            data, detached = escape.feed(data) if data else (escape.held, False)
-        if data and not await _send(ws, Channel.STDIN, data):
-            return
-        if detached or eof:  # (an empty stdin frame: its end)
-            await _send(ws, Channel.DETACH if detached else Channel.STDIN, b"")
+        eof, rest = not data, data
+        while True:
+            detached = False
+            if escape is None:
+                now, rest = rest, b""
+            elif eof:  # (at the end, what it held back goes first)
+                now, rest = escape.held, b""
+            else:
+                now, detached, rest = escape.feed(rest)
+            if now and not await _send(ws, Channel.STDIN, now):
+                return
+            # (stdin goes on after a DETACH: an agent that cannot detach keeps the session,
+            # which must stay usable; one that detaches ends it with its status)
+            if detached and not await _send(ws, Channel.DETACH, b""):
+                return
+            if not rest:
+                break
+        if eof:  # (an empty stdin frame: its end)
+            await _send(ws, Channel.STDIN, b"")
             return
 
 

@@ -415,18 +415,9 @@ def parse_since(text: str, now: float | None = None) -> float:
                        f"a duration before now (10m, 1h30m), got {text!r}") from None
 
 
-def _task_owner(c: Client, ref: str) -> tuple[str, str] | None:
-    """(service id, task id) of the task whose id starts with ``ref``, if exactly one."""
-    found = [(s["id"], t["id"]) for s in c.call("GET", "/v1/services")
-             for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")
-             if t["id"].startswith(ref)]
-    if len(found) > 1:
-        raise CliError(f"task id prefix {ref!r} is ambiguous: give more characters")
-    return found[0] if found else None
-
-
 def run_logs(c: Client, args: argparse.Namespace) -> None:
-    """`service logs SERVICE|TASK`: a service's tasks merged, or one task's (by id)."""
+    """`service logs SERVICE|TASK`: a service's tasks merged, or one task's (its id, an id
+    prefix or SERVICE.SLOT[.ID]: the manager tells them apart)."""
     import urllib.parse
 
     tail = str(args.tail).strip().lower()
@@ -441,18 +432,9 @@ def run_logs(c: Client, args: argparse.Namespace) -> None:
         query["container"] = args.container
     if args.since:
         query["since"] = repr(parse_since(args.since))
-    ref, task = args.service, ""
-    try:
-        c.call("GET", f"/v1/services/{_q(ref)}")
-    except CliError:
-        owner = _task_owner(c, ref) if len(ref) >= 4 else None
-        if owner is None:
-            raise
-        ref, task = owner
     width = 0
-    for rec in c.stream(f"/v1/services/{_q(ref)}/logs?{urllib.parse.urlencode(query)}"):
-        if task and rec.get("task") != task:
-            continue
+    for rec in c.stream(f"/v1/services/{_q(args.service)}/logs?"
+                        f"{urllib.parse.urlencode(query)}"):
         sink = sys.stderr if rec.get("stream") == "stderr" else sys.stdout
         if args.raw:
             print(rec["line"], file=sink, flush=True)

@@ -1,7 +1,7 @@
 """`shoal exec`: a command in a running task, as `docker exec` — from any manager.
 
-Owns: naming a task (``find_task``: id, unique id prefix of 4+ characters, ``SERVICE.SLOT``
-or Docker's container name ``SERVICE.SLOT.ID``), the exec protocol over a WebSocket
+Owns: the exec protocol over a WebSocket (the task is named by shoal.node.views.find_task:
+id, unique id prefix of 4+ characters, ``SERVICE.SLOT``, Docker's ``SERVICE.SLOT.ID``)
 (``serve``: what the API's ``task_exec`` route runs), running the command on the node whose
 task it is (``run_local``) and relaying a session to that node when it is another
 (``relay``: a manager only, over the nodes' mutual TLS, ``cluster_exec``). Must not touch:
@@ -50,8 +50,8 @@ from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
 from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
 from shoal.node.users import REQUEST_USER
+from shoal.node.views import find_task
 from shoal.raft.models import Task, TaskState
-from shoal.raft.state import Snapshot
 from shoal.runtime.cgroups import CgroupLayout, detect
 from shoal.runtime.records import RunState
 
@@ -132,31 +132,6 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def find_task(snap: Snapshot, ref: str) -> Task:
-    """The task ``ref`` names: its id, Docker's container name ``SERVICE.SLOT.ID``, the running
-    task of ``SERVICE.SLOT`` (a global service's: ``SERVICE.NODEID``, as `service ps` shows
-    it), or a unique id prefix of 4+ characters. NotFound / Conflict (ambiguous)."""
-    tasks = snap.tasks
-    if ref in tasks:
-        return tasks[ref]
-    last = ref.rsplit(".", 1)[-1]
-    if "." in ref and last in tasks and tasks[last].name == ref.rsplit(".", 1)[0]:
-        return tasks[last]
-    named = [t for t in tasks.values() if t.name == ref]
-    if named:
-        running = [t for t in named if t.status.state is TaskState.RUNNING]
-        return (running or sorted(named, key=lambda t: t.created_at))[-1]
-    if len(ref) >= 4:
-        matches = [t for tid, t in tasks.items() if tid.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise Conflict(f"task id prefix {ref!r} is ambiguous ({len(matches)} tasks)",
-                           "task")
-    raise NotFound(f"no task {ref!r} (give a task id, SERVICE.SLOT as `service ps` shows "
-                   "it, or an id prefix of 4+ characters)", "task")
 
 
 # ------------------------------------------------------------------------ the WebSocket side
@@ -792,4 +767,4 @@ def running_pid(status: Any, task: Task | None) -> int:
 
 
 __all__ = ["MAX_DETACHED", "MAX_SESSIONS", "ExecRequest", "Executor", "find_task",
-           "first_message", "handlers", "relay", "running_pid", "serve"]
+           "first_message", "handlers", "relay", "running_pid", "serve"]  # (find_task: views')

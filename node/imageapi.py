@@ -89,8 +89,10 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         source, target = _ref(b, "source"), _ref(b, "target")
         try:
             return image_view(await asyncio.to_thread(images.tag, source, target))
-        except ImageError as exc:
-            raise BadRequest(str(exc), "target" if "name" in str(exc) else "source") from None
+        except ImageNotFound as exc:
+            raise NotFound(str(exc), "source") from None
+        except ImageError as exc:  # (the target: no image name, or a digest)
+            raise BadRequest(str(exc), "target") from None
 
     async def pull(req: web.Request) -> Any:
         ref = (await body(req)).get("ref")

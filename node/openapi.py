@@ -261,7 +261,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/services/{ref}/logs", "service_logs", "the merged logs of a service's "
           "tasks on every node", "services", reply=_ref("LogRecord"),
           content="application/x-ndjson", query=_LOG_QUERY, errors=(*CLUSTER, 400),
-          description="JSON lines; an error after the first line ends the stream"),
+          description="JSON lines; an error after the first line ends the stream. `ref` "
+          "may name one task (id, id prefix, SERVICE.SLOT[.ID]): its log alone"),
     Route("GET", "/v1/tasks/{ref}/exec", "task_exec", "run a command in a running task "
           "(`shoal exec`, Docker's `docker exec`) over a WebSocket", "services",
           content="application/octet-stream", description="A WebSocket (Kubernetes' "

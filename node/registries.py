@@ -98,7 +98,8 @@ def translate(exc: Exception, ref: str, what: str = "pull") -> ApiError:
     if isinstance(exc, ImageNotFound):  # (a push's image is not in this node's store)
         return NotFound(f"{exc} on this node", "ref")
     if isinstance(exc, DigestMismatch):
-        return BadRequest(f"digest mismatch (refused, nothing kept): {exc}", "image")
+        return BadRequest(f"digest mismatch (refused, nothing kept): {exc}" if what == "pull"
+                          else f"digest mismatch: {exc}", "image")
     if isinstance(exc, (UnsupportedImage, InvalidReference, ImageError)):
         return BadRequest(f"unusable image: {exc}", "image")
     return Unavailable(f"{what} of {ref} failed: {exc}", "image")

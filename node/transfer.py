@@ -277,12 +277,14 @@ FOLLOW_SCAN = 1.0  # seconds: how often `service logs -f` looks for the service'
 
 async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
                        since: float | None, timestamps: bool, follow: bool,
-                       container: str = "") -> AsyncIterator[dict[str, Any]]:
+                       container: str = "", task_id: str = ""
+                       ) -> AsyncIterator[dict[str, Any]]:
     """Logs of every task of service ``service_id`` across the cluster, merged: records
     {task, name, node, ts, stream, line}. Without ``follow`` they are sorted by time; with
     it, they stream as they arrive (a task started meanwhile is picked up within
     FOLLOW_SCAN, from its first line, however busy the stream is) until the
-    service is removed.
+    service is removed. ``task_id``: that task's alone (docker's `service logs TASK`; with
+    ``follow``, until its log ends).
     ``container``: a pod's container (its runtime id: shoal.node.pod.container_id); "" or
     "main" = the task's own."""
     ctx = transfer.ctx
@@ -310,7 +312,7 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
         s = ctx.require_manager().snapshot()
         n = 0
         for t in s.tasks_of(service_id):
-            if t.id in started or not t.node_id:
+            if t.id in started or not t.node_id or (task_id and t.id != task_id):
                 continue
             if follow and t.status.state < TaskState.RUNNING:
                 continue  # its node has no record of it yet: picked up once it ran
@@ -341,6 +343,9 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
                 rec = await asyncio.wait_for(queue.get(), max(0.0, scan - clock()))
             except TimeoutError:
                 rec = None
+            else:
+                if rec is None and task_id:
+                    return  # (the one task's log ended)
             if rec is not None:
                 yield rec
             if clock() >= scan:

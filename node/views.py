@@ -1,6 +1,7 @@
 """JSON views of cluster objects: the stable field names of the API and `--format json`.
 
-Owns: the shape users and scripts see (documented in docs/api.md). Changing a field
+Owns: the shape users and scripts see (documented in docs/api.md), and naming a task as
+users do (``find_task``: id, id prefix, SERVICE.SLOT[.ID]). Changing a field
 name here is a breaking change. Must not touch: the store (it gets snapshots).
 """
 
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from shoal.node.errors import Conflict, NotFound
 from shoal.raft.models import JobRun, Node, NodeRole, Service, Task, TaskState, to_dict
 from shoal.raft.state import Snapshot
 
@@ -196,3 +198,28 @@ def task_view(t: Task, snap: Snapshot) -> dict[str, Any]:
 def task_views(tasks: list[Task], snap: Snapshot) -> list[dict[str, Any]]:
     order = sorted(tasks, key=lambda t: (t.slot, -t.created_at, t.id))
     return [task_view(t, snap) for t in order]
+
+
+def find_task(snap: Snapshot, ref: str) -> Task:
+    """The task ``ref`` names: its id, Docker's container name ``SERVICE.SLOT.ID``, the running
+    task of ``SERVICE.SLOT`` (a global service's: ``SERVICE.NODEID``, as `service ps` shows
+    it), or a unique id prefix of 4+ characters. NotFound / Conflict (ambiguous)."""
+    tasks = snap.tasks
+    if ref in tasks:
+        return tasks[ref]
+    last = ref.rsplit(".", 1)[-1]
+    if "." in ref and last in tasks and tasks[last].name == ref.rsplit(".", 1)[0]:
+        return tasks[last]
+    named = [t for t in tasks.values() if t.name == ref]
+    if named:
+        running = [t for t in named if t.status.state is TaskState.RUNNING]
+        return (running or sorted(named, key=lambda t: t.created_at))[-1]
+    if len(ref) >= 4:
+        matches = [t for tid, t in tasks.items() if tid.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise Conflict(f"task id prefix {ref!r} is ambiguous ({len(matches)} tasks)",
+                           "task")
+    raise NotFound(f"no task {ref!r} (give a task id, SERVICE.SLOT as `service ps` shows "
+                   "it, or an id prefix of 4+ characters)", "task")

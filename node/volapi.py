@@ -14,6 +14,7 @@ shows them whole.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from shoal.node import crud
@@ -23,6 +24,8 @@ from shoal.node.errors import Conflict, NotFound
 from shoal.raft import templates
 from shoal.raft.models import TaskState, Volume, resolve_mount
 from shoal.raft.state import Snapshot
+
+_ARCH = os.uname().machine  # {{.Node.Platform.Architecture}} of this node (as the worker's)
 
 
 def volume_view(vol: Volume, snap: Snapshot | None = None) -> dict[str, Any]:
@@ -44,14 +47,21 @@ def implicit_volumes(snap: Snapshot) -> dict[str, dict[str, Any]]:
     and the nodes (hostnames) that use it. A templated source counts as each task's name
     (``data-{{.Task.Slot}}`` → data-1, data-2)."""
     found: dict[str, dict[str, Any]] = {}
-    for task in snap.tasks.values():
+    # (only the tasks of services that mount a volume without a record: `volume ls` on a
+    # big cluster is not a walk over every task)
+    users = [sid for sid, svc in snap.services.items()
+             if any(m.type == "volume" and (templates.has_placeholders(m.source)
+                                            or m.source not in snap.volumes)
+                    for m in svc.spec.task.container.mounts)]
+    for task in (t for sid in users for t in snap.tasks_of(sid)):
         mounts = [m for m in task.spec.container.mounts if m.type == "volume"]
         if not mounts or not task.node_id or task.status.state.terminal or \
                 task.desired_state > TaskState.RUNNING:
             continue
         node = snap.nodes.get(task.node_id)
         hostname = node.hostname if node is not None else task.node_id
-        values = templates.task_values(task, hostname, "")
+        # (.Node.Platform.Architecture: nodes do not record theirs; this one's is assumed)
+        values = templates.task_values(task, hostname, _ARCH)
         svc = snap.services.get(task.service_id)
         labels = dict(svc.spec.labels) if svc is not None else {}
         for m in mounts:

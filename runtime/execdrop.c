@@ -225,6 +225,11 @@ static int take_env(int fd) {
 /* -d: the pipe whose end tells the agent the exec happened (see above); its write end, or
  * -1 after a failure (said on stderr, still ours). */
 static int detach_pipe(int sock, int console) {
+    int null = console ? -1 : open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (!console && null < 0) { /* (before the pipe: the agent sees no start) */
+        fail("/dev/null");
+        return -1;
+    }
     int p[2];
     if (pipe2(p, O_CLOEXEC)) {
         fail("pipe");
@@ -236,10 +241,10 @@ static int detach_pipe(int sock, int console) {
     }
     close(p[0]);
     close(sock);
-    if (!console) {
-        int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-        if (null < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) {
-            fail("/dev/null");
+    if (null >= 0) {
+        if (dup2(null, 1) < 0 || dup2(null, 2) < 0) { /* (said on the pipe: no start) */
+            const char msg[] = "shoal-execdrop: cannot put /dev/null on stdout\n";
+            if (write(p[1], msg, sizeof msg - 1) < 0) return -1;
             return -1;
         }
         close(null);

@@ -256,11 +256,15 @@ class ImageStore:
 
     def tag(self, ref: str, target: str) -> ImageInfo:
         """Tag the image ``ref`` names as ``target`` too (docker's ``image tag``); a tag
-        that named another image moves. InvalidReference for a bad ``target``."""
+        that named another image moves. ImageNotFound for ``ref``; ImageError for a bad
+        ``target``, or one with a digest (only the image with that digest may answer it)."""
         with self._lock:
             repos = self._repos()
             image_id = self._resolve_id(ref, repos)
-            repos[normalize_ref(target)] = image_id
+            tag = normalize_ref(target)
+            if "@" in tag:
+                raise ImageError(f"refusing to tag with a digest reference: {target}")
+            repos[tag] = image_id
             self._save_repos(repos)
             return self._info(image_id, repos)
 

@@ -365,6 +365,9 @@ class RegistryClient:
         resp = self._open(method, url, hdrs, body)
         if resp.status == 401:
             resp.close()
+            if push and creds and "bearer" in challenges:  # (its token service took them)
+                raise RegistryAuthError(f"registry {ref.registry} denies a push to "
+                                        f"{ref.repository} with these credentials")
             raise RegistryAuthError(f"registry {ref.registry} refused the credentials"
                                     if creds else f"registry {ref.registry} wants credentials "
                                     "(log in: shoal registry login)")
@@ -436,11 +439,19 @@ class RegistryClient:
         resp.close()
         if not location:
             raise RegistryError(f"registry {ref.registry} started an upload without a Location")
-        target = urllib.parse.urljoin(f"{self._base(ref.registry)}/v2/", location)
+        base = f"{self._base(ref.registry)}/v2/{ref.repository}/blobs/uploads/"
+        target = urllib.parse.urljoin(base, location)
+        there, here = urllib.parse.urlsplit(target), urllib.parse.urlsplit(base)
+        if there.scheme != here.scheme and here.scheme == "https":
+            raise RegistryUnreachable(f"registry {ref.registry} sends the upload to plain HTTP "
+                                      f"({there.netloc}): refused (list it as insecure)")
         sep = "&" if "?" in target else "?"
-        resp = self._request(ref, "PUT", "", {"Content-Type": "application/octet-stream"},
-                             body=blob, push=True,
-                             url=f"{target}{sep}digest={urllib.parse.quote(digest)}")
+        url = f"{target}{sep}digest={urllib.parse.quote(digest)}"
+        headers = {"Content-Type": "application/octet-stream"}
+        if there.netloc == here.netloc:
+            resp = self._request(ref, "PUT", "", headers, body=blob, push=True, url=url)
+        else:  # (another host, e.g. storage behind the registry: no credentials of ours)
+            resp = self._open("PUT", url, headers, blob)
         self._check(resp, ref, f"blob {digest}")
         resp.close()
         return True
@@ -540,12 +551,18 @@ class RegistryClient:
             return Manifest(top, media, config, layers, digest)
         raise UnsupportedImage(f"{r.familiar()}: image indexes nested too deep")
 
-    def _pick(self, ref: Reference, index: dict[str, Any]) -> str:
+    def platform(self) -> tuple[str, str, str]:
+        """(os, arch, variant) this client pulls and pushes: ``config.platform``, else this
+        machine's."""
         want_os, want_arch, want_variant = host_platform()
         if self.config.platform:
             parts = self.config.platform.split("/")
             want_os, want_arch = parts[0], parts[1] if len(parts) > 1 else want_arch
             want_variant = parts[2] if len(parts) > 2 else ""
+        return want_os, want_arch, want_variant
+
+    def _pick(self, ref: Reference, index: dict[str, Any]) -> str:
+        want_os, want_arch, want_variant = self.platform()
         offered = []
         fallback = ""
         for m in index.get("manifests") or []:

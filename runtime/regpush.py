@@ -72,9 +72,11 @@ def diff_id(store: ImageStore, digest: str) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def oci_config(info: ImageInfo, diff_ids: list[str]) -> bytes:
-    """The image's OCI config as canonical JSON."""
-    os_name, arch, variant = host_platform()
+def oci_config(info: ImageInfo, diff_ids: list[str],
+               platform: tuple[str, str, str] | None = None) -> bytes:
+    """The image's OCI config as canonical JSON; ``platform``: (os, arch, variant), this
+    machine's by default."""
+    os_name, arch, variant = platform or host_platform()
     doc: dict[str, object] = {"architecture": arch, "os": os_name,
                               "config": info.config.to_json(),
                               "rootfs": {"type": "layers", "diff_ids": diff_ids}}
@@ -93,7 +95,7 @@ def push(client: RegistryClient, store: ImageStore, source: str, target: str = "
     ref = target_reference(info, target or source)
     layers = [(d, layer_kind(store, d), store.blob_path(d).stat().st_size)
               for d in info.layers]
-    config = oci_config(info, [diff_id(store, d) for d, _, _ in layers])
+    config = oci_config(info, [diff_id(store, d) for d, _, _ in layers], client.platform())
     config_digest = f"sha256:{hashlib.sha256(config).hexdigest()}"
     result = PushResult(ref=ref.familiar(), digest="", size=0)
     blobs: list[tuple[str, bytes | Path]] = [(d, store.blob_path(d)) for d, _, _ in layers]

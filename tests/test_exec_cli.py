@@ -131,6 +131,14 @@ class FakeAgent:
             seen = self.probe() if self.probe else None
             await ws.send_bytes(b"\x01" + json.dumps([req, seen]).encode())
             await self.status(ws, {"exit_code": 0})
+        elif cmd[0] == "nodetach":  # (an agent that cannot detach: the session goes on)
+            async for msg in ws:
+                self.stdin.append(msg.data)
+                if msg.data == b"\x05":
+                    await ws.send_bytes(b"\x02shoal: cannot detach\r\n")
+                elif msg.data == b"\x00":
+                    break
+            await self.status(ws, {"exit_code": 0})
         elif cmd[0] == "winch":
             msg = await ws.receive()
             assert msg.type is WSMsgType.BINARY and msg.data[:1] == b"\x04", msg
@@ -166,10 +174,10 @@ def request(*cmd: str, stdin: bool = False, tty: bool = False) -> dict[str, Any]
 
 
 async def session(host: str, task: str, req: dict[str, Any], stdin_fd: int | None = None,
-                  resize: bool = False) -> tuple[int, bytes, bytes]:
+                  resize: bool = False, detach: bytes = b"") -> tuple[int, bytes, bytes]:
     out, err = io.BytesIO(), io.BytesIO()
     code = await execcli.session(Client(host), task, req, stdin_fd=stdin_fd, resize=resize,
-                                 stdout=out, stderr=err)
+                                 stdout=out, stderr=err, detach=detach)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -195,6 +203,23 @@ async def test_the_task_name_is_one_url_path_segment(agent: tuple[FakeAgent, str
     await execcli.session(c, "web.1", request("emit", "", "", "0"), stdin_fd=None,
                           resize=False, stdout=io.BytesIO(), stderr=io.BytesIO())
     assert fake.queries[-1] == {"stale": "1"}
+
+
+async def test_an_agent_that_cannot_detach_keeps_getting_stdin(
+        agent: tuple[FakeAgent, str]) -> None:
+    """The detach keys become a DETACH frame; the bytes typed after them, and the end of
+    stdin, still go to an agent that refused to detach (the terminal stays usable)."""
+    fake, host = agent
+    r, w = os.pipe()
+    try:
+        os.write(w, b"ab\x10\x11cd")
+        os.close(w)
+        code, _, err = await session(host, "web.1", request("nodetach", stdin=True, tty=True),
+                                     stdin_fd=r, detach=b"\x10\x11")
+    finally:
+        os.close(r)
+    assert code == 0 and b"cannot detach" in err
+    assert fake.stdin == [b"\x00ab", b"\x05", b"\x00cd", b"\x00"], fake.stdin
 
 
 async def test_stdin_from_a_pipe_is_forwarded_then_its_end(
@@ -411,9 +436,9 @@ def test_detach_keys_are_dockers_and_a_bad_one_is_named() -> None:
 
 def test_the_escape_filter_holds_a_partial_sequence_back_and_finds_a_split_one() -> None:
     f = execcli.EscapeFilter(b"\x10\x11")
-    assert f.feed(b"ls\x10") == (b"ls", False)  # (^P held: it may start the sequence)
-    assert f.feed(b"x") == (b"\x10x", False)  # broken: sent, late
-    assert f.feed(b"a\x10") == (b"a", False)
-    assert f.feed(b"\x11rest") == (b"", True)  # split across reads: detach (rest dropped)
+    assert f.feed(b"ls\x10") == (b"ls", False, b"")  # (^P held: it may start the sequence)
+    assert f.feed(b"x") == (b"\x10x", False, b"")  # broken: sent, late
+    assert f.feed(b"a\x10") == (b"a", False, b"")
+    assert f.feed(b"\x11rest") == (b"", True, b"rest")  # split across reads; then the rest
     g = execcli.EscapeFilter(b"\x10\x10\x11")
-    assert g.feed(b"\x10\x10\x10\x11") == (b"\x10", True)  # (an overlapping start)
+    assert g.feed(b"\x10\x10\x10\x11") == (b"\x10", True, b"")  # (an overlapping start)

@@ -48,6 +48,13 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
            "-e", "FROM_SPEC=yes", "--user", "app", "--health-cmd", "true",
            "--health-interval", "1", "--", "sh", "-c", "echo started; sleep 100000")
     local, remote = _task_on(h1, "web", "h1"), _task_on(h1, "web", "h2")
+    # (docker's `service logs TASK`: one task's log, by its name or an id prefix)
+    for ref in (remote["name"], remote["id"][:8]):
+        lines = wait_until(lambda r=ref: h1.cli("service", "logs", r).stdout.splitlines()
+                           or None, timeout=20, what=f"the log of {ref}")
+        assert len(lines) == 1 and "@h2" in lines[0] and "started" in lines[0], lines
+    gone = h1.cli("service", "logs", "nope.1", check=False)
+    assert gone.returncode != 0 and "no such service or task: nope.1" in gone.stderr
     probe = ("echo host=$(hostname) uid=$(id -u) spec=$FROM_SPEC extra=$EXTRA dir=$(pwd); "
              "cat /proc/1/cmdline | tr '\\0' ' '; echo; exit 3")
     for task in (local, remote):  # (h2's task: relayed by the manager h1)

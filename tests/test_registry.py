@@ -403,7 +403,7 @@ def test_push_uploads_what_is_missing_and_the_image_comes_back_the_same(env: Env
     import json
     import subprocess
 
-    from shoal.runtime.errors import ImageNotFound
+    from shoal.runtime.errors import ImageError, ImageNotFound
     from shoal.runtime.regpush import push
 
     store = ImageStore(tmp_path / "images")
@@ -432,3 +432,99 @@ def test_push_uploads_what_is_missing_and_the_image_comes_back_the_same(env: Env
              f"{env.token.addr}/anon/copy:1")
     with pytest.raises(ImageNotFound):
         push(env.client(env.basic), store, f"{env.basic.addr}/not/here:1")
+    # credentials that may pull but not push (Docker Hub, someone else's repository): said so
+    issuer = env.token.token
+    real = issuer.token
+    pull_only = pytest.MonkeyPatch()
+    pull_only.setattr(issuer, "token", lambda user, access: real(user, [
+        {**a, "actions": [x for x in a["actions"] if x == "pull"]} for a in access]))
+    try:
+        with pytest.raises(RegistryAuthError, match="denies a push to theirs/copy"):
+            push(env.client(env.token), store, f"{env.token.addr}/pushed/copy:7",
+                 f"{env.token.addr}/theirs/copy:1")
+    finally:
+        pull_only.undo()
+    # a tag may not name a digest: only the image with that digest answers it
+    with pytest.raises(ImageError, match="digest reference"):
+        store.tag(f"{env.basic.addr}/pushed/copy:7", f"{env.basic.addr}/x@sha256:{'a' * 64}")
+    # the config says the platform the node pulls (and so runs) as
+    arm = RegistryClient(RegistryConfig(ca_file=str(env.basic.ca), platform="linux/arm64/v8"),
+                         credentials=lambda _h: ("alice", "s3cret"))
+    done = push(arm, store, f"{env.basic.addr}/pushed/copy:7", f"{env.basic.addr}/arm/copy:1")
+    seen = subprocess.run([registryd.SKOPEO, "inspect", "--raw", "--config",
+                           "--tls-verify=false", "--creds", "alice:s3cret",
+                           f"docker://{env.basic.addr}/arm/copy:1"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    config = json.loads(seen.stdout)
+    assert (config["architecture"], config["variant"]) == ("arm64", "v8"), config
+
+
+def test_an_upload_location_elsewhere_gets_no_credentials_and_never_plain_http(
+        tmp_path: Path) -> None:
+    """A registry's upload Location on another host (storage behind it) is sent the blob
+    without our credentials; one that downgrades to plain HTTP is refused before anything
+    is sent (a proxy that forgets X-Forwarded-Proto would otherwise get them in clear)."""
+    import hashlib
+    import ssl
+
+    from shoal.runtime.reference import parse_reference
+
+    seen: list[tuple[str, str | None]] = []
+    where = {"location": ""}
+    ca, cert, key = registryd.make_ca(tmp_path / "ca", ["127.0.0.1"])
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_a: Any) -> None:
+            return None
+
+        def reply(self, status: int, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self.reply(401 if not self.headers.get("Authorization") else 404,
+                       {"WWW-Authenticate": 'Basic realm="r"'})
+
+        def do_POST(self) -> None:
+            if not self.headers.get("Authorization"):
+                return self.reply(401, {"WWW-Authenticate": 'Basic realm="r"'})
+            self.reply(202, {"Location": where["location"]})
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append((f"{self.server.server_address[1]}{self.path}",  # type: ignore[index]
+                         self.headers.get("Authorization")))
+            self.reply(201)
+
+    servers = []
+    for tls in (True, True, False):  # the registry, its storage (TLS), a plain-HTTP one
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    registry, storage, plain = (int(s.server_address[1]) for s in servers)
+    try:
+        client = RegistryClient(RegistryConfig(ca_file=str(ca)),
+                                credentials=lambda _h: ("alice", "s3cret"))
+        ref = parse_reference(f"127.0.0.1:{registry}/team/app:1")
+        digest = f"sha256:{hashlib.sha256(b'blob').hexdigest()}"
+        where["location"] = f"https://127.0.0.1:{storage}/up/1?_state=x"
+        assert client.upload_blob(ref, digest, b"blob")
+        assert seen == [(f"{storage}/up/1?_state=x&digest=sha256%3A{digest[7:]}", None)]
+        where["location"] = f"http://127.0.0.1:{plain}/up/2"
+        with pytest.raises(RegistryUnreachable, match="plain HTTP"):
+            client.upload_blob(ref, digest, b"blob")
+        where["location"] = "/v2/team/app/blobs/uploads/3"  # (the usual: its own host)
+        assert client.upload_blob(ref, digest, b"blob")
+        assert seen[1:] == [(f"{registry}/v2/team/app/blobs/uploads/3?digest=sha256%3A"
+                             f"{digest[7:]}", "Basic YWxpY2U6czNjcmV0")], seen
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()

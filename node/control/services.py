@@ -18,6 +18,7 @@ from shoal.node.context import NodeContext, new_id
 from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
 from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
+from shoal.node.views import find_task
 from shoal.raft import templates
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Service, ServiceSpec, to_dict
@@ -110,15 +111,28 @@ class Services:
     def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,
              follow: bool, container: str = "") -> AsyncIterator[dict[str, Any]]:
         """`service logs`: the merged logs of the service's tasks on every node (of one
-        container of each task's pod: ``container``, "" = the main one)."""
+        container of each task's pod: ``container``, "" = the main one); ``ref`` may name
+        one task instead (docker's `service logs TASK`: its id, an id prefix,
+        SERVICE.SLOT[.ID] as `service ps` shows it)."""
         snap = self.ctx.require_manager().snapshot()
-        svc = self.find_service(snap, ref)
+        task_id = ""
+        try:
+            svc = self.find_service(snap, ref)
+        except NotFound:
+            try:
+                task = find_task(snap, ref)
+            except (NotFound, Conflict):
+                raise NotFound(f"no such service or task: {ref}", "service") from None
+            found = snap.services.get(task.service_id)
+            if found is None:
+                raise NotFound(f"the service of task {ref} is gone", "service") from None
+            svc, task_id = found, task.id
         if container and container != MAIN_CONTAINER and container not in {
                 c.name for c in svc.spec.task.sidecars + svc.spec.task.init_containers}:
             raise BadRequest(f"service {svc.spec.name} has no container {container!r}",
                              "container")
         return transfer.service_logs(self.transfer, svc.id, tail, since, timestamps, follow,
-                                     container)
+                                     container, task_id)
 
     async def create_service(self, spec: Any, resolve_image: Any = None) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
