@@ -19,10 +19,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from shoal.raft.models import Task
+
+class TaskFields(Protocol):
+    """What the placeholders read of a task (shoal.raft.models.Task has it: no import of
+    it here, which imports this module)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def service_id(self) -> str: ...
+    @property
+    def service_name(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def slot(self) -> int: ...
 
 PLACEHOLDERS = (".Service.ID", ".Service.Name", ".Node.ID", ".Node.Hostname",
                 ".Node.Platform.OS", ".Node.Platform.Architecture", ".Task.ID", ".Task.Name",
@@ -31,7 +46,7 @@ _ACTION_RE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _INDEX_RE = re.compile(r'^index\s+\.Service\.Labels\s+"([^"\\]*)"$')
 
 
-def task_values(task: Task, hostname: str, arch: str) -> dict[str, str]:
+def task_values(task: TaskFields, hostname: str, arch: str) -> dict[str, str]:
     """The placeholders' values for ``task`` on its node (``hostname``; ``arch`` as uname's
     machine). A global task's ``.Task.Slot`` is its node's id, as its name."""
     return {".Service.ID": task.service_id, ".Service.Name": task.service_name,
