@@ -38,6 +38,8 @@ def add_parser(sub: Any) -> None:
                     help="json (default) or a template, e.g. '{{.Name}}'")
     nr = nsub.add_parser("rm", help="remove networks (not while a service or task uses them)")
     nr.add_argument("names", nargs="+")
+    npr = nsub.add_parser("prune", help="remove the networks no service or task uses")
+    npr.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
 
 
 Table = Callable[[list[list[str]], list[str]], str]
@@ -75,3 +77,7 @@ def run(c: Any, args: argparse.Namespace, fmt: str, emit: Emit, table: Table) ->
             c.call("DELETE", f"/v1/networks/{quote(n, safe='')}")
             print(n)
         output.each(args.names, remove)
+    elif sub == "prune":
+        from shoal.cli.prune import prune
+
+        prune(c, "/v1/networks", "Networks", args.force)

@@ -38,6 +38,11 @@ def add_parser(sub: Any) -> None:
                     help="json (default) or a template, e.g. '{{.Name}}'")
     vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
     vr.add_argument("names", nargs="+")
+    vp = vsub.add_parser("prune", help="remove the created volumes no service or task uses "
+                         "(their records: a node's data directories stay)")
+    vp.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
+    vp.add_argument("-a", "--all", action="store_true",
+                    help="(docker's; shoal's volumes are all named: the same)")
 
 
 def run(c: Any, args: argparse.Namespace, table: Table) -> None:
@@ -58,3 +63,7 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
             c.call("DELETE", f"/v1/volumes/{quote(n, safe='')}")
             print(n)
         output.each(args.names, remove)
+    elif sub == "prune":
+        from shoal.cli.prune import prune
+
+        prune(c, "/v1/volumes", "Volumes", args.force)

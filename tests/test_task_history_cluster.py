@@ -24,6 +24,12 @@ def test_the_cluster_keeps_as_many_dead_tasks_per_slot_as_it_is_told(
     assert " Task history:   1 ended tasks a slot" in text and "the leader" in text, text
     assert h1.cli("info", "--format", "{{.TaskHistoryLimit}} {{.Role}}").stdout == "1 manager\n"
     assert "Server: the agent on h1" in h1.cli("version").stdout  # (docker version)
+    # docker's `network prune` / `volume prune`: what nothing uses goes
+    h1.cli("network", "create", "spare")
+    h1.cli("volume", "create", "spare")
+    assert h1.cli("network", "prune", "-f").stdout == "Deleted Networks:\nspare\n"
+    assert h1.cli("volume", "prune", "-f").stdout == "Deleted Volumes:\nspare\n"
+    assert h1.cli_json("network", "ls") == [] and h1.cli_json("volume", "ls") == []
     h1.cli("service", "create", "--name", "crash", "--restart-delay", "0", "--", "sh", "-c",
            "exit 1")
     seen: set[str] = set()

@@ -1,0 +1,45 @@
+"""`shoal network prune` and `shoal volume prune` (docker's): remove the records no service
+(nor live task) uses, after a confirmation unless ``-f``.
+
+Owns: the two commands' shared confirmation, selection and output. Must not touch: the
+agent (only its list and remove routes: a removal the manager refuses, because something
+started to use the object meanwhile, is reported and skipped), other commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+from urllib.parse import quote
+
+from shoal.cli.errors import CliError
+
+
+def confirmed(what: str, force: bool) -> bool:
+    """docker's question (on stderr), answered on stdin; ``force`` skips it."""
+    if force:
+        return True
+    print(f"WARNING! This will remove all {what} not used by at least one service or task.\n"
+          "Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def prune(c: Any, path: str, title: str, force: bool) -> list[str]:
+    """Remove every object of ``path`` (/v1/networks, /v1/volumes) with no user; print
+    docker's ``Deleted TITLE:`` list; the names removed."""
+    if not confirmed(title.lower(), force):
+        return []
+    removed: list[str] = []
+    for obj in c.call("GET", path):
+        if obj.get("services") or obj.get("tasks") or obj.get("implicit"):
+            continue
+        try:
+            c.call("DELETE", f"{path}/{quote(obj['name'], safe='')}")
+        except CliError as exc:  # (in use since the list: kept, and said)
+            print(f"{obj['name']}: {exc}", file=sys.stderr)
+            continue
+        removed.append(obj["name"])
+    if removed:
+        print(f"Deleted {title}:\n" + "\n".join(removed))
+    return removed
