@@ -38,7 +38,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,18 +350,10 @@ class _Session:
         fd = await self._receive_fd(sock)
         if fd is None:
             return False
-        loop = asyncio.get_running_loop()
         said = b""
         try:
             os.set_blocking(fd, False)
-            while True:
-                try:
-                    chunk = os.read(fd, 4096)
-                except BlockingIOError:
-                    await _ready(loop.add_reader, loop.remove_reader, fd)
-                    continue
-                if not chunk:
-                    break
+            async for chunk in _chunks(fd):
                 said += chunk[:4096 - len(said)]
         finally:
             os.close(fd)
@@ -454,19 +446,8 @@ class _Session:
             await self._send(channel, chunk)
 
     async def _read_master(self) -> None:
-        loop = asyncio.get_running_loop()
-        master = self.master
-        assert master is not None
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except BlockingIOError:
-                await _ready(loop.add_reader, loop.remove_reader, master)
-                continue
-            except OSError:  # EIO: no process holds the terminal any more
-                return
-            if not chunk:
-                return
+        assert self.master is not None
+        async for chunk in _chunks(self.master):
             await self._send(STDOUT, chunk)
 
     async def _send(self, channel: int, data: bytes) -> None:
@@ -588,6 +569,23 @@ async def _until_closed(transport: Any) -> None:
         await asyncio.sleep(CLOSE_POLL)
 
 
+async def _chunks(fd: int) -> AsyncIterator[bytes]:
+    """What a non-blocking ``fd`` (a terminal's master, a pipe) gives, as it comes, until its
+    end (EOF, or EIO: no process holds the terminal any more)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await _ready(loop.add_reader, loop.remove_reader, fd)
+            continue
+        except OSError:
+            return
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _ready(add: Callable[..., Any], remove: Callable[[int], Any], fd: int) -> None:
     """Until ``fd`` is readable (``add`` = loop.add_reader) or writable (add_writer)."""
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -688,14 +686,11 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
     async def local(ws: web.WebSocketResponse, task: Task, request: ExecRequest,
                     by: str, transport: Any) -> int | None:
         pid = running_pid(runtime.status(task.id), task)
-        log.info("exec in task %s (%s) by %s: %r (%d arguments)%s%s%s", task.name, task.id, by,
-                 request.cmd[0], len(request.cmd) - 1, f" as {request.user!r}"
-                 if request.user else "", " with a tty" if request.tty else "",
-                 " privileged" if request.privileged else "")
-        code = await executor.run_local(ws, pid, request, transport,
-                                        f"task {task.name} ({task.id}) by {by}")
-        log.info("exec in task %s (%s) by %s %s", task.name, task.id, by,
-                 "runs on detached" if code is None else f"ended: {code}")
+        label = f"task {task.name} ({task.id}) by {by}"
+        _audit(label, request)
+        code = await executor.run_local(ws, pid, request, transport, label)
+        log.info("exec in %s %s", label, "runs on detached" if code is None else
+                 f"ended: {code}")
         return code
 
     async def task_exec(req: web.Request) -> web.StreamResponse:
@@ -715,8 +710,8 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
             if ctx.raft is None or node is None or ctx.http is None:
                 raise Conflict(f"task {task.name} runs on node {name}: run exec against a "
                                "manager (or on that node)", "task")
-            log.info("exec in task %s (%s) on node %s by %s: %r (%d arguments), relayed",
-                     task.name, task.id, name, _who(req), request.cmd[0], len(request.cmd) - 1)
+            _audit(f"task {task.name} ({task.id}) on node {name} by {_who(req)}", request,
+                   ", relayed")
             await relay(ws, ctx.http, security.require_client(), node.api_addr, node.id,
                         task.id, request, req.transport)
             return None
@@ -736,15 +731,23 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
                 status = runtime.status(tid) if isinstance(tid, str) else None
                 if status is None:
                     raise NotFound(f"no task {tid!r} on this node", "task")
-                log.info("exec in task %s by manager %s: %r (%d arguments)", tid,
-                         peer.hostname, request.cmd[0], len(request.cmd) - 1)
+                label = f"task {tid} by manager {peer.hostname}"
+                _audit(label, request)
                 return await executor.run_local(ws, running_pid(status, None), request,
-                                                req.transport,
-                                                f"task {tid} by manager {peer.hostname}")
+                                                req.transport, label)
             return await local(ws, task, request, f"manager {peer.hostname}", req.transport)
         return await serve(req, start)
 
     return {"task_exec": task_exec}, {"cluster_exec": cluster_exec}
+
+
+def _audit(label: str, request: ExecRequest, how: str = "") -> None:
+    """The log line of a session's start: where, who, the program (quoted: a newline in it
+    cannot forge a line) and how it runs."""
+    log.info("exec in %s: %r (%d arguments)%s%s%s%s", label, request.cmd[0],
+             len(request.cmd) - 1, f" as {request.user!r}" if request.user else "",
+             " with a tty" if request.tty else "", " privileged" if request.privileged else "",
+             how)
 
 
 def _who(req: web.Request) -> str:
