@@ -296,6 +296,11 @@ def _prefix(key: str) -> Callable[[Rec, str], bool]:
     return lambda r, v: str(r.get(key, "")).startswith(v)
 
 
+def _prefix_any_case(key: str) -> Callable[[Rec, str], bool]:
+    """(a service's name: unique whatever its case, and filtered so, as Swarm's)"""
+    return lambda r, v: str(r.get(key, "")).lower().startswith(v.lower())
+
+
 def _exact(key: str) -> Callable[[Rec, str], bool]:
     return lambda r, v: str(r.get(key, "")).lower() == v.lower()
 
@@ -328,7 +333,7 @@ FILTERS: dict[str, dict[str, Callable[[Rec, str], bool]]] = {
     "node": {"id": _prefix("id"), "name": _prefix("hostname"), "label": _label,
              "node.label": _label, "role": _exact("role"), "membership": _exact("membership"),
              "availability": _exact("availability"), "status": _exact("state")},
-    "service": {"id": _prefix("id"), "name": _prefix("name"), "label": _label,
+    "service": {"id": _prefix("id"), "name": _prefix_any_case("name"), "label": _label,
                 "mode": _exact("mode")},
     "task": _TASK_FILTERS,
     "secret": {"id": _prefix("id"), "name": _prefix("name"), "label": _label},

@@ -203,14 +203,15 @@ def task_views(tasks: list[Task], snap: Snapshot) -> list[dict[str, Any]]:
 def find_task(snap: Snapshot, ref: str) -> Task:
     """The task ``ref`` names: its id, Docker's container name ``SERVICE.SLOT.ID``, the running
     task of ``SERVICE.SLOT`` (a global service's: ``SERVICE.NODEID``, as `service ps` shows
-    it), or a unique id prefix of 4+ characters. NotFound / Conflict (ambiguous)."""
+    it), or a unique id prefix of 4+ characters; a service's name in any case, as it is
+    found (Snapshot.service_by_name). NotFound / Conflict (ambiguous)."""
     tasks = snap.tasks
     if ref in tasks:
         return tasks[ref]
-    last = ref.rsplit(".", 1)[-1]
-    if "." in ref and last in tasks and tasks[last].name == ref.rsplit(".", 1)[0]:
+    last, name = ref.rsplit(".", 1)[-1], ref.lower()
+    if "." in ref and last in tasks and tasks[last].name.lower() == name.rsplit(".", 1)[0]:
         return tasks[last]
-    named = [t for t in tasks.values() if t.name == ref]
+    named = [t for t in tasks.values() if t.name.lower() == name]
     if named:
         running = [t for t in named if t.status.state is TaskState.RUNNING]
         return (running or sorted(named, key=lambda t: t.created_at))[-1]

@@ -29,6 +29,9 @@ Schema history::
     8  a container's terminal and labels: ``task.container.tty``, ``stdin_open``,
        ``oom_score_adj``, ``labels``; the ``cluster_update`` command (the cluster's task
        history limit, ``ClusterInfo.task_history_limit``).
+    9  a service name with upper-case letters (``GATED_VALUES``; Swarm's names, Compose's
+       ``webApp``): names are unique, and found, whatever their case — which schema 8's
+       replicas, comparing exactly, would not enforce.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -61,7 +64,7 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import SIGNALS, ServiceSpec, fields
 
-SCHEMA = 8  # what this code writes once the whole cluster runs it
+SCHEMA = 9  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -82,6 +85,7 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
 GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
+    "name": (lambda v: isinstance(v, str) and v != v.lower(), 9),
     "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
     # (any signal: schema 6's stop_signal was one of 8 names)
     "task.container.stop_signal": (lambda v: isinstance(v, str) and v not in SIGNALS, 7),

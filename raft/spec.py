@@ -73,6 +73,7 @@ from shoal.raft.podspec import (  # noqa: F401
     MAX_REPLICAS,
     NAME_RE,
     OBJECT_NAME_RE,
+    SERVICE_NAME_RE,
     SIGNALS,
     USER_RE,
     Command,
@@ -614,8 +615,9 @@ class ServiceSpec(_Spec, frozen=True):
     """What the user asked for. Validated (``shoal.raft.validate.validate_spec``) before it is
     proposed and again inside the state machine."""
 
-    name: Annotated[str, decl("service name: 1-63 lower-case letters, digits, '-' and '_'",
-                              flag="--name", cli="str", pattern=NAME_RE.pattern)]
+    name: Annotated[str, decl("service name: 1-63 letters, digits, '-' and '_' (unique "
+                              "whatever the case)", flag="--name", cli="str",
+                              pattern=SERVICE_NAME_RE.pattern)]
     labels: Annotated[dict[str, str], decl("service labels", flag="--label", short="-l",
                                            cli="map", metavar="KEY=VALUE")] = {}
     task: TaskSpec = TaskSpec()

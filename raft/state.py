@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -96,6 +96,16 @@ MAX_BATCH_OPS = 5000
 # one after another: 256 KiB made a 1,000-task scale four commits, and under issue 16's
 # loaded lab its assignment took 26 s instead of 1-4 s); smaller = shorter stalls.
 MAX_BATCH_BYTES = 1 << 20
+
+
+def service_named(services: Mapping[str, Service], name: str) -> Service | None:
+    """The service of that name, whatever its case: names are unique so (Swarm's rule; DNS
+    names ignore case, and schema 9 allows upper case: shoal.raft.schema)."""
+    key = name.lower()
+    for s in services.values():
+        if s.spec.name.lower() == key:
+            return s
+    return None
 
 
 @dataclass
@@ -191,10 +201,7 @@ class Snapshot:
         return next((n for n in self.networks.values() if n.name == name), None)
 
     def service_by_name(self, name: str) -> Service | None:
-        for s in self.services.values():
-            if s.spec.name == name:
-                return s
-        return None
+        return service_named(self.services, name)
 
     def tasks_of(self, service_id: str) -> list[Task]:
         """The service's tasks (a new list each call), in ``tasks`` order."""
@@ -391,9 +398,9 @@ class ClusterState:
         sid = str(cmd["id"])
         if sid in self.services:
             raise Rejected("exists", f"service id {sid} already exists", "id")
-        for s in self.services.values():
-            if s.spec.name == spec.name:
-                raise Rejected("exists", f"a service named {spec.name!r} already exists", "name")
+        if (same := service_named(self.services, spec.name)) is not None:
+            raise Rejected("exists", f"a service named {same.spec.name!r} already exists",
+                           "name")
         spec = assign_ports(self, spec, sid, None)
         check_spec(self, spec, sid)
         try:

@@ -21,7 +21,6 @@ from shoal.raft.errors import ValidationError
 from shoal.raft.spec import (
     MAX_CONSTRAINTS,
     MAX_REPLICAS,
-    NAME_RE,
     OBJECT_NAME_RE,
     Constraint,
     FileRef,
@@ -33,18 +32,6 @@ from shoal.raft.spec import parse_constraint as _parse_constraint
 # An object id (node, network, secret, config): what the proposing manager generated.
 ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-
-
-def validate_name(name: Any, field: str = "name") -> str:
-    if not isinstance(name, str) or not name:
-        raise ValidationError(f"{field} is required", field)
-    if not NAME_RE.match(name):
-        raise ValidationError(
-            f"{field} {name!r} is invalid: use 1-63 lower-case letters, digits, '-' and '_', "
-            "starting and ending with a letter or digit",
-            field,
-        )
-    return name
 
 
 def validate_replicas(value: Any, field: str = "replicas") -> int:

@@ -364,7 +364,7 @@ def test_file_level_errors_name_their_key(tmp_path: Path) -> None:
     assert error(tmp_path, "services: {}\n").startswith("services: the file defines no")
     assert error(tmp_path, "services:\n  w: {command: x}\nsecrets:\n  s: {file: ./gone}\n") \
         .startswith("secrets.s.file: cannot read")
-    assert error(tmp_path, "services:\n  Web: {command: x}\n").startswith("services.Web: ")
+    assert error(tmp_path, "services:\n  web.app: {command: x}\n").startswith("services.web.app: ")
     with pytest.raises(ComposeError, match="stack name 'Bad_Name' is invalid"):
         load_stack("Bad_Name", [write(tmp_path, "services:\n  w: {command: x}\n")], {})
 

@@ -70,7 +70,7 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
      "task.placement.constraints[0]"),
     ({"endpoint": {"ports": [{"published": 7946, "target": 1}]}}, "endpoint.ports[0].published"),
     ({"update": {"parallelism": 1, "bogus": 2}}, "update.bogus"),
-    ({"name": "Web"}, "name"),
+    ({"name": "Web_"}, "name"),
     ({"task": {"container": {"command": ["x"], "hostname": "-bad"}}},
      "task.container.hostname"),
     ({"task": {"container": {"command": ["x"]}, "network_mode": "bridge"}},

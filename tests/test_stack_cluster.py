@@ -1,7 +1,8 @@
 """`shoal stack deploy` end to end (issue 13, must-show 3 and 4): real agents on netns hosts,
 driven by the CLI, one lab for the whole story. A file with invalid values is refused with the
 path of the error and nothing is deployed; a multi-service file (a web tier with a published
-port and an HTTP health check, an API it reaches by its short name, a worker, a secret and a
+port and an HTTP health check, an API named ``appApi`` it reaches by its short name in lower
+case, a worker, a secret and a
 config from files, a named volume, variables from ``.env``, keys shoal does not hold) deploys
 with warnings and answers through the published port on another node; a changed file rolls
 only the changed service and ``--prune`` drops the one it no longer has; web and api meet on
@@ -33,8 +34,9 @@ class H(http.server.BaseHTTPRequestHandler):
             body = os.environ.get("GREETING", "")
         elif self.path == "/secret":
             body = open("/run/secrets/token").read().strip()
-        elif self.path == "/api":  # the stack's api by its short name (the stack's DNS)
-            body = urllib.request.urlopen("http://api:9000/", timeout=5).read().decode()
+        elif self.path == "/api":  # the stack's appApi by its short name, in
+            # another case (the stack's DNS: names are found whatever their case)
+            body = urllib.request.urlopen("http://appapi:9000/", timeout=5).read().decode()
         elif self.path == "/volume":
             open("/data/written-by-web", "w").write("x")
             body = " ".join(sorted(os.listdir("/data")))
@@ -74,9 +76,9 @@ services:
     deploy:
       replicas: 1
       update_config: {parallelism: 1, delay: 0s}
-    depends_on: [api]
+    depends_on: [appApi]
     networks: [back]
-  api:
+  appApi:  # (upper case: Swarm's and Compose's names)
     command: [python3, /run/configs/app.py]
     environment: [ROLE=api, PORT=9000, VERSION=1]
     configs: [{source: app.py, mode: 0444}]
@@ -115,7 +117,7 @@ def serving(host: Host, stack: str) -> dict[str, dict[str, Any]] | None:
     by = {t["service"]: t for t in ts if t["desired_state"] == "running"
           and t["state"] == "running"}
     done = [t for t in ts if t["service"] == "st_worker" and t["state"] == "complete"]
-    if set(by) != {"st_web", "st_api"} or not done or by["st_web"]["health"] != "healthy":
+    if set(by) != {"st_web", "st_appApi"} or not done or by["st_web"]["health"] != "healthy":
         return None
     return {**by, "st_worker": done[0]}
 
@@ -165,7 +167,7 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     first = wait_until(lambda: serving(h1, "st"), timeout=90, what="the stack running")
     assert h1.cli_json("stack", "ls") == [{"name": "st", "services": 3}]
     assert sorted(s["name"] for s in h1.cli_json("stack", "services", "st")) == \
-        ["st_api", "st_web", "st_worker"]
+        ["st_appApi", "st_web", "st_worker"]
 
     url = f"http://{h2.ip}:8080"  # the routing mesh on the other node too
     assert wait_until(lambda: (r := get(h2, f"{url}/greeting"))[0] == 200 and r,
@@ -183,7 +185,7 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     changed = changed[:changed.index("  worker:")] + changed[changed.index("configs:\n  app"):]
     compose.write_text(changed)
     res = h1.cli("stack", "deploy", "--prune", "-c", str(compose), "st")
-    assert "Updating service st_api" in res.stdout, res.stdout
+    assert "Updating service st_appApi" in res.stdout, res.stdout
     assert "Service st_web unchanged" in res.stdout and "Removing service st_worker" in \
         res.stdout
     assert "Updating service st_web" not in res.stdout
@@ -192,8 +194,8 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
         ts = tasks(h1, "st")
         live = {t["service"]: t for t in ts if t["desired_state"] == "running"
                 and t["state"] == "running"}
-        return live if set(live) == {"st_web", "st_api"} and \
-            live["st_api"]["id"] != first["st_api"]["id"] else None
+        return live if set(live) == {"st_web", "st_appApi"} and \
+            live["st_appApi"]["id"] != first["st_appApi"]["id"] else None
     after = wait_until(rolled, timeout=60, what="api replaced, worker gone")
     assert after["st_web"]["id"] == first["st_web"]["id"]  # web's task never restarted
     assert wait_until(lambda: (r := get(h2, f"{url}/api"))[1] == "api 2" and r, timeout=20,
@@ -206,7 +208,7 @@ def test_a_compose_stack_deploys_redeploys_only_what_changed_and_is_removed(
     (tmp_path / "token.txt").write_text("n3w-s3cret\n")
     res = h1.cli("stack", "deploy", "-c", str(compose), "st")
     assert "Creating secret st_token-" in res.stdout and "Updating service st_web" in \
-        res.stdout and "Service st_api unchanged" in res.stdout, res.stdout
+        res.stdout and "Service st_appApi unchanged" in res.stdout, res.stdout
     assert wait_until(lambda: (r := get(h2, f"{url}/secret"))[1] == "n3w-s3cret" and r,
                       timeout=60, what="web with the new secret") == (200, "n3w-s3cret")
 

@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 8
+    assert announced_schema(meta) == SCHEMA == 9
 
 
 class _Cluster:
@@ -338,7 +338,7 @@ def test_schema_8s_container_fields_wait_for_every_node_to_read_them(name: str,
     st = _state(7)
     assert st.apply(cmd)["error"]["field"] == f"task.container.{name}"
     st.apply({"op": "cluster_schema", "schema": 8})
-    assert encode_command(cmd, {}, 8) is cmd and st.apply(cmd)["ok"]
+    assert encode_command(cmd, {}, 8) == cmd and st.apply(cmd)["ok"]
     plain = {"op": "service_create", "id": "s2", "now": 1.0,
              "spec": {"name": "p", "task": {"container": {"command": ["sh"]}}}}
     assert "tty" not in encode_command(plain, {}, 7)["spec"]["task"]["container"]
