@@ -9,6 +9,7 @@ asyncio's stream and protocol APIs cannot carry SCM_RIGHTS, hence this small dri
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -23,6 +24,21 @@ log = logging.getLogger("shoal.lb")
 
 #: on_message(data, fds, truncated): fds are owned by the callee (it must close them).
 OnMessage = Callable[[bytes, list[int], bool], None]
+
+
+def recv_fds(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], int]:
+    """One message on ``sock``: (data, descriptors, flags), the descriptors close-on-exec —
+    socket.recv_fds drops its flags argument in Python 3.11, so its descriptors would be
+    inheritable, and uvloop's spawn ignores ``close_fds``: every child the process starts
+    would get them. b"" and no descriptors at EOF."""
+    item = array.array("i").itemsize
+    data, ancillary, flags, _ = sock.recvmsg(size, socket.CMSG_LEN(max_fds * item),
+                                             socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, cdata in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % item])
+    return data, list(fds), flags
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -59,7 +75,7 @@ class Channel:
     def _readable(self) -> None:
         while not self.closed:
             try:
-                data, fds, flags, _ = socket.recv_fds(self._sock, MAX_MESSAGE + 1, MAX_FDS)
+                data, fds, flags = recv_fds(self._sock, MAX_MESSAGE + 1, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # ECONNRESET and friends: the peer is gone

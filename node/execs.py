@@ -24,7 +24,6 @@ or ``{"error": {...}}`` when the command could not run), 4 resize (JSON ``{"rows
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import fcntl
@@ -46,6 +45,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from shoal.lb.channel import recv_fds
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
 from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
@@ -330,7 +330,7 @@ class _Session:
             async with asyncio.timeout(timeout):
                 while True:
                     try:
-                        fds = _recv_fds(sock)
+                        fds = recv_fds(sock, 1, 4)[1]
                         break
                     except BlockingIOError:
                         await _ready(loop.add_reader, loop.remove_reader, sock.fileno())
@@ -541,18 +541,6 @@ class _Session:
             self._kill()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(proc.wait())
-
-
-def _recv_fds(sock: socket.socket) -> list[int]:
-    """The descriptors of one message on ``sock``, close-on-exec (socket.recv_fds drops its
-    flags argument in Python 3.11: its descriptors would be inheritable). [] at EOF."""
-    size = array.array("i").itemsize
-    _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_LEN(4 * size), socket.MSG_CMSG_CLOEXEC)
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % size])
-    return list(fds)
 
 
 async def _until_closed(transport: Any) -> None:

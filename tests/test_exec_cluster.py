@@ -202,3 +202,64 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     helpers = [fd for fd in Path(f"/proc/{pid}/fd").iterdir()
                if "memfd:shoal-execdrop" in os.readlink(fd)]
     assert len(helpers) == 1, helpers
+    # what the node's children hold: uvloop's spawn ignores close_fds, so any descriptor of
+    # the agent without close-on-exec would reach every child (task shims, execs, health
+    # checks, the balancer); none shares a socket or pipe with the agent, a task's processes
+    # hold their stdio alone, the balancer worker no inherited descriptor but its control
+    # socket (before: libuv's duplicates of the agent's stdio, for its whole life)
+    held = _descriptors(pid)
+    ours = {link for link in held.get(pid, {}).values() if link.startswith(("socket:", "pipe:"))}
+    del held[pid]
+    assert held and {c: sorted(set(fds.values()) & ours) for c, fds in held.items()
+                     if set(fds.values()) & ours} == {}, held
+    shims = [c for c in held if " shim " in _cmdline(c)]
+    tasks = [t for shim in shims for t in _tree(shim)]
+    assert shims and tasks and {t: sorted(held[t]) for t in tasks if t in held} == \
+        {t: [0, 1, 2] for t in tasks if t in held}, {t: held.get(t) for t in tasks}
+    (lb,) = [c for c in held if "-m shoal.lb" in _cmdline(c)]
+    control = int(_cmdline(lb).split("--control-fd ")[1].split()[0])
+    assert _inherited(lb) == [0, 1, 2, control], held[lb]
+
+
+def _tree(pid: int) -> list[int]:
+    """The descendants of ``pid`` (those alive while it looks)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        try:
+            children = [int(c) for t in Path(f"/proc/{todo.pop()}/task").iterdir()
+                        for c in (t / "children").read_text().split()]
+        except OSError:  # (ended meanwhile)
+            continue
+        out += children
+        todo += children
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # (ended meanwhile)
+        return ""
+
+
+def _descriptors(pid: int) -> dict[int, dict[int, str]]:
+    """``pid`` and its descendants → their open descriptors → what each is."""
+    out: dict[int, dict[int, str]] = {}
+    for p in [pid, *_tree(pid)]:
+        try:
+            out[p] = {int(f.name): os.readlink(f) for f in Path(f"/proc/{p}/fd").iterdir()}
+        except OSError:  # (ended meanwhile)
+            continue
+    return out
+
+
+def _inherited(pid: int) -> list[int]:
+    """The descriptors of ``pid`` without close-on-exec (O_CLOEXEC in its fdinfo flags)."""
+    out = []
+    for f in Path(f"/proc/{pid}/fdinfo").iterdir():
+        flags = next(line.split()[1] for line in f.read_text().splitlines()
+                     if line.startswith("flags:"))
+        if not int(flags, 8) & os.O_CLOEXEC:
+            out.append(int(f.name))
+    return sorted(out)

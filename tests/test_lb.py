@@ -506,3 +506,33 @@ def test_worker_runs_with_several_processes_sharing_a_port() -> None:
             await b.close()
 
     uvloop.run(scenario())  # the agent runs on uvloop: the client must work there too
+
+
+async def test_descriptors_received_on_the_control_channel_are_close_on_exec() -> None:
+    """socket.recv_fds drops its flags in Python 3.11 (its descriptors are inheritable) and
+    uvloop's spawn ignores close_fds: the channel receives them close-on-exec itself."""
+    from shoal.lb.channel import Channel
+
+    a, b = socketpair()
+    got: list[tuple[bytes, list[int], bool]] = []
+    arrived = asyncio.Event()
+
+    def on_message(data: bytes, fds: list[int], truncated: bool) -> None:
+        got.append((data, fds, truncated))
+        arrived.set()
+
+    chan = Channel(b, on_message, lambda: None)
+    r, w = os.pipe2(0)  # (inheritable, as the sender's may be)
+    try:
+        socket.send_fds(a, [b"x"], [r, w])
+        await asyncio.wait_for(arrived.wait(), 5)
+        (data, fds, truncated), = got
+        assert data == b"x" and len(fds) == 2 and not truncated
+        assert all(not os.get_inheritable(fd) for fd in fds)
+        os.write(fds[1], b"y")
+        assert os.read(r, 1) == b"y"
+    finally:
+        chan.close()
+        a.close()
+        for fd in (r, w, *(fd for _, fds, _ in got for fd in fds)):
+            os.close(fd)
