@@ -2,9 +2,11 @@
 
 Owns: the service-mode policies (swarmkit's replicated, global and job orchestrators):
 
-* replicated — one live task per slot 1..replicas, replacing tasks that failed (after a
-  restart delay), whose node went down, was removed or drained, or stopped satisfying the
-  task's placement constraints, shutting down extra slots on scale-down;
+* replicated — one live task per slot (``replica_slots``: 1..replicas, unless a scale-down
+  left holes), replacing tasks that failed (after a restart delay), whose node went down,
+  was removed or drained, or stopped satisfying the task's placement constraints; a
+  scale-down removes the slots on the nodes with the most of the service's tasks (Swarm's
+  balance), a scale-up fills the lowest free slot numbers;
 * global — one live task per eligible node (``eligible_nodes``: ready, active, satisfying
   the constraints), created already placed on its node (slot 0; ASSIGNED, or PENDING with
   the reason when the node lacks the reserved resources), following nodes joining, leaving,
@@ -55,7 +57,7 @@ from shoal.raft.models import (
     task_from_dict,
     to_dict,
 )
-from shoal.raft.schema import SCHEMA
+from shoal.raft.schema import SCHEMA, SLOT_HOLES
 from shoal.raft.state import Snapshot
 
 
@@ -302,7 +304,7 @@ def reconcile_services(
         if only is not None and svc.id not in only:
             continue
         tasks = by_service.get(svc.id, [])
-        if settled(svc, tasks, orphaned, nodes):
+        if settled(svc, tasks, orphaned, nodes, schema):
             if settled_out is not None:
                 settled_out.add(svc.id)
             continue  # (what _reconcile_service finds for it: nothing to do, nothing to wait)
@@ -322,10 +324,11 @@ def reconcile_services(
 
 
 def settled(svc: Service, tasks: list[Task], orphaned: set[str],
-            nodes: Mapping[str, Node] | None = None) -> bool:
+            nodes: Mapping[str, Node] | None = None, schema: int = SCHEMA) -> bool:
     """The service is where its spec wants it, so its reconciler has nothing to do: no
-    rollout in progress, exactly one live task per slot 1..replicas (global: per eligible
-    node, placed), each of the current template, and no ended task kept as history; a job:
+    rollout in progress, exactly one live task per slot (``replicas`` of them: 1..replicas
+    before schema SLOT_HOLES; global: per eligible node, placed), each of the current
+    template, and no ended task kept as history; a job:
     one completion of the current iteration per slot (node) and nothing else. A quick check,
     so that a leader pass over a quiet cluster costs one look at each task instead of the
     whole policy (tests/test_scheduler_scale.py checks the verdict against the reconcilers).
@@ -356,13 +359,55 @@ def settled(svc: Service, tasks: list[Task], orphaned: set[str],
         return all(_completed(t, svc) and t.desired_state is TaskState.COMPLETE
                    for t in tasks) and {t.slot for t in tasks} == set(range(1, replicas + 1))
     spec = svc.spec.task
+    holes = schema >= SLOT_HOLES  # (slots may be any numbers, not only 1..replicas)
     slots = set()
     for t in tasks:
         if not (t.spec is spec or t.spec == spec) or not t.alive or t.id in orphaned or \
-                not 1 <= t.slot <= replicas:
+                t.slot < 1 or (t.slot > replicas and not holes):
             return False
         slots.add(t.slot)
     return len(slots) == replicas
+
+
+def replica_slots(replicas: int, tasks: list[Task], alive: Callable[[Task], bool],
+                  schema: int = SCHEMA) -> tuple[set[int], set[int]]:
+    """A replicated service's slots: (the slots it keeps, the slots this pass removes).
+
+    Before schema SLOT_HOLES: 1..replicas (a scale-down drops the highest). From it, as
+    swarmkit's replicated orchestrator: a slot is in use while it has a task not told to go
+    away (desired state below REMOVE: a failed task waiting for its restart, a replaced
+    one's history, keep their slot). More slots in use than ``replicas``: keep first the
+    slots whose task is the 1st of the service on its node, then the 2nd, …, then those
+    with no placed task or several — running ones before the others, lower numbers first
+    — and remove the rest (so 3 tasks on A and 1 on B scaled to 2 leave one on each, where
+    dropping slots 3 and 4 left both on A). Fewer: the lowest free numbers are added."""
+    if schema < SLOT_HOLES:
+        return set(range(1, replicas + 1)), set()
+    in_use: dict[int, list[Task]] = defaultdict(list)
+    for t in tasks:
+        if t.desired_state < TaskState.REMOVE and t.slot >= 1:
+            in_use[t.slot].append(t)
+    if len(in_use) <= replicas:
+        keep = set(in_use)
+        free = (n for n in range(1, replicas + len(in_use) + 1) if n not in keep)
+        keep.update(next(free) for _ in range(replicas - len(in_use)))
+        return keep, set()
+
+    def running(slot: int) -> bool:
+        return any(alive(t) and t.status.state is TaskState.RUNNING for t in in_use[slot])
+
+    order = sorted(in_use, key=lambda s: (not running(s), s))
+    copies: dict[str, int] = defaultdict(int)
+    nth: dict[int, float] = {}
+    for slot in order:
+        live = [t for t in in_use[slot] if alive(t)]
+        if len(live) == 1 and live[0].node_id:
+            copies[live[0].node_id] += 1
+            nth[slot] = copies[live[0].node_id]
+        else:
+            nth[slot] = float("inf")
+    keep = set(sorted(order, key=lambda s: (nth[s], not running(s), s))[:replicas])
+    return keep, set(in_use) - keep
 
 
 def eligible_nodes(svc: Service, nodes: Mapping[str, Node]) -> list[str]:
@@ -605,8 +650,9 @@ def _reconcile_service(
     stopping_until: Callable[[Task], float | None] = lambda t: None,
     schema: int = SCHEMA,
 ) -> tuple[list[Op], float | None]:
-    """replicated: slots 1..replicas, each with one live task (``stopping_until``: see
-    reconcile_services, a slot whose task is still stopping waits for it)."""
+    """replicated: each slot of ``replica_slots`` with one live task (``stopping_until``: see
+    reconcile_services, a slot whose task is still stopping waits for it); the tasks of a
+    slot it removes are told REMOVE, an emptied slot's history is deleted."""
     ops: list[Op] = []
     wake_at: float | None = None
     slots: dict[int, list[Task]] = defaultdict(list)
@@ -621,16 +667,22 @@ def _reconcile_service(
 
         def alive(t: Task) -> bool:
             return was_alive(t) and t.id not in gone
-    rollout = plan_rollout(svc, tasks, alive, now, nodes, new_id=new_id, schema=schema)
+    keep, removed = replica_slots(replicas, tasks, alive, schema)
+    rollout = plan_rollout(svc, tasks, alive, now, nodes, new_id=new_id, schema=schema,
+                           slots=keep)
     ops += rollout.ops
     wake_at = rollout.wake_at
 
-    for slot in range(1, max(replicas, max(slots, default=0)) + 1):
+    for slot in sorted(slots.keys() | keep):
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
         live = [t for t in slot_tasks if alive(t)]
-        if slot in rollout.paired and slot <= replicas:
+        if slot in rollout.paired and slot in keep:
             pass  # start-first: the old task and its replacement, side by side
-        elif slot > replicas:
+        elif slot in removed:  # (a scale-down's: the slot goes away, history and all)
+            ops += [("desired", t.id, int(TaskState.REMOVE)) for t in slot_tasks
+                    if t.desired_state < TaskState.REMOVE]
+            continue
+        elif slot not in keep:
             for t in live:
                 ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
             # an emptied slot keeps no history

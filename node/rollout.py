@@ -16,7 +16,7 @@ Ops are the tuples of ClusterState's ``leader`` command (see shoal.node.orchestr
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                  wanted: int | None = None,
                  new_id: Callable[[], str] | None = None,
                  room_on: Callable[[str], bool] | None = None,
-                 schema: int = SCHEMA) -> Rollout:
+                 schema: int = SCHEMA, slots: Collection[int] | None = None) -> Rollout:
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
@@ -121,12 +121,18 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
 
     ``nodes`` (by id) lets a constraint-only change keep tasks on nodes that satisfy it.
     ``wanted``: the tasks the service should have (global: its eligible nodes, each node a
-    "slot"; default: replicas, whose slots 1..replicas are the ones rolled).
+    "slot"; default: replicas, whose slots — ``slots``, default 1..replicas: the
+    orchestrator's ``replica_slots`` — are the ones rolled).
     ``new_id``: ids for the tasks start-first creates (without it, the rollout is
     stop-first). ``schema``: the cluster's (its leader ops: ``rollout_start`` from 6)."""
     spec, status = svc.spec, svc.update_status
     per_node = wanted is not None
     want = spec.replicas if wanted is None else wanted
+    kept = frozenset(range(1, want + 1) if slots is None else slots)
+
+    def in_slot(t: Task) -> bool:
+        """(a replicated task in one of the slots the service keeps)"""
+        return t.slot in kept
     cfg: UpdateConfig | RollbackConfig = spec.rollback if status.rollback else spec.update
     rolling = status.state in ("updating", "rollback_started")
     start_first = cfg.order == "start-first" and new_id is not None
@@ -137,19 +143,19 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     def key(t: Task) -> str | int:
         return t.node_id if per_node else t.slot
 
-    def kept(t: Task) -> bool:
+    def paused(t: Task) -> bool:
         """Global: a paused node's task is left as it is, neither stopped nor replaced
         (Swarm: no task is added or updated there); the node is not among ``wanted``."""
         node = (nodes or {}).get(t.node_id) if per_node else None
         return node is not None and node.availability is NodeAvailability.PAUSE
 
-    live = [t for t in tasks if alive(t) and (per_node or t.slot <= want) and not kept(t)]
+    live = [t for t in tasks if alive(t) and (per_node or in_slot(t)) and not paused(t)]
     old = sorted((t for t in live if old_spec(t)),
                  key=lambda t: (t.node_id, t.id) if per_node else (t.slot, t.id))
     fresh = [t for t in live if not old_spec(t)]
     stopping = [t for t in tasks if old_spec(t) and not alive(t) and t.node_id
-                and not t.status.state.terminal and (per_node or t.slot <= want)
-                and not kept(t)]
+                and not t.status.state.terminal and (per_node or in_slot(t))
+                and not paused(t)]
     since = status.started_at
     if rolling and since > now and schema >= GATED_OPS["rollout_start"]:
         # stamped by a manager whose clock runs ahead of ours: every task made from now on
@@ -187,7 +193,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
             # `monitor` has passed since the last was, up or not (a crash loop included)
             dispatched: dict[int | str, float] = {}
             for t in new:
-                if per_node or 1 <= t.slot <= want:
+                if per_node or in_slot(t):
                     dispatched[key(t)] = min(dispatched.get(key(t), t.created_at),
                                              t.created_at)
             if len(dispatched) < want:
@@ -226,7 +232,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     cooling = [up_since(t) + cfg.delay for t in fresh
                if cfg.delay and up(t) and now < up_since(t) + cfg.delay]
     busy = len(in_flight) + len(stopping) + len(cooling) + len(
-        _emptied(tasks, alive, old_spec, want) if not per_node else ())
+        _emptied(tasks, alive, old_spec, kept) if not per_node else ())
     room = (cfg.parallelism or len(old)) - busy
     if room <= 0:
         return Rollout([], wake_at=min(cooling, default=None), paired=frozenset(paired))
@@ -264,15 +270,15 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
 
 
 def _emptied(tasks: list[Task], alive: Callable[[Task], bool],
-             old_spec: Callable[[Task], bool], want: int) -> set[int]:
-    """Slots 1..want without a live task whose newest task is of the old template: the
+             old_spec: Callable[[Task], bool], kept: Collection[int]) -> set[int]:
+    """The ``kept`` slots without a live task whose newest task is of the old template: the
     rollout emptied them and their replacements are yet to be made."""
     newest: dict[int, Task] = {}
     live: set[int] = set()
     for t in tasks:
         if alive(t):
             live.add(t.slot)
-        elif 1 <= t.slot <= want:
+        elif t.slot in kept:
             n = newest.get(t.slot)
             if n is None or (t.created_at, t.id) > (n.created_at, n.id):
                 newest[t.slot] = t

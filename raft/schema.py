@@ -31,7 +31,10 @@ Schema history::
        history limit, ``ClusterInfo.task_history_limit``).
     9  a service name with upper-case letters (``GATED_VALUES``; Swarm's names, Compose's
        ``webApp``): names are unique, and found, whatever their case — which schema 8's
-       replicas, comparing exactly, would not enforce.
+       replicas, comparing exactly, would not enforce. And the scale-down by balance
+       (``SLOT_HOLES``): the leader removes the slots of the nodes with the most tasks of
+       the service, marking their tasks desired REMOVE, so a service's slots may have holes
+       (1, 2, 4); a schema-8 leader would refill the holes and drop the highest slots.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -69,6 +72,7 @@ LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
 PLACEHOLDERS = 7  # the schema whose nodes fill in Docker's placeholders (raft/templates.py)
+SLOT_HOLES = 9  # the schema whose leaders scale down by balance (shoal.node.orchestrator)
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,

@@ -175,7 +175,7 @@ def test_bad_inputs_give_one_clear_line(lab_factory: Callable[..., Lab]) -> None
     assert "no such service" in err(h1, "service", "scale", "nope=3")
     assert "replica" in err(h1, "service", "scale", "x=-1")
     assert "replicas" in err(h1, "service", "create", "--name", "a", "--replicas", "-2", *SLEEP)
-    assert "name" in err(h1, "service", "create", "--name", "Bad_Name", *SLEEP)
+    assert "name" in err(h1, "service", "create", "--name", "Bad.Name", *SLEEP)
     assert "needs a command" in err(h1, "service", "create", "--name", "a")
     assert "--env" in err(h1, "service", "create", "--name", "a", "--env", "=x", *SLEEP)
     h1.cli("service", "create", "--name", "dup", *SLEEP)
