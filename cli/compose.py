@@ -583,6 +583,11 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
     services = as_map(doc.get("services") or {}, "services")
     if not services:
         raise ComposeError("services", "the file defines no service")
+    seen: dict[str, str] = {}
+    for key in map(str, services):
+        if (first := seen.setdefault(key.lower(), key)) != key:
+            raise ComposeError(f"services.{key}", f"the same name as services.{first} but "
+                               "for its case: a service's name is unique whatever its case")
     objects = {kind: _objects(stack, kind, doc.get(f"{kind}s"), project_dir, env, w)
                for kind in ("secret", "config")}
     volumes, volume_drivers = _volume_names(stack, doc.get("volumes"), w)

@@ -326,7 +326,8 @@ _TASK_FILTERS: dict[str, Callable[[Rec, str], bool]] = {
     "node": lambda t, v: t.get("node") == v or str(t.get("node_id", "")).startswith(v),
     "desired-state": lambda t, v: (v.lower() == "accepted" and t["desired_state"] in (
         "new", "pending", "assigned")) or t["desired_state"] == v.lower(),
-    "service": lambda t, v: t.get("service") == v or str(t.get("service_id", "")).startswith(v),
+    "service": lambda t, v: str(t.get("service", "")).lower() == v.lower()
+    or str(t.get("service_id", "")).startswith(v),
 }
 
 FILTERS: dict[str, dict[str, Callable[[Rec, str], bool]]] = {

@@ -47,10 +47,15 @@ def _q(s: str) -> str:
 
 
 def _slot_lines(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> list[str]:
-    """One line per slot (global: per node): the newest task's state and message."""
+    """One line per slot (global: per node): the newest task's state and message. A
+    replicated service's slots are numbered by position, 1/N to N/N, as Docker's CLI does:
+    after a scale-down its slots may have holes (1, 4), and the slots going away (their
+    tasks desired REMOVE; before schema 9 the highest) are not shown."""
     per_node = svc["mode"] in ("global", "global-job")
     newest: dict[Any, dict[str, Any]] = {}
     for t in tasks:
+        if t["desired_state"] == "remove" and not per_node:
+            continue
         key = (t["node"] or t["node_id"]) if per_node else t["slot"]
         cur = newest.get(key)
         live = t["desired_state"] in ("running", "complete")
@@ -58,16 +63,15 @@ def _slot_lines(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> list[str]:
                 (cur["desired_state"] in ("running", "complete"), cur["created_at"]):
             newest[key] = t
     total = svc["replicas"]
+    keys = sorted(newest, key=str) if per_node else sorted(newest, key=int)[:total]
     out = []
-    for key in sorted(newest, key=str if per_node else int):
+    for pos, key in enumerate(keys, 1):
         t = newest[key]
-        if not per_node and not 1 <= int(key) <= max(total, 1):
-            continue
         state = t["state"]
         if state == "running" and t.get("health") and t["health"] not in ("", "none"):
             state += f" ({t['health']})"
         detail = t.get("error") or (t.get("message") if t["state"] != "running" else "")
-        label = f"{key}" if per_node else f"{key}/{total}"
+        label = f"{key}" if per_node else f"{pos}/{total}"
         out.append(f"{label}: {state}" + (f"   {detail}" if detail and detail != t["state"]
                                           else ""))
     return out

@@ -109,10 +109,11 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
         elif label_of(cur) != stack.name:
             raise CliError(f"networks.{net.key}: a network named {net.name!r} exists and is "
                            f"not part of stack {stack.name}")
-    by_name = {s["name"]: s for s in services}
-    wanted = {s.name for s in stack.services}
+    # (a service's name is unique, and found, whatever its case)
+    by_name = {s["name"].lower(): s for s in services}
+    wanted = {s.name.lower() for s in stack.services}
     for s in services:
-        if label_of(s) == stack.name and s["name"] not in wanted and prune:
+        if label_of(s) == stack.name and s["name"].lower() not in wanted and prune:
             plan.remove.append(s["name"])
     for kind, declared in (("secret", stack.secrets), ("config", stack.configs)):
         have = {o["name"]: o for o in objects[kind]}
@@ -136,7 +137,7 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     plan.stale = _stale_objects(stack, services, objects, plan.remove)
     ports: dict[tuple[int, str], str] = {}
     for s in services:
-        if s["name"] in wanted or s["name"] in plan.remove:
+        if s["name"].lower() in wanted or s["name"] in plan.remove:
             continue
         for p in (s.get("spec") or {}).get("endpoint", {}).get("ports", []):
             ports[(int(p["published"]), p.get("protocol", "tcp"))] = s["name"]
@@ -147,10 +148,15 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
                 raise CliError(f"services.{spec.name[len(stack.name) + 1:]}.ports: port "
                                f"{p.published}/{p.protocol} is already published by service "
                                f"{other}")
-        cur = by_name.get(spec.name)
+        cur = by_name.get(spec.name.lower())
         if cur is None:
             plan.create.append(spec)
             continue
+        if cur["name"] != spec.name:
+            raise CliError(f"services.{spec.name[len(stack.name) + 1:]}: service "
+                           f"{cur['name']} exists, and a service's name is unique whatever "
+                           "its case (a service cannot be renamed: keep the key's case, or "
+                           f"remove {cur['name']} first)")
         if label_of(cur) != stack.name:
             owner = label_of(cur)
             raise CliError(f"service {spec.name} exists and is not part of stack "

@@ -387,9 +387,10 @@ def matches(ev: Event, filters: Mapping[str, set[str]]) -> bool:
             ok = ev.type in wanted
         elif k == "event":
             ok = ev.action in wanted
-        elif k == "service":
-            ok = (ev.type == "service" and (ev.id in wanted or ev.name in wanted)) or (
-                ev.type == "task" and (attrs.get("service") in wanted
+        elif k == "service":  # (a service's name whatever its case: its lookups' rule)
+            names = {w.lower() for w in wanted}
+            ok = (ev.type == "service" and (ev.id in wanted or ev.name.lower() in names)) or (
+                ev.type == "task" and (str(attrs.get("service", "")).lower() in names
                                        or attrs.get("service_id") in wanted))
         else:  # node
             ok = (ev.type == "node" and (ev.id in wanted or ev.name in wanted)) or (

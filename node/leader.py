@@ -66,8 +66,12 @@ def new_task_id() -> str:
 
 
 def _scratch(snap: Snapshot) -> ClusterState:
-    return ClusterState(nodes=dict(snap.nodes), services=dict(snap.services),
-                        tasks=dict(snap.tasks), volumes=snap.volumes)  # (read-only here)
+    """A copy of ``snap`` to apply the pass's own ops to, with the cluster's record (its
+    schema decides rules: a scratch at schema 1 had the orchestrator refill a scale-down's
+    slot holes and stop the tasks above replicas whenever a node changed state)."""
+    return ClusterState(cluster=dataclasses.replace(snap.cluster), nodes=dict(snap.nodes),
+                        services=dict(snap.services), tasks=dict(snap.tasks),
+                        volumes=snap.volumes)  # (read-only here)
 
 
 def _apply(scratch: ClusterState, ops: list[Op], now: float) -> None:

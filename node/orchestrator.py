@@ -430,6 +430,15 @@ def _keep_one(live: list[Task]) -> list[Op]:
     return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in live if t is not keep]
 
 
+def _one_of_each(svc: Service, live: list[Task], nodes: Mapping[str, Node]) -> list[Op]:
+    """A start-first slot (global: node): its old task and its replacement, one of each. An
+    update that came while an earlier one's replacement had not started (no room for it)
+    left that replacement old too: the most advanced old task keeps serving, the others
+    stop (else each such update added a live task to the slot for good)."""
+    old = [t for t in live if outdated(t, svc.spec.task, nodes.get(t.node_id))]
+    return _keep_one(old) + _keep_one([t for t in live if t not in old])
+
+
 def _trim(tasks: list[Task], alive: Callable[[Task], bool], keep: int,
           svc: Service | None = None) -> list[Op]:
     """Delete the ended tasks of one slot (node) beyond the newest ``keep``; with ``svc`` (a
@@ -589,9 +598,10 @@ def _reconcile_per_node(
                     if not alive(t) and t.status.state.terminal]
             continue
         ops += _trim(node_tasks, alive, history, svc if mode.job else None)
-        if nid in paired:
-            continue  # start-first: the old task and its replacement, side by side
         live = [t for t in mine if alive(t)]
+        if nid in paired:  # start-first: the old task and its replacement, side by side
+            ops += _one_of_each(svc, live, nodes)
+            continue
         ops += _keep_one(live)
         if nid not in eligible:
             continue
@@ -677,7 +687,8 @@ def _reconcile_service(
         slot_tasks = sorted(slots.get(slot, []), key=lambda t: (t.created_at, t.id))
         live = [t for t in slot_tasks if alive(t)]
         if slot in rollout.paired and slot in keep:
-            pass  # start-first: the old task and its replacement, side by side
+            # start-first: the old task and its replacement, side by side
+            ops += _one_of_each(svc, live, nodes)
         elif slot in removed:  # (a scale-down's: the slot goes away, history and all)
             ops += [("desired", t.id, int(TaskState.REMOVE)) for t in slot_tasks
                     if t.desired_state < TaskState.REMOVE]

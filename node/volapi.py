@@ -65,8 +65,8 @@ def implicit_volumes(snap: Snapshot) -> dict[str, dict[str, Any]]:
         svc = snap.services.get(task.service_id)
         labels = dict(svc.spec.labels) if svc is not None else {}
         for m in mounts:
-            try:
-                name = templates.expand(m.source, values, labels)
+            try:  # (in lower case, as the node fills it in: shoal.node.worker)
+                name = templates.expand(m.source, values, labels).lower()
             except ValueError:  # (a spec from before placeholders: taken as text)
                 name = m.source
             if name in snap.volumes:

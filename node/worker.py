@@ -442,7 +442,12 @@ class Worker:
         """A spec mount for the runtime, its placeholders filled in (a bind's source, a
         target); a volume with the driver and options it uses (its own, else ``volume
         create``'s: shoal.raft.models.resolve_mount)."""
-        m = msgspec.structs.replace(m, target=fill(m.target), source=fill(m.source))
+        source = fill(m.source)
+        if m.type == "volume" and source != m.source:
+            # (a volume's name is lower case: filled in so — a service webApp's
+            # {{.Service.Name}}-data is webapp-data, as shoal.node.volapi lists it)
+            source = source.lower()
+        m = msgspec.structs.replace(m, target=fill(m.target), source=source)
         if m.type == "volume" and not NAME_RE.match(m.source):
             raise StartError(f"task.container.mounts: the volume name {m.source!r} (its "
                              "placeholders filled in) is not a volume name")

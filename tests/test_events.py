@@ -352,7 +352,7 @@ def test_filters_follow_docker_rules_and_bad_ones_are_refused() -> None:
         return [(e.type, e.action, e.name) for e in evs if matches(e, fl)]
 
     assert sel("service=web") == [("service", "create", "web"), ("task", "create", "web.1"),
-                                  ("task", "assigned", "web.1")]
+                                  ("task", "assigned", "web.1")] == sel("service=WEB")
     assert sel("service=web", "service=db", "type=service") == [
         ("service", "create", "web"), ("service", "create", "db")]
     assert sel("type=task", "event=assigned", "service=s2") == [("task", "assigned", "db.1")]

@@ -167,3 +167,73 @@ def test_a_cluster_on_schema_8_drops_the_highest_slots() -> None:
     _scale(st, 2, 4.0)
     assert _live(st) == {1: "n1", 2: "n1"}
     assert not any(t.desired_state is TaskState.REMOVE for t in st.tasks.values())
+
+
+def test_a_pass_that_also_changes_a_node_state_keeps_the_holes() -> None:
+    """The leader applies a pass's node-state ops to a scratch copy before it reconciles:
+    that copy carries the cluster's schema (before: schema 1, so any node coming back or
+    going down made the pass refill the holes and stop slot 4's running task)."""
+    st = _lopsided()
+    _scale(st, 2, 4.0)
+    assert "ok" in st.apply({"op": "node_add", "now": 5.0, "node": to_dict(Node(
+        id="n3", hostname="h3", addr="10.0.0.3", api_port=2377, raft_port=2378,
+        role=NodeRole.WORKER, state=NodeState.READY))})
+    assert "ok" in st.apply({"op": "leader", "term": 1, "now": 5.0, "ops": [
+        ("node_state", "n3", NodeState.DOWN.value, "test")]})
+    snap = st.snapshot()  # n3 (no tasks) is heard from again: a liveness op in this pass
+    ops, _ = plan_pass(snap, {n: 5.0 for n in snap.nodes}, 5.0, 5.0, OrchestratorConfig())
+    assert [op[0] for op in ops] == ["node_state"], ops
+    # and n2 lost: slot 4 is replaced in slot 4 in the same pass that takes n2 down
+    snap = st.snapshot()
+    ops, _ = plan_pass(snap, {"n1": 30.0, "n2": 0.0, "n3": 30.0}, 30.0, 30.0,
+                       OrchestratorConfig())
+    assert ("node_state", "n2", NodeState.DOWN.value) in [op[:3] for op in ops], ops
+    assert [op[1]["slot"] for op in ops if op[0] == "create"] == [4], ops
+
+
+def test_the_cli_progress_numbers_slots_by_position_and_hides_the_removed() -> None:
+    """`service scale` waits with one line per slot: 1/N..N/N as Docker's CLI (slots 1 and
+    4 after a scale-down), not the slots going away (before: "2/2" was the removed slot 2's
+    task still stopping, and slot 4 was never shown)."""
+    from shoal.cli.progress import _slot_lines
+
+    def task(slot: int, desired: str, state: str) -> dict[str, Any]:
+        return {"slot": slot, "desired_state": desired, "state": state, "created_at": slot,
+                "node": "h1", "node_id": "n1"}
+
+    svc = {"mode": "replicated", "replicas": 2}
+    tasks = [task(1, "running", "running"), task(2, "remove", "running"),
+             task(3, "remove", "shutdown"), task(4, "running", "starting")]
+    assert _slot_lines(svc, tasks) == ["1/2: running", "2/2: starting"]
+    # a cluster on schema 8: the highest slots go, told shutdown
+    old = [task(1, "running", "running"), task(2, "running", "running"),
+           task(3, "shutdown", "running")]
+    assert _slot_lines(svc, old) == ["1/2: running", "2/2: running"]
+
+
+def test_start_first_updates_never_pile_tasks_up_in_a_slot() -> None:
+    """An update that comes while an earlier start-first update's replacement never started
+    (no room: max one per node here) makes that replacement an old task too: the slot keeps
+    its most advanced old task and one new one (before: every update added a live task to
+    the slot, 9 for 2 replicas in the reviewer's run, none ever stopped)."""
+    st = ClusterState()
+    assert "ok" in st.apply({"op": "cluster_schema", "schema": SCHEMA})
+    _node(st, 1)
+    spec: dict[str, Any] = {**SPEC, "mode": {"replicas": 1},
+                            "update": {"order": "start-first"},
+                            "task": {"container": {"command": ["sleep", "1"]},
+                                     "placement": {"max_replicas": 1}}}
+    assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
+    converge(st, 2.0)
+    _run_all(st, 2.0)
+    for i in range(2, 6):
+        spec["task"]["container"]["command"] = ["sleep", str(i)]
+        assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 2.0 + i,
+                                 "spec": spec})
+        _run_all(st, 2.0 + i)
+        live = [t for t in st.tasks.values() if t.alive]
+        assert len(live) <= 2, [(t.slot, t.spec.container.command, t.status.state)
+                                for t in live]
+    # the one that runs is the first, still serving; the newest waits for room
+    running = [t for t in st.tasks.values() if t.status.state is TaskState.RUNNING]
+    assert [t.spec.container.command for t in running] == [("sleep", "1")]

@@ -93,6 +93,9 @@ def test_service_ls_name_filter_is_a_prefix_in_any_case() -> None:
     assert matches(rec, {"name": ["WEB"]}, "service")
     assert matches(rec, {"name": ["webapp"]}, "service")
     assert not matches(rec, {"name": ["app"]}, "service")
+    task = {"id": "t1", "name": "webApp.1", "service": "webApp", "service_id": "abc"}
+    assert matches(task, {"service": ["webapp"]}, "task")
+    assert not matches(task, {"service": ["web"]}, "task")
 
 
 def test_a_compose_service_key_with_upper_case_becomes_its_stack_service(
@@ -105,3 +108,49 @@ def test_a_compose_service_key_with_upper_case_becomes_its_stack_service(
     (tmp_path / "bad.yml").write_text("services:\n  web.App:\n    image: busybox\n")
     with pytest.raises(ComposeError, match=r"services\.web\.App"):
         load_stack("demo", [tmp_path / "bad.yml"])
+
+
+def test_a_volume_named_by_an_upper_case_service_name_is_filled_in_lower_case() -> None:
+    """A volume's name is lower case: ``{{.Service.Name}}-data`` of ``dbMain`` is
+    ``dbmain-data`` on the node that mounts it and in `volume ls` alike (before: the task
+    failed at every start, its volume name refused)."""
+    from shoal.node.volapi import implicit_volumes
+    from shoal.node.worker import Worker
+    from shoal.raft import templates
+
+    st = _cluster()
+    spec = {"name": "dbMain", "task": {"container": {"command": ["sleep", "9"], "mounts": [
+        {"type": "volume", "source": "{{.Service.Name}}-data", "target": "/data"}]}}}
+    assert "ok" in _create(st, "s1", spec)
+    converge(st, 2.0)
+    snap = st.snapshot()
+    (task,) = snap.tasks.values()
+    values = templates.task_values(task, "h1", "x86_64")
+    mount = Worker._mount_spec(task.spec.container.mounts[0], snap.volumes,
+                               lambda text: templates.expand(text, values, {}))
+    assert mount.source == "dbmain-data"
+    assert list(implicit_volumes(snap)) == ["dbmain-data"]
+
+
+def test_a_stack_refuses_a_key_whose_name_differs_from_a_service_only_by_case(
+        tmp_path: Path) -> None:
+    """Before any write: two keys of one file (``web`` and ``Web``), or a key whose case
+    changed since the last deploy (the manager would refuse the create after other services
+    were already written)."""
+    from shoal.cli.errors import CliError
+    from shoal.cli.stack import plan_deploy
+
+    (tmp_path / "twice.yml").write_text("services:\n  web: {image: busybox}\n"
+                                        "  Web: {image: busybox}\n")
+    with pytest.raises(ComposeError, match=r"services\.Web: the same name as services\.web"):
+        load_stack("st", [tmp_path / "twice.yml"])
+    (tmp_path / "c.yml").write_text("services:\n  webApp: {image: busybox}\n")
+    stack = load_stack("st", [tmp_path / "c.yml"])
+    spec = to_dict(stack.services[0])
+    have = [{"id": "s1", "name": "st_webapp", "version": 1,
+             "spec": {**spec, "name": "st_webapp"}}]
+    objects: dict[str, list[dict[str, Any]]] = {"secret": [], "config": []}
+    with pytest.raises(CliError, match="service st_webapp exists"):
+        plan_deploy(stack, have, objects, prune=True)
+    same = [{"id": "s1", "name": "st_webApp", "version": 1, "spec": spec}]
+    assert plan_deploy(stack, same, objects, prune=True).create == []
