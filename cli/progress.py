@@ -63,7 +63,12 @@ def _slot_lines(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> list[str]:
                 (cur["desired_state"] in ("running", "complete"), cur["created_at"]):
             newest[key] = t
     total = svc["replicas"]
-    keys = sorted(newest, key=str) if per_node else sorted(newest, key=int)[:total]
+    if per_node:
+        keys = sorted(newest, key=str)
+    else:  # (the N slots with a live newest task first: an older run's ended one is not)
+        keys = sorted(sorted(newest, key=lambda k: (
+            newest[k]["desired_state"] not in ("running", "complete"), int(k)))[:total],
+            key=int)
     out = []
     for pos, key in enumerate(keys, 1):
         t = newest[key]

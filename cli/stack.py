@@ -152,15 +152,15 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
         if cur is None:
             plan.create.append(spec)
             continue
+        if label_of(cur) != stack.name:
+            owner = label_of(cur)
+            raise CliError(f"service {cur['name']} exists and is not part of stack "
+                           f"{stack.name}" + (f" (it is in stack {owner})" if owner else ""))
         if cur["name"] != spec.name:
             raise CliError(f"services.{spec.name[len(stack.name) + 1:]}: service "
                            f"{cur['name']} exists, and a service's name is unique whatever "
                            "its case (a service cannot be renamed: keep the key's case, or "
                            f"remove {cur['name']} first)")
-        if label_of(cur) != stack.name:
-            owner = label_of(cur)
-            raise CliError(f"service {spec.name} exists and is not part of stack "
-                           f"{stack.name}" + (f" (it is in stack {owner})" if owner else ""))
         try:
             current = validate_spec(cur["spec"])
         except ValidationError:

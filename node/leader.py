@@ -245,11 +245,12 @@ def plan_pass(
                 load.remove(before)
             if (after := projected.tasks.get(tid)) is not None:
                 load.add(after)
-    # (failed tasks are the view's: the index has them, or the snapshot's own index)
+    # (failed tasks are the view's — the index has them, or the view's own index — not the
+    # projection's: a failure whose record this pass trims still counts)
     by_service = index.by_service if index is not None else None
     avoid = avoided_nodes(
         projected.services, {t.service_id for t in pending},
-        projected.tasks_of if by_service is None else
+        view.tasks_of if by_service is None else
         (lambda sid: by_service.get(sid, {}).values()), wall_now)
     plan = schedule(projected, pending, load, avoid)
     ops += [("assign", tid, nid) for tid, nid in plan.assignments]

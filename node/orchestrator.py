@@ -696,9 +696,10 @@ def _reconcile_service(
         elif slot not in keep:
             for t in live:
                 ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
-            # an emptied slot keeps no history
+            # an emptied slot keeps no history (tasks that ended on their own too: their
+            # desired state still says running, and nothing else would ever delete them)
             for t in slot_tasks:
-                if t.status.state.terminal and t.desired_state >= TaskState.SHUTDOWN:
+                if t.status.state.terminal and not alive(t):
                     ops.append(("delete", t.id))
             continue
         elif len(live) > 1:

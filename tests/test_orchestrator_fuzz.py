@@ -6,13 +6,17 @@ the way. The state machine, the leader's passes (node/leader.py plan_pass, with 
 liveness) and fake agents in one process: no network, no root. Seeded: a failure names its
 seed, and ``python tests/test_orchestrator_fuzz.py SEED SCHEMA`` prints its history.
 
-What must hold in every pass: no task is made in a slot the same pass removes, and (schema
-9) no new slot number is opened while enough slots are in use — a slot keeps its number
-through restarts, lost nodes and rollouts. And once every node is back, active and the
-agents report everything: the leader goes quiet; as many slots are in use as replicas
-(schema 8: all within 1..replicas); a slot has one live task (two while a start-first
-update pairs them); a service with the default restart policy and no per-node limit runs
-all its replicas, its update done.
+What must hold in every pass: the leader's PassIndex changes nothing (the same ops as a
+pass over the whole state); no task is made in a slot the same pass removes, nor (schema 9)
+under a new slot number while enough slots are in use — a slot keeps its number through
+restarts, lost nodes and rollouts — nor (stop-first) beside a task still stopping; a
+scale-down leaves no node with 2 more of the kept slots than one that lost a slot; after a
+batch committed whole, a slot has at most one old and one new live task. And once every
+node is back, active and the agents report everything: the leader goes quiet; as many slots
+are in use as replicas (schema 8: all within 1..replicas); a slot has one live task (two
+while a start-first update pairs them), a node no more than the per-node limit, a slot no
+more ended tasks than the history limit; a service with the default restart policy and no
+per-node limit runs all its replicas, its update done.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from shoal.raft.schema import SLOT_HOLES
 from shoal.raft.state import ClusterState
 
 STEPS = 40
+SEEDS = 100
 
 
 @dataclass
@@ -86,8 +91,16 @@ class Run:
         st, now = self.st, self.now
         snap = st.snapshot()
         seen = {n: now for n in snap.nodes if n not in self.down}
+        full: list[Any] | None = None
+        if self.index is not None:  # (the pass without the index: the same ops)
+            ids = self.ids
+            full, _ = plan_pass(snap, seen, now, now, self.config, liveness=True,
+                                new_id=self.new_id)
+            self.ids = ids
         ops, _ = plan_pass(snap, seen, now, now, self.config, liveness=True,
                            index=self.index, new_id=self.new_id)
+        assert full is None or sorted(map(repr, full)) == sorted(map(repr, ops)), (
+            self.seed, "the pass with the PassIndex differs from the whole one", full, ops)
         removed = {snap.tasks[op[1]].slot for op in ops if op[0] == "desired"
                    and op[2] == int(TaskState.REMOVE) and op[1] in snap.tasks}
         created = [op[1]["slot"] for op in ops if op[0] == "create"]
@@ -98,13 +111,66 @@ class Run:
             fresh = [s for s in created if s not in before]
             assert not fresh or len(before) < replicas, (
                 self.seed, "a new slot number while enough are in use", fresh, before)
-        if cut and len(ops) > 1:  # (a batch the leader did not get committed whole)
+        if self.order == "stop-first":
+            self._no_start_beside_a_stopping_task(snap, ops, set(created))
+        if removed:
+            self._balanced(snap, ops, removed)
+        whole = not (cut and len(ops) > 1)
+        if not whole:  # (a batch the leader did not get committed whole)
             ops = ops[:self.r.randint(1, len(ops) - 1)]
         self.trace.append(("pass", now, [op if op[0] != "create" else ("create", op[1]["slot"])
                                          for op in ops]))
         if ops:
             assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
+        if whole:
+            self._one_old_and_one_new_per_slot()
         return ops
+
+    def _no_start_beside_a_stopping_task(self, snap: Any, ops: list[Any],
+                                         slots: set[int]) -> None:
+        """Stop-first: a slot's new task waits for the old one told to stop (still running
+        on a ready node, for up to 60 s)."""
+        orphaned = {op[1] for op in ops if op[0] == "orphan"}
+        for t in snap.tasks.values():
+            node = snap.nodes.get(t.node_id)
+            assert not (t.slot in slots and node is not None and t.node_id not in self.down
+                        and node.state is NodeState.READY and not t.alive
+                        and not t.status.state.terminal and self.now < t.updated_at + 60
+                        and t.id not in orphaned), (
+                self.seed, "a task made beside one still stopping", t.slot, t.id)
+
+    def _balanced(self, snap: Any, ops: list[Any], removed: set[int]) -> None:
+        """A scale-down leaves no node with 2 more of the kept slots than a node that lost
+        one (among slots with one live placed task on a node neither down nor drained)."""
+        if snap.cluster.schema < SLOT_HOLES:
+            return
+        down = {op[1] for op in ops if op[0] == "node_state" and op[2] == "down"} | \
+            {n.id for n in snap.nodes.values() if n.state is NodeState.DOWN}
+        live: dict[int, list[Task]] = {}
+        for t in snap.tasks.values():
+            if t.alive and t.slot >= 1:
+                live.setdefault(t.slot, []).append(t)
+        on = {s: ts[0].node_id for s, ts in live.items() if len(ts) == 1 and ts[0].node_id
+              and ts[0].node_id not in down
+              and snap.nodes[ts[0].node_id].availability.value != "drain"}
+        kept: dict[str, int] = {}
+        for s, n in on.items():
+            if s not in removed:
+                kept[n] = kept.get(n, 0) + 1
+        for gone in removed & on.keys():
+            lighter = kept.get(on[gone], 0)
+            assert all(lighter >= kept[n] - 1 for s, n in on.items() if s not in removed), (
+                self.seed, "an unbalanced scale-down", gone, on, kept)
+
+    def _one_old_and_one_new_per_slot(self) -> None:
+        from shoal.node.rollout import outdated
+
+        svc, seen = self.st.services["s1"], set()
+        for t in self.st.tasks.values():
+            if t.alive and t.node_id not in self.down:
+                key = (t.slot, outdated(t, svc.spec.task, self.st.nodes.get(t.node_id)))
+                assert key not in seen, (self.seed, "two old or two new live tasks", key)
+                seen.add(key)
 
     def agents(self, p: float = 0.7, fail: float = 0.1) -> None:
         """Each placed task's node reports (with probability ``p``): a wanted one starts,
@@ -202,6 +268,18 @@ def _check(run: Run) -> None:
         assert set(per_slot) <= run.in_use(), run.seed
     else:
         assert set(per_slot) <= set(range(1, replicas + 1)), (run.seed, sorted(per_slot))
+    on: dict[str, int] = {}
+    for t in live:
+        if t.node_id:  # (placed)
+            on[t.node_id] = on.get(t.node_id, 0) + 1
+    assert not run.max_per_node or max(on.values(), default=0) <= run.max_per_node, (
+        run.seed, "more live tasks on a node than the limit", on)
+    history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
+    ended: dict[int, int] = {}
+    for t in run.st.tasks.values():
+        if t.status.state.terminal:
+            ended[t.slot] = ended.get(t.slot, 0) + 1
+    assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
     if not run.restart and not run.max_per_node:
         wanted = run.in_use() if run.st.cluster.schema >= SLOT_HOLES else \
             set(range(1, replicas + 1))
@@ -211,7 +289,7 @@ def _check(run: Run) -> None:
 
 @pytest.mark.parametrize("schema", [8, 9, "8→9"])
 def test_random_histories_converge_and_keep_slot_numbers(schema: int | str) -> None:
-    for seed in range(60):
+    for seed in range(SEEDS):
         run = Run(seed, 8 if schema == "8→9" else int(schema), raise_schema=schema == "8→9")
         try:
             _check(run)

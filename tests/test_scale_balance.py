@@ -209,6 +209,10 @@ def test_the_cli_progress_numbers_slots_by_position_and_hides_the_removed() -> N
     old = [task(1, "running", "running"), task(2, "running", "running"),
            task(3, "shutdown", "running")]
     assert _slot_lines(svc, old) == ["1/2: running", "2/2: running"]
+    # an ended task of an older run in a lower slot does not take a live slot's line
+    ended = [task(1, "running", "running"), task(2, "shutdown", "failed"),
+             task(5, "running", "starting")]
+    assert _slot_lines(svc, ended) == ["1/2: running", "2/2: starting"]
 
 
 def test_start_first_updates_never_pile_tasks_up_in_a_slot() -> None:
