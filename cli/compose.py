@@ -530,11 +530,13 @@ def _volume_names(stack: str, section: Any, warnings: _Warnings
     return out, drivers
 
 
-def load(paths: list[Path], environ: Mapping[str, str] | None = None
+def load(paths: list[Path], environ: Mapping[str, str] | None = None,
+         interpolation: bool = True
          ) -> tuple[dict[str, Any], Path, dict[str, str], list[str]]:
     """Read, interpolate and merge the files: (document, project directory, the environment
     used, warnings). The project directory is the first file's; its ``.env`` gives variables
-    the environment does not set."""
+    the environment does not set. ``interpolation`` False: ``${VAR}`` left as written
+    (`stack config --skip-interpolation`)."""
     if not paths:
         raise ComposeError("", "no Compose file given (-c FILE)")
     project_dir = paths[0].resolve().parent
@@ -558,8 +560,9 @@ def load(paths: list[Path], environ: Mapping[str, str] | None = None
             if k not in _TOP_KEYS and not str(k).startswith("x-"):
                 raise ComposeError(str(k), "unknown top-level key (not in the Compose "
                                    "Specification)")
-        one = interpolate({k: v for k, v in one.items() if not str(k).startswith("x-")}, env,
-                          warnings)
+        one = {k: v for k, v in one.items() if not str(k).startswith("x-")}
+        if interpolation:
+            one = interpolate(one, env, warnings)
         doc = merge(doc, one)
     return doc, project_dir, env, list(dict.fromkeys(warnings))
 

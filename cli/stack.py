@@ -27,6 +27,7 @@ from shoal.cli.errors import CliError
 
 if TYPE_CHECKING:  # (imported where used: `shoal` builds this parser on every run, and
     # compose/msgspec/the spec cost more to import than a `service ls` may take)
+    from collections.abc import Mapping
     from pathlib import Path
 
     from shoal.cli.compose import FileObject, NetworkObject, Stack
@@ -312,6 +313,21 @@ def remove(c: Client, name: str, out: Any = sys.stdout, net_wait: float = 30.0) 
 
 # ----------------------------------------------------------------------------- CLI
 
+def config_text(paths: list[Path], environ: Mapping[str, str] | None = None,
+                interpolation: bool = True) -> str:
+    """`stack config`: the files read, merged and (unless not ``interpolation``)
+    interpolated as `stack deploy` reads them, as YAML; their warnings on stderr. Not
+    translated: a file deploy would refuse for a value is printed too (as docker's)."""
+    import yaml
+
+    from shoal.cli.compose import load
+
+    doc, _, _, warnings = load(paths, environ, interpolation)  # (ComposeError: a CliError)
+    for w in warnings:
+        print(f"Warning: {w}", file=sys.stderr)
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def add_parser(sub: Any) -> None:
     """`shoal stack ...` under the top-level subparsers ``sub``."""
     st = sub.add_parser("stack", help="deploy applications from Compose files")
@@ -338,6 +354,12 @@ def add_parser(sub: Any) -> None:
     rm = ssub.add_parser("rm", help="remove stacks: their services, secrets, configs and "
                          "networks")
     rm.add_argument("names", nargs="+", metavar="STACK")
+    cf = ssub.add_parser("config", help="print the Compose files merged and interpolated, "
+                         "as deploy reads them (docker stack config; no cluster needed)")
+    cf.add_argument("-c", "--compose-file", action="append", required=True, metavar="FILE",
+                    dest="compose_files", help="Compose file; repeat for override files")
+    cf.add_argument("--skip-interpolation", action="store_true",
+                    help="leave ${VARIABLES} as written")
 
 
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -370,6 +392,11 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
         else:
             tasks = [t for s in svcs for t in c.call("GET", f"/v1/services/{_q(s['id'])}/tasks")]
             output.show(tasks, args, "stack_task")
+    elif cmd == "config":
+        from pathlib import Path
+
+        print(config_text([Path(p) for p in args.compose_files],
+                          interpolation=not args.skip_interpolation), end="")
     elif cmd == "rm":
         missing = [n for n in args.names if not remove(c, n)]
         if missing:

@@ -872,3 +872,22 @@ services:
         with pytest.raises(ComposeError) as exc:
             deploy(tmp_path, f"services:\n  db:\n    image: db:1\n{bad}\n")
         assert exc.value.path == where, (bad, exc.value)
+
+
+def test_stack_config_prints_the_files_merged_and_interpolated(tmp_path: Path) -> None:
+    """`shoal stack config` (docker's): what deploy reads, as YAML, with no cluster; the
+    file's own error otherwise; ``${VAR}`` as written with --skip-interpolation."""
+    import yaml
+
+    from shoal.cli.stack import config_text
+
+    a, b = tmp_path / "a.yml", tmp_path / "b.yml"
+    a.write_text("services:\n  web:\n    image: busybox:${TAG:-1}\n    command: sleep 1\n")
+    b.write_text("services:\n  web:\n    environment: [A=1]\n  db: {image: pg}\n")
+    (tmp_path / ".env").write_text("TAG=2\n")
+    assert yaml.safe_load(config_text([a, b], {})) == {"services": {
+        "web": {"image": "busybox:2", "command": "sleep 1", "environment": ["A=1"]},
+        "db": {"image": "pg"}}}
+    assert "busybox:${TAG:-1}" in config_text([a], {}, interpolation=False)
+    with pytest.raises(ComposeError, match=r"gone\.yml: cannot read"):
+        config_text([tmp_path / "gone.yml"], {})
