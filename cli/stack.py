@@ -225,13 +225,18 @@ def _objects(c: Client, kind: str, stack: str = "") -> list[dict[str, Any]]:
 
 
 def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: str,
-           out: Any = sys.stdout, err: Any = sys.stderr) -> Plan:
+           out: Any = sys.stdout, err: Any = sys.stderr,
+           with_registry_auth: bool = False) -> Plan:
+    """``with_registry_auth``: every service's nodes pull its image with the cluster's
+    credentials for its registry (`registry login`; docker's flag of the same name)."""
     import base64
 
     from shoal.cli.compose import load_stack
     from shoal.raft.models import to_dict
 
     stack = load_stack(name, paths)
+    if with_registry_auth:
+        stack.services = [with_auth(spec) for spec in stack.services]
     for w in stack.warnings:
         print(f"Warning: {w}", file=err)
     plan = plan_deploy(stack, cluster_services(c),
@@ -313,6 +318,15 @@ def remove(c: Client, name: str, out: Any = sys.stdout, net_wait: float = 30.0) 
 
 # ----------------------------------------------------------------------------- CLI
 
+def with_auth(spec: ServiceSpec) -> ServiceSpec:
+    """``spec`` with ``task.container.registry_auth`` set (--with-registry-auth)."""
+    from msgspec.structs import replace
+
+    task = spec.task
+    return replace(spec, task=replace(task, container=replace(task.container,
+                                                              registry_auth=True)))
+
+
 def config_text(paths: list[Path], environ: Mapping[str, str] | None = None,
                 interpolation: bool = True) -> str:
     """`stack config`: the files read, merged and (unless not ``interpolation``)
@@ -341,6 +355,9 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--resolve-image", choices=["always", "changed", "never"],
                    default="always", help="resolve image tags to digests on the manager "
                    "(passed to service create/update)")
+    d.add_argument("--with-registry-auth", action="store_true",
+                   help="nodes pull the services' images with the credentials of `shoal "
+                   "registry login` for their registries")
     d.add_argument("name", metavar="STACK")
     from shoal.cli import output
 
@@ -370,7 +387,7 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
         from pathlib import Path
 
         deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
-               args.resolve_image)
+               args.resolve_image, with_registry_auth=args.with_registry_auth)
     elif cmd == "ls":
         counts: dict[str, int] = {}
         for s in cluster_services(c):

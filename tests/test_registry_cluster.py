@@ -5,6 +5,7 @@ of h1 (manager) + h2..h5 (workers).
 * `service create` of REGISTRY:5000/team/app:1 with --with-registry-auth: the manager pins
   the tag to its digest, every node runs the same image, and the registry's access log shows
   each layer fetched once (the other nodes got it from a peer);
+* `stack deploy --with-registry-auth` gives a stack's services the credentials too;
 * moving the tag changes no running task until `service update --image`;
 * wrong credentials, no credentials, an unknown tag, an unreachable registry and a tampered
   blob each show as a clear error in `service ps`, with nothing half-written in any image
@@ -118,6 +119,22 @@ def run_scenario(lab: Lab, reg: registryd.Registry, tmp_path: Path) -> None:
     layers = json.loads(reg.blob_path(v1["manifest"]).read_text())["layers"]
     gets = {layer["digest"][:19]: reg.blob_gets(layer["digest"]) for layer in layers}
     assert all(n == 1 for n in gets.values()), f"layer GETs from the registry: {gets}"
+
+    # ---- a stack's services get the credentials too (docker's stack deploy
+    # --with-registry-auth); without it the same file's task is refused them
+    # (images no node holds yet: a node that has the bytes needs no registry)
+    for tag in ("1", "2"):
+        registryd.build_layout(layout, f"s{tag}", marker=f"stack{tag}")
+        reg.push(layout, f"s{tag}", f"team/stack:{tag}")
+    compose = tmp_path / "stack.yml"
+    compose.write_text(f"services:\n  app:\n    image: {reg.addr}/team/stack:1\n")
+    h1.cli("stack", "deploy", "--with-registry-auth", "-c", str(compose), "st")
+    assert running(h1, "st_app", 1)[0]["state"] == "running"
+    compose.write_text(f"services:\n  app:\n    image: {reg.addr}/team/stack:2\n")
+    h1.cli("stack", "deploy", "-c", str(compose), "nocreds")
+    assert "registry auth" in task_error(h1, "nocreds_app", "wants credentials")
+    for stack in ("st", "nocreds"):
+        h1.cli("stack", "rm", stack)
 
     # ---- moving the tag changes nothing running; `service update --image` rolls it out
     before = {t["id"] for t in running(h1, "app", NODES)}
