@@ -189,6 +189,43 @@ class Client:
         finally:
             conn.close()
 
+    def download(self, path: str, body: Any, out: BinaryIO) -> int:
+        """POST ``body`` (JSON) to a route that answers with a byte stream, written to ``out``
+        as it arrives; the bytes written. CliError for an error reply, and for a stream the
+        agent cut before its end (then ``out`` holds only part of it)."""
+        import http.client
+
+        conn = self._connection()
+        conn.timeout = None
+        written = 0
+        try:
+            try:
+                conn.request("POST", path, body=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
+                               "running?") from None
+            except OSError as exc:
+                raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
+            if resp.status >= 400:
+                try:
+                    err = json.loads(resp.read()).get("error", {})
+                except ValueError:
+                    err = {}
+                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
+                               str(err.get("field") or ""))
+            try:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    written += len(chunk)
+            except (http.client.IncompleteRead, OSError) as exc:
+                raise CliError(f"the agent stopped sending after {written} bytes ({exc}): "
+                               "the output is incomplete (its log says why)") from None
+            return written
+        finally:
+            conn.close()
+
     def stream(self, path: str, method: str = "GET", body: BinaryIO | None = None,
                headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
         """Call a streaming JSON-lines route; yields records as they arrive. ``body``: an open

@@ -298,6 +298,8 @@ def run_image(c: Client, args: argparse.Namespace, fmt: str) -> None:
         registry_cli.run_tag(c, args)
     elif args.image_cmd == "push":
         registry_cli.run_push(c, args, fmt)
+    elif args.image_cmd == "save":
+        registry_cli.run_save(c, args)
     elif args.image_cmd == "prune":
         registry_cli.run_prune(c, args, fmt)
     elif args.image_cmd == "build":

@@ -442,5 +442,6 @@ def _image_parser(sub: Any) -> None:
     irm.add_argument("refs", nargs="+")
     registry_cli.add_image_pull(isub)
     registry_cli.add_image_tag_push(isub)
+    registry_cli.add_image_save(isub)
     registry_cli.add_image_prune(isub)
     build_cli.add_parser(isub)

@@ -59,6 +59,39 @@ def add_image_tag_push(isub: Any) -> None:
     ip.add_argument("ref", metavar="HOST[:PORT]/NAME[:TAG]")
 
 
+def add_image_save(isub: Any) -> None:
+    sp = isub.add_parser("save", help="write images of this node to a tar archive (docker "
+                         "save: an OCI image layout with docker's manifest.json)")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout, "
+                    "which must not be a terminal)")
+    sp.add_argument("refs", nargs="+", metavar="IMAGE", help="NAME[:TAG], an id or an id "
+                    "prefix")
+
+
+def run_save(c: Any, args: argparse.Namespace) -> None:
+    """docker save: the archive to -o FILE (removed again if the agent fails midway) or to
+    stdout."""
+    import os
+
+    c.timeout = max(c.timeout, TRANSFER_TIMEOUT)
+    if not args.output:
+        if sys.stdout.isatty():
+            raise CliError("refusing to write an archive to a terminal: give -o FILE or "
+                           "redirect stdout")
+        c.download("/v1/images/save", {"refs": args.refs}, sys.stdout.buffer)
+        return
+    part = f"{args.output}.part"
+    try:
+        with open(part, "wb") as out:
+            c.download("/v1/images/save", {"refs": args.refs}, out)
+        os.replace(part, args.output)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}", "output") from None
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
+
+
 def run_tag(c: _Client, args: argparse.Namespace) -> None:
     c.call("POST", "/v1/images/tag", {"source": args.source, "target": args.target})
 

@@ -112,6 +112,11 @@ class ImagePushRequest(_Body):
                               "which then names its registry")] = ""
 
 
+class ImageSaveRequest(_Body):
+    refs: Annotated[list[str], _d("the images: NAME[:TAG], ids or unique id prefixes",
+                                  min_length=1)]
+
+
 class ImagePruneRequest(_Body):
     all: Annotated[bool, _d("every image no task here uses, not only the ones without a "
                             "name:tag (`image prune -a`)")] = False

@@ -11,8 +11,9 @@ files, Raft, other routes (shoal.node.api registers these with the rest).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import IO, Any, cast
 
 from aiohttp import web
 
@@ -21,6 +22,8 @@ from shoal.node.registries import Registries
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError, ImageNotFound
 from shoal.runtime.images import ImageStore
+
+log = logging.getLogger("shoal.images")
 
 Handler = Callable[[web.Request], Awaitable[Any]]
 BodyReader = Callable[[web.Request], Awaitable[dict[str, Any]]]
@@ -47,6 +50,21 @@ def _ref(body: dict[str, Any], name: str, required: bool = True) -> str:
     if not isinstance(value, str) or (required and not value):
         raise BadRequest(f"{name} must be an image reference", name)
     return value
+
+
+class _ToResponse:
+    """A file the save thread writes the tar to: each write goes to the client from the
+    event loop, and waits for it (the client's pace holds the thread back)."""
+
+    def __init__(self, resp: web.StreamResponse, loop: asyncio.AbstractEventLoop) -> None:
+        self.resp, self.loop = resp, loop
+
+    def write(self, data: bytes) -> int:
+        asyncio.run_coroutine_threadsafe(self.resp.write(bytes(data)), self.loop).result()
+        return len(data)
+
+    def flush(self) -> None:
+        """(tarfile's stream mode flushes nothing itself)"""
 
 
 def handlers(images: ImageStore, runtime: Controller, registries: Registries,
@@ -104,6 +122,36 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         b = await body(req)
         return await registries.push(_ref(b, "ref"), _ref(b, "target", required=False))
 
+    async def save(req: web.Request) -> web.StreamResponse:  # docker's `image save`
+        from shoal.runtime import imagesave
+
+        refs = (await body(req)).get("refs")
+        if not isinstance(refs, list) or not refs or \
+                not all(isinstance(r, str) and r for r in refs):
+            raise BadRequest("refs must list image references", "refs")
+        try:  # (every layer read now: an error is still a reply)
+            archive = await asyncio.to_thread(imagesave.plan, images, refs,
+                                              registries.platform())
+        except ImageNotFound as exc:
+            raise NotFound(str(exc), "refs") from None
+        except (ImageError, OSError) as exc:
+            raise BadRequest(f"cannot read the image: {exc}", "refs") from None
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        await resp.prepare(req)
+        try:
+            await asyncio.to_thread(imagesave.write, images, archive,
+                                    cast(IO[bytes], _ToResponse(resp, asyncio.get_running_loop())))
+        except (ImageError, OSError) as exc:
+            # mid-stream (a blob gone since, a disk error, the client left): no reply can
+            # say so any more; the connection is cut before the chunked body's end, so the
+            # client sees a cut archive, never a complete-looking one
+            log.warning("image save %s stopped: %s", " ".join(refs), exc)
+            if req.transport is not None:
+                req.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
+
     async def build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
         from shoal.runtime import build as build_mod
 
@@ -134,7 +182,7 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         return await registries.logout(req.match_info["ref"])
 
     return {"image_ls": ls, "image_inspect": inspect, "image_load": load, "image_rm": rm,
-            "image_tag": tag,
+            "image_tag": tag, "image_save": save,
             "image_pull": pull, "image_push": push, "image_pulls": pulls,
             "image_prune": prune, "image_build": build, "registry_login": login,
             "registry_logout": logout}

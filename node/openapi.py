@@ -323,6 +323,13 @@ ROUTES: tuple[Route, ...] = (
           description="OCI image config and manifest; the layers as stored; `status`: pushed "
           "or exists. The cluster's credentials for that registry (`registry login`): push "
           "from a manager. 403 refused credentials, 404 no such image here, 503 unreachable"),
+    Route("POST", "/v1/images/save", "image_save", "the images as one tarball (`image save`, "
+          "docker's)", "images", body=bodies.ImageSaveRequest,
+          reply={"type": "string", "contentMediaType": "application/x-tar"},
+          content="application/x-tar", errors=(400, 404),
+          description="an OCI image layout with Docker's manifest.json, streamed as it is "
+          "written (`docker load`, `skopeo oci-archive:`/`docker-archive:` and `image load` "
+          "read it); 404 before the first byte when an image is not here"),
     Route("POST", "/v1/images/pull", "image_pull", "pull an image from its registry into "
           "this node's store (layers from peers first)", "images", body=bodies.ImagePullRequest,
           reply=_ref("Image"), errors=(400, 403, 404, 503),

@@ -138,6 +138,10 @@ class Registries:
                         type(exc).__name__)
             return None
 
+    def platform(self) -> tuple[str, str, str]:
+        """(os, arch, variant) this node pulls as, and says its images are (push, save)."""
+        return self._client(None).platform()
+
     def _client(self, creds: Creds | None) -> RegistryClient:
         return RegistryClient(self.config, credentials=lambda _host: creds)
 

@@ -85,6 +85,35 @@ def oci_config(info: ImageInfo, diff_ids: list[str],
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass
+class OciImage:
+    """A stored image as OCI blobs: what a push uploads and `image save` writes."""
+
+    config: bytes  # the OCI image config (canonical JSON)
+    config_digest: str
+    layers: list[tuple[str, str, int]]  # (digest, "tar"|"gzip"|"zstd", size), base first
+    manifest: bytes  # the OCI image manifest naming them
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{hashlib.sha256(self.manifest).hexdigest()}"
+
+
+def oci_image(store: ImageStore, info: ImageInfo,
+              platform: tuple[str, str, str] | None = None) -> OciImage:
+    """``info``'s image as OCI blobs (each layer read once, for its uncompressed digest)."""
+    layers = [(d, layer_kind(store, d), store.blob_path(d).stat().st_size)
+              for d in info.layers]
+    config = oci_config(info, [diff_id(store, d) for d, _, _ in layers], platform)
+    config_digest = f"sha256:{hashlib.sha256(config).hexdigest()}"
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": MT_LAYER[kind], "digest": d, "size": size}
+                   for d, kind, size in layers]}, separators=(",", ":")).encode()
+    return OciImage(config, config_digest, layers, manifest)
+
+
 def push(client: RegistryClient, store: ImageStore, source: str, target: str = "",
          on_blob: Callable[[str, str], None] | None = None) -> PushResult:
     """Push the image ``source`` names (a tag, id or id prefix) to ``target`` (a reference
@@ -93,26 +122,19 @@ def push(client: RegistryClient, store: ImageStore, source: str, target: str = "
     ImageNotFound when ``source`` is not here."""
     info = store.inspect(source)
     ref = target_reference(info, target or source)
-    layers = [(d, layer_kind(store, d), store.blob_path(d).stat().st_size)
-              for d in info.layers]
-    config = oci_config(info, [diff_id(store, d) for d, _, _ in layers], client.platform())
-    config_digest = f"sha256:{hashlib.sha256(config).hexdigest()}"
+    image = oci_image(store, info, client.platform())
     result = PushResult(ref=ref.familiar(), digest="", size=0)
-    blobs: list[tuple[str, bytes | Path]] = [(d, store.blob_path(d)) for d, _, _ in layers]
-    for digest, blob in [*blobs, (config_digest, config)]:
+    blobs: list[tuple[str, bytes | Path]] = [(d, store.blob_path(d))
+                                             for d, _, _ in image.layers]
+    for digest, blob in [*blobs, (image.config_digest, image.config)]:
         status = "pushed" if client.upload_blob(ref, digest, blob) else "exists"
         result.blobs.append((digest, status))
         if on_blob is not None:
             on_blob(digest, status)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": MT_LAYER[kind], "digest": d, "size": size}
-                   for d, kind, size in layers]}, separators=(",", ":")).encode()
-    result.digest = client.put_manifest(ref, manifest, MT_OCI_MANIFEST)
-    result.size = len(manifest)
+    result.digest = client.put_manifest(ref, image.manifest, MT_OCI_MANIFEST)
+    result.size = len(image.manifest)
     return result
 
 
-__all__ = ["MT_LAYER", "MT_OCI_CONFIG", "PushResult", "diff_id", "layer_kind", "oci_config",
-           "push", "target_reference"]
+__all__ = ["MT_LAYER", "MT_OCI_CONFIG", "OciImage", "PushResult", "diff_id", "layer_kind",
+           "oci_config", "oci_image", "push", "target_reference"]

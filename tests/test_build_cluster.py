@@ -2,10 +2,12 @@
 built by `shoal image build` (the context streamed to h1's agent as a tar, the build output
 streamed back), run as a 3-replica service across 3 nodes (h2 and h3 fetch the built image
 from h1, blob by blob, like any other), and a rebuild with no change made entirely from the
-cache (no new layer, no new image). Timings: bench/image_build.py, not here."""
+cache (no new layer, no new image); `image save` there and `image load` on another node give
+the same image. Timings: bench/image_build.py, not here."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +56,20 @@ def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
     (ctx / "Bad").write_text("FROM busybox:1\nVOLUME /data\n")
     bad = h1.cli("image", "build", "-f", str(ctx / "Bad"), str(ctx), check=False)
     assert bad.returncode != 0 and "line 2: unsupported instruction 'VOLUME'" in bad.stderr
+
+    # `image save` (docker's) on h1, `image load` on h2: the same image, no registry; to
+    # stdout as well; an image h1 lacks is an error and leaves no file
+    saved, piped = tmp_path / "web.tar", tmp_path / "piped.tar"
+    h1.cli("image", "save", "-o", str(saved), "web:1")
+    h1.run("sh", "-c", f"{shlex.join([*h1.shoal_argv, '-H', f'unix://{h1.sock}'])} image "
+           f"save web:1 > {piped}")
+    assert piped.read_bytes() == saved.read_bytes()
+    assert "Loaded image web:1" in lab.hosts[1].cli("image", "load", str(saved)).stdout
+    ids = {tag: img["id"] for img in lab.hosts[1].cli_json("image", "ls") for tag in img["tags"]}
+    assert ids["web:1"] == again["image"], ids
+    gone = h1.cli("image", "save", "-o", str(tmp_path / "gone.tar"), "nope:1", check=False)
+    assert gone.returncode != 0 and "nope:1" in gone.stderr, gone.stderr
+    assert not list(tmp_path.glob("gone.tar*"))
 
     h1.cli("service", "create", "--name", "web", "--replicas", "3", "--image", "web:1")
 

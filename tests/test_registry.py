@@ -528,3 +528,44 @@ def test_an_upload_location_elsewhere_gets_no_credentials_and_never_plain_http(
         for srv in servers:
             srv.shutdown()
             srv.server_close()
+
+
+def test_save_writes_an_archive_docker_skopeo_and_shoal_load_back(env: Env,
+                                                                   tmp_path: Path) -> None:
+    """`image save` (shoal.runtime.imagesave): images of the store (a gzip and a zstd layer,
+    as pulled) as one tar — an OCI image layout with Docker's manifest.json — that loads
+    back into another store as the same layers, config and tags, and that skopeo reads both
+    as an OCI archive and as a docker-save archive; an image named twice is written once; a
+    reference the store lacks is refused before anything is written."""
+    import json
+    import subprocess
+
+    from shoal.runtime.errors import ImageNotFound
+    from shoal.runtime.imagesave import save
+
+    store = ImageStore(tmp_path / "images")
+    c = env.client(env.basic)
+    info = c.pull(f"{env.basic.addr}/team/app:1", store)
+    store.tag(info.id, "mine/app:7")
+    archive = tmp_path / "saved.tar"
+    with archive.open("wb") as out:
+        (written,) = save(store, ["mine/app:7", info.id.removeprefix("sha256:")[:12]], out)
+    back = ImageStore(tmp_path / "back").load(archive)
+    assert [(i.layers, i.config) for i in back] == [(info.layers, info.config)]
+    # (its tags, but not its digest reference: docker's RepoTags cannot hold one)
+    tags = [t for t in store.inspect(info.id).tags if "@" not in t]
+    assert sorted(back[0].tags) == sorted(tags) == sorted([f"{env.basic.addr}/team/app:1",
+                                                           "mine/app:7"]), back[0].tags
+    for transport in (f"oci-archive:{archive}:7", f"docker-archive:{archive}:mine/app:7"):
+        seen = subprocess.run([registryd.SKOPEO, "inspect", transport], capture_output=True,
+                              text=True, timeout=60)
+        assert seen.returncode == 0, (transport, seen.stderr)
+        doc = json.loads(seen.stdout)
+        assert "MARKER=one" in doc["Env"] and len(doc["Layers"]) == len(info.layers), doc
+    assert json.loads(subprocess.run(
+        [registryd.SKOPEO, "inspect", f"oci-archive:{archive}:7"], capture_output=True,
+        text=True, timeout=60, check=True).stdout)["Digest"] == written.digest
+    empty = tmp_path / "none.tar"
+    with empty.open("wb") as out, pytest.raises(ImageNotFound):
+        save(store, ["mine/app:7", "not/here:1"], out)
+    assert empty.stat().st_size == 0
