@@ -196,7 +196,7 @@ class Client:
         import http.client
 
         conn = self._connection()
-        conn.timeout = None
+        conn.timeout = self.timeout  # (per read: the agent reads every layer before it answers)
         written = 0
         try:
             try:
@@ -215,14 +215,20 @@ class Client:
                     err = {}
                 raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
                                str(err.get("field") or ""))
-            try:
-                while chunk := resp.read(1 << 20):
+            while True:
+                try:
+                    chunk = resp.read(1 << 20)
+                except (http.client.IncompleteRead, OSError) as exc:
+                    raise CliError(f"the agent stopped sending after {written} bytes ({exc}): "
+                                   "the output is incomplete (its log says why)") from None
+                if not chunk:
+                    return written
+                try:
                     out.write(chunk)
-                    written += len(chunk)
-            except (http.client.IncompleteRead, OSError) as exc:
-                raise CliError(f"the agent stopped sending after {written} bytes ({exc}): "
-                               "the output is incomplete (its log says why)") from None
-            return written
+                except OSError as exc:  # (a full disk, a reader that left: ours, not the agent's)
+                    raise CliError(f"cannot write the output after {written} bytes: "
+                                   f"{exc.strerror or exc}") from None
+                written += len(chunk)
         finally:
             conn.close()
 

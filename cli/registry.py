@@ -80,11 +80,23 @@ def run_save(c: Any, args: argparse.Namespace) -> None:
                            "redirect stdout")
         c.download("/v1/images/save", {"refs": args.refs}, sys.stdout.buffer)
         return
-    part = f"{args.output}.part"
+    import stat
+
+    target = os.path.realpath(args.output)  # (a symbolic link: its target is written)
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}", "output") from None
+    if not stat.S_ISREG(mode):  # (a directory, a device, a FIFO: never replaced)
+        raise CliError(f"{args.output} is not a regular file: give a file's path (or "
+                       "redirect stdout)", "output")
+    part = f"{target}.part"  # (renamed over the file once the archive is whole)
     try:
         with open(part, "wb") as out:
             c.download("/v1/images/save", {"refs": args.refs}, out)
-        os.replace(part, args.output)
+        os.replace(part, target)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}", "output") from None
     finally:

@@ -166,6 +166,10 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
             current = validate_spec(cur["spec"])
         except ValidationError:
             current = None  # (a spec this client cannot read: replace it)
+        if current is not None and current.task.container.registry_auth:
+            # (a deploy without --with-registry-auth keeps what the service has, as docker's
+            # and `service update` do: turning it off would roll every task)
+            spec = with_auth(spec)
         if current is not None and same_spec(current, spec):
             plan.unchanged.append(spec.name)
         else:
@@ -339,7 +343,23 @@ def config_text(paths: list[Path], environ: Mapping[str, str] | None = None,
     doc, _, _, warnings = load(paths, environ, interpolation)  # (ComposeError: a CliError)
     for w in warnings:
         print(f"Warning: {w}", file=sys.stderr)
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    def escaped(value: Any) -> Any:
+        """(an interpolated `$` written `$$` again: the output deploys as its input does)"""
+        if isinstance(value, str):
+            return value.replace("$", "$$")
+        if isinstance(value, dict):
+            return {k: escaped(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [escaped(v) for v in value]
+        return value
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # (no &id001 anchors in the output)
+            return True
+
+    return yaml.dump(escaped(doc) if interpolation else doc, Dumper=Dumper, sort_keys=False,
+                     default_flow_style=False, allow_unicode=True)
 
 
 def add_parser(sub: Any) -> None:

@@ -11,13 +11,14 @@ files, Raft, other routes (shoal.node.api registers these with the rest).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO, Any, cast
+from typing import Any
 
 from aiohttp import web
 
-from shoal.node.errors import BadRequest, NotFound
+from shoal.node.errors import BadRequest, NotFound, TooManyRequests
 from shoal.node.registries import Registries
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError, ImageNotFound
@@ -52,15 +53,30 @@ def _ref(body: dict[str, Any], name: str, required: bool = True) -> str:
     return value
 
 
+# `image save`s at once, each on a thread of its own pool (not the loop's shared executor: a
+# client that stops reading holds its thread, and the agent's other blocking work — mounts,
+# health checks, blobs for peers, the feed — must never wait behind such threads); a write
+# the client has not taken within SAVE_STALL seconds ends the save
+MAX_SAVES = 4
+SAVE_STALL = 300.0
+_saves = concurrent.futures.ThreadPoolExecutor(MAX_SAVES, thread_name_prefix="image-save")
+
+
 class _ToResponse:
     """A file the save thread writes the tar to: each write goes to the client from the
-    event loop, and waits for it (the client's pace holds the thread back)."""
+    event loop, and waits for it (the client's pace holds the thread back; TimeoutError
+    after SAVE_STALL seconds)."""
 
     def __init__(self, resp: web.StreamResponse, loop: asyncio.AbstractEventLoop) -> None:
         self.resp, self.loop = resp, loop
 
     def write(self, data: bytes) -> int:
-        asyncio.run_coroutine_threadsafe(self.resp.write(bytes(data)), self.loop).result()
+        sent = asyncio.run_coroutine_threadsafe(self.resp.write(bytes(data)), self.loop)
+        try:
+            sent.result(timeout=SAVE_STALL)
+        except concurrent.futures.TimeoutError:
+            sent.cancel()
+            raise TimeoutError(f"the client took no data for {SAVE_STALL:.0f} s") from None
         return len(data)
 
     def flush(self) -> None:
@@ -71,6 +87,7 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
              wanted: Callable[[], set[str]], body: BodyReader, stream: Streamer
              ) -> dict[str, Handler]:
     """The handlers by operation id (shoal.node.openapi's route table)."""
+    saving = 0  # (image saves running)
 
     async def ls(_: web.Request) -> Any:
         return await asyncio.to_thread(image_views, images)
@@ -125,30 +142,45 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
     async def save(req: web.Request) -> web.StreamResponse:  # docker's `image save`
         from shoal.runtime import imagesave
 
+        nonlocal saving
         refs = (await body(req)).get("refs")
         if not isinstance(refs, list) or not refs or \
                 not all(isinstance(r, str) and r for r in refs):
             raise BadRequest("refs must list image references", "refs")
+        if saving >= MAX_SAVES:
+            raise TooManyRequests(f"{MAX_SAVES} image saves are running on this node: try "
+                                  "again when one is done", retry_after=5)
+        saving += 1
+        try:
+            return await _save(req, imagesave, refs)
+        finally:
+            saving -= 1
+
+    async def _save(req: web.Request, imagesave: Any, refs: list[str]) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
         try:  # (every layer read now: an error is still a reply)
-            archive = await asyncio.to_thread(imagesave.plan, images, refs,
-                                              registries.platform())
+            archive = await loop.run_in_executor(_saves, imagesave.plan, images, refs,
+                                                 registries.platform())
         except ImageNotFound as exc:
             raise NotFound(str(exc), "refs") from None
         except (ImageError, OSError) as exc:
             raise BadRequest(f"cannot read the image: {exc}", "refs") from None
         resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         await resp.prepare(req)
+        whole = False
         try:
-            await asyncio.to_thread(imagesave.write, images, archive,
-                                    cast(IO[bytes], _ToResponse(resp, asyncio.get_running_loop())))
-        except (ImageError, OSError) as exc:
-            # mid-stream (a blob gone since, a disk error, the client left): no reply can
-            # say so any more; the connection is cut before the chunked body's end, so the
-            # client sees a cut archive, never a complete-looking one
+            await loop.run_in_executor(_saves, imagesave.write, images, archive,
+                                       _ToResponse(resp, loop))
+            whole = True
+        except (ImageError, OSError) as exc:  # (TimeoutError too: a client that stalled)
             log.warning("image save %s stopped: %s", " ".join(refs), exc)
-            if req.transport is not None:
-                req.transport.abort()
             return resp
+        finally:
+            # once the reply has started, no error reply can follow (node/api.py's
+            # middleware would write one into the body): the connection is cut before the
+            # chunked body's end, so the client sees a cut archive, never a whole-looking one
+            if not whole and req.transport is not None:
+                req.transport.abort()
         await resp.write_eof()
         return resp
 

@@ -44,11 +44,17 @@ def _names(ref: str, info: ImageInfo) -> list[str]:
     return [named] if named in info.tags else list(info.tags)
 
 
+def _tags(names: list[str]) -> list[str]:
+    """The names an archive carries: not digest references (``name@sha256:…`` names the
+    manifest it was pulled as, not the one written here; docker's RepoTags cannot hold
+    one)."""
+    return [n for n in names if "@" not in n]
+
+
 def _annotations(tag: str) -> dict[str, str]:
     """index.json's names of an image (as Docker 25's save: the full name, and the tag)."""
     ref = parse_reference(tag)
-    return {"io.containerd.image.name": str(ref),
-            "org.opencontainers.image.ref.name": ref.tag or ref.digest}
+    return {"io.containerd.image.name": str(ref), "org.opencontainers.image.ref.name": ref.tag}
 
 
 @dataclass
@@ -81,12 +87,14 @@ def write(store: ImageStore, archive: Archive, out: IO[bytes]) -> None:
     index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [
         {"mediaType": MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest),
          **({"annotations": _annotations(name)} if name else {})}
-        for iid, img in images.items() for name in (names[iid] or [""])]}
+        for iid, img in images.items() for name in (_tags(names[iid]) or [""])]}
     docker = [{"Config": f"blobs/sha256/{_hex(img.config_digest)}",
-               "RepoTags": [n for n in names[iid] if "@" not in n],
+               "RepoTags": _tags(names[iid]),
                "Layers": [f"blobs/sha256/{_hex(d)}" for d, _, _ in img.layers]}
               for iid, img in images.items()]
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    # (1 MiB records: tarfile's 10 KiB ones each cost the agent a hand-over to its loop)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+                      bufsize=1 << 20) as tar:
         _add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
         _add(tar, "index.json", json.dumps(index, separators=(",", ":")).encode())
         _add(tar, "manifest.json", json.dumps(docker, separators=(",", ":")).encode())

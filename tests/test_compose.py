@@ -891,3 +891,30 @@ def test_stack_config_prints_the_files_merged_and_interpolated(tmp_path: Path) -
     assert "busybox:${TAG:-1}" in config_text([a], {}, interpolation=False)
     with pytest.raises(ComposeError, match=r"gone\.yml: cannot read"):
         config_text([tmp_path / "gone.yml"], {})
+
+
+def test_stack_config_output_deploys_as_its_input_does(tmp_path: Path) -> None:
+    """A `$$` (a literal dollar) is printed `$$` again, so the printed file interpolates to
+    the same specs (before: `$5` came back as an invalid interpolation); no YAML anchors."""
+    from shoal.cli.stack import config_text
+
+    src = tmp_path / "in.yml"
+    src.write_text('x-env: &env {PRICE: "$$5", HOME_IS: "$$HOME"}\nservices:\n'
+                   '  a: {command: [echo], environment: *env}\n'
+                   '  b: {command: [echo], environment: *env}\n')
+    printed = tmp_path / "out.yml"
+    printed.write_text(config_text([src], {}))
+    assert "&id" not in printed.read_text() and "*id" not in printed.read_text()
+    assert load_stack("st", [printed], {}).services == load_stack("st", [src], {}).services
+
+
+def test_a_redeploy_without_with_registry_auth_keeps_the_services_credentials(
+        tmp_path: Path) -> None:
+    """As docker's: the flag absent keeps what a service has (before: it turned it off and
+    rolled every task, whose new ones then lacked credentials)."""
+    from shoal.cli.stack import with_auth
+
+    st = deploy(tmp_path, STACK)
+    cluster = [cluster_service(with_auth(s)) for s in st.services]
+    plan = plan_deploy(st, cluster, {"secret": [], "config": []}, prune=False)
+    assert plan.update == [] and sorted(plan.unchanged) == ["app_api", "app_web"]

@@ -108,3 +108,89 @@ async def test_a_save_cut_midway_is_an_error_and_leaves_no_file(
     with pytest.raises(CliError, match="stopped sending"):
         await asyncio.to_thread(run_save, client, args)
     assert not target.exists() and not Path(f"{target}.part").exists()
+
+
+async def test_a_failure_of_any_kind_midway_cuts_the_stream(
+        agent: tuple[Client, ImageStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (not an I/O error) after the reply started: still a cut stream, never an
+    error reply written into the archive's body by the API's middleware."""
+    client, _ = agent
+    real = imagesave.write
+
+    def buggy(store: ImageStore, archive: Any, out: Any) -> None:
+        class Half:
+            sent = 0
+
+            def write(self, data: bytes) -> int:
+                if self.sent > 1 << 20:
+                    raise ValueError("a bug")
+                self.sent += len(data)
+                return int(out.write(data))
+
+        real(store, archive, Half())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(imagesave, "write", buggy)
+    with pytest.raises(CliError, match="stopped sending"):
+        await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
+                                io.BytesIO())
+
+
+async def test_a_client_that_stops_reading_holds_no_thread_for_long_and_saves_are_bounded(
+        agent: tuple[Client, ImageStore], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves run on a small pool of their own (never the loop's shared executor, which the
+    agent's other blocking work needs); one more than MAX_SAVES is told to retry (429); a
+    client that takes no data for SAVE_STALL seconds ends its save, and its place is free
+    again."""
+    client, _ = agent
+    monkeypatch.setattr(imageapi, "MAX_SAVES", 1)
+    monkeypatch.setattr(imageapi, "SAVE_STALL", 0.5)
+    reader, writer = await asyncio.open_unix_connection(client.path)
+    request = b'{"refs": ["app:1"]}'
+    writer.write(b"POST /v1/images/save HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request))
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")  # (then never reads on)
+    with pytest.raises(CliError, match="image saves are running"):
+        await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
+                                io.BytesIO())
+    ok = False
+    for _ in range(50):  # (the stalled save ends within SAVE_STALL of its last write)
+        await asyncio.sleep(0.2)
+        try:
+            await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
+                                    io.BytesIO())
+            ok = True
+            break
+        except CliError:
+            continue
+    writer.close()
+    assert ok, "the stalled save never gave its place back"
+
+
+async def test_save_refuses_outputs_it_would_replace_and_writes_through_a_link(
+        agent: tuple[Client, ImageStore], tmp_path: Path) -> None:
+    """-o a directory, a device or a FIFO is refused before anything is asked (before: the
+    archive was renamed over /dev/null as a regular file); -o a symbolic link writes its
+    target; an output the CLI cannot write is its own error, not the agent's."""
+    import os
+
+    client, _ = agent
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (tmp_path, fifo, Path("/dev/null")):
+        with pytest.raises(CliError, match="not a regular file"):
+            run_save(client, argparse.Namespace(output=str(bad), refs=["app:1"]))
+    target, link = tmp_path / "real.tar", tmp_path / "link.tar"
+    link.symlink_to(target)
+    await asyncio.to_thread(run_save, client, argparse.Namespace(output=str(link),
+                                                                 refs=["app:1"]))
+    assert link.is_symlink() and target.stat().st_size > 4 << 20
+
+    class Full(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CliError, match="cannot write the output after 0 bytes: No space"):
+        await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
+                                Full())

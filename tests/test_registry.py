@@ -552,6 +552,12 @@ def test_save_writes_an_archive_docker_skopeo_and_shoal_load_back(env: Env,
         (written,) = save(store, ["mine/app:7", info.id.removeprefix("sha256:")[:12]], out)
     back = ImageStore(tmp_path / "back").load(archive)
     assert [(i.layers, i.config) for i in back] == [(info.layers, info.config)]
+    import tarfile
+    with tarfile.open(archive) as tar:
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+    names = [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]]
+    assert sorted(names) == sorted([f"{env.basic.addr}/team/app:1",
+                                    "docker.io/mine/app:7"]), names  # (no digest reference)
     # (its tags, but not its digest reference: docker's RepoTags cannot hold one)
     tags = [t for t in store.inspect(info.id).tags if "@" not in t]
     assert sorted(back[0].tags) == sorted(tags) == sorted([f"{env.basic.addr}/team/app:1",
