@@ -199,22 +199,8 @@ class Client:
         conn.timeout = self.timeout  # (per read: the agent reads every layer before it answers)
         written = 0
         try:
-            try:
-                conn.request("POST", path, body=json.dumps(body).encode(),
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
-                               "running?") from None
-            except OSError as exc:
-                raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
-            if resp.status >= 400:
-                try:
-                    err = json.loads(resp.read()).get("error", {})
-                except ValueError:
-                    err = {}
-                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
-                               str(err.get("field") or ""))
+            resp = self._open(conn, "POST", path, json.dumps(body).encode(),
+                              {"Content-Type": "application/json"})
             while True:
                 try:
                     chunk = resp.read(1 << 20)
@@ -232,6 +218,27 @@ class Client:
         finally:
             conn.close()
 
+    def _open(self, conn: http.client.HTTPConnection, method: str, path: str,
+              body: Any, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """Send a request on ``conn``; the response, once it says success. CliError for a
+        connection that fails or an error reply (its message and field)."""
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
+                           "running?") from None
+        except OSError as exc:
+            raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
+        if resp.status >= 400:
+            try:
+                err = json.loads(resp.read()).get("error", {})
+            except ValueError:
+                err = {}
+            raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
+                           str(err.get("field") or ""))
+        return resp
+
     def stream(self, path: str, method: str = "GET", body: BinaryIO | None = None,
                headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
         """Call a streaming JSON-lines route; yields records as they arrive. ``body``: an open
@@ -239,21 +246,7 @@ class Client:
         conn = self._connection()
         conn.timeout = None
         try:
-            try:
-                conn.request(method, path, body=body, headers=headers or {})
-                resp = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise CliError(f"cannot connect to the shoal agent at {self.host}: is it "
-                               "running?") from None
-            except OSError as exc:
-                raise CliError(f"cannot talk to the agent at {self.host}: {exc}") from None
-            if resp.status >= 400:
-                try:
-                    err = json.loads(resp.read()).get("error", {})
-                except ValueError:
-                    err = {}
-                raise CliError(err.get("message") or f"request failed with HTTP {resp.status}",
-                               str(err.get("field") or ""))
+            resp = self._open(conn, method, path, body, headers or {})
             for raw in resp:
                 if raw.strip():
                     yield json.loads(raw)

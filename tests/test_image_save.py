@@ -54,6 +54,25 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[Client, ImageStore]]:
         await runner.cleanup()
 
 
+def _fail_after_a_megabyte(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The agent's save raises ``error`` once it has written the first megabyte."""
+    real = imagesave.write
+
+    def failing(store: ImageStore, archive: Any, out: Any) -> None:
+        class Half:
+            sent = 0
+
+            def write(self, data: bytes) -> int:
+                if self.sent > 1 << 20:
+                    raise error
+                self.sent += len(data)
+                return int(out.write(data))
+
+        real(store, archive, Half())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(imagesave, "write", failing)
+
+
 async def test_the_archive_streams_whole_and_equals_a_local_save(
         agent: tuple[Client, ImageStore], tmp_path: Path) -> None:
     client, store = agent
@@ -85,21 +104,7 @@ async def test_a_save_cut_midway_is_an_error_and_leaves_no_file(
     must not take the bytes it got for a whole archive (before: aiohttp would have ended
     the chunked body as if complete)."""
     client, _ = agent
-    real = imagesave.write
-
-    def failing(store: ImageStore, archive: Any, out: Any) -> None:
-        class Half:
-            sent = 0
-
-            def write(self, data: bytes) -> int:
-                if self.sent > 1 << 20:
-                    raise OSError(5, "Input/output error")
-                self.sent += len(data)
-                return int(out.write(data))
-
-        real(store, archive, Half())  # type: ignore[arg-type]
-
-    monkeypatch.setattr(imagesave, "write", failing)
+    _fail_after_a_megabyte(monkeypatch, OSError(5, "Input/output error"))
     with pytest.raises(CliError, match="stopped sending"):
         await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
                                 io.BytesIO())
@@ -115,21 +120,7 @@ async def test_a_failure_of_any_kind_midway_cuts_the_stream(
     """A bug (not an I/O error) after the reply started: still a cut stream, never an
     error reply written into the archive's body by the API's middleware."""
     client, _ = agent
-    real = imagesave.write
-
-    def buggy(store: ImageStore, archive: Any, out: Any) -> None:
-        class Half:
-            sent = 0
-
-            def write(self, data: bytes) -> int:
-                if self.sent > 1 << 20:
-                    raise ValueError("a bug")
-                self.sent += len(data)
-                return int(out.write(data))
-
-        real(store, archive, Half())  # type: ignore[arg-type]
-
-    monkeypatch.setattr(imagesave, "write", buggy)
+    _fail_after_a_megabyte(monkeypatch, ValueError("a bug"))
     with pytest.raises(CliError, match="stopped sending"):
         await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
                                 io.BytesIO())
