@@ -72,6 +72,7 @@ def run_save(c: Any, args: argparse.Namespace) -> None:
     """docker save: the archive to -o FILE (removed again if the agent fails midway) or to
     stdout."""
     import os
+    import stat
 
     c.timeout = max(c.timeout, TRANSFER_TIMEOUT)
     if not args.output:
@@ -80,8 +81,6 @@ def run_save(c: Any, args: argparse.Namespace) -> None:
                            "redirect stdout")
         c.download("/v1/images/save", {"refs": args.refs}, sys.stdout.buffer)
         return
-    import stat
-
     target = os.path.realpath(args.output)  # (a symbolic link: its target is written)
     try:
         mode = os.stat(target).st_mode

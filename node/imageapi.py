@@ -14,12 +14,13 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import IO, Any, cast
 
 from aiohttp import web
 
 from shoal.node.errors import BadRequest, NotFound, TooManyRequests
 from shoal.node.registries import Registries
+from shoal.runtime import imagesave
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError, ImageNotFound
 from shoal.runtime.images import ImageStore
@@ -53,10 +54,10 @@ def _ref(body: dict[str, Any], name: str, required: bool = True) -> str:
     return value
 
 
-# `image save`s at once, each on a thread of its own pool (not the loop's shared executor: a
-# client that stops reading holds its thread, and the agent's other blocking work — mounts,
-# health checks, blobs for peers, the feed — must never wait behind such threads); a write
-# the client has not taken within SAVE_STALL seconds ends the save
+# At most MAX_SAVES `image save`s at once, on a pool of threads of their own (not the loop's
+# shared executor: a client that stops reading holds its thread, and the agent's other
+# blocking work — mounts, health checks, blobs for peers, the feed — must never wait behind
+# such threads); a write the client has not taken within SAVE_STALL seconds ends the save
 MAX_SAVES = 4
 SAVE_STALL = 300.0
 _saves = concurrent.futures.ThreadPoolExecutor(MAX_SAVES, thread_name_prefix="image-save")
@@ -140,8 +141,6 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         return await registries.push(_ref(b, "ref"), _ref(b, "target", required=False))
 
     async def save(req: web.Request) -> web.StreamResponse:  # docker's `image save`
-        from shoal.runtime import imagesave
-
         nonlocal saving
         refs = (await body(req)).get("refs")
         if not isinstance(refs, list) or not refs or \
@@ -152,11 +151,11 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
                                   "again when one is done", retry_after=5)
         saving += 1
         try:
-            return await _save(req, imagesave, refs)
+            return await _save(req, refs)
         finally:
             saving -= 1
 
-    async def _save(req: web.Request, imagesave: Any, refs: list[str]) -> web.StreamResponse:
+    async def _save(req: web.Request, refs: list[str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         try:  # (every layer read now: an error is still a reply)
             archive = await loop.run_in_executor(_saves, imagesave.plan, images, refs,
@@ -170,7 +169,7 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         whole = False
         try:
             await loop.run_in_executor(_saves, imagesave.write, images, archive,
-                                       _ToResponse(resp, loop))
+                                       cast(IO[bytes], _ToResponse(resp, loop)))
             whole = True
         except (ImageError, OSError) as exc:  # (TimeoutError too: a client that stalled)
             log.warning("image save %s stopped: %s", " ".join(refs), exc)

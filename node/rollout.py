@@ -133,6 +133,7 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
     def in_slot(t: Task) -> bool:
         """(a replicated task in one of the slots the service keeps)"""
         return t.slot in kept
+
     cfg: UpdateConfig | RollbackConfig = spec.rollback if status.rollback else spec.update
     rolling = status.state in ("updating", "rollback_started")
     start_first = cfg.order == "start-first" and new_id is not None

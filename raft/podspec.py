@@ -43,7 +43,7 @@ from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")  # volumes
 # a service's name: Swarm's rule (a DNS label, upper case too: Compose's "webApp"); unique
-# and looked up whatever the case (ClusterState.service_by_name), as DNS names are
+# and looked up whatever the case (shoal.raft.state.service_named), as DNS names are
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # an image reference, Docker's grammar ([HOST[:PORT]/]PATH[:TAG][@sha256:HEX]); the same as

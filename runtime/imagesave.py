@@ -3,12 +3,13 @@
 Owns: the archive's layout — an OCI image layout (``oci-layout``, ``index.json`` naming each
 image's manifest with its reference in the ``io.containerd.image.name`` and
 ``org.opencontainers.image.ref.name`` annotations, ``blobs/sha256/…``) that also carries
-Docker's ``manifest.json`` (``Config``, ``RepoTags``, ``Layers`` as blob paths), as Docker 25's
-`docker save` writes it: `docker load`, skopeo (``oci-archive:``, ``docker-archive:``) and
-`shoal image load` read it. The images are what a push would upload (shoal.runtime.regpush:
-the layer blobs as stored, an OCI config of what the store keeps). Must not touch: the store's
-files (only read), anything but the stream it is given. Blocking: the agent runs it in a
-thread and streams the tar as it is written (``mode="w|"``: nothing is kept whole).
+Docker's ``manifest.json`` (``Config``, ``RepoTags``, ``Layers`` as blob paths): the layout
+Docker 25's `docker save` writes and `docker load` reads; skopeo (``oci-archive:``,
+``docker-archive:``) and `shoal image load` read it (tests/test_registry.py). The images are
+what a push would upload (shoal.runtime.regpush: the layer blobs as stored, an OCI config of
+what the store keeps). Must not touch: the store's files (only read), anything but the
+stream it is given. Blocking: the agent runs it in a thread and streams the tar as it is
+written (``mode="w|"``: nothing is kept whole).
 """
 
 from __future__ import annotations
