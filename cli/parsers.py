@@ -294,6 +294,13 @@ def _node_parser(sub: Any) -> None:
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
     nu.add_argument("--label-add", action="append", default=[], metavar="KEY=VALUE")
     nu.add_argument("--label-rm", action="append", default=[], metavar="KEY")
+    nu.add_argument("--generic-resource-add", action="append", default=[],
+                    metavar="KIND=VALUE", help="advertise a generic resource (Swarm's): "
+                    "VALUE all digits = the kind's count (SSD=3), else one named ID of the "
+                    "kind (GPU=UUID1; repeat for more)")
+    nu.add_argument("--generic-resource-rm", action="append", default=[],
+                    metavar="KIND|KIND=ID", help="stop advertising a kind, or one named ID "
+                    "of it (running tasks keep theirs)")
     nu.add_argument("--role", choices=["manager", "worker"],
                     help="promote or demote the node (as `node promote|demote`)")
     for verb, what in (("promote", "make workers managers (Raft voters)"),

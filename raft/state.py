@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from shoal.raft import ipam, raftkeys, secops, templates
+from shoal.raft import generic, ipam, raftkeys, secops, templates
 from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
@@ -329,6 +329,8 @@ class ClusterState:
     # --- nodes
     def _node_add(self, cmd: dict[str, Any]) -> None:
         node = node_from_dict(cmd["node"])
+        if cmd["node"].get("generic_resources"):
+            node = replace(node, generic_resources=self._generic(cmd["node"]["generic_resources"]))
         if not ID_RE.match(node.id):
             raise Rejected("invalid", f"node id {node.id!r} is invalid", "node.id")
         now = float(cmd["now"])
@@ -359,7 +361,17 @@ class ClusterState:
             changes["role"] = NodeRole(cmd["role"])
         if "labels" in cmd:
             changes["labels"] = dict(cmd["labels"])
+        if "generic_resources" in cmd:  # (the whole new set: shoal.raft.generic.updated)
+            changes["generic_resources"] = self._generic(cmd["generic_resources"])
         self.nodes[node.id] = replace(node, updated_at=float(cmd["now"]), **changes)
+
+    def _generic(self, res: Any) -> dict[str, int | list[str]]:
+        """A node's generic resources in a command: refused as an older replica would drop
+        them while the cluster's schema is older (shoal.raft.schema.GATED_NODE_FIELDS)."""
+        err = schema_mod.node_refusal(("generic_resources",), self.cluster.schema)
+        if err is not None:
+            raise err
+        return generic.check_node(res)
 
     def _node_remove(self, cmd: dict[str, Any]) -> None:
         node = self._node(cmd["id"])
