@@ -255,6 +255,10 @@ def node(rec: Rec) -> str:
         if res.get("reserved_cpus") or res.get("reserved_memory_bytes"):
             lines += [f" Reserved CPUs:\t\t{res.get('reserved_cpus', 0):g}",
                       f" Reserved Memory:\t{_size(int(res.get('reserved_memory_bytes', 0)))}"]
+        taken = res.get("reserved_generic_resources") or {}
+        for kind, value in (res.get("generic_resources") or {}).items():  # (Swarm's lines)
+            have = ",".join(value) if isinstance(value, list) else value
+            lines.append(f" {kind}:\t\t{have} (reserved {taken.get(kind.lower(), 0)})")
     lines += [f"Tasks:\t\t\t{rec.get('tasks', 0)}", f"Engine Version:\t\t{rec.get('version', '')}"]
     return "\n".join(lines)
 

@@ -300,14 +300,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             if d.path in REPLACED and (getattr(args, _dest(d)) is not None or getattr(
                     args, "spec_" + REPLACED[d.path].replace(".", "__")) is not None):  # (_dest)
                 value = parse_kv(getattr(args, _dest(d)) or [], d.flag)
-            added = _map(d, getattr(args, _dest(d, "_add")), d.flag + "-add")
-            gone = getattr(args, _dest(d, "_rm"))
+            put = _map(d, getattr(args, _dest(d, "_add")), d.flag + "-add")
+            taken_out = list(getattr(args, _dest(d, "_rm")))
             if d.item == "count":  # (generic resources: kinds ignore case; docker's order)
-                drop = {k.lower() for k in [*gone, *added]}
+                drop = {k.lower() for k in [*taken_out, *put]}
                 value = {k: v for k, v in value.items() if k.lower() not in drop}
-                gone = []
-            value.update(added)
-            for key in gone:
+                taken_out = []
+            value.update(put)
+            for key in taken_out:
                 value.pop(key, None)
             set_path(spec, d.path, value)
         elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update: both at once)

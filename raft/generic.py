@@ -166,18 +166,18 @@ def updated(current: Mapping[str, int | list[str]], add: Iterable[str], rm: Iter
     for item in rm:
         field = "generic_resource_rm"
         kind, sep, value = str(item).partition("=")
-        have = find(out, kind)
-        if have is None:  # (as label-rm: a typo is not a silent no-op)
+        found = find(out, kind)
+        if found is None:  # (as label-rm: a typo is not a silent no-op)
             raise ValidationError(f"{field}: the node has no generic resource {kind!r}", field)
-        old = out[have]
+        old = out[found]
         if not sep:
-            del out[have]
+            del out[found]
         elif isinstance(old, list) and value in old:
             old.remove(value)
             if not old:
-                del out[have]
+                del out[found]
         else:
-            raise ValidationError(f"{field}: the node's {have} has no ID {value!r}", field)
+            raise ValidationError(f"{field}: the node's {found} has no ID {value!r}", field)
     checked = check_node(out, "generic_resource_add")
     return checked
 

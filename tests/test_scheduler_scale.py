@@ -147,7 +147,8 @@ def test_the_reference_comparison_covers_every_outcome() -> None:
     assert placed > 800
     for why in ("not ready", "not active", "insufficient memory", "insufficient cpu",
                 "insufficient generic resource gpu", "insufficient generic resource ssd",
-                "insufficient generic resource fpga", "no node satisfies", "(no nodes)", "max replicas per node"):
+                "insufficient generic resource fpga", "no node satisfies", "(no nodes)",
+                "max replicas per node"):
         assert why in text, why
 
 

@@ -2,8 +2,9 @@
 
 Owns: the views of the cluster's nodes (with the manager status from the Raft replica and
 the membership seen by gossip) and the user's changes to a node record (availability,
-labels, generic resources: shoal.raft.generic) and its removal — which also revokes its certificate, since every node-to-node
-route accepts only certificates of current members (Security.authorize). Managers only.
+labels, generic resources: shoal.raft.generic) and its removal — which also revokes its
+certificate, since every node-to-node route accepts only certificates of current members
+(Security.authorize). Managers only.
 Promotion/demotion: shoal.node.control.roles. Must not touch: this node's own lifecycle,
 HTTP, the runtime.
 """
