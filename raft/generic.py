@@ -92,21 +92,21 @@ def check_node(res: Any, field: str = "generic_resources") -> Resources:
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value <= MAX_COUNT:
                 raise ValidationError(f"{where}: a count from 0 to {MAX_COUNT}, got {value}",
-                                      where)
+                                      field)
             out[kind] = value
         elif isinstance(value, list) and value:
             if len(value) > MAX_IDS:
-                raise ValidationError(f"{where}: at most {MAX_IDS} IDs", where)
+                raise ValidationError(f"{where}: at most {MAX_IDS} IDs", field)
             for i in value:
                 if not isinstance(i, str) or not ID_RE.match(i):
                     raise ValidationError(
                         f"{where}: invalid ID {str(i)[:80]!r}: 1 to 128 letters, digits or "
-                        "'.', '_', ':', '/', '@', '+', '-'", where)
+                        "'.', '_', ':', '/', '@', '+', '-'", field)
             if len(set(value)) != len(value):
-                raise ValidationError(f"{where}: an ID is given twice", where)
+                raise ValidationError(f"{where}: an ID is given twice", field)
             out[kind] = list(value)
         else:
-            raise ValidationError(f"{where}: a count or a non-empty list of IDs", where)
+            raise ValidationError(f"{where}: a count or a non-empty list of IDs", field)
     return out
 
 

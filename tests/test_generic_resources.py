@@ -1,0 +1,317 @@
+"""Generic resources (Swarm's ``--generic-resource``) without a cluster: the spec's and the
+node's rules, the CLI flags and Compose's form, the schema-10 gate, the scheduler's
+filter and accounting, and the worker's choice of named IDs — through the control plane in
+one process (tests/test_modes.py's Lab: `service create`, the leader's pass, each node's
+worker on its fake runtime). Each test names the property it checks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_modes import Lab
+
+from shoal.cli import specflags
+from shoal.cli.compose import ComposeError, load_stack
+from shoal.cli.errors import CliError
+from shoal.cli.main import build_parser
+from shoal.node.context import VoterChanges
+from shoal.node.control.nodes import Nodes
+from shoal.node.errors import BadRequest
+from shoal.node.generic import NoFreeResource, claim
+from shoal.node.membership import GossipControl
+from shoal.node.scheduler import schedule
+from shoal.node.security import Security
+from shoal.node.worker import Worker
+from shoal.raft import generic
+from shoal.raft.errors import ValidationError
+from shoal.raft.models import Node, NodeRole, TaskState, node_from_dict, to_dict
+from shoal.raft.schema import SCHEMA, encode_command
+from shoal.raft.state import ClusterState
+from shoal.raft.validate import validate_spec
+
+
+def _spec(res: Any, **mode: Any) -> dict[str, Any]:
+    return {"name": "gpu", "mode": mode or {"replicas": 1},
+            "task": {"container": {"command": ["train"]},
+                     "resources": {"reservations": {"generic_resources": res}}}}
+
+
+# ----------------------------------------------------------------------- rules and flags
+
+@pytest.mark.parametrize(("res", "says"), [
+    ({"bad kind": 1}, "invalid kind 'bad kind'"),
+    ({"-gpu": 1}, "invalid kind '-gpu'"),
+    ({"g" * 64: 1}, "at most 63"),
+    ({"gpu": 0}, "gpu: the count must be a whole number from 1"),
+    ({"gpu": 1, "GPU": 1}, "kind 'GPU' given twice (kinds ignore case)"),
+    ({"gpu": "1"}, "expected `int`"),
+])
+def test_a_bad_generic_reservation_is_refused_naming_the_field(res: Any, says: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        validate_spec(_spec(res))
+    assert exc.value.field.startswith("task.resources.reservations.generic_resources")
+    assert says in exc.value.message
+
+
+def test_service_flags_reserve_counts_and_update_adds_and_removes_ignoring_case() -> None:
+    args = build_parser().parse_args(["service", "create", "--name", "t", "--generic-resource",
+                                      "gpu=1", "--generic-resource", "SSD=2", "busybox"])
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    assert spec.task.resources.reservations.generic_resources == {"gpu": 1, "SSD": 2}
+    args = build_parser().parse_args(["service", "update", "--generic-resource-add", "GPU=3",
+                                      "--generic-resource-rm", "ssd", "t"])
+    new = validate_spec(specflags.apply_update_args(to_dict(spec), args))
+    assert new.task.resources.reservations.generic_resources == {"GPU": 3}
+    for bad in ("gpu=x", "gpu=0", "gpu"):
+        with pytest.raises(CliError, match="--generic-resource"):
+            specflags.spec_from_create_args(build_parser().parse_args(
+                ["service", "create", "--generic-resource", bad, "busybox"]))
+
+
+def test_node_update_flags_go_to_the_api_as_given() -> None:
+    args = build_parser().parse_args(["node", "update", "--generic-resource-add", "GPU=a",
+                                      "--generic-resource-add", "GPU=b",
+                                      "--generic-resource-rm", "ssd", "h2"])
+    assert (args.generic_resource_add, args.generic_resource_rm) == (["GPU=a", "GPU=b"],
+                                                                     ["ssd"])
+
+
+def test_compose_generic_resources_and_a_malformed_entry_named_by_its_path(
+        tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("services:\n  web:\n    image: busybox\n    deploy:\n      resources:\n"
+                 "        reservations:\n          generic_resources:\n"
+                 "            - discrete_resource_spec: {kind: gpu, value: 2}\n"
+                 "            - discrete_resource_spec: {kind: SSD, value: 1}\n")
+    (svc,) = load_stack("s", [f]).services
+    assert svc.task.resources.reservations.generic_resources == {"gpu": 2, "SSD": 1}
+    path = "services.web.deploy.resources.reservations.generic_resources"
+    for entry, where in (("- named_resource_spec: {kind: gpu, value: a}", f"{path}[0]"),
+                         ("- discrete_resource_spec: {kind: gpu}",
+                          f"{path}[0].discrete_resource_spec"),
+                         ("- discrete_resource_spec: {kind: gpu, value: x}",
+                          f"{path}[0].discrete_resource_spec.value"),
+                         ("- discrete_resource_spec: {kind: 'a b', value: 1}", path)):
+        f.write_text("services:\n  web:\n    image: busybox\n    deploy:\n      resources:\n"
+                     f"        reservations:\n          generic_resources:\n            {entry}\n")
+        with pytest.raises(ComposeError) as exc:
+            load_stack("s", [f])
+        assert str(exc.value).startswith(where + ":"), str(exc.value)
+
+
+def test_node_update_adds_named_ids_and_counts_and_refuses_mixing_them() -> None:
+    res = generic.updated({}, ["GPU=a", "GPU=b", "ssd=3", "gpu=c"], [])
+    assert res == {"GPU": ["a", "b", "c"], "ssd": 3}
+    assert generic.updated(res, ["SSD=1"], ["gpu=b"]) == {"GPU": ["a", "c"], "ssd": 1}
+    assert generic.updated(res, [], ["GPU"]) == {"ssd": 3}
+    for add, rm, field, says in (
+            (["GPU=4"], [], "generic_resource_add", "holds named IDs"),
+            (["ssd=x"], [], "generic_resource_add", "is a count on this node"),
+            (["bad kind=1"], [], "generic_resource_add", "invalid kind"),
+            (["gpu="], [], "generic_resource_add", "expected KIND=VALUE"),
+            (["gpu=a b"], [], "generic_resource_add", "invalid ID"),
+            ([], ["fpga"], "generic_resource_rm", "has no generic resource 'fpga'"),
+            ([], ["gpu=z"], "generic_resource_rm", "has no ID 'z'")):
+        with pytest.raises(ValidationError) as exc:
+            generic.updated(res, add, rm)
+        assert exc.value.field == field and says in exc.value.message, exc.value.message
+
+
+def test_the_node_update_command_is_checked_and_applied_and_records_without_it_read() -> None:
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SCHEMA})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER)
+    assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    for bad in ({"gpu": []}, {"gpu": -1}, {"gpu": ["a", "a"]}, {"gpu": 1, "GPU": 2}, "x"):
+        err = st.apply({"op": "node_update", "id": "n1", "now": 2.0,
+                        "generic_resources": bad})["error"]
+        assert err["field"].startswith("generic_resources"), err
+    assert st.nodes["n1"].generic_resources == {}
+    assert "ok" in st.apply({"op": "node_update", "id": "n1", "now": 2.0,
+                             "generic_resources": {"GPU": ["a", "b"], "ssd": 2}})
+    assert st.nodes["n1"].generic_resources == {"GPU": ["a", "b"], "ssd": 2}
+    plain = to_dict(st.nodes["n1"])
+    assert node_from_dict(plain) == st.nodes["n1"]
+    del plain["generic_resources"]  # (a record written before schema 10)
+    assert node_from_dict(plain).generic_resources == {}
+    assert node_from_dict({**plain, "generic_resources": {"x": {"?": 1}}}).generic_resources \
+        == {}
+
+
+def test_schema_10s_generic_resources_wait_for_every_node_to_read_them() -> None:
+    """A schema-9 replica's decoder does not know the spec field, and its state machine
+    would apply a node update without the node's resources: both are refused naming the
+    field on propose and by the state machine until the schema is 10."""
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": _spec({"gpu": 1})}
+    field = "task.resources.reservations.generic_resources"
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 9)
+    assert exc.value.field == field and "schema 10" in exc.value.message
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": 9})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER)
+    st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    assert st.apply(cmd)["error"]["field"] == field
+    update = {"op": "node_update", "id": "n1", "now": 2.0, "generic_resources": {"gpu": 1}}
+    err = st.apply(update)["error"]
+    assert err["field"] == "generic_resources" and "schema 10" in err["message"]
+    plain = {"op": "service_create", "id": "s2", "now": 1.0,
+             "spec": {"name": "p", "task": {"container": {"command": ["sh"]}}}}
+    assert "generic_resources" not in str(encode_command(plain, {}, 9))
+    st.apply({"op": "cluster_schema", "schema": 10})
+    assert encode_command(cmd, {}, 10) == cmd and "ok" in st.apply(cmd)
+    assert "ok" in st.apply(update) and st.nodes["n1"].generic_resources == {"gpu": 1}
+
+
+# ------------------------------------------------------------------ scheduler and worker
+
+def test_claim_takes_free_named_ids_and_gives_discrete_counts() -> None:
+    res: dict[str, int | list[str]] = {"GPU": ["a", "b", "c"], "ssd": 4}
+    held = [{"DOCKER_RESOURCE_GPU": "a"}, {"OTHER": "b"}]
+    assert claim(res, {"gpu": 2, "SSD": 3}, held) == {"DOCKER_RESOURCE_GPU": "b,c",
+                                                      "DOCKER_RESOURCE_SSD": "3"}
+    with pytest.raises(NoFreeResource, match="gpu: the task needs 3, 2 of the node's 3"):
+        claim(res, {"gpu": 3}, held)
+    with pytest.raises(NoFreeResource, match="fpga: this node advertises none"):
+        claim(res, {"fpga": 1}, [])
+
+
+async def _gpu_lab(tmp_path: Path) -> Lab:
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n2", generic_resources={"GPU": ["a", "b"]})
+    return lab
+
+
+def _env(lab: Lab, nid: str, tid: str) -> dict[str, str]:
+    return dict(lab.runtimes[nid].config(tid).env)
+
+
+async def test_a_node_with_two_gpus_runs_two_one_gpu_tasks_and_the_third_waits(
+        tmp_path: Path) -> None:
+    """Each task gets its own ID in DOCKER_RESOURCE_GPU; the third is PENDING saying why;
+    a task that ends frees its unit (and its ID) for the one waiting."""
+    lab = await _gpu_lab(tmp_path)
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=3))
+    await lab.settle()
+    placed = [t for t in lab.tasks("gpu") if t.node_id]
+    assert [t.node_id for t in placed] == ["n2", "n2"]
+    assert sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in placed) == ["a", "b"]
+    (waiting,) = [t for t in lab.tasks("gpu") if not t.node_id]
+    assert waiting.status.state is TaskState.PENDING
+    assert waiting.status.message == ("no suitable node (insufficient generic resource gpu "
+                                      "2/2)")
+    lab.exit(placed[0], 1)  # ends: its GPU is free again, for the waiting task or its own
+    await lab.settle()
+    live = [t for t in lab.live("gpu") if t.status.state is TaskState.RUNNING]
+    assert len(live) == 2
+    assert sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in live) == ["a", "b"]
+
+
+async def test_discrete_counts_and_kinds_that_differ_only_in_case(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n1", generic_resources={"SSD": 3})
+    await lab.services.create_service(_spec({"ssd": 2}, replicas=2))
+    await lab.settle()
+    (placed,) = [t for t in lab.tasks("gpu") if t.node_id]
+    assert placed.node_id == "n1" and _env(lab, "n1", placed.id)["DOCKER_RESOURCE_SSD"] == "2"
+    (waiting,) = [t for t in lab.tasks("gpu") if not t.node_id]
+    assert "insufficient generic resource ssd 2/2" in waiting.status.message
+
+
+async def test_a_global_task_waits_on_a_node_without_the_resource(tmp_path: Path) -> None:
+    lab = await _gpu_lab(tmp_path)
+    await lab.services.create_service(_spec({"gpu": 2}, type="global"))
+    await lab.settle()
+    assert lab.running_on("gpu") == ["n2"]
+    (waiting,) = [t for t in lab.tasks("gpu") if t.node_id == "n1"]
+    assert waiting.status.state is TaskState.PENDING
+    assert "insufficient generic resource gpu" in waiting.status.message
+
+
+async def test_the_ids_a_running_task_holds_survive_an_agent_restart(tmp_path: Path) -> None:
+    """A new worker (the agent restarted; its tasks kept running) learns which IDs its
+    running tasks hold from their environment: a new task gets the free one."""
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n2", generic_resources={"GPU": ["a", "b", "c"]})
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=2))
+    await lab.settle()
+    held = {_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in lab.live("gpu")}
+    assert len(held) == 2
+    lab.workers["n2"] = Worker("n2", lab.store, lab.runtimes["n2"], asyncio.Event())
+    await lab.services.scale_service("gpu", 3)
+    await lab.settle()
+    got = sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in lab.live("gpu"))
+    assert got == ["a", "b", "c"]
+
+
+async def test_a_start_with_no_free_id_fails_the_task_saying_why(tmp_path: Path) -> None:
+    """The scheduler counted a free unit, but the node's IDs changed under it (here: a
+    task the leader does not count holds the only ID): the task is rejected, saying so."""
+    lab = await _gpu_lab(tmp_path)
+    await lab.node_update("n2", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=1))
+    await lab.leader.one_pass()
+    (task,) = lab.tasks("gpu")
+    assert task.node_id == "n2"
+    lab.workers["n2"].claims.starting["stray"] = {"DOCKER_RESOURCE_GPU": "a"}
+    await lab.workers["n2"].reconcile()
+    await lab.workers["n2"].wait_started()
+    (task,) = lab.tasks("gpu")
+    assert task.status.state is TaskState.REJECTED
+    assert "generic resource gpu: the task needs 1, 0 of the node's 1 IDs are free" in \
+        task.status.message
+
+
+async def test_node_update_through_the_control_plane_and_node_inspect(tmp_path: Path) -> None:
+    """`node update --generic-resource-add/-rm` (the API's body) changes the node's record;
+    `node inspect` shows it and what live tasks reserve; a bad value is a 400 naming the
+    field, and nothing changes."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    nodes = Nodes(lab.ctx, GossipControl(lab.ctx, Security(lab.ctx), lambda: None),
+                  VoterChanges(10.0))
+    out = await nodes.update_node("n1", {"generic_resource_add": ["GPU=a", "GPU=b",
+                                                                  "ssd=2"]})
+    assert out["resources"]["generic_resources"] == {"GPU": ["a", "b"], "ssd": 2}
+    with pytest.raises(BadRequest) as exc:
+        await nodes.update_node("n1", {"generic_resource_add": ["GPU=3"]})
+    assert exc.value.field == "generic_resource_add"
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    out = await nodes.node("n1")
+    assert out["resources"]["reserved_generic_resources"] == {"gpu": 1}
+    out = await nodes.update_node("n1", {"generic_resource_rm": ["GPU=a", "ssd"]})
+    assert out["resources"]["generic_resources"] == {"GPU": ["b"]}
+    lab.store.state.cluster.schema = 9  # (a cluster whose nodes do not all read it yet)
+    with pytest.raises(BadRequest) as exc:
+        await nodes.update_node("n1", {"generic_resource_rm": ["GPU"]})
+    assert exc.value.field == "generic_resource_rm" and "schema 10" in str(exc.value)
+
+
+def test_schedule_is_pure_and_counts_what_placed_tasks_hold() -> None:
+    """The pure scheduler alone: a node with gpu=2 (named) takes two 1-gpu tasks of one
+    pass, and none of a third."""
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SCHEMA})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER, generic_resources={"gpu": ["x", "y"]})
+    st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": _spec({"GPU": 1})})
+    from shoal.raft.models import Service, template_task
+    svc: Service = st.services["s1"]
+    pending = [template_task(svc, f"t{i}", i, 1.0) for i in range(1, 4)]
+    plan = schedule(st.snapshot(), pending)
+    assert plan.assignments == [("t1", "n1"), ("t2", "n1")]
+    assert plan.unschedulable == [("t3", "no suitable node (insufficient generic resource "
+                                         "gpu 1/1)")]
