@@ -137,6 +137,8 @@ def test_the_node_update_command_is_checked_and_applied_and_records_without_it_r
     assert st.nodes["n1"].generic_resources == {"GPU": ["a", "b"], "ssd": 2}
     plain = to_dict(st.nodes["n1"])
     assert node_from_dict(plain) == st.nodes["n1"]
+    from shoal.raft.wire import state_from_bytes, state_to_bytes
+    assert state_from_bytes(state_to_bytes(st)).nodes == st.nodes  # (a snapshot, a dump)
     del plain["generic_resources"]  # (a record written before schema 10)
     assert node_from_dict(plain).generic_resources == {}
     assert node_from_dict({**plain, "generic_resources": {"x": {"?": 1}}}).generic_resources \
