@@ -114,6 +114,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       raft_port=args.raft_port, remote_api_port=args.remote_api_port,
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
                       cgroup_parent=args.cgroup_parent,
+                      generic_resources=tuple(args.generic_resource),
                       raft=RaftConfig().scaled(args.raft_multiplier),
                       cert_lifetime=args.cert_lifetime,
                       cert_renew_fraction=args.cert_renew_fraction,

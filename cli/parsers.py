@@ -196,6 +196,11 @@ def _agent_parser(sub: Any) -> None:
                    "raft_multiplier: 1 fails over in ~0.6 s; 2 halves idle Raft traffic and "
                    "CPU and takes ~1 s; give every manager the same N")
     a.add_argument("--hostname", default=None, help="node name shown in `node ls`")
+    a.add_argument("--generic-resource", action="append", default=[], metavar="KIND=VALUE",
+                   help="a generic resource this node advertises when it joins (Swarm's "
+                   "node-generic-resources): VALUE all digits = the kind's count (SSD=3), "
+                   "else one named ID (GPU=UUID1; repeat for more); later changes: "
+                   "`node update --generic-resource-add/-rm`")
     a.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",

@@ -14,7 +14,7 @@ from netlab import Host, Lab, pid_alive, wait_until
 
 pytestmark = pytest.mark.netns
 
-REASON = "no suitable node (insufficient generic resource gpu 2/2)"
+REASON = "no suitable node (insufficient generic resource gpu 3/3)"
 
 
 def live(host: Host, service: str) -> list[dict[str, Any]]:
@@ -32,13 +32,17 @@ def gpu_of(pid: int) -> str:
 
 def test_named_gpus_go_one_per_task_and_the_rest_wait_saying_why(
         lab_factory: Callable[..., Lab]) -> None:
-    """A node advertising GPU=a and GPU=b runs two of three 1-gpu tasks, each with its own
+    """A node given SSD=2 by its agent's flag advertises it; a node advertising GPU=a and
+    GPU=b (`node update`) runs two of three 1-gpu tasks, each with its own
     ID; the third is pending with the reason; scaled to 2 all run; taking the node's GPUs
     away keeps the running tasks running (shoal's rule, docs/architecture.md) and places no
     new one."""
-    lab = lab_factory(2)
-    lab.form_cluster(managers=1, workers=1)
-    h1, h2 = lab.hosts
+    lab = lab_factory(3)
+    h1, h2, h3 = lab.hosts
+    h3.agent_args = ("--generic-resource", "SSD=2")  # (Swarm's node-generic-resources)
+    lab.form_cluster(managers=1, workers=2)
+    (node,) = h1.cli_json("node", "inspect", h3.name)
+    assert node["resources"]["generic_resources"] == {"SSD": 2}
     h1.cli("node", "update", "--generic-resource-add", "GPU=a", "--generic-resource-add",
            "GPU=b", h2.name)
     (node,) = h1.cli_json("node", "inspect", h2.name)
