@@ -2,8 +2,10 @@
 gets, and the ``DOCKER_RESOURCE_<KIND>`` variables that tell the task.
 
 Owns: ``claim`` (a pure function: the node's resources, the task's reservation and the
-environments of the tasks that hold IDs now → the task's variables, or NoFreeResource) and
-``Claims``, the worker's bookkeeping of what its starts in flight took. Must not touch:
+environments of the tasks that hold IDs now → the task's variables; a StartError, the task
+failing to start saying which kind, when too few are free: the scheduler counted otherwise,
+so the node's resources changed since) and ``Claims``, the worker's bookkeeping of what
+its starts in flight took. Must not touch:
 the scheduler's counting (shoal.node.scheduler: it places a task only where enough units
 are free, so a start finds enough), the store, the runtime (the worker passes in what it
 read from it).
@@ -24,23 +26,18 @@ from shoal.raft import generic
 from shoal.runtime.errors import StartError
 
 
-class NoFreeResource(StartError):
-    """The node has too few free units of a kind the task reserves (the scheduler counted
-    otherwise: the node's resources changed since, or a task holds IDs the leader counts as
-    free): the task fails to start, saying which."""
-
-
 def claim(res: Mapping[str, int | list[str]], need: Mapping[str, int],
           held: Iterable[Mapping[str, str]]) -> dict[str, str]:
     """The variables of a task reserving ``need`` (kind → count) on a node advertising
     ``res``; ``held``: the environments of the node's other live tasks (their
-    ``DOCKER_RESOURCE_*`` name the IDs they hold). Named IDs are taken in the node's order."""
+    ``DOCKER_RESOURCE_*`` name the IDs they hold). Named IDs are taken in the node's order.
+    StartError when the node lacks the kind or too few of its IDs are free."""
     env: dict[str, str] = {}
     others = list(held)
     for kind, n in need.items():
         have = generic.find(res, kind)
         if have is None:
-            raise NoFreeResource(f"generic resource {kind}: this node advertises none (`shoal "
+            raise StartError(f"generic resource {kind}: this node advertises none (`shoal "
                                  f"node update --generic-resource-add {kind}=...`)")
         value = res[have]
         if isinstance(value, int):
@@ -49,7 +46,7 @@ def claim(res: Mapping[str, int | list[str]], need: Mapping[str, int],
         taken = {i for e in others for i in generic.held_ids(e, kind)}
         free = [i for i in value if i not in taken]
         if len(free) < n:
-            raise NoFreeResource(f"generic resource {kind}: the task needs {n}, {len(free)} of "
+            raise StartError(f"generic resource {kind}: the task needs {n}, {len(free)} of "
                                  f"the node's {len(value)} IDs are free")
         env[generic.env_name(kind)] = ",".join(free[:n])
     return env

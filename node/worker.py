@@ -406,8 +406,8 @@ class Worker:
 
     def _generic_env(self, task: Task) -> dict[str, str]:
         """The task's DOCKER_RESOURCE_* variables: the named IDs of its node it takes, free of
-        the node's other live tasks and starts (shoal.node.generic); NoFreeResource (a
-        StartError: the task is rejected, saying which kind) when too few are free."""
+        the node's other live tasks and starts (shoal.node.generic); a StartError (the task
+        is rejected, saying which kind) when too few are free."""
         need = task.spec.resources.reservations.generic_resources
         if not need:
             return {}

@@ -37,8 +37,9 @@ Schema history::
        (1, 2, 4); a schema-8 leader would refill the holes and drop the highest slots.
     10 generic resources (Swarm's ``--generic-resource``):
        ``task.resources.reservations.generic_resources``, and a node's
-       ``generic_resources`` set by ``node update`` (the ``node_update`` command's field,
-       ``GATED_NODE_FIELDS``: a schema-9 replica would apply the command without it).
+       ``generic_resources`` set by ``node update`` or at join (the ``node_update`` and
+       ``node_add`` commands' field, ``GATED_NODE_FIELDS``: a schema-9 replica applies the
+       command without it, so today's does too below schema 10, and a proposal is refused).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -106,7 +107,9 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an
-# older node's state machine would drop without a word: field → the schema that keeps them
+# older node's state machine drops without a word: field → the schema that keeps them. A
+# command that sets one is refused naming it on propose (``encode_command``) while the
+# cluster writes an older schema; the state machine then ignores it, as the older one does
 GATED_NODE_FIELDS: dict[str, int] = {"generic_resources": GENERIC}
 # top-level commands an older node does not know: the schema from which they may be written
 GATED_COMMANDS: dict[str, int] = {"task_statuses": 3, "cluster_update": 8}
@@ -214,6 +217,13 @@ def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any],
     ``SCHEMA``: specs without the ``GATED`` fields it cannot read (ValidationError naming
     one that is used). Commands without specs are returned unchanged."""
     op = cmd.get("op")
+    if op in ("node_add", "node_update"):  # (a node record's later fields: refused by name)
+        fields = cmd.get("node") if op == "node_add" else cmd
+        used = {k for k in GATED_NODE_FIELDS if isinstance(fields, dict) and fields.get(k)}
+        err = node_refusal(used, writes)
+        if err is not None:
+            raise err
+        return cmd
     if writes >= NESTED:
         return _gate_command(cmd, writes)
     if op in ("service_create", "service_update") and isinstance(cmd.get("spec"), dict):

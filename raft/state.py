@@ -329,8 +329,11 @@ class ClusterState:
     # --- nodes
     def _node_add(self, cmd: dict[str, Any]) -> None:
         node = node_from_dict(cmd["node"])
-        if cmd["node"].get("generic_resources"):
-            node = replace(node, generic_resources=self._generic(cmd["node"]["generic_resources"]))
+        if self.cluster.schema < schema_mod.GENERIC:  # (as an older replica reads the node)
+            node = replace(node, generic_resources={})
+        elif cmd["node"].get("generic_resources"):
+            node = replace(node, generic_resources=generic.check_node(
+                cmd["node"]["generic_resources"], "node.generic_resources"))
         if not ID_RE.match(node.id):
             raise Rejected("invalid", f"node id {node.id!r} is invalid", "node.id")
         now = float(cmd["now"])
@@ -361,17 +364,11 @@ class ClusterState:
             changes["role"] = NodeRole(cmd["role"])
         if "labels" in cmd:
             changes["labels"] = dict(cmd["labels"])
-        if "generic_resources" in cmd:  # (the whole new set: shoal.raft.generic.updated)
-            changes["generic_resources"] = self._generic(cmd["generic_resources"])
+        if "generic_resources" in cmd and self.cluster.schema >= schema_mod.GENERIC:
+            # (the whole new set: shoal.raft.generic.updated; below schema 10 ignored, as an
+            # older replica ignores it: shoal.raft.schema.GATED_NODE_FIELDS)
+            changes["generic_resources"] = generic.check_node(cmd["generic_resources"])
         self.nodes[node.id] = replace(node, updated_at=float(cmd["now"]), **changes)
-
-    def _generic(self, res: Any) -> dict[str, int | list[str]]:
-        """A node's generic resources in a command: refused as an older replica would drop
-        them while the cluster's schema is older (shoal.raft.schema.GATED_NODE_FIELDS)."""
-        err = schema_mod.node_refusal(("generic_resources",), self.cluster.schema)
-        if err is not None:
-            raise err
-        return generic.check_node(res)
 
     def _node_remove(self, cmd: dict[str, Any]) -> None:
         node = self._node(cmd["id"])

@@ -20,7 +20,7 @@ from shoal.cli.main import build_parser
 from shoal.node.context import VoterChanges
 from shoal.node.control.nodes import Nodes
 from shoal.node.errors import BadRequest
-from shoal.node.generic import NoFreeResource, claim
+from shoal.node.generic import claim
 from shoal.node.membership import GossipControl
 from shoal.node.scheduler import schedule
 from shoal.node.security import Security
@@ -31,6 +31,7 @@ from shoal.raft.models import Node, NodeRole, TaskState, node_from_dict, to_dict
 from shoal.raft.schema import SCHEMA, encode_command
 from shoal.raft.state import ClusterState
 from shoal.raft.validate import validate_spec
+from shoal.runtime.errors import StartError
 
 
 def _spec(res: Any, **mode: Any) -> dict[str, Any]:
@@ -146,9 +147,11 @@ def test_the_node_update_command_is_checked_and_applied_and_records_without_it_r
 
 
 def test_schema_10s_generic_resources_wait_for_every_node_to_read_them() -> None:
-    """A schema-9 replica's decoder does not know the spec field, and its state machine
-    would apply a node update without the node's resources: both are refused naming the
-    field on propose and by the state machine until the schema is 10."""
+    """A schema-9 replica's decoder does not know the spec field: refused naming it on
+    propose and by the state machine. Its state machine applies a node update or a node add
+    without the node's resources: refused naming the field on propose, and today's state
+    machine applies such a command as the schema-9 one does (without them), so every
+    replica holds the same record; at schema 10 they are written and applied."""
     cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": _spec({"gpu": 1})}
     field = "task.resources.reservations.generic_resources"
     with pytest.raises(ValidationError) as exc:
@@ -161,14 +164,27 @@ def test_schema_10s_generic_resources_wait_for_every_node_to_read_them() -> None
                 role=NodeRole.MANAGER)
     st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
     assert st.apply(cmd)["error"]["field"] == field
-    update = {"op": "node_update", "id": "n1", "now": 2.0, "generic_resources": {"gpu": 1}}
-    err = st.apply(update)["error"]
-    assert err["field"] == "generic_resources" and "schema 10" in err["message"]
+    update = {"op": "node_update", "id": "n1", "now": 2.0, "generic_resources": {"gpu": 1},
+              "labels": {"zone": "b"}}
+    joined = {"op": "node_add", "now": 2.0, "node": {**to_dict(node), "id": "n2",
+                                                     "addr": "10.0.0.2",
+                                                     "generic_resources": {"ssd": 2}}}
+    for cmd9 in (update, joined):
+        with pytest.raises(ValidationError) as exc:
+            encode_command(cmd9, {}, 9)
+        assert exc.value.field == "generic_resources" and "schema 10" in exc.value.message
+        with pytest.raises(ValidationError):
+            encode_command(cmd9, {}, 1)  # (a cluster 0.1 made: the same)
+        assert "ok" in st.apply(cmd9)
+    assert st.nodes["n1"].labels == {"zone": "b"}  # (the rest applied, as schema 9 does)
+    assert st.nodes["n1"].generic_resources == {} == st.nodes["n2"].generic_resources
+    assert encode_command({**update, "generic_resources": {}}, {}, 9)  # (none used: as is)
     plain = {"op": "service_create", "id": "s2", "now": 1.0,
              "spec": {"name": "p", "task": {"container": {"command": ["sh"]}}}}
     assert "generic_resources" not in str(encode_command(plain, {}, 9))
     st.apply({"op": "cluster_schema", "schema": 10})
     assert encode_command(cmd, {}, 10) == cmd and "ok" in st.apply(cmd)
+    assert encode_command(update, {}, 10) == update
     assert "ok" in st.apply(update) and st.nodes["n1"].generic_resources == {"gpu": 1}
 
 
@@ -179,9 +195,9 @@ def test_claim_takes_free_named_ids_and_gives_discrete_counts() -> None:
     held = [{"DOCKER_RESOURCE_GPU": "a"}, {"OTHER": "b"}]
     assert claim(res, {"gpu": 2, "SSD": 3}, held) == {"DOCKER_RESOURCE_GPU": "b,c",
                                                       "DOCKER_RESOURCE_SSD": "3"}
-    with pytest.raises(NoFreeResource, match="gpu: the task needs 3, 2 of the node's 3"):
+    with pytest.raises(StartError, match="gpu: the task needs 3, 2 of the node's 3"):
         claim(res, {"gpu": 3}, held)
-    with pytest.raises(NoFreeResource, match="fpga: this node advertises none"):
+    with pytest.raises(StartError, match="fpga: this node advertises none"):
         claim(res, {"fpga": 1}, [])
 
 
