@@ -213,12 +213,15 @@ def _limit(n: int) -> str:
 def _resources(res: Rec) -> list[str]:
     limits, reserved = res.get("limits") or {}, res.get("reservations") or {}
     lines: list[str] = []
-    if reserved.get("cpu") or reserved.get("memory"):
+    generic = reserved.get("generic_resources") or {}
+    if reserved.get("cpu") or reserved.get("memory") or generic:
         lines.append(" Reservations:")
         if reserved.get("cpu"):
             lines.append(f"  CPU:\t\t{reserved['cpu']:g}")
         if reserved.get("memory"):
             lines.append(f"  Memory:\t{_size(reserved['memory'])}")
+        for kind, n in generic.items():  # (docker's "Generic Resources" lines)
+            lines.append(f"  {kind}:\t\t{n}")
     if limits.get("cpu") or limits.get("memory") or limits.get("pids"):
         lines.append(" Limits:")
         if limits.get("cpu"):
