@@ -62,6 +62,7 @@ def test_generic_resources_in_both_pretty_views() -> None:
     assert " Reservations:" in lines and "  gpu:\t\t2" in lines
     rec = {"id": "a1", "hostname": "h1", "addr": "10.77.0.11", "role": "worker",
            "state": "ready", "availability": "active", "manager_status": "", "tasks": 1,
+           "created_at": 1796597127.48,
            "resources": {"memory_bytes": 1 << 30, "cpus": 2.0,
                          "generic_resources": {"GPU": ["a", "b"], "ssd": 3},
                          "reserved_generic_resources": {"gpu": 1}}}
