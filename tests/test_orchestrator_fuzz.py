@@ -1,16 +1,19 @@
 """The replicated orchestrator under random histories: scales, updates (stop-first and
 start-first), rollbacks, nodes going down and coming back, drains and pauses, tasks failing
-or exiting, restart policies, a per-node limit, history limits, leader batches cut short,
-with and without the leader's PassIndex, at schema 8 and 9 and with the schema raised on
-the way. The state machine, the leader's passes (node/leader.py plan_pass, with node
-liveness) and fake agents in one process: no network, no root. Seeded: a failure names its
-seed, and ``python tests/test_orchestrator_fuzz.py SEED SCHEMA`` prints its history.
+or exiting, preparing (an image pull) or health-checked (starting, then healthy or
+unhealthy and stopped), restart policies, a per-node limit (lowered by updates), history
+limits, leader batches cut short, with and without the leader's PassIndex, at schema 8 and
+9 and with the schema raised on the way. The state machine, the leader's passes
+(node/leader.py plan_pass, with node liveness) and fake agents in one process: no network,
+no root. Seeded: a failure names its seed, and ``python tests/test_orchestrator_fuzz.py
+SEED SCHEMA [global]`` prints its history.
 
 What must hold in every pass: the leader's PassIndex changes nothing (the same ops as a
 pass over the whole state); no task is made in a slot the same pass removes, nor (schema 9)
 under a new slot number while enough slots are in use — a slot keeps its number through
-restarts, lost nodes and rollouts — nor (stop-first) beside a task still stopping; a
-scale-down leaves no node with 2 more of the kept slots than one that lost a slot; after a
+restarts, lost nodes and rollouts, and new numbers are the lowest free ones — nor
+(stop-first) beside a task still stopping; a scale-down leaves no node with 2 more of the
+kept slots than one that lost a slot; after a
 batch committed whole, a slot has at most one old and one new live task. And once every
 node is back, active and the agents report everything: the leader goes quiet; as many slots
 are in use as replicas (schema 8: all within 1..replicas); a slot has one live task (two
@@ -39,7 +42,16 @@ import pytest
 from shoal.node.leader import PassIndex, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.scheduler import unsatisfied
-from shoal.raft.models import Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, to_dict
+from shoal.raft.models import (
+    Health,
+    Node,
+    NodeAvailability,
+    NodeRole,
+    NodeState,
+    Task,
+    TaskState,
+    to_dict,
+)
 from shoal.raft.schema import SLOT_HOLES
 from shoal.raft.state import ClusterState
 
@@ -81,6 +93,7 @@ class Run:
         # (global: a zone constraint, and a reservation that fits once per node or not)
         self.constraints = r.choice([[], ["node.labels.zone==a"], ["node.labels.zone!=b"]])
         self.reserve = r.choice([0, 0, 300, 600]) << 20
+        self.checked = r.random() < 0.3  # (a health check: up = healthy, not just running)
         assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0,
                                  "spec": self.spec(r.randint(1, 6))})
 
@@ -95,15 +108,18 @@ class Run:
     def spec(self, replicas: int) -> dict[str, Any]:
         update = {"order": self.order, "parallelism": self.parallelism,
                   "failure_action": "continue", "monitor": 1.0}
+        container: dict[str, Any] = {"command": ["sleep", str(self.command)]}
+        if self.checked:
+            container["healthcheck"] = {"command": "true", "interval": 1.0}
         if self.glob:
             return {"name": "web", "mode": {"type": "global"},
-                    "task": {"container": {"command": ["sleep", str(self.command)]},
+                    "task": {"container": container,
                              "restart": self.restart,
                              "placement": {"constraints": self.constraints},
                              "resources": {"reservations": {"memory": self.reserve}}},
                     "update": update}
         return {"name": "web", "mode": {"replicas": replicas},
-                "task": {"container": {"command": ["sleep", str(self.command)]},
+                "task": {"container": container,
                          "restart": self.restart,
                          "placement": {"max_replicas": self.max_per_node}},
                 "update": update}
@@ -162,9 +178,13 @@ class Run:
         if snap.cluster.schema >= SLOT_HOLES:
             before = self.in_use()
             replicas = snap.services["s1"].spec.mode.replicas
-            fresh = [s for s in created if s not in before]
+            fresh = sorted(s for s in created if s not in before)
             assert not fresh or len(before) < replicas, (
                 self.seed, "a new slot number while enough are in use", fresh, before)
+            free = [n for n in range(1, replicas + len(before) + 1) if n not in before]
+            assert set(fresh) <= set(free[:replicas - len(before)]), (
+                self.seed, "a scale-up that does not fill the lowest free numbers", fresh,
+                sorted(before))
         if self.order == "stop-first":
             self._no_start_beside_a_stopping_task(snap, ops, set(created), lambda t: t.slot)
         if removed:
@@ -228,24 +248,35 @@ class Run:
                 seen.add(key)
 
     def agents(self, p: float = 0.7, fail: float = 0.1) -> None:
-        """Each placed task's node reports (with probability ``p``): a wanted one starts,
-        and sometimes fails or exits; an unwanted one stops."""
+        """Each placed task's node reports (with probability ``p``): a wanted one starts
+        (sometimes preparing first, as an image pull), with a health check starting before
+        it turns healthy or unhealthy (then the node stops it: failed), and sometimes
+        fails or exits; an unwanted one stops."""
         r = self.r
         for t in sorted(self.st.tasks.values(), key=lambda t: t.id):
             if t.status.state.terminal or not t.node_id or t.node_id in self.down or \
                     r.random() > p:
                 continue
+            checked = bool(t.spec.container.healthcheck.command)
+            health, now = "", t.status.health
             if not t.alive:
                 state = TaskState.SHUTDOWN
+            elif t.status.state < TaskState.PREPARING and r.random() < fail * 2:
+                state = TaskState.PREPARING
             elif t.status.state < TaskState.RUNNING:
+                state, health = TaskState.RUNNING, "starting" if checked else ""
+            elif now is Health.UNHEALTHY:
+                state = TaskState.FAILED
+            elif now is Health.STARTING and r.random() < 0.7:
                 state = TaskState.RUNNING
-            elif r.random() < fail:
+                health = "unhealthy" if r.random() < fail else "healthy"
+            elif r.random() < fail and now is not Health.STARTING:
                 state = r.choice([TaskState.FAILED, TaskState.COMPLETE])
             else:
                 continue
             self.st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
                            "now": self.now, "status": {
-                               "state": int(state), "timestamp": self.now,
+                               "state": int(state), "timestamp": self.now, "health": health,
                                "exit_code": 0 if state is TaskState.COMPLETE else 1}})
 
     def history(self) -> None:
@@ -278,6 +309,8 @@ class Run:
                 if self.glob and r.random() < 0.3:
                     self.constraints = r.choice([[], ["node.labels.zone==a"]])
                     self.reserve = r.choice([0, 600]) << 20
+                elif r.random() < 0.3:  # (a lowered limit moves the tasks over it)
+                    self.max_per_node = r.choice([0, 1, 2, 3])
                 st.apply({"op": "service_update", "id": "s1", "now": self.now,
                           "spec": self.spec(replicas)})
                 self.trace.append(("update", replicas))
@@ -342,7 +375,8 @@ def _check(run: Run) -> None:
     for t in live:
         if t.node_id:  # (placed)
             on[t.node_id] = on.get(t.node_id, 0) + 1
-    assert not run.max_per_node or max(on.values(), default=0) <= run.max_per_node, (
+    limit = svc.spec.task.placement.max_replicas  # (a rollback may have restored another)
+    assert not limit or max(on.values(), default=0) <= limit, (
         run.seed, "more live tasks on a node than the limit", on)
     history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
     ended: dict[int, int] = {}
@@ -350,7 +384,7 @@ def _check(run: Run) -> None:
         if t.status.state.terminal:
             ended[t.slot] = ended.get(t.slot, 0) + 1
     assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
-    if not run.restart and not run.max_per_node:
+    if not run.restart and not limit:
         wanted = run.in_use() if run.st.cluster.schema >= SLOT_HOLES else \
             set(range(1, replicas + 1))
         assert set(per_slot) == wanted, (run.seed, sorted(per_slot), sorted(wanted))
