@@ -64,8 +64,8 @@ def add_image_save(isub: Any) -> None:
                          "save: an OCI image layout with docker's manifest.json)")
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout, "
                     "which must not be a terminal)")
-    sp.add_argument("refs", nargs="+", metavar="IMAGE", help="NAME[:TAG], an id or an id "
-                    "prefix")
+    sp.add_argument("refs", nargs="+", metavar="IMAGE", help="NAME:TAG, NAME (every tag "
+                    "of the repository, as docker save), an id or an id prefix")
 
 
 def run_save(c: Any, args: argparse.Namespace) -> None:

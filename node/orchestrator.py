@@ -577,7 +577,8 @@ def _reconcile_per_node(
                              placing().reserved[nid], 0) is None
 
         rollout = plan_rollout(svc, tasks, alive, now, nodes, wanted=len(eligible),
-                               new_id=new_id, room_on=room_on, schema=schema)
+                               new_id=new_id, room_on=room_on, schema=schema,
+                               eligible=frozenset(eligible))
         ops += rollout.ops
         wake_at, paired = rollout.wake_at, rollout.paired
         for op in rollout.ops:  # (start-first's new tasks reserve on their nodes too)

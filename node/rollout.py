@@ -91,7 +91,8 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                  wanted: int | None = None,
                  new_id: Callable[[], str] | None = None,
                  room_on: Callable[[str], bool] | None = None,
-                 schema: int = SCHEMA, slots: Collection[int] | None = None) -> Rollout:
+                 schema: int = SCHEMA, slots: Collection[int] | None = None,
+                 eligible: Collection[str] | None = None) -> Rollout:
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
@@ -106,7 +107,8 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
       Old tasks still stopping count as in flight, so at most replicas + parallelism tasks
       run (docs/reliability.md). Global: the new task is made on the old one's node (one
       extra task per node at most), unless ``room_on(node)`` says the node cannot hold both
-      (its reserved resources): that node's old task stops first.
+      (its reserved resources), or the node is not among ``eligible`` (the new template's
+      constraints refuse it): that node's old task stops first.
 
     A new task (made since the rollout started) *fails* when it ends on its own or turns
     unhealthy before it came up, or within ``monitor`` after (``rollout_failed``). Once the
@@ -256,9 +258,10 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
             wake_at = due if wake_at is None else min(wake_at, due)
             continue
         room -= 1
-        if per_node and room_on is not None and not room_on(t.node_id):
-            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))  # no room for both
-            continue
+        if per_node and ((room_on is not None and not room_on(t.node_id))
+                         or (eligible is not None and t.node_id not in eligible)):
+            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))  # no room for both, or
+            continue  # no new task there at all
         paired.add(key(t))
         assert new_id is not None  # (start_first)
         where = {"node_id": t.node_id} if per_node else {}

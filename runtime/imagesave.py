@@ -22,7 +22,7 @@ from typing import IO
 
 from shoal.runtime.errors import ImageError
 from shoal.runtime.images import ImageInfo, ImageStore
-from shoal.runtime.reference import parse_reference
+from shoal.runtime.reference import REFERENCE_RE, parse_reference
 from shoal.runtime.registry import MT_OCI_MANIFEST
 from shoal.runtime.regpush import OciImage, oci_image
 
@@ -67,18 +67,41 @@ class Archive:
     names: dict[str, list[str]] = field(default_factory=dict)
 
 
+def _repository_tags(store: ImageStore, ref: str) -> list[tuple[str, ImageInfo]]:
+    """A repository named without a tag or digest (``busybox``): every tag of it in the
+    store, each with its image, as docker save takes such a name (``busybox:1.36`` and
+    ``busybox:latest`` alike); empty for any other reference (``busybox:latest``, an id)."""
+    m = REFERENCE_RE.match(ref)
+    if m is None or m.group("tag") or m.group("digest"):
+        return []
+    try:
+        repo = parse_reference(ref).name
+    except ImageError:
+        return []
+    out = []
+    for info in store.ls():
+        for tag in _tags(list(info.tags)):
+            try:
+                if parse_reference(tag).name == repo:
+                    out.append((tag, info))
+            except ImageError:  # (the store's tags are its own, parsed when made)
+                continue
+    return sorted(out, key=lambda pair: pair[0])
+
+
 def plan(store: ImageStore, refs: list[str],
          platform: tuple[str, str, str] | None = None) -> Archive:
-    """The archive of the images ``refs`` name (tags, ids or id prefixes): each layer is
-    read here (its uncompressed digest), so a missing or unreadable image fails now, before
-    a byte is written (ImageNotFound, OSError)."""
+    """The archive of the images ``refs`` name (tags, a repository's every tag, ids or id
+    prefixes): each layer is read here (its uncompressed digest), so a missing or
+    unreadable image fails now, before a byte is written (ImageNotFound, OSError)."""
     archive = Archive()
     for ref in refs:
-        info = store.inspect(ref)
-        if info.id not in archive.images:
-            archive.images[info.id] = oci_image(store, info, platform)
-        names = archive.names.setdefault(info.id, [])
-        names += [n for n in _names(ref, info) if n not in names]
+        pairs = _repository_tags(store, ref) or [(ref, store.inspect(ref))]
+        for name, info in pairs:
+            if info.id not in archive.images:
+                archive.images[info.id] = oci_image(store, info, platform)
+            names = archive.names.setdefault(info.id, [])
+            names += [n for n in _names(name, info) if n not in names]
     return archive
 
 

@@ -25,6 +25,7 @@ from shoal.node import imageapi
 from shoal.node.api import _body as read_body
 from shoal.node.api import error_middleware
 from shoal.runtime import imagesave
+from shoal.runtime.errors import ImageNotFound
 from shoal.runtime.images import ImageStore
 
 
@@ -185,3 +186,26 @@ async def test_save_refuses_outputs_it_would_replace_and_writes_through_a_link(
     with pytest.raises(CliError, match="cannot write the output after 0 bytes: No space"):
         await asyncio.to_thread(client.download, "/v1/images/save", {"refs": ["app:1"]},
                                 Full())
+
+
+def test_a_repository_named_without_a_tag_saves_every_tag_of_it(tmp_path: Path) -> None:
+    """docker save's rule: ``app`` is every ``app:*`` the node has (not only ``app:latest``,
+    which need not exist), ``app:1`` that tag alone; another repository's tags stay out."""
+    store = ImageStore(tmp_path / "images")
+    for n, ref in enumerate(("app:1", "app:2", "apple:1")):
+        rootfs = tmp_path / f"rootfs{n}"
+        (rootfs / "etc").mkdir(parents=True)
+        (rootfs / "etc" / "which").write_text(ref)
+        store.import_rootfs(ref, rootfs)
+    store.tag("app:1", "reg.example:5000/app:9")  # (another registry: another repository)
+
+    def names(refs: list[str]) -> list[str]:
+        archive = imagesave.plan(store, refs, ("linux", "amd64", ""))
+        return sorted(n for ns in archive.names.values() for n in ns)
+
+    assert names(["app"]) == ["app:1", "app:2"]
+    assert names(["app:2"]) == ["app:2"]
+    assert names(["docker.io/library/app"]) == ["app:1", "app:2"]
+    assert names(["app", "apple"]) == ["app:1", "app:2", "apple:1"]
+    with pytest.raises(ImageNotFound):
+        imagesave.plan(store, ["nothere"])

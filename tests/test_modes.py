@@ -501,6 +501,36 @@ async def test_a_global_start_first_update_runs_old_and_new_side_by_side_on_each
         assert t.id not in ids and lab.runtimes[nid].config(t.id).command == ("v2",)
 
 
+async def test_a_global_start_first_update_adding_a_constraint_stops_the_tasks_it_excludes(
+        tmp_path: Path) -> None:
+    """A start-first update whose new constraint excludes a node stops that node's task and
+    makes no new one there (before: the replacement was made beside the old task, on the
+    node the constraint refuses — found by tests/test_orchestrator_fuzz.py); the other
+    nodes roll start-first and the update completes."""
+    lab = Lab(tmp_path)
+    await lab.boot(2, labels={"zone": "a"})
+    await lab.add_node("n3", labels={"zone": "b"})
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": {"monitor": 0, "order": "start-first"},
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    assert lab.running_on("g") == ["n1", "n2", "n3"]
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    spec["task"]["placement"]["constraints"] = ["node.labels.zone==a"]
+    await lab.services.update_service("g", spec, None)
+    for _ in range(12):
+        await lab.settle(1)
+        assert all(t.node_id != "n3" or t.spec.container.command == ("v1",)
+                   for t in lab.tasks("g")), "a new task made on the excluded node"
+        if lab.view("g")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("g")["update_status"]["state"] == "completed"
+    assert lab.running_on("g") == ["n1", "n2"]
+    assert sorted((t.node_id, t.spec.container.command) for t in lab.live("g")) == [
+        ("n1", ("v2",)), ("n2", ("v2",))]
+
+
 def test_a_schema_1_cluster_refuses_the_new_mode_and_placement_fields() -> None:
     """While a node may still run shoal 0.1 (cluster schema 1), a global service or a
     spread preference is refused, naming the field; a plain replicated one still goes."""

@@ -1,22 +1,33 @@
 """The replicated orchestrator under random histories: scales, updates (stop-first and
 start-first), rollbacks, nodes going down and coming back, drains and pauses, tasks failing
-or exiting, restart policies, a per-node limit, history limits, leader batches cut short,
-with and without the leader's PassIndex, at schema 8 and 9 and with the schema raised on
-the way. The state machine, the leader's passes (node/leader.py plan_pass, with node
-liveness) and fake agents in one process: no network, no root. Seeded: a failure names its
-seed, and ``python tests/test_orchestrator_fuzz.py SEED SCHEMA`` prints its history.
+or exiting, preparing (an image pull) or health-checked (starting, then healthy or
+unhealthy and stopped), restart policies, a per-node limit (lowered by updates), history
+limits, leader batches cut short, with and without the leader's PassIndex, at schema 8 and
+9 and with the schema raised on the way. The state machine, the leader's passes
+(node/leader.py plan_pass, with node liveness) and fake agents in one process: no network,
+no root. Seeded: a failure names its seed, and ``python tests/test_orchestrator_fuzz.py
+SEED SCHEMA [global]`` prints its history.
 
 What must hold in every pass: the leader's PassIndex changes nothing (the same ops as a
 pass over the whole state); no task is made in a slot the same pass removes, nor (schema 9)
 under a new slot number while enough slots are in use — a slot keeps its number through
-restarts, lost nodes and rollouts — nor (stop-first) beside a task still stopping; a
-scale-down leaves no node with 2 more of the kept slots than one that lost a slot; after a
+restarts, lost nodes and rollouts, and new numbers are the lowest free ones — nor
+(stop-first) beside a task still stopping; a scale-down leaves no node with 2 more of the
+kept slots than one that lost a slot; after a
 batch committed whole, a slot has at most one old and one new live task. And once every
 node is back, active and the agents report everything: the leader goes quiet; as many slots
 are in use as replicas (schema 8: all within 1..replicas); a slot has one live task (two
 while a start-first update pairs them), a node no more than the per-node limit, a slot no
 more ended tasks than the history limit; a service with the default restart policy and no
 per-node limit runs all its replicas, its update done.
+
+A global service goes through the same histories with nodes joining, node labels changing
+under a placement constraint, and a memory reservation a start-first update may find no
+room for beside the old task: in every pass no task is made on a node the service may not
+run on (not ready, not active, failing the constraint, or marked down by the same pass),
+nor (stop-first) beside one still stopping, and after a whole batch a node has at most one
+old and one new live task; at the end each node the service may run on has its one live
+task (two during a start-first update) and no other node has any.
 """
 
 from __future__ import annotations
@@ -30,7 +41,17 @@ import pytest
 
 from shoal.node.leader import PassIndex, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
-from shoal.raft.models import Node, NodeRole, NodeState, Task, TaskState, to_dict
+from shoal.node.scheduler import unsatisfied
+from shoal.raft.models import (
+    Health,
+    Node,
+    NodeAvailability,
+    NodeRole,
+    NodeState,
+    Task,
+    TaskState,
+    to_dict,
+)
 from shoal.raft.schema import SLOT_HOLES
 from shoal.raft.state import ClusterState
 
@@ -40,11 +61,13 @@ SEEDS = 100
 
 @dataclass
 class Run:
-    """One random history (``raise_schema``: start at 8, raise to 9 on the way)."""
+    """One random history (``raise_schema``: start at 8, raise to 9 on the way; ``glob``:
+    a global service)."""
 
     seed: int
     schema: int
     raise_schema: bool = False
+    glob: bool = False
     trace: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -54,11 +77,9 @@ class Run:
         self.down: set[str] = set()
         st = self.st = ClusterState()
         assert "ok" in st.apply({"op": "cluster_schema", "schema": self.schema})
-        self.nodes = r.randint(1, 4)
-        for i in range(1, self.nodes + 1):
-            assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(Node(
-                id=f"n{i}", hostname=f"h{i}", addr=f"10.0.0.{i}", api_port=2377,
-                raft_port=2378, role=NodeRole.WORKER, state=NodeState.READY))})
+        self.nodes = 0
+        for _ in range(r.randint(1, 4)):
+            self.add_node(1.0)
         self.restart = r.choice([{}, {"condition": "none"},
                                  {"condition": "on-failure", "max_attempts": 2, "delay": 1.0},
                                  {"condition": "any", "delay": 0.0},
@@ -69,16 +90,49 @@ class Run:
         self.command = 9
         self.index = PassIndex() if r.random() < 0.5 else None
         self.config = OrchestratorConfig(task_history=r.choice([0, 1, 3]))
+        # (global: a zone constraint, and a reservation that fits once per node or not)
+        self.constraints = r.choice([[], ["node.labels.zone==a"], ["node.labels.zone!=b"]])
+        self.reserve = r.choice([0, 0, 300, 600]) << 20
+        self.checked = r.random() < 0.3  # (a health check: up = healthy, not just running)
         assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0,
                                  "spec": self.spec(r.randint(1, 6))})
 
+    def add_node(self, now: float) -> None:
+        self.nodes += 1
+        i = self.nodes
+        assert "ok" in self.st.apply({"op": "node_add", "now": now, "node": to_dict(Node(
+            id=f"n{i}", hostname=f"h{i}", addr=f"10.0.0.{i}", api_port=2377,
+            raft_port=2378, role=NodeRole.WORKER, state=NodeState.READY,
+            labels={"zone": self.r.choice("ab")}, memory_bytes=1 << 30))})
+
     def spec(self, replicas: int) -> dict[str, Any]:
+        update = {"order": self.order, "parallelism": self.parallelism,
+                  "failure_action": "continue", "monitor": 1.0}
+        container: dict[str, Any] = {"command": ["sleep", str(self.command)]}
+        if self.checked:
+            container["healthcheck"] = {"command": "true", "interval": 1.0}
+        if self.glob:
+            return {"name": "web", "mode": {"type": "global"},
+                    "task": {"container": container,
+                             "restart": self.restart,
+                             "placement": {"constraints": self.constraints},
+                             "resources": {"reservations": {"memory": self.reserve}}},
+                    "update": update}
         return {"name": "web", "mode": {"replicas": replicas},
-                "task": {"container": {"command": ["sleep", str(self.command)]},
+                "task": {"container": container,
                          "restart": self.restart,
                          "placement": {"max_replicas": self.max_per_node}},
-                "update": {"order": self.order, "parallelism": self.parallelism,
-                           "failure_action": "continue", "monitor": 1.0}}
+                "update": update}
+
+    def eligible(self, snap: Any, marked: dict[str, str] | None = None) -> set[str]:
+        """The nodes the global service may run a task on, as the snapshot says (with
+        ``marked``, the node states a pass sets: node id → "ready" / "down")."""
+        constraints = tuple(snap.services["s1"].spec.task.placement.constraints)
+        marked = marked or {}
+        return {n.id for n in snap.nodes.values()
+                if marked.get(n.id, n.state.value) == NodeState.READY.value
+                and n.availability is NodeAvailability.ACTIVE
+                and unsatisfied(n, constraints) is None}
 
     def new_id(self) -> str:
         self.ids += 1
@@ -101,20 +155,10 @@ class Run:
                            index=self.index, new_id=self.new_id)
         assert full is None or sorted(map(repr, full)) == sorted(map(repr, ops)), (
             self.seed, "the pass with the PassIndex differs from the whole one", full, ops)
-        removed = {snap.tasks[op[1]].slot for op in ops if op[0] == "desired"
-                   and op[2] == int(TaskState.REMOVE) and op[1] in snap.tasks}
-        created = [op[1]["slot"] for op in ops if op[0] == "create"]
-        assert not set(created) & removed, (self.seed, "a task made in a removed slot", ops)
-        if snap.cluster.schema >= SLOT_HOLES:
-            before = self.in_use()
-            replicas = snap.services["s1"].spec.mode.replicas
-            fresh = [s for s in created if s not in before]
-            assert not fresh or len(before) < replicas, (
-                self.seed, "a new slot number while enough are in use", fresh, before)
-        if self.order == "stop-first":
-            self._no_start_beside_a_stopping_task(snap, ops, set(created))
-        if removed:
-            self._balanced(snap, ops, removed)
+        if self.glob:
+            self._global_creates(snap, ops)
+        else:
+            self._replicated_creates(snap, ops)
         whole = not (cut and len(ops) > 1)
         if not whole:  # (a batch the leader did not get committed whole)
             ops = ops[:self.r.randint(1, len(ops) - 1)]
@@ -126,18 +170,48 @@ class Run:
             self._one_old_and_one_new_per_slot()
         return ops
 
-    def _no_start_beside_a_stopping_task(self, snap: Any, ops: list[Any],
-                                         slots: set[int]) -> None:
-        """Stop-first: a slot's new task waits for the old one told to stop (still running
-        on a ready node, for up to 60 s)."""
+    def _replicated_creates(self, snap: Any, ops: list[Any]) -> None:
+        removed = {snap.tasks[op[1]].slot for op in ops if op[0] == "desired"
+                   and op[2] == int(TaskState.REMOVE) and op[1] in snap.tasks}
+        created = [op[1]["slot"] for op in ops if op[0] == "create"]
+        assert not set(created) & removed, (self.seed, "a task made in a removed slot", ops)
+        if snap.cluster.schema >= SLOT_HOLES:
+            before = self.in_use()
+            replicas = snap.services["s1"].spec.mode.replicas
+            fresh = sorted(s for s in created if s not in before)
+            assert not fresh or len(before) < replicas, (
+                self.seed, "a new slot number while enough are in use", fresh, before)
+            free = [n for n in range(1, replicas + len(before) + 1) if n not in before]
+            assert set(fresh) <= set(free[:replicas - len(before)]), (
+                self.seed, "a scale-up that does not fill the lowest free numbers", fresh,
+                sorted(before))
+        if self.order == "stop-first":
+            self._no_start_beside_a_stopping_task(snap, ops, set(created), lambda t: t.slot)
+        if removed:
+            self._balanced(snap, ops, removed)
+
+    def _global_creates(self, snap: Any, ops: list[Any]) -> None:
+        marked = {op[1]: op[2] for op in ops if op[0] == "node_state"}
+        eligible = self.eligible(snap, marked)
+        on = [op[1].get("node_id", "") for op in ops if op[0] == "create"]
+        assert all(n in eligible for n in on), (
+            self.seed, "a global task made on a node it may not run on", on, eligible, ops)
+        assert len(on) == len(set(on)), (self.seed, "two tasks made on one node", on)
+        if self.order == "stop-first":
+            self._no_start_beside_a_stopping_task(snap, ops, set(on), lambda t: t.node_id)
+
+    def _no_start_beside_a_stopping_task(self, snap: Any, ops: list[Any], places: set[Any],
+                                         place: Any) -> None:
+        """Stop-first: a slot's (global: a node's) new task waits for the old one told to
+        stop (still running on a ready node, for up to 60 s)."""
         orphaned = {op[1] for op in ops if op[0] == "orphan"}
         for t in snap.tasks.values():
             node = snap.nodes.get(t.node_id)
-            assert not (t.slot in slots and node is not None and t.node_id not in self.down
+            assert not (place(t) in places and node is not None and t.node_id not in self.down
                         and node.state is NodeState.READY and not t.alive
                         and not t.status.state.terminal and self.now < t.updated_at + 60
                         and t.id not in orphaned), (
-                self.seed, "a task made beside one still stopping", t.slot, t.id)
+                self.seed, "a task made beside one still stopping", place(t), t.id)
 
     def _balanced(self, snap: Any, ops: list[Any], removed: set[int]) -> None:
         """A scale-down leaves no node with 2 more of the kept slots than a node that lost
@@ -168,29 +242,41 @@ class Run:
         svc, seen = self.st.services["s1"], set()
         for t in self.st.tasks.values():
             if t.alive and t.node_id not in self.down:
-                key = (t.slot, outdated(t, svc.spec.task, self.st.nodes.get(t.node_id)))
+                key = (t.node_id if self.glob else t.slot,
+                       outdated(t, svc.spec.task, self.st.nodes.get(t.node_id)))
                 assert key not in seen, (self.seed, "two old or two new live tasks", key)
                 seen.add(key)
 
     def agents(self, p: float = 0.7, fail: float = 0.1) -> None:
-        """Each placed task's node reports (with probability ``p``): a wanted one starts,
-        and sometimes fails or exits; an unwanted one stops."""
+        """Each placed task's node reports (with probability ``p``): a wanted one starts
+        (sometimes preparing first, as an image pull), with a health check starting before
+        it turns healthy or unhealthy (then the node stops it: failed), and sometimes
+        fails or exits; an unwanted one stops."""
         r = self.r
         for t in sorted(self.st.tasks.values(), key=lambda t: t.id):
             if t.status.state.terminal or not t.node_id or t.node_id in self.down or \
                     r.random() > p:
                 continue
+            checked = bool(t.spec.container.healthcheck.command)
+            health, now = "", t.status.health
             if not t.alive:
                 state = TaskState.SHUTDOWN
+            elif t.status.state < TaskState.PREPARING and r.random() < fail * 2:
+                state = TaskState.PREPARING
             elif t.status.state < TaskState.RUNNING:
+                state, health = TaskState.RUNNING, "starting" if checked else ""
+            elif now is Health.UNHEALTHY:
+                state = TaskState.FAILED
+            elif now is Health.STARTING and r.random() < 0.7:
                 state = TaskState.RUNNING
-            elif r.random() < fail:
+                health = "unhealthy" if r.random() < fail else "healthy"
+            elif r.random() < fail and now is not Health.STARTING:
                 state = r.choice([TaskState.FAILED, TaskState.COMPLETE])
             else:
                 continue
             self.st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
                            "now": self.now, "status": {
-                               "state": int(state), "timestamp": self.now,
+                               "state": int(state), "timestamp": self.now, "health": health,
                                "exit_code": 0 if state is TaskState.COMPLETE else 1}})
 
     def history(self) -> None:
@@ -203,7 +289,16 @@ class Run:
                 assert "ok" in st.apply({"op": "cluster_schema", "schema": SLOT_HOLES})
                 self.trace.append(("schema", SLOT_HOLES))
             ev = r.random()
-            if ev < 0.25:
+            if ev < 0.25 and self.glob:  # (global: nodes join, labels change)
+                if r.random() < 0.3 and self.nodes < 6:
+                    self.add_node(self.now)
+                    self.trace.append(("join", f"n{self.nodes}"))
+                else:
+                    n, zone = f"n{r.randint(1, self.nodes)}", r.choice("ab")
+                    st.apply({"op": "node_update", "id": n, "now": self.now,
+                              "labels": {"zone": zone}})
+                    self.trace.append(("zone", n, zone))
+            elif ev < 0.25:
                 replicas = r.randint(0, 7)
                 st.apply({"op": "service_update", "id": "s1", "now": self.now,
                           "replicas": replicas})
@@ -211,6 +306,11 @@ class Run:
             elif ev < 0.33:
                 self.command += 1
                 replicas = r.randint(0, 7)
+                if self.glob and r.random() < 0.3:
+                    self.constraints = r.choice([[], ["node.labels.zone==a"]])
+                    self.reserve = r.choice([0, 600]) << 20
+                elif r.random() < 0.3:  # (a lowered limit moves the tasks over it)
+                    self.max_per_node = r.choice([0, 1, 2, 3])
                 st.apply({"op": "service_update", "id": "s1", "now": self.now,
                           "spec": self.spec(replicas)})
                 self.trace.append(("update", replicas))
@@ -253,6 +353,9 @@ class Run:
 def _check(run: Run) -> None:
     run.history()
     assert run.settle(), (run.seed, "the leader never went quiet")
+    if run.glob:
+        _check_global(run)
+        return
     svc = run.st.services["s1"]
     replicas = svc.spec.mode.replicas
     live = [t for t in run.st.tasks.values() if t.alive]
@@ -272,7 +375,8 @@ def _check(run: Run) -> None:
     for t in live:
         if t.node_id:  # (placed)
             on[t.node_id] = on.get(t.node_id, 0) + 1
-    assert not run.max_per_node or max(on.values(), default=0) <= run.max_per_node, (
+    limit = svc.spec.task.placement.max_replicas  # (a rollback may have restored another)
+    assert not limit or max(on.values(), default=0) <= limit, (
         run.seed, "more live tasks on a node than the limit", on)
     history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
     ended: dict[int, int] = {}
@@ -280,11 +384,49 @@ def _check(run: Run) -> None:
         if t.status.state.terminal:
             ended[t.slot] = ended.get(t.slot, 0) + 1
     assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
-    if not run.restart and not run.max_per_node:
+    if not run.restart and not limit:
         wanted = run.in_use() if run.st.cluster.schema >= SLOT_HOLES else \
             set(range(1, replicas + 1))
         assert set(per_slot) == wanted, (run.seed, sorted(per_slot), sorted(wanted))
         assert not rolling, (run.seed, svc.update_status)
+
+
+def _check_global(run: Run) -> None:
+    svc = run.st.services["s1"]
+    eligible = run.eligible(run.st.snapshot())
+    rolling = svc.update_status.state in ("updating", "rollback_started")
+    per_node: dict[str, list[Task]] = {}
+    for t in run.st.tasks.values():
+        if t.alive:
+            per_node.setdefault(t.node_id, []).append(t)
+    assert all(len(ts) <= (2 if rolling and run.order == "start-first" else 1)
+               for ts in per_node.values()), (run.seed, "too many live tasks on a node",
+                                               {n: len(ts) for n, ts in per_node.items()})
+    assert set(per_node) <= eligible, (run.seed, "live tasks where the service may not run",
+                                       sorted(per_node), sorted(eligible))
+    history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
+    ended: dict[str, int] = {}
+    for t in run.st.tasks.values():
+        if t.status.state.terminal:
+            ended[t.node_id] = ended.get(t.node_id, 0) + 1
+    assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
+    if not run.restart:
+        assert set(per_node) == eligible, (run.seed, sorted(per_node), sorted(eligible))
+        assert all(t.status.state is TaskState.RUNNING for ts in per_node.values()
+                   for t in ts), (run.seed, "a global task not running at the end")
+        assert not rolling, (run.seed, svc.update_status)
+
+
+@pytest.mark.parametrize("schema", [8, 9])
+def test_random_histories_of_a_global_service_converge(schema: int) -> None:
+    for seed in range(SEEDS):
+        run = Run(seed, schema, glob=True)
+        try:
+            _check(run)
+        except AssertionError:
+            print(f"seed {seed}, schema {schema}, global; its history:", *run.trace[-40:],
+                  sep="\n")
+            raise
 
 
 @pytest.mark.parametrize("schema", [8, 9, "8→9"])
@@ -298,8 +440,8 @@ def test_random_histories_converge_and_keep_slot_numbers(schema: int | str) -> N
             raise
 
 
-if __name__ == "__main__":  # python tests/test_orchestrator_fuzz.py SEED SCHEMA: a history
-    one = Run(int(sys.argv[1]), int(sys.argv[2]))
+if __name__ == "__main__":  # python tests/test_orchestrator_fuzz.py SEED SCHEMA [global]
+    one = Run(int(sys.argv[1]), int(sys.argv[2]), glob=sys.argv[3:] == ["global"])
     try:
         _check(one)
     finally:
