@@ -333,3 +333,35 @@ def test_schedule_is_pure_and_counts_what_placed_tasks_hold() -> None:
     assert plan.assignments == [("t1", "n1"), ("t2", "n1")]
     assert plan.unschedulable == [("t3", "no suitable node (insufficient generic resource "
                                          "gpu 1/1)")]
+
+
+async def test_a_start_first_update_with_one_gpu_per_node_stops_the_old_task_first(
+        tmp_path: Path) -> None:
+    """A global service reserving each node's only GPU: a start-first update has no room
+    for the new task beside the old one (the old holds the GPU until it ended), so each
+    node's old task stops first; never two tasks holding one GPU, and the new task gets it
+    (a replicated start-first update waits likewise)."""
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    for nid in ("n1", "n2"):
+        await lab.node_update(nid, generic_resources={"gpu": [f"{nid}-gpu0"]})
+    spec = _spec({"gpu": 1}, type="global")
+    spec["update"] = {"monitor": 0, "order": "start-first"}
+    await lab.services.create_service(spec)
+    await lab.settle()
+    assert lab.running_on("gpu") == ["n1", "n2"]
+    spec = lab.view("gpu")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    await lab.services.update_service("gpu", spec, None)
+    for _ in range(12):
+        await lab.settle(1)
+        for nid, rt in lab.runtimes.items():
+            up = [tid for tid, st in rt.tasks().items() if st.exit_code is None]
+            assert len(up) <= 1, (nid, up)
+        if lab.view("gpu")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("gpu")["update_status"]["state"] == "completed"
+    for nid in ("n1", "n2"):
+        (t,) = [t for t in lab.live("gpu") if t.node_id == nid]
+        cfg = lab.runtimes[nid].config(t.id)
+        assert cfg.command == ("v2",) and cfg.env["DOCKER_RESOURCE_GPU"] == f"{nid}-gpu0"
