@@ -34,9 +34,10 @@ def test_named_gpus_go_one_per_task_and_the_rest_wait_saying_why(
         lab_factory: Callable[..., Lab]) -> None:
     """A node given SSD=2 by its agent's flag advertises it; a node advertising GPU=a and
     GPU=b (`node update`) runs two of three 1-gpu tasks, each with its own
-    ID; the third is pending with the reason; scaled to 2 all run; taking the node's GPUs
-    away keeps the running tasks running (shoal's rule, docs/architecture.md) and places no
-    new one."""
+    ID; the third is pending with the reason; scaled to 2 all run; after an agent restart
+    (tasks running on) a new task gets the node's free ID, not one a running task holds;
+    taking the node's GPUs away keeps the running tasks running (shoal's rule,
+    docs/architecture.md) and places no new one."""
     lab = lab_factory(3)
     h1, h2, h3 = lab.hosts
     h3.agent_args = ("--generic-resource", "SSD=2")  # (Swarm's node-generic-resources)
@@ -68,15 +69,28 @@ def test_named_gpus_go_one_per_task_and_the_rest_wait_saying_why(
     h1.cli("service", "scale", "train=2")
     wait_until(lambda: [t["state"] for t in live(h1, "train")] == ["running", "running"],
                timeout=30, interval=0.5, what="both tasks running, none pending")
+    held = {t["id"]: gpu_of(t["pid"]) for t in running}
+
+    # the agent restarts, its tasks run on: it reads back which IDs they hold
+    h2.restart_agent()
+    h1.cli("node", "update", "--generic-resource-add", "GPU=c", h2.name)
+    h1.cli("service", "scale", "train=3")
+
+    def three() -> list[dict[str, Any]] | None:
+        tasks = [t for t in live(h1, "train") if t["state"] == "running" and t.get("pid")]
+        return tasks if len(tasks) == 3 else None
+    now = wait_until(three, timeout=60, interval=0.5, what="three tasks running on h2")
+    assert {t["id"]: gpu_of(t["pid"]) for t in now if t["id"] in held} == held
+    assert sorted(gpu_of(t["pid"]) for t in now) == ["a", "b", "c"]
 
     h1.cli("node", "update", "--generic-resource-rm", "GPU", h2.name)
     (node,) = h1.cli_json("node", "inspect", h2.name)
     assert node["resources"]["generic_resources"] == {}
-    h1.cli("service", "scale", "train=3")
+    h1.cli("service", "scale", "train=4")
     wait_until(lambda: any(t["state"] == "pending" and t["message"] == REASON
                            for t in live(h1, "train")), timeout=30, interval=0.5,
                what="the new task pending: the node has no GPU any more")
     time.sleep(2)  # (a pass or two of the leader and the worker)
     still = [t for t in live(h1, "train") if t["state"] == "running"]
-    assert sorted(t["id"] for t in still) == sorted(t["id"] for t in running)
+    assert sorted(t["id"] for t in still) == sorted(t["id"] for t in now)
     assert all(pid_alive(t["pid"]) for t in still)
