@@ -215,7 +215,8 @@ def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any],
     flat, a task's spec the whole flat service spec, as 0.1 stored it (``service_specs``:
     service id → its current spec as plain values, for tasks). A later schema below
     ``SCHEMA``: specs without the ``GATED`` fields it cannot read (ValidationError naming
-    one that is used). Commands without specs are returned unchanged."""
+    one that is used). A node command that sets a ``GATED_NODE_FIELDS`` field the cluster
+    cannot carry yet: ValidationError naming it. Other commands are returned unchanged."""
     op = cmd.get("op")
     if op in ("node_add", "node_update"):  # (a node record's later fields: refused by name)
         fields = cmd.get("node") if op == "node_add" else cmd
