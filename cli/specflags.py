@@ -220,7 +220,7 @@ def _map(d: FieldDecl, items: list[str], flag: str) -> dict[str, Any]:
     out: dict[str, Any] = parse_kv(items, flag)
     if d.item == "count":
         for key, value in out.items():
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise CliError(f"{flag} {key}={value}: expected KIND=N, N a whole number >= 1")
             out[key] = int(value)
     return out

@@ -177,11 +177,13 @@ class AgentConfig:
             raise ValueError("heartbeat_interval must be < node_down_timeout / 2")
         if self.metrics_addr:
             host, _, port = self.metrics_addr.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            if not host or not (port.isascii() and port.isdigit()) or \
+                    not 1 <= int(port) <= 65535:
                 raise ValueError("metrics_addr must be ADDR:PORT")
         if self.dashboard_addr:
             host, _, port = self.dashboard_addr.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            if not host or not (port.isascii() and port.isdigit()) or \
+                    not 1 <= int(port) <= 65535:
                 raise ValueError("dashboard_addr must be ADDR:PORT")
         self.raft.validate()
         self.orchestrator.validate()

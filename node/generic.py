@@ -5,7 +5,8 @@ Owns: ``claim`` (a pure function: the node's resources, the task's reservation a
 environments of the tasks that hold IDs now → the task's variables; a StartError, the task
 failing to start saying which kind, when too few are free: the scheduler counted otherwise,
 so the node's resources changed since) and ``Claims``, the worker's bookkeeping of what
-its starts in flight took. Must not touch:
+its starts in flight took (and the wait for IDs a task still stopping holds: the leader no
+longer counts a task it orphaned). Must not touch:
 the scheduler's counting (shoal.node.scheduler: it places a task only where enough units
 are free, so a start finds enough), the store, the runtime (the worker passes in what it
 read from it).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from shoal.node.errors import TaskInputUnavailable
 from shoal.raft import generic
 from shoal.runtime.errors import StartError
 
@@ -38,7 +40,7 @@ def claim(res: Mapping[str, int | list[str]], need: Mapping[str, int],
         have = generic.find(res, kind)
         if have is None:
             raise StartError(f"generic resource {kind}: this node advertises none (`shoal "
-                                 f"node update --generic-resource-add {kind}=...`)")
+                             f"node update --generic-resource-add {kind}=...`)")
         value = res[have]
         if isinstance(value, int):
             env[generic.env_name(kind)] = str(n)
@@ -47,7 +49,7 @@ def claim(res: Mapping[str, int | list[str]], need: Mapping[str, int],
         free = [i for i in value if i not in taken]
         if len(free) < n:
             raise StartError(f"generic resource {kind}: the task needs {n}, {len(free)} of "
-                                 f"the node's {len(value)} IDs are free")
+                             f"the node's {len(value)} IDs are free")
         env[generic.env_name(kind)] = ",".join(free[:n])
     return env
 
@@ -61,11 +63,27 @@ class Claims:
         self.starting: dict[str, dict[str, str]] = {}
 
     def take(self, task_id: str, res: Mapping[str, int | list[str]], need: Mapping[str, int],
-             running: Iterable[Mapping[str, str]]) -> dict[str, str]:
+             running: Iterable[Mapping[str, str]],
+             stopping: Iterable[Mapping[str, str]] = ()) -> dict[str, str]:
         """``claim`` for a starting task, counting the other starts' claims; kept until
-        ``release``. Call it with no ``await`` between reading ``running`` and here."""
+        ``release``. Call it with no ``await`` between reading ``running`` and here.
+        ``stopping``: the environments of tasks still running here that are on their way
+        out (the leader counts them ended: orphaned while their node was cut off, removed):
+        what they hold is not free yet, but will be — TaskInputUnavailable (the start waits,
+        PREPARING, and is tried again) rather than the StartError that rejects the task."""
         others = [env for tid, env in self.starting.items() if tid != task_id]
-        env = claim(res, need, [*running, *others])
+        going = list(stopping)
+        try:
+            env = claim(res, need, [*running, *others, *going])
+        except StartError as exc:
+            if not going:
+                raise
+            try:
+                claim(res, need, [*running, *others])
+            except StartError:
+                raise exc from None
+            raise TaskInputUnavailable(f"{exc}: a task still stopping here holds "
+                                       "them") from None
         self.starting[task_id] = env
         return env
 

@@ -628,10 +628,7 @@ def _reconcile_per_node(
         if reserves(need):
             if probe is None:
                 probe = new_task(svc, 0, now, lambda: "")
-            r = placing().reserved[nid]
-            if waiting:  # (what the waiting task would reserve is counted there already)
-                r = r.without(need)
-            why = rejection(node, probe, r, 0)
+            why = rejection(node, probe, placing().reserved[nid], 0)
         if waiting:
             # a task waiting for resources on its node: replaced by a placed one once they
             # are there (it never ran: nothing to stop)

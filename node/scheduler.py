@@ -77,12 +77,6 @@ class Reserved:
             k = generic.key(kind)
             self.generic[k] = self.generic.get(k, 0) + sign * n
 
-    def without(self, need: Reservations) -> Reserved:
-        """A copy with one task's ``need`` taken out."""
-        out = Reserved(self.memory, self.cpu, dict(self.generic))
-        out.add(need, -1)
-        return out
-
 
 def reserves(need: Reservations) -> bool:
     """Does a task with these reservations need a resource filter's check?"""
@@ -199,8 +193,10 @@ class Plan:
 def holds(t: Task) -> bool:
     """``t`` holds a place on its node: placed and not ended — told to stop included, until
     it reports that it ended (swarmkit frees a task's resources only then: a replacement
-    must not be placed into a node the stopping task still fills, for its whole grace)."""
-    return bool(t.node_id) and t.status.state < TaskState.COMPLETE
+    must not be placed into a node the stopping task still fills, for its whole grace). A
+    global task waiting on its node for resources (PENDING there) holds nothing: counted,
+    one asking more than the node has would keep what it has from every other service."""
+    return bool(t.node_id) and TaskState.ASSIGNED <= t.status.state < TaskState.COMPLETE
 
 
 class Load:
@@ -230,7 +226,7 @@ class Load:
             self.per_node[nid] += sign
             self.per_service[t.service_id][nid] += sign
             need = t.spec.resources.reservations
-            if need.memory or need.cpu or need.generic_resources:
+            if reserves(need):
                 self.reserved[nid].add(need, sign)
 
     def remove(self, t: Task) -> None:

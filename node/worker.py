@@ -43,7 +43,7 @@ from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.pod import Pods, is_pod, parent_of
 from shoal.node.reports import Reporter
 from shoal.node.source import StateSource
-from shoal.raft import templates
+from shoal.raft import generic, templates
 from shoal.raft.models import (
     Health,
     Task,
@@ -411,12 +411,26 @@ class Worker:
         need = task.spec.resources.reservations.generic_resources
         if not need:
             return {}
-        node = self.store.snapshot().nodes.get(self.node_id)
-        running = [env for tid, rt in self.runtime.tasks().items()
-                   if rt.state is RunState.RUNNING and tid != task.id
-                   and (env := self.runtime.task_env(tid))]
+        snap = self.store.snapshot()
+        node = snap.nodes.get(self.node_id)
+        running: list[dict[str, str]] = []
+        stopping: list[dict[str, str]] = []
+        for tid, rt in self.runtime.tasks().items():
+            if rt.state is not RunState.RUNNING or tid == task.id:
+                continue
+            env = self.runtime.task_env(tid) or {}
+            other = snap.tasks.get(tid)
+            if other is not None:  # (what it reserves: a variable a user set claims nothing)
+                names = {generic.env_name(k)
+                         for k in other.spec.resources.reservations.generic_resources}
+                env = {k: v for k, v in env.items() if k in names}
+            if not env:
+                continue
+            wanted = other is not None and other.desired_state <= TaskState.RUNNING and \
+                not other.status.state.terminal
+            (running if wanted else stopping).append(env)
         return self.claims.take(task.id, node.generic_resources if node else {}, need,
-                                running)
+                                running, stopping)
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
         """The runtime's view of a pod's extra container (node/pod.py): its own image,

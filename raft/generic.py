@@ -4,10 +4,11 @@ reserves, and the environment a task gets.
 Owns: the rules of a kind's name and of its values, the checks of a node's generic
 resources (``check_node``: ValidationError naming the field) and their forgiving reading
 from a record (``node_resources``), ``node update --generic-resource-add/-rm`` applied to a
-node's resources (``updated``), a task's reservation per kind (``reserved``) and the
-``DOCKER_RESOURCE_<KIND>`` variables of a task (``env_name``, ``env_values``). Must not
-touch: I/O, the store, the scheduler's accounting (shoal.node.scheduler), the worker's
-choice of named IDs (shoal.node.generic).
+node's resources (``updated``), an agent's flag against its node's record
+(``flag_drift``), a task's reservation per kind (``reserved``) and the
+``DOCKER_RESOURCE_<KIND>`` variables of a task (``env_name``; ``held_ids`` reads them back).
+Must not touch: I/O, the store, the scheduler's accounting (shoal.node.scheduler), the
+worker's choice of named IDs (shoal.node.generic).
 
 A node's resource of a kind is either *discrete* (a count: ``SSD=3``, stored as an int) or
 *named* (a set of IDs: ``GPU=UUID1``, ``GPU=UUID2``, stored as a list of str); a kind is one
@@ -56,17 +57,23 @@ def check_kind(kind: Any, field: str) -> str:
     return kind
 
 
-def check_reservation(res: Mapping[str, Any], field: str) -> None:
-    """A service's reservation (kind → count >= 1); ValidationError naming ``field``."""
+def _check_kinds(res: Mapping[Any, Any], field: str) -> None:
+    """At most MAX_KINDS kinds, each a valid name, none twice whatever its case."""
     if len(res) > MAX_KINDS:
         raise ValidationError(f"{field}: at most {MAX_KINDS} kinds", field)
     seen: set[str] = set()
-    for kind, n in res.items():
+    for kind in res:
         check_kind(kind, field)
         if key(kind) in seen:
             raise ValidationError(f"{field}: kind {kind!r} given twice (kinds ignore case)",
                                   field)
         seen.add(key(kind))
+
+
+def check_reservation(res: Mapping[str, Any], field: str) -> None:
+    """A service's reservation (kind → count >= 1); ValidationError naming ``field``."""
+    _check_kinds(res, field)
+    for kind, n in res.items():
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_COUNT:
             raise ValidationError(f"{field}: {kind}: the count must be a whole number from 1 "
                                   f"to {MAX_COUNT}, got {n!r}", field)
@@ -78,16 +85,9 @@ def check_node(res: Any, field: str = "generic_resources") -> Resources:
     if not isinstance(res, dict):
         raise ValidationError(f"{field} must be a map of kind to a count or a list of IDs",
                               field)
-    if len(res) > MAX_KINDS:
-        raise ValidationError(f"{field}: at most {MAX_KINDS} kinds", field)
+    _check_kinds(res, field)
     out: Resources = {}
-    seen: set[str] = set()
     for kind, value in res.items():
-        check_kind(kind, field)
-        if key(kind) in seen:
-            raise ValidationError(f"{field}: kind {kind!r} given twice (kinds ignore case)",
-                                  field)
-        seen.add(key(kind))
         where = f"{field}.{kind}"
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value <= MAX_COUNT:
@@ -148,7 +148,7 @@ def updated(current: Mapping[str, int | list[str]], add: Iterable[str], rm: Iter
         check_kind(kind, field)
         have = find(out, kind) or kind
         old = out.get(have)
-        if value.isdigit():
+        if value.isascii() and value.isdigit():
             if isinstance(old, list):
                 raise ValidationError(f"{field}: {have} holds named IDs on this node, not a "
                                       f"count: remove it first (--generic-resource-rm {have})",
@@ -196,3 +196,19 @@ def held_ids(env: Mapping[str, str], kind: str) -> list[str]:
     """The named IDs of ``kind`` a task's environment says it holds."""
     value = env.get(env_name(kind), "")
     return [i for i in value.split(",") if i]
+
+
+def flag_drift(flag: Iterable[str], record: Mapping[str, int | list[str]]) -> str:
+    """How an agent's ``--generic-resource`` items differ from its node's record ("" = they
+    agree; kinds compared ignoring case, IDs as sets)."""
+    try:
+        given = updated({}, flag, [])
+    except ValidationError as exc:
+        return exc.message
+
+    def norm(res: Mapping[str, int | list[str]]) -> dict[str, object]:
+        return {key(k): (frozenset(v) if isinstance(v, list) else v) for k, v in res.items()}
+    if norm(given) == norm(record):
+        return ""
+    return (f"the node's record has {dict(record) or 'none'}, the flag gives {given}; "
+            "`shoal node update --generic-resource-add/-rm` changes the record")

@@ -32,6 +32,8 @@ from shoal.raft.schema import SCHEMA, encode_command
 from shoal.raft.state import ClusterState
 from shoal.raft.validate import validate_spec
 from shoal.runtime.errors import StartError
+from shoal.runtime.records import RuntimeStatus
+from shoal.runtime.testing import FakeController
 
 
 def _spec(res: Any, **mode: Any) -> dict[str, Any]:
@@ -340,7 +342,8 @@ async def test_a_start_first_update_with_one_gpu_per_node_stops_the_old_task_fir
     """A global service reserving each node's only GPU: a start-first update has no room
     for the new task beside the old one (the old holds the GPU until it ended), so each
     node's old task stops first; never two tasks holding one GPU, and the new task gets it
-    (a replicated start-first update waits likewise)."""
+    (a replicated start-first update does not: its new task waits, PENDING, for a node with
+    a free GPU while the old one keeps serving — as Swarm's updater waits)."""
     lab = Lab(tmp_path)
     await lab.boot(2)
     for nid in ("n1", "n2"):
@@ -365,3 +368,81 @@ async def test_a_start_first_update_with_one_gpu_per_node_stops_the_old_task_fir
         (t,) = [t for t in lab.live("gpu") if t.node_id == nid]
         cfg = lab.runtimes[nid].config(t.id)
         assert cfg.command == ("v2",) and cfg.env["DOCKER_RESOURCE_GPU"] == f"{nid}-gpu0"
+
+
+async def test_a_global_task_asking_more_than_its_node_has_holds_nothing_there(
+        tmp_path: Path) -> None:
+    """A global task waiting on its node (PENDING there: the node has 1 GPU, it asks 2)
+    reserves nothing, so another service's task still gets the GPU (before: counted as
+    holding 2, it kept the node's GPU from every other service for good)."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service({**_spec({"gpu": 2}, type="global"), "name": "big"})
+    await lab.settle()
+    await lab.services.create_service({**_spec({"gpu": 1}), "name": "small"})
+    await lab.settle()
+    (big,) = lab.tasks("big")
+    assert big.node_id == "n1" and big.status.state is TaskState.PENDING
+    (small,) = lab.tasks("small")
+    assert small.status.state is TaskState.RUNNING, small.status
+    assert _env(lab, "n1", small.id)["DOCKER_RESOURCE_GPU"] == "a"
+
+
+async def test_a_replacement_waits_for_the_ids_of_a_task_still_stopping_on_its_node(
+        tmp_path: Path) -> None:
+    """The leader orphaned a task (its node was cut off) and placed its replacement on the
+    same node once it came back, while the old container still stops (its grace): the
+    replacement waits for the GPU (PREPARING), then gets it — not REJECTED."""
+    class SlowStop(FakeController):
+        async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
+            await asyncio.sleep(0.05)  # (a grace period)
+            return await super().stop(task_id, grace)
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    lab.runtimes["n1"] = SlowStop()
+    lab.workers["n1"] = Worker("n1", lab.store, lab.runtimes["n1"], asyncio.Event())
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    (old,) = lab.tasks("gpu")
+    assert "ok" in await lab.ctx.propose({"op": "leader", "term": lab.store.term(),
+                                          "now": 5.0, "ops": [["orphan", old.id, "down"]]})
+    await lab.settle(2)
+    assert not [t for t in lab.tasks("gpu") if t.status.state is TaskState.REJECTED]
+    (new,) = lab.live("gpu")
+    assert new.id != old.id and new.status.state is TaskState.RUNNING
+    assert _env(lab, "n1", new.id)["DOCKER_RESOURCE_GPU"] == "a"
+
+
+async def test_a_variable_a_user_sets_is_no_claim(tmp_path: Path) -> None:
+    """A service that reserves nothing but sets DOCKER_RESOURCE_GPU itself holds no GPU:
+    a task reserving the node's only one still starts (before: rejected, again and again)."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    plain = {"name": "plain", "task": {"container": {"command": ["x"],
+                                                     "env": {"DOCKER_RESOURCE_GPU": "a"}}}}
+    await lab.services.create_service(plain)
+    await lab.settle()
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    (task,) = lab.tasks("gpu")
+    assert task.status.state is TaskState.RUNNING, task.status
+
+
+def test_digits_other_than_ascii_are_no_count() -> None:
+    """``²`` passes str.isdigit but is no number: a named ID's rules refuse it, naming the
+    field (before: an uncaught ValueError, a 500 from the API, a traceback in the CLI)."""
+    with pytest.raises(ValidationError, match=r"generic_resource_add\.ssd: invalid ID '²'"):
+        generic.updated({}, ["ssd=²"], [])
+    with pytest.raises(CliError, match="expected KIND=N"):
+        specflags.spec_from_create_args(build_parser().parse_args(
+            ["service", "create", "--generic-resource", "gpu=²", "busybox"]))
+
+
+def test_the_agent_flag_and_the_node_record_compared() -> None:
+    assert generic.flag_drift(["GPU=a", "gpu=b", "SSD=2"], {"gpu": ["b", "a"], "ssd": 2}) == ""
+    assert "the flag gives" in generic.flag_drift(["GPU=a"], {"GPU": ["a", "b"]})
+    assert "the flag gives" in generic.flag_drift(["SSD=2"], {})
