@@ -147,6 +147,30 @@ def _update_rules(prefix: str, spec: str) -> dict[str, Rule]:
     }
 
 
+def _generic_resources(svc: _Service, v: Any, path: str) -> None:
+    """``[{discrete_resource_spec: {kind: gpu, value: 1}}, ...]`` (docker stack deploy's;
+    Compose names no other form) → the task's generic reservations, kind → count."""
+    if not isinstance(v, list):
+        raise ComposeError(path, "expected a list of {discrete_resource_spec: {kind: KIND, "
+                           f"value: N}}}}, got {v!r}")
+    out: dict[str, int] = {}
+    for i, item in enumerate(v):
+        at = f"{path}[{i}]"
+        spec = item.get("discrete_resource_spec") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or set(item) != {"discrete_resource_spec"} or \
+                not isinstance(spec, dict):
+            raise ComposeError(at, "expected {discrete_resource_spec: {kind: KIND, value: N}}, "
+                               f"got {item!r}")
+        at += ".discrete_resource_spec"
+        if set(spec) - {"kind", "value"} or "kind" not in spec or "value" not in spec:
+            raise ComposeError(at, f"expected {{kind: KIND, value: N}}, got {spec!r}")
+        kind = as_str(spec["kind"], f"{at}.kind")
+        if kind.lower() in {k.lower() for k in out}:
+            raise ComposeError(f"{at}.kind", f"kind {kind!r} is given twice")
+        out[kind] = as_int(spec["value"], f"{at}.value")
+    svc.set("task.resources.reservations.generic_resources", out, path)
+
+
 # The one table: every key of a Compose service, as Swarm reads it (dotted under the
 # service). To wire a new spec field, replace its LATER entry with a handler.
 KEYS: dict[str, Rule] = {
@@ -194,7 +218,7 @@ KEYS: dict[str, Rule] = {
     "deploy.resources.reservations.cpus": _to("task.resources.reservations.cpu", as_float),
     "deploy.resources.reservations.memory": _to("task.resources.reservations.memory",
                                                 as_size),
-    "deploy.resources.reservations.generic_resources": LATER,
+    "deploy.resources.reservations.generic_resources": Rule(_generic_resources),
     "deploy.resources.reservations.devices": LATER,
     "deploy.restart_policy": SECTION,
     "deploy.restart_policy.condition": Rule(_restart_condition),

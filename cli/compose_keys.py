@@ -606,7 +606,8 @@ def _restart(svc: _Service, v: Any, path: str) -> None:
     name, _, count = text.partition(":")
     condition = {"no": "none", "always": "any", "unless-stopped": "any",
                  "on-failure": "on-failure"}.get(name)
-    if condition is None or (count and (name != "on-failure" or not count.isdigit())):
+    digits = count.isascii() and count.isdigit()
+    if condition is None or (count and (name != "on-failure" or not digits)):
         raise ComposeError(path, f"expected no, always, unless-stopped or on-failure[:N], "
                            f"got {text!r}")
     svc.restart = {"condition": condition}

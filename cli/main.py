@@ -114,6 +114,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
                       raft_port=args.raft_port, remote_api_port=args.remote_api_port,
                       gossip_port=args.gossip_port, gossip_preset=args.gossip_preset,
                       cgroup_parent=args.cgroup_parent,
+                      generic_resources=tuple(args.generic_resource),
                       raft=RaftConfig().scaled(args.raft_multiplier),
                       cert_lifetime=args.cert_lifetime,
                       cert_renew_fraction=args.cert_renew_fraction,
@@ -258,6 +259,13 @@ def run_node(c: Client, args: argparse.Namespace, fmt: str) -> None:
             body["label_add"] = parse_kv(args.label_add, "--label-add")
         if args.label_rm:
             body["label_rm"] = list(args.label_rm)
+        for item in args.generic_resource_add:
+            if "=" not in item or not item.partition("=")[2]:
+                raise CliError(f"--generic-resource-add expects KIND=VALUE, got {item!r}")
+        if args.generic_resource_add:
+            body["generic_resource_add"] = list(args.generic_resource_add)
+        if args.generic_resource_rm:
+            body["generic_resource_rm"] = list(args.generic_resource_rm)
         if args.role:
             body["role"] = args.role
         c.call("POST", f"/v1/nodes/{_q(args.node)}", body)

@@ -196,6 +196,11 @@ def _agent_parser(sub: Any) -> None:
                    "raft_multiplier: 1 fails over in ~0.6 s; 2 halves idle Raft traffic and "
                    "CPU and takes ~1 s; give every manager the same N")
     a.add_argument("--hostname", default=None, help="node name shown in `node ls`")
+    a.add_argument("--generic-resource", action="append", default=[], metavar="KIND=VALUE",
+                   help="a generic resource this node advertises when it joins (Swarm's "
+                   "node-generic-resources): VALUE all digits = the kind's count (SSD=3), "
+                   "else one named ID (GPU=UUID1; repeat for more); later changes: "
+                   "`node update --generic-resource-add/-rm`")
     a.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     a.add_argument("--remote-api-port", type=int, default=0, metavar="PORT",
@@ -294,6 +299,13 @@ def _node_parser(sub: Any) -> None:
     nu.add_argument("--availability", choices=["active", "pause", "drain"])
     nu.add_argument("--label-add", action="append", default=[], metavar="KEY=VALUE")
     nu.add_argument("--label-rm", action="append", default=[], metavar="KEY")
+    nu.add_argument("--generic-resource-add", action="append", default=[],
+                    metavar="KIND=VALUE", help="advertise a generic resource (Swarm's): "
+                    "VALUE all digits = the kind's count (SSD=3), else one named ID of the "
+                    "kind (GPU=UUID1; repeat for more)")
+    nu.add_argument("--generic-resource-rm", action="append", default=[],
+                    metavar="KIND|KIND=ID", help="stop advertising a kind, or one named ID "
+                    "of it (running tasks keep theirs)")
     nu.add_argument("--role", choices=["manager", "worker"],
                     help="promote or demote the node (as `node promote|demote`)")
     for verb, what in (("promote", "make workers managers (Raft voters)"),

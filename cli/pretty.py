@@ -213,12 +213,15 @@ def _limit(n: int) -> str:
 def _resources(res: Rec) -> list[str]:
     limits, reserved = res.get("limits") or {}, res.get("reservations") or {}
     lines: list[str] = []
-    if reserved.get("cpu") or reserved.get("memory"):
+    generic = reserved.get("generic_resources") or {}
+    if reserved.get("cpu") or reserved.get("memory") or generic:
         lines.append(" Reservations:")
         if reserved.get("cpu"):
             lines.append(f"  CPU:\t\t{reserved['cpu']:g}")
         if reserved.get("memory"):
             lines.append(f"  Memory:\t{_size(reserved['memory'])}")
+        for kind, n in generic.items():  # (docker's "Generic Resources" lines)
+            lines.append(f"  {kind}:\t\t{n}")
     if limits.get("cpu") or limits.get("memory") or limits.get("pids"):
         lines.append(" Limits:")
         if limits.get("cpu"):
@@ -255,6 +258,10 @@ def node(rec: Rec) -> str:
         if res.get("reserved_cpus") or res.get("reserved_memory_bytes"):
             lines += [f" Reserved CPUs:\t\t{res.get('reserved_cpus', 0):g}",
                       f" Reserved Memory:\t{_size(int(res.get('reserved_memory_bytes', 0)))}"]
+        taken = res.get("reserved_generic_resources") or {}
+        for kind, value in (res.get("generic_resources") or {}).items():  # (Swarm's lines)
+            have = ",".join(value) if isinstance(value, list) else value
+            lines.append(f" {kind}:\t\t{have} (reserved {taken.get(kind.lower(), 0)})")
     lines += [f"Tasks:\t\t\t{rec.get('tasks', 0)}", f"Engine Version:\t\t{rec.get('version', '')}"]
     return "\n".join(lines)
 

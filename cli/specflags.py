@@ -214,6 +214,18 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _map(d: FieldDecl, items: list[str], flag: str) -> dict[str, Any]:
+    """A map flag's ``KEY=VALUE`` items; a map of counts (``item="count"``: generic
+    resources, ``gpu=1``) with whole numbers >= 1 as values."""
+    out: dict[str, Any] = parse_kv(items, flag)
+    if d.item == "count":
+        for key, value in out.items():
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
+                raise CliError(f"{flag} {key}={value}: expected KIND=N, N a whole number >= 1")
+            out[key] = int(value)
+    return out
+
+
 def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
     """The nested spec dict a `service create` asks for (only what was given; the agent fills
     in the declared defaults)."""
@@ -222,7 +234,7 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, _dest(d))
         if d.cli == "map":
             if value:
-                set_path(spec, d.path, parse_kv(value, d.flag))
+                set_path(spec, d.path, _map(d, value, d.flag))
         elif d.cli == "list":
             if value:
                 parse = ITEMS[d.item][0]
@@ -288,8 +300,14 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
             if d.path in REPLACED and (getattr(args, _dest(d)) is not None or getattr(
                     args, "spec_" + REPLACED[d.path].replace(".", "__")) is not None):  # (_dest)
                 value = parse_kv(getattr(args, _dest(d)) or [], d.flag)
-            value.update(parse_kv(getattr(args, _dest(d, "_add")), d.flag + "-add"))
-            for key in getattr(args, _dest(d, "_rm")):
+            put = _map(d, getattr(args, _dest(d, "_add")), d.flag + "-add")
+            taken_out = list(getattr(args, _dest(d, "_rm")))
+            if d.item == "count":  # (generic resources: kinds ignore case; docker's order)
+                drop = {k.lower() for k in [*taken_out, *put]}
+                value = {k: v for k, v in value.items() if k.lower() not in drop}
+                taken_out = []
+            value.update(put)
+            for key in taken_out:
                 value.pop(key, None)
             set_path(spec, d.path, value)
         elif d.path in PAIRED:  # (docker's --cap-add/--cap-drop on update: both at once)

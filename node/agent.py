@@ -70,6 +70,7 @@ from shoal.node.source import StateSource
 from shoal.node.transfer import Transfer, cluster_usage
 from shoal.node.version import version
 from shoal.node.worker import Worker
+from shoal.raft import generic
 from shoal.raft.models import NodeRole
 from shoal.raft.state import Snapshot
 from shoal.raft.store import RaftStore
@@ -265,11 +266,30 @@ class Agent(MembershipLifecycle, RoleSwitch):
                                         self._images_wanted).run(), name="image-gc"),
             asyncio.create_task(self.security.keys.run(), name="keys"),  # node/keys.py
             asyncio.create_task(self.mqtt.run(), name="mqtt"),
+            asyncio.create_task(self._generic_flag_check(identity.node_id), name="generic"),
         ]
         if feed is None:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
         else:
             self._member_tasks.append(asyncio.create_task(feed.run(), name="state-feed"))
+
+    async def _generic_flag_check(self, node_id: str) -> None:
+        """``--generic-resource`` goes into the node's record when it joins, not later: once
+        the record is known, warn if this start's flag says otherwise (a changed flag on a
+        restart is not applied: `node update --generic-resource-add/-rm` changes it)."""
+        if not self.config.generic_resources:
+            return
+        for _ in range(120):  # (the state may take a while: a worker's first download)
+            snap = self._current_snapshot()
+            node = snap.nodes.get(node_id) if snap is not None else None
+            if node is not None:
+                drift = generic.flag_drift(self.config.generic_resources,
+                                           node.generic_resources)
+                if drift:
+                    log.warning("--generic-resource is applied when a node joins only: %s",
+                                drift)
+                return
+            await asyncio.sleep(5.0)
 
     def _make_raft(self, identity: NodeIdentity) -> RaftStore:
         """A manager's Raft voter. Built on the event loop's thread, the main thread:

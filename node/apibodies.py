@@ -58,6 +58,13 @@ class NodeUpdateRequest(_Body):
     label_add: Annotated[dict[str, str], _d("node labels to set (placement constraints "
                                             "node.labels.KEY)")] = {}
     label_rm: Annotated[list[str], _d("node labels to remove")] = []
+    generic_resource_add: Annotated[list[str], _d(
+        "generic resources to advertise, KIND=VALUE (Swarm's): VALUE all digits sets the "
+        "kind's count (discrete), else adds one named ID of the kind (GPU=UUID1); needs "
+        "cluster schema 10")] = []
+    generic_resource_rm: Annotated[list[str], _d(
+        "generic resources to take away: KIND (the whole kind) or KIND=ID (one named ID); "
+        "tasks already running keep theirs")] = []
     role: Annotated[Role | Unset, _d("promote/demote the node (as the promote and demote "
                                      "routes do)")] = msgspec.UNSET
 

@@ -70,7 +70,15 @@ REPLIES: dict[str, Schema] = {
                  gossip_port=INT,
                  resources=obj("inspect: memory and CPUs the node reported at join, and "
                                 "what its live tasks reserve", memory_bytes=INT, cpus=NUM,
-                                reserved_memory_bytes=INT, reserved_cpus=NUM),
+                                reserved_memory_bytes=INT, reserved_cpus=NUM,
+                                generic_resources={
+                                    "type": "object", "description": "generic resources "
+                                    "the node advertises: kind → a count or a list of IDs",
+                                    "additionalProperties": {"oneOf": [INT, list_of(STR)]}},
+                                reserved_generic_resources={
+                                    "type": "object", "description": "units its live tasks "
+                                    "reserve per kind (lower case)",
+                                    "additionalProperties": INT}),
                  labels={"type": "object", "additionalProperties": STR},
                  created_at=TIME, updated_at=TIME, gossip=nullable({"type": "object"})),
     "RoleChange": obj("a promote/demote result", id=STR, hostname=STR, role=STR, changed=BOOL,

@@ -20,6 +20,8 @@ from shoal.node.limits import LimitsConfig
 from shoal.node.mqttconfig import MqttConfig
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.pki import DEFAULT_CERT_LIFETIME
+from shoal.raft import generic
+from shoal.raft.errors import ValidationError
 from shoal.raft.store import RaftConfig
 from shoal.runtime.images import ImageGCConfig
 from shoal.runtime.registry import RegistryConfig
@@ -78,6 +80,12 @@ class AgentConfig:
     # TCP port of the remote API (the CLI's routes over mTLS; only client certificates from
     # `shoal ca issue-client` are accepted). 0 = off (the default: unix socket only).
     remote_api_port: int = 0
+    # Generic resources this node advertises, Swarm's node-generic-resources: "KIND=VALUE"
+    # items, VALUE all digits = the kind's count (SSD=3), else one named ID of the kind
+    # (GPU=UUID1; repeat for more); shoal.raft.generic. Written into the node's record when
+    # it joins (or inits the cluster) only: later, `node update --generic-resource-add/-rm`.
+    # () = none. A cluster below schema 10 refuses a join that gives any.
+    generic_resources: tuple[str, ...] = ()
     # A planned stop (SIGTERM: upgrade, `systemctl restart`) announces on gossip that this
     # agent restarts within this many seconds: meanwhile the leader keeps the node READY and
     # its tasks (which run on without the agent) are not replaced; if no agent is back by
@@ -131,6 +139,11 @@ class AgentConfig:
     def validate(self) -> None:
         if not self.advertise_addr:
             raise ValueError("--advertise-addr is required (this host's IP address)")
+        try:
+            generic.updated({}, self.generic_resources, [])
+        except ValidationError as exc:
+            raise ValueError(exc.message.replace("generic_resource_add",
+                                                 "--generic-resource", 1)) from None
         self.image_gc.validate()
         if self.gossip_preset not in ("lan", "local"):
             raise ValueError("gossip_preset must be 'lan' or 'local'")
@@ -164,11 +177,13 @@ class AgentConfig:
             raise ValueError("heartbeat_interval must be < node_down_timeout / 2")
         if self.metrics_addr:
             host, _, port = self.metrics_addr.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            if not host or not (port.isascii() and port.isdigit()) or \
+                    not 1 <= int(port) <= 65535:
                 raise ValueError("metrics_addr must be ADDR:PORT")
         if self.dashboard_addr:
             host, _, port = self.dashboard_addr.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            if not host or not (port.isascii() and port.isdigit()) or \
+                    not 1 <= int(port) <= 65535:
                 raise ValueError("dashboard_addr must be ADDR:PORT")
         self.raft.validate()
         self.orchestrator.validate()

@@ -145,8 +145,11 @@ def _node_events(before: Snapshot, after: Snapshot, cmd: Mapping[str, Any]) -> l
                         {**attrs, "previous": str(b.availability)}))
         if b.role != a.role:
             out.append(("node", "role", nid, a.hostname, {**attrs, "previous": str(b.role)}))
-        if b.labels != a.labels:
-            out.append(("node", "update", nid, a.hostname, {**attrs, "labels": dict(a.labels)}))
+        if b.labels != a.labels or b.generic_resources != a.generic_resources:
+            changed: dict[str, Any] = {"labels": dict(a.labels)} if b.labels != a.labels else {}
+            if b.generic_resources != a.generic_resources:
+                changed["generic_resources"] = dict(a.generic_resources)
+            out.append(("node", "update", nid, a.hostname, {**attrs, **changed}))
     return out
 
 

@@ -42,6 +42,7 @@ from shoal.node.joining import Admitted, JoinCall, JoinKey, request_join
 from shoal.node.security import Security
 from shoal.node.tokens import new_secret, parse_token
 from shoal.node.worker import Worker
+from shoal.raft import generic
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Node, NodeRole, to_dict
 from shoal.raft.schema import SCHEMA
@@ -86,7 +87,10 @@ class MembershipLifecycle:
                             api_port=self.config.api_port, raft_port=self.config.raft_port,
                             role=NodeRole(role), gossip_port=self.config.gossip_port,
                             memory_bytes=_total_memory(),
-                            cpus=float(len(os.sched_getaffinity(0)))))
+                            cpus=float(len(os.sched_getaffinity(0))),
+                            # (--generic-resource: checked by AgentConfig.validate)
+                            generic_resources=generic.updated(
+                                {}, self.config.generic_resources, [])))
 
     async def init(self, cluster_cidr: str = "", default_addr_pool: str = ""
                    ) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.node.rollout import Op, new_task, outdated, plan_rollout, restart_decision, up
-from shoal.node.scheduler import Load, Reserved, rejection, unsatisfied
+from shoal.node.scheduler import Load, rejection, reserves, unsatisfied
 from shoal.raft.models import (
     Node,
     NodeAvailability,
@@ -571,7 +571,7 @@ def _reconcile_per_node(
     else:
         def room_on(nid: str) -> bool:  # (start-first: can the node hold one more task?)
             node = nodes.get(nid)
-            if not (need.memory or need.cpu) or node is None:
+            if not reserves(need) or node is None:
                 return node is not None
             return rejection(node, new_task(svc, 0, now, lambda: ""),
                              placing().reserved[nid], 0) is None
@@ -582,7 +582,7 @@ def _reconcile_per_node(
         ops += rollout.ops
         wake_at, paired = rollout.wake_at, rollout.paired
         for op in rollout.ops:  # (start-first's new tasks reserve on their nodes too)
-            if op[0] == "create" and (need.memory or need.cpu):
+            if op[0] == "create" and reserves(need):
                 placing().add(task_from_dict(op[1], svc.spec.task))
     by_node: dict[str, list[Task]] = defaultdict(list)
     for t in tasks:
@@ -625,13 +625,10 @@ def _reconcile_per_node(
                 wake_at = due if wake_at is None else min(wake_at, due)
                 continue
         why = None
-        if need.memory or need.cpu:
+        if reserves(need):
             if probe is None:
                 probe = new_task(svc, 0, now, lambda: "")
-            r = placing().reserved[nid]
-            if waiting:  # (what the waiting task would reserve is counted there already)
-                r = Reserved(r.memory - need.memory, r.cpu - need.cpu)
-            why = rejection(node, probe, r, 0)
+            why = rejection(node, probe, placing().reserved[nid], 0)
         if waiting:
             # a task waiting for resources on its node: replaced by a placed one once they
             # are there (it never ran: nothing to stop)
@@ -645,7 +642,7 @@ def _reconcile_per_node(
             ops.append(("create", to_dict(task)))
             if why is None:
                 placed = ops[-1][1]
-        if why is None and (need.memory or need.cpu):
+        if why is None and reserves(need):
             placing().add(task_from_dict(ops[-1][1], svc.spec.task))
     return ops, wake_at
 

@@ -10,7 +10,10 @@ Pipeline (swarmkit's shape): filters drop nodes that cannot take the task, then
 rankers order the rest. Filters (``rejection``): node ready, availability active, the
 task's placement constraints (``node.labels.zone==b``; see ``satisfies``), fewer tasks of
 the service on the node than ``placement.max_replicas``, enough unreserved memory and CPU
-for the task's reservations (against what the node reported at join). Before the filters:
+for the task's reservations (against what the node reported at join), and enough
+unreserved units of each generic resource kind it reserves (against what the node
+advertises, ``node update --generic-resource-add``: shoal.raft.generic; a task holds its
+units as long as it holds its place, ``holds``). Before the filters:
 a task mounting a single-writer volume read-write (shoal.runtime.volumes) waits, whatever
 the node, while another task holds that volume read-write (placed, not observed ended). Ranking
 (``rank``): for each placement preference ``spread=node.labels.KEY`` in turn, fewest tasks
@@ -38,6 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from shoal.raft import generic
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import (
     Constraint,
@@ -50,6 +54,7 @@ from shoal.raft.models import (
     Volume,
     resolve_mount,
 )
+from shoal.raft.spec import Reservations
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import parse_constraint
 from shoal.runtime import volumes
@@ -61,6 +66,21 @@ class Reserved:
 
     memory: int = 0
     cpu: float = 0.0
+    # generic resources (shoal.raft.generic): kind (``generic.key``) → units reserved
+    generic: dict[str, int] = field(default_factory=dict)
+
+    def add(self, need: Reservations, sign: int = 1) -> None:
+        """Count (``sign`` -1: no longer) a task's reservations here."""
+        self.memory += sign * need.memory
+        self.cpu += sign * need.cpu
+        for kind, n in need.generic_resources.items():
+            k = generic.key(kind)
+            self.generic[k] = self.generic.get(k, 0) + sign * n
+
+
+def reserves(need: Reservations) -> bool:
+    """Does a task with these reservations need a resource filter's check?"""
+    return bool(need.memory or need.cpu or need.generic_resources)
 
 
 # A filter returns None when the node can take the task, else the rejection's name as
@@ -132,6 +152,18 @@ def _fits_cpu(n: Node, t: Task, r: Reserved) -> bool:
     return not need or (n.cpus > 0 and r.cpu + need <= n.cpus + 1e-9)
 
 
+def generic_shortage(n: Node, t: Task, r: Reserved) -> str | None:
+    """The generic resource filter: the first kind the task reserves of which ``n`` has
+    fewer free units than it needs (a node without the kind has none; kinds ignore case:
+    shoal.raft.generic), named as users see it counted, else None."""
+    for kind, need in t.spec.resources.reservations.generic_resources.items():
+        have = generic.find(n.generic_resources, kind)
+        k = generic.key(kind)
+        if have is None or generic.units(n.generic_resources[have]) - r.generic.get(k, 0) < need:
+            return f"insufficient generic resource {k}"
+    return None
+
+
 def max_replicas_reached(t: Task, on_node: int) -> str | None:
     """The max-replicas filter: ``on_node`` tasks of the service already on the node."""
     limit = t.spec.placement.max_replicas
@@ -148,6 +180,7 @@ FILTERS: tuple[NodeFilter, ...] = (
     _constraints,
     _only("insufficient memory", _fits_memory),
     _only("insufficient cpu", _fits_cpu),
+    generic_shortage,
 )
 
 
@@ -160,8 +193,10 @@ class Plan:
 def holds(t: Task) -> bool:
     """``t`` holds a place on its node: placed and not ended — told to stop included, until
     it reports that it ended (swarmkit frees a task's resources only then: a replacement
-    must not be placed into a node the stopping task still fills, for its whole grace)."""
-    return bool(t.node_id) and t.status.state < TaskState.COMPLETE
+    must not be placed into a node the stopping task still fills, for its whole grace). A
+    global task waiting on its node for resources (PENDING there) holds nothing: counted,
+    one asking more than the node has would keep what it has from every other service."""
+    return bool(t.node_id) and TaskState.ASSIGNED <= t.status.state < TaskState.COMPLETE
 
 
 class Load:
@@ -191,10 +226,8 @@ class Load:
             self.per_node[nid] += sign
             self.per_service[t.service_id][nid] += sign
             need = t.spec.resources.reservations
-            if need.memory or need.cpu:
-                r = self.reserved[nid]
-                r.memory += sign * need.memory
-                r.cpu += sign * need.cpu
+            if reserves(need):
+                self.reserved[nid].add(need, sign)
 
     def remove(self, t: Task) -> None:
         self.add(t, -1)
@@ -207,7 +240,7 @@ class Load:
             if sid in self.per_service:
                 out.per_service[sid] = Counter(self.per_service[sid])
         for nid, r in self.reserved.items():
-            out.reserved[nid] = Reserved(r.memory, r.cpu)
+            out.reserved[nid] = Reserved(r.memory, r.cpu, dict(r.generic))
         return out
 
 
@@ -414,8 +447,8 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None,
             continue
         need = task.spec.resources.reservations
         place = task.spec.placement
-        key = (sid, place.constraints, need.memory, need.cpu, place.max_replicas,
-               place.preferences)
+        key = (sid, place.constraints, need.memory, need.cpu,
+               tuple(need.generic_resources.items()), place.max_replicas, place.preferences)
         of_service = per_service[sid]
         svc_get = of_service.get  # (.get: a Counter's missing key costs a Python call)
         avoided = avoid.get(sid) if avoid else None
@@ -441,7 +474,7 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None,
                     [(rank(nid, 0), node_get(nid, 0), nid) for nid in ids])
                 heapq.heapify(group.heap)
         heap = group.heap
-        needs = need.memory or need.cpu
+        needs = reserves(need)
         limit = place.max_replicas
 
         fits = functools.partial(_fits, task=task, nodes=snapshot.nodes, reserved=reserved,
@@ -481,9 +514,7 @@ def schedule(snapshot: Snapshot, pending: list[Task], load: Load | None = None,
         if group.spread is None:
             heapreplace(heap, (rank(best, 0), per_node[best], best))
         if needs:
-            r = reserved[best]
-            r.memory += need.memory
-            r.cpu += need.cpu
+            reserved[best].add(need)
         # (reservations and max-replicas counts change what the filters say)
         if needs or limit:
             explained.clear()
@@ -538,8 +569,7 @@ def _fits(nid: str, task: Task, nodes: Mapping[str, Node], reserved: defaultdict
     """The dynamic filters: max replicas per node, then resources."""
     if max_replicas_reached(task, on_node(nid, 0)) is not None:
         return False
-    need = task.spec.resources.reservations
-    if need.memory or need.cpu:  # (the resource filters accept any node for such a task)
+    if reserves(task.spec.resources.reservations):  # (else the resource filters accept any)
         node, r = nodes[nid], reserved[nid]
         return all(f(node, task, r) is None for f in _RESOURCE_FILTERS)
     return True

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from shoal.node.errors import Conflict, NotFound
+from shoal.raft import generic
 from shoal.raft.models import JobRun, Node, NodeRole, Service, Task, TaskState, to_dict
+from shoal.raft.spec import Reservations
 from shoal.raft.state import Snapshot
 
 
@@ -65,9 +67,21 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
                    # scheduler's "insufficient memory 4/4" is against these)
                    resources={"memory_bytes": node.memory_bytes, "cpus": node.cpus,
                               "reserved_memory_bytes": sum(r.memory for r in reserved),
-                              "reserved_cpus": round(sum(r.cpu for r in reserved), 3)},
+                              "reserved_cpus": round(sum(r.cpu for r in reserved), 3),
+                              # (Swarm's: kind → count or named IDs; what tasks reserve per
+                              # kind, lower case: kinds ignore case, shoal.raft.generic)
+                              "generic_resources": dict(node.generic_resources),
+                              "reserved_generic_resources": _generic_reserved(reserved)},
                    created_at=node.created_at, updated_at=node.updated_at)
     return out
+
+
+def _generic_reserved(reserved: list[Reservations]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reserved:
+        for kind, n in generic.reserved(r.generic_resources).items():
+            out[kind] = out.get(kind, 0) + n
+    return dict(sorted(out.items()))
 
 
 def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str, Any]:

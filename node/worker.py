@@ -38,11 +38,12 @@ from shoal.node.errors import (
     TaskInputUnavailable,
     task_input,
 )
+from shoal.node.generic import Claims
 from shoal.node.health import Check, HealthMonitor, resolve
 from shoal.node.pod import Pods, is_pod, parent_of
 from shoal.node.reports import Reporter
 from shoal.node.source import StateSource
-from shoal.raft import templates
+from shoal.raft import generic, templates
 from shoal.raft.models import (
     Health,
     Task,
@@ -229,6 +230,7 @@ class Worker:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._released: set[str] = set()  # ended tasks whose address and watch are let go
+        self.claims = Claims()  # generic resource IDs taken by starts in flight
         self._closed = False
         # a pod's sidecars and init containers (node/pod.py)
         self.pods = Pods(runtime, self.health, self.container_config, wakeup.set)
@@ -361,6 +363,7 @@ class Worker:
         rules) and the files it must see (resolv.conf naming the node's DNS, secrets)."""
         s = task.spec.container
         limits = task.spec.resources.limits
+        generic_env = self._generic_env(task)  # (before any await: see Claims)
         fill = self._placeholders(task)
         cmd, env, wd, user = tuple(s.command), {k: fill(v) for k, v in s.env.items()}, \
             s.workdir, s.user
@@ -375,6 +378,7 @@ class Worker:
                 stop_signal = image.stop_signal  # the image's STOPSIGNAL
             if not cmd:
                 raise StartError(f"image {s.image} has no command and the service gives none")
+        env.update(generic_env)
         vols = self.store.snapshot().volumes if s.mounts else {}
         # (its resolv.conf: the node's DNS server, its own search domains and options)
         files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files(task.spec)) \
@@ -399,6 +403,34 @@ class Worker:
             log_max_bytes=log_bytes, log_max_files=log_files,
             tty=s.tty, stdin_open=s.stdin_open, oom_score_adj=s.oom_score_adj,
         )
+
+    def _generic_env(self, task: Task) -> dict[str, str]:
+        """The task's DOCKER_RESOURCE_* variables: the named IDs of its node it takes, free of
+        the node's other live tasks and starts (shoal.node.generic); a StartError (the task
+        is rejected, saying which kind) when too few are free."""
+        need = task.spec.resources.reservations.generic_resources
+        if not need:
+            return {}
+        snap = self.store.snapshot()
+        node = snap.nodes.get(self.node_id)
+        running: list[dict[str, str]] = []
+        stopping: list[dict[str, str]] = []
+        for tid, rt in self.runtime.tasks().items():
+            if rt.state is not RunState.RUNNING or tid == task.id:
+                continue
+            env = self.runtime.task_env(tid) or {}
+            other = snap.tasks.get(tid)
+            if other is not None:  # (what it reserves: a variable a user set claims nothing)
+                names = {generic.env_name(k)
+                         for k in other.spec.resources.reservations.generic_resources}
+                env = {k: v for k, v in env.items() if k in names}
+            if not env:
+                continue
+            wanted = other is not None and other.desired_state <= TaskState.RUNNING and \
+                not other.status.state.terminal
+            (running if wanted else stopping).append(env)
+        return self.claims.take(task.id, node.generic_resources if node else {}, need,
+                                running, stopping)
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
         """The runtime's view of a pod's extra container (node/pod.py): its own image,
@@ -524,6 +556,7 @@ class Worker:
                 await self._report(task, status)
             finally:
                 self._starting.pop(task.id, None)
+                self.claims.release(task.id)  # (the runtime's task env says it from now)
                 self.wakeup.set()
 
         self._starting[task.id] = asyncio.create_task(start(), name=f"start-{task.id}")

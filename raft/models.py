@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shoal.raft import schema
+from shoal.raft import generic, schema
 from shoal.raft.spec import (
     Constraint,
     FileRef,
@@ -108,6 +108,9 @@ class Node:
     subnet: str = ""  # its task subnet (CIDR), allocated from the cluster CIDR at join
     memory_bytes: int = 0  # total memory the node reported at join (0 = unknown)
     cpus: float = 0.0  # CPUs the node reported at join (0 = unknown)
+    # generic resources (Swarm's, shoal.raft.generic): kind → a count (discrete) or the
+    # node's IDs of that kind (named); set by `node update --generic-resource-add`
+    generic_resources: dict[str, int | list[str]] = field(default_factory=dict)
 
     @property
     def raft_addr(self) -> str:
@@ -506,6 +509,7 @@ def node_from_dict(d: dict[str, Any]) -> Node:
         subnet=d.get("subnet", ""),
         memory_bytes=int(d.get("memory_bytes", 0)),
         cpus=float(d.get("cpus", 0.0)),
+        generic_resources=generic.node_resources(d.get("generic_resources")),
     )
 
 

@@ -35,8 +35,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from shoal.raft import templates
-from shoal.raft.errors import SpecError
+from shoal.raft import generic, templates
+from shoal.raft.errors import SpecError, ValidationError
 from shoal.runtime import volumes
 from shoal.runtime.records import parse_signal
 from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
@@ -506,6 +506,18 @@ class Reservations(_Spec, frozen=True):
     cpu: Annotated[float, decl("CPUs the scheduler keeps free for the task",
                                flag="--reserve-cpu", cli="float", unit="CPUs", metavar="CPUS",
                                ge=0, le=1024)] = 0.0
+    generic_resources: Annotated[dict[str, int], decl(
+        "generic resources the task reserves, kind → count (Swarm's: a node advertises "
+        "them, `node update --generic-resource-add gpu=UUID1`); the task runs only where "
+        "that many are free, and gets DOCKER_RESOURCE_<KIND> (the named IDs it was given, "
+        "or the count). Kinds ignore case (needs cluster schema 10)",
+        flag="--generic-resource", cli="map", item="count", metavar="KIND=N")] = {}
+
+    def __post_init__(self) -> None:
+        try:
+            generic.check_reservation(self.generic_resources, "generic_resources")
+        except ValidationError as exc:
+            raise SpecError(exc.field, exc.message.partition(": ")[2]) from None
 
 
 class Resources(_Spec, frozen=True):

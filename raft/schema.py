@@ -35,6 +35,11 @@ Schema history::
        (``SLOT_HOLES``): the leader removes the slots of the nodes with the most tasks of
        the service, marking their tasks desired REMOVE, so a service's slots may have holes
        (1, 2, 4); a schema-8 leader would refill the holes and drop the highest slots.
+    10 generic resources (Swarm's ``--generic-resource``):
+       ``task.resources.reservations.generic_resources``, and a node's
+       ``generic_resources`` set by ``node update`` or at join (the ``node_update`` and
+       ``node_add`` commands' field, ``GATED_NODE_FIELDS``: a schema-9 replica applies the
+       command without it, so today's does too below schema 10, and a proposal is refused).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -67,12 +72,13 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import SIGNALS, ServiceSpec, fields
 
-SCHEMA = 9  # what this code writes once the whole cluster runs it
+SCHEMA = 10  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
 PLACEHOLDERS = 7  # the schema whose nodes fill in Docker's placeholders (raft/templates.py)
 SLOT_HOLES = 9  # the schema whose leaders scale down by balance (shoal.node.orchestrator)
+GENERIC = 10  # the schema whose nodes and specs carry generic resources (shoal.raft.generic)
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
@@ -84,7 +90,8 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                              "log_driver", "log_options")},
                          "task.network_aliases": 7, "endpoint.host_ports": 7,
                          **{f"task.container.{name}": 8 for name in (
-                             "tty", "stdin_open", "oom_score_adj", "labels")}}
+                             "tty", "stdin_open", "oom_score_adj", "labels")},
+                         "task.resources.reservations.generic_resources": GENERIC}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
@@ -99,6 +106,11 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
         for m in v), PLACEHOLDERS)}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
+# fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an
+# older node's state machine drops without a word: field → the schema that keeps them. A
+# command that sets one is refused naming it on propose (``encode_command``) while the
+# cluster writes an older schema; the state machine then ignores it, as the older one does
+GATED_NODE_FIELDS: dict[str, int] = {"generic_resources": GENERIC}
 # top-level commands an older node does not know: the schema from which they may be written
 GATED_COMMANDS: dict[str, int] = {"task_statuses": 3, "cluster_update": 8}
 
@@ -203,8 +215,16 @@ def encode_command(cmd: dict[str, Any], service_specs: dict[str, Any],
     flat, a task's spec the whole flat service spec, as 0.1 stored it (``service_specs``:
     service id → its current spec as plain values, for tasks). A later schema below
     ``SCHEMA``: specs without the ``GATED`` fields it cannot read (ValidationError naming
-    one that is used). Commands without specs are returned unchanged."""
+    one that is used). A node command that sets a ``GATED_NODE_FIELDS`` field the cluster
+    cannot carry yet: ValidationError naming it. Other commands are returned unchanged."""
     op = cmd.get("op")
+    if op in ("node_add", "node_update"):  # (a node record's later fields: refused by name)
+        fields = cmd.get("node") if op == "node_add" else cmd
+        used = {k for k in GATED_NODE_FIELDS if isinstance(fields, dict) and fields.get(k)}
+        err = node_refusal(used, writes)
+        if err is not None:
+            raise err
+        return cmd
     if writes >= NESTED:
         return _gate_command(cmd, writes)
     if op in ("service_create", "service_update") and isinstance(cmd.get("spec"), dict):
@@ -272,6 +292,15 @@ def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> Validat
             node = node.get(p) if isinstance(node, dict) else None
         if used(node):
             return _needs(path, needs, writes)
+    return None
+
+
+def node_refusal(fields: Any, writes: int) -> ValidationError | None:
+    """The error for a node record's ``fields`` (the names a command sets) that a cluster at
+    schema ``writes`` cannot carry yet (``GATED_NODE_FIELDS``), or None."""
+    for name, needs in GATED_NODE_FIELDS.items():
+        if needs > writes and name in fields:
+            return _needs(name, needs, writes)
     return None
 
 

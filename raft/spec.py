@@ -882,7 +882,7 @@ def _type_name(tp: Any) -> str:
         inner = typing.get_args(tp)[0]
         return f"list of {_type_name(inner)}"
     if origin is dict:
-        return "map of string"
+        return f"map of {_type_name(typing.get_args(tp)[1])}"
     if isinstance(tp, type):
         return {"str": "string", "int": "integer", "float": "number",
                 "bool": "boolean"}.get(tp.__name__, tp.__name__)

@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from shoal.raft import ipam, raftkeys, secops, templates
+from shoal.raft import generic, ipam, raftkeys, secops, templates
 from shoal.raft import networks as netalloc
 from shoal.raft import schema as schema_mod
 from shoal.raft.errors import IpamError, Rejected, ValidationError
@@ -329,6 +329,11 @@ class ClusterState:
     # --- nodes
     def _node_add(self, cmd: dict[str, Any]) -> None:
         node = node_from_dict(cmd["node"])
+        if self.cluster.schema < schema_mod.GENERIC:  # (as an older replica reads the node)
+            node = replace(node, generic_resources={})
+        elif cmd["node"].get("generic_resources"):
+            node = replace(node, generic_resources=generic.check_node(
+                cmd["node"]["generic_resources"], "node.generic_resources"))
         if not ID_RE.match(node.id):
             raise Rejected("invalid", f"node id {node.id!r} is invalid", "node.id")
         now = float(cmd["now"])
@@ -359,6 +364,10 @@ class ClusterState:
             changes["role"] = NodeRole(cmd["role"])
         if "labels" in cmd:
             changes["labels"] = dict(cmd["labels"])
+        if "generic_resources" in cmd and self.cluster.schema >= schema_mod.GENERIC:
+            # (the whole new set: shoal.raft.generic.updated; below schema 10 ignored, as an
+            # older replica ignores it: shoal.raft.schema.GATED_NODE_FIELDS)
+            changes["generic_resources"] = generic.check_node(cmd["generic_resources"])
         self.nodes[node.id] = replace(node, updated_at=float(cmd["now"]), **changes)
 
     def _node_remove(self, cmd: dict[str, Any]) -> None:

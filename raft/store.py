@@ -782,8 +782,8 @@ class RaftStore:
         without the fields added later while it is below schema.SCHEMA (shoal.raft.schema;
         raises ValidationError for what the cluster's schema cannot express)."""
         op = cmd.get("op")
-        if op not in ("service_create", "service_update", "leader"):
-            return cmd  # carries no spec: the same in both schemas
+        if op not in ("service_create", "service_update", "leader", "node_add", "node_update"):
+            return cmd  # carries no spec or node fields: the same in every schema
         with self.consumer._lock:
             state = self.consumer.state
             writes = state.cluster.schema

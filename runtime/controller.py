@@ -57,6 +57,10 @@ class Controller(Protocol):
 
     def status(self, task_id: str) -> RuntimeStatus | None: ...
 
+    def task_env(self, task_id: str) -> dict[str, str] | None:
+        """The environment a task it knows was started with (an adopted one's too: its
+        stored config), None for a task it does not know."""
+
     def tasks(self) -> dict[str, RuntimeStatus]:
         """Every task known (running or exited, not yet removed)."""
 

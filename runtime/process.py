@@ -174,6 +174,10 @@ class ProcessController:
         task = self._tasks.get(task_id)
         return task.status if task is not None else None
 
+    def task_env(self, task_id: str) -> dict[str, str] | None:
+        task = self._tasks.get(task_id)
+        return None if task is None else dict(task.cfg.env)
+
     def tasks(self) -> dict[str, RuntimeStatus]:
         return {tid: t.status for tid, t in self._tasks.items()}
 

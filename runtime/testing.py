@@ -67,6 +67,10 @@ class FakeController:
     def tasks(self) -> dict[str, RuntimeStatus]:
         return dict(self._status)
 
+    def task_env(self, task_id: str) -> dict[str, str] | None:
+        cfg = self._configs.get(task_id)
+        return None if cfg is None else dict(cfg.env)
+
     def config(self, task_id: str) -> TaskConfig:
         """The TaskConfig a task was started with (test helper)."""
         return self._configs[task_id]

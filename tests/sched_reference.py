@@ -33,6 +33,7 @@ def _counts(tasks: Iterable[Task]
             per_service[(t.node_id, t.service_id)] += 1
             reserved[t.node_id].memory += t.spec.resources.reservations.memory
             reserved[t.node_id].cpu += t.spec.resources.reservations.cpu
+            _add_generic(reserved[t.node_id], t)
     return per_node, per_service, reserved
 
 
@@ -75,4 +76,10 @@ def reference_schedule(snapshot: Snapshot, pending: list[Task]) -> Plan:
         per_service[(best.id, task.service_id)] += 1
         reserved[best.id].memory += task.spec.resources.reservations.memory
         reserved[best.id].cpu += task.spec.resources.reservations.cpu
+        _add_generic(reserved[best.id], task)
     return plan
+
+
+def _add_generic(r: Reserved, t: Task) -> None:
+    for kind, n in t.spec.resources.reservations.generic_resources.items():
+        r.generic[kind.lower()] = r.generic.get(kind.lower(), 0) + n

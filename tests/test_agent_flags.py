@@ -25,3 +25,26 @@ def test_a_cgroup_parent_that_is_not_one_name_is_refused_naming_the_flag(bad: st
     with pytest.raises(ValueError, match="--cgroup-parent must be one cgroup name"):
         AgentConfig(data_dir=Path("/tmp/x"), advertise_addr="10.0.0.1",
                     cgroup_parent=bad).validate()
+
+
+def test_generic_resources_given_to_the_agent_land_in_its_node_record() -> None:
+    """`shoal agent --generic-resource GPU=a --generic-resource GPU=b --generic-resource
+    SSD=2` (Swarm's node-generic-resources): the node record it joins with advertises them;
+    a bad item is refused naming the flag."""
+    from types import SimpleNamespace
+
+    from shoal.node.lifecycle import MembershipLifecycle
+
+    args = build_parser().parse_args(["agent", "--advertise-addr", "10.0.0.1",
+                                      "--generic-resource", "GPU=a", "--generic-resource",
+                                      "GPU=b", "--generic-resource", "SSD=2"])
+    cfg = AgentConfig(advertise_addr="10.0.0.1",
+                      generic_resources=tuple(args.generic_resource))
+    cfg.validate()
+    record = MembershipLifecycle._self_node(
+        SimpleNamespace(hostname="h1", config=cfg),  # type: ignore[arg-type]
+        "n1", "worker")
+    assert record["generic_resources"] == {"GPU": ["a", "b"], "SSD": 2}
+    for bad in ("GPU", "bad kind=1", "SSD=2\0"):
+        with pytest.raises(ValueError, match="--generic-resource"):
+            AgentConfig(advertise_addr="10.0.0.1", generic_resources=(bad,)).validate()

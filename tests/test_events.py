@@ -179,6 +179,16 @@ def test_node_availability_role_labels_leave_and_remove() -> None:
     assert log.all[first].attributes["availability"] == "drain"
 
 
+def test_a_node_generic_resources_change_is_a_node_update_event() -> None:
+    log = booted()
+    log.events.clear()
+    log.apply({"op": "node_update", "id": "n2", "now": 5.0,
+               "generic_resources": {"GPU": ["a", "b"]}})
+    assert log.events == [("node", "update", "h2")]
+    assert log.all[-1].attributes["generic_resources"] == {"GPU": ["a", "b"]}
+    assert "labels" not in log.all[-1].attributes
+
+
 def test_secrets_and_configs_create_and_remove() -> None:
     log = booted()
     log.events.clear()

@@ -53,3 +53,18 @@ def test_a_node_as_dockers_pretty_template_shows_it() -> None:
         assert want in lines, (want, lines)
     worker = pretty.node({**rec, "role": "worker", "manager_status": ""}).splitlines()
     assert "Manager Status:" not in worker
+
+
+def test_generic_resources_in_both_pretty_views() -> None:
+    """A service's generic reservations under Reservations; a node's generic resources with
+    what its live tasks reserve of each kind."""
+    lines = pretty.service(_service("--generic-resource", "gpu=2")).splitlines()
+    assert " Reservations:" in lines and "  gpu:\t\t2" in lines
+    rec = {"id": "a1", "hostname": "h1", "addr": "10.77.0.11", "role": "worker",
+           "state": "ready", "availability": "active", "manager_status": "", "tasks": 1,
+           "created_at": 1796597127.48,
+           "resources": {"memory_bytes": 1 << 30, "cpus": 2.0,
+                         "generic_resources": {"GPU": ["a", "b"], "ssd": 3},
+                         "reserved_generic_resources": {"gpu": 1}}}
+    lines = pretty.node(rec).splitlines()
+    assert " GPU:\t\ta,b (reserved 1)" in lines and " ssd:\t\t3 (reserved 0)" in lines

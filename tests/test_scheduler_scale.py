@@ -27,7 +27,7 @@ from shoal.raft.models import (
     TaskStatus,
     to_dict,
 )
-from shoal.raft.schema import upgrade_spec
+from shoal.raft.schema import SCHEMA, upgrade_spec
 from shoal.raft.state import MAX_BATCH_BYTES, MAX_BATCH_OPS, ClusterState, Snapshot
 from shoal.raft.validate import validate_spec
 
@@ -36,6 +36,19 @@ CONSTRAINTS: list[list[str]] = [
     [], [], [], ["node.labels.zone==a"], ["node.labels.zone!=c"], ["node.role==manager"],
     ["node.labels.zone==b", "node.labels.disk==ssd"], ["node.labels.zone==nowhere"],
 ]
+
+
+def _generic(rng: random.Random) -> dict[str, int | list[str]]:
+    """A node's generic resources: none, named GPUs, a discrete SSD count, or both."""
+    roll = rng.random()
+    gpus = [f"GPU-{i}" for i in range(rng.randrange(1, 4))]
+    if roll < 0.4:
+        return {}
+    if roll < 0.6:
+        return {"GPU": gpus}
+    if roll < 0.8:
+        return {"ssd": rng.randrange(0, 4)}
+    return {"gpu": gpus, "SSD": rng.randrange(1, 4)}
 
 
 def random_cluster(rng: random.Random, n_nodes: int, n_services: int, n_tasks: int
@@ -58,7 +71,7 @@ def random_cluster(rng: random.Random, n_nodes: int, n_services: int, n_tasks: i
                 [NodeAvailability.ACTIVE] * 8 + [NodeAvailability.DRAIN,
                                                  NodeAvailability.PAUSE]),
             labels=labels, memory_bytes=rng.choice([0, 1 * GiB, 2 * GiB, 4 * GiB]),
-            cpus=rng.choice([0.0, 1.0, 2.0, 4.0]))
+            cpus=rng.choice([0.0, 1.0, 2.0, 4.0]), generic_resources=_generic(rng))
     services: dict[str, Service] = {}
     for k in range(n_services):
         spec: dict[str, Any] = {"name": f"svc{k}", "command": ["sleep", "1"],
@@ -70,6 +83,10 @@ def random_cluster(rng: random.Random, n_nodes: int, n_services: int, n_tasks: i
             spec["reserve_cpu"] = rng.choice([0.25, 0.5, 1.0, 1.5])
         sid = f"s{k}"
         nested = upgrade_spec(spec)
+        if rng.random() < 0.3:  # generic resources, named or discrete (kinds ignore case)
+            nested["task"].setdefault("resources", {}).setdefault("reservations", {})[
+                "generic_resources"] = rng.choice(
+                [{"gpu": 1}, {"GPU": 2}, {"ssd": 1}, {"gpu": 1, "ssd": 2}, {"fpga": 1}])
         placement = nested["task"]["placement"]
         if rng.random() < 0.3:
             placement["max_replicas"] = rng.choice([1, 2, 3])
@@ -129,7 +146,9 @@ def test_the_reference_comparison_covers_every_outcome() -> None:
     text = " ".join(reasons)
     assert placed > 800
     for why in ("not ready", "not active", "insufficient memory", "insufficient cpu",
-                "no node satisfies", "(no nodes)", "max replicas per node"):
+                "insufficient generic resource gpu", "insufficient generic resource ssd",
+                "insufficient generic resource fpga", "no node satisfies", "(no nodes)",
+                "max replicas per node"):
         assert why in text, why
 
 
@@ -265,6 +284,9 @@ def _step(st: ClusterState, rng: random.Random, now: float) -> None:
                              "reserve_memory": rng.choice([0, 1 << 30, 3 << 30]),
                              "reserve_cpu": rng.choice([0.0, 0.5, 1.5]),
                              "restart_delay": rng.choice([0.0, 2.0])})
+        if rng.random() < 0.3:
+            spec["task"].setdefault("resources", {}).setdefault("reservations", {})[
+                "generic_resources"] = {"gpu": 1}
         # every service mode, and placement limits and preferences
         spec["mode"]["type"] = rng.choice(["replicated"] * 3 + ["global", "replicated-job",
                                                                  "global-job"])
@@ -294,10 +316,12 @@ def test_an_incremental_pass_decides_what_a_whole_pass_decides(seed: int) -> Non
 
     rng = random.Random(seed)
     st = ClusterState()
+    assert "ok" in st.apply({"op": "cluster_schema", "schema": SCHEMA, "now": 1.0})
     for i in range(rng.randrange(1, 12)):
         node = Node(id=f"n{i}", hostname=f"h{i}", addr=f"10.3.0.{i + 1}", api_port=1,
                     raft_port=2, role=rng.choice([NodeRole.WORKER, NodeRole.MANAGER]),
-                    labels={"zone": rng.choice("abc")}, memory_bytes=4 * GiB, cpus=4.0)
+                    labels={"zone": rng.choice("abc")}, memory_bytes=4 * GiB, cpus=4.0,
+                    generic_resources=_generic(rng))
         assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
     index = PassIndex()
     now = 10.0

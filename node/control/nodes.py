@@ -2,8 +2,9 @@
 
 Owns: the views of the cluster's nodes (with the manager status from the Raft replica and
 the membership seen by gossip) and the user's changes to a node record (availability,
-labels) and its removal — which also revokes its certificate, since every node-to-node
-route accepts only certificates of current members (Security.authorize). Managers only.
+labels, generic resources: shoal.raft.generic) and its removal — which also revokes its
+certificate, since every node-to-node route accepts only certificates of current members
+(Security.authorize). Managers only.
 Promotion/demotion: shoal.node.control.roles. Must not touch: this node's own lifecycle,
 HTTP, the runtime.
 """
@@ -17,7 +18,8 @@ from shoal.node import views
 from shoal.node.context import NodeContext, VoterChanges
 from shoal.node.errors import BadRequest, NotFound, from_store_error
 from shoal.node.membership import GossipControl
-from shoal.raft.errors import StoreError
+from shoal.raft import generic, schema
+from shoal.raft.errors import StoreError, ValidationError
 from shoal.raft.models import Node, NodeRole, NodeState
 from shoal.raft.state import Snapshot
 
@@ -82,6 +84,21 @@ class Nodes:
             labels.pop(str(k))
         if labels != n.labels:
             cmd["labels"] = labels
+        g_add, g_rm = body.get("generic_resource_add", []), body.get("generic_resource_rm", [])
+        if g_add or g_rm:
+            if not isinstance(g_add, list) or not isinstance(g_rm, list):
+                raise BadRequest("generic_resource_add and generic_resource_rm must be lists",
+                                 "generic_resource_add")
+            field = "generic_resource_add" if g_add else "generic_resource_rm"
+            err = schema.node_refusal(("generic_resources",), store.snapshot().cluster.schema)
+            if err is not None:
+                raise BadRequest(err.message.replace("generic_resources", field, 1), field)
+            try:
+                res = generic.updated(n.generic_resources, g_add, g_rm)
+            except ValidationError as exc:
+                raise BadRequest(exc.message, exc.field) from None
+            if res != n.generic_resources:
+                cmd["generic_resources"] = res
         await self.ctx.propose(cmd)
         return await self.node(n.id)
 

@@ -1,0 +1,448 @@
+"""Generic resources (Swarm's ``--generic-resource``) without a cluster: the spec's and the
+node's rules, the CLI flags and Compose's form, the schema-10 gate, the scheduler's
+filter and accounting, and the worker's choice of named IDs — through the control plane in
+one process (tests/test_modes.py's Lab: `service create`, the leader's pass, each node's
+worker on its fake runtime). Each test names the property it checks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_modes import Lab
+
+from shoal.cli import specflags
+from shoal.cli.compose import ComposeError, load_stack
+from shoal.cli.errors import CliError
+from shoal.cli.main import build_parser
+from shoal.node.context import VoterChanges
+from shoal.node.control.nodes import Nodes
+from shoal.node.errors import BadRequest
+from shoal.node.generic import claim
+from shoal.node.membership import GossipControl
+from shoal.node.scheduler import schedule
+from shoal.node.security import Security
+from shoal.node.worker import Worker
+from shoal.raft import generic
+from shoal.raft.errors import ValidationError
+from shoal.raft.models import Node, NodeRole, TaskState, node_from_dict, to_dict
+from shoal.raft.schema import SCHEMA, encode_command
+from shoal.raft.state import ClusterState
+from shoal.raft.validate import validate_spec
+from shoal.runtime.errors import StartError
+from shoal.runtime.records import RuntimeStatus
+from shoal.runtime.testing import FakeController
+
+
+def _spec(res: Any, **mode: Any) -> dict[str, Any]:
+    return {"name": "gpu", "mode": mode or {"replicas": 1},
+            "task": {"container": {"command": ["train"]},
+                     "resources": {"reservations": {"generic_resources": res}}}}
+
+
+# ----------------------------------------------------------------------- rules and flags
+
+@pytest.mark.parametrize(("res", "says"), [
+    ({"bad kind": 1}, "invalid kind 'bad kind'"),
+    ({"-gpu": 1}, "invalid kind '-gpu'"),
+    ({"g" * 64: 1}, "at most 63"),
+    ({"gpu": 0}, "gpu: the count must be a whole number from 1"),
+    ({"gpu": 1, "GPU": 1}, "kind 'GPU' given twice (kinds ignore case)"),
+    ({"gpu": "1"}, "expected `int`"),
+])
+def test_a_bad_generic_reservation_is_refused_naming_the_field(res: Any, says: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        validate_spec(_spec(res))
+    assert exc.value.field.startswith("task.resources.reservations.generic_resources")
+    assert says in exc.value.message
+
+
+def test_service_flags_reserve_counts_and_update_adds_and_removes_ignoring_case() -> None:
+    args = build_parser().parse_args(["service", "create", "--name", "t", "--generic-resource",
+                                      "gpu=1", "--generic-resource", "SSD=2", "busybox"])
+    spec = validate_spec(specflags.spec_from_create_args(args))
+    assert spec.task.resources.reservations.generic_resources == {"gpu": 1, "SSD": 2}
+    args = build_parser().parse_args(["service", "update", "--generic-resource-add", "GPU=3",
+                                      "--generic-resource-rm", "ssd", "t"])
+    new = validate_spec(specflags.apply_update_args(to_dict(spec), args))
+    assert new.task.resources.reservations.generic_resources == {"GPU": 3}
+    for bad in ("gpu=x", "gpu=0", "gpu"):
+        with pytest.raises(CliError, match="--generic-resource"):
+            specflags.spec_from_create_args(build_parser().parse_args(
+                ["service", "create", "--generic-resource", bad, "busybox"]))
+
+
+def test_node_update_flags_go_to_the_api_as_given() -> None:
+    args = build_parser().parse_args(["node", "update", "--generic-resource-add", "GPU=a",
+                                      "--generic-resource-add", "GPU=b",
+                                      "--generic-resource-rm", "ssd", "h2"])
+    assert (args.generic_resource_add, args.generic_resource_rm) == (["GPU=a", "GPU=b"],
+                                                                     ["ssd"])
+
+
+def test_compose_generic_resources_and_a_malformed_entry_named_by_its_path(
+        tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("services:\n  web:\n    image: busybox\n    deploy:\n      resources:\n"
+                 "        reservations:\n          generic_resources:\n"
+                 "            - discrete_resource_spec: {kind: gpu, value: 2}\n"
+                 "            - discrete_resource_spec: {kind: SSD, value: 1}\n")
+    (svc,) = load_stack("s", [f]).services
+    assert svc.task.resources.reservations.generic_resources == {"gpu": 2, "SSD": 1}
+    path = "services.web.deploy.resources.reservations.generic_resources"
+    for entry, where in (("- named_resource_spec: {kind: gpu, value: a}", f"{path}[0]"),
+                         ("- discrete_resource_spec: {kind: gpu}",
+                          f"{path}[0].discrete_resource_spec"),
+                         ("- discrete_resource_spec: {kind: gpu, value: x}",
+                          f"{path}[0].discrete_resource_spec.value"),
+                         ("- discrete_resource_spec: {kind: 'a b', value: 1}", path)):
+        f.write_text("services:\n  web:\n    image: busybox\n    deploy:\n      resources:\n"
+                     f"        reservations:\n          generic_resources:\n            {entry}\n")
+        with pytest.raises(ComposeError) as exc:
+            load_stack("s", [f])
+        assert str(exc.value).startswith(where + ":"), str(exc.value)
+
+
+def test_node_update_adds_named_ids_and_counts_and_refuses_mixing_them() -> None:
+    res = generic.updated({}, ["GPU=a", "GPU=b", "ssd=3", "gpu=c"], [])
+    assert res == {"GPU": ["a", "b", "c"], "ssd": 3}
+    assert generic.updated(res, ["SSD=1"], ["gpu=b"]) == {"GPU": ["a", "c"], "ssd": 1}
+    assert generic.updated(res, [], ["GPU"]) == {"ssd": 3}
+    for add, rm, field, says in (
+            (["GPU=4"], [], "generic_resource_add", "holds named IDs"),
+            (["ssd=x"], [], "generic_resource_add", "is a count on this node"),
+            (["bad kind=1"], [], "generic_resource_add", "invalid kind"),
+            (["gpu="], [], "generic_resource_add", "expected KIND=VALUE"),
+            (["gpu=a b"], [], "generic_resource_add", "invalid ID"),
+            ([], ["fpga"], "generic_resource_rm", "has no generic resource 'fpga'"),
+            ([], ["gpu=z"], "generic_resource_rm", "has no ID 'z'")):
+        with pytest.raises(ValidationError) as exc:
+            generic.updated(res, add, rm)
+        assert exc.value.field == field and says in exc.value.message, exc.value.message
+
+
+def test_the_node_update_command_is_checked_and_applied_and_records_without_it_read() -> None:
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SCHEMA})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER)
+    assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    for bad in ({"gpu": []}, {"gpu": -1}, {"gpu": ["a", "a"]}, {"gpu": 1, "GPU": 2}, "x"):
+        err = st.apply({"op": "node_update", "id": "n1", "now": 2.0,
+                        "generic_resources": bad})["error"]
+        assert err["field"].startswith("generic_resources"), err
+    assert st.nodes["n1"].generic_resources == {}
+    assert "ok" in st.apply({"op": "node_update", "id": "n1", "now": 2.0,
+                             "generic_resources": {"GPU": ["a", "b"], "ssd": 2}})
+    assert st.nodes["n1"].generic_resources == {"GPU": ["a", "b"], "ssd": 2}
+    plain = to_dict(st.nodes["n1"])
+    assert node_from_dict(plain) == st.nodes["n1"]
+    from shoal.raft.wire import state_from_bytes, state_to_bytes
+    assert state_from_bytes(state_to_bytes(st)).nodes == st.nodes  # (a snapshot, a dump)
+    del plain["generic_resources"]  # (a record written before schema 10)
+    assert node_from_dict(plain).generic_resources == {}
+    assert node_from_dict({**plain, "generic_resources": {"x": {"?": 1}}}).generic_resources \
+        == {}
+
+
+def test_schema_10s_generic_resources_wait_for_every_node_to_read_them() -> None:
+    """A schema-9 replica's decoder does not know the spec field: refused naming it on
+    propose and by the state machine. Its state machine applies a node update or a node add
+    without the node's resources: refused naming the field on propose, and today's state
+    machine applies such a command as the schema-9 one does (without them), so every
+    replica holds the same record; at schema 10 they are written and applied."""
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": _spec({"gpu": 1})}
+    field = "task.resources.reservations.generic_resources"
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 9)
+    assert exc.value.field == field and "schema 10" in exc.value.message
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": 9})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER)
+    st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    assert st.apply(cmd)["error"]["field"] == field
+    update = {"op": "node_update", "id": "n1", "now": 2.0, "generic_resources": {"gpu": 1},
+              "labels": {"zone": "b"}}
+    joined = {"op": "node_add", "now": 2.0, "node": {**to_dict(node), "id": "n2",
+                                                     "addr": "10.0.0.2",
+                                                     "generic_resources": {"ssd": 2}}}
+    for cmd9 in (update, joined):
+        with pytest.raises(ValidationError) as exc:
+            encode_command(cmd9, {}, 9)
+        assert exc.value.field == "generic_resources" and "schema 10" in exc.value.message
+        with pytest.raises(ValidationError):
+            encode_command(cmd9, {}, 1)  # (a cluster 0.1 made: the same)
+        assert "ok" in st.apply(cmd9)
+    assert st.nodes["n1"].labels == {"zone": "b"}  # (the rest applied, as schema 9 does)
+    assert st.nodes["n1"].generic_resources == {} == st.nodes["n2"].generic_resources
+    assert encode_command({**update, "generic_resources": {}}, {}, 9)  # (none used: as is)
+    plain = {"op": "service_create", "id": "s2", "now": 1.0,
+             "spec": {"name": "p", "task": {"container": {"command": ["sh"]}}}}
+    assert "generic_resources" not in str(encode_command(plain, {}, 9))
+    st.apply({"op": "cluster_schema", "schema": 10})
+    assert encode_command(cmd, {}, 10) == cmd and "ok" in st.apply(cmd)
+    assert encode_command(update, {}, 10) == update
+    assert "ok" in st.apply(update) and st.nodes["n1"].generic_resources == {"gpu": 1}
+
+
+# ------------------------------------------------------------------ scheduler and worker
+
+def test_claim_takes_free_named_ids_and_gives_discrete_counts() -> None:
+    res: dict[str, int | list[str]] = {"GPU": ["a", "b", "c"], "ssd": 4}
+    held = [{"DOCKER_RESOURCE_GPU": "a"}, {"OTHER": "b"}]
+    assert claim(res, {"gpu": 2, "SSD": 3}, held) == {"DOCKER_RESOURCE_GPU": "b,c",
+                                                      "DOCKER_RESOURCE_SSD": "3"}
+    with pytest.raises(StartError, match="gpu: the task needs 3, 2 of the node's 3"):
+        claim(res, {"gpu": 3}, held)
+    with pytest.raises(StartError, match="fpga: this node advertises none"):
+        claim(res, {"fpga": 1}, [])
+
+
+async def _gpu_lab(tmp_path: Path) -> Lab:
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n2", generic_resources={"GPU": ["a", "b"]})
+    return lab
+
+
+def _env(lab: Lab, nid: str, tid: str) -> dict[str, str]:
+    return dict(lab.runtimes[nid].config(tid).env)
+
+
+async def test_a_node_with_two_gpus_runs_two_one_gpu_tasks_and_the_third_waits(
+        tmp_path: Path) -> None:
+    """Each task gets its own ID in DOCKER_RESOURCE_GPU; the third is PENDING saying why;
+    a task that ends frees its unit (and its ID) for the one waiting."""
+    lab = await _gpu_lab(tmp_path)
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=3))
+    await lab.settle()
+    placed = [t for t in lab.tasks("gpu") if t.node_id]
+    assert [t.node_id for t in placed] == ["n2", "n2"]
+    assert sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in placed) == ["a", "b"]
+    (waiting,) = [t for t in lab.tasks("gpu") if not t.node_id]
+    assert waiting.status.state is TaskState.PENDING
+    assert waiting.status.message == ("no suitable node (insufficient generic resource gpu "
+                                      "2/2)")
+    lab.exit(placed[0], 1)  # ends: its GPU is free again, for the waiting task or its own
+    await lab.settle()
+    live = [t for t in lab.live("gpu") if t.status.state is TaskState.RUNNING]
+    assert len(live) == 2
+    assert sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in live) == ["a", "b"]
+
+
+async def test_discrete_counts_and_kinds_that_differ_only_in_case(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n1", generic_resources={"SSD": 3})
+    await lab.services.create_service(_spec({"ssd": 2}, replicas=2))
+    await lab.settle()
+    (placed,) = [t for t in lab.tasks("gpu") if t.node_id]
+    assert placed.node_id == "n1" and _env(lab, "n1", placed.id)["DOCKER_RESOURCE_SSD"] == "2"
+    (waiting,) = [t for t in lab.tasks("gpu") if not t.node_id]
+    assert "insufficient generic resource ssd 2/2" in waiting.status.message
+
+
+async def test_a_global_task_waits_on_a_node_without_the_resource(tmp_path: Path) -> None:
+    lab = await _gpu_lab(tmp_path)
+    await lab.services.create_service(_spec({"gpu": 2}, type="global"))
+    await lab.settle()
+    assert lab.running_on("gpu") == ["n2"]
+    (waiting,) = [t for t in lab.tasks("gpu") if t.node_id == "n1"]
+    assert waiting.status.state is TaskState.PENDING
+    assert "insufficient generic resource gpu" in waiting.status.message
+
+
+async def test_the_ids_a_running_task_holds_survive_an_agent_restart(tmp_path: Path) -> None:
+    """A new worker (the agent restarted; its tasks kept running) learns which IDs its
+    running tasks hold from their environment: a new task gets the free one."""
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    await lab.node_update("n2", generic_resources={"GPU": ["a", "b", "c"]})
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=2))
+    await lab.settle()
+    held = {_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in lab.live("gpu")}
+    assert len(held) == 2
+    lab.workers["n2"] = Worker("n2", lab.store, lab.runtimes["n2"], asyncio.Event())
+    await lab.services.scale_service("gpu", 3)
+    await lab.settle()
+    got = sorted(_env(lab, "n2", t.id)["DOCKER_RESOURCE_GPU"] for t in lab.live("gpu"))
+    assert got == ["a", "b", "c"]
+
+
+async def test_a_start_with_no_free_id_fails_the_task_saying_why(tmp_path: Path) -> None:
+    """The scheduler counted a free unit, but the node's IDs changed under it (here: a
+    task the leader does not count holds the only ID): the task is rejected, saying so."""
+    lab = await _gpu_lab(tmp_path)
+    await lab.node_update("n2", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service(_spec({"gpu": 1}, replicas=1))
+    await lab.leader.one_pass()
+    (task,) = lab.tasks("gpu")
+    assert task.node_id == "n2"
+    lab.workers["n2"].claims.starting["stray"] = {"DOCKER_RESOURCE_GPU": "a"}
+    await lab.workers["n2"].reconcile()
+    await lab.workers["n2"].wait_started()
+    (task,) = lab.tasks("gpu")
+    assert task.status.state is TaskState.REJECTED
+    assert "generic resource gpu: the task needs 1, 0 of the node's 1 IDs are free" in \
+        task.status.message
+
+
+async def test_node_update_through_the_control_plane_and_node_inspect(tmp_path: Path) -> None:
+    """`node update --generic-resource-add/-rm` (the API's body) changes the node's record;
+    `node inspect` shows it and what live tasks reserve; a bad value is a 400 naming the
+    field, and nothing changes."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    nodes = Nodes(lab.ctx, GossipControl(lab.ctx, Security(lab.ctx), lambda: None),
+                  VoterChanges(10.0))
+    out = await nodes.update_node("n1", {"generic_resource_add": ["GPU=a", "GPU=b",
+                                                                  "ssd=2"]})
+    assert out["resources"]["generic_resources"] == {"GPU": ["a", "b"], "ssd": 2}
+    with pytest.raises(BadRequest) as exc:
+        await nodes.update_node("n1", {"generic_resource_add": ["GPU=3"]})
+    assert exc.value.field == "generic_resource_add"
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    out = await nodes.node("n1")
+    assert out["resources"]["reserved_generic_resources"] == {"gpu": 1}
+    out = await nodes.update_node("n1", {"generic_resource_rm": ["GPU=a", "ssd"]})
+    assert out["resources"]["generic_resources"] == {"GPU": ["b"]}
+    lab.store.state.cluster.schema = 9  # (a cluster whose nodes do not all read it yet)
+    with pytest.raises(BadRequest) as exc:
+        await nodes.update_node("n1", {"generic_resource_rm": ["GPU"]})
+    assert exc.value.field == "generic_resource_rm" and "schema 10" in str(exc.value)
+
+
+def test_schedule_is_pure_and_counts_what_placed_tasks_hold() -> None:
+    """The pure scheduler alone: a node with gpu=2 (named) takes two 1-gpu tasks of one
+    pass, and none of a third."""
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SCHEMA})
+    node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
+                role=NodeRole.MANAGER, generic_resources={"gpu": ["x", "y"]})
+    st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
+    st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": _spec({"GPU": 1})})
+    from shoal.raft.models import Service, template_task
+    svc: Service = st.services["s1"]
+    pending = [template_task(svc, f"t{i}", i, 1.0) for i in range(1, 4)]
+    plan = schedule(st.snapshot(), pending)
+    assert plan.assignments == [("t1", "n1"), ("t2", "n1")]
+    assert plan.unschedulable == [("t3", "no suitable node (insufficient generic resource "
+                                         "gpu 1/1)")]
+
+
+async def test_a_start_first_update_with_one_gpu_per_node_stops_the_old_task_first(
+        tmp_path: Path) -> None:
+    """A global service reserving each node's only GPU: a start-first update has no room
+    for the new task beside the old one (the old holds the GPU until it ended), so each
+    node's old task stops first; never two tasks holding one GPU, and the new task gets it
+    (a replicated start-first update does not: its new task waits, PENDING, for a node with
+    a free GPU while the old one keeps serving — as Swarm's updater waits)."""
+    lab = Lab(tmp_path)
+    await lab.boot(2)
+    for nid in ("n1", "n2"):
+        await lab.node_update(nid, generic_resources={"gpu": [f"{nid}-gpu0"]})
+    spec = _spec({"gpu": 1}, type="global")
+    spec["update"] = {"monitor": 0, "order": "start-first"}
+    await lab.services.create_service(spec)
+    await lab.settle()
+    assert lab.running_on("gpu") == ["n1", "n2"]
+    spec = lab.view("gpu")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    await lab.services.update_service("gpu", spec, None)
+    for _ in range(12):
+        await lab.settle(1)
+        for nid, rt in lab.runtimes.items():
+            up = [tid for tid, st in rt.tasks().items() if st.exit_code is None]
+            assert len(up) <= 1, (nid, up)
+        if lab.view("gpu")["update_status"]["state"] == "completed":
+            break
+    assert lab.view("gpu")["update_status"]["state"] == "completed"
+    for nid in ("n1", "n2"):
+        (t,) = [t for t in lab.live("gpu") if t.node_id == nid]
+        cfg = lab.runtimes[nid].config(t.id)
+        assert cfg.command == ("v2",) and cfg.env["DOCKER_RESOURCE_GPU"] == f"{nid}-gpu0"
+
+
+async def test_a_global_task_asking_more_than_its_node_has_holds_nothing_there(
+        tmp_path: Path) -> None:
+    """A global task waiting on its node (PENDING there: the node has 1 GPU, it asks 2)
+    reserves nothing, so another service's task still gets the GPU (before: counted as
+    holding 2, it kept the node's GPU from every other service for good)."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service({**_spec({"gpu": 2}, type="global"), "name": "big"})
+    await lab.settle()
+    await lab.services.create_service({**_spec({"gpu": 1}), "name": "small"})
+    await lab.settle()
+    (big,) = lab.tasks("big")
+    assert big.node_id == "n1" and big.status.state is TaskState.PENDING
+    (small,) = lab.tasks("small")
+    assert small.status.state is TaskState.RUNNING, small.status
+    assert _env(lab, "n1", small.id)["DOCKER_RESOURCE_GPU"] == "a"
+
+
+async def test_a_replacement_waits_for_the_ids_of_a_task_still_stopping_on_its_node(
+        tmp_path: Path) -> None:
+    """The leader orphaned a task (its node was cut off) and placed its replacement on the
+    same node once it came back, while the old container still stops (its grace): the
+    replacement waits for the GPU (PREPARING), then gets it — not REJECTED."""
+    class SlowStop(FakeController):
+        async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
+            await asyncio.sleep(0.05)  # (a grace period)
+            return await super().stop(task_id, grace)
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    lab.runtimes["n1"] = SlowStop()
+    lab.workers["n1"] = Worker("n1", lab.store, lab.runtimes["n1"], asyncio.Event())
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    (old,) = lab.tasks("gpu")
+    assert "ok" in await lab.ctx.propose({"op": "leader", "term": lab.store.term(),
+                                          "now": 5.0, "ops": [["orphan", old.id, "down"]]})
+    await lab.settle(2)
+    assert not [t for t in lab.tasks("gpu") if t.status.state is TaskState.REJECTED]
+    (new,) = lab.live("gpu")
+    assert new.id != old.id and new.status.state is TaskState.RUNNING
+    assert _env(lab, "n1", new.id)["DOCKER_RESOURCE_GPU"] == "a"
+
+
+async def test_a_variable_a_user_sets_is_no_claim(tmp_path: Path) -> None:
+    """A service that reserves nothing but sets DOCKER_RESOURCE_GPU itself holds no GPU:
+    a task reserving the node's only one still starts (before: rejected, again and again)."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
+    plain = {"name": "plain", "task": {"container": {"command": ["x"],
+                                                     "env": {"DOCKER_RESOURCE_GPU": "a"}}}}
+    await lab.services.create_service(plain)
+    await lab.settle()
+    await lab.services.create_service(_spec({"gpu": 1}))
+    await lab.settle()
+    (task,) = lab.tasks("gpu")
+    assert task.status.state is TaskState.RUNNING, task.status
+
+
+def test_digits_other_than_ascii_are_no_count() -> None:
+    """``²`` passes str.isdigit but is no number: a named ID's rules refuse it, naming the
+    field (before: an uncaught ValueError, a 500 from the API, a traceback in the CLI)."""
+    with pytest.raises(ValidationError, match=r"generic_resource_add\.ssd: invalid ID '²'"):
+        generic.updated({}, ["ssd=²"], [])
+    with pytest.raises(CliError, match="expected KIND=N"):
+        specflags.spec_from_create_args(build_parser().parse_args(
+            ["service", "create", "--generic-resource", "gpu=²", "busybox"]))
+
+
+def test_the_agent_flag_and_the_node_record_compared() -> None:
+    assert generic.flag_drift(["GPU=a", "gpu=b", "SSD=2"], {"gpu": ["b", "a"], "ssd": 2}) == ""
+    assert "the flag gives" in generic.flag_drift(["GPU=a"], {"GPU": ["a", "b"]})
+    assert "the flag gives" in generic.flag_drift(["SSD=2"], {})
