@@ -406,8 +406,9 @@ class Worker:
 
     def _generic_env(self, task: Task) -> dict[str, str]:
         """The task's DOCKER_RESOURCE_* variables: the named IDs of its node it takes, free of
-        the node's other live tasks and starts (shoal.node.generic); a StartError (the task
-        is rejected, saying which kind) when too few are free."""
+        the node's other live tasks and starts (shoal.node.generic); TaskInputUnavailable
+        (the start waits) while a task on its way out still holds them, a StartError (the
+        task is rejected, saying which kind) when too few are free otherwise."""
         need = task.spec.resources.reservations.generic_resources
         if not need:
             return {}
