@@ -2,8 +2,9 @@
 start-first), rollbacks, nodes going down and coming back, drains and pauses, tasks failing
 or exiting, preparing (an image pull) or health-checked (starting, then healthy or
 unhealthy and stopped), restart policies, a per-node limit (lowered by updates), history
-limits, leader batches cut short, with and without the leader's PassIndex, at schema 8 and
-9 and with the schema raised on the way. The state machine, the leader's passes
+limits, leader batches cut short, with and without the leader's PassIndex, at schema 8, 9
+and 10 (with GPUs: nodes with 1-3 named ones, tasks reserving 1 or 2) and with the schema
+raised on the way. The state machine, the leader's passes
 (node/leader.py plan_pass, with node liveness) and fake agents in one process: no network,
 no root. Seeded: a failure names its seed, and ``python tests/test_orchestrator_fuzz.py
 SEED SCHEMA [global]`` prints its history.
@@ -14,12 +15,14 @@ under a new slot number while enough slots are in use — a slot keeps its numbe
 restarts, lost nodes and rollouts, and new numbers are the lowest free ones — nor
 (stop-first) beside a task still stopping; a scale-down leaves no node with 2 more of the
 kept slots than one that lost a slot; after a
-batch committed whole, a slot has at most one old and one new live task. And once every
+batch committed whole, a slot has at most one old and one new live task; the tasks that hold
+a node's GPUs never reserve more than it has. And once every
 node is back, active and the agents report everything: the leader goes quiet; as many slots
 are in use as replicas (schema 8: all within 1..replicas); a slot has one live task (two
 while a start-first update pairs them), a node no more than the per-node limit, a slot no
 more ended tasks than the history limit; a service with the default restart policy and no
-per-node limit runs all its replicas, its update done.
+per-node limit runs all its replicas, its update done (unless a task waits for GPUs no
+node has free: a rollout waits for it, as Swarm's).
 
 A global service goes through the same histories with nodes joining, node labels changing
 under a placement constraint, and a memory reservation a start-first update may find no
@@ -27,7 +30,8 @@ room for beside the old task: in every pass no task is made on a node the servic
 run on (not ready, not active, failing the constraint, or marked down by the same pass),
 nor (stop-first) beside one still stopping, and after a whole batch a node has at most one
 old and one new live task; at the end each node the service may run on has its one live
-task (two during a start-first update) and no other node has any.
+task (two during a start-first update; PENDING where the node has too few GPUs) and no
+other node has any.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from shoal.raft.models import (
     TaskState,
     to_dict,
 )
-from shoal.raft.schema import SLOT_HOLES
+from shoal.raft.schema import GENERIC, SLOT_HOLES
 from shoal.raft.state import ClusterState
 
 STEPS = 40
@@ -77,9 +81,6 @@ class Run:
         self.down: set[str] = set()
         st = self.st = ClusterState()
         assert "ok" in st.apply({"op": "cluster_schema", "schema": self.schema})
-        self.nodes = 0
-        for _ in range(r.randint(1, 4)):
-            self.add_node(1.0)
         self.restart = r.choice([{}, {"condition": "none"},
                                  {"condition": "on-failure", "max_attempts": 2, "delay": 1.0},
                                  {"condition": "any", "delay": 0.0},
@@ -94,6 +95,11 @@ class Run:
         self.constraints = r.choice([[], ["node.labels.zone==a"], ["node.labels.zone!=b"]])
         self.reserve = r.choice([0, 0, 300, 600]) << 20
         self.checked = r.random() < 0.3  # (a health check: up = healthy, not just running)
+        # (schema 10: GPUs, 1-3 named ones a node, 1 or 2 a task)
+        self.gpus = r.choice([0, 1, 1, 2]) if self.schema >= GENERIC else 0
+        self.nodes = 0
+        for _ in range(r.randint(1, 4)):
+            self.add_node(1.0)
         assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0,
                                  "spec": self.spec(r.randint(1, 6))})
 
@@ -103,7 +109,9 @@ class Run:
         assert "ok" in self.st.apply({"op": "node_add", "now": now, "node": to_dict(Node(
             id=f"n{i}", hostname=f"h{i}", addr=f"10.0.0.{i}", api_port=2377,
             raft_port=2378, role=NodeRole.WORKER, state=NodeState.READY,
-            labels={"zone": self.r.choice("ab")}, memory_bytes=1 << 30))})
+            labels={"zone": self.r.choice("ab")}, memory_bytes=1 << 30,
+            generic_resources={"GPU": [f"g{j}" for j in range(self.r.randint(1, 3))]}
+            if self.gpus else {}))})
 
     def spec(self, replicas: int) -> dict[str, Any]:
         update = {"order": self.order, "parallelism": self.parallelism,
@@ -111,17 +119,20 @@ class Run:
         container: dict[str, Any] = {"command": ["sleep", str(self.command)]}
         if self.checked:
             container["healthcheck"] = {"command": "true", "interval": 1.0}
+        gpus = {"generic_resources": {"gpu": self.gpus}} if self.gpus else {}
         if self.glob:
             return {"name": "web", "mode": {"type": "global"},
                     "task": {"container": container,
                              "restart": self.restart,
                              "placement": {"constraints": self.constraints},
-                             "resources": {"reservations": {"memory": self.reserve}}},
+                             "resources": {"reservations": {"memory": self.reserve,
+                                                            **gpus}}},
                     "update": update}
         return {"name": "web", "mode": {"replicas": replicas},
                 "task": {"container": container,
                          "restart": self.restart,
-                         "placement": {"max_replicas": self.max_per_node}},
+                         "placement": {"max_replicas": self.max_per_node},
+                         "resources": {"reservations": gpus}},
                 "update": update}
 
     def eligible(self, snap: Any, marked: dict[str, str] | None = None) -> set[str]:
@@ -168,7 +179,21 @@ class Run:
             assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
         if whole:
             self._one_old_and_one_new_per_slot()
+        self._no_node_over_its_gpus()
         return ops
+
+    def _no_node_over_its_gpus(self) -> None:
+        """The tasks that hold their node's GPUs (placed, not ended) never reserve more
+        than it has."""
+        held: dict[str, int] = {}
+        for t in self.st.tasks.values():
+            if t.node_id and TaskState.ASSIGNED <= t.status.state < TaskState.COMPLETE:
+                n = t.spec.resources.reservations.generic_resources.get("gpu", 0)
+                held[t.node_id] = held.get(t.node_id, 0) + n
+        for nid, n in held.items():
+            have = len(self.st.nodes[nid].generic_resources.get("GPU", ()))
+            assert n <= have, (self.seed, "a node's GPUs reserved beyond what it has", nid,
+                               n, have)
 
     def _replicated_creates(self, snap: Any, ops: list[Any]) -> None:
         removed = {snap.tasks[op[1]].slot for op in ops if op[0] == "desired"
@@ -255,8 +280,8 @@ class Run:
         r = self.r
         for t in sorted(self.st.tasks.values(), key=lambda t: t.id):
             if t.status.state.terminal or not t.node_id or t.node_id in self.down or \
-                    r.random() > p:
-                continue
+                    r.random() > p or (t.alive and t.status.state < TaskState.ASSIGNED):
+                continue  # (a global task waiting on its node, PENDING, is not started)
             checked = bool(t.spec.container.healthcheck.command)
             health, now = "", t.status.health
             if not t.alive:
@@ -388,7 +413,8 @@ def _check(run: Run) -> None:
         wanted = run.in_use() if run.st.cluster.schema >= SLOT_HOLES else \
             set(range(1, replicas + 1))
         assert set(per_slot) == wanted, (run.seed, sorted(per_slot), sorted(wanted))
-        assert not rolling, (run.seed, svc.update_status)
+        waiting = any(t.status.state is TaskState.PENDING for t in live)  # (too few GPUs)
+        assert not rolling or (waiting and run.gpus), (run.seed, svc.update_status)
 
 
 def _check_global(run: Run) -> None:
@@ -412,12 +438,19 @@ def _check_global(run: Run) -> None:
     assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
     if not run.restart:
         assert set(per_node) == eligible, (run.seed, sorted(per_node), sorted(eligible))
-        assert all(t.status.state is TaskState.RUNNING for ts in per_node.values()
-                   for t in ts), (run.seed, "a global task not running at the end")
-        assert not rolling, (run.seed, svc.update_status)
+        need = svc.spec.task.resources.reservations.generic_resources.get("gpu", 0)
+        short = {nid for nid in per_node
+                 if need > len(run.st.nodes[nid].generic_resources.get("GPU", ()))}
+        for nid, ts in per_node.items():
+            assert all(t.status.state is (TaskState.PENDING if nid in short else
+                                          TaskState.RUNNING) for t in ts), (
+                run.seed, "a global task not running at the end (or not waiting on a node "
+                "with too few GPUs)", nid)
+        # (a task that can never run keeps a rollout going, as Swarm's updater waits)
+        assert not rolling or short, (run.seed, svc.update_status)
 
 
-@pytest.mark.parametrize("schema", [8, 9])
+@pytest.mark.parametrize("schema", [8, 9, 10])
 def test_random_histories_of_a_global_service_converge(schema: int) -> None:
     for seed in range(SEEDS):
         run = Run(seed, schema, glob=True)
@@ -429,7 +462,7 @@ def test_random_histories_of_a_global_service_converge(schema: int) -> None:
             raise
 
 
-@pytest.mark.parametrize("schema", [8, 9, "8→9"])
+@pytest.mark.parametrize("schema", [8, 9, 10, "8→9"])
 def test_random_histories_converge_and_keep_slot_numbers(schema: int | str) -> None:
     for seed in range(SEEDS):
         run = Run(seed, 8 if schema == "8→9" else int(schema), raise_schema=schema == "8→9")
