@@ -46,6 +46,7 @@ import pytest
 from shoal.node.leader import PassIndex, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
 from shoal.node.scheduler import unsatisfied
+from shoal.raft import generic
 from shoal.raft.models import (
     Health,
     Node,
@@ -61,6 +62,10 @@ from shoal.raft.state import ClusterState
 
 STEPS = 40
 SEEDS = 100
+
+
+def _gpus(node: Node) -> int:
+    return generic.units(node.generic_resources.get("GPU", []))
 
 
 @dataclass
@@ -191,7 +196,7 @@ class Run:
                 n = t.spec.resources.reservations.generic_resources.get("gpu", 0)
                 held[t.node_id] = held.get(t.node_id, 0) + n
         for nid, n in held.items():
-            have = len(self.st.nodes[nid].generic_resources.get("GPU", ()))
+            have = _gpus(self.st.nodes[nid])
             assert n <= have, (self.seed, "a node's GPUs reserved beyond what it has", nid,
                                n, have)
 
@@ -439,8 +444,7 @@ def _check_global(run: Run) -> None:
     if not run.restart:
         assert set(per_node) == eligible, (run.seed, sorted(per_node), sorted(eligible))
         need = svc.spec.task.resources.reservations.generic_resources.get("gpu", 0)
-        short = {nid for nid in per_node
-                 if need > len(run.st.nodes[nid].generic_resources.get("GPU", ()))}
+        short = {nid for nid in per_node if need > _gpus(run.st.nodes[nid])}
         for nid, ts in per_node.items():
             assert all(t.status.state is (TaskState.PENDING if nid in short else
                                           TaskState.RUNNING) for t in ts), (
