@@ -21,7 +21,7 @@ stored. A discrete kind's variable is the count reserved (Swarm's ``DOCKER_RESOU
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from shoal.node.errors import TaskInputUnavailable
 from shoal.raft import generic
@@ -64,15 +64,19 @@ class Claims:
 
     def take(self, task_id: str, res: Mapping[str, int | list[str]], need: Mapping[str, int],
              running: Iterable[Mapping[str, str]],
-             stopping: Iterable[Mapping[str, str]] = ()) -> dict[str, str]:
+             stopping: Iterable[Mapping[str, str]] = (),
+             leaving: Collection[str] = ()) -> dict[str, str]:
         """``claim`` for a starting task, counting the other starts' claims; kept until
         ``release``. Call it with no ``await`` between reading ``running`` and here.
         ``stopping``: the environments of tasks still running here that are on their way
-        out (the leader counts them ended: orphaned while their node was cut off, removed):
-        what they hold is not free yet, but will be — TaskInputUnavailable (the start waits,
-        PREPARING, and is tried again) rather than the StartError that rejects the task."""
-        others = [env for tid, env in self.starting.items() if tid != task_id]
-        going = list(stopping)
+        out (the leader counts them ended: orphaned while their node was cut off, removed),
+        ``leaving``: the ids of starts in flight likewise: what they hold is not free yet,
+        but will be — TaskInputUnavailable (the start waits, PREPARING, and is tried again)
+        rather than the StartError that rejects the task."""
+        others = [env for tid, env in self.starting.items()
+                  if tid != task_id and tid not in leaving]
+        going = [*stopping, *(env for tid, env in self.starting.items()
+                              if tid != task_id and tid in leaving)]
         try:
             env = claim(res, need, [*running, *others, *going])
         except StartError as exc:

@@ -230,6 +230,9 @@ class Worker:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._released: set[str] = set()  # ended tasks whose address and watch are let go
+        # starts that waited (TaskInputUnavailable) → when to try again (monotonic): one
+        # try per ``interval``, not one per wake-up (each would be a report: a Raft write)
+        self._retry_at: dict[str, float] = {}
         self.claims = Claims()  # generic resource IDs taken by starts in flight
         self._closed = False
         # a pod's sidecars and init containers (node/pod.py)
@@ -273,7 +276,9 @@ class Worker:
             seen = None if busy else await self._observe(task, running.get(task.id))
             step = next_step(task, seen, busy=busy, now=time.time())
             if step.action is Action.START:
-                self._begin_start(task)
+                if self._retry_at.get(task.id, 0.0) <= time.monotonic():
+                    self._retry_at.pop(task.id, None)
+                    self._begin_start(task)
             elif step.action is Action.STOP:
                 self._stop(task.id, step.grace)
                 if is_pod(task):
@@ -295,6 +300,8 @@ class Worker:
                 await self._remove(tid)
 
         self._released.intersection_update(mine)
+        for tid in self._retry_at.keys() - mine.keys():
+            del self._retry_at[tid]
         if reports:
             await asyncio.gather(*(self._report(t, s) for t, s in reports))
 
@@ -414,24 +421,29 @@ class Worker:
             return {}
         snap = self.store.snapshot()
         node = snap.nodes.get(self.node_id)
+
+        def wanted(tid: str) -> bool:
+            t = snap.tasks.get(tid)
+            return t is not None and t.desired_state <= TaskState.RUNNING and \
+                not t.status.state.terminal
+
         running: list[dict[str, str]] = []
         stopping: list[dict[str, str]] = []
         for tid, rt in self.runtime.tasks().items():
-            if rt.state is not RunState.RUNNING or tid == task.id:
-                continue
+            if rt.state is not RunState.RUNNING or tid == task.id or \
+                    tid.startswith(BUILD_TASK_PREFIX) or parent_of(tid) in snap.tasks:
+                continue  # (a pod's other containers and `image build` steps claim nothing)
             env = self.runtime.task_env(tid) or {}
             other = snap.tasks.get(tid)
             if other is not None:  # (what it reserves: a variable a user set claims nothing)
                 names = {generic.env_name(k)
                          for k in other.spec.resources.reservations.generic_resources}
                 env = {k: v for k, v in env.items() if k in names}
-            if not env:
-                continue
-            wanted = other is not None and other.desired_state <= TaskState.RUNNING and \
-                not other.status.state.terminal
-            (running if wanted else stopping).append(env)
+            if env:
+                (running if wanted(tid) else stopping).append(env)
+        leaving = {tid for tid in self.claims.starting if not wanted(tid)}
         return self.claims.take(task.id, node.generic_resources if node else {}, need,
-                                running, stopping)
+                                running, stopping, leaving)
 
     async def container_config(self, task: Task, c: SidecarSpec, pid: int) -> TaskConfig:
         """The runtime's view of a pod's extra container (node/pod.py): its own image,
@@ -554,6 +566,11 @@ class Worker:
         async def start() -> None:
             try:
                 status = await self._start(task)
+                if status.state is TaskState.PREPARING:  # it waits: tried again later
+                    self._retry_at[task.id] = time.monotonic() + self.interval
+                    if task.status.state is TaskState.PREPARING and \
+                            task.status.message == status.message:
+                        return  # (said already)
                 await self._report(task, status)
             finally:
                 self._starting.pop(task.id, None)
