@@ -280,8 +280,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
         if not self.config.generic_resources:
             return
         for _ in range(120):  # (the state may take a while: a worker's first download)
-            snap = self._current_snapshot()
-            node = snap.nodes.get(node_id) if snap is not None else None
+            snap = self._current_snapshot() if self._current_ready() else None
+            node = snap.nodes.get(node_id) if snap is not None else None  # (caught up)
             if node is not None:
                 drift = generic.flag_drift(self.config.generic_resources,
                                            node.generic_resources)

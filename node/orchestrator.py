@@ -274,7 +274,8 @@ def reconcile_services(
         its replacement waits (as swarmkit's restart supervisor) so that the two never run
         at once — stop-first means it, and a port or volume may be the task's own — until
         it ended, its node went down, or OLD_TASK_TIMEOUT after the stop was ordered."""
-        if alive(t) or not t.node_id or t.status.state.terminal or t.id in lost:
+        if alive(t) or not t.node_id or t.status.state.terminal or t.id in lost or \
+                t.status.state < TaskState.ASSIGNED:  # (one waiting on its node never ran)
             return None
         if t.id in orphaned:  # (told to stop by this very pass)
             return now + OLD_TASK_TIMEOUT

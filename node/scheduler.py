@@ -543,10 +543,11 @@ def single_writers(tasks: Iterable[Task], vols: Mapping[str, Volume]
                    ) -> dict[str, tuple[str, str]]:
     """Single-writer volume name -> the task (id, name) holding it read-write: one placed on a
     node that has not been observed to end (a task being stopped on a drained node still
-    holds its volume until its node reports it gone)."""
+    holds its volume until its node reports it gone; a global task waiting on its node,
+    PENDING there, holds nothing: ``holds``)."""
     held: dict[str, tuple[str, str]] = {}
     for t in tasks:
-        if t.node_id and not t.status.state.terminal:
+        if holds(t):
             for name in _rw_single_writer(t, vols):
                 held[name] = (t.id, t.name)
     return held

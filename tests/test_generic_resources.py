@@ -547,3 +547,36 @@ async def test_a_sidecars_variables_claim_nothing(tmp_path: Path) -> None:
     await lab.settle()
     (task,) = lab.tasks("gpu")
     assert task.status.state is TaskState.RUNNING, task.status
+
+
+def test_a_waiting_global_task_told_to_stop_holds_up_no_replacement() -> None:
+    """A stop-first update of a global task that waits on its node (PENDING: it never ran)
+    makes its replacement at once; before, the replacement waited for the node to report
+    the stop of a task it never started (up to 60 s for an unresponsive node)."""
+    from shoal.node.leader import plan_pass
+    from shoal.node.orchestrator import OrchestratorConfig
+
+    st, ids = ClusterState(), iter(f"t{i:03d}" for i in range(1, 100))
+    assert "ok" in st.apply({"op": "cluster_schema", "schema": SCHEMA})
+    assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(Node(
+        id="n1", hostname="n1", addr="10.0.0.1", api_port=1, raft_port=2,
+        role=NodeRole.WORKER, generic_resources={"GPU": ["g0"]}))})
+    spec = _spec({"gpu": 2}, type="global")
+    spec["update"] = {"order": "stop-first", "monitor": 0}
+    assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
+
+    def leader_pass(now: float) -> list[Any]:
+        ops, _ = plan_pass(st.snapshot(), {"n1": now}, now, now,
+                           OrchestratorConfig(task_history=1), liveness=False,
+                           new_id=lambda: next(ids))
+        if ops:
+            assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
+        return ops
+
+    leader_pass(2.0)
+    (waiting,) = st.tasks.values()
+    assert waiting.status.state is TaskState.PENDING and waiting.node_id == "n1"
+    spec["task"]["container"]["command"] = ["v2"]
+    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 3.0, "spec": spec})
+    assert leader_pass(4.0) == [("desired", waiting.id, int(TaskState.SHUTDOWN))]
+    assert [op[0] for op in leader_pass(5.0)] == ["create"]  # (no report of it awaited)

@@ -205,6 +205,26 @@ def test_single_writer_task_moves_on_drain_only_after_the_old_one_ended() -> Non
     assert moved.node_id and moved.node_id != old.node_id
 
 
+def test_a_global_task_waiting_on_its_node_holds_no_single_writer_volume() -> None:
+    """A global task created PENDING on its node (it reserves more memory than the node
+    has) never ran: it holds the volume no more than it holds the memory (``holds``), so a
+    replicated task mounting it read-write is placed."""
+    from shoal.node.scheduler import single_writers
+
+    hungry = {"name": "g", "mode": {"type": "global"}, "task": {
+        "container": {"command": ["sleep", "1"], "mounts": [SW]},
+        "resources": {"reservations": {"memory": 1 << 40}}}}
+    st = _cluster(hungry)
+    converge(st, 2.0)
+    assert {t.status.state for t in st.tasks.values()} == {TaskState.PENDING}
+    assert single_writers(st.tasks.values(), st.volumes) == {}
+    assert "ok" in st.apply({"op": "service_create", "id": "w", "now": 3.0, "spec": {
+        "name": "w", "command": ["sleep", "1"], "replicas": 1, "mounts": [SW]}})
+    converge(st, 4.0)
+    (placed,) = [t for t in st.tasks.values() if t.service_id == "w"]
+    assert placed.node_id, placed.status
+
+
 # ------------------------------------------------------------------ volume records in Raft
 def test_volume_records_check_options_refuse_duplicates_and_removal_in_use() -> None:
     st = _cluster()
