@@ -239,6 +239,7 @@ class Run:
             node = snap.nodes.get(t.node_id)
             assert not (place(t) in places and node is not None and t.node_id not in self.down
                         and node.state is NodeState.READY and not t.alive
+                        and t.status.state >= TaskState.ASSIGNED  # (a waiting one never ran)
                         and not t.status.state.terminal and self.now < t.updated_at + 60
                         and t.id not in orphaned), (
                 self.seed, "a task made beside one still stopping", place(t), t.id)
