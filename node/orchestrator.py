@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.node.rollout import Op, new_task, outdated, plan_rollout, restart_decision, up
-from shoal.node.scheduler import Load, rejection, reserves, unsatisfied
+from shoal.node.scheduler import Load, Reserved, holds, rejection, reserves, unsatisfied
 from shoal.raft.models import (
     Node,
     NodeAvailability,
@@ -579,7 +579,9 @@ def _reconcile_per_node(
 
         rollout = plan_rollout(svc, tasks, alive, now, nodes, wanted=len(eligible),
                                new_id=new_id, room_on=room_on, schema=schema,
-                               eligible=frozenset(eligible))
+                               eligible=frozenset(eligible),
+                               fit_alone=lambda old: fit_alone(svc, old, nodes, placing(),
+                                                               now))
         ops += rollout.ops
         wake_at, paired = rollout.wake_at, rollout.paired
         for op in rollout.ops:  # (start-first's new tasks reserve on their nodes too)
@@ -603,6 +605,7 @@ def _reconcile_per_node(
         live = [t for t in mine if alive(t)]
         if nid in paired:  # start-first: the old task and its replacement, side by side
             ops += _one_of_each(svc, live, nodes)
+            ops += _placed_beside(svc, live, nodes, placing(), now, new_id)
             continue
         ops += _keep_one(live)
         if nid not in eligible:
@@ -646,6 +649,43 @@ def _reconcile_per_node(
         if why is None and reserves(need):
             placing().add(task_from_dict(ops[-1][1], svc.spec.task))
     return ops, wake_at
+
+
+def fit_alone(svc: Service, old: Task, nodes: Mapping[str, Node], load: Load,
+              now: float) -> str | None:
+    """Why a task of ``svc``'s template would not fit ``old``'s node even once ``old``
+    ended (its reservation given back), or None when it would."""
+    node = nodes.get(old.node_id)
+    if node is None:
+        return None
+    held = load.reserved[old.node_id]
+    without = Reserved(held.memory, held.cpu, dict(held.generic))
+    if holds(old):
+        without.add(old.spec.resources.reservations, -1)
+    return rejection(node, new_task(svc, 0, now, lambda: ""), without, 0)
+
+
+def _placed_beside(svc: Service, live: list[Task], nodes: Mapping[str, Node], load: Load,
+                   now: float, new_id: Callable[[], str]) -> list[Op]:
+    """A start-first node whose new task waits beside the old one (it would not fit even
+    alone: ``plan_rollout``'s ``fit_alone``), once that changed: placed, when the node now
+    holds both; else, when it would fit alone, the old task stops first (as when there is
+    no room for both)."""
+    old = [t for t in live if outdated(t, svc.spec.task, nodes.get(t.node_id))]
+    waiting = [t for t in live if t not in old and t.status.state < TaskState.ASSIGNED]
+    if not old or not waiting:
+        return []
+    node = nodes.get(waiting[0].node_id)
+    if node is None:
+        return []
+    probe = new_task(svc, 0, now, lambda: "")
+    if rejection(node, probe, load.reserved[node.id], 0) is None:
+        placed = new_task(svc, 0, now, new_id, node_id=node.id)
+        load.add(placed)
+        return [("delete", waiting[0].id), ("create", to_dict(placed))]
+    if fit_alone(svc, old[0], nodes, load, now) is None:
+        return [("desired", t.id, int(TaskState.SHUTDOWN)) for t in old]
+    return []
 
 
 def _reconcile_service(

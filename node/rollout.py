@@ -92,7 +92,8 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
                  new_id: Callable[[], str] | None = None,
                  room_on: Callable[[str], bool] | None = None,
                  schema: int = SCHEMA, slots: Collection[int] | None = None,
-                 eligible: Collection[str] | None = None) -> Rollout:
+                 eligible: Collection[str] | None = None,
+                 fit_alone: Callable[[Task], str | None] | None = None) -> Rollout:
     """One pass of a rolling update (swarmkit's updater, as a pure function of the tasks).
 
     The rollout follows the service's ``update`` config, or its ``rollback`` config while
@@ -108,7 +109,9 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
       run (docs/reliability.md). Global: the new task is made on the old one's node (one
       extra task per node at most), unless ``room_on(node)`` says the node cannot hold both
       (its reserved resources), or the node is not among ``eligible`` (the new template's
-      constraints refuse it): that node's old task stops first.
+      constraints refuse it): that node's old task stops first. When the new task would
+      not fit the node even alone (``fit_alone(old)``: why), the old one keeps serving and
+      the new one waits beside it, PENDING with the reason (Swarm's start-first).
 
     A new task (made since the rollout started) *fails* when it ends on its own or turns
     unhealthy before it came up, or within ``monitor`` after (``rollout_failed``). Once the
@@ -258,14 +261,22 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
             wake_at = due if wake_at is None else min(wake_at, due)
             continue
         room -= 1
-        if per_node and ((room_on is not None and not room_on(t.node_id))
-                         or (eligible is not None and t.node_id not in eligible)):
-            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))  # no room for both, or
-            continue  # no new task there at all
+        if per_node and eligible is not None and t.node_id not in eligible:
+            ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))  # no new task there
+            continue
+        waits = None
+        if per_node and room_on is not None and not room_on(t.node_id):
+            waits = fit_alone(t) if fit_alone is not None else None
+            if waits is None:  # no room for both: the old one stops first
+                ops.append(("desired", t.id, int(TaskState.SHUTDOWN)))
+                continue
         paired.add(key(t))
         assert new_id is not None  # (start_first)
         where = {"node_id": t.node_id} if per_node else {}
-        if created is None:
+        if waits is not None:  # (it could not run there even alone: it waits beside)
+            ops.append(("create", to_dict(new_task(svc, t.slot, now, new_id, pending=waits,
+                                                   **where))))
+        elif created is None:
             created = to_dict(new_task(svc, t.slot, now, new_id, **where))
             ops.append(("create", created))
         else:

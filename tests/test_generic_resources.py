@@ -549,34 +549,98 @@ async def test_a_sidecars_variables_claim_nothing(tmp_path: Path) -> None:
     assert task.status.state is TaskState.RUNNING, task.status
 
 
+class _Sim:
+    """The state machine and the leader's passes in one process, with agents that start
+    what is placed (not what waits on its node) and stop what is told to stop."""
+
+    def __init__(self, nodes: dict[str, Any]) -> None:
+        from shoal.node.orchestrator import OrchestratorConfig
+
+        self.st, self.now = ClusterState(), 1.0
+        self.ids = iter(f"t{i:03d}" for i in range(1, 1000))
+        self.config = OrchestratorConfig(task_history=1)
+        assert "ok" in self.st.apply({"op": "cluster_schema", "schema": SCHEMA})
+        for i, (nid, res) in enumerate(nodes.items()):
+            assert "ok" in self.st.apply({"op": "node_add", "now": 1.0, "node": to_dict(Node(
+                id=nid, hostname=nid, addr=f"10.0.0.{i + 1}", api_port=1, raft_port=2,
+                role=NodeRole.WORKER, generic_resources=res))})
+
+    def apply(self, cmd: dict[str, Any]) -> None:
+        res = self.st.apply({"now": self.now, **cmd})
+        assert "ok" in res, res
+
+    def leader_pass(self) -> list[Any]:
+        from shoal.node.leader import plan_pass
+
+        self.now += 1.0
+        ops, _ = plan_pass(self.st.snapshot(), dict.fromkeys(self.st.nodes, self.now),
+                           self.now, self.now, self.config, liveness=False,
+                           new_id=lambda: next(self.ids))
+        if ops:
+            self.apply({"op": "leader", "term": 1, "ops": ops})
+        return ops
+
+    def agents(self) -> None:
+        for t in list(self.st.tasks.values()):
+            if t.status.state.terminal or (t.alive and t.status.state < TaskState.ASSIGNED):
+                continue
+            state = TaskState.RUNNING if t.alive else TaskState.SHUTDOWN
+            if state is not t.status.state:
+                self.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
+                            "status": {"state": int(state), "timestamp": self.now}})
+
+    def settle(self, rounds: int = 8) -> None:
+        for _ in range(rounds):
+            self.leader_pass()
+            self.agents()
+
+    def on(self, nid: str) -> list[tuple[str, str, str]]:
+        """(command, state, desired) of the node's tasks not ended."""
+        return sorted((t.spec.container.command[0], t.status.state.name,
+                       t.desired_state.name) for t in self.st.tasks.values()
+                      if t.node_id == nid and not t.status.state.terminal)
+
+
 def test_a_waiting_global_task_told_to_stop_holds_up_no_replacement() -> None:
     """A stop-first update of a global task that waits on its node (PENDING: it never ran)
     makes its replacement at once; before, the replacement waited for the node to report
     the stop of a task it never started (up to 60 s for an unresponsive node)."""
-    from shoal.node.leader import plan_pass
-    from shoal.node.orchestrator import OrchestratorConfig
-
-    st, ids = ClusterState(), iter(f"t{i:03d}" for i in range(1, 100))
-    assert "ok" in st.apply({"op": "cluster_schema", "schema": SCHEMA})
-    assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(Node(
-        id="n1", hostname="n1", addr="10.0.0.1", api_port=1, raft_port=2,
-        role=NodeRole.WORKER, generic_resources={"GPU": ["g0"]}))})
+    sim = _Sim({"n1": {"GPU": ["g0"]}})
     spec = _spec({"gpu": 2}, type="global")
     spec["update"] = {"order": "stop-first", "monitor": 0}
-    assert "ok" in st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": spec})
-
-    def leader_pass(now: float) -> list[Any]:
-        ops, _ = plan_pass(st.snapshot(), {"n1": now}, now, now,
-                           OrchestratorConfig(task_history=1), liveness=False,
-                           new_id=lambda: next(ids))
-        if ops:
-            assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
-        return ops
-
-    leader_pass(2.0)
-    (waiting,) = st.tasks.values()
+    sim.apply({"op": "service_create", "id": "s1", "spec": spec})
+    sim.leader_pass()
+    (waiting,) = sim.st.tasks.values()
     assert waiting.status.state is TaskState.PENDING and waiting.node_id == "n1"
     spec["task"]["container"]["command"] = ["v2"]
-    assert "ok" in st.apply({"op": "service_update", "id": "s1", "now": 3.0, "spec": spec})
-    assert leader_pass(4.0) == [("desired", waiting.id, int(TaskState.SHUTDOWN))]
-    assert [op[0] for op in leader_pass(5.0)] == ["create"]  # (no report of it awaited)
+    sim.apply({"op": "service_update", "id": "s1", "spec": spec})
+    assert sim.leader_pass() == [("desired", waiting.id, int(TaskState.SHUTDOWN))]
+    assert [op[0] for op in sim.leader_pass()] == ["create"]  # (no report of it awaited)
+
+
+def test_a_global_start_first_update_that_cannot_fit_a_node_keeps_its_old_task_serving(
+        ) -> None:
+    """Start-first, a new template the node could not run even alone (it has no GPU): the
+    old task keeps serving and the new one waits beside it, PENDING with the reason, as
+    Swarm's start-first does (before: the old one was stopped for a replacement that could
+    never start). Once the node gets a GPU the new task is placed, and the old one stops
+    when it runs."""
+    sim = _Sim({"n1": {"GPU": ["g0"]}, "n2": {}})
+    spec: dict[str, Any] = {"name": "g", "mode": {"type": "global"},
+                            "update": {"order": "start-first", "monitor": 0},
+                            "task": {"container": {"command": ["v1"]}}}
+    sim.apply({"op": "service_create", "id": "s1", "spec": spec})
+    sim.settle()
+    spec["task"]["container"]["command"] = ["v2"]
+    spec["task"]["resources"] = {"reservations": {"generic_resources": {"gpu": 1}}}
+    sim.apply({"op": "service_update", "id": "s1", "spec": spec})
+    sim.settle()
+    assert sim.on("n1") == [("v2", "RUNNING", "RUNNING")]
+    assert sim.on("n2") == [("v1", "RUNNING", "RUNNING"), ("v2", "PENDING", "RUNNING")]
+    (waiting,) = [t for t in sim.st.tasks.values() if t.status.state is TaskState.PENDING]
+    assert waiting.status.message == "insufficient generic resource gpu"
+    assert sim.st.services["s1"].update_status.state == "updating"
+    sim.apply({"op": "node_update", "id": "n2", "generic_resources": {"GPU": ["g0"]}})
+    sim.settle()
+    assert sim.on("n2") == [("v2", "RUNNING", "RUNNING")]
+    assert sim.st.services["s1"].update_status.state == "completed"
