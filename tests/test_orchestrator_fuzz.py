@@ -31,7 +31,8 @@ run on (not ready, not active, failing the constraint, or marked down by the sam
 nor (stop-first) beside one still stopping, and after a whole batch a node has at most one
 old and one new live task; at the end each node the service may run on has its one live
 task (two during a start-first update; PENDING where the node has too few GPUs) and no
-other node has any.
+other node has any. And several services sharing nodes (two global ones, a replicated one,
+a global job, reserving memory and GPUs): no node's resources reserved beyond what it has.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import pytest
 
 from shoal.node.leader import PassIndex, plan_pass
 from shoal.node.orchestrator import OrchestratorConfig
-from shoal.node.scheduler import unsatisfied
+from shoal.node.scheduler import holds, unsatisfied
 from shoal.raft import generic
 from shoal.raft.models import (
     Health,
@@ -484,3 +485,107 @@ if __name__ == "__main__":  # python tests/test_orchestrator_fuzz.py SEED SCHEMA
         _check(one)
     finally:
         print(*one.trace, sep="\n")
+
+
+# --------------------------------------------------------------- several services, one pool
+def _shared_history(seed: int, steps: int = 40) -> None:
+    """Two global services, a replicated one and a global job on 1-3 nodes of 1 GiB and 1-2
+    GPUs, each reserving memory and GPUs at random (updates change them, stop-first or
+    start-first), nodes down and back, drained and paused, tasks failing or exiting, batches
+    cut short. After every pass the tasks that hold a node's resources (``holds``) never
+    reserve more memory or GPUs than it has, and the PassIndex's pass equals the whole one."""
+    r = random.Random(seed)
+    st = ClusterState()
+    assert "ok" in st.apply({"op": "cluster_schema", "schema": GENERIC})
+    nodes = r.randint(1, 3)
+    for i in range(1, nodes + 1):
+        assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(Node(
+            id=f"n{i}", hostname=f"h{i}", addr=f"10.0.0.{i}", api_port=1, raft_port=2,
+            role=NodeRole.WORKER, state=NodeState.READY, memory_bytes=1 << 30,
+            generic_resources={"GPU": [f"g{j}" for j in range(r.randint(1, 2))]}))})
+    count = 0
+
+    def new_id() -> str:
+        nonlocal count
+        count += 1
+        return f"t{count:05d}"
+
+    def spec(name: str, mode: dict[str, Any], version: int) -> dict[str, Any]:
+        gpus = r.choice([0, 1, 1, 2])
+        need = {"memory": r.choice([0, 400, 700]) << 20,
+                **({"generic_resources": {"gpu": gpus}} if gpus else {})}
+        return {"name": name, "mode": mode,
+                "task": {"container": {"command": ["v", str(version)]},
+                         "restart": {"delay": 0.0}, "resources": {"reservations": need}},
+                "update": {"order": r.choice(["stop-first", "start-first"]),
+                           "parallelism": r.choice([0, 1]), "monitor": 0.0,
+                           "failure_action": "continue"}}
+
+    services: list[tuple[str, str, dict[str, Any]]] = [
+        ("s1", "ga", {"type": "global"}), ("s2", "gb", {"type": "global"}),
+                ("s3", "rep", {"replicas": r.randint(1, 4)}), ("s4", "job", {"type": "global-job"})]
+    for sid, name, mode in services:
+        assert "ok" in st.apply({"op": "service_create", "id": sid, "now": 1.0,
+                                 "spec": spec(name, mode, 0)})
+    index = PassIndex() if r.random() < 0.5 else None
+    config = OrchestratorConfig(task_history=1)
+    now, down, version = 2.0, set[str](), 0
+    for step in range(steps):
+        now += r.choice([0.5, 1.0, 5.0, 70.0])
+        ev = r.random()
+        if ev < 0.15:
+            sid, name, mode = r.choice(services)
+            version += 1
+            st.apply({"op": "service_update", "id": sid, "now": now,
+                      "spec": spec(name, mode, version)})
+        elif ev < 0.22 and nodes > 1:
+            down ^= {f"n{r.randint(1, nodes)}"}
+        elif ev < 0.27:
+            st.apply({"op": "node_update", "id": f"n{r.randint(1, nodes)}", "now": now,
+                      "availability": r.choice(["active", "active", "drain", "pause"])})
+        for _ in range(r.randint(1, 3)):
+            snap = st.snapshot()
+            seen = {n: now for n in snap.nodes if n not in down}
+            whole: list[Any] | None = None
+            if index is not None:
+                before = count
+                whole, _ = plan_pass(snap, seen, now, now, config, new_id=new_id)
+                count = before
+            ops, _ = plan_pass(snap, seen, now, now, config, index=index, new_id=new_id)
+            assert whole is None or sorted(map(repr, whole)) == sorted(map(repr, ops)), (
+                seed, "the pass with the PassIndex differs from the whole one", whole, ops)
+            if len(ops) > 1 and r.random() < 0.15:
+                ops = ops[:r.randint(1, len(ops) - 1)]
+            if ops:
+                assert "ok" in st.apply({"op": "leader", "term": 1, "now": now, "ops": ops})
+            memory: dict[str, int] = {}
+            gpus: dict[str, int] = {}
+            for t in st.tasks.values():
+                if holds(t):
+                    need = t.spec.resources.reservations
+                    memory[t.node_id] = memory.get(t.node_id, 0) + need.memory
+                    gpus[t.node_id] = gpus.get(t.node_id, 0) + \
+                        need.generic_resources.get("gpu", 0)
+            for nid, node in st.nodes.items():
+                assert memory.get(nid, 0) <= node.memory_bytes, (seed, step, "memory", memory)
+                assert gpus.get(nid, 0) <= _gpus(node), (seed, step, "GPUs", gpus)
+            for t in sorted(st.tasks.values(), key=lambda t: t.id):
+                if t.status.state.terminal or not t.node_id or t.node_id in down or \
+                        r.random() > 0.7 or (t.alive and t.status.state < TaskState.ASSIGNED):
+                    continue
+                if not t.alive:
+                    state = TaskState.SHUTDOWN
+                elif t.status.state < TaskState.RUNNING:
+                    state = TaskState.RUNNING
+                elif r.random() < 0.1:
+                    state = r.choice([TaskState.FAILED, TaskState.COMPLETE])
+                else:
+                    continue
+                st.apply({"op": "task_status", "task_id": t.id, "node_id": t.node_id,
+                          "now": now, "status": {"state": int(state), "timestamp": now,
+                                                 "exit_code": 1}})
+
+
+def test_services_sharing_nodes_never_reserve_more_than_a_node_has() -> None:
+    for seed in range(SEEDS * 2):
+        _shared_history(seed)
