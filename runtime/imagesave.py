@@ -70,7 +70,8 @@ class Archive:
 def _repository_tags(store: ImageStore, ref: str) -> list[tuple[str, ImageInfo]]:
     """A repository named without a tag or digest (``busybox``): every tag of it in the
     store, each with its image, as docker save takes such a name (``busybox:1.36`` and
-    ``busybox:latest`` alike); empty for any other reference (``busybox:latest``, an id)."""
+    ``busybox:latest`` alike; an image it holds by digest alone is written untagged);
+    empty for any other reference (``busybox:latest``, an id)."""
     m = REFERENCE_RE.match(ref)
     if m is None or m.group("tag") or m.group("digest"):
         return []
@@ -80,7 +81,7 @@ def _repository_tags(store: ImageStore, ref: str) -> list[tuple[str, ImageInfo]]
         return []
     out = []
     for info in store.ls():
-        for tag in _tags(list(info.tags)):
+        for tag in info.tags:  # (digest references too: ``_tags`` leaves them unnamed)
             try:
                 if parse_reference(tag).name == repo:
                     out.append((tag, info))

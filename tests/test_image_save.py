@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
+import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,14 @@ def test_a_repository_named_without_a_tag_saves_every_tag_of_it(tmp_path: Path) 
     assert names(["app", "apple"]) == ["app:1", "app:2", "apple:1"]
     with pytest.raises(ImageNotFound):
         imagesave.plan(store, ["nothere"])
+    # a repository the node holds by digest alone (pulled as NAME@sha256:…): its image goes
+    # in, unnamed (docker's RepoTags cannot hold a digest reference)
+    apple = store.inspect("apple:1")
+    store.commit(apple.id, [f"pinned@{apple.id}"])  # (as a pull by digest names it)
+    archive = imagesave.plan(store, ["pinned"], ("linux", "amd64", ""))
+    assert list(archive.images) == [apple.id]
+    out = io.BytesIO()
+    imagesave.write(store, archive, out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert [m["RepoTags"] for m in manifest] == [[]]
