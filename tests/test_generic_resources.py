@@ -130,7 +130,9 @@ def test_the_node_update_command_is_checked_and_applied_and_records_without_it_r
     node = Node(id="n1", hostname="h1", addr="10.0.0.1", api_port=1, raft_port=2,
                 role=NodeRole.MANAGER)
     assert "ok" in st.apply({"op": "node_add", "now": 1.0, "node": to_dict(node)})
-    for bad in ({"gpu": []}, {"gpu": -1}, {"gpu": ["a", "a"]}, {"gpu": 1, "GPU": 2}, "x"):
+    bads: tuple[Any, ...] = ({"gpu": []}, {"gpu": -1}, {"gpu": ["a", "a"]}, {"gpu": 1, "GPU": 2},
+                             "x")
+    for bad in bads:
         err = st.apply({"op": "node_update", "id": "n1", "now": 2.0,
                         "generic_resources": bad})["error"]
         assert err["field"].startswith("generic_resources"), err
@@ -392,27 +394,41 @@ async def test_a_global_task_asking_more_than_its_node_has_holds_nothing_there(
     assert _env(lab, "n1", small.id)["DOCKER_RESOURCE_GPU"] == "a"
 
 
-async def test_a_replacement_waits_for_the_ids_of_a_task_still_stopping_on_its_node(
-        tmp_path: Path) -> None:
-    """The leader orphaned a task (its node was cut off) and placed its replacement on the
-    same node once it came back, while the old container still stops (its grace): the
-    replacement waits for the GPU (PREPARING), then gets it — not REJECTED."""
-    class SlowStop(FakeController):
-        async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
-            await asyncio.sleep(0.05)  # (a grace period)
-            return await super().stop(task_id, grace)
+class _SlowStop(FakeController):
+    """A runtime whose stop takes ``stop_takes`` seconds (a task's grace period)."""
 
+    stop_takes = 0.05
+
+    async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
+        await asyncio.sleep(self.stop_takes)
+        return await super().stop(task_id, grace)
+
+
+async def _orphaned_gpu_task(tmp_path: Path, stop_takes: float, interval: float
+                             ) -> tuple[Lab, Worker, Any]:
+    """One node with one GPU, a task holding it running there, then orphaned by the leader
+    (its node was cut off) while its container runs on: (the lab, the node's worker — a
+    reconcile ``interval`` — , the orphaned task)."""
     lab = Lab(tmp_path)
     await lab.boot(1)
-    lab.runtimes["n1"] = SlowStop()
-    lab.workers["n1"] = Worker("n1", lab.store, lab.runtimes["n1"], asyncio.Event(),
-                               interval=0.05)  # (a waiting start is tried again after it)
+    rt = lab.runtimes["n1"] = _SlowStop()
+    rt.stop_takes = stop_takes
+    w = lab.workers["n1"] = Worker("n1", lab.store, rt, asyncio.Event(), interval=interval)
     await lab.node_update("n1", generic_resources={"GPU": ["a"]})
     await lab.services.create_service(_spec({"gpu": 1}))
     await lab.settle()
     (old,) = lab.tasks("gpu")
     assert "ok" in await lab.ctx.propose({"op": "leader", "term": lab.store.term(),
                                           "now": 5.0, "ops": [["orphan", old.id, "down"]]})
+    return lab, w, old
+
+
+async def test_a_replacement_waits_for_the_ids_of_a_task_still_stopping_on_its_node(
+        tmp_path: Path) -> None:
+    """The leader orphaned a task (its node was cut off) and placed its replacement on the
+    same node once it came back, while the old container still stops (its grace): the
+    replacement waits for the GPU (PREPARING), then gets it — not REJECTED."""
+    lab, _, old = await _orphaned_gpu_task(tmp_path, stop_takes=0.05, interval=0.05)
     await lab.settle(2)
     await asyncio.sleep(0.06)
     await lab.settle(1)
@@ -460,21 +476,7 @@ async def test_a_waiting_start_is_tried_once_per_interval_and_said_once(
     node's only GPU, its replacement's start waits: tried again once per reconcile interval
     and reported once, not on every wake-up (each report is a Raft write: before, ~9,000
     tries and writes in 1.2 s)."""
-    class SlowStop(FakeController):
-        async def stop(self, task_id: str, grace: float) -> RuntimeStatus:
-            await asyncio.sleep(1.0)
-            return await super().stop(task_id, grace)
-
-    lab = Lab(tmp_path)
-    await lab.boot(1)
-    rt = lab.runtimes["n1"] = SlowStop()
-    w = lab.workers["n1"] = Worker("n1", lab.store, rt, asyncio.Event(), interval=1.0)
-    await lab.node_update("n1", generic_resources={"GPU": ["a"]})
-    await lab.services.create_service(_spec({"gpu": 1}))
-    await lab.settle()
-    (old,) = lab.tasks("gpu")
-    assert "ok" in await lab.ctx.propose({"op": "leader", "term": lab.store.term(),
-                                          "now": 5.0, "ops": [["orphan", old.id, "down"]]})
+    lab, w, _ = await _orphaned_gpu_task(tmp_path, stop_takes=1.0, interval=1.0)
     await lab.leader.one_pass()
     tries = 0
     real_start = w._start

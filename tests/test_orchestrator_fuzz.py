@@ -410,18 +410,24 @@ def _check(run: Run) -> None:
     limit = svc.spec.task.placement.max_replicas  # (a rollback may have restored another)
     assert not limit or max(on.values(), default=0) <= limit, (
         run.seed, "more live tasks on a node than the limit", on)
-    history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
-    ended: dict[int, int] = {}
-    for t in run.st.tasks.values():
-        if t.status.state.terminal:
-            ended[t.slot] = ended.get(t.slot, 0) + 1
-    assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
+    _history_kept(run, lambda t: t.slot)
     if not run.restart and not limit:
         wanted = run.in_use() if run.st.cluster.schema >= SLOT_HOLES else \
             set(range(1, replicas + 1))
         assert set(per_slot) == wanted, (run.seed, sorted(per_slot), sorted(wanted))
         waiting = any(t.status.state is TaskState.PENDING for t in live)  # (too few GPUs)
         assert not rolling or (waiting and run.gpus), (run.seed, svc.update_status)
+
+
+def _history_kept(run: Run, place: Any) -> None:
+    """No slot (global: node) keeps more ended tasks than the history limit."""
+    svc = run.st.services["s1"]
+    history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
+    ended: dict[Any, int] = {}
+    for t in run.st.tasks.values():
+        if t.status.state.terminal:
+            ended[place(t)] = ended.get(place(t), 0) + 1
+    assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
 
 
 def _check_global(run: Run) -> None:
@@ -437,12 +443,7 @@ def _check_global(run: Run) -> None:
                                                {n: len(ts) for n, ts in per_node.items()})
     assert set(per_node) <= eligible, (run.seed, "live tasks where the service may not run",
                                        sorted(per_node), sorted(eligible))
-    history = max(run.config.task_history, svc.spec.task.restart.max_attempts + 1, 1)
-    ended: dict[str, int] = {}
-    for t in run.st.tasks.values():
-        if t.status.state.terminal:
-            ended[t.node_id] = ended.get(t.node_id, 0) + 1
-    assert max(ended.values(), default=0) <= history, (run.seed, "history kept", ended)
+    _history_kept(run, lambda t: t.node_id)
     if not run.restart:
         assert set(per_node) == eligible, (run.seed, sorted(per_node), sorted(eligible))
         need = svc.spec.task.resources.reservations.generic_resources.get("gpu", 0)
