@@ -151,9 +151,12 @@ def plan_rollout(svc: Service, tasks: list[Task], alive: Callable[[Task], bool],
 
     def paused(t: Task) -> bool:
         """Global: a paused node's task is left as it is, neither stopped nor replaced
-        (Swarm: no task is added or updated there); the node is not among ``wanted``."""
+        (Swarm: no task is added or updated there) — unless the node fails the current
+        constraints: then it is stopped, as Swarm's global orchestrator checks constraints
+        before pause; the node is not among ``wanted``."""
         node = (nodes or {}).get(t.node_id) if per_node else None
-        return node is not None and node.availability is NodeAvailability.PAUSE
+        return node is not None and node.availability is NodeAvailability.PAUSE and \
+            unsatisfied(node, spec.task.placement.constraints) is None
 
     live = [t for t in tasks if alive(t) and (per_node or in_slot(t)) and not paused(t)]
     old = sorted((t for t in live if old_spec(t)),

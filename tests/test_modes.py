@@ -531,6 +531,31 @@ async def test_a_global_start_first_update_adding_a_constraint_stops_the_tasks_i
         ("n1", ("v2",)), ("n2", ("v2",))]
 
 
+async def test_a_paused_node_keeps_its_global_task_through_an_update_unless_excluded(
+        tmp_path: Path) -> None:
+    """Swarm's global orchestrator: a paused node's task is neither updated nor replaced —
+    but one the new constraints exclude is stopped (constraints are checked before pause;
+    before, it kept running until the node was active again)."""
+    lab = Lab(tmp_path)
+    await lab.boot(2, labels={"zone": "a"})
+    await lab.add_node("n3", labels={"zone": "b"})
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": {"monitor": 0},
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    for nid in ("n2", "n3"):
+        await lab.node_update(nid, availability="pause")
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    spec["task"]["placement"]["constraints"] = ["node.labels.zone==a"]
+    await lab.services.update_service("g", spec, None)
+    for _ in range(8):
+        await lab.settle(1)
+    assert sorted((t.node_id, t.spec.container.command) for t in lab.live("g")) == [
+        ("n1", ("v2",)), ("n2", ("v1",))]  # (n2 paused and allowed: left as it is)
+    assert lab.running_on("g") == ["n1", "n2"]
+
+
 def test_a_schema_1_cluster_refuses_the_new_mode_and_placement_fields() -> None:
     """While a node may still run shoal 0.1 (cluster schema 1), a global service or a
     spread preference is refused, naming the field; a plain replicated one still goes."""
