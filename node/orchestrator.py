@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.node.rollout import Op, new_task, outdated, plan_rollout, restart_decision, up
-from shoal.node.scheduler import Load, Reserved, holds, rejection, reserves, unsatisfied
+from shoal.node.scheduler import Load, holds, rejection, reserves, unsatisfied
 from shoal.raft.models import (
     Node,
     NodeAvailability,
@@ -658,8 +658,7 @@ def fit_alone(svc: Service, old: Task, nodes: Mapping[str, Node], load: Load,
     node = nodes.get(old.node_id)
     if node is None:
         return None
-    held = load.reserved[old.node_id]
-    without = Reserved(held.memory, held.cpu, dict(held.generic))
+    without = load.reserved[old.node_id].copy()
     if holds(old):
         without.add(old.spec.resources.reservations, -1)
     return rejection(node, new_task(svc, 0, now, lambda: ""), without, 0)

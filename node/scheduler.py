@@ -69,12 +69,14 @@ class Reserved:
     # generic resources (shoal.raft.generic): kind (``generic.key``) → units reserved
     generic: dict[str, int] = field(default_factory=dict)
 
+    def copy(self) -> Reserved:
+        return Reserved(self.memory, self.cpu, dict(self.generic))
+
     def add(self, need: Reservations, sign: int = 1) -> None:
         """Count (``sign`` -1: no longer) a task's reservations here."""
         self.memory += sign * need.memory
         self.cpu += sign * need.cpu
-        for kind, n in need.generic_resources.items():
-            k = generic.key(kind)
+        for k, n in generic.reserved(need.generic_resources).items():
             self.generic[k] = self.generic.get(k, 0) + sign * n
 
 
@@ -240,7 +242,7 @@ class Load:
             if sid in self.per_service:
                 out.per_service[sid] = Counter(self.per_service[sid])
         for nid, r in self.reserved.items():
-            out.reserved[nid] = Reserved(r.memory, r.cpu, dict(r.generic))
+            out.reserved[nid] = r.copy()
         return out
 
 

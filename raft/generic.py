@@ -178,8 +178,7 @@ def updated(current: Mapping[str, int | list[str]], add: Iterable[str], rm: Iter
                 del out[found]
         else:
             raise ValidationError(f"{field}: the node's {found} has no ID {value!r}", field)
-    checked = check_node(out, "generic_resource_add")
-    return checked
+    return check_node(out, "generic_resource_add")
 
 
 def units(value: int | list[str]) -> int:

@@ -501,24 +501,35 @@ async def test_a_global_start_first_update_runs_old_and_new_side_by_side_on_each
         assert t.id not in ids and lab.runtimes[nid].config(t.id).command == ("v2",)
 
 
+async def _zoned_global(tmp_path: Path, update: dict[str, Any]) -> Lab:
+    """n1, n2 in zone a, n3 in zone b, and a global service `g` running `v1` on each."""
+    lab = Lab(tmp_path)
+    await lab.boot(2, labels={"zone": "a"})
+    await lab.add_node("n3", labels={"zone": "b"})
+    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
+                                       "update": update,
+                                       "task": {"container": {"command": ["v1"]}}})
+    await lab.settle()
+    return lab
+
+
+async def _update_to_zone_a(lab: Lab) -> None:
+    """`g` updated to `v2`, constrained to zone a."""
+    spec = lab.view("g")["spec"]
+    spec["task"]["container"]["command"] = ["v2"]
+    spec["task"]["placement"]["constraints"] = ["node.labels.zone==a"]
+    await lab.services.update_service("g", spec, None)
+
+
 async def test_a_global_start_first_update_adding_a_constraint_stops_the_tasks_it_excludes(
         tmp_path: Path) -> None:
     """A start-first update whose new constraint excludes a node stops that node's task and
     makes no new one there (before: the replacement was made beside the old task, on the
     node the constraint refuses — found by tests/test_orchestrator_fuzz.py); the other
     nodes roll start-first and the update completes."""
-    lab = Lab(tmp_path)
-    await lab.boot(2, labels={"zone": "a"})
-    await lab.add_node("n3", labels={"zone": "b"})
-    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
-                                       "update": {"monitor": 0, "order": "start-first"},
-                                       "task": {"container": {"command": ["v1"]}}})
-    await lab.settle()
+    lab = await _zoned_global(tmp_path, {"monitor": 0, "order": "start-first"})
     assert lab.running_on("g") == ["n1", "n2", "n3"]
-    spec = lab.view("g")["spec"]
-    spec["task"]["container"]["command"] = ["v2"]
-    spec["task"]["placement"]["constraints"] = ["node.labels.zone==a"]
-    await lab.services.update_service("g", spec, None)
+    await _update_to_zone_a(lab)
     for _ in range(12):
         await lab.settle(1)
         assert all(t.node_id != "n3" or t.spec.container.command == ("v1",)
@@ -536,19 +547,10 @@ async def test_a_paused_node_keeps_its_global_task_through_an_update_unless_excl
     """Swarm's global orchestrator: a paused node's task is neither updated nor replaced —
     but one the new constraints exclude is stopped (constraints are checked before pause;
     before, it kept running until the node was active again)."""
-    lab = Lab(tmp_path)
-    await lab.boot(2, labels={"zone": "a"})
-    await lab.add_node("n3", labels={"zone": "b"})
-    await lab.services.create_service({"name": "g", "mode": {"type": "global"},
-                                       "update": {"monitor": 0},
-                                       "task": {"container": {"command": ["v1"]}}})
-    await lab.settle()
+    lab = await _zoned_global(tmp_path, {"monitor": 0})
     for nid in ("n2", "n3"):
         await lab.node_update(nid, availability="pause")
-    spec = lab.view("g")["spec"]
-    spec["task"]["container"]["command"] = ["v2"]
-    spec["task"]["placement"]["constraints"] = ["node.labels.zone==a"]
-    await lab.services.update_service("g", spec, None)
+    await _update_to_zone_a(lab)
     for _ in range(8):
         await lab.settle(1)
     assert sorted((t.node_id, t.spec.container.command) for t in lab.live("g")) == [
