@@ -183,8 +183,8 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     assert agent is not None
     children = [c for t in Path(f"/proc/{agent}/task").iterdir()
                 for c in (t / "children").read_text().split()]
-    held = [(c, os.readlink(fd)) for c in children for fd in Path(f"/proc/{c}/fd").iterdir()
-            if "ptmx" in os.readlink(fd) or "pts" in os.readlink(fd)]
+    held = [(c, link) for c in children for link in _links(int(c)).values()
+            if "ptmx" in link or "pts" in link]
     assert children and held == [], held
     # the relaying manager logs who asked
     assert "relayed" in h1.agent_log.read_text() and "the local socket" in \
@@ -243,15 +243,25 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _descriptors(pid: int) -> dict[int, dict[int, str]]:
-    """``pid`` and its descendants → their open descriptors → what each is."""
-    out: dict[int, dict[int, str]] = {}
-    for p in [pid, *_tree(pid)]:
+def _links(pid: int) -> dict[int, str]:
+    """``pid``'s open descriptors → what each is; one closed, or the process ended, while
+    they are read is left out (a short-lived child of the agent: a probe, a helper)."""
+    out: dict[int, str] = {}
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return out
+    for f in fds:
         try:
-            out[p] = {int(f.name): os.readlink(f) for f in Path(f"/proc/{p}/fd").iterdir()}
-        except OSError:  # (ended meanwhile)
+            out[int(f.name)] = os.readlink(f)
+        except OSError:
             continue
     return out
+
+
+def _descriptors(pid: int) -> dict[int, dict[int, str]]:
+    """``pid`` and its descendants → their open descriptors → what each is."""
+    return {p: links for p in [pid, *_tree(pid)] if (links := _links(p))}
 
 
 def _inherited(pid: int) -> list[int]:
