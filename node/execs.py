@@ -368,10 +368,7 @@ class _Session:
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, gone, return_exceptions=True)
+            await _stopped(task, gone)  # (a task that finished is only waited for)
         return task.result() if not task.cancelled() else None
 
     async def _linger(self) -> None:
@@ -391,9 +388,7 @@ class _Session:
             log.info("detached exec in %s: %r (host pid %d) ended: %d", self.label,
                      self.req.cmd[0], proc.pid, _code(code))
         finally:
-            for t in drains:
-                t.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
+            await _stopped(*drains)
             if self.master is not None:  # (closed, not killed: a stopping agent's too)
                 os.close(self.master)
                 self.master = None
@@ -422,7 +417,8 @@ class _Session:
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done and self.detaching:
                 return None
-            if waiter not in done:  # the client went away: end the command
+            if waiter not in done:  # the client went away: end the command, once nothing
+                await _stopped(*outputs, inputs)  # watches its terminal (_kill closes it)
                 self._kill()
                 await waiter
                 return _code(proc.returncode)
@@ -437,9 +433,7 @@ class _Session:
                     break
             return _code(proc.returncode)
         finally:
-            for t in (*outputs, inputs, gone, waiter):
-                t.cancel()
-            await asyncio.gather(*outputs, inputs, gone, waiter, return_exceptions=True)
+            await _stopped(*outputs, inputs, gone, waiter)
 
     async def _read_pipe(self, stream: asyncio.StreamReader, channel: int) -> None:
         while chunk := await stream.read(65536):
@@ -543,6 +537,16 @@ class _Session:
                 await asyncio.shield(proc.wait())
 
 
+async def _stopped(*tasks: asyncio.Task[Any]) -> None:
+    """Cancels ``tasks`` and waits until they ended: a descriptor they watched (a terminal's
+    master) may then be closed. Closed while the loop still watches it, its number can come
+    back at once as another exec's pipe, which the loop then refuses (uvloop: FileExistsError
+    in the spawn), and the watcher's late removal would take the new owner's watch."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _until_closed(transport: Any) -> None:
     """Returns once the client's connection closed (never without one). Its transport alone
     does not say so while aiohttp has paused reading it (a client flooding stdin the command
@@ -639,9 +643,7 @@ async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             client_left = tasks[0] not in done
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _stopped(*tasks)
     finally:
         # The client left: the node's connection is reset, not closed. A node that does not
         # read (its command's stdin full) would get our FIN only after the stdin still in

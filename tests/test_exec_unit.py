@@ -139,3 +139,82 @@ async def test_a_client_that_leaves_before_a_detached_command_started_takes_it_a
         assert session.proc.returncode is not None and not ex.detached
     finally:
         os.close(dummy)
+
+
+async def test_a_leaving_clients_terminal_is_closed_only_once_nothing_watches_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attached `exec -t` whose client leaves: its terminal's master is closed (the
+    command's hang-up) only after the readers and writers on it stopped watching it. Closed
+    while still watched, its number could be reused at once by the next exec's pipes, which
+    the loop then refuses (uvloop: FileExistsError in the spawn, leaving that exec's socket
+    to later children), and the late removal would drop the new owner's watch. Here the
+    "execdrop" is a Python child that opens a terminal and sends its master back."""
+    import asyncio
+    import os
+    import sys
+
+    from shoal.node.execs import Executor, _Session
+    from shoal.node.health import ExecHelper
+
+    class Transport:
+        closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def get_extra_info(self, _name: str) -> None:
+            return None
+
+    class Ws:  # (a client that sends nothing)
+        async def send_bytes(self, _data: bytes) -> None:
+            return None
+
+        def __aiter__(self) -> Ws:
+            return self
+
+        async def __anext__(self) -> None:
+            await asyncio.Event().wait()
+
+    loop = asyncio.get_running_loop()
+    watched: set[int] = set()
+
+    def tracking(real: Any, note: Any) -> Any:
+        def call(fd: int, *args: Any) -> Any:
+            note(fd)
+            return real(fd, *args)
+        return call
+    for add, remove in (("add_reader", "remove_reader"), ("add_writer", "remove_writer")):
+        monkeypatch.setattr(loop, add, tracking(getattr(loop, add), watched.add))
+        monkeypatch.setattr(loop, remove, tracking(getattr(loop, remove), watched.discard))
+    sends_a_terminal = ("import os, socket, sys, time\n"
+                        "master, slave = os.openpty()\n"
+                        "console = socket.socket(fileno=int(sys.argv[1]))\n"
+                        "socket.send_fds(console, [b'm'], [master])\n"
+                        "time.sleep(4141)\n")
+    ex = Executor(ExecHelper(None))
+    monkeypatch.setattr(ex, "argv", lambda _pid, _req, _helper, _env, console, _detach=None:
+                        [sys.executable, "-c", sends_a_terminal, str(console)])
+    client = Transport()
+    dummy = os.open("/dev/null", os.O_RDONLY)
+    try:
+        session = _Session(ex, Ws(), os.getpid(),  # type: ignore[arg-type]
+                           ExecRequest(cmd=["x"], tty=True, stdin=True), dummy, client)
+        closed_while_watched: list[bool] = []
+        kill = session._kill
+
+        def checked_kill() -> None:
+            if session.master is not None:
+                closed_while_watched.append(session.master in watched)
+            kill()
+        monkeypatch.setattr(session, "_kill", checked_kill)
+        run = asyncio.create_task(session.run())
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if session.master is not None and session.master in watched:
+                break
+        assert session.master in watched  # (its output is being read)
+        client.closing = True
+        assert await asyncio.wait_for(run, 10) == 128 + 9  # (killed)
+        assert closed_while_watched == [False] and session.master is None
+    finally:
+        os.close(dummy)
