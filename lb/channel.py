@@ -69,6 +69,7 @@ class Channel:
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
         self.closed = False
+        self._writers: set[asyncio.Future[None]] = set()  # sends waiting for room
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -121,9 +122,11 @@ class Channel:
                 fut.set_result(None)
 
         self._loop.add_writer(fd, ready)
+        self._writers.add(fut)
         try:
             await fut
         finally:
+            self._writers.discard(fut)
             if not self.closed:
                 self._loop.remove_writer(fd)
 
@@ -136,4 +139,7 @@ class Channel:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
         self._sock.close()
+        for fut in self._writers:  # (woken, a send sees the channel closed and says so)
+            if not fut.done():
+                fut.set_result(None)
         self._on_close()

@@ -592,10 +592,10 @@ class SpliceConn:
         if ep.gone:
             self.cut()
             return
-        try:
-            self.dirs = [_SpliceDir(self, self.client, sock),
-                         _SpliceDir(self, sock, self.client, up=False)]
-        except OSError:  # out of descriptors for the pipes
+        try:  # (each kept as soon as made: a cut closes the pipe and the watch it has)
+            self.dirs.append(_SpliceDir(self, self.client, sock))
+            self.dirs.append(_SpliceDir(self, sock, self.client, up=False))
+        except OSError:  # out of descriptors for a pipe
             self.cut()
 
     def count(self, n: int, up: bool) -> None:

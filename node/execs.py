@@ -537,6 +537,22 @@ class _Session:
                 await asyncio.shield(proc.wait())
 
 
+def shut_down(sock: Any) -> None:
+    """shutdown(2) both ways on a transport's socket: the peer sees the end at once, whoever
+    else holds it. Through its descriptor: uvloop's transports give a PseudoSocket, whose
+    shutdown() raises TypeError."""
+    fd = sock.fileno()
+    if fd < 0:
+        return
+    borrowed = socket.socket(fileno=fd)
+    try:
+        borrowed.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        borrowed.detach()  # (still the transport's to close)
+
+
 async def _stopped(*tasks: asyncio.Task[Any]) -> None:
     """Cancels ``tasks`` and waits until they ended: a descriptor they watched (a terminal's
     master) may then be closed. Closed while the loop still watches it, its number can come
@@ -660,8 +676,7 @@ async def relay(ws: web.WebSocketResponse, http: aiohttp.ClientSession, ctx: Any
                 await peer.close()
         except TimeoutError:
             if psock is not None:
-                with contextlib.suppress(OSError):
-                    psock.shutdown(socket.SHUT_RDWR)
+                shut_down(psock)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.close()
 

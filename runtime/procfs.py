@@ -71,6 +71,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+
+def exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd is readable then). poll, not
+    select: an agent with many tasks holds descriptors past select's 1023."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
 @dataclass(frozen=True)
 class ProcRef:
     """A process identified by pid + start time, safe against pid reuse (within one boot)."""
@@ -94,7 +102,7 @@ class ProcRef:
         if start_ticks(self.pid) != self.ticks:
             os.close(fd)
             return None
-        if select.select([fd], [], [], 0)[0]:  # a pidfd is readable once the process exited
+        if exited(fd):
             reap(self.pid, fd)
             os.close(fd)
             return None
@@ -115,7 +123,7 @@ class ProcRef:
             os.close(fd)
             return None
         ref = cls(pid, stat[1])
-        if select.select([fd], [], [], 0)[0]:  # exited already (see open())
+        if exited(fd):
             reap(pid, fd)
             os.close(fd)
             return None

@@ -218,3 +218,38 @@ async def test_a_leaving_clients_terminal_is_closed_only_once_nothing_watches_it
         assert closed_while_watched == [False] and session.master is None
     finally:
         os.close(dummy)
+
+
+def test_a_relays_link_is_shut_down_through_its_descriptor_under_uvloop() -> None:
+    """A relay whose node does not answer its close within 2 s shuts the link down: under
+    uvloop (the agent's loop) the transport's socket is a PseudoSocket without shutdown()
+    (before: TypeError, the session's end an "internal" error and a traceback)."""
+    import asyncio
+    import contextlib
+
+    import uvloop
+
+    from shoal.node.execs import shut_down
+
+    async def main() -> bytes:
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
+            asyncio.Queue()
+        server = await asyncio.start_server(lambda r, w: accepted.put_nowait((r, w)),
+                                            "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        theirs, their_writer = await accepted.get()
+        sock = writer.get_extra_info("socket")
+        assert type(sock).__name__ == "PseudoSocket"  # (uvloop's)
+        shut_down(sock)
+        got = await asyncio.wait_for(theirs.read(), 5)  # (the end: b"" at once)
+        assert sock.fileno() >= 0  # (not closed: still the transport's)
+        for w in (writer, their_writer):
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert uvloop.run(main()) == b""
