@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -539,12 +540,25 @@ def run_agent(config: AgentConfig, hostname: str | None = None) -> None:
     from shoal.node.clock import skew_from_env
 
     skew_from_env()  # (the fault suite's skewed wall clock; nothing without the variable)
+    raise_open_files_limit()
 
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(quiet_closed_tls)
         await Agent(config, hostname).run()
 
     uvloop.run(main())
+
+
+def raise_open_files_limit() -> None:
+    """Open files up to the hard limit, as dockerd's Go runtime does: a shell's soft limit
+    (often 1,024) is a few hundred tasks (two pidfds each, their pipes) or a thousand
+    workers' feed connections. Tasks inherit it unless their --ulimit says otherwise
+    (Docker's containers get dockerd's too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files: soft limit %d raised to the hard limit %d", soft, hard)
 
 
 def quiet_closed_tls(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

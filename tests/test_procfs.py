@@ -69,3 +69,17 @@ def test_a_pidfd_of_a_process_that_exited_is_none_and_closed() -> None:
     before = _pidfds()
     assert ref.open() is None and _pidfds() == before
     child.wait()
+
+
+def test_the_agent_raises_its_open_files_limit_to_the_hard_one() -> None:
+    """An agent started from a shell with the usual soft limit (1,024) would fail its ~500th
+    task; it takes the hard limit, as dockerd does."""
+    import sys
+
+    code = ("import resource\n"
+            "from shoal.node.agent import raise_open_files_limit\n"
+            "raise_open_files_limit()\n"
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    out = subprocess.run(["prlimit", "--nofile=1024:4096", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.split() == ["4096", "4096"], out
