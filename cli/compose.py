@@ -66,6 +66,7 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     _health_test,
     _image,
     _init,
+    _logging,
     _network_mode,
     _only,
     _ports,
@@ -239,8 +240,7 @@ KEYS: dict[str, Rule] = {
     "dns": _to("task.container.dns", as_str_list),
     "dns_search": _to("task.container.dns_search", as_str_list),
     "dns_opt": _to("task.container.dns_options", as_str_list),
-    "logging": SECTION, "logging.driver": _to("task.container.log_driver", as_str),
-    "logging.options": _to("task.container.log_options", as_labels),
+    "logging": Rule(_logging),
     "tty": _to("task.container.tty", as_bool),
     "stdin_open": _to("task.container.stdin_open", as_bool),
     "isolation": LATER, "credential_spec": LATER,
@@ -260,7 +260,8 @@ KEYS: dict[str, Rule] = {
     "cpu_rt_runtime": IGNORE, "cpus": IGNORE, "cpuset": IGNORE, "mem_limit": IGNORE,
     "mem_reservation": IGNORE, "mem_swappiness": IGNORE, "memswap_limit": IGNORE,
     "oom_kill_disable": IGNORE, "pids_limit": IGNORE, "device_cgroup_rules": IGNORE,
-    "label_file": IGNORE, "post_start": IGNORE, "pre_stop": IGNORE, "provider": IGNORE,
+    "label_file": IGNORE, "pre_start": IGNORE, "post_start": IGNORE, "pre_stop": IGNORE,
+    "provider": IGNORE,
     "use_api_socket": IGNORE, "driver_opts": IGNORE, "models": IGNORE,
 }
 
@@ -278,7 +279,8 @@ def _apply(svc: _Service, prefix: str, value: Any, path: str) -> None:
         if rule.handle is not None:
             rule.handle(svc, v, where)
         elif rule.section:
-            _apply(svc, dotted, v, where)
+            if v is not None:  # (``deploy:`` with nothing under it: the schema's null)
+                _apply(svc, dotted, v, where)
         else:
             svc.warn(dotted, rule.why)
 
@@ -486,6 +488,9 @@ def _networks(stack: str, section: Any, warnings: _Warnings) -> dict[str, Networ
         for k in ("driver_opts", "enable_ipv6"):
             if k in m:
                 warnings.add(f"networks.{k}", f"{NOT_YET}: ignored")
+        if isinstance(m.get("driver_opts"), dict) and "encrypted" in m["driver_opts"]:
+            warnings.add("networks.driver_opts.encrypted", "not supported: the traffic of "
+                         "this overlay between nodes is NOT encrypted (VXLAN in the clear)")
         ext = m.get("external", False)
         if isinstance(ext, dict):
             out[key] = NetworkObject(key, as_str(ext.get("name", m.get("name", key)),
@@ -636,8 +641,8 @@ def _default_network(stack: str, services: dict[str, Any],
     declared otherwise) and, as in Swarm, every service that lists no network joins it.
     A file that never names it keeps shoal's default: services on the cluster network."""
     named = "default" in networks or any(
-        isinstance(body, dict) and "default" in (body.get("networks") or ())
-        for body in services.values())
+        isinstance(body, dict) and isinstance(body.get("networks"), (list, dict))
+        and "default" in body["networks"] for body in services.values())
     if not named:
         return services
     if "default" not in networks:

@@ -24,6 +24,7 @@ from typing import Any
 from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
 from shoal.cli.flagvalues import parse_duration, parse_size, port_range, publish_ports
+from shoal.raft.podspec import LOG_DRIVERS, LOG_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,10 @@ def _named_or_bind(svc: _Service, source: str, path: str) -> tuple[str, str]:
     return "volume", name
 
 
+# a bind's mount propagation (Docker's bind-propagation; short syntax SRC:DST:ro,rslave)
+PROPAGATIONS = ("shared", "slave", "private", "rshared", "rslave", "rprivate")
+
+
 def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
     parts = text.split(":")
     if len(parts) == 1:
@@ -493,7 +498,10 @@ def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
     source, target = parts[0], parts[1]
     options = parts[2].split(",") if len(parts) == 3 else []
     for opt in options:
-        if opt not in ("ro", "rw", "z", "Z", "nocopy", "cached", "delegated", "consistent"):
+        if opt in PROPAGATIONS:
+            svc.warn(f"volumes (bind propagation {opt})", f"{NOT_YET}: the bind is private "
+                     "(rprivate, Docker's default): mounts made later on the host stay out")
+        elif opt not in ("ro", "rw", "z", "Z", "nocopy", "cached", "delegated", "consistent"):
             raise ComposeError(path, f"unknown volume option {opt!r} in {text!r}")
     kind, src = _named_or_bind(svc, source, path)
     return {"type": kind, "source": src, "target": target, "readonly": "ro" in options}
@@ -643,8 +651,10 @@ def _service_networks(svc: _Service, v: Any, path: str) -> None:
     keyed by the network's name in the cluster); the other per-network keys are ignored."""
     if isinstance(v, list):
         keys = {as_str(k, f"{path}[{i}]"): None for i, k in enumerate(v)}
-    else:
+    elif isinstance(v, dict):
         keys = dict(as_map(v, path))
+    else:
+        raise ComposeError(path, f"expected a list of networks or a mapping, got {v!r}")
     names = []
     aliases: dict[str, list[str]] = {}
     for key, opts in keys.items():
@@ -665,18 +675,44 @@ def _service_networks(svc: _Service, v: Any, path: str) -> None:
 
 
 def _network_mode(svc: _Service, v: Any, path: str) -> None:
-    """``network_mode: host | none`` → the task's network mode; ``bridge``/``default`` are
-    the cluster network (what a service gets anyway); ``service:NAME``/``container:NAME``
-    (another container's namespace) are not supported (a pod's sidecars share one)."""
+    """``network_mode: host | none`` → the task's network mode (beyond docker stack deploy,
+    which ignores the key); ``bridge``/``default`` are the cluster network (what a service
+    gets anyway); anything else (``service:NAME``, ``container:NAME``: another container's
+    namespace) is ignored with a warning, as docker stack deploy ignores it."""
     mode = as_str(v, path)
     if mode in ("host", "none"):
         svc.set("task.network_mode", mode, path)
-    elif mode.startswith(("service:", "container:")):
-        raise ComposeError(path, f"{mode!r}: joining another service's network namespace is "
-                           "not supported (containers that share one are a pod: "
-                           "x-shoal-sidecars)")
     elif mode not in ("bridge", "default"):
-        raise ComposeError(path, f"expected host, none, bridge or default, got {mode!r}")
+        svc.warn(f"network_mode: {mode}", "ignored, as by docker stack deploy: the service "
+                 "has a network namespace of its own on the stack's networks (containers "
+                 "that share one are a pod: x-shoal-sidecars)")
+
+
+def _logging(svc: _Service, v: Any, path: str) -> None:
+    """``logging: {driver, options}``. shoal keeps a task's output in size-rotated files on
+    its node (``service logs`` reads them): json-file and local are those, with max-size and
+    max-file. Another driver (gelf, syslog, fluentd, awslogs...) or option is warned about
+    and left out — the file deploys with its logs in files — where the spec would refuse it
+    (``service create --log-driver gelf`` is an error)."""
+    section = as_map(v, path)
+    for key in section:
+        if key not in ("driver", "options") and not key.startswith("x-"):
+            raise ComposeError(f"{path}.{key}", "unknown key (not in the Compose Specification)")
+    driver = "" if section.get("driver") is None else as_str(section["driver"], f"{path}.driver")
+    options = {} if section.get("options") is None else \
+        as_labels(section["options"], f"{path}.options")
+    if driver and driver not in LOG_DRIVERS:
+        svc.warn(f"logging.driver: {driver}", "not supported: the task's output stays in log "
+                 "files on its node (`service logs`), the driver's options are ignored")
+        return
+    if driver:
+        svc.set("task.container.log_driver", driver, f"{path}.driver")
+    for key in sorted(set(options) - set(LOG_OPTIONS)):
+        svc.warn(f"logging.options.{key}", "not supported: ignored (shoal's log files take "
+                 "max-size and max-file)")
+    kept = {k: val for k, val in options.items() if k in LOG_OPTIONS}
+    if kept:
+        svc.set("task.container.log_options", kept, f"{path}.options")
 
 
 def _init(svc: _Service, v: Any, path: str) -> None:

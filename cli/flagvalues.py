@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------- value parsers
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-              "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?) ?([kmgtp])?i?b?$", re.IGNORECASE | re.ASCII)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                    "h": 3600.0}
@@ -83,19 +83,14 @@ def read_env_files(paths: Sequence[str], flag: str = "--env-file") -> dict[str, 
 
 
 def parse_size(text: str | None, flag: str) -> int:
-    """'64M' → 67108864 (binary units, as Docker)."""
+    """'64M' → 67108864: Docker's sizes (go-units' RAMInBytes: binary units, ``512MiB``,
+    ``512Mi``, ``1.5G``, ``512 m`` too)."""
     if not text:
         return 0
-    t = text.strip().lower()
-    num = t.rstrip("bkmgti")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if value < 0 or unit not in SIZE_UNITS:
+    m = _SIZE_RE.match(text.strip())
+    if m is None:
         raise CliError(f"{flag}: invalid size {text!r} (use e.g. 512K, 64M, 1G)")
-    return int(value * SIZE_UNITS[unit])
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "").lower()])
 
 
 def parse_duration(text: str, flag: str) -> float:

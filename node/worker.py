@@ -52,7 +52,7 @@ from shoal.raft.models import (
     Volume,
     resolve_mount,
 )
-from shoal.raft.spec import NAME_RE, Mount, SidecarSpec, log_limits
+from shoal.raft.spec import HOST_GATEWAY, NAME_RE, Mount, SidecarSpec, log_limits
 from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
@@ -87,10 +87,20 @@ HOSTNAME_OK = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 
 
-def _host_lines(lines: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """The spec's ``NAME:IP`` /etc/hosts lines as the runtime takes them ((name, ip))."""
-    return tuple((name, addr.strip("[]")) for name, _, addr in
-                 (line.partition(":") for line in lines))
+def _host_lines(lines: tuple[str, ...], gateway: str) -> tuple[tuple[str, str], ...]:
+    """The spec's ``NAME:IP`` /etc/hosts lines as the runtime takes them ((name, ip)),
+    ``host-gateway`` as ``gateway`` (this node's address on the task network, Docker's
+    host.docker.internal; the line is left out while the node has no task network)."""
+    out = []
+    for name, _, addr in (line.partition(":") for line in lines):
+        if addr == HOST_GATEWAY:
+            if not gateway:
+                log.warning("extra host %s: this node has no task network yet: left out "
+                            "of /etc/hosts", name)
+                continue
+            addr = gateway
+        out.append((name, addr.strip("[]")))
+    return tuple(out)
 
 
 def _signal_ok(name: str) -> bool:
@@ -404,12 +414,17 @@ class Worker:
             files=files, host_network=task.spec.network_mode == "host",
             read_only=s.read_only, cap_add=s.cap_add, cap_drop=s.cap_drop,
             group_add=s.group_add,
-            extra_hosts=_host_lines(s.extra_hosts),
+            extra_hosts=_host_lines(s.extra_hosts, self._gateway()),
             ulimits=tuple((u.name, u.soft, u.hard) for u in s.ulimits),
             sysctls=tuple(sorted(s.sysctls.items())),
             log_max_bytes=log_bytes, log_max_files=log_files,
             tty=s.tty, stdin_open=s.stdin_open, oom_score_adj=s.oom_score_adj,
         )
+
+    def _gateway(self) -> str:
+        """This node's address on its task network ("" while it has none)."""
+        net = self.mesh.network if self.mesh is not None else None
+        return net.gateway if net is not None else ""
 
     def _generic_env(self, task: Task) -> dict[str, str]:
         """The task's DOCKER_RESOURCE_* variables: the named IDs of its node it takes, free of
@@ -474,7 +489,7 @@ class Worker:
             hostname=self._hostname(task, fill),
             # (its network namespace is the task's: the same /etc/hosts lines; read_only,
             # capabilities, ulimits, groups and sysctls are the main container's own)
-            extra_hosts=_host_lines(task.spec.container.extra_hosts),
+            extra_hosts=_host_lines(task.spec.container.extra_hosts, self._gateway()),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
             pids_limit=c.limits.pids,

@@ -45,6 +45,10 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")  # volumes
 # a service's name: Swarm's rule (a DNS label, upper case too: Compose's "webApp"); unique
 # and looked up whatever the case (shoal.raft.state.service_named), as DNS names are
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+# an environment variable's name: Docker's rule — anything but '=', NUL and white space
+# (Elasticsearch's discovery.type, Spring's server.port); ENV_KEY_RE is the shell's rule,
+# all that schema 10 and before took (schema.GATED_VALUES)
+ENV_NAME_RE = re.compile(r"^[^=\0\s]{1,256}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # an image reference, Docker's grammar ([HOST[:PORT]/]PATH[:TAG][@sha256:HEX]); the same as
 # shoal.runtime.reference.REFERENCE_RE (tests/test_registry_unit.py checks they agree)
@@ -62,7 +66,11 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGK
 MAX_REPLICAS = 10_000
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_ENV = 1000
-MAX_GRACE = 3600.0
+MAX_GRACE = 30 * 86400.0  # (Docker has no bound; schema 10 and before took at most an hour)
+OLD_MAX_GRACE = 3600.0
+# an extra host's address the node fills in: its own on the task network (Docker's
+# host.docker.internal:host-gateway; schema 11)
+HOST_GATEWAY = "host-gateway"
 DAY = 86400.0
 # secret and config names (Docker's rule) and the file names they appear under in a task
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
@@ -649,11 +657,15 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _check_extra_hosts(lines: tuple[str, ...]) -> None:
-    """``NAME:IP`` each: a host name (dots allowed) and an IPv4 or IPv6 address."""
+    """``NAME:IP`` each: a host name (dots allowed) and an IPv4 or IPv6 address, or Docker's
+    ``host-gateway`` (HOST_GATEWAY: the node's address its tasks reach it at, filled in by
+    the node)."""
     for line in lines:
         name, sep, addr = line.partition(":")
         if not sep or not EXTRA_HOST_RE.match(name):
             raise SpecError("extra_hosts", f"expected NAME:IP, got {line!r}")
+        if addr == HOST_GATEWAY:
+            continue
         try:
             if "%" in addr:  # (a zone, fe80::1%eth0: not a line /etc/hosts can hold)
                 raise ValueError(addr)
@@ -721,8 +733,9 @@ def _check_env(env: dict[str, str]) -> None:
     if len(env) > MAX_ENV:
         raise SpecError("env", f"at most {MAX_ENV} variables")
     for k, v in env.items():
-        if not ENV_KEY_RE.match(k):
-            raise SpecError("env", f"name {k!r} is invalid (letters, digits, '_')")
+        if not ENV_NAME_RE.match(k):
+            raise SpecError("env", f"name {k!r} is invalid (1 to 256 characters, "
+                            "no '=' nor white space)")
         if "\0" in v:
             raise SpecError("env", f"value of {k} must not contain NUL")
 

@@ -40,6 +40,11 @@ Schema history::
        ``generic_resources`` set by ``node update`` or at join (the ``node_update`` and
        ``node_add`` commands' field, ``GATED_NODE_FIELDS``: a schema-9 replica applies the
        command without it, so today's does too below schema 10, and a proposal is refused).
+    11 values as Docker takes them, where schema 10's validation (on every replica) was
+       narrower (``GATED_VALUES``): environment variable names without '=', NUL or white
+       space (Elasticsearch's ``discovery.type``; schema 10 took only the shell's names),
+       a stop grace period over an hour (up to 30 days), an extra host at Docker's
+       ``host-gateway`` (the node fills in its address on the task network).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -70,15 +75,34 @@ from typing import Any
 import msgspec
 
 from shoal.raft.errors import ValidationError
-from shoal.raft.spec import SIGNALS, ServiceSpec, fields
+from shoal.raft.spec import (
+    ENV_KEY_RE,
+    HOST_GATEWAY,
+    OLD_MAX_GRACE,
+    SIGNALS,
+    ServiceSpec,
+    fields,
+)
 
-SCHEMA = 10  # what this code writes once the whole cluster runs it
+SCHEMA = 11  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
 PLACEHOLDERS = 7  # the schema whose nodes fill in Docker's placeholders (raft/templates.py)
 SLOT_HOLES = 9  # the schema whose leaders scale down by balance (shoal.node.orchestrator)
 GENERIC = 10  # the schema whose nodes and specs carry generic resources (shoal.raft.generic)
+ENV_NAMES = 11  # the schema whose replicas take Docker's env names and longer grace periods
+
+
+def _beyond_shell_names(env: Any) -> bool:
+    """Whether an ``env`` mapping has a name schema 10 refused (not the shell's rule)."""
+    return isinstance(env, dict) and any(not ENV_KEY_RE.match(str(k)) for k in env)
+
+
+def _containers_beyond_shell_names(containers: Any) -> bool:
+    return isinstance(containers, list) and any(
+        isinstance(c, dict) and _beyond_shell_names(c.get("env")) for c in containers)
+
 
 # spec fields (paths) written only once the cluster's schema reads them: path → schema
 GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.autoscale": 3,
@@ -103,7 +127,16 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
     # (a volume's name likewise: data-{{.Task.Slot}})
     "task.container.mounts": (lambda v: isinstance(v, list) and any(
         isinstance(m, dict) and m.get("type") == "volume" and "{{" in str(m.get("source"))
-        for m in v), PLACEHOLDERS)}
+        for m in v), PLACEHOLDERS),
+    "task.container.env": (_beyond_shell_names, ENV_NAMES),
+    "task.container.extra_hosts": (lambda v: isinstance(v, list) and any(
+        isinstance(line, str) and line.endswith(f":{HOST_GATEWAY}") for line in v), ENV_NAMES),
+    "task.container.stop_grace_period": (
+        lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
+    "task.sidecars": (_containers_beyond_shell_names, ENV_NAMES),
+    "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES)}
+
+
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an

@@ -626,10 +626,8 @@ def test_network_mode_host_and_none_and_swarms_external_host_network(tmp_path: P
      "networks.n.driver: expected overlay"),
     ("services: {web: {command: sleep 1}}\nnetworks: {n: {colour: red}}",
      "networks.n.colour: unknown key"),
-    ("services: {web: {command: sleep 1, network_mode: 'service:db'}}",
-     "services.web.network_mode: 'service:db': joining another service's network"),
-    ("services: {web: {command: sleep 1, network_mode: macvlan}}",
-     "services.web.network_mode: expected host, none, bridge or default, got 'macvlan'"),
+    ("services: {web: {command: sleep 1, networks: true}}",
+     "services.web.networks: expected a list of networks or a mapping, got True"),
     ("services: {web: {command: sleep 1, network_mode: host, networks: [n]}}\n"
      "networks: {n: {}}", "services.web.networks: tasks with network mode host join no other"),
 ])
@@ -918,3 +916,70 @@ def test_a_redeploy_without_with_registry_auth_keeps_the_services_credentials(
     cluster = [cluster_service(with_auth(s)) for s in st.services]
     plan = plan_deploy(st, cluster, {"secret": [], "config": []}, prune=False)
     assert plan.update == [] and sorted(plan.unchanged) == ["app_api", "app_web"]
+
+
+def test_what_docker_stack_deploy_takes_from_real_files_deploys_with_warnings(
+        tmp_path: Path) -> None:
+    """Keys of real files (awesome-compose's ELK, node-exporter, a VPN sidecar) that docker
+    stack deploy takes, read as it does, or warned about and left out where shoal cannot do
+    them, instead of the whole file refused: env names with dots, other log drivers and
+    options, bind propagation, another container's network namespace, an empty deploy:,
+    Docker's size units, a grace period over an hour, pre_start hooks, encrypted overlays."""
+    st = deploy(tmp_path, """
+services:
+  es:
+    image: elasticsearch:8
+    environment: [discovery.type=single-node, ES_JAVA_OPTS=-Xms512m]
+    stop_grace_period: 2h
+    deploy:
+    logging: {driver: gelf, options: {gelf-address: "udp://graylog:12201"}}
+  files:
+    image: busybox
+    logging: {driver: json-file, options: {max-size: 10m, max-file: "3", compress: "true"}}
+    volumes: ["/:/host:ro,rslave"]
+    deploy: {resources: {limits: {memory: 512MiB}, reservations: {memory: 1.5Gi}}}
+    network_mode: "service:es"
+    pre_start: [{command: [true]}]
+    extra_hosts: ["host.docker.internal:host-gateway"]
+    networks: [back]
+networks:
+  back: {driver_opts: {encrypted: ""}}
+""")
+    es, files = svc(st, "es"), svc(st, "files")
+    assert es.task.container.env == {"discovery.type": "single-node",
+                                     "ES_JAVA_OPTS": "-Xms512m"}
+    assert es.task.container.stop_grace_period == 7200.0
+    assert es.task.container.log_driver == "" and es.task.container.log_options == {}
+    assert files.task.container.log_driver == "json-file"
+    assert files.task.container.log_options == {"max-size": "10m", "max-file": "3"}
+    (bind,) = files.task.container.mounts
+    assert (bind.type, bind.source, bind.target, bind.readonly) == ("bind", "/", "/host", True)
+    assert files.task.resources.limits.memory == 512 << 20
+    assert files.task.resources.reservations.memory == 3 << 29
+    assert files.task.network_mode == "default" and files.task.container.extra_hosts == (
+        "host.docker.internal:host-gateway",)
+    warned = "\n".join(st.warnings)
+    for said in ("logging.driver: gelf: not supported", "logging.options.compress: not "
+                 "supported", "bind propagation rslave", "network_mode: service:es: ignored",
+                 "pre_start: ignored", "networks.driver_opts.encrypted: not supported: the "
+                 "traffic of this overlay between nodes is NOT encrypted"):
+        assert said in warned, (said, st.warnings)
+    assert "discovery" not in warned and "memory" not in warned
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("services: {web: {image: nginx, logging: {driver: gelf, colour: red}}}",
+     "services.web.logging.colour: unknown key"),
+    ("services: {web: {image: nginx, logging: {options: {max-size: 1}}}}",
+     "max-size"),
+    ("services: {web: {image: nginx, environment: ['A B=1']}}",
+     "services.web.environment: name 'A B' is invalid"),
+    ("services: {web: {image: nginx, deploy: {resources: {limits: {memory: 1.2.3G}}}}}",
+     "invalid size '1.2.3G'"),
+    ("services: {web: {image: nginx, stop_grace_period: 800h}}", "stop_grace_period"),
+    ("services: {web: {image: nginx, extra_hosts: ['db:host-gateways']}}",
+     "'host-gateways' in 'db:host-gateways' is not an IP address"),
+])
+def test_values_docker_refuses_stay_refused_naming_their_key(tmp_path: Path, text: str,
+                                                             said: str) -> None:
+    assert said in error(tmp_path, text)

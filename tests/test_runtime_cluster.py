@@ -207,16 +207,22 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
              "while read l; do case \"$l\" in 'Max open files'*) echo \"nofile=$l\";; esac; "
              "done < /proc/self/limits; "
              "while read ip name; do [ \"$name\" = db.internal ] && echo hosts=$ip; "
-             "done < /etc/hosts; echo probe-done; sleep 100000")
+             "[ \"$name\" = host.docker.internal ] && echo gateway=$ip; "
+             "done < /etc/hosts; env | grep '^discovery.type='; echo probe-done; "
+             "sleep 100000")
     h1.cli("service", "create", "--name", "locked", "--image", "busybox:1", "--read-only",
            "--mount", "type=tmpfs,dst=/scratch", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
            "--host", "db.internal:10.0.0.2", "--ulimit", "nofile=1000:2000", "--sysctl",
-           "net.core.somaxconn=999", "--", "sh", "-c", probe)
+           "net.core.somaxconn=999", "--host", "host.docker.internal:host-gateway",
+           "-e", "discovery.type=single-node", "--", "sh", "-c", probe)
     running(h1, "locked", 1, timeout=60)
     out = wait_until(lambda: logs_with(h1, "locked", "probe-done"), timeout=30,
                      what="probe output")
     assert "root-readonly" in out and "scratch-writable" in out, out
     assert "somaxconn=999" in out and "hosts=10.0.0.2" in out, out
+    # Docker's host-gateway: the node's address on the task network; an env name with a dot
+    gateway = h1.run("ip", "-4", "-o", "addr", "show", "shoal0").stdout.split()[3].split("/")[0]
+    assert f"gateway={gateway}" in out and "discovery.type=single-node" in out, out
     assert int(out.split("capeff=")[1].split()[0], 16) == 1 << 12, out  # CAP_NET_ADMIN alone
     assert out.split("nofile=Max open files")[1].split()[:2] == ["1000", "2000"], out
     host = h1.run("cat", "/proc/sys/net/core/somaxconn").stdout.strip()

@@ -100,7 +100,7 @@ def test_a_state_without_a_schema_is_schema_1_and_this_code_announces_its_own() 
     meta = gossip_meta("worker", "h4", "10.0.0.4:2377")
     assert meta == {"role": "worker", "hostname": "h4", "api": "10.0.0.4:2377",
                     META_KEY: SCHEMA}
-    assert announced_schema(meta) == SCHEMA == 10
+    assert announced_schema(meta) == SCHEMA == 11
 
 
 class _Cluster:
@@ -387,3 +387,45 @@ def test_the_task_history_limit_waits_for_schema_8_and_names_a_bad_value() -> No
     assert st.cluster.task_history_limit == 1
     assert st.apply({"op": "cluster_update", "task_history_limit": None})["ok"]
     assert st.cluster.task_history_limit is None
+
+
+@pytest.mark.parametrize(("container", "field"), [
+    ({"env": {"discovery.type": "single-node"}}, "task.container.env"),
+    ({"stop_grace_period": 7200.0}, "task.container.stop_grace_period"),
+    ({"extra_hosts": ["host.docker.internal:host-gateway"]}, "task.container.extra_hosts"),
+])
+def test_schema_11s_values_wait_for_every_node_to_take_them(container: dict[str, Any],
+                                                            field: str) -> None:
+    """What schema 10's validation refused on every replica (an env name with a dot, a grace
+    period over an hour, Docker's host-gateway) is refused naming the field, on propose and
+    by the state machine, until the schema is 11; the values schema 10 took go as before."""
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    spec = {"name": "t", "task": {"container": {"command": ["sh"], **container}}}
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 10)
+    assert exc.value.field == field and "schema 11" in exc.value.message
+    st = _state(10)
+    assert st.apply(cmd)["error"]["field"] == field
+    st.apply({"op": "cluster_schema", "schema": 11})
+    assert "error" not in st.apply(cmd)
+    plain = {"name": "p", "task": {"container": {"command": ["sh"], "env": {"A_1": "x"},
+                                                  "stop_grace_period": 3600.0,
+                                                  "extra_hosts": ["db:10.0.0.2"]}}}
+    assert encode_command({"op": "service_create", "id": "s2", "now": 1.0, "spec": plain},
+                          {}, 10)["spec"] == plain
+
+
+def test_a_sidecars_env_name_with_a_dot_waits_for_schema_11_too() -> None:
+    from shoal.raft.errors import ValidationError
+    from shoal.raft.schema import encode_command
+
+    spec = {"name": "t", "task": {"container": {"command": ["sh"]}, "sidecars": [
+        {"name": "log", "command": ["sh"], "env": {"a.b": "1"}}]}}
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+    with pytest.raises(ValidationError) as exc:
+        encode_command(cmd, {}, 10)
+    assert exc.value.field == "task.sidecars"
+    assert encode_command(cmd, {}, 11) == cmd
