@@ -69,6 +69,21 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
                         _mapping_without_duplicates)
 
 
+class Dumper(yaml.SafeDumper):
+    """YAML out (`stack config`) that reads back as it was, by shoal (YAML 1.2 scalars) and by
+    YAML 1.1 parsers alike: a string either would take for something else ("1e3" a number in
+    1.2, "yes" a boolean in 1.1) is quoted; no &id001 anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+Dumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []),
+            *_Loader.yaml_implicit_resolvers.get(first, [])]
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_Loader.yaml_implicit_resolvers}}
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """One Compose document → its top-level mapping, or ComposeError naming ``source``."""
     try:

@@ -339,6 +339,7 @@ def config_text(paths: list[Path], environ: Mapping[str, str] | None = None,
     import yaml
 
     from shoal.cli.compose import load
+    from shoal.cli.compose_env import Dumper
 
     doc, _, _, warnings = load(paths, environ, interpolation)  # (ComposeError: a CliError)
     for w in warnings:
@@ -353,10 +354,6 @@ def config_text(paths: list[Path], environ: Mapping[str, str] | None = None,
         if isinstance(value, list):
             return [escaped(v) for v in value]
         return value
-
-    class Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:  # (no &id001 anchors in the output)
-            return True
 
     return yaml.dump(escaped(doc) if interpolation else doc, Dumper=Dumper, sort_keys=False,
                      default_flow_style=False, allow_unicode=True)

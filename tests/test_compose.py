@@ -904,6 +904,16 @@ def test_stack_config_output_deploys_as_its_input_does(tmp_path: Path) -> None:
     printed.write_text(config_text([src], {}))
     assert "&id" not in printed.read_text() and "*id" not in printed.read_text()
     assert load_stack("st", [printed], {}).services == load_stack("st", [src], {}).services
+    # strings a YAML 1.2 reader (shoal's) or a 1.1 one would take for numbers or booleans
+    # are quoted (before: "1e3" came back as 1000.0 and "0o17" as 15)
+    import yaml
+
+    src.write_text('services:\n  a:\n    command: [echo]\n    environment: {SCI: "1e3", '
+                   'OCT: "0o17", YES: "yes", OFF: "off", N: 1e3}\n')
+    printed.write_text(config_text([src], {}))
+    assert load_stack("st", [printed], {}).services == load_stack("st", [src], {}).services
+    assert yaml.safe_load(printed.read_text())["services"]["a"]["environment"] == {
+        "SCI": "1e3", "OCT": "0o17", "YES": "yes", "OFF": "off", "N": 1000.0}
 
 
 def test_a_redeploy_without_with_registry_auth_keeps_the_services_credentials(
