@@ -326,6 +326,10 @@ def parse_autoscale(text: str, flag: str = "--autoscale") -> dict[str, Any]:
                 out[key] = int(value)
             elif value.endswith("%"):
                 out[key] = float(value[:-1]) / 100
+            elif key in ("cpu", "memory", "tolerance") and float(value) > 1:
+                # (Kubernetes' averageUtilization: 60 means 60 %; here it would be 6,000 %)
+                raise CliError(f"{flag}: {key}={value}: write a percentage, {key}={value}% "
+                               f"(or a fraction: {float(value) / 100:g})")
             else:
                 out[key] = float(value)
         except ValueError:

@@ -42,7 +42,32 @@ RUNNING, COMPLETED, FAILED, SKIPPED = "running", "completed", "failed", "skipped
 
 def next_time(schedule: Schedule, after: float) -> float:
     """The first time the schedule gives strictly after ``after`` (wall-clock seconds)."""
-    return float(parse_cron(schedule.cron, schedule.timezone, after).get_next(float))
+    it = parse_cron(schedule.cron, schedule.timezone, after)
+    t = float(it.get_next(float))
+    while _repeated(schedule, t):
+        t = float(it.get_next(float))
+    return t
+
+
+def _repeated(schedule: Schedule, t: float) -> bool:
+    """Whether ``t`` is the second pass of a local time the clocks went back over (the DST
+    fall-back night) and the schedule is a fixed-time one — its minute and hour fields both
+    given, not ``*``: as Vixie cron, a job at 02:30 runs once that night, at the first
+    02:30; one of every hour (``0 * * * *``) runs in each real hour."""
+    if not schedule.timezone:
+        return False
+    fields = schedule.cron.split()
+    if schedule.cron.startswith("@"):
+        fixed = schedule.cron.lower() not in ("@hourly",)
+    else:
+        minute, hour = fields[-5], fields[-4]  # (6 fields: the seconds first)
+        fixed = not minute.startswith("*") and not hour.startswith("*")
+    if not fixed:
+        return False
+    import zoneinfo
+
+    local = datetime.datetime.fromtimestamp(t, zoneinfo.ZoneInfo(schedule.timezone))
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -56,7 +81,10 @@ def due_time(schedule: Schedule, since: float, now: float) -> float | None:
     """The latest time the schedule gives in ``(since, now]``, or None: the run to start."""
     if now <= since:
         return None
-    latest = float(parse_cron(schedule.cron, schedule.timezone, now).get_prev(float))
+    it = parse_cron(schedule.cron, schedule.timezone, now)
+    latest = float(it.get_prev(float))
+    while _repeated(schedule, latest):
+        latest = float(it.get_prev(float))
     if latest <= now and next_time(schedule, latest) <= now:  # (now itself is a fire time)
         latest = next_time(schedule, latest)
     return latest if latest > since else None
@@ -146,6 +174,9 @@ def _plan_one(svc: Service, tasks: list[Task], nodes: Mapping[str, Node], now: f
         if progress != (run.state, run.completed, run.failed, run.message):
             ops.append(("job_run_status", svc.id, run.iteration, *progress))
     since = max(job.last_scheduled, svc.created_at)
+    prev = svc.previous_spec
+    if prev is not None and prev.mode.schedule != sched:  # (edited: no run for times before)
+        since = max(since, svc.updated_at)
     try:
         nxt = _next_cached(sched, since)  # (the same every pass until a run: cached)
         due = due_time(sched, since, now) if nxt <= now else None

@@ -44,7 +44,11 @@ Schema history::
        narrower (``GATED_VALUES``): environment variable names without '=', NUL or white
        space (Elasticsearch's ``discovery.type``; schema 10 took only the shell's names),
        a stop grace period over an hour (up to 30 days), an extra host at Docker's
-       ``host-gateway`` (the node fills in its address on the task network).
+       ``host-gateway`` (the node fills in its address on the task network). And rules
+       every replica must apply alike: an automatic rollback of an autoscaled service keeps
+       the autoscaler's replica count, an ``autoscale`` op is clamped to the range in force
+       when applied (``AUTOSCALED_ROLLBACK``); a scheduled job's run still going is never
+       trimmed from its history by skipped runs (``RUNS_KEPT``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -92,6 +96,11 @@ PLACEHOLDERS = 7  # the schema whose nodes fill in Docker's placeholders (raft/t
 SLOT_HOLES = 9  # the schema whose leaders scale down by balance (shoal.node.orchestrator)
 GENERIC = 10  # the schema whose nodes and specs carry generic resources (shoal.raft.generic)
 ENV_NAMES = 11  # the schema whose replicas take Docker's env names and longer grace periods
+# rules every replica of schema 11 applies alike (history above): an automatic rollback of an
+# autoscaled service keeps the autoscaler's replica count, an ``autoscale`` op is clamped to
+# the range in force when it is applied; a scheduled job's history never drops a run that
+# is still going
+AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
 
 
 def _beyond_shell_names(env: Any) -> bool:

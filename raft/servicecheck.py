@@ -212,7 +212,7 @@ def refuse_manual_scale(svc: Service) -> None:
                    "replicas")
 
 
-def job_op(svc: Service, op: Any, now: float) -> JobStatus:
+def job_op(svc: Service, op: Any, now: float, *, keep_running: bool) -> JobStatus:
     """A scheduled job's run (shoal.node.cron), as the leader decided it:
 
     * ("job_run", service_id, scheduled_at, skip_reason): the run due at ``scheduled_at``
@@ -220,7 +220,11 @@ def job_op(svc: Service, op: Any, now: float) -> JobStatus:
       is recorded as skipped. Ignored unless ``scheduled_at`` is later than the last run's:
       a run is started once, whichever leader (or retried batch) proposes it.
     * ("job_run_status", service_id, iteration, state, completed, failed, message): the
-      progress of the run of that iteration."""
+      progress of the run of that iteration.
+
+    The history keeps the last ``mode.schedule.history`` runs; with ``keep_running`` (schema
+    11) a run still going is kept beyond them, however many runs were skipped since (before,
+    skips pushed it out, and with it what told policy forbid that a run was going)."""
     job = svc.job_status
     if op[0] == "job_run":
         at, skip = float(op[2]), str(op[3])
@@ -231,8 +235,11 @@ def job_op(svc: Service, op: Any, now: float) -> JobStatus:
                      state="skipped" if skip else "running", started_at=now,
                      finished_at=now if skip else 0.0, message=skip)
         keep = svc.spec.mode.schedule.history
-        return replace(job, iteration=iteration, last_scheduled=at,
-                       runs=(*job.runs, run)[-keep:])
+        runs = (*job.runs, run)
+        kept = runs[-keep:]
+        if keep_running:
+            kept = tuple(r for r in runs[:-keep] if r.state == "running") + kept
+        return replace(job, iteration=iteration, last_scheduled=at, runs=kept)
     iteration, state = int(op[2]), str(op[3])
     runs = tuple(replace(r, state=state, completed=int(op[4]), failed=int(op[5]),
                          message=str(op[6]),

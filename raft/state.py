@@ -667,8 +667,14 @@ class ClusterState:
                 # rollback` must not bring back the version that just failed)
                 previous = None if self.cluster.schema >= schema_mod.ROLLOUT_CLOCK else \
                     svc.spec
+                back = svc.previous_spec
+                if self.cluster.schema >= schema_mod.AUTOSCALED_ROLLBACK and \
+                        back.mode.autoscale.enabled and svc.spec.mode.autoscale.enabled:
+                    # (the replica count is the autoscaler's now, not the one back then)
+                    back = msgspec.structs.replace(back, mode=msgspec.structs.replace(
+                        back.mode, replicas=svc.spec.mode.replicas))
                 self.services[svc.id] = replace(
-                    svc, spec=svc.previous_spec, previous_spec=previous,
+                    svc, spec=back, previous_spec=previous,
                     version=svc.version + 1, updated_at=now,
                     update_status=UpdateStatus(state="rollback_started", message=str(op[2]),
                                                started_at=now))
@@ -696,7 +702,8 @@ class ClusterState:
                 svc = self.services.get(op[1])
                 if svc is None:
                     continue
-                self.services[svc.id] = replace(svc, job_status=job_op(svc, op, now))
+                self.services[svc.id] = replace(svc, job_status=job_op(
+                    svc, op, now, keep_running=self.cluster.schema >= schema_mod.RUNS_KEPT))
             elif kind == "autoscale":  # ("autoscale", service_id, replicas, decision)
                 if self.cluster.schema < schema_mod.GATED_OPS["autoscale"]:  # (as 0.2 does)
                     raise Rejected("invalid", "unknown leader op 'autoscale'", "ops")
@@ -704,8 +711,13 @@ class ClusterState:
                 if svc is None or not svc.spec.mode.autoscale.enabled:
                     continue
                 decision = AutoscaleDecision(**{**op[3], "at": now})
+                replicas = validate_replicas(op[2])
+                if self.cluster.schema >= schema_mod.AUTOSCALED_ROLLBACK:
+                    # (planned before the range changed: the range in force wins)
+                    auto = svc.spec.mode.autoscale
+                    replicas = min(max(replicas, auto.min), auto.max)
                 scaled = msgspec.structs.replace(svc.spec, mode=msgspec.structs.replace(
-                    svc.spec.mode, replicas=validate_replicas(op[2])))
+                    svc.spec.mode, replicas=replicas))
                 self.services[svc.id] = replace(
                     svc, spec=scaled, version=svc.version + 1, updated_at=now,
                     autoscale=AutoscaleStatus(decisions=(*svc.autoscale.decisions,

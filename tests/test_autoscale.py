@@ -237,3 +237,94 @@ def test_starting_and_unhealthy_tasks_do_not_count() -> None:
     assert not counted(task(TaskState.RUNNING, Health.STARTING))
     assert not counted(task(TaskState.RUNNING, Health.UNHEALTHY))
     assert not counted(task(TaskState.STARTING, Health.NONE))
+
+
+# ------------------------------------------------------------------ rollbacks and the range
+
+def _updated_then_scaled(schema: int = SCHEMA) -> tuple[ClusterState, str]:
+    """An autoscaled service updated to a new image, then scaled up by the autoscaler."""
+    st, sid = _state_with_service()
+    st.cluster = dataclasses.replace(st.cluster, schema=schema)
+    spec = to_dict(st.services[sid].spec)
+    spec["task"]["container"]["image"] = "app:broken"
+    assert st.apply({"op": "service_update", "id": sid, "spec": spec, "now": 3.0})["ok"]
+    d = {"current": 1, "desired": 3, "usage": 1.0, "target": 0.5, "metric": "cpu",
+         "tasks": 1, "reason": "scale up"}
+    assert st.apply({"op": "leader", "term": 1, "now": 4.0, "ops": [("autoscale", sid, 3, d)]}
+                    )["ok"]
+    return st, sid
+
+
+def test_an_automatic_rollback_keeps_the_autoscalers_replica_count() -> None:
+    """The failure action rolls the template back, not the load: 3 replicas stay 3 (before:
+    the previous spec's 1, at once, past the stabilisation window). A schema-10 cluster
+    keeps the older rule, as its older replicas apply it."""
+    for schema, replicas in ((SCHEMA, 3), (10, 1)):
+        st, sid = _updated_then_scaled(schema)
+        assert st.apply({"op": "leader", "term": 1, "now": 5.0,
+                         "ops": [("rollback", sid, "update failed")]})["ok"]
+        svc = st.services[sid]
+        assert svc.spec.task.container.image == "" and svc.spec.mode.replicas == replicas
+
+
+def test_an_autoscale_op_is_clamped_to_the_range_in_force_when_applied() -> None:
+    """A decision planned before `update --autoscale max=2` is applied within the new range
+    (before: 3 tasks made, then removed by the next pass)."""
+    st, sid = _state_with_service()
+    spec = to_dict(st.services[sid].spec)
+    spec["mode"]["autoscale"]["max"] = 2
+    assert st.apply({"op": "service_update", "id": sid, "spec": spec, "now": 2.0})["ok"]
+    d = {"current": 1, "desired": 3, "usage": 1.0, "target": 0.5, "metric": "cpu",
+         "tasks": 1, "reason": "scale up"}
+    assert st.apply({"op": "leader", "term": 1, "now": 3.0, "ops": [("autoscale", sid, 3, d)]}
+                    )["ok"]
+    assert st.services[sid].spec.mode.replicas == 2
+
+
+async def test_service_rollback_of_an_autoscaled_service_keeps_its_replicas(
+        tmp_path: Any) -> None:
+    """`service rollback` after the autoscaler moved the count (before: refused, "service
+    w is autoscaled ... turn autoscaling off first" — a bad image could not be rolled back)."""
+    from test_modes import Lab
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    spec = {"name": "w", "mode": {"replicas": 1, "autoscale": {"min": 1, "max": 5,
+                                                               "cpu": 0.5}},
+            "task": {"container": {"command": ["x"]}, "resources": {"limits": {"cpu": 0.2}}}}
+    await lab.services.create_service(spec)
+    spec["task"]["container"]["env"] = {"V": "broken"}
+    await lab.services.update_service("w", spec, None)
+    svc = lab.store.snapshot().service_by_name("w")
+    assert svc is not None
+    d = {"current": 1, "desired": 4, "usage": 1.0, "target": 0.5, "metric": "cpu",
+         "tasks": 1, "reason": "scale up"}
+    await lab.ctx.propose({"op": "leader", "term": 1, "now": 10.0,
+                           "ops": [("autoscale", svc.id, 4, d)]})
+    await lab.services.rollback_service("w")
+    svc = lab.store.snapshot().service_by_name("w")
+    assert svc is not None and svc.spec.mode.replicas == 4
+    assert svc.spec.task.container.env == {} and svc.update_status.state == "rollback_started"
+
+
+async def test_an_autoscale_without_max_is_refused_by_the_api(tmp_path: Any) -> None:
+    """max is what turns it on: a spec naming min and a target without it would be
+    autoscaling silently off (the CLI asks for max; the API now too)."""
+    from test_modes import Lab
+
+    from shoal.node.errors import BadRequest
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    with pytest.raises(BadRequest) as exc:
+        await lab.services.create_service({"name": "w", "mode": {"autoscale": {
+            "min": 2, "cpu": 0.6}}, "task": {"container": {"command": ["x"]}}})
+    assert exc.value.field == "mode.autoscale.max"
+
+
+def test_a_target_without_its_percent_sign_is_refused_not_read_as_thousands() -> None:
+    """`cpu=60` (Kubernetes' averageUtilization) was a 6,000 % target: never reached, the
+    service only ever scaled down to min."""
+    with pytest.raises(CliError, match=r"cpu=60: write a percentage, cpu=60%"):
+        parse_autoscale("min=2,max=20,cpu=60")
+    assert parse_autoscale("min=2,max=20,cpu=0.6,memory=70%")["cpu"] == 0.6

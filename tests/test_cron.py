@@ -290,3 +290,82 @@ def test_a_run_started_skipped_and_ended_are_events() -> None:
     runs = st.services["s1"].job_status.runs
     assert [(r.scheduled_at, r.state, r.completed) for r in runs] == \
         [(10.0, "completed", 2), (15.0, "skipped", 0)]
+
+
+async def test_forbid_holds_however_many_runs_were_skipped_meanwhile(tmp_path: Path) -> None:
+    """A run longer than `history` periods: the times that come meanwhile are skipped, and
+    the running run stays in the history (before: the skips pushed it out, policy forbid no
+    longer saw it, and a second run started beside it)."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.services.create_service(scheduled_job("cj", policy="forbid", history=2))
+    created = lab.store.snapshot().service_by_name("cj").created_at  # type: ignore
+    first = next_time(Schedule(cron=EVERY_5S), created)
+    await step(lab, first + 0.1)
+    (t1,) = lab.live("cj")
+    for k in (1, 2, 3, 4):
+        await step(lab, first + 5 * k + 0.1)
+    assert [t.id for t in lab.live("cj")] == [t1.id]
+    states = [r["state"] for r in runs(lab, "cj")]
+    assert states == ["running", "skipped", "skipped"], states
+
+
+def test_a_fixed_time_job_runs_once_on_the_night_the_clocks_go_back() -> None:
+    """02:30 Paris comes twice on 2025-10-26: a job of 02:30 runs at the first (Vixie cron's
+    rule for fixed times); one of every hour runs in each real hour."""
+    def fired(cron: str) -> list[float]:
+        s, out = Schedule(cron=cron, timezone="Europe/Paris"), []
+        since, now = ts("2025-10-25 12:00:00"), ts("2025-10-25 12:00:00")
+        while now < ts("2025-10-26 12:00:00"):
+            due = due_time(s, since, now)
+            if due:
+                out.append(due)
+                since = due
+            now += 60
+        return out
+
+    assert fired("30 2 * * *") == [ts("2025-10-26 00:30:00")]
+    hourly = fired("30 * * * *")
+    assert ts("2025-10-26 00:30:00") in hourly and ts("2025-10-26 01:30:00") in hourly
+    assert next_time(Schedule(cron="30 2 * * *", timezone="Europe/Paris"),
+                     ts("2025-10-26 00:30:00")) == ts("2025-10-27 01:30:00")
+
+
+async def test_editing_the_schedule_starts_no_run_for_times_before_the_edit(
+        tmp_path: Path) -> None:
+    """A yearly job changed to every 10 minutes an hour after it was made: the new
+    expression's latest time before the edit is no missed run; its next time is."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    spec = scheduled_job("ed")
+    spec["mode"]["schedule"]["cron"] = "0 0 1 1 *"
+    await lab.services.create_service(spec)
+    svc = lab.store.snapshot().service_by_name("ed")
+    assert svc is not None
+    edit = svc.created_at + 3600
+    spec = lab.view("ed")["spec"]
+    spec["mode"]["schedule"]["cron"] = "*/10 * * * *"
+    await lab.ctx.propose({"op": "service_update", "id": svc.id, "spec": spec, "now": edit})
+    assert [op for op in await step(lab, edit + 1) if op[0] == "job_run"] == []
+    due = next_time(Schedule(cron="*/10 * * * *"), edit)
+    assert [op[2] for op in await step(lab, due + 1) if op[0] == "job_run"] == [due]
+
+
+@pytest.mark.parametrize(("cron", "refused"), [("R * * * *", True), ("0 R(1-5) * * *", True),
+                                               ("0 0 * MAR FRI", False)])
+async def test_a_random_cron_value_is_refused_by_the_api(tmp_path: Path, cron: str,
+                                                         refused: bool) -> None:
+    """croniter's R picks another time at every reading: leaders would disagree, a pass
+    would see a different due time each time. Month and day names are not R."""
+    from shoal.node.errors import BadRequest
+
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    spec = scheduled_job("r")
+    spec["mode"]["schedule"]["cron"] = cron
+    if refused:
+        with pytest.raises(BadRequest) as exc:
+            await lab.services.create_service(spec)
+        assert exc.value.field == "mode.schedule.cron"
+    else:
+        await lab.services.create_service(spec)

@@ -9,9 +9,12 @@ Must not touch: placement or task lifecycle (the leader's and the workers'), the
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+import msgspec
 
 from shoal.node import transfer, views
 from shoal.node.context import NodeContext, new_id
@@ -22,7 +25,7 @@ from shoal.node.views import find_task
 from shoal.raft import templates
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Service, ServiceSpec, to_dict
-from shoal.raft.spec import MAIN_CONTAINER
+from shoal.raft.spec import MAIN_CONTAINER, Autoscale
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -203,8 +206,13 @@ class Services:
         if svc.previous_spec is None:
             raise BadRequest(f"service {svc.spec.name} has no previous spec to roll back to",
                              "service")
+        previous = svc.previous_spec
+        if previous.mode.autoscale.enabled and svc.spec.mode.autoscale.enabled:
+            # (the replica count is the autoscaler's now, not the one the spec had then)
+            previous = msgspec.structs.replace(previous, mode=msgspec.structs.replace(
+                previous.mode, replicas=svc.spec.mode.replicas))
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
-                                      "spec": to_dict(svc.previous_spec),
+                                      "spec": to_dict(previous),
                                       "version": svc.version, "rollback": True})
         return {"id": svc.id, "name": svc.spec.name, "version": res.get("version")}
 
@@ -212,6 +220,10 @@ class Services:
         _, svc = await self._current(ref)
         await self.ctx.propose({"op": "service_remove", "id": svc.id, "now": time.time()})
         return {"id": svc.id, "name": svc.spec.name, "removed": True}
+
+
+# croniter's "R" (a random value, R or R(1-30) in a field; not the R of MAR or FRI)
+_RANDOM_CRON = re.compile(r"(?:^|[\s,/])R(?:\(|$|[\s,/])", re.IGNORECASE)
 
 
 def _check_new(spec: ServiceSpec) -> None:
@@ -222,6 +234,14 @@ def _check_new(spec: ServiceSpec) -> None:
         raise BadRequest(f"max replicas per node applies to the replicated modes only (a "
                          f"{spec.mode.type} service runs one task per node)",
                          "task.placement.max_replicas")
+    auto = spec.mode.autoscale
+    if not auto.enabled and auto != Autoscale():  # (its max left out: it would be off)
+        raise BadRequest("autoscaling needs its largest replica count: give max=N (or "
+                         "turn it off with --autoscale none)", "mode.autoscale.max")
+    if spec.mode.scheduled and _RANDOM_CRON.search(spec.mode.schedule.cron):
+        raise BadRequest(f"{spec.mode.schedule.cron!r}: R (a random value) picks another "
+                         "time at every reading, so leaders would disagree: give the "
+                         "value itself", "mode.schedule.cron")
     # placeholders (Docker's {{.Node.Hostname}}…) in env values and mounts: checked here,
     # as older replicas take any text there (the host name's are the spec's own check)
     c = spec.task.container
