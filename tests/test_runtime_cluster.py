@@ -208,7 +208,8 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
              "done < /proc/self/limits; "
              "while read ip name; do [ \"$name\" = db.internal ] && echo hosts=$ip; "
              "[ \"$name\" = host.docker.internal ] && echo gateway=$ip; "
-             "done < /etc/hosts; env | grep '^discovery.type='; echo probe-done; "
+             "done < /etc/hosts; grep -q discovery.type=single-node /proc/1/environ && "
+             "echo env-dot; echo probe-done; "
              "sleep 100000")
     h1.cli("service", "create", "--name", "locked", "--image", "busybox:1", "--read-only",
            "--mount", "type=tmpfs,dst=/scratch", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
@@ -222,7 +223,7 @@ def test_security_and_kernel_settings_reach_the_task(lab_factory: Callable[..., 
     assert "somaxconn=999" in out and "hosts=10.0.0.2" in out, out
     # Docker's host-gateway: the node's address on the task network; an env name with a dot
     gateway = h1.run("ip", "-4", "-o", "addr", "show", "shoal0").stdout.split()[3].split("/")[0]
-    assert f"gateway={gateway}" in out and "discovery.type=single-node" in out, out
+    assert f"gateway={gateway}" in out and "env-dot" in out, out
     assert int(out.split("capeff=")[1].split()[0], 16) == 1 << 12, out  # CAP_NET_ADMIN alone
     assert out.split("nofile=Max open files")[1].split()[:2] == ["1000", "2000"], out
     host = h1.run("cat", "/proc/sys/net/core/somaxconn").stdout.strip()
