@@ -174,8 +174,8 @@ def _plan_one(svc: Service, tasks: list[Task], nodes: Mapping[str, Node], now: f
         if progress != (run.state, run.completed, run.failed, run.message):
             ops.append(("job_run_status", svc.id, run.iteration, *progress))
     since = max(job.last_scheduled, svc.created_at)
-    prev = svc.previous_spec
-    if prev is not None and prev.mode.schedule != sched:  # (edited: no run for times before)
+    before = svc.previous_spec
+    if before is not None and before.mode.schedule != sched:  # (edited: none for times before)
         since = max(since, svc.updated_at)
     try:
         nxt = _next_cached(sched, since)  # (the same every pass until a run: cached)
