@@ -97,6 +97,18 @@ async def test_detached_commands_are_bounded_per_node(tmp_path: Any) -> None:
             t.cancel()
 
 
+class ClientTransport:
+    """A client's connection as a session sees it: open until the test closes it."""
+
+    closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, _name: str) -> None:
+        return None
+
+
 async def test_a_client_that_leaves_before_a_detached_command_started_takes_it_along(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`exec -d` waits for execdrop to say the command started; a command that never gets
@@ -108,15 +120,6 @@ async def test_a_client_that_leaves_before_a_detached_command_started_takes_it_a
     from shoal.node.execs import Executor, _Session
     from shoal.node.health import ExecHelper
 
-    class Transport:
-        closing = False
-
-        def is_closing(self) -> bool:
-            return self.closing
-
-        def get_extra_info(self, _name: str) -> None:
-            return None
-
     class Ws:
         async def send_bytes(self, _data: bytes) -> None:
             return None
@@ -126,7 +129,7 @@ async def test_a_client_that_leaves_before_a_detached_command_started_takes_it_a
 
     ex = Executor(ExecHelper(None))
     monkeypatch.setattr(ex, "argv", lambda *_a: ["/bin/sh", "-c", "exec sleep 4141"])
-    client = Transport()
+    client = ClientTransport()
     dummy = os.open("/dev/null", os.O_RDONLY)
     try:
         session = _Session(ex, Ws(), os.getpid(),  # type: ignore[arg-type]
@@ -155,15 +158,6 @@ async def test_a_leaving_clients_terminal_is_closed_only_once_nothing_watches_it
 
     from shoal.node.execs import Executor, _Session
     from shoal.node.health import ExecHelper
-
-    class Transport:
-        closing = False
-
-        def is_closing(self) -> bool:
-            return self.closing
-
-        def get_extra_info(self, _name: str) -> None:
-            return None
 
     class Ws:  # (a client that sends nothing)
         async def send_bytes(self, _data: bytes) -> None:
@@ -194,7 +188,7 @@ async def test_a_leaving_clients_terminal_is_closed_only_once_nothing_watches_it
     ex = Executor(ExecHelper(None))
     monkeypatch.setattr(ex, "argv", lambda _pid, _req, _helper, _env, console, _detach=None:
                         [sys.executable, "-c", sends_a_terminal, str(console)])
-    client = Transport()
+    client = ClientTransport()
     dummy = os.open("/dev/null", os.O_RDONLY)
     try:
         session = _Session(ex, Ws(), os.getpid(),  # type: ignore[arg-type]
