@@ -59,9 +59,12 @@ from shoal.raft.errors import SpecError
 
 # (re-exported: callers import the spec's records from here)
 from shoal.raft.podspec import (  # noqa: F401
+    CONFIGS_DIR,
     DAY,
     ENV_KEY_RE,
     FILE_NAME_RE,
+    FILE_TARGETS,
+    FORBIDDEN_FILE_DIRS,
     HOSTNAME_RE,
     HTTP_CHECK_RE,
     IMAGE_RE,
@@ -73,6 +76,7 @@ from shoal.raft.podspec import (  # noqa: F401
     MAX_REPLICAS,
     NAME_RE,
     OBJECT_NAME_RE,
+    SECRETS_DIR,
     SERVICE_NAME_RE,
     SIGNALS,
     USER_RE,
@@ -91,6 +95,8 @@ from shoal.raft.podspec import (  # noqa: F401
     check_pod,
     container_rows,
     decl,
+    docker_file_defaults,
+    file_path,
     log_limits,
     parse_http_check,
 )

@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from shoal.node import transfer, views
 from shoal.node.context import NodeContext, new_id
 from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
@@ -22,7 +24,7 @@ from shoal.node.views import find_task
 from shoal.raft import templates
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Service, ServiceSpec, to_dict
-from shoal.raft.spec import MAIN_CONTAINER
+from shoal.raft.spec import MAIN_CONTAINER, docker_file_defaults
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -37,6 +39,23 @@ def find_service(snap: Snapshot, ref: str) -> Service:
             return matches[0]
         raise NotFound(f"no such service: {ref}", "service")
     return svc
+
+
+def file_defaults(spec: ServiceSpec, previous: ServiceSpec | None, schema: int) -> ServiceSpec:
+    """``spec`` with its secrets' and configs' references as the cluster writes them at
+    ``schema`` (shoal.raft.spec.docker_file_defaults: from schema 11, Docker's place and owner
+    for a new reference, explicitly, and the current form for one the service has, whose
+    files must not move; ``previous``: the service's current spec, None for a new one).
+    ValidationError if the result is not a valid spec (two files at one path)."""
+    c = spec.task.container
+    before = previous.task.container if previous is not None else None
+    secrets = docker_file_defaults(c.secrets, "secret", before.secrets if before else (), schema)
+    configs = docker_file_defaults(c.configs, "config", before.configs if before else (), schema)
+    if secrets == c.secrets and configs == c.configs:
+        return spec
+    container = msgspec.structs.replace(c, secrets=secrets, configs=configs)
+    task = msgspec.structs.replace(spec.task, container=container)
+    return validate_spec(to_dict(msgspec.structs.replace(spec, task=task)))
 
 
 class Services:
@@ -137,7 +156,7 @@ class Services:
     async def create_service(self, spec: Any, resolve_image: Any = None) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
         try:
-            parsed = validate_spec(spec)
+            parsed = file_defaults(validate_spec(spec), None, snap.cluster.schema)
         except StoreError as exc:
             raise from_store_error(exc) from exc
         if snap.service_by_name(parsed.name):
@@ -179,7 +198,7 @@ class Services:
         """Replace a service's spec; running tasks are replaced by a rolling update."""
         snap, svc = await self._current(ref)
         try:
-            parsed = validate_spec(spec)
+            parsed = file_defaults(validate_spec(spec), svc.spec, snap.cluster.schema)
         except StoreError as exc:
             raise from_store_error(exc) from exc
         if version is not None and not isinstance(version, int):
