@@ -346,10 +346,10 @@ def build_plan(
     for name, raw in texts:
         spec.write("host", f"{init}/etc/{name}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
-    for i, (_, value) in enumerate(staged):
+    for i, (_, entry) in enumerate(staged):
         # (owned as it is staged, so the bind shows it so: uid:gid, else the task's user)
-        uid, gid = (value[2], value[3]) if len(value) == 4 else (user.uid, user.gid)
-        spec.write("host", f"{stage}/{i}", value[1], uid, gid, value[0])
+        uid, gid = (entry[2], entry[3]) if len(entry) == 4 else (user.uid, user.gid)
+        spec.write("host", f"{stage}/{i}", entry[1], uid, gid, entry[0])
     # 1. the root
     if plan.layers is None:
         spec.mount("host", root, "tmpfs", "shoal-root", nosuid_nodev, "mode=755,size=1m", "none")

@@ -53,9 +53,10 @@ def file_defaults(spec: ServiceSpec, previous: ServiceSpec | None, schema: int) 
     configs = docker_file_defaults(c.configs, "config", before.configs if before else (), schema)
     if secrets == c.secrets and configs == c.configs:
         return spec
-    container = msgspec.structs.replace(c, secrets=secrets, configs=configs)
-    task = msgspec.structs.replace(spec.task, container=container)
-    return validate_spec(to_dict(msgspec.structs.replace(spec, task=task)))
+    raw = to_dict(spec)
+    raw["task"]["container"].update(secrets=msgspec.to_builtins(secrets),
+                                    configs=msgspec.to_builtins(configs))
+    return validate_spec(raw)
 
 
 class Services:
