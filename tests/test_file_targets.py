@@ -413,3 +413,31 @@ secrets:
         ("/site", "0"), ("/etc/nginx/conf.d/site.conf", "101")]
     assert [(r.file_path("secret"), r.uid) for r in written.secrets] == [
         ("/run/secrets/db", "0"), ("/etc/app/db.pass", "999")]
+
+
+def test_a_redeploy_of_the_same_file_changes_no_service_old_or_new(tmp_path: Path) -> None:
+    """`stack deploy` compares the file with the cluster's spec as the managers would write
+    it: `configs: [site]` against /site (0:0) written at schema 11, or against the file name
+    a service has kept in /run/configs since before, is no change (nothing rolls)."""
+    from shoal.cli.stack import same_spec
+
+    (tmp_path / "site.conf").write_text("server {}")
+    st = deploy(tmp_path, """
+services:
+  web:
+    command: serve
+    configs: [site, {source: site, target: /etc/site.conf, mode: 0440}]
+    secrets: [db]
+configs:
+  site: {file: ./site.conf}
+secrets:
+  db: {external: true}
+""")
+    filed = svc(st, "web")
+    written = file_defaults(filed, None, SCHEMA)
+    assert same_spec(written, filed)
+    old = file_defaults(filed, None, FILE_TARGETS - 1)  # (a schema-10 manager's)
+    assert old.task.container.configs[0].target == "site"
+    assert same_spec(old, filed)
+    moved = file_defaults(msgspec.structs.replace(filed, labels={"x": "1"}), None, SCHEMA)
+    assert not same_spec(moved, filed)

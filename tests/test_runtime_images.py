@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_runtime_support import (
@@ -194,6 +195,33 @@ async def test_a_busybox_rootfs_imported_from_a_dir_or_tarball_runs(
     assert out.splitlines() == ["busybox", "cat", "echo", "init", "1000", "bb-1", "writable"]
     assert "touch" not in err
     await ctl.remove("bb")
+
+
+async def test_an_images_symlinks_lead_a_tasks_files_into_its_root_never_the_hosts(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """Secrets' and configs' files (Docker's absolute targets) are bound onto mount points
+    made inside the task's root: /srv -> HOST_DIR (absolute) and /opt -> ../../HOST_DIR
+    (relative) in the image resolve in the root (RESOLVE_IN_ROOT), so the host's directory
+    gets nothing; a file owned by uid:gid is so in the task, and a 0755 one runs."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "srv").symlink_to(outside)
+    (root / "opt").symlink_to("../../../../../../../.." + str(outside))
+    ctl.images.import_rootfs("links", root)
+    files: dict[str, Any] = {
+        "/srv/a.conf": (b"a", 0o444, 0, 0), "/opt/b.conf": (b"b", 0o444),
+        "/etc/app/app.conf": (b"c", 0o440, 101, 102),
+        "/usr/local/bin/run.sh": (b"#!/bin/sh\necho ran-as-$(id -u)\n", 0o755, 0, 0)}
+    st, out, err = await run_to_end(ctl, task(
+        "links", "sh", "-c", "cat /srv/a.conf /opt/b.conf; echo; stat -c '%u:%g %a' "
+        "/etc/app/app.conf; /usr/local/bin/run.sh", image="links", user="1000",
+        env={"PATH": "/bin"}, files=files))
+    assert st.exit_code == 0, err
+    assert out.split() == ["ab", "101:102", "440", "ran-as-1000"]
+    assert list(outside.iterdir()) == []
+    await ctl.remove("links")
 
 
 @pytest.mark.parametrize("fmt", ["docker-save", "oci"])
