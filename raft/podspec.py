@@ -251,20 +251,26 @@ def file_path(kind: str, target: str, name: str) -> str:
     return f"{SECRETS_DIR if kind == 'secret' else CONFIGS_DIR}/{t}"
 
 
-def _check_files(c: ContainerSpec) -> None:
+def check_files(c: ContainerSpec, every: bool = True) -> None:
     """The files of a container's secrets and configs: each at its own path, none at a
     mount's target or above one (the file would be a mount point's directory). Errors name
-    the reference's target (``configs[1].target``)."""
+    the reference's target (``configs[1].target``). ``every`` False (the spec's own rule,
+    which every replica applies to the log): the mounts are checked only against absolute
+    targets, since schema 10's replicas accepted a file name at a mount's target (its task
+    then failed to start), and a replica must never refuse what an older one applied; the
+    API checks ``every`` one before proposing (shoal.node.control.services)."""
     seen: dict[str, str] = {}
     mounts = [m.target for m in c.mounts]
     for kind, refs in (("secret", c.secrets), ("config", c.configs)):
         for i, ref in enumerate(refs):
             where = f"{kind}s[{i}].target"
             path = ref.file_path(kind)
-            if path in seen:
+            if path in seen:  # (file names: one per kind, as schema 10's rule)
                 raise SpecError(where, f"{path} is already the file of {seen[path]}: two "
                                 "references cannot share a path")
             seen[path] = f"{kind}s[{i}] ({ref.name})"
+            if not every and not ref.target.startswith("/"):
+                continue
             for j, target in enumerate(mounts):
                 if target == path or target.startswith(path + "/"):
                     raise SpecError(where, f"{path} is {'' if target == path else 'above '}"
@@ -304,7 +310,7 @@ def docker_file_defaults(refs: tuple[FileRef, ...], kind: str,
             target = "/" + (target or r.name)  # (Docker's default place)
         path = file_path(kind, target, r.name)
         was = before.get(path)
-        if was is not None:
+        if was is not None and file_path(kind, was.target, r.name) == path:
             target = was.target  # (the same place: as written before)
         out.append(msgspec.structs.replace(
             r, target=target, uid=r.uid or ("" if was is not None and not was.uid else "0"),
@@ -574,7 +580,7 @@ class ContainerSpec(_Spec, frozen=True):
         targets = [m.target for m in self.mounts]
         if len(set(targets)) != len(targets):
             raise SpecError("mounts", "two mounts use the same target")
-        _check_files(self)
+        check_files(self, every=False)
         for what in ("cap_add", "cap_drop"):
             for cap in getattr(self, what):
                 try:

@@ -92,6 +92,7 @@ from shoal.raft.podspec import (  # noqa: F401
     SidecarSpec,
     Ulimit,
     _Spec,
+    check_files,
     check_pod,
     container_rows,
     decl,

@@ -164,6 +164,11 @@ def test_a_running_services_files_keep_their_place_and_owner_through_updates() -
     spelled = docker_file_defaults(_refs({"name": "site", "target": "/run/configs/site"}),
                                    "config", old, SCHEMA)
     assert _shown(spelled) == [("site", "site", "", "")]
+    # the rotation of a reference written without a target: the new name, the old place
+    rotated = docker_file_defaults(_refs({"name": "tls-v2", "target": "tls"}), "config",
+                                   old, SCHEMA)
+    assert _shown(rotated) == [("tls-v2", "tls", "", "")]
+    assert rotated[0].file_path("config") == "/run/configs/tls"
     # a new reference beside them gets Docker's place and owner
     more = docker_file_defaults(old + _refs({"name": "extra"}), "config", old, SCHEMA)
     assert _shown(more)[2:] == [("extra", "/extra", "0", "0")]
@@ -231,6 +236,20 @@ def test_the_spec_check_runs_again_on_the_written_defaults() -> None:
     with pytest.raises(ValidationError) as exc:
         file_defaults(spec, None, SCHEMA)
     assert exc.value.field == "task.container.configs[1].target"
+
+
+def test_a_file_name_at_a_mount_is_refused_by_the_api_yet_replayed_as_schema_10_did() -> None:
+    """The API refuses a secret's file at a mount's target naming it; the spec's own rule
+    (every replica's, on the log) takes it, as schema 10's replicas did, so a replica of
+    today never refuses an entry an older one applied."""
+    spec = validate_spec(_spec(secrets=[{"name": "db"}],
+                               mounts=[{"type": "tmpfs", "target": "/run/secrets/db"}]))
+    with pytest.raises(ValidationError) as exc:
+        file_defaults(spec, None, SCHEMA)
+    assert exc.value.field == "task.container.secrets[0].target"
+    assert "mounts[0]" in exc.value.message
+    st = _state(10)
+    assert st.apply({"op": "service_create", "id": "s1", "now": 1.0, "spec": to_dict(spec)})["ok"]
 
 
 # --------------------------------------------------------------------------------- the gate

@@ -22,9 +22,9 @@ from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
 from shoal.node.views import find_task
 from shoal.raft import templates
-from shoal.raft.errors import StoreError
+from shoal.raft.errors import SpecError, StoreError, ValidationError
 from shoal.raft.models import Service, ServiceSpec, to_dict
-from shoal.raft.spec import MAIN_CONTAINER, docker_file_defaults
+from shoal.raft.spec import MAIN_CONTAINER, check_files, docker_file_defaults
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -51,12 +51,17 @@ def file_defaults(spec: ServiceSpec, previous: ServiceSpec | None, schema: int) 
     before = previous.task.container if previous is not None else None
     secrets = docker_file_defaults(c.secrets, "secret", before.secrets if before else (), schema)
     configs = docker_file_defaults(c.configs, "config", before.configs if before else (), schema)
-    if secrets == c.secrets and configs == c.configs:
-        return spec
-    raw = to_dict(spec)
-    raw["task"]["container"].update(secrets=msgspec.to_builtins(secrets),
-                                    configs=msgspec.to_builtins(configs))
-    return validate_spec(raw)
+    if secrets != c.secrets or configs != c.configs:
+        raw = to_dict(spec)
+        raw["task"]["container"].update(secrets=msgspec.to_builtins(secrets),
+                                        configs=msgspec.to_builtins(configs))
+        spec = validate_spec(raw)
+    try:  # (a file name at a mount's target too: the spec's rule spares what schema 10 took)
+        check_files(spec.task.container)
+    except SpecError as exc:
+        raise ValidationError(f"task.container.{exc.message}",
+                              f"task.container.{exc.field}") from None
+    return spec
 
 
 class Services:
