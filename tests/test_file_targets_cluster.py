@@ -52,8 +52,11 @@ def logs_with(h: Host, svc: str, needle: str, count: int = 1) -> str | None:
 
 def image_with_symlinks(tmp_path: Path, outside: Path) -> Path:
     """busybox, with /srv an absolute symlink to a directory of the host and /opt a
-    relative one climbing to it: a bind that followed them from the host would land there."""
+    relative one climbing to it: a bind that followed them from the host would land there.
+    The image has that directory too (resolved in the root, they lead there; a symlink
+    dangling in the root fails the start: tests/test_runtime_images.py)."""
     root = busybox_rootfs(tmp_path / "fs")
+    (root / str(outside).lstrip("/")).mkdir(parents=True)
     (root / "srv").symlink_to(outside)
     (root / "opt").symlink_to("../../../../../../../../.." + str(outside))
     tarball = tmp_path / "fs.tar.gz"

@@ -31,6 +31,7 @@ from shoal.runtime.errors import (
     ImageNotFound,
     ImageUnavailable,
     InvalidImage,
+    LaunchFailed,
 )
 from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.process import ProcessController
@@ -202,13 +203,18 @@ async def test_an_images_symlinks_lead_a_tasks_files_into_its_root_never_the_hos
 ) -> None:
     """Secrets' and configs' files (Docker's absolute targets) are bound onto mount points
     made inside the task's root: /srv -> HOST_DIR (absolute) and /opt -> ../../HOST_DIR
-    (relative) in the image resolve in the root (RESOLVE_IN_ROOT), so the host's directory
-    gets nothing; a file owned by uid:gid is so in the task, and a 0755 one runs."""
+    (relative) in the image resolve in the root (RESOLVE_IN_ROOT) — to the image's own
+    HOST_DIR — so the host's directory gets nothing; one whose HOST_DIR the image lacks
+    (dangling in the root) fails the start, naming it, and still writes nothing there. A
+    file owned by uid:gid is so in the task, and a 0755 one runs."""
     outside = tmp_path / "outside"
     outside.mkdir()
     root = busybox_rootfs(tmp_path / "rootfs")
+    (root / str(outside).lstrip("/")).mkdir(parents=True)  # (the image's own HOST_DIR)
     (root / "srv").symlink_to(outside)
     (root / "opt").symlink_to("../../../../../../../.." + str(outside))
+    (root / "var").symlink_to(tmp_path / "elsewhere")  # (dangling in the image)
+    (tmp_path / "elsewhere").mkdir()
     ctl.images.import_rootfs("links", root)
     files: dict[str, Any] = {
         "/srv/a.conf": (b"a", 0o444, 0, 0), "/opt/b.conf": (b"b", 0o444),
@@ -222,6 +228,10 @@ async def test_an_images_symlinks_lead_a_tasks_files_into_its_root_never_the_hos
     assert out.split() == ["ab", "101:102", "440", "ran-as-1000"]
     assert list(outside.iterdir()) == []
     await ctl.remove("links")
+    with pytest.raises(LaunchFailed, match=r"cannot create mount point /var/x\.conf"):
+        await ctl.start(task("dangling", "true", image="links",
+                             files={"/var/x.conf": (b"x", 0o444, 0, 0)}))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt", ["docker-save", "oci"])
