@@ -200,7 +200,8 @@ class FileRef(_Spec, frozen=True):
         "Docker's 0)", max_length=10)] = ""
     gid: Annotated[str, decl(
         "the file's group inside the task, a number (Docker's gid; needs cluster schema "
-        "11); empty = the task user's group (as uid)", max_length=10)] = ""
+        "11); empty = the task user's group when uid is empty too (as before schema 11), "
+        "else 0", max_length=10)] = ""
     mode: Annotated[int, decl("file mode inside the task (0755: an executable script, as "
                               "Docker's)", ge=0, le=0o777)] = 0o444
 
@@ -312,9 +313,10 @@ def docker_file_defaults(refs: tuple[FileRef, ...], kind: str,
         was = before.get(path)
         if was is not None and file_path(kind, was.target, r.name) == path:
             target = was.target  # (the same place: as written before)
-        out.append(msgspec.structs.replace(
-            r, target=target, uid=r.uid or ("" if was is not None and not was.uid else "0"),
-            gid=r.gid or ("" if was is not None and not was.gid else "0")))
+        # (an owner is the task's user, both empty, as before schema 11, or two numbers)
+        legacy = was is not None and not (was.uid or was.gid or r.uid or r.gid)
+        out.append(msgspec.structs.replace(r, target=target, uid=r.uid or ("" if legacy else "0"),
+                                           gid=r.gid or ("" if legacy else "0")))
     return tuple(out)
 
 

@@ -175,7 +175,7 @@ def test_a_running_services_files_keep_their_place_and_owner_through_updates() -
     # an owner given is taken, even at an old place
     owned = docker_file_defaults(_refs({"name": "site", "target": "site", "uid": "101"}),
                                  "config", old, SCHEMA)
-    assert _shown(owned) == [("site", "site", "101", "")]
+    assert _shown(owned) == [("site", "site", "101", "0")]
 
 
 def test_below_schema_11_a_target_older_nodes_can_write_is_written_their_way() -> None:
