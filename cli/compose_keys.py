@@ -428,27 +428,20 @@ def _file_refs(kind: str) -> Handler:
             if obj is None:
                 raise ComposeError(where, f"undefined {kind} {source!r} (declare it under the "
                                    f"top-level {kind}s:)")
+            # docker's convertFileObject: the target defaults to the source's key (a secret's
+            # in /run/secrets, a config's at /<key>: the managers write that place, or keep
+            # a running service's file where it is, shoal.raft.spec.docker_file_defaults);
+            # an absolute target is the path; uid and gid default to 0, as docker's
             ref: dict[str, Any] = {"name": obj.name, "target": source}
             if "target" in m:
-                target = as_str(m["target"], f"{where}.target")
-                prefix = "/run/secrets/" if kind == "secret" else "/run/configs/"
-                if target.startswith(prefix):
-                    target = target[len(prefix):]
-                elif target.startswith("/"):
-                    if kind == "secret":
-                        raise ComposeError(f"{where}.target", f"a secret is a file in "
-                                           f"/run/secrets, got {target!r}")
-                    svc.warn("configs.target (outside /run/configs)",
-                             f"{NOT_YET}: the config is the file /run/configs/"
-                             f"{target.rsplit('/', 1)[-1]}")
-                    target = target.rsplit("/", 1)[-1]
-                ref["target"] = target
+                ref["target"] = as_str(m["target"], f"{where}.target")
             if "mode" in m:
                 mode = m["mode"]
                 ref["mode"] = int(mode, 8) if isinstance(mode, str) and \
                     re.fullmatch(r"0?[0-7]{1,4}", mode) else as_int(mode, f"{where}.mode")
-            if "uid" in m or "gid" in m:
-                svc.warn(f"{kind}s.uid/gid", f"{NOT_YET}: the files belong to root")
+            for key in ("uid", "gid"):  # (strings in the Specification; numbers taken)
+                if m.get(key) not in (None, ""):
+                    ref[key] = str(as_int(m[key], f"{where}.{key}"))
             out.append(ref)
         svc.set(f"task.container.{kind}s", out, path)
     return handle

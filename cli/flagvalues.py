@@ -256,28 +256,45 @@ def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
 
 
 def parse_file_ref(text: str, flag: str) -> dict[str, Any]:
-    """--secret NAME[,target=FILE][,mode=0400] (also source=NAME, as Docker)."""
+    """Docker's --secret and --config: ``NAME`` or ``source=NAME[,target=PATH][,uid=N]
+    [,gid=N][,mode=0440]`` (also src= and name=, and NAME first). What is not given is left
+    out: the managers write Docker's defaults for a new reference (a config at /NAME, owned
+    by 0:0) and keep the current ones' (shoal.raft.spec.docker_file_defaults)."""
     out: dict[str, Any] = {}
     for i, part in enumerate(text.split(",")):
         key, sep, value = part.partition("=")
+        key = key.strip().lower()
         if not sep and i == 0:
-            out["name"] = key
+            out["name"] = part
         elif key in ("source", "src", "name") and sep:
             out["name"] = value
         elif key == "target" and sep:
             out["target"] = value
+        elif key in ("uid", "gid") and sep:
+            out[key] = value.strip()
         elif key == "mode" and sep:
             try:
-                out["mode"] = int(value, 8)
+                out["mode"] = int(value.strip().removeprefix("0o"), 8)
             except ValueError:
                 raise CliError(f"{flag}: mode must be octal (e.g. 0400), got {value!r}") \
                     from None
         else:
             raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
-                           "NAME[,target=FILE][,mode=0400])")
+                           "NAME or source=NAME[,target=PATH][,uid=N][,gid=N][,mode=0400])")
     if not out.get("name"):
-        raise CliError(f"{flag} {text!r}: a name is required")
+        raise CliError(f"{flag} {text!r}: a name is required (source=NAME)")
     return out
+
+
+def file_ref_place(kind: str, ref: dict[str, Any]) -> str:
+    """Where a reference puts its file, as --secret-add/--config-add compare them (a new one
+    replaces the one at its place): an absolute target; a file name in /run/secrets for a
+    secret; ``/NAME`` for a config, which is also where a config file name the service has
+    in /run/configs from before schema 11 is compared (the managers keep it there)."""
+    t = str(ref.get("target") or ref["name"])
+    if t.startswith("/"):
+        return t
+    return f"/run/secrets/{t}" if kind == "secret" else f"/{t}"
 
 
 def parse_constraint(text: str, flag: str) -> str:
@@ -499,8 +516,8 @@ REMOVES: dict[str, Callable[[Any, str], bool]] = {
 }
 REPLACES: dict[str, Callable[[Any], str]] = {
     "port": lambda p: f"{p['published'] or 'to ' + str(p['target'])}/{p.get('protocol', 'tcp')}",
-    "secret": lambda r: str(r.get("target") or r["name"]),
-    "config": lambda r: str(r.get("target") or r["name"]),
+    "secret": lambda r: file_ref_place("secret", r),
+    "config": lambda r: file_ref_place("config", r),
 }
 # list items whose flag values carry another field too: (spec, the list's path, the values
 # given, the flag, the keys --X-rm named) → that field set in spec. docker's --network

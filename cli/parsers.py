@@ -412,9 +412,11 @@ def _ca_parser(sub: Any) -> None:
 
 
 def _secret_parsers(sub: Any) -> None:
-    for kind, what in (("secret", "secrets (sealed in the cluster state, files in "
-                                  "/run/secrets of tasks)"),
-                       ("config", "configs (files in /run/configs of tasks)")):
+    for kind, what in (("secret", "secrets (sealed in the cluster state; files in tasks, "
+                                  "/run/secrets/NAME or any path: --secret source=NAME,"
+                                  "target=PATH)"),
+                       ("config", "configs (files in tasks, /NAME or any path: --config "
+                                  "source=NAME,target=/etc/app.conf,uid=101,mode=0440)")):
         k = sub.add_parser(kind, help=f"manage {what}")
         ksub = k.add_subparsers(dest=f"{kind}_cmd", required=True, parser_class=_Parser)
         kc = ksub.add_parser("create", help=f"create a {kind} from a file (- = stdin)")

@@ -11,6 +11,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from shoal.raft.spec import file_path
+
 Rec = Mapping[str, Any]
 
 
@@ -177,8 +179,9 @@ def _container(task: Rec) -> list[str]:
         if c.get(kind):
             lines.append(f"{kind.title()}:")
             for ref in c[kind]:
-                lines += [f" Target:\t{ref.get('target') or ref['name']}",
-                          f"  Source:\t{ref['name']}"]
+                # (docker's two lines; the target as the path the task sees)
+                path = file_path(kind[:-1], ref.get("target") or "", ref["name"])
+                lines += [f" Target:\t{path}", f"  Source:\t{ref['name']}"]
     if c.get("log_driver") or c.get("log_options"):
         lines.append("Log Driver:")
         if c.get("log_driver"):

@@ -71,13 +71,25 @@ def same_spec(current: ServiceSpec, new: ServiceSpec) -> bool:
     """Does deploying ``new`` change nothing? (``force_update`` is the cluster's counter, not
     the file's: it is carried over.)"""
     import msgspec
+
+    from shoal.raft.spec import FILE_TARGETS, docker_file_defaults
     image = new.task.container.image
     pinned = current.task.container.image
     if image and "@" not in image and pinned.startswith(image + "@sha256:"):
         # the managers pinned the file's tag to a digest (--resolve-image): the same image
         # as far as the file says; a moved tag is taken by `service update --image`
         image = pinned
-    container = msgspec.structs.replace(new.task.container, image=image)
+    # the file's secrets and configs as the managers would write them over the current
+    # ones (shoal.raft.spec.docker_file_defaults: `configs: [site]` is /site, 0:0, or stays
+    # where a running service has it); below schema 11 they keep what they have the same way
+    c, was = new.task.container, current.task.container
+    try:
+        container = msgspec.structs.replace(
+            c, image=image,
+            secrets=docker_file_defaults(c.secrets, "secret", was.secrets, FILE_TARGETS),
+            configs=docker_file_defaults(c.configs, "config", was.configs, FILE_TARGETS))
+    except ValueError:  # (two files at one path once placed: the managers will say)
+        return False
     carried = msgspec.structs.replace(new, task=msgspec.structs.replace(
         new.task, container=container, force_update=current.task.force_update))
     return carried == current

@@ -58,6 +58,7 @@ from shoal.node.network import NetworkConfig, NodeNetwork
 from shoal.node.overlay import Overlay, OverlayConfig
 from shoal.raft.models import Service, Task, TaskSpec, TaskState
 from shoal.raft.state import Snapshot
+from shoal.runtime.rootfs import FileValue
 
 log = logging.getLogger("shoal.mesh")
 
@@ -521,7 +522,7 @@ class Mesh:
         if self.network is not None:
             await self.network.detach(task_id)
 
-    def task_files(self, spec: TaskSpec | None = None) -> dict[str, tuple[bytes, int]]:
+    def task_files(self, spec: TaskSpec | None = None) -> dict[str, FileValue]:
         """Files a task of ``spec`` gets (None: a task without DNS settings): its
         /etc/resolv.conf, naming this node's DNS server (``resolv_conf``)."""
         gateway = self.network.gateway if self.config.dns_port and self.network is not None \

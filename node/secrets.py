@@ -10,10 +10,13 @@ Owns (one ``SecretsApi`` per agent):
 * ``task_files`` (manager side of ``POST /v1/cluster/task-files``): a node gets the
   plaintext of the secrets of a task only over mTLS, only for a task assigned to *that*
   node (its certificate says which node it is) that is still meant to run;
-* ``resolve_task_files(task)`` (node side): ``{path in the task: (bytes, mode)}`` for a
-  task about to start. Configs come from the local replica; secrets are unsealed locally
-  on a manager, fetched from a manager on a worker. The bytes stay in memory: shoal
-  never writes them to disk or logs them (the runtime mounts them on a tmpfs).
+* ``resolve_task_files(task)`` (node side): ``{path in the task: (bytes, mode[, uid,
+  gid])}`` for a task about to start, where and whose each file is decided from the task's
+  own spec (``FileRef.file_path``; no owner: the task's user, as specs written before schema
+  11 mean). Configs come from the local replica; secrets are unsealed locally on a manager,
+  fetched from a manager on a worker (only their bytes are taken from its answer). The bytes
+  stay in memory: shoal never writes them to disk or logs them (the runtime mounts them on a
+  tmpfs).
 
 Must not touch: the runtime (it gets bytes), Raft internals, the network beyond
 Security.call.
@@ -46,21 +49,29 @@ from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Ta
 from shoal.raft.secops import MAX_FILE_BYTES
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_object_name
+from shoal.runtime.rootfs import FileValue
 
 log = logging.getLogger("shoal.secrets")
 
-SECRETS_DIR = "/run/secrets"
-CONFIGS_DIR = "/run/configs"
-
-TaskFiles = dict[str, tuple[bytes, int]]  # absolute path in the task -> (content, mode)
+# absolute path in the task -> (content, mode) owned by the task's user, or (content, mode,
+# uid, gid) (shoal.runtime.records.TaskConfig.files)
+TaskFiles = dict[str, FileValue]
 
 
 def secret_path(ref: FileRef) -> str:
-    return f"{SECRETS_DIR}/{ref.file_name}"
+    return ref.file_path("secret")
 
 
 def config_path(ref: FileRef) -> str:
-    return f"{CONFIGS_DIR}/{ref.file_name}"
+    return ref.file_path("config")
+
+
+def file_entry(ref: FileRef, data: bytes) -> FileValue:
+    """A reference's file as the runtime takes it: its owner when the spec names one (an
+    empty uid or gid, written before schema 11: the task's user, as then)."""
+    if not ref.uid and not ref.gid:
+        return data, ref.mode
+    return data, ref.mode, int(ref.uid or 0), int(ref.gid or 0)
 
 
 def _view(obj: Secret | Config, kind: str, detail: bool) -> dict[str, Any]:
@@ -176,7 +187,8 @@ class SecretsApi:
             if sec is None:
                 raise NotFound(f"no such secret: {ref.name}", "secrets")
             try:
-                out[secret_path(ref)] = (unseal(key, sec.data, secret_aad(sec.id)), ref.mode)
+                out[secret_path(ref)] = file_entry(ref, unseal(key, sec.data,
+                                                               secret_aad(sec.id)))
             except SealError as exc:
                 raise Unavailable(f"cannot unseal secret {ref.name}: {exc}") from exc
         return out
@@ -194,12 +206,15 @@ class SecretsApi:
         if task.desired_state > TaskState.RUNNING:
             raise Forbidden(f"task {task_id} is being stopped", "task_id")
         files = self._secret_files(snap, task)
-        return {"files": [{"path": p, "mode": m, "data": base64.b64encode(d).decode()}
-                          for p, (d, m) in files.items()]}
+        # (path and mode as before schema 11; the node that runs the task takes the bytes
+        # and decides the file's place and owner from its own copy of the spec)
+        return {"files": [{"path": p, "mode": v[1], "data": base64.b64encode(v[0]).decode()}
+                          for p, v in files.items()]}
 
     async def resolve_task_files(self, task: Task) -> TaskFiles:
         """The files a task must see, ``{absolute path in the task: (content, mode)}``, e.g.
-        ``{"/run/secrets/db": (b"...", 0o400)}``; {} when it uses none.
+        ``{"/run/secrets/db": (b"...", 0o400), "/etc/app.conf": (b"...", 0o440, 101, 101)}``;
+        {} when it uses none.
 
         Raises NotFound (a referenced secret/config does not exist: the task cannot run) or
         Unavailable (no manager reachable or none has seen the assignment yet: retry)."""
@@ -212,7 +227,7 @@ class SecretsApi:
             cfg = _by_name(snap.configs, ref.name)
             if cfg is None:
                 raise NotFound(f"no such config: {ref.name}", "configs")
-            files[config_path(ref)] = (cfg.data, ref.mode)
+            files[config_path(ref)] = file_entry(ref, cfg.data)
         if not task.spec.container.secrets:
             return files
         ident = self.ctx.identity
@@ -237,13 +252,22 @@ class SecretsApi:
                 errors.append(f"{m.hostname}: {exc.message}")
                 continue
             try:
-                return {str(f["path"]): (base64.b64decode(f["data"]), int(f["mode"]))
-                        for f in reply["files"]}
+                got = {str(f["path"]): base64.b64decode(f["data"]) for f in reply["files"]}
             except (KeyError, TypeError, ValueError, binascii.Error):
                 errors.append(f"{m.hostname}: malformed reply")
+                continue
+            out: TaskFiles = {}
+            for ref in task.spec.container.secrets:
+                path = secret_path(ref)
+                if path not in got:
+                    errors.append(f"{m.hostname}: no {path} in its reply")
+                    break
+                out[path] = file_entry(ref, got[path])
+            else:
+                return out
         raise Unavailable(f"cannot fetch the secrets of task {task.id}: "
                           + ("; ".join(errors) or "no manager known"))
 
 
-__all__ = ["CONFIGS_DIR", "SECRETS_DIR", "SecretsApi", "TaskFiles", "check_refs",
-           "config_path", "secret_path"]
+__all__ = ["SecretsApi", "TaskFiles", "check_refs", "config_path", "file_entry",
+           "secret_path"]

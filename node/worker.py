@@ -58,7 +58,7 @@ from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
 from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig, parse_signal
-from shoal.runtime.rootfs import MountSpec
+from shoal.runtime.rootfs import FileValue, MountSpec
 
 if TYPE_CHECKING:
     from shoal.node.mesh import Mesh
@@ -213,7 +213,7 @@ class Worker:
     def __init__(self, node_id: str, store: StateSource, runtime: Controller,
                  wakeup: asyncio.Event, interval: float = 1.0,
                  mesh: Mesh | None = None,
-                 task_files: Callable[[Task], Awaitable[dict[str, tuple[bytes, int]]]] | None
+                 task_files: Callable[[Task], Awaitable[dict[str, FileValue]]] | None
                  = None,
                  pull_image: Callable[[str], Awaitable[None]] | None = None,
                  health: HealthMonitor | None = None,
@@ -398,7 +398,7 @@ class Worker:
         env.update(generic_env)
         vols = self.store.snapshot().volumes if s.mounts else {}
         # (its resolv.conf: the node's DNS server, its own search domains and options)
-        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files(task.spec)) \
+        files: dict[str, FileValue] = dict(self.mesh.task_files(task.spec)) \
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
@@ -479,7 +479,7 @@ class Worker:
                                  "gives none")
         shared = [m for m in task.spec.container.mounts if m.target in c.mounts]
         vols = self.store.snapshot().volumes if shared else {}
-        files: dict[str, tuple[bytes, int]] = dict(self.mesh.task_files(task.spec)) \
+        files: dict[str, FileValue] = dict(self.mesh.task_files(task.spec)) \
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))

@@ -29,6 +29,7 @@ healthy when every container with a check is; a sidecar that ends is restarted b
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 import typing
 from typing import Annotated, Any, Literal
@@ -76,6 +77,13 @@ DAY = 86400.0
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_FILE_REFS = 100
+MAX_FILE_PATH = 4096  # (PATH_MAX)
+# where a secret's or config's file name puts it in the task; an absolute target (schema 11,
+# FILE_TARGETS) may be any path but / and these places of the kernel's (Docker's rule)
+SECRETS_DIR = "/run/secrets"
+CONFIGS_DIR = "/run/configs"  # (shoal's own, kept for references written before schema 11)
+FORBIDDEN_FILE_DIRS = ("/proc", "/sys", "/dev")
+FILE_TARGETS = 11  # the cluster schema that reads absolute targets, uid and gid
 # placeholder values of the right shape, to check what a text with placeholders becomes
 _SAMPLE = {p: "x1" for p in templates.PLACEHOLDERS}
 # a host name with placeholders (shoal.raft.templates), checked once filled in by the node
@@ -179,31 +187,145 @@ class Mount(_Spec, frozen=True):
 
 
 class FileRef(_Spec, frozen=True):
-    """A task's use of a secret or config (``--secret NAME[,target=F][,mode=0400]``): the task
-    sees it as the file ``/run/secrets/<target>`` (configs: ``/run/configs/<target>``)."""
+    """A task's use of a secret or config (``--secret NAME[,target=PATH][,uid=,gid=,mode=]``,
+    Docker's): the file the task sees (``file_path``). An absolute ``target`` is that path
+    (normalised; not /, nor under /proc, /sys or /dev; no ``..``); a file name (or none: the
+    name) is ``/run/secrets/<target>`` for a secret, as Docker's; for a config, where specs
+    written before schema 11 put it: ``/run/configs/<target>`` (``docker_file_defaults``
+    writes Docker's ``/<target>`` for a new reference: the meaning of a committed spec never
+    changes under its running tasks). ``uid``/``gid`` own the file ("": the task's user, as
+    before schema 11; Docker's default is "0", which new references get)."""
 
     name: Annotated[str, decl("the secret's (config's) name", pattern=OBJECT_NAME_RE.pattern)]
-    target: Annotated[str, decl("file name in the task's /run/secrets (/run/configs); "
-                                "empty = the name")] = ""
-    mode: Annotated[int, decl("file mode inside the task", ge=0, le=0o777)] = 0o444
+    target: Annotated[str, decl(
+        "where the task sees it: an absolute path (needs cluster schema 11), or a file name "
+        "in /run/secrets (a secret) or /run/configs (a config written before schema 11); "
+        "empty = the name. The CLI and Compose write Docker's default for a new config, "
+        "/NAME", max_length=MAX_FILE_PATH)] = ""
+    uid: Annotated[str, decl(
+        "the file's owner inside the task, a number (Docker's uid; needs cluster schema 11); "
+        "empty = the task's user (references written before schema 11; new ones get "
+        "Docker's 0)", max_length=10)] = ""
+    gid: Annotated[str, decl(
+        "the file's group inside the task, a number (Docker's gid; needs cluster schema "
+        "11); empty = the task user's group when uid is empty too (as before schema 11), "
+        "else 0", max_length=10)] = ""
+    mode: Annotated[int, decl("file mode inside the task (0755: an executable script, as "
+                              "Docker's)", ge=0, le=0o777)] = 0o444
 
     def __post_init__(self) -> None:
-        if self.target and (not FILE_NAME_RE.match(self.target) or self.target in (".", "..")):
-            raise SpecError("target", f"must be a file name (no '/'), got {self.target!r}")
+        t = self.target
+        if t.startswith("/"):
+            parts = t.split("/")
+            if "\0" in t or "\n" in t or ".." in parts:
+                raise SpecError("target", f"must be a clean absolute path (no '..', NUL or "
+                                f"newline), got {t!r}")
+            norm = posixpath.normpath(t)
+            if norm.startswith("//"):
+                norm = norm[1:]
+            if norm == "/" or any(norm == d or norm.startswith(d + "/")
+                                  for d in FORBIDDEN_FILE_DIRS):
+                raise SpecError("target", f"cannot be / or under {', '.join(FORBIDDEN_FILE_DIRS)}"
+                                f", got {t!r}")
+            if norm != t:
+                msgspec.structs.force_setattr(self, "target", norm)
+        elif t and (not FILE_NAME_RE.match(t) or t in (".", "..")):
+            raise SpecError("target", f"must be an absolute path or a file name (no '/'), got "
+                            f"{t!r}")
+        for name in ("uid", "gid"):
+            value = getattr(self, name)
+            if value and (not (value.isascii() and value.isdigit()) or int(value) > MAX_GID):
+                raise SpecError(name, f"must be a number from 0 to {MAX_GID}, got {value!r}")
 
     @property
     def file_name(self) -> str:
         return self.target or self.name
+
+    def file_path(self, kind: str) -> str:
+        """Where the task sees it; ``kind`` "secret" or "config"."""
+        return file_path(kind, self.target, self.name)
 
     @property
     def key(self) -> str:
         return self.name
 
 
-def _unique_files(refs: tuple[FileRef, ...], what: str) -> None:
-    files = [r.file_name for r in refs]
-    if len(set(files)) != len(files):
-        raise SpecError(what, f"two {what} use the same target file name")
+def file_path(kind: str, target: str, name: str) -> str:
+    """The path in the task of a secret's or config's reference (``FileRef.file_path``; the
+    CLI's pretty view reads plain values): an absolute target as it is, a file name (or the
+    name) in /run/secrets (a secret) or /run/configs (a config)."""
+    t = target or name
+    if t.startswith("/"):
+        return t
+    return f"{SECRETS_DIR if kind == 'secret' else CONFIGS_DIR}/{t}"
+
+
+def check_files(c: ContainerSpec, every: bool = True) -> None:
+    """The files of a container's secrets and configs: each at its own path, none at a
+    mount's target or above one (the file would be a mount point's directory). Errors name
+    the reference's target (``configs[1].target``). ``every`` False (the spec's own rule,
+    which every replica applies to the log): the mounts are checked only against absolute
+    targets, since schema 10's replicas accepted a file name at a mount's target (its task
+    then failed to start), and a replica must never refuse what an older one applied; the
+    API checks ``every`` one before proposing (shoal.node.control.services)."""
+    seen: dict[str, str] = {}
+    mounts = [m.target for m in c.mounts]
+    for kind, refs in (("secret", c.secrets), ("config", c.configs)):
+        for i, ref in enumerate(refs):
+            where = f"{kind}s[{i}].target"
+            path = ref.file_path(kind)
+            if path in seen:  # (file names: one per kind, as schema 10's rule)
+                raise SpecError(where, f"{path} is already the file of {seen[path]}: two "
+                                "references cannot share a path")
+            seen[path] = f"{kind}s[{i}] ({ref.name})"
+            if not every and not ref.target.startswith("/"):
+                continue
+            for j, target in enumerate(mounts):
+                if target == path or target.startswith(path + "/"):
+                    raise SpecError(where, f"{path} is {'' if target == path else 'above '}"
+                                    f"the target of mounts[{j}] ({target})")
+
+
+def docker_file_defaults(refs: tuple[FileRef, ...], kind: str,
+                         previous: tuple[FileRef, ...], schema: int) -> tuple[FileRef, ...]:
+    """A new or updated spec's secret or config references (``kind``) as a manager writes
+    them into the log, ``previous`` being the service's current ones (() for a new service)
+    and ``schema`` the cluster's. Pure: the written spec says where each file is, so no node
+    ever decides it differently.
+
+    From schema 11 (``FILE_TARGETS``), Docker's defaults for a reference the service did not
+    have: a config's file name means ``/<name>`` (Docker's containerConfigMountPath, "/"),
+    uid and gid "0". A reference at a place the current spec already uses keeps its form
+    there: a config file name the current spec has in /run/configs stays there (redeploying
+    an old stack, `--config-rm a --config-add source=b,target=a`: its running tasks' files do
+    not move), a target written differently for the same path keeps the current text (no
+    redeploy), and an owner left empty stays the task's user where it was. Below schema 11
+    the absolute targets older nodes can express (``/run/secrets/F``, ``/run/configs/F``) are
+    written as their file names; nothing else changes (the gate refuses the rest by name)."""
+    base = SECRETS_DIR if kind == "secret" else CONFIGS_DIR
+    out = []
+    if schema < FILE_TARGETS:
+        for r in refs:
+            head, _, tail = r.target.rpartition("/")
+            if head == base and FILE_NAME_RE.match(tail) and tail not in (".", ".."):
+                r = msgspec.structs.replace(r, target=tail)
+            out.append(r)
+        return tuple(out)
+    before = {p.file_path(kind): p for p in previous}
+    for r in refs:
+        target = r.target
+        if kind == "config" and not target.startswith("/") and \
+                file_path(kind, target, r.name) not in before:
+            target = "/" + (target or r.name)  # (Docker's default place)
+        path = file_path(kind, target, r.name)
+        was = before.get(path)
+        if was is not None and file_path(kind, was.target, r.name) == path:
+            target = was.target  # (the same place: as written before)
+        # (an owner is the task's user, both empty, as before schema 11, or two numbers)
+        legacy = was is not None and not (was.uid or was.gid or r.uid or r.gid)
+        out.append(msgspec.structs.replace(r, target=target, uid=r.uid or ("" if legacy else "0"),
+                                           gid=r.gid or ("" if legacy else "0")))
+    return tuple(out)
 
 
 HTTP_CHECK_RE = re.compile(
@@ -344,11 +466,20 @@ class ContainerSpec(_Spec, frozen=True):
         "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
         metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
     secrets: Annotated[tuple[FileRef, ...], decl(
-        "secrets the task sees as /run/secrets/FILE", flag="--secret", cli="list",
-        item="secret", metavar="NAME[,target=FILE][,mode=0400]", max_length=MAX_FILE_REFS)] = ()
+        "secrets the task sees as files: /run/secrets/NAME, or target=FILE (in "
+        "/run/secrets) or target=/ABSOLUTE/PATH; owned by uid:gid (Docker's default 0:0), "
+        "mode 0444 unless given (an absolute target, uid and gid need cluster schema 11)",
+        flag="--secret", cli="list", item="secret",
+        metavar="NAME|source=NAME[,target=PATH][,uid=N][,gid=N][,mode=0400]",
+        max_length=MAX_FILE_REFS)] = ()
     configs: Annotated[tuple[FileRef, ...], decl(
-        "configs the task sees as /run/configs/FILE", flag="--config", cli="list",
-        item="config", metavar="NAME[,target=FILE][,mode=0444]", max_length=MAX_FILE_REFS)] = ()
+        "configs the task sees as files: /NAME (Docker's default), or target=/ABSOLUTE/PATH "
+        "(target=FILE: /FILE); owned by uid:gid (default 0:0), mode 0444 unless given; 0755 "
+        "makes a script the command can run. A config a service had before cluster schema "
+        "11 stays in /run/configs (an absolute target, uid and gid need schema 11)",
+        flag="--config", cli="list", item="config",
+        metavar="NAME|source=NAME[,target=PATH][,uid=N][,gid=N][,mode=0444]",
+        max_length=MAX_FILE_REFS)] = ()
     healthcheck: HealthCheck = HealthCheck()
     registry_auth: Annotated[bool, decl(
         "nodes pull the image with the cluster's stored credentials for its registry "
@@ -456,11 +587,10 @@ class ContainerSpec(_Spec, frozen=True):
                 templates.check(self.hostname)
             except ValueError as exc:
                 raise SpecError("hostname", str(exc)) from None
-        _unique_files(self.secrets, "secrets")
-        _unique_files(self.configs, "configs")
         targets = [m.target for m in self.mounts]
         if len(set(targets)) != len(targets):
             raise SpecError("mounts", "two mounts use the same target")
+        check_files(self, every=False)
         for what in ("cap_add", "cap_drop"):
             for cap in getattr(self, what):
                 try:

@@ -49,6 +49,12 @@ Schema history::
        the autoscaler's replica count, an ``autoscale`` op is clamped to the range in force
        when applied (``AUTOSCALED_ROLLBACK``); a scheduled job's run still going is never
        trimmed from its history by skipped runs (``RUNS_KEPT``).
+       And secrets and configs at any path, owned by anyone (Docker's ``target``, ``uid``,
+       ``gid``): an absolute ``target`` of ``task.container.secrets[i]`` and ``configs[i]``
+       (schema 10 reads file names only) and the ``uid``/``gid`` keys (``GATED_ITEMS``).
+       The meaning of what older schemas wrote does not change: a config's file name stays
+       in /run/configs, an empty owner the task's user; from 11 the managers write Docker's
+       defaults for new references explicitly (``shoal.raft.spec.docker_file_defaults``).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -65,7 +71,9 @@ while the cluster writes an older schema, a spec is written without them when it
 them at their defaults (commands: ``encode_command``; whole states: ``strip_state``), so an
 older node reads exactly what it wrote itself, and a spec that uses one is refused naming
 it (``gate_refusal``: on propose, and again by the state machine; so is an update of a
-service that already uses one, made before this gate, until the schema is raised). In a
+service that already uses one, made before this gate, until the schema is raised). Keys of
+list items likewise (``GATED_ITEMS``: a secret's ``uid``, an absolute ``target``), named
+with the item's index. In a
 leader batch, an op the cluster cannot carry (a ``GATED_OPS`` op such as ``autoscale``, a
 task create of a pod service made before this gate) is left out rather than the batch
 refused; the state machine refuses a gated op as the older code does (an unknown op).
@@ -81,6 +89,7 @@ import msgspec
 from shoal.raft.errors import ValidationError
 from shoal.raft.spec import (
     ENV_KEY_RE,
+    FILE_TARGETS,
     HOST_GATEWAY,
     OLD_MAX_GRACE,
     SIGNALS,
@@ -101,6 +110,7 @@ ENV_NAMES = 11  # the schema whose replicas take Docker's env names and longer g
 # the range in force when it is applied; a scheduled job's history never drops a run that
 # is still going
 AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
+# (FILE_TARGETS = 11, from shoal.raft.spec: secrets and configs at absolute paths, uid, gid)
 
 
 def _beyond_shell_names(env: Any) -> bool:
@@ -144,8 +154,16 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
         lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
     "task.sidecars": (_containers_beyond_shell_names, ENV_NAMES),
     "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES)}
-
-
+# keys of the items of a spec's lists that an older schema cannot read: list path →
+# {key: (is it used?, the schema that reads it, whether an older node knows the key)}. A used
+# one is refused naming the item's key (``task.container.configs[1].target``) like a GATED
+# field; an unused key an older node does not know is left out of what it is sent
+_FILE_KEYS: dict[str, tuple[Callable[[Any], bool], int, bool]] = {
+    "target": (lambda v: isinstance(v, str) and v.startswith("/"), FILE_TARGETS, True),
+    "uid": (lambda v: v not in (None, ""), FILE_TARGETS, False),
+    "gid": (lambda v: v not in (None, ""), FILE_TARGETS, False)}
+GATED_ITEMS: dict[str, dict[str, tuple[Callable[[Any], bool], int, bool]]] = {
+    "task.container.secrets": _FILE_KEYS, "task.container.configs": _FILE_KEYS}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an
@@ -231,6 +249,10 @@ def _get(d: dict[str, Any], path: str) -> Any:
 def downgrade_spec(nested: dict[str, Any]) -> dict[str, Any]:
     """Today's spec (as plain values, complete) → a schema-1 flat dict. Raises ValidationError
     naming the field when the spec uses something schema 1 cannot express."""
+    err = _items_refusal(nested, LEGACY)
+    if err is not None:
+        raise err
+    nested = _strip_items(nested, LEGACY)
     flat = {key: _get(nested, path) for key, path in V1_PATHS.items()}
     expressible = set(V1_PATHS.values())
     for f in fields():
@@ -334,7 +356,50 @@ def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> Validat
             node = node.get(p) if isinstance(node, dict) else None
         if used(node):
             return _needs(path, needs, writes)
+    return _items_refusal(spec, writes, prefix)
+
+
+def _items(spec: dict[str, Any], path: str, prefix: str) -> Any:
+    node: Any = spec
+    for p in path[len(prefix):].split("."):
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def _items_refusal(spec: dict[str, Any], writes: int, prefix: str = ""
+                   ) -> ValidationError | None:
+    """The error for a list item's key in use that schema ``writes`` cannot read
+    (``GATED_ITEMS``), naming it (``task.container.configs[0].target``), or None."""
+    for path, keys in GATED_ITEMS.items():
+        if not path.startswith(prefix):
+            continue
+        items = _items(spec, path, prefix)
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            for key, (used, needs, _) in keys.items():
+                if needs > writes and isinstance(item, dict) and used(item.get(key)):
+                    return _needs(f"{path}[{i}].{key}", needs, writes)
     return None
+
+
+def _strip_items(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str, Any]:
+    """``spec`` without the ``GATED_ITEMS`` keys an older schema does not know (left unused:
+    check ``_items_refusal`` first); copies only what leads to a removed key."""
+    out = spec
+    for path, keys in GATED_ITEMS.items():
+        drop = {k for k, (_, needs, known) in keys.items() if needs > writes and not known}
+        items = _items(out, path, prefix) if drop and path.startswith(prefix) else None
+        if not isinstance(items, list) or not any(
+                isinstance(x, dict) and drop & x.keys() for x in items):
+            continue
+        *parents, leaf = path[len(prefix):].split(".")
+        out = dict(out)
+        node = out
+        for p in parents:
+            node[p] = dict(node[p])
+            node = node[p]
+        node[leaf] = [{k: v for k, v in x.items() if k not in drop}
+                      if isinstance(x, dict) else x for x in items]
+    return out
 
 
 def node_refusal(fields: Any, writes: int) -> ValidationError | None:
@@ -354,9 +419,9 @@ def _needs(path: str, needs: int, writes: int) -> ValidationError:
 
 
 def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str, Any]:
-    """``spec`` (plain values) without the ``GATED`` fields schema ``writes`` cannot read
-    (which it leaves at their defaults: check ``gate_refusal`` first); copies only the
-    dicts on the way to a removed key."""
+    """``spec`` (plain values) without the ``GATED`` fields (and ``GATED_ITEMS`` keys)
+    schema ``writes`` cannot read (which it leaves at their defaults: check
+    ``gate_refusal`` first); copies only the dicts on the way to a removed key."""
     out = spec
     for path, needs in GATED.items():
         if needs <= writes or not path.startswith(prefix):
@@ -373,7 +438,7 @@ def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str
             node[p] = dict(node[p])
             node = node[p]
         del node[leaf]
-    return out
+    return _strip_items(out, writes, prefix)
 
 
 def _placeholders_refusal(spec: dict[str, Any], writes: int) -> ValidationError | None:

@@ -59,9 +59,12 @@ from shoal.raft.errors import SpecError
 
 # (re-exported: callers import the spec's records from here)
 from shoal.raft.podspec import (  # noqa: F401
+    CONFIGS_DIR,
     DAY,
     ENV_KEY_RE,
     FILE_NAME_RE,
+    FILE_TARGETS,
+    FORBIDDEN_FILE_DIRS,
     HOST_GATEWAY,
     HOSTNAME_RE,
     HTTP_CHECK_RE,
@@ -75,6 +78,7 @@ from shoal.raft.podspec import (  # noqa: F401
     NAME_RE,
     OBJECT_NAME_RE,
     OLD_MAX_GRACE,
+    SECRETS_DIR,
     SERVICE_NAME_RE,
     SIGNALS,
     USER_RE,
@@ -90,9 +94,12 @@ from shoal.raft.podspec import (  # noqa: F401
     SidecarSpec,
     Ulimit,
     _Spec,
+    check_files,
     check_pod,
     container_rows,
     decl,
+    docker_file_defaults,
+    file_path,
     log_limits,
     parse_http_check,
 )

@@ -128,8 +128,9 @@ def validate_object_name(name: Any, kind: str) -> str:
 
 
 def validate_file_refs(refs: Any, field: str) -> tuple[FileRef, ...]:
-    """``secrets``/``configs`` of a spec: ``[{name, target, mode}]``; targets are plain file
-    names (the task sees /run/secrets/<target>), unique per kind; mode 0-0o777."""
+    """``secrets``/``configs`` of a spec: ``[{name, target, uid, gid, mode}]``; targets are
+    file names or absolute paths (shoal.raft.spec.FileRef), one file per path; mode
+    0-0o777."""
     if refs is None:
         return ()
     try:
@@ -138,9 +139,9 @@ def validate_file_refs(refs: Any, field: str) -> tuple[FileRef, ...]:
         err = spec_error(exc)
         where = f"{field}{err.field}" if err.field.startswith("[") else field
         raise ValidationError(err.message.replace(err.field, where, 1), where) from None
-    files = [r.file_name for r in out]
+    files = [r.file_path(field.removesuffix("s")) for r in out]
     if len(set(files)) != len(files):
-        raise ValidationError(f"two {field} use the same target file name", field)
+        raise ValidationError(f"two {field} use the same target file", field)
     return out
 
 

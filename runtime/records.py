@@ -24,7 +24,7 @@ from pathlib import Path
 from shoal.runtime.cgroups import Limits
 from shoal.runtime.errors import ConfigError, InvalidTaskConfig
 from shoal.runtime.kernelparams import check_sysctl, check_ulimit
-from shoal.runtime.rootfs import MountSpec, cap_name, check_task_path
+from shoal.runtime.rootfs import FileValue, MountSpec, cap_name, check_task_path
 
 #: PATH given to a task whose env has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -42,6 +42,7 @@ _MIN_MEMORY = 4 << 20
 # a task's own log rotation: the least file the shim takes, and sane most (a file, files kept)
 _MIN_LOG_BYTES, _MAX_LOG_BYTES, _MAX_LOG_FILES = 4096, 1 << 40, 100
 _FORBIDDEN_FILE_DIRS = ("/proc", "/sys", "/dev")
+_MAX_ID = (1 << 32) - 2  # a uid or gid (-1 is "unchanged" to chown)
 
 
 # Linux's real-time signals as Docker numbers them (moby's fixed table: SIGRTMIN 34, as
@@ -99,9 +100,11 @@ class TaskConfig:
     group_add: tuple[str, ...] = ()  # more supplementary groups of the task's user (Docker's
     #   --group-add): names in the task's /etc/group, or numbers (which need not be there)
     mounts: tuple[MountSpec, ...] = ()  # bind / volume / tmpfs, see rootfs.MountSpec
-    files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)  # target path ->
-    #   (content, mode), written into a tmpfs inside the task (never to disk), read-only, owned
-    #   by the task's user: secrets (/run/secrets/NAME, 0o400) and configs
+    files: Mapping[str, FileValue] = field(default_factory=dict)  # target path -> (content,
+    #   mode[, uid, gid]), written into a tmpfs inside the task (never to disk) and bound
+    #   read-only (not noexec: a 0755 one runs, as Docker's) onto the target, created inside
+    #   the root; owned by uid:gid, or by the task's user without them: secrets
+    #   (/run/secrets/NAME, 0o400), configs (/etc/nginx/nginx.conf), resolv.conf
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip) lines added to /etc/hosts
     join_netns: str = ""  # a pod's sidecar or init container: the network namespace it joins
     #   (/proc/PID/ns/net of the task's main container) instead of a new one; "" = its own
@@ -260,12 +263,13 @@ class TaskConfig:
                 raise InvalidTaskConfig("files", f"{target} is also a mount target")
             if (
                 not isinstance(value, tuple)
-                or len(value) != 2
+                or len(value) not in (2, 4)
                 or not isinstance(value[0], bytes)
-                or not isinstance(value[1], int)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
                 or not 0 <= value[1] <= 0o7777
+                or not all(0 <= v <= _MAX_ID for v in value[2:])
             ):
-                raise InvalidTaskConfig("files", f"{target}: expected (bytes, mode)")
+                raise InvalidTaskConfig("files", f"{target}: expected (bytes, mode[, uid, gid])")
             total += len(value[0])
         if total > _MAX_FILES_BYTES:
             raise InvalidTaskConfig("files", f"more than {_MAX_FILES_BYTES} bytes in all")
@@ -291,7 +295,9 @@ class TaskConfig:
         }
         raw["mounts"] = [dataclasses.asdict(m) for m in self.mounts]
         # Never the contents: they may be secrets. What was there is enough for inspection.
-        raw["files"] = {t: {"mode": m, "size": len(d)} for t, (d, m) in self.files.items()}
+        raw["files"] = {t: {"mode": v[1], "size": len(v[0]),
+                            **({"uid": v[2], "gid": v[3]} if len(v) == 4 else {})}
+                        for t, v in self.files.items()}
         return json.dumps(raw, sort_keys=True)
 
     @classmethod

@@ -226,6 +226,10 @@ def _prefixes(rel: str) -> list[str]:
 
 # ------------------------------------------------------------------------ mounts and files
 
+# one of TaskConfig.files: (content, mode) owned by the task's user, or (content, mode, uid,
+# gid) owned by those numbers (Docker's uid/gid of a secret or config)
+FileValue = tuple[bytes, int] | tuple[bytes, int, int, int]
+
 MOUNT_TYPES = ("bind", "volume", "tmpfs")
 _VOLUME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev")
@@ -317,7 +321,7 @@ def build_plan(
     spec: Spec,
     plan: RootfsPlan,
     mounts: Iterable[MountSpec],
-    files: Mapping[str, tuple[bytes, int]],
+    files: Mapping[str, FileValue],
     user: User,
     workdir: str = "/",
     *,
@@ -334,7 +338,7 @@ def build_plan(
     nosuid_nodev = MS_NOSUID | MS_NODEV
     # 0. the staging tmpfs: the root's mount point, the init layer, the files
     texts = [(name, text.encode()) for name, text in plan.init_files]
-    size = sum(len(raw) + 4096 for raw in [*(t for _, t in texts), *(c for c, _ in files.values())])
+    size = sum(len(raw) + 4096 for raw in [*(t for _, t in texts), *(v[0] for v in files.values())])
     spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
                f"mode=755,size={size + 8192}", "none")  # fmt: skip
     for path in (root, init, f"{init}/etc", *([stage] if files else [])):
@@ -342,8 +346,10 @@ def build_plan(
     for name, raw in texts:
         spec.write("host", f"{init}/etc/{name}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
-    for i, (_, (content, mode)) in enumerate(staged):
-        spec.write("host", f"{stage}/{i}", mode, user.uid, user.gid, content)
+    for i, (_, entry) in enumerate(staged):
+        # (owned as it is staged, so the bind shows it so: uid:gid, else the task's user)
+        uid, gid = (entry[2], entry[3]) if len(entry) == 4 else (user.uid, user.gid)
+        spec.write("host", f"{stage}/{i}", entry[1], uid, gid, entry[0])
     # 1. the root
     if plan.layers is None:
         spec.mount("host", root, "tmpfs", "shoal-root", nosuid_nodev, "mode=755,size=1m", "none")
@@ -425,10 +431,15 @@ def build_plan(
             source = m.source if m.type == "bind" else str(plan.volumes_dir / m.source)
             kind = "dir" if m.type == "volume" or os.path.isdir(source) else "file"
             spec.bind(source, rel, kind=kind, flags=nosuid_nodev | ro)
-    # 6. files: each bound read-only from the staging tmpfs onto its target
+    # 6. files: each bound read-only from the staging tmpfs onto its target, resolved inside
+    #    the root as every mount point is (RESOLVE_IN_ROOT: an image's symlink on the way,
+    #    /srv -> /host/dir, leads to the root's /host/dir, never the host's; missing
+    #    directories are made there). Executable as their mode says: Docker's secrets and
+    #    configs are (its read-only remount of their tmpfs drops noexec, and runc's bind
+    #    keeps that), so a 0755 config can be the command; never suid or a device
     for i, (target, _) in enumerate(staged):
         spec.bind(f"{stage}/{i}", target.lstrip("/"), kind="file",
-                  flags=MS_RDONLY | nosuid_nodev | MS_NOEXEC)  # fmt: skip
+                  flags=MS_RDONLY | nosuid_nodev)  # fmt: skip
     # 7. the working directory (after the mounts: it may be inside one)
     if workdir.strip("/"):
         spec.mkdir("root", workdir.lstrip("/"), 0o755)
@@ -496,6 +507,7 @@ __all__ = [
     "MS_BIND",
     "MS_REC",
     "ULIMITS",
+    "FileValue",
     "MountSpec",
     "RootfsPlan",
     "User",

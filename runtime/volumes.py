@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shoal.runtime.errors import VolumeMountFailed, VolumeOptionError
+from shoal.runtime.rootfs import FileValue
 
 DRIVERS = ("local", "sshfs")
 SSHFS = "sshfs"
@@ -210,7 +211,7 @@ class Driver(Protocol):
     def check(self, opts: Mapping[str, str]) -> None: ...
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
+              files: Mapping[str, FileValue]) -> tuple[int, ...]:
         """Mount the volume at ``path``; returns fds to keep open while it is mounted."""
         ...
 
@@ -224,7 +225,7 @@ class LocalDriver:
         local_mount_call(opts)
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
+              files: Mapping[str, FileValue]) -> tuple[int, ...]:
         call = local_mount_call(opts)
         if call is None:
             return ()
@@ -243,7 +244,7 @@ class SshfsDriver:
         sshfs_call(opts, "/")
 
     def mount(self, path: Path, opts: Mapping[str, str],
-              files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
+              files: Mapping[str, FileValue]) -> tuple[int, ...]:
         call = sshfs_call(opts, str(path))
         fds: list[int] = []
         paths = {}
@@ -288,7 +289,7 @@ def _driver(name: str) -> Driver:
 
 
 def mount(path: Path, driver: str, opts: Mapping[str, str],
-          files: Mapping[str, tuple[bytes, int]]) -> tuple[int, ...]:
+          files: Mapping[str, FileValue]) -> tuple[int, ...]:
     """Mount a network volume at ``path`` (made if missing); a no-op when it is mounted
     already (e.g. by a task adopted after an agent restart). Returns the fds to keep open
     while it is mounted (sshfs's key and host keys), for ``unmount``."""

@@ -229,7 +229,8 @@ services:
   web:
     command: sleep 1
     secrets: [db, {source: ext, target: other, mode: 0400}]
-    configs: [{source: site, target: /run/configs/nginx.conf}, inline]
+    configs: [{source: site, target: /etc/nginx/nginx.conf, uid: "101", gid: 101,
+               mode: 0440}, inline]
     volumes: ["data:/data", "./static:/static:ro", {type: tmpfs, target: /cache,
               tmpfs: {size: 1M}}, {type: volume, source: shared, target: /shared}]
 secrets:
@@ -246,9 +247,12 @@ volumes:
     c = svc(st, "web").task.container
     assert [(r.name, r.target, r.mode) for r in c.secrets] == \
         [(versioned("app_db", b"s3cret"), "db", 0o444), ("ext", "other", 0o400)]
-    assert [(r.name, r.file_name) for r in c.configs] == \
-        [(versioned("app_site", b"listen 80"), "nginx.conf"),
-         (versioned("app_inline", b"x=1"), "inline")]
+    # (docker's convertFileObject: an absolute target as is, the short form's target its
+    # key, which the managers place at /inline, shoal.raft.spec.docker_file_defaults)
+    assert [(r.name, r.target, r.uid, r.gid, r.mode) for r in c.configs] == \
+        [(versioned("app_site", b"listen 80"), "/etc/nginx/nginx.conf", "101", "101", 0o440),
+         (versioned("app_inline", b"x=1"), "inline", "", "", 0o444)]
+    assert st.warnings == []  # (no "outside /run/configs", no uid/gid warning)
     assert [(m.type, m.source, m.target, m.readonly) for m in c.mounts] == [
         ("volume", "app_data", "/data", False),
         ("bind", str(tmp_path / "static"), "/static", True),

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_runtime_support import (
@@ -30,6 +31,7 @@ from shoal.runtime.errors import (
     ImageNotFound,
     ImageUnavailable,
     InvalidImage,
+    LaunchFailed,
 )
 from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.process import ProcessController
@@ -194,6 +196,42 @@ async def test_a_busybox_rootfs_imported_from_a_dir_or_tarball_runs(
     assert out.splitlines() == ["busybox", "cat", "echo", "init", "1000", "bb-1", "writable"]
     assert "touch" not in err
     await ctl.remove("bb")
+
+
+async def test_an_images_symlinks_lead_a_tasks_files_into_its_root_never_the_hosts(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """Secrets' and configs' files (Docker's absolute targets) are bound onto mount points
+    made inside the task's root: /srv -> HOST_DIR (absolute) and /opt -> ../../HOST_DIR
+    (relative) in the image resolve in the root (RESOLVE_IN_ROOT) — to the image's own
+    HOST_DIR — so the host's directory gets nothing; one whose HOST_DIR the image lacks
+    (dangling in the root) fails the start, naming it, and still writes nothing there. A
+    file owned by uid:gid is so in the task, and a 0755 one runs."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / str(outside).lstrip("/")).mkdir(parents=True)  # (the image's own HOST_DIR)
+    (root / "srv").symlink_to(outside)
+    (root / "opt").symlink_to("../../../../../../../.." + str(outside))
+    (root / "var").symlink_to(tmp_path / "elsewhere")  # (dangling in the image)
+    (tmp_path / "elsewhere").mkdir()
+    ctl.images.import_rootfs("links", root)
+    files: dict[str, Any] = {
+        "/srv/a.conf": (b"a", 0o444, 0, 0), "/opt/b.conf": (b"b", 0o444),
+        "/etc/app/app.conf": (b"c", 0o440, 101, 102),
+        "/usr/local/bin/run.sh": (b"#!/bin/sh\necho ran-as-$(id -u)\n", 0o755, 0, 0)}
+    st, out, err = await run_to_end(ctl, task(
+        "links", "sh", "-c", "cat /srv/a.conf /opt/b.conf; echo; stat -c '%u:%g %a' "
+        "/etc/app/app.conf; /usr/local/bin/run.sh", image="links", user="1000",
+        env={"PATH": "/bin"}, files=files))
+    assert st.exit_code == 0, err
+    assert out.split() == ["ab", "101:102", "440", "ran-as-1000"]
+    assert list(outside.iterdir()) == []
+    await ctl.remove("links")
+    with pytest.raises(LaunchFailed, match=r"cannot create mount point /var/x\.conf"):
+        await ctl.start(task("dangling", "true", image="links",
+                             files={"/var/x.conf": (b"x", 0o444, 0, 0)}))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt", ["docker-save", "oci"])

@@ -446,8 +446,9 @@ def test_remote_api_needs_a_current_client_certificate(lab_factory: Callable[...
 def test_secret_is_a_0400_file_in_the_task_and_nowhere_on_the_workers_disk(
         lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
     """Inside every task the secret is /run/secrets/NAME with mode 0400 and the right
-    content (the task checks a hash and prints a marker, never the value), the config is in
-    /run/configs; no file under any node's data dir holds the value."""
+    content (the task checks a hash and prints a marker, never the value), the config is at
+    /NAME (Docker's place for `--config NAME`); no file under any node's data dir holds the
+    value."""
     lab = lab_factory(2)
     lab.form_cluster(managers=1, workers=1)
     h1 = lab.hosts[0]
@@ -459,7 +460,7 @@ def test_secret_is_a_0400_file_in_the_task_and_nowhere_on_the_workers_disk(
     h1.cli("config", "create", "conf", str(tmp_path / "c"))
     digest = hashlib.sha256(value).hexdigest()
     script = (f'test "$(sha256sum < /run/secrets/token)" = "{digest}  -" && '
-              'echo "MARK $(stat -c %a /run/secrets/token) $(cat /run/configs/conf)"; '
+              'echo "MARK $(stat -c %a /run/secrets/token) $(cat /conf)"; '
               'sleep 100000')
     h1.cli("service", "create", "--name", "s", "--replicas", "2", "--secret",
            "token,mode=0400", "--config", "conf", "--", "sh", "-c", script)

@@ -21,7 +21,8 @@ from netlab import Host, Lab, pid_alive, wait_until
 
 pytestmark = pytest.mark.netns
 
-# One program for web and api (a config of the stack, run from /run/configs/app.py).
+# One program for web and api (a config of the stack, run from /app.py: Compose's short
+# form puts it at /<key>, as docker's stack deploy does).
 APP = r"""
 import http.server, os, socket, urllib.request
 ROLE, PORT = os.environ["ROLE"], int(os.environ["PORT"])
@@ -59,7 +60,7 @@ COMPOSE = """
 version: "3.8"
 services:
   web:
-    command: [python3, /run/configs/app.py]
+    command: [python3, /app.py]
     environment:
       ROLE: web
       PORT: "8000"
@@ -79,7 +80,7 @@ services:
     depends_on: [appApi]
     networks: [back]
   appApi:  # (upper case: Swarm's and Compose's names)
-    command: [python3, /run/configs/app.py]
+    command: [python3, /app.py]
     environment: [ROLE=api, PORT=9000, VERSION=1]
     configs: [{source: app.py, mode: 0444}]
     networks: [back]

@@ -23,9 +23,9 @@ from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
 from shoal.node.views import find_task
 from shoal.raft import templates
-from shoal.raft.errors import StoreError
+from shoal.raft.errors import SpecError, StoreError, ValidationError
 from shoal.raft.models import Service, ServiceSpec, to_dict
-from shoal.raft.spec import MAIN_CONTAINER, Autoscale
+from shoal.raft.spec import MAIN_CONTAINER, Autoscale, check_files, docker_file_defaults
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
 
@@ -40,6 +40,29 @@ def find_service(snap: Snapshot, ref: str) -> Service:
             return matches[0]
         raise NotFound(f"no such service: {ref}", "service")
     return svc
+
+
+def file_defaults(spec: ServiceSpec, previous: ServiceSpec | None, schema: int) -> ServiceSpec:
+    """``spec`` with its secrets' and configs' references as the cluster writes them at
+    ``schema`` (shoal.raft.spec.docker_file_defaults: from schema 11, Docker's place and owner
+    for a new reference, explicitly, and the current form for one the service has, whose
+    files must not move; ``previous``: the service's current spec, None for a new one).
+    ValidationError if the result is not a valid spec (two files at one path)."""
+    c = spec.task.container
+    before = previous.task.container if previous is not None else None
+    secrets = docker_file_defaults(c.secrets, "secret", before.secrets if before else (), schema)
+    configs = docker_file_defaults(c.configs, "config", before.configs if before else (), schema)
+    if secrets != c.secrets or configs != c.configs:
+        raw = to_dict(spec)
+        raw["task"]["container"].update(secrets=msgspec.to_builtins(secrets),
+                                        configs=msgspec.to_builtins(configs))
+        spec = validate_spec(raw)
+    try:  # (a file name at a mount's target too: the spec's rule spares what schema 10 took)
+        check_files(spec.task.container)
+    except SpecError as exc:
+        raise ValidationError(f"task.container.{exc.message}",
+                              f"task.container.{exc.field}") from None
+    return spec
 
 
 class Services:
@@ -140,7 +163,7 @@ class Services:
     async def create_service(self, spec: Any, resolve_image: Any = None) -> dict[str, Any]:
         snap = self.ctx.require_manager().snapshot()
         try:
-            parsed = validate_spec(spec)
+            parsed = file_defaults(validate_spec(spec), None, snap.cluster.schema)
         except StoreError as exc:
             raise from_store_error(exc) from exc
         if snap.service_by_name(parsed.name):
@@ -182,7 +205,7 @@ class Services:
         """Replace a service's spec; running tasks are replaced by a rolling update."""
         snap, svc = await self._current(ref)
         try:
-            parsed = validate_spec(spec)
+            parsed = file_defaults(validate_spec(spec), svc.spec, snap.cluster.schema)
         except StoreError as exc:
             raise from_store_error(exc) from exc
         if version is not None and not isinstance(version, int):
