@@ -58,7 +58,7 @@ def test_every_declared_flag_is_a_create_and_an_update_option() -> None:
 @pytest.mark.parametrize(("change", "field"), [
     ({"mode": {"replicas": -1}}, "mode.replicas"),
     ({"mode": {"replicas": "3"}}, "mode.replicas"),
-    ({"task": {"container": {"command": ["x"], "env": {"1A": "x"}}}}, "task.container.env"),
+    ({"task": {"container": {"command": ["x"], "env": {"A=B": "x"}}}}, "task.container.env"),
     ({"task": {"container": {"command": []}}}, "task.container.command"),
     ({"task": {"container": {"command": ["x"], "workdir": "rel"}}}, "task.container.workdir"),
     ({"task": {"container": {"command": ["x"], "mounts": [{"type": "bind", "target": "/x",
