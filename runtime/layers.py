@@ -133,12 +133,20 @@ def extract_layer(stream: IO[bytes], dest: Path) -> None:
                                 b"y")  # fmt: skip
                     continue
                 if base.startswith(".wh."):
-                    target = dest / parent / base[4:] if parent else dest / base[4:]
+                    gone = base[4:]
+                    if gone in ("", ".", ".."):  # (.wh... would have removed dest/..)
+                        raise InvalidImage(f"whiteout {rel!r} names no entry")
+                    gone_rel = f"{parent}/{gone}" if parent else gone
+                    target = dest / gone_rel
                     if os.path.lexists(target):
                         if os.path.isdir(target) and not os.path.islink(target):
                             shutil.rmtree(target)
                         else:
                             os.unlink(target)
+                    # (no longer directories of this layer: a later entry at that path may
+                    # be a symlink, and nothing may go through it or be chmod'ed through it)
+                    real_dirs.difference_update(
+                        [d for d in real_dirs if d == gone_rel or d.startswith(gone_rel + "/")])
                     os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
                     continue
                 if member.isdir():
@@ -183,7 +191,25 @@ def extract_layer(stream: IO[bytes], dest: Path) -> None:
         except OSError as exc:
             raise InvalidImage(f"cannot unpack layer: {exc}") from exc
     for rel, member in reversed(dir_meta):  # deepest last-seen first: children are done
-        _apply_meta(dest / rel, member)
+        if rel in real_dirs:  # (a directory a later whiteout removed is none of this layer's)
+            _apply_dir_meta(dest / rel, member)
+
+
+def _apply_dir_meta(path: Path, member: tarfile.TarInfo) -> None:
+    """A directory's owner, mode and times, through a descriptor opened without following a
+    symlink: whatever is at ``path`` now, the change lands on a directory of the layer or
+    nowhere."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidImage(f"layer directory {member.name!r} is no longer one: {exc}") from None
+    try:
+        os.fchown(fd, member.uid, member.gid)
+        os.fchmod(fd, member.mode & 0o7777)
+        with contextlib.suppress(OSError):
+            os.utime(fd, (member.mtime, member.mtime))
+    finally:
+        os.close(fd)
 
 
 def _apply_meta(path: Path, member: tarfile.TarInfo) -> None:

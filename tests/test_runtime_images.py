@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -281,6 +282,17 @@ def test_whiteouts_become_overlay_whiteouts_in_the_unpacked_layer(
         ([_file("a/../../evil", b"x")], "'..'"),
         ([_link("lnk", "/etc"), _file("lnk/passwd", b"x")], "non-directory"),
         ([_link("hard", "../../etc/passwd", tarfile.LNKTYPE)], "'..'"),
+        # a directory whited out, then a symlink at its path: nothing goes through it
+        # (before: the layer still took it for its directory and wrote through the symlink)
+        ([_dir("d"), _file(".wh.d", b""), _link("d", "/etc"), _file("d/evil", b"x")],
+         "non-directory"),
+        ([_dir("a"), _dir("a/b"), _file(".wh.a", b""), _link("a", "/etc"),
+          _file("a/b/evil", b"x")], "non-directory"),
+        # a whiteout of nothing, of the layer itself or of its parent (before: .wh... removed
+        # the store's tmp directory, other unpacks in progress with it)
+        ([_file(".wh...", b"")], "names no entry"),
+        ([_file(".wh..", b"")], "names no entry"),
+        ([_dir("x"), _file("x/.wh.", b"")], "names no entry"),
     ],
 )
 def test_unsafe_layers_are_refused(
@@ -293,6 +305,22 @@ def test_unsafe_layers_are_refused(
         store.import_rootfs("bad", bad)
     assert not Path("/etc/evil").exists()
     assert store.ls() == []
+
+
+def test_a_directorys_mode_never_lands_through_a_symlink_that_replaced_it(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    """A layer's directory modes are set last; one whited out and replaced by a symlink to a
+    host file is none of the layer's (before: chmod 0666 followed the symlink to the host)."""
+    victim = tmp_path / "shadow"
+    victim.write_text("root:x\n")
+    victim.chmod(0o600)
+    src = tmp_path / "l.tar"
+    src.write_bytes(_tar_bytes([_dir("e", 0o666), _file(".wh.e", b""),
+                                _link("e", str(victim))]))
+    info = store.import_rootfs("chmod", src)
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+    assert os.readlink(store.layer_dirs(info)[0] / "e") == str(victim)
 
 
 def test_device_nodes_are_skipped_and_symlinks_kept_as_is(
