@@ -37,9 +37,10 @@ log = logging.getLogger("shoal.describe")
 # How often the description is read again and compared with the record when nothing wakes
 # the loop, seconds (memory or CPUs changed under a running agent; a record changed by hand).
 REFRESH = 60.0
-# The least time between two comparisons, seconds: the loop is woken by every applied
-# command, and a comparison takes a snapshot of the state (a busy cluster applies hundreds a
-# second).
+# The least time between two comparisons while the record cannot be compared yet or a send
+# is on its way, seconds: the loop is then woken by every applied command, and a comparison
+# takes a snapshot of the state (a busy cluster applies hundreds a second). Once the record
+# says what the node reads, it compares again only every REFRESH.
 CHECK_GAP = 1.0
 # The delay before a failed send is retried, seconds: doubled per failure up to RETRY_MAX.
 RETRY_MIN = 1.0
@@ -94,28 +95,32 @@ class Describer:
         self.describe = describe
         self.sent = 0  # node_describe commands committed (for tests and logs)
 
-    def pending(self, own: Description) -> dict[str, Any] | None:
-        """What to send now (``describe_command`` on the current state), or None."""
+    def pending(self, own: Description) -> tuple[dict[str, Any] | None, bool]:
+        """What to send now (``describe_command`` on the current state) or None; and whether
+        the state can take it — caught up, this node's record in it, the cluster at schema
+        11 or later — after which only this node's own description changes what to send."""
         store = self.ctx.store
         if store is None or not store.is_ready():
-            return None
-        snap = store.snapshot()
-        return describe_command(self.node_id, snap.nodes.get(self.node_id),
-                                cluster_schema(snap), own)
+            return None, False
+        snap = store.snapshot()  # (a copy of the state's maps: not after every commit)
+        record, schema = snap.nodes.get(self.node_id), cluster_schema(snap)
+        return describe_command(self.node_id, record, schema, own), \
+            record is not None and schema >= GATED_COMMANDS["node_describe"]
 
     async def run(self) -> None:
         own, read_at = self.describe(), time.monotonic()
         retry, failing = RETRY_MIN, False
         last: tuple[dict[str, Any], float] | None = None  # the last sent command, when
         while True:
-            wait = REFRESH
             if time.monotonic() - read_at >= REFRESH:
                 own, read_at = self.describe(), time.monotonic()
-            cmd = self.pending(own)
+            cmd, able = self.pending(own)
+            if cmd is None and able:  # in step: look again when the description may change
+                await asyncio.sleep(REFRESH)
+                continue
             if cmd is not None and last is not None and last[0] == cmd and \
                     time.monotonic() - last[1] < RESEND:
-                cmd = None  # (sent a moment ago: the state has not caught up with it yet)
-                wait = RESEND
+                cmd = None  # (sent a moment ago: this replica has not applied it yet)
             if cmd is not None:
                 try:
                     await self.ctx.propose({**cmd, "now": time.time()})
@@ -133,8 +138,10 @@ class Describer:
                 log.info("this node's record now says arch %s, %d bytes of memory, %g CPUs",
                          cmd["arch"], cmd["memory_bytes"], cmd["cpus"])
                 failing, retry = False, RETRY_MIN
+            # not caught up, below schema 11, or a send not applied here yet: the next
+            # commits may change that (the schema raised while this agent runs)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(REFRESH):
                     await self.wakeup.wait()
             self.wakeup.clear()
             await asyncio.sleep(CHECK_GAP)
