@@ -254,7 +254,10 @@ def node(rec: Rec) -> str:
                   f"{'Unreachable' if rec.get('manager_status') == 'unreachable' else 'Reachable'}",
                   f" Leader:\t\t{'Yes' if rec.get('manager_status') == 'leader' else 'No'}"]
     res = rec.get("resources") or {}
-    lines += ["Platform:", " Operating System:\tlinux"]
+    platform = rec.get("platform") or {}
+    lines += ["Platform:", f" Operating System:\t{platform.get('os') or 'linux'}"]
+    if platform.get("architecture"):  # (docker's line; none before the node reported it)
+        lines.append(f" Architecture:\t\t{platform['architecture']}")
     if res:
         lines += ["Resources:", f" CPUs:\t\t\t{res.get('cpus', 0):g}",
                   f" Memory:\t\t{_size(int(res.get('memory_bytes', 0)))}"]

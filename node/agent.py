@@ -12,6 +12,7 @@ the running tasks) in shoal.node.roleswitch. As a member it runs:
 * a leadership watcher that starts/stops the LeaderLoop (orchestrator + scheduler),
 * the heartbeat sender and the workers' dispatcher (shoal.node.control.dispatcher),
 * the Worker reconciler over the runtime Controller,
+* this node's description (arch, memory, CPUs) kept in its record (shoal.node.describe),
 * the API (shoal.node.api): a unix socket for the CLI, TCP for other nodes; its routes call
   the command modules (shoal.node.control.*) built here.
 
@@ -49,6 +50,7 @@ from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
+from shoal.node.describe import Describer
 from shoal.node.errors import Unavailable
 from shoal.node.events import EventLog
 from shoal.node.feed import StateFeed, tcp_probe
@@ -106,6 +108,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self._leader_wakeup = asyncio.Event()
         self._leadership_wakeup = asyncio.Event()  # (_leadership_loop)
         self._worker_wakeup = asyncio.Event()
+        self._describe_wakeup = asyncio.Event()  # (Describer)
         self._member_tasks: list[asyncio.Task[Any]] = []
         self._leader_task: asyncio.Task[None] | None = None
         self._worker: Worker | None = None
@@ -268,6 +271,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
             asyncio.create_task(self.security.keys.run(), name="keys"),  # node/keys.py
             asyncio.create_task(self.mqtt.run(), name="mqtt"),
             asyncio.create_task(self._generic_flag_check(identity.node_id), name="generic"),
+            asyncio.create_task(Describer(self.ctx, identity.node_id,
+                                          self._describe_wakeup).run(), name="describe"),
         ]
         if feed is None:
             self._member_tasks.append(asyncio.create_task(self._leadership_loop(), name="lead"))
@@ -430,6 +435,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
     def _wake(self) -> None:
         self._leader_wakeup.set()
         self._worker_wakeup.set()
+        self._describe_wakeup.set()
         self._role_wakeup.set()
         self.dispatcher.applied()
         self.security.keys.wake()

@@ -68,7 +68,11 @@ REPLIES: dict[str, Schema] = {
                  manager_status={"enum": ["leader", "reachable", "unreachable", ""]},
                  message=STR, tasks=INT, membership=STR, api_port=INT, raft_port=INT,
                  gossip_port=INT,
-                 resources=obj("inspect: memory and CPUs the node reported at join, and "
+                 platform=obj("inspect: Docker's Description.Platform (architecture as "
+                               "uname -m; empty until the node reported it)", os=STR,
+                               architecture=STR),
+                 resources=obj("inspect: memory and CPUs the node reports (at join, "
+                                "refreshed by its agent when they change), and "
                                 "what its live tasks reserve", memory_bytes=INT, cpus=NUM,
                                 reserved_memory_bytes=INT, reserved_cpus=NUM,
                                 generic_resources={

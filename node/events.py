@@ -121,6 +121,9 @@ def _node_attrs(n: Node) -> dict[str, Any]:
             "state": str(n.state), "availability": str(n.availability)}
 
 
+_DESCRIPTION = ("arch", "memory_bytes", "cpus")  # a node's own description (its agent's)
+
+
 def _node_events(before: Snapshot, after: Snapshot, cmd: Mapping[str, Any]) -> list[_E]:
     out: list[_E] = []
     for nid in sorted(after.nodes.keys() | before.nodes.keys()):
@@ -145,10 +148,13 @@ def _node_events(before: Snapshot, after: Snapshot, cmd: Mapping[str, Any]) -> l
                         {**attrs, "previous": str(b.availability)}))
         if b.role != a.role:
             out.append(("node", "role", nid, a.hostname, {**attrs, "previous": str(b.role)}))
-        if b.labels != a.labels or b.generic_resources != a.generic_resources:
-            changed: dict[str, Any] = {"labels": dict(a.labels)} if b.labels != a.labels else {}
-            if b.generic_resources != a.generic_resources:
-                changed["generic_resources"] = dict(a.generic_resources)
+        changed: dict[str, Any] = {"labels": dict(a.labels)} if b.labels != a.labels else {}
+        if b.generic_resources != a.generic_resources:
+            changed["generic_resources"] = dict(a.generic_resources)
+        # (its description, refreshed by its agent: node_describe)
+        changed.update({k: getattr(a, k) for k in _DESCRIPTION
+                        if getattr(b, k) != getattr(a, k)})
+        if changed:
             out.append(("node", "update", nid, a.hostname, {**attrs, **changed}))
     return out
 
@@ -200,9 +206,10 @@ def _service_events(before: Snapshot, after: Snapshot) -> list[_E]:
 # commands that never touch a task (an op not listed here, or node_remove/service_remove,
 # makes the derivation compare every task)
 _NO_TASKS = frozenset({"cluster_init", "cluster_schema", "rotate_secret", "node_add",
-                       "node_update", "service_create", "service_update", "ca_init",
-                       "secret_create", "secret_remove", "config_create", "config_remove",
-                       "client_cert_add", "client_cert_remove", "read_barrier"})
+                       "node_update", "node_describe", "service_create", "service_update",
+                       "ca_init", "secret_create", "secret_remove", "config_create",
+                       "config_remove", "client_cert_add", "client_cert_remove",
+                       "read_barrier"})
 _TASK_OPS = frozenset({"spawn", "desired", "assign", "unschedulable", "orphan", "delete"})
 
 

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -31,6 +30,7 @@ from typing import Any
 from shoal.node import pki, sealing, upgrade
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, new_id
+from shoal.node.describe import own_description
 from shoal.node.errors import (
     AlreadyInCluster,
     ApiError,
@@ -49,15 +49,6 @@ from shoal.raft.schema import SCHEMA
 from shoal.raft.state import ClusterState
 
 log = logging.getLogger("shoal.agent")
-
-
-def _total_memory() -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 
 class MembershipLifecycle:
@@ -83,11 +74,13 @@ class MembershipLifecycle:
     _remove_raft_files: Callable[[], None]
 
     def _self_node(self, node_id: str, role: str) -> dict[str, Any]:
+        # (its description: refreshed later by shoal.node.describe when it differs; a cluster
+        # below schema 11 keeps no arch)
+        own = own_description()
         return to_dict(Node(id=node_id, hostname=self.hostname, addr=self.config.advertise_addr,
                             api_port=self.config.api_port, raft_port=self.config.raft_port,
                             role=NodeRole(role), gossip_port=self.config.gossip_port,
-                            memory_bytes=_total_memory(),
-                            cpus=float(len(os.sched_getaffinity(0))),
+                            memory_bytes=own.memory_bytes, cpus=own.cpus, arch=own.arch,
                             # (--generic-resource: checked by AgentConfig.validate)
                             generic_resources=generic.updated(
                                 {}, self.config.generic_resources, [])))

@@ -107,7 +107,9 @@ def parse_constraints(texts: tuple[str, ...]) -> tuple[Constraint, ...]:
 def satisfies(node: Node, c: Constraint) -> bool:
     """Swarm's matching: values compare case-insensitively; a missing label is the empty
     value (so ``node.labels.zone!=b`` holds on a node without the label); ``node.ip``
-    matches the node's address against an address or a CIDR; an unknown key never holds."""
+    matches the node's address against an address or a CIDR; an architecture not reported
+    (``Node.arch`` "", a node that joined below schema 11 until its agent describes it) is
+    the empty value, which no ``==`` matches; an unknown key never holds."""
     if c.key == "node.ip":
         try:
             match = ipaddress.ip_address(node.addr) in ipaddress.ip_network(c.value,
@@ -125,6 +127,8 @@ def satisfies(node: Node, c: Constraint) -> bool:
             actual = node.role.value
         elif c.key == "node.platform.os":
             actual = "linux"  # the runtime (namespaces, cgroups) runs on Linux only
+        elif c.key == "node.platform.arch":
+            actual = node.arch
         else:
             return False
         match = actual.casefold() == c.value.casefold()

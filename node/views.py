@@ -63,8 +63,12 @@ def node_view(node: Node, snap: Snapshot, store: RaftView, detail: bool = False,
                     if t.node_id == node.id and holds(t)]
         out.update(api_port=node.api_port, raft_port=node.raft_port,
                    gossip_port=node.gossip_port,
-                   # what it reported at join, and what its live tasks reserve of it (the
-                   # scheduler's "insufficient memory 4/4" is against these)
+                   # (Docker's Description.Platform; "" = not reported yet: a node that
+                   # joined below schema 11 until its agent describes it)
+                   platform={"os": "linux", "architecture": node.arch},
+                   # what it reported (at join, kept current by its agent: node_describe),
+                   # and what its live tasks reserve of it (the scheduler's "insufficient
+                   # memory 4/4" is against these)
                    resources={"memory_bytes": node.memory_bytes, "cpus": node.cpus,
                               "reserved_memory_bytes": sum(r.memory for r in reserved),
                               "reserved_cpus": round(sum(r.cpu for r in reserved), 3),

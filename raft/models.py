@@ -106,11 +106,17 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     gossip_port: int = 7946  # UDP+TCP port of its gossip member
     subnet: str = ""  # its task subnet (CIDR), allocated from the cluster CIDR at join
-    memory_bytes: int = 0  # total memory the node reported at join (0 = unknown)
-    cpus: float = 0.0  # CPUs the node reported at join (0 = unknown)
+    # its description, as Swarm's Description: reported at join and refreshed by its agent
+    # when it differs (the ``node_describe`` command, schema 11: shoal.raft.schema)
+    memory_bytes: int = 0  # total memory of the node (0 = unknown)
+    cpus: float = 0.0  # CPUs the node's agent may use (0 = unknown)
     # generic resources (Swarm's, shoal.raft.generic): kind → a count (discrete) or the
     # node's IDs of that kind (named); set by `node update --generic-resource-add`
     generic_resources: dict[str, int | list[str]] = field(default_factory=dict)
+    # its architecture as Docker reports it (``uname -m``: x86_64, aarch64; Swarm's
+    # Description.Platform.Architecture, the constraint ``node.platform.arch``); "" = not
+    # reported (a node that joined below schema 11 until its agent describes it)
+    arch: str = ""
 
     @property
     def raft_addr(self) -> str:
@@ -510,6 +516,7 @@ def node_from_dict(d: dict[str, Any]) -> Node:
         memory_bytes=int(d.get("memory_bytes", 0)),
         cpus=float(d.get("cpus", 0.0)),
         generic_resources=generic.node_resources(d.get("generic_resources")),
+        arch=str(d.get("arch", "")),
     )
 
 

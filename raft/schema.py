@@ -55,6 +55,12 @@ Schema history::
        The meaning of what older schemas wrote does not change: a config's file name stays
        in /run/configs, an empty owner the task's user; from 11 the managers write Docker's
        defaults for new references explicitly (``shoal.raft.spec.docker_file_defaults``).
+       And a node's platform and resources as Swarm's nodes describe them: ``Node.arch`` in the
+       ``node_add`` command's node (``KEPT_NODE_FIELDS``: every agent sends it, a schema-10
+       replica's decoder drops it, so today's drops it too below 11 — never refused), the
+       ``node_describe`` command (``GATED_COMMANDS``: a node's agent refreshes its own
+       record's arch, memory and CPUs when they differ), and the constraint
+       ``node.platform.arch`` (``GATED_VALUES``: schema 10 refused the key).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -81,6 +87,7 @@ refused; the state machine refuses a gated op as the older code does (an unknown
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -111,11 +118,22 @@ ENV_NAMES = 11  # the schema whose replicas take Docker's env names and longer g
 # is still going
 AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
 # (FILE_TARGETS = 11, from shoal.raft.spec: secrets and configs at absolute paths, uid, gid)
+# the schema whose nodes report their platform (``node_describe``, ``node.platform.arch``):
+# the same release as ENV_NAMES
+PLATFORM = ENV_NAMES
 
 
 def _beyond_shell_names(env: Any) -> bool:
     """Whether an ``env`` mapping has a name schema 10 refused (not the shell's rule)."""
     return isinstance(env, dict) and any(not ENV_KEY_RE.match(str(k)) for k in env)
+
+
+def _uses_arch(constraints: Any) -> bool:
+    """Whether a ``task.placement.constraints`` value uses ``node.platform.arch`` (schema
+    10's parser refused the key)."""
+    return isinstance(constraints, (list, tuple)) and any(
+        isinstance(c, str) and re.split(r"[=!]=", c, maxsplit=1)[0].strip().lower()
+        == "node.platform.arch" for c in constraints)
 
 
 def _containers_beyond_shell_names(containers: Any) -> bool:
@@ -153,7 +171,8 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
     "task.container.stop_grace_period": (
         lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
     "task.sidecars": (_containers_beyond_shell_names, ENV_NAMES),
-    "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES)}
+    "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES),
+    "task.placement.constraints": (_uses_arch, PLATFORM)}
 # keys of the items of a spec's lists that an older schema cannot read: list path →
 # {key: (is it used?, the schema that reads it, whether an older node knows the key)}. A used
 # one is refused naming the item's key (``task.container.configs[1].target``) like a GATED
@@ -171,8 +190,13 @@ GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # command that sets one is refused naming it on propose (``encode_command``) while the
 # cluster writes an older schema; the state machine then ignores it, as the older one does
 GATED_NODE_FIELDS: dict[str, int] = {"generic_resources": GENERIC}
+# fields of the ``node_add`` command's node that every agent sends and an older node's state
+# machine drops without a word: field → the schema that keeps them. Never refused (a join
+# must not fail for them): below that schema the state machine drops them too
+KEPT_NODE_FIELDS: dict[str, int] = {"arch": PLATFORM}
 # top-level commands an older node does not know: the schema from which they may be written
-GATED_COMMANDS: dict[str, int] = {"task_statuses": 3, "cluster_update": 8}
+GATED_COMMANDS: dict[str, int] = {"task_statuses": 3, "cluster_update": 8,
+                                  "node_describe": PLATFORM}
 
 # schema-1 flat field → its path in today's ServiceSpec
 V1_PATHS: dict[str, str] = {

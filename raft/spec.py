@@ -105,7 +105,8 @@ from shoal.raft.podspec import (  # noqa: F401
 )
 
 # placement constraints (Swarm's syntax and character sets)
-CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os")
+CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os",
+                   "node.platform.arch")
 LABEL_PREFIX = "node.labels."
 CONSTRAINT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]+$")
 CONSTRAINT_VALUE_RE = re.compile(r"^[A-Za-z0-9:_\s.*()?+\[\]\\^$|/-]+$")
@@ -154,8 +155,8 @@ class Placement(_Spec, frozen=True):
     constraints: Annotated[tuple[str, ...], decl(
         "expressions every node of a task must satisfy: node.labels.KEY==VALUE, "
         "node.role==manager, node.hostname!=NAME, node.id==ID, node.ip==CIDR, "
-        "node.platform.os==linux", flag="--constraint", cli="list", item="constraint",
-        metavar="EXPR", max_length=MAX_CONSTRAINTS)] = ()
+        "node.platform.os==linux, node.platform.arch==aarch64", flag="--constraint",
+        cli="list", item="constraint", metavar="EXPR", max_length=MAX_CONSTRAINTS)] = ()
     max_replicas: Annotated[int, decl(
         "tasks of the service one node runs at most (replicated modes); 0 = no limit",
         flag="--max-replicas-per-node", cli="int", metavar="N", ge=0,
@@ -714,8 +715,9 @@ class Constraint(msgspec.Struct, frozen=True):
     """One parsed placement constraint: ``node.<attribute> == | != value``.
 
     ``key`` is lower-case (``node.id``, ``node.hostname``, ``node.role``, ``node.ip``,
-    ``node.platform.os``) or ``node.labels.<NAME>`` with NAME as the user wrote it (label
-    names are case-sensitive). Values are compared case-insensitively, as Swarm does."""
+    ``node.platform.os``, ``node.platform.arch``) or ``node.labels.<NAME>`` with NAME as the
+    user wrote it (label names are case-sensitive). Values are compared case-insensitively,
+    as Swarm does."""
 
     key: str
     op: str  # "==" | "!="
@@ -730,9 +732,10 @@ def parse_constraint(expr: Any, field: str = "constraint") -> Constraint:
 
     Swarm's syntax: ``KEY==VALUE`` or ``KEY!=VALUE`` (spaces around the operator allowed),
     KEY one of node.id, node.hostname, node.role (manager|worker), node.ip (an address or a
-    CIDR), node.platform.os, node.labels.NAME. Keys other than the label name are
-    case-insensitive. node.platform.arch and engine.labels are refused: shoal nodes do not
-    report them, and a constraint that can never match must not pass silently."""
+    CIDR), node.platform.os, node.platform.arch (``uname -m``: x86_64, aarch64; a cluster
+    below schema 11 refuses it, shoal.raft.schema), node.labels.NAME. Keys other than the
+    label name are case-insensitive. engine.labels is refused: shoal has no engine labels,
+    and a constraint that can never match must not pass silently."""
     if not isinstance(expr, str) or not expr.strip():
         raise SpecError(field, "a constraint must be a non-empty string such as "
                         "node.labels.zone==b")
@@ -755,8 +758,6 @@ def parse_constraint(expr: Any, field: str = "constraint") -> Constraint:
         why = ""
         if lowered.rstrip(".") == "node.labels":
             why = " (name the label: node.labels.NAME)"
-        elif lowered == "node.platform.arch":
-            why = " (shoal nodes do not report their architecture)"
         elif lowered.startswith("engine.labels"):
             why = " (shoal has no engine labels: use node labels, `shoal node update " \
                   "--label-add`)"

@@ -28,7 +28,7 @@ Who may write what (swarmkit's split):
   lower than the highest term already seen is refused, so a deposed leader that still
   believes it leads cannot overwrite its successor's decisions.
 * agents: task_status (one report) and task_statuses (many of one node) for tasks assigned
-  to their own node, merged forward only.
+  to their own node, merged forward only; node_describe for their own node's record.
 """
 
 from __future__ import annotations
@@ -80,7 +80,13 @@ from shoal.raft.servicecheck import (
     refuse_manual_scale,
 )
 from shoal.raft.spec import NAME_RE, ServiceSpec
-from shoal.raft.validate import ID_RE, validate_replicas, validate_spec
+from shoal.raft.validate import (
+    ID_RE,
+    valid_arch,
+    validate_description,
+    validate_replicas,
+    validate_spec,
+)
 from shoal.runtime import volumes as volumes_mod
 
 # Bound on tasks created/changed by one leader batch; keeps log entries small. The state
@@ -334,6 +340,11 @@ class ClusterState:
         elif cmd["node"].get("generic_resources"):
             node = replace(node, generic_resources=generic.check_node(
                 cmd["node"]["generic_resources"], "node.generic_resources"))
+        if self.cluster.schema < schema_mod.KEPT_NODE_FIELDS["arch"] or \
+                not valid_arch(node.arch):
+            # (as a schema-10 replica reads the node; a join is never refused for its arch:
+            # one that is not a valid name is not kept, its agent's node_describe says why)
+            node = replace(node, arch="")
         if not ID_RE.match(node.id):
             raise Rejected("invalid", f"node id {node.id!r} is invalid", "node.id")
         now = float(cmd["now"])
@@ -369,6 +380,19 @@ class ClusterState:
             # older replica ignores it: shoal.raft.schema.GATED_NODE_FIELDS)
             changes["generic_resources"] = generic.check_node(cmd["generic_resources"])
         self.nodes[node.id] = replace(node, updated_at=float(cmd["now"]), **changes)
+
+    def _node_describe(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """A node's description of itself (Swarm's Description: its agent sends it when the
+        record differs, shoal.node.describe): arch, memory and CPUs replace the record's.
+        Unknown to a schema-10 replica, so refused as it refuses it below schema 11."""
+        if self.cluster.schema < schema_mod.GATED_COMMANDS["node_describe"]:
+            raise Rejected("invalid", "unknown op 'node_describe'", "op")  # (as schema 10)
+        node = self._node(cmd.get("id"))
+        desc = validate_description(cmd)
+        if all(getattr(node, k) == v for k, v in desc.items()):
+            return {"changed": False}
+        self.nodes[node.id] = replace(node, updated_at=float(cmd["now"]), **desc)
+        return {"changed": True}
 
     def _node_remove(self, cmd: dict[str, Any]) -> None:
         node = self._node(cmd["id"])
@@ -789,6 +813,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict[str, Any]], dict[str, Any] | N
     "node_add": ClusterState._node_add,
     "node_update": ClusterState._node_update,
     "node_remove": ClusterState._node_remove,
+    "node_describe": ClusterState._node_describe,
     "service_create": ClusterState._service_create,
     "service_update": ClusterState._service_update,
     "service_remove": ClusterState._service_remove,

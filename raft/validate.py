@@ -1,4 +1,5 @@
-"""Deterministic validation of user input (service specs, names, replica counts).
+"""Deterministic validation of user input (service specs, names, replica counts) and of a
+node's description of itself (``validate_description``).
 
 Owns: turning untrusted values (from the API, or commands in the log) into typed records
 with a ValidationError that names the offending field by its path in the spec
@@ -31,6 +32,11 @@ from shoal.raft.spec import parse_constraint as _parse_constraint
 
 # An object id (node, network, secret, config): what the proposing manager generated.
 ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+# A node's architecture as ``uname -m`` gives it (x86_64, aarch64, armv7l, ppc64le, s390x)
+ARCH_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+# Bounds of a described node: 1 EiB of memory, 2**20 CPUs (a typo's figure, not a host's)
+MAX_MEMORY = 1 << 60
+MAX_CPUS = float(1 << 20)
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -43,6 +49,32 @@ def validate_replicas(value: Any, field: str = "replicas") -> int:
     if value < 0 or value > MAX_REPLICAS:
         raise ValidationError(f"{field} must be between 0 and {MAX_REPLICAS}, got {value}", field)
     return value
+
+
+def valid_arch(value: Any) -> bool:
+    return isinstance(value, str) and bool(ARCH_RE.match(value))
+
+
+def validate_description(cmd: Any) -> dict[str, Any]:
+    """A node's description of itself (the ``node_describe`` command's fields ``arch``,
+    ``memory_bytes``, ``cpus``) → those fields checked, or ValidationError naming the first
+    bad one. The same rules on the manager that takes a worker's report and in the state
+    machine."""
+    if not isinstance(cmd, dict):
+        raise ValidationError("a node description must be an object", "cmd")
+    arch, memory, cpus = cmd.get("arch"), cmd.get("memory_bytes"), cmd.get("cpus")
+    if not valid_arch(arch):
+        raise ValidationError(f"arch must be the node's architecture as uname -m gives it "
+                              f"(1-32 of A-Z a-z 0-9 _ . -), got {_shown(arch)}", "arch")
+    if isinstance(memory, bool) or not isinstance(memory, int) or \
+            not 0 <= memory <= MAX_MEMORY:
+        raise ValidationError(f"memory_bytes must be a whole number of bytes from 0 to "
+                              f"{MAX_MEMORY}, got {_shown(memory)}", "memory_bytes")
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or \
+            not 0 <= cpus <= MAX_CPUS:  # (NaN fails the comparison, inf the bound)
+        raise ValidationError(f"cpus must be a finite number from 0 to {MAX_CPUS:g}, got "
+                              f"{_shown(cpus)}", "cpus")
+    return {"arch": arch, "memory_bytes": memory, "cpus": float(cpus)}
 
 
 def validate_spec(d: Any) -> ServiceSpec:

@@ -4,10 +4,11 @@ or exiting, preparing (an image pull) or health-checked (starting, then healthy 
 unhealthy and stopped), restart policies, a per-node limit (lowered by updates), history
 limits, leader batches cut short, with and without the leader's PassIndex, at schema 8, 9
 and 10 (with GPUs: nodes with 1-3 named ones, tasks reserving 1 or 2) and with the schema
-raised on the way. The state machine, the leader's passes
-(node/leader.py plan_pass, with node liveness) and fake agents in one process: no network,
-no root. Seeded: a failure names its seed, and ``python tests/test_orchestrator_fuzz.py
-SEED SCHEMA [global]`` prints its history.
+raised on the way; a global service at schema 11 too (nodes of two architectures or none
+reported, an architecture constraint, nodes describing themselves anew). The state machine,
+the leader's passes (node/leader.py plan_pass, with node liveness) and fake agents in one
+process: no network, no root. Seeded: a failure names its seed, and ``python
+tests/test_orchestrator_fuzz.py SEED SCHEMA [global]`` prints its history.
 
 What must hold in every pass: the leader's PassIndex changes nothing (the same ops as a
 pass over the whole state); no task is made in a slot the same pass removes, nor (schema 9)
@@ -58,11 +59,14 @@ from shoal.raft.models import (
     TaskState,
     to_dict,
 )
-from shoal.raft.schema import GENERIC, SLOT_HOLES
+from shoal.raft.schema import GENERIC, PLATFORM, SLOT_HOLES
 from shoal.raft.state import ClusterState
 
 STEPS = 40
 SEEDS = 100
+ARCHES = ("x86_64", "aarch64", "")  # ("": not reported)
+ARCH_CONSTRAINTS = [[], ["node.platform.arch==aarch64"], ["node.platform.arch!=x86_64"],
+                    ["node.platform.arch==AARCH64", "node.labels.zone==a"]]
 
 
 def _gpus(node: Node) -> int:
@@ -98,7 +102,8 @@ class Run:
         self.index = PassIndex() if r.random() < 0.5 else None
         self.config = OrchestratorConfig(task_history=r.choice([0, 1, 3]))
         # (global: a zone constraint, and a reservation that fits once per node or not)
-        self.constraints = r.choice([[], ["node.labels.zone==a"], ["node.labels.zone!=b"]])
+        self.constraints = r.choice([[], ["node.labels.zone==a"], ["node.labels.zone!=b"]]
+                                    if self.schema < PLATFORM else ARCH_CONSTRAINTS)
         self.reserve = r.choice([0, 0, 300, 600]) << 20
         self.checked = r.random() < 0.3  # (a health check: up = healthy, not just running)
         # (schema 10: GPUs, 1-3 named ones a node, 1 or 2 a task)
@@ -117,7 +122,9 @@ class Run:
             raft_port=2378, role=NodeRole.WORKER, state=NodeState.READY,
             labels={"zone": self.r.choice("ab")}, memory_bytes=1 << 30,
             generic_resources={"GPU": [f"g{j}" for j in range(self.r.randint(1, 3))]}
-            if self.gpus else {}))})
+            if self.gpus else {},
+            # (schema 11: its architecture, or none reported: joined below 11)
+            arch=self.r.choice(ARCHES) if self.schema >= PLATFORM else ""))})
 
     def spec(self, replicas: int) -> dict[str, Any]:
         update = {"order": self.order, "parallelism": self.parallelism,
@@ -325,6 +332,12 @@ class Run:
                 if r.random() < 0.3 and self.nodes < 6:
                     self.add_node(self.now)
                     self.trace.append(("join", f"n{self.nodes}"))
+                elif self.schema >= PLATFORM and r.random() < 0.5:  # (its agent describes it)
+                    n, arch = f"n{r.randint(1, self.nodes)}", r.choice(ARCHES[:2])
+                    assert "ok" in st.apply({"op": "node_describe", "id": n, "now": self.now,
+                                             "arch": arch, "memory_bytes": 1 << 30,
+                                             "cpus": 0.0})
+                    self.trace.append(("arch", n, arch))
                 else:
                     n, zone = f"n{r.randint(1, self.nodes)}", r.choice("ab")
                     st.apply({"op": "node_update", "id": n, "now": self.now,
@@ -339,7 +352,8 @@ class Run:
                 self.command += 1
                 replicas = r.randint(0, 7)
                 if self.glob and r.random() < 0.3:
-                    self.constraints = r.choice([[], ["node.labels.zone==a"]])
+                    self.constraints = r.choice([[], ["node.labels.zone==a"]]
+                                                if self.schema < PLATFORM else ARCH_CONSTRAINTS)
                     self.reserve = r.choice([0, 600]) << 20
                 elif r.random() < 0.3:  # (a lowered limit moves the tasks over it)
                     self.max_per_node = r.choice([0, 1, 2, 3])
@@ -457,7 +471,7 @@ def _check_global(run: Run) -> None:
         assert not rolling or short, (run.seed, svc.update_status)
 
 
-@pytest.mark.parametrize("schema", [8, 9, 10])
+@pytest.mark.parametrize("schema", [8, 9, 10, 11])
 def test_random_histories_of_a_global_service_converge(schema: int) -> None:
     for seed in range(SEEDS):
         run = Run(seed, schema, glob=True)

@@ -88,7 +88,7 @@ def test_constraints_are_validated_with_the_entry_named() -> None:
     st = ClusterState()
     for bad, words in (("node.role=manager", "no operator"),
                        ("node.zone==b", "unsupported key 'node.zone'"),
-                       ("node.platform.arch==x86_64", "architecture"),
+                       ("engine.labels.os==linux", "no engine labels"),
                        ("node.role==boss", "manager or worker"),
                        ("node.labels.zone==", "invalid value"),
                        ("node.labels.==b", "node.labels.NAME"),
@@ -150,9 +150,27 @@ def test_constraint_matching(expr: str, matching: set[str]) -> None:
 def test_a_stored_constraint_this_version_cannot_read_never_holds() -> None:
     """Specs are validated before they are replicated, but a newer version may write a key
     this one does not know: its tasks must wait rather than run anywhere."""
-    c = unsatisfied(node(1), ("node.platform.arch==x86_64",))
-    assert c is not None and str(c) == "node.platform.arch==x86_64"
-    assert unsatisfied(node(1), ("node.platform.arch!=x86_64",)) is not None
+    c = unsatisfied(node(1), ("node.platform.variant==v8",))
+    assert c is not None and str(c) == "node.platform.variant==v8"
+    assert unsatisfied(node(1), ("node.platform.variant!=v8",)) is not None
+
+
+@pytest.mark.parametrize(("expr", "matching"), [
+    ("node.platform.arch==aarch64", {"n2"}),
+    ("node.platform.arch==AArch64", {"n2"}),  # values compare case-insensitively (Swarm)
+    ("Node.Platform.Arch == x86_64", {"n1"}),  # keys too
+    ("node.platform.arch!=x86_64", {"n2", "n3"}),  # not reported: "" is not x86_64
+    ("node.platform.arch!=aarch64", {"n1", "n3"}),
+])
+def test_arch_constraints_match_the_architecture_each_node_reported(
+        expr: str, matching: set[str]) -> None:
+    """Swarm's node.platform.arch against ``Node.arch`` (``uname -m``); n3 reported none
+    (it joined below schema 11): no ``==`` matches it, every ``!=`` does."""
+    nodes = [replace(node(1), arch="x86_64"), replace(node(2), arch="aarch64"), node(3)]
+    constraints = validate_spec(dict(SPEC, constraints=[expr])).task.placement.constraints
+    assert constraints == (expr.replace(" ", "").replace("Node.Platform.Arch",
+                                                         "node.platform.arch"),)
+    assert {n.id for n in nodes if unsatisfied(n, constraints) is None} == matching
 
 
 # ------------------------------------------------------------------ scheduler

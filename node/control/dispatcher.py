@@ -8,7 +8,8 @@ Owns (Swarm's dispatcher, over the node API's mTLS):
   longer kept; the reply itself is built (shared, compressed, catch-ups one at a time) and counted
   by ``FeedServer`` (shoal.node.feed);
 * ``worker_report`` — a worker's own writes, proposed on its behalf: only status reports for
-  tasks on the calling node and the node's own removal; a report from a node whose wall
+  tasks on the calling node, the node's description of itself (``node_describe``, stamped
+  with this manager's time) and the node's own removal; a report from a node whose wall
   clock is off is moved into this manager's time (``in_manager_time``);
 * heartbeats: the table the leader's liveness check reads (node id → monotonic time of the
   last heartbeat), ``heartbeat`` (a node's heartbeat arriving on a manager) and
@@ -43,8 +44,9 @@ from shoal.node.errors import (
 from shoal.node.feed import FeedServer
 from shoal.node.orchestrator import heartbeat_period
 from shoal.node.security import Security
-from shoal.raft.errors import CommandRejected, StoreError
+from shoal.raft.errors import CommandRejected, StoreError, ValidationError
 from shoal.raft.models import Node, NodeRole, NodeState
+from shoal.raft.validate import validate_description
 
 log = logging.getLogger("shoal.dispatcher")
 
@@ -226,7 +228,8 @@ class Dispatcher:
 
     async def worker_report(self, peer: pki.CertInfo | None, cmd: Any) -> dict[str, Any]:
         """A write from a worker, proposed on its behalf: only status reports for tasks on
-        the calling node and the node's own removal (leaving) are accepted."""
+        the calling node, its description of itself and its own removal (leaving) are
+        accepted."""
         node = self.security.authorize(peer)
         self.ctx.require_manager()
         if not isinstance(cmd, dict):
@@ -244,6 +247,14 @@ class Dispatcher:
         elif op == "node_remove":
             if cmd.get("id") != node.id:
                 raise Forbidden(f"node {node.id} may only remove itself", "id")
+        elif op == "node_describe":
+            if cmd.get("id") != node.id:
+                raise Forbidden(f"node {node.id} may only describe itself", "id")
+            try:  # (refused here rather than written to the log to be refused there)
+                desc = validate_description(cmd)
+            except ValidationError as exc:
+                raise BadRequest(exc.message, exc.field) from None
+            cmd = {"op": op, "id": node.id, **desc, "now": time.time()}
         else:
             raise Forbidden(f"a node may not write {op!r} through the worker channel", "op")
         try:
