@@ -81,6 +81,7 @@ from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exporte
     _ulimits,
     _volumes,
     _Warnings,
+    _x_autoscale,
     _x_http,
     _x_tcp,
     as_bool,
@@ -203,6 +204,7 @@ KEYS: dict[str, Rule] = {
     "healthcheck.x-http": Rule(_x_http),
     # pods (shoal's extension, Docker ignores it): cli/compose_pod.py
     "x-shoal-sidecars": Rule(compose_pod.containers("sidecars")),
+    "x-shoal-autoscale": Rule(_x_autoscale),
     "x-shoal-init-containers": Rule(compose_pod.containers("init_containers")),
     "healthcheck.x-tcp": Rule(_x_tcp),
     "deploy": SECTION,
@@ -273,6 +275,9 @@ def _apply(svc: _Service, prefix: str, value: Any, path: str) -> None:
         where = f"{path}.{key}"
         rule = KEYS.get(dotted)
         if rule is None:
+            if key.startswith("x-shoal-"):  # (shoal's own: a typo would be lost silently)
+                raise ComposeError(where, "unknown shoal extension (shoal reads " + ", ".join(
+                    k for k in KEYS if k.startswith("x-shoal-")) + ")")
             if key.startswith("x-"):
                 continue
             raise ComposeError(where, "unknown key (not in the Compose Specification)")

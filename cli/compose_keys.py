@@ -708,6 +708,31 @@ def _logging(svc: _Service, v: Any, path: str) -> None:
         svc.set("task.container.log_options", kept, f"{path}.options")
 
 
+def _x_autoscale(svc: _Service, v: Any, path: str) -> None:
+    """``x-shoal-autoscale: {min: 2, max: 20, cpu: 60%, memory: 70%, window: 30s, period:
+    15s, stabilization: 5m, step: 4, tolerance: 10%}`` (shoal's extension, as
+    ``--autoscale``; docker ignores x- keys) → the service's ``mode.autoscale``;
+    ``deploy.replicas`` is then the count it starts with."""
+    from shoal.cli.flagvalues import parse_autoscale
+
+    keys = as_map(v, path)
+    text = ",".join(f"{as_str(k, path)}={_scalar_text(val, f'{path}.{k}')}"
+                    for k, val in keys.items())
+    try:
+        auto = parse_autoscale(text, path)
+    except CliError as exc:
+        raise ComposeError(path, str(exc).removeprefix(f"{path}: ")) from None
+    if auto and "max" not in auto:
+        raise ComposeError(f"{path}.max", "is required (the most replicas)")
+    svc.set("mode.autoscale", auto, path)
+
+
+def _scalar_text(v: Any, path: str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ComposeError(path, f"expected a number, a percentage or a duration, got {v!r}")
+    return str(v)
+
+
 def _init(svc: _Service, v: Any, path: str) -> None:
     if not as_bool(v, path):
         svc.warn("init: false", f"{NOT_YET}: shoal always runs an init (tini) in a task")

@@ -62,6 +62,7 @@ class Plan:
         self.create: list[ServiceSpec] = []
         self.update: list[tuple[ServiceSpec, int]] = []  # (spec, version)
         self.unchanged: list[str] = []
+        self.warnings: list[str] = []
         # the stack's secrets/configs no longer in the file nor used by a service (an older
         # version of a changed file): removed after the updates; (kind, id, name)
         self.stale: list[tuple[str, str, str]] = []
@@ -104,6 +105,8 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
     ``{"secret": [...], "config": [...]}`` as `secret ls` / `config inspect` show them
     (configs with their ``data``); ``networks``: as `network ls` shows them."""
     import base64
+
+    import msgspec
 
     from shoal.raft.errors import ValidationError
     from shoal.raft.spec import NETWORK_MODES
@@ -182,6 +185,14 @@ def plan_deploy(stack: Stack, services: list[dict[str, Any]],
             # (a deploy without --with-registry-auth keeps what the service has, as docker's
             # and `service update` do: turning it off would roll every task)
             spec = with_auth(spec)
+        if current is not None and current.mode.autoscale.enabled:
+            if spec.mode.autoscale.enabled:  # (the count is the autoscaler's now)
+                spec = msgspec.structs.replace(spec, mode=msgspec.structs.replace(
+                    spec.mode, replicas=current.mode.replicas))
+            else:
+                plan.warnings.append(
+                    f"service {spec.name} is autoscaled, and the file does not say so: this "
+                    "deploy turns autoscaling off (declare it with x-shoal-autoscale)")
         if current is not None and same_spec(current, spec):
             plan.unchanged.append(spec.name)
         else:
@@ -258,6 +269,8 @@ def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: 
     plan = plan_deploy(stack, cluster_services(c),
                        {k: _objects(c, k, name) for k in ("secret", "config")}, prune,
                        c.call("GET", "/v1/networks") if stack.networks else [])
+    for w in plan.warnings:
+        print(f"Warning: {w}", file=err)
     for svc in plan.remove:
         print(f"Removing service {svc}", file=out)
         c.call("DELETE", f"/v1/services/{_q(svc)}")

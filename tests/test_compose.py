@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from shoal.cli import compose
@@ -997,3 +998,52 @@ networks:
 def test_values_docker_refuses_stay_refused_naming_their_key(tmp_path: Path, text: str,
                                                              said: str) -> None:
     assert said in error(tmp_path, text)
+
+
+def test_x_shoal_autoscale_declares_autoscaling_and_a_redeploy_keeps_the_count(
+        tmp_path: Path) -> None:
+    """`x-shoal-autoscale` is `--autoscale` in a file (docker ignores x- keys); a redeploy of
+    the same file over a service the autoscaler moved to 7 changes nothing (before: the
+    file's count was refused by the state machine, or, without the key, autoscaling went
+    off without a word — now said)."""
+    text = """
+services:
+  web:
+    command: sleep 1
+    deploy: {replicas: 2, resources: {limits: {cpus: "0.5"}}}
+    x-shoal-autoscale: {min: 2, max: 20, cpu: 60%, stabilization: 2m, step: 4}
+"""
+    st = deploy(tmp_path, text)
+    auto = svc(st, "web").mode.autoscale
+    assert (auto.min, auto.max, auto.cpu, auto.stabilization, auto.step) == \
+        (2, 20, 0.6, 120.0, 4)
+    scaled = msgspec.structs.replace(svc(st, "web"), mode=msgspec.structs.replace(
+        svc(st, "web").mode, replicas=7))
+    plan = plan_deploy(st, [cluster_service(scaled)], {"secret": [], "config": []},
+                       prune=False)
+    assert plan.unchanged == ["app_web"] and plan.warnings == []
+    plain = deploy(tmp_path, text.replace("    x-shoal-autoscale", "    x-other"))
+    plan = plan_deploy(plain, [cluster_service(scaled)], {"secret": [], "config": []},
+                       prune=False)
+    assert [s.mode.replicas for s, _ in plan.update] == [2]
+    assert "turns autoscaling off" in plan.warnings[0]
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("{min: 2, cpu: 60%}", "x-shoal-autoscale.max: is required"),
+    ("{min: 2, max: 9, cpu: 60}", "cpu=60: write a percentage"),
+    ("{min: 2, max: 9, cpu: [60]}", "x-shoal-autoscale.cpu: expected a number"),
+    ("{min: 2, max: 9, colour: 60%}", "unknown option"),
+])
+def test_a_bad_x_shoal_autoscale_is_refused_naming_it(tmp_path: Path, body: str,
+                                                      said: str) -> None:
+    assert said in error(tmp_path, f"services:\n  web:\n    command: sleep 1\n"
+                                   f"    x-shoal-autoscale: {body}\n")
+
+
+def test_an_unknown_x_shoal_key_is_a_typo_said_not_skipped(tmp_path: Path) -> None:
+    msg = error(tmp_path, "services:\n  web:\n    command: sleep 1\n"
+                          "    x-shoal-autoscaling: {min: 1, max: 2, cpu: 50%}\n")
+    assert "services.web.x-shoal-autoscaling: unknown shoal extension" in msg
+    assert "x-shoal-autoscale" in msg
+    deploy(tmp_path, "services:\n  web:\n    command: sleep 1\n    x-anything: 1\n")
