@@ -718,7 +718,9 @@ class ApiServer:
             return resp
 
         async def task_logs(req: web.Request) -> web.StreamResponse:
-            sec.authorize(peer_of(req))
+            # (a manager's `service logs` asks; a worker may not read other nodes' task logs,
+            # which may carry what their tasks were given)
+            sec.authorize(peer_of(req), manager=True)
             body = await _body(req)
             task_id = body.get("task_id")
             if not isinstance(task_id, str):
