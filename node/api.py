@@ -61,7 +61,7 @@ from shoal.node.registries import Registries
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
-from shoal.node.users import REQUEST_USER, ROOT, Users
+from shoal.node.users import REQUEST_USER, ROOT, Users, require_admin
 from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
 
@@ -425,7 +425,8 @@ class ApiServer:
 
         async def node_update(req: web.Request) -> Any:
             body = await _body(req)
-            if "role" in body:  # `node update --role` is promote/demote
+            if "role" in body:  # `node update --role` is promote/demote: an admin's
+                require_admin("changing a node's role (promote, demote)", "role")
                 await roles.set_role(req.match_info["ref"], body.pop("role"))
                 if not body:
                     return await nodes_.node(req.match_info["ref"])
@@ -717,7 +718,9 @@ class ApiServer:
             return resp
 
         async def task_logs(req: web.Request) -> web.StreamResponse:
-            sec.authorize(peer_of(req))
+            # (a manager's `service logs` asks; a worker may not read other nodes' task logs,
+            # which may carry what their tasks were given)
+            sec.authorize(peer_of(req), manager=True)
             body = await _body(req)
             task_id = body.get("task_id")
             if not isinstance(task_id, str):

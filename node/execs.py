@@ -49,7 +49,7 @@ from shoal.lb.channel import recv_fds
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
 from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
-from shoal.node.users import REQUEST_USER
+from shoal.node.users import REQUEST_USER, require_admin
 from shoal.node.views import find_task
 from shoal.raft.models import Task, TaskState
 from shoal.runtime.cgroups import CgroupLayout, detect
@@ -701,6 +701,9 @@ def handlers(ctx: Any, runtime: Any, security: Any, executor: Executor,
     async def task_exec(req: web.Request) -> web.StreamResponse:
         async def start(ws: web.WebSocketResponse) -> int | None:
             request = ExecRequest.parse(await first_message(ws))
+            if request.privileged:  # (the node's every capability: an admin's)
+                require_admin("exec --privileged (every capability of the node)",
+                              "privileged")
             if ctx.identity is None or ctx.store is None:
                 raise Conflict("this node is not part of a cluster", "task")
             snap = ctx.store.snapshot()

@@ -496,7 +496,7 @@ ROUTES: tuple[Route, ...] = (
           errors=(401, 403, 404, 409, 503), auth=MEMBER + " (managers answer)"),
     Route("POST", "/v1/cluster/logs", "cluster_logs", "a task's logs on this node",
           "internal", "peer", body=bodies.TaskLogsRequest, reply=_ref("LogRecord"),
-          content="application/x-ndjson", errors=(401, 404), auth=MEMBER),
+          content="application/x-ndjson", errors=(401, 403, 404), auth=MANAGER),
     Route("GET", "/v1/cluster/exec", "cluster_exec", "an exec session of a task on this "
           "node, relayed by a manager (WebSocket; the first message names the task: "
           "`{task, cmd, ...}`)", "internal", "peer", content="application/octet-stream",

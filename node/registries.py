@@ -49,6 +49,7 @@ from shoal.node.errors import (
     SealError,
     Unavailable,
 )
+from shoal.node.hostaccess import SECRET_PREFIX
 from shoal.node.sealing import secret_aad, unseal
 from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
@@ -71,7 +72,6 @@ from shoal.runtime.registry import (
 
 log = logging.getLogger("shoal.registries")
 
-SECRET_PREFIX = "registry-auth."
 RESOLVE_MODES = ("always", "changed", "never")
 Creds = tuple[str, str]
 

@@ -42,8 +42,10 @@ from shoal.node.errors import (
     Unavailable,
     from_store_error,
 )
+from shoal.node.hostaccess import secret_access
 from shoal.node.sealing import key_id, seal, secret_aad, unseal
 from shoal.node.security import Security
+from shoal.node.users import require_admin
 from shoal.raft.errors import StoreError
 from shoal.raft.models import Config, FileRef, NodeRole, Secret, ServiceSpec, Task, TaskState
 from shoal.raft.secops import MAX_FILE_BYTES
@@ -145,6 +147,8 @@ class SecretsApi:
         labels = body.get("labels") or {}
         if not isinstance(labels, dict):
             raise BadRequest("labels must be a map of strings", "labels")
+        if kind == "secret" and secret_access(name):
+            require_admin(secret_access(name), "name")
         objs = store.snapshot().secrets if kind == "secret" else store.snapshot().configs
         if _by_name(objs, name) is not None:
             raise Conflict(f"a {kind} named {name!r} already exists", "name", code="exists")
@@ -161,6 +165,8 @@ class SecretsApi:
 
     async def remove(self, kind: str, ref: str) -> dict[str, Any]:
         obj = _find(self._objs(kind), ref, kind)
+        if kind == "secret" and secret_access(obj.name):
+            require_admin(secret_access(obj.name), "name")
         # a service's previous spec counts too: `service rollback` (or an automatic one)
         # would deploy tasks that cannot start (the state machine checks the current specs)
         rollback = sorted(s.spec.name for s in self.ctx.require_manager().snapshot()

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -76,6 +77,24 @@ ROOT = ""  # the identity of the unix socket's caller (root on the node): an adm
 # request's own task; exec's audit lines name it). None: an unguarded listener.
 REQUEST_USER: contextvars.ContextVar[str | None] = contextvars.ContextVar("shoal_request_user",
                                                                           default=None)
+# that user's role, as the guard found it (Users.authorize): what ``require_admin`` checks
+REQUEST_ROLE: contextvars.ContextVar[str] = contextvars.ContextVar("shoal_request_role",
+                                                                   default="admin")
+
+
+def require_admin(what: str, field: str) -> None:
+    """The request being handled asks for ``what``, which only an admin may (a service
+    reaching beyond its sandbox: shoal.node.hostaccess; a node's role; registry
+    credentials): 403 naming ``field`` for another role. An unguarded listener (the unix
+    socket: root on the node) has no users and may."""
+    user = REQUEST_USER.get()
+    if user is None or user == ROOT:
+        return
+    role = REQUEST_ROLE.get()
+    if rank(role) < rank("admin"):
+        raise Forbidden(f"{what} needs the admin role; user {user!r} is a {role}", field)
+
+
 # scrypt cost: N=2^15, r=8, p=1 (32 MiB, ~0.1 s per check on one core); recorded per hash
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 _MAX_N, _MAX_R, _MAX_P = 1 << 20, 32, 16  # refuse to verify costlier hashes (a bad record)
@@ -211,6 +230,22 @@ class LoginLimiter:
                 wait = max(1, int(q[0] + self.config.window - now) + 1)
                 raise TooManyRequests("too many failed logins: try again later", wait)
 
+    def attempt(self, client: str, user: str, now: float | None = None) -> float:
+        """A login begins: TooManyRequests if ``client`` or ``user`` is over its failures;
+        else the attempt counts as a failure from now on (logins in flight together count
+        as theirs: concurrent guesses cannot all pass the check before any fails) until
+        ``succeeded`` takes it back. Returns its time."""
+        now = time.monotonic() if now is None else now
+        self.check(client, user, now)
+        self.failed(client, user, now)
+        return now
+
+    def succeeded(self, client: str, user: str, at: float) -> None:
+        """The attempt made ``at`` (``attempt``) was the right password: not a failure."""
+        for key in (f"c:{client}", f"u:{user}"):
+            with contextlib.suppress(ValueError):
+                self._fails.get(key, deque()).remove(at)
+
     def failed(self, client: str, user: str, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         counts = []
@@ -231,6 +266,9 @@ class Users:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
+        # password checks at once (scrypt: 32 MiB, ~0.1 s of a core each): a flood of logins
+        # queues here instead of filling the thread pool the agent's other work shares
+        self._hashing = asyncio.Semaphore(2)
 
     def _key(self) -> bytes:
         ident = self.ctx.identity
@@ -319,7 +357,8 @@ class Users:
                 encoded = unseal_text(key, user.password, _password_aad(user.name))
             except SealError as exc:
                 raise Unavailable(f"cannot read the password of {name!r}: {exc}") from exc
-        ok = await asyncio.to_thread(verify_password, password, encoded or _dummy_hash())
+        async with self._hashing:
+            ok = await asyncio.to_thread(verify_password, password, encoded or _dummy_hash())
         if user is None or not encoded or not ok:
             raise Unauthenticated("wrong user name or password")
         return user
@@ -352,10 +391,13 @@ class Users:
         return self.ctx.require_member().snapshot().cluster.client_users.get(client_name)
 
     def authorize(self, user: str, op: str) -> None:
-        """Refuse (403) ``op`` unless ``user``'s current role allows it; ROOT may do all."""
+        """Refuse (403) ``op`` unless ``user``'s current role allows it; ROOT may do all. The
+        role is kept for the request (REQUEST_ROLE: ``require_admin`` reads it)."""
         if user == ROOT:
+            REQUEST_ROLE.set("admin")
             return
         role = self.current(user).role
+        REQUEST_ROLE.set(role)
         need = required_role(op)
         if rank(role) < rank(need):
             raise Forbidden(f"this needs the {need} role; user {user!r} is a {role}", "role")
@@ -367,4 +409,4 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 __all__ = ["ADMIN_OPS", "ROOT", "LoginLimiter", "LoginLimits", "Users", "hash_password",
-           "required_role", "verify_password"]
+           "require_admin", "required_role", "verify_password"]

@@ -21,6 +21,8 @@ from shoal.node import crud
 from shoal.node.context import NodeContext
 from shoal.node.crud import BodyReader, Handler, ObjectsApi
 from shoal.node.errors import Conflict, NotFound
+from shoal.node.hostaccess import volume_access
+from shoal.node.users import require_admin
 from shoal.raft import templates
 from shoal.raft.models import TaskState, Volume, resolve_mount
 from shoal.raft.state import Snapshot
@@ -105,6 +107,9 @@ class VolumesApi(ObjectsApi):
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         cmd = self._create_command("volume_create", body, _FIELDS)
+        why = volume_access(cmd.get("driver", ""), cmd.get("options") or {})
+        if why:  # (an operator must not make the node mount its disks or any share)
+            require_admin(why, "options")
         await self.ctx.propose(cmd)
         return self.inspect(cmd["name"])
 

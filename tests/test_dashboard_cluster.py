@@ -274,6 +274,30 @@ def test_dashboard_shows_the_cluster_live_acts_by_role_and_refuses_the_rest(
     assert status == 200, reply
     wait_until(lambda: h1.cli_json("service", "ls")[0]["replicas"] == 2, timeout=30,
                what="the operator's scale applied")
+    # an operator deploys applications but is not root on a node: no host paths, host
+    # network, added capabilities, registry credentials, node role changes (admins may)
+    spec = {"name": "host", "task": {"container": {"command": ["sleep", "9"], "mounts": [
+        {"type": "bind", "source": "/", "target": "/host"}]}}}
+    status, reply = request(h1, remote, "POST", "/v1/services", tls, body={"spec": spec})
+    assert status == 403 and reply["error"]["field"] == "task.container.mounts[0]", reply
+    assert "bind mount of the node's /" in reply["error"]["message"], reply
+    for change, field in (({"network_mode": "host"}, "task.network_mode"),
+                          ({"container": {"command": ["sleep", "9"], "cap_add": ["SYS_ADMIN"]}},
+                           "task.container.cap_add")):
+        spec = {"name": "host", "task": {"container": {"command": ["sleep", "9"]}, **change}}
+        status, reply = request(h1, remote, "POST", "/v1/services", tls, body={"spec": spec})
+        assert status == 403 and reply["error"]["field"] == field, reply
+    status, reply = request(h1, remote, "POST", "/v1/secrets", tls, body={
+        "name": "registry-auth.reg-5000", "data": "eA=="})
+    assert status == 403 and "registry credentials" in reply["error"]["message"], reply
+    status, reply = request(h1, remote, "POST", "/v1/nodes/h1", tls, body={"role": "worker"})
+    assert status == 403 and reply["error"]["field"] == "role", reply
+    status, reply = request(h1, remote, "POST", "/v1/services", tls, body={"spec": {
+        "name": "plain", "task": {"container": {"command": ["sleep", "9"],
+                                                "cap_add": ["NET_BIND_SERVICE"]}}}})
+    assert status == 200, reply  # (Docker's default capabilities: an operator's)
+    h1.cli("service", "create", "-d", "--name", "host", "--mount",
+           "type=bind,src=/tmp,dst=/host", "--", "sleep", "9")  # (root on the node: may)
     # removing the user revokes their certificate
     h1.cli("user", "rm", "bob")
     assert request(h1, remote, "GET", "/v1/services?stale=1", tls)[0] == 401

@@ -25,6 +25,10 @@ from shoal.node.tokens import make_token, new_secret, role_for
 from shoal.node.upgrade import join_refusal
 from shoal.raft.models import NodeRole, node_from_dict
 
+# the node record's fields a joining node gives: what it is and where it listens
+JOIN_FIELDS = ("hostname", "addr", "api_port", "raft_port", "gossip_port", "memory_bytes",
+               "cpus", "generic_resources", "arch")
+
 
 class Admission:
     def __init__(self, ctx: NodeContext, security: Security, gossip: GossipControl,
@@ -70,7 +74,14 @@ class Admission:
         existing = snap.nodes.get(node_id)
         if existing is not None:  # a retry: the record is committed, its role is the truth
             role = existing.role.value
-        node = dict(node, id=node_id, role=role)
+        # what a node says of itself (Swarm's node description); its labels, availability
+        # and state are the managers' (before: a worker-token holder set its own labels and
+        # drew the tasks, and secrets, of services constrained to them)
+        node = {k: node[k] for k in JOIN_FIELDS if k in node}
+        node.update(id=node_id, role=role)
+        if existing is not None:  # (a join again, new addresses: the managers' settings stay)
+            node.update(labels=dict(existing.labels),
+                        availability=existing.availability.value)
         try:
             node_from_dict(node)
         except (KeyError, TypeError, ValueError) as exc:

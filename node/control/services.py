@@ -19,8 +19,10 @@ import msgspec
 from shoal.node import transfer, views
 from shoal.node.context import NodeContext, new_id
 from shoal.node.errors import BadRequest, Conflict, NotFound, from_store_error
+from shoal.node.hostaccess import host_access
 from shoal.node.secrets import check_refs
 from shoal.node.transfer import Transfer
+from shoal.node.users import require_admin
 from shoal.node.views import find_task
 from shoal.raft import templates
 from shoal.raft.errors import SpecError, StoreError, ValidationError
@@ -72,6 +74,14 @@ class Services:
         # pins a spec's image tag to its registry digest (shoal.node.registries); None = off
         self.resolve_image: Callable[[ServiceSpec, Any, ServiceSpec | None],
                                      Awaitable[tuple[ServiceSpec, list[str]]]] | None = None
+
+    @staticmethod
+    def _admin_if_host_access(spec: ServiceSpec) -> None:
+        """A spec reaching beyond its sandbox (shoal.node.hostaccess) is an admin's: 403."""
+        access = host_access(spec)
+        if access is not None:
+            field, what = access
+            require_admin(what, field)
 
     async def _resolve(self, spec: ServiceSpec, mode: Any, previous: ServiceSpec | None
                        ) -> tuple[ServiceSpec, list[str]]:
@@ -171,6 +181,7 @@ class Services:
                            code="exists")
         check_refs(snap, parsed)
         _check_new(parsed)
+        self._admin_if_host_access(parsed)
         parsed, warnings = await self._resolve(parsed, resolve_image, None)
         sid = new_id()
         await self.ctx.propose({"op": "service_create", "id": sid, "now": time.time(),
@@ -216,6 +227,7 @@ class Services:
                              "service and create it again", "mode.type")
         check_refs(snap, parsed)
         _check_new(parsed)
+        self._admin_if_host_access(parsed)  # (also one it had: a new image runs with it)
         parsed, warnings = await self._resolve(parsed, resolve_image, svc.spec)
         res = await self.ctx.propose({"op": "service_update", "id": svc.id, "now": time.time(),
                                       "spec": to_dict(parsed), "version": version})

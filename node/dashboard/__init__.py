@@ -185,14 +185,13 @@ class Dashboard:
             raise BadRequest("user and password are required", "user")
         name = name[:64]
         client = self._client(request)
-        self.limiter.check(client, name)
+        at = self.limiter.attempt(client, name)  # (a failure until it proves otherwise)
         try:
             user = await self.users.check_password(name, password[:1024])
         except Unauthenticated:
-            n = self.limiter.failed(client, name)
-            log.warning("failed dashboard login for user %r from %s (%d recent failures)",
-                        name, client, n)
+            log.warning("failed dashboard login for user %r from %s", name, client)
             raise
+        self.limiter.succeeded(client, name, at)
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         if len(self.sessions) >= MAX_SESSIONS:
             oldest = min(self.sessions, key=lambda k: self.sessions[k].last_seen)
