@@ -146,14 +146,22 @@ services:
                                                                  "max-file": "3"}
     assert api.log_driver == "" and api.log_options == {"max-size": "512k"}
     assert not any("logging" in w for w in st.warnings)
-    for bad, where in (("      driver: syslog", "services.web.logging.driver"),
-                       ("      options: {compress: 'true'}", "services.web.logging.options"),
-                       ("      bogus: 1", "services.web.logging.bogus")):
+    # another driver or option deploys, warned about and left out (real stacks name gelf or
+    # compress: docker stack deploy takes them); an unknown key is an error naming it
+    for other, said in (("      driver: syslog", "logging.driver: syslog: not supported"),
+                        ("      options: {compress: 'true'}",
+                         "logging.options.compress: not supported")):
         (tmp_path / "compose.yml").write_text(
-            f"services:\n  web:\n    image: web:1\n    logging:\n{bad}\n")
-        with pytest.raises(ComposeError) as exc:
-            load_stack("app", [tmp_path / "compose.yml"], {})
-        assert exc.value.path == where, (bad, exc.value)
+            f"services:\n  web:\n    image: web:1\n    logging:\n{other}\n")
+        st = load_stack("app", [tmp_path / "compose.yml"], {})
+        assert st.services[0].task.container.log_driver == "" and \
+            st.services[0].task.container.log_options == {}
+        assert any(said in w for w in st.warnings), st.warnings
+    (tmp_path / "compose.yml").write_text(
+        "services:\n  web:\n    image: web:1\n    logging:\n      bogus: 1\n")
+    with pytest.raises(ComposeError) as exc:
+        load_stack("app", [tmp_path / "compose.yml"], {})
+    assert exc.value.path == "services.web.logging.bogus", exc.value
 
 
 # ------------------------------------------------------------------------- the runtime

@@ -64,7 +64,7 @@ def spec(**task: Any) -> dict[str, Any]:
      "task.sidecars[0].limits.memory", ">= 0"),
     ({"sidecars": [{"name": "s", "command": ["x"], "restart": {"condition": "always"}}]},
      "task.sidecars[0].restart.condition", "invalid enum value"),
-    ({"sidecars": [{"name": "s", "command": ["x"], "env": {"1A": "x"}}]},
+    ({"sidecars": [{"name": "s", "command": ["x"], "env": {"A B": "x"}}]},
      "task.sidecars[0].env", "invalid"),
     ({"sidecars": [{"name": "s", "command": ["x"], "port": 1}]}, "task.sidecars[0].port",
      "unknown field"),

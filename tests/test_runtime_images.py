@@ -282,11 +282,12 @@ def test_whiteouts_become_overlay_whiteouts_in_the_unpacked_layer(
         ([_file("a/../../evil", b"x")], "'..'"),
         ([_link("lnk", "/etc"), _file("lnk/passwd", b"x")], "non-directory"),
         ([_link("hard", "../../etc/passwd", tarfile.LNKTYPE)], "'..'"),
-        # a directory whited out, then a symlink at its path: nothing goes through it
-        # (before: the layer still took it for its directory and wrote through the symlink)
-        ([_dir("d"), _file(".wh.d", b""), _link("d", "/etc"), _file("d/evil", b"x")],
+        # a directory whited out, then a symlink at its path (to OUTSIDE: the test's own
+        # directory, never the host's /etc): nothing goes through it (before: the layer
+        # still took it for its directory and wrote through the symlink)
+        ([_dir("d"), _file(".wh.d", b""), _link("d", "OUTSIDE"), _file("d/evil", b"x")],
          "non-directory"),
-        ([_dir("a"), _dir("a/b"), _file(".wh.a", b""), _link("a", "/etc"),
+        ([_dir("a"), _dir("a/b"), _file(".wh.a", b""), _link("a", "OUTSIDE"),
           _file("a/b/evil", b"x")], "non-directory"),
         # a whiteout of nothing, of the layer itself or of its parent (before: .wh... removed
         # the store's tmp directory, other unpacks in progress with it)
@@ -299,11 +300,16 @@ def test_unsafe_layers_are_refused(
     store: ImageStore, tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes | None]],
     problem: str,
 ) -> None:
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    for info, _ in entries:
+        if info.linkname == "OUTSIDE":
+            info.linkname = str(outside)
     bad = tmp_path / "bad.tar"
     bad.write_bytes(_tar_bytes(entries))
     with pytest.raises(InvalidImage, match=problem):
         store.import_rootfs("bad", bad)
-    assert not Path("/etc/evil").exists()
+    assert not Path("/etc/evil").exists() and list(outside.rglob("*")) == [outside / "b"]
     assert store.ls() == []
 
 
