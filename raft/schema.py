@@ -416,14 +416,21 @@ def _strip_items(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[st
                 isinstance(x, dict) and drop & x.keys() for x in items):
             continue
         *parents, leaf = path[len(prefix):].split(".")
-        out = dict(out)
-        node = out
-        for p in parents:
-            node[p] = dict(node[p])
-            node = node[p]
+        out, node = _copied_to(out, parents)
         node[leaf] = [{k: v for k, v in x.items() if k not in drop}
                       if isinstance(x, dict) else x for x in items]
     return out
+
+
+def _copied_to(spec: dict[str, Any], parents: list[str]) -> tuple[dict[str, Any], Any]:
+    """A copy of ``spec`` whose dicts on the way down ``parents`` are copies too (the rest
+    shared), and the innermost of them: what may then be changed in place."""
+    out = dict(spec)
+    node = out
+    for p in parents:
+        node[p] = dict(node[p])
+        node = node[p]
+    return out, node
 
 
 def node_refusal(fields: Any, writes: int) -> ValidationError | None:
@@ -456,11 +463,7 @@ def strip_gated(spec: dict[str, Any], writes: int, prefix: str = "") -> dict[str
             node = node.get(p) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
             continue
-        out = dict(out)
-        node = out
-        for p in parents:
-            node[p] = dict(node[p])
-            node = node[p]
+        out, node = _copied_to(out, parents)
         del node[leaf]
     return _strip_items(out, writes, prefix)
 

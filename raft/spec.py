@@ -56,6 +56,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from shoal.raft.errors import SpecError
+from shoal.raft.filerefs import docker_file_defaults  # noqa: F401 (re-exported)
 
 # (re-exported: callers import the spec's records from here)
 from shoal.raft.podspec import (  # noqa: F401
@@ -98,7 +99,6 @@ from shoal.raft.podspec import (  # noqa: F401
     check_pod,
     container_rows,
     decl,
-    docker_file_defaults,
     file_path,
     log_limits,
     parse_http_check,
