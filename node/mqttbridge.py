@@ -67,7 +67,10 @@ file on every manager). Applied exactly once even when QoS 1 delivers it twice o
 sees it again: the request id is written into the service's labels
 (``shoal.mqtt.requests``, the last 16) in the same Raft write as the new replica count, with
 the expected service version (a concurrent change makes it re-check); a request id already
-there is answered as a duplicate without a write.
+there is answered as a duplicate without a write. A command may carry ``expires`` (Unix
+seconds, at most MAX_EXPIRY ahead, signed: ``...\nREQUEST_ID\nEXPIRES``): after it, it is
+refused (``expired``), so a captured command cannot be replayed once its id was pushed
+out of the last 16; one without it stays valid as before.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # a duplicate is recognised after a leader change too): the last REQUESTS_KEPT of them
 REQUESTS_LABEL = "shoal.mqtt.requests"
 REQUESTS_KEPT = 16
+# the furthest ahead a command's ``expires`` may be, seconds (a replay is possible within it
+# once REQUESTS_KEPT newer commands were applied)
+MAX_EXPIRY = 600
 COMMAND_OUTCOMES = ("applied", "duplicate", "refused", "invalid", "failed")
 _TOP = 999_999  # a seq after every event of an index (as in shoal.node.events)
 
@@ -613,19 +619,30 @@ class MqttBridge:
                         msg.topic)
             return
         assert isinstance(doc, dict)
-        replicas, mac = doc.get("replicas"), doc.get("hmac")
+        replicas, mac, expires = doc.get("replicas"), doc.get("hmac"), doc.get("expires")
         result: dict[str, Any] = {"request_id": rid, "service": service}
+        now = time.time()
         if not isinstance(replicas, int) or isinstance(replicas, bool) or \
-                not isinstance(mac, str):
+                not isinstance(mac, str) or (expires is not None and (
+                    not isinstance(expires, int) or isinstance(expires, bool))):
+            field = "replicas" if not isinstance(replicas, int) or isinstance(replicas, bool) \
+                else "hmac" if not isinstance(mac, str) else "expires"
             outcome, result["error"] = "invalid", {
-                "code": "invalid", "field": "replicas" if not isinstance(replicas, int)
-                else "hmac", "message": "a scale command is {replicas: int, request_id, hmac}"}
-        elif not hmac.compare_digest(mac, sign_scale(key, service, replicas, rid)):
+                "code": "invalid", "field": field, "message": "a scale command is {replicas: "
+                "int, request_id, hmac[, expires: Unix seconds]}"}
+        elif not hmac.compare_digest(mac, sign_scale(key, service, replicas, rid, expires)):
             outcome, result["error"] = "refused", {
                 "code": "unauthorized", "field": "hmac",
                 "message": "the command's HMAC does not match the cluster's command key"}
             log.warning("mqtt: refused a scale command for %s (request %s): bad HMAC",
                         service, rid)
+        elif expires is not None and not now <= expires <= now + MAX_EXPIRY:
+            # (signed: a captured command cannot be replayed once it expired, however many
+            # request ids later pushed its own out of the service's labels)
+            outcome, result["error"] = "refused", {
+                "code": "expired", "field": "expires", "message":
+                f"the command expired or expires more than {MAX_EXPIRY} s ahead (this "
+                "manager's clock: keep clocks in sync)"}
         else:
             outcome, extra = await self._scale_once(service, replicas, rid)
             result.update(extra)

@@ -199,11 +199,14 @@ def read_key(path: str) -> bytes:
     return Path(path).read_bytes().rstrip(b"\r\n")
 
 
-def sign_scale(key: bytes, service: str, replicas: int, request_id: str) -> str:
+def sign_scale(key: bytes, service: str, replicas: int, request_id: str,
+               expires: int | None = None) -> str:
     """The HMAC a scale command carries: HMAC-SHA256(key, "scale\\nNAME\\nN\\nREQUEST_ID"),
-    hex. What a client computes too (e.g. ``openssl dgst -sha256 -hmac``)."""
-    msg = f"scale\n{service}\n{replicas}\n{request_id}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+    hex, with "\\nEXPIRES" appended when the command carries ``expires`` (Unix seconds).
+    What a client computes too (e.g. ``openssl dgst -sha256 -hmac``)."""
+    msg = f"scale\n{service}\n{replicas}\n{request_id}" + \
+        (f"\n{expires}" if expires is not None else "")
+    return hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()
 
 __all__ = ["DEFAULT_PORTS", "HINTS", "REASONS", "MqttConfig", "backoff", "classify", "read_key",
            "sign_scale"]

@@ -557,6 +557,28 @@ async def test_a_signed_scale_command_applies_once_and_others_change_nothing(
         assert n.service("web").spec.mode.replicas == 5
         assert b.command_results == {"applied": 3, "duplicate": 2, "refused": 1,
                                      "invalid": 0, "failed": 0}
+        # a signed expiry: applied before it, refused after it (a captured command cannot be
+        # replayed once 16 newer ids pushed its own out of the labels), or too far ahead
+        async def expiring(rid: str, replicas: int, expires: Any, sign: Any) -> dict[str, Any]:
+            body = {"replicas": replicas, "request_id": rid, "expires": expires,
+                    "hmac": sign_scale(key, "web", replicas, rid, sign)}
+            await op.publish(f"{PREFIX}/cmd/service/web/scale", json.dumps(body), qos=1)
+            seen = await gather(op, lambda s: f"{PREFIX}/cmd/result/{rid}" in s)
+            result: dict[str, Any] = seen[f"{PREFIX}/cmd/result/{rid}"]
+            return result
+
+        now = int(time.time())
+        assert (await expiring("req-6", 4, now + 60, now + 60))["ok"]
+        assert n.service("web").spec.mode.replicas == 4
+        for rid, expires, code in (("req-7", now - 5, "expired"), ("req-8", now + 3600, "expired")):
+            res = await expiring(rid, 6, expires, expires)
+            assert not res["ok"] and res["error"]["code"] == code, res
+        res = await expiring("req-9", 6, now + 60, None)  # (its expiry not signed: forged)
+        assert res["error"]["code"] == "unauthorized", res
+        res = await expiring("req-10", 6, "soon", None)
+        assert res["error"] == {"code": "invalid", "field": "expires", "message": res[
+            "error"]["message"]}, res
+        assert n.service("web").spec.mode.replicas == 4
 
 
 async def test_a_new_leader_resumes_after_the_retained_cursor_and_clears_stale_state(
