@@ -419,6 +419,7 @@ class Worker:
             sysctls=tuple(sorted(s.sysctls.items())),
             log_max_bytes=log_bytes, log_max_files=log_files,
             tty=s.tty, stdin_open=s.stdin_open, oom_score_adj=s.oom_score_adj,
+            seccomp=s.seccomp,
         )
 
     def _gateway(self) -> str:
@@ -488,7 +489,8 @@ class Worker:
             task_id=f"{task.id}-{c.name}",
             hostname=self._hostname(task, fill),
             # (its network namespace is the task's: the same /etc/hosts lines; read_only,
-            # capabilities, ulimits, groups and sysctls are the main container's own)
+            # capabilities, ulimits, groups, sysctls and seccomp are the main container's
+            # own: a sidecar has Docker's defaults)
             extra_hosts=_host_lines(task.spec.container.extra_hosts, self._gateway()),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
