@@ -29,14 +29,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
+if TYPE_CHECKING:  # dnspython (~2.6 MiB) is imported at the first query, inside the methods:
+    import dns.message  # an agent whose tasks never ask for a name never loads it
+    import dns.rcode
 
 log = logging.getLogger("shoal.dns")
 
@@ -171,6 +168,8 @@ class DnsServer(asyncio.DatagramProtocol):
         task.add_done_callback(done)
 
     def _parse(self, data: bytes) -> dns.message.Message | None:
+        import dns.exception  # (dnspython at the first query: see the imports above)
+        import dns.message
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError, IndexError):
@@ -184,6 +183,7 @@ class DnsServer(asyncio.DatagramProtocol):
     def _refuse_forward(self, query: dns.message.Message,
                         client: str) -> dns.message.Message | None:
         """The reply instead of forwarding ``query`` upstream, or None to forward it."""
+        import dns.rcode  # (dnspython at the first query: see the imports above)
         if self.forwards is not None and not self.forwards(client):
             self._count("refused")  # (an internal network's task: no way out, not even DNS)
             return _error(query, dns.rcode.REFUSED)
@@ -237,6 +237,12 @@ class DnsServer(asyncio.DatagramProtocol):
         """The reply for names shoal owns, or None to forward upstream. ``client``: the
         asking task's address (for names that depend on who asks: a stack's ``web``, the
         networks it shares with a service)."""
+        import dns.flags  # (dnspython at the first query: see the imports above)
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
@@ -290,6 +296,7 @@ class DnsServer(asyncio.DatagramProtocol):
         except TimeoutError:
             log.debug("no upstream of %s answered within %gs", client or "the node",
                       FORWARD_DEADLINE)
+        import dns.rcode  # (dnspython at the first query: see the imports above)
         self._count("servfail")
         return _error(query, dns.rcode.SERVFAIL).to_wire()
 
@@ -317,6 +324,7 @@ async def _ask_tcp(data: bytes, host: str, port: int) -> bytes:
 
 
 def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
+    import dns.message  # (dnspython at the first query: see the imports above)
     reply = dns.message.make_response(query)
     reply.set_rcode(rcode)
     return reply
@@ -325,6 +333,9 @@ def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Me
 def fitted(reply: dns.message.Message, limit: int) -> bytes:
     """``reply`` on the wire within ``limit`` bytes: whole if it fits, else with as many
     answer records as fit and the TC flag (the asker retries over TCP)."""
+    import dns.exception  # (dnspython at the first query: see the imports above)
+    import dns.flags
+    import dns.rrset
     with contextlib.suppress(dns.exception.TooBig):  # (too big: cut below)
         return reply.to_wire(max_size=limit)
     reply.flags |= dns.flags.TC
