@@ -105,3 +105,49 @@ def test_an_image_push_reaches_the_pusher_it_imports_at_first_use(tmp_path: Path
     with pytest.raises(ApiError) as err:
         asyncio.run(regs.push("127.0.0.1:9/team/app:1"))
     assert err.value.status == 404, err.value
+
+
+def test_an_agent_reads_its_own_certificate_as_tls_does_and_falls_back_to_parsing_it(
+        tmp_path: Path) -> None:
+    """``pki.own_info`` (Security.load: an agent's own certificate without
+    cryptography.x509) gives what parsing the file gives; a certificate its CA does not
+    accept (expired, another CA) gives None, and the caller parses the file instead."""
+    import time
+
+    from shoal.node import pki
+
+    now = time.time()
+    ca_pem, ca_key = pki.create_ca("c1", now)
+    ca = pki.CertificateAuthority(ca_pem, ca_key)
+    key = pki.new_key()
+    files = pki.TlsFiles(tmp_path / "tls")
+
+    def own(cert: bytes, trust: bytes = ca_pem) -> pki.CertInfo | None:
+        files.save(ca_pem, cert, pki.key_pem(key))
+        return pki.own_info(pki.server_context(ca_pem, files.cert, False), trust)
+
+    cert = ca.issue(pki.make_csr(key), "n1", pki.ROLE_WORKER, "c1", now, 86400, "10.0.0.1")
+    assert own(cert) == files.info() == pki.cert_info(cert)
+    assert own(cert).role == pki.ROLE_WORKER  # type: ignore[union-attr]
+    expired = ca.issue(pki.make_csr(key), "n1", pki.ROLE_WORKER, "c1", now - 10 * 86400, 86400)
+    assert own(expired) is None
+    assert own(cert, pki.create_ca("c2", now)[0]) is None
+    # during a CA rotation: a certificate of the new root, chained through the cross-signed
+    # root, checked against the bundle of both roots (what ca.pem holds then)
+    new_pem, new_key = pki.create_ca("c1", now, rotated=True)
+    cross = ca.cross_sign(new_pem, now)
+    issued = pki.CertificateAuthority(new_pem, new_key).issue(
+        pki.make_csr(key), "n1", pki.ROLE_MANAGER, "c1", now, 86400)
+    got = own(pki.bundle(issued, cross), pki.bundle(ca_pem, new_pem))
+    assert got == pki.cert_info(issued) and got.role == pki.ROLE_MANAGER  # type: ignore[union-attr]
+
+
+def test_a_cli_and_an_agent_import_cryptography_x509_only_to_make_or_parse_a_certificate() -> None:
+    code = """
+import json, sys
+import shoal.cli.main, shoal.node.agent, shoal.node.security
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("cryptography.x509"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
