@@ -14,8 +14,9 @@ moby's embedded resolver likewise uses as its upstreams) — not for a task whos
 are all internal (``forwards``: REFUSED, whatever its own servers), and at most
 MAX_FORWARDS at once (SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or
 its EDNS payload), else they are cut with the TC flag and the asker retries over TCP,
-served on the same address and port (as Docker's resolver). Wire format by dnspython; a
-malformed query is dropped and counted, never raised.
+served on the same address and port (as Docker's resolver). Wire format by dnspython,
+imported at the first query (an idle agent does not hold it); a malformed query is dropped
+and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
 """

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shoal.node.errors import PkiError
 
 if TYPE_CHECKING:  # cryptography.x509 (~1.9 MiB) is imported where a certificate is made or
-    from cryptography import x509  # parsed: a running agent reads its own through ssl
+    from cryptography import x509  # parsed; an agent reads its own through ssl (own_info)
 
 ROLE_MANAGER = "manager"
 ROLE_WORKER = "worker"
@@ -257,7 +257,7 @@ def own_info(server: ssl.SSLContext, ca_pem: bytes | str) -> CertInfo | None:
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     c = client.wrap_bio(c_in, c_out)
     s = server.wrap_bio(s_in, s_out, server_side=True)
-    try:
+    with contextlib.suppress(ssl.SSLError):  # (refused: a handshake failure)
         for _ in range(4):  # (TLS 1.3: two flights; 1.2: three)
             with contextlib.suppress(ssl.SSLWantReadError):
                 c.do_handshake()
@@ -266,8 +266,6 @@ def own_info(server: ssl.SSLContext, ca_pem: bytes | str) -> CertInfo | None:
             with contextlib.suppress(ssl.SSLWantReadError):
                 s.do_handshake()
             c_in.write(s_out.read())
-    except ssl.SSLError:
-        pass
     return None
 
 
