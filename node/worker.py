@@ -53,11 +53,16 @@ from shoal.raft.models import (
     resolve_mount,
 )
 from shoal.raft.spec import HOST_GATEWAY, NAME_RE, Mount, SidecarSpec, log_limits
-from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
-from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig, parse_signal
+from shoal.runtime.records import (
+    BUILD_TASK_PREFIX,
+    RunState,
+    RuntimeStatus,
+    TaskConfig,
+    parse_signal,
+)
 from shoal.runtime.rootfs import FileValue, MountSpec
 
 if TYPE_CHECKING:

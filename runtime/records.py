@@ -30,6 +30,11 @@ from shoal.runtime.rootfs import FileValue, MountSpec, cap_name, check_task_path
 #: PATH given to a task whose env has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+#: Task ids of `image build` RUN steps start with this (cluster task ids are hex: never
+#: "build..."); the worker's reconciler leaves such runtime tasks alone (node/worker.py).
+#: Here, not in runtime/build.py: the worker needs the prefix, not the builder.
+BUILD_TASK_PREFIX = "build"
+
 # a task's id; a pod's extra container (shoal.node.pod) runs as "<task id>-<container name>"
 _TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}(-[a-z0-9][a-z0-9-]{0,31})?")
 # RFC 1123 host name; the kernel takes at most 64 bytes.
