@@ -512,8 +512,9 @@ class ContainerSpec(_Spec, frozen=True):
     seccomp: Annotated[str, decl(
         "the task's seccomp profile (system calls it may make): \"\" Docker's default rules "
         "(without the capability that allows them, no namespaces, mounts, kernel modules, "
-        "clock changes, reboot, BPF or reads of other processes' memory; never the kernel "
-        "keyring or io_uring), \"unconfined\" none, or a custom profile in Docker's JSON "
+        "clock changes, reboot, BPF or perf; never the kernel keyring, io_uring, kexec, or "
+        "AF_ALG and AF_VSOCK sockets), \"unconfined\" none, or a custom profile in Docker's "
+        "JSON "
         "format. Its execs and exec health checks run under it too. Unconfined and custom "
         "profiles need an admin (Docker's --security-opt seccomp=unconfined|PATH, Compose's "
         "security_opt; needs cluster schema 12)", flag="--security-opt", cli="seccomp",

@@ -15,15 +15,22 @@ The default profile is an allow-list, as Docker's: every system call libseccomp 
 this architecture (and its 32-bit compat ones) is allowed except
 
 - :data:`DENIED`: never, whatever the capabilities (the kernel keyring, which is not
-  namespaced; io_uring, whose submissions bypass seccomp; long-obsolete calls);
+  namespaced; io_uring, whose submissions bypass seccomp; kexec, which would replace the
+  node's kernel — CAP_SYS_BOOT reboots only the task's pid namespace; long-obsolete calls);
 - :data:`RESTRICTED`: only with the capability the kernel checks for them (a task that
   has CAP_SYS_ADMIN may mount, CAP_SYS_TIME set the clock…), as Docker's profile does
   (``includes.caps``): with Docker's default capabilities a task cannot create namespaces,
-  mount, load modules, reboot, change the clock, use BPF or perf, or read another
-  process's memory;
+  mount, load modules, reboot, set the clock, or use BPF or perf (it may ptrace its own
+  processes and read their memory, as Docker's since Linux 4.8, and read the clock's
+  adjustment — glibc's adjtimex — which the kernel lets only CAP_SYS_TIME change);
 - argument rules: clone only without namespace flags (unless CAP_SYS_ADMIN), clone3 answers
   ENOSYS (its flags are in memory a filter cannot read; the C library falls back to clone),
-  personality only the values Docker allows, socket not for AF_VSOCK.
+  personality only the values Docker allows, socket not for AF_ALG (CVE-2026-31431: the
+  kernel crypto API wrote into the page cache) nor AF_VSOCK, as Docker's — compared on the
+  family's low 32 bits, which are all the kernel reads (Docker's 64-bit comparison lets a
+  family with bit 32 set by). The 32-bit x86 socketcall multiplexer (``int 0x80`` works
+  from a 64-bit process too) carries its family in memory a filter cannot read: it is
+  allowed, as Docker's, which leaves those two families to AppArmor/SELinux.
 
 A call the filter does not know (newer than this libseccomp) fails with ENOSYS, so a C
 library falls back to an older call as on an older kernel (runc's rule for calls newer than
@@ -85,6 +92,7 @@ COMPAT_ARCHES = {"x86_64": ("x86", "x32"), "aarch64": ("arm",), "ppc64le": (),
 DENIED = frozenset({
     "add_key", "keyctl", "request_key",  # the keyring is the host's, not namespaced
     "io_uring_setup", "io_uring_enter", "io_uring_register",  # (Docker 25's rule)
+    "kexec_load", "kexec_file_load",  # (Docker's: even with CAP_SYS_BOOT)
     "nfsservctl", "uselib", "ustat", "sysfs", "_sysctl", "vm86", "vm86old",
     "create_module", "get_kernel_syms", "query_module", "lookup_dcookie",
     "afs_syscall", "getpmsg", "putpmsg", "security", "tuxcall", "vserver",
@@ -95,15 +103,16 @@ RESTRICTED: dict[str, frozenset[str]] = {
         "mount", "umount", "umount2", "pivot_root", "unshare", "setns", "fsconfig", "fsmount",
         "fsopen", "fspick", "move_mount", "open_tree", "mount_setattr", "quotactl",
         "quotactl_fd", "sethostname", "setdomainname", "swapon", "swapoff", "fanotify_init",
-        "name_to_handle_at", "bpf", "perf_event_open"}),
-    "SYS_BOOT": frozenset({"reboot", "kexec_load", "kexec_file_load"}),
+        "bpf", "perf_event_open"}),
+    "SYS_BOOT": frozenset({"reboot"}),
     "SYS_MODULE": frozenset({"init_module", "finit_module", "delete_module"}),
     "SYS_PACCT": frozenset({"acct"}),
-    "SYS_PTRACE": frozenset({"kcmp", "pidfd_getfd", "process_madvise", "process_vm_readv",
-                             "process_vm_writev", "userfaultfd"}),
+    # (process_vm_readv/writev: allowed, as ptrace, as Docker's since Linux 4.8)
+    "SYS_PTRACE": frozenset({"kcmp", "pidfd_getfd", "process_madvise", "userfaultfd"}),
     "SYS_RAWIO": frozenset({"iopl", "ioperm"}),
-    "SYS_TIME": frozenset({"settimeofday", "stime", "clock_settime", "clock_settime64",
-                           "clock_adjtime", "clock_adjtime64"}),
+    # (clock_adjtime: allowed, as Docker's; glibc's adjtimex() and ntp_gettime() read with
+    # it, and the kernel checks CAP_SYS_TIME for a change)
+    "SYS_TIME": frozenset({"settimeofday", "stime", "clock_settime", "clock_settime64"}),
     "SYS_TTY_CONFIG": frozenset({"vhangup"}),
     "SYS_NICE": frozenset({"get_mempolicy", "mbind", "set_mempolicy", "move_pages",
                            "migrate_pages", "set_mempolicy_home_node"}),
@@ -118,7 +127,9 @@ CLONE_NAMESPACES = 0x7E020000
 # personality(2) values Docker's profile allows: PER_LINUX, UNAME26, PER_LINUX32 and the
 # query (0xffffffff)
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
-AF_VSOCK = 40
+AF_ALG, AF_VSOCK = 38, 40
+# socket families a task may use: those below 64 (AF_MAX is 46) but AF_ALG and AF_VSOCK
+SOCKET_FAMILIES = frozenset(range(64)) - {AF_ALG, AF_VSOCK}
 _X32_BIT = 0x40000000  # an x32 call's number on x86_64
 
 
@@ -318,8 +329,26 @@ def default_profile(capabilities: Iterable[str]) -> Profile:
         rules.append(Rule(("clone3",), act_errno(errno.ENOSYS)))
     rules.extend(Rule(("personality",), ACT_ALLOW, ((0, _EQ, value, 0),))
                  for value in PERSONALITIES)
-    rules.append(Rule(("socket",), ACT_ALLOW, ((0, _NE, AF_VSOCK, 0),)))
+    rules.extend(Rule(("socket",), ACT_ALLOW, ((0, _MASKED_EQ, mask, value),))
+                 for mask, value in _masked_blocks(SOCKET_FAMILIES))
     return Profile(act_errno(errno.EPERM), tuple(rules), arches)
+
+
+def _masked_blocks(values: frozenset[int]) -> list[tuple[int, int]]:
+    """``values`` (below 2**32) as (mask, value) pairs for SCMP_CMP_MASKED_EQ on an
+    argument's low 32 bits, one per aligned power-of-two block: a 32-bit argument (socket's
+    ``int family``) matches whatever the upper half of its 64-bit register holds, which the
+    kernel never reads."""
+    blocks, start, end = [], 0, max(values, default=-1) + 1
+    while start < end:
+        size = start & -start or 1 << 32
+        while size > 1 and (start + size > end
+                            or any(v not in values for v in range(start, start + size))):
+            size //= 2
+        if start in values:
+            blocks.append((0xFFFFFFFF & ~(size - 1), start))
+        start += size
+    return blocks
 
 
 @functools.lru_cache(maxsize=64)

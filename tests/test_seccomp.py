@@ -109,6 +109,57 @@ def test_a_capability_allows_the_calls_the_kernel_checks_it_for() -> None:
     assert got[0] == 0 and got[1] != errno.ENOSYS and got[2] == 0 and got[3] == errno.EPERM
 
 
+AF_ALG, AF_NETLINK, SOCK_SEQPACKET, HIGH = 38, 16, 5, 1 << 32
+
+
+@x86_64
+def test_the_default_profile_refuses_af_alg_and_vsock_sockets_whatever_the_upper_bits(
+) -> None:
+    """Docker's profile refuses AF_ALG sockets too (CVE-2026-31431, "Copy Fail": the kernel
+    crypto API writes into the page cache, which the host's read-only /usr shares); and the
+    kernel reads the family as an int, so a family with bit 32 set is the same family: a
+    64-bit comparison must not let it by."""
+    program = seccomp.compiled("", DEFAULTS)
+    assert program is not None
+    got = under_filter(program, [
+        ("socket", (AF_ALG, SOCK_SEQPACKET, 0)), ("socket", (HIGH | AF_ALG, SOCK_SEQPACKET, 0)),
+        ("socket", (AF_VSOCK, SOCK_STREAM, 0)), ("socket", (HIGH | AF_VSOCK, SOCK_STREAM, 0)),
+        ("socket", (AF_INET, SOCK_STREAM, 0)), ("socket", (HIGH | AF_INET, SOCK_STREAM, 0)),
+        ("socket", (AF_NETLINK, SOCK_STREAM, 0)), ("socket", (39, SOCK_STREAM, 0)),
+    ])
+    assert got[:4] == [errno.EPERM] * 4, got
+    # (the kernel's own answer for the rest: a socket, or the family's refusal, never EPERM)
+    assert errno.EPERM not in got[4:], got
+
+
+@x86_64
+def test_the_default_profile_allows_what_dockers_allows_without_a_capability() -> None:
+    """glibc's adjtimex() and ntp_gettime() are clock_adjtime (a read without
+    CAP_SYS_TIME: the kernel checks it for changes); process_vm_readv as ptrace (which the
+    profile allows, as Docker's since Linux 4.8); name_to_handle_at."""
+    program = seccomp.compiled("", DEFAULTS)
+    assert program is not None
+    timex = ctypes.create_string_buffer(512)  # (struct timex, modes 0: a read)
+    got = under_filter(program, [
+        (305, (0, ctypes.addressof(timex))),  # clock_adjtime(CLOCK_REALTIME, &tx)
+        (310, (os.getpid(), 0, 0, 0, 0, 0)),  # process_vm_readv (nothing to read)
+        (303, (0, 0, 0, 0, 0)),  # name_to_handle_at(NULL…): EFAULT, but made
+    ])
+    assert errno.EPERM not in got, got
+
+
+@x86_64
+def test_cap_sys_boot_reboots_the_task_but_never_loads_a_kernel() -> None:
+    """As Docker's: CAP_SYS_BOOT allows reboot (in the task's pid namespace: its end), never
+    kexec, which would replace the node's kernel."""
+    program = seccomp.compiled("", DEFAULTS | {"SYS_BOOT"})
+    assert program is not None
+    # (kexec_file_load(-1, -1, 0, NULL, 0), kexec_load with an unknown flag: were either
+    # let by, the kernel would refuse them for their arguments, not EPERM)
+    assert under_filter(program, [(320, (2**64 - 1, 2**64 - 1, 0, 0, 0)),
+                                  (246, (0, 0, 0, 0xFFFF0000))]) == [errno.EPERM] * 2
+
+
 def test_unconfined_has_no_filter() -> None:
     assert seccomp.compiled("unconfined", DEFAULTS) is None
 
