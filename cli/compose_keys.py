@@ -23,7 +23,13 @@ from typing import Any
 
 from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
-from shoal.cli.flagvalues import parse_duration, parse_size, port_range, publish_ports
+from shoal.cli.flagvalues import (
+    parse_duration,
+    parse_size,
+    port_range,
+    publish_ports,
+    split_security_opt,
+)
 from shoal.raft.podspec import LOG_DRIVERS, LOG_OPTIONS
 
 
@@ -814,7 +820,7 @@ def _security_opt(svc: _Service, v: Any, path: str) -> None:
     options are reported as not applied."""
     for i, item in enumerate(as_str_list(v, path)):
         where = f"{path}[{i}]"
-        key, sep, value = item.replace(":", "=", 1).partition("=")
+        key, sep, value = split_security_opt(item)
         key, value = key.strip(), value.strip()
         if key == "seccomp" and sep and value:
             if value in ("unconfined", "default", "builtin"):

@@ -528,11 +528,19 @@ CARRIES: dict[str, Callable[[dict[str, Any], str, Sequence[str], str, Sequence[s
 }
 
 
+def split_security_opt(text: str) -> tuple[str, str, str]:
+    """A security option's key, separator and value as Docker splits them: at the first
+    "=", or — without one — at the first ":" (``seccomp:unconfined``), so a profile's path
+    may hold a ":"."""
+    key, sep, value = text.partition("=")
+    return (key, sep, value) if sep else text.partition(":")
+
+
 def parse_security_opt(text: str, flag: str) -> str:
     """Docker's ``--security-opt seccomp=unconfined|default|PATH`` (``seccomp:…`` too) as
     the spec's ``seccomp`` value: "unconfined", "" (the default profile) or the profile
     file's JSON (the spec check reads it)."""
-    key, sep, value = text.replace(":", "=", 1).partition("=")
+    key, sep, value = split_security_opt(text)
     if key.strip() != "seccomp" or not sep or not value.strip():
         raise CliError(f"{flag}: {text!r}: only seccomp=unconfined|default|PATH is taken "
                        "(shoal always sets no-new-privileges; it applies no AppArmor or "

@@ -322,6 +322,10 @@ def test_security_opt_flag_as_dockers(tmp_path: Path) -> None:
     assert seccomp_of("--security-opt", "seccomp=unconfined") == "unconfined"
     assert seccomp_of("--security-opt", "seccomp:unconfined") == "unconfined"
     assert seccomp_of("--security-opt", f"seccomp={profile}") == DENY_MKDIR
+    # (Docker splits at the first "=", at ":" only without one: a path may hold a ":")
+    (tmp_path / "a:b").mkdir()
+    (tmp_path / "a:b" / "p.json").write_text(DENY_MKDIR)
+    assert seccomp_of("--security-opt", f"seccomp={tmp_path}/a:b/p.json") == DENY_MKDIR
     assert seccomp_of("--security-opt", "seccomp=unconfined",
                       "--security-opt", "seccomp=default") == ""
     for bad, words in (("apparmor=unconfined", "only seccomp="),
@@ -334,15 +338,18 @@ def test_security_opt_flag_as_dockers(tmp_path: Path) -> None:
 def test_compose_security_opt(tmp_path: Path) -> None:
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "p.json").write_text(DENY_MKDIR)
+    (tmp_path / "profiles" / "a:b.json").write_text(DENY_MKDIR)
     (tmp_path / "stack.yml").write_text("""
 services:
   free: {image: a:1, security_opt: ["seccomp:unconfined", "no-new-privileges:true"]}
   custom: {image: a:1, security_opt: ["seccomp=profiles/p.json", "apparmor:unconfined"]}
+  colon: {image: a:1, security_opt: ["seccomp=profiles/a:b.json"]}
   plain: {image: a:1, security_opt: [label=disable]}
 """)
     st = load_stack("app", [tmp_path / "stack.yml"], {})
     got = {s.name: s.task.container.seccomp for s in st.services}
-    assert got == {"app_free": "unconfined", "app_custom": DENY_MKDIR, "app_plain": ""}
+    assert got == {"app_free": "unconfined", "app_custom": DENY_MKDIR, "app_plain": "",
+                   "app_colon": DENY_MKDIR}
     assert [w for w in st.warnings if "security_opt" in w] and \
         not [w for w in st.warnings if "no-new-privileges" in w], st.warnings
     assert all("apparmor" not in w or "not applied" in w for w in st.warnings), st.warnings
