@@ -396,16 +396,21 @@ def check_profile(text: str) -> dict[str, Any]:
     if doc.get("listenerPath"):
         raise ValueError("listenerPath: SCMP_ACT_NOTIFY listeners are not supported")
     for i, arch in enumerate(_list(doc.get("architectures"), "architectures")):
-        if not isinstance(arch, str) or not arch.startswith("SCMP_ARCH_"):
-            raise ValueError(f"architectures[{i}]: not an SCMP_ARCH_ name")
+        _scmp_arch(arch, f"architectures[{i}]")
     for i, entry in enumerate(_list(doc.get("archMap"), "archMap")):
         if not isinstance(entry, dict) or not isinstance(entry.get("architecture"), str):
             raise ValueError(f"archMap[{i}].architecture: missing")
+        _scmp_arch(entry["architecture"], f"archMap[{i}].architecture")
+        for j, sub in enumerate(_list(entry.get("subArchitectures"),
+                                      f"archMap[{i}].subArchitectures")):
+            _scmp_arch(sub, f"archMap[{i}].subArchitectures[{j}]")
     for i, rule in enumerate(_list(doc.get("syscalls"), "syscalls")):
         where = f"syscalls[{i}]"
         if not isinstance(rule, dict):
             raise ValueError(f"{where}: not an object")
         _known(rule, _RULE_KEYS, where)
+        if "name" in rule and rule.get("names"):
+            raise ValueError(f"{where}: both name and names (Docker's: one or the other)")
         names = rule.get("names", [rule["name"]] if "name" in rule else None)
         if not isinstance(names, list) or not names or \
                 not all(isinstance(n, str) and n for n in names):
@@ -426,7 +431,28 @@ def check_profile(text: str) -> dict[str, Any]:
         for key in ("includes", "excludes"):
             if rule.get(key) is not None:
                 _known(rule[key], _FILTER_KEYS, f"{where}.{key}")
+                for sub in ("caps", "arches"):  # (a string would be read letter by letter)
+                    for j, item in enumerate(_list(rule[key].get(sub), f"{where}.{key}.{sub}")):
+                        if not isinstance(item, str):
+                            raise ValueError(f"{where}.{key}.{sub}[{j}]: not a string")
+                kernel = rule[key].get("minKernel")
+                if kernel is not None and not isinstance(kernel, str):
+                    raise ValueError(f"{where}.{key}.minKernel: a version string (\"4.8\")")
     return doc
+
+
+# the architectures of Docker's profiles (runtime-spec's SCMP_ARCH_ names)
+_SCMP_ARCHES = frozenset({
+    "X86", "X86_64", "X32", "ARM", "AARCH64", "MIPS", "MIPS64", "MIPS64N32", "MIPSEL",
+    "MIPSEL64", "MIPSEL64N32", "PPC", "PPC64", "PPC64LE", "S390", "S390X", "PARISC",
+    "PARISC64", "RISCV64", "LOONGARCH64", "M68K", "SH", "SHEB"})
+
+
+def _scmp_arch(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not value.startswith("SCMP_ARCH_") or \
+            value.removeprefix("SCMP_ARCH_") not in _SCMP_ARCHES:
+        raise ValueError(f"{where}: not an architecture of Docker's profiles (SCMP_ARCH_X86_64, "
+                         "SCMP_ARCH_AARCH64…)")
 
 
 def _known(obj: Any, keys: set[str], where: str) -> None:

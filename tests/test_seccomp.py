@@ -198,6 +198,22 @@ def test_a_custom_profile_in_dockers_format_with_includes_and_excludes() -> None
      '"SCMP_ACT_ERRNO", "args": [{"index": 0, "op": "EQ"}]}]}', "syscalls[0].args[0].op"),
     ('{"defaultAction": "SCMP_ACT_NOTIFY"}', "SCMP_ACT_NOTIFY is not supported"),
     ('{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": -1}', "defaultErrnoRet"),
+    # (what Docker's decoder refuses, and this one read as something else, or failed on
+    # at every start: a string for a list, an architecture libseccomp has no name for)
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpid"], "action": '
+     '"SCMP_ACT_ERRNO", "includes": {"caps": "CAP_SYS_ADMIN"}}]}', "syscalls[0].includes.caps"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpid"], "action": '
+     '"SCMP_ACT_ERRNO", "excludes": {"arches": [1]}}]}', "syscalls[0].excludes.arches"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpid"], "action": '
+     '"SCMP_ACT_ERRNO", "includes": {"minKernel": 5}}]}', "syscalls[0].includes.minKernel"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"name": "a", "names": ["getpid"], '
+     '"action": "SCMP_ACT_ERRNO"}]}', "syscalls[0]: both name and names"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_NOPE"]}',
+     "architectures[0]"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "archMap": [{"architecture": "SCMP_ARCH_X86_64", '
+     '"subArchitectures": [1]}]}', "archMap[0].subArchitectures[0]"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "archMap": [{"architecture": "SCMP_ARCH_X86_64", '
+     '"subArchitectures": "SCMP_ARCH_X86"}]}', "archMap[0].subArchitectures: not a list"),
 ])
 def test_a_malformed_profile_is_refused_naming_the_key(profile: str, named: str) -> None:
     with pytest.raises(ValueError, match=".*".join(map(__import__("re").escape,
