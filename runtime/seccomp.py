@@ -29,8 +29,13 @@ this architecture (and its 32-bit compat ones) is allowed except
   kernel crypto API wrote into the page cache) nor AF_VSOCK, as Docker's — compared on the
   family's low 32 bits, which are all the kernel reads (Docker's 64-bit comparison lets a
   family with bit 32 set by). The 32-bit x86 socketcall multiplexer (``int 0x80`` works
-  from a 64-bit process too) carries its family in memory a filter cannot read: it is
-  allowed, as Docker's, which leaves those two families to AppArmor/SELinux.
+  from a 64-bit process too) carries its family in memory a filter cannot read: its
+  ``socket`` operation is refused (a prefix of shoal's own before libseccomp's program,
+  which would allow it; Docker allows it and leaves those two families to AppArmor/SELinux,
+  which shoal does not apply), its others allowed. A 32-bit program
+  makes its sockets with the direct ``socket`` call (Linux 4.3+; glibc built for an older
+  kernel, as Debian's i386 one, uses socketcall and gets EPERM: such a task needs a custom
+  profile or unconfined).
 
 A call the filter does not know (newer than this libseccomp) fails with ENOSYS, so a C
 library falls back to an older call as on an older kernel (runc's rule for calls newer than
@@ -93,6 +98,9 @@ DENIED = frozenset({
     "add_key", "keyctl", "request_key",  # the keyring is the host's, not namespaced
     "io_uring_setup", "io_uring_enter", "io_uring_register",  # (Docker 25's rule)
     "kexec_load", "kexec_file_load",  # (Docker's: even with CAP_SYS_BOOT)
+    # (Docker's never, whatever the capability: the root a task may not leave, the node's
+    # swap, page-fault handling from user space, other processes' memory placement)
+    "pivot_root", "swapon", "swapoff", "userfaultfd", "move_pages", "migrate_pages",
     "nfsservctl", "uselib", "ustat", "sysfs", "_sysctl", "vm86", "vm86old",
     "create_module", "get_kernel_syms", "query_module", "lookup_dcookie",
     "afs_syscall", "getpmsg", "putpmsg", "security", "tuxcall", "vserver",
@@ -100,22 +108,21 @@ DENIED = frozenset({
 # calls the default profile allows only with the capability the kernel checks for them
 RESTRICTED: dict[str, frozenset[str]] = {
     "SYS_ADMIN": frozenset({
-        "mount", "umount", "umount2", "pivot_root", "unshare", "setns", "fsconfig", "fsmount",
-        "fsopen", "fspick", "move_mount", "open_tree", "mount_setattr", "quotactl",
-        "quotactl_fd", "sethostname", "setdomainname", "swapon", "swapoff", "fanotify_init",
-        "bpf", "perf_event_open"}),
+        "mount", "umount", "umount2", "unshare", "setns", "fsconfig", "fsmount", "fsopen",
+        "fspick", "move_mount", "open_tree", "mount_setattr", "quotactl", "quotactl_fd",
+        "sethostname", "setdomainname", "fanotify_init", "bpf", "perf_event_open"}),
     "SYS_BOOT": frozenset({"reboot"}),
     "SYS_MODULE": frozenset({"init_module", "finit_module", "delete_module"}),
     "SYS_PACCT": frozenset({"acct"}),
     # (process_vm_readv/writev: allowed, as ptrace, as Docker's since Linux 4.8)
-    "SYS_PTRACE": frozenset({"kcmp", "pidfd_getfd", "process_madvise", "userfaultfd"}),
+    "SYS_PTRACE": frozenset({"kcmp", "pidfd_getfd", "process_madvise"}),
     "SYS_RAWIO": frozenset({"iopl", "ioperm"}),
     # (clock_adjtime: allowed, as Docker's; glibc's adjtimex() and ntp_gettime() read with
     # it, and the kernel checks CAP_SYS_TIME for a change)
     "SYS_TIME": frozenset({"settimeofday", "stime", "clock_settime", "clock_settime64"}),
     "SYS_TTY_CONFIG": frozenset({"vhangup"}),
-    "SYS_NICE": frozenset({"get_mempolicy", "mbind", "set_mempolicy", "move_pages",
-                           "migrate_pages", "set_mempolicy_home_node"}),
+    "SYS_NICE": frozenset({"get_mempolicy", "mbind", "set_mempolicy",
+                           "set_mempolicy_home_node"}),
     "SYSLOG": frozenset({"syslog"}),
     "DAC_READ_SEARCH": frozenset({"open_by_handle_at"}),
     # (newer kernels split these out of CAP_SYS_ADMIN: either one will do)
@@ -128,6 +135,7 @@ CLONE_NAMESPACES = 0x7E020000
 # query (0xffffffff)
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 AF_ALG, AF_VSOCK = 38, 40
+SYS_SOCKET = 1  # socketcall's operation number for socket()
 # socket families a task may use: those below 64 (AF_MAX is 46) but AF_ALG and AF_VSOCK
 SOCKET_FAMILIES = frozenset(range(64)) - {AF_ALG, AF_VSOCK}
 _X32_BIT = 0x40000000  # an x32 call's number on x86_64
@@ -153,6 +161,9 @@ class Profile:
     default_action: int
     rules: tuple[Rule, ...]
     arches: tuple[str, ...] = ()
+    # whether 32-bit x86's socketcall may make a socket (its family is in memory the filter
+    # cannot read; libseccomp allows it whenever a socket rule allows any family)
+    i386_socketcall_socket: bool = True
 
 
 # ------------------------------------------------------------------------ libseccomp
@@ -259,38 +270,53 @@ def compile_filter(profile: Profile) -> bytes:
             program = os.pread(fd, size, 0)
         finally:
             os.close(fd)
-        if profile.default_action == ACT_ALLOW:
-            return program
-        return _newer_calls_enosys(program, native)
+        return _prefixed(program, profile, native)
     finally:
         lib.seccomp_release(ctx)
 
 
 # classic BPF (linux/filter.h, linux/seccomp.h): what the ENOSYS prefix is made of
 _LD_W_ABS, _JEQ_K, _JGT_K, _JSET_K, _RET_K = 0x20, 0x15, 0x25, 0x45, 0x06
-_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH = 0, 4
+_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH, _SECCOMP_DATA_ARG0 = 0, 4, 16  # (arg0's low half)
+AUDIT_ARCH_I386, NR_I386_SOCKETCALL = 0x40000003, 102
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def _newer_calls_enosys(program: bytes, native: int) -> bytes:
-    """``program`` behind a prefix answering ENOSYS for a native call numbered above every
-    call libseccomp knows (runc's patch for calls newer than the profile): the C library
-    then falls back to the older call, as on an older kernel, where the profile's EPERM would
-    be taken for a refusal (glibc's fchmodat2, clone3). Classic BPF jumps only forward, so
-    the program after the prefix runs unchanged."""
-    newest = max(_table(native_arch()))
-    prefix = [
-        _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
-        _insn(_JEQ_K, 0, 4, native),               # another architecture: the program
-        _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
-        _insn(_JSET_K, 2, 0, _X32_BIT),            # an x32 call: the program
-        _insn(_JGT_K, 0, 1, newest),
-        _insn(_RET_K, 0, 0, act_errno(errno.ENOSYS)),
-    ]
-    return b"".join(prefix) + program
+def _prefixed(program: bytes, profile: Profile, native: int) -> bytes:
+    """``program`` behind shoal's own checks, which libseccomp cannot express. Classic BPF
+    jumps only forward, so the program after them runs unchanged.
+
+    - A native call numbered above every call libseccomp knows answers ENOSYS (runc's patch
+      for calls newer than the profile; not for a profile that allows by default): the C
+      library then falls back to the older call, as on an older kernel, where the
+      profile's EPERM would be taken for a refusal (glibc's fchmodat2, clone3).
+    - 32-bit x86's ``socketcall(SYS_SOCKET, …)`` answers EPERM unless the profile lets it
+      through (the default profile does not: the family it would check is in memory)."""
+    out = []
+    if not profile.i386_socketcall_socket and "x86" in (profile.arches or ()):
+        out += [
+            _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+            _insn(_JEQ_K, 0, 5, AUDIT_ARCH_I386),      # not a 32-bit x86 call: go on
+            _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+            _insn(_JEQ_K, 0, 3, NR_I386_SOCKETCALL),   # not socketcall: go on
+            _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARG0),
+            _insn(_JEQ_K, 0, 1, SYS_SOCKET),           # another operation: go on
+            _insn(_RET_K, 0, 0, act_errno(errno.EPERM)),
+        ]
+    if profile.default_action != ACT_ALLOW:
+        newest = max(_table(native_arch()))
+        out += [
+            _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+            _insn(_JEQ_K, 0, 4, native),               # another architecture: the program
+            _insn(_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+            _insn(_JSET_K, 2, 0, _X32_BIT),            # an x32 call: the program
+            _insn(_JGT_K, 0, 1, newest),
+            _insn(_RET_K, 0, 0, act_errno(errno.ENOSYS)),
+        ]
+    return b"".join(out) + program
 
 
 def _add(lib: ctypes.CDLL, ctx: int, rule: Rule, name: str) -> None:
@@ -331,7 +357,7 @@ def default_profile(capabilities: Iterable[str]) -> Profile:
                  for value in PERSONALITIES)
     rules.extend(Rule(("socket",), ACT_ALLOW, ((0, _MASKED_EQ, mask, value),))
                  for mask, value in _masked_blocks(SOCKET_FAMILIES))
-    return Profile(act_errno(errno.EPERM), tuple(rules), arches)
+    return Profile(act_errno(errno.EPERM), tuple(rules), arches, i386_socketcall_socket=False)
 
 
 def _masked_blocks(values: frozenset[int]) -> list[tuple[int, int]]:

@@ -132,6 +132,67 @@ def test_the_default_profile_refuses_af_alg_and_vsock_sockets_whatever_the_upper
     assert errno.EPERM not in got[4:], got
 
 
+# socketcall(2) through the 32-bit entry (int 0x80 works from a 64-bit process): its
+# operation in ebx, its arguments in memory below 4 GiB; prints each result
+I386_SOCKETCALL = r"""
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/mman.h>
+static long call32(long nr, long a, long b) {
+    long ret;
+    __asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "b"(a), "c"(b) : "memory");
+    return ret;
+}
+int main(void) {
+    uint32_t *args = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+    int families[] = {2, 40};  /* AF_INET, AF_VSOCK */
+    for (int i = 0; i < 2; i++) {
+        args[0] = families[i]; args[1] = 1; args[2] = 0;  /* SOCK_STREAM */
+        printf("%ld\n", call32(102, 1, (long)(uintptr_t)args));  /* SYS_SOCKET */
+    }
+    args[0] = (uint32_t)-1; args[1] = 0; args[2] = 0;
+    printf("%ld\n", call32(102, 3, (long)(uintptr_t)args));  /* SYS_CONNECT(-1, …) */
+    return 0;
+}
+"""
+
+
+@x86_64
+def test_32_bit_socketcall_cannot_make_a_socket_whose_family_the_filter_cannot_read(
+        tmp_path: Path) -> None:
+    """libseccomp allows socketcall(SYS_SOCKET) whenever a socket rule allows any family
+    (the family is in memory): AF_VSOCK got by through int 0x80. The default profile's
+    prefix refuses that operation; socketcall's others still reach the kernel."""
+    source, binary = tmp_path / "sc.c", tmp_path / "sc"
+    source.write_text(I386_SOCKETCALL)
+    import subprocess
+    subprocess.run(["cc", "-O1", "-o", str(binary), str(source)], check=True)
+    program = seccomp.compiled("", DEFAULTS)
+    assert program is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            libc = ctypes.CDLL(None, use_errno=True)
+            buf = ctypes.create_string_buffer(program, len(program))
+            prog = _Fprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+            if not libc.prctl(38, 1, 0, 0, 0) and not libc.prctl(22, 2, ctypes.byref(prog),
+                                                                  0, 0):
+                os.execv(str(binary), [str(binary)])
+        finally:
+            os._exit(3)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read().split()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert out == [str(-errno.EPERM), str(-errno.EPERM), str(-errno.EBADF)], out
+
+
 @x86_64
 def test_the_default_profile_allows_what_dockers_allows_without_a_capability() -> None:
     """glibc's adjtimex() and ntp_gettime() are clock_adjtime (a read without
