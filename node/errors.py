@@ -283,6 +283,7 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     _r.TaskExists: (409, "exists"),
     _r.LaunchFailed: (503, "launch_failed"),
     _r.CgroupError: (400, "cannot_enforce_limits"),
+    _r.SeccompError: (503, "seccomp_unavailable"),
     _r.ImageUnavailable: (404, "image_not_found"),
     _r.TaskNotFound: (404, "not_found"),
     _r.StopFailed: (503, "stop_failed"),

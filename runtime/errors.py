@@ -15,6 +15,8 @@ The tree::
     │   ├── LaunchFailed          the launcher failed or timed out (message carries its log tail)
     │   │   └── VolumeMountFailed mounting a volume failed (mount(2), sshfs)
     │   ├── CgroupError           the task's cgroups cannot be made, or a limit cannot be enforced
+    │   ├── SeccompError          the task's seccomp filter cannot be made (no libseccomp, a rule
+    │   │                         it refuses) or a custom profile is not Docker's format
     │   └── ImageUnavailable      the task's image is not in the store (pull it first)
     ├── TaskNotFound              no task with this id is known
     ├── StopFailed                the task's processes outlived SIGKILL + kill_timeout
@@ -39,7 +41,8 @@ TaskNotFound 404, InvalidImage/DigestMismatch 400, CgroupError 400; registries: 
 404, RegistryAuthError 403, RegistryUnreachable 503, InvalidReference/UnsupportedImage 400),
 conflicts with what this
 node holds 409 (TaskExists, VolumeInUse, ImageInUse), what a retry may fix 503 (LaunchFailed,
-StopFailed); only RuntimeError_ itself and ConfigError (the agent's own settings) are 500.
+StopFailed), what the node lacks 503 (SeccompError: its libseccomp); only RuntimeError_
+itself and ConfigError (the agent's own settings) are 500.
 
 A task whose *command* fails (exit 3, command not found, OOM killed) is not an error: it is a
 task that ran and ended, reported as a RuntimeStatus.
@@ -86,6 +89,10 @@ class VolumeMountFailed(LaunchFailed):
 
 class CgroupError(StartError):
     """The task's cgroups could not be created, or a requested limit cannot be enforced here."""
+
+
+class SeccompError(StartError):
+    """The task's seccomp filter cannot be made here (shoal.runtime.seccomp)."""
 
 
 class ImageUnavailable(StartError):

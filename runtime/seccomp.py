@@ -61,6 +61,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.runtime.errors import SeccompError
+
 UNCONFINED = "unconfined"
 DEFAULT = ""  # the spec's value for the default profile
 # (a custom profile is in the replicated spec; Docker's own is ~20 KiB)
@@ -139,10 +141,6 @@ SYS_SOCKET = 1  # socketcall's operation number for socket()
 # socket families a task may use: those below 64 (AF_MAX is 46) but AF_ALG and AF_VSOCK
 SOCKET_FAMILIES = frozenset(range(64)) - {AF_ALG, AF_VSOCK}
 _X32_BIT = 0x40000000  # an x32 call's number on x86_64
-
-
-class SeccompError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
