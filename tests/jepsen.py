@@ -11,6 +11,15 @@ times) and the run's figures (faults, ops, acknowledged, lost, invented, lineari
 invariant violations, the longest unavailability per fault kind, convergence after the last
 heal). The checks themselves are tests/jepsen_check.py.
 
+Mixed versions (``--old-release COMMIT --old-nodes K``): K agents run a previous release
+(tests/oldrelease.py; h1 — which creates the cluster, so it starts at that release's schema —
+then a worker, a manager, ...), the rest today's code, so the cluster keeps writing the old
+schema the whole run and leadership moves between old and new managers under the faults. A
+share of the creates then uses values only schema 11 reads (an env name with a dot, a grace
+period over an hour, Docker's host-gateway, an arch constraint): each must be refused while an
+old node is in (one acknowledged is an invariant violation), and the cluster's schema must not
+rise. Any agent that died by itself, or a traceback in an agent's log, is reported too.
+
 Must not touch: anything outside the lab it is given (faults are iptables rules inside the
 hosts' own namespaces and signals to the lab's own agents, tests/netlab.py).
 
@@ -19,6 +28,8 @@ Short run: tests/test_faults_suite.py (in `make test`). Long run, with the lab o
     make faults-long            # = python tests/jepsen.py --duration 1800 --seed $$RANDOM
     python tests/jepsen.py --managers 5 --workers 3 --duration 1800 --seed 7 \\
         --history /tmp/history.jsonl
+    python tests/jepsen.py --managers 5 --workers 3 --duration 600 --seed 25 \\
+        --old-release ccf4cf4 --old-nodes 2     # h1 and h6 run the schema-10 release
 """
 
 from __future__ import annotations
@@ -44,12 +55,20 @@ import aiohttp
 from helpers import fill_filesystem
 from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, check_set
 
+import oldrelease
 from netlab import Host, Lab
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
 DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
+# values only schema 11 reads (raft/schema.py GATED_VALUES): a create's spec with one of them
+GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("env-name", {"task": {"container": {"env": {"discovery.type": "single-node"}}}}),
+    ("grace", {"task": {"container": {"stop_grace_period": 7200.0}}}),
+    ("host-gateway", {"task": {"container": {
+        "extra_hosts": ["host.docker.internal:host-gateway"]}}}),
+    ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}))
 
 
 @dataclass
@@ -69,6 +88,9 @@ class SuiteConfig:
     op_timeout: float = 8.0  # a client gives up (outcome unknown) after this
     converge_timeout: float = 90.0  # after the last heal: every manager the same state
     history: Path | None = None  # write the history as JSON lines here
+    old_release: str | None = None  # a commit: old_nodes hosts run it (tests/oldrelease.py)
+    old_nodes: int = 2  # with old_release: h1 (it inits), then a worker, a manager, ...
+    gated: float = 0.0  # share of the creates using a schema-11 value (GATED_SPECS)
 
 
 @dataclass
@@ -91,6 +113,9 @@ class Report:
     digests: dict[str, tuple[int, str]]
     converge_s: float
     invariant_violations: list[str] = field(default_factory=list)
+    old_hosts: list[str] = field(default_factory=list)  # hosts that ran cfg.old_release
+    schemas: tuple[int, int] = (0, 0)  # the cluster's schema at the start and at the end
+    agent_errors: dict[str, list[str]] = field(default_factory=dict)  # log tracebacks/crashes
 
     @property
     def linearizability_violations(self) -> int:
@@ -119,10 +144,18 @@ class Report:
                 out[k] = max(out.get(k, 0.0), gap)
         return out
 
+    def gated(self) -> dict[str, int]:
+        """The schema-11 creates by outcome."""
+        g = [o for o in self.ops if o.f == "create" and o.key.startswith("g-")]
+        return {r: sum(1 for o in g if o.result == r) for r in ("ok", "fail", "info")}
+
     def table_row(self) -> str:
         s = self.set_result
         unavail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))
-        return (f"| {self.config.managers}+{self.config.workers} | {self.config.duration:.0f} s"
+        lab = f"{self.config.managers}+{self.config.workers}"
+        if self.old_hosts:
+            lab += f" ({', '.join(self.old_hosts)} at {self.config.old_release})"
+        return (f"| {lab} | {self.config.duration:.0f} s"
                 f" | {self.config.seed} | {len(self.faults)} | {len(self.ops)} | "
                 f"{s.acknowledged} | {len(s.lost)} | {len(s.invented)} | "
                 f"{self.linearizability_violations} | {len(self.invariant_violations)} | "
@@ -140,6 +173,15 @@ class Report:
                  f"heal {self.converge_s:.1f} s",
                  "max unavailability (s): " + ", ".join(
                      f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))]
+        if self.config.gated or self.old_hosts:
+            g = self.gated()
+            lines.append(f"schema-11 creates: ok {g['ok']}, refused {g['fail']}, unknown "
+                         f"{g['info']}; cluster schema {self.schemas[0]} at the start, "
+                         f"{self.schemas[1]} at the end"
+                         + (f"; old release on {', '.join(self.old_hosts)}"
+                            if self.old_hosts else ""))
+        for host, errs in sorted(self.agent_errors.items()):
+            lines.append(f"agent {host}: {len(errs)} error(s) in its log, first: {errs[0]}")
         lines += [r.report() for r in self.registers]
         lines += [f"set: {v}" for v in s.read_violations[:10]]
         if len(s.read_violations) > 10:
@@ -189,6 +231,12 @@ class Suite:
         self.registers = [f"reg-{i}" for i in range(cfg.registers)]
         self.initial: dict[str, tuple[int, int]] = {}
         self.preexisting: list[str] = []  # services there before the history began
+        # how each host runs shoal (the lab's executable, or an old release's): restarts
+        # with a skewed clock keep it
+        self.shoal_of = {h.name: (h._shoal_argv, dict(h._shoal_env))
+                         for h in self.managers + self.workers}
+        self.old_hosts = [h.name for h in self.managers + self.workers if h._shoal_argv]
+        self.schemas = (0, 0)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -239,8 +287,12 @@ class Suite:
             if r < 0.3:
                 seq += 1
                 name = f"s-{p}-{seq}"
-                spec = {"name": name, "task": {"container": {"command": SPEC_COMMAND}},
-                        "mode": {"replicas": 0}}
+                spec: dict[str, Any] = {"name": name, "task": {"container": {
+                    "command": SPEC_COMMAND}}, "mode": {"replicas": 0}}
+                if self.cfg.gated and rng.random() < self.cfg.gated:
+                    what, extra = rng.choice(GATED_SPECS)
+                    name = spec["name"] = f"g-{p}-{seq}-{what}"
+                    spec = _merged(spec, extra)
                 await self.call(Op(p, "create", name, None, self.now()), host, "POST",
                                 "/v1/services", {"spec": spec})
             elif r < 0.75:
@@ -376,18 +428,18 @@ class Suite:
         for h in hosts:
             h.throttle(rate)
 
-    @staticmethod
-    def _restart_skewed(h: Host, offset: int) -> None:
+    def _restart_skewed(self, h: Host, offset: int) -> None:
         """Restart ``h``'s agent with its wall clock ``offset`` seconds off (the hosts share
-        one kernel clock: shoal.node.clock's injection)."""
+        one kernel clock: shoal.node.clock's injection), on the release it runs."""
+        argv, env = self.shoal_of[h.name]
         h.kill_agent()
-        h.use_shoal(None, env={"SHOAL_CLOCK_OFFSET": str(offset)})
+        h.use_shoal(argv, env={**env, "SHOAL_CLOCK_OFFSET": str(offset)})
         h.start_agent()
 
     async def _unskew(self, h: Host) -> None:
         def restart() -> None:
             h.kill_agent()
-            h.use_shoal(None)
+            h.use_shoal(*self.shoal_of[h.name])
             h.start_agent()
         self.down.add(h.name)
         await asyncio.to_thread(restart)
@@ -437,6 +489,13 @@ class Suite:
         status, data = await self.http(h, "GET", "/v1/services", timeout=30)
         assert status == 200, data
         self.preexisting = [s["name"] for s in data]
+        self.schemas = (await self.cluster_schema(), 0)
+
+    async def cluster_schema(self) -> int:
+        """The schema the cluster writes, as a manager of today's code reports it."""
+        new = [h for h in self.managers if h.name not in self.old_hosts] or self.managers
+        _, info = await self.http(new[0], "GET", "/v1/info", timeout=30)
+        return int(info.get("cluster_schema", 0))
 
     async def converge(self) -> tuple[float, dict[str, tuple[int, str]]]:
         """After the last heal: wait until every manager answers a linearizable read and
@@ -477,8 +536,11 @@ class Suite:
         for f in self.faults:  # (the nemesis healed each; make sure nothing is left)
             assert f.end != INF
         await self._heal_net()
-        for h in self.managers:
+        problems = []
+        for h in self.managers + self.workers:  # the nemesis restarted every agent it killed
             if not h.agent_alive():
+                code = h._agent.returncode if h._agent is not None else None
+                problems.append(f"the agent of {h.name} exited by itself (status {code})")
                 await self._restart(h)
             h.resume_agent()
         healed = self.now()
@@ -488,17 +550,66 @@ class Suite:
         set_result = check_set(self.ops, names, preexisting=self.preexisting)
         regs = [check_register(k, [o for o in self.ops if o.key == k and o.f in (
             "read", "cas")], self.initial[k]) for k in self.registers]
-        problems = []
         if len(set(digests.values())) != 1 or len(digests) != len(self.managers):
             problems.append(f"managers disagree {converge_s:.0f} s after the last heal "
                             f"(at {healed:.1f} s): {digests}")
+        self.schemas = (self.schemas[0], await self.cluster_schema())
+        if self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
+            problems += [f"{o.key} (a schema-11 value) acknowledged by {o.node} while "
+                         f"{', '.join(self.old_hosts)} run the old release" for o in self.ops
+                         if o.f == "create" and o.key.startswith("g-") and o.result == "ok"]
+            if self.schemas[1] != self.schemas[0]:
+                problems.append(f"the cluster's schema rose from {self.schemas[0]} to "
+                                f"{self.schemas[1]} with {', '.join(self.old_hosts)} old")
         report = Report(self.cfg, text, self.faults, self.ops, set_result, regs, digests,
-                        converge_s, problems)
+                        converge_s, problems, self.old_hosts, self.schemas,
+                        agent_errors(self.managers + self.workers))
         if self.cfg.history is not None:
             with open(self.cfg.history, "w") as fh:
                 for o in sorted(self.ops, key=lambda o: o.invoke):
                     fh.write(json.dumps(dataclasses.asdict(o), default=str) + "\n")
         return report
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s keys set, maps merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(
+            out.get(k), dict) else v
+    return out
+
+
+def agent_errors(hosts: list[Host]) -> dict[str, list[str]]:
+    """Per host: the last line of each traceback in its agent log, and CRITICAL lines."""
+    out: dict[str, list[str]] = {}
+    for h in hosts:
+        try:
+            lines = h.agent_log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        found, inside = [], False
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                inside = True
+            elif inside and line and not line[0].isspace():
+                found.append(f"{line[:200]} (line {i + 1})")
+                inside = False
+            elif " CRITICAL " in line:
+                found.append(f"{line[:200]} (line {i + 1})")
+        if found:
+            out[h.name] = found
+    return out
+
+
+def old_hosts(managers: int, workers: int, k: int) -> list[int]:
+    """Indexes of the hosts that run the old release: h1 (it creates the cluster, so the
+    cluster starts at the old schema), then a worker, a manager, a worker, ..."""
+    ms, ws = list(range(1, managers)), list(range(managers, managers + workers))
+    out = [0]
+    while len(out) < k and (ms or ws):
+        out.append((ws if (ws and len(out) % 2) or not ms else ms).pop(0))
+    return out[:k]
 
 
 def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:
@@ -514,11 +625,20 @@ def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:
 
 def run_suite(cfg: SuiteConfig, base_dir: Path | None = None,
               log: Callable[[str], None] = print) -> Report:
-    with Lab(cfg.managers + cfg.workers, base_dir) as lab:
+    with contextlib.ExitStack() as stack:
+        rel = stack.enter_context(oldrelease.old_release(cfg.old_release)) \
+            if cfg.old_release else None
+        lab = stack.enter_context(Lab(cfg.managers + cfg.workers, base_dir))
+        if rel is not None:
+            for i in old_hosts(cfg.managers, cfg.workers, cfg.old_nodes):
+                lab.hosts[i].use_shoal(rel.argv, rel.env)
+            log(f"old release {rel.commit[:12]} on "
+                f"{', '.join(h.name for h in lab.hosts if h._shoal_argv)}")
         if "disk-full" in cfg.kinds:
             small_disks(lab, cfg.managers)
         lab.form_cluster(managers=cfg.managers, workers=cfg.workers, timeout=120)
         return asyncio.run(Suite(lab, cfg, log).run())
+    raise AssertionError("unreachable")  # (mypy: ExitStack may swallow exceptions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,9 +649,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--history", type=Path, default=None)
+    ap.add_argument("--old-release", metavar="COMMIT", default=None,
+                    help="run --old-nodes agents on this commit (tests/oldrelease.py), e.g. "
+                         "ccf4cf4, the last of schema 10")
+    ap.add_argument("--old-nodes", type=int, default=2, metavar="K",
+                    help="with --old-release: h1, then a worker, a manager, ... (default 2)")
+    ap.add_argument("--gated", type=float, default=None, metavar="SHARE",
+                    help="share of the creates with a value only schema 11 reads (default "
+                         "0.2 with --old-release, else 0)")
     args = ap.parse_args(argv)
+    gated = args.gated if args.gated is not None else (0.2 if args.old_release else 0.0)
     cfg = SuiteConfig(managers=args.managers, workers=args.workers, duration=args.duration,
-                      clients=args.clients, seed=args.seed, history=args.history)
+                      clients=args.clients, seed=args.seed, history=args.history,
+                      old_release=args.old_release, old_nodes=args.old_nodes, gated=gated)
     def interrupt(_sig: int, _frame: Any) -> None:  # the lab is torn down on the way out
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
