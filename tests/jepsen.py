@@ -18,7 +18,11 @@ schema the whole run and leadership moves between old and new managers under the
 share of the creates then uses values only schema 11 reads (an env name with a dot, a grace
 period over an hour, Docker's host-gateway, an arch constraint): each must be refused while an
 old node is in (one acknowledged is an invariant violation), and the cluster's schema must not
-rise. Any agent that died by itself, or a traceback in an agent's log, is reported too.
+rise. With ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the
+workload (one after another, SIGTERM and today's code): the leader must then raise the
+schema, schema-11 creates succeed from then on (none before the last old agent stopped), and
+every node's record ends up describing its arch (node_describe). Any agent that died by
+itself, or a traceback in an agent's log, is reported too.
 
 Must not touch: anything outside the lab it is given (faults are iptables rules inside the
 hosts' own namespaces and signals to the lab's own agents, tests/netlab.py).
@@ -30,6 +34,7 @@ Short run: tests/test_faults_suite.py (in `make test`). Long run, with the lab o
         --history /tmp/history.jsonl
     python tests/jepsen.py --managers 5 --workers 3 --duration 600 --seed 25 \\
         --old-release ccf4cf4 --old-nodes 2     # h1 and h6 run the schema-10 release
+        [--upgrade-at 300]                      # ... until they are upgraded in place
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 
 import oldrelease
 from netlab import Host, Lab
+from shoal.raft.schema import SCHEMA
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
@@ -91,6 +97,9 @@ class SuiteConfig:
     old_release: str | None = None  # a commit: old_nodes hosts run it (tests/oldrelease.py)
     old_nodes: int = 2  # with old_release: h1 (it inits), then a worker, a manager, ...
     gated: float = 0.0  # share of the creates using a schema-11 value (GATED_SPECS)
+    # with old_release: at this time of the workload the old nodes are upgraded in place
+    # (SIGTERM, today's code, one after another); the leader then raises the schema
+    upgrade_at: float | None = None
 
 
 @dataclass
@@ -116,6 +125,7 @@ class Report:
     old_hosts: list[str] = field(default_factory=list)  # hosts that ran cfg.old_release
     schemas: tuple[int, int] = (0, 0)  # the cluster's schema at the start and at the end
     agent_errors: dict[str, list[str]] = field(default_factory=dict)  # log tracebacks/crashes
+    upgrade: tuple[float, float] | None = None  # (last old agent stopped, schema raised) s
 
     @property
     def linearizability_violations(self) -> int:
@@ -154,7 +164,11 @@ class Report:
         unavail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))
         lab = f"{self.config.managers}+{self.config.workers}"
         if self.old_hosts:
-            lab += f" ({', '.join(self.old_hosts)} at {self.config.old_release})"
+            lab += f" ({', '.join(self.old_hosts)} at {self.config.old_release}"
+            if self.upgrade is not None:
+                lab += f", upgraded at {self.upgrade[0]:.0f} s, schema raised at " \
+                       f"{self.upgrade[1]:.0f} s"
+            lab += ")"
         return (f"| {lab} | {self.config.duration:.0f} s"
                 f" | {self.config.seed} | {len(self.faults)} | {len(self.ops)} | "
                 f"{s.acknowledged} | {len(s.lost)} | {len(s.invented)} | "
@@ -179,7 +193,10 @@ class Report:
                          f"{g['info']}; cluster schema {self.schemas[0]} at the start, "
                          f"{self.schemas[1]} at the end"
                          + (f"; old release on {', '.join(self.old_hosts)}"
-                            if self.old_hosts else ""))
+                            if self.old_hosts else "")
+                         + (f"; the last old agent stopped at {self.upgrade[0]:.1f} s, the "
+                            f"schema raised by {self.upgrade[1]:.1f} s"
+                            if self.upgrade is not None else ""))
         for host, errs in sorted(self.agent_errors.items()):
             lines.append(f"agent {host}: {len(errs)} error(s) in its log, first: {errs[0]}")
         lines += [r.report() for r in self.registers]
@@ -237,6 +254,8 @@ class Suite:
                          for h in self.managers + self.workers}
         self.old_hosts = [h.name for h in self.managers + self.workers if h._shoal_argv]
         self.schemas = (0, 0)
+        self.upgrade: tuple[float, float] | None = None
+        self.upgrading: set[str] = set()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -441,6 +460,8 @@ class Suite:
             h.kill_agent()
             h.use_shoal(*self.shoal_of[h.name])
             h.start_agent()
+        while h.name in self.upgrading:  # (the upgrader restarts it: after that)
+            await asyncio.sleep(0.1)
         self.down.add(h.name)
         await asyncio.to_thread(restart)
         self.down.discard(h.name)
@@ -461,6 +482,39 @@ class Suite:
     async def _resume(self, h: Host) -> None:
         h.resume_agent()
         self.down.discard(h.name)
+
+    async def upgrader(self) -> None:
+        """At ``upgrade_at``: each old host's agent stopped (SIGTERM) and started on today's
+        code, one after another (a host the nemesis holds down is waited for, and the nemesis
+        leaves one being upgraded alone); then wait for the leader to raise the schema."""
+        assert self.cfg.upgrade_at is not None
+        await asyncio.sleep(max(0.0, self.cfg.upgrade_at - self.now()))
+        stopped = 0.0
+        for name in self.old_hosts:
+            h = next(x for x in self.managers + self.workers if x.name == name)
+            while h.name in self.down:
+                await asyncio.sleep(0.1)
+            self.down.add(h.name)
+            self.upgrading.add(h.name)
+            self.log(f"[{self.now():7.2f}] upgrade: {h.name} to today's code")
+            stopped = self.now()
+
+            def restart(h: Host = h) -> None:
+                h.kill_agent(signal.SIGTERM, timeout=60)
+                h.use_shoal(None)
+                h.start_agent(timeout=60)
+            await asyncio.to_thread(restart)
+            self.shoal_of[h.name] = (None, {})
+            self.down.discard(h.name)
+            self.upgrading.discard(h.name)
+        while self.now() < self.cfg.duration:
+            with contextlib.suppress(Exception):
+                if await self.cluster_schema() >= SCHEMA:
+                    self.upgrade = (stopped, self.now())
+                    self.log(f"[{self.now():7.2f}] upgrade: the cluster writes schema "
+                             f"{SCHEMA}")
+                    return
+            await asyncio.sleep(0.5)
 
     async def nemesis(self, plan: list[tuple[float, tuple[str, ...], float, int]]) -> None:
         for calm, kinds, length, seed in plan:
@@ -497,6 +551,34 @@ class Suite:
         _, info = await self.http(new[0], "GET", "/v1/info", timeout=30)
         return int(info.get("cluster_schema", 0))
 
+    async def check_upgraded(self) -> list[str]:
+        """After an upgrade in place: no schema-11 value acknowledged before the last old
+        agent stopped, the schema raised, and every node's record describing its arch (the
+        agents' node_describe, once the cluster writes 11) within a minute."""
+        out = []
+        if self.upgrade is None:
+            out.append(f"the cluster's schema is {self.schemas[1]}, not {SCHEMA}, after every "
+                       f"node was upgraded")
+            return out
+        out += [f"{o.key} (a schema-11 value) acknowledged by {o.node} at {o.complete:.1f} s,"
+                f" before the last old agent stopped ({self.upgrade[0]:.1f} s)"
+                for o in self.ops if o.f == "create" and o.key.startswith("g-")
+                and o.result == "ok" and o.complete < self.upgrade[0]]
+        h = self.managers[-1]
+        arches: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                _, nodes = await self.http(h, "GET", "/v1/nodes", timeout=10)
+                for n in nodes:
+                    _, rec = await self.http(h, "GET", f"/v1/nodes/{n['id']}", timeout=10)
+                    arches[rec["hostname"]] = rec["platform"]["architecture"]
+                if arches and all(arches.values()):
+                    return out
+            await asyncio.sleep(1.0)
+        out.append(f"nodes without an arch a minute after the run: {arches}")
+        return out
+
     async def converge(self) -> tuple[float, dict[str, tuple[int, str]]]:
         """After the last heal: wait until every manager answers a linearizable read and
         all report the same state digest at the same index; returns (seconds, digests)."""
@@ -531,7 +613,9 @@ class Suite:
         await self.setup()
         self.t0 = time.monotonic()
         end = self.cfg.duration
-        await asyncio.gather(self.nemesis(plan),
+        upgrading = [self.upgrader()] if self.cfg.upgrade_at is not None and \
+            self.old_hosts else []
+        await asyncio.gather(self.nemesis(plan), *upgrading,
                              *(self.client(p, end) for p in range(self.cfg.clients)))
         for f in self.faults:  # (the nemesis healed each; make sure nothing is left)
             assert f.end != INF
@@ -554,7 +638,9 @@ class Suite:
             problems.append(f"managers disagree {converge_s:.0f} s after the last heal "
                             f"(at {healed:.1f} s): {digests}")
         self.schemas = (self.schemas[0], await self.cluster_schema())
-        if self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
+        if self.old_hosts and self.cfg.upgrade_at is not None:
+            problems += await self.check_upgraded()
+        elif self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
             problems += [f"{o.key} (a schema-11 value) acknowledged by {o.node} while "
                          f"{', '.join(self.old_hosts)} run the old release" for o in self.ops
                          if o.f == "create" and o.key.startswith("g-") and o.result == "ok"]
@@ -563,7 +649,7 @@ class Suite:
                                 f"{self.schemas[1]} with {', '.join(self.old_hosts)} old")
         report = Report(self.cfg, text, self.faults, self.ops, set_result, regs, digests,
                         converge_s, problems, self.old_hosts, self.schemas,
-                        agent_errors(self.managers + self.workers))
+                        agent_errors(self.managers + self.workers), self.upgrade)
         if self.cfg.history is not None:
             with open(self.cfg.history, "w") as fh:
                 for o in sorted(self.ops, key=lambda o: o.invoke):
@@ -657,11 +743,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gated", type=float, default=None, metavar="SHARE",
                     help="share of the creates with a value only schema 11 reads (default "
                          "0.2 with --old-release, else 0)")
+    ap.add_argument("--upgrade-at", type=float, default=None, metavar="SECONDS",
+                    help="with --old-release: upgrade the old nodes in place at this time of "
+                         "the workload (the schema then rises to today's)")
     args = ap.parse_args(argv)
     gated = args.gated if args.gated is not None else (0.2 if args.old_release else 0.0)
     cfg = SuiteConfig(managers=args.managers, workers=args.workers, duration=args.duration,
                       clients=args.clients, seed=args.seed, history=args.history,
-                      old_release=args.old_release, old_nodes=args.old_nodes, gated=gated)
+                      old_release=args.old_release, old_nodes=args.old_nodes, gated=gated,
+                      upgrade_at=args.upgrade_at)
     def interrupt(_sig: int, _frame: Any) -> None:  # the lab is torn down on the way out
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
