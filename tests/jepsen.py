@@ -546,10 +546,19 @@ class Suite:
         self.schemas = (await self.cluster_schema(), 0)
 
     async def cluster_schema(self) -> int:
-        """The schema the cluster writes, as a manager of today's code reports it."""
-        new = [h for h in self.managers if h.name not in self.old_hosts] or self.managers
-        _, info = await self.http(new[0], "GET", "/v1/info", timeout=30)
-        return int(info.get("cluster_schema", 0))
+        """The schema the cluster writes, as a manager of today's code reports it (the
+        highest any of them that answers does: the nemesis may hold one down)."""
+        new = [h for h in self.managers if h.name not in self.old_hosts + list(
+            self.upgrading)] or self.managers
+
+        async def ask(h: Host) -> int:
+            _, info = await self.http(h, "GET", "/v1/info", timeout=5)
+            return int(info.get("cluster_schema", 0))
+        got = await asyncio.gather(*(ask(h) for h in new), return_exceptions=True)
+        seen = [g for g in got if isinstance(g, int)]
+        if not seen:
+            raise TimeoutError("no manager of today's code answered /v1/info")
+        return max(seen)
 
     async def check_upgraded(self) -> list[str]:
         """After an upgrade in place: no schema-11 value acknowledged before the last old
