@@ -62,13 +62,14 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 
 import oldrelease
 from netlab import Host, Lab
-from shoal.raft.schema import SCHEMA
+from shoal.raft.schema import ENV_NAMES, SCHEMA
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
 DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
-# values only schema 11 reads (raft/schema.py GATED_VALUES): a create's spec with one of them
+# values only schema 11 reads (raft/schema.py GATED_VALUES; ENV_NAMES = 11): a create's spec
+# with one of them (refused while the cluster writes an older schema)
 GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("env-name", {"task": {"container": {"env": {"discovery.type": "single-node"}}}}),
     ("grace", {"task": {"container": {"stop_grace_period": 7200.0}}}),
@@ -572,7 +573,8 @@ class Suite:
         out += [f"{o.key} (a schema-11 value) acknowledged by {o.node} at {o.complete:.1f} s,"
                 f" before the last old agent stopped ({self.upgrade[0]:.1f} s)"
                 for o in self.ops if o.f == "create" and o.key.startswith("g-")
-                and o.result == "ok" and o.complete < self.upgrade[0]]
+                and o.result == "ok" and o.complete < self.upgrade[0]
+                and self.schemas[0] < ENV_NAMES]
         h = self.managers[-1]
         arches: dict[str, str] = {}
         deadline = time.monotonic() + 60
@@ -650,9 +652,11 @@ class Suite:
         if self.old_hosts and self.cfg.upgrade_at is not None:
             problems += await self.check_upgraded()
         elif self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
+            # (an old release that reads them, schema 11 and up, takes them)
             problems += [f"{o.key} (a schema-11 value) acknowledged by {o.node} while "
                          f"{', '.join(self.old_hosts)} run the old release" for o in self.ops
-                         if o.f == "create" and o.key.startswith("g-") and o.result == "ok"]
+                         if o.f == "create" and o.key.startswith("g-") and o.result == "ok"
+                         and self.schemas[0] < ENV_NAMES]
             if self.schemas[1] != self.schemas[0]:
                 problems.append(f"the cluster's schema rose from {self.schemas[0]} to "
                                 f"{self.schemas[1]} with {', '.join(self.old_hosts)} old")
