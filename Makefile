@@ -14,14 +14,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the runtime and the lab use: ip (iproute2), unshare/setsid/nsenter
-# (util-linux), tini (init inside each task), ps/pgrep (procps).
+# (util-linux), tini (init inside each task), ps/pgrep (procps), libseccomp2 (tasks' seccomp filters).
 # tests/test_ansible.py: sshd per lab host (openssh-server); its hosts have no network, so what
 # the Ansible role installs must already be here: iptables, gcc + libc6-dev (the task launcher
 # is compiled on each host).
 # tests/test_registry*.py: a real registry (docker-registry), pushes with skopeo, htpasswd (apache2-utils).
 # tests/test_mqtt*.py, bench/mqtt_latency.py: a real MQTT broker (mosquitto) and its clients.
 # tests/test_dashboard*.py: a real headless browser (chromium, driven by Playwright).
-DEB_PKGS := iproute2 util-linux tini procps openssh-server sshfs iptables gcc libc6-dev zstd busybox-static \
+DEB_PKGS := iproute2 util-linux tini procps libseccomp2 openssh-server sshfs iptables gcc libc6-dev zstd busybox-static \
 	    docker-registry skopeo apache2-utils mosquitto mosquitto-clients chromium
 # Only the harness files are type-checked here; pyproject's [tool.mypy] files cover the package.
 HARNESS  := tests/netlab.py tests/labstate.py tests/conftest.py tests/test_netlab.py tests/helpers.py \

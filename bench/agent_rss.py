@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 # the third-party libraries an agent imports (node/, raft/, gossip/, runtime/, lb/), each as
-# the agent imports it: pyroute2's IPRoute without the package's __init__ (node/netlink.py)
+# the agent imports it: pyroute2's IPRoute without the package's __init__ (node/netlink.py);
+# LAZY ones only at first use (tests/test_lazy_imports.py)
 LIBRARIES = {
     "uvloop": "import uvloop",
     "aiohttp.web": "import aiohttp.web",
@@ -39,8 +40,11 @@ LIBRARIES = {
     "pyroute2 (whole package)": "import pyroute2",
 }
 IPROUTE, WHOLE = "pyroute2 (IPRoute)", "pyroute2 (whole package)"
+# imported at first use, not by an idle agent: x509 where a certificate is made or parsed
+# (init, join, signing, renewal; node/pki.py), dnspython at the DNS server's first query
+LAZY = {"cryptography.x509", "dns.message"}
 # WHOLE is what agents imported before node/netlink.py: shown for comparison, measured after
-# the others except IPROUTE, and left out of "the libraries together"
+# the others except IPROUTE, and left out of "the libraries together" (as LAZY ones are)
 
 _PROBE = """
 import json, sys
@@ -71,9 +75,11 @@ def imports() -> None:
     for name, stmt in LIBRARIES.items():
         skip = (stmt, LIBRARIES[IPROUTE]) if name == WHOLE else (stmt,)
         added, mods, _ = probe([s for s in others if s not in skip], stmt)
-        print(f"{name:46} {added:10d} {mods:8d}")
-    _, _, libs = probe(others[1:], others[0])
-    print(f"{'the libraries together':46} {'':10} {'':8}   → {libs / 1024:.1f} MiB")
+        print(f"{name + (' (at first use)' if name in LAZY else ''):46} {added:10d} {mods:8d}")
+    eager = [stmt for name, stmt in LIBRARIES.items() if name != WHOLE and name not in LAZY]
+    _, _, libs = probe(eager[1:], eager[0])
+    print(f"{'the libraries an idle agent imports, together':46} {'':10} {'':8}   → "
+          f"{libs / 1024:.1f} MiB")
     added, mods, total = probe([], "import shoal.node.agent")
     print(f"{'shoal.node.agent (everything)':46} {added:10d} {mods:8d}   "
           f"→ {total / 1024:.1f} MiB resident before any work")

@@ -1,7 +1,7 @@
 """Idle cost of agents: CPU % of a core and RSS per agent, in a cluster doing nothing.
 
     .venv/bin/python bench/idle_cost.py [--managers 3] [--workers 2] [--window 60] [--settle 10]
-                                        [--threads] [--pyspy DIR [--pyspy-seconds 20]]
+                                        [--threads] [--pyspy DIR [--pyspy-seconds 20]] [--restart]
 
 Builds netns hosts (tests/netlab.py), forms the cluster with the agents' default (LAN)
 settings, waits ``--settle`` seconds, then reads each agent process's CPU time (utime+stime
@@ -10,6 +10,11 @@ RSS at the start and end of a ``--window`` second window in which nothing is ask
 cluster. Prints one line per agent (role, leader or not) and the median per role. The agents
 run on whichever of the machine's cores the kernel picks; nothing else of shoal runs (the
 script only sleeps during the window).
+
+``--restart``: once the cluster is formed, restart every agent (SIGTERM, one at a time, then
+wait until all are ready again) and measure those: agents as they run after an upgrade or a
+reboot, not fresh from ``init``/``join`` — creating the CA, signing and checking certificates
+import cryptography.x509 (~1.9 MiB), which a restarted agent never loads (node/pki.py).
 
 ``--threads``: also per thread of each agent (named from ``py-spy dump`` when py-spy is there):
 its CPU % and context switches per second over the window — what each thread costs and how
@@ -29,6 +34,7 @@ import collections
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from benchlab import multiplier_args
 
-from netlab import Host, Lab
+from netlab import Host, Lab, wait_until
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -127,12 +133,20 @@ def main() -> None:
                     help="also per thread: CPU and context switches per second")
     ap.add_argument("--pyspy", type=Path, default=None, help="profile dir (see above)")
     ap.add_argument("--pyspy-seconds", type=float, default=20.0)
+    ap.add_argument("--restart", action="store_true",
+                    help="restart every agent once the cluster formed, and measure those")
     ap.add_argument("--raft-multiplier", type=float, default=1.0,
                     help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
     n = args.managers + args.workers
     with Lab(n, agent_args=multiplier_args(args.raft_multiplier)) as lab:
         lab.form_cluster(managers=args.managers, workers=args.workers, timeout=120)
+        if args.restart:
+            for h in lab.hosts[:n]:
+                h.restart_agent(signal.SIGTERM, timeout=60)
+            wait_until(lambda: sum(x.get("state") == "ready"
+                                   for x in lab.hosts[0].cli_json("node", "ls")) == n,
+                       timeout=120, interval=0.5, what=f"{n} nodes ready after the restarts")
         time.sleep(args.settle)
         nodes = lab.hosts[0].cli_json("node", "ls")
         role = {x["addr"]: ("leader" if x["manager_status"] == "leader" else x["role"])

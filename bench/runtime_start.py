@@ -6,7 +6,9 @@ Measures, in one run on this machine:
    image (namespaces, cgroups, read-only host rootfs, /proc, /dev, caps, tini), interleaved
    with a raw ``unshare --fork --pid --mount-proc --uts --ipc --net true`` exec (start to exit)
    and with the same task on the host's network (``host_network``: no network namespace
-   cloned, lo left alone — what ``--network host`` saves per start);
+   cloned, lo left alone — what ``--network host`` saves per start) and unconfined (no
+   seccomp filter: what installing Docker's default profile costs a start; the program is
+   compiled once, cached);
 2. throughput: tasks started per second with ``--concurrency`` starts in flight, own network
    namespace and host network one after the other;
 3. the controller process's RSS with ``--tasks`` tasks running (the agent-side cost).
@@ -44,9 +46,9 @@ def _summary(name: str, ms: list[float]) -> str:
             f"{ms[int(len(ms) * 0.9)]:6.2f} ms   min {ms[0]:6.2f} ms   (n={len(ms)})")
 
 
-def _cfg(i: int, prefix: str, host_network: bool = False) -> TaskConfig:
+def _cfg(i: int, prefix: str, host_network: bool = False, seccomp: str = "") -> TaskConfig:
     return TaskConfig(f"{prefix}{i}", f"bench-{i}", ("sleep", "100000"), {},
-                      host_network=host_network)
+                      host_network=host_network, seccomp=seccomp)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -60,7 +62,7 @@ async def main(args: argparse.Namespace) -> None:
         for i in range(3):
             await ctl.remove(f"warm{i}")
 
-        runtime_ms, raw_ms, host_ms = [], [], []
+        runtime_ms, raw_ms, host_ms, free_ms = [], [], [], []
         for i in range(args.samples):
             t0 = time.perf_counter()
             subprocess.run(RAW, check=True)
@@ -75,10 +77,16 @@ async def main(args: argparse.Namespace) -> None:
             host_ms.append((time.perf_counter() - t0) * 1000)
             assert st.state is RunState.RUNNING, st
             await ctl.remove(f"hlat{i}")
+            t0 = time.perf_counter()
+            st = await ctl.start(_cfg(i, "ulat", seccomp="unconfined"))
+            free_ms.append((time.perf_counter() - t0) * 1000)
+            assert st.state is RunState.RUNNING, st
+            await ctl.remove(f"ulat{i}")
         ratio = statistics.median(runtime_ms) / statistics.median(raw_ms)
         print(_summary("raw unshare exec (start to exit)", raw_ms))
         print(_summary("runtime start() -> RUNNING", runtime_ms))
         print(_summary("  the same, host network", host_ms))
+        print(_summary("  the same, no seccomp filter", free_ms))
         print(f"{'ratio runtime / raw (medians)':<34} {ratio:.2f}x")
 
         sem = asyncio.Semaphore(args.concurrency)

@@ -805,3 +805,31 @@ def _x_http(svc: _Service, v: Any, path: str) -> None:
 def _x_tcp(svc: _Service, v: Any, path: str) -> None:
     svc.health_test_given = True
     svc.set("task.container.healthcheck.tcp", as_int(v, path), path)
+
+
+def _security_opt(svc: _Service, v: Any, path: str) -> None:
+    """Compose's ``security_opt``: ``seccomp:unconfined``/``seccomp=PATH`` (a profile file
+    relative to the project's directory, read here as docker run reads it) set the
+    container's seccomp; ``no-new-privileges`` is what shoal always does; AppArmor and SELinux
+    options are reported as not applied."""
+    for i, item in enumerate(as_str_list(v, path)):
+        where = f"{path}[{i}]"
+        key, sep, value = item.replace(":", "=", 1).partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "seccomp" and sep and value:
+            if value in ("unconfined", "default", "builtin"):
+                svc.set("task.container.seccomp", "" if value != "unconfined" else value, where)
+                continue
+            file = Path(value) if Path(value).is_absolute() else svc.project_dir / value
+            try:
+                svc.set("task.container.seccomp", file.read_text(encoding="utf-8"), where)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ComposeError(where, f"cannot read the seccomp profile {file}: {exc}") \
+                    from None
+        elif key == "no-new-privileges" and value.lower() in ("", "true"):
+            continue  # (shoal sets it for every task)
+        elif key == "no-new-privileges":
+            svc.warn(_rel(path), "shoal sets no-new-privileges for every task")
+        else:
+            svc.warn(_rel(path), f"{item!r} is not applied (shoal takes seccomp options "
+                     "only: it applies no AppArmor or SELinux profile)")

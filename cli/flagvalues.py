@@ -528,6 +528,25 @@ CARRIES: dict[str, Callable[[dict[str, Any], str, Sequence[str], str, Sequence[s
 }
 
 
+def parse_security_opt(text: str, flag: str) -> str:
+    """Docker's ``--security-opt seccomp=unconfined|default|PATH`` (``seccomp:…`` too) as
+    the spec's ``seccomp`` value: "unconfined", "" (the default profile) or the profile
+    file's JSON (the spec check reads it)."""
+    key, sep, value = text.replace(":", "=", 1).partition("=")
+    if key.strip() != "seccomp" or not sep or not value.strip():
+        raise CliError(f"{flag}: {text!r}: only seccomp=unconfined|default|PATH is taken "
+                       "(shoal always sets no-new-privileges; it applies no AppArmor or "
+                       "SELinux profile)")
+    value = value.strip()
+    if value in ("unconfined", "default", "builtin"):
+        return "unconfined" if value == "unconfined" else ""
+    try:
+        with open(os.path.expanduser(value), encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"{flag}: cannot read the seccomp profile {value}: {exc}") from None
+
+
 def scalar(d: FieldDecl, text: Any, flag: str) -> Any:
     kind = d.cli
     if kind == "flag":
@@ -542,6 +561,8 @@ def scalar(d: FieldDecl, text: Any, flag: str) -> Any:
             return shlex.split(text)
         except ValueError as exc:
             raise CliError(f"{flag}: {exc} in {text!r}") from None
+    if kind == "seccomp":
+        return parse_security_opt(text, flag)
     if kind == "bytes":
         return parse_size(text, flag)
     if kind == "duration":

@@ -142,6 +142,9 @@ def _container(task: Rec) -> list[str]:
         lines.append(" OpenStdin:\ttrue")
     if c.get("oom_score_adj"):
         lines.append(f" OomScoreAdj:\t{c['oom_score_adj']}")
+    if c.get("seccomp"):
+        lines.append(" Seccomp:\t" + ("unconfined" if c["seccomp"] == "unconfined"
+                                      else f"custom profile ({len(c['seccomp'])} bytes)"))
     if c.get("labels"):
         lines.append(" Labels:")
         lines.extend(f"  - {k}={v}" for k, v in c["labels"].items())

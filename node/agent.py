@@ -104,7 +104,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self.runtime = ProcessController(RuntimeConfig(
             data_dir=self.data_dir, cgroup_parent=config.cgroup_parent))
         # shoal-execdrop, sealed once for the exec health checks and `shoal exec` alike
-        self.exec_helper = ExecHelper(self.data_dir / "bin")
+        self.exec_helper = ExecHelper(self.data_dir / "bin", seccomp_of=self.runtime.exec_filter)
         self._leader_wakeup = asyncio.Event()
         self._leadership_wakeup = asyncio.Event()  # (_leadership_loop)
         self._worker_wakeup = asyncio.Event()

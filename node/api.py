@@ -48,7 +48,6 @@ from shoal.node.control.events import Events
 from shoal.node.control.nodes import Nodes
 from shoal.node.control.roles import Roles
 from shoal.node.control.services import Services
-from shoal.node.dashboard import Dashboard
 from shoal.node.errors import ApiError, BadRequest, NotFound, TooManyRequests, http_error
 from shoal.node.health import ExecHelper
 from shoal.node.limits import ClientLimits
@@ -783,7 +782,8 @@ class ApiServer:
             self._runners.append(remote)
         if cfg.metrics_addr:
             await self._start_metrics(cfg.metrics_addr, cfg.metrics_mtls)
-        if cfg.dashboard_addr:  # the web dashboard (shoal.node.dashboard)
+        if cfg.dashboard_addr:  # the web dashboard
+            from shoal.node.dashboard import Dashboard  # (imported only when it is served)
             dash = Dashboard(self.users, self.c.services, self.c.nodes,
                              lambda g: self.local_app(guard=g, limits="dashboard"))
             runner = web.AppRunner(dash.app(), access_log=None, shutdown_timeout=STOP_GRACE)

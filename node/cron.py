@@ -8,7 +8,10 @@ Owns: the decisions of a job's ``mode.schedule`` (shoal.raft.spec.Schedule):
   was there is started once, late, for the latest missed time. The service's creation time
   bounds it from below (a job created at 10:30 with @hourly first runs at 11:00);
 * policy ``forbid``: a run due while the previous one is still going is recorded as skipped;
-  ``allow``: it starts anyway, the previous one runs on;
+  ``allow``: it starts anyway, the previous one runs on; ``replace``: it starts, and the
+  orchestrator stops the previous one's tasks (``_job_iteration``), which then fails;
+* ``starting_deadline``: a run found due later than that after its time (missed while no
+  leader was there) is recorded as skipped instead of started;
 * a run is *running* while one of its tasks is alive or one of its slots (global-job: nodes)
   will still get a task; *completed* once every slot has a task that exited 0; *failed*
   when a slot will not be retried any more (restart policy), or — for a run superseded by a
@@ -121,8 +124,9 @@ def run_progress(svc: Service, run: JobRun, tasks: Iterable[Task],
     if not undone:
         return COMPLETED, completed, failed, f"{completed} completed"
     if not latest:
-        return FAILED, completed, failed, \
-            f"superseded by a later run with {len(undone)} task(s) not completed"
+        how = "replaced by a later run (policy replace)" if mode.schedule.policy == "replace" \
+            else "superseded by a later run"
+        return FAILED, completed, failed, f"{how} with {len(undone)} task(s) not completed"
     for u in undone:
         ended = [t for t in units.get(u, ()) if t.status.state.terminal]
         if not ended:
@@ -186,7 +190,10 @@ def _plan_one(svc: Service, tasks: list[Task], nodes: Mapping[str, Node], now: f
         return ops, None
     if due is not None:
         skip = ""
-        if sched.policy == "forbid" and current_running:
+        if sched.starting_deadline and now - due > sched.starting_deadline:
+            skip = f"not started {now - due:.0f}s after its time, past its starting " \
+                   f"deadline ({sched.starting_deadline:g}s)"
+        elif sched.policy == "forbid" and current_running:
             prev = next(r for r in reversed(job.runs) if r.iteration == job.iteration)
             skip = f"the previous run (scheduled {iso(prev.scheduled_at)}) is still " \
                    "running (policy forbid)"

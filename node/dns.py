@@ -14,8 +14,9 @@ moby's embedded resolver likewise uses as its upstreams) — not for a task whos
 are all internal (``forwards``: REFUSED, whatever its own servers), and at most
 MAX_FORWARDS at once (SERVFAIL past that). UDP answers fit the asker's size (512 bytes, or
 its EDNS payload), else they are cut with the TC flag and the asker retries over TCP,
-served on the same address and port (as Docker's resolver). Wire format by dnspython; a
-malformed query is dropped and counted, never raised.
+served on the same address and port (as Docker's resolver). Wire format by dnspython,
+imported at the first query (an idle agent does not hold it); a malformed query is dropped
+and counted, never raised.
 
 Must not touch: the store (it gets a ``lookup`` function from the agent).
 """
@@ -29,14 +30,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
+if TYPE_CHECKING:  # dnspython (~2.6 MiB) is imported at the first query, inside the methods:
+    import dns.message  # an agent whose tasks never ask for a name never loads it
+    import dns.rcode
 
 log = logging.getLogger("shoal.dns")
 
@@ -171,6 +169,8 @@ class DnsServer(asyncio.DatagramProtocol):
         task.add_done_callback(done)
 
     def _parse(self, data: bytes) -> dns.message.Message | None:
+        import dns.exception  # (dnspython at the first query: see the imports above)
+        import dns.message
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError, IndexError):
@@ -184,6 +184,7 @@ class DnsServer(asyncio.DatagramProtocol):
     def _refuse_forward(self, query: dns.message.Message,
                         client: str) -> dns.message.Message | None:
         """The reply instead of forwarding ``query`` upstream, or None to forward it."""
+        import dns.rcode  # (dnspython at the first query: see the imports above)
         if self.forwards is not None and not self.forwards(client):
             self._count("refused")  # (an internal network's task: no way out, not even DNS)
             return _error(query, dns.rcode.REFUSED)
@@ -237,6 +238,12 @@ class DnsServer(asyncio.DatagramProtocol):
         """The reply for names shoal owns, or None to forward upstream. ``client``: the
         asking task's address (for names that depend on who asks: a stack's ``web``, the
         networks it shares with a service)."""
+        import dns.flags  # (dnspython at the first query: see the imports above)
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
         q = query.question[0]
         name = q.name.to_text().rstrip(".").lower()
         short = name[: -len(DOMAIN) - 1] if name.endswith("." + DOMAIN) else name
@@ -290,6 +297,7 @@ class DnsServer(asyncio.DatagramProtocol):
         except TimeoutError:
             log.debug("no upstream of %s answered within %gs", client or "the node",
                       FORWARD_DEADLINE)
+        import dns.rcode  # (dnspython at the first query: see the imports above)
         self._count("servfail")
         return _error(query, dns.rcode.SERVFAIL).to_wire()
 
@@ -317,6 +325,7 @@ async def _ask_tcp(data: bytes, host: str, port: int) -> bytes:
 
 
 def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
+    import dns.message  # (dnspython at the first query: see the imports above)
     reply = dns.message.make_response(query)
     reply.set_rcode(rcode)
     return reply
@@ -325,6 +334,9 @@ def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Me
 def fitted(reply: dns.message.Message, limit: int) -> bytes:
     """``reply`` on the wire within ``limit`` bytes: whole if it fits, else with as many
     answer records as fit and the TC flag (the asker retries over TCP)."""
+    import dns.exception  # (dnspython at the first query: see the imports above)
+    import dns.flags
+    import dns.rrset
     with contextlib.suppress(dns.exception.TooBig):  # (too big: cut below)
         return reply.to_wire(max_size=limit)
     reply.flags |= dns.flags.TC

@@ -48,7 +48,15 @@ from aiohttp import web
 from shoal.lb.channel import recv_fds
 from shoal.node import pki
 from shoal.node.errors import ApiError, BadRequest, Conflict, NotFound, Unavailable
-from shoal.node.health import HOST_ENV, ExecHelper, _credentials, _environ, enter_argv, env_fd
+from shoal.node.health import (
+    HOST_ENV,
+    ExecHelper,
+    _credentials,
+    _environ,
+    enter_argv,
+    env_fd,
+    filter_fd,
+)
 from shoal.node.users import REQUEST_USER, require_admin
 from shoal.node.views import find_task
 from shoal.raft.models import Task, TaskState
@@ -224,7 +232,8 @@ class Executor:
                 self.reserved -= 1
 
     def argv(self, pid: int, request: ExecRequest, helper_fd: int, envfd: int,
-             console_fd: int | None, detach_fd: int | None = None) -> list[str]:
+             console_fd: int | None, detach_fd: int | None = None,
+             seccomp_fd: int | None = None) -> list[str]:
         """The host command line (health.enter_argv): the user and the working directory are
         looked up by shoal-execdrop inside the task's root (its /etc/passwd: never read from
         the host, where its symlinks would resolve against the host's files)."""
@@ -234,9 +243,10 @@ class Executor:
                    *(["--workdir", request.workdir] if request.workdir else []),
                    *(["--console", str(console_fd)] if console_fd is not None else []),
                    *(["--detach", str(detach_fd)] if detach_fd is not None else [])]
+        # (--privileged: every capability, still the task's seccomp filter, as Docker's)
         return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, request.cmd,
                           options, caps=_credentials(os.getpid())[3] if request.privileged
-                          else None)
+                          else None, seccomp_fd=seccomp_fd)
 
     @staticmethod
     def environment(pid: int, request: ExecRequest) -> dict[str, str]:
@@ -269,6 +279,8 @@ class _Session:
         ours = theirs = None  # the terminal's socket pair (-t): its master comes back on it
         started = handed = None  # -d: the pair execdrop hands its start pipe back on
         envfd = env_fd(self.ex.environment(self.pid, self.req))
+        program = self.ex.helper.seccomp_of(self.pid)
+        sfd = filter_fd(program) if program is not None else None
         try:
             if self.req.tty:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -276,16 +288,18 @@ class _Session:
                 started, handed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = self.ex.argv(self.pid, self.req, self.helper_fd, envfd,
                                 theirs.fileno() if theirs is not None else None,
-                                handed.fileno() if handed is not None else None)
+                                handed.fileno() if handed is not None else None, sfd)
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, start_new_session=True,
                 stdin=pipe if self.req.stdin and not self.req.tty else null,
                 stdout=null if self.req.tty or self.req.detach else pipe, stderr=pipe,
-                pass_fds=tuple(fd for fd in (self.helper_fd, envfd, *(
-                    s.fileno() for s in (theirs, handed) if s is not None))))
+                pass_fds=tuple(fd for fd in (self.helper_fd, envfd, sfd, *(
+                    s.fileno() for s in (theirs, handed) if s is not None)) if fd is not None))
         finally:
             os.close(envfd)
+            if sfd is not None:
+                os.close(sfd)
             for end in (theirs, handed):
                 if end is not None:
                     end.close()

@@ -87,11 +87,15 @@ class ExecHelper:
     """The node's one sealed copy of shoal-execdrop (``sealed_helper``), shared by the exec
     health checks and ``shoal exec``: compiled and cached in ``helper_dir`` with the C compiler
     ``cc`` on first use (in a thread; callers that come meanwhile wait for that one build).
-    ``helper_dir`` None: a private temporary directory, removed once the copy is sealed."""
+    ``helper_dir`` None: a private temporary directory, removed once the copy is sealed.
+    ``seccomp_of``: the seccomp filter of the task whose init is a pid (the runtime's
+    ``exec_filter``), which a command run in it takes; None: no filter."""
 
-    def __init__(self, helper_dir: Path | None, cc: str = "cc") -> None:
+    def __init__(self, helper_dir: Path | None, cc: str = "cc",
+                 seccomp_of: Callable[[int], bytes | None] | None = None) -> None:
         self.helper_dir = helper_dir
         self.cc = cc
+        self.seccomp_of = seccomp_of or (lambda _pid: None)
         self._fd: int | None = None
         self._lock = asyncio.Lock()
 
@@ -112,29 +116,41 @@ class ExecHelper:
 def env_fd(env: dict[str, str]) -> int:
     """The command's environment for shoal-execdrop's --env-fd: a memfd of NUL-separated
     KEY=VALUE entries (close-on-exec; pass it with pass_fds, close it after the spawn)."""
-    fd = os.memfd_create("shoal-exec-env", os.MFD_CLOEXEC)
-    blob = b"".join(f"{k}={v}".encode(errors="surrogateescape") + b"\0"
-                    for k, v in env.items())
+    return _memfd("shoal-exec-env", b"".join(f"{k}={v}".encode(errors="surrogateescape")
+                                              + b"\0" for k, v in env.items()))
+
+
+def filter_fd(program: bytes) -> int:
+    """A task's seccomp filter for shoal-execdrop's --seccomp-fd (a memfd, close-on-exec;
+    pass it with pass_fds, close it after the spawn)."""
+    return _memfd("shoal-exec-seccomp", program)
+
+
+def _memfd(name: str, blob: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     view = memoryview(blob)
     while view:
         view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
 
 def enter_argv(nsenter: str, layout: CgroupLayout, pid: int, helper_fd: int, envfd: int,
                cmd: list[str], options: Sequence[str] = (), wd: bool = True,
-               caps: str | None = None) -> list[str]:
+               caps: str | None = None, seccomp_fd: int | None = None) -> list[str]:
     """The host command line that runs ``cmd`` in the task whose init is ``pid``: a host shell
     joins the task's cgroups, nsenter enters its namespaces and root (its working directory
     too, ``wd``), shoal-execdrop (the fd ``helper_fd``) takes the init's credentials — or
     ``options``' (--user, --workdir, --console, --detach) — and the environment in ``envfd``.
-    ``caps``: the capability set to keep (hex, as CapBnd) instead of the init's."""
+    ``caps``: the capability set to keep (hex, as CapBnd) instead of the init's;
+    ``seccomp_fd``: the task's seccomp filter (``filter_fd``), which the command takes."""
     procs = cgroup_procs(pid, layout)
     uid, gid, groups, init_caps = _credentials(pid)
     caps = caps or init_caps
     return ["/bin/sh", "-c", _JOIN, "sh", str(len(procs)), *procs,
             nsenter, "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", *(["-w"] if wd else []),
-            "--", f"/proc/self/fd/{helper_fd}", "--env-fd", str(envfd), *options,
+            "--", f"/proc/self/fd/{helper_fd}", "--env-fd", str(envfd),
+            *(["--seccomp-fd", str(seccomp_fd)] if seccomp_fd is not None else []), *options,
             str(uid), str(gid), groups, caps, *cmd]
 
 
@@ -374,24 +390,28 @@ class Probes:
         return HealthResult(start=start, end=time.time(), exit_code=code,
                             output=out[:self.config.output_limit])
 
-    def exec_argv(self, check: Check, pid: int, helper_fd: int, envfd: int) -> list[str]:
+    def exec_argv(self, check: Check, pid: int, helper_fd: int, envfd: int,
+                  seccomp_fd: int | None = None) -> list[str]:
         """The host command line of one exec probe (``enter_argv``), the task's environment
-        in ``envfd``."""
+        in ``envfd``, its seccomp filter in ``seccomp_fd``."""
         if self._layout is None:
             self._layout = detect()
-        return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, list(check.argv))
+        return enter_argv(self.nsenter, self._layout, pid, helper_fd, envfd, list(check.argv),
+                          seccomp_fd=seccomp_fd)
 
     async def _exec(self, check: Check, pid: int) -> tuple[int, str]:
         fd = await self.helper.fd()
-        envfd = env_fd(_environ(pid))
+        program = self.helper.seccomp_of(pid)
+        fds = [env_fd(_environ(pid)), *([filter_fd(program)] if program is not None else [])]
         try:
-            argv = self.exec_argv(check, pid, fd, envfd)
+            argv = self.exec_argv(check, pid, fd, *fds)
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=HOST_ENV, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, pass_fds=(fd, envfd))
+                start_new_session=True, pass_fds=(fd, *fds))
         finally:
-            os.close(envfd)
+            for extra in fds:
+                os.close(extra)
         try:
             assert proc.stdout is not None
             out = b""

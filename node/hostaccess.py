@@ -6,9 +6,11 @@ Swarm treats any API client as root on every node; shoal has roles (shoal.node.u
 an operator deploys and changes applications but must not be root on a node by way of a
 service spec. As Kubernetes' baseline Pod Security Standard: no host paths (bind mounts), no
 host network, no capabilities beyond the container defaults (Docker's set), no device or
-network-filesystem mounts made by the node, plus shoal's own: no negative OOM score (a task
-the kernel never kills first, over the node's own daemons), no registry credentials
-(``registry-auth.*`` secrets: ``registry login`` is an admin's), no ``exec --privileged``.
+network-filesystem mounts made by the node, no seccomp profile but the default (Kubernetes'
+baseline refuses Unconfined; a custom profile may allow anything), plus shoal's own: no
+negative OOM score (a task the kernel never kills first, over the node's own daemons), no
+registry credentials (``registry-auth.*`` secrets: ``registry login`` is an admin's), no
+``exec --privileged``.
 An update of a service that has any of these needs an admin too (a new image would run with
 them); scaling or rolling it back does not (no new code). Must not touch: the store, the
 network, the users (shoal.node.users decides who is an admin).
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 
 from shoal.raft.spec import Mount, ServiceSpec
 from shoal.runtime.rootfs import DEFAULT_CAPABILITIES, cap_name
+from shoal.runtime.seccomp import UNCONFINED
 
 # the secrets holding the cluster's registry credentials (shoal.node.registries: `registry
 # login` makes registry-auth.HOST)
@@ -58,6 +61,9 @@ def host_access(spec: ServiceSpec) -> tuple[str, str] | None:
     if extra:
         return "task.container.cap_add", f"capabilities beyond Docker's defaults " \
             f"({', '.join(extra)})"
+    if c.seccomp:
+        return "task.container.seccomp", "no seccomp filter" if c.seccomp == UNCONFINED \
+            else "a custom seccomp profile (it may allow any system call)"
     if c.oom_score_adj < 0:
         return "task.container.oom_score_adj", "a negative OOM score (the kernel would kill " \
             "the node's own processes first)"

@@ -20,7 +20,6 @@ from aiohttp import web
 
 from shoal.node.errors import BadRequest, NotFound, TooManyRequests
 from shoal.node.registries import Registries
-from shoal.runtime import imagesave
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError, ImageNotFound
 from shoal.runtime.images import ImageStore
@@ -156,6 +155,7 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
             saving -= 1
 
     async def _save(req: web.Request, refs: list[str]) -> web.StreamResponse:
+        from shoal.runtime import imagesave  # (imported by a save: an idle agent never runs it)
         loop = asyncio.get_running_loop()
         try:  # (every layer read now: an error is still a reply)
             archive = await loop.run_in_executor(_saves, imagesave.plan, images, refs,

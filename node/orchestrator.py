@@ -476,10 +476,12 @@ def _job_iteration(svc: Service, tasks: list[Task], alive: Callable[[Task], bool
     down (the new iteration runs from scratch), and an update or rollback in progress is
     done at once (a job has no rolling update). A scheduled job: the tasks of an older
     template are shut down (the current run replaces its own), those of earlier runs run
-    on (policy allow: runs overlap)."""
+    on (policy allow: runs overlap) or are shut down (policy replace)."""
     if svc.spec.mode.scheduled:
+        replace = svc.spec.mode.schedule.policy == "replace"
         ops: list[Op] = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
-                         if alive(t) and outdated(t, svc.spec.task)]
+                         if alive(t) and (outdated(t, svc.spec.task) or (
+                             replace and t.job_iteration != svc.job_status.iteration))]
     else:
         ops = [("desired", t.id, int(TaskState.SHUTDOWN)) for t in tasks
                if alive(t) and t.service_version != svc.version]

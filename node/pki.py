@@ -47,15 +47,16 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.node.errors import PkiError
+
+if TYPE_CHECKING:  # cryptography.x509 (~1.9 MiB) is imported where a certificate is made or
+    from cryptography import x509  # parsed; an agent reads its own through ssl (own_info)
 
 ROLE_MANAGER = "manager"
 ROLE_WORKER = "worker"
@@ -103,6 +104,8 @@ def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     """A certificate request for ``key``. Its subject is ignored: the CA decides names."""
+    from cryptography import x509  # (where a certificate is made: see the imports above)
+    from cryptography.x509.oid import NameOID
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal-node")]))
            .sign(key, hashes.SHA256()))
@@ -112,6 +115,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
 def csr_public_key(csr_pem: bytes | str) -> bytes:
     """The DER SubjectPublicKeyInfo of a certificate request whose signature verifies (so
     its sender holds the key): a joining node's stable identity (shoal.node.joining)."""
+    from cryptography import x509  # (where a certificate is made: see the imports above)
     data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
     if len(data) > MAX_CSR_BYTES:
         raise PkiError("certificate request too large")
@@ -133,6 +137,7 @@ def _spki(public_key: Any) -> bytes:
 
 
 def _load_cert(pem: bytes | str) -> x509.Certificate:
+    from cryptography import x509  # (where a certificate is parsed: see the imports above)
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         return x509.load_pem_x509_certificate(data)
@@ -142,6 +147,7 @@ def _load_cert(pem: bytes | str) -> x509.Certificate:
 
 def load_certs(pem: bytes | str) -> list[x509.Certificate]:
     """Every certificate of a PEM bundle, in order (a trust bundle, a chain)."""
+    from cryptography import x509  # (where a certificate is parsed: see the imports above)
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -197,6 +203,7 @@ def _name_attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
 
 
 def cert_info(pem: bytes | str) -> CertInfo:
+    from cryptography.x509.oid import NameOID  # (where a certificate is parsed: see above)
     cert = _load_cert(pem)
     return CertInfo(
         subject_id=_name_attr(cert.subject, NameOID.COMMON_NAME),
@@ -240,10 +247,34 @@ def _peer_info(subject: tuple[Any, ...], serial: str, not_before: str, not_after
         return None
 
 
+def own_info(server: ssl.SSLContext, ca_pem: bytes | str) -> CertInfo | None:
+    """The identity in the certificate ``server`` presents, read the way a peer reads it
+    (``peer_info``): a TLS handshake in memory with a client that trusts ``ca_pem``. So a
+    running agent never needs cryptography.x509 for its own certificate. None if that client
+    refuses it (expired, another CA): then parse the file (``TlsFiles.info``)."""
+    client = client_context(ca_pem)
+    client.check_hostname = False  # (only the certificate's fields are read)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    with contextlib.suppress(ssl.SSLError):  # (refused: a handshake failure)
+        for _ in range(4):  # (TLS 1.3: two flights; 1.2: three)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                c.do_handshake()
+                return peer_info(c.getpeercert())
+            s_in.write(c_out.read())
+            with contextlib.suppress(ssl.SSLWantReadError):
+                s.do_handshake()
+            c_in.write(s_out.read())
+    return None
+
+
 def create_ca(cluster_id: str, now: float, lifetime: float = CA_LIFETIME,
               rotated: bool = False) -> tuple[bytes, bytes]:
     """A new self-signed cluster CA: ``(certificate PEM, private key PEM)``. ``rotated``: a
     replacement root (its own name, so chains never confuse it with the old one)."""
+    from cryptography import x509  # (where a certificate is made: see the imports above)
+    from cryptography.x509.oid import NameOID
     key = new_key()
     serial = x509.random_serial_number()
     cn = f"shoal cluster CA {serial:x}"[:64] if rotated else "shoal cluster CA"
@@ -284,6 +315,7 @@ class CertificateAuthority:
     def cross_sign(self, new_root_pem: bytes | str, now: float) -> bytes:
         """``new_root_pem``'s name and key signed by this (old) root: an intermediate that
         lets a peer still trusting only the old root verify a new-root certificate."""
+        from cryptography import x509  # (where a certificate is made: see the imports above)
         new = _load_cert(new_root_pem)
         cert = (x509.CertificateBuilder()
                 .subject_name(new.subject).issuer_name(self.cert.subject)
@@ -307,6 +339,8 @@ class CertificateAuthority:
     def issue(self, csr_pem: bytes | str, subject_id: str, role: str, cluster_id: str,
               now: float, lifetime: float, addr: str = "") -> bytes:
         """Sign ``csr_pem`` for ``subject_id`` in ``role``; the CSR's own subject is ignored."""
+        from cryptography import x509  # (where a certificate is made: see the imports above)
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
         if role not in ROLES:
             raise PkiError(f"unknown role {role!r}")
         data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
@@ -537,6 +571,6 @@ __all__ = [
     "CLOCK_SKEW", "DEFAULT_CERT_LIFETIME", "ROLES", "ROLE_CLIENT", "ROLE_MANAGER", "ROLE_WORKER",
     "CertInfo", "CertificateAuthority", "PkiError", "TlsFiles", "bundle", "ca_digest", "cert_info",
     "client_context", "create_ca", "key_pem", "load_certs", "load_key", "make_csr", "new_key",
-    "node_hostname", "peer_info", "role_hostname", "server_context", "unverified_client_context",
-    "verify_issued", "verify_issued_by", "write_private",
+    "node_hostname", "own_info", "peer_info", "role_hostname", "server_context",
+    "unverified_client_context", "verify_issued", "verify_issued_by", "write_private",
 ]

@@ -55,7 +55,6 @@ from shoal.node.secrets import SecretsApi
 from shoal.node.security import Security
 from shoal.node.transfer import Transfer
 from shoal.raft.models import NodeRole, ServiceSpec, TaskState
-from shoal.runtime import regpush
 from shoal.runtime.errors import DigestMismatch, ImageError, ImageNotFound
 from shoal.runtime.images import ImageInfo, ImageStore
 from shoal.runtime.reference import InvalidReference, Reference, has_registry_host
@@ -345,6 +344,7 @@ class Registries:
         creds = self._stored(_parse(where).registry)
         client = self._client(creds)
         started = time.monotonic()
+        from shoal.runtime import regpush  # (imported by a push: an idle agent never runs it)
         try:
             result = await asyncio.to_thread(regpush.push, client, self.images, source, target)
         except (ImageError, OSError) as exc:

@@ -90,9 +90,10 @@ class Security:
     def load(self) -> None:
         """(Re)build the contexts from DATA_DIR/tls. Connections made later use the new ones."""
         ca = self.files.ca_pem()
-        cert = self.files.info()
         pw = self.files.password  # an autolocked manager's key is encrypted
         server = pki.server_context(ca, self.files.cert, require_client_cert=False, password=pw)
+        # (read as TLS reads it: an agent then never imports cryptography.x509 for it)
+        cert = pki.own_info(server, ca) or self.files.info()
         remote = pki.server_context(ca, self.files.cert, require_client_cert=True, password=pw)
         client = pki.client_context(ca, self.files.cert, password=pw)
         self.server_ctx, self.remote_ctx, self.client_ctx, self.cert = \

@@ -53,11 +53,16 @@ from shoal.raft.models import (
     resolve_mount,
 )
 from shoal.raft.spec import HOST_GATEWAY, NAME_RE, Mount, SidecarSpec, log_limits
-from shoal.runtime.build import BUILD_TASK_PREFIX
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import StartError, TaskNotFound
 from shoal.runtime.images import ImageConfig
-from shoal.runtime.records import RunState, RuntimeStatus, TaskConfig, parse_signal
+from shoal.runtime.records import (
+    BUILD_TASK_PREFIX,
+    RunState,
+    RuntimeStatus,
+    TaskConfig,
+    parse_signal,
+)
 from shoal.runtime.rootfs import FileValue, MountSpec
 
 if TYPE_CHECKING:
@@ -419,6 +424,7 @@ class Worker:
             sysctls=tuple(sorted(s.sysctls.items())),
             log_max_bytes=log_bytes, log_max_files=log_files,
             tty=s.tty, stdin_open=s.stdin_open, oom_score_adj=s.oom_score_adj,
+            seccomp=s.seccomp,
         )
 
     def _gateway(self) -> str:
@@ -488,7 +494,8 @@ class Worker:
             task_id=f"{task.id}-{c.name}",
             hostname=self._hostname(task, fill),
             # (its network namespace is the task's: the same /etc/hosts lines; read_only,
-            # capabilities, ulimits, groups and sysctls are the main container's own)
+            # capabilities, ulimits, groups, sysctls and seccomp are the main container's
+            # own: a sidecar has Docker's defaults)
             extra_hosts=_host_lines(task.spec.container.extra_hosts, self._gateway()),
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,

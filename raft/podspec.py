@@ -41,6 +41,7 @@ from shoal.raft.errors import SpecError, ValidationError
 from shoal.runtime import volumes
 from shoal.runtime.records import parse_signal
 from shoal.runtime.rootfs import ULIMITS, cap_name, check_sysctl, check_ulimit
+from shoal.runtime.seccomp import MAX_PROFILE_BYTES, UNCONFINED, check_profile
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")  # volumes
 # a service's name: Swarm's rule (a DNS label, upper case too: Compose's "webApp"); unique
@@ -507,6 +508,16 @@ class ContainerSpec(_Spec, frozen=True):
         "inspect` and `service inspect` (Docker's --container-label, Compose's labels; needs "
         "cluster schema 8)", flag="--container-label", cli="map",
         metavar="KEY=VALUE")] = {}
+    # Docker's seccomp setting of a container (needs cluster schema 12)
+    seccomp: Annotated[str, decl(
+        "the task's seccomp profile (system calls it may make): \"\" Docker's default rules "
+        "(without the capability that allows them, no namespaces, mounts, kernel modules, "
+        "clock changes, reboot, BPF or reads of other processes' memory; never the kernel "
+        "keyring or io_uring), \"unconfined\" none, or a custom profile in Docker's JSON "
+        "format. Its execs and exec health checks run under it too. Unconfined and custom "
+        "profiles need an admin (Docker's --security-opt seccomp=unconfined|PATH, Compose's "
+        "security_opt; needs cluster schema 12)", flag="--security-opt", cli="seccomp",
+        metavar="seccomp=unconfined|PATH", max_length=MAX_PROFILE_BYTES)] = ""
     # Docker's DNS settings of a container (needs cluster schema 7)
     dns: Annotated[tuple[str, ...], decl(
         "DNS servers (IPv4/IPv6 addresses) for the names that are not the cluster's: the "
@@ -560,6 +571,11 @@ class ContainerSpec(_Spec, frozen=True):
                 raise SpecError("group_add", f"{group!r} is not a group name or a number up "
                                 f"to {MAX_GID}")
         _check_extra_hosts(self.extra_hosts)
+        if self.seccomp not in ("", UNCONFINED):
+            try:
+                check_profile(self.seccomp)
+            except ValueError as exc:
+                raise SpecError("seccomp", f"not a seccomp profile: {exc}") from None
         names = [u.name for u in self.ulimits]
         if len(set(names)) != len(names):
             raise SpecError("ulimits", "two limits of the same resource")

@@ -61,6 +61,13 @@ Schema history::
        ``node_describe`` command (``GATED_COMMANDS``: a node's agent refreshes its own
        record's arch, memory and CPUs when they differ), and the constraint
        ``node.platform.arch`` (``GATED_VALUES``: schema 10 refused the key).
+    12 a container's seccomp profile, ``task.container.seccomp`` (Docker's --security-opt
+       seccomp=unconfined|PATH). Every node of this release runs tasks under Docker's default
+       profile whatever the schema; a schema-11 node would run an unconfined or custom one
+       with no filter, or its own, so the field waits for the schema. And a scheduled job's
+       ``replace`` policy (``GATED_VALUES``: schema 11's decoder knew forbid and allow) and
+       ``mode.schedule.starting_deadline`` (Kubernetes' CronJob rules, decided by the
+       leader: a schema-11 leader would start a run late, or beside the previous one).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -104,7 +111,7 @@ from shoal.raft.spec import (
     fields,
 )
 
-SCHEMA = 11  # what this code writes once the whole cluster runs it
+SCHEMA = 12  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -121,6 +128,8 @@ AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
 # the schema whose nodes report their platform (``node_describe``, ``node.platform.arch``):
 # the same release as ENV_NAMES
 PLATFORM = ENV_NAMES
+SECCOMP = 12  # the schema whose specs carry a container's seccomp profile, and whose
+# leaders take a scheduled job's replace policy and starting deadline
 
 
 def _beyond_shell_names(env: Any) -> bool:
@@ -152,7 +161,9 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                          "task.network_aliases": 7, "endpoint.host_ports": 7,
                          **{f"task.container.{name}": 8 for name in (
                              "tty", "stdin_open", "oom_score_adj", "labels")},
-                         "task.resources.reservations.generic_resources": GENERIC}
+                         "task.resources.reservations.generic_resources": GENERIC,
+                         "task.container.seccomp": SECCOMP,
+                         "mode.schedule.starting_deadline": SECCOMP}
 # values an older schema's code refuses, in fields it has: path → (the values, the schema
 # that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
 # "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
@@ -172,7 +183,8 @@ GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
         lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
     "task.sidecars": (_containers_beyond_shell_names, ENV_NAMES),
     "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES),
-    "task.placement.constraints": (_uses_arch, PLATFORM)}
+    "task.placement.constraints": (_uses_arch, PLATFORM),
+    "mode.schedule.policy": (lambda v: v == "replace", SECCOMP)}
 # keys of the items of a spec's lists that an older schema cannot read: list path →
 # {key: (is it used?, the schema that reads it, whether an older node knows the key)}. A used
 # one is refused naming the item's key (``task.container.configs[1].target``) like a GATED

@@ -28,7 +28,7 @@ The layout follows swarmkit's ``ServiceSpec``::
      │   ├─ force_update
      │   └─ networks                  user-defined networks the tasks join
      ├─ mode: ServiceMode {type, replicas, max_concurrent}
-     │   ├─ schedule: Schedule {cron, timezone, policy, history}   (jobs: when they run)
+     │   ├─ schedule: Schedule {cron, timezone, policy, starting_deadline...}  (jobs: when)
      │   └─ autoscale: Autoscale {min, max, cpu, memory, window...}  (replicated: how many)
      ├─ update: UpdateConfig          how a changed template rolls out
      ├─ rollback: RollbackConfig      how a rollback rolls back
@@ -103,6 +103,7 @@ from shoal.raft.podspec import (  # noqa: F401
     log_limits,
     parse_http_check,
 )
+from shoal.raft.schedule import MAX_SCHEDULE_HISTORY, Schedule, parse_cron  # noqa: F401
 
 # placement constraints (Swarm's syntax and character sets)
 CONSTRAINT_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os",
@@ -278,81 +279,6 @@ class TaskSpec(_Spec, frozen=True):
 # --------------------------------------------------------------------------- service
 
 MODES = ("replicated", "global", "replicated-job", "global-job")
-MAX_SCHEDULE_HISTORY = 100
-
-
-def parse_cron(expr: str, tz: str = "", start: float = 946684800.0) -> Any:
-    """A cron expression checked and ready to iterate (a ``croniter`` at ``start``): 5
-    fields (minute hour day-of-month month day-of-week), or 6 with the seconds first (as
-    Nomad's and Quartz's), or a macro (@yearly @annually @monthly @weekly @daily @midnight
-    @hourly). ``tz``: an IANA zone name, "" = UTC. ValueError saying what is wrong."""
-    import datetime
-    import zoneinfo
-
-    from croniter import croniter  # (imported when a schedule is used: the CLI stays light)
-
-    text = " ".join(expr.split())
-    if not text:
-        raise ValueError("empty cron expression")
-    if "@reboot" in text.lower():
-        raise ValueError("@reboot has no time: give a cron expression or @hourly, @daily...")
-    n = len(text.split())
-    if not text.startswith("@") and n not in (5, 6):
-        raise ValueError(f"{expr!r} has {n} fields: a cron expression has 5 (minute hour "
-                         "day-of-month month day-of-week) or 6 (seconds first)")
-    try:
-        zone: datetime.tzinfo = zoneinfo.ZoneInfo(tz) if tz else datetime.UTC
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {tz!r} (an IANA name such as Europe/Paris)") \
-            from None
-    try:
-        return croniter(text, datetime.datetime.fromtimestamp(start, zone),
-                        second_at_beginning=(n == 6))
-    except (ValueError, KeyError, TypeError) as exc:  # (croniter's CroniterError is a ValueError)
-        raise ValueError(f"invalid cron expression {expr!r}: {exc}") from None
-
-
-class Schedule(_Spec, frozen=True):
-    """When a job runs by itself (beyond Swarm: Nomad's periodic jobs). At every time the
-    cron expression gives, the leader starts a new run of the job (a new job iteration, as
-    `service update --force` does, but not an update: nothing else changes), unless the
-    policy is ``forbid`` and the previous run is still going: that run is recorded as
-    skipped. The last ``history`` runs (started, completed and failed counts, state) are kept
-    and shown by `service inspect`. A run missed while no leader was there is started once,
-    late. Changing the schedule replaces no task and starts no run."""
-
-    cron: Annotated[str, decl(
-        "run the job at these times: a cron expression of 5 fields, or 6 with the seconds "
-        "first, or @hourly, @daily, @weekly, @monthly, @yearly; empty = run once (on create "
-        "and on each update)", flag="--schedule", cli="str", metavar="CRON",
-        max_length=256)] = ""
-    timezone: Annotated[str, decl("time zone of the schedule (IANA name); empty = UTC",
-                                  flag="--schedule-tz", cli="str", metavar="ZONE",
-                                  max_length=64)] = ""
-    policy: Annotated[Literal["forbid", "allow"], decl(
-        "a run due while the previous one still runs: forbid = skip it (recorded as "
-        "skipped); allow = start it anyway, the previous one runs on",
-        flag="--schedule-policy", cli="choice")] = "forbid"
-    history: Annotated[int, decl("scheduled runs kept in the service's history",
-                                 flag="--schedule-history", cli="int", metavar="N", ge=1,
-                                 le=MAX_SCHEDULE_HISTORY)] = 5
-
-    def __post_init__(self) -> None:
-        if self.timezone and not self.cron:
-            raise SpecError("timezone", "is the time zone of a schedule: give --schedule too")
-        if self.cron:
-            try:
-                times = parse_cron(self.cron, self.timezone)
-            except ValueError as exc:
-                field = "timezone" if "time zone" in str(exc) else "cron"
-                raise SpecError(field, str(exc)) from None
-            try:
-                times.get_next(float)  # (from a fixed date: the same verdict everywhere)
-            except ValueError:
-                raise SpecError("cron", f"{self.cron!r} gives no time at all (a date that "
-                                "does not exist, such as February 30?)") from None
-
-
 class Autoscale(_Spec, frozen=True):
     """Horizontal autoscaling on CPU (and memory) usage (beyond Swarm: Kubernetes' HPA rule).
     ``--autoscale min=2,max=20,cpu=60%[,memory=70%][,window=30s][,period=15s]

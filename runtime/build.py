@@ -61,12 +61,9 @@ from shoal.runtime.dockerfile import parse_pairs as parse_pairs
 from shoal.runtime.dockerfile import read_dockerignore as read_dockerignore
 from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
 from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
-from shoal.runtime.records import RunState, TaskConfig
+from shoal.runtime.records import BUILD_TASK_PREFIX, RunState, TaskConfig
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
 
-#: Task ids of RUN steps start with this (cluster task ids are hex: never "build..."); the
-#: worker's reconciler leaves such runtime tasks alone (node/worker.py).
-BUILD_TASK_PREFIX = "build"
 _ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
 
 def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[str, str],

@@ -30,8 +30,12 @@
  * writes the reason there before this program exits 126/127. So the agent answers a detached
  * exec only once the command really started.
  *
+ * `--seccomp-fd FD`: the task's seccomp filter (runtime/seccomp.py's bytes, as the launcher's
+ * F record), read from the fd and installed as the last step before the exec, as the task's
+ * own processes run under it (Docker's exec takes its container's profile).
+ *
  * Usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] [--workdir DIR]
- *                       [--detach SOCK] UID GID GROUPS CAPMASK PROG [ARGS...]
+ *                       [--detach SOCK] [--seccomp-fd FD] UID GID GROUPS CAPMASK PROG [ARGS...]
  *   GROUPS  supplementary gids, comma-separated ("" = none)
  *   CAPMASK capabilities the task keeps (bounding set; also permitted/effective for uid 0),
  *           hexadecimal as /proc/PID/status CapBnd shows it
@@ -55,6 +59,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "filter.h"
 #include "sendfd.h"
 
 #ifndef TIOCGPTPEER
@@ -256,7 +261,7 @@ int main(int argc, char **argv) {
     /* not dumpable until the exec: a task's process cannot open our /proc fds or ptrace us
      * while we still hold the agent's capabilities (the exec makes the command dumpable) */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    int sock = -1, envfd = -1, detach = -1;
+    int sock = -1, envfd = -1, detach = -1, filterfd = -1;
     const char *user = NULL, *workdir = NULL;
     while (argc > 2 && strncmp(argv[1], "--", 2) == 0) {
         if (strcmp(argv[1], "--console") == 0) sock = (int)strtol(argv[2], NULL, 10);
@@ -264,13 +269,15 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[1], "--detach") == 0) detach = (int)strtol(argv[2], NULL, 10);
         else if (strcmp(argv[1], "--user") == 0) user = argv[2];
         else if (strcmp(argv[1], "--workdir") == 0) workdir = argv[2];
+        else if (strcmp(argv[1], "--seccomp-fd") == 0) filterfd = (int)strtol(argv[2], NULL, 10);
         else break;
         argc -= 2;
         argv += 2;
     }
     if (argc < 6) {
         fprintf(stderr, "usage: shoal-execdrop [--console FD] [--env-fd FD] [--user SPEC] "
-                        "[--workdir DIR] [--detach SOCK] UID GID GROUPS CAPMASK PROG [ARGS...]\n");
+                        "[--workdir DIR] [--detach SOCK] [--seccomp-fd FD] UID GID GROUPS "
+                        "CAPMASK PROG [ARGS...]\n");
         return 125;
     }
     uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
@@ -284,6 +291,18 @@ int main(int argc, char **argv) {
     }
     if (user && !resolve_user(user, &uid, &gid, groups, &ngroups)) return 125;
     if (envfd >= 0 && take_env(envfd)) return 125;
+    static char filter[(BPF_MAXINSNS + 1) * sizeof(struct sock_filter)];
+    size_t filter_len = 0;
+    if (filterfd >= 0) {
+        ssize_t n;
+        while (filter_len < sizeof filter &&
+               (n = read(filterfd, filter + filter_len, sizeof filter - filter_len)) != 0) {
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) return fail("reading the seccomp filter");
+            filter_len += (size_t)n;
+        }
+        close(filterfd);
+    }
     /* While root with the agent's capabilities. Best effort: a limit this process may not
      * take (above its own hard one, without CAP_SYS_RESOURCE; a "task" in the host's pid
      * namespace, whose pid 1 is the host's init) leaves the agent's, as before. */
@@ -323,6 +342,7 @@ int main(int argc, char **argv) {
         for (long fd = 3; fd < (max > 0 && max < (1L << 20) ? max : (1L << 20)); fd++)
             fcntl((int)fd, F_SETFD, FD_CLOEXEC);
     }
+    if (filterfd >= 0 && install_filter(filter, filter_len)) return fail("seccomp filter");
     execvp(argv[5], argv + 5);
     int err = errno;
     char msg[512];

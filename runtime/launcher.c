@@ -65,7 +65,9 @@
  *   a pod's sidecar joins its task's main container; done first, before the cgroups)
  *   L resource limit NAME NUL SOFT NUL HARD (repeated; NAME as Docker's --ulimit: nofile,
  *   nproc, core...; SOFT/HARD decimal, -1 = unlimited)   S the init's oom_score_adj (decimal,
- *   -1000..1000; inherited by tini and the command)   E end
+ *   -1000..1000; inherited by tini and the command)   F the seccomp filter (raw struct
+ *   sock_filter array from runtime/seccomp.py; installed right before the exec of tini, after
+ *   no_new_privs: tini and the command run under it; none: unconfined)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
  * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
  * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
@@ -115,6 +117,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "filter.h"
 #include "sendfd.h"
 
 #ifndef SYS_pidfd_open
@@ -646,6 +649,8 @@ static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
     gid_t gid = 0, groups[256];
     uint64_t keep = ~0ULL;
     int have_user = 0;
+    const char *filter = NULL; /* the seccomp filter (F record), none: unconfined */
+    uint32_t filter_len = 0;
 
     signal(SIGPIPE, SIG_IGN);
     umask(0);
@@ -694,6 +699,7 @@ static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
         case 'A': if (argc < MAX_ITEMS) argv[argc++] = str(rc); break;
         case 'V': if (envc < MAX_ITEMS) envp[envc++] = str(rc); break;
         case 'K': { char *s = str(rc); keep = strtoull(s, NULL, 10); free(s); break; }
+        case 'F': filter = rc->data; filter_len = rc->len; break;
         case 'U': {
             char *f[3];
             if (fields(rc, f, NULL, 3)) die(125, "bad user record");
@@ -781,6 +787,11 @@ static int init_main(int out_w, int err_w, int go_w, int in_r, int console) {
         syscall(SYS_rt_sigaction, s, ksa, NULL, sizeof(unsigned long));
     }
     syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */);
+    if (filter && install_filter(filter, filter_len)) {
+        int e = errno;
+        if (errfd >= 0) dup2(errfd, 2);
+        die(125, "cannot install the seccomp filter: %s", strerror(e));
+    }
     execve(init, argv, envp);
     int e = errno;
     if (errfd >= 0) dup2(errfd, 2);

@@ -42,7 +42,7 @@ SOURCE = Path(__file__).with_name("launcher.c")
 EXECDROP = Path(__file__).with_name("execdrop.c")
 # the headers both include ("sendfd.h"): a binary's name is the digest of its source, these
 # and the flags, so a change to one rebuilds both
-HEADERS = (Path(__file__).with_name("sendfd.h"),)
+HEADERS = (Path(__file__).with_name("sendfd.h"), Path(__file__).with_name("filter.h"))
 
 # mount(2) flags used by the plan.
 MS_RDONLY = 0x1

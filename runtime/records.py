@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.runtime import seccomp
 from shoal.runtime.cgroups import Limits
 from shoal.runtime.errors import ConfigError, InvalidTaskConfig
 from shoal.runtime.kernelparams import check_sysctl, check_ulimit
@@ -28,6 +29,11 @@ from shoal.runtime.rootfs import FileValue, MountSpec, cap_name, check_task_path
 
 #: PATH given to a task whose env has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Task ids of `image build` RUN steps start with this (cluster task ids are hex: never
+#: "build..."); the worker's reconciler leaves such runtime tasks alone (node/worker.py).
+#: Here, not in runtime/build.py: the worker needs the prefix, not the builder.
+BUILD_TASK_PREFIX = "build"
 
 # a task's id; a pod's extra container (shoal.node.pod) runs as "<task id>-<container name>"
 _TASK_ID_RE = re.compile(r"[a-z0-9]{1,64}(-[a-z0-9][a-z0-9-]{0,31})?")
@@ -130,6 +136,8 @@ class TaskConfig:
     #   OpenStdin, Compose's stdin_open): a read waits instead of seeing end-of-file
     oom_score_adj: int = 0  # the task's /proc/PID/oom_score_adj (Docker's --oom-score-adj),
     #   -1000..1000; below the agent's own needs CAP_SYS_RESOURCE, else the start fails
+    seccomp: str = ""  # the task's seccomp profile: "" Docker's default rules (runtime/
+    #   seccomp.py), "unconfined" none, or a custom profile's JSON in Docker's format
 
     def validate(self) -> None:
         """Raise InvalidTaskConfig naming the first malformed field."""
@@ -212,6 +220,13 @@ class TaskConfig:
         if not isinstance(self.oom_score_adj, int) or isinstance(self.oom_score_adj, bool) or \
                 not -1000 <= self.oom_score_adj <= 1000:
             raise InvalidTaskConfig("oom_score_adj", "must be an integer from -1000 to 1000")
+        if not isinstance(self.seccomp, str):
+            raise InvalidTaskConfig("seccomp", "must be a string")
+        if self.seccomp not in (seccomp.DEFAULT, seccomp.UNCONFINED):
+            try:
+                seccomp.check_profile(self.seccomp)
+            except ValueError as exc:
+                raise InvalidTaskConfig("seccomp", f"profile: {exc}") from None
         names: set[str] = set()
         for limit in self.ulimits:
             if not isinstance(limit, tuple) or len(limit) != 3:
@@ -333,6 +348,8 @@ class TaskConfig:
             tty=bool(raw.get("tty", False)),
             stdin_open=bool(raw.get("stdin_open", False)),
             oom_score_adj=int(raw.get("oom_score_adj", 0)),
+            # (a task an agent before seccomp started runs without a filter: its execs too)
+            seccomp=str(raw.get("seccomp", seccomp.UNCONFINED)),
         )
 
 

@@ -62,8 +62,12 @@ def test_cron_times_follow_five_and_six_field_expressions_macros_and_time_zones(
     ("replicated-job", {"cron": "@hourly", "timezone": "Mars/Olympus"},
      "mode.schedule.timezone", "unknown time zone"),
     ("replicated-job", {"timezone": "UTC"}, "mode.schedule.timezone", "give --schedule"),
-    ("replicated-job", {"cron": "@hourly", "policy": "replace"}, "mode.schedule.policy",
+    ("replicated-job", {"cron": "@hourly", "policy": "skip"}, "mode.schedule.policy",
      "invalid enum value"),
+    ("replicated-job", {"starting_deadline": 60}, "mode.schedule.starting_deadline",
+     "give --schedule"),
+    ("replicated-job", {"cron": "@hourly", "starting_deadline": -1},
+     "mode.schedule.starting_deadline", ">= 0"),
     ("replicated-job", {"cron": "@hourly", "history": 0}, "mode.schedule.history", ">= 1"),
 ])
 def test_a_bad_schedule_is_refused_naming_its_field(mode: str, schedule: dict[str, Any],
@@ -369,3 +373,75 @@ async def test_a_random_cron_value_is_refused_by_the_api(tmp_path: Path, cron: s
         assert exc.value.field == "mode.schedule.cron"
     else:
         await lab.services.create_service(spec)
+
+
+async def test_policy_replace_stops_the_previous_run_and_starts_the_next(
+        tmp_path: Path) -> None:
+    """With replace (Kubernetes' concurrencyPolicy Replace), the run due while the previous
+    still runs starts, and the previous run's task is stopped; that run is recorded as
+    failed, replaced, and the new one runs to its end."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    await lab.services.create_service(scheduled_job("rp", policy="replace"))
+    created = lab.store.snapshot().service_by_name("rp").created_at  # type: ignore[union-attr]
+    first = next_time(Schedule(cron=EVERY_5S), created)
+    await step(lab, first + 0.1)
+    (old,) = lab.live("rp")
+    await step(lab, first + 5.1)  # run 2 starts; run 1's task is told to stop
+    await step(lab, first + 5.2)
+    (new,) = lab.live("rp")
+    assert new.id != old.id and new.job_iteration == 2
+    stopped = lab.store.snapshot().tasks[old.id]
+    assert stopped.desired_state >= TaskState.SHUTDOWN
+    first_run = runs(lab, "rp")[0]
+    assert (first_run["state"], first_run["completed"]) == ("failed", 0)
+    assert "replaced by a later run (policy replace)" in first_run["message"]
+    lab.exit(new, 0)
+    await step(lab, first + 6)
+    await step(lab, first + 6.5)
+    assert [r["state"] for r in runs(lab, "rp")] == ["failed", "completed"]
+
+
+async def test_a_run_past_its_starting_deadline_is_skipped_not_started_late(
+        tmp_path: Path) -> None:
+    """A run found due later than ``starting_deadline`` after its time (no leader then) is
+    recorded as skipped; within the deadline it starts late, as without one."""
+    lab = Lab(tmp_path)
+    await lab.boot(1)
+    spec = scheduled_job("dl")
+    spec["mode"]["schedule"]["starting_deadline"] = 2.0
+    await lab.services.create_service(spec)
+    created = lab.store.snapshot().service_by_name("dl").created_at  # type: ignore[union-attr]
+    first = next_time(Schedule(cron=EVERY_5S), created)
+    await step(lab, first + 3.5)  # 3.5 s late, the deadline 2 s: skipped
+    assert lab.live("dl") == []
+    (skipped,) = runs(lab, "dl")
+    assert skipped["state"] == "skipped" and "starting deadline (2s)" in skipped["message"]
+    await step(lab, first + 6.5)  # the next time, 1.5 s late: started
+    assert len(lab.live("dl")) == 1
+    assert [r["state"] for r in runs(lab, "dl")] == ["skipped", "running"]
+
+
+@pytest.mark.parametrize(("schedule", "field"), [
+    ({"cron": EVERY_5S, "policy": "replace"}, "mode.schedule.policy"),
+    ({"cron": EVERY_5S, "starting_deadline": 30.0}, "mode.schedule.starting_deadline")])
+def test_replace_and_the_starting_deadline_wait_for_schema_12(schedule: dict[str, Any],
+                                                              field: str) -> None:
+    """A schema-11 leader would start a run beside the previous one, or late: refused
+    naming the field on propose and by the state machine until the schema is 12."""
+    from shoal.raft.errors import ValidationError as Refused
+    from shoal.raft.schema import SECCOMP, encode_command
+    from shoal.raft.state import ClusterState
+
+    spec = {"name": "j", "mode": {"type": "replicated-job", "schedule": schedule},
+            "task": {"container": {"command": ["x"]}}}
+    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": spec}
+    with pytest.raises(Refused) as exc:
+        encode_command(cmd, {}, SECCOMP - 1)
+    assert exc.value.field == field
+    st = ClusterState()
+    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
+              "manager_secret": "m", "digest": "d", "schema": SECCOMP - 1})
+    assert st.apply(cmd)["error"]["field"] == field
+    st.apply({"op": "cluster_schema", "schema": SECCOMP})
+    assert "error" not in st.apply(cmd)

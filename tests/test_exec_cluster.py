@@ -99,6 +99,11 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
     code, out, _ = _exec(h1, remote["name"], "sh", "-c",
                          "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
     assert code == 0 and "sleep 100000" in out and len(out.splitlines()) < 8, out
+    # the command runs under the task's seccomp filter (Docker's default profile), as the
+    # task's own processes: it cannot make a namespace the task could not
+    code, out, _ = _exec(h1, remote["name"], "sh", "-c",
+                         "grep Seccomp: /proc/self/status; unshare -U true || echo refused")
+    assert code == 0 and out.split() == ["Seccomp:", "2", "refused"], out
     # nothing of the agent's reaches the command: only its stdio (before: the helper binary's
     # fd, which root in the task could write through), and the task's environment (here an
     # -e LD_PRELOAD) is the command's alone, not the host stages' (before: the host's shell

@@ -186,8 +186,8 @@ async def test_a_leaving_clients_terminal_is_closed_only_once_nothing_watches_it
                         "socket.send_fds(console, [b'm'], [master])\n"
                         "time.sleep(4141)\n")
     ex = Executor(ExecHelper(None))
-    monkeypatch.setattr(ex, "argv", lambda _pid, _req, _helper, _env, console, _detach=None:
-                        [sys.executable, "-c", sends_a_terminal, str(console)])
+    monkeypatch.setattr(ex, "argv", lambda _pid, _req, _helper, _env, console, _detach=None,
+                        _seccomp=None: [sys.executable, "-c", sends_a_terminal, str(console)])
     client = ClientTransport()
     dummy = os.open("/dev/null", os.O_RDONLY)
     try:

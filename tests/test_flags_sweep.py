@@ -33,6 +33,8 @@ BY_KIND: dict[str, list[str]] = {
     "map": ["=novalue"],  # (an empty key; `--env VAR` alone takes VAR from the shell)
     "struct": ["bogus=1", "min=5,max=2,cpu=50%", "max=3,cpu=150x"],  # (--autoscale)
     "words": ["sh -c 'unclosed", "'' -c"],  # (--entrypoint: a quote, an empty program)
+    # (--security-opt: another option, a profile file that is not there, no value)
+    "seccomp": ["apparmor=unconfined", "seccomp=/nonexistent/profile.json", "seccomp="],
 }
 # bad values of list items by item parser
 BY_ITEM: dict[str, list[str]] = {

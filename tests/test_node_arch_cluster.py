@@ -22,6 +22,7 @@ import pytest
 
 import oldrelease
 from netlab import Host, Lab, wait_until
+from shoal.raft.schema import SCHEMA
 
 pytestmark = pytest.mark.netns
 
@@ -63,7 +64,7 @@ def test_nodes_report_their_arch_once_the_cluster_reads_it_and_constraints_place
         old.kill_agent(signal.SIGTERM, timeout=60)
         old.use_shoal()
         old.start_agent(timeout=60)
-        wait_until(lambda: schema_of(h2) == 11, timeout=60, what="cluster schema 11")
+        wait_until(lambda: schema_of(h2) == SCHEMA, timeout=60, what=f"cluster schema {SCHEMA}")
         wait_until(lambda: arches(h2) == {"h1": ARCH, "h2": ARCH, "h3": ARCH}, timeout=30,
                    interval=0.5, what=f"every node's record saying {ARCH}")
         (rec,) = h2.cli_json("node", "inspect", "h3")
