@@ -15,12 +15,12 @@ Mixed versions (``--old-release COMMIT --old-nodes K``): K agents run a previous
 (tests/oldrelease.py; h1 — which creates the cluster, so it starts at that release's schema —
 then a worker, a manager, ...), the rest today's code, so the cluster keeps writing the old
 schema the whole run and leadership moves between old and new managers under the faults. A
-share of the creates then uses values only schema 11 reads (an env name with a dot, a grace
-period over an hour, Docker's host-gateway, an arch constraint): each must be refused while an
-old node is in (one acknowledged is an invariant violation), and the cluster's schema must not
-rise. With ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the
+share of the creates then uses values only a later schema reads (schema 11: an env name with
+a dot, a grace period over an hour, Docker's host-gateway, an arch constraint; schema 12: a
+seccomp setting): each must be refused while an old node of an older schema is in (one
+acknowledged is an invariant violation), and the cluster's schema must not rise. With ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the
 workload (one after another, SIGTERM and today's code): the leader must then raise the
-schema, schema-11 creates succeed from then on (none before the last old agent stopped), and
+schema, gated creates succeed from then on (none before the last old agent stopped), and
 every node's record ends up describing its arch (node_describe). Any agent that died by
 itself, or a traceback in an agent's log, is reported too.
 
@@ -62,20 +62,28 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 
 import oldrelease
 from netlab import Host, Lab
-from shoal.raft.schema import ENV_NAMES, SCHEMA
+from shoal.raft.schema import ENV_NAMES, SCHEMA, SECCOMP
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
 DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
-# values only schema 11 reads (raft/schema.py GATED_VALUES; ENV_NAMES = 11): a create's spec
-# with one of them (refused while the cluster writes an older schema)
+# values only a later schema reads (raft/schema.py GATED, GATED_VALUES): a create's spec with
+# one of them (refused while the cluster writes an older schema), by the schema that reads it
 GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("env-name", {"task": {"container": {"env": {"discovery.type": "single-node"}}}}),
     ("grace", {"task": {"container": {"stop_grace_period": 7200.0}}}),
     ("host-gateway", {"task": {"container": {
         "extra_hosts": ["host.docker.internal:host-gateway"]}}}),
-    ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}))
+    ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}),
+    ("seccomp", {"task": {"container": {"seccomp": "unconfined"}}}))
+GATED_SCHEMA = {"env-name": ENV_NAMES, "grace": ENV_NAMES, "host-gateway": ENV_NAMES,
+                "arch": ENV_NAMES, "seccomp": SECCOMP}
+
+
+def gated_schema(key: str) -> int:
+    """The schema that reads the value of a gated create ``g-P-SEQ-WHAT``."""
+    return GATED_SCHEMA[key.split("-", 3)[3]]
 
 
 @dataclass
@@ -97,7 +105,7 @@ class SuiteConfig:
     history: Path | None = None  # write the history as JSON lines here
     old_release: str | None = None  # a commit: old_nodes hosts run it (tests/oldrelease.py)
     old_nodes: int = 2  # with old_release: h1 (it inits), then a worker, a manager, ...
-    gated: float = 0.0  # share of the creates using a schema-11 value (GATED_SPECS)
+    gated: float = 0.0  # share of the creates using a gated value (GATED_SPECS)
     # with old_release: at this time of the workload the old nodes are upgraded in place
     # (SIGTERM, today's code, one after another); the leader then raises the schema
     upgrade_at: float | None = None
@@ -156,7 +164,7 @@ class Report:
         return out
 
     def gated(self) -> dict[str, int]:
-        """The schema-11 creates by outcome."""
+        """The gated creates by outcome."""
         g = [o for o in self.ops if o.f == "create" and o.key.startswith("g-")]
         return {r: sum(1 for o in g if o.result == r) for r in ("ok", "fail", "info")}
 
@@ -190,7 +198,7 @@ class Report:
                      f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))]
         if self.config.gated or self.old_hosts:
             g = self.gated()
-            lines.append(f"schema-11 creates: ok {g['ok']}, refused {g['fail']}, unknown "
+            lines.append(f"gated creates: ok {g['ok']}, refused {g['fail']}, unknown "
                          f"{g['info']}; cluster schema {self.schemas[0]} at the start, "
                          f"{self.schemas[1]} at the end"
                          + (f"; old release on {', '.join(self.old_hosts)}"
@@ -570,11 +578,12 @@ class Suite:
             out.append(f"the cluster's schema is {self.schemas[1]}, not {SCHEMA}, after every "
                        f"node was upgraded")
             return out
-        out += [f"{o.key} (a schema-11 value) acknowledged by {o.node} at {o.complete:.1f} s,"
+        out += [f"{o.key} (a value of schema {gated_schema(o.key)}) acknowledged by {o.node} "
+                f"at {o.complete:.1f} s,"
                 f" before the last old agent stopped ({self.upgrade[0]:.1f} s)"
                 for o in self.ops if o.f == "create" and o.key.startswith("g-")
                 and o.result == "ok" and o.complete < self.upgrade[0]
-                and self.schemas[0] < ENV_NAMES]
+                and self.schemas[0] < gated_schema(o.key)]
         h = self.managers[-1]
         arches: dict[str, str] = {}
         deadline = time.monotonic() + 60
@@ -653,10 +662,11 @@ class Suite:
             problems += await self.check_upgraded()
         elif self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
             # (an old release that reads them, schema 11 and up, takes them)
-            problems += [f"{o.key} (a schema-11 value) acknowledged by {o.node} while "
+            problems += [f"{o.key} (a value of schema {gated_schema(o.key)}) acknowledged by "
+                         f"{o.node} while "
                          f"{', '.join(self.old_hosts)} run the old release" for o in self.ops
                          if o.f == "create" and o.key.startswith("g-") and o.result == "ok"
-                         and self.schemas[0] < ENV_NAMES]
+                         and self.schemas[0] < gated_schema(o.key)]
             if self.schemas[1] != self.schemas[0]:
                 problems.append(f"the cluster's schema rose from {self.schemas[0]} to "
                                 f"{self.schemas[1]} with {', '.join(self.old_hosts)} old")
