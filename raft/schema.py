@@ -538,7 +538,13 @@ def _gate_command(cmd: dict[str, Any], writes: int) -> dict[str, Any]:
 def strip_state(raw: dict[str, Any], writes: int) -> dict[str, Any]:
     """A whole state as plain values (``to_dict``) as a cluster at schema ``writes`` (>= 2)
     writes it: its specs without the ``GATED`` fields left at their defaults (one in use
-    stays: it was written before this gate existed, and only its readers can read it)."""
+    stays: it was written before this gate existed, and only its readers can read it), its
+    node records without the fields that schema lacks (``KEPT_NODE_FIELDS``,
+    ``GATED_NODE_FIELDS``: below their schema the state machine leaves them empty), so the
+    bytes are the older release's own (a mixed cluster's state digests agree)."""
+    later = [k for k, s in (*KEPT_NODE_FIELDS.items(), *GATED_NODE_FIELDS.items())
+             if s > writes]
+
     def keep_used(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if gate_refusal(spec, writes, prefix) is not None:
             return spec
@@ -550,4 +556,8 @@ def strip_state(raw: dict[str, Any], writes: int) -> dict[str, Any]:
             svc["previous_spec"] = keep_used(svc["previous_spec"])
     for task in raw.get("tasks", {}).values():
         task["spec"] = keep_used(task["spec"], "task.")
+    for node in raw.get("nodes", {}).values():
+        for key in later:
+            if not node.get(key):
+                node.pop(key, None)
     return raw

@@ -11,6 +11,20 @@ times) and the run's figures (faults, ops, acknowledged, lost, invented, lineari
 invariant violations, the longest unavailability per fault kind, convergence after the last
 heal). The checks themselves are tests/jepsen_check.py.
 
+Mixed versions (``--old-release COMMIT --old-nodes K``): K agents run a previous release
+(tests/oldrelease.py; h1 — which creates the cluster, so it starts at that release's schema —
+then a worker, a manager, ...), the rest today's code, so the cluster keeps writing the old
+schema the whole run and leadership moves between old and new managers under the faults. A
+share of the creates then uses values only a later schema reads (schema 11: an env name with
+a dot, a grace period over an hour, Docker's host-gateway, an arch constraint; schema 12: a
+seccomp setting): each must be refused while an old node of an older schema is in (one
+acknowledged is an invariant violation), and the cluster's schema must not rise. With
+``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the workload
+(one after another, SIGTERM and today's code): the leader must then raise the
+schema, gated creates succeed from then on (none before the last old agent stopped), and
+every node's record ends up describing its arch (node_describe). Any agent that died by
+itself, or a traceback in an agent's log, is reported too.
+
 Must not touch: anything outside the lab it is given (faults are iptables rules inside the
 hosts' own namespaces and signals to the lab's own agents, tests/netlab.py).
 
@@ -19,6 +33,9 @@ Short run: tests/test_faults_suite.py (in `make test`). Long run, with the lab o
     make faults-long            # = python tests/jepsen.py --duration 1800 --seed $$RANDOM
     python tests/jepsen.py --managers 5 --workers 3 --duration 1800 --seed 7 \\
         --history /tmp/history.jsonl
+    python tests/jepsen.py --managers 5 --workers 3 --duration 600 --seed 25 \\
+        --old-release ccf4cf4 --old-nodes 2     # h1 and h6 run the schema-10 release
+        [--upgrade-at 300]                      # ... until they are upgraded in place
 """
 
 from __future__ import annotations
@@ -44,12 +61,30 @@ import aiohttp
 from helpers import fill_filesystem
 from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, check_set
 
+import oldrelease
 from netlab import Host, Lab
+from shoal.raft.schema import ENV_NAMES, SCHEMA, SECCOMP
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
 DISK = "64m"  # each manager's Raft directory is a tmpfs this big (the disk-full fault fills it)
 SPEC_COMMAND = ["sleep", "100000"]
+# values only a later schema reads (raft/schema.py GATED, GATED_VALUES): a create's spec with
+# one of them (refused while the cluster writes an older schema), by the schema that reads it
+GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("env-name", {"task": {"container": {"env": {"discovery.type": "single-node"}}}}),
+    ("grace", {"task": {"container": {"stop_grace_period": 7200.0}}}),
+    ("host-gateway", {"task": {"container": {
+        "extra_hosts": ["host.docker.internal:host-gateway"]}}}),
+    ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}),
+    ("seccomp", {"task": {"container": {"seccomp": "unconfined"}}}))
+GATED_SCHEMA = {"env-name": ENV_NAMES, "grace": ENV_NAMES, "host-gateway": ENV_NAMES,
+                "arch": ENV_NAMES, "seccomp": SECCOMP}
+
+
+def gated_schema(key: str) -> int:
+    """The schema that reads the value of a gated create ``g-P-SEQ-WHAT``."""
+    return GATED_SCHEMA[key.split("-", 3)[3]]
 
 
 @dataclass
@@ -69,6 +104,12 @@ class SuiteConfig:
     op_timeout: float = 8.0  # a client gives up (outcome unknown) after this
     converge_timeout: float = 90.0  # after the last heal: every manager the same state
     history: Path | None = None  # write the history as JSON lines here
+    old_release: str | None = None  # a commit: old_nodes hosts run it (tests/oldrelease.py)
+    old_nodes: int = 2  # with old_release: h1 (it inits), then a worker, a manager, ...
+    gated: float = 0.0  # share of the creates using a gated value (GATED_SPECS)
+    # with old_release: at this time of the workload the old nodes are upgraded in place
+    # (SIGTERM, today's code, one after another); the leader then raises the schema
+    upgrade_at: float | None = None
 
 
 @dataclass
@@ -91,6 +132,10 @@ class Report:
     digests: dict[str, tuple[int, str]]
     converge_s: float
     invariant_violations: list[str] = field(default_factory=list)
+    old_hosts: list[str] = field(default_factory=list)  # hosts that ran cfg.old_release
+    schemas: tuple[int, int] = (0, 0)  # the cluster's schema at the start and at the end
+    agent_errors: dict[str, list[str]] = field(default_factory=dict)  # log tracebacks/crashes
+    upgrade: tuple[float, float] | None = None  # (last old agent stopped, schema raised) s
 
     @property
     def linearizability_violations(self) -> int:
@@ -119,10 +164,22 @@ class Report:
                 out[k] = max(out.get(k, 0.0), gap)
         return out
 
+    def gated(self) -> dict[str, int]:
+        """The gated creates by outcome."""
+        g = [o for o in self.ops if o.f == "create" and o.key.startswith("g-")]
+        return {r: sum(1 for o in g if o.result == r) for r in ("ok", "fail", "info")}
+
     def table_row(self) -> str:
         s = self.set_result
         unavail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))
-        return (f"| {self.config.managers}+{self.config.workers} | {self.config.duration:.0f} s"
+        lab = f"{self.config.managers}+{self.config.workers}"
+        if self.old_hosts:
+            lab += f" ({', '.join(self.old_hosts)} at {self.config.old_release}"
+            if self.upgrade is not None:
+                lab += f", upgraded at {self.upgrade[0]:.0f} s, schema raised at " \
+                       f"{self.upgrade[1]:.0f} s"
+            lab += ")"
+        return (f"| {lab} | {self.config.duration:.0f} s"
                 f" | {self.config.seed} | {len(self.faults)} | {len(self.ops)} | "
                 f"{s.acknowledged} | {len(s.lost)} | {len(s.invented)} | "
                 f"{self.linearizability_violations} | {len(self.invariant_violations)} | "
@@ -140,6 +197,18 @@ class Report:
                  f"heal {self.converge_s:.1f} s",
                  "max unavailability (s): " + ", ".join(
                      f"{k} {v:.1f}" for k, v in sorted(self.unavailability().items()))]
+        if self.config.gated or self.old_hosts:
+            g = self.gated()
+            lines.append(f"gated creates: ok {g['ok']}, refused {g['fail']}, unknown "
+                         f"{g['info']}; cluster schema {self.schemas[0]} at the start, "
+                         f"{self.schemas[1]} at the end"
+                         + (f"; old release on {', '.join(self.old_hosts)}"
+                            if self.old_hosts else "")
+                         + (f"; the last old agent stopped at {self.upgrade[0]:.1f} s, the "
+                            f"schema raised by {self.upgrade[1]:.1f} s"
+                            if self.upgrade is not None else ""))
+        for host, errs in sorted(self.agent_errors.items()):
+            lines.append(f"agent {host}: {len(errs)} error(s) in its log, first: {errs[0]}")
         lines += [r.report() for r in self.registers]
         lines += [f"set: {v}" for v in s.read_violations[:10]]
         if len(s.read_violations) > 10:
@@ -189,6 +258,14 @@ class Suite:
         self.registers = [f"reg-{i}" for i in range(cfg.registers)]
         self.initial: dict[str, tuple[int, int]] = {}
         self.preexisting: list[str] = []  # services there before the history began
+        # how each host runs shoal (the lab's executable, or an old release's): restarts
+        # with a skewed clock keep it
+        self.shoal_of = {h.name: (h._shoal_argv, dict(h._shoal_env))
+                         for h in self.managers + self.workers}
+        self.old_hosts = [h.name for h in self.managers + self.workers if h._shoal_argv]
+        self.schemas = (0, 0)
+        self.upgrade: tuple[float, float] | None = None
+        self.upgrading: set[str] = set()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -239,8 +316,12 @@ class Suite:
             if r < 0.3:
                 seq += 1
                 name = f"s-{p}-{seq}"
-                spec = {"name": name, "task": {"container": {"command": SPEC_COMMAND}},
-                        "mode": {"replicas": 0}}
+                spec: dict[str, Any] = {"name": name, "task": {"container": {
+                    "command": SPEC_COMMAND}}, "mode": {"replicas": 0}}
+                if self.cfg.gated and rng.random() < self.cfg.gated:
+                    what, extra = rng.choice(GATED_SPECS)
+                    name = spec["name"] = f"g-{p}-{seq}-{what}"
+                    spec = _merged(spec, extra)
                 await self.call(Op(p, "create", name, None, self.now()), host, "POST",
                                 "/v1/services", {"spec": spec})
             elif r < 0.75:
@@ -376,19 +457,21 @@ class Suite:
         for h in hosts:
             h.throttle(rate)
 
-    @staticmethod
-    def _restart_skewed(h: Host, offset: int) -> None:
+    def _restart_skewed(self, h: Host, offset: int) -> None:
         """Restart ``h``'s agent with its wall clock ``offset`` seconds off (the hosts share
-        one kernel clock: shoal.node.clock's injection)."""
+        one kernel clock: shoal.node.clock's injection), on the release it runs."""
+        argv, env = self.shoal_of[h.name]
         h.kill_agent()
-        h.use_shoal(None, env={"SHOAL_CLOCK_OFFSET": str(offset)})
+        h.use_shoal(argv, env={**env, "SHOAL_CLOCK_OFFSET": str(offset)})
         h.start_agent()
 
     async def _unskew(self, h: Host) -> None:
         def restart() -> None:
             h.kill_agent()
-            h.use_shoal(None)
+            h.use_shoal(*self.shoal_of[h.name])
             h.start_agent()
+        while h.name in self.upgrading:  # (the upgrader restarts it: after that)
+            await asyncio.sleep(0.1)
         self.down.add(h.name)
         await asyncio.to_thread(restart)
         self.down.discard(h.name)
@@ -409,6 +492,39 @@ class Suite:
     async def _resume(self, h: Host) -> None:
         h.resume_agent()
         self.down.discard(h.name)
+
+    async def upgrader(self) -> None:
+        """At ``upgrade_at``: each old host's agent stopped (SIGTERM) and started on today's
+        code, one after another (a host the nemesis holds down is waited for, and the nemesis
+        leaves one being upgraded alone); then wait for the leader to raise the schema."""
+        assert self.cfg.upgrade_at is not None
+        await asyncio.sleep(max(0.0, self.cfg.upgrade_at - self.now()))
+        stopped = 0.0
+        for name in self.old_hosts:
+            h = next(x for x in self.managers + self.workers if x.name == name)
+            while h.name in self.down:
+                await asyncio.sleep(0.1)
+            self.down.add(h.name)
+            self.upgrading.add(h.name)
+            self.log(f"[{self.now():7.2f}] upgrade: {h.name} to today's code")
+            stopped = self.now()
+
+            def restart(h: Host = h) -> None:
+                h.kill_agent(signal.SIGTERM, timeout=60)
+                h.use_shoal(None)
+                h.start_agent(timeout=60)
+            await asyncio.to_thread(restart)
+            self.shoal_of[h.name] = (None, {})
+            self.down.discard(h.name)
+            self.upgrading.discard(h.name)
+        while self.now() < self.cfg.duration:
+            with contextlib.suppress(Exception):
+                if await self.cluster_schema() >= SCHEMA:
+                    self.upgrade = (stopped, self.now())
+                    self.log(f"[{self.now():7.2f}] upgrade: the cluster writes schema "
+                             f"{SCHEMA}")
+                    return
+            await asyncio.sleep(0.5)
 
     async def nemesis(self, plan: list[tuple[float, tuple[str, ...], float, int]]) -> None:
         for calm, kinds, length, seed in plan:
@@ -437,6 +553,52 @@ class Suite:
         status, data = await self.http(h, "GET", "/v1/services", timeout=30)
         assert status == 200, data
         self.preexisting = [s["name"] for s in data]
+        self.schemas = (await self.cluster_schema(), 0)
+
+    async def cluster_schema(self) -> int:
+        """The schema the cluster writes, as a manager of today's code reports it (the
+        highest any of them that answers does: the nemesis may hold one down)."""
+        new = [h for h in self.managers if h.name not in self.old_hosts + list(
+            self.upgrading)] or self.managers
+
+        async def ask(h: Host) -> int:
+            _, info = await self.http(h, "GET", "/v1/info", timeout=5)
+            return int(info.get("cluster_schema", 0))
+        got = await asyncio.gather(*(ask(h) for h in new), return_exceptions=True)
+        seen = [g for g in got if isinstance(g, int)]
+        if not seen:
+            raise TimeoutError("no manager of today's code answered /v1/info")
+        return max(seen)
+
+    async def check_upgraded(self) -> list[str]:
+        """After an upgrade in place: no schema-11 value acknowledged before the last old
+        agent stopped, the schema raised, and every node's record describing its arch (the
+        agents' node_describe, once the cluster writes 11) within a minute."""
+        out = []
+        if self.upgrade is None:
+            out.append(f"the cluster's schema is {self.schemas[1]}, not {SCHEMA}, after every "
+                       f"node was upgraded")
+            return out
+        out += [f"{o.key} (a value of schema {gated_schema(o.key)}) acknowledged by {o.node} "
+                f"at {o.complete:.1f} s,"
+                f" before the last old agent stopped ({self.upgrade[0]:.1f} s)"
+                for o in self.ops if o.f == "create" and o.key.startswith("g-")
+                and o.result == "ok" and o.complete < self.upgrade[0]
+                and self.schemas[0] < gated_schema(o.key)]
+        h = self.managers[-1]
+        arches: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                _, nodes = await self.http(h, "GET", "/v1/nodes", timeout=10)
+                for n in nodes:
+                    _, rec = await self.http(h, "GET", f"/v1/nodes/{n['id']}", timeout=10)
+                    arches[rec["hostname"]] = rec["platform"]["architecture"]
+                if arches and all(arches.values()):
+                    return out
+            await asyncio.sleep(1.0)
+        out.append(f"nodes without an arch a minute after the run: {arches}")
+        return out
 
     async def converge(self) -> tuple[float, dict[str, tuple[int, str]]]:
         """After the last heal: wait until every manager answers a linearizable read and
@@ -472,13 +634,18 @@ class Suite:
         await self.setup()
         self.t0 = time.monotonic()
         end = self.cfg.duration
-        await asyncio.gather(self.nemesis(plan),
+        upgrading = [self.upgrader()] if self.cfg.upgrade_at is not None and \
+            self.old_hosts else []
+        await asyncio.gather(self.nemesis(plan), *upgrading,
                              *(self.client(p, end) for p in range(self.cfg.clients)))
         for f in self.faults:  # (the nemesis healed each; make sure nothing is left)
             assert f.end != INF
         await self._heal_net()
-        for h in self.managers:
+        problems = []
+        for h in self.managers + self.workers:  # the nemesis restarted every agent it killed
             if not h.agent_alive():
+                code = h._agent.returncode if h._agent is not None else None
+                problems.append(f"the agent of {h.name} exited by itself (status {code})")
                 await self._restart(h)
             h.resume_agent()
         healed = self.now()
@@ -488,17 +655,71 @@ class Suite:
         set_result = check_set(self.ops, names, preexisting=self.preexisting)
         regs = [check_register(k, [o for o in self.ops if o.key == k and o.f in (
             "read", "cas")], self.initial[k]) for k in self.registers]
-        problems = []
         if len(set(digests.values())) != 1 or len(digests) != len(self.managers):
             problems.append(f"managers disagree {converge_s:.0f} s after the last heal "
                             f"(at {healed:.1f} s): {digests}")
+        self.schemas = (self.schemas[0], await self.cluster_schema())
+        if self.old_hosts and self.cfg.upgrade_at is not None:
+            problems += await self.check_upgraded()
+        elif self.old_hosts:  # every node of the old release is still in: nothing of 11 goes
+            # (an old release that reads them, schema 11 and up, takes them)
+            problems += [f"{o.key} (a value of schema {gated_schema(o.key)}) acknowledged by "
+                         f"{o.node} while "
+                         f"{', '.join(self.old_hosts)} run the old release" for o in self.ops
+                         if o.f == "create" and o.key.startswith("g-") and o.result == "ok"
+                         and self.schemas[0] < gated_schema(o.key)]
+            if self.schemas[1] != self.schemas[0]:
+                problems.append(f"the cluster's schema rose from {self.schemas[0]} to "
+                                f"{self.schemas[1]} with {', '.join(self.old_hosts)} old")
         report = Report(self.cfg, text, self.faults, self.ops, set_result, regs, digests,
-                        converge_s, problems)
+                        converge_s, problems, self.old_hosts, self.schemas,
+                        agent_errors(self.managers + self.workers), self.upgrade)
         if self.cfg.history is not None:
             with open(self.cfg.history, "w") as fh:
                 for o in sorted(self.ops, key=lambda o: o.invoke):
                     fh.write(json.dumps(dataclasses.asdict(o), default=str) + "\n")
         return report
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s keys set, maps merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(
+            out.get(k), dict) else v
+    return out
+
+
+def agent_errors(hosts: list[Host]) -> dict[str, list[str]]:
+    """Per host: the last line of each traceback in its agent log, and CRITICAL lines."""
+    out: dict[str, list[str]] = {}
+    for h in hosts:
+        try:
+            lines = h.agent_log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        found, inside = [], False
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                inside = True
+            elif inside and line and not line[0].isspace():
+                found.append(f"{line[:200]} (line {i + 1})")
+                inside = False
+            elif " CRITICAL " in line:
+                found.append(f"{line[:200]} (line {i + 1})")
+        if found:
+            out[h.name] = found
+    return out
+
+
+def old_hosts(managers: int, workers: int, k: int) -> list[int]:
+    """Indexes of the hosts that run the old release: h1 (it creates the cluster, so the
+    cluster starts at the old schema), then a worker, a manager, a worker, ..."""
+    ms, ws = list(range(1, managers)), list(range(managers, managers + workers))
+    out = [0]
+    while len(out) < k and (ms or ws):
+        out.append((ws if (ws and len(out) % 2) or not ms else ms).pop(0))
+    return out[:k]
 
 
 def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:
@@ -514,11 +735,20 @@ def small_disks(lab: Lab, managers: int, size: str = DISK) -> None:
 
 def run_suite(cfg: SuiteConfig, base_dir: Path | None = None,
               log: Callable[[str], None] = print) -> Report:
-    with Lab(cfg.managers + cfg.workers, base_dir) as lab:
+    with contextlib.ExitStack() as stack:
+        rel = stack.enter_context(oldrelease.old_release(cfg.old_release)) \
+            if cfg.old_release else None
+        lab = stack.enter_context(Lab(cfg.managers + cfg.workers, base_dir))
+        if rel is not None:
+            for i in old_hosts(cfg.managers, cfg.workers, cfg.old_nodes):
+                lab.hosts[i].use_shoal(rel.argv, rel.env)
+            log(f"old release {rel.commit[:12]} on "
+                f"{', '.join(h.name for h in lab.hosts if h._shoal_argv)}")
         if "disk-full" in cfg.kinds:
             small_disks(lab, cfg.managers)
         lab.form_cluster(managers=cfg.managers, workers=cfg.workers, timeout=120)
         return asyncio.run(Suite(lab, cfg, log).run())
+    raise AssertionError("unreachable")  # (mypy: ExitStack may swallow exceptions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,9 +759,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--history", type=Path, default=None)
+    ap.add_argument("--old-release", metavar="COMMIT", default=None,
+                    help="run --old-nodes agents on this commit (tests/oldrelease.py), e.g. "
+                         "ccf4cf4, the last of schema 10")
+    ap.add_argument("--old-nodes", type=int, default=2, metavar="K",
+                    help="with --old-release: h1, then a worker, a manager, ... (default 2)")
+    ap.add_argument("--gated", type=float, default=None, metavar="SHARE",
+                    help="share of the creates with a value only schema 11 reads (default "
+                         "0.2 with --old-release, else 0)")
+    ap.add_argument("--upgrade-at", type=float, default=None, metavar="SECONDS",
+                    help="with --old-release: upgrade the old nodes in place at this time of "
+                         "the workload (the schema then rises to today's)")
     args = ap.parse_args(argv)
+    gated = args.gated if args.gated is not None else (0.2 if args.old_release else 0.0)
     cfg = SuiteConfig(managers=args.managers, workers=args.workers, duration=args.duration,
-                      clients=args.clients, seed=args.seed, history=args.history)
+                      clients=args.clients, seed=args.seed, history=args.history,
+                      old_release=args.old_release, old_nodes=args.old_nodes, gated=gated,
+                      upgrade_at=args.upgrade_at)
     def interrupt(_sig: int, _frame: Any) -> None:  # the lab is torn down on the way out
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
