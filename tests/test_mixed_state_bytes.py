@@ -5,9 +5,11 @@ While the cluster writes schema 10 (a node of the schema-10 release is in), toda
 machine applies a log as that release's does, and its whole state as bytes
 (shoal.raft.wire ``state_to_bytes``: a worker's feed, the fault suite's digest) is what that
 release writes for the same log: a field schema 10 never had (``Node.arch``, schema 11) is left
-out, as ``strip_state`` leaves out the specs' later fields. The log is what a today's leader
-writes: joins (every agent sends its arch), services, the leader's passes (spawns,
-assignments), compare-and-set scales, an update, a drain.
+out, as ``strip_state`` leaves out the specs' later fields. Likewise at schema 11 against the
+schema-11 release (schema 12's ``seccomp`` and ``starting_deadline`` left out). The log is
+what a today's leader writes: joins (every agent sends its arch), services (a scheduled job
+among them), the leader's passes (spawns, assignments), compare-and-set scales, an update, a
+drain.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 from typing import Any
 
 import msgpack
+import pytest
 
 import oldrelease
 from shoal.node.leader import plan_pass
@@ -30,6 +33,7 @@ from shoal.raft.state import ClusterState
 from shoal.raft.wire import state_from_bytes, state_to_bytes
 
 SCHEMA_10 = "ccf4cf4"  # the last commit of schema 10 (tests/test_node_arch_cluster.py)
+SCHEMA_11 = "84c31e8"  # the last commit of schema 11
 NOW = 100.0
 
 # applies a JSON list of commands (msgpack round trip, as the log carries them) with the
@@ -53,8 +57,9 @@ def _node(i: int, role: NodeRole) -> dict[str, Any]:
 
 
 def _apply(st: ClusterState, log: list[dict[str, Any]], cmd: dict[str, Any]) -> None:
-    """Encode ``cmd`` as the store's choke point does at schema 10, apply it, log it."""
-    cmd = encode_command(cmd, {}, 10)
+    """Encode ``cmd`` as the store's choke point does at the cluster's schema, apply it, log
+    it."""
+    cmd = encode_command(cmd, {}, st.cluster.schema if st.cluster.cluster_id else cmd["schema"])
     cmd = msgpack.unpackb(msgpack.packb(cmd, use_bin_type=True), raw=False,
                           strict_map_key=False)
     st.apply(cmd)
@@ -69,15 +74,17 @@ def _leader_pass(st: ClusterState, log: list[dict[str, Any]], ids: Any, term: in
         _apply(st, log, {"op": "leader", "term": term, "now": NOW, "ops": ops})
 
 
-def _mixed_log() -> tuple[ClusterState, list[dict[str, Any]]]:
+def _mixed_log(schema: int) -> tuple[ClusterState, list[dict[str, Any]]]:
     st, log = ClusterState(), []
     ids = (f"t{i:04d}" for i in itertools.count())
     _apply(st, log, {"op": "cluster_init", "cluster_id": "c1", "now": 1.0,
-                     "worker_secret": "", "manager_secret": "", "digest": "", "schema": 10})
+                     "worker_secret": "", "manager_secret": "", "digest": "",
+                     "schema": schema})
     for i, role in enumerate((NodeRole.MANAGER, NodeRole.MANAGER, NodeRole.WORKER), 1):
         _apply(st, log, {"op": "node_add", "now": 2.0, "node": _node(i, role)})
     for sid, mode in (("reg-0", {"replicas": 2}), ("web", {"replicas": 3}),
-                      ("agent", {"type": "global"})):
+                      ("agent", {"type": "global"}),
+                      ("nightly", {"type": "replicated-job", "schedule": {"cron": "@daily"}})):
         _apply(st, log, {"op": "service_create", "id": sid, "now": 3.0, "spec": {
             "name": sid, "task": {"container": {"command": ["sleep", "100000"]}},
             "mode": mode}})
@@ -95,11 +102,12 @@ def _mixed_log() -> tuple[ClusterState, list[dict[str, Any]]]:
     return st, log
 
 
-def test_below_schema_11_todays_replica_writes_the_state_bytes_the_schema_10_release_does(
-        ) -> None:
-    st, log = _mixed_log()
-    assert st.cluster.schema == 10 and len(st.tasks) >= 5  # (the passes made tasks)
-    with oldrelease.old_release(SCHEMA_10) as rel:
+@pytest.mark.parametrize(("schema", "release"), [(10, SCHEMA_10), (11, SCHEMA_11)])
+def test_below_todays_schema_its_replica_writes_the_state_bytes_the_older_release_does(
+        schema: int, release: str) -> None:
+    st, log = _mixed_log(schema)
+    assert st.cluster.schema == schema and len(st.tasks) >= 5  # (the passes made tasks)
+    with oldrelease.old_release(release) as rel:
         res = subprocess.run(rel.python_c(PROBE), input=json.dumps(log), capture_output=True,
                              text=True, check=False, timeout=60,
                              env={**os.environ, **rel.env}, cwd=rel.root)
