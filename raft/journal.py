@@ -14,6 +14,9 @@ Owns: the format of ``raft.journal`` as pysyncobj's FileJournal writes it (``rea
   ``onOneSecondTimer`` logs a metadata store failing on a full disk every 10 s instead of a
   traceback every second.
 
+And pysyncobj's own log keeps one traceback of a full disk per 10 s (``FullDiskTracebacks``):
+its tick loop logs every append a follower on a full disk fails, ~3 a second.
+
 Must not touch: what the journal should hold (pysyncobj appends and compacts;
 shoal.raft.store ``_check_persistence`` decides what a restart keeps), the state machine, the
 network. The one step beyond the journal: handing leadership over when it cannot grow.
@@ -25,6 +28,7 @@ installs only what that version allows and logs a warning: pysyncobj's own behav
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -89,11 +93,39 @@ def rewrite_journal(path: Path, entries: list[tuple[bytes, int, int]]) -> None:
         os.close(dfd)
 
 
+class FullDiskTracebacks(logging.Filter):
+    """Lets one record carrying a full disk's OSError (ENOSPC) through per ``every`` seconds
+    and drops the others; any other record passes. On pysyncobj's logger: its tick loop
+    logs a whole traceback for each append a full disk fails (a follower is sent one every
+    tick), where ``_disk_full`` already says it once per 10 s."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = -1e9
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        return True
+
+
+def _quiet_full_disk(logger: logging.Logger) -> None:
+    if not any(isinstance(f, FullDiskTracebacks) for f in logger.filters):
+        logger.addFilter(FullDiskTracebacks())
+
+
 def harden_journal(sync: SyncObj) -> None:
     """Install :func:`_atomic_delete_entries_to`, :func:`_allocating_add`,
     :func:`_set_commit_index_if_changed` and :func:`_store_meta_or_log` on this SyncObj's
     journal (only its own, and only if this pysyncobj has the FileJournal internals they
-    replace)."""
+    replace); and :class:`FullDiskTracebacks` on pysyncobj's logger."""
+    _quiet_full_disk(logging.getLogger("pysyncobj.syncobj"))
     journal = getattr(sync, "_SyncObj__raftLog", None)
     if not isinstance(journal, FileJournal):
         return

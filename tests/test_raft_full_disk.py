@@ -107,3 +107,32 @@ async def test_a_leader_that_cannot_store_a_higher_term_keeps_its_own(
         finally:
             for s in stores:
                 s.close()
+
+
+def test_pysyncobjs_full_disk_tracebacks_come_once_per_ten_seconds() -> None:
+    """A follower on a full disk fails every append it is sent, and pysyncobj's tick loop
+    logs each as a whole traceback (~3 a second in the fault suite's disk-full fault): one
+    per 10 s is kept; any other exception still gets every one."""
+    import errno
+
+    from shoal.raft.journal import FullDiskTracebacks
+
+    logger = logging.getLogger("test.pysyncobj.fulldisk")
+    quiet = FullDiskTracebacks(every=10.0)
+    logger.addFilter(quiet)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    logger.propagate = False
+    for i in range(5):
+        for exc in (OSError(errno.ENOSPC, "No space left on device"), ValueError("bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.exception("failed _onTick %d %s", i, type(exc).__name__)
+    assert seen == ["failed _onTick 0 OSError", *(f"failed _onTick {i} ValueError"
+                                                  for i in range(5))], seen
