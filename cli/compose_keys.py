@@ -28,6 +28,7 @@ from shoal.cli.flagvalues import (
     parse_size,
     port_range,
     publish_ports,
+    seccomp_setting,
     split_security_opt,
 )
 from shoal.raft.podspec import LOG_DRIVERS, LOG_OPTIONS
@@ -823,15 +824,12 @@ def _security_opt(svc: _Service, v: Any, path: str) -> None:
         key, sep, value = split_security_opt(item)
         key, value = key.strip(), value.strip()
         if key == "seccomp" and sep and value:
-            if value in ("unconfined", "default", "builtin"):
-                svc.set("task.container.seccomp", "" if value != "unconfined" else value, where)
-                continue
-            file = Path(value) if Path(value).is_absolute() else svc.project_dir / value
             try:
-                svc.set("task.container.seccomp", file.read_text(encoding="utf-8"), where)
+                setting = seccomp_setting(value, svc.project_dir)
             except (OSError, UnicodeDecodeError) as exc:
-                raise ComposeError(where, f"cannot read the seccomp profile {file}: {exc}") \
+                raise ComposeError(where, f"cannot read the seccomp profile {value}: {exc}") \
                     from None
+            svc.set("task.container.seccomp", setting, where)
         elif key == "no-new-privileges" and value.lower() in ("", "true"):
             continue  # (shoal sets it for every task)
         elif key == "no-new-privileges":

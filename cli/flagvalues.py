@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.cli.errors import CliError
@@ -546,13 +547,21 @@ def parse_security_opt(text: str, flag: str) -> str:
                        "(shoal always sets no-new-privileges; it applies no AppArmor or "
                        "SELinux profile)")
     value = value.strip()
-    if value in ("unconfined", "default", "builtin"):
-        return "unconfined" if value == "unconfined" else ""
     try:
-        with open(os.path.expanduser(value), encoding="utf-8") as f:
-            return f.read()
+        return seccomp_setting(value)
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"{flag}: cannot read the seccomp profile {value}: {exc}") from None
+
+
+def seccomp_setting(value: str, base: Path | None = None) -> str:
+    """The spec's ``seccomp`` value for Docker's ``seccomp=VALUE``: "unconfined", "" for
+    default/builtin, else the JSON of the profile file VALUE (relative to ``base``, ~
+    expanded). OSError or UnicodeDecodeError if it cannot be read."""
+    if value in ("unconfined", "default", "builtin"):
+        return "unconfined" if value == "unconfined" else ""
+    path = Path(value).expanduser()
+    return (path if base is None or path.is_absolute() else base / path).read_text(
+        encoding="utf-8")
 
 
 def scalar(d: FieldDecl, text: Any, flag: str) -> Any:
