@@ -537,20 +537,30 @@ def split_security_opt(text: str) -> tuple[str, str, str]:
     return (key, sep, value) if sep else text.partition(":")
 
 
-def parse_security_opt(text: str, flag: str) -> str:
-    """Docker's ``--security-opt seccomp=unconfined|default|PATH`` (``seccomp:…`` too) as
-    the spec's ``seccomp`` value: "unconfined", "" (the default profile) or the profile
-    file's JSON (the spec check reads it)."""
-    key, sep, value = split_security_opt(text)
-    if key.strip() != "seccomp" or not sep or not value.strip():
-        raise CliError(f"{flag}: {text!r}: only seccomp=unconfined|default|PATH is taken "
-                       "(shoal always sets no-new-privileges; it applies no AppArmor or "
-                       "SELinux profile)")
-    value = value.strip()
-    try:
-        return seccomp_setting(value)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"{flag}: cannot read the seccomp profile {value}: {exc}") from None
+def parse_security_opts(texts: Sequence[str], flag: str) -> str | None:
+    """Docker's ``--security-opt`` values, given once or more (as ``docker run`` takes
+    them), as the spec's ``seccomp`` value: "unconfined", "" (the default profile), the
+    profile file's JSON (the spec check reads it), or None when none names seccomp (the
+    spec keeps its value). ``seccomp=…`` (``seccomp:…`` too): the last one given wins;
+    ``no-new-privileges`` (``=true``) is what shoal does for every task anyway."""
+    setting: str | None = None
+    for text in texts:
+        key, sep, value = split_security_opt(text)
+        key, value = key.strip(), value.strip()
+        if key == "no-new-privileges" and value.lower() in ("", "true"):
+            continue
+        if key == "no-new-privileges":
+            raise CliError(f"{flag}: {text!r}: shoal sets no-new-privileges for every task "
+                           "(a process in a task cannot gain privileges through exec)")
+        if key != "seccomp" or not sep or not value:
+            raise CliError(f"{flag}: {text!r}: only seccomp=unconfined|default|PATH and "
+                           "no-new-privileges are taken (shoal applies no AppArmor or "
+                           "SELinux profile)")
+        try:
+            setting = seccomp_setting(value)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"{flag}: cannot read the seccomp profile {value}: {exc}") from None
+    return setting
 
 
 def seccomp_setting(value: str, base: Path | None = None) -> str:
@@ -578,8 +588,6 @@ def scalar(d: FieldDecl, text: Any, flag: str) -> Any:
             return shlex.split(text)
         except ValueError as exc:
             raise CliError(f"{flag}: {exc} in {text!r}") from None
-    if kind == "seccomp":
-        return parse_security_opt(text, flag)
     if kind == "bytes":
         return parse_size(text, flag)
     if kind == "duration":

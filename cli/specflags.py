@@ -29,6 +29,7 @@ from shoal.cli.flagvalues import (
     get_path,
     parse_cap,
     parse_kv,
+    parse_security_opts,
     parsed_items,
     read_env_files,
     scalar,
@@ -102,7 +103,7 @@ def add_create_flags(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": _dest(d), "help": _help(d)}
         if _metavar(d) and d.cli != "choice":
             kw["metavar"] = _metavar(d)
-        if d.cli in ("map", "list"):
+        if d.cli in ("map", "list", "seccomp"):  # (--security-opt: as often as docker run's)
             parser.add_argument(*names, action="append", default=[], **kw)
         elif d.cli == "choice":
             parser.add_argument(*names, choices=d.choices, **kw)
@@ -173,6 +174,9 @@ def add_update_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(d.flag, dest=_dest(d), metavar=_metavar(d), **kw)
             parser.add_argument(d.flag + "-rm", action="store_true", dest=_dest(d, "_rm"),
                                 help=f"turn {d.flag} off")
+        elif d.cli == "seccomp":  # (as often as docker run's --security-opt)
+            parser.add_argument(d.flag, action="append", default=[], dest=_dest(d),
+                                metavar=_metavar(d), **kw)
         else:  # (docker's update takes -u and -w too)
             parser.add_argument(d.flag, *([d.short] if d.short else []),
                                 *ALIASES.get(d.flag, ()), dest=_dest(d), metavar=_metavar(d),
@@ -247,6 +251,9 @@ def spec_from_create_args(args: argparse.Namespace) -> dict[str, Any]:
                 if parsed and "max" not in parsed:
                     raise CliError(f"{d.flag} {value!r}: max=N is required")
                 set_path(spec, d.path, parsed)
+        elif d.cli == "seccomp":
+            if (setting := parse_security_opts(value, d.flag)) is not None:
+                set_path(spec, d.path, setting)
         elif value is not None:
             set_path(spec, d.path, scalar(d, value, d.flag))
     if getattr(args, "env_file", None):  # --env-file: under the -e values
@@ -358,6 +365,10 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                 parsed = ITEMS[d.item][0](value, d.flag)
                 set_path(spec, d.path, {**(get_path(spec, d.path, {}) or {}), **parsed}
                      if parsed else {})
+        elif d.cli == "seccomp":
+            if (setting := parse_security_opts(getattr(args, _dest(d)), d.flag)) is not None:
+                set_path(spec, d.path, setting)
+                given.add(d.path.rpartition(".")[0])
         else:
             value = getattr(args, _dest(d))
             if value is not None:

@@ -33,8 +33,10 @@ BY_KIND: dict[str, list[str]] = {
     "map": ["=novalue"],  # (an empty key; `--env VAR` alone takes VAR from the shell)
     "struct": ["bogus=1", "min=5,max=2,cpu=50%", "max=3,cpu=150x"],  # (--autoscale)
     "words": ["sh -c 'unclosed", "'' -c"],  # (--entrypoint: a quote, an empty program)
-    # (--security-opt: another option, a profile file that is not there, no value)
-    "seccomp": ["apparmor=unconfined", "seccomp=/nonexistent/profile.json", "seccomp="],
+    # (--security-opt: another option, a profile file that is not there, no value, asking
+    # for what shoal never does)
+    "seccomp": ["apparmor=unconfined", "seccomp=/nonexistent/profile.json", "seccomp=",
+                "no-new-privileges=false"],
 }
 # bad values of list items by item parser
 BY_ITEM: dict[str, list[str]] = {

@@ -22,7 +22,7 @@ from test_runtime_support import needs_root, run_to_end, task
 from shoal.cli.compose import ComposeError, load_stack
 from shoal.cli.errors import CliError
 from shoal.cli.main import build_parser
-from shoal.cli.specflags import spec_from_create_args
+from shoal.cli.specflags import apply_update_args, spec_from_create_args
 from shoal.node.health import Check, ExecHelper, HealthConfig, Probes
 from shoal.node.hostaccess import host_access
 from shoal.raft.errors import ValidationError
@@ -405,11 +405,25 @@ def test_security_opt_flag_as_dockers(tmp_path: Path) -> None:
     assert seccomp_of("--security-opt", f"seccomp={tmp_path}/a:b/p.json") == DENY_MKDIR
     assert seccomp_of("--security-opt", "seccomp=unconfined",
                       "--security-opt", "seccomp=default") == ""
+    # repeated as docker run's: no-new-privileges is what shoal does anyway
+    assert seccomp_of("--security-opt", "seccomp=unconfined",
+                      "--security-opt", "no-new-privileges") == "unconfined"
+    assert seccomp_of("--security-opt", "no-new-privileges:true") == ""
     for bad, words in (("apparmor=unconfined", "only seccomp="),
                        ("seccomp=/nonexistent.json", "cannot read the seccomp profile"),
-                       ("no-new-privileges", "always sets no-new-privileges")):
+                       ("no-new-privileges=false", "sets no-new-privileges for every task")):
         with pytest.raises(CliError, match=words):
             seccomp_of("--security-opt", bad)
+    # an update changes the setting only when a seccomp= is given
+    current = {"name": "s", "task": {"container": {"image": "busybox:1",
+                                                   "seccomp": "unconfined"}}}
+
+    def updated(*flags: str) -> str:
+        args = p.parse_args(["service", "update", *flags, "s"])
+        return str(apply_update_args(current, args)["task"]["container"]["seccomp"])
+    assert updated("--security-opt", "no-new-privileges") == "unconfined"
+    assert updated("--security-opt", "seccomp=default") == ""
+    assert updated("--env-add", "A=1") == "unconfined"
 
 
 def test_compose_security_opt(tmp_path: Path) -> None:
