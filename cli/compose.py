@@ -174,6 +174,17 @@ def _generic_resources(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.resources.reservations.generic_resources", out, path)
 
 
+def _extends(svc: _Service, v: Any, path: str) -> None:
+    """``extends:`` is refused, as by docker stack deploy: left out, the service would be
+    deployed without every key it takes from the one it extends (Zabbix's files take env
+    files, volumes and networks from it)."""
+    base = v.get("service") if isinstance(v, dict) else v
+    raise ComposeError(path, f"not supported (docker stack deploy refuses it too): the "
+                       f"service takes keys from {base!r} that shoal does not merge; write "
+                       "them into this service (`docker compose config` prints the file "
+                       "with extends resolved)")
+
+
 # The one table: every key of a Compose service, as Swarm reads it (dotted under the
 # service). To wire a new spec field, replace its LATER entry with a handler.
 KEYS: dict[str, Rule] = {
@@ -258,7 +269,7 @@ KEYS: dict[str, Rule] = {
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
     "cgroup": IGNORE,
     "profiles": IGNORE, "pull_policy": IGNORE, "scale": IGNORE, "expose": Rule(_expose),
-    "extends": IGNORE, "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,
+    "extends": Rule(_extends), "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,
     "blkio_config": IGNORE, "cpu_count": IGNORE, "cpu_percent": IGNORE, "cpu_shares": IGNORE,
     "cpu_quota": IGNORE, "cpu_period": IGNORE, "cpu_rt_period": IGNORE,
     "cpu_rt_runtime": IGNORE, "cpus": IGNORE, "cpuset": IGNORE, "mem_limit": IGNORE,
