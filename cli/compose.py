@@ -268,7 +268,8 @@ KEYS: dict[str, Rule] = {
     "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": Rule(_restart),
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
     "cgroup": IGNORE,
-    "profiles": IGNORE, "pull_policy": IGNORE, "scale": IGNORE, "expose": Rule(_expose),
+    "profiles": Rule(lambda svc, v, path: None),  # (read by _with_active_profiles)
+    "pull_policy": IGNORE, "scale": IGNORE, "expose": Rule(_expose),
     "extends": Rule(_extends), "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,
     "blkio_config": IGNORE, "cpu_count": IGNORE, "cpu_percent": IGNORE, "cpu_shares": IGNORE,
     "cpu_quota": IGNORE, "cpu_period": IGNORE, "cpu_rt_period": IGNORE,
@@ -639,6 +640,7 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
         if (first := seen.setdefault(key.lower(), key)) != key:
             raise ComposeError(f"services.{key}", f"the same name as services.{first} but "
                                "for its case: a service's name is unique whatever its case")
+    services = _with_active_profiles(services, env, w)
     objects = {kind: _objects(stack, kind, doc.get(f"{kind}s"), project_dir, env, w)
                for kind in ("secret", "config")}
     volumes, volume_drivers = _volume_names(stack, doc.get("volumes"), w)
@@ -650,6 +652,28 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
     return Stack(name=stack, services=specs, secrets=list(objects["secret"].values()),
                  configs=list(objects["config"].values()), warnings=w.render(),
                  networks=list(networks.values()))
+
+
+def _with_active_profiles(services: dict[str, Any], env: Mapping[str, str],
+                          w: _Warnings) -> dict[str, Any]:
+    """The services to deploy, as `docker compose up` starts them: one without
+    ``profiles:`` always, one with them only when one is active — named by
+    ``COMPOSE_PROFILES`` (comma-separated, ``*`` all) in the environment or ``.env``."""
+    active = {p.strip() for p in env.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+    out = {}
+    for key, body in services.items():
+        if isinstance(body, dict) and "profiles" in body:
+            names = as_str_list(body["profiles"], f"services.{key}.profiles")
+            if "*" not in active and not active & set(names):
+                w.add("profiles", "not deployed: none of their profiles is active "
+                      "(COMPOSE_PROFILES, as docker compose)", str(key))
+                continue
+        out[key] = body
+    if not out:
+        raise ComposeError("services", "no service to deploy: every one has profiles: and "
+                           "none of them is active (COMPOSE_PROFILES is "
+                           f"{'not set' if not active else repr(','.join(sorted(active)))})")
+    return out
 
 
 def _default_network(stack: str, services: dict[str, Any],

@@ -44,3 +44,51 @@ services:
 """)
     assert msg.startswith("services.server.extends: not supported"), msg
     assert "docker stack deploy refuses it too" in msg and "docker compose config" in msg
+
+
+# ----------------------------------------------------------------------------- profiles
+
+AIRFLOW = """
+services:
+  postgres: {image: postgres:16}
+  scheduler: {image: apache/airflow:3, command: scheduler}
+  flower: {image: apache/airflow:3, command: celery flower, profiles: [flower]}
+  cli: {image: apache/airflow:3, command: [bash, -c, airflow], profiles: [debug]}
+"""
+
+
+def test_a_service_whose_profiles_are_not_active_is_not_deployed(tmp_path: Path) -> None:
+    """As `docker compose up` (Airflow's ``airflow-cli``, a one-shot, would otherwise run
+    as a service restarting forever): a service with ``profiles:`` is deployed only when
+    one of them is active, and the warning names what was left out."""
+    st = deploy(tmp_path, AIRFLOW)
+    assert sorted(s.name for s in st.services) == ["app_postgres", "app_scheduler"]
+    assert "profiles: not deployed: none of their profiles is active (COMPOSE_PROFILES, as " \
+        "docker compose) (services flower, cli)" in st.warnings
+
+
+@pytest.mark.parametrize(("env", "dotenv", "deployed"), [
+    ({"COMPOSE_PROFILES": "flower"}, "", ["app_flower", "app_postgres", "app_scheduler"]),
+    ({}, "COMPOSE_PROFILES=debug, flower\n",  # (Sentry's .env sets it)
+     ["app_cli", "app_flower", "app_postgres", "app_scheduler"]),
+    ({"COMPOSE_PROFILES": "*"}, "", ["app_cli", "app_flower", "app_postgres",
+                                     "app_scheduler"]),
+])
+def test_compose_profiles_from_the_environment_or_dotenv_activates_profiles(
+        tmp_path: Path, env: dict[str, str], dotenv: str, deployed: list[str]) -> None:
+    st = deploy(tmp_path, AIRFLOW, env, dotenv)
+    assert sorted(s.name for s in st.services) == deployed
+    left_out = sorted({"app_cli", "app_flower"} - set(deployed))
+    said = [w for w in st.warnings if w.startswith("profiles:")]
+    assert said == ([f"profiles: not deployed: none of their profiles is active "
+                     f"(COMPOSE_PROFILES, as docker compose) (service {left_out[0][4:]})"]
+                    if left_out else [])
+
+
+def test_profiles_must_be_a_list_of_names_and_some_service_must_remain(
+        tmp_path: Path) -> None:
+    assert error(tmp_path, "services:\n  w: {image: a, profiles: [[x]]}\n") \
+        .startswith("services.w.profiles[0]: expected a string")
+    msg = error(tmp_path, "services:\n  w: {image: a, profiles: [debug]}\n")
+    assert msg.startswith("services: no service to deploy: every one has profiles: and "
+                          "none of them is active (COMPOSE_PROFILES is not set)"), msg
