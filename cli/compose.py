@@ -409,7 +409,23 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
         msg = exc.message
         if msg.startswith(exc.field + ": "):
             msg = msg[len(exc.field) + 2:]
+        value = _value_at(svc.spec, exc.field)
+        if msg.startswith("invalid value: ") and isinstance(value, (str, int, float)):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            msg = f"invalid value {shown}: {msg[len('invalid value: '):]}"
         raise ComposeError(where, f"{msg} (spec field {exc.field})") from None
+
+
+def _value_at(spec: Any, field_path: str) -> Any:
+    """The value at ``task.container.mounts[1].source`` in the spec dict, or None."""
+    node = spec
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", field_path):
+        if part.startswith("["):
+            i = int(part[1:-1])
+            node = node[i] if isinstance(node, list) and i < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _host_ports(svc: _Service) -> None:

@@ -92,3 +92,17 @@ def test_profiles_must_be_a_list_of_names_and_some_service_must_remain(
     msg = error(tmp_path, "services:\n  w: {image: a, profiles: [debug]}\n")
     assert msg.startswith("services: no service to deploy: every one has profiles: and "
                           "none of them is active (COMPOSE_PROFILES is not set)"), msg
+
+
+# ----------------------------------------------------------------------------- messages
+
+@pytest.mark.parametrize(("body", "said"), [
+    # Airflow's documentation template (|version| replaced by their docs build)
+    ("image: 'apache/airflow:|version|'",
+     "services.web.image: invalid value 'apache/airflow:|version|': image "),
+    # MinIO's `image: minio/minio:${RELEASE}` with RELEASE unset
+    ("image: 'minio/minio:'", "services.web.image: invalid value 'minio/minio:': image "),
+])
+def test_an_invalid_value_is_shown_in_the_message(tmp_path: Path, body: str,
+                                                  said: str) -> None:
+    assert error(tmp_path, f"services:\n  web:\n    {body}\n").startswith(said)
