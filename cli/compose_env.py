@@ -148,7 +148,7 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str] | None = N
                                    "the closing quote")
             raw = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), "\\" + e.group(1)),
                          inner)
-            value = _Interpolator(ChainMap(out, env), lambda w: None).text(raw, f"{source}:{first}")
+            value = _Interpolator(ChainMap(out, env)).text(raw, f"{source}:{first}")
         elif value.startswith("'"):
             close_at = value.find("'", 1)
             if close_at < 0:
@@ -161,7 +161,7 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str] | None = N
             value = value[1:close_at]
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
-            value = _Interpolator(ChainMap(out, env), lambda w: None).text(
+            value = _Interpolator(ChainMap(out, env)).text(
                 value, f"{source}:{first}")
         out[key] = value
     return out
@@ -183,9 +183,9 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _Interpolator:
-    def __init__(self, env: Mapping[str, str], warn: Callable[[str], None]) -> None:
+    def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
-        self.warn = warn
+        self.unset: dict[str, list[str]] = {}  # variable not set → where it is used
 
     def text(self, s: str, path: str) -> str:
         out, _ = self._scan(s, 0, path, None)
@@ -248,8 +248,7 @@ class _Interpolator:
     def _get(self, name: str, path: str) -> str:
         value = self.env.get(name)
         if value is None:
-            self.warn(f"the {name} variable is not set: it is replaced by an empty string "
-                      f"(at {path})")
+            self.unset.setdefault(name, []).append(path)
             return ""
         return value
 
@@ -267,7 +266,13 @@ def interpolate(doc: Any, env: Mapping[str, str],
                 warnings: list[str] | None = None) -> Any:
     """``doc`` with every string value interpolated from ``env`` (keys are not)."""
     sink = warnings if warnings is not None else []
-    return _Interpolator(env, sink.append).walk(doc, "")
+    interpolator = _Interpolator(env)
+    out = interpolator.walk(doc, "")
+    for name, paths in interpolator.unset.items():  # (one warning a variable, as Docker)
+        more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
+        sink.append(f"the {name} variable is not set: it is replaced by an empty string "
+                    f"(at {', '.join(paths[:2])}{more})")
+    return out
 
 
 # ----------------------------------------------------------------------------- merging

@@ -116,3 +116,19 @@ def test_a_host_name_with_a_domain_is_refused_saying_why(tmp_path: Path) -> None
                           "domain is not supported yet"), msg
     st = deploy(tmp_path, "services:\n  web: {image: a, hostname: 'web-{{.Task.Slot}}'}\n")
     assert st.services[0].task.container.hostname == "web-{{.Task.Slot}}"
+
+
+def test_a_variable_not_set_is_warned_once_with_where_it_is_used(tmp_path: Path) -> None:
+    """MinIO's four ``image: minio/minio:${RELEASE}`` gave four warnings, Jitsi's CONFIG
+    (before its .env is written) ten: one a variable, as docker compose."""
+    st = deploy(tmp_path, """
+services:
+  minio1: {image: "minio/minio:${RELEASE:-a}", command: "${OPTS}"}
+  minio2: {image: minio/minio, command: "${OPTS}", environment: ["A=${OPTS}${OPTS}"]}
+  nginx: {image: nginx, command: "${NGINX}"}
+""")
+    assert [w for w in st.warnings if "variable" in w] == [
+        "the OPTS variable is not set: it is replaced by an empty string (at "
+        "services.minio1.command, services.minio2.command and 2 more)",
+        "the NGINX variable is not set: it is replaced by an empty string (at "
+        "services.nginx.command)"]
