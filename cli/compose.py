@@ -16,8 +16,9 @@ table that maps keys to handlers, the top-level objects and the translation of a
 
 Every service key (dotted, under ``services.NAME``) has one entry in ``KEYS``: a handler that
 writes the spec, a section whose sub-keys are looked up in the same table, or a rule that
-warns — ``IGNORED`` (does not apply to a stack, Swarm ignores it too) or ``NOT_YET`` (Swarm
-reads it; shoal's spec has no field for it yet). Wiring a new spec field is replacing its
+warns — ``IGNORED`` (does not apply to a stack, Swarm ignores it too; a key docker stack
+deploy refuses is said to be refused there) or ``NOT_YET`` (Swarm reads it; shoal's spec has
+no field for it yet). Wiring a new spec field is replacing its
 ``NOT_YET`` entry with a handler. A key outside the Compose Specification is an error, ``x-*``
 extension keys are skipped. Each warning names the key once, with the services that use it.
 
@@ -196,6 +197,11 @@ def _extends(svc: _Service, v: Any, path: str) -> None:
                        "with extends resolved)")
 
 
+def _docker_refuses(instead: str) -> Rule:
+    """A key left out with a warning where docker stack deploy refuses the file."""
+    return Rule(why=f"ignored: {instead} (docker stack deploy refuses the key)")
+
+
 # The one table: every key of a Compose service, as Swarm reads it (dotted under the
 # service). To wire a new spec field, replace its LATER entry with a handler.
 KEYS: dict[str, Rule] = {
@@ -274,22 +280,27 @@ KEYS: dict[str, Rule] = {
     "oom_score_adj": _to("task.container.oom_score_adj", as_int),
     "privileged": LATER, "devices": LATER, "gpus": LATER, "annotations": LATER,
     "runtime": LATER, "storage_opt": LATER, "pid": LATER, "ipc": LATER, "uts": LATER,
-    # Keys of the Compose Specification that do not apply to a stack
+    # Keys of the Compose Specification that do not apply to a stack: ignored as by docker
+    # stack deploy ("Ignoring unsupported options") ...
     "build": IGNORE, "depends_on": IGNORE, "container_name": IGNORE, "links": IGNORE,
     "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": Rule(_restart),
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
-    "cgroup": IGNORE,
     "profiles": Rule(lambda svc, v, path: None),  # (read by _with_active_profiles)
-    "pull_policy": IGNORE, "scale": IGNORE, "expose": Rule(_expose),
-    "extends": Rule(_extends), "volumes_from": IGNORE, "develop": IGNORE, "attach": IGNORE,
-    "blkio_config": IGNORE, "cpu_count": IGNORE, "cpu_percent": IGNORE, "cpu_shares": IGNORE,
-    "cpu_quota": IGNORE, "cpu_period": IGNORE, "cpu_rt_period": IGNORE,
-    "cpu_rt_runtime": IGNORE, "cpus": IGNORE, "cpuset": IGNORE, "mem_limit": IGNORE,
-    "mem_reservation": IGNORE, "mem_swappiness": IGNORE, "memswap_limit": IGNORE,
-    "oom_kill_disable": IGNORE, "pids_limit": IGNORE, "device_cgroup_rules": IGNORE,
-    "label_file": IGNORE, "pre_start": IGNORE, "post_start": IGNORE, "pre_stop": IGNORE,
-    "provider": IGNORE,
-    "use_api_socket": IGNORE, "driver_opts": IGNORE, "models": IGNORE,
+    "expose": Rule(_expose), "extends": Rule(_extends),
+    # ... or ignored where docker stack deploy refuses the file (its schema has no such key,
+    # or it names a replacement)
+    **dict.fromkeys(("cgroup", "pull_policy", "develop", "attach", "blkio_config",
+                     "cpu_count", "cpu_percent", "cpu_period", "cpu_rt_period",
+                     "cpu_rt_runtime", "mem_swappiness", "oom_kill_disable",
+                     "device_cgroup_rules", "label_file", "pre_start", "post_start",
+                     "pre_stop", "provider", "use_api_socket", "driver_opts", "models"),
+                    _docker_refuses("it does not apply to a stack")),
+    **dict.fromkeys(("cpu_shares", "cpu_quota", "cpus", "cpuset", "mem_limit",
+                     "mem_reservation", "memswap_limit", "pids_limit"),
+                    _docker_refuses("give the limit under deploy.resources")),
+    "scale": _docker_refuses("give the count as deploy.replicas"),
+    "volumes_from": _docker_refuses("the service does not get the other's volumes: name "
+                                    "them under its own volumes:"),
 }
 
 
