@@ -555,6 +555,8 @@ def _tmpfs(svc: _Service, v: Any, path: str) -> None:
             key, _, value = opt.partition("=")
             if key == "size":
                 size = as_size(value, where)
+            elif opt in ("rw", "exec", "nosuid", "nodev"):
+                pass  # (what shoal's tmpfs mounts are: Jitsi's /run:...,exec is honoured)
             else:  # (mode, uid, gid, noexec...: the spec's tmpfs mount holds a size only)
                 svc.warn(f"tmpfs ({key})", f"{NOT_YET}: ignored (a tmpfs mount takes size=)")
         svc.mounts.append({"type": "tmpfs", "target": dst, "tmpfs_size": size})

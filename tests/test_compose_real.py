@@ -151,3 +151,16 @@ services:
         "refuses the key) (service web)",
         "scale: ignored: give the count as deploy.replicas (docker stack deploy refuses the "
         "key) (service web)"]
+
+
+def test_tmpfs_flags_shoal_applies_anyway_are_not_warned(tmp_path: Path) -> None:
+    """Jitsi's ``/run:size=16M,mode=1750,exec``: shoal's tmpfs mounts are rw, exec, nosuid
+    and nodev (shoal.runtime.rootfs), so ``exec`` is honoured and not said to be ignored;
+    ``mode`` and ``noexec`` are."""
+    st = deploy(tmp_path, """
+services:
+  web: {image: jitsi/web, tmpfs: ["/run:size=16M,mode=1750,exec,rw,nosuid,nodev",
+                                  "/tmp:size=16M,noexec"]}
+""")
+    assert [m.tmpfs_size for m in st.services[0].task.container.mounts] == [16 << 20] * 2
+    assert [w.split(":")[0] for w in st.warnings] == ["tmpfs (mode)", "tmpfs (noexec)"]
