@@ -540,9 +540,14 @@ def _networks(stack: str, section: Any, warnings: _Warnings) -> dict[str, Networ
                 raise ComposeError(f"{path}.{k}", "unknown key (not in the Compose "
                                    "Specification)")
         driver = as_str(m.get("driver", "overlay"), f"{path}.driver")
-        if driver != "overlay":
+        if driver == "bridge":  # (docker compose's default, written out in many files)
+            warnings.add(f"{path}.driver: bridge", "deployed as overlay: a stack's network "
+                         "spans the nodes its services run on (docker stack deploy refuses "
+                         "the file)")
+        elif driver != "overlay":
             raise ComposeError(f"{path}.driver", f"expected overlay (the only driver of a "
-                               f"stack's networks), got {driver!r}")
+                               f"stack's networks; bridge is taken as overlay), got "
+                               f"{driver!r}")
         for k in ("driver_opts", "enable_ipv6"):
             if k in m:
                 warnings.add(f"networks.{k}", f"{NOT_YET}: ignored")

@@ -627,7 +627,7 @@ def test_network_mode_host_and_none_and_swarms_external_host_network(tmp_path: P
 @pytest.mark.parametrize(("text", "error"), [
     ("services: {web: {command: sleep 1, networks: [nope]}}",
      "services.web.networks.nope: not declared under the top-level networks:"),
-    ("services: {web: {command: sleep 1}}\nnetworks: {n: {driver: bridge}}",
+    ("services: {web: {command: sleep 1}}\nnetworks: {n: {driver: macvlan}}",
      "networks.n.driver: expected overlay"),
     ("services: {web: {command: sleep 1}}\nnetworks: {n: {colour: red}}",
      "networks.n.colour: unknown key"),
@@ -640,6 +640,17 @@ def test_bad_networks_are_refused_with_their_path(tmp_path: Path, text: str,
                                                   error: str) -> None:
     with pytest.raises(ComposeError, match=re.escape(error)):
         deploy(tmp_path, text)
+
+
+def test_a_bridge_network_is_deployed_as_an_overlay_with_a_warning(tmp_path: Path) -> None:
+    """``driver: bridge`` (docker compose's default, written out by many files) is the
+    stack's overlay network, said once; docker stack deploy refuses such a file."""
+    st = deploy(tmp_path, "services: {web: {command: sleep 1, networks: [back]}}\n"
+                "networks: {back: {driver: bridge}}")
+    (net,) = st.networks
+    assert net.name == "app_back" and not net.external
+    assert [w for w in st.warnings if "networks.back.driver: bridge" in w and
+            "deployed as overlay" in w], st.warnings
 
 
 def test_a_service_built_from_source_needs_an_image_to_deploy(tmp_path: Path) -> None:
