@@ -438,6 +438,11 @@ class RuntimeConfig:
         return Path(self.data_dir) / "volumes"
 
     @property
+    def anon_dir(self) -> Path:
+        """The records of the anonymous volumes (shoal.runtime.taskvols)."""
+        return Path(self.data_dir) / "anonymous"
+
+    @property
     def mnt_dir(self) -> Path:
         """Empty on the host: each task's launcher mounts its staging tmpfs here, in the task's
         own mount namespace (see runtime/rootfs.py)."""

@@ -185,6 +185,15 @@ class FakeController:
             del self._status[task_id]
             del self._configs[task_id]
 
+    def anonymous_volumes(self) -> dict[str, dict[str, object]]:
+        return {}
+
+    async def remove_anonymous_volume(self, name: str) -> bool:
+        return False
+
+    async def prune_anonymous_volumes(self) -> list[str]:
+        return []
+
     async def close(self) -> None:
         self.closed = True
 
