@@ -433,7 +433,8 @@ class ContainerSpec(_Spec, frozen=True):
         "time between the stop signal and SIGKILL", flag="--stop-grace-period",
         cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
     mounts: Annotated[tuple[Mount, ...], decl(
-        "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
+        "filesystems mounted into the task (a volume without src: an anonymous one)",
+        flag="--mount", cli="list", item="mount",
         metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
     secrets: Annotated[tuple[FileRef, ...], decl(
         "secrets the task sees as files: /run/secrets/NAME, or target=FILE (in "

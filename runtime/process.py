@@ -245,6 +245,12 @@ class ProcessController:
         """Named volumes on this node."""
         return resources.list_volumes(self._cfg.volumes_dir)
 
+    def remove_volume(self, name: str) -> None:
+        """Delete a named volume and its data. VolumeInUse if a known task mounts it."""
+        users = [tid for tid, t in self._tasks.items()
+                 if name in t.volumes and not t.volumes_released]
+        resources.remove_volume(self._cfg.volumes_dir, name, users)
+
     def anonymous_volumes(self) -> dict[str, dict[str, object]]:
         return self._vols.anonymous()
 
