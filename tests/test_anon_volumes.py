@@ -229,3 +229,30 @@ def test_the_volume_is_filled_from_the_merged_image_inside_its_root(tmp_path: Pa
     assert entry is not None and entry[1] == [low / "etc"]
     assert not copy_image_path(layers, "/nowhere", dest)
     assert not copy_image_path(layers, "/srv/data/a", tmp_path)  # (a file: nothing)
+
+
+def test_the_schema_12_release_refuses_both_so_the_gate_is_needed() -> None:
+    """The schema-12 release's own state machine refuses a volume mount without a source and
+    a mount's nocopy key (what a replica of it would do with them were they not gated)."""
+    import json
+    import subprocess
+
+    import oldrelease
+    from test_mixed_state_bytes import PROBE, SCHEMA_12
+
+    log = [{"op": "cluster_init", "cluster_id": "c1", "now": 1.0, "worker_secret": "",
+            "manager_secret": "", "digest": "", "schema": 12}]
+    for i, mount in enumerate((ANON, {"type": "volume", "source": "d", "target": "/d",
+                                      "nocopy": True},
+                               {"type": "volume", "source": "d", "target": "/d"})):
+        log.append({"op": "service_create", "id": f"s{i}", "now": 2.0,
+                    "spec": {**_spec(mount), "name": f"s{i}"}})
+    with oldrelease.old_release(SCHEMA_12) as rel:
+        res = subprocess.run(rel.python_c(PROBE), input=json.dumps(log), capture_output=True,
+                             text=True, check=False, timeout=60,
+                             env={**os.environ, **rel.env}, cwd=rel.root)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(res.stdout)["results"]
+    assert results[1]["error"]["field"] == "task.container.mounts[0].source"
+    assert "nocopy" in results[2]["error"]["message"]
+    assert results[3].get("ok")
