@@ -120,7 +120,7 @@ class VolumesApi(ObjectsApi):
                 "scope": "local", "created_at": None, "anonymous": True,
                 "target": rec["target"], "services": [task.service_name] if task else [],
                 "nodes": [self.ctx.hostname]})
-            view["tasks"] = list(rec["users"])  # type: ignore[call-overload]
+            view["tasks"] = list(rec["users"])
 
     def ls(self) -> list[dict[str, Any]]:
         """The created volumes, the implicit and anonymous ones live tasks mount (the

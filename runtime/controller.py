@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.runtime.cgroups import TaskUsage
 from shoal.runtime.images import ImageConfig
@@ -104,7 +104,7 @@ class Controller(Protocol):
         """The config (Entrypoint, Cmd, Env, WorkingDir, User) of an image on this node, for
         ImageConfig.apply(); ImageUnavailable (a StartError) if it is not here."""
 
-    def anonymous_volumes(self) -> dict[str, dict[str, object]]:
+    def anonymous_volumes(self) -> dict[str, dict[str, Any]]:
         """This node's anonymous volumes (shoal.runtime.taskvols): name → {"task": the task
         it was made for, "target", "users": the runtime's tasks that mount it}."""
 

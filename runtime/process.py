@@ -48,6 +48,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime import cgroups as cg_mod
 from shoal.runtime import logs as logs_mod
@@ -251,7 +252,7 @@ class ProcessController:
                  if name in t.volumes and not t.volumes_released]
         resources.remove_volume(self._cfg.volumes_dir, name, users)
 
-    def anonymous_volumes(self) -> dict[str, dict[str, object]]:
+    def anonymous_volumes(self) -> dict[str, dict[str, Any]]:
         return self._vols.anonymous()
 
     async def remove_anonymous_volume(self, name: str) -> bool:

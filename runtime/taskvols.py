@@ -39,6 +39,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime import volcopy, volumes
 from shoal.runtime.errors import LaunchFailed, VolumeInUse
@@ -172,10 +173,10 @@ class TaskVolumes:
                 (self._anon_dir / name).unlink()  # (after the directory: see the docstring)
         self._locks.pop(name, None)
 
-    def anonymous(self) -> dict[str, dict[str, object]]:
+    def anonymous(self) -> dict[str, dict[str, Any]]:
         """This node's anonymous volumes: name → {"task": the task it was made for,
         "target", "users": ids of the runtime's tasks that mount it}."""
-        out: dict[str, dict[str, object]] = {}
+        out: dict[str, dict[str, Any]] = {}
         try:
             names = sorted(os.listdir(self._anon_dir))
         except OSError:

@@ -17,8 +17,9 @@ then a worker, a manager, ...), the rest today's code, so the cluster keeps writ
 schema the whole run and leadership moves between old and new managers under the faults. A
 share of the creates then uses values only a later schema reads (schema 11: an env name with
 a dot, a grace period over an hour, Docker's host-gateway, an arch constraint; schema 12: a
-seccomp setting; schema 13: an anonymous volume): each must be refused while an old node of an older schema is in (one
-acknowledged is an invariant violation), and the cluster's schema must not rise. With
+seccomp setting; schema 13: an anonymous volume): each must be refused while an old node of
+an older schema is in (one acknowledged is an invariant violation), and the cluster's schema
+must not rise. With
 ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the workload
 (one after another, SIGTERM and today's code): the leader must then raise the
 schema, gated creates succeed from then on (none before the last old agent stopped), and

@@ -237,8 +237,9 @@ def test_the_schema_12_release_refuses_both_so_the_gate_is_needed() -> None:
     import json
     import subprocess
 
-    import oldrelease
     from test_mixed_state_bytes import PROBE, SCHEMA_12
+
+    import oldrelease
 
     log = [{"op": "cluster_init", "cluster_id": "c1", "now": 1.0, "worker_secret": "",
             "manager_secret": "", "digest": "", "schema": 12}]
