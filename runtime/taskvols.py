@@ -37,6 +37,8 @@ import json
 import logging
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -133,8 +135,8 @@ class TaskVolumes:
             async with self._lock(m.source):
                 try:
                     await asyncio.to_thread(_make_and_fill, path, layers, m.target,
-                                            not m.nocopy)
-                except OSError as exc:
+                                            not m.nocopy, self._anon_dir)
+                except (OSError, RecursionError) as exc:
                     raise LaunchFailed(f"mounts: volume {m.source} at {m.target}: cannot "
                                        f"make it or fill it from the image: {exc}") from exc
 
@@ -157,7 +159,11 @@ class TaskVolumes:
 
     async def sweep(self) -> list[str]:
         """Remove every recorded anonymous volume no task of this runtime mounts (left by an
-        agent that died before it removed them); the names removed."""
+        agent that died before it removed them), and fills an agent left unfinished; the
+        names removed."""
+        for scratch in self._anon_dir.glob(f"{_SCRATCH}*"):
+            if not any(lock.locked() for lock in self._locks.values()):
+                await asyncio.to_thread(safe_rmtree, scratch)
         gone = [name for name in self.anonymous() if not self._anon.get(name)]
         for name in gone:
             await self._remove_anon(name)
@@ -205,11 +211,37 @@ class TaskVolumes:
         return True
 
 
-def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: bool) -> None:
-    """The volume's directory (made if missing), filled from the image when empty."""
+_SCRATCH = ".fill-"  # a fill in progress, in ANON_DIR (the same filesystem as the volumes)
+
+
+def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: bool,
+                   scratch_dir: Path) -> None:
+    """The volume's directory (made if missing), filled from the image when empty: copied
+    into a scratch directory first and its entries then renamed into the volume, so a fill
+    that fails half-way (a full disk) leaves the volume empty, never half-filled."""
     path.mkdir(mode=0o755, exist_ok=True)
-    if copy and layers is not None and volcopy.is_empty(path):
-        volcopy.copy_image_path(layers, target, path)
+    if not copy or layers is None or not volcopy.is_empty(path):
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH, dir=scratch_dir))
+    try:
+        if not volcopy.copy_image_path(layers, target, scratch):
+            return
+        st = os.stat(scratch)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        src, dst = os.open(scratch, flags), os.open(path, flags)
+        try:
+            if not volcopy.is_empty(path):  # (a task sharing it wrote there meanwhile)
+                return
+            for name in os.listdir(src):
+                os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+            os.fchown(dst, st.st_uid, st.st_gid)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(src)
+            os.close(dst)
+    finally:
+        safe_rmtree(scratch)
 
 
 __all__ = ["ANON_NAME_RE", "TaskVolumes", "anon_name"]

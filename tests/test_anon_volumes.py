@@ -257,3 +257,49 @@ def test_the_schema_12_release_refuses_both_so_the_gate_is_needed() -> None:
     assert results[1]["error"]["field"] == "task.container.mounts[0].source"
     assert "nocopy" in results[2]["error"]["message"]
     assert results[3].get("ok")
+
+
+def test_a_fill_that_fails_half_way_leaves_the_volume_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A full disk half-way through): the volume stays empty, so the next start fills it
+    whole, and no scratch directory is left."""
+    import errno
+
+    from shoal.runtime import taskvols, volcopy
+
+    layer = _layer(tmp_path / "l", {"data/a": "a", "data/b": "b", "data/c": "c"})
+    real, calls = volcopy._copy_file, []
+
+    def failing(*args: Any) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(volcopy, "_copy_file", failing)
+    vol, scratch = tmp_path / "vol", tmp_path / "anon"
+    scratch.mkdir()
+    with pytest.raises(OSError, match="No space"):
+        taskvols._make_and_fill(vol, [layer], "/data", True, scratch)
+    assert list(vol.iterdir()) == [] and list(scratch.iterdir()) == []
+    monkeypatch.setattr(volcopy, "_copy_file", real)
+    taskvols._make_and_fill(vol, [layer], "/data", True, scratch)
+    assert sorted(p.name for p in vol.iterdir()) == ["a", "b", "c"]
+    (vol / "a").unlink()
+    taskvols._make_and_fill(vol, [layer], "/data", True, scratch)  # (not empty: untouched)
+    assert sorted(p.name for p in vol.iterdir()) == ["b", "c"]
+
+
+def test_a_tasks_stored_config_names_anonymous_and_nocopy_only_when_set() -> None:
+    """config.json (what a restarted agent adopts from): a task without them reads back in an
+    older agent, which knows neither key; one with them round-trips."""
+    import json
+
+    from shoal.runtime.records import TaskConfig
+
+    plain = TaskConfig("t1", "h", ("true",), {}, "", mounts=(MountSpec("volume", "/d", "d"),))
+    assert set(json.loads(plain.to_json())["mounts"][0]) == {
+        "type", "target", "source", "readonly", "tmpfs_size", "driver", "driver_opts"}
+    anon = TaskConfig("t1", "h", ("true",), {}, "", mounts=(
+        MountSpec("volume", "/d", anon_name("t1", "/d"), anonymous=True, nocopy=True),))
+    assert TaskConfig.from_json(anon.to_json()).mounts == anon.mounts
