@@ -112,9 +112,6 @@ class Controller(Protocol):
         """Remove an anonymous volume no task uses (VolumeInUse otherwise); False when this
         node has none of that name."""
 
-    async def prune_anonymous_volumes(self) -> list[str]:
-        """Remove the anonymous volumes no task uses; their names."""
-
     async def close(self) -> None:
         """Stop watching. Does NOT stop tasks: they survive the agent."""
 

@@ -258,9 +258,6 @@ class ProcessController:
     async def remove_anonymous_volume(self, name: str) -> bool:
         return await self._vols.remove_anonymous(name)
 
-    async def prune_anonymous_volumes(self) -> list[str]:
-        return await self._vols.sweep()
-
     def _images_in_use(self) -> set[str]:
         # (an exited task kept for its logs needs its image no more: tasks never restart in
         # place — `image prune` and the image GC may take it)

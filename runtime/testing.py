@@ -192,9 +192,6 @@ class FakeController:
     async def remove_anonymous_volume(self, name: str) -> bool:
         return False
 
-    async def prune_anonymous_volumes(self) -> list[str]:
-        return []
-
     async def close(self) -> None:
         self.closed = True
 
