@@ -164,3 +164,21 @@ async def test_a_failed_start_leaves_no_anonymous_volume(
         await ctl.start(task("f2", "true", mounts=(_anon("f2"),
                                                     MountSpec("tmpfs", "/usr/no-such-dir"))))
     assert ctl.anonymous_volumes() == {} and os.listdir(config.volumes_dir) == []
+
+
+async def test_a_pods_containers_share_its_anonymous_volume_until_the_last_is_removed(
+        ctl: ProcessController, config: RuntimeConfig) -> None:
+    """A sidecar that lists the task's anonymous volume's target mounts the same volume
+    (named by the task's id: shoal.node.worker); removing it (a sidecar's restart) keeps
+    the volume, removing the main container too removes it."""
+    vol = _anon("p1")
+    await ctl.start(task("p1", "sh", "-c", "echo shared > /data/f; echo up; exec sleep 100",
+                         mounts=(vol,)))
+    await wait_for_output(ctl, "p1", "up")
+    st, out, _ = await run_to_end(ctl, task("p1-side", "cat", "/data/f", mounts=(vol,)))
+    assert out == "shared\n"
+    assert ctl.anonymous_volumes()[vol.source]["users"] == ["p1", "p1-side"]
+    await ctl.remove("p1-side")
+    assert (config.volumes_dir / vol.source / "f").exists()
+    await ctl.remove("p1")
+    assert ctl.anonymous_volumes() == {} and not (config.volumes_dir / vol.source).exists()
