@@ -15,6 +15,8 @@ Where the runtime's concerns live::
     taskdir.py    the task directory's files, TaskRecord, safe deletion
     adoption.py   taking over tasks a previous agent started (recover())
     resources.py  pass-throughs to cgroups, volumes and images
+    taskvols.py   the tasks' volumes: network mounts, anonymous volumes, filling from the image
+    volcopy.py    an image's content at a path, copied into a volume (merged layers, safely)
     testing.py    FakeController
     cgroups.py rootfs.py images.py logs.py errors.py  (unchanged by the split)
 """

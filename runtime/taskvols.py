@@ -25,7 +25,10 @@ Filling (``prepare``): a volume mount not marked ``nocopy`` whose directory is e
 image's content at its target (runtime/volcopy.py) — anonymous and named local volumes
 alike, as Docker; not the default image's (the host's own directories are no image), and not
 a network volume (sshfs, NFS: a copy over the network at every start of an empty share, and
-ownership a server may refuse; Docker copies into those too — a documented difference).
+ownership a server may refuse; Docker copies into those too — a documented difference). The
+copy goes into a scratch directory ``ANON_DIR/.fill-*`` (the agent's own: a task sharing a
+named volume cannot reach it) whose entries are then renamed into the volume, so a fill
+that fails half-way leaves the volume empty; a scratch directory an agent left is swept.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ Safety: the path is resolved inside the image as the task would see it (a symlin
 ``/var/run -> /run`` or ``/data -> ../../etc``, stays inside the image's root, as
 RESOLVE_IN_ROOT); the source side never follows a symlink out of a layer (each component is
 looked up with lstat from a directory already found to be one); the destination side works
-only through directory descriptors with ``O_NOFOLLOW`` (a named volume may be mounted into a
-running task meanwhile, which could put a symlink there), so nothing is written outside it.
+only through directory descriptors with ``O_NOFOLLOW``, so nothing is written outside it
+(shoal.runtime.taskvols copies into a scratch directory of its own, then renames).
 Copied: directories, regular files, symlinks, FIFOs and device nodes, with owner, mode and
 modification time; not extended attributes nor hard links (each link becomes its own file).
 """
