@@ -205,8 +205,8 @@ class TaskVolumes:
         """``volume rm`` of an anonymous volume: VolumeInUse while a task of this runtime
         mounts it (an exited one kept in the task history too, as Docker refuses a stopped
         container's); False when this node has no such volume."""
-        if not (self._anon_dir / name).exists():
-            return False
+        if not ANON_NAME_RE.match(name) or not (self._anon_dir / name).exists():
+            return False  # (never a path: a name comes from a request)
         users = sorted(self._anon.get(name, ()))
         if users:
             raise VolumeInUse(f"volume {name} is used by task(s) {', '.join(users)}")

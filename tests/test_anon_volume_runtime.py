@@ -72,6 +72,9 @@ async def test_an_anonymous_volume_is_filled_from_the_image_and_removed_with_its
                                                     "users": ["a1"]}}
     with pytest.raises(VolumeInUse):
         await ctl.remove_anonymous_volume(vol.source)
+    for bad in ("../tasks", "..", "", vol.source.upper()):  # (a request's name: never a path)
+        assert not await ctl.remove_anonymous_volume(bad)
+    assert (config.data_dir / "tasks" / "a1").exists()
     await ctl.remove("a1")
     assert not path.exists() and ctl.anonymous_volumes() == {}
     # a replacement (another task id) starts with a fresh one: the image's content only
