@@ -179,7 +179,7 @@ async def test_a_pods_containers_share_its_anonymous_volume_until_the_last_is_re
                          mounts=(vol,)))
     await wait_for_output(ctl, "p1", "up")
     st, out, _ = await run_to_end(ctl, task("p1-side", "cat", "/data/f", mounts=(vol,)))
-    assert out == "shared\n"
+    assert st.exit_code == 0 and out == "shared\n"
     assert ctl.anonymous_volumes()[vol.source]["users"] == ["p1", "p1-side"]
     await ctl.remove("p1-side")
     assert (config.volumes_dir / vol.source / "f").exists()
