@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +76,37 @@ def test_a_services_anonymous_volume_lives_and_goes_with_its_task(
     assert view["name"] == orphan and view["tasks"] == []
     assert orphan in h1.cli("volume", "prune", "-f").stdout
     assert _anon_dirs(h1) == set() and not list((h1.data_dir / "anonymous").iterdir())
+
+
+def test_an_image_built_with_volume_runs_with_an_anonymous_volume_there(
+        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+    """`image build`'s VOLUME is the image's Volumes; a service of that image gets an
+    anonymous volume there, filled with the image's files and owned as in the image, so
+    its non-root user writes there under a read-only root; `service rm` removes it."""
+    from test_runtime_images import busybox_rootfs
+
+    lab = lab_factory(1)
+    lab.form_cluster(managers=1)
+    (h1,) = lab.hosts
+    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM busybox:1\n"
+        "RUN busybox mkdir /data && echo seed > /data/seed && busybox chown -R app /data\n"
+        "USER app\nVOLUME /data\n"
+        'CMD ["sh", "-c", "cat /data/seed > /data/copy && exec sleep 1000"]\n')
+    h1.cli("image", "build", "-t", "vol:1", str(ctx), timeout=120)
+    h1.cli("service", "create", "--name", "v", "--read-only", "vol:1")
+    (task,) = _running(h1, "v")
+    copy = h1.data_dir / "volumes" / anon_name(task["id"], "/data") / "copy"
+    deadline = time.monotonic() + 10
+    while not copy.exists() or not copy.read_text():
+        assert time.monotonic() < deadline, h1.cli("service", "logs", "v").stdout
+        time.sleep(0.05)
+    assert copy.read_text() == "seed\n" and copy.stat().st_uid == 1000
+    h1.cli("service", "rm", "v")
+    deadline = time.monotonic() + 30
+    while _anon_dirs(h1):
+        assert time.monotonic() < deadline, _anon_dirs(h1)
+        time.sleep(0.1)
