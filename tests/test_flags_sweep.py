@@ -40,7 +40,8 @@ BY_KIND: dict[str, list[str]] = {
 }
 # bad values of list items by item parser
 BY_ITEM: dict[str, list[str]] = {
-    "mount": ["type=bogus,dst=/x", "src=/tmp"],
+    "mount": ["type=bogus,dst=/x", "src=/tmp", "dst=/x,volume-nocopy=maybe",
+              "type=tmpfs,dst=/x,volume-nocopy"],
     "port": ["abc", "80:81/sctp", "70000:80", "2377:80"],
     "expose": ["x", "80/sctp"],
     "secret": ["s,bogus=1", "s,mode=999"],
