@@ -130,6 +130,8 @@ AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
 PLATFORM = ENV_NAMES
 SECCOMP = 12  # the schema whose specs carry a container's seccomp profile, and whose
 # leaders take a scheduled job's replace policy and starting deadline
+IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they fetch from a
+# peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
 
 
 def _beyond_shell_names(env: Any) -> bool:
