@@ -462,7 +462,8 @@ def _volumes(svc: _Service, v: Any, path: str) -> None:
         else:
             mount = _short_volume(svc, as_str(item, where), where)
         if mount is not None:
-            if mount["type"] == "volume" and mount["source"] in svc.volume_drivers:
+            if mount["type"] == "volume" and mount["source"] and \
+                    mount["source"] in svc.volume_drivers:
                 driver, opts = svc.volume_drivers[mount["source"]]
                 mount.update(volume_driver=driver, volume_opts=opts)
             svc.mounts.append(mount)
@@ -489,10 +490,8 @@ PROPAGATIONS = ("shared", "slave", "private", "rshared", "rslave", "rprivate")
 
 def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
     parts = text.split(":")
-    if len(parts) == 1:
-        svc.warn("volumes (anonymous volume)", f"{NOT_YET}: give the volume a name; "
-                 "not mounted")
-        return None
+    if len(parts) == 1:  # (a path alone: an anonymous volume, made for each task)
+        return {"type": "volume", "source": "", "target": text, "readonly": False}
     if len(parts) > 3:
         raise ComposeError(path, f"expected SOURCE:TARGET[:ro|rw], got {text!r}")
     source, target = parts[0], parts[1]
@@ -504,7 +503,10 @@ def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
         elif opt not in ("ro", "rw", "z", "Z", "nocopy", "cached", "delegated", "consistent"):
             raise ComposeError(path, f"unknown volume option {opt!r} in {text!r}")
     kind, src = _named_or_bind(svc, source, path)
-    return {"type": kind, "source": src, "target": target, "readonly": "ro" in options}
+    out = {"type": kind, "source": src, "target": target, "readonly": "ro" in options}
+    if kind == "volume" and "nocopy" in options:
+        out["nocopy"] = True
+    return out
 
 
 def _long_volume(svc: _Service, m: dict[str, Any], path: str) -> dict[str, Any] | None:
@@ -530,20 +532,26 @@ def _long_volume(svc: _Service, m: dict[str, Any], path: str) -> dict[str, Any] 
     if kind not in ("volume", "bind"):
         svc.warn(f"volumes.type: {kind}", f"{NOT_YET}: not mounted")
         return None
-    if "source" not in m or not m["source"]:
-        svc.warn("volumes (anonymous volume)", f"{NOT_YET}: give the volume a name; "
-                 "not mounted")
-        return None
-    source = as_str(m["source"], f"{path}.source")
+    source = as_str(m.get("source") or "", f"{path}.source")
     if kind == "bind":
+        if not source:
+            raise ComposeError(f"{path}.source", "a bind mount needs a source (a host path)")
         p = Path(os.path.expanduser(source))
         src = str(p if p.is_absolute() else (svc.project_dir / p).resolve())
-    else:
+    elif source:
         _, src = _named_or_bind(svc, source, f"{path}.source")
-    for sub in ("bind", "volume"):
-        if sub in m:
-            svc.warn(f"volumes.{sub}", f"{NOT_YET}: options ignored")
-    return {"type": kind, "source": src, "target": target, "readonly": readonly}
+    else:  # (no source: an anonymous volume, made for each task)
+        src = ""
+    out = {"type": kind, "source": src, "target": target, "readonly": readonly}
+    if "bind" in m:
+        svc.warn("volumes.bind", f"{NOT_YET}: options ignored")
+    if "volume" in m:
+        opts = as_map(m["volume"], f"{path}.volume")
+        if kind == "volume" and "nocopy" in opts:
+            out["nocopy"] = as_bool(opts["nocopy"], f"{path}.volume.nocopy")
+        if set(opts) - {"nocopy"} or kind != "volume":
+            svc.warn("volumes.volume", f"{NOT_YET}: options other than nocopy ignored")
+    return out
 
 
 def _tmpfs(svc: _Service, v: Any, path: str) -> None:

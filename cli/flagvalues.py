@@ -211,12 +211,13 @@ def parse_expose(text: str, flag: str = "--expose") -> dict[str, Any]:
 
 
 _MOUNT_KEYS = ("type", "src", "source", "dst", "destination", "target", "readonly", "ro",
-               "tmpfs-size", "volume-driver", "volume-opt")
+               "tmpfs-size", "volume-driver", "volume-opt", "volume-nocopy")
 
 
 def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
     """--mount type=bind|volume|tmpfs,src=...,dst=...[,readonly][,tmpfs-size=64M]
-    [,volume-driver=local|sshfs][,volume-opt=K=V]... (Docker's; shoal.runtime.volumes)"""
+    [,volume-driver=local|sshfs][,volume-opt=K=V]...[,volume-nocopy] (Docker's;
+    shoal.runtime.volumes); a volume without src is an anonymous one, made for the task."""
     out: dict[str, Any] = {"type": "volume"}
     # Docker reads --mount as CSV: "volume-opt=o=addr=10.0.0.5,rw" keeps its commas; unquoted,
     # items after volume-opt=o=... that are no --mount key continue o.
@@ -230,6 +231,10 @@ def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
         last_opt = ""
         if key in ("readonly", "ro") and (not sep or value.lower() in ("1", "true")):
             out["readonly"] = True
+        elif key == "volume-nocopy":  # (Docker's: alone, or =true|false)
+            if sep and value.lower() not in ("1", "true", "0", "false"):
+                raise CliError(f"{flag}: volume-nocopy is true or false, got {value!r}")
+            out["nocopy"] = not sep or value.lower() in ("1", "true")
         elif key == "type":
             out["type"] = value
         elif key in ("src", "source"):
@@ -250,7 +255,7 @@ def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
         else:
             raise CliError(f"{flag}: unknown option {part!r} in {text!r} (expected "
                            "type=bind|volume|tmpfs,src=...,dst=...[,readonly]"
-                           "[,volume-driver=D][,volume-opt=K=V])")
+                           "[,volume-driver=D][,volume-opt=K=V][,volume-nocopy])")
     if "target" not in out:
         raise CliError(f"{flag} {text!r}: dst=PATH is required")
     return out

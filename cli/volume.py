@@ -18,7 +18,8 @@ Table = Callable[[list[list[str]], list[str]], str]
 
 
 def add_parser(sub: Any) -> None:
-    v = sub.add_parser("volume", help="manage named volumes (local, NFS, sshfs)")
+    v = sub.add_parser("volume", help="manage named volumes (local, NFS, sshfs) and see "
+                       "anonymous ones")
     vsub = v.add_subparsers(dest="volume_cmd", required=True, parser_class=type(v))
     vc = vsub.add_parser("create", help="create a volume whose driver and options hold "
                          "cluster-wide")
@@ -39,7 +40,8 @@ def add_parser(sub: Any) -> None:
     vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
     vr.add_argument("names", nargs="+")
     vp = vsub.add_parser("prune", help="remove the created volumes no service or task uses "
-                         "(their records: a node's data directories stay)")
+                         "(their records: a node's data directories stay), and this node's "
+                         "anonymous volumes no task uses")
     vp.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
     vp.add_argument("-a", "--all", action="store_true",
                     help="(docker's; shoal's volumes are all named: the same)")

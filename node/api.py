@@ -517,7 +517,7 @@ class ApiServer:
                                 stream_ndjson),
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
-            **volapi.handlers(svcs.ctx, _body), **self._exec_local,
+            **volapi.handlers(svcs.ctx, _body, c.runtime), **self._exec_local,
             **c.security.keys.local_handlers(_body)}
         for op in openapi.read_ops("local"):  # linearizable unless ?stale=1
             handlers[op] = linearized(handlers[op], svcs.ctx)

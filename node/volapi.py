@@ -26,6 +26,9 @@ from shoal.node.users import require_admin
 from shoal.raft import templates
 from shoal.raft.models import TaskState, Volume, resolve_mount
 from shoal.raft.state import Snapshot
+from shoal.runtime.controller import Controller
+from shoal.runtime.errors import VolumeInUse
+from shoal.runtime.taskvols import anon_name
 
 _ARCH = os.uname().machine  # {{.Node.Platform.Architecture}} of this node (as the worker's)
 
@@ -67,6 +70,17 @@ def implicit_volumes(snap: Snapshot) -> dict[str, dict[str, Any]]:
         svc = snap.services.get(task.service_id)
         labels = dict(svc.spec.labels) if svc is not None else {}
         for m in mounts:
+            if not m.source:  # (an anonymous volume: named as its node names it)
+                try:
+                    target = templates.expand(m.target, values, labels)
+                except ValueError:
+                    target = m.target
+                name = anon_name(task.id, target)
+                found[name] = {"id": "", "name": name, "driver": "local", "options": {},
+                               "labels": {}, "scope": "local", "created_at": None,
+                               "implicit": True, "anonymous": True, "target": target,
+                               "services": {task.service_name}, "nodes": {hostname}}
+                continue
             try:  # (in lower case, as the node fills it in: shoal.node.worker)
                 name = templates.expand(m.source, values, labels).lower()
             except ValueError:  # (a spec from before placeholders: taken as text)
@@ -89,19 +103,42 @@ _FIELDS = {"name": str, "driver": str, "options": dict, "labels": dict}
 
 
 class VolumesApi(ObjectsApi):
+    def __init__(self, ctx: NodeContext, runtime: Controller | None = None) -> None:
+        super().__init__(ctx)
+        self.runtime = runtime  # (this node's: its anonymous volumes)
+
+    def _local(self, snap: Snapshot, found: dict[str, dict[str, Any]]) -> None:
+        """This node's anonymous volumes into ``found`` (Docker's `volume ls` is a node's):
+        each with the runtime's tasks that mount it (``tasks``: an exited task kept in the
+        history holds its volume too) and that task's service; one no task mounts is an
+        orphan that ``volume prune`` removes."""
+        for name, rec in (self.runtime.anonymous_volumes() if self.runtime else {}).items():
+            task = snap.tasks.get(str(rec["task"]).split("-", 1)[0]) or \
+                snap.tasks.get(str(rec["task"]))
+            view = found.setdefault(name, {
+                "id": "", "name": name, "driver": "local", "options": {}, "labels": {},
+                "scope": "local", "created_at": None, "anonymous": True,
+                "target": rec["target"], "services": [task.service_name] if task else [],
+                "nodes": [self.ctx.hostname]})
+            view["tasks"] = list(rec["users"])
+
     def ls(self) -> list[dict[str, Any]]:
-        """The created volumes and the implicit ones live tasks mount, by name."""
+        """The created volumes, the implicit and anonymous ones live tasks mount (the
+        anonymous ones of this node's tasks whatever their state), by name."""
         snap = self._snap()
         views = {name: volume_view(v, snap) for name, v in snap.volumes.items()}
-        return [view for _, view in sorted({**implicit_volumes(snap), **views}.items())]
+        found = implicit_volumes(snap)
+        self._local(snap, found)
+        return [view for _, view in sorted({**found, **views}.items())]
 
     def inspect(self, name: str) -> dict[str, Any]:
         snap = self._snap()
         vol = snap.volumes.get(name)
         if vol is None:
-            implicit = implicit_volumes(snap).get(name)
-            if implicit is not None:
-                return implicit
+            found = implicit_volumes(snap)
+            self._local(snap, found)
+            if name in found:
+                return found[name]
             raise NotFound(f"no such volume: {name}", "volume")
         return volume_view(vol, snap)
 
@@ -122,14 +159,22 @@ class VolumesApi(ObjectsApi):
                 raise Conflict(f"volume {name} is in use by service "
                                f"{', '.join(implicit['services'])} (on "
                                f"{', '.join(implicit['nodes'])})", "volume", code="in_use")
+            try:  # (this node's anonymous volume no task uses any more)
+                if self.runtime is not None and \
+                        await self.runtime.remove_anonymous_volume(name):
+                    return {"id": "", "name": name, "removed": True}
+            except VolumeInUse as exc:
+                raise Conflict(str(exc), "volume", code="in_use") from exc
             raise NotFound(f"no such volume: {name}", "volume")
         await self.ctx.propose({"op": "volume_remove", "name": name})
         return {"id": vol.id, "name": vol.name, "removed": True}
 
 
-def handlers(ctx: NodeContext, body: BodyReader) -> dict[str, Handler]:
-    """/v1/volumes: create, ls, inspect, rm (the API server's handlers)."""
-    return crud.handlers("volume", VolumesApi(ctx), body)
+def handlers(ctx: NodeContext, body: BodyReader, runtime: Controller | None = None
+             ) -> dict[str, Handler]:
+    """/v1/volumes: create, ls, inspect, rm (the API server's handlers); ``runtime``: this
+    node's, whose anonymous volumes they show and remove too."""
+    return crud.handlers("volume", VolumesApi(ctx, runtime), body)
 
 
 __all__ = ["VolumesApi", "handlers", "implicit_volumes", "resolve_mount", "volume_view"]

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import logging
 import os
+import posixpath
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,11 +65,35 @@ from shoal.runtime.records import (
     parse_signal,
 )
 from shoal.runtime.rootfs import FileValue, MountSpec
+from shoal.runtime.taskvols import anon_name
 
 if TYPE_CHECKING:
     from shoal.node.mesh import Mesh
 
 log = logging.getLogger("shoal.worker")
+
+
+def image_volumes(image: ImageConfig | None, mounts: list[MountSpec],
+                  files: Mapping[str, FileValue], owner: str) -> list[MountSpec]:
+    """Docker's rule for an image's VOLUME paths: an anonymous volume at each one no mount
+    (nor file) of the task is at, named for the container ``owner``; a path that is no
+    clean absolute one, or one no mount may have (/, /proc...), is left out with a log
+    line, as the task starts anyway."""
+    taken = {m.target for m in mounts} | set(files)
+    out = []
+    for raw in image.volumes if image is not None else ():
+        path = posixpath.normpath(raw) if raw.startswith("/") else raw
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+        if path in taken:
+            continue
+        spec = MountSpec("volume", path, anon_name(owner, path), anonymous=True)
+        why = spec.problem()
+        if why:
+            log.warning("task %s: the image's VOLUME %r is left out: %s", owner, raw, why)
+            continue
+        taken.add(path)
+        out.append(spec)
+    return out
 
 
 def observed_status(rt: RuntimeStatus) -> TaskStatus:
@@ -390,6 +415,7 @@ class Worker:
         cmd, env, wd, user = tuple(s.command), {k: fill(v) for k, v in s.env.items()}, \
             s.workdir, s.user
         stop_signal = s.stop_signal
+        image: ImageConfig | None = None
         if not s.image:  # (the host's filesystem: the program is entrypoint + command)
             cmd = tuple(s.entrypoint) + cmd
         else:
@@ -407,6 +433,8 @@ class Worker:
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
+        mounts = [self._mount_spec(m, vols, fill, task.id) for m in s.mounts]
+        mounts += image_volumes(image, mounts, files, task.id)
         # (Docker's --log-opt max-size and max-file; 0: the node's runtime default)
         log_bytes, log_files = log_limits(s.log_options)
         return TaskConfig(
@@ -415,8 +443,7 @@ class Worker:
             command=cmd, env=env, workdir=wd, user=user,
             image=s.image, stop_signal=stop_signal,
             memory_limit=limits.memory, cpu_limit=limits.cpu, pids_limit=limits.pids,
-            mounts=tuple(self._mount_spec(m, vols, fill) for m in s.mounts),
-            files=files, host_network=task.spec.network_mode == "host",
+            mounts=tuple(mounts), files=files, host_network=task.spec.network_mode == "host",
             read_only=s.read_only, cap_add=s.cap_add, cap_drop=s.cap_drop,
             group_add=s.group_add,
             extra_hosts=_host_lines(s.extra_hosts, self._gateway()),
@@ -475,6 +502,7 @@ class Worker:
         cmd, env, wd, user = tuple(c.command), {k: fill(v) for k, v in c.env.items()}, \
             c.workdir, c.user
         stop_signal = c.stop_signal
+        image: ImageConfig | None = None
         if c.image:
             image = await self._ensure_image(c.image, task)
             cmd, env, wd, user = image.apply(cmd, env, wd, user)
@@ -489,6 +517,10 @@ class Worker:
             if self.mesh is not None else {}
         if self.task_files is not None:
             files.update(await self.task_files(task))
+        # (the task's anonymous volumes are named by the task's id: shared with the main
+        # container; its own image's VOLUMEs are its own)
+        mounts = [self._mount_spec(m, vols, fill, task.id) for m in shared]
+        mounts += image_volumes(image, mounts, files, f"{task.id}-{c.name}")
         host = task.spec.network_mode == "host"  # (already the node's: nothing to join)
         return TaskConfig(
             task_id=f"{task.id}-{c.name}",
@@ -500,15 +532,20 @@ class Worker:
             command=cmd, env=env, workdir=wd, user=user, image=c.image,
             stop_signal=stop_signal, memory_limit=c.limits.memory, cpu_limit=c.limits.cpu,
             pids_limit=c.limits.pids,
-            mounts=tuple(self._mount_spec(m, vols, fill) for m in shared),
-            files=files, host_network=host, join_netns="" if host else f"/proc/{pid}/ns/net")
+            mounts=tuple(mounts), files=files, host_network=host,
+            join_netns="" if host else f"/proc/{pid}/ns/net")
 
     @staticmethod
     def _mount_spec(m: Mount, vols: Mapping[str, Volume],
-                    fill: Callable[[str], str] = str) -> MountSpec:
+                    fill: Callable[[str], str] = str, task_id: str = "") -> MountSpec:
         """A spec mount for the runtime, its placeholders filled in (a bind's source, a
         target); a volume with the driver and options it uses (its own, else ``volume
-        create``'s: shoal.raft.models.resolve_mount)."""
+        create``'s: shoal.raft.models.resolve_mount); an anonymous one (no source) named
+        for the task ``task_id`` (shoal.runtime.taskvols.anon_name)."""
+        if m.type == "volume" and not m.source:
+            target = fill(m.target)
+            return MountSpec("volume", target, anon_name(task_id, target), m.readonly,
+                             anonymous=True, nocopy=m.nocopy)
         source = fill(m.source)
         if m.type == "volume" and source != m.source:
             # (a volume's name is lower case: filled in so — a service webApp's
@@ -520,7 +557,8 @@ class Worker:
                              "placeholders filled in) is not a volume name")
         driver, opts = resolve_mount(m, vols)
         return MountSpec(m.type, m.target, m.source, m.readonly, m.tmpfs_size,
-                         "" if driver == "local" else driver, tuple(sorted(opts.items())))
+                         "" if driver == "local" else driver, tuple(sorted(opts.items())),
+                         nocopy=m.nocopy)
 
     @staticmethod
     def _hostname(task: Task, fill: Callable[[str], str]) -> str:

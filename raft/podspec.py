@@ -140,9 +140,12 @@ class Mount(_Spec, frozen=True):
     """A filesystem mounted into the task (``--mount type=...,src=...,dst=...``)."""
 
     type: Annotated[Literal["bind", "volume", "tmpfs"], decl(
-        "bind: a host path; volume: a named volume kept per node; tmpfs: memory")]
+        "bind: a host path; volume: a named volume kept per node, or without a source an "
+        "anonymous one, made empty for the task and removed with it (Docker's; needs "
+        "cluster schema 13); tmpfs: memory")]
     target: Annotated[str, decl("absolute path inside the task")]
-    source: Annotated[str, decl("host path (bind) or volume name (volume); none for tmpfs")] = ""
+    source: Annotated[str, decl("host path (bind) or volume name (volume; none: an anonymous "
+                                "volume); none for tmpfs")] = ""
     readonly: Annotated[bool, decl("mount read-only")] = False
     tmpfs_size: Annotated[int, decl("tmpfs size; 0 = the kernel's default (half of RAM)",
                                     unit="bytes", ge=0)] = 0
@@ -151,12 +154,20 @@ class Mount(_Spec, frozen=True):
     volume_opts: Annotated[dict[str, str], decl(
         "the driver's options (Docker's volume-opt), e.g. sshcmd, type, o, device, "
         "single-writer")] = {}
+    nocopy: Annotated[bool, decl(
+        "volume: do not fill it, when empty, with the image's content at the target "
+        "(Docker's volume-nocopy; needs cluster schema 13)")] = False
 
     def __post_init__(self) -> None:
         t = self.target
+        if self.nocopy and self.type != "volume":
+            raise SpecError("nocopy", "only a volume mount is filled from the image")
         if self.volume_driver or self.volume_opts:
             if self.type != "volume":
                 raise SpecError("volume_driver", "only a volume mount takes a driver")
+            if not self.source:
+                raise SpecError("volume_driver", "an anonymous volume (no source) is a "
+                                "directory of the node's: it takes no driver nor options")
             try:
                 volumes.check(self.volume_driver, self.volume_opts)
             except volumes.VolumeOptionError as exc:
@@ -176,7 +187,7 @@ class Mount(_Spec, frozen=True):
             if not NAME_RE.match(templates.expand(self.source, _SAMPLE, {}) or "-"):
                 raise SpecError("source", "must name a volume (lower-case letters, digits, "
                                 "'-', '_') once its placeholders are filled in")
-        elif self.type == "volume" and not NAME_RE.match(self.source):
+        elif self.type == "volume" and self.source and not NAME_RE.match(self.source):
             raise SpecError("source", "must name a volume (lower-case letters, digits, '-', '_')")
         if self.type == "tmpfs" and self.source:
             raise SpecError("source", "a tmpfs mount takes no source")
@@ -422,7 +433,8 @@ class ContainerSpec(_Spec, frozen=True):
         "time between the stop signal and SIGKILL", flag="--stop-grace-period",
         cli="duration", unit="seconds", ge=0, le=MAX_GRACE)] = 10.0
     mounts: Annotated[tuple[Mount, ...], decl(
-        "filesystems mounted into the task", flag="--mount", cli="list", item="mount",
+        "filesystems mounted into the task (a volume without src: an anonymous one)",
+        flag="--mount", cli="list", item="mount",
         metavar="type=bind|volume|tmpfs,src=...,dst=...[,readonly]", max_length=64)] = ()
     secrets: Annotated[tuple[FileRef, ...], decl(
         "secrets the task sees as files: /run/secrets/NAME, or target=FILE (in "

@@ -68,6 +68,11 @@ Schema history::
        ``replace`` policy (``GATED_VALUES``: schema 11's decoder knew forbid and allow) and
        ``mode.schedule.starting_deadline`` (Kubernetes' CronJob rules, decided by the
        leader: a schema-11 leader would start a run late, or beside the previous one).
+    13 anonymous volumes (Docker's): a volume mount without a source (``GATED_VALUES``:
+       schema 12's spec refused it; the node that runs the task makes the volume for it,
+       fills it with the image's content and removes it with the task), and a volume
+       mount's ``nocopy`` (``GATED_ITEMS``: a key schema 12's decoder does not know). An
+       image's VOLUME paths get anonymous volumes too, node-local (no spec change, no gate).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -111,7 +116,7 @@ from shoal.raft.spec import (
     fields,
 )
 
-SCHEMA = 12  # what this code writes once the whole cluster runs it
+SCHEMA = 13  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -130,6 +135,8 @@ AUTOSCALED_ROLLBACK = RUNS_KEPT = 11
 PLATFORM = ENV_NAMES
 SECCOMP = 12  # the schema whose specs carry a container's seccomp profile, and whose
 # leaders take a scheduled job's replace policy and starting deadline
+ANON_VOLUMES = 13  # the schema whose specs carry anonymous volumes (a volume mount without
+# a source) and a volume mount's nocopy
 IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they fetch from a
 # peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
 
@@ -166,27 +173,33 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
                          "task.resources.reservations.generic_resources": GENERIC,
                          "task.container.seccomp": SECCOMP,
                          "mode.schedule.starting_deadline": SECCOMP}
-# values an older schema's code refuses, in fields it has: path → (the values, the schema
-# that reads them); refused like a GATED field in use (placeholders in a host name: Docker's
-# "{{.Node.Hostname}}", which schema 6's host name pattern does not take)
-GATED_VALUES: dict[str, tuple[Callable[[Any], bool], int]] = {
-    "name": (lambda v: isinstance(v, str) and v != v.lower(), 9),
-    "task.container.hostname": (lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
+# values an older schema's code refuses, in fields it has: (path, is the value one of them?,
+# the schema that reads them); refused like a GATED field in use (placeholders in a host
+# name: Docker's "{{.Node.Hostname}}", which schema 6's host name pattern does not take). A
+# path may come more than once, each time for other values
+GATED_VALUES: tuple[tuple[str, Callable[[Any], bool], int], ...] = (
+    ("name", lambda v: isinstance(v, str) and v != v.lower(), 9),
+    ("task.container.hostname", lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
     # (any signal: schema 6's stop_signal was one of 8 names)
-    "task.container.stop_signal": (lambda v: isinstance(v, str) and v not in SIGNALS, 7),
+    ("task.container.stop_signal", lambda v: isinstance(v, str) and v not in SIGNALS, 7),
     # (a volume's name likewise: data-{{.Task.Slot}})
-    "task.container.mounts": (lambda v: isinstance(v, list) and any(
+    ("task.container.mounts", lambda v: isinstance(v, list) and any(
         isinstance(m, dict) and m.get("type") == "volume" and "{{" in str(m.get("source"))
         for m in v), PLACEHOLDERS),
-    "task.container.env": (_beyond_shell_names, ENV_NAMES),
-    "task.container.extra_hosts": (lambda v: isinstance(v, list) and any(
-        isinstance(line, str) and line.endswith(f":{HOST_GATEWAY}") for line in v), ENV_NAMES),
-    "task.container.stop_grace_period": (
-        lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
-    "task.sidecars": (_containers_beyond_shell_names, ENV_NAMES),
-    "task.init_containers": (_containers_beyond_shell_names, ENV_NAMES),
-    "task.placement.constraints": (_uses_arch, PLATFORM),
-    "mode.schedule.policy": (lambda v: v == "replace", SECCOMP)}
+    # (an anonymous volume: a volume mount without a source, which schema 12 refused)
+    ("task.container.mounts", lambda v: isinstance(v, list) and any(
+        isinstance(m, dict) and m.get("type") == "volume" and not m.get("source")
+        for m in v), ANON_VOLUMES),
+    ("task.container.env", _beyond_shell_names, ENV_NAMES),
+    ("task.container.extra_hosts", lambda v: isinstance(v, list) and any(
+        isinstance(line, str) and line.endswith(f":{HOST_GATEWAY}") for line in v),
+     ENV_NAMES),
+    ("task.container.stop_grace_period",
+     lambda v: isinstance(v, (int, float)) and v > OLD_MAX_GRACE, ENV_NAMES),
+    ("task.sidecars", _containers_beyond_shell_names, ENV_NAMES),
+    ("task.init_containers", _containers_beyond_shell_names, ENV_NAMES),
+    ("task.placement.constraints", _uses_arch, PLATFORM),
+    ("mode.schedule.policy", lambda v: v == "replace", SECCOMP))
 # keys of the items of a spec's lists that an older schema cannot read: list path →
 # {key: (is it used?, the schema that reads it, whether an older node knows the key)}. A used
 # one is refused naming the item's key (``task.container.configs[1].target``) like a GATED
@@ -196,7 +209,9 @@ _FILE_KEYS: dict[str, tuple[Callable[[Any], bool], int, bool]] = {
     "uid": (lambda v: v not in (None, ""), FILE_TARGETS, False),
     "gid": (lambda v: v not in (None, ""), FILE_TARGETS, False)}
 GATED_ITEMS: dict[str, dict[str, tuple[Callable[[Any], bool], int, bool]]] = {
-    "task.container.secrets": _FILE_KEYS, "task.container.configs": _FILE_KEYS}
+    "task.container.secrets": _FILE_KEYS, "task.container.configs": _FILE_KEYS,
+    # (Docker's volume-nocopy: a key schema 12's decoder does not know)
+    "task.container.mounts": {"nocopy": (bool, ANON_VOLUMES, False)}}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an
@@ -386,7 +401,7 @@ def gate_refusal(spec: dict[str, Any], writes: int, prefix: str = "") -> Validat
             node = node.get(p) if isinstance(node, dict) else None
         if node is not None and _norm(node) != gated_default(path):
             return _needs(path, needs, writes)
-    for path, (used, needs) in GATED_VALUES.items():
+    for path, used, needs in GATED_VALUES:
         if needs <= writes or not path.startswith(prefix):
             continue
         node = spec

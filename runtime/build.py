@@ -58,6 +58,7 @@ from shoal.runtime.dockerfile import ignored as ignored
 from shoal.runtime.dockerfile import parse_dockerfile as parse_dockerfile
 from shoal.runtime.dockerfile import parse_healthcheck as parse_healthcheck
 from shoal.runtime.dockerfile import parse_pairs as parse_pairs
+from shoal.runtime.dockerfile import parse_volumes as parse_volumes
 from shoal.runtime.dockerfile import read_dockerignore as read_dockerignore
 from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
 from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
@@ -324,6 +325,9 @@ class Builder:
                 replace(cfg, entrypoint=tuple(argv), cmd=())
         elif ins.cmd == "HEALTHCHECK":
             cfg = replace(cfg, healthcheck=parse_healthcheck(args, line))
+        elif ins.cmd == "VOLUME":  # (recorded in the config, as Docker's: Volumes)
+            paths = set(cfg.volumes) | set(parse_volumes(ins, args))
+            cfg = replace(cfg, volumes=tuple(sorted(paths)))
         elif ins.cmd == "STOPSIGNAL":
             if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|\d+", args.strip()):
                 raise BuildError(f"STOPSIGNAL: bad signal {args!r}", line)

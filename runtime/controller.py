@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.runtime.cgroups import TaskUsage
 from shoal.runtime.images import ImageConfig
@@ -103,6 +103,17 @@ class Controller(Protocol):
     def image_config(self, ref: str) -> ImageConfig:
         """The config (Entrypoint, Cmd, Env, WorkingDir, User) of an image on this node, for
         ImageConfig.apply(); ImageUnavailable (a StartError) if it is not here."""
+
+    def anonymous_volumes(self) -> dict[str, dict[str, Any]]:
+        """This node's anonymous volumes (shoal.runtime.taskvols): name → {"task": the task
+        it was made for, "target", "users": the runtime's tasks that mount it}."""
+
+    async def remove_anonymous_volume(self, name: str) -> bool:
+        """Remove an anonymous volume no task uses (VolumeInUse otherwise); False when this
+        node has none of that name."""
+
+    async def prune_anonymous_volumes(self) -> list[str]:
+        """Remove the anonymous volumes no task uses; their names."""
 
     async def close(self) -> None:
         """Stop watching. Does NOT stop tasks: they survive the agent."""

@@ -29,8 +29,8 @@ from shoal.runtime.imageconfig import ImageHealthcheck
 
 #: Instructions this builder runs; every other Dockerfile instruction is refused by name.
 SUPPORTED = ("FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "EXPOSE", "LABEL",
-             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL")
-KNOWN_UNSUPPORTED = ("ONBUILD", "VOLUME", "SHELL", "MAINTAINER")
+             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL", "VOLUME")
+KNOWN_UNSUPPORTED = ("ONBUILD", "SHELL", "MAINTAINER")
 
 
 
@@ -115,6 +115,24 @@ def expand(text: str, env: Mapping[str, str]) -> str:
         return value
 
     return _VAR_RE.sub(sub, text)
+
+
+def parse_volumes(ins: Instruction, args: str) -> list[str]:
+    """VOLUME's paths: a JSON array (``["/data", "/logs"]``) or words (``/data /logs``),
+    Docker's; each an absolute path (a task mounts an anonymous volume there), normalised."""
+    paths = (Instruction(ins.line, ins.cmd, args).exec_form()
+             if args.strip().startswith("[") else None) or args.split()
+    if not paths:
+        raise BuildError("VOLUME needs at least one path", ins.line)
+    out = []
+    for path in paths:
+        norm = posixpath.normpath(path) if path.startswith("/") else ""
+        norm = "/" + norm.lstrip("/")
+        if not path.startswith("/") or norm == "/" or "\0" in path or "\n" in path:
+            raise BuildError(f"VOLUME: {path!r} is not an absolute path (other than /)",
+                             ins.line)
+        out.append(norm)
+    return out
 
 
 def parse_pairs(args: str, line: int, what: str) -> list[tuple[str, str]]:

@@ -76,6 +76,9 @@ class ImageConfig:
     # the image's EXPOSE ports as (port, "tcp"|"udp"): the service's VIP serves them too
     exposed_ports: tuple[tuple[int, str], ...] = ()
     labels: dict[str, str] = field(default_factory=dict)  # LABEL key=value (image build)
+    # the image's VOLUME paths (Docker's ``Volumes``), sorted: each gets an anonymous volume
+    # in a task that mounts nothing there (shoal.node.worker)
+    volumes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -94,6 +97,8 @@ class ImageConfig:
             out["ExposedPorts"] = {f"{p}/{proto}": {} for p, proto in self.exposed_ports}
         if self.labels:  # (likewise)
             out["Labels"] = dict(sorted(self.labels.items()))
+        if self.volumes:  # (likewise)
+            out["Volumes"] = {path: {} for path in self.volumes}
         return out
 
     @classmethod
@@ -115,6 +120,8 @@ class ImageConfig:
             exposed_ports=_exposed_ports(raw.get("ExposedPorts")),
             labels={str(k): str(v) for k, v in (raw.get("Labels") or {}).items()}
             if isinstance(raw.get("Labels"), dict) else {},
+            volumes=tuple(sorted({str(k) for k in raw.get("Volumes") or {}}))
+            if isinstance(raw.get("Volumes"), dict) else (),
         )
 
     def apply(

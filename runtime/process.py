@@ -48,10 +48,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime import cgroups as cg_mod
 from shoal.runtime import logs as logs_mod
-from shoal.runtime import resources, seccomp, volumes
+from shoal.runtime import resources, seccomp
 from shoal.runtime.adoption import adopt, read_config
 from shoal.runtime.cgroups import CgroupLayout, TaskCgroups, TaskUsage
 from shoal.runtime.controller import BeforeStart, Controller, Listener
@@ -97,6 +98,7 @@ from shoal.runtime.taskdir import (
     tail,
     write_new,
 )
+from shoal.runtime.taskvols import TaskVolumes
 
 log = logging.getLogger(__name__)
 # the capabilities this agent can give its tasks (its own bounding set: less than all when
@@ -144,11 +146,6 @@ class ProcessController:
         self._starting_images: dict[str, str] = {}  # task id -> image id, while starting
         # removed tasks whose cgroups were still busy: task id -> those groups (_discard)
         self._cgroups_left: dict[str, TaskCgroups] = {}
-        # network volumes mounted here: name -> ids of the tasks starting with or using it
-        self._vol_users: dict[str, set[str]] = {}
-        # name -> fds kept open while mounted (sshfs's key and host keys)
-        self._vol_fds: dict[str, tuple[int, ...]] = {}
-        self._vol_locks: dict[str, asyncio.Lock] = {}  # name -> held while (un)mounting it
         self._listener: Listener | None = None
         self._boot_id = boot_id()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,6 +153,9 @@ class ProcessController:
             config.tasks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             config.volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             config.mnt_dir.mkdir(exist_ok=True, mode=0o700)
+            # (network mounts, anonymous volumes, filling from the image)
+            self._vols = TaskVolumes(config.volumes_dir, config.anon_dir, lambda name: any(
+                name in t.volumes and not t.volumes_released for t in self._tasks.values()))
         except OSError as exc:
             raise ConfigError(f"cannot create {config.data_dir}: {exc}") from exc
         self._launcher = config.launcher_path or str(
@@ -252,6 +252,15 @@ class ProcessController:
                  if name in t.volumes and not t.volumes_released]
         resources.remove_volume(self._cfg.volumes_dir, name, users)
 
+    def anonymous_volumes(self) -> dict[str, dict[str, Any]]:
+        return self._vols.anonymous()
+
+    async def remove_anonymous_volume(self, name: str) -> bool:
+        return await self._vols.remove_anonymous(name)
+
+    async def prune_anonymous_volumes(self) -> list[str]:
+        return await self._vols.sweep()
+
     def _images_in_use(self) -> set[str]:
         # (an exited task kept for its logs needs its image no more: tasks never restart in
         # place — `image prune` and the image GC may take it)
@@ -270,7 +279,8 @@ class ProcessController:
         try:
             plan = self._resolve(cfg)  # what the user can get wrong, before anything is made
             self._starting_images[cfg.task_id] = plan.image_id
-            await self._mount_volumes(cfg)
+            await self._vols.mount(cfg)
+            await self._vols.prepare(cfg, plan.layers)  # (made, filled from the image)
             try:
                 taskdir.mkdir(mode=0o700)
             except FileExistsError as exc:
@@ -296,7 +306,8 @@ class ProcessController:
                 await self._discard(taskdir, task.cgroups if task is not None else None)
                 raise
         except BaseException:
-            await self._release_volumes(cfg.task_id)
+            await self._vols.release(cfg.task_id)
+            await self._vols.drop(cfg.task_id)
             raise
         finally:
             self._starting.discard(cfg.task_id)
@@ -337,14 +348,15 @@ class ProcessController:
         del self._tasks[task_id]
         await self._discard(task.dir, task.cgroups)
         if not task.volumes_released:
-            await self._release_volumes(task_id, task.volumes)
+            await self._vols.release(task_id, task.volumes)
+        await self._vols.drop(task_id)  # (its anonymous volumes, with the container)
 
     async def release(self, task_id: str) -> None:
         task = self._tasks.get(task_id)
         if task is None or task.status.state is not RunState.EXITED or task.volumes_released:
             return
         task.volumes_released = True
-        await self._release_volumes(task_id, task.volumes)
+        await self._vols.release(task_id, task.volumes)
 
     async def _discard(self, taskdir: Path, cgroups: TaskCgroups | None) -> None:
         """Remove a gone task's cgroups and directory. Groups still busy after kill_timeout
@@ -374,40 +386,6 @@ class ProcessController:
             del self._cgroups_left[task_id]
             safe_rmtree(self._cfg.tasks_dir / task_id)
 
-    async def _mount_volumes(self, cfg: TaskConfig) -> None:
-        """Mount the task's network volumes (shoal.runtime.volumes) at DATA_DIR/volumes/NAME,
-        unless mounted already; the task counts as a user from here on. One lock per volume:
-        two tasks starting at once mount it once."""
-        for m in cfg.mounts:
-            opts = dict(m.driver_opts)
-            if m.type != "volume" or not volumes.is_network(m.driver, opts):
-                continue
-            async with self._vol_locks.setdefault(m.source, asyncio.Lock()):
-                self._vol_users.setdefault(m.source, set()).add(cfg.task_id)
-                path = self._cfg.volumes_dir / m.source
-                if not os.path.ismount(path):
-                    fds = await asyncio.to_thread(volumes.mount, path, m.driver, opts,
-                                                  cfg.files)
-                    if fds:
-                        self._vol_fds[m.source] = fds
-
-    async def _release_volumes(self, task_id: str, names: tuple[str, ...] = ()) -> None:
-        """The task no longer uses its volumes: unmount each network volume no other task
-        here uses (an adopted task counts through its record)."""
-        for name in set(names) | {n for n, u in self._vol_users.items() if task_id in u}:
-            async with self._vol_locks.setdefault(name, asyncio.Lock()):
-                users = self._vol_users.get(name, set())
-                users.discard(task_id)
-                if users or any(name in t.volumes and not t.volumes_released
-                                for t in self._tasks.values()):
-                    continue
-                self._vol_users.pop(name, None)
-                try:
-                    await asyncio.to_thread(volumes.unmount, self._cfg.volumes_dir / name,
-                                            self._vol_fds.pop(name, ()))
-                except volumes.VolumeMountFailed as exc:
-                    log.warning("runtime: volume %s: %s", name, exc)
-
     async def close(self) -> None:
         for task in self._tasks.values():
             self._unwatch(task)
@@ -431,12 +409,15 @@ class ProcessController:
                 continue
             cfg = read_config(taskdir)
             if cfg is not None:
+                self._vols.adopt(cfg)
                 self._register(adopt(
                     cfg, taskdir, boot_id=self._boot_id, loop=loop,
                     watch=lambda task, fd, shim: self._watch(task, fd, shim=shim),
                     find_init=self._find_init,
                 ))  # fmt: skip
         self._remove_cgroups_left()
+        for name in await self._vols.sweep():  # (an agent that died before removing them)
+            log.info("runtime: removed anonymous volume %s (no task uses it)", name)
 
     # -- launching
 
@@ -501,8 +482,6 @@ class ProcessController:
             if layers is not None:  # the task's writable overlay layer
                 os.mkdir(taskdir / "upper")
                 os.mkdir(taskdir / "work")
-            for name in plan.volumes:
-                (self._cfg.volumes_dir / name).mkdir(mode=0o755, exist_ok=True)
             write_new(taskdir / "config.json", cfg.to_json())
         except OSError as exc:
             raise LaunchFailed(f"cannot prepare {taskdir}: {exc}") from exc

@@ -308,7 +308,10 @@ class TaskConfig:
         raw = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "files"
         }
-        raw["mounts"] = [dataclasses.asdict(m) for m in self.mounts]
+        # (anonymous and nocopy only when set: an older agent, after a downgrade, still
+        # adopts a task that has neither)
+        raw["mounts"] = [{k: v for k, v in dataclasses.asdict(m).items()
+                          if v or k not in ("anonymous", "nocopy")} for m in self.mounts]
         # Never the contents: they may be secrets. What was there is enough for inspection.
         raw["files"] = {t: {"mode": v[1], "size": len(v[0]),
                             **({"uid": v[2], "gid": v[3]} if len(v) == 4 else {})}
@@ -436,6 +439,11 @@ class RuntimeConfig:
     @property
     def volumes_dir(self) -> Path:
         return Path(self.data_dir) / "volumes"
+
+    @property
+    def anon_dir(self) -> Path:
+        """The records of the anonymous volumes (shoal.runtime.taskvols)."""
+        return Path(self.data_dir) / "anonymous"
 
     @property
     def mnt_dir(self) -> Path:

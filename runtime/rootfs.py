@@ -246,6 +246,10 @@ class MountSpec:
     tmpfs_size: int = 0  # bytes; 0 = kernel default (half of RAM)
     driver: str = ""  # volume driver (shoal.runtime.volumes); "" = local
     driver_opts: tuple[tuple[str, str], ...] = ()  # the driver's options, sorted
+    # an anonymous volume (``source``: shoal.runtime.taskvols.anon_name): made for the task,
+    # removed with the last task that mounts it
+    anonymous: bool = False
+    nocopy: bool = False  # a volume: never filled from the image (Docker's volume-nocopy)
 
     def problem(self) -> str | None:
         """Why this mount is malformed, or None."""
@@ -262,6 +266,10 @@ class MountSpec:
             return f"bind source must be an absolute host path: {self.source!r}"
         if self.type == "volume" and not _VOLUME_RE.fullmatch(self.source):
             return f"volume name must match [A-Za-z0-9][A-Za-z0-9_.-]*: {self.source!r}"
+        if (self.anonymous or self.nocopy) and self.type != "volume":
+            return "only a volume is anonymous or nocopy"
+        if self.anonymous and (self.driver or self.driver_opts):
+            return "an anonymous volume takes no driver"
         if self.type == "tmpfs" and (self.source or self.tmpfs_size < 0):
             return "tmpfs takes no source and a size >= 0"
         return None

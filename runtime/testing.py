@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime.cgroups import TaskUsage
 from shoal.runtime.controller import BeforeStart, Controller, Listener
@@ -184,6 +185,15 @@ class FakeController:
             await self.stop(task_id, 0.0)
             del self._status[task_id]
             del self._configs[task_id]
+
+    def anonymous_volumes(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    async def remove_anonymous_volume(self, name: str) -> bool:
+        return False
+
+    async def prune_anonymous_volumes(self) -> list[str]:
+        return []
 
     async def close(self) -> None:
         self.closed = True

@@ -17,8 +17,9 @@ then a worker, a manager, ...), the rest today's code, so the cluster keeps writ
 schema the whole run and leadership moves between old and new managers under the faults. A
 share of the creates then uses values only a later schema reads (schema 11: an env name with
 a dot, a grace period over an hour, Docker's host-gateway, an arch constraint; schema 12: a
-seccomp setting): each must be refused while an old node of an older schema is in (one
-acknowledged is an invariant violation), and the cluster's schema must not rise. With
+seccomp setting; schema 13: an anonymous volume): each must be refused while an old node of
+an older schema is in (one acknowledged is an invariant violation), and the cluster's schema
+must not rise. With
 ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the workload
 (one after another, SIGTERM and today's code): the leader must then raise the
 schema, gated creates succeed from then on (none before the last old agent stopped), and
@@ -63,7 +64,7 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 
 import oldrelease
 from netlab import Host, Lab
-from shoal.raft.schema import ENV_NAMES, SCHEMA, SECCOMP
+from shoal.raft.schema import ANON_VOLUMES, ENV_NAMES, SCHEMA, SECCOMP
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
@@ -77,9 +78,11 @@ GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("host-gateway", {"task": {"container": {
         "extra_hosts": ["host.docker.internal:host-gateway"]}}}),
     ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}),
-    ("seccomp", {"task": {"container": {"seccomp": "unconfined"}}}))
+    ("seccomp", {"task": {"container": {"seccomp": "unconfined"}}}),
+    ("anon-volume", {"task": {"container": {"mounts": [{"type": "volume",
+                                                         "target": "/data"}]}}}))
 GATED_SCHEMA = {"env-name": ENV_NAMES, "grace": ENV_NAMES, "host-gateway": ENV_NAMES,
-                "arch": ENV_NAMES, "seccomp": SECCOMP}
+                "arch": ENV_NAMES, "seccomp": SECCOMP, "anon-volume": ANON_VOLUMES}
 
 
 def gated_schema(key: str) -> int:

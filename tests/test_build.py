@@ -122,6 +122,8 @@ EXPOSE $PORT 53/udp
 LABEL org.example.team="core team" version=2
 HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost:$PORT
 STOPSIGNAL SIGQUIT
+VOLUME /srv/data/ /var/log
+VOLUME ["/srv/$TAG"]
 ENTRYPOINT ["/bin/sh", "-c"]
 ADD bundle.tgz /opt/
 COPY conf/a.conf /tmp
@@ -131,6 +133,8 @@ COPY conf/a.conf /tmp
     cfg = ctl.images.inspect("cfg:1").config
     assert (cfg.workdir, cfg.user, cfg.stop_signal) == ("/srv/app", "app", "SIGQUIT")
     assert cfg.exposed_ports == ((53, "udp"), (9000, "tcp"))
+    assert cfg.volumes == ("/srv/1", "/srv/data", "/var/log")  # (Docker's Volumes)
+    assert cfg.to_json()["Volumes"] == {"/srv/1": {}, "/srv/data": {}, "/var/log": {}}
     assert cfg.labels == {"org.example.team": "core team", "version": "2", "base-tag": "1"}
     assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ()
     assert cfg.healthcheck is not None and cfg.healthcheck.retries == 2

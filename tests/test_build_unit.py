@@ -46,7 +46,7 @@ def test_parser_joins_continuations_skips_comments_and_keeps_line_numbers() -> N
 
 
 @pytest.mark.parametrize(("text", "line", "words"), [
-    ("FROM a\nRUN x\nVOLUME /data\n", 3, "unsupported instruction 'VOLUME'"),
+    ("FROM a\nRUN x\nSHELL [\"sh\"]\n", 3, "unsupported instruction 'SHELL'"),
     ("FROM a\n\nFROBNICATE x\n", 3, "unknown instruction 'FROBNICATE'"),
     ("RUN x\n", 1, "must start with FROM"),
     ("FROM a\nFROM b\n", 2, "multi-stage"),
@@ -56,6 +56,21 @@ def test_parser_errors_name_the_line(text: str, line: int, words: str) -> None:
         parse_dockerfile(text)
     assert err.value.line == line
     assert words in str(err.value) and str(err.value).startswith(f"line {line}:")
+
+
+def test_volume_paths_as_docker_reads_them() -> None:
+    from shoal.runtime.dockerfile import Instruction, parse_volumes
+
+    def paths(args: str) -> list[str]:
+        return parse_volumes(Instruction(4, "VOLUME", args), args)
+
+    assert paths('["/data", "/var/log/"]') == ["/data", "/var/log"]
+    assert paths("/a /b//c") == ["/a", "/b/c"]
+    for bad, words in (("data", "'data' is not an absolute path"), ("/", "'/' is not"),
+                       ("", "at least one path")):
+        with pytest.raises(BuildError, match=words) as err:
+            paths(bad)
+        assert err.value.line == 4
 
 
 def test_variable_expansion() -> None:

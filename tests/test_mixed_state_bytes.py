@@ -6,7 +6,8 @@ machine applies a log as that release's does, and its whole state as bytes
 (shoal.raft.wire ``state_to_bytes``: a worker's feed, the fault suite's digest) is what that
 release writes for the same log: a field schema 10 never had (``Node.arch``, schema 11) is left
 out, as ``strip_state`` leaves out the specs' later fields. Likewise at schema 11 against the
-schema-11 release (schema 12's ``seccomp`` and ``starting_deadline`` left out). The log is
+schema-11 release (schema 12's ``seccomp`` and ``starting_deadline`` left out), and at
+schema 12 against the schema-12 release (schema 13's ``nocopy`` of a mount left out). The log is
 what a today's leader writes: joins (every agent sends its arch), services (a scheduled job
 among them), the leader's passes (spawns, assignments), compare-and-set scales, an update, a
 drain.
@@ -34,6 +35,7 @@ from shoal.raft.wire import state_from_bytes, state_to_bytes
 
 SCHEMA_10 = "ccf4cf4"  # the last commit of schema 10 (tests/test_node_arch_cluster.py)
 SCHEMA_11 = "84c31e8"  # the last commit of schema 11
+SCHEMA_12 = "3052b7c"  # the last commit of schema 12
 NOW = 100.0
 
 # applies a JSON list of commands (msgpack round trip, as the log carries them) with the
@@ -96,13 +98,17 @@ def _mixed_log(schema: int) -> tuple[ClusterState, list[dict[str, Any]]]:
                      "now": 4.5})  # (refused: the version moved on)
     spec = to_dict(st.services["web"].spec)
     spec["task"]["container"]["env"] = {"GREETING": "hi"}
+    # (a volume mount: its nocopy, schema 13's, left out below it)
+    spec["task"]["container"]["mounts"] = [{"type": "volume", "source": "data",
+                                            "target": "/data"}]
     _apply(st, log, {"op": "service_update", "id": "web", "spec": spec, "now": 5.0})
     _apply(st, log, {"op": "node_update", "id": "n3", "availability": "drain", "now": 6.0})
     _leader_pass(st, log, ids, 2)
     return st, log
 
 
-@pytest.mark.parametrize(("schema", "release"), [(10, SCHEMA_10), (11, SCHEMA_11)])
+@pytest.mark.parametrize(("schema", "release"), [(10, SCHEMA_10), (11, SCHEMA_11),
+                                                 (12, SCHEMA_12)])
 def test_below_todays_schema_its_replica_writes_the_state_bytes_the_older_release_does(
         schema: int, release: str) -> None:
     st, log = _mixed_log(schema)

@@ -1,0 +1,197 @@
+"""An image's content at a path, copied into a volume: how Docker fills an empty volume on
+first use (moby's ``copyExistingContents``: the files, then the directory's own owner and
+mode), so a non-root image user owns its ``VOLUME /data``.
+
+Owns: reading the merged view of an image's layers (overlayfs form, top layer first:
+whiteouts are 0/0 character devices, opaque directories carry ``trusted.overlay.opaque=y``;
+runtime/layers.py writes them) without mounting anything, and copying one directory of it
+into a destination directory. Must not touch: mounts, the task's namespaces, cluster state;
+the layers (read only).
+
+Safety: the path is resolved inside the image as the task would see it (a symlink on the way,
+``/var/run -> /run`` or ``/data -> ../../etc``, stays inside the image's root, as
+RESOLVE_IN_ROOT); the source side never follows a symlink out of a layer (each component is
+looked up with lstat from a directory already found to be one); the destination side works
+only through directory descriptors with ``O_NOFOLLOW`` (a named volume may be mounted into a
+running task meanwhile, which could put a symlink there), so nothing is written outside it.
+Copied: directories, regular files, symlinks, FIFOs and device nodes, with owner, mode and
+modification time; not extended attributes nor hard links (each link becomes its own file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+_MAX_LINKS = 40  # symlinks followed while resolving a path (the kernel's ELOOP bound)
+_CHUNK = 1 << 20
+
+
+def _opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _child(dirs: list[Path], name: str) -> tuple[os.stat_result, list[Path]] | None:
+    """The merged view's entry ``name`` in the directory the layer directories ``dirs`` (top
+    first) make: its stat and the paths that make it (several for a directory that lower
+    layers add to, one otherwise), or None when absent or whited out."""
+    found: list[Path] = []
+    first: os.stat_result | None = None
+    for d in dirs:
+        p = d / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout: deleted from here down
+            break
+        if first is None:
+            first = st
+        if not stat.S_ISDIR(st.st_mode):
+            if not found:
+                found.append(p)
+            break  # (a non-directory hides what is below; below a directory it is hidden)
+        found.append(p)
+        if _opaque(p):
+            break
+    if first is None or not found:
+        return None
+    return first, found
+
+
+def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]] | None:
+    """The merged view's entry at the absolute ``target``, symlinks on the way resolved
+    inside the image's root; None when there is none (or a loop)."""
+    root: tuple[os.stat_result, list[Path]] | None = None
+    with contextlib.suppress(OSError):
+        root = os.lstat(layers[0]), list(layers)
+    if root is None:
+        return None
+    stack = [root]  # the entries of the components resolved so far
+    parts = [p for p in target.split("/") if p]
+    links = 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        st, srcs = stack[-1]
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        entry = _child(srcs, name)
+        if entry is None:
+            return None
+        if stat.S_ISLNK(entry[0].st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                return None
+            link = os.readlink(entry[1][0])
+            if link.startswith("/"):
+                del stack[1:]
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        stack.append(entry)
+    return stack[-1]
+
+
+def copy_image_path(layers: list[Path], target: str, dest: Path) -> bool:
+    """Fill the directory ``dest`` with the image's content at ``target`` (its files, then
+    ``dest``'s own owner, mode and time from the image's directory), as Docker fills an
+    empty volume; nothing when the image has no directory there. Whether it copied."""
+    entry = resolve(layers, target)
+    if entry is None or not stat.S_ISDIR(entry[0].st_mode):
+        return False
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _copy_dir(entry[1], fd)
+        _meta(fd, entry[0])
+    finally:
+        os.close(fd)
+    return True
+
+
+def _copy_dir(srcs: list[Path], dfd: int) -> None:
+    names: dict[str, None] = {}
+    for d in srcs:
+        for name in sorted(os.listdir(d)):
+            names.setdefault(name)
+    for name in names:
+        entry = _child(srcs, name)
+        if entry is None:
+            continue
+        st, paths = entry
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dfd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dfd)
+            try:
+                _copy_dir(paths, sub)
+                _meta(sub, st)
+            finally:
+                os.close(sub)
+            continue
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(paths[0]), name, dir_fd=dfd)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd,
+                     follow_symlinks=False)
+        elif stat.S_ISREG(mode):
+            _copy_file(paths[0], name, dfd, st)
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dfd)
+            node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:  # (through its descriptor: never a symlink put there meanwhile)
+                if stat.S_IFMT(os.fstat(node).st_mode) == stat.S_IFMT(mode):
+                    _meta(node, st, f"/proc/self/fd/{node}")
+            finally:
+                os.close(node)
+        # (a socket: nothing to copy, as Docker's)
+
+
+def _copy_file(src: Path, name: str, dfd: int, st: os.stat_result) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fout = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600, dir_fd=dfd)
+        try:
+            while os.sendfile(fout, fin, None, _CHUNK):  # (same as read/write, in the kernel)
+                pass
+            _meta(fout, st)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _meta(fd: int, st: os.stat_result, path: str | None = None) -> None:
+    """Owner, then mode (chown clears set-id bits), then times, of what ``fd`` holds open
+    (``path``: a name for it, for an O_PATH descriptor that the f* calls refuse)."""
+    if path is None:
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
+    os.chown(path, st.st_uid, st.st_gid)
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def is_empty(path: Path) -> bool:
+    """Whether the directory ``path`` has no entries (a missing one counts as empty)."""
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except FileNotFoundError:
+        return True
+
+
+__all__ = ["copy_image_path", "is_empty", "resolve"]
