@@ -57,51 +57,49 @@ def test_a_worker_reads_only_its_own_tasks_images_from_peers_once_every_node_nam
     assert IMAGE_ACCESS == SCHEMA  # (the release that names the image raises the schema)
     with oldrelease.old_release(SCHEMA_12) as rel:
         lab = lab_factory(3)
-        h1, h2, old = lab.hosts
-        old.use_shoal(rel.argv, rel.env)
+        h1, h2, h3 = lab.hosts  # h1 and h3 run the schema-12 release first, h2 today's
+        for old in (h1, h3):
+            old.use_shoal(rel.argv, rel.env)
         lab.form_cluster(managers=1, workers=2, timeout=90)
         assert schema_of(h1) == IMAGE_ACCESS - 1
-        import_busybox(h1, tmp_path)
+        import_busybox(h2, tmp_path)
         root = busybox_rootfs(tmp_path / "private")
         (root / "private.txt").write_text("not for every node\n")
         tarball = tmp_path / "private.tar.gz"
         with tarfile.open(tarball, "w:gz") as tf:
             tf.add(root, arcname=".")
-        h1.cli("image", "import", "private:1", str(tarball))
-        (mine,), (private,) = layers_of(h1, "busybox:1"), layers_of(h1, "private:1")
+        h2.cli("image", "import", "private:1", str(tarball))
+        (mine,), (private,) = layers_of(h2, "busybox:1"), layers_of(h2, "private:1")
 
-        # schema 12: the old worker fetches busybox from h1 without naming it, and may
+        # schema 12: the old worker h3 fetches busybox from today's h2 without naming it
         h1.cli("service", "create", "--name", "bb", "--constraint", "node.hostname==h3",
                "--image", "busybox:1", "--", "sleep", "100000")
         running(h1, "bb", 1, timeout=60)
 
-        # h3 upgraded in place: the schema is raised and the rule holds
-        old.kill_agent(signal.SIGTERM, timeout=60)
-        old.use_shoal()
-        old.start_agent(timeout=60)
+        # h1 and h3 upgraded in place: the schema is raised and the rule holds
+        for old in (h1, h3):
+            old.kill_agent(signal.SIGTERM, timeout=60)
+            old.use_shoal()
+            old.start_agent(timeout=60)
         wait_until(lambda: schema_of(h1) == SCHEMA, timeout=60,
                    what=f"cluster schema {SCHEMA}")
-        # an image of its own task: h2 fetches it (naming it) from a peer
-        h1.cli("service", "create", "--name", "bb2", "--constraint", "node.hostname==h2",
-               "--image", "busybox:1", "--", "sleep", "100000")
-        running(h1, "bb2", 1, timeout=60)
-        h3 = old
-        assert blob(h3, h1, mine, "busybox:1")["status"] == 200  # (its task bb runs it)
+        assert blob(h3, h2, mine, "busybox:1")["status"] == 200  # (its task bb runs it)
         # h3 has no task of private:1: neither its name nor its blobs
-        r = probe(h3, h1, "/v1/cluster/images/resolve", {"ref": "private:1"},
+        r = probe(h3, h2, "/v1/cluster/images/resolve", {"ref": "private:1"},
                   cert=node_pem(h3))
         assert refused(r, "image") and "runs no task of image private:1" in \
             r["body"]["error"]["message"], r
-        assert refused(blob(h3, h1, private, "private:1"), "image")
-        assert refused(blob(h3, h1, private, None), "image")  # (the name is required)
+        assert refused(blob(h3, h2, private, "private:1"), "image")
+        assert refused(blob(h3, h2, private, None), "image")  # (the name is required)
         # nor a blob of it by naming an image it does run
-        r = blob(h3, h1, private, "busybox:1")
+        r = blob(h3, h2, private, "busybox:1")
         assert refused(r, "digest") and "is not part of image busybox:1" in \
             r["body"]["error"]["message"], r
         # a manager reads any image of a peer
-        assert blob(h1, h2, mine, None)["status"] == 200
-        # and a task of private:1 on h3 lets h3 fetch it
+        assert blob(h1, h2, private, None)["status"] == 200
+        # a task of private:1 on h3: h3 fetches it from h2, naming it
         h1.cli("service", "create", "--name", "priv", "--constraint", "node.hostname==h3",
                "--image", "private:1", "--", "sleep", "100000")
         running(h1, "priv", 1, timeout=60)
-        assert blob(h3, h1, private, "private:1")["status"] == 200
+        assert "private:1" in h3.cli("image", "ls").stdout
+        assert blob(h3, h2, private, "private:1")["status"] == 200
