@@ -73,6 +73,9 @@ Schema history::
        fills it with the image's content and removes it with the task), and a volume
        mount's ``nocopy`` (``GATED_ITEMS``: a key schema 12's decoder does not know). An
        image's VOLUME paths get anonymous volumes too, node-local (no spec change, no gate).
+       And a node names the image with each blob it fetches from a peer (``IMAGE_ACCESS``),
+       so a peer serves a worker only the blobs of its own tasks' images: a schema-12 node
+       names none, so the check waits for the schema (shoal.node.transfer).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
