@@ -139,6 +139,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self.services.resolve_image = self.registries.resolve_spec
         self.transfer.registry_pull = self.registries.pull
         self.transfer.registry_pullable = self.registries.pullable
+        self.transfer.pulling_layers = self.registries.pulling_layers
         self.nodes = Nodes(ctx, self.gossip, self.voters)
         self.roles = Roles(ctx, self.security, self.voters)
         self.admission = Admission(ctx, self.security, self.gossip, self.voters)

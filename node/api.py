@@ -695,20 +695,25 @@ class ApiServer:
             return disp.heartbeat(peer_of(req), body.get("node_id"))
 
         async def image_resolve(req: web.Request) -> Any:
-            sec.authorize(peer_of(req))
-            body = await _body(req)
-            return await asyncio.to_thread(c.transfer.resolve_image, body.get("ref"))
+            node, manager = sec.member(peer_of(req))
+            ref = (await _body(req)).get("ref")
+            found = await asyncio.to_thread(c.transfer.resolve_image, ref)  # (NotFound first)
+            await c.transfer.check_image_access(node, manager, ref)
+            return found
 
         async def image_blob(req: web.Request) -> web.StreamResponse:
-            sec.authorize(peer_of(req))
+            node, manager = sec.member(peer_of(req))
             digest = req.match_info["digest"]
             try:
                 f = await asyncio.to_thread(c.images.export_blob, digest)
             except Exception as exc:
                 raise NotFound(f"no blob {digest}: {exc}", "digest") from None
-            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-            await resp.prepare(req)
             try:
+                await c.transfer.check_image_access(node, manager, req.query.get("image"),
+                                                    digest)
+                resp = web.StreamResponse(
+                    headers={"Content-Type": "application/octet-stream"})
+                await resp.prepare(req)
                 while chunk := await asyncio.to_thread(f.read, 1 << 20):
                     await resp.write(chunk)
             finally:

@@ -273,6 +273,12 @@ class Registries:
         p = self.progress.get(image)
         return p.message() if p is not None else None
 
+    def pulling_layers(self, image: str) -> frozenset[str]:
+        """The layer digests of this node's pull of ``image`` in flight (empty: none, or
+        its manifest is not read yet)."""
+        p = self.progress.get(image)
+        return p.layers if p is not None else frozenset()
+
     def pulls(self) -> list[dict[str, Any]]:
         """The registry pulls in flight on this node."""
         return [p.to_json() for p in list(self.progress.values())]

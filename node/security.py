@@ -179,6 +179,16 @@ class Security:
     def authorize(self, peer: pki.CertInfo | None, manager: bool = False) -> Node:
         """The member node behind a verified client certificate, or Unauthenticated /
         Forbidden. ``manager``: only a manager may do this."""
+        node, is_manager = self.member(peer)
+        if manager and not is_manager:
+            raise Forbidden(f"only a manager may do this; node {node.id} calls with a "
+                            "worker's rights", "role")
+        return node
+
+    def member(self, peer: pki.CertInfo | None) -> tuple[Node, bool]:
+        """The member node behind a verified client certificate and whether it calls with a
+        manager's rights (its certificate and its record say manager); Unauthenticated if it
+        is no member."""
         ident, store = self.ctx.identity, self.ctx.store
         if ident is None or store is None:
             raise NotInCluster("this node is not part of a cluster")
@@ -196,11 +206,7 @@ class Security:
                                   f"does not know node {peer.subject_id} yet; retry")
             raise Unauthenticated(f"node {peer.subject_id} is not a member of this cluster "
                                   "(removed?): its certificate is no longer accepted")
-        is_manager = peer.role == pki.ROLE_MANAGER and node.role is NodeRole.MANAGER
-        if manager and not is_manager:
-            raise Forbidden(f"only a manager may do this; node {node.id} calls with a "
-                            "worker's rights", "role")
-        return node
+        return node, peer.role == pki.ROLE_MANAGER and node.role is NodeRole.MANAGER
 
     def authorize_client(self, peer: pki.CertInfo | None) -> str:
         """The remote API's check: a client certificate of this cluster that is the current

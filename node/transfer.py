@@ -12,6 +12,14 @@ ride the cluster's node API (TCP, mutual TLS with the cluster CA; the server is 
 the node id it must be, and only cluster members are served). Must not touch: the store
 (it reads snapshots), the runtime's internals (it uses the ImageStore blob API and the
 Controller's read_logs/follow_logs).
+
+Who may read an image here (``check_image_access``): a manager any; a worker only an image
+of a task it is assigned (main container, sidecar or init container), and of that image
+only its blobs (the manifest and layers of the image committed here, or the layers of this
+node's own registry pull of it in flight) — so a worker cannot copy a private image it was
+given no task of from a peer that holds it. The caller names the image with each blob
+request; older agents did not, so the rule holds once every node sends it (cluster schema
+``IMAGE_ACCESS``).
 """
 
 from __future__ import annotations
@@ -27,16 +35,20 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 from shoal.node import pki
 from shoal.node.context import NodeContext
-from shoal.node.errors import ApiError, NotFound, Unavailable
+from shoal.node.errors import ApiError, Forbidden, NotFound, Unavailable
 from shoal.node.pod import container_id
 from shoal.node.security import Security
-from shoal.raft.models import Node, NodeState, TaskState
+from shoal.node.upgrade import cluster_schema
+from shoal.raft.models import Node, NodeState, Task, TaskState
+from shoal.raft.schema import IMAGE_ACCESS
 from shoal.runtime.controller import Controller
+from shoal.runtime.errors import ImageError
 from shoal.runtime.images import ImageStore
 
 log = logging.getLogger("shoal.transfer")
@@ -46,6 +58,16 @@ log = logging.getLogger("shoal.transfer")
 LISTING_USAGE_TIMEOUT = 0.3
 # A node that did not answer a usage request is not asked again for this long, seconds.
 USAGE_QUIET = 10.0
+# How long a node asked for an image by a worker waits for its own copy of the state to show
+# the worker's task of that image before refusing, seconds: the worker may have learned of
+# the task a moment before this node did (both follow the managers' feed).
+IMAGE_ACCESS_WAIT = 3.0
+
+
+def task_images(task: Task) -> set[str]:
+    """The images a task runs: its main container's, its sidecars' and init containers'."""
+    s = task.spec
+    return {s.container.image, *(c.image for c in (*s.sidecars, *s.init_containers))} - {""}
 
 
 class Transfer:
@@ -61,6 +83,9 @@ class Transfer:
         # whether a reference names a registry at all.
         self.registry_pull: Callable[[str], Awaitable[Any]] | None = None
         self.registry_pullable: Callable[[str], bool] = lambda _ref: False
+        # the layer digests of this node's registry pull of an image in flight, once its
+        # manifest is read (shoal.node.registries.Registries.pulling_layers); empty: none
+        self.pulling_layers: Callable[[str], frozenset[str]] = lambda _ref: frozenset()
         # how long a node waits for the peer chosen to fetch a layer from the registry
         # before fetching it itself (seconds)
         self.peer_wait = 120.0
@@ -141,7 +166,7 @@ class Transfer:
                 if not needed:
                     break
                 for digest in needed:
-                    await self._fetch_blob(node, digest)
+                    await self._fetch_blob(node, digest, ref)
             await asyncio.to_thread(store.commit, image_id, tags)
             log.info("pulled image %s (%s) from %s in %.2fs", ref, image_id[:19],
                      node.hostname, time.monotonic() - started)
@@ -168,7 +193,7 @@ class Transfer:
         peers = self._peers()
         for node in peers:
             with contextlib.suppress(ApiError, OSError, aiohttp.ClientError):
-                await self._fetch_blob(node, digest)
+                await self._fetch_blob(node, digest, image)
                 return True
         me = self.ctx.identity.node_id if self.ctx.identity is not None else ""
         owner = self._fetcher(digest, image, {n.id for n in peers} | {me})
@@ -186,7 +211,7 @@ class Transfer:
                 return False
             owner = again
             try:
-                await self._fetch_blob(owner, digest)
+                await self._fetch_blob(owner, digest, image)
                 return True
             except NotFound:
                 continue
@@ -212,10 +237,13 @@ class Transfer:
         best = max(needing, key=lambda n: hashlib.sha256(f"{digest}/{n}".encode()).digest())
         return snap.nodes.get(best)
 
-    async def _fetch_blob(self, node: Node, digest: str) -> None:
+    async def _fetch_blob(self, node: Node, digest: str, image: str) -> None:
+        """Blob ``digest`` of ``image`` (the reference a task of this node runs) from
+        ``node`` into the store, verified."""
         store = self.images
-        resp = await self._request(node, "GET", f"/v1/cluster/images/blobs/{digest}",
-                                   timeout=60)
+        resp = await self._request(
+            node, "GET", f"/v1/cluster/images/blobs/{digest}?image={quote(image, safe='')}",
+            timeout=60)
         fd, tmp = tempfile.mkstemp(prefix="shoal-blob-", dir=str(self.ctx.data_dir))
         try:
             with os.fdopen(fd, "wb") as f:
@@ -231,7 +259,43 @@ class Transfer:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    # served to peers (authorised by the API: a member's certificate)
+    # served to peers (authorised by the API: a member's certificate, then
+    # check_image_access)
+    async def check_image_access(self, node: Node, manager: bool, image: Any,
+                                 digest: str | None = None) -> None:
+        """Whether ``node`` may read ``image`` here (``digest``: that blob of it); see the
+        module's doc. Forbidden naming the field if not; NotFound while this node's own pull
+        of the image has not read its manifest (the caller waits or asks another peer)."""
+        store = self.ctx.store
+        if manager or store is None or cluster_schema(store.snapshot()) < IMAGE_ACCESS:
+            return
+        if not isinstance(image, str) or not image:
+            raise Forbidden("a worker names the image it reads (the reference its task "
+                            "runs)", "image")
+
+        def has_task() -> bool:
+            return any(t.node_id == node.id and t.desired_state <= TaskState.RUNNING
+                       and image in task_images(t) for t in store.snapshot().tasks.values())
+        deadline = time.monotonic() + IMAGE_ACCESS_WAIT
+        while not has_task():
+            if time.monotonic() >= deadline:
+                raise Forbidden(f"node {node.hostname} runs no task of image {image}: a "
+                                "worker reads only the images of its own tasks", "image")
+            await asyncio.sleep(0.1)
+        if digest is None:
+            return
+        pulling = self.pulling_layers(image)
+        if digest in pulling:
+            return
+        try:
+            info = await asyncio.to_thread(self.images.inspect, image)
+        except ImageError:
+            if self.registry_pullable(image) and not pulling:
+                raise NotFound(f"image {image} is not here yet", "image") from None
+            raise Forbidden(f"image {image} is not on this node", "image") from None
+        if digest != info.id and digest not in info.layers:
+            raise Forbidden(f"blob {digest} is not part of image {image}", "digest")
+
     def resolve_image(self, ref: Any) -> dict[str, Any]:
         if not isinstance(ref, str) or not ref:
             raise NotFound("ref is required", "ref")

@@ -73,6 +73,9 @@ Schema history::
        fills it with the image's content and removes it with the task), and a volume
        mount's ``nocopy`` (``GATED_ITEMS``: a key schema 12's decoder does not know). An
        image's VOLUME paths get anonymous volumes too, node-local (no spec change, no gate).
+       And a node names the image with each blob it fetches from a peer (``IMAGE_ACCESS``),
+       so a peer serves a worker only the blobs of its own tasks' images: a schema-12 node
+       names none, so the check waits for the schema (shoal.node.transfer).
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -137,6 +140,8 @@ SECCOMP = 12  # the schema whose specs carry a container's seccomp profile, and 
 # leaders take a scheduled job's replace policy and starting deadline
 ANON_VOLUMES = 13  # the schema whose specs carry anonymous volumes (a volume mount without
 # a source) and a volume mount's nocopy
+IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they fetch from a
+# peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
 
 
 def _beyond_shell_names(env: Any) -> bool:

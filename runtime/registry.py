@@ -197,6 +197,7 @@ class PullProgress:
     bytes_total: int = 0  # the layers' sizes as the manifest says (0 until it is read)
     layers_done: int = 0
     layers_total: int = 0
+    layers: frozenset[str] = frozenset()  # the layers' digests (empty until it is read)
 
     def message(self) -> str:
         """``pulling image: 12.3 of 45.6 MiB (3/5 layers)``."""
@@ -633,6 +634,7 @@ class RegistryClient:
         config = self.config_blob(r, man.config_digest)
         p.bytes_total = sum(max(size, 0) for _, size in man.layers)
         p.layers_total = len(man.layers)
+        p.layers = frozenset(digest for digest, _ in man.layers)
         p.phase = "pulling"
         for digest, size in man.layers:
             before = p.bytes_done

@@ -57,7 +57,8 @@ def main() -> int:
             conn.connect = connect  # type: ignore[method-assign]
     try:
         body = args.body.encode() if args.method != "GET" else None
-        conn.request(args.method, u.path or "/", body=body,
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn.request(args.method, target, body=body,
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         raw = resp.read()
