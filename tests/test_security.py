@@ -349,6 +349,9 @@ class _Security:
     def authorize(self, peer: pki.CertInfo | None, manager: bool = False) -> Node:
         return Security.authorize(self, peer, manager)  # type: ignore[arg-type]
 
+    def member(self, peer: pki.CertInfo | None) -> tuple[Node, bool]:
+        return Security.member(self, peer)  # type: ignore[arg-type]
+
     async def call(self, addr: str, path: str, body: dict[str, Any], **_: Any) -> Any:
         assert path == "/v1/cluster/task-files"
         return self.route(body)
