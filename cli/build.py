@@ -2,7 +2,8 @@
 
 Owns: the ``image build`` sub-command's flags, packing the context as a tar (honouring
 .dockerignore, as `docker build` does, so ignored files are never sent) and printing the
-streamed build records. Must not touch: the build itself (the agent runs it:
+streamed build records — ``build_image``, which `shoal stack deploy` uses as well
+(shoal.cli.compose_build). Must not touch: the build itself (the agent runs it:
 shoal.runtime.build behind ``POST /v1/images/build``).
 """
 

@@ -21,6 +21,8 @@ deploy refuses is said to be refused there) or ``NOT_YET`` (Swarm reads it; shoa
 no field for it yet). Wiring a new spec field is replacing its
 ``NOT_YET`` entry with a handler. A key outside the Compose Specification is an error, ``x-*``
 extension keys are skipped. Each warning names the key once, with the services that use it.
+A service's ``build:`` is read by shoal.cli.compose_build into ``Stack.builds`` (the deploy
+builds them); until built, such a service's image is the build's name.
 
 Names, as Swarm's: services ``STACK_SERVICE``, volumes declared in the file ``STACK_KEY``
 (unless ``external`` or ``name:``); beyond Swarm, secrets and configs the file creates are

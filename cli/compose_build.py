@@ -78,6 +78,7 @@ class BuildSpec:
     labels: tuple[str, ...] = ()  # K=V
     tags: tuple[str, ...] = ()  # more names (build.tags)
     no_cache: bool = False
+    image_given: bool = False  # the service gives image: (which is ``name``)
 
     def content_ref(self, image_id: str) -> str:
         """The reference the service runs: REPO:HEX of the image id."""
@@ -140,7 +141,8 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
                                "Specification's build)")
     return BuildSpec(key=key, path=path, repo=repo, name=name, context=ctx,
                      dockerfile=dockerfile, dockerfile_inline=inline, args=tuple(args),
-                     labels=tuple(labels), tags=tuple(tags), no_cache=no_cache)
+                     labels=tuple(labels), tags=tuple(tags), no_cache=no_cache,
+                     image_given=image is not None)
 
 
 def check_paths(b: BuildSpec) -> None:
@@ -203,12 +205,16 @@ def build_all(c: Any, builds: list[BuildSpec], show: Callable[[str], Any],
 
 
 def _existing(c: Any, b: BuildSpec) -> str:
-    """--no-build: the image built (or `image build -t`) under the build's name."""
+    """--no-build: the image built (or `image build -t`) under the build's name; one the
+    node lacks under the service's ``image:`` is deployed as written, as `docker stack
+    deploy` does (the nodes pull it from a peer or its registry)."""
     from urllib.parse import quote
 
     try:
         info = c.call("GET", f"/v1/images/{quote(b.name, safe='')}")
     except CliError:
+        if b.image_given:
+            return b.name
         raise CliError(f"{b.path}: --no-build, and there is no image {b.name} on this node "
                        f"(build it: `shoal image build -t {b.name} {b.context}`, or deploy "
                        "without --no-build)") from None

@@ -13,7 +13,9 @@ manager over the remote API, and the files it reads (secrets, env files, ``.env`
 user's machine, not the manager's. The cost — a deploy is a sequence of writes, not one
 transaction — is bounded by checking everything that can be checked (specs, names owned by
 another stack or by no stack, external secrets, published-port conflicts, changed configs)
-before the first write. Must not touch: the spec translation (shoal.cli.compose), cluster logic.
+before the first write; the services with ``build:`` are built (shoal.cli.compose_build) after
+those checks and before that write. Must not touch: the spec translation (shoal.cli.compose),
+cluster logic.
 """
 
 from __future__ import annotations
@@ -412,7 +414,8 @@ def add_parser(sub: Any) -> None:
                    "registry login` for their registries")
     d.add_argument("--no-build", action="store_true",
                    help="do not build the services with build:; run the images built "
-                   "before under their names (image:, else STACK_SERVICE:latest)")
+                   "before on this node under their names (image:, else "
+                   "STACK_SERVICE:latest), or image: as written")
     d.add_argument("name", metavar="STACK")
     from shoal.cli import output
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,13 @@ def test_no_build_deploys_the_image_built_before_under_its_name(tmp_path: Path) 
     agent.tags["app_web:latest"] = ID2  # (`shoal image build -t app_web ./web`)
     deploy(agent, path, no_build=True)
     assert agent.builds == [] and agent.image_of("app_web") == "app_web:" + ID2[7:19]
+    # with image: the image under that name, else image: as written (docker stack deploy's)
+    path = project(tmp_path, "services:\n  web: {build: ., image: 'reg:5000/web:1'}\n")
+    deploy(agent, path, no_build=True)
+    assert agent.image_of("app_web") == "reg:5000/web:1"
+    agent.tags["reg:5000/web:1"] = ID1
+    deploy(agent, path, no_build=True)
+    assert agent.builds == [] and agent.image_of("app_web") == "app_web:" + ID1[7:19]
 
 
 def test_the_content_tag_survives_the_spec_round_trip(tmp_path: Path) -> None:
@@ -262,3 +270,23 @@ def test_the_content_tag_survives_the_spec_round_trip(tmp_path: Path) -> None:
     [spec] = with_images(st.services, "app", {"web": "app_web:" + ID1[7:19]})
     assert to_dict(spec)["task"]["container"]["image"] == "app_web:a1a1a1a1a1a1"
     assert json.dumps(to_dict(spec))
+
+
+def test_an_inline_dockerfile_is_sent_with_the_context_and_not_left_behind(
+        tmp_path: Path) -> None:
+    path = project(tmp_path, """
+services:
+  web:
+    build:
+      context: .
+      dockerfile_inline: |
+        FROM busybox:1
+        COPY app.txt /
+""", {"app.txt": "x"})
+    agent = FakeAgent()
+    before = set(Path(tempfile.gettempdir()).glob("shoal-*"))
+    deploy(agent, path)
+    [b] = agent.builds
+    assert ("dockerfile", ".shoal-dockerfile") in b["query"]
+    assert b["files"][".shoal-dockerfile"] == b"FROM busybox:1\nCOPY app.txt /\n"
+    assert set(Path(tempfile.gettempdir()).glob("shoal-*")) == before
