@@ -2,7 +2,8 @@
 
 Owns: the ``image build`` sub-command's flags, packing the context as a tar (honouring
 .dockerignore, as `docker build` does, so ignored files are never sent) and printing the
-streamed build records. Must not touch: the build itself (the agent runs it:
+streamed build records — ``build_image``, which `shoal stack deploy` uses as well
+(shoal.cli.compose_build). Must not touch: the build itself (the agent runs it:
 shoal.runtime.build behind ``POST /v1/images/build``).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from shoal.cli.client import Client
@@ -29,6 +30,8 @@ def add_parser(isub: Any) -> None:
     p.add_argument("-f", "--file", default="", help="the Dockerfile (default CONTEXT/Dockerfile)")
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V",
                    help="a value for an ARG (repeatable)")
+    p.add_argument("--label", action="append", default=[], metavar="K=V",
+                   help="a label of the image (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use the layer cache")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
     p.add_argument("--format", choices=["table", "json"], default="table",
@@ -65,33 +68,58 @@ def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
 
 
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
+    show = None if args.quiet or fmt == "json" else _print
+    final = build_image(c, args.context, args.file, tags=args.tag,
+                        build_args=args.build_arg, labels=args.label,
+                        no_cache=args.no_cache, show=show)
+    if fmt == "json":
+        print(json.dumps(final))
+    elif args.quiet:
+        print(final["image"])
+    else:
+        print(summary(final))
+
+
+def summary(final: dict[str, Any]) -> str:
+    """The last line of a build: what the cache saved."""
+    return (f"{final['cached']}/{final['steps']} steps from the cache, "
+            f"{final['layers_created']} new layers")
+
+
+def build_image(c: Client, context: str, dockerfile: str = "", *,
+                tags: Sequence[str] = (), build_args: Sequence[str] = (),
+                labels: Sequence[str] = (), no_cache: bool = False,
+                show: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Build ``context`` on the agent ``c`` talks to: the final record (``image`` id,
+    ``tags``, ``steps``, ``cached``, ``layers_created``...); ``show`` gets each output line
+    as it comes. ``build_args``/``labels``: ``K=V``. CliError ("build failed: ...") when
+    the builder fails. (Also `shoal stack deploy`'s, shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
-    tarpath, rel_df = pack_context(args.context, args.file)
-    query: list[tuple[str, str]] = [("t", t) for t in args.tag]
-    query += [("dockerfile", rel_df)] + [("buildarg", a) for a in args.build_arg]
-    if args.no_cache:
+    tarpath, rel_df = pack_context(context, dockerfile)
+    query: list[tuple[str, str]] = [("t", t) for t in tags]
+    query += [("dockerfile", rel_df)] + [("buildarg", a) for a in build_args]
+    query += [("label", a) for a in labels]
+    if no_cache:
         query.append(("nocache", "1"))
     try:
         final: dict[str, Any] = {}
         for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), tarpath):
-            if "stream" in rec and not args.quiet and fmt != "json":
-                print(rec["stream"], flush=True)
+            if "stream" in rec and show is not None:
+                show(rec["stream"])
             elif "error" in rec:
                 raise CliError(f"build failed: {rec['error']}")
             elif "image" in rec:
                 final = rec
         if not final:
             raise CliError("the agent ended the build without a result")
-        if fmt == "json":
-            print(json.dumps(final))
-        elif args.quiet:
-            print(final["image"])
-        else:
-            print(f"{final['cached']}/{final['steps']} steps from the cache, "
-                  f"{final['layers_created']} new layers")
+        return final
     finally:
         os.unlink(tarpath)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
 def _post_stream(c: Client, path: str, tarpath: str) -> Iterator[dict[str, Any]]:

@@ -21,6 +21,8 @@ deploy refuses is said to be refused there) or ``NOT_YET`` (Swarm reads it; shoa
 no field for it yet). Wiring a new spec field is replacing its
 ``NOT_YET`` entry with a handler. A key outside the Compose Specification is an error, ``x-*``
 extension keys are skipped. Each warning names the key once, with the services that use it.
+A service's ``build:`` is read by shoal.cli.compose_build into ``Stack.builds`` (the deploy
+builds them); until built, such a service's image is the build's name.
 
 Names, as Swarm's: services ``STACK_SERVICE``, volumes declared in the file ``STACK_KEY``
 (unless ``external`` or ``name:``); beyond Swarm, secrets and configs the file creates are
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli import compose_pod
+from shoal.cli.compose_build import BuildSpec, placeholder_body, read_build
 from shoal.cli.compose_env import interpolate, merge, parse_yaml, read_env_file
 from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exported)
     IGNORE,
@@ -137,6 +140,9 @@ class Stack:
     configs: list[FileObject]
     warnings: list[str]
     networks: list[NetworkObject] = field(default_factory=list)
+    # the services' builds (build:), run by the deploy before it writes anything; until
+    # then each such service's image is the build's name (compose_build)
+    builds: list[BuildSpec] = field(default_factory=list)
 
 
 def _update_rules(prefix: str, spec: str) -> dict[str, Rule]:
@@ -282,7 +288,8 @@ KEYS: dict[str, Rule] = {
     "runtime": LATER, "storage_opt": LATER, "pid": LATER, "ipc": LATER, "uts": LATER,
     # Keys of the Compose Specification that do not apply to a stack: ignored as by docker
     # stack deploy ("Ignoring unsupported options") ...
-    "build": IGNORE, "depends_on": IGNORE, "container_name": IGNORE, "links": IGNORE,
+    "build": Rule(lambda svc, v, path: None),  # (read by compose_build.read_build)
+    "depends_on": IGNORE, "container_name": IGNORE, "links": IGNORE,
     "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": Rule(_restart),
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
     "profiles": Rule(lambda svc, v, path: None),  # (read by _with_active_profiles)
@@ -386,14 +393,10 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
     if body is None:
         body = {}
     _apply(svc, "", body, path)
-    if not svc.spec.get("task", {}).get("container", {}).get("image"):
-        if isinstance(body, dict) and "build" in body:
-            raise ComposeError(f"{path}.image", "is required: a stack deploys images, it "
-                               "does not build them (as Swarm); build it with `shoal image "
-                               "build -t NAME DIR` (or push it to a registry) and name it here")
-        if not svc.spec.get("task", {}).get("container", {}).get("command"):
-            raise ComposeError(f"{path}.image", "is required (without one, shoal runs "
-                               "command: as a program of each node's own filesystem)")
+    if not svc.spec.get("task", {}).get("container", {}).get("image") and \
+            not svc.spec.get("task", {}).get("container", {}).get("command"):
+        raise ComposeError(f"{path}.image", "is required (without one, shoal runs "
+                           "command: as a program of each node's own filesystem)")
     if svc.restart is not None and not any(p.startswith("task.restart.")
                                            for p in svc.spec_paths):
         for k, v in svc.restart.items():
@@ -690,11 +693,16 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
     networks = _networks(stack, doc.get("networks"), w)
     services = _default_network(stack, services, networks)
     names = {k: n.name for k, n in networks.items()}
+    builds = []
+    for key, body in list(services.items()):
+        if isinstance(body, dict) and "build" in body:
+            builds.append(read_build(stack, str(key), body, project_dir, env, w))
+            services[key] = placeholder_body(builds[-1], body)
     specs = [translate_service(stack, str(key), body, project_dir, env, objects, volumes, w,
                                names, volume_drivers) for key, body in services.items()]
     return Stack(name=stack, services=specs, secrets=list(objects["secret"].values()),
                  configs=list(objects["config"].values()), warnings=w.render(),
-                 networks=list(networks.values()))
+                 networks=list(networks.values()), builds=builds)
 
 
 def _with_active_profiles(services: dict[str, Any], env: Mapping[str, str],

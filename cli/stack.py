@@ -13,7 +13,9 @@ manager over the remote API, and the files it reads (secrets, env files, ``.env`
 user's machine, not the manager's. The cost — a deploy is a sequence of writes, not one
 transaction — is bounded by checking everything that can be checked (specs, names owned by
 another stack or by no stack, external secrets, published-port conflicts, changed configs)
-before the first write. Must not touch: the spec translation (shoal.cli.compose), cluster logic.
+before the first write; the services with ``build:`` are built (shoal.cli.compose_build) after
+those checks and before that write. Must not touch: the spec translation (shoal.cli.compose),
+cluster logic.
 """
 
 from __future__ import annotations
@@ -253,9 +255,12 @@ def _objects(c: Client, kind: str, stack: str = "") -> list[dict[str, Any]]:
 
 def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: str,
            out: Any = sys.stdout, err: Any = sys.stderr,
-           with_registry_auth: bool = False) -> Plan:
+           with_registry_auth: bool = False, no_build: bool = False) -> Plan:
     """``with_registry_auth``: every service's nodes pull its image with the cluster's
-    credentials for its registry (`registry login`; docker's flag of the same name)."""
+    credentials for its registry (`registry login`; docker's flag of the same name).
+    The services with ``build:`` are built first on the node ``c`` talks to, once the
+    deploy is known to be possible, and run the built image's content tag
+    (shoal.cli.compose_build); ``no_build``: the images built before, by their names."""
     import base64
 
     from shoal.cli.compose import load_stack
@@ -266,9 +271,16 @@ def deploy(c: Client, paths: list[Path], name: str, prune: bool, resolve_image: 
         stack.services = [with_auth(spec) for spec in stack.services]
     for w in stack.warnings:
         print(f"Warning: {w}", file=err)
-    plan = plan_deploy(stack, cluster_services(c),
-                       {k: _objects(c, k, name) for k in ("secret", "config")}, prune,
-                       c.call("GET", "/v1/networks") if stack.networks else [])
+    have = (cluster_services(c), {k: _objects(c, k, name) for k in ("secret", "config")})
+    nets = c.call("GET", "/v1/networks") if stack.networks else []
+    plan = plan_deploy(stack, have[0], have[1], prune, nets)
+    if stack.builds:  # (after the checks above: a deploy refused builds nothing)
+        from shoal.cli.compose_build import build_all, with_images
+
+        refs = build_all(c, stack.builds, lambda line: print(line, file=out, flush=True),
+                         no_build)
+        stack.services = with_images(stack.services, name, refs)
+        plan = plan_deploy(stack, have[0], have[1], prune, nets)
     for w in plan.warnings:
         print(f"Warning: {w}", file=err)
     for svc in plan.remove:
@@ -400,6 +412,10 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--with-registry-auth", action="store_true",
                    help="nodes pull the services' images with the credentials of `shoal "
                    "registry login` for their registries")
+    d.add_argument("--no-build", action="store_true",
+                   help="do not build the services with build:; run the images built "
+                   "before on this node under their names (image:, else "
+                   "STACK_SERVICE:latest), or image: as written")
     d.add_argument("name", metavar="STACK")
     from shoal.cli import output
 
@@ -429,7 +445,8 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
         from pathlib import Path
 
         deploy(c, [Path(p) for p in args.compose_files], args.name, args.prune,
-               args.resolve_image, with_registry_auth=args.with_registry_auth)
+               args.resolve_image, with_registry_auth=args.with_registry_auth,
+               no_build=args.no_build)
     elif cmd == "ls":
         counts: dict[str, int] = {}
         for s in cluster_services(c):

@@ -307,6 +307,7 @@ ROUTES: tuple[Route, ...] = (
           query=(Param("t", STR, "NAME:TAG to tag the result with (repeatable)"),
                  Param("dockerfile", STR, "the Dockerfile's path in the context"),
                  Param("buildarg", STR, "K=V for an ARG (repeatable)"),
+                 Param("label", STR, "K=V, a label of the result (repeatable)"),
                  Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache")),
           reply=_obj("a build record", stream=STR, image=STR, error=STR, cached=INT),
           errors=(400,),

@@ -85,6 +85,9 @@ class BuildOptions:
     dockerfile: str = "Dockerfile"  # relative to the context
     build_args: dict[str, str] = field(default_factory=dict)  # --build-arg K=V
     no_cache: bool = False  # --no-cache: run every step, record the new results
+    # --label K=V: labels of the result, as a last LABEL step (Docker's `build --label`;
+    # Compose's build.labels)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +163,10 @@ class Builder:
         except (OSError, UnicodeDecodeError) as exc:
             raise BuildError(f"cannot read the Dockerfile {opts.dockerfile}: {exc}") from None
         instructions = parse_dockerfile(text)
+        if opts.labels:  # (quoted, `$` escaped: a value is taken as given, not expanded)
+            instructions.append(Instruction(line=0, cmd="LABEL", args=" ".join(
+                shlex.quote(f"{k}={v}".replace("$", "\\$"))
+                for k, v in sorted(opts.labels.items()))))
         for tid in [t for t in self.runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)
                     and t not in _ACTIVE]:  # a RUN left by a build an agent restart cut short
             with contextlib.suppress(Exception):
@@ -612,7 +619,8 @@ def _opaque(path: Path) -> bool:
 
 
 def options_from_query(query: Any) -> BuildOptions:
-    """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``),
+    """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``,
+    ``label``),
     a MultiDict; BuildError names the bad field."""
     from shoal.runtime.images import normalize_ref
 
@@ -632,8 +640,14 @@ def options_from_query(query: Any) -> BuildOptions:
         if not sep or not re.fullmatch(r"\w+", key):
             raise BuildError(f"expected K=V, got {item!r}", field="buildarg")
         args[key] = value
+    labels: dict[str, str] = {}
+    for item in query.getall("label", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BuildError(f"expected K=V, got {item!r}", field="label")
+        labels[key] = value
     return BuildOptions(tags=tags, dockerfile=norm, build_args=args,
-                        no_cache=query.get("nocache") == "1")
+                        no_cache=query.get("nocache") == "1", labels=labels)
 
 
 def puller(registries: Any) -> Pull | None:

@@ -147,3 +147,24 @@ COPY conf/a.conf /tmp
     assert (top[0] / "tmp" / "a.conf").read_text() == "a"  # into the existing /tmp
     assert (top[0] / "tmp").stat().st_mode & 0o7777 == 0o1777  # its mode kept
     assert len(res.image.layers) == 6
+
+
+async def test_labels_of_the_build_are_the_results_last_step(ctl: ProcessController,
+                                                             tmp_path: Path) -> None:
+    """``--label``/Compose's ``build.labels``: set on the result as given (a ``$`` is not
+    expanded), over the Dockerfile's own; the same labels again are a cache hit, other ones
+    a new image on the same layers."""
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM base:1\nLABEL team=a keep=1\n")
+    builder = Builder(ctl, ctl.images, tmp_path / "build")
+    labels = {"team": "core team", "price": "$5 'or' \\x"}
+    first = await builder.build(ctx, BuildOptions(tags=("l:1",), labels=labels), print)
+    assert first.image.config.labels == {"team": "core team", "keep": "1",
+                                         "price": "$5 'or' \\x"}
+    again = await builder.build(ctx, BuildOptions(labels=labels), print)
+    assert (again.image.id, again.cached) == (first.image.id, again.steps - 1)
+    other = await builder.build(ctx, BuildOptions(labels={"team": "b"}), print)
+    assert other.image.id != first.image.id and other.image.config.labels["team"] == "b"
+    assert other.layers_created == 0

@@ -130,11 +130,13 @@ def test_api_options_name_the_bad_field() -> None:
 
     opts = options_from_query(MultiDict([("t", "web:1"), ("t", "web:latest"),
                                          ("buildarg", "A=1"), ("buildarg", "B="),
-                                         ("dockerfile", "sub/Dockerfile"), ("nocache", "1")]))
+                                         ("dockerfile", "sub/Dockerfile"), ("nocache", "1"),
+                                         ("label", "team=core team"), ("label", "x=")]))
     assert opts.tags == ("web:1", "web:latest") and opts.build_args == {"A": "1", "B": ""}
+    assert opts.labels == {"team": "core team", "x": ""}
     assert opts.dockerfile == "sub/Dockerfile" and opts.no_cache
     for query, fld in (([("t", "Bad Tag")], "t"), ([("buildarg", "novalue")], "buildarg"),
-                       ([("dockerfile", "../x")], "dockerfile")):
+                       ([("dockerfile", "../x")], "dockerfile"), ([("label", "a")], "label")):
         with pytest.raises(BuildError) as err:
             options_from_query(MultiDict(query))
         assert err.value.field == fld

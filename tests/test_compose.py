@@ -406,9 +406,8 @@ x-common: &common {}
     st = deploy(tmp_path, text)
     assert len(st.services) == 2
     w = st.warnings
-    assert "build: ignored: it does not apply to a stack (Swarm ignores it too) " \
-        "(services web, api)" in w
-    assert sum(x.startswith("build:") for x in w) == 1
+    assert not any(x.startswith("build") for x in w)  # (built: shoal.cli.compose_build)
+    assert [b.key for b in st.builds] == ["web", "api"]
     for key in ("container_name", "depends_on", "shm_size"):
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     assert all("not supported yet" in x for x in w if x.startswith(("shm_size", "deploy.")))
@@ -653,12 +652,9 @@ def test_a_bridge_network_is_deployed_as_an_overlay_with_a_warning(tmp_path: Pat
             "deployed as overlay" in w], st.warnings
 
 
-def test_a_service_built_from_source_needs_an_image_to_deploy(tmp_path: Path) -> None:
-    """`build:` without `image:` is refused naming image (it used to run `command:` from the
-    nodes' own filesystem, as a service without an image does), and a service with neither
-    image nor command is told about image, not command."""
-    msg = error(tmp_path, "services:\n  web:\n    build: .\n    command: python app.py\n")
-    assert msg.startswith("services.web.image: is required") and "image build" in msg
+def test_a_service_with_neither_image_nor_command_is_told_about_image(tmp_path: Path
+                                                                     ) -> None:
+    """(`build:` without `image:` is built by the deploy: tests/test_compose_build.py)"""
     msg = error(tmp_path, "services:\n  web:\n    environment: [A=1]\n")
     assert msg.startswith("services.web.image: is required")
 

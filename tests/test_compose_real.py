@@ -138,7 +138,7 @@ def test_a_key_docker_stack_deploy_refuses_is_not_said_to_be_ignored_by_swarm(
         tmp_path: Path) -> None:
     """Zabbix's ``attach``, Sentry's ``pull_policy``, Compose v2's ``mem_limit``: left out
     with a warning that says docker stack deploy refuses them (and where a limit goes),
-    not that "Swarm ignores it too", which holds for build, links, container_name..."""
+    not that "Swarm ignores it too", which holds for links, container_name..."""
     st = deploy(tmp_path, """
 services:
   web: {image: nginx, build: ., attach: false, mem_limit: 512m, scale: 2}
@@ -146,7 +146,6 @@ services:
     assert sorted(st.warnings) == [
         "attach: ignored: it does not apply to a stack (docker stack deploy refuses the key) "
         "(service web)",
-        "build: ignored: it does not apply to a stack (Swarm ignores it too) (service web)",
         "mem_limit: ignored: give the limit under deploy.resources (docker stack deploy "
         "refuses the key) (service web)",
         "scale: ignored: give the count as deploy.replicas (docker stack deploy refuses the "
