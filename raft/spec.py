@@ -526,9 +526,10 @@ class EndpointSpec(_Spec, frozen=True):
         "service discovery: vip (one balanced virtual IP) or dnsrr (DNS round robin over "
         "the task addresses)", flag="--endpoint-mode", cli="choice")] = "vip"
     ports: Annotated[tuple[PortSpec, ...], decl(
-        "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
+        "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh; at HOST_IP "
+        "only, e.g. 127.0.0.1, when given: cluster schema 13)",
         flag="--publish", short="-p", cli="list", item="port",
-        metavar="[PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
+        metavar="[[HOST_IP:]PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
     host_ports: Annotated[tuple[PortSpec, ...], decl(
         "ports published in host mode (--publish mode=host,published=N,target=N): only on "
         "the nodes running a task, straight to it, the client's address kept; one task per "
