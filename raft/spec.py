@@ -483,15 +483,23 @@ class PortSpec(_Spec, frozen=True):
         return f"{self.published}/{self.protocol}"
 
 
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def check_host_ip(text: str) -> None:
     """A published port's ``host_ip``: one IPv4 address, written as ``ipaddress`` writes
     it, that a node can listen on. SpecError(host_ip) says why not."""
-    if ":" in text:
-        raise SpecError("host_ip", f"{text!r}: IPv6 is not supported (the routing mesh and "
-                        "host-mode ports listen on IPv4 addresses only)")
     try:
         addr = ipaddress.IPv4Address(text)
     except ValueError:
+        if ":" in text and _ipv6(text):
+            raise SpecError("host_ip", f"{text!r}: IPv6 is not supported (the routing mesh "
+                            "and host-mode ports listen on IPv4 addresses only)") from None
         raise SpecError("host_ip", f"{text!r} is not an IPv4 address (e.g. 127.0.0.1)"
                         ) from None
     if str(addr) != text:
