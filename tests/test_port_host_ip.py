@@ -186,6 +186,13 @@ def test_publish_takes_dockers_host_address_in_both_forms() -> None:
     assert ("", 8443, 443, "tcp") in ports(spec) and not {8080, 5353} & {
         p.published for p in spec.endpoint.ports}
     assert update(spec, "--publish-rm", "7070").endpoint.host_ports == ()
+    # a port the managers assigned (-p 82) moves to an address, keeping its number
+    assigned = create("-p", "82").endpoint.ports[0]
+    spec = validate_spec({**to_dict(spec), "endpoint": {"ports": [
+        {**to_dict(assigned), "published": 30000}]}})
+    assert ports(update(spec, "--publish-add", "127.0.0.1::82")) == [
+        ("127.0.0.1", 30000, 82, "tcp")]
+    assert ports(update(spec, "--publish-add", "82")) == [("", 30000, 82, "tcp")]
     for bad, why in (("[::1]:80:80", "IPv6 host addresses are not supported"),
                      ("::1:80:80", "IPv6 host addresses are not supported"),
                      ("host_ip=fe80::1,published=80,target=80", "IPv6"),
