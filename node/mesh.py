@@ -434,7 +434,9 @@ class Mesh:
         self._ready = asyncio.Event()
         self._closed = False
         self.errors: dict[str, str] = {}  # table name → why the balancer refused it
-        self.absent: set[str] = set()  # host_ip addresses this node lacks (said once each)
+        # (host_ip, "PORT/PROTO (SERVICE)") of the ports this node skips, lacking the address
+        # (each said once, at info)
+        self.skipped: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def wake(self) -> None:
@@ -654,18 +656,21 @@ class Mesh:
             self.errors.pop(name, None)
 
     def _has_addresses(self, snap: Snapshot) -> set[str]:
-        """The published ports' ``host_ip`` addresses this node has; one it lacks is said
-        once, at info (the ports there are not published on this node), and again only
-        after it was seen here in between."""
+        """The published ports' ``host_ip`` addresses this node has. A port at one it lacks
+        is left out here and said once, at info (again only if the address came and went,
+        or the port did)."""
         asked = host_ips(snap)
         present = {a for a in asked if has_address(a)}
-        for addr in sorted(asked - present - self.absent):
-            ports = sorted(f"{p.published}/{p.protocol} ({s.spec.name})"
-                           for s in snap.services.values() for p in s.spec.endpoint.ports
-                           if p.host_ip == addr)
+        skipped = {(p.host_ip, f"{p.published}/{p.protocol} ({s.spec.name})")
+                   for s in snap.services.values() for p in s.spec.endpoint.ports
+                   if p.host_ip and p.host_ip not in present}
+        new: dict[str, list[str]] = {}
+        for addr, port in sorted(skipped - self.skipped):
+            new.setdefault(addr, []).append(port)
+        for addr, ports in new.items():
             log.info("not publishing %s at %s: not an address of this node", ", ".join(ports),
                      addr)
-        self.absent = asked - present
+        self.skipped = skipped
         return present
 
     def describe(self) -> dict[str, Any]:
@@ -676,8 +681,8 @@ class Mesh:
             out.update(self.network.describe())
         if self.overlay is not None:
             out["overlay"] = self.overlay.describe()
-        if self.absent:  # (host_ip addresses this node lacks: those ports skip it)
-            out["absent_host_ips"] = sorted(self.absent)
+        if self.skipped:  # (host_ip addresses this node lacks: those ports skip it)
+            out["absent_host_ips"] = sorted({addr for addr, _ in self.skipped})
         if self.host_ports.error:
             out["errors"]["host_ports"] = self.host_ports.error
         if self._dns_server is not None:

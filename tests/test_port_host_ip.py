@@ -315,6 +315,30 @@ def test_has_address_is_what_this_namespace_can_bind() -> None:
     assert not has_address("192.0.2.77")  # (TEST-NET-1: no host has it)
 
 
+def test_a_port_at_an_address_the_node_lacks_is_said_once_at_info(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every pass (every applied entry, every 2 s) checks the addresses: the skipped port is
+    logged once, not at each pass; another port there is said once too."""
+    import logging
+
+    from shoal.node.mesh import Mesh
+
+    snap = _snap({"published": 8080, "target": 80, "host_ip": "192.0.2.77"},
+                 {"published": 8081, "target": 81, "host_ip": "127.0.0.1"})
+    mesh = Mesh(tmp_path, "n1", "10.77.0.11", lambda: snap, lambda: True, lambda: ())
+    with caplog.at_level(logging.INFO, logger="shoal.mesh"):
+        for _ in range(3):
+            assert mesh._has_addresses(snap) == {"127.0.0.1"}
+        more = _snap({"published": 8080, "target": 80, "host_ip": "192.0.2.77"},
+                     {"published": 9090, "target": 90, "host_ip": "192.0.2.77"})
+        mesh._has_addresses(more)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("INFO", "not publishing 8080/tcp (web) at 192.0.2.77: not an address of this node"),
+        ("INFO", "not publishing 9090/tcp (web) at 192.0.2.77: not an address of this node")]
+    assert mesh.describe()["absent_host_ips"] == ["192.0.2.77"]
+
+
 def test_host_mode_dnat_matches_the_host_ip_only() -> None:
     snap = _snap(host_ports=({"published": 7070, "target": 70, "host_ip": "10.77.0.11"},
                              {"published": 7071, "target": 71}))
