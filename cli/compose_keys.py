@@ -24,12 +24,14 @@ from typing import Any
 from shoal.cli.compose_env import PORT_RE, _as_map, read_env_file
 from shoal.cli.errors import CliError, ComposeError
 from shoal.cli.flagvalues import (
+    host_ip,
     parse_duration,
     parse_size,
     port_range,
     publish_ports,
     seccomp_setting,
     split_security_opt,
+    with_host_ip,
 )
 from shoal.raft.podspec import LOG_DRIVERS, LOG_OPTIONS
 
@@ -370,11 +372,10 @@ def _ports(svc: _Service, v: Any, path: str) -> None:
         proto = (m.group("proto") or "tcp").lower()
         if proto not in ("tcp", "udp"):
             raise ComposeError(where, f"protocol {proto!r}: shoal publishes tcp and udp")
-        if m.group("ip"):
-            svc.warn("ports (host IP)", f"{NOT_YET}: published on every address of every "
-                     "node (the routing mesh)")
-        # ("80", ":80": the managers assign one, as `-p 80`; "8000-8010:80": each to 80)
-        ports += _publish(m.group("pub") or "", m.group("target"), proto, where)
+        # ("80", ":80": the managers assign one, as `-p 80`; "8000-8010:80": each to 80;
+        # "127.0.0.1:5432:5432": at that address of each node that has it)
+        ports += with_host_ip(_publish(m.group("pub") or "", m.group("target"), proto, where),
+                              _host_ip(m.group("ip") or "", where))
     svc.set("endpoint.ports", ports, path)
     if host:
         svc.set("endpoint.host_ports", host, path)
@@ -398,8 +399,7 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
     if mode == "host" and m.get("published") in ("", None, 0, "0"):
         raise ComposeError(f"{path}.published", "mode: host needs a published port (shoal "
                            "does not pick one)")
-    if m.get("host_ip"):
-        svc.warn("ports.host_ip", f"{NOT_YET}: published on every address of every node")
+    address = _host_ip(as_str(m.get("host_ip") or "", f"{path}.host_ip"), f"{path}.host_ip")
     # no published port: the managers assign one; a range ("8000-8010", a string in the
     # Compose Specification): every port of it leads to the target, as the short syntax
     # "8000-8010:80" does in docker's swarm CLI (the Specification's "an available port of
@@ -411,7 +411,16 @@ def _long_port(svc: _Service, m: dict[str, Any], path: str) -> list[dict[str, An
         published = pub.strip()
     else:
         published = str(as_int(pub, f"{path}.published"))
-    return _publish(published, str(target), proto, f"{path}.published")
+    return with_host_ip(_publish(published, str(target), proto, f"{path}.published"), address)
+
+
+def _host_ip(text: str, path: str) -> str:
+    """A port's host address (``127.0.0.1``; ``0.0.0.0``, ``::`` or none: every address) →
+    ``host_ip``; an IPv6 one is an error naming ``path`` (the spec checks the rest)."""
+    try:
+        return host_ip(text)
+    except ValueError as exc:
+        raise ComposeError(path, str(exc)) from None
 
 
 def _file_refs(kind: str) -> Handler:

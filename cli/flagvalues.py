@@ -12,6 +12,7 @@ Errors: ``CliError`` (shoal.cli.errors) naming the flag.
 from __future__ import annotations
 
 import csv
+import ipaddress
 import os
 import re
 import shlex
@@ -155,6 +156,34 @@ def publish_ports(published: str, target: str, protocol: str) -> list[dict[str, 
             for p, t in zip(ports, targets, strict=True)]
 
 
+def host_ip(text: str) -> str:
+    """A published port's host address as Docker and Compose write it (``127.0.0.1``,
+    ``[::1]``) → the spec's ``host_ip``: "" for every address (``0.0.0.0``, ``::``, none).
+    ValueError for another IPv6 address (the routing mesh listens on IPv4 only); the spec
+    checks the rest, naming the field."""
+    text = text.strip()
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if bare in ("", "0.0.0.0", "::"):
+        return ""
+    if _is_ipv6(bare):
+        raise ValueError(f"{text!r}: IPv6 host addresses are not supported (the routing mesh "
+                         "listens on IPv4 addresses only); give an IPv4 one, e.g. 127.0.0.1")
+    return bare
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def with_host_ip(ports: list[dict[str, Any]], address: str) -> list[dict[str, Any]]:
+    """``ports`` (PortSpecs as dicts) at ``address`` (``host_ip``), unless that is ""."""
+    return [{**p, "host_ip": address} for p in ports] if address else ports
+
+
 def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
     """One port of ``--publish`` (``parse_publish_ports``); a range is refused here."""
     ports = parse_publish_ports(text, flag)
@@ -164,21 +193,25 @@ def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
 
 
 def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, Any]]:
-    """Docker's ``--publish [PUBLISHED:]TARGET[/tcp|udp]`` or
-    ``published=..,target=..,protocol=..,mode=ingress`` → its PortSpecs: PUBLISHED and TARGET
-    may be ranges (``8000-8010:9000-9010``, ``8000-8010:80``; ``publish_ports``). No published
-    port (``-p 80``): the managers assign one of 30000-32767. ``mode=host`` (a port bound
-    only where a task runs, without the routing mesh) marks each port ``"mode": "host"``:
-    ``_with_host_ports`` moves them to ``endpoint.host_ports``."""
-    usage = (f"{flag} expects [PUBLISHED:]TARGET[/tcp|udp] or "
-             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress|host] (a port or a "
-             f"range FIRST-LAST each), got {text!r}")
+    """Docker's ``--publish [[HOST_IP:]PUBLISHED:]TARGET[/tcp|udp]`` or
+    ``published=..,target=..,protocol=..,mode=ingress,host_ip=..`` → its PortSpecs:
+    PUBLISHED and TARGET may be ranges (``8000-8010:9000-9010``, ``8000-8010:80``;
+    ``publish_ports``). No published port (``-p 80``, ``-p 127.0.0.1::80``): the managers
+    assign one of 30000-32767. HOST_IP (``host_ip``): the address the port listens on, on
+    each node that has it. ``mode=host`` (a port bound only where a task runs, without the
+    routing mesh) marks each port ``"mode": "host"``: ``_with_host_ports`` moves them to
+    ``endpoint.host_ports``."""
+    usage = (f"{flag} expects [[HOST_IP:]PUBLISHED:]TARGET[/tcp|udp] or "
+             f"published=N,target=N[,protocol=tcp|udp][,mode=ingress|host][,host_ip=IP] (a "
+             f"port or a range FIRST-LAST each), got {text!r}")
+    address = ""
     if "=" in text:
         kv = parse_kv(text.split(","), flag)
-        unknown = set(kv) - {"published", "target", "protocol", "mode"}
+        unknown = set(kv) - {"published", "target", "protocol", "mode", "host_ip"}
         if unknown:
             raise CliError(f"{flag}: unknown option {sorted(unknown)[0]!r} in {text!r} "
-                           "(expected published, target, protocol, mode)")
+                           "(expected published, target, protocol, mode, host_ip)")
+        address = kv.get("host_ip", "")
         mode = kv.get("mode", "ingress")
         if mode not in ("ingress", "host"):
             raise CliError(f"{flag}: mode must be ingress or host, got {mode!r}")
@@ -189,8 +222,20 @@ def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, An
                            "pick a port for a host-mode one)")
     else:
         spec, _, proto = text.partition("/")
+        if spec.startswith("["):  # ([::1]:80:80)
+            address, _, spec = spec.partition("]")
+            address, spec = address + "]", spec[1:] if spec.startswith(":") else "?"
+        elif spec.count(":") == 2:  # (127.0.0.1:8080:80, 127.0.0.1::80)
+            address, _, spec = spec.partition(":")
+        elif spec.count(":") > 2:  # (an IPv6 address without brackets)
+            address, published, target = spec.rsplit(":", 2)
+            spec = f"{published}:{target}"
         published, _, target = spec.rpartition(":")
         mode = "ingress"
+    try:
+        address = host_ip(address)
+    except ValueError as exc:
+        raise CliError(f"{flag} {text!r}: {exc}") from None
     proto = proto.lower()  # (docker's 80/TCP)
     if not (re.fullmatch(r"([0-9]+(-[0-9]+)?)?", published)
             and re.fullmatch(r"[0-9]+(-[0-9]+)?", target)) or proto not in ("", "tcp", "udp"):
@@ -199,6 +244,7 @@ def parse_publish_ports(text: str, flag: str = "--publish") -> list[dict[str, An
         ports = publish_ports(published, target, proto or "tcp")
     except ValueError as exc:
         raise CliError(f"{flag} {text!r}: {exc}") from None
+    ports = with_host_ip(ports, address)
     return [{**p, "mode": "host"} for p in ports] if mode == "host" else ports
 
 

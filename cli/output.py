@@ -199,8 +199,8 @@ def _replicas(s: Rec) -> str:
 
 
 def _ports(s: Rec) -> str:
-    return ", ".join(f"*:{p['published']}->{p['target']}/{p['protocol']}"
-                     for p in s.get("ports") or [])
+    return ", ".join(f"{p.get('host_ip') or '*'}:{p['published']}->{p['target']}/"
+                     f"{p['protocol']}" for p in s.get("ports") or [])
 
 
 def _task_state(t: Rec) -> str:

@@ -116,6 +116,8 @@ def service(rec: Rec) -> str:
                 lines += [f" PublishedPort = {p['published']}",
                           f"  Protocol = {p['protocol']}", f"  TargetPort = {p['target']}",
                           f"  PublishMode = {mode}"]
+                if p.get("host_ip"):  # (the address it listens on, on each node with it)
+                    lines.append(f"  HostIP = {p['host_ip']}")
     return "\n".join(lines)
 
 

@@ -348,10 +348,15 @@ def apply_update_args(current: dict[str, Any], args: argparse.Namespace) -> dict
                 for new in added:
                     if d.item == "host" and new in items:
                         continue  # (docker's updateHosts: an /etc/hosts line keeps its place)
-                    if d.item == "port" and not new.get("published") and any(
-                            (i.get("target"), i.get("protocol", "tcp")) ==
-                            (new["target"], new.get("protocol", "tcp")) for i in items):
-                        continue  # (-p 81 again: the port the managers gave it stays, once)
+                    had = next((i for i in items if (i.get("target"), i.get("protocol", "tcp"))
+                                == (new["target"], new.get("protocol", "tcp"))), None) \
+                        if d.item == "port" and not new.get("published") else None
+                    if had is not None:  # (-p 81 again: the port the managers gave it stays,
+                        # once; -p 127.0.0.1::81 moves it to that address)
+                        if had.get("host_ip", "") != new.get("host_ip", ""):
+                            items = [{**i, "host_ip": new.get("host_ip", "")} if i is had
+                                     else i for i in items]
+                        continue
                     items = [i for i in items if same(i) != same(new)] + [new]
                 set_path(spec, d.path, kept(items))  # (a removal wins, as in Docker)
             if d.item in CARRIES:

@@ -3,8 +3,9 @@
 Owns, on this node, the iptables chains ``SHOAL-HOSTPORT`` of the nat table (jumped to from
 PREROUTING for packets to a local address) and of the filter table (jumped to from FORWARD):
 for each task of this node that is RUNNING with an address, of a service with host ports, one
-``DNAT`` rule per port, ``PUBLISHED`` → the task's address (``TaskStatus.addr``: on the
-default bridge or its first user-defined network) and ``TARGET``, and an ACCEPT of the
+``DNAT`` rule per port, ``PUBLISHED`` (at its ``host_ip`` only, when it has one) → the
+task's address (``TaskStatus.addr``: on the default bridge or its first user-defined
+network) and ``TARGET``, and an ACCEPT of the
 translated connection in FORWARD (ahead of any isolation rule or DROP policy). No balancer, no
 proxy: the task sees the client's own address. Packets to the VIP range are left alone (every
 VIP is a local address here and belongs to the routing mesh). Connections from the node
@@ -52,8 +53,10 @@ def hostport_rules(snap: Snapshot, node_id: str) -> tuple[list[str], list[str]]:
                          key=lambda t: t.id)
         for task in running[:1]:  # (one per node: max_replicas 1; a second would never match)
             addr = task.status.addr
-            for p in ports:
-                nat.append(f"-A {CHAIN} -p {p.protocol} --dport {p.published} -j DNAT "
+            for p in ports:  # (a host_ip: packets to that address only; a node without
+                # it has a rule that never matches)
+                dst = f"-d {p.host_ip}/32 " if p.host_ip else ""
+                nat.append(f"-A {CHAIN} {dst}-p {p.protocol} --dport {p.published} -j DNAT "
                            f"--to-destination {addr}:{p.target}")
                 fwd.append(f"-A {CHAIN} -d {addr}/32 -p {p.protocol} --dport {p.target} "
                            "-m conntrack --ctstate DNAT -j ACCEPT")

@@ -7,7 +7,8 @@ Owns: driving four building blocks from the replicated state, on every member no
   (``local VIP_CIDR dev lo``: any VIP can be bound and is delivered to this node's balancer),
   one veth per task (``attach``/``detach``, called by the Worker);
 * the ``Balancer`` (shoal.lb: worker processes, the agent only sends tables): one
-  ``ServiceLB`` per (service, target port) — frontends on every published port, and in
+  ``ServiceLB`` per (service, target port) — frontends on every published port (at its
+  ``host_ip`` only when it has one, and only on a node that has that address), and in
   endpoint mode ``vip`` a frontend on ``VIP:port`` for every port the service declares
   (published targets, ``--expose``, the image's ExposedPorts), endpoints = tasks whose
   status is RUNNING with an address and healthy (or without a health check), on any node
@@ -39,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -79,7 +82,8 @@ class MeshConfig:
     # Seconds ``attach`` waits for the mesh to be up (bridge made) before giving up.
     ready_timeout: float = 15.0
     # The balancer's settings; ``listen_addrs`` is replaced by the node's advertise address,
-    # 127.0.0.1 and the bridge gateway (published ports listen on those, VIPs on themselves).
+    # 127.0.0.1 and the bridge gateway (published ports listen on those, a port with a
+    # ``host_ip`` there only, VIPs on themselves).
     lb: LBConfig | None = None
     # The bridge, MTU and masquerade settings.
     network: NetworkConfig | None = None
@@ -124,13 +128,38 @@ def balanced(snap: Snapshot, image_ports: ImagePorts = _no_image_ports
             yield svc, vips
 
 
+def _everywhere(_addr: str) -> bool:
+    return True
+
+
+def host_ips(snap: Snapshot) -> set[str]:
+    """The addresses published ports of the routing mesh are given (``host_ip``)."""
+    return {p.host_ip for svc in snap.services.values() for p in svc.spec.endpoint.ports
+            if p.host_ip}
+
+
+def has_address(addr: str) -> bool:
+    """Whether this node (its network namespace) has the IPv4 address ``addr``: a socket
+    binds there. Another error than "not an address of this node" says yes (the balancer
+    then reports it for the table)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((addr, 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
 def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
-                image_ports: ImagePorts = _no_image_ports) -> dict[str, ServiceLB]:
+                image_ports: ImagePorts = _no_image_ports,
+                has_addr: Callable[[str], bool] = _everywhere) -> dict[str, ServiceLB]:
     """The balancer tables the state asks for: one per (service, target port) — every port a
-    service publishes (listening on every node) and, in endpoint mode ``vip``, every port its
-    VIP serves (published targets, ``expose``, the image's ExposedPorts from
-    ``image_ports(image)``). ``drain_since``: task id → wall-clock time its stop was first
-    seen (its connections are cut at that time + the task's ``stop_grace_period``)."""
+    service publishes (listening on every node; a port given a ``host_ip`` at that address
+    only, and not at all on a node without it: ``has_addr(host_ip)`` false) and, in
+    endpoint mode ``vip``, every port its VIP serves (published targets, ``expose``, the
+    image's ExposedPorts from ``image_ports(image)``). ``drain_since``: task id → wall-clock
+    time its stop was first seen (its connections are cut at that time + the task's
+    ``stop_grace_period``)."""
     out: dict[str, ServiceLB] = {}
     for svc, vips in balanced(snap, image_ports):
         ep = svc.spec.endpoint
@@ -146,9 +175,13 @@ def plan_tables(snap: Snapshot, drain_since: Mapping[str, float],
         endpoints.sort(key=lambda e: e.task_id)
         by_target: dict[int, list[Frontend]] = {}
         for p in ep.ports:
-            by_target.setdefault(p.target, []).append(Frontend(p.published, Proto(p.protocol)))
-        for port, proto in vips:  # the VIP's listeners that publishing does not imply
-            published = {f.proto for f in by_target.get(port, ())}
+            if p.host_ip and not has_addr(p.host_ip):
+                continue
+            by_target.setdefault(p.target, []).append(
+                Frontend(p.published, Proto(p.protocol), p.host_ip or None))
+        for port, proto in vips:  # the VIP's listeners that publishing does not imply (a
+            # port published at one address implies none: ServiceLB.all_frontends)
+            published = {f.proto for f in by_target.get(port, ()) if f.addr is None}
             if Proto(proto) not in published:
                 by_target.setdefault(port, []).append(Frontend(port, Proto(proto), svc.vip))
         for target, frontends in sorted(by_target.items()):
@@ -401,6 +434,9 @@ class Mesh:
         self._ready = asyncio.Event()
         self._closed = False
         self.errors: dict[str, str] = {}  # table name → why the balancer refused it
+        # (host_ip, "PORT/PROTO (SERVICE)") of the ports this node skips, lacking the address
+        # (each said once, at info)
+        self.skipped: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def wake(self) -> None:
@@ -599,7 +635,8 @@ class Mesh:
         for tid in set(self._drain_since) - stopping:
             del self._drain_since[tid]
         await self._refresh_image_ports(snap, now)
-        want = plan_tables(snap, self._drain_since, self._cached_image_ports)
+        want = plan_tables(snap, self._drain_since, self._cached_image_ports,
+                           self._has_addresses(snap).__contains__)
         for name, table in want.items():
             if self._pushed.get(name) == table:
                 continue
@@ -618,6 +655,24 @@ class Mesh:
             self._pushed.pop(name, None)
             self.errors.pop(name, None)
 
+    def _has_addresses(self, snap: Snapshot) -> set[str]:
+        """The published ports' ``host_ip`` addresses this node has. A port at one it lacks
+        is left out here and said once, at info (again only if the address came and went,
+        or the port did)."""
+        asked = host_ips(snap)
+        present = {a for a in asked if has_address(a)}
+        skipped = {(p.host_ip, f"{p.published}/{p.protocol} ({s.spec.name})")
+                   for s in snap.services.values() for p in s.spec.endpoint.ports
+                   if p.host_ip and p.host_ip not in present}
+        new: dict[str, list[str]] = {}
+        for addr, port in sorted(skipped - self.skipped):
+            new.setdefault(addr, []).append(port)
+        for addr, ports in new.items():
+            log.info("not publishing %s at %s: not an address of this node", ", ".join(ports),
+                     addr)
+        self.skipped = skipped
+        return present
+
     def describe(self) -> dict[str, Any]:
         """For ``shoal info``: subnet, gateway, task addresses, routes, tables, errors."""
         out: dict[str, Any] = {"ready": self.ready, "errors": dict(self.errors),
@@ -626,6 +681,8 @@ class Mesh:
             out.update(self.network.describe())
         if self.overlay is not None:
             out["overlay"] = self.overlay.describe()
+        if self.skipped:  # (host_ip addresses this node lacks: those ports skip it)
+            out["absent_host_ips"] = sorted({addr for addr, _ in self.skipped})
         if self.host_ports.error:
             out["errors"]["host_ports"] = self.host_ports.error
         if self._dns_server is not None:

@@ -119,7 +119,8 @@ def service_view(svc: Service, snap: Snapshot, detail: bool = False) -> dict[str
         "command": list(svc.spec.task.container.command),
         "version": svc.version,
         "vip": svc.vip,
-        "ports": [{"published": p.published, "target": p.target, "protocol": p.protocol}
+        "ports": [{"published": p.published, "target": p.target, "protocol": p.protocol,
+                   **({"host_ip": p.host_ip} if p.host_ip else {})}
                   for p in svc.spec.endpoint.ports],
         "created_at": svc.created_at,
         "updated_at": svc.updated_at,

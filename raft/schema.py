@@ -73,6 +73,9 @@ Schema history::
        fills it with the image's content and removes it with the task), and a volume
        mount's ``nocopy`` (``GATED_ITEMS``: a key schema 12's decoder does not know). An
        image's VOLUME paths get anonymous volumes too, node-local (no spec change, no gate).
+       And a published port's ``host_ip`` (``GATED_ITEMS`` of ``endpoint.ports`` and
+       ``endpoint.host_ports``: a key schema 12's decoder does not know; Compose's
+       ``127.0.0.1:5432:5432``), which a schema-12 node would publish on every address.
        And a node names the image with each blob it fetches from a peer (``IMAGE_ACCESS``),
        so a peer serves a worker only the blobs of its own tasks' images: a schema-12 node
        names none, so the check waits for the schema (shoal.node.transfer).
@@ -140,6 +143,8 @@ SECCOMP = 12  # the schema whose specs carry a container's seccomp profile, and 
 # leaders take a scheduled job's replace policy and starting deadline
 ANON_VOLUMES = 13  # the schema whose specs carry anonymous volumes (a volume mount without
 # a source) and a volume mount's nocopy
+PORT_HOST_IP = 13  # the schema whose specs carry a published port's host_ip (the address
+# it listens on)
 IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they fetch from a
 # peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
 
@@ -214,7 +219,10 @@ _FILE_KEYS: dict[str, tuple[Callable[[Any], bool], int, bool]] = {
 GATED_ITEMS: dict[str, dict[str, tuple[Callable[[Any], bool], int, bool]]] = {
     "task.container.secrets": _FILE_KEYS, "task.container.configs": _FILE_KEYS,
     # (Docker's volume-nocopy: a key schema 12's decoder does not know)
-    "task.container.mounts": {"nocopy": (bool, ANON_VOLUMES, False)}}
+    "task.container.mounts": {"nocopy": (bool, ANON_VOLUMES, False)},
+    # (a published port's address: a key schema 12's decoder does not know)
+    "endpoint.ports": {"host_ip": (bool, PORT_HOST_IP, False)},
+    "endpoint.host_ports": {"host_ip": (bool, PORT_HOST_IP, False)}}
 # leader ops (shoal.raft.state's ``leader`` command) likewise: op → schema
 GATED_OPS: dict[str, int] = {"autoscale": 3, "spawn": 5, "rollout_start": 6}
 # fields of node records (the ``node_update`` and ``node_add`` commands' node fields) an

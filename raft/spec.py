@@ -455,8 +455,9 @@ class RollbackConfig(_Spec, frozen=True):
 
 
 class PortSpec(_Spec, frozen=True):
-    """``--publish PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published`` and
-    forwards to a task's ``target`` port (the routing mesh). ``published`` 0 (``-p TARGET``,
+    """``--publish [HOST_IP:]PUBLISHED:TARGET/PROTOCOL``: every node listens on ``published``
+    (only at ``host_ip`` when given, on the nodes that have that address) and forwards to a
+    task's ``target`` port (the routing mesh). ``published`` 0 (``-p TARGET``,
     as Docker): the managers assign a free port of ``ASSIGNED_PORTS`` when they apply the
     create/update (raft/state.py) and store it here, so it stays across updates."""
 
@@ -464,16 +465,50 @@ class PortSpec(_Spec, frozen=True):
                                    "of 30000-32767)", ge=0, le=65535)]
     target: Annotated[int, decl("port of the task", ge=1, le=65535)]
     protocol: Annotated[Literal["tcp", "udp"], decl("transport protocol")] = "tcp"
+    host_ip: Annotated[str, decl(
+        "the IPv4 address it listens on, on each node that has it (127.0.0.1: every node's "
+        "own loopback, reachable from that node only); \"\" = every address; needs cluster "
+        "schema 13")] = ""
 
     def __post_init__(self) -> None:
         if self.published in RESERVED_PORTS:
             raise SpecError("published", f"port {self.published} is used by shoal itself "
                             f"({RESERVED_PORTS[self.published]})")
+        if self.host_ip:
+            check_host_ip(self.host_ip)
 
     @property
     def key(self) -> str:
         """What ``--publish-rm`` names: ``PUBLISHED/PROTOCOL``."""
         return f"{self.published}/{self.protocol}"
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def check_host_ip(text: str) -> None:
+    """A published port's ``host_ip``: one IPv4 address, written as ``ipaddress`` writes
+    it, that a node can listen on. SpecError(host_ip) says why not."""
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        if ":" in text and _ipv6(text):
+            raise SpecError("host_ip", f"{text!r}: IPv6 is not supported (the routing mesh "
+                            "and host-mode ports listen on IPv4 addresses only)") from None
+        raise SpecError("host_ip", f"{text!r} is not an IPv4 address (e.g. 127.0.0.1)"
+                        ) from None
+    if str(addr) != text:
+        raise SpecError("host_ip", f"{text!r}: write the address as {addr}")
+    if addr.is_unspecified:
+        raise SpecError("host_ip", "0.0.0.0: leave host_ip empty to publish on every address")
+    if addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise SpecError("host_ip", f"{text}: a port cannot listen on a multicast or "
+                        "broadcast address")
 
 
 class ExposeSpec(_Spec, frozen=True):
@@ -499,9 +534,10 @@ class EndpointSpec(_Spec, frozen=True):
         "service discovery: vip (one balanced virtual IP) or dnsrr (DNS round robin over "
         "the task addresses)", flag="--endpoint-mode", cli="choice")] = "vip"
     ports: Annotated[tuple[PortSpec, ...], decl(
-        "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh)",
+        "serve TARGET of the tasks on PUBLISHED of every node (the routing mesh; at HOST_IP "
+        "only, e.g. 127.0.0.1, when given: cluster schema 13)",
         flag="--publish", short="-p", cli="list", item="port",
-        metavar="[PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
+        metavar="[[HOST_IP:]PUBLISHED[-LAST]:]TARGET[-LAST][/tcp|udp]", max_length=256)] = ()
     host_ports: Annotated[tuple[PortSpec, ...], decl(
         "ports published in host mode (--publish mode=host,published=N,target=N): only on "
         "the nodes running a task, straight to it, the client's address kept; one task per "
@@ -522,6 +558,11 @@ class EndpointSpec(_Spec, frozen=True):
             seen.add((p.published, p.protocol))
         for i, p in enumerate(self.host_ports):
             where = f"host_ports[{i}].published"
+            if p.host_ip.startswith("127."):  # (no OUTPUT rule: node/hostports.py)
+                raise SpecError(f"host_ports[{i}].host_ip", f"{p.host_ip}: a port published "
+                                "in host mode is not translated for the node's own "
+                                "connections, so nothing could reach it there; publish it "
+                                "through the routing mesh (mode=ingress) instead")
             if not p.published:
                 raise SpecError(where, "a port published in host mode needs its published "
                                 "port (published=N): shoal does not pick one")

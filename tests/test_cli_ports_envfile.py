@@ -63,8 +63,9 @@ def test_a_publish_range_is_one_port_spec_per_port_paired_as_dockers() -> None:
     ("published=9000-9300,target=80", "has 301 ports"),
     ("0-3:80", "'0-3' is out of range (ports are 1-65535)"),
     ("70000:80", "'70000' is out of range"),
-    ("8000-:80", "expects [PUBLISHED:]TARGET[/tcp|udp] or published=N,target=N"
-                 "[,protocol=tcp|udp][,mode=ingress|host] (a port or a range FIRST-LAST each)"),
+    ("8000-:80", "expects [[HOST_IP:]PUBLISHED:]TARGET[/tcp|udp] or published=N,target=N"
+                 "[,protocol=tcp|udp][,mode=ingress|host][,host_ip=IP] (a port or a range "
+                 "FIRST-LAST each)"),
 ])
 def test_a_bad_publish_range_is_refused_naming_the_flag(value: str, why: str) -> None:
     with pytest.raises(CliError) as exc:

@@ -121,7 +121,8 @@ def test_publish_target_only_means_an_assigned_port_and_mode_host_needs_one() ->
     assert parse_publish("published=8080,target=80,mode=host")["mode"] == "host"
     for bad, why in (("target=80,mode=host", "mode=host needs published=N"),
                      ("target=80,mode=bridge", "mode must be ingress or host"),
-                     ("80:x", "expects [PUBLISHED:]TARGET"), ("target=80,foo=1", "'foo'")):
+                     ("80:x", "expects [[HOST_IP:]PUBLISHED:]TARGET"),
+                     ("target=80,foo=1", "'foo'")):
         with pytest.raises(CliError) as exc:
             parse_publish(bad)
         assert "--publish" in str(exc.value) and why in str(exc.value)

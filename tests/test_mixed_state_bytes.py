@@ -7,7 +7,8 @@ machine applies a log as that release's does, and its whole state as bytes
 release writes for the same log: a field schema 10 never had (``Node.arch``, schema 11) is left
 out, as ``strip_state`` leaves out the specs' later fields. Likewise at schema 11 against the
 schema-11 release (schema 12's ``seccomp`` and ``starting_deadline`` left out), and at
-schema 12 against the schema-12 release (schema 13's ``nocopy`` of a mount left out). The log is
+schema 12 against the schema-12 release (schema 13's ``nocopy`` of a mount and ``host_ip`` of
+a published port left out). The log is
 what a today's leader writes: joins (every agent sends its arch), services (a scheduled job
 among them), the leader's passes (spawns, assignments), compare-and-set scales, an update, a
 drain.
@@ -101,6 +102,8 @@ def _mixed_log(schema: int) -> tuple[ClusterState, list[dict[str, Any]]]:
     # (a volume mount: its nocopy, schema 13's, left out below it)
     spec["task"]["container"]["mounts"] = [{"type": "volume", "source": "data",
                                             "target": "/data"}]
+    # (a published port: its empty host_ip, schema 13's, left out below it)
+    spec["endpoint"]["ports"] = [{"published": 8080, "target": 80}]
     _apply(st, log, {"op": "service_update", "id": "web", "spec": spec, "now": 5.0})
     _apply(st, log, {"op": "node_update", "id": "n3", "availability": "drain", "now": 6.0})
     _leader_pass(st, log, ids, 2)

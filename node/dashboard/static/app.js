@@ -219,7 +219,7 @@ function controlKey(control) {
 function serviceRow(s) {
   const us = s.update_status || {};
   const update = us.state ? `${us.state}${us.message ? ": " + us.message : ""}` : "—";
-  const ports = (s.ports || []).map((p) => `${p.published}→${p.target}/${p.protocol}`).join(", ");
+  const ports = (s.ports || []).map((p) => `${p.host_ip ? p.host_ip + ":" : ""}${p.published}→${p.target}/${p.protocol}`).join(", ");
   const act = el("td", { class: "act" });
   act.append(el("button", { "data-action": "logs", text: "Logs", onclick: () => showLogs(s) }));
   if (canAct()) {
