@@ -12,7 +12,6 @@ Errors: ``CliError`` (shoal.cli.errors) naming the flag.
 from __future__ import annotations
 
 import csv
-import ipaddress
 import os
 import re
 import shlex
@@ -165,18 +164,12 @@ def host_ip(text: str) -> str:
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     if bare in ("", "0.0.0.0", "::"):
         return ""
-    if _is_ipv6(bare):
+    from shoal.raft.spec import is_ipv6  # (the spec's own reading of one)
+
+    if is_ipv6(bare):
         raise ValueError(f"{text!r}: IPv6 host addresses are not supported (the routing mesh "
                          "listens on IPv4 addresses only); give an IPv4 one, e.g. 127.0.0.1")
     return bare
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text.partition("%")[0])
-    except ValueError:
-        return False
-    return True
 
 
 def with_host_ip(ports: list[dict[str, Any]], address: str) -> list[dict[str, Any]]:

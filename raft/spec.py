@@ -483,7 +483,8 @@ class PortSpec(_Spec, frozen=True):
         return f"{self.published}/{self.protocol}"
 
 
-def _ipv6(text: str) -> bool:
+def is_ipv6(text: str) -> bool:
+    """Whether ``text`` is an IPv6 address (a zone, ``%eth0``, allowed)."""
     try:
         ipaddress.IPv6Address(text.partition("%")[0])
     except ValueError:
@@ -497,7 +498,7 @@ def check_host_ip(text: str) -> None:
     try:
         addr = ipaddress.IPv4Address(text)
     except ValueError:
-        if ":" in text and _ipv6(text):
+        if ":" in text and is_ipv6(text):
             raise SpecError("host_ip", f"{text!r}: IPv6 is not supported (the routing mesh "
                             "and host-mode ports listen on IPv4 addresses only)") from None
         raise SpecError("host_ip", f"{text!r} is not an IPv4 address (e.g. 127.0.0.1)"

@@ -11,17 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
+from gates import assert_waits_for, cluster_at, old_release_results, written_below
 
 from shoal.cli import flagvalues
 from shoal.cli.errors import CliError
 from shoal.raft.errors import ValidationError
 from shoal.raft.models import to_dict
-from shoal.raft.schema import ANON_VOLUMES, SCHEMA, encode_command
-from shoal.raft.state import ClusterState
+from shoal.raft.schema import ANON_VOLUMES, SCHEMA
 from shoal.raft.validate import validate_spec
-from shoal.raft.wire import state_to_bytes
 from shoal.runtime.imageconfig import ImageConfig
 from shoal.runtime.rootfs import MountSpec
 from shoal.runtime.taskvols import ANON_NAME_RE, anon_name
@@ -48,13 +46,6 @@ def test_a_volume_mount_without_a_source_is_an_anonymous_volume_and_bad_ones_nam
         assert exc.value.field == f"task.container.mounts[0].{field}", mount
 
 
-def _state(schema: int) -> ClusterState:
-    st = ClusterState()
-    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
-              "manager_secret": "m", "digest": "d", "schema": schema})
-    return st
-
-
 @pytest.mark.parametrize(("mount", "field"), [
     (ANON, "task.container.mounts"),
     ({"type": "volume", "source": "d", "target": "/d", "nocopy": True},
@@ -65,33 +56,17 @@ def test_anonymous_volumes_and_nocopy_wait_for_schema_13(mount: dict[str, Any],
     while one is in, both are refused naming the field, on propose and by the state
     machine (a service update too); once every node reads 13 they go."""
     assert SCHEMA == ANON_VOLUMES == 13
-    full = to_dict(validate_spec(_spec(mount)))
-    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": full}
-    with pytest.raises(ValidationError) as exc:
-        encode_command(cmd, {}, 12)
-    assert exc.value.field == field and "schema 13" in exc.value.message
-    st = _state(12)
-    assert st.apply(cmd)["error"]["field"] == field and "s1" not in st.services
-    plain = to_dict(validate_spec(_spec({"type": "volume", "source": "d", "target": "/d"})))
-    assert st.apply(encode_command({**cmd, "spec": plain}, {}, 12))["ok"]
-    upd = {"op": "service_update", "id": "s1", "now": 2.0, "spec": full}
-    with pytest.raises(ValidationError):
-        encode_command(upd, {}, 12)
-    assert st.apply(upd)["error"]["field"] == field
-    st.apply({"op": "cluster_schema", "schema": 13})
-    assert encode_command(upd, {}, 13) is upd and st.apply(upd)["ok"]
+    assert_waits_for(13, to_dict(validate_spec(_spec(mount))), to_dict(validate_spec(
+        _spec({"type": "volume", "source": "d", "target": "/d"}))), field)
 
 
 def test_below_13_a_mount_is_written_without_nocopy_as_schema_12_writes_it() -> None:
     full = to_dict(validate_spec(_spec({"type": "volume", "source": "d", "target": "/d"})))
     assert full["task"]["container"]["mounts"][0]["nocopy"] is False
-    cmd = encode_command({"op": "service_create", "id": "s1", "now": 1.0, "spec": full}, {}, 12)
-    assert "nocopy" not in cmd["spec"]["task"]["container"]["mounts"][0]
+    sent, stored = written_below(13, full)
+    assert "nocopy" not in sent["task"]["container"]["mounts"][0]
     assert "nocopy" in full["task"]["container"]["mounts"][0]  # (not mutated)
-    st = _state(12)
-    assert st.apply(cmd)["ok"]
-    raw = msgpack.unpackb(state_to_bytes(st), raw=False, strict_map_key=False)
-    assert "nocopy" not in raw["services"]["s1"]["spec"]["task"]["container"]["mounts"][0]
+    assert "nocopy" not in stored["task"]["container"]["mounts"][0]
 
 
 def test_mount_flag_takes_dockers_anonymous_volume_and_volume_nocopy() -> None:
@@ -174,7 +149,7 @@ def test_an_images_volume_paths_are_anonymous_volumes_where_no_mount_or_file_is(
 def test_the_managers_view_names_a_live_tasks_anonymous_volume_as_its_node_does() -> None:
     from shoal.node.volapi import implicit_volumes
 
-    st = _state(SCHEMA)
+    st = cluster_at(SCHEMA)
     st.apply({"op": "node_add", "now": 1.0, "node": {
         "id": "n1", "hostname": "h1", "addr": "10.0.0.1", "api_port": 1, "raft_port": 2,
         "role": "manager", "state": "ready"}})
@@ -234,26 +209,11 @@ def test_the_volume_is_filled_from_the_merged_image_inside_its_root(tmp_path: Pa
 def test_the_schema_12_release_refuses_both_so_the_gate_is_needed() -> None:
     """The schema-12 release's own state machine refuses a volume mount without a source and
     a mount's nocopy key (what a replica of it would do with them were they not gated)."""
-    import json
-    import subprocess
+    from test_mixed_state_bytes import SCHEMA_12
 
-    from test_mixed_state_bytes import PROBE, SCHEMA_12
-
-    import oldrelease
-
-    log = [{"op": "cluster_init", "cluster_id": "c1", "now": 1.0, "worker_secret": "",
-            "manager_secret": "", "digest": "", "schema": 12}]
-    for i, mount in enumerate((ANON, {"type": "volume", "source": "d", "target": "/d",
-                                      "nocopy": True},
-                               {"type": "volume", "source": "d", "target": "/d"})):
-        log.append({"op": "service_create", "id": f"s{i}", "now": 2.0,
-                    "spec": {**_spec(mount), "name": f"s{i}"}})
-    with oldrelease.old_release(SCHEMA_12) as rel:
-        res = subprocess.run(rel.python_c(PROBE), input=json.dumps(log), capture_output=True,
-                             text=True, check=False, timeout=60,
-                             env={**os.environ, **rel.env}, cwd=rel.root)
-    assert res.returncode == 0, res.stderr
-    results = json.loads(res.stdout)["results"]
+    results = old_release_results(SCHEMA_12, 12, [_spec(m) for m in (
+        ANON, {"type": "volume", "source": "d", "target": "/d", "nocopy": True},
+        {"type": "volume", "source": "d", "target": "/d"})])
     assert results[1]["error"]["field"] == "task.container.mounts[0].source"
     assert "nocopy" in results[2]["error"]["message"]
     assert results[3].get("ok")

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
+from gates import assert_waits_for, old_release_results, written_below
+from test_cli_ports_envfile import create, update
 
 from shoal.cli import output, pretty, specflags
 from shoal.cli.compose import ComposeError, load_stack
 from shoal.cli.errors import CliError
-from shoal.cli.main import build_parser
 from shoal.lb.model import Frontend, Listener, Listeners, Proto
 from shoal.node.hostports import CHAIN, hostport_rules
 from shoal.node.mesh import has_address, plan_tables
@@ -33,9 +33,8 @@ from shoal.raft.models import (
 )
 from shoal.raft.schema import PORT_HOST_IP, SCHEMA, encode_command
 from shoal.raft.spec import ServiceSpec
-from shoal.raft.state import ClusterInfo, ClusterState, Snapshot
+from shoal.raft.state import ClusterInfo, Snapshot
 from shoal.raft.validate import validate_spec
-from shoal.raft.wire import state_to_bytes
 
 
 def _spec(**endpoint: Any) -> dict[str, Any]:
@@ -72,13 +71,6 @@ def test_host_ip_is_one_ipv4_address_and_a_bad_one_names_the_field() -> None:
 
 
 # ------------------------------------------------------------------ schema 13
-def _state(schema: int) -> ClusterState:
-    st = ClusterState()
-    st.apply({"op": "cluster_init", "cluster_id": "c", "now": 1.0, "worker_secret": "w",
-              "manager_secret": "m", "digest": "d", "schema": schema})
-    return st
-
-
 @pytest.mark.parametrize(("spec", "field"), [
     (LOCAL, "endpoint.ports[0].host_ip"),
     (_spec(host_ports=[{"published": 80, "target": 80, "host_ip": "10.0.0.5"}]),
@@ -89,36 +81,19 @@ def test_host_ip_waits_for_schema_13_on_propose_and_in_the_state_machine(
     one is in, a port with an address is refused naming it (create and update); at 13 it
     goes."""
     assert SCHEMA == PORT_HOST_IP == 13
-    full = to_dict(validate_spec(spec))
-    cmd = {"op": "service_create", "id": "s1", "now": 1.0, "spec": full}
-    with pytest.raises(ValidationError) as exc:
-        encode_command(cmd, {}, 12)
-    assert exc.value.field == field and "schema 13" in exc.value.message
-    st = _state(12)
-    assert st.apply(cmd)["error"]["field"] == field and "s1" not in st.services
-    plain = to_dict(validate_spec(_spec(ports=[{"published": 80, "target": 80}])))
-    assert st.apply(encode_command({**cmd, "spec": plain}, {}, 12))["ok"]
-    upd = {"op": "service_update", "id": "s1", "now": 2.0, "spec": full}
-    with pytest.raises(ValidationError):
-        encode_command(upd, {}, 12)
-    assert st.apply(upd)["error"]["field"] == field
-    st.apply({"op": "cluster_schema", "schema": 13})
-    assert encode_command(upd, {}, 13) is upd and st.apply(upd)["ok"]
+    assert_waits_for(13, to_dict(validate_spec(spec)), to_dict(validate_spec(
+        _spec(ports=[{"published": 80, "target": 80}]))), field)
 
 
 def test_below_13_a_port_is_written_without_host_ip_as_schema_12_writes_it() -> None:
     full = to_dict(validate_spec(_spec(ports=[{"published": 80, "target": 80}],
                                        host_ports=[{"published": 81, "target": 81}])))
     assert full["endpoint"]["ports"][0]["host_ip"] == ""
-    cmd = encode_command({"op": "service_create", "id": "s1", "now": 1.0, "spec": full}, {}, 12)
-    assert [list(p) for p in cmd["spec"]["endpoint"]["ports"]] == [
-        ["published", "target", "protocol"]]
-    assert "host_ip" not in cmd["spec"]["endpoint"]["host_ports"][0]
+    sent, stored = written_below(13, full)
+    assert [list(p) for p in sent["endpoint"]["ports"]] == [["published", "target", "protocol"]]
+    assert "host_ip" not in sent["endpoint"]["host_ports"][0]
     assert "host_ip" in full["endpoint"]["ports"][0]  # (not mutated)
-    st = _state(12)
-    assert st.apply(cmd)["ok"]
-    raw = msgpack.unpackb(state_to_bytes(st), raw=False, strict_map_key=False)
-    assert "host_ip" not in raw["services"]["s1"]["spec"]["endpoint"]["ports"][0]
+    assert "host_ip" not in stored["endpoint"]["ports"][0]
     # schema 1 (shoal 0.1's flat spec) cannot say it either
     with pytest.raises(ValidationError) as exc:
         encode_command({"op": "service_create", "id": "s2", "now": 1.0,
@@ -129,42 +104,16 @@ def test_below_13_a_port_is_written_without_host_ip_as_schema_12_writes_it() -> 
 def test_the_schema_12_release_refuses_host_ip_so_the_gate_is_needed() -> None:
     """The schema-12 release's own state machine refuses a port's host_ip key (what a
     replica of it would do with one were it not gated) and takes the port without it."""
-    import json
-    import os
-    import subprocess
+    from test_mixed_state_bytes import SCHEMA_12
 
-    from test_mixed_state_bytes import PROBE, SCHEMA_12
-
-    import oldrelease
-
-    log: list[dict[str, Any]] = [{"op": "cluster_init", "cluster_id": "c1", "now": 1.0,
-                                  "worker_secret": "", "manager_secret": "", "digest": "",
-                                  "schema": 12}]
-    for i, port in enumerate(({"published": 80, "target": 80, "host_ip": "127.0.0.1"},
-                              {"published": 81, "target": 81})):
-        log.append({"op": "service_create", "id": f"s{i}", "now": 2.0,
-                    "spec": {**_spec(ports=[port]), "name": f"s{i}"}})
-    with oldrelease.old_release(SCHEMA_12) as rel:
-        res = subprocess.run(rel.python_c(PROBE), input=json.dumps(log), capture_output=True,
-                             text=True, check=False, timeout=60,
-                             env={**os.environ, **rel.env}, cwd=rel.root)
-    assert res.returncode == 0, res.stderr
-    results = json.loads(res.stdout)["results"]
+    results = old_release_results(SCHEMA_12, 12, [_spec(ports=[port]) for port in (
+        {"published": 80, "target": 80, "host_ip": "127.0.0.1"},
+        {"published": 81, "target": 81})])
     assert "host_ip" in results[1]["error"]["message"]
     assert results[2].get("ok")
 
 
 # ------------------------------------------------------------------ CLI
-def create(*argv: str) -> ServiceSpec:
-    args = build_parser().parse_args(["service", "create", "--name", "web", *argv, "nginx"])
-    return validate_spec(specflags.spec_from_create_args(args))
-
-
-def update(spec: ServiceSpec, *argv: str) -> ServiceSpec:
-    args = build_parser().parse_args(["service", "update", *argv, "web"])
-    return validate_spec(specflags.apply_update_args(to_dict(spec), args))
-
-
 def ports(spec: ServiceSpec) -> list[tuple[str, int, int, str]]:
     return [(p.host_ip, p.published, p.target, p.protocol) for p in spec.endpoint.ports]
 
