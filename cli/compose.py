@@ -49,6 +49,7 @@ from typing import Any
 from shoal.cli import compose_pod
 from shoal.cli.compose_build import BuildSpec, placeholder_body, read_build
 from shoal.cli.compose_env import interpolate, merge, parse_yaml, read_env_file
+from shoal.cli.compose_extends import resolve_extends
 from shoal.cli.compose_keys import (  # noqa: F401 (IGNORED, NOT_YET: re-exported)
     IGNORE,
     IGNORED,
@@ -192,17 +193,6 @@ def _hostname(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.container.hostname", name, path)
 
 
-def _extends(svc: _Service, v: Any, path: str) -> None:
-    """``extends:`` is refused, as by docker stack deploy: left out, the service would be
-    deployed without every key it takes from the one it extends (Zabbix's files take env
-    files, volumes and networks from it)."""
-    base = v.get("service") if isinstance(v, dict) else v
-    raise ComposeError(path, f"not supported (docker stack deploy refuses it too): the "
-                       f"service takes keys from {base!r} that shoal does not merge; write "
-                       "them into this service (`docker compose config` prints the file "
-                       "with extends resolved)")
-
-
 def _docker_refuses(instead: str) -> Rule:
     """A key left out with a warning where docker stack deploy refuses the file."""
     return Rule(why=f"ignored: {instead} (docker stack deploy refuses the key)")
@@ -293,7 +283,8 @@ KEYS: dict[str, Rule] = {
     "external_links": IGNORE, "network_mode": Rule(_network_mode), "restart": Rule(_restart),
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
     "profiles": Rule(lambda svc, v, path: None),  # (read by _with_active_profiles)
-    "expose": Rule(_expose), "extends": Rule(_extends),
+    "expose": Rule(_expose),
+    "extends": Rule(lambda svc, v, path: None),  # (resolved by load: compose_extends)
     # ... or ignored where docker stack deploy refuses the file (its schema has no such key,
     # or it names a replacement)
     **dict.fromkeys(("cgroup", "pull_policy", "develop", "attach", "blkio_config",
@@ -658,6 +649,8 @@ def load(paths: list[Path], environ: Mapping[str, str] | None = None,
         one = {k: v for k, v in one.items() if not str(k).startswith("x-")}
         if interpolation:
             one = interpolate(one, env, warnings)
+        one = resolve_extends(one, str(p), project_dir, (lambda body, at: interpolate(
+            body, env, warnings, at)) if interpolation else None)
         doc = merge(doc, one)
     return doc, project_dir, env, list(dict.fromkeys(warnings))
 

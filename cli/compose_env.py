@@ -263,11 +263,12 @@ class _Interpolator:
 
 
 def interpolate(doc: Any, env: Mapping[str, str],
-                warnings: list[str] | None = None) -> Any:
-    """``doc`` with every string value interpolated from ``env`` (keys are not)."""
+                warnings: list[str] | None = None, at: str = "") -> Any:
+    """``doc`` with every string value interpolated from ``env`` (keys are not); ``at`` is
+    where ``doc`` is (warnings and errors name the paths below it)."""
     sink = warnings if warnings is not None else []
     interpolator = _Interpolator(env)
-    out = interpolator.walk(doc, "")
+    out = interpolator.walk(doc, at)
     for name, paths in interpolator.unset.items():  # (one warning a variable, as Docker)
         more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
         sink.append(f"the {name} variable is not set: it is replaced by an empty string "

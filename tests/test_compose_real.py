@@ -30,20 +30,25 @@ def error(tmp_path: Path, text: str) -> str:
 
 @pytest.mark.parametrize("extends", ["{file: common.yml, service: base}", "{service: base}",
                                      "base"])
-def test_extends_is_refused_naming_the_service_not_deployed_without_what_it_extends(
+def test_extends_deploys_the_service_with_what_it_extends(
         tmp_path: Path, extends: str) -> None:
     """Zabbix's files take most of each service (env files, volumes, networks) from
-    ``extends``: leaving it out deployed a different service; docker stack deploy refuses
-    the key too ("Support for `extends` is not implemented yet")."""
-    msg = error(tmp_path, f"""
+    ``extends``: once refused (as docker stack deploy does: "Support for `extends` is not
+    implemented yet"), it is resolved as `docker compose` does (tests/test_compose_extends.py
+    for the rules)."""
+    (tmp_path / "common.yml").write_text("services:\n  base: {image: zabbix/server:7, "
+                                         "read_only: true, environment: [A=1]}\n")
+    st = deploy(tmp_path, f"""
 services:
-  base: {{image: zabbix/server:7, env_file: [], read_only: true}}
+  base: {{image: zabbix/server:7, read_only: true, environment: [A=1]}}
   server:
-    image: zabbix/server:7
     extends: {extends}
+    environment: {{B: "2"}}
 """)
-    assert msg.startswith("services.server.extends: not supported"), msg
-    assert "docker stack deploy refuses it too" in msg and "docker compose config" in msg
+    server = next(s for s in st.services if s.name == "app_server")
+    assert server.task.container.image == "zabbix/server:7"
+    assert server.task.container.read_only is True
+    assert server.task.container.env == {"A": "1", "B": "2"}
 
 
 # ----------------------------------------------------------------------------- profiles
