@@ -278,10 +278,13 @@ def interpolate(doc: Any, env: Mapping[str, str],
 
 # ----------------------------------------------------------------------------- merging
 
-# service keys whose list items an override adds to (same item replaced) instead of replacing
+# service keys whose list items an override adds to (same item replaced, or duplicates
+# dropped) instead of appending them all
 _MERGED_LISTS = {"ports", "secrets", "configs", "volumes", "env_file", "cap_add", "cap_drop",
                  "extra_hosts", "dns", "dns_search", "expose", "tmpfs"}
-_MAPPED_LISTS = {"environment", "labels"}  # KEY=VALUE lists that merge as maps
+_SCALAR_OR_LIST = {"env_file", "dns", "dns_search", "tmpfs"}  # a string is a list of one
+_MAPPED_LISTS = {"environment", "labels", "sysctls"}  # KEY=VALUE lists that merge as maps
+_REPLACED_LISTS = {"command", "entrypoint", "test"}  # commands: replaced (merge's exception)
 
 
 def _as_map(value: Any) -> Any:
@@ -297,20 +300,32 @@ def _as_map(value: Any) -> Any:
     return value
 
 
-def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
-    """Compose's override rules (compose-spec's merge): maps merge recursively;
-    ``environment``, ``labels`` (also ``deploy.labels``) and a service's ``networks`` merge
-    as maps; ``volumes``, ``secrets``, ``configs`` and ``ports`` add the override's items,
-    an item with the same mount target (ports: the same published port, target and
-    protocol) replacing the base's; other lists (``env_file``, ``dns``...) are concatenated
-    without duplicates; anything else is replaced."""
+def merge(base: Any, over: Any, key: str = "", depth: int = 0, service: bool = False) -> Any:
+    """Compose's override rules (compose-spec's merge, as compose-go's override package):
+    maps merge recursively; ``environment``, ``labels`` (also ``deploy.labels``),
+    ``sysctls``, ``build.args`` and a service's ``networks`` merge as maps; ``volumes``,
+    ``secrets``, ``configs`` and ``ports`` add the override's items, an item with the same
+    mount target (ports: the same published port, target and protocol) replacing the
+    base's; ``env_file``, ``dns``, ``cap_add``... are concatenated without duplicates (a
+    string being a list of one); ``build: DIR`` is ``{context: DIR}`` when the other side
+    is a mapping; within a service, other lists append the items they lack (aliases,
+    placement constraints, profiles, security_opt...), except ``command``, ``entrypoint``
+    and ``healthcheck.test``, which are replaced as any other value. ``depth`` is the level
+    of ``key`` (a service's keys are at 3); ``service``: within ``services.NAME``."""
     if (depth == 3 and key in _MAPPED_LISTS) or (depth >= 3 and key == "labels") or \
-            (depth == 3 and key == "networks"):  # (services.NAME.environment, ...)
+            (depth == 3 and key == "networks") or \
+            (service and depth == 4 and key == "args"):  # (services.NAME.environment, ...)
         base, over = _as_map(base), _as_map(over)
+    if service and depth == 3:
+        if key in _SCALAR_OR_LIST:
+            base, over = ([v] if isinstance(v, str) else v for v in (base, over))
+        elif key == "build" and isinstance(base, dict) != isinstance(over, dict):
+            base, over = ({"context": v} if isinstance(v, str) else v for v in (base, over))
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = merge(base[k], v, str(k), depth + 1) if k in base else v
+            out[k] = merge(base[k], v, str(k), depth + 1,
+                           service or (depth == 1 and key == "services")) if k in base else v
         return out
     if depth == 3 and key in _MERGED_LISTS and isinstance(base, list) \
             and isinstance(over, list):
@@ -320,6 +335,9 @@ def merge(base: Any, over: Any, key: str = "", depth: int = 0) -> Any:
         replaced = {ident(v) for v in over} - {None}
         kept = [v for v in base if ident(v) is None or ident(v) not in replaced]
         return kept + [v for v in over if v not in kept]
+    if service and depth >= 3 and key not in _REPLACED_LISTS and isinstance(base, list) \
+            and isinstance(over, list):
+        return base + [v for v in over if v not in base]
     return over
 
 

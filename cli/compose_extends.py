@@ -103,7 +103,7 @@ class _Resolver:
             if base_file.workdir != f.workdir:
                 base = rebase(base, os.path.relpath(base_file.workdir, f.workdir))
             own = {k: v for k, v in body.items() if k != "extends"}
-            body = merge(base, own, name, 2)
+            body = merge(base, own, name, 2, service=True)
         self.done[(f.key, name)] = body
         return copy.deepcopy(body)
 

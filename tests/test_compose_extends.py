@@ -105,6 +105,56 @@ volumes: {common-volume: {}, cli-volume: {}}
     assert c.task.container.labels == {"tier": "front", "team": "ops"}
 
 
+MERGE_BASE = """
+services:
+  base:
+    image: app:1
+    build: ./src
+    env_file: a.env
+    tmpfs: /tmp
+    command: [serve, --port, "80"]
+    healthcheck: {test: [CMD, probe, a], interval: 5s}
+    sysctls: [net.core.somaxconn=1024, net.ipv4.tcp_syncookies=0]
+    networks: {back: {aliases: [db-client]}}
+    deploy: {placement: {constraints: [node.role==worker]}}
+"""
+MERGE_OVER = """
+    build: {args: {V: "2"}}
+    env_file: [b.env]
+    tmpfs: /run
+    command: [serve]
+    healthcheck: {test: [CMD, probe, b]}
+    sysctls: {net.ipv4.tcp_syncookies: 1}
+    networks: {back: {aliases: [api]}}
+    deploy: {placement: {constraints: [node.labels.zone==a]}}
+"""
+MERGED = {
+    "image": "app:1", "build": {"context": "./src", "args": {"V": "2"}},
+    "env_file": ["a.env", "b.env"], "tmpfs": ["/tmp", "/run"], "command": ["serve"],
+    "healthcheck": {"test": ["CMD", "probe", "b"], "interval": "5s"},
+    "sysctls": {"net.core.somaxconn": "1024", "net.ipv4.tcp_syncookies": 1},
+    "networks": {"back": {"aliases": ["db-client", "api"]}},
+    "deploy": {"placement": {"constraints": ["node.role==worker", "node.labels.zone==a"]}}}
+
+
+def test_merge_a_string_with_a_list_lists_and_commands_as_compose_does(
+        tmp_path: Path) -> None:
+    """compose-go's merge (shared by extends and override files): a string env_file/tmpfs
+    is a list of one, ``build: DIR`` a context, sysctls a map; other lists of a service
+    (aliases, constraints) append; command and healthcheck.test are replaced."""
+    doc, _, _, _ = load([write(tmp_path / "compose.yml", MERGE_BASE + """
+  web:
+    extends: base""" + MERGE_OVER)], {})
+    assert doc["services"]["web"] == MERGED
+
+
+def test_override_files_merge_by_the_same_rules(tmp_path: Path) -> None:
+    base = write(tmp_path / "compose.yml", MERGE_BASE)
+    over = write(tmp_path / "over.yml", "services:\n  base:" + MERGE_OVER)
+    doc, _, _, _ = load([base, over], {})
+    assert doc["services"]["base"] == MERGED
+
+
 # ----------------------------------------------------------------------------- other files
 
 def test_a_service_from_another_directory_keeps_its_files(tmp_path: Path) -> None:
