@@ -10,7 +10,8 @@ validated by the same code as the API (``shoal.raft.validate.validate_spec``). P
 the files and an environment: no API calls, no output. Must not touch: the cluster (that is
 shoal.cli.stack), the spec's declarations (shoal.raft.spec).
 
-The reading of the text (YAML, ``.env``, interpolation, merging) is in shoal.cli.compose_env;
+The reading of the text (YAML, ``.env``, interpolation, merging) is in shoal.cli.compose_env,
+``extends:`` in shoal.cli.compose_extends;
 the value readers and per-key handlers are in shoal.cli.compose_keys; this module holds the
 table that maps keys to handlers, the top-level objects and the translation of a whole file.
 
@@ -619,8 +620,8 @@ def _volume_names(stack: str, section: Any, warnings: _Warnings
 def load(paths: list[Path], environ: Mapping[str, str] | None = None,
          interpolation: bool = True
          ) -> tuple[dict[str, Any], Path, dict[str, str], list[str]]:
-    """Read, interpolate and merge the files: (document, project directory, the environment
-    used, warnings). The project directory is the first file's; its ``.env`` gives variables
+    """Read, interpolate, resolve each file's ``extends`` (shoal.cli.compose_extends) and
+    merge the files: (document, project directory, the environment used, warnings). The project directory is the first file's; its ``.env`` gives variables
     the environment does not set. ``interpolation`` False: ``${VAR}`` left as written
     (`stack config --skip-interpolation`)."""
     if not paths:
