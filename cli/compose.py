@@ -621,8 +621,9 @@ def load(paths: list[Path], environ: Mapping[str, str] | None = None,
          interpolation: bool = True
          ) -> tuple[dict[str, Any], Path, dict[str, str], list[str]]:
     """Read, interpolate, resolve each file's ``extends`` (shoal.cli.compose_extends) and
-    merge the files: (document, project directory, the environment used, warnings). The project directory is the first file's; its ``.env`` gives variables
-    the environment does not set. ``interpolation`` False: ``${VAR}`` left as written
+    merge the files: (document, project directory, the environment used, warnings). The
+    project directory is the first file's; its ``.env`` gives variables the environment
+    does not set. ``interpolation`` False: ``${VAR}`` left as written
     (`stack config --skip-interpolation`)."""
     if not paths:
         raise ComposeError("", "no Compose file given (-c FILE)")
