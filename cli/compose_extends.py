@@ -48,8 +48,8 @@ def resolve_extends(doc: dict[str, Any], source: str, workdir: Path,
         return doc
     key = source if source == "-" else str(Path(source).resolve())
     resolver = _Resolver(workdir, interpolate)
-    top = _File(key, "", workdir, services)
-    out = {name: resolver.service(top, str(name), ()) for name in services}
+    top = _File(key, "", workdir, {str(k): v for k, v in services.items()})
+    out = {name: resolver.service(top, name, ()) for name in top.services}
     return {**doc, "services": out}
 
 
@@ -162,7 +162,8 @@ class _Resolver:
         services = doc.get("services")
         if not isinstance(services, dict):
             raise ComposeError(at, f"{file}: the file has no services: mapping")
-        self.files[key] = _File(key, label, Path(key).parent, services)
+        self.files[key] = _File(key, label, Path(key).parent,
+                                {str(k): v for k, v in services.items()})
         return self.files[key]
 
 
