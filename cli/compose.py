@@ -194,6 +194,13 @@ def _hostname(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.container.hostname", name, path)
 
 
+def _unresolved(svc: _Service, v: Any, path: str) -> None:
+    """``extends`` reaching the translation: a document not read by ``load`` (which resolves
+    it); refused rather than deployed without the keys it would take."""
+    raise ComposeError(path, "not resolved: read the files with compose.load, which merges "
+                       "the service it extends")
+
+
 def _docker_refuses(instead: str) -> Rule:
     """A key left out with a warning where docker stack deploy refuses the file."""
     return Rule(why=f"ignored: {instead} (docker stack deploy refuses the key)")
@@ -285,7 +292,7 @@ KEYS: dict[str, Rule] = {
     "security_opt": Rule(_security_opt), "userns_mode": IGNORE, "cgroup_parent": IGNORE,
     "profiles": Rule(lambda svc, v, path: None),  # (read by _with_active_profiles)
     "expose": Rule(_expose),
-    "extends": Rule(lambda svc, v, path: None),  # (resolved by load: compose_extends)
+    "extends": Rule(_unresolved),  # (resolved by load: shoal.cli.compose_extends)
     # ... or ignored where docker stack deploy refuses the file (its schema has no such key,
     # or it names a replacement)
     **dict.fromkeys(("cgroup", "pull_policy", "develop", "attach", "blkio_config",
