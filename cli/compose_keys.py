@@ -510,7 +510,9 @@ def _short_volume(svc: _Service, text: str, path: str) -> dict[str, Any] | None:
             svc.warn(f"volumes (bind propagation {opt})", f"{NOT_YET}: the bind is private "
                      "(rprivate, Docker's default): mounts made later on the host stay out")
         elif opt not in ("ro", "rw", "z", "Z", "nocopy", "cached", "delegated", "consistent"):
-            raise ComposeError(path, f"unknown volume option {opt!r} in {text!r}")
+            # (as docker compose: ignored — Zabbix's ":roz" is mounted read-write there too)
+            svc.warn(f"volumes (option {opt!r} of {text!r})", "unknown: ignored, as docker "
+                     "compose does (not read-only unless ro is given)")
     kind, src = _named_or_bind(svc, source, path)
     out = {"type": kind, "source": src, "target": target, "readonly": "ro" in options}
     if kind == "volume" and "nocopy" in options:

@@ -168,3 +168,19 @@ services:
 """)
     assert [m.tmpfs_size for m in st.services[0].task.container.mounts] == [16 << 20] * 2
     assert [w.split(":")[0] for w in st.warnings] == ["tmpfs (mode)", "tmpfs (noexec)"]
+
+
+def test_an_unknown_short_volume_option_is_warned_and_ignored_as_docker_compose_does(
+        tmp_path: Path) -> None:
+    """Zabbix's ``snmptraps:/var/lib/zabbix/snmptraps:roz`` (no such option: docker compose
+    ignores it and mounts read-write): deployed the same, with a warning naming it."""
+    st = deploy(tmp_path, """
+services:
+  server: {image: zabbix/server:7, volumes: ["snmptraps:/var/lib/zabbix/snmptraps:roz",
+                                             "logs:/logs:ro,z"]}
+volumes: {snmptraps: {}, logs: {}}
+""")
+    mounts = st.services[0].task.container.mounts
+    assert [(m.source, m.readonly) for m in mounts] == [("app_snmptraps", False),
+                                                        ("app_logs", True)]
+    assert [w for w in st.warnings if "'roz'" in w and "ignored" in w], st.warnings
