@@ -263,3 +263,26 @@ def test_a_tasks_stored_config_names_anonymous_and_nocopy_only_when_set() -> Non
     anon = TaskConfig("t1", "h", ("true",), {}, "", mounts=(
         MountSpec("volume", "/d", anon_name("t1", "/d"), anonymous=True, nocopy=True),))
     assert TaskConfig.from_json(anon.to_json()).mounts == anon.mounts
+
+
+def test_hard_links_in_the_image_stay_links_in_the_volume(tmp_path: Path) -> None:
+    """A layer of one file linked many times (a few MB of tar) must not write a copy per
+    name into the volume (review: 1 MiB with 200 links filled 200 MiB), as Docker's copy
+    keeps them: every name is the one inode, with the image's owner and mode."""
+    layer = tmp_path / "layer"
+    (layer / "data" / "sub").mkdir(parents=True)
+    first = layer / "data" / "f0"
+    first.write_bytes(os.urandom(1 << 20))
+    os.chmod(first, 0o640)
+    os.chown(first, 1234, 5678)
+    names = [f"f{i}" for i in range(1, 100)] + [f"sub/g{i}" for i in range(100)]
+    for name in names:
+        os.link(first, layer / "data" / name)
+    dest = tmp_path / "vol"
+    dest.mkdir()
+    assert copy_image_path([layer], "/data", dest)
+    stats = [os.lstat(dest / n) for n in ["f0", *names]]
+    assert {s.st_ino for s in stats} == {stats[0].st_ino}
+    assert stats[0].st_nlink == 200 and stats[0].st_size == 1 << 20
+    assert (stats[0].st_mode & 0o7777, stats[0].st_uid, stats[0].st_gid) == (0o640, 1234, 5678)
+    assert (dest / "sub" / "g7").read_bytes() == first.read_bytes()
