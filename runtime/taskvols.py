@@ -29,12 +29,18 @@ ownership a server may refuse; Docker copies into those too — a documented dif
 copy goes into a scratch directory ``ANON_DIR/.fill-*`` (the agent's own: a task sharing a
 named volume cannot reach it) whose entries are then renamed into the volume, so a fill
 that fails half-way leaves the volume empty; a scratch directory an agent left is swept.
+Fills and removals of anonymous volumes (and of scratch directories) run on their own
+threads (``FILL_THREADS``), never the loop's default executor: an image directory of a
+million files takes minutes to copy or delete, and the agent's other blocking calls (keys,
+the mesh's iptables, image transfers...) must not queue behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -54,6 +60,14 @@ from shoal.runtime.taskdir import atomic_write, safe_rmtree
 log = logging.getLogger(__name__)
 
 ANON_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
+FILL_THREADS = 2  # fills and removals of volume content at once (the rest wait their turn)
+_fills = concurrent.futures.ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="volume-fill")
+
+
+async def _on_fill_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the fill threads (see the module docstring)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _fills, functools.partial(fn, *args))
 
 
 def anon_name(task_id: str, target: str) -> str:
@@ -137,8 +151,8 @@ class TaskVolumes:
             path = self._dir / m.source
             async with self._lock(m.source):
                 try:
-                    await asyncio.to_thread(_make_and_fill, path, layers, m.target,
-                                            not m.nocopy, self._anon_dir)
+                    await _on_fill_thread(_make_and_fill, path, layers, m.target,
+                                          not m.nocopy, self._anon_dir)
                 except (OSError, RecursionError) as exc:
                     raise LaunchFailed(f"mounts: volume {m.source} at {m.target}: cannot "
                                        f"make it or fill it from the image: {exc}") from exc
@@ -166,7 +180,7 @@ class TaskVolumes:
         names removed."""
         for scratch in self._anon_dir.glob(f"{_SCRATCH}*"):
             if not any(lock.locked() for lock in self._locks.values()):
-                await asyncio.to_thread(safe_rmtree, scratch)
+                await _on_fill_thread(safe_rmtree, scratch)
         gone = [name for name in self.anonymous() if not self._anon.get(name)]
         for name in gone:
             await self._remove_anon(name)
@@ -177,7 +191,7 @@ class TaskVolumes:
             if self._anon.get(name):  # (a task started with it meanwhile)
                 return
             self._anon.pop(name, None)
-            await asyncio.to_thread(safe_rmtree, self._dir / name)
+            await _on_fill_thread(safe_rmtree, self._dir / name)
             with contextlib.suppress(FileNotFoundError):
                 (self._anon_dir / name).unlink()  # (after the directory: see the docstring)
         self._locks.pop(name, None)

@@ -286,3 +286,48 @@ def test_hard_links_in_the_image_stay_links_in_the_volume(tmp_path: Path) -> Non
     assert stats[0].st_nlink == 200 and stats[0].st_size == 1 << 20
     assert (stats[0].st_mode & 0o7777, stats[0].st_uid, stats[0].st_gid) == (0o640, 1234, 5678)
     assert (dest / "sub" / "g7").read_bytes() == first.read_bytes()
+
+
+def test_long_fills_leave_the_agents_default_executor_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks starting at once with big image directories to copy (review: six fills held
+    every thread of asyncio.to_thread's executor on 2 cores, so the agent's other blocking
+    calls waited for the copies): the fills queue on their own threads."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from shoal.runtime import taskvols, volcopy
+
+    layer = _layer(tmp_path / "l", {f"data/f{i}": "x" for i in range(20)})
+    real, release = volcopy._copy_file, threading.Event()
+
+    def slow(*args: Any) -> None:  # (a copy that lasts until the test is done)
+        release.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(volcopy, "_copy_file", slow)
+    (tmp_path / "volumes").mkdir()
+    tv = taskvols.TaskVolumes(tmp_path / "volumes", tmp_path / "anon", lambda _n: False)
+
+    async def main() -> float:
+        starts = []
+        for i in range(12):
+            task = f"t{i}"
+            m = MountSpec("volume", "/data", anon_name(task, "/data"), anonymous=True)
+            cfg = SimpleNamespace(task_id=task, mounts=(m,))
+            starts.append(asyncio.create_task(tv.prepare(cfg, [layer])))  # type: ignore[arg-type]
+        try:
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            await asyncio.wait({asyncio.ensure_future(asyncio.to_thread(lambda: None))},
+                               timeout=2)
+            return time.monotonic() - t0
+        finally:
+            release.set()
+            await asyncio.gather(*starts)
+
+    assert asyncio.run(main()) < 1.0
+    assert all(len(os.listdir(tmp_path / "volumes" / anon_name(f"t{i}", "/data"))) == 20
+               for i in range(12))
