@@ -26,9 +26,11 @@ image's content at its target (runtime/volcopy.py) — anonymous and named local
 alike, as Docker; not the default image's (the host's own directories are no image), and not
 a network volume (sshfs, NFS: a copy over the network at every start of an empty share, and
 ownership a server may refuse; Docker copies into those too — a documented difference). The
-copy goes into a scratch directory ``ANON_DIR/.fill-*`` (the agent's own: a task sharing a
-named volume cannot reach it) whose entries are then renamed into the volume, so a fill
+copy goes into a scratch directory ``VOLUMES/.fill/*`` (the agent's own, 0700: a task sharing
+a named volume cannot reach it; on the volumes' filesystem, which an operator may give its
+own disk, as a rename needs) whose entries are then renamed into the volume, so a fill
 that fails half-way leaves the volume empty; a scratch directory an agent left is swept.
+(``.fill`` is no volume name: names start with a letter or digit.)
 Fills and removals of anonymous volumes (and of scratch directories) run on their own
 threads (``FILL_THREADS``), never the loop's default executor: an image directory of a
 million files takes minutes to copy or delete, and the agent's other blocking calls (keys,
@@ -91,6 +93,8 @@ class TaskVolumes:
         # anonymous volumes: name -> ids of the runtime's tasks that mount it
         self._anon: dict[str, set[str]] = {}
         anon_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._scratch = volumes_dir / _SCRATCH  # (see the module docstring)
+        self._scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -152,7 +156,7 @@ class TaskVolumes:
             async with self._lock(m.source):
                 try:
                     await _on_fill_thread(_make_and_fill, path, layers, m.target,
-                                          not m.nocopy, self._anon_dir)
+                                          not m.nocopy, self._scratch)
                 except (OSError, RecursionError) as exc:
                     raise LaunchFailed(f"mounts: volume {m.source} at {m.target}: cannot "
                                        f"make it or fill it from the image: {exc}") from exc
@@ -178,7 +182,7 @@ class TaskVolumes:
         """Remove every recorded anonymous volume no task of this runtime mounts (left by an
         agent that died before it removed them), and fills an agent left unfinished; the
         names removed."""
-        for scratch in self._anon_dir.glob(f"{_SCRATCH}*"):
+        for scratch in list(self._scratch.iterdir()):
             if not any(lock.locked() for lock in self._locks.values()):
                 await _on_fill_thread(safe_rmtree, scratch)
         gone = [name for name in self.anonymous() if not self._anon.get(name)]
@@ -228,7 +232,7 @@ class TaskVolumes:
         return True
 
 
-_SCRATCH = ".fill-"  # a fill in progress, in ANON_DIR (the same filesystem as the volumes)
+_SCRATCH = ".fill"  # VOLUMES/.fill/: the fills in progress (the volumes' filesystem)
 
 
 def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: bool,
@@ -239,7 +243,7 @@ def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: boo
     path.mkdir(mode=0o755, exist_ok=True)
     if not copy or layers is None or not volcopy.is_empty(path):
         return
-    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH, dir=scratch_dir))
+    scratch = Path(tempfile.mkdtemp(dir=scratch_dir))
     try:
         if not volcopy.copy_image_path(layers, target, scratch):
             return

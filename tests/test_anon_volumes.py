@@ -331,3 +331,34 @@ def test_long_fills_leave_the_agents_default_executor_free(
     assert asyncio.run(main()) < 1.0
     assert all(len(os.listdir(tmp_path / "volumes" / anon_name(f"t{i}", "/data"))) == 20
                for i in range(12))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_fill_works_when_the_volumes_have_a_filesystem_of_their_own(tmp_path: Path) -> None:
+    """DATA_DIR/volumes on its own disk (review: the scratch directory was in
+    DATA_DIR/anonymous, so every fill's rename failed with EXDEV and every image with a
+    VOLUME, every empty named volume, failed to start); ``.fill`` is no volume."""
+    import asyncio
+    import subprocess
+    from types import SimpleNamespace
+
+    from shoal.runtime import resources, taskvols
+
+    layer = _layer(tmp_path / "l", {"data/a": "a", "data/sub/b": "b"})
+    vols = tmp_path / "volumes"
+    vols.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "shoal-review-vols", str(vols)],
+                   check=True)
+    try:
+        tv = taskvols.TaskVolumes(vols, tmp_path / "anon", lambda _n: False)
+        m = MountSpec("volume", "/data", anon_name("t1", "/data"), anonymous=True)
+        named = MountSpec("volume", "/data", "pgdata")
+        for i, mount in enumerate((m, named)):
+            cfg = SimpleNamespace(task_id=f"t{i}", mounts=(mount,))
+            asyncio.run(tv.prepare(cfg, [layer]))  # type: ignore[arg-type]
+            assert sorted(p.relative_to(vols / mount.source).as_posix()
+                          for p in (vols / mount.source).rglob("*")) == ["a", "sub", "sub/b"]
+        assert resources.list_volumes(vols) == sorted([m.source, "pgdata"])
+        assert list((vols / ".fill").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(vols)], check=True)
