@@ -1,22 +1,20 @@
-"""Review finding (not fixed here): every VIP is a local address of every node (``local
-VIP_CIDR dev lo``) and nothing filters packets to VIP_CIDR arriving on the node's own
-interfaces, so a machine next to a node reaches any service at VIP:TARGET — including one
-published at 127.0.0.1 only ("reachable from that node only"). Strict xfail until the INPUT
-filter (VIP_CIDR accepted from lo and the task bridges only) lands."""
+"""Every VIP is a local address of every node (``local VIP_CIDR dev lo``): a machine next to
+a node that routes VIP_CIDR to it reached any service at VIP:TARGET — one published at
+127.0.0.1 only ("reachable from that node only") included (review). The INPUT filter
+SHOAL-VIP-IN (shoal.node.network) lets in only the node itself and its task bridges."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytest
-from test_host_ports_cluster import PEER, ask
+from test_host_ports_cluster import ASK, PEER, ask
 
 from netlab import Lab, wait_until
 
 pytestmark = pytest.mark.netns
 
 
-@pytest.mark.xfail(strict=True, reason="VIPs answer packets from off the cluster")
 def test_a_127_published_service_is_reachable_from_off_the_cluster_at_its_vip(
         lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory(3)
@@ -32,3 +30,20 @@ def test_a_127_published_service_is_reachable_from_off_the_cluster_at_its_vip(
     h3.run("ip", "route", "add", f"{vip}/32", "via", h1.ip)
     got = ask(h3, vip, 80)
     assert got.count(".") != 3, f"off-cluster host reached the 127.0.0.1-only service: {got}"
+    # the cluster's own ways to the VIP still work: the node itself, a task on each node
+    assert ask(h1, vip, 80).count(".") == 3 and ask(h2, vip, 80).count(".") == 3
+    h1.cli("service", "create", "--name", "client", "--restart-condition", "none", "--",
+           "python3", "-c", ASK, vip, "80")
+
+    def task_answered() -> bool:
+        out = h1.cli("service", "logs", "--raw", "client", check=False).stdout
+        return any(line.strip().count(".") == 3 and "Error" not in line
+                   for line in out.splitlines())
+    wait_until(lambda: task_answered() or None, timeout=60, interval=0.5,
+               what="a task reaching the VIP")
+
+
+def test_the_vip_filter_names_the_overlay_bridges() -> None:
+    from shoal.node import network, overlay
+
+    assert network.OVERLAY_BRIDGES == overlay.BRIDGE_PREFIX
