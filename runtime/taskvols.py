@@ -50,6 +50,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,13 @@ class TaskVolumes:
                 continue  # (mounted by ``mount``; never filled: see the module docstring)
             path = self._dir / m.source
             async with self._lock(m.source):
+                stop = threading.Event()  # (the thread outlives a cancel: told to stop)
                 try:
                     await _on_fill_thread(_make_and_fill, path, layers, m.target,
-                                          not m.nocopy, self._scratch)
+                                          not m.nocopy, self._scratch, stop)
+                except asyncio.CancelledError:
+                    stop.set()
+                    raise
                 except (OSError, RecursionError) as exc:
                     raise LaunchFailed(f"mounts: volume {m.source} at {m.target}: cannot "
                                        f"make it or fill it from the image: {exc}") from exc
@@ -236,7 +241,7 @@ _SCRATCH = ".fill"  # VOLUMES/.fill/: the fills in progress (the volumes' filesy
 
 
 def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: bool,
-                   scratch_dir: Path) -> None:
+                   scratch_dir: Path, stop: threading.Event | None = None) -> None:
     """The volume's directory (made if missing), filled from the image when empty: copied
     into a scratch directory first and its entries then renamed into the volume, so a fill
     that fails half-way (a full disk) leaves the volume empty, never half-filled."""
@@ -245,14 +250,14 @@ def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: boo
         return
     scratch = Path(tempfile.mkdtemp(dir=scratch_dir))
     try:
-        if not volcopy.copy_image_path(layers, target, scratch):
+        if not volcopy.copy_image_path(layers, target, scratch, stop):
             return
         st = os.stat(scratch)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         src, dst = os.open(scratch, flags), os.open(path, flags)
         try:
-            if not volcopy.is_empty(path):  # (a task sharing it wrote there meanwhile)
-                return
+            if not volcopy.is_empty(path) or (stop is not None and stop.is_set()):
+                return  # (a task sharing it wrote there meanwhile; the start was cancelled)
             for name in os.listdir(src):
                 os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
             os.fchown(dst, st.st_uid, st.st_gid)

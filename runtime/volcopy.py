@@ -24,12 +24,21 @@ its path below ``dest`` from ``dest``'s descriptor, through directories this cop
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 _MAX_LINKS = 40  # symlinks followed while resolving a path (the kernel's ELOOP bound)
 _CHUNK = 1 << 20
+_this = threading.local()  # .stop: the Event of the copy this thread makes (copy_image_path)
+
+
+def _check_stop() -> None:
+    stop: threading.Event | None = getattr(_this, "stop", None)
+    if stop is not None and stop.is_set():
+        raise OSError(errno.ECANCELED, "the fill was stopped (the task's start was cancelled)")
 
 
 def _opaque(path: Path) -> bool:
@@ -105,18 +114,23 @@ def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]
     return stack[-1]
 
 
-def copy_image_path(layers: list[Path], target: str, dest: Path) -> bool:
+def copy_image_path(layers: list[Path], target: str, dest: Path,
+                    stop: threading.Event | None = None) -> bool:
     """Fill the directory ``dest`` with the image's content at ``target`` (its files, then
     ``dest``'s own owner, mode and time from the image's directory), as Docker fills an
-    empty volume; nothing when the image has no directory there. Whether it copied."""
+    empty volume; nothing when the image has no directory there. Whether it copied.
+    ``stop`` set: OSError(ECANCELED) at the next entry or MiB (the agent stops, or the
+    start is cancelled: a copy of a huge directory must not outlive either)."""
     entry = resolve(layers, target)
     if entry is None or not stat.S_ISDIR(entry[0].st_mode):
         return False
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    _this.stop = stop
     try:
         _copy_dir(entry[1], fd, "", fd, {})
         _meta(fd, entry[0])
     finally:
+        _this.stop = None
         os.close(fd)
     return True
 
@@ -131,6 +145,7 @@ def _copy_dir(srcs: list[Path], dfd: int, rel: str, root: int,
         for name in sorted(os.listdir(d)):
             names.setdefault(name)
     for name in names:
+        _check_stop()
         entry = _child(srcs, name)
         if entry is None:
             continue
@@ -178,7 +193,7 @@ def _copy_file(src: Path, name: str, dfd: int, st: os.stat_result) -> None:
                        0o600, dir_fd=dfd)
         try:
             while os.sendfile(fout, fin, None, _CHUNK):  # (same as read/write, in the kernel)
-                pass
+                _check_stop()
             _meta(fout, st)
         finally:
             os.close(fout)

@@ -362,3 +362,46 @@ def test_a_fill_works_when_the_volumes_have_a_filesystem_of_their_own(tmp_path: 
         assert list((vols / ".fill").iterdir()) == []
     finally:
         subprocess.run(["umount", str(vols)], check=True)
+
+
+def test_a_cancelled_start_stops_its_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """The agent stops (or the start is cancelled) during the copy of a huge image
+    directory: the copy's thread stops at its next file (review: it ran on to the end, and
+    the agent's exit waited for it), the volume stays empty, no scratch is left."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from shoal.runtime import taskvols, volcopy
+
+    layer = _layer(tmp_path / "l", {f"data/f{i}": "x" for i in range(50)})
+    real, copied, started = volcopy._copy_file, [], threading.Event()
+
+    def slow(*args: Any) -> None:
+        started.set()
+        time.sleep(0.05)
+        real(*args)
+        copied.append(args)
+
+    monkeypatch.setattr(volcopy, "_copy_file", slow)
+    (tmp_path / "volumes").mkdir()
+    tv = taskvols.TaskVolumes(tmp_path / "volumes", tmp_path / "anon", lambda _n: False)
+    m = MountSpec("volume", "/data", anon_name("t", "/data"), anonymous=True)
+
+    async def main() -> None:
+        start = asyncio.create_task(tv.prepare(
+            SimpleNamespace(task_id="t", mounts=(m,)), [layer]))  # type: ignore[arg-type]
+        await asyncio.to_thread(started.wait, 5)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    while os.listdir(tmp_path / "volumes" / ".fill") and time.monotonic() - t0 < 5:
+        time.sleep(0.05)  # (the thread ends its current file, then removes its scratch)
+    assert time.monotonic() - t0 < 1.5 and len(copied) < 10, len(copied)
+    assert os.listdir(tmp_path / "volumes" / m.source) == []
+    assert os.listdir(tmp_path / "volumes" / ".fill") == []
