@@ -56,14 +56,18 @@ def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
     fd, tmp = tempfile.mkstemp(prefix="shoal-build-", suffix=".tar")
     os.close(fd)
     rel_df = os.path.relpath(df, ctx)
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in context_files(ctx):  # (sorted: directories before what they hold)
-            tar.add(os.path.join(ctx, rel), arcname=rel, recursive=False)
-        if rel_df.startswith(".."):
-            rel_df = ".shoal-dockerfile"
-            tar.add(df, arcname=rel_df)
-        elif rel_df not in context_files(ctx):  # excluded by .dockerignore: still sent
-            tar.add(df, arcname=rel_df)
+    try:  # (a file that cannot be read: no partial tar of the context left in /tmp)
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in context_files(ctx):  # (sorted: directories before what they hold)
+                tar.add(os.path.join(ctx, rel), arcname=rel, recursive=False)
+            if rel_df.startswith(".."):
+                rel_df = ".shoal-dockerfile"
+                tar.add(df, arcname=rel_df)
+            elif rel_df not in context_files(ctx):  # excluded by .dockerignore: still sent
+                tar.add(df, arcname=rel_df)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return tmp, rel_df
 
 

@@ -13,6 +13,11 @@ network namespace with setns(2) on that thread only.
 The service VIP range is made local to the node with one route (``local VIP_CIDR dev lo``
 in the ``local`` table, "AnyIP"): the balancer can bind any VIP and traffic from tasks to a
 VIP is delivered to it, with no per-service address to add or remove.
+Being local, a VIP would answer anyone who routes VIP_CIDR to the node (a machine on its
+network: ``ip route add VIP via NODE``), whatever the service publishes — a port published at
+127.0.0.1 only included; so the filter table's INPUT jumps to ``SHOAL-VIP-IN`` for VIP_CIDR,
+which lets in only what comes from the node itself (``lo``: host-network tasks too) and from
+task bridges (this one, the overlay networks' ``shb*``) and drops the rest.
 
 Limits (host-gateway style, like flannel's host-gw): nodes must share an L2 segment (or
 have routes between them); user-defined VXLAN networks (node/overlay.py) do not. This is the
@@ -68,6 +73,8 @@ _restore_inet_ntop()
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _ns_lock = threading.Lock()  # one setns dance at a time
+VIP_GUARD = "SHOAL-VIP-IN"  # the filter chain that keeps the VIPs the cluster's own
+OVERLAY_BRIDGES = "shb"  # (shoal.node.overlay.BRIDGE_PREFIX: the overlay networks' bridges)
 
 
 @dataclass
@@ -142,6 +149,8 @@ class NodeNetwork:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         if self.config.masquerade:
             self._masquerade(add=True)
+        if self.vip_cidr:
+            self._guard_vips(add=True)
 
     def _masquerade(self, add: bool) -> None:
         ipt = shutil.which("iptables")
@@ -156,6 +165,34 @@ class NodeNetwork:
             subprocess.run([ipt, "-t", "nat", "-A", *rule[2:]], capture_output=True)
         elif not add and exists.returncode == 0:
             subprocess.run([ipt, "-t", "nat", "-D", *rule[2:]], capture_output=True)
+
+    def _guard_vips(self, add: bool) -> None:
+        """The INPUT filter of VIP_CIDR (see the module docstring), made or removed."""
+        ipt = shutil.which("iptables")
+        if ipt is None:
+            if add:
+                log.warning("iptables not found: the service VIPs answer machines off the "
+                            "cluster that route to this node (install the iptables package)")
+            return
+        jump = ["INPUT", "-d", self.vip_cidr, "-j", VIP_GUARD]
+        if not add:
+            subprocess.run([ipt, "-D", *jump], capture_output=True)
+            subprocess.run([ipt, "-F", VIP_GUARD], capture_output=True)
+            subprocess.run([ipt, "-X", VIP_GUARD], capture_output=True)
+            return
+        subprocess.run([ipt, "-N", VIP_GUARD], capture_output=True)  # (exists: fine)
+        try:
+            for argv in (["-F", VIP_GUARD], ["-A", VIP_GUARD, "-i", "lo", "-j", "RETURN"],
+                         ["-A", VIP_GUARD, "-i", self.config.bridge, "-j", "RETURN"],
+                         ["-A", VIP_GUARD, "-i", f"{OVERLAY_BRIDGES}+", "-j", "RETURN"],
+                         ["-A", VIP_GUARD, "-j", "DROP"]):
+                subprocess.run([ipt, *argv], capture_output=True, text=True, check=True)
+            if subprocess.run([ipt, "-C", *jump], capture_output=True).returncode != 0:
+                subprocess.run([ipt, "-I", jump[0], "1", *jump[1:]], capture_output=True,
+                               text=True, check=True)
+        except subprocess.CalledProcessError as exc:
+            log.error("the service VIPs are not filtered (they answer machines off the "
+                      "cluster): %s: %s", " ".join(exc.cmd[1:]), exc.stderr.strip())
 
     async def sync_routes(self, peers: Iterable[tuple[str, str]]) -> None:
         """Routes to other nodes' subnets: ``peers`` = (subnet, node address)."""
@@ -193,6 +230,8 @@ class NodeNetwork:
                     ip.link("del", index=idx[0])
             if self.config.masquerade:
                 self._masquerade(add=False)
+            if self.vip_cidr:
+                self._guard_vips(add=False)
         await asyncio.to_thread(down)
         self.addrs.clear()
         self.state_file.unlink(missing_ok=True)

@@ -78,7 +78,8 @@ def image_config(images: ImageStore, ref: str) -> ImageConfig:
 def list_volumes(volumes_dir: Path) -> list[str]:
     """Named volumes on this node."""
     try:
-        return sorted(p.name for p in volumes_dir.iterdir() if p.is_dir())
+        return sorted(p.name for p in volumes_dir.iterdir()
+                      if p.is_dir() and valid_volume_name(p.name))  # (not .fill: taskvols)
     except OSError:
         return []
 

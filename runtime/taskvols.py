@@ -26,15 +26,23 @@ image's content at its target (runtime/volcopy.py) — anonymous and named local
 alike, as Docker; not the default image's (the host's own directories are no image), and not
 a network volume (sshfs, NFS: a copy over the network at every start of an empty share, and
 ownership a server may refuse; Docker copies into those too — a documented difference). The
-copy goes into a scratch directory ``ANON_DIR/.fill-*`` (the agent's own: a task sharing a
-named volume cannot reach it) whose entries are then renamed into the volume, so a fill
+copy goes into a scratch directory ``VOLUMES/.fill/*`` (the agent's own, 0700: a task sharing
+a named volume cannot reach it; on the volumes' filesystem, which an operator may give its
+own disk, as a rename needs) whose entries are then renamed into the volume, so a fill
 that fails half-way leaves the volume empty; a scratch directory an agent left is swept.
+(``.fill`` is no volume name: names start with a letter or digit.)
+Fills and removals of anonymous volumes (and of scratch directories) run on their own
+threads (``FILL_THREADS``), never the loop's default executor: an image directory of a
+million files takes minutes to copy or delete, and the agent's other blocking calls (keys,
+the mesh's iptables, image transfers...) must not queue behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +50,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -54,6 +63,14 @@ from shoal.runtime.taskdir import atomic_write, safe_rmtree
 log = logging.getLogger(__name__)
 
 ANON_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
+FILL_THREADS = 2  # fills and removals of volume content at once (the rest wait their turn)
+_fills = concurrent.futures.ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="volume-fill")
+
+
+async def _on_fill_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the fill threads (see the module docstring)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _fills, functools.partial(fn, *args))
 
 
 def anon_name(task_id: str, target: str) -> str:
@@ -77,6 +94,8 @@ class TaskVolumes:
         # anonymous volumes: name -> ids of the runtime's tasks that mount it
         self._anon: dict[str, set[str]] = {}
         anon_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._scratch = volumes_dir / _SCRATCH  # (see the module docstring)
+        self._scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -136,9 +155,13 @@ class TaskVolumes:
                 continue  # (mounted by ``mount``; never filled: see the module docstring)
             path = self._dir / m.source
             async with self._lock(m.source):
+                stop = threading.Event()  # (the thread outlives a cancel: told to stop)
                 try:
-                    await asyncio.to_thread(_make_and_fill, path, layers, m.target,
-                                            not m.nocopy, self._anon_dir)
+                    await _on_fill_thread(_make_and_fill, path, layers, m.target,
+                                          not m.nocopy, self._scratch, stop)
+                except asyncio.CancelledError:
+                    stop.set()
+                    raise
                 except (OSError, RecursionError) as exc:
                     raise LaunchFailed(f"mounts: volume {m.source} at {m.target}: cannot "
                                        f"make it or fill it from the image: {exc}") from exc
@@ -164,9 +187,9 @@ class TaskVolumes:
         """Remove every recorded anonymous volume no task of this runtime mounts (left by an
         agent that died before it removed them), and fills an agent left unfinished; the
         names removed."""
-        for scratch in self._anon_dir.glob(f"{_SCRATCH}*"):
+        for scratch in list(self._scratch.iterdir()):
             if not any(lock.locked() for lock in self._locks.values()):
-                await asyncio.to_thread(safe_rmtree, scratch)
+                await _on_fill_thread(safe_rmtree, scratch)
         gone = [name for name in self.anonymous() if not self._anon.get(name)]
         for name in gone:
             await self._remove_anon(name)
@@ -177,7 +200,7 @@ class TaskVolumes:
             if self._anon.get(name):  # (a task started with it meanwhile)
                 return
             self._anon.pop(name, None)
-            await asyncio.to_thread(safe_rmtree, self._dir / name)
+            await _on_fill_thread(safe_rmtree, self._dir / name)
             with contextlib.suppress(FileNotFoundError):
                 (self._anon_dir / name).unlink()  # (after the directory: see the docstring)
         self._locks.pop(name, None)
@@ -214,27 +237,27 @@ class TaskVolumes:
         return True
 
 
-_SCRATCH = ".fill-"  # a fill in progress, in ANON_DIR (the same filesystem as the volumes)
+_SCRATCH = ".fill"  # VOLUMES/.fill/: the fills in progress (the volumes' filesystem)
 
 
 def _make_and_fill(path: Path, layers: list[Path] | None, target: str, copy: bool,
-                   scratch_dir: Path) -> None:
+                   scratch_dir: Path, stop: threading.Event | None = None) -> None:
     """The volume's directory (made if missing), filled from the image when empty: copied
     into a scratch directory first and its entries then renamed into the volume, so a fill
     that fails half-way (a full disk) leaves the volume empty, never half-filled."""
     path.mkdir(mode=0o755, exist_ok=True)
     if not copy or layers is None or not volcopy.is_empty(path):
         return
-    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH, dir=scratch_dir))
+    scratch = Path(tempfile.mkdtemp(dir=scratch_dir))
     try:
-        if not volcopy.copy_image_path(layers, target, scratch):
+        if not volcopy.copy_image_path(layers, target, scratch, stop):
             return
         st = os.stat(scratch)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         src, dst = os.open(scratch, flags), os.open(path, flags)
         try:
-            if not volcopy.is_empty(path):  # (a task sharing it wrote there meanwhile)
-                return
+            if not volcopy.is_empty(path) or (stop is not None and stop.is_set()):
+                return  # (a task sharing it wrote there meanwhile; the start was cancelled)
             for name in os.listdir(src):
                 os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
             os.fchown(dst, st.st_uid, st.st_gid)

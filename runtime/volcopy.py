@@ -15,18 +15,30 @@ looked up with lstat from a directory already found to be one); the destination 
 only through directory descriptors with ``O_NOFOLLOW``, so nothing is written outside it
 (shoal.runtime.taskvols copies into a scratch directory of its own, then renames).
 Copied: directories, regular files, symlinks, FIFOs and device nodes, with owner, mode and
-modification time; not extended attributes nor hard links (each link becomes its own file).
+modification time, and hard links as hard links (as Docker's copy, containerd's
+``fs.CopyDir``: an image of one file linked a million times — a few MB of layer — must not
+write a million copies into the volume); not extended attributes. A hard link is made by
+its path below ``dest`` from ``dest``'s descriptor, through directories this copy made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 _MAX_LINKS = 40  # symlinks followed while resolving a path (the kernel's ELOOP bound)
 _CHUNK = 1 << 20
+_this = threading.local()  # .stop: the Event of the copy this thread makes (copy_image_path)
+
+
+def _check_stop() -> None:
+    stop: threading.Event | None = getattr(_this, "stop", None)
+    if stop is not None and stop.is_set():
+        raise OSError(errno.ECANCELED, "the fill was stopped (the task's start was cancelled)")
 
 
 def _opaque(path: Path) -> bool:
@@ -102,28 +114,38 @@ def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]
     return stack[-1]
 
 
-def copy_image_path(layers: list[Path], target: str, dest: Path) -> bool:
+def copy_image_path(layers: list[Path], target: str, dest: Path,
+                    stop: threading.Event | None = None) -> bool:
     """Fill the directory ``dest`` with the image's content at ``target`` (its files, then
     ``dest``'s own owner, mode and time from the image's directory), as Docker fills an
-    empty volume; nothing when the image has no directory there. Whether it copied."""
+    empty volume; nothing when the image has no directory there. Whether it copied.
+    ``stop`` set: OSError(ECANCELED) at the next entry or MiB (the agent stops, or the
+    start is cancelled: a copy of a huge directory must not outlive either)."""
     entry = resolve(layers, target)
     if entry is None or not stat.S_ISDIR(entry[0].st_mode):
         return False
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    _this.stop = stop
     try:
-        _copy_dir(entry[1], fd)
+        _copy_dir(entry[1], fd, "", fd, {})
         _meta(fd, entry[0])
     finally:
+        _this.stop = None
         os.close(fd)
     return True
 
 
-def _copy_dir(srcs: list[Path], dfd: int) -> None:
+def _copy_dir(srcs: list[Path], dfd: int, rel: str, root: int,
+              links: dict[tuple[int, int], str]) -> None:
+    """Copy the merged directory ``srcs`` into ``dfd`` (``rel`` below ``root``, the
+    destination's top); ``links``: (device, inode) of a source file with more than one
+    link → where below ``root`` its first copy is."""
     names: dict[str, None] = {}
     for d in srcs:
         for name in sorted(os.listdir(d)):
             names.setdefault(name)
     for name in names:
+        _check_stop()
         entry = _child(srcs, name)
         if entry is None:
             continue
@@ -134,7 +156,7 @@ def _copy_dir(srcs: list[Path], dfd: int) -> None:
             sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=dfd)
             try:
-                _copy_dir(paths, sub)
+                _copy_dir(paths, sub, f"{rel}{name}/", root, links)
                 _meta(sub, st)
             finally:
                 os.close(sub)
@@ -145,7 +167,14 @@ def _copy_dir(srcs: list[Path], dfd: int) -> None:
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd,
                      follow_symlinks=False)
         elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in links:  # (the same inode: its owner, mode, times)
+                os.link(links[key], name, src_dir_fd=root, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+                continue
             _copy_file(paths[0], name, dfd, st)
+            if st.st_nlink > 1:
+                links[key] = rel + name
         elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dfd)
             node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -164,7 +193,7 @@ def _copy_file(src: Path, name: str, dfd: int, st: os.stat_result) -> None:
                        0o600, dir_fd=dfd)
         try:
             while os.sendfile(fout, fin, None, _CHUNK):  # (same as read/write, in the kernel)
-                pass
+                _check_stop()
             _meta(fout, st)
         finally:
             os.close(fout)

@@ -263,3 +263,145 @@ def test_a_tasks_stored_config_names_anonymous_and_nocopy_only_when_set() -> Non
     anon = TaskConfig("t1", "h", ("true",), {}, "", mounts=(
         MountSpec("volume", "/d", anon_name("t1", "/d"), anonymous=True, nocopy=True),))
     assert TaskConfig.from_json(anon.to_json()).mounts == anon.mounts
+
+
+def test_hard_links_in_the_image_stay_links_in_the_volume(tmp_path: Path) -> None:
+    """A layer of one file linked many times (a few MB of tar) must not write a copy per
+    name into the volume (review: 1 MiB with 200 links filled 200 MiB), as Docker's copy
+    keeps them: every name is the one inode, with the image's owner and mode."""
+    layer = tmp_path / "layer"
+    (layer / "data" / "sub").mkdir(parents=True)
+    first = layer / "data" / "f0"
+    first.write_bytes(os.urandom(1 << 20))
+    os.chmod(first, 0o640)
+    os.chown(first, 1234, 5678)
+    names = [f"f{i}" for i in range(1, 100)] + [f"sub/g{i}" for i in range(100)]
+    for name in names:
+        os.link(first, layer / "data" / name)
+    dest = tmp_path / "vol"
+    dest.mkdir()
+    assert copy_image_path([layer], "/data", dest)
+    stats = [os.lstat(dest / n) for n in ["f0", *names]]
+    assert {s.st_ino for s in stats} == {stats[0].st_ino}
+    assert stats[0].st_nlink == 200 and stats[0].st_size == 1 << 20
+    assert (stats[0].st_mode & 0o7777, stats[0].st_uid, stats[0].st_gid) == (0o640, 1234, 5678)
+    assert (dest / "sub" / "g7").read_bytes() == first.read_bytes()
+
+
+def test_long_fills_leave_the_agents_default_executor_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks starting at once with big image directories to copy (review: six fills held
+    every thread of asyncio.to_thread's executor on 2 cores, so the agent's other blocking
+    calls waited for the copies): the fills queue on their own threads."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from shoal.runtime import taskvols, volcopy
+
+    layer = _layer(tmp_path / "l", {f"data/f{i}": "x" for i in range(20)})
+    real, release = volcopy._copy_file, threading.Event()
+
+    def slow(*args: Any) -> None:  # (a copy that lasts until the test is done)
+        release.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(volcopy, "_copy_file", slow)
+    (tmp_path / "volumes").mkdir()
+    tv = taskvols.TaskVolumes(tmp_path / "volumes", tmp_path / "anon", lambda _n: False)
+
+    async def main() -> float:
+        starts = []
+        for i in range(12):
+            task = f"t{i}"
+            m = MountSpec("volume", "/data", anon_name(task, "/data"), anonymous=True)
+            cfg = SimpleNamespace(task_id=task, mounts=(m,))
+            starts.append(asyncio.create_task(tv.prepare(cfg, [layer])))  # type: ignore[arg-type]
+        try:
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            await asyncio.wait({asyncio.ensure_future(asyncio.to_thread(lambda: None))},
+                               timeout=2)
+            return time.monotonic() - t0
+        finally:
+            release.set()
+            await asyncio.gather(*starts)
+
+    assert asyncio.run(main()) < 1.0
+    assert all(len(os.listdir(tmp_path / "volumes" / anon_name(f"t{i}", "/data"))) == 20
+               for i in range(12))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_fill_works_when_the_volumes_have_a_filesystem_of_their_own(tmp_path: Path) -> None:
+    """DATA_DIR/volumes on its own disk (review: the scratch directory was in
+    DATA_DIR/anonymous, so every fill's rename failed with EXDEV and every image with a
+    VOLUME, every empty named volume, failed to start); ``.fill`` is no volume."""
+    import asyncio
+    import subprocess
+    from types import SimpleNamespace
+
+    from shoal.runtime import resources, taskvols
+
+    layer = _layer(tmp_path / "l", {"data/a": "a", "data/sub/b": "b"})
+    vols = tmp_path / "volumes"
+    vols.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "shoal-review-vols", str(vols)],
+                   check=True)
+    try:
+        tv = taskvols.TaskVolumes(vols, tmp_path / "anon", lambda _n: False)
+        m = MountSpec("volume", "/data", anon_name("t1", "/data"), anonymous=True)
+        named = MountSpec("volume", "/data", "pgdata")
+        for i, mount in enumerate((m, named)):
+            cfg = SimpleNamespace(task_id=f"t{i}", mounts=(mount,))
+            asyncio.run(tv.prepare(cfg, [layer]))  # type: ignore[arg-type]
+            assert sorted(p.relative_to(vols / mount.source).as_posix()
+                          for p in (vols / mount.source).rglob("*")) == ["a", "sub", "sub/b"]
+        assert resources.list_volumes(vols) == sorted([m.source, "pgdata"])
+        assert list((vols / ".fill").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(vols)], check=True)
+
+
+def test_a_cancelled_start_stops_its_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """The agent stops (or the start is cancelled) during the copy of a huge image
+    directory: the copy's thread stops at its next file (review: it ran on to the end, and
+    the agent's exit waited for it), the volume stays empty, no scratch is left."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from shoal.runtime import taskvols, volcopy
+
+    layer = _layer(tmp_path / "l", {f"data/f{i}": "x" for i in range(50)})
+    real, copied, started = volcopy._copy_file, [], threading.Event()
+
+    def slow(*args: Any) -> None:
+        started.set()
+        time.sleep(0.05)
+        real(*args)
+        copied.append(args)
+
+    monkeypatch.setattr(volcopy, "_copy_file", slow)
+    (tmp_path / "volumes").mkdir()
+    tv = taskvols.TaskVolumes(tmp_path / "volumes", tmp_path / "anon", lambda _n: False)
+    m = MountSpec("volume", "/data", anon_name("t", "/data"), anonymous=True)
+
+    async def main() -> None:
+        start = asyncio.create_task(tv.prepare(
+            SimpleNamespace(task_id="t", mounts=(m,)), [layer]))  # type: ignore[arg-type]
+        await asyncio.to_thread(started.wait, 5)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    while os.listdir(tmp_path / "volumes" / ".fill") and time.monotonic() - t0 < 5:
+        time.sleep(0.05)  # (the thread ends its current file, then removes its scratch)
+    assert time.monotonic() - t0 < 1.5 and len(copied) < 10, len(copied)
+    assert os.listdir(tmp_path / "volumes" / m.source) == []
+    assert os.listdir(tmp_path / "volumes" / ".fill") == []

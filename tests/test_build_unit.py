@@ -140,3 +140,34 @@ def test_api_options_name_the_bad_field() -> None:
         with pytest.raises(BuildError) as err:
             options_from_query(MultiDict(query))
         assert err.value.field == fld
+
+
+def test_a_context_that_cannot_be_packed_leaves_no_tar_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Review: a file gone or unreadable while the context was packed left the partial tar
+    — the context's files so far — in the temporary directory; `stack deploy` packs one
+    per built service.)"""
+    import os
+    import tarfile
+    import tempfile
+
+    from shoal.cli import build
+
+    ctx, tmp = tmp_path / "ctx", tmp_path / "tmp"
+    ctx.mkdir()
+    tmp.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\n")
+    (ctx / "a").write_text("a")
+    (ctx / "secret").write_text("s3cret")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    real = tarfile.TarFile.add
+
+    def add(self: tarfile.TarFile, name: str, *args: object, **kwargs: object) -> None:
+        if name.endswith("secret"):
+            raise PermissionError(13, "Permission denied", name)
+        real(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tarfile.TarFile, "add", add)
+    with pytest.raises(PermissionError):
+        build.pack_context(str(ctx), "")
+    assert os.listdir(tmp) == []
