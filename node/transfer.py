@@ -45,7 +45,7 @@ from shoal.node.errors import ApiError, Forbidden, NotFound, Unavailable
 from shoal.node.pod import container_id
 from shoal.node.security import Security
 from shoal.node.upgrade import cluster_schema
-from shoal.raft.models import Node, NodeState, Task, TaskState
+from shoal.raft.models import Node, NodeRole, NodeState, Task, TaskState
 from shoal.raft.schema import IMAGE_ACCESS
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError
@@ -190,6 +190,8 @@ class Transfer:
         peer chosen (rendezvous hash) among the nodes assigned a task of ``image`` to fetch
         it from the registry, waited for up to ``peer_wait``. False: this node is the chosen
         one, or the chosen one did not deliver: fetch it from the registry."""
+        if not self._peers_serve(image):
+            return False
         peers = self._peers()
         for node in peers:
             with contextlib.suppress(ApiError, OSError, aiohttp.ClientError):
@@ -220,6 +222,19 @@ class Transfer:
                          owner.hostname, exc)
                 return False
         return False
+
+    def _peers_serve(self, image: str) -> bool:
+        """Whether peers serve this node ``image`` (``check_image_access``): it is a manager,
+        the cluster is below ``IMAGE_ACCESS``, or a live task of this node runs the image. A
+        worker's `image pull` or build of another image goes to the registry at once,
+        instead of waiting on every peer's refusal."""
+        store, me = self.ctx.store, self.ctx.identity
+        if store is None or me is None or me.role is NodeRole.MANAGER:
+            return True
+        snap = store.snapshot()
+        return cluster_schema(snap) < IMAGE_ACCESS or any(
+            t.node_id == me.node_id and t.desired_state <= TaskState.RUNNING
+            and image in task_images(t) for t in snap.tasks.values())
 
     def _fetcher(self, digest: str, image: str, ready: set[str]) -> Node | None:
         """The node that fetches ``digest`` from the registry for every node assigned a task
