@@ -81,8 +81,9 @@ def test_a_worker_reads_only_its_own_tasks_images_from_peers_once_every_node_nam
             old.kill_agent(signal.SIGTERM, timeout=60)
             old.use_shoal()
             old.start_agent(timeout=60)
-        wait_until(lambda: schema_of(h1) == SCHEMA, timeout=60,
-                   what=f"cluster schema {SCHEMA}")
+        # (h2 serves: its own copy of the state must read the schema too)
+        wait_until(lambda: all(schema_of(h) == SCHEMA for h in lab.hosts), timeout=60,
+                   what=f"cluster schema {SCHEMA} on every node")
         assert blob(h3, h2, mine, "busybox:1")["status"] == 200  # (its task bb runs it)
         # h3 has no task of private:1: neither its name nor its blobs
         r = probe(h3, h2, "/v1/cluster/images/resolve", {"ref": "private:1"},
