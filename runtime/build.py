@@ -6,15 +6,24 @@ each RUN as a task of the runtime and turns its overlay upper dir into a layer) 
 tarballs in progress). Must not touch: the image store's files (it goes through ImageStore's
 public methods: ``inspect``, ``import_blob``, ``add_image``, ``commit``), cluster state, the
 runtime's other tasks. Reading Dockerfiles and .dockerignore is shoal.runtime.dockerfile's
-(pure; its names are re-exported here).
+(pure; its names are re-exported here); splitting stages and reading another image's files
+for ``COPY --from`` is shoal.runtime.buildstages'.
+
+Multi-stage: each FROM starts a stage, built in file order from its image or from an earlier
+stage's result; ``--target`` picks the result (default the last stage) and only the stages
+it uses are built (BuildKit's), the others skipped with a line saying so. A stage's result
+is an untagged image like any intermediate one; ``COPY --from=STAGE|INDEX|IMAGE`` takes
+files from it (or from an image, the node's or pulled, as FROM) — its cache key holds that
+image's id, so a changed earlier stage is a miss there and an unchanged one a hit.
 
 Every instruction makes an image (untagged, like Docker's intermediate images): FROM the base,
 RUN/COPY/ADD one more layer, the others a new config over the same layers. The image id is the
 manifest's digest, so a built image is a normal image: services run it and peers fetch it blob by
 blob like any other. The cache maps ``sha256(parent image id, instruction, its expanded
-arguments, the build args in scope, the digests of the files COPY/ADD take)`` to the image that
-step made; a hit reuses it (nothing is made), so an unchanged rebuild creates no layer and no
-manifest. A cached image that was removed (``image prune``) is a miss.
+arguments, the build args in scope, the digests of the files COPY/ADD take from the context
+or the id of COPY --from's image)`` to the image that step made; a hit reuses it (nothing is
+made), so an unchanged rebuild creates no layer and no manifest. A cached image that was
+removed (``image prune``) is a miss.
 
 RUN: a task (``TaskConfig``: the parent image, ``/bin/sh -c CMD`` or the exec form, the image's
 Env + the build args in scope, WorkingDir, User) started and waited for through the runtime's
@@ -35,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import posixpath
@@ -50,6 +60,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal.runtime.buildstages import (
+    STAGE_NAME,
+    Stage,
+    needed,
+    plan_stages,
+    stage_sources,
+    target_stage,
+)
 from shoal.runtime.dockerfile import SUPPORTED as SUPPORTED
 from shoal.runtime.dockerfile import Instruction as Instruction
 from shoal.runtime.dockerfile import context_files as context_files
@@ -88,6 +106,9 @@ class BuildOptions:
     # --label K=V: labels of the result, as a last LABEL step (Docker's `build --label`;
     # Compose's build.labels)
     labels: dict[str, str] = field(default_factory=dict)
+    # --target NAME: build up to that stage (its name, any case) and make it the result;
+    # "": the last stage. Only the stages it uses are built.
+    target: str = ""
 
 
 @dataclass
@@ -163,8 +184,17 @@ class Builder:
         except (OSError, UnicodeDecodeError) as exc:
             raise BuildError(f"cannot read the Dockerfile {opts.dockerfile}: {exc}") from None
         instructions = parse_dockerfile(text)
+        used_args: set[str] = set()
+        meta_args: dict[str, str] = {}  # ARGs before the first FROM: FROM lines, ARG NAME
+        leading = list(itertools.takewhile(lambda i: i.cmd == "ARG", instructions))
+        for ins in leading:
+            name, value = self._arg(ins, opts.build_args, meta_args, used_args)
+            meta_args[name] = value
+        stages = plan_stages(instructions, meta_args)  # (every stage error before any step)
+        target = target_stage(stages, opts.target)
+        wanted = needed(stages, target)
         if opts.labels:  # (quoted, `$` escaped: a value is taken as given, not expanded)
-            instructions.append(Instruction(line=0, cmd="LABEL", args=" ".join(
+            stages[target].instructions.append(Instruction(line=0, cmd="LABEL", args=" ".join(
                 shlex.quote(f"{k}={v}".replace("$", "\\$"))
                 for k, v in sorted(opts.labels.items()))))
         for tid in [t for t in self.runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)
@@ -173,65 +203,28 @@ class Builder:
                 await self.runtime.remove(tid)
         files = await asyncio.to_thread(context_files, ctx)
         result = BuildResult(image=None)  # type: ignore[arg-type]
-        st = _State("", [], ImageConfig(), {}, {})
-        meta_args: dict[str, str] = {}  # ARGs before FROM (usable in FROM only)
-        used_args: set[str] = set()
-        seen_from = False
-        total = len(instructions)
-        for n, ins in enumerate(instructions, 1):
+        total = len(leading) + sum(1 + len(s.instructions) for s in stages if s.index in wanted)
+        n = 0
+        for ins in leading:
+            n += 1
             emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
-            if ins.cmd == "ARG" and not seen_from:
-                name, value = self._arg(ins, opts.build_args, meta_args, used_args)
-                meta_args[name] = value
+        done: dict[int, _State] = {}  # the stages built so far: their last state
+        for stage in stages[:target + 1]:
+            if stage.index not in wanted:  # (BuildKit's: what the target does not use)
+                emit(f"Skipping stage {stage.label} (line {stage.from_ins.line}): "
+                     f"stage {stages[target].label} does not use it")
                 continue
-            if ins.cmd == "FROM":
-                seen_from = True
-                await self._from(ins, st, meta_args, emit)
-                result.steps += 1
-                continue
+            n += 1
+            emit(f"Step {n}/{total} : FROM {stage.from_ins.args}")
+            st = await self._stage_base(stage, stages, done, emit)
             result.steps += 1
-            env = {**st.args, **st.config.env}
-            if ins.cmd == "ARG":
-                # (a bare `ARG NAME` after FROM takes the value of the ARG NAME before it)
-                name, value = self._arg(ins, opts.build_args, {**meta_args, **st.args},
-                                        used_args)
-                st.args[name] = value
-                emit(" ---> (build arg)")
-                continue
-            expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK") \
-                else expand(ins.args, env)
-            sources: list[tuple[str, str, bool]] = []
-            digest = ""
-            if ins.cmd in ("COPY", "ADD"):
-                sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
-                                                          expanded)
-            key = cache_key(st.image, ins, expanded, st.args, digest)
-            hit = None if opts.no_cache else self._cached(key)
-            if hit is not None:
-                emit(f" ---> Using cache {hit.id[7:19]}")
-                result.cached += 1
-                self._adopt(st, hit)
-                continue
-            new_layer: tuple[str, int] | None = None
-            if ins.cmd == "RUN":
-                new_layer = await self._run(ins, st, emit)
-            elif ins.cmd in ("COPY", "ADD"):
-                new_layer = await asyncio.to_thread(self._copy_layer, ctx, ins, st, expanded,
-                                                    sources)
-            else:
-                self._config_step(ins, st, expanded)
-                if ins.cmd == "WORKDIR":  # created when missing, as Docker does
-                    new_layer = await asyncio.to_thread(self._workdir_layer, st)
-            if new_layer is not None:
-                result.layers_created += 1
-                st.layers.append(new_layer)
-            config = replace(st.config, labels=dict(st.labels))
-            before = {i.id for i in await asyncio.to_thread(self.store.ls)}
-            info = await asyncio.to_thread(self.store.add_image, st.layers, config)
-            result.images_created += info.id not in before
-            self._cache_put(key, info.id)
-            st.image = info.id
-            emit(f" ---> {info.id[7:19]}")
+            for ins in stage.instructions:
+                n += 1
+                emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
+                await self._step(ctx, files, ins, stage, st, done, opts,
+                                 (meta_args, used_args), result, emit)
+            done[stage.index] = st
+        st = done[target]
         unused = set(opts.build_args) - used_args
         if unused:
             emit(f"[Warning] build args not consumed by any ARG: {', '.join(sorted(unused))}")
@@ -244,6 +237,91 @@ class Builder:
             if tag in {self._norm(t) for t in opts.tags}:
                 emit(f"Successfully tagged {tag}")
         return result
+
+    async def _stage_base(self, stage: Stage, stages: Sequence[Stage],
+                          done: Mapping[int, _State], emit: Emit) -> _State:
+        """A stage's state after its FROM: an earlier stage's result (its ARGs too, as
+        BuildKit's), else the image."""
+        if stage.base_stage is not None:
+            parent = done[stage.base_stage]
+            emit(f" ---> {parent.image[7:19] or 'scratch'} (stage "
+                 f"{stages[stage.base_stage].label})")
+            return _State(parent.image, list(parent.layers), parent.config,
+                          dict(parent.labels), dict(parent.args))
+        st = _State("", [], ImageConfig(), {}, {})
+        info = await self._image(stage.base, stage.from_ins, f"FROM {stage.base}", emit)
+        if info is not None:
+            self._adopt(st, info)
+            emit(f" ---> {info.id[7:19]}")
+        return st
+
+    async def _step(self, ctx: Path, files: Sequence[str], ins: Instruction, stage: Stage,
+                    st: _State, done: Mapping[int, _State], opts: BuildOptions,
+                    args: tuple[Mapping[str, str], set[str]], result: BuildResult,
+                    emit: Emit) -> None:
+        """One instruction after a FROM, on ``st``: from the cache, or run; ``args``: the
+        global ARGs' values and the build args consumed so far."""
+        import asyncio
+
+        result.steps += 1
+        env = {**st.args, **st.config.env}
+        if ins.cmd == "ARG":
+            # (a bare `ARG NAME` in a stage takes the value of the global ARG NAME)
+            name, value = self._arg(ins, opts.build_args, {**args[0], **st.args}, args[1])
+            st.args[name] = value
+            emit(" ---> (build arg)")
+            return
+        expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK") \
+            else expand(ins.args, env)
+        sources: list[tuple[str, str, bool]] = []
+        digest = ""
+        source: ImageInfo | None = None  # COPY --from's image
+        if ins in stage.copy_from:  # (its image id stands for its files)
+            source = await self._copy_source(stage.copy_from[ins], done, ins, emit)
+            digest = source.id if source is not None else "scratch"
+        elif ins.cmd in ("COPY", "ADD"):
+            sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
+                                                      expanded)
+        key = cache_key(st.image, ins, expanded, st.args, digest)
+        hit = None if opts.no_cache else self._cached(key)
+        if hit is not None:
+            emit(f" ---> Using cache {hit.id[7:19]}")
+            result.cached += 1
+            self._adopt(st, hit)
+            return
+        new_layer: tuple[str, int] | None = None
+        if ins.cmd == "RUN":
+            new_layer = await self._run(ins, st, emit)
+        elif ins.cmd in ("COPY", "ADD"):
+            if ins in stage.copy_from:
+                layers = self.store.layer_dirs(source) if source is not None else []
+                sources = await asyncio.to_thread(stage_sources, layers, ins, expanded,
+                                                  str(stage.copy_from[ins]))
+            new_layer = await asyncio.to_thread(self._copy_layer, ctx, ins, st, expanded,
+                                                sources, ins in stage.copy_from)
+        else:
+            self._config_step(ins, st, expanded)
+            if ins.cmd == "WORKDIR":  # created when missing, as Docker does
+                new_layer = await asyncio.to_thread(self._workdir_layer, st)
+        if new_layer is not None:
+            result.layers_created += 1
+            st.layers.append(new_layer)
+        config = replace(st.config, labels=dict(st.labels))
+        before = {i.id for i in await asyncio.to_thread(self.store.ls)}
+        info = await asyncio.to_thread(self.store.add_image, st.layers, config)
+        result.images_created += info.id not in before
+        self._cache_put(key, info.id)
+        st.image = info.id
+        emit(f" ---> {info.id[7:19]}")
+
+    async def _copy_source(self, ref: int | str, done: Mapping[int, _State],
+                           ins: Instruction, emit: Emit) -> ImageInfo | None:
+        """COPY --from's image: a built stage's result, else the image (None: scratch)."""
+        if isinstance(ref, int):
+            image = done[ref].image
+            return self.store.inspect(image) if image else None
+        return await self._image(ref, ins, f"COPY --from={ref} (no stage has that name)",
+                                 emit)
 
     @staticmethod
     def _norm(tag: str) -> str:
@@ -272,31 +350,24 @@ class Builder:
             return name, build_args[name]
         return name, expand(default.strip().strip('"'), scope) if sep else scope.get(name, "")
 
-    async def _from(self, ins: Instruction, st: _State, meta: Mapping[str, str],
-                    emit: Emit) -> None:
-        words = expand(ins.args, meta).split()
-        if not words or words[0].startswith("--"):
-            raise BuildError("FROM needs an image (flags like --platform are not supported)",
-                             ins.line)
-        if len(words) > 1:
-            raise BuildError("FROM ... AS NAME (multi-stage) is not supported", ins.line)
-        ref = words[0]
-        if ref == "scratch":
-            return
+    async def _image(self, ref: str, ins: Instruction, what: str, emit: Emit
+                     ) -> ImageInfo | None:
+        """The image ``ref`` names (FROM's, COPY --from's): this node's, else pulled; None
+        for ``scratch``."""
         import asyncio
 
+        if ref == "scratch":
+            return None
         try:
-            info = await asyncio.to_thread(self.store.inspect, ref)
+            return await asyncio.to_thread(self.store.inspect, ref)
         except ImageNotFound:
             if self.pull is None:
-                raise BuildError(f"FROM {ref}: no such image on this node", ins.line) from None
+                raise BuildError(f"{what}: no such image on this node", ins.line) from None
             emit(f" ---> pulling {ref}")
             try:
-                info = await self.pull(ref)
+                return await self.pull(ref)
             except Exception as exc:  # any pull failure: the build fails with its message
-                raise BuildError(f"FROM {ref}: {exc}", ins.line) from None
-        self._adopt(st, info)
-        emit(f" ---> {info.id[7:19]}")
+                raise BuildError(f"{what}: {exc}", ins.line) from None
 
     def _config_step(self, ins: Instruction, st: _State, args: str) -> None:
         cfg = st.config
@@ -404,7 +475,11 @@ class Builder:
         return out, sha.hexdigest()
 
     def _copy_layer(self, ctx: Path, ins: Instruction, st: _State, args: str,
-                    sources: Sequence[tuple[str, str, bool]]) -> tuple[str, int]:
+                    sources: Sequence[tuple[str, str, bool]], keep_owner: bool = False
+                    ) -> tuple[str, int]:
+        """The layer of a COPY/ADD: ``sources`` are context paths, or absolute paths of
+        another image's files (COPY --from, which ``keep_owner`` unless --chown, as
+        BuildKit; a context's files are root's)."""
         argv = ins.exec_form() or shlex.split(args)
         chown = next((a.split("=", 1)[1] for a in argv if a.startswith("--chown=")), "")
         uid = gid = 0
@@ -438,7 +513,9 @@ class Builder:
                 for path in sorted(entries):
                     self._parents(tar, path, lower, done)
                     info = tar.gettarinfo(str(ctx / entries[path]), arcname=path)
-                    info.uid, info.gid, info.uname, info.gname = uid, gid, "", ""
+                    if chown or not keep_owner:
+                        info.uid, info.gid = uid, gid
+                    info.uname = info.gname = ""
                     done.add(path)
                     if info.isreg():
                         with (ctx / entries[path]).open("rb") as fh:
@@ -620,8 +697,7 @@ def _opaque(path: Path) -> bool:
 
 def options_from_query(query: Any) -> BuildOptions:
     """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``,
-    ``label``),
-    a MultiDict; BuildError names the bad field."""
+    ``label``, ``target``), a MultiDict; BuildError names the bad field."""
     from shoal.runtime.images import normalize_ref
 
     tags = tuple(query.getall("t", []))
@@ -646,8 +722,12 @@ def options_from_query(query: Any) -> BuildOptions:
         if not sep or not key:
             raise BuildError(f"expected K=V, got {item!r}", field="label")
         labels[key] = value
+    target = query.get("target") or ""
+    if target and not STAGE_NAME.fullmatch(target.lower()):
+        raise BuildError(f"{target!r} is not a stage name (a letter, then letters, digits, "
+                         "'.', '_' or '-')", field="target")
     return BuildOptions(tags=tags, dockerfile=norm, build_args=args,
-                        no_cache=query.get("nocache") == "1", labels=labels)
+                        no_cache=query.get("nocache") == "1", labels=labels, target=target)
 
 
 def puller(registries: Any) -> Pull | None:

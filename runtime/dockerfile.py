@@ -58,7 +58,8 @@ def parse_dockerfile(text: str) -> list[Instruction]:
     """Instructions of a Dockerfile: comments (``#`` first on a line) and blank lines skipped,
     ``\\`` at a line's end continues it (comment lines inside a continuation are dropped, as
     Docker does). Raise BuildError for an unknown or unsupported instruction, naming its line,
-    and when there is no FROM first (ARGs may come before it)."""
+    and when there is no FROM first (ARGs may come before it). Each FROM starts a stage
+    (shoal.runtime.buildstages splits them)."""
     out: list[Instruction] = []
     lines = text.splitlines()
     i = 0
@@ -90,9 +91,6 @@ def parse_dockerfile(text: str) -> list[Instruction]:
     if first is None or first.cmd != "FROM":
         raise BuildError("the Dockerfile must start with FROM (after optional ARGs)",
                          first.line if first else 0)
-    if sum(ins.cmd == "FROM" for ins in out) > 1:
-        second = [ins for ins in out if ins.cmd == "FROM"][1]
-        raise BuildError("multi-stage builds (a second FROM) are not supported", second.line)
     return out
 
 

@@ -168,3 +168,95 @@ async def test_labels_of_the_build_are_the_results_last_step(ctl: ProcessControl
     other = await builder.build(ctx, BuildOptions(labels={"team": "b"}), print)
     assert other.image.id != first.image.id and other.image.config.labels["team"] == "b"
     assert other.layers_created == 0
+
+
+MULTISTAGE = """\
+ARG BASE=base:1
+ARG GREETING=hello
+FROM $BASE AS Builder
+ARG GREETING
+RUN mkdir -p /out/dir && echo "$GREETING built, base=$BASE" > /out/app.txt && \\
+    echo a > /out/dir/a && echo b > /out/dir/b && ln -s app.txt /out/link && \\
+    chown 1000:1000 /out/app.txt
+RUN rm /out/dir/a
+COPY src.txt /out/
+FROM builder AS test
+RUN exit 7
+FROM slim:1
+COPY --from=base:1 /bin/busybox /bin/
+COPY --from=0 /out/dir /dir
+COPY --from=BUILDER /out/link /out/app.txt /app/
+COPY --chown=web --from=builder /out/src.txt /app/
+CMD ["/bin/busybox", "sh", "-c", "cat /app/link /app/src.txt; ls /dir"]
+"""
+
+
+async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
+        ctl: ProcessController, tmp_path: Path) -> None:
+    """Stage 1 (busybox) RUNs and COPYs; the last stage, from an image with no shell, takes
+    files from it by name (any case) and index, and busybox from an image by reference; the
+    result runs. The stage the target does not use is not built (its RUN would fail); a
+    global ARG is seen in FROM and where re-declared only. The cache holds across stages: an
+    unchanged rebuild makes nothing; a change in stage 1 is a miss at the COPY --from that
+    reads it; ``--target`` builds up to that stage."""
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    slim = tmp_path / "slim"
+    (slim / "etc").mkdir(parents=True)
+    (slim / "etc" / "passwd").write_text("root:x:0:0::/:/x\nweb:x:1001:1001::/:/x\n")
+    (slim / "etc" / "group").write_text("root:x:0:\nweb:x:1001:\n")
+    ctl.images.import_rootfs("slim:1", slim)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(MULTISTAGE)
+    (ctx / "src.txt").write_text("source v1\n")
+    builder = Builder(ctl, ctl.images, tmp_path / "build")
+    lines: list[str] = []
+    first = await builder.build(ctx, BuildOptions(tags=("ms:1",)), lines.append)
+    assert "Skipping stage test (line 10): stage 2 does not use it" in lines, lines
+    assert not any("exit 7" in line for line in lines)
+    assert (first.steps, first.cached, first.layers_created) == (11, 0, 7)
+    assert "Step 11/13 : COPY --from=BUILDER /out/link /out/app.txt /app/" in lines
+    base = ctl.images.inspect("slim:1")
+    assert first.image.layers[:1] == base.layers and len(first.image.layers) == 5
+
+    cmd, env, _workdir, _user = first.image.config.apply()
+    st, out, err = await run_to_end(ctl, task("ms1", *cmd, env=env, image="ms:1"))
+    assert (st.exit_code, out) == (0, "hello built, base=\nsource v1\nb\n"), err
+    await ctl.remove("ms1")
+    top = ctl.images.layer_dirs(first.image)  # (top first: src.txt, app/, dir, busybox)
+    owners = {p: ((top[i] / p).stat().st_uid, (top[i] / p).stat().st_gid) for i, p in (
+        (0, "app/src.txt"), (1, "app/app.txt"), (1, "app/link"), (2, "dir/b"))}
+    assert owners == {"app/src.txt": (1001, 1001), "app/app.txt": (1000, 1000),
+                      "app/link": (1000, 1000), "dir/b": (0, 0)}  # (kept; --chown)
+    assert not (top[2] / "dir" / "a").exists()  # (a RUN removed it in stage 1)
+    assert (top[1] / "app" / "link").read_text() == "hello built, base=\n"  # (followed)
+
+    # unchanged: from the cache, nothing made, the same image
+    again = await builder.build(ctx, BuildOptions(), lines.append)
+    assert (again.image.id, again.cached, again.images_created, again.layers_created) == (
+        first.image.id, 8, 0, 0)
+    # stage 1 changed: its COPY and the COPY --from's reading it miss, busybox's hits
+    (ctx / "src.txt").write_text("source v2\n")
+    lines.clear()
+    changed = await builder.build(ctx, BuildOptions(), lines.append)
+    assert (changed.cached, changed.layers_created) == (3, 4), lines
+    assert changed.image.layers[:2] == first.image.layers[:2]
+
+    # --target: up to that stage (any case), the stages after it not built
+    lines.clear()
+    built = await builder.build(ctx, BuildOptions(target="BUILDER", tags=("ms:builder",)),
+                                lines.append)
+    assert built.steps == 5 and built.cached == 3 and built.layers_created == 0
+    assert ctl.images.inspect("ms:builder").layers[:1] == ctl.images.inspect("base:1").layers
+    assert not any("slim" in line or "test" in line for line in lines), lines
+    with pytest.raises(BuildError, match=r"^line 11: RUN exit 7 returned a non-zero code: 7"):
+        await builder.build(ctx, BuildOptions(target="test"), lines.append)
+    with pytest.raises(BuildError, match=r"^target stage 'prod' is not in the Dockerfile "
+                       r"\(its stages: builder, test\)"):
+        await builder.build(ctx, BuildOptions(target="prod"), lines.append)
+    # COPY --from an image the node lacks (no stage has that name): its line
+    (ctx / "Dockerfile").write_text("FROM base:1\nCOPY --from=gone:1 /x /x\n")
+    with pytest.raises(BuildError, match=r"^line 2: COPY --from=gone:1 \(no stage has that "
+                       r"name\): no such image on this node"):
+        await builder.build(ctx, BuildOptions(), lines.append)
+    assert ctl.tasks() == {}

@@ -1,9 +1,12 @@
 """shoal.runtime.build without a runtime: the Dockerfile parser (continuations, comments,
-errors with line numbers), variable expansion, ENV/LABEL pairs, HEALTHCHECK, .dockerignore and
-the layer-cache keys."""
+errors with line numbers), variable expansion, ENV/LABEL pairs, HEALTHCHECK, .dockerignore,
+the layer-cache keys, and multi-stage builds' stages (names, references, targets, the errors
+naming their line) and the merged view of an image's layers that COPY --from reads."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,6 @@ def test_parser_joins_continuations_skips_comments_and_keeps_line_numbers() -> N
     ("FROM a\nRUN x\nSHELL [\"sh\"]\n", 3, "unsupported instruction 'SHELL'"),
     ("FROM a\n\nFROBNICATE x\n", 3, "unknown instruction 'FROBNICATE'"),
     ("RUN x\n", 1, "must start with FROM"),
-    ("FROM a\nFROM b\n", 2, "multi-stage"),
 ])
 def test_parser_errors_name_the_line(text: str, line: int, words: str) -> None:
     with pytest.raises(BuildError) as err:
@@ -134,9 +136,11 @@ def test_api_options_name_the_bad_field() -> None:
                                          ("label", "team=core team"), ("label", "x=")]))
     assert opts.tags == ("web:1", "web:latest") and opts.build_args == {"A": "1", "B": ""}
     assert opts.labels == {"team": "core team", "x": ""}
-    assert opts.dockerfile == "sub/Dockerfile" and opts.no_cache
+    assert opts.dockerfile == "sub/Dockerfile" and opts.no_cache and opts.target == ""
+    assert options_from_query(MultiDict([("target", "Build-2")])).target == "Build-2"
     for query, fld in (([("t", "Bad Tag")], "t"), ([("buildarg", "novalue")], "buildarg"),
-                       ([("dockerfile", "../x")], "dockerfile"), ([("label", "a")], "label")):
+                       ([("dockerfile", "../x")], "dockerfile"), ([("label", "a")], "label"),
+                       ([("target", "2nd stage")], "target")):
         with pytest.raises(BuildError) as err:
             options_from_query(MultiDict(query))
         assert err.value.field == fld
@@ -171,3 +175,112 @@ def test_a_context_that_cannot_be_packed_leaves_no_tar_behind(
     with pytest.raises(PermissionError):
         build.pack_context(str(ctx), "")
     assert os.listdir(tmp) == []
+
+
+# ------------------------------------------------------------------------------ multi-stage
+
+STAGES = """\
+ARG BASE=base:1
+ARG TOOLS
+FROM $BASE AS Build
+RUN make
+FROM build AS test
+RUN check
+FROM nginx AS nginx
+FROM busybox:1
+COPY --from=BUILD /out /app
+COPY --from=0 /x /y
+COPY --chown=1:1 --from=busybox:1.36 /bin/busybox /bin/
+COPY --from=$TOOLS /t /t
+"""
+
+
+def test_stages_are_split_named_and_their_references_resolved() -> None:
+    from shoal.runtime.buildstages import needed, plan_stages, target_stage
+
+    stages = plan_stages(parse_dockerfile(STAGES), {"BASE": "base:1", "TOOLS": "reg/tools:2"})
+    assert [(s.index, s.name, s.base, s.base_stage) for s in stages] == [
+        (0, "build", "base:1", None), (1, "test", "build", 0), (2, "nginx", "nginx", None),
+        (3, "", "busybox:1", None)]  # (FROM nginx AS nginx: the image, as Docker's)
+    assert [[i.cmd for i in s.instructions] for s in stages] == [["RUN"], ["RUN"], [],
+                                                                  ["COPY"] * 4]
+    assert list(stages[3].copy_from.values()) == [0, 0, "busybox:1.36", "reg/tools:2"]
+    assert (stages[3].label, stages[1].label) == ("3", "test")
+    assert target_stage(stages, "") == 3 and target_stage(stages, "TEST") == 1
+    assert needed(stages, 1) == {0, 1} and needed(stages, 3) == {0, 3}
+    assert needed(stages, 2) == {2}
+    with pytest.raises(BuildError, match=r"target stage 'prod' is not in the Dockerfile "
+                       r"\(its stages: build, test, nginx\)") as err:
+        target_stage(stages, "prod")
+    assert err.value.field == "target"
+
+
+@pytest.mark.parametrize(("text", "line", "words"), [
+    ("FROM a AS x\nFROM b AS X\n", 2, "FROM: duplicate stage name 'x' (first at line 1)"),
+    ("FROM a AS x\nCOPY --from=x /a /b\n", 2, "COPY --from=x: that is this stage itself"),
+    ("FROM a\nFROM b\nCOPY --from=1 /a /b\n", 3, "COPY --from=1: that is this stage itself"),
+    ("FROM a\nCOPY --from=later /a /b\nFROM b AS later\n", 2,
+     "COPY --from=later: stage 'later' is defined later (line 3)"),
+    ("FROM a\nCOPY --from=1 /a /b\nFROM b\n", 2, "COPY --from=1: stage '1' is defined later"),
+    ("FROM a\nCOPY --from=5 /a /b\n", 2, "COPY --from=5: there is no stage 5"),
+    ("FROM later\nFROM b AS later\n", 1, "FROM later: stage 'later' is defined later"),
+    ("FROM a AS x\nFROM a\nADD --from=x /a /b\n", 3, "ADD --from is not supported"),
+    ("FROM a AS 1st\n", 1, "FROM: '1st' is not a stage name"),
+    ("FROM a AS\n", 1, "FROM a AS: expected FROM IMAGE [AS NAME]"),
+    ("FROM a b\n", 1, "FROM a b: expected FROM IMAGE [AS NAME]"),
+    ("FROM a\nCOPY --from /a /b\n", 2, "COPY: flag --from needs a value"),
+])
+def test_stage_errors_name_the_line(text: str, line: int, words: str) -> None:
+    from shoal.runtime.buildstages import plan_stages
+
+    with pytest.raises(BuildError) as err:
+        plan_stages(parse_dockerfile(text), {})
+    assert err.value.line == line
+    assert str(err.value).startswith(f"line {line}: {words}"), str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are device nodes: needs root")
+def test_copy_from_reads_an_images_layers_as_overlayfs_merges_them(tmp_path: Path) -> None:
+    """(The overlay form the store unpacks layers into: a whiteout is a 0/0 character
+    device, an opaque directory has trusted.overlay.opaque=y; top layer first.)"""
+    from shoal.runtime.buildstages import LayeredFS, stage_sources
+
+    top, mid, low = (tmp_path / n for n in ("top", "mid", "low"))
+    for layer, files in ((low, {"app/a": "low a", "app/b": "low b", "opq/old": "x",
+                                "gone/x": "x", "f": "file"}),
+                         (mid, {"app/c": "mid c", "opq/new": "y", "bin/tool": "tool"}),
+                         (top, {"app/b": "top b", "f/inside": "dir over a file"})):
+        for rel, text in files.items():
+            (layer / rel).parent.mkdir(parents=True, exist_ok=True)
+            (layer / rel).write_text(text)
+    os.setxattr(mid / "opq", "trusted.overlay.opaque", b"y")
+    os.mknod(top / "app" / "a", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    os.mknod(top / "gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    (top / "lib").mkdir()
+    os.symlink("../bin/tool", top / "lib" / "link")
+    os.symlink("/app", top / "applink")
+    fs = LayeredFS([top, mid, low])
+    listed = {n: [str(p.relative_to(tmp_path)) for p in e]
+              for n, e in fs.listdir([top, mid, low]).items()}
+    assert listed["app"] == ["top/app", "mid/app", "low/app"] and "gone" not in listed
+    assert listed["f"] == ["top/f"]  # (a directory above hides the file below)
+    assert sorted(fs.listdir(fs.lookup("/app")[1])) == ["b", "c"]  # type: ignore[index]
+    assert sorted(fs.listdir(fs.lookup("opq")[1])) == ["new"]  # type: ignore[index]
+    assert fs.lookup("/gone/x") is None and fs.lookup("/app/a") is None
+    assert fs.lookup("/lib/link")[0] == "/bin/tool"  # type: ignore[index]
+    assert fs.lookup("/lib/link", follow=False)[0] == "/lib/link"  # type: ignore[index]
+    assert fs.lookup("/applink/../lib/../app/c")[0] == "/app/c"  # type: ignore[index]
+    assert [p for p, _ in fs.glob("/app/[bc]")] == ["/app/b", "/app/c"]
+
+    def copy(args: str) -> dict[str, str]:
+        ins = Instruction(7, "COPY", args)
+        return {dest: str(Path(src).relative_to(tmp_path))
+                for src, dest, _ in stage_sources([top, mid, low], ins, args, "build")}
+
+    assert copy("--from=build /app /dst") == {"/dst": "top/app", "/dst/b": "top/app/b",
+                                              "/dst/c": "mid/app/c"}
+    assert copy("--from=build lib/link app/* /d/") == {
+        "/d/link": "mid/bin/tool", "/d/b": "top/app/b", "/d/c": "mid/app/c"}
+    assert copy("--from=build /lib/link /tool") == {"/tool": "mid/bin/tool"}
+    with pytest.raises(BuildError, match="line 7: COPY --from=build: /app/a not found there"):
+        copy("--from=build /app/a /x")

@@ -1,0 +1,360 @@
+"""Multi-stage builds: the stages of a Dockerfile, the ones a target needs, and the files one
+stage takes from another image (``COPY --from``).
+
+Owns: splitting parsed instructions into stages (``plan_stages``: ``FROM IMAGE [AS NAME]``,
+names case-insensitive; a FROM naming an earlier stage builds on it; every ``COPY --from`` —
+a stage's name or index, else an image reference — resolved before anything runs, errors
+naming the line), the target (``target_stage``) and the stages it needs (``needed``, as
+BuildKit: the others are not built), and reading an image's files without mounting anything
+(``LayeredFS``: its unpacked layers merged as overlayfs would merge them — whiteouts and
+opaque directories hide what is below, symlinks followed inside the image) into the
+(source, path in image) list ``stage_sources`` gives the builder's COPY. Pure but for reading
+layer directories. Must not touch: running steps, the build cache, the image store (the
+builder hands in the directories ``ImageStore.layer_dirs`` gives).
+
+Errors: ``BuildError`` (shoal.runtime.errors) with ``line`` = the Dockerfile line (0 and
+``field="target"`` for an unknown target).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import re
+import shlex
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.runtime.dockerfile import Instruction, expand
+from shoal.runtime.errors import BuildError
+
+#: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
+STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
+
+
+@dataclass
+class Stage:
+    index: int  # 0-based, in file order (COPY --from=N)
+    name: str  # lower case; "" when the FROM gives no AS NAME
+    from_ins: Instruction
+    base: str  # the FROM's image, global ARGs expanded ("scratch" too)
+    base_stage: int | None  # FROM an earlier stage: its index (``base`` is its name)
+    instructions: list[Instruction] = field(default_factory=list)  # those after its FROM
+    # COPY --from of this stage's instructions: an earlier stage's index or an image reference
+    copy_from: dict[Instruction, int | str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How the build output names it: its name, else its index."""
+        return self.name or str(self.index)
+
+    def deps(self) -> set[int]:
+        """The stages this one reads: its base stage and its COPY --from stages."""
+        out = {v for v in self.copy_from.values() if isinstance(v, int)}
+        return out | ({self.base_stage} if self.base_stage is not None else set())
+
+
+def parse_from(ins: Instruction, meta: Mapping[str, str]) -> tuple[str, str]:
+    """``FROM IMAGE [AS NAME]`` → (IMAGE with the global ARGs expanded, NAME lower case or
+    "")."""
+    words = expand(ins.args, meta).split()
+    if not words or words[0].startswith("--"):
+        raise BuildError("FROM needs an image (flags like --platform are not supported)",
+                         ins.line)
+    if len(words) == 1:
+        return words[0], ""
+    if len(words) != 3 or words[1].upper() != "AS":
+        raise BuildError(f"FROM {ins.args}: expected FROM IMAGE [AS NAME]", ins.line)
+    name = words[2].lower()
+    if not STAGE_NAME.fullmatch(name):
+        raise BuildError(f"FROM: {words[2]!r} is not a stage name (a letter, then letters, "
+                         "digits, '.', '_' or '-')", ins.line)
+    return words[0], name
+
+
+def copy_flags(ins: Instruction) -> dict[str, str]:
+    """The ``--name=value`` flags before a COPY/ADD's sources (``--chown``, ``--from``)."""
+    out: dict[str, str] = {}
+    text = ins.args.strip()
+    while text.startswith("--"):
+        word, _, text = text.partition(" ")
+        text = text.lstrip()
+        try:
+            [word] = shlex.split(word)
+        except ValueError:
+            raise BuildError(f"{ins.cmd}: bad flag {word}", ins.line) from None
+        key, sep, value = word[2:].partition("=")
+        if not sep or not value:
+            raise BuildError(f"{ins.cmd}: flag --{key} needs a value (--{key}=VALUE)",
+                             ins.line)
+        out[key] = value
+    return out
+
+
+def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str]) -> list[Stage]:
+    """The stages of a parsed Dockerfile (what follows each FROM; the ARGs before the first
+    are the caller's, ``meta`` their values), with every stage reference resolved. A FROM
+    naming an earlier stage builds on it (one naming itself, ``FROM node AS node``, is the
+    image, as Docker's); ``COPY --from`` takes an earlier stage by name or index, else an
+    image reference. BuildError naming the line: a duplicate stage name, a reference to the
+    stage itself or to a later one, an index no stage has, ``ADD --from``."""
+    stages: list[Stage] = []
+    by_name: dict[str, Stage] = {}
+    for ins in instructions:
+        if ins.cmd == "FROM":
+            ref, name = parse_from(ins, meta)
+            if name in by_name:
+                raise BuildError(f"FROM: duplicate stage name {name!r} (first at line "
+                                 f"{by_name[name].from_ins.line})", ins.line)
+            base = by_name.get(ref.lower())
+            stages.append(Stage(len(stages), name, ins, ref,
+                                base.index if base is not None else None))
+            if name:
+                by_name[name] = stages[-1]
+        elif stages:  # (before the first FROM: only ARGs, parse_dockerfile checked)
+            stages[-1].instructions.append(ins)
+    for st in stages:
+        later = by_name.get(st.base.lower())
+        if st.base_stage is None and later is not None and later.index > st.index:
+            raise BuildError(f"FROM {st.base}: stage {later.name!r} is defined later (line "
+                             f"{later.from_ins.line}); a stage builds on an earlier one",
+                             st.from_ins.line)
+        for ins in st.instructions:
+            if ins.cmd not in ("COPY", "ADD"):
+                continue
+            value = copy_flags(ins).get("from")
+            if value is None:
+                continue
+            if ins.cmd == "ADD":
+                raise BuildError("ADD --from is not supported: use COPY --from", ins.line)
+            st.copy_from[ins] = _source(expand(value, meta), st, stages, by_name, ins)
+    return stages
+
+
+def _source(value: str, st: Stage, stages: Sequence[Stage], by_name: Mapping[str, Stage],
+            ins: Instruction) -> int | str:
+    """COPY --from=VALUE: an earlier stage's index, or an image reference (a name no stage
+    has)."""
+    if value.isdigit():
+        if int(value) >= len(stages):
+            raise BuildError(f"COPY --from={value}: there is no stage {value} (the stages "
+                             f"are 0 to {len(stages) - 1})", ins.line)
+        other = stages[int(value)]
+    elif value.lower() in by_name:
+        other = by_name[value.lower()]
+    else:
+        return value
+    if other.index == st.index:
+        raise BuildError(f"COPY --from={value}: that is this stage itself (a stage copies "
+                         "from an earlier one)", ins.line)
+    if other.index > st.index:
+        raise BuildError(f"COPY --from={value}: stage {other.label!r} is defined later (line "
+                         f"{other.from_ins.line}); a stage copies from an earlier one",
+                         ins.line)
+    return other.index
+
+
+def target_stage(stages: Sequence[Stage], target: str) -> int:
+    """The index of the stage ``--target`` names (case-insensitive), the last one when ""."""
+    if not target:
+        return len(stages) - 1
+    for st in stages:
+        if st.name and st.name == target.lower():
+            return st.index
+    names = ", ".join(s.name for s in stages if s.name) or "none has a name"
+    raise BuildError(f"target stage {target!r} is not in the Dockerfile (its stages: "
+                     f"{names})", field="target")
+
+
+def needed(stages: Sequence[Stage], target: int) -> set[int]:
+    """The stages the target's result depends on (itself included)."""
+    out: set[int] = set()
+    todo = [target]
+    while todo:
+        i = todo.pop()
+        if i not in out:
+            out.add(i)
+            todo.extend(stages[i].deps())
+    return out
+
+
+# ------------------------------------------------------------------- an image's merged files
+
+
+def _opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _isdir(path: Path) -> bool:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+class LayeredFS:
+    """The files of an image as a task would see them, read from its unpacked layers (top
+    first, overlayfs form) without a mount: an entry is the topmost layer's; a directory
+    merges the layers below it until an opaque one; a whiteout hides what is below."""
+
+    _HOPS = 40  # symlinks followed in one lookup (Linux's limit)
+
+    def __init__(self, layers: Sequence[Path]) -> None:
+        self.layers = list(layers)
+
+    def _child(self, dirs: Sequence[Path], name: str) -> list[Path]:
+        """``name`` in the merged directory ``dirs``: [the entry] for a non-directory, the
+        directories that merge into it (top first) for a directory, [] when absent."""
+        found: list[Path] = []
+        for d in dirs:
+            p = d / name
+            try:
+                s = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISDIR(s.st_mode):
+                found.append(p)
+                if _opaque(p):
+                    break
+            elif found or _whiteout(s):
+                break  # (a directory above hides it; a whiteout hides what is below)
+            else:
+                return [p]
+        return found
+
+    def lookup(self, path: str, follow: bool = True) -> tuple[str, list[Path]] | None:
+        """(the path with symlinks resolved, its entries as ``_child`` gives) of an absolute
+        path inside the image, or None when absent; a symlink on the way is followed inside
+        the image (an absolute target from its root), the last one too when ``follow``."""
+        todo = [p for p in path.split("/") if p not in ("", ".")]
+        done: list[str] = []
+        hops = 0
+        entries = list(self.layers)
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                done = done[:-1]
+                entries = self._resolve_dirs(done)
+                continue
+            if not entries or not _isdir(entries[0]):
+                return None  # (the path goes through a non-directory or nothing)
+            child = self._child(entries, name)
+            if not child:
+                return None
+            if os.path.islink(child[0]) and (todo or follow):
+                hops += 1
+                if hops > self._HOPS:
+                    return None
+                target = os.readlink(child[0])
+                if target.startswith("/"):
+                    done = []
+                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                entries = self._resolve_dirs(done)
+                continue
+            done.append(name)
+            entries = child
+        return "/" + "/".join(done), entries
+
+    def _resolve_dirs(self, parts: Sequence[str]) -> list[Path]:
+        dirs = list(self.layers)
+        for name in parts:
+            dirs = self._child(dirs, name)
+        return dirs
+
+    def listdir(self, dirs: Sequence[Path]) -> dict[str, list[Path]]:
+        """The merged directory ``dirs``: name → its entries (``_child``), sorted."""
+        names: set[str] = set()
+        for d in dirs:
+            names.update(os.listdir(d))
+        out = {}
+        for name in sorted(names):
+            child = self._child(dirs, name)
+            if child:
+                out[name] = child
+        return out
+
+    def glob(self, pattern: str) -> list[tuple[str, list[Path]]]:
+        """The paths matching ``pattern`` (``*``, ``?``, ``[...]`` within a component), as
+        ``lookup`` gives them; the last symlink of each followed (COPY takes what it points
+        at), those inside a match kept as links."""
+        parts = [p for p in posixpath.normpath("/" + pattern).split("/") if p]
+        paths = ["/"]
+        for part in parts:
+            nxt: list[str] = []
+            for base in paths:
+                if not any(c in part for c in "*?["):
+                    nxt.append(posixpath.join(base, part))
+                    continue
+                found = self.lookup(base)
+                if found is None or not _isdir(found[1][0]):
+                    continue
+                nxt += [posixpath.join(base, name) for name in self.listdir(found[1])
+                        if fnmatch.fnmatchcase(name, part)]
+            paths = nxt
+        out = []
+        for p in paths:
+            found = self.lookup(p)
+            if found is not None:
+                out.append((p, found[1]))
+        return out
+
+    def walk(self, dirs: Sequence[Path], rel: str = "") -> list[tuple[str, Path]]:
+        """Everything below the merged directory ``dirs``: (path relative to it, the file
+        whose metadata and content it has), parents before what they hold; device nodes,
+        fifos and sockets left out (as RUN's layers leave them out)."""
+        out: list[tuple[str, Path]] = []
+        for name, child in self.listdir(dirs).items():
+            path = posixpath.join(rel, name) if rel else name
+            s = os.lstat(child[0])
+            if stat.S_ISDIR(s.st_mode):
+                out.append((path, child[0]))
+                out += self.walk(child, path)
+            elif stat.S_ISREG(s.st_mode) or stat.S_ISLNK(s.st_mode):
+                out.append((path, child[0]))
+        return out
+
+
+def stage_sources(layers: Sequence[Path], ins: Instruction, args: str, what: str
+                  ) -> list[tuple[str, str, bool]]:
+    """COPY --from's (file in a layer, path in the new image, False) from the image whose
+    unpacked layers are ``layers``, as the builder's context COPY lists them (a directory's
+    content goes into the destination, which takes the directory's mode and owner). Source
+    paths are the image's (relative ones from its root); ``what`` names it in errors."""
+    argv = ins.exec_form()
+    if argv is None:
+        try:
+            argv = shlex.split(args)
+        except ValueError as exc:
+            raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
+    argv = [a for a in argv if not a.startswith("--")]
+    if len(argv) < 2:
+        raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
+    *srcs, dest = argv
+    fs = LayeredFS(layers)
+    out: list[tuple[str, str, bool]] = []
+    matched = [(src, fs.glob(src)) for src in srcs]
+    many = len(srcs) > 1 or dest.endswith("/") or any(len(m) > 1 for _, m in matched)
+    for src, matches in matched:
+        if not matches:
+            raise BuildError(f"COPY --from={what}: {src} not found there", ins.line)
+        for path, entries in matches:
+            top = entries[0]
+            if _isdir(top):
+                for rel, file in fs.walk(entries):
+                    out.append((str(file), posixpath.join(dest, rel), False))
+                if path != "/":
+                    out.append((str(top), dest, False))
+            elif stat.S_ISREG(os.lstat(top).st_mode):  # (a last symlink was followed)
+                target = posixpath.join(dest, posixpath.basename(path)) if many else dest
+                out.append((str(top), target, False))
+            else:
+                raise BuildError(f"COPY --from={what}: {src} is not a file or a directory",
+                                 ins.line)
+    return out
