@@ -33,6 +33,8 @@ def add_parser(isub: Any) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V",
                    help="a label of the image (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use the layer cache")
+    p.add_argument("--target", default="", metavar="STAGE",
+                   help="build up to this stage of a multi-stage Dockerfile (default: the last)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="json: only the final record (image id, cache hits, new layers)")
@@ -75,7 +77,7 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
     show = None if args.quiet or fmt == "json" else _print
     final = build_image(c, args.context, args.file, tags=args.tag,
                         build_args=args.build_arg, labels=args.label,
-                        no_cache=args.no_cache, show=show)
+                        no_cache=args.no_cache, target=args.target, show=show)
     if fmt == "json":
         print(json.dumps(final))
     elif args.quiet:
@@ -92,12 +94,13 @@ def summary(final: dict[str, Any]) -> str:
 
 def build_image(c: Client, context: str, dockerfile: str = "", *,
                 tags: Sequence[str] = (), build_args: Sequence[str] = (),
-                labels: Sequence[str] = (), no_cache: bool = False,
+                labels: Sequence[str] = (), no_cache: bool = False, target: str = "",
                 show: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Build ``context`` on the agent ``c`` talks to: the final record (``image`` id,
     ``tags``, ``steps``, ``cached``, ``layers_created``...); ``show`` gets each output line
-    as it comes. ``build_args``/``labels``: ``K=V``. CliError ("build failed: ...") when
-    the builder fails. (Also `shoal stack deploy`'s, shoal.cli.compose_build.)"""
+    as it comes. ``build_args``/``labels``: ``K=V``; ``target``: the stage to build ("" the
+    last). CliError ("build failed: ...") when the builder fails. (Also `shoal stack
+    deploy`'s, shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
     tarpath, rel_df = pack_context(context, dockerfile)
@@ -106,6 +109,8 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
     query += [("label", a) for a in labels]
     if no_cache:
         query.append(("nocache", "1"))
+    if target:
+        query.append(("target", target))
     try:
         final: dict[str, Any] = {}
         for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), tarpath):

@@ -1,9 +1,9 @@
 """A Compose service's ``build:``: what `shoal stack deploy` builds, and the image it deploys.
 
 Owns: reading ``services.X.build`` (a context path, or the long form: ``context``,
-``dockerfile``, ``dockerfile_inline``, ``args``, ``labels``, ``tags``, ``no_cache``; the keys
-shoal's builder cannot apply are warned about by name, or refused where ignoring them would
-build another image), running the builds through the agent's ``POST /v1/images/build``
+``dockerfile``, ``dockerfile_inline``, ``args``, ``labels``, ``tags``, ``no_cache``,
+``target``; the keys shoal's builder cannot apply are warned about by name, or refused where
+ignoring them would build another image), running the builds through the agent's ``POST /v1/images/build``
 (shoal.cli.build.build_image, as `shoal image build`) and naming each result by its content.
 Must not touch: the rest of the translation (shoal.cli.compose), the cluster's services
 (shoal.cli.stack plans and writes them), the builder (the agent runs it).
@@ -17,7 +17,9 @@ fetches it from the peer that built it, shoal.node.transfer; one holding an olde
 under a moving tag would keep running that), a rebuild that changes the image is a new
 reference and rolls the service per its update config, and an unchanged rebuild (the layer
 cache gives the same id) is the same reference: nothing redeploys. The content tag names
-no registry, so the managers' ``--resolve-image`` leaves it alone.
+no registry, so the managers' ``--resolve-image`` leaves it alone. With ``build.target`` the
+result is that stage's image, so the tag is of what was built: another target is another
+image id, another tag, and the service rolls to it.
 """
 
 from __future__ import annotations
@@ -57,9 +59,8 @@ _NOT_APPLIED = {
 }
 # build keys whose absence would build another image than the file asks for
 _REFUSED = {
-    "target": "shoal's builder has no multi-stage builds (FROM ... AS): it would build "
-              "another stage than the target",
-    "additional_contexts": "shoal's builder has no named contexts (COPY --from)",
+    "additional_contexts": "shoal's builder has no named contexts (COPY --from takes a "
+                           "stage or an image)",
 }
 
 
@@ -78,6 +79,7 @@ class BuildSpec:
     labels: tuple[str, ...] = ()  # K=V
     tags: tuple[str, ...] = ()  # more names (build.tags)
     no_cache: bool = False
+    target: str = ""  # the stage to build (build.target; "": the Dockerfile's last)
     image_given: bool = False  # the service gives image: (which is ``name``)
 
     def content_ref(self, image_id: str) -> str:
@@ -131,6 +133,10 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
               as_labels(spec.pop("labels", None) or {}, f"{path}.labels").items()]
     tags = as_str_list(spec.pop("tags", None) or [], f"{path}.tags")
     no_cache = as_bool(spec.pop("no_cache", False), f"{path}.no_cache")
+    target = as_str(spec.pop("target", None) or "", f"{path}.target")
+    if target and not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", target):
+        raise ComposeError(f"{path}.target", f"{target!r} is not a stage name (a letter, "
+                           "then letters, digits, '.', '_' or '-')")
     for k in list(spec):
         if k in _REFUSED:
             raise ComposeError(f"{path}.{k}", f"not supported: {_REFUSED[k]}")
@@ -142,7 +148,7 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
     return BuildSpec(key=key, path=path, repo=repo, name=name, context=ctx,
                      dockerfile=dockerfile, dockerfile_inline=inline, args=tuple(args),
                      labels=tuple(labels), tags=tuple(tags), no_cache=no_cache,
-                     image_given=image is not None)
+                     target=target, image_given=image is not None)
 
 
 def check_paths(b: BuildSpec) -> None:
@@ -193,7 +199,7 @@ def build_all(c: Any, builds: list[BuildSpec], show: Callable[[str], Any],
         try:
             final = build_image(c, str(b.context), dockerfile, tags=(b.name, *b.tags),
                                 build_args=b.args, labels=b.labels, no_cache=b.no_cache,
-                                show=show)
+                                target=b.target, show=show)
         except CliError as exc:
             raise CliError(f"{b.path}: {exc} (nothing deployed)") from None
         finally:

@@ -308,7 +308,9 @@ ROUTES: tuple[Route, ...] = (
                  Param("dockerfile", STR, "the Dockerfile's path in the context"),
                  Param("buildarg", STR, "K=V for an ARG (repeatable)"),
                  Param("label", STR, "K=V, a label of the result (repeatable)"),
-                 Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache")),
+                 Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache"),
+                 Param("target", STR, "the stage of a multi-stage Dockerfile to build up to "
+                       "and make the result (default: the last)")),
           reply=_obj("a build record", stream=STR, image=STR, error=STR, cached=INT),
           errors=(400,),
           description="body: `application/x-tar`; JSON lines `{stream}` while it runs, then "

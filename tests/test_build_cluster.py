@@ -3,7 +3,8 @@ built by `shoal image build` (the context streamed to h1's agent as a tar, the b
 streamed back), run as a 3-replica service across 3 nodes (h2 and h3 fetch the built image
 from h1, blob by blob, like any other), and a rebuild with no change made entirely from the
 cache (no new layer, no new image); `image save` there and `image load` on another node give
-the same image. Timings: bench/image_build.py, not here."""
+the same image; a multi-stage Dockerfile built up to its ``--target``. Timings:
+bench/image_build.py, not here."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
     assert sorted(p.name for p in (h1.data_dir / "images" / "layers").iterdir()) == layers
     built = {tag: img["id"] for img in h1.cli_json("image", "ls") for tag in img["tags"]}
     assert built["web:1"] == again["image"]
+
+    # multi-stage, `--target`: up to that stage, the one after it not built
+    (ctx / "Multi").write_text("FROM busybox:1 AS build\nCOPY hello.txt /src/\n"
+                               "FROM busybox:1 AS debug\nCOPY --from=build /src /dbg\n"
+                               "FROM scratch\nCOPY --from=0 /src/hello.txt /\n")
+    ms = h1.cli_json("image", "build", "-f", str(ctx / "Multi"), "--target", "Debug", "-t",
+                     "web:debug", str(ctx), timeout=120)
+    assert (ms["steps"], ms["layers_created"], ms["tags"]) == (4, 2, ["web:debug"]), ms
+    bad = h1.cli("image", "build", "-f", str(ctx / "Multi"), "--target", "prod", str(ctx),
+                 check=False)
+    assert bad.returncode != 0 and "target stage 'prod' is not in the Dockerfile (its " \
+        "stages: build, debug)" in bad.stderr, bad.stderr
 
     # a bad Dockerfile: a clear error with its line, exit status non-zero
     (ctx / "Bad").write_text("FROM busybox:1\nSHELL [\"/bin/ash\", \"-c\"]\n")

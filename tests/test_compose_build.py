@@ -153,8 +153,7 @@ services:
         "build.platforms: not applied: the image is built for the building node's platform "
         "(service web)"]
     for build, error in (
-            ("{target: prod}", "services.web.build.target: not supported: shoal's builder "
-                               "has no multi-stage builds"),
+            ("{target: 'a b'}", "services.web.build.target: 'a b' is not a stage name"),
             ("{additional_contexts: {a: ./a}}", "services.web.build.additional_contexts: "),
             ("{contxt: .}", "services.web.build.contxt: unknown key"),
             ("https://github.com/x/y.git", "services.web.build.context: a remote context"),
@@ -192,7 +191,8 @@ def test_a_built_service_runs_the_content_tag_of_its_image(tmp_path: Path) -> No
     path = project(tmp_path, """
 services:
   web:
-    build: {context: ./web, dockerfile: build/Dockerfile, args: {V: 1}, labels: [a=b]}
+    build: {context: ./web, dockerfile: build/Dockerfile, args: {V: 1}, labels: [a=b],
+            target: Prod}
     image: myorg/web:1
   db: {image: postgres:16}
 """, {"web/build/Dockerfile": "FROM busybox:1\nCOPY app.txt /\n", "web/app.txt": "v1"})
@@ -203,6 +203,7 @@ services:
                           "app.txt": b"v1"}
     assert ("t", "myorg/web:1") in b["query"] and ("dockerfile", "build/Dockerfile") in \
         b["query"] and ("buildarg", "V=1") in b["query"] and ("label", "a=b") in b["query"]
+    assert ("target", "Prod") in b["query"]  # (the stage the content tag's image is)
     assert agent.image_of("app_web") == "app_web:" + ID1[7:19]
     assert agent.tags["app_web:" + ID1[7:19]] == ID1 and agent.image_of("app_db") == \
         "postgres:16"

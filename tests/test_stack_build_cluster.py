@@ -1,6 +1,8 @@
 """`shoal stack deploy` of a service with ``build:`` on netns hosts, through the real CLI: the
 image is built on h1 (the node the CLI talks to) from the Compose file's context and runs
-on both nodes (h2 fetches it from h1) under its content tag ``st_web:HEX``; a redeploy with
+on both nodes (h2 fetches it from h1) under its content tag ``st_web:HEX`` — the stage
+``build.target`` names of a multi-stage Dockerfile, the stage it does not use not built; a
+redeploy with
 nothing changed rebuilds from the cache and replaces no task; a changed file in the context
 rolls the service to the new image; a failing build changes nothing."""
 
@@ -20,16 +22,21 @@ pytestmark = pytest.mark.netns
 COMPOSE = """
 services:
   web:
-    build: ./web
+    build: {context: ./web, target: prod}
     deploy:
       replicas: 2
       placement: {max_replicas_per_node: 1}
       update_config: {parallelism: 2, delay: 0s}
 """
 DOCKERFILE = """\
-FROM busybox:1
+FROM busybox:1 AS base
 COPY msg.txt /msg.txt
+FROM base AS debug
+RUN exit 3
+FROM base AS prod
 CMD ["/bin/sh", "-c", "echo message: $(cat /msg.txt); while true; do sleep 1; done"]
+FROM prod
+CMD ["/bin/sh", "-c", "echo not the target; exit 1"]
 """
 
 
@@ -56,7 +63,8 @@ def test_a_stack_builds_its_image_runs_it_on_two_nodes_and_rolls_only_when_it_ch
     compose.write_text(COMPOSE)
 
     out = h1.cli("stack", "deploy", "-c", str(compose), "st", timeout=120).stdout
-    assert "Building service web" in out and "Step 2/3 : COPY msg.txt /msg.txt" in out, out
+    assert "Building service web" in out and "Step 2/4 : COPY msg.txt /msg.txt" in out, out
+    assert "Skipping stage debug (line 3): stage prod does not use it" in out, out
     built = image_ids(h1)["st_web:latest"]
     ref = f"st_web:{built[7:19]}"
     assert image_ids(h1)[ref] == built and "Creating service st_web" in out, out
