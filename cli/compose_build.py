@@ -3,8 +3,9 @@
 Owns: reading ``services.X.build`` (a context path, or the long form: ``context``,
 ``dockerfile``, ``dockerfile_inline``, ``args``, ``labels``, ``tags``, ``no_cache``,
 ``target``; the keys shoal's builder cannot apply are warned about by name, or refused where
-ignoring them would build another image), running the builds through the agent's ``POST /v1/images/build``
-(shoal.cli.build.build_image, as `shoal image build`) and naming each result by its content.
+ignoring them would build another image), running the builds through the agent's
+``POST /v1/images/build`` (shoal.cli.build.build_image, as `shoal image build`) and naming
+each result by its content.
 Must not touch: the rest of the translation (shoal.cli.compose), the cluster's services
 (shoal.cli.stack plans and writes them), the builder (the agent runs it).
 
