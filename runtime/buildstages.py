@@ -75,10 +75,11 @@ def parse_from(ins: Instruction, meta: Mapping[str, str]) -> tuple[str, str]:
     return words[0], name
 
 
-def copy_flags(ins: Instruction) -> dict[str, str]:
-    """The ``--name=value`` flags before a COPY/ADD's sources (``--chown``, ``--from``)."""
+def copy_flags(ins: Instruction, args: str | None = None) -> tuple[dict[str, str], str]:
+    """The ``--name=value`` flags before a COPY/ADD's sources (``--chown``, ``--from``) and
+    the rest (``args``: the instruction's as expanded, else as written)."""
     out: dict[str, str] = {}
-    text = ins.args.strip()
+    text = (ins.args if args is None else args).strip()
     while text.startswith("--"):
         word, _, text = text.partition(" ")
         text = text.lstrip()
@@ -91,7 +92,7 @@ def copy_flags(ins: Instruction) -> dict[str, str]:
             raise BuildError(f"{ins.cmd}: flag --{key} needs a value (--{key}=VALUE)",
                              ins.line)
         out[key] = value
-    return out
+    return out, text
 
 
 def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str]) -> list[Stage]:
@@ -125,7 +126,7 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str]) ->
         for ins in st.instructions:
             if ins.cmd not in ("COPY", "ADD"):
                 continue
-            value = copy_flags(ins).get("from")
+            value = copy_flags(ins)[0].get("from")
             if value is None:
                 continue
             if ins.cmd == "ADD":
@@ -327,13 +328,13 @@ def stage_sources(layers: Sequence[Path], ins: Instruction, args: str, what: str
     unpacked layers are ``layers``, as the builder's context COPY lists them (a directory's
     content goes into the destination, which takes the directory's mode and owner). Source
     paths are the image's (relative ones from its root); ``what`` names it in errors."""
-    argv = ins.exec_form()
+    rest = copy_flags(ins, args)[1]
+    argv = Instruction(ins.line, ins.cmd, rest).exec_form()  # (flags, then a JSON array)
     if argv is None:
         try:
-            argv = shlex.split(args)
+            argv = shlex.split(rest)
         except ValueError as exc:
             raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
-    argv = [a for a in argv if not a.startswith("--")]
     if len(argv) < 2:
         raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
     *srcs, dest = argv
@@ -345,6 +346,8 @@ def stage_sources(layers: Sequence[Path], ins: Instruction, args: str, what: str
         if not matches:
             raise BuildError(f"COPY --from={what}: {src} not found there", ins.line)
         for path, entries in matches:
+            if not entries:  # (the root of an image with no layer: scratch)
+                continue
             top = entries[0]
             if _isdir(top):
                 for rel, file in fs.walk(entries):
