@@ -14,7 +14,8 @@ stage's result; ``--target`` picks the result (default the last stage) and only 
 it uses are built (BuildKit's), the others skipped with a line saying so. A stage's result
 is an untagged image like any intermediate one; ``COPY --from=STAGE|INDEX|IMAGE`` takes
 files from it (or from an image, the node's or pulled, as FROM) — its cache key holds that
-image's id, so a changed earlier stage is a miss there and an unchanged one a hit.
+image's id, so a changed earlier stage is a miss there and an unchanged one a hit. BuildKit's
+automatic platform ARGs (``TARGETARCH``...) are this node's: it builds for its own platform.
 
 Every instruction makes an image (untagged, like Docker's intermediate images): FROM the base,
 RUN/COPY/ADD one more layer, the others a new config over the same layers. The image id is the
@@ -65,6 +66,7 @@ from shoal.runtime.buildstages import (
     Stage,
     needed,
     plan_stages,
+    platform_args,
     stage_sources,
     target_stage,
 )
@@ -81,6 +83,7 @@ from shoal.runtime.dockerfile import read_dockerignore as read_dockerignore
 from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
 from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
 from shoal.runtime.records import BUILD_TASK_PREFIX, RunState, TaskConfig
+from shoal.runtime.registry import host_platform
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
 
 _ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
@@ -185,12 +188,14 @@ class Builder:
             raise BuildError(f"cannot read the Dockerfile {opts.dockerfile}: {exc}") from None
         instructions = parse_dockerfile(text)
         used_args: set[str] = set()
-        meta_args: dict[str, str] = {}  # ARGs before the first FROM: FROM lines, ARG NAME
+        # ARGs before the first FROM (FROM lines, a stage's ARG NAME), BuildKit's TARGETARCH...
+        meta_args = platform_args(*host_platform())
         leading = list(itertools.takewhile(lambda i: i.cmd == "ARG", instructions))
         for ins in leading:
             name, value = self._arg(ins, opts.build_args, meta_args, used_args)
             meta_args[name] = value
-        stages = plan_stages(instructions, meta_args)  # (every stage error before any step)
+        stages = plan_stages(instructions, meta_args,  # (every stage error before any step)
+                             "/".join(p for p in host_platform() if p))
         target = target_stage(stages, opts.target)
         wanted = needed(stages, target)
         if opts.labels:  # (quoted, `$` escaped: a value is taken as given, not expanded)

@@ -57,13 +57,33 @@ class Stage:
         return out | ({self.base_stage} if self.base_stage is not None else set())
 
 
-def parse_from(ins: Instruction, meta: Mapping[str, str]) -> tuple[str, str]:
-    """``FROM IMAGE [AS NAME]`` → (IMAGE with the global ARGs expanded, NAME lower case or
-    "")."""
+def platform_args(os_: str, arch: str, variant: str) -> dict[str, str]:
+    """BuildKit's automatic platform ARGs (``TARGETARCH``...: global, so FROM lines see them;
+    a stage after ``ARG NAME``): a node builds for its own platform, so BUILD* = TARGET*."""
+    plat = "/".join(p for p in (os_, arch, variant) if p)
+    out: dict[str, str] = {}
+    for pre in ("BUILD", "TARGET"):
+        out.update({f"{pre}PLATFORM": plat, f"{pre}OS": os_, f"{pre}ARCH": arch,
+                    f"{pre}VARIANT": variant})
+    return out
+
+
+def parse_from(ins: Instruction, meta: Mapping[str, str], platform: str = ""
+               ) -> tuple[str, str]:
+    """``FROM [--platform=P] IMAGE [AS NAME]`` → (IMAGE with the global ARGs expanded, NAME
+    lower case or ""). ``--platform`` must be this node's ``platform`` (os/arch[/variant]:
+    what it builds; ``$BUILDPLATFORM``, ``$TARGETPLATFORM`` are), else BuildError."""
     words = expand(ins.args, meta).split()
-    if not words or words[0].startswith("--"):
-        raise BuildError("FROM needs an image (flags like --platform are not supported)",
-                         ins.line)
+    while words and words[0].startswith("--"):
+        flag = words.pop(0)
+        key, sep, value = flag[2:].partition("=")
+        if key != "platform" or not sep:
+            raise BuildError(f"FROM: unsupported flag {flag} (only --platform=)", ins.line)
+        if not platform or value not in (platform, "/".join(platform.split("/")[:2])):
+            raise BuildError(f"FROM {flag}: this node builds {platform or 'its own'} images "
+                             "only", ins.line)
+    if not words:
+        raise BuildError("FROM needs an image", ins.line)
     if len(words) == 1:
         return words[0], ""
     if len(words) != 3 or words[1].upper() != "AS":
@@ -95,9 +115,11 @@ def copy_flags(ins: Instruction, args: str | None = None) -> tuple[dict[str, str
     return out, text
 
 
-def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str]) -> list[Stage]:
+def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str],
+                platform: str = "") -> list[Stage]:
     """The stages of a parsed Dockerfile (what follows each FROM; the ARGs before the first
-    are the caller's, ``meta`` their values), with every stage reference resolved. A FROM
+    are the caller's, ``meta`` their values; ``platform`` this node's, which FROM's
+    --platform must name), with every stage reference resolved. A FROM
     naming an earlier stage builds on it (one naming itself, ``FROM node AS node``, is the
     image, as Docker's); ``COPY --from`` takes an earlier stage by name or index, else an
     image reference. BuildError naming the line: a duplicate stage name, a reference to the
@@ -106,7 +128,7 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str]) ->
     by_name: dict[str, Stage] = {}
     for ins in instructions:
         if ins.cmd == "FROM":
-            ref, name = parse_from(ins, meta)
+            ref, name = parse_from(ins, meta, platform)
             if name in by_name:
                 raise BuildError(f"FROM: duplicate stage name {name!r} (first at line "
                                  f"{by_name[name].from_ins.line})", ins.line)

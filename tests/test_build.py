@@ -16,6 +16,7 @@ from test_runtime_support import needs_root, run_to_end, task
 
 from shoal.runtime.build import Builder, BuildError, BuildOptions
 from shoal.runtime.process import ProcessController
+from shoal.runtime.registry import host_platform
 
 pytest_plugins = ("test_runtime_support",)  # its fixtures
 pytestmark = [
@@ -173,9 +174,10 @@ async def test_labels_of_the_build_are_the_results_last_step(ctl: ProcessControl
 MULTISTAGE = """\
 ARG BASE=base:1
 ARG GREETING=hello
-FROM $BASE AS Builder
+FROM --platform=$BUILDPLATFORM $BASE AS Builder
 ARG GREETING
-RUN mkdir -p /out/dir && echo "$GREETING built, base=$BASE" > /out/app.txt && \\
+ARG TARGETARCH
+RUN mkdir -p /out/dir && echo "$GREETING built, base=$BASE $TARGETARCH" > /out/app.txt && \\
     echo a > /out/dir/a && echo b > /out/dir/b && ln -s app.txt /out/link && \\
     chown 1000:1000 /out/app.txt
 RUN rm /out/dir/a
@@ -212,16 +214,17 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
     builder = Builder(ctl, ctl.images, tmp_path / "build")
     lines: list[str] = []
     first = await builder.build(ctx, BuildOptions(tags=("ms:1",)), lines.append)
-    assert "Skipping stage test (line 10): stage 2 does not use it" in lines, lines
+    assert "Skipping stage test (line 11): stage 2 does not use it" in lines, lines
     assert not any("exit 7" in line for line in lines)
-    assert (first.steps, first.cached, first.layers_created) == (11, 0, 7)
-    assert "Step 11/13 : COPY --from=BUILDER /out/link /out/app.txt /app/" in lines
+    assert (first.steps, first.cached, first.layers_created) == (12, 0, 7)
+    assert "Step 12/14 : COPY --from=BUILDER /out/link /out/app.txt /app/" in lines
     base = ctl.images.inspect("slim:1")
     assert first.image.layers[:1] == base.layers and len(first.image.layers) == 5
 
     cmd, env, _workdir, _user = first.image.config.apply()
     st, out, err = await run_to_end(ctl, task("ms1", *cmd, env=env, image="ms:1"))
-    assert (st.exit_code, out) == (0, "hello built, base=\nsource v1\nb\n"), err
+    arch = host_platform()[1]  # (BuildKit's TARGETARCH: seen where declared)
+    assert (st.exit_code, out) == (0, f"hello built, base= {arch}\nsource v1\nb\n"), err
     await ctl.remove("ms1")
     top = ctl.images.layer_dirs(first.image)  # (top first: src.txt, app/, dir, busybox)
     owners = {p: ((top[i] / p).stat().st_uid, (top[i] / p).stat().st_gid) for i, p in (
@@ -229,7 +232,7 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
     assert owners == {"app/src.txt": (1001, 1001), "app/app.txt": (1000, 1000),
                       "app/link": (1000, 1000), "dir/b": (0, 0)}  # (kept; --chown)
     assert not (top[2] / "dir" / "a").exists()  # (a RUN removed it in stage 1)
-    assert (top[1] / "app" / "link").read_text() == "hello built, base=\n"  # (followed)
+    assert (top[1] / "app" / "link").read_text() == f"hello built, base= {arch}\n"
 
     # unchanged: from the cache, nothing made, the same image
     again = await builder.build(ctx, BuildOptions(), lines.append)
@@ -246,10 +249,10 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
     lines.clear()
     built = await builder.build(ctx, BuildOptions(target="BUILDER", tags=("ms:builder",)),
                                 lines.append)
-    assert built.steps == 5 and built.cached == 3 and built.layers_created == 0
+    assert built.steps == 6 and built.cached == 3 and built.layers_created == 0
     assert ctl.images.inspect("ms:builder").layers[:1] == ctl.images.inspect("base:1").layers
     assert not any("slim" in line or "test" in line for line in lines), lines
-    with pytest.raises(BuildError, match=r"^line 11: RUN exit 7 returned a non-zero code: 7"):
+    with pytest.raises(BuildError, match=r"^line 12: RUN exit 7 returned a non-zero code: 7"):
         await builder.build(ctx, BuildOptions(target="test"), lines.append)
     with pytest.raises(BuildError, match=r"^target stage 'prod' is not in the Dockerfile "
                        r"\(its stages: builder, test\)"):

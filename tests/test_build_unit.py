@@ -6,6 +6,7 @@ naming their line) and the merged view of an image's layers that COPY --from rea
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -237,6 +238,23 @@ def test_stage_errors_name_the_line(text: str, line: int, words: str) -> None:
         plan_stages(parse_dockerfile(text), {})
     assert err.value.line == line
     assert str(err.value).startswith(f"line {line}: {words}"), str(err.value)
+
+
+def test_from_platform_is_the_nodes_own_and_its_args_are_buildkits() -> None:
+    from shoal.runtime.buildstages import parse_from, platform_args
+
+    meta = platform_args("linux", "arm", "v7")
+    assert (meta["TARGETPLATFORM"], meta["BUILDARCH"], meta["TARGETVARIANT"]) == (
+        "linux/arm/v7", "arm", "v7")
+    for flag in ("$BUILDPLATFORM", "${TARGETPLATFORM}", "linux/arm"):
+        assert parse_from(Instruction(1, "FROM", f"--platform={flag} a:1 AS b"), meta,
+                          "linux/arm/v7") == ("a:1", "b")
+    for args, words in (("--platform=linux/amd64 a", "FROM --platform=linux/amd64: this "
+                         "node builds linux/arm/v7 images only"),
+                        ("--pull a", "FROM: unsupported flag --pull (only --platform=)"),
+                        ("--platform=linux/arm", "FROM needs an image")):
+        with pytest.raises(BuildError, match=f"^line 4: {re.escape(words)}"):
+            parse_from(Instruction(4, "FROM", args), meta, "linux/arm/v7")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are device nodes: needs root")
