@@ -7,8 +7,9 @@ function-local import and a one-line comment saying why:
   listens on every node, but an agent whose tasks never ask for a name never parses one;
 * the web dashboard (node/api.py, only when ``--dashboard-addr`` serves it), ``image save``
   (node/imageapi.py → runtime/imagesave.py), ``image push`` (node/registries.py →
-  runtime/regpush.py) and ``image build`` (runtime/build.py and runtime/dockerfile.py; the
-  worker needs only ``BUILD_TASK_PREFIX``, in runtime/records.py) — ~0.4 MiB together.
+  runtime/regpush.py) and ``image build`` (runtime/build.py, runtime/buildstages.py — the
+  prefix covers it — and runtime/dockerfile.py; the worker needs only ``BUILD_TASK_PREFIX``,
+  in runtime/records.py) — ~0.4 MiB together.
 
 The first test fails when someone imports one of them at module level again (directly or
 through a module that does); it runs in a fresh interpreter, since this test process may
