@@ -430,8 +430,8 @@ class Builder:
                 raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
         flags = [a for a in argv if a.startswith("--")]
         argv = [a for a in argv if not a.startswith("--")]
-        for flag in flags:
-            if not flag.startswith("--chown="):
+        for flag in flags:  # (--link: BuildKit's cache hint; the files are the same)
+            if not flag.startswith(("--chown=", "--link=")) and flag != "--link":
                 raise BuildError(f"{ins.cmd}: unsupported flag {flag}", ins.line)
         if len(argv) < 2:
             raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)

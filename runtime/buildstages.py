@@ -96,8 +96,9 @@ def parse_from(ins: Instruction, meta: Mapping[str, str], platform: str = ""
 
 
 def copy_flags(ins: Instruction, args: str | None = None) -> tuple[dict[str, str], str]:
-    """The ``--name=value`` flags before a COPY/ADD's sources (``--chown``, ``--from``) and
-    the rest (``args``: the instruction's as expanded, else as written)."""
+    """The ``--name=value`` flags before a COPY/ADD's sources (``--chown``, ``--from``;
+    ``--link`` alone) and the rest (``args``: the instruction's as expanded, else as
+    written)."""
     out: dict[str, str] = {}
     text = (ins.args if args is None else args).strip()
     while text.startswith("--"):
@@ -108,7 +109,11 @@ def copy_flags(ins: Instruction, args: str | None = None) -> tuple[dict[str, str
         except ValueError:
             raise BuildError(f"{ins.cmd}: bad flag {word}", ins.line) from None
         key, sep, value = word[2:].partition("=")
-        if not sep or not value:
+        if key == "link" and not sep:
+            value = "true"  # (BuildKit's --link: the same files, layered alike here)
+        elif not sep:
+            raise BuildError(f"{ins.cmd}: unsupported flag {word}", ins.line)
+        elif not value:
             raise BuildError(f"{ins.cmd}: flag --{key} needs a value (--{key}=VALUE)",
                              ins.line)
         out[key] = value

@@ -181,13 +181,13 @@ RUN mkdir -p /out/dir && echo "$GREETING built, base=$BASE $TARGETARCH" > /out/a
     echo a > /out/dir/a && echo b > /out/dir/b && ln -s app.txt /out/link && \\
     chown 1000:1000 /out/app.txt
 RUN rm /out/dir/a
-COPY src.txt /out/
+COPY --link src.txt /out/
 FROM builder AS test
 RUN exit 7
 FROM slim:1
 COPY --from=base:1 /bin/busybox /bin/
 COPY --from=0 /out/dir /dir
-COPY --from=BUILDER /out/link /out/app.txt /app/
+COPY --link --from=BUILDER /out/link /out/app.txt /app/
 COPY --chown=web --from=builder /out/src.txt /app/
 CMD ["/bin/busybox", "sh", "-c", "cat /app/link /app/src.txt; ls /dir"]
 """
@@ -217,7 +217,7 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
     assert "Skipping stage test (line 11): stage 2 does not use it" in lines, lines
     assert not any("exit 7" in line for line in lines)
     assert (first.steps, first.cached, first.layers_created) == (12, 0, 7)
-    assert "Step 12/14 : COPY --from=BUILDER /out/link /out/app.txt /app/" in lines
+    assert "Step 12/14 : COPY --link --from=BUILDER /out/link /out/app.txt /app/" in lines
     base = ctl.images.inspect("slim:1")
     assert first.image.layers[:1] == base.layers and len(first.image.layers) == 5
 

@@ -229,7 +229,8 @@ def test_stages_are_split_named_and_their_references_resolved() -> None:
     ("FROM a AS 1st\n", 1, "FROM: '1st' is not a stage name"),
     ("FROM a AS\n", 1, "FROM a AS: expected FROM IMAGE [AS NAME]"),
     ("FROM a b\n", 1, "FROM a b: expected FROM IMAGE [AS NAME]"),
-    ("FROM a\nCOPY --from /a /b\n", 2, "COPY: flag --from needs a value"),
+    ("FROM a\nCOPY --from /a /b\n", 2, "COPY: unsupported flag --from"),
+    ("FROM a\nCOPY --from= /a /b\n", 2, "COPY: flag --from needs a value"),
 ])
 def test_stage_errors_name_the_line(text: str, line: int, words: str) -> None:
     from shoal.runtime.buildstages import plan_stages
