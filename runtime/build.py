@@ -214,6 +214,15 @@ class Builder:
             n += 1
             emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
         done: dict[int, _State] = {}  # the stages built so far: their last state
+        # COPY --from's images by stage index or reference: their ids ("": scratch); an
+        # image's had before any step (as BuildKit), so a missing one fails the build early
+        froms: dict[int | str, str] = {}
+        for stage in stages:
+            for ins, ref in stage.copy_from.items():
+                if stage.index in wanted and isinstance(ref, str) and ref not in froms:
+                    info = await self._image(ref, ins, f"COPY --from={ref} (no stage has "
+                                             "that name)", emit)
+                    froms[ref] = info.id if info is not None else ""
         for stage in stages[:target + 1]:
             if stage.index not in wanted:  # (BuildKit's: what the target does not use)
                 emit(f"Skipping stage {stage.label} (line {stage.from_ins.line}): "
@@ -226,9 +235,10 @@ class Builder:
             for ins in stage.instructions:
                 n += 1
                 emit(f"Step {n}/{total} : {ins.cmd} {ins.args}")
-                await self._step(ctx, files, ins, stage, st, done, opts,
+                await self._step(ctx, files, ins, stage, st, froms, opts,
                                  (meta_args, used_args), result, emit)
             done[stage.index] = st
+            froms[stage.index] = st.image
         st = done[target]
         unused = set(opts.build_args) - used_args
         if unused:
@@ -261,11 +271,12 @@ class Builder:
         return st
 
     async def _step(self, ctx: Path, files: Sequence[str], ins: Instruction, stage: Stage,
-                    st: _State, done: Mapping[int, _State], opts: BuildOptions,
+                    st: _State, froms: Mapping[int | str, str], opts: BuildOptions,
                     args: tuple[Mapping[str, str], set[str]], result: BuildResult,
                     emit: Emit) -> None:
-        """One instruction after a FROM, on ``st``: from the cache, or run; ``args``: the
-        global ARGs' values and the build args consumed so far."""
+        """One instruction after a FROM, on ``st``: from the cache, or run; ``froms``: COPY
+        --from's image ids; ``args``: the global ARGs' values and the build args consumed so
+        far."""
         import asyncio
 
         result.steps += 1
@@ -282,8 +293,8 @@ class Builder:
         digest = ""
         source: ImageInfo | None = None  # COPY --from's image
         if ins in stage.copy_from:  # (its image id stands for its files)
-            source = await self._copy_source(stage.copy_from[ins], done, ins, emit)
-            digest = source.id if source is not None else "scratch"
+            digest = froms[stage.copy_from[ins]] or "scratch"
+            source = self.store.inspect(digest) if digest != "scratch" else None
         elif ins.cmd in ("COPY", "ADD"):
             sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
                                                       expanded)
@@ -318,15 +329,6 @@ class Builder:
         self._cache_put(key, info.id)
         st.image = info.id
         emit(f" ---> {info.id[7:19]}")
-
-    async def _copy_source(self, ref: int | str, done: Mapping[int, _State],
-                           ins: Instruction, emit: Emit) -> ImageInfo | None:
-        """COPY --from's image: a built stage's result, else the image (None: scratch)."""
-        if isinstance(ref, int):
-            image = done[ref].image
-            return self.store.inspect(image) if image else None
-        return await self._image(ref, ins, f"COPY --from={ref} (no stage has that name)",
-                                 emit)
 
     @staticmethod
     def _norm(tag: str) -> str:

@@ -257,9 +257,10 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
     with pytest.raises(BuildError, match=r"^target stage 'prod' is not in the Dockerfile "
                        r"\(its stages: builder, test\)"):
         await builder.build(ctx, BuildOptions(target="prod"), lines.append)
-    # COPY --from an image the node lacks (no stage has that name): its line
-    (ctx / "Dockerfile").write_text("FROM base:1\nCOPY --from=gone:1 /x /x\n")
-    with pytest.raises(BuildError, match=r"^line 2: COPY --from=gone:1 \(no stage has that "
+    # COPY --from an image the node lacks (no stage has that name): its line, before any step
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN echo ran\nCOPY --from=gone:1 /x /x\n")
+    lines.clear()
+    with pytest.raises(BuildError, match=r"^line 3: COPY --from=gone:1 \(no stage has that "
                        r"name\): no such image on this node"):
         await builder.build(ctx, BuildOptions(), lines.append)
-    assert ctl.tasks() == {}
+    assert "ran" not in lines and ctl.tasks() == {}
