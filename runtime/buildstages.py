@@ -321,7 +321,7 @@ class LayeredFS:
                     nxt.append(posixpath.join(base, part))
                     continue
                 found = self.lookup(base)
-                if found is None or not _isdir(found[1][0]):
+                if found is None or not found[1] or not _isdir(found[1][0]):
                     continue
                 nxt += [posixpath.join(base, name) for name in self.listdir(found[1])
                         if fnmatch.fnmatchcase(name, part)]

@@ -304,5 +304,6 @@ def test_copy_from_reads_an_images_layers_as_overlayfs_merges_them(tmp_path: Pat
     assert copy('--from=build ["/app/b", "/j"]') == {"/j": "top/app/b"}
     assert stage_sources([], Instruction(7, "COPY", "--from=s / /d"), "--from=s / /d",
                          "s") == []  # (an empty stage: FROM scratch alone)
+    assert LayeredFS([]).glob("/*") == [] and LayeredFS([]).lookup("/x") is None
     with pytest.raises(BuildError, match="line 7: COPY --from=build: /app/a not found there"):
         copy("--from=build /app/a /x")
