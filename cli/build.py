@@ -20,6 +20,7 @@ from shoal.cli.errors import CliError
 
 # (tarfile, tempfile and shoal.runtime.build are imported when a build runs: every `shoal`
 # command pays for what this module imports at the top)
+NETWORKS = ("default", "none", "host")  # RUN's network modes (shoal.runtime.buildnet's)
 
 
 def add_parser(isub: Any) -> None:
@@ -33,6 +34,9 @@ def add_parser(isub: Any) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V",
                    help="a label of the image (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use the layer cache")
+    p.add_argument("--network", choices=NETWORKS, default="default",
+                   help="RUN's network: default (the node's task network: an address of its "
+                   "own, outbound NAT, the node's DNS), none (only lo), host (the node's)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="json: only the final record (image id, cache hits, new layers)")
@@ -75,7 +79,7 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
     show = None if args.quiet or fmt == "json" else _print
     final = build_image(c, args.context, args.file, tags=args.tag,
                         build_args=args.build_arg, labels=args.label,
-                        no_cache=args.no_cache, show=show)
+                        no_cache=args.no_cache, network=args.network, show=show)
     if fmt == "json":
         print(json.dumps(final))
     elif args.quiet:
@@ -92,11 +96,12 @@ def summary(final: dict[str, Any]) -> str:
 
 def build_image(c: Client, context: str, dockerfile: str = "", *,
                 tags: Sequence[str] = (), build_args: Sequence[str] = (),
-                labels: Sequence[str] = (), no_cache: bool = False,
+                labels: Sequence[str] = (), no_cache: bool = False, network: str = "",
                 show: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Build ``context`` on the agent ``c`` talks to: the final record (``image`` id,
     ``tags``, ``steps``, ``cached``, ``layers_created``...); ``show`` gets each output line
-    as it comes. ``build_args``/``labels``: ``K=V``. CliError ("build failed: ...") when
+    as it comes. ``build_args``/``labels``: ``K=V``; ``network``: RUN's network mode ("": the
+    agent's default, ``default``). CliError ("build failed: ...") when
     the builder fails. (Also `shoal stack deploy`'s, shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
@@ -106,6 +111,8 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
     query += [("label", a) for a in labels]
     if no_cache:
         query.append(("nocache", "1"))
+    if network:
+        query.append(("network", network))
     try:
         final: dict[str, Any] = {}
         for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), tarpath):

@@ -308,7 +308,10 @@ ROUTES: tuple[Route, ...] = (
                  Param("dockerfile", STR, "the Dockerfile's path in the context"),
                  Param("buildarg", STR, "K=V for an ARG (repeatable)"),
                  Param("label", STR, "K=V, a label of the result (repeatable)"),
-                 Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache")),
+                 Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache"),
+                 Param("network", {"enum": ["default", "none", "host"]}, "RUN's network: "
+                       "`default` (the node's task network, outbound NAT, the node's DNS), "
+                       "`none` (only lo), `host` (the node's)")),
           reply=_obj("a build record", stream=STR, image=STR, error=STR, cached=INT),
           errors=(400,),
           description="body: `application/x-tar`; JSON lines `{stream}` while it runs, then "
