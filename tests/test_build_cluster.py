@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,18 @@ from test_runtime_images import busybox_rootfs
 from netlab import Lab, wait_until
 
 pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """h1 manager, h2 and h3 workers; h4 runs no agent (a machine outside the cluster)."""
+    lab = Lab(4)
+    try:
+        lab.form_cluster(managers=1, workers=2)
+        yield lab
+    finally:
+        left = lab.close()
+        assert not left, f"lab teardown left things behind: {left}"
 
 DOCKERFILE = """\
 FROM busybox:1
@@ -31,9 +43,7 @@ CMD ["/bin/sh", "-c", "echo $GREETING $(hostname): $(cat /app/built.txt /app/hel
 
 
 def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
-        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
-    lab = lab_factory(3)
-    lab.form_cluster(managers=1, workers=2)
+        lab: Lab, tmp_path: Path) -> None:
     h1 = lab.hosts[0]
     h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
     ctx = tmp_path / "ctx"
@@ -80,7 +90,7 @@ def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
         return ts if len(ts) == 3 else None
     ts = wait_until(three, timeout=90, interval=0.3, what="3 running web tasks")
     assert len({t["node"] for t in ts}) == 3
-    for h in lab.hosts[1:]:  # fetched from h1: the same image id
+    for h in lab.hosts[1:3]:  # fetched from h1: the same image id
         ids = {tag: img["id"] for img in h.cli_json("image", "ls") for tag in img["tags"]}
         assert ids.get("web:1") == again["image"], (h.name, ids)
     logs = wait_until(lambda: ((o := h1.cli("service", "logs", "web").stdout)
@@ -98,24 +108,21 @@ RUN busybox wget -q -O /fetched.txt http://{server}/payload.txt \\
 """
 
 
-def test_run_steps_get_a_network_as_dockers_builder_gives(
-        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
+def test_run_steps_get_a_network_as_dockers_builder_gives(lab: Lab, tmp_path: Path) -> None:
     """`image build --network`: by default a RUN is on the node's task network — an address
-    of its own, outbound NAT (h2, the HTTP server, has no route back to h1's task subnet:
+    of its own, outbound NAT (h4, the HTTP server, has no route back to h1's task subnet:
     its answer comes back only if the request was masqueraded), the node's DNS server in its
     resolv.conf (it resolves a service name) — and everything is released after it, also
     when the RUN fails or the build is cancelled; `none` has only lo (the fetch fails);
     `host` is h1's own namespace."""
-    lab = lab_factory(2)
-    lab.form_cluster(managers=1)  # (h2 runs no agent: a machine outside the cluster)
-    h1, h2 = lab.hosts
+    h1, h4 = lab.hosts[0], lab.hosts[3]  # (h4 runs no agent)
     served = tmp_path / "served"
     served.mkdir()
     (served / "payload.txt").write_text("fetched over the network\n")
-    h2.spawn("python3", "-m", "http.server", "8099", "--bind", h2.ip, cwd=served,
+    h4.spawn("python3", "-m", "http.server", "8099", "--bind", h4.ip, cwd=served,
              log_name="http")
-    wait_until(lambda: "Serving HTTP" in (h2.data_dir / "http.log").read_text(),
-               what="the HTTP server on h2")
+    wait_until(lambda: "Serving HTTP" in (h4.data_dir / "http.log").read_text(),
+               what="the HTTP server on h4")
     h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
     # a service name the node's DNS answers (with its VIP, no task needed)
     h1.cli("service", "create", "--name", "names", "--replicas", "0", "-p", "8080:80",
@@ -124,7 +131,7 @@ def test_run_steps_get_a_network_as_dockers_builder_gives(
                      what="the service's VIP")
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text(NET_DOCKERFILE.format(server=f"{h2.ip}:8099"))
+    (ctx / "Dockerfile").write_text(NET_DOCKERFILE.format(server=f"{h4.ip}:8099"))
     bridge = h1.run("ip", "-o", "-4", "addr", "show", "shoal0").stdout.split()[3]
     gateway, subnet = bridge.split("/")[0], ipaddress.ip_interface(bridge).network
 
