@@ -563,8 +563,8 @@ class Builder:
                 files = self.network.files()
             except Exception as exc:  # no task network on this node
                 if net is not None:
-                    raise BuildError(f"RUN: no network for it: {exc} (--network none or "
-                                     "host builds without the task network)", ins.line) from None
+                    raise BuildError(f"RUN: {exc}: build with --network none or host",
+                                     ins.line) from None
         _ACTIVE.add(task_id)
         cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
                          env={**st.args, **st.config.env}, workdir=st.config.workdir,

@@ -182,8 +182,9 @@ async def test_a_node_without_a_task_network_says_so_and_builds_with_none_or_hos
     ctx.mkdir()
     (ctx / "Dockerfile").write_text("FROM base:1\nRUN /bin/busybox ip -o link > /links\n")
     builder = Builder(ctl, ctl.images, tmp_path / "build", network=MeshRunNetwork(lambda: None))
-    with pytest.raises(BuildError, match=r"line 2: RUN: no network for it: this node has no "
-                                         r"task network .* \(--network none or host"):
+    with pytest.raises(BuildError, match=r"line 2: RUN: this node has no task network \(it "
+                                         r"is in no swarm.*\): build with --network none or "
+                                         r"host$"):
         await builder.build(ctx, BuildOptions(), print)
     assert ctl.tasks() == {}
     res = await builder.build(ctx, BuildOptions(network="none"), print)
