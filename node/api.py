@@ -460,6 +460,10 @@ class ApiServer:
         async def node_tasks(req: web.Request) -> Any:
             return await svcs.node_tasks(req.match_info["ref"])
 
+        async def stats(req: web.Request) -> Any:
+            return await svcs.stats(req.query.getall("service", []),
+                                    req.query.getall("node", []))
+
         async def service_scale(req: web.Request) -> Any:
             body = await _body(req)
             if "replicas" not in body:
@@ -512,7 +516,7 @@ class ApiServer:
             "swarm_leave": leave,
             "node_ls": nodes, "node_inspect": node, "node_rm": node_rm,
             "node_update": node_update, "node_promote": node_promote,
-            "node_demote": node_demote, "node_ps": node_tasks,
+            "node_demote": node_demote, "node_ps": node_tasks, "stats": stats,
             "service_ls": services, "service_create": service_create,
             "service_inspect": service, "service_ps": service_tasks,
             "service_scale": service_scale, "service_update": service_update,

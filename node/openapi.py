@@ -231,6 +231,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/nodes/{ref}/tasks", "node_ps", "the tasks on a node with live "
           "resource use (`node ps`)", "nodes", reply=_list(_ref("Task")), errors=CLUSTER,
           description="`self` names the answering node"),
+    Route("GET", "/v1/stats", "stats", "running tasks with live resource use and the "
+          "limits it is a share of (`shoal stats`)", "services", reply=_list(_ref("TaskStats")),
+          errors=CLUSTER, query=(
+              Param("service", {"type": "array", "items": {"type": "string"}},
+                    "only this service's tasks (name, id or prefix; repeatable)"),
+              Param("node", {"type": "array", "items": {"type": "string"}},
+                    "only the tasks on this node (hostname, id or prefix, `self`; "
+                    "repeatable)"))),
     Route("GET", "/v1/services", "service_ls", "list services (`service ls`)", "services",
           reply=_list(_ref("Service")), errors=CLUSTER, query=READ),
     Route("POST", "/v1/services", "service_create", "create a service", "services",

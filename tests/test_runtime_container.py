@@ -69,6 +69,12 @@ async def test_pid1_is_tini_host_processes_are_invisible_and_hostname_is_the_tas
     pids = sorted(int(p) for p in lines[3:])
     assert len(pids) == 3 and pids[:2] == [1, 2] and pids[2] < 10  # init, sh, ps: no host pid
     assert os.getpid() != 1
+    # a name with a domain is the kernel's host name whole; /etc/hosts names the bare one
+    # beside it on the task's address (Docker's)
+    st, out, _ = await run_to_end(ctl, task("fqdn", "sh", "-c", "hostname; grep mail /etc/hosts",
+                                            hostname="mail.example.com"))
+    assert st.exit_code == 0 and out.split() == ["mail.example.com", "127.0.1.1",
+                                                 "mail.example.com", "mail"], out
 
 
 async def test_a_host_network_task_shares_the_hosts_network_namespace_and_others_do_not(
