@@ -5,8 +5,9 @@ Owns: the command's arguments, the CPU share computed from two samples of the ta
 (``rows``: pure), and the refresh loop. Must not touch: the agent (only its API, /v1/stats),
 other commands.
 
-CPU % is of one core (200 % = two busy cores), as Docker's; MEM USAGE is the task's cgroup
-charge (page cache included) over its memory limit, else its node's memory, as Docker shows
+CPU % is of one core (200 % = two busy cores), as Docker's; MEM USAGE is the task's working
+set (its cgroup's charge less the inactive file cache, Docker's and Kubernetes' rule) over its
+memory limit, else its node's memory, as Docker shows
 the host's for a container without a limit. A task seen in one sample only (it started or
 ended between them) shows no CPU % yet.
 """
