@@ -20,6 +20,7 @@ from shoal.cli.errors import CliError
 
 # (tarfile, tempfile and shoal.runtime.build are imported when a build runs: every `shoal`
 # command pays for what this module imports at the top)
+NETWORKS = ("default", "none", "host")  # RUN's network modes (shoal.runtime.buildnet's)
 
 
 def add_parser(isub: Any) -> None:
@@ -33,6 +34,9 @@ def add_parser(isub: Any) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V",
                    help="a label of the image (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use the layer cache")
+    p.add_argument("--network", choices=NETWORKS, default="default",
+                   help="RUN's network: default (the node's task network: an address of its "
+                   "own, outbound NAT, the node's DNS), none (only lo), host (the node's)")
     p.add_argument("--target", default="", metavar="STAGE",
                    help="build up to this stage of a multi-stage Dockerfile (default: the last)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
@@ -77,7 +81,8 @@ def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
     show = None if args.quiet or fmt == "json" else _print
     final = build_image(c, args.context, args.file, tags=args.tag,
                         build_args=args.build_arg, labels=args.label,
-                        no_cache=args.no_cache, target=args.target, show=show)
+                        no_cache=args.no_cache, network=args.network, target=args.target,
+                        show=show)
     if fmt == "json":
         print(json.dumps(final))
     elif args.quiet:
@@ -94,13 +99,14 @@ def summary(final: dict[str, Any]) -> str:
 
 def build_image(c: Client, context: str, dockerfile: str = "", *,
                 tags: Sequence[str] = (), build_args: Sequence[str] = (),
-                labels: Sequence[str] = (), no_cache: bool = False, target: str = "",
-                show: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                labels: Sequence[str] = (), no_cache: bool = False, network: str = "",
+                target: str = "", show: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Build ``context`` on the agent ``c`` talks to: the final record (``image`` id,
     ``tags``, ``steps``, ``cached``, ``layers_created``...); ``show`` gets each output line
-    as it comes. ``build_args``/``labels``: ``K=V``; ``target``: the stage to build ("" the
-    last). CliError ("build failed: ...") when the builder fails. (Also `shoal stack
-    deploy`'s, shoal.cli.compose_build.)"""
+    as it comes. ``build_args``/``labels``: ``K=V``; ``network``: RUN's network mode ("": the
+    agent's default, ``default``); ``target``: the stage to build ("" the last). CliError
+    ("build failed: ...") when the builder fails. (Also `shoal stack deploy`'s,
+    shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
     tarpath, rel_df = pack_context(context, dockerfile)
@@ -109,6 +115,8 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
     query += [("label", a) for a in labels]
     if no_cache:
         query.append(("nocache", "1"))
+    if network:
+        query.append(("network", network))
     if target:
         query.append(("target", target))
     try:

@@ -183,17 +183,6 @@ def _generic_resources(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.resources.reservations.generic_resources", out, path)
 
 
-def _hostname(svc: _Service, v: Any, path: str) -> None:
-    """``hostname:``; one with a domain (docker-mailserver's ``mail.example.com``, which
-    docker stack deploy takes) is refused saying so: the spec holds one DNS label."""
-    name = as_str(v, path)
-    if "." in name and "{{" not in name:
-        raise ComposeError(path, f"{name!r}: a host name with a domain is not supported yet "
-                           "(shoal sets one DNS label: letters, digits and '-', at most 63; "
-                           "docker stack deploy takes it)")
-    svc.set("task.container.hostname", name, path)
-
-
 def _unresolved(svc: _Service, v: Any, path: str) -> None:
     """``extends`` reaching the translation: a document not read by ``load`` (which resolves
     it); refused rather than deployed without the keys it would take."""
@@ -221,7 +210,7 @@ KEYS: dict[str, Rule] = {
     "tmpfs": Rule(_tmpfs),
     "user": _to("task.container.user", as_str),
     "working_dir": _to("task.container.workdir", as_str),
-    "hostname": Rule(_hostname),
+    "hostname": _to("task.container.hostname", as_str),
     "stop_signal": Rule(_stop_signal),
     "stop_grace_period": _to("task.container.stop_grace_period", as_duration),
     "init": Rule(_init),

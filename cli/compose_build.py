@@ -2,8 +2,9 @@
 
 Owns: reading ``services.X.build`` (a context path, or the long form: ``context``,
 ``dockerfile``, ``dockerfile_inline``, ``args``, ``labels``, ``tags``, ``no_cache``,
-``target``; the keys shoal's builder cannot apply are warned about by name, or refused where
-ignoring them would build another image), running the builds through the agent's
+``network``: ``default``, ``none`` or ``host``, as `image build --network`; ``target``;
+the keys shoal's builder cannot apply are warned about by name, or refused where ignoring
+them would build another image), running the builds through the agent's
 ``POST /v1/images/build`` (shoal.cli.build.build_image, as `shoal image build`) and naming
 each result by its content.
 Must not touch: the rest of the translation (shoal.cli.compose), the cluster's services
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.cli.build import NETWORKS
 from shoal.cli.compose_env import _as_map
 from shoal.cli.compose_keys import _Warnings, as_bool, as_labels, as_map, as_str, as_str_list
 from shoal.cli.errors import CliError, ComposeError
@@ -45,8 +47,7 @@ _NOT_APPLIED = {
     "cache_from": "the layer cache is the building node's own",
     "cache_to": "the layer cache is the building node's own",
     "pull": "FROM uses the node's image when it has one, else pulls it",
-    "network": "RUN has no network but lo in shoal's builder",
-    "extra_hosts": "RUN has no network but lo in shoal's builder",
+    "extra_hosts": "RUN's /etc/hosts gets no lines from the build in shoal's builder",
     "shm_size": "RUN gets the runtime's default /dev/shm",
     "ulimits": "RUN gets the runtime's default limits",
     "isolation": "RUN runs in the runtime's namespaces",
@@ -80,6 +81,7 @@ class BuildSpec:
     labels: tuple[str, ...] = ()  # K=V
     tags: tuple[str, ...] = ()  # more names (build.tags)
     no_cache: bool = False
+    network: str = ""  # RUN's network mode ("": the builder's default)
     target: str = ""  # the stage to build (build.target; "": the Dockerfile's last)
     image_given: bool = False  # the service gives image: (which is ``name``)
 
@@ -134,6 +136,13 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
               as_labels(spec.pop("labels", None) or {}, f"{path}.labels").items()]
     tags = as_str_list(spec.pop("tags", None) or [], f"{path}.tags")
     no_cache = as_bool(spec.pop("no_cache", False), f"{path}.no_cache")
+    network = ""
+    if "network" in spec:
+        network = as_str(spec.pop("network"), f"{path}.network")
+        if network not in NETWORKS:
+            raise ComposeError(f"{path}.network", f"{network!r} is not a network shoal's "
+                               "builder can give RUN: default, none or host (no user-defined "
+                               "networks)")
     target = as_str(spec.pop("target", None) or "", f"{path}.target")
     if target and not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", target):
         raise ComposeError(f"{path}.target", f"{target!r} is not a stage name (a letter, "
@@ -149,7 +158,7 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
     return BuildSpec(key=key, path=path, repo=repo, name=name, context=ctx,
                      dockerfile=dockerfile, dockerfile_inline=inline, args=tuple(args),
                      labels=tuple(labels), tags=tuple(tags), no_cache=no_cache,
-                     target=target, image_given=image is not None)
+                     network=network, target=target, image_given=image is not None)
 
 
 def check_paths(b: BuildSpec) -> None:
@@ -200,7 +209,7 @@ def build_all(c: Any, builds: list[BuildSpec], show: Callable[[str], Any],
         try:
             final = build_image(c, str(b.context), dockerfile, tags=(b.name, *b.tags),
                                 build_args=b.args, labels=b.labels, no_cache=b.no_cache,
-                                target=b.target, show=show)
+                                network=b.network, target=b.target, show=show)
         except CliError as exc:
             raise CliError(f"{b.path}: {exc} (nothing deployed)") from None
         finally:

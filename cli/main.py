@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from shoal.cli import build as build_cli
     from shoal.cli import execcli, infotext, keys, mqtt, network, progress, stack, user, volume
     from shoal.cli import registry as registry_cli
+    from shoal.cli import stats as stats_cli
 else:
     build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
     keys, mqtt, network = _OnUse("shoal.cli.keys"), _OnUse("shoal.cli.mqtt"), \
@@ -69,6 +70,7 @@ else:
     progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
     user, volume = _OnUse("shoal.cli.user"), _OnUse("shoal.cli.volume")
     execcli, infotext = _OnUse("shoal.cli.execcli"), _OnUse("shoal.cli.infotext")
+    stats_cli = _OnUse("shoal.cli.stats")
 
 
 __all__ = ["Client", "ago", "build_parser", "emit", "main", "render_template", "table"]
@@ -217,6 +219,8 @@ def run(args: argparse.Namespace) -> None:
         keys.run(c, args)
     elif args.cmd == "user":
         user.run(c, args, fmt)
+    elif args.cmd == "stats":
+        stats_cli.run(c, args)
     elif args.cmd == "exec":  # (the CLI exits with the command's exit status, as docker's)
         sys.exit(execcli.run(c, args))
 
@@ -654,6 +658,7 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
     (("node",), _node_parser),
     (("service",), _service_parser),
     (("exec",), lambda sub: execcli.add_parser(sub)),
+    (("stats",), lambda sub: stats_cli.add_parser(sub)),
     (("events",), _events_parser),
     (("gossip",), _gossip_parser),
     (("ca",), _ca_parser),

@@ -316,6 +316,12 @@ def _label(r: Rec, v: str) -> bool:
     return key in labels and (not sep or labels[key] == value)
 
 
+def unused(r: Rec) -> bool:
+    """A network's or volume's record no service nor live task uses (an implicit one is
+    listed only while something uses it): Docker's ``dangling``, what ``prune`` removes."""
+    return not (r.get("services") or r.get("tasks") or r.get("implicit"))
+
+
 def _name_or_id(r: Rec, v: str) -> bool:
     return str(r.get("id", "")).startswith(v) or r.get("name") == v or r.get("node") == v \
         or r.get("node_id", "").startswith(v)
@@ -340,7 +346,8 @@ FILTERS: dict[str, dict[str, Callable[[Rec, str], bool]]] = {
     "secret": {"id": _prefix("id"), "name": _prefix("name"), "label": _label},
     "user": {"name": _prefix("name"), "role": _exact("role")},
     "volume": {"name": _prefix("name"), "driver": _exact("driver"), "label": _label,
-               "scope": _exact("scope")},
+               "scope": _exact("scope"),
+               "dangling": lambda r, v: unused(r) == (v.lower() in ("true", "1"))},
     "network": {"id": _prefix("id"), "name": _prefix("name"), "label": _label,
                 "driver": _exact("driver"), "scope": lambda n, v: v == "swarm",
                 "type": lambda n, v: v == "custom"},
@@ -385,6 +392,7 @@ FILTER_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("node", "status"): ("ready", "down", "unknown"),
     ("service", "mode"): ("replicated", "global", "replicated-job", "global-job"),
     ("user", "role"): ("viewer", "operator", "admin"),
+    ("volume", "dangling"): ("true", "false", "1", "0"),
 }
 
 

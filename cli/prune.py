@@ -9,30 +9,35 @@ started to use the object meanwhile, is reported and skipped), other commands.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from shoal.cli.errors import CliError
+from shoal.cli.output import unused
 
 
 def confirmed(what: str, force: bool) -> bool:
     """docker's question (on stderr), answered on stdin; ``force`` skips it."""
     if force:
         return True
-    print(f"WARNING! This will remove all {what} not used by at least one service or task.\n"
+    print(f"WARNING! This will remove {what} not used by at least one service or task.\n"
           "Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()
     return answer in ("y", "yes")
 
 
-def prune(c: Any, path: str, title: str, force: bool) -> list[str]:
-    """Remove every object of ``path`` (/v1/networks, /v1/volumes) with no user; print
+def prune(c: Any, path: str, title: str, force: bool,
+          chosen: Callable[[dict[str, Any]], bool] = lambda obj: True,
+          what: str = "") -> list[str]:
+    """Remove every object of ``path`` (/v1/networks, /v1/volumes) with no user that
+    ``chosen`` keeps (``what`` names them in the question: all TITLE by default); print
     docker's ``Deleted TITLE:`` list; the names removed."""
-    if not confirmed(title.lower(), force):
+    if not confirmed(what or f"all {title.lower()}", force):
         return []
     removed: list[str] = []
     for obj in c.call("GET", path):
-        if obj.get("services") or obj.get("tasks") or obj.get("implicit"):
+        if not unused(obj) or not chosen(obj):
             continue
         try:
             c.call("DELETE", f"{path}/{quote(obj['name'], safe='')}")

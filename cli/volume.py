@@ -39,12 +39,15 @@ def add_parser(sub: Any) -> None:
                     help="json (default) or a template, e.g. '{{.Name}}'")
     vr = vsub.add_parser("rm", help="remove volumes (not while a service or task uses them)")
     vr.add_argument("names", nargs="+")
-    vp = vsub.add_parser("prune", help="remove the created volumes no service or task uses "
-                         "(their records: a node's data directories stay), and this node's "
-                         "anonymous volumes no task uses")
+    vp = vsub.add_parser("prune", help="remove the anonymous volumes no task uses (this "
+                         "node's); with -a the created ones no service or task uses too "
+                         "(their records: a node's data directories stay) — Docker 23's")
     vp.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
     vp.add_argument("-a", "--all", action="store_true",
-                    help="(docker's; shoal's volumes are all named: the same)")
+                    help="remove unused named (created) volumes too, not only anonymous ones")
+    vp.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                    help="remove only what matches (label=KEY[=VALUE], name, driver; "
+                    "repeatable: one key's values are alternatives)")
 
 
 def run(c: Any, args: argparse.Namespace, table: Table) -> None:
@@ -68,4 +71,8 @@ def run(c: Any, args: argparse.Namespace, table: Table) -> None:
     elif sub == "prune":
         from shoal.cli.prune import prune
 
-        prune(c, "/v1/volumes", "Volumes", args.force)
+        filters = output.parse_filters(args.filter, "volume")
+        prune(c, "/v1/volumes", "Volumes", args.force,
+              lambda v: (args.all or bool(v.get("anonymous")))
+              and output.matches(v, filters, "volume"),
+              "all local volumes" if args.all else "anonymous local volumes")

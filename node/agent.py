@@ -42,6 +42,7 @@ from shoal.gossip import Config as GossipConfig
 from shoal.gossip import EventKind, MemberEvent
 from shoal.node import pki, shutdown, upgrade
 from shoal.node.api import ApiServer, Controls
+from shoal.node.buildnet import MeshRunNetwork
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
 from shoal.node.control.admission import Admission
@@ -185,7 +186,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
             runtime=self.runtime, images=self.runtime.images, events=self.events,
             metrics=self.metrics, registries=self.registries,
             networks=NetworksApi(self.ctx), images_wanted=self._images_wanted,
-            exec_helper=self.exec_helper))
+            exec_helper=self.exec_helper, build_network=MeshRunNetwork(lambda: self.mesh)))
         await api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)

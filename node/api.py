@@ -34,7 +34,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -63,6 +63,9 @@ from shoal.node.transfer import Transfer
 from shoal.node.users import REQUEST_USER, ROOT, Users, require_admin
 from shoal.runtime.controller import Controller
 from shoal.runtime.images import ImageStore
+
+if TYPE_CHECKING:  # (image build's modules load at the first build: test_lazy_imports)
+    from shoal.runtime.buildnet import RunNetwork
 
 log = logging.getLogger("shoal.api")
 Handler = Callable[[web.Request], Awaitable[Any]]
@@ -330,6 +333,8 @@ class Controls:
     networks: NetworksApi
     # image ids the cluster wants on this node (`image prune` keeps them; node/imagegc.py)
     images_wanted: Callable[[], set[str]] = set
+    # attaches `image build`'s RUN steps to the task network (node/buildnet.py; None: lo only)
+    build_network: RunNetwork | None = None
     exec_helper: ExecHelper = field(default_factory=lambda: ExecHelper(None))  # (+ checks)
 
 
@@ -455,6 +460,10 @@ class ApiServer:
         async def node_tasks(req: web.Request) -> Any:
             return await svcs.node_tasks(req.match_info["ref"])
 
+        async def stats(req: web.Request) -> Any:
+            return await svcs.stats(req.query.getall("service", []),
+                                    req.query.getall("node", []))
+
         async def service_scale(req: web.Request) -> Any:
             body = await _body(req)
             if "replicas" not in body:
@@ -507,14 +516,14 @@ class ApiServer:
             "swarm_leave": leave,
             "node_ls": nodes, "node_inspect": node, "node_rm": node_rm,
             "node_update": node_update, "node_promote": node_promote,
-            "node_demote": node_demote, "node_ps": node_tasks,
+            "node_demote": node_demote, "node_ps": node_tasks, "stats": stats,
             "service_ls": services, "service_create": service_create,
             "service_inspect": service, "service_ps": service_tasks,
             "service_scale": service_scale, "service_update": service_update,
             "service_rollback": service_rollback, "service_logs": service_logs,
             "service_rm": service_rm, "events": events, "metrics": metrics,
             **imageapi.handlers(c.images, c.runtime, c.registries, c.images_wanted, _body,
-                                stream_ndjson),
+                                stream_ndjson, c.build_network),
             **self._secret_handlers(), **self._gossip_handlers(), **self._ca_handlers(),
             **self._network_handlers(), **self._mqtt_handlers(), **self._user_handlers(),
             **volapi.handlers(svcs.ctx, _body, c.runtime), **self._exec_local,

@@ -134,6 +134,9 @@ REPLIES: dict[str, Schema] = {
                      exit_code=nullable(INT), restarts=INT,
                      health={"enum": ["", "starting", "healthy", "unhealthy"]},
                      message=STR))),
+    "TaskStats": {"allOf": [ref("Task"), obj(
+        "what its use is a share of (`shoal stats`): the task's limits, else its node's",
+        memory_limit=INT, cpu_limit=NUM)]},
     "LogRecord": obj("one log line (a JSON line of application/x-ndjson)",
                       ts=nullable(NUM), stream={"enum": ["stdout", "stderr"]}, line=STR,
                       task=STR),

@@ -14,7 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -23,6 +23,9 @@ from shoal.node.registries import Registries
 from shoal.runtime.controller import Controller
 from shoal.runtime.errors import ImageError, ImageNotFound
 from shoal.runtime.images import ImageStore
+
+if TYPE_CHECKING:  # (image build's modules load at the first build: test_lazy_imports)
+    from shoal.runtime.buildnet import RunNetwork
 
 log = logging.getLogger("shoal.images")
 
@@ -84,9 +87,10 @@ class _ToResponse:
 
 
 def handlers(images: ImageStore, runtime: Controller, registries: Registries,
-             wanted: Callable[[], set[str]], body: BodyReader, stream: Streamer
-             ) -> dict[str, Handler]:
-    """The handlers by operation id (shoal.node.openapi's route table)."""
+             wanted: Callable[[], set[str]], body: BodyReader, stream: Streamer,
+             build_network: RunNetwork | None = None) -> dict[str, Handler]:
+    """The handlers by operation id (shoal.node.openapi's route table); ``build_network``
+    attaches a build's RUN steps to the node's task network (node/buildnet.py)."""
     saving = 0  # (image saves running)
 
     async def ls(_: web.Request) -> Any:
@@ -191,7 +195,8 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
         except build_mod.BuildError as exc:
             raise BadRequest(str(exc), exc.field) from None
         builder = build_mod.Builder(runtime, images, images.root.parent / "build",
-                                    pull=build_mod.puller(registries))
+                                    pull=build_mod.puller(registries),
+                                    network=build_network)
         try:
             ctx = await build_mod.receive_context(builder, req.content)
         except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)

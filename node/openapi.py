@@ -231,6 +231,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/nodes/{ref}/tasks", "node_ps", "the tasks on a node with live "
           "resource use (`node ps`)", "nodes", reply=_list(_ref("Task")), errors=CLUSTER,
           description="`self` names the answering node"),
+    Route("GET", "/v1/stats", "stats", "running tasks with live resource use and the "
+          "limits it is a share of (`shoal stats`)", "services", reply=_list(_ref("TaskStats")),
+          errors=CLUSTER, query=(
+              Param("service", {"type": "array", "items": {"type": "string"}},
+                    "only this service's tasks (name, id or prefix; repeatable)"),
+              Param("node", {"type": "array", "items": {"type": "string"}},
+                    "only the tasks on this node (hostname, id or prefix, `self`; "
+                    "repeatable)"))),
     Route("GET", "/v1/services", "service_ls", "list services (`service ls`)", "services",
           reply=_list(_ref("Service")), errors=CLUSTER, query=READ),
     Route("POST", "/v1/services", "service_create", "create a service", "services",
@@ -309,6 +317,9 @@ ROUTES: tuple[Route, ...] = (
                  Param("buildarg", STR, "K=V for an ARG (repeatable)"),
                  Param("label", STR, "K=V, a label of the result (repeatable)"),
                  Param("nocache", {"enum": ["0", "1"]}, "`1`: do not use the layer cache"),
+                 Param("network", {"enum": ["default", "none", "host"]}, "RUN's network: "
+                       "`default` (the node's task network, outbound NAT, the node's DNS), "
+                       "`none` (only lo), `host` (the node's)"),
                  Param("target", STR, "the stage of a multi-stage Dockerfile to build up to "
                        "and make the result (default: the last)")),
           reply=_obj("a build record", stream=STR, image=STR, error=STR, cached=INT),

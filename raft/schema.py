@@ -79,6 +79,10 @@ Schema history::
        And a node names the image with each blob it fetches from a peer (``IMAGE_ACCESS``),
        so a peer serves a worker only the blobs of its own tasks' images: a schema-12 node
        names none, so the check waits for the schema (shoal.node.transfer).
+    14 a host name with a domain (``GATED_VALUES``; Docker's ``--hostname mail.example.com``,
+       Compose's ``hostname:``): schema 13's spec took one DNS label of at most 63 bytes;
+       from 14 an RFC 1123 name of at most 64 bytes (the kernel's limit), and the task's
+       /etc/hosts names the bare host name beside it, as Docker's.
 
 Reading is always forgiving: records and commands of schema 1 are upgraded when they are
 decoded (``upgrade_spec``/``upgrade_task_spec``, used by ``shoal.raft.validate`` and
@@ -116,13 +120,14 @@ from shoal.raft.spec import (
     ENV_KEY_RE,
     FILE_TARGETS,
     HOST_GATEWAY,
+    OLD_HOSTNAME_RE,
     OLD_MAX_GRACE,
     SIGNALS,
     ServiceSpec,
     fields,
 )
 
-SCHEMA = 13  # what this code writes once the whole cluster runs it
+SCHEMA = 14  # what this code writes once the whole cluster runs it
 LEGACY = 1
 NESTED = 2  # the first schema with the nested spec (shoal 0.2)
 ROLLOUT_CLOCK = 6  # the state machine's rollback rule of schema 6 (history above)
@@ -147,6 +152,8 @@ PORT_HOST_IP = 13  # the schema whose specs carry a published port's host_ip (th
 # it listens on)
 IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they fetch from a
 # peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
+HOSTNAME_DOMAIN = 14  # the schema whose specs carry a host name with a domain (or of 64
+# bytes: schema 13 took one DNS label of at most 63)
 
 
 def _beyond_shell_names(env: Any) -> bool:
@@ -188,6 +195,8 @@ GATED: dict[str, int] = {"task.sidecars": 3, "task.init_containers": 3, "mode.au
 GATED_VALUES: tuple[tuple[str, Callable[[Any], bool], int], ...] = (
     ("name", lambda v: isinstance(v, str) and v != v.lower(), 9),
     ("task.container.hostname", lambda v: isinstance(v, str) and "{{" in v, PLACEHOLDERS),
+    ("task.container.hostname", lambda v: isinstance(v, str) and "{{" not in v and v != ""
+     and not OLD_HOSTNAME_RE.match(v), HOSTNAME_DOMAIN),
     # (any signal: schema 6's stop_signal was one of 8 names)
     ("task.container.stop_signal", lambda v: isinstance(v, str) and v not in SIGNALS, 7),
     # (a volume's name likewise: data-{{.Task.Slot}})

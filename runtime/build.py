@@ -28,8 +28,11 @@ removed (``image prune``) is a miss.
 
 RUN: a task (``TaskConfig``: the parent image, ``/bin/sh -c CMD`` or the exec form, the image's
 Env + the build args in scope, WorkingDir, User) started and waited for through the runtime's
-Controller interface; its output is streamed; a non-zero exit fails the build. It has no network
-but ``lo`` (no pulls from the internet inside a RUN: a documented limit). Its upper dir becomes a
+Controller interface; its output is streamed; a non-zero exit fails the build. Its network is
+the build's ``--network`` (shoal.runtime.buildnet): by default the node's task network, with an
+address for the RUN's lifetime, outbound NAT and the node's DNS, as Docker's builder gives its
+default bridge (``apt-get install``, ``pip install`` work); ``none``: only ``lo``; ``host``:
+the node's. The attaching is the agent's, given as a ``RunNetwork``. Its upper dir becomes a
 layer tarball in the Docker/OCI form (overlayfs whiteouts -> ``.wh.NAME``, opaque dirs ->
 ``.wh..wh..opq``), which the store unpacks back into the overlay form.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -61,6 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal.runtime.buildnet import RunNetwork, check_network
 from shoal.runtime.buildstages import (
     STAGE_NAME,
     Stage,
@@ -112,6 +117,8 @@ class BuildOptions:
     # --target NAME: build up to that stage (its name, any case) and make it the result;
     # "": the last stage. Only the stages it uses are built.
     target: str = ""
+    # --network: RUN's network, "default" | "none" | "host" (shoal.runtime.buildnet)
+    network: str = "default"
 
 
 @dataclass
@@ -139,11 +146,14 @@ Emit = Callable[[str], None]
 class Builder:
     """Builds images with ``runtime`` (a Controller: start/status/read_logs/logs_path/remove,
     from the agent's event loop) into ``store``; ``pull`` fetches a FROM image that is not
-    here (None: only local images)."""
+    here (None: only local images); ``network`` attaches a RUN of network mode ``default``
+    to the node's task network (None: such a RUN has only ``lo``)."""
 
     def __init__(self, runtime: Any, store: ImageStore, data_dir: Path,
-                 pull: Pull | None = None, run_timeout: float = 3600.0) -> None:
+                 pull: Pull | None = None, run_timeout: float = 3600.0,
+                 network: RunNetwork | None = None) -> None:
         self.runtime = runtime
+        self.network = network
         self.store = store
         self.dir = Path(data_dir)
         self.tmp = self.dir / "tmp"
@@ -206,6 +216,9 @@ class Builder:
                     and t not in _ACTIVE]:  # a RUN left by a build an agent restart cut short
             with contextlib.suppress(Exception):
                 await self.runtime.remove(tid)
+            if self.network is not None:  # (its address, if it had one)
+                with contextlib.suppress(Exception):
+                    await self.network.detach(tid)
         files = await asyncio.to_thread(context_files, ctx)
         result = BuildResult(image=None)  # type: ignore[arg-type]
         total = len(leading) + sum(1 + len(s.instructions) for s in stages if s.index in wanted)
@@ -307,7 +320,7 @@ class Builder:
             return
         new_layer: tuple[str, int] | None = None
         if ins.cmd == "RUN":
-            new_layer = await self._run(ins, st, emit)
+            new_layer = await self._run(ins, st, emit, opts.network)
         elif ins.cmd in ("COPY", "ADD"):
             if ins in stage.copy_from:
                 layers = self.store.layer_dirs(source) if source is not None else []
@@ -616,7 +629,8 @@ class Builder:
 
     # -- RUN
 
-    async def _run(self, ins: Instruction, st: _State, emit: Emit) -> tuple[str, int] | None:
+    async def _run(self, ins: Instruction, st: _State, emit: Emit, network: str = "default"
+                   ) -> tuple[str, int] | None:
         import asyncio
 
         if not st.layers:
@@ -626,15 +640,26 @@ class Builder:
         if not argv or not ins.args.strip():
             raise BuildError("RUN needs a command", ins.line)
         task_id = f"{BUILD_TASK_PREFIX}{secrets.token_hex(8)}"
+        net = self.network if network == "default" else None
+        files: Mapping[str, Any] = {}
+        if self.network is not None and network != "none":
+            try:  # (its resolv.conf: the node's DNS server, on the host's network too)
+                files = self.network.files()
+            except Exception as exc:  # no task network on this node
+                if net is not None:
+                    raise BuildError(f"RUN: {exc}: build with --network none or host",
+                                     ins.line) from None
         _ACTIVE.add(task_id)
         cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
                          env={**st.args, **st.config.env}, workdir=st.config.workdir,
-                         image=st.image, user=st.config.user)
+                         image=st.image, user=st.config.user, files=files,
+                         host_network=network == "host")
         try:
-            await self.runtime.start(cfg)
-        except Exception as exc:  # a start failure (bad user, image gone...): the build fails
-            raise BuildError(f"RUN: cannot start: {exc}", ins.line) from None
-        try:
+            try:
+                await self.runtime.start(cfg, before_start=functools.partial(
+                    net.attach, task_id) if net is not None else None)
+            except Exception as exc:  # a start failure (bad user, image gone, no address...)
+                raise BuildError(f"RUN: cannot start: {exc}", ins.line) from None
             seen = 0
             deadline = time.monotonic() + self.run_timeout
             while True:
@@ -654,10 +679,13 @@ class Builder:
                                  f"({status.message if status else 'unknown'})", ins.line)
             upper = self.runtime.logs_path(task_id)[0].parent / "upper"
             return await asyncio.to_thread(self._diff_layer, upper)
-        finally:
+        finally:  # (a failed or cancelled build too: the task, then its address, go)
             _ACTIVE.discard(task_id)
             with contextlib.suppress(Exception):
                 await self.runtime.remove(task_id)
+            if net is not None:
+                with contextlib.suppress(Exception):
+                    await net.detach(task_id)
 
     def _diff_layer(self, upper: Path) -> tuple[str, int] | None:
         """The RUN's upper dir as a layer tarball (None if it changed nothing)."""
@@ -704,7 +732,7 @@ def _opaque(path: Path) -> bool:
 
 def options_from_query(query: Any) -> BuildOptions:
     """BuildOptions from the API's query (``t``, ``dockerfile``, ``buildarg``, ``nocache``,
-    ``label``, ``target``), a MultiDict; BuildError names the bad field."""
+    ``label``, ``network``, ``target``), a MultiDict; BuildError names the bad field."""
     from shoal.runtime.images import normalize_ref
 
     tags = tuple(query.getall("t", []))
@@ -734,7 +762,9 @@ def options_from_query(query: Any) -> BuildOptions:
         raise BuildError(f"{target!r} is not a stage name (a letter, then letters, digits, "
                          "'.', '_' or '-')", field="target")
     return BuildOptions(tags=tags, dockerfile=norm, build_args=args,
-                        no_cache=query.get("nocache") == "1", labels=labels, target=target)
+                        no_cache=query.get("nocache") == "1", labels=labels,
+                        network=check_network(query.get("network", ""), "network"),
+                        target=target)
 
 
 def puller(registries: Any) -> Pull | None:

@@ -44,7 +44,8 @@ _V1_WANTED = ("memory", "cpu", "cpuacct", "pids")
 class TaskUsage:
     """Resource use of one task, from its cgroups. None = not available on this host."""
 
-    memory_bytes: int | None  # current memory charge (includes page cache)
+    memory_bytes: int | None  # the working set: the memory charge less the file cache the
+    #   kernel may drop first (inactive_file), as `docker stats` and Kubernetes count it
     memory_peak_bytes: int | None  # high-water mark since the task started
     cpu_seconds: float | None  # CPU time used by all its processes (user + system)
     pids: int | None = None  # processes/threads now in the task
@@ -180,6 +181,15 @@ def _read_keyed(path: Path, key: str) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _working_set(charge: int | None, inactive_file: int | None) -> int | None:
+    """A cgroup's working set: its memory charge less its inactive file cache (Docker's and
+    Kubernetes' rule: a task that reads or writes big files is not counted the cache the
+    kernel reclaims first)."""
+    if charge is None or inactive_file is None:
+        return charge
+    return max(charge - inactive_file, 0)
 
 
 def check_limits(layout: CgroupLayout, limits: Limits) -> None:
@@ -323,11 +333,14 @@ class TaskCgroups:
         if self.limits_version == "v2" or ("memory" not in self.dirs and "unified" in self.dirs):
             u = self.dirs.get("unified")
             if u is not None:
-                mem = _read_int(u / "memory.current")
+                mem = _working_set(_read_int(u / "memory.current"),
+                                   _read_keyed(u / "memory.stat", "inactive_file"))
                 peak = _read_int(u / "memory.peak")
                 pids = _read_int(u / "pids.current")
         if "memory" in self.dirs:
-            mem = _read_int(self.dirs["memory"] / "memory.usage_in_bytes")
+            mem = _working_set(_read_int(self.dirs["memory"] / "memory.usage_in_bytes"),
+                               _read_keyed(self.dirs["memory"] / "memory.stat",
+                                           "total_inactive_file"))
             peak = _read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
         if "pids" in self.dirs:
             pids = _read_int(self.dirs["pids"] / "pids.current")

@@ -484,11 +484,13 @@ def hosts_file(hostname: str, extra: Iterable[tuple[str, str]] = (),
                addr: str | None = None) -> str:
     """/etc/hosts of a task: its host name on its own address (as Docker's, so a program
     that tells peers its resolved host name tells them a reachable address), or on
-    127.0.1.1 when it has none (no network of its own)."""
+    127.0.1.1 when it has none (no network of its own). A name with a domain
+    (mail.example.com) is followed by the bare host name (mail), as Docker writes it."""
+    names = hostname if "." not in hostname else f"{hostname} {hostname.split('.', 1)[0]}"
     lines = [
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
-        f"{addr or '127.0.1.1'}\t{hostname}",
+        f"{addr or '127.0.1.1'}\t{names}",
     ]
     lines += [f"{ip}\t{name}" for name, ip in extra]
     return "\n".join(lines) + "\n"

@@ -49,7 +49,7 @@ def assert_waits_for(schema: int, full: dict[str, Any], plain: dict[str, Any],
         encode_command(upd, {}, below)
     assert st.apply(upd)["error"]["field"] == field
     st.apply({"op": "cluster_schema", "schema": schema})
-    assert encode_command(upd, {}, schema) is upd and st.apply(upd)["ok"]
+    assert encode_command(upd, {}, schema) == upd and st.apply(upd)["ok"]
 
 
 def written_below(schema: int, full: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

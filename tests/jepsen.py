@@ -17,9 +17,9 @@ then a worker, a manager, ...), the rest today's code, so the cluster keeps writ
 schema the whole run and leadership moves between old and new managers under the faults. A
 share of the creates then uses values only a later schema reads (schema 11: an env name with
 a dot, a grace period over an hour, Docker's host-gateway, an arch constraint; schema 12: a
-seccomp setting; schema 13: an anonymous volume): each must be refused while an old node of
-an older schema is in (one acknowledged is an invariant violation), and the cluster's schema
-must not rise. With
+seccomp setting; schema 13: an anonymous volume; schema 14: a host name with a domain): each
+must be refused while an old node of an older schema is in (one acknowledged is an invariant
+violation), and the cluster's schema must not rise. With
 ``--upgrade-at SECONDS`` the old nodes are upgraded in place at that time of the workload
 (one after another, SIGTERM and today's code): the leader must then raise the
 schema, gated creates succeed from then on (none before the last old agent stopped), and
@@ -64,7 +64,7 @@ from jepsen_check import INF, Op, RegisterResult, SetResult, check_register, che
 
 import oldrelease
 from netlab import Host, Lab
-from shoal.raft.schema import ANON_VOLUMES, ENV_NAMES, SCHEMA, SECCOMP
+from shoal.raft.schema import ANON_VOLUMES, ENV_NAMES, HOSTNAME_DOMAIN, SCHEMA, SECCOMP
 
 KINDS = ("kill", "kill-leader", "pause", "pause-leader", "partition-minority",
          "partition-majority", "bridge", "loss", "disk-full", "slow-links", "clock-skew")
@@ -80,9 +80,11 @@ GATED_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("arch", {"task": {"placement": {"constraints": ["node.platform.arch==x86_64"]}}}),
     ("seccomp", {"task": {"container": {"seccomp": "unconfined"}}}),
     ("anon-volume", {"task": {"container": {"mounts": [{"type": "volume",
-                                                         "target": "/data"}]}}}))
+                                                         "target": "/data"}]}}}),
+    ("fqdn", {"task": {"container": {"hostname": "mail.example.com"}}}))
 GATED_SCHEMA = {"env-name": ENV_NAMES, "grace": ENV_NAMES, "host-gateway": ENV_NAMES,
-                "arch": ENV_NAMES, "seccomp": SECCOMP, "anon-volume": ANON_VOLUMES}
+                "arch": ENV_NAMES, "seccomp": SECCOMP, "anon-volume": ANON_VOLUMES,
+                "fqdn": HOSTNAME_DOMAIN}
 
 
 def gated_schema(key: str) -> int:

@@ -62,6 +62,16 @@ def test_cpu_bound_service_scales_up_to_max_and_back_down_after_stabilisation(la
     ups = [d for d in svc["autoscale"]["decisions"] if d["desired"] > d["current"]]
     assert ups and all(d["metric"] == "cpu" and d["usage"] > 0.5 for d in ups), ups
     assert "scale up" in ups[0]["reason"]
+    # `shoal stats` (docker stats over the cluster): each busy task near its 0.2 CPU limit
+    # (of one core), its memory against the node's (no limit of its own)
+    stats = h.cli_json("stats", "--no-stream", "--node", "self", "burn")
+    assert len(stats) == 3 and {r["name"].rsplit(".", 1)[0] for r in stats} == {"burn"}
+    for r in stats:
+        assert 5 < r["cpu_percent"] <= 30 and r["pids"] >= 1, r
+        assert 0 < r["memory_bytes"] < r["memory_limit"] and r["node"] == h.name, r
+    line = h.cli("stats", "--no-stream", "--format", "{{.Name}} {{.CPUPerc}} {{.MemUsage}}",
+                 "burn").stdout.splitlines()[0].split()
+    assert line[0].startswith("burn.") and line[1].endswith("%") and line[3] == "/", line
     # manual scaling of an autoscaled service is refused, naming --autoscale
     with pytest.raises(CommandError) as err:
         h.cli("service", "scale", "burn=5")

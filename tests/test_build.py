@@ -171,6 +171,31 @@ async def test_labels_of_the_build_are_the_results_last_step(ctl: ProcessControl
     assert other.layers_created == 0
 
 
+async def test_a_node_without_a_task_network_says_so_and_builds_with_none_or_host(
+        ctl: ProcessController, tmp_path: Path) -> None:
+    """The agent's RunNetwork (node/buildnet.py) on a node in no swarm (no Mesh): a RUN of
+    the default network fails naming the way out and leaves no task; ``none`` builds (only
+    lo: `ip -o link` lists lo alone), ``host`` as well (the node's links)."""
+    from shoal.node.buildnet import MeshRunNetwork
+
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN /bin/busybox ip -o link > /links\n")
+    builder = Builder(ctl, ctl.images, tmp_path / "build", network=MeshRunNetwork(lambda: None))
+    with pytest.raises(BuildError, match=r"line 2: RUN: this node has no task network \(it "
+                                         r"is in no swarm.*\): build with --network none or "
+                                         r"host$"):
+        await builder.build(ctx, BuildOptions(), print)
+    assert ctl.tasks() == {}
+    res = await builder.build(ctx, BuildOptions(network="none"), print)
+    links = (ctl.images.layer_dirs(res.image)[0] / "links").read_text()
+    assert links.count("\n") == 1 and ": lo:" in links, links
+    res = await builder.build(ctx, BuildOptions(network="host", no_cache=True), print)
+    links = (ctl.images.layer_dirs(res.image)[0] / "links").read_text()
+    assert links.count("\n") == len(os.listdir("/sys/class/net")), links
+
+
 MULTISTAGE = """\
 ARG BASE=base:1
 ARG GREETING=hello

@@ -8,8 +8,10 @@ bench/image_build.py, not here."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ from test_runtime_images import busybox_rootfs
 from netlab import Lab, wait_until
 
 pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """h1 manager, h2 and h3 workers; h4 runs no agent (a machine outside the cluster)."""
+    lab = Lab(4)
+    try:
+        lab.form_cluster(managers=1, workers=2)
+        yield lab
+    finally:
+        left = lab.close()
+        assert not left, f"lab teardown left things behind: {left}"
 
 DOCKERFILE = """\
 FROM busybox:1
@@ -30,9 +44,7 @@ CMD ["/bin/sh", "-c", "echo $GREETING $(hostname): $(cat /app/built.txt /app/hel
 
 
 def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
-        lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
-    lab = lab_factory(3)
-    lab.form_cluster(managers=1, workers=2)
+        lab: Lab, tmp_path: Path) -> None:
     h1 = lab.hosts[0]
     h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
     ctx = tmp_path / "ctx"
@@ -91,10 +103,97 @@ def test_built_image_runs_as_a_3_replica_service_and_rebuilds_from_cache(
         return ts if len(ts) == 3 else None
     ts = wait_until(three, timeout=90, interval=0.3, what="3 running web tasks")
     assert len({t["node"] for t in ts}) == 3
-    for h in lab.hosts[1:]:  # fetched from h1: the same image id
+    for h in lab.hosts[1:3]:  # fetched from h1: the same image id
         ids = {tag: img["id"] for img in h.cli_json("image", "ls") for tag in img["tags"]}
         assert ids.get("web:1") == again["image"], (h.name, ids)
     logs = wait_until(lambda: ((o := h1.cli("service", "logs", "web").stdout)
                       .count("built by shoal the context") >= 3 and o) or None,
                       timeout=30, what="3 greetings")
     assert logs.count("hello from web-") == 3, logs
+
+
+NET_DOCKERFILE = """\
+FROM busybox:1
+ARG TRY=1
+RUN busybox wget -q -O /fetched.txt http://{server}/payload.txt \\
+    && busybox ip -o -4 addr > /addrs.txt && cat /etc/resolv.conf > /resolv.txt \\
+    && busybox nslookup names > /names.txt
+"""
+
+
+def test_run_steps_get_a_network_as_dockers_builder_gives(lab: Lab, tmp_path: Path) -> None:
+    """`image build --network`: by default a RUN is on the node's task network — an address
+    of its own, outbound NAT (h4, the HTTP server, has no route back to h1's task subnet:
+    its answer comes back only if the request was masqueraded), the node's DNS server in its
+    resolv.conf (it resolves a service name) — and everything is released after it, also
+    when the RUN fails or the build is cancelled; `none` has only lo (the fetch fails);
+    `host` is h1's own namespace."""
+    h1, h4 = lab.hosts[0], lab.hosts[3]  # (h4 runs no agent)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "payload.txt").write_text("fetched over the network\n")
+    h4.spawn("python3", "-m", "http.server", "8099", "--bind", h4.ip, cwd=served,
+             log_name="http")
+    wait_until(lambda: "Serving HTTP" in (h4.data_dir / "http.log").read_text(),
+               what="the HTTP server on h4")
+    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    # a service name the node's DNS answers (with its VIP, no task needed)
+    h1.cli("service", "create", "--name", "names", "--replicas", "0", "-p", "8080:80",
+           "--image", "busybox:1", "--", "sleep", "1000")
+    vip = wait_until(lambda: h1.cli_json("service", "inspect", "names")[0].get("vip"),
+                     what="the service's VIP")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(NET_DOCKERFILE.format(server=f"{h4.ip}:8099"))
+    bridge = h1.run("ip", "-o", "-4", "addr", "show", "shoal0").stdout.split()[3]
+    gateway, subnet = bridge.split("/")[0], ipaddress.ip_interface(bridge).network
+
+    def released() -> bool:  # no build step holds an address, a veth or a task
+        state = h1.data_dir / "network.json"  # (written at the first attach)
+        addrs = json.loads(state.read_text())["addrs"] if state.exists() else {}
+        links = h1.run("ip", "-o", "link").stdout
+        return not [t for t in addrs if t.startswith("build")] and "svbuild" not in links \
+            and not list((h1.data_dir / "tasks").glob("build*"))
+
+    def layer_file(image: str, name: str) -> str:
+        layers = h1.cli_json("image", "inspect", image)[0]["layers"]
+        top = h1.data_dir / "images" / "layers" / layers[-1].removeprefix("sha256:")
+        return (top / name).read_text()
+
+    h1.cli("image", "build", "-t", "net:default", str(ctx), timeout=120)
+    assert layer_file("net:default", "fetched.txt") == "fetched over the network\n"
+    own = layer_file("net:default", "addrs.txt")  # its own address, in h1's task subnet
+    addr = own.split("eth0")[1].split()[1].split("/")[0]
+    assert ipaddress.ip_address(addr) in subnet and addr != gateway, own
+    assert f"nameserver {gateway}" in layer_file("net:default", "resolv.txt")
+    assert vip in layer_file("net:default", "names.txt")
+    assert released()
+
+    # none: only lo, the fetch fails and the build with it
+    bad = h1.cli("image", "build", "--network", "none", "--build-arg", "TRY=2", str(ctx),
+                 check=False, timeout=120)
+    assert bad.returncode != 0 and "line 3: RUN" in bad.stderr, bad
+    assert "non-zero code" in bad.stderr and released()
+
+    # host: h1's own namespace (its lab address), the server reached directly
+    h1.cli("image", "build", "--network", "host", "-t", "net:host", "--build-arg", "TRY=3",
+           str(ctx), timeout=120)
+    assert layer_file("net:host", "fetched.txt") == "fetched over the network\n"
+    assert f" {h1.ip}/" in layer_file("net:host", "addrs.txt")
+    assert vip in layer_file("net:host", "names.txt")  # (the node's DNS server here too)
+
+    # a RUN that fails after it was given its address: released
+    (ctx / "Dockerfile").write_text("FROM busybox:1\nRUN busybox ip -o -4 addr; exit 3\n")
+    failed = h1.cli("image", "build", str(ctx), check=False, timeout=120)
+    assert failed.returncode != 0 and "non-zero code: 3" in failed.stderr, failed
+    assert " eth0 " in failed.stdout and released(), failed.stdout
+
+    # a build whose client goes away mid-RUN: cancelled, and released
+    (ctx / "Dockerfile").write_text(
+        "FROM busybox:1\nRUN while true; do echo tick; sleep 0.2; done\n")
+    client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
+                      str(ctx), log_name="cancelled")
+    wait_until(lambda: not released(), what="the RUN attached")
+    client.kill()
+    client.wait()
+    wait_until(released, timeout=20, what="the cancelled RUN's address released")

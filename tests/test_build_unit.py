@@ -134,13 +134,16 @@ def test_api_options_name_the_bad_field() -> None:
     opts = options_from_query(MultiDict([("t", "web:1"), ("t", "web:latest"),
                                          ("buildarg", "A=1"), ("buildarg", "B="),
                                          ("dockerfile", "sub/Dockerfile"), ("nocache", "1"),
-                                         ("label", "team=core team"), ("label", "x=")]))
+                                         ("label", "team=core team"), ("label", "x="),
+                                         ("network", "host")]))
     assert opts.tags == ("web:1", "web:latest") and opts.build_args == {"A": "1", "B": ""}
+    assert opts.network == "host" and options_from_query(MultiDict()).network == "default"
     assert opts.labels == {"team": "core team", "x": ""}
     assert opts.dockerfile == "sub/Dockerfile" and opts.no_cache and opts.target == ""
     assert options_from_query(MultiDict([("target", "Build-2")])).target == "Build-2"
     for query, fld in (([("t", "Bad Tag")], "t"), ([("buildarg", "novalue")], "buildarg"),
                        ([("dockerfile", "../x")], "dockerfile"), ([("label", "a")], "label"),
+                       ([("network", "bridge")], "network"),
                        ([("target", "2nd stage")], "target")):
         with pytest.raises(BuildError) as err:
             options_from_query(MultiDict(query))

@@ -162,6 +162,9 @@ services:
             ("{dockerfile: a, dockerfile_inline: 'FROM x'}",
              "services.web.build.dockerfile_inline: dockerfile and dockerfile_inline"),
             ("{no_cache: maybe}", "services.web.build.no_cache: expected true or false"),
+            ("{network: backend}", "services.web.build.network: 'backend' is not a network "
+                                   "shoal's builder can give RUN: default, none or host"),
+            ("{network: [host]}", "services.web.build.network: expected a string"),
             ("[.]", "services.web.build: expected a mapping")):
         with pytest.raises(ComposeError) as exc:
             load_stack("app", [project(tmp_path, f"services:\n  web: {{build: {build}}}\n")],
@@ -185,14 +188,14 @@ services:
 # ----------------------------------------------------------------------------- deploying
 
 def test_a_built_service_runs_the_content_tag_of_its_image(tmp_path: Path) -> None:
-    """Built on the agent (the context packed from the file's directory, the Dockerfile and
-    args sent), tagged with its name and with STACK_SERVICE:HEX, deployed with the latter;
-    the same image again redeploys nothing; a changed one rolls the service."""
+    """Built on the agent (the context packed from the file's directory, the Dockerfile,
+    args and network sent), tagged with its name and with STACK_SERVICE:HEX, deployed with
+    the latter; the same image again redeploys nothing; a changed one rolls the service."""
     path = project(tmp_path, """
 services:
   web:
     build: {context: ./web, dockerfile: build/Dockerfile, args: {V: 1}, labels: [a=b],
-            target: Prod}
+            network: host, target: Prod}
     image: myorg/web:1
   db: {image: postgres:16}
 """, {"web/build/Dockerfile": "FROM busybox:1\nCOPY app.txt /\n", "web/app.txt": "v1"})
@@ -203,6 +206,7 @@ services:
                           "app.txt": b"v1"}
     assert ("t", "myorg/web:1") in b["query"] and ("dockerfile", "build/Dockerfile") in \
         b["query"] and ("buildarg", "V=1") in b["query"] and ("label", "a=b") in b["query"]
+    assert ("network", "host") in b["query"]  # (build.network: RUN's, as --network)
     assert ("target", "Prod") in b["query"]  # (the stage the content tag's image is)
     assert agent.image_of("app_web") == "app_web:" + ID1[7:19]
     assert agent.tags["app_web:" + ID1[7:19]] == ID1 and agent.image_of("app_db") == \

@@ -113,12 +113,8 @@ def test_an_invalid_value_is_shown_in_the_message(tmp_path: Path, body: str,
     assert error(tmp_path, f"services:\n  web:\n    {body}\n").startswith(said)
 
 
-def test_a_host_name_with_a_domain_is_refused_saying_why(tmp_path: Path) -> None:
-    """docker-mailserver's ``hostname: mail.example.com``: shoal sets one DNS label."""
-    msg = error(tmp_path, "services:\n  web: {image: mailserver/dms, "
-                          "hostname: mail.example.com}\n")
-    assert msg.startswith("services.web.hostname: 'mail.example.com': a host name with a "
-                          "domain is not supported yet"), msg
+def test_a_host_name_with_placeholders_is_taken(tmp_path: Path) -> None:
+    """(With a domain: tests/test_hostname_domain.py.)"""
     st = deploy(tmp_path, "services:\n  web: {image: a, hostname: 'web-{{.Task.Slot}}'}\n")
     assert st.services[0].task.container.hostname == "web-{{.Task.Slot}}"
 

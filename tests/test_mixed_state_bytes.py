@@ -8,7 +8,7 @@ release writes for the same log: a field schema 10 never had (``Node.arch``, sch
 out, as ``strip_state`` leaves out the specs' later fields. Likewise at schema 11 against the
 schema-11 release (schema 12's ``seccomp`` and ``starting_deadline`` left out), and at
 schema 12 against the schema-12 release (schema 13's ``nocopy`` of a mount and ``host_ip`` of
-a published port left out). The log is
+a published port left out), and at schema 13 against the schema-13 release. The log is
 what a today's leader writes: joins (every agent sends its arch), services (a scheduled job
 among them), the leader's passes (spawns, assignments), compare-and-set scales, an update, a
 drain.
@@ -37,6 +37,7 @@ from shoal.raft.wire import state_from_bytes, state_to_bytes
 SCHEMA_10 = "ccf4cf4"  # the last commit of schema 10 (tests/test_node_arch_cluster.py)
 SCHEMA_11 = "84c31e8"  # the last commit of schema 11
 SCHEMA_12 = "3052b7c"  # the last commit of schema 12
+SCHEMA_13 = "e9844df"  # the last commit of schema 13
 NOW = 100.0
 
 # applies a JSON list of commands (msgpack round trip, as the log carries them) with the
@@ -111,7 +112,7 @@ def _mixed_log(schema: int) -> tuple[ClusterState, list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize(("schema", "release"), [(10, SCHEMA_10), (11, SCHEMA_11),
-                                                 (12, SCHEMA_12)])
+                                                 (12, SCHEMA_12), (13, SCHEMA_13)])
 def test_below_todays_schema_its_replica_writes_the_state_bytes_the_older_release_does(
         schema: int, release: str) -> None:
     st, log = _mixed_log(schema)

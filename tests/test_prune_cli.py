@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from shoal.cli import output
 from shoal.cli.errors import CliError
 from shoal.cli.prune import prune
 
@@ -48,3 +49,21 @@ def test_without_force_it_asks_and_only_yes_goes_on(
         c = Client(OBJECTS[:1])
         assert prune(c, "/v1/networks", "Networks", force=False) == expected
         assert "Are you sure you want to continue? [y/N]" in capsys.readouterr().err
+
+
+def test_a_volume_prune_takes_what_it_is_told_to_and_dangling_is_the_same_rule(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`volume prune` without -a (Docker 23's): the anonymous volumes only; `volume ls -f
+    dangling=true` lists what a prune would consider."""
+    objs = [*OBJECTS, {"name": "a" * 64, "anonymous": True}]
+    c = Client(objs)
+    assert prune(c, "/v1/volumes", "Volumes", True, lambda v: bool(v.get("anonymous"))) == [
+        "a" * 64]
+    dangling = output.parse_filters(["dangling=true"], "volume")
+    assert [o["name"] for o in objs if output.matches(o, dangling, "volume")] == [
+        "free", "raced", "a" * 64]
+    kept = output.parse_filters(["dangling=0"], "volume")
+    assert [o["name"] for o in objs if output.matches(o, kept, "volume")] == [
+        "used", "tasked", "made"]
+    with pytest.raises(CliError, match="invalid dangling 'yes'"):
+        output.parse_filters(["dangling=yes"], "volume")

@@ -69,6 +69,12 @@ async def test_pid1_is_tini_host_processes_are_invisible_and_hostname_is_the_tas
     pids = sorted(int(p) for p in lines[3:])
     assert len(pids) == 3 and pids[:2] == [1, 2] and pids[2] < 10  # init, sh, ps: no host pid
     assert os.getpid() != 1
+    # a name with a domain is the kernel's host name whole; /etc/hosts names the bare one
+    # beside it on the task's address (Docker's)
+    st, out, _ = await run_to_end(ctl, task("fqdn", "sh", "-c", "hostname; grep mail /etc/hosts",
+                                            hostname="mail.example.com"))
+    assert st.exit_code == 0 and out.split() == ["mail.example.com", "127.0.1.1",
+                                                 "mail.example.com", "mail"], out
 
 
 async def test_a_host_network_task_shares_the_hosts_network_namespace_and_others_do_not(
@@ -189,6 +195,28 @@ async def test_cgroups_are_named_after_the_task_and_removed_with_it(
     await ctl.remove("cgname")
     assert task_cgroups(["cgname"]) == []
     assert ctl.usage("cgname") is None
+
+
+async def test_memory_use_is_the_working_set_not_the_file_cache(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """A task that wrote a 64 MiB file holds it in its cgroup's page cache: its usage (what
+    `service ps`, `shoal stats` and the memory autoscaler read) counts it out, as `docker
+    stats` and Kubernetes' working set do."""
+    await ctl.start(task("cache", "sh", "-c", f"head -c 67108864 /dev/zero > {tmp_path}/f; "
+                         f"touch {tmp_path}/done; sleep 1000", share=tmp_path))
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "done").exists():
+        assert time.monotonic() < deadline, "the task did not write its file"
+        await asyncio.sleep(0.05)
+    groups = [g for g in task_cgroups(["cache"]) if (g / "memory.stat").exists()]
+    stat = dict(line.split() for line in (groups[0] / "memory.stat").read_text().splitlines())
+    inactive = int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+    usage = ctl.usage("cache")
+    assert usage is not None and usage.memory_bytes is not None
+    assert inactive >= 32 << 20, stat  # (the written file, as the kernel keeps it)
+    assert usage.memory_bytes < 32 << 20, (usage, inactive)
+    await ctl.remove("cache")
 
 
 async def test_a_task_allocating_past_its_memory_limit_is_oom_killed(

@@ -26,7 +26,7 @@ from shoal.node.users import require_admin
 from shoal.node.views import find_task
 from shoal.raft import templates
 from shoal.raft.errors import SpecError, StoreError, ValidationError
-from shoal.raft.models import Service, ServiceSpec, to_dict
+from shoal.raft.models import Service, ServiceSpec, TaskState, to_dict
 from shoal.raft.spec import MAIN_CONTAINER, Autoscale, check_files, docker_file_defaults
 from shoal.raft.state import Snapshot
 from shoal.raft.validate import validate_replicas, validate_spec
@@ -142,6 +142,34 @@ class Services:
                                              listing=True)
         for t in out:
             t["usage"] = usage.get(t["id"])
+        return out
+
+    async def stats(self, services: list[str], nodes: list[str]) -> list[dict[str, Any]]:
+        """`shoal stats`: the running tasks (of ``services``, on ``nodes``: names, ids or
+        prefixes; all when empty) with their live resource use, and what it is a share of
+        (``memory_limit``, ``cpu_limit``): the task's limits, else its node's memory and CPUs,
+        as `docker stats` shows the host's for a container without a limit."""
+        from shoal.node.control.nodes import find_node
+        snap = self.ctx.require_manager().snapshot()
+        svc_ids = {find_service(snap, ref).id for ref in services}
+        node_ids = {find_node(snap, self.ctx.node_id if ref == "self" else ref).id
+                    for ref in nodes}
+        tasks = sorted((t for t in snap.tasks.values() if t.node_id
+                        and t.status.state is TaskState.RUNNING
+                        and (not svc_ids or t.service_id in svc_ids)
+                        and (not node_ids or t.node_id in node_ids)),
+                       key=lambda t: (t.service_name, t.slot, t.id))
+        by_node: dict[str, list[str]] = {}
+        for t in tasks:
+            by_node.setdefault(t.node_id, []).append(t.id)
+        usage = await transfer.cluster_usage(self.transfer, by_node,
+                                             transfer.LISTING_USAGE_TIMEOUT, listing=True)
+        out = []
+        for t in tasks:
+            node, limits = snap.nodes.get(t.node_id), t.spec.resources.limits
+            out.append({**views.task_view(t, snap), "usage": usage.get(t.id),
+                        "memory_limit": limits.memory or (node.memory_bytes if node else 0),
+                        "cpu_limit": limits.cpu or (node.cpus if node else 0.0)})
         return out
 
     def logs(self, ref: str, tail: int | None, since: float | None, timestamps: bool,

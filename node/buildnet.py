@@ -1,0 +1,64 @@
+"""The task network of `image build`'s RUN steps: shoal.runtime.buildnet's ``RunNetwork``
+on this node's Mesh.
+
+Owns: attaching a RUN (a runtime task of shoal.runtime.build, ``build…`` id) to the node's
+default task network exactly as the worker attaches a task of the default network — a veth
+on the task bridge, an address from the node's subnet (node/network.py: masqueraded when
+it leaves the cluster network), /etc/resolv.conf naming the node's DNS server (which forwards
+other names to the node's resolvers, node/mesh.py ``task_files``) — and releasing it. Must
+not touch: the build (the builder decides when), the cluster state, other tasks' addresses.
+
+The Mesh is looked up at each call (``mesh_of``): it exists once the node is in a swarm and
+is replaced when it leaves one; without it (or before its network is up) a RUN of network
+mode ``default`` fails with a clear message and ``--network none|host`` still builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from shoal.node.errors import NetworkError
+from shoal.runtime.records import FileValue
+
+if TYPE_CHECKING:
+    from shoal.node.mesh import Mesh
+    from shoal.node.network import NodeNetwork
+
+log = logging.getLogger("shoal.buildnet")
+
+
+class MeshRunNetwork:
+    """``RunNetwork`` on the Mesh that ``mesh_of()`` answers (None: not in a swarm)."""
+
+    def __init__(self, mesh_of: Callable[[], Mesh | None]) -> None:
+        self._mesh_of = mesh_of
+
+    def _ready(self) -> tuple[Mesh, NodeNetwork]:
+        mesh = self._mesh_of()
+        if mesh is None or not mesh.ready or mesh.network is None:
+            raise NetworkError("this node has no task network (it is in no swarm, or its "
+                               "network is still starting)")
+        return mesh, mesh.network
+
+    def files(self) -> Mapping[str, FileValue]:
+        mesh, _ = self._ready()
+        return mesh.task_files(None)  # (a task without DNS settings of its own)
+
+    async def attach(self, task_id: str, pid: int) -> str:
+        _, net = self._ready()
+        try:
+            addr = await net.attach(task_id, pid)
+        except BaseException:  # (a half-made veth, the address taken: both back)
+            with contextlib.suppress(Exception):
+                await net.detach(task_id)
+            raise
+        log.info("build step %s attached with address %s", task_id, addr)
+        return addr
+
+    async def detach(self, task_id: str) -> None:
+        mesh = self._mesh_of()
+        if mesh is not None and mesh.network is not None:
+            await mesh.network.detach(task_id)
