@@ -46,7 +46,6 @@ Errors::
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import hashlib
 import itertools
@@ -78,6 +77,7 @@ from shoal.runtime.buildstages import (
 from shoal.runtime.dockerfile import SUPPORTED as SUPPORTED
 from shoal.runtime.dockerfile import Instruction as Instruction
 from shoal.runtime.dockerfile import context_files as context_files
+from shoal.runtime.dockerfile import context_sources as context_sources
 from shoal.runtime.dockerfile import expand as expand
 from shoal.runtime.dockerfile import ignored as ignored
 from shoal.runtime.dockerfile import parse_dockerfile as parse_dockerfile
@@ -309,7 +309,7 @@ class Builder:
             digest = froms[stage.copy_from[ins]] or "scratch"
             source = self.store.inspect(digest) if digest != "scratch" else None
         elif ins.cmd in ("COPY", "ADD"):
-            sources, digest = await asyncio.to_thread(self._sources, ctx, files, ins,
+            sources, digest = await asyncio.to_thread(context_sources, ctx, files, ins,
                                                       expanded)
         key = cache_key(st.image, ins, expanded, st.args, digest)
         hit = None if opts.no_cache else self._cached(key)
@@ -433,66 +433,6 @@ class Builder:
         st.config = cfg
 
     # -- COPY / ADD
-
-    def _sources(self, ctx: Path, files: Sequence[str], ins: Instruction, args: str
-                 ) -> tuple[list[tuple[str, str, bool]], str]:
-        """[(context path, path in the image)] of a COPY/ADD and a digest of their content."""
-        argv = ins.exec_form()
-        if argv is None:
-            try:
-                argv = shlex.split(args)
-            except ValueError as exc:
-                raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
-        flags = [a for a in argv if a.startswith("--")]
-        argv = [a for a in argv if not a.startswith("--")]
-        for flag in flags:  # (--link: BuildKit's cache hint; the files are the same)
-            if not flag.startswith(("--chown=", "--link=")) and flag != "--link":
-                raise BuildError(f"{ins.cmd}: unsupported flag {flag}", ins.line)
-        if len(argv) < 2:
-            raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
-        *srcs, dest = argv
-        fileset = set(files)
-        out: list[tuple[str, str, bool]] = []  # (context path, path in image, extract it)
-        for src in srcs:
-            if "://" in src:
-                raise BuildError(f"{ins.cmd} from a URL is not supported: {src}", ins.line)
-            pat = posixpath.normpath(src.lstrip("/"))
-            if pat.startswith(".."):
-                raise BuildError(f"{ins.cmd}: {src} is outside the build context", ins.line)
-            matches = [""] if pat == "." else [f for f in files
-                                               if fnmatch.fnmatchcase(f, pat)]
-            if not matches:
-                raise BuildError(f"{ins.cmd}: {src} not found in the build context "
-                                 "(or excluded by .dockerignore)", ins.line)
-            many = len(srcs) > 1 or len(matches) > 1 or dest.endswith("/")
-            for m in matches:
-                full = ctx / m if m else ctx
-                if full.is_dir() and not full.is_symlink():
-                    below = [f for f in files if m == "" or f.startswith(m + "/")]
-                    for f in below:
-                        rel = f[len(m) + 1:] if m else f
-                        out.append((f, posixpath.join(dest, rel), False))
-                    if m:
-                        out.append((m, dest, False))
-                elif ins.cmd == "ADD" and full.is_file() and tarfile.is_tarfile(full):
-                    out.append((m, dest.rstrip("/") or "/", True))  # extracted into dest
-                else:
-                    target = posixpath.join(dest, posixpath.basename(m)) if many else dest
-                    out.append((m, target, False))
-                    if m not in fileset:
-                        raise BuildError(f"{ins.cmd}: {src} is excluded", ins.line)
-        sha = hashlib.sha256(json.dumps(flags).encode())
-        for rel, target, unpack in sorted(out):
-            full = ctx / rel
-            st = full.lstat()
-            sha.update(f"{rel}\0{target}\0{unpack}\0{st.st_mode:o}\0".encode())
-            if stat.S_ISREG(st.st_mode):
-                with full.open("rb") as fh:
-                    while chunk := fh.read(1 << 20):
-                        sha.update(chunk)
-            elif stat.S_ISLNK(st.st_mode):
-                sha.update(os.readlink(full).encode())
-        return out, sha.hexdigest()
 
     def _copy_layer(self, ctx: Path, ins: Instruction, st: _State, args: str,
                     sources: Sequence[tuple[str, str, bool]], keep_owner: bool = False

@@ -4,8 +4,9 @@
 Owns: the Dockerfile parser (``parse_dockerfile``: continuations, comments, the instructions
 shoal builds — ``SUPPORTED`` — and the ones it refuses by name, errors with line numbers),
 Docker's variable substitution (``expand``), ``KEY=VALUE`` pairs (``parse_pairs``),
-``HEALTHCHECK``'s options (``parse_healthcheck``), and ``.dockerignore`` (``read_dockerignore``,
-``ignored``, ``context_files``: which context paths a build sends). Pure but for reading a
+``HEALTHCHECK``'s options (``parse_healthcheck``), ``.dockerignore`` (``read_dockerignore``,
+``ignored``, ``context_files``: which context paths a build sends) and the context files a
+COPY/ADD takes (``context_sources``, with their digest). Pure but for reading a
 context directory. Must not touch: images, tasks, the build cache (shoal.runtime.build runs
 the steps and re-exports these names); nothing here imports the image store, so the CLI can
 pack a context without loading the runtime.
@@ -15,11 +16,15 @@ Errors: ``BuildError`` (shoal.runtime.errors) with ``line`` = the Dockerfile lin
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
 import posixpath
 import re
 import shlex
+import stat
+import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +195,69 @@ def _duration(text: str) -> float:
     if not parts or "".join(a + u for a, u in parts) != text:
         raise ValueError(f"bad duration {text!r} (e.g. 30s, 1m30s)")
     return sum(float(a) * units[u] for a, u in parts)
+
+
+def context_sources(ctx: Path, files: Sequence[str], ins: Instruction, args: str
+                    ) -> tuple[list[tuple[str, str, bool]], str]:
+    """A COPY/ADD's [(context path, path in the image, extract it: ADD of a tar)] and a
+    digest of their names, modes and content (its build-cache part); ``files``: what
+    ``context_files`` gives, ``args``: the instruction's, expanded."""
+    argv = ins.exec_form()
+    if argv is None:
+        try:
+            argv = shlex.split(args)
+        except ValueError as exc:
+            raise BuildError(f"{ins.cmd}: {exc}", ins.line) from None
+    flags = [a for a in argv if a.startswith("--")]
+    argv = [a for a in argv if not a.startswith("--")]
+    for flag in flags:  # (--link: BuildKit's cache hint; the files are the same)
+        if not flag.startswith(("--chown=", "--link=")) and flag != "--link":
+            raise BuildError(f"{ins.cmd}: unsupported flag {flag}", ins.line)
+    if len(argv) < 2:
+        raise BuildError(f"{ins.cmd} needs a source and a destination", ins.line)
+    *srcs, dest = argv
+    fileset = set(files)
+    out: list[tuple[str, str, bool]] = []  # (context path, path in image, extract it)
+    for src in srcs:
+        if "://" in src:
+            raise BuildError(f"{ins.cmd} from a URL is not supported: {src}", ins.line)
+        pat = posixpath.normpath(src.lstrip("/"))
+        if pat.startswith(".."):
+            raise BuildError(f"{ins.cmd}: {src} is outside the build context", ins.line)
+        matches = [""] if pat == "." else [f for f in files
+                                           if fnmatch.fnmatchcase(f, pat)]
+        if not matches:
+            raise BuildError(f"{ins.cmd}: {src} not found in the build context "
+                             "(or excluded by .dockerignore)", ins.line)
+        many = len(srcs) > 1 or len(matches) > 1 or dest.endswith("/")
+        for m in matches:
+            full = ctx / m if m else ctx
+            if full.is_dir() and not full.is_symlink():
+                below = [f for f in files if m == "" or f.startswith(m + "/")]
+                for f in below:
+                    rel = f[len(m) + 1:] if m else f
+                    out.append((f, posixpath.join(dest, rel), False))
+                if m:
+                    out.append((m, dest, False))
+            elif ins.cmd == "ADD" and full.is_file() and tarfile.is_tarfile(full):
+                out.append((m, dest.rstrip("/") or "/", True))  # extracted into dest
+            else:
+                target = posixpath.join(dest, posixpath.basename(m)) if many else dest
+                out.append((m, target, False))
+                if m not in fileset:
+                    raise BuildError(f"{ins.cmd}: {src} is excluded", ins.line)
+    sha = hashlib.sha256(json.dumps(flags).encode())
+    for rel, target, unpack in sorted(out):
+        full = ctx / rel
+        st = full.lstat()
+        sha.update(f"{rel}\0{target}\0{unpack}\0{st.st_mode:o}\0".encode())
+        if stat.S_ISREG(st.st_mode):
+            with full.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    sha.update(chunk)
+        elif stat.S_ISLNK(st.st_mode):
+            sha.update(os.readlink(full).encode())
+    return out, sha.hexdigest()
 
 
 # ------------------------------------------------------------------------------ .dockerignore
