@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
@@ -45,9 +45,11 @@ def add_parser(isub: Any) -> None:
     p.add_argument("context", help="the build context directory")
 
 
-def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
-    """(path of a temporary tar of the context, the Dockerfile's path inside it). A
-    Dockerfile outside the context is added to the tar under a reserved name."""
+def pack_context(context: str, dockerfile: str) -> tuple[BinaryIO, str]:
+    """(a temporary tar of the context, read from its start; the Dockerfile's path inside
+    it). The file has no name (``tempfile.TemporaryFile``): nothing of it is left in /tmp,
+    even when the CLI is killed mid-build. A Dockerfile outside the context is added to the
+    tar under a reserved name. The caller closes the file."""
     import tarfile
     import tempfile
 
@@ -59,11 +61,10 @@ def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
     df = os.path.abspath(dockerfile) if dockerfile else os.path.join(ctx, "Dockerfile")
     if not os.path.isfile(df):
         raise CliError(f"no Dockerfile at {df}")
-    fd, tmp = tempfile.mkstemp(prefix="shoal-build-", suffix=".tar")
-    os.close(fd)
+    body = tempfile.TemporaryFile(prefix="shoal-build-", suffix=".tar")  # noqa: SIM115 (returned open)
     rel_df = os.path.relpath(df, ctx)
-    try:  # (a file that cannot be read: no partial tar of the context left in /tmp)
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    try:
+        with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for rel in context_files(ctx):  # (sorted: directories before what they hold)
                 tar.add(os.path.join(ctx, rel), arcname=rel, recursive=False)
             if rel_df.startswith(".."):
@@ -71,10 +72,11 @@ def pack_context(context: str, dockerfile: str) -> tuple[str, str]:
                 tar.add(df, arcname=rel_df)
             elif rel_df not in context_files(ctx):  # excluded by .dockerignore: still sent
                 tar.add(df, arcname=rel_df)
+        body.seek(0)
     except BaseException:
-        os.unlink(tmp)
+        body.close()
         raise
-    return tmp, rel_df
+    return body, rel_df
 
 
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
@@ -109,7 +111,7 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
     shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
-    tarpath, rel_df = pack_context(context, dockerfile)
+    body, rel_df = pack_context(context, dockerfile)
     query: list[tuple[str, str]] = [("t", t) for t in tags]
     query += [("dockerfile", rel_df)] + [("buildarg", a) for a in build_args]
     query += [("label", a) for a in labels]
@@ -121,7 +123,7 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
         query.append(("target", target))
     try:
         final: dict[str, Any] = {}
-        for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), tarpath):
+        for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), body):
             if "stream" in rec and show is not None:
                 show(rec["stream"])
             elif "error" in rec:
@@ -132,16 +134,15 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
             raise CliError("the agent ended the build without a result")
         return final
     finally:
-        os.unlink(tarpath)
+        body.close()
 
 
 def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def _post_stream(c: Client, path: str, tarpath: str) -> Iterator[dict[str, Any]]:
+def _post_stream(c: Client, path: str, body: BinaryIO) -> Iterator[dict[str, Any]]:
     """POST the tar and yield the JSON-lines records as they arrive."""
-    with open(tarpath, "rb") as body:
-        yield from c.stream(path, "POST", body, {
-            "Content-Type": "application/x-tar",
-            "Content-Length": str(os.path.getsize(tarpath))})
+    yield from c.stream(path, "POST", body, {
+        "Content-Type": "application/x-tar",
+        "Content-Length": str(os.fstat(body.fileno()).st_size)})

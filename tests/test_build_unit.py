@@ -168,6 +168,11 @@ def test_a_context_that_cannot_be_packed_leaves_no_tar_behind(
     (ctx / "a").write_text("a")
     (ctx / "secret").write_text("s3cret")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    # the tar has no name while it is sent: a CLI killed mid-build (SIGKILL: no cleanup
+    # runs) leaves nothing in /tmp (it left shoal-build-*.tar there)
+    body, _ = build.pack_context(str(ctx), "")
+    with body, tarfile.open(fileobj=body) as tar:
+        assert sorted(tar.getnames()) == ["Dockerfile", "a", "secret"] and os.listdir(tmp) == []
     real = tarfile.TarFile.add
 
     def add(self: tarfile.TarFile, name: str, *args: object, **kwargs: object) -> None:
