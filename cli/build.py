@@ -61,7 +61,8 @@ def pack_context(context: str, dockerfile: str) -> tuple[BinaryIO, str]:
     df = os.path.abspath(dockerfile) if dockerfile else os.path.join(ctx, "Dockerfile")
     if not os.path.isfile(df):
         raise CliError(f"no Dockerfile at {df}")
-    body = tempfile.TemporaryFile(prefix="shoal-build-", suffix=".tar")  # noqa: SIM115 (returned open)
+    # (returned open: the caller closes it)
+    body = tempfile.TemporaryFile(prefix="shoal-build-", suffix=".tar")  # noqa: SIM115
     rel_df = os.path.relpath(df, ctx)
     try:
         with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
