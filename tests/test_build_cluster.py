@@ -221,3 +221,28 @@ def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
     wait_until(lambda: h1.cli_json("node", "ls") and True, timeout=30,
                what="h1's agent back")
     wait_until(lambda: not held(), timeout=20, what="the cut-short RUN removed and released")
+
+
+def test_a_build_whose_client_goes_away_during_a_silent_run_is_cancelled(
+        lab: Lab, tmp_path: Path) -> None:
+    """The client of a build goes away (Ctrl-C) while a RUN prints nothing (a `sleep`, an
+    `apt-get` waiting on a slow mirror): the agent notices without having to write to it,
+    cancels the build and releases the RUN — its task, address and veth — in seconds, not
+    when the RUN ends on its own (here 1000 s; at worst the builder's one-hour limit)."""
+    h1 = lab.hosts[0]
+    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM busybox:1\nRUN sleep 1000\n")
+
+    def held() -> list[str]:
+        return _build_runs(h1.data_dir, h1.run("ip", "-o", "link").stdout)
+
+    client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
+                      str(ctx), log_name="silent")
+    try:
+        wait_until(lambda: len(held()) == 3 and held(), timeout=60, what="the RUN attached")
+    finally:
+        client.kill()
+        client.wait()
+    wait_until(lambda: not held(), timeout=15, what="the silent RUN cancelled and released")
