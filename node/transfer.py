@@ -470,8 +470,8 @@ async def cluster_usage(transfer: Transfer, by_node: dict[str, list[str]],
         del quiet[gone]
 
     async def ask(node_id: str, ids: list[str]) -> None:
-        if node_id == me.node_id:
-            out.update(local_usage(transfer.runtime, ids))
+        if node_id == me.node_id:  # (cgroup files: off the event loop, as the peers')
+            out.update(await asyncio.to_thread(local_usage, transfer.runtime, ids))
             return
         node = snap.nodes.get(node_id)
         if node is None or quiet.get(node_id, -math.inf) > time.monotonic():
