@@ -5,11 +5,12 @@ Owns: the command's arguments, the CPU share computed from two samples of the ta
 (``rows``: pure), and the refresh loop. Must not touch: the agent (only its API, /v1/stats),
 other commands.
 
-CPU % is of one core (200 % = two busy cores), as Docker's; MEM USAGE is the task's working
-set (its cgroup's charge less the inactive file cache, Docker's and Kubernetes' rule) over its
-memory limit, else its node's memory, as Docker shows
-the host's for a container without a limit. A task seen in one sample only (it started or
-ended between them) shows no CPU % yet.
+CPU % is of one core (200 % = two busy cores), as Docker's, over the time between the two
+reads of the task's node (``read_at``), as Docker's over its daemon's read times; MEM USAGE
+is the task's working set (its cgroup's charge less the inactive file cache, Docker's and
+Kubernetes' rule) over its memory limit, else its node's memory, as Docker shows the host's
+for a container without a limit. A task seen in one sample only (it started or ended between
+them) shows no CPU % yet.
 """
 
 from __future__ import annotations
@@ -53,16 +54,21 @@ def _size(n: float) -> str:
 
 def rows(before: list[Rec], after: list[Rec], elapsed: float) -> list[Rec]:
     """One row per task of ``after`` (the /v1/stats records of the second sample):
-    ``cpu_percent`` from the CPU time it used since ``before`` over ``elapsed`` seconds
-    (None when either sample lacks it), the memory against its limit; Docker's strings for
-    templates (``{{.CPUPerc}}``, ``{{.MemUsage}}``, ``{{.MemPerc}}``, ``{{.PIDs}}``)."""
-    cpu_before = {t["id"]: (t.get("usage") or {}).get("cpu_seconds") for t in before}
+    ``cpu_percent`` from the CPU time it used since ``before`` over the time between its
+    node's two reads (``usage.read_at``; ``elapsed`` seconds, the client's, from a node that
+    sends none) (None when either sample lacks it), the memory against its limit; Docker's
+    strings for templates (``{{.CPUPerc}}``, ``{{.MemUsage}}``, ``{{.MemPerc}}``, ``{{.PIDs}}``)."""
+    cpu_before = {t["id"]: ((t.get("usage") or {}).get("cpu_seconds"),
+                            (t.get("usage") or {}).get("read_at")) for t in before}
     out = []
     for t in after:
         usage: Mapping[str, Any] = t.get("usage") or {}
-        cpu, was = usage.get("cpu_seconds"), cpu_before.get(t["id"])
-        cpu_percent = (max(cpu - was, 0.0) / elapsed * 100
-                       if cpu is not None and was is not None and elapsed > 0 else None)
+        cpu, (was, was_at) = usage.get("cpu_seconds"), cpu_before.get(t["id"], (None, None))
+        at = usage.get("read_at")  # (when its node read it: an older agent sends none)
+        span = at - was_at if isinstance(at, (int, float)) and isinstance(
+            was_at, (int, float)) and at > was_at else elapsed
+        cpu_percent = (max(cpu - was, 0.0) / span * 100
+                       if cpu is not None and was is not None and span > 0 else None)
         mem, limit = usage.get("memory_bytes"), t.get("memory_limit") or 0
         mem_percent = mem / limit * 100 if mem is not None and limit else None
         out.append({

@@ -42,7 +42,7 @@ from shoal.gossip import Config as GossipConfig
 from shoal.gossip import EventKind, MemberEvent
 from shoal.node import pki, shutdown, upgrade
 from shoal.node.api import ApiServer, Controls
-from shoal.node.buildnet import MeshRunNetwork
+from shoal.node.buildnet import MeshRunNetwork, remove_cut_short
 from shoal.node.config import AgentConfig, NodeIdentity
 from shoal.node.context import NodeContext, VoterChanges, new_id
 from shoal.node.control.admission import Admission
@@ -179,6 +179,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self._http = self.ctx.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=5))
         await self.runtime.recover()
+        await remove_cut_short(self.runtime)  # (before the Mesh: it releases their addresses)
         api = ApiServer(self.config, Controls(
             lifecycle=self, services=self.services, nodes=self.nodes, roles=self.roles,
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,

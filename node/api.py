@@ -751,7 +751,8 @@ class ApiServer:
             ids = body.get("task_ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise BadRequest("task_ids must be a list of task ids", "task_ids")
-            return transfer.local_usage(c.runtime, ids[:10000])
+            # (a few cgroup files a task: thousands would hold the event loop)
+            return await asyncio.to_thread(transfer.local_usage, c.runtime, ids[:10000])
 
         async def mqtt_credentials(req: web.Request) -> Any:  # a worker's MQTT bridge
             return MqttSettings(c.services.ctx, sec).credentials(peer_of(req))

@@ -115,7 +115,7 @@ REPLIES: dict[str, Schema] = {
     "ServiceRef": obj("the service a command acted on", id=STR, name=STR, version=INT,
                        replicas=INT, removed=BOOL, image=STR, warnings=list_of(STR)),
     "Usage": obj("live resource use read from the task's cgroups", memory_bytes=INT,
-                  memory_peak_bytes=INT, cpu_seconds=NUM, pids=INT),
+                  memory_peak_bytes=INT, cpu_seconds=NUM, pids=INT, read_at=NUM),
     "Task": obj("a task (`service ps`)",
                  id=STR, name=STR, service=STR, service_id=STR, slot=INT, node_id=STR, node=STR,
                  desired_state=STR, state=STR, message=STR, error=STR,

@@ -11,6 +11,11 @@ not touch: the build (the builder decides when), the cluster state, other tasks'
 The Mesh is looked up at each call (``mesh_of``): it exists once the node is in a swarm and
 is replaced when it leaves one; without it (or before its network is up) a RUN of network
 mode ``default`` fails with a clear message and ``--network none|host`` still builds.
+
+An agent restart cuts its builds short, but not their RUN steps (a task's shim outlives the
+agent): ``remove_cut_short`` removes them as the agent starts — no build waits for them any
+more — before the Mesh starts, whose ``forget_except`` then releases their addresses (a
+silent RUN would otherwise run on, on the task network, holding its address).
 """
 
 from __future__ import annotations
@@ -21,13 +26,30 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from shoal.node.errors import NetworkError
-from shoal.runtime.records import FileValue
+from shoal.runtime.controller import Controller
+from shoal.runtime.records import BUILD_TASK_PREFIX, FileValue
 
 if TYPE_CHECKING:
     from shoal.node.mesh import Mesh
     from shoal.node.network import NodeNetwork
 
 log = logging.getLogger("shoal.buildnet")
+
+
+async def remove_cut_short(runtime: Controller) -> list[str]:
+    """Remove the RUN steps of builds an agent restart cut short (call it at the agent's start,
+    before the Mesh starts); their ids."""
+    gone = []
+    for tid in [t for t in runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)]:
+        try:
+            await runtime.remove(tid)
+        except Exception as exc:  # (the next build's sweep tries again: runtime/build.py)
+            log.warning("build step %s left by a restart: cannot remove it: %s", tid, exc)
+            continue
+        gone.append(tid)
+    if gone:
+        log.info("removed %d build step(s) an agent restart cut short", len(gone))
+    return gone
 
 
 class MeshRunNetwork:

@@ -201,7 +201,9 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
             ctx = await build_mod.receive_context(builder, req.content)
         except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)
             raise BadRequest(f"bad build context (expected a tar): {exc}", "body") from None
-        return await stream(req, build_mod.stream_build(builder, ctx, opts, cleanup=True))
+        return await stream(req, build_mod.stream_build(
+            builder, ctx, opts, cleanup=True,
+            gone=lambda: req.transport is None or req.transport.is_closing()))
 
     async def pulls(_: web.Request) -> Any:
         return registries.pulls()

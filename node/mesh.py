@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import random
 import socket
@@ -210,9 +211,12 @@ def service_networks(svc: Service) -> tuple[str, ...]:
     return svc.spec.task.networks or ("",)
 
 
-def networks_of_addr(snap: Snapshot, addr: str) -> set[str] | None:
+def networks_of_addr(snap: Snapshot, addr: str, subnet: str = "") -> set[str] | None:
     """The networks of the task that has ``addr`` ("" = the default network); None when no
-    live task has it (the node itself, a client outside the cluster)."""
+    live task has it (the node itself, a client outside the cluster). ``subnet``: this
+    node's task subnet — an address of it that no task has is on the default network all
+    the same (its bridge carries nothing else: an `image build` RUN step, a task whose
+    address the state does not show yet), but for its gateway (the node itself)."""
     for t in snap.tasks.values():
         if t.status.state.terminal:
             continue
@@ -220,12 +224,17 @@ def networks_of_addr(snap: Snapshot, addr: str) -> set[str] | None:
             return set(t.net_addrs)
         if t.status.addr == addr and not t.spec.networks:
             return {""}
+    if subnet and addr:
+        with contextlib.suppress(ValueError):
+            net, ip = ipaddress.ip_network(subnet), ipaddress.ip_address(addr)
+            if ip in net and ip != next(net.hosts()):
+                return {""}
     return None
 
 
 def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
            shuffle: Callable[[list[str]], None] | None = None,
-           asker: str = "") -> list[str] | None:
+           asker: str = "", subnet: str = "") -> list[str] | None:
     """DNS: ``SERVICE`` → [VIP] in endpoint mode ``vip`` when the VIP serves a port (a
     service that declares none answers on its task addresses: a VIP would refuse every
     connection); in ``dnsrr`` mode its task addresses, passed through ``shuffle`` (each
@@ -233,17 +242,18 @@ def lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
     task addresses (shuffled likewise); None = not a shoal name. ``asker``: the client's
     address — a task sees only services on a network it is on (no addresses otherwise),
     and task addresses on that shared network. A name that finds no service there is
-    looked up as a network alias (``alias_lookup``): a service's own name wins."""
+    looked up as a network alias (``alias_lookup``): a service's own name wins. ``subnet``:
+    the answering node's task subnet (``networks_of_addr``)."""
     tasks_only = name.startswith("tasks.")
     svc: Service | None = snap.service_by_name(name[6:] if tasks_only else name)
     if svc is not None:
-        mine = networks_of_addr(snap, asker) if asker else None
+        mine = networks_of_addr(snap, asker, subnet) if asker else None
         ips = _answer(snap, svc, service_networks(svc), tasks_only, mine, image_ports)
         if ips is not None:
             if shuffle is not None:
                 shuffle(ips)
             return ips
-    return alias_lookup(snap, name, image_ports, shuffle, asker)
+    return alias_lookup(snap, name, image_ports, shuffle, asker, subnet)
 
 
 def _answer(snap: Snapshot, svc: Service, nets: tuple[str, ...], tasks_only: bool,
@@ -269,7 +279,7 @@ def _answer(snap: Snapshot, svc: Service, nets: tuple[str, ...], tasks_only: boo
 
 def alias_lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_ports,
                  shuffle: Callable[[list[str]], None] | None = None,
-                 asker: str = "") -> list[str] | None:
+                 asker: str = "", subnet: str = "") -> list[str] | None:
     """``ALIAS`` / ``tasks.ALIAS``: a service's network alias (``task.network_aliases``,
     Docker's ``--network name=N,alias=A``) answers exactly as the service's name does (VIP,
     or its tasks' addresses), but only to askers on a network it is given for. As
@@ -287,7 +297,7 @@ def alias_lookup(snap: Snapshot, name: str, image_ports: ImagePorts = _no_image_
             found.append((svc.spec.name, svc, nets))
     if not found:
         return None
-    mine = networks_of_addr(snap, asker) if asker else None
+    mine = networks_of_addr(snap, asker, subnet) if asker else None
     out: list[str] | None = None
     for _, svc, nets in sorted(found, key=lambda f: f[0]):
         ips = _answer(snap, svc, nets, tasks_only, mine, image_ports, alias=True)
@@ -573,9 +583,9 @@ class Mesh:
             if snap is not None else None
 
     def _dns_lookup_from(self, name: str, client: str) -> list[str] | None:
-        snap = self._snap
-        return lookup(snap, name, self._cached_image_ports, random.shuffle, client) \
-            if snap is not None else None
+        snap, net = self._snap, self.network
+        return lookup(snap, name, self._cached_image_ports, random.shuffle, client,
+                      str(net.subnet) if net is not None else "") if snap is not None else None
 
     def _dns_forwards(self, client: str) -> bool:
         snap = self._snap

@@ -439,13 +439,16 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
 
 # ---------------------------------------------------------------------------- task usage
 def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Resource use of tasks running on this node (from their cgroups)."""
+    """Resource use of tasks running on this node (from their cgroups), with when it was read
+    (``read_at``: this node's monotonic clock, seconds — a rate is taken between two reads of
+    one node, not between two replies that wait for the slowest node: cli/stats.py)."""
     out: dict[str, dict[str, Any]] = {}
     for tid in task_ids:
         u = runtime.usage(tid)
         if u is not None:
             out[tid] = {"memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
-                        "cpu_seconds": u.cpu_seconds, "pids": u.pids}
+                        "cpu_seconds": u.cpu_seconds, "pids": u.pids,
+                        "read_at": time.monotonic()}
     return out
 
 
@@ -467,8 +470,8 @@ async def cluster_usage(transfer: Transfer, by_node: dict[str, list[str]],
         del quiet[gone]
 
     async def ask(node_id: str, ids: list[str]) -> None:
-        if node_id == me.node_id:
-            out.update(local_usage(transfer.runtime, ids))
+        if node_id == me.node_id:  # (cgroup files: off the event loop, as the peers')
+            out.update(await asyncio.to_thread(local_usage, transfer.runtime, ids))
             return
         node = snap.nodes.get(node_id)
         if node is None or quiet.get(node_id, -math.inf) > time.monotonic():

@@ -92,6 +92,7 @@ from shoal.runtime.registry import host_platform
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
 
 _ACTIVE: set[str] = set()  # RUN tasks of builds in progress in this process
+GONE_POLL = 0.5  # seconds between two looks at whether a build's client is still there
 
 def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[str, str],
               files: str = "") -> str:
@@ -760,11 +761,15 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def stream_build(builder: Builder, ctx: Path, opts: BuildOptions, cleanup: bool = False
+async def stream_build(builder: Builder, ctx: Path, opts: BuildOptions, cleanup: bool = False,
+                       gone: Callable[[], bool] | None = None
                        ) -> AsyncIterator[dict[str, Any]]:
     """Run a build, yielding ``{"stream": line}`` records as it goes and finally
     ``{"image", "tags", "steps", "cached", "layers_created", "images_created"}`` or
-    ``{"error", "line"}``; ``cleanup``: remove ``ctx`` at the end."""
+    ``{"error", "line"}``; ``cleanup``: remove ``ctx`` at the end. ``gone()``: whether the
+    client went away, looked at every GONE_POLL seconds while no record comes (a RUN that
+    prints nothing: writing is not how the client's leaving would be noticed) — then the
+    build is cancelled (its RUN removed, its address released) and the stream ends."""
     import asyncio
 
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -785,7 +790,16 @@ async def stream_build(builder: Builder, ctx: Path, opts: BuildOptions, cleanup:
 
     job = asyncio.ensure_future(work())
     try:
-        while (rec := await queue.get()) is not None:
+        while True:
+            try:
+                async with asyncio.timeout(GONE_POLL if gone is not None else None):
+                    rec = await queue.get()
+            except TimeoutError:
+                if gone is not None and gone():
+                    return  # (the finally cancels the build)
+                continue
+            if rec is None:
+                break
             yield rec
     finally:
         if not job.done():

@@ -197,3 +197,65 @@ def test_run_steps_get_a_network_as_dockers_builder_gives(lab: Lab, tmp_path: Pa
     client.kill()
     client.wait()
     wait_until(released, timeout=20, what="the cancelled RUN's address released")
+
+
+def _build_runs(h1_data: Path, links: str) -> list[str]:
+    """What build steps hold on h1: addresses (network.json), veths, task directories."""
+    state = h1_data / "network.json"
+    addrs = json.loads(state.read_text())["addrs"] if state.exists() else {}
+    return [*(f"address {a} of {t}" for t, a in addrs.items() if t.startswith("build")),
+            *(f"veth {w}" for w in links.split() if w.startswith("svbuild")),
+            *(f"task {p.name}" for p in (h1_data / "tasks").glob("build*"))]
+
+
+def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
+                                                                 tmp_path: Path) -> None:
+    """The agent killed mid-RUN (SIGKILL: the RUN's shim and its namespace survive it): the
+    restarted agent removes that RUN and releases its address and veth at once — no build
+    can still wait for it — rather than leaving a silent RUN running on the task network,
+    holding its address, until some later build happens to sweep it."""
+    h1 = lab.hosts[0]
+    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM busybox:1\nRUN sleep 1000\n")
+
+    def held() -> list[str]:
+        return _build_runs(h1.data_dir, h1.run("ip", "-o", "link").stdout)
+
+    client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
+                      str(ctx), log_name="cut-short")
+    try:
+        wait_until(lambda: len(held()) == 3 and held(), timeout=60, what="the RUN attached")
+        h1.restart_agent()
+    finally:
+        client.kill()
+        client.wait()
+    wait_until(lambda: h1.cli_json("node", "ls") and True, timeout=30,
+               what="h1's agent back")
+    wait_until(lambda: not held(), timeout=20, what="the cut-short RUN removed and released")
+
+
+def test_a_build_whose_client_goes_away_during_a_silent_run_is_cancelled(
+        lab: Lab, tmp_path: Path) -> None:
+    """The client of a build goes away (Ctrl-C) while a RUN prints nothing (a `sleep`, an
+    `apt-get` waiting on a slow mirror): the agent notices without having to write to it,
+    cancels the build and releases the RUN — its task, address and veth — in seconds, not
+    when the RUN ends on its own (here 1000 s; at worst the builder's one-hour limit)."""
+    h1 = lab.hosts[0]
+    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM busybox:1\nRUN sleep 1000\n")
+
+    def held() -> list[str]:
+        return _build_runs(h1.data_dir, h1.run("ip", "-o", "link").stdout)
+
+    client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
+                      str(ctx), log_name="silent")
+    try:
+        wait_until(lambda: len(held()) == 3 and held(), timeout=60, what="the RUN attached")
+    finally:
+        client.kill()
+        client.wait()
+    wait_until(lambda: not held(), timeout=15, what="the silent RUN cancelled and released")

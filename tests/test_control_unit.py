@@ -464,6 +464,29 @@ async def test_live_usage_skips_a_node_that_did_not_answer_for_a_while(
     assert asked == ["n2", "n2", "n2"] and "n2" not in c.transfer.usage_quiet
 
 
+async def test_a_nodes_own_usage_is_read_off_its_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a task's usage is a few cgroup files (~70 µs each task on this machine):
+    `shoal stats` asks every node every second, and a node of 4,000 tasks held its event loop
+    ~0.3 s each time (heartbeats, the feed, every API call waiting) — past the listing's 0.3 s
+    timeout, so it never answered either. The reads run in a worker thread."""
+    import threading
+
+    from shoal.node import transfer as transfer_mod
+
+    c = Cluster(tmp_path)
+    await c.boot()
+    read_on: list[int] = []
+    real = c.transfer.runtime.usage
+
+    def usage(tid: str) -> Any:
+        read_on.append(threading.get_ident())
+        return real(tid)
+    monkeypatch.setattr(c.transfer.runtime, "usage", usage)
+    await transfer_mod.cluster_usage(c.transfer, {"n1": ["t1", "t2"]}, 0.3, listing=True)
+    assert len(read_on) == 2 and threading.get_ident() not in read_on
+
+
 def test_a_tasks_default_host_name_is_a_valid_label_that_keeps_its_slot() -> None:
     """A long service name is cut, never the slot or node part, and no cut ends in '-': a
     62-character service name's tasks never started ("not a valid host name: 'aaa…a-'"),

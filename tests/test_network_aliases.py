@@ -247,3 +247,30 @@ def test_the_dns_server_answers_a_dotted_alias_and_forwards_other_dotted_names()
     assert reply is not None and [r.address for rrset in reply.answer for r in rrset] == [db.vip]
     assert server.answer(dns.message.make_query("example.org.", "A"), "10.96.1.9") is None
     assert server.answer(dns.message.make_query("db.internal.", "A"), "10.99.0.5") is None
+
+
+def test_a_build_step_on_the_task_bridge_sees_the_names_a_default_network_task_does(
+        tmp_path: Path) -> None:
+    """The node's DNS server (Mesh._dns_lookup_from) asked from an address of this node's
+    task subnet that no task of the state has — an `image build` RUN step (node/buildnet.py),
+    or a task whose address the state does not show yet — answers as to a task of the
+    default network: not the names of services on other networks (db, on the overlay
+    network back, internal or not), which the node itself (the gateway: its own queries,
+    host-network tasks and RUNs) and a client outside any subnet still get."""
+    from shoal.node.mesh import Mesh
+    from shoal.node.network import NodeNetwork
+
+    db, web = service("db", "back"), service("web")  # (web: the default network)
+    s = state((db, [task("d1", db, back="10.96.1.2")]), (web, [task("w1", web)]))
+    mesh = Mesh(tmp_path, "n1", "10.77.0.11", snapshot=lambda: s, is_ready=lambda: True,
+                live_tasks=lambda: ())
+    mesh.network = NodeNetwork(tmp_path, "10.99.0.0/24", "10.99.0.0/16")
+    mesh._snap = s
+    assert mesh._dns_lookup_from("db", "10.99.0.5") is None  # w1, a default-network task
+    assert mesh._dns_lookup_from("web", "10.99.0.5") == [web.vip]
+    for run_step in ("10.99.0.77", "10.99.0.254"):  # (no task has it)
+        assert mesh._dns_lookup_from("db", run_step) is None, run_step
+        assert mesh._dns_lookup_from("tasks.db", run_step) is None, run_step
+        assert mesh._dns_lookup_from("web", run_step) == [web.vip], run_step
+    assert mesh._dns_lookup_from("db", "10.99.0.1") == [db.vip]  # the node (its gateway)
+    assert mesh._dns_lookup_from("db", "10.96.1.2") == [db.vip]  # d1 itself, on back

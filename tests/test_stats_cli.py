@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import pytest
@@ -64,3 +65,36 @@ def test_no_stream_takes_two_samples_a_second_apart_and_prints_once(
     assert slept == [stats.INTERVAL]
     rows = json.loads(capsys.readouterr().out)
     assert [(r["id"], r["cpu_percent"]) for r in rows] == [("t1", 50.0)]
+
+
+def test_cpu_is_over_the_time_between_the_nodes_reads_not_between_the_replies() -> None:
+    """A node reads each task's CPU time when it is asked (``read_at``: its monotonic clock):
+    the share is over the time between those reads. The time between the two replies is
+    another — a slow node (0.25 s to answer the first time, 0.02 s the second) holds up the
+    whole first reply, which shortens the client's interval by 0.23 s for every task and
+    overstated their CPU by 30 % — and serves only when a node sends no read time (an older
+    agent)."""
+    def read(tid: str, cpu: float, at: float | None) -> dict[str, Any]:
+        t = _task(tid, cpu)
+        if at is not None:
+            t["usage"]["read_at"] = at
+        return t
+    before = [read("t1", 10.0, 500.0), read("t2", 4.0, None)]
+    after = [read("t1", 10.5, 501.25), read("t2", 4.5, None)]
+    got = {r["id"]: r["cpu_percent"] for r in stats.rows(before, after, 1.02)}
+    assert got["t1"] == pytest.approx(40.0)  # 0.5 s of CPU over the node's 1.25 s
+    assert got["t2"] == pytest.approx(0.5 / 1.02 * 100)  # (no read time: the client's)
+
+
+def test_a_node_says_when_it_read_each_tasks_usage() -> None:
+    from shoal.node.transfer import local_usage
+    from shoal.runtime.cgroups import TaskUsage
+
+    class Runtime:  # (the runtime's usage() of two tasks: what local_usage reports of it)
+        def usage(self, tid: str) -> TaskUsage | None:
+            return TaskUsage(memory_bytes=1, memory_peak_bytes=2, cpu_seconds=3.0, pids=4) \
+                if tid == "t1" else None
+
+    t0 = time.monotonic()
+    got = local_usage(Runtime(), ["t1", "t2"])  # type: ignore[arg-type]
+    assert list(got) == ["t1"] and t0 <= got["t1"]["read_at"] <= time.monotonic()
