@@ -183,6 +183,13 @@ def _generic_resources(svc: _Service, v: Any, path: str) -> None:
     svc.set("task.resources.reservations.generic_resources", out, path)
 
 
+def _domainname(svc: _Service, v: Any, path: str) -> None:
+    """``domainname:``, joined onto the host name (``hostname: mail`` + ``domainname:
+    example.com`` → the task's ``mail.example.com``, as Docker's container; cluster schema
+    14)."""
+    svc.domainname = as_str(v, path).strip(".")
+
+
 def _unresolved(svc: _Service, v: Any, path: str) -> None:
     """``extends`` reaching the translation: a document not read by ``load`` (which resolves
     it); refused rather than deployed without the keys it would take."""
@@ -268,7 +275,7 @@ KEYS: dict[str, Rule] = {
     "tty": _to("task.container.tty", as_bool),
     "stdin_open": _to("task.container.stdin_open", as_bool),
     "isolation": LATER, "credential_spec": LATER,
-    "group_add": _to("task.container.group_add", as_str_list), "domainname": LATER,
+    "group_add": _to("task.container.group_add", as_str_list), "domainname": Rule(_domainname),
     "shm_size": LATER, "mac_address": LATER, "platform": LATER,
     "oom_score_adj": _to("task.container.oom_score_adj", as_int),
     "privileged": LATER, "devices": LATER, "gpus": LATER, "annotations": LATER,
@@ -385,6 +392,11 @@ def translate_service(stack: str, key: str, body: Any, project_dir: Path,
             not svc.spec.get("task", {}).get("container", {}).get("command"):
         raise ComposeError(f"{path}.image", "is required (without one, shoal runs "
                            "command: as a program of each node's own filesystem)")
+    if svc.domainname:  # (Docker's container: HOSTNAME.DOMAINNAME; without a hostname:
+        # KEY-SLOT, as shoal's default SERVICE-SLOT without the stack's name)
+        c = svc.spec.setdefault("task", {}).setdefault("container", {})
+        host = c.get("hostname") or re.sub(r"[._]", "-", key) + "-{{.Task.Slot}}"
+        svc.set("task.container.hostname", f"{host}.{svc.domainname}", f"{path}.domainname")
     if svc.restart is not None and not any(p.startswith("task.restart.")
                                            for p in svc.spec_paths):
         for k, v in svc.restart.items():

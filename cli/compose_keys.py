@@ -221,6 +221,7 @@ class _Service:
     environment: dict[str, str] = field(default_factory=dict)
     entrypoint: list[str] | None = None
     restart: dict[str, Any] | None = None  # from restart: (used without deploy.restart_policy)
+    domainname: str = ""  # from domainname: (joined onto the host name)
     # a volume's name in the cluster → (driver, driver_opts) declared under volumes:
     volume_drivers: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     health_test_given: bool = False

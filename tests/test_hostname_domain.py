@@ -71,3 +71,11 @@ def test_compose_takes_a_host_name_with_a_domain(tmp_path: Path) -> None:
 def test_etc_hosts_names_the_bare_host_name_beside_the_whole_one() -> None:
     assert "10.0.0.5\tmail.example.com mail\n" in hosts_file("mail.example.com", addr="10.0.0.5")
     assert "127.0.1.1\tdb-3\n" in hosts_file("db-3")
+
+
+def test_compose_domainname_is_joined_onto_the_host_name(tmp_path: Path) -> None:
+    st = deploy(tmp_path, "services:\n  mail: {image: a, hostname: mx, domainname: example.com}\n"
+                          "  web_app: {image: a, domainname: example.com.}\n")
+    names = {s.name: s.task.container.hostname for s in st.services}
+    assert names == {"app_mail": "mx.example.com",
+                     "app_web_app": "web-app-{{.Task.Slot}}.example.com"}, names
