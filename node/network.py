@@ -51,7 +51,7 @@ from typing import Any
 from shoal.node.errors import NetworkError
 from shoal.node.netlink import import_iproute
 from shoal.raft.errors import IpamError
-from shoal.raft.ipam import allocate_address
+from shoal.raft.ipam import allocate_after
 
 log = logging.getLogger("shoal.network")
 IPRoute, NetlinkError = import_iproute()  # not all of pyroute2: see node/netlink.py
@@ -109,15 +109,18 @@ class NodeNetwork:
         self.gateway = str(next(self.subnet.hosts()))
         self.state_file = data_dir / "network.json"
         self.addrs: dict[str, str] = {}  # task id → address
+        self.last = ""  # the address given last (the next is sought after it: ipam)
         with contextlib.suppress(OSError, ValueError):
             data = json.loads(self.state_file.read_text())
             if data.get("subnet") == subnet:
                 self.addrs = dict(data.get("addrs", {}))
+                self.last = str(data.get("last", ""))
         self._routes: dict[str, str] = {}
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"subnet": str(self.subnet), "addrs": self.addrs}))
+        tmp.write_text(json.dumps({"subnet": str(self.subnet), "addrs": self.addrs,
+                                   "last": self.last}))
         os.replace(tmp, self.state_file)
 
     # ------------------------------------------------------------------ node
@@ -243,11 +246,11 @@ class NodeNetwork:
     async def attach(self, task_id: str, pid: int) -> str:
         """Give the task (whose namespace holds ``pid``) its address; return it."""
         try:
-            addr = self.addrs.get(task_id) or allocate_address(
-                str(self.subnet), self.addrs.values(), skip_first=1)
+            addr = self.addrs.get(task_id) or allocate_after(
+                str(self.subnet), self.addrs.values(), self.last, skip_first=1)
         except IpamError as exc:
             raise NetworkError(f"cannot attach task {task_id}: {exc}") from exc
-        self.addrs[task_id] = addr
+        self.addrs[task_id], self.last = addr, addr
         self._save()
         try:
             await asyncio.to_thread(self._attach, task_id, pid, addr)

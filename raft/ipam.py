@@ -71,3 +71,30 @@ def allocate_address(cidr: str, used: Iterable[str], skip_first: int = 0) -> str
         if str(host) not in taken:
             return str(host)
     raise IpamError(f"no free address left in {cidr}")
+
+
+def allocate_after(cidr: str, used: Iterable[str], after: str = "", skip_first: int = 0) -> str:
+    """The first host address of ``cidr`` after ``after`` (the one given last; "" = from the
+    start) not in ``used``, wrapping round to the start (after ``skip_first`` hosts): serial
+    allocation, as Docker's IPAM, so an address just given back is handed out again only
+    once the range has gone round. A node's task addresses (shoal.node.network): rules that
+    still name a released address for a moment (host ports, the balancer's backends) never
+    reach the next task. Not for the state machine's VIPs (``allocate_address``, whose lowest
+    free rule needs no history)."""
+    net = ipaddress.ip_network(cidr)
+    first = int(net.network_address) + 1 + skip_first  # (hosts: past the network address)
+    last = int(net.broadcast_address) - 1
+    if net.num_addresses <= 2 or first > last:
+        raise IpamError(f"no free address left in {cidr}")
+    taken = {int(ipaddress.ip_address(u)) for u in used if u}
+    try:
+        prev = int(ipaddress.ip_address(after)) if after else last
+    except ValueError:
+        prev = last
+    start = prev + 1 if first <= prev < last else first
+    count = last - first + 1
+    for i in range(count):
+        addr = first + (start - first + i) % count
+        if addr not in taken:
+            return str(ipaddress.ip_address(addr))
+    raise IpamError(f"no free address left in {cidr}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,33 @@ def test_a_thousand_nodes_fill_a_cluster_network_in_order() -> None:
         new_prefix=24)]
     with pytest.raises(IpamError, match="no free /24"):
         allocate_subnet("10.112.0.0/14", 24, used)
+
+
+def test_a_nodes_task_addresses_go_round_the_subnet_before_one_is_given_again() -> None:
+    """Serial allocation (Docker's IPAM): the address a task just gave back is not the next
+    one handed out, so a rule still naming it for a moment reaches no new task."""
+    from shoal.raft.ipam import allocate_after
+
+    net = "10.99.3.0/29"  # hosts .1-.6; .1 is the node's gateway (skip_first=1)
+    assert allocate_after(net, [], "", skip_first=1) == "10.99.3.2"
+    assert allocate_after(net, ["10.99.3.2"], "10.99.3.2", skip_first=1) == "10.99.3.3"
+    # .3 given back: the next is .4, not .3 again
+    assert allocate_after(net, ["10.99.3.2"], "10.99.3.3", skip_first=1) == "10.99.3.4"
+    # past the end it wraps to the first free one
+    assert allocate_after(net, ["10.99.3.2"], "10.99.3.6", skip_first=1) == "10.99.3.3"
+    assert allocate_after(net, [], "garbage", skip_first=1) == "10.99.3.2"
+    assert allocate_after(net, [], "10.99.3.1", skip_first=1) == "10.99.3.2"
+    with pytest.raises(IpamError, match="no free address"):
+        allocate_after(net, [f"10.99.3.{i}" for i in range(2, 7)], "10.99.3.4", skip_first=1)
+
+
+def test_the_node_keeps_the_address_given_last_across_a_restart(tmp_path: Path) -> None:
+    """NodeNetwork's network.json keeps the last address with the tasks' (an agent restarted
+    goes on round the subnet rather than back to its start)."""
+    from shoal.node.network import NodeNetwork
+
+    net = NodeNetwork(tmp_path, "10.99.0.0/24", "10.99.0.0/16")
+    net.addrs, net.last = {"t1": "10.99.0.2"}, "10.99.0.9"
+    net._save()
+    again = NodeNetwork(tmp_path, "10.99.0.0/24", "10.99.0.0/16")
+    assert (again.addrs, again.last) == ({"t1": "10.99.0.2"}, "10.99.0.9")
