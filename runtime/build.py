@@ -26,9 +26,12 @@ or the id of COPY --from's image)`` to the image that step made; a hit reuses it
 made), so an unchanged rebuild creates no layer and no manifest. A cached image that was
 removed (``image prune``) is a miss.
 
-RUN: a task (``TaskConfig``: the parent image, ``/bin/sh -c CMD`` or the exec form, the image's
-Env + the build args in scope, WorkingDir, User) started and waited for through the runtime's
-Controller interface; its output is streamed; a non-zero exit fails the build. Its network is
+RUN: a task (``TaskConfig``: the parent image, the stage's SHELL — ``/bin/sh -c`` until a
+SHELL — with CMD, or the exec form, the image's Env + the build args in scope, WorkingDir,
+User) started and waited for through the runtime's Controller interface; its output is
+streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs), heredocs
+and the mount points to leave out of its layer are shoal.runtime.buildmounts'; a RUN's cache
+key holds its mounts' options and what its binds take, and a heredoc's text. Its network is
 the build's ``--network`` (shoal.runtime.buildnet): by default the node's task network, with an
 address for the RUN's lifetime, outbound NAT and the node's DNS, as Docker's builder gives its
 default bridge (``apt-get install``, ``pip install`` work); ``none``: only ``lo``; ``host``:

@@ -2,7 +2,9 @@
 ``shoal image build``.
 
 Owns: the Dockerfile parser (``parse_dockerfile``: continuations, comments, the instructions
-shoal builds — ``SUPPORTED`` — and the ones it refuses by name, errors with line numbers),
+shoal builds — ``SUPPORTED`` — and the ones it refuses by name, errors with line numbers;
+BuildKit's heredocs, ``Heredoc``), RUN's flags (``run_flags``: ``--mount`` read into
+``RunMount``s by ``parse_mount``, ``--network``), SHELL's argv (``parse_shell``),
 Docker's variable substitution (``expand``), ``KEY=VALUE`` pairs (``parse_pairs``),
 ``HEALTHCHECK``'s options (``parse_healthcheck``), ``.dockerignore`` (``read_dockerignore``,
 ``ignored``, ``context_files``: which context paths a build sends) and the context files a
