@@ -387,4 +387,7 @@ async def test_buildkit_mounts_heredocs_and_shell(ctl: ProcessController,
                                     "RUN false; echo not reached\n")
     with pytest.raises(BuildError, match="line 3: RUN false; echo not reached returned"):
         await builder.build(ctx, BuildOptions(), lines.append)
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN --network=host true\n")
+    with pytest.raises(BuildError, match="line 2: RUN --network=host needs the build's"):
+        await builder.build(ctx, BuildOptions(network="none"), lines.append)
     assert ctl.tasks() == {}

@@ -508,6 +508,16 @@ def test_shell_and_maintainer_are_recorded_in_the_config() -> None:
     assert cfg.to_json()["Shell"] == ["/bin/bash", "-c"] and cfg.to_json()["Author"] == "Jo"
     assert ImageConfig.from_json(cfg.to_json()) == cfg
     assert "Shell" not in ImageConfig().to_json()  # (ids of images without it unchanged)
+    # pushed as Docker has it (top-level "author"), and read back from a registry's config
+    import json
+
+    from shoal.runtime.imageconfig import ImageInfo
+    from shoal.runtime.registry import image_config
+    from shoal.runtime.regpush import oci_config
+
+    doc = json.loads(oci_config(ImageInfo("sha256:x", (), (), 0, cfg), [], ("linux", "x", "")))
+    assert doc["author"] == "Jo" and "Author" not in doc["config"]
+    assert image_config(doc) == cfg
     check = resolve(HealthCheck(), ImageHealthcheck(test=("CMD-SHELL", "true")), cfg.shell)
     assert check is not None and check.argv == ("/bin/bash", "-c", "true")
 
