@@ -54,10 +54,10 @@ _NOT_APPLIED = {
     "privileged": "RUN is never privileged in shoal's builder",
     "entitlements": "RUN is never privileged in shoal's builder",
     "platforms": "the image is built for the building node's platform",
-    "ssh": "RUN --mount is not supported by shoal's builder: a step that needs the agent "
-           "fails",
-    "secrets": "RUN --mount is not supported by shoal's builder: a step that needs the "
-               "secret fails",
+    "ssh": "RUN --mount=type=ssh is not supported by shoal's builder (cache, bind, tmpfs "
+           "are): a step that needs the agent fails",
+    "secrets": "RUN --mount=type=secret is not supported by shoal's builder (cache, bind, "
+               "tmpfs are): a step that needs the secret fails",
 }
 # build keys whose absence would build another image than the file asks for
 _REFUSED = {

@@ -211,7 +211,8 @@ class Check:
         return f"{self.kind} {self.host}:{self.port}{self.path if self.kind == 'http' else ''}"
 
 
-def resolve(spec: HealthCheck, image: ImageHealthcheck | None = None) -> Check | None:
+def resolve(spec: HealthCheck, image: ImageHealthcheck | None = None,
+            shell: tuple[str, ...] = ()) -> Check | None:
     """The check a task runs, or None (no check, or ``--no-healthcheck``, or the image says
     NONE). The spec's test wins; a zero interval/timeout/retries/start period takes the
     image's value, then Docker's default (as Docker merges a service's and an image's
@@ -231,7 +232,7 @@ def resolve(spec: HealthCheck, image: ImageHealthcheck | None = None) -> Check |
     elif spec.tcp:
         kind, port = "tcp", spec.tcp
     elif img.test and img.test[0] == "CMD-SHELL" and len(img.test) > 1:
-        kind, argv = "exec", ("/bin/sh", "-c", img.test[1])
+        kind, argv = "exec", (*(shell or ("/bin/sh", "-c")), img.test[1])  # (its SHELL)
     elif img.test and img.test[0] == "CMD" and len(img.test) > 1:
         kind, argv = "exec", tuple(img.test[1:])
     if not kind:

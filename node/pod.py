@@ -208,10 +208,12 @@ class Pods:
 
     def _check_of(self, c: SidecarSpec) -> Check | None:
         image = None
+        shell: tuple[str, ...] = ()  # (its SHELL: CMD-SHELL's runner, Docker's)
         if c.image:
             with contextlib.suppress(StartError):
-                image = self.runtime.image_config(c.image).healthcheck
-        return resolve(c.healthcheck, image)
+                config = self.runtime.image_config(c.image)
+                image, shell = config.healthcheck, config.shell
+        return resolve(c.healthcheck, image, shell)
 
     # ------------------------------------------------------------------ each pass
     def tend(self, task: Task, pid: int, now: float) -> tuple[ContainerStatus, ...]:

@@ -396,13 +396,15 @@ class Worker:
         """The task's health check: its spec's over its image's HEALTHCHECK (cached)."""
         if task.id not in self._checks:
             image = None
+            shell: tuple[str, ...] = ()  # (its SHELL: CMD-SHELL's runner, Docker's)
             ref = task.spec.container.image
             if ref:
                 try:
-                    image = self.runtime.image_config(ref).healthcheck
+                    config = self.runtime.image_config(ref)
+                    image, shell = config.healthcheck, config.shell
                 except StartError:
                     image = None
-            self._checks[task.id] = resolve(task.spec.container.healthcheck, image)
+            self._checks[task.id] = resolve(task.spec.container.healthcheck, image, shell)
         return self._checks[task.id]
 
     async def task_config(self, task: Task) -> TaskConfig:

@@ -26,9 +26,12 @@ or the id of COPY --from's image)`` to the image that step made; a hit reuses it
 made), so an unchanged rebuild creates no layer and no manifest. A cached image that was
 removed (``image prune``) is a miss.
 
-RUN: a task (``TaskConfig``: the parent image, ``/bin/sh -c CMD`` or the exec form, the image's
-Env + the build args in scope, WorkingDir, User) started and waited for through the runtime's
-Controller interface; its output is streamed; a non-zero exit fails the build. Its network is
+RUN: a task (``TaskConfig``: the parent image, the stage's SHELL — ``/bin/sh -c`` until a
+SHELL — with CMD, or the exec form, the image's Env + the build args in scope, WorkingDir,
+User) started and waited for through the runtime's Controller interface; its output is
+streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs), heredocs
+and the mount points to leave out of its layer are shoal.runtime.buildmounts'; a RUN's cache
+key holds its mounts' options and what its binds take, and a heredoc's text. Its network is
 the build's ``--network`` (shoal.runtime.buildnet): by default the node's task network, with an
 address for the RUN's lifetime, outbound NAT and the node's DNS, as Docker's builder gives its
 default bridge (``apt-get install``, ``pip install`` work); ``none``: only ``lo``; ``host``:
@@ -64,6 +67,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal.runtime.buildmounts import (
+    copy_heredocs,
+    mount_digest,
+    remove_stubs,
+    run_argv,
+    run_mounts,
+    stub_paths,
+)
 from shoal.runtime.buildnet import RunNetwork, check_network
 from shoal.runtime.buildstages import (
     STAGE_NAME,
@@ -74,6 +85,7 @@ from shoal.runtime.buildstages import (
     stage_sources,
     target_stage,
 )
+from shoal.runtime.dockerfile import DEFAULT_SHELL, RunMount, parse_shell, run_flags, split_words
 from shoal.runtime.dockerfile import SUPPORTED as SUPPORTED
 from shoal.runtime.dockerfile import Instruction as Instruction
 from shoal.runtime.dockerfile import context_files as context_files
@@ -99,7 +111,9 @@ def cache_key(parent: str, ins: Instruction, expanded: str, build_args: Mapping[
     """The layer-cache key of one step: the parent image id, the instruction and its
     expanded arguments, the build args in scope (they reach RUN's environment) and, for
     COPY/ADD, the digest of the files taken from the context."""
-    blob = json.dumps([parent, ins.cmd, expanded, sorted(build_args.items()), files])
+    docs = [[[h.name, h.content, h.expand, h.chomp] for h in ins.heredocs]] if ins.heredocs \
+        else []  # (their text is the instruction's too)
+    blob = json.dumps([parent, ins.cmd, expanded, sorted(build_args.items()), files, *docs])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -232,7 +246,9 @@ class Builder:
         # image's had before any step (as BuildKit), so a missing one fails the build early
         froms: dict[int | str, str] = {}
         for stage in stages:
-            for ins, ref in stage.copy_from.items():
+            for ins, ref in [*stage.copy_from.items(), *((i, r) for i, m in
+                                                          stage.mount_from.items()
+                                                          for r in m.values())]:
                 if stage.index in wanted and isinstance(ref, str) and ref not in froms:
                     info = await self._image(ref, ins, f"COPY --from={ref} (no stage has "
                                              "that name)", emit)
@@ -301,17 +317,42 @@ class Builder:
             st.args[name] = value
             emit(" ---> (build arg)")
             return
-        expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK") \
-            else expand(ins.args, env)
+        expanded = ins.args if ins.cmd in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK", "SHELL",
+                                           "MAINTAINER") else expand(ins.args, env)
         sources: list[tuple[str, str, bool]] = []
         digest = ""
         source: ImageInfo | None = None  # COPY --from's image
-        if ins in stage.copy_from:  # (its image id stands for its files)
-            digest = froms[stage.copy_from[ins]] or "scratch"
-            source = self.store.inspect(digest) if digest != "scratch" else None
-        elif ins.cmd in ("COPY", "ADD"):
-            sources, digest = await asyncio.to_thread(context_sources, ctx, files, ins,
-                                                      expanded)
+        with contextlib.ExitStack() as cleanup:
+            if ins.cmd == "RUN":  # (its mounts' options and what they bind)
+                mounts = run_flags(ins, env, st.config.workdir or "/")[0]
+                ids = {m.from_: froms.get(stage.mount_from.get(ins, {}).get(m.from_, ""), "")
+                       for m in mounts if m.from_}
+                digest = await asyncio.to_thread(mount_digest, ctx, mounts, ids, ins.line)
+            elif ins in stage.copy_from:  # (its image id stands for its files)
+                digest = froms[stage.copy_from[ins]] or "scratch"
+                source = self.store.inspect(digest) if digest != "scratch" else None
+            elif ins.cmd in ("COPY", "ADD"):
+                rest, digest = expanded, ""
+                if ins.heredocs:  # (written out, then taken as absolute paths)
+                    into = Path(tempfile.mkdtemp(dir=self.tmp, prefix="heredoc-"))
+                    cleanup.callback(_rmtree, into)
+                    rest, sources, digest = copy_heredocs(ins, expanded, env, into)
+                if not ins.heredocs or any(not w.startswith("--")
+                                           for w in split_words(rest)[:-1]):
+                    more, more_digest = await asyncio.to_thread(context_sources, ctx, files,
+                                                                ins, rest)
+                    sources, digest = sources + more, digest + more_digest
+            await self._step_run(ctx, ins, stage, st, expanded, sources, source, digest,
+                                 froms, opts, result, emit)
+
+    async def _step_run(self, ctx: Path, ins: Instruction, stage: Stage, st: _State,
+                        expanded: str, sources: list[tuple[str, str, bool]],
+                        source: ImageInfo | None, digest: str,
+                        froms: Mapping[int | str, str], opts: BuildOptions,
+                        result: BuildResult, emit: Emit) -> None:
+        """A step's cache look-up, else its work (``_step`` read what it takes)."""
+        import asyncio
+
         key = cache_key(st.image, ins, expanded, st.args, digest)
         hit = None if opts.no_cache else self._cached(key)
         if hit is not None:
@@ -321,7 +362,7 @@ class Builder:
             return
         new_layer: tuple[str, int] | None = None
         if ins.cmd == "RUN":
-            new_layer = await self._run(ins, st, emit, opts.network)
+            new_layer = await self._run(ins, st, emit, opts.network, ctx, stage, froms)
         elif ins.cmd in ("COPY", "ADD"):
             if ins in stage.copy_from:
                 layers = self.store.layer_dirs(source) if source is not None else []
@@ -416,10 +457,14 @@ class Builder:
                     raise BuildError(f"EXPOSE: bad port {word!r}", line)
                 ports.add((int(port), proto))
             cfg = replace(cfg, exposed_ports=tuple(sorted(ports)))
+        elif ins.cmd == "SHELL":  # (the shell form's from here on; Docker's config Shell)
+            cfg = replace(cfg, shell=parse_shell(ins))
+        elif ins.cmd == "MAINTAINER":  # (deprecated; Docker's Author)
+            cfg = replace(cfg, author=args.strip())
         elif ins.cmd in ("CMD", "ENTRYPOINT"):
             argv = ins.exec_form()
             if argv is None:
-                argv = ["/bin/sh", "-c", args] if args.strip() else []
+                argv = [*(cfg.shell or DEFAULT_SHELL), args] if args.strip() else []
             cfg = replace(cfg, cmd=tuple(argv)) if ins.cmd == "CMD" else \
                 replace(cfg, entrypoint=tuple(argv), cmd=())
         elif ins.cmd == "HEALTHCHECK":
@@ -570,63 +615,80 @@ class Builder:
 
     # -- RUN
 
-    async def _run(self, ins: Instruction, st: _State, emit: Emit, network: str = "default"
+    async def _run(self, ins: Instruction, st: _State, emit: Emit, network: str,
+                   ctx: Path, stage: Stage, froms: Mapping[int | str, str]
                    ) -> tuple[str, int] | None:
+        """A RUN as a task, its mounts (shoal.runtime.buildmounts) made for it; its layer."""
         import asyncio
 
         if not st.layers:
             raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
-        argv = ins.exec_form()
-        argv = ["/bin/sh", "-c", ins.args] if argv is None else argv
-        if not argv or not ins.args.strip():
+        mounts, run_net, command = run_flags(ins, {**st.args, **st.config.env},
+                                             st.config.workdir or "/")
+        if run_net == "host" and network != "host":
+            raise BuildError("RUN --network=host needs the build's --network host", ins.line)
+        network = {"": network, "default": network}.get(run_net, run_net)
+        argv, script = run_argv(ins, command, st.config.shell)
+        if not argv or not command.strip():
             raise BuildError("RUN needs a command", ins.line)
         task_id = f"{BUILD_TASK_PREFIX}{secrets.token_hex(8)}"
         net = self.network if network == "default" else None
-        files: Mapping[str, Any] = {}
+        files: dict[str, Any] = {}
         if self.network is not None and network != "none":
             try:  # (its resolv.conf: the node's DNS server, on the host's network too)
-                files = self.network.files()
+                files = dict(self.network.files())
             except Exception as exc:  # no task network on this node
                 if net is not None:
                     raise BuildError(f"RUN: {exc}: build with --network none or host",
                                      ins.line) from None
-        _ACTIVE.add(task_id)
-        cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
-                         env={**st.args, **st.config.env}, workdir=st.config.workdir,
-                         image=st.image, user=st.config.user, files=files,
-                         host_network=network == "host")
-        try:
+        files.update(script)
+        lower = self._lower_dirs(st)
+        stubs = stub_paths(lower, [m.target for m in mounts] + sorted(files))
+
+        def layers(m: RunMount) -> list[Path]:  # (a from='s image: its layers)
+            image = froms.get(stage.mount_from.get(ins, {}).get(m.from_, ""), "")
+            return self.store.layer_dirs(self.store.inspect(image)) if image else []
+
+        async with run_mounts(ins, mounts, ctx, self.dir, self.tmp, layers) as specs:
+            _ACTIVE.add(task_id)
+            cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
+                             env={**st.args, **st.config.env}, workdir=st.config.workdir,
+                             image=st.image, user=st.config.user, files=files,
+                             host_network=network == "host", mounts=tuple(specs))
             try:
-                await self.runtime.start(cfg, before_start=functools.partial(
-                    net.attach, task_id) if net is not None else None)
-            except Exception as exc:  # a start failure (bad user, image gone, no address...)
-                raise BuildError(f"RUN: cannot start: {exc}", ins.line) from None
-            seen = 0
-            deadline = time.monotonic() + self.run_timeout
-            while True:
-                status = self.runtime.status(task_id)
-                lines = self.runtime.read_logs(task_id)
-                for log_line in lines[seen:]:
-                    emit(log_line.line)
-                seen = max(seen, len(lines))
-                if status is None or status.state is RunState.EXITED:
-                    break
-                if time.monotonic() > deadline:
-                    raise BuildError(f"RUN did not finish in {self.run_timeout:g}s", ins.line)
-                await asyncio.sleep(0.05)
-            code = status.exit_code if status is not None else None
-            if code != 0:
-                raise BuildError(f"RUN {ins.args} returned a non-zero code: {code} "
-                                 f"({status.message if status else 'unknown'})", ins.line)
-            upper = self.runtime.logs_path(task_id)[0].parent / "upper"
-            return await asyncio.to_thread(self._diff_layer, upper)
-        finally:  # (a failed or cancelled build too: the task, then its address, go)
-            _ACTIVE.discard(task_id)
-            with contextlib.suppress(Exception):
-                await self.runtime.remove(task_id)
-            if net is not None:
+                try:
+                    await self.runtime.start(cfg, before_start=functools.partial(
+                        net.attach, task_id) if net is not None else None)
+                except Exception as exc:  # a start failure (bad user, image gone...)
+                    raise BuildError(f"RUN: cannot start: {exc}", ins.line) from None
+                seen = 0
+                deadline = time.monotonic() + self.run_timeout
+                while True:
+                    status = self.runtime.status(task_id)
+                    lines = self.runtime.read_logs(task_id)
+                    for log_line in lines[seen:]:
+                        emit(log_line.line)
+                    seen = max(seen, len(lines))
+                    if status is None or status.state is RunState.EXITED:
+                        break
+                    if time.monotonic() > deadline:
+                        raise BuildError(f"RUN did not finish in {self.run_timeout:g}s",
+                                         ins.line)
+                    await asyncio.sleep(0.05)
+                code = status.exit_code if status is not None else None
+                if code != 0:
+                    raise BuildError(f"RUN {ins.args} returned a non-zero code: {code} "
+                                     f"({status.message if status else 'unknown'})", ins.line)
+                upper = self.runtime.logs_path(task_id)[0].parent / "upper"
+                await asyncio.to_thread(remove_stubs, upper, stubs)
+                return await asyncio.to_thread(self._diff_layer, upper)
+            finally:  # (a failed or cancelled build too: the task, then its address, go)
+                _ACTIVE.discard(task_id)
                 with contextlib.suppress(Exception):
-                    await net.detach(task_id)
+                    await self.runtime.remove(task_id)
+                if net is not None:
+                    with contextlib.suppress(Exception):
+                        await net.detach(task_id)
 
     def _diff_layer(self, upper: Path) -> tuple[str, int] | None:
         """The RUN's upper dir as a layer tarball (None if it changed nothing)."""

@@ -2,14 +2,14 @@
 stage takes from another image (``COPY --from``).
 
 Owns: splitting parsed instructions into stages (``plan_stages``: ``FROM IMAGE [AS NAME]``,
-names case-insensitive; a FROM naming an earlier stage builds on it; every ``COPY --from`` —
-a stage's name or index, else an image reference — resolved before anything runs, errors
-naming the line), the target (``target_stage``) and the stages it needs (``needed``, as
-BuildKit: the others are not built), and reading an image's files without mounting anything
-(``LayeredFS``: its unpacked layers merged as overlayfs would merge them — whiteouts and
-opaque directories hide what is below, symlinks followed inside the image) into the
-(source, path in image) list ``stage_sources`` gives the builder's COPY. Pure but for reading
-layer directories. Must not touch: running steps, the build cache, the image store (the
+names case-insensitive; a FROM naming an earlier stage builds on it; every ``COPY --from`` and
+``RUN --mount=...,from=`` — a stage's name or index, else an image reference — resolved before
+anything runs, errors naming the line), the target (``target_stage``) and the stages it needs
+(``needed``, as BuildKit: the others are not built), and reading an image's files without
+mounting anything (``LayeredFS``: its unpacked layers merged as overlayfs would merge them —
+whiteouts and opaque directories hide what is below, symlinks followed inside the image) into
+the (source, path in image) list ``stage_sources`` gives the builder's COPY. Pure but for
+reading layer directories. Must not touch: running steps, the build cache, the image store (the
 builder hands in the directories ``ImageStore.layer_dirs`` gives).
 
 Errors: ``BuildError`` (shoal.runtime.errors) with ``line`` = the Dockerfile line (0 and
@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.runtime.dockerfile import Instruction, expand
+from shoal.runtime.dockerfile import Instruction, expand, run_flags
 from shoal.runtime.errors import BuildError
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
@@ -45,6 +45,9 @@ class Stage:
     instructions: list[Instruction] = field(default_factory=list)  # those after its FROM
     # COPY --from of this stage's instructions: an earlier stage's index or an image reference
     copy_from: dict[Instruction, int | str] = field(default_factory=dict)
+    # RUN --mount=...,from=X of this stage's instructions: X (as written) -> an earlier
+    # stage's index or an image reference
+    mount_from: dict[Instruction, dict[str, int | str]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -52,8 +55,10 @@ class Stage:
         return self.name or str(self.index)
 
     def deps(self) -> set[int]:
-        """The stages this one reads: its base stage and its COPY --from stages."""
+        """The stages this one reads: its base stage, its COPY --from and RUN --mount from=
+        stages."""
         out = {v for v in self.copy_from.values() if isinstance(v, int)}
+        out |= {v for m in self.mount_from.values() for v in m.values() if isinstance(v, int)}
         return out | ({self.base_stage} if self.base_stage is not None else set())
 
 
@@ -151,6 +156,12 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str],
                              f"{later.from_ins.line}); a stage builds on an earlier one",
                              st.from_ins.line)
         for ins in st.instructions:
+            if ins.cmd == "RUN":
+                for mount in run_flags(ins, meta)[0]:
+                    if mount.from_:
+                        st.mount_from.setdefault(ins, {})[mount.from_] = _source(
+                            mount.from_, st, stages, by_name, ins,
+                            "RUN --mount from")
             if ins.cmd not in ("COPY", "ADD"):
                 continue
             value = copy_flags(ins)[0].get("from")
@@ -163,12 +174,12 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str],
 
 
 def _source(value: str, st: Stage, stages: Sequence[Stage], by_name: Mapping[str, Stage],
-            ins: Instruction) -> int | str:
+            ins: Instruction, what: str = "COPY --from") -> int | str:
     """COPY --from=VALUE: an earlier stage's index, or an image reference (a name no stage
     has)."""
     if value.isdigit():
         if int(value) >= len(stages):
-            raise BuildError(f"COPY --from={value}: there is no stage {value} (the stages "
+            raise BuildError(f"{what}={value}: there is no stage {value} (the stages "
                              f"are 0 to {len(stages) - 1})", ins.line)
         other = stages[int(value)]
     elif value.lower() in by_name:
@@ -176,10 +187,10 @@ def _source(value: str, st: Stage, stages: Sequence[Stage], by_name: Mapping[str
     else:
         return value
     if other.index == st.index:
-        raise BuildError(f"COPY --from={value}: that is this stage itself (a stage copies "
+        raise BuildError(f"{what}={value}: that is this stage itself (a stage copies "
                          "from an earlier one)", ins.line)
     if other.index > st.index:
-        raise BuildError(f"COPY --from={value}: stage {other.label!r} is defined later (line "
+        raise BuildError(f"{what}={value}: stage {other.label!r} is defined later (line "
                          f"{other.from_ins.line}); a stage copies from an earlier one",
                          ins.line)
     return other.index

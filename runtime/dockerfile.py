@@ -2,7 +2,9 @@
 ``shoal image build``.
 
 Owns: the Dockerfile parser (``parse_dockerfile``: continuations, comments, the instructions
-shoal builds — ``SUPPORTED`` — and the ones it refuses by name, errors with line numbers),
+shoal builds — ``SUPPORTED`` — and the ones it refuses by name, errors with line numbers;
+BuildKit's heredocs, ``Heredoc``), RUN's flags (``run_flags``: ``--mount`` read into
+``RunMount``s by ``parse_mount``, ``--network``), SHELL's argv (``parse_shell``),
 Docker's variable substitution (``expand``), ``KEY=VALUE`` pairs (``parse_pairs``),
 ``HEALTHCHECK``'s options (``parse_healthcheck``), ``.dockerignore`` (``read_dockerignore``,
 ``ignored``, ``context_files``: which context paths a build sends) and the context files a
@@ -34,8 +36,28 @@ from shoal.runtime.imageconfig import ImageHealthcheck
 
 #: Instructions this builder runs; every other Dockerfile instruction is refused by name.
 SUPPORTED = ("FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "EXPOSE", "LABEL",
-             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL", "VOLUME")
-KNOWN_UNSUPPORTED = ("ONBUILD", "SHELL", "MAINTAINER")
+             "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL", "VOLUME", "SHELL", "MAINTAINER")
+KNOWN_UNSUPPORTED = ("ONBUILD",)
+#: The instructions that take heredocs (BuildKit's).
+HEREDOC_CMDS = ("RUN", "COPY", "ADD")
+#: The shell of the shell form (RUN, CMD, ENTRYPOINT) until a SHELL changes it.
+DEFAULT_SHELL = ("/bin/sh", "-c")
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    """A here-document of a RUN/COPY/ADD (``<<EOF`` ... ``EOF``), BuildKit's."""
+
+    name: str  # the delimiter, unquoted: COPY's file name
+    content: str  # the lines between the instruction and the delimiter, each with its "\n"
+    expand: bool  # an unquoted delimiter: COPY expands the build's variables in it
+    chomp: bool  # ``<<-``: leading tabs stripped from each line (and from the delimiter)
+
+    def text(self) -> str:
+        """The content, leading tabs stripped when ``chomp``."""
+        if not self.chomp:
+            return self.content
+        return "".join(line.lstrip("\t") for line in self.content.splitlines(keepends=True))
 
 
 
@@ -44,6 +66,7 @@ class Instruction:
     line: int  # 1-based line number of the instruction's first line
     cmd: str  # upper case: "RUN"
     args: str  # the rest, continuation lines joined, surrounding blanks stripped
+    heredocs: tuple[Heredoc, ...] = ()  # RUN/COPY/ADD's here-documents, in line order
 
     def exec_form(self) -> list[str] | None:
         """The JSON array form (``["a", "b"]``), or None for the shell form."""
@@ -62,8 +85,10 @@ class Instruction:
 def parse_dockerfile(text: str) -> list[Instruction]:
     """Instructions of a Dockerfile: comments (``#`` first on a line) and blank lines skipped,
     ``\\`` at a line's end continues it (comment lines inside a continuation are dropped, as
-    Docker does). Raise BuildError for an unknown or unsupported instruction, naming its line,
-    and when there is no FROM first (ARGs may come before it). Each FROM starts a stage
+    Docker does); a RUN/COPY/ADD's here-documents (``<<EOF``, ``<<-EOF``, ``<<'EOF'``, several
+    on one line, read in order) are the lines that follow it up to each delimiter. Raise
+    BuildError for an unknown or unsupported instruction, an unterminated heredoc, naming its
+    line, and when there is no FROM first (ARGs may come before it). Each FROM starts a stage
     (shoal.runtime.buildstages splits them)."""
     out: list[Instruction] = []
     lines = text.splitlines()
@@ -91,12 +116,217 @@ def parse_dockerfile(text: str) -> list[Instruction]:
             what = "unsupported" if cmd in KNOWN_UNSUPPORTED else "unknown"
             raise BuildError(f"{what} instruction {word!r} (supported: {', '.join(SUPPORTED)})",
                              start + 1)
-        out.append(Instruction(start + 1, cmd, rest.strip()))
+        docs: list[Heredoc] = []
+        for name, expand_it, chomp in (heredoc_words(rest) if cmd in HEREDOC_CMDS else ()):
+            body: list[str] = []
+            while True:
+                if i >= len(lines):
+                    raise BuildError(f"{cmd}: unterminated heredoc <<{name} (no line {name})",
+                                     start + 1)
+                line = lines[i]
+                i += 1
+                if (line.lstrip("\t") if chomp else line) == name:
+                    break
+                body.append(line + "\n")
+            docs.append(Heredoc(name, "".join(body), expand_it, chomp))
+        out.append(Instruction(start + 1, cmd, rest.strip(), tuple(docs)))
     first = next((ins for ins in out if ins.cmd != "ARG"), None)
     if first is None or first.cmd != "FROM":
         raise BuildError("the Dockerfile must start with FROM (after optional ARGs)",
                          first.line if first else 0)
     return out
+
+
+_HEREDOC_RE = re.compile(r"(\d*)<<(-?)([^<]+)")
+
+
+def split_words(text: str) -> list[str]:
+    """``text`` split at blanks outside quotes, each word as written (quotes and
+    backslashes kept): how BuildKit finds a heredoc's ``<<WORD``."""
+    words: list[str] = []
+    cur = ""
+    quote = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            cur += ch
+            if ch == "\\" and quote == '"' and i + 1 < len(text):
+                cur += text[i + 1]
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in " \t":
+            if cur:
+                words.append(cur)
+            cur = ""
+        else:
+            cur += ch
+            if ch in "'\"":
+                quote = ch
+            elif ch == "\\" and i + 1 < len(text):
+                cur += text[i + 1]
+                i += 1
+        i += 1
+    if cur:
+        words.append(cur)
+    return words
+
+
+def heredoc_word(word: str) -> tuple[str, bool, bool] | None:
+    """(delimiter, expand, chomp) of a ``<<WORD`` / ``<<-WORD`` / ``<<"WORD"`` word as
+    written, else None; a quoted delimiter (any quote in it) means no expansion."""
+    m = _HEREDOC_RE.fullmatch(word)
+    if m is None:
+        return None
+    raw = m.group(3)
+    name = re.sub(r"""['"\\]""", "", raw)
+    if not name or any(c in name for c in " \t"):
+        return None
+    return name, not any(q in raw for q in "'\""), m.group(2) == "-"
+
+
+def heredoc_words(args: str) -> list[tuple[str, bool, bool]]:
+    """The heredocs an instruction's arguments open, in order (``heredoc_word``)."""
+    return [h for h in map(heredoc_word, split_words(args)) if h is not None]
+
+
+def parse_shell(ins: Instruction) -> tuple[str, ...]:
+    """SHELL's ``["executable", "parameters"...]``: a non-empty JSON array of strings."""
+    argv = ins.exec_form()
+    if not argv:
+        raise BuildError('SHELL needs a JSON array, e.g. SHELL ["/bin/bash", "-c"]', ins.line)
+    return tuple(argv)
+
+
+#: RUN --mount types shoal builds; BuildKit's secret and ssh are refused by name.
+MOUNT_TYPES = ("bind", "cache", "tmpfs")
+_MOUNT_KEYS = {"type", "target", "source", "from", "id", "sharing", "mode", "uid", "gid",
+               "readonly", "rw", "size"}
+_MOUNT_ALIASES = {"dst": "target", "destination": "target", "src": "source", "ro": "readonly",
+                  "readwrite": "rw", "tmpfs-size": "size"}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+@dataclass(frozen=True)
+class RunMount:
+    """One ``RUN --mount=...`` (BuildKit's), its values expanded."""
+
+    type: str  # "bind" | "cache" | "tmpfs"
+    target: str  # absolute path in the RUN (a relative one is the WORKDIR's), normalised
+    source: str = ""  # bind: a path of the context or of ``from``; cache: of ``from``
+    from_: str = ""  # bind/cache: a stage (name or index) or an image; "" = the context
+    id: str = ""  # cache: its name on the node; "" = the target
+    sharing: str = "shared"  # cache: "shared" | "private" | "locked"
+    mode: int = 0o755  # cache: the new directory's mode
+    uid: int = 0  # cache: the new directory's owner
+    gid: int = 0
+    readonly: bool = False  # bind: True unless ``rw``; cache: ``readonly``/``ro``
+    size: int = 0  # tmpfs: bytes, 0 = the kernel's default
+
+
+def _flag_bool(key: str, value: str | None, line: int) -> bool:
+    if value is None or value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise BuildError(f"RUN --mount: {key}={value} is not true or false", line)
+
+
+def parse_mount(spec: str, workdir: str, line: int) -> RunMount:
+    """A ``--mount`` flag's value (``type=cache,target=/root/.cache,sharing=locked``) as a
+    RunMount; BuildError naming the line for an unknown type or key, a missing target, a bad
+    value. ``secret`` and ``ssh`` are refused (shoal's builder takes no secrets)."""
+    opts: dict[str, str | None] = {}
+    for item in (f.strip() for f in spec.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = _MOUNT_ALIASES.get(key.lower(), key.lower())
+        if key not in _MOUNT_KEYS and key not in ("required", "env"):
+            raise BuildError(f"RUN --mount: unknown option {key!r}", line)
+        opts[key] = value if sep else None
+    kind = opts.get("type") or "bind"
+    if kind in ("secret", "ssh"):
+        raise BuildError(f"RUN --mount=type={kind} is not supported: shoal's builder takes no "
+                         "secrets or SSH agents (use a build arg, or COPY the file in an "
+                         "earlier stage)", line)
+    if kind not in MOUNT_TYPES:
+        raise BuildError(f"RUN --mount: unknown type {kind!r} (shoal builds "
+                         f"{', '.join(MOUNT_TYPES)})", line)
+    target = opts.get("target")
+    if not target:
+        raise BuildError(f"RUN --mount=type={kind} needs target=PATH", line)
+    path = posixpath.normpath(posixpath.join("/", workdir or "/", target))
+    if path.startswith("//"):
+        path = path[1:]
+    if path == "/" or "\0" in path or any(path == d or path.startswith(d + "/")
+                                          for d in ("/proc", "/sys", "/dev")):
+        raise BuildError(f"RUN --mount: target {target!r} cannot be / or under /proc, /sys, "
+                         "/dev", line)
+    allowed = {"bind": {"source", "from", "readonly", "rw"},
+               "cache": {"source", "from", "id", "sharing", "mode", "uid", "gid", "readonly"},
+               "tmpfs": {"size"}}[kind] | {"type", "target"}
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise BuildError(f"RUN --mount=type={kind}: option {bad[0]!r} is not one of its "
+                         f"({', '.join(sorted(allowed))})", line)
+    sharing = opts.get("sharing") or "shared"
+    if sharing not in ("shared", "private", "locked"):
+        raise BuildError(f"RUN --mount: sharing={sharing} is not shared, private or locked",
+                         line)
+    try:
+        mode = int(opts.get("mode") or "755", 8)
+        uid, gid = int(opts.get("uid") or 0), int(opts.get("gid") or 0)
+        size_text = (opts.get("size") or "0").strip().lower()
+        m = re.fullmatch(r"(\d+)([bkmgt]?)b?", size_text)
+        if m is None:
+            raise ValueError(f"size={size_text} (e.g. 64m)")
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if not 0 <= mode <= 0o7777 or uid < 0 or gid < 0:
+            raise ValueError("mode, uid and gid must be >= 0 (mode octal)")
+    except ValueError as exc:
+        raise BuildError(f"RUN --mount: bad value: {exc}", line) from None
+    if kind == "bind":  # (read-only unless rw)
+        readonly = not _flag_bool("rw", opts["rw"], line) if "rw" in opts else True
+        if "readonly" in opts:
+            readonly = _flag_bool("readonly", opts["readonly"], line)
+    else:
+        readonly = "readonly" in opts and _flag_bool("readonly", opts["readonly"], line)
+    return RunMount(kind, path, (opts.get("source") or "").strip(), opts.get("from") or "",
+                    opts.get("id") or "", sharing, mode, uid, gid, readonly, size)
+
+
+def run_flags(ins: Instruction, env: Mapping[str, str] | None = None, workdir: str = "/"
+              ) -> tuple[list[RunMount], str, str]:
+    """A RUN's flags — ``--mount=`` (several), ``--network=`` (``default``, ``none``,
+    ``host``) — and its command as written (shell or exec form); ``env``: the variables
+    the flags' values are expanded with (None: not expanded, the planner's look for
+    ``from=``). ``--security`` and other flags: BuildError naming the line."""
+    mounts: list[RunMount] = []
+    network = ""
+    text = ins.args.strip()
+    while text.startswith("--"):
+        word = split_words(text)[0]
+        text = text[len(word):].lstrip()
+        try:
+            [flag] = shlex.split(word)
+        except ValueError:
+            raise BuildError(f"RUN: bad flag {word}", ins.line) from None
+        key, sep, value = flag[2:].partition("=")
+        if env is not None:
+            value = expand(value, env)
+        if key == "mount" and sep:
+            mounts.append(parse_mount(value, workdir, ins.line))
+        elif key == "network" and value in ("default", "none", "host"):
+            network = value
+        else:
+            raise BuildError(f"RUN: unsupported flag {flag} (shoal's RUN takes --mount= and "
+                             "--network=default|none|host)", ins.line)
+    targets = [m.target for m in mounts]
+    if len(set(targets)) != len(targets):
+        raise BuildError("RUN: two --mount on one target", ins.line)
+    return mounts, network, text
 
 
 _VAR_RE = re.compile(r"\\\$|\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")

@@ -1,10 +1,10 @@
 """What an image says about how to run it: the records of an image's config and of a stored image.
 
 Owns: ``ImageConfig`` (Docker's config keys: Entrypoint, Cmd, Env, WorkingDir, User,
-Healthcheck, StopSignal, ExposedPorts, Labels; its JSON form is the ``config`` of a shoal image
-manifest, so ``to_json`` decides image ids: optional keys appear only when set),
-``ImageHealthcheck``, ``ImageInfo`` and Docker's rules for a service spec over an image
-(``ImageConfig.apply``). Pure: no I/O. Must not touch: the image store's files
+Healthcheck, StopSignal, ExposedPorts, Labels, Volumes, Shell, Author; its JSON form is the
+``config`` of a shoal image manifest, so ``to_json`` decides image ids: optional keys appear
+only when set), ``ImageHealthcheck``, ``ImageInfo`` and Docker's rules for a service spec over
+an image (``ImageConfig.apply``). Pure: no I/O. Must not touch: the image store's files
 (shoal.runtime.images, which re-exports these names), registries, tasks.
 """
 
@@ -79,6 +79,9 @@ class ImageConfig:
     # the image's VOLUME paths (Docker's ``Volumes``), sorted: each gets an anonymous volume
     # in a task that mounts nothing there (shoal.node.worker)
     volumes: tuple[str, ...] = ()
+    # the image's SHELL (Docker's ``Shell``): the shell form's runner; () = /bin/sh -c
+    shell: tuple[str, ...] = ()
+    author: str = ""  # MAINTAINER's name (Docker's ``Author``); "" = unset
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -99,6 +102,10 @@ class ImageConfig:
             out["Labels"] = dict(sorted(self.labels.items()))
         if self.volumes:  # (likewise)
             out["Volumes"] = {path: {} for path in self.volumes}
+        if self.shell:  # (likewise)
+            out["Shell"] = list(self.shell)
+        if self.author:  # (likewise)
+            out["Author"] = self.author
         return out
 
     @classmethod
@@ -122,6 +129,9 @@ class ImageConfig:
             if isinstance(raw.get("Labels"), dict) else {},
             volumes=tuple(sorted({str(k) for k in raw.get("Volumes") or {}}))
             if isinstance(raw.get("Volumes"), dict) else (),
+            shell=tuple(str(a) for a in raw.get("Shell") or ())
+            if isinstance(raw.get("Shell"), list) else (),
+            author=str(raw.get("Author") or ""),
         )
 
     def apply(

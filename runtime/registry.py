@@ -652,8 +652,13 @@ class RegistryClient:
 
 
 def image_config(config_doc: Mapping[str, Any]) -> ImageConfig:
-    """The runtime's ImageConfig from an OCI/Docker image config document."""
-    return ImageConfig.from_json(config_doc.get("config"))
+    """The runtime's ImageConfig from an OCI/Docker image config document (its top-level
+    ``author``, MAINTAINER's, as the config's ``Author``)."""
+    config = config_doc.get("config")
+    author = config_doc.get("author")
+    if isinstance(config, dict) and isinstance(author, str) and author:
+        config = {**config, "Author": config.get("Author") or author}
+    return ImageConfig.from_json(config)
 
 
 def _basic(creds: tuple[str, str]) -> str:

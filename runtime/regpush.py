@@ -77,11 +77,13 @@ def oci_config(info: ImageInfo, diff_ids: list[str],
     """The image's OCI config as canonical JSON; ``platform``: (os, arch, variant), this
     machine's by default."""
     os_name, arch, variant = platform or host_platform()
-    doc: dict[str, object] = {"architecture": arch, "os": os_name,
-                              "config": info.config.to_json(),
+    config = info.config.to_json()
+    doc: dict[str, object] = {"architecture": arch, "os": os_name, "config": config,
                               "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     if variant:
         doc["variant"] = variant
+    if config.get("Author"):  # (MAINTAINER's: Docker's image has it at the top)
+        doc["author"] = config.pop("Author")
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -289,3 +289,105 @@ async def test_a_multi_stage_build_copies_a_stages_files_into_another_base(
                        r"name\): no such image on this node"):
         await builder.build(ctx, BuildOptions(), lines.append)
     assert "ran" not in lines and ctl.tasks() == {}
+
+
+BUILDKIT = """\
+FROM base:1 AS tools
+RUN mkdir -p /opt/tool && echo tool-from-stage > /opt/tool/v.txt
+FROM base:1
+ARG N
+WORKDIR /app
+RUN --mount=type=cache,target=/var/cache/thing,id=things \\
+    --mount=type=bind,source=conf.txt,target=/etc/conf.txt \\
+    --mount=type=bind,from=tools,source=/opt/tool,target=/mnt/tool \\
+    --mount=type=bind,target=ctx,rw \\
+    --mount=type=tmpfs,target=/scratch,size=1m \\
+    cat /etc/conf.txt /mnt/tool/v.txt > seen.txt && touch ctx/written && \\
+    echo run-$N >> /var/cache/thing/runs && cat /var/cache/thing/runs >> seen.txt && \\
+    touch /scratch/x && grep -q " /scratch tmpfs" /proc/mounts && echo tmpfs >> seen.txt
+RUN <<EOF
+echo heredoc-run > /app/h.txt
+echo "home is $HOME" >> /app/h.txt
+EOF
+RUN <<S
+#!/bin/sh
+echo "script at $0" > /app/script.txt
+S
+COPY <<notes.txt <<'raw.txt' /app/
+arg is ${N}
+notes.txt
+not $N
+raw.txt
+SHELL ["/bin/echo", "via-shell:"]
+RUN hello
+CMD run me
+"""
+
+
+def _image_files(ctl: ProcessController, ref: str) -> dict[str, str]:
+    """Every path of an image (its merged layers) -> its content ("" for a directory)."""
+    from shoal.runtime.buildstages import LayeredFS
+
+    fs = LayeredFS(ctl.images.layer_dirs(ctl.images.inspect(ref)))
+    found = fs.lookup("/")
+    assert found is not None
+    return {rel: "" if p.is_dir() or p.is_symlink() else p.read_text(errors="replace")
+            for rel, p in fs.walk(found[1])}
+
+
+async def test_buildkit_mounts_heredocs_and_shell(ctl: ProcessController,
+                                                  tmp_path: Path) -> None:
+    """RUN --mount: a cache kept across builds (build 2's RUN sees what build 1's wrote) and in
+    neither image; a bind of a context file, of a stage's directory, of the context read-write
+    (writes discarded), a tmpfs — none of them, nor the directories made to mount them on, in
+    the layer. Heredoc RUNs (by the shell; a #! script) and COPY (expanded unless quoted);
+    SHELL runs the shell form of what follows and is the config's; a failing first command
+    under SHELL ["/bin/sh", "-ec"] fails the RUN."""
+    ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(BUILDKIT)
+    (ctx / "conf.txt").write_text("conf-from-context\n")
+    builder = Builder(ctl, ctl.images, tmp_path / "build")
+    lines: list[str] = []
+    await builder.build(ctx, BuildOptions(tags=("bk:1",), build_args={"N": "1"}), lines.append)
+    assert "via-shell: hello" in lines, lines
+    files = _image_files(ctl, "bk:1")
+    assert files["app/seen.txt"] == "conf-from-context\ntool-from-stage\nrun-1\ntmpfs\n"
+    assert files["app/h.txt"] == "heredoc-run\nhome is /root\n"
+    assert files["app/script.txt"] == "script at /.shoal-heredoc/S\n"
+    assert (files["app/notes.txt"], files["app/raw.txt"]) == ("arg is 1\n", "not $N\n")
+    for gone in ("var", "var/cache", "etc/conf.txt", "mnt", "scratch", "app/ctx",
+                 ".shoal-heredoc"):
+        assert gone not in files, gone
+    assert not (ctx / "written").exists()
+    assert [p.name for p in (tmp_path / "build" / "tmp").iterdir()] == []  # (copies gone)
+    assert len(list((tmp_path / "build" / "cache").iterdir())) == 1
+    cfg = ctl.images.inspect("bk:1").config
+    assert cfg.shell == ("/bin/echo", "via-shell:")
+    assert cfg.cmd == ("/bin/echo", "via-shell:", "run me")
+
+    # build 2 (N changed: the RUN runs again) sees the cache build 1 filled
+    (ctx / "conf.txt").write_text("conf v2\n")
+    second = await builder.build(ctx, BuildOptions(tags=("bk:2",), build_args={"N": "2"}),
+                                 lines.append)
+    assert second.cached == 1  # (the tools stage's RUN; N is in the keys from its ARG on)
+    files = _image_files(ctl, "bk:2")
+    assert files["app/seen.txt"] == "conf v2\ntool-from-stage\nrun-1\nrun-2\ntmpfs\n"
+    assert "var" not in files and files["app/notes.txt"] == "arg is 2\n"
+    # an unchanged rebuild: all from the cache, though the cache mount's content changed
+    again = await builder.build(ctx, BuildOptions(build_args={"N": "2"}), lines.append)
+    assert (again.image.id, again.layers_created) == (second.image.id, 0)
+    # the bound context file changed: the RUN that binds it misses
+    (ctx / "conf.txt").write_text("conf v3\n")
+    third = await builder.build(ctx, BuildOptions(build_args={"N": "2"}), lines.append)
+    assert _image_files(ctl, third.image.id)["app/seen.txt"].startswith("conf v3\n")
+
+    (ctx / "Dockerfile").write_text('FROM base:1\nSHELL ["/bin/sh", "-ec"]\n'
+                                    "RUN false; echo not reached\n")
+    with pytest.raises(BuildError, match="line 3: RUN false; echo not reached returned"):
+        await builder.build(ctx, BuildOptions(), lines.append)
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN --network=host true\n")
+    with pytest.raises(BuildError, match="line 2: RUN --network=host needs the build's"):
+        await builder.build(ctx, BuildOptions(network="none"), lines.append)
+    assert ctl.tasks() == {}

@@ -50,7 +50,8 @@ def test_parser_joins_continuations_skips_comments_and_keeps_line_numbers() -> N
 
 
 @pytest.mark.parametrize(("text", "line", "words"), [
-    ("FROM a\nRUN x\nSHELL [\"sh\"]\n", 3, "unsupported instruction 'SHELL'"),
+    ("FROM a\nRUN x\nONBUILD RUN y\n", 3, "unsupported instruction 'ONBUILD'"),
+    ("FROM a\nRUN x\nRUN cat <<EOF\nno end\n", 3, "unterminated heredoc <<EOF"),
     ("FROM a\n\nFROBNICATE x\n", 3, "unknown instruction 'FROBNICATE'"),
     ("RUN x\n", 1, "must start with FROM"),
 ])
@@ -315,3 +316,245 @@ def test_copy_from_reads_an_images_layers_as_overlayfs_merges_them(tmp_path: Pat
     assert LayeredFS([]).glob("/*") == [] and LayeredFS([]).lookup("/x") is None
     with pytest.raises(BuildError, match="line 7: COPY --from=build: /app/a not found there"):
         copy("--from=build /app/a /x")
+
+
+# ------------------------------------------------------------------ BuildKit's RUN and heredocs
+
+HEREDOCS = """\
+FROM a
+RUN <<EOF
+echo one
+# not a comment: the script's
+EOF
+RUN <<-EOT
+\techo "tabs $HOME"
+\tEOT
+RUN python3 <<'PY' && echo after
+print("$HOME")
+PY
+COPY <<a.txt <<"b.txt" /dir/
+A is $NAME
+a.txt
+B is $NAME
+b.txt
+RUN echo "<<NOT" && cat <<X
+x
+X
+CMD echo done
+"""
+
+
+def test_heredocs_are_read_as_buildkit_reads_them() -> None:
+    got = parse_dockerfile(HEREDOCS)
+    assert [(i.line, i.cmd) for i in got] == [
+        (1, "FROM"), (2, "RUN"), (6, "RUN"), (9, "RUN"), (12, "COPY"), (17, "RUN"), (20, "CMD")]
+    one, chomped, py, copy, quoted = got[1:6]
+    assert one.args == "<<EOF" and [(h.name, h.content, h.expand, h.chomp)
+                                     for h in one.heredocs] == [
+        ("EOF", "echo one\n# not a comment: the script's\n", True, False)]
+    assert chomped.heredocs[0].chomp and chomped.heredocs[0].text() == 'echo "tabs $HOME"\n'
+    assert py.args == "python3 <<'PY' && echo after" and not py.heredocs[0].expand
+    assert [(h.name, h.expand) for h in copy.heredocs] == [("a.txt", True), ("b.txt", False)]
+    assert [h.name for h in quoted.heredocs] == ["X"]  # ("<<NOT" is quoted: no heredoc)
+
+
+def test_a_runs_argv_from_its_heredocs_and_shell() -> None:
+    from shoal.runtime.buildmounts import run_argv
+
+    ins = parse_dockerfile(HEREDOCS)
+    bash = ("/bin/bash", "-ec")
+    assert run_argv(ins[1], ins[1].args, ()) == (
+        ["/bin/sh", "-c", "echo one\n# not a comment: the script's\n"], {})
+    assert run_argv(ins[2], ins[2].args, bash)[0] == ["/bin/bash", "-ec", 'echo "tabs $HOME"\n']
+    # a command with a heredoc: the shell reads it (and expands it, or not, itself)
+    assert run_argv(ins[3], ins[3].args, ())[0] == [
+        "/bin/sh", "-c", "python3 <<'PY' && echo after\nprint(\"$HOME\")\nPY"]
+    script = parse_dockerfile("FROM a\nRUN <<S\n#!/usr/bin/env python3\nprint(1)\nS\n")[1]
+    assert run_argv(script, script.args, ()) == (
+        ["/.shoal-heredoc/S"], {"/.shoal-heredoc/S": (b"#!/usr/bin/env python3\nprint(1)\n",
+                                                      0o755)})
+    plain = parse_dockerfile('FROM a\nRUN ["echo", "x"]\nRUN echo $A\n')
+    assert run_argv(plain[1], plain[1].args, bash)[0] == ["echo", "x"]
+    assert run_argv(plain[2], plain[2].args, bash)[0] == ["/bin/bash", "-ec", "echo $A"]
+
+
+def test_copy_heredocs_are_files_expanded_unless_quoted(tmp_path: Path) -> None:
+    from shoal.runtime.buildmounts import copy_heredocs
+
+    copy = parse_dockerfile(HEREDOCS)[4]
+    for sub in ("1", "2", "3"):
+        (tmp_path / sub).mkdir()
+    rest, files, digest = copy_heredocs(copy, copy.args, {"NAME": "x"}, tmp_path / "1")
+    assert rest == "/dir/" and [t for _, t, _ in files] == ["/dir/a.txt", "/dir/b.txt"]
+    assert [Path(f).read_text() for f, _, _ in files] == ["A is x\n", "B is $NAME\n"]
+    assert oct(Path(files[0][0]).stat().st_mode & 0o777) == "0o644"
+    other = copy_heredocs(copy, copy.args, {"NAME": "y"}, tmp_path / "2")[2]
+    assert other != digest  # (the expanded content is the step's cache input)
+    one = parse_dockerfile("FROM a\nCOPY --chown=1:1 <<EOF /etc/motd\nhi\nEOF\n")[1]
+    assert copy_heredocs(one, one.args, {}, tmp_path / "3")[:2] == (
+        "--chown=1:1 /etc/motd", [(str(tmp_path / "3/0/EOF"), "/etc/motd", False)])
+
+
+def test_run_mount_flags_as_buildkit_reads_them() -> None:
+    from shoal.runtime.dockerfile import RunMount, run_flags
+
+    ins = parse_dockerfile(
+        "FROM a\nRUN --mount=type=cache,target=/root/.cache/,id=pip,sharing=locked,"
+        "uid=${U},mode=0700 --mount=\"type=bind,src=conf,dst=conf,rw\" "
+        "--mount=type=tmpfs,target=/var/lib/dnf/,size=64m --network=none "
+        "pip install x\n")[1]
+    mounts, network, command = run_flags(ins, {"U": "33"}, "/app")
+    assert (network, command) == ("none", "pip install x")
+    assert mounts == [
+        RunMount("cache", "/root/.cache", id="pip", sharing="locked", uid=33, mode=0o700),
+        RunMount("bind", "/app/conf", source="conf", readonly=False),
+        RunMount("tmpfs", "/var/lib/dnf", size=64 << 20)]
+    assert run_flags(parse_dockerfile("FROM a\nRUN --mount=target=/x true\n")[1])[0] == [
+        RunMount("bind", "/x", readonly=True)]  # (a bind, read-only, by default)
+
+
+@pytest.mark.parametrize(("flag", "words"), [
+    ("--mount=type=secret,id=x", "type=secret is not supported"),
+    ("--mount=type=ssh", "type=ssh is not supported"),
+    ("--mount=type=cache", "needs target=PATH"),
+    ("--mount=type=cache,target=/c,sharing=sometimes", "sharing=sometimes"),
+    ("--mount=type=tmpfs,target=/t,source=x", "option 'source' is not one of"),
+    ("--mount=type=bind,target=/proc/x", "cannot be / or under /proc"),
+    ("--mount=type=volume,target=/v", "unknown type 'volume'"),
+    ("--mount=type=cache,target=/c,colour=red", "unknown option 'colour'"),
+    ("--security=insecure", "unsupported flag --security=insecure"),
+    ("--mount=type=cache,target=/c --mount=type=tmpfs,target=/c", "two --mount on one"),
+])
+def test_run_mount_errors_name_the_line(flag: str, words: str) -> None:
+    from shoal.runtime.buildstages import plan_stages
+
+    with pytest.raises(BuildError) as err:
+        plan_stages(parse_dockerfile(f"FROM a\nWORKDIR /w\nRUN {flag} true\n"), {})
+    assert err.value.line == 3 and words in str(err.value), str(err.value)
+
+
+def test_run_mount_from_a_stage_makes_it_a_dependency() -> None:
+    from shoal.runtime.buildstages import needed, plan_stages
+
+    text = ("FROM a AS tools\nRUN true\nFROM a AS other\nFROM b\n"
+            "RUN --mount=type=bind,from=tools,source=/bin,target=/t "
+            "--mount=type=bind,from=img:1,target=/i true\n")
+    stages = plan_stages(parse_dockerfile(text), {})
+    assert stages[2].mount_from == {stages[2].instructions[0]: {"tools": 0, "img:1": "img:1"}}
+    assert needed(stages, 2) == {0, 2}  # (not "other")
+    with pytest.raises(BuildError, match="from=later: stage 'later' is defined later"):
+        plan_stages(parse_dockerfile("FROM a\nRUN --mount=from=later,target=/x true\n"
+                                     "FROM b AS later\n"), {})
+
+
+def test_run_cache_keys_cover_mount_options_bound_files_and_heredocs(tmp_path: Path) -> None:
+    from shoal.runtime.buildmounts import mount_digest
+    from shoal.runtime.dockerfile import RunMount
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.py").write_text("1")
+    bind = [RunMount("bind", "/s", source="src", readonly=True)]
+    first = mount_digest(tmp_path, bind, {})
+    assert mount_digest(tmp_path, [], {}) == ""
+    assert mount_digest(tmp_path, bind, {}) == first
+    (tmp_path / "src/a.py").write_text("2")
+    assert mount_digest(tmp_path, bind, {}) != first  # (what is bound changed)
+    cache = [RunMount("cache", "/c")]
+    assert mount_digest(tmp_path, cache, {}) != mount_digest(
+        tmp_path, [RunMount("cache", "/c", sharing="locked")], {})
+    staged = [RunMount("bind", "/s", from_="build")]
+    assert mount_digest(tmp_path, staged, {"build": "sha256:1"}) != mount_digest(
+        tmp_path, staged, {"build": "sha256:2"})
+    with pytest.raises(BuildError, match="outside the build context"):
+        mount_digest(tmp_path, [RunMount("bind", "/s", source="../x")], {}, 4)
+    one, two = (parse_dockerfile(f"FROM a\nRUN <<EOF\necho {n}\nEOF\n")[1] for n in (1, 2))
+    assert one.args == two.args and cache_key("p", one, one.args, {}) != cache_key(
+        "p", two, two.args, {})
+
+
+def test_mount_stubs_are_what_mounting_made_and_left_empty(tmp_path: Path) -> None:
+    from shoal.runtime.buildmounts import remove_stubs, stub_paths
+
+    layer = tmp_path / "layer"
+    (layer / "usr/lib").mkdir(parents=True)
+    (layer / "var").symlink_to("usr")
+    stubs = stub_paths([layer], ["/root/.cache/pip", "/usr/lib", "/var/cache/apt",
+                                 "/.shoal-heredoc/S"])
+    assert stubs == ["root/.cache/pip", "root/.cache", "root", "usr/cache/apt", "usr/cache",
+                     ".shoal-heredoc/S", ".shoal-heredoc"]
+    upper = tmp_path / "upper"
+    for rel in ("root/.cache/pip", "usr/cache/apt", ".shoal-heredoc"):
+        (upper / rel).mkdir(parents=True)
+    (upper / ".shoal-heredoc/S").write_text("")
+    (upper / "usr/cache/kept.txt").write_text("the RUN wrote this")
+    remove_stubs(upper, stubs)
+    assert sorted(str(p.relative_to(upper)) for p in upper.rglob("*")) == [
+        "usr", "usr/cache", "usr/cache/kept.txt"]
+
+
+def test_shell_and_maintainer_are_recorded_in_the_config() -> None:
+    from shoal.node.health import resolve
+    from shoal.raft.spec import HealthCheck
+    from shoal.runtime.dockerfile import parse_shell
+    from shoal.runtime.imageconfig import ImageConfig, ImageHealthcheck
+
+    ins = parse_dockerfile('FROM a\nSHELL ["/bin/bash", "-o", "pipefail", "-c"]\n'
+                           "MAINTAINER Jo <jo@example.com>\nSHELL bash\n")
+    assert parse_shell(ins[1]) == ("/bin/bash", "-o", "pipefail", "-c")
+    with pytest.raises(BuildError, match="SHELL needs a JSON array") as err:
+        parse_shell(ins[3])
+    assert err.value.line == 4
+    cfg = ImageConfig(shell=("/bin/bash", "-c"), author="Jo")
+    assert cfg.to_json()["Shell"] == ["/bin/bash", "-c"] and cfg.to_json()["Author"] == "Jo"
+    assert ImageConfig.from_json(cfg.to_json()) == cfg
+    assert "Shell" not in ImageConfig().to_json()  # (ids of images without it unchanged)
+    # pushed as Docker has it (top-level "author"), and read back from a registry's config
+    import json
+
+    from shoal.runtime.imageconfig import ImageInfo
+    from shoal.runtime.registry import image_config
+    from shoal.runtime.regpush import oci_config
+
+    doc = json.loads(oci_config(ImageInfo("sha256:x", (), (), 0, cfg), [], ("linux", "x", "")))
+    assert doc["author"] == "Jo" and "Author" not in doc["config"]
+    assert image_config(doc) == cfg
+    check = resolve(HealthCheck(), ImageHealthcheck(test=("CMD-SHELL", "true")), cfg.shell)
+    assert check is not None and check.argv == ("/bin/bash", "-c", "true")
+
+
+async def test_cache_mount_sharing_locked_waits_private_gets_its_own(tmp_path: Path) -> None:
+    """Two RUNs on one cache: ``locked`` runs them one after the other, ``private`` gives the
+    second a fresh directory (thrown away after), ``shared`` the same directory at once."""
+    import asyncio
+
+    from shoal.runtime.buildmounts import run_mounts
+    from shoal.runtime.dockerfile import RunMount
+
+    ins = parse_dockerfile("FROM a\nRUN true\n")[1]
+    (tmp_path / "tmp").mkdir()
+
+    def no_layers(m: RunMount) -> list[Path]:
+        return []
+
+    async def hold(sharing: str, order: list[str], name: str, seen: list[str]) -> None:
+        mount = RunMount("cache", "/c", id="x", sharing=sharing, mode=0o700, uid=1, gid=2)
+        async with run_mounts(ins, [mount], tmp_path, tmp_path, tmp_path / "tmp",
+                              no_layers) as specs:
+            seen.append(specs[0].source)
+            order.append(f"{name} in")
+            await asyncio.sleep(0.05)
+            order.append(f"{name} out")
+
+    for sharing, want in [("locked", ["a in", "a out", "b in", "b out"]),
+                          ("shared", ["a in", "b in", "a out", "b out"]),
+                          ("private", ["a in", "b in", "a out", "b out"])]:
+        order: list[str] = []
+        seen: list[str] = []
+        await asyncio.gather(hold(sharing, order, "a", seen), hold(sharing, order, "b", seen))
+        assert order == want, sharing
+        assert (seen[0] == seen[1]) is (sharing != "private"), sharing
+    kept = tmp_path / "cache"
+    [cache] = kept.iterdir()
+    st = cache.stat()
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == ("0o700", 1, 2)
+    assert list((tmp_path / "tmp").iterdir()) == []  # (the private one is gone)

@@ -1,0 +1,314 @@
+"""A RUN step's BuildKit extras in ``shoal image build``: its ``--mount``s, its heredocs, its
+shell, and what it must leave out of its layer.
+
+Owns: making the host side of each ``RUN --mount`` (``run_mounts``: the RUN task's
+``MountSpec``s) — ``type=cache``: a directory kept by the node across builds under
+``DATA_DIR/build/cache`` (one per ``id``, default the target), its content never in a layer,
+``sharing=locked`` runs one RUN at a time on it, ``private`` gives a RUN a fresh, throw-away
+one while another uses it, ``shared`` (the default) no wait; ``type=bind``: a path of the
+build context, or of a stage's / an image's files (``from=``, copied out of its layers),
+read-only unless ``rw`` (then a copy: writes are discarded); ``type=tmpfs``; the build-cache
+part of a RUN's mounts (``mount_digest``: their options, the content of the context paths
+they bind, the id of the image they bind from, never a cache's content, as BuildKit); the
+RUN's argv from its heredocs and the stage's SHELL (``run_argv``, BuildKit's rules); a
+COPY/ADD's heredoc files (``copy_heredocs``); the mount points a RUN's mounts made in its
+upper dir (``stub_paths`` / ``remove_stubs``: BuildKit leaves no trace of a directory or
+empty file made only to mount on). Must not touch: the image store (the builder hands in
+layer directories), the runtime (the builder runs the task), the Dockerfile's parsing
+(shoal.runtime.dockerfile's ``run_flags``/``parse_mount``).
+
+Errors: ``BuildError`` (shoal.runtime.errors) naming the Dockerfile line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from shoal.runtime.buildstages import LayeredFS
+from shoal.runtime.dockerfile import (
+    DEFAULT_SHELL,
+    Heredoc,
+    Instruction,
+    RunMount,
+    expand,
+    heredoc_word,
+    split_words,
+)
+from shoal.runtime.errors import BuildError
+from shoal.runtime.records import FileValue
+from shoal.runtime.rootfs import MountSpec
+
+#: Where a heredoc script with a ``#!`` line is put for its RUN (a mount point: not layered).
+SCRIPT_DIR = "/.shoal-heredoc"
+
+# cache directories in use by RUNs of this process: path -> (RUNs using it, its lock)
+_BUSY: dict[str, int] = {}
+_LOCKS: dict[str, asyncio.Lock] = {}
+
+#: (the stage/image a ``from=`` names) -> its unpacked layer directories, top first
+Layers = Callable[[RunMount], Sequence[Path]]
+
+
+def run_argv(ins: Instruction, command: str, shell: Sequence[str]
+             ) -> tuple[list[str], dict[str, FileValue]]:
+    """The RUN's argv (and files to give the task) as BuildKit makes it: the exec form as
+    written; a command that is one heredoc alone, ``RUN <<EOF``, runs its content with the
+    shell — or, when it starts with ``#!``, as a script file; any other command with heredocs
+    (``RUN python3 <<EOF``) goes to the shell with the heredocs after it, which reads them
+    (expanding variables at run time unless the delimiter is quoted)."""
+    shell = list(shell or DEFAULT_SHELL)
+    argv = Instruction(ins.line, ins.cmd, command).exec_form()
+    if argv is not None:
+        if ins.heredocs:
+            raise BuildError("RUN: heredocs need the shell form, not a JSON array", ins.line)
+        return argv, {}
+    if not ins.heredocs:
+        return [*shell, command], {}
+    words = split_words(command)
+    if len(words) == 1 and len(ins.heredocs) == 1 and heredoc_word(words[0]) is not None:
+        doc = ins.heredocs[0]
+        if doc.text().startswith("#!"):
+            path = f"{SCRIPT_DIR}/{doc.name}"
+            return [path], {path: (doc.text().encode(), 0o755)}
+        return [*shell, doc.text()], {}
+    full = command
+    for doc in ins.heredocs:
+        full += "\n" + doc.content + doc.name
+    return [*shell, full], {}
+
+
+def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Path
+                  ) -> tuple[str, list[tuple[str, str, bool]], str]:
+    """A COPY/ADD's heredocs as files written in ``into`` (mode 0644, named by their
+    delimiter, variables expanded unless it was quoted): (``args`` without the heredoc
+    words, [(file, path in the image, False)], their digest)."""
+    words = split_words(args)
+    rest = [w for w in words if heredoc_word(w) is None]
+    docs = {d.name: d for d in ins.heredocs}
+    if not rest or heredoc_word(words[-1]) is not None:
+        raise BuildError(f"{ins.cmd} <<{ins.heredocs[0].name} needs a destination", ins.line)
+    dest = rest[-1]
+    srcs = [w for w in rest[:-1] if not w.startswith("--")]
+    named = [heredoc_word(w) for w in words]
+    many = len(srcs) + len(ins.heredocs) > 1 or dest.endswith("/")
+    out: list[tuple[str, str, bool]] = []
+    sha = hashlib.sha256()
+    for word in named:
+        if word is None:
+            continue
+        doc: Heredoc = docs[word[0]]
+        text = expand(doc.text(), env) if doc.expand else doc.text()
+        (into / str(len(out))).mkdir()
+        path = into / str(len(out)) / (posixpath.basename(doc.name) or "heredoc")
+        path.write_text(text)
+        path.chmod(0o644)
+        target = posixpath.join(dest, posixpath.basename(doc.name)) if many else dest
+        out.append((str(path), target, False))
+        sha.update(f"{target}\0{text}\0".encode())
+    return " ".join(rest), out, sha.hexdigest()
+
+
+def mount_digest(ctx: Path, mounts: Sequence[RunMount], from_ids: Mapping[str, str],
+                 line: int = 0) -> str:
+    """The build-cache part of a RUN's mounts: their options, the content of the context
+    paths bound (names, modes, bytes), the id of the image bound from; "" with no mount.
+    A cache mount's content is not in it (BuildKit's)."""
+    if not mounts:
+        return ""
+    sha = hashlib.sha256(json.dumps([asdict(m) for m in mounts]).encode())
+    for m in mounts:
+        if m.type == "bind" and m.from_:
+            sha.update(f"from\0{from_ids.get(m.from_, '')}\0".encode())
+        elif m.type == "bind":
+            src = _context_path(ctx, m, line)
+            for path in [src, *sorted(src.rglob("*"))] if src.is_dir() else [src]:
+                st = path.lstat()
+                sha.update(f"{path.relative_to(ctx)}\0{st.st_mode:o}\0".encode())
+                if stat.S_ISREG(st.st_mode):
+                    with path.open("rb") as fh:
+                        while chunk := fh.read(1 << 20):
+                            sha.update(chunk)
+                elif stat.S_ISLNK(st.st_mode):
+                    sha.update(os.readlink(path).encode())
+    return sha.hexdigest()
+
+
+def _context_path(ctx: Path, m: RunMount, line: int) -> Path:
+    rel = posixpath.normpath(m.source.lstrip("/") or ".")
+    path = (ctx / rel) if rel != "." else ctx
+    real, root = os.path.realpath(path), os.path.realpath(ctx)
+    if rel.startswith("..") or not (real == root or real.startswith(root + "/")):
+        raise BuildError(f"RUN --mount: source {m.source} is outside the build context", line)
+    if not os.path.lexists(path):
+        raise BuildError(f"RUN --mount: source {m.source or '.'} not found in the build "
+                         "context", line)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def run_mounts(ins: Instruction, mounts: Sequence[RunMount], ctx: Path, build_dir: Path,
+                     tmp: Path, layers: Layers) -> AsyncIterator[list[MountSpec]]:
+    """The RUN task's mounts for ``mounts``, held for the ``async with`` (a locked cache's
+    lock, a private cache's or a rw bind's copy: released, removed at its end, on failure
+    too); ``layers`` gives a ``from=``'s image layers."""
+    async with contextlib.AsyncExitStack() as stack:
+        specs: list[MountSpec] = []
+        for m in mounts:
+            if m.type == "tmpfs":
+                specs.append(MountSpec("tmpfs", m.target, tmpfs_size=m.size))
+            elif m.type == "cache":
+                path = await _cache_dir(ins, m, build_dir, tmp, stack, layers, ctx)
+                specs.append(MountSpec("bind", m.target, str(path), readonly=m.readonly))
+            else:
+                src = await asyncio.to_thread(_bind_source, ins, m, ctx, tmp, layers, stack)
+                specs.append(MountSpec("bind", m.target, str(src), readonly=m.readonly))
+        yield specs
+
+
+async def _cache_dir(ins: Instruction, m: RunMount, build_dir: Path, tmp: Path,
+                     stack: contextlib.AsyncExitStack, layers: Layers, ctx: Path) -> Path:
+    key = hashlib.sha256((m.id or m.target).encode()).hexdigest()[:32]
+    path = build_dir / "cache" / key
+    name = str(path)
+    if m.sharing == "locked":
+        lock = _LOCKS.setdefault(name, asyncio.Lock())
+        await stack.enter_async_context(lock)
+    elif m.sharing == "private" and _BUSY.get(name):
+        path = Path(tempfile.mkdtemp(dir=tmp, prefix="cache-"))  # (thrown away after)
+        stack.callback(shutil.rmtree, path, True)
+    _BUSY[name] = _BUSY.get(name, 0) + 1
+    stack.callback(_release, name)
+    if not path.is_dir() or path.parent == tmp:
+        await asyncio.to_thread(_new_cache, ins, m, path, tmp, layers, ctx)
+    return path
+
+
+def _release(name: str) -> None:
+    _BUSY[name] -= 1
+    if not _BUSY[name]:
+        del _BUSY[name]
+
+
+def _new_cache(ins: Instruction, m: RunMount, path: Path, tmp: Path, layers: Layers,
+               ctx: Path) -> None:
+    """A new cache directory: empty, or a copy of ``from=``'s ``source``; mode, uid, gid."""
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="cache-new-"))
+    try:
+        if m.from_:
+            _copy_out(ins, m, layers(m), work / "d")
+        else:
+            (work / "d").mkdir()
+        os.chmod(work / "d", m.mode)
+        os.chown(work / "d", m.uid, m.gid)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent == tmp:
+            path.rmdir()
+        with contextlib.suppress(OSError):  # (another build made it meanwhile: that one)
+            os.rename(work / "d", path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bind_source(ins: Instruction, m: RunMount, ctx: Path, tmp: Path, layers: Layers,
+                 stack: contextlib.AsyncExitStack) -> Path:
+    """The host path a bind mount binds: the context's own path when read-only, else a copy
+    (of the context's, or of ``from=``'s files) removed at the end."""
+    if not m.from_ and m.readonly:
+        return _context_path(ctx, m, ins.line)
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="bind-"))
+    stack.callback(shutil.rmtree, work, True)
+    if m.from_:
+        _copy_out(ins, m, layers(m), work / "d")
+    else:
+        src = _context_path(ctx, m, ins.line)
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, work / "d", symlinks=True)
+        else:
+            shutil.copy2(src, work / "d", follow_symlinks=False)
+    return work / "d"
+
+
+def _copy_out(ins: Instruction, m: RunMount, layers: Sequence[Path], dest: Path) -> None:
+    """``m.source`` of the image whose layers are ``layers`` copied to ``dest`` (owners,
+    modes, symlinks kept; device nodes left out)."""
+    fs = LayeredFS(layers)
+    found = fs.lookup("/" + m.source.lstrip("/"))
+    if found is None or not found[1]:
+        if found is not None and not layers:  # (the root of scratch)
+            dest.mkdir()
+            return
+        raise BuildError(f"RUN --mount from={m.from_}: {m.source or '/'} not found there",
+                         ins.line)
+    top = found[1][0]
+    if not stat.S_ISDIR(os.lstat(top).st_mode):
+        shutil.copy2(top, dest)
+        return
+    dest.mkdir()
+    _meta(top, dest)
+    for rel, file in fs.walk(found[1]):
+        out = dest / rel
+        st = os.lstat(file)
+        if stat.S_ISDIR(st.st_mode):
+            out.mkdir()
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(file), out)
+        else:
+            shutil.copy2(file, out)
+        _meta(file, out)
+
+
+def _meta(src: Path, dest: Path) -> None:
+    st = os.lstat(src)
+    os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+
+
+# ----------------------------------------------------------------------------- mount stubs
+
+
+def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
+    """The paths (relative to the root, as the upper dir holds them, each before its parent)
+    that mounting on ``targets`` creates in a root whose layers are ``lower``: the
+    target and its parents the image lacks (BuildKit's mount stubs)."""
+    fs = LayeredFS(lower)
+    out: list[str] = []
+    for target in targets:
+        parts = [p for p in target.split("/") if p]
+        n = len(parts)
+        while n > 0 and fs.lookup("/" + "/".join(parts[:n]), follow=False) is None:
+            n -= 1
+        if n == len(parts):
+            continue
+        base = fs.lookup("/" + "/".join(parts[:n]))
+        root = base[0] if base is not None else "/"
+        missing = [posixpath.join(root, *parts[n:k + 1]).lstrip("/")
+                   for k in range(n, len(parts))]
+        out += [p for p in reversed(missing) if p not in out]
+    return out
+
+
+def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:
+    """Remove from a RUN's upper dir what ``stub_paths`` listed, when the RUN left it as it
+    was made: an empty directory, an empty file."""
+    for rel in stubs:
+        path = upper / rel
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and not any(path.iterdir()):
+                path.rmdir()
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                path.unlink()
+        except OSError:
+            continue
