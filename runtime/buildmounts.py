@@ -301,14 +301,28 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
 
 def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:
     """Remove from a RUN's upper dir what ``stub_paths`` listed, when the RUN left it as it
-    was made: an empty directory, an empty file."""
+    was made: an empty directory, an empty file. Each is reached by directory descriptors
+    that follow no symlink: the RUN may have moved a stub's parent away (its mount goes
+    with it) and put a symlink to a host path in its place."""
     for rel in stubs:
-        path = upper / rel
+        *parents, name = rel.split("/")
+        if any(p in ("", ".", "..") for p in [*parents, name]):
+            continue
+        fd = -1
         try:
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) and not any(path.iterdir()):
-                path.rmdir()
+            fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+            for part in parents:
+                below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                dir_fd=fd)
+                os.close(fd)
+                fd = below
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(name, dir_fd=fd)  # (only when empty: ENOTEMPTY else)
             elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                path.unlink()
+                os.unlink(name, dir_fd=fd)
         except OSError:
             continue
+        finally:
+            if fd >= 0:
+                os.close(fd)

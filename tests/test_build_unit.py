@@ -492,6 +492,26 @@ def test_mount_stubs_are_what_mounting_made_and_left_empty(tmp_path: Path) -> No
         "usr", "usr/cache", "usr/cache/kept.txt"]
 
 
+def test_mount_stubs_are_removed_in_the_upper_dir_only(tmp_path: Path) -> None:
+    """A RUN can move a stub's parent away (the mount goes with it) and leave a symlink to a
+    host directory in its place: removing the stubs never follows it (review: a Dockerfile
+    deleted the agent's host files, empty ones, as root)."""
+    from shoal.runtime.buildmounts import remove_stubs, stub_paths
+
+    layer, upper, host = tmp_path / "layer", tmp_path / "upper", tmp_path / "host"
+    layer.mkdir()
+    (host / "b").mkdir(parents=True)
+    (host / "f").write_text("")
+    stubs = stub_paths([layer], ["/a/b", "/q/f"])
+    assert stubs == ["a/b", "a", "q/f", "q"]
+    upper.mkdir()
+    (upper / "a").symlink_to(host)  # (RUN mv /a /z && ln -s HOST /a)
+    (upper / "q").symlink_to(host)
+    remove_stubs(upper, stubs)
+    assert (host / "b").is_dir() and (host / "f").is_file()
+    assert (upper / "a").is_symlink()  # (the RUN's: layered as it left it)
+
+
 def test_shell_and_maintainer_are_recorded_in_the_config() -> None:
     from shoal.node.health import resolve
     from shoal.raft.spec import HealthCheck
