@@ -66,13 +66,15 @@ def pack_context(context: str, dockerfile: str) -> tuple[BinaryIO, str]:
     rel_df = os.path.relpath(df, ctx)
     try:
         with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            link = os.path.islink(df)  # (sent as the file it names: the agent reads no link)
             for rel in context_files(ctx):  # (sorted: directories before what they hold)
-                tar.add(os.path.join(ctx, rel), arcname=rel, recursive=False)
+                if not (link and rel == rel_df):
+                    tar.add(os.path.join(ctx, rel), arcname=rel, recursive=False)
             if rel_df.startswith(".."):
                 rel_df = ".shoal-dockerfile"
-                tar.add(df, arcname=rel_df)
-            elif rel_df not in context_files(ctx):  # excluded by .dockerignore: still sent
-                tar.add(df, arcname=rel_df)
+                tar.add(os.path.realpath(df), arcname=rel_df)
+            elif link or rel_df not in context_files(ctx):  # (or excluded by .dockerignore)
+                tar.add(os.path.realpath(df), arcname=rel_df)
         body.seek(0)
     except BaseException:
         body.close()

@@ -92,6 +92,7 @@ from shoal.runtime.dockerfile import context_files as context_files
 from shoal.runtime.dockerfile import context_sources as context_sources
 from shoal.runtime.dockerfile import expand as expand
 from shoal.runtime.dockerfile import ignored as ignored
+from shoal.runtime.dockerfile import inside as inside
 from shoal.runtime.dockerfile import parse_dockerfile as parse_dockerfile
 from shoal.runtime.dockerfile import parse_healthcheck as parse_healthcheck
 from shoal.runtime.dockerfile import parse_pairs as parse_pairs
@@ -207,6 +208,9 @@ class Builder:
         """Build the Dockerfile of context directory ``ctx``; ``emit`` gets output lines."""
         import asyncio
 
+        if not inside(ctx, ctx / opts.dockerfile):  # (a symlink out: the agent's host file)
+            raise BuildError(f"the Dockerfile {opts.dockerfile} is outside the build context "
+                             "(a symlink out of it)", field="dockerfile")
         try:
             text = (ctx / opts.dockerfile).read_text()
         except (OSError, UnicodeDecodeError) as exc:

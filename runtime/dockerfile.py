@@ -469,7 +469,8 @@ def context_sources(ctx: Path, files: Sequence[str], ins: Instruction, args: str
                     out.append((f, posixpath.join(dest, rel), False))
                 if m:
                     out.append((m, dest, False))
-            elif ins.cmd == "ADD" and full.is_file() and tarfile.is_tarfile(full):
+            elif ins.cmd == "ADD" and inside(ctx, full) and full.is_file() \
+                    and tarfile.is_tarfile(full):
                 out.append((m, dest.rstrip("/") or "/", True))  # extracted into dest
             else:
                 target = posixpath.join(dest, posixpath.basename(m)) if many else dest
@@ -488,6 +489,13 @@ def context_sources(ctx: Path, files: Sequence[str], ins: Instruction, args: str
         elif stat.S_ISLNK(st.st_mode):
             sha.update(os.readlink(full).encode())
     return out, sha.hexdigest()
+
+
+def inside(ctx: Path, path: Path) -> bool:
+    """Whether ``path``, its symlinks followed, is in the context directory ``ctx`` (the
+    agent unpacks a context's symlinks as they are: one out of it names an agent's file)."""
+    real, root = os.path.realpath(path), os.path.realpath(ctx)
+    return real == root or real.startswith(root + "/")
 
 
 # ------------------------------------------------------------------------------ .dockerignore

@@ -492,6 +492,48 @@ def test_mount_stubs_are_what_mounting_made_and_left_empty(tmp_path: Path) -> No
         "usr", "usr/cache", "usr/cache/kept.txt"]
 
 
+async def test_context_symlinks_out_of_it_are_not_followed_on_the_agent(tmp_path: Path
+                                                                        ) -> None:
+    """The agent (root) unpacks the context with its symlinks as they are: a Dockerfile, or an
+    ADD's tar, that is a symlink out of the context is not read from the agent's host (review:
+    the first word of any host file came back in the build's error; a host tar was extracted
+    into the image)."""
+    import tarfile
+
+    from shoal.runtime.build import Builder, BuildOptions, context_sources
+
+    host, ctx = tmp_path / "host", tmp_path / "ctx"
+    host.mkdir()
+    ctx.mkdir()
+    (host / "shadow").write_text("root:secret-hash:19000:0:99999:7:::\n")
+    (ctx / "Dockerfile").symlink_to(host / "shadow")
+    with pytest.raises(BuildError, match="outside the build context") as err:
+        await Builder(None, None, tmp_path / "build").build(ctx, BuildOptions(), print)
+    assert "secret-hash" not in str(err.value)
+
+    (host / "f").write_text("x")
+    with tarfile.open(host / "keys.tar", "w") as tar:
+        tar.add(host / "f", arcname="id_rsa")
+    (ctx / "keys.tar").symlink_to(host / "keys.tar")
+    (ctx / "in.tar").symlink_to("sub/real.tar")
+    (ctx / "sub").mkdir()
+    (ctx / "sub" / "real.tar").write_bytes((host / "keys.tar").read_bytes())
+    files = context_files(ctx)
+    ins = Instruction(2, "ADD", "keys.tar in.tar /dst/")
+    assert sorted(context_sources(ctx, files, ins, ins.args)[0]) == [
+        ("in.tar", "/dst", True), ("keys.tar", "/dst/keys.tar", False)]
+    # the CLI sends a symlinked Dockerfile as the file it names (Docker's CLI reads it)
+    from shoal.cli.build import pack_context
+
+    (host / "Dockerfile.real").write_text("FROM scratch\n")
+    (ctx / "Dockerfile").unlink()
+    (ctx / "Dockerfile").symlink_to(host / "Dockerfile.real")
+    body, rel = pack_context(str(ctx), "")
+    with body, tarfile.open(fileobj=body) as tar:
+        member = tar.getmember(rel)
+        assert member.isreg() and tar.extractfile(member).read() == b"FROM scratch\n"  # type: ignore[union-attr]
+
+
 def test_mount_stubs_are_removed_in_the_upper_dir_only(tmp_path: Path) -> None:
     """A RUN can move a stub's parent away (the mount goes with it) and leave a symlink to a
     host directory in its place: removing the stubs never follows it (review: a Dockerfile
