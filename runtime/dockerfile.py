@@ -283,8 +283,8 @@ def parse_mount(spec: str, workdir: str, line: int) -> RunMount:
         if m is None:
             raise ValueError(f"size={size_text} (e.g. 64m)")
         size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        if not 0 <= mode <= 0o7777 or uid < 0 or gid < 0:
-            raise ValueError("mode, uid and gid must be >= 0 (mode octal)")
+        if not 0 <= mode <= 0o7777 or not 0 <= uid < 2**32 - 1 or not 0 <= gid < 2**32 - 1:
+            raise ValueError("mode (octal, to 7777), uid and gid must be 0 to 4294967294")
     except ValueError as exc:
         raise BuildError(f"RUN --mount: bad value: {exc}", line) from None
     if kind == "bind":  # (read-only unless rw)

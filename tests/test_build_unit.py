@@ -423,6 +423,9 @@ def test_run_mount_flags_as_buildkit_reads_them() -> None:
     ("--mount=type=volume,target=/v", "unknown type 'volume'"),
     ("--mount=type=cache,target=/c,colour=red", "unknown option 'colour'"),
     ("--security=insecure", "unsupported flag --security=insecure"),
+    # (os.chown's OverflowError at build time was no BuildError: the stream ended silently)
+    ("--mount=type=cache,target=/c,uid=4294967296", "uid and gid must be"),
+    ("--mount=type=cache,target=/c,gid=99999999999", "uid and gid must be"),
     ("--mount=type=cache,target=/c --mount=type=tmpfs,target=/c", "two --mount on one"),
 ])
 def test_run_mount_errors_name_the_line(flag: str, words: str) -> None:
