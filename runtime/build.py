@@ -79,6 +79,7 @@ from shoal.runtime.buildnet import RunNetwork, check_network
 from shoal.runtime.buildstages import (
     STAGE_NAME,
     Stage,
+    check_mount_from,
     needed,
     plan_stages,
     platform_args,
@@ -328,7 +329,8 @@ class Builder:
         source: ImageInfo | None = None  # COPY --from's image
         with contextlib.ExitStack() as cleanup:
             if ins.cmd == "RUN":  # (its mounts' options and what they bind)
-                mounts = run_flags(ins, env, st.config.workdir or "/")[0]
+                mounts = check_mount_from(ins, run_flags(ins, env, st.config.workdir or "/")[0],
+                                          stage)
                 ids = {m.from_: froms.get(stage.mount_from.get(ins, {}).get(m.from_, ""), "")
                        for m in mounts if m.from_}
                 digest = await asyncio.to_thread(mount_digest, ctx, mounts, ids, ins.line)
@@ -629,6 +631,7 @@ class Builder:
             raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
         mounts, run_net, command = run_flags(ins, {**st.args, **st.config.env},
                                              st.config.workdir or "/")
+        mounts = check_mount_from(ins, mounts, stage)  # (from=: as the stages were planned)
         if run_net == "host" and network != "host":
             raise BuildError("RUN --network=host needs the build's --network host", ins.line)
         network = {"": network, "default": network}.get(run_net, run_net)

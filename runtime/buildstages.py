@@ -25,10 +25,10 @@ import re
 import shlex
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shoal.runtime.dockerfile import Instruction, expand, run_flags
+from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
@@ -48,6 +48,8 @@ class Stage:
     # RUN --mount=...,from=X of this stage's instructions: X (as written) -> an earlier
     # stage's index or an image reference
     mount_from: dict[Instruction, dict[str, int | str]] = field(default_factory=dict)
+    # each --mount's from= of this stage's RUNs, as resolved with the global ARGs ("": none)
+    mount_froms: dict[Instruction, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -157,6 +159,7 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str],
                              st.from_ins.line)
         for ins in st.instructions:
             if ins.cmd == "RUN":
+                st.mount_froms[ins] = tuple(m.from_ for m in run_flags(ins, meta)[0])
                 for mount in run_flags(ins, meta)[0]:
                     if mount.from_:
                         st.mount_from.setdefault(ins, {})[mount.from_] = _source(
@@ -194,6 +197,24 @@ def _source(value: str, st: Stage, stages: Sequence[Stage], by_name: Mapping[str
                          f"{other.from_ins.line}); a stage copies from an earlier one",
                          ins.line)
     return other.index
+
+
+def check_mount_from(ins: Instruction, mounts: Sequence[RunMount], stage: Stage
+                     ) -> list[RunMount]:
+    """A RUN's ``mounts`` (its flags expanded as it runs: the stage's ARGs and ENV) with each
+    ``from=`` as ``plan_stages`` resolved it before the build, with the global ARGs (as
+    COPY --from's); BuildError when the stage's own values make it another one (the stage
+    it names was skipped: its files were an empty directory, or the context, without a
+    word)."""
+    planned = stage.mount_froms.get(ins, ("",) * len(mounts))
+    out = []
+    for m, before in zip(mounts, planned, strict=True):
+        if m.from_ and m.from_ != before:
+            raise BuildError(f"RUN --mount from={m.from_}: a variable in from= must be a "
+                             "global ARG: from= is resolved before the build, as COPY "
+                             f"--from=, and was {before or '(none)'} then", ins.line)
+        out.append(replace(m, from_=before))
+    return out
 
 
 def target_stage(stages: Sequence[Stage], target: str) -> int:

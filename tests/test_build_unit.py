@@ -623,3 +623,25 @@ async def test_cache_mount_sharing_locked_waits_private_gets_its_own(tmp_path: P
     st = cache.stat()
     assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == ("0o700", 1, 2)
     assert list((tmp_path / "tmp").iterdir()) == []  # (the private one is gone)
+
+
+def test_run_mount_from_is_what_the_planner_resolved() -> None:
+    """(Review: ``from=$SRC`` of a stage's ARG was "" when the stages were planned — the stage
+    it names skipped — and the stage's name when the RUN ran, which then bound an empty
+    directory without a word; ``from=$GLOBAL`` named the stage when planned and was the
+    context when run.)"""
+    from shoal.runtime.buildstages import check_mount_from, plan_stages
+    from shoal.runtime.dockerfile import run_flags
+
+    text = ("ARG GLOBAL=tools\nFROM a AS tools\nFROM b\nARG SRC=tools\n"
+            "RUN --mount=type=bind,from=$SRC,target=/m --mount=type=bind,target=/c true\n"
+            "RUN --mount=type=bind,from=$GLOBAL,target=/m --mount=type=bind,target=/c true\n")
+    stages = plan_stages(parse_dockerfile(text)[1:], {"GLOBAL": "tools"})
+    local, glob = stages[1].instructions[1:]
+    env = {"SRC": "tools"}  # (the stage's, as the RUN runs: GLOBAL not declared in it)
+    assert [m.from_ for m in check_mount_from(glob, run_flags(glob, env)[0], stages[1])] == [
+        "tools", ""]
+    with pytest.raises(BuildError, match="from=tools: a variable in from= must be a global "
+                       "ARG") as err:
+        check_mount_from(local, run_flags(local, env)[0], stages[1])
+    assert err.value.line == 5
