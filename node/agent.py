@@ -179,7 +179,8 @@ class Agent(MembershipLifecycle, RoleSwitch):
         self._http = self.ctx.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=5))
         await self.runtime.recover()
-        await remove_cut_short(self.runtime)  # (before the Mesh: it releases their addresses)
+        await remove_cut_short(  # (before the Mesh: it releases their addresses)
+            self.runtime, self.runtime.images.root.parent / "build" / "tmp")
         api = ApiServer(self.config, Controls(
             lifecycle=self, services=self.services, nodes=self.nodes, roles=self.roles,
             admission=self.admission, dispatcher=self.dispatcher, security=self.security,

@@ -20,9 +20,13 @@ silent RUN would otherwise run on, on the task network, holding its address).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import shutil
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal.node.errors import NetworkError
@@ -36,9 +40,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.buildnet")
 
 
-async def remove_cut_short(runtime: Controller) -> list[str]:
+async def remove_cut_short(runtime: Controller, build_tmp: Path | None = None) -> list[str]:
     """Remove the RUN steps of builds an agent restart cut short (call it at the agent's start,
-    before the Mesh starts); their ids."""
+    before the Mesh starts, and before any build), and what those builds had in ``build_tmp``
+    (DATA_DIR/build/tmp: their contexts, copies of bind and private cache mounts, layer
+    tarballs in progress); the RUN steps' ids."""
+    if build_tmp is not None and build_tmp.is_dir():
+        def sweep() -> None:
+            for entry in os.scandir(build_tmp):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+        await asyncio.to_thread(sweep)
     gone = []
     for tid in [t for t in runtime.tasks() if t.startswith(BUILD_TASK_PREFIX)]:
         try:

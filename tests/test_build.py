@@ -100,6 +100,15 @@ async def test_a_failing_run_names_its_line_and_leaves_no_task(ctl: ProcessContr
         (ctx / "Dockerfile").write_text("FROM base:1\nCOPY nope /x\n")
         await builder.build(ctx, BuildOptions(), lines.append)
     assert ctl.tasks() == {}
+    # ... and as the agent starts, with what such a build left in build/tmp (review: a restart
+    # mid-build left its context, bind copies and layer tarballs there for good)
+    from shoal.node.buildnet import remove_cut_short
+
+    await ctl.start(task("buildleftover2", "sleep", "1000", image="base:1"))
+    (builder.tmp / "ctx-1" / "sub").mkdir(parents=True)
+    (builder.tmp / "layer-1.tar").write_bytes(b"partial")
+    assert await remove_cut_short(ctl, builder.tmp) == ["buildleftover2"]
+    assert ctl.tasks() == {} and list(builder.tmp.iterdir()) == []
 
 
 async def test_config_instructions_and_workdir(ctl: ProcessController, tmp_path: Path) -> None:
