@@ -109,8 +109,12 @@ def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Pat
             continue
         doc: Heredoc = docs[word[0]]
         text = expand(doc.text(), env) if doc.expand else doc.text()
+        name = posixpath.basename(doc.name) or "heredoc"
+        if name in (".", ".."):
+            raise BuildError(f"{ins.cmd} <<{doc.name}: a heredoc's name is its file's: not "
+                             f"{name}", ins.line)
         (into / str(len(out))).mkdir()
-        path = into / str(len(out)) / (posixpath.basename(doc.name) or "heredoc")
+        path = into / str(len(out)) / name
         path.write_text(text)
         path.chmod(0o644)
         target = posixpath.join(dest, posixpath.basename(doc.name)) if many else dest

@@ -393,6 +393,13 @@ def test_copy_heredocs_are_files_expanded_unless_quoted(tmp_path: Path) -> None:
     one = parse_dockerfile("FROM a\nCOPY --chown=1:1 <<EOF /etc/motd\nhi\nEOF\n")[1]
     assert copy_heredocs(one, one.args, {}, tmp_path / "3")[:2] == (
         "--chown=1:1 /etc/motd", [(str(tmp_path / "3/0/EOF"), "/etc/motd", False)])
+    # a name that is no file name: a BuildError naming the line, never an agent's OSError
+    # (review: "Is a directory: DATA_DIR/build/tmp/heredoc-.../0/..", no line)
+    for name in ("..", "."):
+        bad = parse_dockerfile(f"FROM a\nCOPY <<{name} /x/\nhi\n{name}\n")[1]
+        (tmp_path / "4").mkdir(exist_ok=True)
+        with pytest.raises(BuildError, match=f"line 2: COPY <<{re.escape(name)}: "):
+            copy_heredocs(bad, bad.args, {}, tmp_path / "4")
 
 
 def test_run_mount_flags_as_buildkit_reads_them() -> None:
