@@ -342,7 +342,7 @@ class Builder:
                 if ins.heredocs:  # (written out, then taken as absolute paths)
                     into = Path(tempfile.mkdtemp(dir=self.tmp, prefix="heredoc-"))
                     cleanup.callback(_rmtree, into)
-                    rest, sources, digest = copy_heredocs(ins, expanded, env, into)
+                    rest, sources, digest = copy_heredocs(ins, ins.args, env, into)
                 if not ins.heredocs or any(not w.startswith("--")
                                            for w in split_words(rest)[:-1]):
                     more, more_digest = await asyncio.to_thread(context_sources, ctx, files,

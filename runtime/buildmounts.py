@@ -91,10 +91,12 @@ def run_argv(ins: Instruction, command: str, shell: Sequence[str]
 def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Path
                   ) -> tuple[str, list[tuple[str, str, bool]], str]:
     """A COPY/ADD's heredocs as files written in ``into`` (mode 0644, named by their
-    delimiter, variables expanded unless it was quoted): (``args`` without the heredoc
-    words, [(file, path in the image, False)], their digest)."""
+    delimiter, variables expanded unless it was quoted): (``args`` — as written: its
+    heredoc words are the delimiters the parser read, never what ``env`` makes of them —
+    without the heredoc words, the others expanded, [(file, path in the image, False)],
+    their digest)."""
     words = split_words(args)
-    rest = [w for w in words if heredoc_word(w) is None]
+    rest = [expand(w, env) for w in words if heredoc_word(w) is None]
     docs = {d.name: d for d in ins.heredocs}
     if not rest or heredoc_word(words[-1]) is not None:
         raise BuildError(f"{ins.cmd} <<{ins.heredocs[0].name} needs a destination", ins.line)

@@ -393,6 +393,12 @@ def test_copy_heredocs_are_files_expanded_unless_quoted(tmp_path: Path) -> None:
     one = parse_dockerfile("FROM a\nCOPY --chown=1:1 <<EOF /etc/motd\nhi\nEOF\n")[1]
     assert copy_heredocs(one, one.args, {}, tmp_path / "3")[:2] == (
         "--chown=1:1 /etc/motd", [(str(tmp_path / "3/0/EOF"), "/etc/motd", False)])
+    # a delimiter with a `$` is the name the parser read (review: a KeyError, no BuildError,
+    # when the expanded arguments named another heredoc: the build's stream just ended)
+    dollar = parse_dockerfile("FROM a\nCOPY <<$N $D\nhi\n$N\n")[1]
+    (tmp_path / "5").mkdir()
+    assert copy_heredocs(dollar, dollar.args, {"N": "x", "D": "/d"}, tmp_path / "5")[:2] == (
+        "/d", [(str(tmp_path / "5/0/$N"), "/d", False)])
     # a name that is no file name: a BuildError naming the line, never an agent's OSError
     # (review: "Is a directory: DATA_DIR/build/tmp/heredoc-.../0/..", no line)
     for name in ("..", "."):
