@@ -53,6 +53,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import posixpath
 import re
@@ -854,6 +855,10 @@ async def stream_build(builder: Builder, ctx: Path, opts: BuildOptions, cleanup:
             queue.put_nowait({"error": str(exc), "line": exc.line})
         except (ImageError, OSError) as exc:
             queue.put_nowait({"error": str(exc), "line": 0})
+        except Exception as exc:  # a builder's bug: said, not a stream ended without a word
+            logging.getLogger(__name__).exception("image build failed")
+            queue.put_nowait({"error": f"internal error: {type(exc).__name__}: {exc}",
+                              "line": 0})
         finally:
             queue.put_nowait(None)
 

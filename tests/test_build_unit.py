@@ -658,3 +658,17 @@ def test_run_mount_from_is_what_the_planner_resolved() -> None:
                        "ARG") as err:
         check_mount_from(local, run_flags(local, env)[0], stages[1])
     assert err.value.line == 5
+
+
+async def test_a_builders_unexpected_error_is_the_streams_last_record(tmp_path: Path) -> None:
+    """(Review: an exception other than BuildError/ImageError/OSError — a KeyError, os.chown's
+    OverflowError — ended the stream with no record: the CLI said only "the agent ended the
+    build without a result".)"""
+    from shoal.runtime.build import Builder, BuildOptions, stream_build
+
+    class Broken(Builder):
+        async def build(self, ctx: Path, opts: BuildOptions, emit: object) -> object:  # type: ignore[override]
+            raise KeyError("x")
+
+    recs = [r async for r in stream_build(Broken(None, None, tmp_path), tmp_path, BuildOptions())]
+    assert recs == [{"error": "internal error: KeyError: 'x'", "line": 0}]
