@@ -210,9 +210,10 @@ class Builder:
         """Build the Dockerfile of context directory ``ctx``; ``emit`` gets output lines."""
         import asyncio
 
-        if not inside(ctx, ctx / opts.dockerfile):  # (a symlink out: the agent's host file)
-            raise BuildError(f"the Dockerfile {opts.dockerfile} is outside the build context "
-                             "(a symlink out of it)", field="dockerfile")
+        path = ctx / opts.dockerfile  # (a symlink out: the agent's file; a FIFO: no end)
+        if not inside(ctx, path) or (os.path.lexists(path) and not path.is_file()):
+            raise BuildError(f"the Dockerfile {opts.dockerfile} is not a file of the build "
+                             "context", field="dockerfile")
         try:
             text = (ctx / opts.dockerfile).read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -240,7 +241,7 @@ class Builder:
             if self.network is not None:  # (its address, if it had one)
                 with contextlib.suppress(Exception):
                     await self.network.detach(tid)
-        files = await asyncio.to_thread(context_files, ctx)
+        files = await asyncio.to_thread(context_files, ctx, True)
         result = BuildResult(image=None)  # type: ignore[arg-type]
         total = len(leading) + sum(1 + len(s.instructions) for s in stages if s.index in wanted)
         n = 0

@@ -544,10 +544,14 @@ def _glob_re(pat: str) -> re.Pattern[str]:
     return re.compile(out)
 
 
-def context_files(ctx: Path | str) -> list[str]:
-    """Every path of the context (relative, sorted) that .dockerignore does not exclude."""
+def context_files(ctx: Path | str, contained: bool = False) -> list[str]:
+    """Every path of the context (relative, sorted) that .dockerignore does not exclude.
+    ``contained``: the agent's look at a context it unpacked, whose .dockerignore is read
+    only when it is a regular file inside it (a symlink out of it, a FIFO: never)."""
+    path = Path(ctx) / ".dockerignore"
     try:
-        patterns = read_dockerignore((Path(ctx) / ".dockerignore").read_text())
+        ok = not contained or (inside(Path(ctx), path) and path.is_file())
+        patterns = read_dockerignore(path.read_text(errors="replace")) if ok else []
     except FileNotFoundError:
         patterns = []
     out = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -523,9 +525,29 @@ async def test_context_symlinks_out_of_it_are_not_followed_on_the_agent(tmp_path
     ctx.mkdir()
     (host / "shadow").write_text("root:secret-hash:19000:0:99999:7:::\n")
     (ctx / "Dockerfile").symlink_to(host / "shadow")
-    with pytest.raises(BuildError, match="outside the build context") as err:
+    with pytest.raises(BuildError, match="not a file of the build context") as err:
         await Builder(None, None, tmp_path / "build").build(ctx, BuildOptions(), print)
     assert "secret-hash" not in str(err.value)
+    # a FIFO (a context tar may hold one) is no Dockerfile: it was read in the agent's event
+    # loop, which waited for a writer for good (here one comes after 1 s, to end the test)
+    (ctx / "Dockerfile").unlink()
+    os.mkfifo(ctx / "Dockerfile")
+    writer = threading.Timer(1.0, _write_fifo, (ctx / "Dockerfile",))
+    writer.start()
+    try:
+        with pytest.raises(BuildError, match="not a file of the build context"):
+            await Builder(None, None, tmp_path / "build").build(ctx, BuildOptions(), print)
+    finally:
+        writer.cancel()
+    # nor one out of the context, nor a FIFO, a .dockerignore the agent reads
+    (ctx / ".dockerignore").symlink_to(host / "shadow")
+    os.mkfifo(ctx / "x.fifo")
+    assert context_files(ctx, True) == [".dockerignore", "Dockerfile", "x.fifo"]
+    (ctx / ".dockerignore").unlink()
+    os.mkfifo(ctx / ".dockerignore")
+    assert context_files(ctx, True) == [".dockerignore", "Dockerfile", "x.fifo"]
+    for name in (".dockerignore", "Dockerfile", "x.fifo"):
+        (ctx / name).unlink()
 
     (host / "f").write_text("x")
     with tarfile.open(host / "keys.tar", "w") as tar:
@@ -542,12 +564,18 @@ async def test_context_symlinks_out_of_it_are_not_followed_on_the_agent(tmp_path
     from shoal.cli.build import pack_context
 
     (host / "Dockerfile.real").write_text("FROM scratch\n")
-    (ctx / "Dockerfile").unlink()
     (ctx / "Dockerfile").symlink_to(host / "Dockerfile.real")
     body, rel = pack_context(str(ctx), "")
     with body, tarfile.open(fileobj=body) as tar:
         member = tar.getmember(rel)
         assert member.isreg() and tar.extractfile(member).read() == b"FROM scratch\n"  # type: ignore[union-attr]
+
+
+def _write_fifo(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)  # (never waits for a reader)
+    os.write(fd, b"FROM scratch\n")
+    time.sleep(0.5)
+    os.close(fd)
 
 
 def test_mount_stubs_are_removed_in_the_upper_dir_only(tmp_path: Path) -> None:
