@@ -79,6 +79,7 @@ from shoal.runtime.buildmounts import (
 from shoal.runtime.buildnet import RunNetwork, check_network
 from shoal.runtime.buildstages import (
     STAGE_NAME,
+    LayeredFS,
     Stage,
     check_mount_from,
     needed,
@@ -515,8 +516,7 @@ class Builder:
                 continue
             if path in ("", "."):
                 continue
-            if (ctx / rel).is_file() and any((layer / path).is_dir() and not
-                                              (layer / path).is_symlink() for layer in lower):
+            if (ctx / rel).is_file() and _image_dir(lower, path, follow=False):
                 path = posixpath.join(path, posixpath.basename(rel))  # into an existing dir
             entries[path] = rel
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
@@ -581,21 +581,18 @@ class Builder:
             done.add(d)
             info = tarfile.TarInfo(d)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
-            for layer in lower:
-                with contextlib.suppress(OSError):
-                    s = (layer / d).lstat()
-                    if stat.S_ISDIR(s.st_mode):
-                        info.mode, info.uid, info.gid = stat.S_IMODE(s.st_mode), s.st_uid, \
-                            s.st_gid
-                        info.mtime = int(s.st_mtime)
-                    break
+            found = LayeredFS(lower).lookup("/" + d, follow=False)  # (no host path)
+            s = os.lstat(found[1][0]) if found is not None and found[1] else None
+            if s is not None and stat.S_ISDIR(s.st_mode):
+                info.mode, info.uid, info.gid = stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid
+                info.mtime = int(s.st_mtime)
             tar.addfile(info)
 
     def _workdir_layer(self, st: _State) -> tuple[str, int] | None:
         """A layer holding the WORKDIR (and its parents) if the image lacks it, else None."""
         path = st.config.workdir.strip("/")
         lower = self._lower_dirs(st)
-        if not path or any((layer / path).is_dir() for layer in lower):
+        if not path or _image_dir(lower, path):
             return None
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="layer-", suffix=".tar")
         os.close(fd)
@@ -733,6 +730,14 @@ class Builder:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _image_dir(lower: Sequence[Path], path: str, follow: bool = True) -> bool:
+    """Whether ``path`` is a directory of the image whose layers are ``lower``, its symlinks
+    followed inside the image (a layer's ``/app -> /root`` is the image's /root, never the
+    host's)."""
+    found = LayeredFS(lower).lookup("/" + path, follow=follow)
+    return found is not None and bool(found[1]) and stat.S_ISDIR(os.lstat(found[1][0]).st_mode)
 
 
 def _opaque(path: Path) -> bool:

@@ -700,3 +700,28 @@ async def test_a_builders_unexpected_error_is_the_streams_last_record(tmp_path: 
 
     recs = [r async for r in stream_build(Broken(None, None, tmp_path), tmp_path, BuildOptions())]
     assert recs == [{"error": "internal error: KeyError: 'x'", "line": 0}]
+
+
+def test_copys_parent_directories_are_read_in_the_image_never_the_host(tmp_path: Path) -> None:
+    """A layer's symlink ``/app -> HOSTDIR`` is the image's path, not the host's (review: COPY
+    x /app/sub/ took the host's HOSTDIR/sub's mode, owner and time for its parent entry, and
+    COPY/WORKDIR looked whether such a host directory exists)."""
+    import io
+    import tarfile
+
+    from shoal.runtime.build import Builder, _image_dir
+
+    layer, host = tmp_path / "layer", tmp_path / "host"
+    (layer / "srv" / "sub").mkdir(parents=True)
+    (layer / "srv" / "sub").chmod(0o750)
+    (host / "sub").mkdir(parents=True)
+    (host / "sub").chmod(0o700)
+    (layer / "app").symlink_to(host)
+    (layer / "www").symlink_to("/srv")
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar:
+        Builder._parents(tar, "app/sub/f", [layer], set())
+        Builder._parents(tar, "www/sub/f", [layer], set())
+        modes = {m.name: m.mode for m in tar.getmembers()}
+    assert modes == {"app": 0o755, "app/sub": 0o755, "www": 0o755, "www/sub": 0o750}
+    assert not _image_dir([layer], "app/sub") and _image_dir([layer], "www/sub")
+    assert not _image_dir([layer], "www", follow=False) and _image_dir([layer], "www")
