@@ -159,8 +159,13 @@ def plan_stages(instructions: Sequence[Instruction], meta: Mapping[str, str],
                              st.from_ins.line)
         for ins in st.instructions:
             if ins.cmd == "RUN":
-                st.mount_froms[ins] = tuple(m.from_ for m in run_flags(ins, meta)[0])
-                for mount in run_flags(ins, meta)[0]:
+                try:
+                    mounts = run_flags(ins, meta)[0]
+                except BuildError:  # (target=$GOCACHE, a stage's ENV: the RUN's to check)
+                    mounts = [replace(m, from_=expand(m.from_, meta))
+                              for m in run_flags(ins)[0]]
+                st.mount_froms[ins] = tuple(m.from_ for m in mounts)
+                for mount in mounts:
                     if mount.from_:
                         st.mount_from.setdefault(ins, {})[mount.from_] = _source(
                             mount.from_, st, stages, by_name, ins,

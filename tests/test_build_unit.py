@@ -686,6 +686,13 @@ def test_run_mount_from_is_what_the_planner_resolved() -> None:
                        "ARG") as err:
         check_mount_from(local, run_flags(local, env)[0], stages[1])
     assert err.value.line == 5
+    # a value of the stage's ENV or ARG is the RUN's (review: target=$GOCACHE of an ENV was
+    # "" when the stages were planned: "needs target=PATH", a Dockerfile BuildKit builds)
+    text = "FROM golang\nENV GOCACHE=/go\nRUN --mount=type=cache,target=$GOCACHE go build\n"
+    run = plan_stages(parse_dockerfile(text), {})[0].instructions[1]
+    assert run_flags(run, {"GOCACHE": "/go"})[0][0].target == "/go"
+    with pytest.raises(BuildError, match="line 2: RUN --mount: unknown option 'colour'"):
+        plan_stages(parse_dockerfile("FROM a\nRUN --mount=target=$X,colour=red true\n"), {})
 
 
 async def test_a_builders_unexpected_error_is_the_streams_last_record(tmp_path: Path) -> None:
