@@ -79,7 +79,8 @@ def run_argv(ins: Instruction, command: str, shell: Sequence[str]
     if len(words) == 1 and len(ins.heredocs) == 1 and heredoc_word(words[0]) is not None:
         doc = ins.heredocs[0]
         if doc.text().startswith("#!"):
-            path = f"{SCRIPT_DIR}/{doc.name}"
+            name = posixpath.basename(doc.name)  # (a file of SCRIPT_DIR, whatever its name)
+            path = f"{SCRIPT_DIR}/{name if name not in ('', '.', '..') else 'script'}"
             return [path], {path: (doc.text().encode(), 0o755)}
         return [*shell, doc.text()], {}
     full = command

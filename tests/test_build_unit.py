@@ -375,6 +375,11 @@ def test_a_runs_argv_from_its_heredocs_and_shell() -> None:
     assert run_argv(script, script.args, ()) == (
         ["/.shoal-heredoc/S"], {"/.shoal-heredoc/S": (b"#!/usr/bin/env python3\nprint(1)\n",
                                                       0o755)})
+    # a delimiter with `/` or `..` names a file in /.shoal-heredoc all the same (review: the
+    # RUN could not start: "files: must be normalised ... /.shoal-heredoc/../x")
+    for name, path in (("../../x", "/.shoal-heredoc/x"), ("..", "/.shoal-heredoc/script")):
+        odd = parse_dockerfile(f"FROM a\nRUN <<{name}\n#!/bin/sh\n{name}\n")[1]
+        assert run_argv(odd, odd.args, ())[0] == [path]
     plain = parse_dockerfile('FROM a\nRUN ["echo", "x"]\nRUN echo $A\n')
     assert run_argv(plain[1], plain[1].args, bash)[0] == ["echo", "x"]
     assert run_argv(plain[2], plain[2].args, bash)[0] == ["/bin/bash", "-ec", "echo $A"]
