@@ -234,6 +234,8 @@ def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
     wait_until(lambda: h1.cli_json("node", "ls") and True, timeout=30,
                what="h1's agent back")
     wait_until(lambda: not held(), timeout=20, what="the cut-short RUN removed and released")
+    # ... and what the build had in DATA_DIR/build/tmp (its context) went as the agent started
+    assert list((h1.data_dir / "build" / "tmp").iterdir()) == []
 
 
 def test_a_build_whose_client_goes_away_during_a_silent_run_is_cancelled(
