@@ -89,8 +89,11 @@ def parse_from(ins: Instruction, meta: Mapping[str, str], platform: str = ""
         if not platform or value not in (platform, "/".join(platform.split("/")[:2])):
             raise BuildError(f"FROM {flag}: this node builds {platform or 'its own'} images "
                              "only", ins.line)
-    if not words:
-        raise BuildError("FROM needs an image", ins.line)
+    if not words or (len(words) == 2 and words[0].upper() == "AS"):
+        given = [w for w in ins.args.split() if not w.startswith("--")]
+        unset = f" ({given[0]} is empty: give its ARG a default or --build-arg)" if (
+            given and "$" in given[0]) else ""
+        raise BuildError(f"FROM needs an image{unset}", ins.line)
     if len(words) == 1:
         return words[0], ""
     if len(words) != 3 or words[1].upper() != "AS":

@@ -264,7 +264,11 @@ def test_from_platform_is_the_nodes_own_and_its_args_are_buildkits() -> None:
     for args, words in (("--platform=linux/amd64 a", "FROM --platform=linux/amd64: this "
                          "node builds linux/arm/v7 images only"),
                         ("--pull a", "FROM: unsupported flag --pull (only --platform=)"),
-                        ("--platform=linux/arm", "FROM needs an image")):
+                        ("--platform=linux/arm", "FROM needs an image"),
+                        # (netbox's FROM ${FROM} without --build-arg: say which is empty)
+                        ("--platform=linux/arm ${FROM} AS main", "FROM needs an image "
+                         "(${FROM} is empty: give its ARG a default or --build-arg)"),
+                        ("$BASE", "FROM needs an image ($BASE is empty")):
         with pytest.raises(BuildError, match=f"^line 4: {re.escape(words)}"):
             parse_from(Instruction(4, "FROM", args), meta, "linux/arm/v7")
 
