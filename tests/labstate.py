@@ -43,6 +43,9 @@ STATE_VERSION = 1
 _RID_RE = re.compile(r"^[0-9a-f]{6}$")
 _NETNS_RE = re.compile(r"^shoal-lab-([0-9a-f]{6})-(sw|h\d+)$")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# How long a teardown goes on killing a lab's processes before it reports the survivors
+# (seconds; test_netlab's unkillable process shortens it: it would wait all of it out).
+KILL_TIMEOUT = 10.0
 
 
 class LabError(Exception):
@@ -338,11 +341,11 @@ def _lab_targets(state: _State, existing_netns: Iterable[str] | None = None) -> 
 
 
 def _kill_all(state: _State, reap: Callable[[], None], keep: Callable[[], set[int]],
-              timeout: float = 10.0) -> None:
+              timeout: float | None = None) -> None:
     """SIGKILL every lab process until none is left (re-scanning catches late forks), then reap
     the zombies this process adopted as subreaper (all but ``keep()``: pids its Popen objects
-    will reap themselves)."""
-    deadline = time.monotonic() + timeout
+    will reap themselves). ``timeout`` defaults to KILL_TIMEOUT."""
+    deadline = time.monotonic() + (KILL_TIMEOUT if timeout is None else timeout)
     seen: set[int] = set()
     passes = 0
     while True:

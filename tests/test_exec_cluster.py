@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,16 @@ def test_exec_runs_in_the_task_on_its_node_or_through_a_manager(
         cli = shlex.join([*h1.shoal_argv, "-H", f"unix://{h1.sock}", "exec", *flags,
                           remote["name"], "sh", "-c", f"trap '' HUP; {sleeper}"])
         feed = "yes | head -c 3000000 | " if "-i" in flags else ""
-        h1.run("sh", "-c", f"{feed}timeout -s KILL 3 {cli}", check=False, timeout=30)
-        wait_until(lambda s=sleeper: s not in _exec(h1, remote["name"], "sh", "-c",
-                   "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1] or None, timeout=10,
+        client = h1.spawn("sh", "-c", f"{feed}exec {cli}", log_name="exec-client")
+
+        def in_task(s: str = sleeper) -> bool:
+            return s in _exec(h1, remote["name"], "sh", "-c",
+                              "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")[1]
+        # killed once its command runs in the task (before: a fixed 3 s each), never before
+        wait_until(in_task, timeout=20, interval=0.1, what=f"{sleeper} running in the task")
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait(timeout=10)
+        wait_until(lambda s=sleeper: not in_task(s), timeout=10,
                    what=f"{sleeper} to end with its client")
     # the task's pid namespace: its own processes, the exec's
     code, out, _ = _exec(h1, remote["name"], "sh", "-c",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import labstate
 import pytest
 
 import netlab
@@ -413,6 +414,8 @@ def test_sweep_reports_a_process_that_survives_instead_of_counting_it_removed(
                             lambda pid, sig: None if pid == sleeper else real_kill(pid, sig))
         monkeypatch.setattr(os, "killpg",
                             lambda pg, sig: None if pg == group else real_killpg(pg, sig))
+        # (the sweep kills until KILL_TIMEOUT runs out: 10 s waited out for nothing here)
+        monkeypatch.setattr(labstate, "KILL_TIMEOUT", 1.0)
 
         removed = netlab.sweep()
 

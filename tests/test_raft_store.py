@@ -32,6 +32,9 @@ from shoal.raft.transport import AdmissionTransport
 # and a narrow range made split votes repeat for tens of seconds)
 SLOW = RaftConfig(raft_min_timeout=4.0, raft_max_timeout=12.0, append_entries_period=1.3,
                   tick_period=1.0, leader_fallback_timeout=10.0, write_timeout=20.0)
+# One voter cannot split a vote: a narrow election range only shortens the wait for its first
+# election (4-12 s with SLOW's range); the ticks and periods stay SLOW's.
+SINGLE = dataclasses.replace(SLOW, raft_max_timeout=4.5)
 NODE = {"id": "n1", "hostname": "h1", "addr": "127.0.0.1", "api_port": 2377, "raft_port": 0,
         "role": "manager", "state": "ready"}
 
@@ -69,7 +72,7 @@ async def test_sequential_writes_do_not_wait_for_ticks_or_periods(tmp_path: Path
 
 async def test_single_node_commits_without_waiting_for_a_tick(tmp_path: Path) -> None:
     addr = f"127.0.0.1:{free_ports(1)[0]}"
-    store = RaftStore(addr, [addr], tmp_path, "secret", config=SLOW, persist=False)
+    store = RaftStore(addr, [addr], tmp_path, "secret", config=SINGLE, persist=False)
     try:
         await until(store.is_leader, 60.0)
         t0 = time.monotonic()
@@ -86,7 +89,7 @@ async def test_listeners_read_the_command_just_applied_without_decoding_it_again
     applied (the event log derives its events from it; decoding a 1,000-task batch a second
     time cost a leader ~10 % of its CPU during a scale); any older index is None."""
     addr = f"127.0.0.1:{free_ports(1)[0]}"
-    store = RaftStore(addr, [addr], tmp_path, "secret", config=SLOW, persist=False)
+    store = RaftStore(addr, [addr], tmp_path, "secret", config=SINGLE, persist=False)
     seen: list[tuple[int, Any]] = []
     store.add_listener(lambda index: seen.append((index, store.command_at(index))))
     try:
