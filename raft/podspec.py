@@ -63,12 +63,9 @@ IMAGE_RE = re.compile(
 )
 _USER_PART = r"([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})"
 USER_RE = re.compile(rf"^{_USER_PART}(:{_USER_PART})?$")
-# a task's host name: an RFC 1123 host name, dotted (mail.example.com), at most 64 bytes (the
-# kernel's limit; Docker's rule; schema 14). Schema 13 and before took one DNS label of at
-# most 63 (OLD_HOSTNAME_RE)
+# a task's host name: RFC 1123, dotted (mail.example.com), ≤ 64 bytes (the kernel's; schema 14)
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*$")
-OLD_HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH")
 MAX_REPLICAS = 10_000
 MAX_COMMAND_BYTES = 64 * 1024
@@ -94,8 +91,7 @@ FILE_TARGETS = 11  # the cluster schema that reads absolute targets, uid and gid
 _SAMPLE = {p: "x1" for p in templates.PLACEHOLDERS}
 # a host name with placeholders (shoal.raft.templates), checked once filled in by the node
 HOSTNAME_TEMPLATE_RE = re.compile(r'^(?=.*\{\{)[A-Za-z0-9{}." _-]{1,255}$')
-# a name of an /etc/hosts line: the same rule (the runtime's: shoal.runtime.records)
-EXTRA_HOST_RE = HOSTNAME_RE
+EXTRA_HOST_RE = HOSTNAME_RE  # an /etc/hosts line's name: the same rule (the runtime's)
 MAX_EXTRA_HOSTS = 256
 MAX_GID = (1 << 31) - 1  # (runc's limit for a group number)
 GROUP_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})$")  # (as the runtime's)

@@ -120,7 +120,6 @@ from shoal.raft.spec import (
     ENV_KEY_RE,
     FILE_TARGETS,
     HOST_GATEWAY,
-    OLD_HOSTNAME_RE,
     OLD_MAX_GRACE,
     SIGNALS,
     ServiceSpec,
@@ -154,6 +153,7 @@ IMAGE_ACCESS = 13  # the schema whose nodes name the image with each blob they f
 # peer, so a peer checks a worker's reads against its tasks (shoal.node.transfer)
 HOSTNAME_DOMAIN = 14  # the schema whose specs carry a host name with a domain (or of 64
 # bytes: schema 13 took one DNS label of at most 63)
+OLD_HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
 
 
 def _beyond_shell_names(env: Any) -> bool:

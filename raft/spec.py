@@ -78,7 +78,6 @@ from shoal.raft.podspec import (  # noqa: F401
     MAX_REPLICAS,
     NAME_RE,
     OBJECT_NAME_RE,
-    OLD_HOSTNAME_RE,
     OLD_MAX_GRACE,
     SECRETS_DIR,
     SERVICE_NAME_RE,
