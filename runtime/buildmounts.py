@@ -42,6 +42,7 @@ from shoal.runtime.dockerfile import (
     Instruction,
     RunMount,
     expand,
+    hash_entry,
     heredoc_word,
     split_words,
 )
@@ -140,14 +141,7 @@ def mount_digest(ctx: Path, mounts: Sequence[RunMount], from_ids: Mapping[str, s
         elif m.type == "bind":
             src = _context_path(ctx, m, line)
             for path in [src, *sorted(src.rglob("*"))] if src.is_dir() else [src]:
-                st = path.lstat()
-                sha.update(f"{path.relative_to(ctx)}\0{st.st_mode:o}\0".encode())
-                if stat.S_ISREG(st.st_mode):
-                    with path.open("rb") as fh:
-                        while chunk := fh.read(1 << 20):
-                            sha.update(chunk)
-                elif stat.S_ISLNK(st.st_mode):
-                    sha.update(os.readlink(path).encode())
+                hash_entry(sha, path, str(path.relative_to(ctx)))
     return sha.hexdigest()
 
 

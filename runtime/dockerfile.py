@@ -30,6 +30,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime.errors import BuildError
 from shoal.runtime.imageconfig import ImageHealthcheck
@@ -479,16 +480,21 @@ def context_sources(ctx: Path, files: Sequence[str], ins: Instruction, args: str
                     raise BuildError(f"{ins.cmd}: {src} is excluded", ins.line)
     sha = hashlib.sha256(json.dumps(flags).encode())
     for rel, target, unpack in sorted(out):
-        full = ctx / rel
-        st = full.lstat()
-        sha.update(f"{rel}\0{target}\0{unpack}\0{st.st_mode:o}\0".encode())
-        if stat.S_ISREG(st.st_mode):
-            with full.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    sha.update(chunk)
-        elif stat.S_ISLNK(st.st_mode):
-            sha.update(os.readlink(full).encode())
+        hash_entry(sha, ctx / rel, f"{rel}\0{target}\0{unpack}")
     return out, sha.hexdigest()
+
+
+def hash_entry(sha: Any, path: Path, label: str) -> None:
+    """Add one context entry to a cache key's ``sha``: ``label``, its mode, and its content
+    (a regular file's bytes, a symlink's target; not followed)."""
+    st = path.lstat()
+    sha.update(f"{label}\0{st.st_mode:o}\0".encode())
+    if stat.S_ISREG(st.st_mode):
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+    elif stat.S_ISLNK(st.st_mode):
+        sha.update(os.readlink(path).encode())
 
 
 def inside(ctx: Path, path: Path) -> bool:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_runtime_images import busybox_rootfs
@@ -208,12 +209,10 @@ def _build_runs(h1_data: Path, links: str) -> list[str]:
             *(f"task {p.name}" for p in (h1_data / "tasks").glob("build*"))]
 
 
-def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
-                                                                 tmp_path: Path) -> None:
-    """The agent killed mid-RUN (SIGKILL: the RUN's shim and its namespace survive it): the
-    restarted agent removes that RUN and releases its address and veth at once — no build
-    can still wait for it — rather than leaving a silent RUN running on the task network,
-    holding its address, until some later build happens to sweep it."""
+def _silent_build(lab: Lab, tmp_path: Path, log_name: str
+                  ) -> tuple[Any, Callable[[], list[str]]]:
+    """A build on h1 whose RUN sleeps silently, its client spawned, once the RUN attached:
+    (the client, what of the RUN h1 holds)."""
     h1 = lab.hosts[0]
     h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
     ctx = tmp_path / "ctx"
@@ -224,9 +223,25 @@ def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
         return _build_runs(h1.data_dir, h1.run("ip", "-o", "link").stdout)
 
     client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
-                      str(ctx), log_name="cut-short")
+                      str(ctx), log_name=log_name)
     try:
         wait_until(lambda: len(held()) == 3 and held(), timeout=60, what="the RUN attached")
+    except BaseException:
+        client.kill()
+        client.wait()
+        raise
+    return client, held
+
+
+def test_a_run_an_agent_restart_cut_short_goes_with_its_address(lab: Lab,
+                                                                 tmp_path: Path) -> None:
+    """The agent killed mid-RUN (SIGKILL: the RUN's shim and its namespace survive it): the
+    restarted agent removes that RUN and releases its address and veth at once — no build
+    can still wait for it — rather than leaving a silent RUN running on the task network,
+    holding its address, until some later build happens to sweep it."""
+    h1 = lab.hosts[0]
+    client, held = _silent_build(lab, tmp_path, "cut-short")
+    try:
         h1.restart_agent()
     finally:
         client.kill()
@@ -244,20 +259,7 @@ def test_a_build_whose_client_goes_away_during_a_silent_run_is_cancelled(
     `apt-get` waiting on a slow mirror): the agent notices without having to write to it,
     cancels the build and releases the RUN — its task, address and veth — in seconds, not
     when the RUN ends on its own (here 1000 s; at worst the builder's one-hour limit)."""
-    h1 = lab.hosts[0]
-    h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text("FROM busybox:1\nRUN sleep 1000\n")
-
-    def held() -> list[str]:
-        return _build_runs(h1.data_dir, h1.run("ip", "-o", "link").stdout)
-
-    client = h1.spawn(*h1.shoal_argv, "-H", f"unix://{h1.sock}", "image", "build",
-                      str(ctx), log_name="silent")
-    try:
-        wait_until(lambda: len(held()) == 3 and held(), timeout=60, what="the RUN attached")
-    finally:
-        client.kill()
-        client.wait()
+    client, held = _silent_build(lab, tmp_path, "silent")
+    client.kill()
+    client.wait()
     wait_until(lambda: not held(), timeout=15, what="the silent RUN cancelled and released")
