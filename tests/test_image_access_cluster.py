@@ -54,7 +54,7 @@ def refused(r: dict[str, Any], field: str) -> bool:
 
 def test_a_worker_reads_only_its_own_tasks_images_from_peers_once_every_node_names_them(
         lab_factory: Callable[..., Lab], tmp_path: Path) -> None:
-    assert IMAGE_ACCESS == SCHEMA  # (the release that names the image raises the schema)
+    assert IMAGE_ACCESS <= SCHEMA  # (the release that names the image raised the schema)
     with oldrelease.old_release(SCHEMA_12) as rel:
         lab = lab_factory(3)
         h1, h2, h3 = lab.hosts  # h1 and h3 run the schema-12 release first, h2 today's

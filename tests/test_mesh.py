@@ -327,7 +327,8 @@ def test_udp_published_port_and_clear_publish_errors(cluster3: Lab) -> None:
 
 def test_task_addresses_unique_and_reused_only_after_release(cluster3: Lab) -> None:
     """Must-show 5: node subnets do not overlap, every task address is inside its node's subnet
-    and unique in the cluster; an address is given again only after its task was removed."""
+    and unique in the cluster; an address is given again only after its task was removed —
+    and not at once: a node goes round its subnet first (serial, as Docker's IPAM)."""
     h1 = cluster3.hosts[0]
     h1.cli("service", "create", "--name", "s", "--replicas", "9", "--", "sleep", "100000")
     wait_running(h1, "s", 9)
@@ -348,7 +349,7 @@ def test_task_addresses_unique_and_reused_only_after_release(cluster3: Lab) -> N
             seen.append(addr)
     assert len(seen) == len(set(seen)) == 9
 
-    # scale 9 → 3: the 6 removed tasks release their addresses; the next 6 reuse them
+    # scale 9 → 3: the 6 removed tasks release their addresses; the next 6 get new ones
     h1.cli("service", "scale", "s=3")
     wait_running(h1, "s", 3)
 
@@ -362,7 +363,8 @@ def test_task_addresses_unique_and_reused_only_after_release(cluster3: Lab) -> N
     again = [a for v in second.values() for k, a in v.items() if k != "_subnet"]
     assert len(again) == len(set(again)) == 9
     assert kept <= set(again)
-    assert set(again) == set(seen)  # lowest free first: the released ones came back
+    # the ones just given back are not the next tasks' (a host-port rule may still name one)
+    assert not (set(seen) - kept) & set(again), (seen, again)
 
 
 def test_agent_restart_keeps_task_addresses_and_published_port(cluster3: Lab) -> None:
