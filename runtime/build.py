@@ -103,6 +103,7 @@ from shoal.runtime.dockerfile import parse_volumes as parse_volumes
 from shoal.runtime.dockerfile import read_dockerignore as read_dockerignore
 from shoal.runtime.errors import BuildError, ImageError, ImageNotFound
 from shoal.runtime.images import ImageConfig, ImageInfo, ImageStore
+from shoal.runtime.layers import is_opaque
 from shoal.runtime.records import BUILD_TASK_PREFIX, RunState, TaskConfig
 from shoal.runtime.registry import host_platform
 from shoal.runtime.rootfs import read_rootfs_file, resolve_user
@@ -707,7 +708,7 @@ class Builder:
                 for root, dirs, names in os.walk(upper):
                     dirs.sort()
                     rel_root = os.path.relpath(root, upper)
-                    if rel_root != "." and _opaque(Path(root)):
+                    if rel_root != "." and is_opaque(Path(root)):
                         info = tarfile.TarInfo(posixpath.join(rel_root, ".wh..wh..opq"))
                         tar.addfile(info)
                     for name in sorted(dirs) + sorted(names):
@@ -738,13 +739,6 @@ def _image_dir(lower: Sequence[Path], path: str, follow: bool = True) -> bool:
     host's)."""
     found = LayeredFS(lower).lookup("/" + path, follow=follow)
     return found is not None and bool(found[1]) and stat.S_ISDIR(os.lstat(found[1][0]).st_mode)
-
-
-def _opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def options_from_query(query: Any) -> BuildOptions:

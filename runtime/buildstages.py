@@ -30,6 +30,7 @@ from pathlib import Path
 
 from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
+from shoal.runtime.layers import merged_child
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
@@ -252,19 +253,8 @@ def needed(stages: Sequence[Stage], target: int) -> set[int]:
 # ------------------------------------------------------------------- an image's merged files
 
 
-def _opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
 def _isdir(path: Path) -> bool:
     return stat.S_ISDIR(os.lstat(path).st_mode)
-
-
-def _whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 class LayeredFS:
@@ -280,22 +270,8 @@ class LayeredFS:
     def _child(self, dirs: Sequence[Path], name: str) -> list[Path]:
         """``name`` in the merged directory ``dirs``: [the entry] for a non-directory, the
         directories that merge into it (top first) for a directory, [] when absent."""
-        found: list[Path] = []
-        for d in dirs:
-            p = d / name
-            try:
-                s = os.lstat(p)
-            except OSError:
-                continue
-            if stat.S_ISDIR(s.st_mode):
-                found.append(p)
-                if _opaque(p):
-                    break
-            elif found or _whiteout(s):
-                break  # (a directory above hides it; a whiteout hides what is below)
-            else:
-                return [p]
-        return found
+        entry = merged_child(list(dirs), name)
+        return entry[1] if entry is not None else []
 
     def lookup(self, path: str, follow: bool = True) -> tuple[str, list[Path]] | None:
         """(the path with symlinks resolved, its entries as ``_child`` gives) of an absolute

@@ -6,6 +6,8 @@ command, plain tar; detected from the content) and unpacking it into an empty di
 ``.wh..wh..opq`` an opaque directory (``trusted.overlay.opaque=y``); member names must be
 relative without ``..``, no path is created through a symlink, hard links must point inside
 the same layer, device nodes are skipped, symlinks are created as they are and never followed.
+And reading that form back without a mount (``is_whiteout``, ``is_opaque``, ``merged_child``:
+overlayfs's merge rule, which anonymous volumes' fill and the builder's COPY --from share).
 Must not touch: anything outside the directory it is given (the image store,
 shoal.runtime.images, decides where layers go and renames them into place; the builder,
 shoal.runtime.build, unpacks build contexts with it).
@@ -218,3 +220,45 @@ def _apply_meta(path: Path, member: tarfile.TarInfo) -> None:
         os.chmod(path, member.mode & 0o7777)
     with contextlib.suppress(OSError):
         os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+# ------------------------------------------------------------- reading the overlay form back
+def is_whiteout(st: os.stat_result) -> bool:
+    """Whether an entry is an overlayfs whiteout (a 0/0 character device: deleted below)."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque(path: Path) -> bool:
+    """Whether a directory is opaque (hides what the layers below have at its path)."""
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def merged_child(dirs: list[Path], name: str) -> tuple[os.stat_result, list[Path]] | None:
+    """The merged view's entry ``name`` in the directory the layer directories ``dirs`` (top
+    first) make, as overlayfs merges them: its stat and the paths that make it (several for a
+    directory that lower layers add to, one otherwise), or None when absent or whited out."""
+    found: list[Path] = []
+    first: os.stat_result | None = None
+    for d in dirs:
+        p = d / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if is_whiteout(st):  # deleted from here down
+            break
+        if first is None:
+            first = st
+        if not stat.S_ISDIR(st.st_mode):
+            if not found:
+                found.append(p)
+            break  # (a non-directory hides what is below; below a directory it is hidden)
+        found.append(p)
+        if is_opaque(p):
+            break
+    if first is None or not found:
+        return None
+    return first, found

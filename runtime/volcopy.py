@@ -30,6 +30,8 @@ import stat
 import threading
 from pathlib import Path
 
+from shoal.runtime.layers import merged_child
+
 _MAX_LINKS = 40  # symlinks followed while resolving a path (the kernel's ELOOP bound)
 _CHUNK = 1 << 20
 _this = threading.local()  # .stop: the Event of the copy this thread makes (copy_image_path)
@@ -39,41 +41,6 @@ def _check_stop() -> None:
     stop: threading.Event | None = getattr(_this, "stop", None)
     if stop is not None and stop.is_set():
         raise OSError(errno.ECANCELED, "the fill was stopped (the task's start was cancelled)")
-
-
-def _opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
-def _child(dirs: list[Path], name: str) -> tuple[os.stat_result, list[Path]] | None:
-    """The merged view's entry ``name`` in the directory the layer directories ``dirs`` (top
-    first) make: its stat and the paths that make it (several for a directory that lower
-    layers add to, one otherwise), or None when absent or whited out."""
-    found: list[Path] = []
-    first: os.stat_result | None = None
-    for d in dirs:
-        p = d / name
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout: deleted from here down
-            break
-        if first is None:
-            first = st
-        if not stat.S_ISDIR(st.st_mode):
-            if not found:
-                found.append(p)
-            break  # (a non-directory hides what is below; below a directory it is hidden)
-        found.append(p)
-        if _opaque(p):
-            break
-    if first is None or not found:
-        return None
-    return first, found
 
 
 def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]] | None:
@@ -98,7 +65,7 @@ def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]
         st, srcs = stack[-1]
         if not stat.S_ISDIR(st.st_mode):
             return None
-        entry = _child(srcs, name)
+        entry = merged_child(srcs, name)
         if entry is None:
             return None
         if stat.S_ISLNK(entry[0].st_mode):
@@ -146,7 +113,7 @@ def _copy_dir(srcs: list[Path], dfd: int, rel: str, root: int,
             names.setdefault(name)
     for name in names:
         _check_stop()
-        entry = _child(srcs, name)
+        entry = merged_child(srcs, name)
         if entry is None:
             continue
         st, paths = entry
