@@ -1,7 +1,8 @@
 """Idle cost of agents: CPU % of a core and RSS per agent, in a cluster doing nothing.
 
     .venv/bin/python bench/idle_cost.py [--managers 3] [--workers 2] [--window 60] [--settle 10]
-                                        [--threads] [--pyspy DIR [--pyspy-seconds 20]] [--restart]
+                                        [--threads] [--smaps] [--pyspy DIR [--pyspy-seconds 20]]
+                                        [--restart]
 
 Builds netns hosts (tests/netlab.py), forms the cluster with the agents' default (LAN)
 settings, waits ``--settle`` seconds, then reads each agent process's CPU time (utime+stime
@@ -90,6 +91,30 @@ def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / (1 << 20)
 
 
+def rss_breakdown(pid: int, top: int = 6) -> str:
+    """Where ``pid``'s RSS is, from /proc/PID/smaps: the heap, anonymous mappings (obmalloc's
+    arenas, thread stacks, glibc's per-thread malloc arenas: 64 MiB reservations) and the
+    files mapped, largest first, in MiB."""
+    rss: collections.Counter[str] = collections.Counter()
+    big_anon = 0
+    name = "[anon]"
+    size_kib = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            size_kib = (end - start) >> 10
+            parts = line.split()
+            name = parts[5].rsplit("/", 1)[-1] if len(parts) > 5 else "[anon]"
+        elif line.startswith("Rss:"):
+            kib = int(line.split()[1])
+            if name == "[anon]" and size_kib >= 32 << 10:
+                name, big_anon = "[anon ≥32 MiB: malloc arenas]", big_anon + 1
+            rss[name] += kib
+    nthreads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    parts = [f"{k} {v / 1024:.1f}" for k, v in rss.most_common(top)]
+    return f"{nthreads} threads, {big_anon} malloc arena maps; " + ", ".join(parts)
+
+
 def pyspy_summary(raw: str, seconds: float, rate: int, top: int = 25) -> str:
     """The collapsed stacks of ``py-spy record -f raw`` as self/total % of one core."""
     own: collections.Counter[str] = collections.Counter()
@@ -135,6 +160,8 @@ def main() -> None:
     ap.add_argument("--pyspy-seconds", type=float, default=20.0)
     ap.add_argument("--restart", action="store_true",
                     help="restart every agent once the cluster formed, and measure those")
+    ap.add_argument("--smaps", action="store_true",
+                    help="also where each agent's RSS is (heap, anonymous maps, libraries)")
     ap.add_argument("--raft-multiplier", type=float, default=1.0,
                     help="the agents' --raft-multiplier (default 1)")
     args = ap.parse_args()
@@ -168,6 +195,8 @@ def main() -> None:
             r = role.get(h.ip, "?")
             per_role.setdefault("manager" if r == "leader" else r, []).append(pct)
             print(f"  {h.name} {r:8} cpu {pct:5.2f} % of a core  rss {rss_mib(pid):6.1f} MiB")
+            if args.smaps:
+                print(f"      {rss_breakdown(pid)}")
             if args.threads:
                 names = thread_names(pid)
                 before = start_threads[pid]

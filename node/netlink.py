@@ -6,6 +6,12 @@ the agent's other libraries, which uses one class of them. ``import_iproute`` re
 ``pyroute2`` package without running that file and imports only ``pyroute2.iproute.linux``:
 121 modules, 4.1 MiB (``bench/agent_rss.py``; a running agent 77.2 → 71.6 MiB).
 
+The same is done for the standard library's ``unittest`` while pyroute2 is imported:
+``pyroute2.netlink.rtnl.iprsocket`` has ``from unittest import mock`` at module level for its
+mock-netlink mode, which shoal never turns on. ``unittest.mock`` itself is small, but the
+``unittest`` package's ``__init__.py`` loads its test case, loader, runner and ``difflib``
+(0.8 MiB); registered bare, only ``unittest.mock`` and ``unittest.util`` are read.
+
 The package stays whole for any other code in the process: a name the bare package lacks
 is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``) runs
 the real ``__init__.py`` once, into the same module object. If ``pyroute2`` is already
@@ -21,21 +27,22 @@ from types import ModuleType
 from typing import Any
 
 
-def _bare_package() -> ModuleType:
-    spec = importlib.util.find_spec("pyroute2")
+def _bare_package(name: str) -> ModuleType:
+    """Package ``name`` as a module object whose ``__init__.py`` has not run (see above)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
-        raise ImportError("pyroute2 is not installed")
+        raise ImportError(f"{name} is not installed")
     package = importlib.util.module_from_spec(spec)
     loader = spec.loader
 
-    def __getattr__(name: str) -> Any:  # PEP 562: only names the module does not have
-        if name.startswith("__") and name not in ("__version__", "__all__"):
-            raise AttributeError(name)  # probes such as __wrapped__ need not load it all
-        if importlib.util.find_spec(f"pyroute2.{name}") is not None:
-            return importlib.import_module(f"pyroute2.{name}")
+    def __getattr__(attr: str) -> Any:  # PEP 562: only names the module does not have
+        if attr.startswith("__") and attr not in ("__version__", "__all__"):
+            raise AttributeError(attr)  # probes such as __wrapped__ need not load it all
+        if importlib.util.find_spec(f"{package.__name__}.{attr}") is not None:
+            return importlib.import_module(f"{package.__name__}.{attr}")
         del package.__getattr__  # the real __init__ defines everything from here on
         loader.exec_module(package)
-        return getattr(package, name)
+        return getattr(package, attr)
 
     package.__getattr__ = __getattr__  # type: ignore[method-assign]
     return package
@@ -43,8 +50,9 @@ def _bare_package() -> ModuleType:
 
 def import_iproute() -> tuple[type, type[Exception]]:
     """Return (IPRoute, NetlinkError) for Linux."""
-    if "pyroute2" not in sys.modules:
-        sys.modules["pyroute2"] = _bare_package()
+    for name in ("pyroute2", "unittest"):
+        if name not in sys.modules:
+            sys.modules[name] = _bare_package(name)
     from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
     return IPRoute, NetlinkError

@@ -24,7 +24,6 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from shoal.node.apireplies import list_of as _list
 from shoal.node.apireplies import nullable as _nullable
 from shoal.node.apireplies import obj as _obj
 from shoal.node.apireplies import ref as _ref
+from shoal.node.version import version as package_version
 from shoal.raft.spec import ServiceSpec
 
 Listener = Literal["local", "peer"]
@@ -533,13 +533,6 @@ def read_ops(listener: Listener) -> list[str]:
 
 
 # --------------------------------------------------------------------------- document
-
-def package_version() -> str:
-    try:
-        return metadata.version("shoal")
-    except metadata.PackageNotFoundError:  # not installed (a source tree on sys.path)
-        return "0+unknown"
-
 
 def _struct_name(shape: Shape) -> str | None:
     return shape.__name__ if isinstance(shape, type) else None

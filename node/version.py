@@ -1,22 +1,17 @@
-"""The version of the installed shoal.
+"""The version of shoal.
 
-Owns: reading it once from the installed distribution's metadata (pyproject's ``version``),
-for ``shoal --version``, ``shoal info`` and the agent's gossip metadata (``node ls``).
+Owns: the version string itself — pyproject.toml reads it from here (``[tool.setuptools.dynamic]``),
+so the wheel, ``shoal --version``, ``shoal info`` and the agent's gossip metadata (``node ls``)
+say the same. A constant, not ``importlib.metadata.version("shoal")``: that import costs every
+agent ~1.4 MiB of RSS (issue 16) to read back what the package already knows.
 Must not touch: anything else.
 """
 
 from __future__ import annotations
 
-import functools
-from importlib import metadata
-
-UNKNOWN = "0+unknown"  # run from a source tree that was never installed
+VERSION = "0.2.0"
 
 
-@functools.cache
 def version() -> str:
-    """shoal's version, e.g. "0.1.0" (UNKNOWN when no distribution is installed)."""
-    try:
-        return metadata.version("shoal")
-    except metadata.PackageNotFoundError:
-        return UNKNOWN
+    """shoal's version, e.g. "0.2.0"."""
+    return VERSION

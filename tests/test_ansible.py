@@ -189,11 +189,11 @@ class Fleet:
         (``--no-index --find-links``). The three pip runs go side by side (one after the
         other they took ~19 s)."""
         src, newer_src = self.copy_source("src"), self.copy_source("src-post1")
-        pyproject = newer_src / "pyproject.toml"
-        text, n = re.subn(r'(?m)^version = "([^"]+)"$', r'version = "\1.post1"',
-                          pyproject.read_text())
-        assert n == 1, "pyproject.toml: no version line to bump"
-        pyproject.write_text(text)
+        version_py = newer_src / "node" / "version.py"  # pyproject's version is read from it
+        text, n = re.subn(r'(?m)^VERSION = "([^"]+)"$', r'VERSION = "\1.post1"',
+                          version_py.read_text())
+        assert n == 1, "node/version.py: no VERSION line to bump"
+        version_py.write_text(text)
         deps = tomllib.loads((src / "pyproject.toml").read_text())["project"]["dependencies"]
         pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check"]
         constraints = self.work / "constraints.txt"

@@ -9,7 +9,12 @@ function-local import and a one-line comment saying why:
   (node/imageapi.py → runtime/imagesave.py), ``image push`` (node/registries.py →
   runtime/regpush.py) and ``image build`` (runtime/build.py, runtime/buildstages.py — the
   prefix covers it — and runtime/dockerfile.py; the worker needs only ``BUILD_TASK_PREFIX``,
-  in runtime/records.py) — ~0.4 MiB together.
+  in runtime/records.py) — ~0.4 MiB together;
+* ``importlib.metadata`` (~1.4 MiB with zipfile and csv): the version is a constant in
+  node/version.py, which pyproject.toml reads, not the installed distribution's metadata;
+* the ``unittest`` package's test machinery (~0.8 MiB: its case, loader, runner, difflib):
+  pyroute2 imports ``unittest.mock`` at module level for a mode shoal never uses;
+  node/netlink.py registers the package bare while pyroute2 loads (see there).
 
 The first test fails when someone imports one of them at module level again (directly or
 through a module that does); it runs in a fresh interpreter, since this test process may
@@ -36,7 +41,8 @@ import pytest
 
 # the modules an idle agent must not hold (a name ending in "." means the whole package)
 LAZY = ("dns.", "shoal.node.dashboard", "shoal.runtime.build", "shoal.runtime.dockerfile",
-        "shoal.runtime.imagesave", "shoal.runtime.regpush")
+        "shoal.runtime.imagesave", "shoal.runtime.regpush", "importlib.metadata",
+        "unittest.case")
 
 
 def _imported_by(statement: str) -> list[str]:
@@ -152,3 +158,27 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("cryptography.x50
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True, timeout=120).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_unittest_registered_bare_for_pyroute2_is_whole_for_any_later_user() -> None:
+    """After the agent's netlink import, ``unittest`` has run no ``__init__.py`` yet; the
+    first name asked of it runs it, into the same module object, and the mock pyroute2
+    imported is the one ``unittest.mock`` names."""
+    code = """
+import sys
+from shoal.node.network import IPRoute
+bare = sys.modules["unittest"]
+assert "unittest.case" not in sys.modules, sorted(m for m in sys.modules if "unittest" in m)
+import unittest
+from unittest import mock
+assert unittest is bare and unittest.mock is mock
+assert issubclass(unittest.TestCase, object) and unittest.main and mock.Mock()
+import pyroute2.netlink.rtnl.iprsocket as iprsocket
+assert iprsocket.mock is mock
+with IPRoute() as ipr:
+    assert ipr.link_lookup(ifname="lo")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
