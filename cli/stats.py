@@ -1,4 +1,4 @@
-"""`shoal stats`: live CPU, memory and process counts of running tasks across the cluster
+"""`shoal stats`: live CPU, memory, I/O and process counts of running tasks across the cluster
 (`docker stats`, but over every node, as `kubectl top pods`).
 
 Owns: the command's arguments, the CPU share computed from two samples of the tasks' CPU time
@@ -10,7 +10,10 @@ reads of the task's node (``read_at``), as Docker's over its daemon's read times
 is the task's working set (its cgroup's charge less the inactive file cache, Docker's and
 Kubernetes' rule) over its memory limit, else its node's memory, as Docker shows the host's
 for a container without a limit. A task seen in one sample only (it started or ended between
-them) shows no CPU % yet.
+them) shows no CPU % yet. NET I/O and BLOCK I/O are totals since the task started, in
+Docker's decimal units: received / sent on every interface of the task's own network
+namespace but lo ("--" for a host-network task: the node's traffic is not the task's), read /
+written through block devices (a cached write counts when it is written to the cache).
 """
 
 from __future__ import annotations
@@ -52,12 +55,27 @@ def _size(n: float) -> str:
     return f"{n}B"  # (not reached)
 
 
+def _decimal(n: float) -> str:
+    """Docker's decimal units with 3 significant digits, as its NET I/O and BLOCK I/O:
+    0B, 648B, 1.23kB, 45.6MB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if float(f"{n:.3g}") < 1000 or unit == "TB":  # (999,999 B is 1MB, not 1e+03kB)
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}B"  # (not reached)
+
+
+def _pair(a: int | None, b: int | None) -> str:
+    return "--" if a is None or b is None else f"{_decimal(a)} / {_decimal(b)}"
+
+
 def rows(before: list[Rec], after: list[Rec], elapsed: float) -> list[Rec]:
     """One row per task of ``after`` (the /v1/stats records of the second sample):
     ``cpu_percent`` from the CPU time it used since ``before`` over the time between its
     node's two reads (``usage.read_at``; ``elapsed`` seconds, the client's, from a node that
     sends none) (None when either sample lacks it), the memory against its limit; Docker's
-    strings for templates (``{{.CPUPerc}}``, ``{{.MemUsage}}``, ``{{.MemPerc}}``, ``{{.PIDs}}``)."""
+    strings for templates (``{{.CPUPerc}}``, ``{{.MemUsage}}``, ``{{.MemPerc}}``, ``{{.NetIO}}``,
+    ``{{.BlockIO}}``, ``{{.PIDs}}``)."""
     cpu_before = {t["id"]: ((t.get("usage") or {}).get("cpu_seconds"),
                             (t.get("usage") or {}).get("read_at")) for t in before}
     out = []
@@ -75,6 +93,10 @@ def rows(before: list[Rec], after: list[Rec], elapsed: float) -> list[Rec]:
             "id": t["id"], "container": t["id"], "name": t["name"], "service": t["service"],
             "node": t["node"], "cpu_percent": cpu_percent, "memory_bytes": mem,
             "memory_limit": limit, "memory_percent": mem_percent, "pids": usage.get("pids"),
+            **{k: usage.get(k) for k in ("net_rx_bytes", "net_tx_bytes", "block_read_bytes",
+                                         "block_write_bytes")},
+            "net_io": _pair(usage.get("net_rx_bytes"), usage.get("net_tx_bytes")),
+            "block_io": _pair(usage.get("block_read_bytes"), usage.get("block_write_bytes")),
             "cpu_perc": "--" if cpu_percent is None else f"{cpu_percent:.2f}%",
             "mem_usage": "-- / --" if mem is None else
             f"{_size(mem)} / {_size(limit) if limit else '--'}",
@@ -90,7 +112,8 @@ output.COLUMNS["stats"] = [
     ("ID", lambda r, f: r["id"] if f else r["id"][:12]), ("NAME", lambda r, f: r["name"]),
     ("NODE", lambda r, f: r["node"] or "-"), ("CPU %", lambda r, f: r["cpu_perc"]),
     ("MEM USAGE / LIMIT", lambda r, f: r["mem_usage"]),
-    ("MEM %", lambda r, f: r["mem_perc"]), ("PIDS", _pids)]
+    ("MEM %", lambda r, f: r["mem_perc"]), ("NET I/O", lambda r, f: r["net_io"]),
+    ("BLOCK I/O", lambda r, f: r["block_io"]), ("PIDS", _pids)]
 
 
 def run(c: Any, args: argparse.Namespace, clock: Callable[[], float] = time.monotonic,

@@ -114,8 +114,12 @@ REPLIES: dict[str, Schema] = {
                                           containers=list_of({"type": "object"})))),
     "ServiceRef": obj("the service a command acted on", id=STR, name=STR, version=INT,
                        replicas=INT, removed=BOOL, image=STR, warnings=list_of(STR)),
-    "Usage": obj("live resource use read from the task's cgroups", memory_bytes=INT,
-                  memory_peak_bytes=INT, cpu_seconds=NUM, pids=INT, read_at=NUM),
+    "Usage": obj("live resource use read from the task's cgroups (bytes through block "
+                  "devices: all of them; through the network: every interface of the task's "
+                  "own namespace but lo, null for a host-network task), each null where this "
+                  "node cannot tell", memory_bytes=INT, memory_peak_bytes=INT, cpu_seconds=NUM,
+                  pids=INT, block_read_bytes=nullable(INT), block_write_bytes=nullable(INT),
+                  net_rx_bytes=nullable(INT), net_tx_bytes=nullable(INT), read_at=NUM),
     "Task": obj("a task (`service ps`)",
                  id=STR, name=STR, service=STR, service_id=STR, slot=INT, node_id=STR, node=STR,
                  desired_state=STR, state=STR, message=STR, error=STR,

@@ -21,9 +21,13 @@ What it exports (names follow Prometheus conventions: base units, ``_total`` cou
   ``sum``); ``shoal_node_tasks`` (tasks the runtime here knows);
   ``shoal_task_start_latency_seconds`` (histogram, managers: created by the leader →
   reported RUNNING, both from the Raft log, observed as the RUNNING event is derived);
-  per task running here: ``shoal_task_cpu_seconds_total``, ``shoal_task_memory_bytes``,
-  ``shoal_task_memory_peak_bytes``, ``shoal_task_pids`` with labels task, service, slot
-  (from the task's cgroups; absent where cgroups are not available).
+  per task running here: ``shoal_task_cpu_seconds_total``, ``shoal_task_memory_bytes`` (the
+  working set), ``shoal_task_memory_peak_bytes``, ``shoal_task_pids``,
+  ``shoal_task_block_read_bytes_total``, ``shoal_task_block_write_bytes_total`` (from the
+  task's cgroups; absent where cgroups are not available),
+  ``shoal_task_network_receive_bytes_total``, ``shoal_task_network_transmit_bytes_total`` (its
+  own network namespace's counters; absent for a host-network task), with labels task,
+  service, slot.
 * Routing mesh (this node's balancer): ``shoal_lb_connections_total{service}``,
   ``shoal_lb_active_connections{service}``, ``shoal_lb_retries_total``,
   ``shoal_lb_failed_total``, ``shoal_lb_udp_dropped_total``, and per backend
@@ -254,29 +258,43 @@ class _StateCollector(Collector):
                 g.add_metric([state], n)
             yield g
         labels = ["task", "service", "slot"]
-        cpu = CounterMetricFamily("shoal_task_cpu_seconds", "CPU time of a task running here "
-                                  "(cgroups)", labels=labels)
-        mem = GaugeMetricFamily("shoal_task_memory_bytes", "Memory charged to a task running "
-                                "here (cgroups, page cache included)", labels=labels)
-        peak = GaugeMetricFamily("shoal_task_memory_peak_bytes", "Peak memory of a task "
-                                 "running here", labels=labels)
-        pids = GaugeMetricFamily("shoal_task_pids", "Processes and threads in a task running "
-                                 "here", labels=labels)
+        families: list[tuple[str, CounterMetricFamily | GaugeMetricFamily]] = [
+            ("cpu_seconds", CounterMetricFamily(
+                "shoal_task_cpu_seconds", "CPU time of a task running here (cgroups)",
+                labels=labels)),
+            ("memory_bytes", GaugeMetricFamily(
+                "shoal_task_memory_bytes", "Working set of a task running here (cgroups: "
+                "its memory charge less the inactive file cache)", labels=labels)),
+            ("memory_peak_bytes", GaugeMetricFamily(
+                "shoal_task_memory_peak_bytes", "Peak memory of a task running here",
+                labels=labels)),
+            ("pids", GaugeMetricFamily(
+                "shoal_task_pids", "Processes and threads in a task running here",
+                labels=labels)),
+            ("net_rx_bytes", CounterMetricFamily(
+                "shoal_task_network_receive_bytes", "Bytes received by a task running here "
+                "(every interface of its own network namespace but lo)", labels=labels)),
+            ("net_tx_bytes", CounterMetricFamily(
+                "shoal_task_network_transmit_bytes", "Bytes sent by a task running here "
+                "(every interface of its own network namespace but lo)", labels=labels)),
+            ("block_read_bytes", CounterMetricFamily(
+                "shoal_task_block_read_bytes", "Bytes a task running here read from block "
+                "devices (cgroups or its processes' I/O counters)", labels=labels)),
+            ("block_write_bytes", CounterMetricFamily(
+                "shoal_task_block_write_bytes", "Bytes a task running here wrote to block "
+                "devices (cgroups or its processes' I/O counters)",
+                labels=labels)),
+        ]
         for tid in sorted(local):
             usage = runtime.usage(tid)
             if usage is None:
                 continue
             task = snap.tasks.get(tid) if snap is not None else None
             lv = [tid, task.service_name if task else "", str(task.slot) if task else ""]
-            if usage.cpu_seconds is not None:
-                cpu.add_metric(lv, usage.cpu_seconds)
-            if usage.memory_bytes is not None:
-                mem.add_metric(lv, usage.memory_bytes)
-            if usage.memory_peak_bytes is not None:
-                peak.add_metric(lv, usage.memory_peak_bytes)
-            if usage.pids is not None:
-                pids.add_metric(lv, usage.pids)
-        yield from (cpu, mem, peak, pids)
+            for attr, family in families:
+                if (value := getattr(usage, attr)) is not None:
+                    family.add_metric(lv, value)
+        yield from (family for _, family in families)
 
     def _lb(self) -> Iterator[Metric]:
         stats = self.m._lb_stats

@@ -439,7 +439,8 @@ async def service_logs(transfer: Transfer, service_id: str, tail: int | None,
 
 # ---------------------------------------------------------------------------- task usage
 def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Resource use of tasks running on this node (from their cgroups), with when it was read
+    """Resource use of tasks running on this node (from their cgroups, and their network
+    namespaces' counters), with when it was read
     (``read_at``: this node's monotonic clock, seconds — a rate is taken between two reads of
     one node, not between two replies that wait for the slowest node: cli/stats.py)."""
     out: dict[str, dict[str, Any]] = {}
@@ -448,6 +449,9 @@ def local_usage(runtime: Controller, task_ids: list[str]) -> dict[str, dict[str,
         if u is not None:
             out[tid] = {"memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes,
                         "cpu_seconds": u.cpu_seconds, "pids": u.pids,
+                        "block_read_bytes": u.block_read_bytes,
+                        "block_write_bytes": u.block_write_bytes,
+                        "net_rx_bytes": u.net_rx_bytes, "net_tx_bytes": u.net_tx_bytes,
                         "read_at": time.monotonic()}
     return out
 

@@ -49,6 +49,11 @@ class TaskUsage:
     memory_peak_bytes: int | None  # high-water mark since the task started
     cpu_seconds: float | None  # CPU time used by all its processes (user + system)
     pids: int | None = None  # processes/threads now in the task
+    block_read_bytes: int | None = None  # read from / written to block devices, all of them
+    block_write_bytes: int | None = None  # (cgroup v2's io.stat; else the task's processes'
+    #   /proc/PID/io, which holds their reaped children's too: see _read_proc_io)
+    net_rx_bytes: int | None = None  # received / sent on the task's own network namespace,
+    net_tx_bytes: int | None = None  # every interface but lo (None: it has none of its own)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,52 @@ def _read_keyed(path: Path, key: str) -> int | None:
     return None
 
 
+def _read_io_stat(path: Path) -> tuple[int, int] | None:
+    """Bytes read and written over every device, from cgroup v2's io.stat
+    ("8:0 rbytes=1 wbytes=2 rios=3 ..." per device)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    read = written = 0
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key in ("rbytes", "wbytes") and value.isdigit():
+                if key == "rbytes":
+                    read += int(value)
+                else:
+                    written += int(value)
+    return read, written
+
+
+def _read_proc_io(procs: Path) -> tuple[int, int] | None:
+    """Bytes read from and written to storage by the processes listed in a cgroup.procs file,
+    from each one's /proc/PID/io (``read_bytes``, ``write_bytes``: bytes submitted to block
+    devices, a write counted when it dirties the page cache). The kernel adds a process's
+    counts into its parent's when the parent reaps it, so the live processes of a task hold
+    its whole history (its init reaps orphans). Where no cgroup counts I/O: v1's blkio only
+    counts bios that pass a throttle limit on this kernel, and a cgroup2 mount without
+    controllers has no io.stat."""
+    try:
+        pids = procs.read_text().split()
+    except OSError:
+        return None
+    read = written = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/io").read_text()
+        except OSError:
+            continue  # (exited since)
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == "read_bytes":
+                read += int(value)
+            elif key == "write_bytes":
+                written += int(value)
+    return read, written
+
+
 def _working_set(charge: int | None, inactive_file: int | None) -> int | None:
     """A cgroup's working set: its memory charge less its inactive file cache (Docker's and
     Kubernetes' rule: a task that reads or writes big files is not counted the cache the
@@ -284,7 +335,7 @@ class TaskCgroups:
 
     @staticmethod
     def _enable_v2_controllers(mount: Path, base: Path, offered: frozenset[str]) -> None:
-        wanted = " ".join(f"+{c}" for c in ("memory", "cpu", "pids") if c in offered)
+        wanted = " ".join(f"+{c}" for c in ("memory", "cpu", "pids", "io") if c in offered)
         for level in (mount, base):
             if level == base:
                 base.mkdir(exist_ok=True)
@@ -330,6 +381,7 @@ class TaskCgroups:
     def usage(self) -> TaskUsage:
         mem = peak = pids = None
         cpu: float | None = None
+        io: tuple[int, int] | None = None
         if self.limits_version == "v2" or ("memory" not in self.dirs and "unified" in self.dirs):
             u = self.dirs.get("unified")
             if u is not None:
@@ -337,6 +389,8 @@ class TaskCgroups:
                                    _read_keyed(u / "memory.stat", "inactive_file"))
                 peak = _read_int(u / "memory.peak")
                 pids = _read_int(u / "pids.current")
+                if (u / "io.stat").exists():
+                    io = _read_io_stat(u / "io.stat")
         if "memory" in self.dirs:
             mem = _working_set(_read_int(self.dirs["memory"] / "memory.usage_in_bytes"),
                                _read_keyed(self.dirs["memory"] / "memory.stat",
@@ -350,7 +404,9 @@ class TaskCgroups:
         elif "cpuacct" in self.dirs:
             ns = _read_int(self.dirs["cpuacct"] / "cpuacct.usage")
             cpu = ns / 1e9 if ns is not None else None
-        return TaskUsage(mem, peak, cpu, pids)
+        if io is None and self.dirs:
+            io = _read_proc_io(next(iter(self.dirs.values())) / "cgroup.procs")
+        return TaskUsage(mem, peak, cpu, pids, *(io or (None, None)))
 
     def oom_kills(self) -> int:
         """How many processes of the task the kernel's OOM killer killed (0 if unknown)."""

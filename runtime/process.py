@@ -70,7 +70,7 @@ from shoal.runtime.errors import (
 from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.launcher import Spec, ensure_launcher, read_pid, read_ready, send_spec
 from shoal.runtime.logs import LogLine
-from shoal.runtime.procfs import UNREAPED, ProcRef, boot_id, children, reap
+from shoal.runtime.procfs import UNREAPED, ProcRef, boot_id, children, net_dev_bytes, reap
 from shoal.runtime.records import RunState, RuntimeConfig, RuntimeStatus, TaskConfig, parse_signal
 from shoal.runtime.rootfs import (
     CAPABILITIES,
@@ -216,7 +216,14 @@ class ProcessController:
 
     def usage(self, task_id: str) -> TaskUsage | None:
         task = self._tasks.get(task_id)
-        return None if task is None else resources.usage(task.cgroups)
+        if task is None or (used := resources.usage(task.cgroups)) is None:
+            return None
+        # network traffic: a task's own namespace only (not a host-network task's, the node's;
+        # not a pod sidecar's, its main container's, which counts the pod's)
+        own_netns = not task.cfg.host_network and not task.cfg.join_netns
+        net = net_dev_bytes(task.init) if own_netns and task.init is not None else None
+        return used if net is None else dataclasses.replace(used, net_rx_bytes=net[0],
+                                                            net_tx_bytes=net[1])
 
     def read_logs(
         self,

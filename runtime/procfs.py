@@ -1,8 +1,9 @@
 """Process identity from /proc: a process named by pid + start time (safe against pid reuse
 within one boot), pidfds for it, and reaping the launcher shims this process spawned.
 
-Owns: reads of ``/proc/PID/stat``, ``/proc/PID/task/PID/children`` and the boot id; the
-process-wide table of unreaped shims (``UNREAPED``).
+Owns: reads of ``/proc/PID/stat``, ``/proc/PID/task/PID/children``, ``/proc/PID/net/dev`` (the
+traffic of a process's network namespace) and the boot id; the process-wide table of unreaped
+shims (``UNREAPED``).
 Must not touch: the task directory, cgroups, or any signal sending (runtime/process.py decides
 what to signal; this module only says which process is which).
 """
@@ -44,6 +45,26 @@ def proc_stat(pid: int) -> tuple[int, int] | None:
         return int(fields[1]), int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def net_dev_bytes(proc: ProcRef) -> tuple[int, int] | None:
+    """Bytes received and sent on every interface but ``lo`` of ``proc``'s network namespace
+    (/proc/PID/net/dev: "eth0: rx_bytes rx_packets ... tx_bytes ..." after two header lines),
+    None if it is gone — or if its pid now names another process (checked after the read)."""
+    try:
+        text = Path(f"/proc/{proc.pid}/net/dev").read_text()
+    except OSError:
+        return None
+    if start_ticks(proc.pid) != proc.ticks:
+        return None
+    rx = tx = 0
+    for line in text.splitlines()[2:]:
+        name, sep, counters = line.partition(":")
+        fields = counters.split()
+        if sep and name.strip() != "lo" and len(fields) >= 9:
+            rx += int(fields[0])
+            tx += int(fields[8])
+    return rx, tx
 
 
 def children(pid: int) -> list[int]:

@@ -61,13 +61,18 @@ def test_v2_limits_go_to_the_unified_files(
     (tmp_path / "cg" / "shoal" / "cgroup.subtree_control").write_text("")
     group = TaskCgroups.create(layout, "shoal", "t1", Limits(64 << 20, 0.5, 100))
     assert group.limits_version == "v2" and set(group.dirs) == {"unified"}
-    assert writes["cgroup.subtree_control"] == "+memory +cpu +pids"
+    assert writes["cgroup.subtree_control"] == "+memory +cpu +pids +io"  # (io: io.stat)
     assert writes["shoal/t1/memory.max"] == str(64 << 20)
     assert writes["shoal/t1/cpu.max"] == "50000 100000"
     assert writes["shoal/t1/pids.max"] == "100"
     assert group.procs_files() == [str(tmp_path / "cg" / "shoal" / "t1" / "cgroup.procs")]
     (tmp_path / "cg" / "shoal" / "t1" / "memory.events").write_text("low 0\noom_kill 2\n")
     assert group.oom_kills() == 2
+    # BLOCK I/O from io.stat when the io controller is on (else the processes' /proc/PID/io)
+    (tmp_path / "cg" / "shoal" / "t1" / "io.stat").write_text("8:0 rbytes=5 wbytes=7 rios=1\n")
+    used = group.usage()
+    assert (used.block_read_bytes, used.block_write_bytes) == (5, 7)
+    (tmp_path / "cg" / "shoal" / "t1" / "io.stat").unlink()
     (tmp_path / "cg" / "shoal" / "t1" / "memory.events").unlink()  # a real cgroup dir is "empty"
     assert group.remove_now() == [] and not (tmp_path / "cg" / "shoal" / "t1").exists()
 
