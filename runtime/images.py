@@ -565,6 +565,22 @@ class ImageStore:
                 (self._blobs / _digest_hex(image_id)).unlink()
             return freed
 
+    def delete_unused(self, image_id: str, keep: set[str] | frozenset[str] = frozenset()
+                      ) -> int | None:
+        """Delete an image no tag names, no task uses and not in ``keep`` (a build's
+        intermediate image: `builder prune`); the bytes freed (its manifest, the layers no
+        other image uses), or None when it is tagged, used or not here (nothing changes):
+        checked and done under the store's lock, so a tag given meanwhile keeps it."""
+        with self._lock:
+            if image_id not in self._images() or image_id in self._repos().values() \
+                    or image_id in keep or image_id in self._in_use():
+                return None
+            try:
+                size = (self._blobs / _digest_hex(image_id)).stat().st_size
+            except FileNotFoundError:
+                size = 0
+            return self._delete(image_id) + size
+
     def last_used(self, image_id: str) -> float:
         """When a task last started from the image, or it was committed (Unix time)."""
         try:
