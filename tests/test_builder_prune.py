@@ -242,3 +242,48 @@ def test_sizes_read_as_dockers_and_an_old_step_cache_is_read(tmp_path: Path) -> 
     rec = buildcache.StepCache(tmp_path).load()["k1"]
     assert rec["image"] == "sha256:" + "a" * 64
     assert rec["used"] == rec["created"] == (tmp_path / "cache.json").stat().st_mtime
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static")
+async def test_the_agents_collector_bounds_the_build_cache_least_recently_used_first(
+        ctl: ProcessController, tmp_path: Path) -> None:
+    """ImageGCConfig.build_cache_keep (`shoal agent --builder-gc-keep-storage`): under the
+    bound nothing goes; over it, what was not used for min_age goes, least recently used
+    first, dangling before shared; the tagged images stay."""
+    from shoal.node.imagegc import ImageGC, build_cache_bound
+    from shoal.runtime.images import ImageGCConfig
+
+    images = ctl.images
+    images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    build_dir = images.root.parent / "build"
+    builder = Builder(ctl, images, build_dir)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    for text in (b"one\n", b"two\n"):
+        (ctx / "a.txt").write_bytes(text * 50000)
+        await builder.build(ctx, BuildOptions(tags=("app:1",)), print)
+    records = buildcache.usage(images, build_dir)
+    total = sum(r.size for r in records)
+    dl = build_dir / "cache" / buildcache_key("dl")
+
+    def gc(keep: int, min_age: float = 0.0) -> ImageGC:
+        return ImageGC(images, ImageGCConfig(build_cache_keep=keep, min_age=min_age), set)
+
+    assert await gc(total).build_cache_pass() == ([], 0)
+    assert await gc(1, min_age=3600).build_cache_pass() == ([], 0)  # (all used just now)
+    # just over: the least recently used record goes (the cache mount, let go in build 1)
+    deleted, freed = await gc(total - 1).build_cache_pass()
+    assert deleted == [dl.name] and freed >= os.path.getsize(BUSYBOX) and not dl.exists()
+    # far over: every record that weighs anything, the shared ones last; the record of the
+    # tagged app:1 itself (0 bytes: the image is kept anyway) stays, as do the tagged images
+    deleted, _ = await gc(1).build_cache_pass()
+    left = buildcache.StepCache(build_dir).load()
+    assert len(deleted) == 4 and [r["image"] for r in left.values()] == [
+        images.inspect("app:1").id]
+    assert images.inspect("base:1")
+    assert build_cache_bound(5, build_dir) == 5
+    st = os.statvfs(build_dir)
+    assert build_cache_bound(-1, build_dir) == \
+        (st.f_blocks * st.f_frsize // 10 // 10**9 + 1) * 10**9
