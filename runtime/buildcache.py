@@ -255,7 +255,8 @@ class Filters:
 
 def _until(value: str, now: float) -> float:
     """``until``'s value as a Unix time: a Go duration before ``now`` (``24h``, ``1h30m``),
-    or a timestamp (Unix seconds, RFC 3339 / ISO 8601, UTC unless it says)."""
+    or a timestamp (Unix seconds, RFC 3339 / ISO 8601; the node's local time unless it
+    gives a zone)."""
     text = value.strip()
     pos, seconds = 0, 0.0
     for m in _DURATION.finditer(text):
@@ -268,10 +269,8 @@ def _until(value: str, now: float) -> float:
     with contextlib.suppress(ValueError):
         return float(text)
     with contextlib.suppress(ValueError):
-        when = datetime.datetime.fromisoformat(text)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.UTC)
-        return when.timestamp()
+        # (a time without a zone is the node's local time, as docker's daemon reads it)
+        return datetime.datetime.fromisoformat(text).timestamp()
     raise BuildError(f"filter until: invalid value {value!r} (a duration such as 24h or "
                      "1h30m, or a timestamp: Unix seconds or 2006-01-02T15:04:05Z)",
                      field="filters")

@@ -204,7 +204,9 @@ def test_filters_take_durations_and_timestamps_and_name_a_bad_one() -> None:
     assert parse_filters(["until=1h30m"], now).until == now - 5400
     assert parse_filters(["until=90s", "until=2h"], now).until == now - 7200
     assert parse_filters(["until=2020-01-01T00:00:00Z"], now).until == 1577836800
-    assert parse_filters(["until=2020-01-01T00:00:00"], now).until == 1577836800
+    assert parse_filters(["until=2020-01-01T00:00:00"], now).until == time.mktime(
+        (2020, 1, 1, 0, 0, 0, 0, 0, -1))  # (no zone: the node's local time, as docker's)
+    assert parse_filters(["until=2020-01-01T02:00:00+02:00"], now).until == 1577836800
     assert parse_filters(["until=1577836800"], now).until == 1577836800
     assert parse_filters(["id=ab", "id=cd"], now).ids == ("ab", "cd")
     for bad, said in (("until=soon", "filter until: invalid value 'soon'"),
