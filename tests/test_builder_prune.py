@@ -4,8 +4,9 @@ handler on a unix socket in this process and the CLI's client. What a user notic
 -a only dangling cache goes (the steps of an image that was rebuilt, cache mounts) and the
 cache of the image a tag names still hits; a cache mount a running build holds (locked) is
 kept; -a takes every step record but leaves tagged images; `until` and `id` filters; bad
-filter values are refused naming the filter; docker's output and question. The pure parts
-(filters, the choice, sizes) run without root below."""
+filter values are refused naming the filter; docker's output and question; the agent's
+collector keeps the cache under its bound. The pure parts (filters, the choice, sizes) run
+without root."""
 
 from __future__ import annotations
 
