@@ -60,11 +60,13 @@ if TYPE_CHECKING:
     from typing import Any
 
     from shoal.cli import build as build_cli
+    from shoal.cli import builder as builder_cli
     from shoal.cli import execcli, infotext, keys, mqtt, network, progress, stack, user, volume
     from shoal.cli import registry as registry_cli
     from shoal.cli import stats as stats_cli
 else:
     build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
+    builder_cli = _OnUse("shoal.cli.builder")
     keys, mqtt, network = _OnUse("shoal.cli.keys"), _OnUse("shoal.cli.mqtt"), \
         _OnUse("shoal.cli.network")
     progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
@@ -197,6 +199,8 @@ def run(args: argparse.Namespace) -> None:
         run_service(c, args, fmt)
     elif args.cmd == "image":
         run_image(c, args, fmt)
+    elif args.cmd == "builder":
+        builder_cli.run(c, args)
     elif args.cmd in ("secret", "config"):
         run_secret(c, args, fmt)
     elif args.cmd == "ca":
@@ -664,6 +668,7 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
     (("ca",), _ca_parser),
     (("secret", "config"), _secret_parsers),
     (("image",), _image_parser),
+    (("builder",), lambda sub: builder_cli.add_parser(sub)),
     (("registry",), lambda sub: registry_cli.add_parser(sub)),
     (("stack",), lambda sub: stack.add_parser(sub)),
     (("network",), lambda sub: network.add_parser(sub)),

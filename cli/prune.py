@@ -1,9 +1,10 @@
 """`shoal network prune` and `shoal volume prune` (docker's): remove the records no service
 (nor live task) uses, after a confirmation unless ``-f``.
 
-Owns: the two commands' shared confirmation, selection and output. Must not touch: the
-agent (only its list and remove routes: a removal the manager refuses, because something
-started to use the object meanwhile, is reported and skipped), other commands.
+Owns: the two commands' shared confirmation (`builder prune`'s too), selection and output.
+Must not touch: the agent (only its list and remove routes: a removal the manager refuses,
+because something started to use the object meanwhile, is reported and skipped), other
+commands.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from shoal.cli.errors import CliError
 from shoal.cli.output import unused
 
 
-def confirmed(what: str, force: bool) -> bool:
-    """docker's question (on stderr), answered on stdin; ``force`` skips it."""
+def confirmed(what: str, force: bool, warning: str = "") -> bool:
+    """docker's question (on stderr), answered on stdin; ``force`` skips it. ``warning``:
+    what it removes, said whole (else ``what`` not used by a service or task)."""
     if force:
         return True
-    print(f"WARNING! This will remove {what} not used by at least one service or task.\n"
+    said = warning or f"{what} not used by at least one service or task"
+    print(f"WARNING! This will remove {said}.\n"
           "Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()
     return answer in ("y", "yes")

@@ -148,13 +148,20 @@ def add_agent_flags(a: Any) -> None:
                    "default 0: never for age)")
     a.add_argument("--image-gc-interval", default=f"{d.interval:g}s", metavar="DURATION",
                    help=f"time between two collections (default {d.interval:g}s; 0: off)")
+    a.add_argument("--builder-gc-keep-storage", default="auto", metavar="SIZE",
+                   help="at each collection, prune the build cache (`builder prune`'s) down to "
+                   "this size, least recently used first (default auto: 10%% of the disk, "
+                   "as BuildKit's; 0: no bound)")
 
 
 def image_gc_config(args: argparse.Namespace) -> ImageGCConfig:
-    from shoal.cli.flagvalues import parse_duration
+    from shoal.cli.flagvalues import parse_duration, parse_size
     from shoal.runtime.images import ImageGCConfig
 
-    return ImageGCConfig(high_percent=args.image_gc_high_threshold,
+    keep = args.builder_gc_keep_storage.strip()
+    return ImageGCConfig(build_cache_keep=-1 if keep == "auto" else
+                         parse_size(keep, "--builder-gc-keep-storage"),
+                         high_percent=args.image_gc_high_threshold,
                          low_percent=args.image_gc_low_threshold,
                          max_age=parse_duration(args.image_gc_max_age, "--image-gc-max-age"),
                          interval=parse_duration(args.image_gc_interval,

@@ -131,6 +131,17 @@ class ImagePruneRequest(_Body):
                                       "(`--filter until=DURATION`)", ge=0)] = None
 
 
+class BuilderPruneRequest(_Body):
+    all: Annotated[bool, _d("every build-cache record no running build uses, not only the "
+                            "dangling ones (`builder prune -a`)")] = False
+    filters: Annotated[list[str], _d("`until=DURATION|TIMESTAMP` (only records last used "
+                                     "before), `id=PREFIX` (only those records, or the cache "
+                                     "mount of that id)")] = []
+    keep_storage: Annotated[int, _d("bytes of build cache to keep: the least recently used "
+                                    "records go until the cache is no bigger; 0: no bound",
+                                    ge=0)] = 0
+
+
 class ImageLoadRequest(_Body):
     path: Annotated[str, _d("absolute path, on the node, of an image tarball (docker save / "
                             "OCI archive), or of a rootfs tarball with `ref`", pattern="^/")]
@@ -299,11 +310,12 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
     NetworkCreateRequest, IssueClientRequest, AdmissionRequest, RenewRequest, NodeRoleRequest,
     RoleChangedRequest, GossipKeyRequest, TaskFilesRequest, StateRequest, ReportRequest,
     HeartbeatRequest, ImageResolveRequest, TaskLogsRequest, TaskUsageRequest,
-    SwarmUpdateRequest, UnlockRequest, CaRotateRequest, CaAckRequest)
+    SwarmUpdateRequest, UnlockRequest, CaRotateRequest, CaAckRequest, BuilderPruneRequest)
 
 
 __all__ = [
-    "BODIES", "AdmissionRequest", "CaAckRequest", "CaRotateRequest", "GossipKeyRequest",
+    "BODIES", "AdmissionRequest", "BuilderPruneRequest", "CaAckRequest", "CaRotateRequest",
+    "GossipKeyRequest",
     "HeartbeatRequest", "ImageLoadRequest", "ImagePruneRequest", "ImagePullRequest",
     "ImagePushRequest", "ImageResolveRequest", "ImageTagRequest", "InitRequest",
     "IssueClientRequest", "JoinRequest", "LeaveRequest",

@@ -2,7 +2,8 @@
 ``shoal registry login/logout``).
 
 Owns: the handlers of ``/v1/images`` (ls, load/import, rm, tag, pull, push, build, prune,
-the pulls in flight) and ``/v1/registries`` — taking each request apart, then the image store
+the pulls in flight), ``/v1/builder/prune`` (the build cache: shoal.runtime.buildcache) and
+``/v1/registries`` — taking each request apart, then the image store
 (shoal.runtime.images, blocking: run in a thread), the registries (shoal.node.registries:
 credentials, pulls, pushes) or the builder (shoal.runtime.build). Must not touch: the store's
 files, Raft, other routes (shoal.node.api registers these with the rest).
@@ -205,6 +206,26 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
             builder, ctx, opts, cleanup=True,
             gone=lambda: req.transport is None or req.transport.is_closing()))
 
+    async def builder_prune(req: web.Request) -> Any:  # (runtime/buildcache.py)
+        from shoal.runtime import buildcache
+
+        b = await body(req)
+        every, items, keep = b.get("all", False), b.get("filters", []), b.get("keep_storage", 0)
+        if not isinstance(every, bool):
+            raise BadRequest("all must be true or false", "all")
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise BadRequest("filters must list KEY=VALUE strings", "filters")
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise BadRequest("keep_storage must be a number of bytes (0 or more)",
+                             "keep_storage")
+        try:
+            filters = buildcache.parse_filters(items)
+        except buildcache.BuildError as exc:
+            raise BadRequest(str(exc), exc.field) from None
+        res = await buildcache.prune(images, images.root.parent / "build", every, filters,
+                                     keep, wanted())
+        return res.view()
+
     async def pulls(_: web.Request) -> Any:
         return registries.pulls()
 
@@ -222,7 +243,8 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
     return {"image_ls": ls, "image_inspect": inspect, "image_load": load, "image_rm": rm,
             "image_tag": tag, "image_save": save,
             "image_pull": pull, "image_push": push, "image_pulls": pulls,
-            "image_prune": prune, "image_build": build, "registry_login": login,
+            "image_prune": prune, "image_build": build, "builder_prune": builder_prune,
+            "registry_login": login,
             "registry_logout": logout}
 
 

@@ -4,15 +4,20 @@ and a periodic pass of ``ImageStore.gc`` (Kubernetes' kubelet image GC policy).
 Owns: deciding the images a node must keep beyond those its runtime uses — the image of
 every task assigned here that is not terminal, or whose desired state is still running
 (a task waiting for its pull or its restart delay) — and running the collection every
-``ImageGCConfig.interval`` seconds in a thread. Must not touch: the image store's files
-(``ImageStore.gc``/``prune`` remove images, crash-safe), the cluster state (read only).
+``ImageGCConfig.interval`` seconds in a thread, then the build cache's bound
+(``build_cache_keep``: shoal.runtime.buildcache's prune, BuildKit's GC). Must not touch:
+the image store's files (``ImageStore.gc``/``prune`` remove images, crash-safe), the build
+cache's (buildcache's prune removes them), the cluster state (read only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from shoal.raft.models import TaskState
 from shoal.raft.state import Snapshot
@@ -60,6 +65,49 @@ class ImageGC:
             if out["deleted"]:
                 log.info("image GC removed %d images (%d bytes)", len(out["deleted"]),
                          out["reclaimed"])
+            try:
+                await self.build_cache_pass()
+            except (ImageError, OSError) as exc:
+                log.warning("build cache GC pass failed: %s", exc)
+
+    async def build_cache_pass(self) -> tuple[list[str], int]:
+        """Bound the build cache (``build_cache_keep``): when it weighs more, what no build
+        uses and was not used for ``min_age`` goes, least recently used first — dangling
+        records, then the others (``builder prune [-a] --keep-storage``). (The removed
+        record ids, the bytes freed.) Nothing, and nothing imported, on a node that never
+        built."""
+        build_dir = self.images.root.parent / "build"
+        keep = build_cache_bound(self.config.build_cache_keep, build_dir)
+        if keep <= 0 or not build_dir.is_dir():
+            return [], 0
+        from shoal.runtime import buildcache  # (image build's: an idle agent never loads it)
+
+        filters = buildcache.Filters(until=time.time() - self.config.min_age)
+        deleted: list[str] = []
+        freed = 0
+        for every in (False, True):
+            res = await buildcache.prune(self.images, build_dir, every, filters, keep,
+                                         self.wanted())
+            deleted, freed = deleted + res.deleted, freed + res.reclaimed
+        if deleted:
+            log.info("build cache GC removed %d records (%d bytes)", len(deleted), freed)
+        return deleted, freed
 
 
-__all__ = ["ImageGC", "wanted_images"]
+def build_cache_bound(keep: int, build_dir: Path) -> int:
+    """``ImageGCConfig.build_cache_keep`` in bytes: -1 is 10 % of the filesystem holding
+    ``build_dir`` (its nearest existing parent's) rounded up to a whole GB, as BuildKit's
+    default (2 GB when that cannot be read)."""
+    if keep >= 0:
+        return keep
+    path = build_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 2 * 10**9
+    return (st.f_blocks * st.f_frsize // 10 // 10**9 + 1) * 10**9
+
+
+__all__ = ["ImageGC", "build_cache_bound", "wanted_images"]

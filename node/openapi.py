@@ -309,6 +309,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/images/prune", "image_prune", "remove the images no task on this node "
           "uses (`image prune`)", "images", body=bodies.ImagePruneRequest,
           reply=_obj("", deleted=_list(STR), reclaimed=INT)),
+    Route("POST", "/v1/builder/prune", "builder_prune", "remove this node's build cache "
+          "(`builder prune`, docker's)", "images", body=bodies.BuilderPruneRequest,
+          reply=_obj("", deleted=_list(STR), reclaimed=INT), errors=(400, 403),
+          description="the step cache's records and the RUN `--mount=type=cache` "
+          "directories no running build uses: without `all` only the dangling ones (every "
+          "cache mount; a step record whose layers no tagged or used image has). `deleted`: "
+          "the records' ids; `reclaimed`: bytes freed. Admin role"),
     Route("POST", "/v1/images/build", "image_build", "build an image from a Dockerfile "
           "(`image build`); the body is the build context as a tar", "images",
           content="application/x-ndjson",

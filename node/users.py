@@ -105,7 +105,7 @@ MAX_PASSWORD = 1024
 ADMIN_OPS = frozenset({
     "swarm_init", "swarm_join", "swarm_leave", "swarm_join_token", "swarm_join_token_rotate",
     "node_promote", "node_demote", "gossip_rotate_key", "ca_issue_client", "ca_revoke_client",
-    "registry_login", "registry_logout", "image_load", "image_build", "image_tag",
+    "registry_login", "registry_logout", "image_load", "image_build", "builder_prune", "image_tag",
     "image_push", "image_save",
     "user_ls", "user_add", "user_update", "user_rm", "user_token",
     # the managers' keys (node/keys.py): autolock, the unlock key, rotations

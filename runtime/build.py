@@ -2,8 +2,9 @@
 
 Owns: executing a parsed Dockerfile — the build-cache keys (pure), the builder (which runs
 each RUN as a task of the runtime and turns its overlay upper dir into a layer) and
-``DATA_DIR/build`` (``cache.json``: cache key -> image id; ``tmp/``: contexts and layer
-tarballs in progress). Must not touch: the image store's files (it goes through ImageStore's
+``DATA_DIR/build/tmp/`` (contexts and layer tarballs in progress); the step cache it reads
+and writes (``cache.json``: cache key -> image id) and what ``builder prune`` removes are
+shoal.runtime.buildcache's. Must not touch: the image store's files (it goes through ImageStore's
 public methods: ``inspect``, ``import_blob``, ``add_image``, ``commit``), cluster state, the
 runtime's other tasks. Reading Dockerfiles and .dockerignore is shoal.runtime.dockerfile's
 (pure; its names are re-exported here); splitting stages and reading another image's files
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal.runtime.buildcache import StepCache, holding
 from shoal.runtime.buildmounts import (
     copy_heredocs,
     mount_digest,
@@ -157,6 +159,7 @@ class _State:
     config: ImageConfig
     labels: dict[str, str]
     args: dict[str, str]  # ARGs in scope (name -> value)
+    held: set[str] = field(default_factory=set)  # the build's images (buildcache.holding)
 
 
 Pull = Callable[[str], Awaitable[ImageInfo]]
@@ -180,36 +183,31 @@ class Builder:
         self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pull = pull
         self.run_timeout = run_timeout
+        self.steps = StepCache(self.dir)
 
-    # -- cache
-
-    def _cache(self) -> dict[str, str]:
-        try:
-            raw = json.loads((self.dir / "cache.json").read_text())
-            return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _cache_put(self, key: str, image_id: str) -> None:
-        cache = self._cache()
-        cache[key] = image_id
-        tmp = self.dir / f"cache.json.{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-        os.replace(tmp, self.dir / "cache.json")
+    # -- cache (shoal.runtime.buildcache's StepCache)
 
     def _cached(self, key: str) -> ImageInfo | None:
-        image_id = self._cache().get(key)
+        image_id = self.steps.get(key)
         if image_id is None:
             return None
         try:
-            return self.store.inspect(image_id)
+            info = self.store.inspect(image_id)
         except ImageError:
             return None
+        self.steps.touch(key)
+        return info
 
     # -- the build
 
     async def build(self, ctx: Path, opts: BuildOptions, emit: Emit) -> BuildResult:
-        """Build the Dockerfile of context directory ``ctx``; ``emit`` gets output lines."""
+        """Build the Dockerfile of context directory ``ctx``; ``emit`` gets output lines.
+        The images it stands on meanwhile are held (``builder prune`` leaves them)."""
+        with holding() as held:
+            return await self._build(ctx, opts, emit, held)
+
+    async def _build(self, ctx: Path, opts: BuildOptions, emit: Emit, held: set[str]
+                     ) -> BuildResult:
         import asyncio
 
         path = ctx / opts.dockerfile  # (a symlink out: the agent's file; a FIFO: no end)
@@ -262,6 +260,7 @@ class Builder:
                     info = await self._image(ref, ins, f"COPY --from={ref} (no stage has "
                                              "that name)", emit)
                     froms[ref] = info.id if info is not None else ""
+                    held.add(froms[ref])
         for stage in stages[:target + 1]:
             if stage.index not in wanted:  # (BuildKit's: what the target does not use)
                 emit(f"Skipping stage {stage.label} (line {stage.from_ins.line}): "
@@ -269,7 +268,7 @@ class Builder:
                 continue
             n += 1
             emit(f"Step {n}/{total} : FROM {stage.from_ins.args}")
-            st = await self._stage_base(stage, stages, done, emit)
+            st = await self._stage_base(stage, stages, done, emit, held)
             result.steps += 1
             for ins in stage.instructions:
                 n += 1
@@ -293,7 +292,7 @@ class Builder:
         return result
 
     async def _stage_base(self, stage: Stage, stages: Sequence[Stage],
-                          done: Mapping[int, _State], emit: Emit) -> _State:
+                          done: Mapping[int, _State], emit: Emit, held: set[str]) -> _State:
         """A stage's state after its FROM: an earlier stage's result (its ARGs too, as
         BuildKit's), else the image."""
         if stage.base_stage is not None:
@@ -301,8 +300,8 @@ class Builder:
             emit(f" ---> {parent.image[7:19] or 'scratch'} (stage "
                  f"{stages[stage.base_stage].label})")
             return _State(parent.image, list(parent.layers), parent.config,
-                          dict(parent.labels), dict(parent.args))
-        st = _State("", [], ImageConfig(), {}, {})
+                          dict(parent.labels), dict(parent.args), parent.held)
+        st = _State("", [], ImageConfig(), {}, {}, held)
         info = await self._image(stage.base, stage.from_ins, f"FROM {stage.base}", emit)
         if info is not None:
             self._adopt(st, info)
@@ -391,7 +390,8 @@ class Builder:
         before = {i.id for i in await asyncio.to_thread(self.store.ls)}
         info = await asyncio.to_thread(self.store.add_image, st.layers, config)
         result.images_created += info.id not in before
-        self._cache_put(key, info.id)
+        st.held.add(info.id)
+        self.steps.put(key, info.id, st.image)
         st.image = info.id
         emit(f" ---> {info.id[7:19]}")
 
@@ -402,6 +402,7 @@ class Builder:
         return normalize_ref(tag)
 
     def _adopt(self, st: _State, info: ImageInfo) -> None:
+        st.held.add(info.id)
         st.image = info.id
         st.layers = [(d, self._blob_size(d)) for d in info.layers]
         st.config = info.config

@@ -5,7 +5,10 @@ Owns: making the host side of each ``RUN --mount`` (``run_mounts``: the RUN task
 ``MountSpec``s) — ``type=cache``: a directory kept by the node across builds under
 ``DATA_DIR/build/cache`` (one per ``id``, default the target), its content never in a layer,
 ``sharing=locked`` runs one RUN at a time on it, ``private`` gives a RUN a fresh, throw-away
-one while another uses it, ``shared`` (the default) no wait; ``type=bind``: a path of the
+one while another uses it, ``shared`` (the default) no wait; which of them RUNs use now
+(``busy_caches``), handing one over to ``builder prune`` only when none does
+(``take_cache``), their ids (``CACHE_IDS``) and last use (the directory's mtime, set when a
+RUN lets it go); ``type=bind``: a path of the
 build context, or of a stage's / an image's files (``from=``, copied out of its layers),
 read-only unless ``rw`` (then a copy: writes are discarded); ``type=tmpfs``; the build-cache
 part of a RUN's mounts (``mount_digest``: their options, the content of the context paths
@@ -34,6 +37,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from shoal.runtime.buildstages import LayeredFS
 from shoal.runtime.dockerfile import (
@@ -56,6 +60,9 @@ SCRIPT_DIR = "/.shoal-heredoc"
 # cache directories in use by RUNs of this process: path -> (RUNs using it, its lock)
 _BUSY: dict[str, int] = {}
 _LOCKS: dict[str, asyncio.Lock] = {}
+#: ``DATA_DIR/build/cache-ids.json``: a cache directory's name -> {"id": its id= (or
+#: target), "created": Unix time} (what ``builder prune``'s listing and ``id=`` show)
+CACHE_IDS = "cache-ids.json"
 
 #: (the stage/image a ``from=`` names) -> its unpacked layer directories, top first
 Layers = Callable[[RunMount], Sequence[Path]]
@@ -192,6 +199,8 @@ async def _cache_dir(ins: Instruction, m: RunMount, build_dir: Path, tmp: Path,
     stack.callback(_release, name)
     if not path.is_dir() or path.parent == tmp:
         await asyncio.to_thread(_new_cache, ins, m, path, tmp, layers, ctx)
+        if path.parent != tmp:
+            _note_cache(build_dir, path.name, m.id or m.target)
     return path
 
 
@@ -199,6 +208,50 @@ def _release(name: str) -> None:
     _BUSY[name] -= 1
     if not _BUSY[name]:
         del _BUSY[name]
+    with contextlib.suppress(OSError):  # its last use (builder prune's `until`): now
+        os.utime(name)
+
+
+def cache_names(build_dir: Path) -> dict[str, dict[str, Any]]:
+    """``CACHE_IDS``' content ({} when missing or unreadable)."""
+    try:
+        raw = json.loads((build_dir / CACHE_IDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict)} \
+        if isinstance(raw, dict) else {}
+
+
+def _note_cache(build_dir: Path, key: str, name: str) -> None:
+    """Record a new cache directory's id (on the event loop: one writer at a time)."""
+    import time
+
+    names = cache_names(build_dir)
+    names[key] = {"id": name, "created": time.time()}
+    tmp = build_dir / f"{CACHE_IDS}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(names, indent=0, sort_keys=True))
+        os.replace(tmp, build_dir / CACHE_IDS)
+
+
+def busy_caches() -> set[str]:
+    """The cache directories RUNs of this process use now (or hold locked)."""
+    return set(_BUSY) | {name for name, lock in _LOCKS.items() if lock.locked()}
+
+
+def take_cache(path: Path, trash: Path) -> bool:
+    """Move the cache directory ``path`` to ``trash`` (``builder prune``'s, which then
+    deletes it) unless a RUN uses it or holds its lock; call it on the builds' event loop,
+    so that no RUN starts to use it in between (a RUN waiting for its lock makes a new,
+    empty one). Whether it was taken."""
+    name = str(path)
+    if name in busy_caches():
+        return False
+    try:
+        os.rename(path, trash)
+    except OSError:  # (gone already)
+        return False
+    return True
 
 
 def _new_cache(ins: Instruction, m: RunMount, path: Path, tmp: Path, layers: Layers,

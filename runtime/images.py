@@ -131,12 +131,21 @@ class ImageGCConfig:
     min_age: float = 120.0
     # seconds between two passes of the agent's collector; 0 = no automatic collection
     interval: float = 300.0
+    # bytes of build cache (shoal.runtime.buildcache's records: step results, RUN cache
+    # mounts) each pass keeps at most: above it, records unused for min_age go, least
+    # recently used first, the dangling ones before the others (`builder prune
+    # --keep-storage`; BuildKit's GC). -1: BuildKit's default, 10 % of the filesystem
+    # holding DATA_DIR/build rounded up to a whole GB (2 GB if unknown); 0: no bound
+    build_cache_keep: int = -1
 
     def validate(self) -> None:
         if not 0 < self.low_percent <= self.high_percent:
             raise ValueError("image GC: 0 < low_percent <= high_percent is required")
         if self.max_age < 0 or self.min_age < 0 or self.interval < 0:
             raise ValueError("image GC: ages and interval cannot be negative")
+        if self.build_cache_keep < -1:
+            raise ValueError("image GC: build_cache_keep is bytes, 0 (no bound) or -1 (10 % "
+                             "of the disk)")
 
 
 class ImageStore:
@@ -564,6 +573,22 @@ class ImageStore:
             with contextlib.suppress(FileNotFoundError):
                 (self._blobs / _digest_hex(image_id)).unlink()
             return freed
+
+    def delete_unused(self, image_id: str, keep: set[str] | frozenset[str] = frozenset()
+                      ) -> int | None:
+        """Delete an image no tag names, no task uses and not in ``keep`` (a build's
+        intermediate image: `builder prune`); the bytes freed (its manifest, the layers no
+        other image uses), or None when it is tagged, used or not here (nothing changes):
+        checked and done under the store's lock, so a tag given meanwhile keeps it."""
+        with self._lock:
+            if image_id not in self._images() or image_id in self._repos().values() \
+                    or image_id in keep or image_id in self._in_use():
+                return None
+            try:
+                size = (self._blobs / _digest_hex(image_id)).stat().st_size
+            except FileNotFoundError:
+                size = 0
+            return self._delete(image_id) + size
 
     def last_used(self, image_id: str) -> float:
         """When a task last started from the image, or it was committed (Unix time)."""

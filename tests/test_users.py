@@ -51,7 +51,8 @@ def test_viewers_read_operators_change_and_admins_hold_the_keys() -> None:
     assert required_role("secret_create") == "operator"
     # a secret's value is never readable, so reading secrets' metadata is a viewer's
     assert required_role("secret_inspect") == "viewer"
-    for op in ("swarm_join_token", "user_add", "user_ls", "ca_issue_client", "node_promote"):
+    for op in ("swarm_join_token", "user_add", "user_ls", "ca_issue_client", "node_promote",
+               "image_build", "builder_prune"):
         assert required_role(op) == "admin", op
     for op, route in ops.items():  # every change needs more than a viewer
         if route.method != "GET":
