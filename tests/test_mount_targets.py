@@ -171,3 +171,35 @@ async def test_an_impossible_target_fails_the_start_naming_it_and_touches_nothin
         await ctl.start(task("bad", "true", image="bad", env=ENV,
                              mounts=(MountSpec(kind, target),)))
     assert _tree(host) == []
+
+
+async def test_a_build_runs_mounts_follow_dangling_links_inside_the_root_and_leave_no_stub(
+    ctl: ProcessController, tmp_path: Path, host: Path
+) -> None:
+    """A RUN's --mounts share the tasks' rule: on a base whose /etc/nginx -> ../srv/nginx/conf
+    and /cache -> HOST_DIR dangle, a tmpfs and a bind of a context file are mounted at the
+    links' ends inside the root; the RUN runs, the directories and file made to mount on are
+    in no layer (BuildKit's stubs, where they were made), and HOST_DIR stays empty."""
+    from test_build import _image_files
+
+    from shoal.runtime.build import Builder, BuildOptions
+
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "etc" / "nginx").symlink_to("../srv/nginx/conf")
+    (root / "cache").symlink_to(host)
+    ctl.images.import_rootfs("base:1", root)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "conf.txt").write_text("from-context\n")
+    (ctx / "Dockerfile").write_text(
+        "FROM base:1\n"
+        "RUN --mount=type=tmpfs,target=/etc/nginx/t --mount=type=bind,source=conf.txt,"
+        "target=/cache/c.txt cat /cache/c.txt > /seen.txt && touch /etc/nginx/t/x && "
+        f"grep -q ' /srv/nginx/conf/t tmpfs' /proc/mounts && cat {host}/c.txt >> /seen.txt\n")
+    lines: list[str] = []
+    await Builder(ctl, ctl.images, tmp_path / "build").build(
+        ctx, BuildOptions(tags=("out:1",), network="none"), lines.append)
+    files = _image_files(ctl, "out:1")
+    assert files["seen.txt"] == "from-context\nfrom-context\n"
+    assert not [p for p in files if p.startswith(("srv", "tmp/"))], files  # (HOST_DIR: /tmp/..)
+    assert _tree(host) == []
