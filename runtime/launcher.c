@@ -69,9 +69,12 @@
  *   sock_filter array from runtime/seccomp.py; installed right before the exec of tini, after
  *   no_new_privs: tini and the command run under it; none: unconfined)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
- * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
- * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
- * last component is made by mkdir):
+ * as runc resolves a mount destination: RESOLVE_IN_ROOT, every symlink followed inside the
+ * root, a dangling one's missing end and any missing component created there, see
+ * make_in_root; only once the root is mounted: a "host" mount whose TARGET is R) or "host"
+ * (absolute path, as the launcher sees it then; only the last component is made by mkdir).
+ * A bind's SOURCE under R is looked up inside the root too. symlink and mknod make their
+ * name in the parent so resolved:
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
  *   mkdir   WHERE TARGET MODE          (missing parents too; an existing TARGET is left alone)
@@ -438,10 +441,16 @@ static void op_mount(char **f) {
         fdpath(sp, sizeof sp, sfd);
         source = sp;
     }
-    if (optional && (flags & MS_BIND) && access(source, F_OK) != 0) return;
+    if (optional && (flags & MS_BIND) && access(source, F_OK) != 0) {
+        if (sfd >= 0) close(sfd);
+        return;
+    }
     int fd = resolve(where, target, kind);
     if (fd < 0) {
-        if (optional && errno == ENOENT) return;
+        if (sfd >= 0) close(sfd);
+        /* (optional: a mount point that is not there, and cannot be made in a read-only
+         * directory: the default image's /etc is the host's, bound read-only) */
+        if (optional && (errno == ENOENT || errno == EROFS)) return;
         die(125, "cannot create mount point %s: %s", shown(where, target), strerror(errno));
     }
     /* a mount that needs a directory (a volume, a tmpfs) on a file of the image, or a file's

@@ -376,9 +376,12 @@ def build_plan(
         for name in ("tmp", "var/tmp"):
             spec.mount("root", name, "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")
         spec.mount("root", "run", "tmpfs", "tmpfs", nosuid_nodev, "mode=755")
+        # (the host's /etc/resolv.conf may be a symlink into its /run, a systemd-resolved
+        # host's: dangling in the task, whose /run is its own; the file is made at its end
+        # there, as runc does. One the read-only /etc lacks is left out)
         for name, _ in plan.init_files:
             spec.bind(
-                f"{init}/etc/{name}", f"etc/{name}", kind="none",
+                f"{init}/etc/{name}", f"etc/{name}", kind="file",
                 flags=nosuid_nodev | MS_NOEXEC, optional=True,
             )  # fmt: skip
     else:

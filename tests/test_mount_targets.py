@@ -13,12 +13,15 @@ Each test names the property it checks.
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_runtime_images import BUSYBOX, busybox_rootfs
-from test_runtime_support import needs_root, run_to_end, task
+from test_runtime_support import CGROUP_PARENT, needs_root, run_to_end, task
 
 from shoal.runtime.errors import LaunchFailed
 from shoal.runtime.process import ProcessController
@@ -203,3 +206,57 @@ async def test_a_build_runs_mounts_follow_dangling_links_inside_the_root_and_lea
     assert files["seen.txt"] == "from-context\nfrom-context\n"
     assert not [p for p in files if p.startswith(("srv", "tmp/"))], files  # (HOST_DIR: /tmp/..)
     assert _tree(host) == []
+
+
+# (run in a mount namespace of its own whose /etc is an overlay over the host's with
+# resolv.conf a symlink into /run, as on a systemd-resolved host; the host's is untouched)
+_DEFAULT_IMAGE_TASK = """
+import asyncio, sys
+from pathlib import Path
+from shoal.runtime.process import ProcessController
+from shoal.runtime.records import RunState, RuntimeConfig, TaskConfig
+
+async def main() -> None:
+    data, launcher, parent, resolv = sys.argv[1:5]
+    ctl = ProcessController(RuntimeConfig(data_dir=Path(data), launcher_path=launcher,
+                                          cgroup_parent=parent, resolv_conf=resolv))
+    try:
+        await ctl.start(TaskConfig("dflt", "h", ("cat", "/etc/resolv.conf",
+                                                  "/run/systemd/resolve/stub-resolv.conf"),
+                                   {"PATH": "/usr/bin:/bin"}, ""))
+        while ctl.status("dflt").state is not RunState.EXITED:
+            await asyncio.sleep(0.01)
+        print(ctl.status("dflt").exit_code, repr("".join(line.line + "|"
+              for line in ctl.read_logs("dflt"))))
+        await ctl.remove("dflt")
+    finally:
+        await ctl.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_default_images_resolv_conf_a_symlink_into_the_hosts_run_gets_the_tasks_file(
+    tmp_path: Path, data_dir: Path, launcher_bin: str
+) -> None:
+    """On a host whose /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf (systemd-
+    resolved), a default-image task (the host's /etc bound read-only, its own /run) reads its
+    resolv.conf through the link: the file is made at the link's end in the task's /run
+    (before: the bind was skipped as missing, leaving the link dangling and no DNS setup).
+    A host /etc without hostname still starts the task (nothing can be made in the read-only
+    /etc: that bind is left out, as before)."""
+    upper, work = tmp_path / "etc-upper", tmp_path / "etc-work"
+    upper.mkdir()
+    work.mkdir()
+    (upper / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    os.mknod(upper / "hostname", stat.S_IFCHR, 0)  # (an overlay whiteout: a host without one)
+    resolv = tmp_path / "node-resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+         f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc; "
+         'exec "$@"', "sh", sys.executable, "-c", _DEFAULT_IMAGE_TASK, str(data_dir),
+         launcher_bin, CGROUP_PARENT, str(resolv)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "0 'nameserver 192.0.2.53|nameserver 192.0.2.53|'", res
