@@ -125,11 +125,35 @@ async def test_volume_bind_and_tmpfs_targets_under_symlinked_parents_stay_in_the
     inside = str(host).lstrip("/")
     st, out, err = await run_to_end(ctl, task(
         "vols", "sh", "-c", f"cat /data/b/in.txt /{inside}/b/in.txt; echo v > /cache/v/f; "
-        f"cat /{inside}/c/v/f; echo t > /srv/t/f; cat /srv-real/t/f", image="vols", env=ENV,
-        mounts=mounts))
-    assert st.exit_code == 0, err
-    assert out.split() == ["bound", "bound", "v", "t"]
+        f"cat /{inside}/c/v/f; echo t > /srv/t/f; cat /srv-real/t/f; pwd -P", image="vols",
+        env=ENV, mounts=mounts, workdir="/data/wd"))
     assert _tree(host) == []
+    assert st.exit_code == 0, err
+    assert out.split() == ["bound", "bound", "v", "t", f"{host}/wd"]
+
+
+async def test_links_inside_a_bound_directory_lead_into_the_root_too(
+    ctl: ProcessController, tmp_path: Path, host: Path
+) -> None:
+    """A bound host directory (or a volume) holding links to HOST_DIR — absolute and
+    climbing — mounted at /data: files and a tmpfs under /data/esc... are made through those
+    links inside the task's root, not in HOST_DIR (the walk continues in the root across the
+    mount, as runc's)."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    ctl.images.import_rootfs("plain", root)
+    src = tmp_path / "bound"
+    src.mkdir()
+    (src / "esc").symlink_to(host)
+    (src / "up").symlink_to("../../../../../../../.." + str(host / "up"))
+    inside = str(host).lstrip("/")
+    st, out, err = await run_to_end(ctl, task(
+        "inbind", "sh", "-c", f"cat /data/esc/a /data/up/b /{inside}/a /{inside}/up/b; "
+        "echo; touch /data/esc/t/x && echo tmpfs", image="plain", env=ENV,
+        mounts=(MountSpec("bind", "/data", str(src)), MountSpec("tmpfs", "/data/esc/t")),
+        files={"/data/esc/a": (b"a", 0o444, 0, 0), "/data/up/b": (b"b", 0o444, 0, 0)}))
+    assert _tree(host) == []
+    assert st.exit_code == 0, err
+    assert out.split() == ["abab", "tmpfs"]
 
 
 @pytest.mark.parametrize("in_image", [True, False])
@@ -155,10 +179,11 @@ async def test_dev_as_a_symlink_to_a_host_path_never_gets_device_nodes_on_the_ho
 
 @pytest.mark.parametrize(("link", "target", "kind", "words"), [
     # a directory mount on a regular file of the image
-    ("", "/etc/passwd/sub", "tmpfs", "/etc/passwd/sub"),
-    ("", "/etc/passwd", "tmpfs", "on /etc/passwd: the root has a file there, this mount needs a directory"),
+    ("", "/etc/passwd/sub", "tmpfs", "mount point /etc/passwd/sub: Not a directory"),
+    ("", "/etc/passwd", "tmpfs",
+     "on /etc/passwd: the root has a file there, this mount needs a directory"),
     # a symlink loop
-    ("loop", "/loop/x", "tmpfs", "/loop/x"),
+    ("loop", "/loop/x", "tmpfs", "mount point /loop/x: Too many levels of symbolic links"),
 ])
 async def test_an_impossible_target_fails_the_start_naming_it_and_touches_nothing(
     ctl: ProcessController, tmp_path: Path, host: Path, link: str, target: str, kind: str,

@@ -32,7 +32,6 @@ from shoal.runtime.errors import (
     ImageNotFound,
     ImageUnavailable,
     InvalidImage,
-    LaunchFailed,
 )
 from shoal.runtime.images import ImageConfig, ImageStore
 from shoal.runtime.process import ProcessController
