@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
-from shoal.runtime.layers import merged_child
+from shoal.runtime.layers import merged_child, resolve_in_layers
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
@@ -307,34 +307,11 @@ class LayeredFS:
         return "/" + "/".join(done), entries
 
     def resolve(self, path: str) -> str | None:
-        """Where a mount on the absolute ``path`` lands in the image, by the launcher's rule
-        (its ``make_in_root``, runc's securejoin): every symlink followed inside the image,
-        the last one and a dangling one too, a missing component kept as written (a mount
-        makes it); None after 40 links (a loop: the start fails there)."""
-        todo = [p for p in path.split("/") if p not in ("", ".")]
-        done: list[str] = []
-        hops = 0
-        entries = list(self.layers)
-        while todo:
-            name = todo.pop(0)
-            if name == "..":
-                done = done[:-1]
-                entries = self._resolve_dirs(done)
-                continue
-            child = self._child(entries, name) if entries and _isdir(entries[0]) else []
-            if child and os.path.islink(child[0]):
-                hops += 1
-                if hops > self._HOPS:
-                    return None
-                target = os.readlink(child[0])
-                if target.startswith("/"):
-                    done = []
-                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-                entries = self._resolve_dirs(done)
-                continue
-            done.append(name)
-            entries = child
-        return "/" + "/".join(done)
+        """Where a mount on the absolute ``path`` lands in the image (``resolve_in_layers``:
+        the launcher's rule, the image's symlinks followed, dangling ones too); None for a
+        symlink loop."""
+        found = resolve_in_layers(self.layers, path)
+        return found[0] if found is not None else None
 
     def _resolve_dirs(self, parts: Sequence[str]) -> list[Path]:
         dirs = list(self.layers)

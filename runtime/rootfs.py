@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.runtime.kernelparams import ULIMITS, check_sysctl, check_ulimit
+from shoal.runtime.layers import resolve_in_layers
 from shoal.runtime.launcher import (
     MS_BIND,
     MS_NODEV,
@@ -344,15 +345,28 @@ def build_plan(
     ``console``: an empty dev/console, where the launcher binds a tty task's terminal."""
     root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
-    # 0. the staging tmpfs: the root's mount point, the init layer, the files
-    texts = [(name, text.encode()) for name, text in plan.init_files]
-    size = sum(len(raw) + 4096 for raw in [*(t for _, t in texts), *(v[0] for v in files.values())])
+    # 0. the staging tmpfs: the root's mount point, the init layer, the files. Over an
+    #    image, each init file sits where a mount on its /etc/NAME would land (a later one
+    #    at the same place wins, as Docker's later bind covers an earlier one)
+    texts: dict[str, bytes] = {}
+    dirs: dict[str, int] = {}
+    for name, text in plan.init_files:
+        rel, modes = (f"etc/{name}", [0o755]) if plan.layers is None else \
+            init_file_place(plan.layers, f"etc/{name}")
+        texts[rel] = text.encode()
+        parts = rel.split("/")[:-1]
+        for i, mode in enumerate(modes):
+            dirs.setdefault("/".join(parts[: i + 1]), mode)
+    size = sum(len(raw) + 4096 for raw in [*texts.values(), *(v[0] for v in files.values())])
+    size += 4096 * len(dirs)
     spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
                f"mode=755,size={size + 8192}", "none")  # fmt: skip
-    for path in (root, init, f"{init}/etc", *([stage] if files else [])):
+    for path in (root, init, *([stage] if files else [])):
         spec.mkdir("host", path, 0o755)
-    for name, raw in texts:
-        spec.write("host", f"{init}/etc/{name}", 0o644, 0, 0, raw)
+    for rel, mode in sorted(dirs.items(), key=lambda d: d[0].count("/")):
+        spec.mkdir("host", f"{init}/{rel}", mode)
+    for rel, raw in texts.items():
+        spec.write("host", f"{init}/{rel}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
     for i, (_, entry) in enumerate(staged):
         # (owned as it is staged, so the bind shows it so: uid:gid, else the task's user)
@@ -464,6 +478,29 @@ def build_plan(
     spec.pivot()
 
 
+def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[int]]:
+    """Where the init layer holds the task's /REL (etc/hosts...) over an image whose layers
+    are ``layers`` (top first), and the modes of the directories on the way (the image's
+    where it has them, else 0755: the init layer's directories give the merged ones theirs):
+    where a mount on /REL lands (``resolve_in_layers``: the end of the image's symlinks, a
+    dangling one's too, as Docker binds the file there), so the image's links and a
+    symlinked /etc stay as they are (an init ``etc`` over an /etc -> usr/etc would hide all
+    of it); REL itself — the file shadows the link — when that end cannot hold a file (a
+    directory there, a file on the way) or the links loop."""
+    found = resolve_in_layers(layers, "/" + rel)
+    fallback = (rel, [0o755] * rel.count("/"))
+    if found is None:
+        return fallback
+    path, stats = found
+    *on_way, end = stats
+    if (end is not None and stat.S_ISDIR(end.st_mode)) or any(
+        st is not None and not stat.S_ISDIR(st.st_mode) for st in on_way
+    ):
+        return fallback
+    modes = [stat.S_IMODE(st.st_mode) if st is not None else 0o755 for st in on_way]
+    return path.lstrip("/"), modes
+
+
 def root_dir(stage: Path) -> str:
     """The mount point of the task's root inside the staging tmpfs (the launcher's R record)."""
     return f"{stage}/rootfs"
@@ -532,6 +569,7 @@ __all__ = [
     "check_task_path",
     "check_ulimit",
     "hosts_file",
+    "init_file_place",
     "read_rootfs_file",
     "resolv_conf",
     "resolve_user",

@@ -68,11 +68,36 @@ async def test_a_dangling_resolv_conf_hosts_and_hostname_get_the_tasks_files_at_
     ctl.images.import_rootfs("sysd", root)
     st, out, err = await run_to_end(ctl, task(
         "sysd", "sh", "-c", "cat /etc/hostname; grep -c localhost /etc/hosts; "
-        "cat /etc/resolv.conf | grep -c . ; echo ok", image="sysd", env=ENV,
-        hostname="web-1"))
-    assert st.exit_code == 0, err
-    assert out.split()[:2] == ["web-1", "2"] and out.split()[-1] == "ok"
+        "cat /etc/resolv.conf | grep -c . ; readlink /etc/resolv.conf; "
+        "cat /run/systemd/resolve/stub-resolv.conf | grep -c . ; echo ok", image="sysd",
+        env=ENV, hostname="web-1"))
     assert _tree(host) == []
+    assert st.exit_code == 0, err
+    words = out.split()
+    assert words[:2] == ["web-1", "2"] and words[-1] == "ok"
+    # (as Docker: the image's link kept, the file at its end)
+    assert words[3] == "../run/systemd/resolve/stub-resolv.conf" and words[2] == words[4]
+
+
+async def test_an_images_symlinked_etc_keeps_its_files_beside_the_tasks_own(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc -> usr/etc (and /etc/hosts a regular file of it): the task sees
+    the image's /etc through the link — passwd, group — with its own hostname, hosts and
+    resolv.conf in it (before: the init layer's etc hid the link and all of the image's
+    /etc; only those three files were left)."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "usr").mkdir()
+    (root / "etc").rename(root / "usr" / "etc")
+    (root / "etc").symlink_to("usr/etc")
+    (root / "usr" / "etc" / "hosts").write_text("192.0.2.9 from-image\n")
+    ctl.images.import_rootfs("etclink", root)
+    st, out, err = await run_to_end(ctl, task(
+        "etclink", "sh", "-c", "readlink /etc; ls /etc; cat /etc/hostname /usr/etc/hostname; "
+        "grep -c from-image /etc/hosts || true", image="etclink", env=ENV, hostname="web-2"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["usr/etc", "group", "hostname", "hosts", "passwd", "resolv.conf",
+                           "web-2", "web-2", "0"]
 
 
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
