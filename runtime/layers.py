@@ -306,3 +306,18 @@ def resolve_in_layers(layers: list[Path], path: str
         stats.append(entry[0] if entry is not None else None)
         dirs = entry[1] if entry is not None and stat.S_ISDIR(entry[0].st_mode) else []
     return "/" + "/".join(done), stats
+
+
+def merged_entry(layers: list[Path], path: str) -> Path | None:
+    """The topmost layer's entry of the absolute ``path`` in the merged image, walked
+    without following a symlink (a path ``resolve_in_layers`` gave); None when absent."""
+    dirs: list[Path] = list(layers)
+    entry = None
+    for name in [p for p in path.split("/") if p]:
+        if entry is not None and not stat.S_ISDIR(entry[0].st_mode):
+            return None
+        entry = merged_child(dirs, name)
+        if entry is None:
+            return None
+        dirs = entry[1]
+    return entry[1][0] if entry is not None else None

@@ -11,8 +11,9 @@ The root filesystem (runc / Nomad exec driver style):
 
 * first a staging tmpfs, mounted on DATA_DIR/mnt inside the task's mount namespace only (on the
   host that directory stays empty; every task has its own tmpfs there): the root's mount point,
-  the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf) and the task's files
-  (secrets), written by the launcher. Nothing of it touches the disk, and the task directory
+  the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf; over an image each
+  where a mount on it would land, ``init_file_place``: a symlinked /etc or a systemd image's
+  resolv.conf link stays the image's) and the task's files (secrets), written by the launcher. Nothing of it touches the disk, and the task directory
   needs no mount points.
 * default image (no image): a small tmpfs root, read-only once built, with read-only binds of the
   host's /usr, /etc, /bin, /sbin, /lib* (symlinks like /bin -> usr/bin are recreated as symlinks),
@@ -27,7 +28,8 @@ Then, as Docker does: /proc (the task's sysctls written into it first, then /pro
 null, zero, full, random, urandom, tty, a private devpts (/dev/pts, /dev/ptmx), /dev/shm and
 /dev/mqueue, and read-only afterwards; /sys read-only;
 the user's mounts (bind, volume, tmpfs, in path order); files (secrets) bound read-only from
-the staging tmpfs onto their targets; finally pivot_root (which detaches the staging tmpfs with
+the staging tmpfs onto their targets (every target resolved inside the root by the launcher,
+its symlinks followed there — dangling ones made at their end — never out of it); finally pivot_root (which detaches the staging tmpfs with
 the old root: the task reaches only what was bound or layered from it). Every writable filesystem is
 nodev, so a task with CAP_MKNOD cannot use a device node it creates.
 """
@@ -43,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.runtime.kernelparams import ULIMITS, check_sysctl, check_ulimit
-from shoal.runtime.layers import resolve_in_layers
 from shoal.runtime.launcher import (
     MS_BIND,
     MS_NODEV,
@@ -53,6 +54,7 @@ from shoal.runtime.launcher import (
     MS_REC,
     Spec,
 )
+from shoal.runtime.layers import merged_entry, resolve_in_layers
 
 # ---------------------------------------------------------------------------- capabilities
 
@@ -196,33 +198,28 @@ def resolve_user(spec: str, passwd: str, group: str, group_add: Iterable[str] = 
 
 
 def read_rootfs_file(layers: list[Path], rel: str) -> str:
-    """A text file of a layered rootfs (top layer first), without following symlinks out of it;
-    "" if absent. Used for etc/passwd and etc/group of images."""
-    for layer in layers:
-        path = layer / rel
-        try:
-            parent_ok = all(not (layer / p).is_symlink() for p in _prefixes(rel))
-            if not parent_ok:
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISCHR(st.st_mode):
-                return ""  # a whiteout: deleted in this layer
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                return fh.read(4 << 20).decode(errors="replace")
-        finally:
-            os.close(fd)
-    return ""
-
-
-def _prefixes(rel: str) -> list[str]:
-    parts = rel.split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    """A text file of a layered rootfs (top layer first) as the task sees it: the image's
+    symlinks on the way followed inside it (an /etc -> usr/etc, an /etc/passwd ->
+    ../usr/share/...: ``resolve_in_layers``), never out of it; "" if absent, deleted or not
+    a regular file. Used for etc/passwd and etc/group of images."""
+    found = resolve_in_layers(layers, "/" + rel)
+    last = found[1][-1] if found is not None and found[1] else None
+    if found is None or last is None or not stat.S_ISREG(last.st_mode):
+        return ""
+    entry = merged_entry(layers, found[0])
+    if entry is None:
+        return ""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(4 << 20).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------ mounts and files

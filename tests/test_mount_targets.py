@@ -85,7 +85,8 @@ async def test_an_images_symlinked_etc_keeps_its_files_beside_the_tasks_own(
     """An image whose /etc -> usr/etc (and /etc/hosts a regular file of it): the task sees
     the image's /etc through the link — passwd, group — with its own hostname, hosts and
     resolv.conf in it (before: the init layer's etc hid the link and all of the image's
-    /etc; only those three files were left)."""
+    /etc; only those three files were left), and its user is found in that passwd (before:
+    "no user 'app'")."""
     root = busybox_rootfs(tmp_path / "rootfs")
     (root / "usr").mkdir()
     (root / "etc").rename(root / "usr" / "etc")
@@ -94,10 +95,11 @@ async def test_an_images_symlinked_etc_keeps_its_files_beside_the_tasks_own(
     ctl.images.import_rootfs("etclink", root)
     st, out, err = await run_to_end(ctl, task(
         "etclink", "sh", "-c", "readlink /etc; ls /etc; cat /etc/hostname /usr/etc/hostname; "
-        "grep -c from-image /etc/hosts || true", image="etclink", env=ENV, hostname="web-2"))
+        "grep -c from-image /etc/hosts || true; id -u", image="etclink", env=ENV,
+        hostname="web-2", user="app"))
     assert st.exit_code == 0, err
     assert out.split() == ["usr/etc", "group", "hostname", "hosts", "passwd", "resolv.conf",
-                           "web-2", "web-2", "0"]
+                           "web-2", "web-2", "0", "1000"]
 
 
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
