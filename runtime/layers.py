@@ -8,8 +8,9 @@ relative without ``..``, no path is created through a symlink, hard links must p
 the same layer, device nodes are skipped, symlinks are created as they are and never followed.
 And reading that form back without a mount (``is_whiteout``, ``is_opaque``, ``merged_child``:
 overlayfs's merge rule, which anonymous volumes' fill and the builder's COPY --from share;
-``resolve_in_layers``: where a mount on a path lands, the launcher's rule, which the init
-layer's placement and a build RUN's mount stubs share).
+``resolve_in_layers``: where a mount on a path lands, the launcher's rule, and
+``merged_entry``: what is there — which the init layer's placement, user resolution, a
+volume's fill and a build RUN's mount stubs share).
 Must not touch: anything outside the directory it is given (the image store,
 shoal.runtime.images, decides where layers go and renames them into place; the builder,
 shoal.runtime.build, unpacks build contexts with it).
@@ -308,16 +309,16 @@ def resolve_in_layers(layers: list[Path], path: str
     return "/" + "/".join(done), stats
 
 
-def merged_entry(layers: list[Path], path: str) -> Path | None:
-    """The topmost layer's entry of the absolute ``path`` in the merged image, walked
-    without following a symlink (a path ``resolve_in_layers`` gave); None when absent."""
-    dirs: list[Path] = list(layers)
-    entry = None
+def merged_entry(layers: list[Path], path: str) -> tuple[os.stat_result, list[Path]] | None:
+    """The merged image's entry at the absolute ``path`` as ``merged_child`` gives it (its
+    stat, the paths that make it; for "/" the layers themselves), walked without following
+    a symlink (a path ``resolve_in_layers`` gave); None when absent."""
+    try:
+        entry: tuple[os.stat_result, list[Path]] | None = os.lstat(layers[0]), list(layers)
+    except (OSError, IndexError):
+        return None
     for name in [p for p in path.split("/") if p]:
-        if entry is not None and not stat.S_ISDIR(entry[0].st_mode):
+        if entry is None or not stat.S_ISDIR(entry[0].st_mode):
             return None
-        entry = merged_child(dirs, name)
-        if entry is None:
-            return None
-        dirs = entry[1]
-    return entry[1][0] if entry is not None else None
+        entry = merged_child(entry[1], name)
+    return entry

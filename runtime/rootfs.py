@@ -13,8 +13,8 @@ The root filesystem (runc / Nomad exec driver style):
   host that directory stays empty; every task has its own tmpfs there): the root's mount point,
   the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf; over an image each
   where a mount on it would land, ``init_file_place``: a symlinked /etc or a systemd image's
-  resolv.conf link stays the image's) and the task's files (secrets), written by the launcher. Nothing of it touches the disk, and the task directory
-  needs no mount points.
+  resolv.conf link stays the image's) and the task's files (secrets), written by the
+  launcher. Nothing of it touches the disk, and the task directory needs no mount points.
 * default image (no image): a small tmpfs root, read-only once built, with read-only binds of the
   host's /usr, /etc, /bin, /sbin, /lib* (symlinks like /bin -> usr/bin are recreated as symlinks),
   private writable tmpfs /tmp, /var/tmp and /run; /etc/hosts, /etc/hostname and /etc/resolv.conf
@@ -29,8 +29,9 @@ null, zero, full, random, urandom, tty, a private devpts (/dev/pts, /dev/ptmx), 
 /dev/mqueue, and read-only afterwards; /sys read-only;
 the user's mounts (bind, volume, tmpfs, in path order); files (secrets) bound read-only from
 the staging tmpfs onto their targets (every target resolved inside the root by the launcher,
-its symlinks followed there — dangling ones made at their end — never out of it); finally pivot_root (which detaches the staging tmpfs with
-the old root: the task reaches only what was bound or layered from it). Every writable filesystem is
+its symlinks followed there — dangling ones made at their end — never out of it); finally
+pivot_root (which detaches the staging tmpfs with the old root: the task reaches only what
+was bound or layered from it). Every writable filesystem is
 nodev, so a task with CAP_MKNOD cannot use a device node it creates.
 """
 
@@ -210,7 +211,7 @@ def read_rootfs_file(layers: list[Path], rel: str) -> str:
     if entry is None:
         return ""
     try:
-        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(entry[1][0], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return ""
     try:
