@@ -335,20 +335,20 @@ def _meta(src: Path, dest: Path) -> None:
 def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
     """The paths (relative to the root, as the upper dir holds them, each before its parent)
     that mounting on ``targets`` creates in a root whose layers are ``lower``: the
-    target and its parents the image lacks (BuildKit's mount stubs)."""
+    target and its parents the image lacks (BuildKit's mount stubs), where the launcher
+    makes them: at the end of the image's symlinks (``LayeredFS.resolve``), a dangling
+    one's too."""
     fs = LayeredFS(lower)
     out: list[str] = []
     for target in targets:
-        parts = [p for p in target.split("/") if p]
+        resolved = fs.resolve(target)
+        if resolved is None:
+            continue  # (a symlink loop: the RUN fails to start)
+        parts = [p for p in resolved.split("/") if p]
         n = len(parts)
         while n > 0 and fs.lookup("/" + "/".join(parts[:n]), follow=False) is None:
             n -= 1
-        if n == len(parts):
-            continue
-        base = fs.lookup("/" + "/".join(parts[:n]))
-        root = base[0] if base is not None else "/"
-        missing = [posixpath.join(root, *parts[n:k + 1]).lstrip("/")
-                   for k in range(n, len(parts))]
+        missing = ["/".join(parts[:k + 1]) for k in range(n, len(parts))]
         out += [p for p in reversed(missing) if p not in out]
     return out
 

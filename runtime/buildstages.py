@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
-from shoal.runtime.layers import merged_child
+from shoal.runtime.layers import merged_child, resolve_in_layers
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
@@ -305,6 +305,13 @@ class LayeredFS:
             done.append(name)
             entries = child
         return "/" + "/".join(done), entries
+
+    def resolve(self, path: str) -> str | None:
+        """Where a mount on the absolute ``path`` lands in the image (``resolve_in_layers``:
+        the launcher's rule, the image's symlinks followed, dangling ones too); None for a
+        symlink loop."""
+        found = resolve_in_layers(self.layers, path)
+        return found[0] if found is not None else None
 
     def _resolve_dirs(self, parts: Sequence[str]) -> list[Path]:
         dirs = list(self.layers)

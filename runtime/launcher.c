@@ -69,9 +69,12 @@
  *   sock_filter array from runtime/seccomp.py; installed right before the exec of tini, after
  *   no_new_privs: tini and the command run under it; none: unconfined)   E end
  * Mount-plan ops (fields after the op name); WHERE is "root" (path resolved inside the new root
- * with RESOLVE_IN_ROOT, missing components created; only once the root is mounted: a "host"
- * mount whose TARGET is R) or "host" (absolute path, as the launcher sees it then; only the
- * last component is made by mkdir):
+ * as runc resolves a mount destination: RESOLVE_IN_ROOT, every symlink followed inside the
+ * root, a dangling one's missing end and any missing component created there, see
+ * make_in_root; only once the root is mounted: a "host" mount whose TARGET is R) or "host"
+ * (absolute path, as the launcher sees it then; only the last component is made by mkdir).
+ * A bind's SOURCE under R is looked up inside the root too. symlink and mknod make their
+ * name in the parent so resolved:
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
  *   mkdir   WHERE TARGET MODE          (missing parents too; an existing TARGET is left alone)
@@ -93,6 +96,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <linux/capability.h>
 #include <linux/openat2.h>
 #include <net/if.h>
@@ -255,8 +259,114 @@ static int open_in_root(const char *path, int flags) {
     return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
 }
 
+/* TARGET inside the root as runc resolves a mount destination (securejoin's rule): every
+ * symlink on the way followed *inside* the root — an absolute one from the root, ".." never
+ * above it — also the dangling end of a chain, whose missing components are then made there
+ * (the last one a file when KIND is "file", else a directory), and an O_PATH fd of the end
+ * returned. Safe against a root that changes meanwhile (a volume shared with a running task):
+ * every lookup is openat2(RESOLVE_IN_ROOT) from the root and every creation one name made
+ * with O_EXCL/mkdirat in a directory so opened, so a swapped-in symlink can only lead
+ * elsewhere in the root, never out of it. Fails with ELOOP after 40 links (as Linux). */
+static int make_in_root(const char *target, const char *kind) {
+    char done[4096] = "";  /* resolved so far: no symlink, no "..", relative to the root */
+    char todo[8192];       /* what is left to walk */
+    char link[4096], name[NAME_MAX + 1];
+    int hops = 0, steps = 0;
+    if (snprintf(todo, sizeof todo, "%s", target) >= (int)sizeof todo) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *p = todo;
+    for (;;) {
+        while (*p == '/') p++;
+        if (!*p) break;
+        if (++steps > 4096) { /* (a root that keeps changing under the walk) */
+            errno = ELOOP;
+            return -1;
+        }
+        char *end = strchrnul(p, '/');
+        size_t n = (size_t)(end - p);
+        if (n > NAME_MAX) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        memcpy(name, p, n);
+        name[n] = '\0';
+        const char *after = end;
+        while (*after == '/') after++;
+        int last = !*after;
+        if (strcmp(name, ".") == 0) {
+            p = end;
+            continue;
+        }
+        if (strcmp(name, "..") == 0) { /* done holds no symlink: ".." is lexical, clamped */
+            char *s = strrchr(done, '/');
+            if (s) *s = '\0'; else done[0] = '\0';
+            p = end;
+            continue;
+        }
+        int dir = open_in_root(done, O_PATH | O_DIRECTORY);
+        if (dir < 0) return -1;
+        struct stat st;
+        if (fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+            if (!S_ISLNK(st.st_mode)) {
+                close(dir);
+                size_t dl = strlen(done);
+                if (dl + 1 + n + 1 > sizeof done) {
+                    errno = ENAMETOOLONG;
+                    return -1;
+                }
+                if (dl) done[dl++] = '/';
+                memcpy(done + dl, name, n + 1);
+                p = end;
+                continue;
+            }
+            ssize_t ln = readlinkat(dir, name, link, sizeof link);
+            close(dir);
+            if (ln < 0) return -1;
+            if (++hops > 40) {
+                errno = ELOOP;
+                return -1;
+            }
+            if ((size_t)ln >= sizeof link || (size_t)ln + 1 + strlen(end) + 1 > sizeof todo) {
+                errno = ENAMETOOLONG;
+                return -1;
+            }
+            link[ln] = '\0';
+            if (link[0] == '/') done[0] = '\0';
+            memmove(todo + ln + 1, end, strlen(end) + 1); /* the link's text, then the rest */
+            memcpy(todo, link, (size_t)ln);
+            todo[ln] = '/';
+            p = todo;
+            continue;
+        }
+        if (errno != ENOENT) {
+            int e = errno;
+            close(dir);
+            errno = e;
+            return -1;
+        }
+        int r;
+        if (last && strcmp(kind, "file") == 0) {
+            r = openat(dir, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+            if (r >= 0) close(r);
+        } else {
+            r = mkdirat(dir, name, 0755);
+        }
+        int e = errno;
+        close(dir);
+        if (r < 0 && e != EEXIST) {
+            errno = e;
+            return -1;
+        }
+        /* (the same name again: made now, or by someone else meanwhile) */
+    }
+    return open_in_root(done, O_PATH);
+}
+
 /* Resolve TARGET (WHERE = root|host) to an O_PATH fd, creating it (KIND dir|file) and any
- * missing parent directories inside the root. Never follows a symlink out of the root. */
+ * missing parent directories inside the root (make_in_root). Never follows a symlink out of
+ * the root. */
 static int resolve(const char *where, const char *target, const char *kind) {
     if (strcmp(where, "host") == 0) {
         if (strcmp(kind, "dir") == 0 && mkdir(target, 0755) && errno != EEXIST) return -1;
@@ -264,53 +374,22 @@ static int resolve(const char *where, const char *target, const char *kind) {
     }
     int fd = open_in_root(target, O_PATH);
     if (fd >= 0 || errno != ENOENT || strcmp(kind, "none") == 0) return fd;
-    char path[4096];
-    if (strlen(target) >= sizeof path) {
-        errno = ENAMETOOLONG;
-        return -1;
+    return make_in_root(target, kind);
+}
+
+/* The parent directory of the root path REL, made if missing (make_in_root), as an O_PATH
+ * fd; *NAME = REL's last component. For ops that make one name there (symlink, mknod). */
+static int parent_in_root(char *rel, const char **name) {
+    char *slash = strrchr(rel, '/');
+    if (!slash) {
+        *name = rel;
+        return open_in_root("", O_PATH | O_DIRECTORY);
     }
-    strcpy(path, target);
-    char *p = path;
-    while (*p == '/') p++;
-    for (;;) {
-        char *slash = strchr(p, '/');
-        int last = slash == NULL;
-        if (slash) *slash = '\0';
-        fd = open_in_root(path, O_PATH);
-        if (fd < 0 && errno == ENOENT) {
-            char *base = strrchr(path, '/');
-            const char *name = base ? base + 1 : path;
-            int parent;
-            if (base) {
-                *base = '\0';
-                parent = open_in_root(*path ? path : "/", O_PATH | O_DIRECTORY);
-                *base = '/';
-            } else {
-                parent = open_in_root("/", O_PATH | O_DIRECTORY);
-            }
-            if (parent < 0) return -1;
-            int r;
-            if (last && strcmp(kind, "file") == 0) {
-                r = openat(parent, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
-                           0644);
-                if (r >= 0) close(r);
-            } else {
-                r = mkdirat(parent, name, 0755);
-            }
-            int e = errno;
-            close(parent);
-            if (r < 0 && e != EEXIST) {
-                errno = e;
-                return -1;
-            }
-            fd = open_in_root(path, O_PATH);
-        }
-        if (fd < 0) return -1;
-        if (last) return fd;
-        close(fd);
-        *slash = '/';
-        p = slash + 1;
-    }
+    *slash = '\0';
+    int fd = resolve("root", rel, "dir");
+    *slash = '/';
+    *name = slash + 1;
+    return fd;
 }
 
 static void fdpath(char *buf, size_t n, int fd) { snprintf(buf, n, "/proc/self/fd/%d", fd); }
@@ -349,24 +428,54 @@ static void op_mount(char **f) {
     const char *kind = f[6];
     unsigned long flags = (unsigned long)num(f[4]), reflags = (unsigned long)num(f[7]);
     int optional = f[8][0] == '1';
-    if (optional && (flags & MS_BIND) && access(source, F_OK) != 0) return;
+    /* a bind's source inside the root (/proc/sys bound read-only onto itself) is looked up
+     * there too: an image's symlink on its way (/proc -> /somewhere) stays in the root */
+    int sfd = -1;
+    char sp[64];
+    size_t rl = rootdir ? strlen(rootdir) : 0;
+    if ((flags & MS_BIND) && rootfd >= 0 && strncmp(source, rootdir, rl) == 0 &&
+        source[rl] == '/') {
+        sfd = open_in_root(source + rl, O_PATH);
+        if (sfd < 0 && optional && errno == ENOENT) return;
+        if (sfd < 0) die(125, "cannot open %s: %s", source, strerror(errno));
+        fdpath(sp, sizeof sp, sfd);
+        source = sp;
+    }
+    if (optional && (flags & MS_BIND) && access(source, F_OK) != 0) {
+        if (sfd >= 0) close(sfd);
+        return;
+    }
     int fd = resolve(where, target, kind);
     if (fd < 0) {
-        if (optional && errno == ENOENT) return;
+        if (sfd >= 0) close(sfd);
+        /* (optional: a mount point that is not there, and cannot be made in a read-only
+         * directory: the default image's /etc is the host's, bound read-only) */
+        if (optional && (errno == ENOENT || errno == EROFS)) return;
         die(125, "cannot create mount point %s: %s", shown(where, target), strerror(errno));
     }
+    /* a mount that needs a directory (a volume, a tmpfs) on a file of the image, or a file's
+     * bind on a directory: say so, naming the target (mount(2) would only say ENOTDIR) */
+    struct stat st;
+    if (strcmp(kind, "none") != 0 && fstat(fd, &st) == 0 &&
+        (strcmp(kind, "dir") == 0) != (S_ISDIR(st.st_mode) != 0))
+        die(125, "cannot mount %s on %s: the root has a %s there, this mount needs a %s",
+            *source ? source : fstype, shown(where, target),
+            S_ISDIR(st.st_mode) ? "directory" : "file",
+            strcmp(kind, "dir") == 0 ? "directory" : "file");
     char p[64];
     fdpath(p, sizeof p, fd);
     if (mount(*source ? source : NULL, p, *fstype ? fstype : NULL, flags, *data ? data : NULL)) {
         int e = errno;
         if (optional && (e == ENOENT || e == ENODEV)) {
             close(fd);
+            if (sfd >= 0) close(sfd);
             return;
         }
         die(125, "cannot mount %s on %s: %s", *source ? source : fstype, shown(where, target),
             strerror(e));
     }
     close(fd);
+    if (sfd >= 0) close(sfd);
     if (strcmp(where, "host") == 0 && strcmp(target, rootdir) == 0) {
         /* the root is mounted: "root" paths resolve under it from now on */
         if (rootfd >= 0) close(rootfd);
@@ -489,16 +598,20 @@ static void run_plan(void) {
         } else if (strcmp(op, "symlink") == 0) {
             if (fields(rc, f, NULL, 3)) die(125, "bad symlink op");
             while (*f[1] == '/') f[1]++;
-            if (rootfd < 0) die(125, "the plan uses the root before mounting it");
-            if (symlinkat(f[2], rootfd, f[1]) && errno != EEXIST)
-                die(125, "symlink %s: %s", f[1], strerror(errno));
+            const char *name;
+            int dir = parent_in_root(f[1], &name); /* (dev/fd: in the root's dev, as mounted) */
+            if (dir < 0 || (symlinkat(f[2], dir, name) && errno != EEXIST))
+                die(125, "symlink /%s: %s", f[1], strerror(errno));
+            close(dir);
         } else if (strcmp(op, "mknod") == 0) {
             if (fields(rc, f, NULL, 5)) die(125, "bad mknod op");
             while (*f[1] == '/') f[1]++;
-            if (rootfd < 0) die(125, "the plan uses the root before mounting it");
-            if (mknodat(rootfd, f[1], (mode_t)num(f[2]),
-                        makedev((unsigned)num(f[3]), (unsigned)num(f[4]))))
-                die(125, "mknod %s: %s", f[1], strerror(errno));
+            const char *name;
+            int dir = parent_in_root(f[1], &name);
+            if (dir < 0 || mknodat(dir, name, (mode_t)num(f[2]),
+                                   makedev((unsigned)num(f[3]), (unsigned)num(f[4]))))
+                die(125, "mknod /%s: %s", f[1], strerror(errno));
+            close(dir);
         } else if (strcmp(op, "write") == 0) {
             if (fields(rc, f, &datalen, 7)) die(125, "bad write op");
             op_write(f + 1, datalen);

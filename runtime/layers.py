@@ -7,7 +7,10 @@ command, plain tar; detected from the content) and unpacking it into an empty di
 relative without ``..``, no path is created through a symlink, hard links must point inside
 the same layer, device nodes are skipped, symlinks are created as they are and never followed.
 And reading that form back without a mount (``is_whiteout``, ``is_opaque``, ``merged_child``:
-overlayfs's merge rule, which anonymous volumes' fill and the builder's COPY --from share).
+overlayfs's merge rule, which anonymous volumes' fill and the builder's COPY --from share;
+``resolve_in_layers``: where a mount on a path lands, the launcher's rule, and
+``merged_entry``: what is there — which the init layer's placement, user resolution, a
+volume's fill and a build RUN's mount stubs share).
 Must not touch: anything outside the directory it is given (the image store,
 shoal.runtime.images, decides where layers go and renames them into place; the builder,
 shoal.runtime.build, unpacks build contexts with it).
@@ -262,3 +265,60 @@ def merged_child(dirs: list[Path], name: str) -> tuple[os.stat_result, list[Path
     if first is None or not found:
         return None
     return first, found
+
+
+MAX_LINKS = 40  # symlinks followed in one lookup (Linux's limit, the launcher's too)
+
+
+def resolve_in_layers(layers: list[Path], path: str
+                      ) -> tuple[str, list[os.stat_result | None]] | None:
+    """Where a mount on the absolute ``path`` lands in the merged image (layer directories,
+    top first), by the launcher's rule (its ``make_in_root``: runc's securejoin): every
+    symlink followed inside the image — an absolute one from its root, ``..`` never above
+    it, the last one and a dangling one too — and a missing component kept as written (the
+    mount makes it). Returns that path and the merged stat of each of its components (None
+    from the first missing one on, or below a non-directory), or None after MAX_LINKS links
+    (a loop: the start fails there)."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    stats: list[os.stat_result | None] = []
+    dirs: list[Path] = list(layers)
+    hops = 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            done, stats = done[:-1], stats[:-1]
+            dirs = list(layers)
+            for part in done:  # (done holds no symlink: a plain walk back down)
+                entry = merged_child(dirs, part)
+                dirs = entry[1] if entry is not None else []
+            continue
+        entry = merged_child(dirs, name) if dirs else None
+        if entry is not None and stat.S_ISLNK(entry[0].st_mode):
+            hops += 1
+            if hops > MAX_LINKS:
+                return None
+            target = os.readlink(entry[1][0])
+            if target.startswith("/"):
+                done, stats, dirs = [], [], list(layers)
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(name)
+        stats.append(entry[0] if entry is not None else None)
+        dirs = entry[1] if entry is not None and stat.S_ISDIR(entry[0].st_mode) else []
+    return "/" + "/".join(done), stats
+
+
+def merged_entry(layers: list[Path], path: str) -> tuple[os.stat_result, list[Path]] | None:
+    """The merged image's entry at the absolute ``path`` as ``merged_child`` gives it (its
+    stat, the paths that make it; for "/" the layers themselves), walked without following
+    a symlink (a path ``resolve_in_layers`` gave); None when absent."""
+    try:
+        entry: tuple[os.stat_result, list[Path]] | None = os.lstat(layers[0]), list(layers)
+    except (OSError, IndexError):
+        return None
+    for name in [p for p in path.split("/") if p]:
+        if entry is None or not stat.S_ISDIR(entry[0].st_mode):
+            return None
+        entry = merged_child(entry[1], name)
+    return entry

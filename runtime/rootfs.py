@@ -11,9 +11,10 @@ The root filesystem (runc / Nomad exec driver style):
 
 * first a staging tmpfs, mounted on DATA_DIR/mnt inside the task's mount namespace only (on the
   host that directory stays empty; every task has its own tmpfs there): the root's mount point,
-  the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf) and the task's files
-  (secrets), written by the launcher. Nothing of it touches the disk, and the task directory
-  needs no mount points.
+  the init layer (the task's own etc/hosts, etc/hostname, etc/resolv.conf; over an image each
+  where a mount on it would land, ``init_file_place``: a symlinked /etc or a systemd image's
+  resolv.conf link stays the image's) and the task's files (secrets), written by the
+  launcher. Nothing of it touches the disk, and the task directory needs no mount points.
 * default image (no image): a small tmpfs root, read-only once built, with read-only binds of the
   host's /usr, /etc, /bin, /sbin, /lib* (symlinks like /bin -> usr/bin are recreated as symlinks),
   private writable tmpfs /tmp, /var/tmp and /run; /etc/hosts, /etc/hostname and /etc/resolv.conf
@@ -27,8 +28,10 @@ Then, as Docker does: /proc (the task's sysctls written into it first, then /pro
 null, zero, full, random, urandom, tty, a private devpts (/dev/pts, /dev/ptmx), /dev/shm and
 /dev/mqueue, and read-only afterwards; /sys read-only;
 the user's mounts (bind, volume, tmpfs, in path order); files (secrets) bound read-only from
-the staging tmpfs onto their targets; finally pivot_root (which detaches the staging tmpfs with
-the old root: the task reaches only what was bound or layered from it). Every writable filesystem is
+the staging tmpfs onto their targets (every target resolved inside the root by the launcher,
+its symlinks followed there — dangling ones made at their end — never out of it); finally
+pivot_root (which detaches the staging tmpfs with the old root: the task reaches only what
+was bound or layered from it). Every writable filesystem is
 nodev, so a task with CAP_MKNOD cannot use a device node it creates.
 """
 
@@ -52,6 +55,7 @@ from shoal.runtime.launcher import (
     MS_REC,
     Spec,
 )
+from shoal.runtime.layers import merged_entry, resolve_in_layers
 
 # ---------------------------------------------------------------------------- capabilities
 
@@ -195,33 +199,28 @@ def resolve_user(spec: str, passwd: str, group: str, group_add: Iterable[str] = 
 
 
 def read_rootfs_file(layers: list[Path], rel: str) -> str:
-    """A text file of a layered rootfs (top layer first), without following symlinks out of it;
-    "" if absent. Used for etc/passwd and etc/group of images."""
-    for layer in layers:
-        path = layer / rel
-        try:
-            parent_ok = all(not (layer / p).is_symlink() for p in _prefixes(rel))
-            if not parent_ok:
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISCHR(st.st_mode):
-                return ""  # a whiteout: deleted in this layer
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                return fh.read(4 << 20).decode(errors="replace")
-        finally:
-            os.close(fd)
-    return ""
-
-
-def _prefixes(rel: str) -> list[str]:
-    parts = rel.split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    """A text file of a layered rootfs (top layer first) as the task sees it: the image's
+    symlinks on the way followed inside it (an /etc -> usr/etc, an /etc/passwd ->
+    ../usr/share/...: ``resolve_in_layers``), never out of it; "" if absent, deleted or not
+    a regular file. Used for etc/passwd and etc/group of images."""
+    found = resolve_in_layers(layers, "/" + rel)
+    last = found[1][-1] if found is not None and found[1] else None
+    if found is None or last is None or not stat.S_ISREG(last.st_mode):
+        return ""
+    entry = merged_entry(layers, found[0])
+    if entry is None:
+        return ""
+    try:
+        fd = os.open(entry[1][0], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(4 << 20).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------ mounts and files
@@ -344,15 +343,28 @@ def build_plan(
     ``console``: an empty dev/console, where the launcher binds a tty task's terminal."""
     root, init, stage = root_dir(plan.stage), f"{plan.stage}/init", f"{plan.stage}/files"
     nosuid_nodev = MS_NOSUID | MS_NODEV
-    # 0. the staging tmpfs: the root's mount point, the init layer, the files
-    texts = [(name, text.encode()) for name, text in plan.init_files]
-    size = sum(len(raw) + 4096 for raw in [*(t for _, t in texts), *(v[0] for v in files.values())])
+    # 0. the staging tmpfs: the root's mount point, the init layer, the files. Over an
+    #    image, each init file sits where a mount on its /etc/NAME would land (a later one
+    #    at the same place wins, as Docker's later bind covers an earlier one)
+    texts: dict[str, bytes] = {}
+    dirs: dict[str, int] = {}
+    for name, text in plan.init_files:
+        rel, modes = (f"etc/{name}", [0o755]) if plan.layers is None else \
+            init_file_place(plan.layers, f"etc/{name}")
+        texts[rel] = text.encode()
+        parts = rel.split("/")[:-1]
+        for i, mode in enumerate(modes):
+            dirs.setdefault("/".join(parts[: i + 1]), mode)
+    size = sum(len(raw) + 4096 for raw in [*texts.values(), *(v[0] for v in files.values())])
+    size += 4096 * len(dirs)
     spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
                f"mode=755,size={size + 8192}", "none")  # fmt: skip
-    for path in (root, init, f"{init}/etc", *([stage] if files else [])):
+    for path in (root, init, *([stage] if files else [])):
         spec.mkdir("host", path, 0o755)
-    for name, raw in texts:
-        spec.write("host", f"{init}/etc/{name}", 0o644, 0, 0, raw)
+    for rel, mode in sorted(dirs.items(), key=lambda d: d[0].count("/")):
+        spec.mkdir("host", f"{init}/{rel}", mode)
+    for rel, raw in texts.items():
+        spec.write("host", f"{init}/{rel}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
     for i, (_, entry) in enumerate(staged):
         # (owned as it is staged, so the bind shows it so: uid:gid, else the task's user)
@@ -376,9 +388,12 @@ def build_plan(
         for name in ("tmp", "var/tmp"):
             spec.mount("root", name, "tmpfs", "tmpfs", nosuid_nodev, "mode=1777")
         spec.mount("root", "run", "tmpfs", "tmpfs", nosuid_nodev, "mode=755")
+        # (the host's /etc/resolv.conf may be a symlink into its /run, a systemd-resolved
+        # host's: dangling in the task, whose /run is its own; the file is made at its end
+        # there, as runc does. One the read-only /etc lacks is left out)
         for name, _ in plan.init_files:
             spec.bind(
-                f"{init}/etc/{name}", f"etc/{name}", kind="none",
+                f"{init}/etc/{name}", f"etc/{name}", kind="file",
                 flags=nosuid_nodev | MS_NOEXEC, optional=True,
             )  # fmt: skip
     else:
@@ -461,6 +476,29 @@ def build_plan(
     spec.pivot()
 
 
+def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[int]]:
+    """Where the init layer holds the task's /REL (etc/hosts...) over an image whose layers
+    are ``layers`` (top first), and the modes of the directories on the way (the image's
+    where it has them, else 0755: the init layer's directories give the merged ones theirs):
+    where a mount on /REL lands (``resolve_in_layers``: the end of the image's symlinks, a
+    dangling one's too, as Docker binds the file there), so the image's links and a
+    symlinked /etc stay as they are (an init ``etc`` over an /etc -> usr/etc would hide all
+    of it); REL itself — the file shadows the link — when that end cannot hold a file (a
+    directory there, a file on the way) or the links loop."""
+    found = resolve_in_layers(layers, "/" + rel)
+    fallback = (rel, [0o755] * rel.count("/"))
+    if found is None:
+        return fallback
+    path, stats = found
+    *on_way, end = stats
+    if (end is not None and stat.S_ISDIR(end.st_mode)) or any(
+        st is not None and not stat.S_ISDIR(st.st_mode) for st in on_way
+    ):
+        return fallback
+    modes = [stat.S_IMODE(st.st_mode) if st is not None else 0o755 for st in on_way]
+    return path.lstrip("/"), modes
+
+
 def root_dir(stage: Path) -> str:
     """The mount point of the task's root inside the staging tmpfs (the launcher's R record)."""
     return f"{stage}/rootfs"
@@ -529,6 +567,7 @@ __all__ = [
     "check_task_path",
     "check_ulimit",
     "hosts_file",
+    "init_file_place",
     "read_rootfs_file",
     "resolv_conf",
     "resolve_user",

@@ -23,16 +23,14 @@ its path below ``dest`` from ``dest``'s descriptor, through directories this cop
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import threading
 from pathlib import Path
 
-from shoal.runtime.layers import merged_child
+from shoal.runtime.layers import merged_child, merged_entry, resolve_in_layers
 
-_MAX_LINKS = 40  # symlinks followed while resolving a path (the kernel's ELOOP bound)
 _CHUNK = 1 << 20
 _this = threading.local()  # .stop: the Event of the copy this thread makes (copy_image_path)
 
@@ -45,40 +43,12 @@ def _check_stop() -> None:
 
 def resolve(layers: list[Path], target: str) -> tuple[os.stat_result, list[Path]] | None:
     """The merged view's entry at the absolute ``target``, symlinks on the way resolved
-    inside the image's root; None when there is none (or a loop)."""
-    root: tuple[os.stat_result, list[Path]] | None = None
-    with contextlib.suppress(OSError):
-        root = os.lstat(layers[0]), list(layers)
-    if root is None:
+    inside the image's root (``resolve_in_layers``: where the task's mount lands); None when
+    there is none (or a loop)."""
+    found = resolve_in_layers(layers, target)
+    if found is None or any(st is None for st in found[1]):
         return None
-    stack = [root]  # the entries of the components resolved so far
-    parts = [p for p in target.split("/") if p]
-    links = 0
-    while parts:
-        name = parts.pop(0)
-        if name == ".":
-            continue
-        if name == "..":
-            if len(stack) > 1:
-                stack.pop()
-            continue
-        st, srcs = stack[-1]
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        entry = merged_child(srcs, name)
-        if entry is None:
-            return None
-        if stat.S_ISLNK(entry[0].st_mode):
-            links += 1
-            if links > _MAX_LINKS:
-                return None
-            link = os.readlink(entry[1][0])
-            if link.startswith("/"):
-                del stack[1:]
-            parts = [p for p in link.split("/") if p] + parts
-            continue
-        stack.append(entry)
-    return stack[-1]
+    return merged_entry(layers, found[0])
 
 
 def copy_image_path(layers: list[Path], target: str, dest: Path,

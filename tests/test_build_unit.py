@@ -505,10 +505,14 @@ def test_mount_stubs_are_what_mounting_made_and_left_empty(tmp_path: Path) -> No
     layer = tmp_path / "layer"
     (layer / "usr/lib").mkdir(parents=True)
     (layer / "var").symlink_to("usr")
+    (layer / "etc").mkdir()  # (a systemd image's: dangling, made at its end by the mount)
+    (layer / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    (layer / "opt").symlink_to("/../../../outside")  # (clamped to the root, as the launcher)
     stubs = stub_paths([layer], ["/root/.cache/pip", "/usr/lib", "/var/cache/apt",
-                                 "/.shoal-heredoc/S"])
+                                 "/.shoal-heredoc/S", "/etc/resolv.conf", "/opt/x"])
     assert stubs == ["root/.cache/pip", "root/.cache", "root", "usr/cache/apt", "usr/cache",
-                     ".shoal-heredoc/S", ".shoal-heredoc"]
+                     ".shoal-heredoc/S", ".shoal-heredoc", "run/systemd/resolve/stub-resolv.conf",
+                     "run/systemd/resolve", "run/systemd", "run", "outside/x", "outside"]
     upper = tmp_path / "upper"
     for rel in ("root/.cache/pip", "usr/cache/apt", ".shoal-heredoc"):
         (upper / rel).mkdir(parents=True)

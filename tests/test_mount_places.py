@@ -1,0 +1,108 @@
+"""Where a mount on a path lands in an image, read from its layers without a mount or root
+(shoal.runtime.layers ``resolve_in_layers``, the launcher's rule: runc's securejoin), and what
+uses it: the init layer's placement of a task's hosts/hostname/resolv.conf
+(``rootfs.init_file_place``) and the image's passwd/group as user resolution reads them
+(``rootfs.read_rootfs_file``). The launcher's own walk is checked with real tasks in
+tests/test_mount_targets.py. Each test names the property it checks.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from shoal.runtime.layers import resolve_in_layers
+from shoal.runtime.rootfs import init_file_place, read_rootfs_file
+
+
+def _whiteout(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR, 0)
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> list[Path]:
+    """Two layers, top first. Lower: /etc/{passwd,resolv.conf -> ../run/.../stub-resolv.conf},
+    /var -> /x (absolute, dangling), /up -> ../../../x (climbing), /loop -> loop, /f (a file).
+    Upper: /etc/hosts -> hostname (relative, to a real file), /etc/hostname."""
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    (lower / "etc" / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    (lower / "var").symlink_to("/x")
+    (lower / "up").symlink_to("../../../x")
+    (lower / "loop").symlink_to("loop")
+    (lower / "f").write_text("")
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "hostname").write_text("img\n")
+    (upper / "etc" / "hosts").symlink_to("hostname")
+    return [upper, lower]
+
+
+@pytest.mark.parametrize(("path", "lands", "missing_from"), [
+    ("/etc/passwd", "/etc/passwd", None),
+    ("/etc/resolv.conf", "/run/systemd/resolve/stub-resolv.conf", 0),  # dangling: made
+    ("/etc/hosts", "/etc/hostname", None),  # (a link in the upper to a file there)
+    ("/var/lib/x", "/x/lib/x", 0),  # absolute: from the image's root
+    ("/up/a", "/x/a", 0),  # climbing: clamped at the root
+    ("/etc/../../../../etc/passwd", "/etc/passwd", None),
+    ("/f/below", "/f/below", 1),  # through a file: the start fails there (ENOTDIR)
+])
+def test_a_path_lands_at_the_end_of_the_images_links_never_above_its_root(
+    layers: list[Path], path: str, lands: str, missing_from: int | None
+) -> None:
+    found = resolve_in_layers(layers, path)
+    assert found is not None
+    assert found[0] == lands
+    stats = found[1]
+    first_missing = next((i for i, st in enumerate(stats) if st is None), None)
+    assert first_missing == missing_from
+
+
+def test_a_symlink_loop_is_no_place(layers: list[Path]) -> None:
+    assert resolve_in_layers(layers, "/loop/x") is None
+
+
+def test_the_init_files_sit_at_the_links_end_or_shadow_the_link_when_it_cannot_hold_one(
+    layers: list[Path], tmp_path: Path
+) -> None:
+    """resolv.conf at the dangling link's end (the image's /run lacks: 0755 made); hosts
+    (-> hostname, a file) at hostname's place; a link ending in a directory, or looping,
+    is shadowed by the file at its own path."""
+    assert init_file_place(layers, "etc/resolv.conf") == (
+        "run/systemd/resolve/stub-resolv.conf", [0o755, 0o755, 0o755])
+    assert init_file_place(layers, "etc/hosts")[0] == "etc/hostname"
+    (layers[0] / "etc" / "dir").mkdir()
+    (layers[0] / "etc" / "todir").symlink_to("dir")
+    (layers[0] / "etc" / "looped").symlink_to("/loop")
+    assert init_file_place(layers, "etc/todir") == ("etc/todir", [0o755])
+    assert init_file_place(layers, "etc/looped") == ("etc/looped", [0o755])
+
+
+def test_passwd_is_read_through_the_images_links_never_the_hosts(
+    layers: list[Path], tmp_path: Path
+) -> None:
+    """An /etc -> usr/etc image's passwd is read through the link; a passwd linked to a host
+    path (absolute, climbing) reads the image's own file at that path, or nothing — never
+    the host's; a whiteout in the upper layer deletes it."""
+    host = tmp_path / "host-passwd"
+    host.write_text("host-secret:x:0:0::/:/bin/sh\n")
+    upper, lower = layers
+    assert read_rootfs_file(layers, "etc/passwd").startswith("root:")
+    (upper / "etc" / "group").symlink_to(str(host))
+    (upper / "etc" / "shadow").symlink_to("../../../../../../../.." + str(host))
+    assert read_rootfs_file(layers, "etc/group") == ""
+    assert read_rootfs_file(layers, "etc/shadow") == ""
+    (lower / str(host).lstrip("/")).parent.mkdir(parents=True)
+    (lower / str(host).lstrip("/")).write_text("image-own\n")
+    assert read_rootfs_file(layers, "etc/group") == "image-own\n"
+    assert read_rootfs_file(layers, "etc/shadow") == "image-own\n"
+    _whiteout(upper / "etc" / "passwd")
+    assert read_rootfs_file(layers, "etc/passwd") == ""
+    other = [tmp_path / "l2"]
+    (other[0] / "usr" / "etc").mkdir(parents=True)
+    (other[0] / "usr" / "etc" / "passwd").write_text("app:x:1000:1000::/:/bin/sh\n")
+    (other[0] / "etc").symlink_to("usr/etc")
+    assert read_rootfs_file(other, "etc/passwd").startswith("app:")
