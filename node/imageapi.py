@@ -231,8 +231,20 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
 
     async def prune(req: web.Request) -> Any:
         b = await body(req)
-        return await asyncio.to_thread(images.prune, bool(b.get("all")), b.get("until"),
-                                       wanted())
+        keep = wanted() | await build_cache_images()
+        return await asyncio.to_thread(images.prune, bool(b.get("all")), b.get("until"), keep)
+
+    async def build_cache_images() -> set[str]:
+        """The images the build cache records (its steps' results) and running builds stand
+        on: `image prune` leaves them, as Docker's leaves BuildKit's cache — `builder prune`
+        and the build cache's bound remove them. A node that never built loads none of it."""
+        build_dir = images.root.parent / "build"
+        if not build_dir.exists():
+            return set()
+        from shoal.runtime import buildcache  # (image build's: an idle agent never loads it)
+
+        steps = await asyncio.to_thread(buildcache.StepCache(build_dir).load)
+        return {rec["image"] for rec in steps.values()} | buildcache.held_images()
 
     async def login(req: web.Request) -> Any:
         return await registries.login(await body(req))

@@ -290,3 +290,41 @@ async def test_the_agents_collector_bounds_the_build_cache_least_recently_used_f
     st = os.statvfs(build_dir)
     assert build_cache_bound(-1, build_dir) == \
         (st.f_blocks * st.f_frsize // 10 // 10**9 + 1) * 10**9
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static")
+async def test_image_prune_leaves_the_build_cache_to_builder_prune(
+        ctl: ProcessController, tmp_path: Path) -> None:
+    """As Docker's `image prune` leaves BuildKit's cache: the untagged images the step cache
+    records survive `image prune` (-a too), so the next build still hits every step; `builder
+    prune -a` is what lets them go."""
+    images = ctl.images
+    images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
+    builder = Builder(ctl, images, images.root.parent / "build")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN echo one > /one\nRUN echo two > /two\n")
+    first = await builder.build(ctx, BuildOptions(tags=("app:1",)), lambda _: None)
+    assert first.cached == 0
+    prune = imageapi.handlers(images, ctl, Any, set, read_body, Any)[  # type: ignore[arg-type]
+        "image_prune"]
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/v1/images/prune", prune)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = tmp_path / "api.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        c = Client(f"unix://{sock}")
+        out = await asyncio.to_thread(c.call, "POST", "/v1/images/prune", {})
+        assert out["deleted"] == [], out  # (the step between base:1 and app:1 dangles)
+        again = await builder.build(ctx, BuildOptions(tags=("app:2",)), lambda _: None)
+        assert again.cached == 2 and again.image.id == first.image.id
+        base = images.inspect("base:1").id
+        out = await asyncio.to_thread(c.call, "POST", "/v1/images/prune", {"all": True})
+        assert out["deleted"] == [base], out  # (-a: unused tagged images too, not the cache)
+    finally:
+        await runner.cleanup()
+    steps = buildcache.StepCache(images.root.parent / "build").load()
+    assert {r["image"] for r in steps.values()} <= {i.id for i in images.ls()}
