@@ -298,8 +298,13 @@ class Memberlist(MemberView):
 
         ``meta``: metadata to announce just before leaving (e.g. "restarting, back soon"); the
         others keep a left member's last metadata. It goes out as an alive update and gets up
-        to half of ``timeout`` to be retransmitted first: the leave replaces any broadcast
-        about this member still queued, so sending both at once could lose the update."""
+        to half of ``timeout`` to be retransmitted before the leave.
+
+        Both the update and the leave are sent to every live member directly as well as
+        broadcast: the leave replaces any broadcast about this member still queued — here
+        and at every member passing the update on — so with gossip alone a member the update
+        had not reached yet never got it (a restarting node's leader then replaced its
+        tasks), and one the leave had not reached saw a failure instead."""
         local = self._require_running("leave")
         if self._leaving:
             return
@@ -313,14 +318,24 @@ class Memberlist(MemberView):
             alive = Alive(local.incarnation, local.name, local.addr, local.port, local.meta,
                           local.vsn)
             self._emit(EventKind.UPDATE, local, ALIVE)
+            self._tell_everyone(alive)
             await self._broadcast_and_wait(local.name, alive, wait / 2 if others else 0.0)
         self._leaving = True
         self._lifecycle = "left"
         self._set_state(local, LEFT)
         self._emit(EventKind.LEFT, local, ALIVE)
         msg = Dead(local.incarnation, local.name, local.name)
+        self._tell_everyone(msg)
         await self._broadcast_and_wait(local.name, msg, wait / 2 if meta is not None and others
                                        else wait if others else 0.0)
+
+    def _tell_everyone(self, msg: Alive | Dead) -> None:
+        """Send ``msg`` about this member to every live member at once, each in a packet of
+        its own (a planned leave: one packet per member, once)."""
+        data = wire.encode_message(msg)
+        for node in list(self._nodes.values()):
+            if node.name != self.config.name and node.state in (ALIVE, SUSPECT):
+                self._send(node.address, [data], piggyback=False)
 
     async def _broadcast_and_wait(self, name: str, msg: Alive | Dead, wait: float) -> None:
         """Queue ``msg`` about ``name`` and wait (at most ``wait`` s) until it was retransmitted

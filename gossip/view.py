@@ -162,11 +162,12 @@ class MemberView:
         return picked
 
     # =========================================================================== sending
-    def _send(self, addr: Address, msgs: list[bytes]) -> None:
-        """Send ``msgs`` plus as many piggybacked broadcasts as fit in one packet."""
+    def _send(self, addr: Address, msgs: list[bytes], piggyback: bool = True) -> None:
+        """Send ``msgs`` plus (with ``piggyback``) as many queued broadcasts as fit in one
+        packet."""
         used = sum(len(m) for m in msgs) + wire.SEAL_OVERHEAD + 4
         space = self.config.packet_size - used
-        extra = self._broadcasts.take(space, self._retransmit_limit())
+        extra = self._broadcasts.take(space, self._retransmit_limit()) if piggyback else []
         if not msgs and not extra:
             return
         payload = wire.build_payload(msgs + extra if extra else msgs)

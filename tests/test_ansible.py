@@ -546,7 +546,11 @@ def test_playbooks_form_grow_shrink_and_upgrade_a_cluster(fleet: Fleet) -> None:
     assert sorted(nodes) == sorted(h.name for h in hosts), nodes
     orphaned = [t for s in ("web", "five") for t in h1.cli_json("service", "ps", s)
                 if t["state"] == "orphaned"]
-    assert orphaned == [], orphaned
+    # (if some were: which node went down and why — the restart grace ran out, or the
+    # leader never learned of the planned restart — and when each agent started again)
+    assert orphaned == [], (orphaned, [h1.cli_json("node", "inspect", n)
+                                       for n in {t["node"] for t in orphaned}],
+                            {h.name: h.log_tail() for h in hosts})
     running = {t["id"]: t["pid"] for s, n in (("web", 6), ("five", 5))
                for t in wait_running(h1, s, n)}
     assert running == task_pids, "upgrade restarted tasks"

@@ -217,6 +217,35 @@ def test_a_leave_with_metadata_leaves_every_member_with_that_metadata() -> None:
     run_simulation(scenario())
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_leave_with_metadata_reaches_every_member_before_the_leave_overtakes_it(
+        seed: int) -> None:
+    """The restart metadata of a planned stop must reach every member, the leader among
+    them, even when gossip is slow to spread it (a starved gossip thread; here a long gossip
+    interval): the leave that follows replaces a member's queued broadcast about the leaver,
+    so a member the update had not reached by then never got it — and the leader then took
+    the restarting node for gone and replaced its tasks. The update goes to every member
+    directly before the leave does."""
+    n = 5
+    cfg = Config.lan().replace(gossip_interval=5.0)
+
+    async def scenario() -> None:
+        cluster = SimCluster(n, cfg, seed=seed)
+        await cluster.start()
+        leaver = cluster.members["m03"]
+        await cluster.run_for(1.0)
+        await leaver.leave(timeout=1.0, meta={"restart": 30.0})
+        await leaver.shutdown()
+        cluster.crashed.add("m03")
+        await cluster.wait_until(lambda: cluster.all_see("m03", LEFT), timeout=10)
+        missing = [m.name for m in cluster.live()
+                   if (seen := m.member("m03")) is None or seen.meta != {"restart": 30.0}]
+        assert missing == []
+        await cluster.shutdown()
+
+    run_simulation(scenario())
+
+
 def test_metadata_travels_and_updates_reach_everyone() -> None:
     async def scenario() -> None:
         cluster = SimCluster(12, Config.lan(), seed=7)
