@@ -28,8 +28,8 @@ def holding() -> Iterator[set[str]]:
     _HELD.append(held)
     try:
         yield held
-    finally:
-        _HELD.remove(held)
+    finally:  # (this build's set, not one of equal content: list.remove compares by ==)
+        _HELD[:] = [h for h in _HELD if h is not held]
 
 
 def held_images() -> set[str]:

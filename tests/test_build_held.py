@@ -77,3 +77,43 @@ async def test_a_prune_removes_the_cache_mounts_a_killed_prune_left_in_its_trash
     res = await buildcache.prune(store, build_dir)
     assert not left.exists() and res.reclaimed >= 200_000 and res.deleted == []
     assert (build_dir / "tmp" / "layer-in-progress.tar").exists()
+
+
+async def test_a_build_that_ends_leaves_another_builds_images_held(tmp_path: Path) -> None:
+    """Two builds at once, the second ending (failing) while the first waits for its pull,
+    both holding nothing yet: the first's images stay held to its end (a set of equal
+    content is not the same build's), and it ends without error."""
+    store = ImageStore(tmp_path / "images")
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "os-release").write_text("remote\n")
+    pulling: asyncio.Queue[str] = asyncio.Queue()
+    go: dict[str, asyncio.Event] = {"remote:1": asyncio.Event(), "remote:2": asyncio.Event()}
+
+    async def pull(ref: str) -> ImageInfo:
+        pulling.put_nowait(ref)
+        await go[ref].wait()
+        return await asyncio.to_thread(store.import_rootfs, ref, rootfs)
+
+    builder = Builder(FakeController(), store, tmp_path / "build", pull=pull)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "Dockerfile").write_text("FROM remote:1 AS one\nCOPY a.txt /a.txt\n"
+                                      "FROM remote:2\nCOPY --from=one /a.txt /b.txt\n")
+    (first / "a.txt").write_text("a\n")
+    (second / "Dockerfile").write_text("FROM scratch\n")  # (nothing to build: fails)
+    job = asyncio.create_task(builder.build(first, BuildOptions(tags=("app:1",)),
+                                            lambda _: None))
+    assert await asyncio.wait_for(pulling.get(), 30) == "remote:1"
+    try:
+        await builder.build(second, BuildOptions(), lambda _: None)
+    except Exception as exc:  # (its own failure: not what this test checks)
+        assert "nothing to build" in str(exc)
+    go["remote:1"].set()
+    assert await asyncio.wait_for(pulling.get(), 30) == "remote:2"
+    one = [i.id for i in store.ls() if not i.tags]  # stage one's COPY
+    assert {store.inspect("remote:1").id, *one} <= buildcache.held_images()
+    go["remote:2"].set()
+    result = await asyncio.wait_for(job, 60)
+    assert result.image.tags and buildcache.held_images() == set()
