@@ -15,8 +15,8 @@ mock-netlink mode, which shoal never turns on. ``unittest.mock`` itself is small
 The package stays whole for any other code in the process: a name the bare package lacks
 is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``), or a
 name the ``__init__.py`` binds over its submodule (``unittest.main``, its ``TestProgram``:
-``_REBOUND``), runs the real ``__init__.py`` once, into the same module object. If ``pyroute2`` is already
-imported (a test that uses it), nothing is changed.
+``_REBOUND``), runs the real ``__init__.py`` once, into the same module object. If
+``pyroute2`` is already imported (a test that uses it), nothing is changed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import importlib.util
 import sys
 from types import ModuleType
 from typing import Any
-
 
 # names a package's ``__init__.py`` binds to something other than its submodule of that name
 # (``unittest.main`` is ``TestProgram``): asked of the bare package, they run it first

@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.runtime.heldimages import held_images as held_images
-from shoal.runtime.heldimages import holding as holding
 from shoal.runtime.buildmounts import CACHE_IDS as CACHE_IDS
 from shoal.runtime.buildmounts import cache_names, take_cache
 from shoal.runtime.errors import BuildError, ImageError
+from shoal.runtime.heldimages import held_images as held_images
+from shoal.runtime.heldimages import holding as holding
 from shoal.runtime.images import ImageInfo, ImageStore
 
 STEP = "regular"  # a step's result (BuildKit's record type names)

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from shoal.runtime.heldimages import held_images
 from shoal.runtime.errors import (
     DigestMismatch,
     ImageError,
@@ -59,6 +58,7 @@ from shoal.runtime.errors import (
     ImageNotFound,
     InvalidImage,
 )
+from shoal.runtime.heldimages import held_images
 from shoal.runtime.imageconfig import ImageConfig as ImageConfig
 from shoal.runtime.imageconfig import ImageHealthcheck as ImageHealthcheck
 from shoal.runtime.imageconfig import ImageInfo as ImageInfo

@@ -19,8 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netlab import Host, Lab, wait_until
 from shoal.cli.stats import rows
-from shoal.runtime.cgroups import Limits, TaskCgroups, _read_io_stat, _read_proc_io, detect, \
-    remove_parent
+from shoal.runtime.cgroups import (
+    Limits,
+    TaskCgroups,
+    _read_io_stat,
+    _read_proc_io,
+    detect,
+    remove_parent,
+)
 from shoal.runtime.procfs import ProcRef, net_dev_bytes
 
 SENT = 500_000
