@@ -13,10 +13,10 @@ mock-netlink mode, which shoal never turns on. ``unittest.mock`` itself is small
 (0.8 MiB); registered bare, only ``unittest.mock`` and ``unittest.util`` are read.
 
 The package stays whole for any other code in the process: a name the bare package lacks
-is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``), or a
+is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``), a
 name the ``__init__.py`` binds over its submodule (``unittest.main``, its ``TestProgram``:
-``_REBOUND``), runs the real ``__init__.py`` once, into the same module object. If
-``pyroute2`` is already imported (a test that uses it), nothing is changed.
+``_REBOUND``) or ``dir()`` of it runs the real ``__init__.py`` once, into the same module
+object. If ``pyroute2`` is already imported (a test that uses it), nothing is changed.
 """
 
 from __future__ import annotations
@@ -46,11 +46,20 @@ def _bare_package(name: str) -> ModuleType:
         if attr not in _REBOUND.get(name, ()) and \
                 importlib.util.find_spec(f"{package.__name__}.{attr}") is not None:
             return importlib.import_module(f"{package.__name__}.{attr}")
-        del package.__getattr__  # the real __init__ defines everything from here on
-        loader.exec_module(package)
+        load()
         return getattr(package, attr)
 
+    def __dir__() -> list[str]:  # dir(), help(): the whole package
+        load()
+        return dir(package)  # (the real __init__'s own __dir__, if it has one)
+
+    def load() -> None:
+        del package.__getattr__  # the real __init__ defines everything from here on
+        del package.__dir__
+        loader.exec_module(package)
+
     package.__getattr__ = __getattr__  # type: ignore[method-assign]
+    package.__dir__ = __dir__  # type: ignore[method-assign]
     return package
 
 

@@ -202,3 +202,20 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_dir_of_unittest_after_the_netlink_import_lists_the_whole_package() -> None:
+    """``dir()`` (and so ``help()``, tab completion) of the bare package lists what its
+    ``__init__.py`` defines, not only the submodules loaded so far."""
+    code = """
+import sys
+from shoal.node.network import IPRoute
+assert "unittest.case" not in sys.modules
+import unittest
+names = dir(unittest)
+assert "TestCase" in names and "main" in names and unittest.__doc__, names
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
