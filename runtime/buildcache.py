@@ -28,12 +28,6 @@ layers no image outside the cache has, each counted once (at the record whose im
 fewest layers: the step that made it); a cache mount its directory's disk usage. "Total
 reclaimed space" is what the removals did free.
 
-Crash-safe order: the step records go first (``cache.json`` replaced whole), then each
-cache mount is renamed into ``tmp/trash-cache-*`` and deleted there (every prune, the GC
-pass's too, deletes what one killed midway left in that trash), then the images
-(``ImageStore``'s own crash-safe removal; one a killed prune left is dangling, for the
-image GC or ``image prune``).
-
 Errors: ``BuildError`` (shoal.runtime.errors) with ``field="filters"`` for a bad filter.
 """
 
@@ -314,10 +308,6 @@ def choose(records: Sequence[Record], all: bool = False, filters: Filters = Filt
 # --------------------------------------------------------------------------------- prune
 
 
-_TRASH = "trash-cache-"  # tmp/trash-cache-<id>-<random>: a cache mount a prune is deleting
-_TRASHING: set[Path] = set()  # those this process's prunes are deleting now
-
-
 @dataclass
 class PruneResult:
     deleted: list[str] = field(default_factory=list)  # the record ids removed
@@ -344,18 +334,16 @@ async def prune(store: ImageStore, build_dir: Path, all: bool = False,
     steps = [r for r in chosen if r.type == STEP]
     StepCache(build_dir).drop([r.id for r in steps])  # (no build hits them from now on)
     result.deleted += [r.id for r in steps]
+    taken: list[Path] = []
     tmp = Path(build_dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # what a prune killed before its end left in the trash (no RUN uses it: out of cache/)
-    taken = [p for p in tmp.glob(f"{_TRASH}*") if p not in _TRASHING]
     for r in chosen:
         if r.type != MOUNT:
             continue
-        trash = tmp / f"{_TRASH}{r.id}-{secrets.token_hex(4)}"
+        trash = tmp / f"trash-cache-{r.id}-{secrets.token_hex(4)}"
         if take_cache(Path(build_dir) / "cache" / r.id, trash):  # (not if a RUN took it)
             taken.append(trash)
             result.deleted.append(r.id)
-    _TRASHING.update(taken)
     keep = set(wanted) | held_images()
     remaining = {rec["image"] for rec in StepCache(build_dir).load().values()}
     gone_images = sorted({r.image for r in steps if r.image} - remaining - keep)
@@ -370,10 +358,7 @@ async def prune(store: ImageStore, build_dir: Path, all: bool = False,
             shutil.rmtree(trash, ignore_errors=True)
         return freed
 
-    try:
-        result.reclaimed = await asyncio.to_thread(finish)
-    finally:
-        _TRASHING.difference_update(taken)
+    result.reclaimed = await asyncio.to_thread(finish)
     return result
 
 

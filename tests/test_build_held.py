@@ -63,22 +63,6 @@ async def test_gc_pass_and_prunes_keep_the_images_a_running_build_stands_on(
     assert (top / "copied.txt").read_text() == "made by the first stage\n"
 
 
-async def test_a_prune_removes_the_cache_mounts_a_killed_prune_left_in_its_trash(
-        tmp_path: Path) -> None:
-    """A prune moves a cache mount into ``build/tmp/trash-cache-*`` before deleting it; an
-    agent killed in between leaves it there, out of the cache's listing: the next prune
-    (or GC pass) deletes it and counts it in the reclaimed space."""
-    store = ImageStore(tmp_path / "images")
-    build_dir = tmp_path / "build"
-    left = build_dir / "tmp" / "trash-cache-0123456789abcdef-1a2b3c4d"
-    (left / "pip").mkdir(parents=True)
-    (left / "pip" / "wheel").write_bytes(b"w" * 200_000)
-    (build_dir / "tmp" / "layer-in-progress.tar").write_bytes(b"")  # (not a prune's)
-    res = await buildcache.prune(store, build_dir)
-    assert not left.exists() and res.reclaimed >= 200_000 and res.deleted == []
-    assert (build_dir / "tmp" / "layer-in-progress.tar").exists()
-
-
 async def test_a_build_that_ends_leaves_another_builds_images_held(tmp_path: Path) -> None:
     """Two builds at once, the second ending (failing) while the first waits for its pull,
     both holding nothing yet: the first's images stay held to its end (a set of equal
