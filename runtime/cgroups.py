@@ -53,7 +53,7 @@ class TaskUsage:
     pids: int | None = None  # processes/threads now in the task
     block_read_bytes: int | None = None  # read from / written to block devices, all of them
     block_write_bytes: int | None = None  # (cgroup v2's io.stat; else the task's processes'
-    #   /proc/PID/io, which holds their reaped children's too: see _read_proc_io)
+    #   /proc/PID/io, which holds their reaped children's too: see ProcIOCounter)
     net_rx_bytes: int | None = None  # received / sent on the task's own network namespace,
     net_tx_bytes: int | None = None  # every interface but lo (None: it has none of its own)
 
