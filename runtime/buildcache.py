@@ -28,6 +28,12 @@ layers no image outside the cache has, each counted once (at the record whose im
 fewest layers: the step that made it); a cache mount its directory's disk usage. "Total
 reclaimed space" is what the removals did free.
 
+Crash-safe order: the step records go first (``cache.json`` replaced whole), then each
+cache mount is renamed into ``tmp/`` and deleted there (what a prune killed midway left
+goes at the agent's next start with the rest of ``tmp/``: shoal.node.buildnet's
+``remove_cut_short``), then the images (``ImageStore``'s own crash-safe removal; one a
+killed prune left is dangling, for the image GC or ``image prune``).
+
 Errors: ``BuildError`` (shoal.runtime.errors) with ``field="filters"`` for a bad filter.
 """
 
