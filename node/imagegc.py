@@ -57,18 +57,22 @@ class ImageGC:
             return
         while True:
             await asyncio.sleep(self.config.interval)
-            try:
-                out = await asyncio.to_thread(self.images.gc, self.config, self.wanted())
-            except (ImageError, OSError) as exc:
-                log.warning("image GC pass failed: %s", exc)
-                continue
-            if out["deleted"]:
-                log.info("image GC removed %d images (%d bytes)", len(out["deleted"]),
-                         out["reclaimed"])
-            try:
-                await self.build_cache_pass()
-            except (ImageError, OSError) as exc:
-                log.warning("build cache GC pass failed: %s", exc)
+            await self.pass_once()
+
+    async def pass_once(self) -> None:
+        """One pass: ``ImageStore.gc``, then the build cache's bound (failures logged)."""
+        try:
+            out = await asyncio.to_thread(self.images.gc, self.config, self.wanted())
+        except (ImageError, OSError) as exc:
+            log.warning("image GC pass failed: %s", exc)
+            return
+        if out["deleted"]:
+            log.info("image GC removed %d images (%d bytes)", len(out["deleted"]),
+                     out["reclaimed"])
+        try:
+            await self.build_cache_pass()
+        except (ImageError, OSError) as exc:
+            log.warning("build cache GC pass failed: %s", exc)
 
     async def build_cache_pass(self) -> tuple[list[str], int]:
         """Bound the build cache (``build_cache_keep``): when it weighs more, what no build

@@ -13,9 +13,10 @@ mock-netlink mode, which shoal never turns on. ``unittest.mock`` itself is small
 (0.8 MiB); registered bare, only ``unittest.mock`` and ``unittest.util`` are read.
 
 The package stays whole for any other code in the process: a name the bare package lacks
-is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``) runs
-the real ``__init__.py`` once, into the same module object. If ``pyroute2`` is already
-imported (a test that uses it), nothing is changed.
+is resolved the usual way — a submodule is imported; anything else (``pyroute2.NDB``), a
+name the ``__init__.py`` binds over its submodule (``unittest.main``, its ``TestProgram``:
+``_REBOUND``) or ``dir()`` of it runs the real ``__init__.py`` once, into the same module
+object. If ``pyroute2`` is already imported (a test that uses it), nothing is changed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import importlib.util
 import sys
 from types import ModuleType
 from typing import Any
+
+# names a package's ``__init__.py`` binds to something other than its submodule of that name
+# (``unittest.main`` is ``TestProgram``): asked of the bare package, they run it first
+_REBOUND = {"unittest": frozenset({"main"}), "pyroute2": frozenset()}
 
 
 def _bare_package(name: str) -> ModuleType:
@@ -38,13 +43,23 @@ def _bare_package(name: str) -> ModuleType:
     def __getattr__(attr: str) -> Any:  # PEP 562: only names the module does not have
         if attr.startswith("__") and attr not in ("__version__", "__all__"):
             raise AttributeError(attr)  # probes such as __wrapped__ need not load it all
-        if importlib.util.find_spec(f"{package.__name__}.{attr}") is not None:
+        if attr not in _REBOUND.get(name, ()) and \
+                importlib.util.find_spec(f"{package.__name__}.{attr}") is not None:
             return importlib.import_module(f"{package.__name__}.{attr}")
-        del package.__getattr__  # the real __init__ defines everything from here on
-        loader.exec_module(package)
+        load()
         return getattr(package, attr)
 
+    def __dir__() -> list[str]:  # dir(), help(): the whole package
+        load()
+        return dir(package)  # (the real __init__'s own __dir__, if it has one)
+
+    def load() -> None:
+        del package.__getattr__  # the real __init__ defines everything from here on
+        del package.__dir__
+        loader.exec_module(package)
+
     package.__getattr__ = __getattr__  # type: ignore[method-assign]
+    package.__dir__ = __dir__  # type: ignore[method-assign]
     return package
 
 

@@ -6,7 +6,8 @@ last hit), the RUN ``--mount=type=cache`` directories ``cache/<key>/`` (made and
 shoal.runtime.buildmounts, which keeps their ids in ``cache-ids.json``; a directory's mtime
 is when a RUN last let it go) — what those records hold and weigh (``usage``), which of them
 a prune takes (``choose``, pure), the prune itself (``prune``) and the images running builds
-stand on (``holding``/``held_images``: a prune leaves them). Must not touch: the image
+stand on (``holding``/``held_images``, re-exported from shoal.runtime.heldimages: a prune
+leaves them). Must not touch: the image
 store's files (an intermediate image goes through ``ImageStore.delete_unused``, which keeps
 a tagged or used one), a cache directory a RUN uses (``buildmounts.take_cache`` refuses),
 the steps of a build (shoal.runtime.build).
@@ -27,6 +28,12 @@ layers no image outside the cache has, each counted once (at the record whose im
 fewest layers: the step that made it); a cache mount its directory's disk usage. "Total
 reclaimed space" is what the removals did free.
 
+Crash-safe order: the step records go first (``cache.json`` replaced whole), then each
+cache mount is renamed into ``tmp/`` and deleted there (what a prune killed midway left
+goes at the agent's next start with the rest of ``tmp/``: shoal.node.buildnet's
+``remove_cut_short``), then the images (``ImageStore``'s own crash-safe removal; one a
+killed prune left is dangling, for the image GC or ``image prune``).
+
 Errors: ``BuildError`` (shoal.runtime.errors) with ``field="filters"`` for a bad filter.
 """
 
@@ -40,7 +47,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,30 +56,12 @@ from typing import Any
 from shoal.runtime.buildmounts import CACHE_IDS as CACHE_IDS
 from shoal.runtime.buildmounts import cache_names, take_cache
 from shoal.runtime.errors import BuildError, ImageError
+from shoal.runtime.heldimages import held_images as held_images
+from shoal.runtime.heldimages import holding as holding
 from shoal.runtime.images import ImageInfo, ImageStore
 
 STEP = "regular"  # a step's result (BuildKit's record type names)
 MOUNT = "exec.cachemount"  # a RUN --mount=type=cache directory
-
-# the images each running build of this process stands on so far (base, hits, results)
-_HELD: list[set[str]] = []
-
-
-@contextlib.contextmanager
-def holding() -> Iterator[set[str]]:
-    """A set for one build's images, seen by ``held_images`` until the build ends."""
-    held: set[str] = set()
-    _HELD.append(held)
-    try:
-        yield held
-    finally:
-        _HELD.remove(held)
-
-
-def held_images() -> set[str]:
-    """The images the running builds of this process use (call it on their event loop)."""
-    return set().union(*_HELD)
-
 
 # ------------------------------------------------------------------------------ step cache
 

@@ -27,12 +27,14 @@ import contextlib
 import errno
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal.runtime.errors import CgroupError
+from shoal.runtime.procfs import proc_stat
 
 #: CFS period used for CPU limits (microseconds; Docker's default).
 CPU_PERIOD_US = 100_000
@@ -51,7 +53,7 @@ class TaskUsage:
     pids: int | None = None  # processes/threads now in the task
     block_read_bytes: int | None = None  # read from / written to block devices, all of them
     block_write_bytes: int | None = None  # (cgroup v2's io.stat; else the task's processes'
-    #   /proc/PID/io, which holds their reaped children's too: see _read_proc_io)
+    #   /proc/PID/io, which holds their reaped children's too: see ProcIOCounter)
     net_rx_bytes: int | None = None  # received / sent on the task's own network namespace,
     net_tx_bytes: int | None = None  # every interface but lo (None: it has none of its own)
 
@@ -207,31 +209,79 @@ def _read_io_stat(path: Path) -> tuple[int, int] | None:
     return read, written
 
 
-def _read_proc_io(procs: Path) -> tuple[int, int] | None:
-    """Bytes read from and written to storage by the processes listed in a cgroup.procs file,
-    from each one's /proc/PID/io (``read_bytes``, ``write_bytes``: bytes submitted to block
-    devices, a write counted when it dirties the page cache). The kernel adds a process's
-    counts into its parent's when the parent reaps it, so the live processes of a task hold
-    its whole history (its init reaps orphans). Where no cgroup counts I/O: v1's blkio only
-    counts bios that pass a throttle limit on this kernel, and a cgroup2 mount without
-    controllers has no io.stat."""
+def _proc_io_table(procs: Path) -> dict[tuple[int, int], tuple[int, int, int]] | None:
+    """The processes listed in a cgroup.procs file: (pid, start ticks) -> (parent pid, bytes
+    read from, bytes written to storage) from /proc/PID/stat and /proc/PID/io (``read_bytes``,
+    ``write_bytes``: bytes submitted to block devices, a write counted when it dirties the
+    page cache); None if the file cannot be read."""
     try:
         pids = procs.read_text().split()
     except OSError:
         return None
-    read = written = 0
+    out: dict[tuple[int, int], tuple[int, int, int]] = {}
     for pid in pids:
         try:
             text = Path(f"/proc/{pid}/io").read_text()
         except OSError:
             continue  # (exited since)
+        stat = proc_stat(int(pid))
+        if stat is None:
+            continue
+        read = written = 0
         for line in text.splitlines():
             key, _, value = line.partition(": ")
             if key == "read_bytes":
-                read += int(value)
+                read = int(value)
             elif key == "write_bytes":
-                written += int(value)
-    return read, written
+                written = int(value)
+        out[(int(pid), stat[1])] = (stat[0], read, written)
+    return out
+
+
+def _read_proc_io(procs: Path) -> tuple[int, int] | None:
+    """Bytes read from and written to storage by the processes listed in a cgroup.procs file
+    now (``_proc_io_table`` summed). The kernel adds a process's counts into its parent's
+    when the parent reaps it, so the live processes of a task hold the history of those the
+    task itself reaped (its init reaps orphans) — not of those reaped outside it
+    (``ProcIOCounter`` keeps them). Where no cgroup counts I/O: v1's blkio only counts bios
+    that pass a throttle limit on this kernel, and a cgroup2 mount without controllers has
+    no io.stat."""
+    table = _proc_io_table(procs)
+    if table is None:
+        return None
+    return sum(r for _, r, _ in table.values()), sum(w for _, _, w in table.values())
+
+
+@dataclass
+class ProcIOCounter:
+    """A task's block I/O from its processes' counters, as a counter that never goes back:
+    a process whose parent is outside the task (an exec, a healthcheck: reaped by the agent)
+    takes its counts with it when it ends, so what it had at the last read is kept here; a
+    process a process of the task reaps is in its reaper's counts from then on (a read
+    between its end and its reaping, or an exec whose children end with it between two
+    reads, would show less: the figure then stays where it was). Reads may come from
+    several threads (``shoal stats``, /metrics)."""
+
+    seen: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
+    gone: tuple[int, int] = (0, 0)  # the counts of ended processes reaped outside the task
+    last: tuple[int, int] = (0, 0)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self, procs: Path) -> tuple[int, int] | None:
+        table = _proc_io_table(procs)
+        if table is None:
+            return None
+        with self.lock:
+            pids = {pid for pid, _ in self.seen}
+            read, written = self.gone
+            for key, (ppid, r, w) in self.seen.items():
+                if key not in table and ppid not in pids:
+                    read, written = read + r, written + w
+            self.gone, self.seen = (read, written), table
+            read += sum(r for _, r, _ in table.values())
+            written += sum(w for _, _, w in table.values())
+            self.last = (max(self.last[0], read), max(self.last[1], written))
+            return self.last
 
 
 def _working_set(charge: int | None, inactive_file: int | None) -> int | None:
@@ -267,6 +317,8 @@ class TaskCgroups:
 
     dirs: dict[str, Path]
     limits_version: str  # "v2", "v1" or "" (no limits enforced)
+    # block I/O where no cgroup counts it (this process's reads only: not persisted)
+    proc_io: ProcIOCounter = field(default_factory=ProcIOCounter, repr=False, compare=False)
 
     # -- persistence (TASKDIR/runtime.json)
 
@@ -405,7 +457,7 @@ class TaskCgroups:
             ns = _read_int(self.dirs["cpuacct"] / "cpuacct.usage")
             cpu = ns / 1e9 if ns is not None else None
         if io is None and self.dirs:
-            io = _read_proc_io(next(iter(self.dirs.values())) / "cgroup.procs")
+            io = self.proc_io.read(next(iter(self.dirs.values())) / "cgroup.procs")
         return TaskUsage(mem, peak, cpu, pids, *(io or (None, None)))
 
     def oom_kills(self) -> int:

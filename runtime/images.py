@@ -10,7 +10,10 @@ Owns: ``DATA_DIR/images``::
     tmp/                 work in progress (renamed into place when complete)
 
 Must not touch: anything outside it; task directories (the controller mounts the layers
-read-only as overlayfs lower dirs inside each task's own mount namespace).
+read-only as overlayfs lower dirs inside each task's own mount namespace). No removal
+(``rm``, ``prune``, ``gc``, ``delete_unused``) takes an image a task of this node uses (the
+``in_use`` hook) or a running build stands on (shoal.runtime.heldimages), checked under the
+store's lock.
 
 An image is its **manifest**, a canonical JSON blob
 ``{"schemaVersion": 1, "layers": [{"digest", "size"}...] (bottom first), "config": {Entrypoint,
@@ -55,6 +58,7 @@ from shoal.runtime.errors import (
     ImageNotFound,
     InvalidImage,
 )
+from shoal.runtime.heldimages import held_images
 from shoal.runtime.imageconfig import ImageConfig as ImageConfig
 from shoal.runtime.imageconfig import ImageHealthcheck as ImageHealthcheck
 from shoal.runtime.imageconfig import ImageInfo as ImageInfo
@@ -165,6 +169,12 @@ class ImageStore:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for left in self._tmp.glob("trash-*"):  # a removal cut short by a crash
             _rmtree(left)
+
+    def _used(self) -> set[str]:
+        """The images no removal takes: those tasks of this node use (the ``in_use`` hook)
+        and those running builds of this process stand on (their base, cache hits and
+        results so far: without them a build's next step lacks its layers)."""
+        return set(self._in_use()) | held_images()
 
     # ------------------------------------------------------------------------------ queries
 
@@ -533,8 +543,9 @@ class ImageStore:
             drop = [normalize_ref(ref)] if is_tag else [t for t, i in repos.items()
                                                         if i == image_id]  # fmt: skip
             remaining = [t for t, i in repos.items() if i == image_id and t not in drop]
-            if not remaining and image_id in self._in_use():
-                raise ImageInUse(f"image {ref} is used by a task on this node")
+            if not remaining and image_id in self._used():
+                raise ImageInUse(f"image {ref} is used by a task or a running build on this "
+                                 "node")
             for t in drop:
                 del repos[t]
             self._save_repos(repos)
@@ -582,7 +593,7 @@ class ImageStore:
         checked and done under the store's lock, so a tag given meanwhile keeps it."""
         with self._lock:
             if image_id not in self._images() or image_id in self._repos().values() \
-                    or image_id in keep or image_id in self._in_use():
+                    or image_id in keep or image_id in self._used():
                 return None
             try:
                 size = (self._blobs / _digest_hex(image_id)).stat().st_size
@@ -609,7 +620,7 @@ class ImageStore:
         reclaimed = 0
         with self._lock:
             repos = self._repos()
-            keep = set(self._in_use()) | set(wanted)
+            keep = self._used() | set(wanted)
             for image_id in sorted(self._images()):
                 tags = [t for t, i in repos.items() if i == image_id]
                 if image_id in keep or (not all and any("@" not in t for t in tags)):
@@ -636,7 +647,7 @@ class ImageStore:
         reclaimed = 0
         with self._lock:
             repos = self._repos()
-            keep = set(self._in_use()) | set(wanted)
+            keep = self._used() | set(wanted)
             unused = sorted((self.last_used(i), i) for i in self._images() - keep)
             total, used = usage()
             full = total > 0 and 100.0 * used / total >= config.high_percent

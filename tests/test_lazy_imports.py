@@ -182,3 +182,40 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_unittest_main_after_the_netlink_import_is_the_test_program_not_its_module() -> None:
+    """``unittest.main`` names both a submodule and, once the package's ``__init__.py`` has
+    run, the ``TestProgram`` it imports from there: asked first of the bare package it is
+    the program still (a script's ``unittest.main()`` runs its tests)."""
+    code = """
+import sys
+from shoal.node.network import IPRoute
+assert "unittest.case" not in sys.modules
+import unittest
+first = unittest.main
+assert first is unittest.TestProgram, first
+from unittest import main
+assert main is unittest.TestProgram
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_dir_of_unittest_after_the_netlink_import_lists_the_whole_package() -> None:
+    """``dir()`` (and so ``help()``, tab completion) of the bare package lists what its
+    ``__init__.py`` defines, not only the submodules loaded so far."""
+    code = """
+import sys
+from shoal.node.network import IPRoute
+assert "unittest.case" not in sys.modules
+import unittest
+names = dir(unittest)
+assert "TestCase" in names and "main" in names and unittest.__doc__, names
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

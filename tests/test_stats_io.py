@@ -19,7 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netlab import Host, Lab, wait_until
 from shoal.cli.stats import rows
-from shoal.runtime.cgroups import _read_io_stat, _read_proc_io
+from shoal.runtime.cgroups import (
+    Limits,
+    TaskCgroups,
+    _read_io_stat,
+    _read_proc_io,
+    detect,
+    remove_parent,
+)
 from shoal.runtime.procfs import ProcRef, net_dev_bytes
 
 SENT = 500_000
@@ -149,3 +156,41 @@ def test_stats_rows_print_docker_decimal_units_and_dashes_for_unknown() -> None:
     assert r["net_io"] == "1.23kB / 1MB" and r["block_io"] == "0B / 45.6MB"
     (r,) = rows([], [{**rec, "usage": {}}], 1.0)  # (an agent of before: no I/O fields)
     assert r["net_io"] == "--" and r["block_io"] == "--"
+
+
+JOIN = 'for d in "$@"; do echo $$ > "$d/cgroup.procs"; done; '
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)")
+def test_block_io_never_goes_back_when_an_exec_in_the_task_ends(tmp_path: Path) -> None:
+    """An exec (``shoal exec``, a healthcheck) joins the task's cgroups with its parent
+    outside the task (node/health.py): what it wrote counts in the task's BLOCK I/O while it
+    runs and stays counted once the agent has reaped it — the figure is a counter
+    (/metrics' ``_total``), it never goes back."""
+    layout = detect()
+    parent = f"shoal-test-io-{os.getpid()}"
+    group = TaskCgroups.create(layout, parent, "t1", Limits())
+    dirs = [str(d) for d in group.dirs.values()]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen(["sh", "-c", JOIN + "exec sleep 1000", "sh", *dirs]))
+        done = tmp_path / "done"
+        procs.append(subprocess.Popen(["sh", "-c", JOIN + f"dd if=/dev/zero of={tmp_path}/f "
+                                       f"bs=65536 count=32 oflag=direct 2>/dev/null; "
+                                       f"touch {done}; exec sleep 1000", "sh", *dirs]))
+        wait_until(lambda: done.exists() and len(group.pids_in()) == 2, timeout=30,
+                   interval=0.05, what="the exec's write")
+        during = group.usage().block_write_bytes or 0
+        assert during >= DIRECT, during
+        procs[1].kill()
+        procs[1].wait()  # (reaped outside the task: its counts leave with it)
+        wait_until(lambda: len(group.pids_in()) == 1, timeout=30, interval=0.05,
+                   what="the exec's end")
+        after = group.usage().block_write_bytes or 0
+        assert after >= during, (during, after)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        wait_until(lambda: not group.pids_in(), timeout=30, interval=0.05, what="no process")
+        assert not group.remove_now() and not remove_parent(layout, parent)
