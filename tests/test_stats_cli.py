@@ -39,7 +39,8 @@ def test_cpu_is_the_time_used_between_samples_of_one_core_and_memory_of_the_limi
     assert stats.rows([_task("t1", 9.0)], [_task("t1", 1.0)], 1.0)[0]["cpu_percent"] == 0.0
     table = output.render(stats.rows(before, after, 2.0), "stats")
     assert table.splitlines()[0].split() == ["ID", "NAME", "NODE", "CPU", "%", "MEM", "USAGE",
-                                             "/", "LIMIT", "MEM", "%", "PIDS"]
+                                             "/", "LIMIT", "MEM", "%", "NET", "I/O", "BLOCK",
+                                             "I/O", "PIDS"]
     assert output.render(stats.rows(before, after[:1], 2.0), "stats",
                          "{{.Container}} {{.Name}} {{.CPUPerc}} {{.MemPerc}} {{.PIDs}}"
                          ) == "t1 web.1 25.00% 25.00% 3"
