@@ -1,14 +1,14 @@
 """``shoal image build``: a Dockerfile subset built into this node's image store.
 
-Owns: executing a parsed Dockerfile — the build-cache keys (pure), the builder (which runs
-each RUN as a task of the runtime and turns its overlay upper dir into a layer) and
-``DATA_DIR/build/tmp/`` (contexts and layer tarballs in progress); the step cache it reads
-and writes (``cache.json``: cache key -> image id) and what ``builder prune`` removes are
-shoal.runtime.buildcache's. Must not touch: the image store's files (it goes through ImageStore's
-public methods: ``inspect``, ``import_blob``, ``add_image``, ``commit``), cluster state, the
-runtime's other tasks. Reading Dockerfiles and .dockerignore is shoal.runtime.dockerfile's
-(pure; its names are re-exported here); splitting stages and reading another image's files
-for ``COPY --from`` is shoal.runtime.buildstages'.
+Owns: executing a parsed Dockerfile — the build-cache keys (pure), the builder (which runs each
+RUN as a task of the runtime and turns its overlay upper dir into a layer) and
+``DATA_DIR/build/tmp/`` (contexts and layer tarballs in progress); the step cache it reads and
+writes (``cache.json``: cache key -> the step's image, its parent, when it was made and last
+hit) and what ``builder prune`` removes are shoal.runtime.buildcache's. Must not touch: the
+image store's files (it goes through ImageStore's public methods: ``inspect``, ``import_blob``,
+``add_image``, ``commit``), cluster state, the runtime's other tasks. Reading Dockerfiles and
+.dockerignore is shoal.runtime.dockerfile's (pure; its names are re-exported here); splitting
+stages and reading another image's files for ``COPY --from`` is shoal.runtime.buildstages'.
 
 Multi-stage: each FROM starts a stage, built in file order from its image or from an earlier
 stage's result; ``--target`` picks the result (default the last stage) and only the stages
