@@ -2,9 +2,10 @@
 ports, polling a condition from a coroutine, recording a store's proposals, an sshd's set-up
 files.
 
-Owns: ``free_port``, ``free_ports``, ``until``, ``proposals``, ``raft_trio`` (three real
-RaftStores on loopback with a cuttable link between any two), ``sshd_config`` (the files
-only: the caller starts and stops the sshd, where it wants it). Must not touch: network
+Owns: ``free_port``, ``free_ports``, ``UnixHTTPConnection`` (http.client over an agent's unix
+socket) and ``scrape_metrics`` (its /metrics, parsed), ``until``, ``proposals``, ``raft_trio``
+(three real RaftStores on loopback with a cuttable link between any two), ``sshd_config`` (the
+files only: the caller starts and stops the sshd, where it wants it). Must not touch: network
 namespaces and agents (tests/netlab.py: its ``wait_until`` polls from a thread and retries on
 exceptions), anything outside loopback. ``until`` lets an exception from the condition
 propagate: a test that polls a store wants to see a bug at once, not a timeout later.
@@ -13,6 +14,7 @@ propagate: a test that polls a store wants to see a bug at once, not a timeout l
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import shutil
 import socket
@@ -45,6 +47,40 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (an agent's API socket, ``Host.sock``)."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+def scrape_metrics(sock: Path) -> dict[str, Any]:
+    """GET /metrics on an agent's unix socket, parsed by prometheus-client's parser: the
+    metric families by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = UnixHTTPConnection(sock)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.status
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 def proposals(store: Any) -> list[dict[str, Any]]:

@@ -6,9 +6,7 @@ Each test names the user-visible property it checks.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import scrape_metrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from netlab import Host, Lab, wait_until
@@ -26,29 +25,9 @@ pytestmark = pytest.mark.netns
 SLEEP = ["--", "sleep", "100000"]
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(self._path)
-        self.sock = s
-
-
 def scrape(host: Host) -> dict[str, Any]:
     """GET /metrics on the agent's unix socket, parsed by prometheus-client's parser."""
-    conn = _Unix(host.sock)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        assert resp.status == 200
-        text = resp.read().decode()
-    finally:
-        conn.close()
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    return scrape_metrics(host.sock)
 
 
 def spawn_events(host: Host, name: str, *args: str) -> Path:

@@ -11,36 +11,22 @@ same state at the same index, every acknowledged write included.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from helpers import fill_filesystem
+from helpers import UnixHTTPConnection, fill_filesystem
 
 from netlab import Host, Lab
 
 pytestmark = pytest.mark.netns
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=20)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(20)
-        self.sock.connect(self._path)
-
-
 def _digest(h: Host) -> tuple[int, str] | None:
     """(index, sha256) of ``h``'s state after a linearizable read (the fault suite's check)."""
-    conn = _UnixHTTP(h.sock)
+    conn = UnixHTTPConnection(h.sock, timeout=20)
     try:
         conn.request("GET", "/v1/info?digest=1")
         resp = conn.getresponse()

@@ -6,18 +6,16 @@ checked on their documented formats."""
 
 from __future__ import annotations
 
-import http.client
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import scrape_metrics
 
-from netlab import Host, Lab, wait_until
+from netlab import Lab, wait_until
 from shoal.cli.stats import rows
 from shoal.runtime.cgroups import (
     Limits,
@@ -48,22 +46,6 @@ def lab() -> Iterator[Lab]:
     finally:
         left = lab.close()
         assert not left, f"lab teardown left things behind: {left}"
-
-
-def _metrics(h: Host) -> dict[str, Any]:
-    class Unix(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(10)
-            self.sock.connect(str(h.sock))
-
-    conn = Unix("localhost", timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 @pytest.mark.netns
@@ -97,7 +79,7 @@ def test_stats_shows_a_tasks_network_and_block_io_and_metrics_export_them(lab: L
                  "src").stdout.split()
     assert line[0].startswith("src.") and line[2] == "/" and line[5] == "/", line
     # /metrics: the same counters, per task running here
-    fams = _metrics(h)
+    fams = scrape_metrics(h.sock)
 
     def value(name: str, task_id: str) -> float | None:
         return next((s.value for s in fams[name].samples if s.labels["task"] == task_id

@@ -23,12 +23,13 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import UnixHTTPConnection
 
 LABEL = "test.write-load"
 
@@ -53,25 +54,9 @@ class Write:
         return self.outcome == ACKED
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 def post(sock: Path, path: str, body: object, timeout: float) -> tuple[str, str]:
     """POST ``body`` as JSON to an agent's unix socket: (outcome, error message)."""
-    conn = _UnixConnection(sock, timeout)
+    conn = UnixHTTPConnection(sock, timeout)
     try:
         try:
             conn.connect()
