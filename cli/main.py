@@ -61,12 +61,13 @@ if TYPE_CHECKING:
 
     from shoal.cli import build as build_cli
     from shoal.cli import builder as builder_cli
+    from shoal.cli import cp as cp_cli
     from shoal.cli import execcli, infotext, keys, mqtt, network, progress, stack, user, volume
     from shoal.cli import registry as registry_cli
     from shoal.cli import stats as stats_cli
 else:
     build_cli, registry_cli = _OnUse("shoal.cli.build"), _OnUse("shoal.cli.registry")
-    builder_cli = _OnUse("shoal.cli.builder")
+    builder_cli, cp_cli = _OnUse("shoal.cli.builder"), _OnUse("shoal.cli.cp")
     keys, mqtt, network = _OnUse("shoal.cli.keys"), _OnUse("shoal.cli.mqtt"), \
         _OnUse("shoal.cli.network")
     progress, stack = _OnUse("shoal.cli.progress"), _OnUse("shoal.cli.stack")
@@ -225,6 +226,8 @@ def run(args: argparse.Namespace) -> None:
         user.run(c, args, fmt)
     elif args.cmd == "stats":
         stats_cli.run(c, args)
+    elif args.cmd == "cp":
+        cp_cli.run(c, args)
     elif args.cmd == "exec":  # (the CLI exits with the command's exit status, as docker's)
         sys.exit(execcli.run(c, args))
 
@@ -662,6 +665,7 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[Any], None]]] = [
     (("node",), _node_parser),
     (("service",), _service_parser),
     (("exec",), lambda sub: execcli.add_parser(sub)),
+    (("cp",), lambda sub: cp_cli.add_parser(sub)),
     (("stats",), lambda sub: stats_cli.add_parser(sub)),
     (("events",), _events_parser),
     (("gossip",), _gossip_parser),

@@ -1,0 +1,255 @@
+"""`shoal cp`: copy files and directories between this machine and a running task, on whichever
+node runs it (`docker cp`, `kubectl cp`).
+
+Owns: the command's arguments, Docker's rules for where a copy lands, and the tar streams
+both ways. Must not touch: the agent (only its exec API, through shoal.cli.execcli's session),
+other commands.
+
+As `kubectl cp` does, the copy runs ``tar`` inside the task through `shoal exec` — as root of
+the task (uid 0, with the task's capabilities), from the task's ``/`` — so it needs a ``tar``
+in the task's image (busybox's will do) and can reach nothing outside the task: the agent
+never reads or writes a task's files itself. A relative task path is taken from the task's
+``/``, as Docker's.
+
+Where a copy lands (Docker's rules): out of a task, a file goes to DEST, or into DEST when
+that is a directory; a directory becomes DEST when DEST does not exist, else goes into it;
+``SRC/.`` copies the directory's contents into DEST (made if missing). Into a task the same,
+with the task's DEST probed by ``test -d``. ``-`` as DEST writes the tar archive to stdout;
+as SRC it reads one from stdin and unpacks it into the task's directory DEST.
+
+What comes out of a task is untrusted: it is unpacked with tarfile's ``tar`` filter (no
+absolute names, nothing through ``..`` or through a link that leads out of the destination,
+no setuid bits) and device files are refused; files get the caller's owner unless
+``-a/--archive``. What goes in is owned by root of the task unless ``-a``.
+
+Errors: CliError naming the path that is missing or of the wrong kind, or tar's own message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import posixpath
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from shoal.cli.client import Client
+from shoal.cli.errors import CliError
+
+NO_TAR = ("the task has no tar: `shoal cp` runs tar inside the task, as `kubectl cp` does "
+          "(an image with busybox or coreutils' tar has one)")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "cp", help="copy files between this machine and a running task, on whichever node "
+        "runs it (docker cp)",
+        usage="%(prog)s [OPTIONS] TASK:SRC_PATH DEST_PATH|-\n"
+              "       %(prog)s [OPTIONS] SRC_PATH|- TASK:DEST_PATH",
+        description="Copy a file or directory out of a running task or into it. TASK is a "
+        "task id, a unique prefix of one, SERVICE.SLOT or SERVICE.SLOT.ID; a local path "
+        "with a colon is written ./a:b. Runs tar in the task (as kubectl cp).")
+    p.add_argument("-a", "--archive", action="store_true",
+                   help="keep the files' uid and gid (default: root's in the task, yours "
+                   "here)")
+    p.add_argument("-L", "--follow-link", action="store_true",
+                   help="copy what a symbolic link SRC_PATH points to, not the link")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="do not print the amount copied")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dest", metavar="DEST")
+
+
+def split(arg: str) -> tuple[str | None, str]:
+    """(task, path) of a TASK:PATH argument, (None, path) of a local one (Docker's rule: a
+    path that starts with / or . or has no colon is local)."""
+    if arg.startswith(("/", ".")) or ":" not in arg:
+        return None, arg
+    task, _, path = arg.partition(":")
+    if not task:
+        raise CliError(f"{arg!r}: a task is named before the colon (TASK:PATH)")
+    return task, path
+
+
+def run(c: Client, args: argparse.Namespace) -> None:
+    (src_task, src), (dest_task, dest) = split(args.src), split(args.dest)
+    if (src_task is None) == (dest_task is None):
+        raise CliError("copying between two tasks or two local paths is not supported: "
+                       "one of SRC and DEST must be TASK:PATH")
+    if src_task is not None:
+        size = copy_out(c, src_task, src, dest, args)
+        where = "STDOUT" if dest == "-" else dest
+    else:
+        assert dest_task is not None
+        size = copy_in(c, src, dest_task, dest, args)
+        where = f"{dest_task}:{_in_task(dest)}"
+    if not args.quiet and "-" not in (args.src, args.dest):
+        print(f"Successfully copied {_decimal(size)} to {where}", file=sys.stderr)
+
+
+def _decimal(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}B"  # (not reached)
+
+
+def _in_task(path: str) -> str:
+    """A task path as tar in the task sees it: from its ``/``."""
+    return posixpath.normpath("/" + path) + ("/" if path.endswith("/") and path != "/" else "")
+
+
+def _exec(c: Client, task: str, cmd: list[str], stdin_fd: int | None,
+          stdout: BinaryIO) -> tuple[int, str]:
+    """Run ``cmd`` in the task as its root from ``/``: (exit status, its stderr)."""
+    import asyncio
+
+    from shoal.cli.execcli import session
+
+    request = {"cmd": cmd, "tty": False, "stdin": stdin_fd is not None, "user": "0:0",
+               "workdir": "/", "env": {}, "rows": 24, "cols": 80}
+    err = io.BytesIO()
+    code = asyncio.run(session(c, task, request, stdin_fd=stdin_fd, resize=False,
+                               stdout=stdout, stderr=err))
+    return code, err.getvalue().decode(errors="replace").strip()
+
+
+def _failed(what: str, code: int, stderr: str) -> CliError:
+    if code == 127 or "executable file not found" in stderr or "tar: not found" in stderr:
+        return CliError(NO_TAR)
+    lines = [line.removeprefix("tar: ") for line in stderr.splitlines()
+             if "Exiting with failure" not in line and "error exit delayed" not in line]
+    return CliError(f"{what}: {'; '.join(lines) or f'tar exited {code}'}")
+
+
+# --------------------------------------------------------------------------- out of a task
+
+def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace) -> int:
+    path = _in_task(src)
+    contents = path.endswith("/.") or path == "/"
+    parent, name = (path.rstrip("."), ".") if contents else posixpath.split(path.rstrip("/"))
+    cmd = ["tar", "-c", "-f", "-", *(["-h"] if args.follow_link else []), "-C", parent or "/",
+           name]
+    with tempfile.TemporaryFile() as tar:
+        code, stderr = _exec(c, task, cmd, None, tar)
+        if code != 0:
+            raise _failed(f"cannot copy {task}:{path}", code, stderr)
+        size = tar.tell()
+        tar.seek(0)
+        if dest == "-":
+            shutil.copyfileobj(tar, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return size
+        unpack(tar, Path(dest), name, contents, args.archive)
+    return size
+
+
+def _untrusted(member: tarfile.TarInfo, path: str, keep_owner: bool) -> tarfile.TarInfo:
+    """tarfile's ``tar`` filter (no absolute names, nothing out of the destination, no
+    setuid), devices and FIFOs refused, and the owner this user's unless ``keep_owner``."""
+    if member.ischr() or member.isblk() or member.isfifo():
+        raise tarfile.SpecialFileError(member)  # ("NAME is a special file")
+    member = tarfile.tar_filter(member, path)
+    if not keep_owner:
+        member = member.replace(uid=os.getuid(), gid=os.getgid(), uname="", gname="",
+                                deep=False)
+    return member
+
+
+def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bool) -> None:
+    """The task's archive (one top entry ``name``, or ``.`` for ``contents``) placed by
+    Docker's rules at ``dest``: unpacked next to where it lands, then moved into place."""
+    into_dir = dest.is_dir() and not contents
+    target = dest / name if into_dir else dest
+    if str(dest).endswith("/") and not dest.is_dir():
+        raise CliError(f"{dest}: no such directory")
+    if not target.parent.is_dir():
+        raise CliError(f"{target.parent}: no such directory")
+    staging = Path(tempfile.mkdtemp(prefix=".shoal-cp-", dir=target.parent))
+    try:
+        with tarfile.open(fileobj=tar, mode="r|") as archive:
+            try:
+                archive.extractall(staging, filter=lambda m, p: _untrusted(m, p, keep_owner))
+            except (tarfile.FilterError, tarfile.SpecialFileError) as exc:
+                raise CliError(f"refused what the task sent: {exc}") from None
+        got = staging if contents else staging / name
+        if not (got.exists() or got.is_symlink()):
+            raise CliError(f"refused what the task sent: its archive did not hold {name!r}")
+        if got.is_dir() and not got.is_symlink():
+            if target.exists() and not target.is_dir():
+                raise CliError(f"cannot copy a directory onto the file {target}")
+            shutil.copytree(got, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                raise CliError(f"cannot copy a file onto the directory {target}")
+            os.replace(got, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ into a task
+
+def copy_in(c: Client, src: str, task: str, dest: str, args: argparse.Namespace) -> int:
+    path = _in_task(dest)
+    if src == "-":  # (a tar archive on stdin, unpacked into the task's directory DEST)
+        return _untar_in(c, task, path, 0, args)
+    local = Path(src)
+    if not (local.exists() or local.is_symlink()):
+        raise CliError(f"{src}: no such file or directory")
+    contents = src.endswith("/.") or src == "."
+    if not contents and local.is_symlink() and args.follow_link:
+        local = local.resolve()
+    probe, _ = _exec(c, task, ["test", "-d", path], None, io.BytesIO())
+    if probe not in (0, 1):  # (no `test`: take DEST as it is written)
+        probe = 0 if path.endswith("/") else 1
+    if probe == 0:  # an existing directory: into it
+        into, top = path, ("." if contents else local.name)
+    else:  # DEST is the copy's own name, in its parent
+        into, top = posixpath.split(path.rstrip("/"))
+        if contents and not local.is_dir():
+            raise CliError(f"{src}: not a directory")
+    r, w = os.pipe()
+    sent = [0]
+    failure: list[BaseException] = []
+
+    def pack() -> None:
+        try:
+            with os.fdopen(w, "wb") as out, tarfile.open(fileobj=out, mode="w|") as archive:
+                def owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
+                    if not args.archive:
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = "root"
+                    if info.isreg():
+                        sent[0] += info.size
+                    return info
+                archive.add(str(local), arcname=top, filter=owner)
+        except BaseException as exc:  # (reported after the session: a broken pipe there)
+            failure.append(exc)
+
+    packer = threading.Thread(target=pack, daemon=True)
+    packer.start()
+    try:
+        _untar_in(c, task, into or "/", r, args, (failure, src))
+    finally:
+        os.close(r)
+        packer.join(timeout=5)
+    return sent[0]
+
+
+def _untar_in(c: Client, task: str, into: str, stdin_fd: int, args: argparse.Namespace,
+              packing: tuple[list[BaseException], str] | None = None) -> int:
+    """tar unpacking what comes on ``stdin_fd`` into the task's directory ``into``."""
+    cmd = ["tar", "-x", "-f", "-", "-C", into]  # (root of the task: the archive's owners)
+    code, stderr = _exec(c, task, cmd, stdin_fd, io.BytesIO())
+    if packing is not None and packing[0]:
+        raise CliError(f"cannot read {packing[1]}: {packing[0][0]}")
+    if code != 0:
+        raise _failed(f"cannot copy to {task}:{into}", code, stderr)
+    return 0

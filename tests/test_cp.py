@@ -1,0 +1,149 @@
+"""`shoal cp` (docker cp / kubectl cp) against a real agent on a netns host: files and
+directories out of a running task and into it, by Docker's rules for where a copy lands; the
+tar archive on stdout; ownership (root's in the task, or kept with -a); what a task sends is
+unpacked as untrusted (an absolute symlink kept as a link, never followed; setuid bits
+cleared; a FIFO refused); errors name the missing path. The task runs the node's own root
+filesystem (read-only, with GNU tar) and writes under a tmpfs at /data."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netlab import CommandError, Host, Lab, wait_until
+from shoal.cli.cp import NO_TAR, _failed, split
+
+pytestmark = pytest.mark.netns
+
+SETUP = ("mkdir -p /data/d/sub && echo hello > /data/d/a.txt && echo deep > /data/d/sub/b && "
+         "ln -s /etc/passwd /data/d/abs && chmod 4755 /data/d/a.txt && mkdir /data/in && "
+         "mkfifo /data/fifo && touch /data/ready; exec sleep 100000")
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Host]:
+    lab = Lab(1)
+    try:
+        lab.form_cluster(managers=1)
+        h = lab.hosts[0]
+        h.cli("service", "create", "--name", "box", "--mount", "type=tmpfs,dst=/data", "--",
+              "sh", "-c", SETUP)
+        wait_until(lambda: h.cli("exec", "box.1", "test", "-e", "/data/ready").returncode == 0,
+                   timeout=60, what="box ready")
+        yield h
+    finally:
+        left = lab.close()
+        assert not left, f"lab teardown left things behind: {left}"
+
+
+def in_task(h: Host, *cmd: str) -> str:
+    return h.cli("exec", "box.1", *cmd).stdout
+
+
+def test_a_directory_comes_out_whole_and_untrusted_parts_are_made_harmless(
+        box: Host, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = box.cli("cp", "box.1:/data/d", str(out))
+    assert "Successfully copied" in res.stderr and str(out) in res.stderr
+    assert (out / "a.txt").read_text() == "hello\n" and (out / "sub" / "b").read_text() == "deep\n"
+    assert os.readlink(out / "abs") == "/etc/passwd"  # (the link itself, not the host's file)
+    assert not (out / "a.txt").stat().st_mode & stat.S_ISUID  # (setuid cleared)
+    # into an existing directory: DEST/NAME; a file to a new name; a directory's contents
+    box.cli("cp", "box.1:/data/d", str(out))
+    assert (out / "d" / "sub" / "b").read_text() == "deep\n"
+    box.cli("cp", "box.1:data/d/a.txt", str(tmp_path / "renamed.txt"))  # (relative: from /)
+    assert (tmp_path / "renamed.txt").read_text() == "hello\n"
+    box.cli("cp", "box.1:/data/d/.", str(tmp_path / "contents"))
+    assert sorted(p.name for p in (tmp_path / "contents").iterdir()) == ["a.txt", "abs", "sub"]
+    # `-`: the tar archive on stdout
+    raw = subprocess.run([*box.shoal_argv, "-H", f"unix://{box.sock}", "cp",
+                          "box.1:/data/d/sub", "-"], capture_output=True, check=True,
+                         timeout=60).stdout
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        assert sorted(t.getnames()) == ["sub", "sub/b"]
+
+
+def test_files_and_directories_go_in_owned_by_the_tasks_root_unless_archive(
+        box: Host, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "inner").mkdir(parents=True)
+    (src / "f.txt").write_text("local\n")
+    (src / "inner" / "g").write_text("g\n")
+    os.chown(src / "f.txt", 1234, 1234)
+    box.cli("cp", str(src / "f.txt"), "box.1:/data/copied.txt")
+    assert in_task(box, "cat", "/data/copied.txt") == "local\n"
+    assert in_task(box, "stat", "-c", "%u:%g", "/data/copied.txt").strip() == "0:0"
+    box.cli("cp", "-a", str(src / "f.txt"), "box.1:/data/in/")
+    assert in_task(box, "stat", "-c", "%u:%g", "/data/in/f.txt").strip() == "1234:1234"
+    box.cli("cp", str(src), "box.1:/data/in")  # an existing directory: into it
+    assert in_task(box, "cat", "/data/in/src/inner/g") == "g\n"
+    box.cli("cp", str(src), "box.1:/data/newdir")  # a new name: the directory becomes it
+    assert in_task(box, "cat", "/data/newdir/inner/g") == "g\n"
+
+
+def test_errors_name_what_is_missing_and_what_was_refused(box: Host, tmp_path: Path) -> None:
+    def error(*argv: str) -> str:
+        with pytest.raises(CommandError) as err:
+            box.cli("cp", *argv)
+        return err.value.stderr
+
+    assert "/data/nope" in error("box.1:/data/nope", str(tmp_path / "x"))
+    assert "No such file" in error("box.1:/data/nope", str(tmp_path / "x"))
+    assert "no such file" in error(str(tmp_path / "missing"), "box.1:/data/")
+    assert "one of SRC and DEST" in error(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert "refused" in error("box.1:/data/fifo", str(tmp_path / "fifo"))
+    assert not (tmp_path / "fifo").exists()
+    assert "no such directory" in error("box.1:/data/d/a.txt", str(tmp_path / "no" / "x"))
+    assert "no task" in error("nosuch.1:/data/d", str(tmp_path / "y")).lower()
+
+
+def test_task_paths_and_tar_failures() -> None:
+    assert split("web.1:/etc/x") == ("web.1", "/etc/x")
+    assert split("./a:b") == (None, "./a:b") and split("/tmp/a:b") == (None, "/tmp/a:b")
+    assert split("file.txt") == (None, "file.txt")
+    assert str(_failed("cannot copy", 127, "exec: tar: not found")) == NO_TAR
+    assert str(_failed("cannot copy t:/x", 2, "tar: /x: Cannot stat: No such file or "
+                       "directory\ntar: Exiting with failure status due to previous errors")
+               ) == "cannot copy t:/x: /x: Cannot stat: No such file or directory"
+
+
+def test_a_crafted_archive_from_a_task_writes_nothing_outside_the_destination(
+        tmp_path: Path) -> None:
+    """The task's tar could be anything: a link out of the destination and a file through
+    it, an absolute name, a name climbing with .. — each refused, nothing written there."""
+    from shoal.cli.cp import unpack
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def archive(*members: tuple[str, str]) -> io.BytesIO:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            for name, link in members:
+                info = tarfile.TarInfo(name)
+                if link:
+                    info.type, info.linkname = tarfile.SYMTYPE, link
+                    t.addfile(info)
+                else:
+                    info.size = 4
+                    t.addfile(info, io.BytesIO(b"evil"))
+        buf.seek(0)
+        return buf
+
+    crafted = [archive(("x/link", str(outside)), ("x/link/evil", "")),
+               archive(("/abs", "")),  # (stored as "abs", in the staging directory only)
+               archive(("x/../../outside/evil", ""))]
+    for buf in crafted:
+        with pytest.raises(Exception, match="refused") as err:
+            unpack(buf, tmp_path / "dest", "x", False, False)
+        assert err.type.__name__ == "CliError"
+        assert list(outside.iterdir()) == [], err.value
+    assert not (tmp_path / "dest").exists() and [p.name for p in tmp_path.iterdir()] == [
+        "outside"]  # (no staging directory left either)
