@@ -106,3 +106,65 @@ def test_passwd_is_read_through_the_images_links_never_the_hosts(
     (other[0] / "usr" / "etc" / "passwd").write_text("app:x:1000:1000::/:/bin/sh\n")
     (other[0] / "etc").symlink_to("usr/etc")
     assert read_rootfs_file(other, "etc/passwd").startswith("app:")
+
+
+def _deep_link_image(layer: Path, depth: int, pairs: int) -> None:
+    """A malicious image's /etc: a link to /a/a/.../a/l (``depth`` directories), where l ->
+    x/../x/../.../l (``pairs`` times x/.., x a directory beside it): a lookup through it
+    loops 40 times, each pass walking ``2 * pairs`` components deep in the image."""
+    deep = layer.joinpath(*["a"] * depth)
+    (deep / "x").mkdir(parents=True)
+    (layer / "etc").symlink_to("/" + "/".join(["a"] * depth) + "/l")
+    (deep / "l").symlink_to("/".join(["x/.."] * pairs) + "/l")
+
+
+def test_a_lookup_costs_a_bounded_number_of_reads_whatever_the_images_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup reads each layer at most once per component walked, and walks at most 4096
+    components (the launcher's bound): deep directories and links full of ``x/..`` cannot
+    make the agent (whose event loop runs it before every start of the image's tasks) read
+    its layers millions of times (before: each ``..`` walked the whole path again, ~400,000
+    lstat calls and seconds here, hours with longer links)."""
+    layer = tmp_path / "layer"
+    _deep_link_image(layer, depth=100, pairs=100)
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    assert resolve_in_layers([layer], "/etc/hosts") is None  # (a loop: the start fails there)
+    assert calls <= 4096 + 1, calls
+
+
+def test_a_builds_lookup_of_an_images_path_is_bounded_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COPY --from / RUN --mount from= read an image's files through the same kind of walk
+    (LayeredFS.lookup, run in the build's threads): the same malicious links give up after
+    the same bound (before: ~400,000 lstat calls here, and a build thread busy for hours
+    with longer links)."""
+    from shoal.runtime.buildstages import LayeredFS
+
+    layer = tmp_path / "layer"
+    _deep_link_image(layer, depth=100, pairs=100)
+    (layer / "etc2").mkdir()
+    (layer / "etc2" / "f").write_text("f")
+    fs = LayeredFS([layer])
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    assert fs.lookup("/etc/hosts") is None
+    assert calls <= 2 * 4096 + 1, calls
+    found = fs.lookup("/a/a/../../etc2/./f")
+    assert found is not None and found[0] == "/etc2/f" and found[1] == [layer / "etc2" / "f"]
