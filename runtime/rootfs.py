@@ -348,10 +348,12 @@ def build_plan(
     #    at the same place wins, as Docker's later bind covers an earlier one)
     texts: dict[str, bytes] = {}
     dirs: dict[str, int] = {}
+    places: dict[str, str] = {}  # an init file's name -> its place in the init layer
     for name, text in plan.init_files:
         rel, modes = (f"etc/{name}", [0o755]) if plan.layers is None else \
             init_file_place(plan.layers, f"etc/{name}")
         texts[rel] = text.encode()
+        places[name] = rel
         parts = rel.split("/")[:-1]
         for i, mode in enumerate(modes):
             dirs.setdefault("/".join(parts[: i + 1]), mode)
@@ -444,7 +446,8 @@ def build_plan(
     for rel in MASKED:
         _mask(spec, "/" + rel, rel)
     # 5. the user's mounts, parents before children
-    for m in sorted(mounts, key=lambda m: m.target.count("/")):
+    mounts = sorted(mounts, key=lambda m: m.target.count("/"))
+    for m in mounts:
         rel = m.target.lstrip("/")
         ro = MS_RDONLY if m.readonly else 0
         if m.type == "tmpfs":
@@ -454,6 +457,18 @@ def build_plan(
             source = m.source if m.type == "bind" else str(plan.volumes_dir / m.source)
             kind = "dir" if m.type == "volume" or os.path.isdir(source) else "file"
             spec.bind(source, rel, kind=kind, flags=nosuid_nodev | ro)
+    # 5b. an image's init file whose place a user's mount covers (a tmpfs on /run under a
+    #     systemd image's resolv.conf -> ../run/...): bound through the link onto the mount
+    #     now, as Docker's bind, mounted after the shallower /run, lands in it. (A read-only
+    #     mount there: left out, the file hidden under it; a mount on the place itself is
+    #     the user's file for it)
+    if plan.layers is not None and mounts:
+        covers = [found[0] for m in mounts
+                  if (found := resolve_in_layers(plan.layers, m.target)) is not None]
+        for name, rel in places.items():
+            if any(f"/{rel}".startswith(c.rstrip("/") + "/") for c in covers):
+                spec.bind(f"{init}/{rel}", f"etc/{name}", kind="file",
+                          flags=nosuid_nodev | MS_NOEXEC, optional=True)  # fmt: skip
     # 6. files: each bound read-only from the staging tmpfs onto its target, resolved inside
     #    the root as every mount point is (RESOLVE_IN_ROOT: an image's symlink on the way,
     #    /srv -> /host/dir, leads to the root's /host/dir, never the host's; missing

@@ -102,6 +102,30 @@ async def test_an_images_symlinked_etc_keeps_its_files_beside_the_tasks_own(
                            "web-2", "web-2", "0", "1000"]
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_tmpfs_on_run_keeps_the_tasks_resolv_conf_at_the_end_of_the_images_link(
+    ctl: ProcessController, tmp_path: Path, host: Path, readonly: bool
+) -> None:
+    """A systemd image run as such images are (a tmpfs on /run) whose /etc/resolv.conf ->
+    ../run/systemd/resolve/stub-resolv.conf and /etc/hosts -> /run/hosts: the task reads
+    its own resolv.conf and hosts through the links, made at their ends in the tmpfs, as
+    Docker's binds, mounted after the shallower /run, are (before: the init layer's files
+    sat under the tmpfs, both links dangled, the task had no DNS set up). A read-only
+    tmpfs there cannot take them: the task still starts, its links dangling."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    systemd_like(root, host)
+    (root / "etc" / "hosts").unlink()
+    (root / "etc" / "hosts").symlink_to("/run/hosts")
+    ctl.images.import_rootfs("sysd-run", root)
+    st, out, err = await run_to_end(ctl, task(
+        "sysd-run", "sh", "-c", "test -s /etc/resolv.conf && echo dns; grep -c web-3 /etc/hosts; "
+        "cat /etc/hostname", image="sysd-run", env=ENV, hostname="web-3",
+        mounts=(MountSpec("tmpfs", "/run", readonly=readonly),)))
+    assert _tree(host) == []
+    assert st.exit_code == 0, err
+    assert out.split() == (["web-3"] if readonly else ["dns", "1", "web-3"])
+
+
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
     ctl: ProcessController, tmp_path: Path, host: Path
 ) -> None:
