@@ -77,7 +77,8 @@
  * name in the parent so resolved:
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
- *   mkdir   WHERE TARGET MODE          (missing parents too; an existing TARGET is left alone)
+ *   mkdir   WHERE TARGET MODE [UID GID] (missing parents too; an existing TARGET is left
+ *                               alone; a new one owned by UID:GID when given)
  *   symlink TARGET VALUE
  *   mknod   TARGET MODE MAJOR MINOR
  *   write   WHERE TARGET MODE UID GID DATA
@@ -582,7 +583,8 @@ static void run_plan(void) {
             if (fields(rc, f, NULL, 5)) die(125, "bad remount op");
             op_remount(f + 1);
         } else if (strcmp(op, "mkdir") == 0) {
-            if (fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
+            int owned = fields(rc, f, NULL, 6) == 0; /* (with UID GID) */
+            if (!owned && fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
             int fd = strcmp(f[1], "host") == 0 ? open(f[2], O_PATH | O_CLOEXEC)
                                                : open_in_root(f[2], O_PATH);
             if (fd >= 0) { /* there already: left as it is (a workdir of /tmp keeps 1777) */
@@ -593,6 +595,9 @@ static void run_plan(void) {
             if (fd < 0) die(125, "cannot create %s: %s", shown(f[1], f[2]), strerror(errno));
             char p[64];
             fdpath(p, sizeof p, fd);
+            /* (the owner first: a chown clears the set-group-ID bit the mode may have) */
+            if (owned && chown(p, (uid_t)num(f[4]), (gid_t)num(f[5])))
+                die(125, "chown %s: %s", shown(f[1], f[2]), strerror(errno));
             if (chmod(p, (mode_t)num(f[3]))) die(125, "chmod %s: %s", f[2], strerror(errno));
             close(fd);
         } else if (strcmp(op, "symlink") == 0) {

@@ -347,24 +347,24 @@ def build_plan(
     #    image, each init file sits where a mount on its /etc/NAME would land (a later one
     #    at the same place wins, as Docker's later bind covers an earlier one)
     texts: dict[str, bytes] = {}
-    dirs: dict[str, int] = {}
+    dirs: dict[str, tuple[int, int, int]] = {}  # (mode, uid, gid)
     places: dict[str, str] = {}  # an init file's name -> its place in the init layer
     for name, text in plan.init_files:
-        rel, modes = (f"etc/{name}", [0o755]) if plan.layers is None else \
+        rel, metas = (f"etc/{name}", [(0o755, 0, 0)]) if plan.layers is None else \
             init_file_place(plan.layers, f"etc/{name}")
         texts[rel] = text.encode()
         places[name] = rel
         parts = rel.split("/")[:-1]
-        for i, mode in enumerate(modes):
-            dirs.setdefault("/".join(parts[: i + 1]), mode)
+        for i, meta in enumerate(metas):
+            dirs.setdefault("/".join(parts[: i + 1]), meta)
     size = sum(len(raw) + 4096 for raw in [*texts.values(), *(v[0] for v in files.values())])
     size += 4096 * len(dirs)
     spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
                f"mode=755,size={size + 8192}", "none")  # fmt: skip
     for path in (root, init, *([stage] if files else [])):
         spec.mkdir("host", path, 0o755)
-    for rel, mode in sorted(dirs.items(), key=lambda d: d[0].count("/")):
-        spec.mkdir("host", f"{init}/{rel}", mode)
+    for rel, (mode, uid, gid) in sorted(dirs.items(), key=lambda d: d[0].count("/")):
+        spec.mkdir("host", f"{init}/{rel}", mode, (uid, gid))
     for rel, raw in texts.items():
         spec.write("host", f"{init}/{rel}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
@@ -491,17 +491,18 @@ def build_plan(
     spec.pivot()
 
 
-def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[int]]:
+def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[tuple[int, int, int]]]:
     """Where the init layer holds the task's /REL (etc/hosts...) over an image whose layers
-    are ``layers`` (top first), and the modes of the directories on the way (the image's
-    where it has them, else 0755: the init layer's directories give the merged ones theirs):
-    where a mount on /REL lands (``resolve_in_layers``: the end of the image's symlinks, a
-    dangling one's too, as Docker binds the file there), so the image's links and a
-    symlinked /etc stay as they are (an init ``etc`` over an /etc -> usr/etc would hide all
-    of it); REL itself — the file shadows the link — when that end cannot hold a file (a
-    directory there, a file on the way) or the links loop."""
+    are ``layers`` (top first), and the mode, uid and gid of the directories on the way (the
+    image's where it has them, else 0755 root's: the init layer's directories give the
+    merged ones theirs, so they must be the image's): where a mount on /REL lands
+    (``resolve_in_layers``: the end of the image's symlinks, a dangling one's too, as Docker
+    binds the file there), so the image's links and a symlinked /etc stay as they are (an
+    init ``etc`` over an /etc -> usr/etc would hide all of it); REL itself — the file
+    shadows the link — when that end cannot hold a file (a directory there, a file on the
+    way) or the links loop."""
     found = resolve_in_layers(layers, "/" + rel)
-    fallback = (rel, [0o755] * rel.count("/"))
+    fallback = (rel, [(0o755, 0, 0)] * rel.count("/"))
     if found is None:
         return fallback
     path, stats = found
@@ -510,8 +511,9 @@ def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[int]]:
         st is not None and not stat.S_ISDIR(st.st_mode) for st in on_way
     ):
         return fallback
-    modes = [stat.S_IMODE(st.st_mode) if st is not None else 0o755 for st in on_way]
-    return path.lstrip("/"), modes
+    metas = [(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) if st is not None
+             else (0o755, 0, 0) for st in on_way]
+    return path.lstrip("/"), metas
 
 
 def root_dir(stage: Path) -> str:

@@ -72,13 +72,13 @@ def test_the_init_files_sit_at_the_links_end_or_shadow_the_link_when_it_cannot_h
     (-> hostname, a file) at hostname's place; a link ending in a directory, or looping,
     is shadowed by the file at its own path."""
     assert init_file_place(layers, "etc/resolv.conf") == (
-        "run/systemd/resolve/stub-resolv.conf", [0o755, 0o755, 0o755])
+        "run/systemd/resolve/stub-resolv.conf", [(0o755, 0, 0)] * 3)
     assert init_file_place(layers, "etc/hosts")[0] == "etc/hostname"
     (layers[0] / "etc" / "dir").mkdir()
     (layers[0] / "etc" / "todir").symlink_to("dir")
     (layers[0] / "etc" / "looped").symlink_to("/loop")
-    assert init_file_place(layers, "etc/todir") == ("etc/todir", [0o755])
-    assert init_file_place(layers, "etc/looped") == ("etc/looped", [0o755])
+    assert init_file_place(layers, "etc/todir") == ("etc/todir", [(0o755, 0, 0)])
+    assert init_file_place(layers, "etc/looped") == ("etc/looped", [(0o755, 0, 0)])
 
 
 def test_passwd_is_read_through_the_images_links_never_the_hosts(

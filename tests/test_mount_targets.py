@@ -126,6 +126,28 @@ async def test_a_tmpfs_on_run_keeps_the_tasks_resolv_conf_at_the_end_of_the_imag
     assert out.split() == (["web-3"] if readonly else ["dns", "1", "web-3"])
 
 
+async def test_the_images_directories_on_the_way_to_the_init_files_keep_owner_and_mode(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc is 7:8 and whose resolv.conf -> ../run/systemd/resolve/stub-
+    resolv.conf, that directory 101:102 mode 0750 (systemd-resolve's): the task sees them
+    as the image has them, as under Docker's binds (before: the init layer's copies of both
+    made them root's, so systemd-resolve could no longer enter its own directory)."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    resolve = root / "run" / "systemd" / "resolve"
+    resolve.mkdir(parents=True)
+    os.chown(resolve, 101, 102)
+    resolve.chmod(0o750)
+    os.chown(root / "etc", 7, 8)
+    (root / "etc" / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    ctl.images.import_rootfs("owners", root)
+    st, out, err = await run_to_end(ctl, task(
+        "owners", "sh", "-c", "stat -c %u:%g:%a /run/systemd/resolve /etc; test -s "
+        "/etc/resolv.conf && echo dns", image="owners", env=ENV))
+    assert st.exit_code == 0, err
+    assert out.split() == ["101:102:750", "7:8:755", "dns"]
+
+
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
     ctl: ProcessController, tmp_path: Path, host: Path
 ) -> None:
