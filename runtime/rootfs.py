@@ -491,6 +491,11 @@ def build_plan(
     spec.pivot()
 
 
+#: Bytes of an init file's place in an image at most (a systemd image's is 38: /run/systemd/
+#: resolve/stub-resolv.conf); a longer one, only an image's links make, is shadowed instead.
+MAX_INIT_PLACE = 1024
+
+
 def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[tuple[int, int, int]]]:
     """Where the init layer holds the task's /REL (etc/hosts...) over an image whose layers
     are ``layers`` (top first), and the mode, uid and gid of the directories on the way (the
@@ -500,10 +505,11 @@ def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[tuple[int, 
     binds the file there), so the image's links and a symlinked /etc stay as they are (an
     init ``etc`` over an /etc -> usr/etc would hide all of it); REL itself — the file
     shadows the link — when that end cannot hold a file (a directory there, a file on the
-    way) or the links loop."""
+    way), the links loop, or it is longer than MAX_INIT_PLACE (the launcher makes the init
+    layer by path on the host, one op per directory)."""
     found = resolve_in_layers(layers, "/" + rel)
     fallback = (rel, [(0o755, 0, 0)] * rel.count("/"))
-    if found is None:
+    if found is None or len(found[0]) > MAX_INIT_PLACE:
         return fallback
     path, stats = found
     *on_way, end = stats

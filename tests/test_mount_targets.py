@@ -148,6 +148,25 @@ async def test_the_images_directories_on_the_way_to_the_init_files_keep_owner_an
     assert out.split() == ["101:102:750", "7:8:755", "dns"]
 
 
+async def test_init_files_whose_links_end_very_far_down_shadow_the_links(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc/hosts, /etc/hostname and /etc/resolv.conf are links to paths
+    2,000 directories deep: the task starts with its own three files at /etc/NAME (the
+    links shadowed, as when they loop). Before: the init layer was to be made 6,000
+    directories deep by path, the launcher's spec overflowed, and the start failed with
+    "launcher failed: no message"."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    for letter, name in zip("abc", ("hosts", "hostname", "resolv.conf"), strict=True):
+        (root / "etc" / name).symlink_to("/" + "/".join([letter] * 2000))
+    ctl.images.import_rootfs("far", root)
+    st, out, err = await run_to_end(ctl, task(
+        "far", "sh", "-c", "cat /etc/hostname; grep -c far-1 /etc/hosts", image="far",
+        env=ENV, hostname="far-1"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["far-1", "1"]
+
+
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
     ctl: ProcessController, tmp_path: Path, host: Path
 ) -> None:
