@@ -423,6 +423,30 @@ static void rdonly_below(int fd, const char *target, unsigned long reflags) {
         die(125, "cannot make %s read-only below: %s", target, strerror(errno));
 }
 
+/* runc's rule: proc and sysfs are mounted on an ordinary directory of the root (or one made
+ * there), never through a symlink of the image. Their masks and read-only binds are
+ * resolved again later, after /dev's tmpfs: a /proc -> /dev/x/../../real of the image put
+ * procfs at /real through the image's dev/x, which that tmpfs then hid, so every mask found
+ * nothing under /proc and was skipped (the task read the host's /proc/timer_list...). */
+static void plain_dir_in_root(const char *fstype, const char *target) {
+    struct open_how how = {0};
+    how.flags = O_PATH | O_CLOEXEC;
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    const char *rel = target;
+    while (*rel == '/') rel++;
+    int fd = (int)syscall(SYS_openat2, rootfd, *rel ? rel : ".", &how, sizeof how);
+    if (fd >= 0) {
+        close(fd);
+        return;
+    }
+    if (errno == ENOENT) { /* (none: made, a directory, by resolve) */
+        if (strchr(rel, '/') == NULL) return;
+        die(125, "cannot mount %s on /%s: its parent is missing", fstype, rel);
+    }
+    die(125, "cannot mount %s on /%s: it must be an ordinary directory of the image, not %s",
+        fstype, rel, errno == ELOOP ? "a symlink (or below one)" : strerror(errno));
+}
+
 static void op_mount(char **f) {
     /* WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND REMOUNT_FLAGS OPTIONAL */
     const char *where = f[0], *target = f[1], *fstype = f[2], *source = f[3], *data = f[5];
@@ -446,6 +470,9 @@ static void op_mount(char **f) {
         if (sfd >= 0) close(sfd);
         return;
     }
+    if (strcmp(where, "root") == 0 &&
+        (strcmp(fstype, "proc") == 0 || strcmp(fstype, "sysfs") == 0))
+        plain_dir_in_root(fstype, target);
     int fd = resolve(where, target, kind);
     if (fd < 0) {
         if (sfd >= 0) close(sfd);

@@ -296,6 +296,26 @@ async def test_an_image_whose_links_walk_back_and_forth_starts_without_stalling_
     assert time.monotonic() - started < 30  # (before: an hour; here well under a second)
 
 
+@pytest.mark.parametrize("fs", ["proc", "sys"])
+async def test_proc_and_sys_are_never_mounted_through_an_images_symlink(
+    ctl: ProcessController, tmp_path: Path, fs: str
+) -> None:
+    """An image whose /proc (or /sys) is a symlink, /dev/x/../../real (dev/x a directory of
+    the image): the start fails naming it, as runc's ("must be mounted on ordinary
+    directory"). Before: procfs was mounted at /real through the image's /dev/x, then the
+    task's /dev tmpfs hid dev/x, so the masks of /proc/timer_list, /proc/keys, /proc/kcore...
+    found nothing at /proc/... and were skipped: the task read the host kernel's timers at
+    /real/timer_list."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "dev" / "x").mkdir(parents=True)
+    (root / "real").mkdir()
+    (root / fs).symlink_to("/dev/x/../../real")
+    ctl.images.import_rootfs("proclink", root)
+    with pytest.raises(LaunchFailed, match=f"on /{fs}: .*ordinary directory"):
+        await ctl.start(task("proclink", "sh", "-c", "cat /real/timer_list", image="proclink",
+                             env=ENV))
+
+
 @pytest.mark.parametrize(("link", "target", "kind", "words"), [
     # a directory mount on a regular file of the image
     ("", "/etc/passwd/sub", "tmpfs", "mount point /etc/passwd/sub: Not a directory"),
