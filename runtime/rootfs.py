@@ -509,8 +509,8 @@ def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[tuple[int, 
     layer by path on the host, one op per directory)."""
     found = resolve_in_layers(layers, "/" + rel)
     fallback = (rel, [(0o755, 0, 0)] * rel.count("/"))
-    if found is None or len(found[0]) > MAX_INIT_PLACE:
-        return fallback
+    if found is None or not found[1] or len(found[0]) > MAX_INIT_PLACE:
+        return fallback  # (no components: the image's root, a directory)
     path, stats = found
     *on_way, end = stats
     if (end is not None and stat.S_ISDIR(end.st_mode)) or any(

@@ -167,6 +167,25 @@ async def test_init_files_whose_links_end_very_far_down_shadow_the_links(
     assert out.split() == ["far-1", "1"]
 
 
+@pytest.mark.parametrize("link", ["/", "..", "../.."])
+async def test_init_files_linked_to_the_images_root_shadow_the_link(
+    ctl: ProcessController, tmp_path: Path, link: str
+) -> None:
+    """An image whose /etc/hosts is a link to its root ("/", "..", "../.."): the task starts
+    with its own hosts at /etc/hosts (a directory cannot hold the file: the link is
+    shadowed). Before: the agent's placement of the file raised ValueError ("not enough
+    values to unpack") out of the start, not a start error: the worker neither reported
+    the task nor gave its address back, and tried again at every pass."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "etc" / "hosts").symlink_to(link)
+    ctl.images.import_rootfs("toroot", root)
+    st, out, err = await run_to_end(ctl, task(
+        "toroot", "sh", "-c", "grep -c root-1 /etc/hosts", image="toroot", env=ENV,
+        hostname="root-1"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["1"]
+
+
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
     ctl: ProcessController, tmp_path: Path, host: Path
 ) -> None:
