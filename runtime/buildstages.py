@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
-from shoal.runtime.layers import MAX_STEPS, merged_child, resolve_in_layers
+from shoal.runtime.layers import MAX_STEPS, merged_child
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
@@ -306,13 +306,6 @@ class LayeredFS:
                 continue
             done.append((name, child))
         return "/" + "/".join(d[0] for d in done), done[-1][1] if done else list(self.layers)
-
-    def resolve(self, path: str) -> str | None:
-        """Where a mount on the absolute ``path`` lands in the image (``resolve_in_layers``:
-        the launcher's rule, the image's symlinks followed, dangling ones too); None for a
-        symlink loop."""
-        found = resolve_in_layers(self.layers, path)
-        return found[0] if found is not None else None
 
     def listdir(self, dirs: Sequence[Path]) -> dict[str, list[Path]]:
         """The merged directory ``dirs``: name → its entries (``_child``), sorted."""

@@ -168,3 +168,34 @@ def test_a_builds_lookup_of_an_images_path_is_bounded_too(
     assert calls <= 2 * 4096 + 1, calls
     found = fs.lookup("/a/a/../../etc2/./f")
     assert found is not None and found[0] == "/etc2/f" and found[1] == [layer / "etc2" / "f"]
+
+
+def test_a_build_runs_mount_stubs_cost_one_walk_per_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stubs a RUN's mount leaves to remove (computed on the agent's event loop) come
+    from one walk of the target: a base whose /x -> /a/.../a/l (300 deep) and l -> m/m/...
+    (300 missing) costs a few hundred reads, not one walk per missing component (before:
+    ~90,000 lstat calls, seconds here; minutes with the longest paths an image can hold,
+    the agent frozen for each RUN --mount so placed)."""
+    from shoal.runtime.buildmounts import stub_paths
+
+    layer = tmp_path / "layer"
+    deep = layer.joinpath(*["a"] * 300)
+    deep.mkdir(parents=True)
+    (layer / "x").symlink_to("/" + "/".join(["a"] * 300) + "/l")
+    (deep / "l").symlink_to("/".join(["m"] * 300))
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    stubs = stub_paths([layer], ["/x/t"])
+    assert calls <= 2 * 700, calls
+    below = "/".join(["a"] * 300)
+    assert stubs[0] == below + "/" + "/".join(["m"] * 300) + "/t"
+    assert stubs[-1] == below + "/m" and len(stubs) == 301
