@@ -51,6 +51,7 @@ from shoal.runtime.dockerfile import (
     split_words,
 )
 from shoal.runtime.errors import BuildError
+from shoal.runtime.layers import resolve_in_layers
 from shoal.runtime.records import FileValue
 from shoal.runtime.rootfs import MountSpec
 
@@ -336,20 +337,24 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
     """The paths (relative to the root, as the upper dir holds them, each before its parent)
     that mounting on ``targets`` creates in a root whose layers are ``lower``: the
     target and its parents the image lacks (BuildKit's mount stubs), where the launcher
-    makes them: at the end of the image's symlinks (``LayeredFS.resolve``), a dangling
-    one's too."""
-    fs = LayeredFS(lower)
+    makes them: at the end of the image's symlinks (``resolve_in_layers``), a dangling
+    one's too. One walk per target: the components the image has are those it gives a
+    stat for (this runs on the builds' event loop: a walk back down per missing one froze
+    it)."""
     out: list[str] = []
+    seen: set[str] = set()
     for target in targets:
-        resolved = fs.resolve(target)
-        if resolved is None:
+        found = resolve_in_layers(list(lower), target)
+        if found is None:
             continue  # (a symlink loop: the RUN fails to start)
+        resolved, stats = found
         parts = [p for p in resolved.split("/") if p]
-        n = len(parts)
-        while n > 0 and fs.lookup("/" + "/".join(parts[:n]), follow=False) is None:
-            n -= 1
+        n = next((i for i, st in enumerate(stats) if st is None), len(parts))
         missing = ["/".join(parts[:k + 1]) for k in range(n, len(parts))]
-        out += [p for p in reversed(missing) if p not in out]
+        for p in reversed(missing):
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
     return out
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.runtime.dockerfile import Instruction, RunMount, expand, run_flags
 from shoal.runtime.errors import BuildError
-from shoal.runtime.layers import merged_child, resolve_in_layers
+from shoal.runtime.layers import MAX_STEPS, merged_child
 
 #: Docker's stage names (compared in lower case): a letter, then letters, digits, ``._-``.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
@@ -277,15 +277,18 @@ class LayeredFS:
         """(the path with symlinks resolved, its entries as ``_child`` gives) of an absolute
         path inside the image, or None when absent; a symlink on the way is followed inside
         the image (an absolute target from its root), the last one too when ``follow``."""
-        todo = [p for p in path.split("/") if p not in ("", ".")]
-        done: list[str] = []
-        hops = 0
-        entries = list(self.layers)
+        todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]  # (next last)
+        done: list[tuple[str, list[Path]]] = []  # (name, its entries): ".." goes back one
+        hops = steps = 0
         while todo:
-            name = todo.pop(0)
+            steps += 1
+            if steps > MAX_STEPS:  # (links full of "x/..": a bounded walk, as the launcher's)
+                return None
+            name = todo.pop()
+            entries = done[-1][1] if done else list(self.layers)
             if name == "..":
-                done = done[:-1]
-                entries = self._resolve_dirs(done)
+                if done:
+                    done.pop()
                 continue
             if not entries or not _isdir(entries[0]):
                 return None  # (the path goes through a non-directory or nothing)
@@ -298,26 +301,11 @@ class LayeredFS:
                     return None
                 target = os.readlink(child[0])
                 if target.startswith("/"):
-                    done = []
-                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-                entries = self._resolve_dirs(done)
+                    done.clear()
+                todo += reversed([p for p in target.split("/") if p not in ("", ".")])
                 continue
-            done.append(name)
-            entries = child
-        return "/" + "/".join(done), entries
-
-    def resolve(self, path: str) -> str | None:
-        """Where a mount on the absolute ``path`` lands in the image (``resolve_in_layers``:
-        the launcher's rule, the image's symlinks followed, dangling ones too); None for a
-        symlink loop."""
-        found = resolve_in_layers(self.layers, path)
-        return found[0] if found is not None else None
-
-    def _resolve_dirs(self, parts: Sequence[str]) -> list[Path]:
-        dirs = list(self.layers)
-        for name in parts:
-            dirs = self._child(dirs, name)
-        return dirs
+            done.append((name, child))
+        return "/" + "/".join(d[0] for d in done), done[-1][1] if done else list(self.layers)
 
     def listdir(self, dirs: Sequence[Path]) -> dict[str, list[Path]]:
         """The merged directory ``dirs``: name → its entries (``_child``), sorted."""

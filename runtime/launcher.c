@@ -77,7 +77,8 @@
  * name in the parent so resolved:
  *   mount   WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND(dir|file|none) REMOUNT_FLAGS OPTIONAL
  *   remount WHERE TARGET FLAGS DATA
- *   mkdir   WHERE TARGET MODE          (missing parents too; an existing TARGET is left alone)
+ *   mkdir   WHERE TARGET MODE [UID GID] (missing parents too; an existing TARGET is left
+ *                               alone; a new one owned by UID:GID when given)
  *   symlink TARGET VALUE
  *   mknod   TARGET MODE MAJOR MINOR
  *   write   WHERE TARGET MODE UID GID DATA
@@ -422,6 +423,30 @@ static void rdonly_below(int fd, const char *target, unsigned long reflags) {
         die(125, "cannot make %s read-only below: %s", target, strerror(errno));
 }
 
+/* runc's rule: proc and sysfs are mounted on an ordinary directory of the root (or one made
+ * there), never through a symlink of the image. Their masks and read-only binds are
+ * resolved again later, after /dev's tmpfs: a /proc -> /dev/x/../../real of the image put
+ * procfs at /real through the image's dev/x, which that tmpfs then hid, so every mask found
+ * nothing under /proc and was skipped (the task read the host's /proc/timer_list...). */
+static void plain_dir_in_root(const char *fstype, const char *target) {
+    struct open_how how = {0};
+    how.flags = O_PATH | O_CLOEXEC;
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    const char *rel = target;
+    while (*rel == '/') rel++;
+    int fd = (int)syscall(SYS_openat2, rootfd, *rel ? rel : ".", &how, sizeof how);
+    if (fd >= 0) {
+        close(fd);
+        return;
+    }
+    if (errno == ENOENT) { /* (none: made, a directory, by resolve) */
+        if (strchr(rel, '/') == NULL) return;
+        die(125, "cannot mount %s on /%s: its parent is missing", fstype, rel);
+    }
+    die(125, "cannot mount %s on /%s: it must be an ordinary directory of the image, not %s",
+        fstype, rel, errno == ELOOP ? "a symlink (or below one)" : strerror(errno));
+}
+
 static void op_mount(char **f) {
     /* WHERE TARGET FSTYPE SOURCE FLAGS DATA KIND REMOUNT_FLAGS OPTIONAL */
     const char *where = f[0], *target = f[1], *fstype = f[2], *source = f[3], *data = f[5];
@@ -445,6 +470,9 @@ static void op_mount(char **f) {
         if (sfd >= 0) close(sfd);
         return;
     }
+    if (strcmp(where, "root") == 0 &&
+        (strcmp(fstype, "proc") == 0 || strcmp(fstype, "sysfs") == 0))
+        plain_dir_in_root(fstype, target);
     int fd = resolve(where, target, kind);
     if (fd < 0) {
         if (sfd >= 0) close(sfd);
@@ -582,7 +610,8 @@ static void run_plan(void) {
             if (fields(rc, f, NULL, 5)) die(125, "bad remount op");
             op_remount(f + 1);
         } else if (strcmp(op, "mkdir") == 0) {
-            if (fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
+            int owned = fields(rc, f, NULL, 6) == 0; /* (with UID GID) */
+            if (!owned && fields(rc, f, NULL, 4)) die(125, "bad mkdir op");
             int fd = strcmp(f[1], "host") == 0 ? open(f[2], O_PATH | O_CLOEXEC)
                                                : open_in_root(f[2], O_PATH);
             if (fd >= 0) { /* there already: left as it is (a workdir of /tmp keeps 1777) */
@@ -593,6 +622,9 @@ static void run_plan(void) {
             if (fd < 0) die(125, "cannot create %s: %s", shown(f[1], f[2]), strerror(errno));
             char p[64];
             fdpath(p, sizeof p, fd);
+            /* (the owner first: a chown clears the set-group-ID bit the mode may have) */
+            if (owned && chown(p, (uid_t)num(f[4]), (gid_t)num(f[5])))
+                die(125, "chown %s: %s", shown(f[1], f[2]), strerror(errno));
             if (chmod(p, (mode_t)num(f[3]))) die(125, "chmod %s: %s", f[2], strerror(errno));
             close(fd);
         } else if (strcmp(op, "symlink") == 0) {

@@ -160,10 +160,11 @@ class Spec:
     def remount(self, where: str, target: str, flags: int, data: str = "") -> None:
         self.fields("O", "remount", where, target, flags, data)
 
-    def mkdir(self, where: str, target: str, mode: int) -> None:
-        """Create ``target`` and its missing parents with ``mode``; one that exists is left
-        as it is."""
-        self.fields("O", "mkdir", where, target, mode)
+    def mkdir(self, where: str, target: str, mode: int,
+              owner: tuple[int, int] | None = None) -> None:
+        """Create ``target`` and its missing parents with ``mode`` (``target`` owned by
+        ``owner``, uid and gid, when given); one that exists is left as it is."""
+        self.fields("O", "mkdir", where, target, mode, *(owner or ()))
 
     def symlink(self, target: str, value: str) -> None:
         self.fields("O", "symlink", target, value)

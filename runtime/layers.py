@@ -268,6 +268,7 @@ def merged_child(dirs: list[Path], name: str) -> tuple[os.stat_result, list[Path
 
 
 MAX_LINKS = 40  # symlinks followed in one lookup (Linux's limit, the launcher's too)
+MAX_STEPS = 4096  # path components walked in one lookup (the launcher's make_in_root bound)
 
 
 def resolve_in_layers(layers: list[Path], path: str
@@ -278,21 +279,25 @@ def resolve_in_layers(layers: list[Path], path: str
     it, the last one and a dangling one too — and a missing component kept as written (the
     mount makes it). Returns that path and the merged stat of each of its components (None
     from the first missing one on, or below a non-directory), or None after MAX_LINKS links
-    (a loop: the start fails there)."""
-    todo = [p for p in path.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    stats: list[os.stat_result | None] = []
-    dirs: list[Path] = list(layers)
-    hops = 0
+    (a loop: the start fails there) or MAX_STEPS components (the launcher's bound). Each
+    component walked reads each layer at most once (``..`` goes back to the directories
+    kept for the one before): an image's links cannot make it read the layers for long."""
+    todo = [p for p in reversed(path.split("/")) if p]  # (a stack: the next one last)
+    # the components resolved so far: (name, merged stat, the directories it is made of)
+    done: list[tuple[str, os.stat_result | None, list[Path]]] = []
+    hops = steps = 0
     while todo:
-        name = todo.pop(0)
-        if name == "..":
-            done, stats = done[:-1], stats[:-1]
-            dirs = list(layers)
-            for part in done:  # (done holds no symlink: a plain walk back down)
-                entry = merged_child(dirs, part)
-                dirs = entry[1] if entry is not None else []
+        name = todo.pop()
+        steps += 1
+        if steps > MAX_STEPS:
+            return None
+        if name == ".":
             continue
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        dirs = done[-1][2] if done else list(layers)
         entry = merged_child(dirs, name) if dirs else None
         if entry is not None and stat.S_ISLNK(entry[0].st_mode):
             hops += 1
@@ -300,13 +305,12 @@ def resolve_in_layers(layers: list[Path], path: str
                 return None
             target = os.readlink(entry[1][0])
             if target.startswith("/"):
-                done, stats, dirs = [], [], list(layers)
-            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                done.clear()
+            todo += reversed([p for p in target.split("/") if p])
             continue
-        done.append(name)
-        stats.append(entry[0] if entry is not None else None)
-        dirs = entry[1] if entry is not None and stat.S_ISDIR(entry[0].st_mode) else []
-    return "/" + "/".join(done), stats
+        below = entry[1] if entry is not None and stat.S_ISDIR(entry[0].st_mode) else []
+        done.append((name, entry[0] if entry is not None else None, below))
+    return "/" + "/".join(d[0] for d in done), [d[1] for d in done]
 
 
 def merged_entry(layers: list[Path], path: str) -> tuple[os.stat_result, list[Path]] | None:

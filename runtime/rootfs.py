@@ -347,22 +347,24 @@ def build_plan(
     #    image, each init file sits where a mount on its /etc/NAME would land (a later one
     #    at the same place wins, as Docker's later bind covers an earlier one)
     texts: dict[str, bytes] = {}
-    dirs: dict[str, int] = {}
+    dirs: dict[str, tuple[int, int, int]] = {}  # (mode, uid, gid)
+    places: dict[str, str] = {}  # an init file's name -> its place in the init layer
     for name, text in plan.init_files:
-        rel, modes = (f"etc/{name}", [0o755]) if plan.layers is None else \
+        rel, metas = (f"etc/{name}", [(0o755, 0, 0)]) if plan.layers is None else \
             init_file_place(plan.layers, f"etc/{name}")
         texts[rel] = text.encode()
+        places[name] = rel
         parts = rel.split("/")[:-1]
-        for i, mode in enumerate(modes):
-            dirs.setdefault("/".join(parts[: i + 1]), mode)
+        for i, meta in enumerate(metas):
+            dirs.setdefault("/".join(parts[: i + 1]), meta)
     size = sum(len(raw) + 4096 for raw in [*texts.values(), *(v[0] for v in files.values())])
     size += 4096 * len(dirs)
     spec.mount("host", str(plan.stage), "tmpfs", "shoal-stage", nosuid_nodev | MS_NOEXEC,
                f"mode=755,size={size + 8192}", "none")  # fmt: skip
     for path in (root, init, *([stage] if files else [])):
         spec.mkdir("host", path, 0o755)
-    for rel, mode in sorted(dirs.items(), key=lambda d: d[0].count("/")):
-        spec.mkdir("host", f"{init}/{rel}", mode)
+    for rel, (mode, uid, gid) in sorted(dirs.items(), key=lambda d: d[0].count("/")):
+        spec.mkdir("host", f"{init}/{rel}", mode, (uid, gid))
     for rel, raw in texts.items():
         spec.write("host", f"{init}/{rel}", 0o644, 0, 0, raw)
     staged = sorted(files.items())
@@ -444,7 +446,8 @@ def build_plan(
     for rel in MASKED:
         _mask(spec, "/" + rel, rel)
     # 5. the user's mounts, parents before children
-    for m in sorted(mounts, key=lambda m: m.target.count("/")):
+    mounts = sorted(mounts, key=lambda m: m.target.count("/"))
+    for m in mounts:
         rel = m.target.lstrip("/")
         ro = MS_RDONLY if m.readonly else 0
         if m.type == "tmpfs":
@@ -454,6 +457,18 @@ def build_plan(
             source = m.source if m.type == "bind" else str(plan.volumes_dir / m.source)
             kind = "dir" if m.type == "volume" or os.path.isdir(source) else "file"
             spec.bind(source, rel, kind=kind, flags=nosuid_nodev | ro)
+    # 5b. an image's init file whose place a user's mount covers (a tmpfs on /run under a
+    #     systemd image's resolv.conf -> ../run/...): bound through the link onto the mount
+    #     now, as Docker's bind, mounted after the shallower /run, lands in it. (A read-only
+    #     mount there: left out, the file hidden under it; a mount on the place itself is
+    #     the user's file for it)
+    if plan.layers is not None and mounts:
+        covers = [found[0] for m in mounts
+                  if (found := resolve_in_layers(plan.layers, m.target)) is not None]
+        for name, rel in places.items():
+            if any(f"/{rel}".startswith(c.rstrip("/") + "/") for c in covers):
+                spec.bind(f"{init}/{rel}", f"etc/{name}", kind="file",
+                          flags=nosuid_nodev | MS_NOEXEC, optional=True)  # fmt: skip
     # 6. files: each bound read-only from the staging tmpfs onto its target, resolved inside
     #    the root as every mount point is (RESOLVE_IN_ROOT: an image's symlink on the way,
     #    /srv -> /host/dir, leads to the root's /host/dir, never the host's; missing
@@ -476,27 +491,35 @@ def build_plan(
     spec.pivot()
 
 
-def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[int]]:
+#: Bytes of an init file's place in an image at most (a systemd image's is 38: /run/systemd/
+#: resolve/stub-resolv.conf); a longer one, only an image's links make, is shadowed instead.
+MAX_INIT_PLACE = 1024
+
+
+def init_file_place(layers: list[Path], rel: str) -> tuple[str, list[tuple[int, int, int]]]:
     """Where the init layer holds the task's /REL (etc/hosts...) over an image whose layers
-    are ``layers`` (top first), and the modes of the directories on the way (the image's
-    where it has them, else 0755: the init layer's directories give the merged ones theirs):
-    where a mount on /REL lands (``resolve_in_layers``: the end of the image's symlinks, a
-    dangling one's too, as Docker binds the file there), so the image's links and a
-    symlinked /etc stay as they are (an init ``etc`` over an /etc -> usr/etc would hide all
-    of it); REL itself — the file shadows the link — when that end cannot hold a file (a
-    directory there, a file on the way) or the links loop."""
+    are ``layers`` (top first), and the mode, uid and gid of the directories on the way (the
+    image's where it has them, else 0755 root's: the init layer's directories give the
+    merged ones theirs, so they must be the image's): where a mount on /REL lands
+    (``resolve_in_layers``: the end of the image's symlinks, a dangling one's too, as Docker
+    binds the file there), so the image's links and a symlinked /etc stay as they are (an
+    init ``etc`` over an /etc -> usr/etc would hide all of it); REL itself — the file
+    shadows the link — when that end cannot hold a file (a directory there, a file on the
+    way), the links loop, or it is longer than MAX_INIT_PLACE (the launcher makes the init
+    layer by path on the host, one op per directory)."""
     found = resolve_in_layers(layers, "/" + rel)
-    fallback = (rel, [0o755] * rel.count("/"))
-    if found is None:
-        return fallback
+    fallback = (rel, [(0o755, 0, 0)] * rel.count("/"))
+    if found is None or not found[1] or len(found[0]) > MAX_INIT_PLACE:
+        return fallback  # (no components: the image's root, a directory)
     path, stats = found
     *on_way, end = stats
     if (end is not None and stat.S_ISDIR(end.st_mode)) or any(
         st is not None and not stat.S_ISDIR(st.st_mode) for st in on_way
     ):
         return fallback
-    modes = [stat.S_IMODE(st.st_mode) if st is not None else 0o755 for st in on_way]
-    return path.lstrip("/"), modes
+    metas = [(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) if st is not None
+             else (0o755, 0, 0) for st in on_way]
+    return path.lstrip("/"), metas
 
 
 def root_dir(stage: Path) -> str:

@@ -72,13 +72,13 @@ def test_the_init_files_sit_at_the_links_end_or_shadow_the_link_when_it_cannot_h
     (-> hostname, a file) at hostname's place; a link ending in a directory, or looping,
     is shadowed by the file at its own path."""
     assert init_file_place(layers, "etc/resolv.conf") == (
-        "run/systemd/resolve/stub-resolv.conf", [0o755, 0o755, 0o755])
+        "run/systemd/resolve/stub-resolv.conf", [(0o755, 0, 0)] * 3)
     assert init_file_place(layers, "etc/hosts")[0] == "etc/hostname"
     (layers[0] / "etc" / "dir").mkdir()
     (layers[0] / "etc" / "todir").symlink_to("dir")
     (layers[0] / "etc" / "looped").symlink_to("/loop")
-    assert init_file_place(layers, "etc/todir") == ("etc/todir", [0o755])
-    assert init_file_place(layers, "etc/looped") == ("etc/looped", [0o755])
+    assert init_file_place(layers, "etc/todir") == ("etc/todir", [(0o755, 0, 0)])
+    assert init_file_place(layers, "etc/looped") == ("etc/looped", [(0o755, 0, 0)])
 
 
 def test_passwd_is_read_through_the_images_links_never_the_hosts(
@@ -106,3 +106,96 @@ def test_passwd_is_read_through_the_images_links_never_the_hosts(
     (other[0] / "usr" / "etc" / "passwd").write_text("app:x:1000:1000::/:/bin/sh\n")
     (other[0] / "etc").symlink_to("usr/etc")
     assert read_rootfs_file(other, "etc/passwd").startswith("app:")
+
+
+def _deep_link_image(layer: Path, depth: int, pairs: int) -> None:
+    """A malicious image's /etc: a link to /a/a/.../a/l (``depth`` directories), where l ->
+    x/../x/../.../l (``pairs`` times x/.., x a directory beside it): a lookup through it
+    loops 40 times, each pass walking ``2 * pairs`` components deep in the image."""
+    deep = layer.joinpath(*["a"] * depth)
+    (deep / "x").mkdir(parents=True)
+    (layer / "etc").symlink_to("/" + "/".join(["a"] * depth) + "/l")
+    (deep / "l").symlink_to("/".join(["x/.."] * pairs) + "/l")
+
+
+def test_a_lookup_costs_a_bounded_number_of_reads_whatever_the_images_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup reads each layer at most once per component walked, and walks at most 4096
+    components (the launcher's bound): deep directories and links full of ``x/..`` cannot
+    make the agent (whose event loop runs it before every start of the image's tasks) read
+    its layers millions of times (before: each ``..`` walked the whole path again, ~400,000
+    lstat calls and seconds here, hours with longer links)."""
+    layer = tmp_path / "layer"
+    _deep_link_image(layer, depth=100, pairs=100)
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    assert resolve_in_layers([layer], "/etc/hosts") is None  # (a loop: the start fails there)
+    assert calls <= 4096 + 1, calls
+
+
+def test_a_builds_lookup_of_an_images_path_is_bounded_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COPY --from / RUN --mount from= read an image's files through the same kind of walk
+    (LayeredFS.lookup, run in the build's threads): the same malicious links give up after
+    the same bound (before: ~400,000 lstat calls here, and a build thread busy for hours
+    with longer links)."""
+    from shoal.runtime.buildstages import LayeredFS
+
+    layer = tmp_path / "layer"
+    _deep_link_image(layer, depth=100, pairs=100)
+    (layer / "etc2").mkdir()
+    (layer / "etc2" / "f").write_text("f")
+    fs = LayeredFS([layer])
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    assert fs.lookup("/etc/hosts") is None
+    assert calls <= 2 * 4096 + 1, calls
+    found = fs.lookup("/a/a/../../etc2/./f")
+    assert found is not None and found[0] == "/etc2/f" and found[1] == [layer / "etc2" / "f"]
+
+
+def test_a_build_runs_mount_stubs_cost_one_walk_per_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stubs a RUN's mount leaves to remove (computed on the agent's event loop) come
+    from one walk of the target: a base whose /x -> /a/.../a/l (300 deep) and l -> m/m/...
+    (300 missing) costs a few hundred reads, not one walk per missing component (before:
+    ~90,000 lstat calls, seconds here; minutes with the longest paths an image can hold,
+    the agent frozen for each RUN --mount so placed)."""
+    from shoal.runtime.buildmounts import stub_paths
+
+    layer = tmp_path / "layer"
+    deep = layer.joinpath(*["a"] * 300)
+    deep.mkdir(parents=True)
+    (layer / "x").symlink_to("/" + "/".join(["a"] * 300) + "/l")
+    (deep / "l").symlink_to("/".join(["m"] * 300))
+    calls = 0
+    real_lstat = os.lstat
+
+    def counting_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        nonlocal calls
+        calls += 1
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    stubs = stub_paths([layer], ["/x/t"])
+    assert calls <= 2 * 700, calls
+    below = "/".join(["a"] * 300)
+    assert stubs[0] == below + "/" + "/".join(["m"] * 300) + "/t"
+    assert stubs[-1] == below + "/m" and len(stubs) == 301

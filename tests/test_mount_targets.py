@@ -102,6 +102,90 @@ async def test_an_images_symlinked_etc_keeps_its_files_beside_the_tasks_own(
                            "web-2", "web-2", "0", "1000"]
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_tmpfs_on_run_keeps_the_tasks_resolv_conf_at_the_end_of_the_images_link(
+    ctl: ProcessController, tmp_path: Path, host: Path, readonly: bool
+) -> None:
+    """A systemd image run as such images are (a tmpfs on /run) whose /etc/resolv.conf ->
+    ../run/systemd/resolve/stub-resolv.conf and /etc/hosts -> /run/hosts: the task reads
+    its own resolv.conf and hosts through the links, made at their ends in the tmpfs, as
+    Docker's binds, mounted after the shallower /run, are (before: the init layer's files
+    sat under the tmpfs, both links dangled, the task had no DNS set up). A read-only
+    tmpfs there cannot take them: the task still starts, its links dangling."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    systemd_like(root, host)
+    (root / "etc" / "hosts").unlink()
+    (root / "etc" / "hosts").symlink_to("/run/hosts")
+    ctl.images.import_rootfs("sysd-run", root)
+    st, out, err = await run_to_end(ctl, task(
+        "sysd-run", "sh", "-c", "test -s /etc/resolv.conf && echo dns; grep -c web-3 /etc/hosts; "
+        "cat /etc/hostname", image="sysd-run", env=ENV, hostname="web-3",
+        mounts=(MountSpec("tmpfs", "/run", readonly=readonly),)))
+    assert _tree(host) == []
+    assert st.exit_code == 0, err
+    assert out.split() == (["web-3"] if readonly else ["dns", "1", "web-3"])
+
+
+async def test_the_images_directories_on_the_way_to_the_init_files_keep_owner_and_mode(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc is 7:8 and whose resolv.conf -> ../run/systemd/resolve/stub-
+    resolv.conf, that directory 101:102 mode 0750 (systemd-resolve's): the task sees them
+    as the image has them, as under Docker's binds (before: the init layer's copies of both
+    made them root's, so systemd-resolve could no longer enter its own directory)."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    resolve = root / "run" / "systemd" / "resolve"
+    resolve.mkdir(parents=True)
+    os.chown(resolve, 101, 102)
+    resolve.chmod(0o750)
+    os.chown(root / "etc", 7, 8)
+    (root / "etc" / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    ctl.images.import_rootfs("owners", root)
+    st, out, err = await run_to_end(ctl, task(
+        "owners", "sh", "-c", "stat -c %u:%g:%a /run/systemd/resolve /etc; test -s "
+        "/etc/resolv.conf && echo dns", image="owners", env=ENV))
+    assert st.exit_code == 0, err
+    assert out.split() == ["101:102:750", "7:8:755", "dns"]
+
+
+async def test_init_files_whose_links_end_very_far_down_shadow_the_links(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc/hosts, /etc/hostname and /etc/resolv.conf are links to paths
+    2,000 directories deep: the task starts with its own three files at /etc/NAME (the
+    links shadowed, as when they loop). Before: the init layer was to be made 6,000
+    directories deep by path, the launcher's spec overflowed, and the start failed with
+    "launcher failed: no message"."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    for letter, name in zip("abc", ("hosts", "hostname", "resolv.conf"), strict=True):
+        (root / "etc" / name).symlink_to("/" + "/".join([letter] * 2000))
+    ctl.images.import_rootfs("far", root)
+    st, out, err = await run_to_end(ctl, task(
+        "far", "sh", "-c", "cat /etc/hostname; grep -c far-1 /etc/hosts", image="far",
+        env=ENV, hostname="far-1"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["far-1", "1"]
+
+
+@pytest.mark.parametrize("link", ["/", "..", "../.."])
+async def test_init_files_linked_to_the_images_root_shadow_the_link(
+    ctl: ProcessController, tmp_path: Path, link: str
+) -> None:
+    """An image whose /etc/hosts is a link to its root ("/", "..", "../.."): the task starts
+    with its own hosts at /etc/hosts (a directory cannot hold the file: the link is
+    shadowed). Before: the agent's placement of the file raised ValueError ("not enough
+    values to unpack") out of the start, not a start error: the worker neither reported
+    the task nor gave its address back, and tried again at every pass."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "etc" / "hosts").symlink_to(link)
+    ctl.images.import_rootfs("toroot", root)
+    st, out, err = await run_to_end(ctl, task(
+        "toroot", "sh", "-c", "grep -c root-1 /etc/hosts", image="toroot", env=ENV,
+        hostname="root-1"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["1"]
+
+
 async def test_files_bound_through_dangling_links_are_made_at_the_links_end_inside_the_root(
     ctl: ProcessController, tmp_path: Path, host: Path
 ) -> None:
@@ -202,6 +286,53 @@ async def test_dev_as_a_symlink_to_a_host_path_never_gets_device_nodes_on_the_ho
     assert _tree(host) == []
     assert st.exit_code == 0, err
     assert out.split()[-1] == "ok"
+
+
+async def test_an_image_whose_links_walk_back_and_forth_starts_without_stalling_the_agent(
+    ctl: ProcessController, tmp_path: Path
+) -> None:
+    """An image whose /etc -> /a/a/.../a/l (300 directories deep) and l -> x/../x/.. ...
+    /l (780 times x/..): the agent's own walks of the image (its passwd and group, where its
+    hosts, hostname and resolv.conf go), which run on its event loop before the launcher,
+    give up within the launcher's bound, and the task starts at once (a loop there: the
+    task's /etc is the init layer's, as an image without /etc). Before: each ``..`` walked
+    the whole path again, minutes per walk and five walks per start, the agent frozen."""
+    import time
+
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "etc").rename(root / "etc-real")
+    deep = root.joinpath(*["a"] * 300)
+    (deep / "x").mkdir(parents=True)
+    (root / "etc").symlink_to("/" + "/".join(["a"] * 300) + "/l")
+    (deep / "l").symlink_to("/".join(["x/.."] * 780) + "/l")
+    ctl.images.import_rootfs("backforth", root)
+    started = time.monotonic()
+    st, out, err = await run_to_end(ctl, task(
+        "backforth", "sh", "-c", "cat /etc/hostname", image="backforth", env=ENV,
+        hostname="bf-1"))
+    assert st.exit_code == 0, err
+    assert out.split() == ["bf-1"]
+    assert time.monotonic() - started < 30  # (before: an hour; here well under a second)
+
+
+@pytest.mark.parametrize("fs", ["proc", "sys"])
+async def test_proc_and_sys_are_never_mounted_through_an_images_symlink(
+    ctl: ProcessController, tmp_path: Path, fs: str
+) -> None:
+    """An image whose /proc (or /sys) is a symlink, /dev/x/../../real (dev/x a directory of
+    the image): the start fails naming it, as runc's ("must be mounted on ordinary
+    directory"). Before: procfs was mounted at /real through the image's /dev/x, then the
+    task's /dev tmpfs hid dev/x, so the masks of /proc/timer_list, /proc/keys, /proc/kcore...
+    found nothing at /proc/... and were skipped: the task read the host kernel's timers at
+    /real/timer_list."""
+    root = busybox_rootfs(tmp_path / "rootfs")
+    (root / "dev" / "x").mkdir(parents=True)
+    (root / "real").mkdir()
+    (root / fs).symlink_to("/dev/x/../../real")
+    ctl.images.import_rootfs("proclink", root)
+    with pytest.raises(LaunchFailed, match=f"on /{fs}: .*ordinary directory"):
+        await ctl.start(task("proclink", "sh", "-c", "cat /real/timer_list", image="proclink",
+                             env=ENV))
 
 
 @pytest.mark.parametrize(("link", "target", "kind", "words"), [
