@@ -703,6 +703,16 @@ class Worker:
                                   containers=self.pods.statuses(task))
             return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
                               message=str(exc), err=str(exc))
+        except Exception as exc:  # a bug below (not a StartError): logged with its traceback,
+            # and the task still rejected and its address given back — else nothing reports
+            # it and every pass tries again
+            log.exception("task %s (%s) failed to start", task.id, task.name)
+            if self.mesh is not None:
+                with contextlib.suppress(Exception):
+                    await self.mesh.detach(task.id)
+            message = f"internal error starting the task: {exc!r}"
+            return TaskStatus(state=TaskState.REJECTED, timestamp=time.time(),
+                              message=message, err=message)
         log.info("started task %s (%s) pid %s", task.id, task.name, rt.pid)
         seen = observed_status(rt)
         if seen.state is TaskState.RUNNING:

@@ -144,7 +144,8 @@ def extract_layer(stream: IO[bytes], dest: Path) -> None:
                     gone_rel = f"{parent}/{gone}" if parent else gone
                     target = dest / gone_rel
                     if os.path.lexists(target):
-                        if os.path.isdir(target) and not os.path.islink(target):
+                        # (islink first: isdir follows a link, a stat of a host path)
+                        if not os.path.islink(target) and os.path.isdir(target):
                             shutil.rmtree(target)
                         else:
                             os.unlink(target)
@@ -181,7 +182,7 @@ def extract_layer(stream: IO[bytes], dest: Path) -> None:
                     parent_dir(target_rel)
                     target = dest / target_rel
                     if not os.path.lexists(target) or (
-                        os.path.isdir(target) and not os.path.islink(target)
+                        not os.path.islink(target) and os.path.isdir(target)
                     ):
                         raise InvalidImage(f"hard link {rel!r} to a missing or directory entry")
                     os.link(target, full, follow_symlinks=False)
