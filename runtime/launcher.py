@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from shoal.runtime.errors import ConfigError
+from shoal.runtime.errors import ConfigError, LaunchFailed
 
 SOURCE = Path(__file__).with_name("launcher.c")
 EXECDROP = Path(__file__).with_name("execdrop.c")
@@ -119,6 +119,9 @@ def build(source: Path, name: str, what: str, cache_dir: Path, cc: str = "cc",
     return target
 
 
+MAX_RECORDS = 4096  # launcher.c's MAX_ITEMS: the records of one spec, the end record included
+
+
 class Spec:
     """Builds the launcher's stdin. Text fields must not contain NUL (validated upstream)."""
 
@@ -198,6 +201,13 @@ class Spec:
         return out
 
     def encode(self) -> bytes:
+        """The records and the end record; LaunchFailed when there are more than the launcher
+        reads (MAX_RECORDS: it would fail with no word)."""
+        if len(self._parts) + 1 > MAX_RECORDS:
+            raise LaunchFailed(
+                f"the task needs {len(self._parts) + 1} launch records (arguments, environment "
+                f"variables, mounts, files and their parent directories), more than the "
+                f"launcher's {MAX_RECORDS}")
         return b"".join(self._parts) + b"E" + struct.pack("<I", 0)
 
 

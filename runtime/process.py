@@ -63,6 +63,7 @@ from shoal.runtime.errors import (
     ImageUnavailable,
     InvalidTaskConfig,
     LaunchFailed,
+    StartError,
     StopFailed,
     TaskExists,
     TaskNotFound,
@@ -657,9 +658,11 @@ class ProcessController:
             self._write_pids(task, new=True)
             # The complete spec is the "go": the launcher may start the task now, it is recorded.
             await send_spec(loop, spec_w, spec)
-        except OSError as exc:
+        except Exception as exc:  # (the spec not made, or not all of it sent)
             os.close(ready_r)
             await self._abandon(task)  # a truncated spec: the launcher starts nothing
+            if isinstance(exc, StartError):  # (said already: too many records, a mount...)
+                raise
             raise LaunchFailed(f"cannot start task {cfg.task_id}: {exc}; "
                                f"shim.log: {tail(taskdir / 'shim.log')!r}") from exc
         finally:

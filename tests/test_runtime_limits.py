@@ -379,3 +379,18 @@ async def test_cap_add_all_starts_with_what_the_node_can_give_minus_the_drops(
     assert node is not None
     assert eff == node & ~(1 << CAPABILITIES["SYS_ADMIN"]) & sum(
         1 << b for b in CAPABILITIES.values()), (hex(eff), hex(node))
+
+
+@needs_root
+async def test_a_task_with_more_launch_records_than_the_launcher_reads_is_refused_cleanly(
+        ctl: ProcessController) -> None:
+    """Over launcher.c's 4096 records (here 5,000 environment variables) the start fails
+    saying so — not the launcher's "no message" — and leaves no task, fd or process behind;
+    a task under it starts."""
+    env = {f"V{i}": "x" for i in range(5000)}
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(LaunchFailed, match="launch records .* more than the launcher's 4096"):
+        await ctl.start(task("many", "true", env=env))
+    assert "many" not in ctl.tasks() and len(os.listdir("/proc/self/fd")) == fds
+    st, _, _ = await run_to_end(ctl, task("fewer", "true", env=dict(list(env.items())[:100])))
+    assert st.exit_code == 0, st
