@@ -389,7 +389,7 @@ async def test_a_task_with_more_launch_records_than_the_launcher_reads_is_refuse
     a task under it starts."""
     env = {f"V{i}": "x" for i in range(5000)}
     fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(LaunchFailed, match="launch records .* more than the launcher's 4096"):
+    with pytest.raises(LaunchFailed, match=r"launch records .* more than the launcher's 4096"):
         await ctl.start(task("many", "true", env=env))
     assert "many" not in ctl.tasks() and len(os.listdir("/proc/self/fd")) == fds
     st, _, _ = await run_to_end(ctl, task("fewer", "true", env=dict(list(env.items())[:100])))
