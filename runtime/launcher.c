@@ -620,6 +620,9 @@ static void run_plan(void) {
             }
             fd = resolve(f[1], f[2], "dir");
             if (fd < 0) die(125, "cannot create %s: %s", shown(f[1], f[2]), strerror(errno));
+            struct stat made; /* (a directory: never chown/chmod a file a task swapped in) */
+            if (fstat(fd, &made) || !S_ISDIR(made.st_mode))
+                die(125, "cannot create %s: not a directory", shown(f[1], f[2]));
             char p[64];
             fdpath(p, sizeof p, fd);
             /* (the owner first: a chown clears the set-group-ID bit the mode may have) */
