@@ -76,6 +76,7 @@ from shoal.runtime.buildmounts import (
     remove_stubs,
     run_argv,
     run_mounts,
+    secret_files,
     stub_paths,
 )
 from shoal.runtime.buildnet import RunNetwork, check_network
@@ -141,6 +142,9 @@ class BuildOptions:
     target: str = ""
     # --network: RUN's network, "default" | "none" | "host" (shoal.runtime.buildnet)
     network: str = "default"
+    # --secret: id -> its bytes, for RUN --mount=type=secret (kept in memory only; never in
+    # a repr, a log, the cache key, a layer or the image config)
+    secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -371,7 +375,7 @@ class Builder:
             return
         new_layer: tuple[str, int] | None = None
         if ins.cmd == "RUN":
-            new_layer = await self._run(ins, st, emit, opts.network, ctx, stage, froms)
+            new_layer = await self._run(ins, st, emit, opts, ctx, stage, froms)
         elif ins.cmd in ("COPY", "ADD"):
             if ins in stage.copy_from:
                 layers = self.store.layer_dirs(source) if source is not None else []
@@ -622,12 +626,13 @@ class Builder:
 
     # -- RUN
 
-    async def _run(self, ins: Instruction, st: _State, emit: Emit, network: str,
+    async def _run(self, ins: Instruction, st: _State, emit: Emit, opts: BuildOptions,
                    ctx: Path, stage: Stage, froms: Mapping[int | str, str]
                    ) -> tuple[str, int] | None:
         """A RUN as a task, its mounts (shoal.runtime.buildmounts) made for it; its layer."""
         import asyncio
 
+        network = opts.network
         if not st.layers:
             raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
         mounts, run_net, command = run_flags(ins, {**st.args, **st.config.env},
@@ -650,8 +655,11 @@ class Builder:
                     raise BuildError(f"RUN: {exc}: build with --network none or host",
                                      ins.line) from None
         files.update(script)
+        argv, secret = secret_files(ins, mounts, opts.secrets, argv)
+        files.update(secret)
         lower = self._lower_dirs(st)
-        stubs = stub_paths(lower, [m.target for m in mounts] + sorted(files))
+        stubs = stub_paths(lower, [m.target for m in mounts if m.type != "secret"]
+                           + sorted(files))
 
         def layers(m: RunMount) -> list[Path]:  # (a from='s image: its layers)
             image = froms.get(stage.mount_from.get(ins, {}).get(m.from_, ""), "")
@@ -777,6 +785,44 @@ def options_from_query(query: Any) -> BuildOptions:
                         no_cache=query.get("nocache") == "1", labels=labels,
                         network=check_network(query.get("network", ""), "network"),
                         target=target)
+
+
+#: ``--secret``s in one build request, at most (each at most MAX_SECRET bytes)
+MAX_SECRETS = 64
+
+
+def read_secrets(raw: bytes) -> dict[str, bytes]:
+    """The build's secrets from the request's secrets part (JSON ``{"ID": base64}``, the
+    body's first bytes, never a query: nothing of them in an access log), each id and size
+    checked; BuildError with ``field="secret"`` naming the secret, never quoting a value."""
+    import base64
+    import binascii
+
+    from shoal.runtime.buildmounts import MAX_SECRET
+    from shoal.runtime.dockerfile import SECRET_ID
+
+    try:
+        doc = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BuildError("the secrets part is not JSON", field="secret") from None
+    if not isinstance(doc, dict) or len(doc) > MAX_SECRETS:
+        raise BuildError(f"the secrets part must map at most {MAX_SECRETS} ids to base64 "
+                         "values", field="secret")
+    out: dict[str, bytes] = {}
+    for sid, value in doc.items():
+        if not SECRET_ID.fullmatch(sid):
+            raise BuildError(f"secret id {sid[:140]!r} is not one (letters, digits, '_', '.', "
+                             "'-'; at most 128)", field="secret")
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            out[sid] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise BuildError(f"secret {sid}: its value is not base64", field="secret") from None
+        if len(out[sid]) > MAX_SECRET:
+            raise BuildError(f"secret {sid} is {len(out[sid])} bytes: at most {MAX_SECRET} "
+                             "(500 KiB, BuildKit's limit)", field="secret")
+    return out
 
 
 def puller(registries: Any) -> Pull | None:

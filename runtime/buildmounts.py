@@ -56,6 +56,10 @@ from shoal.runtime.rootfs import MountSpec
 
 #: Where a heredoc script with a ``#!`` line is put for its RUN (a mount point: not layered).
 SCRIPT_DIR = "/.shoal-heredoc"
+#: Where a RUN whose secrets are variables (``env=``) gets them and the script that sets them
+SECRET_ENV_DIR = "/.shoal-secret-env"
+#: BuildKit's cap on one secret's size (``--secret``): 500 KiB
+MAX_SECRET = 500 << 10
 
 # cache directories in use by RUNs of this process: path -> (RUNs using it, its lock)
 _BUSY: dict[str, int] = {}
@@ -95,6 +99,41 @@ def run_argv(ins: Instruction, command: str, shell: Sequence[str]
     for doc in ins.heredocs:
         full += "\n" + doc.content + doc.name
     return [*shell, full], {}
+
+
+def secret_files(ins: Instruction, mounts: Sequence[RunMount], secrets: Mapping[str, bytes],
+                 argv: Sequence[str]) -> tuple[list[str], dict[str, FileValue]]:
+    """A RUN's ``type=secret`` mounts as files of its task (TaskConfig.files: handed to the
+    launcher through its pipe, written to the task's staging tmpfs and bound read-only — never
+    on the node's disk, never in the task's config.json) and its argv: as given, or, when a
+    secret is a variable (``env=``), run by a script that reads it from such a file, exports
+    it and execs the command (a variable of the task's config would be on disk; its
+    /bin/sh and cat are the image's). A required secret the build lacks: BuildError naming
+    the line (never its value); another one is skipped (BuildKit's)."""
+    files: dict[str, FileValue] = {}
+    exports: list[str] = []
+    for m in mounts:
+        if m.type != "secret":
+            continue
+        value = secrets.get(m.id)
+        if value is None:
+            if m.required:
+                raise BuildError(f"RUN --mount=type=secret: secret {m.id!r} is required and "
+                                 f"the build was given none of that id (--secret id={m.id},"
+                                 "...)", ins.line)
+            continue
+        if m.target:
+            files[m.target] = (value, m.mode, m.uid, m.gid)
+        if m.env:
+            path = f"{SECRET_ENV_DIR}/{len(exports)}"
+            files[path] = (value, 0o400)  # (the task's user's: the script reads it as them)
+            exports.append(f'{m.env}="$(cat {path}; echo .)"; {m.env}="${{{m.env}%.}}"; '
+                           f"export {m.env}")
+    if not exports:
+        return list(argv), files
+    script = "#!/bin/sh\n" + "\n".join(exports) + '\nexec "$@"\n'
+    files[f"{SECRET_ENV_DIR}/env"] = (script.encode(), 0o555)
+    return [f"{SECRET_ENV_DIR}/env", *argv], files
 
 
 def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Path
@@ -173,6 +212,8 @@ async def run_mounts(ins: Instruction, mounts: Sequence[RunMount], ctx: Path, bu
     async with contextlib.AsyncExitStack() as stack:
         specs: list[MountSpec] = []
         for m in mounts:
+            if m.type == "secret":  # (files of the task: secret_files)
+                continue
             if m.type == "tmpfs":
                 specs.append(MountSpec("tmpfs", m.target, tmpfs_size=m.size))
             elif m.type == "cache":
@@ -350,7 +391,8 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
             n -= 1
         missing = ["/".join(parts[:k + 1]) for k in range(n, len(parts))]
         out += [p for p in reversed(missing) if p not in out]
-    return out
+    # (children first across targets too: /new/a, /new, then /new/b would leave /new)
+    return sorted(out, key=lambda p: -p.count("/"))
 
 
 def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:
