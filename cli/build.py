@@ -100,12 +100,14 @@ def parse_secret(spec: str, environ: Mapping[str, str] | None = None) -> tuple[s
     env = os.environ if environ is None else environ
     fields: dict[str, str] = {}
     for item in spec.split(","):
-        key, sep, value = item.strip().partition("=")
+        key, sep, text = item.strip().partition("=")
         key = {"source": "src"}.get(key.lower(), key.lower())
-        if not sep or key not in ("id", "src", "env", "type"):
-            raise CliError(f"--secret: expected id=ID[,src=FILE|env=VAR][,type=file|env], "
-                           f"not {item.strip()!r}", "secret")
-        fields[key] = value
+        if not sep or key not in ("id", "src", "env", "type"):  # (the item is not quoted:
+            # it may be a value typed in the wrong place)
+            raise CliError("--secret: expected id=ID[,src=FILE|env=VAR][,type=file|env]"
+                           + (f" (no option {key!r})" if sep else " (an item without '=')"),
+                           "secret")
+        fields[key] = text
     kind, sid = fields.get("type", ""), fields.get("id", "")
     if kind not in ("", "file", "env"):
         raise CliError(f"--secret: type={kind} is not file or env", "secret")
@@ -218,8 +220,11 @@ class _Body:
         self.head, self.tar = head, tar
 
     def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            out, self.head = self.head + self.tar.read(), b""
+            return out
         if self.head:
-            out, self.head = (self.head, b"") if n < 0 else (self.head[:n], self.head[n:])
+            out, self.head = self.head[:n], self.head[n:]
             return out
         return self.tar.read(n)
 

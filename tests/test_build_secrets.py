@@ -102,8 +102,8 @@ async def test_a_required_secret_not_given_fails_naming_the_line(ctl: ProcessCon
     ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text("FROM base:1\nRUN true\n"
-                                    "RUN --mount=type=secret,id=key,required cat /run/secrets/key\n")
+    (ctx / "Dockerfile").write_text("FROM base:1\nRUN true\nRUN --mount=type=secret,id=key,"
+                                    "required cat /run/secrets/key\n")
     builder = Builder(ctl, ctl.images, tmp_path / "build")
     with pytest.raises(BuildError, match=r"line 3: .*secret 'key' is required") as exc:
         await builder.build(ctx, BuildOptions(secrets={"other": b"s3cr3t-value"}),
