@@ -96,8 +96,7 @@ SECRETS_HEADER = "X-Shoal-Build-Secrets"
 async def _secrets_part(req: web.Request) -> bytes:
     """The first bytes of a build's body that ``SECRETS_HEADER`` says are its secrets, read
     into memory (never a file); b"" without the header. BadRequest for a bad length."""
-    from shoal.runtime.build import MAX_SECRETS
-    from shoal.runtime.buildmounts import MAX_SECRET
+    from shoal.runtime.buildmounts import MAX_SECRET, MAX_SECRETS
 
     text = req.headers.get(SECRETS_HEADER, "")
     if not text:
@@ -215,10 +214,11 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
 
     async def build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
         from shoal.runtime import build as build_mod
+        from shoal.runtime.buildmounts import read_secrets
 
         try:
             opts = build_mod.options_from_query(req.query)
-            opts.secrets = build_mod.read_secrets(await _secrets_part(req))
+            opts.secrets = read_secrets(await _secrets_part(req))
         except build_mod.BuildError as exc:
             raise BadRequest(str(exc), exc.field) from None
         builder = build_mod.Builder(runtime, images, images.root.parent / "build",

@@ -30,7 +30,9 @@ removed (``image prune``) is a miss.
 RUN: a task (``TaskConfig``: the parent image, the stage's SHELL — ``/bin/sh -c`` until a
 SHELL — with CMD, or the exec form, the image's Env + the build args in scope, WorkingDir,
 User) started and waited for through the runtime's Controller interface; its output is
-streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs), heredocs
+streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs, secret:
+the build's ``--secret``s, ``BuildOptions.secrets``, read from the request by
+``read_secrets`` and held in memory only), heredocs
 and the mount points to leave out of its layer are shoal.runtime.buildmounts'; a RUN's cache
 key holds its mounts' options and what its binds take, and a heredoc's text. Its network is
 the build's ``--network`` (shoal.runtime.buildnet): by default the node's task network, with an
@@ -785,44 +787,6 @@ def options_from_query(query: Any) -> BuildOptions:
                         no_cache=query.get("nocache") == "1", labels=labels,
                         network=check_network(query.get("network", ""), "network"),
                         target=target)
-
-
-#: ``--secret``s in one build request, at most (each at most MAX_SECRET bytes)
-MAX_SECRETS = 64
-
-
-def read_secrets(raw: bytes) -> dict[str, bytes]:
-    """The build's secrets from the request's secrets part (JSON ``{"ID": base64}``, the
-    body's first bytes, never a query: nothing of them in an access log), each id and size
-    checked; BuildError with ``field="secret"`` naming the secret, never quoting a value."""
-    import base64
-    import binascii
-
-    from shoal.runtime.buildmounts import MAX_SECRET
-    from shoal.runtime.dockerfile import SECRET_ID
-
-    try:
-        doc = json.loads(raw) if raw else {}
-    except ValueError:
-        raise BuildError("the secrets part is not JSON", field="secret") from None
-    if not isinstance(doc, dict) or len(doc) > MAX_SECRETS:
-        raise BuildError(f"the secrets part must map at most {MAX_SECRETS} ids to base64 "
-                         "values", field="secret")
-    out: dict[str, bytes] = {}
-    for sid, value in doc.items():
-        if not SECRET_ID.fullmatch(sid):
-            raise BuildError(f"secret id {sid[:140]!r} is not one (letters, digits, '_', '.', "
-                             "'-'; at most 128)", field="secret")
-        try:
-            if not isinstance(value, str):
-                raise ValueError
-            out[sid] = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise BuildError(f"secret {sid}: its value is not base64", field="secret") from None
-        if len(out[sid]) > MAX_SECRET:
-            raise BuildError(f"secret {sid} is {len(out[sid])} bytes: at most {MAX_SECRET} "
-                             "(500 KiB, BuildKit's limit)", field="secret")
-    return out
 
 
 def puller(registries: Any) -> Pull | None:

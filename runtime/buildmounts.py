@@ -42,6 +42,7 @@ from typing import Any
 from shoal.runtime.buildstages import LayeredFS
 from shoal.runtime.dockerfile import (
     DEFAULT_SHELL,
+    SECRET_ID,
     Heredoc,
     Instruction,
     RunMount,
@@ -134,6 +135,41 @@ def secret_files(ins: Instruction, mounts: Sequence[RunMount], secrets: Mapping[
     script = "#!/bin/sh\n" + "\n".join(exports) + '\nexec "$@"\n'
     files[f"{SECRET_ENV_DIR}/env"] = (script.encode(), 0o555)
     return [f"{SECRET_ENV_DIR}/env", *argv], files
+
+
+#: ``--secret``s in one build request, at most (each at most MAX_SECRET bytes)
+MAX_SECRETS = 64
+
+
+def read_secrets(raw: bytes) -> dict[str, bytes]:
+    """The build's secrets from the request's secrets part (JSON ``{"ID": base64}``, the
+    body's first bytes, never a query: nothing of them in an access log), each id and size
+    checked; BuildError with ``field="secret"`` naming the secret, never quoting a value."""
+    import base64
+    import binascii
+
+    try:
+        doc = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BuildError("the secrets part is not JSON", field="secret") from None
+    if not isinstance(doc, dict) or len(doc) > MAX_SECRETS:
+        raise BuildError(f"the secrets part must map at most {MAX_SECRETS} ids to base64 "
+                         "values", field="secret")
+    out: dict[str, bytes] = {}
+    for sid, value in doc.items():
+        if not SECRET_ID.fullmatch(sid):
+            raise BuildError(f"secret id {sid[:140]!r} is not one (letters, digits, '_', '.', "
+                             "'-'; at most 128)", field="secret")
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            out[sid] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise BuildError(f"secret {sid}: its value is not base64", field="secret") from None
+        if len(out[sid]) > MAX_SECRET:
+            raise BuildError(f"secret {sid} is {len(out[sid])} bytes: at most {MAX_SECRET} "
+                             "(500 KiB, BuildKit's limit)", field="secret")
+    return out
 
 
 def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Path

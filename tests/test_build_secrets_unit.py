@@ -12,8 +12,8 @@ import pytest
 
 from shoal.cli.build import _Body, parse_secret
 from shoal.cli.errors import CliError
-from shoal.runtime.build import BuildError, cache_key, read_secrets
-from shoal.runtime.buildmounts import MAX_SECRET, mount_digest, secret_files
+from shoal.runtime.build import BuildError, cache_key
+from shoal.runtime.buildmounts import MAX_SECRET, mount_digest, read_secrets, secret_files
 from shoal.runtime.dockerfile import RunMount, parse_dockerfile, run_flags
 
 
