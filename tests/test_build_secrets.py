@@ -84,8 +84,9 @@ async def test_a_secret_is_read_by_run_and_left_nowhere(ctl: ProcessController,
     for needle in (SECRET.strip(), token):
         assert not any(needle in v for v in files.values())
         assert not any(needle.decode() in line for line in lines)
-        # every layer blob, manifest, config (its history), the step cache, the build dir
-        assert _grep(ctl.images.root, needle) == []
+        # every layer blob, manifest, config (its history), the runtime's task directories
+        # (config.json, logs), the step cache, the build dir
+        assert _grep(ctl.images.root.parent, needle) == []
         assert _grep(tmp_path / "build", needle) == []
         assert needle.decode() not in repr(BuildOptions(secrets={"x": needle}))
     assert ctl.tasks() == {}
