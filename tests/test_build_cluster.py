@@ -307,3 +307,16 @@ def test_build_secrets_go_in_the_request_and_are_left_nowhere(lab: Lab,
     bad = h1.cli("image", "build", "--secret", "id=x,env=SHOAL_NOT_SET_ANYWHERE", str(ctx),
                  check=False)
     assert bad.returncode != 0 and "SHOAL_NOT_SET_ANYWHERE is not set" in bad.stderr
+    # the agent refuses a bad secrets part naming the field, and keeps answering
+    import subprocess
+
+    for header, body, words in (("x1", b"", "X-Shoal-Build-Secrets must be"),
+                                ("10", b'{"a":"!!"}', "secret a: its value is not base64"),
+                                ("20", b"{}", "the body ended inside its secrets part")):
+        out = subprocess.run(["curl", "-s", "--unix-socket", str(h1.sock), "-H",
+                              f"X-Shoal-Build-Secrets: {header}", "--data-binary", "@-",
+                              "http://agent/v1/images/build"], input=body,
+                             capture_output=True, timeout=30, check=True).stdout
+        err = json.loads(out)["error"]
+        assert err["field"] == "secret" and words in err["message"], err
+    assert h1.cli_json("image", "ls")
