@@ -180,7 +180,8 @@ services:
                                    f"'x@{ID1}'}}\n")], {})
 
 
-def test_build_secrets_are_the_top_level_secrets_sent_with_the_build(tmp_path: Path) -> None:
+def test_build_secrets_are_the_top_level_secrets_sent_with_the_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``build.secrets`` (short and long form) → `image build --secret`'s: the bytes of the
     file's top-level secrets (file: and environment:) go in the build request under the id
     the Dockerfile uses (``target``), never in its query; a secret only builds use is not
@@ -206,13 +207,8 @@ secrets:
                            "are its RUN --mount=type=secret's uid=, gid=, mode= (service web)"]
     assert "npm-auth-bytes" not in repr(st.builds)
     agent = FakeAgent()
-    import os
-
-    os.environ["GH_TOKEN"] = "ghp-secret"
-    try:
-        deploy(agent, path)
-    finally:
-        del os.environ["GH_TOKEN"]
+    monkeypatch.setenv("GH_TOKEN", "ghp-secret")
+    deploy(agent, path)
     sent = [{k: base64.b64decode(v) for k, v in b["secrets"].items()} for b in agent.builds]
     assert sent == [{"npmrc": b"npm-auth-bytes\n", "gh": b"ghp-secret"},
                     {"shared": b"npm-auth-bytes\n"}]
