@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, cast
 
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
@@ -37,6 +37,12 @@ def add_parser(isub: Any) -> None:
     p.add_argument("--network", choices=NETWORKS, default="default",
                    help="RUN's network: default (the node's task network: an address of its "
                    "own, outbound NAT, the node's DNS), none (only lo), host (the node's)")
+    p.add_argument("--secret", action="append", default=[],
+                   metavar="id=ID[,src=FILE|env=VAR]",
+                   help="a secret for RUN --mount=type=secret (repeatable; Docker's forms: "
+                   "src=/source= a file, env= a variable of this shell, type=file|env; id "
+                   "alone: the variable ID, else the file ID). Sent in the build request, "
+                   "never stored; changing it does not rebuild a cached step")
     p.add_argument("--target", default="", metavar="STAGE",
                    help="build up to this stage of a multi-stage Dockerfile (default: the last)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
@@ -82,12 +88,72 @@ def pack_context(context: str, dockerfile: str) -> tuple[BinaryIO, str]:
     return body, rel_df
 
 
+def parse_secret(spec: str, environ: Mapping[str, str] | None = None) -> tuple[str, bytes]:
+    """``--secret``'s value (docker buildx's: ``id=``, ``src=``/``source=`` a file, ``env=``
+    a variable, ``type=file|env`` — with ``type=env`` a ``src=`` names the variable; only an
+    id: the variable of that name when set, else the file) as (id, its bytes). CliError
+    naming ``secret`` (and never quoting the value) for a bad form, an unreadable file, an
+    unset variable, more than MAX_SECRET bytes."""
+    from shoal.runtime.buildmounts import MAX_SECRET
+    from shoal.runtime.dockerfile import SECRET_ID
+
+    env = os.environ if environ is None else environ
+    fields: dict[str, str] = {}
+    for item in spec.split(","):
+        key, sep, text = item.strip().partition("=")
+        key = {"source": "src"}.get(key.lower(), key.lower())
+        if not sep or key not in ("id", "src", "env", "type"):  # (the item is not quoted:
+            # it may be a value typed in the wrong place)
+            raise CliError("--secret: expected id=ID[,src=FILE|env=VAR][,type=file|env]"
+                           + (f" (no option {key!r})" if sep else " (an item without '=')"),
+                           "secret")
+        fields[key] = text
+    kind, sid = fields.get("type", ""), fields.get("id", "")
+    if kind not in ("", "file", "env"):
+        raise CliError(f"--secret: type={kind} is not file or env", "secret")
+    src, var = fields.get("src", ""), fields.get("env", "")
+    if kind == "env" and src and not var:
+        src, var = "", src
+    sid = sid or var or os.path.basename(src)
+    if not SECRET_ID.fullmatch(sid):
+        raise CliError(f"--secret: id {sid!r} is not a secret id (letters, digits, '_', '.', "
+                       "'-'; at most 128)" if sid else "--secret needs id=ID", "secret")
+    if src and var:
+        raise CliError(f"--secret id={sid}: give src= or env=, not both", "secret")
+    if not src and not var:  # (buildx's: the variable ID, else the file ID)
+        if kind != "file" and sid in env:
+            var = sid
+        else:
+            src = sid
+    if var:
+        if var not in env:
+            raise CliError(f"--secret id={sid}: the environment variable {var} is not set",
+                           "secret")
+        value = env[var].encode()
+    else:
+        try:
+            with open(src, "rb") as fh:
+                value = fh.read(MAX_SECRET + 1)
+        except OSError as exc:
+            raise CliError(f"--secret id={sid}: cannot read {src}: {exc.strerror}",
+                           "secret") from None
+    if len(value) > MAX_SECRET:
+        raise CliError(f"--secret id={sid}: more than {MAX_SECRET} bytes (500 KiB, "
+                       "BuildKit's limit)", "secret")
+    return sid, value
+
+
+def read_secrets(specs: Sequence[str]) -> dict[str, bytes]:
+    """Every ``--secret`` (a later one of an id wins, as buildx's)."""
+    return dict(parse_secret(s) for s in specs)
+
+
 def run(c: Client, args: argparse.Namespace, fmt: str) -> None:
     show = None if args.quiet or fmt == "json" else _print
     final = build_image(c, args.context, args.file, tags=args.tag,
                         build_args=args.build_arg, labels=args.label,
                         no_cache=args.no_cache, network=args.network, target=args.target,
-                        show=show)
+                        secrets=read_secrets(args.secret), show=show)
     if fmt == "json":
         print(json.dumps(final))
     elif args.quiet:
@@ -105,11 +171,13 @@ def summary(final: dict[str, Any]) -> str:
 def build_image(c: Client, context: str, dockerfile: str = "", *,
                 tags: Sequence[str] = (), build_args: Sequence[str] = (),
                 labels: Sequence[str] = (), no_cache: bool = False, network: str = "",
-                target: str = "", show: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                target: str = "", secrets: Mapping[str, bytes] | None = None,
+                show: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Build ``context`` on the agent ``c`` talks to: the final record (``image`` id,
     ``tags``, ``steps``, ``cached``, ``layers_created``...); ``show`` gets each output line
     as it comes. ``build_args``/``labels``: ``K=V``; ``network``: RUN's network mode ("": the
-    agent's default, ``default``); ``target``: the stage to build ("" the last). CliError
+    agent's default, ``default``); ``target``: the stage to build ("" the last);
+    ``secrets``: id -> bytes, sent ahead of the tar in the request's body. CliError
     ("build failed: ...") when the builder fails. (Also `shoal stack deploy`'s,
     shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
@@ -126,7 +194,8 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
         query.append(("target", target))
     try:
         final: dict[str, Any] = {}
-        for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), body):
+        for rec in _post_stream(c, "/v1/images/build?" + urlencode(query), body,
+                                secrets or {}):
             if "stream" in rec and show is not None:
                 show(rec["stream"])
             elif "error" in rec:
@@ -144,8 +213,32 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def _post_stream(c: Client, path: str, body: BinaryIO) -> Iterator[dict[str, Any]]:
-    """POST the tar and yield the JSON-lines records as they arrive."""
-    yield from c.stream(path, "POST", body, {
-        "Content-Type": "application/x-tar",
-        "Content-Length": str(os.fstat(body.fileno()).st_size)})
+class _Body:
+    """The request body: the secrets part (in memory), then the tar file."""
+
+    def __init__(self, head: bytes, tar: BinaryIO) -> None:
+        self.head, self.tar = head, tar
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            out, self.head = self.head + self.tar.read(), b""
+            return out
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.tar.read(n)
+
+
+def _post_stream(c: Client, path: str, body: BinaryIO, secrets: Mapping[str, bytes]
+                 ) -> Iterator[dict[str, Any]]:
+    """POST the secrets part (``X-Shoal-Build-Secrets``: its length; JSON of base64) and the
+    tar, and yield the JSON-lines records as they arrive."""
+    import base64
+
+    head = json.dumps({k: base64.b64encode(v).decode() for k, v in secrets.items()}
+                      ).encode() if secrets else b""
+    headers = {"Content-Type": "application/x-tar",
+               "Content-Length": str(len(head) + os.fstat(body.fileno()).st_size)}
+    if head:
+        headers["X-Shoal-Build-Secrets"] = str(len(head))
+    yield from c.stream(path, "POST", cast(BinaryIO, _Body(head, body)), headers)

@@ -699,13 +699,27 @@ def translate(stack: str, doc: dict[str, Any], project_dir: Path, env: Mapping[s
     builds = []
     for key, body in list(services.items()):
         if isinstance(body, dict) and "build" in body:
-            builds.append(read_build(stack, str(key), body, project_dir, env, w))
+            builds.append(read_build(stack, str(key), body, project_dir, env, w,
+                                     objects["secret"]))
             services[key] = placeholder_body(builds[-1], body)
     specs = [translate_service(stack, str(key), body, project_dir, env, objects, volumes, w,
                                names, volume_drivers) for key, body in services.items()]
-    return Stack(name=stack, services=specs, secrets=list(objects["secret"].values()),
+    # a secret only builds use is given to the builds, never created in the cluster
+    build_only = {k for b in builds for k in b.secret_sources} - _service_secret_keys(services)
+    return Stack(name=stack, services=specs,
+                 secrets=[o for k, o in objects["secret"].items() if k not in build_only],
                  configs=list(objects["config"].values()), warnings=w.render(),
                  networks=list(networks.values()), builds=builds)
+
+
+def _service_secret_keys(services: Mapping[str, Any]) -> set[str]:
+    """The top-level secrets the services' own ``secrets:`` name (short or long form)."""
+    out: set[str] = set()
+    for body in services.values():
+        refs = body.get("secrets") if isinstance(body, dict) else None
+        for ref in refs if isinstance(refs, list) else []:
+            out.add(str(ref.get("source")) if isinstance(ref, dict) else str(ref))
+    return out
 
 
 def _with_active_profiles(services: dict[str, Any], env: Mapping[str, str],

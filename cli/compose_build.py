@@ -3,6 +3,7 @@
 Owns: reading ``services.X.build`` (a context path, or the long form: ``context``,
 ``dockerfile``, ``dockerfile_inline``, ``args``, ``labels``, ``tags``, ``no_cache``,
 ``network``: ``default``, ``none`` or ``host``, as `image build --network`; ``target``;
+``secrets``: top-level secrets, by key or ``{source, target}``, as `image build --secret`;
 the keys shoal's builder cannot apply are warned about by name, or refused where ignoring
 them would build another image), running the builds through the agent's
 ``POST /v1/images/build`` (shoal.cli.build.build_image, as `shoal image build`) and naming
@@ -30,13 +31,21 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal.cli.build import NETWORKS
 from shoal.cli.compose_env import _as_map
-from shoal.cli.compose_keys import _Warnings, as_bool, as_labels, as_map, as_str, as_str_list
+from shoal.cli.compose_keys import (
+    FileObject,
+    _Warnings,
+    as_bool,
+    as_labels,
+    as_map,
+    as_str,
+    as_str_list,
+)
 from shoal.cli.errors import CliError, ComposeError
 
 # hex digits of the image id in the content tag (STACK_SERVICE:HEX), as `image ls` shows ids
@@ -56,8 +65,6 @@ _NOT_APPLIED = {
     "platforms": "the image is built for the building node's platform",
     "ssh": "RUN --mount=type=ssh is not supported by shoal's builder (cache, bind, tmpfs "
            "are): a step that needs the agent fails",
-    "secrets": "RUN --mount=type=secret is not supported by shoal's builder (cache, bind, "
-               "tmpfs are): a step that needs the secret fails",
 }
 # build keys whose absence would build another image than the file asks for
 _REFUSED = {
@@ -84,6 +91,10 @@ class BuildSpec:
     network: str = ""  # RUN's network mode ("": the builder's default)
     target: str = ""  # the stage to build (build.target; "": the Dockerfile's last)
     image_given: bool = False  # the service gives image: (which is ``name``)
+    # build.secrets: (id in the Dockerfile, its bytes) — `image build --secret`'s; never in a
+    # repr (a traceback, a log line)
+    secrets: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    secret_sources: tuple[str, ...] = ()  # the top-level secrets they come from
 
     def content_ref(self, image_id: str) -> str:
         """The reference the service runs: REPO:HEX of the image id."""
@@ -91,8 +102,10 @@ class BuildSpec:
 
 
 def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
-               env: Mapping[str, str], w: _Warnings) -> BuildSpec:
-    """``services.KEY.build`` → BuildSpec, or a ComposeError naming the field."""
+               env: Mapping[str, str], w: _Warnings,
+               secrets: Mapping[str, FileObject] | None = None) -> BuildSpec:
+    """``services.KEY.build`` → BuildSpec, or a ComposeError naming the field; ``secrets``:
+    the file's top-level ``secrets:`` (what ``build.secrets`` names)."""
     path = f"services.{key}.build"
     repo = f"{stack}_{key}".lower()
     if not _COMPONENT.fullmatch(repo):
@@ -147,6 +160,8 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
     if target and not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", target):
         raise ComposeError(f"{path}.target", f"{target!r} is not a stage name (a letter, "
                            "then letters, digits, '.', '_' or '-')")
+    build_secrets, sources = _build_secrets(spec.pop("secrets", None) or [],
+                                            f"{path}.secrets", secrets or {}, key, w)
     for k in list(spec):
         if k in _REFUSED:
             raise ComposeError(f"{path}.{k}", f"not supported: {_REFUSED[k]}")
@@ -158,7 +173,57 @@ def read_build(stack: str, key: str, body: Mapping[str, Any], project_dir: Path,
     return BuildSpec(key=key, path=path, repo=repo, name=name, context=ctx,
                      dockerfile=dockerfile, dockerfile_inline=inline, args=tuple(args),
                      labels=tuple(labels), tags=tuple(tags), no_cache=no_cache,
-                     network=network, target=target, image_given=image is not None)
+                     network=network, target=target, image_given=image is not None,
+                     secrets=build_secrets, secret_sources=sources)
+
+
+def _build_secrets(raw: Any, path: str, secrets: Mapping[str, FileObject], key: str,
+                   w: _Warnings) -> tuple[tuple[tuple[str, bytes], ...], tuple[str, ...]]:
+    """``build.secrets`` (the Compose Specification's: a top-level secret's key, or
+    ``{source, target}`` — ``target`` the id the Dockerfile's ``RUN --mount=type=secret``
+    uses, default the source) → ((id, bytes)..., the sources), as `image build --secret
+    id=TARGET,src=...`.
+    ``uid``/``gid``/``mode`` are the RUN's ``--mount`` options in a build: warned, not
+    applied. An external secret's bytes are the cluster's, not the CLI's: refused."""
+    from shoal.runtime.dockerfile import SECRET_ID
+
+    if not isinstance(raw, list):
+        raise ComposeError(path, "must be a list of secret names or {source, target}")
+    out: dict[str, bytes] = {}
+    sources: list[str] = []
+    for i, item in enumerate(raw):
+        where = f"{path}[{i}]"
+        if isinstance(item, str):
+            source, target = item, item
+        else:
+            m = as_map(item, where)
+            for k in m:
+                if k in ("uid", "gid", "mode"):
+                    w.add(f"build.secrets.{k}", "not applied: a build secret's owner and mode "
+                          "are its RUN --mount=type=secret's uid=, gid=, mode=", key)
+                elif k not in ("source", "target") and not k.startswith("x-"):
+                    raise ComposeError(f"{where}.{k}", "unknown key (a build secret takes "
+                                       "source, target, uid, gid, mode)")
+            source = as_str(m.get("source"), f"{where}.source")
+            target = as_str(m.get("target") or source, f"{where}.target")
+        obj = secrets.get(source)
+        if obj is None:
+            raise ComposeError(where, f"no secret {source!r} in the file's top-level secrets:")
+        if obj.data is None:
+            raise ComposeError(where, f"secret {source!r} is external: its content is the "
+                               "cluster's, and a build needs it from the file (file: or "
+                               "environment:)")
+        if not SECRET_ID.fullmatch(target):
+            raise ComposeError(f"{where}.target", f"{target!r} is not a secret id (letters, "
+                               "digits, '_', '.', '-')")
+        from shoal.runtime.buildmounts import MAX_SECRET
+
+        if len(obj.data) > MAX_SECRET:
+            raise ComposeError(where, f"secret {source!r} is more than {MAX_SECRET} bytes "
+                               "(500 KiB, BuildKit's limit for a build secret)")
+        out[target] = obj.data
+        sources.append(source)
+    return tuple(out.items()), tuple(sources)
 
 
 def check_paths(b: BuildSpec) -> None:
@@ -209,7 +274,8 @@ def build_all(c: Any, builds: list[BuildSpec], show: Callable[[str], Any],
         try:
             final = build_image(c, str(b.context), dockerfile, tags=(b.name, *b.tags),
                                 build_args=b.args, labels=b.labels, no_cache=b.no_cache,
-                                network=b.network, target=b.target, show=show)
+                                network=b.network, target=b.target,
+                                secrets=dict(b.secrets), show=show)
         except CliError as exc:
             raise CliError(f"{b.path}: {exc} (nothing deployed)") from None
         finally:

@@ -2,7 +2,8 @@
 ``shoal registry login/logout``).
 
 Owns: the handlers of ``/v1/images`` (ls, load/import, rm, tag, pull, push, build, prune,
-the pulls in flight), ``/v1/builder/prune`` (the build cache: shoal.runtime.buildcache) and
+the pulls in flight; a build's secrets: the body's first bytes, read into memory),
+``/v1/builder/prune`` (the build cache: shoal.runtime.buildcache) and
 ``/v1/registries`` — taking each request apart, then the image store
 (shoal.runtime.images, blocking: run in a thread), the registries (shoal.node.registries:
 credentials, pulls, pushes) or the builder (shoal.runtime.build). Must not touch: the store's
@@ -85,6 +86,29 @@ class _ToResponse:
 
     def flush(self) -> None:
         """(tarfile's stream mode flushes nothing itself)"""
+
+
+#: the header of a build request whose body starts with its secrets (``--secret``): their
+#: part's length in bytes; the build context's tar follows
+SECRETS_HEADER = "X-Shoal-Build-Secrets"
+
+
+async def _secrets_part(req: web.Request) -> bytes:
+    """The first bytes of a build's body that ``SECRETS_HEADER`` says are its secrets, read
+    into memory (never a file); b"" without the header. BadRequest for a bad length."""
+    from shoal.runtime.buildmounts import MAX_SECRET, MAX_SECRETS
+
+    text = req.headers.get(SECRETS_HEADER, "")
+    if not text:
+        return b""
+    most = MAX_SECRETS * (MAX_SECRET * 4 // 3 + 200)  # (base64 and JSON around)
+    if not text.isdigit() or not 0 < int(text) <= most:
+        raise BadRequest(f"{SECRETS_HEADER} must be the secrets part's length (1 to {most} "
+                         "bytes)", "secret")
+    try:
+        return await req.content.readexactly(int(text))
+    except asyncio.IncompleteReadError:
+        raise BadRequest("the body ended inside its secrets part", "secret") from None
 
 
 def handlers(images: ImageStore, runtime: Controller, registries: Registries,
@@ -190,9 +214,11 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
 
     async def build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
         from shoal.runtime import build as build_mod
+        from shoal.runtime.buildmounts import read_secrets
 
         try:
             opts = build_mod.options_from_query(req.query)
+            opts.secrets = read_secrets(await _secrets_part(req))
         except build_mod.BuildError as exc:
             raise BadRequest(str(exc), exc.field) from None
         builder = build_mod.Builder(runtime, images, images.root.parent / "build",

@@ -317,7 +317,10 @@ ROUTES: tuple[Route, ...] = (
           "cache mount; a step record whose layers no tagged or used image has). `deleted`: "
           "the records' ids; `reclaimed`: bytes freed. Admin role"),
     Route("POST", "/v1/images/build", "image_build", "build an image from a Dockerfile "
-          "(`image build`); the body is the build context as a tar", "images",
+          "(`image build`); the body is the build context as a tar — after the build's "
+          "secrets (`--secret`) when the `X-Shoal-Build-Secrets` header gives their part's "
+          "length: JSON `{\"ID\": \"base64\"}`, at most 64, each at most 500 KiB, "
+          "kept in memory only", "images",
           content="application/x-ndjson",
           query=(Param("t", STR, "NAME:TAG to tag the result with (repeatable)"),
                  Param("dockerfile", STR, "the Dockerfile's path in the context"),

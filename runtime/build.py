@@ -30,7 +30,9 @@ removed (``image prune``) is a miss.
 RUN: a task (``TaskConfig``: the parent image, the stage's SHELL — ``/bin/sh -c`` until a
 SHELL — with CMD, or the exec form, the image's Env + the build args in scope, WorkingDir,
 User) started and waited for through the runtime's Controller interface; its output is
-streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs), heredocs
+streamed; a non-zero exit fails the build. Its ``--mount``s (cache, bind, tmpfs, secret:
+the build's ``--secret``s, ``BuildOptions.secrets``, read from the request by
+``read_secrets`` and held in memory only), heredocs
 and the mount points to leave out of its layer are shoal.runtime.buildmounts'; a RUN's cache
 key holds its mounts' options and what its binds take, and a heredoc's text. Its network is
 the build's ``--network`` (shoal.runtime.buildnet): by default the node's task network, with an
@@ -76,6 +78,7 @@ from shoal.runtime.buildmounts import (
     remove_stubs,
     run_argv,
     run_mounts,
+    secret_files,
     stub_paths,
 )
 from shoal.runtime.buildnet import RunNetwork, check_network
@@ -141,6 +144,9 @@ class BuildOptions:
     target: str = ""
     # --network: RUN's network, "default" | "none" | "host" (shoal.runtime.buildnet)
     network: str = "default"
+    # --secret: id -> its bytes, for RUN --mount=type=secret (kept in memory only; never in
+    # a repr, a log, the cache key, a layer or the image config)
+    secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -371,7 +377,7 @@ class Builder:
             return
         new_layer: tuple[str, int] | None = None
         if ins.cmd == "RUN":
-            new_layer = await self._run(ins, st, emit, opts.network, ctx, stage, froms)
+            new_layer = await self._run(ins, st, emit, opts, ctx, stage, froms)
         elif ins.cmd in ("COPY", "ADD"):
             if ins in stage.copy_from:
                 layers = self.store.layer_dirs(source) if source is not None else []
@@ -622,12 +628,13 @@ class Builder:
 
     # -- RUN
 
-    async def _run(self, ins: Instruction, st: _State, emit: Emit, network: str,
+    async def _run(self, ins: Instruction, st: _State, emit: Emit, opts: BuildOptions,
                    ctx: Path, stage: Stage, froms: Mapping[int | str, str]
                    ) -> tuple[str, int] | None:
         """A RUN as a task, its mounts (shoal.runtime.buildmounts) made for it; its layer."""
         import asyncio
 
+        network = opts.network
         if not st.layers:
             raise BuildError("RUN needs a base image with a shell (not FROM scratch)", ins.line)
         mounts, run_net, command = run_flags(ins, {**st.args, **st.config.env},
@@ -650,8 +657,11 @@ class Builder:
                     raise BuildError(f"RUN: {exc}: build with --network none or host",
                                      ins.line) from None
         files.update(script)
+        argv, secret = secret_files(ins, mounts, opts.secrets, argv)
+        files.update(secret)
         lower = self._lower_dirs(st)
-        stubs = stub_paths(lower, [m.target for m in mounts] + sorted(files))
+        stubs = stub_paths(lower, [m.target for m in mounts if m.type != "secret"]
+                           + sorted(files))
 
         def layers(m: RunMount) -> list[Path]:  # (a from='s image: its layers)
             image = froms.get(stage.mount_from.get(ins, {}).get(m.from_, ""), "")

@@ -42,6 +42,7 @@ from typing import Any
 from shoal.runtime.buildstages import LayeredFS
 from shoal.runtime.dockerfile import (
     DEFAULT_SHELL,
+    SECRET_ID,
     Heredoc,
     Instruction,
     RunMount,
@@ -57,6 +58,10 @@ from shoal.runtime.rootfs import MountSpec
 
 #: Where a heredoc script with a ``#!`` line is put for its RUN (a mount point: not layered).
 SCRIPT_DIR = "/.shoal-heredoc"
+#: Where a RUN whose secrets are variables (``env=``) gets them and the script that sets them
+SECRET_ENV_DIR = "/.shoal-secret-env"
+#: BuildKit's cap on one secret's size (``--secret``): 500 KiB
+MAX_SECRET = 500 << 10
 
 # cache directories in use by RUNs of this process: path -> (RUNs using it, its lock)
 _BUSY: dict[str, int] = {}
@@ -96,6 +101,76 @@ def run_argv(ins: Instruction, command: str, shell: Sequence[str]
     for doc in ins.heredocs:
         full += "\n" + doc.content + doc.name
     return [*shell, full], {}
+
+
+def secret_files(ins: Instruction, mounts: Sequence[RunMount], secrets: Mapping[str, bytes],
+                 argv: Sequence[str]) -> tuple[list[str], dict[str, FileValue]]:
+    """A RUN's ``type=secret`` mounts as files of its task (TaskConfig.files: handed to the
+    launcher through its pipe, written to the task's staging tmpfs and bound read-only — never
+    on the node's disk, never in the task's config.json) and its argv: as given, or, when a
+    secret is a variable (``env=``), run by a script that reads it from such a file, exports
+    it and execs the command (a variable of the task's config would be on disk; its
+    /bin/sh and cat are the image's). A required secret the build lacks: BuildError naming
+    the line (never its value); another one is skipped (BuildKit's)."""
+    files: dict[str, FileValue] = {}
+    exports: list[str] = []
+    for m in mounts:
+        if m.type != "secret":
+            continue
+        value = secrets.get(m.id)
+        if value is None:
+            if m.required:
+                raise BuildError(f"RUN --mount=type=secret: secret {m.id!r} is required and "
+                                 f"the build was given none of that id (--secret id={m.id},"
+                                 "...)", ins.line)
+            continue
+        if m.target:
+            files[m.target] = (value, m.mode, m.uid, m.gid)
+        if m.env:
+            path = f"{SECRET_ENV_DIR}/{len(exports)}"
+            files[path] = (value, 0o400)  # (the task's user's: the script reads it as them)
+            exports.append(f'{m.env}="$(cat {path}; echo .)"; {m.env}="${{{m.env}%.}}"; '
+                           f"export {m.env}")
+    if not exports:
+        return list(argv), files
+    script = "#!/bin/sh\n" + "\n".join(exports) + '\nexec "$@"\n'
+    files[f"{SECRET_ENV_DIR}/env"] = (script.encode(), 0o555)
+    return [f"{SECRET_ENV_DIR}/env", *argv], files
+
+
+#: ``--secret``s in one build request, at most (each at most MAX_SECRET bytes)
+MAX_SECRETS = 64
+
+
+def read_secrets(raw: bytes) -> dict[str, bytes]:
+    """The build's secrets from the request's secrets part (JSON ``{"ID": base64}``, the
+    body's first bytes, never a query: nothing of them in an access log), each id and size
+    checked; BuildError with ``field="secret"`` naming the secret, never quoting a value."""
+    import base64
+    import binascii
+
+    try:
+        doc = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BuildError("the secrets part is not JSON", field="secret") from None
+    if not isinstance(doc, dict) or len(doc) > MAX_SECRETS:
+        raise BuildError(f"the secrets part must map at most {MAX_SECRETS} ids to base64 "
+                         "values", field="secret")
+    out: dict[str, bytes] = {}
+    for sid, value in doc.items():
+        if not SECRET_ID.fullmatch(sid):
+            raise BuildError(f"secret id {sid[:140]!r} is not one (letters, digits, '_', '.', "
+                             "'-'; at most 128)", field="secret")
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            out[sid] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise BuildError(f"secret {sid}: its value is not base64", field="secret") from None
+        if len(out[sid]) > MAX_SECRET:
+            raise BuildError(f"secret {sid} is {len(out[sid])} bytes: at most {MAX_SECRET} "
+                             "(500 KiB, BuildKit's limit)", field="secret")
+    return out
 
 
 def copy_heredocs(ins: Instruction, args: str, env: Mapping[str, str], into: Path
@@ -174,6 +249,8 @@ async def run_mounts(ins: Instruction, mounts: Sequence[RunMount], ctx: Path, bu
     async with contextlib.AsyncExitStack() as stack:
         specs: list[MountSpec] = []
         for m in mounts:
+            if m.type == "secret":  # (files of the task: secret_files)
+                continue
             if m.type == "tmpfs":
                 specs.append(MountSpec("tmpfs", m.target, tmpfs_size=m.size))
             elif m.type == "cache":
@@ -355,7 +432,8 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
             if p not in seen:
                 seen.add(p)
                 out.append(p)
-    return out
+    # (children first across targets too: /new/a, /new, then /new/b would leave /new)
+    return sorted(out, key=lambda p: -p.count("/"))
 
 
 def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:

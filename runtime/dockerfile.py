@@ -200,10 +200,14 @@ def parse_shell(ins: Instruction) -> tuple[str, ...]:
     return tuple(argv)
 
 
-#: RUN --mount types shoal builds; BuildKit's secret and ssh are refused by name.
-MOUNT_TYPES = ("bind", "cache", "tmpfs")
+#: RUN --mount types shoal builds; BuildKit's ssh is refused by name.
+MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret")
 _MOUNT_KEYS = {"type", "target", "source", "from", "id", "sharing", "mode", "uid", "gid",
-               "readonly", "rw", "size"}
+               "readonly", "rw", "size", "required", "env"}
+#: a build secret's id (``--secret id=``, ``--mount=type=secret,id=``): BuildKit takes any
+#: string; shoal a name that is also a file name and an environment variable's characters
+SECRET_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MOUNT_ALIASES = {"dst": "target", "destination": "target", "src": "source", "ro": "readonly",
                   "readwrite": "rw", "tmpfs-size": "size"}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -213,17 +217,21 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 <
 class RunMount:
     """One ``RUN --mount=...`` (BuildKit's), its values expanded."""
 
-    type: str  # "bind" | "cache" | "tmpfs"
-    target: str  # absolute path in the RUN (a relative one is the WORKDIR's), normalised
+    type: str  # "bind" | "cache" | "tmpfs" | "secret"
+    # absolute path in the RUN (a relative one is the WORKDIR's), normalised; secret: default
+    # /run/secrets/ID, "" when only ``env=`` is given (no file then)
+    target: str
     source: str = ""  # bind: a path of the context or of ``from``; cache: of ``from``
     from_: str = ""  # bind/cache: a stage (name or index) or an image; "" = the context
-    id: str = ""  # cache: its name on the node; "" = the target
+    id: str = ""  # cache: its name on the node; "" = the target; secret: the build's secret
     sharing: str = "shared"  # cache: "shared" | "private" | "locked"
-    mode: int = 0o755  # cache: the new directory's mode
-    uid: int = 0  # cache: the new directory's owner
+    mode: int = 0o755  # cache: the new directory's mode; secret: the file's (default 0400)
+    uid: int = 0  # cache: the new directory's owner; secret: the file's
     gid: int = 0
     readonly: bool = False  # bind: True unless ``rw``; cache: ``readonly``/``ro``
     size: int = 0  # tmpfs: bytes, 0 = the kernel's default
+    required: bool = False  # secret: a build without it fails (else the mount is skipped)
+    env: str = ""  # secret: also (or, without target=, only) this environment variable
 
 
 def _flag_bool(key: str, value: str | None, line: int) -> bool:
@@ -237,34 +245,31 @@ def _flag_bool(key: str, value: str | None, line: int) -> bool:
 def parse_mount(spec: str, workdir: str, line: int) -> RunMount:
     """A ``--mount`` flag's value (``type=cache,target=/root/.cache,sharing=locked``) as a
     RunMount; BuildError naming the line for an unknown type or key, a missing target, a bad
-    value. ``secret`` and ``ssh`` are refused (shoal's builder takes no secrets)."""
+    value. ``secret``: ``id`` (default the target's base name), ``target`` (default
+    /run/secrets/ID), ``env``, ``required``, ``mode`` (default 0400), ``uid``, ``gid``
+    (BuildKit's). ``ssh`` is refused (shoal's builder forwards no SSH agent)."""
     opts: dict[str, str | None] = {}
     for item in (f.strip() for f in spec.split(",")):
         if not item:
             continue
         key, sep, value = item.partition("=")
         key = _MOUNT_ALIASES.get(key.lower(), key.lower())
-        if key not in _MOUNT_KEYS and key not in ("required", "env"):
+        if key not in _MOUNT_KEYS:
             raise BuildError(f"RUN --mount: unknown option {key!r}", line)
         opts[key] = value if sep else None
     kind = opts.get("type") or "bind"
-    if kind in ("secret", "ssh"):
-        raise BuildError(f"RUN --mount=type={kind} is not supported: shoal's builder takes no "
-                         "secrets or SSH agents (use a build arg, or COPY the file in an "
-                         "earlier stage)", line)
+    if kind == "ssh":
+        raise BuildError("RUN --mount=type=ssh is not supported: shoal's builder forwards no "
+                         "SSH agent (use --mount=type=secret for a key or a token)", line)
+    if kind == "secret":
+        return _secret_mount(opts, workdir, line)
     if kind not in MOUNT_TYPES:
         raise BuildError(f"RUN --mount: unknown type {kind!r} (shoal builds "
                          f"{', '.join(MOUNT_TYPES)})", line)
     target = opts.get("target")
     if not target:
         raise BuildError(f"RUN --mount=type={kind} needs target=PATH", line)
-    path = posixpath.normpath(posixpath.join("/", workdir or "/", target))
-    if path.startswith("//"):
-        path = path[1:]
-    if path == "/" or "\0" in path or any(path == d or path.startswith(d + "/")
-                                          for d in ("/proc", "/sys", "/dev")):
-        raise BuildError(f"RUN --mount: target {target!r} cannot be / or under /proc, /sys, "
-                         "/dev", line)
+    path = _mount_target(target, workdir, line)
     allowed = {"bind": {"source", "from", "readonly", "rw"},
                "cache": {"source", "from", "id", "sharing", "mode", "uid", "gid", "readonly"},
                "tmpfs": {"size"}}[kind] | {"type", "target"}
@@ -298,6 +303,46 @@ def parse_mount(spec: str, workdir: str, line: int) -> RunMount:
                     opts.get("id") or "", sharing, mode, uid, gid, readonly, size)
 
 
+def _mount_target(target: str, workdir: str, line: int) -> str:
+    path = posixpath.normpath(posixpath.join("/", workdir or "/", target))
+    if path.startswith("//"):
+        path = path[1:]
+    if path == "/" or "\0" in path or any(path == d or path.startswith(d + "/")
+                                          for d in ("/proc", "/sys", "/dev")):
+        raise BuildError(f"RUN --mount: target {target!r} cannot be / or under /proc, /sys, "
+                         "/dev", line)
+    return path
+
+
+def _secret_mount(opts: Mapping[str, str | None], workdir: str, line: int) -> RunMount:
+    """``--mount=type=secret,...`` (BuildKit's): its id, file, variable, owner and mode."""
+    allowed = {"type", "id", "target", "env", "required", "mode", "uid", "gid"}
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise BuildError(f"RUN --mount=type=secret: option {bad[0]!r} is not one of its "
+                         f"({', '.join(sorted(allowed))})", line)
+    target, env = opts.get("target") or "", opts.get("env") or ""
+    sid = opts.get("id") or posixpath.basename(target.rstrip("/"))
+    if not SECRET_ID.fullmatch(sid):
+        raise BuildError(f"RUN --mount=type=secret: id {sid!r} is not a secret id (letters, "
+                         "digits, '_', '.', '-'; at most 128)" if sid else
+                         "RUN --mount=type=secret needs id=NAME (or target=PATH)", line)
+    if env and not _ENV_NAME.fullmatch(env):
+        raise BuildError(f"RUN --mount=type=secret: env={env} is not a variable name", line)
+    path = _mount_target(target or f"/run/secrets/{sid}", workdir, line) \
+        if target or not env else ""
+    try:
+        mode = int(opts.get("mode") or "400", 8)
+        uid, gid = int(opts.get("uid") or 0), int(opts.get("gid") or 0)
+        if not 0 <= mode <= 0o7777 or not 0 <= uid < 2**32 - 1 or not 0 <= gid < 2**32 - 1:
+            raise ValueError("mode (octal, to 7777), uid and gid must be 0 to 4294967294")
+    except ValueError as exc:
+        raise BuildError(f"RUN --mount: bad value: {exc}", line) from None
+    required = "required" in opts and _flag_bool("required", opts["required"], line)
+    return RunMount("secret", path, id=sid, mode=mode, uid=uid, gid=gid, readonly=True,
+                    required=required, env=env)
+
+
 def run_flags(ins: Instruction, env: Mapping[str, str] | None = None, workdir: str = "/"
               ) -> tuple[list[RunMount], str, str]:
     """A RUN's flags — ``--mount=`` (several), ``--network=`` (``default``, ``none``,
@@ -324,7 +369,7 @@ def run_flags(ins: Instruction, env: Mapping[str, str] | None = None, workdir: s
         else:
             raise BuildError(f"RUN: unsupported flag {flag} (shoal's RUN takes --mount= and "
                              "--network=default|none|host)", ins.line)
-    targets = [m.target for m in mounts]
+    targets = [m.target for m in mounts if m.target]
     if len(set(targets)) != len(targets):
         raise BuildError("RUN: two --mount on one target", ins.line)
     return mounts, network, text

@@ -263,3 +263,60 @@ def test_a_build_whose_client_goes_away_during_a_silent_run_is_cancelled(
     client.kill()
     client.wait()
     wait_until(lambda: not held(), timeout=15, what="the silent RUN cancelled and released")
+
+
+SECRET_DOCKERFILE = """\
+FROM busybox:1
+RUN --mount=type=secret,id=npmrc cat /run/secrets/npmrc > /dev/null \\
+    && test -s /run/secrets/npmrc && sha256sum /run/secrets/npmrc | cut -d' ' -f1 > /h1
+RUN --mount=type=secret,id=tok,env=TOK printf %s "$TOK" | sha256sum | cut -d' ' -f1 > /h2
+"""
+
+
+def test_build_secrets_go_in_the_request_and_are_left_nowhere(lab: Lab,
+                                                              tmp_path: Path) -> None:
+    """`image build --secret id=npmrc,src=FILE --secret id=tok,env=TOK` through the agent's
+    API: the RUNs saw the right bytes (their hashes are in the image), and nothing of the
+    node's data directory (layers, blobs, configs, the step cache, task directories, the
+    agent's log) nor the build's output holds them; a bad --secret is refused naming it."""
+    import hashlib
+
+    h1 = lab.hosts[0]
+    if "busybox:1" not in {t for i in h1.cli_json("image", "ls") for t in i["tags"]}:
+        h1.cli("image", "import", "busybox:1", str(busybox_rootfs(tmp_path / "bb")))
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(SECRET_DOCKERFILE)
+    npmrc, tok = b"//registry/:_authToken=npm-5ec4e7\n", "ghp-0a1b2c3d4e5f"
+    (tmp_path / "npmrc").write_bytes(npmrc)
+    res = h1.run("env", f"TOK={tok}", *h1.shoal_argv, "-H", f"unix://{h1.sock}", "image",
+                 "build", "-t", "sec:1", "--secret", f"id=npmrc,src={tmp_path / 'npmrc'}",
+                 "--secret", "id=tok,env=TOK", str(ctx), timeout=120)
+    assert "0/3 steps from the cache" in res.stdout, res.stdout
+    h1.cli("service", "create", "--name", "sec", "--image", "sec:1", "--", "sh", "-c",
+           "cat /h1 /h2; sleep 1000")
+    want = [hashlib.sha256(npmrc).hexdigest(), hashlib.sha256(tok.encode()).hexdigest()]
+    wait_until(lambda: all(w in h1.cli("service", "logs", "sec").stdout for w in want),
+               timeout=60, what="the hashes of the secrets")
+    h1.cli("service", "rm", "sec")
+    for needle in (b"npm-5ec4e7", tok.encode()):
+        assert needle.decode() not in res.stdout + res.stderr
+        hits = [str(p) for p in h1.data_dir.rglob("*") if p.is_file() and not p.is_symlink()
+                and not p.is_socket() and needle in p.read_bytes()]
+        assert hits == [], hits
+    bad = h1.cli("image", "build", "--secret", "id=x,env=SHOAL_NOT_SET_ANYWHERE", str(ctx),
+                 check=False)
+    assert bad.returncode != 0 and "SHOAL_NOT_SET_ANYWHERE is not set" in bad.stderr
+    # the agent refuses a bad secrets part naming the field, and keeps answering
+    import subprocess
+
+    for header, body, words in (("x1", b"", "X-Shoal-Build-Secrets must be"),
+                                ("10", b'{"a":"!!"}', "secret a: its value is not base64"),
+                                ("20", b"{}", "the body ended inside its secrets part")):
+        out = subprocess.run(["curl", "-s", "--unix-socket", str(h1.sock), "-H",
+                              f"X-Shoal-Build-Secrets: {header}", "--data-binary", "@-",
+                              "http://agent/v1/images/build"], input=body,
+                             capture_output=True, timeout=30, check=True).stdout
+        err = json.loads(out)["error"]
+        assert err["field"] == "secret" and words in err["message"], err
+    assert h1.cli_json("image", "ls")

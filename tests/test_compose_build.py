@@ -43,7 +43,8 @@ class FakeAgent:
 
     def __init__(self, image_id: str = ID1, error: str = "") -> None:
         self.image_id, self.error = image_id, error
-        self.builds: list[dict[str, Any]] = []  # {"query", "files": {name: bytes}}
+        # {"query", "files": {name: bytes}, "secrets": {id: base64}}
+        self.builds: list[dict[str, Any]] = []
         self.tags: dict[str, str] = {}
         self.services: dict[str, dict[str, Any]] = {}
         self.writes: list[tuple[str, str]] = []
@@ -51,11 +52,15 @@ class FakeAgent:
     def stream(self, path: str, method: str = "GET", body: Any = None,
                headers: Any = None) -> Iterator[dict[str, Any]]:
         assert (method, urlsplit(path).path) == ("POST", "/v1/images/build")
-        with tarfile.open(fileobj=io.BytesIO(body.read())) as tar:
+        raw = body.read()
+        head = int((headers or {}).get("X-Shoal-Build-Secrets", 0))
+        assert len(raw) == int(headers["Content-Length"])
+        secrets, raw = (json.loads(raw[:head]) if head else {}), raw[head:]
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             files = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
                      for m in tar.getmembers() if m.isfile()}
         query = parse_qsl(urlsplit(path).query)
-        self.builds.append({"query": query, "files": files})
+        self.builds.append({"query": query, "files": files, "secrets": secrets})
         yield {"stream": "Step 1/1 : FROM busybox:1"}
         if self.error:
             yield {"error": self.error, "line": 1}
@@ -173,6 +178,55 @@ services:
     with pytest.raises(ComposeError, match=r"^services.web.image: a built image is tagged"):
         load_stack("app", [project(tmp_path, "services:\n  web: {build: ., image: "
                                    f"'x@{ID1}'}}\n")], {})
+
+
+def test_build_secrets_are_the_top_level_secrets_sent_with_the_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``build.secrets`` (short and long form) → `image build --secret`'s: the bytes of the
+    file's top-level secrets (file: and environment:) go in the build request under the id
+    the Dockerfile uses (``target``), never in its query; a secret only builds use is not
+    created in the cluster, one a service uses too is."""
+    import base64
+
+    path = project(tmp_path, """
+services:
+  web:
+    build:
+      context: .
+      secrets: [npmrc, {source: token, target: gh, mode: 0400}]
+    secrets: [shared]
+  api: {build: {context: ., secrets: [shared]}}
+secrets:
+  npmrc: {file: ./npmrc.txt}
+  token: {environment: GH_TOKEN}
+  shared: {file: ./npmrc.txt}
+""", {"Dockerfile": "FROM busybox:1\n", "npmrc.txt": "npm-auth-bytes\n"})
+    st = load_stack("app", [path], {"GH_TOKEN": "ghp-secret"})
+    assert [o.key for o in st.secrets] == ["shared"]
+    assert st.warnings == ["build.secrets.mode: not applied: a build secret's owner and mode "
+                           "are its RUN --mount=type=secret's uid=, gid=, mode= (service web)"]
+    assert "npm-auth-bytes" not in repr(st.builds)
+    agent = FakeAgent()
+    monkeypatch.setenv("GH_TOKEN", "ghp-secret")
+    deploy(agent, path)
+    sent = [{k: base64.b64decode(v) for k, v in b["secrets"].items()} for b in agent.builds]
+    assert sent == [{"npmrc": b"npm-auth-bytes\n", "gh": b"ghp-secret"},
+                    {"shared": b"npm-auth-bytes\n"}]
+    assert not any("secret" in str(b["query"]) for b in agent.builds)
+    for build, error in (
+            ("{secrets: [nope]}", "services.web.build.secrets[0]: no secret 'nope'"),
+            ("{secrets: [ext]}", "services.web.build.secrets[0]: secret 'ext' is external"),
+            ("{secrets: [{source: s, target: 'a/b'}]}",
+             "services.web.build.secrets[0].target: 'a/b' is not a secret id"),
+            ("{secrets: [{source: s, colour: red}]}",
+             "services.web.build.secrets[0].colour: unknown key"),
+            ("{secrets: s}", "services.web.build.secrets: must be a list")):
+        with pytest.raises(ComposeError) as exc:
+            load_stack("app", [project(tmp_path, f"services:\n  web: {{build: {build}}}\n"
+                                       "secrets:\n  ext: {external: true}\n"
+                                       "  s: {file: ./npmrc.txt}\n",
+                                       {"npmrc.txt": "x", "Dockerfile": "FROM a\n"})], {})
+        assert str(exc.value).startswith(error), (build, str(exc.value))
 
 
 def test_stack_config_prints_build_as_written(tmp_path: Path, capsys: Any) -> None:
