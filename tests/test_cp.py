@@ -147,3 +147,71 @@ def test_a_crafted_archive_from_a_task_writes_nothing_outside_the_destination(
         assert list(outside.iterdir()) == [], err.value
     assert not (tmp_path / "dest").exists() and [p.name for p in tmp_path.iterdir()] == [
         "outside"]  # (no staging directory left either)
+
+
+def _crafted(*members: tarfile.TarInfo, data: bytes = b"evil\n") -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for info in members:
+            if info.isreg():
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+            else:
+                t.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "",
+            mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    return info
+
+
+def test_a_hard_link_in_a_tasks_archive_never_reaches_a_file_outside(tmp_path: Path) -> None:
+    """tarfile's ``tar`` filter (Python before 3.12.11/3.13.4) checks no hard link's target:
+    ``x/h`` linked to an absolute path outside became that file in the staging directory, the
+    member's mode was set on it, and a regular ``x/h`` after it wrote through it."""
+    from shoal.cli.cp import unpack
+
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    for target in (str(victim), "../victim", "x/../../victim"):
+        buf = _crafted(_member("x", tarfile.DIRTYPE, mode=0o755),
+                       _member("x/h", tarfile.LNKTYPE, target, mode=0o755), _member("x/h"))
+        with pytest.raises(Exception, match="refused") as err:
+            unpack(buf, tmp_path / "dest", "x", False, False)
+        assert err.type.__name__ == "CliError"
+        assert victim.read_text() == "secret\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+    # a hard link to a file of the archive itself still unpacks
+    buf = _crafted(_member("x", tarfile.DIRTYPE, mode=0o755), _member("x/a"),
+                   _member("x/h", tarfile.LNKTYPE, "x/a"))
+    unpack(buf, tmp_path / "dest", "x", False, False)
+    assert (tmp_path / "dest" / "h").read_text() == "evil\n"
+
+
+def test_a_second_copy_never_writes_through_links_the_first_one_left(tmp_path: Path) -> None:
+    """A task's links are kept as links (as Docker's cp does), so copying again into the same
+    place must replace them, never write through them: the first copy leaves DEST/f ->
+    victim and DEST/sub -> outside, the second sends f and sub/g as a file and a directory."""
+    from shoal.cli.cp import unpack
+
+    outside, victim = tmp_path / "outside", tmp_path / "victim"
+    outside.mkdir()
+    victim.write_text("secret\n")
+    dest = tmp_path / "dest"
+    first = _crafted(_member(".", tarfile.DIRTYPE, mode=0o755),
+                     _member("./f", tarfile.SYMTYPE, str(victim)),
+                     _member("./sub", tarfile.SYMTYPE, str(outside)))
+    unpack(first, dest, ".", True, False)
+    assert os.readlink(dest / "f") == str(victim)
+    second = _crafted(_member(".", tarfile.DIRTYPE, mode=0o755), _member("./f"),
+                      _member("./sub", tarfile.DIRTYPE, mode=0o755), _member("./sub/g"))
+    unpack(second, dest, ".", True, False)
+    assert victim.read_text() == "secret\n" and list(outside.iterdir()) == []
+    assert (dest / "f").read_text() == "evil\n" and not (dest / "f").is_symlink()
+    assert (dest / "sub" / "g").read_text() == "evil\n" and not (dest / "sub").is_symlink()
+
