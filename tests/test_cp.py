@@ -215,3 +215,18 @@ def test_a_second_copy_never_writes_through_links_the_first_one_left(tmp_path: P
     assert (dest / "f").read_text() == "evil\n" and not (dest / "f").is_symlink()
     assert (dest / "sub" / "g").read_text() == "evil\n" and not (dest / "sub").is_symlink()
 
+
+
+def test_archive_keeps_the_owners_of_a_directorys_files_copied_out(tmp_path: Path) -> None:
+    """``-a`` out of a task: a directory's files keep the uid/gid the task's tar gave them
+    (a copy of the staging tree gave every file the caller's)."""
+    from shoal.cli.cp import unpack
+
+    if os.getuid() != 0:
+        pytest.skip("only root can give a file another owner")
+    owned = _member("x/f")
+    owned.uid = owned.gid = 1234
+    unpack(_crafted(_member("x", tarfile.DIRTYPE, mode=0o755), owned), tmp_path / "dest", "x",
+           False, True)
+    st = (tmp_path / "dest" / "f").stat()
+    assert (st.st_uid, st.st_gid) == (1234, 1234)
