@@ -28,10 +28,12 @@ Errors: CliError naming the path that is missing or of the wrong kind, or tar's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import posixpath
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -151,16 +153,47 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
     return size
 
 
-def _untrusted(member: tarfile.TarInfo, path: str, keep_owner: bool) -> tarfile.TarInfo:
-    """tarfile's ``tar`` filter (no absolute names, nothing out of the destination, no
-    setuid), devices and FIFOs refused, and the owner this user's unless ``keep_owner``."""
-    if member.ischr() or member.isblk() or member.isfifo():
-        raise tarfile.SpecialFileError(member)  # ("NAME is a special file")
-    member = tarfile.tar_filter(member, path)
-    if not keep_owner:
-        member = member.replace(uid=os.getuid(), gid=os.getgid(), uname="", gname="",
-                                deep=False)
-    return member
+class _Untrusted:
+    """The filter for one archive from a task: tarfile's ``tar`` filter (no absolute names,
+    nothing out of the destination, no setuid), devices and FIFOs refused, the owner this
+    user's unless ``keep_owner`` — and, by name alone (not trusting realpath, which Python
+    before 3.12.11 lets long link chains fool): no ``..``, nothing under or over a link of the
+    archive, and a hard link only to a regular file unpacked before it (the ``tar`` filter
+    checks no hard link: one to /etc/shadow was linked, chmodded and written through)."""
+
+    def __init__(self, keep_owner: bool) -> None:
+        self.keep_owner = keep_owner
+        self.links: set[str] = set()
+        self.files: set[str] = set()
+
+    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        if member.ischr() or member.isblk() or member.isfifo():
+            raise tarfile.SpecialFileError(member)  # ("NAME is a special file")
+        member = tarfile.tar_filter(member, path)
+        name = _plain(member, member.name)
+        parts = name.split("/")
+        if name in self.links or any("/".join(parts[:i]) in self.links
+                                     for i in range(1, len(parts))):
+            raise tarfile.OutsideDestinationError(member, name)
+        if member.islnk():
+            if _plain(member, member.linkname) not in self.files:
+                raise tarfile.LinkOutsideDestinationError(member, member.linkname)
+        if member.issym() or member.islnk():
+            self.links.add(name)
+        elif member.isreg():
+            self.files.add(name)
+        if not self.keep_owner:
+            member = member.replace(uid=os.getuid(), gid=os.getgid(), uname="", gname="",
+                                    deep=False)
+        return member
+
+
+def _plain(member: tarfile.TarInfo, name: str) -> str:
+    """``name`` normalised, refused if absolute or climbing with ``..``."""
+    norm = posixpath.normpath(name)
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or "/../" in norm:
+        raise tarfile.OutsideDestinationError(member, name)
+    return norm
 
 
 def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bool) -> None:
@@ -176,22 +209,68 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
     try:
         with tarfile.open(fileobj=tar, mode="r|") as archive:
             try:
-                archive.extractall(staging, filter=lambda m, p: _untrusted(m, p, keep_owner))
+                archive.extractall(staging, filter=_Untrusted(keep_owner))
             except (tarfile.FilterError, tarfile.SpecialFileError) as exc:
                 raise CliError(f"refused what the task sent: {exc}") from None
         got = staging if contents else staging / name
         if not (got.exists() or got.is_symlink()):
             raise CliError(f"refused what the task sent: its archive did not hold {name!r}")
         if got.is_dir() and not got.is_symlink():
+            if into_dir and target.is_symlink():  # (DEST/NAME is the task's name: a link
+                target.unlink()                     # there is replaced, never followed)
             if target.exists() and not target.is_dir():
                 raise CliError(f"cannot copy a directory onto the file {target}")
-            shutil.copytree(got, target, symlinks=True, dirs_exist_ok=True)
+            _merge(got, target)
         else:
             if target.is_dir() and not target.is_symlink():
                 raise CliError(f"cannot copy a file onto the directory {target}")
             os.replace(got, target)
     finally:
+        _make_removable(staging)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Copy the unpacked directory ``src`` into ``dst`` as tar places entries: a directory
+    merges into a directory there, anything else replaces what is there — a link at ``dst``'s
+    entries (a previous copy's) is replaced, never followed. Modes, times and (as root) owners
+    come with it; a directory the task sent unreadable (0000) is read all the same."""
+    st = src.lstat()
+    src.chmod(stat.S_IMODE(st.st_mode) | 0o700)
+    if not dst.is_dir():
+        dst.mkdir()
+    for entry in os.scandir(src):
+        s, d = Path(entry.path), dst / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if d.is_symlink() or (d.exists() and not d.is_dir()):
+                d.unlink()
+            _merge(s, d)
+            continue
+        if d.is_dir() and not d.is_symlink():
+            raise CliError(f"cannot copy a file onto the directory {d}")
+        if d.is_symlink() or d.exists():
+            d.unlink()
+        shutil.copy2(s, d, follow_symlinks=False)
+        _own(s.lstat(), d)
+    shutil.copystat(src, dst, follow_symlinks=False)
+    dst.chmod(stat.S_IMODE(st.st_mode))
+    _own(st, dst)
+
+
+def _own(st: os.stat_result, path: Path) -> None:
+    if os.geteuid() == 0:
+        os.lchown(path, st.st_uid, st.st_gid)
+
+
+def _make_removable(staging: Path) -> None:
+    """Owner rwx on every directory left in ``staging`` (a 0000 one from the task stops
+    rmtree of a user without CAP_DAC_OVERRIDE)."""
+    for root, dirs, _ in os.walk(staging, onerror=lambda _: None):
+        for d in dirs:
+            path = os.path.join(root, d)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
 
 
 # ------------------------------------------------------------------------------ into a task

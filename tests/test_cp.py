@@ -230,3 +230,27 @@ def test_archive_keeps_the_owners_of_a_directorys_files_copied_out(tmp_path: Pat
            False, True)
     st = (tmp_path / "dest" / "f").stat()
     assert (st.st_uid, st.st_gid) == (1234, 1234)
+
+
+
+def test_an_unreadable_directory_from_a_task_is_copied_with_its_mode(tmp_path: Path) -> None:
+    """A directory the task sends as mode 0000 is still copied out whole by a user without
+    CAP_DAC_OVERRIDE (copytree could not read it in the staging directory), gets its mode
+    at the destination, and no staging directory is left behind (rmtree could not enter
+    it). Run as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
+    import sys
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop the capabilities")
+    (tmp_path / "a.tar").write_bytes(_crafted(
+        _member("x", tarfile.DIRTYPE, mode=0o755), _member("x/locked", tarfile.DIRTYPE, mode=0),
+        _member("x/locked/f")).getvalue())
+    script = ("from pathlib import Path; from shoal.cli.cp import unpack; "
+              "unpack(open('a.tar', 'rb'), Path('dest'), 'x', False, False)")
+    res = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                          sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE((tmp_path / "dest" / "locked").stat().st_mode) == 0
+    assert (tmp_path / "dest" / "locked" / "f").read_text() == "evil\n"  # (root reads it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "dest"]
