@@ -175,9 +175,8 @@ class _Untrusted:
         if name in self.links or any("/".join(parts[:i]) in self.links
                                      for i in range(1, len(parts))):
             raise tarfile.OutsideDestinationError(member, name)
-        if member.islnk():
-            if _plain(member, member.linkname) not in self.files:
-                raise tarfile.LinkOutsideDestinationError(member, member.linkname)
+        if member.islnk() and _plain(member, member.linkname) not in self.files:
+            raise tarfile.LinkOutsideDestinationError(member, member.linkname)
         if member.issym() or member.islnk():
             self.links.add(name)
         elif member.isreg():
