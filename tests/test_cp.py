@@ -254,3 +254,22 @@ def test_an_unreadable_directory_from_a_task_is_copied_with_its_mode(tmp_path: P
     assert stat.S_IMODE((tmp_path / "dest" / "locked").stat().st_mode) == 0
     assert (tmp_path / "dest" / "locked" / "f").read_text() == "evil\n"  # (root reads it)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "dest"]
+
+
+def test_a_name_that_looks_like_an_option_is_copied_out(box: Host, tmp_path: Path) -> None:
+    """A task file named ``-rf`` (or ``--to-command=…``) is a name to tar, not an option:
+    GNU tar took it as one ("You may not specify more than one '-Acdtrux'...")."""
+    box.cli("exec", "box.1", "sh", "-c", "echo opt > /data/-rf && mkdir -p /data/--x")
+    box.cli("cp", "box.1:/data/-rf", str(tmp_path / "got"))
+    assert (tmp_path / "got").read_text() == "opt\n"
+    box.cli("cp", "box.1:/data/--x", str(tmp_path / "dir"))
+    assert (tmp_path / "dir").is_dir()
+
+
+def test_a_task_path_is_named_as_written() -> None:
+    """An absolute task path keeps one leading slash (normpath keeps POSIX's two of
+    "/" + "/etc": messages and the Successfully copied line said TASK://etc/x)."""
+    from shoal.cli.cp import _in_task
+
+    assert _in_task("/etc/x") == "/etc/x" and _in_task("etc/x/") == "/etc/x/"
+    assert _in_task("//etc/../x") == "/x" and _in_task("/") == "/"
