@@ -105,7 +105,8 @@ def _decimal(n: float) -> str:
 
 def _in_task(path: str) -> str:
     """A task path as tar in the task sees it: from its ``/``."""
-    return posixpath.normpath("/" + path) + ("/" if path.endswith("/") and path != "/" else "")
+    norm = posixpath.normpath("/" + path.lstrip("/"))  # (not "//x": normpath keeps two)
+    return norm + ("/" if path.endswith("/") and norm != "/" else "")
 
 
 def _exec(c: Client, task: str, cmd: list[str], stdin_fd: int | None,
@@ -138,7 +139,7 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
     contents = path.endswith("/.") or path == "/"
     parent, name = (path.rstrip("."), ".") if contents else posixpath.split(path.rstrip("/"))
     cmd = ["tar", "-c", "-f", "-", *(["-h"] if args.follow_link else []), "-C", parent or "/",
-           name]
+           "--", name]  # (a name like -rf is no option)
     with tempfile.TemporaryFile() as tar:
         code, stderr = _exec(c, task, cmd, None, tar)
         if code != 0:
