@@ -273,3 +273,14 @@ def test_a_task_path_is_named_as_written() -> None:
 
     assert _in_task("/etc/x") == "/etc/x" and _in_task("etc/x/") == "/etc/x/"
     assert _in_task("//etc/../x") == "/x" and _in_task("/") == "/"
+
+
+def test_follow_link_copies_the_target_under_the_links_name(box: Host, tmp_path: Path) -> None:
+    """``-L ./current`` (a link to releases/v2) into a task's directory lands as
+    DIR/current, as Docker's does (it took the target's name: DIR/v2)."""
+    (tmp_path / "releases" / "v2").mkdir(parents=True)
+    (tmp_path / "releases" / "v2" / "app").write_text("v2\n")
+    (tmp_path / "current").symlink_to("releases/v2")
+    box.cli("exec", "box.1", "mkdir", "-p", "/data/follow")
+    box.cli("cp", "-L", str(tmp_path / "current"), "box.1:/data/follow")
+    assert in_task(box, "cat", "/data/follow/current/app") == "v2\n"
