@@ -283,13 +283,14 @@ def copy_in(c: Client, src: str, task: str, dest: str, args: argparse.Namespace)
     if not (local.exists() or local.is_symlink()):
         raise CliError(f"{src}: no such file or directory")
     contents = src.endswith("/.") or src == "."
+    name = local.name  # (-L: the target under the link's name, as Docker's)
     if not contents and local.is_symlink() and args.follow_link:
         local = local.resolve()
     probe, _ = _exec(c, task, ["test", "-d", path], None, io.BytesIO())
     if probe not in (0, 1):  # (no `test`: take DEST as it is written)
         probe = 0 if path.endswith("/") else 1
     if probe == 0:  # an existing directory: into it
-        into, top = path, ("." if contents else local.name)
+        into, top = path, ("." if contents else name)
     else:  # DEST is the copy's own name, in its parent
         into, top = posixpath.split(path.rstrip("/"))
         if contents and not local.is_dir():
