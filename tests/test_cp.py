@@ -284,3 +284,19 @@ def test_follow_link_copies_the_target_under_the_links_name(box: Host, tmp_path:
     box.cli("exec", "box.1", "mkdir", "-p", "/data/follow")
     box.cli("cp", "-L", str(tmp_path / "current"), "box.1:/data/follow")
     assert in_task(box, "cat", "/data/follow/current/app") == "v2\n"
+
+
+def test_a_file_to_a_missing_directory_written_with_a_slash_is_refused(
+        box: Host, tmp_path: Path) -> None:
+    """Docker's rule both ways: a file to DEST/ that does not exist is an error ("the
+    destination directory must exist"), not a file named DEST; a directory makes it."""
+    with pytest.raises(CommandError) as err:
+        box.cli("cp", "box.1:/data/d/a.txt", f"{tmp_path / 'newdir'}/")
+    assert "no such directory" in err.value.stderr and not (tmp_path / "newdir").exists()
+    box.cli("cp", "box.1:/data/d/sub", f"{tmp_path / 'made'}/")
+    assert (tmp_path / "made" / "b").read_text() == "deep\n"
+    (tmp_path / "f").write_text("f\n")
+    with pytest.raises(CommandError) as err:
+        box.cli("cp", str(tmp_path / "f"), "box.1:/data/nodir/")
+    assert "no such directory" in err.value.stderr
+    assert box.cli("exec", "box.1", "test", "-e", "/data/nodir", check=False).returncode == 1
