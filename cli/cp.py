@@ -150,7 +150,7 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
             shutil.copyfileobj(tar, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return size
-        unpack(tar, Path(dest), name, contents, args.archive)
+        unpack(tar, Path(dest), name, contents, args.archive, dest.endswith("/"))
     return size
 
 
@@ -196,13 +196,13 @@ def _plain(member: tarfile.TarInfo, name: str) -> str:
     return norm
 
 
-def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bool) -> None:
+def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bool,
+           slash: bool = False) -> None:
     """The task's archive (one top entry ``name``, or ``.`` for ``contents``) placed by
-    Docker's rules at ``dest``: unpacked next to where it lands, then moved into place."""
+    Docker's rules at ``dest`` (``slash``: written DEST/, so a file needs it a directory):
+    unpacked next to where it lands, then moved into place."""
     into_dir = dest.is_dir() and not contents
     target = dest / name if into_dir else dest
-    if str(dest).endswith("/") and not dest.is_dir():
-        raise CliError(f"{dest}: no such directory")
     if not target.parent.is_dir():
         raise CliError(f"{target.parent}: no such directory")
     staging = Path(tempfile.mkdtemp(prefix=".shoal-cp-", dir=target.parent))
@@ -215,6 +215,8 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
         got = staging if contents else staging / name
         if not (got.exists() or got.is_symlink()):
             raise CliError(f"refused what the task sent: its archive did not hold {name!r}")
+        if slash and not dest.is_dir() and not (got.is_dir() and not got.is_symlink()):
+            raise CliError(f"{dest}/: no such directory")
         if got.is_dir() and not got.is_symlink():
             if into_dir and target.is_symlink():  # (DEST/NAME is the task's name: a link
                 target.unlink()                     # there is replaced, never followed)
@@ -291,6 +293,8 @@ def copy_in(c: Client, src: str, task: str, dest: str, args: argparse.Namespace)
         probe = 0 if path.endswith("/") else 1
     if probe == 0:  # an existing directory: into it
         into, top = path, ("." if contents else name)
+    elif path.endswith("/") and not local.is_dir():
+        raise CliError(f"{task}:{path}: no such directory")
     else:  # DEST is the copy's own name, in its parent
         into, top = posixpath.split(path.rstrip("/"))
         if contents and not local.is_dir():
