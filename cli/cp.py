@@ -19,8 +19,9 @@ as SRC it reads one from stdin and unpacks it into the task's directory DEST.
 
 What comes out of a task is untrusted: it is unpacked with tarfile's ``tar`` filter (no
 absolute names, nothing through ``..`` or through a link that leads out of the destination,
-no setuid bits) and device files are refused; files get the caller's owner unless
-``-a/--archive``. What goes in is owned by root of the task unless ``-a``.
+no setuid bits) plus checks by name (``_Untrusted``: hard links only within the archive)
+and device files are refused, then merged into place never through a link already there;
+files get the caller's owner unless ``-a/--archive``. What goes in is owned by root of the task unless ``-a``.
 
 Errors: CliError naming the path that is missing or of the wrong kind, or tar's own message.
 """
