@@ -21,7 +21,8 @@ What comes out of a task is untrusted: it is unpacked with tarfile's ``tar`` fil
 absolute names, nothing through ``..`` or through a link that leads out of the destination,
 no setuid bits) plus checks by name (``_Untrusted``: hard links only within the archive)
 and device files are refused, then merged into place never through a link already there;
-files get the caller's owner unless ``-a/--archive``. What goes in is owned by root of the task unless ``-a``.
+files get the caller's owner unless ``-a/--archive``. What goes in is owned by root of
+the task unless ``-a``.
 
 Errors: CliError naming the path that is missing or of the wrong kind, or tar's own message.
 """

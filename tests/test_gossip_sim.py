@@ -507,3 +507,40 @@ def test_a_confirmer_probing_a_live_suspect_makes_it_refute_at_once() -> None:
         await cluster.shutdown()
 
     run_simulation(scenario())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_leave_with_metadata_survives_the_loss_of_one_direct_update(seed: int) -> None:
+    """With gossip slow to spread (as in the test above), the one packet carrying the
+    restart metadata straight to the leader is lost: the leave that follows carries the
+    same incarnation, so a leader that saw it first would ignore the update for good. The
+    update's half of the leave's timeout (probes and acks carry it too) must still bring
+    it first."""
+    cfg = Config.lan().replace(gossip_interval=5.0)
+
+    async def scenario() -> None:
+        cluster = SimCluster(5, cfg, seed=seed)
+        await cluster.start()
+        leaver = cluster.members["m03"]
+        await cluster.run_for(1.0)
+        src = leaver.member("m03").address  # type: ignore[union-attr]
+        dst = cluster.members["m00"].member("m00").address  # type: ignore[union-attr]
+        armed = [True]
+
+        def drop_first(s: tuple[str, int], d: tuple[str, int], _data: bytes) -> bool:
+            if armed[0] and s == src and d == dst:
+                armed[0] = False
+                return True
+            return False
+
+        cluster.net.drop_filter = drop_first
+        await leaver.leave(timeout=1.0, meta={"restart": 30.0})
+        await leaver.shutdown()
+        cluster.crashed.add("m03")
+        await cluster.wait_until(lambda: cluster.all_see("m03", LEFT), timeout=10)
+        await cluster.run_for(10.0)
+        seen = cluster.members["m00"].member("m03")
+        assert seen is not None and seen.meta == {"restart": 30.0}
+        await cluster.shutdown()
+
+    run_simulation(scenario())
