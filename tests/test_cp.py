@@ -300,3 +300,16 @@ def test_a_file_to_a_missing_directory_written_with_a_slash_is_refused(
         box.cli("cp", str(tmp_path / "f"), "box.1:/data/nodir/")
     assert "no such directory" in err.value.stderr
     assert box.cli("exec", "box.1", "test", "-e", "/data/nodir", check=False).returncode == 1
+
+
+def test_an_archive_that_cannot_be_unpacked_is_an_error_not_a_traceback(
+        tmp_path: Path) -> None:
+    """A task's archive with a file where a directory must be (x/f, then x/f/g):
+    one error line naming the place, no OSError."""
+    from shoal.cli.cp import unpack
+
+    buf = _crafted(_member("x", tarfile.DIRTYPE, mode=0o755), _member("x/f"), _member("x/f/g"))
+    with pytest.raises(Exception, match="x/f") as err:
+        unpack(buf, tmp_path / "dest", "x", False, False)
+    assert err.type.__name__ == "CliError"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
