@@ -207,13 +207,18 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
     target = dest / name if into_dir else dest
     if not target.parent.is_dir():
         raise CliError(f"{target.parent}: no such directory")
-    staging = Path(tempfile.mkdtemp(prefix=".shoal-cp-", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".shoal-cp-", dir=target.parent))
+    except OSError as exc:
+        raise CliError(f"cannot write in {target.parent}: {exc.strerror}") from None
     try:
         with tarfile.open(fileobj=tar, mode="r|") as archive:
             try:
                 archive.extractall(staging, filter=_Untrusted(keep_owner))
             except (tarfile.FilterError, tarfile.SpecialFileError) as exc:
                 raise CliError(f"refused what the task sent: {exc}") from None
+            except (OSError, tarfile.TarError) as exc:  # (x/f then x/f/g, a full disk...)
+                raise CliError(f"cannot unpack what the task sent: {exc}") from None
         got = staging if contents else staging / name
         if not (got.exists() or got.is_symlink()):
             raise CliError(f"refused what the task sent: its archive did not hold {name!r}")
@@ -224,7 +229,10 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
                 target.unlink()                     # there is replaced, never followed)
             if target.exists() and not target.is_dir():
                 raise CliError(f"cannot copy a directory onto the file {target}")
-            _merge(got, target)
+            try:
+                _merge(got, target)
+            except OSError as exc:
+                raise CliError(f"cannot copy to {target}: {exc}") from None
         else:
             if target.is_dir() and not target.is_symlink():
                 raise CliError(f"cannot copy a file onto the directory {target}")
