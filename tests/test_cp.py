@@ -313,3 +313,35 @@ def test_an_archive_that_cannot_be_unpacked_is_an_error_not_a_traceback(
         unpack(buf, tmp_path / "dest", "x", False, False)
     assert err.type.__name__ == "CliError"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_copy_out_unpacks_on_the_pythons_shoal_supports(tmp_path: Path) -> None:
+    """shoal needs Python >= 3.11 and the Ansible role makes its venv from /usr/bin/python3
+    (Debian 12: 3.11.2), which has no extraction filters (tarfile.tar_filter and
+    extractall's filter= came in 3.11.4): every copy out of a task failed there. Unpack a
+    directory with that interpreter, and refuse a crafted hard link with it too."""
+    system = Path("/usr/bin/python3")
+    if not system.exists():
+        pytest.skip("no /usr/bin/python3")
+    pkg = tmp_path / "pkg" / "shoal"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli").symlink_to(Path(__file__).resolve().parent.parent / "cli")
+    good = _crafted(_member("x", tarfile.DIRTYPE, mode=0o555), _member("x/f", mode=0o4755))
+    (tmp_path / "good.tar").write_bytes(good.getvalue())
+    (tmp_path / "victim").write_text("secret\n")
+    (tmp_path / "bad.tar").write_bytes(_crafted(
+        _member("x", tarfile.DIRTYPE), _member("x/h", tarfile.LNKTYPE, str(tmp_path / "victim")),
+        _member("x/h")).getvalue())
+    script = ("import sys; sys.path.insert(0, 'pkg'); from pathlib import Path; "
+              "from shoal.cli.cp import unpack; from shoal.cli.errors import CliError\n"
+              "unpack(open('good.tar', 'rb'), Path('dest'), 'x', False, False)\n"
+              "try:\n    unpack(open('bad.tar', 'rb'), Path('bad'), 'x', False, False)\n"
+              "except CliError as exc:\n    print(exc)\n")
+    res = subprocess.run([str(system), "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "refused" in res.stdout and (tmp_path / "victim").read_text() == "secret\n"
+    assert (tmp_path / "dest" / "f").read_text() == "evil\n"
+    assert stat.S_IMODE((tmp_path / "dest").stat().st_mode) == 0o555
+    assert stat.S_IMODE((tmp_path / "dest" / "f").stat().st_mode) == 0o755  # (no setuid)
