@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
 import posixpath
@@ -156,46 +157,74 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
     return size
 
 
-class _Untrusted:
-    """The filter for one archive from a task: tarfile's ``tar`` filter (no absolute names,
-    nothing out of the destination, no setuid), devices and FIFOs refused, the owner this
-    user's unless ``keep_owner`` — and, by name alone (not trusting realpath, which Python
-    before 3.12.11 lets long link chains fool): no ``..``, nothing under or over a link of the
-    archive, and a hard link only to a regular file unpacked before it (the ``tar`` filter
-    checks no hard link: one to /etc/shadow was linked, chmodded and written through)."""
+class Refused(Exception):
+    """A member of a task's archive that is not unpacked (the message says why)."""
 
-    def __init__(self, keep_owner: bool) -> None:
+
+class _Untrusted:
+    """The check of one archive from a task, member by member, as tarfile's ``tar`` filter
+    but on every Python shoal runs on (the filters came in 3.11.4; Debian 12's is 3.11.2):
+    no absolute names (the leading / stripped), nothing out of the destination (by realpath
+    and, not trusting realpath, which long link chains fool before 3.12.11, by name: no
+    ``..``, nothing under or over a link of the archive), a hard link only to a regular file
+    unpacked before it (the ``tar`` filter checks no hard link: one to /etc/shadow was
+    linked, chmodded and written through), no setuid/setgid/sticky or group/other write
+    bits, no devices or FIFOs, the owner this user's unless ``keep_owner``."""
+
+    def __init__(self, dest: str, keep_owner: bool) -> None:
+        self.dest = os.path.realpath(dest)
         self.keep_owner = keep_owner
         self.links: set[str] = set()
         self.files: set[str] = set()
 
-    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    def __call__(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
         if member.ischr() or member.isblk() or member.isfifo():
-            raise tarfile.SpecialFileError(member)  # ("NAME is a special file")
-        member = tarfile.tar_filter(member, path)
-        name = _plain(member, member.name)
+            raise Refused(f"{member.name!r} is a special file")
+        name = _plain(member.name.lstrip("/"))
+        real = os.path.realpath(os.path.join(self.dest, name))
         parts = name.split("/")
-        if name in self.links or any("/".join(parts[:i]) in self.links
-                                     for i in range(1, len(parts))):
-            raise tarfile.OutsideDestinationError(member, name)
-        if member.islnk() and _plain(member, member.linkname) not in self.files:
-            raise tarfile.LinkOutsideDestinationError(member, member.linkname)
+        if (os.path.commonpath([real, self.dest]) != self.dest or name in self.links
+                or any("/".join(parts[:i]) in self.links for i in range(1, len(parts)))):
+            raise Refused(f"{member.name!r} would be written outside the destination")
+        if member.islnk() and _plain(member.linkname) not in self.files:
+            raise Refused(f"{member.name!r} is a hard link to {member.linkname!r}, not to a "
+                          "file of the archive")
         if member.issym() or member.islnk():
             self.links.add(name)
         elif member.isreg():
             self.files.add(name)
+        member = copy.copy(member)
+        member.name, member.mode = name, member.mode & 0o755
         if not self.keep_owner:
-            member = member.replace(uid=os.getuid(), gid=os.getgid(), uname="", gname="",
-                                    deep=False)
+            member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
         return member
 
 
-def _plain(member: tarfile.TarInfo, name: str) -> str:
+def _plain(name: str) -> str:
     """``name`` normalised, refused if absolute or climbing with ``..``."""
     norm = posixpath.normpath(name)
     if norm.startswith("/") or norm == ".." or norm.startswith("../") or "/../" in norm:
-        raise tarfile.OutsideDestinationError(member, name)
+        raise Refused(f"{name!r} would be written outside the destination")
     return norm
+
+
+def _extract(archive: tarfile.TarFile, staging: Path, keep_owner: bool) -> None:
+    """extractall of what ``_Untrusted`` lets through, a directory's mode and times set
+    last (as extractall: a 0555 directory's files are unpacked into it first)."""
+    check = _Untrusted(str(staging), keep_owner)
+    trusted: dict[str, Any] = ({"filter": "fully_trusted"}  # (checked above; no warning)
+                               if hasattr(tarfile, "fully_trusted_filter") else {})
+    dirs: list[tarfile.TarInfo] = []
+    for member in archive:
+        member = check(member)
+        if member.isdir():
+            dirs.append(member)
+        archive.extract(member, str(staging), set_attrs=not member.isdir(), **trusted)
+    for member in sorted(dirs, key=lambda m: m.name, reverse=True):
+        path = os.path.join(staging, member.name)
+        archive.chown(member, path, False)
+        archive.utime(member, path)
+        archive.chmod(member, path)
 
 
 def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bool,
@@ -214,8 +243,8 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
     try:
         with tarfile.open(fileobj=tar, mode="r|") as archive:
             try:
-                archive.extractall(staging, filter=_Untrusted(keep_owner))
-            except (tarfile.FilterError, tarfile.SpecialFileError) as exc:
+                _extract(archive, staging, keep_owner)
+            except Refused as exc:
                 raise CliError(f"refused what the task sent: {exc}") from None
             except (OSError, tarfile.TarError) as exc:  # (x/f then x/f/g, a full disk...)
                 raise CliError(f"cannot unpack what the task sent: {exc}") from None
