@@ -17,7 +17,7 @@ that is a directory; a directory becomes DEST when DEST does not exist, else goe
 with the task's DEST probed by ``test -d``. ``-`` as DEST writes the tar archive to stdout;
 as SRC it reads one from stdin and unpacks it into the task's directory DEST.
 
-What comes out of a task is untrusted: it is unpacked with tarfile's ``tar`` filter (no
+What comes out of a task is untrusted: it is unpacked by tarfile's ``tar`` filter's rules (no
 absolute names, nothing through ``..`` or through a link that leads out of the destination,
 no setuid bits) plus checks by name (``_Untrusted``: hard links only within the archive)
 and device files are refused, then merged into place never through a link already there;
