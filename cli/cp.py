@@ -157,8 +157,9 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
     return size
 
 
-class Refused(Exception):
-    """A member of a task's archive that is not unpacked (the message says why)."""
+class Refused(CliError):
+    """A member of a task's archive that is not unpacked (the message says why; ``unpack``
+    turns it into the CliError the user sees)."""
 
 
 class _Untrusted:
