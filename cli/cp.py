@@ -157,9 +157,9 @@ def copy_out(c: Client, task: str, src: str, dest: str, args: argparse.Namespace
     return size
 
 
-class Refused(CliError):
-    """A member of a task's archive that is not unpacked (the message says why; ``unpack``
-    turns it into the CliError the user sees)."""
+def _refused(why: str) -> CliError:
+    """A member of a task's archive that is not unpacked, and why."""
+    return CliError(f"refused what the task sent: {why}")
 
 
 class _Untrusted:
@@ -180,15 +180,15 @@ class _Untrusted:
 
     def __call__(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
         if member.ischr() or member.isblk() or member.isfifo():
-            raise Refused(f"{member.name!r} is a special file")
+            raise _refused(f"{member.name!r} is a special file")
         name = _plain(member.name.lstrip("/"))
         real = os.path.realpath(os.path.join(self.dest, name))
         parts = name.split("/")
         if (os.path.commonpath([real, self.dest]) != self.dest or name in self.links
                 or any("/".join(parts[:i]) in self.links for i in range(1, len(parts)))):
-            raise Refused(f"{member.name!r} would be written outside the destination")
+            raise _refused(f"{member.name!r} would be written outside the destination")
         if member.islnk() and _plain(member.linkname) not in self.files:
-            raise Refused(f"{member.name!r} is a hard link to {member.linkname!r}, not to a "
+            raise _refused(f"{member.name!r} is a hard link to {member.linkname!r}, not to a "
                           "file of the archive")
         if member.issym() or member.islnk():
             self.links.add(name)
@@ -205,7 +205,7 @@ def _plain(name: str) -> str:
     """``name`` normalised, refused if absolute or climbing with ``..``."""
     norm = posixpath.normpath(name)
     if norm.startswith("/") or norm == ".." or norm.startswith("../") or "/../" in norm:
-        raise Refused(f"{name!r} would be written outside the destination")
+        raise _refused(f"{name!r} would be written outside the destination")
     return norm
 
 
@@ -245,8 +245,6 @@ def unpack(tar: IO[bytes], dest: Path, name: str, contents: bool, keep_owner: bo
         with tarfile.open(fileobj=tar, mode="r|") as archive:
             try:
                 _extract(archive, staging, keep_owner)
-            except Refused as exc:
-                raise CliError(f"refused what the task sent: {exc}") from None
             except (OSError, tarfile.TarError) as exc:  # (x/f then x/f/g, a full disk...)
                 raise CliError(f"cannot unpack what the task sent: {exc}") from None
         got = staging if contents else staging / name
