@@ -70,3 +70,49 @@ def test_an_env_secret_that_cannot_be_read_fails_the_run(tmp_path: Path) -> None
     assert res.returncode != 0 and b"TOKEN=" not in res.stdout
     assert b"secret t" in res.stderr and b"tok" not in res.stderr
     assert os.path.exists(script)
+
+
+class _OldAgent:
+    """An agent from before build secrets, as the CLI sees it: its info has no
+    ``features``, and it would take the whole body for the context's tar — the secrets part
+    written to its build directory's disk before the tar is found bad."""
+
+    def __init__(self, features: list[str] | None = None) -> None:
+        self.info: dict[str, object] = {"hostname": "n1", "version": "0.2.0"}
+        if features is not None:
+            self.info["features"] = features
+        self.bodies: list[bytes] = []
+
+    def call(self, method: str, path: str, body: object = None) -> object:
+        assert (method, path) == ("GET", "/v1/info")
+        return self.info
+
+    def stream(self, path: str, method: str = "GET", body: object = None,
+               headers: object = None) -> object:
+        self.bodies.append(body.read())  # type: ignore[attr-defined]
+        yield {"image": "sha256:" + "0" * 64}
+
+
+def test_secrets_are_never_sent_to_an_agent_that_predates_them(tmp_path: Path) -> None:
+    """(failing before: the CLI sent them, and such an agent wrote them to its disk)"""
+    from shoal.cli.build import build_image
+    from shoal.cli.errors import CliError
+
+    (tmp_path / "Dockerfile").write_text("FROM a\n")
+    old = _OldAgent()
+    with pytest.raises(CliError, match="does not take build secrets") as exc:
+        build_image(old, str(tmp_path), secrets={"tok": b"s3cr3t"})  # type: ignore[arg-type]
+    assert old.bodies == [] and exc.value.field == "secret"
+    assert "s3cr3t" not in str(exc.value)
+    # one that says it takes them gets them; a build without secrets asks nothing
+    new = _OldAgent(["build-secrets"])
+    build_image(new, str(tmp_path), secrets={"tok": b"s3cr3t"})  # type: ignore[arg-type]
+    assert len(new.bodies) == 1 and b"czNjcjN0" in new.bodies[0]
+    build_image(old, str(tmp_path))  # type: ignore[arg-type]
+    assert len(old.bodies) == 1
+
+
+def test_the_agent_says_it_takes_build_secrets() -> None:
+    from shoal.node.agent import FEATURES
+
+    assert "build-secrets" in FEATURES
