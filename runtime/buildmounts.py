@@ -446,6 +446,29 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
     return sorted(out, key=lambda p: -p.count("/"))
 
 
+def stubs_in_mounts(specs: Sequence[MountSpec], targets: Sequence[str]
+                    ) -> list[tuple[Path, list[str]]]:
+    """For each of ``targets`` (a RUN's files: secrets...) inside a writable bind of the RUN
+    (a cache mount's directory, on the node's disk, kept after it): that directory and the
+    paths under it, each before its parent, that the launcher will make for the target's
+    mount point — the ones missing now. Read before the RUN starts; ``remove_stubs`` them
+    after it, or an empty ``.npmrc`` stays in the cache for every later RUN."""
+    out: list[tuple[Path, list[str]]] = []
+    for target in targets:
+        inside = [s for s in specs if s.type == "bind" and not s.readonly
+                  and target.startswith(s.target.rstrip("/") + "/")]
+        if not inside:
+            continue
+        owner = max(inside, key=lambda s: len(s.target))  # (the deepest one holds it)
+        parts = target[len(owner.target.rstrip("/")) + 1:].split("/")
+        k = next((i for i in range(len(parts))
+                  if not os.path.lexists(os.path.join(owner.source, *parts[:i + 1]))), None)
+        if k is not None:
+            out.append((Path(owner.source), ["/".join(parts[:j + 1])
+                                             for j in reversed(range(k, len(parts)))]))
+    return out
+
+
 def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:
     """Remove from a RUN's upper dir what ``stub_paths`` listed, when the RUN left it as it
     was made: an empty directory, an empty file. Each is reached by directory descriptors

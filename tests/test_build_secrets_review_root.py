@@ -1,7 +1,7 @@
 """Build secrets for real, what review 96 checked: a secret's mount point made inside a cache
-mount stays in the cache (an empty file on the node's disk, seen by every later RUN that uses
-the cache: open, xfail) — the mount stubs are removed from the RUN's layer only; a RUN given
-more secret bytes than a task's files hold fails naming the line."""
+mount does not stay in the cache (an empty file on the node's disk, seen by every later RUN
+that uses the cache); a RUN given more secret bytes than a task's files hold fails naming the
+line."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="open (review 96): stubs are removed from the upper "
-                   "dir only, not from a cache mount's directory")
 async def test_a_secret_mounted_inside_a_cache_leaves_no_stub_in_it(
         ctl: ProcessController, tmp_path: Path) -> None:
+    """(failing before: the empty mount point stayed in the cache's directory)"""
     ctl.images.import_rootfs("base:1", busybox_rootfs(tmp_path / "rootfs"))
     ctx = tmp_path / "ctx"
     ctx.mkdir()
