@@ -182,6 +182,8 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
     shoal.cli.compose_build.)"""
     from urllib.parse import urlencode
 
+    if secrets:
+        _check_takes_secrets(c)
     body, rel_df = pack_context(context, dockerfile)
     query: list[tuple[str, str]] = [("t", t) for t in tags]
     query += [("dockerfile", rel_df)] + [("buildarg", a) for a in build_args]
@@ -207,6 +209,17 @@ def build_image(c: Client, context: str, dockerfile: str = "", *,
         return final
     finally:
         body.close()
+
+
+def _check_takes_secrets(c: Client) -> None:
+    """CliError, before anything is sent, when the agent predates build secrets: it would
+    take the secrets part for the start of the context's tar and write it to its disk."""
+    info = c.call("GET", "/v1/info")
+    if "build-secrets" not in ((info.get("features") if isinstance(info, dict) else None)
+                               or []):
+        raise CliError("--secret: the agent at this address does not take build secrets (an "
+                       "older shoal): nothing was sent; upgrade it, or build without "
+                       "secrets", "secret")
 
 
 def _print(line: str) -> None:

@@ -88,6 +88,11 @@ LEADERSHIP_WATCH = 2.0
 # seconds during which every manager refused this node's certificate before `info` says it
 # was removed
 REMOVED_AFTER = 10.0
+#: What this agent's API takes that an older one's does not, as `info` says (``features``):
+#: a client asks before it sends what an older agent would mistake for something else
+#: (``build-secrets``: a build request's secrets part, which an older agent would write to
+#: its disk as the start of the context's tar)
+FEATURES = ("build-secrets",)
 
 
 class Agent(MembershipLifecycle, RoleSwitch):
@@ -506,7 +511,7 @@ class Agent(MembershipLifecycle, RoleSwitch):
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hostname": self.hostname, "addr": self.config.advertise_addr,
                                "api_port": self.config.api_port, "member": False,
-                               "version": version(),
+                               "version": version(), "features": list(FEATURES),
                                "locked": self.security.keys.locked is not None}
         if self._join_stage:
             out["joining"] = self._join_stage

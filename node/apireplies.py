@@ -59,7 +59,7 @@ REPLIES: dict[str, Schema] = {
                  cluster_id=STR, role=STR, is_leader=BOOL, leader=STR, ready=BOOL, term=INT,
                  voters=list_of(STR), index=INT,
                  gossip=nullable({"type": "object"}), locked=BOOL,
-                 removed=STR),
+                 removed=STR, version=STR, features=list_of(STR)),
     "NodeIds": obj("the node's identity in the cluster", node_id=STR, cluster_id=STR, role=STR),
     "Node": obj("a node (`node ls`; `node inspect` adds details)",
                  id=STR, hostname=STR, addr=STR, role={"enum": ["manager", "worker"]},

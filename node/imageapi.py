@@ -102,7 +102,8 @@ async def _secrets_part(req: web.Request) -> bytes:
     if not text:
         return b""
     most = MAX_SECRETS * (MAX_SECRET * 4 // 3 + 200)  # (base64 and JSON around)
-    if not text.isdigit() or not 0 < int(text) <= most:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= most:  # ("²" is a
+        # digit to isdigit and no number to int)
         raise BadRequest(f"{SECRETS_HEADER} must be the secrets part's length (1 to {most} "
                          "bytes)", "secret")
     try:

@@ -80,6 +80,7 @@ from shoal.runtime.buildmounts import (
     run_mounts,
     secret_files,
     stub_paths,
+    stubs_in_mounts,
 )
 from shoal.runtime.buildnet import RunNetwork, check_network
 from shoal.runtime.buildstages import (
@@ -668,6 +669,7 @@ class Builder:
             return self.store.layer_dirs(self.store.inspect(image)) if image else []
 
         async with run_mounts(ins, mounts, ctx, self.dir, self.tmp, layers) as specs:
+            in_mounts = await asyncio.to_thread(stubs_in_mounts, specs, sorted(files))
             _ACTIVE.add(task_id)
             cfg = TaskConfig(task_id=task_id, hostname="build", command=tuple(argv),
                              env={**st.args, **st.config.env}, workdir=st.config.workdir,
@@ -704,6 +706,8 @@ class Builder:
                 _ACTIVE.discard(task_id)
                 with contextlib.suppress(Exception):
                     await self.runtime.remove(task_id)
+                for where, made in in_mounts:  # (a cache keeps no mount point of a file)
+                    await asyncio.to_thread(remove_stubs, where, made)
                 if net is not None:
                     with contextlib.suppress(Exception):
                         await net.detach(task_id)

@@ -113,6 +113,7 @@ def secret_files(ins: Instruction, mounts: Sequence[RunMount], secrets: Mapping[
     /bin/sh and cat are the image's). A required secret the build lacks: BuildError naming
     the line (never its value); another one is skipped (BuildKit's)."""
     files: dict[str, FileValue] = {}
+    reads: list[str] = []
     exports: list[str] = []
     for m in mounts:
         if m.type != "secret":
@@ -127,13 +128,20 @@ def secret_files(ins: Instruction, mounts: Sequence[RunMount], secrets: Mapping[
         if m.target:
             files[m.target] = (value, m.mode, m.uid, m.gid)
         if m.env:
-            path = f"{SECRET_ENV_DIR}/{len(exports)}"
+            n = len(exports)
+            path = f"{SECRET_ENV_DIR}/{n}"
             files[path] = (value, 0o400)  # (the task's user's: the script reads it as them)
-            exports.append(f'{m.env}="$(cat {path}; echo .)"; {m.env}="${{{m.env}%.}}"; '
-                           f"export {m.env}")
+            # every file read before any variable is set (an env=PATH must not hide the
+            # next `cat`), and a read that failed (no cat in the image) fails the RUN, never
+            # an empty variable; the "." keeps trailing newlines from $(...)
+            reads.append(f'_shoal_s{n}="$(cat {path} && echo .)"\n'
+                         f'case $_shoal_s{n} in *.) ;; *) echo "RUN --mount=type=secret: '
+                         f'cannot read secret {m.id} for {m.env} (the image needs cat)" >&2; '
+                         "exit 1;; esac")
+            exports.append(f'{m.env}="${{_shoal_s{n}%.}}"; export {m.env}')
     if not exports:
         return list(argv), files
-    script = "#!/bin/sh\n" + "\n".join(exports) + '\nexec "$@"\n'
+    script = "#!/bin/sh\n" + "\n".join(reads + exports) + '\nexec "$@"\n'
     files[f"{SECRET_ENV_DIR}/env"] = (script.encode(), 0o555)
     return [f"{SECRET_ENV_DIR}/env", *argv], files
 
@@ -153,6 +161,8 @@ def read_secrets(raw: bytes) -> dict[str, bytes]:
         doc = json.loads(raw) if raw else {}
     except ValueError:
         raise BuildError("the secrets part is not JSON", field="secret") from None
+    except RecursionError:  # (json's C decoder recurses per nesting level)
+        raise BuildError("the secrets part is nested too deeply", field="secret") from None
     if not isinstance(doc, dict) or len(doc) > MAX_SECRETS:
         raise BuildError(f"the secrets part must map at most {MAX_SECRETS} ids to base64 "
                          "values", field="secret")
@@ -434,6 +444,29 @@ def stub_paths(lower: Sequence[Path], targets: Sequence[str]) -> list[str]:
                 out.append(p)
     # (children first across targets too: /new/a, /new, then /new/b would leave /new)
     return sorted(out, key=lambda p: -p.count("/"))
+
+
+def stubs_in_mounts(specs: Sequence[MountSpec], targets: Sequence[str]
+                    ) -> list[tuple[Path, list[str]]]:
+    """For each of ``targets`` (a RUN's files: secrets...) inside a writable bind of the RUN
+    (a cache mount's directory, on the node's disk, kept after it): that directory and the
+    paths under it, each before its parent, that the launcher will make for the target's
+    mount point — the ones missing now. Read before the RUN starts; ``remove_stubs`` them
+    after it, or an empty ``.npmrc`` stays in the cache for every later RUN."""
+    out: list[tuple[Path, list[str]]] = []
+    for target in targets:
+        inside = [s for s in specs if s.type == "bind" and not s.readonly
+                  and target.startswith(s.target.rstrip("/") + "/")]
+        if not inside:
+            continue
+        owner = max(inside, key=lambda s: len(s.target))  # (the deepest one holds it)
+        parts = target[len(owner.target.rstrip("/")) + 1:].split("/")
+        k = next((i for i in range(len(parts))
+                  if not os.path.lexists(os.path.join(owner.source, *parts[:i + 1]))), None)
+        if k is not None:
+            out.append((Path(owner.source), ["/".join(parts[:j + 1])
+                                             for j in reversed(range(k, len(parts)))]))
+    return out
 
 
 def remove_stubs(upper: Path, stubs: Sequence[str]) -> None:

@@ -82,6 +82,8 @@ class FakeAgent:
             if ref not in self.tags:
                 raise CliError(f"no such image: {ref}")
             return {"id": self.tags[ref]}
+        if (method, path) == ("GET", "/v1/info"):  # (it takes build secrets)
+            return {"hostname": "n1", "features": ["build-secrets"]}
         if (method, path) == ("GET", "/v1/services"):
             return [{"id": n, "name": n} for n in self.services]
         if method == "GET" and path.startswith("/v1/services/"):
