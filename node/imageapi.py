@@ -215,21 +215,22 @@ def handlers(images: ImageStore, runtime: Controller, registries: Registries,
 
     async def build(req: web.Request) -> web.StreamResponse:  # (runtime/build.py)
         from shoal.runtime import build as build_mod
+        from shoal.runtime import buildrequest
         from shoal.runtime.buildmounts import read_secrets
 
         try:
-            opts = build_mod.options_from_query(req.query)
+            opts = buildrequest.options_from_query(req.query)
             opts.secrets = read_secrets(await _secrets_part(req))
         except build_mod.BuildError as exc:
             raise BadRequest(str(exc), exc.field) from None
         builder = build_mod.Builder(runtime, images, images.root.parent / "build",
-                                    pull=build_mod.puller(registries),
+                                    pull=buildrequest.puller(registries),
                                     network=build_network)
         try:
-            ctx = await build_mod.receive_context(builder, req.content)
+            ctx = await buildrequest.receive_context(builder, req.content)
         except (build_mod.ImageError, OSError, ValueError) as exc:  # (tarfile's too)
             raise BadRequest(f"bad build context (expected a tar): {exc}", "body") from None
-        return await stream(req, build_mod.stream_build(
+        return await stream(req, buildrequest.stream_build(
             builder, ctx, opts, cleanup=True,
             gone=lambda: req.transport is None or req.transport.is_closing()))
 

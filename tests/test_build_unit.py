@@ -132,7 +132,7 @@ def test_cache_keys_change_with_every_input() -> None:
 def test_api_options_name_the_bad_field() -> None:
     from multidict import MultiDict
 
-    from shoal.runtime.build import options_from_query
+    from shoal.runtime.buildrequest import options_from_query
 
     opts = options_from_query(MultiDict([("t", "web:1"), ("t", "web:latest"),
                                          ("buildarg", "A=1"), ("buildarg", "B="),
@@ -734,7 +734,8 @@ async def test_a_builders_unexpected_error_is_the_streams_last_record(tmp_path: 
     """(Review: an exception other than BuildError/ImageError/OSError — a KeyError, os.chown's
     OverflowError — ended the stream with no record: the CLI said only "the agent ended the
     build without a result".)"""
-    from shoal.runtime.build import Builder, BuildOptions, stream_build
+    from shoal.runtime.build import Builder, BuildOptions
+    from shoal.runtime.buildrequest import stream_build
 
     class Broken(Builder):
         async def build(self, ctx: Path, opts: BuildOptions, emit: object) -> object:  # type: ignore[override]
