@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from shoal.cli import output
 from shoal.cli.prune import confirmed
 
 
@@ -32,15 +33,6 @@ def add_parser(sub: Any) -> None:
                    "first, until the cache is no bigger")
 
 
-def human_size(n: float) -> str:
-    """docker's units.HumanSize: decimal units, 4 significant digits ("1.116GB", "0B")."""
-    units = ("B", "kB", "MB", "GB", "TB", "PB")
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n, i = n / 1000, i + 1
-    return f"{n:.4g}{units[i]}"
-
-
 def run(c: Any, args: argparse.Namespace) -> None:
     from shoal.cli.flagvalues import parse_size
 
@@ -52,7 +44,7 @@ def run(c: Any, args: argparse.Namespace) -> None:
                {"all": bool(args.all), "filters": list(args.filter), "keep_storage": keep})
     if r["deleted"]:
         print("Deleted build cache objects:\n" + "\n".join(r["deleted"]) + "\n")
-    print(f"Total reclaimed space: {human_size(r['reclaimed'])}")
+    print(f"Total reclaimed space: {output.decimal_size(r['reclaimed'])}")
 
 
-__all__ = ["add_parser", "human_size", "run"]
+__all__ = ["add_parser", "run"]

@@ -46,6 +46,7 @@ from typing import IO, Any, BinaryIO
 
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
+from shoal.cli.output import decimal_size
 
 NO_TAR = ("the task has no tar: `shoal cp` runs tar inside the task, as `kubectl cp` does "
           "(an image with busybox or coreutils' tar has one)")
@@ -95,15 +96,7 @@ def run(c: Client, args: argparse.Namespace) -> None:
         size = copy_in(c, src, dest_task, dest, args)
         where = f"{dest_task}:{_in_task(dest)}"
     if not args.quiet and "-" not in (args.src, args.dest):
-        print(f"Successfully copied {_decimal(size)} to {where}", file=sys.stderr)
-
-
-def _decimal(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n}B"  # (not reached)
+        print(f"Successfully copied {decimal_size(size, 3)} to {where}", file=sys.stderr)
 
 
 def _in_task(path: str) -> str:

@@ -57,6 +57,27 @@ def ago(ts: float | None) -> str:
     return ""
 
 
+def decimal_size(n: float, digits: int = 4) -> str:
+    """Docker's decimal units (go-units' HumanSizeWithPrecision): "0B", "648B", "1.116GB"
+    with 4 significant digits (HumanSize: `builder prune`'s reclaimed space), 3 for
+    `stats`' I/O columns and `cp`'s "Successfully copied" ("1.23kB"); 999,999 B is "1MB",
+    not "1e+03kB"."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if float(f"{n:.{digits}g}") < 1000 or unit == "PB":
+            return f"{n:.{digits}g}{unit}"
+        n /= 1000
+    return f"{n}B"  # (not reached)
+
+
+def binary_size(n: float) -> str:
+    """Docker's binary units (go-units' BytesSize), 4 significant digits: "64MiB", "1.5GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if float(f"{n:.4g}") < 1024 or unit == "TiB":
+            return f"{n:.4g}{unit}"
+        n /= 1024
+    return f"{n}B"  # (not reached)
+
+
 _TEMPLATE_RE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 

@@ -11,6 +11,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from shoal.cli.output import binary_size
 from shoal.raft.spec import file_path
 
 Rec = Mapping[str, Any]
@@ -28,16 +29,6 @@ def _duration(seconds: float) -> str:
     if hours:
         text = f"{hours}h{text}"
     return text
-
-
-def _size(n: int) -> str:
-    """Docker's binary units: 64MiB, 1.5GiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.4g}{unit}"
-        value /= 1024
-    return f"{n}B"
 
 
 def _time(ts: float) -> str:
@@ -227,7 +218,7 @@ def _resources(res: Rec) -> list[str]:
         if reserved.get("cpu"):
             lines.append(f"  CPU:\t\t{reserved['cpu']:g}")
         if reserved.get("memory"):
-            lines.append(f"  Memory:\t{_size(reserved['memory'])}")
+            lines.append(f"  Memory:\t{binary_size(reserved['memory'])}")
         for kind, n in generic.items():  # (docker's "Generic Resources" lines)
             lines.append(f"  {kind}:\t\t{n}")
     if limits.get("cpu") or limits.get("memory") or limits.get("pids"):
@@ -235,7 +226,7 @@ def _resources(res: Rec) -> list[str]:
         if limits.get("cpu"):
             lines.append(f"  CPU:\t\t{limits['cpu']:g}")
         if limits.get("memory"):
-            lines.append(f"  Memory:\t{_size(limits['memory'])}")
+            lines.append(f"  Memory:\t{binary_size(limits['memory'])}")
         if limits.get("pids"):
             lines.append(f"  PIDs:\t\t{limits['pids']}")
     return ["Resources:", *lines] if lines else []
@@ -265,10 +256,10 @@ def node(rec: Rec) -> str:
         lines.append(f" Architecture:\t\t{platform['architecture']}")
     if res:
         lines += ["Resources:", f" CPUs:\t\t\t{res.get('cpus', 0):g}",
-                  f" Memory:\t\t{_size(int(res.get('memory_bytes', 0)))}"]
+                  f" Memory:\t\t{binary_size(int(res.get('memory_bytes', 0)))}"]
         if res.get("reserved_cpus") or res.get("reserved_memory_bytes"):
             lines += [f" Reserved CPUs:\t\t{res.get('reserved_cpus', 0):g}",
-                      f" Reserved Memory:\t{_size(int(res.get('reserved_memory_bytes', 0)))}"]
+                      f" Reserved Memory:\t{binary_size(int(res.get('reserved_memory_bytes', 0)))}"]
         taken = res.get("reserved_generic_resources") or {}
         for kind, value in (res.get("generic_resources") or {}).items():  # (Swarm's lines)
             have = ",".join(value) if isinstance(value, list) else value

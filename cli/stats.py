@@ -46,27 +46,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-trunc", action="store_true", help="do not cut ids")
 
 
-def _size(n: float) -> str:
-    """Docker's binary units, as `docker stats` prints them: 12.5MiB, 1.94GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.4g}{unit}"
-        n /= 1024
-    return f"{n}B"  # (not reached)
-
-
-def _decimal(n: float) -> str:
-    """Docker's decimal units with 3 significant digits, as its NET I/O and BLOCK I/O:
-    0B, 648B, 1.23kB, 45.6MB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if float(f"{n:.3g}") < 1000 or unit == "TB":  # (999,999 B is 1MB, not 1e+03kB)
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n}B"  # (not reached)
-
-
 def _pair(a: int | None, b: int | None) -> str:
-    return "--" if a is None or b is None else f"{_decimal(a)} / {_decimal(b)}"
+    if a is None or b is None:
+        return "--"
+    return f"{output.decimal_size(a, 3)} / {output.decimal_size(b, 3)}"
 
 
 def rows(before: list[Rec], after: list[Rec], elapsed: float) -> list[Rec]:
@@ -99,7 +82,7 @@ def rows(before: list[Rec], after: list[Rec], elapsed: float) -> list[Rec]:
             "block_io": _pair(usage.get("block_read_bytes"), usage.get("block_write_bytes")),
             "cpu_perc": "--" if cpu_percent is None else f"{cpu_percent:.2f}%",
             "mem_usage": "-- / --" if mem is None else
-            f"{_size(mem)} / {_size(limit) if limit else '--'}",
+            f"{output.binary_size(mem)} / {output.binary_size(limit) if limit else '--'}",
             "mem_perc": "--" if mem_percent is None else f"{mem_percent:.2f}%"})
     return out
 

@@ -24,6 +24,7 @@ from test_runtime_images import BUSYBOX, busybox_rootfs
 from test_runtime_support import needs_root
 
 from shoal.cli import builder as builder_cli
+from shoal.cli import output
 from shoal.cli.client import Client
 from shoal.cli.errors import CliError
 from shoal.node import imageapi
@@ -239,7 +240,7 @@ def test_the_choice_never_takes_what_is_in_use_and_takes_shared_steps_only_with_
 
 
 def test_sizes_read_as_dockers_and_an_old_step_cache_is_read(tmp_path: Path) -> None:
-    assert [builder_cli.human_size(n) for n in (0, 999, 1000, 1_116_000_000, 12_345)] == [
+    assert [output.decimal_size(n) for n in (0, 999, 1000, 1_116_000_000, 12_345)] == [
         "0B", "999B", "1kB", "1.116GB", "12.35kB"]
     (tmp_path / "cache.json").write_text('{"k1": "sha256:' + "a" * 64 + '"}')
     rec = buildcache.StepCache(tmp_path).load()["k1"]
